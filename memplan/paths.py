@@ -1,0 +1,14 @@
+"""Where memplan's shipped data lives, in a source checkout and in an installed wheel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    # A checkout (or editable install) keeps data/ next to the package; a wheel ships it as memplan/_data.
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "data"
+    if (checkout / "models").is_dir():
+        return checkout
+    return here / "_data"

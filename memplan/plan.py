@@ -1,0 +1,227 @@
+"""The Plan: one schema that `estimate` reads, `recommend` writes, `train` runs and `profile` measures.
+
+Every field has a CLI flag (generated in `memplan.cli_options`) and a YAML key; flags override the YAML.
+Bad combinations are rejected here, once, with the reason and a "Hint:" toward what works.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from memplan.errors import UserError
+
+Method = Literal["full", "lora", "qlora"]
+Precision = Literal["fp32", "amp-bf16", "amp-fp16", "bf16", "bf16-master"]
+Optimizer = Literal["adamw", "adamw-fused", "adamw-forloop", "adamw-8bit", "paged-adamw-8bit", "adafactor", "sgd"]
+Sharding = Literal["ddp", "fsdp", "deepspeed"]
+Offload = Literal["none", "optimizer", "optimizer+params"]
+Attention = Literal["eager", "sdpa", "flash"]
+Loss = Literal["standard", "chunked"]
+
+ALL_LINEAR = "all-linear"
+
+# FSDP's sharding strategies under the ZeRO stage numbers memplan uses for every backend.
+FSDP_STRATEGY = {0: "NO_SHARD", 2: "SHARD_GRAD_OP", 3: "FULL_SHARD"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class LoraSettings(_Strict):
+    rank: int = Field(16, gt=0, description="LoRA rank r (default 16).")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r (default 32).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input (default 0.05).")
+    targets: Union[Literal["all-linear"], list[str]] = Field(
+        ALL_LINEAR,
+        description="modules that get adapters: 'all-linear' (every linear layer of the decoder, "
+        "the default) or a comma list such as q_proj,v_proj.",
+    )
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != ALL_LINEAR:
+            v = [t.strip() for t in v.split(",") if t.strip()]
+            if not v:
+                raise ValueError("give at least one module name, or 'all-linear'")
+        return v
+
+
+class Hyperparameters(_Strict):
+    lr: Optional[float] = Field(None, gt=0, description="peak learning rate (default: 2e-5 full FT, 2e-4 LoRA/QLoRA).")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="warmup as a fraction of total steps (default 0.05).")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup.")
+    epochs: float = Field(3.0, gt=0, description="passes over the data (default 3).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (default 0).")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables (default 1.0).")
+
+    def effective_lr(self, method: str) -> float:
+        # The seed's table: 1e-5 to 5e-5 for full fine-tuning; adapters train at about 10x that.
+        if self.lr is not None:
+            return self.lr
+        return 2e-5 if method == "full" else 2e-4
+
+
+class Plan(_Strict):
+    """A fine-tuning run's memory-relevant settings. Sizes are per GPU unless stated."""
+
+    model: Optional[str] = Field(None, description="preset id or alias, path to config.json, or local HF model directory.")
+    method: Method = Field("full", description="full fine-tuning, LoRA, or QLoRA (4-bit NF4 base + LoRA).")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    precision: Precision = Field(
+        "amp-bf16",
+        description="fp32; amp-bf16/amp-fp16: fp32 weights with autocast (HF Trainer bf16=True); "
+        "bf16: pure bf16 weights, grads and states; bf16-master: bf16 weights with fp32 master "
+        "weights and states (DeepSpeed, Megatron).",
+    )
+    optimizer: Optimizer = Field(
+        "adamw",
+        description="adamw (torch foreach, the CUDA default), adamw-fused, adamw-forloop, adamw-8bit / "
+        "paged-adamw-8bit (bitsandbytes), adafactor, sgd (momentum 0.9).",
+    )
+    sharding: Sharding = Field("ddp", description="data-parallel backend.")
+    zero: int = Field(0, ge=0, le=3, description="ZeRO stage 0-3 (FSDP: 0 NO_SHARD, 2 SHARD_GRAD_OP, 3 FULL_SHARD).")
+    offload: Offload = Field("none", description="CPU offload: optimizer states (DeepSpeed), or optimizer+params.")
+    gpus: int = Field(1, gt=0, description="GPUs per node.")
+    nodes: int = Field(1, gt=0, description="nodes.")
+    micro_batch: int = Field(1, gt=0, description="sequences per GPU per forward (micro-batch).")
+    grad_accum: int = Field(1, gt=0, description="gradient-accumulation steps per optimizer step.")
+    seq_len: int = Field(2048, gt=0, description="tokens per sequence.")
+    grad_ckpt: bool = Field(True, description="gradient (activation) checkpointing of every decoder layer.")
+    attn: Attention = Field("sdpa", description="attention implementation: eager, sdpa, flash (flash-attention 2).")
+    loss: Loss = Field("standard", description="standard cross-entropy on full logits, or chunked (no full fp32 logits).")
+    hparams: Hyperparameters = Field(default_factory=Hyperparameters)
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus * self.nodes
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def trains_adapters(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Plan":
+        for problem in plan_problems(self):
+            raise ValueError(problem)
+        return self
+
+
+def plan_problems(p: Plan) -> list[str]:
+    """Every unsupported combination, each with the reason and a hint toward what works."""
+    out = []
+    if p.method == "qlora" and p.precision == "fp32":
+        out.append("QLoRA computes in 16-bit (bitsandbytes dequantizes NF4 to the compute dtype); fp32 is not a QLoRA regime. "
+                   "Hint: use --precision bf16 (or amp-bf16 on GPUs without bf16: amp-fp16).")
+    if p.sharding == "ddp" and p.zero != 0:
+        out.append(f"DDP replicates everything; ZeRO stage {p.zero} needs a sharding backend. "
+                   "Hint: use --sharding deepspeed (stages 1-3) or --sharding fsdp (stages 2, 3).")
+    if p.sharding == "ddp" and p.offload != "none":
+        out.append("DDP cannot offload to the CPU. Hint: use --sharding deepspeed --zero 2 --offload optimizer, "
+                   "or --sharding fsdp --zero 3 --offload optimizer+params.")
+    if p.sharding == "fsdp":
+        if p.zero == 1:
+            out.append("FSDP has no optimizer-only sharding (ZeRO-1). Hint: use --zero 2 (SHARD_GRAD_OP) "
+                       "or --sharding deepspeed --zero 1.")
+        if p.offload == "optimizer":
+            out.append("FSDP offloads parameters, gradients and the optimizer step together; optimizer-only offload "
+                       "is DeepSpeed's. Hint: use --offload optimizer+params, or --sharding deepspeed.")
+        if p.offload == "optimizer+params" and p.zero != 3:
+            out.append("FSDP CPU offload needs FULL_SHARD. Hint: use --zero 3.")
+    if p.sharding == "deepspeed":
+        if p.precision not in ("fp32", "bf16-master"):
+            out.append(f"DeepSpeed keeps fp32 master weights itself; precision '{p.precision}' is not a DeepSpeed regime. "
+                       "Hint: use --precision bf16-master (DeepSpeed bf16) or fp32.")
+        if p.offload != "none" and p.zero == 0:
+            out.append("DeepSpeed offloads optimizer states only with ZeRO. Hint: use --zero 1, 2 or 3.")
+        if p.offload == "optimizer+params" and p.zero != 3:
+            out.append("DeepSpeed offloads parameters only in ZeRO-3. Hint: use --zero 3, or --offload optimizer.")
+        if p.offload != "none" and p.optimizer not in ("adamw", "adamw-fused", "adamw-forloop"):
+            out.append(f"DeepSpeed's CPU offload runs its own CPU Adam; '{p.optimizer}' cannot be offloaded. "
+                       "Hint: use --optimizer adamw with offload, or --offload none.")
+    if p.attn == "flash" and p.precision == "fp32":
+        out.append("flash-attention runs in fp16/bf16 only. Hint: use --attn sdpa, or a 16-bit precision.")
+    if p.precision == "amp-fp16" and p.method != "full" and p.optimizer in ("adamw-8bit", "paged-adamw-8bit"):
+        pass  # supported: 8-bit states are independent of the compute dtype
+    return out
+
+
+# ---------------------------------------------------------------- loading and merging
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(x) for x in first["loc"]) or "plan"
+    msg = first["msg"].removeprefix("Value error, ")
+    allowed = ""
+    ctx = first.get("ctx") or {}
+    if "expected" in ctx:
+        allowed = f" (allowed: {ctx['expected']})"
+    if first["type"] == "extra_forbidden":
+        msg = f"unknown key '{where}'"
+        return f"{source}: {msg}; allowed keys: {', '.join(Plan.model_fields)}"
+    if first["loc"]:
+        return f"{source}: {where}: {msg}{allowed}"
+    return f"{source}: {msg}"
+
+
+def build_plan(data: dict[str, Any], source: str = "plan") -> Plan:
+    """Validate a plan dict once; any problem becomes one UserError line."""
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(err, source)) from None
+
+
+def read_plan_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read plan file {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: malformed YAML: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a plan file is a YAML mapping of plan fields, got {type(data).__name__}")
+    # recommend's plan.yaml keeps the memory plan under `plan:` next to data and outputs.
+    if "plan" in data and isinstance(data["plan"], dict):
+        data = data["plan"]
+    return data
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys (lora.rank) override nested fields; only what the user passed is given here."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            sub = out.get(head)
+            sub = dict(sub) if isinstance(sub, dict) else {}
+            sub[rest] = value
+            out[head] = sub
+        else:
+            out[key] = value
+    return out
+
+
+def plan_to_yaml(plan: Plan, header: str = "") -> str:
+    import yaml
+
+    body = yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False)
+    return (header + body) if header else body

@@ -1,0 +1,402 @@
+"""Model presets and ModelSpec: exact parameter counts against transformers' own models.
+
+Every preset is built on the meta device (no memory, no weights) and its parameters are compared
+with the analytic counts, line item by line item.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from memplan.errors import UserError
+from memplan.models import (
+    SUPPORTED_MODEL_TYPES,
+    Linear,
+    ModelSpec,
+    list_presets,
+    models_dir,
+    preset_ids,
+    preset_info,
+    resolve_model,
+    spec_from_config,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+REQUIRED_IDS = """
+llama-1-7b llama-1-13b llama-1-30b llama-1-65b llama-2-7b llama-2-13b llama-2-70b llama-3-8b llama-3-70b
+llama-3.1-8b llama-3.1-70b llama-3.1-405b llama-3.2-1b llama-3.2-3b mistral-7b mixtral-8x7b
+qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b qwen2.5-7b qwen2.5-14b qwen2.5-32b qwen2.5-72b
+gemma-2b gemma-7b gemma-2-2b gemma-2-9b gemma-2-27b phi-3-mini tinyllama-1.1b
+gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b
+""".split()
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: build the real model on the meta device and read its parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def _meta_model(config):
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    return model
+
+
+def _numel_under(params: dict[str, torch.nn.Parameter], prefix: str) -> int:
+    """Parameters of the module (or the parameter) at ``prefix``."""
+    return sum(p.numel() for n, p in params.items() if n == prefix or n.startswith(prefix + "."))
+
+
+def _check_against_model(spec: ModelSpec, model) -> None:
+    """Total, every line item, and the Linear shapes of layer 0 agree with the real model."""
+    params = dict(model.named_parameters())  # shared (tied) tensors appear once, under the first name
+    assert spec.params_total == sum(p.numel() for p in model.parameters())
+
+    for item in (*spec.embedding_items, *spec.final_items, *spec.lm_head_items):
+        assert _numel_under(params, item.path) == item.params, item
+    layer0 = f"{spec.layer_prefix}.0"
+    for item in spec.layer_items:
+        assert _numel_under(params, f"{layer0}.{item.path}") == item.params, item
+    assert _numel_under(params, layer0) == spec.params_per_layer
+    assert len(model.get_submodule(spec.layer_prefix)) == spec.num_layers
+
+    _check_layer_linears(spec, model.get_submodule(layer0))
+
+
+def _check_layer_linears(spec: ModelSpec, layer) -> None:
+    modules = [(n, m) for n, m in layer.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    dense = [lin for lin in spec.layer_linears if lin.kind in ("linear", "conv1d")]
+    assert [lin.path for lin in dense] == [n for n, _ in modules]
+    for lin in spec.layer_linears:
+        parts = lin.path.split(".")
+        assert lin.name == ".".join(parts[-2:] if lin.kind == "experts" else parts[-1:])
+        if lin.kind == "linear":
+            m = layer.get_submodule(lin.path)
+            assert (m.in_features, m.out_features, m.bias is not None) == (lin.d_in, lin.d_out, lin.bias)
+        elif lin.kind == "conv1d":
+            m = layer.get_submodule(lin.path)
+            assert isinstance(m, Conv1D)
+            assert tuple(m.weight.shape) == (lin.d_in, lin.d_out) and (m.bias is not None) == lin.bias
+        elif lin.kind == "router":
+            assert tuple(layer.get_submodule(lin.path).weight.shape) == (lin.d_out, lin.d_in)
+        else:  # fused experts parameter (E, d_out, d_in)
+            assert tuple(layer.get_parameter(lin.path).shape) == (lin.count, lin.d_out, lin.d_in)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_preset_set_is_complete():
+    ids = preset_ids()
+    assert len(ids) >= 28
+    assert set(REQUIRED_IDS) <= set(ids)
+    assert all(pid == pid.lower() for pid in ids)
+    dirs = {p.name for p in models_dir().iterdir() if p.is_dir()}
+    assert dirs == set(ids)
+
+
+@pytest.mark.parametrize("preset", REQUIRED_IDS)
+def test_preset_matches_transformers(preset):
+    spec = resolve_model(preset)
+    assert spec.name == preset
+    config = AutoConfig.from_pretrained(models_dir() / preset)
+    _check_against_model(spec, _meta_model(config))
+
+
+@pytest.mark.parametrize("preset", REQUIRED_IDS)
+def test_preset_config_is_hf_format(preset):
+    config = json.loads((models_dir() / preset / "config.json").read_text())
+    assert config["model_type"] in SUPPORTED_MODEL_TYPES
+    assert config["architectures"] and config["architectures"][0].endswith(("ForCausalLM", "LMHeadModel"))
+    info = preset_info(preset)
+    assert info["source"] == f"https://huggingface.co/{info['hub_id']}/blob/main/config.json"
+    assert info["family"] == config["model_type"]
+
+
+@pytest.mark.parametrize("preset", [p for p in REQUIRED_IDS if "published_params" in preset_info(p)])
+def test_published_totals(preset):
+    info = preset_info(preset)
+    assert info["published_source"]
+    assert resolve_model(preset).params_total == info["published_params"]
+
+
+def test_known_totals():
+    assert resolve_model("llama-2-7b").params_total == 6_738_415_616
+    tied = resolve_model("qwen2.5-0.5b")
+    assert tied.tie_word_embeddings and tied.params_lm_head == 0
+    assert tied.params_total == 494_032_768
+    assert resolve_model("gpt2").params_total == 124_439_808
+
+
+def test_spec_fields():
+    llama = resolve_model("llama-3-8b")
+    assert (llama.num_heads, llama.num_kv_heads, llama.head_dim) == (32, 8, 128)
+    assert llama.mlp_gated and llama.norm == "rms" and llama.norms_per_layer == 2
+    assert llama.layer_norm_params == 4096 and llama.position_embeddings == 0
+    assert llama.linear_names() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                    "lm_head"]
+
+    gemma2 = resolve_model("gemma-2-27b")
+    assert (gemma2.head_dim, gemma2.norms_per_layer, gemma2.hidden_act) == (128, 4, "gelu_pytorch_tanh")
+    assert resolve_model("gemma-7b").hidden_act == "gelu_pytorch_tanh"  # legacy "gelu" in config.json
+
+    mixtral = resolve_model("mixtral")
+    assert (mixtral.num_experts, mixtral.experts_per_token, mixtral.intermediate_size) == (8, 2, 14336)
+    assert [(lin.name, lin.kind, lin.count) for lin in mixtral.layer_linears[4:]] == [
+        ("gate", "router", 1), ("experts.gate_up_proj", "experts", 8), ("experts.down_proj", "experts", 8)]
+
+    phi3 = resolve_model("phi3-mini")
+    assert [lin.name for lin in phi3.layer_linears] == ["o_proj", "qkv_proj", "gate_up_proj", "down_proj"]
+    assert phi3.layer_linears[1].d_out == 3 * 3072
+
+    gpt2 = resolve_model("gpt2")
+    assert gpt2.norm == "layer" and gpt2.layer_norm_params == 2 * 768 and not gpt2.mlp_gated
+    assert gpt2.position_embeddings == 1024 and gpt2.intermediate_size == 3072
+    assert gpt2.linear_names() == ["c_attn", "c_proj", "c_fc", "lm_head"]
+    assert {lin.kind for lin in gpt2.layer_linears} == {"conv1d"}
+
+    opt = resolve_model("opt-1.3b")
+    assert opt.position_embeddings == 2050 and opt.tie_word_embeddings
+    assert [lin.name for lin in opt.layer_linears] == ["k_proj", "v_proj", "q_proj", "out_proj", "fc1", "fc2"]
+
+    qwen = resolve_model("qwen2.5-7b")
+    assert [lin.bias for lin in qwen.layer_linears[:4]] == [True, True, True, False]
+
+
+def test_linear_params_and_breakdown():
+    assert Linear("q_proj", 10, 20, True).params == 220
+    assert Linear("experts", 10, 20, False, count=8).params == 1600
+    spec = resolve_model("llama-2-7b")
+    rows = spec.param_breakdown()
+    assert rows[0] == ("embedding", "model.embed_tokens", 32000 * 4096, "vocab x hidden")
+    assert sum(n for g, _, n, _ in rows if g == "layer") == spec.params_per_layer
+
+
+def test_list_presets_rows():
+    rows = {row["id"]: row for row in list_presets()}
+    assert set(rows) == set(preset_ids())
+    row = rows["llama-2-7b"]
+    assert row == {
+        "id": "llama-2-7b",
+        "family": "llama",
+        "hub_id": "meta-llama/Llama-2-7b-hf",
+        "params_total": 6_738_415_616,
+        "aliases": row["aliases"],
+        "source": "https://huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json",
+    }
+    assert "llama2-7b" in row["aliases"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults: configs that leave keys out get the transformers config-class defaults
+# ---------------------------------------------------------------------------------------------
+
+_SMALL = dict(vocab_size=128, hidden_size=256, num_hidden_layers=2, num_attention_heads=32, intermediate_size=64)
+
+VARIANTS = {
+    "llama-minimal": dict(model_type="llama", **_SMALL),
+    "llama-biases": dict(model_type="llama", attention_bias=True, mlp_bias=True, num_key_value_heads=4,
+                         tie_word_embeddings=True, **_SMALL),
+    "llama-head-dim": dict(model_type="llama", head_dim=16, num_key_value_heads=8, **_SMALL),
+    "mistral-minimal": dict(model_type="mistral", **_SMALL),
+    "mixtral-minimal": dict(model_type="mixtral", **_SMALL),
+    "mixtral-experts": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=1, **_SMALL),
+    "qwen2-minimal": dict(model_type="qwen2", **_SMALL),
+    "qwen2-tied": dict(model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True, **_SMALL),
+    "gemma-minimal": dict(model_type="gemma", **_SMALL),
+    "gemma-untied": dict(model_type="gemma", head_dim=32, tie_word_embeddings=False, **_SMALL),
+    "gemma2-minimal": dict(model_type="gemma2", **_SMALL),
+    # Phi3Config's default pad_token_id (32000) would not fit the tiny vocabulary
+    "phi3-minimal": dict(model_type="phi3", pad_token_id=0, **_SMALL),
+    "phi3-gqa": dict(model_type="phi3", pad_token_id=0, num_key_value_heads=8, **_SMALL),
+    "gpt2-minimal": dict(model_type="gpt2", vocab_size=128, n_embd=64, n_layer=2, n_head=4),
+    "gpt2-inner": dict(model_type="gpt2", vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_inner=100,
+                       n_positions=77, tie_word_embeddings=False),
+    "opt-minimal": dict(model_type="opt", vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, ffn_dim=96),
+    "opt-350m-like": dict(model_type="opt", vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=32, do_layer_norm_before=False,
+                          enable_bias=False),
+    "opt-no-affine": dict(model_type="opt", vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, ffn_dim=96, layer_norm_elementwise_affine=False),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_defaults_match_transformers(variant):
+    raw = VARIANTS[variant]
+    spec = spec_from_config(dict(raw), variant)
+    kwargs = {k: v for k, v in raw.items() if k != "model_type"}
+    _check_against_model(spec, _meta_model(AutoConfig.for_model(raw["model_type"], **kwargs)))
+
+
+def test_default_values():
+    assert spec_from_config(VARIANTS["llama-minimal"], "x").num_kv_heads == 32
+    assert spec_from_config(VARIANTS["mistral-minimal"], "x").num_kv_heads == 8
+    assert spec_from_config(VARIANTS["qwen2-minimal"], "x").num_kv_heads == 32
+    gemma = spec_from_config(VARIANTS["gemma-minimal"], "x")
+    assert (gemma.head_dim, gemma.num_kv_heads, gemma.tie_word_embeddings) == (256, 16, True)
+    assert spec_from_config(VARIANTS["gemma2-minimal"], "x").num_kv_heads == 4
+    gpt2 = spec_from_config(VARIANTS["gpt2-minimal"], "x")
+    assert (gpt2.intermediate_size, gpt2.position_embeddings, gpt2.hidden_act) == (256, 1024, "gelu_new")
+    opt = spec_from_config(VARIANTS["opt-350m-like"], "x")
+    assert opt.params_final_norm == 0 and opt.position_embeddings == 2050
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors from spec_from_config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unsupported_model_type():
+    with pytest.raises(UserError, match=r"unsupported model_type 'bert'.*llama.*gpt2"):
+        spec_from_config({"model_type": "bert", "hidden_size": 8}, "my-bert")
+    with pytest.raises(UserError, match="no 'model_type'"):
+        spec_from_config({"hidden_size": 8}, "x")
+
+
+def test_missing_and_bad_keys():
+    config = dict(VARIANTS["llama-minimal"])
+    del config["hidden_size"]
+    with pytest.raises(UserError, match=r"mine: .*missing required key 'hidden_size'"):
+        spec_from_config(config, "mine")
+    with pytest.raises(UserError, match="'n_embd'"):
+        spec_from_config({"model_type": "gpt2", "vocab_size": 10, "n_layer": 2, "n_head": 2}, "g")
+    with pytest.raises(UserError, match="'num_attention_heads' must be a positive integer"):
+        spec_from_config(dict(VARIANTS["llama-minimal"], num_attention_heads="32"), "x")
+    with pytest.raises(UserError, match="not divisible"):
+        spec_from_config(dict(VARIANTS["llama-minimal"], hidden_size=250), "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# resolve_model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ref, preset", [
+    ("llama-7b", "llama-1-7b"), ("llama-13b", "llama-1-13b"), ("llama-30b", "llama-1-30b"),
+    ("llama-65b", "llama-1-65b"), ("llama2-7b", "llama-2-7b"), ("mistral-7b-v0.1", "mistral-7b"),
+    ("mixtral", "mixtral-8x7b"), ("phi3-mini", "phi-3-mini"), ("tinyllama", "tinyllama-1.1b"),
+    ("LLAMA-2-7B", "llama-2-7b"), ("meta-llama/Llama-2-7b-hf", "llama-2-7b"),
+    ("META-LLAMA/LLAMA-2-7B-HF", "llama-2-7b"), ("huggyllama/llama-7b", "llama-1-7b"),
+    ("Qwen/Qwen2.5-0.5B", "qwen2.5-0.5b"), ("  gpt2  ", "gpt2"),
+])
+def test_resolve_names(ref, preset):
+    assert resolve_model(ref).name == preset
+
+
+def test_resolve_config_file_and_directory(tmp_path):
+    src = (models_dir() / "qwen2.5-0.5b" / "config.json").read_text()
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(src)
+    by_dir = resolve_model(str(model_dir))
+    by_file = resolve_model(str(model_dir / "config.json"))
+    assert by_dir.name == str(model_dir) and by_file.name == str(model_dir / "config.json")
+    assert by_dir.params_total == by_file.params_total == 494_032_768
+
+
+def test_resolve_relative_path(tmp_path, monkeypatch):
+    (tmp_path / "cfg.json").write_text((models_dir() / "gpt2" / "config.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("cfg.json").params_total == 124_439_808
+    assert resolve_model("./cfg.json").params_total == 124_439_808
+
+
+def _fake_cache(root: Path, repo_id: str, snapshot: str, config: dict, ref: bool = True) -> Path:
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / snapshot
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(config))
+    if ref:
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(snapshot)
+    return repo
+
+
+def test_resolve_hf_cache(tmp_path, monkeypatch):
+    config = json.loads((models_dir() / "tinyllama-1.1b" / "config.json").read_text())
+    hub = tmp_path / "hub"
+    _fake_cache(hub, "acme/tiny-llama", "0123abcd", config)
+    repo = _fake_cache(hub, "acme/old", "aaaa", dict(config, num_hidden_layers=1), ref=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    spec = resolve_model("acme/tiny-llama")
+    assert spec.name == "acme/tiny-llama" and spec.params_total == 1_100_048_384
+    assert resolve_model("acme/old").num_layers == 1  # no refs/main: the snapshot present
+
+    # refs/main wins over a newer snapshot
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("aaaa")
+    newer = repo / "snapshots" / "bbbb"
+    newer.mkdir()
+    (newer / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=3)))
+    assert resolve_model("acme/old").num_layers == 1
+
+
+def test_resolve_hf_home(tmp_path, monkeypatch):
+    config = json.loads((models_dir() / "gpt2" / "config.json").read_text())
+    _fake_cache(tmp_path / "hfhome" / "hub", "acme/g", "c0ffee", config)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
+    assert resolve_model("acme/g").params_total == 124_439_808
+
+
+def test_unknown_name_suggests_presets():
+    with pytest.raises(UserError) as err:
+        resolve_model("llama7b")
+    message = str(err.value)
+    assert message.startswith("unknown model 'llama7b'. Closest presets: llama-7b")
+    assert "memplan models" in message
+
+
+def test_unknown_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match=r"unknown model 'acme/nothing' \(not a preset, and not in the local HF cache"):
+        resolve_model("acme/nothing")
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        resolve_model(str(tmp_path / "nope" / "config.json"))
+    with pytest.raises(UserError, match="directory without a config.json"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(UserError, match="empty model name"):
+        resolve_model("  ")
+
+
+def test_malformed_config(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model_type": "llama",, }')
+    with pytest.raises(UserError) as err:
+        resolve_model(str(tmp_path))
+    assert str(bad) in str(err.value) and "invalid JSON" in str(err.value) and "line 1" in str(err.value)
+    bad.write_text("[1, 2]")
+    with pytest.raises(UserError, match="JSON object"):
+        resolve_model(str(bad))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path stays free of torch
+# ---------------------------------------------------------------------------------------------
+
+
+def test_import_does_not_load_torch():
+    code = ("import sys, memplan.models as m; m.resolve_model('llama-2-7b'); m.list_presets(); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
