@@ -1,0 +1,75 @@
+"""The `memplan` command: a thin click group; each command imports its heavy code only when it runs."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from memplan import __version__
+from memplan.cli_options import PLAN_FLAGS, plan_options
+from memplan.errors import UserError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"memplan: error: {err}", err=True)
+            sys.exit(UserError.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="memplan")
+def main() -> None:
+    """memplan: will it fit, and with what settings? Exact GPU memory plans for fine-tuning LLMs.
+
+    Sizes are in GiB (2^30 bytes); memory figures are per GPU unless stated.
+    """
+
+
+@main.command()
+@click.option("--model", "-m", "model", default=None,
+              help="preset id or alias (see `memplan models`), a config.json path, or a local HF model directory.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="a plan YAML (the Plan's fields; `recommend -o` writes one). Flags override it.")
+@plan_options(PLAN_FLAGS)
+@click.option("--gpu", "gpu", default=None, help="GPU preset id (see `memplan gpus`), e.g. h100-80gb.")
+@click.option("--gpu-memory", "gpu_memory", default=None,
+              help="usable memory per GPU for anything else, e.g. 24GiB, 81559MiB, 80GB (decimal).")
+@click.option("--max-batch", is_flag=True, help="also report the largest micro-batch that fits.")
+@click.option("--max-seq", is_flag=True, help="also report the longest sequence (tokens) that fits.")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables.")
+def estimate(**kwargs) -> None:
+    """Estimate per-GPU memory of a fine-tuning step, analytically (no GPU, no torch, no network).
+
+    With no plan flags: a table of full FT / LoRA / QLoRA across DDP, ZeRO-1/2/3 and offload at the
+    stated defaults (micro-batch 1, 2048 tokens, checkpointing on), then the best plan's breakdown.
+    With --config or any plan flag: that one plan, by phase (forward, backward, optimizer step).
+    """
+    from memplan.commands.estimate import run
+
+    run(**kwargs)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table.")
+def models(as_json: bool) -> None:
+    """List the model presets (ids, aliases, exact parameter counts, sources)."""
+    from memplan.commands.listing import list_models
+
+    list_models(as_json)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table.")
+def gpus(as_json: bool) -> None:
+    """List the GPU presets (usable memory as the device reports it, peak TFLOP/s, bandwidths)."""
+    from memplan.commands.listing import list_gpus
+
+    list_gpus(as_json)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,105 @@
+"""CLI flags generated from the Plan schema: one flag per field, help text from the field's description.
+
+Flags default to None so that only what the user actually typed overrides a --config YAML.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Callable
+
+import click
+from pydantic.fields import FieldInfo
+
+from memplan.plan import Hyperparameters, LoraSettings, Plan
+
+# Plan field path -> flag name. Order is the order in --help.
+PLAN_FLAGS: dict[str, str] = {
+    "method": "--method",
+    "precision": "--precision",
+    "optimizer": "--optimizer",
+    "sharding": "--sharding",
+    "zero": "--zero",
+    "offload": "--offload",
+    "gpus": "--gpus",
+    "nodes": "--nodes",
+    "micro_batch": "--batch-size",
+    "grad_accum": "--grad-accum",
+    "seq_len": "--seq-len",
+    "grad_ckpt": "--grad-ckpt",
+    "attn": "--attn",
+    "loss": "--loss",
+    "lora.rank": "--lora-rank",
+    "lora.alpha": "--lora-alpha",
+    "lora.dropout": "--lora-dropout",
+    "lora.targets": "--lora-targets",
+}
+
+HPARAM_FLAGS: dict[str, str] = {
+    "hparams.lr": "--lr",
+    "hparams.warmup_ratio": "--warmup-ratio",
+    "hparams.epochs": "--epochs",
+}
+
+_UNITS = {"micro_batch": "sequences", "seq_len": "tokens", "gpus": "GPUs", "nodes": "nodes"}
+
+
+def _field(path: str) -> FieldInfo:
+    head, _, rest = path.partition(".")
+    if not rest:
+        return Plan.model_fields[head]
+    sub = {"lora": LoraSettings, "hparams": Hyperparameters}[head]
+    return sub.model_fields[rest]
+
+
+def _click_type(info: FieldInfo) -> Any:
+    ann = info.annotation
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        return click.Choice(list(typing.get_args(ann)))
+    if ann is int:
+        return int
+    if ann is float:
+        return float
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if args and args[0] in (int, float):
+            return args[0]
+    return str
+
+
+def _option(path: str, flag: str) -> Callable:
+    info = _field(path)
+    dest = "opt_" + path.replace(".", "__")
+    default = info.default if info.default_factory is None else None
+    unit = _UNITS.get(path)
+    help_text = (info.description or "").rstrip(".")
+    if unit:
+        help_text += f" [{unit}]"
+    if default is not None and info.annotation is not bool:
+        help_text += f" (default: {default})"
+    if info.annotation is bool:
+        name = flag.removeprefix("--")
+        return click.option(f"{flag}/--no-{name}", dest, default=None,
+                            help=f"{help_text} (default: {'on' if default else 'off'}).")
+    return click.option(flag, dest, type=_click_type(info), default=None, show_default=False, help=help_text + ".")
+
+
+def plan_options(flags: dict[str, str]) -> Callable:
+    def decorate(func: Callable) -> Callable:
+        for path, flag in reversed(list(flags.items())):
+            func = _option(path, flag)(func)
+        return func
+
+    return decorate
+
+
+def passed_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Plan overrides (dotted paths) from the generated options the user actually passed."""
+    out = {}
+    for key in list(kwargs):
+        if key.startswith("opt_"):
+            value = kwargs.pop(key)
+            if value is not None:
+                out[key.removeprefix("opt_").replace("__", ".")] = value
+    return out

@@ -1,0 +1,101 @@
+"""A small symbolic autograd: which tensors a forward pass keeps alive for the backward.
+
+The estimator replays a decoder layer's forward as transformers writes it, op by op, on symbolic
+tensors (element count, bytes per element, requires_grad). Each op records what torch's autograd
+formula for it saves (torch/csrc/autograd/FunctionsManual.cpp, tools/autograd/derivatives.yaml):
+
+    linear(x, W)      saves x if W is trainable, W if x needs grad (W is a parameter: no new bytes)
+    mul(a, b)         saves b if a needs grad and a if b needs grad
+    pow(x, 2)         saves x;  rsqrt(x) saves its result;  silu/gelu(x) save x;  relu saves its result
+    softmax           saves its result;  log_softmax (inside cross_entropy) saves its result
+    sdpa              saves q, k, v, out and the fp32 log-sum-exp (b*heads*s*4 B)
+    dropout(p > 0)    saves its mask: a bool (1 B/element) on CUDA (native_dropout),
+                      an input-dtype noise tensor on the CPU (bernoulli * input)
+    embedding         saves the int64 indices
+    casts, views, adds, scalar multiplies save nothing
+
+A tensor saved by several ops is counted once. Nothing is saved when no input needs a gradient,
+which is why a LoRA model's first layer keeps less: its input comes from a frozen embedding.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class T:
+    """A symbolic tensor: numel elements of `nbytes_per` bytes; `rg` = requires grad."""
+
+    numel: int
+    itemsize: int
+    rg: bool
+    uid: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass
+class Tape:
+    """Records the saved tensors of one forward; `kernels` is 'cuda' or 'cpu' (dropout masks differ)."""
+
+    kernels: str = "cuda"
+    saved: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(self.saved.values())
+
+    def save(self, *tensors: T) -> None:
+        for t in tensors:
+            self.saved.setdefault(t.uid, t.nbytes)
+
+    # ---------------------------------------------------------------- ops
+    def new(self, numel: int, itemsize: int, rg: bool) -> T:
+        return T(numel, itemsize, rg)
+
+    def cast(self, x: T, itemsize: int) -> T:
+        return x if itemsize == x.itemsize else T(x.numel, itemsize, x.rg)
+
+    def linear(self, x: T, out_numel: int, w_trainable: bool, out_itemsize: int | None = None) -> T:
+        if w_trainable:
+            self.save(x)
+        return T(out_numel, out_itemsize or x.itemsize, x.rg or w_trainable)
+
+    def mul(self, a: T, b: T, out_itemsize: int | None = None) -> T:
+        if a.rg:
+            self.save(b)
+        if b.rg:
+            self.save(a)
+        return T(max(a.numel, b.numel), out_itemsize or max(a.itemsize, b.itemsize), a.rg or b.rg)
+
+    def scale_by_param(self, x: T, param_trainable: bool) -> T:
+        """weight * x with a 1-D weight (RMSNorm, LayerNorm affine)."""
+        if param_trainable:
+            self.save(x)
+        return T(x.numel, x.itemsize, x.rg or param_trainable)
+
+    def unary_saving_input(self, x: T, out_itemsize: int | None = None) -> T:
+        if x.rg:
+            self.save(x)
+        return T(x.numel, out_itemsize or x.itemsize, x.rg)
+
+    def unary_saving_output(self, x: T, out_itemsize: int | None = None) -> T:
+        out = T(x.numel, out_itemsize or x.itemsize, x.rg)
+        if x.rg:
+            self.save(out)
+        return out
+
+    def dropout(self, x: T, p: float) -> T:
+        if p <= 0:
+            return x
+        out = T(x.numel, x.itemsize, x.rg)
+        if x.rg:
+            mask_itemsize = 1 if self.kernels == "cuda" else x.itemsize
+            self.save(T(x.numel, mask_itemsize, False))
+        return out

@@ -1,0 +1,156 @@
+"""Composes the terms into per-phase memory for one GPU, and the peak over phases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from memplan.estimator import activations as act_mod
+from memplan.estimator import overhead, sharding, states
+from memplan.models import ModelSpec
+from memplan.plan import Plan
+
+PHASES = ("forward", "backward", "optimizer")
+
+# Term names of the breakdown: a public interface (--json), keep them stable.
+TERMS = (
+    "weights", "master_weights", "gradients", "optimizer_states", "optimizer_temporaries",
+    "activations", "logits_loss", "gathered_params", "comm_buffers",
+)
+
+
+@dataclass
+class Estimate:
+    spec: ModelSpec
+    plan: Plan
+    params_trainable: int
+    phases: dict[str, dict[str, int]]  # phase -> term -> bytes at that phase's peak
+    host_bytes: int  # CPU RAM per node for offloaded states/params
+    disk: dict[str, int]
+    gpu_memory: Optional[int] = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def phase_peaks(self) -> dict[str, int]:
+        return {p: sum(t.values()) for p, t in self.phases.items()}
+
+    @property
+    def peak_phase(self) -> str:
+        peaks = self.phase_peaks
+        return max(peaks, key=peaks.get)
+
+    @property
+    def peak_allocated(self) -> int:
+        return max(self.phase_peaks.values())
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        return dict(self.phases[self.peak_phase])
+
+    @property
+    def reserved(self) -> int:
+        return overhead.reserved_bytes(self.peak_allocated)
+
+    @property
+    def total(self) -> int:
+        return self.reserved + overhead.cuda_context_bytes(self.plan)
+
+    @property
+    def fits(self) -> Optional[bool]:
+        return None if self.gpu_memory is None else self.total <= self.gpu_memory
+
+    def to_json(self) -> dict:
+        return {
+            "plan": self.plan.model_dump(mode="json"),
+            "params_trainable": self.params_trainable,
+            "peak_allocated_bytes": self.peak_allocated,
+            "reserved_bytes": self.reserved,
+            "total_bytes": self.total,
+            "host_bytes": self.host_bytes,
+            "peak_phase": self.peak_phase,
+            "breakdown": self.breakdown,
+            "overheads": {
+                "allocator_reserve": self.reserved - self.peak_allocated,
+                "cuda_context": overhead.cuda_context_bytes(self.plan),
+            },
+            "phase_peaks": self.phase_peaks,
+            "disk": self.disk,
+            "fits": self.fits,
+            "gpu_memory_bytes": self.gpu_memory,
+        }
+
+
+def _terms(**kw: int) -> dict[str, int]:
+    return {name: int(kw.get(name, 0)) for name in TERMS}
+
+
+def estimate(spec: ModelSpec, plan: Plan, gpu_memory: Optional[int] = None, kernels: str = "cuda") -> Estimate:
+    """Peak allocated bytes per phase on the most-loaded GPU.
+
+    `kernels` = "cuda" models CUDA kernels; "cpu" models the CPU kernels the trace runs on (they differ
+    only in dropout masks: bool on CUDA, input-dtype noise on the CPU).
+    """
+    num = act_mod.numerics(plan, spec)
+    targets = act_mod.lora_targets(spec, plan)
+    tensors = states.parameter_tensors(spec, plan, targets)
+    p_item = states.trainable_itemsize(plan, num.weights, num.adapter)
+
+    weights = states.weight_bytes(tensors, plan, num.weights, num.adapter)
+    grads = states.gradient_bytes(tensors, p_item)
+    master = states.master_bytes(tensors, plan)
+    opt_states = states.optimizer_state_bytes(tensors, plan, p_item)
+    opt_temps = states.optimizer_step_temporaries(tensors, plan, p_item)
+    acts = act_mod.activations(spec, plan, kernels)
+
+    shard = sharding.per_gpu(spec, plan, tensors, num, weights=weights, grads=grads, master=master,
+                             opt_states=opt_states, opt_temps=opt_temps)
+    W, G, M, S, TMP = shard.weights, shard.grads, shard.master, shard.opt_states, shard.opt_temps
+    base = dict(weights=W, master_weights=M, optimizer_states=S)
+    accum = plan.grad_accum > 1
+    G_fwd = G if accum else 0
+
+    # ---- forward: everything saved, plus the loss transient (which includes the saved log-softmax)
+    saved_no_loss = acts.saved_total - acts.loss_saved
+    fwd = _terms(**base, gradients=G_fwd, activations=saved_no_loss + acts.forward_extra,
+                 logits_loss=acts.loss_forward_peak,
+                 gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
+
+    # ---- backward: the loss backward with all activations alive, then layer by layer
+    layer_grads = shard.layer_grads  # gradients one layer adds, per GPU
+    head_grads = shard.head_grads
+    candidates = []
+    at_loss = _terms(**base, gradients=G if accum else 0, activations=saved_no_loss,
+                     logits_loss=acts.loss_backward_peak, gathered_params=shard.gathered_backward,
+                     comm_buffers=shard.buffers)
+    candidates.append(at_loss)
+    L = spec.num_layers
+    for i in (L - 1, 0):  # memory is linear in the layer index between the ends
+        done_layers = L - i  # layers whose gradients exist while layer i runs its backward
+        g_now = G if accum else min(G, head_grads + layer_grads * done_layers)
+        if acts.grad_ckpt:
+            alive = acts.ckpt_input * (i + 1) + (acts.first_layer if i == 0 else acts.layer)
+        else:
+            alive = acts.first_layer + acts.layer * i
+        alive += acts.shared + acts.layer_backward_transient
+        candidates.append(_terms(**base, gradients=g_now, activations=alive,
+                                 gathered_params=shard.gathered_backward, comm_buffers=shard.buffers))
+    # End of the backward: every gradient exists. The embedding's dense gradient (embedding_dense_backward)
+    # is a new V x h tensor; when .grad already holds one (tied lm_head, or accumulation) AccumulateGrad
+    # adds out of place, so the new gradient and the sum are alive together.
+    emb_transient = 0
+    if plan.method == "full" and (spec.tie_word_embeddings or accum):
+        emb_transient = 2 * shard.emb_grad
+    candidates.append(_terms(**base, gradients=G, activations=acts.shared + emb_transient,
+                             gathered_params=shard.gathered_backward, comm_buffers=shard.buffers))
+    bwd = max(candidates, key=lambda t: sum(t.values()))
+
+    # ---- optimizer step: all gradients, states and the step's temporaries
+    opt = _terms(**base, gradients=G, optimizer_temporaries=TMP, comm_buffers=shard.buffers)
+
+    disk = {
+        "checkpoint_bytes": sharding.checkpoint_bytes(tensors, plan, num, p_item),
+        "artifact_bytes": sharding.artifact_bytes(spec, tensors, plan),
+    }
+    return Estimate(spec=spec, plan=plan, params_trainable=tensors.n_trainable,
+                    phases={"forward": fwd, "backward": bwd, "optimizer": opt},
+                    host_bytes=shard.host_bytes, disk=disk, gpu_memory=gpu_memory, notes=shard.notes)

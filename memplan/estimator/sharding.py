@@ -1,0 +1,134 @@
+"""Data-parallel sharding (ZeRO / FSDP), CPU offload and the buffers they add, per GPU.
+
+ZeRO paper (Rajbhandari et al. 2020, §5): stage 1 partitions optimizer states, stage 2 also gradients,
+stage 3 also parameters, each by the data-parallel degree N. FSDP's SHARD_GRAD_OP ~ stage 2 and
+FULL_SHARD ~ stage 3; NO_SHARD ~ DDP. Divisors are applied once per term; numbers are for the
+most-loaded GPU (ceil of each partition).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from memplan.estimator.layers import Numerics
+from memplan.estimator.states import Tensors, gradient_bytes, nf4_bytes
+from memplan.models import ModelSpec
+from memplan.plan import Plan
+
+
+@dataclass
+class PerGpu:
+    weights: int
+    grads: int
+    master: int
+    opt_states: int
+    opt_temps: int
+    head_grads: int  # gradients of lm_head + final norm (the first the backward produces)
+    layer_grads: int  # gradients one decoder layer adds
+    emb_grad: int  # the token embedding's gradient
+    gathered_forward: int  # ZeRO-3 / FULL_SHARD: unsharded parameters in flight
+    gathered_backward: int
+    buffers: int  # DDP gradient buckets, DeepSpeed reduce buckets
+    host_bytes: int  # CPU RAM per node
+    notes: list[str] = field(default_factory=list)
+
+
+def _part(x: int, n: int) -> int:
+    return math.ceil(x / n)
+
+
+def deepspeed_reduce_bucket_elems(spec: ModelSpec) -> int:
+    """HF's "auto" DeepSpeed config: reduce_bucket_size = hidden_size**2 (transformers integrations/deepspeed.py)."""
+    return spec.hidden_size ** 2
+
+
+def deepspeed_prefetch_elems(spec: ModelSpec) -> int:
+    """HF "auto": stage3_prefetch_bucket_size = 0.9 * hidden_size**2."""
+    return int(0.9 * spec.hidden_size ** 2)
+
+
+def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, weights: int, grads: int,
+            master: int, opt_states: int, opt_temps: int) -> PerGpu:
+    n = plan.world_size
+    stage = plan.zero
+    ds, fsdp = plan.sharding == "deepspeed", plan.sharding == "fsdp"
+    notes: list[str] = []
+    g_item = grads // tensors.n_trainable if tensors.n_trainable else num.weights
+
+    # Per-layer and head gradient sizes (replica), for the backward's progression.
+    if plan.method == "full":
+        layer_params = spec.params_per_layer
+        head_params = spec.params_final_norm + (spec.params_lm_head or spec.vocab_size * spec.hidden_size)
+    else:
+        layer_params = tensors.n_trainable // spec.num_layers
+        head_params = 0
+    layer_grads, head_grads = layer_params * g_item, head_params * g_item
+    emb_grad = spec.vocab_size * spec.hidden_size * g_item if plan.method == "full" else 0
+
+    W = _part(weights, n) if stage == 3 else weights
+    G = _part(grads, n) if stage >= 2 else grads
+    M = _part(master, n) if stage >= 1 else master
+    S = _part(opt_states, n) if stage >= 1 else opt_states
+    TMP = _part(opt_temps, n) if stage >= 1 else opt_temps
+    if stage >= 2:
+        layer_grads, head_grads, emb_grad = _part(layer_grads, n), _part(head_grads, n), _part(emb_grad, n)
+    buffers = 0
+    gathered_f = gathered_b = 0
+    host = 0
+
+    if n > 1 and plan.sharding == "ddp" or (fsdp and stage == 0 and n > 1):
+        # DDP's Reducer keeps flat bucket buffers the size of all gradients unless
+        # gradient_as_bucket_view=True (torch/nn/parallel/distributed.py); HF/accelerate leave it False.
+        buffers += grads
+        notes.append("DDP gradient buckets: one extra copy of the gradients (gradient_as_bucket_view=False).")
+    if ds:
+        if stage >= 1:
+            # DeepSpeed keeps fp32 gradient partitions for its fp32 master step (stage_1_and_2.py
+            # single_partition_of_fp32_groups grads; stage3.py fp32_partitioned_groups_flat grads).
+            M += _part(4 * tensors.n_trainable, n) if plan.precision == "bf16-master" and plan.method == "full" else 0
+            TMP = 0  # DeepSpeed runs its own fused/multi-tensor Adam: no foreach temporaries
+            if n > 1 and stage in (1, 2):
+                buffers += deepspeed_reduce_bucket_elems(spec) * num.compute
+        if stage == 3:
+            # current + prefetched parameters, gathered in the compute dtype
+            gathered_f = (layer_params + deepspeed_prefetch_elems(spec)) * num.compute
+            gathered_b = gathered_f + deepspeed_reduce_bucket_elems(spec) * g_item
+    if fsdp and stage in (2, 3):
+        # FSDP keeps the current unit's unsharded parameters and prefetches the next one (forward and
+        # backward prefetch, torch/distributed/fsdp); grads of a unit are unsharded until reduce-scatter.
+        if stage == 3:
+            gathered_f = 2 * layer_params * num.compute
+            gathered_b = 2 * layer_params * num.compute + layer_params * g_item
+        else:
+            gathered_b = layer_params * g_item
+
+    if plan.offload != "none":
+        # optimizer states, master weights (and DeepSpeed's fp32 grads) live in CPU RAM; the step runs there.
+        host += (S + M) * plan.gpus
+        S, M, TMP = 0, 0, 0
+        notes.append("Optimizer states and master weights offloaded to CPU RAM; the step runs on the CPU.")
+        if plan.offload == "optimizer+params":
+            host += W * plan.gpus
+            W = 0
+            if fsdp:  # FSDP CPUOffload also keeps sharded gradients on the CPU
+                host += G * plan.gpus
+                G = 0
+    return PerGpu(weights=W, grads=G, master=M, opt_states=S, opt_temps=TMP, head_grads=head_grads,
+                  layer_grads=layer_grads, emb_grad=emb_grad, gathered_forward=gathered_f, gathered_backward=gathered_b,
+                  buffers=buffers, host_bytes=host, notes=notes)
+
+
+def checkpoint_bytes(tensors: Tensors, plan: Plan, num: Numerics, p_item: int) -> int:
+    """A resumable checkpoint: trainable weights (and frozen ones for full FT) + optimizer states + masters."""
+    from memplan.estimator.states import master_bytes, optimizer_state_bytes
+
+    trainable = tensors.n_trainable * p_item
+    return trainable + optimizer_state_bytes(tensors, plan, p_item) + master_bytes(tensors, plan)
+
+
+def artifact_bytes(spec: ModelSpec, tensors: Tensors, plan: Plan) -> int:
+    """The final artifact: the full model in 16-bit for full FT, the adapter (fp32 as peft saves it) else."""
+    if plan.method == "full":
+        return 2 * spec.params_total
+    return 4 * tensors.n_trainable

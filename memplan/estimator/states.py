@@ -1,0 +1,165 @@
+"""Model states: weights, gradients, optimizer states, master weights and the optimizer step's temporaries.
+
+Each function returns bytes for one full (unsharded) replica; `sharding.py` divides them per GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from memplan.models import ModelSpec
+from memplan.plan import Plan
+
+BNB_BLOCKWISE = 256  # bitsandbytes 8-bit optimizers: one fp32 absmax per 256 values (functional.py)
+BNB_MIN_8BIT_SIZE = 4096  # tensors smaller than this keep 32-bit states (Optimizer8bit min_8bit_size)
+NF4_BLOCK = 64  # QLoRA: one absmax per 64 weights (arXiv 2305.14314 §3)
+NF4_DQ_BLOCK = 256  # double quantization: absmax quantized to 8 bit, one fp32 constant per 256 blocks
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """The trainable and frozen parameter tensors: shapes of the trainable ones, element counts else."""
+
+    trainable_shapes: tuple[tuple[int, ...], ...]  # one entry per trainable tensor
+    frozen_quantized: tuple[int, ...]  # QLoRA: NF4 linear weights
+    frozen_plain: int  # frozen elements stored in the regime's weight dtype
+
+    @property
+    def trainable(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.trainable_shapes)
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(self.trainable)
+
+
+def parameter_shapes(spec: ModelSpec) -> list[tuple[int, ...]]:
+    """Every parameter tensor of the HF model (tied weights once), from the spec's line items."""
+    h = spec.hidden_size
+    shapes: list[tuple[int, ...]] = [(spec.vocab_size, h)]
+    if spec.position_embeddings:
+        shapes.append((spec.position_embeddings, h))
+    layer: list[tuple[int, ...]] = []
+    for lin in spec.layer_linears:
+        if lin.kind == "experts":
+            layer.append((lin.count, lin.d_out, lin.d_in))
+        else:
+            layer += [(lin.d_out, lin.d_in)] * lin.count
+        if lin.bias:
+            layer += [(lin.d_out,)] * lin.count
+    layer += [(h,)] * (spec.layer_norm_params // h)
+    shapes += layer * spec.num_layers
+    if spec.params_lm_head:
+        shapes.append((spec.vocab_size, spec.params_lm_head // spec.vocab_size))
+    rest = spec.params_total - sum(math.prod(s) for s in shapes)
+    if rest > 0:  # final norm and small extras (OPT's projections): 1-D or 2-D, listed by their sizes
+        shapes += [(rest,)]
+    return shapes
+
+
+def lora_tensors(spec: ModelSpec, targets: frozenset[str], rank: int) -> tuple[tuple[int, ...], ...]:
+    """peft LoRA: A (r x d_in) and B (d_out x r) per targeted module (LoRA paper §4.1)."""
+    out: list[tuple[int, ...]] = []
+    for lin in spec.layer_linears:
+        if lin.name in targets:
+            k = lin.count if lin.kind == "experts" else 1
+            out += [(k * rank, lin.d_in), (lin.d_out, k * rank)] * (1 if lin.kind == "experts" else lin.count)
+    return tuple(out) * spec.num_layers
+
+
+def parameter_tensors(spec: ModelSpec, plan: Plan, targets: frozenset[str]) -> Tensors:
+    if plan.method == "full":
+        return Tensors(tuple(parameter_shapes(spec)), (), 0)
+    adapters = lora_tensors(spec, targets, plan.lora.rank)
+    if plan.method == "lora":
+        return Tensors(adapters, (), spec.params_total)
+    # QLoRA: bitsandbytes quantizes every decoder Linear weight; embeddings, norms, biases and lm_head stay 16-bit.
+    quantized = tuple(l.d_in * l.d_out for l in spec.layer_linears for _ in range(l.count)) * spec.num_layers
+    return Tensors(adapters, quantized, spec.params_total - sum(quantized))
+
+
+def nf4_bytes(numel: int) -> int:
+    """NF4 with double quantization (bitsandbytes Params4bit): packed 4-bit weights, 8-bit absmax per 64,
+    an fp32 absmax per 256 absmax blocks, and the 256-entry fp32 code of the nested state."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / NF4_DQ_BLOCK) + 4 * 256 + 4 * 16
+
+
+def weight_bytes(t: Tensors, plan: Plan, weight_itemsize: int, adapter_itemsize: int) -> int:
+    """Weights as stored: trainable ones in their dtype, frozen base in the regime's dtype, NF4 for QLoRA."""
+    trainable_itemsize = adapter_itemsize if plan.trains_adapters else weight_itemsize
+    return (t.n_trainable * trainable_itemsize + t.frozen_plain * weight_itemsize
+            + sum(nf4_bytes(n) for n in t.frozen_quantized))
+
+
+def trainable_itemsize(plan: Plan, weight_itemsize: int, adapter_itemsize: int) -> int:
+    return adapter_itemsize if plan.trains_adapters else weight_itemsize
+
+
+def gradient_bytes(t: Tensors, itemsize: int) -> int:
+    """One gradient per trainable element, in the parameter's dtype (torch AccumulateGrad)."""
+    return t.n_trainable * itemsize
+
+
+def master_bytes(t: Tensors, plan: Plan) -> int:
+    """bf16-master: an fp32 copy of every trainable 16-bit parameter (DeepSpeed bf16_optimizer, Megatron)."""
+    if plan.precision == "bf16-master" and not plan.trains_adapters:
+        return 4 * t.n_trainable
+    return 0
+
+
+def state_itemsize(plan: Plan, param_itemsize: int) -> int:
+    """torch optimizers keep states in the parameter's dtype; with fp32 masters the states are fp32."""
+    return 4 if plan.precision == "bf16-master" else param_itemsize
+
+
+def optimizer_state_bytes(t: Tensors, plan: Plan, param_itemsize: int) -> int:
+    """States per optimizer (torch/optim/adamw.py, sgd.py; transformers Adafactor; bitsandbytes optim)."""
+    sb = state_itemsize(plan, param_itemsize)
+    opt = plan.optimizer
+    if opt in ("adamw", "adamw-fused", "adamw-forloop"):
+        return 2 * sb * t.n_trainable  # exp_avg, exp_avg_sq
+    if opt == "sgd":
+        return sb * t.n_trainable  # momentum_buffer
+    if opt in ("adamw-8bit", "paged-adamw-8bit"):
+        total = 0
+        for n in t.trainable:
+            if n < BNB_MIN_8BIT_SIZE:
+                total += 2 * 4 * n
+            else:
+                total += 2 * (n + 4 * math.ceil(n / BNB_BLOCKWISE))  # uint8 state + fp32 absmax per block
+        return total
+    if opt == "adafactor":
+        return sum(_adafactor_state(shape) for shape in t.trainable_shapes)
+    raise AssertionError(opt)
+
+
+def _adafactor_state(shape: tuple[int, ...]) -> int:
+    if len(shape) >= 2:  # factored second moment: exp_avg_sq_row + exp_avg_sq_col, fp32
+        return 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+    return 4 * math.prod(shape)
+
+
+def optimizer_step_temporaries(t: Tensors, plan: Plan, param_itemsize: int) -> int:
+    """Extra bytes alive inside optimizer.step().
+
+    foreach AdamW (torch _multi_tensor_adamw): `exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)`
+    allocates one tensor per parameter, all alive together: 1x the trainable bytes (state dtype).
+    for-loop AdamW (_single_tensor_adamw): `denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)`:
+    two temporaries of the largest parameter. fused AdamW and bitsandbytes: in-kernel, none.
+    bf16-master: the fp32 gradients built for the master step (4 B per trainable element).
+    """
+    sb = state_itemsize(plan, param_itemsize)
+    largest = max(t.trainable, default=0)
+    opt = plan.optimizer
+    temps = 0
+    if opt == "adamw":
+        temps = sb * t.n_trainable
+    elif opt == "adamw-forloop":
+        temps = 2 * sb * largest
+    elif opt == "adafactor":
+        temps = 3 * 4 * largest  # fp32 grad copy, update, and its square (transformers Adafactor.step)
+    if master_bytes(t, plan):
+        temps += 4 * t.n_trainable
+    return temps
