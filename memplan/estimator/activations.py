@@ -96,6 +96,30 @@ class Activations:
         return layers + self.shared + self.head
 
 
+def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels: str) -> int:
+    """Gradients in flight inside one layer's backward, beyond what the layer saved.
+
+    Dense path: the incoming gradient and the one being formed (b*s*h each) and the MLP's gradients
+    w.r.t. its two f-wide branches (torch frees each as soon as it is consumed).
+    A LoRA module: the gradient of its output, of the adapter's fp32 input and of the dropout's input
+    (a second fp32 tensor), and the base path's input gradient.
+    Eager attention (and SDPA's math fallback) on CUDA: the fp32 gradient of the softmax output and
+    softmax_backward's fp32 result are alive together, 8 B per score element (the CPU kernel fuses the
+    cast; measured on an H100: benchmarks/results/gpu-h100-run1.jsonl case 3).
+    """
+    tok, c, h = plan.micro_batch * plan.seq_len, num.compute, spec.hidden_size
+    dense = c * tok * (2 * h + 2 * spec.intermediate_size)
+    lora = 0
+    copies = 2 if plan.lora.dropout > 0 else 1
+    for lin in spec.layer_linears:
+        if lin.name in lora_targets(spec, plan):
+            lora = max(lora, c * tok * lin.d_out + copies * num.adapter * tok * lin.d_in + c * tok * lin.d_in)
+    eager = 0
+    if kernels == "cuda" and (plan.attn == "eager" or (num.compute == 4 and spec.num_kv_heads != spec.num_heads)):
+        eager = 8 * plan.micro_batch * spec.num_heads * plan.seq_len ** 2
+    return max(dense, lora) + eager
+
+
 def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool) -> int:
     tape = Tape(kernels=kernels)
     ls = layer_spec(spec, plan)
@@ -151,9 +175,7 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
         extra += c * sum(l.d_in * l.d_out * l.count for l in spec.layer_linears) * spec.num_layers
 
     ckpt_input = tok * h * num.residual
-    # In a layer's backward: the incoming gradient and the one being formed (b*s*h each), and the MLP's
-    # gradients w.r.t. its two f-wide branches (torch frees each as soon as it is consumed).
-    transient = c * tok * (2 * h + 2 * spec.intermediate_size)
+    transient = layer_backward_transient(spec, plan, num, kernels)
     return Activations(
         layer=per_layer, first_layer=first, ckpt_input=ckpt_input, shared=shared, head=head,
         loss_saved=loss_saved, layer_backward_transient=transient,

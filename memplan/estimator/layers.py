@@ -132,7 +132,7 @@ class LayerReplay:
         k = T(tok * kv_feats, rot, k.rg)
         if L.fused_qkv:
             v = v  # still the fused storage
-        if L.attn == "eager":
+        if L.attn == "eager" or self.sdpa_falls_back_to_math():
             out = self._eager(q, k, v, rg)
         else:
             # SDPA (flash kernel, GQA without copies): q, k, v, out and the fp32 log-sum-exp.
@@ -143,6 +143,14 @@ class LayerReplay:
         out = T(out.numel, out.itemsize, out.rg)  # transpose(1, 2).contiguous(): a copy
         o = self.proj(out, L.hidden, "o")
         return t.dropout(o, L.resid_dropout)
+
+    def sdpa_falls_back_to_math(self) -> bool:
+        """CUDA SDPA in fp32 with GQA: flash needs 16-bit and memory-efficient attention has no
+        enable_gqa, so torch runs the math kernel, which keeps the s^2 probabilities like eager
+        (torch/nn/attention sdp_utils; measured on an H100, benchmarks/results/gpu-h100-run1.jsonl).
+        PyTorch's CPU flash kernel takes fp32 and GQA."""
+        return (self.L.attn != "eager" and self.t.kernels == "cuda" and self.n.compute == 4
+                and self.L.kv_heads != self.L.heads)
 
     def _eager(self, q: T, k: T, v: T, rg: bool) -> T:
         t, L, n = self.t, self.L, self.n

@@ -10,23 +10,34 @@ from memplan.plan import Plan
 
 MiB = 1 << 20
 
-# The CUDA context (driver, lazily loaded kernels, cuBLAS/cuDNN handles): "around 400MB if CUDA >= 11.7 is
-# used and lazy module loading enabled (default in PyTorch)" (pytorch/pytorch#109888, NVIDIA's PyTorch
-# engineer); ~300 MB in #107667. Before CUDA 11.7 it exceeded 1000 MB.
-CUDA_CONTEXT_BYTES = 400 * MiB
+# The CUDA context (driver, lazily loaded kernels, cuBLAS/cuDNN handles) lives outside the allocator:
+# NVML's used memory minus torch's reserved memory was 1247-1253 MiB (median 1251) over 12 training plans
+# on an H100 80GB with torch 2.11+cu130 and driver 580 (benchmarks/results/accuracy-h100.md). Published
+# figures are lower on older stacks: "around 400MB if CUDA >= 11.7 ... lazy module loading" (pytorch#109888).
+CUDA_CONTEXT_BYTES = 1251 * MiB
 
-# NCCL communicator buffers per process group when training on several GPUs (NCCL_BUFFSIZE defaults to
-# 4 MiB per channel and peer; with up to 32 channels and the ring/tree protocols this reaches a few
-# hundred MiB; NCCL docs, "Environment Variables: NCCL_BUFFSIZE").
+# NCCL communicator buffers when training on several GPUs: NCCL_BUFFSIZE (default 4 MiB, NCCL docs
+# "Environment Variables") per channel, up to 32 channels, for the ring and tree algorithms. Not yet
+# measured by memplan (one GPU so far); derived from those documented defaults.
 NCCL_BYTES = 4 * MiB * 32 * 2
 
 # The caching allocator rounds every block up to 512 B, serves requests above 1 MiB from 2 MiB-aligned
-# segments (large ones exactly sized, rounded to 2 MiB) and keeps freed blocks cached: reserved exceeds
-# the allocated peak by its fragmentation. Published training runs show 5-25 % (PyTorch "CUDA semantics:
-# optimizing memory usage with PYTORCH_CUDA_ALLOC_CONF", expandable_segments RFC pytorch#95823);
-# memplan takes the low end, which `expandable_segments:True` achieves, plus one 2 MiB segment of slack.
-ALLOCATOR_FRAGMENTATION = 0.05
+# segments and keeps freed blocks cached, so reserved exceeds the allocated peak by its fragmentation.
+# Measured max_memory_reserved / max_memory_allocated over 12 plans on an H100: median 1.074, range
+# 1.025-1.227 (benchmarks/results/accuracy-h100.md); memplan takes the median.
+# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lowers it.
+ALLOCATOR_FRAGMENTATION = 0.074
 SEGMENT = 2 * MiB
+
+
+# cuBLAS and cuBLASLt workspaces, allocated through the caching allocator on the first matmul and so
+# part of torch.cuda.max_memory_allocated: 66 MiB exactly on an H100 with torch 2.11+cu130 (every plan's
+# optimizer-phase peak exceeded the tensor bytes by 69,206,016 B; benchmarks/results/gpu-h100-run1.jsonl).
+CUBLAS_WORKSPACE_BYTES = 66 * MiB
+
+
+def workspace_bytes(kernels: str) -> int:
+    return CUBLAS_WORKSPACE_BYTES if kernels == "cuda" else 0
 
 
 def reserved_bytes(peak_allocated: int) -> int:

@@ -15,7 +15,7 @@ PHASES = ("forward", "backward", "optimizer")
 # Term names of the breakdown: a public interface (--json), keep them stable.
 TERMS = (
     "weights", "master_weights", "gradients", "optimizer_states", "optimizer_temporaries",
-    "activations", "logits_loss", "gathered_params", "comm_buffers",
+    "activations", "logits_loss", "gathered_params", "comm_buffers", "workspace",
 )
 
 
@@ -105,7 +105,8 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: Optional[int] = None, kern
     shard = sharding.per_gpu(spec, plan, tensors, num, weights=weights, grads=grads, master=master,
                              opt_states=opt_states, opt_temps=opt_temps)
     W, G, M, S, TMP = shard.weights, shard.grads, shard.master, shard.opt_states, shard.opt_temps
-    base = dict(weights=W, master_weights=M, optimizer_states=S)
+    base = dict(weights=W, master_weights=M, optimizer_states=S,
+                workspace=overhead.workspace_bytes(kernels))
     accum = plan.grad_accum > 1
     G_fwd = G if accum else 0
 
@@ -137,9 +138,10 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: Optional[int] = None, kern
     # End of the backward: every gradient exists. The embedding's dense gradient (embedding_dense_backward)
     # is a new V x h tensor; when .grad already holds one (tied lm_head, or accumulation) AccumulateGrad
     # adds out of place, so the new gradient and the sum are alive together.
+    # (On the CPU the sum is formed out of place: both copies; CUDA measured one: gpu-h100-run1 case 7.)
     emb_transient = 0
     if plan.method == "full" and (spec.tie_word_embeddings or accum):
-        emb_transient = 2 * shard.emb_grad
+        emb_transient = (2 if kernels == "cpu" else 1) * shard.emb_grad
     candidates.append(_terms(**base, gradients=G, activations=acts.shared + emb_transient,
                              gathered_params=shard.gathered_backward, comm_buffers=shard.buffers))
     bwd = max(candidates, key=lambda t: sum(t.values()))

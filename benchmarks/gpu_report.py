@@ -1,0 +1,83 @@
+"""Turn gpu_check.py's JSONL (measured CUDA memory) into a table against the current estimator.
+
+    python benchmarks/gpu_report.py benchmarks/results/gpu-h100-run1.jsonl > benchmarks/results/accuracy-h100.md
+
+Estimates are recomputed here, so the table always shows today's estimator against the stored
+measurements. Measured = steady state (max over steps 2..n) of each phase's max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memplan.estimator import estimate  # noqa: E402
+from memplan.models import resolve_model  # noqa: E402
+from memplan.plan import Plan  # noqa: E402
+
+GiB = 2**30
+PHASES = ("forward", "backward", "optimizer")
+
+
+def rows(path: Path):
+    header = None
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if "header" in r:
+            header = r["header"]
+            continue
+        yield header, r
+
+
+def main() -> None:
+    path = Path(sys.argv[1])
+    out = []
+    ratios, contexts = [], []
+    header = None
+    for header, r in rows(path):
+        if "measured" not in r:
+            out.append(f"| {r['case']} | {r['preset']} | {_plan(r['plan'])} | error: {r.get('error')} |||||")
+            continue
+        steps = r["measured"]["steps"][1:] or r["measured"]["steps"]
+        meas = {p: max(s[p] for s in steps) for p in PHASES}
+        reserved = max(s["reserved"] for s in r["measured"]["steps"])
+        nvml = max((s["nvml_used"] or 0) for s in r["measured"]["steps"])
+        e = estimate(resolve_model(r["preset"]), Plan(model=r["preset"], **r["plan"]), kernels="cuda")
+        peak_m, peak_e = max(meas.values()), e.peak_allocated
+        errs = [100 * (e.phase_peaks[p] - meas[p]) / meas[p] for p in PHASES]
+        ratios.append(reserved / peak_m)
+        if nvml:
+            contexts.append(nvml - reserved)
+        out.append(
+            f"| {r['case']} | {r['preset']} | {_plan(r['plan'])} | {peak_m / GiB:.2f} | {peak_e / GiB:.2f} | "
+            f"{100 * (peak_e - peak_m) / peak_m:+.2f} | " + " / ".join(f"{x:+.2f}" for x in errs)
+            + f" | {reserved / GiB:.2f} | {e.reserved / GiB:.2f} | {nvml / GiB:.2f} | {e.total / GiB:.2f} |"
+        )
+    print(f"# memplan estimate vs measured CUDA memory ({header['device']})\n")
+    print(f"torch {header['torch']}, transformers {header['transformers']}; measurements: `{path.name}` "
+          "(benchmarks/gpu_check.py); estimates recomputed by benchmarks/gpu_report.py.\n")
+    print("Allocated = `torch.cuda.max_memory_allocated` per phase, steady state (steps 2-3). "
+          "error % = 100 x (estimate - measured) / measured; per phase: forward / backward / optimizer.\n")
+    print("| # | model | plan | measured peak GiB | estimate GiB | error % | per phase % | reserved GiB | "
+          "est. reserved | NVML used GiB | est. total |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(out))
+    if ratios:
+        print(f"\nreserved / allocated peak: median {statistics.median(ratios):.3f}, "
+              f"min {min(ratios):.3f}, max {max(ratios):.3f} over {len(ratios)} plans.")
+    if contexts:
+        print(f"NVML used - reserved (CUDA context, outside the allocator): median "
+              f"{statistics.median(contexts) / 2**20:.0f} MiB, min {min(contexts) / 2**20:.0f}, "
+              f"max {max(contexts) / 2**20:.0f} MiB.")
+
+
+def _plan(fields: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in fields.items())
+
+
+if __name__ == "__main__":
+    main()
