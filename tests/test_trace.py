@@ -1,0 +1,309 @@
+"""The tracer is memplan's ground truth: fake tensors must equal real CPU tensors, byte counts must add up."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+from memplan.errors import UserError  # noqa: E402
+from memplan.loss import chunked_causal_lm_loss  # noqa: E402
+from memplan.plan import Plan  # noqa: E402
+from memplan.trace import PHASES, CATEGORIES, _LiveBytes, trace_training  # noqa: E402
+
+GiB = 2**30
+
+
+def tiny_llama(**kw) -> LlamaConfig:
+    base = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=128,
+    )
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def tiny_plan(**kw) -> Plan:
+    return Plan(**{"micro_batch": 2, "seq_len": 32, **kw})
+
+
+def meta_model(config, dtype=torch.float32):
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def param_count(config) -> int:
+    return sum(p.numel() for p in meta_model(config).parameters())
+
+
+# ---------------------------------------------------------------- the tracker itself
+
+
+def test_tracker_counts_each_storage_once_and_frees_it():
+    tracker = _LiveBytes()
+    with tracker:
+        tracker.new_step()
+        tracker.phase("forward")
+        a = torch.ones(1000)  # 4000 B
+        v = a.view(10, 100).t()  # a view: same storage
+        assert tracker.live == 4000
+        b = a * 2
+        assert tracker.live == 8000
+        del a
+        assert tracker.live == 8000  # the view keeps the storage alive
+        del v
+        assert tracker.live == 4000
+        b.add_(1)  # in place: nothing new
+        assert tracker.live == 4000
+        del b
+        assert tracker.live == 0
+        tracker.phase(None)
+    assert tracker.result()[0].forward == 8000
+
+
+# ---------------------------------------------------------------- fake == real
+
+
+SETUPS = {
+    "fp32-foreach": dict(precision="fp32", grad_ckpt=False),
+    "amp-bf16-ckpt": dict(precision="amp-bf16", grad_ckpt=True),
+    "bf16-eager": dict(precision="bf16", attn="eager", grad_ckpt=False),
+    "lora": dict(method="lora", precision="amp-bf16", grad_ckpt=True),
+    "grad-accum-2": dict(precision="fp32", grad_accum=2, grad_ckpt=False),
+    "chunked-loss": dict(precision="amp-bf16", loss="chunked", grad_ckpt=False),
+    # beyond the required six: the other precisions and optimizers
+    "bf16-master-fused": dict(precision="bf16-master", optimizer="adamw-fused"),
+    "amp-fp16-adafactor": dict(precision="amp-fp16", optimizer="adafactor", grad_ckpt=False),
+    "lora-sgd-chunked": dict(method="lora", precision="bf16", optimizer="sgd", loss="chunked"),
+}
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_fake_equals_real(name):
+    config, plan = tiny_llama(), tiny_plan(**SETUPS[name])
+    fake = trace_training(config, plan, backend="fake")
+    real = trace_training(config, plan, backend="real")
+    assert fake.after_load == real.after_load
+    assert len(fake.steps) == len(real.steps) == 2
+    for f, r in zip(fake.steps, real.steps):
+        for phase in PHASES:
+            assert getattr(f, phase) == pytest.approx(getattr(r, phase), rel=1e-3), phase
+            assert set(f.breakdown[phase]) == set(CATEGORIES)
+            assert sum(f.breakdown[phase].values()) == getattr(f, phase)
+    assert fake.peak == pytest.approx(real.peak, rel=1e-3)
+
+
+# ---------------------------------------------------------------- numbers that cannot be faked
+
+
+def test_after_load_is_parameter_and_buffer_bytes():
+    config = tiny_llama()
+    model = meta_model(config)
+    expected = sum(p.numel() * p.element_size() for p in model.parameters())
+    expected += sum(b.numel() * b.element_size() for b in model.buffers())
+    result = trace_training(config, tiny_plan(precision="fp32"), steps=1)
+    assert result.after_load == expected
+
+
+def test_config_as_dict_or_json_file(tmp_path):
+    config = tiny_llama()
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json_string())
+    plan = tiny_plan(precision="fp32")
+    expected = trace_training(config, plan, steps=1).steady
+    assert trace_training(config.to_dict(), plan, steps=1).steady == expected
+    assert trace_training(str(path), plan, steps=1).steady == expected
+    with pytest.raises(UserError, match="no such file"):
+        trace_training(str(tmp_path / "missing"), plan)
+
+
+def test_after_load_counts_tied_embeddings_once():
+    config = tiny_llama(tie_word_embeddings=True)
+    untied = trace_training(tiny_llama(), tiny_plan(precision="fp32"), steps=1).after_load
+    tied = trace_training(config, tiny_plan(precision="fp32"), steps=1).after_load
+    assert untied - tied == 4 * config.vocab_size * config.hidden_size
+
+
+def test_fp32_adamw_states_and_gradients():
+    config = tiny_llama()
+    n_params = param_count(config)
+    n_tensors = len(list(meta_model(config).parameters()))
+    result = trace_training(config, tiny_plan(precision="fp32", optimizer="adamw"))
+    at_step = result.steady.breakdown["optimizer"]
+    # exp_avg + exp_avg_sq in fp32, plus torch's 0-dim fp32 `step` tensor per parameter tensor
+    assert at_step["optimizer_states"] == 2 * 4 * n_params + 4 * n_tensors
+    assert at_step["gradients"] == 4 * n_params
+    assert at_step["parameters"] == result.after_load
+    # foreach AdamW: about one parameter-sized set of temporaries during step()
+    assert at_step["activations"] == 4 * n_params
+    forloop = trace_training(config, tiny_plan(precision="fp32", optimizer="adamw-forloop"))
+    assert forloop.steady.optimizer < result.steady.optimizer
+
+
+def test_states_are_created_in_step_one():
+    result = trace_training(tiny_llama(), tiny_plan(precision="fp32"))
+    first, steady = result.steps
+    assert first.breakdown["forward"]["optimizer_states"] == 0
+    assert steady.breakdown["forward"]["optimizer_states"] > 0
+    assert steady.forward > first.forward
+    assert result.peak == max(s.peak for s in result.steps)
+
+
+def test_grad_accum_keeps_gradients_through_the_next_forward():
+    config = tiny_llama()
+    n_params = param_count(config)
+    result = trace_training(config, tiny_plan(precision="fp32", grad_accum=2, grad_ckpt=False))
+    assert result.steady.breakdown["forward"]["gradients"] == 4 * n_params
+    single = trace_training(config, tiny_plan(precision="fp32", grad_accum=1, grad_ckpt=False))
+    assert single.steady.breakdown["forward"]["gradients"] == 0
+
+
+def test_bf16_master_keeps_fp32_masters():
+    config = tiny_llama()
+    n_params, n_tensors = param_count(config), len(list(meta_model(config).parameters()))
+    result = trace_training(config, tiny_plan(precision="bf16-master", optimizer="adamw"))
+    at_step = result.steady.breakdown["optimizer"]
+    # fp32 masters + fp32 exp_avg, exp_avg_sq + step tensors
+    assert at_step["optimizer_states"] == 3 * 4 * n_params + 4 * n_tensors
+    # bf16 grads + the fp32 grads built for the masters during step()
+    assert at_step["gradients"] == (2 + 4) * n_params
+
+
+def test_lora_trains_only_adapters():
+    config = tiny_llama()
+    plan = tiny_plan(method="lora", precision="bf16", lora={"rank": 4, "targets": "q_proj,v_proj"})
+    result = trace_training(config, plan)
+    layers, h, kv = config.num_hidden_layers, config.hidden_size, 2 * (64 // 4)  # v_proj out = kv heads * head dim
+    adapter_params = layers * (4 * (h + h) + 4 * (h + kv))
+    at_step = result.steady.breakdown["optimizer"]
+    assert at_step["gradients"] == 4 * adapter_params  # peft keeps adapters in fp32
+    assert at_step["parameters"] == result.after_load == 2 * param_count(config) + 4 * adapter_params + 64
+
+
+# ---------------------------------------------------------------- chunked loss
+
+
+def test_chunked_loss_matches_standard_loss_and_gradients():
+    torch.manual_seed(0)
+    config = tiny_llama()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    ids = torch.randint(0, config.vocab_size, (2, 24))
+    labels = ids.clone()
+    labels[0, :5] = -100  # some ignored labels (a prompt)
+
+    standard = model(input_ids=ids, labels=labels, use_cache=False).loss
+    standard.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False)[0]
+    chunked = chunked_causal_lm_loss(hidden, model.get_output_embeddings(), labels, chunk_tokens=7)
+    chunked.backward()
+    torch.testing.assert_close(chunked, standard, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_chunked_loss_applies_final_logit_softcapping():
+    from transformers import Gemma2Config
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=256,
+        final_logit_softcapping=2.0,
+        attn_implementation="eager",
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    standard = model(input_ids=ids, labels=ids, use_cache=False).loss
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False)[0]
+    chunked = chunked_causal_lm_loss(hidden, model.get_output_embeddings(), ids, chunk_tokens=5, softcap=2.0)
+    torch.testing.assert_close(chunked, standard, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_drops_the_full_logits():
+    # 4096 tokens = 4 chunks of 1024: the standard loss keeps bf16 logits + fp32 logits + fp32 log-softmax
+    # for all tokens (2.5 x the fp32 logits); the chunked one the same for one chunk only.
+    config = tiny_llama(vocab_size=32000, max_position_embeddings=4096)
+    plan = dict(micro_batch=1, seq_len=4096, precision="bf16")
+    standard = trace_training(config, Plan(**plan), steps=1).steps[0]
+    chunked = trace_training(config, Plan(loss="chunked", **plan), steps=1).steps[0]
+    fp32_logits = 4096 * 32000 * 4
+    assert standard.breakdown["forward"]["activations"] > 2.5 * fp32_logits
+    assert chunked.breakdown["forward"]["activations"] < 2.5 * fp32_logits / 4 * 1.05
+    assert chunked.backward < standard.backward - 2 * fp32_logits
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_bitsandbytes_plans_are_refused_on_fake_tensors():
+    with pytest.raises(UserError, match="fake tensors"):
+        trace_training(tiny_llama(), tiny_plan(method="qlora", precision="bf16"))
+    with pytest.raises(UserError, match="fake tensors"):
+        trace_training(tiny_llama(), tiny_plan(optimizer="adamw-8bit"))
+
+
+def test_bad_backend_is_a_user_error():
+    with pytest.raises(UserError, match="fake, real"):
+        trace_training(tiny_llama(), tiny_plan(), backend="cuda")
+
+
+def test_real_bitsandbytes_plans_need_bitsandbytes():
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="pip install bitsandbytes"):
+            trace_training(tiny_llama(), tiny_plan(method="qlora", precision="bf16"), backend="real")
+    else:
+        result = trace_training(tiny_llama(), tiny_plan(method="qlora", precision="bf16"), backend="real")
+        assert result.steady.breakdown["optimizer"]["gradients"] > 0
+
+
+# ---------------------------------------------------------------- full size
+
+
+@pytest.mark.skipif(not os.environ.get("MEMPLAN_SLOW"), reason="two full-size traces (~15-30 s); set MEMPLAN_SLOW=1")
+def test_llama2_7b_pure_bf16_optimizer_step():
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    )
+    n_params = 6_738_415_616
+    assert param_count(config) == n_params
+    plan = dict(method="full", precision="bf16", micro_batch=1, seq_len=512)
+    foreach = trace_training(config, Plan(optimizer="adamw", **plan))
+    forloop = trace_training(config, Plan(optimizer="adamw-forloop", **plan))
+    for result in (foreach, forloop):
+        at_step = result.steady.breakdown["optimizer"]
+        assert at_step["gradients"] == 2 * n_params
+        # bf16 exp_avg + exp_avg_sq, + a 0-dim fp32 `step` tensor for each of the 291 parameter tensors
+        assert at_step["optimizer_states"] == 4 * n_params + 4 * 291
+    assert foreach.steady.optimizer / GiB == pytest.approx(62.76, abs=0.01)
+    assert forloop.steady.optimizer / GiB == pytest.approx(50.69, abs=0.01)
+    # foreach: a parameter-sized set of temporaries (sqrt(exp_avg_sq) / bias_correction2_sqrt over all
+    # params at once). The for-loop: the same two temporaries of the largest tensor (lm_head, last), while
+    # the previous parameter's `denom` (model.norm.weight, 4096 bf16) is still referenced by the loop.
+    assert foreach.steady.breakdown["optimizer"]["activations"] == 2 * n_params
+    assert forloop.steady.breakdown["optimizer"]["activations"] == 2 * (2 * 32000 * 4096) + 2 * 4096
