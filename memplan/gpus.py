@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import yaml
 
 from memplan.errors import UserError
-from memplan.paths import data_dir
+from memplan.paths import data_dir, load_yaml
 
 GIB = 2**30
 MIB = 2**20
@@ -120,7 +119,7 @@ def _load() -> tuple[dict[str, Gpu], dict[str, str], dict[str, str]]:
     """(presets by id, lower-case id/alias -> id, normalised NVML name -> id), parsed once."""
     path = gpus_file()
     with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh) or {}
+        raw = load_yaml(fh.read()) or {}
     entries = raw.get("gpus") if isinstance(raw, dict) else None
     if not isinstance(entries, dict) or not entries:
         raise ValueError(f"{path}: expected a top-level 'gpus:' mapping of id -> fields")

@@ -20,10 +20,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from memplan.errors import UserError
-from memplan.paths import data_dir
+from memplan.paths import data_dir, load_yaml
 
 # --------------------------------------------------------------------------------------------
 # Data types
@@ -509,7 +508,7 @@ def models_dir() -> Path:
 def _presets() -> dict[str, dict]:
     """presets.yaml, checked against the preset directories."""
     path = models_dir() / "presets.yaml"
-    entries = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    entries = load_yaml(path.read_text(encoding="utf-8")) or {}
     for pid in entries:
         if not (models_dir() / pid / "config.json").is_file():
             raise RuntimeError(f"{path}: preset '{pid}' has no {pid}/config.json")

@@ -1,0 +1,146 @@
+"""The estimator: hand-worked numbers, monotonicity, and agreement with traced and measured steps."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from memplan.estimator import estimate
+from memplan.estimator.activations import layer_saved
+from memplan.estimator.states import nf4_bytes, optimizer_state_bytes, parameter_tensors
+from memplan.models import resolve_model, spec_from_config
+from memplan.plan import Plan
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)
+TINY_PARAMS = 6400 + 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192 + 2 * 64) + 64 + 6400
+
+
+def tiny():
+    return spec_from_config(dict(TINY), "tiny")
+
+
+def test_tiny_parameter_count_by_hand():
+    assert tiny().params_total == TINY_PARAMS == 86848
+
+
+@pytest.mark.parametrize("precision, bytes_per_param", [
+    ("fp32", 4 + 4 + 8 + 4),  # weights, grads, m+v, foreach sqrt temporaries
+    ("bf16", 2 + 2 + 4 + 2),
+    ("bf16-master", 2 + 2 + (4 + 8) + (4 + 4)),  # + fp32 master, fp32 states; temps: sqrt + fp32 grads
+])
+def test_optimizer_phase_bytes_per_parameter(precision, bytes_per_param):
+    e = estimate(tiny(), Plan(precision=precision), kernels="cpu")
+    assert e.phase_peaks["optimizer"] == bytes_per_param * TINY_PARAMS
+
+
+def test_layer_activations_by_hand():
+    """bf16, SDPA, no checkpointing, b1 s8: what one Llama layer saves (see layers.py for each line)."""
+    b, s, h, f, a, kv, d = 1, 8, 64, 128, 4, 2, 16
+    tok = b * s
+    norms = 2 * (4 * tok * h + 4 * tok + 2 * tok * h + 2 * tok * h)  # fp32 x, rsqrt, normalized, weight*x
+    attn = 2 * tok * a * d + 2 * 2 * tok * kv * d + 2 * tok * a * d + 4 * b * a * s + 2 * tok * h  # q,k,v,out,lse,o_in
+    mlp = 4 * 2 * tok * f  # gate out, silu out, up out, product
+    plan = Plan(precision="bf16", micro_batch=b, seq_len=s, grad_ckpt=False)
+    assert layer_saved(tiny(), plan, "cuda", input_rg=True) == norms + attn + mlp
+
+
+def test_lora_trainable_count_and_first_layer():
+    spec = tiny()
+    plan = Plan(method="lora", precision="bf16", lora={"rank": 4}, grad_ckpt=False, micro_batch=1, seq_len=8)
+    e = estimate(spec, plan)
+    per_layer = 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    assert e.params_trainable == 2 * per_layer
+    # layer 0's input comes from the frozen embedding: it keeps strictly less
+    assert layer_saved(spec, plan, "cuda", input_rg=False) < layer_saved(spec, plan, "cuda", input_rg=True)
+
+
+def test_quantized_and_8bit_state_sizes():
+    n = 4096 * 4096
+    assert nf4_bytes(n) == n // 2 + n // 64 + 4 * math.ceil(n / 64 / 256) + 4 * 256 + 4 * 16
+    assert 0.51 < nf4_bytes(n) / n < 0.52  # QLoRA paper: 4.127 bits per weight
+    spec = tiny()
+    t = parameter_tensors(spec, Plan(optimizer="adamw-8bit"), frozenset())
+    expected = sum(2 * (k + 4 * math.ceil(k / 256)) if k >= 4096 else 8 * k for k in t.trainable)
+    assert optimizer_state_bytes(t, Plan(optimizer="adamw-8bit"), 4) == expected
+
+
+def _total(model, **fields):
+    return estimate(resolve_model(model), Plan(**fields)).total
+
+
+def test_more_gpus_less_memory_per_gpu_under_zero3():
+    totals = [_total("llama-2-7b", sharding="deepspeed", zero=3, precision="bf16-master", gpus=n) for n in (1, 2, 4, 8)]
+    assert totals == sorted(totals, reverse=True) and totals[0] > 2 * totals[-1]
+
+
+def test_higher_zero_stage_never_costs_more():
+    totals = [_total("llama-2-13b", sharding="deepspeed", zero=z, precision="bf16-master", gpus=8) for z in (1, 2, 3)]
+    assert totals[0] > totals[1] > totals[2]
+
+
+def test_offload_moves_states_to_host():
+    on = estimate(resolve_model("llama-2-7b"), Plan(sharding="deepspeed", zero=3, precision="bf16-master",
+                                                    offload="optimizer", gpus=4))
+    off = estimate(resolve_model("llama-2-7b"), Plan(sharding="deepspeed", zero=3, precision="bf16-master", gpus=4))
+    assert on.total < off.total and on.host_bytes > 0 == off.host_bytes
+    assert on.breakdown["optimizer_states"] == 0
+
+
+@pytest.mark.parametrize("field, small, big", [("micro_batch", 1, 4), ("seq_len", 512, 4096)])
+def test_memory_grows_with_batch_and_sequence(field, small, big):
+    lora = dict(method="lora", precision="bf16")
+    assert _total("llama-3-8b", **lora, **{field: small}) < _total("llama-3-8b", **lora, **{field: big})
+
+
+def test_checkpointing_and_chunked_loss_save_memory():
+    lora = dict(method="lora", precision="bf16", seq_len=4096)
+    assert _total("llama-3-8b", grad_ckpt=True, **lora) < _total("llama-3-8b", grad_ckpt=False, **lora)
+    big_vocab = dict(method="lora", precision="bf16", seq_len=8192)
+    assert _total("llama-3-8b", loss="chunked", **big_vocab) < _total("llama-3-8b", **big_vocab)
+
+
+def test_json_interface_names():
+    e = estimate(resolve_model("llama-2-7b"), Plan(), gpu_memory=80 * 2**30).to_json()
+    for key in ("plan", "params_trainable", "peak_allocated_bytes", "reserved_bytes", "total_bytes", "host_bytes",
+                "breakdown", "phase_peaks", "disk", "fits"):
+        assert key in e
+    assert set(e["phase_peaks"]) == {"forward", "backward", "optimizer"}
+    assert set(e["disk"]) == {"checkpoint_bytes", "artifact_bytes"}
+    assert e["peak_allocated_bytes"] == max(e["phase_peaks"].values()) == sum(e["breakdown"].values())
+    assert e["peak_allocated_bytes"] < e["reserved_bytes"] < e["total_bytes"]
+
+
+def test_estimate_path_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from memplan.cli import main\n"
+            "try:\n    main(['estimate', '--model', 'llama-7b', '--gpus', '4', '--json'])\n"
+            "except SystemExit: pass\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+
+
+# ------------------------------------------------------------------ measured on a GPU
+
+H100_RUN = ROOT / "benchmarks" / "results" / "gpu-h100-run1.jsonl"
+
+
+def _h100_cases():
+    rows = [json.loads(line) for line in H100_RUN.read_text().splitlines()]
+    return [r for r in rows if "measured" in r]
+
+
+@pytest.mark.parametrize("row", _h100_cases(), ids=lambda r: f"{r['case']}-{r['preset']}")
+def test_estimate_matches_h100_measurements(row):
+    """max_memory_allocated per phase, steady state, measured by benchmarks/gpu_check.py on an H100."""
+    e = estimate(resolve_model(row["preset"]), Plan(model=row["preset"], **row["plan"]), kernels="cuda")
+    steps = row["measured"]["steps"][1:]
+    for phase in ("forward", "backward", "optimizer"):
+        measured = max(s[phase] for s in steps)
+        err = 100 * (e.phase_peaks[phase] - measured) / measured
+        assert -2.0 <= err <= 3.0, f"{phase}: {err:+.2f} %"

@@ -1,0 +1,55 @@
+"""The estimate against traced real training steps of full-size models (fake tensors: exact live bytes).
+
+Each case runs two optimizer steps (forward, loss, backward, AdamW, zero_grad) of the transformers
+model built from the preset's config and compares every phase's peak, steady state.
+"""
+
+import pytest
+
+from memplan.estimator import estimate
+from memplan.models import resolve_model
+from memplan.plan import Plan
+from memplan.trace import trace_training
+
+from conftest import preset_config
+
+CASES = [
+    ("qwen2.5-0.5b", dict(precision="bf16", micro_batch=2, seq_len=1024, grad_ckpt=False)),  # tied embeddings
+    ("qwen2.5-0.5b", dict(precision="amp-bf16", seq_len=512)),
+    ("qwen2.5-0.5b", dict(precision="fp32", seq_len=512, grad_ckpt=False, attn="eager", grad_accum=2)),
+    ("qwen2.5-0.5b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=512, grad_ckpt=False,
+                          lora={"rank": 8, "targets": "q_proj,v_proj", "dropout": 0.0})),
+    ("tinyllama-1.1b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=1024, grad_ckpt=False)),  # GQA
+    ("tinyllama-1.1b", dict(method="lora", precision="amp-bf16", micro_batch=4, seq_len=512)),
+    ("tinyllama-1.1b", dict(precision="bf16-master", optimizer="adamw-forloop", seq_len=256)),
+    ("llama-3.2-1b", dict(precision="bf16", seq_len=1024, grad_ckpt=False, loss="chunked")),  # 128K vocabulary
+    ("llama-3.2-1b", dict(method="lora", precision="bf16", seq_len=2048, loss="chunked",
+                          grad_ckpt=False)),
+    ("llama-3.2-1b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=1024)),
+]
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {}
+
+
+@pytest.mark.parametrize("preset, fields", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_phase_peaks_match_the_trace(preset, fields, results):
+    plan = Plan(model=preset, **fields)
+    est = estimate(resolve_model(preset), plan, kernels="cpu")
+    trace = trace_training(preset_config(preset), plan, backend="fake")
+    steady = trace.steady
+    for phase in ("forward", "backward", "optimizer"):
+        measured = getattr(steady, phase)
+        err = 100 * (est.phase_peaks[phase] - measured) / measured
+        assert -2.0 <= err <= 3.0, f"{phase}: estimate {est.phase_peaks[phase]:,} vs trace {measured:,} ({err:+.2f} %)"
+    peak_phase = max(("forward", "backward", "optimizer"), key=lambda p: getattr(steady, p))
+    results[(preset, str(fields))] = steady.breakdown[peak_phase]["activations"] / getattr(steady, peak_phase)
+
+
+def test_half_the_cases_are_activation_heavy(results):
+    """The comparisons must exercise activations, not only model states."""
+    assert len(results) == len(CASES)
+    heavy = [k for k, frac in results.items() if frac >= 0.4]
+    assert len(heavy) >= len(CASES) / 2, {k: round(v, 2) for k, v in results.items()}
