@@ -280,7 +280,7 @@ def test_real_bitsandbytes_plans_need_bitsandbytes():
 # ---------------------------------------------------------------- full size
 
 
-@pytest.mark.skipif(not os.environ.get("MEMPLAN_SLOW"), reason="two full-size traces (~15-30 s); set MEMPLAN_SLOW=1")
+
 def test_llama2_7b_pure_bf16_optimizer_step():
     config = LlamaConfig(
         hidden_size=4096,

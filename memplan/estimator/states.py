@@ -159,7 +159,10 @@ def optimizer_step_temporaries(t: Tensors, plan: Plan, param_itemsize: int) -> i
     elif opt == "adamw-forloop":
         temps = 2 * sb * largest
     elif opt == "adafactor":
-        temps = 3 * 4 * largest  # fp32 grad copy, update, and its square (transformers Adafactor.step)
+        # transformers Adafactor.step, one parameter at a time, in fp32: `update = grad**2 + eps`, the
+        # factored estimate `_approx_sq_grad(row, col)`, and for 16-bit parameters `grad.float()` and
+        # `p_data_fp32 = p.float()` as well.
+        temps = 4 * largest * (2 + (2 if param_itemsize < 4 else 0))
     if master_bytes(t, plan):
         temps += 4 * t.n_trainable
     return temps
