@@ -34,6 +34,23 @@ CASES = [
     ("llama-2-7b", dict(precision="bf16", micro_batch=1, seq_len=512, grad_ckpt=False)),
     ("llama-2-7b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=2048, grad_ckpt=True)),
     ("llama-3-8b", dict(precision="bf16", micro_batch=1, seq_len=2048, grad_ckpt=True, optimizer="adamw-forloop")),
+    # run 2: QLoRA and 8-bit optimizers (bitsandbytes), fp16 autocast, other families, long contexts
+    ("llama-2-7b", dict(method="qlora", precision="bf16", micro_batch=4, seq_len=1024, grad_ckpt=True)),
+    ("llama-3.2-3b", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=1024, grad_ckpt=False,
+                          optimizer="paged-adamw-8bit")),
+    ("qwen2.5-1.5b", dict(precision="bf16", micro_batch=4, seq_len=1024, grad_ckpt=True, optimizer="adamw-8bit")),
+    ("qwen2.5-1.5b", dict(precision="amp-fp16", micro_batch=2, seq_len=1024, grad_ckpt=False)),
+    ("llama-3-8b", dict(method="lora", precision="bf16", micro_batch=1, seq_len=8192, grad_ckpt=True)),
+    ("mistral-7b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=2048, grad_ckpt=False)),
+    ("qwen2.5-7b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=4096, grad_ckpt=True,
+                        loss="chunked")),
+    ("gemma-2b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=1024, grad_ckpt=False)),
+    ("gemma-2-2b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=1024, grad_ckpt=False,
+                        attn="eager")),
+    ("phi-3-mini", dict(method="lora", precision="bf16", micro_batch=4, seq_len=1024, grad_ckpt=False)),
+    ("gpt2", dict(precision="fp32", micro_batch=8, seq_len=1024, grad_ckpt=False)),
+    ("opt-1.3b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=1024, grad_ckpt=False)),
+    ("tinyllama-1.1b", dict(precision="bf16", micro_batch=8, seq_len=512, grad_ckpt=False, optimizer="adafactor")),
 ]
 
 
@@ -58,18 +75,21 @@ def measure(preset: str, fields: dict, steps: int = 3) -> dict:
     plan = Plan(model=preset, **fields)
     config = tr._resolve_config(json.loads((models_dir() / preset / "config.json").read_text()))
     vocab = config.vocab_size
-    with torch.device("meta"):
-        hf_model = tr._from_config(config, plan)
-        if plan.grad_ckpt:
-            tr._enable_checkpointing(hf_model)
-        model = tr._apply_lora(hf_model, plan) if plan.method == "lora" else hf_model
-    model.to_empty(device="cuda")
-    hf_model.tie_weights()
-    for module in hf_model.modules():  # to_empty gave new storage: let HF initialize all of it
-        if hasattr(module, "_is_hf_initialized"):
-            del module._is_hf_initialized
-    hf_model.initialize_weights()
-    hf_model.tie_weights()
+    if plan.method == "qlora":
+        model, hf_model = _qlora_on_gpu(tr, config, plan)
+    else:
+        with torch.device("meta"):
+            hf_model = tr._from_config(config, plan)
+            if plan.grad_ckpt:
+                tr._enable_checkpointing(hf_model)
+            model = tr._apply_lora(hf_model, plan) if plan.method == "lora" else hf_model
+        model.to_empty(device="cuda")
+        hf_model.tie_weights()
+        for module in hf_model.modules():  # to_empty gave new storage: let HF initialize all of it
+            if hasattr(module, "_is_hf_initialized"):
+                del module._is_hf_initialized
+        hf_model.initialize_weights()
+        hf_model.tie_weights()
     model.train()
     torch.cuda.synchronize()
     after_load = torch.cuda.memory_allocated()
@@ -100,6 +120,30 @@ def measure(preset: str, fields: dict, steps: int = 3) -> dict:
     out["after_load"] = after_load
     del opt, model, hf_model, params
     return out
+
+
+def _qlora_on_gpu(tr, config, plan):
+    """A random model saved in the 16-bit dtype and loaded back 4-bit (NF4, double quant) onto the GPU."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = tr._WEIGHT_DTYPE[plan.precision]
+    with torch.device("cuda"):
+        random_model = tr._from_config(config, plan)
+    with tempfile.TemporaryDirectory() as tmp:
+        random_model.save_pretrained(tmp)
+        del random_model
+        torch.cuda.empty_cache()
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+            dtype=dtype, attn_implementation="sdpa" if plan.attn == "flash" else plan.attn,
+            device_map={"": 0}, local_files_only=True)
+    if plan.grad_ckpt:
+        tr._enable_checkpointing(hf_model)
+    return tr._apply_lora(hf_model, plan), hf_model
 
 
 def _optimizer(plan, params):
