@@ -149,9 +149,10 @@ def _qlora_on_gpu(tr, config, plan):
 def _optimizer(plan, params):
     from memplan import trace as tr
 
+    factory = tr._optimizer_factory(plan)
     if plan.precision == "bf16-master":
-        return tr._MasterWeightsOptimizer(params, lambda m: tr._torch_optimizer(plan, m), lambda g: None)
-    return tr._torch_optimizer(plan, params)
+        return tr._MasterWeightsOptimizer(params, factory, lambda g: None)
+    return factory(params)
 
 
 def main() -> None:

@@ -41,7 +41,8 @@ def test_layer_activations_by_hand():
     b, s, h, f, a, kv, d = 1, 8, 64, 128, 4, 2, 16
     tok = b * s
     norms = 2 * (4 * tok * h + 4 * tok + 2 * tok * h + 2 * tok * h)  # fp32 x, rsqrt, normalized, weight*x
-    attn = 2 * tok * a * d + 2 * 2 * tok * kv * d + 2 * tok * a * d + 4 * b * a * s + 2 * tok * h  # q,k,v,out,lse,o_in
+    # q, k, v, out, lse; SDPA's output is laid out like q, so transpose(1, 2).contiguous() for o_proj is a view
+    attn = 2 * tok * a * d + 2 * 2 * tok * kv * d + 2 * tok * a * d + 4 * b * a * s
     mlp = 4 * 2 * tok * f  # gate out, silu out, up out, product
     plan = Plan(precision="bf16", micro_batch=b, seq_len=s, grad_ckpt=False)
     assert layer_saved(tiny(), plan, "cuda", input_rg=True) == norms + attn + mlp
@@ -127,20 +128,23 @@ def test_estimate_path_never_imports_torch():
 
 # ------------------------------------------------------------------ measured on a GPU
 
-H100_RUN = ROOT / "benchmarks" / "results" / "gpu-h100-run1.jsonl"
+H100_RUNS = sorted((ROOT / "benchmarks" / "results").glob("gpu-h100-run*.jsonl"))
 
 
 def _h100_cases():
-    rows = [json.loads(line) for line in H100_RUN.read_text().splitlines()]
+    rows = [json.loads(line) for run in H100_RUNS for line in run.read_text().splitlines()]
     return [r for r in rows if "measured" in r]
 
 
 @pytest.mark.parametrize("row", _h100_cases(), ids=lambda r: f"{r['case']}-{r['preset']}")
 def test_estimate_matches_h100_measurements(row):
-    """max_memory_allocated per phase, steady state, measured by benchmarks/gpu_check.py on an H100."""
+    """max_memory_allocated per phase, steady state, measured by benchmarks/gpu_check.py on an H100:
+    the peak within -2 % .. +3 %, every phase within 3 %."""
     e = estimate(resolve_model(row["preset"]), Plan(model=row["preset"], **row["plan"]), kernels="cuda")
     steps = row["measured"]["steps"][1:]
-    for phase in ("forward", "backward", "optimizer"):
-        measured = max(s[phase] for s in steps)
-        err = 100 * (e.phase_peaks[phase] - measured) / measured
-        assert -2.0 <= err <= 3.0, f"{phase}: {err:+.2f} %"
+    measured = {phase: max(s[phase] for s in steps) for phase in ("forward", "backward", "optimizer")}
+    for phase, m in measured.items():
+        err = 100 * (e.phase_peaks[phase] - m) / m
+        assert -3.0 <= err <= 3.0, f"{phase}: {err:+.2f} %"
+    peak = max(measured.values())
+    assert -2.0 <= 100 * (e.peak_allocated - peak) / peak <= 3.0

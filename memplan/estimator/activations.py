@@ -35,7 +35,24 @@ _ROLE_NAMES = {
     "opt": dict(q="q_proj", k="k_proj", v="v_proj", o="out_proj", fc1="fc1", fc2="fc2"),
 }
 _DEFAULT_NAMES = dict(q="q_proj", k="k_proj", v="v_proj", o="o_proj", qkv="qkv_proj", gate="gate_proj",
-                      up="up_proj", down="down_proj", gate_up="gate_up_proj", fc1="fc1", fc2="fc2")
+                      up="up_proj", down="down_proj", gate_up="gate_up_proj", fc1="fc1", fc2="fc2",
+                      router="gate", experts_gate_up="experts.gate_up_proj", experts_down="experts.down_proj")
+
+# Dropout probabilities by family: (config key, the config class's default when the key is absent).
+# GPT2Config: attn_pdrop = resid_pdrop = embd_pdrop = 0.1; OPTConfig: dropout 0.1, attention_dropout 0.0;
+# Phi3Config: resid_pdrop 0.0 (embd_pdrop is not used by Phi3Model in transformers 5); the Llama-style
+# families have only attention_dropout (0.0).
+_DROPOUT = {
+    "gpt2": dict(attn=("attn_pdrop", 0.1), resid=("resid_pdrop", 0.1), embd=("embd_pdrop", 0.1)),
+    "opt": dict(attn=("attention_dropout", 0.0), resid=("dropout", 0.1)),
+    "phi3": dict(attn=("attention_dropout", 0.0), resid=("resid_pdrop", 0.0)),
+}
+
+
+def _dropout(spec: ModelSpec, which: str) -> float:
+    key, default = _DROPOUT.get(spec.model_type, {}).get(which, ("attention_dropout" if which == "attn" else "", 0.0))
+    value = spec.config.get(key) if key else None
+    return float(default if value is None else value)
 
 
 def lora_targets(spec: ModelSpec, plan: Plan) -> frozenset[str]:
@@ -46,26 +63,78 @@ def lora_targets(spec: ModelSpec, plan: Plan) -> frozenset[str]:
     return frozenset(plan.lora.targets)
 
 
-def layer_spec(spec: ModelSpec, plan: Plan) -> LayerSpec:
+def attention_impl(spec: ModelSpec, plan: Plan) -> str:
+    """The attention transformers runs: Gemma2 has no SDPA path (Gemma2PreTrainedModel._supports_sdpa =
+    False: SDPA has no logit soft-capping), so a model loaded without an explicit implementation runs eager."""
+    if plan.attn == "sdpa" and spec.model_type == "gemma2":
+        return "eager"
+    return plan.attn
+
+
+def sliding_window(spec: ModelSpec) -> int | None:
+    """config.sliding_window as the config class reads it (MistralConfig default 4096, Gemma2Config 4096,
+    Qwen2Config only with use_sliding_window, Mixtral/Phi3 default None)."""
+    cfg, mt = spec.config, spec.model_type
+    default = 4096 if mt in ("mistral", "gemma2") else None
+    if mt == "qwen2" and not cfg.get("use_sliding_window", False):
+        return None
+    w = cfg.get("sliding_window", default) if "sliding_window" in cfg else default
+    return int(w) if w else None
+
+
+def layer_types(spec: ModelSpec) -> list[str]:
+    """Each decoder layer's attention: "full_attention" or "sliding_attention" (config.layer_types, or how
+    the config class fills it: Gemma2 alternates starting with sliding; Qwen2 slides from max_window_layers;
+    Mistral, Mixtral and Phi3 slide in every layer when sliding_window is set)."""
+    cfg, mt, n = spec.config, spec.model_type, spec.num_layers
+    window = sliding_window(spec)
+    if isinstance(cfg.get("layer_types"), list) and len(cfg["layer_types"]) == n:
+        return [str(x) for x in cfg["layer_types"]]
+    if window is None:
+        return ["full_attention"] * n
+    if mt == "gemma2":
+        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    if mt == "qwen2":
+        first = int(cfg.get("max_window_layers", 28))
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    return ["sliding_attention"] * n
+
+
+def _sdpa_mask(spec: ModelSpec, plan: Plan, layer_type: str) -> bool:
+    """Whether SDPA gets a materialized mask: transformers skips the causal mask (is_causal instead) unless
+    a sliding window is at most the sequence (masking_utils._ignore_causal_mask_sdpa:
+    local_attention_size is not None and kv_length >= local_attention_size). Flash-attention 2 takes the
+    window as an argument and never gets a mask for an unpadded batch."""
+    window = sliding_window(spec)
+    return (attention_impl(spec, plan) == "sdpa" and layer_type == "sliding_attention"
+            and window is not None and plan.seq_len >= window)
+
+
+def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention") -> LayerSpec:
     cfg = spec.config
     mt = spec.model_type
-    attn = "eager" if plan.attn == "eager" else "sdpa"
+    attn = attention_impl(spec, plan)
     norm = {"gemma": "rms_gemma", "gemma2": "rms_gemma"}.get(mt, "layer" if spec.norm == "layer" else "rms")
-    attn_dropout = float(cfg.get("attention_dropout", cfg.get("attn_pdrop", 0.0)) or 0.0)
-    if mt == "opt":
-        attn_dropout = float(cfg.get("attention_dropout", 0.0) or 0.0)
-    resid_dropout = float(cfg.get("resid_pdrop", cfg.get("dropout", 0.0)) or 0.0) if mt in ("gpt2", "opt") else 0.0
     names = dict(_DEFAULT_NAMES, **_ROLE_NAMES.get(mt, {}))
     return LayerSpec(
         b=plan.micro_batch, s=plan.seq_len, hidden=spec.hidden_size, heads=spec.num_heads,
         kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, ffn=spec.intermediate_size,
-        gated=spec.mlp_gated, act_saves_output=spec.hidden_act == "relu", norm=norm, attn=attn,
-        attn_dropout=attn_dropout, resid_dropout=resid_dropout,
-        attn_softcap=bool(cfg.get("attn_logit_softcapping")), extra_norms=mt == "gemma2",
+        gated=spec.mlp_gated, act=spec.hidden_act, norm=norm, attn=attn,
+        attn_dropout=_dropout(spec, "attn"),
+        resid_dropout=_dropout(spec, "resid") if mt in _DROPOUT else 0.0,
+        attn_softcap=bool(cfg.get("attn_logit_softcapping", 50.0 if mt == "gemma2" else None)),
+        extra_norms=mt == "gemma2",
         fused_qkv=mt in ("phi3", "gpt2"), fused_gate_up=mt == "phi3",
         full_ft=plan.method == "full", lora_targets=lora_targets(spec, plan), lora_rank=plan.lora.rank,
         lora_dropout=plan.lora.dropout, names=names,
         num_experts=spec.num_experts, top_k=spec.experts_per_token,
+        rotary=spec.position_embeddings == 0,
+        softmax_fp32=mt != "gpt2",  # GPT2 eager_attention_forward: softmax(attn_weights, dim=-1), no dtype
+        sdpa_mask=_sdpa_mask(spec, plan, layer_type),
+        # peft's MoE conversion gives the fused gate_up_proj stack rank r * 2 (w1 and w3; utils/
+        # transformers_weight_conversion.py _convert_peft_config_moe: rank_pattern)
+        expert_rank_mult=(2, 1) if mt == "mixtral" else (1, 1),
+        q_contiguous=mt == "phi3",  # Phi3 apply_rotary_pos_emb: torch.cat([q_rot..., q_pass], dim=-1)
     )
 
 
@@ -81,7 +150,7 @@ class Activations:
     loss_saved: int  # the part of `head` that the loss peaks below already include (the log-softmax)
     loss_forward_peak: int  # at the cross-entropy in the forward: logits + fp32 copy + log-softmax
     loss_backward_peak: int  # at the cross-entropy in the backward
-    forward_extra: int  # alive through the forward only (eager's causal mask, autocast weight cache)
+    forward_extra: int  # alive at the forward's loss besides the saved tensors (autocast's weight cache)
     layer_backward_transient: int  # gradients in flight inside one layer's backward
     num_layers: int
     grad_ckpt: bool
@@ -102,7 +171,7 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
     Dense path: the incoming gradient and the one being formed (b*s*h each) and the MLP's gradients
     w.r.t. its two f-wide branches (torch frees each as soon as it is consumed).
     A LoRA module: the gradient of its output, of the adapter's fp32 input and of the dropout's input
-    (a second fp32 tensor), and the base path's input gradient.
+    (a second fp32 tensor), and the base path's input gradient. A LoRA'd MoE expert stack: see below.
     Eager attention (and SDPA's math fallback) on CUDA: the fp32 gradient of the softmax output and
     softmax_backward's fp32 result are alive together, 8 B per score element (the CPU kernel fuses the
     cast; measured on an H100: benchmarks/results/gpu-h100-run1.jsonl case 3).
@@ -111,21 +180,84 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
     dense = c * tok * (2 * h + 2 * spec.intermediate_size)
     lora = 0
     copies = 2 if plan.lora.dropout > 0 else 1
+    experts = 0
+    rows = tok * max(spec.experts_per_token, 1)
     for lin in spec.layer_linears:
-        if lin.name in lora_targets(spec, plan):
+        if lin.name not in lora_targets(spec, plan):
+            continue
+        if lin.kind in ("linear", "conv1d"):
             lora = max(lora, c * tok * lin.d_out + copies * num.adapter * tok * lin.d_in + c * tok * lin.d_in)
+        elif lin.kind == "experts":
+            # peft's ParamWrapper: grouped_mm's backward forms the gradient of the whole parametrized
+            # stack (E x d_out x d_in) next to its output's and input's gradients (S rows each), before
+            # baddbmm's backward reduces it to the LoRA factors' gradients. The last stack of the forward
+            # (down_proj) does this first, while all the layer's saved tensors are still alive.
+            experts = num.weights * (lin.count * lin.d_in * lin.d_out + rows * (lin.d_in + lin.d_out))
     eager = 0
-    if kernels == "cuda" and (plan.attn == "eager" or (num.compute == 4 and spec.num_kv_heads != spec.num_heads)):
+    kernel = LayerReplay(Tape(kernels=kernels), layer_spec(spec, plan), num).attention_kernel()
+    if kernels == "cuda" and kernel in ("eager", "math"):
         eager = 8 * plan.micro_batch * spec.num_heads * plan.seq_len ** 2
-    return max(dense, lora) + eager
+    return max(dense, lora, experts) + eager
 
 
-def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool) -> int:
+def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool,
+                layer_type: str = "full_attention") -> int:
     tape = Tape(kernels=kernels)
-    ls = layer_spec(spec, plan)
+    ls = layer_spec(spec, plan, layer_type)
     num = numerics(plan, spec)
     LayerReplay(tape, ls, num).layer(T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, input_rg))
     return tape.saved_bytes
+
+
+def embedding_saved(spec: ModelSpec, plan: Plan, kernels: str) -> int:
+    """What the embeddings keep for the backward, once per forward.
+
+    Trainable embeddings (full FT): embedding(ids) saves its int64 indices: the token ids (b, s); GPT-2's
+    wpe its position_ids (1, s) (GPT2Model.forward: arange(s).unsqueeze(0)); OPT's embed_positions
+    `position_ids + self.offset`, a (b, s) tensor (OPTLearnedPositionalEmbedding.forward).
+    Gradient checkpointing makes the input embeddings' output require grad even when frozen
+    (PreTrainedModel.activation_checkpointing_enable -> enable_input_require_grads, a forward hook doing
+    output.requires_grad_(True)). That output is then a leaf its AccumulateGrad node keeps alive; where
+    layer 0 gets a different tensor (GPT-2's and OPT's sum with the positions) it is an extra b*s*h
+    (Gemma scales inside the hooked module, GemmaTextScaledWordEmbedding: no extra). GPT-2's embedding
+    dropout (self.drop, embd_pdrop) saves its mask whenever its input needs grad."""
+    full = plan.method == "full"
+    b, s, h = plan.micro_batch, plan.seq_len, spec.hidden_size
+    num = numerics(plan, spec)
+    tape = Tape(kernels=kernels)
+    mt = spec.model_type
+    if full:
+        tape.save(T(b * s, 8, False))  # token ids
+        if mt == "gpt2":
+            tape.save(T(s, 8, False))
+        elif mt == "opt":
+            tape.save(T(b * s, 8, False))
+    emb_rg = full or plan.grad_ckpt
+    if not full and plan.grad_ckpt and mt in ("gpt2", "opt"):
+        tape.save(T(b * s * h, num.residual, False))  # the leaf embedding output
+    if mt == "gpt2":
+        tape.dropout(T(b * s * h, num.residual, emb_rg), _dropout(spec, "embd"))
+    return tape.saved_bytes
+
+
+def mask_bytes(spec: ModelSpec, plan: Plan) -> int:
+    """Attention masks built once per forward and alive through it (masking_utils.create_causal_mask /
+    create_sliding_window_causal_mask, one per kind of layer the model maps: Gemma2 builds both).
+
+    eager: eager_mask's torch.where over the expanded (b, 1, s, s) boolean mask, in inputs_embeds' dtype.
+    sdpa: the boolean mask (1, 1, s, s) (sdpa_mask: broadcast indices, then .expand), only where it is not
+    skipped (a sliding window at most s); each layer's kernel converts its own copy (see layers.py).
+    flash-attention 2: no mask for an unpadded batch."""
+    attn = attention_impl(spec, plan)
+    b, s = plan.micro_batch, plan.seq_len
+    kinds = set(layer_types(spec))
+    if spec.model_type == "gemma2":
+        kinds = {"full_attention", "sliding_attention"}  # Gemma2Model.forward builds both masks
+    if attn == "eager":
+        return len(kinds) * b * s * s * numerics(plan, spec).residual
+    if attn == "sdpa":
+        return sum(s * s for k in kinds if _sdpa_mask(spec, plan, k))
+    return 0
 
 
 def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activations:
@@ -133,24 +265,39 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
     tok = b * s
     num = numerics(plan, spec)
     full = plan.method == "full"
-    per_layer = layer_saved(spec, plan, kernels, input_rg=True)
-    first = layer_saved(spec, plan, kernels, input_rg=full)
+    # Layers by attention kind (a sliding-window layer may keep its SDPA mask): layer 0, and the mean of
+    # the others, so that first_layer + layer * (L - 1) is the exact total.
+    kinds = layer_types(spec)
+    saved = {k: layer_saved(spec, plan, kernels, True, k) for k in set(kinds)}
+    # Layer 0's input needs grad with trainable embeddings, and under checkpointing (see embedding_saved)
+    first = layer_saved(spec, plan, kernels, full or plan.grad_ckpt, kinds[0])
+    rest = kinds[1:] or kinds
+    per_layer = sum(saved[k] for k in rest) // len(rest)
 
-    # Shared: int64 token ids (embedding backward, full FT only) and rotary cos/sin (residual dtype).
-    shared = (8 * tok if full else 0)
+    # Shared: the embeddings' saved indices (and masks), rotary cos/sin (residual dtype).
+    shared = embedding_saved(spec, plan, kernels)
     if spec.position_embeddings == 0:
         shared += 2 * s * spec.head_dim * num.residual
+    if plan.grad_ckpt:
+        # non-reentrant checkpointing saves every tensor input of each layer for its recomputation, the
+        # attention mask included: the masks live until the backward is done (torch/utils/checkpoint.py)
+        shared += mask_bytes(spec, plan)
 
     # Head: final norm, lm_head, cross-entropy (transformers loss_utils.ForCausalLMLoss).
     tape = Tape(kernels=kernels)
     replay = LayerReplay(tape, layer_spec(spec, plan), num)
     hidden = replay.norm(T(tok * h, num.residual, True))
     c = num.compute
+    # Gemma2ForCausalLM.forward: logits = tanh(logits / cap) * cap (final_logit_softcapping, in the
+    # compute dtype): tanh saves its result; the division's and the product's outputs are not saved.
+    softcap = spec.config.get("final_logit_softcapping", 30.0 if spec.model_type == "gemma2" else None)
     if plan.loss == "standard":
         if full:
             tape.save(tape.cast(hidden, c) if num.autocast else hidden)
         if num.autocast:
             tape.save(T(V * h, c, False))  # autocast's copy of lm_head's weight, saved for grad_input
+        if softcap:
+            tape.save(T(tok * V, c, False))
         logits_fp32_copy = 0 if c == 4 else 4 * tok * V
         loss_saved = 4 * tok * V  # log_softmax output (fp32)
         head = tape.saved_bytes + loss_saved + 8 * tok  # + shifted int64 labels
@@ -158,21 +305,30 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
         # backward: saved log-softmax + nll grad + log_softmax grad, all fp32 b*s*V
         bwd_peak = 12 * tok * V
     else:
-        # chunked: only the final hidden states are kept; each chunk's logits are recomputed.
-        tape.save(tape.cast(hidden, c) if num.autocast else hidden)
+        # chunked: only the final hidden states are kept (checkpoint saves its inputs, the slices
+        # hidden[start:end] of the decoder's output); each chunk's logits are recomputed.
+        tape.save(hidden)
         loss_saved = 0
         head = tape.saved_bytes + 8 * tok
         chunk = min(tok, CHUNKED_LOSS_TOKENS)
         fwd_peak = (c + (0 if c == 4 else 4) + 4) * chunk * V
-        bwd_peak = (c + 12) * chunk * V
+        # the recomputed chunk keeps its softcap tanh result (memplan.loss._chunk_loss_sum) until its backward
+        bwd_peak = (c + 12 + (c if softcap else 0)) * chunk * V
 
+    # The attention masks (mask_bytes) live inside the decoder's forward only: the model returns (and
+    # frees them) before ForCausalLM computes the loss, where the forward peaks; they are not part of it.
     extra = 0
-    if plan.attn == "eager":
-        extra += b * s * s * num.residual  # the materialized causal mask (batch, 1, s, s)
+    if plan.loss == "standard" and hidden.uid not in tape.saved:
+        # The final hidden states stay referenced by the decoder's output (outputs.last_hidden_state in
+        # <Family>ForCausalLM.forward) while the loss runs, saved or not (LoRA: lm_head is frozen; autocast:
+        # lm_head saves its bf16 copy).
+        extra += hidden.nbytes
     if num.autocast and full and plan.grad_ckpt:
         # autocast caches a low-precision copy of every trainable weight it casts until it exits,
-        # even when checkpointing discards what the layers would save.
-        extra += c * sum(l.d_in * l.d_out * l.count for l in spec.layer_linears) * spec.num_layers
+        # even when checkpointing discards what the layers would save. (The MoE experts' grouped_mm is
+        # not autocast-enabled: it casts its input to the weight's dtype instead.)
+        extra += c * sum(l.d_in * l.d_out * l.count for l in spec.layer_linears
+                         if l.kind != "experts") * spec.num_layers
 
     ckpt_input = tok * h * num.residual
     transient = layer_backward_transient(spec, plan, num, kernels)

@@ -8,11 +8,16 @@ formula for it saves (torch/csrc/autograd/FunctionsManual.cpp, tools/autograd/de
     mul(a, b)         saves b if a needs grad and a if b needs grad
     pow(x, 2)         saves x;  rsqrt(x) saves its result;  silu/gelu(x) save x;  relu saves its result
     softmax           saves its result;  log_softmax (inside cross_entropy) saves its result
-    sdpa              saves q, k, v, out and the fp32 log-sum-exp (b*heads*s*4 B)
+    tanh, sigmoid     save their result
+    sdpa (flash/efficient kernels) saves q, k, v, out, the fp32 log-sum-exp (b*heads*s*4 B) and the
+                      attention mask it was given (converted to the query dtype)
     dropout(p > 0)    saves its mask: a bool (1 B/element) on CUDA (native_dropout),
                       an input-dtype noise tensor on the CPU (bernoulli * input)
-    embedding         saves the int64 indices
+    embedding, index, topk, gather: save the int64 indices
     casts, views, adds, scalar multiplies save nothing
+
+A view (a slice of a fused projection, a transpose) shares its base's storage: the replay passes the
+base T itself, so saving several views of one output counts it once.
 
 A tensor saved by several ops is counted once. Nothing is saved when no input needs a gradient,
 which is why a LoRA model's first layer keeps less: its input comes from a frozen embedding.
@@ -67,12 +72,15 @@ class Tape:
             self.save(x)
         return T(out_numel, out_itemsize or x.itemsize, x.rg or w_trainable)
 
-    def mul(self, a: T, b: T, out_itemsize: int | None = None) -> T:
+    def mul(self, a: T, b: T, out_itemsize: int | None = None, out_numel: int | None = None) -> T:
+        """a * b (or a matmul of a and b): each factor is saved for the other's gradient.
+        `out_numel` when a factor is a view of a larger storage (a chunk of a fused projection)."""
         if a.rg:
             self.save(b)
         if b.rg:
             self.save(a)
-        return T(max(a.numel, b.numel), out_itemsize or max(a.itemsize, b.itemsize), a.rg or b.rg)
+        numel = out_numel or max(a.numel, b.numel)
+        return T(numel, out_itemsize or max(a.itemsize, b.itemsize), a.rg or b.rg)
 
     def scale_by_param(self, x: T, param_trainable: bool) -> T:
         """weight * x with a 1-D weight (RMSNorm, LayerNorm affine)."""
@@ -90,6 +98,12 @@ class Tape:
         if x.rg:
             self.save(out)
         return out
+
+    def index(self, x: T, out_numel: int, idx_numel: int) -> T:
+        """x[idx] (advanced indexing): saves the int64 index tensor when x needs grad."""
+        if x.rg:
+            self.save(T(idx_numel, 8, False))
+        return T(out_numel, x.itemsize, x.rg)
 
     def dropout(self, x: T, p: float) -> T:
         if p <= 0:

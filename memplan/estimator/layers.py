@@ -1,7 +1,8 @@
 """Replays of transformers' decoder layers on the symbolic tape (see `autograd.py`).
 
 Each function follows the forward of the named transformers module line by line (transformers 5.x
-`models/<family>/modeling_<family>.py`), so every saved tensor has a line of source behind it.
+`models/<family>/modeling_<family>.py`, `integrations/sdpa_attention.py`, `integrations/moe.py`), so
+every saved tensor has a line of source behind it.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ class LayerSpec:
     head_dim: int
     ffn: int
     gated: bool
-    act_saves_output: bool  # relu saves its result; silu/gelu save their input (same size either way)
+    act: str  # transformers ACT2FN name (hidden_act / activation_function)
     norm: str  # "rms" (llama), "rms_gemma" ((1+w) in fp32), "layer" (LayerNorm)
-    attn: str  # "eager" or "sdpa" ("flash" keeps what sdpa keeps)
+    attn: str  # "eager", "sdpa" (torch SDPA) or "flash" (flash-attention 2)
     attn_dropout: float
     resid_dropout: float
     attn_softcap: bool
@@ -54,9 +55,14 @@ class LayerSpec:
     lora_targets: frozenset[str]
     lora_rank: int
     lora_dropout: float
-    names: dict = None  # role -> HF module name: q k v o qkv gate up down gate_up fc1 fc2
+    names: dict = None  # role -> HF module name: q k v o qkv gate up down gate_up fc1 fc2 router experts_*
     num_experts: int = 0
     top_k: int = 0
+    rotary: bool = True  # rotary q/k (False: learned positions, q/k/v used as projected)
+    softmax_fp32: bool = True  # eager softmax(dtype=torch.float32) (GPT-2's eager softmax keeps the input dtype)
+    sdpa_mask: bool = False  # SDPA gets a materialized mask in this layer (a sliding window <= s)
+    expert_rank_mult: tuple = (1, 1)  # peft's rank multiplier for the gate_up / down expert stacks
+    q_contiguous: bool = False  # q reaches the attention as a contiguous (b, heads, s, d) tensor (Phi3)
 
 
 class LayerReplay:
@@ -67,21 +73,36 @@ class LayerReplay:
     def tokens(self) -> int:
         return self.L.b * self.L.s
 
+    def _as(self, x: T, numel: int, itemsize: int) -> T:
+        """x in `itemsize` bytes: x itself (or the storage it is a view of) when the dtype matches, else a copy."""
+        return x if x.itemsize == itemsize else T(numel, itemsize, x.rg)
+
+    def _operand(self, x: T, numel: int, itemsize: int) -> T:
+        """A matmul operand as autograd saves it: torch.matmul reshapes 4-D operands to 3-D for bmm, which
+        copies a slice of a fused projection (a (b, s, 3h) output viewed as (b, heads, s, d)): the copy of
+        the slice is saved, not the fused storage. A cast to `itemsize` is a copy as well."""
+        return x if (x.numel == numel and x.itemsize == itemsize) else T(numel, itemsize, x.rg)
+
     def norm(self, x: T) -> T:
         """RMSNorm (llama: fp32 math, cast back, then weight*x) or gemma's x*(1+w) in fp32, or LayerNorm."""
         t, trainable = self.t, self.L.full_ft
         if self.L.norm == "layer":
-            # LayerNorm saves its input, mean and rstd (fp32 per token) when anything needs grad.
+            # F.layer_norm (native_layer_norm) saves its input, mean and rstd (one per token) when anything
+            # needs grad; mean/rstd are fp32 on CUDA (the accumulate type) and in the input's dtype on the
+            # CPU (layer_norm_cpu: param_scalar_type, unless input and weight dtypes are mixed).
             out = T(x.numel, x.itemsize, x.rg or trainable)
             if x.rg or trainable:
-                t.save(x, T(self.tokens(), 4, False), T(self.tokens(), 4, False))
+                stat = 4 if t.kernels == "cuda" else x.itemsize
+                t.save(x, T(self.tokens(), stat, False), T(self.tokens(), stat, False))
             return out
         xf = t.cast(x, 4)
         t.unary_saving_input(xf)  # pow(2)
         rs = t.unary_saving_output(T(self.tokens(), 4, xf.rg))  # rsqrt(mean + eps)
         normed = t.mul(xf, rs)  # saves xf and rs
         if self.L.norm == "rms_gemma":
-            out = t.scale_by_param(normed, trainable)  # output * (1 + weight.float()), in fp32
+            # GemmaRMSNorm.forward: output * (1.0 + self.weight.float()): `1.0 + w` is a new fp32 tensor
+            # (hidden elements), saved for the gradient of `output`; `output` is saved when w is trainable.
+            out = t.mul(normed, T(self.L.hidden, 4, trainable), out_numel=normed.numel)
             return t.cast(out, x.itemsize)  # .type_as(x)
         normed = t.cast(normed, x.itemsize)  # .to(input_dtype)
         return t.scale_by_param(normed, trainable)  # weight * x (same dtype for these regimes)
@@ -92,10 +113,11 @@ class LayerReplay:
         name = self.L.names[role]
         xin = t.cast(x, n.compute) if n.autocast else x
         out_numel = self.tokens() * out_features
+        d_in = x.numel // self.tokens()
         if n.autocast and x.rg and n.weights != n.compute:
             # autocast's low-precision copy of the weight, saved for grad_input (and cached while
             # autocast is on when the weight is a trainable leaf)
-            t.save(T(x.numel // self.tokens() * out_features, n.compute, False))
+            t.save(T(d_in * out_features, n.compute, False))
         base = t.linear(xin, out_numel, self.L.full_ft, out_itemsize=n.compute)
         if name not in self.L.lora_targets:
             return base
@@ -106,94 +128,265 @@ class LayerReplay:
             xd = t.cast(xd, n.compute)
         a = t.linear(xd, self.tokens() * self.L.lora_rank, True)
         t.linear(a, out_numel, True)
-        if n.autocast:  # autocast's copies of lora_A and lora_B, saved for grad_input
-            t.save(T(self.L.lora_rank * (x.numel // self.tokens()), n.compute, False),
-                   T(self.L.lora_rank * out_features, n.compute, False))
+        if n.autocast:  # autocast's copies of lora_A and lora_B, saved for grad_input (lora_A's only
+            if x.rg:    # when its input needs a gradient: not in layer 0 of a LoRA model)
+                t.save(T(self.L.lora_rank * d_in, n.compute, False))
+            t.save(T(self.L.lora_rank * out_features, n.compute, False))
         return T(out_numel, base.itemsize, True)
 
-    # ------------------------------------------------------------ attention and MLP
+    def activation(self, x: T, numel: int) -> T:
+        """ACT2FN[act](x) (transformers/activations.py); x may be a view (a chunk of a fused projection)."""
+        t, n = self.t, self.n
+        act = self.L.act
+        out = T(numel, x.itemsize, x.rg)
+        if not x.rg:
+            return out
+        if act in ("relu", "relu6"):
+            t.save(out)  # relu saves its result (threshold_backward)
+        elif act in ("gelu_new", "gelu_python_tanh"):
+            # NewGELUActivation: 0.5 * input * (1.0 + tanh(sqrt(2/pi) * (input + 0.044715 * pow(input, 3)))):
+            # pow saves the input, tanh its result, and the last product both factors (0.5*input, 1+tanh).
+            # Under CUDA autocast pow runs in fp32 (autocast fp32 list): it saves an fp32 copy of the input,
+            # and everything after it is fp32 by type promotion except 0.5*input.
+            f32 = n.autocast and t.kernels == "cuda"
+            wide = 4 if f32 else x.itemsize
+            t.save(T(numel, 4, False) if f32 and x.itemsize != 4 else x)  # pow(input, 3.0)
+            t.save(T(numel, wide, False), T(numel, x.itemsize, False), T(numel, wide, False))
+            out = T(numel, wide, True)
+        elif act == "gelu_fast":
+            # FastGELUActivation: 0.5*input * (1 + tanh(input*0.79788 * (1 + 0.044715*input*input))):
+            # saves input, 0.044715*input, input*0.79788, (1 + ...), tanh's result, 0.5*input, 1 + tanh.
+            t.save(x, *(T(numel, x.itemsize, False) for _ in range(6)))
+        elif act == "quick_gelu":
+            t.save(x, T(numel, x.itemsize, False))  # input * sigmoid(1.702 * input): input and the sigmoid
+        else:
+            t.save(x)  # F.silu, F.gelu (exact or approximate="tanh"): the input
+        return out
+
+    # ------------------------------------------------------------ attention
+    def attention_kernel(self) -> str:
+        """Which attention runs: "eager", "fused" (SDPA's flash / memory-efficient kernels, flash-attention 2)
+        or "math" (SDPA's composite kernel, which keeps the s^2 probabilities).
+
+        PyTorch's CPU SDPA has one fused kernel (flash, fp32/16-bit, masks and GQA allowed) and refuses
+        dropout (sdp_utils_cpp.cpp use_flash_attention_cpp: check_for_dropout), so a training step with
+        attention dropout runs the math kernel. On CUDA, fp32 rules out flash and the memory-efficient
+        kernel has no enable_gqa, so fp32 with in-kernel GQA falls back to math (measured on an H100,
+        benchmarks/results/gpu-h100-run1.jsonl); with a mask transformers repeats k/v itself and the
+        memory-efficient kernel runs. Both fused CUDA kernels take dropout."""
+        L, n = self.L, self.n
+        if L.attn == "eager":
+            return "eager"
+        if L.attn == "flash":
+            return "fused"
+        if self.t.kernels == "cpu":
+            return "math" if L.attn_dropout > 0 else "fused"
+        return "math" if n.compute == 4 and self.sdpa_gqa() else "fused"
+
+    def sdpa_gqa(self) -> bool:
+        """sdpa_attention_forward passes enable_gqa (no repeat_kv copies) when use_gqa_in_sdpa: no mask and
+        head_dim <= 256 (integrations/sdpa_attention.py)."""
+        L = self.L
+        return L.heads != L.kv_heads and not L.sdpa_mask and L.head_dim <= 256
+
     def attention(self, h: T) -> T:
         t, L, n = self.t, self.L, self.n
         tok, c = self.tokens(), n.compute
         q_feats, kv_feats = L.heads * L.head_dim, L.kv_heads * L.head_dim
         if L.fused_qkv:
             qkv = self.proj(h, q_feats + 2 * kv_feats, "qkv")
-            q, k, v = qkv, qkv, qkv  # views of one storage: saving any slice keeps all of it
-            rg = qkv.rg
+            q, k, v = qkv, qkv, qkv  # views of one storage (qkv[..., :q_pos], .split): saving any keeps all
         else:
             q = self.proj(h, q_feats, "q")
             k = self.proj(h, kv_feats, "k")
             v = self.proj(h, kv_feats, "v")
-            rg = q.rg or k.rg or v.rg
-        # rotary: q*cos + rotate_half(q)*sin saves only cos/sin (shared by all layers, counted per model);
-        # cos/sin carry the residual dtype, so under autocast q_embed is fp32 until sdpa casts it back.
-        rot = max(c, n.residual)
-        q = T(tok * q_feats, rot, q.rg)
-        k = T(tok * kv_feats, rot, k.rg)
-        if L.fused_qkv:
-            v = v  # still the fused storage
-        if L.attn == "eager" or self.sdpa_falls_back_to_math():
+        rg = q.rg or k.rg or v.rg
+        if L.rotary:
+            # apply_rotary_pos_emb: q*cos + rotate_half(q)*sin: new q and k (v stays a view); saves only
+            # cos/sin (shared by all layers, counted per model). cos/sin carry the residual dtype, so under
+            # autocast q_embed is fp32 until the attention casts it back.
+            rot = max(c, n.residual)
+            q = T(tok * q_feats, rot, q.rg)
+            k = T(tok * kv_feats, rot, k.rg)
+        kernel = self.attention_kernel()
+        if kernel == "eager":
             out = self._eager(q, k, v, rg)
+        elif kernel == "math":
+            out = self._sdpa_math(q, k, v, rg)
         else:
-            # SDPA (flash kernel, GQA without copies): q, k, v, out and the fp32 log-sum-exp.
-            qc, kc, vc = t.cast(q, c), t.cast(k, c), (v if L.fused_qkv else t.cast(v, c))
-            out = T(tok * q_feats, c, rg)
-            if rg:
-                t.save(qc, kc, vc, out, T(L.b * L.heads * L.s, 4, False))
-        out = T(out.numel, out.itemsize, out.rg)  # transpose(1, 2).contiguous(): a copy
+            out = self._sdpa_fused(q, k, v, rg)
         o = self.proj(out, L.hidden, "o")
         return t.dropout(o, L.resid_dropout)
 
-    def sdpa_falls_back_to_math(self) -> bool:
-        """CUDA SDPA in fp32 with GQA: flash needs 16-bit and memory-efficient attention has no
-        enable_gqa, so torch runs the math kernel, which keeps the s^2 probabilities like eager
-        (torch/nn/attention sdp_utils; measured on an H100, benchmarks/results/gpu-h100-run1.jsonl).
-        PyTorch's CPU flash kernel takes fp32 and GQA."""
-        return (self.L.attn != "eager" and self.t.kernels == "cuda" and self.n.compute == 4
-                and self.L.kv_heads != self.L.heads)
+    def _sdpa_fused(self, q: T, k: T, v: T, rg: bool) -> T:
+        """SDPA's flash / memory-efficient kernel (and flash-attention 2): q, k, v, out, the fp32 log-sum-exp,
+        and the mask when one is passed."""
+        t, L, n = self.t, self.L, self.n
+        c, tok = n.compute, self.tokens()
+        q_feats, kv_feats = L.heads * L.head_dim, L.kv_heads * L.head_dim
+        qc, kc, vc = self._as(q, tok * q_feats, c), self._as(k, tok * kv_feats, c), self._as(v, tok * kv_feats, c)
+        if L.attn == "sdpa" and L.heads != L.kv_heads and not self.sdpa_gqa():
+            # sdpa_attention_forward: repeat_kv (expand + reshape) copies k and v to all heads
+            kc = T(tok * q_feats, c, kc.rg)
+            vc = T(tok * q_feats, c, vc.rg)
+        out = T(tok * q_feats, c, rg)
+        if rg:
+            t.save(qc, kc, vc, out, T(L.b * L.heads * L.s, 4, False))
+            if L.sdpa_mask:
+                # the boolean (1, 1, s, s) mask expanded over the batch, converted to the query dtype
+                # (convert_boolean_attn_mask: at::where over the expanded shape), is an input of the kernel
+                t.save(T(L.b * L.s * L.s, c, False))
+        # The flash kernels (CPU; CUDA: empty_like(q)) lay the output out like q, the memory-efficient one
+        # always as (b, s, heads, d). q is normally a transposed view of a (b, s, heads, d) projection, so
+        # transformers' attn_output.transpose(1, 2).contiguous() is a view and o_proj saves the kernel's
+        # output itself. Phi3's apply_rotary_pos_emb builds q with torch.cat: a contiguous (b, heads, s, d)
+        # q, whose output .contiguous() copies.
+        flash = L.attn == "sdpa" and (t.kernels == "cpu" or (c == 2 and not L.sdpa_mask))
+        if L.q_contiguous and flash:
+            return T(tok * q_feats, c, rg)
+        return out
+
+    def _sdpa_math(self, q: T, k: T, v: T, rg: bool) -> T:
+        """at::_scaled_dot_product_attention_math: 16-bit inputs are upcast to fp32 (query_acc, key_acc,
+        value_acc), q and k^T are scaled (new tensors, saved by the matmul), softmax saves its result,
+        dropout its mask/noise, and matmul(attn, v) both operands. The output comes back in the input
+        dtype as (b, heads, s, d): transformers' transpose(1, 2).contiguous() copies it."""
+        t, L, n = self.t, self.L, self.n
+        c, tok = n.compute, self.tokens()
+        acc = 4 if c == 2 else c
+        q_feats, kv_feats = L.heads * L.head_dim, L.kv_heads * L.head_dim
+        qs = T(tok * q_feats, acc, q.rg)  # query_acc * scaling_factor
+        ks = T(tok * q_feats, acc, k.rg)  # key_expanded (all heads) .transpose(-2, -1) * scaling_factor
+        t.mul(qs, ks)
+        if L.heads != L.kv_heads:
+            vx = T(tok * q_feats, acc, v.rg)  # repeat_kv / repeat_interleave: a copy with all heads
+        else:
+            vx = self._operand(v, tok * kv_feats, acc)  # value_acc (matmul saves a copy of a fused slice)
+        probs = t.unary_saving_output(T(L.b * L.heads * L.s * L.s, acc, rg))  # _safe_softmax
+        probs = t.dropout(probs, L.attn_dropout)
+        t.mul(probs, vx)
+        return T(tok * q_feats, c, rg)  # .to(origin_dtype), then transformers' .contiguous() copy
 
     def _eager(self, q: T, k: T, v: T, rg: bool) -> T:
+        """eager_attention_forward: repeat_kv, matmul, (softcap), softmax, dropout, matmul, transpose+copy."""
         t, L, n = self.t, self.L, self.n
         c, tok = n.compute, self.tokens()
         rep = L.heads // L.kv_heads
+        all_heads = tok * L.heads * L.head_dim
+        kv_feats = tok * L.kv_heads * L.head_dim
         scores_numel = L.b * L.heads * L.s * L.s
-        if L.fused_qkv:
-            v_rep = v if rep == 1 else T(tok * L.heads * L.head_dim, c, v.rg)
-        else:
-            v_rep = v if rep == 1 else T(tok * L.heads * L.head_dim, v.itemsize, v.rg)  # repeat_kv copies
-        k_rep = k if rep == 1 else T(tok * L.heads * L.head_dim, k.itemsize, k.rg)
-        qm = t.cast(q, c) if n.autocast else q
-        km = t.cast(k_rep, c) if n.autocast else k_rep
-        scores = t.mul(qm, km, out_itemsize=qm.itemsize)  # matmul saves both operands
-        scores = T(scores_numel, qm.itemsize, rg)
+        k_rep = k if rep == 1 else T(all_heads, k.itemsize, k.rg)  # repeat_kv copies
+        v_rep = v if rep == 1 else T(all_heads, v.itemsize, v.rg)
+        qm = self._operand(q, all_heads, c if n.autocast else q.itemsize)
+        km = self._operand(k_rep, all_heads if rep > 1 else kv_feats, c if n.autocast else k_rep.itemsize)
+        t.mul(qm, km, out_numel=scores_numel)  # matmul saves both operands
+        scores = T(scores_numel, qm.itemsize, rg)  # (* scaling, + mask: nothing saved)
         if L.attn_softcap:
-            scores = t.unary_saving_output(scores)  # tanh(scores / cap) saves its result
-        probs = t.unary_saving_output(scores, out_itemsize=4)  # softmax(dtype=float32)
-        probs = t.cast(probs, q.itemsize)  # .to(query.dtype)
+            t.unary_saving_output(scores)  # tanh(scores / softcap) saves its result; * softcap is a new tensor
+        # softmax(dtype=torch.float32) (llama family, gemma, opt); GPT-2's softmax keeps the input dtype,
+        # except under autocast, whose fp32 policy covers softmax (CPU and CUDA).
+        fp32 = L.softmax_fp32 or n.autocast
+        probs = t.unary_saving_output(scores, out_itemsize=4 if fp32 else scores.itemsize)
+        probs = t.cast(probs, q.itemsize)  # .to(query.dtype) (GPT-2: .type(value.dtype), the same dtype)
         probs = t.dropout(probs, L.attn_dropout)
         pm = t.cast(probs, c) if n.autocast else probs
-        vm = t.cast(v_rep, c) if n.autocast else v_rep
-        t.mul(pm, vm)  # matmul(probs, v) saves both
-        return T(tok * L.heads * L.head_dim, c, rg)
+        vm = self._operand(v_rep, all_heads if rep > 1 else kv_feats, c if n.autocast else v_rep.itemsize)
+        t.mul(pm, vm, out_numel=all_heads)  # matmul(probs, v) saves both
+        return T(all_heads, c, rg)  # attn_output.transpose(1, 2).contiguous(): a copy
+
+    # ------------------------------------------------------------ MLP
+    def _gated(self, gate: T, up: T, numel: int) -> T:
+        """act(gate) * up: the activation saves gate (or the fused output it is a chunk of), the product
+        saves both factors (up may also be a chunk of the fused output)."""
+        act = self.activation(gate, numel)
+        return self.t.mul(act, up, out_numel=numel)
 
     def mlp(self, h: T) -> T:
-        t, L = self.t, self.L
+        L, tok = self.L, self.tokens()
+        if L.num_experts:
+            return self.moe(h)
         if not L.gated:
             up = self.proj(h, L.ffn, "fc1")
-            act = t.unary_saving_output(up) if L.act_saves_output else t.unary_saving_input(up)
-            act = t.dropout(act, 0.0)
+            act = self.activation(up, up.numel)
             return self.proj(act, L.hidden, "fc2")
         if L.fused_gate_up:
+            # Phi3MLP: gate, up_states = gate_up_proj(x).chunk(2); up_states * act(gate): two views of one output
             gu = self.proj(h, 2 * L.ffn, "gate_up")
-            t.unary_saving_input(gu)  # act(gate) saves gate, a view of the fused output
-            act = T(self.tokens() * L.ffn, gu.itemsize, gu.rg)
-            prod = t.mul(gu, act)  # up * act(gate)
+            prod = self._gated(gu, gu, tok * L.ffn)
         else:
             g = self.proj(h, L.ffn, "gate")
             u = self.proj(h, L.ffn, "up")
-            act = t.unary_saving_input(g)  # silu / gelu(tanh) save their input
-            prod = t.mul(act, u)
+            prod = self._gated(g, u, tok * L.ffn)
         return self.proj(prod, L.hidden, "down")
+
+    def _param_weight(self, role: str, numel: int, factors: int = 0) -> T | None:
+        """A weight used directly by F.linear / grouped_mm (the MoE router and expert stacks). With LoRA,
+        peft's ParamWrapper substitutes a parametrization: the router's W + delta (_LoraParameterProxy),
+        the experts' baddbmm(W, lhs, rhs) (_LoraFactorsProxy, the factors cast to W's dtype and saved by
+        baddbmm): a new tensor of the weight's size, cached for the module's forward.
+        Returns that tensor, or None for a plain parameter (no new bytes)."""
+        L, n, t = self.L, self.n, self.t
+        if L.names[role] not in L.lora_targets:
+            return None
+        if factors:
+            t.save(T(factors, n.weights, False))  # lhs and rhs of baddbmm
+        return T(numel, n.weights, True)
+
+    def moe(self, h: T) -> T:
+        """MixtralSparseMoeBlock: MixtralTopKRouter, then the experts with transformers' default
+        `grouped_mm` implementation (integrations/moe.py grouped_mm_experts_forward).
+
+        Routing is taken as balanced (every expert gets tokens * top_k / num_experts rows). The grouped
+        implementation sorts the S = tokens * top_k (token, expert) rows into one tensor, so what it saves
+        depends only on S, not on how the rows spread over the experts."""
+        t, L, n = self.t, self.L, self.n
+        tok, E, k, f, hid = self.tokens(), L.num_experts, L.top_k, L.ffn, L.hidden
+        S = tok * k
+        c = n.compute
+        # router_logits = F.linear(hidden_states, self.weight): saves the input (weight trainable) and,
+        # under LoRA, the parametrized weight (the input needs grad)
+        w_router = self._param_weight("router", E * hid)
+        w_rg = L.full_ft or w_router is not None
+        x = t.cast(h, c) if n.autocast else h
+        if w_rg:
+            t.save(x)
+        if w_router is not None and x.rg:
+            t.save(w_router)
+        logits = T(tok * E, c, x.rg or w_rg)
+        probs = t.unary_saving_output(t.cast(logits, 4))  # softmax(router_logits.float()) saves its result
+        if probs.rg:
+            t.save(T(tok * k, 8, False))  # torch.topk saves its int64 indices
+            # router_top_value /= router_top_value.sum(dim=-1, keepdim=True): saves divisor and dividend
+            t.save(T(tok, 4, False), T(tok * k, 4, False))
+        weights = T(tok * k, 4, probs.rg)
+        # grouped_mm_experts_forward
+        sel = t.index(h, S * hid, S)  # hidden_states[perm // num_top_k]: the int64 index
+        sw = t.index(weights, S, S)  # sample_weights[perm]
+        offs = T(E, 4, False)  # cumsum(histc(...), dtype=int32): saved by both grouped_mm
+        m_gu, m_d = L.expert_rank_mult
+        gu = self._grouped(sel, 2 * f, self._param_weight(
+            "experts_gate_up", E * 2 * f * hid, L.lora_rank * m_gu * E * (hid + 2 * f)), offs)
+        prod = self._gated(gu, gu, S * f)  # _default_apply_gate: act(gate) * up, chunks of gate_up
+        down = self._grouped(prod, hid, self._param_weight(
+            "experts_down", E * hid * f, L.lora_rank * m_d * E * (f + hid)), offs)
+        # proj_out * sample_weights_g.unsqueeze(-1): saves both; bf16 * fp32 promotes to fp32
+        weighted = t.mul(down, sw, out_numel=S * hid)
+        weighted = t.index(weighted, S * hid, S)  # weighted_out[inv_perm]
+        return T(tok * hid, h.itemsize, weighted.rg)  # .view(tok, top_k, h).sum(dim=1).to(hidden dtype)
+
+    def _grouped(self, x: T, out_features: int, w_param: T | None, offs: T) -> T:
+        """_grouped_linear -> torch._grouped_mm(input.to(weight.dtype), weight.T, offs): saves the input
+        (weight needs grad), the weight (input needs grad; a parameter costs nothing new) and offs."""
+        t, L, n = self.t, self.L, self.n
+        w_rg = L.full_ft or w_param is not None
+        xin = t.cast(x, n.weights)  # input.to(weight.dtype): grouped_mm is not autocast-enabled
+        if w_rg:
+            t.save(xin)
+        if xin.rg and w_param is not None:
+            t.save(w_param)
+        if xin.rg or w_rg:
+            t.save(offs)
+        return T(self.tokens() * L.top_k * out_features, n.weights, xin.rg or w_rg)
 
     # ------------------------------------------------------------ the layer
     def layer(self, x: T) -> T:

@@ -1,0 +1,98 @@
+"""The estimate against traced training steps for every supported family besides Llama/Qwen2.
+
+Small configs derived from the presets (hidden >= 256, 2 layers, b 2, s 512): each keeps what makes its
+family's replay different - Gemma's (1+w) fp32 RMSNorm, GeGLU and MQA with head_dim 256, Gemma2's four
+norms, soft-capping and two masks, Phi3's fused qkv/gate_up and torch.cat rotary, Mixtral's router and
+grouped_mm experts, GPT-2's Conv1D, dropouts (SDPA's math kernel on the CPU) and gelu_new, OPT's ReLU,
+dropout and offset positions, Mistral's sliding-window mask. Vocabularies are cut so that the layers'
+activations are a visible part of the step (8192) where that does not move the forward peak into a
+layer; checkpointed cases keep a 32000-token vocabulary so the loss stays the forward peak (what the
+estimator models). Each trace runs two optimizer steps on fake tensors (seconds).
+"""
+
+import pytest
+
+from memplan.estimator import estimate
+from memplan.models import spec_from_config
+from memplan.plan import Plan
+from memplan.trace import trace_training
+
+GEMMA = dict(model_type="gemma", hidden_size=256, intermediate_size=2048, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=1, head_dim=256, hidden_act="gelu_pytorch_tanh")
+GEMMA2 = dict(model_type="gemma2", hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=256, attn_logit_softcapping=50.0,
+              final_logit_softcapping=30.0, sliding_window=256, query_pre_attn_scalar=256,
+              hidden_activation="gelu_pytorch_tanh")
+PHI3 = dict(model_type="phi3", hidden_size=384, intermediate_size=1024, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, resid_pdrop=0.0, embd_pdrop=0.0,
+            attention_dropout=0.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MIXTRAL = dict(model_type="mixtral", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+               sliding_window=None)
+GPT2 = dict(model_type="gpt2", n_embd=256, n_head=4, n_layer=2, n_positions=1024, vocab_size=50257,
+            activation_function="gelu_new", attn_pdrop=0.1, embd_pdrop=0.1, resid_pdrop=0.1)
+OPT = dict(model_type="opt", hidden_size=256, ffn_dim=1024, num_hidden_layers=2, num_attention_heads=4,
+           vocab_size=50272, word_embed_proj_dim=256, dropout=0.1, attention_dropout=0.0,
+           activation_function="relu", do_layer_norm_before=True, max_position_embeddings=2048,
+           pad_token_id=1, bos_token_id=2, eos_token_id=2)
+MISTRAL = dict(model_type="mistral", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2)
+
+
+def cfg(base: dict, **over) -> dict:
+    return {**base, **over}
+
+
+FULL_BF16 = dict(precision="bf16", grad_ckpt=False)
+FULL_AMP = dict(precision="amp-bf16", grad_ckpt=False)
+LORA_CKPT = dict(method="lora", precision="bf16", grad_ckpt=True)
+LORA = dict(method="lora", precision="bf16", grad_ckpt=False)
+
+CASES = [
+    # (id, config, plan fields)
+    ("gemma-full-bf16-sdpa", cfg(GEMMA, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("gemma-lora-ckpt-eager", cfg(GEMMA, vocab_size=32000), dict(LORA_CKPT, attn="eager")),
+    # Gemma2 has no SDPA path in transformers 5: eager, with its sliding (256) and full masks
+    ("gemma2-full-amp-eager-window", cfg(GEMMA2, vocab_size=8192), dict(FULL_AMP, attn="eager")),
+    ("gemma2-lora-ckpt-eager", cfg(GEMMA2, vocab_size=32000), dict(LORA_CKPT, attn="eager")),
+    ("phi3-full-bf16-sdpa", cfg(PHI3, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("phi3-lora-sdpa-window-mask", cfg(PHI3, vocab_size=8192, sliding_window=256), dict(LORA, attn="sdpa")),
+    ("phi3-full-amp-ckpt-eager", cfg(PHI3, vocab_size=32000), dict(FULL_AMP, grad_ckpt=True, attn="eager")),
+    ("mixtral-full-bf16-sdpa", cfg(MIXTRAL, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("mixtral-full-bf16-ckpt-eager", cfg(MIXTRAL, vocab_size=32000), dict(FULL_BF16, grad_ckpt=True, attn="eager")),
+    # attention dropout 0.1: PyTorch's CPU SDPA runs its math kernel (s x s probabilities, fp32)
+    ("gpt2-full-bf16-sdpa-math", GPT2, dict(FULL_BF16, attn="sdpa")),
+    ("gpt2-full-amp-eager", GPT2, dict(FULL_AMP, attn="eager")),
+    ("gpt2-lora-ckpt-sdpa", GPT2, dict(LORA_CKPT, attn="sdpa")),
+    ("opt-full-amp-eager", OPT, dict(FULL_AMP, attn="eager")),
+    ("opt-lora-ckpt-sdpa", OPT, dict(LORA_CKPT, attn="sdpa")),
+    # sliding window 256 <= s: SDPA gets a mask (repeat_kv copies, the mask saved per layer)
+    ("mistral-full-bf16-sdpa-window-mask", cfg(MISTRAL, vocab_size=8192, sliding_window=256),
+     dict(FULL_BF16, attn="sdpa")),
+    ("mistral-lora-eager", cfg(MISTRAL, vocab_size=8192, sliding_window=4096), dict(LORA, attn="eager")),
+]
+
+
+@pytest.mark.parametrize("config, fields", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_phase_peaks_match_the_trace(config, fields):
+    plan = Plan(micro_batch=2, seq_len=512, **fields)
+    est = estimate(spec_from_config(dict(config), config["model_type"]), plan, kernels="cpu")
+    steady = trace_training(dict(config), plan, backend="fake").steady
+    for phase in ("forward", "backward", "optimizer"):
+        measured = getattr(steady, phase)
+        err = 100 * (est.phase_peaks[phase] - measured) / measured
+        assert -2.0 <= err <= 3.0, f"{phase}: estimate {est.phase_peaks[phase]:,} vs trace {measured:,} ({err:+.2f} %)"
+
+
+def test_estimator_import_stays_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys, memplan.estimator\n"
+            "from memplan.estimator import estimate\n"
+            "from memplan.models import spec_from_config\n"
+            "from memplan.plan import Plan\n"
+            f"estimate(spec_from_config({MIXTRAL!r} | {{'vocab_size': 1000}}, 'm'), Plan())\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
