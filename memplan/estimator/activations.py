@@ -152,6 +152,7 @@ class Activations:
     loss_backward_peak: int  # at the cross-entropy in the backward
     forward_extra: int  # alive at the forward's loss besides the saved tensors (autocast's weight cache)
     layer_backward_transient: int  # gradients in flight inside one layer's backward
+    forward_masks: int  # attention masks alive inside the decoder's forward (when not already in `shared`)
     num_layers: int
     grad_ckpt: bool
 
@@ -335,6 +336,7 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
     return Activations(
         layer=per_layer, first_layer=first, ckpt_input=ckpt_input, shared=shared, head=head,
         loss_saved=loss_saved, layer_backward_transient=transient,
+        forward_masks=0 if plan.grad_ckpt else mask_bytes(spec, plan),
         loss_forward_peak=fwd_peak, loss_backward_peak=bwd_peak, forward_extra=extra,
         num_layers=spec.num_layers, grad_ckpt=plan.grad_ckpt,
     )

@@ -112,9 +112,19 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: Optional[int] = None, kern
 
     # ---- forward: everything saved, plus the loss transient (which includes the saved log-softmax)
     saved_no_loss = acts.saved_total - acts.loss_saved
-    fwd = _terms(**base, gradients=G_fwd, activations=saved_no_loss + acts.forward_extra,
-                 logits_loss=acts.loss_forward_peak,
-                 gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
+    at_loss_fwd = _terms(**base, gradients=G_fwd, activations=saved_no_loss + acts.forward_extra,
+                         logits_loss=acts.loss_forward_peak,
+                         gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
+    # ... or inside the last decoder layer, where the masks are alive and, under checkpointing, the
+    # layer's own activations exist until it returns (with a small vocabulary or long eager attention).
+    if acts.grad_ckpt:
+        in_layers = acts.ckpt_input * acts.num_layers + acts.layer
+    else:
+        in_layers = acts.first_layer + acts.layer * (acts.num_layers - 1)
+    last_layer_fwd = _terms(**base, gradients=G_fwd,
+                            activations=in_layers + acts.shared + acts.forward_masks + acts.forward_extra,
+                            gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
+    fwd = max(at_loss_fwd, last_layer_fwd, key=lambda t: sum(t.values()))
 
     # ---- backward: the loss backward with all activations alive, then layer by layer
     layer_grads = shard.layer_grads  # gradients one layer adds, per GPU
