@@ -115,16 +115,16 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: Optional[int] = None, kern
     at_loss_fwd = _terms(**base, gradients=G_fwd, activations=saved_no_loss + acts.forward_extra,
                          logits_loss=acts.loss_forward_peak,
                          gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
-    # ... or inside the last decoder layer, where the masks are alive and, under checkpointing, the
-    # layer's own activations exist until it returns (with a small vocabulary or long eager attention).
-    if acts.grad_ckpt:
-        in_layers = acts.ckpt_input * acts.num_layers + acts.layer
-    else:
+    # ... or at the end of the decoder, before it frees the attention masks (they can outweigh the
+    # logits with a small vocabulary and long sequences). Under checkpointing the masks are saved and
+    # counted above; the live set inside a checkpointed layer is not modelled op by op.
+    fwd = at_loss_fwd
+    if not acts.grad_ckpt:
         in_layers = acts.first_layer + acts.layer * (acts.num_layers - 1)
-    last_layer_fwd = _terms(**base, gradients=G_fwd,
-                            activations=in_layers + acts.shared + acts.forward_masks + acts.forward_extra,
-                            gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
-    fwd = max(at_loss_fwd, last_layer_fwd, key=lambda t: sum(t.values()))
+        end_of_decoder = _terms(**base, gradients=G_fwd,
+                                activations=in_layers + acts.shared + acts.forward_masks + acts.forward_extra,
+                                gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
+        fwd = max(at_loss_fwd, end_of_decoder, key=lambda t: sum(t.values()))
 
     # ---- backward: the loss backward with all activations alive, then layer by layer
     layer_grads = shard.layer_grads  # gradients one layer adds, per GPU
