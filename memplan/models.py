@@ -125,8 +125,8 @@ class ModelSpec:
         """Names valid as LoRA targets: every ``layer_linears`` name, then ``lm_head``.
 
         ``kind`` tells how peft reaches each: ``linear``/``conv1d``/``router`` by
-        ``target_modules`` (peft wraps Mixtral's router ``gate`` too), ``experts`` only by
-        ``target_parameters`` (peft's "all-linear" picks just the nn.Linear ones)."""
+        ``target_modules`` (peft wraps Mixtral's router ``gate`` too); ``experts`` through peft's MoE
+        conversion, which "all-linear" applies too in peft 0.21 (a ParamWrapper per fused stack)."""
         names = list(dict.fromkeys(lin.name for lin in self.layer_linears))
         return names + ["lm_head"]
 

@@ -64,7 +64,10 @@ def lora_tensors(spec: ModelSpec, targets: frozenset[str], rank: int) -> tuple[t
     for lin in spec.layer_linears:
         if lin.name in targets:
             k = lin.count if lin.kind == "experts" else 1
-            out += [(k * rank, lin.d_in), (lin.d_out, k * rank)] * (1 if lin.kind == "experts" else lin.count)
+            # peft wraps a fused expert stack as one ParamWrapper of rank count * r, and doubles the rank of
+            # the fused gate_up stack (peft utils/transformers_weight_conversion.py, _convert_peft_config_moe)
+            r = 2 * rank if lin.kind == "experts" and lin.name.endswith("gate_up_proj") else rank
+            out += [(k * r, lin.d_in), (lin.d_out, k * r)] * (1 if lin.kind == "experts" else lin.count)
     return tuple(out) * spec.num_layers
 
 
