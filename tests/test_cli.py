@@ -65,6 +65,7 @@ def test_no_gpu_shows_common_sizes(run_cli):
     (["--model", "llama-2-7b", "--offload", "optimizer"], "Hint:"),
     (["--model", "llama-2-7b", "--method", "lora", "--max-batch"], "--gpu"),
     ([], "no model"),
+    (["--model", "mixtral-8x7b", "--method", "lora"], "--lora-dropout 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run_cli, args, needle):
     code, out, err = run_cli("estimate", *args)

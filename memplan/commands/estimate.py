@@ -47,13 +47,19 @@ def resolve_capacity(gpu: Optional[str], gpu_memory: Optional[str]) -> Optional[
 
 
 def check_lora_targets(spec: ModelSpec, plan: Plan) -> None:
-    if not plan.trains_adapters or plan.lora.targets == "all-linear":
+    if not plan.trains_adapters:
         return
     allowed = [n for n in spec.linear_names() if n != "lm_head"]
-    for t in plan.lora.targets:
+    targets = allowed if plan.lora.targets == "all-linear" else plan.lora.targets
+    for t in targets:
         if t not in allowed:
             raise UserError(f"LoRA target '{t}' is not a linear layer of {spec.name}'s decoder layers; "
                             f"allowed: {', '.join(allowed)} or all-linear")
+    experts = [l.name for l in spec.layer_linears if l.kind == "experts" and l.name in targets]
+    if experts and plan.lora.dropout > 0:
+        dense = ",".join(l.name for l in spec.layer_linears if l.kind != "experts")
+        raise UserError(f"peft adapts the MoE expert stacks ({', '.join(experts)}) through ParamWrapper, which "
+                        f"has no LoRA dropout. Hint: --lora-dropout 0, or --lora-targets {dense}")
 
 
 def largest_fitting(make: Callable[[int], Estimate], capacity: int, hi: int) -> int:
@@ -109,6 +115,8 @@ def run(model: Optional[str], config_path: Optional[str], gpu: Optional[str], gp
         return
 
     cluster = {k: v for k, v in overrides.items() if k in CLUSTER_FIELDS}
+    if any(l.kind == "experts" for l in spec.layer_linears):
+        cluster["lora"] = {"dropout": 0.0}  # peft's expert adapters take no dropout (see check_lora_targets)
     estimates = [estimate(spec, build_plan(dict(row, model=str(model_ref), **cluster)), capacity)
                  for row in STANDARD_PLANS]
     if max_batch or max_seq:
