@@ -53,3 +53,26 @@ def test_half_the_cases_are_activation_heavy(results):
     assert len(results) == len(CASES)
     heavy = [k for k, frac in results.items() if frac >= 0.4]
     assert len(heavy) >= len(CASES) / 2, {k: round(v, 2) for k, v in results.items()}
+
+
+SMALL = dict(model_type="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(precision="bf16", micro_batch=2, seq_len=128, grad_ckpt=False),
+    dict(method="lora", precision="amp-bf16", micro_batch=2, seq_len=128),
+    dict(method="qlora", precision="bf16", micro_batch=2, seq_len=128, grad_ckpt=False),  # bitsandbytes NF4
+    dict(precision="bf16", micro_batch=2, seq_len=128, grad_ckpt=False, optimizer="adamw-8bit"),
+], ids=["full-bf16", "lora-amp", "qlora-nf4", "adamw-8bit"])
+def test_phase_peaks_match_real_cpu_steps(fields):
+    """Real CPU tensors (random weights): the same comparison where fake tensors cannot run the kernels."""
+    from memplan.models import spec_from_config
+
+    plan = Plan(**fields)
+    est = estimate(spec_from_config(dict(SMALL), "small"), plan, kernels="cpu")
+    steady = trace_training(dict(SMALL), plan, backend="real").steady
+    for phase in ("forward", "backward", "optimizer"):
+        measured = getattr(steady, phase)
+        err = 100 * (est.phase_peaks[phase] - measured) / measured
+        assert -2.0 <= err <= 3.0, f"{phase}: {err:+.2f} %"

@@ -8,6 +8,8 @@ Transformer Models", Table 2) give the same structure for a GPT layer: sbh(34 + 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from memplan.estimator.autograd import T, Tape
@@ -324,6 +326,11 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
         # <Family>ForCausalLM.forward) while the loss runs, saved or not (LoRA: lm_head is frozen; autocast:
         # lm_head saves its bf16 copy).
         extra += hidden.nbytes
+    if num.autocast and plan.trains_adapters and plan.grad_ckpt:
+        # the same cache holds the adapters' low-precision copies (they are the trainable leaves)
+        from memplan.estimator.states import lora_tensors
+
+        extra += c * sum(math.prod(t) for t in lora_tensors(spec, lora_targets(spec, plan), plan.lora.rank))
     if num.autocast and full and plan.grad_ckpt:
         # autocast caches a low-precision copy of every trainable weight it casts until it exits,
         # even when checkpointing discards what the layers would save. (The MoE experts' grouped_mm is
