@@ -155,6 +155,7 @@ class Activations:
     forward_extra: int  # alive at the forward's loss besides the saved tensors (autocast's weight cache)
     layer_backward_transient: int  # gradients in flight inside one layer's backward
     forward_masks: int  # attention masks alive inside the decoder's forward (when not already in `shared`)
+    ckpt_layer_forward: int  # under checkpointing: what one layer's forward materializes beyond its input
     num_layers: int
     grad_ckpt: bool
 
@@ -201,6 +202,15 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
     if kernels == "cuda" and kernel in ("eager", "math"):
         eager = 8 * plan.micro_batch * spec.num_heads * plan.seq_len ** 2
     return max(dense, lora, experts) + eager
+
+
+def expert_stacks_materialized(spec: ModelSpec, plan: Plan, num: Numerics) -> int:
+    """peft's ParamWrapper on a fused MoE expert stack forms W + BA as a new full stack in the forward
+    (baddbmm); the layer's stacks are alive together until the layer returns. Under checkpointing this
+    is the forward's peak inside a layer (measured: mixtral-8x7b LoRA, benchmarks/results/accuracy-trace.md)."""
+    targets = lora_targets(spec, plan)
+    return sum(num.weights * lin.count * lin.d_in * lin.d_out for lin in spec.layer_linears
+               if lin.kind == "experts" and lin.name in targets)
 
 
 def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool,
@@ -344,6 +354,7 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
         layer=per_layer, first_layer=first, ckpt_input=ckpt_input, shared=shared, head=head,
         loss_saved=loss_saved, layer_backward_transient=transient,
         forward_masks=0 if plan.grad_ckpt else mask_bytes(spec, plan),
+        ckpt_layer_forward=expert_stacks_materialized(spec, plan, num) if plan.grad_ckpt else 0,
         loss_forward_peak=fwd_peak, loss_backward_peak=bwd_peak, forward_extra=extra,
         num_layers=spec.num_layers, grad_ckpt=plan.grad_ckpt,
     )

@@ -119,6 +119,11 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: Optional[int] = None, kern
     # logits with a small vocabulary and long sequences). Under checkpointing the masks are saved and
     # counted above; the live set inside a checkpointed layer is not modelled op by op.
     fwd = at_loss_fwd
+    if acts.grad_ckpt and acts.ckpt_layer_forward:
+        in_layer = _terms(**base, gradients=G_fwd,
+                          activations=acts.ckpt_input * acts.num_layers + acts.shared + acts.ckpt_layer_forward,
+                          gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
+        fwd = max(fwd, in_layer, key=lambda t: sum(t.values()))
     if not acts.grad_ckpt:
         in_layers = acts.first_layer + acts.layer * (acts.num_layers - 1)
         end_of_decoder = _terms(**base, gradients=G_fwd,
