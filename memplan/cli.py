@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-import click
+# The CLI uses no pydantic plugins; without this pydantic scans every installed package's entry points
+# when the Plan model is built, on every run.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
-from memplan import __version__
-from memplan.cli_options import PLAN_FLAGS, plan_options
-from memplan.errors import UserError
+import click  # noqa: E402
+
+from memplan import __version__  # noqa: E402
+from memplan.cli_options import PLAN_FLAGS, plan_options  # noqa: E402
+from memplan.errors import UserError  # noqa: E402
 
 
 class _Group(click.Group):
