@@ -149,8 +149,6 @@ def plan_problems(p: Plan) -> list[str]:
                        "Hint: use --optimizer adamw with offload, or --offload none.")
     if p.attn == "flash" and p.precision == "fp32":
         out.append("flash-attention runs in fp16/bf16 only. Hint: use --attn sdpa, or a 16-bit precision.")
-    if p.precision == "amp-fp16" and p.method != "full" and p.optimizer in ("adamw-8bit", "paged-adamw-8bit"):
-        pass  # supported: 8-bit states are independent of the compute dtype
     return out
 
 

@@ -1,6 +1,7 @@
 """What a GPU holds beyond the tensors torch allocates: the caching allocator's reserve and the CUDA context.
 
-These two are named constants with their sources, not derivations; `memplan profile` on a GPU measures
+The CUDA context, the cuBLAS workspaces and the allocator's reserve are named constants with their
+measured sources, not derivations; `memplan profile` on a GPU measures
 them (allocated vs reserved vs NVML used) and `benchmarks/results/` records what it found.
 """
 
@@ -27,7 +28,6 @@ NCCL_BYTES = 4 * MiB * 32 * 2
 # 1.025-1.227 (benchmarks/results/accuracy-h100.md); memplan takes the median.
 # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lowers it.
 ALLOCATOR_FRAGMENTATION = 0.074
-SEGMENT = 2 * MiB
 
 
 # cuBLAS and cuBLASLt workspaces, allocated through the caching allocator on the first matmul and so
@@ -42,7 +42,7 @@ def workspace_bytes(kernels: str) -> int:
 
 def reserved_bytes(peak_allocated: int) -> int:
     """torch.cuda.max_memory_reserved(): the allocated peak plus the allocator's fragmentation."""
-    return int(peak_allocated * (1 + ALLOCATOR_FRAGMENTATION)) + SEGMENT
+    return int(peak_allocated * (1 + ALLOCATOR_FRAGMENTATION))
 
 
 def cuda_context_bytes(plan: Plan) -> int:
