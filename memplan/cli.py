@@ -16,7 +16,24 @@ from memplan.cli_options import PLAN_FLAGS, plan_options  # noqa: E402
 from memplan.errors import UserError  # noqa: E402
 
 
+# Commands that live in their own modules: "name" -> "module:attribute". Each module holds only the
+# click definition and imports its heavy code inside the command, so listing them stays cheap.
+LAZY_COMMANDS: dict[str, str] = {
+}
+
+
 class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name in LAZY_COMMANDS:
+            import importlib
+
+            module, _, attr = LAZY_COMMANDS[name].partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

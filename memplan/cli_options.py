@@ -18,6 +18,7 @@ PLAN_FLAGS: dict[str, str] = {
     "method": "--method",
     "precision": "--precision",
     "optimizer": "--optimizer",
+    "device": "--device",
     "sharding": "--sharding",
     "zero": "--zero",
     "offload": "--offload",

@@ -54,16 +54,43 @@ class LoraSettings(_Strict):
 class Hyperparameters(_Strict):
     lr: Optional[float] = Field(None, gt=0, description="peak learning rate (default: 2e-5 full FT, 2e-4 LoRA/QLoRA).")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="warmup as a fraction of total steps (default 0.05).")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup.")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="warmup in optimizer steps; overrides warmup_ratio.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup (to 0).")
     epochs: float = Field(3.0, gt=0, description="passes over the data (default 3).")
+    max_steps: Optional[int] = Field(None, gt=0, description="stop after this many optimizer steps; overrides epochs.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (default 0).")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables (default 1.0).")
+    eval_every: int = Field(50, gt=0, description="optimizer steps between evaluations (default 50).")
+    eval_samples: int = Field(64, ge=0, description="validation examples scored by greedy-decoding exact match "
+                              "at each evaluation; 0 disables eval_accuracy (default 64).")
+    early_stopping_patience: int = Field(3, ge=0, description="evaluations without a better validation loss "
+                                         "before stopping; 0 disables (default 3).")
+    save_every: Optional[int] = Field(None, gt=0, description="optimizer steps between checkpoints (default: eval_every).")
+    save_total_limit: int = Field(2, gt=0, description="checkpoints kept, newest first (the best one is kept too).")
+    log_every: int = Field(10, gt=0, description="optimizer steps between metrics lines (default 10).")
+    seed: int = Field(42, description="seed for initialisation, data order and dropout.")
+    merge_adapter: bool = Field(False, description="LoRA/QLoRA: also save the adapter merged into the base weights.")
 
     def effective_lr(self, method: str) -> float:
         # The seed's table: 1e-5 to 5e-5 for full fine-tuning; adapters train at about 10x that.
         if self.lr is not None:
             return self.lr
         return 2e-5 if method == "full" else 2e-4
+
+
+class DataSettings(_Strict):
+    """Training data. Relative paths are relative to the directory of the plan file that names them."""
+
+    train: Optional[str] = Field(None, description="training JSONL: alpaca (instruction/input/output), chat (messages) or text.")
+    validation: Optional[str] = Field(None, description="validation JSONL; without it val_ratio of train is held out.")
+    val_ratio: float = Field(0.05, ge=0, lt=1, description="held-out fraction of train when no validation file (default 0.05).")
+    format: Literal["auto", "alpaca", "chat", "text"] = Field("auto", description="JSONL shape; auto detects it per file.")
+    packing: bool = Field(False, description="pack several examples into each sequence (default off).")
+    samples: Optional[int] = Field(None, gt=0, description="training examples (counted from train, or stated for planning).")
+    domain_shift: Literal["low", "high"] = Field("low", description="how far the task is from pre-training (seed's first question).")
+    replay: Optional[str] = Field(None, description="general-text JSONL mixed into training against forgetting.")
+    replay_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of training examples drawn from replay (default 0).")
+    retention: Optional[str] = Field(None, description="general-text JSONL whose perplexity is measured before and after training.")
 
 
 class Plan(_Strict):
@@ -83,6 +110,8 @@ class Plan(_Strict):
         description="adamw (torch foreach, the CUDA default), adamw-fused, adamw-forloop, adamw-8bit / "
         "paged-adamw-8bit (bitsandbytes), adafactor, sgd (momentum 0.9).",
     )
+    device: Literal["cuda", "cpu"] = Field(
+        "cuda", description="where training runs: CUDA GPUs, or the CPU (gpus = processes; host RAM is the limit).")
     sharding: Sharding = Field("ddp", description="data-parallel backend.")
     zero: int = Field(0, ge=0, le=3, description="ZeRO stage 0-3 (FSDP: 0 NO_SHARD, 2 SHARD_GRAD_OP, 3 FULL_SHARD).")
     offload: Offload = Field("none", description="CPU offload: optimizer states (DeepSpeed), or optimizer+params.")
@@ -95,6 +124,9 @@ class Plan(_Strict):
     attn: Attention = Field("sdpa", description="attention implementation: eager, sdpa, flash (flash-attention 2).")
     loss: Loss = Field("standard", description="standard cross-entropy on full logits, or chunked (no full fp32 logits).")
     hparams: Hyperparameters = Field(default_factory=Hyperparameters)
+    data: DataSettings = Field(default_factory=DataSettings)
+    output_dir: Optional[str] = Field(None, description="where train writes checkpoints, metrics and the final model "
+                                      "(relative to the plan file; default: the plan file's directory).")
 
     @property
     def world_size(self) -> int:
@@ -147,6 +179,17 @@ def plan_problems(p: Plan) -> list[str]:
         if p.offload != "none" and p.optimizer not in ("adamw", "adamw-fused", "adamw-forloop"):
             out.append(f"DeepSpeed's CPU offload runs its own CPU Adam; '{p.optimizer}' cannot be offloaded. "
                        "Hint: use --optimizer adamw with offload, or --offload none.")
+    if p.device == "cpu":
+        if p.sharding == "deepspeed":
+            out.append("DeepSpeed needs CUDA. Hint: on the CPU use --sharding ddp or fsdp (gloo).")
+        if p.offload != "none":
+            out.append("CPU offload moves GPU memory to the host; a CPU run has nothing to offload. Hint: --offload none.")
+        if p.precision == "amp-fp16":
+            out.append("fp16 autocast is a GPU regime. Hint: on the CPU use --precision amp-bf16, bf16 or fp32.")
+        if p.optimizer == "paged-adamw-8bit":
+            out.append("paged optimizers page GPU memory to the host. Hint: on the CPU use --optimizer adamw-8bit or adamw.")
+        if p.attn == "flash":
+            out.append("flash-attention is a CUDA kernel. Hint: on the CPU use --attn sdpa or eager.")
     if p.attn == "flash" and p.precision == "fp32":
         out.append("flash-attention runs in fp16/bf16 only. Hint: use --attn sdpa, or a 16-bit precision.")
     return out

@@ -64,12 +64,16 @@ def breakdown_table(e: Estimate) -> str:
             rows.append([term.replace("_", " ")] + [gib(v) for v in vals])
     rows.append(["= allocated"] + [gib(e.phase_peaks[p]) for p in PHASES])
     table = tabulate(rows, headers=["term (GiB)"] + list(PHASES), tablefmt="simple", disable_numparse=True)
-    extra = [
-        f"peak allocated {gib(e.peak_allocated)} GiB in the {e.peak_phase} phase "
-        "(predicts torch.cuda.max_memory_allocated)",
-        f"reserved {gib(e.reserved)} GiB (allocator), total {gib(e.total)} GiB with the CUDA context"
-        + (" and NCCL" if e.plan.world_size > 1 else ""),
-    ]
+    if e.plan.device == "cpu":
+        extra = [f"peak tensor memory {gib(e.peak_allocated)} GiB in the {e.peak_phase} phase, per process "
+                 "(live tensor bytes on the CPU; the Python process itself comes on top)"]
+    else:
+        extra = [
+            f"peak allocated {gib(e.peak_allocated)} GiB in the {e.peak_phase} phase "
+            "(predicts torch.cuda.max_memory_allocated)",
+            f"reserved {gib(e.reserved)} GiB (allocator), total {gib(e.total)} GiB with the CUDA context"
+            + (" and NCCL" if e.plan.world_size > 1 else ""),
+        ]
     if e.host_bytes:
         extra.append(f"host RAM per node for offloaded states: {gib(e.host_bytes)} GiB")
     extra.append(f"disk: resumable checkpoint {gib(e.disk['checkpoint_bytes'])} GiB, "

@@ -47,4 +47,6 @@ def reserved_bytes(peak_allocated: int) -> int:
 
 def cuda_context_bytes(plan: Plan) -> int:
     """Memory NVML shows beyond the allocator's reserve: the CUDA context, and NCCL on several GPUs."""
+    if plan.device == "cpu":
+        return 0
     return CUDA_CONTEXT_BYTES + (NCCL_BYTES if plan.world_size > 1 else 0)

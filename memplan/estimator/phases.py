@@ -49,6 +49,8 @@ class Estimate:
 
     @property
     def reserved(self) -> int:
+        if self.plan.device == "cpu":  # no caching allocator: freed tensors go back to the heap
+            return self.peak_allocated
         return overhead.reserved_bytes(self.peak_allocated)
 
     @property
@@ -84,12 +86,13 @@ def _terms(**kw: int) -> dict[str, int]:
     return {name: int(kw.get(name, 0)) for name in TERMS}
 
 
-def estimate(spec: ModelSpec, plan: Plan, gpu_memory: Optional[int] = None, kernels: str = "cuda") -> Estimate:
+def estimate(spec: ModelSpec, plan: Plan, gpu_memory: Optional[int] = None, kernels: Optional[str] = None) -> Estimate:
     """Peak allocated bytes per phase on the most-loaded GPU.
 
     `kernels` = "cuda" models CUDA kernels; "cpu" models the CPU kernels the trace runs on (they differ
-    only in dropout masks: bool on CUDA, input-dtype noise on the CPU).
+    only in dropout masks: bool on CUDA, input-dtype noise on the CPU). Default: the plan's device.
     """
+    kernels = kernels or plan.device
     num = act_mod.numerics(plan, spec)
     targets = act_mod.lora_targets(spec, plan)
     tensors = states.parameter_tensors(spec, plan, targets)
