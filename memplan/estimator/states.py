@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from memplan.models import ModelSpec
 from memplan.plan import Plan
@@ -25,11 +26,11 @@ class Tensors:
     frozen_quantized: tuple[int, ...]  # QLoRA: NF4 linear weights
     frozen_plain: int  # frozen elements stored in the regime's weight dtype
 
-    @property
+    @cached_property
     def trainable(self) -> tuple[int, ...]:
         return tuple(math.prod(s) for s in self.trainable_shapes)
 
-    @property
+    @cached_property
     def n_trainable(self) -> int:
         return sum(self.trainable)
 
