@@ -103,6 +103,18 @@ def test_checkpointing_and_chunked_loss_save_memory():
     assert _total("llama-3-8b", loss="chunked", **big_vocab) < _total("llama-3-8b", **big_vocab)
 
 
+def test_cpu_plan_has_no_cuda_terms():
+    spec = resolve_model("qwen2.5-0.5b")
+    gpu = estimate(spec, Plan(method="lora", precision="bf16"))
+    cpu = estimate(spec, Plan(method="lora", precision="bf16", device="cpu"))
+    assert cpu.breakdown["workspace"] == 0 and gpu.breakdown["workspace"] > 0
+    assert cpu.reserved == cpu.total == cpu.peak_allocated  # no caching allocator, no CUDA context
+    assert gpu.total > gpu.reserved > gpu.peak_allocated
+    # weights, gradients and states are the same bytes wherever they live
+    for term in ("weights", "gradients", "optimizer_states"):
+        assert cpu.phases["optimizer"][term] == gpu.phases["optimizer"][term]
+
+
 def test_json_interface_names():
     e = estimate(resolve_model("llama-2-7b"), Plan(), gpu_memory=80 * 2**30).to_json()
     for key in ("plan", "params_trainable", "peak_allocated_bytes", "reserved_bytes", "total_bytes", "host_bytes",

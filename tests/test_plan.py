@@ -24,6 +24,11 @@ def test_defaults_are_the_documented_ones():
     (dict(sharding="deepspeed", zero=2, precision="amp-bf16"), "not a DeepSpeed regime", "bf16-master"),
     (dict(sharding="deepspeed", zero=2, precision="bf16-master", offload="optimizer+params"), "only in ZeRO-3", "--zero 3"),
     (dict(attn="flash", precision="fp32"), "fp16/bf16 only", "--attn sdpa"),
+    (dict(device="cpu", sharding="deepspeed", zero=2, precision="bf16-master"), "DeepSpeed needs CUDA", "gloo"),
+    (dict(device="cpu", precision="amp-fp16"), "GPU regime", "amp-bf16"),
+    (dict(device="cpu", optimizer="paged-adamw-8bit"), "page GPU memory", "adamw-8bit"),
+    (dict(device="cpu", attn="flash", precision="bf16"), "CUDA kernel", "--attn sdpa"),
+    (dict(device="cpu", sharding="fsdp", zero=3, offload="optimizer+params"), "nothing to offload", "--offload none"),
 ])
 def test_bad_combinations_give_reason_and_hint(fields, reason, hint):
     with pytest.raises(UserError) as err:
@@ -80,3 +85,19 @@ def test_malformed_yaml_is_one_line(tmp_path, text, needle):
     with pytest.raises(UserError) as err:
         read_plan_yaml(path)
     assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_training_sections_have_defaults_and_validate(tmp_path):
+    p = Plan()
+    assert p.device == "cuda" and p.output_dir is None
+    assert (p.hparams.eval_every, p.hparams.early_stopping_patience, p.hparams.save_total_limit) == (50, 3, 2)
+    assert (p.data.train, p.data.format, p.data.domain_shift, p.data.replay_ratio) == (None, "auto", "low", 0.0)
+    with pytest.raises(UserError, match="replay_ratio"):
+        build_plan({"data": {"replay_ratio": 1.5}})
+    with pytest.raises(UserError, match="data.format"):
+        build_plan({"data": {"format": "csv"}})
+    full = build_plan({"device": "cpu", "data": {"train": "train.jsonl", "samples": 800},
+                       "hparams": {"max_steps": 30, "seed": 7}, "output_dir": "out"})
+    path = tmp_path / "plan.yaml"
+    path.write_text(plan_to_yaml(full))
+    assert build_plan(read_plan_yaml(path)) == full
