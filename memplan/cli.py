@@ -19,6 +19,8 @@ from memplan.errors import UserError  # noqa: E402
 # Commands that live in their own modules: "name" -> "module:attribute". Each module holds only the
 # click definition and imports its heavy code inside the command, so listing them stays cheap.
 LAZY_COMMANDS: dict[str, str] = {
+    "profile": "memplan.commands.profile_cli:profile",
+    "train": "memplan.commands.train_cli:train",
 }
 
 

@@ -1,0 +1,39 @@
+"""The `memplan train` command definition; the training code is imported when it runs."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("train")
+@click.argument("plan_file", metavar="PLAN.yaml", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override a plan field, repeatable: dotted (lora.rank=32, hparams.lr=1e-5) or a unique "
+                   "field name (lr=1e-5, rank=32, max_steps=200, train=data.jsonl); values are YAML scalars. "
+                   "Paths given here are relative to the current directory.")
+@click.option("--resume", is_flag=True,
+              help="continue from the newest checkpoint in OUTPUT_DIR/checkpoints (model, optimizer, "
+                   "scheduler, random state and data position).")
+@click.option("--dry-run", "dry", is_flag=True, help="print the resolved plan and its memory estimate, then stop.")
+@click.option("--json", "as_json", is_flag=True, help="print the final summary as one JSON object (no progress).")
+@click.option("--quiet", "-q", is_flag=True, help="print nothing but errors (the files are still written).")
+@click.option("--trust-remote-code", is_flag=True,
+              help="allow a model directory's own Python code (auto_map) to run.")
+def train(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_json: bool, quiet: bool,
+          trust_remote_code: bool) -> None:
+    """Fine-tune as PLAN.yaml says, on the CPU or CUDA GPUs, and check the plan's memory estimate.
+
+    \b
+    Model: a local Hugging Face directory (safetensors) or a preset that ships weights (demo-tiny);
+    never downloaded. Data: JSONL, alpaca / chat (messages) / text, with data.validation or
+    data.val_ratio. Writes to output_dir (default: the plan file's directory): checkpoints/,
+    metrics.jsonl, training.png, summary.json, and model/ (full FT) or adapter/ (+ merged/).
+    Memory is reported in GiB (2^30 bytes); throughput in tokens per second.
+    With gpus x nodes > 1 it starts one process per GPU (accelerate launch with
+    accelerate_config.yaml next to the plan) or per CPU worker (torchrun, gloo).
+    """
+    from memplan.train.command import run
+
+    code = run(plan_file, sets, resume, dry, as_json, quiet, trust_remote_code)
+    if code:
+        raise SystemExit(code)

@@ -1,0 +1,118 @@
+"""`memplan train`: resolve the plan, then a dry run, a launch of several processes, or the run itself."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import click
+
+from memplan.errors import UserError
+from memplan.train.settings import Resolved, resolve_plan
+
+
+def _estimate_for(resolved: Resolved):
+    from memplan.commands.estimate import resolve_capacity
+    from memplan.estimator import estimate
+    from memplan.models import resolve_model
+
+    plan = resolved.plan
+    spec = resolve_model(plan.model)
+    capacity = resolve_capacity(None, None) if plan.device == "cuda" else None
+    return spec, estimate(spec, plan, capacity)
+
+
+def dry_run(resolved: Resolved, as_json: bool) -> None:
+    from memplan import report
+    from memplan.plan import plan_to_yaml
+
+    spec, result = _estimate_for(resolved)
+    if as_json:
+        click.echo(json.dumps({"plan": resolved.plan.model_dump(mode="json"),
+                               "output_dir": str(resolved.output_dir),
+                               "estimate": report.estimate_json(spec.name, spec.params_total, [result])}, indent=2))
+        return
+    click.echo(f"# resolved plan ({resolved.plan_path}" + (f" with --set {', '.join(resolved.overrides)}"
+                                                          if resolved.overrides else "") + ")")
+    click.echo(plan_to_yaml(resolved.plan))
+    click.echo(f"output directory: {resolved.output_dir}\n")
+    click.echo(f"{spec.name}: {spec.params_total:,} parameters; estimate per "
+               f"{'process' if resolved.plan.device == 'cpu' else 'GPU'}:\n")
+    click.echo(report.breakdown_table(result))
+    click.echo(report.verdict(result))
+
+
+def _launched() -> bool:
+    """True inside a process started by torchrun / accelerate launch."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def human_summary(summary: dict) -> str:
+    from tabulate import tabulate
+
+    def size(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+    rows = [["optimizer steps", f"{summary['steps']}" + (" (stopped early)" if summary["stopped_early"] else "")]]
+    if summary["train_loss_first"] is not None:
+        rows.append(["train loss (first -> last log)", f"{summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}"])
+    first, best, last = summary["eval_first"], summary["eval_best"], summary["eval_last"]
+    if first:
+        rows.append(["validation loss (start -> best)",
+                     f"{first['eval_loss']:.4f} -> {best['eval_loss']:.4f} (step {best['step']})"])
+        if first.get("eval_accuracy") is not None:
+            rows.append(["exact match (start -> best-loss step -> last)",
+                         f"{100 * first['eval_accuracy']:.1f} % -> {100 * best['eval_accuracy']:.1f} % -> "
+                         f"{100 * last['eval_accuracy']:.1f} %"])
+    ret = summary["retention"]
+    if ret:
+        rows.append(["retention perplexity (before -> after)",
+                     f"{ret['perplexity_before']:.2f} -> {ret['perplexity_after']:.2f} ({100 * ret['change']:+.1f} %)"])
+    if summary["tokens_per_s_median"]:
+        rows.append(["throughput (median)", f"{summary['tokens_per_s_median']:.0f} tokens/s"])
+    mem = summary["memory"]
+    if mem:
+        flag = "  <-- gap over 10 %" if mem["flag"] else ""
+        rows.append(["peak memory measured", f"{size(mem['measured_bytes'])} ({mem['what']})"])
+        rows.append([f"estimate at measured shape (seq {mem['measured_seq_len']})",
+                     f"{size(mem['estimated_bytes'])}, gap {100 * mem['gap']:+.1f} %{flag}"])
+        rows.append(["estimate for the plan (seq_len)", size(mem['estimate_plan_bytes'])])
+    for key, path in summary["files"].items():
+        rows.append([key, path])
+    return tabulate(rows, tablefmt="plain", disable_numparse=True)
+
+
+def run(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_json: bool, quiet: bool,
+        trust_remote_code: bool) -> Optional[int]:
+    resolved = resolve_plan(plan_file, sets)
+    if dry:
+        dry_run(resolved, as_json)
+        return None
+    if resolved.plan.world_size > 1 and not _launched():
+        from memplan.train.launch import relaunch
+
+        return relaunch(resolved, _argv(plan_file, sets, resume, as_json, quiet, trust_remote_code))
+    from memplan.train.loop import train
+
+    echo = (lambda _m: None) if (quiet or as_json) else click.echo
+    summary = train(resolved, resume=resume, trust_remote_code=trust_remote_code, echo=echo,
+                    progress=not (quiet or as_json))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        click.echo(human_summary(summary))
+    return None
+
+
+def _argv(plan_file: str, sets: tuple[str, ...], resume: bool, as_json: bool, quiet: bool,
+          trust_remote_code: bool) -> list[str]:
+    """`memplan train ...` arguments for the launched processes."""
+    args = ["train", plan_file]
+    for s in sets:
+        args += ["--set", s]
+    args += [flag for flag, on in (("--resume", resume), ("--json", as_json), ("--quiet", quiet),
+                                   ("--trust-remote-code", trust_remote_code)) if on]
+    return args

@@ -1,0 +1,95 @@
+"""Evaluation: the loss on held-out examples, greedy exact-match accuracy, retention perplexity.
+
+Every process runs the same evaluation on the same examples (under FSDP every forward needs all of
+them), so every process reaches the same early-stopping decision without communication.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from memplan.train.data import Example, Record, batches, collate, prompt_ids
+
+
+def token_loss_sum(model, batch: dict, chunked: bool) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the batch's labelled tokens (not the mean: the caller divides
+    by the tokens of the whole optimizer step, so every token weighs the same across micro-batches and
+    processes, and 1 process x micro-batch 2 gives the same loss as 2 processes x micro-batch 1)."""
+    if not chunked:
+        # transformers' ForCausalLMLoss: reduction "sum" divided by num_items_in_batch.
+        return model(**batch, num_items_in_batch=1, use_cache=False).loss
+    from memplan.loss import chunked_causal_lm_loss
+
+    decoder, head = _decoder_and_head(model)
+    captured = {}
+    handle = decoder.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out[0]))
+    try:
+        # Logits for the last position only (the decoder output is taken from the hook instead).
+        model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    labels = batch["labels"]
+    n_valid = (labels[:, 1:] != -100).sum()
+    return chunked_causal_lm_loss(captured["h"], head, labels) * n_valid
+
+
+def _hf_model(model):
+    inner = getattr(model, "module", model)  # DDP
+    if hasattr(inner, "get_base_model"):  # peft
+        inner = inner.get_base_model()
+    return inner
+
+
+def _decoder_and_head(model):
+    hf = _hf_model(model)
+    return hf.get_decoder(), hf.get_output_embeddings()
+
+
+@torch.no_grad()
+def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, device, autocast) -> Optional[float]:
+    """Mean token cross-entropy over `examples` (eval mode, no dropout)."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for chunk in batches(examples, batch_size):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id, packed=False).items()}
+        with autocast():
+            total += token_loss_sum(model, batch, chunked=False).double().cpu()
+        count += int((batch["labels"][:, 1:] != -100).sum())
+    model.train(was_training)
+    return float(total / max(count, 1))
+
+
+@torch.no_grad()
+def exact_match(model, records: list[Record], tokenizer, device, autocast, limit: int) -> Optional[float]:
+    """Fraction of the first `limit` records whose greedy completion equals the answer (stripped)."""
+    scored = records[:limit]
+    if not scored:
+        return None
+    gen = _hf_model(model)
+    was_training = model.training
+    model.eval()
+    hits = 0
+    for record in scored:
+        ids = prompt_ids(record, tokenizer)
+        answer_len = len(tokenizer(record.answer, add_special_tokens=False)["input_ids"])
+        inputs = torch.tensor([ids], device=device)
+        with autocast():
+            out = gen.generate(
+                input_ids=inputs,
+                attention_mask=torch.ones_like(inputs),
+                max_new_tokens=answer_len + 4,  # room for the end-of-sequence token and a little more
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
+            )
+        text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        hits += text.strip() == record.answer.strip()
+    model.train(was_training)
+    return hits / len(scored)

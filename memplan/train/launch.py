@@ -1,0 +1,50 @@
+"""Several processes: `memplan train` starts itself once per process and waits for them.
+
+CUDA: `accelerate launch --config_file PLAN_DIR/accelerate_config.yaml` (written by `memplan recommend`;
+DDP, FSDP, multi-node from the same file). CPU: `python -m torch.distributed.run` (torchrun) with one
+process per `gpus` on gloo: `accelerate launch --cpu` starts a single process regardless of
+--num_processes, so it cannot run a CPU data-parallel job.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+from memplan.errors import UserError
+from memplan.train.settings import Resolved
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(resolved: Resolved, args: list[str]) -> list[str]:
+    """The launcher command line for the plan; `args` are `memplan` arguments (train PLAN ...)."""
+    plan = resolved.plan
+    if plan.device == "cpu":
+        if plan.nodes > 1:
+            raise UserError("a multi-node CPU run is started on every node by you: torchrun --nnodes "
+                            f"{plan.nodes} --nproc_per_node {plan.gpus} --node_rank N --master_addr HOST "
+                            f"-m memplan {' '.join(args)}")
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                "--nproc_per_node", str(plan.gpus), "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port()), "-m", "memplan", *args]
+    config = resolved.plan_dir / "accelerate_config.yaml"
+    if not config.is_file():
+        raise UserError(f"{plan.world_size} GPUs need {config} (the launch settings). Hint: memplan recommend "
+                        "... -o DIR writes it next to plan.yaml")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "-m", "memplan", *args]
+
+
+def relaunch(resolved: Resolved, args: list[str]) -> int:
+    """Run the launcher in the foreground; its exit status becomes ours."""
+    cmd = command(resolved, args)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130
