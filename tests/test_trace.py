@@ -144,9 +144,10 @@ def test_fp32_adamw_states_and_gradients():
     # exp_avg + exp_avg_sq in fp32, plus torch's 0-dim fp32 `step` tensor per parameter tensor
     assert at_step["optimizer_states"] == 2 * 4 * n_params + 4 * n_tensors
     assert at_step["gradients"] == 4 * n_params
-    assert at_step["parameters"] == result.after_load
+    assert at_step["weights"] == result.after_load
     # foreach AdamW: about one parameter-sized set of temporaries during step()
-    assert at_step["activations"] == 4 * n_params
+    assert at_step["optimizer_temporaries"] == 4 * n_params
+    assert at_step["activations"] == at_step["logits_loss"] == 0
     forloop = trace_training(config, tiny_plan(precision="fp32", optimizer="adamw-forloop"))
     assert forloop.steady.optimizer < result.steady.optimizer
 
@@ -174,8 +175,9 @@ def test_bf16_master_keeps_fp32_masters():
     n_params, n_tensors = param_count(config), len(list(meta_model(config).parameters()))
     result = trace_training(config, tiny_plan(precision="bf16-master", optimizer="adamw"))
     at_step = result.steady.breakdown["optimizer"]
-    # fp32 masters + fp32 exp_avg, exp_avg_sq + step tensors
-    assert at_step["optimizer_states"] == 3 * 4 * n_params + 4 * n_tensors
+    # fp32 masters; fp32 exp_avg, exp_avg_sq + step tensors
+    assert at_step["master_weights"] == 4 * n_params
+    assert at_step["optimizer_states"] == 2 * 4 * n_params + 4 * n_tensors
     # bf16 grads + the fp32 grads built for the masters during step()
     assert at_step["gradients"] == (2 + 4) * n_params
 
@@ -188,7 +190,7 @@ def test_lora_trains_only_adapters():
     adapter_params = layers * (4 * (h + h) + 4 * (h + kv))
     at_step = result.steady.breakdown["optimizer"]
     assert at_step["gradients"] == 4 * adapter_params  # peft keeps adapters in fp32
-    assert at_step["parameters"] == result.after_load == 2 * param_count(config) + 4 * adapter_params + 64
+    assert at_step["weights"] == result.after_load == 2 * param_count(config) + 4 * adapter_params + 64
 
 
 # ---------------------------------------------------------------- chunked loss
@@ -246,8 +248,8 @@ def test_chunked_loss_drops_the_full_logits():
     standard = trace_training(config, Plan(**plan), steps=1).steps[0]
     chunked = trace_training(config, Plan(loss="chunked", **plan), steps=1).steps[0]
     fp32_logits = 4096 * 32000 * 4
-    assert standard.breakdown["forward"]["activations"] > 2.5 * fp32_logits
-    assert chunked.breakdown["forward"]["activations"] < 2.5 * fp32_logits / 4 * 1.05
+    assert standard.breakdown["forward"]["logits_loss"] > 2.5 * fp32_logits
+    assert chunked.breakdown["forward"]["logits_loss"] < 2.5 * fp32_logits / 4 * 1.05
     assert chunked.backward < standard.backward - 2 * fp32_logits
 
 
@@ -304,5 +306,5 @@ def test_llama2_7b_pure_bf16_optimizer_step():
     # foreach: a parameter-sized set of temporaries (sqrt(exp_avg_sq) / bias_correction2_sqrt over all
     # params at once). The for-loop: the same two temporaries of the largest tensor (lm_head, last), while
     # the previous parameter's `denom` (model.norm.weight, 4096 bf16) is still referenced by the loop.
-    assert foreach.steady.breakdown["optimizer"]["activations"] == 2 * n_params
-    assert forloop.steady.breakdown["optimizer"]["activations"] == 2 * (2 * 32000 * 4096) + 2 * 4096
+    assert foreach.steady.breakdown["optimizer"]["optimizer_temporaries"] == 2 * n_params
+    assert forloop.steady.breakdown["optimizer"]["optimizer_temporaries"] == 2 * (2 * 32000 * 4096) + 2 * 4096

@@ -1,0 +1,306 @@
+"""`memplan profile`: measure the plan's training steps (memplan.profile_launch) and print them next to the
+estimate, per phase and per breakdown term."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional
+
+import click
+
+from memplan import report
+from memplan.cli_options import passed_overrides
+from memplan.errors import UserError
+from memplan.estimator import Estimate, estimate
+from memplan.estimator import overhead
+from memplan.estimator.phases import TERMS
+from memplan.models import resolve_model
+from memplan.plan import Plan, build_plan, merge, read_plan_yaml
+
+PHASES = ("forward", "backward", "optimizer")
+GOAL = (-2.0, 3.0)  # memplan's accuracy goal per phase, in % (README: Accuracy)
+MAX_BATCH_LIMIT = 4096
+
+NOT_SEEN = {
+    "trace": "not seen by the trace (fake tensors, CPU kernels): CUDA kernels' workspaces (cuBLAS) and CUDA's own "
+             "attention/optimizer kernel choices, the caching allocator (reserved), the CUDA context, NCCL buffers",
+    "cpu": "not seen on CPU tensors (CPU kernels): CUDA kernels' workspaces (cuBLAS) and CUDA's own "
+           "attention/optimizer kernel choices, the caching allocator (reserved), the CUDA context, NCCL buffers",
+    "cuda": "measured by the caching allocator (allocated, reserved) and NVML (used, CUDA context included); the "
+            "breakdown is live tensor bytes at the tensor peak, workspace = allocator peak - tensor bytes "
+            "(kernels' workspaces, 512 B rounding)",
+}
+BACKEND_WORDS = {"trace": "fake tensors on the CPU", "cpu": "real CPU tensors", "cuda": "the GPU"}
+
+
+def default_backend(plan: Plan) -> str:
+    import torch
+
+    if plan.device == "cpu":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "trace"
+
+
+def run(model: Optional[str], config_path: Optional[str], steps: int, backend: Optional[str], weights: Optional[str],
+        find_max_batch: bool, gpu: Optional[str], gpu_memory: Optional[str], as_json: bool, **opts: Any) -> None:
+    from memplan.commands.estimate import check_lora_targets, resolve_capacity
+    from memplan.profile_build import config_path as model_config_path
+    from memplan.profile_launch import Request, measure_plan
+    from memplan.profile_run import check_runnable
+
+    overrides = passed_overrides(opts)
+    base = read_plan_yaml(config_path) if config_path else {}
+    model_ref = model or base.get("model") or weights
+    if not model_ref:
+        raise UserError("no model: give --model (a preset such as llama-2-7b; `memplan models` lists them), "
+                        "a config.json path, a plan file with `model:`, or --weights DIR")
+    spec = resolve_model(str(model_ref))
+    plan = build_plan(merge(dict(base, model=str(model_ref)), overrides), source=config_path or "plan")
+    check_lora_targets(spec, plan)
+    backend = backend or default_backend(plan)
+    check_runnable(plan, backend, steps)
+    capacity = resolve_capacity(gpu, gpu_memory)
+    kernels = "cuda" if backend == "cuda" else "cpu"
+    est = estimate(spec, plan, capacity, kernels=kernels)
+    config = str(model_config_path(weights or str(model_ref)))
+    req = Request(config=config, plan=plan.model_dump(mode="json"), backend=backend, steps=steps, weights=weights,
+                  memory_limit=capacity if (backend == "cuda" and (gpu or gpu_memory)) else None)
+
+    max_batch = None
+    if find_max_batch:  # before this process touches the GPU: every probe gets all of it
+        max_batch = _find_max_batch(spec, plan, req, capacity, backend)
+
+    if not as_json:
+        click.echo(f"measuring {steps} optimizer step(s) of {spec.name} on {BACKEND_WORDS[backend]}"
+                   + (f", {plan.world_size} processes" if plan.world_size > 1 else "") + " ...", err=True)
+    ranks = measure_plan(req)
+    main = max(ranks, key=lambda r: (r.oom is not None, r.peak))  # the most-loaded rank, as the estimate
+    measured = measured_json(main, ranks)
+    verdict = verdict_line(est, main, measured)
+    if as_json:
+        out = report.estimate_json(spec.name, spec.params_total, [est])
+        result = out["results"][0]
+        result["measured"] = measured
+        result.update(error_json(est, measured))
+        out["profile"] = {"backend": backend, "steps": steps, "estimate_kernels": kernels,
+                          "not_seen": NOT_SEEN[backend], "verdict": verdict}
+        if max_batch is not None:
+            out["max_batch"] = max_batch
+        click.echo(json.dumps(out, indent=2))
+    else:
+        _print_tables(spec, plan, est, main, ranks, measured, backend, kernels, max_batch, verdict)
+    if main.oom:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _pct(est: int, meas: Optional[int]) -> Optional[float]:
+    return None if not meas else round(100 * (est - meas) / meas, 3)
+
+
+def measured_json(main, ranks: list) -> dict:
+    """The `measured` object of --json: null where the backend cannot see a figure."""
+    steady, first = main.steady, main.first
+    phase_breakdown = {}
+    if steady is not None:
+        for ph in PHASES:
+            terms = steady.breakdown.get(ph)
+            if terms is None:
+                continue
+            row = {t: terms.get(t) for t in TERMS}
+            row["gathered_params"] = None  # FSDP's gathered parameters count as activations here
+            if main.backend == "cuda" and ph in steady.tensor_peaks:
+                row["workspace"] = steady.peaks[ph] - steady.tensor_peaks[ph]
+            else:
+                row["workspace"] = None
+            phase_breakdown[ph] = row
+    peak_phase = max(steady.peaks, key=steady.peaks.get) if steady is not None else None
+    out = {
+        "backend": main.backend,
+        "peak_allocated_bytes": main.peak if main.steps else None,
+        "reserved_bytes": main.reserved_peak,
+        "nvml_used_bytes": main.nvml_used,
+        "nvml_scope": main.nvml_scope,
+        "after_load_bytes": main.after_load,
+        "phase_peaks": {ph: steady.peaks.get(ph) for ph in PHASES} if steady is not None else None,
+        "first_step_phase_peaks": {ph: first.peaks.get(ph) for ph in PHASES} if first is not None else None,
+        "peak_phase": peak_phase,
+        "breakdown": phase_breakdown.get(peak_phase) if peak_phase else None,
+        "phase_breakdown": phase_breakdown or None,
+        "oom": main.oom,
+        "seconds": main.seconds,
+    }
+    if len(ranks) > 1:
+        out["ranks"] = [{"rank": r.rank, "peak_allocated_bytes": r.peak, "reserved_bytes": r.reserved_peak,
+                         "nvml_used_bytes": r.nvml_used, "oom": r.oom,
+                         "phase_peaks": r.steady.peaks if r.steady is not None else None} for r in ranks]
+    return out
+
+
+def error_json(est: Estimate, measured: dict) -> dict:
+    """error_pct = 100 x (estimate - measured) / measured for the peak, per phase, per term at the peak."""
+    if measured["oom"] or not measured["phase_peaks"]:
+        return {"error_pct": None, "phase_error_pct": None, "term_error_pct": None}
+    phases = {ph: _pct(est.phase_peaks[ph], measured["phase_peaks"][ph]) for ph in PHASES}
+    terms = None
+    if measured["breakdown"]:
+        ph = measured["peak_phase"]
+        terms = {t: _pct(est.phases[ph][t], m) for t, m in measured["breakdown"].items()
+                 if m is not None and (m or est.phases[ph][t])}
+    return {"error_pct": _pct(est.peak_allocated, measured["peak_allocated_bytes"]), "phase_error_pct": phases,
+            "term_error_pct": terms}
+
+
+def verdict_line(est: Estimate, main, measured: dict) -> str:
+    if main.oom:
+        where = main.oom["phase"] if main.oom["phase"] != "load" else "loading the model"
+        return (f"does not fit: out of memory in {where} at {main.oom['allocated_bytes'] / report.GiB:.2f} GiB"
+                + (f" (step {main.oom['step']})" if main.oom["phase"] != "load" else ""))
+    errors = error_json(est, measured)
+    err, phases = errors["error_pct"], errors["phase_error_pct"]
+    lo, hi = min(phases.values()), max(phases.values())
+    within = GOAL[0] <= lo and hi <= GOAL[1]
+    line = (f"estimate {err:+.2f} % vs the measured peak (phases {lo:+.2f} % .. {hi:+.2f} %): "
+            + (f"within memplan's goal ({GOAL[0]:+.0f} % .. {GOAL[1]:+.0f} %)" if within
+               else f"outside memplan's goal ({GOAL[0]:+.0f} % .. {GOAL[1]:+.0f} %); the report helps fix the estimator"))
+    if main.backend == "cuda":
+        used = measured["nvml_used_bytes"] or measured["reserved_bytes"]
+        line += f"; it ran: {used / report.GiB:.2f} GiB used on this GPU"
+    return line
+
+
+def fit_needs(peak: int, plan: Plan) -> int:
+    """What a GPU needs for a measured (cpu/trace) tensor peak: the peak plus the kernels' workspace, times the
+    allocator's reserve, plus the CUDA context (memplan.estimator.overhead); on a CPU plan the peak itself."""
+    if plan.device == "cpu":
+        return peak
+    return overhead.reserved_bytes(peak + overhead.workspace_bytes("cuda")) + overhead.cuda_context_bytes(plan)
+
+
+# ---------------------------------------------------------------- --find-max-batch
+
+
+def _find_max_batch(spec, plan: Plan, req, capacity: Optional[int], backend: str) -> dict:
+    from tqdm import tqdm
+
+    from memplan.commands.estimate import largest_fitting
+    from memplan.profile_launch import Request, probe_in_subprocess, search_max
+
+    if backend != "cuda" and capacity is None:
+        raise UserError(f"--find-max-batch with the {backend} backend needs the GPU's memory to fit against: "
+                        "give --gpu or --gpu-memory (nothing runs out of memory on fake or CPU tensors)")
+    start = 1
+    if capacity is not None:
+        start = max(1, largest_fitting(lambda b: estimate(spec, plan.model_copy(update={"micro_batch": b})),
+                                       capacity, MAX_BATCH_LIMIT))
+    probes: list[dict] = []
+    bar = tqdm(desc="find-max-batch probes", unit="probe", file=sys.stderr, leave=False)
+
+    def fits(b: int) -> bool:
+        fields = dict(req.plan, micro_batch=b)
+        ranks = probe_in_subprocess(Request(**dict(req.to_json(), plan=fields)))
+        worst = max(ranks, key=lambda r: (r.oom is not None, r.peak))
+        row = {"micro_batch": b, "peak_allocated_bytes": worst.peak if worst.steps else None,
+               "oom_phase": worst.oom["phase"] if worst.oom else None}
+        if backend == "cuda":
+            row["fits"] = worst.oom is None
+        else:
+            row["needed_bytes"] = fit_needs(worst.peak, plan)
+            row["fits"] = row["needed_bytes"] <= capacity
+        probes.append(row)
+        bar.update(1)
+        bar.set_postfix(batch=b, fits=row["fits"])
+        return row["fits"]
+
+    best = search_max(fits, start, MAX_BATCH_LIMIT)
+    bar.close()
+    if backend == "cuda":
+        criterion = "no out-of-memory error in any step" + (
+            f" with the allocator capped at {capacity / report.GiB:.2f} GiB" if req.memory_limit else " on this GPU")
+    else:
+        criterion = (f"measured peak (+{overhead.workspace_bytes('cuda') >> 20} MiB workspace) x "
+                     f"{1 + overhead.ALLOCATOR_FRAGMENTATION:.3f} allocator reserve + "
+                     f"{overhead.cuda_context_bytes(plan) / report.GiB:.2f} GiB CUDA context <= "
+                     f"{capacity / report.GiB:.2f} GiB" if plan.device != "cpu"
+                     else f"measured peak <= {capacity / report.GiB:.2f} GiB")
+        criterion += f" (the {backend} backend cannot run out of GPU memory; the overheads are the estimate's)"
+    return {"value": best, "estimate": start if capacity is not None else None, "criterion": criterion,
+            "probes": probes}
+
+
+# ---------------------------------------------------------------- tables
+
+
+def size(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", report.GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _err(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:+.2f}"
+
+
+def _print_tables(spec, plan: Plan, est: Estimate, main, ranks, measured, backend, kernels, max_batch, verdict):
+    from tabulate import tabulate
+
+    click.echo(f"{spec.name}: {spec.params_total:,} parameters ({report._count(spec.params_total)})")
+    click.echo(f"plan: {report.describe_plan(est)}, {plan.world_size} process(es), micro-batch {plan.micro_batch} x "
+               f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {'on' if plan.grad_ckpt else 'off'}, "
+               f"{plan.optimizer}, attn {plan.attn}")
+    click.echo(f"backend {backend}: {BACKEND_WORDS[backend]}, {len(main.steps)} optimizer step(s) in {main.seconds:.1f} s; "
+               f"estimate for {kernels.upper()} kernels" + (" (what the steps ran)" if kernels == "cpu" else "") + "\n")
+    if main.oom:
+        click.echo(verdict)
+        return
+    steady, first = main.steady, main.first
+    errors = error_json(est, measured)
+    rows = [["after load (weights)", "", size(main.after_load), size(est.phases["forward"]["weights"]),
+             _err(_pct(est.phases["forward"]["weights"], main.after_load))]]
+    for ph in PHASES:
+        rows.append([ph, size(first.peaks.get(ph)), size(steady.peaks[ph]), size(est.phase_peaks[ph]),
+                     _err(errors["phase_error_pct"][ph])])
+    rows.append(["peak", size(first.peak), size(main.peak), size(est.peak_allocated), _err(errors["error_pct"])])
+    headers = ["phase", "first step", "steady (2..n)", "estimate", "error %"]
+    if backend == "cuda":
+        headers.append("reserved")
+        for row, ph in zip(rows, [None, *PHASES, None]):
+            row.append(size(steady.reserved.get(ph)) if ph else size(main.reserved_peak if row[0] == "peak" else None))
+    click.echo(tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True))
+
+    ph = measured["peak_phase"]
+    if measured["breakdown"]:
+        term_rows = []
+        for t in TERMS:
+            m, e = measured["breakdown"].get(t), est.phases[ph][t]
+            if not m and not e:
+                continue
+            term_rows.append([t, size(m) if m is not None else "not measured", size(e),
+                              _err(_pct(e, m)) if m else "-"])
+        click.echo(f"\nbreakdown at the {ph} peak (the estimate's terms)")
+        click.echo(tabulate(term_rows, headers=["term", "measured", "estimate", "error %"], tablefmt="simple",
+                            disable_numparse=True))
+    if len(ranks) > 1:
+        rank_rows = [[r.rank] + [size(r.steady.peaks.get(p)) for p in PHASES] + [size(r.peak), size(r.reserved_peak),
+                     size(r.nvml_used)] for r in ranks]
+        click.echo("\nper rank")
+        click.echo(tabulate(rank_rows, headers=["rank", *PHASES, "peak", "reserved", "NVML used"], tablefmt="simple",
+                            disable_numparse=True))
+    click.echo("")
+    if backend == "cuda":
+        click.echo(f"reserved {size(main.reserved_peak)} (estimate {size(est.reserved)}), NVML used "
+                   f"{size(main.nvml_used)}{' (' + main.nvml_scope + ')' if main.nvml_scope else ''} "
+                   f"(estimate with context {size(est.total)})")
+    click.echo(NOT_SEEN[backend])
+    if max_batch is not None:
+        click.echo(f"largest micro-batch that fits: {max_batch['value']}"
+                   + (f" (estimate: {max_batch['estimate']})" if max_batch["estimate"] is not None else "")
+                   + f"; fits = {max_batch['criterion']}; probed "
+                   + ", ".join(f"{p['micro_batch']}{'' if p['fits'] else '✗'}" for p in max_batch["probes"]))
+    click.echo(f"verdict: {verdict}")

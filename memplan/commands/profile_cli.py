@@ -1,0 +1,48 @@
+"""`memplan profile`: the click definition only; the work is imported when the command runs."""
+
+from __future__ import annotations
+
+import click
+
+from memplan.cli_options import PLAN_FLAGS, plan_options
+
+
+@click.command("profile")
+@click.option("--model", "-m", "model", default=None,
+              help="preset id or alias (see `memplan models`), a config.json path, or a local HF model directory.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="a plan YAML (the Plan's fields; `recommend -o` writes one). Flags override it.")
+@plan_options(PLAN_FLAGS)
+@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True,
+              help="optimizer steps to run; step 1 creates the optimizer states, steps 2.. are the steady state.")
+@click.option("--backend", type=click.Choice(["cuda", "cpu", "trace"]), default=None,
+              help="cuda: real steps on the GPU (allocator peaks, reserved, NVML); cpu: real steps on CPU tensors "
+                   "(live tensor bytes; small models); trace: fake tensors, exact tensor bytes at any size, nothing "
+                   "allocated. Default: cuda when torch sees a GPU, else trace (cpu for --device cpu plans).")
+@click.option("--weights", "weights", type=click.Path(file_okay=False), default=None,
+              help="load this local checkpoint directory instead of random weights (cpu/cuda; the trace never "
+                   "reads weights). Memory does not depend on the values.")
+@click.option("--find-max-batch", is_flag=True,
+              help="also find the largest micro-batch that really fits, each probe in its own process. cuda: no "
+                   "out-of-memory (capped at --gpu-memory if given); cpu/trace: the measured peak plus the "
+                   "estimate's allocator reserve and CUDA context against --gpu / --gpu-memory.")
+@click.option("--gpu", "gpu", default=None, help="GPU preset id (see `memplan gpus`), e.g. h100-80gb.")
+@click.option("--gpu-memory", "gpu_memory", default=None,
+              help="memory per GPU, e.g. 24GiB, 81559MiB, 80GB (decimal).")
+@click.option("--json", "as_json", is_flag=True,
+              help="print the estimate's JSON object with `measured` and `error_pct` in each result.")
+def profile(**kwargs) -> None:
+    """Measure real training steps of a plan, per phase, next to memplan's estimate.
+
+    Builds the model from its config (random weights unless --weights), applies the plan (method,
+    precision, optimizer, checkpointing, attention, LoRA via peft, QLoRA via bitsandbytes) and runs
+    --steps optimizer steps on synthetic batches of exactly micro-batch x sequence tokens, with the
+    plan's gradient accumulation. Plans with gpus x nodes > 1 run one process per rank under torchrun
+    (DDP or FSDP; gloo on the CPU, NCCL on CUDA) and report per-rank peaks.
+
+    Sizes in GiB (2^30 bytes) or MiB; error % = 100 x (estimate - measured) / measured, negative =
+    under-estimate. Exit status: 0 measured, 1 out of memory ("does not fit"), 2 bad input.
+    """
+    from memplan.commands.profile import run
+
+    run(**kwargs)

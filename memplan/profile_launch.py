@@ -1,0 +1,252 @@
+"""Where `memplan profile` runs its measurements: in this process, in one process per rank under torchrun
+(plans with gpus x nodes > 1), or in a fresh subprocess per probe (`--find-max-batch`: one out-of-memory
+error cannot poison the next probe, and every probe starts from an empty GPU).
+
+Several processes: `python -m torch.distributed.run --standalone --nproc-per-node N -m memplan.profile_launch
+worker REQUEST DIR` on this machine (nodes are simulated as more processes here), process group gloo on the
+CPU and NCCL on CUDA (one GPU per rank). The plan's sharding picks the wrapper: ddp -> DistributedDataParallel
+(its gradient buckets count as comm_buffers); fsdp -> FSDP2 `fully_shard` on every decoder layer and the
+root, reshard_after_forward = (zero == 3) (FULL_SHARD; zero 2 = SHARD_GRAD_OP), CPUOffloadPolicy with
+offload optimizer+params; fsdp zero 0 (NO_SHARD) runs as DDP, which it equals. Each rank writes its own
+result file, so a rank that runs out of memory still reports (and its exit stops the others).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from memplan.errors import UserError
+from memplan.plan import Plan
+
+OOM_EXIT = 3
+
+
+@dataclass
+class Request:
+    """One measurement: everything a subprocess needs (JSON-serializable)."""
+
+    config: str  # config.json path or model directory
+    plan: dict
+    backend: str
+    steps: int = 3
+    weights: Optional[str] = None
+    seed: int = 0
+    memory_limit: Optional[int] = None  # cuda: cap the allocator at this many bytes (--gpu-memory)
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass
+class ProbeResult:
+    micro_batch: int
+    fits: bool
+    peak_allocated: Optional[int]  # the most-loaded rank's peak
+    oom_phase: Optional[str] = None
+    needed: Optional[int] = None  # cpu/trace: what the fit criterion compared with the capacity
+    ranks: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- one measurement
+
+
+def measure_plan(req: Request) -> list:
+    """Measured results, one per rank (one for a single process)."""
+    from memplan.plan import build_plan
+
+    plan = build_plan(req.plan)
+    if plan.world_size > 1 and not _under_torchrun():
+        return _launch_ranks(req, plan)
+    from memplan.profile_run import measure
+
+    return [measure(req.config, plan, backend=req.backend, steps=req.steps, weights=req.weights, seed=req.seed,
+                    memory_limit=req.memory_limit)]
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _launch_ranks(req: Request, plan: Plan) -> list:
+    from memplan.profile_run import Measured, check_runnable
+
+    check_runnable(plan, req.backend, req.steps)
+    n = plan.world_size
+    if req.backend == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < n:
+            raise UserError(f"the plan runs {n} processes (gpus x nodes) with one GPU each; this machine has "
+                            f"{torch.cuda.device_count()}. Hint: profile with --gpus {torch.cuda.device_count()} "
+                            "--nodes 1, or run on a machine with enough GPUs")
+    with tempfile.TemporaryDirectory(prefix="memplan-ranks-") as tmp:
+        req_path = Path(tmp) / "request.json"
+        req_path.write_text(json.dumps(req.to_json()))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+               f"--nproc-per-node={n}", "-m", "memplan.profile_launch", "worker", str(req_path), tmp]
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        results = [Measured.from_json(json.loads(p.read_text())) for p in sorted(Path(tmp).glob("rank-*.json"))]
+    if any(r.oom for r in results):
+        return sorted(results, key=lambda r: r.rank)
+    if proc.returncode != 0 or len(results) != n:
+        if "memplan: error:" in proc.stderr:  # a rank refused the plan: pass its one line on
+            line = proc.stderr.split("memplan: error:", 1)[1].strip().splitlines()[0]
+            raise UserError(line)
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"torchrun with {n} processes failed (exit {proc.returncode}):\n{tail}")
+    return sorted(results, key=lambda r: r.rank)
+
+
+def _worker(req_path: str, out_dir: str) -> int:
+    """One rank under torchrun: set up the process group, measure the wrapped model, write rank-R.json."""
+    import torch
+    import torch.distributed as dist
+
+    from memplan.plan import build_plan
+    from memplan.profile_run import measure
+
+    req = Request(**json.loads(Path(req_path).read_text()))
+    plan = build_plan(req.plan)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if req.backend == "cuda":
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    else:
+        device = "cpu"
+    dist.init_process_group("nccl" if req.backend == "cuda" else "gloo")
+    try:
+        result = measure(req.config, plan, backend=req.backend, steps=req.steps, weights=req.weights,
+                         seed=req.seed, device=device, wrap=make_wrapper(plan, device, world),
+                         memory_limit=req.memory_limit)
+        result.rank, result.world_size = rank, world
+        _write_atomic(Path(out_dir) / f"rank-{rank:04d}.json", result.to_json())
+        if result.oom:
+            os._exit(OOM_EXIT)  # the other ranks wait in a collective: ending this one stops the group
+    except UserError as err:
+        print(f"memplan: error: {err}", file=sys.stderr, flush=True)
+        os._exit(UserError.exit_code)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def make_wrapper(plan: Plan, device: str, world: int) -> Callable:
+    """The DDP / FSDP2 wrapper for the plan, as a function (module, meter) -> wrapped module."""
+    import torch
+
+    def ddp(module, meter):
+        from torch.nn.parallel import DistributedDataParallel
+
+        with meter.creating("comm_buffers"):
+            ids = [torch.device(device).index] if device.startswith("cuda") else None
+            return DistributedDataParallel(module, device_ids=ids)
+
+    def fsdp(module, meter):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        from memplan.profile_build import decoder_layers
+
+        mesh = init_device_mesh(torch.device(device).type, (world,))
+        kwargs = dict(mesh=mesh, reshard_after_forward=plan.zero == 3)
+        if plan.offload == "optimizer+params":
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        with meter.creating("weights"):  # the parameter shards replace the full parameters
+            for layer in decoder_layers(module):
+                fully_shard(layer, **kwargs)
+            fully_shard(module, **kwargs)
+        return module
+
+    return fsdp if plan.sharding == "fsdp" and plan.zero in (2, 3) else ddp
+
+
+def _write_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- probes in their own process
+
+
+def probe_in_subprocess(req: Request) -> list:
+    """measure_plan(req) in a fresh Python process; its Measured results."""
+    from memplan.profile_run import Measured
+
+    with tempfile.TemporaryDirectory(prefix="memplan-probe-") as tmp:
+        req_path, out_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req_path.write_text(json.dumps(req.to_json()))
+        proc = subprocess.run([sys.executable, "-m", "memplan.profile_launch", "probe", str(req_path), str(out_path)],
+                              capture_output=True, text=True)
+        if out_path.is_file():
+            return [Measured.from_json(d) for d in json.loads(out_path.read_text())]
+    if "memplan: error:" in proc.stderr:
+        raise UserError(proc.stderr.split("memplan: error:", 1)[1].strip().splitlines()[0])
+    tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+    raise RuntimeError(f"probe at micro-batch {req.plan.get('micro_batch')} failed (exit {proc.returncode}):\n{tail}")
+
+
+def _probe(req_path: str, out_path: str) -> int:
+    req = Request(**json.loads(Path(req_path).read_text()))
+    try:
+        results = measure_plan(req)
+    except UserError as err:
+        print(f"memplan: error: {err}", file=sys.stderr, flush=True)
+        return UserError.exit_code
+    _write_atomic(Path(out_path), [r.to_json() for r in results])
+    return 0
+
+
+def search_max(fits: Callable[[int], bool], start: int, limit: int) -> int:
+    """Largest n in [1, limit] with fits(n), fits monotone (more never fits better); 0 if even 1 does not.
+
+    Starts at `start` (the estimate's answer: usually within one of the truth), gallops away from it in
+    growing steps until the answer is bracketed, then bisects: few probes when the start is close."""
+    start = min(max(1, start), limit)
+    lo, hi = 0, limit + 1  # fits(lo) (0 trivially), not fits(hi) (limit + 1 by definition)
+    step, n = 1, start
+    if fits(n):
+        lo = n
+        while lo < limit:
+            n = min(lo + step, limit)
+            if not fits(n):
+                hi = n
+                break
+            lo, step = n, step * 2
+    else:
+        hi = n
+        while hi > 1:
+            n = max(hi - step, 1)
+            if fits(n):
+                lo = n
+                break
+            hi, step = n, step * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] not in ("worker", "probe"):
+        print("usage: python -m memplan.profile_launch worker|probe REQUEST.json OUT", file=sys.stderr)
+        return 2
+    if argv[0] == "worker":
+        return _worker(argv[1], argv[2])
+    return _probe(argv[1], argv[2])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,314 @@
+"""Run real training steps of a plan and measure them per phase: the one loop behind `memplan profile`
+(backends trace, cpu, cuda), the tracer (memplan.trace) and the GPU check.
+
+Per optimizer step: grad_accum x (forward + loss on a synthetic batch of exactly micro_batch x seq_len
+random token ids, labels = the ids, no attention mask; loss / grad_accum; backward), then
+`optimizer.step()` and `optimizer.zero_grad(set_to_none=True)`. Step 1 creates the optimizer states
+lazily; steps 2..n are the steady state. Under DDP the micro-batches before the last skip the gradient
+all-reduce (`no_sync`, as accelerate does); under FSDP2 `set_requires_gradient_sync` does the same.
+
+- precision: amp-* runs forward + loss under `torch.autocast(device type, 16-bit dtype)` (autocast's
+  weight cache keeps 16-bit copies alive through forward and backward) and backward outside it, as HF
+  Trainer / accelerate do; no GradScaler (its unscale is in place). bf16-master: see memplan.profile_optim.
+- loss: standard = `model(input_ids, labels=...).loss` (HF's ForCausalLMLoss, fp32 upcast of the logits);
+  chunked = the decoder + `memplan.loss.chunked_causal_lm_loss` with the output embedding. Only the loss is
+  kept from the model output (the logits are dropped before backward, as in HF Trainer).
+- use_cache=False in every forward: training builds no KV cache (TRL, axolotl, LLaMA-Factory turn it off).
+- transformers cannot see on fake tensors that an unmasked batch is not packed and would build a b x s x s
+  mask that a real run does not: `find_packed_sequence_indices` returns None during the steps, on every
+  backend, so that they stay comparable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from memplan.errors import UserError
+from memplan.loss import chunked_causal_lm_loss
+from memplan.plan import Plan
+from memplan.profile_build import AUTOCAST_DTYPE, BNB_OPTIMIZERS, build_model, decoder_layers, quant_state_tensors
+from memplan.profile_meters import PHASES, CudaMeter, FakeLiveBytes, LiveBytes, StepMeasure
+from memplan.profile_optim import make_optimizer, optimizer_factory, state_tensors
+
+BACKENDS = ("cuda", "cpu", "trace")
+
+
+@dataclass
+class Measured:
+    """What one process measured over `steps` optimizer steps."""
+
+    backend: str
+    steps: list[StepMeasure]
+    after_load: Optional[int]  # bytes after the model is built (weights), before the first step
+    nvml_used: Optional[int] = None
+    nvml_scope: Optional[str] = None  # "process" (this process's NVML figure) or "device"
+    oom: Optional[dict] = None  # {"phase", "step", "allocated_bytes", "message"} when a step ran out of memory
+    rank: int = 0
+    world_size: int = 1
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def first(self) -> Optional[StepMeasure]:
+        return self.steps[0] if self.steps else None
+
+    @property
+    def steady(self) -> Optional[StepMeasure]:
+        """Per phase the largest peak of steps 2..n (step 1 when only one ran), with that step's breakdown."""
+        done = [s for s in self.steps if all(p in s.peaks for p in PHASES)]
+        pool = done[1:] or done
+        if not pool:
+            return None
+        out = StepMeasure(peaks={})
+        for ph in PHASES:
+            best = max(pool, key=lambda s: s.peaks[ph])
+            out.peaks[ph] = best.peaks[ph]
+            if ph in best.breakdown:
+                out.breakdown[ph] = dict(best.breakdown[ph])
+            if best.reserved.get(ph) is not None:
+                out.reserved[ph] = best.reserved[ph]
+            if ph in best.tensor_peaks:
+                out.tensor_peaks[ph] = best.tensor_peaks[ph]
+        return out
+
+    @property
+    def peak(self) -> int:
+        """Max over every phase of every step (what max_memory_allocated over the whole run reports)."""
+        return max((s.peak for s in self.steps), default=0)
+
+    @property
+    def reserved_peak(self) -> Optional[int]:
+        values = [v for s in self.steps for v in s.reserved.values() if v is not None]
+        return max(values) if values else None
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "steps": [s.to_json() for s in self.steps], "after_load": self.after_load,
+                "nvml_used": self.nvml_used, "nvml_scope": self.nvml_scope, "oom": self.oom, "rank": self.rank,
+                "world_size": self.world_size, "seconds": self.seconds, "notes": self.notes}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Measured":
+        return cls(backend=d["backend"], steps=[StepMeasure.from_json(s) for s in d["steps"]],
+                   after_load=d["after_load"], nvml_used=d.get("nvml_used"), nvml_scope=d.get("nvml_scope"),
+                   oom=d.get("oom"), rank=d.get("rank", 0), world_size=d.get("world_size", 1),
+                   seconds=d.get("seconds", 0.0), notes=d.get("notes") or [])
+
+
+# ---------------------------------------------------------------- what can run where
+
+
+def check_runnable(plan: Plan, backend: str, steps: int) -> None:
+    """One clear line for every plan a backend cannot run (exit 2), with where it can run."""
+    if backend not in BACKENDS:
+        raise UserError(f"backend '{backend}' is not one of: {', '.join(BACKENDS)}")
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    uses_bnb = plan.method == "qlora" or plan.optimizer in BNB_OPTIMIZERS
+    if uses_bnb and backend == "trace":
+        what = "4-bit kernels (QLoRA)" if plan.method == "qlora" else f"8-bit optimizer kernels ({plan.optimizer})"
+        raise UserError(f"the trace backend cannot run bitsandbytes' {what} on fake tensors. Hint: use --backend "
+                        "cpu (bitsandbytes >= 0.50 runs them on the CPU; small models) or --backend cuda")
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--backend cuda: no CUDA device (torch {torch.__version__}, "
+                        f"built for CUDA {torch.version.cuda or 'none'}). Hint: use --backend trace or cpu")
+    if plan.sharding == "deepspeed":
+        raise UserError("memplan profile runs DDP and FSDP; DeepSpeed ZeRO is not profiled. Hint: --sharding fsdp "
+                        "--zero 3 (FULL_SHARD) or --zero 2 (SHARD_GRAD_OP) measures the same sharding")
+    if plan.offload != "none" and not (backend == "cuda" and plan.sharding == "fsdp"):
+        raise UserError("CPU offload is profiled only with FSDP on CUDA (--sharding fsdp --zero 3 --offload "
+                        "optimizer+params --backend cuda)")
+    if plan.world_size > 1 and backend == "trace":
+        raise UserError(f"the plan runs {plan.world_size} processes; the trace backend runs one. Hint: "
+                        f"--backend cpu runs {plan.world_size} processes with gloo (small models), --backend cuda "
+                        "with NCCL, or --gpus 1 for one process")
+    if plan.method == "qlora" and plan.sharding == "fsdp" and plan.world_size > 1:
+        raise UserError("QLoRA under FSDP needs bitsandbytes' quant storage settings that memplan does not "
+                        "profile. Hint: --sharding ddp")
+
+
+# ---------------------------------------------------------------- the step
+
+
+class CausalLMLoss(torch.nn.Module):
+    """The training objective as one module, so that a DDP/FSDP wrapper sees the whole forward."""
+
+    def __init__(self, model, chunked: bool, softcap: Optional[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.chunked = chunked
+        self.softcap = softcap
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.chunked:
+            return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        hidden = self.model.get_decoder()(input_ids=input_ids, use_cache=False)[0]
+        return chunked_causal_lm_loss(hidden, self.model.get_output_embeddings(), input_ids, softcap=self.softcap)
+
+
+class _LogitsLossTerm:
+    """Counts what the forward creates after the last decoder layer (final norm, logits, loss), and what the
+    backward creates before the gradient reaches that layer's output, as the term logits_loss."""
+
+    def __init__(self, hf_model, meter) -> None:
+        self.meter = meter
+        layers = decoder_layers(hf_model)
+        self.handle = layers[-1].register_forward_hook(self._after_last_layer) if layers else None
+
+    def _after_last_layer(self, module, args, output) -> None:
+        if self.meter.current_phase != "forward":  # a checkpointed layer recomputed during backward
+            return
+        self.meter.default = "logits_loss"
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(self._gradient_reached_decoder)
+
+    def _gradient_reached_decoder(self, grad):
+        self.meter.default = "activations"
+
+    def backward_starts(self) -> None:
+        if self.handle is not None:
+            self.meter.default = "logits_loss"
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+@contextlib.contextmanager
+def unpacked_batches() -> Iterator[None]:
+    """transformers 5: tell the mask code the batch is not packed (it cannot read fake position_ids)."""
+    try:
+        from transformers import masking_utils
+    except ImportError:  # transformers < 4.53 had no packed-sequence detection
+        yield
+        return
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+def _gradient_sync(model, last_micro_batch: bool):
+    """Skip the all-reduce on all but the last micro-batch of an optimizer step (DDP / FSDP2)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last_micro_batch)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync") and not last_micro_batch:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_steps(model, optimizer, plan: Plan, meter, *, steps: int, vocab: int, device: str,
+                trainable: list[torch.Tensor], logits_term: Optional[_LogitsLossTerm] = None) -> None:
+    """`steps` optimizer steps of `plan`, each phase announced to the meter (a nanoGPT-like loop)."""
+    dtype = AUTOCAST_DTYPE.get(plan.precision)
+    device_type = torch.device(device).type
+    for _ in range(steps):
+        meter.new_step()
+        for micro in range(plan.grad_accum):
+            with _gradient_sync(model, micro == plan.grad_accum - 1):
+                meter.phase("forward")
+                input_ids = torch.randint(0, vocab, (plan.micro_batch, plan.seq_len), device=device)
+                with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+                    loss = model(input_ids)
+                loss = loss / plan.grad_accum  # the mean over the optimizer step's micro-batches
+                meter.phase("backward")
+                if logits_term is not None:
+                    logits_term.backward_starts()
+                loss.backward()
+                del loss, input_ids
+            meter.classify([p.grad for p in trainable], "gradients")
+        meter.phase("optimizer")
+        optimizer.step()
+        meter.classify(state_tensors(optimizer), "optimizer_states")
+        optimizer.zero_grad(set_to_none=True)
+        meter.phase(None)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def make_meter(backend: str, device: str):
+    if backend == "trace":
+        return FakeLiveBytes()
+    if backend == "cpu":
+        return LiveBytes()
+    return CudaMeter(device)
+
+
+def measure(config, plan: Plan, *, backend: str, steps: int = 3, weights: Optional[str] = None, seed: int = 0,
+            device: Optional[str] = None, meter=None, wrap: Optional[Callable] = None,
+            memory_limit: Optional[int] = None) -> Measured:
+    """Build the plan's model from `config` (a transformers config, a dict with model_type, a config.json or a
+    model directory) and measure `steps` optimizer steps on `backend`. `wrap(module, meter)` returns the
+    DDP/FSDP-wrapped module (several processes). `memory_limit` (cuda) caps the caching allocator at that
+    many bytes, as a smaller GPU would. Out of memory is caught and returned in `.oom`."""
+    check_runnable(plan, backend, steps)
+    device = device or ("cuda:0" if backend == "cuda" else "cpu")
+    if backend == "cuda" and memory_limit is not None:
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit / total), torch.device(device))
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(seed)
+        # transformers 5 deprecations reached through peft (is_gradient_checkpointing): not ours to fix
+        warnings.filterwarnings("ignore", message=".*will be removed in v6", category=FutureWarning)
+        return _measure(config, plan, backend, steps, weights, device, meter or make_meter(backend, device), wrap)
+
+
+def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str, meter, wrap) -> Measured:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if backend == "trace" else None
+    t0 = time.perf_counter()
+    where = {"phase": "load", "step": 0}
+    oom = None
+    after_load = None
+    try:
+        built = build_model(config, plan, device=device, fake_mode=fake_mode, weights=weights)
+        factory = optimizer_factory(plan)  # imports happen here, before the meter is active
+        module = CausalLMLoss(built.model, plan.loss == "chunked", built.softcap)
+        with unpacked_batches(), (fake_mode or contextlib.nullcontext()), meter:
+            meter.register(list(built.model.parameters()) + list(built.model.buffers())
+                           + quant_state_tensors(built.model), "weights")
+            after_load = _allocated(meter)
+            if wrap is not None:
+                with meter.creating("comm_buffers"):
+                    module = wrap(module, meter)
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            optimizer = make_optimizer(plan, factory, trainable, meter)
+            logits_term = _LogitsLossTerm(built.hf_model, meter)
+            try:
+                where["phase"] = None
+                train_steps(module, optimizer, plan, meter, steps=steps, vocab=built.vocab_size, device=device,
+                            trainable=trainable, logits_term=logits_term)
+            finally:
+                logits_term.remove()
+    except torch.OutOfMemoryError as err:
+        phase = where["phase"] or getattr(meter, "current_phase", None) or "optimizer"
+        oom = {"phase": phase, "step": len(getattr(meter, "steps", [])) or 0,
+               "allocated_bytes": _allocated(meter), "message": str(err).splitlines()[0][:300]}
+    result = Measured(backend=backend, steps=meter.result(), after_load=after_load,
+                      seconds=round(time.perf_counter() - t0, 2), oom=oom)
+    for key, value in meter.extras().items():
+        setattr(result, key.removesuffix("_bytes"), value)
+    if backend == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _allocated(meter) -> int:
+    if isinstance(meter, CudaMeter):
+        return int(meter.stats.memory_allocated(meter.device)) if meter.current_phase is None \
+            else meter.allocated_now()
+    return meter.allocated_now()
