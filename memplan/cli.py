@@ -21,6 +21,7 @@ from memplan.errors import UserError  # noqa: E402
 LAZY_COMMANDS: dict[str, str] = {
     "profile": "memplan.commands.profile_cli:profile",
     "train": "memplan.commands.train_cli:train",
+    "recommend": "memplan.commands.recommend_cli:recommend",
 }
 
 

@@ -1,0 +1,453 @@
+"""`memplan recommend`: the decision tree, the plan search, hyperparameters and the result object.
+
+Gathering (this module) is apart from printing (`render.py`) and writing (`writers.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from memplan.errors import UserError
+from memplan.estimator import Estimate, estimate
+from memplan.models import ModelSpec, resolve_model
+from memplan.plan import DataSettings, Plan, build_plan
+from memplan.recommend import hparams as hp
+from memplan.recommend.data_stats import DataStats, measure
+from memplan.recommend.hardware import Target, resolve_target
+from memplan.recommend.search import PRIORITIES, Candidate, Scorer, SearchResult, Workload, per_gpu_batch, search
+from memplan.recommend.tree import Context, Step, Tree, load_tree
+
+GiB = 1 << 30
+#: Sequence length when neither --seq-len nor --data gives one (the Plan's default).
+DEFAULT_SEQ_LEN = 2048
+#: Default time budget for "enough compute" (the tree's second question), hours.
+DEFAULT_MAX_HOURS = 72.0
+METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+
+
+class NoPlanFits(Exception):
+    """No plan of the method(s) fits; carries the recommendation-so-far with its suggestions."""
+
+    def __init__(self, rec: "Recommendation"):
+        super().__init__("no plan fits")
+        self.rec = rec
+
+
+@dataclass
+class Request:
+    model: str
+    gpus: Optional[int] = None
+    nodes: int = 1
+    gpu: Optional[str] = None
+    gpu_memory: Optional[str] = None
+    data: Optional[str] = None
+    validation: Optional[str] = None
+    replay: Optional[str] = None
+    dataset_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    domain_shift: Optional[str] = None
+    method: Optional[str] = None
+    effective_batch: Optional[int] = None
+    epochs: Optional[float] = None
+    max_hours: Optional[float] = None
+    priority: str = "quality"
+    headroom: float = 0.10
+    lr: Optional[float] = None
+    warmup_ratio: Optional[float] = None
+    out_dir: Optional[str] = None
+    main_ip: Optional[str] = None
+    show_progress: bool = False
+
+
+@dataclass
+class Alternative:
+    candidate: Candidate
+    why_not: str
+
+    def to_json(self) -> dict:
+        c = self.candidate
+        return {"plan": c.plan.model_dump(mode="json"), "why_not": self.why_not, "fits": c.fits,
+                "total_bytes": c.total, "hours": c.hours if math.isfinite(c.hours) else None}
+
+
+@dataclass
+class Recommendation:
+    request: Request
+    spec: ModelSpec
+    target: Target
+    workload: Workload
+    samples: int
+    domain_shift: str
+    max_hours: float
+    data: Optional[DataStats]
+    steps: list[Step]
+    method_reason: str
+    tree: Tree
+    leaf: Optional[str]
+    searches: dict[str, SearchResult]
+    chosen: Optional[Candidate] = None
+    plan: Optional[Plan] = None
+    estimate: Optional[Estimate] = None
+    hparams: Optional[hp.Hparams] = None
+    alternatives: list[Alternative] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> Optional[str]:
+        return self.plan.method if self.plan else None
+
+    def decision_json(self) -> list[dict]:
+        out = [s.to_json() for s in self.steps]
+        out.append({"question": "Which method?", "answer": self.method or "none", "reason": self.method_reason})
+        return out
+
+    def to_json(self) -> dict:
+        scored = sum(r.scored for r in self.searches.values())
+        considered = sum(r.considered for r in self.searches.values())
+        out = {
+            "plan": self.plan.model_dump(mode="json") if self.plan else None,
+            "decision": self.decision_json(),
+            "estimate": self.estimate.to_json() if self.estimate else None,
+            "alternatives": [a.to_json() for a in self.alternatives],
+            "files": self.files,
+            "time": None,
+            "hparams": None,
+            "target": {"device": self.target.device, "name": self.target.name, "gpus": self.target.gpus,
+                       "nodes": self.target.nodes, "memory_bytes": self.target.memory_bytes,
+                       "usable_bytes": self.target.usable_bytes, "headroom": self.target.headroom},
+            "data": self.data.to_json() if self.data else None,
+            "samples": self.samples,
+            "warnings": self.warnings,
+            "assumptions": self.assumptions,
+            "suggestions": self.suggestions,
+            "search": {"plans_scored": scored, "plans_considered": considered},
+        }
+        if self.chosen:
+            out["time"] = {"optimizer_steps": self.chosen.steps, "hours": self.chosen.hours,
+                           **self.chosen.step.to_json()}
+        if self.hparams:
+            out["hparams"] = {"total_steps": self.hparams.total_steps, "replay_ratio": self.hparams.replay_ratio,
+                              "reasons": self.hparams.reasons}
+        return out
+
+
+# ------------------------------------------------------------------------------- inputs
+
+
+def _check_request(req: Request) -> None:
+    if req.priority not in PRIORITIES:
+        raise UserError(f"--priority {req.priority}: allowed: {', '.join(PRIORITIES)}")
+    for name, value in (("--gpus", req.gpus), ("--nodes", req.nodes), ("--dataset-size", req.dataset_size),
+                        ("--seq-len", req.seq_len), ("--effective-batch", req.effective_batch)):
+        if value is not None and value <= 0:
+            raise UserError(f"{name} {value}: must be a positive whole number")
+    for name, value in (("--epochs", req.epochs), ("--max-hours", req.max_hours)):
+        if value is not None and not value > 0:
+            raise UserError(f"{name} {value}: must be more than 0")
+    if req.data and req.dataset_size:
+        raise UserError("give either --data FILE.jsonl (counted) or --dataset-size N, not both")
+    if not req.data and not req.dataset_size:
+        raise UserError("give --data FILE.jsonl or --dataset-size N (training examples): the tree's 10K question, "
+                        "the warmup and the training time depend on it")
+    for flag, path in (("--validation", req.validation), ("--replay", req.replay)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{flag} {path}: no such file")
+
+
+def _train_examples(stats: DataStats, has_validation: bool) -> int:
+    """Examples the trainer trains on: all of --data with a validation file, else all but the held-out
+    val_ratio (the Plan's default)."""
+    if has_validation:
+        return stats.examples
+    held_out = math.ceil(stats.examples * DataSettings.model_fields["val_ratio"].default)
+    return max(1, stats.examples - held_out)
+
+
+# ------------------------------------------------------------------------------- the tree's compute test
+
+
+def _describe(c: Candidate) -> str:
+    return c.family()
+
+
+def _full_ft_test(rec: Recommendation, scorer: Scorer, model_ref: str) -> tuple[bool, str]:
+    r = search(rec.spec, model_ref, "full", rec.target, rec.workload, rec.request.priority, scorer,
+               allow_param_offload=False)
+    rec.searches["full (no parameter offload)"] = r
+    where = rec.target.describe()
+    usable = rec.target.usable_bytes / GiB
+    if not r.fitting:
+        small = r.smallest()
+        return False, (f"full FT needs at least {small.total / GiB:.1f} GiB per device ({_describe(small)}, micro-batch 1) "
+                       f"on {where}: > {usable:.1f} GiB usable -> does not fit")
+    fastest = min(r.fitting, key=lambda c: c.hours)
+    fits = f"full FT needs {fastest.total / GiB:.1f} GiB per device with {_describe(fastest)} on {where} -> fits"
+    if fastest.hours > rec.max_hours:
+        return False, f"{fits}, but takes {fastest.hours:.1f} h > --max-hours {rec.max_hours:g}"
+    return True, f"{fits}, {fastest.hours:.1f} h <= {rec.max_hours:g} h"
+
+
+# ------------------------------------------------------------------------------- alternatives
+
+
+def why_not(alt: Candidate, best: Candidate, priority: str, target: Target) -> str:
+    if not alt.fits:
+        return (f"needs {alt.total / GiB:.2f} GiB per device at micro-batch 1 > {target.usable_bytes / GiB:.2f} GiB "
+                f"usable ({target.memory_bytes / GiB:.2f} GiB less {100 * target.headroom:g} % headroom)")
+    slower = alt.hours > best.hours * (1 + 1e-9)
+    parts = []
+    if alt.quality_cost > best.quality_cost:
+        if alt.plan.method == "full" and alt.plan.precision == "bf16" and best.plan.precision != "bf16":
+            parts.append("pure bf16 weights lose small updates (quality)")
+        if "8bit" in alt.plan.optimizer and "8bit" not in best.plan.optimizer:
+            parts.append("8-bit optimizer states (quality)")
+    if slower:
+        a, b = alt.step, best.step
+        diffs = [f"{name} {x - y:+.3g} s" for name, x, y in (("compute", a.compute_s, b.compute_s),
+                                                           ("communication", a.comm_s, b.comm_s),
+                                                           ("offload", a.offload_s, b.offload_s)) if x != y]
+        parts.append(f"slower: {a.total_s:.4g} vs {b.total_s:.4g} s per step, +{100 * (alt.hours / best.hours - 1):.2g} % "
+                     f"({', '.join(diffs)})")
+    if priority == "memory" and alt.total > best.total:
+        parts.append(f"more memory: {alt.total / GiB:.2f} vs {best.total / GiB:.2f} GiB")
+    if not parts:
+        parts.append("as fast, with more moving parts (ties go to the simpler plan)")
+    return "; ".join(parts)
+
+
+def family(c: Candidate) -> tuple:
+    """Runners-up are shown one per data-parallel layout: method, backend, ZeRO stage, offload."""
+    p = c.plan
+    return (p.method, p.sharding, p.zero, p.offload)
+
+
+def pick_alternatives(result: SearchResult, best: Candidate, priority: str, target: Target,
+                      n_fit: int = 6, n_nofit: int = 4) -> list[Alternative]:
+    """The best plan of each other data-parallel layout, then the smallest of each layout that does not fit."""
+    out, seen = [], {family(best)}
+    for c in result.fitting:
+        fam = family(c)
+        if fam in seen:
+            continue
+        seen.add(fam)
+        out.append(Alternative(c, why_not(c, best, priority, target)))
+        if len(out) >= n_fit:
+            break
+    nofit = 0
+    for c in result.not_fitting:
+        fam = family(c)
+        if fam in seen:
+            continue
+        seen.add(fam)
+        out.append(Alternative(c, why_not(c, best, priority, target)))
+        nofit += 1
+        if nofit >= n_nofit:
+            break
+    return out
+
+
+# ------------------------------------------------------------------------------- no fit: what would
+
+
+def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[str]) -> list[str]:
+    from memplan.gpus import load_gpus
+
+    out = []
+    pool = [c for m in tried for c in (rec.searches[m].fitting + rec.searches[m].not_fitting)]
+    smallest = min(pool, key=lambda c: c.total) if pool else None
+    for m in ("full", "lora", "qlora"):
+        if m in tried:
+            continue
+        r = rec.searches.get(m) or search(rec.spec, model_ref, m, rec.target, rec.workload, rec.request.priority,
+                                          scorer)
+        rec.searches[m] = r
+        if r.best:
+            out.append(f"{METHOD_NAMES[m]} fits: {r.best.family()}, {r.best.total / GiB:.2f} GiB per device, "
+                       f"{r.best.hours:.1f} h (--method {m})")
+    if smallest is None:
+        return out
+    need = smallest.total / (1 - rec.target.headroom)
+    if rec.target.device == "cuda":
+        bigger = [g.id for g in load_gpus().values() if g.memory_bytes >= need]
+        if bigger:
+            out.append(f"a GPU with at least {need / GiB:.1f} GiB: {', '.join(bigger)} (smallest plan: "
+                       f"{smallest.family()}, {smallest.total / GiB:.2f} GiB)")
+        for world in (2, 4, 8, 16, 32, 64, 128):
+            if world <= rec.target.world_size:
+                continue
+            gpus, nodes = min(world, 8), max(1, world // 8)
+            plan = smallest.plan.model_copy(update={"gpus": gpus, "nodes": nodes})
+            if plan.sharding == "ddp" and world > 1:
+                fields = plan.model_dump()
+                fields.update(sharding="deepspeed", zero=3, precision="bf16-master" if rec.target.supports_bf16 else "fp32",
+                              optimizer="adamw-fused", offload="none", attn="sdpa")
+                try:
+                    plan = build_plan(fields)
+                except UserError:
+                    continue
+            e = estimate(rec.spec, plan, rec.target.memory_bytes)
+            if e.total <= rec.target.usable_bytes:
+                out.append(f"{nodes} node(s) x {gpus} GPUs: {plan.sharding} ZeRO-{plan.zero} needs "
+                           f"{e.total / GiB:.2f} GiB per GPU (--gpus {gpus}{f' --nodes {nodes}' if nodes > 1 else ''})")
+                break
+    else:
+        out.append(f"a machine with at least {need * smallest.plan.world_size / GiB + 0.5:.0f} GiB of RAM, or a GPU "
+                   f"(--gpu ID); the smallest plan needs {smallest.total / GiB:.2f} GiB")
+    if rec.workload.seq_len > 512:
+        shorter = smallest.plan.model_copy(update={"seq_len": rec.workload.seq_len // 2})
+        e = estimate(rec.spec, shorter, rec.target.memory_bytes)
+        if e.total <= rec.target.usable_bytes:
+            out.append(f"--seq-len {shorter.seq_len}: {e.total / GiB:.2f} GiB")
+    return out
+
+
+# ------------------------------------------------------------------------------- the recommendation
+
+
+def _relative(path: Optional[str], out_dir: Optional[str]) -> Optional[str]:
+    if not path:
+        return None
+    if not out_dir:
+        return path
+    return os.path.relpath(Path(path).resolve(), Path(out_dir).resolve())
+
+
+def _model_field(model_ref: str) -> str:
+    """Local paths become absolute (the Plan resolves only data paths against its own directory)."""
+    p = Path(model_ref).expanduser()
+    return str(p.resolve()) if p.exists() else model_ref
+
+
+def recommend(req: Request) -> Recommendation:
+    _check_request(req)
+    spec = resolve_model(req.model)
+    model_ref = _model_field(req.model)
+    target = resolve_target(req.gpu, req.gpu_memory, req.gpus, req.nodes, req.headroom)
+    assumptions = list(target.assumptions)
+
+    stats = measure(req.data, req.model, spec.name, req.show_progress) if req.data else None
+    samples = _train_examples(stats, bool(req.validation)) if stats else req.dataset_size
+    if req.seq_len:
+        seq_len = req.seq_len
+    elif stats:
+        seq_len = stats.seq_len
+    else:
+        seq_len = DEFAULT_SEQ_LEN
+        assumptions.append(f"sequence length {DEFAULT_SEQ_LEN} tokens (no --seq-len and no --data to measure)")
+    shift = req.domain_shift or "low"
+    if req.domain_shift is None:
+        assumptions.append("domain shift low: the task is close to pre-training (say --domain-shift high for "
+                           "medicine, law or other far domains)")
+    epochs = req.epochs or 3.0
+    max_hours = req.max_hours or DEFAULT_MAX_HOURS
+    if req.max_hours is None:
+        assumptions.append(f"time budget {DEFAULT_MAX_HOURS:g} h for 'enough compute' (--max-hours)")
+    warnings: list[str] = []
+    effective = req.effective_batch or hp.default_effective_batch(samples)
+    if req.effective_batch is None:
+        assumptions.append(f"effective batch {effective} sequences (min({hp.DEFAULT_EFFECTIVE_BATCH}, a power of two "
+                           f"giving >= {hp.MIN_STEPS_PER_EPOCH} steps per epoch); --effective-batch to change")
+    world = target.world_size
+    rounded = per_gpu_batch(effective, world) * world
+    if rounded != effective:
+        warnings.append(f"effective batch {effective} is not a multiple of {world} processes: using {rounded}")
+    replay_ratio = hp.REPLAY_RATIO_HIGH_SHIFT if (shift == "high" and req.replay) else 0.0
+    if shift == "high" and not req.replay:
+        warnings.append("high domain shift without --replay FILE (general text): the replay guard against "
+                        "forgetting is off; the lower learning rate and early stopping still apply")
+    examples_per_epoch = math.ceil(samples / (1 - replay_ratio))
+    workload = Workload(seq_len=seq_len, effective_batch=rounded, examples_per_epoch=examples_per_epoch, epochs=epochs)
+
+    tree = load_tree()
+    rec = Recommendation(request=req, spec=spec, target=target, workload=workload, samples=samples,
+                         domain_shift=shift, max_hours=max_hours, data=stats, steps=[], method_reason="",
+                         tree=tree, leaf=None, searches={}, warnings=warnings, assumptions=assumptions)
+    scorer = Scorer(spec, target)
+    progress = None
+    if req.show_progress:
+        from tqdm import tqdm
+
+        progress = lambda plans: tqdm(plans, desc="searching plans", unit="plan", leave=False)  # noqa: E731
+    ctx = Context(domain_shift=shift, samples=samples, priority=req.priority,
+                  full_ft=lambda: _full_ft_test(rec, scorer, model_ref))
+
+    if req.method:
+        methods = [req.method]
+        rec.method_reason = f"--method {req.method} given: the decision tree is skipped"
+    else:
+        rec.leaf, rec.steps = tree.walk(ctx)
+        leaf = tree.leaves[rec.leaf]
+        methods = list(leaf["methods"])
+        rec.method_reason = f"{leaf['label']} ({leaf['why']})"
+
+    for i, m in enumerate(methods):
+        r = search(spec, model_ref, m, target, workload, req.priority, scorer, progress=progress)
+        rec.searches[m] = r
+        if r.best:
+            rec.chosen = r.best
+            if i > 0:
+                rec.method_reason += (f"; {METHOD_NAMES[methods[0]]} does not fit (smallest plan "
+                                      f"{rec.searches[methods[0]].smallest().total / GiB:.2f} GiB > "
+                                      f"{target.usable_bytes / GiB:.2f} GiB usable), {METHOD_NAMES[m]} does")
+            elif len(methods) > 1:
+                rec.method_reason += f": {METHOD_NAMES[m]} fits"
+            break
+    if rec.chosen is None:
+        rec.suggestions = _suggest(rec, scorer, model_ref, methods)
+        raise NoPlanFits(rec)
+
+    best = rec.chosen
+    total_steps = workload.steps()
+    rec.hparams = hp.choose(best.plan.method, shift, total_steps, epochs, req.lr)
+    h = rec.hparams.plan_fields()
+    if req.warmup_ratio is not None:
+        h.pop("warmup_steps")
+        h["warmup_ratio"] = req.warmup_ratio
+        rec.hparams.reasons[1] = f"warmup {req.warmup_ratio:g} of the steps: given; then cosine decay to 0"
+    fields = best.plan.model_dump(mode="json")
+    fields["model"] = model_ref
+    fields["hparams"] = {**fields["hparams"], **h}
+    fields["data"] = {**fields["data"], "train": _relative(req.data, req.out_dir),
+                      "validation": _relative(req.validation, req.out_dir), "samples": samples,
+                      "domain_shift": shift, "replay": _relative(req.replay, req.out_dir),
+                      "replay_ratio": rec.hparams.replay_ratio if req.replay else 0.0}
+    fields["output_dir"] = "output" if req.out_dir else None
+    rec.plan = build_plan(fields, source="recommended plan")
+    rec.estimate = estimate(spec, rec.plan, target.memory_bytes)
+
+    # warnings: the seed's checklist, accumulation, truncation
+    if rec.plan.method == "full":
+        warnings += tree.checklist_warnings(ctx)
+    lo, hi = hp.ACCUM_RANGE
+    if world == 1 and not lo <= rec.plan.grad_accum <= hi:
+        warnings.append(f"gradient accumulation {rec.plan.grad_accum} is outside the seed's {lo}-{hi} steps for one "
+                        f"GPU (micro-batch {rec.plan.micro_batch} x {rec.plan.grad_accum} = effective batch "
+                        f"{rec.plan.effective_batch})" + (": the whole batch fits at once, no accumulation needed"
+                                                         if rec.plan.grad_accum < lo else ""))
+    if stats and seq_len < stats.max:
+        cut = stats.truncated_fraction(seq_len)
+        if cut > 0:
+            warnings.append(f"{100 * cut:.1f} % of the measured examples are longer than {seq_len} tokens and "
+                            "will be truncated")
+    positions = spec.config.get("max_position_embeddings") or spec.config.get("n_positions") or spec.position_embeddings
+    if positions and seq_len > positions:
+        warnings.append(f"sequence length {seq_len} exceeds the model's {positions} positions (max_position_embeddings)")
+    if rec.estimate.host_bytes:
+        assumptions.append(f"offload keeps {rec.estimate.host_bytes / GiB:.2f} GiB in host RAM per node")
+
+    for m, r in rec.searches.items():
+        if r is rec.searches.get(rec.plan.method):
+            rec.alternatives = pick_alternatives(r, best, req.priority, target) + rec.alternatives
+        elif r.best and r.best.plan.method != rec.plan.method:
+            reason = "the decision tree chose " + METHOD_NAMES[rec.plan.method] if not req.method else \
+                f"--method {req.method} given"
+            rec.alternatives.append(Alternative(r.best, f"{reason}; best {m}: {r.best.total / GiB:.2f} GiB, "
+                                                        f"{r.best.hours:.2f} h"))
+    return rec

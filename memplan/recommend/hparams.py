@@ -1,0 +1,102 @@
+"""Hyperparameters from the seed's table, scaled to the data.
+
+The seed (关键概念 / 推荐值): learning rate 1e-5 to 5e-5 (full fine-tuning), batch "as large as possible",
+gradient accumulation 4-16 steps, warmup 3-10 % of the total steps, cosine decay to 0; against
+catastrophic forgetting (灾难性遗忘): a lower learning rate, a mix of general data, early stopping on the
+validation set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+#: Peak learning rates. Full FT: the seed's 2e-5 (its range 1e-5..5e-5). LoRA/QLoRA: 2e-4, the QLoRA
+#: paper's setting for 7B-13B models (Dettmers et al. 2023, appendix B.2: 2e-4, 1e-4 above 33B);
+#: adapters start at zero and need the larger step.
+LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+#: High domain shift (the seed's first forgetting guard: lower the learning rate): half, still inside
+#: the seed's range for full FT (1e-5) and the QLoRA paper's for adapters (1e-4).
+LR_HIGH_SHIFT = {"full": 1e-5, "lora": 1e-4, "qlora": 1e-4}
+LR_RANGE = {"full": (1e-5, 5e-5), "lora": (1e-4, 2e-4), "qlora": (1e-4, 2e-4)}
+
+#: The seed's warmup range, as fractions of the total optimizer steps.
+WARMUP_MIN, WARMUP_MAX = 0.03, 0.10
+#: AdamW's beta2 (torch default). Untuned linear warmup over 2 / (1 - beta2) steps suffices for Adam's
+#: second-moment estimate (Ma & Yarats 2021, "On the adequacy of untuned warmup for adaptive
+#: optimization"): 2,000 steps, clamped into the seed's 3-10 %.
+ADAM_BETA2 = 0.999
+
+#: Evaluations over a run (eval_every = steps / this): enough points for early stopping to act on.
+EVALS_PER_RUN = 20
+#: Early-stopping patience in evaluations; one less under a high domain shift (stop sooner as the
+#: validation loss turns, the seed's third guard).
+PATIENCE, PATIENCE_HIGH_SHIFT = 3, 2
+
+#: Share of training examples drawn from general text under a high domain shift (the seed's second
+#: guard): 5 %, the smallest replay Ibrahim et al. 2024 ("Simple and Scalable Strategies to Continually
+#: Pre-train LLMs") found to undo most forgetting; Scialom et al. 2022 ("Fine-tuned Language Models are
+#: Continual Learners") needed 1 % rehearsal for instruction tasks.
+REPLAY_RATIO_HIGH_SHIFT = 0.05
+
+#: Default effective batch (sequences per optimizer step) when --effective-batch is not given: 32, the
+#: Alpaca/LLaMA-Factory scale for instruction tuning, lowered for small sets to the largest power of two
+#: that still gives an epoch this many optimizer steps (so warmup, evaluation and early stopping have
+#: steps to act on).
+DEFAULT_EFFECTIVE_BATCH = 32
+MIN_STEPS_PER_EPOCH = 25
+
+#: The seed's gradient-accumulation range, a guideline for one GPU.
+ACCUM_RANGE = (4, 16)
+
+
+@dataclass
+class Hparams:
+    lr: float
+    warmup_steps: int
+    total_steps: int
+    epochs: float
+    eval_every: int
+    early_stopping_patience: int
+    replay_ratio: float
+    reasons: list[str] = field(default_factory=list)
+
+    def plan_fields(self) -> dict:
+        return {"lr": self.lr, "warmup_steps": self.warmup_steps, "lr_scheduler": "cosine", "epochs": self.epochs,
+                "eval_every": self.eval_every, "save_every": self.eval_every,
+                "early_stopping_patience": self.early_stopping_patience}
+
+
+def default_effective_batch(samples: int) -> int:
+    cap = max(1, samples // MIN_STEPS_PER_EPOCH)
+    return min(DEFAULT_EFFECTIVE_BATCH, 1 << (cap.bit_length() - 1))
+
+
+def warmup_steps(total_steps: int) -> int:
+    """2 / (1 - beta2) steps, within 3-10 % of the total (at least 1)."""
+    lo = max(1, math.ceil(WARMUP_MIN * total_steps))
+    hi = max(lo, math.floor(WARMUP_MAX * total_steps))
+    return int(min(max(round(2 / (1 - ADAM_BETA2)), lo), hi))
+
+
+def choose(method: str, domain_shift: str, total_steps: int, epochs: float, lr: float | None = None) -> Hparams:
+    high = domain_shift == "high"
+    reasons = []
+    if lr is None:
+        lr = (LR_HIGH_SHIFT if high else LR)[method]
+        lo, hi = LR_RANGE[method]
+        what = "full fine-tuning" if method == "full" else "adapters (LoRA/QLoRA)"
+        reasons.append(f"learning rate {lr:g}: {what}, range {lo:g}-{hi:g}"
+                       + ("; lowered for the high domain shift (forgetting guard)" if high else ""))
+    else:
+        reasons.append(f"learning rate {lr:g}: given")
+    warm = warmup_steps(total_steps)
+    reasons.append(f"warmup {warm} of {total_steps} steps ({100 * warm / total_steps:.1f} %): 2/(1-beta2) = "
+                   f"{round(2 / (1 - ADAM_BETA2))} steps clamped to the seed's 3-10 %; then cosine decay to 0")
+    eval_every = max(1, round(total_steps / EVALS_PER_RUN))
+    patience = PATIENCE_HIGH_SHIFT if high else PATIENCE
+    reasons.append(f"evaluate every {eval_every} steps (~{EVALS_PER_RUN} evaluations), early stopping after "
+                   f"{patience} without a better validation loss")
+    return Hparams(lr=lr, warmup_steps=warm, total_steps=total_steps, epochs=epochs, eval_every=eval_every,
+                   early_stopping_patience=patience, replay_ratio=REPLAY_RATIO_HIGH_SHIFT if high else 0.0,
+                   reasons=reasons)

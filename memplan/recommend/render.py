@@ -1,0 +1,126 @@
+"""A recommendation for people: assumptions, the decision path, the plan with its memory and time,
+hyperparameters, the runners-up and why they lost, warnings, files."""
+
+from __future__ import annotations
+
+from memplan import report
+from memplan.recommend.core import GiB, NoPlanFits, Recommendation
+from memplan.recommend.hardware import PROCESS_BASELINE_BYTES
+
+
+def _duration(hours: float) -> str:
+    seconds = hours * 3600
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if hours < 2:
+        return f"{seconds / 60:.1f} min"
+    if hours < 48:
+        return f"{hours:.1f} h"
+    return f"{hours / 24:.1f} days"
+
+
+def header(rec: Recommendation) -> list[str]:
+    spec = rec.spec
+    lines = [f"{spec.name}: {spec.params_total:,} parameters ({report._count(spec.params_total)}) on "
+             f"{rec.target.describe()}; plans must fit {rec.target.usable_bytes / GiB:.2f} GiB per device "
+             f"({100 * rec.target.headroom:g} % headroom)"]
+    if rec.data:
+        d = rec.data
+        measured = "" if d.measured == d.examples else f" (lengths of a random {d.measured:,})"
+        lines.append(f"data: {d.path}: {d.examples:,} examples ({d.format}){measured}, tokens p50 {d.p50} / "
+                     f"p95 {d.p95} / max {d.max} [{d.tokenizer}] -> sequence length {rec.workload.seq_len} "
+                     f"(p95 rounded up to 64); {rec.samples:,} train after the validation split")
+    else:
+        lines.append(f"data: {rec.samples:,} training examples (--dataset-size), {rec.workload.seq_len} tokens each")
+    if rec.assumptions:
+        lines.append("assumptions:")
+        lines += [f"  - {a}" for a in rec.assumptions]
+    return lines
+
+
+def decision(rec: Recommendation) -> list[str]:
+    lines = ["decision:"]
+    for i, s in enumerate(rec.steps, 1):
+        lines.append(f"  {i}. {s.question} {'yes' if s.answer else 'no'}: {s.reason}")
+    lines.append(f"  => {rec.method_reason}")
+    return lines
+
+
+def plan_line(rec: Recommendation) -> str:
+    p = rec.plan
+    e = rec.estimate
+    return (f"{report.describe_plan(e)} on {p.world_size} {'process' if p.device == 'cpu' else 'GPU'}(s): "
+            f"micro-batch {p.micro_batch} x {p.seq_len} tokens, grad-accum {p.grad_accum} (effective batch "
+            f"{p.effective_batch}), checkpointing {'on' if p.grad_ckpt else 'off'}, {p.optimizer}, attn {p.attn}, "
+            f"loss {p.loss}")
+
+
+def verdict(rec: Recommendation) -> str:
+    e, t = rec.estimate, rec.target
+    where = "per process" if t.device == "cpu" else "per GPU"
+    return (f"fits: {e.total / GiB:.2f} GiB {where} of {t.usable_bytes / GiB:.2f} GiB usable "
+            f"({t.memory_bytes / GiB:.2f} GiB{' host RAM' if t.device == 'cpu' else ''} less {100 * t.headroom:g} % headroom"
+            + (f", shared by the processes, less {PROCESS_BASELINE_BYTES >> 20} MiB each for the interpreter"
+               if t.device == "cpu" else "") + ")")
+
+
+def time_lines(rec: Recommendation) -> list[str]:
+    c = rec.chosen
+    s = c.step
+    unit = "GFLOP/s" if rec.target.device == "cpu" else "TFLOP/s"
+    scale = 1e9 if rec.target.device == "cpu" else 1e12
+    return [f"time: {c.steps:,} optimizer steps x {s.total_s:.3g} s = {_duration(c.hours)} "
+            f"(per step: compute {s.compute_s:.3g} s at MFU {s.mfu:g} x {s.peak_flops / scale:.1f} {unit}, "
+            f"communication {s.comm_s:.3g} s, offload {s.offload_s:.3g} s)"]
+
+
+def alternatives_table(rec: Recommendation) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for a in rec.alternatives:
+        c = a.candidate
+        p = c.plan
+        rows.append([report.describe_plan(c.estimate), f"{p.micro_batch}x{p.grad_accum}",
+                     "on" if p.grad_ckpt else "off", p.optimizer, p.loss, report.gib(c.total),
+                     _duration(c.hours) if c.fits else "-", a.why_not])
+    return tabulate(rows, headers=["alternative", "mb x accum", "ckpt", "optimizer", "loss", "GiB", "time", "why not"],
+                    tablefmt="simple", disable_numparse=True)
+
+
+def render(rec: Recommendation, explain: bool = False) -> str:
+    lines = header(rec) + [""]
+    if explain:
+        lines += ["decision tree (>> = the path taken):", rec.tree.render(rec.steps, rec.leaf, rec.request.method), ""]
+    lines += decision(rec) + [""]
+    lines += ["recommended: " + plan_line(rec), "", report.breakdown_table(rec.estimate), verdict(rec)]
+    lines += time_lines(rec) + [""]
+    h = rec.plan.hparams
+    lines.append(f"hyperparameters: lr {h.lr:g}, warmup {h.warmup_steps if h.warmup_steps is not None else h.warmup_ratio}"
+                 f", {h.lr_scheduler} to 0, {h.epochs:g} epochs, eval every {h.eval_every} steps, early stopping "
+                 f"patience {h.early_stopping_patience}"
+                 + (f", replay {rec.plan.data.replay_ratio:g} of {rec.plan.data.replay}" if rec.plan.data.replay else ""))
+    lines += [f"  - {r}" for r in rec.hparams.reasons]
+    if rec.alternatives:
+        lines += ["", "runners-up:", alternatives_table(rec)]
+    if rec.warnings:
+        lines += ["", "warnings:"] + [f"  ! {w}" for w in rec.warnings]
+    if rec.files:
+        lines += ["", "wrote:"] + [f"  {f}" for f in rec.files]
+    return "\n".join(lines)
+
+
+def render_no_fit(err: NoPlanFits, explain: bool = False) -> str:
+    rec = err.rec
+    lines = header(rec) + [""]
+    if explain:
+        lines += ["decision tree (>> = the path taken):", rec.tree.render(rec.steps, rec.leaf, rec.request.method), ""]
+    lines += decision(rec) + ["", "no plan fits:"]
+    for m, r in rec.searches.items():
+        small = r.smallest()
+        if small is not None and not r.fitting:
+            lines.append(f"  {m}: the smallest plan, {small.family()} at micro-batch 1, needs {small.total / GiB:.2f} "
+                         f"GiB per device > {r.limit / GiB:.2f} GiB usable")
+    if rec.suggestions:
+        lines += ["what would fit instead:"] + [f"  - {s}" for s in rec.suggestions]
+    return "\n".join(lines)

@@ -1,0 +1,243 @@
+"""The plan search: every supported combination of precision regime, optimizer, sharding / ZeRO stage /
+offload, checkpointing, attention and loss for one method, each at the largest micro-batch that fits,
+scored by the estimator (memory, with headroom) and the time model (`throughput`).
+
+Memory grows with the micro-batch, so each combination needs only a binary search over the divisors of
+the per-GPU batch (the accumulation makes up the rest of the effective batch): about log2(divisors)
+estimates instead of one per micro-batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+from memplan.estimator import Estimate, estimate
+from memplan.models import ModelSpec
+from memplan.errors import UserError
+from memplan.plan import Plan, build_plan
+from memplan.recommend import throughput
+from memplan.recommend.hardware import Target
+
+PRIORITIES = ("quality", "speed", "memory")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is trained: tokens per example, examples per epoch, the effective batch and the epochs."""
+
+    seq_len: int
+    effective_batch: int
+    examples_per_epoch: int
+    epochs: float
+
+    def steps(self) -> int:
+        return throughput.optimizer_steps(self.examples_per_epoch, self.effective_batch, self.epochs)
+
+
+@dataclass
+class Candidate:
+    plan: Plan
+    estimate: Estimate
+    step: throughput.StepTime
+    steps: int
+    fits: bool
+
+    @property
+    def hours(self) -> float:
+        return self.step.total_s * self.steps / 3600
+
+    @property
+    def total(self) -> int:
+        return self.estimate.total
+
+    @property
+    def quality_cost(self) -> int:
+        """0 = nothing traded for memory. Pure bf16 weights lose updates smaller than bf16's resolution
+        (2^-8 relative: a 2e-5 step vanishes on most weights) in full FT; 8-bit optimizer states quantize
+        Adam's moments (Dettmers et al. 2022 report parity, but it is a change)."""
+        p = self.plan
+        cost = 2 if (p.method == "full" and p.precision == "bf16") else 0
+        return cost + (1 if "8bit" in p.optimizer else 0)
+
+    @property
+    def complexity(self) -> int:
+        """Tie-break toward the simpler plan: fewer moving parts when time and quality are equal."""
+        p = self.plan
+        return (p.zero + (2 if p.offload != "none" else 0) + (p.sharding != "ddp") + (p.loss == "chunked")
+                + (p.attn != "sdpa") + (p.precision == "bf16-master"))
+
+    def family(self) -> str:
+        from memplan.report import describe_plan
+
+        return describe_plan(self.estimate)
+
+    def key(self, priority: str) -> tuple:
+        hours = round(self.hours, 6)
+        if priority == "speed":
+            return (hours, self.quality_cost, self.complexity, self.total)
+        if priority == "memory":
+            return (self.total, hours, self.quality_cost, self.complexity)
+        return (self.quality_cost, hours, self.complexity, self.total)
+
+
+@dataclass
+class SearchResult:
+    method: str
+    fitting: list[Candidate]  # best first, by the priority
+    not_fitting: list[Candidate]  # one per combination, at micro-batch 1 (its smallest memory)
+    scored: int  # plans scored (estimate + time)
+    considered: int  # plans decided, including those ruled out by monotonicity
+    limit: int  # usable bytes per device
+
+    @property
+    def best(self) -> Optional[Candidate]:
+        return self.fitting[0] if self.fitting else None
+
+    def smallest(self) -> Optional[Candidate]:
+        pool = self.fitting + self.not_fitting
+        return min(pool, key=lambda c: c.total) if pool else None
+
+
+# ------------------------------------------------------------------------------- the search space
+
+
+def precisions(target: Target, method: str) -> list[str]:
+    """Regimes the hardware runs: bf16 ones where the device has bf16 (Ampere+, CPUs), else fp16 AMP;
+    fp32 on the CPU (where bf16 may be slow) and on GPUs without bf16."""
+    if target.device == "cpu":
+        out = ["fp32", "amp-bf16", "bf16"]
+    elif target.supports_bf16:
+        out = ["amp-bf16", "bf16", "bf16-master"]
+    else:
+        out = ["amp-fp16", "fp32"]
+    if method == "qlora":
+        out = [p for p in out if p != "fp32"]
+    return out
+
+
+def optimizers(target: Target) -> list[str]:
+    """Fused AdamW (no foreach temporaries, the fastest torch AdamW) and, where it is needed to fit,
+    bitsandbytes' 8-bit AdamW (its CPU kernels run too)."""
+    return ["adamw-fused", "adamw-8bit"]
+
+
+def shardings(target: Target) -> list[tuple[str, int, str]]:
+    """(backend, ZeRO stage, offload). On one GPU sharding has nothing to split, so only offload is worth
+    its cost there; on a CPU there is no DeepSpeed and nothing to offload to."""
+    n = target.world_size
+    if target.device == "cpu":
+        return [("ddp", 0, "none")] + ([("fsdp", 2, "none"), ("fsdp", 3, "none")] if n > 1 else [])
+    offloaded = [("deepspeed", 1, "optimizer"), ("deepspeed", 2, "optimizer"), ("deepspeed", 3, "optimizer"),
+                 ("deepspeed", 3, "optimizer+params"), ("fsdp", 3, "optimizer+params")]
+    if n == 1:
+        return [("ddp", 0, "none")] + offloaded
+    return [("ddp", 0, "none"), ("fsdp", 2, "none"), ("fsdp", 3, "none"), ("deepspeed", 1, "none"),
+            ("deepspeed", 2, "none"), ("deepspeed", 3, "none")] + offloaded
+
+
+def attentions(target: Target, precision: str) -> list[str]:
+    """SDPA (torch's fused kernels, no extra package) everywhere; flash-attention 2 on GPUs in 16-bit.
+    Eager attention is never searched: it saves the full attention matrices (more memory) for the same
+    FLOPs, so SDPA dominates it."""
+    if target.device == "cuda" and precision != "fp32" and target.supports_bf16:
+        return ["sdpa", "flash"]
+    return ["sdpa"]
+
+
+def structures(spec: ModelSpec, model_ref: str, method: str, target: Target, seq_len: int,
+               lora: Optional[dict] = None, allow_param_offload: bool = True) -> list[Plan]:
+    """Every valid combination (micro-batch 1), validated once by the Plan's own rules."""
+    base = dict(model=model_ref, method=method, device=target.device, gpus=target.gpus, nodes=target.nodes,
+                seq_len=seq_len)
+    lora = dict(lora or {})
+    if method != "full" and any(l.kind == "experts" for l in spec.layer_linears):
+        lora.setdefault("dropout", 0.0)  # peft's expert-stack adapters take no dropout
+    if lora:
+        base["lora"] = lora
+    out = []
+    for precision, optimizer, (backend, zero, offload), ckpt, loss in itertools.product(
+            precisions(target, method), optimizers(target), shardings(target), (False, True), ("standard", "chunked")):
+        if offload == "optimizer+params" and not allow_param_offload:
+            continue
+        for attn in attentions(target, precision):
+            fields = dict(base, precision=precision, optimizer=optimizer, sharding=backend, zero=zero, offload=offload,
+                          grad_ckpt=ckpt, attn=attn, loss=loss)
+            try:
+                out.append(build_plan(fields))
+            except UserError:  # an unsupported combination (plan_problems): not a candidate
+                continue
+    return out
+
+
+def per_gpu_batch(effective_batch: int, world: int) -> int:
+    """Sequences each GPU handles per optimizer step (the effective batch rounded up to the world size)."""
+    return max(1, math.ceil(effective_batch / world))
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# ------------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """Estimates and step times, memoized per plan (the tree and the method search share plans)."""
+
+    def __init__(self, spec: ModelSpec, target: Target):
+        self.spec, self.target = spec, target
+        self._cache: dict[tuple, Candidate] = {}
+        self.scored = 0
+
+    def score(self, plan: Plan, workload: Workload) -> Candidate:
+        key = (plan.model_dump_json(), workload)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        e = estimate(self.spec, plan, self.target.memory_bytes)
+        step = throughput.step_time(self.spec, plan, self.target, e.params_trainable)
+        cand = Candidate(plan=plan, estimate=e, step=step, steps=workload.steps(),
+                         fits=e.total <= self.target.usable_bytes)
+        self._cache[key] = cand
+        self.scored += 1
+        return cand
+
+
+def largest_fitting(plan: Plan, workload: Workload, scorer: Scorer) -> tuple[Optional[Candidate], Candidate, int]:
+    """(the largest micro-batch that fits, or None; the micro-batch-1 candidate; plans decided)."""
+    per_gpu = per_gpu_batch(workload.effective_batch, plan.world_size)
+    sizes = divisors(per_gpu)
+
+    def at(mb: int) -> Candidate:
+        return scorer.score(plan.model_copy(update={"micro_batch": mb, "grad_accum": per_gpu // mb}), workload)
+
+    smallest = at(1)
+    if not smallest.fits:
+        return None, smallest, len(sizes)
+    lo, hi = 0, len(sizes) - 1  # sizes[lo] fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if at(sizes[mid]).fits:
+            lo = mid
+        else:
+            hi = mid - 1
+    return at(sizes[lo]), smallest, len(sizes)
+
+
+def search(spec: ModelSpec, model_ref: str, method: str, target: Target, workload: Workload, priority: str,
+           scorer: Scorer, lora: Optional[dict] = None, allow_param_offload: bool = True,
+           progress: Optional[Callable[[Iterable], Iterable]] = None) -> SearchResult:
+    fitting, not_fitting = [], []
+    before, considered = scorer.scored, 0
+    plans = structures(spec, model_ref, method, target, workload.seq_len, lora, allow_param_offload)
+    for plan in (progress(plans) if progress else plans):
+        best, smallest, decided = largest_fitting(plan, workload, scorer)
+        considered += decided
+        (fitting if best else not_fitting).append(best or smallest)
+    fitting.sort(key=lambda c: c.key(priority))
+    not_fitting.sort(key=lambda c: c.total)
+    return SearchResult(method=method, fitting=fitting, not_fitting=not_fitting, scored=scorer.scored - before,
+                        considered=considered, limit=target.usable_bytes)
