@@ -167,8 +167,10 @@ def apply_lora(hf_model, plan: Plan):
         raise UserError(f"cannot apply LoRA: {err}") from None
 
 
-def build_model(config, plan: Plan, *, device: str = "cpu", fake_mode=None, weights: Optional[str] = None) -> Built:
-    """The model `plan` trains, on `device` ("cpu", "cuda:N"); fake tensors when `fake_mode` is given."""
+def build_model(config, plan: Plan, *, device: str = "cpu", fake_mode=None, weights: Optional[str] = None,
+                on_meta: bool = False) -> Built:
+    """The model `plan` trains, on `device` ("cpu", "cuda:N"); fake tensors when `fake_mode` is given;
+    left on the meta device with `on_meta` (to be sharded first, then given storage by `materialize`)."""
     config = resolve_config(config)
     text = _text_config(config)
     if plan.method == "qlora":
@@ -176,25 +178,34 @@ def build_model(config, plan: Plan, *, device: str = "cpu", fake_mode=None, weig
             raise UserError("bitsandbytes' 4-bit kernels cannot run on fake tensors")
         model, hf_model = _build_qlora(config, plan, device, weights)
     elif weights is not None and fake_mode is None:
+        if on_meta:
+            raise UserError("--weights with FSDP: memplan shards a randomly initialized model; drop --weights")
         model, hf_model = _load_weights(plan, device, weights)
     else:
-        model, hf_model = _build_random(config, plan, device, fake_mode)
+        model, hf_model = _meta_model(config, plan, device)
+        if not on_meta:
+            materialize(model, hf_model, device, fake_mode)
     model.train()
     return Built(model, hf_model, text.vocab_size, getattr(text, "final_logit_softcapping", None))
 
 
-def _build_random(config, plan: Plan, device: str, fake_mode):
+def _meta_model(config, plan: Plan, device: str):
     attn = _cuda_attn(plan) if device.startswith("cuda") else _attn(plan)
     with torch.device("meta"):
         hf_model = from_config(config, plan, attn)
         if plan.grad_ckpt:
             enable_checkpointing(hf_model)
         model = apply_lora(hf_model, plan) if plan.method == "lora" else hf_model
+    return model, hf_model
+
+
+def materialize(model, hf_model, device: str, fake_mode=None) -> None:
+    """Give a meta model storage on `device`: fake tensors, or real ones that HF initializes itself."""
     if fake_mode is not None:
         with fake_mode:
             model.to_empty(device=device)
             hf_model.tie_weights()
-        return model, hf_model
+        return
     model.to_empty(device=device)
     hf_model.tie_weights()
     for module in hf_model.modules():  # to_empty gave new tensors: initialize all of them
@@ -204,9 +215,9 @@ def _build_random(config, plan: Plan, device: str, fake_mode):
     hf_model.tie_weights()
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            t = getattr(t, "_local_tensor", t)  # a DTensor's shard (FSDP2)
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise RuntimeError(f"{name} was not initialized")
-    return model, hf_model
 
 
 def _load_weights(plan: Plan, device: str, weights: str, quantization_config=None):

@@ -148,7 +148,15 @@ def make_wrapper(plan: Plan, device: str, world: int) -> Callable:
 
         with meter.creating("comm_buffers"):
             ids = [torch.device(device).index] if device.startswith("cuda") else None
-            return DistributedDataParallel(module, device_ids=ids)
+            wrapped = DistributedDataParallel(module, device_ids=ids)
+        pre_forward = wrapped._pre_forward
+
+        def _pre_forward(*args, **kwargs):  # where DDP rebuilds its gradient buckets (step 2)
+            with meter.creating("comm_buffers"):
+                return pre_forward(*args, **kwargs)
+
+        wrapped._pre_forward = _pre_forward
+        return wrapped
 
     def fsdp(module, meter):
         from torch.distributed.device_mesh import init_device_mesh
@@ -160,12 +168,12 @@ def make_wrapper(plan: Plan, device: str, world: int) -> Callable:
         kwargs = dict(mesh=mesh, reshard_after_forward=plan.zero == 3)
         if plan.offload == "optimizer+params":
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        with meter.creating("weights"):  # the parameter shards replace the full parameters
-            for layer in decoder_layers(module):
-                fully_shard(layer, **kwargs)
-            fully_shard(module, **kwargs)
+        for layer in decoder_layers(module):  # on the meta device: measure() materializes the shards
+            fully_shard(layer, **kwargs)
+        fully_shard(module, **kwargs)
         return module
 
+    fsdp.shards_parameters = True
     return fsdp if plan.sharding == "fsdp" and plan.zero in (2, 3) else ddp
 
 

@@ -78,6 +78,11 @@ class StepMeasure:
 # ---------------------------------------------------------------- live tensor bytes
 
 
+def _storage(t: torch.Tensor) -> torch.UntypedStorage:
+    """The storage that holds t's bytes: a DTensor's (FSDP2) is its local shard's."""
+    return getattr(t, "_local_tensor", t).untyped_storage()
+
+
 class _Storage:
     __slots__ = ("nbytes", "cat", "born", "ref")
 
@@ -155,15 +160,15 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.clock += 1
         if isinstance(out, torch.Tensor):
-            self._add(out.untyped_storage())
+            self._add(_storage(out))
         elif isinstance(out, (tuple, list)):
             for t in out:
                 if isinstance(t, torch.Tensor):
-                    self._add(t.untyped_storage())
+                    self._add(_storage(t))
                 elif isinstance(t, (tuple, list)):
                     for u in t:
                         if isinstance(u, torch.Tensor):
-                            self._add(u.untyped_storage())
+                            self._add(_storage(u))
         self._record()
         return out
 
@@ -197,7 +202,7 @@ class LiveBytes(TorchDispatchMode):
         """Count tensors that exist before the steps (parameters and buffers)."""
         with _disable_current_modes():
             for t in tensors:
-                self._add(t.untyped_storage(), cat)
+                self._add(_storage(t), cat)
 
     def classify(self, tensors: Iterable[Optional[torch.Tensor]], cat: str) -> None:
         """Mark live storages as `cat`, also at every recorded peak they were alive at."""
@@ -205,8 +210,7 @@ class LiveBytes(TorchDispatchMode):
             for t in tensors:
                 if t is None:
                     continue
-                t = getattr(t, "_local_tensor", t)  # a DTensor's shard (FSDP2)
-                rec = self._storages.get(id(t.untyped_storage()))
+                rec = self._storages.get(id(_storage(t)))
                 if rec is None or rec.cat not in UNCLASSIFIED:
                     continue
                 old, rec.cat = rec.cat, cat

@@ -32,7 +32,8 @@ import torch
 from memplan.errors import UserError
 from memplan.loss import chunked_causal_lm_loss
 from memplan.plan import Plan
-from memplan.profile_build import AUTOCAST_DTYPE, BNB_OPTIMIZERS, build_model, decoder_layers, quant_state_tensors
+from memplan.profile_build import (AUTOCAST_DTYPE, BNB_OPTIMIZERS, build_model, decoder_layers, materialize,
+                                   quant_state_tensors)
 from memplan.profile_meters import PHASES, CudaMeter, FakeLiveBytes, LiveBytes, StepMeasure
 from memplan.profile_optim import make_optimizer, optimizer_factory, state_tensors
 
@@ -275,16 +276,19 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
     oom = None
     after_load = None
     try:
-        built = build_model(config, plan, device=device, fake_mode=fake_mode, weights=weights)
+        shards = getattr(wrap, "shards_parameters", False)
+        built = build_model(config, plan, device=device, fake_mode=fake_mode, weights=weights, on_meta=shards)
         factory = optimizer_factory(plan)  # imports happen here, before the meter is active
         module = CausalLMLoss(built.model, plan.loss == "chunked", built.softcap)
+        if shards:  # FSDP: shard on the meta device, then give each rank only its shards
+            module = wrap(module, meter)
+            materialize(built.model, built.hf_model, device)
         with unpacked_batches(), (fake_mode or contextlib.nullcontext()), meter:
-            meter.register(list(built.model.parameters()) + list(built.model.buffers())
+            meter.register(list(module.parameters()) + list(module.buffers())
                            + quant_state_tensors(built.model), "weights")
             after_load = _allocated(meter)
-            if wrap is not None:
-                with meter.creating("comm_buffers"):
-                    module = wrap(module, meter)
+            if wrap is not None and not shards:
+                module = wrap(module, meter)
             trainable = [p for p in module.parameters() if p.requires_grad]
             optimizer = make_optimizer(plan, factory, trainable, meter)
             logits_term = _LogitsLossTerm(built.hf_model, meter)

@@ -1,0 +1,288 @@
+"""`memplan profile`: real steps measured per phase next to the estimate, on every backend this machine has."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+from memplan.estimator.phases import TERMS  # noqa: E402
+from memplan.plan import Plan  # noqa: E402
+from memplan.profile_launch import search_max  # noqa: E402
+from memplan.profile_meters import CudaMeter  # noqa: E402
+from memplan.profile_run import measure  # noqa: E402
+
+MiB = 2**20
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+PLAN = ["--batch-size", "2", "--seq-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny") / "config.json"
+    path.write_text(LlamaConfig(**TINY).to_json_string())
+    return str(path)
+
+
+def profile_json(run_cli, *args):
+    code, out, err = run_cli("profile", *args, "--json")
+    assert code in (0, 1), err
+    return code, json.loads(out)
+
+
+def check_errors(result):
+    """error_pct is 100 x (estimate - measured) / measured, from the printed numbers."""
+    m = result["measured"]
+    assert result["error_pct"] == pytest.approx(
+        100 * (result["peak_allocated_bytes"] - m["peak_allocated_bytes"]) / m["peak_allocated_bytes"], abs=1e-3)
+    for ph, err in result["phase_error_pct"].items():
+        est, meas = result["phase_peaks"][ph], m["phase_peaks"][ph]
+        assert err == pytest.approx(100 * (est - meas) / meas, abs=1e-3)
+
+
+# ---------------------------------------------------------------- cpu backend: full, LoRA, QLoRA
+
+
+def test_cpu_full_json_shape(run_cli, tiny):
+    code, out = profile_json(run_cli, "--model", tiny, *PLAN, "--precision", "fp32", "--backend", "cpu",
+                             "--grad-accum", "2")
+    assert code == 0
+    assert out["profile"]["backend"] == "cpu" and out["profile"]["estimate_kernels"] == "cpu"
+    assert "CUDA context" in out["profile"]["not_seen"]
+    (result,) = out["results"]
+    m = result["measured"]
+    assert m["backend"] == "cpu"
+    assert m["reserved_bytes"] is None and m["nvml_used_bytes"] is None  # not measurable on the CPU
+    assert set(m["phase_peaks"]) == {"forward", "backward", "optimizer"}
+    assert set(m["breakdown"]) == set(TERMS)
+    assert m["breakdown"]["workspace"] is None and m["breakdown"]["gathered_params"] is None
+    peak = m["phase_peaks"][m["peak_phase"]]
+    assert sum(v for v in m["breakdown"].values() if v) == peak
+    # grad_accum 2: the gradients of the first micro-batch are alive during the second forward
+    assert m["phase_breakdown"]["forward"]["gradients"] == m["phase_breakdown"]["optimizer"]["gradients"] > 0
+    assert m["peak_allocated_bytes"] >= peak
+    check_errors(result)
+    assert -2.0 <= result["error_pct"] <= 3.0
+
+
+def test_cpu_lora_trains_only_adapters(tiny):
+    plan = Plan(method="lora", precision="bf16", micro_batch=2, seq_len=64, lora={"rank": 4})
+    result = measure(tiny, plan, backend="cpu", steps=2)
+    at_step = result.steady.breakdown["optimizer"]
+    base = sum(p.numel() for p in AutoModelForCausalLM.from_config(LlamaConfig(**TINY)).parameters())
+    assert 0 < at_step["gradients"] < 0.2 * 4 * base  # fp32 adapters only
+    assert at_step["weights"] == result.after_load
+    assert result.oom is None and result.backend == "cpu"
+
+
+def test_cpu_qlora_and_trace_refuses_it(run_cli, tiny):
+    pytest.importorskip("bitsandbytes")
+    code, out, _ = run_cli("profile", "--model", tiny, *PLAN, "--method", "qlora", "--precision", "bf16",
+                           "--backend", "cpu", "--no-grad-ckpt")
+    assert code == 0
+    assert "breakdown at the" in out and "verdict: estimate" in out
+    code, _, err = run_cli("profile", "--model", tiny, *PLAN, "--method", "qlora", "--precision", "bf16",
+                           "--backend", "trace")
+    assert code == 2
+    assert "4-bit kernels" in err and "--backend cpu" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("profile", "--model", tiny, *PLAN, "--optimizer", "adamw-8bit", "--backend", "trace")
+    assert code == 2 and "8-bit optimizer" in err
+
+
+def test_weights_dir_is_loaded(run_cli, tiny, tmp_path):
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
+    model.save_pretrained(tmp_path / "ckpt")
+    code, out = profile_json(run_cli, "--weights", str(tmp_path / "ckpt"), *PLAN, "--precision", "fp32",
+                             "--backend", "cpu", "--steps", "1")
+    _, random = profile_json(run_cli, "--model", tiny, *PLAN, "--precision", "fp32", "--backend", "cpu",
+                             "--steps", "1")
+    assert code == 0
+    assert out["results"][0]["measured"]["after_load_bytes"] == random["results"][0]["measured"]["after_load_bytes"]
+
+
+# ---------------------------------------------------------------- trace backend
+
+
+def test_trace_equals_cpu_and_says_what_it_cannot_see(run_cli, tiny):
+    args = ["--model", tiny, *PLAN, "--precision", "amp-bf16", "--loss", "chunked", "--steps", "2"]
+    _, trace = profile_json(run_cli, *args, "--backend", "trace")
+    _, cpu = profile_json(run_cli, *args, "--backend", "cpu")
+    t, c = trace["results"][0]["measured"], cpu["results"][0]["measured"]
+    assert t["backend"] == "trace"
+    for ph in ("forward", "backward", "optimizer"):
+        assert t["phase_peaks"][ph] == pytest.approx(c["phase_peaks"][ph], rel=1e-3)
+    code, out, _ = run_cli("profile", *args, "--backend", "trace")
+    assert code == 0
+    assert "not seen by the trace" in out and "caching allocator" in out and "NCCL" in out
+    assert "first step" in out and "steady" in out
+
+
+# ---------------------------------------------------------------- the CUDA meter and out of memory
+
+
+class FakeCudaStats:
+    """torch.cuda's memory-stat functions, driven by the live-bytes meter plus a fixed workspace."""
+
+    WORKSPACE = 1 * MiB
+
+    def __init__(self) -> None:
+        self.meter = None
+        self.resets = 0
+
+    def synchronize(self, device) -> None:
+        pass
+
+    def reset_peak_memory_stats(self, device) -> None:
+        self.resets += 1
+
+    def _tracker(self):
+        return self.meter.tracker
+
+    def max_memory_allocated(self, device) -> int:
+        peak = self._tracker()._peak
+        return (peak.total if peak is not None else self._tracker().live) + self.WORKSPACE
+
+    def max_memory_reserved(self, device) -> int:
+        return 2 * self.max_memory_allocated(device)
+
+    def memory_allocated(self, device) -> int:
+        return self._tracker().live
+
+
+def test_cuda_meter_phases_without_a_gpu(tiny):
+    plan = Plan(precision="fp32", micro_batch=2, seq_len=64, grad_accum=2)
+    stats = FakeCudaStats()
+    meter = CudaMeter("cpu", stats=stats)
+    stats.meter = meter
+    result = measure(tiny, plan, backend="cpu", steps=2, meter=meter)
+    plain = measure(tiny, plan, backend="cpu", steps=2)
+    for ph in ("forward", "backward", "optimizer"):
+        assert result.steady.peaks[ph] == plain.steady.peaks[ph] + FakeCudaStats.WORKSPACE
+        assert result.steady.tensor_peaks[ph] == plain.steady.peaks[ph]
+        assert result.steady.reserved[ph] == 2 * result.steady.peaks[ph]
+    assert result.reserved_peak == 2 * result.peak
+    # per step: forward and backward of each micro-batch, the optimizer, the end of the step
+    assert stats.resets == 2 * (2 * 2 + 1 + 1)
+    assert result.nvml_used is None  # no NVML here: not measured, not invented
+
+
+def test_out_of_memory_is_reported_not_raised(run_cli, tiny, monkeypatch):
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.Tensor, "backward", oom)
+    code, out, err = run_cli("profile", "--model", tiny, *PLAN, "--backend", "cpu")
+    assert code == 1
+    assert "does not fit: out of memory in backward at" in out and "Traceback" not in out + err
+    code, data = profile_json(run_cli, "--model", tiny, *PLAN, "--backend", "cpu")
+    assert code == 1
+    m = data["results"][0]["measured"]
+    assert m["oom"]["phase"] == "backward" and m["oom"]["step"] == 1 and m["oom"]["allocated_bytes"] > 0
+    assert data["results"][0]["error_pct"] is None
+
+
+def test_out_of_memory_in_the_optimizer_on_the_cuda_meter(tiny, monkeypatch):
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", oom)
+    stats = FakeCudaStats()
+    meter = CudaMeter("cpu", stats=stats)
+    stats.meter = meter
+    result = measure(tiny, Plan(precision="fp32", micro_batch=2, seq_len=64), backend="cpu", meter=meter)
+    assert result.oom["phase"] == "optimizer"
+    assert result.oom["allocated_bytes"] > FakeCudaStats.WORKSPACE
+    assert result.steps[0].peaks["backward"] > 0  # the phases before the failure are kept
+
+
+# ---------------------------------------------------------------- --find-max-batch
+
+
+def test_search_max_finds_the_boundary_from_any_start():
+    for truth in (0, 1, 5, 17, 64):
+        for start in (1, 3, 16, 100):
+            calls = []
+
+            def fits(n):
+                calls.append(n)
+                return n <= truth
+
+            assert search_max(fits, start, 64) == truth
+            assert len(calls) <= 14
+
+
+def test_find_max_batch_probes_in_subprocesses(run_cli, tiny):
+    plan = dict(device="cpu", precision="fp32", seq_len=64, grad_ckpt=False)
+    peaks = {b: measure(tiny, Plan(micro_batch=b, **plan), backend="trace", steps=2).peak for b in (3, 4)}
+    capacity = (peaks[3] + peaks[4]) // 2  # a CPU plan fits when its measured peak does
+    code, out = profile_json(run_cli, "--model", tiny, "--device", "cpu", "--precision", "fp32", "--seq-len", "64",
+                             "--no-grad-ckpt", "--backend", "trace", "--steps", "2", "--find-max-batch",
+                             "--gpu-memory", f"{capacity}B")
+    assert code == 0
+    found = out["max_batch"]
+    assert found["value"] == 3
+    assert "cannot run out of GPU memory" in found["criterion"]
+    assert {p["micro_batch"] for p in found["probes"]} >= {3, 4}
+    for p in found["probes"]:
+        assert p["fits"] == (p["needed_bytes"] <= capacity)
+        if p["micro_batch"] in peaks:
+            assert p["peak_allocated_bytes"] == peaks[p["micro_batch"]]
+
+
+# ---------------------------------------------------------------- several processes (gloo)
+
+
+def test_two_process_ddp_and_fsdp_on_gloo(run_cli, tiny):
+    base = ["--model", tiny, *PLAN, "--precision", "fp32", "--backend", "cpu", "--gpus", "2", "--steps", "2"]
+    _, single = profile_json(run_cli, "--model", tiny, *PLAN, "--precision", "fp32", "--backend", "cpu",
+                             "--steps", "2")
+    weights = single["results"][0]["measured"]["after_load_bytes"]
+    code, ddp = profile_json(run_cli, *base)
+    assert code == 0
+    m = ddp["results"][0]["measured"]
+    assert [r["rank"] for r in m["ranks"]] == [0, 1]
+    assert m["ranks"][0]["phase_peaks"] == m["ranks"][1]["phase_peaks"]
+    assert m["after_load_bytes"] == weights
+    # DDP's gradient buckets: one more copy of the gradients (gradient_as_bucket_view=False)
+    assert m["phase_breakdown"]["optimizer"]["comm_buffers"] == m["phase_breakdown"]["optimizer"]["gradients"]
+    code, fsdp = profile_json(run_cli, *base, "--sharding", "fsdp", "--zero", "3")
+    assert code == 0
+    f = fsdp["results"][0]["measured"]
+    assert len(f["ranks"]) == 2
+    assert f["after_load_bytes"] == pytest.approx(weights / 2, rel=0.01)  # each rank holds half
+    assert f["phase_breakdown"]["optimizer"]["optimizer_states"] == pytest.approx(
+        m["phase_breakdown"]["optimizer"]["optimizer_states"] / 2, rel=0.01)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "trace", "--gpus", "2"], "trace backend runs one"),
+    (["--backend", "trace", "--find-max-batch"], "needs the GPU's memory"),
+    (["--sharding", "deepspeed", "--zero", "2", "--precision", "bf16-master", "--backend", "cpu"], "DeepSpeed"),
+    (["--backend", "cuda"], None),
+])
+def test_bad_input_is_one_line_and_exit_2(run_cli, tiny, args, message):
+    if args == ["--backend", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --backend cuda is valid here")
+    code, out, err = run_cli("profile", "--model", tiny, *PLAN, *args)
+    assert code == 2
+    assert err.startswith("memplan: error:") and len(err.strip().splitlines()) == 1
+    assert message is None or message in err
+    if message is None:
+        assert "no CUDA device" in err
+
+
+def test_no_model_and_bad_steps(run_cli):
+    code, _, err = run_cli("profile", "--backend", "trace")
+    assert code == 2 and "no model" in err
+    code, _, err = run_cli("profile", "--model", "llama-2-7b", "--steps", "0")
+    assert code == 2
