@@ -45,6 +45,9 @@ from memplan.cli_options import HPARAM_FLAGS, plan_options
                    "fastest; speed: fastest; memory: smallest.")
 @click.option("--headroom", type=float, default=0.10, show_default=True,
               help="fraction of each device's memory kept free: a plan must fit (1 - headroom) x memory.")
+@click.option("--host-memory", "host_memory", default=None,
+              help="RAM per node for offloaded optimizer states and parameters, e.g. 512GiB (default: this "
+                   "machine's for local GPUs, else 128 GiB per GPU).")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default=None,
               help="write plan.yaml, accelerate_config.yaml, ds_config.json (DeepSpeed) and README.md here.")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables.")

@@ -45,7 +45,7 @@ def _summary(rec: Recommendation) -> list[str]:
 def run(model: str, gpus: Optional[int], nodes: Optional[int], gpu: Optional[str], gpu_memory: Optional[str],
         data: Optional[str], validation: Optional[str], replay: Optional[str], dataset_size: Optional[int],
         seq_len: Optional[int], domain_shift: Optional[str], method: Optional[str], effective_batch: Optional[int],
-        max_hours: Optional[float], priority: str, headroom: float, out_dir: Optional[str], as_json: bool,
+        max_hours: Optional[float], priority: str, headroom: float, host_memory: Optional[str], out_dir: Optional[str], as_json: bool,
         explain: bool, plot: Optional[str], **opts: Any) -> None:
     from memplan.recommend import render, writers
 
@@ -53,7 +53,7 @@ def run(model: str, gpus: Optional[int], nodes: Optional[int], gpu: Optional[str
     req = Request(model=model, gpus=gpus, nodes=nodes or 1, gpu=gpu, gpu_memory=gpu_memory, data=data,
                   validation=validation, replay=replay, dataset_size=dataset_size, seq_len=seq_len,
                   domain_shift=domain_shift, method=method, effective_batch=effective_batch,
-                  epochs=h.get("hparams.epochs"), max_hours=max_hours, priority=priority, headroom=headroom,
+                  epochs=h.get("hparams.epochs"), max_hours=max_hours, priority=priority, headroom=headroom, host_memory=host_memory,
                   lr=h.get("hparams.lr"), warmup_ratio=h.get("hparams.warmup_ratio"), out_dir=out_dir,
                   show_progress=not as_json and sys.stderr.isatty())
     try:

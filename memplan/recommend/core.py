@@ -56,6 +56,7 @@ class Request:
     max_hours: Optional[float] = None
     priority: str = "quality"
     headroom: float = 0.10
+    host_memory: Optional[str] = None
     lr: Optional[float] = None
     warmup_ratio: Optional[float] = None
     out_dir: Optional[str] = None
@@ -198,6 +199,10 @@ def _full_ft_test(rec: Recommendation, scorer: Scorer, model_ref: str) -> tuple[
 
 
 def why_not(alt: Candidate, best: Candidate, priority: str, target: Target) -> str:
+    if not alt.fits and alt.total <= target.usable_bytes:
+        return (f"needs {alt.estimate.host_bytes / GiB:.2f} GiB of host RAM per node for offloaded states > "
+                f"{target.usable_host_bytes / GiB:.2f} GiB usable ({target.host_memory_bytes / GiB:.0f} GiB less "
+                f"{100 * target.headroom:g} % headroom)")
     if not alt.fits:
         return (f"needs {alt.total / GiB:.2f} GiB per device at micro-batch 1 > {target.usable_bytes / GiB:.2f} GiB "
                 f"usable ({target.memory_bytes / GiB:.2f} GiB less {100 * target.headroom:g} % headroom)")
@@ -256,45 +261,55 @@ def pick_alternatives(result: SearchResult, best: Candidate, priority: str, targ
 # ------------------------------------------------------------------------------- no fit: what would
 
 
+def _host_ok(c: Candidate, target: Target) -> bool:
+    return not c.estimate.host_bytes or c.estimate.host_bytes <= target.usable_host_bytes
+
+
 def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[str]) -> list[str]:
+    """What would fit instead: another method, more host RAM, a bigger GPU, more GPUs, a shorter sequence."""
     from memplan.gpus import load_gpus
 
     out = []
+    target = rec.target
     pool = [c for m in tried for c in (rec.searches[m].fitting + rec.searches[m].not_fitting)]
-    smallest = min(pool, key=lambda c: c.total) if pool else None
     for m in ("full", "lora", "qlora"):
         if m in tried:
             continue
-        r = rec.searches.get(m) or search(rec.spec, model_ref, m, rec.target, rec.workload, rec.request.priority,
-                                          scorer)
+        r = rec.searches.get(m) or search(rec.spec, model_ref, m, target, rec.workload, rec.request.priority, scorer)
         rec.searches[m] = r
         if r.best:
             out.append(f"{METHOD_NAMES[m]} fits: {r.best.family()}, {r.best.total / GiB:.2f} GiB per device, "
                        f"{r.best.hours:.1f} h (--method {m})")
-    if smallest is None:
+    if not pool:
         return out
-    need = smallest.total / (1 - rec.target.headroom)
-    if rec.target.device == "cuda":
+    gpu_ok = [c for c in pool if c.total <= target.usable_bytes]
+    if gpu_ok and target.device == "cuda":
+        c = min(gpu_ok, key=lambda c: c.estimate.host_bytes)
+        need = c.estimate.host_bytes / (1 - target.headroom) / GiB
+        out.append(f"--host-memory {math.ceil(need)}GiB (RAM per node): {c.family()} then fits, "
+                   f"{c.total / GiB:.2f} GiB per GPU, {c.hours:.1f} h")
+    host_ok = [c for c in pool if _host_ok(c, target)] or pool
+    smallest = min(host_ok, key=lambda c: c.total)
+    need = smallest.total / (1 - target.headroom)
+    if target.device == "cuda":
         bigger = [g.id for g in load_gpus().values() if g.memory_bytes >= need]
         if bigger:
-            out.append(f"a GPU with at least {need / GiB:.1f} GiB: {', '.join(bigger)} (smallest plan: "
-                       f"{smallest.family()}, {smallest.total / GiB:.2f} GiB)")
+            out.append(f"a GPU with at least {need / GiB:.1f} GiB: {', '.join(bigger)} (then {smallest.family()}, "
+                       f"{smallest.total / GiB:.2f} GiB)")
         for world in (2, 4, 8, 16, 32, 64, 128):
-            if world <= rec.target.world_size:
+            if world <= target.world_size:
                 continue
             gpus, nodes = min(world, 8), max(1, world // 8)
-            plan = smallest.plan.model_copy(update={"gpus": gpus, "nodes": nodes})
-            if plan.sharding == "ddp" and world > 1:
-                fields = plan.model_dump()
-                fields.update(sharding="deepspeed", zero=3, precision="bf16-master" if rec.target.supports_bf16 else "fp32",
-                              optimizer="adamw-fused", offload="none", attn="sdpa")
-                try:
-                    plan = build_plan(fields)
-                except UserError:
-                    continue
-            e = estimate(rec.spec, plan, rec.target.memory_bytes)
-            if e.total <= rec.target.usable_bytes:
-                out.append(f"{nodes} node(s) x {gpus} GPUs: {plan.sharding} ZeRO-{plan.zero} needs "
+            fields = smallest.plan.model_dump()
+            fields.update(gpus=gpus, nodes=nodes, offload="none", optimizer="adamw-fused", attn="sdpa",
+                          sharding="deepspeed", zero=3, precision="bf16-master" if target.supports_bf16 else "fp32")
+            try:
+                plan = build_plan(fields)
+            except UserError:
+                break
+            e = estimate(rec.spec, plan, target.memory_bytes)
+            if e.total <= target.usable_bytes:
+                out.append(f"{nodes} node(s) x {gpus} GPUs: DeepSpeed ZeRO-3 without offload needs "
                            f"{e.total / GiB:.2f} GiB per GPU (--gpus {gpus}{f' --nodes {nodes}' if nodes > 1 else ''})")
                 break
     else:
@@ -302,9 +317,9 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
                    f"(--gpu ID); the smallest plan needs {smallest.total / GiB:.2f} GiB")
     if rec.workload.seq_len > 512:
         shorter = smallest.plan.model_copy(update={"seq_len": rec.workload.seq_len // 2})
-        e = estimate(rec.spec, shorter, rec.target.memory_bytes)
-        if e.total <= rec.target.usable_bytes:
-            out.append(f"--seq-len {shorter.seq_len}: {e.total / GiB:.2f} GiB")
+        e = estimate(rec.spec, shorter, target.memory_bytes)
+        if e.total <= target.usable_bytes and (not e.host_bytes or e.host_bytes <= target.usable_host_bytes):
+            out.append(f"--seq-len {shorter.seq_len}: {smallest.family()}, {e.total / GiB:.2f} GiB")
     return out
 
 
@@ -329,7 +344,7 @@ def recommend(req: Request) -> Recommendation:
     _check_request(req)
     spec = resolve_model(req.model)
     model_ref = _model_field(req.model)
-    target = resolve_target(req.gpu, req.gpu_memory, req.gpus, req.nodes, req.headroom)
+    target = resolve_target(req.gpu, req.gpu_memory, req.gpus, req.nodes, req.headroom, req.host_memory)
     assumptions = list(target.assumptions)
 
     stats = measure(req.data, req.model, spec.name, req.show_progress) if req.data else None
@@ -387,18 +402,27 @@ def recommend(req: Request) -> Recommendation:
         methods = list(leaf["methods"])
         rec.method_reason = f"{leaf['label']} ({leaf['why']})"
 
-    for i, m in enumerate(methods):
-        r = search(spec, model_ref, m, target, workload, req.priority, scorer, progress=progress)
-        rec.searches[m] = r
-        if r.best:
-            rec.chosen = r.best
-            if i > 0:
-                rec.method_reason += (f"; {METHOD_NAMES[methods[0]]} does not fit (smallest plan "
-                                      f"{rec.searches[methods[0]].smallest().total / GiB:.2f} GiB > "
-                                      f"{target.usable_bytes / GiB:.2f} GiB usable), {METHOD_NAMES[m]} does")
-            elif len(methods) > 1:
-                rec.method_reason += f": {METHOD_NAMES[m]} fits"
-            break
+    # The leaf's methods in order: the first that fits without parameter offload (a last resort that
+    # streams every weight over PCIe each step), else the first that fits at all.
+    for m in methods:
+        rec.searches[m] = search(spec, model_ref, m, target, workload, req.priority, scorer, progress=progress)
+    def _no_param_offload(m: str) -> bool:
+        return any(c.plan.offload != "optimizer+params" for c in rec.searches[m].fitting)
+    first = next((m for m in methods if _no_param_offload(m)), None) or \
+        next((m for m in methods if rec.searches[m].best), None)
+    if first is not None:
+        rec.chosen = rec.searches[first].best
+        if len(methods) > 1:
+            skipped = methods[:methods.index(first)]
+            notes = []
+            for m in skipped:
+                r = rec.searches[m]
+                if r.best:
+                    notes.append(f"{METHOD_NAMES[m]} fits only with parameter offload ({r.best.hours:.1f} h)")
+                else:
+                    notes.append(f"{METHOD_NAMES[m]} does not fit (smallest plan {r.smallest().total / GiB:.2f} GiB > "
+                                 f"{target.usable_bytes / GiB:.2f} GiB usable)")
+            rec.method_reason += ": " + "; ".join(notes + [f"{METHOD_NAMES[first]} fits"])
     if rec.chosen is None:
         rec.suggestions = _suggest(rec, scorer, model_ref, methods)
         raise NoPlanFits(rec)

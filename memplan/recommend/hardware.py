@@ -31,6 +31,11 @@ INTER_NODE_GBPS = 50.0
 #: and LlamaForCausalLM), rounded up to 450 MiB.
 PROCESS_BASELINE_BYTES = 450 * (1 << 20)
 
+#: Host RAM per GPU assumed for a GPU cluster that is not this machine (offloaded states must fit it):
+#: 128 GiB, NVIDIA DGX A100's ratio (1 TB system memory for 8 GPUs; DGX A100 datasheet). --host-memory
+#: gives the real figure per node.
+HOST_RAM_PER_GPU = 128 * GiB
+
 #: How long each matmul measurement of the CPU runs (seconds).
 CPU_PROBE_SECONDS = 0.25
 
@@ -48,6 +53,7 @@ class Target:
     gpu: Optional[Gpu] = None
     # Peak dense FLOP/s by compute dtype ("bf16", "fp16", "fp32"); None where unsupported.
     peak_flops: dict[str, Optional[float]] = field(default_factory=dict)
+    host_memory_bytes: int = 0  # RAM per node, for offloaded states (GPU plans)
     interconnect_bytes_s: float = 0.0  # per direction, per GPU (the slowest link of the ring)
     host_link_bytes_s: float = 0.0  # per direction
     assumptions: list[str] = field(default_factory=list)
@@ -66,6 +72,10 @@ class Target:
         return int(base * (1 - self.headroom))
 
     @property
+    def usable_host_bytes(self) -> int:
+        return int(self.host_memory_bytes * (1 - self.headroom))
+
+    @property
     def supports_bf16(self) -> bool:
         return self.peak_flops.get("bf16") is not None
 
@@ -81,7 +91,8 @@ def _tflops(x: Optional[float]) -> Optional[float]:
     return None if x is None else x * 1e12
 
 
-def _gpu_target(gpu: Gpu, gpus: int, nodes: int, headroom: float, assumptions: list[str]) -> Target:
+def _gpu_target(gpu: Gpu, gpus: int, nodes: int, headroom: float, assumptions: list[str],
+                host_memory: Optional[int], local: bool = False) -> Target:
     figures = gpu
     if gpu.bf16_tflops is None and gpu.fp16_tflops is None:
         from memplan.gpus import resolve_gpu
@@ -94,9 +105,16 @@ def _gpu_target(gpu: Gpu, gpus: int, nodes: int, headroom: float, assumptions: l
     if nodes > 1:
         assumptions.append(f"between nodes: {INTER_NODE_GBPS:g} GB/s per GPU per direction "
                            "(one 400 Gb/s InfiniBand port per GPU, as in a DGX H100)")
+    if host_memory is None:
+        if local:
+            host_memory = host_memory_bytes()
+        else:
+            host_memory = HOST_RAM_PER_GPU * gpus
+            assumptions.append(f"host RAM {host_memory / GiB:.0f} GiB per node for offloaded states "
+                               f"({HOST_RAM_PER_GPU / GiB:.0f} GiB per GPU, a DGX A100's ratio; --host-memory to change)")
     return Target(
         device="cuda", name=gpu.name, gpus=gpus, nodes=nodes, memory_bytes=gpu.memory_bytes, headroom=headroom,
-        gpu=gpu,
+        gpu=gpu, host_memory_bytes=host_memory,
         peak_flops={"bf16": _tflops(figures.bf16_tflops), "fp16": _tflops(figures.fp16_tflops),
                     "fp32": _tflops(figures.fp32_tflops)},
         interconnect_bytes_s=link, host_link_bytes_s=(figures.host_link_gbps or 0.0) * 1e9,
@@ -161,7 +179,7 @@ def cpu_target(processes: int, headroom: float, assumptions: list[str]) -> Targe
 
 
 def resolve_target(gpu: Optional[str], gpu_memory: Optional[str], gpus: Optional[int], nodes: int,
-                   headroom: float) -> Target:
+                   headroom: float, host_memory: Optional[str] = None) -> Target:
     """--gpu / --gpu-memory, else the local GPUs (pynvml), else this machine's CPU."""
     from memplan import gpus as gpu_mod
 
@@ -170,17 +188,18 @@ def resolve_target(gpu: Optional[str], gpu_memory: Optional[str], gpus: Optional
     if not 0 <= headroom < 1:
         raise UserError(f"--headroom {headroom} must be a fraction in [0, 1), e.g. 0.1 for 10 %")
     assumptions: list[str] = []
+    host = gpu_mod.parse_memory(host_memory) if host_memory else None
     if gpu:
-        return _gpu_target(gpu_mod.resolve_gpu(gpu), gpus or 1, nodes, headroom, assumptions)
+        return _gpu_target(gpu_mod.resolve_gpu(gpu), gpus or 1, nodes, headroom, assumptions, host)
     if gpu_memory:
         return _gpu_target(gpu_mod.custom_gpu(gpu_mod.parse_memory(gpu_memory)), gpus or 1, nodes, headroom,
-                           assumptions)
+                           assumptions, host)
     local = gpu_mod.local_gpus()
     if local:
         smallest = min(local, key=lambda g: g.memory_bytes)
         count = gpus or len(local)
         assumptions.append(f"GPU from this machine (NVML): {len(local)} x {smallest.name}")
-        return _gpu_target(smallest, count, nodes, headroom, assumptions)
+        return _gpu_target(smallest, count, nodes, headroom, assumptions, host, local=True)
     if nodes > 1:
         raise UserError("no GPU given or found, and a CPU plan runs on this one machine: drop --nodes, "
                         "or give --gpu / --gpu-memory to plan for a GPU cluster")

@@ -4,7 +4,7 @@ hyperparameters, the runners-up and why they lost, warnings, files."""
 from __future__ import annotations
 
 from memplan import report
-from memplan.recommend.core import GiB, NoPlanFits, Recommendation
+from memplan.recommend.core import GiB, NoPlanFits, Recommendation, why_not
 from memplan.recommend.hardware import PROCESS_BASELINE_BYTES
 
 
@@ -119,8 +119,8 @@ def render_no_fit(err: NoPlanFits, explain: bool = False) -> str:
     for m, r in rec.searches.items():
         small = r.smallest()
         if small is not None and not r.fitting:
-            lines.append(f"  {m}: the smallest plan, {small.family()} at micro-batch 1, needs {small.total / GiB:.2f} "
-                         f"GiB per device > {r.limit / GiB:.2f} GiB usable")
+            lines.append(f"  {m}: the smallest plan, {small.family()}, "
+                         f"{why_not(small, small, rec.request.priority, rec.target)}")
     if rec.suggestions:
         lines += ["what would fit instead:"] + [f"  - {s}" for s in rec.suggestions]
     return "\n".join(lines)

@@ -199,8 +199,9 @@ class Scorer:
             return hit
         e = estimate(self.spec, plan, self.target.memory_bytes)
         step = throughput.step_time(self.spec, plan, self.target, e.params_trainable)
-        cand = Candidate(plan=plan, estimate=e, step=step, steps=workload.steps(),
-                         fits=e.total <= self.target.usable_bytes)
+        fits = e.total <= self.target.usable_bytes and (
+            not e.host_bytes or e.host_bytes <= self.target.usable_host_bytes)
+        cand = Candidate(plan=plan, estimate=e, step=step, steps=workload.steps(), fits=fits)
         self._cache[key] = cand
         self.scored += 1
         return cand

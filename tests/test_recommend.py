@@ -1,0 +1,268 @@
+"""memplan recommend: the decision tree (one test per leaf), the search, the time model, hyperparameters,
+data counting, no-fit and bad-input exit codes, --json shape, --plot."""
+
+import json
+import math
+
+import pytest
+
+from memplan.models import resolve_model
+from memplan.plan import build_plan
+from memplan.recommend import hparams as hp
+from memplan.recommend import throughput
+from memplan.recommend.tree import load_tree
+
+
+def recommend_json(run_cli, *args):
+    code, out, err = run_cli("recommend", *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.fixture
+def no_local_gpu(monkeypatch):
+    """Plan for this machine's CPU even where CI has a GPU."""
+    import memplan.gpus
+
+    monkeypatch.setattr(memplan.gpus, "local_gpus", lambda: [])
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    """A 2-layer Llama config with a word-level tokenizer (tokenizers), and a JSONL set of known lengths."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(200)]
+    vocab = {w: i for i, w in enumerate(["[UNK]"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model_dir = tmp_path / "tiny"
+    model_dir.mkdir()
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "config.json").write_text(json.dumps(dict(
+        model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)))
+    # text examples of 10, 20, ..., 200 words: 20 examples
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(words[:n])}) + "\n" for n in range(10, 201, 10)))
+    return model_dir, data
+
+
+# ------------------------------------------------------------------------------------ the tree, one test per leaf
+
+GPU4 = ("--model", "llama-2-7b", "--gpu", "a100-80gb", "--gpus", "4")
+GPU1_24 = ("--model", "llama-2-7b", "--gpu", "rtx4090-24gb", "--gpus", "1")
+
+
+def test_leaf_low_domain_shift_gives_lora(run_cli):
+    out = recommend_json(run_cli, *GPU4, "--dataset-size", "50000")
+    assert [d["answer"] for d in out["decision"]] == ["no", "lora"]
+    assert out["decision"][0]["reason"] == "domain shift low"
+    assert out["plan"]["method"] == "lora"
+    assert any("domain shift low" in a for a in out["assumptions"])  # the default is said out loud
+
+
+def test_leaf_low_domain_shift_falls_back_to_qlora_when_lora_does_not_fit(run_cli):
+    out = recommend_json(run_cli, "--model", "llama-2-13b", "--gpu", "rtx4090-24gb", "--dataset-size", "50000")
+    assert out["plan"]["method"] == "qlora"
+    assert "QLoRA fits" in out["decision"][-1]["reason"] and "LoRA " in out["decision"][-1]["reason"]
+
+
+def test_leaf_high_shift_with_compute_gives_full_ft(run_cli):
+    out = recommend_json(run_cli, *GPU4, "--dataset-size", "50000", "--domain-shift", "high", "--max-hours", "100")
+    assert [d["answer"] for d in out["decision"]] == ["yes", "yes", "full"]
+    assert "fits" in out["decision"][1]["reason"] and "GiB" in out["decision"][1]["reason"]
+    assert out["plan"]["method"] == "full"
+    assert out["plan"]["hparams"]["lr"] == hp.LR_HIGH_SHIFT["full"]  # forgetting guard: lower LR
+    assert out["plan"]["hparams"]["early_stopping_patience"] == hp.PATIENCE_HIGH_SHIFT
+
+
+def test_leaf_high_shift_without_compute_and_many_samples_gives_qlora(run_cli):
+    out = recommend_json(run_cli, *GPU1_24, "--dataset-size", "50000", "--domain-shift", "high")
+    assert [d["answer"] for d in out["decision"]] == ["yes", "no", "yes", "qlora"]
+    assert "does not fit" in out["decision"][1]["reason"]
+    assert out["plan"]["method"] == "qlora"
+
+
+def test_leaf_high_shift_without_compute_and_few_samples_gives_lora(run_cli):
+    out = recommend_json(run_cli, *GPU1_24, "--dataset-size", "3000", "--domain-shift", "high")
+    assert [d["answer"] for d in out["decision"]] == ["yes", "no", "no", "lora"]
+    assert out["decision"][2]["reason"] == "3,000 training samples <= 10,000"
+    assert out["plan"]["method"] == "lora"
+
+
+def test_time_budget_decides_enough_compute(run_cli):
+    out = recommend_json(run_cli, *GPU4, "--dataset-size", "50000", "--domain-shift", "high", "--max-hours", "1")
+    assert out["decision"][1]["answer"] == "no"
+    assert "> --max-hours 1" in out["decision"][1]["reason"]
+    assert out["plan"]["method"] == "qlora"
+
+
+def test_forced_method_skips_the_tree_and_checklist_warns(run_cli):
+    out = recommend_json(run_cli, *GPU4, "--dataset-size", "3000", "--method", "full")
+    assert out["decision"] == [{"question": "Which method?", "answer": "full",
+                                "reason": "--method full given: the decision tree is skipped"}]
+    warnings = "\n".join(out["warnings"])
+    assert "10K samples or fewer" in warnings and "close to pre-training" in warnings
+
+
+def test_tree_file_is_checked_when_loaded(tmp_path):
+    tree = load_tree()
+    assert set(tree.leaves) == {"adapters_default", "full", "qlora", "lora"}
+    bad = tmp_path / "tree.yaml"
+    bad.write_text("root: a\nnodes:\n  a: {question: q, test: nope, 'yes': x, 'no': x}\nleaves:\n  x: {label: X, why: w, methods: [lora]}\n")
+    with pytest.raises(ValueError, match="unknown test 'nope'"):
+        load_tree(bad)
+
+
+def test_explain_marks_the_path(run_cli):
+    code, out, _ = run_cli("recommend", *GPU1_24, "--dataset-size", "50000", "--domain-shift", "high", "--explain")
+    assert code == 0
+    marked = [line for line in out.splitlines() if line.lstrip().startswith(">>")]
+    assert len(marked) == 4  # three questions and the leaf
+    assert "QLoRA (cost-effective)   <== recommended" in marked[-1]
+
+
+# ------------------------------------------------------------------------------------ the plan
+
+def test_json_shape_and_plan_consistency(run_cli):
+    out = recommend_json(run_cli, *GPU4, "--dataset-size", "50000", "--effective-batch", "64")
+    assert {"plan", "decision", "estimate", "alternatives", "files"} <= set(out)
+    assert all(set(d) == {"question", "answer", "reason"} for d in out["decision"])
+    plan = build_plan(out["plan"])
+    assert plan.effective_batch == 64 and plan.world_size == 4
+    assert out["estimate"]["total_bytes"] <= 0.9 * out["estimate"]["gpu_memory_bytes"]  # the 10 % headroom
+    assert out["alternatives"] and all({"plan", "why_not"} <= set(a) for a in out["alternatives"])
+    assert any(not a["fits"] and "GiB usable" in a["why_not"] for a in out["alternatives"]) or \
+        all(a["fits"] for a in out["alternatives"])
+    steps = math.ceil(math.ceil(50000 / 64) * 3)
+    assert out["time"]["optimizer_steps"] == steps
+    assert out["time"]["hours"] == pytest.approx(steps * out["time"]["step_s"] / 3600)
+    assert out["plan"]["hparams"]["warmup_steps"] == hp.warmup_steps(steps)
+
+
+def test_headroom_flag_changes_what_fits(run_cli):
+    tight = recommend_json(run_cli, *GPU4, "--dataset-size", "50000", "--method", "full", "--headroom", "0.3")
+    assert tight["estimate"]["total_bytes"] <= 0.7 * tight["estimate"]["gpu_memory_bytes"]
+    loose = recommend_json(run_cli, *GPU4, "--dataset-size", "50000", "--method", "full", "--headroom", "0")
+    assert loose["estimate"]["total_bytes"] > tight["estimate"]["total_bytes"]
+
+
+def test_priority_memory_picks_the_smallest_plan(run_cli):
+    out = recommend_json(run_cli, *GPU4, "--dataset-size", "50000", "--method", "full", "--priority", "memory")
+    others = [a["total_bytes"] for a in out["alternatives"] if a["fits"]]
+    assert all(out["estimate"]["total_bytes"] <= t for t in others)
+
+
+def test_no_plan_fits_exits_1_and_says_what_would(run_cli):
+    code, out, _ = run_cli("recommend", "--model", "llama-2-70b", "--method", "full", "--gpu-memory", "24GiB",
+                           "--dataset-size", "1000")
+    assert code == 1
+    assert "no plan fits" in out and "what would fit instead" in out
+    assert "GPUs" in out or "GiB" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--model", "llama-2-7b", "--gpu", "h100"), "give --data FILE.jsonl or --dataset-size"),
+    (("--model", "llama-2-7b", "--gpu", "h100", "--dataset-size", "0"), "--dataset-size 0"),
+    (("--model", "llama-2-7b", "--gpu", "h100", "--gpu-memory", "24GiB", "--dataset-size", "9"), "either --gpu"),
+    (("--model", "llama-2-7b", "--gpu", "h100", "--dataset-size", "9", "--headroom", "1.5"), "--headroom"),
+    (("--model", "llama7b", "--gpu", "h100", "--dataset-size", "9"), "unknown model"),
+])
+def test_bad_input_exits_2(run_cli, args, message):
+    code, _, err = run_cli("recommend", *args)
+    assert code == 2 and message in err
+
+
+def test_malformed_data_line_names_file_and_line(run_cli, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "ok"}\n{"text": \n')
+    code, _, err = run_cli("recommend", "--model", "llama-2-7b", "--gpu", "h100", "--data", str(data))
+    assert code == 2 and f"{data}:2: not valid JSON" in err
+
+
+# ------------------------------------------------------------------------------------ data, CPU, plot
+
+def test_data_token_counting_with_the_models_tokenizer(run_cli, tiny_model, no_local_gpu):
+    model_dir, data = tiny_model
+    out = recommend_json(run_cli, "--model", str(model_dir), "--data", str(data))
+    d = out["data"]
+    assert d["examples"] == 20 and d["format"] == "text" and "tokenizer" in d["tokenizer"]
+    # 10..200 words, one token each; nearest-rank p95 of 20 values = the 19th = 190; p50 = the 10th = 100
+    assert (d["tokens_p50"], d["tokens_p95"], d["tokens_max"]) == (100, 190, 200)
+    assert out["plan"]["seq_len"] == 192  # p95 rounded up to 64
+    assert out["samples"] == 20 - math.ceil(20 * 0.05)  # the validation split is held out
+    assert any("longer than 192 tokens" in w for w in out["warnings"])
+
+
+def test_data_token_counting_approximation_without_tokenizer(run_cli, tiny_model):
+    _, data = tiny_model
+    out = recommend_json(run_cli, "--model", "llama-2-7b", "--gpu", "h100", "--data", str(data))
+    longest = len(" ".join(f"w{i}" for i in range(200)))
+    assert out["data"]["tokens_max"] == math.ceil(longest / 4)
+    assert "approximation" in out["data"]["tokenizer"]
+
+
+def test_cpu_plan_without_gpu(run_cli, tiny_model, no_local_gpu):
+    model_dir, data = tiny_model
+    code, text, _ = run_cli("recommend", "--model", str(model_dir), "--gpus", "1", "--data", str(data))
+    assert code == 0 and "this machine's CPU" in text and "(--gpus 1 counts CPU processes here)" in text
+    out = recommend_json(run_cli, "--model", str(model_dir), "--gpus", "1", "--data", str(data))
+    assert out["plan"]["device"] == "cpu" and out["target"]["device"] == "cpu"
+    assert out["plan"]["precision"] in ("fp32", "amp-bf16", "bf16")
+    assert out["plan"]["sharding"] == "ddp" and out["plan"]["offload"] == "none"
+    assert all(a["plan"]["precision"] in ("fp32", "amp-bf16", "bf16") for a in out["alternatives"])
+
+
+def test_plot_writes_a_png(run_cli, tmp_path):
+    png = tmp_path / "plans.png"
+    code, _, err = run_cli("recommend", *GPU4, "--dataset-size", "50000", "--plot", str(png))
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------ the time model, hand-worked
+
+def test_flops_per_token_hand_worked():
+    spec = resolve_model("llama-2-7b")
+    decoder, head = throughput.matmul_params(spec)
+    assert head == 32000 * 4096  # untied lm_head
+    assert decoder == spec.num_layers * spec.params_per_layer
+    fwd_dec, fwd_head = throughput.forward_flops_per_token(spec, 2048)
+    assert fwd_dec == 2 * decoder + 4 * 32 * 2048 * 32 * 128
+    full = build_plan(dict(method="full", grad_ckpt=False))
+    assert throughput.train_flops_per_token(spec, full) == 3 * (fwd_dec + fwd_head)
+    # checkpointing: one more forward of the decoder
+    ckpt = full.model_copy(update={"grad_ckpt": True})
+    assert throughput.train_flops_per_token(spec, ckpt) == 4 * fwd_dec + 3 * fwd_head
+    lora = build_plan(dict(method="lora", precision="bf16", grad_ckpt=False))
+    assert throughput.train_flops_per_token(spec, lora) == 2 * (fwd_dec + fwd_head)
+
+
+def test_moe_counts_active_experts_only():
+    spec = resolve_model("mixtral-8x7b")
+    decoder, _ = throughput.matmul_params(spec)
+    assert 11e9 < decoder < 14e9  # ~12.9B active of 46.7B
+
+
+def test_communication_volumes():
+    spec = resolve_model("llama-2-7b")
+    n_params = spec.params_total
+    ddp = build_plan(dict(method="full", precision="bf16", gpus=4, grad_accum=4))
+    z3 = build_plan(dict(method="full", precision="bf16-master", sharding="deepspeed", zero=3, gpus=4, grad_accum=4))
+    r = 3 / 4
+    assert throughput.comm_bytes(spec, ddp, n_params) == 2 * r * 2 * n_params  # one all-reduce per step
+    # ZeRO-3: per micro-step, gather twice + reduce-scatter: 1.5x DDP's volume, every micro-step
+    assert throughput.comm_bytes(spec, z3, n_params) == pytest.approx(4 * 3 * r * 2 * n_params)
+    assert throughput.comm_bytes(spec, ddp.model_copy(update={"gpus": 1}), n_params) == 0
+
+
+def test_hparams_from_the_seed():
+    assert hp.warmup_steps(100) == 10  # 2000 clamped to 10 %
+    assert hp.warmup_steps(100_000) == 3000  # clamped up to 3 %
+    assert hp.warmup_steps(40_000) == 2000
+    assert hp.default_effective_batch(950) == 32 and hp.default_effective_batch(500) == 16
+    assert hp.default_effective_batch(10) == 1
+    full = hp.choose("full", "low", 1000, 3)
+    assert full.lr == 2e-5 and 1e-5 <= full.lr <= 5e-5
+    assert hp.choose("lora", "high", 1000, 3).lr < hp.choose("lora", "low", 1000, 3).lr
