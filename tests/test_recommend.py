@@ -178,7 +178,7 @@ def test_malformed_data_line_names_file_and_line(run_cli, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "ok"}\n{"text": \n')
     code, _, err = run_cli("recommend", "--model", "llama-2-7b", "--gpu", "h100", "--data", str(data))
-    assert code == 2 and f"{data}:2: not valid JSON" in err
+    assert code == 2 and f"{data}:2: malformed JSON" in err
 
 
 # ------------------------------------------------------------------------------------ data, CPU, plot
@@ -193,6 +193,18 @@ def test_data_token_counting_with_the_models_tokenizer(run_cli, tiny_model, no_l
     assert out["plan"]["seq_len"] == 192  # p95 rounded up to 64
     assert out["samples"] == 20 - math.ceil(20 * 0.05)  # the validation split is held out
     assert any("longer than 192 tokens" in w for w in out["warnings"])
+
+
+def test_data_token_counting_renders_conversations_as_train_does(run_cli, tiny_model, no_local_gpu, tmp_path):
+    model_dir, _ = tiny_model
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text(json.dumps({"instruction": "w1 w2", "input": "w3", "output": "w4"}) + "\n"
+                    + json.dumps({"instruction": "w1", "output": "w2 w3"}) + "\n")
+    out = recommend_json(run_cli, "--model", str(model_dir), "--data", str(data))
+    # memplan's default chat template: "### User:\n{prompt}\n\n### Assistant:\n{answer}" (no bos/eos here);
+    # whitespace words: "###", "User:", w1, w2, w3, "###", "Assistant:", w4 = 8; the second record: 7
+    assert (out["data"]["tokens_p50"], out["data"]["tokens_max"]) == (7, 8)
+    assert out["data"]["format"] == "alpaca"
 
 
 def test_data_token_counting_approximation_without_tokenizer(run_cli, tiny_model):

@@ -1,5 +1,6 @@
 """Counting a JSONL training set: examples, and token lengths with the model's own tokenizer when one is
-on disk (else an approximation), to size the sequence length from the distribution."""
+on disk (else an approximation), to size the sequence length from the distribution. Records are read and
+rendered the way `memplan train` reads and renders them (memplan.train.data, memplan.train.model)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from memplan.errors import UserError
 
 #: The sequence length is the 95th percentile of the token lengths, rounded up to this multiple
 #: (tensor-core tiles and the allocator like multiples of 64; the longest 5 % are truncated).
@@ -55,52 +55,19 @@ class DataStats:
                 "seq_len": self.seq_len}
 
 
-def example_format(row: dict) -> str:
-    if isinstance(row.get("messages"), list):
-        return "chat"
-    if "instruction" in row or "output" in row:
-        return "alpaca"
-    if isinstance(row.get("text"), str):
-        return "text"
-    return ""
-
-
-def example_text(row: dict, fmt: str) -> str:
-    """The example's text as a prompt template lays it out: alpaca fields and chat turns on their own
-    lines (chat-template markers, a few tokens per turn, are not counted; the rounding up absorbs them)."""
-    if fmt == "chat":
-        return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in row["messages"] if isinstance(m, dict))
-    if fmt == "alpaca":
-        parts = [row.get("instruction"), row.get("input"), row.get("output")]
-        return "\n\n".join(str(p) for p in parts if p)
-    return row["text"]
-
-
-def read_examples(path: Path) -> tuple[list[str], str]:
-    """Every example's text and the file's format; a malformed line is an error naming file and line."""
-    try:
-        fh = open(path, encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"cannot read --data {path}: {err.strerror}") from None
-    texts: list[str] = []
-    formats: set[str] = set()
-    with fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg}); expected one JSON object per line") from None
-            fmt = example_format(row) if isinstance(row, dict) else ""
-            if not fmt:
-                raise UserError(f"{path}:{lineno}: an example needs 'messages' (chat), 'instruction'/'output' "
-                                "(alpaca) or 'text'")
-            formats.add(fmt)
-            texts.append(example_text(row, fmt))
-    if not texts:
-        raise UserError(f"--data {path} holds no examples")
-    return texts, formats.pop() if len(formats) == 1 else "mixed"
+def _file_format(path: Path) -> str:
+    """The JSONL shape, from the first record (the trainer's `format: auto` reads it the same way)."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    return "unknown"
+                if not isinstance(row, dict):
+                    return "unknown"
+                return "chat" if "messages" in row else "alpaca" if ("instruction" in row or "output" in row) else "text"
+    return "unknown"
 
 
 def find_tokenizer_dir(model_ref: str, spec_name: str) -> Optional[Path]:
@@ -119,18 +86,33 @@ def find_tokenizer_dir(model_ref: str, spec_name: str) -> Optional[Path]:
     return None
 
 
-def _tokenizer_counter(folder: Path) -> Callable[[list[str]], list[int]]:
-    """Token counts with special tokens (BOS/EOS) as training adds them: the `tokenizers` library reads
-    tokenizer.json directly (fast); other layouts go through transformers' AutoTokenizer, offline."""
-    if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+def _tokenizer_counter(folder: Path) -> Callable[[list], list[int]]:
+    """Token counts exactly as `memplan train` tokenizes (memplan.train.data): conversations (alpaca and
+    chat) rendered with the tokenizer's chat template (memplan's default template when it has none) and
+    tokenized without extra special tokens; text records with the tokenizer's special tokens plus eos."""
+    from memplan.train.model import load_tokenizer
 
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        return lambda texts: [len(e.ids) for e in tok.encode_batch(texts)]
-    from transformers import AutoTokenizer
+    tok = load_tokenizer(folder, trust_remote_code=False)
+    eos = 1 if tok.eos_token_id is not None else 0
 
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    return lambda texts: [len(ids) for ids in tok(texts)["input_ids"]]
+    def count(records: list) -> list[int]:
+        chats = [r for r in records if r.messages is not None]
+        rendered = [tok.apply_chat_template(r.messages, tokenize=False) for r in chats]
+        chat_lengths = iter(len(ids) for ids in tok(rendered, add_special_tokens=False)["input_ids"]) if chats else iter(())
+        texts = [r.text for r in records if r.messages is None]
+        text_lengths = iter(len(ids) + eos for ids in tok(texts)["input_ids"]) if texts else iter(())
+        return [next(chat_lengths) if r.messages is not None else next(text_lengths) for r in records]
+
+    return count
+
+
+def _approximate(record) -> int:
+    """~CHARS_PER_TOKEN characters per token of the example's text (a conversation's turns with their
+    role headers, as memplan's default chat template lays them out)."""
+    if record.messages is None:
+        return math.ceil(len(record.text) / CHARS_PER_TOKEN)
+    text = "\n\n".join(f"### {m['role'].capitalize()}:\n{m['content']}" for m in record.messages)
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
 def _percentile(sorted_values: list[int], pct: float) -> int:
@@ -140,16 +122,19 @@ def _percentile(sorted_values: list[int], pct: float) -> int:
 
 
 def measure(path: str, model_ref: str, spec_name: str, show_progress: bool = False) -> DataStats:
-    texts, fmt = read_examples(Path(path))
-    sample = texts
-    if len(texts) > MAX_TOKENIZED:
-        sample = random.Random(0).sample(texts, MAX_TOKENIZED)
+    from memplan.train.data import read_jsonl  # the trainer's own reader: the same records, the same errors
+
+    records = read_jsonl(path)
+    fmt = _file_format(Path(path))
+    sample = records
+    if len(records) > MAX_TOKENIZED:
+        sample = random.Random(0).sample(records, MAX_TOKENIZED)
     folder = find_tokenizer_dir(model_ref, spec_name)
     if folder is not None:
         count = _tokenizer_counter(folder)
         source = f"tokenizer {folder}"
     else:
-        count = lambda batch: [math.ceil(len(t) / CHARS_PER_TOKEN) for t in batch]  # noqa: E731
+        count = lambda batch: [_approximate(r) for r in batch]  # noqa: E731
         source = f"approximation: {CHARS_PER_TOKEN:g} characters per token (no tokenizer files with the model)"
     lengths: list[int] = []
     chunks = range(0, len(sample), 2048)
@@ -160,6 +145,6 @@ def measure(path: str, model_ref: str, spec_name: str, show_progress: bool = Fal
     for i in chunks:
         lengths += count(sample[i:i + 2048])
     lengths.sort()
-    return DataStats(path=str(path), examples=len(texts), format=fmt, measured=len(lengths),
+    return DataStats(path=str(path), examples=len(records), format=fmt, measured=len(lengths),
                      p50=_percentile(lengths, 50), p95=_percentile(lengths, SEQ_PERCENTILE), max=lengths[-1],
                      tokenizer=source, lengths=lengths)
