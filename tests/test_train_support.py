@@ -2,6 +2,7 @@
 exact-answer task (upper-casing words) in alpaca shape, general text, and plan files."""
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -62,10 +63,10 @@ def build_tiny_model(root: Path, chat_template: bool = False) -> Path:
     return path
 
 
-def write_plan(directory: Path, model: Path, **fields) -> Path:
+def write_plan(directory: Path, model_path: Path, **fields) -> Path:
     """A flat plan.yaml for a tiny CPU run; `fields` override it (nested dicts for lora/hparams/data)."""
     plan = {
-        "model": str(model),
+        "model": str(model_path),
         "method": "full",
         "precision": "fp32",
         "device": "cpu",
@@ -114,3 +115,18 @@ def run_dir(tmp_path: Path, tiny, **fields) -> Path:
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# Tiny models train fastest on one thread, and the test machine's cores are shared: every training run
+# in these tests uses one intra-op thread (subprocesses through this environment).
+SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -134,7 +134,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, trainer:
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    model_state = trainable_state(model, sharded)
+    model_state = trainable_state(model if sharded else accelerator.unwrap_model(model), sharded)
     optim_state = _optimizer_state(model, optimizer, sharded)
     if accelerator.is_main_process:
         torch.save(model_state, tmp / "model.pt")
@@ -163,7 +163,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator, sharde
     if trainer.get("world_size", 1) != accelerator.num_processes:
         raise UserError(f"{path} was written by {trainer.get('world_size')} process(es); this run has "
                         f"{accelerator.num_processes}. Resume with the same gpus x nodes")
-    load_trainable_state(model, torch.load(path / "model.pt", map_location="cpu", weights_only=True), sharded)
+    load_weights_only(path, model, accelerator, sharded)
     # Our own files: the optimizer and RNG states hold Python tuples that weights_only refuses.
     _load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", map_location="cpu",
                                                        weights_only=False), sharded)
@@ -172,9 +172,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator, sharde
     return trainer
 
 
-def load_weights_only(path: Path, model, sharded: bool) -> None:
-    """The trainable weights of a checkpoint (the best one, before the final save)."""
-    load_trainable_state(model, torch.load(path / "model.pt", map_location="cpu", weights_only=True), sharded)
+def load_weights_only(path: Path, model, accelerator, sharded: bool) -> None:
+    """The trainable weights of a checkpoint (also the best one, before the final save)."""
+    state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    load_trainable_state(model if sharded else accelerator.unwrap_model(model), state, sharded)
 
 
 # ---------------------------------------------------------------- final output

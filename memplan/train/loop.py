@@ -29,10 +29,16 @@ from memplan.train.settings import Resolved
 
 
 def _accelerator(plan):
+    import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from memplan.train.model import mixed_precision
 
+    if not torch.distributed.is_initialized():
+        # accelerate keeps its settings in a process-wide singleton; a second run in the same Python
+        # process (a notebook, tests) may use another precision.
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=mixed_precision(plan), cpu=plan.device == "cpu")
 
 
@@ -301,7 +307,8 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     # ---- after: best weights, final model, retention, summary
     final_step = trainer["step"]
     if trainer["best_step"] is not None and trainer["best_step"] != final_step:
-        ckpt.load_weights_only(ckpt_root / f"{ckpt.PREFIX}{trainer['best_step']:06d}", model, sharded)
+        ckpt.load_weights_only(ckpt_root / f"{ckpt.PREFIX}{trainer['best_step']:06d}", model, accelerator,
+                               sharded)
         final_step = trainer["best_step"]
     written = ckpt.save_final(out, model, tokenizer, plan, accelerator, sharded, base_dir)
     retention_after = ev.mean_loss(model, run_data.retention, eval_batch, pad_id, device, autocast) \

@@ -1,0 +1,123 @@
+"""memplan train's parts without a training run: --set parsing, data reading and masking, batching."""
+
+import json
+
+import pytest
+
+from memplan.errors import UserError
+from memplan.train import data as D
+from memplan.train.settings import parse_sets, resolve_key, resolve_plan
+from test_train_support import build_tiny_model, task_records, write_jsonl, write_plan
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from memplan.train.model import load_tokenizer
+
+    return load_tokenizer(build_tiny_model(tmp_path_factory.mktemp("tok")), False)
+
+
+def test_set_keys_shorthands_and_values():
+    assert resolve_key("lr") == "hparams.lr"
+    assert resolve_key("rank") == "lora.rank"
+    assert resolve_key("micro-batch") == "micro_batch"
+    assert resolve_key("data.train") == "data.train"
+    sets = parse_sets(["lr=1e-5", "rank=32", "grad_ckpt=false", "targets=q_proj,v_proj", "max_steps=7"])
+    assert sets == {"hparams.lr": 1e-5, "lora.rank": 32, "grad_ckpt": False,
+                    "lora.targets": "q_proj,v_proj", "hparams.max_steps": 7}
+    with pytest.raises(UserError, match="not a plan field.*Did you mean"):
+        resolve_key("lrr")
+    with pytest.raises(UserError, match="expected key=value"):
+        parse_sets(["lr"])
+
+
+def test_plan_paths_relative_to_file_and_cwd(tmp_path, monkeypatch):
+    plan = write_plan(tmp_path / "p", tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    r = resolve_plan(str(plan), ["validation=elsewhere/v.jsonl", "lora.rank=8"])
+    assert r.plan.data.train == str((tmp_path / "p" / "train.jsonl").resolve())
+    assert r.plan.data.validation == str((tmp_path / "elsewhere" / "v.jsonl").resolve())
+    assert r.plan.lora.rank == 8
+    assert r.output_dir == tmp_path / "p"
+    with pytest.raises(UserError, match="micro_batch"):
+        resolve_plan(str(plan), ["micro_batch=0"])
+
+
+def test_jsonl_formats_and_errors(tmp_path):
+    alpaca = write_jsonl(tmp_path / "a.jsonl", task_records(3))
+    assert [r.answer for r in D.read_jsonl(alpaca)] == [t["output"] for t in task_records(3)]
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                           {"role": "assistant", "content": "HI"}]}])
+    assert D.read_jsonl(chat)[0].messages[1] == {"role": "assistant", "content": "HI"}
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "plain words"}])
+    assert D.read_jsonl(text)[0].text == "plain words"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(task_records(1)[0]) + "\n\n{\"instruction\": \"x\", \"output\": \n")
+    with pytest.raises(UserError, match=r"bad.jsonl:3: malformed JSON"):
+        D.read_jsonl(bad)
+    bad.write_text(json.dumps({"instruction": "x", "output": 5}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:1: 'output' must be a string"):
+        D.read_jsonl(bad)
+    bad.write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:1: cannot tell the format"):
+        D.read_jsonl(bad)
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(UserError, match="at least one assistant"):
+        D.read_jsonl(bad)
+
+
+def test_labels_only_on_the_answer(tokenizer):
+    record = D._parse(task_records(1)[0], "alpaca", "x:1")
+    ex = D.tokenize(record, tokenizer, 256)
+    labelled = [t for t in ex.labels if t != D.IGNORE]
+    # the labelled tokens are exactly the answer and the end-of-sequence token
+    assert tokenizer.decode(labelled, skip_special_tokens=True) == record.answer
+    assert labelled[-1] == tokenizer.eos_token_id
+    assert ex.input_ids[: len(D.prompt_ids(record, tokenizer))] == D.prompt_ids(record, tokenizer)
+    assert all(x == D.IGNORE for x in ex.labels[: len(D.prompt_ids(record, tokenizer))])
+    short = D.tokenize(record, tokenizer, 5)  # cut inside the prompt: nothing to learn
+    assert len(short.input_ids) == 5 and D.trainable_tokens(short) == 0
+
+
+def test_packing_restarts_positions(tokenizer):
+    records = [D._parse(r, "alpaca", "x") for r in task_records(6)]
+    examples, _ = D.tokenize_all(records, tokenizer, 200)
+    packed = D.pack(examples, 200)
+    assert len(packed) < len(examples)
+    assert sum(len(p.input_ids) for p in packed) == sum(len(e.input_ids) for e in examples)
+    first = packed[0]
+    starts = [i for i, p in enumerate(first.position_ids) if p == 0]
+    assert len(starts) >= 2 and all(first.labels[i] == D.IGNORE for i in starts)
+    batch = D.collate(packed[:2], tokenizer.pad_token_id, packed=True)
+    assert "position_ids" in batch and "attention_mask" not in batch
+
+
+def test_stream_is_a_function_of_the_position():
+    examples = [D.Example([i, i], [i, i]) for i in range(10)]
+    one = D.Stream(examples, micro_batch=2, world=1, rank=0, seed=3)
+    r0 = D.Stream(examples, micro_batch=1, world=2, rank=0, seed=3)
+    r1 = D.Stream(examples, micro_batch=1, world=2, rank=1, seed=3)
+    for k in (0, 4, 5, 11):  # across the epoch boundary (5 micro-batches per epoch)
+        assert one.micro_batch_at(k) == r0.micro_batch_at(k) + r1.micro_batch_at(k)
+    epoch0 = [e.input_ids[0] for k in range(5) for e in one.micro_batch_at(k)]
+    assert sorted(epoch0) == list(range(10))
+    assert D.replay_count(80, 0.2) == 20 and D.replay_count(80, 0.0) == 0
+
+
+def test_live_tensor_bytes_counts_allocations():
+    import torch
+
+    from memplan.train.memory import LiveTensorBytes
+
+    base = torch.zeros(1000)
+    mode = LiveTensorBytes()
+    mode.register([base])
+    with mode:
+        a = torch.ones(2000)
+        b = a * 2
+        del a, b
+        c = torch.ones(500)
+    assert mode.peak == 4000 + 8000 + 8000
+    assert mode.live == 4000 + 2000
+    del c
