@@ -1,10 +1,11 @@
 """The estimate against traced training steps for a matrix of plans, written to benchmarks/results/.
 
-    python benchmarks/accuracy_trace.py [--out benchmarks/results/accuracy-trace.md] [--only SUBSTRING]
+    python benchmarks/accuracy.py [--out benchmarks/results/accuracy-trace.md] [--only SUBSTRING]
 
-Measured = `memplan.trace.trace_training`: two optimizer steps of the transformers model built from
-the preset's config, live bytes per phase on fake tensors ("fake"), or on real CPU tensors ("real":
-bitsandbytes' 4-bit and 8-bit kernels cannot run on fake tensors; those rows use a small config).
+Measured = `memplan profile`'s measuring path (memplan.profile_run.measure): two optimizer steps of the
+transformers model built from the preset's config, live bytes per phase on fake tensors (backend
+"trace"), or on real CPU tensors (backend "cpu": bitsandbytes' 4-bit and 8-bit kernels cannot run on fake
+tensors; those rows use a small config).
 Estimated with kernels="cpu" (the trace runs CPU kernels; they differ from CUDA only where stated).
 Rows are sorted by the worst per-phase error. The file is rewritten after every row.
 """
@@ -62,10 +63,10 @@ MATRIX = [
     ("gpt2", dict(precision="fp32", micro_batch=8, seq_len=1024, grad_ckpt=False)),
     ("opt-1.3b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=1024, grad_ckpt=False)),
     ("qwen2.5-0.5b", dict(precision="bf16", micro_batch=4, seq_len=512, grad_ckpt=False, optimizer="adafactor")),
-    ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False), "real"),
-    ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256), "real"),
+    ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False), "cpu"),
+    ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256), "cpu"),
     ("small-llama", dict(precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False, optimizer="adamw-8bit"),
-     "real"),
+     "cpu"),
 ]
 
 
@@ -73,7 +74,7 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
     from memplan.estimator import estimate
     from memplan.models import models_dir, resolve_model, spec_from_config
     from memplan.plan import Plan
-    from memplan.trace import trace_training
+    from memplan.profile_run import measure
 
     if preset == "small-llama":
         config, spec = dict(SMALL), spec_from_config(dict(SMALL), "small-llama")
@@ -83,13 +84,14 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
     plan = Plan(model=preset, **fields)
     est = estimate(spec, plan, kernels="cpu")
     t0 = time.perf_counter()
-    trace = trace_training(config, plan, backend=backend)
+    trace = measure(config, plan, backend=backend, steps=2)
     seconds = time.perf_counter() - t0
     steady = trace.steady
     phases = {p: (est.phase_peaks[p], getattr(steady, p)) for p in ("forward", "backward", "optimizer")}
     errs = {p: 100 * (e - m) / m for p, (e, m) in phases.items()}
     peak_phase = max(phases, key=lambda p: phases[p][1])
-    act_frac = steady.breakdown[peak_phase]["activations"] / phases[peak_phase][1]
+    at_peak = steady.breakdown[peak_phase]
+    act_frac = (at_peak["activations"] + at_peak["logits_loss"]) / phases[peak_phase][1]
     return dict(preset=preset, plan=fields, backend=backend, phases=phases, errs=errs, seconds=seconds,
                 peak_error=100 * (est.peak_allocated - trace.peak) / trace.peak, act_frac=act_frac,
                 estimate_peak=est.peak_allocated, trace_peak=trace.peak)
@@ -100,9 +102,9 @@ def write(rows: list[dict], out: Path, failures: list[str]) -> None:
     lines = [
         "# memplan estimate vs traced training steps",
         "",
-        "Written by `benchmarks/accuracy_trace.py`. Measured: `memplan.trace.trace_training`, two optimizer "
-        "steps (forward, loss, backward, optimizer, zero_grad), steady-state live bytes per phase; `fake` = "
-        "fake tensors at full size, `real` = real CPU tensors (bitsandbytes kernels; a 4-layer h512 Llama). "
+        "Written by `benchmarks/accuracy.py`. Measured: `memplan profile`'s measuring path, two optimizer "
+        "steps (forward, loss, backward, optimizer, zero_grad), steady-state live bytes per phase; `trace` = "
+        "fake tensors at full size, `cpu` = real CPU tensors (bitsandbytes kernels; a 4-layer h512 Llama). "
         "error % = 100 x (estimate - measured) / measured. act = share of activations (incl. logits) at "
         "the measured peak.",
         "",
@@ -135,7 +137,7 @@ def main() -> None:
     rows, failures = [], []
     for case in MATRIX:
         preset, fields = case[0], case[1]
-        backend = case[2] if len(case) > 2 else "fake"
+        backend = case[2] if len(case) > 2 else "trace"
         if args.only and args.only not in preset:
             continue
         try:

@@ -1,10 +1,12 @@
 """Measure real training steps on a CUDA GPU and compare them with memplan's estimate, plan by plan.
 
-Run by benchmarks/gpu_check.sh on a machine with one GPU. For each plan: build the HF model from the
-preset's config (random weights; memory does not depend on their values), apply the plan exactly as the
-fake-tensor tracer does (memplan.trace), run 3 optimizer steps on random tokens, and record per phase
-`torch.cuda.max_memory_allocated` (peaks reset between phases), the reserved peak and NVML's used memory.
-Each result is appended to a JSONL file as soon as it is measured, so a cut-off run still leaves data.
+Run by benchmarks/gpu_check.sh on a machine with one GPU. For each plan: `memplan profile`'s own path
+(memplan.profile_run.measure, backend cuda): the HF model from the preset's config (random weights;
+memory does not depend on their values), the plan applied exactly as the trace applies it, 3 optimizer
+steps on random tokens; per phase `torch.cuda.max_memory_allocated` (peaks reset between phases), the
+reserved peak, NVML's used memory, and the live-tensor breakdown. A case that fails for another reason
+than memory is retried once without the breakdown meter. Each result is appended to a JSONL file as
+soon as it is measured, so a cut-off run still leaves data.
 
     python benchmarks/gpu_check.py OUT.jsonl [case-index ...]
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -54,105 +55,28 @@ CASES = [
 ]
 
 
-def _nvml_used() -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0))
-        return int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
-    except Exception:
-        return None
-
-
-def measure(preset: str, fields: dict, steps: int = 3) -> dict:
-    import torch
-
-    from memplan import trace as tr
+def measure(preset: str, fields: dict, steps: int = 3, attribute: bool = True) -> dict:
+    """One case through memplan's profile path (memplan.profile_run.measure, backend cuda), in the JSONL
+    row format gpu_report.py reads: per step the phase peaks, the reserved peak and NVML's used memory."""
     from memplan.models import models_dir
     from memplan.plan import Plan
+    from memplan.profile_meters import CudaMeter
+    from memplan.profile_run import measure as profile_measure
 
     plan = Plan(model=preset, **fields)
-    config = tr._resolve_config(json.loads((models_dir() / preset / "config.json").read_text()))
-    vocab = config.vocab_size
-    if plan.method == "qlora":
-        model, hf_model = _qlora_on_gpu(tr, config, plan)
-    else:
-        with torch.device("meta"):
-            hf_model = tr._from_config(config, plan)
-            if plan.grad_ckpt:
-                tr._enable_checkpointing(hf_model)
-            model = tr._apply_lora(hf_model, plan) if plan.method == "lora" else hf_model
-        model.to_empty(device="cuda")
-        hf_model.tie_weights()
-        for module in hf_model.modules():  # to_empty gave new storage: let HF initialize all of it
-            if hasattr(module, "_is_hf_initialized"):
-                del module._is_hf_initialized
-        hf_model.initialize_weights()
-        hf_model.tie_weights()
-    model.train()
-    torch.cuda.synchronize()
-    after_load = torch.cuda.memory_allocated()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(plan, params)
-    dtype = tr._AUTOCAST_DTYPE.get(plan.precision)
-    out = {"steps": []}
-    for _ in range(steps):
-        peaks = {}
-        for _ in range(plan.grad_accum):
-            ids = torch.randint(0, vocab, (plan.micro_batch, plan.seq_len), device="cuda")
-            torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-            with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-                loss = tr._loss(model, plan, ids, getattr(config, "final_logit_softcapping", None))
-            loss = loss / plan.grad_accum
-            torch.cuda.synchronize(); peaks["forward"] = max(peaks.get("forward", 0), torch.cuda.max_memory_allocated())
-            torch.cuda.reset_peak_memory_stats()
-            loss.backward()
-            del loss, ids
-            torch.cuda.synchronize(); peaks["backward"] = max(peaks.get("backward", 0), torch.cuda.max_memory_allocated())
-        torch.cuda.reset_peak_memory_stats()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize(); peaks["optimizer"] = torch.cuda.max_memory_allocated()
-        peaks["reserved"] = torch.cuda.max_memory_reserved()
-        peaks["nvml_used"] = _nvml_used()
-        out["steps"].append(peaks)
-    out["after_load"] = after_load
-    del opt, model, hf_model, params
+    meter = CudaMeter("cuda:0", attribute=attribute)
+    result = profile_measure(str(models_dir() / preset / "config.json"), plan, backend="cuda", steps=steps,
+                             meter=meter)
+    out = {"steps": [], "after_load": result.after_load, "attributed": attribute,
+           "nvml_scope": result.nvml_scope, "oom": result.oom}
+    for step in result.steps:
+        row = dict(step.peaks)
+        row["reserved"] = max((v for v in step.reserved.values() if v is not None), default=None)
+        row["nvml_used"] = result.nvml_used
+        row["tensor_peaks"] = step.tensor_peaks
+        row["breakdown"] = step.breakdown
+        out["steps"].append(row)
     return out
-
-
-def _qlora_on_gpu(tr, config, plan):
-    """A random model saved in the 16-bit dtype and loaded back 4-bit (NF4, double quant) onto the GPU."""
-    import tempfile
-
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    dtype = tr._WEIGHT_DTYPE[plan.precision]
-    with torch.device("cuda"):
-        random_model = tr._from_config(config, plan)
-    with tempfile.TemporaryDirectory() as tmp:
-        random_model.save_pretrained(tmp)
-        del random_model
-        torch.cuda.empty_cache()
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            tmp, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
-            dtype=dtype, attn_implementation="sdpa" if plan.attn == "flash" else plan.attn,
-            device_map={"": 0}, local_files_only=True)
-    if plan.grad_ckpt:
-        tr._enable_checkpointing(hf_model)
-    return tr._apply_lora(hf_model, plan), hf_model
-
-
-def _optimizer(plan, params):
-    from memplan import trace as tr
-
-    factory = tr._optimizer_factory(plan)
-    if plan.precision == "bf16-master":
-        return tr._MasterWeightsOptimizer(params, factory, lambda g: None)
-    return factory(params)
 
 
 def main() -> None:
@@ -162,6 +86,7 @@ def main() -> None:
     from memplan.estimator import estimate
     from memplan.models import resolve_model
     from memplan.plan import Plan
+    from memplan.profile_meters import nvml_used
 
     out_path = Path(sys.argv[1])
     picks = {int(a) for a in sys.argv[2:]}
@@ -171,7 +96,7 @@ def main() -> None:
     header = {
         "torch": torch.__version__, "transformers": transformers.__version__,
         "device": torch.cuda.get_device_name(), "total_memory": torch.cuda.get_device_properties(0).total_memory,
-        "context_nvml_used": _nvml_used(), "context_reserved": torch.cuda.memory_reserved(),
+        "context_nvml_used": nvml_used(torch.device("cuda:0"))[0], "context_reserved": torch.cuda.memory_reserved(),
     }
     with out_path.open("a") as f:
         f.write(json.dumps({"header": header}) + "\n")
@@ -183,12 +108,17 @@ def main() -> None:
         est = estimate(resolve_model(preset), Plan(model=preset, **fields), kernels="cuda")
         row = {"case": i, "preset": preset, "plan": fields, "estimate": est.phase_peaks,
                "estimate_reserved": est.reserved, "estimate_total": est.total}
-        try:
-            row["measured"] = measure(preset, fields)
-        except torch.cuda.OutOfMemoryError as err:
-            row["error"] = f"out of memory: {str(err)[:200]}"
-        except Exception as err:  # record and go on: one broken case must not lose the others
-            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        for attribute in (True, False):
+            try:
+                row["measured"] = measure(preset, fields, attribute=attribute)
+                row.pop("error", None)
+                break
+            except Exception as err:  # record and go on: one broken case must not lose the others
+                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                gc.collect()
+                torch.cuda.empty_cache()
+        if row.get("measured", {}).get("oom"):
+            row["error"] = f"out of memory in {row['measured']['oom']['phase']}: {row['measured']['oom']['message']}"
         row["seconds"] = round(time.time() - t0, 1)
         gc.collect()
         torch.cuda.empty_cache()

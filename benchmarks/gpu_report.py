@@ -39,7 +39,7 @@ def main() -> None:
     ratios, contexts = [], []
     header = None
     for header, r in rows(path):
-        if "measured" not in r:
+        if "measured" not in r or r.get("error"):
             out.append(f"| {r['case']} | {r['preset']} | {_plan(r['plan'])} | error: {r.get('error')} |||||")
             continue
         steps = r["measured"]["steps"][1:] or r["measured"]["steps"]

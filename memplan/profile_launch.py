@@ -149,18 +149,23 @@ def make_wrapper(plan: Plan, device: str, world: int) -> Callable:
         with meter.creating("comm_buffers"):
             ids = [torch.device(device).index] if device.startswith("cuda") else None
             wrapped = DistributedDataParallel(module, device_ids=ids)
-        pre_forward = wrapped._pre_forward
+        pre_forward = getattr(wrapped, "_pre_forward", None)  # torch >= 2.0
+        if pre_forward is not None:
 
-        def _pre_forward(*args, **kwargs):  # where DDP rebuilds its gradient buckets (step 2)
-            with meter.creating("comm_buffers"):
-                return pre_forward(*args, **kwargs)
+            def _pre_forward(*args, **kwargs):  # where DDP rebuilds its gradient buckets (step 2)
+                with meter.creating("comm_buffers"):
+                    return pre_forward(*args, **kwargs)
 
-        wrapped._pre_forward = _pre_forward
+            wrapped._pre_forward = _pre_forward
         return wrapped
 
     def fsdp(module, meter):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        try:
+            from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+        except ImportError:  # torch < 2.6 kept FSDP2 under _composable
+            from torch.distributed._composable.fsdp import CPUOffloadPolicy, fully_shard
 
         from memplan.profile_build import decoder_layers
 

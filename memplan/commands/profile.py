@@ -49,6 +49,9 @@ def run(model: Optional[str], config_path: Optional[str], steps: int, backend: O
     from memplan.profile_launch import Request, measure_plan
     from memplan.profile_run import check_runnable
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading/saving bars of the QLoRA round trip are not the user's work
     overrides = passed_overrides(opts)
     base = read_plan_yaml(config_path) if config_path else {}
     model_ref = model or base.get("model") or weights
@@ -298,6 +301,11 @@ def _print_tables(spec, plan: Plan, est: Estimate, main, ranks, measured, backen
                    f"{size(main.nvml_used)}{' (' + main.nvml_scope + ')' if main.nvml_scope else ''} "
                    f"(estimate with context {size(est.total)})")
     click.echo(NOT_SEEN[backend])
+    if backend == "trace" and weights:
+        click.echo("--weights: the trace reads only the checkpoint's config (fake tensors hold no values)")
+    if backend == "cpu" and plan.world_size > 1 and plan.sharding == "fsdp":
+        click.echo("FSDP on gloo: its collectives allocate differently from NCCL's; take CPU FSDP figures as a "
+                   "smoke test of the plan, not as what a GPU will hold")
     if max_batch is not None:
         click.echo(f"largest micro-batch that fits: {max_batch['value']}"
                    + (f" (estimate: {max_batch['estimate']})" if max_batch["estimate"] is not None else "")
