@@ -15,9 +15,9 @@
 Every byte lands in one of the estimate's term names (memplan.estimator.phases.TERMS):
 weights (parameters, buffers, 4-bit quantization state), master_weights (fp32 copies the optimizer
 steps), gradients, optimizer_states, optimizer_temporaries (anything else alive in the optimizer phase),
-logits_loss (what the forward creates after the last decoder layer - final norm, logits, loss - and what
-the backward creates until the gradient reaches the last decoder layer's output), comm_buffers (what the
-DDP/FSDP wrapper allocates when it is built), activations (everything else). A storage is classified when
+logits_loss (what the forward creates from the output embedding on - logits, their fp32 copy, the loss -
+and what the backward creates until the gradient reaches the output embedding's input), comm_buffers (DDP's
+gradient buckets), activations (everything else). A storage is classified when
 it becomes known as a gradient / state (end of each backward / optimizer step); the phase peaks it was
 alive at are corrected then, so a gradient produced at the backward peak counts as a gradient there.
 """

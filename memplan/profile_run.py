@@ -32,8 +32,7 @@ import torch
 from memplan.errors import UserError
 from memplan.loss import chunked_causal_lm_loss
 from memplan.plan import Plan
-from memplan.profile_build import (AUTOCAST_DTYPE, BNB_OPTIMIZERS, build_model, decoder_layers, materialize,
-                                   quant_state_tensors)
+from memplan.profile_build import AUTOCAST_DTYPE, BNB_OPTIMIZERS, build_model, materialize, quant_state_tensors
 from memplan.profile_meters import PHASES, CudaMeter, FakeLiveBytes, LiveBytes, StepMeasure
 from memplan.profile_optim import make_optimizer, optimizer_factory, state_tensors
 
@@ -153,23 +152,25 @@ class CausalLMLoss(torch.nn.Module):
 
 
 class _LogitsLossTerm:
-    """Counts what the forward creates after the last decoder layer (final norm, logits, loss), and what the
-    backward creates before the gradient reaches that layer's output, as the term logits_loss."""
+    """Counts the output layer's work as the term logits_loss: what the forward creates from the output
+    embedding's input on (logits, their fp32 copy, the loss), and what the backward creates until the
+    gradient reaches that input (the logits' gradient). A chunked loss recomputes each chunk in the
+    backward: the hook sees the recomputation too."""
 
     def __init__(self, hf_model, meter) -> None:
         self.meter = meter
-        layers = decoder_layers(hf_model)
-        self.handle = layers[-1].register_forward_hook(self._after_last_layer) if layers else None
+        head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
+        self.handle = head.register_forward_pre_hook(self._head_starts) if head is not None else None
 
-    def _after_last_layer(self, module, args, output) -> None:
-        if self.meter.current_phase != "forward":  # a checkpointed layer recomputed during backward
+    def _head_starts(self, module, args) -> None:
+        if self.meter.current_phase not in ("forward", "backward"):
             return
         self.meter.default = "logits_loss"
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(self._gradient_reached_decoder)
+        hidden = args[0] if args else None
+        if self.meter.current_phase == "forward" and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(self._gradient_left_head)
 
-    def _gradient_reached_decoder(self, grad):
+    def _gradient_left_head(self, grad):
         self.meter.default = "activations"
 
     def backward_starts(self) -> None:

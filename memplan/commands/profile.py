@@ -92,7 +92,7 @@ def run(model: Optional[str], config_path: Optional[str], steps: int, backend: O
             out["max_batch"] = max_batch
         click.echo(json.dumps(out, indent=2))
     else:
-        _print_tables(spec, plan, est, main, ranks, measured, backend, kernels, max_batch, verdict)
+        _print_tables(spec, plan, est, main, ranks, measured, backend, kernels, max_batch, verdict, weights)
     if main.oom:
         sys.exit(1)
 
@@ -250,7 +250,8 @@ def _err(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:+.2f}"
 
 
-def _print_tables(spec, plan: Plan, est: Estimate, main, ranks, measured, backend, kernels, max_batch, verdict):
+def _print_tables(spec, plan: Plan, est: Estimate, main, ranks, measured, backend, kernels, max_batch, verdict,
+                  weights):
     from tabulate import tabulate
 
     click.echo(f"{spec.name}: {spec.params_total:,} parameters ({report._count(spec.params_total)})")
@@ -284,8 +285,9 @@ def _print_tables(spec, plan: Plan, est: Estimate, main, ranks, measured, backen
             m, e = measured["breakdown"].get(t), est.phases[ph][t]
             if not m and not e:
                 continue
+            negligible = max(m or 0, e) < 0.005 * est.phase_peaks[ph]  # e.g. the 8-byte loss: no % for noise
             term_rows.append([t, size(m) if m is not None else "not measured", size(e),
-                              _err(_pct(e, m)) if m else "-"])
+                              "-" if negligible or not m else _err(_pct(e, m))])
         click.echo(f"\nbreakdown at the {ph} peak (the estimate's terms)")
         click.echo(tabulate(term_rows, headers=["term", "measured", "estimate", "error %"], tablefmt="simple",
                             disable_numparse=True))
