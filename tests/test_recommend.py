@@ -278,3 +278,10 @@ def test_hparams_from_the_seed():
     full = hp.choose("full", "low", 1000, 3)
     assert full.lr == 2e-5 and 1e-5 <= full.lr <= 5e-5
     assert hp.choose("lora", "high", 1000, 3).lr < hp.choose("lora", "low", 1000, 3).lr
+
+
+def test_searched_plans_are_ones_memplan_train_runs(run_cli):
+    out = recommend_json(run_cli, *GPU4, "--dataset-size", "50000", "--method", "full")
+    for plan in [out["plan"]] + [a["plan"] for a in out["alternatives"]]:
+        assert plan["precision"] != "bf16-master" or plan["sharding"] == "deepspeed"
+        assert plan["sharding"] != "fsdp" or plan["zero"] in (2, 3)  # FSDP2 has no NO_SHARD

@@ -162,6 +162,8 @@ def structures(spec: ModelSpec, model_ref: str, method: str, target: Target, seq
             precisions(target, method), optimizers(target), shardings(target), (False, True), ("standard", "chunked")):
         if offload == "optimizer+params" and not allow_param_offload:
             continue
+        if precision == "bf16-master" and backend != "deepspeed":
+            continue  # fp32 master copies live in DeepSpeed's optimizer; memplan train runs it only there
         for attn in attentions(target, precision):
             fields = dict(base, precision=precision, optimizer=optimizer, sharding=backend, zero=zero, offload=offload,
                           grad_ckpt=ckpt, attn=attn, loss=loss)
