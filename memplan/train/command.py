@@ -90,14 +90,21 @@ def run(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_json:
         dry_run(resolved, as_json)
         return None
     if resolved.plan.world_size > 1 and not _launched():
-        from memplan.train.launch import relaunch
+        from memplan.train.launch import preflight, relaunch
+
+        preflight(resolved, trust_remote_code)
 
         return relaunch(resolved, _argv(plan_file, sets, resume, as_json, quiet, trust_remote_code))
     from memplan.train.loop import train
 
     echo = (lambda _m: None) if (quiet or as_json) else click.echo
-    summary = train(resolved, resume=resume, trust_remote_code=trust_remote_code, echo=echo,
-                    progress=not (quiet or as_json))
+    try:
+        summary = train(resolved, resume=resume, trust_remote_code=trust_remote_code, echo=echo,
+                        progress=not (quiet or as_json))
+    except KeyboardInterrupt:
+        click.echo(f"\nmemplan: interrupted; continue from the newest checkpoint with: memplan train {plan_file} "
+                   "--resume", err=True)
+        return 130
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     if as_json:

@@ -324,8 +324,8 @@ class RunData:
         return sum(len(e.input_ids) for e in self.train)
 
 
-def load_run_data(plan, tokenizer) -> RunData:
-    """Read, check and tokenize every data file of the plan before any training starts."""
+def read_run_records(plan) -> tuple[list[Record], list[Record], list[Record], list[Record]]:
+    """Training, validation, replay and retention records of the plan, every line checked."""
     d = plan.data
     if not d.train:
         raise UserError("the plan has no training data: set data.train to a JSONL file (--set train=PATH)")
@@ -340,7 +340,13 @@ def load_run_data(plan, tokenizer) -> RunData:
     if d.replay_ratio > 0 and not replay_records:
         raise UserError("data.replay_ratio > 0 needs data.replay (a general-text JSONL)")
     retention_records = read_jsonl(d.retention, "auto") if d.retention else []
+    return records, val_records, replay_records, retention_records
 
+
+def load_run_data(plan, tokenizer) -> RunData:
+    """Read, check and tokenize every data file of the plan before any training starts."""
+    d = plan.data
+    records, val_records, replay_records, retention_records = read_run_records(plan)
     train, dropped = tokenize_all(records, tokenizer, plan.seq_len)
     if not train:
         raise UserError(f"{d.train}: no example keeps a response token within seq_len {plan.seq_len}. "

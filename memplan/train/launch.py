@@ -41,6 +41,18 @@ def command(resolved: Resolved, args: list[str]) -> list[str]:
             "-m", "memplan", *args]
 
 
+def preflight(resolved: Resolved, trust_remote_code: bool) -> None:
+    """The input checks that need no model, run once before the processes start, so that bad input is
+    one error line with exit code 2 rather than a failure report from every process."""
+    from memplan.train.data import read_run_records
+    from memplan.train.model import check_remote_code, check_runtime, model_dir
+
+    plan = resolved.plan
+    check_runtime(plan)
+    check_remote_code(model_dir(plan.model), trust_remote_code)
+    read_run_records(plan)
+
+
 def relaunch(resolved: Resolved, args: list[str]) -> int:
     """Run the launcher in the foreground; its exit status becomes ours."""
     cmd = command(resolved, args)

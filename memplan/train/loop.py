@@ -168,17 +168,21 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     set_seed(h.seed)
     model = load_model(plan, base_dir, accelerator.device, trust_remote_code)
     trainable, total = parameter_counts(model)
-    sharded = plan.sharding == "fsdp" and world > 1 and plan.device == "cpu"
-    if sharded:
+    sharded = plan.sharding == "fsdp" and world > 1
+    if sharded and plan.device == "cuda" and accelerator.distributed_type.name != "FSDP":
+        raise UserError("the plan says FSDP but the processes were not started with an FSDP accelerate config. "
+                        "Hint: memplan recommend -o DIR writes one; memplan train then launches with it")
+    own_fsdp = sharded and plan.device == "cpu"
+    if own_fsdp:
         _shard_fsdp(model, plan, world)
     optimizer = _optimizer(plan, model)
     # transformers' "constant" has no warmup; "constant_with_warmup" is the plan's constant.
     schedule = {"constant": "constant_with_warmup"}.get(h.lr_scheduler, h.lr_scheduler)
     scheduler = get_scheduler(schedule, optimizer,
                               num_warmup_steps=warmup_steps(plan, steps), num_training_steps=steps)
-    if sharded:
+    if own_fsdp:
         optimizer = accelerator.prepare_optimizer(optimizer)
-    else:
+    else:  # accelerate wraps the model: DDP, or FSDP from the launch config on CUDA
         model, optimizer = accelerator.prepare(model, optimizer)
     device, autocast = accelerator.device, accelerator.autocast
     chunked = plan.loss == "chunked"
