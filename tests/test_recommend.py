@@ -135,7 +135,8 @@ def test_json_shape_and_plan_consistency(run_cli):
     assert out["alternatives"] and all({"plan", "why_not"} <= set(a) for a in out["alternatives"])
     assert any(not a["fits"] and "GiB usable" in a["why_not"] for a in out["alternatives"]) or \
         all(a["fits"] for a in out["alternatives"])
-    steps = math.ceil(math.ceil(50000 / 64) * 3)
+    # as memplan train counts: whole micro-batches per epoch, then accumulation
+    steps = math.ceil(3 * (50000 // (plan.micro_batch * 4)) / plan.grad_accum)
     assert out["time"]["optimizer_steps"] == steps
     assert out["time"]["hours"] == pytest.approx(steps * out["time"]["step_s"] / 3600)
     assert out["plan"]["hparams"]["warmup_steps"] == hp.warmup_steps(steps)

@@ -377,7 +377,8 @@ def recommend(req: Request) -> Recommendation:
     if shift == "high" and not req.replay:
         warnings.append("high domain shift without --replay FILE (general text): the replay guard against "
                         "forgetting is off; the lower learning rate and early stopping still apply")
-    examples_per_epoch = math.ceil(samples / (1 - replay_ratio))
+    # replay examples make up replay_ratio of the mix (memplan.train.data.replay_count)
+    examples_per_epoch = samples + (round(samples * replay_ratio / (1 - replay_ratio)) if replay_ratio else 0)
     workload = Workload(seq_len=seq_len, effective_batch=rounded, examples_per_epoch=examples_per_epoch, epochs=epochs)
 
     tree = load_tree()
@@ -428,7 +429,7 @@ def recommend(req: Request) -> Recommendation:
         raise NoPlanFits(rec)
 
     best = rec.chosen
-    total_steps = workload.steps()
+    total_steps = best.steps
     rec.hparams = hp.choose(best.plan.method, shift, total_steps, epochs, req.lr)
     h = rec.hparams.plan_fields()
     if req.warmup_ratio is not None:

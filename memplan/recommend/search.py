@@ -33,8 +33,9 @@ class Workload:
     examples_per_epoch: int
     epochs: float
 
-    def steps(self) -> int:
-        return throughput.optimizer_steps(self.examples_per_epoch, self.effective_batch, self.epochs)
+    def steps(self, plan: Plan) -> int:
+        return throughput.optimizer_steps(self.examples_per_epoch, plan.micro_batch, plan.world_size,
+                                          plan.grad_accum, self.epochs)
 
 
 @dataclass
@@ -203,7 +204,7 @@ class Scorer:
         step = throughput.step_time(self.spec, plan, self.target, e.params_trainable)
         fits = e.total <= self.target.usable_bytes and (
             not e.host_bytes or e.host_bytes <= self.target.usable_host_bytes)
-        cand = Candidate(plan=plan, estimate=e, step=step, steps=workload.steps(), fits=fits)
+        cand = Candidate(plan=plan, estimate=e, step=step, steps=workload.steps(plan), fits=fits)
         self._cache[key] = cand
         self.scored += 1
         return cand

@@ -175,6 +175,8 @@ def step_time(spec: ModelSpec, plan: Plan, target: Target, trainable: int) -> St
     return StepTime(flops / (peak * mfu), comm_s, off_s, flops, comm, off, peak, mfu)
 
 
-def optimizer_steps(samples: int, effective_batch: int, epochs: float) -> int:
-    """Optimizer steps for `epochs` passes over `samples` examples (the last partial batch counts)."""
-    return max(1, math.ceil(math.ceil(samples / effective_batch) * epochs))
+def optimizer_steps(samples: int, micro_batch: int, world: int, grad_accum: int, epochs: float) -> int:
+    """Optimizer steps as `memplan train` counts them (memplan.train.loop.total_steps): whole micro-batches
+    per epoch, floor(samples / (micro_batch x processes)), then ceil(epochs x that / grad_accum)."""
+    per_epoch = max(1, samples // (micro_batch * world))
+    return max(1, math.ceil(epochs * per_epoch / grad_accum))
