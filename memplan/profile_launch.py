@@ -173,13 +173,33 @@ def make_wrapper(plan: Plan, device: str, world: int) -> Callable:
         kwargs = dict(mesh=mesh, reshard_after_forward=plan.zero == 3)
         if plan.offload == "optimizer+params":
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        for layer in decoder_layers(module):  # on the meta device: measure() materializes the shards
-            fully_shard(layer, **kwargs)
-        fully_shard(module, **kwargs)
+        units = decoder_layers(module) + [module]
+        for unit in units:  # on the meta device: measure() materializes the shards
+            fully_shard(unit, **kwargs)
+        for unit in units:
+            _count_gathers_as_gathered_params(unit, meter)
         return module
 
     fsdp.shards_parameters = True
     return fsdp if plan.sharding == "fsdp" and plan.zero in (2, 3) else ddp
+
+
+def _count_gathers_as_gathered_params(unit, meter) -> None:
+    """Storages FSDP2 creates while gathering a unit's parameters (the all-gather buffer, the unsharded
+    parameters, which later resizes keep) count as the estimate's gathered_params. FSDP2's param groups
+    are internals: where a torch version lacks them, the bytes stay under activations."""
+    state = getattr(unit, "_get_fsdp_state", lambda: None)()
+    for group in getattr(state, "_fsdp_param_groups", None) or []:
+        for name in ("unshard", "wait_for_unshard"):
+            method = getattr(group, name, None)
+            if method is None:
+                continue
+
+            def gathering(*args, _method=method, **kwargs):
+                with meter.creating("gathered_params"):
+                    return _method(*args, **kwargs)
+
+            setattr(group, name, gathering)
 
 
 def _write_atomic(path: Path, data) -> None:

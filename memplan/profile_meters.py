@@ -16,8 +16,9 @@ Every byte lands in one of the estimate's term names (memplan.estimator.phases.T
 weights (parameters, buffers, 4-bit quantization state), master_weights (fp32 copies the optimizer
 steps), gradients, optimizer_states, optimizer_temporaries (anything else alive in the optimizer phase),
 logits_loss (what the forward creates from the output embedding on - logits, their fp32 copy, the loss -
-and what the backward creates until the gradient reaches the output embedding's input), comm_buffers (DDP's
-gradient buckets), activations (everything else). A storage is classified when
+and what the backward creates until the gradient reaches the output embedding's input), gathered_params
+(FSDP's all-gather buffers and unsharded parameters), comm_buffers (DDP's gradient buckets), activations
+(everything else). A storage is classified when
 it becomes known as a gradient / state (end of each backward / optimizer step); the phase peaks it was
 alive at are corrected then, so a gradient produced at the backward peak counts as a gradient there.
 """
@@ -35,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 PHASES = ("forward", "backward", "optimizer")
 TERMS = ("weights", "master_weights", "gradients", "optimizer_states", "optimizer_temporaries",
-         "activations", "logits_loss", "comm_buffers")
+         "activations", "logits_loss", "gathered_params", "comm_buffers")
 # Storages still in one of these may be re-classified when they turn out to be gradients or states.
 UNCLASSIFIED = ("activations", "logits_loss", "optimizer_temporaries")
 

@@ -299,7 +299,9 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
                             trainable=trainable, logits_term=logits_term)
             finally:
                 logits_term.remove()
-    except torch.OutOfMemoryError as err:
+    except RuntimeError as err:  # torch.OutOfMemoryError is one; cuBLAS and NCCL report theirs as RuntimeError
+        if not _out_of_memory(err):
+            raise
         phase = where["phase"] or getattr(meter, "current_phase", None) or "optimizer"
         oom = {"phase": phase, "step": len(getattr(meter, "steps", [])) or 0,
                "allocated_bytes": _allocated(meter), "message": str(err).splitlines()[0][:300]}
@@ -310,6 +312,12 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
     if backend == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch < 2.5: cuda's
+    text = str(err)
+    return isinstance(err, oom_type) or "out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text
 
 
 def _allocated(meter) -> int:

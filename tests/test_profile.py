@@ -62,7 +62,8 @@ def test_cpu_full_json_shape(run_cli, tiny):
     assert m["reserved_bytes"] is None and m["nvml_used_bytes"] is None  # not measurable on the CPU
     assert set(m["phase_peaks"]) == {"forward", "backward", "optimizer"}
     assert set(m["breakdown"]) == set(TERMS)
-    assert m["breakdown"]["workspace"] is None and m["breakdown"]["gathered_params"] is None
+    assert m["breakdown"]["workspace"] is None  # kernels' workspaces: only a GPU's allocator sees them
+    assert m["breakdown"]["gathered_params"] == m["breakdown"]["comm_buffers"] == 0  # one process
     peak = m["phase_peaks"][m["peak_phase"]]
     assert sum(v for v in m["breakdown"].values() if v) == peak
     # grad_accum 2: the gradients of the first micro-batch are alive during the second forward
@@ -259,6 +260,9 @@ def test_two_process_ddp_and_fsdp_on_gloo(run_cli, tiny):
     assert f["after_load_bytes"] == pytest.approx(weights / 2, rel=0.01)  # each rank holds half
     assert f["phase_breakdown"]["optimizer"]["optimizer_states"] == pytest.approx(
         m["phase_breakdown"]["optimizer"]["optimizer_states"] / 2, rel=0.01)
+    # FULL_SHARD gathers a unit's parameters for its forward and frees them after
+    assert f["phase_breakdown"]["forward"]["gathered_params"] > 0
+    assert f["phase_breakdown"]["optimizer"]["gathered_params"] == 0
 
 
 # ---------------------------------------------------------------- bad input

@@ -114,7 +114,6 @@ def measured_json(main, ranks: list) -> dict:
             if terms is None:
                 continue
             row = {t: terms.get(t) for t in TERMS}
-            row["gathered_params"] = None  # FSDP's gathered parameters count as activations here
             if main.backend == "cuda" and ph in steady.tensor_peaks:
                 row["workspace"] = steady.peaks[ph] - steady.tensor_peaks[ph]
             else:
