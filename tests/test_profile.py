@@ -290,3 +290,42 @@ def test_no_model_and_bad_steps(run_cli):
     assert code == 2 and "no model" in err
     code, _, err = run_cli("profile", "--model", "llama-2-7b", "--steps", "0")
     assert code == 2
+
+
+# ---------------------------------------------------------------- the GPU check runs the same path
+
+
+def test_gpu_check_rows_come_from_the_profile_path(tiny, tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py on the CPU: torch.cuda replaced by FakeCudaStats, the preset by the tiny config."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    import memplan.models
+    import memplan.profile_meters
+    import memplan.profile_run
+
+    (tmp_path / "tiny").mkdir()
+    shutil.copy(tiny, tmp_path / "tiny" / "config.json")
+    monkeypatch.setattr(memplan.models, "models_dir", lambda: tmp_path)
+
+    class CpuCudaMeter(CudaMeter):
+        def __init__(self, device, attribute=True):
+            stats = FakeCudaStats()
+            super().__init__("cpu", stats=stats, attribute=attribute)
+            stats.meter = self
+
+    real_measure = memplan.profile_run.measure
+    monkeypatch.setattr(memplan.profile_meters, "CudaMeter", CpuCudaMeter)
+    monkeypatch.setattr(memplan.profile_run, "measure",
+                        lambda config, plan, backend, **kw: real_measure(config, plan, backend="cpu", **kw))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    row = gpu_check.measure("tiny", dict(precision="bf16", micro_batch=2, seq_len=64, grad_ckpt=False), steps=2)
+    assert len(row["steps"]) == 2 and row["attributed"] and row["oom"] is None
+    for step in row["steps"]:
+        for ph in ("forward", "backward", "optimizer"):
+            assert step[ph] == step["tensor_peaks"][ph] + FakeCudaStats.WORKSPACE
+        assert step["reserved"] == 2 * max(step[ph] for ph in ("forward", "backward", "optimizer"))
