@@ -121,3 +121,34 @@ def test_live_tensor_bytes_counts_allocations():
     assert mode.peak == 4000 + 8000 + 8000
     assert mode.live == 4000 + 2000
     del c
+
+
+def test_exact_match_batches_left_padded_prompts(tokenizer):
+    import contextlib
+
+    import torch
+
+    from memplan.train.evaluate import exact_match
+
+    records = [D._parse(r, "alpaca", "x") for r in task_records(5, seed=9)]
+    answers = {tuple(D.prompt_ids(r, tokenizer)): r.answer for r in records}
+    answers[tuple(D.prompt_ids(records[2], tokenizer))] = "something else"  # one wrong completion
+    seen = []
+
+    class Greedy(torch.nn.Module):
+        """Completes each known prompt with its answer, the end-of-sequence token, then padding."""
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, **kw):
+            rows = []
+            for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+                assert mask == sorted(mask)  # left padding
+                prompt = tuple(i for i, m in zip(ids, mask) if m)
+                seen.append(prompt)
+                new = tokenizer(answers[prompt], add_special_tokens=False)["input_ids"] + [eos_token_id]
+                rows.append(ids + (new + [pad_token_id] * max_new_tokens)[:max_new_tokens])
+            return torch.tensor(rows)
+
+    score = exact_match(Greedy(), records, tokenizer, "cpu", contextlib.nullcontext, limit=10, batch_size=2)
+    assert score == 4 / 5
+    assert sorted(seen) == sorted(answers)
+    assert exact_match(Greedy(), records, tokenizer, "cpu", contextlib.nullcontext, limit=2) == 1.0

@@ -66,8 +66,10 @@ def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
 
 
 @torch.no_grad()
-def exact_match(model, records: list[Record], tokenizer, device, autocast, limit: int) -> Optional[float]:
-    """Fraction of the first `limit` records whose greedy completion equals the answer (stripped)."""
+def exact_match(model, records: list[Record], tokenizer, device, autocast, limit: int,
+                batch_size: int = 32) -> Optional[float]:
+    """Fraction of the first `limit` records whose greedy completion equals the answer (stripped).
+    Prompts are generated in left-padded batches; the completion ends at the first end-of-sequence."""
     scored = records[:limit]
     if not scored:
         return None
@@ -75,21 +77,30 @@ def exact_match(model, records: list[Record], tokenizer, device, autocast, limit
     was_training = model.training
     model.eval()
     hits = 0
-    for record in scored:
-        ids = prompt_ids(record, tokenizer)
-        answer_len = len(tokenizer(record.answer, add_special_tokens=False)["input_ids"])
-        inputs = torch.tensor([ids], device=device)
+    for chunk in batches(scored, batch_size):
+        prompts = [prompt_ids(r, tokenizer) for r in chunk]
+        answer_len = max(len(tokenizer(r.answer, add_special_tokens=False)["input_ids"]) for r in chunk)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
         with autocast():
             out = gen.generate(
-                input_ids=inputs,
-                attention_mask=torch.ones_like(inputs),
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 max_new_tokens=answer_len + 4,  # room for the end-of-sequence token and a little more
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 use_cache=True,
             )
-        text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
-        hits += text.strip() == record.answer.strip()
+        for row, record in enumerate(chunk):
+            new = out[row, width:].tolist()
+            if tokenizer.eos_token_id in new:
+                new = new[: new.index(tokenizer.eos_token_id)]
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            hits += text.strip() == record.answer.strip()
     model.train(was_training)
     return hits / len(scored)
