@@ -218,8 +218,9 @@ def why_not(alt: Candidate, best: Candidate, priority: str, target: Target) -> s
         diffs = [f"{name} {x - y:+.3g} s" for name, x, y in (("compute", a.compute_s, b.compute_s),
                                                            ("communication", a.comm_s, b.comm_s),
                                                            ("offload", a.offload_s, b.offload_s)) if x != y]
-        parts.append(f"slower: {a.total_s:.4g} vs {b.total_s:.4g} s per step, +{100 * (alt.hours / best.hours - 1):.2g} % "
-                     f"({', '.join(diffs)})")
+        pct = 100 * (alt.hours / best.hours - 1)
+        more = f"{pct:.0f}" if pct >= 10 else f"{pct:.2g}"
+        parts.append(f"slower: {a.total_s:.4g} vs {b.total_s:.4g} s per step, +{more} % ({', '.join(diffs)})")
     if priority == "memory" and alt.total > best.total:
         parts.append(f"more memory: {alt.total / GiB:.2f} vs {best.total / GiB:.2f} GiB")
     if not parts:
@@ -234,7 +235,7 @@ def family(c: Candidate) -> tuple:
 
 
 def pick_alternatives(result: SearchResult, best: Candidate, priority: str, target: Target,
-                      n_fit: int = 6, n_nofit: int = 4) -> list[Alternative]:
+                      n_fit: int = 8, n_nofit: int = 4) -> list[Alternative]:
     """The best plan of each other data-parallel layout, then the smallest of each layout that does not fit."""
     out, seen = [], {family(best)}
     for c in result.fitting:
@@ -245,6 +246,7 @@ def pick_alternatives(result: SearchResult, best: Candidate, priority: str, targ
         out.append(Alternative(c, why_not(c, best, priority, target)))
         if len(out) >= n_fit:
             break
+    seen |= {family(c) for c in result.fitting}  # a layout that fits in some form is not "does not fit"
     nofit = 0
     for c in result.not_fitting:
         fam = family(c)
