@@ -154,6 +154,13 @@ class StepTime:
                 "offload_bytes_per_gpu": self.offload_bytes, "peak_flops": self.peak_flops, "mfu": self.mfu}
 
 
+def _seconds(nbytes: float, bytes_per_s: float) -> float:
+    """Transfer time; a link of unknown bandwidth makes any traffic over it infinitely slow (never chosen)."""
+    if not nbytes:
+        return 0.0
+    return nbytes / bytes_per_s if bytes_per_s else math.inf
+
+
 def step_time(spec: ModelSpec, plan: Plan, target: Target, trainable: int) -> StepTime:
     """Seconds per optimizer step on each GPU (they run in lockstep)."""
     tokens = plan.micro_batch * plan.seq_len * plan.grad_accum
@@ -170,8 +177,8 @@ def step_time(spec: ModelSpec, plan: Plan, target: Target, trainable: int) -> St
     else:
         comm = comm_bytes(spec, plan, trainable)
         off = offload_bytes(spec, plan, trainable)
-        comm_s = comm / target.interconnect_bytes_s if comm else 0.0
-        off_s = off / target.host_link_bytes_s if off else 0.0
+        comm_s = _seconds(comm, target.interconnect_bytes_s)
+        off_s = _seconds(off, target.host_link_bytes_s)
     return StepTime(flops / (peak * mfu), comm_s, off_s, flops, comm, off, peak, mfu)
 
 
