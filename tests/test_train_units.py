@@ -152,3 +152,25 @@ def test_exact_match_batches_left_padded_prompts(tokenizer):
     assert score == 4 / 5
     assert sorted(seen) == sorted(answers)
     assert exact_match(Greedy(), records, tokenizer, "cpu", contextlib.nullcontext, limit=2) == 1.0
+
+
+def test_chat_records_use_the_tokenizers_template(tmp_path):
+    from memplan.train.model import load_tokenizer
+
+    tok = load_tokenizer(build_tiny_model(tmp_path, chat_template=True), False)
+    record = D._parse({"messages": [{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "apple"},
+                                    {"role": "assistant", "content": "APPLE"},
+                                    {"role": "user", "content": "river"},
+                                    {"role": "assistant", "content": "RIVER"}]}, "chat", "c:1")
+    ex = D.tokenize(record, tok, 512)
+    assert tok.decode(ex.input_ids).startswith("<|system|>Be brief.<|user|>apple<|assistant|>APPLE</s>")
+    spans, current = [], []
+    for tid, lab in zip(ex.input_ids, ex.labels):
+        if lab != D.IGNORE:
+            current.append(tid)
+        elif current:
+            spans.append(current)
+            current = []
+    spans.append(current)
+    assert [tok.decode(s) for s in spans if s] == ["APPLE</s>", "RIVER</s>"]  # both assistant turns, nothing else

@@ -226,6 +226,7 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
 
     # ---- the loop
     meter = PeakMemory(device)
+    trainer_start = trainer["step"]
     meter.start(model, optimizer)
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
     bar = tqdm(total=steps, initial=trainer["step"], disable=not progress or not main, unit="step",
@@ -261,6 +262,8 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
         trainer["step"] += 1
         step = trainer["step"]
         meter.step_done(max(b["input_ids"].shape[1] for b in micro))
+        if meter.measured_steps == meter.steps and not meter.cuda and step == trainer_start + meter.steps:
+            say(_memory_line(memory_report(plan, base_dir, meter)))
 
         loss = float(_all_sum(accelerator, step_loss)) / labelled
         tokens = int(_all_sum(accelerator, float(tokens)))
@@ -328,6 +331,12 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _memory_line(mem: dict) -> str:
+    flag = " (gap over 10 %)" if mem["flag"] else ""
+    return (f"memory: measured peak {mem['measured_bytes'] / 2**20:.1f} MiB ({mem['what']}), memplan's estimate "
+            f"{mem['estimated_bytes'] / 2**20:.1f} MiB at the measured shape: {100 * mem['gap']:+.1f} %{flag}")
 
 
 def _eval_line(rec: dict) -> str:
