@@ -286,3 +286,15 @@ def test_searched_plans_are_ones_memplan_train_runs(run_cli):
     for plan in [out["plan"]] + [a["plan"] for a in out["alternatives"]]:
         assert plan["precision"] != "bf16-master" or plan["sharding"] == "deepspeed"
         assert plan["sharding"] != "fsdp" or plan["zero"] in (2, 3)  # FSDP2 has no NO_SHARD
+
+
+def test_time_counts_padded_tokens_from_the_data():
+    from memplan.recommend.data_stats import DataStats
+
+    d = DataStats("x", 4, "text", 4, 20, 40, 40, "t", lengths=[10, 20, 30, 40])
+    assert d.expected_padded_length(1, 100) == 25  # one example per batch: the mean
+    assert d.expected_padded_length(2, 100) == pytest.approx((10 * 1 + 20 * 3 + 30 * 5 + 40 * 7) / 16)
+    assert d.expected_padded_length(2, 25) == pytest.approx((10 * 1 + 20 * 3 + 25 * 5 + 25 * 7) / 16)  # cut at 25
+    spec = resolve_model("llama-2-7b")
+    plan = build_plan(dict(method="full", seq_len=64))
+    assert throughput.train_flops_per_token(spec, plan, 32) < throughput.train_flops_per_token(spec, plan)

@@ -387,7 +387,8 @@ def recommend(req: Request) -> Recommendation:
     rec = Recommendation(request=req, spec=spec, target=target, workload=workload, samples=samples,
                          domain_shift=shift, max_hours=max_hours, data=stats, steps=[], method_reason="",
                          tree=tree, leaf=None, searches={}, warnings=warnings, assumptions=assumptions)
-    scorer = Scorer(spec, target)
+    # batches are padded to their longest example, not to seq_len: the time counts the tokens that run
+    scorer = Scorer(spec, target, stats.expected_padded_length if stats else None)
     progress = None
     if req.show_progress:
         from tqdm import tqdm
@@ -431,6 +432,10 @@ def recommend(req: Request) -> Recommendation:
         raise NoPlanFits(rec)
 
     best = rec.chosen
+    if stats:
+        assumptions.append(f"time counts {stats.expected_padded_length(best.plan.micro_batch, seq_len):.1f} tokens "
+                           f"per sequence: batches of {best.plan.micro_batch} are padded to their longest example "
+                           f"(expected from the measured lengths), at most {seq_len}")
     total_steps = best.steps
     rec.hparams = hp.choose(best.plan.method, shift, total_steps, epochs, req.lr)
     h = rec.hparams.plan_fields()

@@ -45,6 +45,15 @@ class DataStats:
         """Share of the measured examples longer than seq_len."""
         return sum(1 for n in self.lengths if n > seq_len) / len(self.lengths) if self.lengths else 0.0
 
+    def expected_padded_length(self, k: int, cap: int) -> float:
+        """Tokens per sequence in a batch of k examples as `memplan train` runs it: padded to the batch's
+        longest example (memplan.train.data.collate), cut at `cap`. The expected maximum of k draws from
+        the measured lengths L_(1) <= ... <= L_(n): sum_i min(L_(i), cap) x [(i/n)^k - ((i-1)/n)^k]."""
+        n = len(self.lengths)
+        if not n:
+            return float(cap)
+        return sum(min(x, cap) * ((i / n) ** k - ((i - 1) / n) ** k) for i, x in enumerate(self.lengths, 1))
+
     @property
     def seq_len(self) -> int:
         return max(SEQ_MULTIPLE, math.ceil(self.p95 / SEQ_MULTIPLE) * SEQ_MULTIPLE)

@@ -190,8 +190,10 @@ def divisors(n: int) -> list[int]:
 class Scorer:
     """Estimates and step times, memoized per plan (the tree and the method search share plans)."""
 
-    def __init__(self, spec: ModelSpec, target: Target):
-        self.spec, self.target = spec, target
+    def __init__(self, spec: ModelSpec, target: Target,
+                 padded_length: Optional[Callable[[int, int], float]] = None):
+        """padded_length(micro_batch, seq_len): tokens per sequence as batches run (from --data)."""
+        self.spec, self.target, self.padded_length = spec, target, padded_length
         self._cache: dict[tuple, Candidate] = {}
         self.scored = 0
 
@@ -201,7 +203,8 @@ class Scorer:
         if hit is not None:
             return hit
         e = estimate(self.spec, plan, self.target.memory_bytes)
-        step = throughput.step_time(self.spec, plan, self.target, e.params_trainable)
+        seq_tokens = self.padded_length(plan.micro_batch, plan.seq_len) if self.padded_length else None
+        step = throughput.step_time(self.spec, plan, self.target, e.params_trainable, seq_tokens)
         fits = e.total <= self.target.usable_bytes and (
             not e.host_bytes or e.host_bytes <= self.target.usable_host_bytes)
         cand = Candidate(plan=plan, estimate=e, step=step, steps=workload.steps(plan), fits=fits)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from memplan.models import ModelSpec
 from memplan.plan import Plan
@@ -65,11 +66,11 @@ def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> tuple[float, float
     return 2 * decoder + attention, 2 * head
 
 
-def train_flops_per_token(spec: ModelSpec, plan: Plan) -> float:
+def train_flops_per_token(spec: ModelSpec, plan: Plan, seq_tokens: Optional[float] = None) -> float:
     """Forward + backward (+ recompute) FLOPs per token. The backward costs two forwards when weights get
     gradients (input and weight gradients) and one when they are frozen (LoRA/QLoRA: input gradients only;
     the adapters' own FLOPs are < 1 % at rank 16 and left out)."""
-    decoder, head = forward_flops_per_token(spec, plan.seq_len)
+    decoder, head = forward_flops_per_token(spec, seq_tokens or plan.seq_len)
     backward = 2 if plan.method == "full" else 1
     flops = (1 + backward) * (decoder + head)
     if plan.grad_ckpt:
@@ -161,10 +162,13 @@ def _seconds(nbytes: float, bytes_per_s: float) -> float:
     return nbytes / bytes_per_s if bytes_per_s else math.inf
 
 
-def step_time(spec: ModelSpec, plan: Plan, target: Target, trainable: int) -> StepTime:
-    """Seconds per optimizer step on each GPU (they run in lockstep)."""
-    tokens = plan.micro_batch * plan.seq_len * plan.grad_accum
-    flops = train_flops_per_token(spec, plan) * tokens
+def step_time(spec: ModelSpec, plan: Plan, target: Target, trainable: int,
+              seq_tokens: Optional[float] = None) -> StepTime:
+    """Seconds per optimizer step on each GPU (they run in lockstep). `seq_tokens`: tokens per sequence
+    as batches run (padded to their longest example, measured from --data); default the plan's seq_len."""
+    seq = seq_tokens or plan.seq_len
+    tokens = plan.micro_batch * seq * plan.grad_accum
+    flops = train_flops_per_token(spec, plan, seq) * tokens
     peak = target.peak_flops.get(compute_dtype(plan.precision))
     if not peak:
         return StepTime(math.inf, 0.0, 0.0, flops, 0.0, 0.0, 0.0, 0.0)
