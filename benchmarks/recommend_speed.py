@@ -53,8 +53,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recommend-speed.txt"))
     args = ap.parse_args()
-    lines = [f"# memplan recommend: search speed ({platform.processor() or platform.machine()}, "
-             f"Python {platform.python_version()}; median of {args.repeat} runs, cache cleared each run)", "",
+    import os
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines = [f"# memplan recommend: search speed ({platform.processor() or platform.machine()}, {os.cpu_count()} "
+             f"cores, load average {load:.1f} at the start; Python {platform.python_version()}; median of "
+             f"{args.repeat} runs, cache cleared each run)", "",
              f"{'case':58} {'scored':>7} {'decided':>8} {'seconds':>8} {'scored/s':>9} {'decided/s':>10}  best plan"]
     total_scored = total_time = 0.0
     for case in CASES:
