@@ -48,8 +48,7 @@ def decision(rec: Recommendation) -> list[str]:
 
 def plan_line(rec: Recommendation) -> str:
     p = rec.plan
-    e = rec.estimate
-    return (f"{report.describe_plan(e)} on {p.world_size} {'process' if p.device == 'cpu' else 'GPU'}(s): "
+    return (f"{rec.chosen.family()} on {p.world_size} {'process' if p.device == 'cpu' else 'GPU'}(s): "
             f"micro-batch {p.micro_batch} x {p.seq_len} tokens, grad-accum {p.grad_accum} (effective batch "
             f"{p.effective_batch}), checkpointing {'on' if p.grad_ckpt else 'off'}, {p.optimizer}, attn {p.attn}, "
             f"loss {p.loss}")
@@ -81,7 +80,7 @@ def alternatives_table(rec: Recommendation) -> str:
     for a in rec.alternatives:
         c = a.candidate
         p = c.plan
-        rows.append([report.describe_plan(c.estimate), f"{p.micro_batch}x{p.grad_accum}",
+        rows.append([c.family(), f"{p.micro_batch}x{p.grad_accum}",
                      "on" if p.grad_ckpt else "off", p.optimizer, p.loss, report.gib(c.total),
                      _duration(c.hours) if c.fits else "-", a.why_not])
     return tabulate(rows, headers=["alternative", "mb x accum", "ckpt", "optimizer", "loss", "GiB", "time", "why not"],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from memplan.estimator import Estimate, estimate
@@ -73,7 +73,8 @@ class Candidate:
     def family(self) -> str:
         from memplan.report import describe_plan
 
-        return describe_plan(self.estimate)
+        text = describe_plan(self.estimate)
+        return text.replace("· 1 GPU ·", "· 1 process ·") if self.plan.device == "cpu" else text
 
     def key(self, priority: str) -> tuple:
         hours = round(self.hours, 6)
