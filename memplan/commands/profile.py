@@ -170,7 +170,7 @@ def verdict_line(est: Estimate, main, measured: dict) -> str:
                else f"outside memplan's goal ({GOAL[0]:+.0f} % .. {GOAL[1]:+.0f} %); the report helps fix the estimator"))
     if main.backend == "cuda":
         used = measured["nvml_used_bytes"] or measured["reserved_bytes"]
-        line += f"; it ran: {used / report.GiB:.2f} GiB used on this GPU"
+        line += f"; it ran, using {size(used)} of this GPU"
     return line
 
 
