@@ -9,7 +9,7 @@ import torch
 
 from test_train_support import SUBPROCESS_ENV, metrics, run_dir, tiny  # noqa: F401  (tiny is a fixture)
 
-SETTINGS = dict(hparams={"max_steps": 6, "eval_every": 3, "eval_samples": 0})
+SETTINGS = dict(hparams={"max_steps": 6, "eval_every": 3, "eval_samples": 2}, lora={"rank": 4, "dropout": 0.0})
 TOLERANCE = 1e-5
 
 
@@ -19,26 +19,48 @@ def _train(plan, *sets):
         args += ["--set", s]
     done = subprocess.run(args, capture_output=True, text=True, env=SUBPROCESS_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {(r["step"], k): r[k] for r in metrics(plan.parent) for k in ("loss", "eval_loss") if k in r}
+    return {(r["step"], k): r[k] for r in metrics(plan.parent) for k in ("loss", "eval_loss", "eval_accuracy")
+            if k in r}
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny):
-    # micro_batch 4 on one process = micro_batch 2 on each of two processes
-    plan = run_dir(tmp_path_factory.mktemp("single"), tiny, micro_batch=4, **SETTINGS)
-    return _train(plan)
+    """One-process runs by method; micro_batch 4 on one process = micro_batch 2 on each of two."""
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            plan = run_dir(tmp_path_factory.mktemp(f"single-{method}"), tiny, method=method, micro_batch=4,
+                           **SETTINGS)
+            runs[method] = _train(plan)
+        return runs[method]
+
+    return get
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, tiny, single, sharding):
-    from transformers import AutoModelForCausalLM
-
-    plan = run_dir(tmp_path, tiny, micro_batch=2, gpus=2, sharding=sharding, zero=3 if sharding == "fsdp" else 0,
-                   **SETTINGS)
+# DDP with full fine-tuning; FSDP (FULL_SHARD) with LoRA, whose exact-match generation runs through the
+# inner model of the sharded root.
+@pytest.mark.parametrize("sharding, method", [("ddp", "full"), ("fsdp", "lora")])
+def test_two_processes_match_one(tmp_path, tiny, single, sharding, method):
+    plan = run_dir(tmp_path, tiny, method=method, micro_batch=2, gpus=2, sharding=sharding,
+                   zero=3 if sharding == "fsdp" else 0, **SETTINGS)
     two = _train(plan)
-    assert two.keys() == single.keys()
-    for key, value in single.items():
+    one = single(method)
+    assert two.keys() == one.keys()
+    for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=TOLERANCE), key
-    model = AutoModelForCausalLM.from_pretrained(plan.parent / "model")
     ckpt = torch.load(plan.parent / "checkpoints" / "checkpoint-000006" / "model.pt", weights_only=True)
-    assert all(torch.equal(p, ckpt[n]) for n, p in model.named_parameters())
+    if method == "full":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(plan.parent / "model")
+        assert all(torch.equal(p, ckpt[n]) for n, p in model.named_parameters())
+    else:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny[0]), plan.parent / "adapter")
+        trained = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        assert len(trained) == len(ckpt)
+        for name, value in ckpt.items():  # checkpoint names carry peft's adapter name ("default")
+            assert torch.equal(dict(model.named_parameters())[name], value), name

@@ -74,6 +74,12 @@ def exact_match(model, records: list[Record], tokenizer, device, autocast, limit
     if not scored:
         return None
     gen = _hf_model(model)
+    # FSDP2 gathers the root's own parameters (embeddings, head) in the root's forward hook, which
+    # generating through the inner model (peft) skips: gather them for the whole generation instead.
+    # (The caller has run a forward through the root first, which initialises FSDP.)
+    gather_root = gen is not model and hasattr(model, "unshard") and hasattr(model, "reshard")
+    if gather_root:
+        model.unshard()
     was_training = model.training
     model.eval()
     hits = 0
@@ -102,5 +108,7 @@ def exact_match(model, records: list[Record], tokenizer, device, autocast, limit
                 new = new[: new.index(tokenizer.eos_token_id)]
             text = tokenizer.decode(new, skip_special_tokens=True)
             hits += text.strip() == record.answer.strip()
+    if gather_root:
+        model.reshard()
     model.train(was_training)
     return hits / len(scored)
