@@ -9,7 +9,7 @@ together with the tokenizer and ``pretrain_summary.json`` into ``data/models/dem
 it atomically.
 
 Run ``python data/demo/make_demo.py`` first (it makes the data and tokenizer), then
-``python data/demo/pretrain_demo_tiny.py`` (about six minutes on one CPU core).
+``python data/demo/pretrain_demo_tiny.py`` (14 minutes on a busy 2-core machine; see README.md).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ WEIGHT_DECAY = 0.1
 BETAS = (0.9, 0.95)
 MAX_GRAD_NORM = 1.0
 LOG_EVERY = 20
-# One thread: a float sum's order depends on the thread count, so one thread makes runs bit-identical;
-# and on a small shared machine two threads competing with other work are slower than one.
+# A fixed thread count: a float sum's order depends on it, so the result does not depend on the
+# machine's core count; and on a small shared machine two threads competing with other work are slower.
 THREADS = 1
 
 
