@@ -126,6 +126,7 @@ def main() -> None:
     import torch
     import transformers
 
+    load_before = os.getloadavg()[0]
     rows = []
     for name, fields in CONFIGS:
         results: dict[str, list[float]] = {"memplan": [], "trainer": []}
@@ -148,7 +149,8 @@ def main() -> None:
     header = (f"# memplan train vs HF Trainer: median tokens/s over optimizer steps {WARMUP + 1}-{args.steps}, "
               f"{args.rounds} alternating runs each\n"
               f"# device {args.device}, torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-              f"{transformers.__version__}, {platform.machine()}, {os.cpu_count()} CPUs\n"
+              f"{transformers.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, 1-minute load average "
+              f"{load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (other work shares the CPUs)\n"
               f"# same batches in the same order, fused AdamW, warmup 3 + cosine, clip 1.0; written by "
               f"benchmarks/train_throughput.py\n")
     text = header + table + "\n"
