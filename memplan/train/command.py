@@ -40,7 +40,13 @@ def dry_run(resolved: Resolved, as_json: bool) -> None:
     click.echo(f"{spec.name}: {spec.params_total:,} parameters; estimate per "
                f"{'process' if resolved.plan.device == 'cpu' else 'GPU'}:\n")
     click.echo(report.breakdown_table(result))
-    click.echo(report.verdict(result))
+    if resolved.plan.device == "cpu":
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        need = result.peak_allocated * resolved.plan.world_size
+        click.echo(f"host RAM {report.gib(ram)} GiB; tensors of all {resolved.plan.world_size} process(es): "
+                   f"{report.gib(need)} GiB ({100 * need / ram:.1f} %)")
+    else:
+        click.echo(report.verdict(result))
 
 
 def _launched() -> bool:
