@@ -199,8 +199,9 @@ def test_pretrain_script_runs(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "demo-tiny"
-    result = subprocess.run([sys.executable, str(DEMO / "pretrain_demo_tiny.py"), "--steps", "2", "--out", str(out)],
-                            capture_output=True, text=True)
+    command = [sys.executable, str(DEMO / "pretrain_demo_tiny.py"), "--steps", "2", "--retention-blocks", "2",
+               "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "retention perplexity" in result.stdout
     assert json.loads((out / "config.json").read_text()) == json.loads((MODEL / "config.json").read_text())

@@ -127,6 +127,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps (default {STEPS})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output model directory")
+    parser.add_argument("--retention-blocks", type=int, default=None,
+                        help="measure perplexity on only the first N retention blocks (quick checks; default all)")
     args = parser.parse_args()
     started = time.perf_counter()
     torch.manual_seed(SEED)
@@ -136,6 +138,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(HERE / "tokenizer")
     train_blocks = blocks(token_stream(tokenizer, read_texts(HERE / "general.jsonl")), SEQ_LEN, keep_tail=False)
     retention_blocks = blocks(token_stream(tokenizer, read_texts(HERE / "retention.jsonl")), SEQ_LEN, keep_tail=True)
+    retention_blocks = retention_blocks[:args.retention_blocks]
     train_data = torch.stack(train_blocks)
     model = build_model(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
