@@ -160,3 +160,20 @@ def test_estimate_matches_h100_measurements(row):
         assert -3.0 <= err <= 3.0, f"{phase}: {err:+.2f} %"
     peak = max(measured.values())
     assert -2.0 <= 100 * (e.peak_allocated - peak) / peak <= 3.0
+
+
+FSDP_RUNS = [json.loads(line) for line in
+             (Path(__file__).resolve().parents[1] / "benchmarks/results/fsdp-gloo-2rank.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("row", FSDP_RUNS, ids=lambda r: f"zero{r['plan']['zero']}-{r['plan']['method']}")
+def test_estimate_matches_fsdp_two_rank_measurements(row, tmp_path):
+    """FSDP2 SHARD_GRAD_OP / FULL_SHARD on 2 gloo ranks (memplan profile --backend cpu --gpus 2), per phase."""
+    from transformers import LlamaConfig
+
+    path = tmp_path / "config.json"
+    path.write_text(LlamaConfig(**row["llama_config"]).to_json_string())
+    e = estimate(resolve_model(str(path)), Plan(**row["plan"]))
+    for phase, measured in row["phase_peaks"].items():
+        err = 100 * (e.phase_peaks[phase] - measured) / measured
+        assert -2 <= err <= 3, (phase, err)

@@ -66,7 +66,13 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     layer_grads, head_grads = layer_params * g_item, head_params * g_item
     emb_grad = spec.vocab_size * spec.hidden_size * g_item if plan.method == "full" else 0
 
-    W = _part(weights, n) if stage == 3 else weights
+    # Parameters sharded at rest: ZeRO-3 / FULL_SHARD, and FSDP's SHARD_GRAD_OP too (it reshards after the
+    # backward; only between a unit's forward and its backward are its parameters whole).
+    W = _part(weights, n) if stage == 3 or (fsdp and stage == 2) else weights
+    # One decoder layer's parameters as gathered for compute: the frozen base weights are sharded and
+    # gathered like trainable ones, so LoRA gathers them too (plus its adapters, in their own dtype).
+    adapters_layer = (tensors.n_trainable // spec.num_layers) * g_item if plan.method != "full" else 0
+    unit = spec.params_per_layer * num.compute + adapters_layer
     G = _part(grads, n) if stage >= 2 else grads
     M = _part(master, n) if stage >= 1 else master
     S = _part(opt_states, n) if stage >= 1 else opt_states
@@ -92,16 +98,21 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                 buffers += deepspeed_reduce_bucket_elems(spec) * num.compute
         if stage == 3:
             # current + prefetched parameters, gathered in the compute dtype
-            gathered_f = (layer_params + deepspeed_prefetch_elems(spec)) * num.compute
+            gathered_f = unit + deepspeed_prefetch_elems(spec) * num.compute
             gathered_b = gathered_f + deepspeed_reduce_bucket_elems(spec) * g_item
-    if fsdp and stage in (2, 3):
-        # FSDP keeps the current unit's unsharded parameters and prefetches the next one (forward and
-        # backward prefetch, torch/distributed/fsdp); grads of a unit are unsharded until reduce-scatter.
-        if stage == 3:
-            gathered_f = 2 * layer_params * num.compute
-            gathered_b = 2 * layer_params * num.compute + layer_params * g_item
-        else:
-            gathered_b = layer_params * g_item
+    if fsdp and stage == 3:
+        # FULL_SHARD: the running unit's unsharded parameters and the prefetched next unit's (forward and
+        # backward prefetch, torch/distributed/fsdp). The backward's peak is at its start, before any
+        # unit's unsharded gradients exist (measured on 2 gloo ranks: memplan profile --gpus 2).
+        gathered_f = gathered_b = 2 * unit
+    elif fsdp and stage == 2:
+        # SHARD_GRAD_OP (FSDP2 reshard_after_forward=False): every unit stays unsharded from its forward
+        # to its backward, so the forward ends with a whole replica gathered, plus the next unit's
+        # all-gather in flight; the backward starts with the whole replica and reshards unit by unit
+        # (measured on 2 gloo ranks to 0.01 MiB, full FT and LoRA).
+        replica = spec.params_total * num.compute + adapters_layer * spec.num_layers
+        gathered_f = replica + unit
+        gathered_b = replica
 
     if plan.offload != "none":
         # optimizer states, master weights (and DeepSpeed's fp32 grads) live in CPU RAM; the step runs there.
