@@ -28,7 +28,7 @@ class Tensors:
 
     @cached_property
     def trainable(self) -> tuple[int, ...]:
-        return tuple(math.prod(s) for s in self.trainable_shapes)
+        return tuple(map(math.prod, self.trainable_shapes))
 
     @cached_property
     def n_trainable(self) -> int:
