@@ -26,7 +26,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from memplan.errors import UserError
-from memplan.plan import ALL_LINEAR, Plan
+from memplan.hf_setup import enable_checkpointing, lora_config, nf4_config
+from memplan.plan import Plan
 
 AUTOCAST_DTYPE = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
 WEIGHT_DTYPE = {
@@ -141,28 +142,12 @@ def from_config(config, plan: Plan, attn: Optional[str] = None):
         raise UserError(f"cannot build the model: {err}") from None
 
 
-def enable_checkpointing(hf_model) -> None:
-    kwargs = {"use_reentrant": False}
-    if hasattr(hf_model, "activation_checkpointing_enable"):
-        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # transformers < 5
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
 def apply_lora(hf_model, plan: Plan):
     """peft LoRA with the plan's rank, alpha, dropout and targets; peft's defaults otherwise (adapters in fp32)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    targets = plan.lora.targets
-    lora = LoraConfig(
-        r=plan.lora.rank,
-        lora_alpha=plan.lora.alpha,
-        lora_dropout=plan.lora.dropout,
-        target_modules=ALL_LINEAR if targets == ALL_LINEAR else list(targets),
-        task_type="CAUSAL_LM",
-    )
     try:
-        return get_peft_model(hf_model, lora)
+        return get_peft_model(hf_model, lora_config(plan))
     except ValueError as err:  # target modules not found
         raise UserError(f"cannot apply LoRA: {err}") from None
 
@@ -242,19 +227,11 @@ def _load_weights(plan: Plan, device: str, weights: str, quantization_config=Non
 
 
 def _build_qlora(config, plan: Plan, device: str, weights: Optional[str]):
-    from transformers import BitsAndBytesConfig
-
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise UserError(f"QLoRA needs bitsandbytes, which is not installed. {BNB_HINT}") from None
-    weight_dtype = WEIGHT_DTYPE[plan.precision]
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=AUTOCAST_DTYPE.get(plan.precision, weight_dtype),
-    )
+    quant = nf4_config(AUTOCAST_DTYPE.get(plan.precision, WEIGHT_DTYPE[plan.precision]))
     if weights is not None:
         return _load_weights(plan, device, weights, quant)
     with tempfile.TemporaryDirectory(prefix="memplan-qlora-") as tmp:

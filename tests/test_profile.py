@@ -6,17 +6,14 @@ import json
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
-
-from memplan.estimator.phases import TERMS  # noqa: E402
-from memplan.plan import Plan  # noqa: E402
-from memplan.profile_launch import search_max  # noqa: E402
-from memplan.profile_meters import CudaMeter  # noqa: E402
-from memplan.profile_run import measure  # noqa: E402
+from memplan.estimator.phases import TERMS
+from memplan.plan import Plan
+from memplan.profile_launch import search_max
+from memplan.profile_meters import CudaMeter
+from memplan.profile_run import measure
 
 MiB = 2**20
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -84,7 +81,6 @@ def test_cpu_lora_trains_only_adapters(tiny):
 
 
 def test_cpu_qlora_and_trace_refuses_it(run_cli, tiny):
-    pytest.importorskip("bitsandbytes")
     code, out, _ = run_cli("profile", "--model", tiny, *PLAN, "--method", "qlora", "--precision", "bf16",
                            "--backend", "cpu", "--no-grad-ckpt")
     assert code == 0

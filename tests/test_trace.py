@@ -6,16 +6,13 @@ import os
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
-
-from memplan.errors import UserError  # noqa: E402
-from memplan.loss import chunked_causal_lm_loss  # noqa: E402
-from memplan.plan import Plan  # noqa: E402
-from memplan.trace import PHASES, CATEGORIES, _LiveBytes, trace_training  # noqa: E402
+from memplan.errors import UserError
+from memplan.loss import chunked_causal_lm_loss
+from memplan.plan import Plan
+from memplan.trace import PHASES, CATEGORIES, _LiveBytes, trace_training
 
 GiB = 2**30
 

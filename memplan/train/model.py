@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import UserError
-from memplan.plan import ALL_LINEAR, Plan
+from memplan.hf_setup import enable_checkpointing, lora_config, nf4_config
+from memplan.plan import Plan
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
@@ -146,27 +147,6 @@ def load_tokenizer(path: Path, trust_remote_code: bool):
     return tok
 
 
-def _enable_checkpointing(model) -> None:
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # transformers < 5
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def lora_config(plan: Plan):
-    from peft import LoraConfig
-
-    targets = plan.lora.targets
-    return LoraConfig(
-        r=plan.lora.rank,
-        lora_alpha=plan.lora.alpha,
-        lora_dropout=plan.lora.dropout,
-        target_modules=ALL_LINEAR if targets == ALL_LINEAR else list(targets),
-        task_type="CAUSAL_LM",
-    )
-
-
 def load_model(plan: Plan, path: Path, device: Any, trust_remote_code: bool):
     """The model to train (peft-wrapped for LoRA / QLoRA), on `device`, in the plan's regime."""
     from transformers import AutoModelForCausalLM
@@ -178,14 +158,7 @@ def load_model(plan: Plan, path: Path, device: Any, trust_remote_code: bool):
         trust_remote_code=trust_remote_code,
     )
     if plan.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype(plan),
-        )
+        kwargs["quantization_config"] = nf4_config(compute_dtype(plan))
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
@@ -195,7 +168,7 @@ def load_model(plan: Plan, path: Path, device: Any, trust_remote_code: bool):
         model.to(device)
     model.config.use_cache = False  # training builds no KV cache
     if plan.grad_ckpt:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     if plan.trains_adapters:
         from peft import get_peft_model
 
