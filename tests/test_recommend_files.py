@@ -229,3 +229,14 @@ def test_cpu_plan_round_trip_and_accelerate_use_cpu(run_cli, tmp_path, monkeypat
     assert est["phase_peaks"] == rec["estimate"]["phase_peaks"]
     cfg = load_config_from_file(str(out / "accelerate_config.yaml"))
     assert cfg.use_cpu is True and cfg.distributed_type.value == "NO" and cfg.num_processes == 1
+
+
+@pytest.mark.parametrize("flag, target", [("-o", "out"), ("--plot", "out/memory.png")])
+def test_unwritable_output_is_one_line_and_exit_2(run_cli, tmp_path, flag, target):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    code, _, err = run_cli("recommend", "--model", "llama-2-7b", "--gpu", "h100-80gb", "--dataset-size", "100",
+                           flag, str(blocker / target))
+    assert code == 2
+    assert err.startswith("memplan: error:") and len(err.strip().splitlines()) == 1
+    assert "cannot write there" in err

@@ -48,8 +48,14 @@ def plot_candidates(path: str, entries: list[tuple[str, object]], capacity: int,
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
+    except OSError as err:
+        plt.close(fig)
+        from memplan.errors import UserError
+
+        raise UserError(f"--plot {out}: cannot write there: {err.strerror} ({err.filename})") from None
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, format="png")

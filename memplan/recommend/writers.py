@@ -183,11 +183,19 @@ def _write_file(path: Path, text: str) -> None:
 
 def write_atomically(out_dir: Path, files: dict[str, str]) -> list[str]:
     """Write `files` into out_dir; returns the written paths."""
+    from memplan.errors import UserError
+
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        from memplan.errors import UserError
-
         raise UserError(f"-o {out_dir} exists and is not a directory")
+    try:
+        _write_all(out_dir, files)
+    except OSError as err:
+        raise UserError(f"-o {out_dir}: cannot write there: {err.strerror} ({err.filename})") from None
+    return [str(out_dir / name) for name in files]
+
+
+def _write_all(out_dir: Path, files: dict[str, str]) -> None:
     if out_dir.is_dir():
         for name, text in files.items():
             _write_file(out_dir / name, text)
@@ -206,4 +214,3 @@ def write_atomically(out_dir: Path, files: dict[str, str]) -> list[str]:
 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return [str(out_dir / name) for name in files]
