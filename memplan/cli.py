@@ -5,15 +5,33 @@ from __future__ import annotations
 import os
 import sys
 
-# The CLI uses no pydantic plugins; without this pydantic scans every installed package's entry points
-# when the Plan model is built, on every run.
-os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+import click
 
-import click  # noqa: E402
+from memplan import __version__
+from memplan.errors import UserError
 
-from memplan import __version__  # noqa: E402
-from memplan.cli_options import PLAN_FLAGS, plan_options  # noqa: E402
-from memplan.errors import UserError  # noqa: E402
+
+def _import_plan_flags():
+    """memplan.cli_options, whose import builds the Plan models, with pydantic's plugins off meanwhile.
+
+    The Plan uses no pydantic plugins, yet pydantic looks for them in the entry points of every installed
+    package when it builds its first model (about 7 ms of each run with torch and transformers installed).
+    The switch is pydantic's documented environment variable, set only while the models are built, so
+    the processes memplan starts (and a user's own setting) are left as they were.
+    """
+    key = "PYDANTIC_DISABLE_PLUGINS"
+    before = os.environ.get(key)
+    os.environ.setdefault(key, "__all__")
+    try:
+        import memplan.cli_options as cli_options
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+    return cli_options
+
+
+_cli_options = _import_plan_flags()
+PLAN_FLAGS, plan_options = _cli_options.PLAN_FLAGS, _cli_options.plan_options
 
 
 # Commands that live in their own modules: "name" -> "module:attribute". Each module holds only the

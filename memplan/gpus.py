@@ -1,7 +1,7 @@
 """GPU presets, memory-size parsing and the local-GPU query.
 
 The presets live in ``data/gpus/gpus.yaml`` (see its header for what every field means and where each
-figure is from).  ``memory_bytes`` is the total the driver reports (NVML / nvidia-smi), not the
+figure is from); memplan reads its JSON twin ``gpus.json`` (see :mod:`memplan.paths`).  ``memory_bytes`` is the total the driver reports (NVML / nvidia-smi), not the
 marketing size: an "80 GB" H100 reports 81,559 MiB.
 
 This module is on the fast CLI path: it must import neither torch nor transformers, and it imports
@@ -10,7 +10,6 @@ This module is on the fast CLI path: it must import neither torch nor transforme
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 
 
 from memplan.errors import UserError
-from memplan.paths import data_dir, load_yaml
+from memplan.paths import data_dir, load_table
 
 GIB = 2**30
 MIB = 2**20
@@ -75,6 +74,7 @@ _STR_FIELDS = ("source", "interconnect", "memory_source", "vendor")
 
 
 def gpus_file():
+    """The table people edit; memplan reads its JSON twin (same name, .json)."""
     return data_dir() / "gpus" / "gpus.yaml"
 
 
@@ -118,8 +118,7 @@ def _build(gid: str, entry: Any) -> tuple[Gpu, tuple[str, ...]]:
 def _load() -> tuple[dict[str, Gpu], dict[str, str], dict[str, str]]:
     """(presets by id, lower-case id/alias -> id, normalised NVML name -> id), parsed once."""
     path = gpus_file()
-    with open(path, encoding="utf-8") as fh:
-        raw = load_yaml(fh.read()) or {}
+    raw = load_table(path.with_suffix(".json")) or {}
     entries = raw.get("gpus") if isinstance(raw, dict) else None
     if not isinstance(entries, dict) or not entries:
         raise ValueError(f"{path}: expected a top-level 'gpus:' mapping of id -> fields")
@@ -159,6 +158,8 @@ def resolve_gpu(ref: str) -> Gpu:
     key = str(ref).strip().lower()
     if key in names:
         return presets[names[key]]
+    import difflib  # only for the error message
+
     close: list[str] = []
     for match in difflib.get_close_matches(key, list(names), n=8, cutoff=0.5):
         if names[match] not in close:

@@ -12,7 +12,6 @@ This module is on the fast estimate path: it must import neither torch nor trans
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any, Callable
 
 
 from memplan.errors import UserError
-from memplan.paths import data_dir, load_yaml
+from memplan.paths import data_dir, load_table
 
 # --------------------------------------------------------------------------------------------
 # Data types
@@ -506,9 +505,9 @@ def models_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def _presets() -> dict[str, dict]:
-    """presets.yaml, checked against the preset directories."""
+    """presets.yaml (read from its JSON twin, see memplan.paths), checked against the preset directories."""
     path = models_dir() / "presets.yaml"
-    entries = load_yaml(path.read_text(encoding="utf-8")) or {}
+    entries = load_table(path.with_suffix(".json")) or {}
     for pid in entries:
         if not (models_dir() / pid / "config.json").is_file():
             raise RuntimeError(f"{path}: preset '{pid}' has no {pid}/config.json")
@@ -623,6 +622,8 @@ def _looks_like_path(ref: str) -> bool:
 
 def _unknown(ref: str) -> UserError:
     """Unknown-name error with difflib's closest preset ids and aliases."""
+    import difflib  # only for the error message
+
     candidates = sorted({*_presets(), *(a for e in _presets().values() for a in e.get("aliases") or [])})
     close = difflib.get_close_matches(ref.lower(), candidates, n=5, cutoff=0.5)
     where = ""

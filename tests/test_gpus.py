@@ -12,6 +12,7 @@ import pytest
 
 from memplan import gpus as gpus_mod
 from memplan.errors import UserError
+from memplan.paths import write_table
 from memplan.gpus import (
     COMMON_SIZES_GIB,
     Gpu,
@@ -176,6 +177,7 @@ def test_duplicate_alias_in_data_is_rejected(tmp_path, monkeypatch):
         "  x-1gb: {name: X, memory_bytes: 1073741824, source: 'https://x', aliases: [same]}\n"
         "  y-1gb: {name: Y, memory_bytes: 1073741824, source: 'https://y', aliases: [same]}\n"
     )
+    write_table(tmp_path / "gpus" / "gpus.yaml")  # memplan reads the JSON twin
     monkeypatch.setattr(gpus_mod, "data_dir", lambda: tmp_path)
     gpus_mod._load.cache_clear()
     try:
