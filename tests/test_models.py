@@ -106,6 +106,7 @@ def test_preset_set_is_complete():
     assert all(pid == pid.lower() for pid in ids)
     dirs = {p.name for p in models_dir().iterdir() if p.is_dir()}
     assert dirs == set(ids)
+    assert all((models_dir() / pid / "config.json").is_file() for pid in ids)
 
 
 @pytest.mark.parametrize("preset", REQUIRED_IDS)
