@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 # Preset tables as paths under data/, without the suffix: <name>.yaml is the source, <name>.json its twin.
@@ -22,7 +23,9 @@ TABLES = ("models/presets", "gpus/gpus")
 _GENERATED_BY = "python -m memplan.paths"
 
 
+@lru_cache(maxsize=1)
 def data_dir() -> Path:
+    # Cached: resolving the package's real path walks every directory above it.
     # A checkout (or editable install) keeps data/ next to the package; a wheel ships it as memplan/_data.
     here = Path(__file__).resolve().parent
     checkout = here.parent / "data"
