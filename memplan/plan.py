@@ -180,8 +180,9 @@ def plan_problems(p: Plan) -> list[str]:
             out.append(f"DeepSpeed's CPU offload runs its own CPU Adam; '{p.optimizer}' cannot be offloaded. "
                        "Hint: use --optimizer adamw with offload, or --offload none.")
     if p.device == "cpu":
-        if p.sharding == "deepspeed":
-            out.append("DeepSpeed needs CUDA. Hint: on the CPU use --sharding ddp or fsdp (gloo).")
+        if p.sharding == "deepspeed" and p.zero == 3:
+            out.append("DeepSpeed on the CPU runs ZeRO stages 0-2 (its CPU accelerator, gloo); ZeRO-3 needs CUDA. "
+                       "Hint: on the CPU use --zero 2, or --sharding fsdp --zero 3 (gloo).")
         if p.offload != "none":
             out.append("CPU offload moves GPU memory to the host; a CPU run has nothing to offload. Hint: --offload none.")
         if p.precision == "amp-fp16":

@@ -24,7 +24,7 @@ def test_defaults_are_the_documented_ones():
     (dict(sharding="deepspeed", zero=2, precision="amp-bf16"), "not a DeepSpeed regime", "bf16-master"),
     (dict(sharding="deepspeed", zero=2, precision="bf16-master", offload="optimizer+params"), "only in ZeRO-3", "--zero 3"),
     (dict(attn="flash", precision="fp32"), "fp16/bf16 only", "--attn sdpa"),
-    (dict(device="cpu", sharding="deepspeed", zero=2, precision="bf16-master"), "DeepSpeed needs CUDA", "gloo"),
+    (dict(device="cpu", sharding="deepspeed", zero=3, precision="bf16-master"), "ZeRO-3 needs CUDA", "gloo"),
     (dict(device="cpu", precision="amp-fp16"), "GPU regime", "amp-bf16"),
     (dict(device="cpu", optimizer="paged-adamw-8bit"), "page GPU memory", "adamw-8bit"),
     (dict(device="cpu", attn="flash", precision="bf16"), "CUDA kernel", "--attn sdpa"),

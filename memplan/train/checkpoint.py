@@ -7,6 +7,9 @@ A checkpoint `checkpoints/checkpoint-000120/` holds:
   scheduler.pt      the LR scheduler state
   rng-<rank>.pt     each process's Python / NumPy / torch (and CUDA) generator states
   trainer.json      step, best validation loss and its step, evaluations without improvement, tokens seen
+  deepspeed/        under DeepSpeed, instead of optimizer.pt: the engine's own checkpoint (each process's
+                    ZeRO partition of the fp32 masters and optimizer states), restored by
+                    engine.load_checkpoint; model.pt is then gathered with accelerator.get_state_dict
 It is written into a temporary directory that is renamed into place when complete, so a run killed while
 saving leaves the previous checkpoint intact. The data position is the optimizer step (see data.Stream).
 """
@@ -124,9 +127,18 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def _deepspeed_trainable_state(model, accelerator) -> dict[str, torch.Tensor]:
+    """The trainable weights under DeepSpeed, gathered from ZeRO-3's partitions (every process calls it)."""
+    names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    state = accelerator.get_state_dict(model)
+    return {n: t.detach().to("cpu", copy=True) for n, t in state.items() if n in names}
+
+
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, trainer: dict, accelerator,
-                    sharded: bool, keep: int, best_step: Optional[int]) -> Path:
+                    sharded: bool, keep: int, best_step: Optional[int], deepspeed: bool = False) -> Path:
     """Write checkpoint-<step> atomically on every process's behalf and keep the newest `keep` + the best."""
+    from memplan.train.deepspeed_setup import CHECKPOINT_TAG
+
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"
     if accelerator.is_main_process:
@@ -134,11 +146,17 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, trainer:
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    model_state = trainable_state(model if sharded else accelerator.unwrap_model(model), sharded)
-    optim_state = _optimizer_state(model, optimizer, sharded)
+    if deepspeed:
+        # collective: every process writes its own partition; frozen base weights come from the model directory
+        model.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=True)
+        model_state, optim_state = _deepspeed_trainable_state(model, accelerator), None
+    else:
+        model_state = trainable_state(model if sharded else accelerator.unwrap_model(model), sharded)
+        optim_state = _optimizer_state(model, optimizer, sharded)
     if accelerator.is_main_process:
         torch.save(model_state, tmp / "model.pt")
-        torch.save(optim_state, tmp / "optimizer.pt")
+        if optim_state is not None:
+            torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer.json").write_text(json.dumps(dict(trainer, world_size=accelerator.num_processes), indent=1))
     accelerator.wait_for_everyone()
@@ -157,23 +175,45 @@ def _rotate(root: Path, keep: int, best_step: Optional[int]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator, sharded: bool) -> dict:
+def _deepspeed_load(path: Path, model, optimizer_states: bool) -> None:
+    from memplan.train.deepspeed_setup import CHECKPOINT_TAG
+
+    if not (path / CHECKPOINT_TAG).is_dir():
+        raise UserError(f"{path} holds no DeepSpeed checkpoint: was it written by a run without DeepSpeed? "
+                        "Resume with the plan that wrote it")
+    loaded, _ = model.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_optimizer_states=optimizer_states,
+                                      load_lr_scheduler_states=False, load_module_strict=False)
+    if loaded is None:
+        raise UserError(f"DeepSpeed could not load the checkpoint in {path / CHECKPOINT_TAG}")
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator, sharded: bool,
+                    deepspeed: bool = False) -> dict:
     """Restore everything a checkpoint holds; returns its trainer state."""
     trainer = json.loads((path / "trainer.json").read_text())
     if trainer.get("world_size", 1) != accelerator.num_processes:
         raise UserError(f"{path} was written by {trainer.get('world_size')} process(es); this run has "
                         f"{accelerator.num_processes}. Resume with the same gpus x nodes")
-    load_weights_only(path, model, accelerator, sharded)
-    # Our own files: the optimizer and RNG states hold Python tuples that weights_only refuses.
-    _load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", map_location="cpu",
-                                                       weights_only=False), sharded)
+    if deepspeed:
+        _deepspeed_load(path, model, optimizer_states=True)
+    else:
+        if not (path / "optimizer.pt").is_file():
+            raise UserError(f"{path} holds a DeepSpeed checkpoint; resume it with the plan that wrote it "
+                            "(sharding deepspeed)")
+        load_weights_only(path, model, accelerator, sharded)
+        # Our own files: the optimizer and RNG states hold Python tuples that weights_only refuses.
+        _load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", map_location="cpu",
+                                                           weights_only=False), sharded)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     _set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=False))
     return trainer
 
 
-def load_weights_only(path: Path, model, accelerator, sharded: bool) -> None:
+def load_weights_only(path: Path, model, accelerator, sharded: bool, deepspeed: bool = False) -> None:
     """The trainable weights of a checkpoint (also the best one, before the final save)."""
+    if deepspeed:  # through the engine, so that ZeRO's partitions and fp32 masters follow
+        _deepspeed_load(path, model, optimizer_states=False)
+        return
     state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     load_trainable_state(model if sharded else accelerator.unwrap_model(model), state, sharded)
 
@@ -188,7 +228,8 @@ def _atomic_dir(final: Path) -> Path:
     return tmp
 
 
-def save_final(out: Path, model, tokenizer, plan, accelerator, sharded: bool, base_dir: Path) -> dict[str, str]:
+def save_final(out: Path, model, tokenizer, plan, accelerator, sharded: bool, base_dir: Path,
+               deepspeed: bool = False) -> dict[str, str]:
     """Full FT: `model/` (safetensors + config + tokenizer), loadable by AutoModelForCausalLM.
     LoRA / QLoRA: `adapter/` (peft, + tokenizer), and with merge_adapter `merged/`: the adapter merged into
     the base weights reloaded in 16/32-bit from the base directory (a 4-bit base is never merged into)."""
@@ -198,6 +239,8 @@ def save_final(out: Path, model, tokenizer, plan, accelerator, sharded: bool, ba
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         state = get_model_state_dict(model, options=_options(ignore_frozen_params=plan.trains_adapters))
+    elif deepspeed:
+        state = accelerator.get_state_dict(model)  # ZeRO-3: gathered (stage3_gather_16bit_weights_on_model_save)
     written: dict[str, str] = {}
     if accelerator.is_main_process:
         final = out / ("adapter" if plan.trains_adapters else "model")

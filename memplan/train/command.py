@@ -50,8 +50,10 @@ def dry_run(resolved: Resolved, as_json: bool) -> None:
 
 
 def _launched() -> bool:
-    """True inside a process started by torchrun / accelerate launch."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """True inside a process started by torchrun / accelerate launch (by memplan or by hand)."""
+    from memplan.train.launch import LAUNCHED_ENV
+
+    return os.environ.get(LAUNCHED_ENV) == "1" or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
 def human_summary(summary: dict) -> str:
@@ -95,7 +97,9 @@ def run(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_json:
     if dry:
         dry_run(resolved, as_json)
         return None
-    if resolved.plan.world_size > 1 and not _launched():
+    from memplan.train.launch import needs_launcher
+
+    if needs_launcher(resolved.plan) and not _launched():
         from memplan.train.launch import preflight, relaunch
 
         preflight(resolved, trust_remote_code)

@@ -1,13 +1,16 @@
-"""Several processes: `memplan train` starts itself once per process and waits for them.
+"""Several processes, or DeepSpeed: `memplan train` starts itself once per process and waits for them.
 
 CUDA: `accelerate launch --config_file PLAN_DIR/accelerate_config.yaml` (written by `memplan recommend`;
-DDP, FSDP, multi-node from the same file). CPU: `python -m torch.distributed.run` (torchrun) with one
-process per `gpus` on gloo: `accelerate launch --cpu` starts a single process regardless of
---num_processes, so it cannot run a CPU data-parallel job.
+DDP, FSDP, DeepSpeed, multi-node from the same file). CPU: `python -m torch.distributed.run` (torchrun)
+with one process per `gpus` on gloo: `accelerate launch --cpu` starts a single process regardless of
+--num_processes, so it cannot run a CPU data-parallel job. DeepSpeed always goes through accelerate launch
+(one process too: the engine needs the launcher's environment and the config's DeepSpeed JSON), on the CPU
+as well. The started processes see MEMPLAN_LAUNCHED=1, so that none of them launches again.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -22,9 +25,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LAUNCHED_ENV = "MEMPLAN_LAUNCHED"
+
+
+def needs_launcher(plan) -> bool:
+    """Several processes, or DeepSpeed (whose engine runs only under a launcher)."""
+    return plan.world_size > 1 or plan.sharding == "deepspeed"
+
+
 def command(resolved: Resolved, args: list[str]) -> list[str]:
     """The launcher command line for the plan; `args` are `memplan` arguments (train PLAN ...)."""
     plan = resolved.plan
+    if plan.sharding == "deepspeed":
+        from memplan.train.deepspeed_setup import preflight as deepspeed_preflight
+
+        config = deepspeed_preflight(plan, resolved.plan_dir)
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                "-m", "memplan", *args]
     if plan.device == "cpu":
         if plan.nodes > 1:
             raise UserError("a multi-node CPU run is started on every node by you: torchrun --nnodes "
@@ -57,6 +74,6 @@ def relaunch(resolved: Resolved, args: list[str]) -> int:
     """Run the launcher in the foreground; its exit status becomes ours."""
     cmd = command(resolved, args)
     try:
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, env=dict(os.environ, **{LAUNCHED_ENV: "1"}))
     except KeyboardInterrupt:
         return 130

@@ -10,8 +10,14 @@
 
 The loss of a step is the mean cross-entropy over every labelled token of the step on all processes:
 each micro-batch contributes its token sum divided by that total, so micro-batch size, accumulation and
-process count change nothing but speed and memory. With several processes, DDP/FSDP average the
-gradients over processes; the loss is scaled by the process count to undo that average.
+process count change nothing but speed and memory. With several processes, DDP/FSDP/DeepSpeed average
+the gradients over processes; the loss is scaled by the process count to undo that average.
+
+Precision bf16-master: memplan.master_weights (fp32 masters stepped by the plan's optimizer, rounded back
+into the bf16 weights), or with sharding deepspeed DeepSpeed's own bf16 optimizer. Under DeepSpeed
+(memplan.train.deepspeed_setup) the engine owns the step: `accelerator.backward` runs engine.backward and,
+on the last micro-batch, engine.step (reduction, the JSON's gradient_clipping, the optimizer step);
+memplan keeps its data order, loss normalisation, LR schedule, evaluation and checkpoints.
 """
 
 from __future__ import annotations
@@ -39,13 +45,20 @@ def _accelerator(plan):
         # accelerate keeps its settings in a process-wide singleton; a second run in the same Python
         # process (a notebook, tests) may use another precision.
         AcceleratorState._reset_state(reset_partial_state=True)
+    if plan.sharding == "deepspeed":
+        from memplan.train import deepspeed_setup
+
+        return Accelerator(**deepspeed_setup.accelerator_kwargs(plan))
     return Accelerator(mixed_precision=mixed_precision(plan), cpu=plan.device == "cpu")
 
 
 def _optimizer(plan, model):
-    """The plan's optimizer over the trainable parameters. With weight decay, biases and norm weights
-    (1-D tensors) are not decayed, as in HF Trainer."""
-    import torch
+    """The plan's optimizer (memplan.profile_optim: the one `memplan profile` measures) over the trainable
+    parameters. With weight decay, biases and norm weights (1-D tensors) are not decayed, as in HF Trainer.
+    bf16-master: memplan.master_weights steps fp32 masters of the bf16 parameters, except under DeepSpeed,
+    whose engine keeps the masters itself."""
+    from memplan.master_weights import MasterWeightsOptimizer, wants_masters
+    from memplan.profile_optim import optimizer_factory
 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     wd = plan.hparams.weight_decay
@@ -54,22 +67,10 @@ def _optimizer(plan, model):
         groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": wd},
                   {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
-    lr = plan.hparams.effective_lr(plan.method)
-    name = plan.optimizer
-    if name in ("adamw", "adamw-fused", "adamw-forloop"):
-        impl = {"adamw": {"foreach": True}, "adamw-fused": {"fused": True}, "adamw-forloop": {"foreach": False}}[name]
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd, **impl)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=wd)
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(groups, lr=lr, weight_decay=wd, scale_parameter=False, relative_step=False,
-                         warmup_init=False)
-    import bitsandbytes as bnb
-
-    cls = bnb.optim.AdamW8bit if name == "adamw-8bit" else bnb.optim.PagedAdamW8bit
-    return cls(groups, lr=lr, weight_decay=wd)
+    factory = optimizer_factory(plan)
+    if plan.sharding != "deepspeed" and wants_masters(plan.precision, [p for _, p in params]):
+        return MasterWeightsOptimizer(groups, factory)
+    return factory(groups)
 
 
 def total_steps(plan, per_epoch: int) -> int:
@@ -130,6 +131,7 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
 
     from memplan.train import checkpoint as ckpt
     from memplan.train import data as data_mod
+    from memplan.train import deepspeed_setup
     from memplan.train import evaluate as ev
     from memplan.train import metrics as mx
     from memplan.train.memory import PeakMemory
@@ -142,13 +144,12 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
 
     # ---- set up: everything that can be wrong with the input fails here, before any weight is loaded
     check_runtime(plan)
-    if plan.sharding == "deepspeed":
-        raise UserError("memplan train runs DDP and FSDP; for DeepSpeed run your script with the written "
-                        "ds_config.json (accelerate launch --config_file accelerate_config.yaml). "
-                        "Hint: --set sharding=fsdp")
     base_dir = model_dir(plan.model)
     check_remote_code(base_dir, trust_remote_code)
     accelerator = _accelerator(plan)
+    ds = plan.sharding == "deepspeed"
+    if ds:
+        deepspeed_setup.configure(accelerator, plan)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if world != plan.world_size:
         raise UserError(f"the plan has {plan.world_size} process(es) (gpus x nodes) but {world} were started")
@@ -182,7 +183,7 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
                               num_warmup_steps=warmup_steps(plan, steps), num_training_steps=steps)
     if own_fsdp:
         optimizer = accelerator.prepare_optimizer(optimizer)
-    else:  # accelerate wraps the model: DDP, or FSDP from the launch config on CUDA
+    else:  # accelerate wraps the model: DDP, FSDP from the launch config on CUDA, or DeepSpeed's engine
         model, optimizer = accelerator.prepare(model, optimizer)
     device, autocast = accelerator.device, accelerator.autocast
     chunked = plan.loss == "chunked"
@@ -192,7 +193,8 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     trainer: dict[str, Any] = {"step": 0, "best_loss": None, "best_step": None, "bad_evals": 0,
                                "tokens": 0, "train_seconds": 0.0, "retention_before": None}
     if resume:
-        trainer.update(ckpt.load_checkpoint(existing[-1], model, optimizer, scheduler, accelerator, sharded))
+        trainer.update(ckpt.load_checkpoint(existing[-1], model, optimizer, scheduler, accelerator, sharded,
+                                            deepspeed=ds))
         say(f"resumed from {existing[-1]} at step {trainer['step']}")
     log = mx.MetricsLog(out / "metrics.jsonl", trainer["step"] if resume else None) if main else None
 
@@ -228,6 +230,10 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     meter = PeakMemory(device)
     trainer_start = trainer["step"]
     meter.start(model, optimizer)
+    if meter.mode is not None:
+        # What the optimizer steps, when it is not the model's parameters: memplan's fp32 masters, DeepSpeed's
+        # fp32 partitions. Alive from the start, so counted from the start.
+        meter.mode.register([p for g in optimizer.param_groups for p in g["params"]])
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
     bar = tqdm(total=steps, initial=trainer["step"], disable=not progress or not main, unit="step",
                dynamic_ncols=True)
@@ -244,21 +250,27 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
         tokens = 0
         for i, batch in enumerate(micro):
             batch = {k: v.to(device) for k, v in batch.items()}
-            sync = i == plan.grad_accum - 1 or sharded
+            last = i == plan.grad_accum - 1
+            if ds:  # the engine reduces, clips, steps and zeroes the grads in the last micro-batch's backward
+                accelerator.sync_gradients = last
+            sync = last or sharded or ds
             with (contextlib.nullcontext() if sync else accelerator.no_sync(model)):
                 with autocast():
                     loss_sum = ev.token_loss_sum(model, batch, chunked)
-                accelerator.backward(loss_sum * (world / labelled))
+                accelerator.backward(loss_sum * (world / labelled), **(deepspeed_setup.BACKWARD_KWARGS if ds else {}))
             step_loss += loss_sum.detach().double().cpu()
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        grad_norm = None
-        if h.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), h.max_grad_norm)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        grad_norm = None
+        if ds:  # stepped above with the DeepSpeed config's gradient_clipping
+            grad_norm = deepspeed_setup.global_grad_norm(model) if h.max_grad_norm > 0 else None
+        else:
+            if h.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), h.max_grad_norm)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         trainer["step"] += 1
         step = trainer["step"]
         meter.step_done(max(b["input_ids"].shape[1] for b in micro))
@@ -303,7 +315,7 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
         save_every = h.save_every or h.eval_every
         if step % save_every == 0 or improved or step == steps or stopped_early:
             ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, trainer, accelerator, sharded,
-                                 h.save_total_limit, trainer["best_step"])
+                                 h.save_total_limit, trainer["best_step"], deepspeed=ds)
         if stopped_early:
             say(f"early stopping at step {step}: no better validation loss in {h.early_stopping_patience} "
                 "evaluations")
@@ -315,9 +327,9 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     final_step = trainer["step"]
     if trainer["best_step"] is not None and trainer["best_step"] != final_step:
         ckpt.load_weights_only(ckpt_root / f"{ckpt.PREFIX}{trainer['best_step']:06d}", model, accelerator,
-                               sharded)
+                               sharded, deepspeed=ds)
         final_step = trainer["best_step"]
-    written = ckpt.save_final(out, model, tokenizer, plan, accelerator, sharded, base_dir)
+    written = ckpt.save_final(out, model, tokenizer, plan, accelerator, sharded, base_dir, deepspeed=ds)
     retention_after = ev.mean_loss(model, run_data.retention, eval_batch, pad_id, device, autocast) \
         if run_data.retention else None
     summary = _summary(plan, resolved, base_dir, trainable, total, trainer, log, meter, written, final_step,

@@ -2,8 +2,9 @@
 
 How each Plan field becomes the model (the same mapping memplan's estimator and tracer assume):
 - precision: fp32 / amp-bf16 / amp-fp16 keep fp32 weights (the amp regimes autocast the forward through
-  accelerate); bf16 loads the weights in bf16 (grads and AdamW states follow). bf16-master is DeepSpeed's
-  regime (bf16 weights, fp32 master copies in the optimizer) and runs only with sharding deepspeed.
+  accelerate); bf16 loads the weights in bf16 (grads and AdamW states follow). bf16-master loads them in
+  bf16 too, and the optimizer steps fp32 master copies: DeepSpeed's bf16 optimizer with sharding deepspeed,
+  memplan.master_weights with DDP or one process (not with FSDP).
 - method: full trains every weight; lora wraps the model with peft `LoraConfig(r, lora_alpha,
   lora_dropout, target_modules)` ("all-linear" = every linear layer but the output head); qlora loads the
   weights through transformers' `BitsAndBytesConfig` (4-bit NF4, double quantization, compute dtype bf16,
@@ -89,17 +90,16 @@ def check_runtime(plan: Plan) -> None:
     """Stop before loading anything when the machine cannot run the plan."""
     import torch
 
+    if plan.sharding == "deepspeed":
+        from memplan.train.deepspeed_setup import check_installed
+
+        check_installed()
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise UserError("the plan trains on CUDA, but torch sees no CUDA device. Hint: --set device=cpu")
-    if plan.precision == "bf16-master" and plan.sharding != "deepspeed":
-        raise UserError("precision bf16-master keeps fp32 master weights in DeepSpeed's optimizer; memplan train "
-                        "runs it only with sharding deepspeed. Hint: --set precision=bf16 or amp-bf16")
-    if plan.sharding == "deepspeed":
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise UserError("the plan uses DeepSpeed, which is not installed. Hint: pip install deepspeed "
-                            "(CUDA machines), or --set sharding=fsdp") from None
+    if plan.precision == "bf16-master" and plan.sharding == "fsdp" and plan.world_size > 1:
+        raise UserError("memplan train does not run precision bf16-master with FSDP: FSDP's sharded checkpoints "
+                        "cannot hold memplan's fp32 master copies. Hint: --set sharding=ddp (or deepspeed on CUDA), "
+                        "or --set precision=amp-bf16")
     needs_bnb = plan.method == "qlora" or plan.optimizer in ("adamw-8bit", "paged-adamw-8bit")
     if needs_bnb:
         what = "QLoRA's 4-bit layers" if plan.method == "qlora" else f"the {plan.optimizer} optimizer"

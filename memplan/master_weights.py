@@ -1,0 +1,124 @@
+"""Precision bf16-master: bf16 weights and gradients, fp32 master copies stepped by the optimizer.
+
+This is DeepSpeed's bf16 optimizer regime (runtime/bf16_optimizer.py, ZeRO's fp32 partitions) for runs
+without DeepSpeed; `memplan profile` measures it and `memplan train` trains with it. What it holds, in
+the terms of memplan's estimator (estimator/states.py `master_bytes`, `optimizer_step_temporaries`):
+
+  from construction  an fp32 copy of every 16-bit trainable parameter (an fp32 parameter, such as a
+                     peft adapter, is its own master and is not copied)
+  step()             fp32 copies of all the 16-bit gradients (`master.grad = p.grad.float()`), the inner
+                     optimizer's step over the masters (its states are therefore fp32), each master
+                     rounded back into its bf16 parameter, the fp32 gradients freed
+
+The model's gradients stay 16-bit and accumulate over micro-batches in the parameter's dtype (torch's
+AccumulateGrad), which is also what gradient clipping and DDP's all-reduce see.
+
+The inner optimizer's `param_groups` are this optimizer's, so an LR scheduler (or accelerate's
+AcceleratedOptimizer) that sets `group["lr"]` drives the inner step. `state_dict()` holds the inner
+optimizer's state and the masters, so a resumed run continues from the exact fp32 weights rather than
+from their bf16 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+
+def _groups(params: Iterable) -> list[dict[str, Any]]:
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        return [dict(g, params=list(g["params"])) for g in params]
+    return [{"params": params}]
+
+
+class MasterWeightsOptimizer(torch.optim.Optimizer):
+    """`make_inner(master param groups)` builds the optimizer that steps the fp32 masters of `params`
+    (tensors or param-group dicts). `on_master_grads(grads)` sees the fp32 gradients before each step
+    (memplan profile classifies them)."""
+
+    def __init__(self, params: Iterable, make_inner: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+                 on_master_grads: Optional[Callable[[list[torch.Tensor]], None]] = None) -> None:
+        groups = _groups(params)
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model parameter, its master)
+        with torch.no_grad():
+            for group in groups:
+                masters = [p if p.dtype == torch.float32 else p.detach().to(torch.float32, copy=True)
+                           for p in group["params"]]
+                self.pairs += zip(group["params"], masters)
+                group["params"] = masters
+        self.inner = make_inner(groups)
+        self._on_master_grads = on_master_grads
+        super().__init__(self.inner.param_groups, self.inner.defaults)
+        self._share_inner()
+
+    def _share_inner(self) -> None:
+        # The same list and dicts as the inner optimizer's: a learning rate set here is the one it uses.
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+
+    @property
+    def masters(self) -> list[torch.Tensor]:
+        """The fp32 copies (not the fp32 parameters that are their own master)."""
+        return [m for p, m in self.pairs if m is not p]
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return self.masters + state_tensors(self.inner)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MasterWeightsOptimizer.step takes no closure")
+        copies = [(p, m) for p, m in self.pairs if m is not p]
+        for p, m in copies:
+            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+        if self._on_master_grads is not None:
+            self._on_master_grads([m.grad for _, m in copies])
+        self.inner.step()
+        for p, m in copies:
+            p.copy_(m)
+            m.grad = None
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p, _ in self.pairs:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict(), "masters": self.masters}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if set(state_dict) != {"inner", "masters"}:
+            raise ValueError("not a MasterWeightsOptimizer state (keys 'inner' and 'masters' expected)")
+        masters = self.masters
+        saved = state_dict["masters"]
+        if len(saved) != len(masters) or any(s.shape != m.shape for s, m in zip(saved, masters)):
+            raise ValueError(f"the state holds {len(saved)} master weights; this optimizer has {len(masters)} "
+                             "of other shapes")
+        self.inner.load_state_dict(state_dict["inner"])
+        self._share_inner()  # torch's load_state_dict builds new param-group dicts
+        with torch.no_grad():
+            for (p, m), s in zip([(p, m) for p, m in self.pairs if m is not p], saved):
+                m.copy_(s)
+                p.copy_(m)
+
+
+def state_tensors(optimizer) -> list[torch.Tensor]:
+    """Every tensor the optimizer keeps between steps (masters included)."""
+    if isinstance(optimizer, MasterWeightsOptimizer):
+        return optimizer.state_tensors()
+    out = []
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+    return out
+
+
+def wants_masters(precision: str, params: Iterable[torch.Tensor]) -> bool:
+    """bf16-master with 16-bit trainable parameters (peft adapters are fp32 already: nothing to master)."""
+    return precision == "bf16-master" and any(p.dtype != torch.float32 for p in params)
