@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 from memplan.errors import UserError
-from memplan.master_weights import MasterWeightsOptimizer, state_tensors, wants_masters
+# memplan.profile_run imports state_tensors from here
+from memplan.master_weights import MasterWeightsOptimizer, state_tensors, wants_masters  # noqa: F401
 from memplan.plan import Plan
 from memplan.profile_build import BNB_HINT, BNB_OPTIMIZERS
 

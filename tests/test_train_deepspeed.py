@@ -88,7 +88,7 @@ def test_deepspeed_config_checks_and_auto_values():
     # memplan's loss is already the mean over the optimizer step: the engine must not divide it again
     assert BACKWARD_KWARGS == {"scale_wrt_gas": False}
     kwargs = accelerator_kwargs(plan)
-    assert kwargs["mixed_precision"] == "bf16"
+    assert kwargs["mixed_precision"] == "bf16" and kwargs["gradient_accumulation_steps"] == 4
     assert [h.backend for h in kwargs["kwargs_handlers"]] == ["gloo"]
     assert "kwargs_handlers" not in accelerator_kwargs(plan.model_copy(update={"device": "cuda"}))
 

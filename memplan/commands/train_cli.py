@@ -31,6 +31,10 @@ def train(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_jso
     Memory is reported in GiB (2^30 bytes); throughput in tokens per second.
     With gpus x nodes > 1 it starts one process per GPU (accelerate launch with
     accelerate_config.yaml next to the plan) or per CPU worker (torchrun, gloo).
+    sharding deepspeed always starts through accelerate launch with that file and the
+    ds_config.json it names (written by memplan recommend -o DIR), one process too;
+    it needs DeepSpeed (pip install deepspeed). precision bf16-master: bf16 weights,
+    fp32 master copies in the optimizer (DeepSpeed's, or memplan's with DDP).
     """
     from memplan.train.command import run
 

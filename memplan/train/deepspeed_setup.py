@@ -167,7 +167,8 @@ def accelerator_kwargs(plan) -> dict[str, Any]:
     """accelerate.Accelerator arguments for a DeepSpeed process. On the CPU the process group must be
     gloo: accelerate picks a backend only for accelerators, and without one it would count a single
     process although DeepSpeed joined all of them."""
-    kwargs: dict[str, Any] = {"mixed_precision": "bf16" if plan.precision == "bf16-master" else "no"}
+    kwargs: dict[str, Any] = {"mixed_precision": "bf16" if plan.precision == "bf16-master" else "no",
+                              "gradient_accumulation_steps": plan.grad_accum}  # = the JSON's (checked)
     if plan.device == "cpu":
         from accelerate.utils import InitProcessGroupKwargs
 

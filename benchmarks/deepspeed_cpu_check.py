@@ -1,0 +1,179 @@
+"""DeepSpeed on the CPU: `memplan train` runs demo-tiny through accelerate's DeepSpeed integration (ZeRO 0-2,
+DeepSpeed's CPU accelerator, gloo) and its losses are compared with memplan's own DDP run on the same
+effective batch, with the trainer's measured peak memory next to memplan's estimate.
+
+Every run trains 8 optimizer steps of 8 sequences (seq_len 128) from the shipped demo data, precision
+bf16-master (DeepSpeed: its bf16 optimizer with fp32 masters; DDP: memplan.master_weights) unless named
+fp32. Two processes use micro_batch 2, one process micro_batch 4; grad_accum 2 everywhere. The resume row is
+the ZeRO-2 run killed (SIGKILL) after its step-4 checkpoint and continued with --resume.
+
+DeepSpeed is not a memplan dependency; run this with a Python that has it, for instance a virtual
+environment over the system's packages (never let pip replace torch):
+
+    python -m venv --system-site-packages /tmp/dsenv
+    /tmp/dsenv/bin/pip install --no-build-isolation deepspeed
+    /tmp/dsenv/bin/python benchmarks/deepspeed_cpu_check.py [--out benchmarks/results/deepspeed-cpu.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+KILL_AFTER = 4
+
+RUNS = [  # (name, plan fields, reference run)
+    ("ddp x2, bf16-master", dict(sharding="ddp", zero=0, gpus=2, micro_batch=2), None),
+    ("deepspeed ZeRO-2 x2, bf16-master", dict(sharding="deepspeed", zero=2, gpus=2, micro_batch=2), "ddp x2, bf16-master"),
+    ("deepspeed ZeRO-1 x2, bf16-master", dict(sharding="deepspeed", zero=1, gpus=2, micro_batch=2), "ddp x2, bf16-master"),
+    ("deepspeed ZeRO-0 x2, bf16-master", dict(sharding="deepspeed", zero=0, gpus=2, micro_batch=2), "ddp x2, bf16-master"),
+    ("deepspeed ZeRO-2 x1, bf16-master", dict(sharding="deepspeed", zero=2, gpus=1, micro_batch=4), "ddp x2, bf16-master"),
+    ("ddp x2, fp32", dict(sharding="ddp", zero=0, gpus=2, micro_batch=2, precision="fp32"), None),
+    ("deepspeed ZeRO-2 x2, fp32", dict(sharding="deepspeed", zero=2, gpus=2, micro_batch=2, precision="fp32"),
+     "ddp x2, fp32"),
+]
+RESUMED = ("deepspeed ZeRO-2 x2, killed + resumed", "deepspeed ZeRO-2 x2, bf16-master")
+
+
+def plan_fields(out: Path, fields: dict) -> dict:
+    plan = {
+        "model": "demo-tiny", "method": "full", "precision": "bf16-master", "device": "cpu", "optimizer": "adamw",
+        "grad_accum": 2, "seq_len": 128, "grad_ckpt": False, "attn": "sdpa",
+        "hparams": {"lr": 5e-5, "max_steps": STEPS, "warmup_steps": 1, "lr_scheduler": "cosine", "max_grad_norm": 1.0,
+                    "eval_every": 4, "save_every": 4, "eval_samples": 8, "log_every": 1, "seed": 1},
+        "data": {"train": str(ROOT / "data" / "demo" / "train.jsonl"),
+                 "validation": str(ROOT / "data" / "demo" / "val.jsonl")},
+        "output_dir": str(out),
+    }
+    plan.update(fields)
+    return plan
+
+
+def write_run(directory: Path, fields: dict) -> Path:
+    """plan.yaml, and for DeepSpeed accelerate_config.yaml + ds_config.json as `memplan recommend -o` writes them."""
+    import yaml
+
+    from memplan.models import resolve_model
+    from memplan.plan import build_plan
+    from memplan.recommend.writers import accelerate_config, ds_config
+
+    directory.mkdir(parents=True)
+    fields = plan_fields(directory / "out", fields)
+    plan = build_plan(fields)
+    path = directory / "plan.yaml"
+    path.write_text(yaml.safe_dump(fields, sort_keys=False))
+    if plan.sharding == "deepspeed":
+        spec = resolve_model(plan.model)
+        ds_path = directory / "ds_config.json"
+        ds_path.write_text(json.dumps(ds_config(plan, spec), indent=2))
+        (directory / "accelerate_config.yaml").write_text(
+            yaml.safe_dump(accelerate_config(plan, spec, str(ds_path), "127.0.0.1"), sort_keys=False))
+    return path
+
+
+def train(path: Path, *args: str, kill_after: int | None = None) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "memplan", "train", str(path), "--quiet", *args]
+    t0 = time.perf_counter()
+    if kill_after is None:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+        return time.perf_counter() - t0
+    # start_new_session: the kill reaches the launcher and every training process, as a machine failure would
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    marker = path.parent / "out" / "checkpoints" / f"checkpoint-{kill_after:06d}" / "trainer.json"
+    while proc.poll() is None and not marker.is_file():
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return time.perf_counter() - t0
+
+
+def records(path: Path) -> list[dict]:
+    lines = (path.parent / "out" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines if x.strip()]
+
+
+def curve(path: Path) -> dict:
+    return {(r["step"], k): r[k] for r in records(path) for k in ("loss", "eval_loss") if k in r}
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    if a.keys() != b.keys():
+        raise SystemExit(f"different logged steps: {sorted(set(a) ^ set(b))}")
+    return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
+
+
+def main() -> None:
+    import deepspeed
+    import torch
+    import accelerate
+    from tabulate import tabulate
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "deepspeed-cpu.txt"))
+    args = ap.parse_args()
+
+    rows, curves = [], {}
+    with tempfile.TemporaryDirectory(prefix="memplan-ds-") as tmp:
+        for i, (name, fields, ref) in enumerate(RUNS):
+            path = write_run(Path(tmp) / f"run{i}", fields)
+            seconds = train(path)
+            curves[name] = curve(path)
+            summary = json.loads((path.parent / "out" / "summary.json").read_text())
+            rows.append((name, ref, summary, seconds))
+            print(f"{name}: {seconds:.0f} s", flush=True)
+        name, ref = RESUMED
+        path = write_run(Path(tmp) / "resumed", RUNS[1][1])
+        train(path, kill_after=KILL_AFTER)
+        killed_at = max(r["step"] for r in records(path) if "loss" in r)
+        seconds = train(path, "--resume")
+        curves[name] = curve(path)
+        summary = json.loads((path.parent / "out" / "summary.json").read_text())
+        rows.append((f"{name} (killed after step {killed_at})", ref, summary, seconds))
+        print(f"{name}: {seconds:.0f} s", flush=True)
+
+    table = []
+    for (name, ref, summary, seconds), key in zip(rows, [r[0] for r in RUNS] + [RESUMED[0]]):
+        mem = summary["memory"]
+        diff = max_rel_diff(curves[key], curves[ref]) if ref else None
+        evals = [v for (step, k), v in sorted(curves[key].items()) if k == "eval_loss"]
+        table.append([name, ref or "-", f"{diff:.1e}" if diff is not None else "-",
+                      f"{summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}",
+                      f"{evals[0]:.4f} -> {evals[-1]:.4f}",
+                      f"{mem['measured_bytes'] / 2**20:.2f}", f"{mem['estimated_bytes'] / 2**20:.2f}",
+                      f"{100 * mem['gap']:+.1f} %", f"{seconds:.0f}"])
+    text = "\n".join([
+        "memplan train under DeepSpeed on the CPU (benchmarks/deepspeed_cpu_check.py)",
+        f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()} {os.cpu_count()} cores, "
+        f"load {os.getloadavg()[0]:.1f}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"accelerate {accelerate.__version__}, deepspeed {deepspeed.__version__}",
+        f"demo-tiny full FT, {STEPS} optimizer steps of 8 sequences (grad_accum 2), seq_len 128, AdamW lr 5e-5 "
+        "cosine, clipping 1.0; x2 = 2 processes (gloo), micro_batch 2; x1 = 1 process, micro_batch 4.",
+        "max rel. diff: largest |loss - reference| / reference over every logged training and validation loss.",
+        "memory: the trainer's peak (live tensor bytes, first 2 steps, per process) vs memplan's estimate at the "
+        "measured shape.",
+        "",
+        tabulate(table, headers=["run", "reference", "max rel. diff", "train loss", "validation loss",
+                                 "measured MiB", "estimate MiB", "gap", "s"], tablefmt="github",
+                 disable_numparse=True),
+        "",
+    ])
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
