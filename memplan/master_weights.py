@@ -122,3 +122,62 @@ def state_tensors(optimizer) -> list[torch.Tensor]:
 def wants_masters(precision: str, params: Iterable[torch.Tensor]) -> bool:
     """bf16-master with 16-bit trainable parameters (peft adapters are fp32 already: nothing to master)."""
     return precision == "bf16-master" and any(p.dtype != torch.float32 for p in params)
+
+
+# ---------------------------------------------------------------- sharded (FSDP2) checkpoints
+# Under FSDP2 the parameters, their masters and the optimizer states are DTensors; torch's distributed
+# state-dict helpers map optimizer states to parameter names and cannot place masters that are not the
+# model's parameters. Each process therefore saves and restores its own shards (a run resumes with the
+# same process count, which memplan checks).
+
+
+def _local(value):
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.to_local().detach().clone()
+    if isinstance(value, dict):
+        return {k: _local(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_local(v) for v in value)
+    return value
+
+
+def local_state_dict(opt: MasterWeightsOptimizer) -> dict[str, Any]:
+    """This process's shards of the masters and optimizer states, as plain tensors."""
+    return _local(opt.state_dict())
+
+
+def load_local_state_dict(opt: MasterWeightsOptimizer, state: dict[str, Any]) -> None:
+    """Inverse of local_state_dict on the same sharding: states whose shape is their master's shard become
+    DTensors laid out like it; 0-dim values (Adam's step) stay plain."""
+    from torch.distributed.tensor import DTensor
+
+    copies = [(p, m) for p, m in opt.pairs if m is not p]
+    saved = state["masters"]
+    if len(saved) != len(copies) or any(s.shape != m.to_local().shape for s, (_, m) in zip(saved, copies)):
+        raise ValueError("the saved master shards do not match this process's shards")
+    opt.inner.load_state_dict(state["inner"])
+    opt._share_inner()
+    for _, m in opt.pairs:
+        st = opt.inner.state.get(m)
+        if not st or not isinstance(m, DTensor):
+            continue
+        local_shape = m.to_local().shape
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.dim() > 0:
+                if value.shape != local_shape:
+                    raise ValueError(f"optimizer state '{key}' is not shaped like its parameter's shard")
+                st[key] = DTensor.from_local(value, m.device_mesh, m.placements, run_check=False,
+                                             shape=m.shape, stride=m.stride())
+    with torch.no_grad():
+        for (p, m), s in zip(copies, saved):
+            m.to_local().copy_(s)
+            p.to_local().copy_(m.to_local())
+
+
+def unwrap(optimizer):
+    """The optimizer inside accelerate's AcceleratedOptimizer (or itself)."""
+    while hasattr(optimizer, "optimizer") and isinstance(optimizer.optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer

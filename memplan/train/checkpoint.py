@@ -3,7 +3,8 @@
 A checkpoint `checkpoints/checkpoint-000120/` holds:
   model.pt          the trainable parameters (all of them for full FT, the adapters for LoRA / QLoRA),
                     full tensors keyed by parameter name (gathered from the shards under FSDP)
-  optimizer.pt      the optimizer state (gathered the same way)
+  optimizer.pt      the optimizer state (gathered the same way); with bf16-master under FSDP instead
+                    optimizer-<rank>.pt: each process's shards of the fp32 masters and their states
   scheduler.pt      the LR scheduler state
   rng-<rank>.pt     each process's Python / NumPy / torch (and CUDA) generator states
   trainer.json      step, best validation loss and its step, evaluations without improvement, tokens seen
@@ -26,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from memplan.errors import UserError
+from memplan.master_weights import MasterWeightsOptimizer, load_local_state_dict, local_state_dict, unwrap
 
 PREFIX = "checkpoint-"
 
@@ -96,6 +98,10 @@ def load_trainable_state(model, state: dict[str, torch.Tensor], sharded: bool) -
             p.copy_(state[name])
 
 
+def _has_masters(optimizer) -> bool:
+    return isinstance(unwrap(optimizer), MasterWeightsOptimizer)
+
+
 def _optimizer_state(model, optimizer, sharded: bool) -> dict:
     if sharded:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -152,7 +158,11 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, trainer:
         model_state, optim_state = _deepspeed_trainable_state(model, accelerator), None
     else:
         model_state = trainable_state(model if sharded else accelerator.unwrap_model(model), sharded)
-        optim_state = _optimizer_state(model, optimizer, sharded)
+        if sharded and _has_masters(optimizer):
+            torch.save(local_state_dict(unwrap(optimizer)), tmp / f"optimizer-{accelerator.process_index}.pt")
+            optim_state = None
+        else:
+            optim_state = _optimizer_state(model, optimizer, sharded)
     if accelerator.is_main_process:
         torch.save(model_state, tmp / "model.pt")
         if optim_state is not None:
@@ -196,10 +206,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator, sharde
                         f"{accelerator.num_processes}. Resume with the same gpus x nodes")
     if deepspeed:
         _deepspeed_load(path, model, optimizer_states=True)
+    elif (path / f"optimizer-{accelerator.process_index}.pt").is_file() and _has_masters(optimizer):
+        load_weights_only(path, model, accelerator, sharded)
+        load_local_state_dict(unwrap(optimizer), torch.load(path / f"optimizer-{accelerator.process_index}.pt",
+                                                            map_location="cpu", weights_only=False))
     else:
         if not (path / "optimizer.pt").is_file():
-            raise UserError(f"{path} holds a DeepSpeed checkpoint; resume it with the plan that wrote it "
-                            "(sharding deepspeed)")
+            raise UserError(f"{path} has no optimizer state for this plan; resume it with the plan that wrote it "
+                            "(sharding, precision)")
         load_weights_only(path, model, accelerator, sharded)
         # Our own files: the optimizer and RNG states hold Python tuples that weights_only refuses.
         _load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", map_location="cpu",

@@ -97,9 +97,14 @@ def check_runtime(plan: Plan) -> None:
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise UserError("the plan trains on CUDA, but torch sees no CUDA device. Hint: --set device=cpu")
     if plan.precision == "bf16-master" and plan.sharding == "fsdp" and plan.world_size > 1:
-        raise UserError("memplan train does not run precision bf16-master with FSDP: FSDP's sharded checkpoints "
-                        "cannot hold memplan's fp32 master copies. Hint: --set sharding=ddp (or deepspeed on CUDA), "
-                        "or --set precision=amp-bf16")
+        if plan.device == "cuda":
+            raise UserError("memplan train runs precision bf16-master with FSDP on the CPU only: on CUDA accelerate "
+                            "prepares FSDP's optimizer over the model's own parameters, not fp32 masters. "
+                            "Hint: --set sharding=deepspeed (DeepSpeed's bf16 optimizer), or precision=amp-bf16")
+        if plan.optimizer not in ("adamw", "adamw-fused", "adamw-forloop", "sgd"):
+            raise UserError(f"precision bf16-master with FSDP keeps each process's shards of the optimizer states, "
+                            f"which needs states shaped like the parameters; '{plan.optimizer}' has others. "
+                            "Hint: --set optimizer=adamw, or sharding=ddp")
     needs_bnb = plan.method == "qlora" or plan.optimizer in ("adamw-8bit", "paged-adamw-8bit")
     if needs_bnb:
         what = "QLoRA's 4-bit layers" if plan.method == "qlora" else f"the {plan.optimizer} optimizer"
