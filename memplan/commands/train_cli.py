@@ -34,7 +34,7 @@ def train(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_jso
     sharding deepspeed always starts through accelerate launch with that file and the
     ds_config.json it names (written by memplan recommend -o DIR), one process too;
     it needs DeepSpeed (pip install deepspeed). precision bf16-master: bf16 weights,
-    fp32 master copies in the optimizer (DeepSpeed's, or memplan's with DDP).
+    fp32 master copies in the optimizer (DeepSpeed's, or memplan's: one process, DDP, CPU FSDP).
     """
     from memplan.train.command import run
 
