@@ -281,6 +281,27 @@ def test_hparams_from_the_seed():
     assert hp.choose("lora", "high", 1000, 3).lr < hp.choose("lora", "low", 1000, 3).lr
 
 
+def test_learning_rate_goes_as_one_over_width():
+    # The seed's and QLoRA's rates are for a 7B (d_model 4096); Adam's LR goes as 1/width (muP).
+    assert hp.choose("full", "low", 1000, 3, hidden_size=4096).lr == hp.LR["full"]
+    assert hp.choose("full", "low", 1000, 3, hidden_size=8192).lr == pytest.approx(hp.LR["full"] / 2)
+    assert hp.choose("lora", "low", 1000, 3, hidden_size=8192).lr == pytest.approx(1e-4)  # QLoRA's 33B/65B rate
+    small = hp.choose("lora", "low", 1000, 3, hidden_size=896)  # Qwen2.5-0.5B
+    assert small.lr == pytest.approx(2e-4 * 4096 / 896, rel=1e-3)
+    assert "4096/896" in small.reasons[0]
+    assert hp.choose("lora", "low", 1000, 3, lr=5e-5, hidden_size=896).lr == 5e-5  # given: not scaled
+
+
+def test_recommended_learning_rate_follows_the_model_width(run_cli):
+    wide = recommend_json(run_cli, "--model", "llama-2-70b", "--gpus", "8", "--gpu", "h100-80gb",
+                          "--dataset-size", "50000")
+    narrow = recommend_json(run_cli, "--model", "qwen2.5-0.5b", "--gpus", "1", "--gpu", "h100-80gb",
+                            "--dataset-size", "50000")
+    assert wide["plan"]["method"] == narrow["plan"]["method"] == "lora"
+    assert wide["plan"]["hparams"]["lr"] == pytest.approx(1e-4)
+    assert narrow["plan"]["hparams"]["lr"] == pytest.approx(2e-4 * 4096 / 896, rel=1e-3)
+
+
 def test_searched_plans_are_ones_memplan_train_runs(run_cli):
     out = recommend_json(run_cli, *GPU4, "--dataset-size", "50000", "--method", "full")
     for plan in [out["plan"]] + [a["plan"] for a in out["alternatives"]]:

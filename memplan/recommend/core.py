@@ -437,7 +437,7 @@ def recommend(req: Request) -> Recommendation:
                            f"per sequence: batches of {best.plan.micro_batch} are padded to their longest example "
                            f"(expected from the measured lengths), at most {seq_len}")
     total_steps = best.steps
-    rec.hparams = hp.choose(best.plan.method, shift, total_steps, epochs, req.lr)
+    rec.hparams = hp.choose(best.plan.method, shift, total_steps, epochs, req.lr, spec.hidden_size)
     h = rec.hparams.plan_fields()
     if req.warmup_ratio is not None:
         h.pop("warmup_steps")

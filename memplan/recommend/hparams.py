@@ -19,6 +19,8 @@ LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 #: the seed's range for full FT (1e-5) and the QLoRA paper's for adapters (1e-4).
 LR_HIGH_SHIFT = {"full": 1e-5, "lora": 1e-4, "qlora": 1e-4}
 LR_RANGE = {"full": (1e-5, 5e-5), "lora": (1e-4, 2e-4), "qlora": (1e-4, 2e-4)}
+#: The width these rates are for: d_model 4096, LLaMA-7B's (the seed's model; QLoRA's 7B).
+REF_WIDTH = 4096
 
 #: The seed's warmup range, as fractions of the total optimizer steps.
 WARMUP_MIN, WARMUP_MAX = 0.03, 0.10
@@ -79,14 +81,31 @@ def warmup_steps(total_steps: int) -> int:
     return int(min(max(round(2 / (1 - ADAM_BETA2)), lo), hi))
 
 
-def choose(method: str, domain_shift: str, total_steps: int, epochs: float, lr: float | None = None) -> Hparams:
+def width_scale(hidden_size: int) -> float:
+    """REF_WIDTH / d_model: Adam's learning rate for hidden weights goes as 1 / width.
+
+    Theory: muP (Yang et al. 2022, "Tensor Programs V", table 3: Adam, hidden weights, LR ∝ 1/fan_in).
+    Practice: GPT-3's pre-training rates (Brown et al. 2020, table 2.1) give LR x d_model ≈ 0.4-0.5 from
+    125M (d 768, 6e-4) to 13B (d 5140, 1e-4); QLoRA halves its adapter rate from 7B/13B (d 4096/5120, 2e-4)
+    to 33B/65B (d 6656/8192, 1e-4). The seed's rates are for a 7B (d 4096): a 70B (d 8192) gets half,
+    a 0.5B (d 896) 4.6x."""
+    return REF_WIDTH / hidden_size
+
+
+def choose(method: str, domain_shift: str, total_steps: int, epochs: float, lr: float | None = None,
+           hidden_size: int = REF_WIDTH) -> Hparams:
     high = domain_shift == "high"
     reasons = []
     if lr is None:
-        lr = (LR_HIGH_SHIFT if high else LR)[method]
+        scale = width_scale(hidden_size)
+        base = (LR_HIGH_SHIFT if high else LR)[method]
+        lr = float(f"{base * scale:.3g}")
         lo, hi = LR_RANGE[method]
         what = "full fine-tuning" if method == "full" else "adapters (LoRA/QLoRA)"
-        reasons.append(f"learning rate {lr:g}: {what}, range {lo:g}-{hi:g}"
+        width = "" if hidden_size == REF_WIDTH else (
+            f", scaled by {REF_WIDTH}/{hidden_size} = {scale:.3g} for the model's width d_model {hidden_size} "
+            f"(learning rate ∝ 1/width; the values are for a 7B, d_model {REF_WIDTH})")
+        reasons.append(f"learning rate {lr:g}: {what} {base:g}, range {lo:g}-{hi:g}{width}"
                        + ("; lowered for the high domain shift (forgetting guard)" if high else ""))
     else:
         reasons.append(f"learning rate {lr:g}: given")
