@@ -55,3 +55,12 @@ def test_plan_models_are_built_without_scanning_for_plugins():
     # pydantic caches the plugins it found; None means it never looked while the CLI built the Plan.
     code = "import memplan.cli\nimport pydantic.plugin._loader as loader\nprint(loader._plugins)"
     assert _python(code) == "None"
+
+
+def test_final_collection_skipped_once_and_only_at_exit():
+    # gc.freeze stands in for a counter: registered at exit once, however often the command ran.
+    code = ("import atexit, gc\nfreezes = []\ngc.freeze = lambda: freezes.append(1)\nimport memplan.cli as c\n"
+            "for _ in range(3):\n try:\n  c.main(['gpus', '--json'])\n except SystemExit:\n  pass\n"
+            "frozen_before_exit = gc.get_freeze_count()\natexit._run_exitfuncs()\n"
+            "print(len(freezes), frozen_before_exit, gc.isenabled())")
+    assert _python(code) == "1 0 True"
