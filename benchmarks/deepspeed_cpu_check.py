@@ -90,14 +90,23 @@ def train(path: Path, *args: str, kill_after: int | None = None) -> float:
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
         return time.perf_counter() - t0
-    # start_new_session: the kill reaches the launcher and every training process, as a machine failure would
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     marker = path.parent / "out" / "checkpoints" / f"checkpoint-{kill_after:06d}" / "trainer.json"
     while proc.poll() is None and not marker.is_file():
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # the launcher and every training process (torchrun gives each worker a session of its own)
+    import psutil
+
+    descendants = psutil.Process(proc.pid).children(recursive=True)
+    for p in descendants + [psutil.Process(proc.pid)]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(descendants, timeout=30)  # not our own child: proc.wait collects its status
     proc.wait()
+    if proc.returncode != -signal.SIGKILL:
+        raise SystemExit("the run finished before it could be killed")
     return time.perf_counter() - t0
 
 
@@ -139,6 +148,8 @@ def main() -> None:
         path = write_run(Path(tmp) / "resumed", RUNS[1][1])
         train(path, kill_after=KILL_AFTER)
         killed_at = max(r["step"] for r in records(path) if "loss" in r)
+        if killed_at >= STEPS:
+            raise SystemExit("the killed run had already finished")
         seconds = train(path, "--resume")
         curves[name] = curve(path)
         summary = json.loads((path.parent / "out" / "summary.json").read_text())

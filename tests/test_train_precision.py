@@ -156,6 +156,20 @@ def _memplan(*args):
     return [sys.executable, "-m", "memplan", *args]
 
 
+def _kill_tree(pid):
+    """SIGKILL a process and all its descendants, as a machine failure would (torchrun starts each worker in
+    a session of its own, so a process-group kill would miss them)."""
+    import psutil
+
+    descendants = psutil.Process(pid).children(recursive=True)
+    for p in descendants + [psutil.Process(pid)]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(descendants, timeout=30)  # not the caller's own child: Popen.wait collects its status
+
+
 def _train(plan, *args):
     done = subprocess.run(_memplan("train", str(plan), "--quiet", *args), capture_output=True, text=True,
                           env=SUBPROCESS_ENV)
@@ -210,15 +224,16 @@ def test_resume_after_a_kill_gives_the_same_losses(tmp_path, tiny, uninterrupted
     _, straight = uninterrupted(layout)
     plan = run_dir(tmp_path, tiny, **LAYOUTS[layout], **RUN)
     ckpts = plan.parent / "checkpoints"
-    # a session of its own, so that the kill reaches the launcher and every training process
     proc = subprocess.Popen(_memplan("train", str(plan), "--quiet"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=SUBPROCESS_ENV, start_new_session=True)
+                            stderr=subprocess.DEVNULL, env=SUBPROCESS_ENV)
     while proc.poll() is None and not (ckpts / "checkpoint-000002" / "trainer.json").is_file():
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # every process is gone: what is on disk now is what the resumed run starts from
     assert max(r["step"] for r in metrics(plan.parent)) < 8
+    assert not (ckpts / "checkpoint-000008").exists()
 
     resumed = _train(plan, "--resume")
     assert straight.keys() == resumed.keys()

@@ -214,10 +214,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator, sharde
         if not (path / "optimizer.pt").is_file():
             raise UserError(f"{path} has no optimizer state for this plan; resume it with the plan that wrote it "
                             "(sharding, precision)")
-        load_weights_only(path, model, accelerator, sharded)
         # Our own files: the optimizer and RNG states hold Python tuples that weights_only refuses.
-        _load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", map_location="cpu",
-                                                           weights_only=False), sharded)
+        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        if (set(state) == {"inner", "masters"}) != _has_masters(optimizer):
+            saved = "with" if "masters" in state else "without"
+            raise UserError(f"{path} was written {saved} fp32 master weights (precision bf16-master), unlike this "
+                            "run's plan; resume with the plan that wrote it")
+        load_weights_only(path, model, accelerator, sharded)
+        _load_optimizer_state(model, optimizer, state, sharded)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     _set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=False))
     return trainer
