@@ -181,7 +181,8 @@ _UNITS = {
     "t": 2**40, "tib": 2**40, "tb": 10**12,
 }  # fmt: skip
 
-_MEMORY_RE = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+# Compiled on first use (re caches it), not at import: most runs parse no memory size.
+_MEMORY_PATTERN = r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*$"
 
 _MEMORY_FORMS = (
     "a positive size such as 24GiB, 80 GiB, 81559MiB, 24GB (decimal, 10^9 bytes), "
@@ -206,7 +207,7 @@ def parse_memory(text: str) -> int:
     """
     if isinstance(text, bool):
         raise UserError(f"bad memory size {text!r}: expected {_MEMORY_FORMS}")
-    match = _MEMORY_RE.match(str(text))
+    match = re.match(_MEMORY_PATTERN, str(text), re.IGNORECASE)
     if not match or match.group(2).lower() not in _UNITS:
         raise UserError(f"bad memory size '{text}': expected {_MEMORY_FORMS}")
     value = float(match.group(1))
