@@ -39,6 +39,12 @@ def test_without_deepspeed_one_line_names_the_install(tmp_path, tiny, run_cli, m
         assert err.count("\n") == 1 and "pip install deepspeed" in err
 
 
+def test_zero_stage_0_is_refused(tmp_path, tiny, run_cli):
+    plan = run_dir(tmp_path, tiny, sharding="deepspeed", zero=0, precision="bf16-master")
+    code, out, err = run_cli("train", str(plan))
+    assert code == 2 and err.count("\n") == 1 and "ZeRO stages 1-3" in err and "Hint: --set zero=1" in err
+
+
 def test_the_launch_is_accelerate_with_the_plans_config(tmp_path, tiny, monkeypatch):
     from memplan.train.launch import command, needs_launcher
     from memplan.train.settings import resolve_plan

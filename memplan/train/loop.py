@@ -233,7 +233,9 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     if meter.mode is not None:
         # What the optimizer steps, when it is not the model's parameters: memplan's fp32 masters, DeepSpeed's
         # fp32 partitions. Alive from the start, so counted from the start.
-        meter.mode.register([p for g in optimizer.param_groups for p in g["params"]])
+        # FSDP's are DTensors: their storage is this process's shard.
+        meter.mode.register([p.to_local() if hasattr(p, "to_local") else p
+                             for g in optimizer.param_groups for p in g["params"]])
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
     bar = tqdm(total=steps, initial=trainer["step"], disable=not progress or not main, unit="step",
                dynamic_ncols=True)

@@ -90,6 +90,11 @@ def check_runtime(plan: Plan) -> None:
     """Stop before loading anything when the machine cannot run the plan."""
     import torch
 
+    if plan.sharding == "deepspeed" and plan.zero == 0:
+        # benchmarks/deepspeed_cpu_check.py: DeepSpeed's stage-0 bf16 optimizer drifted from DDP and ZeRO-1/2
+        # (which agree with each other to 3e-4) within 8 steps, so memplan does not run it.
+        raise UserError("memplan train runs DeepSpeed with ZeRO stages 1-3; stage 0 replicates everything as DDP "
+                        "does (with bf16-master, memplan's own fp32 masters). Hint: --set zero=1, or sharding=ddp")
     if plan.sharding == "deepspeed":
         from memplan.train.deepspeed_setup import check_installed
 
