@@ -165,7 +165,9 @@ def structures(spec: ModelSpec, model_ref: str, method: str, target: Target, seq
         if offload == "optimizer+params" and not allow_param_offload:
             continue
         if precision == "bf16-master" and backend != "deepspeed":
-            continue  # fp32 master copies live in DeepSpeed's optimizer; memplan train runs it only there
+            # DDP: the same 16 B per parameter as amp-bf16, nothing gained; FSDP on CUDA: memplan train
+            # refuses it (accelerate prepares FSDP's optimizer over the model's own parameters).
+            continue
         for attn in attentions(target, precision):
             fields = dict(base, precision=precision, optimizer=optimizer, sharding=backend, zero=zero, offload=offload,
                           grad_ckpt=ckpt, attn=attn, loss=loss)
