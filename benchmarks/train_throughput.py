@@ -1,7 +1,7 @@
 """Training throughput: `memplan train` vs Hugging Face `Trainer`, side by side in one run.
 
 Both train the same model (the shipped demo-tiny) on the same micro-batches in the same order (memplan's
-tokenized, prompt-masked examples; the Trainer is fed the identical padded tensors), with the same batch,
+tokenized, prompt-masked examples, collated by the same function inside each side's timed step), with the same batch,
 precision, optimizer (fused AdamW), schedule (warmup + cosine), clipping and number of optimizer steps.
 Throughput = trained-on input tokens (padding excluded) / wall time of each optimizer step; memplan's
 from its metrics.jsonl (one line per step, batch preparation included), the Trainer's from a callback
@@ -60,7 +60,8 @@ def run_memplan(plan_dict: dict, workdir: Path) -> list[float]:
 
 
 def run_trainer(plan_dict: dict, workdir: Path) -> list[float]:
-    """HF Trainer on memplan's exact micro-batches (an iterable dataset of collated batches)."""
+    """HF Trainer on memplan's exact micro-batches: an iterable dataset yields each micro-batch's examples
+    and the Trainer's data collator pads them with memplan's `collate`, as memplan's step does."""
     import torch
     from torch.utils.data import IterableDataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -79,8 +80,8 @@ def run_trainer(plan_dict: dict, workdir: Path) -> list[float]:
     run_data = D.load_run_data(plan, tok)
     stream = D.Stream(run_data.train, plan.micro_batch, 1, 0, plan.hparams.seed)
     steps = plan.hparams.max_steps
-    batches = [D.collate(stream.micro_batch_at(k), tok.pad_token_id, False) for k in range(steps)]
-    tokens = [int(b["attention_mask"].sum()) for b in batches]
+    batches = [stream.micro_batch_at(k) for k in range(steps)]
+    tokens = [sum(len(e.input_ids) for e in b) for b in batches]
 
     class Batches(IterableDataset):
         def __iter__(self):
@@ -109,7 +110,8 @@ def run_trainer(plan_dict: dict, workdir: Path) -> list[float]:
             times.append(now - self.last)
             self.last = now
 
-    trainer = Trainer(model=model, args=args, train_dataset=Batches(), data_collator=lambda items: items[0],
+    trainer = Trainer(model=model, args=args, train_dataset=Batches(),
+                      data_collator=lambda items: D.collate(items[0], tok.pad_token_id, False),
                       callbacks=[Clock()])
     trainer.train()
     return [n / t for n, t in zip(tokens[WARMUP:], times[WARMUP:])]
@@ -117,9 +119,9 @@ def run_trainer(plan_dict: dict, workdir: Path) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--rounds", type=int, default=2, help="alternate memplan / Trainer runs this many times")
+    ap.add_argument("--rounds", type=int, default=3, help="alternate memplan / Trainer runs this many times")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train-throughput.txt"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
