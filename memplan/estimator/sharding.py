@@ -92,7 +92,10 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         if stage >= 1:
             # DeepSpeed keeps fp32 gradient partitions for its fp32 master step (stage_1_and_2.py
             # single_partition_of_fp32_groups grads; stage3.py fp32_partitioned_groups_flat grads).
-            M += _part(4 * tensors.n_trainable, n) if plan.precision == "bf16-master" and plan.method == "full" else 0
+            # Its masters are a copy even of fp32 weights (`.detach().clone().to(fp32)` of the partition),
+            # so an fp32 plan keeps a second fp32 partition that bf16-master's master_bytes counts already.
+            if plan.method == "full" and plan.precision in ("bf16-master", "fp32"):
+                M += _part(4 * tensors.n_trainable, n) * (2 if plan.precision == "fp32" else 1)
             TMP = 0  # DeepSpeed runs its own fused/multi-tensor Adam: no foreach temporaries
             if n > 1 and stage in (1, 2):
                 buffers += deepspeed_reduce_bucket_elems(spec) * num.compute
