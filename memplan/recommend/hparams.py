@@ -103,9 +103,9 @@ def choose(method: str, domain_shift: str, total_steps: int, epochs: float, lr: 
         lo, hi = LR_RANGE[method]
         what = "full fine-tuning" if method == "full" else "adapters (LoRA/QLoRA)"
         width = "" if hidden_size == REF_WIDTH else (
-            f", scaled by {REF_WIDTH}/{hidden_size} = {scale:.3g} for the model's width d_model {hidden_size} "
-            f"(learning rate ∝ 1/width; the values are for a 7B, d_model {REF_WIDTH})")
-        reasons.append(f"learning rate {lr:g}: {what} {base:g}, range {lo:g}-{hi:g}{width}"
+            f" for a 7B (d_model {REF_WIDTH}), x {REF_WIDTH}/{hidden_size} = {scale:.3g} for this model's "
+            f"d_model {hidden_size} (learning rate ∝ 1/width)")
+        reasons.append(f"learning rate {lr:g}: {what} {base:g} (range {lo:g}-{hi:g}){width}"
                        + ("; lowered for the high domain shift (forgetting guard)" if high else ""))
     else:
         reasons.append(f"learning rate {lr:g}: given")
