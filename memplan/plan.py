@@ -52,7 +52,8 @@ class LoraSettings(_Strict):
 
 
 class Hyperparameters(_Strict):
-    lr: Optional[float] = Field(None, gt=0, description="peak learning rate (default: 2e-5 full FT, 2e-4 LoRA/QLoRA).")
+    lr: Optional[float] = Field(None, gt=0, description="peak learning rate (default: 2e-5 full FT, 2e-4 "
+                                "LoRA/QLoRA; recommend scales them by 4096/d_model, the model's width).")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="warmup as a fraction of total steps (default 0.05).")
     warmup_steps: Optional[int] = Field(None, ge=0, description="warmup in optimizer steps; overrides warmup_ratio.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup (to 0).")
