@@ -77,6 +77,16 @@ def test_leaf_high_shift_with_compute_gives_full_ft(run_cli):
     assert out["plan"]["hparams"]["early_stopping_patience"] == hp.PATIENCE_HIGH_SHIFT
 
 
+def test_high_shift_without_replay_warns_and_names_only_the_guards_still_on(run_cli):
+    default = recommend_json(run_cli, *GPU4, "--dataset-size", "50000", "--domain-shift", "high", "--max-hours", "100")
+    given = recommend_json(run_cli, *GPU4, "--dataset-size", "50000", "--domain-shift", "high", "--max-hours", "100",
+                           "--lr", "1e-4")
+    (warn_default,) = [w for w in default["warnings"] if "without --replay" in w]
+    (warn_given,) = [w for w in given["warnings"] if "without --replay" in w]
+    assert "lower learning rate" in warn_default and "early stopping" in warn_default
+    assert "lower learning rate" not in warn_given and "early stopping" in warn_given  # --lr replaced it
+
+
 def test_leaf_high_shift_without_compute_and_many_samples_gives_qlora(run_cli):
     out = recommend_json(run_cli, *GPU1_24, "--dataset-size", "50000", "--domain-shift", "high")
     assert [d["answer"] for d in out["decision"]] == ["yes", "no", "yes", "qlora"]

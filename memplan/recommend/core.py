@@ -378,7 +378,8 @@ def recommend(req: Request) -> Recommendation:
     replay_ratio = hp.REPLAY_RATIO_HIGH_SHIFT if (shift == "high" and req.replay) else 0.0
     if shift == "high" and not req.replay:
         warnings.append("high domain shift without --replay FILE (general text): the replay guard against "
-                        "forgetting is off; the lower learning rate and early stopping still apply")
+                        "forgetting is off; " + ("early stopping still applies" if req.lr else
+                                                 "the lower learning rate and early stopping still apply"))
     # replay examples make up replay_ratio of the mix (memplan.train.data.replay_count)
     examples_per_epoch = samples + (round(samples * replay_ratio / (1 - replay_ratio)) if replay_ratio else 0)
     workload = Workload(seq_len=seq_len, effective_batch=rounded, examples_per_epoch=examples_per_epoch, epochs=epochs)
