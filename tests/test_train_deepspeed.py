@@ -117,6 +117,16 @@ def test_missing_or_foreign_launch_files(tmp_path, tiny):
     config.write_text(yaml.safe_dump(launch))
     with pytest.raises(UserError, match="ds_config.json does not exist"):
         command(resolve_plan(str(path)), ["train", str(path)])
+    # corrupt files: one line each, never a traceback
+    config.write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match="expected a mapping of accelerate settings, got list"):
+        command(resolve_plan(str(path)), ["train", str(path)])
+    config.write_text(yaml.safe_dump(launch))
+    ds_json = path.parent / "ds_config.json"
+    for content, wanted in ((b"\xff\xfe{", "ds_config.json: not JSON"), (b"[1, 2]", "expected a JSON object")):
+        ds_json.write_bytes(content)
+        with pytest.raises(UserError, match=wanted):
+            command(resolve_plan(str(path)), ["train", str(path)])
 
 
 def test_deepspeed_trains_like_memplans_own_bf16_master(tmp_path, tiny):

@@ -123,9 +123,11 @@ def launch_files(plan_dir: Path) -> tuple[Path, dict]:
         raise UserError(f"a DeepSpeed plan is launched with {path}, which does not exist. Hint: memplan recommend "
                         "... -o DIR writes it with ds_config.json next to plan.yaml")
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a mapping of accelerate settings, got {type(cfg).__name__}")
     return path, cfg
 
 
@@ -156,9 +158,11 @@ def preflight(plan, plan_dir: Path) -> Path:
     path, cfg = launch_files(plan_dir)
     ds_path = check_launch_config(plan, path, cfg)
     try:
-        ds_cfg = json.loads(ds_path.read_text())
-    except json.JSONDecodeError as err:
+        ds_cfg = json.loads(ds_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{ds_path}: not JSON ({err})") from None
+    if not isinstance(ds_cfg, dict):
+        raise UserError(f"{ds_path}: expected a JSON object of DeepSpeed settings, got {type(ds_cfg).__name__}")
     check_config(plan, ds_cfg, str(ds_path))
     return path
 
