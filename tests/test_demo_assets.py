@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import importlib.util
 import json
 import math
 import platform
@@ -26,7 +27,7 @@ from memplan.models import models_dir, preset_info, resolve_model
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "data" / "demo"
 MODEL = models_dir() / "demo-tiny"
-ISO = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
+LONG_DATE = re.compile(r"\b(\d{1,2}) (" + "|".join(calendar.month_name[1:]) + r") (\d{4})\b")
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -52,11 +53,13 @@ def model():
 # ---------------------------------------------------------------------------------------------
 
 
-def _date_of(example: dict) -> str:
-    """The ISO date an example asks about: its input, or inside the instruction when input is empty."""
-    found = ISO.findall(example["input"] or example["instruction"])
+def _date_of(example: dict) -> dt.date:
+    """The date an example asks about ("14 January 1984"): its input, or inside the instruction when
+    input is empty."""
+    found = LONG_DATE.findall(example["input"] or example["instruction"])
     assert len(found) == 1, example
-    return "-".join(found[0])
+    day, month, year = found[0]
+    return dt.date(int(year), list(calendar.month_name).index(month), int(day))
 
 
 @pytest.mark.parametrize("split, minimum", [("train", 500), ("val", 50), ("test", 100)])
@@ -66,8 +69,7 @@ def test_instruction_split_parses_and_answers_are_right(split, minimum):
     for row in rows:
         assert set(row) == {"instruction", "input", "output"}
         assert all(isinstance(v, str) for v in row.values())
-        day = dt.date.fromisoformat(_date_of(row))
-        assert row["output"] == f"{day.day} {calendar.month_name[day.month]} {day.year}"
+        assert row["output"] == _date_of(row).isoformat()
     assert any(not r["input"] for r in rows) and any(r["input"] for r in rows)  # both alpaca forms
     assert len({r["instruction"] for r in rows if r["input"]}) > 1  # varied phrasing
 
@@ -125,19 +127,19 @@ def test_tokenizer_loads_with_special_tokens(tokenizer):
 def test_chat_template_renders_and_masks_the_reply(tokenizer):
     messages = [
         {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": "Rewrite the date below as day, month name and year.\n\n1984-01-14"},
-        {"role": "assistant", "content": "14 January 1984"},
+        {"role": "user", "content": "Convert this date to ISO format (YYYY-MM-DD).\n\n14 January 1984"},
+        {"role": "assistant", "content": "1984-01-14"},
     ]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert text == ("<s><|system|>\nAnswer briefly.\n<|user|>\nRewrite the date below as day, month name and "
-                    "year.\n\n1984-01-14\n<|assistant|>\n14 January 1984</s>")
+    assert text == ("<s><|system|>\nAnswer briefly.\n<|user|>\nConvert this date to ISO format (YYYY-MM-DD)."
+                    "\n\n14 January 1984\n<|assistant|>\n1984-01-14</s>")
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     assert text.startswith(prompt) and prompt.endswith("<|assistant|>\n")
 
     enc = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = enc["input_ids"], enc["assistant_masks"]
     reply = [i for i, m in zip(ids, mask) if m]
-    assert tokenizer.decode(reply) == "14 January 1984</s>"
+    assert tokenizer.decode(reply) == "1984-01-14</s>"
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert ids[: len(prompt_ids)] == prompt_ids and sum(mask) == len(ids) - len(prompt_ids)
 
@@ -192,6 +194,23 @@ def test_pretrained_model_models_held_out_text(model, tokenizer):
     assert ppl < len(tokenizer) / 10
     assert ppl == pytest.approx(summary["retention_perplexity_after"], rel=1e-3)
     assert summary["retention_perplexity_before"] > len(tokenizer) / 2
+
+
+def _pretrain_script():
+    spec = importlib.util.spec_from_file_location("pretrain_demo_tiny", DEMO / "pretrain_demo_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretrained_model_copies_from_its_context(model, tokenizer):
+    """The repetition exercises gave demo-tiny in-context copying: it predicts most tokens of held-out
+    digit strings written a second time (an untrained or text-only model predicts ~1 in 6), as the
+    pre-training script reported."""
+    copied = _pretrain_script().copy_accuracy(model, tokenizer)
+    summary = json.loads((MODEL / "pretrain_summary.json").read_text())
+    assert copied > 0.8
+    assert copied == pytest.approx(summary["copy_accuracy"], abs=1e-9)
 
 
 def test_pretrain_script_runs(tmp_path, tokenizer):

@@ -3,8 +3,8 @@
 Writes, next to this file:
 
 * ``train.jsonl`` / ``val.jsonl`` / ``test.jsonl``: an instruction task with an exact answer, in the
-  alpaca shape (``instruction``, ``input``, ``output``): rewrite an ISO date such as ``2024-03-15`` as
-  ``15 March 2024``.  Every date appears in one split only.
+  alpaca shape (``instruction``, ``input``, ``output``): rewrite a date such as ``15 March 2024`` in ISO
+  form, ``2024-03-15``.  Every date appears in one split only.
 * ``general.jsonl`` / ``retention.jsonl``: general English text (``{"text": ...}``) for pre-training
   demo-tiny, for replay during fine-tuning, and, held out from pre-training, for the retention check.
   The prose is the documentation that ships inside Python itself (see ``README.md`` for the licence).
@@ -68,36 +68,36 @@ CHAT_TEMPLATE = (
 
 
 # ------------------------------------------------------------------------------------------------
-# The instruction task: ISO date -> "day Month year"
+# The instruction task: "day Month year" -> ISO date
 # ------------------------------------------------------------------------------------------------
 
 # {date} inside the instruction means the example has an empty input (alpaca's no-input form).
 WITH_INPUT = [
-    "Convert this date to the long format: day, month name, year.",
-    "Rewrite the date below as day, month name and year.",
-    "Write the following date with the month spelled out.",
-    "Change the date format from YYYY-MM-DD to day month-name year.",
-    "Express this ISO date the way it is written in a letter.",
-    "Give the date below in words-and-numbers form, day first.",
+    "Convert this date to ISO format (YYYY-MM-DD).",
+    "Rewrite the date below as year-month-day with numbers.",
+    "Write the following date in ISO 8601 form.",
+    "Change the date format from day month-name year to YYYY-MM-DD.",
+    "Give the date below the way a computer stores it: YYYY-MM-DD.",
+    "Express this date as an ISO date.",
 ]
 WITHOUT_INPUT = [
-    "Write {date} as day, month name and year.",
-    "What is {date} with the month spelled out, day first?",
-    "Convert the ISO date {date} to the long format.",
+    "Write {date} as YYYY-MM-DD.",
+    "What is {date} in ISO format?",
+    "Convert the date {date} to the ISO form.",
 ]
 NO_INPUT_SHARE = 0.2
 
 
 def long_date(day: dt.date) -> str:
-    """The answer: day without a leading zero, English month name, four-digit year."""
+    """The question: day without a leading zero, English month name, four-digit year."""
     return f"{day.day} {calendar.month_name[day.month]} {day.year}"
 
 
 def date_example(day: dt.date, rng: random.Random) -> dict:
-    iso = day.isoformat()
+    text = long_date(day)
     if rng.random() < NO_INPUT_SHARE:
-        return {"instruction": rng.choice(WITHOUT_INPUT).format(date=iso), "input": "", "output": long_date(day)}
-    return {"instruction": rng.choice(WITH_INPUT), "input": iso, "output": long_date(day)}
+        return {"instruction": rng.choice(WITHOUT_INPUT).format(date=text), "input": "", "output": day.isoformat()}
+    return {"instruction": rng.choice(WITH_INPUT), "input": text, "output": day.isoformat()}
 
 
 def date_splits(rng: random.Random) -> tuple[list[dict], list[dict], list[dict]]:
