@@ -9,7 +9,7 @@ from its metrics.jsonl (one line per step, batch preparation included), the Trai
 `WARMUP` steps are left out of both (memplan measures its memory there; first steps allocate), and the
 median of the remaining steps is reported, with the ratio memplan / Trainer (goal: >= 1.0).
 
-    python benchmarks/train_throughput.py [--steps 30] [--device cpu|cuda] [--out FILE]
+    python benchmarks/train_throughput.py [--steps 100] [--rounds 5] [--device cpu|cuda] [--out FILE]
 
 Results: benchmarks/results/train-throughput.txt (the CPU run; `--device cuda` for the GPU check).
 """
@@ -119,9 +119,9 @@ def run_trainer(plan_dict: dict, workdir: Path) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--rounds", type=int, default=3, help="alternate memplan / Trainer runs this many times")
+    ap.add_argument("--rounds", type=int, default=5, help="alternate memplan / Trainer runs this many times")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train-throughput.txt"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
