@@ -90,13 +90,24 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         notes.append("DDP gradient buckets: one extra copy of the gradients (gradient_as_bucket_view=False).")
     if ds:
         if stage >= 1:
-            # DeepSpeed keeps fp32 gradient partitions for its fp32 master step (stage_1_and_2.py
-            # single_partition_of_fp32_groups grads; stage3.py fp32_partitioned_groups_flat grads).
-            # Its masters are a copy even of fp32 weights (`.detach().clone().to(fp32)` of the partition),
-            # so an fp32 plan keeps a second fp32 partition that bf16-master's master_bytes counts already.
-            if plan.method == "full" and plan.precision in ("bf16-master", "fp32"):
-                M += _part(4 * tensors.n_trainable, n) * (2 if plan.precision == "fp32" else 1)
             TMP = 0  # DeepSpeed runs its own fused/multi-tensor Adam: no foreach temporaries
+            if plan.method == "full" and plan.precision == "bf16-master":
+                # The fp32 gradient partition its fp32 master step needs exists only inside step():
+                # stage_1_and_2.py converts the flat bf16 partition (`.to(fp32)`), frees the bf16 grads,
+                # steps, then sets `single_partition_of_fp32_groups[i].grad = None` (stage3.py likewise per
+                # sub-group, `_release_sub_group`). Counted in every phase it made the estimate 14-16 %
+                # high on the CPU (deepspeed_cpu_check.py). With optimizer offload the fp32 gradients
+                # are pinned host buffers allocated once, kept with the masters in host RAM (below).
+                fp32_grads = _part(4 * tensors.n_trainable, n)
+                if plan.offload == "none":
+                    TMP = fp32_grads
+                else:
+                    M += fp32_grads
+            elif plan.method == "full" and plan.precision == "fp32":
+                # Its masters are a copy even of fp32 weights (`.detach().clone().to(fp32)` of the
+                # partition). Measured, an fp32 plan keeps twice that in every phase (ZeRO-2 x2 within
+                # +0.8 %, deepspeed_cpu_check.py); the second 4 B / parameter is not traced to a tensor yet.
+                M += 2 * _part(4 * tensors.n_trainable, n)
             if n > 1 and stage in (1, 2):
                 buffers += deepspeed_reduce_bucket_elems(spec) * num.compute
         if stage == 3:
