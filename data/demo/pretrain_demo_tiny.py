@@ -11,7 +11,7 @@ together with the tokenizer and ``pretrain_summary.json`` into ``data/models/dem
 it atomically.
 
 Run ``python data/demo/make_demo.py`` first (it makes the data and tokenizer), then
-``python data/demo/pretrain_demo_tiny.py`` (18 minutes on a 2-core machine; see README.md).
+``python data/demo/pretrain_demo_tiny.py`` (24 minutes on a 2-core machine; see README.md).
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ LOG_EVERY = 20
 # with induction heads (Olsson et al. 2022, "In-context Learning and Induction Heads"); an LLM forms
 # them on natural text over billions of tokens, demo-tiny on 360 k tokens of documentation does not
 # (the text-only model predicted 16-20 % of a repeated digit string, the digits' base rate).  With half
-# its tokens repetition exercises the ability appears abruptly after about 1,000 steps (copies 27 % at
-# step 900, 97 % at 1,100); STEPS leaves room after it (a 1,500-step schedule, its learning rate
-# decaying sooner, reached 67 % at step 1,200).  Fine-tuning then starts, as with a real LLM, from a
+# its tokens repetition exercises the ability appears abruptly after 700-1,000 steps (copies 30 % at
+# step 700, 94 % at 1,000); STEPS leaves room after it (a 1,500-step schedule of the 1.25 M version,
+# its learning rate decaying sooner, reached 67 % at step 1,200).  Fine-tuning then starts, as with a real LLM, from a
 # model that can copy and has only the task to learn.
 COPY_SHARE = 0.5
 COPY_SEPARATORS = ["\n", " | ", ": ", " -> ", "\n\n", " = ", "; "]
