@@ -56,8 +56,8 @@ LOG_EVERY = 20
 # (the text-only model predicted 16-20 % of a repeated digit string, the digits' base rate).  With half
 # its tokens repetition exercises the ability appears abruptly after 700-1,000 steps (copies 30 % at
 # step 700, 94 % at 1,000); STEPS leaves room after it (a 1,500-step schedule of the 1.25 M version,
-# its learning rate decaying sooner, reached 67 % at step 1,200).  Fine-tuning then starts, as with a real LLM, from a
-# model that can copy and has only the task to learn.
+# its learning rate decaying sooner, reached 67 % at step 1,200).  Fine-tuning then starts, as with a
+# real LLM, from a model that can copy and has only the task to learn.
 COPY_SHARE = 0.5
 COPY_SEPARATORS = ["\n", " | ", ": ", " -> ", "\n\n", " = ", "; "]
 # Held-out digit strings for the copy check, from a seed the exercises do not use.
