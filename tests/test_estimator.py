@@ -198,3 +198,18 @@ def test_deepspeed_fp32_master_copies_and_step_only_fp32_gradients():
     assert bf16.breakdown["master_weights"] == 4 * per_rank
     assert bf16.phases["optimizer"]["optimizer_temporaries"] == 4 * per_rank
     assert bf16.phases["forward"]["optimizer_temporaries"] == 0
+
+
+def test_deepspeed_zero3_steps_the_fp32_gradients_one_sub_group_at_a_time():
+    """ZeRO-3 holds one sub-group's fp32 gradients at a time (stage3.py _release_sub_group): at most
+    sub_group_size (1e9) plus one parameter's partition, however large the rank's partition is."""
+    from memplan.estimator.sharding import DEEPSPEED_SUB_GROUP_ELEMS
+    from memplan.plan import build_plan
+
+    spec = resolve_model("llama-2-7b")
+    plan = build_plan(dict(model="llama-2-7b", method="full", precision="bf16-master", sharding="deepspeed",
+                           zero=3, gpus=4))
+    e = estimate(spec, plan)
+    cap = 4 * (DEEPSPEED_SUB_GROUP_ELEMS + math.ceil(spec.vocab_size * spec.hidden_size / 4))
+    assert 4 * math.ceil(e.params_trainable / 4) > cap  # the partition is larger than a sub-group here
+    assert e.phases["optimizer"]["optimizer_temporaries"] == cap

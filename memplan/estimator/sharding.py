@@ -34,6 +34,10 @@ class PerGpu:
     notes: list[str] = field(default_factory=list)
 
 
+#: DeepSpeed ZeRO-3's sub_group_size default (deepspeed/runtime/zero/config.py); memplan's ds_config leaves it.
+DEEPSPEED_SUB_GROUP_ELEMS = 1_000_000_000
+
+
 def _part(x: int, n: int) -> int:
     return math.ceil(x / n)
 
@@ -41,6 +45,19 @@ def _part(x: int, n: int) -> int:
 def deepspeed_reduce_bucket_elems(spec: ModelSpec) -> int:
     """HF's "auto" DeepSpeed config: reduce_bucket_size = hidden_size**2 (transformers integrations/deepspeed.py)."""
     return spec.hidden_size ** 2
+
+
+def deepspeed_step_fp32_grad_elems(spec: ModelSpec, n_trainable: int, n: int, stage: int) -> int:
+    """Elements of the fp32 gradient partition that DeepSpeed's bf16-master step holds at once.
+
+    Stages 1-2: the whole partition (stage_1_and_2.py step(): one flat group). Stage 3 steps one sub-group
+    at a time and releases its fp32 gradient before the next (stage3.py _release_sub_group); a sub-group
+    collects parameters until it reaches sub_group_size (zero/config.py default 1e9 elements), so it can
+    overshoot by one parameter's partition, at most the embedding's."""
+    whole = _part(n_trainable, n)
+    if stage < 3:
+        return whole
+    return min(whole, DEEPSPEED_SUB_GROUP_ELEMS + _part(spec.vocab_size * spec.hidden_size, n))
 
 
 def deepspeed_prefetch_elems(spec: ModelSpec) -> int:
@@ -95,14 +112,13 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                 # The fp32 gradient partition its fp32 master step needs exists only inside step():
                 # stage_1_and_2.py converts the flat bf16 partition (`.to(fp32)`), frees the bf16 grads,
                 # steps, then sets `single_partition_of_fp32_groups[i].grad = None` (stage3.py likewise per
-                # sub-group, `_release_sub_group`). Counted in every phase it made the estimate 14-16 %
-                # high on the CPU (deepspeed_cpu_check.py). With optimizer offload the fp32 gradients
-                # are pinned host buffers allocated once, kept with the masters in host RAM (below).
-                fp32_grads = _part(4 * tensors.n_trainable, n)
+                # sub-group). Counted in every phase it made the estimate 14-16 % high on the CPU
+                # (deepspeed_cpu_check.py). With optimizer offload the fp32 gradients are pinned host
+                # buffers for the whole partition, allocated once, kept with the masters in host RAM (below).
                 if plan.offload == "none":
-                    TMP = fp32_grads
+                    TMP = 4 * deepspeed_step_fp32_grad_elems(spec, tensors.n_trainable, n, stage)
                 else:
-                    M += fp32_grads
+                    M += _part(4 * tensors.n_trainable, n)
             elif plan.method == "full" and plan.precision == "fp32":
                 # Its masters are a copy even of fp32 weights (`.detach().clone().to(fp32)` of the
                 # partition). Measured, an fp32 plan keeps twice that in every phase (ZeRO-2 x2 within
