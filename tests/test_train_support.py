@@ -32,8 +32,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def build_tiny_model(root: Path, chat_template: bool = False) -> Path:
-    """A 2-layer Llama (~0.1 M parameters) and a byte-level BPE tokenizer, saved with save_pretrained."""
+def build_tiny_model(root: Path, chat_template: bool = False, width: int = 32, name: str = "tiny-llama") -> Path:
+    """A 2-layer Llama (~0.1 M parameters at width 32) and a byte-level BPE tokenizer, saved with
+    save_pretrained. 4 heads, 2 KV heads, MLP twice the width."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -51,13 +52,13 @@ def build_tiny_model(root: Path, chat_template: bool = False) -> Path:
         fast.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
                               "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
                          pad_token_id=fast.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    path = root / "tiny-llama"
+    path = root / name
     model.save_pretrained(path, safe_serialization=True)
     fast.save_pretrained(path)
     return path
