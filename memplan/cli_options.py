@@ -6,12 +6,13 @@ Flags default to None so that only what the user actually typed overrides a --co
 from __future__ import annotations
 
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import click
 from pydantic.fields import FieldInfo
 
-from memplan.plan import Hyperparameters, LoraSettings, Plan
+from memplan.errors import did_you_mean
+from memplan.plan import Hyperparameters, LoraSettings, Overrides, Plan
 
 # Plan field path -> flag name. Order is the order in --help.
 PLAN_FLAGS: dict[str, str] = {
@@ -42,7 +43,20 @@ HPARAM_FLAGS: dict[str, str] = {
     "hparams.epochs": "--epochs",
 }
 
+_FLAGS = {**PLAN_FLAGS, **HPARAM_FLAGS}
+
 _UNITS = {"micro_batch": "sequences", "seq_len": "tokens", "gpus": "GPUs", "nodes": "nodes"}
+
+
+class Choice(click.Choice):
+    """click.Choice whose error lists every allowed value and the closest one to what was typed."""
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            allowed = [str(c) for c in self.choices]
+            self.fail(f"'{value}' is not one of {', '.join(allowed)}{did_you_mean(str(value), allowed)}", param, ctx)
 
 
 def _field(path: str) -> FieldInfo:
@@ -57,7 +71,7 @@ def _click_type(info: FieldInfo) -> Any:
     ann = info.annotation
     origin = typing.get_origin(ann)
     if origin is typing.Literal:
-        return click.Choice(list(typing.get_args(ann)))
+        return Choice(list(typing.get_args(ann)))
     if ann is int:
         return int
     if ann is float:
@@ -95,12 +109,14 @@ def plan_options(flags: dict[str, str]) -> Callable:
     return decorate
 
 
-def passed_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Plan overrides (dotted paths) from the generated options the user actually passed."""
-    out = {}
+def passed_overrides(kwargs: dict[str, Any]) -> Overrides:
+    """Plan overrides (dotted paths) from the generated options the user actually passed, with their flags."""
+    out = Overrides()
     for key in list(kwargs):
         if key.startswith("opt_"):
             value = kwargs.pop(key)
             if value is not None:
-                out[key.removeprefix("opt_").replace("__", ".")] = value
+                path = key.removeprefix("opt_").replace("__", ".")
+                out[path] = value
+                out.flags[path] = _FLAGS[path]
     return out

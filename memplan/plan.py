@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from memplan.errors import UserError
+from memplan.errors import UserError, did_you_mean
 
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["fp32", "amp-bf16", "amp-fp16", "bf16", "bf16-master"]
@@ -200,28 +200,87 @@ def plan_problems(p: Plan) -> list[str]:
 # ---------------------------------------------------------------- loading and merging
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(x) for x in first["loc"]) or "plan"
-    msg = first["msg"].removeprefix("Value error, ")
-    allowed = ""
-    ctx = first.get("ctx") or {}
-    if "expected" in ctx:
-        allowed = f" (allowed: {ctx['expected']})"
-    if first["type"] == "extra_forbidden":
-        msg = f"unknown key '{where}'"
-        return f"{source}: {msg}; allowed keys: {', '.join(Plan.model_fields)}"
-    if first["loc"]:
-        return f"{source}: {where}: {msg}{allowed}"
-    return f"{source}: {msg}"
+class Overrides(dict):
+    """Plan overrides by dotted path (lora.rank), remembering the flag each came from (lora.rank ->
+    --lora-rank), so that a bad value is reported as the user typed it. `merge` passes the flags on."""
+
+    def __init__(self, values: Any = (), flags: Optional[dict[str, str]] = None) -> None:
+        super().__init__(values)
+        self.flags: dict[str, str] = dict(flags or {})
+
+
+class PlanInput(dict):
+    """A plan dict from `merge`, with the flags of the values that came from the command line."""
+
+    flags: dict[str, str] = {}
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {"lora": LoraSettings, "hparams": Hyperparameters, "data": DataSettings}
+
+
+def _field_path(loc: tuple) -> list[str]:
+    """The field names of an error location (pydantic adds union members' type tags after them)."""
+    model: Optional[type[BaseModel]] = Plan
+    path: list[str] = []
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            break
+        path.append(part)
+        model = _SECTIONS.get(part) if model is Plan else None
+    return path
+
+
+def _problem(error: dict) -> str:
+    """pydantic's message as memplan says it: "must be greater than 0", with the closest allowed value."""
+    msg = error["msg"].removeprefix("Value error, ")
+    if msg.startswith("Input should be "):
+        msg = "must be " + msg.removeprefix("Input should be ")
+    if error["type"] == "literal_error" and isinstance(error.get("input"), str):
+        import re
+
+        msg += did_you_mean(error["input"], re.findall(r"'([^']*)'", (error.get("ctx") or {}).get("expected", "")))
+    return msg
+
+
+def _format_validation_error(err: ValidationError, source: str, flags: Optional[dict[str, str]] = None) -> str:
+    """One line per bad field: `--batch-size 0: must be greater than 0` when the value came from a flag,
+    `plan.yaml: micro_batch: must be greater than 0 (got 0)` when it came from the file (`source`)."""
+    flags = flags or {}
+    by_field: dict[str, list[dict]] = {}
+    lines: list[str] = []
+    for error in err.errors():
+        path = _field_path(error["loc"])
+        if error["type"] == "extra_forbidden":
+            model = _SECTIONS[path[0]] if path else Plan
+            key = str(error["loc"][len(path)])
+            allowed = list(model.model_fields)
+            within = f" under {path[0]}" if path else ""
+            lines.append(f"{source}: unknown key '{'.'.join([*path, key])}'{did_you_mean(key, allowed)}; allowed "
+                         f"keys{within}: {', '.join(allowed)}")
+        else:
+            by_field.setdefault(".".join(path), []).append(error)
+    for dotted, errors in by_field.items():
+        problems = list(dict.fromkeys(_problem(e) for e in errors))  # a union: what each member wanted
+        if len(problems) > 1 and all(p.startswith("must be ") for p in problems):
+            problems = ["must be " + " or ".join(p.removeprefix("must be ") for p in problems)]
+        problem, value = problems[0], errors[0].get("input")
+        if dotted in flags:
+            typed = f"{value:g}" if isinstance(value, float) else (value if value != "" else repr(value))
+            lines.append(f"{flags[dotted]} {typed}: {problem}")
+        elif dotted:
+            lines.append(f"{source}: {dotted}: {problem} (got {value!r})")
+        else:
+            lines.append(f"{source}: {problem}")
+    return "\n".join(lines)
 
 
 def build_plan(data: dict[str, Any], source: str = "plan") -> Plan:
-    """Validate a plan dict once; any problem becomes one UserError line."""
+    """Validate a plan dict once; each problem becomes one line of a UserError (flags named as typed when
+    `data` came from `merge` with flag Overrides)."""
     try:
         return Plan.model_validate(data)
     except ValidationError as err:
-        raise UserError(_format_validation_error(err, source)) from None
+        raise UserError(_format_validation_error(err, source, getattr(data, "flags", None))) from None
 
 
 def read_plan_yaml(path: str | Path) -> dict[str, Any]:
@@ -248,9 +307,11 @@ def read_plan_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Dotted keys (lora.rank) override nested fields; only what the user passed is given here."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> PlanInput:
+    """Dotted keys (lora.rank) override nested fields; only what the user passed is given here. The result
+    keeps the flags of `overrides` (an Overrides) and of `base` (an earlier merge)."""
+    out = PlanInput({k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()})
+    out.flags = {**getattr(base, "flags", {}), **getattr(overrides, "flags", {})}
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if rest:

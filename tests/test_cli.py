@@ -56,8 +56,8 @@ def test_no_gpu_shows_common_sizes(run_cli):
 
 @pytest.mark.parametrize("args, needle", [
     (["--model", "llama7b"], "unknown model 'llama7b'"),
-    (["--model", "llama-2-7b", "--batch-size", "0"], "micro_batch"),
-    (["--model", "llama-2-7b", "--seq-len", "-1"], "seq_len"),
+    (["--model", "llama-2-7b", "--batch-size", "0"], "--batch-size 0: must be greater than 0"),
+    (["--model", "llama-2-7b", "--seq-len", "-1"], "--seq-len -1: must be greater than 0"),
     (["--model", "llama-2-7b", "--method", "lora", "--lora-targets", "q_proj,x_proj"], "LoRA target 'x_proj'"),
     (["--model", "llama-2-7b", "--gpu", "h10"], "unknown GPU 'h10'"),
     (["--model", "llama-2-7b", "--gpu-memory", "lots"], "lots"),
@@ -111,3 +111,92 @@ def test_help_states_units_and_defaults(run_cli):
     assert code == 0
     for needle in ("GiB", "--batch-size", "(default: 2048)", "--grad-ckpt / --no-grad-ckpt", "default 16"):
         assert needle in out, needle
+
+
+def test_bad_values_name_the_flag_or_the_file_key(tmp_path, run_cli):
+    code, _, err = run_cli("estimate", "--model", "demo-tiny", "--batch-size", "0")
+    assert code == 2 and err == "memplan: error: --batch-size 0: must be greater than 0\n"
+    code, _, err = run_cli("estimate", "--model", "demo-tiny", "--lora-rank", "0", "--lora-dropout", "1")
+    assert code == 2 and err.splitlines() == ["memplan: error: --lora-rank 0: must be greater than 0",
+                                             "memplan: error: --lora-dropout 1: must be less than 1"]
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("model: demo-tiny\nmicro_batch: 0\nmethod: qlorra\nlora:\n  rnak: 8\n")
+    code, _, err = run_cli("estimate", "--config", str(plan))
+    assert code == 2 and sorted(err.splitlines()) == sorted([
+        f"memplan: error: {plan}: micro_batch: must be greater than 0 (got 0)",
+        f"memplan: error: {plan}: method: must be 'full', 'lora' or 'qlora'; did you mean 'qlora'? (got 'qlorra')",
+        f"memplan: error: {plan}: unknown key 'lora.rnak'; did you mean 'rank'?; allowed keys under lora: rank, alpha, "
+        "dropout, targets"])
+    # a flag overrides the file's bad value; the file's other problems remain, named in the file
+    code, _, err = run_cli("estimate", "--config", str(plan), "--batch-size", "2", "--method", "lora", "--seq-len", "0")
+    assert code == 2 and "micro_batch" not in err and "method" not in err
+    assert "memplan: error: --seq-len 0: must be greater than 0" in err.splitlines()
+
+
+def test_unknown_model_lists_each_close_preset_once(run_cli):
+    code, _, err = run_cli("estimate", "--model", "Qwen/Qwen2.5-7B-Instruct")
+    assert code == 2 and err.count("\n") == 1
+    closest = err.split("Closest presets: ", 1)[1].split(" (run `memplan models`")[0]
+    ids = [name.split(" (")[0] for name in closest.split(", ")]
+    assert ids[0] == "qwen2.5-7b" and closest.startswith("qwen2.5-7b (Qwen/Qwen2.5-7B)")
+    assert len(ids) == len(set(ids)) == 5
+
+
+def _commands():
+    import click
+
+    from memplan.cli import main
+
+    ctx = click.Context(main)
+    return [(name, main.get_command(ctx, name)) for name in main.list_commands(ctx)]
+
+
+def _mistyped(choice: str) -> str:
+    return choice[:-1] + choice[-1] * 2  # "qlora" -> "qloraa"
+
+
+def test_usage_errors_are_one_line_on_every_command(run_cli):
+    import click
+
+    seen_choice = seen_number = 0
+    for name, command in _commands():
+        code, out, err = run_cli(name, "--help")
+        assert code == 0 and out.startswith(f"Usage: memplan {name}"), name
+        code, _, err = run_cli(name, "--no-such-flag")
+        assert code == 2 and err == (f"memplan: error: {name}: no such option --no-such-flag (see `memplan {name} "
+                                     "--help` for the options)\n"), err
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.is_flag or param.name == "help":
+                continue
+            flag = param.opts[0]
+            if isinstance(param.type, click.Choice):
+                seen_choice += 1
+                choices = [str(c) for c in param.type.choices]
+                code, _, err = run_cli(name, flag, _mistyped(choices[-1]))
+                assert code == 2 and err == (f"memplan: error: {flag}: '{_mistyped(choices[-1])}' is not one of "
+                                             f"{', '.join(choices)}; did you mean '{choices[-1]}'?\n"), err
+                code, _, err = run_cli(name, flag)
+                assert code == 2 and err == (f"memplan: error: {name}: option '{flag}' requires an argument: one of "
+                                             f"{', '.join(choices)}\n"), err
+            elif isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
+                seen_number += 1
+                code, _, err = run_cli(name, flag, "many")
+                kind = "integer" if isinstance(param.type, click.types.IntParamType) else "float"
+                assert code == 2 and err.count("\n") == 1, err
+                assert err.startswith(f"memplan: error: {flag}: 'many' is not a valid {kind}"), err
+    assert seen_choice >= 10 and seen_number >= 10
+
+
+def test_missing_argument_and_unknown_command(run_cli):
+    code, _, err = run_cli("train")
+    assert code == 2 and err == ("memplan: error: train: missing argument PLAN.yaml (usage: memplan train [OPTIONS] "
+                                 "PLAN.yaml)\n")
+    code, _, err = run_cli("estimat")
+    assert code == 2 and err == ("memplan: error: no such command 'estimat'; did you mean 'estimate'? (commands: "
+                                 "estimate, gpus, models, profile, recommend, train)\n")
+    code, _, err = run_cli("recommend", "--gpus", "2")
+    assert code == 2 and err == "memplan: error: recommend: missing option --model / -m (see `memplan recommend --help`)\n"
+    code, _, err = run_cli("--bogus")
+    assert code == 2 and err == "memplan: error: no such option --bogus (see `memplan --help` for the options)\n"
+    code, out, _ = run_cli("--help")
+    assert code == 0 and "Commands:" in out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli_options import PLAN_FLAGS, plan_options
+from memplan.cli_options import Choice, PLAN_FLAGS, plan_options
 
 
 @click.command("profile")
@@ -15,7 +15,7 @@ from memplan.cli_options import PLAN_FLAGS, plan_options
 @plan_options(PLAN_FLAGS)
 @click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True,
               help="optimizer steps to run; step 1 creates the optimizer states, steps 2.. are the steady state.")
-@click.option("--backend", type=click.Choice(["cuda", "cpu", "trace"]), default=None,
+@click.option("--backend", type=Choice(["cuda", "cpu", "trace"]), default=None,
               help="cuda: real steps on the GPU (allocator peaks, reserved, NVML); cpu: real steps on CPU tensors "
                    "(live tensor bytes; small models); trace: fake tensors, exact tensor bytes at any size, nothing "
                    "allocated. Default: cuda when torch sees a GPU, else trace (cpu for --device cpu plans).")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli_options import HPARAM_FLAGS, plan_options
+from memplan.cli_options import Choice, HPARAM_FLAGS, plan_options
 
 
 @click.command()
@@ -28,10 +28,10 @@ from memplan.cli_options import HPARAM_FLAGS, plan_options
               help="training examples, when there is no --data file to count [examples].")
 @click.option("--seq-len", "seq_len", type=int, default=None,
               help="tokens per sequence (default: p95 of --data rounded up to 64, else 2048) [tokens].")
-@click.option("--domain-shift", "domain_shift", type=click.Choice(["low", "high"]), default=None,
+@click.option("--domain-shift", "domain_shift", type=Choice(["low", "high"]), default=None,
               help="how far the task is from pre-training: high for medicine, law ... (default: low, printed "
                    "as an assumption).")
-@click.option("--method", type=click.Choice(["full", "lora", "qlora"]), default=None,
+@click.option("--method", type=Choice(["full", "lora", "qlora"]), default=None,
               help="force the method and skip the decision tree.")
 @click.option("--effective-batch", "effective_batch", type=int, default=None,
               help="sequences per optimizer step = micro-batch x accumulation x GPUs (default: 32, less for "
@@ -40,7 +40,7 @@ from memplan.cli_options import HPARAM_FLAGS, plan_options
                "hparams.warmup_ratio": HPARAM_FLAGS["hparams.warmup_ratio"]})
 @click.option("--max-hours", "max_hours", type=float, default=None,
               help="time budget: full FT counts as 'enough compute' only within it (default 72) [hours].")
-@click.option("--priority", type=click.Choice(["quality", "speed", "memory"]), default="quality", show_default=True,
+@click.option("--priority", type=Choice(["quality", "speed", "memory"]), default="quality", show_default=True,
               help="quality: no quality trade-offs (fp32 master weights, 32-bit Adam) unless needed to fit, then "
                    "fastest; speed: fastest; memory: smallest.")
 @click.option("--headroom", type=float, default=0.10, show_default=True,
