@@ -187,9 +187,11 @@ def main() -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="a plan YAML (the Plan's fields; `recommend -o` writes one). Flags override it.")
 @plan_options(PLAN_FLAGS)
-@click.option("--gpu", "gpu", default=None, help="GPU preset id (see `memplan gpus`), e.g. h100-80gb.")
+@click.option("--gpu", "gpu", default=None,
+              help="GPU preset id (see `memplan gpus`), e.g. h100-80gb (default: this machine's GPUs, found with NVML; "
+                   "without one, the plans are checked against common GPU sizes).")
 @click.option("--gpu-memory", "gpu_memory", default=None,
-              help="usable memory per GPU for anything else, e.g. 24GiB, 81559MiB, 80GB (decimal).")
+              help="usable memory per GPU, for a GPU without a preset, e.g. 24GiB, 81559MiB, 80GB (decimal).")
 @click.option("--max-batch", is_flag=True, help="also report the largest micro-batch that fits.")
 @click.option("--max-seq", is_flag=True, help="also report the longest sequence (tokens) that fits.")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables.")

@@ -45,7 +45,20 @@ HPARAM_FLAGS: dict[str, str] = {
 
 _FLAGS = {**PLAN_FLAGS, **HPARAM_FLAGS}
 
-_UNITS = {"micro_batch": "sequences", "seq_len": "tokens", "gpus": "GPUs", "nodes": "nodes"}
+#: The unit of each counted quantity, shown as [unit]; the others are dimensionless (stage, rank, fractions).
+_UNITS = {"micro_batch": "sequences", "seq_len": "tokens", "gpus": "GPUs", "nodes": "nodes",
+          "grad_accum": "micro-batches", "hparams.epochs": "epochs"}
+
+
+def default_note(value: Any) -> str:
+    """How an option states its default, once: " (default: 16)", " (default: on)", " (default: 0.05)"."""
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    return f" (default: {text})"
 
 
 class Choice(click.Choice):
@@ -83,27 +96,30 @@ def _click_type(info: FieldInfo) -> Any:
     return str
 
 
-def _option(path: str, flag: str) -> Callable:
+def _option(path: str, flag: str, help_text: Optional[str] = None) -> Callable:
+    """The flag of a plan field: its description, [unit] and default, or `help_text` where a command
+    chooses the default itself (recommend's learning rate and warmup)."""
     info = _field(path)
     dest = "opt_" + path.replace(".", "__")
-    default = info.default if info.default_factory is None else None
-    unit = _UNITS.get(path)
-    help_text = (info.description or "").rstrip(".")
-    if unit:
-        help_text += f" [{unit}]"
-    if default is not None and info.annotation is not bool:
-        help_text += f" (default: {default})"
+    if help_text is None:
+        default = info.default if info.default_factory is None else None
+        help_text = (info.description or "").rstrip(".")
+        if path in _UNITS:
+            help_text += f" [{_UNITS[path]}]"
+        if default is not None:
+            help_text += default_note(default)
+        help_text += "."
     if info.annotation is bool:
         name = flag.removeprefix("--")
-        return click.option(f"{flag}/--no-{name}", dest, default=None,
-                            help=f"{help_text} (default: {'on' if default else 'off'}).")
-    return click.option(flag, dest, type=_click_type(info), default=None, show_default=False, help=help_text + ".")
+        return click.option(f"{flag}/--no-{name}", dest, default=None, help=help_text)
+    return click.option(flag, dest, type=_click_type(info), default=None, show_default=False, help=help_text)
 
 
-def plan_options(flags: dict[str, str]) -> Callable:
+def plan_options(flags: dict[str, str], help: Optional[dict[str, str]] = None) -> Callable:
+    """One flag per plan field in `flags` (path -> flag); `help` replaces the generated help of some."""
     def decorate(func: Callable) -> Callable:
         for path, flag in reversed(list(flags.items())):
-            func = _option(path, flag)(func)
+            func = _option(path, flag, (help or {}).get(path))(func)
         return func
 
     return decorate

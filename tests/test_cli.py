@@ -109,8 +109,75 @@ def test_models_and_gpus_lists(run_cli):
 def test_help_states_units_and_defaults(run_cli):
     code, out, _ = run_cli("estimate", "--help")
     assert code == 0
-    for needle in ("GiB", "--batch-size", "(default: 2048)", "--grad-ckpt / --no-grad-ckpt", "default 16"):
+    for needle in ("GiB", "--batch-size", "[tokens] (default: 2048)", "--grad-ckpt / --no-grad-ckpt", "(default: 16)"):
         assert needle in out, needle
+
+
+def _option_help():
+    """(command, option, its help line as --help prints it, its default) for every option of every command."""
+    import click
+
+    for name, command in _commands():
+        ctx = click.Context(command, info_name=name)
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                yield name, param, " ".join(param.get_help_record(ctx)[1].split()), param.get_default(ctx, call=False)
+
+
+def _plan_field(param):
+    from memplan.cli_options import _field
+
+    return _field(param.name.removeprefix("opt_").replace("__", ".")) if param.name.startswith("opt_") else None
+
+
+def test_every_default_is_stated_once():
+    """Each option states its default once, as (default: X): click's default, the plan field's for plan flags,
+    or what the command chooses; no description repeats it."""
+    def stated(value) -> str:
+        if isinstance(value, bool):
+            return "(default: on)" if value else "(default: off)"
+        return f"(default: {value:g})" if isinstance(value, float) else f"(default: {value})"
+
+    for command, param, text, default in _option_help():
+        where = f"{command} {param.opts[0]}: {text}"
+        assert text.lower().count("default") <= 1, where
+        field = _plan_field(param)
+        if field is not None:
+            default = field.default if field.default_factory is None else None
+        if param.is_flag and field is None or not isinstance(default, (int, float, str)) or param.required:
+            continue
+        assert "(default: " in text, where
+        if not text.split("(default: ")[1].startswith("chosen"):  # recommend's lr and warmup: computed
+            assert stated(default) in text, where
+
+
+#: Numbers without a unit: a stage, a rank, a scale, a probability, a learning rate and fractions.
+DIMENSIONLESS = {"--zero", "--lora-rank", "--lora-alpha", "--lora-dropout", "--lr", "--warmup-ratio", "--headroom"}
+
+
+def test_every_number_states_its_unit():
+    import re
+
+    import click
+
+    for command, param, text, _ in _option_help():
+        numeric = isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType))
+        if numeric and param.opts[0] not in DIMENSIONLESS:
+            assert re.search(r"\[(?!required)[A-Za-z][A-Za-z -]*\]", text), f"{command} {param.opts[0]}: {text}"
+
+
+def test_help_speaks_of_the_decision_tree_not_its_source(run_cli):
+    for name in ["", *(n for n, _ in _commands())]:
+        code, out, _ = run_cli(*([name] if name else []), "--help")
+        assert code == 0 and "seed" not in out.lower(), name
+
+
+def test_recommend_says_how_it_chooses_lr_and_warmup(run_cli):
+    helps = {param.opts[0]: text for command, param, text, _ in _option_help() if command == "recommend"}
+    warmup = helps["--warmup-ratio"]
+    assert "0.05" not in warmup and "2/(1-beta2) = 2,000 steps" in warmup and "3-10 % of the total steps" in warmup
+    assert "recommended range 1e-5 to 5e-5" in helps["--lr"] and "halved for --domain-shift high" in helps["--lr"]
+
 
 
 def test_bad_values_name_the_flag_or_the_file_key(tmp_path, run_cli):
