@@ -64,7 +64,7 @@ with gc_paused():
     import click
 
     from memplan import __version__
-    from memplan.errors import UserError
+    from memplan.errors import UserError, did_you_mean
 
     _cli_options = _import_plan_flags()
 PLAN_FLAGS, plan_options = _cli_options.PLAN_FLAGS, _cli_options.plan_options
@@ -79,6 +79,56 @@ LAZY_COMMANDS: dict[str, str] = {
 }
 
 
+def _param_name(param: click.Parameter) -> str:
+    return " / ".join(param.opts) if isinstance(param, click.Option) else param.human_readable_name
+
+
+class _Complete(click.UsageError):
+    """A usage error whose message already says what is allowed."""
+
+
+def usage_error_line(err: click.UsageError) -> str:
+    """One of click's usage errors (bad value, missing argument, unknown option or command) as memplan's one
+    line: what was wrong and what is allowed, instead of click's usage block."""
+    ctx = err.ctx
+    names = []  # the command, if any: ["train"]
+    while ctx is not None and ctx.parent is not None:
+        names.insert(0, ctx.info_name)
+        ctx = ctx.parent
+    ctx = err.ctx
+    path = " ".join(["memplan", *names])  # not the program's path: `python -m memplan` is memplan too
+    where = f"{' '.join(names)}: " if names else ""
+    see = f"see `{path} --help`"
+    if isinstance(err, click.MissingParameter) and err.param is not None:
+        if isinstance(err.param, click.Argument):
+            pieces = ctx.command.collect_usage_pieces(ctx) if ctx is not None else []
+            return f"{where}missing argument {_param_name(err.param)} (usage: {' '.join([path, *pieces])})"
+        return f"{where}missing option {_param_name(err.param)} ({see})"
+    if isinstance(err, click.BadParameter) and err.param is not None:
+        return f"{_param_name(err.param)}: {err.message.rstrip('.')}"
+    if isinstance(err, click.NoSuchOption):
+        mean = f"; did you mean {' or '.join(err.possibilities)}?" if err.possibilities else ""
+        return f"{where}no such option {err.option_name}{mean} ({see} for the options)"
+    message = err.message.rstrip(".")
+    message = where + message[:1].lower() + message[1:]
+    if isinstance(err, _Complete):
+        return message
+    option = getattr(err, "option_name", None)  # BadOptionUsage: "Option '--method' requires an argument."
+    params = [p for p in (ctx.command.params if ctx is not None else []) if option in getattr(p, "opts", ())]
+    if params and isinstance(params[0].type, click.Choice):
+        return f"{message}: one of {', '.join(map(str, params[0].type.choices))}"
+    return f"{message} ({see})"
+
+
+def _usage_error(err: click.UsageError):
+    click.echo(f"memplan: error: {usage_error_line(err)}", err=True)
+    sys.exit(err.exit_code)
+
+
+# `memplan` alone prints the help (click >= 8.2 raises this usage error to do so).
+_SHOWS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
@@ -91,15 +141,38 @@ class _Group(click.Group):
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            commands = self.list_commands(ctx)
+            raise _Complete(f"no such command '{name}'{did_you_mean(name, commands)} (commands: "
+                            f"{', '.join(commands)})", ctx)
+        return super().resolve_command(ctx, args)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        """The group's own options (memplan --bad): their usage errors are one line too."""
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as err:
+            if isinstance(err, _SHOWS_HELP):
+                raise
+            _usage_error(err)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:  # a command's arguments (parsed here), or the command name
+            if err.ctx is None and ctx.invoked_subcommand:  # raised by click's parser, which knows no context
+                command = self.get_command(ctx, ctx.invoked_subcommand)
+                err.ctx = click.Context(command, parent=ctx, info_name=ctx.invoked_subcommand)
+            _usage_error(err)
         except UserError as err:
-            click.echo(f"memplan: error: {err}", err=True)
+            for line in str(err).splitlines():  # one line per problem
+                click.echo(f"memplan: error: {line}", err=True)
             sys.exit(UserError.exit_code)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group("memplan", cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="memplan")
 def main() -> None:
     """memplan: will it fit, and with what settings? Exact GPU memory plans for fine-tuning LLMs.
@@ -114,9 +187,11 @@ def main() -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="a plan YAML (the Plan's fields; `recommend -o` writes one). Flags override it.")
 @plan_options(PLAN_FLAGS)
-@click.option("--gpu", "gpu", default=None, help="GPU preset id (see `memplan gpus`), e.g. h100-80gb.")
+@click.option("--gpu", "gpu", default=None,
+              help="GPU preset id (see `memplan gpus`), e.g. h100-80gb (default: this machine's GPUs, found with NVML; "
+                   "without one, the plans are checked against common GPU sizes).")
 @click.option("--gpu-memory", "gpu_memory", default=None,
-              help="usable memory per GPU for anything else, e.g. 24GiB, 81559MiB, 80GB (decimal).")
+              help="usable memory per GPU, for a GPU without a preset, e.g. 24GiB, 81559MiB, 80GB (decimal).")
 @click.option("--max-batch", is_flag=True, help="also report the largest micro-batch that fits.")
 @click.option("--max-seq", is_flag=True, help="also report the longest sequence (tokens) that fits.")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables.")

@@ -6,12 +6,13 @@ Flags default to None so that only what the user actually typed overrides a --co
 from __future__ import annotations
 
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import click
 from pydantic.fields import FieldInfo
 
-from memplan.plan import Hyperparameters, LoraSettings, Plan
+from memplan.errors import did_you_mean
+from memplan.plan import Hyperparameters, LoraSettings, Overrides, Plan
 
 # Plan field path -> flag name. Order is the order in --help.
 PLAN_FLAGS: dict[str, str] = {
@@ -42,7 +43,33 @@ HPARAM_FLAGS: dict[str, str] = {
     "hparams.epochs": "--epochs",
 }
 
-_UNITS = {"micro_batch": "sequences", "seq_len": "tokens", "gpus": "GPUs", "nodes": "nodes"}
+_FLAGS = {**PLAN_FLAGS, **HPARAM_FLAGS}
+
+#: The unit of each counted quantity, shown as [unit]; the others are dimensionless (stage, rank, fractions).
+_UNITS = {"micro_batch": "sequences", "seq_len": "tokens", "gpus": "GPUs", "nodes": "nodes",
+          "grad_accum": "micro-batches", "hparams.epochs": "epochs"}
+
+
+def default_note(value: Any) -> str:
+    """How an option states its default, once: " (default: 16)", " (default: on)", " (default: 0.05)"."""
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    return f" (default: {text})"
+
+
+class Choice(click.Choice):
+    """click.Choice whose error lists every allowed value and the closest one to what was typed."""
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            allowed = [str(c) for c in self.choices]
+            self.fail(f"'{value}' is not one of {', '.join(allowed)}{did_you_mean(str(value), allowed)}", param, ctx)
 
 
 def _field(path: str) -> FieldInfo:
@@ -57,7 +84,7 @@ def _click_type(info: FieldInfo) -> Any:
     ann = info.annotation
     origin = typing.get_origin(ann)
     if origin is typing.Literal:
-        return click.Choice(list(typing.get_args(ann)))
+        return Choice(list(typing.get_args(ann)))
     if ann is int:
         return int
     if ann is float:
@@ -69,38 +96,43 @@ def _click_type(info: FieldInfo) -> Any:
     return str
 
 
-def _option(path: str, flag: str) -> Callable:
+def _option(path: str, flag: str, help_text: Optional[str] = None) -> Callable:
+    """The flag of a plan field: its description, [unit] and default, or `help_text` where a command
+    chooses the default itself (recommend's learning rate and warmup)."""
     info = _field(path)
     dest = "opt_" + path.replace(".", "__")
-    default = info.default if info.default_factory is None else None
-    unit = _UNITS.get(path)
-    help_text = (info.description or "").rstrip(".")
-    if unit:
-        help_text += f" [{unit}]"
-    if default is not None and info.annotation is not bool:
-        help_text += f" (default: {default})"
+    if help_text is None:
+        default = info.default if info.default_factory is None else None
+        help_text = (info.description or "").rstrip(".")
+        if path in _UNITS:
+            help_text += f" [{_UNITS[path]}]"
+        if default is not None:
+            help_text += default_note(default)
+        help_text += "."
     if info.annotation is bool:
         name = flag.removeprefix("--")
-        return click.option(f"{flag}/--no-{name}", dest, default=None,
-                            help=f"{help_text} (default: {'on' if default else 'off'}).")
-    return click.option(flag, dest, type=_click_type(info), default=None, show_default=False, help=help_text + ".")
+        return click.option(f"{flag}/--no-{name}", dest, default=None, help=help_text)
+    return click.option(flag, dest, type=_click_type(info), default=None, show_default=False, help=help_text)
 
 
-def plan_options(flags: dict[str, str]) -> Callable:
+def plan_options(flags: dict[str, str], help: Optional[dict[str, str]] = None) -> Callable:
+    """One flag per plan field in `flags` (path -> flag); `help` replaces the generated help of some."""
     def decorate(func: Callable) -> Callable:
         for path, flag in reversed(list(flags.items())):
-            func = _option(path, flag)(func)
+            func = _option(path, flag, (help or {}).get(path))(func)
         return func
 
     return decorate
 
 
-def passed_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Plan overrides (dotted paths) from the generated options the user actually passed."""
-    out = {}
+def passed_overrides(kwargs: dict[str, Any]) -> Overrides:
+    """Plan overrides (dotted paths) from the generated options the user actually passed, with their flags."""
+    out = Overrides()
     for key in list(kwargs):
         if key.startswith("opt_"):
             value = kwargs.pop(key)
             if value is not None:
-                out[key.removeprefix("opt_").replace("__", ".")] = value
+                path = key.removeprefix("opt_").replace("__", ".")
+                out[path] = value
+                out.flags[path] = _FLAGS[path]
     return out

@@ -617,15 +617,25 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def _unknown(ref: str) -> UserError:
-    """Unknown-name error with difflib's closest preset ids and aliases."""
+    """Unknown-name error with the closest presets (difflib over ids, aliases and hub ids), each model once:
+    its id, and the name that matched when that was an alias or hub id."""
     import difflib  # only for the error message
 
-    candidates = sorted({*_presets(), *(a for e in _presets().values() for a in e.get("aliases") or [])})
-    close = difflib.get_close_matches(ref.lower(), candidates, n=5, cutoff=0.5)
+    names: dict[str, tuple[str, str]] = {}  # lower-case name -> (preset id, name as spelled)
+    for pid, entry in _presets().items():
+        for name in [pid, *(entry.get("aliases") or []), entry.get("hub_id") or ""]:
+            if name:
+                names.setdefault(name.lower(), (pid, name))
+    closest: dict[str, str] = {}
+    for key in difflib.get_close_matches(ref.lower(), list(names), n=len(names), cutoff=0.5):
+        pid, name = names[key]
+        closest.setdefault(pid, pid if name == pid else f"{pid} ({name})")
+        if len(closest) == 5:
+            break
     where = ""
     if ref.count("/") == 1:
         where = f" (not a preset, and not in the local HF cache: {', '.join(map(str, hf_cache_dirs()))})"
-    hint = f" Closest presets: {', '.join(close)}" if close else ""
+    hint = f" Closest presets: {', '.join(closest.values())}" if closest else ""
     return UserError(
         f"unknown model '{ref}'{where}.{hint} (run `memplan models` for all; or pass a config.json "
         "or a local model directory)"

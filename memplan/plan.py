@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from memplan.errors import UserError
+from memplan.errors import UserError, did_you_mean
 
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["fp32", "amp-bf16", "amp-fp16", "bf16", "bf16-master"]
@@ -32,13 +32,13 @@ class _Strict(BaseModel):
 
 
 class LoraSettings(_Strict):
-    rank: int = Field(16, gt=0, description="LoRA rank r (default 16).")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r (default 32).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input (default 0.05).")
+    rank: int = Field(16, gt=0, description="LoRA rank r.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout probability on the adapter input.")
     targets: Union[Literal["all-linear"], list[str]] = Field(
         ALL_LINEAR,
-        description="modules that get adapters: 'all-linear' (every linear layer of the decoder, "
-        "the default) or a comma list such as q_proj,v_proj.",
+        description="modules that get adapters: 'all-linear' (every linear layer of the decoder layers) "
+        "or a comma list such as q_proj,v_proj.",
     )
 
     @field_validator("targets", mode="before")
@@ -52,28 +52,29 @@ class LoraSettings(_Strict):
 
 
 class Hyperparameters(_Strict):
-    lr: Optional[float] = Field(None, gt=0, description="peak learning rate (default: 2e-5 full FT, 2e-4 "
-                                "LoRA/QLoRA; recommend scales them by 4096/d_model, the model's width).")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="warmup as a fraction of total steps (default 0.05).")
+    lr: Optional[float] = Field(None, gt=0, description="peak learning rate (default: 2e-5 for full fine-tuning, "
+                                "2e-4 for LoRA/QLoRA).")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="warmup as a fraction of the total optimizer steps.")
     warmup_steps: Optional[int] = Field(None, ge=0, description="warmup in optimizer steps; overrides warmup_ratio.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup (to 0).")
-    epochs: float = Field(3.0, gt=0, description="passes over the data (default 3).")
+    epochs: float = Field(3.0, gt=0, description="passes over the training data.")
     max_steps: Optional[int] = Field(None, gt=0, description="stop after this many optimizer steps; overrides epochs.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (default 0).")
-    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables (default 1.0).")
-    eval_every: int = Field(50, gt=0, description="optimizer steps between evaluations (default 50).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables.")
+    eval_every: int = Field(50, gt=0, description="optimizer steps between evaluations.")
     eval_samples: int = Field(64, ge=0, description="validation examples scored by greedy-decoding exact match "
-                              "at each evaluation; 0 disables eval_accuracy (default 64).")
+                              "at each evaluation; 0 disables eval_accuracy.")
     early_stopping_patience: int = Field(3, ge=0, description="evaluations without a better validation loss "
-                                         "before stopping; 0 disables (default 3).")
+                                         "before stopping; 0 disables.")
     save_every: Optional[int] = Field(None, gt=0, description="optimizer steps between checkpoints (default: eval_every).")
     save_total_limit: int = Field(2, gt=0, description="checkpoints kept, newest first (the best one is kept too).")
-    log_every: int = Field(10, gt=0, description="optimizer steps between metrics lines (default 10).")
-    seed: int = Field(42, description="seed for initialisation, data order and dropout.")
+    log_every: int = Field(10, gt=0, description="optimizer steps between metrics lines.")
+    seed: int = Field(42, description="random seed for initialisation, data order and dropout.")
     merge_adapter: bool = Field(False, description="LoRA/QLoRA: also save the adapter merged into the base weights.")
 
     def effective_lr(self, method: str) -> float:
-        # The seed's table: 1e-5 to 5e-5 for full fine-tuning; adapters train at about 10x that.
+        # The recommended range for full fine-tuning is 1e-5 to 5e-5; adapters train at about 10x that
+        # (memplan.recommend.hparams gives the sources).
         if self.lr is not None:
             return self.lr
         return 2e-5 if method == "full" else 2e-4
@@ -84,13 +85,13 @@ class DataSettings(_Strict):
 
     train: Optional[str] = Field(None, description="training JSONL: alpaca (instruction/input/output), chat (messages) or text.")
     validation: Optional[str] = Field(None, description="validation JSONL; without it val_ratio of train is held out.")
-    val_ratio: float = Field(0.05, ge=0, lt=1, description="held-out fraction of train when no validation file (default 0.05).")
+    val_ratio: float = Field(0.05, ge=0, lt=1, description="held-out fraction of train when no validation file.")
     format: Literal["auto", "alpaca", "chat", "text"] = Field("auto", description="JSONL shape; auto detects it per file.")
-    packing: bool = Field(False, description="pack several examples into each sequence (default off).")
+    packing: bool = Field(False, description="pack several examples into each sequence.")
     samples: Optional[int] = Field(None, gt=0, description="training examples (counted from train, or stated for planning).")
-    domain_shift: Literal["low", "high"] = Field("low", description="how far the task is from pre-training (seed's first question).")
+    domain_shift: Literal["low", "high"] = Field("low", description="how far the task is from pre-training (the decision tree's first question).")
     replay: Optional[str] = Field(None, description="general-text JSONL mixed into training against forgetting.")
-    replay_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of training examples drawn from replay (default 0).")
+    replay_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of training examples drawn from replay.")
     retention: Optional[str] = Field(None, description="general-text JSONL whose perplexity is measured before and after training.")
 
 
@@ -108,18 +109,19 @@ class Plan(_Strict):
     )
     optimizer: Optimizer = Field(
         "adamw",
-        description="adamw (torch foreach, the CUDA default), adamw-fused, adamw-forloop, adamw-8bit / "
+        description="adamw (torch's foreach implementation, what torch picks on CUDA), adamw-fused, adamw-forloop, "
+        "adamw-8bit / "
         "paged-adamw-8bit (bitsandbytes), adafactor, sgd (momentum 0.9).",
     )
     device: Literal["cuda", "cpu"] = Field(
-        "cuda", description="where training runs: CUDA GPUs, or the CPU (gpus = processes; host RAM is the limit).")
+        "cuda", description="where training runs: CUDA GPUs, or the CPU (--gpus = processes; host RAM is the limit).")
     sharding: Sharding = Field("ddp", description="data-parallel backend.")
     zero: int = Field(0, ge=0, le=3, description="ZeRO stage 0-3 (FSDP: 0 NO_SHARD, 2 SHARD_GRAD_OP, 3 FULL_SHARD).")
     offload: Offload = Field("none", description="CPU offload: optimizer states (DeepSpeed), or optimizer+params.")
-    gpus: int = Field(1, gt=0, description="GPUs per node.")
-    nodes: int = Field(1, gt=0, description="nodes.")
+    gpus: int = Field(1, gt=0, description="GPUs per node (processes on a CPU plan).")
+    nodes: int = Field(1, gt=0, description="machines, each with --gpus GPUs.")
     micro_batch: int = Field(1, gt=0, description="sequences per GPU per forward (micro-batch).")
-    grad_accum: int = Field(1, gt=0, description="gradient-accumulation steps per optimizer step.")
+    grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimizer step.")
     seq_len: int = Field(2048, gt=0, description="tokens per sequence.")
     grad_ckpt: bool = Field(True, description="gradient (activation) checkpointing of every decoder layer.")
     attn: Attention = Field("sdpa", description="attention implementation: eager, sdpa, flash (flash-attention 2).")
@@ -200,28 +202,87 @@ def plan_problems(p: Plan) -> list[str]:
 # ---------------------------------------------------------------- loading and merging
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(x) for x in first["loc"]) or "plan"
-    msg = first["msg"].removeprefix("Value error, ")
-    allowed = ""
-    ctx = first.get("ctx") or {}
-    if "expected" in ctx:
-        allowed = f" (allowed: {ctx['expected']})"
-    if first["type"] == "extra_forbidden":
-        msg = f"unknown key '{where}'"
-        return f"{source}: {msg}; allowed keys: {', '.join(Plan.model_fields)}"
-    if first["loc"]:
-        return f"{source}: {where}: {msg}{allowed}"
-    return f"{source}: {msg}"
+class Overrides(dict):
+    """Plan overrides by dotted path (lora.rank), remembering the flag each came from (lora.rank ->
+    --lora-rank), so that a bad value is reported as the user typed it. `merge` passes the flags on."""
+
+    def __init__(self, values: Any = (), flags: Optional[dict[str, str]] = None) -> None:
+        super().__init__(values)
+        self.flags: dict[str, str] = dict(flags or {})
+
+
+class PlanInput(dict):
+    """A plan dict from `merge`, with the flags of the values that came from the command line."""
+
+    flags: dict[str, str] = {}
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {"lora": LoraSettings, "hparams": Hyperparameters, "data": DataSettings}
+
+
+def _field_path(loc: tuple) -> list[str]:
+    """The field names of an error location (pydantic adds union members' type tags after them)."""
+    model: Optional[type[BaseModel]] = Plan
+    path: list[str] = []
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            break
+        path.append(part)
+        model = _SECTIONS.get(part) if model is Plan else None
+    return path
+
+
+def _problem(error: dict) -> str:
+    """pydantic's message as memplan says it: "must be greater than 0", with the closest allowed value."""
+    msg = error["msg"].removeprefix("Value error, ")
+    if msg.startswith("Input should be "):
+        msg = "must be " + msg.removeprefix("Input should be ")
+    if error["type"] == "literal_error" and isinstance(error.get("input"), str):
+        import re
+
+        msg += did_you_mean(error["input"], re.findall(r"'([^']*)'", (error.get("ctx") or {}).get("expected", "")))
+    return msg
+
+
+def _format_validation_error(err: ValidationError, source: str, flags: Optional[dict[str, str]] = None) -> str:
+    """One line per bad field: `--batch-size 0: must be greater than 0` when the value came from a flag,
+    `plan.yaml: micro_batch: must be greater than 0 (got 0)` when it came from the file (`source`)."""
+    flags = flags or {}
+    by_field: dict[str, list[dict]] = {}
+    lines: list[str] = []
+    for error in err.errors():
+        path = _field_path(error["loc"])
+        if error["type"] == "extra_forbidden":
+            model = _SECTIONS[path[0]] if path else Plan
+            key = str(error["loc"][len(path)])
+            allowed = list(model.model_fields)
+            within = f" under {path[0]}" if path else ""
+            lines.append(f"{source}: unknown key '{'.'.join([*path, key])}'{did_you_mean(key, allowed)}; allowed "
+                         f"keys{within}: {', '.join(allowed)}")
+        else:
+            by_field.setdefault(".".join(path), []).append(error)
+    for dotted, errors in by_field.items():
+        problems = list(dict.fromkeys(_problem(e) for e in errors))  # a union: what each member wanted
+        if len(problems) > 1 and all(p.startswith("must be ") for p in problems):
+            problems = ["must be " + " or ".join(p.removeprefix("must be ") for p in problems)]
+        problem, value = problems[0], errors[0].get("input")
+        if dotted in flags:
+            typed = f"{value:g}" if isinstance(value, float) else (value if value != "" else repr(value))
+            lines.append(f"{flags[dotted]} {typed}: {problem}")
+        elif dotted:
+            lines.append(f"{source}: {dotted}: {problem} (got {value!r})")
+        else:
+            lines.append(f"{source}: {problem}")
+    return "\n".join(lines)
 
 
 def build_plan(data: dict[str, Any], source: str = "plan") -> Plan:
-    """Validate a plan dict once; any problem becomes one UserError line."""
+    """Validate a plan dict once; each problem becomes one line of a UserError (flags named as typed when
+    `data` came from `merge` with flag Overrides)."""
     try:
         return Plan.model_validate(data)
     except ValidationError as err:
-        raise UserError(_format_validation_error(err, source)) from None
+        raise UserError(_format_validation_error(err, source, getattr(data, "flags", None))) from None
 
 
 def read_plan_yaml(path: str | Path) -> dict[str, Any]:
@@ -248,9 +309,11 @@ def read_plan_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Dotted keys (lora.rank) override nested fields; only what the user passed is given here."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> PlanInput:
+    """Dotted keys (lora.rank) override nested fields; only what the user passed is given here. The result
+    keeps the flags of `overrides` (an Overrides) and of `base` (an earlier merge)."""
+    out = PlanInput({k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()})
+    out.flags = {**getattr(base, "flags", {}), **getattr(overrides, "flags", {})}
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if rest:

@@ -15,11 +15,12 @@
 Every byte lands in one of the estimate's term names (memplan.estimator.phases.TERMS):
 weights (parameters, buffers, 4-bit quantization state), master_weights (fp32 copies the optimizer
 steps), gradients, optimizer_states, optimizer_temporaries (anything else alive in the optimizer phase),
-logits_loss (what the forward creates from the output embedding on - logits, their fp32 copy, the loss -
-and what the backward creates until the gradient reaches the output embedding's input), gathered_params
-(FSDP's all-gather buffers and unsharded parameters), comm_buffers (DDP's gradient buckets), activations
-(everything else). A storage is classified when
-it becomes known as a gradient / state (end of each backward / optimizer step); the phase peaks it was
+logits_loss (the logits - the output embedding's output - and the floating-point tensors the loss computes
+from them in the forward, their fp32 copy and the log-softmax; in the backward, what is created until the
+gradient reaches the logits; memplan.profile_run._LogitsLossTerm), gathered_params (FSDP's all-gather
+buffers and unsharded parameters), comm_buffers (DDP's gradient buckets), activations (everything else,
+the output embedding's own saved inputs and the labels included). A storage is classified when it
+becomes known as a gradient / state (end of each backward / optimizer step); the phase peaks it was
 alive at are corrected then, so a gradient produced at the backward peak counts as a gradient there.
 """
 
@@ -157,19 +158,26 @@ class LiveBytes(TorchDispatchMode):
             peak.clock = self.clock
             peak.breakdown.update(self.totals)
 
+    def _term_of(self, t: torch.Tensor) -> Optional[str]:
+        """The term of a tensor an op creates now, when not the default: logits_loss holds only floating-point
+        tensors; the integer labels the loss shifts are activations, as in the estimate's head."""
+        if self.default == "logits_loss" and not t.is_floating_point():
+            return "activations"
+        return None
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.clock += 1
         if isinstance(out, torch.Tensor):
-            self._add(_storage(out))
+            self._add(_storage(out), self._term_of(out))
         elif isinstance(out, (tuple, list)):
             for t in out:
                 if isinstance(t, torch.Tensor):
-                    self._add(_storage(t))
+                    self._add(_storage(t), self._term_of(t))
                 elif isinstance(t, (tuple, list)):
                     for u in t:
                         if isinstance(u, torch.Tensor):
-                            self._add(_storage(u))
+                            self._add(_storage(u), self._term_of(u))
         self._record()
         return out
 

@@ -152,34 +152,45 @@ class CausalLMLoss(torch.nn.Module):
 
 
 class _LogitsLossTerm:
-    """Counts the output layer's work as the term logits_loss: what the forward creates from the output
-    embedding's input on (logits, their fp32 copy, the loss), and what the backward creates until the
-    gradient reaches that input (the logits' gradient). A chunked loss recomputes each chunk in the
-    backward: the hook sees the recomputation too."""
+    """Counts the loss's work as the term logits_loss, as the estimate defines it
+    (memplan.estimator.activations: loss_forward_peak, loss_backward_peak): in the forward, the logits (the
+    output embedding's output) and what the loss computes from them (their fp32 copy, the log-softmax); in
+    the backward, what is created until the gradient reaches the logits (the loss's gradients). What the
+    output embedding creates or saves itself (autocast's copies of its input and weight, its input's
+    gradient) and the labels count as activations, as the estimate's head does. A chunked loss recomputes
+    each chunk in the backward: the module hooks see the recomputation too."""
 
     def __init__(self, hf_model, meter) -> None:
         self.meter = meter
         head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
-        self.handle = head.register_forward_pre_hook(self._head_starts) if head is not None else None
+        self.handles = [] if head is None else [head.register_forward_pre_hook(self._head_starts),
+                                                head.register_forward_hook(self._head_done)]
+
+    def _active(self) -> bool:
+        return self.meter.current_phase in ("forward", "backward")
 
     def _head_starts(self, module, args) -> None:
-        if self.meter.current_phase not in ("forward", "backward"):
-            return
-        self.meter.default = "logits_loss"
-        hidden = args[0] if args else None
-        if self.meter.current_phase == "forward" and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-            hidden.register_hook(self._gradient_left_head)
+        if self._active():
+            self.meter.default = "activations"
 
-    def _gradient_left_head(self, grad):
+    def _head_done(self, module, args, output) -> None:
+        if not self._active() or not isinstance(output, torch.Tensor):
+            return
+        self.meter.classify([output], "logits_loss")
+        self.meter.default = "logits_loss"
+        if self.meter.current_phase == "forward" and output.requires_grad:
+            output.register_hook(self._gradient_reached_logits)
+
+    def _gradient_reached_logits(self, grad) -> None:
         self.meter.default = "activations"
 
     def backward_starts(self) -> None:
-        if self.handle is not None:
+        if self.handles:
             self.meter.default = "logits_loss"
 
     def remove(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 @contextlib.contextmanager

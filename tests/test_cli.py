@@ -56,8 +56,8 @@ def test_no_gpu_shows_common_sizes(run_cli):
 
 @pytest.mark.parametrize("args, needle", [
     (["--model", "llama7b"], "unknown model 'llama7b'"),
-    (["--model", "llama-2-7b", "--batch-size", "0"], "micro_batch"),
-    (["--model", "llama-2-7b", "--seq-len", "-1"], "seq_len"),
+    (["--model", "llama-2-7b", "--batch-size", "0"], "--batch-size 0: must be greater than 0"),
+    (["--model", "llama-2-7b", "--seq-len", "-1"], "--seq-len -1: must be greater than 0"),
     (["--model", "llama-2-7b", "--method", "lora", "--lora-targets", "q_proj,x_proj"], "LoRA target 'x_proj'"),
     (["--model", "llama-2-7b", "--gpu", "h10"], "unknown GPU 'h10'"),
     (["--model", "llama-2-7b", "--gpu-memory", "lots"], "lots"),
@@ -109,5 +109,161 @@ def test_models_and_gpus_lists(run_cli):
 def test_help_states_units_and_defaults(run_cli):
     code, out, _ = run_cli("estimate", "--help")
     assert code == 0
-    for needle in ("GiB", "--batch-size", "(default: 2048)", "--grad-ckpt / --no-grad-ckpt", "default 16"):
+    for needle in ("GiB", "--batch-size", "[tokens] (default: 2048)", "--grad-ckpt / --no-grad-ckpt", "(default: 16)"):
         assert needle in out, needle
+
+
+def _option_help():
+    """(command, option, its help line as --help prints it, its default) for every option of every command."""
+    import click
+
+    for name, command in _commands():
+        ctx = click.Context(command, info_name=name)
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                yield name, param, " ".join(param.get_help_record(ctx)[1].split()), param.get_default(ctx, call=False)
+
+
+def _plan_field(param):
+    from memplan.cli_options import _field
+
+    return _field(param.name.removeprefix("opt_").replace("__", ".")) if param.name.startswith("opt_") else None
+
+
+def test_every_default_is_stated_once():
+    """Each option states its default once, as (default: X): click's default, the plan field's for plan flags,
+    or what the command chooses; no description repeats it."""
+    def stated(value) -> str:
+        if isinstance(value, bool):
+            return "(default: on)" if value else "(default: off)"
+        return f"(default: {value:g})" if isinstance(value, float) else f"(default: {value})"
+
+    for command, param, text, default in _option_help():
+        where = f"{command} {param.opts[0]}: {text}"
+        assert text.lower().count("default") <= 1, where
+        field = _plan_field(param)
+        if field is not None:
+            default = field.default if field.default_factory is None else None
+        if param.is_flag and field is None or not isinstance(default, (int, float, str)) or param.required:
+            continue
+        assert "(default: " in text, where
+        if not text.split("(default: ")[1].startswith("chosen"):  # recommend's lr and warmup: computed
+            assert stated(default) in text, where
+
+
+#: Numbers without a unit: a stage, a rank, a scale, a probability, a learning rate and fractions.
+DIMENSIONLESS = {"--zero", "--lora-rank", "--lora-alpha", "--lora-dropout", "--lr", "--warmup-ratio", "--headroom"}
+
+
+def test_every_number_states_its_unit():
+    import re
+
+    import click
+
+    for command, param, text, _ in _option_help():
+        numeric = isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType))
+        if numeric and param.opts[0] not in DIMENSIONLESS:
+            assert re.search(r"\[(?!required)[A-Za-z][A-Za-z -]*\]", text), f"{command} {param.opts[0]}: {text}"
+
+
+def test_help_speaks_of_the_decision_tree_not_its_source(run_cli):
+    for name in ["", *(n for n, _ in _commands())]:
+        code, out, _ = run_cli(*([name] if name else []), "--help")
+        assert code == 0 and "seed" not in out.lower(), name
+
+
+def test_recommend_says_how_it_chooses_lr_and_warmup(run_cli):
+    helps = {param.opts[0]: text for command, param, text, _ in _option_help() if command == "recommend"}
+    warmup = helps["--warmup-ratio"]
+    assert "0.05" not in warmup and "2/(1-beta2) = 2,000 steps" in warmup and "3-10 % of the total steps" in warmup
+    assert "recommended range 1e-5 to 5e-5" in helps["--lr"] and "halved for --domain-shift high" in helps["--lr"]
+
+
+
+def test_bad_values_name_the_flag_or_the_file_key(tmp_path, run_cli):
+    code, _, err = run_cli("estimate", "--model", "demo-tiny", "--batch-size", "0")
+    assert code == 2 and err == "memplan: error: --batch-size 0: must be greater than 0\n"
+    code, _, err = run_cli("estimate", "--model", "demo-tiny", "--lora-rank", "0", "--lora-dropout", "1")
+    assert code == 2 and err.splitlines() == ["memplan: error: --lora-rank 0: must be greater than 0",
+                                             "memplan: error: --lora-dropout 1: must be less than 1"]
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("model: demo-tiny\nmicro_batch: 0\nmethod: qlorra\nlora:\n  rnak: 8\n")
+    code, _, err = run_cli("estimate", "--config", str(plan))
+    assert code == 2 and sorted(err.splitlines()) == sorted([
+        f"memplan: error: {plan}: micro_batch: must be greater than 0 (got 0)",
+        f"memplan: error: {plan}: method: must be 'full', 'lora' or 'qlora'; did you mean 'qlora'? (got 'qlorra')",
+        f"memplan: error: {plan}: unknown key 'lora.rnak'; did you mean 'rank'?; allowed keys under lora: rank, alpha, "
+        "dropout, targets"])
+    # a flag overrides the file's bad value; the file's other problems remain, named in the file
+    code, _, err = run_cli("estimate", "--config", str(plan), "--batch-size", "2", "--method", "lora", "--seq-len", "0")
+    assert code == 2 and "micro_batch" not in err and "method" not in err
+    assert "memplan: error: --seq-len 0: must be greater than 0" in err.splitlines()
+
+
+def test_unknown_model_lists_each_close_preset_once(run_cli):
+    code, _, err = run_cli("estimate", "--model", "Qwen/Qwen2.5-7B-Instruct")
+    assert code == 2 and err.count("\n") == 1
+    closest = err.split("Closest presets: ", 1)[1].split(" (run `memplan models`")[0]
+    ids = [name.split(" (")[0] for name in closest.split(", ")]
+    assert ids[0] == "qwen2.5-7b" and closest.startswith("qwen2.5-7b (Qwen/Qwen2.5-7B)")
+    assert len(ids) == len(set(ids)) == 5
+
+
+def _commands():
+    import click
+
+    from memplan.cli import main
+
+    ctx = click.Context(main)
+    return [(name, main.get_command(ctx, name)) for name in main.list_commands(ctx)]
+
+
+def _mistyped(choice: str) -> str:
+    return choice[:-1] + choice[-1] * 2  # "qlora" -> "qloraa"
+
+
+def test_usage_errors_are_one_line_on_every_command(run_cli):
+    import click
+
+    seen_choice = seen_number = 0
+    for name, command in _commands():
+        code, out, err = run_cli(name, "--help")
+        assert code == 0 and out.startswith(f"Usage: memplan {name}"), name
+        code, _, err = run_cli(name, "--no-such-flag")
+        assert code == 2 and err == (f"memplan: error: {name}: no such option --no-such-flag (see `memplan {name} "
+                                     "--help` for the options)\n"), err
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.is_flag or param.name == "help":
+                continue
+            flag = param.opts[0]
+            if isinstance(param.type, click.Choice):
+                seen_choice += 1
+                choices = [str(c) for c in param.type.choices]
+                code, _, err = run_cli(name, flag, _mistyped(choices[-1]))
+                assert code == 2 and err == (f"memplan: error: {flag}: '{_mistyped(choices[-1])}' is not one of "
+                                             f"{', '.join(choices)}; did you mean '{choices[-1]}'?\n"), err
+                code, _, err = run_cli(name, flag)
+                assert code == 2 and err == (f"memplan: error: {name}: option '{flag}' requires an argument: one of "
+                                             f"{', '.join(choices)}\n"), err
+            elif isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
+                seen_number += 1
+                code, _, err = run_cli(name, flag, "many")
+                kind = "integer" if isinstance(param.type, click.types.IntParamType) else "float"
+                assert code == 2 and err.count("\n") == 1, err
+                assert err.startswith(f"memplan: error: {flag}: 'many' is not a valid {kind}"), err
+    assert seen_choice >= 10 and seen_number >= 10
+
+
+def test_missing_argument_and_unknown_command(run_cli):
+    code, _, err = run_cli("train")
+    assert code == 2 and err == ("memplan: error: train: missing argument PLAN.yaml (usage: memplan train [OPTIONS] "
+                                 "PLAN.yaml)\n")
+    code, _, err = run_cli("estimat")
+    assert code == 2 and err == ("memplan: error: no such command 'estimat'; did you mean 'estimate'? (commands: "
+                                 "estimate, gpus, models, profile, recommend, train)\n")
+    code, _, err = run_cli("recommend", "--gpus", "2")
+    assert code == 2 and err == "memplan: error: recommend: missing option --model / -m (see `memplan recommend --help`)\n"
+    code, _, err = run_cli("--bogus")
+    assert code == 2 and err == "memplan: error: no such option --bogus (see `memplan --help` for the options)\n"
+    code, out, _ = run_cli("--help")
+    assert code == 0 and "Commands:" in out

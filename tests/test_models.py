@@ -360,7 +360,7 @@ def test_unknown_name_suggests_presets():
     with pytest.raises(UserError) as err:
         resolve_model("llama7b")
     message = str(err.value)
-    assert message.startswith("unknown model 'llama7b'. Closest presets: llama-7b")
+    assert message.startswith("unknown model 'llama7b'. Closest presets: llama-1-7b (llama-7b), llama-2-7b (llama2-7b)")
     assert "memplan models" in message
 
 

@@ -104,6 +104,39 @@ def test_weights_dir_is_loaded(run_cli, tiny, tmp_path):
     assert out["results"][0]["measured"]["after_load_bytes"] == random["results"][0]["measured"]["after_load_bytes"]
 
 
+@pytest.mark.parametrize("plan", [["--method", "lora", "--seq-len", "128"], ["--method", "lora", "--no-grad-ckpt"],
+                                  ["--batch-size", "2", "--seq-len", "256"], ["--precision", "fp32"]])
+def test_terms_are_measured_as_the_estimate_defines_them(run_cli, plan):
+    """At the loss, the output embedding's own saved inputs (autocast's weight copy, the cast hidden states) and
+    the labels are activations in both; logits_loss is the logits and what the loss computes from them."""
+    args = ["--model", "demo-tiny", *plan, "--backend", "trace", "--steps", "2"]
+    _, out = profile_json(run_cli, *args)
+    result = out["results"][0]
+    assert result["measured"]["peak_phase"] == "backward" and result["term_note"] is None
+    terms = result["term_error_pct"]
+    assert terms["logits_loss"] is not None and terms["activations"] is not None
+    assert all(abs(err) < 0.5 for err in terms.values()), terms
+    _, table, _ = run_cli("profile", *args)
+    rows = table.split("breakdown at the backward peak", 1)[1].split("\n\n", 1)[0].splitlines()[3:]
+    assert [r.split()[0] for r in rows] == ["weights", "optimizer_states", "activations", "logits_loss"]
+    assert all(abs(float(r.split()[-1])) < 0.5 for r in rows), rows
+
+
+def test_terms_of_peaks_at_different_points_are_not_compared(run_cli, tiny):
+    """LoRA on the tiny model: the backward peaks about as high in its last layer's backward (measured) as in its
+    first (estimated); half the adapters' gradients exist at one, all at the other."""
+    args = ["--model", tiny, *PLAN, "--method", "lora", "--backend", "trace", "--steps", "2"]
+    _, out = profile_json(run_cli, *args)
+    result = out["results"][0]
+    assert abs(result["phase_error_pct"]["backward"]) < 0.5
+    assert result["term_error_pct"] is None
+    assert "different points of the backward (gradients:" in result["term_note"]
+    _, table, _ = run_cli("profile", *args)
+    rows = table.split("breakdown at the backward peak", 1)[1].split("\n\n", 1)[0].splitlines()[3:]
+    assert all(r.split()[-1] == "-" for r in rows[:-1]), rows
+    assert "different points of the backward" in rows[-1]
+
+
 # ---------------------------------------------------------------- trace backend
 
 

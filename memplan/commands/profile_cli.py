@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli_options import PLAN_FLAGS, plan_options
+from memplan.cli_options import Choice, PLAN_FLAGS, plan_options
 
 
 @click.command("profile")
@@ -13,12 +13,13 @@ from memplan.cli_options import PLAN_FLAGS, plan_options
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="a plan YAML (the Plan's fields; `recommend -o` writes one). Flags override it.")
 @plan_options(PLAN_FLAGS)
-@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True,
-              help="optimizer steps to run; step 1 creates the optimizer states, steps 2.. are the steady state.")
-@click.option("--backend", type=click.Choice(["cuda", "cpu", "trace"]), default=None,
+@click.option("--steps", type=click.IntRange(min=1), default=3,
+              help="optimizer steps to run; step 1 creates the optimizer states, steps 2.. are the steady state "
+                   "[optimizer steps] (default: 3).")
+@click.option("--backend", type=Choice(["cuda", "cpu", "trace"]), default=None,
               help="cuda: real steps on the GPU (allocator peaks, reserved, NVML); cpu: real steps on CPU tensors "
                    "(live tensor bytes; small models); trace: fake tensors, exact tensor bytes at any size, nothing "
-                   "allocated. Default: cuda when torch sees a GPU, else trace (cpu for --device cpu plans).")
+                   "allocated (default: cuda when torch sees a GPU, else trace; cpu for --device cpu plans).")
 @click.option("--weights", "weights", type=click.Path(file_okay=False), default=None,
               help="load this local checkpoint directory instead of random weights (cpu/cuda; the trace never "
                    "reads weights). Memory does not depend on the values.")
@@ -26,9 +27,11 @@ from memplan.cli_options import PLAN_FLAGS, plan_options
               help="also find the largest micro-batch that really fits, each probe in its own process. cuda: no "
                    "out-of-memory (capped at --gpu-memory if given); cpu/trace: the measured peak plus the "
                    "estimate's allocator reserve and CUDA context against --gpu / --gpu-memory.")
-@click.option("--gpu", "gpu", default=None, help="GPU preset id (see `memplan gpus`), e.g. h100-80gb.")
+@click.option("--gpu", "gpu", default=None,
+              help="GPU preset id (see `memplan gpus`), e.g. h100-80gb: the memory the estimate and --find-max-batch "
+                   "check against (default: this machine's GPUs, found with NVML).")
 @click.option("--gpu-memory", "gpu_memory", default=None,
-              help="memory per GPU, e.g. 24GiB, 81559MiB, 80GB (decimal).")
+              help="memory per GPU, for a GPU without a preset, e.g. 24GiB, 81559MiB, 80GB (decimal).")
 @click.option("--json", "as_json", is_flag=True,
               help="print the estimate's JSON object with `measured` and `error_pct` in each result.")
 def profile(**kwargs) -> None:

@@ -4,47 +4,69 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli_options import HPARAM_FLAGS, plan_options
+from memplan.cli_options import Choice, HPARAM_FLAGS, plan_options
+from memplan.recommend import hparams as hp
+
+
+def _rate(x: float) -> str:
+    return f"{x:.0e}".replace("e-0", "e-")  # 2e-5
+
+
+#: recommend chooses the learning rate and the warmup itself (memplan.recommend.hparams); their help says how.
+HPARAM_HELP = {
+    "hparams.lr": "peak learning rate (default: chosen for the method, printed with the reason: "
+                  f"{_rate(hp.LR['full'])} for full fine-tuning, in the recommended range "
+                  f"{_rate(hp.LR_RANGE['full'][0])} to {_rate(hp.LR_RANGE['full'][1])}, or {_rate(hp.LR['lora'])} for "
+                  "LoRA/QLoRA as in the QLoRA paper; halved for --domain-shift high; times "
+                  f"{hp.REF_WIDTH}/d_model for the model's width).",
+    "hparams.warmup_ratio": "warmup as a fraction of the total optimizer steps (default: chosen from the step "
+                            f"count, printed with the reason: 2/(1-beta2) = {round(2 / (1 - hp.ADAM_BETA2)):,} steps "
+                            f"for Adam's beta2 {hp.ADAM_BETA2:g}, clamped to the recommended "
+                            f"{100 * hp.WARMUP_MIN:g}-{100 * hp.WARMUP_MAX:g} % of the total steps).",
+}
 
 
 @click.command()
 @click.option("--model", "-m", "model", required=True,
               help="preset id or alias (see `memplan models`), a config.json path, or a local HF model directory.")
 @click.option("--gpus", type=int, default=None,
-              help="GPUs per node (default: the local GPUs found, else 1). On a CPU plan: processes.")
-@click.option("--nodes", type=int, default=None, help="machines (default 1).")
-@click.option("--gpu", "gpu", default=None, help="GPU preset id (see `memplan gpus`), e.g. h100-80gb.")
+              help="GPUs per node; on a CPU plan, processes [GPUs] (default: the local GPUs found, else 1).")
+@click.option("--nodes", type=int, default=None, help="machines, each with --gpus GPUs [nodes] (default: 1).")
+@click.option("--gpu", "gpu", default=None,
+              help="GPU preset id (see `memplan gpus`), e.g. h100-80gb (default: the local GPUs, found with NVML, "
+                   "else this machine's CPU and RAM).")
 @click.option("--gpu-memory", "gpu_memory", default=None,
-              help="memory per GPU for a GPU without a preset, e.g. 24GiB, 81559MiB, 80GB (decimal). "
-                   "Without --gpu / --gpu-memory: the local GPUs (NVML), else this machine's CPU and RAM.")
+              help="memory per GPU, for a GPU without a preset, e.g. 24GiB, 81559MiB, 80GB (decimal).")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="training JSONL (alpaca, chat or text): examples are counted and token lengths measured "
                    "with the model's tokenizer when it has one on disk (else ~4 characters per token).")
 @click.option("--validation", type=click.Path(dir_okay=False), default=None,
-              help="validation JSONL (default: 5 % of --data is held out).")
+              help="validation JSONL (default: 5 % of --data, held out).")
 @click.option("--replay", type=click.Path(dir_okay=False), default=None,
               help="general-text JSONL mixed in against forgetting when the domain shift is high.")
 @click.option("--dataset-size", "dataset_size", type=int, default=None,
               help="training examples, when there is no --data file to count [examples].")
 @click.option("--seq-len", "seq_len", type=int, default=None,
-              help="tokens per sequence (default: p95 of --data rounded up to 64, else 2048) [tokens].")
-@click.option("--domain-shift", "domain_shift", type=click.Choice(["low", "high"]), default=None,
+              help="tokens per sequence [tokens] (default: p95 of --data rounded up to 64, else 2048).")
+@click.option("--domain-shift", "domain_shift", type=Choice(["low", "high"]), default=None,
               help="how far the task is from pre-training: high for medicine, law ... (default: low, printed "
                    "as an assumption).")
-@click.option("--method", type=click.Choice(["full", "lora", "qlora"]), default=None,
-              help="force the method and skip the decision tree.")
+@click.option("--method", type=Choice(["full", "lora", "qlora"]), default=None,
+              help="force the method (default: the decision tree chooses; --explain shows it).")
 @click.option("--effective-batch", "effective_batch", type=int, default=None,
-              help="sequences per optimizer step = micro-batch x accumulation x GPUs (default: 32, less for "
-                   "small sets) [sequences].")
+              help="sequences per optimizer step = micro-batch x accumulation x GPUs [sequences] (default: "
+                   f"{hp.DEFAULT_EFFECTIVE_BATCH}, or for small sets the largest power of two that still gives "
+                   f"{hp.MIN_STEPS_PER_EPOCH} optimizer steps per epoch).")
 @plan_options({"hparams.epochs": HPARAM_FLAGS["hparams.epochs"], "hparams.lr": HPARAM_FLAGS["hparams.lr"],
-               "hparams.warmup_ratio": HPARAM_FLAGS["hparams.warmup_ratio"]})
+               "hparams.warmup_ratio": HPARAM_FLAGS["hparams.warmup_ratio"]}, help=HPARAM_HELP)
 @click.option("--max-hours", "max_hours", type=float, default=None,
-              help="time budget: full FT counts as 'enough compute' only within it (default 72) [hours].")
-@click.option("--priority", type=click.Choice(["quality", "speed", "memory"]), default="quality", show_default=True,
+              help="time budget: full FT counts as 'enough compute' only within it [hours] (default: 72).")
+@click.option("--priority", type=Choice(["quality", "speed", "memory"]), default="quality",
               help="quality: no quality trade-offs (fp32 master weights, 32-bit Adam) unless needed to fit, then "
-                   "fastest; speed: fastest; memory: smallest.")
-@click.option("--headroom", type=float, default=0.10, show_default=True,
-              help="fraction of each device's memory kept free: a plan must fit (1 - headroom) x memory.")
+                   "fastest; speed: fastest; memory: smallest (default: quality).")
+@click.option("--headroom", type=float, default=0.10,
+              help="fraction of each device's memory kept free: a plan must fit (1 - headroom) x memory "
+                   "(default: 0.1).")
 @click.option("--host-memory", "host_memory", default=None,
               help="RAM per node for offloaded optimizer states and parameters, e.g. 512GiB (default: this "
                    "machine's for local GPUs, else 128 GiB per GPU).")
@@ -57,7 +79,7 @@ from memplan.cli_options import HPARAM_FLAGS, plan_options
 def recommend(**kwargs) -> None:
     """Recommend a fine-tuning method and the fastest plan that fits, and write ready-to-run configs.
 
-    The seed's decision tree picks full FT, LoRA or QLoRA (--explain shows it); a search over precision,
+    The decision tree picks full FT, LoRA or QLoRA (--explain shows it); a search over precision,
     optimizer, sharding / ZeRO / offload, checkpointing, attention, loss and micro-batch scores every plan
     with the estimator and a time model. Memory in GiB (2^30 bytes) per GPU; times in hours.
     Exit codes: 0 a plan, 1 no plan fits (what would fit is printed), 2 bad input.
