@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import UserError
-from memplan.hf_setup import enable_checkpointing, lora_config, nf4_config
+from memplan.hf_setup import enable_checkpointing, keep_4bit_layers_differentiable, lora_config, nf4_config
 from memplan.plan import Plan
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
@@ -174,7 +174,9 @@ def load_model(plan: Plan, path: Path, device: Any, trust_remote_code: bool):
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, ImportError) as err:
         raise UserError(f"model {path}: cannot load it for training ({str(err).splitlines()[0]})") from None
-    if plan.method != "qlora":
+    if plan.method == "qlora":
+        keep_4bit_layers_differentiable(model)
+    else:
         model.to(device)
     model.config.use_cache = False  # training builds no KV cache
     if plan.grad_ckpt:
