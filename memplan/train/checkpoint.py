@@ -28,16 +28,9 @@ import torch
 
 from memplan.errors import UserError
 from memplan.master_weights import MasterWeightsOptimizer, load_local_state_dict, local_state_dict, unwrap
+from memplan.train.settings import CHECKPOINT_PREFIX, list_checkpoints
 
-PREFIX = "checkpoint-"
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+PREFIX = CHECKPOINT_PREFIX
 
 
 def _rng_state() -> dict[str, Any]:

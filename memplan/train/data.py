@@ -324,29 +324,59 @@ class RunData:
         return sum(len(e.input_ids) for e in self.train)
 
 
-def read_run_records(plan) -> tuple[list[Record], list[Record], list[Record], list[Record]]:
-    """Training, validation, replay and retention records of the plan, every line checked."""
+@dataclass
+class RunRecords:
+    """The plan's records, every line checked: training (after the validation split and data.samples),
+    validation, replay and retention."""
+
+    train: list[Record]
+    validation: list[Record]
+    replay: list[Record]
+    retention: list[Record]
+
+
+def read_run_records(plan) -> tuple[Optional[RunRecords], list[str]]:
+    """Every data file of the plan, each read to the end; returns the records (None when a file has a
+    problem) and one line per problem: a file's first bad line, a missing file, a missing setting."""
     d = plan.data
+    problems: list[str] = []
+
+    def read(path: Optional[str], fmt: str) -> list[Record]:
+        if not path:
+            return []
+        try:
+            return read_jsonl(path, fmt)
+        except UserError as err:
+            problems.append(str(err))
+            return []
+
     if not d.train:
-        raise UserError("the plan has no training data: set data.train to a JSONL file (--set train=PATH)")
-    records = read_jsonl(d.train, d.format)
+        problems.append("the plan has no training data: set data.train to a JSONL file (--set train=PATH)")
+    records = read(d.train, d.format)
     if d.validation:
-        val_records = read_jsonl(d.validation, d.format)
+        val_records = read(d.validation, d.format)
     else:
         records, val_records = split_validation(records, d.val_ratio, plan.hparams.seed)
     if d.samples is not None:
         records = records[: d.samples]
-    replay_records = read_jsonl(d.replay, "auto") if d.replay else []
-    if d.replay_ratio > 0 and not replay_records:
-        raise UserError("data.replay_ratio > 0 needs data.replay (a general-text JSONL)")
-    retention_records = read_jsonl(d.retention, "auto") if d.retention else []
-    return records, val_records, replay_records, retention_records
+    replay_records = read(d.replay, "auto")
+    if d.replay_ratio > 0 and not d.replay:
+        problems.append("data.replay_ratio > 0 needs data.replay (a general-text JSONL)")
+    retention_records = read(d.retention, "auto")
+    if problems:
+        return None, problems
+    return RunRecords(records, val_records, replay_records, retention_records), []
 
 
-def load_run_data(plan, tokenizer) -> RunData:
-    """Read, check and tokenize every data file of the plan before any training starts."""
+def load_run_data(plan, tokenizer, records: Optional[RunRecords] = None) -> RunData:
+    """Tokenize the plan's records (read and checked here when not given) before any training starts."""
     d = plan.data
-    records, val_records, replay_records, retention_records = read_run_records(plan)
+    if records is None:
+        records, problems = read_run_records(plan)
+        if problems:
+            raise UserError(problems[0])
+    records, val_records, replay_records, retention_records = \
+        records.train, records.validation, records.replay, records.retention
     train, dropped = tokenize_all(records, tokenizer, plan.seq_len)
     if not train:
         raise UserError(f"{d.train}: no example keeps a response token within seq_len {plan.seq_len}. "

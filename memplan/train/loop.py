@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -87,15 +86,13 @@ def warmup_steps(plan, total: int) -> int:
 
 def _shard_fsdp(model, plan, world: int) -> None:
     """FSDP2 (`fully_shard`) of every decoder layer, then the root. Used on the CPU, where accelerate
-    runs only DDP; on CUDA accelerate applies FSDP from the launch config."""
+    runs only DDP; on CUDA accelerate applies FSDP from the launch config. ZeRO stage 2 or 3
+    (memplan.train.preflight refuses the others)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from memplan.train.evaluate import _hf_model
 
-    if plan.zero not in (2, 3):
-        raise UserError("FSDP on the CPU shards with ZeRO stage 2 (SHARD_GRAD_OP) or 3 (FULL_SHARD); "
-                        "stage 0 replicates everything, which is DDP. Hint: --set zero=3 or --set sharding=ddp")
     mesh = init_device_mesh("cpu", (world,))
     reshard = plan.zero == 3
     for layer in _hf_model(model).get_decoder().layers:
@@ -115,10 +112,17 @@ def _all_sum(accelerator, value):
 
 
 def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool = False,
-          echo: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Run the plan; returns the summary (also written to OUTPUT_DIR/summary.json)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the network
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+          echo: Callable[[str], None] = print, progress: bool = True, checked=None) -> dict:
+    """Run the plan; returns the summary (also written to OUTPUT_DIR/summary.json). `checked` is what
+    memplan.train.preflight found; without it the same checks run here first."""
+    from memplan.train import preflight
+
+    # ---- set up: everything that can be wrong with the input fails here, before torch is imported
+    if checked is None:
+        checked = preflight.require(resolved, resume, trust_remote_code)
+    from memplan.hf_setup import offline_and_quiet
+
+    offline_and_quiet()  # never the network; no lines about optional kernels
     import torch
     from tqdm import tqdm
     from transformers import get_scheduler
@@ -135,17 +139,12 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     from memplan.train import evaluate as ev
     from memplan.train import metrics as mx
     from memplan.train.memory import PeakMemory
-    from memplan.train.model import (check_remote_code, check_runtime, load_model, load_tokenizer, model_dir,
-                                     parameter_counts)
+    from memplan.train.model import load_model, load_tokenizer, parameter_counts
 
     plan = resolved.plan
     out = resolved.output_dir
     h = plan.hparams
-
-    # ---- set up: everything that can be wrong with the input fails here, before any weight is loaded
-    check_runtime(plan)
-    base_dir = model_dir(plan.model)
-    check_remote_code(base_dir, trust_remote_code)
+    base_dir = checked.model_dir
     accelerator = _accelerator(plan)
     ds = plan.sharding == "deepspeed"
     if ds:
@@ -155,14 +154,9 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
         raise UserError(f"the plan has {plan.world_size} process(es) (gpus x nodes) but {world} were started")
     say = echo if main else (lambda _msg: None)
     ckpt_root = out / "checkpoints"
-    existing = ckpt.list_checkpoints(ckpt_root)
-    if existing and not resume:
-        raise UserError(f"{out} already holds checkpoints of a run. Hint: --resume to continue it, or "
-                        "--set output_dir=NEW_DIR for a new run")
-    if resume and not existing:
-        raise UserError(f"--resume: no checkpoint in {ckpt_root}")
+    existing = ckpt.list_checkpoints(ckpt_root)  # checked: some when resuming, else none
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
-    run_data = data_mod.load_run_data(plan, tokenizer)
+    run_data = data_mod.load_run_data(plan, tokenizer, checked.records)
     stream = data_mod.Stream(run_data.train, plan.micro_batch, world, rank, h.seed)
     steps = total_steps(plan, stream.per_epoch)
 
