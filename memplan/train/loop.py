@@ -184,8 +184,11 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     pad_id = tokenizer.pad_token_id
     eval_batch = max(1, plan.micro_batch)
 
+    # The trainer's state, saved in every checkpoint: with the window of steps not yet logged, so that a
+    # resumed run logs the same mean losses as an uninterrupted one.
     trainer: dict[str, Any] = {"step": 0, "best_loss": None, "best_step": None, "bad_evals": 0,
-                               "tokens": 0, "train_seconds": 0.0, "retention_before": None}
+                               "tokens": 0, "train_seconds": 0.0, "retention_before": None,
+                               "window": _empty_window()}
     if resume:
         trainer.update(ckpt.load_checkpoint(existing[-1], model, optimizer, scheduler, accelerator, sharded,
                                             deepspeed=ds))
@@ -230,7 +233,6 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
         # FSDP's are DTensors: their storage is this process's shard.
         meter.mode.register([p.to_local() if hasattr(p, "to_local") else p
                              for g in optimizer.param_groups for p in g["params"]])
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
     bar = tqdm(total=steps, initial=trainer["step"], disable=not progress or not main, unit="step",
                dynamic_ncols=True)
     stopped_early = False
@@ -278,6 +280,7 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
         seconds = time.perf_counter() - t0
         trainer["tokens"] += tokens
         trainer["train_seconds"] += seconds
+        window = trainer["window"]
         window["loss"] += loss
         window["steps"] += 1
         window["tokens"] += tokens
@@ -294,7 +297,7 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
                 log.write(rec)
             bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {lr:.2e} {rec['tokens_per_s']:.0f} tok/s"
                                 + (f" mem {meter.peak_bytes / 2**20:.0f}MiB" if meter.peak_bytes else ""))
-            window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+            trainer["window"] = _empty_window()
         bar.update(1)
 
         improved = False
@@ -339,6 +342,11 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _empty_window() -> dict:
+    """The steps since the last metrics line: their summed mean losses, count, tokens and seconds."""
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
 
 
 def _memory_line(mem: dict) -> str:
