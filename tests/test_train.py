@@ -185,3 +185,20 @@ def test_chunked_loss_and_packing(tmp_path, tiny, run_cli):
         runs[name] = [r["loss"] for r in metrics(plan.parent) if "loss" in r]
     assert runs["chunked"] == pytest.approx(runs["standard"], rel=1e-5)
     assert len(runs["packed"]) == 3 and runs["packed"] != pytest.approx(runs["standard"], rel=1e-3)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_status_lines_are_not_glued_onto_the_progress_bar(tmp_path, tiny):
+    from click.testing import CliRunner
+
+    from memplan.cli import main
+
+    plan = run_dir(tmp_path, tiny, hparams={"max_steps": 3, "eval_every": 3, "eval_samples": 0})
+    result = CliRunner().invoke(main, ["train", str(plan)])
+    assert result.exit_code == 0, result.output
+    text = result.output  # stdout and stderr interleaved, as a terminal shows them
+    assert "3/3 [" in text  # the bar was drawn
+    for status in ("memory: measured peak", "step 3: validation loss"):
+        i = text.index(status)
+        assert text[i - 1] in "\r\n", repr(text[i - 100:i + 20])
+

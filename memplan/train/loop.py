@@ -152,7 +152,13 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if world != plan.world_size:
         raise UserError(f"the plan has {plan.world_size} process(es) (gpus x nodes) but {world} were started")
-    say = echo if main else (lambda _msg: None)
+
+    def say(msg: str) -> None:
+        """A status line; while the progress bar is drawn, above it rather than glued onto it."""
+        if main:
+            with tqdm.external_write_mode():
+                echo(msg)
+
     ckpt_root = out / "checkpoints"
     existing = ckpt.list_checkpoints(ckpt_root)  # checked: some when resuming, else none
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
