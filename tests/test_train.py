@@ -202,3 +202,26 @@ def test_status_lines_are_not_glued_onto_the_progress_bar(tmp_path, tiny):
         i = text.index(status)
         assert text[i - 1] in "\r\n", repr(text[i - 100:i + 20])
 
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_tiny_data_set_warns_and_does_not_stop_on_a_few_validation_examples(tmp_path, tiny, run_cli):
+    from memplan.train.data import held_out_count
+
+    # ceil(5 %), raised to 20 where 20 % of the data allows it
+    assert [held_out_count(n, 0.05) for n in (1, 4, 20, 40, 100, 1000)] == [0, 1, 4, 8, 20, 50]
+    plan = run_dir(tmp_path, tiny, micro_batch=1, grad_accum=1, data={"validation": None},
+                   hparams={"lr": 3e-2, "lr_scheduler": "constant", "warmup_steps": 0, "max_steps": 8,
+                            "eval_every": 1, "early_stopping_patience": 1, "eval_samples": 0})
+    # (with one held-out example, as before, this run stopped at step 4 and kept step 3's weights)
+    train = plan.parent / "train.jsonl"
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:20]))
+    code, out, _ = run_cli("train", str(plan), "--dry-run")
+    assert code == 0 and "warning: 4 validation example(s), fewer than 20" in out
+    code, out, err = run_cli("train", str(plan))
+    assert code == 0, err
+    assert "warning: effective batch 1: each optimizer step follows fewer than 4 examples" in out
+    assert "Hint: --set grad_accum=4 (effective batch 4)" in out
+    assert "warning: 4 validation example(s), fewer than 20: their loss is logged, but early stopping" in out
+    summary = json.loads((plan.parent / "summary.json").read_text())
+    assert not summary["stopped_early"] and summary["steps"] == summary["final_weights_step"] == 8
+    assert len([r for r in metrics(plan.parent) if "eval_loss" in r]) == 9  # still evaluated, steps 0-8

@@ -24,7 +24,7 @@ def _estimate_for(resolved: Resolved):
     return spec, estimate(spec, plan, capacity)
 
 
-def dry_run(resolved: Resolved, as_json: bool, problems: list[str]) -> list[str]:
+def dry_run(resolved: Resolved, as_json: bool, problems: list[str], warnings: list[str]) -> list[str]:
     """The resolved plan, its estimate, and what the checks found; returns the problems (with the
     estimate's own, when there is no estimate for the model)."""
     from memplan import report
@@ -40,7 +40,7 @@ def dry_run(resolved: Resolved, as_json: bool, problems: list[str]) -> list[str]
                                "output_dir": str(resolved.output_dir),
                                "estimate": report.estimate_json(spec.name, spec.params_total, [result])
                                if result else None,
-                               "runs_here": not problems, "problems": problems}, indent=2))
+                               "runs_here": not problems, "problems": problems, "warnings": warnings}, indent=2))
         return problems
     click.echo(f"# resolved plan ({resolved.plan_path}" + (f" with --set {', '.join(resolved.overrides)}"
                                                           if resolved.overrides else "") + ")")
@@ -57,6 +57,8 @@ def dry_run(resolved: Resolved, as_json: bool, problems: list[str]) -> list[str]
                        f"{report.gib(need)} GiB ({100 * need / ram:.1f} %)")
         else:
             click.echo(report.verdict(result))
+    for line in warnings:
+        click.echo(f"warning: {line}")
     if problems:
         click.echo(f"cannot run here: {len(problems)} problem(s), listed on stderr")
     return problems
@@ -118,7 +120,10 @@ def run(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_json:
     resolved = resolve_plan(plan_file, sets)
     checked, problems = preflight.check(resolved, resume, trust_remote_code)
     if dry:
-        problems = dry_run(resolved, as_json, problems)
+        records = checked.records
+        warnings = preflight.small_data_warnings(resolved.plan, len(records.train), len(records.validation)) \
+            if records else []
+        problems = dry_run(resolved, as_json, problems, warnings)
         return _report(problems) if problems else None
     if problems:
         return _report(problems)

@@ -206,13 +206,35 @@ def pack(examples: list[Example], seq_len: int) -> list[Example]:
 # ---------------------------------------------------------------- splits and mixing
 
 
+#: The held-out split when there is no validation file: ceil(val_ratio x n) examples, raised to
+#: MIN_HELD_OUT where that keeps at least 1 - MAX_HELD_OUT_SHARE of the data for training (a 5 % split
+#: alone reaches 20 examples only from 381; it held out 1 of 20, and early stopping acted on that one).
+MIN_HELD_OUT = 20
+MAX_HELD_OUT_SHARE = 0.2
+#: Early stopping, and keeping the best evaluation's weights, need this many validation examples; with
+#: fewer the validation loss is logged only and the last step's weights are kept. Measured by
+#: benchmarks/early_stopping_validation_size.py (demo-tiny overfitting 32 and 64 examples, early stopping
+#: replayed on random validation subsets): the weights kept on 20 examples were more than 10 % worse than
+#: those kept on all 200 in 14-15 % of subsets, and no worse than the last step's in 85-98 %; on one example
+#: 62-64 % and 38-80 %, on ten 30-31 % and 69-94 %.
+MIN_EARLY_STOPPING_EXAMPLES = 20
+
+
+def held_out_count(n: int, ratio: float) -> int:
+    """Records the validation split holds out of n (0 without a ratio or with fewer than 2 records)."""
+    if ratio <= 0 or n < 2:
+        return 0
+    wanted = max(math.ceil(ratio * n), min(MIN_HELD_OUT, math.floor(MAX_HELD_OUT_SHARE * n)))
+    return min(n - 1, wanted)
+
+
 def split_validation(records: list[Record], ratio: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Hold out ceil(ratio * n) records (at least 1 when ratio > 0), chosen by the seed."""
-    if ratio <= 0 or len(records) < 2:
+    """Hold out held_out_count(n, ratio) records, chosen by the seed."""
+    n_val = held_out_count(len(records), ratio)
+    if n_val == 0:
         return records, []
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    n_val = min(len(records) - 1, max(1, math.ceil(ratio * len(records))))
     held = set(order[:n_val])
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 

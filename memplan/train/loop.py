@@ -208,6 +208,12 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     if run_data.dropped:
         say(f"note: {run_data.dropped} training examples were dropped: their response starts after "
             f"seq_len {plan.seq_len} tokens")
+    for line in preflight.small_data_warnings(plan, len(run_data.train), len(run_data.validation)):
+        say(f"warning: {line}")
+    # The validation loss stops the run early and chooses the final weights only when it is measured on
+    # enough examples (memplan.train.data.MIN_EARLY_STOPPING_EXAMPLES); below that it is only logged.
+    selects = len(run_data.validation) >= data_mod.MIN_EARLY_STOPPING_EXAMPLES
+    patience = h.early_stopping_patience if selects else 0
 
     def evaluate(step: int) -> Optional[dict]:
         if not run_data.validation:
@@ -313,24 +319,23 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
                 say(_eval_line(rec))
                 if trainer["best_loss"] is None or rec["eval_loss"] < trainer["best_loss"]:
                     trainer.update(best_loss=rec["eval_loss"], best_step=step, bad_evals=0)
-                    improved = True
+                    improved = selects
                 else:
                     trainer["bad_evals"] += 1
-                stopped_early = bool(h.early_stopping_patience) and trainer["bad_evals"] >= h.early_stopping_patience
+                stopped_early = bool(patience) and trainer["bad_evals"] >= patience
         save_every = h.save_every or h.eval_every
         if step % save_every == 0 or improved or step == steps or stopped_early:
             ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, trainer, accelerator, sharded,
-                                 h.save_total_limit, trainer["best_step"], deepspeed=ds)
+                                 h.save_total_limit, trainer["best_step"] if selects else None, deepspeed=ds)
         if stopped_early:
-            say(f"early stopping at step {step}: no better validation loss in {h.early_stopping_patience} "
-                "evaluations")
+            say(f"early stopping at step {step}: no better validation loss in {patience} evaluations")
             break
     bar.close()
     meter.stop()
 
     # ---- after: best weights, final model, retention, summary
     final_step = trainer["step"]
-    if trainer["best_step"] is not None and trainer["best_step"] != final_step:
+    if selects and trainer["best_step"] is not None and trainer["best_step"] != final_step:
         ckpt.load_weights_only(ckpt_root / f"{ckpt.PREFIX}{trainer['best_step']:06d}", model, accelerator,
                                sharded, deepspeed=ds)
         final_step = trainer["best_step"]

@@ -283,6 +283,29 @@ def _batch_lines(plan: Plan, records) -> list[str]:
             f"{plan.world_size} process(es). Hint: add data or lower micro_batch"]
 
 
+def small_data_warnings(plan: Plan, n_train: int, n_validation: int) -> list[str]:
+    """What the data's size costs the run (it still runs): steps that follow one or two examples; a
+    validation set too small for its loss to stop the run or choose the weights."""
+    from memplan.recommend.hparams import MIN_EFFECTIVE_BATCH
+    from memplan.train.data import MIN_EARLY_STOPPING_EXAMPLES
+
+    out = []
+    batch = plan.effective_batch
+    if batch < MIN_EFFECTIVE_BATCH <= n_train:
+        per = plan.micro_batch * plan.world_size
+        accum = -(-MIN_EFFECTIVE_BATCH // per)
+        also = " (ds_config.json must say the same)" if plan.sharding == "deepspeed" else ""
+        out.append(f"effective batch {batch}: each optimizer step follows fewer than {MIN_EFFECTIVE_BATCH} examples, "
+                   f"so single examples steer it. Hint: --set grad_accum={accum} (effective batch {accum * per}){also}")
+    if 0 < n_validation < MIN_EARLY_STOPPING_EXAMPLES:
+        off = "early stopping and the choice of the best checkpoint are" if plan.hparams.early_stopping_patience \
+            else "the choice of the best checkpoint is"
+        out.append(f"{n_validation} validation example(s), fewer than {MIN_EARLY_STOPPING_EXAMPLES}: their loss is "
+                   f"logged, but {off} off (too noisy to act on) and the last step's weights are kept. Hint: "
+                   f"--set validation=FILE with {MIN_EARLY_STOPPING_EXAMPLES} or more examples")
+    return out
+
+
 def check(resolved: Resolved, resume: bool, trust_remote_code: bool,
           machine: Optional[Machine] = None) -> tuple[Checked, list[str]]:
     """What the run uses, and every problem that stops the plan here, one line each."""
