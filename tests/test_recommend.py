@@ -202,7 +202,7 @@ def test_data_token_counting_with_the_models_tokenizer(run_cli, tiny_model, no_l
     # 10..200 words, one token each; nearest-rank p95 of 20 values = the 19th = 190; p50 = the 10th = 100
     assert (d["tokens_p50"], d["tokens_p95"], d["tokens_max"]) == (100, 190, 200)
     assert out["plan"]["seq_len"] == 192  # p95 rounded up to 64
-    assert out["samples"] == 20 - math.ceil(20 * 0.05)  # the validation split is held out
+    assert out["samples"] == 20 - 4  # the validation split is held out: 20 % of a set this small
     assert any("longer than 192 tokens" in w for w in out["warnings"])
 
 
@@ -285,7 +285,7 @@ def test_hparams_from_the_seed():
     assert hp.warmup_steps(100_000) == 3000  # clamped up to 3 %
     assert hp.warmup_steps(40_000) == 2000
     assert hp.default_effective_batch(950) == 32 and hp.default_effective_batch(500) == 16
-    assert hp.default_effective_batch(10) == 1
+    assert hp.default_effective_batch(200) == 8 and hp.default_effective_batch(100) == 4
     full = hp.choose("full", "low", 1000, 3)
     assert full.lr == 2e-5 and 1e-5 <= full.lr <= 5e-5
     assert hp.choose("lora", "high", 1000, 3).lr < hp.choose("lora", "low", 1000, 3).lr
@@ -329,3 +329,31 @@ def test_time_counts_padded_tokens_from_the_data():
     spec = resolve_model("llama-2-7b")
     plan = build_plan(dict(method="full", seq_len=64))
     assert throughput.train_flops_per_token(spec, plan, 32) < throughput.train_flops_per_token(spec, plan)
+
+
+def test_small_sets_get_a_batch_of_four_and_no_early_stopping_on_a_few_examples(run_cli, tmp_path):
+    # 20 examples once got an effective batch of 1 and a 1-example validation split that early stopping acted on
+    assert [hp.default_effective_batch(n) for n in (10, 20, 3, 1)] == [4, 4, 2, 1]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(20)))
+    out = recommend_json(run_cli, "--model", "llama-3.2-1b", "--gpu", "h100", "--data", str(data))
+    plan = out["plan"]
+    assert out["samples"] == 16  # 4 held out for validation
+    assert plan["micro_batch"] * plan["grad_accum"] * plan["gpus"] == 4
+    assert plan["hparams"]["early_stopping_patience"] == 0
+    warnings = " ".join(out["warnings"])
+    assert "only 16 training examples: an effective batch of 4 gives 4 optimizer step(s) per epoch" in warnings
+    assert "4 validation example(s), fewer than 20" in warnings and "early stopping is off" in warnings
+    assert "single examples steer it" not in warnings
+    # with a validation file of 20 or more, early stopping stays
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"instruction": f"v{i}", "output": f"w{i}"}) + "\n"
+                           for i in range(20)))
+    out = recommend_json(run_cli, "--model", "llama-3.2-1b", "--gpu", "h100", "--data", str(data),
+                         "--validation", str(val))
+    assert out["samples"] == 20 and out["plan"]["hparams"]["early_stopping_patience"] == 3
+    assert not any("validation example" in w for w in out["warnings"])
+    # a batch given below 4 is warned about
+    out = recommend_json(run_cli, "--model", "llama-3.2-1b", "--gpu", "h100", "--data", str(data),
+                         "--effective-batch", "1")
+    assert any(w.startswith("effective batch 1: each optimizer step follows fewer than 4") for w in out["warnings"])

@@ -197,7 +197,7 @@ def test_data_paths_are_relative_to_the_output_dir(run_cli, tmp_path):
     plan = read_plan_yaml(out / "plan.yaml")
     assert plan["data"]["train"] == "../../data/train.jsonl"
     assert (out / plan["data"]["train"]).resolve() == data.resolve()
-    assert rec["plan"]["data"]["samples"] == 38
+    assert rec["plan"]["data"]["samples"] == 32  # 8 of the 40 held out for validation
 
 
 def test_existing_output_dir_keeps_other_files_and_gets_replaced_files(run_cli, tmp_path):

@@ -185,3 +185,43 @@ def test_chunked_loss_and_packing(tmp_path, tiny, run_cli):
         runs[name] = [r["loss"] for r in metrics(plan.parent) if "loss" in r]
     assert runs["chunked"] == pytest.approx(runs["standard"], rel=1e-5)
     assert len(runs["packed"]) == 3 and runs["packed"] != pytest.approx(runs["standard"], rel=1e-3)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_status_lines_are_not_glued_onto_the_progress_bar(tmp_path, tiny):
+    from click.testing import CliRunner
+
+    from memplan.cli import main
+
+    plan = run_dir(tmp_path, tiny, hparams={"max_steps": 3, "eval_every": 3, "eval_samples": 0})
+    result = CliRunner().invoke(main, ["train", str(plan)])
+    assert result.exit_code == 0, result.output
+    text = result.output  # stdout and stderr interleaved, as a terminal shows them
+    assert "3/3 [" in text  # the bar was drawn
+    for status in ("memory: measured peak", "step 3: validation loss"):
+        i = text.index(status)
+        assert text[i - 1] in "\r\n", repr(text[i - 100:i + 20])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_tiny_data_set_warns_and_does_not_stop_on_a_few_validation_examples(tmp_path, tiny, run_cli):
+    from memplan.train.data import held_out_count
+
+    # ceil(5 %), raised to 20 where 20 % of the data allows it
+    assert [held_out_count(n, 0.05) for n in (1, 4, 20, 40, 100, 1000)] == [0, 1, 4, 8, 20, 50]
+    plan = run_dir(tmp_path, tiny, micro_batch=1, grad_accum=1, data={"validation": None},
+                   hparams={"lr": 3e-2, "lr_scheduler": "constant", "warmup_steps": 0, "max_steps": 8,
+                            "eval_every": 1, "early_stopping_patience": 1, "eval_samples": 0})
+    # (with one held-out example, as before, this run stopped at step 4 and kept step 3's weights)
+    train = plan.parent / "train.jsonl"
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:20]))
+    code, out, _ = run_cli("train", str(plan), "--dry-run")
+    assert code == 0 and "warning: 4 validation example(s), fewer than 20" in out
+    code, out, err = run_cli("train", str(plan))
+    assert code == 0, err
+    assert "warning: effective batch 1: each optimizer step follows fewer than 4 examples" in out
+    assert "Hint: --set grad_accum=4 (effective batch 4)" in out
+    assert "warning: 4 validation example(s), fewer than 20: their loss is logged, but early stopping" in out
+    summary = json.loads((plan.parent / "summary.json").read_text())
+    assert not summary["stopped_early"] and summary["steps"] == summary["final_weights_step"] == 8
+    assert len([r for r in metrics(plan.parent) if "eval_loss" in r]) == 9  # still evaluated, steps 0-8

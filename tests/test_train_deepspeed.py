@@ -31,9 +31,10 @@ def _with_launch_files(plan_path, **extra_sets):
 
 
 def test_without_deepspeed_one_line_names_the_install(tmp_path, tiny, run_cli, monkeypatch):
-    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # find_spec("deepspeed") -> None: not installed
     for gpus in (1, 2):
         plan = run_dir(tmp_path / str(gpus), tiny, gpus=gpus, **DS)
+        _with_launch_files(plan)
         code, out, err = run_cli("train", str(plan))
         assert code == 2, err
         assert err.count("\n") == 1 and "pip install deepspeed" in err
@@ -41,8 +42,16 @@ def test_without_deepspeed_one_line_names_the_install(tmp_path, tiny, run_cli, m
 
 def test_zero_stage_0_is_refused(tmp_path, tiny, run_cli):
     plan = run_dir(tmp_path, tiny, sharding="deepspeed", zero=0, precision="bf16-master")
+    code, out, err = run_cli("train", str(plan))  # also: no launch files (and DeepSpeed, where not installed)
+    lines = err.splitlines()
+    assert code == 2 and all(line.startswith("memplan: error: ") for line in lines)
+    zero = [line for line in lines if "ZeRO stages 1-3" in line]
+    assert len(zero) == 1 and "Hint: --set zero=1" in zero[0]
+    # with the launch files for stage 0, zero=1 would meet ds_config.json's stage 0: not offered
+    _with_launch_files(plan)
     code, out, err = run_cli("train", str(plan))
-    assert code == 2 and err.count("\n") == 1 and "ZeRO stages 1-3" in err and "Hint: --set zero=1" in err
+    zero = [line for line in err.splitlines() if "ZeRO stages 1-3" in line]
+    assert code == 2 and len(zero) == 1 and "--set zero=1" not in zero[0] and "--set sharding=ddp" in zero[0]
 
 
 def test_the_launch_is_accelerate_with_the_plans_config(tmp_path, tiny, monkeypatch):

@@ -49,3 +49,72 @@ def test_qlora_on_the_cpu_refuses_layers_too_narrow_for_4bit_packing(tmp_path, t
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert "multiple of 64" in lines[0] and "k_proj 32->16" in lines[0] and "--method lora" in lines[0]
+
+
+def _has_avx512bf16() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+@pytest.mark.skipif(not _has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
+@pytest.mark.usefixtures("one_thread")
+def test_an_evaluation_leaves_the_gradient_through_4bit_layers_intact(tmp_path):
+    """bitsandbytes repacks a 4-bit layer's weight at its first eval-mode forward on such CPUs; later forwards
+    then run gemv_4bit, which has no autograd formula (torch warns; the gradient through the base is lost).
+    LoRA gradients after an evaluation must equal those without one, with no such warning."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memplan.plan import build_plan
+    from memplan.train.model import load_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "llama"  # layer widths bitsandbytes' CPU repacking accepts (multiples of its 64-block)
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(path)
+    plan = build_plan(dict(model=str(path), method="qlora", precision="bf16", device="cpu", grad_ckpt=False,
+                           lora={"rank": 4, "dropout": 0.0}))
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+
+    def lora_grads(evaluate_first: bool):
+        torch.manual_seed(0)  # LoRA's A is drawn at random
+        model = load_model(plan, path, "cpu", False)
+        with torch.no_grad():  # B starts at zero; non-zero, the gradients depend on what flows through the base
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.linspace(-0.1, 0.1, p.numel()).reshape(p.shape))
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(ids)
+            model.train()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(input_ids=ids, labels=ids).loss.backward()
+        assert not [w for w in caught if "gemv_4bit" in str(w.message)]
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, evaluated = lora_grads(False), lora_grads(True)
+    assert plain.keys() == evaluated.keys()
+    for name in plain:
+        assert torch.equal(plain[name], evaluated[name]), name
+
+
+def test_bitsandbytes_is_imported_offline_and_quietly(tmp_path):
+    """memplan's HF set-up (memplan.hf_setup, imported by train and profile): importing bitsandbytes looks up
+    no host (it asks huggingface.co for an optional CPU kernel otherwise) and prints nothing."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import socket\nlooked_up = []\n"
+            "def refuse(host, *a, **k):\n    looked_up.append(host)\n    raise OSError('no network in this test')\n"
+            "socket.getaddrinfo = refuse\n"
+            "import memplan.hf_setup\nimport bitsandbytes\nimport peft\nprint('looked up:', sorted(set(looked_up)))")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "looked up: []"
+    assert "kernels-community" not in done.stderr and "gemm_4bit" not in done.stderr, done.stderr

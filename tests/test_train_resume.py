@@ -1,6 +1,7 @@
 """A run killed mid-way (SIGKILL) and resumed with --resume logs the same losses as an uninterrupted run."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,30 +23,54 @@ def _losses(run):
     return {(r["step"], k): r[k] for r in metrics(run) for k in ("loss", "eval_loss", "lr") if k in r}
 
 
-def test_killed_run_resumes_with_identical_losses(tmp_path, tiny):
-    straight = run_dir(tmp_path / "a", tiny, **SETTINGS)
-    done = subprocess.run(_memplan("train", str(straight), "--quiet"), capture_output=True, text=True,
+def _train(plan, *args: str) -> None:
+    done = subprocess.run(_memplan("train", str(plan), "--quiet", *args), capture_output=True, text=True,
                           env=SUBPROCESS_ENV)
     assert done.returncode == 0, done.stderr
 
-    killed = run_dir(tmp_path / "b", tiny, **SETTINGS)
-    ckpts = killed.parent / "checkpoints"
-    proc = subprocess.Popen(_memplan("train", str(killed), "--quiet"), stdout=subprocess.DEVNULL,
+
+def _kill_after_checkpoint(plan, step: int) -> None:
+    """Start the run and SIGKILL it as soon as its checkpoint of `step` exists."""
+    ckpt = plan.parent / "checkpoints" / f"checkpoint-{step:06d}"
+    proc = subprocess.Popen(_memplan("train", str(plan), "--quiet"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
-    while proc.poll() is None and not (ckpts / "checkpoint-000003").is_dir():
+    while proc.poll() is None and not ckpt.is_dir():
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def test_killed_run_resumes_with_identical_losses(tmp_path, tiny):
+    straight = run_dir(tmp_path / "a", tiny, **SETTINGS)
+    _train(straight)
+    killed = run_dir(tmp_path / "b", tiny, **SETTINGS)
+    _kill_after_checkpoint(killed, 3)
     logged = max(r["step"] for r in metrics(killed.parent))
     assert logged < 24
-
-    resumed = subprocess.run(_memplan("train", str(killed), "--resume", "--quiet"), capture_output=True,
-                             text=True, env=SUBPROCESS_ENV)
-    assert resumed.returncode == 0, resumed.stderr
+    _train(killed, "--resume")
     a, b = _losses(straight.parent), _losses(killed.parent)
     assert a.keys() == b.keys()
     for key in a:
         assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(a[key])), (key, a[key], b[key])
     steps = [r["step"] for r in metrics(killed.parent) if "loss" in r]
     assert steps == list(range(1, 25))  # the lines of the lost steps were replaced, not duplicated
+
+
+def test_resumed_metrics_equal_the_uninterrupted_runs_when_a_log_window_spans_the_checkpoint(tmp_path, tiny):
+    """A metrics line is the mean loss of the log_every steps before it: resumed from step 3 with log_every 4,
+    the line at step 4 still averages steps 1-4 (the window's state travels in the checkpoint)."""
+    settings = dict(SETTINGS, hparams=dict(SETTINGS["hparams"], max_steps=12, log_every=4, save_every=3,
+                                           eval_every=6, save_total_limit=10))
+    straight = run_dir(tmp_path / "a", tiny, **settings)
+    _train(straight)
+    killed = run_dir(tmp_path / "b", tiny, **settings)
+    _kill_after_checkpoint(killed, 3)
+    for later in (killed.parent / "checkpoints").iterdir():  # resume from step 3, inside the window of steps 1-4
+        if later.name != "checkpoint-000003":
+            shutil.rmtree(later)
+    _train(killed, "--resume")
+    keys = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "eval_loss", "eval_accuracy")
+    a, b = ([{k: r[k] for k in keys if k in r} for r in metrics(run.parent)] for run in (straight, killed))
+    assert [r["step"] for r in a if "loss" in r] == [4, 8, 12]
+    assert b == a

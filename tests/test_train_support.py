@@ -98,7 +98,7 @@ def tiny(tmp_path_factory):
     data = root / "data"
     data.mkdir()
     write_jsonl(data / "train.jsonl", task_records(160, seed=1))
-    write_jsonl(data / "val.jsonl", task_records(12, seed=2))
+    write_jsonl(data / "val.jsonl", task_records(20, seed=2))  # enough for early stopping (20)
     write_jsonl(data / "general.jsonl", [{"text": t} for t in general_sentences(60, seed=3)])
     write_jsonl(data / "retention.jsonl", [{"text": t} for t in general_sentences(10, seed=4)])
     return model, data

@@ -13,8 +13,10 @@ import click
                    "Paths given here are relative to the current directory.")
 @click.option("--resume", is_flag=True,
               help="continue from the newest checkpoint in OUTPUT_DIR/checkpoints (model, optimizer, "
-                   "scheduler, random state and data position).")
-@click.option("--dry-run", "dry", is_flag=True, help="print the resolved plan and its memory estimate, then stop.")
+                   "scheduler, random state, data position and the steps not yet logged).")
+@click.option("--dry-run", "dry", is_flag=True,
+              help="print the resolved plan, its memory estimate and any warnings, check that it can run here, "
+                   "then stop; exit code 2 (problems on stderr) when it cannot.")
 @click.option("--json", "as_json", is_flag=True, help="print the final summary as one JSON object (no progress).")
 @click.option("--quiet", "-q", is_flag=True, help="print nothing but errors (the files are still written).")
 @click.option("--trust-remote-code", is_flag=True,
@@ -29,6 +31,8 @@ def train(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_jso
     data.val_ratio. Writes to output_dir (default: the plan file's directory): checkpoints/,
     metrics.jsonl, training.png, summary.json, and model/ (full FT) or adapter/ (+ merged/).
     Memory is reported in GiB (2^30 bytes); throughput in tokens per second.
+    Before anything heavy is loaded it checks the machine (CUDA, DeepSpeed, bitsandbytes),
+    launch files, model, data and output directory, and reports every problem at once (exit code 2).
     With gpus x nodes > 1 it starts one process per GPU (accelerate launch with
     accelerate_config.yaml next to the plan) or per CPU worker (torchrun, gloo).
     sharding deepspeed always starts through accelerate launch with that file and the

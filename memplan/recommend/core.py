@@ -165,10 +165,11 @@ def _check_request(req: Request) -> None:
 def _train_examples(stats: DataStats, has_validation: bool) -> int:
     """Examples the trainer trains on: all of --data with a validation file, else all but the held-out
     val_ratio (the Plan's default)."""
+    from memplan.train.data import held_out_count
+
     if has_validation:
         return stats.examples
-    held_out = math.ceil(stats.examples * DataSettings.model_fields["val_ratio"].default)
-    return max(1, stats.examples - held_out)
+    return max(1, stats.examples - held_out_count(stats.examples, DataSettings.model_fields["val_ratio"].default))
 
 
 # ------------------------------------------------------------------------------- the tree's compute test
@@ -375,6 +376,8 @@ def recommend(req: Request) -> Recommendation:
     rounded = per_gpu_batch(effective, world) * world
     if rounded != effective:
         warnings.append(f"effective batch {effective} is not a multiple of {world} processes: using {rounded}")
+    validation = hp.validation_examples(stats.examples, req.validation) if stats else None
+    warnings += hp.small_data_warnings(samples, rounded, validation)
     replay_ratio = hp.REPLAY_RATIO_HIGH_SHIFT if (shift == "high" and req.replay) else 0.0
     if shift == "high" and not req.replay:
         warnings.append("high domain shift without --replay FILE (general text): the replay guard against "
@@ -438,7 +441,7 @@ def recommend(req: Request) -> Recommendation:
                            f"per sequence: batches of {best.plan.micro_batch} are padded to their longest example "
                            f"(expected from the measured lengths), at most {seq_len}")
     total_steps = best.steps
-    rec.hparams = hp.choose(best.plan.method, shift, total_steps, epochs, req.lr, spec.hidden_size)
+    rec.hparams = hp.choose(best.plan.method, shift, total_steps, epochs, req.lr, spec.hidden_size, validation)
     h = rec.hparams.plan_fields()
     if req.warmup_ratio is not None:
         h.pop("warmup_steps")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 #: Peak learning rates. Full FT: the seed's 2e-5 (its range 1e-5..5e-5). LoRA/QLoRA: 2e-4, the QLoRA
 #: paper's setting for 7B-13B models (Dettmers et al. 2023, appendix B.2: 2e-4, 1e-4 above 33B);
@@ -44,9 +45,15 @@ REPLAY_RATIO_HIGH_SHIFT = 0.05
 #: Default effective batch (sequences per optimizer step) when --effective-batch is not given: 32, the
 #: Alpaca/LLaMA-Factory scale for instruction tuning, lowered for small sets to the largest power of two
 #: that still gives an epoch this many optimizer steps (so warmup, evaluation and early stopping have
-#: steps to act on).
+#: steps to act on), but not below MIN_EFFECTIVE_BATCH.
 DEFAULT_EFFECTIVE_BATCH = 32
 MIN_STEPS_PER_EPOCH = 25
+#: The smallest default effective batch: 4 examples per step. The learning rates above were set at batches
+#: of 16 (QLoRA, Dettmers et al. 2023, appendix B.2) to 128 (Alpaca); a gradient averaged over B examples
+#: has 1/B of one example's variance, so at 4 the step is within 4x of QLoRA's batch-16 noise, at 1 it
+#: is 16x (one example steers the whole step). A set too small for 25 steps per epoch at batch 4 gets
+#: fewer steps, and a warning, rather than single-example steps.
+MIN_EFFECTIVE_BATCH = 4
 
 #: The seed's gradient-accumulation range, a guideline for one GPU.
 ACCUM_RANGE = (4, 16)
@@ -69,9 +76,45 @@ class Hparams:
                 "early_stopping_patience": self.early_stopping_patience}
 
 
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
 def default_effective_batch(samples: int) -> int:
-    cap = max(1, samples // MIN_STEPS_PER_EPOCH)
-    return min(DEFAULT_EFFECTIVE_BATCH, 1 << (cap.bit_length() - 1))
+    """min(32, the largest power of two giving >= 25 steps per epoch), at least 4 (at most the samples)."""
+    batch = min(DEFAULT_EFFECTIVE_BATCH, _power_of_two_at_most(samples // MIN_STEPS_PER_EPOCH))
+    return max(batch, min(MIN_EFFECTIVE_BATCH, _power_of_two_at_most(samples)))
+
+
+def validation_examples(examples: int, validation_file: Optional[str]) -> int:
+    """Validation examples `memplan train` will have: the validation file's records, else the split it holds
+    out of the training file's `examples` (memplan.train.data.held_out_count at the Plan's default val_ratio)."""
+    from memplan.plan import DataSettings
+    from memplan.train.data import held_out_count, read_jsonl
+
+    if validation_file:
+        return len(read_jsonl(validation_file))
+    return held_out_count(examples, DataSettings.model_fields["val_ratio"].default)
+
+
+def small_data_warnings(samples: int, effective_batch: int, validation: Optional[int]) -> list[str]:
+    """What a small data set costs: few optimizer steps per epoch; a validation set too small to stop on."""
+    from memplan.train.data import MIN_EARLY_STOPPING_EXAMPLES
+
+    out = []
+    per_epoch = samples // effective_batch
+    if per_epoch < MIN_STEPS_PER_EPOCH:
+        out.append(f"only {samples:,} training examples: an effective batch of {effective_batch} gives {per_epoch} "
+                   f"optimizer step(s) per epoch, fewer than the {MIN_STEPS_PER_EPOCH} that warmup, evaluation "
+                   "and early stopping need to act on; more examples help most")
+    if effective_batch < min(MIN_EFFECTIVE_BATCH, samples):
+        out.append(f"effective batch {effective_batch}: each optimizer step follows fewer than {MIN_EFFECTIVE_BATCH} "
+                   "examples, so single examples steer it")
+    if validation is not None and validation < MIN_EARLY_STOPPING_EXAMPLES:
+        out.append(f"{validation} validation example(s), fewer than {MIN_EARLY_STOPPING_EXAMPLES}: their loss is too "
+                   "noisy to stop on, so early stopping is off and training keeps its last step's weights; "
+                   f"--validation FILE with {MIN_EARLY_STOPPING_EXAMPLES} or more examples turns it on")
+    return out
 
 
 def warmup_steps(total_steps: int) -> int:
@@ -93,7 +136,11 @@ def width_scale(hidden_size: int) -> float:
 
 
 def choose(method: str, domain_shift: str, total_steps: int, epochs: float, lr: float | None = None,
-           hidden_size: int = REF_WIDTH) -> Hparams:
+           hidden_size: int = REF_WIDTH, validation: Optional[int] = None) -> Hparams:
+    """The seed's hyperparameters for the run; `validation` (examples, when known) below
+    memplan.train.data.MIN_EARLY_STOPPING_EXAMPLES turns early stopping off."""
+    from memplan.train.data import MIN_EARLY_STOPPING_EXAMPLES
+
     high = domain_shift == "high"
     reasons = []
     if lr is None:
@@ -113,9 +160,15 @@ def choose(method: str, domain_shift: str, total_steps: int, epochs: float, lr: 
     reasons.append(f"warmup {warm} of {total_steps} steps ({100 * warm / total_steps:.1f} %): 2/(1-beta2) = "
                    f"{round(2 / (1 - ADAM_BETA2))} steps clamped to the seed's 3-10 %; then cosine decay to 0")
     eval_every = max(1, round(total_steps / EVALS_PER_RUN))
+    evals = total_steps // eval_every  # EVALS_PER_RUN, or one per step in a run with fewer steps
     patience = PATIENCE_HIGH_SHIFT if high else PATIENCE
-    reasons.append(f"evaluate every {eval_every} steps (~{EVALS_PER_RUN} evaluations), early stopping after "
-                   f"{patience} without a better validation loss")
+    if validation is not None and validation < MIN_EARLY_STOPPING_EXAMPLES:
+        patience = 0
+        reasons.append(f"evaluate every {eval_every} steps (~{evals} evaluations); no early stopping: "
+                       f"{validation} validation example(s), fewer than {MIN_EARLY_STOPPING_EXAMPLES}")
+    else:
+        reasons.append(f"evaluate every {eval_every} steps (~{evals} evaluations), early stopping after "
+                       f"{patience} without a better validation loss")
     return Hparams(lr=lr, warmup_steps=warm, total_steps=total_steps, epochs=epochs, eval_every=eval_every,
                    early_stopping_patience=patience, replay_ratio=REPLAY_RATIO_HIGH_SHIFT if high else 0.0,
                    reasons=reasons)

@@ -2,6 +2,7 @@
 
 Modules, in the order a run uses them:
   settings    the plan file + `--set` overrides -> a validated Plan with absolute paths
+  preflight   every check that needs no heavy import (machine, launch files, model, data, output), all at once
   model       the model directory, tokenizer, precision regime, LoRA / QLoRA, checkpointing
   data        JSONL (alpaca / chat / text) -> token ids with masked prompts, packing, replay mix
   loop        the training loop, top to bottom (accelerate, AdamW, warmup + cosine, eval, saving)

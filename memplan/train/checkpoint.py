@@ -7,7 +7,8 @@ A checkpoint `checkpoints/checkpoint-000120/` holds:
                     optimizer-<rank>.pt: each process's shards of the fp32 masters and their states
   scheduler.pt      the LR scheduler state
   rng-<rank>.pt     each process's Python / NumPy / torch (and CUDA) generator states
-  trainer.json      step, best validation loss and its step, evaluations without improvement, tokens seen
+  trainer.json      step, best validation loss and its step, evaluations without improvement, tokens seen,
+                    and the steps since the last metrics line (their losses, tokens and seconds)
   deepspeed/        under DeepSpeed, instead of optimizer.pt: the engine's own checkpoint (each process's
                     ZeRO partition of the fp32 masters and optimizer states), restored by
                     engine.load_checkpoint; model.pt is then gathered with accelerator.get_state_dict
@@ -28,16 +29,9 @@ import torch
 
 from memplan.errors import UserError
 from memplan.master_weights import MasterWeightsOptimizer, load_local_state_dict, local_state_dict, unwrap
+from memplan.train.settings import CHECKPOINT_PREFIX, list_checkpoints
 
-PREFIX = "checkpoint-"
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+PREFIX = CHECKPOINT_PREFIX
 
 
 def _rng_state() -> dict[str, Any]:

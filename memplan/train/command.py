@@ -1,4 +1,5 @@
-"""`memplan train`: resolve the plan, then a dry run, a launch of several processes, or the run itself."""
+"""`memplan train`: resolve the plan, check that it can run here (memplan.train.preflight: every problem at
+once, before any heavy import), then a dry run, a launch of several processes, or the run itself."""
 
 from __future__ import annotations
 
@@ -23,30 +24,44 @@ def _estimate_for(resolved: Resolved):
     return spec, estimate(spec, plan, capacity)
 
 
-def dry_run(resolved: Resolved, as_json: bool) -> None:
+def dry_run(resolved: Resolved, as_json: bool, problems: list[str], warnings: list[str]) -> list[str]:
+    """The resolved plan, its estimate, and what the checks found; returns the problems (with the
+    estimate's own, when there is no estimate for the model)."""
     from memplan import report
     from memplan.plan import plan_to_yaml
 
-    spec, result = _estimate_for(resolved)
+    try:
+        spec, result = _estimate_for(resolved)
+    except UserError as err:
+        spec = result = None
+        problems = problems if problems else [str(err)]
     if as_json:
         click.echo(json.dumps({"plan": resolved.plan.model_dump(mode="json"),
                                "output_dir": str(resolved.output_dir),
-                               "estimate": report.estimate_json(spec.name, spec.params_total, [result])}, indent=2))
-        return
+                               "estimate": report.estimate_json(spec.name, spec.params_total, [result])
+                               if result else None,
+                               "runs_here": not problems, "problems": problems, "warnings": warnings}, indent=2))
+        return problems
     click.echo(f"# resolved plan ({resolved.plan_path}" + (f" with --set {', '.join(resolved.overrides)}"
                                                           if resolved.overrides else "") + ")")
     click.echo(plan_to_yaml(resolved.plan))
     click.echo(f"output directory: {resolved.output_dir}\n")
-    click.echo(f"{spec.name}: {spec.params_total:,} parameters; estimate per "
-               f"{'process' if resolved.plan.device == 'cpu' else 'GPU'}:\n")
-    click.echo(report.breakdown_table(result))
-    if resolved.plan.device == "cpu":
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        need = result.peak_allocated * resolved.plan.world_size
-        click.echo(f"host RAM {report.gib(ram)} GiB; tensors of all {resolved.plan.world_size} process(es): "
-                   f"{report.gib(need)} GiB ({100 * need / ram:.1f} %)")
-    else:
-        click.echo(report.verdict(result))
+    if result is not None:
+        click.echo(f"{spec.name}: {spec.params_total:,} parameters; estimate per "
+                   f"{'process' if resolved.plan.device == 'cpu' else 'GPU'}:\n")
+        click.echo(report.breakdown_table(result))
+        if resolved.plan.device == "cpu":
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            need = result.peak_allocated * resolved.plan.world_size
+            click.echo(f"host RAM {report.gib(ram)} GiB; tensors of all {resolved.plan.world_size} process(es): "
+                       f"{report.gib(need)} GiB ({100 * need / ram:.1f} %)")
+        else:
+            click.echo(report.verdict(result))
+    for line in warnings:
+        click.echo(f"warning: {line}")
+    if problems:
+        click.echo(f"cannot run here: {len(problems)} problem(s), listed on stderr")
+    return problems
 
 
 def _launched() -> bool:
@@ -91,18 +106,31 @@ def human_summary(summary: dict) -> str:
     return tabulate(rows, tablefmt="plain", disable_numparse=True)
 
 
+def _report(problems: list[str]) -> int:
+    """Every problem on its own line, as the CLI prints one error; exit code 2."""
+    for line in problems:
+        click.echo(f"memplan: error: {line}", err=True)
+    return UserError.exit_code
+
+
 def run(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_json: bool, quiet: bool,
         trust_remote_code: bool) -> Optional[int]:
+    from memplan.train import preflight
+
     resolved = resolve_plan(plan_file, sets)
+    checked, problems = preflight.check(resolved, resume, trust_remote_code)
     if dry:
-        dry_run(resolved, as_json)
-        return None
+        records = checked.records
+        warnings = preflight.small_data_warnings(resolved.plan, len(records.train), len(records.validation)) \
+            if records else []
+        problems = dry_run(resolved, as_json, problems, warnings)
+        return _report(problems) if problems else None
+    if problems:
+        return _report(problems)
     from memplan.train.launch import needs_launcher
 
     if needs_launcher(resolved.plan) and not _launched():
-        from memplan.train.launch import preflight, relaunch
-
-        preflight(resolved, trust_remote_code)
+        from memplan.train.launch import relaunch
 
         return relaunch(resolved, _argv(plan_file, sets, resume, as_json, quiet, trust_remote_code))
     from memplan.train.loop import train
@@ -110,7 +138,7 @@ def run(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_json:
     echo = (lambda _m: None) if (quiet or as_json) else click.echo
     try:
         summary = train(resolved, resume=resume, trust_remote_code=trust_remote_code, echo=echo,
-                        progress=not (quiet or as_json))
+                        progress=not (quiet or as_json), checked=checked)
     except KeyboardInterrupt:
         click.echo(f"\nmemplan: interrupted; continue from the newest checkpoint with: memplan train {plan_file} "
                    "--resume", err=True)

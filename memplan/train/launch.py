@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 
-from memplan.errors import UserError
 from memplan.train.settings import Resolved
 
 
@@ -34,7 +33,8 @@ def needs_launcher(plan) -> bool:
 
 
 def command(resolved: Resolved, args: list[str]) -> list[str]:
-    """The launcher command line for the plan; `args` are `memplan` arguments (train PLAN ...)."""
+    """The launcher command line for the plan; `args` are `memplan` arguments (train PLAN ...). The launch
+    files were checked with everything else (memplan.train.preflight)."""
     plan = resolved.plan
     if plan.sharding == "deepspeed":
         from memplan.train.deepspeed_setup import preflight as deepspeed_preflight
@@ -43,31 +43,11 @@ def command(resolved: Resolved, args: list[str]) -> list[str]:
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                 "-m", "memplan", *args]
     if plan.device == "cpu":
-        if plan.nodes > 1:
-            raise UserError("a multi-node CPU run is started on every node by you: torchrun --nnodes "
-                            f"{plan.nodes} --nproc_per_node {plan.gpus} --node_rank N --master_addr HOST "
-                            f"-m memplan {' '.join(args)}")
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                 "--nproc_per_node", str(plan.gpus), "--master_addr", "127.0.0.1",
                 "--master_port", str(_free_port()), "-m", "memplan", *args]
-    config = resolved.plan_dir / "accelerate_config.yaml"
-    if not config.is_file():
-        raise UserError(f"{plan.world_size} GPUs need {config} (the launch settings). Hint: memplan recommend "
-                        "... -o DIR writes it next to plan.yaml")
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-            "-m", "memplan", *args]
-
-
-def preflight(resolved: Resolved, trust_remote_code: bool) -> None:
-    """The input checks that need no model, run once before the processes start, so that bad input is
-    one error line with exit code 2 rather than a failure report from every process."""
-    from memplan.train.data import read_run_records
-    from memplan.train.model import check_remote_code, check_runtime, model_dir
-
-    plan = resolved.plan
-    check_runtime(plan)
-    check_remote_code(model_dir(plan.model), trust_remote_code)
-    read_run_records(plan)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(resolved.plan_dir / "accelerate_config.yaml"), "-m", "memplan", *args]
 
 
 def relaunch(resolved: Resolved, args: list[str]) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -87,15 +86,13 @@ def warmup_steps(plan, total: int) -> int:
 
 def _shard_fsdp(model, plan, world: int) -> None:
     """FSDP2 (`fully_shard`) of every decoder layer, then the root. Used on the CPU, where accelerate
-    runs only DDP; on CUDA accelerate applies FSDP from the launch config."""
+    runs only DDP; on CUDA accelerate applies FSDP from the launch config. ZeRO stage 2 or 3
+    (memplan.train.preflight refuses the others)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from memplan.train.evaluate import _hf_model
 
-    if plan.zero not in (2, 3):
-        raise UserError("FSDP on the CPU shards with ZeRO stage 2 (SHARD_GRAD_OP) or 3 (FULL_SHARD); "
-                        "stage 0 replicates everything, which is DDP. Hint: --set zero=3 or --set sharding=ddp")
     mesh = init_device_mesh("cpu", (world,))
     reshard = plan.zero == 3
     for layer in _hf_model(model).get_decoder().layers:
@@ -115,10 +112,17 @@ def _all_sum(accelerator, value):
 
 
 def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool = False,
-          echo: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Run the plan; returns the summary (also written to OUTPUT_DIR/summary.json)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the network
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+          echo: Callable[[str], None] = print, progress: bool = True, checked=None) -> dict:
+    """Run the plan; returns the summary (also written to OUTPUT_DIR/summary.json). `checked` is what
+    memplan.train.preflight found; without it the same checks run here first."""
+    from memplan.train import preflight
+
+    # ---- set up: everything that can be wrong with the input fails here, before torch is imported
+    if checked is None:
+        checked = preflight.require(resolved, resume, trust_remote_code)
+    from memplan.hf_setup import offline_and_quiet
+
+    offline_and_quiet()  # never the network; no lines about optional kernels
     import torch
     from tqdm import tqdm
     from transformers import get_scheduler
@@ -135,17 +139,12 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     from memplan.train import evaluate as ev
     from memplan.train import metrics as mx
     from memplan.train.memory import PeakMemory
-    from memplan.train.model import (check_remote_code, check_runtime, load_model, load_tokenizer, model_dir,
-                                     parameter_counts)
+    from memplan.train.model import load_model, load_tokenizer, parameter_counts
 
     plan = resolved.plan
     out = resolved.output_dir
     h = plan.hparams
-
-    # ---- set up: everything that can be wrong with the input fails here, before any weight is loaded
-    check_runtime(plan)
-    base_dir = model_dir(plan.model)
-    check_remote_code(base_dir, trust_remote_code)
+    base_dir = checked.model_dir
     accelerator = _accelerator(plan)
     ds = plan.sharding == "deepspeed"
     if ds:
@@ -153,16 +152,17 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if world != plan.world_size:
         raise UserError(f"the plan has {plan.world_size} process(es) (gpus x nodes) but {world} were started")
-    say = echo if main else (lambda _msg: None)
+
+    def say(msg: str) -> None:
+        """A status line; while the progress bar is drawn, above it rather than glued onto it."""
+        if main:
+            with tqdm.external_write_mode():
+                echo(msg)
+
     ckpt_root = out / "checkpoints"
-    existing = ckpt.list_checkpoints(ckpt_root)
-    if existing and not resume:
-        raise UserError(f"{out} already holds checkpoints of a run. Hint: --resume to continue it, or "
-                        "--set output_dir=NEW_DIR for a new run")
-    if resume and not existing:
-        raise UserError(f"--resume: no checkpoint in {ckpt_root}")
+    existing = ckpt.list_checkpoints(ckpt_root)  # checked: some when resuming, else none
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
-    run_data = data_mod.load_run_data(plan, tokenizer)
+    run_data = data_mod.load_run_data(plan, tokenizer, checked.records)
     stream = data_mod.Stream(run_data.train, plan.micro_batch, world, rank, h.seed)
     steps = total_steps(plan, stream.per_epoch)
 
@@ -190,8 +190,11 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     pad_id = tokenizer.pad_token_id
     eval_batch = max(1, plan.micro_batch)
 
+    # The trainer's state, saved in every checkpoint: with the window of steps not yet logged, so that a
+    # resumed run logs the same mean losses as an uninterrupted one.
     trainer: dict[str, Any] = {"step": 0, "best_loss": None, "best_step": None, "bad_evals": 0,
-                               "tokens": 0, "train_seconds": 0.0, "retention_before": None}
+                               "tokens": 0, "train_seconds": 0.0, "retention_before": None,
+                               "window": _empty_window()}
     if resume:
         trainer.update(ckpt.load_checkpoint(existing[-1], model, optimizer, scheduler, accelerator, sharded,
                                             deepspeed=ds))
@@ -205,6 +208,12 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     if run_data.dropped:
         say(f"note: {run_data.dropped} training examples were dropped: their response starts after "
             f"seq_len {plan.seq_len} tokens")
+    for line in preflight.small_data_warnings(plan, len(run_data.train), len(run_data.validation)):
+        say(f"warning: {line}")
+    # The validation loss stops the run early and chooses the final weights only when it is measured on
+    # enough examples (memplan.train.data.MIN_EARLY_STOPPING_EXAMPLES); below that it is only logged.
+    selects = len(run_data.validation) >= data_mod.MIN_EARLY_STOPPING_EXAMPLES
+    patience = h.early_stopping_patience if selects else 0
 
     def evaluate(step: int) -> Optional[dict]:
         if not run_data.validation:
@@ -236,7 +245,6 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
         # FSDP's are DTensors: their storage is this process's shard.
         meter.mode.register([p.to_local() if hasattr(p, "to_local") else p
                              for g in optimizer.param_groups for p in g["params"]])
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
     bar = tqdm(total=steps, initial=trainer["step"], disable=not progress or not main, unit="step",
                dynamic_ncols=True)
     stopped_early = False
@@ -284,6 +292,7 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
         seconds = time.perf_counter() - t0
         trainer["tokens"] += tokens
         trainer["train_seconds"] += seconds
+        window = trainer["window"]
         window["loss"] += loss
         window["steps"] += 1
         window["tokens"] += tokens
@@ -300,7 +309,7 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
                 log.write(rec)
             bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {lr:.2e} {rec['tokens_per_s']:.0f} tok/s"
                                 + (f" mem {meter.peak_bytes / 2**20:.0f}MiB" if meter.peak_bytes else ""))
-            window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+            trainer["window"] = _empty_window()
         bar.update(1)
 
         improved = False
@@ -310,24 +319,23 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
                 say(_eval_line(rec))
                 if trainer["best_loss"] is None or rec["eval_loss"] < trainer["best_loss"]:
                     trainer.update(best_loss=rec["eval_loss"], best_step=step, bad_evals=0)
-                    improved = True
+                    improved = selects
                 else:
                     trainer["bad_evals"] += 1
-                stopped_early = bool(h.early_stopping_patience) and trainer["bad_evals"] >= h.early_stopping_patience
+                stopped_early = bool(patience) and trainer["bad_evals"] >= patience
         save_every = h.save_every or h.eval_every
         if step % save_every == 0 or improved or step == steps or stopped_early:
             ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, trainer, accelerator, sharded,
-                                 h.save_total_limit, trainer["best_step"], deepspeed=ds)
+                                 h.save_total_limit, trainer["best_step"] if selects else None, deepspeed=ds)
         if stopped_early:
-            say(f"early stopping at step {step}: no better validation loss in {h.early_stopping_patience} "
-                "evaluations")
+            say(f"early stopping at step {step}: no better validation loss in {patience} evaluations")
             break
     bar.close()
     meter.stop()
 
     # ---- after: best weights, final model, retention, summary
     final_step = trainer["step"]
-    if trainer["best_step"] is not None and trainer["best_step"] != final_step:
+    if selects and trainer["best_step"] is not None and trainer["best_step"] != final_step:
         ckpt.load_weights_only(ckpt_root / f"{ckpt.PREFIX}{trainer['best_step']:06d}", model, accelerator,
                                sharded, deepspeed=ds)
         final_step = trainer["best_step"]
@@ -345,6 +353,11 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _empty_window() -> dict:
+    """The steps since the last metrics line: their summed mean losses, count, tokens and seconds."""
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
 
 
 def _memory_line(mem: dict) -> str:

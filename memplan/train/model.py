@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import UserError
-from memplan.hf_setup import enable_checkpointing, lora_config, nf4_config
+from memplan.hf_setup import enable_checkpointing, keep_4bit_layers_differentiable, lora_config, nf4_config
 from memplan.plan import Plan
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
@@ -86,45 +86,6 @@ def check_remote_code(path: Path, trust_remote_code: bool) -> None:
                         "with --trust-remote-code")
 
 
-def check_runtime(plan: Plan) -> None:
-    """Stop before loading anything when the machine cannot run the plan."""
-    import torch
-
-    if plan.sharding == "deepspeed" and plan.zero == 0:
-        # benchmarks/deepspeed_cpu_check.py: DeepSpeed's stage-0 bf16 optimizer drifted from DDP and ZeRO-1/2
-        # (which agree with each other to 3e-4) within 8 steps, so memplan does not run it.
-        raise UserError("memplan train runs DeepSpeed with ZeRO stages 1-3; stage 0 replicates everything as DDP "
-                        "does (with bf16-master, memplan's own fp32 masters). Hint: --set zero=1, or sharding=ddp")
-    if plan.sharding == "deepspeed":
-        from memplan.train.deepspeed_setup import check_installed
-
-        check_installed()
-    if plan.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("the plan trains on CUDA, but torch sees no CUDA device. Hint: --set device=cpu")
-    if plan.precision == "bf16-master" and plan.sharding == "fsdp" and plan.world_size > 1:
-        if plan.device == "cuda":
-            raise UserError("memplan train runs precision bf16-master with FSDP on the CPU only: on CUDA accelerate "
-                            "prepares FSDP's optimizer over the model's own parameters, not fp32 masters. "
-                            "Hint: --set sharding=deepspeed (DeepSpeed's bf16 optimizer), or precision=amp-bf16")
-        if plan.optimizer not in ("adamw", "adamw-fused", "adamw-forloop", "sgd"):
-            raise UserError(f"precision bf16-master with FSDP keeps each process's shards of the optimizer states, "
-                            f"which needs states shaped like the parameters; '{plan.optimizer}' has others. "
-                            "Hint: --set optimizer=adamw, or sharding=ddp")
-    needs_bnb = plan.method == "qlora" or plan.optimizer in ("adamw-8bit", "paged-adamw-8bit")
-    if needs_bnb:
-        what = "QLoRA's 4-bit layers" if plan.method == "qlora" else f"the {plan.optimizer} optimizer"
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError(f"{what} need bitsandbytes, which is not installed. Hint: pip install "
-                            "'bitsandbytes>=0.50' (0.50 and later also run on the CPU)") from None
-        if plan.device == "cpu":
-            version = tuple(int(x) for x in bnb.__version__.split(".")[:2] if x.isdigit())
-            if version < (0, 50):
-                raise UserError(f"{what} on the CPU need bitsandbytes >= 0.50 (installed: {bnb.__version__}). "
-                                "Hint: pip install -U bitsandbytes, or train on CUDA")
-
-
 def weight_dtype(plan: Plan):
     import torch
 
@@ -174,7 +135,9 @@ def load_model(plan: Plan, path: Path, device: Any, trust_remote_code: bool):
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, ImportError) as err:
         raise UserError(f"model {path}: cannot load it for training ({str(err).splitlines()[0]})") from None
-    if plan.method != "qlora":
+    if plan.method == "qlora":
+        keep_4bit_layers_differentiable(model)
+    else:
         model.to(device)
     model.config.use_cache = False  # training builds no KV cache
     if plan.grad_ckpt:
