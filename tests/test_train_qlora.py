@@ -16,10 +16,11 @@ def wide(tmp_path_factory, tiny):  # noqa: F811
     return model, tiny[1]
 
 
-def qlora_plan(tmp_path, model_and_data):
+def qlora_plan(tmp_path, model_and_data, **hparams):
     return run_dir(tmp_path, model_and_data, method="qlora", precision="bf16", micro_batch=2, grad_accum=1,
                    lora={"rank": 4, "dropout": 0.0},
-                   hparams={"lr": 2e-2, "max_steps": 4, "eval_every": 4, "eval_samples": 1, "warmup_steps": 0})
+                   hparams={"lr": 2e-2, "max_steps": 4, "eval_every": 4, "eval_samples": 1, "warmup_steps": 0,
+                            **hparams})
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -40,15 +41,17 @@ def test_qlora_trains_on_the_cpu(tmp_path, wide, run_cli):
     assert torch.isfinite(model(torch.tensor([[1, 50, 60]])).logits).all()
 
 
-@pytest.mark.parametrize("command", ["train", "estimate", "profile"])
-def test_qlora_on_the_cpu_refuses_layers_too_narrow_for_4bit_packing(tmp_path, tiny, run_cli, command):  # noqa: F811
-    plan = qlora_plan(tmp_path, tiny)
-    args = ["train", str(plan)] if command == "train" else [command, "--config", str(plan)]
-    code, out, err = run_cli(*args)
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "multiple of 64" in lines[0] and "k_proj 32->16" in lines[0] and "--method lora" in lines[0]
+@pytest.mark.usefixtures("one_thread")
+def test_qlora_trains_layers_narrower_than_the_4bit_block(tmp_path, tiny, run_cli):  # noqa: F811
+    """The 32-wide model's layers are narrower than bitsandbytes' 64-weight block: its CPU repacking
+    (evaluation, generation) could not take them; memplan keeps 4-bit layers off that path, so they train,
+    evaluate and merge."""
+    plan = qlora_plan(tmp_path, tiny, merge_adapter=True)
+    code, out, err = run_cli("train", str(plan), "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["eval_last"]["eval_loss"] < summary["eval_first"]["eval_loss"]
+    assert (plan.parent / "merged" / "config.json").is_file()
 
 
 def _has_avx512bf16() -> bool:

@@ -62,28 +62,6 @@ def check_lora_targets(spec: ModelSpec, plan: Plan) -> None:
                         f"has no LoRA dropout. Hint: --lora-dropout 0, or --lora-targets {dense}")
 
 
-#: bitsandbytes' CPU kernels for NF4 (`_convert_weight_packed_for_cpu`, bitsandbytes 0.50, used whenever a
-#: 4-bit layer runs without gradients on a CPU with AVX512-BF16: evaluation, generation) pack each weight
-#: as [d_out, d_in] in column blocks of 32 and reshape its absmax to [d_out, d_in / 64].
-NF4_CPU_OUT_MULTIPLE = 32
-NF4_CPU_IN_MULTIPLE = 64
-
-
-def check_qlora_shapes(spec: ModelSpec, plan: Plan) -> None:
-    """QLoRA on the CPU needs every quantized layer's widths to fit bitsandbytes' CPU packing; narrower
-    layers end in a reshape error inside bitsandbytes, so they are refused here, before anything loads."""
-    if plan.method != "qlora" or plan.device != "cpu":
-        return
-    bad = [l for l in spec.layer_linears if l.kind in ("linear", "conv1d")
-           and (l.d_in % NF4_CPU_IN_MULTIPLE or l.d_out % NF4_CPU_OUT_MULTIPLE)]
-    if bad:
-        shapes = ", ".join(f"{l.name} {l.d_in}->{l.d_out}" for l in bad)
-        raise UserError(f"QLoRA on the CPU needs every quantized layer's input width to be a multiple of "
-                        f"{NF4_CPU_IN_MULTIPLE} and its output width a multiple of {NF4_CPU_OUT_MULTIPLE} "
-                        f"(bitsandbytes' CPU 4-bit packing); {spec.name} has {shapes}. "
-                        "Hint: --method lora, or device cuda")
-
-
 def largest_fitting(make: Callable[[int], Estimate], capacity: int, hi: int) -> int:
     """Largest n in [1, hi] whose estimate fits `capacity` (memory grows with n); 0 if even 1 does not."""
     if make(1).total > capacity:
@@ -121,7 +99,6 @@ def run(model: Optional[str], config_path: Optional[str], gpu: Optional[str], gp
     if single:
         plan = build_plan(merge(dict(base, model=str(model_ref)), overrides), source=config_path or "plan")
         check_lora_targets(spec, plan)
-        check_qlora_shapes(spec, plan)
         result = estimate(spec, plan, capacity)
         limits = _limits(spec, plan, capacity, max_batch, max_seq)
         if as_json:

@@ -51,7 +51,7 @@ def default_backend(plan: Plan) -> str:
 
 def run(model: Optional[str], config_path: Optional[str], steps: int, backend: Optional[str], weights: Optional[str],
         find_max_batch: bool, gpu: Optional[str], gpu_memory: Optional[str], as_json: bool, **opts: Any) -> None:
-    from memplan.commands.estimate import check_lora_targets, check_qlora_shapes, resolve_capacity
+    from memplan.commands.estimate import check_lora_targets, resolve_capacity
     from memplan.profile_build import config_path as model_config_path
     from memplan.profile_launch import Request, measure_plan
     from memplan.profile_run import check_runnable
@@ -68,7 +68,6 @@ def run(model: Optional[str], config_path: Optional[str], steps: int, backend: O
     spec = resolve_model(str(model_ref))
     plan = build_plan(merge(dict(base, model=str(model_ref)), overrides), source=config_path or "plan")
     check_lora_targets(spec, plan)
-    check_qlora_shapes(spec, plan)
     backend = backend or default_backend(plan)
     check_runnable(plan, backend, steps)
     capacity = resolve_capacity(gpu, gpu_memory)
