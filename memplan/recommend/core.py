@@ -446,7 +446,7 @@ def recommend(req: Request) -> Recommendation:
         rec.hparams.reasons[1] = f"warmup {req.warmup_ratio:g} of the steps: given; then cosine decay to 0"
     fields = best.plan.model_dump(mode="json")
     fields["model"] = model_ref
-    fields["hparams"] = {**fields["hparams"], **h}
+    fields["hparams"] = {**fields["hparams"], "warmup_ratio": None, "warmup_steps": None, **h}  # the plan holds one
     fields["data"] = {**fields["data"], "train": _relative(req.data, req.out_dir),
                       "validation": _relative(req.validation, req.out_dir), "samples": samples,
                       "domain_shift": shift, "replay": _relative(req.replay, req.out_dir),
