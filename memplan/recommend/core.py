@@ -472,6 +472,10 @@ def recommend(req: Request) -> Recommendation:
     positions = spec.config.get("max_position_embeddings") or spec.config.get("n_positions") or spec.position_embeddings
     if positions and seq_len > positions:
         warnings.append(f"sequence length {seq_len} exceeds the model's {positions} positions (max_position_embeddings)")
+    if not req.data:  # --dataset-size only: the written plan cannot train until it names its data
+        where = f"{(req.out_dir.rstrip('/') or '.') if req.out_dir else 'DIR'}/plan.yaml"
+        warnings.append(f"no --data: data.train is not set, and memplan train needs it: memplan train {where} "
+                        "--set train=FILE.jsonl, or set data.train in plan.yaml (relative to its directory)")
     if rec.estimate.host_bytes:
         assumptions.append(f"offload keeps {rec.estimate.host_bytes / GiB:.2f} GiB in host RAM per node")
 
