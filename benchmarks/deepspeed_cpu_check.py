@@ -5,7 +5,14 @@ effective batch, with the trainer's measured peak memory next to memplan's estim
 Every run trains 8 optimizer steps of 8 sequences (seq_len 128) from the shipped demo data, precision
 bf16-master (DeepSpeed: its bf16 optimizer with fp32 masters; DDP: memplan.master_weights) unless named
 fp32. Two processes use micro_batch 2, one process micro_batch 4; grad_accum 2 everywhere. The resume row is
-the ZeRO-2 run killed (SIGKILL) after its step-4 checkpoint and continued with --resume.
+the ZeRO-2 run killed (SIGKILL) after its step-4 checkpoint and continued with --resume. The plan
+directories are written as `memplan recommend -o` writes them (ds_config.json with "auto" values and the
+plan's AdamW section, which memplan train fills and checks) and moved before training.
+
+ZeRO-Offload is a CUDA plan (a CPU run has nothing to offload to), so its rows are the furthest DeepSpeed's
+CPU accelerator goes: benchmarks/deepspeed_offload_probe.py builds one engine with ZeRO-2 and
+offload_optimizer the way memplan train does and the way HF Trainer does from the JSON's optimizer section,
+and steps it 4 times next to torch's AdamW without offload.
 
 DeepSpeed is not a memplan dependency; run this with a Python that has it, for instance a virtual
 environment over the system's packages (never let pip replace torch):
@@ -59,25 +66,70 @@ def plan_fields(out: Path, fields: dict) -> dict:
 
 
 def write_run(directory: Path, fields: dict) -> Path:
-    """plan.yaml, and for DeepSpeed accelerate_config.yaml + ds_config.json as `memplan recommend -o` writes them."""
+    """plan.yaml, and for DeepSpeed accelerate_config.yaml + ds_config.json as `memplan recommend -o` writes
+    them, written elsewhere and moved to `directory` (the files must not depend on where they were written)."""
+    import shutil
+
     import yaml
 
     from memplan.models import resolve_model
     from memplan.plan import build_plan
     from memplan.recommend.writers import accelerate_config, ds_config
 
-    directory.mkdir(parents=True)
+    written = directory.with_name(directory.name + "-written")
+    written.mkdir(parents=True)
     fields = plan_fields(directory / "out", fields)
     plan = build_plan(fields)
-    path = directory / "plan.yaml"
-    path.write_text(yaml.safe_dump(fields, sort_keys=False))
+    (written / "plan.yaml").write_text(yaml.safe_dump(fields, sort_keys=False))
     if plan.sharding == "deepspeed":
         spec = resolve_model(plan.model)
-        ds_path = directory / "ds_config.json"
-        ds_path.write_text(json.dumps(ds_config(plan, spec), indent=2))
-        (directory / "accelerate_config.yaml").write_text(
-            yaml.safe_dump(accelerate_config(plan, spec, str(ds_path), "127.0.0.1"), sort_keys=False))
-    return path
+        (written / "ds_config.json").write_text(json.dumps(ds_config(plan, spec), indent=2))
+        (written / "accelerate_config.yaml").write_text(
+            yaml.safe_dump(accelerate_config(plan, spec, "127.0.0.1"), sort_keys=False))
+    shutil.move(written, directory)
+    return directory / "plan.yaml"
+
+
+OFFLOAD_RUNS = [  # (name, offload, how the engine gets its optimizer)
+    ("torch AdamW, no offload (memplan train)", "none", "memplan"),
+    ("ZeRO-Offload, memplan train's path", "optimizer", "memplan"),
+    ("ZeRO-Offload, the JSON's optimizer section (HF Trainer)", "optimizer", "section"),
+]
+
+
+def offload_probe(tmp: Path) -> list[list[str]]:
+    """benchmarks/deepspeed_offload_probe.py for each OFFLOAD_RUNS row: a ZeRO-2 bf16-master plan, AdamW
+    lr 1e-2, weight decay 0."""
+    import socket
+
+    from memplan.models import resolve_model
+    from memplan.plan import build_plan
+    from memplan.recommend.writers import ds_config
+
+    rows, first = [], None
+    for name, offload, mode in OFFLOAD_RUNS:
+        fields = dict(model="demo-tiny", precision="bf16-master", sharding="deepspeed", zero=2, micro_batch=4,
+                      offload=offload, hparams={"lr": 1e-2})
+        cfg = ds_config(build_plan(fields), resolve_model("demo-tiny"))
+        cfg["zero_optimization"].get("offload_optimizer", {})["pin_memory"] = False  # no CUDA memory to pin
+        path = tmp / f"offload-{len(rows)}.json"
+        path.write_text(json.dumps(cfg))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "deepspeed_offload_probe.py"),
+                               json.dumps(fields), mode, str(port), str(path)], capture_output=True, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        if done.returncode != 0:
+            raise SystemExit(f"offload probe {name} failed:\n{done.stderr[-4000:]}")
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        first = first or r["losses"]
+        diff = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], first))
+        rows.append([name, r["optimizer"], str(r["cpu_offload"]), " -> ".join(f"{x:.6f}" for x in r["losses"]),
+                     f"{diff:.1e}", f"{time.perf_counter() - t0:.0f}"])
+        print(f"{name}: {rows[-1][-1]} s", flush=True)
+    return rows
 
 
 def train(path: Path, *args: str, kill_after: int | None = None) -> float:
@@ -154,6 +206,7 @@ def main() -> None:
         summary = json.loads((path.parent / "out" / "summary.json").read_text())
         rows.append((f"{name} (killed after step {killed_at})", ref, summary, seconds))
         print(f"{name}: {seconds:.0f} s", flush=True)
+        offload_rows = offload_probe(Path(tmp))
 
     table = []
     for (name, ref, summary, seconds), key in zip(rows, [r[0] for r in RUNS] + [RESUMED[0]]):
@@ -179,6 +232,12 @@ def main() -> None:
         tabulate(table, headers=["run", "reference", "max rel. diff", "train loss", "validation loss",
                                  "measured MiB", "estimate MiB", "gap", "s"], tablefmt="github",
                  disable_numparse=True),
+        "",
+        "ZeRO-Offload on DeepSpeed's CPU accelerator (benchmarks/deepspeed_offload_probe.py): one ZeRO-2 "
+        "bf16-master engine, a 16-64-1 MLP, 4 AdamW steps (lr 1e-2); max rel. diff against the first row.",
+        "",
+        tabulate(offload_rows, headers=["run", "optimizer DeepSpeed steps", "cpu_offload", "losses",
+                                        "max rel. diff", "s"], tablefmt="github", disable_numparse=True),
         "",
     ])
     Path(args.out).write_text(text)

@@ -23,6 +23,10 @@ Loss = Literal["standard", "chunked"]
 
 ALL_LINEAR = "all-linear"
 
+#: Warmup when a plan gives neither warmup_ratio nor warmup_steps: 5 % of the optimizer steps, inside the
+#: recommended 3-10 % (memplan.recommend.hparams).
+DEFAULT_WARMUP_RATIO = 0.05
+
 # FSDP's sharding strategies under the ZeRO stage numbers memplan uses for every backend.
 FSDP_STRATEGY = {0: "NO_SHARD", 2: "SHARD_GRAD_OP", 3: "FULL_SHARD"}
 
@@ -54,8 +58,11 @@ class LoraSettings(_Strict):
 class Hyperparameters(_Strict):
     lr: Optional[float] = Field(None, gt=0, description="peak learning rate (default: 2e-5 for full fine-tuning, "
                                 "2e-4 for LoRA/QLoRA).")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="warmup as a fraction of the total optimizer steps.")
-    warmup_steps: Optional[int] = Field(None, ge=0, description="warmup in optimizer steps; overrides warmup_ratio.")
+    warmup_ratio: Optional[float] = Field(
+        None, ge=0, lt=1, description=f"warmup as a fraction of the total optimizer steps (default "
+        f"{DEFAULT_WARMUP_RATIO:g} when warmup_steps is not set); give warmup_ratio or warmup_steps, not both.")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="warmup in optimizer steps; give warmup_steps or "
+                                        "warmup_ratio, not both.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup (to 0).")
     epochs: float = Field(3.0, gt=0, description="passes over the training data.")
     max_steps: Optional[int] = Field(None, gt=0, description="stop after this many optimizer steps; overrides epochs.")
@@ -71,6 +78,18 @@ class Hyperparameters(_Strict):
     log_every: int = Field(10, gt=0, description="optimizer steps between metrics lines.")
     seed: int = Field(42, description="random seed for initialisation, data order and dropout.")
     merge_adapter: bool = Field(False, description="LoRA/QLoRA: also save the adapter merged into the base weights.")
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "Hyperparameters":
+        """One source of truth: a plan holds warmup_ratio or warmup_steps, never both (an edit of one
+        must not be silently overridden by the other); neither means DEFAULT_WARMUP_RATIO."""
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise ValueError(f"warmup_ratio ({self.warmup_ratio:g}) and warmup_steps ({self.warmup_steps}) are both "
+                             "set; give one of them. Hint: delete one (warmup_steps counts optimizer steps, "
+                             "warmup_ratio is a fraction of them)")
+        if self.warmup_steps is None and self.warmup_ratio is None:
+            self.warmup_ratio = DEFAULT_WARMUP_RATIO
+        return self
 
     def effective_lr(self, method: str) -> float:
         # The recommended range for full fine-tuning is 1e-5 to 5e-5; adapters train at about 10x that
@@ -100,7 +119,8 @@ class Plan(_Strict):
 
     model: Optional[str] = Field(None, description="preset id or alias, path to config.json, or local HF model directory.")
     method: Method = Field("full", description="full fine-tuning, LoRA, or QLoRA (4-bit NF4 base + LoRA).")
-    lora: LoraSettings = Field(default_factory=LoraSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="adapter settings of method lora and qlora; "
+                               "ignored (and not written) when method is full.")
     precision: Precision = Field(
         "amp-bf16",
         description="fp32; amp-bf16/amp-fp16: fp32 weights with autocast (HF Trainer bf16=True); "
@@ -309,11 +329,21 @@ def read_plan_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+#: Settings a plan holds one of: overriding one drops the other from the file (--set warmup_ratio=0.1 on a
+#: plan.yaml with warmup_steps means the ratio), while a file or a command line giving both is refused.
+ONE_OF = (("hparams.warmup_ratio", "hparams.warmup_steps"),)
+
+
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> PlanInput:
     """Dotted keys (lora.rank) override nested fields; only what the user passed is given here. The result
     keeps the flags of `overrides` (an Overrides) and of `base` (an earlier merge)."""
     out = PlanInput({k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()})
     out.flags = {**getattr(base, "flags", {}), **getattr(overrides, "flags", {})}
+    for pair in ONE_OF:
+        for given, other in (pair, pair[::-1]):
+            head, _, leaf = other.partition(".")
+            if given in overrides and other not in overrides and isinstance(out.get(head), dict):
+                out[head].pop(leaf, None)
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if rest:
@@ -326,8 +356,26 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> PlanInput:
     return out
 
 
+def plan_fields(plan: Plan) -> dict[str, Any]:
+    """The plan as a plan file holds it: the lora block only for methods that train adapters, and one of
+    warmup_ratio / warmup_steps (the one set)."""
+    data = plan.model_dump(mode="json")
+    if not plan.trains_adapters:
+        del data["lora"]
+    h = data["hparams"]
+    for key in ("warmup_ratio", "warmup_steps"):
+        if h[key] is None:
+            del h[key]
+    return data
+
+
 def plan_to_yaml(plan: Plan, header: str = "") -> str:
     import yaml
 
-    body = yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False)
+    body = yaml.safe_dump(plan_fields(plan), sort_keys=False)
+    if not plan.trains_adapters and plan.lora != LoraSettings():
+        lo = plan.lora
+        targets = lo.targets if isinstance(lo.targets, str) else ",".join(lo.targets)
+        body += (f"# lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}, targets {targets}: ignored, "
+                 "method is full (lora settings apply to methods lora and qlora)\n")
     return (header + body) if header else body

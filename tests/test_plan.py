@@ -101,3 +101,46 @@ def test_training_sections_have_defaults_and_validate(tmp_path):
     path = tmp_path / "plan.yaml"
     path.write_text(plan_to_yaml(full))
     assert build_plan(read_plan_yaml(path)) == full
+
+
+def test_warmup_has_one_source_of_truth(tmp_path):
+    """warmup_ratio and warmup_steps together were accepted and the steps silently won; now a plan holds one."""
+    with pytest.raises(UserError) as err:
+        build_plan({"hparams": {"warmup_ratio": 0.1, "warmup_steps": 5}}, source="plan.yaml")
+    assert str(err.value).startswith("plan.yaml: hparams: warmup_ratio (0.1) and warmup_steps (5) are both set")
+    assert "Hint:" in str(err.value)
+    assert (Plan().hparams.warmup_ratio, Plan().hparams.warmup_steps) == (0.05, None)  # neither: the default ratio
+    steps = build_plan({"hparams": {"warmup_steps": 5}})
+    assert steps.hparams.warmup_ratio is None
+    text = plan_to_yaml(steps)
+    assert "warmup_steps: 5" in text and "warmup_ratio" not in text
+    assert build_plan(read_yaml_text(tmp_path, text)) == steps  # the written file reads back as the same plan
+    # an override of one replaces the other from the file (--set warmup_ratio=0.2 on a plan with warmup_steps)
+    merged = build_plan(merge({"hparams": {"warmup_steps": 5}}, {"hparams.warmup_ratio": 0.2}))
+    assert (merged.hparams.warmup_ratio, merged.hparams.warmup_steps) == (0.2, None)
+    with pytest.raises(UserError, match="both set"):
+        build_plan(merge({}, {"hparams.warmup_ratio": 0.2, "hparams.warmup_steps": 3}))
+
+
+def read_yaml_text(tmp_path, text):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return read_plan_yaml(path)
+
+
+def test_lora_block_is_written_for_adapters_only_and_ignored_by_full():
+    full = build_plan({"method": "full"})
+    assert "lora" not in read_yaml_text_dict(plan_to_yaml(full))
+    lora = build_plan({"method": "lora", "lora": {"rank": 8}})
+    assert read_yaml_text_dict(plan_to_yaml(lora))["lora"]["rank"] == 8
+    # a lora block with method full (say `--set method=full` on a LoRA plan) is ignored, and said so
+    switched = build_plan({"method": "full", "lora": {"rank": 8}})
+    text = plan_to_yaml(switched)
+    assert "lora" not in read_yaml_text_dict(text)
+    assert "# lora: rank 8, alpha 32, dropout 0.05, targets all-linear: ignored, method is full" in text
+
+
+def read_yaml_text_dict(text):
+    import yaml
+
+    return yaml.safe_load(text)

@@ -90,7 +90,8 @@ def test_accelerate_config_loads_with_accelerates_classes(written, name, dist_ty
         # accelerate refuses these twice (DeepSpeedPlugin._deepspeed_config_checks): they live in the JSON
         assert set(cfg.deepspeed_config) <= {"deepspeed_config_file", "zero3_init_flag"}
         assert cfg.mixed_precision is None
-        assert Path(cfg.deepspeed_config["deepspeed_config_file"]) == (d / "ds_config.json").resolve()
+        # named relative to the plan directory, so that it can move (memplan train passes its absolute path)
+        assert cfg.deepspeed_config["deepspeed_config_file"] == "ds_config.json"
     if plan["nodes"] > 1:
         assert cfg.main_process_ip and cfg.main_process_port == 29500
 
@@ -111,7 +112,7 @@ def test_accelerate_config_fsdp_and_cpu(tmp_path):
     for fields, dist, mixed in cases:
         plan = build_plan(fields)
         path = tmp_path / f"{dist}.yaml"
-        path.write_text(yaml.safe_dump(accelerate_config(plan, spec, None, "10.0.0.1")))
+        path.write_text(yaml.safe_dump(accelerate_config(plan, spec, "10.0.0.1")))
         cfg = ClusterConfig.from_yaml_file(str(path))
         assert cfg.distributed_type.value == dist and cfg.mixed_precision == mixed
         assert cfg.use_cpu == (plan.device == "cpu")
@@ -147,10 +148,16 @@ DS_DOCUMENTED = {
 }
 
 
+# "Optimizer Parameters": type and a params object passed to the optimizer
+DS_DOCUMENTED["optimizer"] = {"type": str, "params": dict}
+
+
 def _check_documented(obj: dict, schema: dict, where: str = "") -> None:
     for key, value in obj.items():
         assert key in schema, f"{where}{key} is not a documented DeepSpeed key"
         kind = schema[key]
+        if value == "auto":
+            continue  # filled before DeepSpeed reads it (checked after the filling below)
         if isinstance(kind, dict):
             assert isinstance(value, dict), f"{where}{key} must be an object"
             _check_documented(value, kind, f"{where}{key}.")
@@ -162,8 +169,12 @@ def _check_documented(obj: dict, schema: dict, where: str = "") -> None:
 
 @pytest.mark.parametrize("name", ["deepspeed", "multinode"])
 def test_ds_config_uses_documented_keys_and_consistent_batch(written, name):
+    from memplan.train.deepspeed_setup import fill_auto
+
     d, rec, _ = written[name]
     ds = json.loads((d / "ds_config.json").read_text())
+    _check_documented(ds, DS_DOCUMENTED)
+    ds = fill_auto(build_plan(rec["plan"]), ds)  # what memplan train hands DeepSpeed
     _check_documented(ds, DS_DOCUMENTED)
     plan = rec["plan"]
     world = plan["gpus"] * plan["nodes"]
@@ -240,3 +251,219 @@ def test_unwritable_output_is_one_line_and_exit_2(run_cli, tmp_path, flag, targe
     assert code == 2
     assert err.startswith("memplan: error:") and len(err.strip().splitlines()) == 1
     assert "cannot write there" in err
+
+
+DS_RUN = ["--model", "llama-2-7b", "--gpu", "a100-80gb", "--gpus", "4", "--dataset-size", "50000", "--method", "full"]
+
+
+def test_plan_directory_can_move_and_still_launch(run_cli, tmp_path, monkeypatch):
+    """Written on one machine, moved to another path: memplan train's launch, and accelerate launch by hand,
+    still find ds_config.json (accelerate_config.yaml named it by the absolute path it was written at)."""
+    import shlex
+    import shutil
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+
+    from memplan.train.launch import command
+    from memplan.train.settings import resolve_plan
+
+    def accelerate_args(argv):
+        args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+        return args
+
+    laptop = tmp_path / "laptop" / "run"
+    run_json(run_cli, "recommend", *DS_RUN, "-o", str(laptop))
+    # the README's by-hand command, as written
+    (by_hand,) = [line for line in (laptop / "README.md").read_text().splitlines()
+                  if line.startswith("accelerate launch")]
+    assert Path(accelerate_args(shlex.split(by_hand)[2:]).deepspeed_config_file) == laptop / "ds_config.json"
+
+    cluster = tmp_path / "cluster" / "jobs" / "run"
+    cluster.parent.mkdir(parents=True)
+    shutil.move(laptop, cluster)
+    plan = cluster / "plan.yaml"
+    cmd = command(resolve_plan(str(plan)), ["train", str(plan)])
+    assert cmd[3:7] == ["--config_file", str(cluster / "accelerate_config.yaml"),
+                        "--deepspeed_config_file", str(cluster / "ds_config.json")]
+    # what accelerate launch makes of that command line: the flag wins over the file's name, and the
+    # launched processes open that path (ACCELERATE_DEEPSPEED_CONFIG_FILE -> HfDeepSpeedConfig)
+    args = accelerate_args(cmd[3:])
+    assert args.use_deepspeed and args.deepspeed_config_file == str(cluster / "ds_config.json")
+    assert HfDeepSpeedConfig(args.deepspeed_config_file).config["zero_optimization"]["stage"] == 1
+    # by hand without the flag, accelerate opens the name from the current directory: in DIR it works
+    monkeypatch.chdir(cluster)
+    assert HfDeepSpeedConfig(accelerate_args(["--config_file", "accelerate_config.yaml", "t.py"])
+                             .deepspeed_config_file).config["zero_optimization"]["stage"] == 1
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="existing deepspeed config"):
+        HfDeepSpeedConfig(accelerate_args(["--config_file", str(cluster / "accelerate_config.yaml"), "t.py"])
+                          .deepspeed_config_file)
+
+
+def test_plan_yaml_holds_one_warmup_and_an_edit_of_it_counts(written, tmp_path):
+    """plan.yaml held warmup_ratio and warmup_steps, the steps winning: editing the ratio changed nothing."""
+    from memplan.errors import UserError
+    from memplan.train.loop import warmup_steps
+    from memplan.train.settings import resolve_plan
+
+    d, rec, _ = written["deepspeed"]
+    text = (d / "plan.yaml").read_text()
+    hp = yaml.safe_load(text)["hparams"]
+    assert "warmup_ratio" not in hp and hp["warmup_steps"] == rec["plan"]["hparams"]["warmup_steps"] > 0
+    assert "  warmup_steps: %d  # one of warmup_steps / warmup_ratio" % hp["warmup_steps"] in text
+
+    # a user asking for a 20 % warmup in the file: it takes effect, or the file is refused; never ignored
+    edited = tmp_path / "plan.yaml"
+    if "warmup_ratio:" in text:
+        edited.write_text("\n".join(line.split(":")[0] + ": 0.2" if line.strip().startswith("warmup_ratio:")
+                                    else line for line in text.splitlines()))
+    else:
+        edited.write_text(text.replace("hparams:\n", "hparams:\n  warmup_ratio: 0.2\n"))
+    try:
+        plan = resolve_plan(str(edited)).plan
+    except UserError as err:
+        assert "warmup_ratio (0.2) and warmup_steps" in str(err) and "both set" in str(err)
+    else:
+        assert warmup_steps(plan, 1000) == 200
+    # on the command line the given one replaces the file's
+    plan = resolve_plan(str(d / "plan.yaml"), ["warmup_ratio=0.2"]).plan
+    assert warmup_steps(plan, 1000) == 200
+    assert warmup_steps(resolve_plan(str(d / "plan.yaml"), ["warmup_steps=7"]).plan, 1000) == 7
+
+
+def test_full_ft_plan_yaml_has_no_lora_block(written):
+    d, rec, _ = written["deepspeed"]
+    assert rec["plan"]["method"] == "full" and "lora" not in yaml.safe_load((d / "plan.yaml").read_text())
+    d2, rec2, _ = written["ddp"]
+    assert rec2["plan"]["method"] in ("lora", "qlora")
+    lora_text = (d2 / "plan.yaml").read_text()
+    assert yaml.safe_load(lora_text)["lora"] == rec2["plan"]["lora"]
+    assert "\nlora:  # adapter settings: used by method lora and qlora\n" in lora_text
+
+
+def test_without_data_the_output_the_readme_and_plan_yaml_say_to_set_it(run_cli, tmp_path):
+    from memplan.train.settings import resolve_plan
+
+    out = tmp_path / "run"
+    code, printed, err = run_cli("recommend", *DS_RUN, "-o", str(out))
+    assert code == 0, err
+    how = f"memplan train {out}/plan.yaml --set train=FILE.jsonl"
+    assert how in printed and "data.train is not set" in printed
+    readme = (out / "README.md").read_text()
+    assert "## Before training: set the data" in readme and how in readme
+    text = (out / "plan.yaml").read_text()
+    assert "  train: null  # must be set before memplan train: --set train=FILE.jsonl" in text
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"text": "a"}\n')
+    plan = resolve_plan(str(out / "plan.yaml"), [f"train={data}"]).plan
+    assert plan.data.train == str(data)
+
+    # with --data the plan names it: nothing to say
+    with_data = tmp_path / "with"
+    code, printed, err = run_cli("recommend", "--model", "llama-3.2-1b", "--gpu", "h100", "--data", str(data),
+                                 "-o", str(with_data))
+    assert code == 0, err
+    assert "--set train=" not in printed and "--set train=" not in (with_data / "README.md").read_text()
+    assert "must be set" not in (with_data / "plan.yaml").read_text()
+
+
+def _hf_trainer_filled_keys() -> set[str]:
+    """The DeepSpeed keys transformers' HF Trainer integration replaces when they are "auto", read from the
+    installed transformers (integrations/deepspeed.py, HfTrainerDeepSpeedConfig)."""
+    import re
+
+    import transformers.integrations.deepspeed as hf_ds
+
+    return set(re.findall(r'fill_(?:match|only)\(\s*"([^"]+)"', Path(hf_ds.__file__).read_text()))
+
+
+def _auto_paths(cfg: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out |= _auto_paths(value, f"{prefix}{key}.")
+        elif value == "auto":
+            out.add(prefix + key)
+    return out
+
+
+def test_ds_config_leaves_auto_what_hf_trainer_fills_and_memplan_fills_it(written):
+    from memplan.train.deepspeed_setup import AUTO_KEYS, config_problems, fill_auto
+
+    hf = _hf_trainer_filled_keys()
+    assert {"train_micro_batch_size_per_gpu", "optimizer.params.lr", "gradient_clipping"} <= hf  # parsed right
+    for name in ("deepspeed", "multinode"):
+        d, rec, _ = written[name]
+        ds = json.loads((d / "ds_config.json").read_text())
+        autos = _auto_paths(ds)
+        assert autos == set(AUTO_KEYS) and autos <= hf
+        assert "scheduler" not in ds  # HF Trainer then runs its own schedule, the one memplan train runs
+        plan = build_plan(rec["plan"])
+        filled = fill_auto(plan, ds)
+        assert not _auto_paths(filled) and config_problems(plan, filled, "ds_config.json") == []
+        assert filled["train_batch_size"] == plan.effective_batch
+        # torch's AdamW as the plan names it, or under ZeRO-Offload DeepSpeed's CPU Adam
+        switches = {} if plan.offload != "none" else {"torch_adam": True, **{
+            "adamw": {"foreach": True}, "adamw-fused": {"fused": True}, "adamw-forloop": {"foreach": False}}[plan.optimizer]}
+        assert filled["optimizer"]["params"] == {
+            "lr": plan.hparams.effective_lr(plan.method), "betas": [0.9, 0.999], "eps": 1e-8,
+            "weight_decay": plan.hparams.weight_decay, **switches}
+    assert {build_plan(written[n][1]["plan"]).offload for n in ("deepspeed", "multinode")} == {"none", "optimizer+params"}
+
+
+@pytest.mark.parametrize("fields, section", [
+    # ZeRO-Offload: DeepSpeed builds its CPU Adam for "AdamW" (no torch_adam)
+    (dict(offload="optimizer", zero=2), {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                                       "weight_decay": "auto"}}),
+    (dict(offload="optimizer+params", zero=3, optimizer="adamw-fused"), {"type": "AdamW", "params": {
+        "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}),
+    (dict(optimizer="adamw-forloop"), {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                                   "weight_decay": "auto", "torch_adam": True,
+                                                                   "foreach": False}}),
+    (dict(optimizer="adamw-8bit"), None),  # bitsandbytes: not DeepSpeed's to build, the trainer builds it
+])
+def test_ds_config_optimizer_section_follows_the_plan(fields, section):
+    from memplan.models import resolve_model
+    from memplan.recommend.writers import ds_config
+    from memplan.train.deepspeed_setup import config_problems, fill_auto
+
+    plan = build_plan(dict(model="llama-2-7b", method="full", precision="bf16-master", sharding="deepspeed",
+                           gpus=2, **{"zero": 1, **fields}))
+    ds = ds_config(plan, resolve_model("llama-2-7b"))
+    assert ds.get("optimizer") == section
+    assert config_problems(plan, fill_auto(plan, ds), "ds_config.json") == []
+
+
+def test_readme_gives_the_trainer_arguments_of_the_plan(written, tmp_path):
+    """The README's HF Trainer arguments parse as transformers' TrainingArguments and give the plan's step."""
+    import shlex
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    d, rec, _ = written["deepspeed"]
+    (line,) = [x for x in (d / "README.md").read_text().splitlines() if x.startswith("--per_device_train_batch_size")]
+    argv = shlex.split(line)
+    at = argv.index("--deepspeed")
+    assert argv[at + 1] == f"{d}/ds_config.json"
+    del argv[at:at + 2]  # TrainingArguments(deepspeed=...) needs DeepSpeed installed
+    # --use_cpu: TrainingArguments refuses bf16 on a machine without a GPU unless told it trains on the CPU
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        argv + ["--output_dir", str(tmp_path), "--use_cpu", "true"])
+    plan = build_plan(rec["plan"])
+    h = plan.hparams
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (plan.micro_batch, plan.grad_accum)
+    assert (args.learning_rate, args.weight_decay, args.max_grad_norm) == (h.effective_lr(plan.method),
+                                                                           h.weight_decay, h.max_grad_norm)
+    assert args.get_warmup_steps(10_000) == h.warmup_steps and args.lr_scheduler_type.value == h.lr_scheduler
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (0.9, 0.999, 1e-8)  # the plan's AdamW
+    assert args.bf16 == (plan.precision == "bf16-master") and args.num_train_epochs == h.epochs
+
+
+def test_warmup_ratio_given_to_recommend_is_the_one_written(run_cli, tmp_path):
+    out = tmp_path / "run"
+    rec = run_json(run_cli, "recommend", "--model", "llama-3.2-1b", "--gpu", "h100", "--dataset-size", "2000",
+                   "--warmup-ratio", "0.08", "-o", str(out))
+    hp = yaml.safe_load((out / "plan.yaml").read_text())["hparams"]
+    assert hp["warmup_ratio"] == 0.08 and "warmup_steps" not in hp
+    assert rec["plan"]["hparams"]["warmup_ratio"] == 0.08 and rec["plan"]["hparams"]["warmup_steps"] is None

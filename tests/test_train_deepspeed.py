@@ -6,6 +6,7 @@ records such a run on the CPU)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +14,7 @@ import yaml
 from test_train_support import SUBPROCESS_ENV, metrics, run_dir, tiny  # noqa: F401  (tiny is a fixture)
 
 DS = dict(sharding="deepspeed", zero=2, precision="bf16-master")
+PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "deepspeed_offload_probe.py"
 
 
 def _with_launch_files(plan_path, **extra_sets):
@@ -23,10 +25,9 @@ def _with_launch_files(plan_path, **extra_sets):
 
     plan = resolve_plan(str(plan_path)).plan
     spec = resolve_model(plan.model)
-    ds_path = plan_path.parent / "ds_config.json"
-    ds_path.write_text(json.dumps(ds_config(plan, spec)))
+    (plan_path.parent / "ds_config.json").write_text(json.dumps(ds_config(plan, spec)))
     (plan_path.parent / "accelerate_config.yaml").write_text(
-        yaml.safe_dump(accelerate_config(plan, spec, str(ds_path), "127.0.0.1")))
+        yaml.safe_dump(accelerate_config(plan, spec, "127.0.0.1")))
     return plan
 
 
@@ -63,18 +64,28 @@ def test_the_launch_is_accelerate_with_the_plans_config(tmp_path, tiny, monkeypa
     assert needs_launcher(plan)  # one process too
     assert not needs_launcher(plan.model_copy(update={"sharding": "ddp", "precision": "bf16-master"}))
     cmd = command(resolve_plan(str(path)), ["train", str(path)])
-    assert cmd[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(path.parent / "accelerate_config.yaml")]
+    assert cmd[1:7] == ["-m", "accelerate.commands.launch", "--config_file", str(path.parent / "accelerate_config.yaml"),
+                        "--deepspeed_config_file", str(path.parent / "ds_config.json")]
     assert cmd[-4:] == ["-m", "memplan", "train", str(path)]
 
-    # --set that changes what the DeepSpeed JSON fixes: refused before any process starts
+    # --set of what the JSON leaves "auto" follows the plan; of what it fixes: refused before any process starts
     from memplan.errors import UserError
 
-    for sets, wanted in ((["micro_batch=2"], "train_micro_batch_size_per_gpu is 4 but the plan needs 2"),
-                         (["grad_accum=4"], "gradient_accumulation_steps is 2 but the plan needs 4"),
-                         (["max_grad_norm=0.5"], "gradient_clipping is 1.0 but the plan needs 0.5"),
-                         (["zero=1"], "zero_optimization.stage is 2 but the plan needs 1"),
+    for sets in (["micro_batch=2"], ["grad_accum=4"], ["max_grad_norm=0.5"], ["lr=1e-3"], ["weight_decay=0.1"]):
+        assert command(resolve_plan(str(path), sets), ["train", str(path)])[-4:] == cmd[-4:]
+    for sets, wanted in ((["zero=1"], "zero_optimization.stage is 2 but the plan needs 1"),
                          (["precision=fp32"], "bf16.enabled is True but the plan needs False"),
                          (["gpus=2"], "num_processes is 1, but the plan has 2")):
+        with pytest.raises(UserError, match=wanted):
+            command(resolve_plan(str(path), sets), ["train", str(path)])
+    # a JSON edited to fixed numbers must still agree with the plan
+    ds_json = path.parent / "ds_config.json"
+    fixed = dict(json.loads(ds_json.read_text()), train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2,
+                 gradient_clipping=1.0)
+    ds_json.write_text(json.dumps(fixed))
+    for sets, wanted in ((["micro_batch=2"], "train_micro_batch_size_per_gpu is 4 but the plan needs 2"),
+                         (["grad_accum=4"], "gradient_accumulation_steps is 2 but the plan needs 4"),
+                         (["max_grad_norm=0.5"], "gradient_clipping is 1.0 but the plan needs 0.5")):
         with pytest.raises(UserError, match=wanted):
             command(resolve_plan(str(path), sets), ["train", str(path)])
 
@@ -93,10 +104,10 @@ def test_deepspeed_config_checks_and_auto_values():
     assert cfg["train_batch_size"] == 24 and cfg["bf16"]["enabled"] is True and cfg["gradient_clipping"] == 0.7
     assert expected_values(plan)["zero_optimization.offload_optimizer.device"] == "none"
 
-    wrong = dict(cfg, gradient_accumulation_steps=1, optimizer={"type": "AdamW"})
+    wrong = dict(cfg, gradient_accumulation_steps=1, scheduler={"type": "WarmupLR"})
     problems = config_problems(plan, wrong, "ds.json")
     assert any("gradient_accumulation_steps is 1" in p for p in problems)
-    assert any("'optimizer' section" in p for p in problems)
+    assert any("'scheduler' section, but memplan train runs the plan's schedule (cosine" in p for p in problems)
     # a JSON without bf16 is fp32 for DeepSpeed: not the plan's bf16-master
     assert any("bf16.enabled" in p for p in config_problems(plan, {"zero_optimization": {"stage": 2}}, "ds.json"))
 
@@ -138,6 +149,93 @@ def test_missing_or_foreign_launch_files(tmp_path, tiny):
             command(resolve_plan(str(path)), ["train", str(path)])
 
 
+def _fake_accelerator(cfg: dict):
+    """What deepspeed_setup.configure reads of accelerate's Accelerator in a launched DeepSpeed process."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(distributed_type=SimpleNamespace(name="DEEPSPEED"),
+                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=cfg)))
+
+
+def test_the_json_optimizer_section_is_checked_then_left_to_memplan():
+    """ds_config.json describes the plan's AdamW for other trainers; memplan train checks it against the plan,
+    fills its "auto" values and passes the optimizer itself (accelerate refuses one given both ways)."""
+    from memplan.errors import UserError
+    from memplan.models import resolve_model
+    from memplan.plan import build_plan
+    from memplan.recommend.writers import ds_config
+    from memplan.train.deepspeed_setup import config_problems, configure, fill_auto
+
+    plan = build_plan(dict(model="demo-tiny", device="cpu", gpus=2, micro_batch=3, grad_accum=4, optimizer="adamw-fused",
+                           hparams={"lr": 3e-4, "weight_decay": 0.1}, **DS))
+    written = ds_config(plan, resolve_model("demo-tiny"))
+    cfg = json.loads(json.dumps(written))
+    assert configure(_fake_accelerator(cfg), plan) is cfg
+    assert "optimizer" not in cfg and cfg["train_batch_size"] == 24 and cfg["gradient_clipping"] == 1.0
+    filled = fill_auto(plan, json.loads(json.dumps(written)))
+    assert filled["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                               "weight_decay": 0.1, "torch_adam": True, "fused": True}}
+
+    def problems(**section_params):
+        cfg = json.loads(json.dumps(written))
+        cfg["optimizer"]["params"].update(section_params)
+        return config_problems(plan, fill_auto(plan, cfg), "ds.json")
+
+    assert problems() == [] and problems(lr="auto") == []
+    assert problems(lr=1e-3) == ["ds.json: optimizer.params.lr is 0.001 but the plan needs 0.0003"]
+    assert problems(betas=[0.9, 0.95]) == ["ds.json: optimizer.params.betas is [0.9, 0.95] but the plan needs [0.9, 0.999]"]
+    assert problems(fused=False, foreach=True) == [
+        "ds.json: optimizer.params: foreach True (the plan needs None), fused False (the plan needs True); the plan's "
+        "optimizer is torch's AdamW (adamw-fused)"]
+    assert problems(torch_adam=False) and "torch_adam False (the plan needs True)" in problems(torch_adam=False)[0]
+    # DeepSpeed names its optimizers case-insensitively; "Adam" is AdamW unless adam_w_mode is false
+    assert not [p for p in config_problems(plan, fill_auto(plan, dict(written, optimizer=dict(
+        written["optimizer"], type="adam"))), "ds.json")]
+    wrong = config_problems(plan, fill_auto(plan, dict(written, optimizer={"type": "Lamb", "params": {}})), "ds.json")
+    assert wrong == ["ds.json: optimizer.type is 'Lamb' but the plan's optimizer is adamw-fused (AdamW)"]
+    sgd = plan.model_copy(update={"optimizer": "sgd"})
+    assert "optimizer" not in ds_config(sgd, resolve_model("demo-tiny"))
+    assert "memplan train itself" in config_problems(sgd, fill_auto(sgd, dict(written)), "ds.json")[0]
+
+    # under ZeRO-Offload the section is DeepSpeed's CPU Adam, and torch's AdamW there is refused
+    offload = build_plan(dict(model="demo-tiny", precision="bf16-master", sharding="deepspeed", zero=2,
+                              offload="optimizer"))
+    section = ds_config(offload, resolve_model("demo-tiny"))
+    assert "torch_adam" not in section["optimizer"]["params"]
+    assert config_problems(offload, fill_auto(offload, section), "ds.json") == []
+    section["optimizer"]["params"]["torch_adam"] = True
+    assert "the plan's optimizer is DeepSpeed's CPU Adam (ZeRO-Offload)" in config_problems(offload, section, "ds.json")[0]
+    with pytest.raises(UserError, match="optimizer.params: torch_adam True"):
+        configure(_fake_accelerator(section), offload)
+
+
+def test_offload_needs_cpu_adam_buildable_before_launch(tmp_path, tiny, monkeypatch):
+    """DeepSpeed compiles its CPU Adam on first use: without ninja or a compiler every process would fail
+    with a traceback, so the launch says it once."""
+    import shutil
+    import types
+
+    from memplan.errors import UserError
+    from memplan.train import deepspeed_setup
+    from memplan.train.launch import command
+    from memplan.train.settings import resolve_plan
+
+    path = run_dir(tmp_path, tiny, **DS)
+    _with_launch_files(path)
+    fake = types.ModuleType("deepspeed")
+    info = types.ModuleType("deepspeed.git_version_info")
+    info.installed_ops = {"cpu_adam": False}
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.setitem(sys.modules, "deepspeed.git_version_info", info)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    command(resolve_plan(str(path)), ["train", str(path)])  # no offload: nothing to compile
+    with pytest.raises(UserError, match="DeepSpeed's CPU Adam, whose op DeepSpeed compiles on first use, and ninja "
+                                        "and a C.. compiler .c... cannot be found. Hint: install them"):
+        deepspeed_setup.check_cpu_adam()
+    info.installed_ops = {"cpu_adam": True}  # built at install (DS_BUILD_CPU_ADAM=1)
+    deepspeed_setup.check_cpu_adam()
+
+
 def test_deepspeed_trains_like_memplans_own_bf16_master(tmp_path, tiny):
     """ZeRO-2 through DeepSpeed's engine vs memplan.master_weights: the same bf16-master regime, the same
     data and steps. Tolerance 2e-4 relative: DeepSpeed accumulates and clips fp32 gradients where memplan's
@@ -155,3 +253,72 @@ def test_deepspeed_trains_like_memplans_own_bf16_master(tmp_path, tiny):
     assert runs["memplan"].keys() == runs["deepspeed"].keys()
     for key, value in runs["memplan"].items():
         assert runs["deepspeed"][key] == pytest.approx(value, rel=2e-4), key
+
+
+def test_hf_trainer_fills_the_written_json_as_memplan_does():
+    """The reuse the "auto" values are for: transformers' own filling (HfTrainerDeepSpeedConfig, what HF
+    Trainer, axolotl and LLaMA-Factory run) from the README's training arguments gives the JSON memplan train
+    gives DeepSpeed, with no mismatch."""
+    pytest.importorskip("deepspeed")
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from memplan.models import resolve_model
+    from memplan.plan import build_plan
+    from memplan.recommend.writers import ds_config, trainer_arguments
+    from memplan.train.deepspeed_setup import fill_auto
+
+    for fields in (dict(zero=2, optimizer="adamw-fused"), dict(zero=3, offload="optimizer+params")):
+        plan = build_plan(dict(model="llama-2-7b", precision="bf16-master", sharding="deepspeed", micro_batch=2,
+                               grad_accum=8, hparams={"lr": 3e-5, "weight_decay": 0.01, "max_grad_norm": 0.5},
+                               **fields))
+        written = ds_config(plan, resolve_model("llama-2-7b"))
+        args = TrainingArguments(output_dir="unused", use_cpu=True, **trainer_arguments(plan))
+        hf = HfTrainerDeepSpeedConfig(json.loads(json.dumps(written)))
+        hf.trainer_config_process(args)
+        hf.trainer_config_finalize(args, model=None, num_training_steps=100)  # raises on any mismatch
+        assert hf.mismatches == []
+        assert hf.config == fill_auto(plan, json.loads(json.dumps(written)))
+
+
+def test_offload_steps_deepspeeds_cpu_adam_on_the_cpu(tmp_path):
+    """A CUDA plan with ZeRO-Offload, run as far as DeepSpeed goes on the CPU (its CPU accelerator: ZeRO-2
+    with offload_optimizer, gloo): memplan's path (the plan's torch AdamW, which accelerate hands to
+    DeepSpeed as DeepSpeedCPUAdam) and the JSON's optimizer section (what HF Trainer lets DeepSpeed build)
+    both step DeepSpeed's CPU Adam with the plan's hyperparameters, and its losses follow torch's AdamW
+    without offload. DeepSpeed compiles the CPU Adam op on the first run (minutes)."""
+    pytest.importorskip("deepspeed")
+    from memplan.models import resolve_model
+    from memplan.plan import build_plan
+    from memplan.recommend.writers import ds_config
+    from memplan.train.launch import _free_port as free_port
+
+    base = dict(model="demo-tiny", precision="bf16-master", sharding="deepspeed", zero=2, micro_batch=4,
+                optimizer="adamw-fused", hparams={"lr": 1e-2, "weight_decay": 0.01})
+    runs = {}
+    for name, offload, mode in (("torch", "none", "memplan"), ("offload", "optimizer", "memplan"),
+                                ("offload-json", "optimizer", "section"), ("torch-json", "none", "section")):
+        fields = dict(base, offload=offload)
+        plan = build_plan(fields)
+        cfg = tmp_path / f"{name}.json"
+        written = ds_config(plan, resolve_model("demo-tiny"))
+        written["zero_optimization"].get("offload_optimizer", {})["pin_memory"] = False  # no CUDA to pin for
+        cfg.write_text(json.dumps(written))
+        done = subprocess.run([sys.executable, str(PROBE), json.dumps(fields), mode, str(free_port()), str(cfg)],
+                              capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=1800)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in ("offload", "offload-json"):
+        r = runs[name]
+        assert r["optimizer"] == "DeepSpeedCPUAdam" and r["cpu_offload"] is True
+        assert (r["lr"], r["betas"], r["eps"], r["weight_decay"]) == (1e-2, [0.9, 0.999], 1e-8, 0.01)
+    # DeepSpeed's CPU Adam steps as torch's AdamW does (measured: the same losses to the last digit)
+    assert runs["offload"]["losses"] == pytest.approx(runs["torch"]["losses"], rel=1e-6)
+    assert runs["offload-json"]["losses"] == pytest.approx(runs["torch-json"]["losses"], rel=1e-6)
+    for name in ("torch", "torch-json"):
+        assert runs[name]["optimizer"] == "AdamW" and runs[name]["fused"] is True  # the plan's adamw-fused
+        assert runs[name]["cpu_offload"] is False
+    # the same torch AdamW, except that memplan exempts biases from weight decay (as HF Trainer does with its
+    # own optimizer) while DeepSpeed's optimizer from the section decays every parameter
+    assert runs["torch-json"]["losses"] == pytest.approx(runs["torch"]["losses"], rel=1e-3)
+    assert runs["torch"]["losses"][-1] < runs["torch"]["losses"][0]

@@ -449,7 +449,7 @@ def recommend(req: Request) -> Recommendation:
         rec.hparams.reasons[1] = f"warmup {req.warmup_ratio:g} of the steps: given; then cosine decay to 0"
     fields = best.plan.model_dump(mode="json")
     fields["model"] = model_ref
-    fields["hparams"] = {**fields["hparams"], **h}
+    fields["hparams"] = {**fields["hparams"], "warmup_ratio": None, "warmup_steps": None, **h}  # the plan holds one
     fields["data"] = {**fields["data"], "train": _relative(req.data, req.out_dir),
                       "validation": _relative(req.validation, req.out_dir), "samples": samples,
                       "domain_shift": shift, "replay": _relative(req.replay, req.out_dir),
@@ -475,6 +475,10 @@ def recommend(req: Request) -> Recommendation:
     positions = spec.config.get("max_position_embeddings") or spec.config.get("n_positions") or spec.position_embeddings
     if positions and seq_len > positions:
         warnings.append(f"sequence length {seq_len} exceeds the model's {positions} positions (max_position_embeddings)")
+    if not req.data:  # --dataset-size only: the written plan cannot train until it names its data
+        where = f"{(req.out_dir.rstrip('/') or '.') if req.out_dir else 'DIR'}/plan.yaml"
+        warnings.append(f"no --data: data.train is not set, and memplan train needs it: memplan train {where} "
+                        "--set train=FILE.jsonl, or set data.train in plan.yaml (relative to its directory)")
     if rec.estimate.host_bytes:
         assumptions.append(f"offload keeps {rec.estimate.host_bytes / GiB:.2f} GiB in host RAM per node")
 

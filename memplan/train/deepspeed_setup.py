@@ -1,13 +1,23 @@
 """How `memplan train` runs a DeepSpeed plan: through accelerate's DeepSpeed integration, as accelerate
 users do. No torch or deepspeed import at module level.
 
-- Launch: always `accelerate launch --config_file DIR/accelerate_config.yaml` (one process too: DeepSpeed's
-  engine needs the launcher's environment); the file names DIR/ds_config.json (both written by
-  `memplan recommend`). Both are checked against the plan before any process starts.
-- The DeepSpeed JSON owns what DeepSpeed owns: micro-batch, gradient accumulation, clipping
-  (`gradient_clipping`), bf16 with fp32 masters (`bf16.enabled` = precision bf16-master), the ZeRO stage and
-  offload. Its numbers must equal the plan's; "auto" is filled from the plan. memplan passes its own
-  optimizer (the plan's, over fp32 partitions) and steps its own LR schedule, so the JSON names neither.
+- Launch: always `accelerate launch --config_file DIR/accelerate_config.yaml --deepspeed_config_file
+  DIR/ds_config.json` (one process too: DeepSpeed's engine needs the launcher's environment). The
+  accelerate config names the JSON relative to its own directory (accelerate itself would read that name
+  from the current directory; the explicit flag, which accelerate lets win over the file, makes the plan
+  directory movable). Both files are checked against the plan before any process starts.
+- The DeepSpeed JSON is the one HF Trainer-based tools read too: "auto" where transformers'
+  HfTrainerDeepSpeedConfig fills a value from the training arguments (batch sizes, accumulation, clipping,
+  the optimizer's lr / betas / eps / weight_decay); memplan fills them from the plan (`fill_auto`), and
+  every value the plan fixes must agree: micro-batch, accumulation, clipping, bf16 with fp32 masters
+  (`bf16.enabled` = precision bf16-master), the ZeRO stage, offload, the optimizer.
+- The optimizer: the JSON's section describes the plan's AdamW (`optimizer_section`); memplan passes that
+  optimizer itself (memplan.profile_optim, the one `memplan profile` measures) and steps its own LR schedule,
+  so the section is checked, then dropped from the launched process's config (accelerate refuses an
+  optimizer given both ways). Under ZeRO-Offload accelerate hands the plan's torch AdamW to DeepSpeed as
+  DeepSpeedCPUAdam with the same parameter groups (accelerate.utils.deepspeed.map_pytorch_optim_to_deepspeed),
+  the optimizer DeepSpeed itself builds from the section: its C++ op is compiled on first use (checked here
+  before launch).
 - The loop: `accelerator.backward` runs `engine.backward` on every micro-batch and `engine.step` (reduce,
   clip, step, zero the grads) on the last one, where `accelerator.sync_gradients` is set. memplan's loss is
   already normalised per optimizer step (token sum / labelled tokens of the step), so the engine must not
@@ -26,6 +36,19 @@ from typing import Any, Optional
 from memplan.errors import UserError
 
 INSTALL_HINT = "Hint: pip install deepspeed, or --set sharding=fsdp"
+#: The DeepSpeed JSON's name in a plan directory; accelerate_config.yaml names it relative to itself.
+DS_CONFIG_NAME = "ds_config.json"
+#: torch.optim.AdamW's betas and eps, which memplan's AdamW keeps (memplan.profile_optim sets lr and
+#: weight_decay only); DeepSpeedCPUAdam's defaults are the same.
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-8
+ADAMW_FAMILY = ("adamw", "adamw-fused", "adamw-forloop")
+#: torch AdamW's implementation switches for each plan optimizer, as DeepSpeed's optimizer params pass them on.
+TORCH_ADAMW_SWITCHES = {"adamw": {"foreach": True}, "adamw-fused": {"fused": True}, "adamw-forloop": {"foreach": False}}
+#: The keys the JSON leaves "auto": those transformers' HfTrainerDeepSpeedConfig.trainer_config_process
+#: fills from TrainingArguments (integrations/deepspeed.py).
+AUTO_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+             "optimizer.params.lr", "optimizer.params.betas", "optimizer.params.eps", "optimizer.params.weight_decay")
 CHECKPOINT_TAG = "deepspeed"  # sub-directory of a memplan checkpoint holding DeepSpeed's own files
 BACKWARD_KWARGS = {"scale_wrt_gas": False}  # the loss is already the mean over the optimizer step
 
@@ -55,6 +78,21 @@ def _set(cfg: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def optimizer_section(plan) -> Optional[dict]:
+    """The JSON's optimizer section: the plan's AdamW, for tools that let DeepSpeed build the optimizer (HF
+    Trainer given a JSON with this section, the deepspeed launcher). DeepSpeed builds "AdamW" as
+    DeepSpeedCPUAdam (adamw_mode) under ZeRO-Offload, else as its FusedAdam CUDA op unless "torch_adam"
+    asks for torch's AdamW, with foreach / fused as the plan says (deepspeed/runtime/engine.py,
+    get_optimizer_configuration): the optimizer the estimate counts. None for 8-bit AdamW, Adafactor and
+    SGD: DeepSpeed cannot build those by name, so the training tool builds its own."""
+    if plan.optimizer not in ADAMW_FAMILY:
+        return None
+    params: dict[str, Any] = {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}
+    if plan.offload == "none":
+        params.update(torch_adam=True, **TORCH_ADAMW_SWITCHES[plan.optimizer])
+    return {"type": "AdamW", "params": params}
+
+
 def expected_values(plan) -> dict[str, Any]:
     """The DeepSpeed JSON values a plan fixes (dotted keys)."""
     offload = plan.offload
@@ -68,6 +106,10 @@ def expected_values(plan) -> dict[str, Any]:
         "zero_optimization.stage": plan.zero,
         "zero_optimization.offload_optimizer.device": "cpu" if offload != "none" else "none",
         "zero_optimization.offload_param.device": "cpu" if offload == "optimizer+params" else "none",
+        "optimizer.params.lr": plan.hparams.effective_lr(plan.method),
+        "optimizer.params.betas": list(ADAMW_BETAS),
+        "optimizer.params.eps": ADAMW_EPS,
+        "optimizer.params.weight_decay": plan.hparams.weight_decay,
     }
 
 
@@ -76,6 +118,8 @@ def _same(actual: Any, wanted: Any) -> bool:
         return str(actual).lower() == str(wanted).lower()
     if isinstance(wanted, (int, float)) and isinstance(actual, (int, float)):
         return float(actual) == float(wanted)
+    if isinstance(wanted, (list, tuple)) and isinstance(actual, (list, tuple)):
+        return len(actual) == len(wanted) and all(_same(a, w) for a, w in zip(actual, wanted))
     return actual == wanted
 
 
@@ -101,10 +145,39 @@ def config_problems(plan, cfg: dict, source: str) -> list[str]:
             actual = defaults[key]
         if not _same(actual, wanted):
             out.append(f"{source}: {key} is {actual!r} but the plan needs {wanted!r}")
-    for owned in ("optimizer", "scheduler"):
-        if owned in cfg:
-            out.append(f"{source}: has an '{owned}' section, but memplan train passes the plan's {owned} itself")
+    if "optimizer" in cfg:
+        out += _optimizer_problems(plan, cfg["optimizer"], source)
+    if "scheduler" in cfg:
+        out.append(f"{source}: has a 'scheduler' section, but memplan train runs the plan's schedule "
+                   f"({plan.hparams.lr_scheduler} with warmup) itself; remove the section")
     return out
+
+
+def _switches(params: dict) -> tuple:
+    """What decides which AdamW DeepSpeed builds: torch's (and how) or its own."""
+    return bool(params.get("torch_adam")), params.get("foreach"), bool(params.get("fused"))
+
+
+def _optimizer_problems(plan, section: Any, source: str) -> list[str]:
+    wanted = optimizer_section(plan)
+    if wanted is None:
+        return [f"{source}: has an 'optimizer' section, but the plan's optimizer {plan.optimizer} is built by "
+                "memplan train itself; remove the section"]
+    if not isinstance(section, dict):
+        return [f"{source}: optimizer must be an object with type and params"]
+    params = section.get("params") or {}
+    kind = str(section.get("type", "")).lower()  # DeepSpeed matches optimizer names case-insensitively
+    # "Adam" is AdamW in DeepSpeed unless adam_w_mode is false (engine._configure_basic_optimizer)
+    if kind not in ("adamw", "adam") or (kind == "adam" and params.get("adam_w_mode") is False):
+        return [f"{source}: optimizer.type is {section.get('type')!r} but the plan's optimizer is {plan.optimizer} "
+                "(AdamW)"]
+    have, want = _switches(params), _switches(wanted["params"])
+    if have != want:
+        names = ("torch_adam", "foreach", "fused")
+        diff = ", ".join(f"{n} {h!r} (the plan needs {w!r})" for n, h, w in zip(names, have, want) if h != w)
+        what = "DeepSpeed's CPU Adam (ZeRO-Offload)" if plan.offload != "none" else f"torch's AdamW ({plan.optimizer})"
+        return [f"{source}: optimizer.params: {diff}; the plan's optimizer is {what}"]
+    return []
 
 
 def check_config(plan, cfg: dict, source: str) -> None:
@@ -132,7 +205,8 @@ def launch_files(plan_dir: Path) -> tuple[Path, dict]:
 
 
 def check_launch_config(plan, path: Path, cfg: dict) -> Path:
-    """The accelerate config must start DeepSpeed with the plan's process count; returns the JSON's path."""
+    """The accelerate config must start DeepSpeed with the plan's process count; returns the JSON's path
+    (a relative name is relative to the accelerate config's directory)."""
     if cfg.get("distributed_type") != "DEEPSPEED":
         raise UserError(f"{path}: distributed_type is {cfg.get('distributed_type')!r}, but the plan's sharding is "
                         "deepspeed. Hint: memplan recommend ... -o DIR rewrites it for the plan")
@@ -151,12 +225,34 @@ def check_launch_config(plan, path: Path, cfg: dict) -> Path:
     return ds_path
 
 
-def preflight(plan, plan_dir: Path) -> Path:
-    """Everything checkable before the processes start; returns the accelerate config's path."""
+def check_cpu_adam() -> None:
+    """ZeRO-Offload steps DeepSpeedCPUAdam, whose C++ op DeepSpeed compiles on first use (ninja and a C++
+    compiler; op_builder/builder.py jit_load) unless it was built at install (DS_BUILD_CPU_ADAM=1)."""
+    import os
+    import shutil
+
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return  # check_installed says it
+    if installed_ops.get("cpu_adam"):
+        return
+    missing = [what for what, ok in (("ninja", shutil.which("ninja")),
+                                     (f"a C++ compiler ({os.environ.get('CXX', 'c++')})",
+                                      shutil.which(os.environ.get("CXX", "c++")))) if not ok]
+    if missing:
+        raise UserError(f"the plan offloads the optimizer to DeepSpeed's CPU Adam, whose op DeepSpeed compiles on "
+                        f"first use, and {' and '.join(missing)} cannot be found. Hint: install them (pip install "
+                        "ninja; g++), or DS_BUILD_CPU_ADAM=1 pip install deepspeed to build it ahead")
+
+
+def preflight(plan, plan_dir: Path) -> tuple[Path, Path]:
+    """Everything checkable before the processes start; returns the accelerate config's and the
+    DeepSpeed JSON's paths."""
     import json
 
     path, cfg = launch_files(plan_dir)
-    ds_path = check_launch_config(plan, path, cfg)
+    ds_path = check_launch_config(plan, path, cfg).resolve()
     try:
         ds_cfg = json.loads(ds_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -164,7 +260,9 @@ def preflight(plan, plan_dir: Path) -> Path:
     if not isinstance(ds_cfg, dict):
         raise UserError(f"{ds_path}: expected a JSON object of DeepSpeed settings, got {type(ds_cfg).__name__}")
     check_config(plan, ds_cfg, str(ds_path))
-    return path
+    if plan.offload != "none":
+        check_cpu_adam()
+    return path, ds_path
 
 
 def accelerator_kwargs(plan) -> dict[str, Any]:
@@ -187,6 +285,8 @@ def configure(accelerator, plan) -> dict:
                         "DeepSpeed config. Hint: memplan train PLAN starts it (with DIR/accelerate_config.yaml)")
     cfg = accelerator.state.deepspeed_plugin.deepspeed_config
     check_config(plan, cfg, "the DeepSpeed config")
+    # memplan passes the optimizer the section describes itself (see the module docstring)
+    cfg.pop("optimizer", None)
     return cfg
 
 

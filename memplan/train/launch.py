@@ -4,8 +4,8 @@ CUDA: `accelerate launch --config_file PLAN_DIR/accelerate_config.yaml` (written
 DDP, FSDP, DeepSpeed, multi-node from the same file). CPU: `python -m torch.distributed.run` (torchrun)
 with one process per `gpus` on gloo: `accelerate launch --cpu` starts a single process regardless of
 --num_processes, so it cannot run a CPU data-parallel job. DeepSpeed always goes through accelerate launch
-(one process too: the engine needs the launcher's environment and the config's DeepSpeed JSON), on the CPU
-as well. The started processes see MEMPLAN_LAUNCHED=1, so that none of them launches again.
+(one process too: the engine needs the launcher's environment and the config's DeepSpeed JSON, passed by
+its absolute path so that the plan directory can move), on the CPU as well. The started processes see MEMPLAN_LAUNCHED=1, so that none of them launches again.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ def command(resolved: Resolved, args: list[str]) -> list[str]:
     if plan.sharding == "deepspeed":
         from memplan.train.deepspeed_setup import preflight as deepspeed_preflight
 
-        config = deepspeed_preflight(plan, resolved.plan_dir)
+        config, ds_config = deepspeed_preflight(plan, resolved.plan_dir)
+        # the JSON's absolute path: accelerate would read the config's relative name from the current directory
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                "-m", "memplan", *args]
+                "--deepspeed_config_file", str(ds_config), "-m", "memplan", *args]
     if plan.device == "cpu":
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                 "--nproc_per_node", str(plan.gpus), "--master_addr", "127.0.0.1",
