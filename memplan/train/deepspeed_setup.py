@@ -225,17 +225,37 @@ def check_launch_config(plan, path: Path, cfg: dict) -> Path:
     return ds_path
 
 
+def _installed_ops() -> dict:
+    """The ops DeepSpeed's setup.py built at install, read from its git_version_info_installed.py without
+    importing deepspeed (which imports torch): {} when DeepSpeed is absent or was not installed by setup.py."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(list(spec.submodule_search_locations)[0]) / "git_version_info_installed.py"
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "installed_ops" for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                return {}
+            return value if isinstance(value, dict) else {}
+    return {}
+
+
 def check_cpu_adam() -> None:
     """ZeRO-Offload steps DeepSpeedCPUAdam, whose C++ op DeepSpeed compiles on first use (ninja and a C++
     compiler; op_builder/builder.py jit_load) unless it was built at install (DS_BUILD_CPU_ADAM=1)."""
     import os
     import shutil
 
-    try:
-        from deepspeed.git_version_info import installed_ops
-    except ImportError:
-        return  # check_installed says it
-    if installed_ops.get("cpu_adam"):
+    if _installed_ops().get("cpu_adam"):
         return
     missing = [what for what, ok in (("ninja", shutil.which("ninja")),
                                      (f"a C++ compiler ({os.environ.get('CXX', 'c++')})",
