@@ -213,7 +213,6 @@ def test_offload_needs_cpu_adam_buildable_before_launch(tmp_path, tiny, monkeypa
     """DeepSpeed compiles its CPU Adam on first use: without ninja or a compiler every process would fail
     with a traceback, so the launch says it once."""
     import shutil
-    import types
 
     from memplan.errors import UserError
     from memplan.train import deepspeed_setup
@@ -222,17 +221,21 @@ def test_offload_needs_cpu_adam_buildable_before_launch(tmp_path, tiny, monkeypa
 
     path = run_dir(tmp_path, tiny, **DS)
     _with_launch_files(path)
-    fake = types.ModuleType("deepspeed")
-    info = types.ModuleType("deepspeed.git_version_info")
-    info.installed_ops = {"cpu_adam": False}
-    monkeypatch.setitem(sys.modules, "deepspeed", fake)
-    monkeypatch.setitem(sys.modules, "deepspeed.git_version_info", info)
+    # A DeepSpeed installation as setup.py leaves it: the ops it built are listed in a version file, read
+    # without importing deepspeed (and torch).
+    fake = tmp_path / "site" / "deepspeed"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('memplan must not import deepspeed to check it')\n")
+    installed = fake / "git_version_info_installed.py"
+    installed.write_text("version='0.19.8'\ninstalled_ops={'cpu_adam': False, 'fused_adam': False}\n")
+    monkeypatch.delitem(sys.modules, "deepspeed", raising=False)
+    monkeypatch.syspath_prepend(str(fake.parent))
     monkeypatch.setattr(shutil, "which", lambda name: None)
     command(resolve_plan(str(path)), ["train", str(path)])  # no offload: nothing to compile
     with pytest.raises(UserError, match="DeepSpeed's CPU Adam, whose op DeepSpeed compiles on first use, and ninja "
                                         "and a C.. compiler .c... cannot be found. Hint: install them"):
         deepspeed_setup.check_cpu_adam()
-    info.installed_ops = {"cpu_adam": True}  # built at install (DS_BUILD_CPU_ADAM=1)
+    installed.write_text("version='0.19.8'\ninstalled_ops={'cpu_adam': True}\n")  # DS_BUILD_CPU_ADAM=1
     deepspeed_setup.check_cpu_adam()
 
 

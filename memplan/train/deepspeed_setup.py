@@ -231,7 +231,10 @@ def _installed_ops() -> dict:
     import ast
     import importlib.util
 
-    spec = importlib.util.find_spec("deepspeed")
+    try:
+        spec = importlib.util.find_spec("deepspeed")
+    except ValueError:  # a module without a spec already in sys.modules
+        return {}
     if spec is None or not spec.submodule_search_locations:
         return {}
     path = Path(list(spec.submodule_search_locations)[0]) / "git_version_info_installed.py"
