@@ -292,7 +292,7 @@ def test_hparams_from_the_seed():
 
 
 def test_learning_rate_goes_as_one_over_width():
-    # The seed's and QLoRA's rates are for a 7B (d_model 4096); Adam's LR goes as 1/width (muP).
+    # The recommended and QLoRA's rates are for a 7B (d_model 4096); Adam's LR goes as 1/width (muP).
     assert hp.choose("full", "low", 1000, 3, hidden_size=4096).lr == hp.LR["full"]
     assert hp.choose("full", "low", 1000, 3, hidden_size=8192).lr == pytest.approx(hp.LR["full"] / 2)
     assert hp.choose("lora", "low", 1000, 3, hidden_size=8192).lr == pytest.approx(1e-4)  # QLoRA's 33B/65B rate

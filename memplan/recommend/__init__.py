@@ -1,5 +1,5 @@
-"""`memplan recommend`: the seed's method decision tree (data/decision_tree.yaml), a search over memory
-plans scored by the estimator and a time model, hyperparameters from the seed's table, and the
+"""`memplan recommend`: the fine-tuning method decision tree (data/decision_tree.yaml), a search over memory
+plans scored by the estimator and a time model, hyperparameters from the recommended values, and the
 ready-to-run files (plan.yaml, accelerate_config.yaml, ds_config.json, README.md).
 
 Modules: hardware (what to plan for), data_stats (counting --data), tree (the decision tree), search

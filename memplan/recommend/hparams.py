@@ -1,6 +1,7 @@
-"""Hyperparameters from the seed's table, scaled to the data.
+"""Hyperparameters from the recommended values, scaled to the data.
 
-The seed (关键概念 / 推荐值): learning rate 1e-5 to 5e-5 (full fine-tuning), batch "as large as possible",
+The recommended values of the fine-tuning guide the decision tree comes from (全参数微调流程图解,
+关键概念 / 推荐值): learning rate 1e-5 to 5e-5 (full fine-tuning), batch "as large as possible",
 gradient accumulation 4-16 steps, warmup 3-10 % of the total steps, cosine decay to 0; against
 catastrophic forgetting (灾难性遗忘): a lower learning rate, a mix of general data, early stopping on the
 validation set.
@@ -12,32 +13,32 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-#: Peak learning rates. Full FT: the seed's 2e-5 (its range 1e-5..5e-5). LoRA/QLoRA: 2e-4, the QLoRA
+#: Peak learning rates. Full FT: 2e-5, inside the recommended range 1e-5..5e-5. LoRA/QLoRA: 2e-4, the QLoRA
 #: paper's setting for 7B-13B models (Dettmers et al. 2023, appendix B.2: 2e-4, 1e-4 above 33B);
 #: adapters start at zero and need the larger step.
 LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
-#: High domain shift (the seed's first forgetting guard: lower the learning rate): half, still inside
-#: the seed's range for full FT (1e-5) and the QLoRA paper's for adapters (1e-4).
+#: High domain shift (the first guard against forgetting: lower the learning rate): half, still inside
+#: the recommended range for full FT (1e-5) and the QLoRA paper's for adapters (1e-4).
 LR_HIGH_SHIFT = {"full": 1e-5, "lora": 1e-4, "qlora": 1e-4}
 LR_RANGE = {"full": (1e-5, 5e-5), "lora": (1e-4, 2e-4), "qlora": (1e-4, 2e-4)}
-#: The width these rates are for: d_model 4096, LLaMA-7B's (the seed's model; QLoRA's 7B).
+#: The width these rates are for: d_model 4096, LLaMA-7B's (the guide's model; QLoRA's 7B).
 REF_WIDTH = 4096
 
-#: The seed's warmup range, as fractions of the total optimizer steps.
+#: The recommended warmup range, as fractions of the total optimizer steps.
 WARMUP_MIN, WARMUP_MAX = 0.03, 0.10
 #: AdamW's beta2 (torch default). Untuned linear warmup over 2 / (1 - beta2) steps suffices for Adam's
 #: second-moment estimate (Ma & Yarats 2021, "On the adequacy of untuned warmup for adaptive
-#: optimization"): 2,000 steps, clamped into the seed's 3-10 %.
+#: optimization"): 2,000 steps, clamped into the recommended 3-10 %.
 ADAM_BETA2 = 0.999
 
 #: Evaluations over a run (eval_every = steps / this): enough points for early stopping to act on.
 EVALS_PER_RUN = 20
 #: Early-stopping patience in evaluations; one less under a high domain shift (stop sooner as the
-#: validation loss turns, the seed's third guard).
+#: validation loss turns, the third guard against forgetting).
 PATIENCE, PATIENCE_HIGH_SHIFT = 3, 2
 
-#: Share of training examples drawn from general text under a high domain shift (the seed's second
-#: guard): 5 %, the smallest replay Ibrahim et al. 2024 ("Simple and Scalable Strategies to Continually
+#: Share of training examples drawn from general text under a high domain shift (the second guard
+#: against forgetting): 5 %, the smallest replay Ibrahim et al. 2024 ("Simple and Scalable Strategies to Continually
 #: Pre-train LLMs") found to undo most forgetting; Scialom et al. 2022 ("Fine-tuned Language Models are
 #: Continual Learners") needed 1 % rehearsal for instruction tasks.
 REPLAY_RATIO_HIGH_SHIFT = 0.05
@@ -55,7 +56,7 @@ MIN_STEPS_PER_EPOCH = 25
 #: fewer steps, and a warning, rather than single-example steps.
 MIN_EFFECTIVE_BATCH = 4
 
-#: The seed's gradient-accumulation range, a guideline for one GPU.
+#: The recommended gradient-accumulation range, a guideline for one GPU.
 ACCUM_RANGE = (4, 16)
 
 
@@ -130,14 +131,14 @@ def width_scale(hidden_size: int) -> float:
     Theory: muP (Yang et al. 2022, "Tensor Programs V", table 3: Adam, hidden weights, LR ∝ 1/fan_in).
     Practice: GPT-3's pre-training rates (Brown et al. 2020, table 2.1) give LR x d_model ≈ 0.4-0.5 from
     125M (d 768, 6e-4) to 13B (d 5140, 1e-4); QLoRA halves its adapter rate from 7B/13B (d 4096/5120, 2e-4)
-    to 33B/65B (d 6656/8192, 1e-4). The seed's rates are for a 7B (d 4096): a 70B (d 8192) gets half,
+    to 33B/65B (d 6656/8192, 1e-4). The recommended rates are for a 7B (d 4096): a 70B (d 8192) gets half,
     a 0.5B (d 896) 4.6x."""
     return REF_WIDTH / hidden_size
 
 
 def choose(method: str, domain_shift: str, total_steps: int, epochs: float, lr: float | None = None,
            hidden_size: int = REF_WIDTH, validation: Optional[int] = None) -> Hparams:
-    """The seed's hyperparameters for the run; `validation` (examples, when known) below
+    """The recommended hyperparameters for the run; `validation` (examples, when known) below
     memplan.train.data.MIN_EARLY_STOPPING_EXAMPLES turns early stopping off."""
     from memplan.train.data import MIN_EARLY_STOPPING_EXAMPLES
 
@@ -158,7 +159,7 @@ def choose(method: str, domain_shift: str, total_steps: int, epochs: float, lr: 
         reasons.append(f"learning rate {lr:g}: given")
     warm = warmup_steps(total_steps)
     reasons.append(f"warmup {warm} of {total_steps} steps ({100 * warm / total_steps:.1f} %): 2/(1-beta2) = "
-                   f"{round(2 / (1 - ADAM_BETA2))} steps clamped to the seed's 3-10 %; then cosine decay to 0")
+                   f"{round(2 / (1 - ADAM_BETA2))} steps clamped to the recommended 3-10 %; then cosine decay to 0")
     eval_every = max(1, round(total_steps / EVALS_PER_RUN))
     evals = total_steps // eval_every  # EVALS_PER_RUN, or one per step in a run with fewer steps
     patience = PATIENCE_HIGH_SHIFT if high else PATIENCE

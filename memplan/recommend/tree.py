@@ -86,7 +86,7 @@ class Tree:
         return at, steps
 
     def checklist_warnings(self, ctx: Context) -> list[str]:
-        """The seed's full-FT checklist items that fail."""
+        """The items of the full-FT checklist (when to choose full fine-tuning) that fail."""
         out = []
         for item in self.checklist:
             ok, reason = self.run_test(item["check"], item.get("args"), ctx)

@@ -229,7 +229,7 @@ def held_out_count(n: int, ratio: float) -> int:
 
 
 def split_validation(records: list[Record], ratio: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Hold out held_out_count(n, ratio) records, chosen by the seed."""
+    """Hold out held_out_count(n, ratio) records, chosen by the random seed."""
     n_val = held_out_count(len(records), ratio)
     if n_val == 0:
         return records, []
@@ -245,7 +245,7 @@ def replay_count(n_task: int, ratio: float) -> int:
 
 
 def mix_replay(task: list[Example], replay: list[Example], ratio: float, seed: int) -> list[Example]:
-    """Task examples plus replay examples drawn (without replacement while they last) by the seed."""
+    """Task examples plus replay examples drawn (without replacement while they last) by the random seed."""
     n = replay_count(len(task), ratio)
     if n == 0 or not replay:
         return list(task)
