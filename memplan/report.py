@@ -17,7 +17,7 @@ def gib(n: int) -> str:
 def describe_plan(e: Estimate) -> str:
     p = e.plan
     if p.sharding == "ddp":
-        shard = "DDP" if p.world_size > 1 else "1 GPU"
+        shard = "DDP" if p.world_size > 1 else ("1 process" if p.device == "cpu" else "1 GPU")
     elif p.sharding == "fsdp":
         shard = {0: "FSDP NO_SHARD", 2: "FSDP SHARD_GRAD_OP", 3: "FSDP FULL_SHARD"}[p.zero]
     else:
