@@ -452,6 +452,7 @@ def recommend(req: Request) -> Recommendation:
                       "domain_shift": shift, "replay": _relative(req.replay, req.out_dir),
                       "replay_ratio": rec.hparams.replay_ratio if req.replay else 0.0}
     fields["output_dir"] = "output" if req.out_dir else None
+    fields["target"] = target.plan_target()  # what `estimate --config` checks the plan against
     rec.plan = build_plan(fields, source="recommended plan")
     rec.estimate = estimate(spec, rec.plan, target.memory_bytes)
 
