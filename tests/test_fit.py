@@ -97,12 +97,16 @@ def test_headroom_is_recommends_and_can_be_changed(run_cli):
     assert tight[row]["fits"] is False and loose[row]["fits"] is True
 
 
-def test_best_rule_is_one_function():
+def test_best_rule_is_one_function(monkeypatch, run_cli):
     """estimate's best row and recommend's method choice both come from search.choose."""
-    from memplan.commands import estimate as est
     from memplan.recommend import core, search
 
-    assert est.choose is search.choose and core.choose is search.choose
+    assert core.choose is search.choose
+    calls = []
+    real = search.choose
+    monkeypatch.setattr(search, "choose", lambda *a: calls.append(a) or real(*a))
+    run_cli("estimate", "--model", "llama-3.1-8b", "--gpu", "rtx4090-24gb")
+    assert calls
 
 
 # ------------------------------------------------------------------------- exit codes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import click
 
@@ -16,7 +16,9 @@ from memplan.gpus import COMMON_SIZES_GIB
 from memplan.models import ModelSpec, resolve_model
 from memplan.plan import Plan, build_plan, merge, read_plan_yaml
 from memplan.recommend.hardware import Target
-from memplan.recommend.search import Candidate, Scorer, Workload, choose
+
+if TYPE_CHECKING:  # the table's scoring is imported when a table is asked for
+    from memplan.recommend.search import Candidate, Scorer
 
 GiB = 1 << 30
 
@@ -106,6 +108,8 @@ def _mark(target: Target, e: Estimate) -> str:
 
 def _score(plan: Plan, scorer: Scorer) -> Candidate:
     """recommend's candidate for one plan as given: one optimizer step of its own batch."""
+    from memplan.recommend.search import Workload
+
     work = Workload(seq_len=plan.seq_len, effective_batch=plan.effective_batch,
                     examples_per_epoch=plan.effective_batch, epochs=1)
     return scorer.score(plan, work)
@@ -115,6 +119,8 @@ def best_row(rows: list[Row]) -> Optional[Row]:
     """recommend's rule (search.choose): the methods in the order full FT, LoRA, QLoRA; the first that fits
     without parameter offload, else the first that fits at all; within it the best fitting row by
     recommend's default priority (quality, then time by its time model)."""
+    from memplan.recommend.search import choose
+
     fitting = {m: sorted((r.candidate for r in rows if r.candidate.plan.method == m and r.candidate.fits),
                          key=lambda c: c.key("quality")) for m in METHOD_ORDER}
     chosen = choose(METHOD_ORDER, fitting)
@@ -205,6 +211,8 @@ def _table(spec: ModelSpec, model_ref: str, overrides: dict, gpu: Optional[str],
         sizes = [fit.common_size_target(plans[0], g, used, host_memory) for g in COMMON_SIZES_GIB]
         judge_target = sizes[-1]
     assumptions += judge_target.assumptions
+    from memplan.recommend.search import Scorer
+
     scorer = Scorer(spec, judge_target)
     rows = []
     for plan in plans:
