@@ -114,6 +114,46 @@ class DataSettings(_Strict):
     retention: Optional[str] = Field(None, description="general-text JSONL whose perplexity is measured before and after training.")
 
 
+class TargetSettings(_Strict):
+    """The hardware a plan was made for: `recommend` records it, `estimate --config` checks the plan against
+    it (its --gpu / --gpu-memory / --host-memory / --headroom override it). GPUs per node and nodes are the
+    plan's own `gpus` / `nodes`; a CPU plan (`device: cpu`) has no GPU fields and its host_memory is its budget."""
+
+    gpu: Optional[str] = Field(None, description="GPU preset id (`memplan gpus`), e.g. h100-80gb; null on the CPU.")
+    gpu_memory: Optional[str] = Field(None, description="memory per GPU, e.g. 24GiB: a GPU without a preset, or "
+                                      "the memory the device reports (it replaces the preset's).")
+    host_memory: Optional[str] = Field(None, description="RAM per node, e.g. 1024GiB: for offloaded states on "
+                                       "GPUs; the whole budget of a CPU plan.")
+    headroom: float = Field(0.10, ge=0, lt=1, description="fraction of each memory kept free (default 0.1).")
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _known_gpu(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        from memplan.gpus import resolve_gpu
+
+        try:
+            return resolve_gpu(str(v)).id
+        except UserError as err:
+            raise ValueError(str(err)) from None
+
+    @field_validator("gpu_memory", "host_memory", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        from memplan.gpus import parse_memory
+
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = f"{v}GiB"  # a bare number is GiB, as on the command line
+        try:
+            parse_memory(v)
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        return str(v)
+
+
 class Plan(_Strict):
     """A fine-tuning run's memory-relevant settings. Sizes are per GPU unless stated."""
 
@@ -150,6 +190,8 @@ class Plan(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     output_dir: Optional[str] = Field(None, description="where train writes checkpoints, metrics and the final model "
                                       "(relative to the plan file; default: the plan file's directory).")
+    target: Optional[TargetSettings] = Field(None, description="the hardware the plan was made for (recommend "
+                                             "writes it; estimate --config checks the plan against it).")
 
     @property
     def world_size(self) -> int:
@@ -237,7 +279,8 @@ class PlanInput(dict):
     flags: dict[str, str] = {}
 
 
-_SECTIONS: dict[str, type[BaseModel]] = {"lora": LoraSettings, "hparams": Hyperparameters, "data": DataSettings}
+_SECTIONS: dict[str, type[BaseModel]] = {"lora": LoraSettings, "hparams": Hyperparameters, "data": DataSettings,
+                                        "target": TargetSettings}
 
 
 def _field_path(loc: tuple) -> list[str]:

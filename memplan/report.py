@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable
 
 from memplan.estimator.phases import PHASES, TERMS, Estimate
+from memplan.gpus import COMMON_SIZES_GIB
 
 GiB = 1 << 30
-COMMON_SIZES_GIB = (16, 24, 40, 48, 80)
 
 
 def gib(n: int) -> str:
@@ -17,7 +17,7 @@ def gib(n: int) -> str:
 def describe_plan(e: Estimate) -> str:
     p = e.plan
     if p.sharding == "ddp":
-        shard = "DDP" if p.world_size > 1 else "1 GPU"
+        shard = "DDP" if p.world_size > 1 else ("1 process" if p.device == "cpu" else "1 GPU")
     elif p.sharding == "fsdp":
         shard = {0: "FSDP NO_SHARD", 2: "FSDP SHARD_GRAD_OP", 3: "FSDP FULL_SHARD"}[p.zero]
     else:
@@ -28,30 +28,16 @@ def describe_plan(e: Estimate) -> str:
     return f"{method} · {shard} · {p.precision}"
 
 
-def fits_mark(e: Estimate, capacity: Optional[int]) -> str:
-    if capacity is None:
-        return ""
-    return "yes" if e.total <= capacity else "no"
-
-
-def plans_table(estimates: list[Estimate], capacity: Optional[int]) -> str:
+def plans_table(rows: list[tuple[Estimate, float, list[str]]], fits_headers: list[str]) -> str:
+    """The comparison table: per row (estimate, step seconds, fits marks), with the marks' headers."""
     from tabulate import tabulate
 
-    headers = ["plan", "trainable", "peak alloc", "reserved", "total", "host RAM/node"]
-    if capacity is not None:
-        headers.append(f"fits {gib(capacity)}")
-    else:
-        headers += [f"{g}G" for g in COMMON_SIZES_GIB]
-    rows = []
-    for e in estimates:
-        row = [describe_plan(e), _count(e.params_trainable), gib(e.peak_allocated), gib(e.reserved),
-               gib(e.total), gib(e.host_bytes) if e.host_bytes else "-"]
-        if capacity is not None:
-            row.append(fits_mark(e, capacity))
-        else:
-            row += ["yes" if e.total <= g * GiB else "no" for g in COMMON_SIZES_GIB]
-        rows.append(row)
-    return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
+    headers = ["plan", "trainable", "peak alloc", "reserved", "total", "host RAM/node", "step s"] + fits_headers
+    table = []
+    for e, step_s, marks in rows:
+        table.append([describe_plan(e), _count(e.params_trainable), gib(e.peak_allocated), gib(e.reserved),
+                      gib(e.total), gib(e.host_bytes) if e.host_bytes else "-", f"{step_s:.2f}", *marks])
+    return tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
 def breakdown_table(e: Estimate) -> str:

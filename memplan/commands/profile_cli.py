@@ -44,7 +44,13 @@ def profile(**kwargs) -> None:
     (DDP or FSDP; gloo on the CPU, NCCL on CUDA) and report per-rank peaks.
 
     Sizes in GiB (2^30 bytes) or MiB; error % = 100 x (estimate - measured) / measured, negative =
-    under-estimate. Exit status: 0 measured, 1 out of memory ("does not fit"), 2 bad input.
+    under-estimate.
+
+    \b
+    Exit codes:
+      0  the steps ran and were measured
+      1  out of memory: the plan does not fit ("does not fit: out of memory in <phase>")
+      2  bad input, or the plan cannot run here (no CUDA for --backend cuda, a missing package)
     """
     from memplan.commands.profile import run
 

@@ -68,8 +68,8 @@ HPARAM_HELP = {
               help="fraction of each device's memory kept free: a plan must fit (1 - headroom) x memory "
                    "(default: 0.1).")
 @click.option("--host-memory", "host_memory", default=None,
-              help="RAM per node for offloaded optimizer states and parameters, e.g. 512GiB (default: this "
-                   "machine's for local GPUs, else 128 GiB per GPU).")
+              help="RAM per node for offloaded optimizer states and parameters (a CPU plan: its whole budget), "
+                   "e.g. 512GiB (default: this machine's for local GPUs and CPU plans, else 128 GiB per GPU).")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default=None,
               help="write plan.yaml, accelerate_config.yaml, ds_config.json (DeepSpeed) and README.md here.")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables.")
@@ -81,8 +81,15 @@ def recommend(**kwargs) -> None:
 
     The decision tree picks full FT, LoRA or QLoRA (--explain shows it); a search over precision,
     optimizer, sharding / ZeRO / offload, checkpointing, attention, loss and micro-batch scores every plan
-    with the estimator and a time model. Memory in GiB (2^30 bytes) per GPU; times in hours.
-    Exit codes: 0 a plan, 1 no plan fits (what would fit is printed), 2 bad input.
+    with the estimator and a time model. Memory in GiB (2^30 bytes) per GPU; times in hours. The same
+    inputs give the same plan: nothing is measured (a CPU's figures follow from its /proc/cpuinfo).
+    plan.yaml records the hardware it was planned for (`target`), which `memplan estimate --config` checks.
+
+    \b
+    Exit codes:
+      0  a plan was recommended
+      1  no plan fits (what would fit instead is printed)
+      2  bad input (one line on stderr: memplan: error: ...)
     """
     from memplan.recommend.command import run
 

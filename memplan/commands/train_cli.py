@@ -39,6 +39,13 @@ def train(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_jso
     ds_config.json it names (written by memplan recommend -o DIR), one process too;
     it needs DeepSpeed (pip install deepspeed). precision bf16-master: bf16 weights,
     fp32 master copies in the optimizer (DeepSpeed's, or memplan's: one process, DDP, CPU FSDP).
+
+    \b
+    Exit codes:
+      0    training finished (--dry-run: the plan was printed)
+      1    the run crashed or failed (a launched process failed, out of memory)
+      2    bad input or it cannot run here (plan, data, model files; no CUDA / DeepSpeed)
+      130  interrupted (Ctrl-C); continue with --resume
     """
     from memplan.train.command import run
 

@@ -5,6 +5,7 @@ Gathering (this module) is apart from printing (`render.py`) and writing (`write
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ from memplan.plan import DataSettings, Plan, build_plan
 from memplan.recommend import hparams as hp
 from memplan.recommend.data_stats import DataStats, measure
 from memplan.recommend.hardware import Target, resolve_target
-from memplan.recommend.search import PRIORITIES, Candidate, Scorer, SearchResult, Workload, per_gpu_batch, search
+from memplan.recommend.search import (PRIORITIES, Candidate, Scorer, SearchResult, Workload, choose, per_gpu_batch,
+                                      search)
 from memplan.recommend.tree import Context, Step, Tree, load_tree
 
 GiB = 1 << 30
@@ -122,7 +124,10 @@ class Recommendation:
             "hparams": None,
             "target": {"device": self.target.device, "name": self.target.name, "gpus": self.target.gpus,
                        "nodes": self.target.nodes, "memory_bytes": self.target.memory_bytes,
-                       "usable_bytes": self.target.usable_bytes, "headroom": self.target.headroom},
+                       "usable_bytes": self.target.usable_bytes, "headroom": self.target.headroom,
+                       "host_memory_bytes": self.target.host_memory_bytes or None,
+                       "host_usable_bytes": self.target.usable_host_bytes if self.target.device == "cuda" else None,
+                       "cpu": dataclasses.asdict(self.target.cpu) if self.target.cpu else None},
             "data": self.data.to_json() if self.data else None,
             "samples": self.samples,
             "warnings": self.warnings,
@@ -200,13 +205,8 @@ def _full_ft_test(rec: Recommendation, scorer: Scorer, model_ref: str) -> tuple[
 
 
 def why_not(alt: Candidate, best: Candidate, priority: str, target: Target) -> str:
-    if not alt.fits and alt.total <= target.usable_bytes:
-        return (f"needs {alt.estimate.host_bytes / GiB:.2f} GiB of host RAM per node for offloaded states > "
-                f"{target.usable_host_bytes / GiB:.2f} GiB usable ({target.host_memory_bytes / GiB:.0f} GiB less "
-                f"{100 * target.headroom:g} % headroom)")
     if not alt.fits:
-        return (f"needs {alt.total / GiB:.2f} GiB per device at micro-batch 1 > {target.usable_bytes / GiB:.2f} GiB "
-                f"usable ({target.memory_bytes / GiB:.2f} GiB less {100 * target.headroom:g} % headroom)")
+        return target.why_not(alt.total, alt.estimate.host_bytes, at=" at micro-batch 1")
     slower = alt.hours > best.hours * (1 + 1e-9)
     parts = []
     if alt.quality_cost > best.quality_cost:
@@ -265,7 +265,7 @@ def pick_alternatives(result: SearchResult, best: Candidate, priority: str, targ
 
 
 def _host_ok(c: Candidate, target: Target) -> bool:
-    return not c.estimate.host_bytes or c.estimate.host_bytes <= target.usable_host_bytes
+    return target.host_fits(c.estimate.host_bytes)
 
 
 def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[str]) -> list[str]:
@@ -285,7 +285,7 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
                        f"{r.best.hours:.1f} h (--method {m})")
     if not pool:
         return out
-    gpu_ok = [c for c in pool if c.total <= target.usable_bytes]
+    gpu_ok = [c for c in pool if target.device_fits(c.total)]
     if gpu_ok and target.device == "cuda":
         c = min(gpu_ok, key=lambda c: c.estimate.host_bytes)
         need = c.estimate.host_bytes / (1 - target.headroom) / GiB
@@ -311,7 +311,7 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
             except UserError:
                 break
             e = estimate(rec.spec, plan, target.memory_bytes)
-            if e.total <= target.usable_bytes:
+            if target.device_fits(e.total):
                 out.append(f"{nodes} node(s) x {gpus} GPUs: DeepSpeed ZeRO-3 without offload needs "
                            f"{e.total / GiB:.2f} GiB per GPU (--gpus {gpus}{f' --nodes {nodes}' if nodes > 1 else ''})")
                 break
@@ -321,7 +321,7 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
     if rec.workload.seq_len > 512:
         shorter = smallest.plan.model_copy(update={"seq_len": rec.workload.seq_len // 2})
         e = estimate(rec.spec, shorter, target.memory_bytes)
-        if e.total <= target.usable_bytes and (not e.host_bytes or e.host_bytes <= target.usable_host_bytes):
+        if target.fits(e.total, e.host_bytes):
             out.append(f"--seq-len {shorter.seq_len}: {smallest.family()}, {e.total / GiB:.2f} GiB")
     return out
 
@@ -349,6 +349,8 @@ def recommend(req: Request) -> Recommendation:
     model_ref = _model_field(req.model)
     target = resolve_target(req.gpu, req.gpu_memory, req.gpus, req.nodes, req.headroom, req.host_memory)
     assumptions = list(target.assumptions)
+    if target.cpu:
+        assumptions.append(target.cpu.time_assumption(spec.hidden_size))
 
     stats = measure(req.data, req.model, spec.name, req.show_progress) if req.data else None
     samples = _train_examples(stats, bool(req.validation)) if stats else req.dataset_size
@@ -410,16 +412,14 @@ def recommend(req: Request) -> Recommendation:
         methods = list(leaf["methods"])
         rec.method_reason = f"{leaf['label']} ({leaf['why']})"
 
-    # The leaf's methods in order: the first that fits without parameter offload (a last resort that
-    # streams every weight over PCIe each step), else the first that fits at all.
+    # The leaf's methods in order: the first that fits without parameter offload, else the first that
+    # fits at all (search.choose, the rule `estimate` uses too).
     for m in methods:
         rec.searches[m] = search(spec, model_ref, m, target, workload, req.priority, scorer, progress=progress)
-    def _no_param_offload(m: str) -> bool:
-        return any(c.plan.offload != "optimizer+params" for c in rec.searches[m].fitting)
-    first = next((m for m in methods if _no_param_offload(m)), None) or \
-        next((m for m in methods if rec.searches[m].best), None)
+    chosen = choose(methods, {m: rec.searches[m].fitting for m in methods})
+    first = chosen.plan.method if chosen else None
     if first is not None:
-        rec.chosen = rec.searches[first].best
+        rec.chosen = chosen
         if len(methods) > 1:
             skipped = methods[:methods.index(first)]
             notes = []
@@ -455,6 +455,7 @@ def recommend(req: Request) -> Recommendation:
                       "domain_shift": shift, "replay": _relative(req.replay, req.out_dir),
                       "replay_ratio": rec.hparams.replay_ratio if req.replay else 0.0}
     fields["output_dir"] = "output" if req.out_dir else None
+    fields["target"] = target.plan_target()  # what `estimate --config` checks the plan against
     rec.plan = build_plan(fields, source="recommended plan")
     rec.estimate = estimate(spec, rec.plan, target.memory_bytes)
 

@@ -1,13 +1,17 @@
 """What the plan is for: GPUs (a preset, a size, or the local devices) or this machine's CPU.
 
-Memory is the limit a plan must fit with headroom; the throughput figures feed the time model
-(`memplan.recommend.throughput`). Nothing here imports torch unless the CPU's speed is measured.
+Memory is the limit a plan must fit with headroom (`Target.fits`: the one rule `recommend` and `estimate`
+share); the throughput figures feed the time model (`memplan.recommend.throughput`).
+
+Nothing here measures anything: a plan depends only on its inputs. A GPU's figures come from its preset;
+a CPU's from its instruction set and core count as /proc/cpuinfo states them, and the training rates
+measured once for each instruction-set class (`CPU_FP32_RATE`, `CPU_BF16_SPEED`). No torch here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,8 +40,72 @@ PROCESS_BASELINE_BYTES = 450 * (1 << 20)
 #: gives the real figure per node.
 HOST_RAM_PER_GPU = 128 * GiB
 
-#: How long each matmul measurement of the CPU runs (seconds).
-CPU_PROBE_SECONDS = 0.25
+#: Where the CPU rates below were measured (benchmarks/cpu_precision_speed.py writes it).
+CPU_RATES = "benchmarks/results/cpu-precision-speed.txt"
+
+# A CPU's training rate is a table of measurements, not a datasheet peak x MFU: per core, per precision
+# regime and method, at two model widths (d_model 192: demo-tiny; 512: a 4-layer Llama of 14.7M
+# parameters), interpolated log-linearly in the width between them and held constant outside
+# (`at_width`). Measured by benchmarks/cpu_precision_speed.py on this project's AMD EPYC (Zen 4,
+# avx512_bf16): `memplan train` steps on the CPU demo's task (data/demo/train.jsonl, micro-batch 32 of
+# about 43 tokens), one torch thread, the process's CPU time per step (batch preparation and AdamW
+# included; other work on the machine does not count), medians of 3 rounds with the regimes alternating;
+# model FLOPs as `throughput.train_flops_per_token` counts them. Narrow models run below the matmul
+# rate: norms, rotary, softmax, loss and optimizer are a larger share of their step, and none of that
+# speeds up in bf16. On 128-token text (every sequence full) the bf16 gain at d_model 192 was larger
+# (amp-bf16 x1.14-1.16); see CPU_RATES.
+
+#: fp32 training FLOP/s per core, (d_model, rate), for full fine-tuning and for adapters (LoRA / QLoRA:
+#: peft's dropout and adapter matmuls take time the FLOP count leaves out).
+CPU_FP32_RATE: dict[str, tuple[tuple[int, float], ...]] = {
+    "full": ((192, 54.6e9), (512, 78.9e9)),
+    "adapters": ((192, 33.6e9), (512, 59.2e9)),
+}
+
+#: What each core beyond the first adds to a process's speed (torch's intra-op threads), (d_model,
+#: gain): wall time of the same steps with 2 threads vs 1 on the idle machine, 1.48x at d_model 192 and
+#: 1.90x at 512 (CPU_RATES). n cores run 1 + (n - 1) x gain times one core's rate; measured at 2.
+CPU_EXTRA_CORE_GAIN: tuple[tuple[int, float], ...] = ((192, 0.48), (512, 0.90))
+
+#: Train-step speed of each bf16 regime relative to fp32 on the same core (fp32 step time / its step
+#: time), (d_model, speed), by how the CPU multiplies bf16 (`bf16_class`) and what trains:
+#: - "native": AVX512-BF16 (`avx512_bf16`; AMD Zen 4+, Intel Cooper Lake) or Arm's BF16 extension: oneDNN
+#:   multiplies bf16 directly (measured, as above);
+#: - "amx": Intel AMX (`amx_bf16`, Sapphire Rapids+): not measured here, taken as "native", a lower bound
+#:   (AMX's tiles multiply bf16 faster than AVX512-BF16);
+#: - "converted": AVX-512 without BF16: oneDNN converts bf16 to fp32 and multiplies in fp32 (measured for
+#:   LoRA with ONEDNN_MAX_CPU_ISA=AVX512_CORE, which keeps oneDNN off the BF16 instructions: half of
+#:   fp32's speed at both widths; full FT taken as the same);
+#: - "none": AVX2 and older: oneDNN has no bf16 kernel and torch falls back to plain loops (measured for
+#:   LoRA at d_model 192 with ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2: 7-8 x slower than
+#:   fp32); the search keeps bf16 for QLoRA only.
+_CONVERTED = {"amp-bf16": ((192, 0.52), (512, 0.52)), "bf16": ((192, 0.54), (512, 0.53))}
+_NO_BF16 = {"amp-bf16": ((192, 0.12),), "bf16": ((192, 0.14),)}
+CPU_BF16_SPEED: dict[str, dict[str, dict[str, tuple[tuple[int, float], ...]]]] = {
+    "native": {"full": {"amp-bf16": ((192, 1.10), (512, 1.59)), "bf16": ((192, 1.16), (512, 1.71))},
+               "adapters": {"amp-bf16": ((192, 1.00), (512, 1.47)), "bf16": ((192, 0.91), (512, 1.33))}},
+    "converted": {"full": _CONVERTED, "adapters": _CONVERTED},
+    "none": {"full": _NO_BF16, "adapters": _NO_BF16},
+}
+CPU_BF16_SPEED["amx"] = CPU_BF16_SPEED["native"]
+
+
+def at_width(points: tuple[tuple[int, float], ...], width: int) -> float:
+    """A measured quantity at model width `width`: log-linear in log(width) between the measured widths,
+    the nearest measurement outside them."""
+    import math
+
+    (w0, v0), (w1, v1) = points[0], points[-1]
+    if width <= w0:
+        return v0
+    if width >= w1:
+        return v1
+    f = math.log(width / w0) / math.log(w1 / w0)
+    return v0 * (v1 / v0) ** f
+
+
+#: The /proc/cpuinfo flags oneDNN needs for its AVX-512 ("avx512_core") kernels.
+AVX512_CORE_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
 
 
 @dataclass
@@ -57,6 +125,8 @@ class Target:
     interconnect_bytes_s: float = 0.0  # per direction, per GPU (the slowest link of the ring)
     host_link_bytes_s: float = 0.0  # per direction
     assumptions: list[str] = field(default_factory=list)
+    cpu: Optional["CpuInfo"] = None  # a CPU plan's processor (cores, bf16 class)
+    host_memory_given: bool = False  # host RAM stated (--host-memory, a plan's target) or this machine's
 
     @property
     def world_size(self) -> int:
@@ -79,9 +149,61 @@ class Target:
     def supports_bf16(self) -> bool:
         return self.peak_flops.get("bf16") is not None
 
+    def device_fits(self, total: int) -> bool:
+        return total <= self.usable_bytes
+
+    def host_fits(self, host_bytes: int) -> bool:
+        """Offloaded states must fit the host RAM per node with the same headroom (a CPU plan has none)."""
+        return not host_bytes or host_bytes <= self.usable_host_bytes
+
+    def fits(self, total: int, host_bytes: int) -> bool:
+        """THE rule of "fits", for every command: the device's total (reserved + context) within
+        (1 - headroom) x its memory, and the offloaded states within (1 - headroom) x host RAM per node."""
+        return self.device_fits(total) and self.host_fits(host_bytes)
+
+    def why_not(self, total: int, host_bytes: int, at: str = "") -> Optional[str]:
+        """Why a plan of these sizes does not fit (None when it fits), with the numbers; `at` qualifies
+        the device figure (" at micro-batch 1")."""
+        if not self.device_fits(total):
+            return f"needs {total / GiB:.2f} GiB {self.per_device}{at} > {self.usable_explained()}"
+        if not self.host_fits(host_bytes):
+            return (f"needs {host_bytes / GiB:.2f} GiB of host RAM per node for offloaded states > "
+                    f"{self.usable_host_bytes / GiB:.2f} GiB usable ({self.host_memory_bytes / GiB:.0f} GiB less "
+                    f"{100 * self.headroom:g} % headroom)")
+        return None
+
+    @property
+    def per_device(self) -> str:
+        return "per process" if self.device == "cpu" else "per GPU"
+
+    def usable_explained(self) -> str:
+        """"X GiB usable (how it follows from the memory and the headroom)"."""
+        if self.device == "cpu":
+            less = (f"{self.memory_bytes / GiB:.2f} GiB host RAM shared by {self.gpus} process(es), less "
+                    f"{PROCESS_BASELINE_BYTES >> 20} MiB each for the interpreter")
+        else:
+            less = f"{self.memory_bytes / GiB:.2f} GiB"
+        return f"{self.usable_bytes / GiB:.2f} GiB usable ({less}, less {100 * self.headroom:g} % headroom)"
+
+    def plan_target(self) -> dict:
+        """The Plan's `target` section for this hardware (what `estimate --config` checks the plan against)."""
+        out: dict = {"gpu": None, "gpu_memory": None, "host_memory": format_memory(self.host_memory_bytes)
+                     if self.device == "cuda" else format_memory(self.memory_bytes), "headroom": self.headroom}
+        if self.device == "cuda":
+            from memplan.gpus import load_gpus
+
+            preset = load_gpus().get(self.gpu.id) if self.gpu else None
+            if preset is not None:
+                out["gpu"] = preset.id
+            if preset is None or preset.memory_bytes != self.memory_bytes:
+                out["gpu_memory"] = format_memory(self.memory_bytes)
+        return out
+
     def describe(self) -> str:
         if self.device == "cpu":
             procs = f"{self.gpus} process{'es' if self.gpus > 1 else ''}"
+            if self.host_memory_given:
+                return f"the CPU ({procs}), {self.memory_bytes / GiB:.2f} GiB host RAM"
             return f"this machine's CPU ({self.name}, {procs}), {self.memory_bytes / GiB:.2f} GiB host RAM"
         nodes = f" x {self.nodes} nodes" if self.nodes > 1 else ""
         return f"{self.gpus} x {self.name}{nodes}, {self.memory_bytes / GiB:.2f} GiB per GPU"
@@ -105,21 +227,26 @@ def _gpu_target(gpu: Gpu, gpus: int, nodes: int, headroom: float, assumptions: l
     if nodes > 1:
         assumptions.append(f"between nodes: {INTER_NODE_GBPS:g} GB/s per GPU per direction "
                            "(one 400 Gb/s InfiniBand port per GPU, as in a DGX H100)")
+    given = host_memory is not None or local
     if host_memory is None:
         if local:
             host_memory = host_memory_bytes()
         else:
             host_memory = HOST_RAM_PER_GPU * gpus
-            assumptions.append(f"host RAM {host_memory / GiB:.0f} GiB per node for offloaded states "
-                               f"({HOST_RAM_PER_GPU / GiB:.0f} GiB per GPU, a DGX A100's ratio; --host-memory to change)")
+            assumptions.append(default_host_assumption(gpus))
     return Target(
         device="cuda", name=gpu.name, gpus=gpus, nodes=nodes, memory_bytes=gpu.memory_bytes, headroom=headroom,
         gpu=gpu, host_memory_bytes=host_memory,
         peak_flops={"bf16": _tflops(figures.bf16_tflops), "fp16": _tflops(figures.fp16_tflops),
                     "fp32": _tflops(figures.fp32_tflops)},
         interconnect_bytes_s=link, host_link_bytes_s=(figures.host_link_gbps or 0.0) * 1e9,
-        assumptions=assumptions,
+        assumptions=assumptions, host_memory_given=given,
     )
+
+
+def default_host_assumption(gpus: int) -> str:
+    return (f"host RAM {HOST_RAM_PER_GPU * gpus / GiB:.0f} GiB per node for offloaded states ({HOST_RAM_PER_GPU / GiB:.0f} "
+            "GiB per GPU, a DGX A100's ratio; --host-memory to change)")
 
 
 def host_memory_bytes() -> int:
@@ -127,79 +254,171 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def cpu_name() -> str:
+@dataclass(frozen=True)
+class CpuInfo:
+    """A processor as /proc/cpuinfo states it: what the CPU time model depends on, and nothing measured."""
+
+    name: str
+    cores: int  # physical cores this process may run on
+    bf16: str  # "amx" | "native" | "converted" | "none": how torch's kernels multiply bf16 (CPU_BF16_SPEED)
+    flag: str  # the flag that decided `bf16`, for the assumptions line
+
+    def speed(self, precision: str, method: str, width: int) -> float:
+        """Train-step speed of a precision regime relative to fp32 on this CPU, for `method` on a model of
+        d_model `width` (1.0 for fp32)."""
+        if precision == "fp32":
+            return 1.0
+        return at_width(CPU_BF16_SPEED[self.bf16][_kind(method)][precision], width)
+
+    def rate(self, precision: str, method: str, width: int, cores: float = 1.0) -> float:
+        """Training FLOP/s of a process on `cores` of this CPU's cores: one core's fp32 rate x the regime's
+        speed x what the further cores add (more processes than cores share them)."""
+        parallel = cores if cores < 1 else 1 + (cores - 1) * at_width(CPU_EXTRA_CORE_GAIN, width)
+        return at_width(CPU_FP32_RATE[_kind(method)], width) * self.speed(precision, method, width) * parallel
+
+    def describe(self) -> str:
+        return f"{self.name}, {self.cores} core{'s' if self.cores != 1 else ''}, bf16 {self.bf16} ({self.flag})"
+
+    def time_assumption(self, width: int) -> str:
+        """The CPU time model's figures for a model of d_model `width`, for the assumptions list."""
+        fp32 = ", ".join(f"{m} {self.rate('fp32', m, width) / 1e9:.1f}" for m in ("full", "lora"))
+        gain = at_width(CPU_EXTRA_CORE_GAIN, width)
+        if self.bf16 == "none":
+            bf16 = "bf16 regimes for QLoRA only (no bf16 kernels)"
+        else:
+            bf16 = "; ".join(f"{m}: " + ", ".join(f"{p} x{self.speed(p, m, width):.2f}" for p in ("amp-bf16", "bf16"))
+                             for m in ("full", "lora")) + " the fp32 speed"
+        return (f"CPU time model at d_model {width}: fp32 training rate per core {fp32} GFLOP/s, each further core "
+                f"+{gain:.2f} of one ({self.cores} core(s) of {self.name}); bf16 {self.bf16} ({self.flag}): {bf16}; "
+                f"measured once ({CPU_RATES}), not on this run: the same inputs give the same plan")
+
+
+def _kind(method: str) -> str:
+    return "full" if method == "full" else "adapters"
+
+
+def _read_cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            return fh.read()
     except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or "CPU"
+        return ""
 
 
-_CPU_PEAKS: dict[str, float] = {}
+def bf16_class(flags: frozenset[str]) -> tuple[str, str]:
+    """(class, the flag that decided it) from the CPU's feature flags (x86 `flags`, Arm `Features`)."""
+    if "amx_bf16" in flags:
+        return "amx", "amx_bf16"
+    if "avx512_bf16" in flags:
+        return "native", "avx512_bf16"
+    if "bf16" in flags:  # Arm's BF16 extension (Neoverse V1/V2, Graviton3+)
+        return "native", "bf16"
+    if AVX512_CORE_FLAGS <= flags:
+        return "converted", "avx512f without avx512_bf16"
+    return "none", "no avx512 / bf16 flags"
 
 
-def measure_cpu_matmul(dtype_name: str) -> float:
-    """Achieved matmul FLOP/s of this CPU in one dtype: 2 n^3 per n x n product, timed over
-    CPU_PROBE_SECONDS with torch's own kernels (the ones training runs). Measured once per process.
+def cpu_info(text: Optional[str] = None) -> CpuInfo:
+    """This machine's processor from /proc/cpuinfo (`text` for tests): model name, the physical cores in
+    this process's CPU affinity (torch runs one thread per physical core), the bf16 class."""
+    text = _read_cpuinfo() if text is None else text
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    name, flags, cores = "", frozenset(), set()
+    for block in text.split("\n\n"):
+        fields = {}
+        for line in block.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        if "processor" not in fields:
+            continue
+        name = name or fields.get("model name", "")
+        flags = flags or frozenset((fields.get("flags") or fields.get("Features") or "").split())
+        proc = int(fields["processor"]) if fields["processor"].isdigit() else None
+        if allowed is not None and proc is not None and proc not in allowed:
+            continue
+        cores.add((fields.get("physical id"), fields.get("core id", fields["processor"])))
+    count = len(cores) or (len(allowed) if allowed else os.cpu_count() or 1)
+    if not name:
+        import platform
 
-    bf16 is measured, not assumed: CPUs without AMX or AVX512-BF16 run bf16 matmuls one to two orders of
-    magnitude slower than fp32 (0.97 vs 122 GFLOP/s on this project's 2-core AMD EPYC), which decides
-    the precision of a CPU plan."""
-    if dtype_name in _CPU_PEAKS:
-        return _CPU_PEAKS[dtype_name]
-    import torch
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    n = 512 if dtype_name == "fp32" else 256
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up: first-call dispatch and packing
-    count, t0 = 0, time.perf_counter()
-    while True:
-        a @ b
-        count += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= CPU_PROBE_SECONDS:
-            break
-    _CPU_PEAKS[dtype_name] = 2 * n**3 * count / elapsed
-    return _CPU_PEAKS[dtype_name]
-
-
-def cpu_target(processes: int, headroom: float, assumptions: list[str]) -> Target:
-    fp32, bf16 = measure_cpu_matmul("fp32"), measure_cpu_matmul("bf16")
-    assumptions.append(f"CPU matmul throughput measured here: fp32 {fp32 / 1e9:.1f} GFLOP/s, "
-                       f"bf16 {bf16 / 1e9:.1f} GFLOP/s (torch, {CPU_PROBE_SECONDS:g} s each)")
-    return Target(device="cpu", name=cpu_name(), gpus=processes, nodes=1, memory_bytes=host_memory_bytes(),
-                  headroom=headroom, peak_flops={"fp32": fp32, "bf16": bf16, "fp16": None},
-                  assumptions=assumptions)
+        name = platform.processor() or platform.machine() or "CPU"
+    bf16, flag = bf16_class(flags)
+    return CpuInfo(name=name, cores=count, bf16=bf16, flag=flag)
 
 
-def resolve_target(gpu: Optional[str], gpu_memory: Optional[str], gpus: Optional[int], nodes: int,
-                   headroom: float, host_memory: Optional[str] = None) -> Target:
-    """--gpu / --gpu-memory, else the local GPUs (pynvml), else this machine's CPU."""
-    from memplan import gpus as gpu_mod
+def cpu_name() -> str:
+    return cpu_info().name
 
-    if gpu and gpu_memory:
-        raise UserError("give either --gpu or --gpu-memory, not both")
+
+def cpu_target(processes: int, headroom: float, assumptions: list[str], memory_bytes: Optional[int] = None,
+               info: Optional[CpuInfo] = None) -> Target:
+    """A CPU plan's target: this machine's processor; its RAM unless `memory_bytes` (a plan's recorded
+    host RAM) is given. Its time figures follow from `info` alone (see CpuInfo.speed)."""
+    info = info or cpu_info()
+    return Target(device="cpu", name=info.name, gpus=processes, nodes=1,
+                  memory_bytes=memory_bytes or host_memory_bytes(), headroom=headroom,
+                  peak_flops={}, assumptions=assumptions, cpu=info,
+                  host_memory_given=memory_bytes is not None)
+
+
+def format_memory(n: int) -> str:
+    """A memory size as the Plan's target section writes it: whole GiB (80GiB), else whole MiB rounded
+    down (23919MiB: never more than there is)."""
+    if n % GiB == 0:
+        return f"{n // GiB}GiB"
+    return f"{max(1, n >> 20)}MiB"
+
+
+def check_headroom(headroom: float) -> None:
     if not 0 <= headroom < 1:
         raise UserError(f"--headroom {headroom} must be a fraction in [0, 1), e.g. 0.1 for 10 %")
-    assumptions: list[str] = []
-    host = gpu_mod.parse_memory(host_memory) if host_memory else None
+
+
+def gpu_target(gpu: Optional[str], gpu_memory: Optional[str | int], gpus: Optional[int], nodes: int,
+               headroom: float, host_memory: Optional[str | int] = None,
+               assumptions: Optional[list[str]] = None) -> Optional[Target]:
+    """A preset (`gpu`; with `gpu_memory` too, that memory replaces the preset's: a local device), a GPU
+    known by its memory (`gpu_memory`: a size string or bytes), else the local GPUs (NVML); None when none."""
+    from memplan import gpus as gpu_mod
+
+    check_headroom(headroom)
+    assumptions = [] if assumptions is None else assumptions
+    host = parse_size(host_memory)
     if gpu:
-        return _gpu_target(gpu_mod.resolve_gpu(gpu), gpus or 1, nodes, headroom, assumptions, host)
+        device = gpu_mod.resolve_gpu(gpu)
+        if gpu_memory:
+            device = dataclasses.replace(device, memory_bytes=parse_size(gpu_memory))
+        return _gpu_target(device, gpus or 1, nodes, headroom, assumptions, host)
     if gpu_memory:
-        return _gpu_target(gpu_mod.custom_gpu(gpu_mod.parse_memory(gpu_memory)), gpus or 1, nodes, headroom,
-                           assumptions, host)
+        return _gpu_target(gpu_mod.custom_gpu(parse_size(gpu_memory)), gpus or 1, nodes, headroom, assumptions, host)
     local = gpu_mod.local_gpus()
     if local:
         smallest = min(local, key=lambda g: g.memory_bytes)
         count = gpus or len(local)
         assumptions.append(f"GPU from this machine (NVML): {len(local)} x {smallest.name}")
         return _gpu_target(smallest, count, nodes, headroom, assumptions, host, local=True)
+    return None
+
+
+def parse_size(size: Optional[str | int]) -> Optional[int]:
+    """Bytes from a size string (gpus.parse_memory) or bytes; None stays None."""
+    from memplan.gpus import parse_memory
+
+    if size is None or isinstance(size, int) and not isinstance(size, bool):
+        return size
+    return parse_memory(size)
+
+
+def resolve_target(gpu: Optional[str], gpu_memory: Optional[str], gpus: Optional[int], nodes: int,
+                   headroom: float, host_memory: Optional[str] = None) -> Target:
+    """--gpu / --gpu-memory, else the local GPUs (pynvml), else this machine's CPU."""
+    if gpu and gpu_memory:
+        raise UserError("give either --gpu or --gpu-memory, not both")
+    assumptions: list[str] = []
+    target = gpu_target(gpu, gpu_memory, gpus, nodes, headroom, host_memory, assumptions)
+    if target is not None:
+        return target
     if nodes > 1:
         raise UserError("no GPU given or found, and a CPU plan runs on this one machine: drop --nodes, "
                         "or give --gpu / --gpu-memory to plan for a GPU cluster")
@@ -208,4 +427,4 @@ def resolve_target(gpu: Optional[str], gpu_memory: Optional[str], gpus: Optional
         why += f" (--gpus {gpus} counts CPU processes here)"
     assumptions.append(f"planning for this machine's CPU: {why}; CPU-runnable precisions only "
                        "(fp32, amp-bf16, bf16), DDP or FSDP (gloo), no offload")
-    return cpu_target(gpus or 1, headroom, assumptions)
+    return cpu_target(gpus or 1, headroom, assumptions, parse_size(host_memory))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from memplan import report
 from memplan.recommend.core import GiB, NoPlanFits, Recommendation, why_not
-from memplan.recommend.hardware import PROCESS_BASELINE_BYTES
 
 
 def _duration(hours: float) -> str:
@@ -56,20 +55,19 @@ def plan_line(rec: Recommendation) -> str:
 
 def verdict(rec: Recommendation) -> str:
     e, t = rec.estimate, rec.target
-    where = "per process" if t.device == "cpu" else "per GPU"
-    return (f"fits: {e.total / GiB:.2f} GiB {where} of {t.usable_bytes / GiB:.2f} GiB usable "
-            f"({t.memory_bytes / GiB:.2f} GiB{' host RAM' if t.device == 'cpu' else ''} less {100 * t.headroom:g} % headroom"
-            + (f", shared by the processes, less {PROCESS_BASELINE_BYTES >> 20} MiB each for the interpreter"
-               if t.device == "cpu" else "") + ")")
+    return f"fits: {e.total / GiB:.2f} GiB {t.per_device} of {t.usable_explained()}"
 
 
 def time_lines(rec: Recommendation) -> list[str]:
     c = rec.chosen
     s = c.step
-    unit = "GFLOP/s" if rec.target.device == "cpu" else "TFLOP/s"
-    scale = 1e9 if rec.target.device == "cpu" else 1e12
+    if rec.target.device == "cpu":
+        rate = (f"{s.peak_flops / 1e9:.1f} GFLOP/s ({c.plan.precision} training rate measured per core, on "
+                f"{rec.target.cpu.cores} core(s) / {c.plan.world_size} process(es))")
+    else:
+        rate = f"MFU {s.mfu:g} x {s.peak_flops / 1e12:.1f} TFLOP/s"
     return [f"time: {c.steps:,} optimizer steps x {s.total_s:.3g} s = {_duration(c.hours)} "
-            f"(per step: compute {s.compute_s:.3g} s at MFU {s.mfu:g} x {s.peak_flops / scale:.1f} {unit}, "
+            f"(per step: compute {s.compute_s:.3g} s at {rate}, "
             f"communication {s.comm_s:.3g} s, offload {s.offload_s:.3g} s)"]
 
 

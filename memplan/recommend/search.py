@@ -73,8 +73,7 @@ class Candidate:
     def family(self) -> str:
         from memplan.report import describe_plan
 
-        text = describe_plan(self.estimate)
-        return text.replace("· 1 GPU ·", "· 1 process ·") if self.plan.device == "cpu" else text
+        return describe_plan(self.estimate)
 
     def key(self, priority: str) -> tuple:
         hours = round(self.hours, 6)
@@ -107,10 +106,13 @@ class SearchResult:
 
 
 def precisions(target: Target, method: str) -> list[str]:
-    """Regimes the hardware runs: bf16 ones where the device has bf16 (Ampere+, CPUs), else fp16 AMP;
-    fp32 on the CPU (where bf16 may be slow) and on GPUs without bf16."""
+    """Regimes the hardware runs: bf16 ones where the device has bf16 (Ampere+), else fp16 AMP; fp32 on
+    GPUs without bf16. On the CPU fp32, and the bf16 regimes where its instruction set multiplies bf16
+    (hardware.bf16_class; without it bf16 matmuls run about 20 x slower than fp32), or for QLoRA, which
+    computes in bf16 anyway."""
     if target.device == "cpu":
-        out = ["fp32", "amp-bf16", "bf16"]
+        slow = target.cpu is not None and target.cpu.bf16 == "none"
+        out = ["fp32"] if slow and method != "qlora" else ["fp32", "amp-bf16", "bf16"]
     elif target.supports_bf16:
         out = ["amp-bf16", "bf16", "bf16-master"]
     else:
@@ -187,6 +189,20 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def choose(methods: Iterable[str], fitting: dict[str, list[Candidate]]) -> Optional[Candidate]:
+    """THE rule of "best", for `recommend` and `estimate` alike: among the methods in order, the first that
+    fits without parameter offload (a last resort: it streams every weight over PCIe each step), else the
+    first that fits at all; within that method the first of its fitting plans (each list best first)."""
+    methods = list(methods)
+    for m in methods:
+        if any(c.plan.offload != "optimizer+params" for c in fitting.get(m, [])):
+            return fitting[m][0]
+    for m in methods:
+        if fitting.get(m):
+            return fitting[m][0]
+    return None
+
+
 # ------------------------------------------------------------------------------- scoring
 
 
@@ -208,8 +224,7 @@ class Scorer:
         e = estimate(self.spec, plan, self.target.memory_bytes)
         seq_tokens = self.padded_length(plan.micro_batch, plan.seq_len) if self.padded_length else None
         step = throughput.step_time(self.spec, plan, self.target, e.params_trainable, seq_tokens)
-        fits = e.total <= self.target.usable_bytes and (
-            not e.host_bytes or e.host_bytes <= self.target.usable_host_bytes)
+        fits = self.target.fits(e.total, e.host_bytes)
         cand = Candidate(plan=plan, estimate=e, step=step, steps=workload.steps(plan), fits=fits)
         self._cache[key] = cand
         self.scored += 1

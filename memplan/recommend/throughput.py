@@ -26,10 +26,9 @@ from memplan.recommend.hardware import Target
 #: training loop runs un-fused norms, rotary and loss kernels.
 GPU_MFU = 0.40
 
-#: The same for a CPU, relative to the matmul rate measured by `hardware.measure_cpu_matmul`: a
-#: transformers Llama step (fp32, fused AdamW) reached 0.17-0.55 of it on this project's 2-core AMD EPYC
-#: (4 model sizes, 5M-42M parameters, sequence 128-512, a machine shared with other jobs); 0.30 taken.
-CPU_MFU = 0.30
+# On the CPU there is no datasheet peak to take a fraction of: the rate is the training rate measured per
+# core, precision regime, method and model width (`hardware.CPU_FP32_RATE`, `CPU_BF16_SPEED`,
+# `CPU_EXTRA_CORE_GAIN`), MFU 1.
 
 #: Gradient checkpointing reruns each decoder layer's forward during the backward: one extra forward of
 #: the decoder (torch.utils.checkpoint), +33 % of a full-FT step's FLOPs and +50 % of a LoRA step's. The
@@ -136,6 +135,9 @@ def offload_bytes(spec: ModelSpec, plan: Plan, trainable: int) -> float:
 
 @dataclass(frozen=True)
 class StepTime:
+    """Per GPU (process) per optimizer step. On the CPU `peak_flops` is the measured training rate of
+    the plan's precision on its share of the cores and `mfu` is 1."""
+
     compute_s: float
     comm_s: float
     offload_s: float
@@ -169,12 +171,15 @@ def step_time(spec: ModelSpec, plan: Plan, target: Target, trainable: int,
     seq = seq_tokens or plan.seq_len
     tokens = plan.micro_batch * seq * plan.grad_accum
     flops = train_flops_per_token(spec, plan, seq) * tokens
-    peak = target.peak_flops.get(compute_dtype(plan.precision))
+    if target.device == "cpu":  # the processes share this machine's cores
+        cores = target.cpu.cores / plan.world_size if target.cpu else 0.0
+        peak = target.cpu.rate(plan.precision, plan.method, spec.hidden_size, cores) if target.cpu else 0.0
+    else:
+        peak = target.peak_flops.get(compute_dtype(plan.precision))
     if not peak:
         return StepTime(math.inf, 0.0, 0.0, flops, 0.0, 0.0, 0.0, 0.0)
-    mfu = CPU_MFU if target.device == "cpu" else GPU_MFU
+    mfu = 1.0 if target.device == "cpu" else GPU_MFU
     if target.device == "cpu":
-        peak = peak / plan.world_size  # the processes share this machine's cores
         # gloo between processes on one machine goes through shared memory; not modelled.
         comm = off = 0.0
         comm_s = off_s = 0.0
