@@ -83,6 +83,20 @@ def test_quiet_prints_nothing(tmp_path, tiny, run_cli):
     assert (plan.parent / "summary.json").is_file()
 
 
+def test_dry_run_judges_the_plan_against_its_recorded_target(tmp_path, tiny, run_cli):
+    """The dry run's verdict is estimate --config's: the plan's `target` (here a CPU host of a given RAM),
+    settable with --set; exit 1 when the plan does not fit it."""
+    plan = run_dir(tmp_path, tiny)
+    code, out, err = run_cli("train", str(plan), "--dry-run", "--set", "target.host_memory=64GiB")
+    assert code == 0, err
+    assert "\nfits: " in out
+    code, out, err = run_cli("train", str(plan), "--dry-run", "--set", "target.host_memory=400MiB")
+    assert code == 1 and err == ""
+    assert "does not fit" in out
+    code, out, _ = run_cli("train", str(plan), "--dry-run", "--json", "--set", "target.host_memory=400MiB")
+    assert code == 1 and json.loads(out)["fit"]["fits"] is False
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_dry_run_prints_the_resolved_plan_and_estimate(tmp_path, tiny, run_cli):
     plan = run_dir(tmp_path, tiny)

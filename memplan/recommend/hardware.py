@@ -138,7 +138,7 @@ class Target:
         base = self.memory_bytes
         if self.device == "cpu":
             # The processes share the host's RAM; each one also carries the interpreter and libraries.
-            base = base // self.gpus - PROCESS_BASELINE_BYTES
+            base = max(0, base // self.gpus - PROCESS_BASELINE_BYTES)
         return int(base * (1 - self.headroom))
 
     @property

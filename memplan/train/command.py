@@ -13,35 +13,37 @@ from memplan.errors import UserError
 from memplan.train.settings import Resolved, resolve_plan
 
 
-def _estimate_for(resolved: Resolved):
-    from memplan.commands.estimate import resolve_capacity
-    from memplan.estimator import estimate
+def _verdict_for(resolved: Resolved):
+    """The plan's estimate and fit verdict, as `memplan estimate --config PLAN` gives them (the plan's
+    recorded target, else this machine's GPUs or RAM)."""
+    from memplan.fit import plan_verdict
     from memplan.models import resolve_model
 
-    plan = resolved.plan
-    spec = resolve_model(plan.model)
-    capacity = resolve_capacity(None, None) if plan.device == "cuda" else None
-    return spec, estimate(spec, plan, capacity)
+    spec = resolve_model(resolved.plan.model)
+    return spec, plan_verdict(spec, resolved.plan)
 
 
-def dry_run(resolved: Resolved, as_json: bool, problems: list[str], warnings: list[str]) -> list[str]:
+def dry_run(resolved: Resolved, as_json: bool, problems: list[str], warnings: list[str]) -> tuple[list[str], bool]:
     """The resolved plan, its estimate, and what the checks found; returns the problems (with the
-    estimate's own, when there is no estimate for the model)."""
+    estimate's own, when there is no estimate for the model) and whether the plan fits."""
     from memplan import report
     from memplan.plan import plan_to_yaml
 
     try:
-        spec, result = _estimate_for(resolved)
+        spec, verdict = _verdict_for(resolved)
     except UserError as err:
-        spec = result = None
+        spec = verdict = None
         problems = problems if problems else [str(err)]
+    result = verdict.estimate if verdict else None
+    fits = verdict is None or verdict.exit_code == 0
     if as_json:
         click.echo(json.dumps({"plan": resolved.plan.model_dump(mode="json"),
                                "output_dir": str(resolved.output_dir),
                                "estimate": report.estimate_json(spec.name, spec.params_total, [result])
                                if result else None,
+                               "fit": verdict.to_json() if verdict else None,
                                "runs_here": not problems, "problems": problems, "warnings": warnings}, indent=2))
-        return problems
+        return problems, fits
     click.echo(f"# resolved plan ({resolved.plan_path}" + (f" with --set {', '.join(resolved.overrides)}"
                                                           if resolved.overrides else "") + ")")
     click.echo(plan_to_yaml(resolved.plan))
@@ -50,18 +52,14 @@ def dry_run(resolved: Resolved, as_json: bool, problems: list[str], warnings: li
         click.echo(f"{spec.name}: {spec.params_total:,} parameters; estimate per "
                    f"{'process' if resolved.plan.device == 'cpu' else 'GPU'}:\n")
         click.echo(report.breakdown_table(result))
-        if resolved.plan.device == "cpu":
-            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            need = result.peak_allocated * resolved.plan.world_size
-            click.echo(f"host RAM {report.gib(ram)} GiB; tensors of all {resolved.plan.world_size} process(es): "
-                       f"{report.gib(need)} GiB ({100 * need / ram:.1f} %)")
-        else:
-            click.echo(report.verdict(result))
+        for line in verdict.assumptions:
+            click.echo(f"assumed: {line}")
+        click.echo(verdict.text)
     for line in warnings:
         click.echo(f"warning: {line}")
     if problems:
         click.echo(f"cannot run here: {len(problems)} problem(s), listed on stderr")
-    return problems
+    return problems, fits
 
 
 def _launched() -> bool:
@@ -123,8 +121,10 @@ def run(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_json:
         records = checked.records
         warnings = preflight.small_data_warnings(resolved.plan, len(records.train), len(records.validation)) \
             if records else []
-        problems = dry_run(resolved, as_json, problems, warnings)
-        return _report(problems) if problems else None
+        problems, fits = dry_run(resolved, as_json, problems, warnings)
+        if problems:
+            return _report(problems)
+        return None if fits else 1
     if problems:
         return _report(problems)
     from memplan.train.launch import needs_launcher

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from memplan.errors import UserError
-from memplan.plan import DataSettings, Hyperparameters, LoraSettings, Plan, build_plan, merge, read_plan_yaml
+from memplan.plan import (DataSettings, Hyperparameters, LoraSettings, Plan, TargetSettings, build_plan, merge,
+                          read_plan_yaml)
 
-_SECTIONS = {"lora": LoraSettings, "hparams": Hyperparameters, "data": DataSettings}
+_SECTIONS = {"lora": LoraSettings, "hparams": Hyperparameters, "data": DataSettings, "target": TargetSettings}
 # Plan fields that hold file paths; relative ones are resolved against where they were written.
 PATH_FIELDS = ("data.train", "data.validation", "data.replay", "data.retention", "output_dir")
 
