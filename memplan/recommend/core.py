@@ -459,12 +459,12 @@ def recommend(req: Request) -> Recommendation:
     rec.plan = build_plan(fields, source="recommended plan")
     rec.estimate = estimate(spec, rec.plan, target.memory_bytes)
 
-    # warnings: the seed's checklist, accumulation, truncation
+    # warnings: the full-FT checklist, accumulation, truncation
     if rec.plan.method == "full":
         warnings += tree.checklist_warnings(ctx)
     lo, hi = hp.ACCUM_RANGE
     if world == 1 and not lo <= rec.plan.grad_accum <= hi:
-        warnings.append(f"gradient accumulation {rec.plan.grad_accum} is outside the seed's {lo}-{hi} steps for one "
+        warnings.append(f"gradient accumulation {rec.plan.grad_accum} is outside the recommended {lo}-{hi} steps for one "
                         f"GPU (micro-batch {rec.plan.micro_batch} x {rec.plan.grad_accum} = effective batch "
                         f"{rec.plan.effective_batch})" + (": the whole batch fits at once, no accumulation needed"
                                                          if rec.plan.grad_accum < lo else ""))

@@ -32,7 +32,7 @@ GPU_MFU = 0.40
 
 #: Gradient checkpointing reruns each decoder layer's forward during the backward: one extra forward of
 #: the decoder (torch.utils.checkpoint), +33 % of a full-FT step's FLOPs and +50 % of a LoRA step's. The
-#: seed says "about 20 % slower": that is the wall-clock figure of runs where part of the step is not
+#: fine-tuning guide says "about 20 % slower": that is the wall-clock figure of runs where part of the step is not
 #: FLOP-bound (a 42M-parameter Llama on the CPU here: +23 %). memplan counts the FLOPs, the upper bound.
 CKPT_EXTRA_FORWARDS = 1
 
