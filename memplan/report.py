@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Iterable
 
 from memplan.estimator.phases import PHASES, TERMS, Estimate
-from memplan.gpus import COMMON_SIZES_GIB
 
 GiB = 1 << 30
 
@@ -65,16 +64,6 @@ def breakdown_table(e: Estimate) -> str:
     extra.append(f"disk: resumable checkpoint {gib(e.disk['checkpoint_bytes'])} GiB, "
                  f"final {'model' if e.plan.method == 'full' else 'adapter'} {gib(e.disk['artifact_bytes'])} GiB")
     return table + "\n" + "\n".join(extra)
-
-
-def verdict(e: Estimate) -> str:
-    if e.gpu_memory is None:
-        fits = [f"{g} GiB" for g in COMMON_SIZES_GIB if e.total <= g * GiB]
-        return ("fits GPUs of " + ", ".join(fits)) if fits else "needs more than 80 GiB per GPU"
-    head = gib(e.gpu_memory - e.total)
-    if e.fits:
-        return f"fits: {gib(e.total)} of {gib(e.gpu_memory)} GiB per GPU ({head} GiB free)"
-    return f"does not fit: {gib(e.total)} GiB needed, {gib(e.gpu_memory)} GiB per GPU"
 
 
 def _count(n: int) -> str:

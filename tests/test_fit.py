@@ -197,7 +197,7 @@ def test_cpu_plan_records_host_ram(run_cli, tmp_path, no_local_gpu):
     ({"gpu": "h10"}, "target.gpu: unknown GPU 'h10'"),
     ({"gpu_memory": "lots"}, "target.gpu_memory: bad memory size 'lots'"),
     ({"headroom": 1.5}, "target.headroom"),
-    ({"cpu": "epyc"}, "unknown key 'target.cpu'; allowed keys in target: gpu, gpu_memory, host_memory, headroom"),
+    ({"cpu": "epyc"}, "unknown key 'target.cpu'; did you mean 'gpu'?; allowed keys under target: gpu, gpu_memory, host_memory, headroom"),
 ])
 def test_target_section_is_validated(run_cli, tmp_path, target, needle):
     cfg = tmp_path / "plan.yaml"

@@ -57,10 +57,6 @@ class Estimate:
     def total(self) -> int:
         return self.reserved + overhead.cuda_context_bytes(self.plan)
 
-    @property
-    def fits(self) -> Optional[bool]:
-        return None if self.gpu_memory is None else self.total <= self.gpu_memory
-
     def to_json(self) -> dict:
         return {
             "plan": self.plan.model_dump(mode="json"),
@@ -77,7 +73,6 @@ class Estimate:
             },
             "phase_peaks": self.phase_peaks,
             "disk": self.disk,
-            "fits": self.fits,
             "gpu_memory_bytes": self.gpu_memory,
         }
 

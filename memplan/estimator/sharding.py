@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from memplan.estimator.layers import Numerics
-from memplan.estimator.states import Tensors, gradient_bytes, nf4_bytes
+from memplan.estimator.states import Tensors
 from memplan.models import ModelSpec
 from memplan.plan import Plan
 
