@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from memplan.errors import UserError, did_you_mean
+from memplan.files import read_yaml
 
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["fp32", "amp-bf16", "amp-fp16", "bf16", "bf16-master"]
@@ -306,19 +307,8 @@ def build_plan(data: dict[str, Any], source: str = "plan") -> Plan:
 
 
 def read_plan_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise UserError(f"cannot read plan file {path}: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{where}: malformed YAML: {getattr(err, 'problem', err)}") from None
+    data = read_yaml(path, "plan file")
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -1,0 +1,108 @@
+"""Hostile and careless inputs: every one is refused in one line (exit 2) naming what was wrong, never a
+traceback; numbers are finite and bounded; nothing a plan can hold overflows memplan's arithmetic; profile
+refuses a step that cannot fit before it allocates anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from memplan.errors import UserError
+from memplan.files import MAX_DEPTH, parse_json, parse_yaml, read_text
+
+PLAN = {"model": "demo-tiny", "method": "lora", "device": "cpu", "precision": "fp32", "seq_len": 64,
+        "data": {"train": "train.jsonl"}}
+
+
+def one_line(code: int, err: str, *words: str) -> str:
+    assert code == 2, err
+    assert err.startswith("memplan: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def write_plan(tmp_path, text: str | bytes, name: str = "plan.yaml"):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+# ---------------------------------------------------------------- files: text, JSON, YAML, depth
+
+
+def test_a_plan_that_is_not_utf8_is_one_line_in_every_command(tmp_path, run_cli):
+    plan = write_plan(tmp_path, yaml.safe_dump(PLAN).encode() + b"# caf\xe9 in Latin-1\n")
+    for args in (["estimate", "--config", plan], ["profile", "--config", plan], ["train", plan, "--dry-run"]):
+        one_line(*run_cli(*args)[::2], "cannot read plan file", "not UTF-8 text (byte 0xe9 at offset")
+
+
+def test_a_binary_model_file_is_one_line(tmp_path, run_cli):
+    model = tmp_path / "model.bin"
+    model.write_bytes(bytes(range(256)) * 4)
+    for args in (["estimate", "--model", str(model)], ["profile", "--model", str(model), "--backend", "trace"]):
+        one_line(*run_cli(*args)[::2], "cannot read model config", "not UTF-8 text")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_bytes(b"\x89PNG\r\n\x1a\n")
+    one_line(*run_cli("estimate", "--model", str(tmp_path / "m"))[::2], "config.json: not UTF-8 text")
+
+
+def test_a_byte_order_mark_is_read_as_text(tmp_path, run_cli):
+    plan = write_plan(tmp_path, b"\xef\xbb\xbf" + yaml.safe_dump(PLAN).encode())
+    code, out, err = run_cli("estimate", "--config", plan, "--json")
+    assert code == 0, err
+    assert json.loads(out)["results"][0]["plan"]["method"] == "lora"
+
+
+def test_deep_nesting_is_one_line_not_a_recursion_error(tmp_path, run_cli):
+    deep = "[" * 100_000 + "]" * 100_000
+    config = tmp_path / "config.json"
+    config.write_text(deep)
+    one_line(*run_cli("estimate", "--model", str(config))[::2], "nested more than 100 levels")
+    plan = write_plan(tmp_path, "model: demo-tiny\nlora:\n  targets: " + deep + "\n")
+    one_line(*run_cli("estimate", "--config", plan)[::2], "plan.yaml: nested more than 100 levels")
+    # under Python's recursion limit, but past MAX_DEPTH: refused too, whatever reads it later
+    with pytest.raises(UserError, match=f"nested {MAX_DEPTH + 1} levels deep; at most {MAX_DEPTH}"):
+        parse_json("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), "x.json")
+    assert parse_json("[" * MAX_DEPTH + "]" * MAX_DEPTH, "x.json") is not None
+
+
+def test_deep_nesting_in_data_is_one_line_naming_file_and_line(tmp_path, run_cli):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    code, _, err = run_cli("recommend", "--model", "demo-tiny", "--data", str(data))
+    one_line(code, err, f"{data}:2: nested more than 100 levels")
+
+
+def test_yaml_aliases_cannot_hang_or_loop_the_reader():
+    # ten levels of ten aliases each: 10^10 lists if walked naively, one each when shared lists count once
+    doc = "a0: &a0 [x]\n" + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 11))
+    assert parse_yaml(doc, "plan.yaml")["a10"][0][0][0][0][0][0][0][0][0][0] == ["x"]
+    with pytest.raises(UserError, match="contains itself"):
+        parse_yaml("model: &a [*a]\n", "plan.yaml")
+
+
+def test_huge_numbers_in_files_are_one_line(tmp_path, run_cli):
+    plan = write_plan(tmp_path, "model: demo-tiny\nmicro_batch: 1" + "0" * 5000 + "\n")
+    one_line(*run_cli("estimate", "--config", plan)[::2], "malformed YAML", "4300 digits")
+    with pytest.raises(UserError, match="malformed JSON"):
+        parse_json('{"vocab_size": 1' + "0" * 5000 + "}", "config.json")
+
+
+def test_read_text_says_what_and_why(tmp_path):
+    with pytest.raises(UserError, match=r"cannot read data file .*missing.jsonl: No such file"):
+        read_text(tmp_path / "missing.jsonl", "data file")
+    with pytest.raises(UserError, match="cannot read data file .*: Is a directory"):
+        read_text(tmp_path, "data file")
+
+
+def test_a_json_lines_record_may_hold_a_line_separator(tmp_path):
+    """JSON strings may hold U+2028 raw; only "\\n" ends a JSON Lines record."""
+    from memplan.train.data import read_jsonl
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"text": "one\u2028two"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [r.text for r in read_jsonl(path)] == ["one\u2028two"]
