@@ -11,6 +11,7 @@ import yaml
 
 from memplan.errors import UserError
 from memplan.files import MAX_DEPTH, parse_json, parse_yaml, read_text
+from memplan.plan import MAX_NUMBER, DataSettings, Hyperparameters, LoraSettings, Plan, build_plan
 
 PLAN = {"model": "demo-tiny", "method": "lora", "device": "cpu", "precision": "fp32", "seq_len": 64,
         "data": {"train": "train.jsonl"}}
@@ -106,3 +107,69 @@ def test_a_json_lines_record_may_hold_a_line_separator(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"text": "one\u2028two"}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert [r.text for r in read_jsonl(path)] == ["one\u2028two"]
+
+
+# ---------------------------------------------------------------- the plan: strict types, finite, bounded
+
+
+@pytest.mark.parametrize("text, words", [
+    ("output_dir: 5", ["output_dir: must be a valid string (got 5)", "quote it"]),
+    ("data: {train: 7}", ["data.train: must be a valid string (got 7)"]),
+    ("micro_batch: true", ["micro_batch: must be a valid integer (got True)"]),
+    ("grad_ckpt: 1", ["grad_ckpt: must be a valid boolean (got 1)"]),
+    ("hparams: {lr: .inf}", ["hparams.lr: must be a finite number (got inf)"]),
+    ("hparams: {lr: .nan}", ["hparams.lr: must be a finite number"]),
+    ("hparams: {seed: -1}", ["hparams.seed: must be greater than or equal to 0"]),
+    ("seq_len: 1e400", ["seq_len: must be a valid integer"]),
+    (f"seq_len: {MAX_NUMBER + 1}", ["seq_len: must be at most 2,147,483,647 (got 2147483648)"]),
+    ("hparams: {epochs: 1e300}", ["hparams.epochs: must be at most 2,147,483,647"]),
+    ("model: [a, b]", ["model: must be a valid string"]),
+])
+def test_plan_values_are_taken_as_written(tmp_path, run_cli, text, words):
+    plan = write_plan(tmp_path, "model: demo-tiny\nmethod: lora\ndevice: cpu\n" + text + "\n")
+    for args in (["estimate", "--config", plan], ["train", plan, "--dry-run"]):
+        code, _, err = run_cli(*args)
+        one_line(code, err, "plan.yaml: ", *words)
+
+
+def test_an_exponent_without_a_dot_is_a_number(tmp_path, run_cli):
+    """YAML 1.1 reads `2e-5` as text; a float field takes it as the number it spells (an int field does not)."""
+    plan = write_plan(tmp_path, "model: demo-tiny\nmethod: lora\nhparams: {lr: 2e-5, epochs: 1E1}\nlora: {alpha: 3e1}\n")
+    code, _, err = run_cli("train", plan, "--dry-run", "--json")
+    assert "hparams.lr" not in err and "lora.alpha" not in err and "epochs" not in err, err
+    p = build_plan({"hparams": {"lr": "2e-5", "epochs": "1E1"}, "lora": {"alpha": "3e1"}})
+    assert (p.hparams.lr, p.hparams.epochs, p.lora.alpha) == (2e-5, 10.0, 30.0)
+    with pytest.raises(UserError, match="seq_len: must be a valid integer"):
+        build_plan({"seq_len": "2e3"})
+
+
+def test_every_number_a_plan_holds_is_bounded():
+    """Each int and float field of every plan section refuses MAX_NUMBER + 1 (a field added later too)."""
+    sections = {"": Plan, "lora.": LoraSettings, "hparams.": Hyperparameters, "data.": DataSettings}
+    checked = 0
+    for prefix, model in sections.items():
+        for name, info in model.model_fields.items():
+            kinds = {info.annotation, *getattr(info.annotation, "__args__", ())}
+            if not kinds & {int, float} or bool in kinds:
+                continue
+            checked += 1
+            value = {"lora": {}, "hparams": {}, "data": {}}
+            target = value[prefix.rstrip(".")] if prefix else value
+            target[name] = MAX_NUMBER + 1
+            with pytest.raises(UserError, match=f"{prefix}{name}: must be (at most 2,147,483,647|less than)"):
+                build_plan(value, source="plan.yaml")
+    assert checked >= 20
+
+
+def test_set_values_are_named_as_typed(tmp_path, run_cli):
+    plan = write_plan(tmp_path, yaml.safe_dump(PLAN))
+    code, _, err = run_cli("train", plan, "--dry-run", "--set", "micro_batch=true", "--set", "lr=.inf",
+                           "--set", "train=7", "--set", "rank=1e400")
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines() == [
+        "memplan: error: --set rank=1e400: must be a valid integer",
+        "memplan: error: --set micro_batch=true: must be a valid integer",
+        "memplan: error: --set lr=.inf: must be a finite number",
+        "memplan: error: --set train=7: must be a valid string. Hint: quote it ('5'): YAML reads unquoted numbers, "
+        "true/false and dates as such",
+    ]

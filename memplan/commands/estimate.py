@@ -92,12 +92,12 @@ def run(model: Optional[str], config_path: Optional[str], gpu: Optional[str], gp
     if not model_ref:
         raise UserError("no model: give --model (a preset such as llama-2-7b; `memplan models` lists them), "
                         "a config.json path, or a plan file with `model:`")
-    spec = resolve_model(str(model_ref))
     capacity = resolve_capacity(gpu, gpu_memory)
     single = bool(config_path) or bool(set(overrides) - CLUSTER_FIELDS)
 
     if single:
-        plan = build_plan(merge(dict(base, model=str(model_ref)), overrides), source=config_path or "plan")
+        plan = build_plan(merge(dict(base, model=model_ref), overrides), source=config_path or "plan")
+        spec = resolve_model(plan.model)
         check_lora_targets(spec, plan)
         result = estimate(spec, plan, capacity)
         limits = _limits(spec, plan, capacity, max_batch, max_seq)
@@ -114,6 +114,7 @@ def run(model: Optional[str], config_path: Optional[str], gpu: Optional[str], gp
         click.echo(report.verdict(result))
         return
 
+    spec = resolve_model(model_ref)  # from --model: a plan file makes the branch above
     cluster = {k: v for k, v in overrides.items() if k in CLUSTER_FIELDS}
     if any(l.kind == "experts" for l in spec.layer_linears):
         cluster["lora"] = {"dropout": 0.0}  # peft's expert adapters take no dropout (see check_lora_targets)

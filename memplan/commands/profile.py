@@ -65,15 +65,15 @@ def run(model: Optional[str], config_path: Optional[str], steps: int, backend: O
     if not model_ref:
         raise UserError("no model: give --model (a preset such as llama-2-7b; `memplan models` lists them), "
                         "a config.json path, a plan file with `model:`, or --weights DIR")
-    spec = resolve_model(str(model_ref))
-    plan = build_plan(merge(dict(base, model=str(model_ref)), overrides), source=config_path or "plan")
+    plan = build_plan(merge(dict(base, model=model_ref), overrides), source=config_path or "plan")
+    spec = resolve_model(plan.model)
     check_lora_targets(spec, plan)
     backend = backend or default_backend(plan)
     check_runnable(plan, backend, steps)
     capacity = resolve_capacity(gpu, gpu_memory)
     kernels = "cuda" if backend == "cuda" else "cpu"
     est = estimate(spec, plan, capacity, kernels=kernels)
-    config = str(model_config_path(weights or str(model_ref)))
+    config = str(model_config_path(weights or plan.model))
     req = Request(config=config, plan=plan.model_dump(mode="json"), backend=backend, steps=steps, weights=weights,
                   memory_limit=capacity if (backend == "cuda" and (gpu or gpu_memory)) else None)
 
