@@ -173,3 +173,26 @@ def test_set_values_are_named_as_typed(tmp_path, run_cli):
         "memplan: error: --set train=7: must be a valid string. Hint: quote it ('5'): YAML reads unquoted numbers, "
         "true/false and dates as such",
     ]
+
+
+# ---------------------------------------------------------------- numeric options
+
+
+@pytest.mark.parametrize("args, words", [
+    (["estimate", "--model", "demo-tiny", "--batch-size", "1" + "0" * 400], ["--batch-size: 1000", "is more than 2,147,483,647"]),
+    (["estimate", "--model", "demo-tiny", "--method", "lora", "--lora-alpha", "nan"], ["--lora-alpha: nan is not a finite number"]),
+    (["recommend", "--model", "demo-tiny", "--dataset-size", "1000", "--epochs", "inf"], ["--epochs: inf is not a finite number"]),
+    (["recommend", "--model", "demo-tiny", "--dataset-size", "1" + "0" * 400], ["--dataset-size: 1000", "is more than"]),
+    (["recommend", "--model", "demo-tiny", "--dataset-size", "1000", "--max-hours", "1e999"], ["--max-hours: 1e999 is not a finite"]),
+    (["estimate", "--model", "demo-tiny", "--gpu-memory", "1e400GiB"], ["memory size '1e400GiB' is not a finite number of bytes"]),
+    (["profile", "--model", "demo-tiny", "--steps", "0"], ["--steps: 0 is less than 1"]),
+])
+def test_numeric_options_are_finite_and_bounded(run_cli, args, words):
+    code, _, err = run_cli(*args)
+    one_line(code, err, *words)
+
+
+def test_recommend_refuses_a_step_count_no_plan_can_hold(run_cli):
+    code, _, err = run_cli("recommend", "--model", "demo-tiny", "--dataset-size", "2000000000", "--epochs", "2000000000")
+    one_line(code, err, "2e+09 epochs of 2,000,000,000 examples", "more than the 2,147,483,647 a plan can count",
+             "Hint: fewer --epochs")
