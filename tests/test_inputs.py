@@ -196,3 +196,84 @@ def test_recommend_refuses_a_step_count_no_plan_can_hold(run_cli):
     code, _, err = run_cli("recommend", "--model", "demo-tiny", "--dataset-size", "2000000000", "--epochs", "2000000000")
     one_line(code, err, "2e+09 epochs of 2,000,000,000 examples", "more than the 2,147,483,647 a plan can count",
              "Hint: fewer --epochs")
+
+
+# ---------------------------------------------------------------- profile: room to run, checked first
+
+
+@pytest.fixture
+def nothing_measured(monkeypatch):
+    import memplan.profile_launch
+
+    def refuse(*a, **k):
+        raise AssertionError("a step ran")
+
+    monkeypatch.setattr(memplan.profile_launch, "measure_plan", refuse)
+    monkeypatch.setattr(memplan.profile_launch, "probe_in_subprocess", refuse)
+
+
+@pytest.mark.usefixtures("nothing_measured")
+def test_profile_refuses_a_step_larger_than_this_machine_before_allocating(run_cli):
+    # 10^9 tokens: tens of TiB by the estimate, on any machine
+    args = ["profile", "--model", "demo-tiny", "--backend", "cpu", "--seq-len", "1000000000"]
+    code, out, err = run_cli(*args, "--device", "cpu")
+    assert code == 1 and out.count("\n") == 1, (out, err)
+    assert out.startswith("does not fit: by the estimate the cpu backend needs ") and "nothing was run" in out
+    code, out, _ = run_cli(*args, "--device", "cpu", "--json")
+    result = json.loads(out)
+    assert code == 1 and result["profile"]["ran"] is False and result["results"][0]["measured"] is None
+    assert result["profile"]["verdict"].startswith("does not fit")
+    # a GPU plan that the cpu backend cannot hold here: not the plan's answer, a measurement that cannot run
+    one_line(*run_cli(*args)[::2], "cpu backend needs", "Hint: --backend trace")
+
+
+def test_profile_on_a_gpu_compares_with_its_memory(monkeypatch):
+    from memplan import gpus
+    from memplan.commands.profile import room_here
+    from memplan.estimator import estimate
+    from memplan.models import resolve_model
+
+    spec = resolve_model("demo-tiny")
+    small, large = (build_plan({"model": "demo-tiny", "seq_len": s}) for s in (64, 10**9))
+    monkeypatch.setattr(gpus, "local_gpus", lambda: [gpus.custom_gpu(80 * 2**30)])
+    assert room_here(estimate(spec, small, kernels="cuda"), small, "cuda") is None
+    code, line = room_here(estimate(spec, large, kernels="cuda"), large, "cuda")
+    assert code == 1 and line.startswith("does not fit: by the estimate each GPU holds") and "nothing was run" in line
+    code, line = room_here(estimate(spec, small, kernels="cuda"), small, "cuda", memory_limit=2**20)
+    assert code == 1 and "the allocator's cap" in line
+    assert room_here(estimate(spec, large, kernels="cpu"), large, "trace") is None  # fake tensors hold nothing
+
+
+def test_find_max_batch_does_not_probe_what_cannot_fit_here(run_cli, monkeypatch):
+    import memplan.profile_launch
+    import memplan.recommend.hardware
+    from memplan.estimator import estimate
+    from memplan.models import resolve_model
+    from memplan.profile_meters import StepMeasure
+    from memplan.profile_run import Measured
+
+    spec = resolve_model("demo-tiny")
+    fields = {"model": "demo-tiny", "device": "cpu", "precision": "fp32", "seq_len": 64}
+    need = {b: estimate(spec, build_plan(dict(fields, micro_batch=b)), kernels="cpu").peak_allocated for b in (8, 9)}
+    from memplan.recommend.hardware import PROCESS_BASELINE_BYTES
+
+    monkeypatch.setattr(memplan.recommend.hardware, "available_memory_bytes",
+                        lambda: (need[8] + need[9]) // 2 + PROCESS_BASELINE_BYTES)
+    probed = []
+
+    def probe(req):  # every probe that runs fits: only this machine's RAM limits the batch
+        probed.append(req.plan["micro_batch"])
+        return [Measured(backend="cpu", steps=[StepMeasure(peaks={"forward": 1, "backward": 1, "optimizer": 1})],
+                         after_load=1)]
+
+    monkeypatch.setattr(memplan.profile_launch, "probe_in_subprocess", probe)
+    monkeypatch.setattr(memplan.profile_launch, "measure_plan", lambda req: probe(req))
+    code, out, err = run_cli("profile", "--model", "demo-tiny", "--device", "cpu", "--precision", "fp32",
+                             "--seq-len", "64", "--backend", "cpu", "--find-max-batch", "--gpu-memory", "1000GiB",
+                             "--json")
+    assert code == 0, err
+    found = json.loads(out)["max_batch"]
+    assert found["value"] == 8
+    assert max(probed) == 8
+    skipped = [p for p in found["probes"] if "not_run" in p]
+    assert skipped and all(p["micro_batch"] > 8 and not p["fits"] for p in skipped)
