@@ -46,6 +46,9 @@ def profile(**kwargs) -> None:
     Sizes in GiB (2^30 bytes) or MiB; error % = 100 x (estimate - measured) / measured, negative =
     under-estimate. Exit status: 0 measured, 1 out of memory ("does not fit"), 2 bad input.
     """
+    from memplan.hf_setup import offline_and_quiet
+
+    offline_and_quiet()  # first: no network for this process and those it starts, whatever they import
     from memplan.commands.profile import run
 
     run(**kwargs)

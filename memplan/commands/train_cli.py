@@ -40,6 +40,9 @@ def train(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_jso
     it needs DeepSpeed (pip install deepspeed). precision bf16-master: bf16 weights,
     fp32 master copies in the optimizer (DeepSpeed's, or memplan's: one process, DDP, CPU FSDP).
     """
+    from memplan.hf_setup import offline_and_quiet
+
+    offline_and_quiet()  # first: no network for this process and those it launches, whatever they import
     from memplan.train.command import run
 
     code = run(plan_file, sets, resume, dry, as_json, quiet, trust_remote_code)
