@@ -15,21 +15,41 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Loaded by every Python process started with this directory on PYTHONPATH (site imports sitecustomize).
+# Loaded by every Python process started with this directory on PYTHONPATH (site imports sitecustomize):
+# host name look-ups and connections to anything but this machine are recorded and refused.
 GUARD = '''
-import os, socket
+import ipaddress, os, socket
 _LOCAL = {None, "", "localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname()}
-_getaddrinfo = socket.getaddrinfo
+_getaddrinfo, _connect, _connect_ex = socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex
 
-def _refuse(host, *args, **kwargs):
+def _record(what):
+    with open(os.environ["MEMPLAN_TEST_LOOKUPS"], "a") as fh:
+        fh.write(f"{os.getpid()} {what}\\n")
+    raise OSError(f"network refused by the test: {what}")
+
+def _lookup(host, *args, **kwargs):
     name = host.decode() if isinstance(host, bytes) else host
     if name not in _LOCAL:
-        with open(os.environ["MEMPLAN_TEST_LOOKUPS"], "a") as fh:
-            fh.write(f"{os.getpid()} {name}\\n")
-        raise OSError(f"network refused by the test: {name}")
+        _record(name)
     return _getaddrinfo(host, *args, **kwargs)
 
-socket.getaddrinfo = _refuse
+def _remote(address):
+    if not isinstance(address, tuple):
+        return False  # a Unix socket
+    try:
+        return not ipaddress.ip_address(address[0]).is_loopback
+    except ValueError:
+        return address[0] not in _LOCAL
+
+def _connecting(original):
+    def connect(self, address):
+        if _remote(address):
+            _record(f"connect {address[0]}")
+        return original(self, address)
+    return connect
+
+socket.getaddrinfo = _lookup
+socket.socket.connect, socket.socket.connect_ex = _connecting(_connect), _connecting(_connect_ex)
 '''
 
 
@@ -53,11 +73,14 @@ def no_network(tmp_path):
     return run
 
 
-def test_the_guard_sees_a_look_up(no_network):
-    done, looked_up = no_network(code="import socket\ntry:\n    socket.getaddrinfo('huggingface.co', 443)\n"
-                                      "except OSError:\n    pass\n")
+def test_the_guard_sees_a_look_up_and_a_connection(no_network):
+    code = ("import socket\n"
+            "for call in (lambda: socket.getaddrinfo('huggingface.co', 443),\n"
+            "             lambda: socket.socket().connect(('192.0.2.1', 443))):\n"
+            "    try:\n        call()\n    except OSError:\n        pass\n")
+    done, looked_up = no_network(code=code)
     assert done.returncode == 0, done.stderr
-    assert [line.split()[1] for line in looked_up] == ["huggingface.co"]
+    assert [line.split(" ", 1)[1] for line in looked_up] == ["huggingface.co", "connect 192.0.2.1"]
 
 
 def test_profile_with_lora_in_two_processes_looks_nothing_up(no_network):
