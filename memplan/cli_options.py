@@ -5,14 +5,15 @@ Flags default to None so that only what the user actually typed overrides a --co
 
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any, Callable, Optional
 
 import click
 from pydantic.fields import FieldInfo
 
-from memplan.errors import did_you_mean
-from memplan.plan import Hyperparameters, LoraSettings, Overrides, Plan
+from memplan.errors import did_you_mean, shown
+from memplan.plan import MAX_NUMBER, Hyperparameters, LoraSettings, Overrides, Plan
 
 # Plan field path -> flag name. Order is the order in --help.
 PLAN_FLAGS: dict[str, str] = {
@@ -72,6 +73,42 @@ class Choice(click.Choice):
             self.fail(f"'{value}' is not one of {', '.join(allowed)}{did_you_mean(str(value), allowed)}", param, ctx)
 
 
+class _Bounded:
+    """A numeric option: finite and at most MAX_NUMBER in size, the bound every plan number has
+    (memplan.plan), and at least `minimum` when given. click's own INT and FLOAT take `inf`, `nan` and
+    400-digit numbers, which overflowed memplan's arithmetic."""
+
+    kind: type
+    name: str
+
+    def __init__(self, minimum: Optional[float] = None) -> None:
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        try:
+            number = self.kind(value if isinstance(value, self.kind) else str(value).strip())
+        except ValueError:
+            self.fail(f"{shown(value)} is not a valid {self.name}", param, ctx)
+        if isinstance(number, float) and not math.isfinite(number):
+            self.fail(f"{shown(value).strip(chr(39))} is not a finite number", param, ctx)
+        if abs(number) > MAX_NUMBER:
+            self.fail(f"{shown(number)} is more than {MAX_NUMBER:,}, the largest number memplan takes", param, ctx)
+        if self.minimum is not None and number < self.minimum:
+            self.fail(f"{value} is less than {self.minimum:g}, the smallest allowed", param, ctx)
+        return number
+
+
+class Int(_Bounded, click.types.IntParamType):
+    kind = int
+
+
+class Float(_Bounded, click.types.FloatParamType):
+    kind = float
+
+
+INT, FLOAT = Int(), Float()
+
+
 def _field(path: str) -> FieldInfo:
     head, _, rest = path.partition(".")
     if not rest:
@@ -85,14 +122,13 @@ def _click_type(info: FieldInfo) -> Any:
     origin = typing.get_origin(ann)
     if origin is typing.Literal:
         return Choice(list(typing.get_args(ann)))
-    if ann is int:
-        return int
-    if ann is float:
-        return float
+    numbers = {int: INT, float: FLOAT}
+    if ann in numbers:
+        return numbers[ann]
     if origin is typing.Union:
         args = [a for a in typing.get_args(ann) if a is not type(None)]
-        if args and args[0] in (int, float):
-            return args[0]
+        if args and args[0] in numbers:
+            return numbers[args[0]]
     return str
 
 

@@ -210,9 +210,11 @@ def parse_memory(text: str) -> int:
     match = re.match(_MEMORY_PATTERN, str(text), re.IGNORECASE)
     if not match or match.group(2).lower() not in _UNITS:
         raise UserError(f"bad memory size '{text}': expected {_MEMORY_FORMS}")
-    value = float(match.group(1))
-    n = round(value * _UNITS[match.group(2).lower()])
-    if not math.isfinite(value) or value <= 0 or n <= 0:
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(value):  # 1e400GiB: no machine's memory, and inf bytes is no number of bytes
+        raise UserError(f"memory size '{text}' is not a finite number of bytes: expected {_MEMORY_FORMS}")
+    n = round(value)
+    if n <= 0:
         raise UserError(f"memory size '{text}' must be more than zero: expected {_MEMORY_FORMS}")
     return int(n)
 

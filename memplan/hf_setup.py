@@ -17,6 +17,8 @@ from memplan.plan import ALL_LINEAR, Plan
 # kernels.get_kernel("kernels-community/quantization-bitsandbytes"), which first checks the publisher on
 # huggingface.co, measured: two DNS look-ups of huggingface.co at `import bitsandbytes`). Offline, the look-up
 # reads only the local cache; without the kernel bitsandbytes uses its own C++ CPU code.
+# This holds over a user's own HF_HUB_OFFLINE=0 too: that setting allows downloads, it asks for none, and
+# train and profile have nothing to download; a look-up nobody asked for stays a look-up nobody asked for.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 # Exactly the two lines that optional-kernel look-up logs offline: nothing the user can or needs to act on.

@@ -12,7 +12,6 @@ This module is on the fast estimate path: it must import neither torch nor trans
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,6 +20,7 @@ from typing import Any, Callable
 
 
 from memplan.errors import UserError
+from memplan.files import read_json, read_text
 from memplan.paths import data_dir, load_table
 
 # --------------------------------------------------------------------------------------------
@@ -533,7 +533,7 @@ def preset_info(preset_id: str) -> dict:
 
 def _preset_spec(preset_id: str) -> ModelSpec:
     path = models_dir() / preset_id / "config.json"
-    return spec_from_config(_read_config(path), preset_id)
+    return spec_from_config(read_config(path), preset_id)
 
 
 def list_presets() -> list[dict]:
@@ -556,15 +556,9 @@ def list_presets() -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_config(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON: {e}") from None
+def read_config(path: Path) -> dict:
+    """A config.json's object (one line naming the file when it is not one)."""
+    config = read_json(path, "model config")
     if not isinstance(config, dict):
         raise UserError(f"{path}: config.json must hold a JSON object, got {type(config).__name__}")
     return config
@@ -602,7 +596,7 @@ def _cached_config(repo_id: str) -> Path | None:
             continue
         ref = repo / "refs" / "main"
         if ref.is_file():
-            candidate = repo / "snapshots" / ref.read_text().strip() / "config.json"
+            candidate = repo / "snapshots" / read_text(ref, "HF cache reference").strip() / "config.json"
             if candidate.is_file():
                 return candidate
         found = sorted(repo.glob("snapshots/*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
@@ -652,7 +646,7 @@ def resolve_model(ref: str) -> ModelSpec:
     path = Path(ref).expanduser()
     local = _local_config(path)
     if local is not None:
-        return spec_from_config(_read_config(local), str(path))
+        return spec_from_config(read_config(local), str(path))
     preset = _lookup().get(ref.lower())
     if preset is not None:
         return _preset_spec(preset)
@@ -663,5 +657,5 @@ def resolve_model(ref: str) -> ModelSpec:
     if ref.count("/") == 1:
         cached = _cached_config(ref)
         if cached is not None:
-            return spec_from_config(_read_config(cached), ref)
+            return spec_from_config(read_config(cached), ref)
     raise _unknown(ref)

@@ -6,12 +6,15 @@ Bad combinations are rejected here, once, with the reason and a "Hint:" toward w
 
 from __future__ import annotations
 
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from memplan.errors import UserError, did_you_mean
+from memplan.errors import UserError, did_you_mean, shown
+from memplan.files import read_yaml
 
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["fp32", "amp-bf16", "amp-fp16", "bf16", "bf16-master"]
@@ -31,8 +34,42 @@ DEFAULT_WARMUP_RATIO = 0.05
 FSDP_STRATEGY = {0: "NO_SHARD", 2: "SHARD_GRAD_OP", 3: "FULL_SHARD"}
 
 
+#: The largest number a plan holds, and the largest a numeric flag takes (memplan.cli_options): a signed
+#: 32-bit integer's maximum. Every count in a plan (sequences, tokens, steps, processes, adapter rank) fits
+#: it with room to spare, and products of a handful of plan numbers (micro-batch x sequence x vocabulary x
+#: bytes) then stay exact as integers and finite as floats, where `--batch-size 10^400` or `epochs: 1e308`
+#: overflowed memplan's arithmetic.
+MAX_NUMBER = 2**31 - 1
+
+
+#: A number written in decimal with an exponent and no dot, which YAML 1.1 (PyYAML) reads as text: `lr: 2e-5`.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    """What every plan section shares. Unknown keys are refused (a typo is not silently ignored), and values
+    are taken as written, not coerced: YAML reads `true`, `5` and `.inf` as a boolean, a number and an
+    infinity, so `micro_batch: true` is not 1, `output_dir: 5` is not the text "5", and `lr: .inf` is no
+    learning rate (strict types, finite floats). The one reading of YAML's that is undone is its text for
+    `2e-5`: a float field takes it as the number. Every number is at most MAX_NUMBER."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _exponent_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            ann = cls.model_fields[info.field_name].annotation
+            if ann is float or float in typing.get_args(ann):
+                return float(value)
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _at_most_max_number(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_NUMBER:
+            raise ValueError(f"must be at most {MAX_NUMBER:,}" if value > 0 else f"must be at least {-MAX_NUMBER:,}")
+        return value
 
 
 class LoraSettings(_Strict):
@@ -76,7 +113,7 @@ class Hyperparameters(_Strict):
     save_every: Optional[int] = Field(None, gt=0, description="optimizer steps between checkpoints (default: eval_every).")
     save_total_limit: int = Field(2, gt=0, description="checkpoints kept, newest first (the best one is kept too).")
     log_every: int = Field(10, gt=0, description="optimizer steps between metrics lines.")
-    seed: int = Field(42, description="random seed for initialisation, data order and dropout.")
+    seed: int = Field(42, ge=0, description="random seed for initialisation, data order and dropout.")
     merge_adapter: bool = Field(False, description="LoRA/QLoRA: also save the adapter merged into the base weights.")
 
     @model_validator(mode="after")
@@ -301,10 +338,15 @@ def _problem(error: dict) -> str:
     if msg.startswith("Input should be "):
         msg = "must be " + msg.removeprefix("Input should be ")
     if error["type"] == "literal_error" and isinstance(error.get("input"), str):
-        import re
-
         msg += did_you_mean(error["input"], re.findall(r"'([^']*)'", (error.get("ctx") or {}).get("expected", "")))
     return msg
+
+
+def _hint(errors: list[dict]) -> str:
+    """What to do about a scalar where text belongs: YAML typed it (output_dir: 5 is the number 5)."""
+    if any(e["type"] == "string_type" and not isinstance(e.get("input"), (dict, list)) for e in errors):
+        return ". Hint: quote it ('5'): YAML reads unquoted numbers, true/false and dates as such"
+    return ""
 
 
 def _format_validation_error(err: ValidationError, source: str, flags: Optional[dict[str, str]] = None) -> str:
@@ -330,10 +372,11 @@ def _format_validation_error(err: ValidationError, source: str, flags: Optional[
             problems = ["must be " + " or ".join(p.removeprefix("must be ") for p in problems)]
         problem, value = problems[0], errors[0].get("input")
         if dotted in flags:
-            typed = f"{value:g}" if isinstance(value, float) else (value if value != "" else repr(value))
-            lines.append(f"{flags[dotted]} {typed}: {problem}")
+            flag = flags[dotted]  # "--batch-size", or "--set key=text" with the text as typed
+            typed = f"{value:g}" if isinstance(value, float) else (shown(value).strip("'") if value != "" else "''")
+            lines.append(f"{flag if '=' in flag else f'{flag} {typed}'}: {problem}{_hint(errors)}")
         elif dotted:
-            lines.append(f"{source}: {dotted}: {problem} (got {value!r})")
+            lines.append(f"{source}: {dotted}: {problem} (got {shown(value)}){_hint(errors)}")
         else:
             lines.append(f"{source}: {problem}")
     return "\n".join(lines)
@@ -349,19 +392,8 @@ def build_plan(data: dict[str, Any], source: str = "plan") -> Plan:
 
 
 def read_plan_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise UserError(f"cannot read plan file {path}: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{where}: malformed YAML: {getattr(err, 'problem', err)}") from None
+    data = read_yaml(path, "plan file")
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from memplan.errors import UserError
 from memplan.hf_setup import enable_checkpointing, lora_config, nf4_config
+from memplan.models import read_config
 from memplan.plan import Plan
 
 AUTOCAST_DTYPE = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
@@ -70,7 +70,7 @@ def resolve_config(config: Any):
     if isinstance(config, (str, Path)):
         path = Path(config)
         if path.is_file():
-            return resolve_config(json.loads(path.read_text()))
+            return resolve_config(read_config(path))
         if path.is_dir():
             return resolve_config(path / "config.json")
         raise UserError(f"model config {config}: no such file or directory (memplan never downloads)")

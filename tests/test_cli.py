@@ -252,6 +252,12 @@ def test_usage_errors_are_one_line_on_every_command(run_cli):
                 kind = "integer" if isinstance(param.type, click.types.IntParamType) else "float"
                 assert code == 2 and err.count("\n") == 1, err
                 assert err.startswith(f"memplan: error: {flag}: 'many' is not a valid {kind}"), err
+                # finite and bounded as plan numbers are (memplan.plan.MAX_NUMBER): no overflow further on
+                finite, bounded = ("is not a finite number",) * 2 if kind == "float" else \
+                    ("is not a valid integer", "is more than 2,147,483,647")
+                for bad, why in (("inf", finite), ("1" + "0" * 400, bounded)):
+                    code, _, err = run_cli(name, flag, bad)
+                    assert code == 2 and err.count("\n") == 1 and why in err, err
     assert seen_choice >= 10 and seen_number >= 10
 
 

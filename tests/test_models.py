@@ -384,7 +384,7 @@ def test_malformed_config(tmp_path):
     bad.write_text('{"model_type": "llama",, }')
     with pytest.raises(UserError) as err:
         resolve_model(str(tmp_path))
-    assert str(bad) in str(err.value) and "invalid JSON" in str(err.value) and "line 1" in str(err.value)
+    assert str(bad) in str(err.value) and "malformed JSON" in str(err.value) and "line 1" in str(err.value)
     bad.write_text("[1, 2]")
     with pytest.raises(UserError, match="JSON object"):
         resolve_model(str(bad))

@@ -143,7 +143,7 @@ def test_missing_or_foreign_launch_files(tmp_path, tiny):
         command(resolve_plan(str(path)), ["train", str(path)])
     config.write_text(yaml.safe_dump(launch))
     ds_json = path.parent / "ds_config.json"
-    for content, wanted in ((b"\xff\xfe{", "ds_config.json: not JSON"), (b"[1, 2]", "expected a JSON object")):
+    for content, wanted in ((b"\xff\xfe{", "ds_config.json: not UTF-8 text"), (b"[1, 2]", "expected a JSON object")):
         ds_json.write_bytes(content)
         with pytest.raises(UserError, match=wanted):
             command(resolve_plan(str(path)), ["train", str(path)])

@@ -157,14 +157,15 @@ def run(model: Optional[str], config_path: Optional[str], gpu: Optional[str], gp
     if not model_ref:
         raise UserError("no model: give --model (a preset such as llama-2-7b; `memplan models` lists them), "
                         "a config.json path, or a plan file with `model:`")
-    spec = resolve_model(str(model_ref))
     if config_path or set(overrides) - CLUSTER_FIELDS:
-        plan = build_plan(merge(dict(base, model=str(model_ref)), overrides), source=config_path or "plan")
+        plan = build_plan(merge(dict(base, model=model_ref), overrides), source=config_path or "plan")
+        spec = resolve_model(plan.model)
         check_lora_targets(spec, plan)
         return _one_plan(spec, plan, gpu, gpu_memory, host_memory, headroom, max_batch, max_seq, as_json)
     if max_batch or max_seq:
         raise UserError("--max-batch / --max-seq need one plan: add plan flags (e.g. --method lora) or --config")
-    return _table(spec, str(model_ref), overrides, gpu, gpu_memory, host_memory, headroom, as_json)
+    spec = resolve_model(model_ref)  # from --model: a plan file takes the branch above
+    return _table(spec, model_ref, overrides, gpu, gpu_memory, host_memory, headroom, as_json)
 
 
 def _one_plan(spec: ModelSpec, plan: Plan, gpu: Optional[str], gpu_memory: Optional[str], host_memory: Optional[str],

@@ -65,17 +65,32 @@ def run(model: Optional[str], config_path: Optional[str], steps: int, backend: O
     if not model_ref:
         raise UserError("no model: give --model (a preset such as llama-2-7b; `memplan models` lists them), "
                         "a config.json path, a plan file with `model:`, or --weights DIR")
-    spec = resolve_model(str(model_ref))
-    plan = build_plan(merge(dict(base, model=str(model_ref)), overrides), source=config_path or "plan")
+    plan = build_plan(merge(dict(base, model=model_ref), overrides), source=config_path or "plan")
+    spec = resolve_model(plan.model)
     check_lora_targets(spec, plan)
     backend = backend or default_backend(plan)
     check_runnable(plan, backend, steps)
     capacity = resolve_capacity(gpu, gpu_memory)
     kernels = "cuda" if backend == "cuda" else "cpu"
     est = estimate(spec, plan, capacity, kernels=kernels)
-    config = str(model_config_path(weights or str(model_ref)))
+    config = str(model_config_path(weights or plan.model))
     req = Request(config=config, plan=plan.model_dump(mode="json"), backend=backend, steps=steps, weights=weights,
                   memory_limit=capacity if (backend == "cuda" and (gpu or gpu_memory)) else None)
+
+    refused = room_here(est, plan, backend, req.memory_limit)  # before anything is allocated
+    if refused is not None:
+        code, line = refused
+        if code == UserError.exit_code:
+            raise UserError(line)
+        if as_json:
+            out = report.estimate_json(spec.name, spec.params_total, [est])
+            out["results"][0]["measured"] = None
+            out["profile"] = {"backend": backend, "steps": steps, "estimate_kernels": kernels, "ran": False,
+                              "verdict": line}
+            click.echo(json.dumps(out, indent=2))
+        else:
+            click.echo(line)
+        sys.exit(code)
 
     max_batch = None
     if find_max_batch:  # before this process touches the GPU: every probe gets all of it
@@ -102,6 +117,54 @@ def run(model: Optional[str], config_path: Optional[str], steps: int, backend: O
         _print_tables(spec, plan, est, main, ranks, measured, backend, kernels, max_batch, verdict, weights)
     if main.oom:
         sys.exit(1)
+
+
+# ---------------------------------------------------------------- room to run
+
+
+def room_here(est: Estimate, plan: Plan, backend: str, memory_limit: Optional[int] = None) -> Optional[tuple[int, str]]:
+    """Whether the steps fit where `backend` runs them, by the estimate, before anything is allocated: None
+    when they do, else (exit code, one line). A step that cannot fit would allocate until it fails: on the CPU
+    that took 105 s of swapping and thrashing for 10^9 tokens before the allocation error.
+
+    cpu: every process in this machine's available RAM (recommend's PROCESS_BASELINE_BYTES each for the
+    interpreter and libraries); cuda: each rank's tensors at the estimated peak within its GPU less the CUDA
+    context (or within --gpu / --gpu-memory, the allocator's cap); trace: fake tensors, nothing to hold. Only
+    the tensors are counted, not the allocator's reserve: a plan is refused only when even they cannot fit.
+    On the plan's own hardware (cuda, or cpu for a `device: cpu` plan) that is its answer, "does not fit"
+    (exit 1, as a step that ran out of memory reports); a GPU plan whose cpu measurement does not fit this
+    machine's RAM is a plan that cannot be measured here (exit 2)."""
+    if backend == "cpu":
+        from memplan.recommend.hardware import PROCESS_BASELINE_BYTES, available_memory_bytes
+
+        n = plan.world_size
+        need, have = n * (est.peak_allocated + PROCESS_BASELINE_BYTES), available_memory_bytes()
+        if need <= have:
+            return None
+        line = (f"by the estimate the cpu backend needs {size(need)} of RAM ({n} process(es) x ({size(est.peak_allocated)} "
+                f"of tensors + {size(PROCESS_BASELINE_BYTES)} for the interpreter)), and this machine has "
+                f"{size(have)} available; nothing was run")
+        if plan.device == "cpu":
+            return 1, f"does not fit: {line}"
+        return UserError.exit_code, (f"{line}. Hint: --backend trace measures the steps at any size on fake tensors, "
+                                     "allocating nothing")
+    if backend == "cuda":
+        from memplan import gpus
+
+        local = gpus.local_gpus()  # NVML: this process stays off the GPU, which the measurement gets whole
+        if memory_limit is not None:
+            have, where = memory_limit, "the allocator's cap (--gpu / --gpu-memory)"
+        elif local:
+            smallest = min(g.memory_bytes for g in local)
+            have = smallest - overhead.cuda_context_bytes(plan)
+            where = f"this machine's GPU ({size(smallest)}) less {size(overhead.cuda_context_bytes(plan))} CUDA context"
+        else:
+            return None
+        if est.peak_allocated <= have:
+            return None
+        return 1, (f"does not fit: by the estimate each GPU holds {size(est.peak_allocated)} of tensors at the "
+                   f"{est.peak_phase} peak, more than the {size(have)} of {where}; nothing was run")
+    return None
 
 
 # ---------------------------------------------------------------- figures
@@ -226,6 +289,16 @@ def _find_max_batch(spec, plan: Plan, req, capacity: Optional[int], backend: str
 
     def fits(b: int) -> bool:
         fields = dict(req.plan, micro_batch=b)
+        at_b = estimate(spec, plan.model_copy(update={"micro_batch": b}), kernels="cuda" if backend == "cuda" else "cpu")
+        refused = room_here(at_b, plan, backend, req.memory_limit)
+        if refused is not None:  # not run: it would allocate until it failed
+            code, line = refused
+            if code == UserError.exit_code:
+                raise UserError(f"--find-max-batch, micro-batch {b}: {line}")
+            probes.append({"micro_batch": b, "peak_allocated_bytes": None, "oom_phase": None, "fits": False,
+                           "not_run": line})
+            bar.update(1)
+            return False
         ranks = probe_in_subprocess(Request(**dict(req.to_json(), plan=fields)))
         worst = max(ranks, key=lambda r: (r.oom is not None, r.peak))
         row = {"micro_batch": b, "peak_allocated_bytes": worst.peak if worst.steps else None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli_options import Choice, PLAN_FLAGS, plan_options
+from memplan.cli_options import Choice, Int, PLAN_FLAGS, plan_options
 
 
 @click.command("profile")
@@ -13,7 +13,7 @@ from memplan.cli_options import Choice, PLAN_FLAGS, plan_options
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="a plan YAML (the Plan's fields; `recommend -o` writes one). Flags override it.")
 @plan_options(PLAN_FLAGS)
-@click.option("--steps", type=click.IntRange(min=1), default=3,
+@click.option("--steps", type=Int(minimum=1), default=3,
               help="optimizer steps to run; step 1 creates the optimizer states, steps 2.. are the steady state "
                    "[optimizer steps] (default: 3).")
 @click.option("--backend", type=Choice(["cuda", "cpu", "trace"]), default=None,
@@ -52,6 +52,9 @@ def profile(**kwargs) -> None:
       1  out of memory: the plan does not fit ("does not fit: out of memory in <phase>")
       2  bad input, or the plan cannot run here (no CUDA for --backend cuda, a missing package)
     """
+    from memplan.hf_setup import offline_and_quiet
+
+    offline_and_quiet()  # first: no network for this process and those it starts, whatever they import
     from memplan.commands.profile import run
 
     run(**kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli_options import Choice, HPARAM_FLAGS, plan_options
+from memplan.cli_options import FLOAT, INT, Choice, HPARAM_FLAGS, plan_options
 from memplan.recommend import hparams as hp
 
 
@@ -29,9 +29,9 @@ HPARAM_HELP = {
 @click.command()
 @click.option("--model", "-m", "model", required=True,
               help="preset id or alias (see `memplan models`), a config.json path, or a local HF model directory.")
-@click.option("--gpus", type=int, default=None,
+@click.option("--gpus", type=INT, default=None,
               help="GPUs per node; on a CPU plan, processes [GPUs] (default: the local GPUs found, else 1).")
-@click.option("--nodes", type=int, default=None, help="machines, each with --gpus GPUs [nodes] (default: 1).")
+@click.option("--nodes", type=INT, default=None, help="machines, each with --gpus GPUs [nodes] (default: 1).")
 @click.option("--gpu", "gpu", default=None,
               help="GPU preset id (see `memplan gpus`), e.g. h100-80gb (default: the local GPUs, found with NVML, "
                    "else this machine's CPU and RAM).")
@@ -44,27 +44,27 @@ HPARAM_HELP = {
               help="validation JSONL (default: 5 % of --data, held out).")
 @click.option("--replay", type=click.Path(dir_okay=False), default=None,
               help="general-text JSONL mixed in against forgetting when the domain shift is high.")
-@click.option("--dataset-size", "dataset_size", type=int, default=None,
+@click.option("--dataset-size", "dataset_size", type=INT, default=None,
               help="training examples, when there is no --data file to count [examples].")
-@click.option("--seq-len", "seq_len", type=int, default=None,
+@click.option("--seq-len", "seq_len", type=INT, default=None,
               help="tokens per sequence [tokens] (default: p95 of --data rounded up to 64, else 2048).")
 @click.option("--domain-shift", "domain_shift", type=Choice(["low", "high"]), default=None,
               help="how far the task is from pre-training: high for medicine, law ... (default: low, printed "
                    "as an assumption).")
 @click.option("--method", type=Choice(["full", "lora", "qlora"]), default=None,
               help="force the method (default: the decision tree chooses; --explain shows it).")
-@click.option("--effective-batch", "effective_batch", type=int, default=None,
+@click.option("--effective-batch", "effective_batch", type=INT, default=None,
               help="sequences per optimizer step = micro-batch x accumulation x GPUs [sequences] (default: "
                    f"{hp.DEFAULT_EFFECTIVE_BATCH}, or for small sets the largest power of two that still gives "
                    f"{hp.MIN_STEPS_PER_EPOCH} optimizer steps per epoch).")
 @plan_options({"hparams.epochs": HPARAM_FLAGS["hparams.epochs"], "hparams.lr": HPARAM_FLAGS["hparams.lr"],
                "hparams.warmup_ratio": HPARAM_FLAGS["hparams.warmup_ratio"]}, help=HPARAM_HELP)
-@click.option("--max-hours", "max_hours", type=float, default=None,
+@click.option("--max-hours", "max_hours", type=FLOAT, default=None,
               help="time budget: full FT counts as 'enough compute' only within it [hours] (default: 72).")
 @click.option("--priority", type=Choice(["quality", "speed", "memory"]), default="quality",
               help="quality: no quality trade-offs (fp32 master weights, 32-bit Adam) unless needed to fit, then "
                    "fastest; speed: fastest; memory: smallest (default: quality).")
-@click.option("--headroom", type=float, default=0.10,
+@click.option("--headroom", type=FLOAT, default=0.10,
               help="fraction of each device's memory kept free: a plan must fit (1 - headroom) x memory "
                    "(default: 0.1).")
 @click.option("--host-memory", "host_memory", default=None,

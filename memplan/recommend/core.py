@@ -15,7 +15,7 @@ from typing import Optional
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
 from memplan.models import ModelSpec, resolve_model
-from memplan.plan import DataSettings, Plan, build_plan
+from memplan.plan import MAX_NUMBER, DataSettings, Plan, build_plan
 from memplan.recommend import hparams as hp
 from memplan.recommend.data_stats import DataStats, measure
 from memplan.recommend.hardware import Target, resolve_target
@@ -441,6 +441,9 @@ def recommend(req: Request) -> Recommendation:
                            f"per sequence: batches of {best.plan.micro_batch} are padded to their longest example "
                            f"(expected from the measured lengths), at most {seq_len}")
     total_steps = best.steps
+    if total_steps > MAX_NUMBER:  # a plan's step counts are bounded like all its numbers
+        raise UserError(f"{epochs:g} epochs of {examples_per_epoch:,} examples at {rounded} per optimizer step are "
+                        f"{total_steps:,} steps, more than the {MAX_NUMBER:,} a plan can count. Hint: fewer --epochs")
     rec.hparams = hp.choose(best.plan.method, shift, total_steps, epochs, req.lr, spec.hidden_size, validation)
     h = rec.hparams.plan_fields()
     if req.warmup_ratio is not None:

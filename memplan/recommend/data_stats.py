@@ -66,7 +66,7 @@ class DataStats:
 
 def _file_format(path: Path) -> str:
     """The JSONL shape, from the first record (the trainer's `format: auto` reads it the same way)."""
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:  # as memplan.files.read_text reads it
         for line in fh:
             if line.strip():
                 try:

@@ -254,6 +254,22 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def available_memory_bytes() -> int:
+    """RAM a new process can have now without swapping: the kernel's MemAvailable (free memory plus the page
+    cache it can reclaim; /proc/meminfo), else the free pages, else the physical RAM."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return host_memory_bytes()
+
+
 @dataclass(frozen=True)
 class CpuInfo:
     """A processor as /proc/cpuinfo states it: what the CPU time model depends on, and nothing measured."""

@@ -13,7 +13,6 @@ seq_len tokens whose position ids restart at each example, so attention stays in
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from memplan.errors import UserError
+from memplan.files import parse_json, read_text
 
 IGNORE = -100
 
@@ -103,21 +103,14 @@ def _parse(obj: Any, fmt: str, where: str) -> Record:
 def read_jsonl(path: str | Path, fmt: str = "auto") -> list[Record]:
     """All records of a JSONL file; the first bad line raises one UserError naming file:line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise UserError(f"cannot read data file {path}: {err.strerror}") from None
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err.reason})") from None
+    # JSON Lines end at "\n" only: str.splitlines would also cut at U+2028 and others, which JSON strings may hold
+    lines = read_text(path, "data file").split("\n")
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+        obj = parse_json(line, where, line=False)
         if fmt == "auto":
             fmt = _detect(obj) if isinstance(obj, dict) else None
             if fmt is None:

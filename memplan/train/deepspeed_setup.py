@@ -189,16 +189,13 @@ def check_config(plan, cfg: dict, source: str) -> None:
 
 def launch_files(plan_dir: Path) -> tuple[Path, dict]:
     """DIR/accelerate_config.yaml, read."""
-    import yaml
+    from memplan.files import read_yaml
 
     path = plan_dir / "accelerate_config.yaml"
     if not path.is_file():
         raise UserError(f"a DeepSpeed plan is launched with {path}, which does not exist. Hint: memplan recommend "
                         "... -o DIR writes it with ds_config.json next to plan.yaml")
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not YAML ({str(err).splitlines()[0]})") from None
+    cfg = read_yaml(path, "launch config") or {}
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: expected a mapping of accelerate settings, got {type(cfg).__name__}")
     return path, cfg
@@ -272,14 +269,11 @@ def check_cpu_adam() -> None:
 def preflight(plan, plan_dir: Path) -> tuple[Path, Path]:
     """Everything checkable before the processes start; returns the accelerate config's and the
     DeepSpeed JSON's paths."""
-    import json
+    from memplan.files import read_json
 
     path, cfg = launch_files(plan_dir)
     ds_path = check_launch_config(plan, path, cfg).resolve()
-    try:
-        ds_cfg = json.loads(ds_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{ds_path}: not JSON ({err})") from None
+    ds_cfg = read_json(ds_path, "DeepSpeed config")
     if not isinstance(ds_cfg, dict):
         raise UserError(f"{ds_path}: expected a JSON object of DeepSpeed settings, got {type(ds_cfg).__name__}")
     check_config(plan, ds_cfg, str(ds_path))

@@ -17,12 +17,12 @@ Nothing is ever fetched from the network: files are read with `local_files_only=
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from memplan.errors import UserError
 from memplan.hf_setup import enable_checkpointing, keep_4bit_layers_differentiable, lora_config, nf4_config
+from memplan.models import read_config
 from memplan.plan import Plan
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
@@ -80,7 +80,7 @@ def model_dir(ref: str) -> Path:
 
 
 def check_remote_code(path: Path, trust_remote_code: bool) -> None:
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path / "config.json")
     if config.get("auto_map") and not trust_remote_code:
         raise UserError(f"model {path} ships its own Python code (auto_map in config.json); memplan runs it only "
                         "with --trust-remote-code")

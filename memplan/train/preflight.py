@@ -132,14 +132,13 @@ def _launch_problems(plan: Plan, plan_path: Path) -> list[Problem]:
     if not config.is_file():
         return [Problem(f"{plan.world_size} GPUs need {config} (the launch settings)",
                         "memplan recommend ... -o DIR writes it next to plan.yaml")]
-    import yaml
-
+    from memplan.files import read_yaml
     from memplan.recommend.writers import distributed_type
 
     try:
-        cfg = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        return [Problem(f"{config}: not YAML ({str(err).splitlines()[0]})")]
+        cfg = read_yaml(config, "launch config") or {}
+    except UserError as err:
+        return [Problem(str(err))]
     if not isinstance(cfg, dict):
         return [Problem(f"{config}: expected a mapping of accelerate settings, got {type(cfg).__name__}")]
     wanted = distributed_type(plan)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from memplan.errors import UserError
-from memplan.plan import (DataSettings, Hyperparameters, LoraSettings, Plan, TargetSettings, build_plan, merge,
-                          read_plan_yaml)
+from memplan.errors import UserError, shown
+from memplan.plan import (DataSettings, Hyperparameters, LoraSettings, Overrides, Plan, TargetSettings, build_plan,
+                          merge, read_plan_yaml)
 
 _SECTIONS = {"lora": LoraSettings, "hparams": Hyperparameters, "data": DataSettings, "target": TargetSettings}
 # Plan fields that hold file paths; relative ones are resolved against where they were written.
@@ -46,18 +46,19 @@ def resolve_key(key: str) -> str:
     raise UserError(f"--set {key}: not a plan field.{hint} Fields: {', '.join(paths)}")
 
 
-def parse_sets(items: typing.Iterable[str]) -> dict[str, Any]:
-    """`key=value` strings -> {dotted path: value}; values are YAML scalars (1e-5, true, null, q_proj,v_proj)."""
-    import yaml
+def parse_sets(items: typing.Iterable[str]) -> Overrides:
+    """`key=value` strings -> {dotted path: value}; values are YAML scalars (1e-5, true, null, q_proj,v_proj).
+    A bad value is reported as typed: `--set KEY=VALUE: problem`."""
+    from memplan.files import parse_yaml
 
-    out: dict[str, Any] = {}
+    out = Overrides()
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set lr=1e-5 or --set lora.rank=32")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            value = parse_yaml(raw, "--set") if raw.strip() else None
+        except UserError:  # not YAML: the text itself
             value = raw
         # YAML reads 1e-5 as a string (no dot before the exponent); the Plan wants a number.
         if isinstance(value, str):
@@ -65,7 +66,9 @@ def parse_sets(items: typing.Iterable[str]) -> dict[str, Any]:
                 value = float(value) if any(c in value for c in ".eE") and not value.isalpha() else value
             except ValueError:
                 pass
-        out[resolve_key(key)] = value
+        path = resolve_key(key)
+        out[path] = value
+        out.flags[path] = f"--set {key.strip()}={shown(raw.strip()).strip(chr(39))}"  # as typed
     return out
 
 
@@ -115,10 +118,12 @@ def resolve_plan(plan_file: str, sets: typing.Iterable[str] = ()) -> Resolved:
     plan_path = Path(plan_file).expanduser().resolve()
     base = read_plan_yaml(plan_path)
     overrides = parse_sets(sets)
+    build_plan(merge(base, overrides), source=str(plan_file))  # every value's type first: paths below are text
     plan_dir = plan_path.parent
     base = merge(base, {p: _absolute(_get(base, p), plan_dir) for p in PATH_FIELDS if _get(base, p) is not None})
     cwd = Path.cwd()
-    fixed = {k: (_absolute(v, cwd) if k in PATH_FIELDS and isinstance(v, str) else v) for k, v in overrides.items()}
+    fixed = Overrides({k: (_absolute(v, cwd) if k in PATH_FIELDS and isinstance(v, str) else v)
+                       for k, v in overrides.items()}, overrides.flags)
     model = base.get("model")
     if isinstance(model, str) and "model" not in fixed and (plan_dir / model).expanduser().exists():
         base["model"] = str((plan_dir / model).expanduser().resolve())
