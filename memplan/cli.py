@@ -67,7 +67,7 @@ with gc_paused():
     from memplan.errors import UserError, did_you_mean
 
     _cli_options = _import_plan_flags()
-PLAN_FLAGS, plan_options = _cli_options.PLAN_FLAGS, _cli_options.plan_options
+PLAN_FLAGS, plan_options, FLOAT = _cli_options.PLAN_FLAGS, _cli_options.plan_options, _cli_options.FLOAT
 
 
 # Commands that live in their own modules: "name" -> "module:attribute". Each module holds only the
@@ -204,7 +204,7 @@ def main() -> None:
               help="RAM per node for offloaded optimizer states and parameters (a CPU plan: its whole budget), "
                    "e.g. 512GiB (default: the plan's recorded target, else this machine's for local GPUs and CPU "
                    "plans, else 128 GiB per GPU).")
-@click.option("--headroom", type=float, default=None,
+@click.option("--headroom", type=FLOAT, default=None,
               help="fraction of each memory kept free: a plan fits within (1 - headroom) x memory "
                    "(default: the plan's recorded target, else 0.1).")
 @click.option("--max-batch", is_flag=True, help="also report the largest micro-batch that fits.")
