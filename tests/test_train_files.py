@@ -160,6 +160,47 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs(copy, tmp_path, monkeypatch
     assert not mark.exists()
 
 
+def test_deepspeeds_files_load_as_data_only(tmp_path, monkeypatch):
+    """DeepSpeed's own loader unpickles with weights_only=False; memplan swaps in its data-only one for the
+    call, allowing the three data classes DeepSpeed's ZeRO files hold."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from memplan.errors import UserError
+    from memplan.train import checkpoint
+    from memplan.train.deepspeed_setup import CHECKPOINT_TAG
+
+    ckpt = tmp_path / "checkpoint-000002"
+    (ckpt / CHECKPOINT_TAG).mkdir(parents=True)
+    good, bad = ckpt / CHECKPOINT_TAG / "optim_states.pt", ckpt / CHECKPOINT_TAG / "model_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum(2),
+                                         "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}]}}, good)
+    mark = tmp_path / "ran"
+    monkeypatch.setenv("MEMPLAN_TEST_MARK", str(mark))
+    torch.save({"module": _RunsCode()}, bad)
+
+    class Engine:  # what _deepspeed_load sees of DeepSpeedEngine: its checkpoint engine, and a load that uses it
+        checkpoint_engine = TorchCheckpointEngine()
+
+        def load_checkpoint(self, load_dir, tag, **kwargs):
+            states = [self.checkpoint_engine.load(str(Path(load_dir) / tag / f.name), map_location=None)
+                      for f in (good, bad)]
+            return load_dir, states
+
+    engine = Engine()
+    with pytest.raises(UserError, match="model_states.pt: not a checkpoint file memplan can load safely "
+                                        r"\(it names posix.system"):
+        checkpoint._deepspeed_load(ckpt, engine, optimizer_states=True)
+    assert not mark.exists()
+    assert "load" not in vars(engine.checkpoint_engine)  # DeepSpeed's own method again after the call
+    state = checkpoint._deepspeed_loader(str(good))["optimizer_state_dict"]
+    assert state["zero_stage"] == 2 and state["loss_scaler"].cur_scale == 1.0
+    assert state["param_slice_mappings"][0]["w"].numel == 4
+
+
 # ---------------------------------------------------------------- complete or absent
 
 

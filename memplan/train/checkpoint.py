@@ -22,8 +22,10 @@ the partial save and stops the run with one line. The data position is the optim
 
 Loading: every file is read with torch.load(weights_only=True), which unpickles only tensors and plain
 Python values and never runs code named by the file; the NumPy generator state needs numpy's array
-reconstruction, allow-listed for the RNG files alone (the list HF Trainer's `safe_globals` uses). A file
-that does not load that way stops the run with one line (exit 2).
+reconstruction, allow-listed for the RNG files alone (the list HF Trainer's `safe_globals` uses), and
+DeepSpeed's files three of its data classes, allow-listed for them alone (DeepSpeed's own loader would
+unpickle them with weights_only=False). A file that does not load that way stops the run with one line
+(exit 2).
 """
 
 from __future__ import annotations
@@ -289,10 +291,31 @@ def _deepspeed_load(path: Path, model, optimizer_states: bool) -> None:
     if not (path / CHECKPOINT_TAG).is_dir():
         raise UserError(f"{path} holds no DeepSpeed checkpoint: was it written by a run without DeepSpeed? "
                         "Resume with the plan that wrote it")
-    loaded, _ = model.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_optimizer_states=optimizer_states,
-                                      load_lr_scheduler_states=False, load_module_strict=False)
+    engine = model.checkpoint_engine
+    engine.load = _deepspeed_loader  # this engine only, for this call: DeepSpeed's own loads with weights_only=False
+    try:
+        loaded, _ = model.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_optimizer_states=optimizer_states,
+                                          load_lr_scheduler_states=False, load_module_strict=False)
+    finally:
+        del engine.load
     if loaded is None:
         raise UserError(f"DeepSpeed could not load the checkpoint in {path / CHECKPOINT_TAG}")
+
+
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed's ZeRO checkpoints hold besides tensors and plain values (ZeRO-2 bf16 and fp32
+    on DeepSpeed 0.19.8, listed by torch.serialization.get_unsafe_globals_in_checkpoint): data classes whose
+    state is restored as attributes, no code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def _deepspeed_loader(path: str, map_location=None) -> dict:
+    """DeepSpeed's checkpoint-engine `load`, with torch.load(weights_only=True) and `_deepspeed_globals`."""
+    return _load(Path(path), allow=_deepspeed_globals(), map_location=map_location)
 
 
 def _rng_globals() -> list:
@@ -304,14 +327,14 @@ def _rng_globals() -> list:
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def _load(path: Path, allow: Optional[list] = None) -> dict:
+def _load(path: Path, allow: Optional[list] = None, map_location: Any = "cpu") -> dict:
     """torch.load(weights_only=True) of a checkpoint file: tensors and plain values only, never code; a file
     that needs anything else, or is no torch file, is one line (exit 2)."""
     import pickle
 
     try:
         with torch.serialization.safe_globals(allow or []):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, TypeError,
             AttributeError, ImportError) as err:
         text = str(err)
@@ -320,9 +343,10 @@ def _load(path: Path, allow: Optional[list] = None) -> dict:
         if "Weights only load failed" in text:  # torch's preamble, then the reason, then a pointer to its docs
             lines = [line for line in lines[1:] if not line.startswith("Check the documentation")]
         why = f"it names {named.group(1)}, which is not data" if named else (lines or [type(err).__name__])[0]
+        ckpt = next((p for p in path.parents if outputs.checkpoint_step(p) is not None), path.parent)
         raise UserError(f"{path}: not a checkpoint file memplan can load safely ({why}); memplan loads checkpoint "
                         "files with torch.load(weights_only=True), which never runs code from them. Hint: if memplan "
-                        f"did not write it, delete {path.parent} and --resume from an earlier checkpoint") from None
+                        f"did not write it, delete {ckpt} and --resume from an earlier checkpoint") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: holds a {type(state).__name__}, not the dict memplan writes there")
     return state
