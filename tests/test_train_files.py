@@ -255,6 +255,17 @@ def test_a_checkpoint_is_fsynced_and_its_completion_record_written_last(tmp_path
     assert outputs.damage(final) is None
 
 
+def test_a_partial_save_left_by_a_kill_is_removed_at_the_next_start_and_only_memplans(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    stale = outputs.make_owned_dir(ckpts / ".tmp-checkpoint-000004", "checkpoint")
+    (stale / "model.pt").write_bytes(b"x" * 1000)
+    old = outputs.make_owned_dir(tmp_path / ".old-model", "model")
+    mine = ckpts / ".tmp-notes"
+    mine.mkdir()
+    assert sorted(outputs.remove_stale(tmp_path)) == sorted([stale, old])
+    assert not stale.exists() and not old.exists() and mine.is_dir()
+
+
 # ---------------------------------------------------------------- a full disk
 
 

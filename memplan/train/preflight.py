@@ -337,7 +337,11 @@ def _files_lines(resolved: Resolved, checked: Checked, resume: bool) -> list[str
     lines = outputs.overlap_lines(resolved, checked.model_dir) or outputs.existing_lines(resolved, resume)
     if checked.model_dir is None or checked.records is None:
         return lines
-    checked.inputs = inputs.record(resolved.plan, checked.model_dir)
+    try:
+        checked.inputs = inputs.record(resolved.plan, checked.model_dir)
+    except OSError as err:
+        return lines + [f"cannot read {err.filename or 'an input'} to record what the run depends on: "
+                        f"{err.strerror or err}"]
     if not resume:
         return lines
     root = resolved.output_dir / outputs.CHECKPOINTS
