@@ -12,8 +12,20 @@ A checkpoint `checkpoints/checkpoint-000120/` holds:
   deepspeed/        under DeepSpeed, instead of optimizer.pt: the engine's own checkpoint (each process's
                     ZeRO partition of the fp32 masters and optimizer states), restored by
                     engine.load_checkpoint; model.pt is then gathered with accelerator.get_state_dict
-It is written into a temporary directory that is renamed into place when complete, so a run killed while
-saving leaves the previous checkpoint intact. The data position is the optimizer step (see data.Stream).
+  inputs.json       what the run depends on: the plan, the data files' sha256, the model's files
+                    (memplan.train.inputs; --resume compares it with the run's inputs)
+  .memplan-output   memplan's marker (written first), complete.json the files and their sizes (written last)
+It is written into `.tmp-checkpoint-NNNNNN/`, every file fsync'ed, complete.json written last, and renamed
+into place (memplan.train.outputs), so a run killed or a machine losing power while saving leaves the
+previous checkpoint intact and the new one complete or absent; a write that fails (a full disk) removes
+the partial save and stops the run with one line. The data position is the optimizer step (see data.Stream).
+
+Loading: every file is read with torch.load(weights_only=True), which unpickles only tensors and plain
+Python values and never runs code named by the file; the NumPy generator state needs numpy's array
+reconstruction, allow-listed for the RNG files alone (the list HF Trainer's `safe_globals` uses), and
+DeepSpeed's files three of its data classes, allow-listed for them alone (DeepSpeed's own loader would
+unpickle them with weights_only=False). A file that does not load that way stops the run with one line
+(exit 2).
 """
 
 from __future__ import annotations
@@ -21,15 +33,18 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from memplan.errors import UserError
 from memplan.master_weights import MasterWeightsOptimizer, load_local_state_dict, local_state_dict, unwrap
-from memplan.train.settings import CHECKPOINT_PREFIX, list_checkpoints
+from memplan.train import inputs as run_inputs
+from memplan.train import outputs
+from memplan.train.outputs import CHECKPOINT_PREFIX, list_checkpoints
 
 PREFIX = CHECKPOINT_PREFIX
 
@@ -116,17 +131,6 @@ def _load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
 # ---------------------------------------------------------------- save / load
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def _deepspeed_trainable_state(model, accelerator) -> dict[str, torch.Tensor]:
     """The trainable weights under DeepSpeed, gathered from ZeRO-3's partitions (every process calls it)."""
     names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
@@ -134,48 +138,150 @@ def _deepspeed_trainable_state(model, accelerator) -> dict[str, torch.Tensor]:
     return {n: t.detach().to("cpu", copy=True) for n, t in state.items() if n in names}
 
 
+def _storage_bytes(obj: Any, seen: Optional[set] = None) -> int:
+    """Bytes of the tensor storages torch.save writes for `obj` (each storage once)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(_storage_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_storage_bytes(v, seen) for v in obj)
+    return 0
+
+
+# torch.save's zip records, pickles and 64-byte alignment per tensor, and the JSON files: a margin above the
+# storages for the free-space check (a 2-layer test model's checkpoint: 6 files, 11 KiB over its storages).
+_FILE_OVERHEAD = 2**16
+
+
+def _agree(accelerator, problem: Optional[str]) -> Optional[str]:
+    """The first process's problem of all processes' (every process calls it), so that all stop together."""
+    if accelerator.num_processes == 1:
+        return problem
+    gathered: list[Optional[str]] = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, problem)
+    return next((p for p in gathered if p), None)
+
+
+def _save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so that a full disk surfaces as OSError(ENOSPC) (torch's own
+    writer reports it as "unexpected pos" or "iostream error"), then fsync'ed."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _Writes:
+    """Writes into a save's temporary directory; the first failure is kept (later writes are skipped) and
+    becomes one line: disk full, with the bytes the save needs and what was free, or the error."""
+
+    def __init__(self, where: Path, what: str, needed: int = 0) -> None:
+        self.where, self.what, self.needed = where, what, needed
+        self.free = outputs.free_bytes(where)
+        self.problem: Optional[str] = None
+        self.disk_full = False
+
+    def need(self, nbytes: int) -> None:
+        """Fail before writing when the save cannot fit in the free space."""
+        self.needed = nbytes
+        if self.problem is None and self.free < nbytes:
+            self.problem, self.disk_full = f"{self.where}", True
+
+    def __call__(self, path: Path, write: Callable[[], Any]) -> None:
+        if self.problem is not None:
+            return
+        try:
+            write()
+        except Exception as err:  # noqa: BLE001  (any failure to write becomes the one line; the save is undone)
+            self.disk_full = outputs.is_disk_full(err)
+            self.problem = str(path) if self.disk_full else \
+                f"could not write {path}: {str(err).strip().splitlines()[0]}"
+
+    def message(self, kept: str) -> Optional[str]:
+        if self.problem is None:
+            return None
+        if self.disk_full:
+            return outputs.disk_full_message(Path(self.problem), self.what, self.needed, self.free,
+                                             f"the partial save was removed and {kept}")
+        return f"{self.problem}; the partial save was removed and {kept}"
+
+
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, trainer: dict, accelerator,
-                    sharded: bool, keep: int, best_step: Optional[int], deepspeed: bool = False) -> Path:
-    """Write checkpoint-<step> atomically on every process's behalf and keep the newest `keep` + the best."""
+                    sharded: bool, keep: int, best_step: Optional[int], deepspeed: bool = False,
+                    inputs: Optional[dict] = None) -> Path:
+    """Write checkpoint-<step> complete-or-absent on every process's behalf and keep the newest `keep` + the
+    best. A failed write (a full disk) removes the partial save, keeps the earlier checkpoints, and raises a
+    UserError on every process."""
     from memplan.train.deepspeed_setup import CHECKPOINT_TAG
 
     final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp-{PREFIX}{step:06d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    main, rank = accelerator.is_main_process, accelerator.process_index
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = outputs.temp_dir(final, "checkpoint")
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    tmp = final.with_name(f".tmp-{final.name}")
+    write = _Writes(tmp, f"{final.name}")
+    write(tmp / f"rng-{rank}.pt", lambda: _save(_rng_state(), tmp / f"rng-{rank}.pt"))
+    optim_state = None
     if deepspeed:
         # collective: every process writes its own partition; frozen base weights come from the model directory
-        model.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=True)
-        model_state, optim_state = _deepspeed_trainable_state(model, accelerator), None
+        write(tmp / CHECKPOINT_TAG, lambda: model.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, save_latest=False,
+                                                                   exclude_frozen_parameters=True))
+        model_state = _deepspeed_trainable_state(model, accelerator)
     else:
         model_state = trainable_state(model if sharded else accelerator.unwrap_model(model), sharded)
         if sharded and _has_masters(optimizer):
-            torch.save(local_state_dict(unwrap(optimizer)), tmp / f"optimizer-{accelerator.process_index}.pt")
-            optim_state = None
+            shard = tmp / f"optimizer-{rank}.pt"
+            write(shard, lambda: _save(local_state_dict(unwrap(optimizer)), shard))
         else:
             optim_state = _optimizer_state(model, optimizer, sharded)
-    if accelerator.is_main_process:
-        torch.save(model_state, tmp / "model.pt")
-        if optim_state is not None:
-            torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer.json").write_text(json.dumps(dict(trainer, world_size=accelerator.num_processes), indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _replace_dir(tmp, final)
+    if main:
+        files = {"model.pt": model_state, "optimizer.pt": optim_state, "scheduler.pt": scheduler.state_dict()}
+        files = {name: obj for name, obj in files.items() if obj is not None}
+        write.need(sum(_storage_bytes(obj) for obj in files.values()) + _FILE_OVERHEAD)
+        for name, obj in files.items():
+            write(tmp / name, lambda obj=obj, name=name: _save(obj, tmp / name))
+        texts = {"trainer.json": json.dumps(dict(trainer, world_size=accelerator.num_processes), indent=1),
+                 run_inputs.FILE: json.dumps(inputs or {}, indent=1)}
+        for name, text in texts.items():
+            write(tmp / name, lambda name=name, text=text: (tmp / name).write_text(text))
+    kept = _kept(root)
+    problem = _agree(accelerator, write.message(kept))
+    if problem is None and main:
+        write(tmp, lambda: (outputs.write_complete(tmp), outputs.publish(tmp, final)))
+        problem = write.message(kept)
+    problem = _agree(accelerator, problem)
+    if problem is not None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # memplan's own temporary directory (marked), never published
+        raise UserError(problem)
+    if main:
         _rotate(root, keep, best_step)
     accelerator.wait_for_everyone()
     return final
 
 
+def _kept(root: Path) -> str:
+    intact = [p for p in list_checkpoints(root) if outputs.damage(p) is None]
+    return f"{intact[-1].name} is the last good checkpoint" if intact else "there is no earlier checkpoint"
+
+
 def _rotate(root: Path, keep: int, best_step: Optional[int]) -> None:
+    """Keep the newest `keep` intact checkpoints and the best; delete memplan's others (damaged ones too).
+    Directories memplan did not write are not listed, so never deleted."""
     done = list_checkpoints(root)
+    intact = [p for p in done if outputs.damage(p) is None]
     best = f"{PREFIX}{best_step:06d}" if best_step is not None else None
-    for path in done[:-keep]:
-        if path.name != best:
+    kept = {p.name for p in intact[-keep:]} | {best}
+    for path in done:
+        if path.name not in kept:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -185,39 +291,105 @@ def _deepspeed_load(path: Path, model, optimizer_states: bool) -> None:
     if not (path / CHECKPOINT_TAG).is_dir():
         raise UserError(f"{path} holds no DeepSpeed checkpoint: was it written by a run without DeepSpeed? "
                         "Resume with the plan that wrote it")
-    loaded, _ = model.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_optimizer_states=optimizer_states,
-                                      load_lr_scheduler_states=False, load_module_strict=False)
+    engine = model.checkpoint_engine
+    engine.load = _deepspeed_loader  # this engine only, for this call: DeepSpeed's own loads with weights_only=False
+    try:
+        loaded, _ = model.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_optimizer_states=optimizer_states,
+                                          load_lr_scheduler_states=False, load_module_strict=False)
+    finally:
+        del engine.load
     if loaded is None:
         raise UserError(f"DeepSpeed could not load the checkpoint in {path / CHECKPOINT_TAG}")
 
 
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed's ZeRO checkpoints hold besides tensors and plain values (ZeRO-2 bf16 and fp32
+    on DeepSpeed 0.19.8, listed by torch.serialization.get_unsafe_globals_in_checkpoint): data classes whose
+    state is restored as attributes, no code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def _deepspeed_loader(path: str, map_location=None) -> dict:
+    """DeepSpeed's checkpoint-engine `load`, with torch.load(weights_only=True) and `_deepspeed_globals`."""
+    return _load(Path(path), allow=_deepspeed_globals(), map_location=map_location)
+
+
+def _rng_globals() -> list:
+    """What np.random.get_state() pickles beyond plain values: an ndarray of uint32 (HF Trainer allow-lists the
+    same four in transformers.trainer_pt_utils.safe_globals)."""
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _load(path: Path, allow: Optional[list] = None, map_location: Any = "cpu") -> dict:
+    """torch.load(weights_only=True) of a checkpoint file: tensors and plain values only, never code; a file
+    that needs anything else, or is no torch file, is one line (exit 2)."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(allow or []):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, TypeError,
+            AttributeError, ImportError) as err:
+        text = str(err)
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if "Weights only load failed" in text:  # torch's preamble, then the reason, then a pointer to its docs
+            lines = [line for line in lines[1:] if not line.startswith("Check the documentation")]
+        why = f"it names {named.group(1)}, which is not data" if named else (lines or [type(err).__name__])[0]
+        ckpt = next((p for p in path.parents if outputs.checkpoint_step(p) is not None), path.parent)
+        raise UserError(f"{path}: not a checkpoint file memplan can load safely ({why}); memplan loads checkpoint "
+                        "files with torch.load(weights_only=True), which never runs code from them. Hint: if memplan "
+                        f"did not write it, delete {ckpt} and --resume from an earlier checkpoint") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: holds a {type(state).__name__}, not the dict memplan writes there")
+    return state
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator, sharded: bool,
                     deepspeed: bool = False) -> dict:
-    """Restore everything a checkpoint holds; returns its trainer state."""
-    trainer = json.loads((path / "trainer.json").read_text())
+    """Restore everything a checkpoint holds; returns its trainer state. Every file is read before anything
+    is restored."""
+    try:
+        trainer = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+        if not isinstance(trainer, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path / 'trainer.json'}: unreadable ({err})") from None
     if trainer.get("world_size", 1) != accelerator.num_processes:
         raise UserError(f"{path} was written by {trainer.get('world_size')} process(es); this run has "
                         f"{accelerator.num_processes}. Resume with the same gpus x nodes")
+    rank = accelerator.process_index
+    rng = _load(path / f"rng-{rank}.pt", allow=_rng_globals())
+    schedule = _load(path / "scheduler.pt")
     if deepspeed:
         _deepspeed_load(path, model, optimizer_states=True)
-    elif (path / f"optimizer-{accelerator.process_index}.pt").is_file() and _has_masters(optimizer):
+    elif (path / f"optimizer-{rank}.pt").is_file() and _has_masters(optimizer):
+        shards = _load(path / f"optimizer-{rank}.pt")
         load_weights_only(path, model, accelerator, sharded)
-        load_local_state_dict(unwrap(optimizer), torch.load(path / f"optimizer-{accelerator.process_index}.pt",
-                                                            map_location="cpu", weights_only=False))
+        load_local_state_dict(unwrap(optimizer), shards)
     else:
         if not (path / "optimizer.pt").is_file():
             raise UserError(f"{path} has no optimizer state for this plan; resume it with the plan that wrote it "
                             "(sharding, precision)")
-        # Our own files: the optimizer and RNG states hold Python tuples that weights_only refuses.
-        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        state = _load(path / "optimizer.pt")
         if (set(state) == {"inner", "masters"}) != _has_masters(optimizer):
             saved = "with" if "masters" in state else "without"
             raise UserError(f"{path} was written {saved} fp32 master weights (precision bf16-master), unlike this "
                             "run's plan; resume with the plan that wrote it")
         load_weights_only(path, model, accelerator, sharded)
         _load_optimizer_state(model, optimizer, state, sharded)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    _set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=False))
+    try:
+        scheduler.load_state_dict(schedule)
+        _set_rng_state(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path}: its scheduler or random-generator state does not fit this run ({err})") from None
     return trainer
 
 
@@ -226,25 +398,40 @@ def load_weights_only(path: Path, model, accelerator, sharded: bool, deepspeed: 
     if deepspeed:  # through the engine, so that ZeRO's partitions and fp32 masters follow
         _deepspeed_load(path, model, optimizer_states=False)
         return
-    state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    state = _load(path / "model.pt")
     load_trainable_state(model if sharded else accelerator.unwrap_model(model), state, sharded)
 
 
 # ---------------------------------------------------------------- final output
 
 
-def _atomic_dir(final: Path) -> Path:
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+def _write_final(final: Path, needed: int, save: Callable[[Path], None]) -> Optional[str]:
+    """`save(tmp)` into a marked temporary directory, fsync'ed and renamed to `final` (replacing memplan's
+    earlier one); None, or the problem (the partial directory removed)."""
+    tmp = outputs.temp_dir(final, final.name)
+    write = _Writes(tmp, f"{final.name}/")
+    write.need(needed)
+    write(tmp, lambda: (save(tmp), outputs.fsync_tree(tmp), outputs.publish(tmp, final)))
+    problem = write.message(f"the checkpoints are kept (--resume writes {final.name}/ again)")
+    if problem is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return problem
+
+
+def _files_bytes(directory: Path) -> int:
+    """The model directory's files other than its weights: config, tokenizer (saved beside the weights)."""
+    from memplan.train.model import WEIGHT_FILES
+
+    weights = {p for pattern in WEIGHT_FILES for p in directory.glob(pattern)}
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file() and p not in weights)
 
 
 def save_final(out: Path, model, tokenizer, plan, accelerator, sharded: bool, base_dir: Path,
                deepspeed: bool = False) -> dict[str, str]:
     """Full FT: `model/` (safetensors + config + tokenizer), loadable by AutoModelForCausalLM.
     LoRA / QLoRA: `adapter/` (peft, + tokenizer), and with merge_adapter `merged/`: the adapter merged into
-    the base weights reloaded in 16/32-bit from the base directory (a 4-bit base is never merged into)."""
+    the base weights reloaded in 16/32-bit from the base directory (a 4-bit base is never merged into).
+    The space a save needs: its weights' bytes and the base directory's other files (config, tokenizer)."""
     unwrapped = accelerator.unwrap_model(model)
     state = None
     if sharded:
@@ -254,30 +441,41 @@ def save_final(out: Path, model, tokenizer, plan, accelerator, sharded: bool, ba
     elif deepspeed:
         state = accelerator.get_state_dict(model)  # ZeRO-3: gathered (stage3_gather_16bit_weights_on_model_save)
     written: dict[str, str] = {}
+    problem = None
     if accelerator.is_main_process:
-        final = out / ("adapter" if plan.trains_adapters else "model")
-        tmp = _atomic_dir(final)
+        name = "adapter" if plan.trains_adapters else "model"
+        final = out / name
         kwargs = {"state_dict": state} if state is not None else {}
-        unwrapped.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
-        tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, final)
-        written["adapter" if plan.trains_adapters else "model"] = str(final)
-        if plan.trains_adapters and plan.hparams.merge_adapter:
-            written["merged"] = str(_merge(out, final, tokenizer, plan, base_dir))
+        weights = state if state is not None else {n: p for n, p in unwrapped.named_parameters()
+                                                  if p.requires_grad or not plan.trains_adapters}
+
+        def save(tmp: Path) -> None:
+            unwrapped.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+            tokenizer.save_pretrained(str(tmp))
+
+        problem = _write_final(final, _storage_bytes(weights) + _files_bytes(base_dir) + _FILE_OVERHEAD, save)
+        written[name] = str(final)
+        if problem is None and plan.trains_adapters and plan.hparams.merge_adapter:
+            problem = _merge(out, final, tokenizer, plan, base_dir)
+            written["merged"] = str(out / "merged")
+    problem = _agree(accelerator, problem)
+    if problem is not None:
+        raise UserError(problem)
     accelerator.wait_for_everyone()
     return written
 
 
-def _merge(out: Path, adapter: Path, tokenizer, plan, base_dir: Path) -> Path:
+def _merge(out: Path, adapter: Path, tokenizer, plan, base_dir: Path) -> Optional[str]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if plan.method == "qlora" or plan.precision in ("bf16", "bf16-master") else torch.float32
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, local_files_only=True)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    final = out / "merged"
-    tmp = _atomic_dir(final)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    _replace_dir(tmp, final)
-    return final
+
+    def save(tmp: Path) -> None:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+    return _write_final(out / "merged", _storage_bytes(merged.state_dict()) + _files_bytes(base_dir) + _FILE_OVERHEAD,
+                        save)

@@ -137,7 +137,9 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     from memplan.train import data as data_mod
     from memplan.train import deepspeed_setup
     from memplan.train import evaluate as ev
+    from memplan.train import inputs as run_inputs
     from memplan.train import metrics as mx
+    from memplan.train import outputs
     from memplan.train.memory import PeakMemory
     from memplan.train.model import load_model, load_tokenizer, parameter_counts
 
@@ -159,8 +161,11 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
             with tqdm.external_write_mode():
                 echo(msg)
 
-    ckpt_root = out / "checkpoints"
-    existing = ckpt.list_checkpoints(ckpt_root)  # checked: some when resuming, else none
+    ckpt_root = out / outputs.CHECKPOINTS
+    if main:
+        outputs.mark_output_dir(out)
+        for stale in outputs.remove_stale(out):
+            say(f"removed {stale}, left by a run stopped while saving")
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
     run_data = data_mod.load_run_data(plan, tokenizer, checked.records)
     stream = data_mod.Stream(run_data.train, plan.micro_batch, world, rank, h.seed)
@@ -196,10 +201,18 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
                                "tokens": 0, "train_seconds": 0.0, "retention_before": None,
                                "window": _empty_window()}
     if resume:
-        trainer.update(ckpt.load_checkpoint(existing[-1], model, optimizer, scheduler, accelerator, sharded,
+        for line in checked.skipped:
+            say(f"{line}; resuming from {checked.resume_from.name} instead")
+        trainer.update(ckpt.load_checkpoint(checked.resume_from, model, optimizer, scheduler, accelerator, sharded,
                                             deepspeed=ds))
-        say(f"resumed from {existing[-1]} at step {trainer['step']}")
+        say(f"resumed from {checked.resume_from} at step {trainer['step']}")
+        if checked.changes:
+            _apply_changes(plan, optimizer, scheduler, checked.changes)
+            say(run_inputs.change_line(checked.changes, trainer["step"]))
     log = mx.MetricsLog(out / "metrics.jsonl", trainer["step"] if resume else None) if main else None
+    if log and log.dropped:
+        say(f"note: {out / 'metrics.jsonl'} line(s) {', '.join(map(str, log.dropped))} were cut off (not JSON) "
+            "by a crash while writing; dropped")
 
     say(f"model {base_dir} ({total:,} parameters, {trainable:,} trainable, {plan.method}); "
         f"{run_data.n_task} task + {run_data.n_replay} replay training sequences"
@@ -325,8 +338,11 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
                 stopped_early = bool(patience) and trainer["bad_evals"] >= patience
         save_every = h.save_every or h.eval_every
         if step % save_every == 0 or improved or step == steps or stopped_early:
+            if log:
+                log.sync()  # the metrics up to the checkpoint reach the disk before the checkpoint does
             ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, trainer, accelerator, sharded,
-                                 h.save_total_limit, trainer["best_step"] if selects else None, deepspeed=ds)
+                                 h.save_total_limit, trainer["best_step"] if selects else None, deepspeed=ds,
+                                 inputs=checked.inputs)
         if stopped_early:
             say(f"early stopping at step {step}: no better validation loss in {patience} evaluations")
             break
@@ -353,6 +369,21 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _apply_changes(plan, optimizer, scheduler, changes: dict) -> None:
+    """The --set changes of a resumed run that the restored optimizer and scheduler do not pick up by
+    themselves: a new peak LR (the scheduler's base). The schedule's length (max_steps, epochs) is already
+    the new plan's, as the scheduler was built from it; the LR of the resumed step is recomputed from both."""
+    if "hparams.lr" in changes:
+        lr = plan.hparams.effective_lr(plan.method)
+        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+        for group in optimizer.param_groups:
+            group["initial_lr"] = lr
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def _empty_window() -> dict:

@@ -18,35 +18,59 @@ from typing import Any, Optional
 
 
 class MetricsLog:
+    """A resumed run continues the file from its checkpoint: the lines of later steps came from the lost
+    steps and are dropped, and so is a line cut off by a crash while it was written (not JSON; `dropped`
+    holds the line numbers). The file is fsync'ed before each checkpoint (`sync`), so the lines up to a
+    checkpoint's step are on the disk when the checkpoint is."""
+
     def __init__(self, path: Path, resume_step: Optional[int]) -> None:
+        from memplan.train.outputs import write_durable
+
         self.path = path
         self.records: list[dict] = []
+        self.dropped: list[int] = []
         if resume_step is not None and path.is_file():
-            # A resumed run continues the file from its checkpoint; later lines came from the lost steps.
-            for line in path.read_text().splitlines():
-                if line.strip():
+            for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
                     rec = json.loads(line)
-                    if rec.get("step", 0) <= resume_step:
-                        self.records.append(rec)
+                except ValueError:
+                    self.dropped.append(number)
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= resume_step:
+                    self.records.append(rec)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, path)
+        write_durable(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
+        from memplan.errors import UserError
+        from memplan.train.outputs import disk_full_message, free_bytes, is_disk_full
+
         self.records.append(record)
-        self._file.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            raise UserError(disk_full_message(self.path, "a metrics line", len(line.encode()),
+                                              free_bytes(self.path), "the checkpoints are kept")) from None
+
+    def sync(self) -> None:
         self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    from memplan.train.outputs import write_durable
+
+    write_durable(path, json.dumps(data, indent=2) + "\n")
 
 
 def plot(records: list[dict], path: Path) -> None:

@@ -7,7 +7,10 @@ accelerate or deepspeed, checked all at once, so that every problem is reported 
   memplan's trainer does not run;
 - the model: a directory with config.json and weights, or a preset that ships weights; remote code;
 - the data: every line of every data file, and enough examples for one batch;
-- the output directory: checkpoints of an earlier run, or none to --resume from.
+- the output directory: checkpoints of an earlier run, or none to --resume from; outputs that would
+  overlap the run's inputs or replace what memplan did not write (memplan.train.outputs); on --resume the
+  newest intact checkpoint and whether the plan, data and model are the ones it was trained with
+  (memplan.train.inputs).
 
 Packages are looked up (importlib.util.find_spec, importlib.metadata), not imported: importing bitsandbytes
 alone takes seconds. CUDA: a torch build for neither CUDA nor ROCm (torch/version.py: `cuda = None`,
@@ -31,7 +34,8 @@ from typing import Any, Optional
 
 from memplan.errors import UserError
 from memplan.plan import Plan, build_plan, merge
-from memplan.train.settings import Resolved, list_checkpoints, resolve_key
+from memplan.train.outputs import list_checkpoints
+from memplan.train.settings import Resolved, resolve_key
 
 
 class CannotRun(UserError):
@@ -45,10 +49,15 @@ class CannotRun(UserError):
 @dataclass
 class Checked:
     """What the checks found and the run uses: the model directory and the data's records (None where
-    they have a problem)."""
+    they have a problem); what the run depends on (memplan.train.inputs.record); on --resume the checkpoint
+    to resume from, the damaged newer ones skipped, and the changes given with --set to apply."""
 
     model_dir: Optional[Path]
     records: Any  # memplan.train.data.RunRecords
+    inputs: Optional[dict] = None
+    resume_from: Optional[Path] = None
+    skipped: tuple[str, ...] = ()
+    changes: Optional[dict] = None
 
 
 class Machine:
@@ -315,7 +324,36 @@ def check(resolved: Resolved, resume: bool, trust_remote_code: bool,
     path, model = _model_lines(plan, trust_remote_code)
     records, data = read_run_records(plan)
     lines += model + data + (_batch_lines(plan, records) if records else []) + _output_lines(resolved, resume)
-    return Checked(model_dir=path, records=records), lines
+    checked = Checked(model_dir=path, records=records)
+    lines += _files_lines(resolved, checked, resume)
+    return checked, lines
+
+
+def _files_lines(resolved: Resolved, checked: Checked, resume: bool) -> list[str]:
+    """Outputs that overlap inputs or are in the way; on --resume the checkpoint and its inputs."""
+    from memplan.train import inputs, outputs
+
+    lines = outputs.overlap_lines(resolved, checked.model_dir) or outputs.existing_lines(resolved, resume)
+    if checked.model_dir is None or checked.records is None:
+        return lines
+    try:
+        checked.inputs = inputs.record(resolved.plan, checked.model_dir)
+    except OSError as err:
+        return lines + [f"cannot read {err.filename or 'an input'} to record what the run depends on: "
+                        f"{err.strerror or err}"]
+    if not resume:
+        return lines
+    root = resolved.output_dir / outputs.CHECKPOINTS
+    checked.resume_from, skipped = outputs.resume_point(root)
+    checked.skipped = tuple(skipped)
+    if checked.resume_from is None:
+        return lines + ([f"--resume: no intact checkpoint in {root}: {'; '.join(skipped)}"] if skipped else [])
+    then = inputs.read(checked.resume_from)
+    if then is None:
+        return lines + [f"--resume: {checked.resume_from} holds no readable {inputs.FILE} (the record of the "
+                        "plan, data and model it was trained with)"]
+    checked.changes, refused = inputs.compare(then, checked.inputs, resolved.overrides)
+    return lines + refused
 
 
 def require(resolved: Resolved, resume: bool, trust_remote_code: bool) -> Checked:

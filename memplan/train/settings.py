@@ -72,19 +72,6 @@ def parse_sets(items: typing.Iterable[str]) -> Overrides:
     return out
 
 
-#: A checkpoint's directory name: checkpoints/checkpoint-<step, 6 digits>.
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints (trainer.json is written last), oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
-
-
 @dataclass
 class Resolved:
     plan: Plan
