@@ -7,7 +7,8 @@ accelerate or deepspeed, checked all at once, so that every problem is reported 
   memplan's trainer does not run;
 - the model: a directory with config.json and weights, or a preset that ships weights; remote code;
 - the data: every line of every data file, and enough examples for one batch;
-- the output directory: checkpoints of an earlier run, or none to --resume from.
+- the output directory: that it is (or can be made) a directory this user can write in, checkpoints of
+  an earlier run, or none to --resume from.
 
 Packages are looked up (importlib.util.find_spec, importlib.metadata), not imported: importing bitsandbytes
 alone takes seconds. CUDA: a torch build for neither CUDA nor ROCm (torch/version.py: `cuda = None`,
@@ -24,7 +25,9 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -260,6 +263,44 @@ def _model_lines(plan: Plan, trust_remote_code: bool) -> tuple[Optional[Path], l
     return path, []
 
 
+def _probe_write(directory: Path) -> Optional[OSError]:
+    """Create and remove a file in `directory`: the error that stops it (EACCES, EROFS, ENOSPC...), or None.
+    A try rather than os.access, which a read-only mount or an ACL can contradict."""
+    try:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".memplan-write-check-")
+    except OSError as err:
+        return err
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def output_dir_lines(out: Path) -> list[str]:
+    """Can this run write its output: `out` is a directory it can write in, or can be made one in the
+    nearest directory above it that exists; an existing checkpoints/ is a directory too."""
+    hint = "Hint: --set output_dir=DIR for a directory you can write in"
+    if os.path.lexists(out):
+        if not out.is_dir():
+            return [f"output_dir {out} exists and is not a directory. {hint}"]
+        place = out
+    else:
+        place = out.parent
+        while not os.path.lexists(place):
+            place = place.parent
+        if not place.is_dir():
+            return [f"output_dir {out}: {place} is not a directory, so it cannot be made. {hint}"]
+    err = _probe_write(place)
+    if err is not None:
+        what = "cannot write there" if place == out else f"cannot create it in {place}"
+        return [f"output_dir {out}: {what}: {err.strerror}. {hint}"]
+    ckpt = out / "checkpoints"
+    if os.path.lexists(ckpt) and not ckpt.is_dir():
+        return [f"{ckpt} exists and is not a directory: the run keeps its checkpoints there. {hint}"]
+    if ckpt.is_dir() and (err := _probe_write(ckpt)) is not None:
+        return [f"{ckpt}: cannot write there: {err.strerror}. {hint}"]
+    return []
+
+
 def _output_lines(resolved: Resolved, resume: bool) -> list[str]:
     out, root = resolved.output_dir, resolved.output_dir / "checkpoints"
     existing = list_checkpoints(root)
@@ -315,7 +356,8 @@ def check(resolved: Resolved, resume: bool, trust_remote_code: bool,
     lines = machine_lines(plan, resolved.plan_path, machine or Machine())
     path, model = _model_lines(plan, trust_remote_code)
     records, data = read_run_records(plan)
-    lines += model + data + (_batch_lines(plan, records) if records else []) + _output_lines(resolved, resume)
+    lines += model + data + (_batch_lines(plan, records) if records else [])
+    lines += output_dir_lines(resolved.output_dir) or _output_lines(resolved, resume)
     return Checked(model_dir=path, records=records), lines
 
 

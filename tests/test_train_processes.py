@@ -1,0 +1,126 @@
+"""The processes of a `memplan train` run and the directory it writes: one run per output directory (a lock),
+no worker outliving its launcher, an output directory that cannot be written found before anything loads,
+and the checks of a run with several processes made before any of them starts."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from memplan.train import preflight
+from test_train_support import SUBPROCESS_ENV, run_dir, tiny  # noqa: F401  (tiny is a fixture)
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes")
+#: Generous bound for processes to be gone after a kill (they stop within a second or two; this is no
+#: measure of speed, only a bound for the poll to give up on).
+GONE_WITHIN_S = 120
+#: A run that would go on for a long time, so that it is still running when the test acts on it.
+LONG = dict(hparams={"max_steps": 100000, "eval_every": 100000, "save_every": 100000, "eval_samples": 0,
+                     "log_every": 1}, micro_batch=2, grad_accum=1)
+
+
+def _errors(err: str) -> list[str]:
+    lines = err.splitlines()
+    assert lines and all(line.startswith("memplan: error: ") for line in lines), err
+    return [line.removeprefix("memplan: error: ") for line in lines]
+
+
+def _memplan(*args: str) -> list[str]:
+    return [sys.executable, "-m", "memplan", *args]
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
+
+
+def _wait_until_training(proc: subprocess.Popen, out: Path) -> None:
+    """Until the run has logged a step (its processes are training); fails if it ended first."""
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.is_file() and '"loss"' in metrics.read_text()):
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before the test could act on it: {proc.stderr.read()[-3000:]}"
+
+
+def _gone(pids: list[int]) -> list[int]:
+    """Poll until none of `pids` runs (a zombie waiting for init counts as gone); returns those still running."""
+    def running(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    end = time.monotonic() + GONE_WITHIN_S
+    alive = [p for p in pids if running(p)]
+    while alive and time.monotonic() < end:
+        time.sleep(0.1)
+        alive = [p for p in alive if running(p)]
+    return alive
+
+
+# ---------------------------------------------------------------- an output directory that cannot be written
+
+
+def _train_before_heavy_imports(plan: Path, *sets: str, wrap=None) -> subprocess.CompletedProcess:
+    """`memplan train` in a fresh Python that prints its exit code and the heavy modules it imported."""
+    args = ["train", str(plan), *[a for s in sets for a in ("--set", s)]]
+    code = (f"import sys\nfrom memplan.cli import main\n"
+            f"try:\n    main({args!r})\nexcept SystemExit as e:\n    code = e.code\n"
+            f"print(code, [m for m in {HEAVY!r} if m in sys.modules])")
+    cmd = [sys.executable, "-c", code]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return subprocess.run(wrap(cmd) if wrap else cmd, cwd=REPO, capture_output=True, text=True, env=env)
+
+
+def test_an_output_dir_that_is_a_file_is_found_before_anything_loads(tmp_path, tiny):
+    plan = run_dir(tmp_path, tiny)
+    file = tmp_path / "a-file"
+    file.write_text("not a directory")
+    for output_dir, wanted in ((file, f"output_dir {file} exists and is not a directory"),
+                               (file / "out", f"output_dir {file / 'out'}: {file} is not a directory, so it cannot "
+                                              "be made")):
+        done = _train_before_heavy_imports(plan, f"output_dir={output_dir}")
+        assert done.stdout.splitlines()[-1] == "2 []", (done.stdout, done.stderr)
+        lines = _errors(done.stderr)
+        assert len(lines) == 1 and lines[0].startswith(wanted), lines
+        assert lines[0].endswith("Hint: --set output_dir=DIR for a directory you can write in")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "checkpoints").write_text("")
+    lines = preflight.output_dir_lines(tmp_path / "out")
+    assert lines and lines[0].startswith(f"{tmp_path / 'out' / 'checkpoints'} exists and is not a directory")
+
+
+def _read_only_mount(directory: Path):
+    """A command wrapper that runs it where `directory` is a read-only file system (a tmpfs mounted in a
+    user and mount namespace of its own), or None where this machine allows no such namespace."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode != 0:
+        return None
+    return lambda cmd: [unshare, "-rm", "sh", "-c", f'mount -t tmpfs -o ro tmpfs "$0" && exec "$@"',
+                        str(directory), *cmd]
+
+
+def test_an_unwritable_output_dir_is_found_before_anything_loads(tmp_path, tiny):
+    plan = run_dir(tmp_path, tiny)
+    out = tmp_path / "read-only"
+    out.mkdir()
+    wrap = _read_only_mount(out)
+    if wrap is None:
+        if os.geteuid() == 0:
+            pytest.skip("no mount namespace here, and root writes into any directory")
+        out.chmod(0o555)
+    for target, where in ((out, "cannot write there"), (out / "new" / "dir", f"cannot create it in {out}")):
+        done = _train_before_heavy_imports(plan, f"output_dir={target}", wrap=wrap)
+        assert done.stdout.splitlines()[-1] == "2 []", (done.stdout, done.stderr)
+        lines = _errors(done.stderr)
+        reason = "Read-only file system" if wrap else "Permission denied"
+        assert lines == [f"output_dir {target}: {where}: {reason}. Hint: --set output_dir=DIR for a directory you can "
+                         "write in"], lines
+    out.chmod(0o755)
