@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from memplan.train import lock as lock_mod
 from memplan.train import preflight
 from test_train_support import SUBPROCESS_ENV, run_dir, tiny  # noqa: F401  (tiny is a fixture)
 
@@ -63,6 +64,113 @@ def _gone(pids: list[int]) -> list[int]:
         time.sleep(0.1)
         alive = [p for p in alive if running(p)]
     return alive
+
+
+# ---------------------------------------------------------------- one run per output directory
+
+
+def test_the_lock_excludes_a_second_holder_and_a_killed_holder_leaves_an_explained_file(tmp_path):
+    out = tmp_path / "out"
+    first = lock_mod.OutputLock(out).acquire()
+    record = json.loads((out / lock_mod.LOCK_NAME).read_text())
+    assert record["pid"] == os.getpid() and first.stale is None
+    # another run (a descriptor of its own: flock locks exclude each other even within one process)
+    with pytest.raises(Exception, match=rf"output_dir {out} is in use by another memplan train run \(pid {os.getpid()}"):
+        lock_mod.OutputLock(out).acquire()
+    assert "is in use by another memplan train run" in lock_mod.in_use(out)
+    first.release()
+    assert not (out / lock_mod.LOCK_NAME).exists() and lock_mod.in_use(out) is None
+    # a run that was killed leaves its file, but no lock: the next one takes over and says whose it was
+    (out / lock_mod.LOCK_NAME).write_text(json.dumps({"pid": 4242, "host": "node-7", "started": "2025-01-31 12:00:00"}))
+    assert lock_mod.in_use(out) is None
+    with lock_mod.OutputLock(out) as second:
+        assert second.stale["pid"] == 4242
+        assert "(pid 4242 on node-7, started 2025-01-31 12:00:00) ended without finishing" in second.stale_note()
+    assert not (out / lock_mod.LOCK_NAME).exists()
+
+
+def test_a_file_system_without_locks_runs_unlocked_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with lock_mod.OutputLock(tmp_path) as held:
+        assert held.unlocked and "without file locks: a second memplan train run on it would not be stopped" \
+            in held.stale_note()
+        assert lock_mod.in_use(tmp_path) is None
+
+
+def test_a_second_run_on_the_same_output_dir_stops_at_once(tmp_path, tiny):
+    plan = run_dir(tmp_path, tiny, **LONG)
+    out = plan.parent
+    first = _start(_memplan("train", str(plan), "--quiet"))
+    try:
+        _wait_until_training(first, out)
+        for args in ((), ("--resume",), ("--dry-run",)):  # (2 steps: were it to train, it would end soon)
+            done = subprocess.run(_memplan("train", str(plan), "--set", "max_steps=2", *args), capture_output=True,
+                                  text=True, env=SUBPROCESS_ENV)
+            assert done.returncode == 2, (args, done.stderr)
+            lines = _errors(done.stderr)
+            assert len(lines) == 1 and lines[0].startswith(f"output_dir {out} is in use by another memplan train run "
+                                                           f"(pid {first.pid} on "), (args, lines)
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+    # killed: the kernel dropped its lock with it; its file says who it was
+    with lock_mod.OutputLock(out) as after:
+        assert after.stale["pid"] == first.pid
+
+
+# ---------------------------------------------------------------- no worker outlives its launcher
+
+
+def _accelerate_launcher(code_after: str = "") -> str:
+    """Python that runs `memplan train` with its launch through accelerate launch (one CPU process)."""
+    return ("import sys\nfrom memplan.train import launch\n"
+            "launch.needs_launcher = lambda plan: True\n"
+            "launch.command = lambda resolved, args: [sys.executable, '-m', 'accelerate.commands.launch', '--cpu', "
+            "'--num_processes', '1', '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', "
+            "'-m', 'memplan', *args]\n"
+            "from memplan.cli import main\nmain(sys.argv[1:])\n")
+
+
+@pytest.mark.parametrize("launcher, killed", [("torchrun", "memplan train"), ("accelerate", "memplan train"),
+                                              ("torchrun", "torchrun")])
+def test_workers_die_with_their_launcher(tmp_path, tiny, launcher, killed):
+    """SIGKILL, which nothing can catch, of `memplan train` (or of the launcher it started): every process of
+    the run ends, and the output directory is free again."""
+    if launcher == "torchrun":  # two CPU processes
+        plan = run_dir(tmp_path, tiny, gpus=2, **LONG)
+        cmd = _memplan("train", str(plan), "--quiet")
+        workers = 2
+    else:  # one process under accelerate launch
+        plan = run_dir(tmp_path, tiny, **LONG)
+        cmd = [sys.executable, "-c", _accelerate_launcher(), "train", str(plan), "--quiet"]
+        workers = 1
+    out = plan.parent
+    proc = _start(cmd)
+    tree = []
+    try:
+        _wait_until_training(proc, out)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        agent = [p for p in tree if p.ppid() == proc.pid]
+        trainers = [p for p in tree if p.ppid() != proc.pid]
+        assert len(agent) == 1 and len(trainers) == workers, [p.cmdline() for p in tree]
+        victim = proc.pid if killed == "memplan train" else agent[0].pid
+        os.kill(victim, signal.SIGKILL)
+        assert _gone([p.pid for p in tree]) == []
+        assert lock_mod.in_use(out) is None
+    finally:  # whatever the test found, it leaves no process behind
+        for p in tree + [proc]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait()
 
 
 # ---------------------------------------------------------------- an output directory that cannot be written

@@ -7,8 +7,8 @@ accelerate or deepspeed, checked all at once, so that every problem is reported 
   memplan's trainer does not run;
 - the model: a directory with config.json and weights, or a preset that ships weights; remote code;
 - the data: every line of every data file, and enough examples for one batch;
-- the output directory: that it is (or can be made) a directory this user can write in, checkpoints of
-  an earlier run, or none to --resume from.
+- the output directory: that it is (or can be made) a directory this user can write in, that no other run
+  holds it (memplan.train.lock), checkpoints of an earlier run, or none to --resume from.
 
 Packages are looked up (importlib.util.find_spec, importlib.metadata), not imported: importing bitsandbytes
 alone takes seconds. CUDA: a torch build for neither CUDA nor ROCm (torch/version.py: `cuda = None`,
@@ -348,16 +348,22 @@ def small_data_warnings(plan: Plan, n_train: int, n_validation: int) -> list[str
 
 
 def check(resolved: Resolved, resume: bool, trust_remote_code: bool,
-          machine: Optional[Machine] = None) -> tuple[Checked, list[str]]:
-    """What the run uses, and every problem that stops the plan here, one line each."""
+          machine: Optional[Machine] = None, probe_lock: bool = True) -> tuple[Checked, list[str]]:
+    """What the run uses, and every problem that stops the plan here, one line each. `probe_lock`: also
+    whether another run holds the output directory (not in the processes a run launched: their launcher
+    holds it)."""
     from memplan.train.data import read_run_records
+    from memplan.train.lock import in_use
 
     plan = resolved.plan
     lines = machine_lines(plan, resolved.plan_path, machine or Machine())
     path, model = _model_lines(plan, trust_remote_code)
     records, data = read_run_records(plan)
     lines += model + data + (_batch_lines(plan, records) if records else [])
-    lines += output_dir_lines(resolved.output_dir) or _output_lines(resolved, resume)
+    out = output_dir_lines(resolved.output_dir)
+    busy = in_use(resolved.output_dir) if probe_lock and not out else None
+    # another run's checkpoints say nothing about this run until that run has ended
+    lines += out or ([busy] if busy else _output_lines(resolved, resume))
     return Checked(model_dir=path, records=records), lines
 
 
