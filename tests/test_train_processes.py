@@ -232,3 +232,60 @@ def test_an_unwritable_output_dir_is_found_before_anything_loads(tmp_path, tiny)
         assert lines == [f"output_dir {target}: {where}: {reason}. Hint: --set output_dir=DIR for a directory you can "
                          "write in"], lines
     out.chmod(0o755)
+
+
+# ---------------------------------------------------------------- several processes: checked before the launch
+
+
+def test_more_cpu_processes_than_cores_are_refused_before_the_launch(tmp_path, tiny, run_cli, monkeypatch):
+    monkeypatch.setattr(preflight.Machine, "cpu_cores", property(lambda self: 2))
+    plan = run_dir(tmp_path, tiny, micro_batch=1)
+    for gpus in (3, 1000000):
+        code, _, err = run_cli("train", str(plan), "--set", f"gpus={gpus}", "--dry-run")
+        lines = _errors(err)
+        assert code == 2 and lines[0] == (f"gpus {gpus}: a CPU plan starts that many processes here, at most one per "
+                                          "CPU core, and this machine has 2 core(s) for them (allowed: gpus 1 to 2). "
+                                          "Hint: --set gpus=2"), lines
+    code, _, err = run_cli("train", str(plan), "--set", "gpus=2", "--dry-run")
+    assert code == 0, err
+
+
+def test_more_gpu_processes_than_devices_are_refused(tmp_path):
+    from memplan.plan import build_plan
+
+    machine = preflight.Machine()
+    machine.__dict__.update(cuda=True, cuda_devices=2)  # cached_property values
+    plan = build_plan(dict(model="llama-2-7b", method="lora", device="cuda", gpus=4, micro_batch=1))
+    texts = [p.text for p in preflight.machine_problems(plan, tmp_path / "plan.yaml", machine)]
+    assert any(t.startswith("gpus 4: the plan starts one process per GPU here, and torch sees 2 CUDA device(s) "
+                            "(allowed: gpus 1 to 2") for t in texts), texts
+    two = plan.model_copy(update={"gpus": 2})
+    assert not any("CUDA device(s)" in p.text for p in preflight.machine_problems(two, tmp_path / "plan.yaml", machine))
+
+
+# 160 examples, packed 256 tokens to a sequence: 35 sequences, fewer than 2 processes x micro-batch 60.
+PACKED = dict(gpus=2, micro_batch=60, seq_len=256, data={"packing": True})
+
+
+def test_data_that_cannot_fill_every_process_stops_before_the_launch(tmp_path, tiny, run_cli, monkeypatch):
+    from memplan.train import launch
+
+    monkeypatch.setattr(launch, "relaunch", lambda *a, **k: pytest.fail("launched"))
+    plan = run_dir(tmp_path, tiny, **PACKED)
+    code, out, err = run_cli("train", str(plan))
+    assert code == 2 and _errors(err) == ["35 training examples cannot fill one batch of micro_batch 60 x 2 "
+                                          "process(es). Hint: add data or lower micro_batch"]
+    assert sorted(p.name for p in plan.parent.iterdir()) == sorted([p.name for p in tiny[1].iterdir()] + ["plan.yaml"])
+
+
+def test_a_problem_the_workers_stop_on_is_one_line_exit_2(tmp_path, tiny):
+    """What only the processes can find (here the same shortfall, with the check before the launch taken
+    out) is printed once by `memplan train`, not once per process under torchrun's failure report."""
+    plan = run_dir(tmp_path, tiny, **PACKED)
+    code = ("import sys\nfrom memplan.train import command\ncommand.fill_every_process = lambda *a: None\n"
+            "from memplan.cli import main\nmain(sys.argv[1:])\n")
+    done = subprocess.run([sys.executable, "-c", code, "train", str(plan), "--quiet"], capture_output=True, text=True,
+                          env=SUBPROCESS_ENV)
+    assert done.returncode == 2, done.stderr
+    assert _errors(done.stderr) == ["35 training examples cannot fill one batch of micro_batch 60 x 2 process(es). "
+                                    "Hint: add data or lower micro_batch"]

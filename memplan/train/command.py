@@ -183,6 +183,7 @@ def _start(resolved: Resolved, checked, lock, plan_file: str, sets: tuple[str, .
     if needs_launcher(resolved.plan) and not _launched():
         from memplan.train.launch import relaunch
 
+        fill_every_process(resolved, checked, trust_remote_code)
         return relaunch(resolved, _argv(plan_file, sets, resume, as_json, quiet, trust_remote_code),
                         keep_fds=(lock.fd,) if lock is not None else ())
     from memplan.train.loop import train
@@ -204,6 +205,22 @@ def _start(resolved: Resolved, checked, lock, plan_file: str, sets: tuple[str, .
     elif not quiet:
         click.echo(human_summary(summary))
     return None
+
+
+def fill_every_process(resolved: Resolved, checked, trust_remote_code: bool) -> None:
+    """Before any process starts: every process gets a micro-batch of every step. The training examples
+    are counted after tokenizing (an example whose answer starts after seq_len tokens is dropped; packing
+    joins several into one sequence), which the checks before it cannot do without the tokenizer: here it
+    is loaded once, so that a shortfall is one line rather than one per process after the launch."""
+    from memplan.hf_setup import offline_and_quiet
+
+    offline_and_quiet()
+    from memplan.train.data import Stream, load_run_data
+    from memplan.train.model import load_tokenizer
+
+    plan = resolved.plan
+    data = load_run_data(plan, load_tokenizer(checked.model_dir, trust_remote_code), checked.records)
+    Stream(data.train, plan.micro_batch, plan.world_size, 0, plan.hparams.seed)
 
 
 def _argv(plan_file: str, sets: tuple[str, ...], resume: bool, as_json: bool, quiet: bool,

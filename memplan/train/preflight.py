@@ -7,6 +7,7 @@ accelerate or deepspeed, checked all at once, so that every problem is reported 
   memplan's trainer does not run;
 - the model: a directory with config.json and weights, or a preset that ships weights; remote code;
 - the data: every line of every data file, and enough examples for one batch;
+- the processes: no more on this machine than it has CPU cores (a CPU plan) or CUDA devices;
 - the output directory: that it is (or can be made) a directory this user can write in, that no other run
   holds it (memplan.train.lock), checkpoints of an earlier run, or none to --resume from.
 
@@ -96,6 +97,24 @@ class Machine:
 
         return torch.cuda.is_available()
 
+    @functools.cached_property
+    def cuda_devices(self) -> int:
+        """CUDA devices torch sees here (CUDA_VISIBLE_DEVICES applied); 0 without CUDA."""
+        if not self.cuda:
+            return 0
+        import torch
+
+        return torch.cuda.device_count()
+
+    @functools.cached_property
+    def cpu_cores(self) -> int:
+        """The CPU cores this process may run on (its affinity mask: what taskset, cgroups' cpusets and
+        container limits leave), else all of them."""
+        try:
+            return len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            return os.cpu_count() or 1
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -157,6 +176,26 @@ def _launch_problems(plan: Plan, plan_path: Path) -> list[Problem]:
     return out
 
 
+def _process_problems(plan: Plan, machine: Machine) -> list[Problem]:
+    """The processes this machine would start: a CPU plan `gpus` of them (torchrun), at most one per core
+    (more would only take turns on the same cores); a CUDA plan one per GPU."""
+    if plan.gpus == 1:
+        return []
+    if plan.device == "cpu":
+        cores = machine.cpu_cores
+        if plan.gpus > cores:
+            return [Problem(f"gpus {plan.gpus}: a CPU plan starts that many processes here, at most one per CPU core, "
+                            f"and this machine has {cores} core(s) for them (allowed: gpus 1 to {cores})",
+                            fixes=({"gpus": cores},))]
+        return []
+    devices = machine.cuda_devices
+    if devices and plan.gpus > devices:
+        return [Problem(f"gpus {plan.gpus}: the plan starts one process per GPU here, and torch sees {devices} CUDA "
+                        f"device(s) (allowed: gpus 1 to {devices}; CUDA_VISIBLE_DEVICES hides the others)",
+                        fixes=({"gpus": devices},))]
+    return []
+
+
 def machine_problems(plan: Plan, plan_path: Path, machine: Machine) -> list[Problem]:
     """What stops the plan on this machine: software, devices, launch files, unsupported combinations."""
     out: list[Problem] = []
@@ -175,6 +214,7 @@ def machine_problems(plan: Plan, plan_path: Path, machine: Machine) -> list[Prob
         build = {"cpu": " (this torch is a CPU build)"}.get(machine.torch_build or "", "")
         out.append(Problem(f"the plan trains on CUDA, but torch sees no CUDA device{build}",
                            "run it where torch sees a GPU", fixes=({"device": "cpu"},)))
+    out += _process_problems(plan, machine)
     if plan.precision == "bf16-master" and plan.sharding == "fsdp" and plan.world_size > 1:
         if plan.device == "cuda":
             out.append(Problem("memplan train runs precision bf16-master with FSDP on the CPU only: on CUDA "
