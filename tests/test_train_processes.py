@@ -289,3 +289,15 @@ def test_a_problem_the_workers_stop_on_is_one_line_exit_2(tmp_path, tiny):
     assert done.returncode == 2, done.stderr
     assert _errors(done.stderr) == ["35 training examples cannot fill one batch of micro_batch 60 x 2 process(es). "
                                     "Hint: add data or lower micro_batch"]
+
+
+def test_recommend_refuses_more_processes_than_training_examples(run_cli):
+    code, out, err = run_cli("recommend", "--model", "llama-2-7b", "--gpu", "h100-80gb", "--gpus", "1024",
+                             "--nodes", "128", "--dataset-size", "50000")
+    assert code == 2 and out == ""
+    assert _errors(err) == ["131,072 processes (1,024 per node x 128 node(s)) need at least one training example each "
+                            "per optimizer step, and there are 50,000: use at most 50,000 in all (--gpus x --nodes), "
+                            "or more data"]
+    code, _, err = run_cli("recommend", "--model", "llama-2-7b", "--gpu", "h100-80gb", "--gpus", "8",
+                           "--nodes", "4", "--dataset-size", "50000")
+    assert code == 0, err
