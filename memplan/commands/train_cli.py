@@ -33,6 +33,7 @@ def train(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_jso
     Memory is reported in GiB (2^30 bytes); throughput in tokens per second.
     Before anything heavy is loaded it checks the machine (CUDA, DeepSpeed, bitsandbytes),
     launch files, model, data and output directory, and reports every problem at once (exit code 2).
+    One run per output_dir at a time: a second one stops at once (exit code 2).
     With gpus x nodes > 1 it starts one process per GPU (accelerate launch with
     accelerate_config.yaml next to the plan) or per CPU worker (torchrun, gloo).
     sharding deepspeed always starts through accelerate launch with that file and the

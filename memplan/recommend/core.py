@@ -375,6 +375,10 @@ def recommend(req: Request) -> Recommendation:
         assumptions.append(f"effective batch {effective} sequences (min({hp.DEFAULT_EFFECTIVE_BATCH}, a power of two "
                            f"giving >= {hp.MIN_STEPS_PER_EPOCH} steps per epoch); --effective-batch to change")
     world = target.world_size
+    if world > samples:  # each process takes its own examples of every step (memplan.train.data.Stream)
+        raise UserError(f"{world:,} processes ({target.gpus:,} per node x {target.nodes:,} node(s)) need at least one "
+                        f"training example each per optimizer step, and there are {samples:,}: use at most "
+                        f"{samples:,} in all (--gpus x --nodes), or more data")
     rounded = per_gpu_batch(effective, world) * world
     if rounded != effective:
         warnings.append(f"effective batch {effective} is not a multiple of {world} processes: using {rounded}")

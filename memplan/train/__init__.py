@@ -10,5 +10,7 @@ Modules, in the order a run uses them:
   checkpoint  atomic resumable checkpoints and the final model / adapter
   memory      the run's own peak memory, next to the plan's estimate
   metrics     metrics.jsonl, the plot, summary.json
-  launch      several processes: torchrun (CPU, gloo) or accelerate launch (CUDA)
+  launch      several processes: torchrun (CPU, gloo) or accelerate launch (CUDA), run by agent
+  agent       the launcher's process: it ends with memplan train, and its workers with it
+  lock        one run per output directory
 """

@@ -105,18 +105,48 @@ def human_summary(summary: dict) -> str:
 
 
 def _report(problems: list[str]) -> int:
-    """Every problem on its own line, as the CLI prints one error; exit code 2."""
-    for line in problems:
-        click.echo(f"memplan: error: {line}", err=True)
+    """Every problem on its own line, as the CLI prints one error (in a launched process: left for
+    `memplan train` to print once); exit code 2."""
+    from memplan.train.launch import report
+
+    if not report(problems):
+        for line in problems:
+            click.echo(f"memplan: error: {line}", err=True)
     return UserError.exit_code
+
+
+def _takes_lock() -> bool:
+    """The process that holds the output directory's lock (memplan.train.lock): the `memplan train` the
+    user started; among processes started by hand (torchrun ... -m memplan train), global rank 0."""
+    from memplan.train.launch import LAUNCHED_ENV
+
+    return os.environ.get(LAUNCHED_ENV) != "1" and os.environ.get("RANK", "0") == "0"
 
 
 def run(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_json: bool, quiet: bool,
         trust_remote_code: bool) -> Optional[int]:
+    launched = _launched()
+    if launched:  # no worker outlives its launcher (memplan.train.launch)
+        import signal
+
+        from memplan.train.launch import die_with_parent
+
+        die_with_parent(signal.SIGKILL)
+    try:
+        return _run(plan_file, sets, resume, dry, as_json, quiet, trust_remote_code)
+    except UserError as err:
+        if launched:
+            return _report(str(err).splitlines())
+        raise
+
+
+def _run(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_json: bool, quiet: bool,
+         trust_remote_code: bool) -> Optional[int]:
     from memplan.train import preflight
 
     resolved = resolve_plan(plan_file, sets)
-    checked, problems = preflight.check(resolved, resume, trust_remote_code)
+    locks = _takes_lock()
+    checked, problems = preflight.check(resolved, resume, trust_remote_code, probe_lock=locks)
     if dry:
         records = checked.records
         warnings = preflight.small_data_warnings(resolved.plan, len(records.train), len(records.validation)) \
@@ -127,29 +157,70 @@ def run(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_json:
         return None if fits else 1
     if problems:
         return _report(problems)
+    from memplan.train.lock import OutputLock
+
+    lock = OutputLock(resolved.output_dir).acquire() if locks else None
+    try:
+        if lock is not None:
+            # under the lock: what a run that ended since the checks may have left
+            problems = preflight.output_state_lines(resolved, checked, resume)
+            if problems:
+                return _report(problems)
+            note = lock.stale_note()
+            if note and not quiet:
+                click.echo(f"memplan: note: {note}", err=True)
+        return _start(resolved, checked, lock, plan_file, sets, resume, as_json, quiet, trust_remote_code)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _start(resolved: Resolved, checked, lock, plan_file: str, sets: tuple[str, ...], resume: bool, as_json: bool,
+           quiet: bool, trust_remote_code: bool) -> Optional[int]:
+    """Launch the processes, or train in this one."""
     from memplan.train.launch import needs_launcher
 
     if needs_launcher(resolved.plan) and not _launched():
         from memplan.train.launch import relaunch
 
-        return relaunch(resolved, _argv(plan_file, sets, resume, as_json, quiet, trust_remote_code))
+        fill_every_process(resolved, checked, trust_remote_code)
+        return relaunch(resolved, _argv(plan_file, sets, resume, as_json, quiet, trust_remote_code),
+                        keep_fds=(lock.fd,) if lock is not None else ())
     from memplan.train.loop import train
 
     echo = (lambda _m: None) if (quiet or as_json) else click.echo
+    rank = int(os.environ.get("RANK", "0"))
     try:
         summary = train(resolved, resume=resume, trust_remote_code=trust_remote_code, echo=echo,
                         progress=not (quiet or as_json), checked=checked)
     except KeyboardInterrupt:
-        click.echo(f"\nmemplan: interrupted; continue from the newest checkpoint with: memplan train {plan_file} "
-                   "--resume", err=True)
+        if rank == 0:
+            click.echo(f"\nmemplan: interrupted; continue from the newest checkpoint with: memplan train "
+                       f"{plan_file} --resume", err=True)
         return 130
-    if int(os.environ.get("RANK", "0")) != 0:
+    if rank != 0:
         return None
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
         click.echo(human_summary(summary))
     return None
+
+
+def fill_every_process(resolved: Resolved, checked, trust_remote_code: bool) -> None:
+    """Before any process starts: every process gets a micro-batch of every step. The training examples
+    are counted after tokenizing (an example whose answer starts after seq_len tokens is dropped; packing
+    joins several into one sequence), which the checks before it cannot do without the tokenizer: here it
+    is loaded once, so that a shortfall is one line rather than one per process after the launch."""
+    from memplan.hf_setup import offline_and_quiet
+
+    offline_and_quiet()
+    from memplan.train.data import Stream, load_run_data
+    from memplan.train.model import load_tokenizer
+
+    plan = resolved.plan
+    data = load_run_data(plan, load_tokenizer(checked.model_dir, trust_remote_code), checked.records)
+    Stream(data.train, plan.micro_batch, plan.world_size, 0, plan.hparams.seed)
 
 
 def _argv(plan_file: str, sets: tuple[str, ...], resume: bool, as_json: bool, quiet: bool,

@@ -7,10 +7,12 @@ accelerate or deepspeed, checked all at once, so that every problem is reported 
   memplan's trainer does not run;
 - the model: a directory with config.json and weights, or a preset that ships weights; remote code;
 - the data: every line of every data file, and enough examples for one batch;
-- the output directory: checkpoints of an earlier run, or none to --resume from; outputs that would
-  overlap the run's inputs or replace what memplan did not write (memplan.train.outputs); on --resume the
-  newest intact checkpoint and whether the plan, data and model are the ones it was trained with
-  (memplan.train.inputs).
+- the processes: no more on this machine than it has CPU cores (a CPU plan) or CUDA devices;
+- the output directory: that it is (or can be made) a directory this user can write in, that no other run
+  holds it (memplan.train.lock), checkpoints of an earlier run, or none to --resume from; outputs that
+  would overlap the run's inputs or replace what memplan did not write (memplan.train.outputs); on
+  --resume the newest intact checkpoint and whether the plan, data and model are the ones it was trained
+  with (memplan.train.inputs).
 
 Packages are looked up (importlib.util.find_spec, importlib.metadata), not imported: importing bitsandbytes
 alone takes seconds. CUDA: a torch build for neither CUDA nor ROCm (torch/version.py: `cuda = None`,
@@ -27,7 +29,9 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -102,6 +106,24 @@ class Machine:
 
         return torch.cuda.is_available()
 
+    @functools.cached_property
+    def cuda_devices(self) -> int:
+        """CUDA devices torch sees here (CUDA_VISIBLE_DEVICES applied); 0 without CUDA."""
+        if not self.cuda:
+            return 0
+        import torch
+
+        return torch.cuda.device_count()
+
+    @functools.cached_property
+    def cpu_cores(self) -> int:
+        """The CPU cores this process may run on (its affinity mask: what taskset, cgroups' cpusets and
+        container limits leave), else all of them."""
+        try:
+            return len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            return os.cpu_count() or 1
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -162,6 +184,26 @@ def _launch_problems(plan: Plan, plan_path: Path) -> list[Problem]:
     return out
 
 
+def _process_problems(plan: Plan, machine: Machine) -> list[Problem]:
+    """The processes this machine would start: a CPU plan `gpus` of them (torchrun), at most one per core
+    (more would only take turns on the same cores); a CUDA plan one per GPU."""
+    if plan.gpus == 1:
+        return []
+    if plan.device == "cpu":
+        cores = machine.cpu_cores
+        if plan.gpus > cores:
+            return [Problem(f"gpus {plan.gpus}: a CPU plan starts that many processes here, at most one per CPU core, "
+                            f"and this machine has {cores} core(s) for them (allowed: gpus 1 to {cores})",
+                            fixes=({"gpus": cores},))]
+        return []
+    devices = machine.cuda_devices
+    if devices and plan.gpus > devices:
+        return [Problem(f"gpus {plan.gpus}: the plan starts one process per GPU here, and torch sees {devices} CUDA "
+                        f"device(s) (allowed: gpus 1 to {devices}; CUDA_VISIBLE_DEVICES hides the others)",
+                        fixes=({"gpus": devices},))]
+    return []
+
+
 def machine_problems(plan: Plan, plan_path: Path, machine: Machine) -> list[Problem]:
     """What stops the plan on this machine: software, devices, launch files, unsupported combinations."""
     out: list[Problem] = []
@@ -180,6 +222,7 @@ def machine_problems(plan: Plan, plan_path: Path, machine: Machine) -> list[Prob
         build = {"cpu": " (this torch is a CPU build)"}.get(machine.torch_build or "", "")
         out.append(Problem(f"the plan trains on CUDA, but torch sees no CUDA device{build}",
                            "run it where torch sees a GPU", fixes=({"device": "cpu"},)))
+    out += _process_problems(plan, machine)
     if plan.precision == "bf16-master" and plan.sharding == "fsdp" and plan.world_size > 1:
         if plan.device == "cuda":
             out.append(Problem("memplan train runs precision bf16-master with FSDP on the CPU only: on CUDA "
@@ -268,6 +311,44 @@ def _model_lines(plan: Plan, trust_remote_code: bool) -> tuple[Optional[Path], l
     return path, []
 
 
+def _probe_write(directory: Path) -> Optional[OSError]:
+    """Create and remove a file in `directory`: the error that stops it (EACCES, EROFS, ENOSPC...), or None.
+    A try rather than os.access, which a read-only mount or an ACL can contradict."""
+    try:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".memplan-write-check-")
+    except OSError as err:
+        return err
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def output_dir_lines(out: Path) -> list[str]:
+    """Can this run write its output: `out` is a directory it can write in, or can be made one in the
+    nearest directory above it that exists; an existing checkpoints/ is a directory too."""
+    hint = "Hint: --set output_dir=DIR for a directory you can write in"
+    if os.path.lexists(out):
+        if not out.is_dir():
+            return [f"output_dir {out} exists and is not a directory. {hint}"]
+        place = out
+    else:
+        place = out.parent
+        while not os.path.lexists(place):
+            place = place.parent
+        if not place.is_dir():
+            return [f"output_dir {out}: {place} is not a directory, so it cannot be made. {hint}"]
+    err = _probe_write(place)
+    if err is not None:
+        what = "cannot write there" if place == out else f"cannot create it in {place}"
+        return [f"output_dir {out}: {what}: {err.strerror}. {hint}"]
+    ckpt = out / "checkpoints"
+    if os.path.lexists(ckpt) and not ckpt.is_dir():
+        return [f"{ckpt} exists and is not a directory: the run keeps its checkpoints there. {hint}"]
+    if ckpt.is_dir() and (err := _probe_write(ckpt)) is not None:
+        return [f"{ckpt}: cannot write there: {err.strerror}. {hint}"]
+    return []
+
+
 def _output_lines(resolved: Resolved, resume: bool) -> list[str]:
     out, root = resolved.output_dir, resolved.output_dir / "checkpoints"
     existing = list_checkpoints(root)
@@ -315,18 +396,32 @@ def small_data_warnings(plan: Plan, n_train: int, n_validation: int) -> list[str
 
 
 def check(resolved: Resolved, resume: bool, trust_remote_code: bool,
-          machine: Optional[Machine] = None) -> tuple[Checked, list[str]]:
-    """What the run uses, and every problem that stops the plan here, one line each."""
+          machine: Optional[Machine] = None, probe_lock: bool = True) -> tuple[Checked, list[str]]:
+    """What the run uses, and every problem that stops the plan here, one line each. `probe_lock`: also
+    whether another run holds the output directory (not in the processes a run launched: their launcher
+    holds it)."""
     from memplan.train.data import read_run_records
+    from memplan.train.lock import in_use
 
     plan = resolved.plan
     lines = machine_lines(plan, resolved.plan_path, machine or Machine())
     path, model = _model_lines(plan, trust_remote_code)
     records, data = read_run_records(plan)
-    lines += model + data + (_batch_lines(plan, records) if records else []) + _output_lines(resolved, resume)
+    lines += model + data + (_batch_lines(plan, records) if records else [])
+    out = output_dir_lines(resolved.output_dir)
+    busy = in_use(resolved.output_dir) if probe_lock and not out else None
     checked = Checked(model_dir=path, records=records)
-    lines += _files_lines(resolved, checked, resume)
-    return checked, lines
+    # another run's checkpoints say nothing about this run until that run has ended
+    if out or busy:
+        return checked, lines + (out or [busy])
+    return checked, lines + output_state_lines(resolved, checked, resume)
+
+
+def output_state_lines(resolved: Resolved, checked: Checked, resume: bool) -> list[str]:
+    """What the output directory holds, against this run: an earlier run's checkpoints, overlaps with the
+    inputs, the checkpoint --resume continues from. Run again under the run's lock (another run may have
+    ended, and written, since the first look)."""
+    return _output_lines(resolved, resume) + _files_lines(resolved, checked, resume)
 
 
 def _files_lines(resolved: Resolved, checked: Checked, resume: bool) -> list[str]:
@@ -337,7 +432,8 @@ def _files_lines(resolved: Resolved, checked: Checked, resume: bool) -> list[str
     if checked.model_dir is None or checked.records is None:
         return lines
     try:
-        checked.inputs = inputs.record(resolved.plan, checked.model_dir)
+        if checked.inputs is None:  # hashed once, also when the lines are checked again under the lock
+            checked.inputs = inputs.record(resolved.plan, checked.model_dir)
     except OSError as err:
         return lines + [f"cannot read {err.filename or 'an input'} to record what the run depends on: "
                         f"{err.strerror or err}"]

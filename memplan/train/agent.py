@@ -1,0 +1,78 @@
+"""The process between `memplan train` and its workers: torchrun (torch.distributed.run) or accelerate
+launch, run here in-process (`python -m memplan.train.agent MODULE ARGS...`, MODULE one of the two).
+
+- It ends with `memplan train`: SIGTERM when that process ends, however it ends (SIGKILL included). Both
+  launchers stop their workers on SIGTERM (SIGTERM to each, SIGKILL after 30 s) and then exit; the
+  workers also die with this process (memplan.train.command), should it be killed outright.
+- When the workers stop on problems they reported (memplan.train.launch.report: a UserError, which
+  `memplan train` prints once), it exits 2 without the launcher's failure report and traceback. Any
+  other failure is reported as the launcher reports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from memplan.train import launch
+
+LAUNCHERS = ("torch.distributed.run", "accelerate.commands.launch")
+# The loggers that report a failed worker and the stopping of the others (torch/distributed/elastic).
+ELASTIC_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api")
+
+
+class _UntilReported(logging.Filter):
+    """Drops records once the workers have reported their problems: memplan train prints those."""
+
+    def __init__(self, errors: Path) -> None:
+        super().__init__()
+        self.errors = errors
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not launch.reported(self.errors)
+
+
+def _start(module: str, args: list[str]) -> None:
+    if module == "torch.distributed.run":
+        from torch.distributed.run import parse_args, run
+
+        run(parse_args(args))
+    else:
+        from accelerate.commands.launch import launch_command, launch_command_parser
+
+        launch_command(launch_command_parser().parse_args(args))
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in LAUNCHERS:
+        print(f"memplan.train.agent: expected one of {', '.join(LAUNCHERS)}, then its arguments", file=sys.stderr)
+        return 2
+    parent = os.environ.get(launch.PARENT_ENV)
+    launch.die_with_parent(signal.SIGTERM, int(parent) if parent else None)
+    errors = Path(os.environ[launch.ERRORS_ENV]) if os.environ.get(launch.ERRORS_ENV) else None
+    if errors is not None:
+        for name in ELASTIC_LOGGERS:
+            logging.getLogger(name).addFilter(_UntilReported(errors))
+    try:
+        _start(argv[0], argv[1:])
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # the launchers' ways to say that a worker failed
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        if isinstance(err, SignalException):  # the workers were stopped before it was raised
+            return 128 + int(err.sigval)
+        if isinstance(err, (ChildFailedError, subprocess.CalledProcessError)) and errors is not None \
+                and launch.reported(errors):
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
