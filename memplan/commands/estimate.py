@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import click
 
-from memplan import fit, report
+from memplan import fit
+from memplan.report import estimate as report
 from memplan.cli_options import passed_overrides
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate

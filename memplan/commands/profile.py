@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import click
 
-from memplan import report
+from memplan.report import estimate as report
 from memplan.cli_options import passed_overrides
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate

@@ -3,7 +3,7 @@ hyperparameters, the runners-up and why they lost, warnings, files."""
 
 from __future__ import annotations
 
-from memplan import report
+from memplan.report import estimate as report
 from memplan.recommend.core import GiB, NoPlanFits, Recommendation, why_not
 
 

@@ -71,7 +71,7 @@ class Candidate:
                 + (p.attn != "sdpa") + (p.precision == "bf16-master"))
 
     def family(self) -> str:
-        from memplan.report import describe_plan
+        from memplan.report.estimate import describe_plan
 
         return describe_plan(self.estimate)
 

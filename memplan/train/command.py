@@ -26,7 +26,7 @@ def _verdict_for(resolved: Resolved):
 def dry_run(resolved: Resolved, as_json: bool, problems: list[str], warnings: list[str]) -> tuple[list[str], bool]:
     """The resolved plan, its estimate, and what the checks found; returns the problems (with the
     estimate's own, when there is no estimate for the model) and whether the plan fits."""
-    from memplan import report
+    from memplan.report import estimate as report
     from memplan.plan import plan_to_yaml
 
     try:
