@@ -10,20 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from memplan import gpus as gpus_mod
-from memplan.errors import UserError
-from memplan.paths import write_table
-from memplan.gpus import (
+from memplan.catalog import gpus as gpus_mod
+from memplan.catalog.gpus import (
     COMMON_SIZES_GIB,
     Gpu,
     custom_gpu,
-    format_bytes,
     load_gpus,
     local_gpus,
     match_device_name,
     parse_memory,
     resolve_gpu,
 )
+from memplan.catalog.paths import write_table
+from memplan.errors import UserError
+from memplan.report.units import format_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -279,9 +279,9 @@ class _NVMLError(Exception):
 def _driver_present(request, monkeypatch):
     """The stand-in pynvml tests run as if an NVIDIA driver were installed (memplan skips NVML without one)."""
     if request.node.name != "test_local_gpus_on_this_machine":
-        import memplan.gpus
+        import memplan.catalog.gpus
 
-        monkeypatch.setattr(memplan.gpus, "_no_nvidia_driver", lambda: False)
+        monkeypatch.setattr(memplan.catalog.gpus, "_no_nvidia_driver", lambda: False)
 
 
 def _fake_pynvml(devices=(), fail_at=None, shutdown_log=None):
@@ -405,7 +405,7 @@ def test_device_name_matching():
 
 def test_import_does_not_load_torch_or_pynvml():
     code = (
-        "import sys, memplan.gpus as g; g.load_gpus(); g.resolve_gpu('h100'); g.parse_memory('24GiB'); "
+        "import sys, memplan.catalog.gpus as g; g.load_gpus(); g.resolve_gpu('h100'); g.parse_memory('24GiB'); "
         "heavy = [m for m in ('torch', 'transformers', 'pynvml') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

@@ -18,17 +18,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from memplan.errors import UserError
-from memplan.models import (
-    SUPPORTED_MODEL_TYPES,
-    Linear,
-    ModelSpec,
-    list_presets,
-    models_dir,
-    preset_ids,
-    preset_info,
-    resolve_model,
-    spec_from_config,
-)
+from memplan.catalog.families import SUPPORTED_MODEL_TYPES
+from memplan.catalog.presets import list_presets, models_dir, preset_ids, preset_info
+from memplan.catalog.resolve import resolve_model
+from memplan.catalog.spec import Linear, ModelSpec, spec_from_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -396,7 +389,8 @@ def test_malformed_config(tmp_path):
 
 
 def test_import_does_not_load_torch():
-    code = ("import sys, memplan.models as m; m.resolve_model('llama-2-7b'); m.list_presets(); "
+    code = ("import sys, memplan.catalog.resolve as r, memplan.catalog.presets as p; "
+            "r.resolve_model('llama-2-7b'); p.list_presets(); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
