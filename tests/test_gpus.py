@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -374,6 +375,8 @@ def test_local_gpus_matches_presets(monkeypatch):
     h100 = found[0]
     assert h100.name == "NVIDIA H100 80GB HBM3" and h100.memory_bytes == 81559 * MIB
     assert h100.bf16_tflops == resolve_gpu("h100").bf16_tflops and h100.memory_source == "nvml"
+    same = ("name", "memory_bytes", "memory_source")  # the device's own; every other figure is the preset's
+    assert h100 == dataclasses.replace(resolve_gpu("h100"), **{k: getattr(h100, k) for k in same})
     assert found[1].name == "NVIDIA A100-SXM4-40GB"
     nvl = found[3]
     assert nvl.memory_bytes == 95830 * MIB and nvl.bf16_tflops is None and nvl.name == "NVIDIA H100 NVL"

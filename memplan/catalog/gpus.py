@@ -11,8 +11,11 @@ This module is on the fast CLI path: it must import neither torch nor transforme
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -254,30 +257,12 @@ def _local_gpu(device_name: str, total_bytes: int) -> Gpu:
     if preset is None:
         return Gpu(id=f"local-{_slug(device_name)}", name=device_name, memory_bytes=total_bytes, memory_source="nvml")
     # The preset's figures, the device's own name and the memory the driver reports for it.
-    return Gpu(
-        id=preset.id,
-        name=device_name,
-        memory_bytes=total_bytes,
-        bf16_tflops=preset.bf16_tflops,
-        fp16_tflops=preset.fp16_tflops,
-        fp32_tflops=preset.fp32_tflops,
-        memory_bandwidth_gbps=preset.memory_bandwidth_gbps,
-        interconnect_gbps=preset.interconnect_gbps,
-        host_link_gbps=preset.host_link_gbps,
-        source=preset.source,
-        interconnect=preset.interconnect,
-        memory_source="nvml",
-        vendor=preset.vendor,
-        aliases=preset.aliases,
-    )
+    return dataclasses.replace(preset, name=device_name, memory_bytes=total_bytes, memory_source="nvml")
 
 
 def _no_nvidia_driver() -> bool:
     """On Linux the NVIDIA kernel driver shows itself in /proc and /dev; without it NVML cannot start,
     so memplan skips importing pynvml (a fifth of the CLI's start-up on a CPU machine)."""
-    import os
-    import sys
-
     if not sys.platform.startswith("linux"):
         return False
     return not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl"))
