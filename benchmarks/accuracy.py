@@ -72,7 +72,9 @@ MATRIX = [
 
 def run_case(preset: str, fields: dict, backend: str) -> dict:
     from memplan.estimator import estimate
-    from memplan.models import models_dir, resolve_model, spec_from_config
+    from memplan.catalog.presets import models_dir
+    from memplan.catalog.resolve import resolve_model
+    from memplan.catalog.spec import spec_from_config
     from memplan.plan import Plan
     from memplan.profile_run import measure
 

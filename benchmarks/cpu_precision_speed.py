@@ -96,7 +96,7 @@ def run_once(fields: dict, workdir: Path, clock: str = "cpu") -> tuple[list[floa
     """(step seconds, step FLOPs) for the steps after WARMUP, and the resolved plan."""
     import yaml
 
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.recommend import throughput
     from memplan.train.loop import train
     from memplan.train.settings import resolve_plan

@@ -72,7 +72,7 @@ def write_run(directory: Path, fields: dict) -> Path:
 
     import yaml
 
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.plan import build_plan
     from memplan.recommend.writers import accelerate_config, ds_config
 
@@ -102,7 +102,7 @@ def offload_probe(tmp: Path) -> list[list[str]]:
     lr 1e-2, weight decay 0."""
     import socket
 
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.plan import build_plan
     from memplan.recommend.writers import ds_config
 

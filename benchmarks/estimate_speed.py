@@ -69,7 +69,7 @@ def cold(cmds: dict[str, tuple[list[str], Path]], runs: int) -> dict[str, float]
 def per_second() -> float:
     sys.path.insert(0, str(ROOT))
     from memplan.estimator import estimate
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.plan import Plan
 
     spec, plan = resolve_model("llama-2-7b"), Plan(method="lora", precision="bf16")

@@ -58,7 +58,7 @@ CASES = [
 def measure(preset: str, fields: dict, steps: int = 3, attribute: bool = True) -> dict:
     """One case through memplan's profile path (memplan.profile_run.measure, backend cuda), in the JSONL
     row format gpu_report.py reads: per step the phase peaks, the reserved peak and NVML's used memory."""
-    from memplan.models import models_dir
+    from memplan.catalog.presets import models_dir
     from memplan.plan import Plan
     from memplan.profile_meters import CudaMeter
     from memplan.profile_run import measure as profile_measure
@@ -84,7 +84,7 @@ def main() -> None:
     import transformers
 
     from memplan.estimator import estimate
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.plan import Plan
     from memplan.profile_meters import nvml_used
 

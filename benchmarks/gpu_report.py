@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memplan.estimator import estimate  # noqa: E402
-from memplan.models import resolve_model  # noqa: E402
+from memplan.catalog.resolve import resolve_model  # noqa: E402
 from memplan.plan import Plan  # noqa: E402
 
 GiB = 2**30

@@ -33,7 +33,7 @@ CLI = [sys.executable, "-m", "memplan", "recommend", "--model", "llama-2-7b", "-
 
 
 def one_search(model: str, method: str, gpu: str, gpus: int, nodes: int, seq: int, batch: int) -> tuple[int, int, float, str]:
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.recommend.hardware import resolve_target
     from memplan.recommend.search import Scorer, Workload, search
 

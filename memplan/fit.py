@@ -20,8 +20,8 @@ from typing import Optional
 
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
-from memplan.gpus import COMMON_SIZES_GIB  # the GPU sizes (GiB) a CUDA plan is checked against when no GPU is known
-from memplan.models import ModelSpec
+from memplan.catalog.gpus import COMMON_SIZES_GIB  # the GPU sizes (GiB) a CUDA plan is checked against when no GPU is known
+from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan
 from memplan.recommend.hardware import (Target, check_headroom, cpu_target, default_host_assumption, gpu_target,
                                         parse_size)

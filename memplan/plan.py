@@ -168,7 +168,7 @@ class TargetSettings(_Strict):
     def _known_gpu(cls, v: Any) -> Any:
         if v is None:
             return v
-        from memplan.gpus import resolve_gpu
+        from memplan.catalog.gpus import resolve_gpu
 
         try:
             return resolve_gpu(str(v)).id
@@ -180,7 +180,7 @@ class TargetSettings(_Strict):
     def _size(cls, v: Any) -> Any:
         if v is None:
             return v
-        from memplan.gpus import parse_memory
+        from memplan.catalog.gpus import parse_memory
 
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             v = f"{v}GiB"  # a bare number is GiB, as on the command line

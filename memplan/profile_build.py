@@ -26,7 +26,7 @@ import torch
 
 from memplan.errors import UserError
 from memplan.hf_setup import enable_checkpointing, lora_config, nf4_config
-from memplan.models import read_config
+from memplan.catalog.spec import read_config
 from memplan.plan import Plan
 
 AUTOCAST_DTYPE = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
@@ -80,21 +80,9 @@ def resolve_config(config: Any):
 def config_path(ref: str) -> Path:
     """The config.json behind a model reference, resolved as `memplan estimate` resolves it (resolve_model):
     a config.json or model directory, a preset id/alias/hub id, or a hub id in the offline HF cache."""
-    from memplan import models
+    from memplan.catalog.resolve import config_file
 
-    path = Path(ref).expanduser()
-    if path.is_file():
-        return path
-    if (path / "config.json").is_file():
-        return path / "config.json"
-    preset = models._lookup().get(ref.strip().lower())
-    if preset is not None:
-        return models.models_dir() / preset / "config.json"
-    cached = models._cached_config(ref.strip()) if ref.count("/") == 1 else None
-    if cached is not None:
-        return cached
-    models.resolve_model(ref)  # raises the estimate's own error for this reference
-    raise UserError(f"no config.json for model '{ref}'")
+    return config_file(ref)[0]
 
 
 def _text_config(config):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memplan.paths import TABLES, data_dir, load_table, table_json, write_table
+from memplan.catalog.paths import TABLES, data_dir, load_table, table_json, write_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,7 +20,7 @@ def test_json_twin_is_up_to_date(name):
     source = data_dir() / f"{name}.yaml"
     twin = source.with_suffix(".json")
     assert twin.read_text(encoding="utf-8") == table_json(source), (
-        f"{twin} is out of date with {source.name}: run `python -m memplan.paths`")
+        f"{twin} is out of date with {source.name}: run `python -m memplan.catalog.paths`")
     assert load_table(twin) == yaml.safe_load(source.read_text(encoding="utf-8"))
 
 
@@ -37,7 +37,7 @@ def test_write_table_round_trip(tmp_path):
 def test_load_table_rejects_a_bare_object(tmp_path):
     bad = tmp_path / "t.json"
     bad.write_text('{"a": 1}')
-    with pytest.raises(ValueError, match="python -m memplan.paths"):
+    with pytest.raises(ValueError, match="python -m memplan.catalog.paths"):
         load_table(bad)
 
 

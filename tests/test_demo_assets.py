@@ -22,7 +22,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from memplan.models import models_dir, preset_info, resolve_model
+from memplan.catalog.presets import models_dir, preset_info
+from memplan.catalog.resolve import resolve_model
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "data" / "demo"

@@ -9,7 +9,8 @@ import pytest
 from memplan.estimator import estimate
 from memplan.estimator.activations import layer_saved
 from memplan.estimator.states import nf4_bytes, optimizer_state_bytes, parameter_tensors
-from memplan.models import resolve_model, spec_from_config
+from memplan.catalog.resolve import resolve_model
+from memplan.catalog.spec import spec_from_config
 from memplan.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ estimator models). Each trace runs two optimizer steps on fake tensors (seconds)
 import pytest
 
 from memplan.estimator import estimate
-from memplan.models import spec_from_config
+from memplan.catalog.spec import spec_from_config
 from memplan.plan import Plan
 from memplan.trace import trace_training
 
@@ -90,7 +90,7 @@ def test_estimator_import_stays_torch_free():
 
     code = ("import sys, memplan.estimator\n"
             "from memplan.estimator import estimate\n"
-            "from memplan.models import spec_from_config\n"
+            "from memplan.catalog.spec import spec_from_config\n"
             "from memplan.plan import Plan\n"
             f"estimate(spec_from_config({MIXTRAL!r} | {{'vocab_size': 1000}}, 'm'), Plan())\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")

@@ -7,7 +7,7 @@ model built from the preset's config and compares every phase's peak, steady sta
 import pytest
 
 from memplan.estimator import estimate
-from memplan.models import resolve_model
+from memplan.catalog.resolve import resolve_model
 from memplan.plan import Plan
 from memplan.trace import trace_training
 
@@ -68,7 +68,7 @@ SMALL = dict(model_type="llama", hidden_size=128, intermediate_size=344, num_hid
 ], ids=["full-bf16", "lora-amp", "qlora-nf4", "adamw-8bit"])
 def test_phase_peaks_match_real_cpu_steps(fields):
     """Real CPU tensors (random weights): the same comparison where fake tensors cannot run the kernels."""
-    from memplan.models import spec_from_config
+    from memplan.catalog.spec import spec_from_config
 
     plan = Plan(**fields)
     est = estimate(spec_from_config(dict(SMALL), "small"), plan, kernels="cpu")

@@ -13,9 +13,9 @@ GiB = 2**30
 
 @pytest.fixture
 def no_local_gpu(monkeypatch):
-    import memplan.gpus
+    import memplan.catalog.gpus
 
-    monkeypatch.setattr(memplan.gpus, "local_gpus", lambda: [])
+    monkeypatch.setattr(memplan.catalog.gpus, "local_gpus", lambda: [])
 
 
 def estimate_json(run_cli, *args, code=0):
@@ -209,7 +209,7 @@ def test_target_section_is_validated(run_cli, tmp_path, target, needle):
 def test_plan_verdict_for_other_commands():
     """fit.plan_verdict: the verdict and exit code for a resolved plan (what a dry run prints)."""
     from memplan import fit
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.plan import build_plan
 
     spec = resolve_model("llama-2-7b")
@@ -299,7 +299,7 @@ def test_at_width_interpolates_the_measurements():
 
 
 def test_cpu_time_model_is_the_measured_rate_of_the_processs_cores(monkeypatch):
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.plan import build_plan
 
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1, 2, 3}, raising=False)
@@ -324,7 +324,7 @@ def test_cpu_time_model_agrees_with_the_measured_demo_steps():
     import json as _json
     from pathlib import Path
 
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.plan import build_plan
 
     root = Path(__file__).resolve().parents[1]

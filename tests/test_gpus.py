@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,20 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from memplan import gpus as gpus_mod
-from memplan.errors import UserError
-from memplan.paths import write_table
-from memplan.gpus import (
+from memplan.catalog import gpus as gpus_mod
+from memplan.catalog.gpus import (
     COMMON_SIZES_GIB,
     Gpu,
     custom_gpu,
-    format_bytes,
     load_gpus,
     local_gpus,
     match_device_name,
     parse_memory,
     resolve_gpu,
 )
+from memplan.catalog.paths import write_table
+from memplan.errors import UserError
+from memplan.report.units import format_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -279,9 +280,9 @@ class _NVMLError(Exception):
 def _driver_present(request, monkeypatch):
     """The stand-in pynvml tests run as if an NVIDIA driver were installed (memplan skips NVML without one)."""
     if request.node.name != "test_local_gpus_on_this_machine":
-        import memplan.gpus
+        import memplan.catalog.gpus
 
-        monkeypatch.setattr(memplan.gpus, "_no_nvidia_driver", lambda: False)
+        monkeypatch.setattr(memplan.catalog.gpus, "_no_nvidia_driver", lambda: False)
 
 
 def _fake_pynvml(devices=(), fail_at=None, shutdown_log=None):
@@ -374,6 +375,8 @@ def test_local_gpus_matches_presets(monkeypatch):
     h100 = found[0]
     assert h100.name == "NVIDIA H100 80GB HBM3" and h100.memory_bytes == 81559 * MIB
     assert h100.bf16_tflops == resolve_gpu("h100").bf16_tflops and h100.memory_source == "nvml"
+    same = ("name", "memory_bytes", "memory_source")  # the device's own; every other figure is the preset's
+    assert h100 == dataclasses.replace(resolve_gpu("h100"), **{k: getattr(h100, k) for k in same})
     assert found[1].name == "NVIDIA A100-SXM4-40GB"
     nvl = found[3]
     assert nvl.memory_bytes == 95830 * MIB and nvl.bf16_tflops is None and nvl.name == "NVIDIA H100 NVL"
@@ -405,7 +408,7 @@ def test_device_name_matching():
 
 def test_import_does_not_load_torch_or_pynvml():
     code = (
-        "import sys, memplan.gpus as g; g.load_gpus(); g.resolve_gpu('h100'); g.parse_memory('24GiB'); "
+        "import sys, memplan.catalog.gpus as g; g.load_gpus(); g.resolve_gpu('h100'); g.parse_memory('24GiB'); "
         "heavy = [m for m in ('torch', 'transformers', 'pynvml') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

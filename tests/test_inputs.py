@@ -228,10 +228,10 @@ def test_profile_refuses_a_step_larger_than_this_machine_before_allocating(run_c
 
 
 def test_profile_on_a_gpu_compares_with_its_memory(monkeypatch):
-    from memplan import gpus
+    from memplan.catalog import gpus
     from memplan.commands.profile import room_here
     from memplan.estimator import estimate
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
 
     spec = resolve_model("demo-tiny")
     small, large = (build_plan({"model": "demo-tiny", "seq_len": s}) for s in (64, 10**9))
@@ -248,7 +248,7 @@ def test_find_max_batch_does_not_probe_what_cannot_fit_here(run_cli, monkeypatch
     import memplan.profile_launch
     import memplan.recommend.hardware
     from memplan.estimator import estimate
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.profile_meters import StepMeasure
     from memplan.profile_run import Measured
 

@@ -18,17 +18,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from memplan.errors import UserError
-from memplan.models import (
-    SUPPORTED_MODEL_TYPES,
-    Linear,
-    ModelSpec,
-    list_presets,
-    models_dir,
-    preset_ids,
-    preset_info,
-    resolve_model,
-    spec_from_config,
-)
+from memplan.catalog import families
+from memplan.catalog.families import FAMILIES, SUPPORTED_MODEL_TYPES, builder
+from memplan.catalog.presets import list_presets, models_dir, preset_ids, preset_info
+from memplan.catalog.resolve import config_file, preset_id, resolve_model
+from memplan.catalog.spec import Linear, ModelSpec, spec_from_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,6 +119,19 @@ def test_preset_config_is_hf_format(preset):
     info = preset_info(preset)
     assert info["source"] == f"https://huggingface.co/{info['hub_id']}/blob/main/config.json"
     assert info["family"] == config["model_type"]
+
+
+def test_family_registry_covers_every_preset_model_type():
+    used = {preset_info(pid)["family"] for pid in preset_ids()}
+    used |= {json.loads((models_dir() / pid / "config.json").read_text())["model_type"] for pid in preset_ids()}
+    assert used <= set(FAMILIES), sorted(used - set(FAMILIES))
+    assert all(callable(builder(model_type)) for model_type in FAMILIES)
+    assert builder("bert") is None
+
+
+def test_every_family_module_is_registered():
+    modules = {p.stem for p in Path(families.__file__).parent.glob("*.py")} - {"__init__", "common"}
+    assert set(FAMILIES.values()) == modules
 
 
 @pytest.mark.parametrize("preset", [p for p in REQUIRED_IDS if "published_params" in preset_info(p)])
@@ -299,6 +306,25 @@ def test_resolve_names(ref, preset):
     assert resolve_model(ref).name == preset
 
 
+def test_preset_id():
+    assert preset_id("  LLaMA-7B ") == "llama-1-7b"
+    assert preset_id("META-LLAMA/LLAMA-2-7B-HF") == "llama-2-7b"
+    assert preset_id("llama-2-7b") == "llama-2-7b"
+    assert preset_id("no-such-model") is None
+    assert preset_id("./config.json") is None
+
+
+def test_config_file(tmp_path):
+    assert config_file("llama2-7b") == (models_dir() / "llama-2-7b" / "config.json", "llama-2-7b")
+    (tmp_path / "config.json").write_text((models_dir() / "gpt2" / "config.json").read_text())
+    assert config_file(str(tmp_path)) == (tmp_path / "config.json", str(tmp_path))
+    assert config_file(str(tmp_path / "config.json")) == (tmp_path / "config.json", str(tmp_path / "config.json"))
+    with pytest.raises(UserError, match="unknown model 'no-such-model'"):
+        config_file("no-such-model")
+    with pytest.raises(UserError, match="empty model name"):
+        config_file("  ")
+
+
 def test_resolve_config_file_and_directory(tmp_path):
     src = (models_dir() / "qwen2.5-0.5b" / "config.json").read_text()
     model_dir = tmp_path / "my-model"
@@ -395,9 +421,23 @@ def test_malformed_config(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_import_does_not_load_torch():
-    code = ("import sys, memplan.models as m; m.resolve_model('llama-2-7b'); m.list_presets(); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+def _run_fresh(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a new interpreter (nothing imported yet), from this checkout."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def test_import_does_not_load_torch():
+    code = ("import sys, memplan.catalog.resolve as r, memplan.catalog.presets as p; "
+            "r.resolve_model('llama-2-7b'); p.list_presets(); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    result = _run_fresh(code)
+    assert result.returncode == 0, result.stderr
+
+
+def test_only_the_needed_family_is_imported():
+    code = ("import sys, memplan.catalog.resolve as r; r.resolve_model('llama-2-7b'); "
+            "loaded = sorted(m for m in sys.modules if m.startswith('memplan.catalog.families.')); "
+            "assert loaded == ['memplan.catalog.families.common', 'memplan.catalog.families.llama'], loaded")
+    result = _run_fresh(code)
     assert result.returncode == 0, result.stderr

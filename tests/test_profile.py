@@ -330,13 +330,13 @@ def test_gpu_check_rows_come_from_the_profile_path(tiny, tmp_path, monkeypatch):
     import shutil
     from pathlib import Path
 
-    import memplan.models
+    import memplan.catalog.presets
     import memplan.profile_meters
     import memplan.profile_run
 
     (tmp_path / "tiny").mkdir()
     shutil.copy(tiny, tmp_path / "tiny" / "config.json")
-    monkeypatch.setattr(memplan.models, "models_dir", lambda: tmp_path)
+    monkeypatch.setattr(memplan.catalog.presets, "models_dir", lambda: tmp_path)
 
     class CpuCudaMeter(CudaMeter):
         def __init__(self, device, attribute=True):

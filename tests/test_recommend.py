@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from memplan.models import resolve_model
+from memplan.catalog.resolve import resolve_model
 from memplan.plan import build_plan
 from memplan.recommend import hparams as hp
 from memplan.recommend import throughput
@@ -22,9 +22,9 @@ def recommend_json(run_cli, *args):
 @pytest.fixture
 def no_local_gpu(monkeypatch):
     """Plan for this machine's CPU even where CI has a GPU."""
-    import memplan.gpus
+    import memplan.catalog.gpus
 
-    monkeypatch.setattr(memplan.gpus, "local_gpus", lambda: [])
+    monkeypatch.setattr(memplan.catalog.gpus, "local_gpus", lambda: [])
 
 
 @pytest.fixture

@@ -99,7 +99,7 @@ def test_accelerate_config_loads_with_accelerates_classes(written, name, dist_ty
 def test_accelerate_config_fsdp_and_cpu(tmp_path):
     from accelerate.commands.config.config_args import ClusterConfig
 
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.recommend.writers import accelerate_config
 
     spec = resolve_model("llama-2-7b")
@@ -222,10 +222,10 @@ def test_existing_output_dir_keeps_other_files_and_gets_replaced_files(run_cli, 
 
 
 def test_cpu_plan_round_trip_and_accelerate_use_cpu(run_cli, tmp_path, monkeypatch):
-    import memplan.gpus
+    import memplan.catalog.gpus
     from accelerate.commands.config.config_args import load_config_from_file
 
-    monkeypatch.setattr(memplan.gpus, "local_gpus", lambda: [])  # this machine's CPU, even on a GPU runner
+    monkeypatch.setattr(memplan.catalog.gpus, "local_gpus", lambda: [])  # this machine's CPU, even on a GPU runner
     model = tmp_path / "tiny"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(dict(
@@ -424,7 +424,7 @@ def test_ds_config_leaves_auto_what_hf_trainer_fills_and_memplan_fills_it(writte
     (dict(optimizer="adamw-8bit"), None),  # bitsandbytes: not DeepSpeed's to build, the trainer builds it
 ])
 def test_ds_config_optimizer_section_follows_the_plan(fields, section):
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.recommend.writers import ds_config
     from memplan.train.deepspeed_setup import config_problems, fill_auto
 

@@ -19,7 +19,7 @@ PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "deepspeed_offload_
 
 def _with_launch_files(plan_path, **extra_sets):
     """Write accelerate_config.yaml and ds_config.json next to the plan, as `memplan recommend -o DIR` does."""
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.recommend.writers import accelerate_config, ds_config
     from memplan.train.settings import resolve_plan
 
@@ -161,7 +161,7 @@ def test_the_json_optimizer_section_is_checked_then_left_to_memplan():
     """ds_config.json describes the plan's AdamW for other trainers; memplan train checks it against the plan,
     fills its "auto" values and passes the optimizer itself (accelerate refuses one given both ways)."""
     from memplan.errors import UserError
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.plan import build_plan
     from memplan.recommend.writers import ds_config
     from memplan.train.deepspeed_setup import config_problems, configure, fill_auto
@@ -266,7 +266,7 @@ def test_hf_trainer_fills_the_written_json_as_memplan_does():
     from transformers import TrainingArguments
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.plan import build_plan
     from memplan.recommend.writers import ds_config, trainer_arguments
     from memplan.train.deepspeed_setup import fill_auto
@@ -291,7 +291,7 @@ def test_offload_steps_deepspeeds_cpu_adam_on_the_cpu(tmp_path):
     both step DeepSpeed's CPU Adam with the plan's hyperparameters, and its losses follow torch's AdamW
     without offload. DeepSpeed compiles the CPU Adam op on the first run (minutes)."""
     pytest.importorskip("deepspeed")
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.plan import build_plan
     from memplan.recommend.writers import ds_config
     from memplan.train.launch import _free_port as free_port

@@ -13,8 +13,9 @@ from memplan.report import estimate as report
 from memplan.cli_options import passed_overrides
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
-from memplan.gpus import COMMON_SIZES_GIB
-from memplan.models import ModelSpec, resolve_model
+from memplan.catalog.gpus import COMMON_SIZES_GIB
+from memplan.catalog.resolve import resolve_model
+from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan, build_plan, merge, read_plan_yaml
 from memplan.recommend.hardware import Target
 
@@ -43,7 +44,7 @@ STANDARD_PLANS: tuple[dict[str, Any], ...] = (
 
 
 def resolve_capacity(gpu: Optional[str], gpu_memory: Optional[str]) -> Optional[int]:
-    from memplan import gpus
+    from memplan.catalog import gpus
 
     if gpu and gpu_memory:
         raise UserError("give either --gpu or --gpu-memory, not both")

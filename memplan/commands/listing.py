@@ -10,7 +10,7 @@ import click
 def list_models(as_json: bool) -> None:
     from tabulate import tabulate
 
-    from memplan.models import list_presets
+    from memplan.catalog.presets import list_presets
 
     rows = list_presets()
     if as_json:
@@ -25,7 +25,7 @@ def list_gpus(as_json: bool) -> None:
 
     from tabulate import tabulate
 
-    from memplan.gpus import load_gpus
+    from memplan.catalog.gpus import load_gpus
 
     gpus = load_gpus()
     if as_json:

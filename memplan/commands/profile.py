@@ -15,7 +15,7 @@ from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
 from memplan.estimator import overhead
 from memplan.estimator.phases import TERMS
-from memplan.models import resolve_model
+from memplan.catalog.resolve import resolve_model
 from memplan.plan import Plan, build_plan, merge, read_plan_yaml
 
 PHASES = ("forward", "backward", "optimizer")
@@ -149,7 +149,7 @@ def room_here(est: Estimate, plan: Plan, backend: str, memory_limit: Optional[in
         return UserError.exit_code, (f"{line}. Hint: --backend trace measures the steps at any size on fake tensors, "
                                      "allocating nothing")
     if backend == "cuda":
-        from memplan import gpus
+        from memplan.catalog import gpus
 
         local = gpus.local_gpus()  # NVML: this process stays off the GPU, which the measurement gets whole
         if memory_limit is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from memplan.estimator.autograd import T, Tape
 from memplan.estimator.layers import LayerReplay, LayerSpec, Numerics
-from memplan.models import ModelSpec
+from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan
 
 CHUNKED_LOSS_TOKENS = 1024  # tokens per chunk of memplan.loss.chunked_causal_lm_loss

@@ -7,7 +7,7 @@ from typing import Optional
 
 from memplan.estimator import activations as act_mod
 from memplan.estimator import overhead, sharding, states
-from memplan.models import ModelSpec
+from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan
 
 PHASES = ("forward", "backward", "optimizer")

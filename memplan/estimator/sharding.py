@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from memplan.estimator.layers import Numerics
 from memplan.estimator.states import Tensors
-from memplan.models import ModelSpec
+from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan
 
 

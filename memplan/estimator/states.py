@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from memplan.models import ModelSpec
+from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan
 
 BNB_BLOCKWISE = 256  # bitsandbytes 8-bit optimizers: one fp32 absmax per 256 values (functional.py)

@@ -14,7 +14,8 @@ from typing import Optional
 
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
-from memplan.models import ModelSpec, resolve_model
+from memplan.catalog.resolve import resolve_model
+from memplan.catalog.spec import ModelSpec
 from memplan.plan import MAX_NUMBER, DataSettings, Plan, build_plan
 from memplan.recommend import hparams as hp
 from memplan.recommend.data_stats import DataStats, measure
@@ -270,7 +271,7 @@ def _host_ok(c: Candidate, target: Target) -> bool:
 
 def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[str]) -> list[str]:
     """What would fit instead: another method, more host RAM, a bigger GPU, more GPUs, a shorter sequence."""
-    from memplan.gpus import load_gpus
+    from memplan.catalog.gpus import load_gpus
 
     out = []
     target = rec.target

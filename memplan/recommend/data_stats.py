@@ -82,7 +82,7 @@ def _file_format(path: Path) -> str:
 def find_tokenizer_dir(model_ref: str, spec_name: str) -> Optional[Path]:
     """The model's local directory when it holds tokenizer files: a path given as --model, or a preset's
     directory (data/models/<id>/)."""
-    from memplan.models import models_dir, preset_ids
+    from memplan.catalog.presets import models_dir, preset_ids
 
     candidates = []
     ref = Path(model_ref).expanduser()

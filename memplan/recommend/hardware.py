@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from memplan.errors import UserError
-from memplan.gpus import Gpu
+from memplan.catalog.gpus import Gpu
 
 GiB = 1 << 30
 
@@ -190,7 +190,7 @@ class Target:
         out: dict = {"gpu": None, "gpu_memory": None, "host_memory": format_memory(self.host_memory_bytes)
                      if self.device == "cuda" else format_memory(self.memory_bytes), "headroom": self.headroom}
         if self.device == "cuda":
-            from memplan.gpus import load_gpus
+            from memplan.catalog.gpus import load_gpus
 
             preset = load_gpus().get(self.gpu.id) if self.gpu else None
             if preset is not None:
@@ -217,7 +217,7 @@ def _gpu_target(gpu: Gpu, gpus: int, nodes: int, headroom: float, assumptions: l
                 host_memory: Optional[int], local: bool = False) -> Target:
     figures = gpu
     if gpu.bf16_tflops is None and gpu.fp16_tflops is None:
-        from memplan.gpus import resolve_gpu
+        from memplan.catalog.gpus import resolve_gpu
 
         figures = resolve_gpu(REFERENCE_GPU)
         assumptions.append(f"{gpu.name} has no throughput figures: times assume an {figures.name}'s "
@@ -396,7 +396,7 @@ def gpu_target(gpu: Optional[str], gpu_memory: Optional[str | int], gpus: Option
                assumptions: Optional[list[str]] = None) -> Optional[Target]:
     """A preset (`gpu`; with `gpu_memory` too, that memory replaces the preset's: a local device), a GPU
     known by its memory (`gpu_memory`: a size string or bytes), else the local GPUs (NVML); None when none."""
-    from memplan import gpus as gpu_mod
+    from memplan.catalog import gpus as gpu_mod
 
     check_headroom(headroom)
     assumptions = [] if assumptions is None else assumptions
@@ -419,7 +419,7 @@ def gpu_target(gpu: Optional[str], gpu_memory: Optional[str | int], gpus: Option
 
 def parse_size(size: Optional[str | int]) -> Optional[int]:
     """Bytes from a size string (gpus.parse_memory) or bytes; None stays None."""
-    from memplan.gpus import parse_memory
+    from memplan.catalog.gpus import parse_memory
 
     if size is None or isinstance(size, int) and not isinstance(size, bool):
         return size

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from memplan.estimator import Estimate, estimate
-from memplan.models import ModelSpec
+from memplan.catalog.spec import ModelSpec
 from memplan.errors import UserError
 from memplan.plan import Plan, build_plan
 from memplan.recommend import throughput

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from memplan.models import ModelSpec
+from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan
 from memplan.recommend.hardware import Target
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from memplan.paths import data_dir, load_yaml
+from memplan.catalog.paths import data_dir, load_yaml
 
 
 @dataclass

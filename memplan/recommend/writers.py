@@ -14,7 +14,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from memplan.models import ModelSpec
+from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan, plan_to_yaml
 from memplan.train.deepspeed_setup import DS_CONFIG_NAME, optimizer_section
 

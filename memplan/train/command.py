@@ -17,7 +17,7 @@ def _verdict_for(resolved: Resolved):
     """The plan's estimate and fit verdict, as `memplan estimate --config PLAN` gives them (the plan's
     recorded target, else this machine's GPUs or RAM)."""
     from memplan.fit import plan_verdict
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
 
     spec = resolve_model(resolved.plan.model)
     return spec, plan_verdict(spec, resolved.plan)

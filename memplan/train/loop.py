@@ -443,7 +443,7 @@ def memory_report(plan, base_dir: Path, meter) -> Optional[dict]:
     """The measured peak next to memplan's estimate, for the plan as written and for the batch shape the
     measured steps really had (the data's longest micro-batch rather than seq_len tokens)."""
     from memplan.estimator import estimate
-    from memplan.models import resolve_model
+    from memplan.catalog.resolve import resolve_model
     from memplan.train.memory import compare
 
     if meter.peak_bytes is None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from memplan.errors import UserError
 from memplan.hf_setup import enable_checkpointing, keep_4bit_layers_differentiable, lora_config, nf4_config
-from memplan.models import read_config
+from memplan.catalog.spec import read_config
 from memplan.plan import Plan
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
@@ -46,7 +46,7 @@ def _has_weights(path: Path) -> bool:
 
 
 def _preset_dir(ref: str) -> Path | None:
-    from memplan.models import models_dir, preset_ids, preset_info
+    from memplan.catalog.presets import models_dir, preset_ids, preset_info
 
     key = ref.strip().lower()
     for pid in preset_ids():

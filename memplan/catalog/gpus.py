@@ -1,8 +1,9 @@
 """GPU presets, memory-size parsing and the local-GPU query.
 
 The presets live in ``data/gpus/gpus.yaml`` (see its header for what every field means and where each
-figure is from); memplan reads its JSON twin ``gpus.json`` (see :mod:`memplan.paths`).  ``memory_bytes`` is the total the driver reports (NVML / nvidia-smi), not the
-marketing size: an "80 GB" H100 reports 81,559 MiB.
+figure is from); memplan reads its JSON twin ``gpus.json`` (see :mod:`memplan.catalog.paths`).
+``memory_bytes`` is the total the driver reports (NVML / nvidia-smi), not the marketing size: an "80 GB"
+H100 reports 81,559 MiB.
 
 This module is on the fast CLI path: it must import neither torch nor transformers, and it imports
 ``pynvml`` only inside :func:`local_gpus`.
@@ -10,18 +11,18 @@ This module is on the fast CLI path: it must import neither torch nor transforme
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-
+from memplan.catalog.paths import data_dir, load_table
 from memplan.errors import UserError
-from memplan.paths import data_dir, load_table
-
-GIB = 2**30
-MIB = 2**20
+from memplan.report.units import GiB, KiB, MiB, TiB
 
 #: Memory sizes (GiB) for "which common card sizes does this plan fit".
 COMMON_SIZES_GIB = (16, 24, 40, 48, 80)
@@ -52,10 +53,6 @@ class Gpu:
     memory_source: str | None = None
     vendor: str | None = None
     aliases: tuple[str, ...] = ()
-
-    @property
-    def memory_gib(self) -> float:
-        return self.memory_bytes / GIB
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,10 +145,6 @@ def load_gpus() -> dict[str, Gpu]:
     return dict(_load()[0])
 
 
-def gpu_ids() -> list[str]:
-    return list(_load()[0])
-
-
 def resolve_gpu(ref: str) -> Gpu:
     """A preset by id or alias, case-insensitive (``h100``, ``A100-80G``, ``4090``)."""
     presets, names, _ = _load()
@@ -173,12 +166,12 @@ def resolve_gpu(ref: str) -> Gpu:
 # --------------------------------------------------------------------------------------------
 
 _UNITS = {
-    "": GIB,  # a plain number is GiB
+    "": GiB,  # a plain number is GiB
     "b": 1,
-    "k": 2**10, "kib": 2**10, "kb": 10**3,
-    "m": MIB, "mib": MIB, "mb": 10**6,
-    "g": GIB, "gib": GIB, "gb": 10**9,
-    "t": 2**40, "tib": 2**40, "tb": 10**12,
+    "k": KiB, "kib": KiB, "kb": 10**3,
+    "m": MiB, "mib": MiB, "mb": 10**6,
+    "g": GiB, "gib": GiB, "gb": 10**9,
+    "t": TiB, "tib": TiB, "tb": 10**12,
 }  # fmt: skip
 
 # Compiled on first use (re caches it), not at import: most runs parse no memory size.
@@ -220,7 +213,7 @@ def parse_memory(text: str) -> int:
 
 
 def _gib_label(memory_bytes: int) -> str:
-    gib = memory_bytes / GIB
+    gib = memory_bytes / GiB
     if gib == int(gib):
         return str(int(gib))
     return f"{gib:.2f}".rstrip("0").rstrip(".")
@@ -237,25 +230,6 @@ def custom_gpu(memory_bytes: int) -> Gpu:
         memory_bytes=memory_bytes,
         memory_source="custom",
     )
-
-
-_FORMAT_UNITS = {
-    "B": 1,
-    "KiB": 2**10, "MiB": MIB, "GiB": GIB, "TiB": 2**40,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-}  # fmt: skip
-
-
-def format_bytes(n: int | float, unit: str = "GiB", digits: int = 2) -> str:
-    """``n`` bytes in ``unit`` with the unit label: ``format_bytes(85520809984) == '79.65 GiB'``.
-
-    Binary units (GiB = 2**30) and decimal ones (GB = 10**9) as named; ``B`` prints whole bytes.
-    """
-    if unit not in _FORMAT_UNITS:
-        raise ValueError(f"unknown unit {unit!r}; one of {', '.join(_FORMAT_UNITS)}")
-    if unit == "B":
-        return f"{int(n)} B"
-    return f"{n / _FORMAT_UNITS[unit]:.{digits}f} {unit}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,30 +257,12 @@ def _local_gpu(device_name: str, total_bytes: int) -> Gpu:
     if preset is None:
         return Gpu(id=f"local-{_slug(device_name)}", name=device_name, memory_bytes=total_bytes, memory_source="nvml")
     # The preset's figures, the device's own name and the memory the driver reports for it.
-    return Gpu(
-        id=preset.id,
-        name=device_name,
-        memory_bytes=total_bytes,
-        bf16_tflops=preset.bf16_tflops,
-        fp16_tflops=preset.fp16_tflops,
-        fp32_tflops=preset.fp32_tflops,
-        memory_bandwidth_gbps=preset.memory_bandwidth_gbps,
-        interconnect_gbps=preset.interconnect_gbps,
-        host_link_gbps=preset.host_link_gbps,
-        source=preset.source,
-        interconnect=preset.interconnect,
-        memory_source="nvml",
-        vendor=preset.vendor,
-        aliases=preset.aliases,
-    )
+    return dataclasses.replace(preset, name=device_name, memory_bytes=total_bytes, memory_source="nvml")
 
 
 def _no_nvidia_driver() -> bool:
     """On Linux the NVIDIA kernel driver shows itself in /proc and /dev; without it NVML cannot start,
     so memplan skips importing pynvml (a fifth of the CLI's start-up on a CPU machine)."""
-    import os
-    import sys
-
     if not sys.platform.startswith("linux"):
         return False
     return not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl"))

@@ -5,7 +5,7 @@ The preset tables are written by people as commented YAML (``data/models/presets
 then needs no YAML parser (importing PyYAML and scanning the files was a tenth of a cold
 ``memplan estimate``).  After editing a YAML table, regenerate the twins with
 
-    python -m memplan.paths
+    python -m memplan.catalog.paths
 
 (the tests check that every twin holds exactly what its YAML says).
 """
@@ -20,18 +20,18 @@ from pathlib import Path
 # Preset tables as paths under data/, without the suffix: <name>.yaml is the source, <name>.json its twin.
 TABLES = ("models/presets", "gpus/gpus")
 
-_GENERATED_BY = "python -m memplan.paths"
+_GENERATED_BY = "python -m memplan.catalog.paths"
 
 
 @lru_cache(maxsize=1)
 def data_dir() -> Path:
     # Cached: resolving the package's real path walks every directory above it.
     # A checkout (or editable install) keeps data/ next to the package; a wheel ships it as memplan/_data.
-    here = Path(__file__).resolve().parent
-    checkout = here.parent / "data"
+    package = Path(__file__).resolve().parent.parent
+    checkout = package.parent / "data"
     if (checkout / "models").is_dir():
         return checkout
-    return here / "_data"
+    return package / "_data"
 
 
 def load_yaml(text: str):

@@ -1,0 +1,36 @@
+"""The model families memplan counts, one module each, and the registry from ``model_type`` to module.
+
+A family module defines ``build(cfg: Cfg) -> Arch`` (types in :mod:`memplan.catalog.spec`), mirroring the
+module constructors of transformers' ``models/<type>/modeling_<type>.py``; shared pieces (the rotary
+attention, the gated MLP, the llama-like builder) are in :mod:`.common`.  Adding a family = one module here
+and one line in ``FAMILIES``.  A module is imported only when a config of its type is read, so the estimate
+path loads one family, however many there are.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+# model_type (config.json) -> the module in this package that builds it
+FAMILIES: dict[str, str] = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "mixtral": "mixtral",
+    "qwen2": "qwen2",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "phi3": "phi3",
+    "gpt2": "gpt2",
+    "opt": "opt",
+}
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
+
+
+def builder(model_type: str) -> Callable | None:
+    """The ``build`` function of ``model_type``'s family module, or None for an unsupported type."""
+    module = FAMILIES.get(model_type)
+    if module is None:
+        return None
+    return importlib.import_module(f"{__name__}.{module}").build

@@ -1,0 +1,269 @@
+"""The ModelSpec the estimator reads, and how a HF ``config.json`` becomes one.
+
+Every count here is derived from a config dict alone, with the same defaults the transformers config
+classes apply when a key is absent, and it reproduces ``sum(p.numel() for p in model.parameters())`` of
+the transformers model exactly (tied weights counted once).  The per-family formulas are in
+:mod:`memplan.catalog.families`; this module holds the types they fill in and the dispatch by
+``model_type``.
+
+This module is on the fast estimate path: it must import neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memplan.catalog import families
+from memplan.errors import UserError
+from memplan.files import read_json
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One weight-matrix module kind inside a decoder layer.
+
+    ``name`` is the attribute name peft matches on (``q_proj``, ``c_attn``, ``gate_up_proj``, ...);
+    ``path`` is the module path inside the decoder layer (``self_attn.q_proj``).  ``kind`` is
+    ``"linear"`` (nn.Linear), ``"conv1d"`` (GPT-2's transposed Conv1D: peft needs
+    ``fan_in_fan_out=True``), ``"router"`` (an MoE router weight used via F.linear, not an
+    nn.Linear) or ``"experts"`` (a fused 3-D expert parameter of shape (count, d_out, d_in);
+    peft reaches it only through ``target_parameters``, with LoRA A/B of
+    count*r x d_in and d_out x count*r, i.e. ``count * r * (d_in + d_out)``).
+    """
+
+    name: str
+    d_in: int
+    d_out: int
+    bias: bool
+    count: int = 1
+    path: str = ""
+    kind: str = "linear"
+
+    @property
+    def params(self) -> int:
+        return self.count * (self.d_in * self.d_out + (self.d_out if self.bias else 0))
+
+
+@dataclass(frozen=True)
+class ParamItem:
+    """One named line of the parameter count: ``path`` is the HF module path (relative to the
+    model for embedding/final/lm_head items, relative to one decoder layer for layer items)."""
+
+    path: str
+    params: int
+    formula: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the estimator needs to know about a decoder-only model, derived from config.json."""
+
+    name: str
+    model_type: str
+    config: dict = field(compare=False, repr=False)
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    mlp_gated: bool
+    hidden_act: str
+    norm: str
+    norms_per_layer: int
+    tie_word_embeddings: bool
+    position_embeddings: int
+    num_experts: int
+    experts_per_token: int
+    layer_linears: tuple[Linear, ...]
+    layer_norm_params: int
+    # HF module path of the decoder-layer list ("model.layers"), for mapping items to modules.
+    layer_prefix: str
+    embedding_items: tuple[ParamItem, ...]
+    layer_items: tuple[ParamItem, ...]
+    final_items: tuple[ParamItem, ...]
+    lm_head_items: tuple[ParamItem, ...]
+
+    @property
+    def params_embedding(self) -> int:
+        return sum(i.params for i in self.embedding_items)
+
+    @property
+    def params_per_layer(self) -> int:
+        return sum(i.params for i in self.layer_items)
+
+    @property
+    def params_final_norm(self) -> int:
+        return sum(i.params for i in self.final_items)
+
+    @property
+    def params_lm_head(self) -> int:
+        return sum(i.params for i in self.lm_head_items)
+
+    @property
+    def params_total(self) -> int:
+        return (
+            self.params_embedding
+            + self.num_layers * self.params_per_layer
+            + self.params_final_norm
+            + self.params_lm_head
+        )
+
+    def linear_names(self) -> list[str]:
+        """Names valid as LoRA targets: every ``layer_linears`` name, then ``lm_head``.
+
+        ``kind`` tells how peft reaches each: ``linear``/``conv1d``/``router`` by
+        ``target_modules`` (peft wraps Mixtral's router ``gate`` too); ``experts`` through peft's MoE
+        conversion, which "all-linear" applies too in peft 0.21 (a ParamWrapper per fused stack)."""
+        names = list(dict.fromkeys(lin.name for lin in self.layer_linears))
+        return names + ["lm_head"]
+
+    def param_breakdown(self) -> list[tuple[str, str, int, str]]:
+        """Rows (group, module path, params, formula); layer rows are per layer."""
+        groups = (
+            ("embedding", self.embedding_items),
+            ("layer", self.layer_items),
+            ("final_norm", self.final_items),
+            ("lm_head", self.lm_head_items),
+        )
+        return [(g, i.path, i.params, i.formula) for g, items in groups for i in items]
+
+
+# --------------------------------------------------------------------------------------------
+# What a family builder reads and returns
+# --------------------------------------------------------------------------------------------
+
+
+class Cfg:
+    """Typed access to a config dict; errors name the model and the key."""
+
+    def __init__(self, config: dict, name: str, model_type: str):
+        self.c = config
+        self.name = name
+        self.model_type = model_type
+
+    def req(self, *keys: str) -> int:
+        """A required positive int, under the first of ``keys`` present (HF attribute aliases)."""
+        for key in keys:
+            if self.c.get(key) is not None:
+                return self._positive(key)
+        raise UserError(
+            f"{self.name}: config.json for model_type '{self.model_type}' is missing "
+            f"required key '{keys[0]}'"
+        )
+
+    def opt(self, key: str, default: Any) -> Any:
+        """An optional key; absent or null gives the transformers config-class default."""
+        value = self.c.get(key)
+        return default if value is None else value
+
+    def opt_int(self, key: str, default: int) -> int:
+        return self._positive(key) if self.c.get(key) is not None else default
+
+    def flag(self, key: str, default: bool) -> bool:
+        return bool(self.opt(key, default))
+
+    def _positive(self, key: str) -> int:
+        value = self.c[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserError(f"{self.name}: config key '{key}' must be a positive integer, got {value!r}")
+        return value
+
+    def head_dim(self, hidden: int, heads: int, default: int | None = None) -> int:
+        """``config.head_dim`` if given, else the class default, else hidden // heads."""
+        if self.c.get("head_dim") is not None:
+            return self._positive("head_dim")
+        if default is not None:
+            return default
+        if hidden % heads:
+            raise UserError(
+                f"{self.name}: hidden_size {hidden} is not divisible by num_attention_heads {heads} "
+                "and config.json gives no head_dim"
+            )
+        return hidden // heads
+
+
+@dataclass
+class Arch:
+    """What a family builder returns before it is frozen into a ModelSpec."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    gated: bool
+    act: str
+    norm: str
+    norm_params: int
+    tie: bool
+    positions: int
+    layer_prefix: str
+    linears: list[Linear]
+    layer_norms: list[str]
+    embedding: list[ParamItem]
+    final: list[ParamItem]
+    lm_head_in: int  # lm_head input width (hidden, or OPT's word_embed_proj_dim)
+    experts: int = 0
+    top_k: int = 0
+
+
+def norm_item(path: str, params: int, hidden: int) -> ParamItem:
+    """The count line of one norm module (RMSNorm: hidden; LayerNorm: weight + bias; or no affine)."""
+    formula = "0 (no affine)" if params == 0 else ("hidden" if params == hidden else "2 x hidden (weight + bias)")
+    return ParamItem(path, params, formula)
+
+
+def _linear_item(lin: Linear) -> ParamItem:
+    bias = " + d_out" if lin.bias else ""
+    count = f"{lin.count} x " if lin.count > 1 else ""
+    return ParamItem(lin.path, lin.params, f"{count}({lin.d_in} x {lin.d_out}{bias})")
+
+
+# --------------------------------------------------------------------------------------------
+# Building a ModelSpec
+# --------------------------------------------------------------------------------------------
+
+
+def read_config(path: Path) -> dict:
+    """A config.json's object (one line naming the file when it is not one)."""
+    config = read_json(path, "model config")
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: config.json must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def spec_from_config(config: dict, name: str) -> ModelSpec:
+    """Build the ModelSpec for a HF config.json dict; ``name`` is used in error messages."""
+    if not isinstance(config, dict):
+        raise UserError(f"{name}: config.json must hold a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    supported = ", ".join(families.SUPPORTED_MODEL_TYPES)
+    if not model_type:
+        raise UserError(f"{name}: config.json has no 'model_type' (supported: {supported})")
+    build = families.builder(model_type)
+    if build is None:
+        raise UserError(f"{name}: unsupported model_type '{model_type}' (supported: {supported})")
+    return _freeze(build(Cfg(config, name, model_type)), name, model_type, config)
+
+
+def _freeze(arch: Arch, name: str, model_type: str, config: dict) -> ModelSpec:
+    """The ModelSpec of a family's Arch: per-layer items are its linears, then its norms."""
+    layer_items = [_linear_item(lin) for lin in arch.linears]
+    layer_items += [norm_item(n, arch.norm_params, arch.hidden) for n in arch.layer_norms]
+    lm_head = [] if arch.tie else [ParamItem("lm_head", arch.lm_head_in * arch.vocab, "hidden x vocab (untied)")]
+    return ModelSpec(
+        name=name, model_type=model_type, config=config, vocab_size=arch.vocab, hidden_size=arch.hidden,
+        num_layers=arch.layers, num_heads=arch.heads, num_kv_heads=arch.kv_heads, head_dim=arch.head_dim,
+        intermediate_size=arch.inter, mlp_gated=arch.gated, hidden_act=str(arch.act), norm=arch.norm,
+        norms_per_layer=len(arch.layer_norms), tie_word_embeddings=arch.tie,
+        position_embeddings=arch.positions, num_experts=arch.experts, experts_per_token=arch.top_k,
+        layer_linears=tuple(arch.linears), layer_norm_params=arch.norm_params, layer_prefix=arch.layer_prefix,
+        embedding_items=tuple(arch.embedding), layer_items=tuple(layer_items), final_items=tuple(arch.final),
+        lm_head_items=tuple(lm_head),
+    )
