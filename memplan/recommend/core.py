@@ -271,51 +271,17 @@ def _host_ok(c: Candidate, target: Target) -> bool:
 
 def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[str]) -> list[str]:
     """What would fit instead: another method, more host RAM, a bigger GPU, more GPUs, a shorter sequence."""
-    from memplan.gpus import load_gpus
-
-    out = []
-    target = rec.target
+    out = _other_methods(rec, scorer, model_ref, tried)
     pool = [c for m in tried for c in (rec.searches[m].fitting + rec.searches[m].not_fitting)]
-    for m in ("full", "lora", "qlora"):
-        if m in tried:
-            continue
-        r = rec.searches.get(m) or search(rec.spec, model_ref, m, target, rec.workload, rec.request.priority, scorer)
-        rec.searches[m] = r
-        if r.best:
-            out.append(f"{METHOD_NAMES[m]} fits: {r.best.family()}, {r.best.total / GiB:.2f} GiB per device, "
-                       f"{r.best.hours:.1f} h (--method {m})")
     if not pool:
         return out
-    gpu_ok = [c for c in pool if target.device_fits(c.total)]
-    if gpu_ok and target.device == "cuda":
-        c = min(gpu_ok, key=lambda c: c.estimate.host_bytes)
-        need = c.estimate.host_bytes / (1 - target.headroom) / GiB
-        out.append(f"--host-memory {math.ceil(need)}GiB (RAM per node): {c.family()} then fits, "
-                   f"{c.total / GiB:.2f} GiB per GPU, {c.hours:.1f} h")
+    target = rec.target
     host_ok = [c for c in pool if _host_ok(c, target)] or pool
     smallest = min(host_ok, key=lambda c: c.total)
     need = smallest.total / (1 - target.headroom)
     if target.device == "cuda":
-        bigger = [g.id for g in load_gpus().values() if g.memory_bytes >= need]
-        if bigger:
-            out.append(f"a GPU with at least {need / GiB:.1f} GiB: {', '.join(bigger)} (then {smallest.family()}, "
-                       f"{smallest.total / GiB:.2f} GiB)")
-        for world in (2, 4, 8, 16, 32, 64, 128):
-            if world <= target.world_size:
-                continue
-            gpus, nodes = min(world, 8), max(1, world // 8)
-            fields = smallest.plan.model_dump()
-            fields.update(gpus=gpus, nodes=nodes, offload="none", optimizer="adamw-fused", attn="sdpa",
-                          sharding="deepspeed", zero=3, precision="bf16-master" if target.supports_bf16 else "fp32")
-            try:
-                plan = build_plan(fields)
-            except UserError:
-                break
-            e = estimate(rec.spec, plan, target.memory_bytes)
-            if target.device_fits(e.total):
-                out.append(f"{nodes} node(s) x {gpus} GPUs: DeepSpeed ZeRO-3 without offload needs "
-                           f"{e.total / GiB:.2f} GiB per GPU (--gpus {gpus}{f' --nodes {nodes}' if nodes > 1 else ''})")
-                break
+        out += _more_host_memory(pool, target) + _bigger_gpus(smallest, need)
+        out += _more_gpus(rec, smallest)
     else:
         out.append(f"a machine with at least {need * smallest.plan.world_size / GiB + 0.5:.0f} GiB of RAM, or a GPU "
                    f"(--gpu ID); the smallest plan needs {smallest.total / GiB:.2f} GiB")
@@ -325,6 +291,64 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
         if target.fits(e.total, e.host_bytes):
             out.append(f"--seq-len {shorter.seq_len}: {smallest.family()}, {e.total / GiB:.2f} GiB")
     return out
+
+
+def _other_methods(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[str]) -> list[str]:
+    """The best plan of each method not tried that fits (its search kept in rec.searches)."""
+    out = []
+    for m in ("full", "lora", "qlora"):
+        if m in tried:
+            continue
+        r = rec.searches.get(m) or search(rec.spec, model_ref, m, rec.target, rec.workload, rec.request.priority,
+                                          scorer)
+        rec.searches[m] = r
+        if r.best:
+            out.append(f"{METHOD_NAMES[m]} fits: {r.best.family()}, {r.best.total / GiB:.2f} GiB per device, "
+                       f"{r.best.hours:.1f} h (--method {m})")
+    return out
+
+
+def _more_host_memory(pool: list[Candidate], target: Target) -> list[str]:
+    """The host RAM that the plan with the least offload among those that fit the GPU needs."""
+    gpu_ok = [c for c in pool if target.device_fits(c.total)]
+    if not gpu_ok:
+        return []
+    c = min(gpu_ok, key=lambda c: c.estimate.host_bytes)
+    need = c.estimate.host_bytes / (1 - target.headroom) / GiB
+    return [f"--host-memory {math.ceil(need)}GiB (RAM per node): {c.family()} then fits, "
+            f"{c.total / GiB:.2f} GiB per GPU, {c.hours:.1f} h"]
+
+
+def _bigger_gpus(smallest: Candidate, need: float) -> list[str]:
+    """The GPUs with `need` bytes, enough for the smallest plan with headroom."""
+    from memplan.gpus import load_gpus
+
+    bigger = [g.id for g in load_gpus().values() if g.memory_bytes >= need]
+    if not bigger:
+        return []
+    return [f"a GPU with at least {need / GiB:.1f} GiB: {', '.join(bigger)} (then {smallest.family()}, "
+            f"{smallest.total / GiB:.2f} GiB)"]
+
+
+def _more_gpus(rec: Recommendation, smallest: Candidate) -> list[str]:
+    """The fewest GPUs (powers of two, 8 per node) on which DeepSpeed ZeRO-3 without offload fits."""
+    target = rec.target
+    for world in (2, 4, 8, 16, 32, 64, 128):
+        if world <= target.world_size:
+            continue
+        gpus, nodes = min(world, 8), max(1, world // 8)
+        fields = smallest.plan.model_dump()
+        fields.update(gpus=gpus, nodes=nodes, offload="none", optimizer="adamw-fused", attn="sdpa",
+                      sharding="deepspeed", zero=3, precision="bf16-master" if target.supports_bf16 else "fp32")
+        try:
+            plan = build_plan(fields)
+        except UserError:
+            return []
+        e = estimate(rec.spec, plan, target.memory_bytes)
+        if target.device_fits(e.total):
+            return [f"{nodes} node(s) x {gpus} GPUs: DeepSpeed ZeRO-3 without offload needs "
+                    f"{e.total / GiB:.2f} GiB per GPU (--gpus {gpus}{f' --nodes {nodes}' if nodes > 1 else ''})"]
+    return []
 
 
 # ------------------------------------------------------------------------------- the recommendation
