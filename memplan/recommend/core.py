@@ -181,10 +181,6 @@ def _train_examples(stats: DataStats, has_validation: bool) -> int:
 # ------------------------------------------------------------------------------- the tree's compute test
 
 
-def _describe(c: Candidate) -> str:
-    return c.family()
-
-
 def _full_ft_test(rec: Recommendation, scorer: Scorer, model_ref: str) -> tuple[bool, str]:
     r = search(rec.spec, model_ref, "full", rec.target, rec.workload, rec.request.priority, scorer,
                allow_param_offload=False)
@@ -193,10 +189,10 @@ def _full_ft_test(rec: Recommendation, scorer: Scorer, model_ref: str) -> tuple[
     usable = rec.target.usable_bytes / GiB
     if not r.fitting:
         small = r.smallest()
-        return False, (f"full FT needs at least {small.total / GiB:.1f} GiB per device ({_describe(small)}, micro-batch 1) "
+        return False, (f"full FT needs at least {small.total / GiB:.1f} GiB per device ({small.family()}, micro-batch 1) "
                        f"on {where}: > {usable:.1f} GiB usable -> does not fit")
     fastest = min(r.fitting, key=lambda c: c.hours)
-    fits = f"full FT needs {fastest.total / GiB:.1f} GiB per device with {_describe(fastest)} on {where} -> fits"
+    fits = f"full FT needs {fastest.total / GiB:.1f} GiB per device with {fastest.family()} on {where} -> fits"
     if fastest.hours > rec.max_hours:
         return False, f"{fits}, but takes {fastest.hours:.1f} h > --max-hours {rec.max_hours:g}"
     return True, f"{fits}, {fastest.hours:.1f} h <= {rec.max_hours:g} h"
