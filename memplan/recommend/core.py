@@ -88,6 +88,7 @@ class Recommendation:
     domain_shift: str
     max_hours: float
     data: Optional[DataStats]
+    validation_examples: Optional[int]  # what `memplan train` will validate on (hparams.validation_examples)
     steps: list[Step]
     method_reason: str
     tree: Tree
@@ -181,10 +182,6 @@ def _train_examples(stats: DataStats, has_validation: bool) -> int:
 # ------------------------------------------------------------------------------- the tree's compute test
 
 
-def _describe(c: Candidate) -> str:
-    return c.family()
-
-
 def _full_ft_test(rec: Recommendation, scorer: Scorer, model_ref: str) -> tuple[bool, str]:
     r = search(rec.spec, model_ref, "full", rec.target, rec.workload, rec.request.priority, scorer,
                allow_param_offload=False)
@@ -193,10 +190,10 @@ def _full_ft_test(rec: Recommendation, scorer: Scorer, model_ref: str) -> tuple[
     usable = rec.target.usable_bytes / GiB
     if not r.fitting:
         small = r.smallest()
-        return False, (f"full FT needs at least {small.total / GiB:.1f} GiB per device ({_describe(small)}, micro-batch 1) "
+        return False, (f"full FT needs at least {small.total / GiB:.1f} GiB per device ({small.family()}, micro-batch 1) "
                        f"on {where}: > {usable:.1f} GiB usable -> does not fit")
     fastest = min(r.fitting, key=lambda c: c.hours)
-    fits = f"full FT needs {fastest.total / GiB:.1f} GiB per device with {_describe(fastest)} on {where} -> fits"
+    fits = f"full FT needs {fastest.total / GiB:.1f} GiB per device with {fastest.family()} on {where} -> fits"
     if fastest.hours > rec.max_hours:
         return False, f"{fits}, but takes {fastest.hours:.1f} h > --max-hours {rec.max_hours:g}"
     return True, f"{fits}, {fastest.hours:.1f} h <= {rec.max_hours:g} h"
@@ -271,51 +268,17 @@ def _host_ok(c: Candidate, target: Target) -> bool:
 
 def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[str]) -> list[str]:
     """What would fit instead: another method, more host RAM, a bigger GPU, more GPUs, a shorter sequence."""
-    from memplan.catalog.gpus import load_gpus
-
-    out = []
-    target = rec.target
+    out = _other_methods(rec, scorer, model_ref, tried)
     pool = [c for m in tried for c in (rec.searches[m].fitting + rec.searches[m].not_fitting)]
-    for m in ("full", "lora", "qlora"):
-        if m in tried:
-            continue
-        r = rec.searches.get(m) or search(rec.spec, model_ref, m, target, rec.workload, rec.request.priority, scorer)
-        rec.searches[m] = r
-        if r.best:
-            out.append(f"{METHOD_NAMES[m]} fits: {r.best.family()}, {r.best.total / GiB:.2f} GiB per device, "
-                       f"{r.best.hours:.1f} h (--method {m})")
     if not pool:
         return out
-    gpu_ok = [c for c in pool if target.device_fits(c.total)]
-    if gpu_ok and target.device == "cuda":
-        c = min(gpu_ok, key=lambda c: c.estimate.host_bytes)
-        need = c.estimate.host_bytes / (1 - target.headroom) / GiB
-        out.append(f"--host-memory {math.ceil(need)}GiB (RAM per node): {c.family()} then fits, "
-                   f"{c.total / GiB:.2f} GiB per GPU, {c.hours:.1f} h")
+    target = rec.target
     host_ok = [c for c in pool if _host_ok(c, target)] or pool
     smallest = min(host_ok, key=lambda c: c.total)
     need = smallest.total / (1 - target.headroom)
     if target.device == "cuda":
-        bigger = [g.id for g in load_gpus().values() if g.memory_bytes >= need]
-        if bigger:
-            out.append(f"a GPU with at least {need / GiB:.1f} GiB: {', '.join(bigger)} (then {smallest.family()}, "
-                       f"{smallest.total / GiB:.2f} GiB)")
-        for world in (2, 4, 8, 16, 32, 64, 128):
-            if world <= target.world_size:
-                continue
-            gpus, nodes = min(world, 8), max(1, world // 8)
-            fields = smallest.plan.model_dump()
-            fields.update(gpus=gpus, nodes=nodes, offload="none", optimizer="adamw-fused", attn="sdpa",
-                          sharding="deepspeed", zero=3, precision="bf16-master" if target.supports_bf16 else "fp32")
-            try:
-                plan = build_plan(fields)
-            except UserError:
-                break
-            e = estimate(rec.spec, plan, target.memory_bytes)
-            if target.device_fits(e.total):
-                out.append(f"{nodes} node(s) x {gpus} GPUs: DeepSpeed ZeRO-3 without offload needs "
-                           f"{e.total / GiB:.2f} GiB per GPU (--gpus {gpus}{f' --nodes {nodes}' if nodes > 1 else ''})")
-                break
+        out += _more_host_memory(pool, target) + _bigger_gpus(smallest, need)
+        out += _more_gpus(rec, smallest)
     else:
         out.append(f"a machine with at least {need * smallest.plan.world_size / GiB + 0.5:.0f} GiB of RAM, or a GPU "
                    f"(--gpu ID); the smallest plan needs {smallest.total / GiB:.2f} GiB")
@@ -325,6 +288,64 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
         if target.fits(e.total, e.host_bytes):
             out.append(f"--seq-len {shorter.seq_len}: {smallest.family()}, {e.total / GiB:.2f} GiB")
     return out
+
+
+def _other_methods(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[str]) -> list[str]:
+    """The best plan of each method not tried that fits (its search kept in rec.searches)."""
+    out = []
+    for m in ("full", "lora", "qlora"):
+        if m in tried:
+            continue
+        r = rec.searches.get(m) or search(rec.spec, model_ref, m, rec.target, rec.workload, rec.request.priority,
+                                          scorer)
+        rec.searches[m] = r
+        if r.best:
+            out.append(f"{METHOD_NAMES[m]} fits: {r.best.family()}, {r.best.total / GiB:.2f} GiB per device, "
+                       f"{r.best.hours:.1f} h (--method {m})")
+    return out
+
+
+def _more_host_memory(pool: list[Candidate], target: Target) -> list[str]:
+    """The host RAM that the plan with the least offload among those that fit the GPU needs."""
+    gpu_ok = [c for c in pool if target.device_fits(c.total)]
+    if not gpu_ok:
+        return []
+    c = min(gpu_ok, key=lambda c: c.estimate.host_bytes)
+    need = c.estimate.host_bytes / (1 - target.headroom) / GiB
+    return [f"--host-memory {math.ceil(need)}GiB (RAM per node): {c.family()} then fits, "
+            f"{c.total / GiB:.2f} GiB per GPU, {c.hours:.1f} h"]
+
+
+def _bigger_gpus(smallest: Candidate, need: float) -> list[str]:
+    """The GPUs with `need` bytes, enough for the smallest plan with headroom."""
+    from memplan.catalog.gpus import load_gpus
+
+    bigger = [g.id for g in load_gpus().values() if g.memory_bytes >= need]
+    if not bigger:
+        return []
+    return [f"a GPU with at least {need / GiB:.1f} GiB: {', '.join(bigger)} (then {smallest.family()}, "
+            f"{smallest.total / GiB:.2f} GiB)"]
+
+
+def _more_gpus(rec: Recommendation, smallest: Candidate) -> list[str]:
+    """The fewest GPUs (powers of two, 8 per node) on which DeepSpeed ZeRO-3 without offload fits."""
+    target = rec.target
+    for world in (2, 4, 8, 16, 32, 64, 128):
+        if world <= target.world_size:
+            continue
+        gpus, nodes = min(world, 8), max(1, world // 8)
+        fields = smallest.plan.model_dump()
+        fields.update(gpus=gpus, nodes=nodes, offload="none", optimizer="adamw-fused", attn="sdpa",
+                      sharding="deepspeed", zero=3, precision="bf16-master" if target.supports_bf16 else "fp32")
+        try:
+            plan = build_plan(fields)
+        except UserError:
+            return []
+        e = estimate(rec.spec, plan, target.memory_bytes)
+        if target.device_fits(e.total):
+            return [f"{nodes} node(s) x {gpus} GPUs: DeepSpeed ZeRO-3 without offload needs "
+                    f"{e.total / GiB:.2f} GiB per GPU (--gpus {gpus}{f' --nodes {nodes}' if nodes > 1 else ''})"]
+    return []
 
 
 # ------------------------------------------------------------------------------- the recommendation
@@ -345,14 +366,33 @@ def _model_field(model_ref: str) -> str:
 
 
 def recommend(req: Request) -> Recommendation:
+    """The decision tree's method, the fastest plan of it that fits, its hyperparameters, the warnings and
+    the runners-up. Raises NoPlanFits (with suggestions) when no plan of the method(s) fits."""
     _check_request(req)
     spec = resolve_model(req.model)
     model_ref = _model_field(req.model)
     target = resolve_target(req.gpu, req.gpu_memory, req.gpus, req.nodes, req.headroom, req.host_memory)
+    rec = _start(req, spec, target)
+    # batches are padded to their longest example, not to seq_len: the time counts the tokens that run
+    scorer = Scorer(spec, target, rec.data.expected_padded_length if rec.data else None)
+    ctx = Context(domain_shift=rec.domain_shift, samples=rec.samples, priority=req.priority,
+                  full_ft=lambda: _full_ft_test(rec, scorer, model_ref))
+    methods = _methods(rec, ctx)
+    _search_methods(rec, methods, scorer, model_ref)
+    _hparams_and_plan(rec, model_ref)
+    rec.warnings += _plan_warnings(rec, ctx)
+    if rec.estimate.host_bytes:
+        rec.assumptions.append(f"offload keeps {rec.estimate.host_bytes / GiB:.2f} GiB in host RAM per node")
+    rec.alternatives = _alternatives(rec)
+    return rec
+
+
+def _start(req: Request, spec: ModelSpec, target: Target) -> Recommendation:
+    """The recommendation's inputs: the data (measured, or --dataset-size), sequence length, domain shift,
+    time budget and workload, with the assumptions made for what the request leaves out."""
     assumptions = list(target.assumptions)
     if target.cpu:
         assumptions.append(target.cpu.time_assumption(spec.hidden_size))
-
     stats = measure(req.data, req.model, spec.name, req.show_progress) if req.data else None
     samples = _train_examples(stats, bool(req.validation)) if stats else req.dataset_size
     if req.seq_len:
@@ -362,20 +402,29 @@ def recommend(req: Request) -> Recommendation:
     else:
         seq_len = DEFAULT_SEQ_LEN
         assumptions.append(f"sequence length {DEFAULT_SEQ_LEN} tokens (no --seq-len and no --data to measure)")
-    shift = req.domain_shift or "low"
     if req.domain_shift is None:
         assumptions.append("domain shift low: the task is close to pre-training (say --domain-shift high for "
                            "medicine, law or other far domains)")
-    epochs = req.epochs or 3.0
-    max_hours = req.max_hours or DEFAULT_MAX_HOURS
     if req.max_hours is None:
         assumptions.append(f"time budget {DEFAULT_MAX_HOURS:g} h for 'enough compute' (--max-hours)")
     warnings: list[str] = []
+    workload, validation = _workload(req, target, stats, samples, seq_len, assumptions, warnings)
+    return Recommendation(request=req, spec=spec, target=target, workload=workload, samples=samples,
+                          domain_shift=req.domain_shift or "low", max_hours=req.max_hours or DEFAULT_MAX_HOURS,
+                          data=stats, validation_examples=validation, steps=[], method_reason="", tree=load_tree(),
+                          leaf=None, searches={}, warnings=warnings, assumptions=assumptions)
+
+
+def _workload(req: Request, target: Target, stats: Optional[DataStats], samples: int, seq_len: int,
+              assumptions: list[str], warnings: list[str]) -> tuple[Workload, Optional[int]]:
+    """The sequences of a run: the effective batch (a multiple of the process count), the examples of an
+    epoch with replay, the epochs; and the validation examples. With the warnings about the data's size
+    and replay."""
+    world = target.world_size
     effective = req.effective_batch or hp.default_effective_batch(samples)
     if req.effective_batch is None:
         assumptions.append(f"effective batch {effective} sequences (min({hp.DEFAULT_EFFECTIVE_BATCH}, a power of two "
                            f"giving >= {hp.MIN_STEPS_PER_EPOCH} steps per epoch); --effective-batch to change")
-    world = target.world_size
     if world > samples:  # each process takes its own examples of every step (memplan.train.data.Stream)
         raise UserError(f"{world:,} processes ({target.gpus:,} per node x {target.nodes:,} node(s)) need at least one "
                         f"training example each per optimizer step, and there are {samples:,}: use at most "
@@ -385,71 +434,78 @@ def recommend(req: Request) -> Recommendation:
         warnings.append(f"effective batch {effective} is not a multiple of {world} processes: using {rounded}")
     validation = hp.validation_examples(stats.examples, req.validation) if stats else None
     warnings += hp.small_data_warnings(samples, rounded, validation)
-    replay_ratio = hp.REPLAY_RATIO_HIGH_SHIFT if (shift == "high" and req.replay) else 0.0
-    if shift == "high" and not req.replay:
+    high = req.domain_shift == "high"
+    replay_ratio = hp.REPLAY_RATIO_HIGH_SHIFT if (high and req.replay) else 0.0
+    if high and not req.replay:
         warnings.append("high domain shift without --replay FILE (general text): the replay guard against "
                         "forgetting is off; " + ("early stopping still applies" if req.lr else
                                                  "the lower learning rate and early stopping still apply"))
     # replay examples make up replay_ratio of the mix (memplan.train.data.replay_count)
     examples_per_epoch = samples + (round(samples * replay_ratio / (1 - replay_ratio)) if replay_ratio else 0)
-    workload = Workload(seq_len=seq_len, effective_batch=rounded, examples_per_epoch=examples_per_epoch, epochs=epochs)
+    workload = Workload(seq_len=seq_len, effective_batch=rounded, examples_per_epoch=examples_per_epoch,
+                        epochs=req.epochs or 3.0)
+    return workload, validation
 
-    tree = load_tree()
-    rec = Recommendation(request=req, spec=spec, target=target, workload=workload, samples=samples,
-                         domain_shift=shift, max_hours=max_hours, data=stats, steps=[], method_reason="",
-                         tree=tree, leaf=None, searches={}, warnings=warnings, assumptions=assumptions)
-    # batches are padded to their longest example, not to seq_len: the time counts the tokens that run
-    scorer = Scorer(spec, target, stats.expected_padded_length if stats else None)
+
+def _methods(rec: Recommendation, ctx: Context) -> list[str]:
+    """The methods to search, in order of preference: --method, else the decision tree's leaf."""
+    req = rec.request
+    if req.method:
+        rec.method_reason = f"--method {req.method} given: the decision tree is skipped"
+        return [req.method]
+    rec.leaf, rec.steps = rec.tree.walk(ctx)
+    leaf = rec.tree.leaves[rec.leaf]
+    rec.method_reason = f"{leaf['label']} ({leaf['why']})"
+    return list(leaf["methods"])
+
+
+def _search_methods(rec: Recommendation, methods: list[str], scorer: Scorer, model_ref: str) -> None:
+    """The plan search of each method; the chosen plan is the first method's that fits without parameter
+    offload, else the first that fits at all (search.choose, the rule `estimate` uses too). Raises
+    NoPlanFits, with what would fit instead, when none does."""
     progress = None
-    if req.show_progress:
+    if rec.request.show_progress:
         from tqdm import tqdm
 
         progress = lambda plans: tqdm(plans, desc="searching plans", unit="plan", leave=False)  # noqa: E731
-    ctx = Context(domain_shift=shift, samples=samples, priority=req.priority,
-                  full_ft=lambda: _full_ft_test(rec, scorer, model_ref))
-
-    if req.method:
-        methods = [req.method]
-        rec.method_reason = f"--method {req.method} given: the decision tree is skipped"
-    else:
-        rec.leaf, rec.steps = tree.walk(ctx)
-        leaf = tree.leaves[rec.leaf]
-        methods = list(leaf["methods"])
-        rec.method_reason = f"{leaf['label']} ({leaf['why']})"
-
-    # The leaf's methods in order: the first that fits without parameter offload, else the first that
-    # fits at all (search.choose, the rule `estimate` uses too).
     for m in methods:
-        rec.searches[m] = search(spec, model_ref, m, target, workload, req.priority, scorer, progress=progress)
-    chosen = choose(methods, {m: rec.searches[m].fitting for m in methods})
-    first = chosen.plan.method if chosen else None
-    if first is not None:
-        rec.chosen = chosen
-        if len(methods) > 1:
-            skipped = methods[:methods.index(first)]
-            notes = []
-            for m in skipped:
-                r = rec.searches[m]
-                if r.best:
-                    notes.append(f"{METHOD_NAMES[m]} fits only with parameter offload ({r.best.hours:.1f} h)")
-                else:
-                    notes.append(f"{METHOD_NAMES[m]} does not fit (smallest plan {r.smallest().total / GiB:.2f} GiB > "
-                                 f"{target.usable_bytes / GiB:.2f} GiB usable)")
-            rec.method_reason += ": " + "; ".join(notes + [f"{METHOD_NAMES[first]} fits"])
+        rec.searches[m] = search(rec.spec, model_ref, m, rec.target, rec.workload, rec.request.priority, scorer,
+                                 progress=progress)
+    rec.chosen = choose(methods, {m: rec.searches[m].fitting for m in methods})
     if rec.chosen is None:
         rec.suggestions = _suggest(rec, scorer, model_ref, methods)
         raise NoPlanFits(rec)
+    if len(methods) > 1:
+        rec.method_reason += ": " + "; ".join(_passed_over(rec, methods))
 
-    best = rec.chosen
-    if stats:
-        assumptions.append(f"time counts {stats.expected_padded_length(best.plan.micro_batch, seq_len):.1f} tokens "
-                           f"per sequence: batches of {best.plan.micro_batch} are padded to their longest example "
-                           f"(expected from the measured lengths), at most {seq_len}")
-    total_steps = best.steps
-    if total_steps > MAX_NUMBER:  # a plan's step counts are bounded like all its numbers
-        raise UserError(f"{epochs:g} epochs of {examples_per_epoch:,} examples at {rounded} per optimizer step are "
-                        f"{total_steps:,} steps, more than the {MAX_NUMBER:,} a plan can count. Hint: fewer --epochs")
-    rec.hparams = hp.choose(best.plan.method, shift, total_steps, epochs, req.lr, spec.hidden_size, validation)
+
+def _passed_over(rec: Recommendation, methods: list[str]) -> list[str]:
+    """Why each method before the chosen one was passed over, then the chosen one."""
+    first = rec.chosen.plan.method
+    notes = []
+    for m in methods[:methods.index(first)]:
+        r = rec.searches[m]
+        if r.best:
+            notes.append(f"{METHOD_NAMES[m]} fits only with parameter offload ({r.best.hours:.1f} h)")
+        else:
+            notes.append(f"{METHOD_NAMES[m]} does not fit (smallest plan {r.smallest().total / GiB:.2f} GiB > "
+                         f"{rec.target.usable_bytes / GiB:.2f} GiB usable)")
+    return notes + [f"{METHOD_NAMES[first]} fits"]
+
+
+def _hparams_and_plan(rec: Recommendation, model_ref: str) -> None:
+    """The chosen plan's hyperparameters (memplan.recommend.hparams), then the whole plan and its estimate."""
+    req, best, w = rec.request, rec.chosen, rec.workload
+    if rec.data:
+        rec.assumptions.append(f"time counts {rec.data.expected_padded_length(best.plan.micro_batch, w.seq_len):.1f} "
+                               f"tokens per sequence: batches of {best.plan.micro_batch} are padded to their longest "
+                               f"example (expected from the measured lengths), at most {w.seq_len}")
+    if best.steps > MAX_NUMBER:  # a plan's step counts are bounded like all its numbers
+        raise UserError(f"{w.epochs:g} epochs of {w.examples_per_epoch:,} examples at {w.effective_batch} per "
+                        f"optimizer step are {best.steps:,} steps, more than the {MAX_NUMBER:,} a plan can count. "
+                        "Hint: fewer --epochs")
+    rec.hparams = hp.choose(best.plan.method, rec.domain_shift, best.steps, w.epochs, req.lr, rec.spec.hidden_size,
+                            rec.validation_examples)
     h = rec.hparams.plan_fields()
     if req.warmup_ratio is not None:
         h.pop("warmup_steps")
@@ -459,44 +515,53 @@ def recommend(req: Request) -> Recommendation:
     fields["model"] = model_ref
     fields["hparams"] = {**fields["hparams"], "warmup_ratio": None, "warmup_steps": None, **h}  # the plan holds one
     fields["data"] = {**fields["data"], "train": _relative(req.data, req.out_dir),
-                      "validation": _relative(req.validation, req.out_dir), "samples": samples,
-                      "domain_shift": shift, "replay": _relative(req.replay, req.out_dir),
+                      "validation": _relative(req.validation, req.out_dir), "samples": rec.samples,
+                      "domain_shift": rec.domain_shift, "replay": _relative(req.replay, req.out_dir),
                       "replay_ratio": rec.hparams.replay_ratio if req.replay else 0.0}
     fields["output_dir"] = "output" if req.out_dir else None
-    fields["target"] = target.plan_target()  # what `estimate --config` checks the plan against
+    fields["target"] = rec.target.plan_target()  # what `estimate --config` checks the plan against
     rec.plan = build_plan(fields, source="recommended plan")
-    rec.estimate = estimate(spec, rec.plan, target.memory_bytes)
+    rec.estimate = estimate(rec.spec, rec.plan, rec.target.memory_bytes)
 
-    # warnings: the full-FT checklist, accumulation, truncation
-    if rec.plan.method == "full":
-        warnings += tree.checklist_warnings(ctx)
+
+def _plan_warnings(rec: Recommendation, ctx: Context) -> list[str]:
+    """The full-FT checklist, accumulation outside the recommended range, truncation, too few positions,
+    and a plan without data."""
+    req, plan, stats, seq_len = rec.request, rec.plan, rec.data, rec.workload.seq_len
+    out = rec.tree.checklist_warnings(ctx) if plan.method == "full" else []
     lo, hi = hp.ACCUM_RANGE
-    if world == 1 and not lo <= rec.plan.grad_accum <= hi:
-        warnings.append(f"gradient accumulation {rec.plan.grad_accum} is outside the recommended {lo}-{hi} steps for one "
-                        f"GPU (micro-batch {rec.plan.micro_batch} x {rec.plan.grad_accum} = effective batch "
-                        f"{rec.plan.effective_batch})" + (": the whole batch fits at once, no accumulation needed"
-                                                         if rec.plan.grad_accum < lo else ""))
+    if rec.target.world_size == 1 and not lo <= plan.grad_accum <= hi:
+        out.append(f"gradient accumulation {plan.grad_accum} is outside the recommended {lo}-{hi} steps for one "
+                   f"GPU (micro-batch {plan.micro_batch} x {plan.grad_accum} = effective batch "
+                   f"{plan.effective_batch})" + (": the whole batch fits at once, no accumulation needed"
+                                                 if plan.grad_accum < lo else ""))
     if stats and seq_len < stats.max:
         cut = stats.truncated_fraction(seq_len)
         if cut > 0:
-            warnings.append(f"{100 * cut:.1f} % of the measured examples are longer than {seq_len} tokens and "
-                            "will be truncated")
+            out.append(f"{100 * cut:.1f} % of the measured examples are longer than {seq_len} tokens and "
+                       "will be truncated")
+    spec = rec.spec
     positions = spec.config.get("max_position_embeddings") or spec.config.get("n_positions") or spec.position_embeddings
     if positions and seq_len > positions:
-        warnings.append(f"sequence length {seq_len} exceeds the model's {positions} positions (max_position_embeddings)")
+        out.append(f"sequence length {seq_len} exceeds the model's {positions} positions (max_position_embeddings)")
     if not req.data:  # --dataset-size only: the written plan cannot train until it names its data
         where = f"{(req.out_dir.rstrip('/') or '.') if req.out_dir else 'DIR'}/plan.yaml"
-        warnings.append(f"no --data: data.train is not set, and memplan train needs it: memplan train {where} "
-                        "--set train=FILE.jsonl, or set data.train in plan.yaml (relative to its directory)")
-    if rec.estimate.host_bytes:
-        assumptions.append(f"offload keeps {rec.estimate.host_bytes / GiB:.2f} GiB in host RAM per node")
+        out.append(f"no --data: data.train is not set, and memplan train needs it: memplan train {where} "
+                   "--set train=FILE.jsonl, or set data.train in plan.yaml (relative to its directory)")
+    return out
 
+
+def _alternatives(rec: Recommendation) -> list[Alternative]:
+    """The runners-up of the chosen method (pick_alternatives), then the best plan of each other method
+    searched, with why the chosen plan was preferred."""
+    req, method = rec.request, rec.plan.method
+    ranked, others = [], []
     for m, r in rec.searches.items():
-        if r is rec.searches.get(rec.plan.method):
-            rec.alternatives = pick_alternatives(r, best, req.priority, target) + rec.alternatives
-        elif r.best and r.best.plan.method != rec.plan.method:
-            reason = "the decision tree chose " + METHOD_NAMES[rec.plan.method] if not req.method else \
+        if r is rec.searches.get(method):
+            ranked = pick_alternatives(r, rec.chosen, req.priority, rec.target) + ranked
+        elif r.best and r.best.plan.method != method:
+            reason = "the decision tree chose " + METHOD_NAMES[method] if not req.method else \
                 f"--method {req.method} given"
-            rec.alternatives.append(Alternative(r.best, f"{reason}; best {m}: {r.best.total / GiB:.2f} GiB, "
-                                                        f"{r.best.hours:.2f} h"))
-    return rec
+            others.append(Alternative(r.best, f"{reason}; best {m}: {r.best.total / GiB:.2f} GiB, "
+                                              f"{r.best.hours:.2f} h"))
+    return ranked + others

@@ -12,42 +12,47 @@ GiB = 1 << 30
 def plot_candidates(path: str, entries: list[tuple[str, object]], capacity: int, usable: int, title: str) -> str:
     """entries: (label, Candidate) in display order; bars are each plan's peak phase, by term, plus the
     allocator reserve and the CUDA context on top. Written atomically (temporary file + rename)."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = list(TERMS) + ["allocator_reserve", "cuda_context"]
     fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(entries) + 3), 5.5))
-    xs = range(len(entries))
-    bottoms = [0.0] * len(entries)
-    cmap = plt.get_cmap("tab20")
-    for i, term in enumerate(layers):
-        heights = []
-        for _, cand in entries:
-            e = cand.estimate
-            if term == "allocator_reserve":
-                v = e.reserved - e.peak_allocated
-            elif term == "cuda_context":
-                v = e.total - e.reserved
-            else:
-                v = e.breakdown.get(term, 0)
-            heights.append(v / GiB)
-        if any(heights):
-            ax.bar(xs, heights, bottom=bottoms, color=cmap(i), label=term.replace("_", " "), width=0.7)
-            bottoms = [b + h for b, h in zip(bottoms, heights)]
+    _stack_bars(ax, [cand.estimate for _, cand in entries], plt.get_cmap("tab20"))
     ax.axhline(capacity / GiB, color="black", linewidth=1.5, label=f"capacity {capacity / GiB:.1f} GiB")
     ax.axhline(usable / GiB, color="black", linestyle="--", linewidth=1, label=f"usable (headroom) {usable / GiB:.1f} GiB")
-    ax.set_xticks(list(xs))
+    ax.set_xticks(list(range(len(entries))))
     ax.set_xticklabels([label for label, _ in entries], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("memory per device (GiB)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    out = Path(path)
+    return _save_png(fig, Path(path))
+
+
+def _stack_bars(ax, estimates: list, cmap) -> None:
+    """One bar per estimate: its peak phase's terms, then the allocator reserve and the CUDA context."""
+    xs = range(len(estimates))
+    bottoms = [0.0] * len(estimates)
+    for i, term in enumerate(list(TERMS) + ["allocator_reserve", "cuda_context"]):
+        if term == "allocator_reserve":
+            heights = [(e.reserved - e.peak_allocated) / GiB for e in estimates]
+        elif term == "cuda_context":
+            heights = [(e.total - e.reserved) / GiB for e in estimates]
+        else:
+            heights = [e.breakdown.get(term, 0) / GiB for e in estimates]
+        if any(heights):
+            ax.bar(xs, heights, bottom=bottoms, color=cmap(i), label=term.replace("_", " "), width=0.7)
+            bottoms = [b + h for b, h in zip(bottoms, heights)]
+
+
+def _save_png(fig, out: Path) -> str:
+    """The figure as `out`, complete or absent (a temporary file renamed over it); the figure is closed."""
+    import os
+    import tempfile
+
+    import matplotlib.pyplot as plt
+
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")

@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -45,8 +46,25 @@ from memplan.master_weights import MasterWeightsOptimizer, load_local_state_dict
 from memplan.train import inputs as run_inputs
 from memplan.train import outputs
 from memplan.train.outputs import CHECKPOINT_PREFIX, list_checkpoints
+from memplan.train.state import TrainerState
 
 PREFIX = CHECKPOINT_PREFIX
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What checkpoints save and restore, as the run holds it."""
+
+    model: Any  # as accelerate prepared it (DDP, FSDP, DeepSpeed's engine), or FSDP2-sharded on the CPU
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+    sharded: bool  # FSDP: full state dicts gathered from the shards, and scattered back to them
+    deepspeed: bool = False  # DeepSpeed's engine holds the optimizer state and the fp32 masters
+
+    def module(self):
+        """The model whose trainable state is saved: the sharded one itself, else the unwrapped model."""
+        return self.model if self.sharded else self.accelerator.unwrap_model(self.model)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -212,43 +230,28 @@ class _Writes:
         return f"{self.problem}; the partial save was removed and {kept}"
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, trainer: dict, accelerator,
-                    sharded: bool, keep: int, best_step: Optional[int], deepspeed: bool = False,
+def save_checkpoint(parts: Parts, root: Path, trainer: TrainerState, keep: int, best_step: Optional[int],
                     inputs: Optional[dict] = None) -> Path:
     """Write checkpoint-<step> complete-or-absent on every process's behalf and keep the newest `keep` + the
     best. A failed write (a full disk) removes the partial save, keeps the earlier checkpoints, and raises a
     UserError on every process."""
-    from memplan.train.deepspeed_setup import CHECKPOINT_TAG
-
-    final = root / f"{PREFIX}{step:06d}"
-    main, rank = accelerator.is_main_process, accelerator.process_index
+    accelerator = parts.accelerator
+    final = root / f"{PREFIX}{trainer.step:06d}"
+    main = accelerator.is_main_process
     if main:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = outputs.temp_dir(final, "checkpoint")
+        outputs.temp_dir(final, "checkpoint")
     accelerator.wait_for_everyone()
     tmp = final.with_name(f".tmp-{final.name}")
     write = _Writes(tmp, f"{final.name}")
-    write(tmp / f"rng-{rank}.pt", lambda: _save(_rng_state(), tmp / f"rng-{rank}.pt"))
-    optim_state = None
-    if deepspeed:
-        # collective: every process writes its own partition; frozen base weights come from the model directory
-        write(tmp / CHECKPOINT_TAG, lambda: model.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, save_latest=False,
-                                                                   exclude_frozen_parameters=True))
-        model_state = _deepspeed_trainable_state(model, accelerator)
-    else:
-        model_state = trainable_state(model if sharded else accelerator.unwrap_model(model), sharded)
-        if sharded and _has_masters(optimizer):
-            shard = tmp / f"optimizer-{rank}.pt"
-            write(shard, lambda: _save(local_state_dict(unwrap(optimizer)), shard))
-        else:
-            optim_state = _optimizer_state(model, optimizer, sharded)
+    model_state, optim_state = _write_process_files(parts, tmp, write)
     if main:
-        files = {"model.pt": model_state, "optimizer.pt": optim_state, "scheduler.pt": scheduler.state_dict()}
+        files = {"model.pt": model_state, "optimizer.pt": optim_state, "scheduler.pt": parts.scheduler.state_dict()}
         files = {name: obj for name, obj in files.items() if obj is not None}
         write.need(sum(_storage_bytes(obj) for obj in files.values()) + _FILE_OVERHEAD)
         for name, obj in files.items():
             write(tmp / name, lambda obj=obj, name=name: _save(obj, tmp / name))
-        texts = {"trainer.json": json.dumps(dict(trainer, world_size=accelerator.num_processes), indent=1),
+        texts = {"trainer.json": json.dumps(dict(trainer.to_json(), world_size=accelerator.num_processes), indent=1),
                  run_inputs.FILE: json.dumps(inputs or {}, indent=1)}
         for name, text in texts.items():
             write(tmp / name, lambda name=name, text=text: (tmp / name).write_text(text))
@@ -266,6 +269,26 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, trainer:
         _rotate(root, keep, best_step)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_process_files(parts: Parts, tmp: Path, write: _Writes) -> tuple[dict, Optional[dict]]:
+    """What every process writes itself (its RNG states; its optimizer shards or DeepSpeed partition), and
+    the gathered model and optimizer states the main process writes (every process takes part)."""
+    from memplan.train.deepspeed_setup import CHECKPOINT_TAG
+
+    rank, model, optimizer = parts.accelerator.process_index, parts.model, parts.optimizer
+    write(tmp / f"rng-{rank}.pt", lambda: _save(_rng_state(), tmp / f"rng-{rank}.pt"))
+    if parts.deepspeed:
+        # collective: every process writes its own partition; frozen base weights come from the model directory
+        write(tmp / CHECKPOINT_TAG, lambda: model.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, save_latest=False,
+                                                                   exclude_frozen_parameters=True))
+        return _deepspeed_trainable_state(model, parts.accelerator), None
+    model_state = trainable_state(parts.module(), parts.sharded)
+    if parts.sharded and _has_masters(optimizer):
+        shard = tmp / f"optimizer-{rank}.pt"
+        write(shard, lambda: _save(local_state_dict(unwrap(optimizer)), shard))
+        return model_state, None
+    return model_state, _optimizer_state(model, optimizer, parts.sharded)
 
 
 def _kept(root: Path) -> str:
@@ -352,27 +375,18 @@ def _load(path: Path, allow: Optional[list] = None, map_location: Any = "cpu") -
     return state
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator, sharded: bool,
-                    deepspeed: bool = False) -> dict:
+def load_checkpoint(path: Path, parts: Parts) -> TrainerState:
     """Restore everything a checkpoint holds; returns its trainer state. Every file is read before anything
     is restored."""
-    try:
-        trainer = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
-        if not isinstance(trainer, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{path / 'trainer.json'}: unreadable ({err})") from None
-    if trainer.get("world_size", 1) != accelerator.num_processes:
-        raise UserError(f"{path} was written by {trainer.get('world_size')} process(es); this run has "
-                        f"{accelerator.num_processes}. Resume with the same gpus x nodes")
-    rank = accelerator.process_index
+    trainer = _trainer_state(path, parts.accelerator.num_processes)
+    rank, model, optimizer = parts.accelerator.process_index, parts.model, parts.optimizer
     rng = _load(path / f"rng-{rank}.pt", allow=_rng_globals())
     schedule = _load(path / "scheduler.pt")
-    if deepspeed:
+    if parts.deepspeed:
         _deepspeed_load(path, model, optimizer_states=True)
     elif (path / f"optimizer-{rank}.pt").is_file() and _has_masters(optimizer):
         shards = _load(path / f"optimizer-{rank}.pt")
-        load_weights_only(path, model, accelerator, sharded)
+        load_weights_only(path, parts)
         load_local_state_dict(unwrap(optimizer), shards)
     else:
         if not (path / "optimizer.pt").is_file():
@@ -383,23 +397,41 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator, sharde
             saved = "with" if "masters" in state else "without"
             raise UserError(f"{path} was written {saved} fp32 master weights (precision bf16-master), unlike this "
                             "run's plan; resume with the plan that wrote it")
-        load_weights_only(path, model, accelerator, sharded)
-        _load_optimizer_state(model, optimizer, state, sharded)
+        load_weights_only(path, parts)
+        _load_optimizer_state(model, optimizer, state, parts.sharded)
     try:
-        scheduler.load_state_dict(schedule)
+        parts.scheduler.load_state_dict(schedule)
         _set_rng_state(rng)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise UserError(f"{path}: its scheduler or random-generator state does not fit this run ({err})") from None
     return trainer
 
 
-def load_weights_only(path: Path, model, accelerator, sharded: bool, deepspeed: bool = False) -> None:
+def _trainer_state(path: Path, processes: int) -> TrainerState:
+    """trainer.json, written by as many processes as this run has."""
+    unreadable = f"{path / 'trainer.json'}: unreadable"
+    try:
+        saved = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{unreadable} ({err})") from None
+    if saved.get("world_size", 1) != processes:
+        raise UserError(f"{path} was written by {saved.get('world_size')} process(es); this run has "
+                        f"{processes}. Resume with the same gpus x nodes")
+    try:
+        return TrainerState.from_json(saved)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{unreadable} ({err})") from None
+
+
+def load_weights_only(path: Path, parts: Parts) -> None:
     """The trainable weights of a checkpoint (also the best one, before the final save)."""
-    if deepspeed:  # through the engine, so that ZeRO's partitions and fp32 masters follow
-        _deepspeed_load(path, model, optimizer_states=False)
+    if parts.deepspeed:  # through the engine, so that ZeRO's partitions and fp32 masters follow
+        _deepspeed_load(path, parts.model, optimizer_states=False)
         return
     state = _load(path / "model.pt")
-    load_trainable_state(model if sharded else accelerator.unwrap_model(model), state, sharded)
+    load_trainable_state(parts.module(), state, parts.sharded)
 
 
 # ---------------------------------------------------------------- final output
@@ -426,19 +458,19 @@ def _files_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.is_file() and p not in weights)
 
 
-def save_final(out: Path, model, tokenizer, plan, accelerator, sharded: bool, base_dir: Path,
-               deepspeed: bool = False) -> dict[str, str]:
+def save_final(parts: Parts, out: Path, tokenizer, plan, base_dir: Path) -> dict[str, str]:
     """Full FT: `model/` (safetensors + config + tokenizer), loadable by AutoModelForCausalLM.
     LoRA / QLoRA: `adapter/` (peft, + tokenizer), and with merge_adapter `merged/`: the adapter merged into
     the base weights reloaded in 16/32-bit from the base directory (a 4-bit base is never merged into).
     The space a save needs: its weights' bytes and the base directory's other files (config, tokenizer)."""
+    model, accelerator = parts.model, parts.accelerator
     unwrapped = accelerator.unwrap_model(model)
     state = None
-    if sharded:
+    if parts.sharded:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         state = get_model_state_dict(model, options=_options(ignore_frozen_params=plan.trains_adapters))
-    elif deepspeed:
+    elif parts.deepspeed:
         state = accelerator.get_state_dict(model)  # ZeRO-3: gathered (stage3_gather_16bit_weights_on_model_save)
     written: dict[str, str] = {}
     problem = None

@@ -1,12 +1,16 @@
-"""The training loop, top to bottom: one function, `train`, for one process or many.
+"""The training loop, for one process or many: `train` calls the steps below in order, each a small
+function of the `Trainer` (what set-up made) and its `TrainerState` (memplan.train.state: the counts a
+checkpoint saves).
 
-  set up      accelerate (processes, device, the plan's autocast), the model, the data, AdamW (or the
-              planned optimizer), warmup + decay from transformers' schedulers, a checkpoint to resume
-  before      retention perplexity and a first evaluation of the untouched model (step 0)
-  each step   grad_accum micro-batches: forward, token-summed loss / tokens in the whole step, backward
-              (gradients synchronised on the last micro-batch only); clip; optimizer step; LR step
-  every N     a metrics line; evaluation (validation loss, exact match) with early stopping; a checkpoint
-  after       the best weights reloaded, the final model / adapter, retention again, plot and summary
+  setup            accelerate (processes, device, the plan's autocast), the data, the model, AdamW (or the
+                   planned optimizer), warmup + decay from transformers' schedulers, a checkpoint to resume
+  evaluate_before  retention perplexity and a first evaluation of the untouched model (step 0)
+  train_steps      each optimizer_step: grad_accum micro-batches forward, token-summed loss / tokens in the
+                   whole step, backward (gradients synchronised on the last micro-batch only); clip;
+                   optimizer step; LR step. Then what is due: a metrics line (log_metrics), an evaluation
+                   with early stopping (evaluate_and_track), a checkpoint (save_checkpoint_if_due)
+  save             the best weights reloaded, the final model / adapter, retention again, plot and summary
+  cleanup          the processes wait for each other and end
 
 The loss of a step is the mean cross-entropy over every labelled token of the step on all processes:
 each micro-batch contributes its token sum divided by that total, so micro-batch size, accumulation and
@@ -26,11 +30,13 @@ import contextlib
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from memplan.errors import UserError
 from memplan.train.settings import Resolved
+from memplan.train.state import TrainerState, Window
 
 
 def _accelerator(plan):
@@ -111,69 +117,207 @@ def _all_sum(accelerator, value):
     return t
 
 
+# ---------------------------------------------------------------- the run: setup, loop, save and clean up
+
+
 def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool = False,
           echo: Callable[[str], None] = print, progress: bool = True, checked=None) -> dict:
     """Run the plan; returns the summary (also written to OUTPUT_DIR/summary.json). `checked` is what
     memplan.train.preflight found; without it the same checks run here first."""
     from memplan.train import preflight
 
-    # ---- set up: everything that can be wrong with the input fails here, before torch is imported
-    if checked is None:
+    if checked is None:  # everything that can be wrong with the input fails here, before torch is imported
         checked = preflight.require(resolved, resume, trust_remote_code)
+    t = setup(resolved, checked, resume, trust_remote_code, echo)
+    evaluate_before(t, resume)
+    stopped_early = train_steps(t, progress)
+    summary = save(t, stopped_early)
+    cleanup(t)
+    return summary
+
+
+@dataclass
+class Trainer:
+    """What `setup` made for the run, and the state the loop advances."""
+
+    plan: Any
+    out: Path  # the output directory
+    checked: Any  # preflight.Checked: the model directory, the data records, the checkpoint to resume
+    parts: Any  # checkpoint.Parts: model, optimizer, scheduler, accelerator, sharding
+    tokenizer: Any
+    data: Any  # data.RunData: training, validation and retention sequences
+    stream: Any  # data.Stream: this process's micro-batches of each optimizer step
+    steps: int  # optimizer steps of the whole run
+    params: tuple[int, int]  # trainable, total
+    selects: bool  # the validation loss stops the run early and chooses the final weights
+    log: Any  # metrics.MetricsLog on the main process, else None
+    meter: Any  # memory.PeakMemory
+    say: Callable[[str], None]
+    state: TrainerState
+    start_step: int  # where this process started: 0, or the resumed checkpoint's step
+
+    @property
+    def accelerator(self):
+        return self.parts.accelerator
+
+    @property
+    def model(self):
+        return self.parts.model
+
+    @property
+    def patience(self) -> int:
+        """Evaluations without a better validation loss before the run stops; 0: it never stops early."""
+        return self.plan.hparams.early_stopping_patience if self.selects else 0
+
+
+def setup(resolved: Resolved, checked, resume: bool, trust_remote_code: bool,
+          echo: Callable[[str], None]) -> Trainer:
+    """accelerate (processes, device, the plan's autocast), the data, the model, the optimizer and its LR
+    schedule, the checkpoint to resume and the metrics file; then a line that says what will run."""
+    from memplan.train import data as data_mod
+    from memplan.train.memory import PeakMemory
+    from memplan.train.model import load_tokenizer
+
+    _quiet_libraries()
+    plan, out, base_dir = resolved.plan, resolved.output_dir, checked.model_dir
+    accelerator = _start_processes(plan)
+    say = _status_printer(accelerator.is_main_process, echo)
+    if accelerator.is_main_process:
+        _prepare_output_dir(out, say)
+    tokenizer = load_tokenizer(base_dir, trust_remote_code)
+    run_data = data_mod.load_run_data(plan, tokenizer, checked.records)
+    stream = data_mod.Stream(run_data.train, plan.micro_batch, accelerator.num_processes,
+                             accelerator.process_index, plan.hparams.seed)
+    steps = total_steps(plan, stream.per_epoch)
+    parts, params = _model_and_optimizer(plan, base_dir, accelerator, steps, trust_remote_code)
+    state = _resume(plan, parts, checked, say) if resume else TrainerState()
+    log = _metrics_log(out, state.step if resume else None, say) if accelerator.is_main_process else None
+    t = Trainer(plan=plan, out=out, checked=checked, parts=parts, tokenizer=tokenizer, data=run_data, stream=stream,
+                steps=steps, params=params, log=log, meter=PeakMemory(accelerator.device), say=say, state=state,
+                selects=len(run_data.validation) >= data_mod.MIN_EARLY_STOPPING_EXAMPLES, start_step=state.step)
+    _describe_run(t)
+    return t
+
+
+def evaluate_before(t: Trainer, resume: bool) -> None:
+    """The untouched model's retention loss, and on a fresh run its validation scores (step 0)."""
+    if t.data.retention and t.state.retention_before is None:
+        t.state.retention_before = _mean_loss(t, t.data.retention)
+    if not resume:
+        rec = validate(t)
+        if rec:
+            t.say(_eval_line(rec))
+
+
+def train_steps(t: Trainer, progress: bool) -> bool:
+    """Optimizer steps until the plan's last, each followed by what is due: a metrics line, an evaluation,
+    a checkpoint. Returns whether early stopping ended the run."""
+    from tqdm import tqdm
+
+    _start_meter(t)
+    bar = tqdm(total=t.steps, initial=t.state.step, disable=not progress or not t.accelerator.is_main_process,
+               unit="step", dynamic_ncols=True)
+    stopped_early = False
+    t.model.train()
+    while t.state.step < t.steps:
+        lr, grad_norm = optimizer_step(t)
+        log_metrics(t, bar, lr, grad_norm)
+        bar.update(1)
+        improved, stopped_early = evaluate_and_track(t)
+        save_checkpoint_if_due(t, improved, stopped_early)
+        if stopped_early:
+            t.say(f"early stopping at step {t.state.step}: no better validation loss in {t.patience} evaluations")
+            break
+    bar.close()
+    t.meter.stop()
+    return stopped_early
+
+
+def save(t: Trainer, stopped_early: bool) -> dict:
+    """The best weights back (when the validation loss chooses them), the final model or adapter,
+    retention, the plot and summary.json; returns the summary."""
+    from memplan.train import checkpoint as ckpt
+    from memplan.train import metrics as mx
+
+    final_step = _restore_best(t)
+    written = ckpt.save_final(t.parts, t.out, t.tokenizer, t.plan, t.checked.model_dir)
+    retention_after = _mean_loss(t, t.data.retention) if t.data.retention else None
+    summary = _summary(t, written, final_step, stopped_early, retention_after)
+    if t.accelerator.is_main_process:
+        if t.log:
+            mx.plot(t.log.records, t.out / "training.png")
+            t.log.close()
+        summary["files"]["plot"] = str(t.out / "training.png")
+        mx.write_json(t.out / "summary.json", summary)
+    return summary
+
+
+def cleanup(t: Trainer) -> None:
+    t.accelerator.wait_for_everyone()
+    t.accelerator.end_training()
+
+
+# ---------------------------------------------------------------- setup's parts
+
+
+def _quiet_libraries() -> None:
+    """Never the network; no lines about optional kernels; memplan's own bar the one progress display."""
     from memplan.hf_setup import offline_and_quiet
 
-    offline_and_quiet()  # never the network; no lines about optional kernels
-    import torch
-    from tqdm import tqdm
-    from transformers import get_scheduler
-    from transformers.trainer_utils import set_seed
+    offline_and_quiet()
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # memplan's own bar is the one progress display
+    hf_logging.disable_progress_bar()
     # transformers 5 deprecations reached through peft (is_gradient_checkpointing): not the user's to fix
     warnings.filterwarnings("ignore", message=".*will be removed in v6", category=FutureWarning)
 
-    from memplan.train import checkpoint as ckpt
-    from memplan.train import data as data_mod
-    from memplan.train import deepspeed_setup
-    from memplan.train import evaluate as ev
-    from memplan.train import inputs as run_inputs
-    from memplan.train import metrics as mx
-    from memplan.train import outputs
-    from memplan.train.memory import PeakMemory
-    from memplan.train.model import load_model, load_tokenizer, parameter_counts
 
-    plan = resolved.plan
-    out = resolved.output_dir
-    h = plan.hparams
-    base_dir = checked.model_dir
+def _start_processes(plan):
+    """accelerate for the plan (DeepSpeed configured from its JSON), with the plan's process count."""
+    from memplan.train import deepspeed_setup
+
     accelerator = _accelerator(plan)
-    ds = plan.sharding == "deepspeed"
-    if ds:
+    if plan.sharding == "deepspeed":
         deepspeed_setup.configure(accelerator, plan)
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    if world != plan.world_size:
-        raise UserError(f"the plan has {plan.world_size} process(es) (gpus x nodes) but {world} were started")
+    if accelerator.num_processes != plan.world_size:
+        raise UserError(f"the plan has {plan.world_size} process(es) (gpus x nodes) but "
+                        f"{accelerator.num_processes} were started")
+    return accelerator
+
+
+def _status_printer(main: bool, echo: Callable[[str], None]) -> Callable[[str], None]:
+    from tqdm import tqdm
 
     def say(msg: str) -> None:
-        """A status line; while the progress bar is drawn, above it rather than glued onto it."""
+        """A status line (main process); while the progress bar is drawn, above it rather than glued onto it."""
         if main:
             with tqdm.external_write_mode():
                 echo(msg)
 
-    ckpt_root = out / outputs.CHECKPOINTS
-    if main:
-        outputs.mark_output_dir(out)
-        for stale in outputs.remove_stale(out):
-            say(f"removed {stale}, left by a run stopped while saving")
-    tokenizer = load_tokenizer(base_dir, trust_remote_code)
-    run_data = data_mod.load_run_data(plan, tokenizer, checked.records)
-    stream = data_mod.Stream(run_data.train, plan.micro_batch, world, rank, h.seed)
-    steps = total_steps(plan, stream.per_epoch)
+    return say
 
+
+def _prepare_output_dir(out: Path, say: Callable[[str], None]) -> None:
+    from memplan.train import outputs
+
+    outputs.mark_output_dir(out)
+    for stale in outputs.remove_stale(out):
+        say(f"removed {stale}, left by a run stopped while saving")
+
+
+def _model_and_optimizer(plan, base_dir: Path, accelerator, steps: int, trust_remote_code: bool):
+    """The plan's model (FSDP-sharded, or wrapped by accelerate), its optimizer and the LR schedule, as
+    checkpoint.Parts; and the (trainable, total) parameter counts."""
+    from transformers import get_scheduler
+    from transformers.trainer_utils import set_seed
+
+    from memplan.train.checkpoint import Parts
+    from memplan.train.model import load_model, parameter_counts
+
+    h, world = plan.hparams, accelerator.num_processes
     set_seed(h.seed)
     model = load_model(plan, base_dir, accelerator.device, trust_remote_code)
-    trainable, total = parameter_counts(model)
+    params = parameter_counts(model)
     sharded = plan.sharding == "fsdp" and world > 1
     if sharded and plan.device == "cuda" and accelerator.distributed_type.name != "FSDP":
         raise UserError("the plan says FSDP but the processes were not started with an FSDP accelerate config. "
@@ -190,185 +334,226 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
         optimizer = accelerator.prepare_optimizer(optimizer)
     else:  # accelerate wraps the model: DDP, FSDP from the launch config on CUDA, or DeepSpeed's engine
         model, optimizer = accelerator.prepare(model, optimizer)
-    device, autocast = accelerator.device, accelerator.autocast
-    chunked = plan.loss == "chunked"
-    pad_id = tokenizer.pad_token_id
-    eval_batch = max(1, plan.micro_batch)
+    parts = Parts(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, sharded=sharded,
+                  deepspeed=plan.sharding == "deepspeed")
+    return parts, params
 
-    # The trainer's state, saved in every checkpoint: with the window of steps not yet logged, so that a
-    # resumed run logs the same mean losses as an uninterrupted one.
-    trainer: dict[str, Any] = {"step": 0, "best_loss": None, "best_step": None, "bad_evals": 0,
-                               "tokens": 0, "train_seconds": 0.0, "retention_before": None,
-                               "window": _empty_window()}
-    if resume:
-        for line in checked.skipped:
-            say(f"{line}; resuming from {checked.resume_from.name} instead")
-        trainer.update(ckpt.load_checkpoint(checked.resume_from, model, optimizer, scheduler, accelerator, sharded,
-                                            deepspeed=ds))
-        say(f"resumed from {checked.resume_from} at step {trainer['step']}")
-        if checked.changes:
-            _apply_changes(plan, optimizer, scheduler, checked.changes)
-            say(run_inputs.change_line(checked.changes, trainer["step"]))
-    log = mx.MetricsLog(out / "metrics.jsonl", trainer["step"] if resume else None) if main else None
-    if log and log.dropped:
+
+def _resume(plan, parts, checked, say: Callable[[str], None]) -> TrainerState:
+    """The checkpoint preflight chose restored into the parts; its trainer state, with the --set changes."""
+    from memplan.train import checkpoint as ckpt
+    from memplan.train import inputs as run_inputs
+
+    for line in checked.skipped:
+        say(f"{line}; resuming from {checked.resume_from.name} instead")
+    state = ckpt.load_checkpoint(checked.resume_from, parts)
+    say(f"resumed from {checked.resume_from} at step {state.step}")
+    if checked.changes:
+        _apply_changes(plan, parts.optimizer, parts.scheduler, checked.changes)
+        say(run_inputs.change_line(checked.changes, state.step))
+    return state
+
+
+def _metrics_log(out: Path, resume_step: Optional[int], say: Callable[[str], None]):
+    from memplan.train import metrics as mx
+
+    log = mx.MetricsLog(out / "metrics.jsonl", resume_step)
+    if log.dropped:
         say(f"note: {out / 'metrics.jsonl'} line(s) {', '.join(map(str, log.dropped))} were cut off (not JSON) "
             "by a crash while writing; dropped")
+    return log
 
-    say(f"model {base_dir} ({total:,} parameters, {trainable:,} trainable, {plan.method}); "
-        f"{run_data.n_task} task + {run_data.n_replay} replay training sequences"
-        + (" (packed)" if run_data.packed else "") + f", {len(run_data.validation)} validation; "
-        f"{steps} optimizer steps of {plan.effective_batch} sequences on {world} process(es)")
+
+def _describe_run(t: Trainer) -> None:
+    from memplan.train import preflight
+
+    plan, run_data = t.plan, t.data
+    trainable, total = t.params
+    t.say(f"model {t.checked.model_dir} ({total:,} parameters, {trainable:,} trainable, {plan.method}); "
+          f"{run_data.n_task} task + {run_data.n_replay} replay training sequences"
+          + (" (packed)" if run_data.packed else "") + f", {len(run_data.validation)} validation; "
+          f"{t.steps} optimizer steps of {plan.effective_batch} sequences on {t.accelerator.num_processes} process(es)")
     if run_data.dropped:
-        say(f"note: {run_data.dropped} training examples were dropped: their response starts after "
-            f"seq_len {plan.seq_len} tokens")
+        t.say(f"note: {run_data.dropped} training examples were dropped: their response starts after "
+              f"seq_len {plan.seq_len} tokens")
     for line in preflight.small_data_warnings(plan, len(run_data.train), len(run_data.validation)):
-        say(f"warning: {line}")
-    # The validation loss stops the run early and chooses the final weights only when it is measured on
-    # enough examples (memplan.train.data.MIN_EARLY_STOPPING_EXAMPLES); below that it is only logged.
-    selects = len(run_data.validation) >= data_mod.MIN_EARLY_STOPPING_EXAMPLES
-    patience = h.early_stopping_patience if selects else 0
+        t.say(f"warning: {line}")
 
-    def evaluate(step: int) -> Optional[dict]:
-        if not run_data.validation:
-            return None
-        loss = ev.mean_loss(model, run_data.validation, eval_batch, pad_id, device, autocast)
-        acc = ev.exact_match(model, run_data.validation_records, tokenizer, device, autocast, h.eval_samples) \
-            if h.eval_samples else None
-        rec = {"step": step, "eval_loss": loss, "eval_ppl": mx.perplexity(loss), "eval_accuracy": acc}
-        if log:
-            log.write(rec)
-        return rec
 
-    # ---- before: the untouched model's retention perplexity and validation scores (step 0)
-    if run_data.retention and trainer["retention_before"] is None:
-        trainer["retention_before"] = ev.mean_loss(model, run_data.retention, eval_batch, pad_id, device, autocast)
-    first_eval = None
-    if not resume:
-        first_eval = evaluate(0)
-        if first_eval:
-            say(_eval_line(first_eval))
+# ---------------------------------------------------------------- each step
 
-    # ---- the loop
-    meter = PeakMemory(device)
-    trainer_start = trainer["step"]
-    meter.start(model, optimizer)
-    if meter.mode is not None:
+
+def _start_meter(t: Trainer) -> None:
+    optimizer = t.parts.optimizer
+    t.meter.start(t.model, optimizer)
+    if t.meter.mode is not None:
         # What the optimizer steps, when it is not the model's parameters: memplan's fp32 masters, DeepSpeed's
         # fp32 partitions. Alive from the start, so counted from the start.
         # FSDP's are DTensors: their storage is this process's shard.
-        meter.mode.register([p.to_local() if hasattr(p, "to_local") else p
-                             for g in optimizer.param_groups for p in g["params"]])
-    bar = tqdm(total=steps, initial=trainer["step"], disable=not progress or not main, unit="step",
-               dynamic_ncols=True)
-    stopped_early = False
-    model.train()
-    while trainer["step"] < steps:
-        t0 = time.perf_counter()
-        first = trainer["step"] * plan.grad_accum
-        micro = [data_mod.collate(stream.micro_batch_at(first + i), pad_id, run_data.packed)
-                 for i in range(plan.grad_accum)]
-        labelled = _all_sum(accelerator, float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)))
-        labelled = float(labelled)
-        step_loss = torch.zeros((), dtype=torch.float64)
-        tokens = 0
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            last = i == plan.grad_accum - 1
-            if ds:  # the engine reduces, clips, steps and zeroes the grads in the last micro-batch's backward
-                accelerator.sync_gradients = last
-            sync = last or sharded or ds
-            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)):
-                with autocast():
-                    loss_sum = ev.token_loss_sum(model, batch, chunked)
-                accelerator.backward(loss_sum * (world / labelled), **(deepspeed_setup.BACKWARD_KWARGS if ds else {}))
-            step_loss += loss_sum.detach().double().cpu()
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        lr = scheduler.get_last_lr()[0]
-        grad_norm = None
-        if ds:  # stepped above with the DeepSpeed config's gradient_clipping
-            grad_norm = deepspeed_setup.global_grad_norm(model) if h.max_grad_norm > 0 else None
-        else:
-            if h.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), h.max_grad_norm)
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        trainer["step"] += 1
-        step = trainer["step"]
-        meter.step_done(max(b["input_ids"].shape[1] for b in micro))
-        if meter.measured_steps == meter.steps and not meter.cuda and step == trainer_start + meter.steps:
-            say(_memory_line(memory_report(plan, base_dir, meter)))
+        t.meter.mode.register([p.to_local() if hasattr(p, "to_local") else p
+                               for g in optimizer.param_groups for p in g["params"]])
 
-        loss = float(_all_sum(accelerator, step_loss)) / labelled
-        tokens = int(_all_sum(accelerator, float(tokens)))
-        seconds = time.perf_counter() - t0
-        trainer["tokens"] += tokens
-        trainer["train_seconds"] += seconds
-        window = trainer["window"]
-        window["loss"] += loss
-        window["steps"] += 1
-        window["tokens"] += tokens
-        window["seconds"] += seconds
-        if not math.isfinite(loss):
-            raise UserError(f"step {step}: the loss is {loss}. Hint: lower hparams.lr, or use precision fp32 / amp-bf16")
 
-        if step % h.log_every == 0 or step == steps:
-            rec = {"step": step, "epoch": round(stream.epoch_of(step * plan.grad_accum), 4),
-                   "loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
-                   "tokens": window["tokens"], "tokens_per_s": window["tokens"] / window["seconds"],
-                   "peak_memory_bytes": meter.peak_bytes, "elapsed_s": round(trainer["train_seconds"], 3)}
-            if log:
-                log.write(rec)
-            bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {lr:.2e} {rec['tokens_per_s']:.0f} tok/s"
-                                + (f" mem {meter.peak_bytes / 2**20:.0f}MiB" if meter.peak_bytes else ""))
-            trainer["window"] = _empty_window()
-        bar.update(1)
+def optimizer_step(t: Trainer) -> tuple[float, Optional[float]]:
+    """One optimizer step: grad_accum micro-batches forward and backward, clip, step the optimizer and
+    the LR; its loss, tokens and time counted into the state. Returns the step's LR and gradient norm."""
+    start = time.perf_counter()
+    micro = _micro_batches(t)
+    labelled = float(_all_sum(t.accelerator, float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro))))
+    step_loss, tokens = _forward_backward(t, micro, labelled)
+    lr = t.parts.scheduler.get_last_lr()[0]
+    grad_norm = _clip_and_step(t)
+    t.parts.scheduler.step()
+    t.state.step += 1
+    t.meter.step_done(max(b["input_ids"].shape[1] for b in micro))
+    if t.meter.measured_steps == t.meter.steps and not t.meter.cuda and t.state.step == t.start_step + t.meter.steps:
+        t.say(_memory_line(memory_report(t.plan, t.checked.model_dir, t.meter)))
 
-        improved = False
-        if step % h.eval_every == 0 or step == steps:
-            rec = evaluate(step)
-            if rec:
-                say(_eval_line(rec))
-                if trainer["best_loss"] is None or rec["eval_loss"] < trainer["best_loss"]:
-                    trainer.update(best_loss=rec["eval_loss"], best_step=step, bad_evals=0)
-                    improved = selects
-                else:
-                    trainer["bad_evals"] += 1
-                stopped_early = bool(patience) and trainer["bad_evals"] >= patience
-        save_every = h.save_every or h.eval_every
-        if step % save_every == 0 or improved or step == steps or stopped_early:
-            if log:
-                log.sync()  # the metrics up to the checkpoint reach the disk before the checkpoint does
-            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, trainer, accelerator, sharded,
-                                 h.save_total_limit, trainer["best_step"] if selects else None, deepspeed=ds,
-                                 inputs=checked.inputs)
-        if stopped_early:
-            say(f"early stopping at step {step}: no better validation loss in {patience} evaluations")
-            break
-    bar.close()
-    meter.stop()
+    loss = float(_all_sum(t.accelerator, step_loss)) / labelled
+    tokens = int(_all_sum(t.accelerator, float(tokens)))
+    t.state.count_step(loss, tokens, time.perf_counter() - start)
+    if not math.isfinite(loss):
+        raise UserError(f"step {t.state.step}: the loss is {loss}. Hint: lower hparams.lr, or use precision fp32 / "
+                        "amp-bf16")
+    return lr, grad_norm
 
-    # ---- after: best weights, final model, retention, summary
-    final_step = trainer["step"]
-    if selects and trainer["best_step"] is not None and trainer["best_step"] != final_step:
-        ckpt.load_weights_only(ckpt_root / f"{ckpt.PREFIX}{trainer['best_step']:06d}", model, accelerator,
-                               sharded, deepspeed=ds)
-        final_step = trainer["best_step"]
-    written = ckpt.save_final(out, model, tokenizer, plan, accelerator, sharded, base_dir, deepspeed=ds)
-    retention_after = ev.mean_loss(model, run_data.retention, eval_batch, pad_id, device, autocast) \
-        if run_data.retention else None
-    summary = _summary(plan, resolved, base_dir, trainable, total, trainer, log, meter, written, final_step,
-                       stopped_early, retention_after, world)
-    if main:
-        if log:
-            mx.plot(log.records, out / "training.png")
-            log.close()
-        summary["files"]["plot"] = str(out / "training.png")
-        mx.write_json(out / "summary.json", summary)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+
+def _micro_batches(t: Trainer) -> list[dict]:
+    """This process's grad_accum micro-batches of the next step, in the run's data order (data.Stream)."""
+    from memplan.train import data as data_mod
+
+    first = t.state.step * t.plan.grad_accum
+    return [data_mod.collate(t.stream.micro_batch_at(first + i), t.tokenizer.pad_token_id, t.data.packed)
+            for i in range(t.plan.grad_accum)]
+
+
+def _forward_backward(t: Trainer, micro: list[dict], labelled: float):
+    """Each micro-batch's token-summed loss over `labelled` (the step's labelled tokens on all processes),
+    backward; gradients synchronised on the last micro-batch only. Returns this process's summed loss
+    (float64) and input tokens."""
+    import torch
+
+    from memplan.train import deepspeed_setup
+    from memplan.train import evaluate as ev
+
+    model, accelerator, ds = t.model, t.accelerator, t.parts.deepspeed
+    scale = accelerator.num_processes / labelled
+    step_loss = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        last = i == len(micro) - 1
+        if ds:  # the engine reduces, clips, steps and zeroes the grads in the last micro-batch's backward
+            accelerator.sync_gradients = last
+        sync = last or t.parts.sharded or ds
+        with (contextlib.nullcontext() if sync else accelerator.no_sync(model)):
+            with accelerator.autocast():
+                loss_sum = ev.token_loss_sum(model, batch, t.plan.loss == "chunked")
+            accelerator.backward(loss_sum * scale, **(deepspeed_setup.BACKWARD_KWARGS if ds else {}))
+        step_loss += loss_sum.detach().double().cpu()
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    return step_loss, tokens
+
+
+def _clip_and_step(t: Trainer) -> Optional[float]:
+    """Clip to max_grad_norm and step the optimizer; the gradient norm before clipping (None unclipped).
+    Under DeepSpeed the engine stepped in the last backward, with its JSON's gradient_clipping."""
+    from memplan.train import deepspeed_setup
+
+    h, model, optimizer = t.plan.hparams, t.model, t.parts.optimizer
+    if t.parts.deepspeed:
+        return deepspeed_setup.global_grad_norm(model) if h.max_grad_norm > 0 else None
+    grad_norm = None
+    if h.max_grad_norm > 0:
+        norm = t.accelerator.clip_grad_norm_(model.parameters(), h.max_grad_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def log_metrics(t: Trainer, bar, lr: float, grad_norm: Optional[float]) -> None:
+    """Every log_every steps and at the last: a metrics line of the steps since the previous one."""
+    state, window, step = t.state, t.state.window, t.state.step
+    if not (step % t.plan.hparams.log_every == 0 or step == t.steps):
+        return
+    peak = t.meter.peak_bytes
+    rec = {"step": step, "epoch": round(t.stream.epoch_of(step * t.plan.grad_accum), 4),
+           "loss": window.loss / window.steps, "lr": lr, "grad_norm": grad_norm,
+           "tokens": window.tokens, "tokens_per_s": window.tokens / window.seconds,
+           "peak_memory_bytes": peak, "elapsed_s": round(state.train_seconds, 3)}
+    if t.log:
+        t.log.write(rec)
+    bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {lr:.2e} {rec['tokens_per_s']:.0f} tok/s"
+                        + (f" mem {peak / 2**20:.0f}MiB" if peak else ""))
+    state.window = Window()
+
+
+def evaluate_and_track(t: Trainer) -> tuple[bool, bool]:
+    """Every eval_every steps and at the last: evaluate, and track the best validation loss. Returns
+    (a better loss that chooses the final weights, early stopping's patience ran out)."""
+    step = t.state.step
+    if not (step % t.plan.hparams.eval_every == 0 or step == t.steps):
+        return False, False
+    rec = validate(t)
+    if not rec:
+        return False, False
+    t.say(_eval_line(rec))
+    improved = t.state.count_evaluation(rec["eval_loss"]) and t.selects
+    return improved, bool(t.patience) and t.state.bad_evals >= t.patience
+
+
+def save_checkpoint_if_due(t: Trainer, improved: bool, stopping: bool) -> None:
+    """Every save_every (else eval_every) steps, at a better validation loss, at the last step and when
+    stopping early."""
+    from memplan.train import checkpoint as ckpt
+    from memplan.train import outputs
+
+    h, step = t.plan.hparams, t.state.step
+    if not (step % (h.save_every or h.eval_every) == 0 or improved or step == t.steps or stopping):
+        return
+    if t.log:
+        t.log.sync()  # the metrics up to the checkpoint reach the disk before the checkpoint does
+    ckpt.save_checkpoint(t.parts, t.out / outputs.CHECKPOINTS, t.state, h.save_total_limit,
+                         t.state.best_step if t.selects else None, inputs=t.checked.inputs)
+
+
+def validate(t: Trainer) -> Optional[dict]:
+    """The validation loss and perplexity (and exact match on eval_samples records) at this step, into
+    metrics.jsonl; None without validation data."""
+    from memplan.train import evaluate as ev
+    from memplan.train import metrics as mx
+
+    if not t.data.validation:
+        return None
+    h = t.plan.hparams
+    loss = _mean_loss(t, t.data.validation)
+    acc = ev.exact_match(t.model, t.data.validation_records, t.tokenizer, t.accelerator.device, t.accelerator.autocast,
+                         h.eval_samples) if h.eval_samples else None
+    rec = {"step": t.state.step, "eval_loss": loss, "eval_ppl": mx.perplexity(loss), "eval_accuracy": acc}
+    if t.log:
+        t.log.write(rec)
+    return rec
+
+
+def _mean_loss(t: Trainer, examples: list) -> Optional[float]:
+    from memplan.train import evaluate as ev
+
+    return ev.mean_loss(t.model, examples, max(1, t.plan.micro_batch), t.tokenizer.pad_token_id,
+                        t.accelerator.device, t.accelerator.autocast)
+
+
+def _restore_best(t: Trainer) -> int:
+    """When the validation loss chooses the final weights: the best checkpoint's weights back into the
+    model. Returns the step of the final weights."""
+    from memplan.train import checkpoint as ckpt
+    from memplan.train import outputs
+
+    best = t.state.best_step
+    if t.selects and best is not None and best != t.state.step:
+        ckpt.load_weights_only(t.out / outputs.CHECKPOINTS / f"{ckpt.PREFIX}{best:06d}", t.parts)
+        return best
+    return t.state.step
 
 
 def _apply_changes(plan, optimizer, scheduler, changes: dict) -> None:
@@ -386,11 +571,6 @@ def _apply_changes(plan, optimizer, scheduler, changes: dict) -> None:
     scheduler._last_lr = lrs
 
 
-def _empty_window() -> dict:
-    """The steps since the last metrics line: their summed mean losses, count, tokens and seconds."""
-    return {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
-
-
 def _memory_line(mem: dict) -> str:
     flag = " (gap over 10 %)" if mem["flag"] else ""
     return (f"memory: measured peak {mem['measured_bytes'] / 2**20:.1f} MiB ({mem['what']}), memplan's estimate "
@@ -402,25 +582,26 @@ def _eval_line(rec: dict) -> str:
     return f"step {rec['step']}: validation loss {rec['eval_loss']:.4f} (perplexity {rec['eval_ppl']:.2f}){acc}"
 
 
-def _summary(plan, resolved, base_dir: Path, trainable: int, total: int, trainer: dict, log, meter, written: dict,
-             final_step: int, stopped_early: bool, retention_after: Optional[float], world: int) -> dict:
+def _summary(t: Trainer, written: dict, final_step: int, stopped_early: bool,
+             retention_after: Optional[float]) -> dict:
     from memplan.train import metrics as mx
 
-    records = log.records if log else []
+    state, out = t.state, t.out
+    records = t.log.records if t.log else []
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    before = trainer.get("retention_before")
     retention = None
-    if before is not None and retention_after is not None:
-        p0, p1 = mx.perplexity(before), mx.perplexity(retention_after)
+    if state.retention_before is not None and retention_after is not None:
+        p0, p1 = mx.perplexity(state.retention_before), mx.perplexity(retention_after)
         retention = {"perplexity_before": p0, "perplexity_after": p1, "change": p1 / p0 - 1}
+    trainable, total = t.params
     return {
-        "model": str(base_dir),
-        "method": plan.method,
+        "model": str(t.checked.model_dir),
+        "method": t.plan.method,
         "params_total": total,
         "params_trainable": trainable,
-        "processes": world,
-        "steps": trainer["step"],
+        "processes": t.accelerator.num_processes,
+        "steps": state.step,
         "stopped_early": stopped_early,
         "final_weights_step": final_step,
         "train_loss_first": train[0]["loss"] if train else None,
@@ -429,13 +610,12 @@ def _summary(plan, resolved, base_dir: Path, trainable: int, total: int, trainer
         "eval_best": min(evals, key=lambda r: r["eval_loss"]) if evals else None,
         "eval_last": evals[-1] if evals else None,
         "retention": retention,
-        "tokens": trainer["tokens"],
-        "train_seconds": round(trainer["train_seconds"], 3),
+        "tokens": state.tokens,
+        "train_seconds": round(state.train_seconds, 3),
         "tokens_per_s_median": mx.median([r["tokens_per_s"] for r in train]),
-        "memory": memory_report(plan, base_dir, meter),
-        "files": dict(written, metrics=str(resolved.output_dir / "metrics.jsonl"),
-                      summary=str(resolved.output_dir / "summary.json"),
-                      checkpoints=str(resolved.output_dir / "checkpoints")),
+        "memory": memory_report(t.plan, t.checked.model_dir, t.meter),
+        "files": dict(written, metrics=str(out / "metrics.jsonl"), summary=str(out / "summary.json"),
+                      checkpoints=str(out / "checkpoints")),
     }
 
 
