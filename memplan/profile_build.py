@@ -27,16 +27,10 @@ import torch
 from memplan.errors import UserError
 from memplan.hf_setup import enable_checkpointing, lora_config, nf4_config
 from memplan.models import read_config
-from memplan.plan import Plan
+from memplan.plan import PRECISIONS, Plan
 
-AUTOCAST_DTYPE = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
-WEIGHT_DTYPE = {
-    "fp32": torch.float32,
-    "amp-bf16": torch.float32,
-    "amp-fp16": torch.float32,
-    "bf16": torch.bfloat16,
-    "bf16-master": torch.bfloat16,
-}
+AUTOCAST_DTYPE = {p: getattr(torch, r.compute) for p, r in PRECISIONS.items() if r.autocast}
+WEIGHT_DTYPE = {p: getattr(torch, r.weights) for p, r in PRECISIONS.items()}
 BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw-8bit")
 BNB_HINT = "Hint: pip install bitsandbytes (CPU wheels exist for Linux x86-64/aarch64)."
 
@@ -231,7 +225,7 @@ def _build_qlora(config, plan: Plan, device: str, weights: Optional[str]):
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise UserError(f"QLoRA needs bitsandbytes, which is not installed. {BNB_HINT}") from None
-    quant = nf4_config(AUTOCAST_DTYPE.get(plan.precision, WEIGHT_DTYPE[plan.precision]))
+    quant = nf4_config(getattr(torch, plan.regime.compute))
     if weights is not None:
         return _load_weights(plan, device, weights, quant)
     with tempfile.TemporaryDirectory(prefix="memplan-qlora-") as tmp:

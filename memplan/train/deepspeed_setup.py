@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from memplan.errors import UserError
+from memplan.plan import mixed_precision
 
 INSTALL_HINT = "Hint: pip install deepspeed, or --set sharding=fsdp"
 #: The DeepSpeed JSON's name in a plan directory; accelerate_config.yaml names it relative to itself.
@@ -101,7 +102,7 @@ def expected_values(plan) -> dict[str, Any]:
         "gradient_accumulation_steps": plan.grad_accum,
         "train_batch_size": plan.effective_batch,
         "gradient_clipping": float(plan.hparams.max_grad_norm),
-        "bf16.enabled": plan.precision == "bf16-master",
+        "bf16.enabled": plan.regime.deepspeed_bf16,
         "fp16.enabled": False,
         "zero_optimization.stage": plan.zero,
         "zero_optimization.offload_optimizer.device": "cpu" if offload != "none" else "none",
@@ -286,7 +287,7 @@ def accelerator_kwargs(plan) -> dict[str, Any]:
     """accelerate.Accelerator arguments for a DeepSpeed process. On the CPU the process group must be
     gloo: accelerate picks a backend only for accelerators, and without one it would count a single
     process although DeepSpeed joined all of them."""
-    kwargs: dict[str, Any] = {"mixed_precision": "bf16" if plan.precision == "bf16-master" else "no",
+    kwargs: dict[str, Any] = {"mixed_precision": mixed_precision(plan),
                               "gradient_accumulation_steps": plan.grad_accum}  # = the JSON's (checked)
     if plan.device == "cpu":
         from accelerate.utils import InitProcessGroupKwargs

@@ -38,7 +38,7 @@ def _accelerator(plan):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from memplan.train.model import mixed_precision
+    from memplan.plan import mixed_precision
 
     if not torch.distributed.is_initialized():
         # accelerate keeps its settings in a process-wide singleton; a second run in the same Python

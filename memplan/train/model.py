@@ -89,18 +89,13 @@ def check_remote_code(path: Path, trust_remote_code: bool) -> None:
 def weight_dtype(plan: Plan):
     import torch
 
-    return torch.bfloat16 if plan.precision in ("bf16", "bf16-master") else torch.float32
+    return getattr(torch, plan.regime.weights)
 
 
 def compute_dtype(plan: Plan):
     import torch
 
-    return torch.float16 if plan.precision == "amp-fp16" else torch.bfloat16
-
-
-def mixed_precision(plan: Plan) -> str:
-    """accelerate's mixed_precision for the plan's regime (autocast of the forward)."""
-    return {"amp-bf16": "bf16", "amp-fp16": "fp16"}.get(plan.precision, "no")
+    return getattr(torch, plan.regime.compute)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool):
