@@ -25,14 +25,12 @@ from typing import Any, Iterator, Optional
 import torch
 
 from memplan.errors import UserError
-from memplan.hf_setup import enable_checkpointing, lora_config, nf4_config
+from memplan.runtime.hf import BNB_HINT, enable_checkpointing, lora_config, nf4_config
 from memplan.models import read_config
 from memplan.plan import PRECISIONS, Plan
 
 AUTOCAST_DTYPE = {p: getattr(torch, r.compute) for p, r in PRECISIONS.items() if r.autocast}
 WEIGHT_DTYPE = {p: getattr(torch, r.weights) for p, r in PRECISIONS.items()}
-BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw-8bit")
-BNB_HINT = "Hint: pip install bitsandbytes (CPU wheels exist for Linux x86-64/aarch64)."
 
 
 @dataclass

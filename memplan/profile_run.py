@@ -9,9 +9,9 @@ all-reduce (`no_sync`, as accelerate does); under FSDP2 `set_requires_gradient_s
 
 - precision: amp-* runs forward + loss under `torch.autocast(device type, 16-bit dtype)` (autocast's
   weight cache keeps 16-bit copies alive through forward and backward) and backward outside it, as HF
-  Trainer / accelerate do; no GradScaler (its unscale is in place). bf16-master: see memplan.profile_optim.
+  Trainer / accelerate do; no GradScaler (its unscale is in place). bf16-master: see memplan.runtime.optim.
 - loss: standard = `model(input_ids, labels=...).loss` (HF's ForCausalLMLoss, fp32 upcast of the logits);
-  chunked = the decoder + `memplan.loss.chunked_causal_lm_loss` with the output embedding. Only the loss is
+  chunked = the decoder + `memplan.runtime.loss.chunked_causal_lm_loss` with the output embedding. Only the loss is
   kept from the model output (the logits are dropped before backward, as in HF Trainer).
 - use_cache=False in every forward: training builds no KV cache (TRL, axolotl, LLaMA-Factory turn it off).
 - transformers cannot see on fake tensors that an unmasked batch is not packed and would build a b x s x s
@@ -30,11 +30,11 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from memplan.errors import UserError
-from memplan.loss import chunked_causal_lm_loss
+from memplan.runtime.loss import chunked_causal_lm_loss
 from memplan.plan import Plan
-from memplan.profile_build import AUTOCAST_DTYPE, BNB_OPTIMIZERS, build_model, materialize, quant_state_tensors
+from memplan.profile_build import AUTOCAST_DTYPE, build_model, materialize, quant_state_tensors
 from memplan.profile_meters import PHASES, CudaMeter, FakeLiveBytes, LiveBytes, StepMeasure
-from memplan.profile_optim import make_optimizer, optimizer_factory, state_tensors
+from memplan.runtime.optim import make_optimizer, optimizer_factory, state_tensors
 
 BACKENDS = ("cuda", "cpu", "trace")
 
@@ -109,7 +109,7 @@ def check_runnable(plan: Plan, backend: str, steps: int) -> None:
         raise UserError(f"backend '{backend}' is not one of: {', '.join(BACKENDS)}")
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
-    uses_bnb = plan.method == "qlora" or plan.optimizer in BNB_OPTIMIZERS
+    uses_bnb = plan.uses_bitsandbytes
     if uses_bnb and backend == "trace":
         what = "4-bit kernels (QLoRA)" if plan.method == "qlora" else f"8-bit optimizer kernels ({plan.optimizer})"
         raise UserError(f"the trace backend cannot run bitsandbytes' {what} on fake tensors. Hint: use --backend "

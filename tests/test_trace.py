@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from memplan.errors import UserError
-from memplan.loss import chunked_causal_lm_loss
+from memplan.runtime.loss import chunked_causal_lm_loss
 from memplan.plan import Plan
 from memplan.trace import PHASES, CATEGORIES, _LiveBytes, trace_training
 

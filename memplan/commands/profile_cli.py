@@ -52,7 +52,7 @@ def profile(**kwargs) -> None:
       1  out of memory: the plan does not fit ("does not fit: out of memory in <phase>")
       2  bad input, or the plan cannot run here (no CUDA for --backend cuda, a missing package)
     """
-    from memplan.hf_setup import offline_and_quiet
+    from memplan.runtime.hf import offline_and_quiet
 
     offline_and_quiet()  # first: no network for this process and those it starts, whatever they import
     from memplan.commands.profile import run

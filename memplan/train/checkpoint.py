@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from memplan.errors import UserError
-from memplan.master_weights import MasterWeightsOptimizer, load_local_state_dict, local_state_dict, unwrap
+from memplan.runtime.optim import MasterWeightsOptimizer, load_local_state_dict, local_state_dict, unwrap
 from memplan.train import inputs as run_inputs
 from memplan.train import outputs
 from memplan.train.outputs import CHECKPOINT_PREFIX, list_checkpoints

@@ -212,7 +212,7 @@ def fill_every_process(resolved: Resolved, checked, trust_remote_code: bool) -> 
     are counted after tokenizing (an example whose answer starts after seq_len tokens is dropped; packing
     joins several into one sequence), which the checks before it cannot do without the tokenizer: here it
     is loaded once, so that a shortfall is one line rather than one per process after the launch."""
-    from memplan.hf_setup import offline_and_quiet
+    from memplan.runtime.hf import offline_and_quiet
 
     offline_and_quiet()
     from memplan.train.data import Stream, load_run_data

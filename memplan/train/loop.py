@@ -56,8 +56,8 @@ def _optimizer(plan, model):
     parameters. With weight decay, biases and norm weights (1-D tensors) are not decayed, as in HF Trainer.
     bf16-master: memplan.master_weights steps fp32 masters of the bf16 parameters, except under DeepSpeed,
     whose engine keeps the masters itself."""
-    from memplan.master_weights import MasterWeightsOptimizer, wants_masters
-    from memplan.profile_optim import optimizer_factory
+    from memplan.runtime.optim import MasterWeightsOptimizer, wants_masters
+    from memplan.runtime.optim import optimizer_factory
 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     wd = plan.hparams.weight_decay
@@ -120,7 +120,7 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     # ---- set up: everything that can be wrong with the input fails here, before torch is imported
     if checked is None:
         checked = preflight.require(resolved, resume, trust_remote_code)
-    from memplan.hf_setup import offline_and_quiet
+    from memplan.runtime.hf import offline_and_quiet
 
     offline_and_quiet()  # never the network; no lines about optional kernels
     import torch

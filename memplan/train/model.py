@@ -4,7 +4,7 @@ How each Plan field becomes the model (the same mapping memplan's estimator and 
 - precision: fp32 / amp-bf16 / amp-fp16 keep fp32 weights (the amp regimes autocast the forward through
   accelerate); bf16 loads the weights in bf16 (grads and AdamW states follow). bf16-master loads them in
   bf16 too, and the optimizer steps fp32 master copies: DeepSpeed's bf16 optimizer with sharding deepspeed,
-  memplan.master_weights with one process, DDP, or FSDP2 on the CPU (adamw / sgd).
+  memplan.runtime.optim with one process, DDP, or FSDP2 on the CPU (adamw / sgd).
 - method: full trains every weight; lora wraps the model with peft `LoraConfig(r, lora_alpha,
   lora_dropout, target_modules)` ("all-linear" = every linear layer but the output head); qlora loads the
   weights through transformers' `BitsAndBytesConfig` (4-bit NF4, double quantization, compute dtype bf16,
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import UserError
-from memplan.hf_setup import enable_checkpointing, keep_4bit_layers_differentiable, lora_config, nf4_config
+from memplan.runtime.hf import enable_checkpointing, keep_4bit_layers_differentiable, lora_config, nf4_config
 from memplan.models import read_config
 from memplan.plan import Plan
 
