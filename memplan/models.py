@@ -526,14 +526,14 @@ def preset_ids() -> list[str]:
     return list(_presets())
 
 
-def preset_info(preset_id: str) -> dict:
+def preset_info(pid: str) -> dict:
     """The presets.yaml entry of a preset id."""
-    return dict(_presets()[preset_id])
+    return dict(_presets()[pid])
 
 
-def _preset_spec(preset_id: str) -> ModelSpec:
-    path = models_dir() / preset_id / "config.json"
-    return spec_from_config(read_config(path), preset_id)
+def _preset_spec(pid: str) -> ModelSpec:
+    path = models_dir() / pid / "config.json"
+    return spec_from_config(read_config(path), pid)
 
 
 def list_presets() -> list[dict]:
@@ -636,20 +636,25 @@ def _unknown(ref: str) -> UserError:
     )
 
 
-def resolve_model(ref: str) -> ModelSpec:
-    """The ModelSpec for ``ref``, tried in this order: a config.json file or a local model
-    directory holding one; a preset id, alias or preset hub id (case-insensitive); a hub id
-    ``org/name`` found offline in the HF cache (the file is read directly, nothing is fetched)."""
+def preset_id(ref: str) -> str | None:
+    """The preset a reference names (its id, an alias or its hub id, in any case), or None."""
+    return _lookup().get(ref.strip().lower())
+
+
+def config_file(ref: str) -> tuple[Path, str]:
+    """The config.json behind ``ref`` and the model's name, tried in this order: a config.json file or a local
+    model directory holding one; a preset id, alias or preset hub id (case-insensitive); a hub id ``org/name``
+    found offline in the HF cache (the file is read directly, nothing is fetched)."""
     ref = ref.strip()
     if not ref:
         raise UserError("empty model name (run `memplan models` for the presets)")
     path = Path(ref).expanduser()
     local = _local_config(path)
     if local is not None:
-        return spec_from_config(read_config(local), str(path))
-    preset = _lookup().get(ref.lower())
+        return local, str(path)
+    preset = preset_id(ref)
     if preset is not None:
-        return _preset_spec(preset)
+        return models_dir() / preset / "config.json", preset
     if path.is_dir():
         raise UserError(f"{path} is a directory without a config.json")
     if _looks_like_path(ref):
@@ -657,5 +662,11 @@ def resolve_model(ref: str) -> ModelSpec:
     if ref.count("/") == 1:
         cached = _cached_config(ref)
         if cached is not None:
-            return spec_from_config(read_config(cached), ref)
+            return cached, ref
     raise _unknown(ref)
+
+
+def resolve_model(ref: str) -> ModelSpec:
+    """The ModelSpec of the model ``ref`` names (`config_file`)."""
+    path, name = config_file(ref)
+    return spec_from_config(read_config(path), name)

@@ -167,7 +167,7 @@ def make_wrapper(plan: Plan, device: str, world: int) -> Callable:
         except ImportError:  # torch < 2.6 kept FSDP2 under _composable
             from torch.distributed._composable.fsdp import CPUOffloadPolicy, fully_shard
 
-        from memplan.profile_build import decoder_layers
+        from memplan.runtime.model import decoder_layers
 
         mesh = init_device_mesh(torch.device(device).type, (world,))
         kwargs = dict(mesh=mesh, reshard_after_forward=plan.zero == 3)

@@ -32,7 +32,7 @@ import torch
 from memplan.errors import UserError
 from memplan.runtime.loss import chunked_causal_lm_loss
 from memplan.plan import Plan
-from memplan.profile_build import AUTOCAST_DTYPE, build_model, materialize, quant_state_tensors
+from memplan.runtime.model import build_model, materialize, quant_state_tensors
 from memplan.profile_meters import PHASES, CudaMeter, FakeLiveBytes, LiveBytes, StepMeasure
 from memplan.runtime.optim import make_optimizer, optimizer_factory, state_tensors
 
@@ -225,7 +225,7 @@ def _gradient_sync(model, last_micro_batch: bool):
 def train_steps(model, optimizer, plan: Plan, meter, *, steps: int, vocab: int, device: str,
                 trainable: list[torch.Tensor], logits_term: Optional[_LogitsLossTerm] = None) -> None:
     """`steps` optimizer steps of `plan`, each phase announced to the meter (a nanoGPT-like loop)."""
-    dtype = AUTOCAST_DTYPE.get(plan.precision)
+    dtype = getattr(torch, plan.regime.compute) if plan.regime.autocast else None
     device_type = torch.device(device).type
     for _ in range(steps):
         meter.new_step()
@@ -289,7 +289,7 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
     after_load = None
     try:
         shards = getattr(wrap, "shards_parameters", False)
-        built = build_model(config, plan, device=device, fake_mode=fake_mode, weights=weights, on_meta=shards)
+        built = build_model(plan, config=config, weights=weights, device=device, fake_mode=fake_mode, on_meta=shards)
         factory = optimizer_factory(plan)  # imports happen here, before the meter is active
         module = CausalLMLoss(built.model, plan.loss == "chunked", built.softcap)
         if shards:  # FSDP: shard on the meta device, then give each rank only its shards

@@ -6,7 +6,7 @@ step and records every tensor storage that the step allocates, on fake tensors (
 model size, nothing allocated, ~1-2 s for a 7B step) or on real CPU tensors (`backend="real"`: small
 models only; the same meter, used to check the fake trace).
 
-How each Plan field becomes the traced step: memplan.profile_build (model, dtype, attention, LoRA, QLoRA,
+How each Plan field becomes the traced step: memplan.runtime.model (model, dtype, attention, LoRA, QLoRA,
 checkpointing), memplan.runtime.optim (optimizer, bf16 master weights), memplan.profile_run (the loop:
 micro-batches, autocast, loss, grad_accum, zero_grad). How bytes are counted and named:
 memplan.profile_meters. Not traced (a GPU-only or multi-process matter, modelled elsewhere):

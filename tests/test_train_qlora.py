@@ -71,7 +71,7 @@ def test_an_evaluation_leaves_the_gradient_through_4bit_layers_intact(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from memplan.plan import build_plan
-    from memplan.train.model import load_model
+    from memplan.runtime.model import load_model
 
     torch.manual_seed(0)
     path = tmp_path / "llama"  # layer widths bitsandbytes' CPU repacking accepts (multiples of its 64-block)

@@ -15,7 +15,7 @@ from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
 from memplan.estimator import overhead
 from memplan.estimator.phases import TERMS
-from memplan.models import resolve_model
+from memplan.models import config_file, resolve_model
 from memplan.plan import Plan, build_plan, merge, read_plan_yaml
 
 PHASES = ("forward", "backward", "optimizer")
@@ -52,7 +52,6 @@ def default_backend(plan: Plan) -> str:
 def run(model: Optional[str], config_path: Optional[str], steps: int, backend: Optional[str], weights: Optional[str],
         find_max_batch: bool, gpu: Optional[str], gpu_memory: Optional[str], as_json: bool, **opts: Any) -> None:
     from memplan.commands.estimate import check_lora_targets, resolve_capacity
-    from memplan.profile_build import config_path as model_config_path
     from memplan.profile_launch import Request, measure_plan
     from memplan.profile_run import check_runnable
 
@@ -73,7 +72,7 @@ def run(model: Optional[str], config_path: Optional[str], steps: int, backend: O
     capacity = resolve_capacity(gpu, gpu_memory)
     kernels = "cuda" if backend == "cuda" else "cpu"
     est = estimate(spec, plan, capacity, kernels=kernels)
-    config = str(model_config_path(weights or plan.model))
+    config = str(config_file(weights or plan.model)[0])
     req = Request(config=config, plan=plan.model_dump(mode="json"), backend=backend, steps=steps, weights=weights,
                   memory_limit=capacity if (backend == "cuda" and (gpu or gpu_memory)) else None)
 

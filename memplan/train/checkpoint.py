@@ -420,7 +420,7 @@ def _write_final(final: Path, needed: int, save: Callable[[Path], None]) -> Opti
 
 def _files_bytes(directory: Path) -> int:
     """The model directory's files other than its weights: config, tokenizer (saved beside the weights)."""
-    from memplan.train.model import WEIGHT_FILES
+    from memplan.runtime.model import WEIGHT_FILES
 
     weights = {p for pattern in WEIGHT_FILES for p in directory.glob(pattern)}
     return sum(p.stat().st_size for p in directory.iterdir() if p.is_file() and p not in weights)

@@ -216,7 +216,7 @@ def fill_every_process(resolved: Resolved, checked, trust_remote_code: bool) -> 
 
     offline_and_quiet()
     from memplan.train.data import Stream, load_run_data
-    from memplan.train.model import load_tokenizer
+    from memplan.runtime.model import load_tokenizer
 
     plan = resolved.plan
     data = load_run_data(plan, load_tokenizer(checked.model_dir, trust_remote_code), checked.records)

@@ -141,7 +141,7 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     from memplan.train import metrics as mx
     from memplan.train import outputs
     from memplan.train.memory import PeakMemory
-    from memplan.train.model import load_model, load_tokenizer, parameter_counts
+    from memplan.runtime.model import load_model, load_tokenizer, parameter_counts
 
     plan = resolved.plan
     out = resolved.output_dir

@@ -301,7 +301,7 @@ def machine_lines(plan: Plan, plan_path: Path, machine: Machine) -> list[str]:
 
 
 def _model_lines(plan: Plan, trust_remote_code: bool) -> tuple[Optional[Path], list[str]]:
-    from memplan.train.model import check_remote_code, model_dir
+    from memplan.runtime.model import check_remote_code, model_dir
 
     try:
         path = model_dir(plan.model)
