@@ -33,7 +33,9 @@ from memplan.errors import UserError
 from memplan.runtime.loss import chunked_causal_lm_loss
 from memplan.plan import Plan
 from memplan.runtime.model import build_model, materialize, quant_state_tensors
-from memplan.profile_meters import PHASES, CudaMeter, FakeLiveBytes, LiveBytes, StepMeasure
+from memplan.estimator.phases import PHASES
+from memplan.profile_meters import CudaMeter
+from memplan.runtime.meter import LiveBytes, StepMeasure
 from memplan.runtime.optim import make_optimizer, optimizer_factory, state_tensors
 
 BACKENDS = ("cuda", "cpu", "trace")
@@ -253,11 +255,10 @@ def train_steps(model, optimizer, plan: Plan, meter, *, steps: int, vocab: int, 
 
 
 def make_meter(backend: str, device: str):
-    if backend == "trace":
-        return FakeLiveBytes()
-    if backend == "cpu":
-        return LiveBytes()
-    return CudaMeter(device)
+    """Live tensor bytes on trace (fake tensors) and cpu; the allocator's statistics on cuda."""
+    if backend == "cuda":
+        return CudaMeter(device)
+    return LiveBytes()
 
 
 def measure(config, plan: Plan, *, backend: str, steps: int = 3, weights: Optional[str] = None, seed: int = 0,

@@ -9,7 +9,7 @@ models only; the same meter, used to check the fake trace).
 How each Plan field becomes the traced step: memplan.runtime.model (model, dtype, attention, LoRA, QLoRA,
 checkpointing), memplan.runtime.optim (optimizer, bf16 master weights), memplan.profile_run (the loop:
 micro-batches, autocast, loss, grad_accum, zero_grad). How bytes are counted and named:
-memplan.profile_meters. Not traced (a GPU-only or multi-process matter, modelled elsewhere):
+memplan.runtime.meter. Not traced (a GPU-only or multi-process matter, modelled elsewhere):
 sharding/zero/offload, gpus/nodes, the CUDA caching allocator, context and workspaces, CUDA attention and
 optimizer kernel choices.
 """
@@ -20,15 +20,10 @@ from dataclasses import dataclass
 
 from memplan.errors import UserError
 from memplan.plan import Plan
-from memplan.profile_meters import PHASES, TERMS, LiveBytes, StepMeasure
+from memplan.runtime.meter import StepMeasure
 from memplan.profile_run import measure
 
-CATEGORIES = TERMS
-PhasePeaks = StepMeasure
-_LiveBytes = LiveBytes
 _BACKENDS = {"fake": "trace", "real": "cpu"}
-
-__all__ = ["PHASES", "CATEGORIES", "PhasePeaks", "TraceResult", "trace_training"]
 
 
 @dataclass

@@ -249,7 +249,7 @@ def test_find_max_batch_does_not_probe_what_cannot_fit_here(run_cli, monkeypatch
     import memplan.recommend.hardware
     from memplan.estimator import estimate
     from memplan.models import resolve_model
-    from memplan.profile_meters import StepMeasure
+    from memplan.runtime.meter import StepMeasure
     from memplan.profile_run import Measured
 
     spec = resolve_model("demo-tiny")

@@ -57,3 +57,22 @@ def test_profile_and_train_build_the_same_model(method, precision, ckpt):
     else:
         assert trains and all("lora_" in name for name in trains)
     assert bool(profile_side["checkpointing"]) and all(on == ckpt for _, on in profile_side["checkpointing"])
+
+
+def test_the_trains_cpu_peak_follows_storages_freed_by_hand():
+    """`memplan train` counts with profile's meter: a storage resized to 0 (how FSDP frees an unsharded
+    parameter) stops counting, so a later allocation of the same size does not raise the peak."""
+    import torch
+
+    from memplan.runtime.meter import LiveBytes, PeakMemory
+
+    model = torch.nn.Linear(10, 10)  # 110 fp32 parameters: 440 B
+    meter = PeakMemory(torch.device("cpu"), steps=1)
+    meter.start(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert isinstance(meter.mode, LiveBytes)
+    gathered = torch.ones(1000)  # 4000 B
+    gathered.untyped_storage().resize_(0)
+    again = torch.ones(1000)
+    meter.step_done(rows_len=1)
+    assert meter.peak_bytes == 440 + 4000 and meter.mode is None
+    del gathered, again

@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from memplan.errors import UserError
 from memplan.runtime.loss import chunked_causal_lm_loss
 from memplan.plan import Plan
-from memplan.trace import PHASES, CATEGORIES, _LiveBytes, trace_training
+from memplan.estimator.phases import PHASES
+from memplan.runtime.meter import METERED_TERMS, LiveBytes
+from memplan.trace import trace_training
 
 GiB = 2**30
 
@@ -48,7 +50,7 @@ def param_count(config) -> int:
 
 
 def test_tracker_counts_each_storage_once_and_frees_it():
-    tracker = _LiveBytes()
+    tracker = LiveBytes()
     with tracker:
         tracker.new_step()
         tracker.phase("forward")
@@ -96,7 +98,7 @@ def test_fake_equals_real(name):
     for f, r in zip(fake.steps, real.steps):
         for phase in PHASES:
             assert getattr(f, phase) == pytest.approx(getattr(r, phase), rel=1e-3), phase
-            assert set(f.breakdown[phase]) == set(CATEGORIES)
+            assert set(f.breakdown[phase]) == set(METERED_TERMS)
             assert sum(f.breakdown[phase].values()) == getattr(f, phase)
     assert fake.peak == pytest.approx(real.peak, rel=1e-3)
 

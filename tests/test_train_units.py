@@ -108,10 +108,10 @@ def test_stream_is_a_function_of_the_position():
 def test_live_tensor_bytes_counts_allocations():
     import torch
 
-    from memplan.train.memory import LiveTensorBytes
+    from memplan.runtime.meter import LiveBytes
 
     base = torch.zeros(1000)
-    mode = LiveTensorBytes()
+    mode = LiveBytes()
     mode.register([base])
     with mode:
         a = torch.ones(2000)

@@ -140,7 +140,7 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     from memplan.train import inputs as run_inputs
     from memplan.train import metrics as mx
     from memplan.train import outputs
-    from memplan.train.memory import PeakMemory
+    from memplan.runtime.meter import PeakMemory
     from memplan.runtime.model import load_model, load_tokenizer, parameter_counts
 
     plan = resolved.plan
@@ -444,7 +444,7 @@ def memory_report(plan, base_dir: Path, meter) -> Optional[dict]:
     measured steps really had (the data's longest micro-batch rather than seq_len tokens)."""
     from memplan.estimator import estimate
     from memplan.models import resolve_model
-    from memplan.train.memory import compare
+    from memplan.runtime.meter import compare
 
     if meter.peak_bytes is None:
         return None
