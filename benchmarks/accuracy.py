@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py [--out benchmarks/results/accuracy-trace.md] [--only SUBSTRING]
 
-Measured = `memplan profile`'s measuring path (memplan.profile_run.measure): two optimizer steps of the
+Measured = `memplan profile`'s measuring path (memplan.profile.run.measure): two optimizer steps of the
 transformers model built from the preset's config, live bytes per phase on fake tensors (backend
 "trace"), or on real CPU tensors (backend "cpu": bitsandbytes' 4-bit and 8-bit kernels cannot run on fake
 tensors; those rows use a small config).
@@ -74,7 +74,7 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
     from memplan.estimator import estimate
     from memplan.models import models_dir, resolve_model, spec_from_config
     from memplan.plan import Plan
-    from memplan.profile_run import measure
+    from memplan.profile.run import measure
 
     if preset == "small-llama":
         config, spec = dict(SMALL), spec_from_config(dict(SMALL), "small-llama")

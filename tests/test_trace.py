@@ -14,7 +14,7 @@ from memplan.runtime.loss import chunked_causal_lm_loss
 from memplan.plan import Plan
 from memplan.estimator.phases import PHASES
 from memplan.runtime.meter import METERED_TERMS, LiveBytes
-from memplan.trace import trace_training
+from memplan.profile.trace import trace_training
 
 GiB = 2**30
 
@@ -91,8 +91,8 @@ SETUPS = {
 @pytest.mark.parametrize("name", list(SETUPS))
 def test_fake_equals_real(name):
     config, plan = tiny_llama(), tiny_plan(**SETUPS[name])
-    fake = trace_training(config, plan, backend="fake")
-    real = trace_training(config, plan, backend="real")
+    fake = trace_training(config, plan, backend="trace")
+    real = trace_training(config, plan, backend="cpu")
     assert fake.after_load == real.after_load
     assert len(fake.steps) == len(real.steps) == 2
     for f, r in zip(fake.steps, real.steps):
@@ -263,7 +263,7 @@ def test_bitsandbytes_plans_are_refused_on_fake_tensors():
 
 
 def test_bad_backend_is_a_user_error():
-    with pytest.raises(UserError, match="fake, real"):
+    with pytest.raises(UserError, match="trace, cpu"):
         trace_training(tiny_llama(), tiny_plan(), backend="cuda")
 
 
@@ -272,9 +272,9 @@ def test_real_bitsandbytes_plans_need_bitsandbytes():
         import bitsandbytes  # noqa: F401
     except ImportError:
         with pytest.raises(UserError, match="pip install bitsandbytes"):
-            trace_training(tiny_llama(), tiny_plan(method="qlora", precision="bf16"), backend="real")
+            trace_training(tiny_llama(), tiny_plan(method="qlora", precision="bf16"), backend="cpu")
     else:
-        result = trace_training(tiny_llama(), tiny_plan(method="qlora", precision="bf16"), backend="real")
+        result = trace_training(tiny_llama(), tiny_plan(method="qlora", precision="bf16"), backend="cpu")
         assert result.steady.breakdown["optimizer"]["gradients"] > 0
 
 

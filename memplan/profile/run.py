@@ -1,5 +1,5 @@
 """Run real training steps of a plan and measure them per phase: the one loop behind `memplan profile`
-(backends trace, cpu, cuda), the tracer (memplan.trace) and the GPU check.
+(backends trace, cpu, cuda), the tracer (memplan.profile.trace) and the GPU check.
 
 Per optimizer step: grad_accum x (forward + loss on a synthetic batch of exactly micro_batch x seq_len
 random token ids, labels = the ids, no attention mask; loss / grad_accum; backward), then
@@ -34,7 +34,7 @@ from memplan.runtime.loss import chunked_causal_lm_loss
 from memplan.plan import Plan
 from memplan.runtime.model import build_model, materialize, quant_state_tensors
 from memplan.estimator.phases import PHASES
-from memplan.profile_meters import CudaMeter
+from memplan.profile.meters import CudaMeter
 from memplan.runtime.meter import LiveBytes, StepMeasure
 from memplan.runtime.optim import make_optimizer, optimizer_factory, state_tensors
 
