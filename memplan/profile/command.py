@@ -60,8 +60,9 @@ def default_backend(plan: Plan) -> str:
 def gather(model: Optional[str], config_path: Optional[str], steps: int, backend: Optional[str],
            weights: Optional[str], find_max_batch: bool, gpu: Optional[str], gpu_memory: Optional[str],
            overrides: dict, announce: Optional[Callable[[Profiled], None]] = None) -> Profiled:
-    """Estimate the plan (the plan file's fields, `overrides` the flags given over them), then measure it unless it cannot fit where `backend` runs it (`announce` is called
-    just before the steps run). Bad input and plans that cannot run here raise UserError."""
+    """Estimate the plan (the plan file's fields, `overrides` the flags given over them), then measure it
+    unless it cannot fit where `backend` runs it (`announce` is called just before the steps run). Bad input
+    and plans that cannot run here raise UserError."""
     from memplan.commands.estimate import check_lora_targets, resolve_capacity
     from memplan.profile.launch import Request, measure_plan
     from memplan.profile.run import check_runnable

@@ -14,9 +14,6 @@ import torch
 from memplan.runtime.meter import LiveBytes, StepMeasure
 
 
-# ---------------------------------------------------------------- CUDA
-
-
 class CudaMeter:
     """The caching allocator's peaks per phase (reset between phases), NVML's used memory after each step,
     and a LiveBytes for the breakdown. `stats` is `torch.cuda` (anything with its memory-stat functions)."""
