@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py [--out benchmarks/results/accuracy-trace.md] [--only SUBSTRING]
 
-Measured = `memplan profile`'s measuring path (memplan.profile_run.measure): two optimizer steps of the
+Measured = `memplan profile`'s measuring path (memplan.profile.run.measure): two optimizer steps of the
 transformers model built from the preset's config, live bytes per phase on fake tensors (backend
 "trace"), or on real CPU tensors (backend "cpu": bitsandbytes' 4-bit and 8-bit kernels cannot run on fake
 tensors; those rows use a small config).
@@ -76,7 +76,7 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
     from memplan.catalog.resolve import resolve_model
     from memplan.catalog.spec import spec_from_config
     from memplan.plan import Plan
-    from memplan.profile_run import measure
+    from memplan.profile.run import measure
 
     if preset == "small-llama":
         config, spec = dict(SMALL), spec_from_config(dict(SMALL), "small-llama")

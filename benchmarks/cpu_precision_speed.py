@@ -84,7 +84,7 @@ def plan_dict(model: str, method: str, precision: str, mb: int, seq: int, steps:
 def padded_lengths(plan, steps: int) -> list[int]:
     """The padded length of each step's micro-batch, from the same stream the loop draws."""
     from memplan.train import data as D
-    from memplan.train.model import load_tokenizer, model_dir
+    from memplan.runtime.model import load_tokenizer, model_dir
 
     tok = load_tokenizer(model_dir(plan.model), False)
     run_data = D.load_run_data(plan, tok)

@@ -3,7 +3,7 @@ DeepSpeed's CPU accelerator, gloo) and its losses are compared with memplan's ow
 effective batch, with the trainer's measured peak memory next to memplan's estimate.
 
 Every run trains 8 optimizer steps of 8 sequences (seq_len 128) from the shipped demo data, precision
-bf16-master (DeepSpeed: its bf16 optimizer with fp32 masters; DDP: memplan.master_weights) unless named
+bf16-master (DeepSpeed: its bf16 optimizer with fp32 masters; DDP: memplan.runtime.optim) unless named
 fp32. Two processes use micro_batch 2, one process micro_batch 4; grad_accum 2 everywhere. The resume row is
 the ZeRO-2 run killed (SIGKILL) after its step-4 checkpoint and continued with --resume. The plan
 directories are written as `memplan recommend -o` writes them (ds_config.json with "auto" values and the

@@ -1,7 +1,7 @@
 """Measure real training steps on a CUDA GPU and compare them with memplan's estimate, plan by plan.
 
 Run by benchmarks/gpu_check.sh on a machine with one GPU. For each plan: `memplan profile`'s own path
-(memplan.profile_run.measure, backend cuda): the HF model from the preset's config (random weights;
+(memplan.profile.run.measure, backend cuda): the HF model from the preset's config (random weights;
 memory does not depend on their values), the plan applied exactly as the trace applies it, 3 optimizer
 steps on random tokens; per phase `torch.cuda.max_memory_allocated` (peaks reset between phases), the
 reserved peak, NVML's used memory, and the live-tensor breakdown. A case that fails for another reason
@@ -56,12 +56,12 @@ CASES = [
 
 
 def measure(preset: str, fields: dict, steps: int = 3, attribute: bool = True) -> dict:
-    """One case through memplan's profile path (memplan.profile_run.measure, backend cuda), in the JSONL
+    """One case through memplan's profile path (memplan.profile.run.measure, backend cuda), in the JSONL
     row format gpu_report.py reads: per step the phase peaks, the reserved peak and NVML's used memory."""
     from memplan.catalog.presets import models_dir
     from memplan.plan import Plan
-    from memplan.profile_meters import CudaMeter
-    from memplan.profile_run import measure as profile_measure
+    from memplan.profile.meters import CudaMeter
+    from memplan.profile.run import measure as profile_measure
 
     plan = Plan(model=preset, **fields)
     meter = CudaMeter("cuda:0", attribute=attribute)
@@ -86,7 +86,7 @@ def main() -> None:
     from memplan.estimator import estimate
     from memplan.catalog.resolve import resolve_model
     from memplan.plan import Plan
-    from memplan.profile_meters import nvml_used
+    from memplan.profile.meters import nvml_used
 
     out_path = Path(sys.argv[1])
     picks = {int(a) for a in sys.argv[2:]}

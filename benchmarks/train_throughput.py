@@ -67,7 +67,7 @@ def run_trainer(plan_dict: dict, workdir: Path) -> list[float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from memplan.train import data as D
-    from memplan.train.model import load_model, load_tokenizer, model_dir
+    from memplan.runtime.model import load_model, load_tokenizer, model_dir
     from memplan.train.settings import resolve_plan
 
     path = workdir / "plan-trainer.yaml"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -25,13 +26,37 @@ Attention = Literal["eager", "sdpa", "flash"]
 Loss = Literal["standard", "chunked"]
 
 ALL_LINEAR = "all-linear"
+BITSANDBYTES_OPTIMIZERS = ("adamw-8bit", "paged-adamw-8bit")
 
 #: Warmup when a plan gives neither warmup_ratio nor warmup_steps: 5 % of the optimizer steps, inside the
 #: recommended 3-10 % (memplan.recommend.hparams).
 DEFAULT_WARMUP_RATIO = 0.05
 
-# FSDP's sharding strategies under the ZeRO stage numbers memplan uses for every backend.
-FSDP_STRATEGY = {0: "NO_SHARD", 2: "SHARD_GRAD_OP", 3: "FULL_SHARD"}
+
+@dataclass(frozen=True)
+class Regime:
+    """How one precision runs, as names (torch dtype names, accelerate's and DeepSpeed's settings), so that the
+    estimate path reads it without torch. `memplan profile` and `memplan train` build from it alike."""
+
+    weights: str  # the dtype the weights are loaded in; their gradients follow them
+    compute: str  # the dtype the matmuls run in: autocast's, else the weights' (QLoRA: NF4 dequantizes to it)
+    autocast: bool  # the forward and the loss run under torch.autocast(compute)
+    masters: bool  # the optimizer steps fp32 master copies of the 16-bit weights
+    accelerate: str  # accelerate's mixed_precision without DeepSpeed: its autocast, else "no"
+    deepspeed_bf16: bool  # DeepSpeed's bf16.enabled: its bf16 optimizer, which keeps fp32 masters itself
+
+
+#: THE precision table. amp-*: fp32 weights, the forward autocast to 16 bits (HF Trainer's bf16=True / fp16=True);
+#: bf16: everything in bf16; bf16-master: bf16 weights and gradients, fp32 masters and states stepped by the
+#: optimizer (DeepSpeed's bf16 optimizer; without DeepSpeed memplan.runtime.optim) - no autocast, so
+#: accelerate's mixed_precision is "no" except where DeepSpeed's engine is told "bf16" (`mixed_precision`).
+PRECISIONS: dict[str, Regime] = {
+    "fp32": Regime("float32", "float32", autocast=False, masters=False, accelerate="no", deepspeed_bf16=False),
+    "amp-bf16": Regime("float32", "bfloat16", autocast=True, masters=False, accelerate="bf16", deepspeed_bf16=False),
+    "amp-fp16": Regime("float32", "float16", autocast=True, masters=False, accelerate="fp16", deepspeed_bf16=False),
+    "bf16": Regime("bfloat16", "bfloat16", autocast=False, masters=False, accelerate="no", deepspeed_bf16=False),
+    "bf16-master": Regime("bfloat16", "bfloat16", autocast=False, masters=True, accelerate="no", deepspeed_bf16=True),
+}
 
 
 #: The largest number a plan holds, and the largest a numeric flag takes (memplan.cli_options): a signed
@@ -242,6 +267,16 @@ class Plan(_Strict):
     def trains_adapters(self) -> bool:
         return self.method in ("lora", "qlora")
 
+    @property
+    def regime(self) -> Regime:
+        """The precision's row of PRECISIONS."""
+        return PRECISIONS[self.precision]
+
+    @property
+    def uses_bitsandbytes(self) -> bool:
+        """QLoRA's 4-bit layers and the 8-bit optimizers are bitsandbytes' kernels."""
+        return self.method == "qlora" or self.optimizer in BITSANDBYTES_OPTIMIZERS
+
     @model_validator(mode="after")
     def _combinations(self) -> "Plan":
         for problem in plan_problems(self):
@@ -296,6 +331,14 @@ def plan_problems(p: Plan) -> list[str]:
     if p.attn == "flash" and p.precision == "fp32":
         out.append("flash-attention runs in fp16/bf16 only. Hint: use --attn sdpa, or a 16-bit precision.")
     return out
+
+
+def mixed_precision(plan: Plan) -> str:
+    """accelerate's mixed_precision for the plan (the Accelerator of `memplan train`, accelerate_config.yaml):
+    under DeepSpeed "bf16" turns on its bf16 engine (bf16-master), elsewhere it is the regime's autocast."""
+    if plan.sharding == "deepspeed":
+        return "bf16" if plan.regime.deepspeed_bf16 else "no"
+    return plan.regime.accelerate
 
 
 # ---------------------------------------------------------------- loading and merging

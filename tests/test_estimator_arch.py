@@ -15,7 +15,7 @@ import pytest
 from memplan.estimator import estimate
 from memplan.catalog.spec import spec_from_config
 from memplan.plan import Plan
-from memplan.trace import trace_training
+from memplan.profile.trace import trace_training
 
 GEMMA = dict(model_type="gemma", hidden_size=256, intermediate_size=2048, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=1, head_dim=256, hidden_act="gelu_pytorch_tanh")
@@ -77,7 +77,7 @@ CASES = [
 def test_phase_peaks_match_the_trace(config, fields):
     plan = Plan(micro_batch=2, seq_len=512, **fields)
     est = estimate(spec_from_config(dict(config), config["model_type"]), plan, kernels="cpu")
-    steady = trace_training(dict(config), plan, backend="fake").steady
+    steady = trace_training(dict(config), plan, backend="trace").steady
     for phase in ("forward", "backward", "optimizer"):
         measured = getattr(steady, phase)
         err = 100 * (est.phase_peaks[phase] - measured) / measured

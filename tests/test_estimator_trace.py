@@ -9,7 +9,7 @@ import pytest
 from memplan.estimator import estimate
 from memplan.catalog.resolve import resolve_model
 from memplan.plan import Plan
-from memplan.trace import trace_training
+from memplan.profile.trace import trace_training
 
 from conftest import preset_config
 
@@ -38,7 +38,7 @@ def results():
 def test_phase_peaks_match_the_trace(preset, fields, results):
     plan = Plan(model=preset, **fields)
     est = estimate(resolve_model(preset), plan, kernels="cpu")
-    trace = trace_training(preset_config(preset), plan, backend="fake")
+    trace = trace_training(preset_config(preset), plan, backend="trace")
     steady = trace.steady
     for phase in ("forward", "backward", "optimizer"):
         measured = getattr(steady, phase)
@@ -72,7 +72,7 @@ def test_phase_peaks_match_real_cpu_steps(fields):
 
     plan = Plan(**fields)
     est = estimate(spec_from_config(dict(SMALL), "small"), plan, kernels="cpu")
-    steady = trace_training(dict(SMALL), plan, backend="real").steady
+    steady = trace_training(dict(SMALL), plan, backend="cpu").steady
     for phase in ("forward", "backward", "optimizer"):
         measured = getattr(steady, phase)
         err = 100 * (est.phase_peaks[phase] - measured) / measured

@@ -203,13 +203,13 @@ def test_recommend_refuses_a_step_count_no_plan_can_hold(run_cli):
 
 @pytest.fixture
 def nothing_measured(monkeypatch):
-    import memplan.profile_launch
+    import memplan.profile.launch
 
     def refuse(*a, **k):
         raise AssertionError("a step ran")
 
-    monkeypatch.setattr(memplan.profile_launch, "measure_plan", refuse)
-    monkeypatch.setattr(memplan.profile_launch, "probe_in_subprocess", refuse)
+    monkeypatch.setattr(memplan.profile.launch, "measure_plan", refuse)
+    monkeypatch.setattr(memplan.profile.launch, "probe_in_subprocess", refuse)
 
 
 @pytest.mark.usefixtures("nothing_measured")
@@ -229,7 +229,7 @@ def test_profile_refuses_a_step_larger_than_this_machine_before_allocating(run_c
 
 def test_profile_on_a_gpu_compares_with_its_memory(monkeypatch):
     from memplan.catalog import gpus
-    from memplan.commands.profile import room_here
+    from memplan.profile.command import room_here
     from memplan.estimator import estimate
     from memplan.catalog.resolve import resolve_model
 
@@ -245,12 +245,12 @@ def test_profile_on_a_gpu_compares_with_its_memory(monkeypatch):
 
 
 def test_find_max_batch_does_not_probe_what_cannot_fit_here(run_cli, monkeypatch):
-    import memplan.profile_launch
+    import memplan.profile.launch
     import memplan.recommend.hardware
     from memplan.estimator import estimate
     from memplan.catalog.resolve import resolve_model
-    from memplan.profile_meters import StepMeasure
-    from memplan.profile_run import Measured
+    from memplan.runtime.meter import StepMeasure
+    from memplan.profile.run import Measured
 
     spec = resolve_model("demo-tiny")
     fields = {"model": "demo-tiny", "device": "cpu", "precision": "fp32", "seq_len": 64}
@@ -266,8 +266,8 @@ def test_find_max_batch_does_not_probe_what_cannot_fit_here(run_cli, monkeypatch
         return [Measured(backend="cpu", steps=[StepMeasure(peaks={"forward": 1, "backward": 1, "optimizer": 1})],
                          after_load=1)]
 
-    monkeypatch.setattr(memplan.profile_launch, "probe_in_subprocess", probe)
-    monkeypatch.setattr(memplan.profile_launch, "measure_plan", lambda req: probe(req))
+    monkeypatch.setattr(memplan.profile.launch, "probe_in_subprocess", probe)
+    monkeypatch.setattr(memplan.profile.launch, "measure_plan", lambda req: probe(req))
     code, out, err = run_cli("profile", "--model", "demo-tiny", "--device", "cpu", "--precision", "fp32",
                              "--seq-len", "64", "--backend", "cpu", "--find-max-batch", "--gpu-memory", "1000GiB",
                              "--json")

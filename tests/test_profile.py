@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from memplan.estimator.phases import TERMS
 from memplan.plan import Plan
-from memplan.profile_launch import search_max
-from memplan.profile_meters import CudaMeter
-from memplan.profile_run import measure
+from memplan.profile.launch import search_max
+from memplan.profile.meters import CudaMeter
+from memplan.profile.run import measure
 
 MiB = 2**20
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -331,8 +331,8 @@ def test_gpu_check_rows_come_from_the_profile_path(tiny, tmp_path, monkeypatch):
     from pathlib import Path
 
     import memplan.catalog.presets
-    import memplan.profile_meters
-    import memplan.profile_run
+    import memplan.profile.meters
+    import memplan.profile.run
 
     (tmp_path / "tiny").mkdir()
     shutil.copy(tiny, tmp_path / "tiny" / "config.json")
@@ -344,9 +344,9 @@ def test_gpu_check_rows_come_from_the_profile_path(tiny, tmp_path, monkeypatch):
             super().__init__("cpu", stats=stats, attribute=attribute)
             stats.meter = self
 
-    real_measure = memplan.profile_run.measure
-    monkeypatch.setattr(memplan.profile_meters, "CudaMeter", CpuCudaMeter)
-    monkeypatch.setattr(memplan.profile_run, "measure",
+    real_measure = memplan.profile.run.measure
+    monkeypatch.setattr(memplan.profile.meters, "CudaMeter", CpuCudaMeter)
+    monkeypatch.setattr(memplan.profile.run, "measure",
                         lambda config, plan, backend, **kw: real_measure(config, plan, backend="cpu", **kw))
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)

@@ -167,6 +167,27 @@ def _check_documented(obj: dict, schema: dict, where: str = "") -> None:
             assert isinstance(value, kind) and (kind is bool or not isinstance(value, bool)), f"{where}{key}"
 
 
+def test_accelerate_config_names_the_precision_memplan_train_runs():
+    """accelerate_config.yaml's mixed_precision and the Accelerator of `memplan train` come from one table: a
+    bf16-master plan without DeepSpeed autocasts nothing (memplan's fp32 masters do the mixing), with DeepSpeed
+    accelerate hands "bf16" to its engine, and the JSON's bf16 agrees."""
+    from memplan.catalog.resolve import resolve_model
+    from memplan.plan import PRECISIONS, mixed_precision
+    from memplan.recommend.writers import accelerate_config, ds_config
+    from memplan.train.deepspeed_setup import accelerator_kwargs
+
+    spec = resolve_model("llama-2-7b")
+    for precision in PRECISIONS:
+        plan = build_plan(dict(model="llama-2-7b", precision=precision, gpus=2))
+        assert accelerate_config(plan, spec, "10.0.0.1")["mixed_precision"] == mixed_precision(plan)
+    ddp = build_plan(dict(model="llama-2-7b", precision="bf16-master", gpus=2))
+    assert accelerate_config(ddp, spec, "10.0.0.1")["mixed_precision"] == "no"
+    for precision, engine in (("bf16-master", "bf16"), ("fp32", "no")):
+        plan = build_plan(dict(model="llama-2-7b", precision=precision, gpus=2, sharding="deepspeed", zero=2))
+        assert accelerator_kwargs(plan)["mixed_precision"] == mixed_precision(plan) == engine
+        assert ds_config(plan, spec)["bf16"]["enabled"] == (engine == "bf16")
+
+
 @pytest.mark.parametrize("name", ["deepspeed", "multinode"])
 def test_ds_config_uses_documented_keys_and_consistent_batch(written, name):
     from memplan.train.deepspeed_setup import fill_auto

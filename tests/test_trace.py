@@ -10,9 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from memplan.errors import UserError
-from memplan.loss import chunked_causal_lm_loss
+from memplan.runtime.loss import chunked_causal_lm_loss
 from memplan.plan import Plan
-from memplan.trace import PHASES, CATEGORIES, _LiveBytes, trace_training
+from memplan.estimator.phases import PHASES
+from memplan.runtime.meter import METERED_TERMS, LiveBytes
+from memplan.profile.trace import trace_training
 
 GiB = 2**30
 
@@ -48,7 +50,7 @@ def param_count(config) -> int:
 
 
 def test_tracker_counts_each_storage_once_and_frees_it():
-    tracker = _LiveBytes()
+    tracker = LiveBytes()
     with tracker:
         tracker.new_step()
         tracker.phase("forward")
@@ -89,14 +91,14 @@ SETUPS = {
 @pytest.mark.parametrize("name", list(SETUPS))
 def test_fake_equals_real(name):
     config, plan = tiny_llama(), tiny_plan(**SETUPS[name])
-    fake = trace_training(config, plan, backend="fake")
-    real = trace_training(config, plan, backend="real")
+    fake = trace_training(config, plan, backend="trace")
+    real = trace_training(config, plan, backend="cpu")
     assert fake.after_load == real.after_load
     assert len(fake.steps) == len(real.steps) == 2
     for f, r in zip(fake.steps, real.steps):
         for phase in PHASES:
             assert getattr(f, phase) == pytest.approx(getattr(r, phase), rel=1e-3), phase
-            assert set(f.breakdown[phase]) == set(CATEGORIES)
+            assert set(f.breakdown[phase]) == set(METERED_TERMS)
             assert sum(f.breakdown[phase].values()) == getattr(f, phase)
     assert fake.peak == pytest.approx(real.peak, rel=1e-3)
 
@@ -261,7 +263,7 @@ def test_bitsandbytes_plans_are_refused_on_fake_tensors():
 
 
 def test_bad_backend_is_a_user_error():
-    with pytest.raises(UserError, match="fake, real"):
+    with pytest.raises(UserError, match="trace, cpu"):
         trace_training(tiny_llama(), tiny_plan(), backend="cuda")
 
 
@@ -270,9 +272,9 @@ def test_real_bitsandbytes_plans_need_bitsandbytes():
         import bitsandbytes  # noqa: F401
     except ImportError:
         with pytest.raises(UserError, match="pip install bitsandbytes"):
-            trace_training(tiny_llama(), tiny_plan(method="qlora", precision="bf16"), backend="real")
+            trace_training(tiny_llama(), tiny_plan(method="qlora", precision="bf16"), backend="cpu")
     else:
-        result = trace_training(tiny_llama(), tiny_plan(method="qlora", precision="bf16"), backend="real")
+        result = trace_training(tiny_llama(), tiny_plan(method="qlora", precision="bf16"), backend="cpu")
         assert result.steady.breakdown["optimizer"]["gradients"] > 0
 
 

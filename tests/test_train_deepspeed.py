@@ -240,7 +240,7 @@ def test_offload_needs_cpu_adam_buildable_before_launch(tmp_path, tiny, monkeypa
 
 
 def test_deepspeed_trains_like_memplans_own_bf16_master(tmp_path, tiny):
-    """ZeRO-2 through DeepSpeed's engine vs memplan.master_weights: the same bf16-master regime, the same
+    """ZeRO-2 through DeepSpeed's engine vs memplan.runtime.optim: the same bf16-master regime, the same
     data and steps. Tolerance 2e-4 relative: DeepSpeed accumulates and clips fp32 gradients where memplan's
     loop accumulates bf16 ones (measured 3e-5)."""
     pytest.importorskip("deepspeed")

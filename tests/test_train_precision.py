@@ -1,4 +1,4 @@
-"""Precision bf16-master in `memplan train` (memplan.master_weights): bf16 weights and gradients, fp32 master
+"""Precision bf16-master in `memplan train` (memplan.runtime.optim): bf16 weights and gradients, fp32 master
 copies stepped by AdamW. On the tiny Llama of test_train_support, on the CPU.
 
 Tolerances (measured on this model, then given about 10x room):
@@ -47,7 +47,7 @@ def test_master_weights_keep_fp32_state_and_follow_the_scheduler():
     from accelerate.state import AcceleratorState
     from transformers import get_scheduler
 
-    from memplan.master_weights import MasterWeightsOptimizer, state_tensors
+    from memplan.runtime.optim import MasterWeightsOptimizer, state_tensors
 
     def make(seed):
         torch.manual_seed(seed)
@@ -108,7 +108,7 @@ def test_master_weights_keep_fp32_state_and_follow_the_scheduler():
 
 
 def test_fp32_parameters_are_their_own_master():
-    from memplan.master_weights import MasterWeightsOptimizer, wants_masters
+    from memplan.runtime.optim import MasterWeightsOptimizer, wants_masters
 
     adapter = torch.nn.Parameter(torch.zeros(3))
     base = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))

@@ -71,7 +71,7 @@ def test_an_evaluation_leaves_the_gradient_through_4bit_layers_intact(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from memplan.plan import build_plan
-    from memplan.train.model import load_model
+    from memplan.runtime.model import load_model
 
     torch.manual_seed(0)
     path = tmp_path / "llama"  # layer widths bitsandbytes' CPU repacking accepts (multiples of its 64-block)
@@ -106,7 +106,7 @@ def test_an_evaluation_leaves_the_gradient_through_4bit_layers_intact(tmp_path):
 
 
 def test_bitsandbytes_is_imported_offline_and_quietly(tmp_path):
-    """memplan's HF set-up (memplan.hf_setup, imported by train and profile): importing bitsandbytes looks up
+    """memplan's HF set-up (memplan.runtime.hf, imported by train and profile): importing bitsandbytes looks up
     no host (it asks huggingface.co for an optional CPU kernel otherwise) and prints nothing."""
     import os
     import subprocess
@@ -115,7 +115,7 @@ def test_bitsandbytes_is_imported_offline_and_quietly(tmp_path):
     code = ("import socket\nlooked_up = []\n"
             "def refuse(host, *a, **k):\n    looked_up.append(host)\n    raise OSError('no network in this test')\n"
             "socket.getaddrinfo = refuse\n"
-            "import memplan.hf_setup\nimport bitsandbytes\nimport peft\nprint('looked up:', sorted(set(looked_up)))")
+            "import memplan.runtime.hf\nimport bitsandbytes\nimport peft\nprint('looked up:', sorted(set(looked_up)))")
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr

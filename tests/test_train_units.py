@@ -12,7 +12,7 @@ from test_train_support import build_tiny_model, task_records, write_jsonl, writ
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from memplan.train.model import load_tokenizer
+    from memplan.runtime.model import load_tokenizer
 
     return load_tokenizer(build_tiny_model(tmp_path_factory.mktemp("tok")), False)
 
@@ -108,10 +108,10 @@ def test_stream_is_a_function_of_the_position():
 def test_live_tensor_bytes_counts_allocations():
     import torch
 
-    from memplan.train.memory import LiveTensorBytes
+    from memplan.runtime.meter import LiveBytes
 
     base = torch.zeros(1000)
-    mode = LiveTensorBytes()
+    mode = LiveBytes()
     mode.register([base])
     with mode:
         a = torch.ones(2000)
@@ -155,7 +155,7 @@ def test_exact_match_batches_left_padded_prompts(tokenizer):
 
 
 def test_chat_records_use_the_tokenizers_template(tmp_path):
-    from memplan.train.model import load_tokenizer
+    from memplan.runtime.model import load_tokenizer
 
     tok = load_tokenizer(build_tiny_model(tmp_path, chat_template=True), False)
     record = D._parse({"messages": [{"role": "system", "content": "Be brief."},

@@ -1,10 +1,11 @@
-"""`memplan profile`: the click definition only; the work is imported when the command runs."""
+"""`memplan profile`: the click definition; the work (memplan.profile.command) and its output
+(memplan.report.profile) are imported when the command runs."""
 
 from __future__ import annotations
 
 import click
 
-from memplan.cli_options import Choice, Int, PLAN_FLAGS, plan_options
+from memplan.cli_options import Choice, Int, PLAN_FLAGS, passed_overrides, plan_options
 
 
 @click.command("profile")
@@ -34,7 +35,7 @@ from memplan.cli_options import Choice, Int, PLAN_FLAGS, plan_options
               help="memory per GPU, for a GPU without a preset, e.g. 24GiB, 81559MiB, 80GB (decimal).")
 @click.option("--json", "as_json", is_flag=True,
               help="print the estimate's JSON object with `measured` and `error_pct` in each result.")
-def profile(**kwargs) -> None:
+def profile(model, config_path, steps, backend, weights, find_max_batch, gpu, gpu_memory, as_json, **opts) -> None:
     """Measure real training steps of a plan, per phase, next to memplan's estimate.
 
     Builds the model from its config (random weights unless --weights), applies the plan (method,
@@ -52,9 +53,22 @@ def profile(**kwargs) -> None:
       1  out of memory: the plan does not fit ("does not fit: out of memory in <phase>")
       2  bad input, or the plan cannot run here (no CUDA for --backend cuda, a missing package)
     """
-    from memplan.hf_setup import offline_and_quiet
+    from memplan.runtime.hf import offline_and_quiet
 
     offline_and_quiet()  # first: no network for this process and those it starts, whatever they import
-    from memplan.commands.profile import run
+    import json
+    import sys
 
-    run(**kwargs)
+    from memplan.profile.command import gather
+    from memplan.report import profile as report
+
+    announce = None if as_json else (lambda found: click.echo(report.measuring_line(found), err=True))
+    found = gather(model, config_path, steps, backend, weights, find_max_batch, gpu, gpu_memory,
+                   overrides=passed_overrides(opts), announce=announce)
+    if as_json:
+        click.echo(json.dumps(report.profile_json(found), indent=2))
+    else:
+        for chunk in report.profile_lines(found):
+            click.echo(chunk)
+    if found.exit_code:
+        sys.exit(found.exit_code)

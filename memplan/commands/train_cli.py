@@ -48,7 +48,7 @@ def train(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_jso
       2    bad input or it cannot run here (plan, data, model files; no CUDA / DeepSpeed)
       130  interrupted (Ctrl-C); continue with --resume
     """
-    from memplan.hf_setup import offline_and_quiet
+    from memplan.runtime.hf import offline_and_quiet
 
     offline_and_quiet()  # first: no network for this process and those it launches, whatever they import
     from memplan.train.command import run

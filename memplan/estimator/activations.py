@@ -17,7 +17,7 @@ from memplan.estimator.layers import LayerReplay, LayerSpec, Numerics
 from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan
 
-CHUNKED_LOSS_TOKENS = 1024  # tokens per chunk of memplan.loss.chunked_causal_lm_loss
+CHUNKED_LOSS_TOKENS = 1024  # tokens per chunk of memplan.runtime.loss.chunked_causal_lm_loss
 
 
 def numerics(plan: Plan, spec: ModelSpec) -> Numerics:
@@ -325,7 +325,7 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
         head = tape.saved_bytes + 8 * tok
         chunk = min(tok, CHUNKED_LOSS_TOKENS)
         fwd_peak = (c + (0 if c == 4 else 4) + 4) * chunk * V
-        # the recomputed chunk keeps its softcap tanh result (memplan.loss._chunk_loss_sum) until its backward
+        # the recomputed chunk keeps its softcap tanh result (memplan.runtime.loss._chunk_loss_sum) until its backward
         bwd_peak = (c + 12 + (c if softcap else 0)) * chunk * V
 
     # The attention masks (mask_bytes) live inside the decoder's forward only: the model returns (and

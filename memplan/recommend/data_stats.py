@@ -1,6 +1,6 @@
 """Counting a JSONL training set: examples, and token lengths with the model's own tokenizer when one is
 on disk (else an approximation), to size the sequence length from the distribution. Records are read and
-rendered the way `memplan train` reads and renders them (memplan.train.data, memplan.train.model)."""
+rendered the way `memplan train` reads and renders them (memplan.train.data, memplan.runtime.model)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def _tokenizer_counter(folder: Path) -> Callable[[list], list[int]]:
     """Token counts exactly as `memplan train` tokenizes (memplan.train.data): conversations (alpaca and
     chat) rendered with the tokenizer's chat template (memplan's default template when it has none) and
     tokenized without extra special tokens; text records with the tokenizer's special tokens plus eos."""
-    from memplan.train.model import load_tokenizer
+    from memplan.runtime.model import load_tokenizer
 
     tok = load_tokenizer(folder, trust_remote_code=False)
     eos = 1 if tok.eos_token_id is not None else 0

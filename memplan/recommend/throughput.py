@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from memplan.catalog.spec import ModelSpec
-from memplan.plan import Plan
+from memplan.plan import PRECISIONS, Plan
 from memplan.recommend.hardware import Target
 
 #: Model FLOPs utilization of a fine-tuning step on a GPU: the fraction of the peak dense tensor rate that
@@ -41,8 +41,8 @@ NF4_BYTES = 0.516
 
 
 def compute_dtype(precision: str) -> str:
-    """The dtype the matmuls run in, which picks the peak rate."""
-    return {"fp32": "fp32", "amp-bf16": "bf16", "bf16": "bf16", "bf16-master": "bf16", "amp-fp16": "fp16"}[precision]
+    """The dtype the matmuls run in (memplan.plan.PRECISIONS), which picks the peak rate."""
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[PRECISIONS[precision].compute]
 
 
 def matmul_params(spec: ModelSpec) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from memplan.catalog.spec import ModelSpec
-from memplan.plan import Plan, plan_to_yaml
+from memplan.plan import Plan, mixed_precision, plan_to_yaml
 from memplan.train.deepspeed_setup import DS_CONFIG_NAME, optimizer_section
 
 #: torch.distributed's default rendezvous port (MASTER_PORT in torchrun and accelerate).
@@ -27,11 +27,6 @@ DECODER_LAYER_CLASS = {
     "qwen2": "Qwen2DecoderLayer", "gemma": "GemmaDecoderLayer", "gemma2": "Gemma2DecoderLayer",
     "phi3": "Phi3DecoderLayer", "gpt2": "GPT2Block", "opt": "OPTDecoderLayer",
 }
-
-
-def mixed_precision(plan: Plan) -> str:
-    """accelerate's mixed_precision: autocast regimes and DeepSpeed bf16; pure bf16 / fp32 weights need none."""
-    return {"amp-bf16": "bf16", "amp-fp16": "fp16", "bf16-master": "bf16"}.get(plan.precision, "no")
 
 
 def distributed_type(plan: Plan) -> str:
@@ -120,7 +115,7 @@ def ds_config(plan: Plan, spec: ModelSpec) -> dict:
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
-        "bf16": {"enabled": plan.precision == "bf16-master"},
+        "bf16": {"enabled": plan.regime.deepspeed_bf16},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
     }
@@ -147,7 +142,7 @@ def trainer_arguments(plan: Plan) -> dict[str, object]:
         args["max_steps"] = h.max_steps
     else:
         args["num_train_epochs"] = h.epochs
-    args.update(bf16=plan.precision == "bf16-master", gradient_checkpointing=plan.grad_ckpt, seed=h.seed)
+    args.update(bf16=plan.regime.deepspeed_bf16, gradient_checkpointing=plan.grad_ckpt, seed=h.seed)
     return args
 
 

@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from memplan.errors import UserError
-from memplan.master_weights import MasterWeightsOptimizer, load_local_state_dict, local_state_dict, unwrap
+from memplan.runtime.optim import MasterWeightsOptimizer, load_local_state_dict, local_state_dict, unwrap
 from memplan.train import inputs as run_inputs
 from memplan.train import outputs
 from memplan.train.outputs import CHECKPOINT_PREFIX, list_checkpoints
@@ -452,7 +452,7 @@ def _write_final(final: Path, needed: int, save: Callable[[Path], None]) -> Opti
 
 def _files_bytes(directory: Path) -> int:
     """The model directory's files other than its weights: config, tokenizer (saved beside the weights)."""
-    from memplan.train.model import WEIGHT_FILES
+    from memplan.runtime.model import WEIGHT_FILES
 
     weights = {p for pattern in WEIGHT_FILES for p in directory.glob(pattern)}
     return sum(p.stat().st_size for p in directory.iterdir() if p.is_file() and p not in weights)

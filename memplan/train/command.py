@@ -212,11 +212,11 @@ def fill_every_process(resolved: Resolved, checked, trust_remote_code: bool) -> 
     are counted after tokenizing (an example whose answer starts after seq_len tokens is dropped; packing
     joins several into one sequence), which the checks before it cannot do without the tokenizer: here it
     is loaded once, so that a shortfall is one line rather than one per process after the launch."""
-    from memplan.hf_setup import offline_and_quiet
+    from memplan.runtime.hf import offline_and_quiet
 
     offline_and_quiet()
     from memplan.train.data import Stream, load_run_data
-    from memplan.train.model import load_tokenizer
+    from memplan.runtime.model import load_tokenizer
 
     plan = resolved.plan
     data = load_run_data(plan, load_tokenizer(checked.model_dir, trust_remote_code), checked.records)

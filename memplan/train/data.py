@@ -5,7 +5,7 @@ Shapes (one JSON object per line; `format: auto` detects the shape from a file's
   chat    {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
   text    {"text": ...}
 alpaca and chat records are rendered with the tokenizer's chat template (memplan's documented default
-template when the tokenizer has none, see `memplan.train.model.DEFAULT_CHAT_TEMPLATE`); the loss is on
+template when the tokenizer has none, see `memplan.runtime.model.DEFAULT_CHAT_TEMPLATE`); the loss is on
 the assistant turns only (labels -100 elsewhere). Text records are trained on every token.
 Sequences are cut to the plan's seq_len. With packing, examples are concatenated into sequences of
 seq_len tokens whose position ids restart at each example, so attention stays inside an example.

@@ -12,7 +12,7 @@ users do. No torch or deepspeed import at module level.
   every value the plan fixes must agree: micro-batch, accumulation, clipping, bf16 with fp32 masters
   (`bf16.enabled` = precision bf16-master), the ZeRO stage, offload, the optimizer.
 - The optimizer: the JSON's section describes the plan's AdamW (`optimizer_section`); memplan passes that
-  optimizer itself (memplan.profile_optim, the one `memplan profile` measures) and steps its own LR schedule,
+  optimizer itself (memplan.runtime.optim, the one `memplan profile` measures) and steps its own LR schedule,
   so the section is checked, then dropped from the launched process's config (accelerate refuses an
   optimizer given both ways). Under ZeRO-Offload accelerate hands the plan's torch AdamW to DeepSpeed as
   DeepSpeedCPUAdam with the same parameter groups (accelerate.utils.deepspeed.map_pytorch_optim_to_deepspeed),
@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from memplan.errors import UserError
+from memplan.plan import mixed_precision
 
 INSTALL_HINT = "Hint: pip install deepspeed, or --set sharding=fsdp"
 #: The DeepSpeed JSON's name in a plan directory; accelerate_config.yaml names it relative to itself.
 DS_CONFIG_NAME = "ds_config.json"
-#: torch.optim.AdamW's betas and eps, which memplan's AdamW keeps (memplan.profile_optim sets lr and
+#: torch.optim.AdamW's betas and eps, which memplan's AdamW keeps (memplan.runtime.optim sets lr and
 #: weight_decay only); DeepSpeedCPUAdam's defaults are the same.
 ADAMW_BETAS = (0.9, 0.999)
 ADAMW_EPS = 1e-8
@@ -101,7 +102,7 @@ def expected_values(plan) -> dict[str, Any]:
         "gradient_accumulation_steps": plan.grad_accum,
         "train_batch_size": plan.effective_batch,
         "gradient_clipping": float(plan.hparams.max_grad_norm),
-        "bf16.enabled": plan.precision == "bf16-master",
+        "bf16.enabled": plan.regime.deepspeed_bf16,
         "fp16.enabled": False,
         "zero_optimization.stage": plan.zero,
         "zero_optimization.offload_optimizer.device": "cpu" if offload != "none" else "none",
@@ -286,7 +287,7 @@ def accelerator_kwargs(plan) -> dict[str, Any]:
     """accelerate.Accelerator arguments for a DeepSpeed process. On the CPU the process group must be
     gloo: accelerate picks a backend only for accelerators, and without one it would count a single
     process although DeepSpeed joined all of them."""
-    kwargs: dict[str, Any] = {"mixed_precision": "bf16" if plan.precision == "bf16-master" else "no",
+    kwargs: dict[str, Any] = {"mixed_precision": mixed_precision(plan),
                               "gradient_accumulation_steps": plan.grad_accum}  # = the JSON's (checked)
     if plan.device == "cpu":
         from accelerate.utils import InitProcessGroupKwargs

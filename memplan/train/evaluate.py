@@ -20,7 +20,7 @@ def token_loss_sum(model, batch: dict, chunked: bool) -> torch.Tensor:
     if not chunked:
         # transformers' ForCausalLMLoss: reduction "sum" divided by num_items_in_batch.
         return model(**batch, num_items_in_batch=1, use_cache=False).loss
-    from memplan.loss import chunked_causal_lm_loss
+    from memplan.runtime.loss import chunked_causal_lm_loss
 
     decoder, head = _decoder_and_head(model)
     captured = {}

@@ -17,7 +17,7 @@ each micro-batch contributes its token sum divided by that total, so micro-batch
 process count change nothing but speed and memory. With several processes, DDP/FSDP/DeepSpeed average
 the gradients over processes; the loss is scaled by the process count to undo that average.
 
-Precision bf16-master: memplan.master_weights (fp32 masters stepped by the plan's optimizer, rounded back
+Precision bf16-master: memplan.runtime.optim (fp32 masters stepped by the plan's optimizer, rounded back
 into the bf16 weights), or with sharding deepspeed DeepSpeed's own bf16 optimizer. Under DeepSpeed
 (memplan.train.deepspeed_setup) the engine owns the step: `accelerator.backward` runs engine.backward and,
 on the last micro-batch, engine.step (reduction, the JSON's gradient_clipping, the optimizer step);
@@ -44,7 +44,7 @@ def _accelerator(plan):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from memplan.train.model import mixed_precision
+    from memplan.plan import mixed_precision
 
     if not torch.distributed.is_initialized():
         # accelerate keeps its settings in a process-wide singleton; a second run in the same Python
@@ -58,12 +58,12 @@ def _accelerator(plan):
 
 
 def _optimizer(plan, model):
-    """The plan's optimizer (memplan.profile_optim: the one `memplan profile` measures) over the trainable
+    """The plan's optimizer (memplan.runtime.optim: the one `memplan profile` measures) over the trainable
     parameters. With weight decay, biases and norm weights (1-D tensors) are not decayed, as in HF Trainer.
-    bf16-master: memplan.master_weights steps fp32 masters of the bf16 parameters, except under DeepSpeed,
+    bf16-master: memplan.runtime.optim steps fp32 masters of the bf16 parameters, except under DeepSpeed,
     whose engine keeps the masters itself."""
-    from memplan.master_weights import MasterWeightsOptimizer, wants_masters
-    from memplan.profile_optim import optimizer_factory
+    from memplan.runtime.optim import MasterWeightsOptimizer, wants_masters
+    from memplan.runtime.optim import optimizer_factory
 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     wd = plan.hparams.weight_decay
@@ -97,11 +97,11 @@ def _shard_fsdp(model, plan, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from memplan.train.evaluate import _hf_model
+    from memplan.runtime.model import decoder_layers
 
     mesh = init_device_mesh("cpu", (world,))
     reshard = plan.zero == 3
-    for layer in _hf_model(model).get_decoder().layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
 
@@ -175,8 +175,8 @@ def setup(resolved: Resolved, checked, resume: bool, trust_remote_code: bool,
     """accelerate (processes, device, the plan's autocast), the data, the model, the optimizer and its LR
     schedule, the checkpoint to resume and the metrics file; then a line that says what will run."""
     from memplan.train import data as data_mod
-    from memplan.train.memory import PeakMemory
-    from memplan.train.model import load_tokenizer
+    from memplan.runtime.meter import PeakMemory
+    from memplan.runtime.model import load_tokenizer
 
     _quiet_libraries()
     plan, out, base_dir = resolved.plan, resolved.output_dir, checked.model_dir
@@ -262,7 +262,7 @@ def cleanup(t: Trainer) -> None:
 
 def _quiet_libraries() -> None:
     """Never the network; no lines about optional kernels; memplan's own bar the one progress display."""
-    from memplan.hf_setup import offline_and_quiet
+    from memplan.runtime.hf import offline_and_quiet
 
     offline_and_quiet()
     from transformers.utils import logging as hf_logging
@@ -312,7 +312,7 @@ def _model_and_optimizer(plan, base_dir: Path, accelerator, steps: int, trust_re
     from transformers.trainer_utils import set_seed
 
     from memplan.train.checkpoint import Parts
-    from memplan.train.model import load_model, parameter_counts
+    from memplan.runtime.model import load_model, parameter_counts
 
     h, world = plan.hparams, accelerator.num_processes
     set_seed(h.seed)
@@ -624,7 +624,7 @@ def memory_report(plan, base_dir: Path, meter) -> Optional[dict]:
     measured steps really had (the data's longest micro-batch rather than seq_len tokens)."""
     from memplan.estimator import estimate
     from memplan.catalog.resolve import resolve_model
-    from memplan.train.memory import compare
+    from memplan.runtime.meter import compare
 
     if meter.peak_bytes is None:
         return None

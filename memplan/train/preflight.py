@@ -235,7 +235,7 @@ def machine_problems(plan: Plan, plan_path: Path, machine: Machine) -> list[Prob
     if plan.sharding == "fsdp" and plan.world_size > 1 and plan.device == "cpu" and plan.zero not in (2, 3):
         out.append(Problem("FSDP on the CPU shards with ZeRO stage 2 (SHARD_GRAD_OP) or 3 (FULL_SHARD); stage 0 "
                            "replicates everything, which is DDP", fixes=({"zero": 3}, {"sharding": "ddp"})))
-    if plan.method == "qlora" or plan.optimizer in ("adamw-8bit", "paged-adamw-8bit"):
+    if plan.uses_bitsandbytes:
         what = "QLoRA's 4-bit layers" if plan.method == "qlora" else f"the {plan.optimizer} optimizer"
         version = machine.version("bitsandbytes")
         if version is None:
@@ -301,7 +301,7 @@ def machine_lines(plan: Plan, plan_path: Path, machine: Machine) -> list[str]:
 
 
 def _model_lines(plan: Plan, trust_remote_code: bool) -> tuple[Optional[Path], list[str]]:
-    from memplan.train.model import check_remote_code, model_dir
+    from memplan.runtime.model import check_remote_code, model_dir
 
     try:
         path = model_dir(plan.model)

@@ -1,45 +1,50 @@
-"""Meters for `memplan profile`: what each backend can see of a training step's memory, per phase.
+"""The live-bytes meter that `memplan profile` (its trace and cpu backends, and the breakdown on cuda) and
+`memplan train` (its measured peak on the CPU) both count memory with.
 
-- `LiveBytes` (backends trace and cpu, and attribution on cuda): a TorchDispatchMode that sees the
-  outputs of every op (aten and custom ops such as bitsandbytes') and counts each distinct untyped storage
-  once (views share it) at its nbytes, from the op that creates it until the storage is freed (a weakref
-  callback on the Python storage object). torch keeps one Python storage object per storage for as long
-  as the storage lives only if that object was made while no dispatch mode was active - as inside
-  `__torch_dispatch__`; lookups from the driver disable the modes. A storage grown by an out= op is
-  re-read when it is an op's output again; `UntypedStorage.resize_` (FSDP frees and re-allocates
-  parameters that way) is followed while the meter is active. Kernel workspaces allocated and freed inside
-  one op are not seen (on fake tensors they do not exist).
-- `CudaMeter`: `torch.cuda.max_memory_allocated` / `max_memory_reserved` per phase (peaks reset between
-  phases) and NVML's used memory, with a LiveBytes inside for the breakdown.
+`LiveBytes` is a TorchDispatchMode that sees the outputs of every op (aten and custom ops such as
+bitsandbytes') and counts each distinct untyped storage once (views share it) at its nbytes, from the op
+that creates it until the storage is freed (a weakref callback on the Python storage object). torch keeps
+one Python storage object per storage for as long as the storage lives only if that object was made while
+no dispatch mode was active - as inside `__torch_dispatch__`; lookups from the driver disable the modes. A
+storage grown by an out= op is re-read when it is an op's output again; `UntypedStorage.resize_` (FSDP
+frees and re-allocates parameters that way) is followed while the meter is active. Kernel workspaces
+allocated and freed inside one op are not seen (on fake tensors they do not exist): the estimate's
+`workspace` term is the one term the meter does not measure (METERED_TERMS).
 
 Every byte lands in one of the estimate's term names (memplan.estimator.phases.TERMS):
 weights (parameters, buffers, 4-bit quantization state), master_weights (fp32 copies the optimizer
 steps), gradients, optimizer_states, optimizer_temporaries (anything else alive in the optimizer phase),
 logits_loss (the logits - the output embedding's output - and the floating-point tensors the loss computes
 from them in the forward, their fp32 copy and the log-softmax; in the backward, what is created until the
-gradient reaches the logits; memplan.profile_run._LogitsLossTerm), gathered_params (FSDP's all-gather
-buffers and unsharded parameters), comm_buffers (DDP's gradient buckets), activations (everything else,
-the output embedding's own saved inputs and the labels included). A storage is classified when it
-becomes known as a gradient / state (end of each backward / optimizer step); the phase peaks it was
-alive at are corrected then, so a gradient produced at the backward peak counts as a gradient there.
+gradient reaches the logits; memplan.profile.run), gathered_params (FSDP's all-gather buffers and unsharded
+parameters), comm_buffers (DDP's gradient buckets), activations (everything else, the output embedding's
+own saved inputs and the labels included). A storage is classified when it becomes known as a gradient /
+state (end of each backward / optimizer step); the phase peaks it was alive at are corrected then, so a
+gradient produced at the backward peak counts as a gradient there.
+
+`memplan train` reads the run's peak (`PeakMemory`): on CUDA `torch.cuda.max_memory_allocated()` over the
+run (the figure memplan's estimate predicts) and `max_memory_reserved()` for the caching allocator; on the
+CPU, which has no allocator statistic for tensors, a `LiveBytes` over the first `steps` optimizer steps only
+(step 1 creates the optimizer states; step 2 is the steady state), then the counting stops so it does not
+slow the run. Not seen on the CPU: buffers that DDP/gloo allocate outside torch's dispatcher.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-PHASES = ("forward", "backward", "optimizer")
-TERMS = ("weights", "master_weights", "gradients", "optimizer_states", "optimizer_temporaries",
-         "activations", "logits_loss", "gathered_params", "comm_buffers")
+from memplan.estimator.phases import PHASES, TERMS
+
+METERED_TERMS = tuple(t for t in TERMS if t != "workspace")
 # Storages still in one of these may be re-classified when they turn out to be gradients or states.
 UNCLASSIFIED = ("activations", "logits_loss", "optimizer_temporaries")
+GAP_FLAG = 0.10  # a measured peak more than 10 % away from the estimate is flagged
 
 
 @dataclass
@@ -101,19 +106,18 @@ class _Peak:
     def __init__(self) -> None:
         self.total = -1
         self.clock = -1
-        self.breakdown = dict.fromkeys(TERMS, 0)
+        self.breakdown = dict.fromkeys(METERED_TERMS, 0)
 
 
 class LiveBytes(TorchDispatchMode):
-    """Running total of live storage bytes, per term, with per-phase maxima per optimizer step."""
-
-    backend = "cpu"
+    """Running total of live storage bytes, per term, its peak, and per-phase maxima per optimizer step."""
 
     def __init__(self) -> None:
         super().__init__()
         self._storages: dict[int, _Storage] = {}  # id(untyped storage object) -> record
-        self.totals = dict.fromkeys(TERMS, 0)
+        self.totals = dict.fromkeys(METERED_TERMS, 0)
         self.live = 0
+        self.peak = 0  # the most bytes alive at once since the meter started
         self.clock = 0  # counts ops; a storage born at clock c was alive at every peak with clock >= c
         self.steps: list[dict[str, _Peak]] = []
         self.current_phase: Optional[str] = None
@@ -152,6 +156,7 @@ class LiveBytes(TorchDispatchMode):
         return free
 
     def _record(self) -> None:
+        self.peak = max(self.peak, self.live)
         peak = self._peak
         if peak is not None and self.live > peak.total:
             peak.total = self.live
@@ -207,11 +212,12 @@ class LiveBytes(TorchDispatchMode):
 
     # -- driver interface (called with the dispatch modes active; storage lookups run with them disabled)
 
-    def register(self, tensors: Iterable[torch.Tensor], cat: str) -> None:
+    def register(self, tensors: Iterable[torch.Tensor], cat: str = "weights") -> None:
         """Count tensors that exist before the steps (parameters and buffers)."""
         with _disable_current_modes():
             for t in tensors:
                 self._add(_storage(t), cat)
+        self._record()
 
     def classify(self, tensors: Iterable[Optional[torch.Tensor]], cat: str) -> None:
         """Mark live storages as `cat`, also at every recorded peak they were alive at."""
@@ -268,137 +274,68 @@ class LiveBytes(TorchDispatchMode):
         return {}
 
 
-class FakeLiveBytes(LiveBytes):
-    """The same meter on fake tensors (backend trace)."""
-
-    backend = "trace"
+# ---------------------------------------------------------------- the run's peak (memplan train)
 
 
-# ---------------------------------------------------------------- CUDA
+def existing_tensors(model, optimizer) -> list[torch.Tensor]:
+    """Parameters, buffers, gradients, optimizer states and 4-bit quantization states alive now."""
+    from memplan.runtime.model import quant_state_tensors
+
+    out: list[torch.Tensor] = []
+    for p in model.parameters():
+        out.append(p.data if not hasattr(p, "to_local") else p.to_local())
+        if p.grad is not None:
+            out.append(p.grad)
+    out += quant_state_tensors(model)
+    out += list(model.buffers())
+    for st in getattr(optimizer, "state", {}).values():
+        out += [v for v in st.values() if isinstance(v, torch.Tensor)]
+    return [t for t in out if t.device.type != "meta"]
 
 
-class CudaMeter:
-    """The caching allocator's peaks per phase (reset between phases), NVML's used memory after each step,
-    and a LiveBytes for the breakdown. `stats` is `torch.cuda` (anything with its memory-stat functions)."""
+class PeakMemory:
+    """Measures the peak over the first `steps` optimizer steps (CPU) or the whole run (CUDA)."""
 
-    backend = "cuda"
+    def __init__(self, device: torch.device, steps: int = 2) -> None:
+        self.cuda = device.type == "cuda"
+        self.steps = steps
+        self.mode: Optional[LiveBytes] = None
+        self.peak_bytes: Optional[int] = None
+        self.reserved_bytes: Optional[int] = None
+        self.measured_steps = 0
+        self.max_tokens_per_row = 0
 
-    def __init__(self, device: str, stats: Any = None, attribute: bool = True) -> None:
-        self.device = torch.device(device)
-        self.stats = stats if stats is not None else torch.cuda
-        self.tracker = LiveBytes() if attribute else None
-        self.steps: list[StepMeasure] = []
-        self.current_phase: Optional[str] = None
-        self.nvml_used: Optional[int] = None
-        self.nvml_scope: Optional[str] = None
-
-    def __enter__(self):
-        if self.tracker is not None:
-            self.tracker.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.tracker is not None:
-            return self.tracker.__exit__(*exc)
-        return False
-
-    def _sync(self) -> None:
-        self.stats.synchronize(self.device)
-
-    def register(self, tensors: Iterable[torch.Tensor], cat: str) -> None:
-        if self.tracker is not None:
-            self.tracker.register(tensors, cat)
-
-    def classify(self, tensors, cat: str) -> None:
-        if self.tracker is not None:
-            self.tracker.classify(tensors, cat)
-
-    @contextlib.contextmanager
-    def creating(self, cat: str) -> Iterator[None]:
-        with (self.tracker.creating(cat) if self.tracker is not None else contextlib.nullcontext()):
-            yield
-
-    @property
-    def default(self) -> str:
-        return self.tracker.default if self.tracker is not None else "activations"
-
-    @default.setter
-    def default(self, cat: str) -> None:
-        if self.tracker is not None:
-            self.tracker.default = cat
-
-    def new_step(self) -> None:
-        if self.steps:
-            self._read_nvml()
-        self.steps.append(StepMeasure(peaks={}))
-        if self.tracker is not None:
-            self.tracker.new_step()
-
-    def phase(self, name: Optional[str]) -> None:
-        self._sync()
-        self._close_phase()
-        self.current_phase = name
-        self.stats.reset_peak_memory_stats(self.device)
-        if self.tracker is not None:
-            self.tracker.phase(name)
-
-    def _close_phase(self) -> None:
-        name = self.current_phase
-        if name is None or not self.steps:
+    def start(self, model, optimizer) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
             return
-        step = self.steps[-1]
-        # forward and backward run once per micro-batch: keep the largest
-        step.peaks[name] = max(step.peaks.get(name, 0), int(self.stats.max_memory_allocated(self.device)))
-        step.reserved[name] = max(step.reserved.get(name) or 0, int(self.stats.max_memory_reserved(self.device)))
+        self.mode = LiveBytes()
+        self.mode.register(existing_tensors(model, optimizer))
+        self.mode.__enter__()
 
-    def allocated_now(self) -> int:
-        """The allocator's peak in the current phase so far (what an out-of-memory error ran into)."""
-        return int(self.stats.max_memory_allocated(self.device))
+    def step_done(self, rows_len: int) -> None:
+        """Called after each optimizer step with the longest sequence of its micro-batches."""
+        if self.cuda:
+            self.measured_steps += 1
+            self.max_tokens_per_row = max(self.max_tokens_per_row, rows_len)
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+            self.reserved_bytes = torch.cuda.max_memory_reserved()
+            return
+        if self.mode is None:
+            return
+        self.measured_steps += 1
+        self.max_tokens_per_row = max(self.max_tokens_per_row, rows_len)
+        self.peak_bytes = self.mode.peak
+        if self.measured_steps >= self.steps:
+            self.stop()
 
-    def _read_nvml(self) -> None:
-        used, scope = nvml_used(self.device)
-        if used is not None:
-            self.nvml_used = max(self.nvml_used or 0, used)
-            self.nvml_scope = scope
-
-    def result(self) -> list[StepMeasure]:
-        self._read_nvml()
-        if self.tracker is not None:
-            for step, tracked in zip(self.steps, self.tracker.result()):
-                step.breakdown = tracked.breakdown
-                step.tensor_peaks = tracked.peaks
-        return self.steps
-
-    def extras(self) -> dict:
-        return {"nvml_used_bytes": self.nvml_used, "nvml_scope": self.nvml_scope}
-
-
-def nvml_used(device: torch.device) -> tuple[Optional[int], Optional[str]]:
-    """NVML's used memory of this process on `device` (its CUDA context included), or of the whole device
-    when NVML cannot list processes; (None, None) without NVML."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = _nvml_handle(pynvml, device)
-        pid = os.getpid()
-        try:
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == pid and proc.usedGpuMemory:
-                    return int(proc.usedGpuMemory), "process"
-        except pynvml.NVMLError:
-            pass
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used), "device"
-    except Exception:  # no NVML, no driver, no permission: the figure is simply not measured
-        return None, None
+    def stop(self) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.mode = None
 
 
-def _nvml_handle(pynvml, device: torch.device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-    if uuid is not None:  # CUDA_VISIBLE_DEVICES renumbers devices; the UUID does not
-        text = str(uuid)
-        return pynvml.nvmlDeviceGetHandleByUUID(text if text.startswith("GPU-") else f"GPU-{text}")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    ids = [v for v in visible.split(",") if v.strip()]
-    return pynvml.nvmlDeviceGetHandleByIndex(int(ids[index]) if index < len(ids) and ids[index].isdigit() else index)
+def compare(measured: int, estimated: int) -> dict:
+    """Measured vs estimated peak: relative gap (measured / estimated - 1) and whether it is over 10 %."""
+    gap = measured / estimated - 1 if estimated else float("inf")
+    return {"measured_bytes": measured, "estimated_bytes": estimated, "gap": gap, "flag": abs(gap) > GAP_FLAG}

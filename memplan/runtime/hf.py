@@ -20,6 +20,7 @@ from memplan.plan import ALL_LINEAR, Plan
 # This holds over a user's own HF_HUB_OFFLINE=0 too: that setting allows downloads, it asks for none, and
 # train and profile have nothing to download; a look-up nobody asked for stays a look-up nobody asked for.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+BNB_HINT = "Hint: pip install bitsandbytes (CPU wheels exist for Linux x86-64/aarch64)."
 
 # Exactly the two lines that optional-kernel look-up logs offline: nothing the user can or needs to act on.
 QUIET_LOG_LINES = {

@@ -1,24 +1,22 @@
-"""`memplan profile`: measure the plan's training steps (memplan.profile_launch) and print them next to the
-estimate, per phase and per breakdown term."""
+"""`memplan profile`'s work: build the plan, refuse before allocating what cannot fit where it runs,
+measure its steps (memplan.profile.launch) and compare them with the estimate, per phase and per breakdown
+term. `gather` returns everything the command shows; memplan.report.profile prints it."""
 
 from __future__ import annotations
 
-import json
 import sys
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
-import click
-
-from memplan.report import estimate as report
-from memplan.cli_options import passed_overrides
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
 from memplan.estimator import overhead
-from memplan.estimator.phases import TERMS
-from memplan.catalog.resolve import resolve_model
+from memplan.estimator.phases import PHASES, TERMS
+from memplan.catalog.resolve import config_file, resolve_model
+from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan, build_plan, merge, read_plan_yaml
+from memplan.report.units import GiB, size
 
-PHASES = ("forward", "backward", "optimizer")
 GOAL = (-2.0, 3.0)  # memplan's accuracy goal per phase, in % (README: Accuracy)
 #: A term below this share of its phase's estimated peak gets no error % (e.g. the 8-byte loss: noise).
 NEGLIGIBLE = 0.005
@@ -29,16 +27,27 @@ NEGLIGIBLE = 0.005
 LOCATING_TERMS = ("gradients", "logits_loss")
 MAX_BATCH_LIMIT = 4096
 
-NOT_SEEN = {
-    "trace": "not seen by the trace (fake tensors, CPU kernels): CUDA kernels' workspaces (cuBLAS) and CUDA's own "
-             "attention/optimizer kernel choices, the caching allocator (reserved), the CUDA context, NCCL buffers",
-    "cpu": "not seen on CPU tensors (CPU kernels): CUDA kernels' workspaces (cuBLAS) and CUDA's own "
-           "attention/optimizer kernel choices, the caching allocator (reserved), the CUDA context, NCCL buffers",
-    "cuda": "measured by the caching allocator (allocated, reserved) and NVML (used, CUDA context included); the "
-            "breakdown is live tensor bytes at the tensor peak, workspace = allocator peak - tensor bytes "
-            "(kernels' workspaces, 512 B rounding)",
-}
-BACKEND_WORDS = {"trace": "fake tensors on the CPU", "cpu": "real CPU tensors", "cuda": "the GPU"}
+
+@dataclass
+class Profiled:
+    """What `memplan profile` found: the plan and its estimate, and either why nothing ran (`refused`) or
+    the measured ranks next to the estimate."""
+
+    spec: ModelSpec
+    plan: Plan
+    est: Estimate
+    backend: str
+    kernels: str  # the kernels the estimate is for: cuda on the cuda backend, else cpu
+    steps: int
+    weights: Optional[str]
+    refused: Optional[str] = None  # the one line saying why nothing ran (it does not fit where it would run)
+    exit_code: int = 0  # 1: does not fit (refused, or out of memory in a step)
+    main: Any = None  # the most-loaded rank's memplan.profile.run.Measured, as the estimate
+    ranks: list = field(default_factory=list)
+    measured: Optional[dict] = None  # measured_json
+    errors: dict = field(default_factory=dict)  # error_json
+    verdict: str = ""
+    max_batch: Optional[dict] = None
 
 
 def default_backend(plan: Plan) -> str:
@@ -49,74 +58,62 @@ def default_backend(plan: Plan) -> str:
     return "cuda" if torch.cuda.is_available() else "trace"
 
 
-def run(model: Optional[str], config_path: Optional[str], steps: int, backend: Optional[str], weights: Optional[str],
-        find_max_batch: bool, gpu: Optional[str], gpu_memory: Optional[str], as_json: bool, **opts: Any) -> None:
+def gather(model: Optional[str], config_path: Optional[str], steps: int, backend: Optional[str],
+           weights: Optional[str], find_max_batch: bool, gpu: Optional[str], gpu_memory: Optional[str],
+           overrides: dict, announce: Optional[Callable[[Profiled], None]] = None) -> Profiled:
+    """Estimate the plan (the plan file's fields, `overrides` the flags given over them), then measure it
+    unless it cannot fit where `backend` runs it (`announce` is called just before the steps run). Bad input
+    and plans that cannot run here raise UserError."""
     from memplan.commands.estimate import check_lora_targets, resolve_capacity
-    from memplan.profile_build import config_path as model_config_path
-    from memplan.profile_launch import Request, measure_plan
-    from memplan.profile_run import check_runnable
-
+    from memplan.profile.launch import Request, measure_plan
+    from memplan.profile.run import check_runnable
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading/saving bars of the QLoRA round trip are not the user's work
-    overrides = passed_overrides(opts)
-    base = read_plan_yaml(config_path) if config_path else {}
-    model_ref = model or base.get("model") or weights
-    if not model_ref:
-        raise UserError("no model: give --model (a preset such as llama-2-7b; `memplan models` lists them), "
-                        "a config.json path, a plan file with `model:`, or --weights DIR")
-    plan = build_plan(merge(dict(base, model=model_ref), overrides), source=config_path or "plan")
+    plan = _plan(model, config_path, weights, overrides)
     spec = resolve_model(plan.model)
     check_lora_targets(spec, plan)
     backend = backend or default_backend(plan)
     check_runnable(plan, backend, steps)
     capacity = resolve_capacity(gpu, gpu_memory)
     kernels = "cuda" if backend == "cuda" else "cpu"
-    est = estimate(spec, plan, capacity, kernels=kernels)
-    config = str(model_config_path(weights or plan.model))
-    req = Request(config=config, plan=plan.model_dump(mode="json"), backend=backend, steps=steps, weights=weights,
+    found = Profiled(spec, plan, estimate(spec, plan, capacity, kernels=kernels), backend, kernels, steps, weights)
+    req = Request(config=str(config_file(weights or plan.model)[0]), plan=plan.model_dump(mode="json"),
+                  backend=backend, steps=steps, weights=weights,
                   memory_limit=capacity if (backend == "cuda" and (gpu or gpu_memory)) else None)
-
-    refused = room_here(est, plan, backend, req.memory_limit)  # before anything is allocated
+    refused = room_here(found.est, plan, backend, req.memory_limit)  # before anything is allocated
     if refused is not None:
         code, line = refused
         if code == UserError.exit_code:
             raise UserError(line)
-        if as_json:
-            out = report.estimate_json(spec.name, spec.params_total, [est])
-            out["results"][0]["measured"] = None
-            out["profile"] = {"backend": backend, "steps": steps, "estimate_kernels": kernels, "ran": False,
-                              "verdict": line}
-            click.echo(json.dumps(out, indent=2))
-        else:
-            click.echo(line)
-        sys.exit(code)
-
-    max_batch = None
+        found.refused, found.exit_code = line, code
+        return found
     if find_max_batch:  # before this process touches the GPU: every probe gets all of it
-        max_batch = _find_max_batch(spec, plan, req, capacity, backend)
+        found.max_batch = _find_max_batch(spec, plan, req, capacity, backend)
+    if announce is not None:
+        announce(found)
+    _compare(found, measure_plan(req))
+    return found
 
-    if not as_json:
-        click.echo(f"measuring {steps} optimizer step(s) of {spec.name} on {BACKEND_WORDS[backend]}"
-                   + (f", {plan.world_size} processes" if plan.world_size > 1 else "") + " ...", err=True)
-    ranks = measure_plan(req)
-    main = max(ranks, key=lambda r: (r.oom is not None, r.peak))  # the most-loaded rank, as the estimate
-    measured = measured_json(main, ranks)
-    verdict = verdict_line(est, main, measured)
-    if as_json:
-        out = report.estimate_json(spec.name, spec.params_total, [est])
-        result = out["results"][0]
-        result["measured"] = measured
-        result.update(error_json(est, measured))
-        out["profile"] = {"backend": backend, "steps": steps, "estimate_kernels": kernels,
-                          "not_seen": NOT_SEEN[backend], "verdict": verdict}
-        if max_batch is not None:
-            out["max_batch"] = max_batch
-        click.echo(json.dumps(out, indent=2))
-    else:
-        _print_tables(spec, plan, est, main, ranks, measured, backend, kernels, max_batch, verdict, weights)
-    if main.oom:
-        sys.exit(1)
+
+def _plan(model: Optional[str], config_path: Optional[str], weights: Optional[str], overrides: dict) -> Plan:
+    """The plan: the plan file's fields, the flags over them, the model from --model, the file or --weights."""
+    base = read_plan_yaml(config_path) if config_path else {}
+    model_ref = model or base.get("model") or weights
+    if not model_ref:
+        raise UserError("no model: give --model (a preset such as llama-2-7b; `memplan models` lists them), "
+                        "a config.json path, a plan file with `model:`, or --weights DIR")
+    return build_plan(merge(dict(base, model=model_ref), overrides), source=config_path or "plan")
+
+
+def _compare(found: Profiled, ranks: list) -> None:
+    """The measured ranks next to the estimate: the most-loaded rank is the one the estimate is for."""
+    found.ranks = ranks
+    found.main = max(ranks, key=lambda r: (r.oom is not None, r.peak))
+    found.measured = measured_json(found.main, ranks)
+    found.errors = error_json(found.est, found.measured)
+    found.verdict = verdict_line(found.est, found.main, found.measured)
+    found.exit_code = 1 if found.main.oom else 0
 
 
 # ---------------------------------------------------------------- room to run
@@ -170,7 +167,8 @@ def room_here(est: Estimate, plan: Plan, backend: str, memory_limit: Optional[in
 # ---------------------------------------------------------------- figures
 
 
-def _pct(est: int, meas: Optional[int]) -> Optional[float]:
+def error_pct(est: int, meas: Optional[int]) -> Optional[float]:
+    """100 x (estimate - measured) / measured, negative = under-estimate; None without a measurement."""
     return None if not meas else round(100 * (est - meas) / meas, 3)
 
 
@@ -230,22 +228,22 @@ def error_json(est: Estimate, measured: dict) -> dict:
     the two peaks are at the same point of the phase (term_note says why not otherwise)."""
     if measured["oom"] or not measured["phase_peaks"]:
         return {"error_pct": None, "phase_error_pct": None, "term_error_pct": None, "term_note": None}
-    phases = {ph: _pct(est.phase_peaks[ph], measured["phase_peaks"][ph]) for ph in PHASES}
+    phases = {ph: error_pct(est.phase_peaks[ph], measured["phase_peaks"][ph]) for ph in PHASES}
     terms = note = None
     if measured["breakdown"]:
         ph = measured["peak_phase"]
         note = different_point(est, measured)
         if note is None:
-            terms = {t: _pct(est.phases[ph][t], m) for t, m in measured["breakdown"].items()
+            terms = {t: error_pct(est.phases[ph][t], m) for t, m in measured["breakdown"].items()
                      if m is not None and (m or est.phases[ph][t])}
-    return {"error_pct": _pct(est.peak_allocated, measured["peak_allocated_bytes"]), "phase_error_pct": phases,
+    return {"error_pct": error_pct(est.peak_allocated, measured["peak_allocated_bytes"]), "phase_error_pct": phases,
             "term_error_pct": terms, "term_note": note}
 
 
 def verdict_line(est: Estimate, main, measured: dict) -> str:
     if main.oom:
         where = main.oom["phase"] if main.oom["phase"] != "load" else "loading the model"
-        return (f"does not fit: out of memory in {where} at {main.oom['allocated_bytes'] / report.GiB:.2f} GiB"
+        return (f"does not fit: out of memory in {where} at {main.oom['allocated_bytes'] / GiB:.2f} GiB"
                 + (f" (step {main.oom['step']})" if main.oom["phase"] != "load" else ""))
     errors = error_json(est, measured)
     err, phases = errors["error_pct"], errors["phase_error_pct"]
@@ -275,7 +273,7 @@ def _find_max_batch(spec, plan: Plan, req, capacity: Optional[int], backend: str
     from tqdm import tqdm
 
     from memplan.commands.estimate import largest_fitting
-    from memplan.profile_launch import Request, probe_in_subprocess, search_max
+    from memplan.profile.launch import Request, probe_in_subprocess, search_max
 
     if backend != "cuda" and capacity is None:
         raise UserError(f"--find-max-batch with the {backend} backend needs the GPU's memory to fit against: "
@@ -317,98 +315,13 @@ def _find_max_batch(spec, plan: Plan, req, capacity: Optional[int], backend: str
     bar.close()
     if backend == "cuda":
         criterion = "no out-of-memory error in any step" + (
-            f" with the allocator capped at {capacity / report.GiB:.2f} GiB" if req.memory_limit else " on this GPU")
+            f" with the allocator capped at {capacity / GiB:.2f} GiB" if req.memory_limit else " on this GPU")
     else:
         criterion = (f"measured peak (+{overhead.workspace_bytes('cuda') >> 20} MiB workspace) x "
                      f"{1 + overhead.ALLOCATOR_FRAGMENTATION:.3f} allocator reserve + "
-                     f"{overhead.cuda_context_bytes(plan) / report.GiB:.2f} GiB CUDA context <= "
-                     f"{capacity / report.GiB:.2f} GiB" if plan.device != "cpu"
-                     else f"measured peak <= {capacity / report.GiB:.2f} GiB")
+                     f"{overhead.cuda_context_bytes(plan) / GiB:.2f} GiB CUDA context <= "
+                     f"{capacity / GiB:.2f} GiB" if plan.device != "cpu"
+                     else f"measured peak <= {capacity / GiB:.2f} GiB")
         criterion += f" (the {backend} backend cannot run out of GPU memory; the overheads are the estimate's)"
     return {"value": best, "estimate": start if capacity is not None else None, "criterion": criterion,
             "probes": probes}
-
-
-# ---------------------------------------------------------------- tables
-
-
-def size(n: Optional[int]) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GiB", report.GiB), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
-def _err(x: Optional[float]) -> str:
-    return "-" if x is None else f"{x:+.2f}"
-
-
-def _print_tables(spec, plan: Plan, est: Estimate, main, ranks, measured, backend, kernels, max_batch, verdict,
-                  weights):
-    from tabulate import tabulate
-
-    click.echo(f"{spec.name}: {spec.params_total:,} parameters ({report._count(spec.params_total)})")
-    click.echo(f"plan: {report.describe_plan(est)}, {plan.world_size} process(es), micro-batch {plan.micro_batch} x "
-               f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {'on' if plan.grad_ckpt else 'off'}, "
-               f"{plan.optimizer}, attn {plan.attn}")
-    click.echo(f"backend {backend}: {BACKEND_WORDS[backend]}, {len(main.steps)} optimizer step(s) in {main.seconds:.1f} s; "
-               f"estimate for {kernels.upper()} kernels" + (" (what the steps ran)" if kernels == "cpu" else "") + "\n")
-    if main.oom:
-        click.echo(verdict)
-        return
-    steady, first = main.steady, main.first
-    errors = error_json(est, measured)
-    rows = [["after load (weights)", "", size(main.after_load), size(est.phases["forward"]["weights"]),
-             _err(_pct(est.phases["forward"]["weights"], main.after_load))]]
-    for ph in PHASES:
-        rows.append([ph, size(first.peaks.get(ph)), size(steady.peaks[ph]), size(est.phase_peaks[ph]),
-                     _err(errors["phase_error_pct"][ph])])
-    rows.append(["peak", size(first.peak), size(main.peak), size(est.peak_allocated), _err(errors["error_pct"])])
-    headers = ["phase", "first step", "steady (2..n)", "estimate", "error %"]
-    if backend == "cuda":
-        headers.append("reserved")
-        for row, ph in zip(rows, [None, *PHASES, None]):
-            row.append(size(steady.reserved.get(ph)) if ph else size(main.reserved_peak if row[0] == "peak" else None))
-    click.echo(tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True))
-
-    ph = measured["peak_phase"]
-    if measured["breakdown"]:
-        term_rows = []
-        for t in TERMS:
-            m, e = measured["breakdown"].get(t), est.phases[ph][t]
-            if not m and not e:
-                continue
-            negligible = max(m or 0, e) < NEGLIGIBLE * est.phase_peaks[ph]
-            term_rows.append([t, size(m) if m is not None else "not measured", size(e),
-                              "-" if negligible or not m or errors["term_note"] else _err(_pct(e, m))])
-        click.echo(f"\nbreakdown at the {ph} peak (live tensor bytes per term of the estimate, at the measured and "
-                   "at the estimated peak)")
-        click.echo(tabulate(term_rows, headers=["term", "measured", "estimate", "error %"], tablefmt="simple",
-                            disable_numparse=True))
-        if errors["term_note"]:
-            click.echo(errors["term_note"])
-    if len(ranks) > 1:
-        rank_rows = [[r.rank] + [size(r.steady.peaks.get(p)) for p in PHASES] + [size(r.peak), size(r.reserved_peak),
-                     size(r.nvml_used)] for r in ranks]
-        click.echo("\nper rank")
-        click.echo(tabulate(rank_rows, headers=["rank", *PHASES, "peak", "reserved", "NVML used"], tablefmt="simple",
-                            disable_numparse=True))
-    click.echo("")
-    if backend == "cuda":
-        click.echo(f"reserved {size(main.reserved_peak)} (estimate {size(est.reserved)}), NVML used "
-                   f"{size(main.nvml_used)}{' (' + main.nvml_scope + ')' if main.nvml_scope else ''} "
-                   f"(estimate with context {size(est.total)})")
-    click.echo(NOT_SEEN[backend])
-    if backend == "trace" and weights:
-        click.echo("--weights: the trace reads only the checkpoint's config (fake tensors hold no values)")
-    if backend == "cpu" and plan.world_size > 1 and plan.sharding == "fsdp":
-        click.echo("FSDP on gloo: its collectives allocate differently from NCCL's; take CPU FSDP figures as a "
-                   "smoke test of the plan, not as what a GPU will hold")
-    if max_batch is not None:
-        click.echo(f"largest micro-batch that fits: {max_batch['value']}"
-                   + (f" (estimate: {max_batch['estimate']})" if max_batch["estimate"] is not None else "")
-                   + f"; fits = {max_batch['criterion']}; probed "
-                   + ", ".join(f"{p['micro_batch']}{'' if p['fits'] else '✗'}" for p in max_batch["probes"]))
-    click.echo(f"verdict: {verdict}")

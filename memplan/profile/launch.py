@@ -2,7 +2,7 @@
 (plans with gpus x nodes > 1), or in a fresh subprocess per probe (`--find-max-batch`: one out-of-memory
 error cannot poison the next probe, and every probe starts from an empty GPU).
 
-Several processes: `python -m torch.distributed.run --standalone --nproc-per-node N -m memplan.profile_launch
+Several processes: `python -m torch.distributed.run --standalone --nproc-per-node N -m memplan.profile.launch
 worker REQUEST DIR` on this machine (nodes are simulated as more processes here), process group gloo on the
 CPU and NCCL on CUDA (one GPU per rank). The plan's sharding picks the wrapper: ddp -> DistributedDataParallel
 (its gradient buckets count as comm_buffers); fsdp -> FSDP2 `fully_shard` on every decoder layer and the
@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,16 +44,6 @@ class Request:
         return dict(vars(self))
 
 
-@dataclass
-class ProbeResult:
-    micro_batch: int
-    fits: bool
-    peak_allocated: Optional[int]  # the most-loaded rank's peak
-    oom_phase: Optional[str] = None
-    needed: Optional[int] = None  # cpu/trace: what the fit criterion compared with the capacity
-    ranks: list = field(default_factory=list)
-
-
 # ---------------------------------------------------------------- one measurement
 
 
@@ -64,7 +54,7 @@ def measure_plan(req: Request) -> list:
     plan = build_plan(req.plan)
     if plan.world_size > 1 and not _under_torchrun():
         return _launch_ranks(req, plan)
-    from memplan.profile_run import measure
+    from memplan.profile.run import measure
 
     return [measure(req.config, plan, backend=req.backend, steps=req.steps, weights=req.weights, seed=req.seed,
                     memory_limit=req.memory_limit)]
@@ -75,7 +65,7 @@ def _under_torchrun() -> bool:
 
 
 def _launch_ranks(req: Request, plan: Plan) -> list:
-    from memplan.profile_run import Measured, check_runnable
+    from memplan.profile.run import Measured, check_runnable
 
     check_runnable(plan, req.backend, req.steps)
     n = plan.world_size
@@ -90,7 +80,7 @@ def _launch_ranks(req: Request, plan: Plan) -> list:
         req_path = Path(tmp) / "request.json"
         req_path.write_text(json.dumps(req.to_json()))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-               f"--nproc-per-node={n}", "-m", "memplan.profile_launch", "worker", str(req_path), tmp]
+               f"--nproc-per-node={n}", "-m", "memplan.profile.launch", "worker", str(req_path), tmp]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         results = [Measured.from_json(json.loads(p.read_text())) for p in sorted(Path(tmp).glob("rank-*.json"))]
@@ -111,7 +101,7 @@ def _worker(req_path: str, out_dir: str) -> int:
     import torch.distributed as dist
 
     from memplan.plan import build_plan
-    from memplan.profile_run import measure
+    from memplan.profile.run import measure
 
     req = Request(**json.loads(Path(req_path).read_text()))
     plan = build_plan(req.plan)
@@ -167,7 +157,7 @@ def make_wrapper(plan: Plan, device: str, world: int) -> Callable:
         except ImportError:  # torch < 2.6 kept FSDP2 under _composable
             from torch.distributed._composable.fsdp import CPUOffloadPolicy, fully_shard
 
-        from memplan.profile_build import decoder_layers
+        from memplan.runtime.model import decoder_layers
 
         mesh = init_device_mesh(torch.device(device).type, (world,))
         kwargs = dict(mesh=mesh, reshard_after_forward=plan.zero == 3)
@@ -213,12 +203,12 @@ def _write_atomic(path: Path, data) -> None:
 
 def probe_in_subprocess(req: Request) -> list:
     """measure_plan(req) in a fresh Python process; its Measured results."""
-    from memplan.profile_run import Measured
+    from memplan.profile.run import Measured
 
     with tempfile.TemporaryDirectory(prefix="memplan-probe-") as tmp:
         req_path, out_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req_path.write_text(json.dumps(req.to_json()))
-        proc = subprocess.run([sys.executable, "-m", "memplan.profile_launch", "probe", str(req_path), str(out_path)],
+        proc = subprocess.run([sys.executable, "-m", "memplan.profile.launch", "probe", str(req_path), str(out_path)],
                               capture_output=True, text=True)
         if out_path.is_file():
             return [Measured.from_json(d) for d in json.loads(out_path.read_text())]
@@ -274,7 +264,7 @@ def search_max(fits: Callable[[int], bool], start: int, limit: int) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] not in ("worker", "probe"):
-        print("usage: python -m memplan.profile_launch worker|probe REQUEST.json OUT", file=sys.stderr)
+        print("usage: python -m memplan.profile.launch worker|probe REQUEST.json OUT", file=sys.stderr)
         return 2
     if argv[0] == "worker":
         return _worker(argv[1], argv[2])

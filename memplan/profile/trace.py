@@ -2,14 +2,14 @@
 
 This is memplan's ground truth: the analytic estimator is tested against it, and `memplan profile` runs
 the same code (its trace and cpu backends). It runs the real transformers/peft/torch code of a training
-step and records every tensor storage that the step allocates, on fake tensors (`backend="fake"`: any
-model size, nothing allocated, ~1-2 s for a 7B step) or on real CPU tensors (`backend="real"`: small
+step and records every tensor storage that the step allocates, on fake tensors (`backend="trace"`: any
+model size, nothing allocated, ~1-2 s for a 7B step) or on real CPU tensors (`backend="cpu"`: small
 models only; the same meter, used to check the fake trace).
 
-How each Plan field becomes the traced step: memplan.profile_build (model, dtype, attention, LoRA, QLoRA,
-checkpointing), memplan.profile_optim (optimizer, bf16 master weights), memplan.profile_run (the loop:
+How each Plan field becomes the traced step: memplan.runtime.model (model, dtype, attention, LoRA, QLoRA,
+checkpointing), memplan.runtime.optim (optimizer, bf16 master weights), memplan.profile.run (the loop:
 micro-batches, autocast, loss, grad_accum, zero_grad). How bytes are counted and named:
-memplan.profile_meters. Not traced (a GPU-only or multi-process matter, modelled elsewhere):
+memplan.runtime.meter. Not traced (a GPU-only or multi-process matter, modelled elsewhere):
 sharding/zero/offload, gpus/nodes, the CUDA caching allocator, context and workspaces, CUDA attention and
 optimizer kernel choices.
 """
@@ -20,15 +20,10 @@ from dataclasses import dataclass
 
 from memplan.errors import UserError
 from memplan.plan import Plan
-from memplan.profile_meters import PHASES, TERMS, LiveBytes, StepMeasure
-from memplan.profile_run import measure
+from memplan.runtime.meter import StepMeasure
+from memplan.profile.run import measure
 
-CATEGORIES = TERMS
-PhasePeaks = StepMeasure
-_LiveBytes = LiveBytes
-_BACKENDS = {"fake": "trace", "real": "cpu"}
-
-__all__ = ["PHASES", "CATEGORIES", "PhasePeaks", "TraceResult", "trace_training"]
+BACKENDS = ("trace", "cpu")  # the profile backends that run in this process without a GPU
 
 
 @dataclass
@@ -47,13 +42,13 @@ class TraceResult:
         return max(s.peak for s in self.steps)
 
 
-def trace_training(config, plan: Plan, *, backend: str = "fake", steps: int = 2, seed: int = 0) -> TraceResult:
+def trace_training(config, plan: Plan, *, backend: str = "trace", steps: int = 2, seed: int = 0) -> TraceResult:
     """Run `steps` optimizer steps of `plan` on the model of `config` and return the per-phase peaks.
 
     `config`: a transformers PretrainedConfig, a config dict with `model_type`, a config.json path or a
-    local model directory. `backend`: "fake" (FakeTensorMode, any size) or "real" (CPU tensors).
+    local model directory. `backend`: "trace" (FakeTensorMode, any size) or "cpu" (CPU tensors).
     """
-    if backend not in _BACKENDS:
-        raise UserError(f"trace backend '{backend}' is not one of: fake, real")
-    result = measure(config, plan, backend=_BACKENDS[backend], steps=steps, seed=seed)
+    if backend not in BACKENDS:
+        raise UserError(f"trace backend '{backend}' is not one of: {', '.join(BACKENDS)}")
+    result = measure(config, plan, backend=backend, steps=steps, seed=seed)
     return TraceResult(steps=result.steps, after_load=result.after_load)

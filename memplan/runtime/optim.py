@@ -1,8 +1,21 @@
-"""Precision bf16-master: bf16 weights and gradients, fp32 master copies stepped by the optimizer.
+"""The optimizer a plan names, built the same way for `memplan profile` and `memplan train`, and the fp32 master
+weights of precision bf16-master.
 
-This is DeepSpeed's bf16 optimizer regime (runtime/bf16_optimizer.py, ZeRO's fp32 partitions) for runs
-without DeepSpeed; `memplan profile` measures it and `memplan train` trains with it. What it holds, in
-the terms of memplan's estimator (estimator/states.py `master_bytes`, `optimizer_step_temporaries`):
+    adamw          torch.optim.AdamW(foreach=True)  - the CUDA default (the CPU default is the for-loop)
+    adamw-fused    torch.optim.AdamW(fused=True)
+    adamw-forloop  torch.optim.AdamW(foreach=False)
+    sgd            torch.optim.SGD(momentum=0.9, foreach=True)
+    adafactor      transformers.optimization.Adafactor(scale_parameter=False, relative_step=False,
+                   warmup_init=False) - HF Trainer's `adafactor`
+    adamw-8bit / paged-adamw-8bit: bitsandbytes' AdamW8bit / PagedAdamW8bit.
+
+lr = `hparams.effective_lr(method)`, weight_decay = `hparams.weight_decay`. torch's Adam keeps a 0-dim fp32
+`step` tensor per parameter (4 B each).
+
+Precision bf16-master (`MasterWeightsOptimizer`): bf16 weights and gradients, fp32 master copies stepped by the
+optimizer. This is DeepSpeed's bf16 optimizer regime (runtime/bf16_optimizer.py, ZeRO's fp32 partitions) for
+runs without DeepSpeed. What it holds, in the terms of memplan's estimator (estimator/states.py
+`master_bytes`, `optimizer_step_temporaries`):
 
   from construction  an fp32 copy of every 16-bit trainable parameter (an fp32 parameter, such as a
                      peft adapter, is its own master and is not copied)
@@ -24,6 +37,50 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+
+from memplan.errors import UserError
+from memplan.plan import BITSANDBYTES_OPTIMIZERS, PRECISIONS, Plan
+from memplan.runtime.hf import BNB_HINT
+
+
+def optimizer_factory(plan: Plan) -> Callable:
+    """A function params -> optimizer. Everything is imported here, before any meter is active: a module
+    imported under the fake mode and the meter could create module-level tensors that would be counted."""
+    lr = plan.hparams.effective_lr(plan.method)
+    wd = plan.hparams.weight_decay
+    name = plan.optimizer
+    if name == "adamw":
+        return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=True)
+    if name == "adamw-fused":
+        return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=True)
+    if name == "adamw-forloop":
+        return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False)
+    if name == "sgd":
+        return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd, foreach=True)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return lambda params: Adafactor(
+            params, lr=lr, weight_decay=wd, scale_parameter=False, relative_step=False, warmup_init=False
+        )
+    if name in BITSANDBYTES_OPTIMIZERS:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError(f"optimizer {name} needs bitsandbytes, which is not installed. {BNB_HINT}") from None
+        cls = bnb.optim.AdamW8bit if name == "adamw-8bit" else bnb.optim.PagedAdamW8bit
+        return lambda params: cls(params, lr=lr, weight_decay=wd)
+    raise UserError(f"memplan cannot build optimizer '{name}'")
+
+
+def make_optimizer(plan: Plan, factory: Callable, params: list[torch.Tensor], meter):
+    """The plan's optimizer over `params` as `memplan profile` measures it; bf16-master wraps it around fp32
+    masters of 16-bit parameters (peft's adapters are fp32 already: then there is nothing to master)."""
+    if wants_masters(plan.precision, params):
+        opt = MasterWeightsOptimizer(params, factory, lambda grads: meter.classify(grads, "gradients"))
+        meter.classify(opt.masters, "master_weights")
+        return opt
+    return factory(params)
 
 
 def _groups(params: Iterable) -> list[dict[str, Any]]:
@@ -120,8 +177,9 @@ def state_tensors(optimizer) -> list[torch.Tensor]:
 
 
 def wants_masters(precision: str, params: Iterable[torch.Tensor]) -> bool:
-    """bf16-master with 16-bit trainable parameters (peft adapters are fp32 already: nothing to master)."""
-    return precision == "bf16-master" and any(p.dtype != torch.float32 for p in params)
+    """A regime with fp32 masters (bf16-master) and 16-bit trainable parameters (peft adapters are fp32 already:
+    nothing to master)."""
+    return PRECISIONS[precision].masters and any(p.dtype != torch.float32 for p in params)
 
 
 # ---------------------------------------------------------------- sharded (FSDP2) checkpoints

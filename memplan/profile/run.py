@@ -1,5 +1,5 @@
 """Run real training steps of a plan and measure them per phase: the one loop behind `memplan profile`
-(backends trace, cpu, cuda), the tracer (memplan.trace) and the GPU check.
+(backends trace, cpu, cuda), the tracer (memplan.profile.trace) and the GPU check.
 
 Per optimizer step: grad_accum x (forward + loss on a synthetic batch of exactly micro_batch x seq_len
 random token ids, labels = the ids, no attention mask; loss / grad_accum; backward), then
@@ -9,9 +9,9 @@ all-reduce (`no_sync`, as accelerate does); under FSDP2 `set_requires_gradient_s
 
 - precision: amp-* runs forward + loss under `torch.autocast(device type, 16-bit dtype)` (autocast's
   weight cache keeps 16-bit copies alive through forward and backward) and backward outside it, as HF
-  Trainer / accelerate do; no GradScaler (its unscale is in place). bf16-master: see memplan.profile_optim.
+  Trainer / accelerate do; no GradScaler (its unscale is in place). bf16-master: see memplan.runtime.optim.
 - loss: standard = `model(input_ids, labels=...).loss` (HF's ForCausalLMLoss, fp32 upcast of the logits);
-  chunked = the decoder + `memplan.loss.chunked_causal_lm_loss` with the output embedding. Only the loss is
+  chunked = the decoder + `memplan.runtime.loss.chunked_causal_lm_loss` with the output embedding. Only the loss is
   kept from the model output (the logits are dropped before backward, as in HF Trainer).
 - use_cache=False in every forward: training builds no KV cache (TRL, axolotl, LLaMA-Factory turn it off).
 - transformers cannot see on fake tensors that an unmasked batch is not packed and would build a b x s x s
@@ -30,11 +30,13 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from memplan.errors import UserError
-from memplan.loss import chunked_causal_lm_loss
+from memplan.runtime.loss import chunked_causal_lm_loss
 from memplan.plan import Plan
-from memplan.profile_build import AUTOCAST_DTYPE, BNB_OPTIMIZERS, build_model, materialize, quant_state_tensors
-from memplan.profile_meters import PHASES, CudaMeter, FakeLiveBytes, LiveBytes, StepMeasure
-from memplan.profile_optim import make_optimizer, optimizer_factory, state_tensors
+from memplan.runtime.model import build_model, materialize, quant_state_tensors
+from memplan.estimator.phases import PHASES
+from memplan.profile.meters import CudaMeter
+from memplan.runtime.meter import LiveBytes, StepMeasure
+from memplan.runtime.optim import make_optimizer, optimizer_factory, state_tensors
 
 BACKENDS = ("cuda", "cpu", "trace")
 
@@ -109,7 +111,7 @@ def check_runnable(plan: Plan, backend: str, steps: int) -> None:
         raise UserError(f"backend '{backend}' is not one of: {', '.join(BACKENDS)}")
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
-    uses_bnb = plan.method == "qlora" or plan.optimizer in BNB_OPTIMIZERS
+    uses_bnb = plan.uses_bitsandbytes
     if uses_bnb and backend == "trace":
         what = "4-bit kernels (QLoRA)" if plan.method == "qlora" else f"8-bit optimizer kernels ({plan.optimizer})"
         raise UserError(f"the trace backend cannot run bitsandbytes' {what} on fake tensors. Hint: use --backend "
@@ -225,7 +227,7 @@ def _gradient_sync(model, last_micro_batch: bool):
 def train_steps(model, optimizer, plan: Plan, meter, *, steps: int, vocab: int, device: str,
                 trainable: list[torch.Tensor], logits_term: Optional[_LogitsLossTerm] = None) -> None:
     """`steps` optimizer steps of `plan`, each phase announced to the meter (a nanoGPT-like loop)."""
-    dtype = AUTOCAST_DTYPE.get(plan.precision)
+    dtype = getattr(torch, plan.regime.compute) if plan.regime.autocast else None
     device_type = torch.device(device).type
     for _ in range(steps):
         meter.new_step()
@@ -253,11 +255,10 @@ def train_steps(model, optimizer, plan: Plan, meter, *, steps: int, vocab: int, 
 
 
 def make_meter(backend: str, device: str):
-    if backend == "trace":
-        return FakeLiveBytes()
-    if backend == "cpu":
-        return LiveBytes()
-    return CudaMeter(device)
+    """Live tensor bytes on trace (fake tensors) and cpu; the allocator's statistics on cuda."""
+    if backend == "cuda":
+        return CudaMeter(device)
+    return LiveBytes()
 
 
 def measure(config, plan: Plan, *, backend: str, steps: int = 3, weights: Optional[str] = None, seed: int = 0,
@@ -289,7 +290,7 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
     after_load = None
     try:
         shards = getattr(wrap, "shards_parameters", False)
-        built = build_model(config, plan, device=device, fake_mode=fake_mode, weights=weights, on_meta=shards)
+        built = build_model(plan, config=config, weights=weights, device=device, fake_mode=fake_mode, on_meta=shards)
         factory = optimizer_factory(plan)  # imports happen here, before the meter is active
         module = CausalLMLoss(built.model, plan.loss == "chunked", built.softcap)
         if shards:  # FSDP: shard on the meta device, then give each rank only its shards

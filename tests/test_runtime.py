@@ -1,0 +1,78 @@
+"""memplan.runtime: the one model constructor behind `memplan profile` and `memplan train`."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from memplan.plan import Plan
+
+pytest.importorskip("torch")
+
+CASES = [(method, precision, ckpt)
+         for method, precision, ckpt in itertools.product(("full", "lora", "qlora"), ("amp-bf16", "bf16", "fp32"),
+                                                          (True, False))
+         if not (method == "qlora" and precision == "fp32")]  # not a QLoRA regime (plan_problems)
+
+
+def anatomy(model, hf_model) -> dict:
+    """What the plan decides about a built model: its module tree (types by name), each parameter's dtype
+    and requires_grad, checkpointing per module, whether bitsandbytes may repack a 4-bit layer for its CPU
+    kernel (memplan.runtime.hf.keep_4bit_layers_differentiable), the attention implementation and the KV cache."""
+    return {
+        "modules": [(name, type(m).__name__) for name, m in model.named_modules()],
+        "parameters": [(name, str(p.dtype), p.requires_grad) for name, p in model.named_parameters()],
+        "checkpointing": [(name, m.gradient_checkpointing) for name, m in model.named_modules()
+                          if hasattr(m, "gradient_checkpointing")],
+        "repacks_4bit": [(name, m.support_avx512bf16_for_cpu) for name, m in model.named_modules()
+                         if hasattr(m, "support_avx512bf16_for_cpu")],
+        "attention": hf_model.config._attn_implementation,
+        "use_cache": hf_model.config.use_cache,
+        "training": model.training,
+    }
+
+
+@pytest.mark.parametrize(("method", "precision", "ckpt"), CASES)
+def test_profile_and_train_build_the_same_model(method, precision, ckpt):
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    from memplan.catalog.resolve import config_file
+    from memplan.runtime.model import build_model, load_model, model_dir
+
+    plan = Plan(model="demo-tiny", method=method, precision=precision, grad_ckpt=ckpt,
+                lora={"rank": 4, "targets": "q_proj,v_proj"})
+    # `memplan profile`: the plan's model from the preset's config.json, random weights (memplan.profile.run)
+    profiled = build_model(plan, config=str(config_file("demo-tiny")[0]), device="cpu")
+    # `memplan train`: the same plan loaded from the preset's weights (memplan.train.loop)
+    trained = load_model(plan, model_dir("demo-tiny"), "cpu")
+    hf_trained = trained.get_base_model() if method != "full" else trained
+    profile_side, train_side = anatomy(profiled.model, profiled.hf_model), anatomy(trained, hf_trained)
+    assert profile_side == train_side
+    dtypes = {dtype for _, dtype, _ in profile_side["parameters"]}
+    trains = {name for name, _, grad in profile_side["parameters"] if grad}
+    if method == "full":
+        assert dtypes == {"torch.bfloat16" if precision == "bf16" else "torch.float32"}
+        assert len(trains) == len(profile_side["parameters"])
+    else:
+        assert trains and all("lora_" in name for name in trains)
+    assert bool(profile_side["checkpointing"]) and all(on == ckpt for _, on in profile_side["checkpointing"])
+
+
+def test_the_trains_cpu_peak_follows_storages_freed_by_hand():
+    """`memplan train` counts with profile's meter: a storage resized to 0 (how FSDP frees an unsharded
+    parameter) stops counting, so a later allocation of the same size does not raise the peak."""
+    import torch
+
+    from memplan.runtime.meter import LiveBytes, PeakMemory
+
+    model = torch.nn.Linear(10, 10)  # 110 fp32 parameters: 440 B
+    meter = PeakMemory(torch.device("cpu"), steps=1)
+    meter.start(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert isinstance(meter.mode, LiveBytes)
+    gathered = torch.ones(1000)  # 4000 B
+    gathered.untyped_storage().resize_(0)
+    again = torch.ones(1000)
+    meter.step_done(rows_len=1)
+    assert meter.peak_bytes == 440 + 4000 and meter.mode is None
+    del gathered, again
