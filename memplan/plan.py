@@ -1,6 +1,6 @@
 """The Plan: one schema that `estimate` reads, `recommend` writes, `train` runs and `profile` measures.
 
-Every field has a CLI flag (generated in `memplan.cli_options`) and a YAML key; flags override the YAML.
+Every field has a CLI flag (generated in `memplan.cli.options`) and a YAML key; flags override the YAML.
 Bad combinations are rejected here, once, with the reason and a "Hint:" toward what works.
 """
 
@@ -34,7 +34,7 @@ DEFAULT_WARMUP_RATIO = 0.05
 FSDP_STRATEGY = {0: "NO_SHARD", 2: "SHARD_GRAD_OP", 3: "FULL_SHARD"}
 
 
-#: The largest number a plan holds, and the largest a numeric flag takes (memplan.cli_options): a signed
+#: The largest number a plan holds, and the largest a numeric flag takes (memplan.cli.options): a signed
 #: 32-bit integer's maximum. Every count in a plan (sequences, tokens, steps, processes, adapter rank) fits
 #: it with room to spare, and products of a handful of plan numbers (micro-batch x sequence x vocabulary x
 #: bytes) then stay exact as integers and finite as floats, where `--batch-size 10^400` or `epochs: 1e308`

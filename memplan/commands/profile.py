@@ -10,7 +10,7 @@ from typing import Any, Optional
 import click
 
 from memplan.report import estimate as report
-from memplan.cli_options import passed_overrides
+from memplan.cli.options import passed_overrides
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
 from memplan.estimator import overhead

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import click
 
-from memplan.cli_options import passed_overrides
+from memplan.cli.options import passed_overrides
 from memplan.recommend.core import NoPlanFits, Recommendation, Request, recommend
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli_options import FLOAT, INT, Choice, HPARAM_FLAGS, plan_options
+from memplan.cli.options import FLOAT, INT, Choice, HPARAM_FLAGS, plan_options
 from memplan.recommend import hparams as hp
 
 
