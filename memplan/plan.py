@@ -9,12 +9,15 @@ from __future__ import annotations
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from memplan.errors import UserError, did_you_mean, shown
 from memplan.files import read_yaml
+
+if TYPE_CHECKING:
+    from memplan.models import ModelSpec
 
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["fp32", "amp-bf16", "amp-fp16", "bf16", "bf16-master"]
@@ -299,6 +302,24 @@ def plan_problems(p: Plan) -> list[str]:
 
 
 # ---------------------------------------------------------------- loading and merging
+
+
+def check_lora_targets(spec: ModelSpec, plan: Plan) -> None:
+    """The plan's LoRA targets against the model's decoder layers (a plan that trains adapters): each must be one
+    of their linear layers, and peft's adapters on MoE expert stacks take no dropout. Raises UserError."""
+    if not plan.trains_adapters:
+        return
+    allowed = [n for n in spec.linear_names() if n != "lm_head"]
+    targets = allowed if plan.lora.targets == ALL_LINEAR else plan.lora.targets
+    for t in targets:
+        if t not in allowed:
+            raise UserError(f"LoRA target '{t}' is not a linear layer of {spec.name}'s decoder layers; "
+                            f"allowed: {', '.join(allowed)} or all-linear")
+    experts = [l.name for l in spec.layer_linears if l.kind == "experts" and l.name in targets]
+    if experts and plan.lora.dropout > 0:
+        dense = ",".join(l.name for l in spec.layer_linears if l.kind != "experts")
+        raise UserError(f"peft adapts the MoE expert stacks ({', '.join(experts)}) through ParamWrapper, which "
+                        f"has no LoRA dropout. Hint: --lora-dropout 0, or --lora-targets {dense}")
 
 
 class Overrides(dict):

@@ -1,8 +1,11 @@
-"""`memplan estimate`: the click definition; the arithmetic is imported when the command runs."""
+"""`memplan estimate`: the click definition; one plan's verdict (memplan.fit.plan_verdict) or the comparison
+table (memplan.fit.compare), shown by memplan.report.estimate. Imported when the command runs."""
 
 from __future__ import annotations
 
+import json
 import sys
+from typing import Any, Optional
 
 import click
 
@@ -51,8 +54,47 @@ def estimate(**kwargs) -> None:
     """
     skip_final_collection()
     with gc_paused():  # bounded arithmetic and printing: see gc_paused
-        from memplan.commands.estimate import run
-
         code = run(**kwargs)
     if code:
         sys.exit(code)
+
+
+def run(model: Optional[str], config_path: Optional[str], gpu: Optional[str], gpu_memory: Optional[str],
+        host_memory: Optional[str], headroom: Optional[float], max_batch: bool, max_seq: bool, as_json: bool,
+        **opts: Any) -> int:
+    """The command's body; returns its exit code (0 fits, 1 does not fit: see the README's "Exit codes")."""
+    from memplan import fit
+    from memplan.cli.options import passed_overrides
+    from memplan.errors import UserError
+    from memplan.models import resolve_model
+    from memplan.plan import build_plan, check_lora_targets, merge, read_plan_yaml
+    from memplan.report import estimate as report
+
+    overrides = passed_overrides(opts)
+    base = read_plan_yaml(config_path) if config_path else {}
+    model_ref = model or base.get("model")
+    if not model_ref:
+        raise UserError("no model: give --model (a preset such as llama-2-7b; `memplan models` lists them), "
+                        "a config.json path, or a plan file with `model:`")
+    if config_path or set(overrides) - fit.CLUSTER_FIELDS:
+        plan = build_plan(merge(dict(base, model=model_ref), overrides), source=config_path or "plan")
+        spec = resolve_model(plan.model)
+        check_lora_targets(spec, plan)
+        verdict = fit.plan_verdict(spec, plan, gpu, gpu_memory, host_memory, headroom)
+        limits = fit.limits(spec, plan, verdict.target, max_batch, max_seq)
+        if as_json:
+            click.echo(json.dumps(report.one_plan_json(spec, verdict, limits), indent=2))
+        else:
+            recorded = plan.target is not None and not (gpu or gpu_memory or host_memory)
+            click.echo(report.one_plan_text(spec, plan, verdict, limits, recorded))
+        return verdict.exit_code
+    if max_batch or max_seq:
+        raise UserError("--max-batch / --max-seq need one plan: add plan flags (e.g. --method lora) or --config")
+    spec = resolve_model(model_ref)  # from --model: a plan file takes the branch above
+    cluster = {k: v for k, v in overrides.items() if k in fit.CLUSTER_FIELDS}
+    comparison = fit.compare(spec, model_ref, cluster, gpu, gpu_memory, host_memory, headroom)
+    if as_json:
+        click.echo(json.dumps(report.comparison_json(spec, comparison), indent=2))
+    else:
+        click.echo(report.comparison_text(spec, comparison))
+    return comparison.exit_code

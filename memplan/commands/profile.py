@@ -51,7 +51,8 @@ def default_backend(plan: Plan) -> str:
 
 def run(model: Optional[str], config_path: Optional[str], steps: int, backend: Optional[str], weights: Optional[str],
         find_max_batch: bool, gpu: Optional[str], gpu_memory: Optional[str], as_json: bool, **opts: Any) -> None:
-    from memplan.commands.estimate import check_lora_targets, resolve_capacity
+    from memplan.fit import resolve_capacity
+    from memplan.plan import check_lora_targets
     from memplan.profile_build import config_path as model_config_path
     from memplan.profile_launch import Request, measure_plan
     from memplan.profile_run import check_runnable
@@ -274,7 +275,7 @@ def fit_needs(peak: int, plan: Plan) -> int:
 def _find_max_batch(spec, plan: Plan, req, capacity: Optional[int], backend: str) -> dict:
     from tqdm import tqdm
 
-    from memplan.commands.estimate import largest_fitting
+    from memplan.estimator.search import largest_fitting
     from memplan.profile_launch import Request, probe_in_subprocess, search_max
 
     if backend != "cuda" and capacity is None:
@@ -349,7 +350,7 @@ def _print_tables(spec, plan: Plan, est: Estimate, main, ranks, measured, backen
                   weights):
     from tabulate import tabulate
 
-    click.echo(f"{spec.name}: {spec.params_total:,} parameters ({report._count(spec.params_total)})")
+    click.echo(f"{spec.name}: {spec.params_total:,} parameters ({report.count(spec.params_total)})")
     click.echo(f"plan: {report.describe_plan(est)}, {plan.world_size} process(es), micro-batch {plan.micro_batch} x "
                f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {'on' if plan.grad_ckpt else 'off'}, "
                f"{plan.optimizer}, attn {plan.attn}")

@@ -20,7 +20,7 @@ def _duration(hours: float) -> str:
 
 def header(rec: Recommendation) -> list[str]:
     spec = rec.spec
-    lines = [f"{spec.name}: {spec.params_total:,} parameters ({report._count(spec.params_total)}) on "
+    lines = [f"{spec.name}: {spec.params_total:,} parameters ({report.count(spec.params_total)}) on "
              f"{rec.target.describe()}; plans must fit {rec.target.usable_bytes / GiB:.2f} GiB per device "
              f"({100 * rec.target.headroom:g} % headroom)"]
     if rec.data:
