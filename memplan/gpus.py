@@ -19,9 +19,7 @@ from typing import Any
 
 from memplan.errors import UserError
 from memplan.paths import data_dir, load_table
-
-GIB = 2**30
-MIB = 2**20
+from memplan.report.units import GiB, KiB, MiB, TiB, gib_label
 
 #: Memory sizes (GiB) for "which common card sizes does this plan fit".
 COMMON_SIZES_GIB = (16, 24, 40, 48, 80)
@@ -52,10 +50,6 @@ class Gpu:
     memory_source: str | None = None
     vendor: str | None = None
     aliases: tuple[str, ...] = ()
-
-    @property
-    def memory_gib(self) -> float:
-        return self.memory_bytes / GIB
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,10 +142,6 @@ def load_gpus() -> dict[str, Gpu]:
     return dict(_load()[0])
 
 
-def gpu_ids() -> list[str]:
-    return list(_load()[0])
-
-
 def resolve_gpu(ref: str) -> Gpu:
     """A preset by id or alias, case-insensitive (``h100``, ``A100-80G``, ``4090``)."""
     presets, names, _ = _load()
@@ -173,12 +163,12 @@ def resolve_gpu(ref: str) -> Gpu:
 # --------------------------------------------------------------------------------------------
 
 _UNITS = {
-    "": GIB,  # a plain number is GiB
+    "": GiB,  # a plain number is GiB
     "b": 1,
-    "k": 2**10, "kib": 2**10, "kb": 10**3,
-    "m": MIB, "mib": MIB, "mb": 10**6,
-    "g": GIB, "gib": GIB, "gb": 10**9,
-    "t": 2**40, "tib": 2**40, "tb": 10**12,
+    "k": KiB, "kib": KiB, "kb": 10**3,
+    "m": MiB, "mib": MiB, "mb": 10**6,
+    "g": GiB, "gib": GiB, "gb": 10**9,
+    "t": TiB, "tib": TiB, "tb": 10**12,
 }  # fmt: skip
 
 # Compiled on first use (re caches it), not at import: most runs parse no memory size.
@@ -219,43 +209,17 @@ def parse_memory(text: str) -> int:
     return int(n)
 
 
-def _gib_label(memory_bytes: int) -> str:
-    gib = memory_bytes / GIB
-    if gib == int(gib):
-        return str(int(gib))
-    return f"{gib:.2f}".rstrip("0").rstrip(".")
-
-
 def custom_gpu(memory_bytes: int) -> Gpu:
     """A GPU known only by its memory (``custom-24gib``); every throughput figure is None."""
     if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0:
         raise UserError(f"GPU memory must be a positive number of bytes, got {memory_bytes!r}")
-    label = _gib_label(memory_bytes)
+    label = gib_label(memory_bytes)
     return Gpu(
         id=f"custom-{label}gib",
         name=f"Custom GPU ({label} GiB)",
         memory_bytes=memory_bytes,
         memory_source="custom",
     )
-
-
-_FORMAT_UNITS = {
-    "B": 1,
-    "KiB": 2**10, "MiB": MIB, "GiB": GIB, "TiB": 2**40,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-}  # fmt: skip
-
-
-def format_bytes(n: int | float, unit: str = "GiB", digits: int = 2) -> str:
-    """``n`` bytes in ``unit`` with the unit label: ``format_bytes(85520809984) == '79.65 GiB'``.
-
-    Binary units (GiB = 2**30) and decimal ones (GB = 10**9) as named; ``B`` prints whole bytes.
-    """
-    if unit not in _FORMAT_UNITS:
-        raise ValueError(f"unknown unit {unit!r}; one of {', '.join(_FORMAT_UNITS)}")
-    if unit == "B":
-        return f"{int(n)} B"
-    return f"{n / _FORMAT_UNITS[unit]:.{digits}f} {unit}"
 
 
 # --------------------------------------------------------------------------------------------

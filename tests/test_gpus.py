@@ -13,11 +13,11 @@ import pytest
 from memplan import gpus as gpus_mod
 from memplan.errors import UserError
 from memplan.paths import write_table
+from memplan.report.units import format_bytes
 from memplan.gpus import (
     COMMON_SIZES_GIB,
     Gpu,
     custom_gpu,
-    format_bytes,
     load_gpus,
     local_gpus,
     match_device_name,

@@ -17,6 +17,7 @@ from memplan.estimator import overhead
 from memplan.estimator.phases import TERMS
 from memplan.models import resolve_model
 from memplan.plan import Plan, build_plan, merge, read_plan_yaml
+from memplan.report.units import size
 
 PHASES = ("forward", "backward", "optimizer")
 GOAL = (-2.0, 3.0)  # memplan's accuracy goal per phase, in % (README: Accuracy)
@@ -331,15 +332,6 @@ def _find_max_batch(spec, plan: Plan, req, capacity: Optional[int], backend: str
 
 
 # ---------------------------------------------------------------- tables
-
-
-def size(n: Optional[int]) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GiB", report.GiB), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
 
 
 def _err(x: Optional[float]) -> str:

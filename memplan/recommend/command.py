@@ -35,7 +35,7 @@ def _plot(rec: Recommendation, path: str) -> str:
 
 
 def _summary(rec: Recommendation) -> list[str]:
-    from memplan.recommend.render import decision, plan_line, time_lines, verdict
+    from memplan.report.recommend import decision, plan_line, time_lines, verdict
 
     return ([f"Recommended by `memplan recommend` for {rec.target.describe()}.", "", "```"] + decision(rec)
             + ["", plan_line(rec), verdict(rec)] + time_lines(rec) + ["```"]
@@ -47,7 +47,8 @@ def run(model: str, gpus: Optional[int], nodes: Optional[int], gpu: Optional[str
         seq_len: Optional[int], domain_shift: Optional[str], method: Optional[str], effective_batch: Optional[int],
         max_hours: Optional[float], priority: str, headroom: float, host_memory: Optional[str], out_dir: Optional[str], as_json: bool,
         explain: bool, plot: Optional[str], **opts: Any) -> None:
-    from memplan.recommend import render, writers
+    from memplan.recommend import writers
+    from memplan.report import recommend as render
 
     h = passed_overrides(opts)
     req = Request(model=model, gpus=gpus, nodes=nodes or 1, gpu=gpu, gpu_memory=gpu_memory, data=data,

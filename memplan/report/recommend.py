@@ -3,8 +3,9 @@ hyperparameters, the runners-up and why they lost, warnings, files."""
 
 from __future__ import annotations
 
+from memplan.recommend.core import NoPlanFits, Recommendation, why_not
 from memplan.report import estimate as report
-from memplan.recommend.core import GiB, NoPlanFits, Recommendation, why_not
+from memplan.report.units import GiB, gib
 
 
 def _duration(hours: float) -> str:
@@ -79,7 +80,7 @@ def alternatives_table(rec: Recommendation) -> str:
         c = a.candidate
         p = c.plan
         rows.append([c.family(), f"{p.micro_batch}x{p.grad_accum}",
-                     "on" if p.grad_ckpt else "off", p.optimizer, p.loss, report.gib(c.total),
+                     "on" if p.grad_ckpt else "off", p.optimizer, p.loss, gib(c.total),
                      _duration(c.hours) if c.fits else "-", a.why_not])
     return tabulate(rows, headers=["alternative", "mb x accum", "ckpt", "optimizer", "loss", "GiB", "time", "why not"],
                     tablefmt="simple", disable_numparse=True)
