@@ -1,6 +1,6 @@
 """`memplan recommend`: the decision tree, the plan search, hyperparameters and the result object.
 
-Gathering (this module) is apart from printing (`render.py`) and writing (`writers.py`).
+Gathering (this module) is apart from printing (memplan.report.recommend) and writing (`writers.py`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class NoPlanFits(Exception):
 
 @dataclass
 class Request:
+    """What `memplan recommend` was asked: its options, under the same names (memplan.cli.recommend)."""
+
     model: str
     gpus: Optional[int] = None
     nodes: int = 1
@@ -62,7 +64,7 @@ class Request:
     lr: Optional[float] = None
     warmup_ratio: Optional[float] = None
     out_dir: Optional[str] = None
-    main_ip: Optional[str] = None
+    plot: Optional[str] = None
     show_progress: bool = False
 
 
@@ -498,4 +500,22 @@ def recommend(req: Request) -> Recommendation:
                 f"--method {req.method} given"
             rec.alternatives.append(Alternative(r.best, f"{reason}; best {m}: {r.best.total / GiB:.2f} GiB, "
                                                         f"{r.best.hours:.2f} h"))
+    return rec
+
+
+def gather(req: Request) -> Recommendation:
+    """What `memplan recommend` does: the recommendation, then its files (--output) and chart (--plot).
+    Raises NoPlanFits (nothing written) when no plan fits."""
+    rec = recommend(req)
+    if req.out_dir:
+        from memplan.recommend import writers
+        from memplan.report.recommend import readme_summary
+
+        files = writers.render_files(req.out_dir, rec.plan, rec.spec, readme_summary(rec),
+                                     writers.main_ip() if rec.plan.nodes > 1 else "127.0.0.1")
+        rec.files = writers.write_atomically(Path(req.out_dir), files)
+    if req.plot:
+        from memplan.recommend.plot import plot_recommendation
+
+        rec.files.append(plot_recommendation(rec, req.plot))
     return rec

@@ -65,3 +65,12 @@ def plot_candidates(path: str, entries: list[tuple[str, object]], capacity: int,
         if os.path.exists(tmp):
             os.unlink(tmp)
     return str(out)
+
+
+def plot_recommendation(rec, path: str) -> str:
+    """The chart of --plot: the recommended plan first, then the runners-up; returns the path written."""
+    entries = [("recommended: " + rec.chosen.family(), rec.chosen)]
+    entries += [(a.candidate.family() + ("" if a.candidate.fits else " (no fit)"), a.candidate)
+                for a in rec.alternatives]
+    title = f"{rec.spec.name} on {rec.target.describe()}: memory per device at each plan's peak phase"
+    return plot_candidates(path, entries, rec.target.memory_bytes, rec.target.usable_bytes, title)

@@ -3,7 +3,7 @@ hyperparameters, the runners-up and why they lost, warnings, files."""
 
 from __future__ import annotations
 
-from memplan.recommend.core import NoPlanFits, Recommendation, why_not
+from memplan.recommend.core import Recommendation, why_not
 from memplan.report import estimate as report
 from memplan.report.units import GiB, gib
 
@@ -72,6 +72,13 @@ def time_lines(rec: Recommendation) -> list[str]:
             f"communication {s.comm_s:.3g} s, offload {s.offload_s:.3g} s)"]
 
 
+def readme_summary(rec: Recommendation) -> list[str]:
+    """The recommendation as README.md in the output directory states it (markdown lines)."""
+    return ([f"Recommended by `memplan recommend` for {rec.target.describe()}.", "", "```"] + decision(rec)
+            + ["", plan_line(rec), verdict(rec)] + time_lines(rec) + ["```"]
+            + ([""] + [f"- warning: {w}" for w in rec.warnings] if rec.warnings else []))
+
+
 def alternatives_table(rec: Recommendation) -> str:
     from tabulate import tabulate
 
@@ -108,8 +115,14 @@ def render(rec: Recommendation, explain: bool = False) -> str:
     return "\n".join(lines)
 
 
-def render_no_fit(err: NoPlanFits, explain: bool = False) -> str:
-    rec = err.rec
+def no_fit_json(rec: Recommendation) -> dict:
+    """--json when no plan fits: the recommendation so far, with its suggestions, marked as an error."""
+    out = rec.to_json()
+    out["error"] = "no plan fits"
+    return out
+
+
+def render_no_fit(rec: Recommendation, explain: bool = False) -> str:
     lines = header(rec) + [""]
     if explain:
         lines += ["decision tree (>> = the path taken):", rec.tree.render(rec.steps, rec.leaf, rec.request.method), ""]
