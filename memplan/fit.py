@@ -28,7 +28,7 @@ from memplan.models import ModelSpec
 from memplan.plan import Plan, build_plan
 from memplan.recommend.hardware import (Target, check_headroom, cpu_target, default_host_assumption, gpu_target,
                                         parse_size)
-from memplan.report.units import GiB
+from memplan.report.units import GiB, format_bytes, gib
 
 if TYPE_CHECKING:  # the table's scoring is imported when a table is asked for
     from memplan.recommend.search import Candidate
@@ -108,9 +108,9 @@ def judge(e: Estimate, target: Optional[Target], headroom: float = DEFAULT_HEADR
     if target is not None:
         reason = target.why_not(e.total, e.host_bytes)
         if reason is None:
-            host = (f"; host RAM {e.host_bytes / GiB:.2f} of {target.usable_host_bytes / GiB:.2f} GiB usable per node"
+            host = (f"; host RAM {gib(e.host_bytes)} of {format_bytes(target.usable_host_bytes)} usable per node"
                     if e.host_bytes else "")
-            text = f"fits: {e.total / GiB:.2f} GiB {target.per_device} of {target.usable_explained()}{host}"
+            text = f"fits: {format_bytes(e.total)} {target.per_device} of {target.usable_explained()}{host}"
         else:
             text = f"does not fit: {reason}"
         return Verdict(fits=reason is None, text=text, target=target)
@@ -120,8 +120,8 @@ def judge(e: Estimate, target: Optional[Target], headroom: float = DEFAULT_HEADR
         text = (f"fits GPUs of {', '.join(f'{s} GiB' for s in sizes)} ({100 * headroom:g} % headroom; no GPU given: "
                 "--gpu ID or --gpu-memory SIZE for a verdict)")
     else:
-        text = (f"does not fit a {COMMON_SIZES_GIB[-1]} GiB GPU: {e.total / GiB:.2f} GiB per GPU"
-                + (f", {e.host_bytes / GiB:.2f} GiB host RAM per node" if e.host_bytes else "")
+        text = (f"does not fit a {COMMON_SIZES_GIB[-1]} GiB GPU: {format_bytes(e.total)} per GPU"
+                + (f", {format_bytes(e.host_bytes)} host RAM per node" if e.host_bytes else "")
                 + f" ({100 * headroom:g} % headroom)")
     return Verdict(fits=None, text=text, sizes=sizes)
 

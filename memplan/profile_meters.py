@@ -35,9 +35,11 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-PHASES = ("forward", "backward", "optimizer")
-TERMS = ("weights", "master_weights", "gradients", "optimizer_states", "optimizer_temporaries",
-         "activations", "logits_loss", "gathered_params", "comm_buffers")
+from memplan.estimator.phases import PHASES
+from memplan.estimator.phases import TERMS as ESTIMATE_TERMS
+
+#: The terms a meter attributes bytes to: the estimate's, less the workspace (cuBLAS's, outside the tensors).
+TERMS = tuple(t for t in ESTIMATE_TERMS if t != "workspace")
 # Storages still in one of these may be re-classified when they turn out to be gradients or states.
 UNCLASSIFIED = ("activations", "logits_loss", "optimizer_temporaries")
 

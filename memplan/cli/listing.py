@@ -38,12 +38,13 @@ def gpus(as_json: bool) -> None:
         from tabulate import tabulate
 
         from memplan.gpus import load_gpus
+        from memplan.report.units import gib
 
         presets = load_gpus()
         if as_json:
             click.echo(json.dumps([asdict(g) for g in presets.values()], indent=2))
             return
-        table = [[g.id, g.name, f"{g.memory_bytes / 2**30:.2f}", g.bf16_tflops or "-", g.memory_bandwidth_gbps or "-",
+        table = [[g.id, g.name, gib(g.memory_bytes), g.bf16_tflops or "-", g.memory_bandwidth_gbps or "-",
                   g.interconnect_gbps or "-"] for g in presets.values()]
         click.echo(tabulate(table, headers=["id", "name", "memory GiB", "bf16 TFLOP/s", "mem GB/s", "link GB/s"],
                             disable_numparse=True))

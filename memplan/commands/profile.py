@@ -14,12 +14,11 @@ from memplan.cli.options import passed_overrides
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
 from memplan.estimator import overhead
-from memplan.estimator.phases import TERMS
+from memplan.estimator.phases import PHASES, TERMS
 from memplan.models import resolve_model
 from memplan.plan import Plan, build_plan, merge, read_plan_yaml
-from memplan.report.units import size
+from memplan.report.units import format_bytes, size
 
-PHASES = ("forward", "backward", "optimizer")
 GOAL = (-2.0, 3.0)  # memplan's accuracy goal per phase, in % (README: Accuracy)
 #: A term below this share of its phase's estimated peak gets no error % (e.g. the 8-byte loss: noise).
 NEGLIGIBLE = 0.005
@@ -247,7 +246,7 @@ def error_json(est: Estimate, measured: dict) -> dict:
 def verdict_line(est: Estimate, main, measured: dict) -> str:
     if main.oom:
         where = main.oom["phase"] if main.oom["phase"] != "load" else "loading the model"
-        return (f"does not fit: out of memory in {where} at {main.oom['allocated_bytes'] / report.GiB:.2f} GiB"
+        return (f"does not fit: out of memory in {where} at {format_bytes(main.oom['allocated_bytes'])}"
                 + (f" (step {main.oom['step']})" if main.oom["phase"] != "load" else ""))
     errors = error_json(est, measured)
     err, phases = errors["error_pct"], errors["phase_error_pct"]
@@ -319,13 +318,13 @@ def _find_max_batch(spec, plan: Plan, req, capacity: Optional[int], backend: str
     bar.close()
     if backend == "cuda":
         criterion = "no out-of-memory error in any step" + (
-            f" with the allocator capped at {capacity / report.GiB:.2f} GiB" if req.memory_limit else " on this GPU")
+            f" with the allocator capped at {format_bytes(capacity)}" if req.memory_limit else " on this GPU")
     else:
-        criterion = (f"measured peak (+{overhead.workspace_bytes('cuda') >> 20} MiB workspace) x "
+        criterion = (f"measured peak (+{format_bytes(overhead.workspace_bytes('cuda'), 'MiB', digits=0)} workspace) x "
                      f"{1 + overhead.ALLOCATOR_FRAGMENTATION:.3f} allocator reserve + "
-                     f"{overhead.cuda_context_bytes(plan) / report.GiB:.2f} GiB CUDA context <= "
-                     f"{capacity / report.GiB:.2f} GiB" if plan.device != "cpu"
-                     else f"measured peak <= {capacity / report.GiB:.2f} GiB")
+                     f"{format_bytes(overhead.cuda_context_bytes(plan))} CUDA context <= "
+                     f"{format_bytes(capacity)}" if plan.device != "cpu"
+                     else f"measured peak <= {format_bytes(capacity)}")
         criterion += f" (the {backend} backend cannot run out of GPU memory; the overheads are the estimate's)"
     return {"value": best, "estimate": start if capacity is not None else None, "criterion": criterion,
             "probes": probes}

@@ -22,8 +22,8 @@ from memplan.recommend.hardware import Target, resolve_target
 from memplan.recommend.search import (PRIORITIES, Candidate, Scorer, SearchResult, Workload, choose, per_gpu_batch,
                                       search)
 from memplan.recommend.tree import Context, Step, Tree, load_tree
+from memplan.report.units import GiB, format_bytes, gib
 
-GiB = 1 << 30
 #: Sequence length when neither --seq-len nor --data gives one (the Plan's default).
 DEFAULT_SEQ_LEN = 2048
 #: Default time budget for "enough compute" (the tree's second question), hours.
@@ -191,13 +191,12 @@ def _full_ft_test(rec: Recommendation, scorer: Scorer, model_ref: str) -> tuple[
                allow_param_offload=False)
     rec.searches["full (no parameter offload)"] = r
     where = rec.target.describe()
-    usable = rec.target.usable_bytes / GiB
     if not r.fitting:
         small = r.smallest()
-        return False, (f"full FT needs at least {small.total / GiB:.1f} GiB per device ({_describe(small)}, micro-batch 1) "
-                       f"on {where}: > {usable:.1f} GiB usable -> does not fit")
+        return False, (f"full FT needs at least {format_bytes(small.total, digits=1)} per device ({_describe(small)}, micro-batch 1) "
+                       f"on {where}: > {format_bytes(rec.target.usable_bytes, digits=1)} usable -> does not fit")
     fastest = min(r.fitting, key=lambda c: c.hours)
-    fits = f"full FT needs {fastest.total / GiB:.1f} GiB per device with {_describe(fastest)} on {where} -> fits"
+    fits = f"full FT needs {format_bytes(fastest.total, digits=1)} per device with {_describe(fastest)} on {where} -> fits"
     if fastest.hours > rec.max_hours:
         return False, f"{fits}, but takes {fastest.hours:.1f} h > --max-hours {rec.max_hours:g}"
     return True, f"{fits}, {fastest.hours:.1f} h <= {rec.max_hours:g} h"
@@ -225,7 +224,7 @@ def why_not(alt: Candidate, best: Candidate, priority: str, target: Target) -> s
         more = f"{pct:.0f}" if pct >= 10 else f"{pct:.2g}"
         parts.append(f"slower: {a.total_s:.4g} vs {b.total_s:.4g} s per step, +{more} % ({', '.join(diffs)})")
     if priority == "memory" and alt.total > best.total:
-        parts.append(f"more memory: {alt.total / GiB:.2f} vs {best.total / GiB:.2f} GiB")
+        parts.append(f"more memory: {gib(alt.total)} vs {format_bytes(best.total)}")
     if not parts:
         parts.append("as fast, with more moving parts (ties go to the simpler plan)")
     return "; ".join(parts)
@@ -283,7 +282,7 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
         r = rec.searches.get(m) or search(rec.spec, model_ref, m, target, rec.workload, rec.request.priority, scorer)
         rec.searches[m] = r
         if r.best:
-            out.append(f"{METHOD_NAMES[m]} fits: {r.best.family()}, {r.best.total / GiB:.2f} GiB per device, "
+            out.append(f"{METHOD_NAMES[m]} fits: {r.best.family()}, {format_bytes(r.best.total)} per device, "
                        f"{r.best.hours:.1f} h (--method {m})")
     if not pool:
         return out
@@ -292,15 +291,15 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
         c = min(gpu_ok, key=lambda c: c.estimate.host_bytes)
         need = c.estimate.host_bytes / (1 - target.headroom) / GiB
         out.append(f"--host-memory {math.ceil(need)}GiB (RAM per node): {c.family()} then fits, "
-                   f"{c.total / GiB:.2f} GiB per GPU, {c.hours:.1f} h")
+                   f"{format_bytes(c.total)} per GPU, {c.hours:.1f} h")
     host_ok = [c for c in pool if _host_ok(c, target)] or pool
     smallest = min(host_ok, key=lambda c: c.total)
     need = smallest.total / (1 - target.headroom)
     if target.device == "cuda":
         bigger = [g.id for g in load_gpus().values() if g.memory_bytes >= need]
         if bigger:
-            out.append(f"a GPU with at least {need / GiB:.1f} GiB: {', '.join(bigger)} (then {smallest.family()}, "
-                       f"{smallest.total / GiB:.2f} GiB)")
+            out.append(f"a GPU with at least {format_bytes(need, digits=1)}: {', '.join(bigger)} (then {smallest.family()}, "
+                       f"{format_bytes(smallest.total)})")
         for world in (2, 4, 8, 16, 32, 64, 128):
             if world <= target.world_size:
                 continue
@@ -315,16 +314,16 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
             e = estimate(rec.spec, plan, target.memory_bytes)
             if target.device_fits(e.total):
                 out.append(f"{nodes} node(s) x {gpus} GPUs: DeepSpeed ZeRO-3 without offload needs "
-                           f"{e.total / GiB:.2f} GiB per GPU (--gpus {gpus}{f' --nodes {nodes}' if nodes > 1 else ''})")
+                           f"{format_bytes(e.total)} per GPU (--gpus {gpus}{f' --nodes {nodes}' if nodes > 1 else ''})")
                 break
     else:
-        out.append(f"a machine with at least {need * smallest.plan.world_size / GiB + 0.5:.0f} GiB of RAM, or a GPU "
-                   f"(--gpu ID); the smallest plan needs {smallest.total / GiB:.2f} GiB")
+        out.append(f"a machine with at least {format_bytes(need * smallest.plan.world_size + GiB / 2, digits=0)} of RAM, or a GPU "
+                   f"(--gpu ID); the smallest plan needs {format_bytes(smallest.total)}")
     if rec.workload.seq_len > 512:
         shorter = smallest.plan.model_copy(update={"seq_len": rec.workload.seq_len // 2})
         e = estimate(rec.spec, shorter, target.memory_bytes)
         if target.fits(e.total, e.host_bytes):
-            out.append(f"--seq-len {shorter.seq_len}: {smallest.family()}, {e.total / GiB:.2f} GiB")
+            out.append(f"--seq-len {shorter.seq_len}: {smallest.family()}, {format_bytes(e.total)}")
     return out
 
 
@@ -434,8 +433,8 @@ def recommend(req: Request) -> Recommendation:
                 if r.best:
                     notes.append(f"{METHOD_NAMES[m]} fits only with parameter offload ({r.best.hours:.1f} h)")
                 else:
-                    notes.append(f"{METHOD_NAMES[m]} does not fit (smallest plan {r.smallest().total / GiB:.2f} GiB > "
-                                 f"{target.usable_bytes / GiB:.2f} GiB usable)")
+                    notes.append(f"{METHOD_NAMES[m]} does not fit (smallest plan {format_bytes(r.smallest().total)} > "
+                                 f"{format_bytes(target.usable_bytes)} usable)")
             rec.method_reason += ": " + "; ".join(notes + [f"{METHOD_NAMES[first]} fits"])
     if rec.chosen is None:
         rec.suggestions = _suggest(rec, scorer, model_ref, methods)
@@ -490,7 +489,7 @@ def recommend(req: Request) -> Recommendation:
         warnings.append(f"no --data: data.train is not set, and memplan train needs it: memplan train {where} "
                         "--set train=FILE.jsonl, or set data.train in plan.yaml (relative to its directory)")
     if rec.estimate.host_bytes:
-        assumptions.append(f"offload keeps {rec.estimate.host_bytes / GiB:.2f} GiB in host RAM per node")
+        assumptions.append(f"offload keeps {format_bytes(rec.estimate.host_bytes)} in host RAM per node")
 
     for m, r in rec.searches.items():
         if r is rec.searches.get(rec.plan.method):
@@ -498,7 +497,7 @@ def recommend(req: Request) -> Recommendation:
         elif r.best and r.best.plan.method != rec.plan.method:
             reason = "the decision tree chose " + METHOD_NAMES[rec.plan.method] if not req.method else \
                 f"--method {req.method} given"
-            rec.alternatives.append(Alternative(r.best, f"{reason}; best {m}: {r.best.total / GiB:.2f} GiB, "
+            rec.alternatives.append(Alternative(r.best, f"{reason}; best {m}: {format_bytes(r.best.total)}, "
                                                         f"{r.best.hours:.2f} h"))
     return rec
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from memplan.estimator.phases import TERMS
-
-GiB = 1 << 30
+from memplan.report.units import GiB, format_bytes
 
 
 def plot_candidates(path: str, entries: list[tuple[str, object]], capacity: int, usable: int, title: str) -> str:
@@ -39,8 +38,8 @@ def plot_candidates(path: str, entries: list[tuple[str, object]], capacity: int,
         if any(heights):
             ax.bar(xs, heights, bottom=bottoms, color=cmap(i), label=term.replace("_", " "), width=0.7)
             bottoms = [b + h for b, h in zip(bottoms, heights)]
-    ax.axhline(capacity / GiB, color="black", linewidth=1.5, label=f"capacity {capacity / GiB:.1f} GiB")
-    ax.axhline(usable / GiB, color="black", linestyle="--", linewidth=1, label=f"usable (headroom) {usable / GiB:.1f} GiB")
+    ax.axhline(capacity / GiB, color="black", linewidth=1.5, label=f"capacity {format_bytes(capacity, digits=1)}")
+    ax.axhline(usable / GiB, color="black", linestyle="--", linewidth=1, label=f"usable (headroom) {format_bytes(usable, digits=1)}")
     ax.set_xticks(list(xs))
     ax.set_xticklabels([label for label, _ in entries], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("memory per device (GiB)")

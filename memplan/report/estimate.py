@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable
 
 from memplan.estimator.phases import PHASES, TERMS, Estimate
-from memplan.report.units import GiB, gib
+from memplan.report.units import format_bytes, gib
 
 if TYPE_CHECKING:
     from memplan.fit import Comparison, Verdict
@@ -130,13 +130,13 @@ def _comparison_header(spec: ModelSpec, comparison: Comparison) -> list[str]:
     target, judge = comparison.target, comparison.judge
     if target is not None:
         where = target.describe()
-        rule = (f"fits: total within {target.usable_bytes / GiB:.2f} GiB per GPU and offloaded states within "
-                f"{target.usable_host_bytes / GiB:.2f} GiB of host RAM per node ({100 * target.headroom:g} % "
+        rule = (f"fits: total within {format_bytes(target.usable_bytes)} per GPU and offloaded states within "
+                f"{format_bytes(target.usable_host_bytes)} of host RAM per node ({100 * target.headroom:g} % "
                 "headroom kept free)")
     else:
         where = "no GPU given: fits by common size"
         rule = (f"fits: total within {100 - 100 * judge.headroom:g} % of each size and offloaded states "
-                f"within {judge.usable_host_bytes / GiB:.2f} GiB of host RAM per node; best plan for "
+                f"within {format_bytes(judge.usable_host_bytes)} of host RAM per node; best plan for "
                 f"{comparison.sizes_gib[-1]} GiB")
     n = comparison.rows[0].candidate.plan.world_size
     lines = [f"{spec.name}: {spec.params_total:,} parameters on {n} GPU(s); {where}",

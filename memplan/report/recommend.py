@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from memplan.recommend.core import Recommendation, why_not
 from memplan.report import estimate as report
-from memplan.report.units import GiB, gib
+from memplan.report.units import format_bytes, gib
 
 
 def _duration(hours: float) -> str:
@@ -22,7 +22,7 @@ def _duration(hours: float) -> str:
 def header(rec: Recommendation) -> list[str]:
     spec = rec.spec
     lines = [f"{spec.name}: {spec.params_total:,} parameters ({report.count(spec.params_total)}) on "
-             f"{rec.target.describe()}; plans must fit {rec.target.usable_bytes / GiB:.2f} GiB per device "
+             f"{rec.target.describe()}; plans must fit {format_bytes(rec.target.usable_bytes)} per device "
              f"({100 * rec.target.headroom:g} % headroom)"]
     if rec.data:
         d = rec.data
@@ -56,7 +56,7 @@ def plan_line(rec: Recommendation) -> str:
 
 def verdict(rec: Recommendation) -> str:
     e, t = rec.estimate, rec.target
-    return f"fits: {e.total / GiB:.2f} GiB {t.per_device} of {t.usable_explained()}"
+    return f"fits: {format_bytes(e.total)} {t.per_device} of {t.usable_explained()}"
 
 
 def time_lines(rec: Recommendation) -> list[str]:
