@@ -54,14 +54,14 @@ def estimate(**kwargs) -> None:
     """
     skip_final_collection()
     with gc_paused():  # bounded arithmetic and printing: see gc_paused
-        code = run(**kwargs)
+        code = _body(**kwargs)
     if code:
         sys.exit(code)
 
 
-def run(model: Optional[str], config_path: Optional[str], gpu: Optional[str], gpu_memory: Optional[str],
-        host_memory: Optional[str], headroom: Optional[float], max_batch: bool, max_seq: bool, as_json: bool,
-        **opts: Any) -> int:
+def _body(model: Optional[str], config_path: Optional[str], gpu: Optional[str], gpu_memory: Optional[str],
+          host_memory: Optional[str], headroom: Optional[float], max_batch: bool, max_seq: bool, as_json: bool,
+          **opts: Any) -> int:
     """The command's body; returns its exit code (0 fits, 1 does not fit: see the README's "Exit codes")."""
     from memplan import fit
     from memplan.cli.options import passed_overrides

@@ -1,5 +1,6 @@
-"""`memplan recommend`: the click definition; the options become a memplan.recommend.core.Request (same names),
-memplan.recommend gathers the recommendation, memplan.report.recommend prints it (imported when run)."""
+"""`memplan recommend`: the click definition. The options become a memplan.recommend.core.RecommendRequest
+(same names), memplan.recommend gathers the recommendation and memplan.report.recommend prints it (both
+imported when it runs)."""
 
 from __future__ import annotations
 
@@ -95,11 +96,11 @@ def recommend(as_json: bool, explain: bool, **options) -> None:
     import json
     import sys
 
-    from memplan.recommend.core import NoPlanFits, Request, gather
+    from memplan.recommend.core import NoPlanFits, RecommendRequest, gather
     from memplan.report import recommend as report
 
     hparams = {path.removeprefix("hparams."): value for path, value in passed_overrides(options).items()}
-    request = Request(**options, **hparams, show_progress=not as_json and sys.stderr.isatty())
+    request = RecommendRequest(**options, **hparams, show_progress=not as_json and sys.stderr.isatty())
     try:
         rec = gather(request)
     except NoPlanFits as err:

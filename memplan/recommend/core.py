@@ -40,7 +40,7 @@ class NoPlanFits(Exception):
 
 
 @dataclass
-class Request:
+class RecommendRequest:
     """What `memplan recommend` was asked: its options, under the same names (memplan.cli.recommend)."""
 
     model: str
@@ -81,7 +81,7 @@ class Alternative:
 
 @dataclass
 class Recommendation:
-    request: Request
+    request: RecommendRequest
     spec: ModelSpec
     target: Target
     workload: Workload
@@ -149,7 +149,7 @@ class Recommendation:
 # ------------------------------------------------------------------------------- inputs
 
 
-def _check_request(req: Request) -> None:
+def _check_request(req: RecommendRequest) -> None:
     if req.priority not in PRIORITIES:
         raise UserError(f"--priority {req.priority}: allowed: {', '.join(PRIORITIES)}")
     for name, value in (("--gpus", req.gpus), ("--nodes", req.nodes), ("--dataset-size", req.dataset_size),
@@ -344,7 +344,7 @@ def _model_field(model_ref: str) -> str:
     return str(p.resolve()) if p.exists() else model_ref
 
 
-def recommend(req: Request) -> Recommendation:
+def recommend(req: RecommendRequest) -> Recommendation:
     _check_request(req)
     spec = resolve_model(req.model)
     model_ref = _model_field(req.model)
@@ -502,7 +502,7 @@ def recommend(req: Request) -> Recommendation:
     return rec
 
 
-def gather(req: Request) -> Recommendation:
+def gather(req: RecommendRequest) -> Recommendation:
     """What `memplan recommend` does: the recommendation, then its files (--output) and chart (--plot).
     Raises NoPlanFits (nothing written) when no plan fits."""
     rec = recommend(req)
