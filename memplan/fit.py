@@ -9,24 +9,29 @@ the host RAM per node. This module finds the hardware to judge against and words
 3. the local GPUs (NVML) for a CUDA plan, this machine's CPU and RAM for a CPU plan, else
 4. nothing: a CUDA plan is then checked against common GPU sizes (COMMON_SIZES_GIB).
 
-`plan_verdict(spec, plan)` is the entry point for other commands (e.g. a dry run). Nothing here imports
+`plan_verdict(spec, plan)` is the entry point for other commands (e.g. a dry run); `limits` adds the largest
+micro-batch and sequence that fit; `compare` scores the standard plans of `memplan estimate`'s table, and
+`resolve_capacity` is the memory per GPU from --gpu / --gpu-memory or the local GPUs. Nothing here imports
 torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
 from memplan.catalog.gpus import COMMON_SIZES_GIB  # the GPU sizes (GiB) a CUDA plan is checked against when no GPU is known
 from memplan.catalog.spec import ModelSpec
-from memplan.plan import Plan
+from memplan.estimator.search import largest
+from memplan.plan import Plan, build_plan
 from memplan.recommend.hardware import (Target, check_headroom, cpu_target, default_host_assumption, gpu_target,
                                         parse_size)
+from memplan.report.units import GiB, format_bytes, gib
 
-GiB = 1 << 30
+if TYPE_CHECKING:  # the table's scoring is imported when a table is asked for
+    from memplan.recommend.search import Candidate
 #: The headroom when neither --headroom nor the plan's target gives one (recommend's default).
 DEFAULT_HEADROOM = 0.10
 
@@ -103,9 +108,9 @@ def judge(e: Estimate, target: Optional[Target], headroom: float = DEFAULT_HEADR
     if target is not None:
         reason = target.why_not(e.total, e.host_bytes)
         if reason is None:
-            host = (f"; host RAM {e.host_bytes / GiB:.2f} of {target.usable_host_bytes / GiB:.2f} GiB usable per node"
+            host = (f"; host RAM {gib(e.host_bytes)} of {format_bytes(target.usable_host_bytes)} usable per node"
                     if e.host_bytes else "")
-            text = f"fits: {e.total / GiB:.2f} GiB {target.per_device} of {target.usable_explained()}{host}"
+            text = f"fits: {format_bytes(e.total)} {target.per_device} of {target.usable_explained()}{host}"
         else:
             text = f"does not fit: {reason}"
         return Verdict(fits=reason is None, text=text, target=target)
@@ -115,8 +120,8 @@ def judge(e: Estimate, target: Optional[Target], headroom: float = DEFAULT_HEADR
         text = (f"fits GPUs of {', '.join(f'{s} GiB' for s in sizes)} ({100 * headroom:g} % headroom; no GPU given: "
                 "--gpu ID or --gpu-memory SIZE for a verdict)")
     else:
-        text = (f"does not fit a {COMMON_SIZES_GIB[-1]} GiB GPU: {e.total / GiB:.2f} GiB per GPU"
-                + (f", {e.host_bytes / GiB:.2f} GiB host RAM per node" if e.host_bytes else "")
+        text = (f"does not fit a {COMMON_SIZES_GIB[-1]} GiB GPU: {format_bytes(e.total)} per GPU"
+                + (f", {format_bytes(e.host_bytes)} host RAM per node" if e.host_bytes else "")
                 + f" ({100 * headroom:g} % headroom)")
     return Verdict(fits=None, text=text, sizes=sizes)
 
@@ -138,3 +143,143 @@ def plan_verdict(spec: ModelSpec, plan: Plan, gpu: Optional[str] = None, gpu_mem
     if not result.host_bytes and target is not None:  # nothing offloaded: the host RAM assumed is beside the point
         verdict.assumptions = [a for a in verdict.assumptions if a != default_host_assumption(target.gpus)]
     return verdict
+
+
+def resolve_capacity(gpu: Optional[str], gpu_memory: Optional[str]) -> Optional[int]:
+    """Memory per GPU in bytes: --gpu's preset, --gpu-memory, else the smallest local GPU's; None if none."""
+    from memplan.catalog import gpus
+
+    if gpu and gpu_memory:
+        raise UserError("give either --gpu or --gpu-memory, not both")
+    if gpu:
+        return gpus.resolve_gpu(gpu).memory_bytes
+    if gpu_memory:
+        return gpus.parse_memory(gpu_memory)
+    local = gpus.local_gpus()
+    return min(g.memory_bytes for g in local) if local else None
+
+
+#: The ranges --max-batch and --max-seq search: micro-batches up to 4096, sequences up to 2^20 tokens.
+MAX_BATCH_SEARCHED, MAX_SEQ_SEARCHED = 4096, 1 << 20
+
+
+def limits(spec: ModelSpec, plan: Plan, target: Optional[Target], max_batch: bool, max_seq: bool) -> dict[str, int]:
+    """The largest micro-batch / sequence that fits the target, by the verdict's own rule (0: not even 1)."""
+    if not (max_batch or max_seq):
+        return {}
+    if target is None:
+        raise UserError("--max-batch / --max-seq need the GPU's memory: give --gpu or --gpu-memory")
+
+    def largest_of(name: str, hi: int) -> int:
+        def fits(n: int) -> bool:
+            e = estimate(spec, plan.model_copy(update={name: n}))
+            return target.fits(e.total, e.host_bytes)
+
+        return largest(fits, range(1, hi + 1)) or 0
+
+    out = {}
+    if max_batch:
+        out["max_batch"] = largest_of("micro_batch", MAX_BATCH_SEARCHED)
+    if max_seq:
+        out["max_seq"] = largest_of("seq_len", MAX_SEQ_SEARCHED)
+    return out
+
+
+# ------------------------------------------------------------------------------- the comparison table
+
+#: Flags that size the cluster rather than choose a plan: with only these, `memplan estimate` compares plans.
+CLUSTER_FIELDS = {"gpus", "nodes"}
+
+# The comparison table's rows: ordered by method (full FT first: best results when it fits), then by
+# how little sharding and offload they need (less communication, faster steps).
+STANDARD_PLANS: tuple[dict[str, Any], ...] = (
+    dict(method="full", precision="amp-bf16"),
+    dict(method="full", precision="bf16"),
+    dict(method="full", precision="bf16-master", sharding="deepspeed", zero=1),
+    dict(method="full", precision="bf16-master", sharding="deepspeed", zero=2),
+    dict(method="full", precision="bf16-master", sharding="deepspeed", zero=3),
+    dict(method="full", precision="bf16-master", sharding="deepspeed", zero=3, offload="optimizer"),
+    dict(method="full", precision="bf16-master", sharding="deepspeed", zero=3, offload="optimizer+params"),
+    dict(method="lora", precision="bf16"),
+    dict(method="lora", precision="bf16-master", sharding="deepspeed", zero=3),
+    dict(method="qlora", precision="bf16"),
+)
+
+METHOD_ORDER = ("full", "lora", "qlora")
+
+
+@dataclass
+class Row:
+    """One plan of the comparison table, scored as `recommend` scores its candidates."""
+
+    candidate: Candidate
+    marks: list[str]  # "yes" / "no" / "no (host RAM)": for the target, or for each common size
+
+
+@dataclass
+class Comparison:
+    """The standard plans for one model and cluster, marked against the target, or against each common GPU size
+    when no GPU is known (`sizes_gib`); the best is judged against `judge` (the target, else the largest size)."""
+
+    rows: list[Row]
+    best: Optional[Row]
+    target: Optional[Target]
+    judge: Target
+    sizes_gib: list[int]
+    assumptions: list[str]
+    verdict: Optional[Verdict]  # the best plan's, on `judge`
+
+    @property
+    def exit_code(self) -> int:
+        return FITS if self.best is not None else DOES_NOT_FIT
+
+
+def _mark(target: Target, e: Estimate) -> str:
+    if target.fits(e.total, e.host_bytes):
+        return "yes"
+    return "no" if not target.device_fits(e.total) else "no (host RAM)"
+
+
+def best_row(rows: list[Row]) -> Optional[Row]:
+    """recommend's rule (search.choose): the methods in the order full FT, LoRA, QLoRA; the first that fits
+    without parameter offload, else the first that fits at all; within it the best fitting row by
+    recommend's default priority (quality, then time by its time model)."""
+    from memplan.recommend.search import choose
+
+    fitting = {m: sorted((r.candidate for r in rows if r.candidate.plan.method == m and r.candidate.fits),
+                         key=lambda c: c.key("quality")) for m in METHOD_ORDER}
+    chosen = choose(METHOD_ORDER, fitting)
+    return next((r for r in rows if r.candidate is chosen), None)
+
+
+def compare(spec: ModelSpec, model_ref: str, cluster: dict[str, Any], gpu: Optional[str] = None,
+            gpu_memory: Optional[str] = None, host_memory: Optional[str] = None,
+            headroom: Optional[float] = None) -> Comparison:
+    """STANDARD_PLANS for `model_ref` on the cluster (`gpus`, `nodes`), each one optimizer step of its own batch
+    scored by recommend's scorer, marked, and the best chosen by recommend's rule."""
+    from memplan.recommend.search import Scorer, Workload
+
+    cluster = dict(cluster)
+    if any(l.kind == "experts" for l in spec.layer_linears):
+        cluster["lora"] = {"dropout": 0.0}  # peft's expert adapters take no dropout (see check_lora_targets)
+    plans = [build_plan(dict(row, model=model_ref, **cluster)) for row in STANDARD_PLANS]
+    assumptions: list[str] = []
+    target = resolve_plan_target(plans[0], gpu, gpu_memory, host_memory, headroom, assumptions)
+    if target is not None:
+        judge_target, sizes, sizes_gib = target, [target], []
+    else:  # no GPU known: a mark for each common size, the best plan for the largest
+        used = DEFAULT_HEADROOM if headroom is None else headroom
+        sizes_gib = list(COMMON_SIZES_GIB)
+        sizes = [common_size_target(plans[0], g, used, host_memory) for g in sizes_gib]
+        judge_target = sizes[-1]
+    assumptions += judge_target.assumptions
+    scorer = Scorer(spec, judge_target)
+    rows = []
+    for plan in plans:
+        work = Workload(seq_len=plan.seq_len, effective_batch=plan.effective_batch,
+                        examples_per_epoch=plan.effective_batch, epochs=1)
+        c = scorer.score(plan, work)
+        rows.append(Row(c, [_mark(t, c.estimate) for t in sizes]))
+    best = best_row(rows)
+    verdict = judge(best.candidate.estimate, judge_target) if best is not None else None
+    return Comparison(rows, best, target, judge_target, sizes_gib, list(dict.fromkeys(assumptions)), verdict)

@@ -1,6 +1,6 @@
 """The Plan: one schema that `estimate` reads, `recommend` writes, `train` runs and `profile` measures.
 
-Every field has a CLI flag (generated in `memplan.cli_options`) and a YAML key; flags override the YAML.
+Every field has a CLI flag (generated in `memplan.cli.options`) and a YAML key; flags override the YAML.
 Bad combinations are rejected here, once, with the reason and a "Hint:" toward what works.
 """
 
@@ -10,12 +10,15 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from memplan.errors import UserError, did_you_mean, shown
 from memplan.files import read_yaml
+
+if TYPE_CHECKING:
+    from memplan.catalog.spec import ModelSpec
 
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["fp32", "amp-bf16", "amp-fp16", "bf16", "bf16-master"]
@@ -59,7 +62,7 @@ PRECISIONS: dict[str, Regime] = {
 }
 
 
-#: The largest number a plan holds, and the largest a numeric flag takes (memplan.cli_options): a signed
+#: The largest number a plan holds, and the largest a numeric flag takes (memplan.cli.options): a signed
 #: 32-bit integer's maximum. Every count in a plan (sequences, tokens, steps, processes, adapter rank) fits
 #: it with room to spare, and products of a handful of plan numbers (micro-batch x sequence x vocabulary x
 #: bytes) then stay exact as integers and finite as floats, where `--batch-size 10^400` or `epochs: 1e308`
@@ -342,6 +345,24 @@ def mixed_precision(plan: Plan) -> str:
 
 
 # ---------------------------------------------------------------- loading and merging
+
+
+def check_lora_targets(spec: ModelSpec, plan: Plan) -> None:
+    """The plan's LoRA targets against the model's decoder layers (a plan that trains adapters): each must be one
+    of their linear layers, and peft's adapters on MoE expert stacks take no dropout. Raises UserError."""
+    if not plan.trains_adapters:
+        return
+    allowed = [n for n in spec.linear_names() if n != "lm_head"]
+    targets = allowed if plan.lora.targets == ALL_LINEAR else plan.lora.targets
+    for t in targets:
+        if t not in allowed:
+            raise UserError(f"LoRA target '{t}' is not a linear layer of {spec.name}'s decoder layers; "
+                            f"allowed: {', '.join(allowed)} or all-linear")
+    experts = [l.name for l in spec.layer_linears if l.kind == "experts" and l.name in targets]
+    if experts and plan.lora.dropout > 0:
+        dense = ",".join(l.name for l in spec.layer_linears if l.kind != "experts")
+        raise UserError(f"peft adapts the MoE expert stacks ({', '.join(experts)}) through ParamWrapper, which "
+                        f"has no LoRA dropout. Hint: --lora-dropout 0, or --lora-targets {dense}")
 
 
 class Overrides(dict):

@@ -126,7 +126,7 @@ def _option_help():
 
 
 def _plan_field(param):
-    from memplan.cli_options import _field
+    from memplan.cli.options import _field
 
     return _field(param.name.removeprefix("opt_").replace("__", ".")) if param.name.startswith("opt_") else None
 

@@ -221,6 +221,60 @@ def test_plan_verdict_for_other_commands():
     assert v.fits is False and v.exit_code == 1 and "needs" in v.text
 
 
+@pytest.mark.parametrize("sizes", [range(1, 4097), [1, 2, 3, 4, 6, 8, 12, 16, 24, 48], [1]])
+@pytest.mark.parametrize("limit", [0, 1, 5, 16, 4096, 10**6])
+def test_largest_that_fits_is_the_linear_scans_answer(sizes, limit):
+    from memplan.estimator.search import largest
+
+    probed = []
+    got = largest(lambda n: probed.append(n) or n <= limit, sizes)
+    assert got == max((n for n in sizes if n <= limit), default=None)
+    assert probed[0] == sizes[0] and len(probed) <= len(sizes).bit_length() + 1
+
+
+def test_estimate_recommend_and_profile_search_one_way(monkeypatch):
+    """--max-batch / --max-seq (fit.limits), recommend's micro-batch per plan and profile's starting point
+    (largest_fitting) all ask estimator.search.largest."""
+    from memplan import fit
+    from memplan.estimator import estimate, search
+    from memplan.catalog.resolve import resolve_model
+    from memplan.plan import build_plan
+    from memplan.recommend import hardware
+    from memplan.recommend import search as plan_search
+
+    calls = []
+    real = search.largest
+    spy = lambda fits, sizes: calls.append(list(sizes)[-1]) or real(fits, sizes)  # noqa: E731
+    for module in (search, fit, plan_search):
+        monkeypatch.setattr(module, "largest", spy)
+    spec = resolve_model("llama-2-7b")
+    plan = build_plan({"model": "llama-2-7b", "method": "lora", "precision": "bf16"})
+    target = hardware.gpu_target("a100-80gb", None, 1, 1, 0.1, None, [])
+    limits = fit.limits(spec, plan, target, True, True)
+    assert calls == [fit.MAX_BATCH_SEARCHED, fit.MAX_SEQ_SEARCHED] and limits["max_batch"] > 1
+    work = plan_search.Workload(seq_len=2048, effective_batch=48, examples_per_epoch=1000, epochs=1)
+    best, smallest, decided = plan_search.largest_micro_batch(plan, work, plan_search.Scorer(spec, target))
+    assert calls[-1] == 48 and decided == 10 and smallest.plan.micro_batch == 1 and best.fits
+    capacity = estimate(spec, plan.model_copy(update={"micro_batch": 3})).total
+    assert search.largest_fitting(lambda b: estimate(spec, plan.model_copy(update={"micro_batch": b})),
+                                  capacity, 64) == 3 and calls[-1] == 64
+
+
+def test_comparison_is_gathered_apart_from_its_printing(run_cli):
+    """fit.compare returns the table's rows and best plan; report.estimate words them, as the command prints."""
+    from memplan import fit
+    from memplan.catalog.resolve import resolve_model
+    from memplan.report import estimate as report
+
+    spec = resolve_model("llama-2-7b")
+    comparison = fit.compare(spec, "llama-2-7b", {"gpus": 2}, gpu="rtx4090-24gb")
+    assert len(comparison.rows) == len(fit.STANDARD_PLANS)
+    assert all(r.candidate.plan.world_size == 2 for r in comparison.rows)
+    assert comparison.best is not None and comparison.best.marks == ["yes"] and comparison.exit_code == 0
+    code, out, _ = run_cli("estimate", "--model", "llama-2-7b", "--gpus", "2", "--gpu", "rtx4090-24gb")
+    assert code == comparison.exit_code and out == report.comparison_text(spec, comparison) + "\n"
+
+
 # ------------------------------------------------------------------------- the CPU: the same plan every run
 
 CPUINFO = """processor\t: {n}

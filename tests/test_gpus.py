@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from memplan.catalog import gpus as gpus_mod
+from memplan.catalog.paths import write_table
+from memplan.errors import UserError
+from memplan.report.units import format_bytes
 from memplan.catalog.gpus import (
     COMMON_SIZES_GIB,
     Gpu,
@@ -22,9 +25,6 @@ from memplan.catalog.gpus import (
     parse_memory,
     resolve_gpu,
 )
-from memplan.catalog.paths import write_table
-from memplan.errors import UserError
-from memplan.report.units import format_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30

@@ -176,6 +176,7 @@ def test_no_plan_fits_exits_1_and_says_what_would(run_cli):
 @pytest.mark.parametrize("args, message", [
     (("--model", "llama-2-7b", "--gpu", "h100"), "give --data FILE.jsonl or --dataset-size"),
     (("--model", "llama-2-7b", "--gpu", "h100", "--dataset-size", "0"), "--dataset-size 0"),
+    (("--model", "llama-2-7b", "--gpu", "h100", "--dataset-size", "9", "--nodes", "0"), "--nodes 0"),
     (("--model", "llama-2-7b", "--gpu", "h100", "--gpu-memory", "24GiB", "--dataset-size", "9"), "either --gpu"),
     (("--model", "llama-2-7b", "--gpu", "h100", "--dataset-size", "9", "--headroom", "1.5"), "--headroom"),
     (("--model", "llama7b", "--gpu", "h100", "--dataset-size", "9"), "unknown model"),

@@ -239,3 +239,20 @@ def test_a_tiny_data_set_warns_and_does_not_stop_on_a_few_validation_examples(tm
     summary = json.loads((plan.parent / "summary.json").read_text())
     assert not summary["stopped_early"] and summary["steps"] == summary["final_weights_step"] == 8
     assert len([r for r in metrics(plan.parent) if "eval_loss" in r]) == 9  # still evaluated, steps 0-8
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, tiny, run_cli, monkeypatch):
+    """What `memplan train` prints when the run stops on Ctrl-C: nothing on stdout, the --resume line on
+    stderr, exit code 130; the output directory's lock is released."""
+    from memplan.train import loop
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    plan = run_dir(tmp_path, tiny)
+    code, out, err = run_cli("train", str(plan))
+    assert (code, out) == (130, "")
+    assert err == f"\nmemplan: interrupted; continue from the newest checkpoint with: memplan train {plan} --resume\n"
+    code, _, err = run_cli("train", str(plan))
+    assert code == 130, err

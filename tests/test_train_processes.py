@@ -282,7 +282,7 @@ def test_a_problem_the_workers_stop_on_is_one_line_exit_2(tmp_path, tiny):
     """What only the processes can find (here the same shortfall, with the check before the launch taken
     out) is printed once by `memplan train`, not once per process under torchrun's failure report."""
     plan = run_dir(tmp_path, tiny, **PACKED)
-    code = ("import sys\nfrom memplan.train import command\ncommand.fill_every_process = lambda *a: None\n"
+    code = ("import sys\nfrom memplan.train import run\nrun.fill_every_process = lambda *a: None\n"
             "from memplan.cli import main\nmain(sys.argv[1:])\n")
     done = subprocess.run([sys.executable, "-c", code, "train", str(plan), "--quiet"], capture_output=True, text=True,
                           env=SUBPROCESS_ENV)

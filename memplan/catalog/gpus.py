@@ -22,7 +22,7 @@ from typing import Any
 
 from memplan.catalog.paths import data_dir, load_table
 from memplan.errors import UserError
-from memplan.report.units import GiB, KiB, MiB, TiB
+from memplan.report.units import GiB, KiB, MiB, TiB, gib_label
 
 #: Memory sizes (GiB) for "which common card sizes does this plan fit".
 COMMON_SIZES_GIB = (16, 24, 40, 48, 80)
@@ -212,18 +212,11 @@ def parse_memory(text: str) -> int:
     return int(n)
 
 
-def _gib_label(memory_bytes: int) -> str:
-    gib = memory_bytes / GiB
-    if gib == int(gib):
-        return str(int(gib))
-    return f"{gib:.2f}".rstrip("0").rstrip(".")
-
-
 def custom_gpu(memory_bytes: int) -> Gpu:
     """A GPU known only by its memory (``custom-24gib``); every throughput figure is None."""
     if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0:
         raise UserError(f"GPU memory must be a positive number of bytes, got {memory_bytes!r}")
-    label = _gib_label(memory_bytes)
+    label = gib_label(memory_bytes)
     return Gpu(
         id=f"custom-{label}gib",
         name=f"Custom GPU ({label} GiB)",

@@ -15,7 +15,7 @@ from memplan.estimator.phases import PHASES, TERMS
 from memplan.catalog.resolve import config_file, resolve_model
 from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan, build_plan, merge, read_plan_yaml
-from memplan.report.units import GiB, size
+from memplan.report.units import format_bytes, size
 
 GOAL = (-2.0, 3.0)  # memplan's accuracy goal per phase, in % (README: Accuracy)
 #: A term below this share of its phase's estimated peak gets no error % (e.g. the 8-byte loss: noise).
@@ -64,7 +64,8 @@ def gather(model: Optional[str], config_path: Optional[str], steps: int, backend
     """Estimate the plan (the plan file's fields, `overrides` the flags given over them), then measure it
     unless it cannot fit where `backend` runs it (`announce` is called just before the steps run). Bad input
     and plans that cannot run here raise UserError."""
-    from memplan.commands.estimate import check_lora_targets, resolve_capacity
+    from memplan.fit import resolve_capacity
+    from memplan.plan import check_lora_targets
     from memplan.profile.launch import Request, measure_plan
     from memplan.profile.run import check_runnable
     from transformers.utils import logging as hf_logging
@@ -243,7 +244,7 @@ def error_json(est: Estimate, measured: dict) -> dict:
 def verdict_line(est: Estimate, main, measured: dict) -> str:
     if main.oom:
         where = main.oom["phase"] if main.oom["phase"] != "load" else "loading the model"
-        return (f"does not fit: out of memory in {where} at {main.oom['allocated_bytes'] / GiB:.2f} GiB"
+        return (f"does not fit: out of memory in {where} at {format_bytes(main.oom['allocated_bytes'])}"
                 + (f" (step {main.oom['step']})" if main.oom["phase"] != "load" else ""))
     errors = error_json(est, measured)
     err, phases = errors["error_pct"], errors["phase_error_pct"]
@@ -272,7 +273,7 @@ def fit_needs(peak: int, plan: Plan) -> int:
 def _find_max_batch(spec, plan: Plan, req, capacity: Optional[int], backend: str) -> dict:
     from tqdm import tqdm
 
-    from memplan.commands.estimate import largest_fitting
+    from memplan.estimator.search import largest_fitting
     from memplan.profile.launch import Request, probe_in_subprocess, search_max
 
     if backend != "cuda" and capacity is None:
@@ -315,13 +316,13 @@ def _find_max_batch(spec, plan: Plan, req, capacity: Optional[int], backend: str
     bar.close()
     if backend == "cuda":
         criterion = "no out-of-memory error in any step" + (
-            f" with the allocator capped at {capacity / GiB:.2f} GiB" if req.memory_limit else " on this GPU")
+            f" with the allocator capped at {format_bytes(capacity)}" if req.memory_limit else " on this GPU")
     else:
-        criterion = (f"measured peak (+{overhead.workspace_bytes('cuda') >> 20} MiB workspace) x "
+        criterion = (f"measured peak (+{format_bytes(overhead.workspace_bytes('cuda'), 'MiB', digits=0)} workspace) x "
                      f"{1 + overhead.ALLOCATOR_FRAGMENTATION:.3f} allocator reserve + "
-                     f"{overhead.cuda_context_bytes(plan) / GiB:.2f} GiB CUDA context <= "
-                     f"{capacity / GiB:.2f} GiB" if plan.device != "cpu"
-                     else f"measured peak <= {capacity / GiB:.2f} GiB")
+                     f"{format_bytes(overhead.cuda_context_bytes(plan))} CUDA context <= "
+                     f"{format_bytes(capacity)}" if plan.device != "cpu"
+                     else f"measured peak <= {format_bytes(capacity)}")
         criterion += f" (the {backend} backend cannot run out of GPU memory; the overheads are the estimate's)"
     return {"value": best, "estimate": start if capacity is not None else None, "criterion": criterion,
             "probes": probes}

@@ -1,6 +1,6 @@
 """`memplan recommend`: the decision tree, the plan search, hyperparameters and the result object.
 
-Gathering (this module) is apart from printing (`render.py`) and writing (`writers.py`).
+Gathering (this module) is apart from printing (memplan.report.recommend) and writing (`writers.py`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from memplan.recommend.hardware import Target, resolve_target
 from memplan.recommend.search import (PRIORITIES, Candidate, Scorer, SearchResult, Workload, choose, per_gpu_batch,
                                       search)
 from memplan.recommend.tree import Context, Step, Tree, load_tree
+from memplan.report.units import GiB, format_bytes, gib
 
-GiB = 1 << 30
 #: Sequence length when neither --seq-len nor --data gives one (the Plan's default).
 DEFAULT_SEQ_LEN = 2048
 #: Default time budget for "enough compute" (the tree's second question), hours.
@@ -41,7 +41,9 @@ class NoPlanFits(Exception):
 
 
 @dataclass
-class Request:
+class RecommendRequest:
+    """What `memplan recommend` was asked: its options, under the same names (memplan.cli.recommend)."""
+
     model: str
     gpus: Optional[int] = None
     nodes: int = 1
@@ -63,7 +65,7 @@ class Request:
     lr: Optional[float] = None
     warmup_ratio: Optional[float] = None
     out_dir: Optional[str] = None
-    main_ip: Optional[str] = None
+    plot: Optional[str] = None
     show_progress: bool = False
 
 
@@ -80,7 +82,7 @@ class Alternative:
 
 @dataclass
 class Recommendation:
-    request: Request
+    request: RecommendRequest
     spec: ModelSpec
     target: Target
     workload: Workload
@@ -149,7 +151,7 @@ class Recommendation:
 # ------------------------------------------------------------------------------- inputs
 
 
-def _check_request(req: Request) -> None:
+def _check_request(req: RecommendRequest) -> None:
     if req.priority not in PRIORITIES:
         raise UserError(f"--priority {req.priority}: allowed: {', '.join(PRIORITIES)}")
     for name, value in (("--gpus", req.gpus), ("--nodes", req.nodes), ("--dataset-size", req.dataset_size),
@@ -187,13 +189,12 @@ def _full_ft_test(rec: Recommendation, scorer: Scorer, model_ref: str) -> tuple[
                allow_param_offload=False)
     rec.searches["full (no parameter offload)"] = r
     where = rec.target.describe()
-    usable = rec.target.usable_bytes / GiB
     if not r.fitting:
         small = r.smallest()
-        return False, (f"full FT needs at least {small.total / GiB:.1f} GiB per device ({small.family()}, micro-batch 1) "
-                       f"on {where}: > {usable:.1f} GiB usable -> does not fit")
+        return False, (f"full FT needs at least {format_bytes(small.total, digits=1)} per device ({small.family()}, micro-batch 1) "
+                       f"on {where}: > {format_bytes(rec.target.usable_bytes, digits=1)} usable -> does not fit")
     fastest = min(r.fitting, key=lambda c: c.hours)
-    fits = f"full FT needs {fastest.total / GiB:.1f} GiB per device with {fastest.family()} on {where} -> fits"
+    fits = f"full FT needs {format_bytes(fastest.total, digits=1)} per device with {fastest.family()} on {where} -> fits"
     if fastest.hours > rec.max_hours:
         return False, f"{fits}, but takes {fastest.hours:.1f} h > --max-hours {rec.max_hours:g}"
     return True, f"{fits}, {fastest.hours:.1f} h <= {rec.max_hours:g} h"
@@ -221,7 +222,7 @@ def why_not(alt: Candidate, best: Candidate, priority: str, target: Target) -> s
         more = f"{pct:.0f}" if pct >= 10 else f"{pct:.2g}"
         parts.append(f"slower: {a.total_s:.4g} vs {b.total_s:.4g} s per step, +{more} % ({', '.join(diffs)})")
     if priority == "memory" and alt.total > best.total:
-        parts.append(f"more memory: {alt.total / GiB:.2f} vs {best.total / GiB:.2f} GiB")
+        parts.append(f"more memory: {gib(alt.total)} vs {format_bytes(best.total)}")
     if not parts:
         parts.append("as fast, with more moving parts (ties go to the simpler plan)")
     return "; ".join(parts)
@@ -280,13 +281,13 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
         out += _more_host_memory(pool, target) + _bigger_gpus(smallest, need)
         out += _more_gpus(rec, smallest)
     else:
-        out.append(f"a machine with at least {need * smallest.plan.world_size / GiB + 0.5:.0f} GiB of RAM, or a GPU "
-                   f"(--gpu ID); the smallest plan needs {smallest.total / GiB:.2f} GiB")
+        out.append(f"a machine with at least {format_bytes(need * smallest.plan.world_size + GiB / 2, digits=0)} of RAM, or a GPU "
+                   f"(--gpu ID); the smallest plan needs {format_bytes(smallest.total)}")
     if rec.workload.seq_len > 512:
         shorter = smallest.plan.model_copy(update={"seq_len": rec.workload.seq_len // 2})
         e = estimate(rec.spec, shorter, target.memory_bytes)
         if target.fits(e.total, e.host_bytes):
-            out.append(f"--seq-len {shorter.seq_len}: {smallest.family()}, {e.total / GiB:.2f} GiB")
+            out.append(f"--seq-len {shorter.seq_len}: {smallest.family()}, {format_bytes(e.total)}")
     return out
 
 
@@ -300,7 +301,7 @@ def _other_methods(rec: Recommendation, scorer: Scorer, model_ref: str, tried: l
                                           scorer)
         rec.searches[m] = r
         if r.best:
-            out.append(f"{METHOD_NAMES[m]} fits: {r.best.family()}, {r.best.total / GiB:.2f} GiB per device, "
+            out.append(f"{METHOD_NAMES[m]} fits: {r.best.family()}, {format_bytes(r.best.total)} per device, "
                        f"{r.best.hours:.1f} h (--method {m})")
     return out
 
@@ -313,7 +314,7 @@ def _more_host_memory(pool: list[Candidate], target: Target) -> list[str]:
     c = min(gpu_ok, key=lambda c: c.estimate.host_bytes)
     need = c.estimate.host_bytes / (1 - target.headroom) / GiB
     return [f"--host-memory {math.ceil(need)}GiB (RAM per node): {c.family()} then fits, "
-            f"{c.total / GiB:.2f} GiB per GPU, {c.hours:.1f} h"]
+            f"{format_bytes(c.total)} per GPU, {c.hours:.1f} h"]
 
 
 def _bigger_gpus(smallest: Candidate, need: float) -> list[str]:
@@ -323,8 +324,8 @@ def _bigger_gpus(smallest: Candidate, need: float) -> list[str]:
     bigger = [g.id for g in load_gpus().values() if g.memory_bytes >= need]
     if not bigger:
         return []
-    return [f"a GPU with at least {need / GiB:.1f} GiB: {', '.join(bigger)} (then {smallest.family()}, "
-            f"{smallest.total / GiB:.2f} GiB)"]
+    return [f"a GPU with at least {format_bytes(need, digits=1)}: {', '.join(bigger)} (then {smallest.family()}, "
+            f"{format_bytes(smallest.total)})"]
 
 
 def _more_gpus(rec: Recommendation, smallest: Candidate) -> list[str]:
@@ -344,7 +345,7 @@ def _more_gpus(rec: Recommendation, smallest: Candidate) -> list[str]:
         e = estimate(rec.spec, plan, target.memory_bytes)
         if target.device_fits(e.total):
             return [f"{nodes} node(s) x {gpus} GPUs: DeepSpeed ZeRO-3 without offload needs "
-                    f"{e.total / GiB:.2f} GiB per GPU (--gpus {gpus}{f' --nodes {nodes}' if nodes > 1 else ''})"]
+                    f"{format_bytes(e.total)} per GPU (--gpus {gpus}{f' --nodes {nodes}' if nodes > 1 else ''})"]
     return []
 
 
@@ -365,7 +366,7 @@ def _model_field(model_ref: str) -> str:
     return str(p.resolve()) if p.exists() else model_ref
 
 
-def recommend(req: Request) -> Recommendation:
+def recommend(req: RecommendRequest) -> Recommendation:
     """The decision tree's method, the fastest plan of it that fits, its hyperparameters, the warnings and
     the runners-up. Raises NoPlanFits (with suggestions) when no plan of the method(s) fits."""
     _check_request(req)
@@ -382,12 +383,12 @@ def recommend(req: Request) -> Recommendation:
     _hparams_and_plan(rec, model_ref)
     rec.warnings += _plan_warnings(rec, ctx)
     if rec.estimate.host_bytes:
-        rec.assumptions.append(f"offload keeps {rec.estimate.host_bytes / GiB:.2f} GiB in host RAM per node")
+        rec.assumptions.append(f"offload keeps {format_bytes(rec.estimate.host_bytes)} in host RAM per node")
     rec.alternatives = _alternatives(rec)
     return rec
 
 
-def _start(req: Request, spec: ModelSpec, target: Target) -> Recommendation:
+def _start(req: RecommendRequest, spec: ModelSpec, target: Target) -> Recommendation:
     """The recommendation's inputs: the data (measured, or --dataset-size), sequence length, domain shift,
     time budget and workload, with the assumptions made for what the request leaves out."""
     assumptions = list(target.assumptions)
@@ -415,7 +416,7 @@ def _start(req: Request, spec: ModelSpec, target: Target) -> Recommendation:
                           leaf=None, searches={}, warnings=warnings, assumptions=assumptions)
 
 
-def _workload(req: Request, target: Target, stats: Optional[DataStats], samples: int, seq_len: int,
+def _workload(req: RecommendRequest, target: Target, stats: Optional[DataStats], samples: int, seq_len: int,
               assumptions: list[str], warnings: list[str]) -> tuple[Workload, Optional[int]]:
     """The sequences of a run: the effective batch (a multiple of the process count), the examples of an
     epoch with replay, the epochs; and the validation examples. With the warnings about the data's size
@@ -488,8 +489,8 @@ def _passed_over(rec: Recommendation, methods: list[str]) -> list[str]:
         if r.best:
             notes.append(f"{METHOD_NAMES[m]} fits only with parameter offload ({r.best.hours:.1f} h)")
         else:
-            notes.append(f"{METHOD_NAMES[m]} does not fit (smallest plan {r.smallest().total / GiB:.2f} GiB > "
-                         f"{rec.target.usable_bytes / GiB:.2f} GiB usable)")
+            notes.append(f"{METHOD_NAMES[m]} does not fit (smallest plan {format_bytes(r.smallest().total)} > "
+                         f"{format_bytes(rec.target.usable_bytes)} usable)")
     return notes + [f"{METHOD_NAMES[first]} fits"]
 
 
@@ -562,6 +563,24 @@ def _alternatives(rec: Recommendation) -> list[Alternative]:
         elif r.best and r.best.plan.method != method:
             reason = "the decision tree chose " + METHOD_NAMES[method] if not req.method else \
                 f"--method {req.method} given"
-            others.append(Alternative(r.best, f"{reason}; best {m}: {r.best.total / GiB:.2f} GiB, "
+            others.append(Alternative(r.best, f"{reason}; best {m}: {format_bytes(r.best.total)}, "
                                               f"{r.best.hours:.2f} h"))
     return ranked + others
+
+
+def gather(req: RecommendRequest) -> Recommendation:
+    """What `memplan recommend` does: the recommendation, then its files (--output) and chart (--plot).
+    Raises NoPlanFits (nothing written) when no plan fits."""
+    rec = recommend(req)
+    if req.out_dir:
+        from memplan.recommend import writers
+        from memplan.report.recommend import readme_summary
+
+        files = writers.render_files(req.out_dir, rec.plan, rec.spec, readme_summary(rec),
+                                     writers.main_ip() if rec.plan.nodes > 1 else "127.0.0.1")
+        rec.files = writers.write_atomically(Path(req.out_dir), files)
+    if req.plot:
+        from memplan.recommend.plot import plot_recommendation
+
+        rec.files.append(plot_recommendation(rec, req.plot))
+    return rec

@@ -17,8 +17,8 @@ from typing import Optional
 
 from memplan.errors import UserError
 from memplan.catalog.gpus import Gpu
+from memplan.report.units import GiB, MiB, format_bytes, memory_setting
 
-GiB = 1 << 30
 
 #: The throughput figures assumed for a GPU known only by its memory (--gpu-memory, or a local device
 #: without a preset): an A100 40GB's, the most common training GPU without a newer preset match. Said
@@ -33,7 +33,7 @@ INTER_NODE_GBPS = 50.0
 #: transformers, peft and accelerate imported): VmRSS 439 MiB measured on this project's CPU machine
 #: (Python 3.11, torch 2.13 CPU, transformers 5.24, after `import torch, transformers, peft, accelerate`
 #: and LlamaForCausalLM), rounded up to 450 MiB.
-PROCESS_BASELINE_BYTES = 450 * (1 << 20)
+PROCESS_BASELINE_BYTES = 450 * MiB
 
 #: Host RAM per GPU assumed for a GPU cluster that is not this machine (offloaded states must fit it):
 #: 128 GiB, NVIDIA DGX A100's ratio (1 TB system memory for 8 GPUs; DGX A100 datasheet). --host-memory
@@ -165,10 +165,10 @@ class Target:
         """Why a plan of these sizes does not fit (None when it fits), with the numbers; `at` qualifies
         the device figure (" at micro-batch 1")."""
         if not self.device_fits(total):
-            return f"needs {total / GiB:.2f} GiB {self.per_device}{at} > {self.usable_explained()}"
+            return f"needs {format_bytes(total)} {self.per_device}{at} > {self.usable_explained()}"
         if not self.host_fits(host_bytes):
-            return (f"needs {host_bytes / GiB:.2f} GiB of host RAM per node for offloaded states > "
-                    f"{self.usable_host_bytes / GiB:.2f} GiB usable ({self.host_memory_bytes / GiB:.0f} GiB less "
+            return (f"needs {format_bytes(host_bytes)} of host RAM per node for offloaded states > "
+                    f"{format_bytes(self.usable_host_bytes)} usable ({format_bytes(self.host_memory_bytes, digits=0)} less "
                     f"{100 * self.headroom:g} % headroom)")
         return None
 
@@ -179,16 +179,16 @@ class Target:
     def usable_explained(self) -> str:
         """"X GiB usable (how it follows from the memory and the headroom)"."""
         if self.device == "cpu":
-            less = (f"{self.memory_bytes / GiB:.2f} GiB host RAM shared by {self.gpus} process(es), less "
-                    f"{PROCESS_BASELINE_BYTES >> 20} MiB each for the interpreter")
+            less = (f"{format_bytes(self.memory_bytes)} host RAM shared by {self.gpus} process(es), less "
+                    f"{format_bytes(PROCESS_BASELINE_BYTES, 'MiB', digits=0)} each for the interpreter")
         else:
-            less = f"{self.memory_bytes / GiB:.2f} GiB"
-        return f"{self.usable_bytes / GiB:.2f} GiB usable ({less}, less {100 * self.headroom:g} % headroom)"
+            less = f"{format_bytes(self.memory_bytes)}"
+        return f"{format_bytes(self.usable_bytes)} usable ({less}, less {100 * self.headroom:g} % headroom)"
 
     def plan_target(self) -> dict:
         """The Plan's `target` section for this hardware (what `estimate --config` checks the plan against)."""
-        out: dict = {"gpu": None, "gpu_memory": None, "host_memory": format_memory(self.host_memory_bytes)
-                     if self.device == "cuda" else format_memory(self.memory_bytes), "headroom": self.headroom}
+        out: dict = {"gpu": None, "gpu_memory": None, "host_memory": memory_setting(self.host_memory_bytes)
+                     if self.device == "cuda" else memory_setting(self.memory_bytes), "headroom": self.headroom}
         if self.device == "cuda":
             from memplan.catalog.gpus import load_gpus
 
@@ -196,17 +196,17 @@ class Target:
             if preset is not None:
                 out["gpu"] = preset.id
             if preset is None or preset.memory_bytes != self.memory_bytes:
-                out["gpu_memory"] = format_memory(self.memory_bytes)
+                out["gpu_memory"] = memory_setting(self.memory_bytes)
         return out
 
     def describe(self) -> str:
         if self.device == "cpu":
             procs = f"{self.gpus} process{'es' if self.gpus > 1 else ''}"
             if self.host_memory_given:
-                return f"the CPU ({procs}), {self.memory_bytes / GiB:.2f} GiB host RAM"
-            return f"this machine's CPU ({self.name}, {procs}), {self.memory_bytes / GiB:.2f} GiB host RAM"
+                return f"the CPU ({procs}), {format_bytes(self.memory_bytes)} host RAM"
+            return f"this machine's CPU ({self.name}, {procs}), {format_bytes(self.memory_bytes)} host RAM"
         nodes = f" x {self.nodes} nodes" if self.nodes > 1 else ""
-        return f"{self.gpus} x {self.name}{nodes}, {self.memory_bytes / GiB:.2f} GiB per GPU"
+        return f"{self.gpus} x {self.name}{nodes}, {format_bytes(self.memory_bytes)} per GPU"
 
 
 def _tflops(x: Optional[float]) -> Optional[float]:
@@ -245,8 +245,8 @@ def _gpu_target(gpu: Gpu, gpus: int, nodes: int, headroom: float, assumptions: l
 
 
 def default_host_assumption(gpus: int) -> str:
-    return (f"host RAM {HOST_RAM_PER_GPU * gpus / GiB:.0f} GiB per node for offloaded states ({HOST_RAM_PER_GPU / GiB:.0f} "
-            "GiB per GPU, a DGX A100's ratio; --host-memory to change)")
+    return (f"host RAM {format_bytes(HOST_RAM_PER_GPU * gpus, digits=0)} per node for offloaded states "
+            f"({format_bytes(HOST_RAM_PER_GPU, digits=0)} per GPU, a DGX A100's ratio; --host-memory to change)")
 
 
 def host_memory_bytes() -> int:
@@ -376,14 +376,6 @@ def cpu_target(processes: int, headroom: float, assumptions: list[str], memory_b
                   memory_bytes=memory_bytes or host_memory_bytes(), headroom=headroom,
                   peak_flops={}, assumptions=assumptions, cpu=info,
                   host_memory_given=memory_bytes is not None)
-
-
-def format_memory(n: int) -> str:
-    """A memory size as the Plan's target section writes it: whole GiB (80GiB), else whole MiB rounded
-    down (23919MiB: never more than there is)."""
-    if n % GiB == 0:
-        return f"{n // GiB}GiB"
-    return f"{max(1, n >> 20)}MiB"
 
 
 def check_headroom(headroom: float) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from memplan.estimator.phases import TERMS
-
-GiB = 1 << 30
+from memplan.report.units import GiB, format_bytes
 
 
 def plot_candidates(path: str, entries: list[tuple[str, object]], capacity: int, usable: int, title: str) -> str:
@@ -19,8 +18,8 @@ def plot_candidates(path: str, entries: list[tuple[str, object]], capacity: int,
 
     fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(entries) + 3), 5.5))
     _stack_bars(ax, [cand.estimate for _, cand in entries], plt.get_cmap("tab20"))
-    ax.axhline(capacity / GiB, color="black", linewidth=1.5, label=f"capacity {capacity / GiB:.1f} GiB")
-    ax.axhline(usable / GiB, color="black", linestyle="--", linewidth=1, label=f"usable (headroom) {usable / GiB:.1f} GiB")
+    ax.axhline(capacity / GiB, color="black", linewidth=1.5, label=f"capacity {format_bytes(capacity, digits=1)}")
+    ax.axhline(usable / GiB, color="black", linestyle="--", linewidth=1, label=f"usable (headroom) {format_bytes(usable, digits=1)}")
     ax.set_xticks(list(range(len(entries))))
     ax.set_xticklabels([label for label, _ in entries], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("memory per device (GiB)")
@@ -70,3 +69,12 @@ def _save_png(fig, out: Path) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return str(out)
+
+
+def plot_recommendation(rec, path: str) -> str:
+    """The chart of --plot: the recommended plan first, then the runners-up; returns the path written."""
+    entries = [("recommended: " + rec.chosen.family(), rec.chosen)]
+    entries += [(a.candidate.family() + ("" if a.candidate.fits else " (no fit)"), a.candidate)
+                for a in rec.alternatives]
+    title = f"{rec.spec.name} on {rec.target.describe()}: memory per device at each plan's peak phase"
+    return plot_candidates(path, entries, rec.target.memory_bytes, rec.target.usable_bytes, title)

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional
 
 from memplan.estimator import Estimate, estimate
 from memplan.catalog.spec import ModelSpec
+from memplan.estimator.search import largest
 from memplan.errors import UserError
 from memplan.plan import Plan, build_plan
 from memplan.recommend import throughput
@@ -231,25 +232,19 @@ class Scorer:
         return cand
 
 
-def largest_fitting(plan: Plan, workload: Workload, scorer: Scorer) -> tuple[Optional[Candidate], Candidate, int]:
-    """(the largest micro-batch that fits, or None; the micro-batch-1 candidate; plans decided)."""
+def largest_micro_batch(plan: Plan, workload: Workload, scorer: Scorer) -> tuple[Optional[Candidate], Candidate, int]:
+    """(the plan at the largest micro-batch that fits, or None; the micro-batch-1 candidate; plans decided).
+
+    The micro-batches are the divisors of the sequences each GPU handles per step, the rest made up by
+    gradient accumulation, so that every one keeps the effective batch."""
     per_gpu = per_gpu_batch(workload.effective_batch, plan.world_size)
     sizes = divisors(per_gpu)
 
     def at(mb: int) -> Candidate:
         return scorer.score(plan.model_copy(update={"micro_batch": mb, "grad_accum": per_gpu // mb}), workload)
 
-    smallest = at(1)
-    if not smallest.fits:
-        return None, smallest, len(sizes)
-    lo, hi = 0, len(sizes) - 1  # sizes[lo] fits
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if at(sizes[mid]).fits:
-            lo = mid
-        else:
-            hi = mid - 1
-    return at(sizes[lo]), smallest, len(sizes)
+    best = largest(lambda mb: at(mb).fits, sizes)
+    return (at(best) if best else None), at(1), len(sizes)
 
 
 def search(spec: ModelSpec, model_ref: str, method: str, target: Target, workload: Workload, priority: str,
@@ -259,7 +254,7 @@ def search(spec: ModelSpec, model_ref: str, method: str, target: Target, workloa
     before, considered = scorer.scored, 0
     plans = structures(spec, model_ref, method, target, workload.seq_len, lora, allow_param_offload)
     for plan in (progress(plans) if progress else plans):
-        best, smallest, decided = largest_fitting(plan, workload, scorer)
+        best, smallest, decided = largest_micro_batch(plan, workload, scorer)
         considered += decided
         (fitting if best else not_fitting).append(best or smallest)
     fitting.sort(key=lambda c: c.key(priority))

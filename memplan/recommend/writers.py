@@ -250,8 +250,7 @@ def plan_yaml(plan: Plan, shown_dir: str) -> str:
                                               f"# memplan estimate --config {d}/plan.yaml\n"), notes)
 
 
-def render_files(out_dir: Path, shown_dir: str, plan: Plan, spec: ModelSpec, summary: list[str],
-                 main_ip: str) -> dict[str, str]:
+def render_files(shown_dir: str, plan: Plan, spec: ModelSpec, summary: list[str], main_ip: str) -> dict[str, str]:
     """File name -> contents for the output directory."""
     d = shown_dir.rstrip("/") or "."
     files = {"plan.yaml": plan_yaml(plan, shown_dir)}
@@ -264,6 +263,17 @@ def render_files(out_dir: Path, shown_dir: str, plan: Plan, spec: ModelSpec, sum
                                             f"# {launch}  (memplan train {d}/plan.yaml does this)\n")
     files["README.md"] = readme(shown_dir, plan, summary, has_ds, data_missing=plan.data.train is None)
     return files
+
+
+def main_ip() -> str:
+    """This machine's address, the default main_process_ip of a multi-node plan (users planning from
+    another machine edit it; the README says so)."""
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def _write_file(path: Path, text: str) -> None:

@@ -1,16 +1,20 @@
-"""Turns estimates into tables for people and objects for --json. Bytes in, GiB (2^30) out."""
+"""Turns estimates into tables for people and objects for --json. Bytes in, GiB (2^30) out.
+
+`memplan estimate` prints one plan (`one_plan_text`, `one_plan_json`) or the comparison table
+(`comparison_text`, `comparison_json`); recommend, profile and train's dry run reuse the breakdown table.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from memplan.estimator.phases import PHASES, TERMS, Estimate
+from memplan.report.units import format_bytes, gib
 
-GiB = 1 << 30
-
-
-def gib(n: int) -> str:
-    return f"{n / GiB:.2f}"
+if TYPE_CHECKING:
+    from memplan.fit import Comparison, Verdict
+    from memplan.catalog.spec import ModelSpec
+    from memplan.plan import Plan
 
 
 def describe_plan(e: Estimate) -> str:
@@ -34,7 +38,7 @@ def plans_table(rows: list[tuple[Estimate, float, list[str]]], fits_headers: lis
     headers = ["plan", "trainable", "peak alloc", "reserved", "total", "host RAM/node", "step s"] + fits_headers
     table = []
     for e, step_s, marks in rows:
-        table.append([describe_plan(e), _count(e.params_trainable), gib(e.peak_allocated), gib(e.reserved),
+        table.append([describe_plan(e), count(e.params_trainable), gib(e.peak_allocated), gib(e.reserved),
                       gib(e.total), gib(e.host_bytes) if e.host_bytes else "-", f"{step_s:.2f}", *marks])
     return tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True)
 
@@ -66,7 +70,8 @@ def breakdown_table(e: Estimate) -> str:
     return table + "\n" + "\n".join(extra)
 
 
-def _count(n: int) -> str:
+def count(n: int) -> str:
+    """A count in thousands, millions or billions: count(6738415616) == '6.74B'."""
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
             return f"{n / div:.2f}{unit}"
@@ -78,3 +83,83 @@ def estimate_json(model_name: str, params_total: int, estimates: Iterable[Estima
            "results": [e.to_json() for e in estimates]}
     out.update(extra)
     return out
+
+
+def one_plan_json(spec: ModelSpec, verdict: Verdict, limits: dict[str, int]) -> dict:
+    out = estimate_json(spec.name, spec.params_total, [verdict.estimate], **limits)
+    out["results"][0]["fits"] = verdict.fits
+    out["results"][0]["fit"] = verdict.to_json()
+    return out
+
+
+def one_plan_text(spec: ModelSpec, plan: Plan, verdict: Verdict, limits: dict[str, int], recorded: bool) -> str:
+    """One plan by phase, with its target (`recorded`: the plan's own), assumptions, limits and verdict."""
+    result, target = verdict.estimate, verdict.target
+    unit = "process" if plan.device == "cpu" else "GPU"
+    lines = [f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})",
+             f"plan: {describe_plan(result)}, {plan.world_size} {unit}(s), micro-batch {plan.micro_batch} x "
+             f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {'on' if plan.grad_ckpt else 'off'}, "
+             f"{plan.optimizer}, attn {plan.attn}"]
+    if target is not None:
+        lines.append(f"target: {target.describe()}" + (" (the plan's recorded target)" if recorded else ""))
+    if verdict.assumptions:
+        lines += ["assumptions:"] + [f"  - {a}" for a in dict.fromkeys(verdict.assumptions)]
+    lines += ["", breakdown_table(result)]
+    lines += [f"{key.replace('_', ' ')}: {value}" for key, value in limits.items()]
+    lines.append(verdict.text)
+    return "\n".join(lines)
+
+
+def comparison_json(spec: ModelSpec, comparison: Comparison) -> dict:
+    rows, judge = comparison.rows, comparison.judge
+    out = estimate_json(spec.name, spec.params_total, [r.candidate.estimate for r in rows])
+    for r, res in zip(rows, out["results"]):
+        res["fits"] = r.candidate.fits
+        res["step_s"] = r.candidate.step.total_s
+        if comparison.target is None:
+            res["fits_common_sizes_gib"] = [g for g, m in zip(comparison.sizes_gib, r.marks) if m == "yes"]
+    out["best"] = rows.index(comparison.best) if comparison.best else None
+    out["target"] = {"name": judge.describe(), "usable_bytes": judge.usable_bytes,
+                     "host_usable_bytes": judge.usable_host_bytes, "headroom": judge.headroom,
+                     "common_sizes": comparison.target is None}
+    out["assumptions"] = comparison.assumptions
+    return out
+
+
+def _comparison_header(spec: ModelSpec, comparison: Comparison) -> list[str]:
+    target, judge = comparison.target, comparison.judge
+    if target is not None:
+        where = target.describe()
+        rule = (f"fits: total within {format_bytes(target.usable_bytes)} per GPU and offloaded states within "
+                f"{format_bytes(target.usable_host_bytes)} of host RAM per node ({100 * target.headroom:g} % "
+                "headroom kept free)")
+    else:
+        where = "no GPU given: fits by common size"
+        rule = (f"fits: total within {100 - 100 * judge.headroom:g} % of each size and offloaded states "
+                f"within {format_bytes(judge.usable_host_bytes)} of host RAM per node; best plan for "
+                f"{comparison.sizes_gib[-1]} GiB")
+    n = comparison.rows[0].candidate.plan.world_size
+    lines = [f"{spec.name}: {spec.params_total:,} parameters on {n} GPU(s); {where}",
+             "defaults: micro-batch 1 x 2048 tokens, checkpointing on, AdamW (foreach), SDPA attention; memory per "
+             "GPU in GiB (2^30); step s: recommend's time model", rule]
+    if comparison.assumptions:
+        lines += ["assumptions:"] + [f"  - {a}" for a in comparison.assumptions]
+    return lines
+
+
+def comparison_text(spec: ModelSpec, comparison: Comparison) -> str:
+    """The comparison table under its header, then the best plan's breakdown and verdict (or why none fits)."""
+    rows, best = comparison.rows, comparison.best
+    fits_headers = [f"{g}G" for g in comparison.sizes_gib] if comparison.target is None else ["fits"]
+    lines = _comparison_header(spec, comparison) + [""]
+    lines.append(plans_table([(r.candidate.estimate, r.candidate.step.total_s, r.marks) for r in rows], fits_headers))
+    if best is None:
+        small = min(rows, key=lambda r: r.candidate.total).candidate
+        lines.append(f"\nno plan fits: the smallest, {describe_plan(small.estimate)}, "
+                     f"{comparison.judge.why_not(small.total, small.estimate.host_bytes)}")
+        return "\n".join(lines)
+    e = best.candidate.estimate
+    lines.append(f"\nbest plan: {describe_plan(e)} (recommend's rule: the first of full FT, LoRA, QLoRA that "
+                 "fits without parameter offload, its fastest row)\n")
+    lines += [breakdown_table(e), comparison.verdict.text]
+    return "\n".join(lines)

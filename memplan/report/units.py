@@ -18,6 +18,22 @@ def gib(n: float, digits: int = 2) -> str:
     return f"{n / GiB:.{digits}f}"
 
 
+def gib_label(n: float) -> str:
+    """`n` bytes as the shortest number of GiB, at most two decimals and no unit: '24', '23.99', '1.5'."""
+    g = n / GiB
+    if g == int(g):
+        return str(int(g))
+    return f"{g:.2f}".rstrip("0").rstrip(".")
+
+
+def memory_setting(n: int) -> str:
+    """A memory size as a flag or the Plan's target section takes it: whole GiB (80GiB), else whole MiB
+    rounded down (23919MiB: never more than there is)."""
+    if n % GiB == 0:
+        return f"{n // GiB}GiB"
+    return f"{max(1, n // MiB)}MiB"
+
+
 def format_bytes(n: float, unit: str = "GiB", digits: int = 2) -> str:
     """`n` bytes in `unit` with its label: format_bytes(85520809984) == '79.65 GiB'. Binary units (GiB = 2^30)
     and decimal ones (GB = 10^9) as named; B prints whole bytes."""

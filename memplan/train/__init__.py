@@ -1,6 +1,7 @@
 """`memplan train`: run a Plan for real and check its memory estimate against the run.
 
 Modules, in the order a run uses them:
+  run         what `memplan train` does: check, lock, then launch or train (memplan.report.train prints it)
   settings    the plan file + `--set` overrides -> a validated Plan with absolute paths
   preflight   every check that needs no heavy import (machine, launch files, model, data, output), all at once
   model       the model directory, tokenizer, precision regime, LoRA / QLoRA, checkpointing

@@ -3,7 +3,7 @@ launch, run here in-process (`python -m memplan.train.agent MODULE ARGS...`, MOD
 
 - It ends with `memplan train`: SIGTERM when that process ends, however it ends (SIGKILL included). Both
   launchers stop their workers on SIGTERM (SIGTERM to each, SIGKILL after 30 s) and then exit; the
-  workers also die with this process (memplan.train.command), should it be killed outright.
+  workers also die with this process (memplan.train.run), should it be killed outright.
 - When the workers stop on problems they reported (memplan.train.launch.report: a UserError, which
   `memplan train` prints once), it exits 2 without the launcher's failure report and traceback. Any
   other failure is reported as the launcher reports it.

@@ -1,4 +1,5 @@
-"""The `memplan train` command definition; the training code is imported when it runs."""
+"""`memplan train`: the click definition; the options become a memplan.train.run.TrainRequest (same names),
+memplan.train.run runs it and memplan.report.train words the result (imported when it runs)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ import click
 @click.option("--quiet", "-q", is_flag=True, help="print nothing but errors (the files are still written).")
 @click.option("--trust-remote-code", is_flag=True,
               help="allow a model directory's own Python code (auto_map) to run.")
-def train(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_json: bool, quiet: bool,
-          trust_remote_code: bool) -> None:
+def train(**options) -> None:
     """Fine-tune as PLAN.yaml says, on the CPU or CUDA GPUs, and check the plan's memory estimate.
 
     \b
@@ -51,8 +51,25 @@ def train(plan_file: str, sets: tuple[str, ...], resume: bool, dry: bool, as_jso
     from memplan.runtime.hf import offline_and_quiet
 
     offline_and_quiet()  # first: no network for this process and those it launches, whatever they import
-    from memplan.train.command import run
+    import json
 
-    code = run(plan_file, sets, resume, dry, as_json, quiet, trust_remote_code)
-    if code:
-        raise SystemExit(code)
+    from memplan.report import train as report
+    from memplan.train.run import TrainRequest, execute
+
+    request = TrainRequest(**options)
+    silent = request.quiet or request.as_json  # no progress lines
+    result = execute(request, echo=(lambda _m: None) if silent else click.echo,
+                     note=(lambda _m: None) if request.quiet else lambda m: click.echo(f"memplan: note: {m}", err=True))
+    if result.dry_run is not None:
+        click.echo(report.dry_run_json(result.dry_run) if request.as_json else report.dry_run_text(result.dry_run))
+    for line in result.problems:
+        click.echo(f"memplan: error: {line}", err=True)
+    if result.interrupted:
+        click.echo(report.interrupted(request.plan_file), err=True)
+    if result.summary is not None:
+        if request.as_json:
+            click.echo(json.dumps(result.summary, indent=2))
+        elif not request.quiet:
+            click.echo(report.summary_table(result.summary))
+    if result.code:
+        raise SystemExit(result.code)

@@ -1,10 +1,12 @@
-"""`memplan recommend`: the click definition only; the work is in memplan.recommend (imported when run)."""
+"""`memplan recommend`: the click definition. The options become a memplan.recommend.core.RecommendRequest
+(same names), memplan.recommend gathers the recommendation and memplan.report.recommend prints it (both
+imported when it runs)."""
 
 from __future__ import annotations
 
 import click
 
-from memplan.cli_options import FLOAT, INT, Choice, HPARAM_FLAGS, plan_options
+from memplan.cli.options import FLOAT, INT, Choice, HPARAM_FLAGS, passed_overrides, plan_options
 from memplan.recommend import hparams as hp
 
 
@@ -31,7 +33,7 @@ HPARAM_HELP = {
               help="preset id or alias (see `memplan models`), a config.json path, or a local HF model directory.")
 @click.option("--gpus", type=INT, default=None,
               help="GPUs per node; on a CPU plan, processes [GPUs] (default: the local GPUs found, else 1).")
-@click.option("--nodes", type=INT, default=None, help="machines, each with --gpus GPUs [nodes] (default: 1).")
+@click.option("--nodes", type=INT, default=1, help="machines, each with --gpus GPUs [nodes] (default: 1).")
 @click.option("--gpu", "gpu", default=None,
               help="GPU preset id (see `memplan gpus`), e.g. h100-80gb (default: the local GPUs, found with NVML, "
                    "else this machine's CPU and RAM).")
@@ -76,7 +78,7 @@ HPARAM_HELP = {
 @click.option("--explain", is_flag=True, help="also print the decision tree with the path taken marked.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="write a PNG of the candidates' memory per device, stacked by term, against the capacity.")
-def recommend(**kwargs) -> None:
+def recommend(as_json: bool, explain: bool, **options) -> None:
     """Recommend a fine-tuning method and the fastest plan that fits, and write ready-to-run configs.
 
     The decision tree picks full FT, LoRA or QLoRA (--explain shows it); a search over precision,
@@ -91,6 +93,18 @@ def recommend(**kwargs) -> None:
       1  no plan fits (what would fit instead is printed)
       2  bad input (one line on stderr: memplan: error: ...)
     """
-    from memplan.recommend.command import run
+    import json
+    import sys
 
-    run(**kwargs)
+    from memplan.recommend.core import NoPlanFits, RecommendRequest, gather
+    from memplan.report import recommend as report
+
+    hparams = {path.removeprefix("hparams."): value for path, value in passed_overrides(options).items()}
+    request = RecommendRequest(**options, **hparams, show_progress=not as_json and sys.stderr.isatty())
+    try:
+        rec = gather(request)
+    except NoPlanFits as err:
+        click.echo(json.dumps(report.no_fit_json(err.rec), indent=2) if as_json
+                   else report.render_no_fit(err.rec, explain))
+        sys.exit(1)
+    click.echo(json.dumps(rec.to_json(), indent=2) if as_json else report.render(rec, explain))

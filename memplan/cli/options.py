@@ -76,7 +76,7 @@ class Choice(click.Choice):
 class _Bounded:
     """A numeric option: finite and at most MAX_NUMBER in size, the bound every plan number has
     (memplan.plan), and at least `minimum` when given. click's own INT and FLOAT take `inf`, `nan` and
-    400-digit numbers, which overflowed memplan's arithmetic."""
+    400-digit numbers, which would overflow memplan's arithmetic."""
 
     kind: type
     name: str

@@ -3,8 +3,9 @@ hyperparameters, the runners-up and why they lost, warnings, files."""
 
 from __future__ import annotations
 
+from memplan.recommend.core import Recommendation, why_not
 from memplan.report import estimate as report
-from memplan.recommend.core import GiB, NoPlanFits, Recommendation, why_not
+from memplan.report.units import format_bytes, gib
 
 
 def _duration(hours: float) -> str:
@@ -20,8 +21,8 @@ def _duration(hours: float) -> str:
 
 def header(rec: Recommendation) -> list[str]:
     spec = rec.spec
-    lines = [f"{spec.name}: {spec.params_total:,} parameters ({report._count(spec.params_total)}) on "
-             f"{rec.target.describe()}; plans must fit {rec.target.usable_bytes / GiB:.2f} GiB per device "
+    lines = [f"{spec.name}: {spec.params_total:,} parameters ({report.count(spec.params_total)}) on "
+             f"{rec.target.describe()}; plans must fit {format_bytes(rec.target.usable_bytes)} per device "
              f"({100 * rec.target.headroom:g} % headroom)"]
     if rec.data:
         d = rec.data
@@ -55,7 +56,7 @@ def plan_line(rec: Recommendation) -> str:
 
 def verdict(rec: Recommendation) -> str:
     e, t = rec.estimate, rec.target
-    return f"fits: {e.total / GiB:.2f} GiB {t.per_device} of {t.usable_explained()}"
+    return f"fits: {format_bytes(e.total)} {t.per_device} of {t.usable_explained()}"
 
 
 def time_lines(rec: Recommendation) -> list[str]:
@@ -71,6 +72,13 @@ def time_lines(rec: Recommendation) -> list[str]:
             f"communication {s.comm_s:.3g} s, offload {s.offload_s:.3g} s)"]
 
 
+def readme_summary(rec: Recommendation) -> list[str]:
+    """The recommendation as README.md in the output directory states it (markdown lines)."""
+    return ([f"Recommended by `memplan recommend` for {rec.target.describe()}.", "", "```"] + decision(rec)
+            + ["", plan_line(rec), verdict(rec)] + time_lines(rec) + ["```"]
+            + ([""] + [f"- warning: {w}" for w in rec.warnings] if rec.warnings else []))
+
+
 def alternatives_table(rec: Recommendation) -> str:
     from tabulate import tabulate
 
@@ -79,7 +87,7 @@ def alternatives_table(rec: Recommendation) -> str:
         c = a.candidate
         p = c.plan
         rows.append([c.family(), f"{p.micro_batch}x{p.grad_accum}",
-                     "on" if p.grad_ckpt else "off", p.optimizer, p.loss, report.gib(c.total),
+                     "on" if p.grad_ckpt else "off", p.optimizer, p.loss, gib(c.total),
                      _duration(c.hours) if c.fits else "-", a.why_not])
     return tabulate(rows, headers=["alternative", "mb x accum", "ckpt", "optimizer", "loss", "GiB", "time", "why not"],
                     tablefmt="simple", disable_numparse=True)
@@ -107,8 +115,14 @@ def render(rec: Recommendation, explain: bool = False) -> str:
     return "\n".join(lines)
 
 
-def render_no_fit(err: NoPlanFits, explain: bool = False) -> str:
-    rec = err.rec
+def no_fit_json(rec: Recommendation) -> dict:
+    """--json when no plan fits: the recommendation so far, with its suggestions, marked as an error."""
+    out = rec.to_json()
+    out["error"] = "no plan fits"
+    return out
+
+
+def render_no_fit(rec: Recommendation, explain: bool = False) -> str:
     lines = header(rec) + [""]
     if explain:
         lines += ["decision tree (>> = the path taken):", rec.tree.render(rec.steps, rec.leaf, rec.request.method), ""]

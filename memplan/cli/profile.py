@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli_options import Choice, Int, PLAN_FLAGS, passed_overrides, plan_options
+from memplan.cli.options import Choice, Int, PLAN_FLAGS, passed_overrides, plan_options
 
 
 @click.command("profile")

@@ -1,4 +1,5 @@
-"""The `memplan` command: a thin click group; each command imports its heavy code only when it runs."""
+"""The `memplan` command: a thin click group. Each command is a module of this package, imported when it is
+named (or listed), and imports its heavy code only when it runs."""
 
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ def skip_final_collection() -> None:
     atexit.register(gc.freeze)
 
 
-def _import_plan_flags():
-    """memplan.cli_options, whose import builds the Plan models, with pydantic's plugins off meanwhile.
+def _import_plan_flags() -> None:
+    """memplan.cli.options, whose import builds the Plan models, with pydantic's plugins off meanwhile.
 
     The Plan uses no pydantic plugins, yet pydantic looks for them in the entry points of every installed
     package when it builds its first model (about 7 ms of each run with torch and transformers installed).
@@ -53,11 +54,10 @@ def _import_plan_flags():
     before = os.environ.get(key)
     os.environ.setdefault(key, "__all__")
     try:
-        import memplan.cli_options as cli_options
+        import memplan.cli.options  # noqa: F401  (every command's flags come from it)
     finally:
         if before is None:
             os.environ.pop(key, None)
-    return cli_options
 
 
 with gc_paused():
@@ -66,16 +66,18 @@ with gc_paused():
     from memplan import __version__
     from memplan.errors import UserError, did_you_mean
 
-    _cli_options = _import_plan_flags()
-PLAN_FLAGS, plan_options, FLOAT = _cli_options.PLAN_FLAGS, _cli_options.plan_options, _cli_options.FLOAT
+    _import_plan_flags()
 
 
-# Commands that live in their own modules: "name" -> "module:attribute". Each module holds only the
-# click definition and imports its heavy code inside the command, so listing them stays cheap.
-LAZY_COMMANDS: dict[str, str] = {
-    "profile": "memplan.commands.profile_cli:profile",
-    "train": "memplan.commands.train_cli:train",
-    "recommend": "memplan.commands.recommend_cli:recommend",
+# The commands, each in its own module: "name" -> "module:attribute". A module holds the click definition
+# and imports its heavy code inside the command, so listing them stays cheap.
+COMMANDS: dict[str, str] = {
+    "estimate": "memplan.cli.estimate:estimate",
+    "gpus": "memplan.cli.listing:gpus",
+    "models": "memplan.cli.listing:models",
+    "profile": "memplan.cli.profile:profile",
+    "recommend": "memplan.cli.recommend:recommend",
+    "train": "memplan.cli.train:train",
 }
 
 
@@ -131,15 +133,16 @@ _SHOWS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+        return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str):
-        if name in LAZY_COMMANDS:
-            import importlib
+        if name not in COMMANDS:
+            return None
+        import importlib
 
-            module, _, attr = LAZY_COMMANDS[name].partition(":")
+        module, _, attr = COMMANDS[name].partition(":")
+        with gc_paused():
             return getattr(importlib.import_module(module), attr)
-        return super().get_command(ctx, name)
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         name = args[0] if args else ""
@@ -188,76 +191,3 @@ def main() -> None:
       130  interrupted (Ctrl-C)
     """
 
-
-@main.command()
-@click.option("--model", "-m", "model", default=None,
-              help="preset id or alias (see `memplan models`), a config.json path, or a local HF model directory.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="a plan YAML (the Plan's fields; `recommend -o` writes one). Flags override it.")
-@plan_options(PLAN_FLAGS)
-@click.option("--gpu", "gpu", default=None,
-              help="GPU preset id (see `memplan gpus`), e.g. h100-80gb (default: the plan's recorded target, else "
-                   "the local GPUs, else common sizes).")
-@click.option("--gpu-memory", "gpu_memory", default=None,
-              help="memory per GPU of a GPU without a preset, e.g. 24GiB, 81559MiB, 80GB (decimal).")
-@click.option("--host-memory", "host_memory", default=None,
-              help="RAM per node for offloaded optimizer states and parameters (a CPU plan: its whole budget), "
-                   "e.g. 512GiB (default: the plan's recorded target, else this machine's for local GPUs and CPU "
-                   "plans, else 128 GiB per GPU).")
-@click.option("--headroom", type=FLOAT, default=None,
-              help="fraction of each memory kept free: a plan fits within (1 - headroom) x memory "
-                   "(default: the plan's recorded target, else 0.1).")
-@click.option("--max-batch", is_flag=True, help="also report the largest micro-batch that fits.")
-@click.option("--max-seq", is_flag=True, help="also report the longest sequence (tokens) that fits.")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables.")
-def estimate(**kwargs) -> None:
-    """Estimate per-GPU memory of a fine-tuning step, analytically (no GPU, no torch, no network).
-
-    With no plan flags: a table of full FT / LoRA / QLoRA across DDP, ZeRO-1/2/3 and offload at the
-    stated defaults (micro-batch 1, 2048 tokens, checkpointing on), then the best plan's breakdown.
-    With --config or any plan flag: that one plan, by phase (forward, backward, optimizer step).
-
-    A plan fits when its total per GPU is within (1 - headroom) x the GPU's memory and its offloaded states
-    within (1 - headroom) x the host RAM per node: the rule `memplan recommend` uses. The best plan is
-    recommend's too: the first of full FT, LoRA, QLoRA that fits without parameter offload (else with it),
-    its fastest row by recommend's time model.
-
-    \b
-    Exit codes:
-      0  the plan fits (the table: at least one row fits; no GPU known: it fits 80 GiB)
-      1  it does not fit (the table: no row fits)
-      2  bad input (one line on stderr: memplan: error: ...)
-    """
-    skip_final_collection()
-    with gc_paused():  # bounded arithmetic and printing: see gc_paused
-        from memplan.commands.estimate import run
-
-        code = run(**kwargs)
-    if code:
-        sys.exit(code)
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table.")
-def models(as_json: bool) -> None:
-    """List the model presets (ids, aliases, exact parameter counts, sources)."""
-    skip_final_collection()
-    with gc_paused():
-        from memplan.commands.listing import list_models
-
-        list_models(as_json)
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table.")
-def gpus(as_json: bool) -> None:
-    """List the GPU presets (usable memory as the device reports it, peak TFLOP/s, bandwidths)."""
-    skip_final_collection()
-    with gc_paused():
-        from memplan.commands.listing import list_gpus
-
-        list_gpus(as_json)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -1,0 +1,80 @@
+"""`memplan train`'s text: the dry run (the resolved plan, its estimate, what the checks found) and the
+summary of a finished run."""
+
+from __future__ import annotations
+
+import json
+
+from memplan.report.units import GiB, format_bytes
+from memplan.train.run import DryRun
+
+
+def dry_run_json(d: DryRun) -> str:
+    from memplan.report.estimate import estimate_json
+
+    spec, verdict = d.spec, d.verdict
+    return json.dumps({"plan": d.resolved.plan.model_dump(mode="json"),
+                       "output_dir": str(d.resolved.output_dir),
+                       "estimate": estimate_json(spec.name, spec.params_total, [verdict.estimate]) if verdict else None,
+                       "fit": verdict.to_json() if verdict else None,
+                       "runs_here": not d.problems, "problems": d.problems, "warnings": d.warnings}, indent=2)
+
+
+def dry_run_text(d: DryRun) -> str:
+    from memplan.plan import plan_to_yaml
+    from memplan.report.estimate import breakdown_table
+
+    resolved, spec, verdict = d.resolved, d.spec, d.verdict
+    lines = [f"# resolved plan ({resolved.plan_path}"
+             + (f" with --set {', '.join(resolved.overrides)}" if resolved.overrides else "") + ")",
+             plan_to_yaml(resolved.plan), f"output directory: {resolved.output_dir}\n"]
+    if verdict is not None:
+        lines += [f"{spec.name}: {spec.params_total:,} parameters; estimate per "
+                  f"{'process' if resolved.plan.device == 'cpu' else 'GPU'}:\n", breakdown_table(verdict.estimate)]
+        lines += [f"assumed: {line}" for line in verdict.assumptions] + [verdict.text]
+    lines += [f"warning: {line}" for line in d.warnings]
+    if d.problems:
+        lines.append(f"cannot run here: {len(d.problems)} problem(s), listed on stderr")
+    return "\n".join(lines)
+
+
+def interrupted(plan_file: str) -> str:
+    return f"\nmemplan: interrupted; continue from the newest checkpoint with: memplan train {plan_file} --resume"
+
+
+def _memory(n: int) -> str:
+    """A run's memory: GiB from 1 GiB up, else MiB (a small model's run stays readable)."""
+    return format_bytes(n, "GiB" if n >= GiB else "MiB")
+
+
+def summary_table(summary: dict) -> str:
+    """summary.json (memplan.train.metrics) as a two-column table."""
+    from tabulate import tabulate
+
+    rows = [["optimizer steps", f"{summary['steps']}" + (" (stopped early)" if summary["stopped_early"] else "")]]
+    if summary["train_loss_first"] is not None:
+        rows.append(["train loss (first -> last log)", f"{summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}"])
+    first, best, last = summary["eval_first"], summary["eval_best"], summary["eval_last"]
+    if first:
+        rows.append(["validation loss (start -> best)",
+                     f"{first['eval_loss']:.4f} -> {best['eval_loss']:.4f} (step {best['step']})"])
+        if first.get("eval_accuracy") is not None:
+            rows.append(["exact match (start -> best-loss step -> last)",
+                         f"{100 * first['eval_accuracy']:.1f} % -> {100 * best['eval_accuracy']:.1f} % -> "
+                         f"{100 * last['eval_accuracy']:.1f} %"])
+    ret = summary["retention"]
+    if ret:
+        rows.append(["retention perplexity (before -> after)",
+                     f"{ret['perplexity_before']:.2f} -> {ret['perplexity_after']:.2f} ({100 * ret['change']:+.1f} %)"])
+    if summary["tokens_per_s_median"]:
+        rows.append(["throughput (median)", f"{summary['tokens_per_s_median']:.0f} tokens/s"])
+    mem = summary["memory"]
+    if mem:
+        flag = "  <-- gap over 10 %" if mem["flag"] else ""
+        rows.append(["peak memory measured", f"{_memory(mem['measured_bytes'])} ({mem['what']})"])
+        rows.append([f"estimate at measured shape (seq {mem['measured_seq_len']})",
+                     f"{_memory(mem['estimated_bytes'])}, gap {100 * mem['gap']:+.1f} %{flag}"])
+        rows.append(["estimate for the plan (seq_len)", _memory(mem['estimate_plan_bytes'])])
+    for key, path in summary["files"].items():
+        rows.append([key, path])
+    return tabulate(rows, tablefmt="plain", disable_numparse=True)
