@@ -8,7 +8,7 @@ from typing import Optional
 
 from memplan.estimator.phases import PHASES, TERMS
 from memplan.profile.command import NEGLIGIBLE, error_pct
-from memplan.report.estimate import _count, describe_plan, estimate_json
+from memplan.report.estimate import count, describe_plan, estimate_json
 from memplan.report.units import size
 
 NOT_SEEN = {
@@ -73,7 +73,7 @@ def _table(rows: list, headers: list) -> str:
 def _heading(p) -> list[str]:
     spec, plan, main = p.spec, p.plan, p.main
     return [
-        f"{spec.name}: {spec.params_total:,} parameters ({_count(spec.params_total)})",
+        f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})",
         f"plan: {describe_plan(p.est)}, {plan.world_size} process(es), micro-batch {plan.micro_batch} x "
         f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {'on' if plan.grad_ckpt else 'off'}, "
         f"{plan.optimizer}, attn {plan.attn}",
