@@ -17,8 +17,8 @@ def test_memory_setting_never_states_more_than_there_is():
 
 
 def test_phases_and_terms_are_the_estimators():
-    from memplan import profile_meters
     from memplan.estimator.phases import PHASES, TERMS
+    from memplan.runtime import meter
 
-    assert profile_meters.PHASES is PHASES
-    assert profile_meters.TERMS == tuple(t for t in TERMS if t != "workspace")
+    assert meter.PHASES is PHASES
+    assert meter.METERED_TERMS == tuple(t for t in TERMS if t != "workspace")
