@@ -1,14 +1,6 @@
-import json
-import sys
-from pathlib import Path
+"""Fixtures every folder of tests uses."""
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def preset_config(preset: str) -> dict:
-    return json.loads((ROOT / "data" / "models" / preset / "config.json").read_text())
 
 
 @pytest.fixture

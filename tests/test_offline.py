@@ -83,6 +83,8 @@ def test_the_guard_sees_a_look_up_and_a_connection(no_network):
     assert [line.split(" ", 1)[1] for line in looked_up] == ["huggingface.co", "connect 192.0.2.1"]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_profile_with_lora_in_two_processes_looks_nothing_up(no_network):
     done, looked_up = no_network("profile", "--model", "demo-tiny", "--method", "lora", "--device", "cpu",
                                  "--precision", "fp32", "--backend", "cpu", "--gpus", "2", "--batch-size", "1",
@@ -91,6 +93,7 @@ def test_profile_with_lora_in_two_processes_looks_nothing_up(no_network):
     assert looked_up == []
 
 
+@pytest.mark.slow
 def test_train_with_lora_looks_nothing_up(no_network, tmp_path):
     plan = {"model": "demo-tiny", "method": "lora", "device": "cpu", "precision": "fp32", "micro_batch": 4,
             "seq_len": 64, "grad_ckpt": False, "output_dir": str(tmp_path / "out"),

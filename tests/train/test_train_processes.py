@@ -16,9 +16,9 @@ import pytest
 
 from memplan.train import lock as lock_mod
 from memplan.train import preflight
-from test_train_support import SUBPROCESS_ENV, run_dir, tiny  # noqa: F401  (tiny is a fixture)
+from helpers import SUBPROCESS_ENV, run_dir
+from support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes")
 #: Generous bound for processes to be gone after a kill (they stop within a second or two; this is no
 #: measure of speed, only a bound for the poll to give up on).
@@ -103,6 +103,7 @@ def test_a_file_system_without_locks_runs_unlocked_and_says_so(tmp_path, monkeyp
         assert lock_mod.in_use(tmp_path) is None
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_output_dir_stops_at_once(tmp_path, tiny):
     plan = run_dir(tmp_path, tiny, **LONG)
     out = plan.parent
@@ -138,6 +139,8 @@ def _accelerate_launcher(code_after: str = "") -> str:
             "from memplan.cli import main\nmain(sys.argv[1:])\n")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("launcher, killed", [("torchrun", "memplan train"), ("accelerate", "memplan train"),
                                               ("torchrun", "torchrun")])
 def test_workers_die_with_their_launcher(tmp_path, tiny, launcher, killed):
@@ -278,6 +281,8 @@ def test_data_that_cannot_fill_every_process_stops_before_the_launch(tmp_path, t
     assert sorted(p.name for p in plan.parent.iterdir()) == sorted([p.name for p in tiny[1].iterdir()] + ["plan.yaml"])
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_problem_the_workers_stop_on_is_one_line_exit_2(tmp_path, tiny):
     """What only the processes can find (here the same shortfall, with the check before the launch taken
     out) is printed once by `memplan train`, not once per process under torchrun's failure report."""

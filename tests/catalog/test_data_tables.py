@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from memplan.catalog.paths import TABLES, data_dir, load_table, table_json, write_table
+from support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("name", TABLES)

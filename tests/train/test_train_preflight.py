@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from memplan.train import preflight
-from test_train_support import run_dir, tiny  # noqa: F401  (tiny is a fixture)
+from helpers import run_dir
+from support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes")
 
 

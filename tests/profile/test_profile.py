@@ -14,6 +14,7 @@ from memplan.plan import Plan
 from memplan.profile.launch import search_max
 from memplan.profile.meters import CudaMeter
 from memplan.profile.run import measure
+from support import REPO
 
 MiB = 2**20
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -104,6 +105,7 @@ def test_weights_dir_is_loaded(run_cli, tiny, tmp_path):
     assert out["results"][0]["measured"]["after_load_bytes"] == random["results"][0]["measured"]["after_load_bytes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plan", [["--method", "lora", "--seq-len", "128"], ["--method", "lora", "--no-grad-ckpt"],
                                   ["--batch-size", "2", "--seq-len", "256"], ["--precision", "fp32"]])
 def test_terms_are_measured_as_the_estimate_defines_them(run_cli, plan):
@@ -248,6 +250,7 @@ def test_search_max_finds_the_boundary_from_any_start():
             assert len(calls) <= 14
 
 
+@pytest.mark.slow
 def test_find_max_batch_probes_in_subprocesses(run_cli, tiny):
     plan = dict(device="cpu", precision="fp32", seq_len=64, grad_ckpt=False)
     peaks = {b: measure(tiny, Plan(micro_batch=b, **plan), backend="trace", steps=2).peak for b in (3, 4)}
@@ -269,6 +272,8 @@ def test_find_max_batch_probes_in_subprocesses(run_cli, tiny):
 # ---------------------------------------------------------------- several processes (gloo)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_process_ddp_and_fsdp_on_gloo(run_cli, tiny):
     base = ["--model", tiny, *PLAN, "--precision", "fp32", "--backend", "cpu", "--gpus", "2", "--steps", "2"]
     with torch.device("meta"):
@@ -348,7 +353,7 @@ def test_gpu_check_rows_come_from_the_profile_path(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(memplan.profile.meters, "CudaMeter", CpuCudaMeter)
     monkeypatch.setattr(memplan.profile.run, "measure",
                         lambda config, plan, backend, **kw: real_measure(config, plan, backend="cpu", **kw))
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    path = REPO / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)

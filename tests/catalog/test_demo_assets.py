@@ -24,8 +24,8 @@ from safetensors import safe_open
 
 from memplan.catalog.presets import models_dir, preset_info
 from memplan.catalog.resolve import resolve_model
+from support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "data" / "demo"
 MODEL = models_dir() / "demo-tiny"
 LONG_DATE = re.compile(r"\b(\d{1,2}) (" + "|".join(calendar.month_name[1:]) + r") (\d{4})\b")
@@ -93,6 +93,7 @@ def test_general_text_and_retention_are_disjoint_and_small():
     assert shipped < 4_000_000
 
 
+@pytest.mark.slow
 def test_make_demo_is_reproducible(tmp_path):
     """The script regenerates the shipped files; the general text (and the tokenizer trained on it)
     is Python's own documentation, so it is byte-identical under the Python version that made it."""
@@ -220,6 +221,7 @@ ARCHITECTURE_KEYS = ("model_type", "architectures", "hidden_size", "intermediate
                      "bos_token_id", "eos_token_id", "pad_token_id")
 
 
+@pytest.mark.slow
 def test_pretrain_script_runs(tmp_path, tokenizer):
     """Two steps of the committed pre-training script write a loadable model with the same shape."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_train_support import SUBPROCESS_ENV, metrics, run_dir, tiny  # noqa: F401  (tiny is a fixture)
+from helpers import SUBPROCESS_ENV, metrics, run_dir
+from support import REPO
 
 DS = dict(sharding="deepspeed", zero=2, precision="bf16-master")
-PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "deepspeed_offload_probe.py"
+PROBE = REPO / "benchmarks" / "deepspeed_offload_probe.py"
 
 
 def _with_launch_files(plan_path, **extra_sets):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from test_train_support import metrics, one_thread, run_dir, tiny  # noqa: F401  (fixtures)
+from helpers import metrics, run_dir
 
 
 @pytest.mark.usefixtures("one_thread")

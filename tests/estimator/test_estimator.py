@@ -12,8 +12,8 @@ from memplan.estimator.states import nf4_bytes, optimizer_state_bytes, parameter
 from memplan.catalog.resolve import resolve_model
 from memplan.catalog.spec import spec_from_config
 from memplan.plan import Plan
+from support import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)
 TINY_PARAMS = 6400 + 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192 + 2 * 64) + 64 + 6400
@@ -136,13 +136,13 @@ def test_estimate_path_never_imports_torch():
             "try:\n    main(['estimate', '--model', 'llama-7b', '--gpus', '4', '--json'])\n"
             "except SystemExit: pass\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
 
 
 # ------------------------------------------------------------------ measured on a GPU
 
-H100_RUNS = sorted((ROOT / "benchmarks" / "results").glob("gpu-h100-run*.jsonl"))
+H100_RUNS = sorted((REPO / "benchmarks" / "results").glob("gpu-h100-run*.jsonl"))
 
 
 def _h100_cases():
@@ -165,7 +165,7 @@ def test_estimate_matches_h100_measurements(row):
 
 
 FSDP_RUNS = [json.loads(line) for line in
-             (Path(__file__).resolve().parents[1] / "benchmarks/results/fsdp-gloo-2rank.jsonl").read_text().splitlines()]
+             (REPO / "benchmarks/results/fsdp-gloo-2rank.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("row", FSDP_RUNS, ids=lambda r: f"zero{r['plan']['zero']}-{r['plan']['method']}")

@@ -1,5 +1,6 @@
 """A run killed mid-way (SIGKILL) and resumed with --resume logs the same losses as an uninterrupted run."""
 
+import pytest
 import os
 import shutil
 import signal
@@ -7,7 +8,9 @@ import subprocess
 import sys
 import time
 
-from test_train_support import SUBPROCESS_ENV, metrics, run_dir, tiny  # noqa: F401  (tiny is a fixture)
+from helpers import SUBPROCESS_ENV, metrics, run_dir
+
+pytestmark = pytest.mark.slow
 
 # LoRA with dropout: the resumed run must also restore the random state the dropout masks come from.
 SETTINGS = dict(method="lora", lora={"rank": 4, "dropout": 0.1},

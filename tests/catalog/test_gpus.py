@@ -14,7 +14,7 @@ import pytest
 from memplan.catalog import gpus as gpus_mod
 from memplan.catalog.paths import write_table
 from memplan.errors import UserError
-from memplan.report.units import format_bytes
+from memplan.report.units import GiB, MiB, format_bytes
 from memplan.catalog.gpus import (
     COMMON_SIZES_GIB,
     Gpu,
@@ -25,10 +25,8 @@ from memplan.catalog.gpus import (
     parse_memory,
     resolve_gpu,
 )
+from support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
-GIB = 2**30
-MIB = 2**20
 
 REQUIRED_IDS = """
 a100-40gb a100-80gb h100-80gb h100-pcie-80gb h200-141gb l40s-48gb l4-24gb a10g-24gb rtx3090-24gb
@@ -76,7 +74,7 @@ def test_every_required_preset_loads():
 
 def test_h100_reports_81559_mib_exactly():
     h100 = resolve_gpu("h100-80gb")
-    assert h100.memory_bytes == 81559 * MIB == 85_520_809_984
+    assert h100.memory_bytes == 81559 * MiB == 85_520_809_984
     assert h100.memory_source == "reported"
     assert h100.bf16_tflops == pytest.approx(989.4)  # dense, not the 1,979 sparse figure
 
@@ -85,13 +83,13 @@ def test_h100_reports_81559_mib_exactly():
 def test_reported_totals(gid, mib):
     gpu = resolve_gpu(gid)
     assert gpu.memory_source == "reported"
-    assert gpu.memory_bytes == mib * MIB
+    assert gpu.memory_bytes == mib * MiB
 
 
 def test_nominal_memory_is_whole_gib():
     for gpu in load_gpus().values():
         if gpu.memory_source == "nominal":
-            assert gpu.memory_bytes % GIB == 0, gpu.id
+            assert gpu.memory_bytes % GiB == 0, gpu.id
     assert {g.id for g in load_gpus().values() if g.memory_source == "nominal"} <= {
         "h100-pcie-80gb", "rtx6000ada-48gb", "v100-32gb", "mi300x-192gb"
     }
@@ -105,7 +103,7 @@ def test_no_bf16_on_volta_and_turing():
 
 def test_amd_is_data_only():
     mi300x = resolve_gpu("mi300x")
-    assert mi300x.vendor == "amd" and mi300x.memory_bytes == 192 * GIB
+    assert mi300x.vendor == "amd" and mi300x.memory_bytes == 192 * GiB
     assert all(g.vendor == "nvidia" for g in load_gpus().values() if g.id != "mi300x-192gb")
 
 
@@ -198,22 +196,22 @@ def test_duplicate_alias_in_data_is_rejected(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("24GiB", 24 * GIB),
-        ("24gib", 24 * GIB),
+        ("24GiB", 24 * GiB),
+        ("24gib", 24 * GiB),
         ("24GB", 24 * 10**9),
         ("24gb", 24 * 10**9),
-        ("24G", 24 * GIB),  # a bare G is binary
-        ("24g", 24 * GIB),
-        ("81559MiB", 81559 * MIB),
-        ("81559M", 81559 * MIB),
-        ("80 GiB", 80 * GIB),
-        (" 80  GiB ", 80 * GIB),
-        ("24", 24 * GIB),  # a plain number is GiB
-        ("1.5", 3 * GIB // 2),
-        ("1.5GiB", 3 * GIB // 2),
-        ("0.5 TiB", 512 * GIB),
+        ("24G", 24 * GiB),  # a bare G is binary
+        ("24g", 24 * GiB),
+        ("81559MiB", 81559 * MiB),
+        ("81559M", 81559 * MiB),
+        ("80 GiB", 80 * GiB),
+        (" 80  GiB ", 80 * GiB),
+        ("24", 24 * GiB),  # a plain number is GiB
+        ("1.5", 3 * GiB // 2),
+        ("1.5GiB", 3 * GiB // 2),
+        ("0.5 TiB", 512 * GiB),
         ("2TB", 2 * 10**12),
-        ("1024KiB", MIB),
+        ("1024KiB", MiB),
         ("500MB", 500 * 10**6),
         ("4096B", 4096),
     ],
@@ -241,8 +239,8 @@ def test_parse_memory_rejects_garbage(text):
 
 
 def test_custom_gpu():
-    gpu = custom_gpu(24 * GIB)
-    assert gpu.id == "custom-24gib" and gpu.memory_bytes == 24 * GIB
+    gpu = custom_gpu(24 * GiB)
+    assert gpu.id == "custom-24gib" and gpu.memory_bytes == 24 * GiB
     assert gpu.bf16_tflops is gpu.fp16_tflops is gpu.fp32_tflops is gpu.memory_bandwidth_gbps is None
     assert gpu.interconnect_gbps is gpu.host_link_gbps is gpu.source is None
     assert custom_gpu(parse_memory("81559MiB")).id == "custom-79.65gib"
@@ -254,10 +252,10 @@ def test_custom_gpu():
 
 def test_format_bytes():
     assert format_bytes(85_520_809_984) == "79.65 GiB"
-    assert format_bytes(24 * GIB) == "24.00 GiB"
-    assert format_bytes(24 * GIB, unit="MiB") == "24576.00 MiB"
+    assert format_bytes(24 * GiB) == "24.00 GiB"
+    assert format_bytes(24 * GiB, unit="MiB") == "24576.00 MiB"
     assert format_bytes(24 * 10**9, unit="GB") == "24.00 GB"
-    assert format_bytes(1536 * MIB, digits=1) == "1.5 GiB"
+    assert format_bytes(1536 * MiB, digits=1) == "1.5 GiB"
     assert format_bytes(4096, unit="B") == "4096 B"
     with pytest.raises(ValueError):
         format_bytes(1, unit="gibibytes")
@@ -339,7 +337,7 @@ def test_local_gpus_on_this_machine():
 )
 def test_local_gpus_swallows_nvml_errors(monkeypatch, fail_at):
     shutdowns: list[bool] = []
-    fake = _fake_pynvml([("NVIDIA H100 80GB HBM3", 81559 * MIB)], fail_at=fail_at, shutdown_log=shutdowns)
+    fake = _fake_pynvml([("NVIDIA H100 80GB HBM3", 81559 * MiB)], fail_at=fail_at, shutdown_log=shutdowns)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     assert local_gpus() == []
     assert shutdowns == ([] if fail_at == "nvmlInit" else [True])
@@ -351,7 +349,7 @@ def test_local_gpus_without_pynvml(monkeypatch):
 
 
 def test_local_gpus_when_shutdown_raises(monkeypatch):
-    fake = _fake_pynvml([("NVIDIA L4", 23034 * MIB)])
+    fake = _fake_pynvml([("NVIDIA L4", 23034 * MiB)])
 
     def boom():
         raise _NVMLError("shutdown")
@@ -363,30 +361,30 @@ def test_local_gpus_when_shutdown_raises(monkeypatch):
 
 def test_local_gpus_matches_presets(monkeypatch):
     devices = [
-        ("NVIDIA H100 80GB HBM3", 81559 * MIB),
-        (b"NVIDIA A100-SXM4-40GB", 40960 * MIB),  # old nvidia-ml-py returns bytes
-        ("Tesla T4", 15360 * MIB),
-        ("NVIDIA H100 NVL", 95830 * MIB),  # a different part: no preset, memory only
-        ("NVIDIA A10", 23028 * MIB),  # not the A10G
+        ("NVIDIA H100 80GB HBM3", 81559 * MiB),
+        (b"NVIDIA A100-SXM4-40GB", 40960 * MiB),  # old nvidia-ml-py returns bytes
+        ("Tesla T4", 15360 * MiB),
+        ("NVIDIA H100 NVL", 95830 * MiB),  # a different part: no preset, memory only
+        ("NVIDIA A10", 23028 * MiB),  # not the A10G
     ]
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(devices))
     found = local_gpus()
     assert [g.id for g in found] == ["h100-80gb", "a100-40gb", "t4-16gb", "local-nvidia-h100-nvl", "local-nvidia-a10"]
     h100 = found[0]
-    assert h100.name == "NVIDIA H100 80GB HBM3" and h100.memory_bytes == 81559 * MIB
+    assert h100.name == "NVIDIA H100 80GB HBM3" and h100.memory_bytes == 81559 * MiB
     assert h100.bf16_tflops == resolve_gpu("h100").bf16_tflops and h100.memory_source == "nvml"
     same = ("name", "memory_bytes", "memory_source")  # the device's own; every other figure is the preset's
     assert h100 == dataclasses.replace(resolve_gpu("h100"), **{k: getattr(h100, k) for k in same})
     assert found[1].name == "NVIDIA A100-SXM4-40GB"
     nvl = found[3]
-    assert nvl.memory_bytes == 95830 * MIB and nvl.bf16_tflops is None and nvl.name == "NVIDIA H100 NVL"
+    assert nvl.memory_bytes == 95830 * MiB and nvl.bf16_tflops is None and nvl.name == "NVIDIA H100 NVL"
 
 
 def test_local_gpus_uses_nvml_total_for_memory(monkeypatch):
     # A T4 with ECC turned off reports the full 16 GiB; the NVML total wins over the preset's figure.
-    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([("Tesla T4", 16 * GIB)]))
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([("Tesla T4", 16 * GiB)]))
     (t4,) = local_gpus()
-    assert t4.id == "t4-16gb" and t4.memory_bytes == 16 * GIB
+    assert t4.id == "t4-16gb" and t4.memory_bytes == 16 * GiB
 
 
 def test_device_name_matching():

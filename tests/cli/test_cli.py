@@ -92,7 +92,7 @@ def test_malformed_files(tmp_path, run_cli):
 
 
 def test_local_model_directory(tmp_path, run_cli):
-    from conftest import preset_config
+    from support import preset_config
 
     (tmp_path / "config.json").write_text(json.dumps(preset_config("qwen2.5-0.5b")))
     code, out, _ = run_cli("estimate", "--model", str(tmp_path), "--method", "lora", "--json")

@@ -6,7 +6,6 @@ import os
 import random
 from pathlib import Path
 
-import pytest
 import yaml
 
 WORDS = ("apple river stone cloud green music paper light table window garden silver orange planet "
@@ -90,20 +89,6 @@ def write_plan(directory: Path, model_path: Path, **fields) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """(model dir, data dir with train/val/general/retention JSONL)."""
-    root = tmp_path_factory.mktemp("tiny")
-    model = build_tiny_model(root)
-    data = root / "data"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", task_records(160, seed=1))
-    write_jsonl(data / "val.jsonl", task_records(20, seed=2))  # enough for early stopping (20)
-    write_jsonl(data / "general.jsonl", [{"text": t} for t in general_sentences(60, seed=3)])
-    write_jsonl(data / "retention.jsonl", [{"text": t} for t in general_sentences(10, seed=4)])
-    return model, data
-
-
 def run_dir(tmp_path: Path, tiny, **fields) -> Path:
     """A run directory holding copies of the data files and a plan.yaml."""
     model, data = tiny
@@ -121,13 +106,3 @@ def metrics(out: Path) -> list[dict]:
 # Tiny models train fastest on one thread, and the test machine's cores are shared: every training run
 # in these tests uses one intra-op thread (subprocesses through this environment).
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-@pytest.fixture(autouse=False)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -1,5 +1,5 @@
 """Precision bf16-master in `memplan train` (memplan.runtime.optim): bf16 weights and gradients, fp32 master
-copies stepped by AdamW. On the tiny Llama of test_train_support, on the CPU.
+copies stepped by AdamW. On the tiny Llama of helpers.py, on the CPU.
 
 Tolerances (measured on this model, then given about 10x room):
 - per-step training loss of bf16-master vs fp32: 1e-3 relative. The forward runs on bf16-rounded weights
@@ -25,7 +25,7 @@ import time
 import pytest
 import torch
 
-from test_train_support import SUBPROCESS_ENV, metrics, one_thread, run_dir, tiny  # noqa: F401  (fixtures)
+from helpers import SUBPROCESS_ENV, metrics, run_dir
 
 SMALL_LR = dict(hparams={"lr": 1e-4, "warmup_steps": 0, "max_steps": 8, "eval_every": 8, "eval_samples": 0,
                          "log_every": 1})
@@ -121,6 +121,7 @@ def test_fp32_parameters_are_their_own_master():
 # ---------------------------------------------------------------- memplan train
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_bf16_master_tracks_fp32_where_pure_bf16_drifts(tmp_path, tiny, run_cli):
     from transformers import AutoModelForCausalLM
@@ -201,6 +202,8 @@ def uninterrupted(tmp_path_factory, tiny):
     return get
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
 def test_two_processes_match_one(uninterrupted, layout):
     _, one = uninterrupted("one")
@@ -219,6 +222,7 @@ def test_two_processes_match_one(uninterrupted, layout):
             ["optimizer-0.pt", "optimizer-1.pt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["one", "fsdp"])
 def test_resume_after_a_kill_gives_the_same_losses(tmp_path, tiny, uninterrupted, layout):
     _, straight = uninterrupted(layout)

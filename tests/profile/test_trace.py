@@ -281,6 +281,7 @@ def test_real_bitsandbytes_plans_need_bitsandbytes():
 # ---------------------------------------------------------------- full size
 
 
+@pytest.mark.slow
 def test_llama2_7b_pure_bf16_optimizer_step():
     config = LlamaConfig(
         hidden_size=4096,

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from memplan.train import outputs
-from test_train_support import metrics, run_dir, tiny  # noqa: F401  (tiny is a fixture)
+from helpers import metrics, run_dir
 
 # 4 steps, a checkpoint every 2 (both kept), 2 warmup steps then cosine decay: a finished run to resume from.
 SHORT = dict(hparams={"max_steps": 4, "eval_every": 2, "save_every": 2, "eval_samples": 0, "log_every": 1,

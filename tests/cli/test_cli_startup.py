@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from memplan.cli import gc_paused
+from support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _python(code: str, **env: str) -> str:

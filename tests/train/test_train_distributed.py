@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
-from test_train_support import SUBPROCESS_ENV, metrics, run_dir, tiny  # noqa: F401  (tiny is a fixture)
+from helpers import SUBPROCESS_ENV, metrics, run_dir
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 SETTINGS = dict(hparams={"max_steps": 6, "eval_every": 3, "eval_samples": 2}, lora={"rank": 4, "dropout": 0.0})
 TOLERANCE = 1e-5

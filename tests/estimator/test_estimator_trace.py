@@ -11,7 +11,9 @@ from memplan.catalog.resolve import resolve_model
 from memplan.plan import Plan
 from memplan.profile.trace import trace_training
 
-from conftest import preset_config
+from support import preset_config
+
+pytestmark = pytest.mark.slow
 
 CASES = [
     ("qwen2.5-0.5b", dict(precision="bf16", micro_batch=2, seq_len=1024, grad_ckpt=False)),  # tied embeddings

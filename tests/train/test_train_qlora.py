@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from test_train_support import build_tiny_model, one_thread, run_dir, tiny  # noqa: F401  (fixtures)
+from helpers import build_tiny_model, run_dir
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,7 @@ def test_an_evaluation_leaves_the_gradient_through_4bit_layers_intact(tmp_path):
         assert torch.equal(plain[name], evaluated[name]), name
 
 
+@pytest.mark.slow
 def test_bitsandbytes_is_imported_offline_and_quietly(tmp_path):
     """memplan's HF set-up (memplan.runtime.hf, imported by train and profile): importing bitsandbytes looks up
     no host (it asks huggingface.co for an optional CPU kernel otherwise) and prints nothing."""
