@@ -66,7 +66,7 @@ def gather(model: Optional[str], config_path: Optional[str], steps: int, backend
     and plans that cannot run here raise UserError."""
     from memplan.fit import resolve_capacity
     from memplan.plan import check_lora_targets
-    from memplan.profile.launch import Request, measure_plan
+    from memplan.profile.launch import MeasureRequest, measure_plan
     from memplan.profile.run import check_runnable
     from transformers.utils import logging as hf_logging
 
@@ -79,7 +79,7 @@ def gather(model: Optional[str], config_path: Optional[str], steps: int, backend
     capacity = resolve_capacity(gpu, gpu_memory)
     kernels = "cuda" if backend == "cuda" else "cpu"
     found = Profiled(spec, plan, estimate(spec, plan, capacity, kernels=kernels), backend, kernels, steps, weights)
-    req = Request(config=str(config_file(weights or plan.model)[0]), plan=plan.model_dump(mode="json"),
+    req = MeasureRequest(config=str(config_file(weights or plan.model)[0]), plan=plan.model_dump(mode="json"),
                   backend=backend, steps=steps, weights=weights,
                   memory_limit=capacity if (backend == "cuda" and (gpu or gpu_memory)) else None)
     refused = room_here(found.est, plan, backend, req.memory_limit)  # before anything is allocated
@@ -274,7 +274,7 @@ def _find_max_batch(spec, plan: Plan, req, capacity: Optional[int], backend: str
     from tqdm import tqdm
 
     from memplan.estimator.search import largest_fitting
-    from memplan.profile.launch import Request, probe_in_subprocess, search_max
+    from memplan.profile.launch import MeasureRequest, probe_in_subprocess, search_max
 
     if backend != "cuda" and capacity is None:
         raise UserError(f"--find-max-batch with the {backend} backend needs the GPU's memory to fit against: "
@@ -298,7 +298,7 @@ def _find_max_batch(spec, plan: Plan, req, capacity: Optional[int], backend: str
                            "not_run": line})
             bar.update(1)
             return False
-        ranks = probe_in_subprocess(Request(**dict(req.to_json(), plan=fields)))
+        ranks = probe_in_subprocess(MeasureRequest(**dict(req.to_json(), plan=fields)))
         worst = max(ranks, key=lambda r: (r.oom is not None, r.peak))
         row = {"micro_batch": b, "peak_allocated_bytes": worst.peak if worst.steps else None,
                "oom_phase": worst.oom["phase"] if worst.oom else None}

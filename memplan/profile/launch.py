@@ -29,7 +29,7 @@ OOM_EXIT = 3
 
 
 @dataclass
-class Request:
+class MeasureRequest:
     """One measurement: everything a subprocess needs (JSON-serializable)."""
 
     config: str  # config.json path or model directory
@@ -47,7 +47,7 @@ class Request:
 # ---------------------------------------------------------------- one measurement
 
 
-def measure_plan(req: Request) -> list:
+def measure_plan(req: MeasureRequest) -> list:
     """Measured results, one per rank (one for a single process)."""
     from memplan.plan import build_plan
 
@@ -64,7 +64,7 @@ def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _launch_ranks(req: Request, plan: Plan) -> list:
+def _launch_ranks(req: MeasureRequest, plan: Plan) -> list:
     from memplan.profile.run import Measured, check_runnable
 
     check_runnable(plan, req.backend, req.steps)
@@ -103,7 +103,7 @@ def _worker(req_path: str, out_dir: str) -> int:
     from memplan.plan import build_plan
     from memplan.profile.run import measure
 
-    req = Request(**json.loads(Path(req_path).read_text()))
+    req = MeasureRequest(**json.loads(Path(req_path).read_text()))
     plan = build_plan(req.plan)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
@@ -201,7 +201,7 @@ def _write_atomic(path: Path, data) -> None:
 # ---------------------------------------------------------------- probes in their own process
 
 
-def probe_in_subprocess(req: Request) -> list:
+def probe_in_subprocess(req: MeasureRequest) -> list:
     """measure_plan(req) in a fresh Python process; its Measured results."""
     from memplan.profile.run import Measured
 
@@ -219,7 +219,7 @@ def probe_in_subprocess(req: Request) -> list:
 
 
 def _probe(req_path: str, out_path: str) -> int:
-    req = Request(**json.loads(Path(req_path).read_text()))
+    req = MeasureRequest(**json.loads(Path(req_path).read_text()))
     try:
         results = measure_plan(req)
     except UserError as err:

@@ -23,7 +23,7 @@ from memplan.plan import Plan
 from memplan.runtime.meter import StepMeasure
 from memplan.profile.run import measure
 
-BACKENDS = ("trace", "cpu")  # the profile backends that run in this process without a GPU
+IN_PROCESS_BACKENDS = ("trace", "cpu")  # the profile backends that run in this process without a GPU
 
 
 @dataclass
@@ -48,7 +48,7 @@ def trace_training(config, plan: Plan, *, backend: str = "trace", steps: int = 2
     `config`: a transformers PretrainedConfig, a config dict with `model_type`, a config.json path or a
     local model directory. `backend`: "trace" (FakeTensorMode, any size) or "cpu" (CPU tensors).
     """
-    if backend not in BACKENDS:
-        raise UserError(f"trace backend '{backend}' is not one of: {', '.join(BACKENDS)}")
+    if backend not in IN_PROCESS_BACKENDS:
+        raise UserError(f"trace backend '{backend}' is not one of: {', '.join(IN_PROCESS_BACKENDS)}")
     result = measure(config, plan, backend=backend, steps=steps, seed=seed)
     return TraceResult(steps=result.steps, after_load=result.after_load)

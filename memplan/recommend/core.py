@@ -18,7 +18,7 @@ from memplan.catalog.resolve import resolve_model
 from memplan.catalog.spec import ModelSpec
 from memplan.plan import MAX_NUMBER, DataSettings, Plan, build_plan
 from memplan.recommend import hparams as hp
-from memplan.recommend.data_stats import DataStats, measure
+from memplan.recommend.data_stats import DataStats, measure_data
 from memplan.recommend.hardware import Target, resolve_target
 from memplan.recommend.search import (PRIORITIES, Candidate, Scorer, SearchResult, Workload, choose, per_gpu_batch,
                                       search)
@@ -394,7 +394,7 @@ def _start(req: RecommendRequest, spec: ModelSpec, target: Target) -> Recommenda
     assumptions = list(target.assumptions)
     if target.cpu:
         assumptions.append(target.cpu.time_assumption(spec.hidden_size))
-    stats = measure(req.data, req.model, spec.name, req.show_progress) if req.data else None
+    stats = measure_data(req.data, req.model, spec.name, req.show_progress) if req.data else None
     samples = _train_examples(stats, bool(req.validation)) if stats else req.dataset_size
     if req.seq_len:
         seq_len = req.seq_len

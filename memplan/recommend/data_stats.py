@@ -130,7 +130,7 @@ def _percentile(sorted_values: list[int], pct: float) -> int:
     return sorted_values[k - 1]
 
 
-def measure(path: str, model_ref: str, spec_name: str, show_progress: bool = False) -> DataStats:
+def measure_data(path: str, model_ref: str, spec_name: str, show_progress: bool = False) -> DataStats:
     from memplan.train.data import read_jsonl  # the trainer's own reader: the same records, the same errors
 
     records = read_jsonl(path)

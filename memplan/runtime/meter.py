@@ -335,7 +335,7 @@ class PeakMemory:
             self.mode = None
 
 
-def compare(measured: int, estimated: int) -> dict:
+def compare_peak(measured: int, estimated: int) -> dict:
     """Measured vs estimated peak: relative gap (measured / estimated - 1) and whether it is over 10 %."""
     gap = measured / estimated - 1 if estimated else float("inf")
     return {"measured_bytes": measured, "estimated_bytes": estimated, "gap": gap, "flag": abs(gap) > GAP_FLAG}

@@ -92,7 +92,7 @@ def _fmt(value: Any) -> str:
 _NEW_RUN = "start a new run with --set output_dir=NEW_DIR"
 
 
-def compare(then: dict, now: dict, overrides: dict[str, Any]) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
+def differences(then: dict, now: dict, overrides: dict[str, Any]) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
     """The changes to apply ({field: (then, now)}) and one line per difference that is refused."""
     changes: dict[str, tuple[Any, Any]] = {}
     lines: list[str] = []

@@ -624,7 +624,7 @@ def memory_report(plan, base_dir: Path, meter) -> Optional[dict]:
     measured steps really had (the data's longest micro-batch rather than seq_len tokens)."""
     from memplan.estimator import estimate
     from memplan.catalog.resolve import resolve_model
-    from memplan.runtime.meter import compare
+    from memplan.runtime.meter import compare_peak
 
     if meter.peak_bytes is None:
         return None
@@ -637,7 +637,7 @@ def memory_report(plan, base_dir: Path, meter) -> Optional[dict]:
         "measured_steps": meter.measured_steps,
         "measured_seq_len": meter.max_tokens_per_row,
         "estimate_plan_bytes": planned.peak_allocated,
-        **compare(meter.peak_bytes, shaped.peak_allocated),
+        **compare_peak(meter.peak_bytes, shaped.peak_allocated),
     }
     if meter.reserved_bytes is not None:
         out["reserved_bytes"] = meter.reserved_bytes

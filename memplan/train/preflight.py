@@ -448,7 +448,7 @@ def _files_lines(resolved: Resolved, checked: Checked, resume: bool) -> list[str
     if then is None:
         return lines + [f"--resume: {checked.resume_from} holds no readable {inputs.FILE} (the record of the "
                         "plan, data and model it was trained with)"]
-    checked.changes, refused = inputs.compare(then, checked.inputs, resolved.overrides)
+    checked.changes, refused = inputs.differences(then, checked.inputs, resolved.overrides)
     return lines + refused
 
 
