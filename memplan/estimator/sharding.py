@@ -112,7 +112,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                 # The fp32 gradient partition its fp32 master step needs exists only inside step():
                 # stage_1_and_2.py converts the flat bf16 partition (`.to(fp32)`), frees the bf16 grads,
                 # steps, then sets `single_partition_of_fp32_groups[i].grad = None` (stage3.py likewise per
-                # sub-group). Counted in every phase it made the estimate 14-16 % high on the CPU
+                # sub-group). Counting it in every phase puts the estimate 14-16 % high on the CPU
                 # (deepspeed_cpu_check.py). With optimizer offload the fp32 gradients are pinned host
                 # buffers for the whole partition, allocated once, kept with the masters in host RAM (below).
                 if plan.offload == "none":
