@@ -71,10 +71,10 @@ MATRIX = [
 
 
 def run_case(preset: str, fields: dict, backend: str) -> dict:
-    from memplan.estimator import estimate
     from memplan.catalog.presets import models_dir
     from memplan.catalog.resolve import resolve_model
     from memplan.catalog.spec import spec_from_config
+    from memplan.estimator import estimate
     from memplan.plan import Plan
     from memplan.profile.run import measure
 

@@ -4,7 +4,8 @@
 steps in each regime, the regimes alternating within every round so that a change in the machine's load
 hits them alike. Per step: the CPU time the process spent on it (batch preparation included; the loop's
 step clock reads time.process_time here, so time other programs hold the core does not count: a per-core
-figure even on a shared machine; metrics.jsonl's elapsed_s with log_every 1) and the model FLOPs of the padded batch as `memplan recommend`'s time model counts them
+figure even on a shared machine; metrics.jsonl's elapsed_s with log_every 1) and the model FLOPs of the padded
+batch as `memplan recommend`'s time model counts them
 (`throughput.train_flops_per_token` x micro-batch x the batch's padded length). The first `WARMUP` steps
 are left out (memplan measures its memory there). Reported: the median over all rounds' steps of the
 step time and of the achieved FLOP/s, each regime's speed relative to fp32 (median over rounds of the
@@ -83,8 +84,8 @@ def plan_dict(model: str, method: str, precision: str, mb: int, seq: int, steps:
 
 def padded_lengths(plan, steps: int) -> list[int]:
     """The padded length of each step's micro-batch, from the same stream the loop draws."""
-    from memplan.train import data as D
     from memplan.runtime.model import load_tokenizer, model_dir
+    from memplan.train import data as D
 
     tok = load_tokenizer(model_dir(plan.model), False)
     run_data = D.load_run_data(plan, tok)
@@ -94,17 +95,16 @@ def padded_lengths(plan, steps: int) -> list[int]:
 
 def run_once(fields: dict, workdir: Path, clock: str = "cpu") -> tuple[list[float], list[float], object]:
     """(step seconds, step FLOPs) for the steps after WARMUP, and the resolved plan."""
+    import time
+    import types
+
     import yaml
 
     from memplan.catalog.resolve import resolve_model
     from memplan.recommend import throughput
+    from memplan.train import loop
     from memplan.train.loop import train
     from memplan.train.settings import resolve_plan
-
-    import time
-    import types
-
-    from memplan.train import loop
 
     path = workdir / "plan.yaml"
     path.write_text(yaml.safe_dump(fields))
@@ -225,8 +225,9 @@ def render(runs: list[dict]) -> str:
                                       "speed vs fp32"], tablefmt="simple", disable_numparse=True))
     head = ("# memplan train on the CPU by precision regime; the regimes alternate within each round; speed vs fp32 = "
             "median over rounds of (fp32 step time / this regime's), within the round\n"
-            "# fused AdamW, no checkpointing, SDPA; 'demo data': data/demo/train.jsonl, micro-batch 32 of about 43 tokens "
-            "(the CPU demo's task; recommend's CPU time model is calibrated on these rows), else data/demo/general.jsonl "
+            "# fused AdamW, no checkpointing, SDPA; 'demo data': data/demo/train.jsonl, micro-batch 32 of about "
+            "43 tokens (the CPU demo's task; recommend's CPU time model is calibrated on these rows), else "
+            "data/demo/general.jsonl "
             "as text, micro-batch 16 (h512: 8) of 128 tokens; achieved = model FLOPs as recommend's time model counts "
             "them / step time; written by benchmarks/cpu_precision_speed.py\n")
     if wall:

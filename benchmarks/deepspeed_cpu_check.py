@@ -41,9 +41,12 @@ KILL_AFTER = 4
 
 RUNS = [  # (name, plan fields, reference run)
     ("ddp x2, bf16-master", dict(sharding="ddp", zero=0, gpus=2, micro_batch=2), None),
-    ("deepspeed ZeRO-2 x2, bf16-master", dict(sharding="deepspeed", zero=2, gpus=2, micro_batch=2), "ddp x2, bf16-master"),
-    ("deepspeed ZeRO-1 x2, bf16-master", dict(sharding="deepspeed", zero=1, gpus=2, micro_batch=2), "ddp x2, bf16-master"),
-    ("deepspeed ZeRO-2 x1, bf16-master", dict(sharding="deepspeed", zero=2, gpus=1, micro_batch=4), "ddp x2, bf16-master"),
+    ("deepspeed ZeRO-2 x2, bf16-master", dict(sharding="deepspeed", zero=2, gpus=2, micro_batch=2),
+     "ddp x2, bf16-master"),
+    ("deepspeed ZeRO-1 x2, bf16-master", dict(sharding="deepspeed", zero=1, gpus=2, micro_batch=2),
+     "ddp x2, bf16-master"),
+    ("deepspeed ZeRO-2 x1, bf16-master", dict(sharding="deepspeed", zero=2, gpus=1, micro_batch=4),
+     "ddp x2, bf16-master"),
     ("ddp x2, fp32", dict(sharding="ddp", zero=0, gpus=2, micro_batch=2, precision="fp32"), None),
     ("deepspeed ZeRO-2 x2, fp32", dict(sharding="deepspeed", zero=2, gpus=2, micro_batch=2, precision="fp32"),
      "ddp x2, fp32"),
@@ -177,9 +180,9 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 
 def main() -> None:
+    import accelerate
     import deepspeed
     import torch
-    import accelerate
     from tabulate import tabulate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

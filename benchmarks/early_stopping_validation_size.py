@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from memplan.plan import build_plan
-from memplan.train import data as D
 from memplan.runtime.model import load_model, load_tokenizer, model_dir
+from memplan.train import data as D
 
 ROOT = Path(__file__).resolve().parent.parent / "data" / "demo"
 RUNS = ((64, 1e-3), (32, 2e-3))  # (training examples, learning rate); 300 steps each

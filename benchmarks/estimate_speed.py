@@ -33,7 +33,8 @@ TABLE = ["estimate", "--model", "llama-7b", "--gpus", "4"]
 ONE_PLAN = ["estimate", "--model", "llama-3-8b", "--method", "lora", "--gpu", "h100-80gb", "--json"]
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 CHECK = ("import sys\nfrom memplan.cli import main\ntry:\n main(['estimate', '--model', 'llama-7b', '--json'])\n"
-         "except SystemExit:\n pass\nprint(' '.join(f'{m}={m in sys.modules}' for m in ('torch', 'transformers', 'yaml')))")
+         "except SystemExit:\n pass\n"
+         "print(' '.join(f'{m}={m in sys.modules}' for m in ('torch', 'transformers', 'yaml')))")
 
 
 def commands(python: str, cwd: Path, against: Path | None) -> dict[str, tuple[list[str], Path]]:
@@ -68,8 +69,8 @@ def cold(cmds: dict[str, tuple[list[str], Path]], runs: int) -> dict[str, float]
 
 def per_second() -> float:
     sys.path.insert(0, str(ROOT))
-    from memplan.estimator import estimate
     from memplan.catalog.resolve import resolve_model
+    from memplan.estimator import estimate
     from memplan.plan import Plan
 
     spec, plan = resolve_model("llama-2-7b"), Plan(method="lora", precision="bf16")

@@ -83,8 +83,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from memplan.estimator import estimate
     from memplan.catalog.resolve import resolve_model
+    from memplan.estimator import estimate
     from memplan.plan import Plan
     from memplan.profile.meters import nvml_used
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memplan.estimator import estimate  # noqa: E402
 from memplan.catalog.resolve import resolve_model  # noqa: E402
+from memplan.estimator import estimate  # noqa: E402
 from memplan.plan import Plan  # noqa: E402
 
 GiB = 2**30
@@ -38,7 +38,7 @@ def main() -> None:
     out = []
     ratios, contexts = [], []
     header = None
-    for header, r in rows(path):
+    for _header, r in rows(path):
         if "measured" not in r or r.get("error"):
             out.append(f"| {r['case']} | {r['preset']} | {_plan(r['plan'])} | error: {r.get('error')} |||||")
             continue

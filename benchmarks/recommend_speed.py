@@ -32,7 +32,8 @@ CLI = [sys.executable, "-m", "memplan", "recommend", "--model", "llama-2-7b", "-
        "--dataset-size", "50000", "--domain-shift", "high", "--json"]
 
 
-def one_search(model: str, method: str, gpu: str, gpus: int, nodes: int, seq: int, batch: int) -> tuple[int, int, float, str]:
+def one_search(model: str, method: str, gpu: str, gpus: int, nodes: int, seq: int,
+               batch: int) -> tuple[int, int, float, str]:
     from memplan.catalog.resolve import resolve_model
     from memplan.recommend.hardware import resolve_target
     from memplan.recommend.search import Scorer, Workload, search
@@ -69,7 +70,8 @@ def main() -> None:
         total_time += secs
         name = f"{case[0]} {case[1]} on {case[3]}x{case[2]}" + (f" x {case[4]} nodes" if case[4] > 1 else "") + \
             f", seq {case[5]}, batch {case[6]}"
-        lines.append(f"{name:58} {scored:7d} {decided:8d} {secs:8.3f} {scored / secs:9.0f} {decided / secs:10.0f}  {best}")
+        lines.append(f"{name:58} {scored:7d} {decided:8d} {secs:8.3f} {scored / secs:9.0f} "
+                     f"{decided / secs:10.0f}  {best}")
     lines.append(f"\noverall: {total_scored / total_time:.0f} plans scored per second")
     walls = []
     for _ in range(args.repeat):

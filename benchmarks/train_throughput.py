@@ -66,8 +66,8 @@ def run_trainer(plan_dict: dict, workdir: Path) -> list[float]:
     from torch.utils.data import IterableDataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from memplan.train import data as D
     from memplan.runtime.model import load_model, load_tokenizer, model_dir
+    from memplan.train import data as D
     from memplan.train.settings import resolve_plan
 
     path = workdir / "plan-trainer.yaml"

@@ -9,9 +9,10 @@ on the estimate path: it imports neither torch nor transformers, and PyYAML only
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from memplan.errors import UserError
 
@@ -35,7 +36,7 @@ def read_text(path: str | Path, what: str) -> str:
                         f"{err.reason}); a {what} is a UTF-8 text file") from None
 
 
-def _depth(value: Any) -> Optional[int]:
+def _depth(value: Any) -> int | None:
     """How many containers (dicts, lists) deep `value` goes; None when it contains itself (a YAML alias can
     make it). Iterative, and each shared container is walked once, so neither depth nor YAML aliases
     (one list named a thousand times) make it slow or recursive."""

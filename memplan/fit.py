@@ -18,16 +18,24 @@ torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
+from memplan.catalog.gpus import (
+    COMMON_SIZES_GIB,  # the GPU sizes (GiB) a CUDA plan is checked against when no GPU is known
+)
+from memplan.catalog.spec import ModelSpec
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
-from memplan.catalog.gpus import COMMON_SIZES_GIB  # the GPU sizes (GiB) a CUDA plan is checked against when no GPU is known
-from memplan.catalog.spec import ModelSpec
 from memplan.estimator.search import largest
 from memplan.plan import Plan, build_plan
-from memplan.recommend.hardware import (Target, check_headroom, cpu_target, default_host_assumption, gpu_target,
-                                        parse_size)
+from memplan.recommend.hardware import (
+    Target,
+    check_headroom,
+    cpu_target,
+    default_host_assumption,
+    gpu_target,
+    parse_size,
+)
 from memplan.report.units import GiB, format_bytes, gib
 
 if TYPE_CHECKING:  # the table's scoring is imported when a table is asked for
@@ -44,12 +52,12 @@ class Verdict:
     """The answer for one plan. `fits` is None only for a CUDA plan with no GPU known; then `sizes` lists the
     common sizes (GiB) it fits and the exit code says whether it fits the largest."""
 
-    fits: Optional[bool]
+    fits: bool | None
     text: str
-    target: Optional[Target] = None
+    target: Target | None = None
     sizes: list[int] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
-    estimate: Optional[Estimate] = None
+    estimate: Estimate | None = None
 
     @property
     def exit_code(self) -> int:
@@ -65,9 +73,9 @@ class Verdict:
                 "headroom": t.headroom if t else None, "assumptions": self.assumptions}
 
 
-def resolve_plan_target(plan: Plan, gpu: Optional[str] = None, gpu_memory: Optional[str] = None,
-                        host_memory: Optional[str] = None, headroom: Optional[float] = None,
-                        assumptions: Optional[list[str]] = None) -> Optional[Target]:
+def resolve_plan_target(plan: Plan, gpu: str | None = None, gpu_memory: str | None = None,
+                        host_memory: str | None = None, headroom: float | None = None,
+                        assumptions: list[str] | None = None) -> Target | None:
     """The hardware to judge `plan` against (see the module docstring); None when no GPU is known for a
     CUDA plan. --gpu or --gpu-memory replaces the recorded GPU; --host-memory and --headroom their fields."""
     if gpu and gpu_memory:
@@ -97,13 +105,13 @@ def resolve_plan_target(plan: Plan, gpu: Optional[str] = None, gpu_memory: Optio
     return gpu_target(gpu, gpu_memory, plan.gpus, plan.nodes, headroom, host_memory, assumptions)
 
 
-def common_size_target(plan: Plan, size_gib: int, headroom: float, host_memory: Optional[str] = None) -> Target:
+def common_size_target(plan: Plan, size_gib: int, headroom: float, host_memory: str | None = None) -> Target:
     """A GPU of `size_gib` GiB for the plan's cluster (host RAM as --host-memory or the default per GPU)."""
     return gpu_target(None, size_gib * GiB, plan.gpus, plan.nodes, headroom, host_memory, [])
 
 
-def judge(e: Estimate, target: Optional[Target], headroom: float = DEFAULT_HEADROOM,
-          host_memory: Optional[str] = None) -> Verdict:
+def judge(e: Estimate, target: Target | None, headroom: float = DEFAULT_HEADROOM,
+          host_memory: str | None = None) -> Verdict:
     """The verdict for an estimate on `target` (None: the common GPU sizes)."""
     if target is not None:
         reason = target.why_not(e.total, e.host_bytes)
@@ -126,9 +134,9 @@ def judge(e: Estimate, target: Optional[Target], headroom: float = DEFAULT_HEADR
     return Verdict(fits=None, text=text, sizes=sizes)
 
 
-def plan_verdict(spec: ModelSpec, plan: Plan, gpu: Optional[str] = None, gpu_memory: Optional[str] = None,
-                 host_memory: Optional[str] = None, headroom: Optional[float] = None,
-                 result: Optional[Estimate] = None) -> Verdict:
+def plan_verdict(spec: ModelSpec, plan: Plan, gpu: str | None = None, gpu_memory: str | None = None,
+                 host_memory: str | None = None, headroom: float | None = None,
+                 result: Estimate | None = None) -> Verdict:
     """Does a resolved plan fit? Its estimate (or `result`, already computed) against the hardware from the
     flags, the plan's recorded target, the local GPUs or this machine's CPU (module docstring).
     `Verdict.exit_code` is the command's exit status; `Verdict.text` the line to print."""
@@ -145,7 +153,7 @@ def plan_verdict(spec: ModelSpec, plan: Plan, gpu: Optional[str] = None, gpu_mem
     return verdict
 
 
-def resolve_capacity(gpu: Optional[str], gpu_memory: Optional[str]) -> Optional[int]:
+def resolve_capacity(gpu: str | None, gpu_memory: str | None) -> int | None:
     """Memory per GPU in bytes: --gpu's preset, --gpu-memory, else the smallest local GPU's; None if none."""
     from memplan.catalog import gpus
 
@@ -163,7 +171,7 @@ def resolve_capacity(gpu: Optional[str], gpu_memory: Optional[str]) -> Optional[
 MAX_BATCH_SEARCHED, MAX_SEQ_SEARCHED = 4096, 1 << 20
 
 
-def limits(spec: ModelSpec, plan: Plan, target: Optional[Target], max_batch: bool, max_seq: bool) -> dict[str, int]:
+def limits(spec: ModelSpec, plan: Plan, target: Target | None, max_batch: bool, max_seq: bool) -> dict[str, int]:
     """The largest micro-batch / sequence that fits the target, by the verdict's own rule (0: not even 1)."""
     if not (max_batch or max_seq):
         return {}
@@ -222,12 +230,12 @@ class Comparison:
     when no GPU is known (`sizes_gib`); the best is judged against `judge` (the target, else the largest size)."""
 
     rows: list[Row]
-    best: Optional[Row]
-    target: Optional[Target]
+    best: Row | None
+    target: Target | None
     judge: Target
     sizes_gib: list[int]
     assumptions: list[str]
-    verdict: Optional[Verdict]  # the best plan's, on `judge`
+    verdict: Verdict | None  # the best plan's, on `judge`
 
     @property
     def exit_code(self) -> int:
@@ -240,7 +248,7 @@ def _mark(target: Target, e: Estimate) -> str:
     return "no" if not target.device_fits(e.total) else "no (host RAM)"
 
 
-def best_row(rows: list[Row]) -> Optional[Row]:
+def best_row(rows: list[Row]) -> Row | None:
     """recommend's rule (search.choose): the methods in the order full FT, LoRA, QLoRA; the first that fits
     without parameter offload, else the first that fits at all; within it the best fitting row by
     recommend's default priority (quality, then time by its time model)."""
@@ -252,15 +260,15 @@ def best_row(rows: list[Row]) -> Optional[Row]:
     return next((r for r in rows if r.candidate is chosen), None)
 
 
-def compare(spec: ModelSpec, model_ref: str, cluster: dict[str, Any], gpu: Optional[str] = None,
-            gpu_memory: Optional[str] = None, host_memory: Optional[str] = None,
-            headroom: Optional[float] = None) -> Comparison:
+def compare(spec: ModelSpec, model_ref: str, cluster: dict[str, Any], gpu: str | None = None,
+            gpu_memory: str | None = None, host_memory: str | None = None,
+            headroom: float | None = None) -> Comparison:
     """STANDARD_PLANS for `model_ref` on the cluster (`gpus`, `nodes`), each one optimizer step of its own batch
     scored by recommend's scorer, marked, and the best chosen by recommend's rule."""
     from memplan.recommend.search import Scorer, Workload
 
     cluster = dict(cluster)
-    if any(l.kind == "experts" for l in spec.layer_linears):
+    if any(lin.kind == "experts" for lin in spec.layer_linears):
         cluster["lora"] = {"dropout": 0.0}  # peft's expert adapters take no dropout (see check_lora_targets)
     plans = [build_plan(dict(row, model=model_ref, **cluster)) for row in STANDARD_PLANS]
     assumptions: list[str] = []

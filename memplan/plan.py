@@ -10,7 +10,7 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -104,7 +104,7 @@ class LoraSettings(_Strict):
     rank: int = Field(16, gt=0, description="LoRA rank r.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout probability on the adapter input.")
-    targets: Union[Literal["all-linear"], list[str]] = Field(
+    targets: Literal["all-linear"] | list[str] = Field(
         ALL_LINEAR,
         description="modules that get adapters: 'all-linear' (every linear layer of the decoder layers) "
         "or a comma list such as q_proj,v_proj.",
@@ -121,16 +121,16 @@ class LoraSettings(_Strict):
 
 
 class Hyperparameters(_Strict):
-    lr: Optional[float] = Field(None, gt=0, description="peak learning rate (default: 2e-5 for full fine-tuning, "
+    lr: float | None = Field(None, gt=0, description="peak learning rate (default: 2e-5 for full fine-tuning, "
                                 "2e-4 for LoRA/QLoRA).")
-    warmup_ratio: Optional[float] = Field(
+    warmup_ratio: float | None = Field(
         None, ge=0, lt=1, description=f"warmup as a fraction of the total optimizer steps (default "
         f"{DEFAULT_WARMUP_RATIO:g} when warmup_steps is not set); give warmup_ratio or warmup_steps, not both.")
-    warmup_steps: Optional[int] = Field(None, ge=0, description="warmup in optimizer steps; give warmup_steps or "
+    warmup_steps: int | None = Field(None, ge=0, description="warmup in optimizer steps; give warmup_steps or "
                                         "warmup_ratio, not both.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup (to 0).")
     epochs: float = Field(3.0, gt=0, description="passes over the training data.")
-    max_steps: Optional[int] = Field(None, gt=0, description="stop after this many optimizer steps; overrides epochs.")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps; overrides epochs.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables.")
     eval_every: int = Field(50, gt=0, description="optimizer steps between evaluations.")
@@ -138,14 +138,14 @@ class Hyperparameters(_Strict):
                               "at each evaluation; 0 disables eval_accuracy.")
     early_stopping_patience: int = Field(3, ge=0, description="evaluations without a better validation loss "
                                          "before stopping; 0 disables.")
-    save_every: Optional[int] = Field(None, gt=0, description="optimizer steps between checkpoints (default: eval_every).")
+    save_every: int | None = Field(None, gt=0, description="optimizer steps between checkpoints (default: eval_every).")
     save_total_limit: int = Field(2, gt=0, description="checkpoints kept, newest first (the best one is kept too).")
     log_every: int = Field(10, gt=0, description="optimizer steps between metrics lines.")
     seed: int = Field(42, ge=0, description="random seed for initialisation, data order and dropout.")
     merge_adapter: bool = Field(False, description="LoRA/QLoRA: also save the adapter merged into the base weights.")
 
     @model_validator(mode="after")
-    def _one_warmup(self) -> "Hyperparameters":
+    def _one_warmup(self) -> Hyperparameters:
         """One source of truth: a plan holds warmup_ratio or warmup_steps, never both (an edit of one
         must not be silently overridden by the other); neither means DEFAULT_WARMUP_RATIO."""
         if self.warmup_ratio is not None and self.warmup_steps is not None:
@@ -167,16 +167,21 @@ class Hyperparameters(_Strict):
 class DataSettings(_Strict):
     """Training data. Relative paths are relative to the directory of the plan file that names them."""
 
-    train: Optional[str] = Field(None, description="training JSONL: alpaca (instruction/input/output), chat (messages) or text.")
-    validation: Optional[str] = Field(None, description="validation JSONL; without it val_ratio of train is held out.")
+    train: str | None = Field(
+        None, description="training JSONL: alpaca (instruction/input/output), chat (messages) or text.")
+    validation: str | None = Field(None, description="validation JSONL; without it val_ratio of train is held out.")
     val_ratio: float = Field(0.05, ge=0, lt=1, description="held-out fraction of train when no validation file.")
-    format: Literal["auto", "alpaca", "chat", "text"] = Field("auto", description="JSONL shape; auto detects it per file.")
+    format: Literal["auto", "alpaca", "chat", "text"] = Field(
+        "auto", description="JSONL shape; auto detects it per file.")
     packing: bool = Field(False, description="pack several examples into each sequence.")
-    samples: Optional[int] = Field(None, gt=0, description="training examples (counted from train, or stated for planning).")
-    domain_shift: Literal["low", "high"] = Field("low", description="how far the task is from pre-training (the decision tree's first question).")
-    replay: Optional[str] = Field(None, description="general-text JSONL mixed into training against forgetting.")
+    samples: int | None = Field(
+        None, gt=0, description="training examples (counted from train, or stated for planning).")
+    domain_shift: Literal["low", "high"] = Field(
+        "low", description="how far the task is from pre-training (the decision tree's first question).")
+    replay: str | None = Field(None, description="general-text JSONL mixed into training against forgetting.")
     replay_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of training examples drawn from replay.")
-    retention: Optional[str] = Field(None, description="general-text JSONL whose perplexity is measured before and after training.")
+    retention: str | None = Field(
+        None, description="general-text JSONL whose perplexity is measured before and after training.")
 
 
 class TargetSettings(_Strict):
@@ -184,10 +189,10 @@ class TargetSettings(_Strict):
     it (its --gpu / --gpu-memory / --host-memory / --headroom override it). GPUs per node and nodes are the
     plan's own `gpus` / `nodes`; a CPU plan (`device: cpu`) has no GPU fields and its host_memory is its budget."""
 
-    gpu: Optional[str] = Field(None, description="GPU preset id (`memplan gpus`), e.g. h100-80gb; null on the CPU.")
-    gpu_memory: Optional[str] = Field(None, description="memory per GPU, e.g. 24GiB: a GPU without a preset, or "
+    gpu: str | None = Field(None, description="GPU preset id (`memplan gpus`), e.g. h100-80gb; null on the CPU.")
+    gpu_memory: str | None = Field(None, description="memory per GPU, e.g. 24GiB: a GPU without a preset, or "
                                       "the memory the device reports (it replaces the preset's).")
-    host_memory: Optional[str] = Field(None, description="RAM per node, e.g. 1024GiB: for offloaded states on "
+    host_memory: str | None = Field(None, description="RAM per node, e.g. 1024GiB: for offloaded states on "
                                        "GPUs; the whole budget of a CPU plan.")
     headroom: float = Field(0.10, ge=0, lt=1, description="fraction of each memory kept free (default 0.1).")
 
@@ -222,7 +227,7 @@ class TargetSettings(_Strict):
 class Plan(_Strict):
     """A fine-tuning run's memory-relevant settings. Sizes are per GPU unless stated."""
 
-    model: Optional[str] = Field(None, description="preset id or alias, path to config.json, or local HF model directory.")
+    model: str | None = Field(None, description="preset id or alias, path to config.json, or local HF model directory.")
     method: Method = Field("full", description="full fine-tuning, LoRA, or QLoRA (4-bit NF4 base + LoRA).")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="adapter settings of method lora and qlora; "
                                "ignored (and not written) when method is full.")
@@ -250,12 +255,13 @@ class Plan(_Strict):
     seq_len: int = Field(2048, gt=0, description="tokens per sequence.")
     grad_ckpt: bool = Field(True, description="gradient (activation) checkpointing of every decoder layer.")
     attn: Attention = Field("sdpa", description="attention implementation: eager, sdpa, flash (flash-attention 2).")
-    loss: Loss = Field("standard", description="standard cross-entropy on full logits, or chunked (no full fp32 logits).")
+    loss: Loss = Field(
+        "standard", description="standard cross-entropy on full logits, or chunked (no full fp32 logits).")
     hparams: Hyperparameters = Field(default_factory=Hyperparameters)
     data: DataSettings = Field(default_factory=DataSettings)
-    output_dir: Optional[str] = Field(None, description="where train writes checkpoints, metrics and the final model "
+    output_dir: str | None = Field(None, description="where train writes checkpoints, metrics and the final model "
                                       "(relative to the plan file; default: the plan file's directory).")
-    target: Optional[TargetSettings] = Field(None, description="the hardware the plan was made for (recommend "
+    target: TargetSettings | None = Field(None, description="the hardware the plan was made for (recommend "
                                              "writes it; estimate --config checks the plan against it).")
 
     @property
@@ -281,7 +287,7 @@ class Plan(_Strict):
         return self.method == "qlora" or self.optimizer in BITSANDBYTES_OPTIMIZERS
 
     @model_validator(mode="after")
-    def _combinations(self) -> "Plan":
+    def _combinations(self) -> Plan:
         for problem in plan_problems(self):
             raise ValueError(problem)
         return self
@@ -291,7 +297,8 @@ def plan_problems(p: Plan) -> list[str]:
     """Every unsupported combination, each with the reason and a hint toward what works."""
     out = []
     if p.method == "qlora" and p.precision == "fp32":
-        out.append("QLoRA computes in 16-bit (bitsandbytes dequantizes NF4 to the compute dtype); fp32 is not a QLoRA regime. "
+        out.append("QLoRA computes in 16-bit (bitsandbytes dequantizes NF4 to the compute dtype); "
+                   "fp32 is not a QLoRA regime. "
                    "Hint: use --precision bf16 (or amp-bf16 on GPUs without bf16: amp-fp16).")
     if p.sharding == "ddp" and p.zero != 0:
         out.append(f"DDP replicates everything; ZeRO stage {p.zero} needs a sharding backend. "
@@ -310,8 +317,8 @@ def plan_problems(p: Plan) -> list[str]:
             out.append("FSDP CPU offload needs FULL_SHARD. Hint: use --zero 3.")
     if p.sharding == "deepspeed":
         if p.precision not in ("fp32", "bf16-master"):
-            out.append(f"DeepSpeed keeps fp32 master weights itself; precision '{p.precision}' is not a DeepSpeed regime. "
-                       "Hint: use --precision bf16-master (DeepSpeed bf16) or fp32.")
+            out.append(f"DeepSpeed keeps fp32 master weights itself; precision '{p.precision}' "
+                       "is not a DeepSpeed regime. Hint: use --precision bf16-master (DeepSpeed bf16) or fp32.")
         if p.offload != "none" and p.zero == 0:
             out.append("DeepSpeed offloads optimizer states only with ZeRO. Hint: use --zero 1, 2 or 3.")
         if p.offload == "optimizer+params" and p.zero != 3:
@@ -324,11 +331,13 @@ def plan_problems(p: Plan) -> list[str]:
             out.append("DeepSpeed on the CPU runs ZeRO stages 0-2 (its CPU accelerator, gloo); ZeRO-3 needs CUDA. "
                        "Hint: on the CPU use --zero 2, or --sharding fsdp --zero 3 (gloo).")
         if p.offload != "none":
-            out.append("CPU offload moves GPU memory to the host; a CPU run has nothing to offload. Hint: --offload none.")
+            out.append("CPU offload moves GPU memory to the host; a CPU run has nothing to offload. "
+                       "Hint: --offload none.")
         if p.precision == "amp-fp16":
             out.append("fp16 autocast is a GPU regime. Hint: on the CPU use --precision amp-bf16, bf16 or fp32.")
         if p.optimizer == "paged-adamw-8bit":
-            out.append("paged optimizers page GPU memory to the host. Hint: on the CPU use --optimizer adamw-8bit or adamw.")
+            out.append("paged optimizers page GPU memory to the host. "
+                       "Hint: on the CPU use --optimizer adamw-8bit or adamw.")
         if p.attn == "flash":
             out.append("flash-attention is a CUDA kernel. Hint: on the CPU use --attn sdpa or eager.")
     if p.attn == "flash" and p.precision == "fp32":
@@ -358,9 +367,9 @@ def check_lora_targets(spec: ModelSpec, plan: Plan) -> None:
         if t not in allowed:
             raise UserError(f"LoRA target '{t}' is not a linear layer of {spec.name}'s decoder layers; "
                             f"allowed: {', '.join(allowed)} or all-linear")
-    experts = [l.name for l in spec.layer_linears if l.kind == "experts" and l.name in targets]
+    experts = [lin.name for lin in spec.layer_linears if lin.kind == "experts" and lin.name in targets]
     if experts and plan.lora.dropout > 0:
-        dense = ",".join(l.name for l in spec.layer_linears if l.kind != "experts")
+        dense = ",".join(lin.name for lin in spec.layer_linears if lin.kind != "experts")
         raise UserError(f"peft adapts the MoE expert stacks ({', '.join(experts)}) through ParamWrapper, which "
                         f"has no LoRA dropout. Hint: --lora-dropout 0, or --lora-targets {dense}")
 
@@ -369,7 +378,7 @@ class Overrides(dict):
     """Plan overrides by dotted path (lora.rank), remembering the flag each came from (lora.rank ->
     --lora-rank), so that a bad value is reported as the user typed it. `merge` passes the flags on."""
 
-    def __init__(self, values: Any = (), flags: Optional[dict[str, str]] = None) -> None:
+    def __init__(self, values: Any = (), flags: dict[str, str] | None = None) -> None:
         super().__init__(values)
         self.flags: dict[str, str] = dict(flags or {})
 
@@ -386,7 +395,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {"lora": LoraSettings, "hparams": Hyperp
 
 def _field_path(loc: tuple) -> list[str]:
     """The field names of an error location (pydantic adds union members' type tags after them)."""
-    model: Optional[type[BaseModel]] = Plan
+    model: type[BaseModel] | None = Plan
     path: list[str] = []
     for part in loc:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
@@ -413,7 +422,7 @@ def _hint(errors: list[dict]) -> str:
     return ""
 
 
-def _format_validation_error(err: ValidationError, source: str, flags: Optional[dict[str, str]] = None) -> str:
+def _format_validation_error(err: ValidationError, source: str, flags: dict[str, str] | None = None) -> str:
     """One line per bad field: `--batch-size 0: must be greater than 0` when the value came from a flag,
     `plan.yaml: micro_batch: must be greater than 0 (got 0)` when it came from the file (`source`)."""
     flags = flags or {}

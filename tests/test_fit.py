@@ -42,7 +42,7 @@ def test_70b_on_8_h100_checks_host_ram_for_offload(run_cli):
     assert (best["method"], best["zero"], best["offload"]) == ("lora", 3, "none")
     code, text, _ = run_cli("estimate", "--model", "llama-3.1-70b", "--gpus", "8", "--gpu", "h100-80gb")
     assert code == 0
-    line = next(l for l in text.splitlines() if l.startswith("full FT · ZeRO-3 + offload optimizer ·"))
+    line = next(ln for ln in text.splitlines() if ln.startswith("full FT · ZeRO-3 + offload optimizer ·"))
     assert line.rstrip().endswith("no (host RAM)") and "1051.33" in line
     assert "host RAM 1024 GiB per node" in text and "best plan: LoRA r16 · ZeRO-3 · bf16-master" in text
 
@@ -84,7 +84,7 @@ def test_8b_on_one_4090_is_lora_not_full_ft_offloading_everything(run_cli, model
                              "--json")[1])
     assert rec["plan"]["method"] == best["method"]
     code, text, _ = run_cli("estimate", "--model", model, "--gpu", "rtx4090-24gb")
-    line = next(l for l in text.splitlines() if l.startswith("full FT · ZeRO-3 + offload optimizer+params"))
+    line = next(ln for ln in text.splitlines() if ln.startswith("full FT · ZeRO-3 + offload optimizer+params"))
     assert line.rstrip().endswith("no (host RAM)")
 
 
@@ -236,8 +236,8 @@ def test_estimate_recommend_and_profile_search_one_way(monkeypatch):
     """--max-batch / --max-seq (fit.limits), recommend's micro-batch per plan and profile's starting point
     (largest_fitting) all ask estimator.search.largest."""
     from memplan import fit
-    from memplan.estimator import estimate, search
     from memplan.catalog.resolve import resolve_model
+    from memplan.estimator import estimate, search
     from memplan.plan import build_plan
     from memplan.recommend import hardware
     from memplan.recommend import search as plan_search

@@ -229,9 +229,9 @@ def test_profile_refuses_a_step_larger_than_this_machine_before_allocating(run_c
 
 def test_profile_on_a_gpu_compares_with_its_memory(monkeypatch):
     from memplan.catalog import gpus
-    from memplan.profile.command import room_here
-    from memplan.estimator import estimate
     from memplan.catalog.resolve import resolve_model
+    from memplan.estimator import estimate
+    from memplan.profile.command import room_here
 
     spec = resolve_model("demo-tiny")
     small, large = (build_plan({"model": "demo-tiny", "seq_len": s}) for s in (64, 10**9))
@@ -247,10 +247,10 @@ def test_profile_on_a_gpu_compares_with_its_memory(monkeypatch):
 def test_find_max_batch_does_not_probe_what_cannot_fit_here(run_cli, monkeypatch):
     import memplan.profile.launch
     import memplan.recommend.hardware
-    from memplan.estimator import estimate
     from memplan.catalog.resolve import resolve_model
-    from memplan.runtime.meter import StepMeasure
+    from memplan.estimator import estimate
     from memplan.profile.run import Measured
+    from memplan.runtime.meter import StepMeasure
 
     spec = resolve_model("demo-tiny")
     fields = {"model": "demo-tiny", "device": "cpu", "precision": "fp32", "seq_len": 64}

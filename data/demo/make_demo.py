@@ -23,8 +23,8 @@ import calendar
 import datetime as dt
 import json
 import os
-import random
 import platform
+import random
 import re
 import shutil
 import sysconfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import click
 
@@ -59,14 +59,14 @@ def estimate(**kwargs) -> None:
         sys.exit(code)
 
 
-def _body(model: Optional[str], config_path: Optional[str], gpu: Optional[str], gpu_memory: Optional[str],
-          host_memory: Optional[str], headroom: Optional[float], max_batch: bool, max_seq: bool, as_json: bool,
+def _body(model: str | None, config_path: str | None, gpu: str | None, gpu_memory: str | None,
+          host_memory: str | None, headroom: float | None, max_batch: bool, max_seq: bool, as_json: bool,
           **opts: Any) -> int:
     """The command's body; returns its exit code (0 fits, 1 does not fit: see the README's "Exit codes")."""
     from memplan import fit
+    from memplan.catalog.resolve import resolve_model
     from memplan.cli.options import passed_overrides
     from memplan.errors import UserError
-    from memplan.catalog.resolve import resolve_model
     from memplan.plan import build_plan, check_lora_targets, merge, read_plan_yaml
     from memplan.report import estimate as report
 

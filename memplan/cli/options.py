@@ -6,8 +6,10 @@ Flags default to None so that only what the user actually typed overrides a --co
 from __future__ import annotations
 
 import math
+import types
 import typing
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import click
 from pydantic.fields import FieldInfo
@@ -65,7 +67,7 @@ def default_note(value: Any) -> str:
 class Choice(click.Choice):
     """click.Choice whose error lists every allowed value and the closest one to what was typed."""
 
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         try:
             return super().convert(value, param, ctx)
         except click.BadParameter:
@@ -81,10 +83,10 @@ class _Bounded:
     kind: type
     name: str
 
-    def __init__(self, minimum: Optional[float] = None) -> None:
+    def __init__(self, minimum: float | None = None) -> None:
         self.minimum = minimum
 
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         try:
             number = self.kind(value if isinstance(value, self.kind) else str(value).strip())
         except ValueError:
@@ -125,14 +127,14 @@ def _click_type(info: FieldInfo) -> Any:
     numbers = {int: INT, float: FLOAT}
     if ann in numbers:
         return numbers[ann]
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):  # Optional[X] and X | None
         args = [a for a in typing.get_args(ann) if a is not type(None)]
         if args and args[0] in numbers:
             return numbers[args[0]]
     return str
 
 
-def _option(path: str, flag: str, help_text: Optional[str] = None) -> Callable:
+def _option(path: str, flag: str, help_text: str | None = None) -> Callable:
     """The flag of a plan field: its description, [unit] and default, or `help_text` where a command
     chooses the default itself (recommend's learning rate and warmup)."""
     info = _field(path)
@@ -151,7 +153,7 @@ def _option(path: str, flag: str, help_text: Optional[str] = None) -> Callable:
     return click.option(flag, dest, type=_click_type(info), default=None, show_default=False, help=help_text)
 
 
-def plan_options(flags: dict[str, str], help: Optional[dict[str, str]] = None) -> Callable:
+def plan_options(flags: dict[str, str], help: dict[str, str] | None = None) -> Callable:
     """One flag per plan field in `flags` (path -> flag); `help` replaces the generated help of some."""
     def decorate(func: Callable) -> Callable:
         for path, flag in reversed(list(flags.items())):

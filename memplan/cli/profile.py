@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli.options import Choice, Int, PLAN_FLAGS, passed_overrides, plan_options
+from memplan.cli.options import PLAN_FLAGS, Choice, Int, passed_overrides, plan_options
 
 
 @click.command("profile")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli.options import FLOAT, INT, Choice, HPARAM_FLAGS, passed_overrides, plan_options
+from memplan.cli.options import FLOAT, HPARAM_FLAGS, INT, Choice, passed_overrides, plan_options
 from memplan.recommend import hparams as hp
 
 

@@ -9,12 +9,11 @@ Transformer Models", Table 2) give the same structure for a GPT layer: sbh(34 + 
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
+from memplan.catalog.spec import ModelSpec
 from memplan.estimator.autograd import T, Tape
 from memplan.estimator.layers import LayerReplay, LayerSpec, Numerics
-from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan
 
 CHUNKED_LOSS_TOKENS = 1024  # tokens per chunk of memplan.runtime.loss.chunked_causal_lm_loss
@@ -61,7 +60,7 @@ def lora_targets(spec: ModelSpec, plan: Plan) -> frozenset[str]:
     if not plan.trains_adapters:
         return frozenset()
     if plan.lora.targets == "all-linear":
-        return frozenset(l.name for l in spec.layer_linears)
+        return frozenset(lin.name for lin in spec.layer_linears)
     return frozenset(plan.lora.targets)
 
 
@@ -345,8 +344,8 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
         # autocast caches a low-precision copy of every trainable weight it casts until it exits,
         # even when checkpointing discards what the layers would save. (The MoE experts' grouped_mm is
         # not autocast-enabled: it casts its input to the weight's dtype instead.)
-        extra += c * sum(l.d_in * l.d_out * l.count for l in spec.layer_linears
-                         if l.kind != "experts") * spec.num_layers
+        extra += c * sum(lin.d_in * lin.d_out * lin.count for lin in spec.layer_linears
+                         if lin.kind != "experts") * spec.num_layers
 
     ckpt_input = tok * h * num.residual
     transient = layer_backward_transient(spec, plan, num, kernels)

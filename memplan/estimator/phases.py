@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
+from memplan.catalog.spec import ModelSpec
 from memplan.estimator import activations as act_mod
 from memplan.estimator import overhead, sharding, states
-from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan
 
 PHASES = ("forward", "backward", "optimizer")
@@ -27,7 +26,7 @@ class Estimate:
     phases: dict[str, dict[str, int]]  # phase -> term -> bytes at that phase's peak
     host_bytes: int  # CPU RAM per node for offloaded states/params
     disk: dict[str, int]
-    gpu_memory: Optional[int] = None
+    gpu_memory: int | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -81,7 +80,7 @@ def _terms(**kw: int) -> dict[str, int]:
     return {name: int(kw.get(name, 0)) for name in TERMS}
 
 
-def estimate(spec: ModelSpec, plan: Plan, gpu_memory: Optional[int] = None, kernels: Optional[str] = None) -> Estimate:
+def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels: str | None = None) -> Estimate:
     """Peak allocated bytes per phase on the most-loaded GPU.
 
     `kernels` = "cuda" models CUDA kernels; "cpu" models the CPU kernels the trace runs on (they differ

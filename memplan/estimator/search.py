@@ -6,12 +6,12 @@ asks it for the largest size whose estimate stays within a number of bytes.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from memplan.estimator.phases import Estimate
 
 
-def largest(fits: Callable[[int], bool], sizes: Sequence[int]) -> Optional[int]:
+def largest(fits: Callable[[int], bool], sizes: Sequence[int]) -> int | None:
     """The largest of `sizes` (increasing, memory growing with them) that fits; None if even the first does not.
 
     A binary search: about log2(len(sizes)) calls of `fits`, the first one on sizes[0].

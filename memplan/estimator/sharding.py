@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from memplan.catalog.spec import ModelSpec
 from memplan.estimator.layers import Numerics
 from memplan.estimator.states import Tensors
-from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan
 
 

@@ -81,8 +81,8 @@ def parameter_tensors(spec: ModelSpec, plan: Plan, targets: frozenset[str]) -> T
     # QLoRA: bitsandbytes quantizes every decoder nn.Linear (and GPT-2 Conv1D) weight; embeddings, norms,
     # biases and lm_head stay 16-bit, and so do an MoE router and fused 3-D expert stacks, which are not
     # Linear modules (checked: transformers 5.24 + bitsandbytes 0.50 leave Mixtral's experts in bf16).
-    quantized = tuple(l.d_in * l.d_out for l in spec.layer_linears if l.kind in ("linear", "conv1d")
-                      for _ in range(l.count)) * spec.num_layers
+    quantized = tuple(lin.d_in * lin.d_out for lin in spec.layer_linears if lin.kind in ("linear", "conv1d")
+                      for _ in range(lin.count)) * spec.num_layers
     return Tensors(adapters, quantized, spec.params_total - sum(quantized))
 
 

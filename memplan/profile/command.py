@@ -5,15 +5,15 @@ term. `gather` returns everything the command shows; memplan.report.profile prin
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
-from memplan.errors import UserError
-from memplan.estimator import Estimate, estimate
-from memplan.estimator import overhead
-from memplan.estimator.phases import PHASES, TERMS
 from memplan.catalog.resolve import config_file, resolve_model
 from memplan.catalog.spec import ModelSpec
+from memplan.errors import UserError
+from memplan.estimator import Estimate, estimate, overhead
+from memplan.estimator.phases import PHASES, TERMS
 from memplan.plan import Plan, build_plan, merge, read_plan_yaml
 from memplan.report.units import format_bytes, size
 
@@ -39,15 +39,15 @@ class Profiled:
     backend: str
     kernels: str  # the kernels the estimate is for: cuda on the cuda backend, else cpu
     steps: int
-    weights: Optional[str]
-    refused: Optional[str] = None  # the one line saying why nothing ran (it does not fit where it would run)
+    weights: str | None
+    refused: str | None = None  # the one line saying why nothing ran (it does not fit where it would run)
     exit_code: int = 0  # 1: does not fit (refused, or out of memory in a step)
     main: Any = None  # the most-loaded rank's memplan.profile.run.Measured, as the estimate
     ranks: list = field(default_factory=list)
-    measured: Optional[dict] = None  # measured_json
+    measured: dict | None = None  # measured_json
     errors: dict = field(default_factory=dict)  # error_json
     verdict: str = ""
-    max_batch: Optional[dict] = None
+    max_batch: dict | None = None
 
 
 def default_backend(plan: Plan) -> str:
@@ -58,17 +58,18 @@ def default_backend(plan: Plan) -> str:
     return "cuda" if torch.cuda.is_available() else "trace"
 
 
-def gather(model: Optional[str], config_path: Optional[str], steps: int, backend: Optional[str],
-           weights: Optional[str], find_max_batch: bool, gpu: Optional[str], gpu_memory: Optional[str],
-           overrides: dict, announce: Optional[Callable[[Profiled], None]] = None) -> Profiled:
+def gather(model: str | None, config_path: str | None, steps: int, backend: str | None,
+           weights: str | None, find_max_batch: bool, gpu: str | None, gpu_memory: str | None,
+           overrides: dict, announce: Callable[[Profiled], None] | None = None) -> Profiled:
     """Estimate the plan (the plan file's fields, `overrides` the flags given over them), then measure it
     unless it cannot fit where `backend` runs it (`announce` is called just before the steps run). Bad input
     and plans that cannot run here raise UserError."""
+    from transformers.utils import logging as hf_logging
+
     from memplan.fit import resolve_capacity
     from memplan.plan import check_lora_targets
     from memplan.profile.launch import MeasureRequest, measure_plan
     from memplan.profile.run import check_runnable
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading/saving bars of the QLoRA round trip are not the user's work
     plan = _plan(model, config_path, weights, overrides)
@@ -97,7 +98,7 @@ def gather(model: Optional[str], config_path: Optional[str], steps: int, backend
     return found
 
 
-def _plan(model: Optional[str], config_path: Optional[str], weights: Optional[str], overrides: dict) -> Plan:
+def _plan(model: str | None, config_path: str | None, weights: str | None, overrides: dict) -> Plan:
     """The plan: the plan file's fields, the flags over them, the model from --model, the file or --weights."""
     base = read_plan_yaml(config_path) if config_path else {}
     model_ref = model or base.get("model") or weights
@@ -120,7 +121,7 @@ def _compare(found: Profiled, ranks: list) -> None:
 # ---------------------------------------------------------------- room to run
 
 
-def room_here(est: Estimate, plan: Plan, backend: str, memory_limit: Optional[int] = None) -> Optional[tuple[int, str]]:
+def room_here(est: Estimate, plan: Plan, backend: str, memory_limit: int | None = None) -> tuple[int, str] | None:
     """Whether the steps fit where `backend` runs them, by the estimate, before anything is allocated: None
     when they do, else (exit code, one line). A step that cannot fit would allocate until it fails: on the CPU
     that took 105 s of swapping and thrashing for 10^9 tokens before the allocation error.
@@ -139,8 +140,9 @@ def room_here(est: Estimate, plan: Plan, backend: str, memory_limit: Optional[in
         need, have = n * (est.peak_allocated + PROCESS_BASELINE_BYTES), available_memory_bytes()
         if need <= have:
             return None
-        line = (f"by the estimate the cpu backend needs {size(need)} of RAM ({n} process(es) x ({size(est.peak_allocated)} "
-                f"of tensors + {size(PROCESS_BASELINE_BYTES)} for the interpreter)), and this machine has "
+        line = (f"by the estimate the cpu backend needs {size(need)} of RAM ({n} process(es) x "
+                f"({size(est.peak_allocated)} of tensors + {size(PROCESS_BASELINE_BYTES)} for the interpreter)), "
+                f"and this machine has "
                 f"{size(have)} available; nothing was run")
         if plan.device == "cpu":
             return 1, f"does not fit: {line}"
@@ -168,7 +170,7 @@ def room_here(est: Estimate, plan: Plan, backend: str, memory_limit: Optional[in
 # ---------------------------------------------------------------- figures
 
 
-def error_pct(est: int, meas: Optional[int]) -> Optional[float]:
+def error_pct(est: int, meas: int | None) -> float | None:
     """100 x (estimate - measured) / measured, negative = under-estimate; None without a measurement."""
     return None if not meas else round(100 * (est - meas) / meas, 3)
 
@@ -211,7 +213,7 @@ def measured_json(main, ranks: list) -> dict:
     return out
 
 
-def different_point(est: Estimate, measured: dict) -> Optional[str]:
+def different_point(est: Estimate, measured: dict) -> str | None:
     """Why the breakdowns at the measured and the estimated peak of the peak phase are not comparable term by
     term (they are at different points of the phase: LOCATING_TERMS), or None when they are."""
     ph = measured["peak_phase"]
@@ -252,7 +254,8 @@ def verdict_line(est: Estimate, main, measured: dict) -> str:
     within = GOAL[0] <= lo and hi <= GOAL[1]
     line = (f"estimate {err:+.2f} % vs the measured peak (phases {lo:+.2f} % .. {hi:+.2f} %): "
             + (f"within memplan's goal ({GOAL[0]:+.0f} % .. {GOAL[1]:+.0f} %)" if within
-               else f"outside memplan's goal ({GOAL[0]:+.0f} % .. {GOAL[1]:+.0f} %); the report helps fix the estimator"))
+               else f"outside memplan's goal ({GOAL[0]:+.0f} % .. {GOAL[1]:+.0f} %); "
+                    "the report helps fix the estimator"))
     if main.backend == "cuda":
         used = measured["nvml_used_bytes"] or measured["reserved_bytes"]
         line += f"; it ran, using {size(used)} of this GPU"
@@ -270,7 +273,7 @@ def fit_needs(peak: int, plan: Plan) -> int:
 # ---------------------------------------------------------------- --find-max-batch
 
 
-def _find_max_batch(spec, plan: Plan, req, capacity: Optional[int], backend: str) -> dict:
+def _find_max_batch(spec, plan: Plan, req, capacity: int | None, backend: str) -> dict:
     from tqdm import tqdm
 
     from memplan.estimator.search import largest_fitting
@@ -288,7 +291,8 @@ def _find_max_batch(spec, plan: Plan, req, capacity: Optional[int], backend: str
 
     def fits(b: int) -> bool:
         fields = dict(req.plan, micro_batch=b)
-        at_b = estimate(spec, plan.model_copy(update={"micro_batch": b}), kernels="cuda" if backend == "cuda" else "cpu")
+        kernels = "cuda" if backend == "cuda" else "cpu"
+        at_b = estimate(spec, plan.model_copy(update={"micro_batch": b}), kernels=kernels)
         refused = room_here(at_b, plan, backend, req.memory_limit)
         if refused is not None:  # not run: it would allocate until it failed
             code, line = refused

@@ -18,9 +18,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 from memplan.errors import UserError
 from memplan.plan import Plan
@@ -36,9 +36,9 @@ class MeasureRequest:
     plan: dict
     backend: str
     steps: int = 3
-    weights: Optional[str] = None
+    weights: str | None = None
     seed: int = 0
-    memory_limit: Optional[int] = None  # cuda: cap the allocator at this many bytes (--gpu-memory)
+    memory_limit: int | None = None  # cuda: cap the allocator at this many bytes (--gpu-memory)
 
     def to_json(self) -> dict:
         return dict(vars(self))

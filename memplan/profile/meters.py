@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -25,9 +26,9 @@ class CudaMeter:
         self.stats = stats if stats is not None else torch.cuda
         self.tracker = LiveBytes() if attribute else None
         self.steps: list[StepMeasure] = []
-        self.current_phase: Optional[str] = None
-        self.nvml_used: Optional[int] = None
-        self.nvml_scope: Optional[str] = None
+        self.current_phase: str | None = None
+        self.nvml_used: int | None = None
+        self.nvml_scope: str | None = None
 
     def __enter__(self):
         if self.tracker is not None:
@@ -71,7 +72,7 @@ class CudaMeter:
         if self.tracker is not None:
             self.tracker.new_step()
 
-    def phase(self, name: Optional[str]) -> None:
+    def phase(self, name: str | None) -> None:
         self._sync()
         self._close_phase()
         self.current_phase = name
@@ -110,7 +111,7 @@ class CudaMeter:
         return {"nvml_used_bytes": self.nvml_used, "nvml_scope": self.nvml_scope}
 
 
-def nvml_used(device: torch.device) -> tuple[Optional[int], Optional[str]]:
+def nvml_used(device: torch.device) -> tuple[int | None, str | None]:
     """NVML's used memory of this process on `device` (its CUDA context included), or of the whole device
     when NVML cannot list processes; (None, None) without NVML."""
     try:

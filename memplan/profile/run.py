@@ -24,18 +24,18 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
 
 import torch
 
 from memplan.errors import UserError
-from memplan.runtime.loss import chunked_causal_lm_loss
-from memplan.plan import Plan
-from memplan.runtime.model import build_model, materialize, quant_state_tensors
 from memplan.estimator.phases import PHASES
+from memplan.plan import Plan
 from memplan.profile.meters import CudaMeter
+from memplan.runtime.loss import chunked_causal_lm_loss
 from memplan.runtime.meter import LiveBytes, StepMeasure
+from memplan.runtime.model import build_model, materialize, quant_state_tensors
 from memplan.runtime.optim import make_optimizer, optimizer_factory, state_tensors
 
 BACKENDS = ("cuda", "cpu", "trace")
@@ -47,21 +47,21 @@ class Measured:
 
     backend: str
     steps: list[StepMeasure]
-    after_load: Optional[int]  # bytes after the model is built (weights), before the first step
-    nvml_used: Optional[int] = None
-    nvml_scope: Optional[str] = None  # "process" (this process's NVML figure) or "device"
-    oom: Optional[dict] = None  # {"phase", "step", "allocated_bytes", "message"} when a step ran out of memory
+    after_load: int | None  # bytes after the model is built (weights), before the first step
+    nvml_used: int | None = None
+    nvml_scope: str | None = None  # "process" (this process's NVML figure) or "device"
+    oom: dict | None = None  # {"phase", "step", "allocated_bytes", "message"} when a step ran out of memory
     rank: int = 0
     world_size: int = 1
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
-    def first(self) -> Optional[StepMeasure]:
+    def first(self) -> StepMeasure | None:
         return self.steps[0] if self.steps else None
 
     @property
-    def steady(self) -> Optional[StepMeasure]:
+    def steady(self) -> StepMeasure | None:
         """Per phase the largest peak of steps 2..n (step 1 when only one ran), with that step's breakdown."""
         done = [s for s in self.steps if all(p in s.peaks for p in PHASES)]
         pool = done[1:] or done
@@ -85,7 +85,7 @@ class Measured:
         return max((s.peak for s in self.steps), default=0)
 
     @property
-    def reserved_peak(self) -> Optional[int]:
+    def reserved_peak(self) -> int | None:
         values = [v for s in self.steps for v in s.reserved.values() if v is not None]
         return max(values) if values else None
 
@@ -95,7 +95,7 @@ class Measured:
                 "world_size": self.world_size, "seconds": self.seconds, "notes": self.notes}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Measured":
+    def from_json(cls, d: dict) -> Measured:
         return cls(backend=d["backend"], steps=[StepMeasure.from_json(s) for s in d["steps"]],
                    after_load=d["after_load"], nvml_used=d.get("nvml_used"), nvml_scope=d.get("nvml_scope"),
                    oom=d.get("oom"), rank=d.get("rank", 0), world_size=d.get("world_size", 1),
@@ -140,7 +140,7 @@ def check_runnable(plan: Plan, backend: str, steps: int) -> None:
 class CausalLMLoss(torch.nn.Module):
     """The training objective as one module, so that a DDP/FSDP wrapper sees the whole forward."""
 
-    def __init__(self, model, chunked: bool, softcap: Optional[float]) -> None:
+    def __init__(self, model, chunked: bool, softcap: float | None) -> None:
         super().__init__()
         self.model = model
         self.chunked = chunked
@@ -225,7 +225,7 @@ def _gradient_sync(model, last_micro_batch: bool):
 
 
 def train_steps(model, optimizer, plan: Plan, meter, *, steps: int, vocab: int, device: str,
-                trainable: list[torch.Tensor], logits_term: Optional[_LogitsLossTerm] = None) -> None:
+                trainable: list[torch.Tensor], logits_term: _LogitsLossTerm | None = None) -> None:
     """`steps` optimizer steps of `plan`, each phase announced to the meter (a nanoGPT-like loop)."""
     dtype = getattr(torch, plan.regime.compute) if plan.regime.autocast else None
     device_type = torch.device(device).type
@@ -261,9 +261,9 @@ def make_meter(backend: str, device: str):
     return LiveBytes()
 
 
-def measure(config, plan: Plan, *, backend: str, steps: int = 3, weights: Optional[str] = None, seed: int = 0,
-            device: Optional[str] = None, meter=None, wrap: Optional[Callable] = None,
-            memory_limit: Optional[int] = None) -> Measured:
+def measure(config, plan: Plan, *, backend: str, steps: int = 3, weights: str | None = None, seed: int = 0,
+            device: str | None = None, meter=None, wrap: Callable | None = None,
+            memory_limit: int | None = None) -> Measured:
     """Build the plan's model from `config` (a transformers config, a dict with model_type, a config.json or a
     model directory) and measure `steps` optimizer steps on `backend`. `wrap(module, meter)` returns the
     DDP/FSDP-wrapped module (several processes). `memory_limit` (cuda) caps the caching allocator at that

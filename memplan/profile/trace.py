@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from memplan.errors import UserError
 from memplan.plan import Plan
-from memplan.runtime.meter import StepMeasure
 from memplan.profile.run import measure
+from memplan.runtime.meter import StepMeasure
 
 IN_PROCESS_BACKENDS = ("trace", "cpu")  # the profile backends that run in this process without a GPU
 

@@ -10,18 +10,25 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
-from memplan.errors import UserError
-from memplan.estimator import Estimate, estimate
 from memplan.catalog.resolve import resolve_model
 from memplan.catalog.spec import ModelSpec
+from memplan.errors import UserError
+from memplan.estimator import Estimate, estimate
 from memplan.plan import MAX_NUMBER, DataSettings, Plan, build_plan
 from memplan.recommend import hparams as hp
 from memplan.recommend.data_stats import DataStats, measure_data
 from memplan.recommend.hardware import Target, resolve_target
-from memplan.recommend.search import (PRIORITIES, Candidate, Scorer, SearchResult, Workload, choose, per_gpu_batch,
-                                      search)
+from memplan.recommend.search import (
+    PRIORITIES,
+    Candidate,
+    Scorer,
+    SearchResult,
+    Workload,
+    choose,
+    per_gpu_batch,
+    search,
+)
 from memplan.recommend.tree import Context, Step, Tree, load_tree
 from memplan.report.units import GiB, format_bytes, gib
 
@@ -35,7 +42,7 @@ METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
 class NoPlanFits(Exception):
     """No plan of the method(s) fits; carries the recommendation-so-far with its suggestions."""
 
-    def __init__(self, rec: "Recommendation"):
+    def __init__(self, rec: Recommendation):
         super().__init__("no plan fits")
         self.rec = rec
 
@@ -45,27 +52,27 @@ class RecommendRequest:
     """What `memplan recommend` was asked: its options, under the same names (memplan.cli.recommend)."""
 
     model: str
-    gpus: Optional[int] = None
+    gpus: int | None = None
     nodes: int = 1
-    gpu: Optional[str] = None
-    gpu_memory: Optional[str] = None
-    data: Optional[str] = None
-    validation: Optional[str] = None
-    replay: Optional[str] = None
-    dataset_size: Optional[int] = None
-    seq_len: Optional[int] = None
-    domain_shift: Optional[str] = None
-    method: Optional[str] = None
-    effective_batch: Optional[int] = None
-    epochs: Optional[float] = None
-    max_hours: Optional[float] = None
+    gpu: str | None = None
+    gpu_memory: str | None = None
+    data: str | None = None
+    validation: str | None = None
+    replay: str | None = None
+    dataset_size: int | None = None
+    seq_len: int | None = None
+    domain_shift: str | None = None
+    method: str | None = None
+    effective_batch: int | None = None
+    epochs: float | None = None
+    max_hours: float | None = None
     priority: str = "quality"
     headroom: float = 0.10
-    host_memory: Optional[str] = None
-    lr: Optional[float] = None
-    warmup_ratio: Optional[float] = None
-    out_dir: Optional[str] = None
-    plot: Optional[str] = None
+    host_memory: str | None = None
+    lr: float | None = None
+    warmup_ratio: float | None = None
+    out_dir: str | None = None
+    plot: str | None = None
     show_progress: bool = False
 
 
@@ -89,17 +96,17 @@ class Recommendation:
     samples: int
     domain_shift: str
     max_hours: float
-    data: Optional[DataStats]
-    validation_examples: Optional[int]  # what `memplan train` will validate on (hparams.validation_examples)
+    data: DataStats | None
+    validation_examples: int | None  # what `memplan train` will validate on (hparams.validation_examples)
     steps: list[Step]
     method_reason: str
     tree: Tree
-    leaf: Optional[str]
+    leaf: str | None
     searches: dict[str, SearchResult]
-    chosen: Optional[Candidate] = None
-    plan: Optional[Plan] = None
-    estimate: Optional[Estimate] = None
-    hparams: Optional[hp.Hparams] = None
+    chosen: Candidate | None = None
+    plan: Plan | None = None
+    estimate: Estimate | None = None
+    hparams: hp.Hparams | None = None
     alternatives: list[Alternative] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
@@ -107,7 +114,7 @@ class Recommendation:
     files: list[str] = field(default_factory=list)
 
     @property
-    def method(self) -> Optional[str]:
+    def method(self) -> str | None:
         return self.plan.method if self.plan else None
 
     def decision_json(self) -> list[dict]:
@@ -191,10 +198,12 @@ def _full_ft_test(rec: Recommendation, scorer: Scorer, model_ref: str) -> tuple[
     where = rec.target.describe()
     if not r.fitting:
         small = r.smallest()
-        return False, (f"full FT needs at least {format_bytes(small.total, digits=1)} per device ({small.family()}, micro-batch 1) "
-                       f"on {where}: > {format_bytes(rec.target.usable_bytes, digits=1)} usable -> does not fit")
+        return False, (f"full FT needs at least {format_bytes(small.total, digits=1)} per device "
+                       f"({small.family()}, micro-batch 1) on {where}: "
+                       f"> {format_bytes(rec.target.usable_bytes, digits=1)} usable -> does not fit")
     fastest = min(r.fitting, key=lambda c: c.hours)
-    fits = f"full FT needs {format_bytes(fastest.total, digits=1)} per device with {fastest.family()} on {where} -> fits"
+    fits = (f"full FT needs {format_bytes(fastest.total, digits=1)} per device with {fastest.family()} "
+            f"on {where} -> fits")
     if fastest.hours > rec.max_hours:
         return False, f"{fits}, but takes {fastest.hours:.1f} h > --max-hours {rec.max_hours:g}"
     return True, f"{fits}, {fastest.hours:.1f} h <= {rec.max_hours:g} h"
@@ -281,8 +290,9 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
         out += _more_host_memory(pool, target) + _bigger_gpus(smallest, need)
         out += _more_gpus(rec, smallest)
     else:
-        out.append(f"a machine with at least {format_bytes(need * smallest.plan.world_size + GiB / 2, digits=0)} of RAM, or a GPU "
-                   f"(--gpu ID); the smallest plan needs {format_bytes(smallest.total)}")
+        ram = format_bytes(need * smallest.plan.world_size + GiB / 2, digits=0)
+        out.append(f"a machine with at least {ram} of RAM, or a GPU (--gpu ID); "
+                   f"the smallest plan needs {format_bytes(smallest.total)}")
     if rec.workload.seq_len > 512:
         shorter = smallest.plan.model_copy(update={"seq_len": rec.workload.seq_len // 2})
         e = estimate(rec.spec, shorter, target.memory_bytes)
@@ -352,7 +362,7 @@ def _more_gpus(rec: Recommendation, smallest: Candidate) -> list[str]:
 # ------------------------------------------------------------------------------- the recommendation
 
 
-def _relative(path: Optional[str], out_dir: Optional[str]) -> Optional[str]:
+def _relative(path: str | None, out_dir: str | None) -> str | None:
     if not path:
         return None
     if not out_dir:
@@ -416,8 +426,8 @@ def _start(req: RecommendRequest, spec: ModelSpec, target: Target) -> Recommenda
                           leaf=None, searches={}, warnings=warnings, assumptions=assumptions)
 
 
-def _workload(req: RecommendRequest, target: Target, stats: Optional[DataStats], samples: int, seq_len: int,
-              assumptions: list[str], warnings: list[str]) -> tuple[Workload, Optional[int]]:
+def _workload(req: RecommendRequest, target: Target, stats: DataStats | None, samples: int, seq_len: int,
+              assumptions: list[str], warnings: list[str]) -> tuple[Workload, int | None]:
     """The sequences of a run: the effective batch (a multiple of the process count), the examples of an
     epoch with replay, the epochs; and the validation examples. With the warnings about the data's size
     and replay."""

@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
-
 
 #: The sequence length is the 95th percentile of the token lengths, rounded up to this multiple
 #: (tensor-core tiles and the allocator like multiples of 64; the longest 5 % are truncated).
@@ -75,11 +74,13 @@ def _file_format(path: Path) -> str:
                     return "unknown"
                 if not isinstance(row, dict):
                     return "unknown"
-                return "chat" if "messages" in row else "alpaca" if ("instruction" in row or "output" in row) else "text"
+                if "messages" in row:
+                    return "chat"
+                return "alpaca" if ("instruction" in row or "output" in row) else "text"
     return "unknown"
 
 
-def find_tokenizer_dir(model_ref: str, spec_name: str) -> Optional[Path]:
+def find_tokenizer_dir(model_ref: str, spec_name: str) -> Path | None:
     """The model's local directory when it holds tokenizer files: a path given as --model, or a preset's
     directory (data/models/<id>/)."""
     from memplan.catalog.presets import models_dir, preset_ids
@@ -107,7 +108,8 @@ def _tokenizer_counter(folder: Path) -> Callable[[list], list[int]]:
     def count(records: list) -> list[int]:
         chats = [r for r in records if r.messages is not None]
         rendered = [tok.apply_chat_template(r.messages, tokenize=False) for r in chats]
-        chat_lengths = iter(len(ids) for ids in tok(rendered, add_special_tokens=False)["input_ids"]) if chats else iter(())
+        chat_ids = tok(rendered, add_special_tokens=False)["input_ids"] if chats else []
+        chat_lengths = iter(len(ids) for ids in chat_ids)
         texts = [r.text for r in records if r.messages is None]
         text_lengths = iter(len(ids) + eos for ids in tok(texts)["input_ids"]) if texts else iter(())
         return [next(chat_lengths) if r.messages is not None else next(text_lengths) for r in records]

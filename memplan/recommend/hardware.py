@@ -13,12 +13,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
-from memplan.errors import UserError
 from memplan.catalog.gpus import Gpu
+from memplan.errors import UserError
 from memplan.report.units import GiB, MiB, format_bytes, memory_setting
-
 
 #: The throughput figures assumed for a GPU known only by its memory (--gpu-memory, or a local device
 #: without a preset): an A100 40GB's, the most common training GPU without a newer preset match. Said
@@ -118,14 +116,14 @@ class Target:
     nodes: int
     memory_bytes: int  # per GPU, or host RAM for a CPU plan
     headroom: float
-    gpu: Optional[Gpu] = None
+    gpu: Gpu | None = None
     # Peak dense FLOP/s by compute dtype ("bf16", "fp16", "fp32"); None where unsupported.
-    peak_flops: dict[str, Optional[float]] = field(default_factory=dict)
+    peak_flops: dict[str, float | None] = field(default_factory=dict)
     host_memory_bytes: int = 0  # RAM per node, for offloaded states (GPU plans)
     interconnect_bytes_s: float = 0.0  # per direction, per GPU (the slowest link of the ring)
     host_link_bytes_s: float = 0.0  # per direction
     assumptions: list[str] = field(default_factory=list)
-    cpu: Optional["CpuInfo"] = None  # a CPU plan's processor (cores, bf16 class)
+    cpu: CpuInfo | None = None  # a CPU plan's processor (cores, bf16 class)
     host_memory_given: bool = False  # host RAM stated (--host-memory, a plan's target) or this machine's
 
     @property
@@ -161,14 +159,15 @@ class Target:
         (1 - headroom) x its memory, and the offloaded states within (1 - headroom) x host RAM per node."""
         return self.device_fits(total) and self.host_fits(host_bytes)
 
-    def why_not(self, total: int, host_bytes: int, at: str = "") -> Optional[str]:
+    def why_not(self, total: int, host_bytes: int, at: str = "") -> str | None:
         """Why a plan of these sizes does not fit (None when it fits), with the numbers; `at` qualifies
         the device figure (" at micro-batch 1")."""
         if not self.device_fits(total):
             return f"needs {format_bytes(total)} {self.per_device}{at} > {self.usable_explained()}"
         if not self.host_fits(host_bytes):
             return (f"needs {format_bytes(host_bytes)} of host RAM per node for offloaded states > "
-                    f"{format_bytes(self.usable_host_bytes)} usable ({format_bytes(self.host_memory_bytes, digits=0)} less "
+                    f"{format_bytes(self.usable_host_bytes)} usable "
+                    f"({format_bytes(self.host_memory_bytes, digits=0)} less "
                     f"{100 * self.headroom:g} % headroom)")
         return None
 
@@ -209,12 +208,12 @@ class Target:
         return f"{self.gpus} x {self.name}{nodes}, {format_bytes(self.memory_bytes)} per GPU"
 
 
-def _tflops(x: Optional[float]) -> Optional[float]:
+def _tflops(x: float | None) -> float | None:
     return None if x is None else x * 1e12
 
 
 def _gpu_target(gpu: Gpu, gpus: int, nodes: int, headroom: float, assumptions: list[str],
-                host_memory: Optional[int], local: bool = False) -> Target:
+                host_memory: int | None, local: bool = False) -> Target:
     figures = gpu
     if gpu.bf16_tflops is None and gpu.fp16_tflops is None:
         from memplan.catalog.gpus import resolve_gpu
@@ -334,7 +333,7 @@ def bf16_class(flags: frozenset[str]) -> tuple[str, str]:
     return "none", "no avx512 / bf16 flags"
 
 
-def cpu_info(text: Optional[str] = None) -> CpuInfo:
+def cpu_info(text: str | None = None) -> CpuInfo:
     """This machine's processor from /proc/cpuinfo (`text` for tests): model name, the physical cores in
     this process's CPU affinity (torch runs one thread per physical core), the bf16 class."""
     text = _read_cpuinfo() if text is None else text
@@ -367,8 +366,8 @@ def cpu_name() -> str:
     return cpu_info().name
 
 
-def cpu_target(processes: int, headroom: float, assumptions: list[str], memory_bytes: Optional[int] = None,
-               info: Optional[CpuInfo] = None) -> Target:
+def cpu_target(processes: int, headroom: float, assumptions: list[str], memory_bytes: int | None = None,
+               info: CpuInfo | None = None) -> Target:
     """A CPU plan's target: this machine's processor; its RAM unless `memory_bytes` (a plan's recorded
     host RAM) is given. Its time figures follow from `info` alone (see CpuInfo.speed)."""
     info = info or cpu_info()
@@ -383,9 +382,9 @@ def check_headroom(headroom: float) -> None:
         raise UserError(f"--headroom {headroom} must be a fraction in [0, 1), e.g. 0.1 for 10 %")
 
 
-def gpu_target(gpu: Optional[str], gpu_memory: Optional[str | int], gpus: Optional[int], nodes: int,
-               headroom: float, host_memory: Optional[str | int] = None,
-               assumptions: Optional[list[str]] = None) -> Optional[Target]:
+def gpu_target(gpu: str | None, gpu_memory: str | int | None, gpus: int | None, nodes: int,
+               headroom: float, host_memory: str | int | None = None,
+               assumptions: list[str] | None = None) -> Target | None:
     """A preset (`gpu`; with `gpu_memory` too, that memory replaces the preset's: a local device), a GPU
     known by its memory (`gpu_memory`: a size string or bytes), else the local GPUs (NVML); None when none."""
     from memplan.catalog import gpus as gpu_mod
@@ -409,7 +408,7 @@ def gpu_target(gpu: Optional[str], gpu_memory: Optional[str | int], gpus: Option
     return None
 
 
-def parse_size(size: Optional[str | int]) -> Optional[int]:
+def parse_size(size: str | int | None) -> int | None:
     """Bytes from a size string (gpus.parse_memory) or bytes; None stays None."""
     from memplan.catalog.gpus import parse_memory
 
@@ -418,8 +417,8 @@ def parse_size(size: Optional[str | int]) -> Optional[int]:
     return parse_memory(size)
 
 
-def resolve_target(gpu: Optional[str], gpu_memory: Optional[str], gpus: Optional[int], nodes: int,
-                   headroom: float, host_memory: Optional[str] = None) -> Target:
+def resolve_target(gpu: str | None, gpu_memory: str | None, gpus: int | None, nodes: int,
+                   headroom: float, host_memory: str | None = None) -> Target:
     """--gpu / --gpu-memory, else the local GPUs (pynvml), else this machine's CPU."""
     if gpu and gpu_memory:
         raise UserError("give either --gpu or --gpu-memory, not both")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 #: Peak learning rates. Full FT: 2e-5, inside the recommended range 1e-5..5e-5. LoRA/QLoRA: 2e-4, the QLoRA
 #: paper's setting for 7B-13B models (Dettmers et al. 2023, appendix B.2: 2e-4, 1e-4 above 33B);
@@ -87,7 +86,7 @@ def default_effective_batch(samples: int) -> int:
     return max(batch, min(MIN_EFFECTIVE_BATCH, _power_of_two_at_most(samples)))
 
 
-def validation_examples(examples: int, validation_file: Optional[str]) -> int:
+def validation_examples(examples: int, validation_file: str | None) -> int:
     """Validation examples `memplan train` will have: the validation file's records, else the split it holds
     out of the training file's `examples` (memplan.train.data.held_out_count at the Plan's default val_ratio)."""
     from memplan.plan import DataSettings
@@ -98,7 +97,7 @@ def validation_examples(examples: int, validation_file: Optional[str]) -> int:
     return held_out_count(examples, DataSettings.model_fields["val_ratio"].default)
 
 
-def small_data_warnings(samples: int, effective_batch: int, validation: Optional[int]) -> list[str]:
+def small_data_warnings(samples: int, effective_batch: int, validation: int | None) -> list[str]:
     """What a small data set costs: few optimizer steps per epoch; a validation set too small to stop on."""
     from memplan.train.data import MIN_EARLY_STOPPING_EXAMPLES
 
@@ -137,7 +136,7 @@ def width_scale(hidden_size: int) -> float:
 
 
 def choose(method: str, domain_shift: str, total_steps: int, epochs: float, lr: float | None = None,
-           hidden_size: int = REF_WIDTH, validation: Optional[int] = None) -> Hparams:
+           hidden_size: int = REF_WIDTH, validation: int | None = None) -> Hparams:
     """The recommended hyperparameters for the run; `validation` (examples, when known) below
     memplan.train.data.MIN_EARLY_STOPPING_EXAMPLES turns early stopping off."""
     from memplan.train.data import MIN_EARLY_STOPPING_EXAMPLES

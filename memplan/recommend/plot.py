@@ -19,7 +19,8 @@ def plot_candidates(path: str, entries: list[tuple[str, object]], capacity: int,
     fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(entries) + 3), 5.5))
     _stack_bars(ax, [cand.estimate for _, cand in entries], plt.get_cmap("tab20"))
     ax.axhline(capacity / GiB, color="black", linewidth=1.5, label=f"capacity {format_bytes(capacity, digits=1)}")
-    ax.axhline(usable / GiB, color="black", linestyle="--", linewidth=1, label=f"usable (headroom) {format_bytes(usable, digits=1)}")
+    ax.axhline(usable / GiB, color="black", linestyle="--", linewidth=1,
+               label=f"usable (headroom) {format_bytes(usable, digits=1)}")
     ax.set_xticks(list(range(len(entries))))
     ax.set_xticklabels([label for label, _ in entries], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("memory per device (GiB)")

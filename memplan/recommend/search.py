@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
 
-from memplan.estimator import Estimate, estimate
 from memplan.catalog.spec import ModelSpec
-from memplan.estimator.search import largest
 from memplan.errors import UserError
+from memplan.estimator import Estimate, estimate
+from memplan.estimator.search import largest
 from memplan.plan import Plan, build_plan
 from memplan.recommend import throughput
 from memplan.recommend.hardware import Target
@@ -95,10 +95,10 @@ class SearchResult:
     limit: int  # usable bytes per device
 
     @property
-    def best(self) -> Optional[Candidate]:
+    def best(self) -> Candidate | None:
         return self.fitting[0] if self.fitting else None
 
-    def smallest(self) -> Optional[Candidate]:
+    def smallest(self) -> Candidate | None:
         pool = self.fitting + self.not_fitting
         return min(pool, key=lambda c: c.total) if pool else None
 
@@ -153,12 +153,12 @@ def attentions(target: Target, precision: str) -> list[str]:
 
 
 def structures(spec: ModelSpec, model_ref: str, method: str, target: Target, seq_len: int,
-               lora: Optional[dict] = None, allow_param_offload: bool = True) -> list[Plan]:
+               lora: dict | None = None, allow_param_offload: bool = True) -> list[Plan]:
     """Every valid combination (micro-batch 1), validated once by the Plan's own rules."""
     base = dict(model=model_ref, method=method, device=target.device, gpus=target.gpus, nodes=target.nodes,
                 seq_len=seq_len)
     lora = dict(lora or {})
-    if method != "full" and any(l.kind == "experts" for l in spec.layer_linears):
+    if method != "full" and any(lin.kind == "experts" for lin in spec.layer_linears):
         lora.setdefault("dropout", 0.0)  # peft's expert-stack adapters take no dropout
     if lora:
         base["lora"] = lora
@@ -190,7 +190,7 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def choose(methods: Iterable[str], fitting: dict[str, list[Candidate]]) -> Optional[Candidate]:
+def choose(methods: Iterable[str], fitting: dict[str, list[Candidate]]) -> Candidate | None:
     """THE rule of "best", for `recommend` and `estimate` alike: among the methods in order, the first that
     fits without parameter offload (a last resort: it streams every weight over PCIe each step), else the
     first that fits at all; within that method the first of its fitting plans (each list best first)."""
@@ -211,7 +211,7 @@ class Scorer:
     """Estimates and step times, memoized per plan (the tree and the method search share plans)."""
 
     def __init__(self, spec: ModelSpec, target: Target,
-                 padded_length: Optional[Callable[[int, int], float]] = None):
+                 padded_length: Callable[[int, int], float] | None = None):
         """padded_length(micro_batch, seq_len): tokens per sequence as batches run (from --data)."""
         self.spec, self.target, self.padded_length = spec, target, padded_length
         self._cache: dict[tuple, Candidate] = {}
@@ -232,7 +232,7 @@ class Scorer:
         return cand
 
 
-def largest_micro_batch(plan: Plan, workload: Workload, scorer: Scorer) -> tuple[Optional[Candidate], Candidate, int]:
+def largest_micro_batch(plan: Plan, workload: Workload, scorer: Scorer) -> tuple[Candidate | None, Candidate, int]:
     """(the plan at the largest micro-batch that fits, or None; the micro-batch-1 candidate; plans decided).
 
     The micro-batches are the divisors of the sequences each GPU handles per step, the rest made up by
@@ -248,8 +248,8 @@ def largest_micro_batch(plan: Plan, workload: Workload, scorer: Scorer) -> tuple
 
 
 def search(spec: ModelSpec, model_ref: str, method: str, target: Target, workload: Workload, priority: str,
-           scorer: Scorer, lora: Optional[dict] = None, allow_param_offload: bool = True,
-           progress: Optional[Callable[[Iterable], Iterable]] = None) -> SearchResult:
+           scorer: Scorer, lora: dict | None = None, allow_param_offload: bool = True,
+           progress: Callable[[Iterable], Iterable] | None = None) -> SearchResult:
     fitting, not_fitting = [], []
     before, considered = scorer.scored, 0
     plans = structures(spec, model_ref, method, target, workload.seq_len, lora, allow_param_offload)

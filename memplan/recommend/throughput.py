@@ -1,6 +1,7 @@
 """The time model: seconds per optimizer step, and the training time.
 
-    step time = FLOPs / (peak x MFU) + offload bytes / host-link bandwidth + communication bytes / interconnect bandwidth
+    step time = FLOPs / (peak x MFU) + offload bytes / host-link bandwidth
+                + communication bytes / interconnect bandwidth
 
 summed without overlap (an upper bound: NCCL and DeepSpeed overlap part of the communication with the
 backward). Per GPU, per optimizer step (micro-batch x sequence x accumulation tokens on each GPU).
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from memplan.catalog.spec import ModelSpec
 from memplan.plan import PRECISIONS, Plan
@@ -65,7 +65,7 @@ def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> tuple[float, float
     return 2 * decoder + attention, 2 * head
 
 
-def train_flops_per_token(spec: ModelSpec, plan: Plan, seq_tokens: Optional[float] = None) -> float:
+def train_flops_per_token(spec: ModelSpec, plan: Plan, seq_tokens: float | None = None) -> float:
     """Forward + backward (+ recompute) FLOPs per token. The backward costs two forwards when weights get
     gradients (input and weight gradients) and one when they are frozen (LoRA/QLoRA: input gradients only;
     the adapters' own FLOPs are < 1 % at rank 16 and left out)."""
@@ -165,7 +165,7 @@ def _seconds(nbytes: float, bytes_per_s: float) -> float:
 
 
 def step_time(spec: ModelSpec, plan: Plan, target: Target, trainable: int,
-              seq_tokens: Optional[float] = None) -> StepTime:
+              seq_tokens: float | None = None) -> StepTime:
     """Seconds per optimizer step on each GPU (they run in lockstep). `seq_tokens`: tokens per sequence
     as batches run (padded to their longest example, measured from --data); default the plan's seq_len."""
     seq = seq_tokens or plan.seq_len

@@ -6,9 +6,10 @@ The tree file is checked when loaded: every branch leads to a node or a leaf, ev
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from memplan.catalog.paths import data_dir, load_yaml
 
@@ -21,7 +22,7 @@ class Context:
     samples: int
     priority: str
     full_ft: Callable[[], tuple[bool, str]]
-    _full_ft_answer: Optional[tuple[bool, str]] = None
+    _full_ft_answer: tuple[bool, str] | None = None
 
     def full_ft_answer(self) -> tuple[bool, str]:
         if self._full_ft_answer is None:
@@ -72,7 +73,7 @@ class Tree:
     leaves: dict[str, dict]
     checklist: list[dict] = field(default_factory=list)
 
-    def run_test(self, name: str, args: Optional[dict], ctx: Context) -> tuple[bool, str]:
+    def run_test(self, name: str, args: dict | None, ctx: Context) -> tuple[bool, str]:
         return TESTS[name](ctx, **(args or {}))
 
     def walk(self, ctx: Context) -> tuple[str, list[Step]]:
@@ -94,7 +95,7 @@ class Tree:
                 out.append(f"full fine-tuning checklist: {item['message']} ({reason})")
         return out
 
-    def render(self, steps: list[Step], leaf: Optional[str], forced: Optional[str] = None) -> str:
+    def render(self, steps: list[Step], leaf: str | None, forced: str | None = None) -> str:
         """The tree as an indented outline, the path taken marked with '>>' and each answer's reason."""
         taken = {s.node: s for s in steps}
         lines = []
@@ -145,7 +146,7 @@ def _check(tree: Tree, source: Path) -> Tree:
     return tree
 
 
-def load_tree(path: Optional[Path] = None) -> Tree:
+def load_tree(path: Path | None = None) -> Tree:
     path = path or data_dir() / "decision_tree.yaml"
     raw: Any = load_yaml(path.read_text(encoding="utf-8"))
     # YAML 1.1 reads bare yes/no keys as booleans; accept both spellings.

@@ -153,7 +153,8 @@ def readme(out_dir: str, plan: Plan, summary: list[str], has_ds: bool, data_miss
              "- `plan.yaml`: the plan (model, method, memory settings, data, hyperparameters, output). "
              "Relative paths in it are relative to this directory.",
              "- `accelerate_config.yaml`: accelerate's launch configuration "
-             f"(`distributed_type: {distributed_type(plan)}`, {plan.world_size} process(es) on {plan.nodes} machine(s))."]
+             f"(`distributed_type: {distributed_type(plan)}`, {plan.world_size} process(es) "
+             f"on {plan.nodes} machine(s))."]
     if has_ds:
         lines.append(f"- `{DS_CONFIG_NAME}`: DeepSpeed's configuration (ZeRO stage, offload, precision, optimizer), "
                      "named by `accelerate_config.yaml` relative to this directory: the directory can be moved "

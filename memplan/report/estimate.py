@@ -6,14 +6,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from memplan.estimator.phases import PHASES, TERMS, Estimate
 from memplan.report.units import format_bytes, gib
 
 if TYPE_CHECKING:
-    from memplan.fit import Comparison, Verdict
     from memplan.catalog.spec import ModelSpec
+    from memplan.fit import Comparison, Verdict
     from memplan.plan import Plan
 
 

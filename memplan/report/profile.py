@@ -4,8 +4,6 @@ measured."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from memplan.estimator.phases import PHASES, TERMS
 from memplan.profile.command import NEGLIGIBLE, error_pct
 from memplan.report.estimate import count, describe_plan, estimate_json
@@ -60,7 +58,7 @@ def profile_lines(p) -> list[str]:
     return lines + [""] + _notes(p)
 
 
-def _err(x: Optional[float]) -> str:
+def _err(x: float | None) -> str:
     return "-" if x is None else f"{x:+.2f}"
 
 
@@ -77,7 +75,8 @@ def _heading(p) -> list[str]:
         f"plan: {describe_plan(p.est)}, {plan.world_size} process(es), micro-batch {plan.micro_batch} x "
         f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {'on' if plan.grad_ckpt else 'off'}, "
         f"{plan.optimizer}, attn {plan.attn}",
-        f"backend {p.backend}: {BACKEND_WORDS[p.backend]}, {len(main.steps)} optimizer step(s) in {main.seconds:.1f} s; "
+        f"backend {p.backend}: {BACKEND_WORDS[p.backend]}, {len(main.steps)} optimizer step(s) "
+        f"in {main.seconds:.1f} s; "
         f"estimate for {p.kernels.upper()} kernels" + (" (what the steps ran)" if p.kernels == "cpu" else "") + "\n",
     ]
 

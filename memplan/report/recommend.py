@@ -101,10 +101,12 @@ def render(rec: Recommendation, explain: bool = False) -> str:
     lines += ["recommended: " + plan_line(rec), "", report.breakdown_table(rec.estimate), verdict(rec)]
     lines += time_lines(rec) + [""]
     h = rec.plan.hparams
-    lines.append(f"hyperparameters: lr {h.lr:g}, warmup {h.warmup_steps if h.warmup_steps is not None else h.warmup_ratio}"
+    warmup = h.warmup_steps if h.warmup_steps is not None else h.warmup_ratio
+    lines.append(f"hyperparameters: lr {h.lr:g}, warmup {warmup}"
                  f", {h.lr_scheduler} to 0, {h.epochs:g} epochs, eval every {h.eval_every} steps, early stopping "
                  f"patience {h.early_stopping_patience}"
-                 + (f", replay {rec.plan.data.replay_ratio:g} of {rec.plan.data.replay}" if rec.plan.data.replay else ""))
+                 + (f", replay {rec.plan.data.replay_ratio:g} of {rec.plan.data.replay}"
+                    if rec.plan.data.replay else ""))
     lines += [f"  - {r}" for r in rec.hparams.reasons]
     if rec.alternatives:
         lines += ["", "runners-up:", alternatives_table(rec)]

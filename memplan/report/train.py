@@ -53,7 +53,8 @@ def summary_table(summary: dict) -> str:
 
     rows = [["optimizer steps", f"{summary['steps']}" + (" (stopped early)" if summary["stopped_early"] else "")]]
     if summary["train_loss_first"] is not None:
-        rows.append(["train loss (first -> last log)", f"{summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}"])
+        rows.append(["train loss (first -> last log)",
+                     f"{summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}"])
     first, best, last = summary["eval_first"], summary["eval_best"], summary["eval_last"]
     if first:
         rows.append(["validation loss (start -> best)",
@@ -78,3 +79,17 @@ def summary_table(summary: dict) -> str:
     for key, path in summary["files"].items():
         rows.append([key, path])
     return tabulate(rows, tablefmt="plain", disable_numparse=True)
+
+
+def memory_line(mem: dict) -> str:
+    """The run's measured peak against the estimate at the shape it measured (memplan.train.loop.memory_report)."""
+    flag = " (gap over 10 %)" if mem["flag"] else ""
+    return (f"memory: measured peak {format_bytes(mem['measured_bytes'], 'MiB', digits=1)} ({mem['what']}), "
+            f"memplan's estimate {format_bytes(mem['estimated_bytes'], 'MiB', digits=1)} at the measured shape: "
+            f"{100 * mem['gap']:+.1f} %{flag}")
+
+
+def eval_line(rec: dict) -> str:
+    """An evaluation's line: validation loss, perplexity and, for exact-answer tasks, exact match."""
+    acc = f", exact match {100 * rec['eval_accuracy']:.1f} %" if rec.get("eval_accuracy") is not None else ""
+    return f"step {rec['step']}: validation loss {rec['eval_loss']:.4f} (perplexity {rec['eval_ppl']:.2f}){acc}"

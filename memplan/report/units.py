@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
 _UNITS = {
@@ -44,7 +42,7 @@ def format_bytes(n: float, unit: str = "GiB", digits: int = 2) -> str:
     return f"{n / _UNITS[unit]:.{digits}f} {unit}"
 
 
-def size(n: Optional[float]) -> str:
+def size(n: float | None) -> str:
     """`n` bytes in the largest binary unit it reaches (GiB, MiB, KiB, else B); '-' for None."""
     if n is None:
         return "-"

@@ -11,7 +11,7 @@ forward and again while the backward recomputes it). Same loss and gradients as 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ def _chunk_loss_sum(
     hidden: torch.Tensor,
     lm_head: Callable[[torch.Tensor], torch.Tensor],
     labels: torch.Tensor,
-    softcap: Optional[float],
+    softcap: float | None,
     ignore_index: int,
 ) -> torch.Tensor:
     logits = lm_head(hidden)
@@ -40,7 +40,7 @@ def chunked_causal_lm_loss(
     labels: torch.Tensor,
     chunk_tokens: int = 1024,
     *,
-    softcap: Optional[float] = None,
+    softcap: float | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over the valid labels, one checkpointed chunk of tokens at a time.

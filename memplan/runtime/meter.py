@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -53,7 +53,7 @@ class StepMeasure:
 
     peaks: dict[str, int]  # phase -> peak allocated bytes (cuda: allocator; cpu/trace: live tensor bytes)
     breakdown: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> term -> bytes
-    reserved: dict[str, Optional[int]] = field(default_factory=dict)  # phase -> max_memory_reserved (cuda)
+    reserved: dict[str, int | None] = field(default_factory=dict)  # phase -> max_memory_reserved (cuda)
     tensor_peaks: dict[str, int] = field(default_factory=dict)  # phase -> LiveBytes peak (cuda: beside the allocator)
 
     @property
@@ -77,7 +77,7 @@ class StepMeasure:
                 "reserved": self.reserved or None, "tensor_peaks": self.tensor_peaks or None}
 
     @classmethod
-    def from_json(cls, d: dict) -> "StepMeasure":
+    def from_json(cls, d: dict) -> StepMeasure:
         return cls(peaks=d["phase_peaks"], breakdown=d.get("breakdown") or {},
                    reserved=d.get("reserved") or {}, tensor_peaks=d.get("tensor_peaks") or {})
 
@@ -97,7 +97,7 @@ class _Storage:
         self.nbytes = nbytes
         self.cat = cat
         self.born = born
-        self.ref: Optional[weakref.ref] = None
+        self.ref: weakref.ref | None = None
 
 
 class _Peak:
@@ -120,14 +120,14 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0  # the most bytes alive at once since the meter started
         self.clock = 0  # counts ops; a storage born at clock c was alive at every peak with clock >= c
         self.steps: list[dict[str, _Peak]] = []
-        self.current_phase: Optional[str] = None
+        self.current_phase: str | None = None
         self.default = "activations"  # the term of storages an op creates now
-        self._peak: Optional[_Peak] = None  # the current phase's peak of the current step
+        self._peak: _Peak | None = None  # the current phase's peak of the current step
         self._resize = None
 
     # -- bookkeeping
 
-    def _add(self, st: torch.UntypedStorage, cat: Optional[str] = None) -> None:
+    def _add(self, st: torch.UntypedStorage, cat: str | None = None) -> None:
         key = id(st)
         rec = self._storages.get(key)
         if rec is not None:
@@ -163,7 +163,7 @@ class LiveBytes(TorchDispatchMode):
             peak.clock = self.clock
             peak.breakdown.update(self.totals)
 
-    def _term_of(self, t: torch.Tensor) -> Optional[str]:
+    def _term_of(self, t: torch.Tensor) -> str | None:
         """The term of a tensor an op creates now, when not the default: logits_loss holds only floating-point
         tensors; the integer labels the loss shifts are activations, as in the estimate's head."""
         if self.default == "logits_loss" and not t.is_floating_point():
@@ -219,7 +219,7 @@ class LiveBytes(TorchDispatchMode):
                 self._add(_storage(t), cat)
         self._record()
 
-    def classify(self, tensors: Iterable[Optional[torch.Tensor]], cat: str) -> None:
+    def classify(self, tensors: Iterable[torch.Tensor | None], cat: str) -> None:
         """Mark live storages as `cat`, also at every recorded peak they were alive at."""
         with _disable_current_modes():
             for t in tensors:
@@ -250,7 +250,7 @@ class LiveBytes(TorchDispatchMode):
         self.steps.append({})
         self._peak = None
 
-    def phase(self, name: Optional[str]) -> None:
+    def phase(self, name: str | None) -> None:
         self.current_phase = name
         self.default = "optimizer_temporaries" if name == "optimizer" else "activations"
         if name is None:
@@ -299,9 +299,9 @@ class PeakMemory:
     def __init__(self, device: torch.device, steps: int = 2) -> None:
         self.cuda = device.type == "cuda"
         self.steps = steps
-        self.mode: Optional[LiveBytes] = None
-        self.peak_bytes: Optional[int] = None
-        self.reserved_bytes: Optional[int] = None
+        self.mode: LiveBytes | None = None
+        self.peak_bytes: int | None = None
+        self.reserved_bytes: int | None = None
         self.measured_steps = 0
         self.max_tokens_per_row = 0
 

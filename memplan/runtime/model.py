@@ -29,12 +29,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
-from memplan.errors import UserError
 from memplan.catalog.spec import read_config
+from memplan.errors import UserError
 from memplan.plan import Plan
 from memplan.runtime.hf import BNB_HINT, enable_checkpointing, keep_4bit_layers_differentiable, lora_config, nf4_config
 
@@ -59,7 +60,7 @@ class Built:
     model: Any  # what trains: the HF model, or the peft model around it
     hf_model: Any  # the transformers model inside
     vocab_size: int
-    softcap: Optional[float]  # final_logit_softcapping (Gemma-2), for the chunked loss
+    softcap: float | None  # final_logit_softcapping (Gemma-2), for the chunked loss
 
 
 # ---------------------------------------------------------------- where the model is
@@ -160,7 +161,7 @@ def attention(plan: Plan, device: str) -> str:
     return "sdpa"
 
 
-def build_model(plan: Plan, *, config: Any = None, weights: Optional[str | Path] = None, device: Any = "cpu",
+def build_model(plan: Plan, *, config: Any = None, weights: str | Path | None = None, device: Any = "cpu",
                 fake_mode=None, on_meta: bool = False, trust_remote_code: bool = False) -> Built:
     """The model `plan` trains, on `device` ("cpu", "cuda:N"), from the checkpoint `weights` or else from
     `config` (a transformers config, a dict with `model_type`, a config.json or a model directory) with random
@@ -267,7 +268,8 @@ def _load(plan: Plan, path: Path, device: str, trust_remote_code: bool = False):
 
     if not (path / "config.json").is_file():
         raise UserError(f"model {path}: not a model directory (no config.json)")
-    kwargs: dict[str, Any] = dict(dtype=getattr(torch, plan.regime.weights), attn_implementation=attention(plan, device),
+    kwargs: dict[str, Any] = dict(dtype=getattr(torch, plan.regime.weights),
+                                  attn_implementation=attention(plan, device),
                                   local_files_only=True, trust_remote_code=trust_remote_code)
     if plan.method == "qlora":
         _need_bitsandbytes()

@@ -34,7 +34,8 @@ from their bf16 rounding.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -96,7 +97,7 @@ class MasterWeightsOptimizer(torch.optim.Optimizer):
     (memplan profile classifies them)."""
 
     def __init__(self, params: Iterable, make_inner: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
-                 on_master_grads: Optional[Callable[[list[torch.Tensor]], None]] = None) -> None:
+                 on_master_grads: Callable[[list[torch.Tensor]], None] | None = None) -> None:
         groups = _groups(params)
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model parameter, its master)
         with torch.no_grad():

@@ -35,9 +35,10 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -156,7 +157,7 @@ def _deepspeed_trainable_state(model, accelerator) -> dict[str, torch.Tensor]:
     return {n: t.detach().to("cpu", copy=True) for n, t in state.items() if n in names}
 
 
-def _storage_bytes(obj: Any, seen: Optional[set] = None) -> int:
+def _storage_bytes(obj: Any, seen: set | None = None) -> int:
     """Bytes of the tensor storages torch.save writes for `obj` (each storage once)."""
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
@@ -177,11 +178,11 @@ def _storage_bytes(obj: Any, seen: Optional[set] = None) -> int:
 _FILE_OVERHEAD = 2**16
 
 
-def _agree(accelerator, problem: Optional[str]) -> Optional[str]:
+def _agree(accelerator, problem: str | None) -> str | None:
     """The first process's problem of all processes' (every process calls it), so that all stop together."""
     if accelerator.num_processes == 1:
         return problem
-    gathered: list[Optional[str]] = [None] * accelerator.num_processes
+    gathered: list[str | None] = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(gathered, problem)
     return next((p for p in gathered if p), None)
 
@@ -202,7 +203,7 @@ class _Writes:
     def __init__(self, where: Path, what: str, needed: int = 0) -> None:
         self.where, self.what, self.needed = where, what, needed
         self.free = outputs.free_bytes(where)
-        self.problem: Optional[str] = None
+        self.problem: str | None = None
         self.disk_full = False
 
     def need(self, nbytes: int) -> None:
@@ -221,7 +222,7 @@ class _Writes:
             self.problem = str(path) if self.disk_full else \
                 f"could not write {path}: {str(err).strip().splitlines()[0]}"
 
-    def message(self, kept: str) -> Optional[str]:
+    def message(self, kept: str) -> str | None:
         if self.problem is None:
             return None
         if self.disk_full:
@@ -230,8 +231,8 @@ class _Writes:
         return f"{self.problem}; the partial save was removed and {kept}"
 
 
-def save_checkpoint(parts: Parts, root: Path, trainer: TrainerState, keep: int, best_step: Optional[int],
-                    inputs: Optional[dict] = None) -> Path:
+def save_checkpoint(parts: Parts, root: Path, trainer: TrainerState, keep: int, best_step: int | None,
+                    inputs: dict | None = None) -> Path:
     """Write checkpoint-<step> complete-or-absent on every process's behalf and keep the newest `keep` + the
     best. A failed write (a full disk) removes the partial save, keeps the earlier checkpoints, and raises a
     UserError on every process."""
@@ -271,7 +272,7 @@ def save_checkpoint(parts: Parts, root: Path, trainer: TrainerState, keep: int, 
     return final
 
 
-def _write_process_files(parts: Parts, tmp: Path, write: _Writes) -> tuple[dict, Optional[dict]]:
+def _write_process_files(parts: Parts, tmp: Path, write: _Writes) -> tuple[dict, dict | None]:
     """What every process writes itself (its RNG states; its optimizer shards or DeepSpeed partition), and
     the gathered model and optimizer states the main process writes (every process takes part)."""
     from memplan.train.deepspeed_setup import CHECKPOINT_TAG
@@ -296,7 +297,7 @@ def _kept(root: Path) -> str:
     return f"{intact[-1].name} is the last good checkpoint" if intact else "there is no earlier checkpoint"
 
 
-def _rotate(root: Path, keep: int, best_step: Optional[int]) -> None:
+def _rotate(root: Path, keep: int, best_step: int | None) -> None:
     """Keep the newest `keep` intact checkpoints and the best; delete memplan's others (damaged ones too).
     Directories memplan did not write are not listed, so never deleted."""
     done = list_checkpoints(root)
@@ -350,7 +351,7 @@ def _rng_globals() -> list:
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def _load(path: Path, allow: Optional[list] = None, map_location: Any = "cpu") -> dict:
+def _load(path: Path, allow: list | None = None, map_location: Any = "cpu") -> dict:
     """torch.load(weights_only=True) of a checkpoint file: tensors and plain values only, never code; a file
     that needs anything else, or is no torch file, is one line (exit 2)."""
     import pickle
@@ -437,7 +438,7 @@ def load_weights_only(path: Path, parts: Parts) -> None:
 # ---------------------------------------------------------------- final output
 
 
-def _write_final(final: Path, needed: int, save: Callable[[Path], None]) -> Optional[str]:
+def _write_final(final: Path, needed: int, save: Callable[[Path], None]) -> str | None:
     """`save(tmp)` into a marked temporary directory, fsync'ed and renamed to `final` (replacing memplan's
     earlier one); None, or the problem (the partial directory removed)."""
     tmp = outputs.temp_dir(final, final.name)
@@ -497,7 +498,7 @@ def save_final(parts: Parts, out: Path, tokenizer, plan, base_dir: Path) -> dict
     return written
 
 
-def _merge(out: Path, adapter: Path, tokenizer, plan, base_dir: Path) -> Optional[str]:
+def _merge(out: Path, adapter: Path, tokenizer, plan, base_dir: Path) -> str | None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from memplan.errors import UserError
 from memplan.files import parse_json, read_text
@@ -30,11 +31,11 @@ class Record:
     """One parsed line: the conversation (alpaca and chat) or the text."""
 
     where: str  # file:line, for messages
-    messages: Optional[list[dict[str, str]]] = None
-    text: Optional[str] = None
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
 
     @property
-    def answer(self) -> Optional[str]:
+    def answer(self) -> str | None:
         """The exact answer the model should give: the last assistant turn."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             return None
@@ -55,7 +56,7 @@ class Example:
 # ---------------------------------------------------------------- reading JSONL
 
 
-def _detect(obj: dict) -> Optional[str]:
+def _detect(obj: dict) -> str | None:
     if "messages" in obj:
         return "chat"
     if "instruction" in obj or "output" in obj:
@@ -350,13 +351,13 @@ class RunRecords:
     retention: list[Record]
 
 
-def read_run_records(plan) -> tuple[Optional[RunRecords], list[str]]:
+def read_run_records(plan) -> tuple[RunRecords | None, list[str]]:
     """Every data file of the plan, each read to the end; returns the records (None when a file has a
     problem) and one line per problem: a file's first bad line, a missing file, a missing setting."""
     d = plan.data
     problems: list[str] = []
 
-    def read(path: Optional[str], fmt: str) -> list[Record]:
+    def read(path: str | None, fmt: str) -> list[Record]:
         if not path:
             return []
         try:
@@ -383,7 +384,7 @@ def read_run_records(plan) -> tuple[Optional[RunRecords], list[str]]:
     return RunRecords(records, val_records, replay_records, retention_records), []
 
 
-def load_run_data(plan, tokenizer, records: Optional[RunRecords] = None) -> RunData:
+def load_run_data(plan, tokenizer, records: RunRecords | None = None) -> RunData:
     """Tokenize the plan's records (read and checked here when not given) before any training starts."""
     d = plan.data
     if records is None:

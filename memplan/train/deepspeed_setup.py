@@ -31,7 +31,7 @@ users do. No torch or deepspeed import at module level.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from memplan.errors import UserError
 from memplan.plan import mixed_precision
@@ -79,7 +79,7 @@ def _set(cfg: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def optimizer_section(plan) -> Optional[dict]:
+def optimizer_section(plan) -> dict | None:
     """The JSON's optimizer section: the plan's AdamW, for tools that let DeepSpeed build the optimizer (HF
     Trainer given a JSON with this section, the deepspeed launcher). DeepSpeed builds "AdamW" as
     DeepSpeedCPUAdam (adamw_mode) under ZeRO-Offload, else as its FusedAdam CUDA op unless "torch_adam"
@@ -308,7 +308,7 @@ def configure(accelerator, plan) -> dict:
     return cfg
 
 
-def global_grad_norm(engine) -> Optional[float]:
+def global_grad_norm(engine) -> float | None:
     """The gradient norm DeepSpeed computed (before its clipping) in the last engine.step."""
     norm = engine.get_global_grad_norm()
     if norm is None:

@@ -6,8 +6,6 @@ them), so every process reaches the same early-stopping decision without communi
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from memplan.train.data import Example, Record, batches, collate, prompt_ids
@@ -48,7 +46,7 @@ def _decoder_and_head(model):
 
 
 @torch.no_grad()
-def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, device, autocast) -> Optional[float]:
+def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, device, autocast) -> float | None:
     """Mean token cross-entropy over `examples` (eval mode, no dropout)."""
     if not examples:
         return None
@@ -67,7 +65,7 @@ def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
 
 @torch.no_grad()
 def exact_match(model, records: list[Record], tokenizer, device, autocast, limit: int,
-                batch_size: int = 32) -> Optional[float]:
+                batch_size: int = 32) -> float | None:
     """Fraction of the first `limit` records whose greedy completion equals the answer (stripped).
     Prompts are generated in left-padded batches; the completion ends at the first end-of-sequence."""
     scored = records[:limit]

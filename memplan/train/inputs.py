@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 #: Fields a resumed run can take new values for with `--set`: the schedule's length and peak (the LR
 #: schedule is rebuilt for the new values at the resumed step), evaluation, logging and checkpoint
@@ -129,11 +129,12 @@ def differences(then: dict, now: dict, overrides: dict[str, Any]) -> tuple[dict[
     if a is not None and a != b:
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         lines.append(f"--resume: the model directory {now['model']['path']} is not the one the run started from "
-                     f"({', '.join(diff[:3])}{' ...' if len(diff) > 3 else ''} differ). Hint: restore it, or {_NEW_RUN}")
+                     f"({', '.join(diff[:3])}{' ...' if len(diff) > 3 else ''} differ). "
+                     f"Hint: restore it, or {_NEW_RUN}")
     return changes, lines
 
 
-def read(checkpoint: Path) -> Optional[dict]:
+def read(checkpoint: Path) -> dict | None:
     try:
         return json.loads((checkpoint / FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):

@@ -5,7 +5,8 @@ DDP, FSDP, DeepSpeed, multi-node from the same file). CPU: `python -m torch.dist
 with one process per `gpus` on gloo: `accelerate launch --cpu` starts a single process regardless of
 --num_processes, so it cannot run a CPU data-parallel job. DeepSpeed always goes through accelerate launch
 (one process too: the engine needs the launcher's environment and the config's DeepSpeed JSON, passed by
-its absolute path so that the plan directory can move), on the CPU as well. The started processes see MEMPLAN_LAUNCHED=1, so that none of them launches again.
+its absolute path so that the plan directory can move), on the CPU as well. The started processes see
+MEMPLAN_LAUNCHED=1, so that none of them launches again.
 
 Both launchers run inside memplan.train.agent, which ties the run's processes together:
 - no process outlives the one that started it: the launcher gets SIGTERM when `memplan train` ends, however
@@ -25,8 +26,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 from memplan.train.settings import Resolved
 
@@ -46,7 +47,7 @@ PARENT_ENV = "MEMPLAN_PARENT_PID"
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(sig: int, parent: Optional[int] = None) -> None:
+def die_with_parent(sig: int, parent: int | None = None) -> None:
     """Have Linux send `sig` to this process when the process that started it ends, however it ends
     (prctl PR_SET_PDEATHSIG). A parent gone before the call (this process was handed to init, or its
     parent is not `parent`) means `sig` now. Other systems have no such call: nothing happens there."""

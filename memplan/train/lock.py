@@ -22,7 +22,6 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional
 
 from memplan.errors import UserError
 
@@ -45,7 +44,7 @@ def lock_path(out: Path) -> Path:
     return Path(out) / LOCK_NAME
 
 
-def _record(fd: int) -> Optional[dict]:
+def _record(fd: int) -> dict | None:
     """Who took the lock, as its file says; None for an empty or unreadable file."""
     try:
         data = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
@@ -54,7 +53,7 @@ def _record(fd: int) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
-def describe(record: Optional[dict]) -> str:
+def describe(record: dict | None) -> str:
     """'pid 123 on host, started 2025-01-31 12:00:00' (what is known of it)."""
     if not record:
         return "no record of it"
@@ -64,7 +63,7 @@ def describe(record: Optional[dict]) -> str:
     return ", ".join(parts)
 
 
-def busy_line(out: Path, record: Optional[dict]) -> str:
+def busy_line(out: Path, record: dict | None) -> str:
     return (f"output_dir {out} is in use by another memplan train run ({describe(record)}). Hint: wait for it to "
             "finish (or stop it), or --set output_dir=NEW_DIR for a separate run")
 
@@ -92,7 +91,7 @@ def _try_lock(fd: int, mode: str) -> bool:
     return False
 
 
-def in_use(out: Path) -> Optional[str]:
+def in_use(out: Path) -> str | None:
     """The line saying that another run holds `out`, or None. Creates nothing: a look with a shared lock,
     which a running run's exclusive one refuses."""
     try:
@@ -116,11 +115,11 @@ class OutputLock:
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
         self.path = lock_path(self.out)
-        self.fd: Optional[int] = None
-        self.stale: Optional[dict] = None
+        self.fd: int | None = None
+        self.stale: dict | None = None
         self.unlocked = False  # no file locks here: the run goes on without one
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         fd = None
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +166,7 @@ class OutputLock:
         os.close(self.fd)
         self.fd = None
 
-    def stale_note(self) -> Optional[str]:
+    def stale_note(self) -> str | None:
         """What the run should say about the lock: a killed run's file it found, or no locks here."""
         if self.unlocked:
             return (f"{self.out} is on a file system without file locks: a second memplan train run on it would "
@@ -177,7 +176,7 @@ class OutputLock:
         return (f"the previous memplan train run in {self.out} ({describe(self.stale)}) ended without finishing "
                 "(killed, or its machine stopped); its lock ended with it, and this run takes the directory over")
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

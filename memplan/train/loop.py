@@ -30,11 +30,14 @@ import contextlib
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from memplan.errors import UserError
+from memplan.report import train as report
+from memplan.report.units import format_bytes
 from memplan.train.settings import Resolved
 from memplan.train.state import TrainerState, Window
 
@@ -62,8 +65,7 @@ def _optimizer(plan, model):
     parameters. With weight decay, biases and norm weights (1-D tensors) are not decayed, as in HF Trainer.
     bf16-master: memplan.runtime.optim steps fp32 masters of the bf16 parameters, except under DeepSpeed,
     whose engine keeps the masters itself."""
-    from memplan.runtime.optim import MasterWeightsOptimizer, wants_masters
-    from memplan.runtime.optim import optimizer_factory
+    from memplan.runtime.optim import MasterWeightsOptimizer, optimizer_factory, wants_masters
 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     wd = plan.hparams.weight_decay
@@ -174,9 +176,9 @@ def setup(resolved: Resolved, checked, resume: bool, trust_remote_code: bool,
           echo: Callable[[str], None]) -> Trainer:
     """accelerate (processes, device, the plan's autocast), the data, the model, the optimizer and its LR
     schedule, the checkpoint to resume and the metrics file; then a line that says what will run."""
-    from memplan.train import data as data_mod
     from memplan.runtime.meter import PeakMemory
     from memplan.runtime.model import load_tokenizer
+    from memplan.train import data as data_mod
 
     _quiet_libraries()
     plan, out, base_dir = resolved.plan, resolved.output_dir, checked.model_dir
@@ -206,7 +208,7 @@ def evaluate_before(t: Trainer, resume: bool) -> None:
     if not resume:
         rec = validate(t)
         if rec:
-            t.say(_eval_line(rec))
+            t.say(report.eval_line(rec))
 
 
 def train_steps(t: Trainer, progress: bool) -> bool:
@@ -311,8 +313,8 @@ def _model_and_optimizer(plan, base_dir: Path, accelerator, steps: int, trust_re
     from transformers import get_scheduler
     from transformers.trainer_utils import set_seed
 
-    from memplan.train.checkpoint import Parts
     from memplan.runtime.model import load_model, parameter_counts
+    from memplan.train.checkpoint import Parts
 
     h, world = plan.hparams, accelerator.num_processes
     set_seed(h.seed)
@@ -354,7 +356,7 @@ def _resume(plan, parts, checked, say: Callable[[str], None]) -> TrainerState:
     return state
 
 
-def _metrics_log(out: Path, resume_step: Optional[int], say: Callable[[str], None]):
+def _metrics_log(out: Path, resume_step: int | None, say: Callable[[str], None]):
     from memplan.train import metrics as mx
 
     log = mx.MetricsLog(out / "metrics.jsonl", resume_step)
@@ -394,7 +396,7 @@ def _start_meter(t: Trainer) -> None:
                                for g in optimizer.param_groups for p in g["params"]])
 
 
-def optimizer_step(t: Trainer) -> tuple[float, Optional[float]]:
+def optimizer_step(t: Trainer) -> tuple[float, float | None]:
     """One optimizer step: grad_accum micro-batches forward and backward, clip, step the optimizer and
     the LR; its loss, tokens and time counted into the state. Returns the step's LR and gradient norm."""
     start = time.perf_counter()
@@ -407,7 +409,7 @@ def optimizer_step(t: Trainer) -> tuple[float, Optional[float]]:
     t.state.step += 1
     t.meter.step_done(max(b["input_ids"].shape[1] for b in micro))
     if t.meter.measured_steps == t.meter.steps and not t.meter.cuda and t.state.step == t.start_step + t.meter.steps:
-        t.say(_memory_line(memory_report(t.plan, t.checked.model_dir, t.meter)))
+        t.say(report.memory_line(memory_report(t.plan, t.checked.model_dir, t.meter)))
 
     loss = float(_all_sum(t.accelerator, step_loss)) / labelled
     tokens = int(_all_sum(t.accelerator, float(tokens)))
@@ -455,7 +457,7 @@ def _forward_backward(t: Trainer, micro: list[dict], labelled: float):
     return step_loss, tokens
 
 
-def _clip_and_step(t: Trainer) -> Optional[float]:
+def _clip_and_step(t: Trainer) -> float | None:
     """Clip to max_grad_norm and step the optimizer; the gradient norm before clipping (None unclipped).
     Under DeepSpeed the engine stepped in the last backward, with its JSON's gradient_clipping."""
     from memplan.train import deepspeed_setup
@@ -472,7 +474,7 @@ def _clip_and_step(t: Trainer) -> Optional[float]:
     return grad_norm
 
 
-def log_metrics(t: Trainer, bar, lr: float, grad_norm: Optional[float]) -> None:
+def log_metrics(t: Trainer, bar, lr: float, grad_norm: float | None) -> None:
     """Every log_every steps and at the last: a metrics line of the steps since the previous one."""
     state, window, step = t.state, t.state.window, t.state.step
     if not (step % t.plan.hparams.log_every == 0 or step == t.steps):
@@ -485,7 +487,7 @@ def log_metrics(t: Trainer, bar, lr: float, grad_norm: Optional[float]) -> None:
     if t.log:
         t.log.write(rec)
     bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {lr:.2e} {rec['tokens_per_s']:.0f} tok/s"
-                        + (f" mem {peak / 2**20:.0f}MiB" if peak else ""))
+                        + (f" mem {format_bytes(peak, 'MiB', digits=0)}" if peak else ""))
     state.window = Window()
 
 
@@ -498,7 +500,7 @@ def evaluate_and_track(t: Trainer) -> tuple[bool, bool]:
     rec = validate(t)
     if not rec:
         return False, False
-    t.say(_eval_line(rec))
+    t.say(report.eval_line(rec))
     improved = t.state.count_evaluation(rec["eval_loss"]) and t.selects
     return improved, bool(t.patience) and t.state.bad_evals >= t.patience
 
@@ -518,7 +520,7 @@ def save_checkpoint_if_due(t: Trainer, improved: bool, stopping: bool) -> None:
                          t.state.best_step if t.selects else None, inputs=t.checked.inputs)
 
 
-def validate(t: Trainer) -> Optional[dict]:
+def validate(t: Trainer) -> dict | None:
     """The validation loss and perplexity (and exact match on eval_samples records) at this step, into
     metrics.jsonl; None without validation data."""
     from memplan.train import evaluate as ev
@@ -536,7 +538,7 @@ def validate(t: Trainer) -> Optional[dict]:
     return rec
 
 
-def _mean_loss(t: Trainer, examples: list) -> Optional[float]:
+def _mean_loss(t: Trainer, examples: list) -> float | None:
     from memplan.train import evaluate as ev
 
     return ev.mean_loss(t.model, examples, max(1, t.plan.micro_batch), t.tokenizer.pad_token_id,
@@ -571,19 +573,8 @@ def _apply_changes(plan, optimizer, scheduler, changes: dict) -> None:
     scheduler._last_lr = lrs
 
 
-def _memory_line(mem: dict) -> str:
-    flag = " (gap over 10 %)" if mem["flag"] else ""
-    return (f"memory: measured peak {mem['measured_bytes'] / 2**20:.1f} MiB ({mem['what']}), memplan's estimate "
-            f"{mem['estimated_bytes'] / 2**20:.1f} MiB at the measured shape: {100 * mem['gap']:+.1f} %{flag}")
-
-
-def _eval_line(rec: dict) -> str:
-    acc = f", exact match {100 * rec['eval_accuracy']:.1f} %" if rec.get("eval_accuracy") is not None else ""
-    return f"step {rec['step']}: validation loss {rec['eval_loss']:.4f} (perplexity {rec['eval_ppl']:.2f}){acc}"
-
-
 def _summary(t: Trainer, written: dict, final_step: int, stopped_early: bool,
-             retention_after: Optional[float]) -> dict:
+             retention_after: float | None) -> dict:
     from memplan.train import metrics as mx
 
     state, out = t.state, t.out
@@ -619,11 +610,11 @@ def _summary(t: Trainer, written: dict, final_step: int, stopped_early: bool,
     }
 
 
-def memory_report(plan, base_dir: Path, meter) -> Optional[dict]:
+def memory_report(plan, base_dir: Path, meter) -> dict | None:
     """The measured peak next to memplan's estimate, for the plan as written and for the batch shape the
     measured steps really had (the data's longest micro-batch rather than seq_len tokens)."""
-    from memplan.estimator import estimate
     from memplan.catalog.resolve import resolve_model
+    from memplan.estimator import estimate
     from memplan.runtime.meter import compare_peak
 
     if meter.peak_bytes is None:

@@ -14,7 +14,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 class MetricsLog:
@@ -23,7 +23,7 @@ class MetricsLog:
     holds the line numbers). The file is fsync'ed before each checkpoint (`sync`), so the lines up to a
     checkpoint's step are on the disk when the checkpoint is."""
 
-    def __init__(self, path: Path, resume_step: Optional[int]) -> None:
+    def __init__(self, path: Path, resume_step: int | None) -> None:
         from memplan.train.outputs import write_durable
 
         self.path = path
@@ -111,13 +111,13 @@ def plot(records: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def perplexity(loss: Optional[float]) -> Optional[float]:
+def perplexity(loss: float | None) -> float | None:
     if loss is None:
         return None
     return math.exp(min(loss, 50.0))
 
 
-def median(values: list[float]) -> Optional[float]:
+def median(values: list[float]) -> float | None:
     if not values:
         return None
     s = sorted(values)

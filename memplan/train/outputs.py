@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
 
 #: In every directory memplan creates (and in OUTPUT_DIR once a run started there), written first.
 MARKER = ".memplan-output"
@@ -137,7 +136,7 @@ def remove_stale(out: Path) -> list[Path]:
 # ---------------------------------------------------------------- checkpoints: complete or absent
 
 
-def checkpoint_step(path: Path) -> Optional[int]:
+def checkpoint_step(path: Path) -> int | None:
     """The step of a directory named checkpoint-<digits>; None for any other name."""
     m = _CHECKPOINT_NAME.fullmatch(path.name)
     return int(m.group(1)) if m else None
@@ -172,7 +171,7 @@ def write_complete(directory: Path) -> None:
     write_durable(directory / COMPLETE, json.dumps({"files": dict(sorted(sizes.items()))}, indent=1) + "\n")
 
 
-def damage(directory: Path) -> Optional[str]:
+def damage(directory: Path) -> str | None:
     """Why a checkpoint is not intact, or None when every file COMPLETE lists has its size."""
     try:
         files = json.loads((directory / COMPLETE).read_text(encoding="utf-8"))["files"]
@@ -192,7 +191,7 @@ def damage(directory: Path) -> Optional[str]:
     return None
 
 
-def resume_point(root: Path) -> tuple[Optional[Path], list[str]]:
+def resume_point(root: Path) -> tuple[Path | None, list[str]]:
     """The newest intact checkpoint, and one line for each newer one that is damaged (skipped)."""
     skipped: list[str] = []
     for path in reversed(list_checkpoints(root)):
@@ -254,7 +253,7 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def run_inputs(resolved, model_dir: Optional[Path]) -> dict[str, Path]:
+def run_inputs(resolved, model_dir: Path | None) -> dict[str, Path]:
     """What the run reads and must never write: the model directory, the data files, the plan file."""
     plan = resolved.plan
     found: dict[str, Path] = {}
@@ -268,7 +267,7 @@ def run_inputs(resolved, model_dir: Optional[Path]) -> dict[str, Path]:
     return found
 
 
-def overlap_lines(resolved, model_dir: Optional[Path]) -> list[str]:
+def overlap_lines(resolved, model_dir: Path | None) -> list[str]:
     """One line for each input the run would write over, delete, or write into."""
     out = resolved.output_dir
     inputs = {label: _real(p) for label, p in run_inputs(resolved, model_dir).items()}

@@ -34,7 +34,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from memplan.errors import UserError
 from memplan.plan import Plan, build_plan, merge
@@ -56,12 +56,12 @@ class Checked:
     they have a problem); what the run depends on (memplan.train.inputs.record); on --resume the checkpoint
     to resume from, the damaged newer ones skipped, and the changes given with --set to apply."""
 
-    model_dir: Optional[Path]
+    model_dir: Path | None
     records: Any  # memplan.train.data.RunRecords
-    inputs: Optional[dict] = None
-    resume_from: Optional[Path] = None
+    inputs: dict | None = None
+    resume_from: Path | None = None
     skipped: tuple[str, ...] = ()
-    changes: Optional[dict] = None
+    changes: dict | None = None
 
 
 class Machine:
@@ -75,14 +75,14 @@ class Machine:
             return False
 
     @staticmethod
-    def version(distribution: str) -> Optional[str]:
+    def version(distribution: str) -> str | None:
         try:
             return importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:
             return None
 
     @functools.cached_property
-    def torch_build(self) -> Optional[str]:
+    def torch_build(self) -> str | None:
         """'cuda', 'rocm' or 'cpu' as torch/version.py says without importing torch; None if unreadable."""
         spec = importlib.util.find_spec("torch")
         if spec is None or not spec.submodule_search_locations:
@@ -180,7 +180,8 @@ def _launch_problems(plan: Plan, plan_path: Path) -> list[Problem]:
                            "memplan recommend ... -o DIR rewrites it for the plan"))
     if str(cfg.get("num_processes", 1)) != str(plan.world_size):
         out.append(Problem(f"{config}: num_processes is {cfg.get('num_processes')}, but the plan has "
-                           f"{plan.world_size} (gpus x nodes)", "memplan recommend ... -o DIR rewrites it for the plan"))
+                           f"{plan.world_size} (gpus x nodes)",
+                           "memplan recommend ... -o DIR rewrites it for the plan"))
     return out
 
 
@@ -256,7 +257,7 @@ def _set_args(fix: dict[str, Any]) -> str:
     return " ".join(f"--set {k}={v}" for k, v in fix.items())
 
 
-def _changed(plan: Plan, fix: dict[str, Any]) -> Optional[Plan]:
+def _changed(plan: Plan, fix: dict[str, Any]) -> Plan | None:
     try:
         return build_plan(merge(plan.model_dump(mode="json"), {resolve_key(k): v for k, v in fix.items()}))
     except UserError:  # not a valid plan
@@ -268,7 +269,7 @@ def machine_lines(plan: Plan, plan_path: Path, machine: Machine) -> list[str]:
     problems = machine_problems(plan, plan_path, machine)
     texts = {p.text for p in problems}
 
-    def left_after(fix: dict[str, Any]) -> Optional[set[str]]:
+    def left_after(fix: dict[str, Any]) -> set[str] | None:
         changed = _changed(plan, fix)
         return None if changed is None else {p.text for p in machine_problems(changed, plan_path, machine)}
 
@@ -300,7 +301,7 @@ def machine_lines(plan: Plan, plan_path: Path, machine: Machine) -> list[str]:
     return lines
 
 
-def _model_lines(plan: Plan, trust_remote_code: bool) -> tuple[Optional[Path], list[str]]:
+def _model_lines(plan: Plan, trust_remote_code: bool) -> tuple[Path | None, list[str]]:
     from memplan.runtime.model import check_remote_code, model_dir
 
     try:
@@ -311,7 +312,7 @@ def _model_lines(plan: Plan, trust_remote_code: bool) -> tuple[Optional[Path], l
     return path, []
 
 
-def _probe_write(directory: Path) -> Optional[OSError]:
+def _probe_write(directory: Path) -> OSError | None:
     """Create and remove a file in `directory`: the error that stops it (EACCES, EROFS, ENOSPC...), or None.
     A try rather than os.access, which a read-only mount or an ACL can contradict."""
     try:
@@ -396,7 +397,7 @@ def small_data_warnings(plan: Plan, n_train: int, n_validation: int) -> list[str
 
 
 def check(resolved: Resolved, resume: bool, trust_remote_code: bool,
-          machine: Optional[Machine] = None, probe_lock: bool = True) -> tuple[Checked, list[str]]:
+          machine: Machine | None = None, probe_lock: bool = True) -> tuple[Checked, list[str]]:
     """What the run uses, and every problem that stops the plan here, one line each. `probe_lock`: also
     whether another run holds the output directory (not in the processes a run launched: their launcher
     holds it)."""

@@ -5,8 +5,9 @@ several processes, or the run itself. The result says what happened; memplan.rep
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from memplan.errors import UserError
 from memplan.train.settings import Resolved, resolve_plan
@@ -55,10 +56,10 @@ class TrainResult:
     """code: the exit status (None: 0). problems: the lines to print as errors (none when they were left
     for the launching `memplan train` to print once). summary: the finished run's, on rank 0."""
 
-    code: Optional[int] = None
+    code: int | None = None
     problems: list[str] = field(default_factory=list)
-    dry_run: Optional[DryRun] = None
-    summary: Optional[dict] = None
+    dry_run: DryRun | None = None
+    summary: dict | None = None
     interrupted: bool = False
 
 
@@ -77,7 +78,7 @@ def _takes_lock() -> bool:
     return os.environ.get(LAUNCHED_ENV) != "1" and os.environ.get("RANK", "0") == "0"
 
 
-def _refused(problems: list[str], dry_run: Optional[DryRun] = None) -> TrainResult:
+def _refused(problems: list[str], dry_run: DryRun | None = None) -> TrainResult:
     """Exit code 2 with every problem; in a launched process they are left for `memplan train` to print once
     (memplan.train.launch.report)."""
     from memplan.train.launch import report
@@ -106,8 +107,8 @@ def dry_run(resolved: Resolved, problems: list[str], warnings: list[str]) -> Dry
     """The plan's estimate and fit verdict, as `memplan estimate --config PLAN` gives them (the plan's
     recorded target, else this machine's GPUs or RAM); without an estimate for the model, its reason is
     the problem when there is no other."""
-    from memplan.fit import plan_verdict
     from memplan.catalog.resolve import resolve_model
+    from memplan.fit import plan_verdict
 
     try:
         spec = resolve_model(resolved.plan.model)
@@ -181,8 +182,8 @@ def fill_every_process(resolved: Resolved, checked, trust_remote_code: bool) -> 
     from memplan.runtime.hf import offline_and_quiet
 
     offline_and_quiet()
-    from memplan.train.data import Stream, load_run_data
     from memplan.runtime.model import load_tokenizer
+    from memplan.train.data import Stream, load_run_data
 
     plan = resolved.plan
     data = load_run_data(plan, load_tokenizer(checked.model_dir, trust_remote_code), checked.records)

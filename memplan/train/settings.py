@@ -5,11 +5,20 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from memplan.errors import UserError, shown
-from memplan.plan import (DataSettings, Hyperparameters, LoraSettings, Overrides, Plan, TargetSettings, build_plan,
-                          merge, read_plan_yaml)
+from memplan.plan import (
+    DataSettings,
+    Hyperparameters,
+    LoraSettings,
+    Overrides,
+    Plan,
+    TargetSettings,
+    build_plan,
+    merge,
+    read_plan_yaml,
+)
 
 _SECTIONS = {"lora": LoraSettings, "hparams": Hyperparameters, "data": DataSettings, "target": TargetSettings}
 # Plan fields that hold file paths; relative ones are resolved against where they were written.
@@ -84,7 +93,7 @@ class Resolved:
         return Path(self.plan.output_dir) if self.plan.output_dir else self.plan_dir
 
 
-def _absolute(value: Optional[str], base: Path) -> Optional[str]:
+def _absolute(value: str | None, base: Path) -> str | None:
     if value is None:
         return None
     p = Path(value).expanduser()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -24,12 +23,12 @@ class TrainerState:
     """Counts of the run so far (all processes together)."""
 
     step: int = 0  # optimizer steps done; also the data position (memplan.train.data.Stream)
-    best_loss: Optional[float] = None  # the lowest validation loss so far, and its step
-    best_step: Optional[int] = None
+    best_loss: float | None = None  # the lowest validation loss so far, and its step
+    best_step: int | None = None
     bad_evals: int = 0  # evaluations since the best: early stopping's patience counts them
     tokens: int = 0  # input tokens trained on
     train_seconds: float = 0.0  # time in optimizer steps (evaluations and saves not counted)
-    retention_before: Optional[float] = None  # the untouched model's mean loss on the retention text
+    retention_before: float | None = None  # the untouched model's mean loss on the retention text
     window: Window = field(default_factory=Window)
 
     def count_step(self, loss: float, tokens: int, seconds: float) -> None:
@@ -53,7 +52,7 @@ class TrainerState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, saved: dict) -> "TrainerState":
+    def from_json(cls, saved: dict) -> TrainerState:
         """The state trainer.json holds; keys it lacks keep their starting values, others are ignored.
         Raises TypeError or ValueError when a value has the wrong shape."""
         names = {f.name for f in dataclasses.fields(cls)}

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from memplan.catalog.paths import TABLES, data_dir, load_table, table_json, write_table
-from support import REPO
 
+from support import REPO
 
 
 @pytest.mark.parametrize("name", TABLES)

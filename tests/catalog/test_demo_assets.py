@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from memplan.catalog.presets import models_dir, preset_info
 from memplan.catalog.resolve import resolve_model
+
 from support import REPO
 
 DEMO = REPO / "data" / "demo"

@@ -7,14 +7,10 @@ import os
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
 from memplan.catalog import gpus as gpus_mod
-from memplan.catalog.paths import write_table
-from memplan.errors import UserError
-from memplan.report.units import GiB, MiB, format_bytes
 from memplan.catalog.gpus import (
     COMMON_SIZES_GIB,
     Gpu,
@@ -25,8 +21,11 @@ from memplan.catalog.gpus import (
     parse_memory,
     resolve_gpu,
 )
-from support import REPO
+from memplan.catalog.paths import write_table
+from memplan.errors import UserError
+from memplan.report.units import GiB, MiB, format_bytes
 
+from support import REPO
 
 REQUIRED_IDS = """
 a100-40gb a100-80gb h100-80gb h100-pcie-80gb h200-141gb l40s-48gb l4-24gb a10g-24gb rtx3090-24gb

@@ -17,14 +17,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from memplan.errors import UserError
 from memplan.catalog import families
 from memplan.catalog.families import FAMILIES, SUPPORTED_MODEL_TYPES, builder
 from memplan.catalog.presets import list_presets, models_dir, preset_ids, preset_info
 from memplan.catalog.resolve import config_file, preset_id, resolve_model
 from memplan.catalog.spec import Linear, ModelSpec, spec_from_config
-from support import REPO
+from memplan.errors import UserError
 
+from support import REPO
 
 REQUIRED_IDS = """
 llama-1-7b llama-1-13b llama-1-30b llama-1-65b llama-2-7b llama-2-13b llama-2-70b llama-3-8b llama-3-70b

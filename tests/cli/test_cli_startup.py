@@ -6,13 +6,12 @@ import gc
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from memplan.cli import gc_paused
-from support import REPO
 
+from support import REPO
 
 
 def _python(code: str, **env: str) -> str:

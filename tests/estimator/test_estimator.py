@@ -2,16 +2,16 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
+from memplan.catalog.resolve import resolve_model
+from memplan.catalog.spec import spec_from_config
 from memplan.estimator import estimate
 from memplan.estimator.activations import layer_saved
 from memplan.estimator.states import nf4_bytes, optimizer_state_bytes, parameter_tensors
-from memplan.catalog.resolve import resolve_model
-from memplan.catalog.spec import spec_from_config
 from memplan.plan import Plan
+
 from support import REPO
 
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -12,8 +12,8 @@ estimator models). Each trace runs two optimizer steps on fake tensors (seconds)
 
 import pytest
 
-from memplan.estimator import estimate
 from memplan.catalog.spec import spec_from_config
+from memplan.estimator import estimate
 from memplan.plan import Plan
 from memplan.profile.trace import trace_training
 

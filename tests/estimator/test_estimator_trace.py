@@ -6,8 +6,8 @@ model built from the preset's config and compares every phase's peak, steady sta
 
 import pytest
 
-from memplan.estimator import estimate
 from memplan.catalog.resolve import resolve_model
+from memplan.estimator import estimate
 from memplan.plan import Plan
 from memplan.profile.trace import trace_training
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -14,6 +13,7 @@ from memplan.plan import Plan
 from memplan.profile.launch import search_max
 from memplan.profile.meters import CudaMeter
 from memplan.profile.run import measure
+
 from support import REPO
 
 MiB = 2**20
@@ -242,7 +242,7 @@ def test_search_max_finds_the_boundary_from_any_start():
         for start in (1, 3, 16, 100):
             calls = []
 
-            def fits(n):
+            def fits(n, calls=calls, truth=truth):
                 calls.append(n)
                 return n <= truth
 
@@ -333,7 +333,6 @@ def test_gpu_check_rows_come_from_the_profile_path(tiny, tmp_path, monkeypatch):
     """benchmarks/gpu_check.py on the CPU: torch.cuda replaced by FakeCudaStats, the preset by the tiny config."""
     import importlib.util
     import shutil
-    from pathlib import Path
 
     import memplan.catalog.presets
     import memplan.profile.meters

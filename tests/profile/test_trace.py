@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
-
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from memplan.errors import UserError
-from memplan.runtime.loss import chunked_causal_lm_loss
-from memplan.plan import Plan
 from memplan.estimator.phases import PHASES
-from memplan.runtime.meter import METERED_TERMS, LiveBytes
+from memplan.plan import Plan
 from memplan.profile.trace import trace_training
+from memplan.runtime.loss import chunked_causal_lm_loss
+from memplan.runtime.meter import METERED_TERMS, LiveBytes
 
 GiB = 2**30
 

@@ -243,8 +243,9 @@ def test_existing_output_dir_keeps_other_files_and_gets_replaced_files(run_cli, 
 
 
 def test_cpu_plan_round_trip_and_accelerate_use_cpu(run_cli, tmp_path, monkeypatch):
-    import memplan.catalog.gpus
     from accelerate.commands.config.config_args import load_config_from_file
+
+    import memplan.catalog.gpus
 
     monkeypatch.setattr(memplan.catalog.gpus, "local_gpus", lambda: [])  # this machine's CPU, even on a GPU runner
     model = tmp_path / "tiny"
@@ -332,7 +333,7 @@ def test_plan_yaml_holds_one_warmup_and_an_edit_of_it_counts(written, tmp_path):
     text = (d / "plan.yaml").read_text()
     hp = yaml.safe_load(text)["hparams"]
     assert "warmup_ratio" not in hp and hp["warmup_steps"] == rec["plan"]["hparams"]["warmup_steps"] > 0
-    assert "  warmup_steps: %d  # one of warmup_steps / warmup_ratio" % hp["warmup_steps"] in text
+    assert f"  warmup_steps: {hp['warmup_steps']:d}  # one of warmup_steps / warmup_ratio" in text
 
     # a user asking for a 20 % warmup in the file: it takes effect, or the file is refused; never ignored
     edited = tmp_path / "plan.yaml"

@@ -1,6 +1,7 @@
 """The training tests' fixtures: the tiny Llama with its data, built once per session, and one intra-op thread."""
 
 import pytest
+
 from helpers import build_tiny_model, general_sentences, task_records, write_jsonl
 
 

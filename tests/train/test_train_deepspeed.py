@@ -6,7 +6,6 @@ records such a run on the CPU)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -93,8 +92,13 @@ def test_the_launch_is_accelerate_with_the_plans_config(tmp_path, tiny, monkeypa
 
 def test_deepspeed_config_checks_and_auto_values():
     from memplan.plan import build_plan
-    from memplan.train.deepspeed_setup import (BACKWARD_KWARGS, accelerator_kwargs, config_problems, fill_auto,
-                                               expected_values)
+    from memplan.train.deepspeed_setup import (
+        BACKWARD_KWARGS,
+        accelerator_kwargs,
+        config_problems,
+        expected_values,
+        fill_auto,
+    )
 
     plan = build_plan(dict(model="demo-tiny", device="cpu", gpus=2, micro_batch=3, grad_accum=4, **DS,
                            hparams={"max_grad_norm": 0.7}))
@@ -161,8 +165,8 @@ def _fake_accelerator(cfg: dict):
 def test_the_json_optimizer_section_is_checked_then_left_to_memplan():
     """ds_config.json describes the plan's AdamW for other trainers; memplan train checks it against the plan,
     fills its "auto" values and passes the optimizer itself (accelerate refuses one given both ways)."""
-    from memplan.errors import UserError
     from memplan.catalog.resolve import resolve_model
+    from memplan.errors import UserError
     from memplan.plan import build_plan
     from memplan.recommend.writers import ds_config
     from memplan.train.deepspeed_setup import config_problems, configure, fill_auto

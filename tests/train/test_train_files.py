@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from memplan.train import outputs
+
 from helpers import metrics, run_dir
 
 # 4 steps, a checkpoint every 2 (both kept), 2 warmup steps then cosine decay: a finished run to resume from.

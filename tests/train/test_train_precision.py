@@ -16,7 +16,6 @@ Tolerances (measured on this model, then given about 10x room):
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys

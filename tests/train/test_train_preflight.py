@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from memplan.train import preflight
+
 from helpers import run_dir
 from support import REPO
 

@@ -16,6 +16,7 @@ import pytest
 
 from memplan.train import lock as lock_mod
 from memplan.train import preflight
+
 from helpers import SUBPROCESS_ENV, run_dir
 from support import REPO
 
@@ -214,7 +215,7 @@ def _read_only_mount(directory: Path):
     unshare = shutil.which("unshare")
     if unshare is None or subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode != 0:
         return None
-    return lambda cmd: [unshare, "-rm", "sh", "-c", f'mount -t tmpfs -o ro tmpfs "$0" && exec "$@"',
+    return lambda cmd: [unshare, "-rm", "sh", "-c", 'mount -t tmpfs -o ro tmpfs "$0" && exec "$@"',
                         str(directory), *cmd]
 
 

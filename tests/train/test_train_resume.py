@@ -1,12 +1,13 @@
 """A run killed mid-way (SIGKILL) and resumed with --resume logs the same losses as an uninterrupted run."""
 
-import pytest
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from helpers import SUBPROCESS_ENV, metrics, run_dir
 

@@ -7,6 +7,7 @@ import pytest
 from memplan.errors import UserError
 from memplan.train import data as D
 from memplan.train.settings import parse_sets, resolve_key, resolve_plan
+
 from helpers import build_tiny_model, task_records, write_jsonl, write_plan
 
 

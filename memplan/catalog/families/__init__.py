@@ -10,7 +10,7 @@ path loads one family, however many there are.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 # model_type (config.json) -> the module in this package that builds it
 FAMILIES: dict[str, str] = {
