@@ -6,7 +6,7 @@ DeepSpeed steps, its first group's hyperparameters, whether ZeRO offloads it, th
 
 A plan with ZeRO-Offload is a CUDA plan (memplan refuses offload on a CPU run: there is nothing to offload
 to), but DeepSpeed's CPU accelerator runs ZeRO-1/2 with offload_optimizer, so this is as far as an offload
-plan goes without a GPU: the optimizer, its settings and its steps. tests/test_train_deepspeed.py and
+plan goes without a GPU: the optimizer, its settings and its steps. tests/train/test_train_deepspeed.py and
 benchmarks/deepspeed_cpu_check.py run it; it needs DeepSpeed.
 """
 
