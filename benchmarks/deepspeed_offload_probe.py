@@ -29,7 +29,7 @@ def main() -> None:
 
     from memplan.plan import build_plan
     from memplan.train import deepspeed_setup
-    from memplan.train.loop import _optimizer
+    from memplan.train.loop import plan_optimizer
 
     plan = build_plan(plan_fields)
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg_path), mixed_precision="bf16",
@@ -38,7 +38,7 @@ def main() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
     if mode == "memplan":  # memplan train's path (memplan.train.loop): the plan's optimizer, the JSON checked
         deepspeed_setup.configure(accelerator, plan)
-        optimizer = _optimizer(plan, model)
+        optimizer = plan_optimizer(plan, model)
     else:  # HF Trainer's with an optimizer section: DeepSpeed builds the optimizer from the JSON
         deepspeed_setup.fill_auto(plan, accelerator.state.deepspeed_plugin.deepspeed_config)
         optimizer = DummyOptim(model.parameters())

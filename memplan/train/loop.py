@@ -60,7 +60,7 @@ def _accelerator(plan):
     return Accelerator(mixed_precision=mixed_precision(plan), cpu=plan.device == "cpu")
 
 
-def _optimizer(plan, model):
+def plan_optimizer(plan, model):
     """The plan's optimizer (memplan.runtime.optim: the one `memplan profile` measures) over the trainable
     parameters. With weight decay, biases and norm weights (1-D tensors) are not decayed, as in HF Trainer.
     bf16-master: memplan.runtime.optim steps fp32 masters of the bf16 parameters, except under DeepSpeed,
@@ -327,7 +327,7 @@ def _model_and_optimizer(plan, base_dir: Path, accelerator, steps: int, trust_re
     own_fsdp = sharded and plan.device == "cpu"
     if own_fsdp:
         _shard_fsdp(model, plan, world)
-    optimizer = _optimizer(plan, model)
+    optimizer = plan_optimizer(plan, model)
     # transformers' "constant" has no warmup; "constant_with_warmup" is the plan's constant.
     schedule = {"constant": "constant_with_warmup"}.get(h.lr_scheduler, h.lr_scheduler)
     scheduler = get_scheduler(schedule, optimizer,
