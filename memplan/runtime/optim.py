@@ -74,14 +74,29 @@ def optimizer_factory(plan: Plan) -> Callable:
     raise UserError(f"memplan cannot build optimizer '{name}'")
 
 
-def make_optimizer(plan: Plan, factory: Callable, params: list[torch.Tensor], meter):
-    """The plan's optimizer over `params` as `memplan profile` measures it; bf16-master wraps it around fp32
-    masters of 16-bit parameters (peft's adapters are fp32 already: then there is nothing to master)."""
-    if wants_masters(plan.precision, params):
-        opt = MasterWeightsOptimizer(params, factory, lambda grads: meter.classify(grads, "gradients"))
-        meter.classify(opt.masters, "master_weights")
+def param_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict[str, Any]]:
+    """One group; with weight decay, two: biases and norm weights (1-D tensors) are not decayed, as in HF
+    Trainer (transformers/trainer.py, get_decay_parameter_names)."""
+    if weight_decay <= 0:
+        return [{"params": params}]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(plan: Plan, factory: Callable, params: list[torch.Tensor], meter=None, masters: bool = True):
+    """The plan's optimizer over the trainable `params`, the same for `memplan profile` (which passes its
+    meter) and `memplan train`. bf16-master wraps it around fp32 masters of 16-bit parameters (peft's
+    adapters are fp32 already: then there is nothing to master), unless `masters` is False (DeepSpeed's
+    engine keeps the masters itself)."""
+    groups = param_groups(params, plan.hparams.weight_decay)
+    if masters and wants_masters(plan.precision, params):
+        on_grads = (lambda grads: meter.classify(grads, "gradients")) if meter else None
+        opt = MasterWeightsOptimizer(groups, factory, on_grads)
+        if meter:
+            meter.classify(opt.masters, "master_weights")
         return opt
-    return factory(params)
+    return factory(groups)
 
 
 def _groups(params: Iterable) -> list[dict[str, Any]]:

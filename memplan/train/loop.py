@@ -61,23 +61,12 @@ def _accelerator(plan):
 
 
 def plan_optimizer(plan, model):
-    """The plan's optimizer (memplan.runtime.optim: the one `memplan profile` measures) over the trainable
-    parameters. With weight decay, biases and norm weights (1-D tensors) are not decayed, as in HF Trainer.
-    bf16-master: memplan.runtime.optim steps fp32 masters of the bf16 parameters, except under DeepSpeed,
-    whose engine keeps the masters itself."""
-    from memplan.runtime.optim import MasterWeightsOptimizer, optimizer_factory, wants_masters
+    """The plan's optimizer over the trainable parameters, built as `memplan profile` measures it
+    (memplan.runtime.optim.make_optimizer); under DeepSpeed the engine keeps the fp32 masters itself."""
+    from memplan.runtime.optim import make_optimizer, optimizer_factory
 
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    wd = plan.hparams.weight_decay
-    groups: list[dict[str, Any]] = [{"params": [p for _, p in params]}]
-    if wd > 0:
-        groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": wd},
-                  {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-    factory = optimizer_factory(plan)
-    if plan.sharding != "deepspeed" and wants_masters(plan.precision, [p for _, p in params]):
-        return MasterWeightsOptimizer(groups, factory)
-    return factory(groups)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return make_optimizer(plan, optimizer_factory(plan), params, masters=plan.sharding != "deepspeed")
 
 
 def total_steps(plan, per_epoch: int) -> int:

@@ -76,3 +76,42 @@ def test_the_trains_cpu_peak_follows_storages_freed_by_hand():
     meter.step_done(rows_len=1)
     assert meter.peak_bytes == 440 + 4000 and meter.mode is None
     del gathered, again
+
+
+class _Classifier:
+    """Stands in for profile's meter: records which tensors it was told are which term."""
+
+    def __init__(self):
+        self.terms: dict[str, int] = {}
+
+    def classify(self, tensors, term):
+        self.terms[term] = self.terms.get(term, 0) + len(list(tensors))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-master"])
+def test_profile_and_train_build_the_same_optimizer(precision):
+    """Weight decay splits the parameters into decayed matrices and undecayed vectors (as HF Trainer does),
+    and bf16-master steps fp32 masters: the optimizer `memplan profile` measures is the one train steps."""
+    from memplan.runtime.model import load_model, model_dir
+    from memplan.runtime.optim import MasterWeightsOptimizer, make_optimizer, optimizer_factory
+    from memplan.train.loop import plan_optimizer
+
+    plan = Plan(model="demo-tiny", precision=precision, hparams={"weight_decay": 0.1})
+    model = load_model(plan, model_dir("demo-tiny"), "cpu")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    meter = _Classifier()
+    profiled = make_optimizer(plan, optimizer_factory(plan), trainable, meter)
+    trained = plan_optimizer(plan, model)
+
+    def shape(opt):
+        return [(g["weight_decay"], [tuple(p.shape) for p in g["params"]], {str(p.dtype) for p in g["params"]})
+                for g in opt.param_groups]
+
+    assert type(profiled) is type(trained) and shape(profiled) == shape(trained)
+    assert [wd for wd, _, _ in shape(trained)] == [0.1, 0.0]
+    assert all(len(p) == 1 for _, shapes, _ in shape(trained)[1:] for p in shapes)  # the norms' vectors
+    masters = isinstance(trained, MasterWeightsOptimizer)
+    assert masters == (precision == "bf16-master")
+    assert ("master_weights" in meter.terms) == masters
+    if masters:
+        assert {str(p.dtype) for g in trained.param_groups for p in g["params"]} == {"torch.float32"}
