@@ -35,27 +35,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from memplan.catalog.resolve import resolve_model
 from memplan.errors import UserError
+from memplan.estimator import estimate
+from memplan.plan import mixed_precision
 from memplan.report import train as report
 from memplan.report.units import format_bytes
+from memplan.runtime.meter import PeakMemory, compare_peak
+from memplan.runtime.model import decoder_layers, load_model, load_tokenizer, parameter_counts
+from memplan.runtime.optim import make_optimizer, optimizer_factory
+from memplan.train import checkpoint as ckpt
+from memplan.train import data as data_mod
+from memplan.train import deepspeed_setup, outputs, preflight
+from memplan.train import evaluate as ev
+from memplan.train import inputs as run_inputs
+from memplan.train import metrics as mx
+from memplan.train.checkpoint import Parts
 from memplan.train.settings import Resolved
 from memplan.train.state import TrainerState, Window
 
 
 def _accelerator(plan):
-    import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-
-    from memplan.plan import mixed_precision
 
     if not torch.distributed.is_initialized():
         # accelerate keeps its settings in a process-wide singleton; a second run in the same Python
         # process (a notebook, tests) may use another precision.
         AcceleratorState._reset_state(reset_partial_state=True)
     if plan.sharding == "deepspeed":
-        from memplan.train import deepspeed_setup
-
         return Accelerator(**deepspeed_setup.accelerator_kwargs(plan))
     return Accelerator(mixed_precision=mixed_precision(plan), cpu=plan.device == "cpu")
 
@@ -63,8 +73,6 @@ def _accelerator(plan):
 def plan_optimizer(plan, model):
     """The plan's optimizer over the trainable parameters, built as `memplan profile` measures it
     (memplan.runtime.optim.make_optimizer); under DeepSpeed the engine keeps the fp32 masters itself."""
-    from memplan.runtime.optim import make_optimizer, optimizer_factory
-
     params = [p for p in model.parameters() if p.requires_grad]
     return make_optimizer(plan, optimizer_factory(plan), params, masters=plan.sharding != "deepspeed")
 
@@ -88,8 +96,6 @@ def _shard_fsdp(model, plan, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from memplan.runtime.model import decoder_layers
-
     mesh = init_device_mesh("cpu", (world,))
     reshard = plan.zero == 3
     for layer in decoder_layers(model):
@@ -98,8 +104,6 @@ def _shard_fsdp(model, plan, world: int) -> None:
 
 
 def _all_sum(accelerator, value):
-    import torch
-
     if accelerator.num_processes == 1:
         return value
     t = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
@@ -115,8 +119,6 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
           echo: Callable[[str], None] = print, progress: bool = True, checked=None) -> dict:
     """Run the plan; returns the summary (also written to OUTPUT_DIR/summary.json). `checked` is what
     memplan.train.preflight found; without it the same checks run here first."""
-    from memplan.train import preflight
-
     if checked is None:  # everything that can be wrong with the input fails here, before torch is imported
         checked = preflight.require(resolved, resume, trust_remote_code)
     t = setup(resolved, checked, resume, trust_remote_code, echo)
@@ -165,10 +167,6 @@ def setup(resolved: Resolved, checked, resume: bool, trust_remote_code: bool,
           echo: Callable[[str], None]) -> Trainer:
     """accelerate (processes, device, the plan's autocast), the data, the model, the optimizer and its LR
     schedule, the checkpoint to resume and the metrics file; then a line that says what will run."""
-    from memplan.runtime.meter import PeakMemory
-    from memplan.runtime.model import load_tokenizer
-    from memplan.train import data as data_mod
-
     _quiet_libraries()
     plan, out, base_dir = resolved.plan, resolved.output_dir, checked.model_dir
     accelerator = _start_processes(plan)
@@ -227,9 +225,6 @@ def train_steps(t: Trainer, progress: bool) -> bool:
 def save(t: Trainer, stopped_early: bool) -> dict:
     """The best weights back (when the validation loss chooses them), the final model or adapter,
     retention, the plot and summary.json; returns the summary."""
-    from memplan.train import checkpoint as ckpt
-    from memplan.train import metrics as mx
-
     final_step = _restore_best(t)
     written = ckpt.save_final(t.parts, t.out, t.tokenizer, t.plan, t.checked.model_dir)
     retention_after = _mean_loss(t, t.data.retention) if t.data.retention else None
@@ -265,8 +260,6 @@ def _quiet_libraries() -> None:
 
 def _start_processes(plan):
     """accelerate for the plan (DeepSpeed configured from its JSON), with the plan's process count."""
-    from memplan.train import deepspeed_setup
-
     accelerator = _accelerator(plan)
     if plan.sharding == "deepspeed":
         deepspeed_setup.configure(accelerator, plan)
@@ -289,8 +282,6 @@ def _status_printer(main: bool, echo: Callable[[str], None]) -> Callable[[str], 
 
 
 def _prepare_output_dir(out: Path, say: Callable[[str], None]) -> None:
-    from memplan.train import outputs
-
     outputs.mark_output_dir(out)
     for stale in outputs.remove_stale(out):
         say(f"removed {stale}, left by a run stopped while saving")
@@ -301,9 +292,6 @@ def _model_and_optimizer(plan, base_dir: Path, accelerator, steps: int, trust_re
     checkpoint.Parts; and the (trainable, total) parameter counts."""
     from transformers import get_scheduler
     from transformers.trainer_utils import set_seed
-
-    from memplan.runtime.model import load_model, parameter_counts
-    from memplan.train.checkpoint import Parts
 
     h, world = plan.hparams, accelerator.num_processes
     set_seed(h.seed)
@@ -332,9 +320,6 @@ def _model_and_optimizer(plan, base_dir: Path, accelerator, steps: int, trust_re
 
 def _resume(plan, parts, checked, say: Callable[[str], None]) -> TrainerState:
     """The checkpoint preflight chose restored into the parts; its trainer state, with the --set changes."""
-    from memplan.train import checkpoint as ckpt
-    from memplan.train import inputs as run_inputs
-
     for line in checked.skipped:
         say(f"{line}; resuming from {checked.resume_from.name} instead")
     state = ckpt.load_checkpoint(checked.resume_from, parts)
@@ -346,8 +331,6 @@ def _resume(plan, parts, checked, say: Callable[[str], None]) -> TrainerState:
 
 
 def _metrics_log(out: Path, resume_step: int | None, say: Callable[[str], None]):
-    from memplan.train import metrics as mx
-
     log = mx.MetricsLog(out / "metrics.jsonl", resume_step)
     if log.dropped:
         say(f"note: {out / 'metrics.jsonl'} line(s) {', '.join(map(str, log.dropped))} were cut off (not JSON) "
@@ -356,8 +339,6 @@ def _metrics_log(out: Path, resume_step: int | None, say: Callable[[str], None])
 
 
 def _describe_run(t: Trainer) -> None:
-    from memplan.train import preflight
-
     plan, run_data = t.plan, t.data
     trainable, total = t.params
     t.say(f"model {t.checked.model_dir} ({total:,} parameters, {trainable:,} trainable, {plan.method}); "
@@ -411,8 +392,6 @@ def optimizer_step(t: Trainer) -> tuple[float, float | None]:
 
 def _micro_batches(t: Trainer) -> list[dict]:
     """This process's grad_accum micro-batches of the next step, in the run's data order (data.Stream)."""
-    from memplan.train import data as data_mod
-
     first = t.state.step * t.plan.grad_accum
     return [data_mod.collate(t.stream.micro_batch_at(first + i), t.tokenizer.pad_token_id, t.data.packed)
             for i in range(t.plan.grad_accum)]
@@ -422,11 +401,6 @@ def _forward_backward(t: Trainer, micro: list[dict], labelled: float):
     """Each micro-batch's token-summed loss over `labelled` (the step's labelled tokens on all processes),
     backward; gradients synchronised on the last micro-batch only. Returns this process's summed loss
     (float64) and input tokens."""
-    import torch
-
-    from memplan.train import deepspeed_setup
-    from memplan.train import evaluate as ev
-
     model, accelerator, ds = t.model, t.accelerator, t.parts.deepspeed
     scale = accelerator.num_processes / labelled
     step_loss = torch.zeros((), dtype=torch.float64)
@@ -449,8 +423,6 @@ def _forward_backward(t: Trainer, micro: list[dict], labelled: float):
 def _clip_and_step(t: Trainer) -> float | None:
     """Clip to max_grad_norm and step the optimizer; the gradient norm before clipping (None unclipped).
     Under DeepSpeed the engine stepped in the last backward, with its JSON's gradient_clipping."""
-    from memplan.train import deepspeed_setup
-
     h, model, optimizer = t.plan.hparams, t.model, t.parts.optimizer
     if t.parts.deepspeed:
         return deepspeed_setup.global_grad_norm(model) if h.max_grad_norm > 0 else None
@@ -497,9 +469,6 @@ def evaluate_and_track(t: Trainer) -> tuple[bool, bool]:
 def save_checkpoint_if_due(t: Trainer, improved: bool, stopping: bool) -> None:
     """Every save_every (else eval_every) steps, at a better validation loss, at the last step and when
     stopping early."""
-    from memplan.train import checkpoint as ckpt
-    from memplan.train import outputs
-
     h, step = t.plan.hparams, t.state.step
     if not (step % (h.save_every or h.eval_every) == 0 or improved or step == t.steps or stopping):
         return
@@ -512,9 +481,6 @@ def save_checkpoint_if_due(t: Trainer, improved: bool, stopping: bool) -> None:
 def validate(t: Trainer) -> dict | None:
     """The validation loss and perplexity (and exact match on eval_samples records) at this step, into
     metrics.jsonl; None without validation data."""
-    from memplan.train import evaluate as ev
-    from memplan.train import metrics as mx
-
     if not t.data.validation:
         return None
     h = t.plan.hparams
@@ -528,8 +494,6 @@ def validate(t: Trainer) -> dict | None:
 
 
 def _mean_loss(t: Trainer, examples: list) -> float | None:
-    from memplan.train import evaluate as ev
-
     return ev.mean_loss(t.model, examples, max(1, t.plan.micro_batch), t.tokenizer.pad_token_id,
                         t.accelerator.device, t.accelerator.autocast)
 
@@ -537,9 +501,6 @@ def _mean_loss(t: Trainer, examples: list) -> float | None:
 def _restore_best(t: Trainer) -> int:
     """When the validation loss chooses the final weights: the best checkpoint's weights back into the
     model. Returns the step of the final weights."""
-    from memplan.train import checkpoint as ckpt
-    from memplan.train import outputs
-
     best = t.state.best_step
     if t.selects and best is not None and best != t.state.step:
         ckpt.load_weights_only(t.out / outputs.CHECKPOINTS / f"{ckpt.PREFIX}{best:06d}", t.parts)
@@ -564,8 +525,6 @@ def _apply_changes(plan, optimizer, scheduler, changes: dict) -> None:
 
 def _summary(t: Trainer, written: dict, final_step: int, stopped_early: bool,
              retention_after: float | None) -> dict:
-    from memplan.train import metrics as mx
-
     state, out = t.state, t.out
     records = t.log.records if t.log else []
     train = [r for r in records if "loss" in r]
@@ -602,10 +561,6 @@ def _summary(t: Trainer, written: dict, final_step: int, stopped_early: bool,
 def memory_report(plan, base_dir: Path, meter) -> dict | None:
     """The measured peak next to memplan's estimate, for the plan as written and for the batch shape the
     measured steps really had (the data's longest micro-batch rather than seq_len tokens)."""
-    from memplan.catalog.resolve import resolve_model
-    from memplan.estimator import estimate
-    from memplan.runtime.meter import compare_peak
-
     if meter.peak_bytes is None:
         return None
     spec = resolve_model(str(base_dir))
