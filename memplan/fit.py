@@ -20,9 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from memplan.catalog.gpus import (
-    COMMON_SIZES_GIB,  # the GPU sizes (GiB) a CUDA plan is checked against when no GPU is known
-)
+# COMMON_SIZES_GIB: the GPU sizes (GiB) a CUDA plan is checked against when no GPU is known
+from memplan.catalog.gpus import COMMON_SIZES_GIB
 from memplan.catalog.spec import ModelSpec
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
