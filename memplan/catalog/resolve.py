@@ -1,9 +1,11 @@
 """Resolving a model reference: a config.json or local model directory, a preset (id, alias or hub id,
-any case), or a hub id found offline in the HF cache; and the "did you mean" error for unknown names."""
+any case), a hub id ``org/name[@revision]`` found offline in the HF cache or else fetched from the Hub
+(config.json only); and the "did you mean" error for unknown names."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from memplan.catalog.presets import name_index, preset_config, preset_ids, preset_info
@@ -34,23 +36,102 @@ def hf_cache_dirs() -> list[Path]:
     return list(dict.fromkeys(dirs))
 
 
-def _cached_config(repo_id: str) -> Path | None:
-    """config.json of ``org/name`` in an offline HF cache: the snapshot refs/main points at,
-    else the most recently written snapshot that has one."""
+def _cached_config(repo_id: str, revision: str | None = None) -> Path | None:
+    """config.json of ``org/name`` in an offline HF cache. With a revision: the snapshot refs/<revision>
+    points at, or snapshots/<revision> for a commit hash. Without: the snapshot refs/main points at, else the
+    most recently written snapshot that has one."""
     folder = "models--" + repo_id.replace("/", "--")
     for cache in hf_cache_dirs():
         repo = cache / folder
         if not repo.is_dir():
             continue
-        ref = repo / "refs" / "main"
-        if ref.is_file():
-            candidate = repo / "snapshots" / read_text(ref, "HF cache reference").strip() / "config.json"
-            if candidate.is_file():
+        ref = repo / "refs" / (revision or "main")
+        commits = [read_text(ref, "HF cache reference").strip()] if ref.is_file() else []
+        if revision is not None:
+            commits.append(revision)
+        for commit in commits:
+            candidate = repo / "snapshots" / commit / "config.json"
+            if commit and "/" not in commit and candidate.is_file():
                 return candidate
-        found = sorted(repo.glob("snapshots/*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        if found:
-            return found[0]
+        if revision is None:
+            found = sorted(repo.glob("snapshots/*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+            if found:
+                return found[0]
     return None
+
+
+_HUB_REF = re.compile(r"([^/@\s]+/[^/@\s]+)@(\S+)")
+
+
+def _hub_ref(ref: str) -> tuple[str, str | None] | None:
+    """``(org/name, revision or None)`` for a ref shaped like a hub id, optionally ``@revision`` (a branch,
+    tag or commit; a branch may hold slashes, e.g. ``refs/pr/1``); None otherwise."""
+    match = _HUB_REF.fullmatch(ref)
+    if match:
+        return match[1], match[2]
+    if ref.count("/") == 1 and not _looks_like_path(ref):
+        return ref, None
+    return None
+
+
+def _hub_config(repo_id: str, revision: str | None) -> Path:
+    """Fetch only ``config.json`` of ``repo_id`` at ``revision`` with huggingface_hub, which honours HF_TOKEN
+    (or the login token), HF_ENDPOINT, HF_HUB_OFFLINE and its cache; each failure is one UserError that says
+    what to do. huggingface_hub is imported here only: presets and local files never load it."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from huggingface_hub.utils import disable_progress_bars, logging
+
+    # One small file: no progress bar, and no retry warnings (huggingface_hub retries a failed connection
+    # five times, about 23 s, before giving up); what went wrong is the one error line below.
+    disable_progress_bars()
+    logging.set_verbosity_error()
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    page = f"{constants.ENDPOINT}/{repo_id}"
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision))
+    except GatedRepoError:  # before RepositoryNotFoundError: it subclasses it
+        raise UserError(f"{repo_id} is gated: accept the licence on its page ({page}) and set HF_TOKEN "
+                        "(or run `hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise _unknown(repo_id, f" (no such repository on {constants.ENDPOINT}; a private repository needs "
+                                "HF_TOKEN with read access)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{repo_id} has no revision '{revision}' (give a branch, tag or commit hash after '@'; "
+                        f"see {page})") from None
+    except LocalEntryNotFoundError:  # before EntryNotFoundError: it subclasses it
+        raise _not_reachable(at, constants) from None
+    except EntryNotFoundError:
+        raise UserError(f"{at} has no config.json, so it is not a transformers model memplan can read "
+                        "(pass a config.json path or a local model directory instead)") from None
+    except OfflineModeIsEnabled:
+        raise _not_reachable(at, constants) from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "an error"
+        raise UserError(f"the Hub ({constants.ENDPOINT}) answered HTTP {status} for {at}'s config.json "
+                        "(check HF_TOKEN if set, or try again later)") from None
+    except HFValidationError:
+        raise UserError(f"'{at}' is not a valid Hugging Face Hub id (org/name[@revision]: letters, digits, "
+                        "'-', '_', '.')") from None
+
+
+def _not_reachable(at: str, constants) -> UserError:
+    """The error for a hub id that is not cached and could not be fetched: offline mode, or no connection."""
+    dirs = ", ".join(map(str, hf_cache_dirs()))
+    if constants.HF_HUB_OFFLINE:
+        return UserError(f"{at} is not in the HF cache ({dirs}) and HF_HUB_OFFLINE is set: run once online "
+                         "to cache its config.json, or pass a config.json path")
+    return UserError(f"could not reach the Hub ({constants.ENDPOINT}) to fetch {at}'s config.json, and it is "
+                     f"not in the HF cache ({dirs}): check the network or HF_ENDPOINT, or pass a config.json path")
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -58,7 +139,7 @@ def _looks_like_path(ref: str) -> bool:
     return ref.endswith(".json") or ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
 
 
-def _unknown(ref: str) -> UserError:
+def _unknown(ref: str, where: str | None = None) -> UserError:
     """Unknown-name error with the closest presets (difflib over ids, aliases and hub ids), each model once:
     its id, and the name that matched when that was an alias or hub id."""
     import difflib  # only for the error message
@@ -75,9 +156,9 @@ def _unknown(ref: str) -> UserError:
         closest.setdefault(pid, pid if name == pid else f"{pid} ({name})")
         if len(closest) == 5:
             break
-    where = ""
-    if ref.count("/") == 1:
+    if where is None and ref.count("/") == 1:
         where = f" (not a preset, and not in the local HF cache: {', '.join(map(str, hf_cache_dirs()))})"
+    where = where or ""
     hint = f" Closest presets: {', '.join(closest.values())}" if closest else ""
     return UserError(
         f"unknown model '{ref}'{where}.{hint} (run `memplan models` for all; or pass a config.json "
@@ -93,7 +174,8 @@ def preset_id(ref: str) -> str | None:
 def config_file(ref: str) -> tuple[Path, str]:
     """The config.json behind ``ref`` and the model's name, tried in this order: a config.json file or a
     local model directory holding one; a preset id, alias or preset hub id (case-insensitive); a hub id
-    ``org/name`` found offline in the HF cache (the file is read directly, nothing is fetched)."""
+    ``org/name[@revision]`` found offline in the HF cache (read directly, nothing is fetched), else its
+    config.json alone fetched from the Hub."""
     ref = ref.strip()
     if not ref:
         raise UserError("empty model name (run `memplan models` for the presets)")
@@ -106,13 +188,14 @@ def config_file(ref: str) -> tuple[Path, str]:
         return preset_config(preset), preset
     if path.is_dir():
         raise UserError(f"{path} is a directory without a config.json")
-    if _looks_like_path(ref):
-        raise UserError(f"no such file or directory: {ref}")
-    if ref.count("/") == 1:
-        cached = _cached_config(ref)
-        if cached is not None:
-            return cached, ref
-    raise _unknown(ref)
+    hub = _hub_ref(ref)
+    if hub is None:
+        if _looks_like_path(ref):
+            raise UserError(f"no such file or directory: {ref}")
+        raise _unknown(ref)
+    repo_id, revision = hub
+    cached = _cached_config(repo_id, revision)
+    return (cached if cached is not None else _hub_config(repo_id, revision)), ref
 
 
 def resolve_model(ref: str) -> ModelSpec:

@@ -10,7 +10,9 @@ from memplan.cli.options import PLAN_FLAGS, Choice, Int, passed_overrides, plan_
 
 @click.command("profile")
 @click.option("--model", "-m", "model", default=None,
-              help="preset id or alias (see `memplan models`), a config.json path, or a local HF model directory.")
+              help="preset id or alias (see `memplan models`), a config.json path, a local HF model directory, or a "
+                   "Hugging Face Hub id org/name[@revision] (read from the HF cache, else its config.json "
+                   "is fetched from the Hub).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="a plan YAML (the Plan's fields; `recommend -o` writes one). Flags override it.")
 @plan_options(PLAN_FLAGS)

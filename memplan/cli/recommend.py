@@ -30,7 +30,9 @@ HPARAM_HELP = {
 
 @click.command()
 @click.option("--model", "-m", "model", required=True,
-              help="preset id or alias (see `memplan models`), a config.json path, or a local HF model directory.")
+              help="preset id or alias (see `memplan models`), a config.json path, a local HF model directory, or a "
+                   "Hugging Face Hub id org/name[@revision] (read from the HF cache, else its config.json "
+                   "is fetched from the Hub).")
 @click.option("--gpus", type=INT, default=None,
               help="GPUs per node; on a CPU plan, processes [GPUs] (default: the local GPUs found, else 1).")
 @click.option("--nodes", type=INT, default=1, help="machines, each with --gpus GPUs [nodes] (default: 1).")

@@ -390,9 +390,14 @@ def test_unknown_name_suggests_presets():
     assert "memplan models" in message
 
 
-def test_unknown_hub_id(tmp_path, monkeypatch):
+def test_uncached_hub_id_in_offline_mode(tmp_path, monkeypatch):
+    """Not cached, and offline (what huggingface_hub read from HF_HUB_OFFLINE at import): nothing is fetched.
+    tests/catalog/test_hub.py covers the fetch itself against a stand-in Hub."""
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(UserError, match=r"unknown model 'acme/nothing' \(not a preset, and not in the local HF cache"):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=r"acme/nothing is not in the HF cache \(.*\) and HF_HUB_OFFLINE is set"):
         resolve_model("acme/nothing")
 
 
