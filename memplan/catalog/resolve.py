@@ -128,8 +128,9 @@ def _not_reachable(at: str, constants) -> UserError:
     """The error for a hub id that is not cached and could not be fetched: offline mode, or no connection."""
     dirs = ", ".join(map(str, hf_cache_dirs()))
     if constants.HF_HUB_OFFLINE:
-        return UserError(f"{at} is not in the HF cache ({dirs}) and HF_HUB_OFFLINE is set: run once online "
-                         "to cache its config.json, or pass a config.json path")
+        return UserError(f"{at} is not in the HF cache ({dirs}) and HF_HUB_OFFLINE is set (`memplan profile` "
+                         f"and `memplan train` always run offline): run `memplan estimate --model {at}` once "
+                         "online to cache its config.json, or pass a config.json path")
     return UserError(f"could not reach the Hub ({constants.ENDPOINT}) to fetch {at}'s config.json, and it is "
                      f"not in the HF cache ({dirs}): check the network or HF_ENDPOINT, or pass a config.json path")
 

@@ -93,16 +93,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _estimate(tmp_path, port: int, *args: str, offline: bool = False):
+def _memplan(tmp_path, port: int, *args: str, offline: bool = False):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME")}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"),
                HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    cmd = [sys.executable, "-m", "memplan", "estimate", "--gpu", "h100-80gb", "--json", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-m", "memplan", *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
     return done.returncode, done.stdout, done.stderr
+
+
+def _estimate(tmp_path, port: int, *args: str, offline: bool = False):
+    return _memplan(tmp_path, port, "estimate", "--gpu", "h100-80gb", "--json", *args, offline=offline)
 
 
 def _error_line(rc: int, err: str) -> str:
@@ -195,3 +199,12 @@ def test_network_down_with_nothing_cached(tmp_path):
     rc, _, err = _estimate(tmp_path, port, "--model", "acme/llama")
     line = _error_line(rc, err)
     assert f"could not reach the Hub (http://127.0.0.1:{port})" in line and "not in the HF cache" in line
+
+
+def test_profile_runs_offline_and_says_how_to_cache_a_hub_id(hub, tmp_path):
+    """profile (like train) never downloads: an uncached hub id names the command that caches it."""
+    port = hub.server_address[1]
+    rc, _, err = _memplan(tmp_path, port, "profile", "--model", "acme/llama", "--backend", "trace")
+    line = _error_line(rc, err)
+    assert "memplan estimate --model acme/llama" in line and "always run offline" in line
+    assert not (tmp_path / "hf" / "hub" / "models--acme--llama").exists()
