@@ -86,11 +86,18 @@ def _launch_ranks(req: MeasureRequest, plan: Plan) -> list:
         results = [Measured.from_json(json.loads(p.read_text())) for p in sorted(Path(tmp).glob("rank-*.json"))]
     if any(r.oom for r in results):
         return sorted(results, key=lambda r: r.rank)
+    if proc.returncode != 0 and len(results) == n:
+        # Each rank writes rank-R.json only once its steps are measured: what failed came after, when the
+        # process group was torn down (gloo can abort there on a loaded machine). The figures are complete.
+        results = sorted(results, key=lambda r: r.rank)
+        results[0].notes.append(f"torchrun exited with code {proc.returncode} after every rank had written its "
+                                "measurement (a failure in the process group's teardown); the figures are complete")
+        return results
     if proc.returncode != 0 or len(results) != n:
         if "memplan: error:" in proc.stderr:  # a rank refused the plan: pass its one line on
             line = proc.stderr.split("memplan: error:", 1)[1].strip().splitlines()[0]
             raise UserError(line)
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-80:])
         raise RuntimeError(f"torchrun with {n} processes failed (exit {proc.returncode}):\n{tail}")
     return sorted(results, key=lambda r: r.rank)
 
@@ -214,7 +221,7 @@ def probe_in_subprocess(req: MeasureRequest) -> list:
             return [Measured.from_json(d) for d in json.loads(out_path.read_text())]
     if "memplan: error:" in proc.stderr:
         raise UserError(proc.stderr.split("memplan: error:", 1)[1].strip().splitlines()[0])
-    tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+    tail = "\n".join(proc.stderr.strip().splitlines()[-80:])
     raise RuntimeError(f"probe at micro-batch {req.plan.get('micro_batch')} failed (exit {proc.returncode}):\n{tail}")
 
 

@@ -134,6 +134,7 @@ def _notes(p) -> list[str]:
                      f"{size(main.nvml_used)}{' (' + main.nvml_scope + ')' if main.nvml_scope else ''} "
                      f"(estimate with context {size(p.est.total)})")
     lines.append(NOT_SEEN[backend])
+    lines += main.notes
     if backend == "trace" and p.weights:
         lines.append("--weights: the trace reads only the checkpoint's config (fake tensors hold no values)")
     if backend == "cpu" and plan.world_size > 1 and plan.sharding == "fsdp":

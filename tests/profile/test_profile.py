@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,3 +363,34 @@ def test_gpu_check_rows_come_from_the_profile_path(tiny, tmp_path, monkeypatch):
         for ph in ("forward", "backward", "optimizer"):
             assert step[ph] == step["tensor_peaks"][ph] + FakeCudaStats.WORKSPACE
         assert step["reserved"] == 2 * max(step[ph] for ph in ("forward", "backward", "optimizer"))
+
+
+def test_a_teardown_failure_after_every_rank_measured_keeps_the_figures(monkeypatch, tiny):
+    """torchrun's exit code fails, but every rank wrote its measurement first: the figures stand, with a note."""
+    import subprocess
+
+    from memplan.plan import build_plan
+    from memplan.profile import launch
+    from memplan.profile.run import Measured
+
+    plan = build_plan(dict(model=tiny, precision="fp32", device="cpu", gpus=2, micro_batch=2, seq_len=64))
+
+    def torchrun_that_aborts_at_exit(cmd, **kwargs):
+        out_dir = Path(cmd[-1])
+        for rank in (0, 1):
+            measured = Measured(backend="cpu", steps=[], after_load=1024, rank=rank, world_size=2)
+            (out_dir / f"rank-{rank:04d}.json").write_text(json.dumps(measured.to_json()))
+        return subprocess.CompletedProcess(cmd, -6, "", "terminate called without an active exception\n")
+
+    monkeypatch.setattr(launch.subprocess, "run", torchrun_that_aborts_at_exit)
+    req = launch.MeasureRequest(config=tiny, plan=plan.model_dump(mode="json"), backend="cpu", steps=2)
+    results = launch.measure_plan(req)
+    assert [r.rank for r in results] == [0, 1] and results[0].after_load == 1024
+    assert "exited with code -6 after every rank had written its measurement" in results[0].notes[0]
+
+    def torchrun_that_fails_early(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback: a rank died\n")
+
+    monkeypatch.setattr(launch.subprocess, "run", torchrun_that_fails_early)
+    with pytest.raises(RuntimeError, match="torchrun with 2 processes failed"):
+        launch.measure_plan(req)
