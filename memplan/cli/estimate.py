@@ -10,14 +10,11 @@ from typing import Any
 import click
 
 from memplan.cli import gc_paused, skip_final_collection
-from memplan.cli.options import FLOAT, PLAN_FLAGS, plan_options
+from memplan.cli.options import FLOAT, PLAN_FLAGS, model_option, plan_options
 
 
 @click.command("estimate")
-@click.option("--model", "-m", "model", default=None,
-              help="preset id or alias (see `memplan models`), a config.json path, a local HF model directory, or a "
-                   "Hugging Face Hub id org/name[@revision] (read from the HF cache, else its config.json "
-                   "is fetched from the Hub).")
+@model_option()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="a plan YAML (the Plan's fields; `recommend -o` writes one). Flags override it.")
 @plan_options(PLAN_FLAGS)

@@ -174,3 +174,14 @@ def passed_overrides(kwargs: dict[str, Any]) -> Overrides:
                 out[path] = value
                 out.flags[path] = _FLAGS[path]
     return out
+
+
+def model_option(required: bool = False, fetches: bool = True) -> Callable:
+    """--model / -m, as every command takes it. `fetches`: the command may download a Hub id's config.json;
+    profile and train run offline and read Hub ids from the HF cache only."""
+    hub = ("read from the HF cache, else its config.json is fetched from the Hub" if fetches else
+           "read from the HF cache only: `memplan estimate --model ID` caches it")
+    kwargs = {"required": True} if required else {"default": None}
+    return click.option("--model", "-m", "model", **kwargs,
+                        help="preset id or alias (see `memplan models`), a config.json path, a local HF model "
+                             f"directory, or a Hugging Face Hub id org/name[@revision] ({hub}).")

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli.options import PLAN_FLAGS, Choice, Int, passed_overrides, plan_options
+from memplan.cli.options import PLAN_FLAGS, Choice, Int, model_option, passed_overrides, plan_options
 
 
 @click.command("profile")
-@click.option("--model", "-m", "model", default=None,
-              help="preset id or alias (see `memplan models`), a config.json path, a local HF model directory, or a "
-                   "Hugging Face Hub id org/name[@revision] (read from the HF cache, else its config.json "
-                   "is fetched from the Hub).")
+@model_option(fetches=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="a plan YAML (the Plan's fields; `recommend -o` writes one). Flags override it.")
 @plan_options(PLAN_FLAGS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli.options import FLOAT, HPARAM_FLAGS, INT, Choice, passed_overrides, plan_options
+from memplan.cli.options import FLOAT, HPARAM_FLAGS, INT, Choice, model_option, passed_overrides, plan_options
 from memplan.recommend import hparams as hp
 
 
@@ -29,10 +29,7 @@ HPARAM_HELP = {
 
 
 @click.command()
-@click.option("--model", "-m", "model", required=True,
-              help="preset id or alias (see `memplan models`), a config.json path, a local HF model directory, or a "
-                   "Hugging Face Hub id org/name[@revision] (read from the HF cache, else its config.json "
-                   "is fetched from the Hub).")
+@model_option(required=True)
 @click.option("--gpus", type=INT, default=None,
               help="GPUs per node; on a CPU plan, processes [GPUs] (default: the local GPUs found, else 1).")
 @click.option("--nodes", type=INT, default=1, help="machines, each with --gpus GPUs [nodes] (default: 1).")
