@@ -11,7 +11,7 @@ This module is on the fast estimate path: it must import neither torch nor trans
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,36 @@ class ParamItem:
 
 
 @dataclass(frozen=True)
+class Traits:
+    """How a family's forward differs from LlamaDecoderLayer's, as the estimator's layer replay reads it.
+
+    A family module fills these from the config (with its config class's defaults); the estimator never
+    asks which family a model is.  The defaults describe modeling_llama.py.
+    """
+
+    decoder_layer: str  # the transformers decoder-layer class (FSDP's transformer_layer_cls_to_wrap)
+    norm: str = "rms"  # "rms" (LlamaRMSNorm), "rms_gemma" (x * (1 + w) in fp32) or "layer" (LayerNorm)
+    sandwich_norms: bool = False  # Gemma-2: post-attention and pre/post-feedforward norms around each block
+    attn_softcap: float | None = None  # tanh soft-capping of the attention logits (eager only)
+    final_softcap: float | None = None  # tanh soft-capping of the lm_head logits
+    sdpa: bool = True  # the model has an SDPA path (_supports_sdpa); without it "sdpa" loads eager
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # each layer's "full_attention" / "sliding_attention"
+    mask_kinds: tuple[str, ...] = ()  # the masks the model builds per forward (default: its layers' kinds)
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0  # on each block's output (GPT-2 resid_pdrop, OPT dropout, Phi3 resid_pdrop)
+    embd_dropout: float = 0.0  # on the embeddings' output (GPT-2 embd_pdrop)
+    role_names: tuple[tuple[str, str], ...] = ()  # replay role -> module name, where not the Llama names
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    q_contiguous: bool = False  # q reaches the attention contiguous as (b, heads, s, d) (Phi3's torch.cat)
+    softmax_fp32: bool = True  # eager softmax(dtype=torch.float32) (GPT-2 keeps the input dtype)
+    expert_rank_mult: tuple[int, int] = (1, 1)  # peft's rank multiplier for the gate_up / down expert stacks
+    position_ids: str = ""  # learned positions' saved int64 ids: "" none, "shared" (1, s), "batch" (b, s)
+    positions_added: bool = False  # layer 0 gets embeddings + positions, not the (hooked) embedding output
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything the estimator needs to know about a decoder-only model, derived from config.json."""
 
@@ -86,6 +116,7 @@ class ModelSpec:
     layer_items: tuple[ParamItem, ...]
     final_items: tuple[ParamItem, ...]
     lm_head_items: tuple[ParamItem, ...]
+    traits: Traits = field(compare=False)
 
     @property
     def params_embedding(self) -> int:
@@ -209,6 +240,7 @@ class Arch:
     embedding: list[ParamItem]
     final: list[ParamItem]
     lm_head_in: int  # lm_head input width (hidden, or OPT's word_embed_proj_dim)
+    traits: Traits
     experts: int = 0
     top_k: int = 0
 
@@ -265,5 +297,11 @@ def _freeze(arch: Arch, name: str, model_type: str, config: dict) -> ModelSpec:
         position_embeddings=arch.positions, num_experts=arch.experts, experts_per_token=arch.top_k,
         layer_linears=tuple(arch.linears), layer_norm_params=arch.norm_params, layer_prefix=arch.layer_prefix,
         embedding_items=tuple(arch.embedding), layer_items=tuple(layer_items), final_items=tuple(arch.final),
-        lm_head_items=tuple(lm_head),
+        lm_head_items=tuple(lm_head), traits=_complete(arch.traits, arch.layers),
     )
+
+
+def _complete(traits: Traits, layers: int) -> Traits:
+    """Traits with the per-layer attention kinds filled in: all full, or all sliding when a window is set."""
+    kinds = traits.layer_types or (("sliding_attention" if traits.sliding_window else "full_attention"),) * layers
+    return replace(traits, layer_types=tuple(kinds), mask_kinds=traits.mask_kinds or tuple(dict.fromkeys(kinds)))

@@ -31,29 +31,9 @@ def numerics(plan: Plan, spec: ModelSpec) -> Numerics:
     return Numerics(weights=2, compute=2, residual=2)  # bf16, bf16-master
 
 
-_ROLE_NAMES = {
-    "gpt2": dict(qkv="c_attn", o="c_proj", fc1="c_fc", fc2="c_proj"),
-    "opt": dict(q="q_proj", k="k_proj", v="v_proj", o="out_proj", fc1="fc1", fc2="fc2"),
-}
 _DEFAULT_NAMES = dict(q="q_proj", k="k_proj", v="v_proj", o="o_proj", qkv="qkv_proj", gate="gate_proj",
                       up="up_proj", down="down_proj", gate_up="gate_up_proj", fc1="fc1", fc2="fc2",
                       router="gate", experts_gate_up="experts.gate_up_proj", experts_down="experts.down_proj")
-
-# Dropout probabilities by family: (config key, the config class's default when the key is absent).
-# GPT2Config: attn_pdrop = resid_pdrop = embd_pdrop = 0.1; OPTConfig: dropout 0.1, attention_dropout 0.0;
-# Phi3Config: resid_pdrop 0.0 (embd_pdrop is not used by Phi3Model in transformers 5); the Llama-style
-# families have only attention_dropout (0.0).
-_DROPOUT = {
-    "gpt2": dict(attn=("attn_pdrop", 0.1), resid=("resid_pdrop", 0.1), embd=("embd_pdrop", 0.1)),
-    "opt": dict(attn=("attention_dropout", 0.0), resid=("dropout", 0.1)),
-    "phi3": dict(attn=("attention_dropout", 0.0), resid=("resid_pdrop", 0.0)),
-}
-
-
-def _dropout(spec: ModelSpec, which: str) -> float:
-    key, default = _DROPOUT.get(spec.model_type, {}).get(which, ("attention_dropout" if which == "attn" else "", 0.0))
-    value = spec.config.get(key) if key else None
-    return float(default if value is None else value)
 
 
 def lora_targets(spec: ModelSpec, plan: Plan) -> frozenset[str]:
@@ -65,40 +45,11 @@ def lora_targets(spec: ModelSpec, plan: Plan) -> frozenset[str]:
 
 
 def attention_impl(spec: ModelSpec, plan: Plan) -> str:
-    """The attention transformers runs: Gemma2 has no SDPA path (Gemma2PreTrainedModel._supports_sdpa =
-    False: SDPA has no logit soft-capping), so a model loaded without an explicit implementation runs eager."""
-    if plan.attn == "sdpa" and spec.model_type == "gemma2":
+    """The attention transformers runs: a model without an SDPA path (Gemma2: SDPA has no logit
+    soft-capping) loads eager when asked for SDPA, as transformers does without an explicit choice."""
+    if plan.attn == "sdpa" and not spec.traits.sdpa:
         return "eager"
     return plan.attn
-
-
-def sliding_window(spec: ModelSpec) -> int | None:
-    """config.sliding_window as the config class reads it (MistralConfig default 4096, Gemma2Config 4096,
-    Qwen2Config only with use_sliding_window, Mixtral/Phi3 default None)."""
-    cfg, mt = spec.config, spec.model_type
-    default = 4096 if mt in ("mistral", "gemma2") else None
-    if mt == "qwen2" and not cfg.get("use_sliding_window", False):
-        return None
-    w = cfg.get("sliding_window", default) if "sliding_window" in cfg else default
-    return int(w) if w else None
-
-
-def layer_types(spec: ModelSpec) -> list[str]:
-    """Each decoder layer's attention: "full_attention" or "sliding_attention" (config.layer_types, or how
-    the config class fills it: Gemma2 alternates starting with sliding; Qwen2 slides from max_window_layers;
-    Mistral, Mixtral and Phi3 slide in every layer when sliding_window is set)."""
-    cfg, mt, n = spec.config, spec.model_type, spec.num_layers
-    window = sliding_window(spec)
-    if isinstance(cfg.get("layer_types"), list) and len(cfg["layer_types"]) == n:
-        return [str(x) for x in cfg["layer_types"]]
-    if window is None:
-        return ["full_attention"] * n
-    if mt == "gemma2":
-        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
-    if mt == "qwen2":
-        first = int(cfg.get("max_window_layers", 28))
-        return ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
-    return ["sliding_attention"] * n
 
 
 def _sdpa_mask(spec: ModelSpec, plan: Plan, layer_type: str) -> bool:
@@ -106,36 +57,25 @@ def _sdpa_mask(spec: ModelSpec, plan: Plan, layer_type: str) -> bool:
     a sliding window is at most the sequence (masking_utils._ignore_causal_mask_sdpa:
     local_attention_size is not None and kv_length >= local_attention_size). Flash-attention 2 takes the
     window as an argument and never gets a mask for an unpadded batch."""
-    window = sliding_window(spec)
+    window = spec.traits.sliding_window
     return (attention_impl(spec, plan) == "sdpa" and layer_type == "sliding_attention"
             and window is not None and plan.seq_len >= window)
 
 
 def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention") -> LayerSpec:
-    cfg = spec.config
-    mt = spec.model_type
-    attn = attention_impl(spec, plan)
-    norm = {"gemma": "rms_gemma", "gemma2": "rms_gemma"}.get(mt, "layer" if spec.norm == "layer" else "rms")
-    names = dict(_DEFAULT_NAMES, **_ROLE_NAMES.get(mt, {}))
+    tr = spec.traits
     return LayerSpec(
         b=plan.micro_batch, s=plan.seq_len, hidden=spec.hidden_size, heads=spec.num_heads,
         kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, ffn=spec.intermediate_size,
-        gated=spec.mlp_gated, act=spec.hidden_act, norm=norm, attn=attn,
-        attn_dropout=_dropout(spec, "attn"),
-        resid_dropout=_dropout(spec, "resid") if mt in _DROPOUT else 0.0,
-        attn_softcap=bool(cfg.get("attn_logit_softcapping", 50.0 if mt == "gemma2" else None)),
-        extra_norms=mt == "gemma2",
-        fused_qkv=mt in ("phi3", "gpt2"), fused_gate_up=mt == "phi3",
+        gated=spec.mlp_gated, act=spec.hidden_act, norm=tr.norm, attn=attention_impl(spec, plan),
+        attn_dropout=tr.attn_dropout, resid_dropout=tr.resid_dropout, attn_softcap=bool(tr.attn_softcap),
+        extra_norms=tr.sandwich_norms, fused_qkv=tr.fused_qkv, fused_gate_up=tr.fused_gate_up,
         full_ft=plan.method == "full", lora_targets=lora_targets(spec, plan), lora_rank=plan.lora.rank,
-        lora_dropout=plan.lora.dropout, names=names,
+        lora_dropout=plan.lora.dropout, names=dict(_DEFAULT_NAMES, **dict(tr.role_names)),
         num_experts=spec.num_experts, top_k=spec.experts_per_token,
-        rotary=spec.position_embeddings == 0,
-        softmax_fp32=mt != "gpt2",  # GPT2 eager_attention_forward: softmax(attn_weights, dim=-1), no dtype
-        sdpa_mask=_sdpa_mask(spec, plan, layer_type),
-        # peft's MoE conversion gives the fused gate_up_proj stack rank r * 2 (w1 and w3; utils/
-        # transformers_weight_conversion.py _convert_peft_config_moe: rank_pattern)
-        expert_rank_mult=(2, 1) if mt == "mixtral" else (1, 1),
-        q_contiguous=mt == "phi3",  # Phi3 apply_rotary_pos_emb: torch.cat([q_rot..., q_pass], dim=-1)
+        rotary=spec.position_embeddings == 0, softmax_fp32=tr.softmax_fp32,
+        sdpa_mask=_sdpa_mask(spec, plan, layer_type), expert_rank_mult=tr.expert_rank_mult,
+        q_contiguous=tr.q_contiguous,
     )
 
 
@@ -237,18 +177,15 @@ def embedding_saved(spec: ModelSpec, plan: Plan, kernels: str) -> int:
     b, s, h = plan.micro_batch, plan.seq_len, spec.hidden_size
     num = numerics(plan, spec)
     tape = Tape(kernels=kernels)
-    mt = spec.model_type
+    tr = spec.traits
     if full:
         tape.save(T(b * s, 8, False))  # token ids
-        if mt == "gpt2":
-            tape.save(T(s, 8, False))
-        elif mt == "opt":
-            tape.save(T(b * s, 8, False))
+        if tr.position_ids:
+            tape.save(T(s if tr.position_ids == "shared" else b * s, 8, False))
     emb_rg = full or plan.grad_ckpt
-    if not full and plan.grad_ckpt and mt in ("gpt2", "opt"):
+    if not full and plan.grad_ckpt and tr.positions_added:
         tape.save(T(b * s * h, num.residual, False))  # the leaf embedding output
-    if mt == "gpt2":
-        tape.dropout(T(b * s * h, num.residual, emb_rg), _dropout(spec, "embd"))
+    tape.dropout(T(b * s * h, num.residual, emb_rg), tr.embd_dropout)
     return tape.saved_bytes
 
 
@@ -262,9 +199,7 @@ def mask_bytes(spec: ModelSpec, plan: Plan) -> int:
     flash-attention 2: no mask for an unpadded batch."""
     attn = attention_impl(spec, plan)
     b, s = plan.micro_batch, plan.seq_len
-    kinds = set(layer_types(spec))
-    if spec.model_type == "gemma2":
-        kinds = {"full_attention", "sliding_attention"}  # Gemma2Model.forward builds both masks
+    kinds = spec.traits.mask_kinds
     if attn == "eager":
         return len(kinds) * b * s * s * numerics(plan, spec).residual
     if attn == "sdpa":
@@ -279,7 +214,7 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
     full = plan.method == "full"
     # Layers by attention kind (a sliding-window layer may keep its SDPA mask): layer 0, and the mean of
     # the others, so that first_layer + layer * (L - 1) is the exact total.
-    kinds = layer_types(spec)
+    kinds = spec.traits.layer_types
     saved = {k: layer_saved(spec, plan, kernels, True, k) for k in set(kinds)}
     # Layer 0's input needs grad with trainable embeddings, and under checkpointing (see embedding_saved)
     first = layer_saved(spec, plan, kernels, full or plan.grad_ckpt, kinds[0])
@@ -302,7 +237,7 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
     c = num.compute
     # Gemma2ForCausalLM.forward: logits = tanh(logits / cap) * cap (final_logit_softcapping, in the
     # compute dtype): tanh saves its result; the division's and the product's outputs are not saved.
-    softcap = spec.config.get("final_logit_softcapping", 30.0 if spec.model_type == "gemma2" else None)
+    softcap = spec.traits.final_softcap
     if plan.loss == "standard":
         if full:
             tape.save(tape.cast(hidden, c) if num.autocast else hidden)

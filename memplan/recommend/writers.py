@@ -21,14 +21,6 @@ from memplan.train.deepspeed_setup import DS_CONFIG_NAME, optimizer_section
 #: torch.distributed's default rendezvous port (MASTER_PORT in torchrun and accelerate).
 MAIN_PROCESS_PORT = 29500
 
-# The decoder-layer class FSDP wraps (transformers' module names), by model_type.
-DECODER_LAYER_CLASS = {
-    "llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "mixtral": "MixtralDecoderLayer",
-    "qwen2": "Qwen2DecoderLayer", "gemma": "GemmaDecoderLayer", "gemma2": "Gemma2DecoderLayer",
-    "phi3": "Phi3DecoderLayer", "gpt2": "GPT2Block", "opt": "OPTDecoderLayer",
-}
-
-
 def distributed_type(plan: Plan) -> str:
     if plan.sharding == "deepspeed":
         return "DEEPSPEED"
@@ -75,9 +67,7 @@ def accelerate_config(plan: Plan, spec: ModelSpec, main_ip: str) -> dict:
             # memplan train checkpoints through transformers (plan.grad_ckpt), not through FSDP's wrapper
             "fsdp_activation_checkpointing": False,
         }
-        layer = DECODER_LAYER_CLASS.get(spec.model_type)
-        if layer:
-            fsdp["fsdp_transformer_layer_cls_to_wrap"] = layer
+        fsdp["fsdp_transformer_layer_cls_to_wrap"] = spec.traits.decoder_layer
         cfg["fsdp_config"] = fsdp
     if plan.nodes > 1:
         cfg["main_process_ip"] = main_ip

@@ -3,7 +3,9 @@ copies, LlamaMLP, and the llama-like builder (rotary, RMSNorm, token embeddings 
 
 from __future__ import annotations
 
-from memplan.catalog.spec import Arch, Cfg, Linear, ParamItem, norm_item
+from collections.abc import Callable
+
+from memplan.catalog.spec import Arch, Cfg, Linear, ParamItem, Traits, norm_item
 
 TWO_NORMS = ["input_layernorm", "post_attention_layernorm"]
 
@@ -54,10 +56,27 @@ def rotary_dims(cfg: Cfg, *, kv_default: int | None, head_dim_default: int | Non
     )
 
 
+def attention_window(cfg: Cfg, *, default: int | None, sliding: Callable[[int], bool] = lambda i: True) -> dict:
+    """``sliding_window`` and ``layer_types`` Traits fields as the config class fills them: the window
+    (``default`` when the key is absent), and config.layer_types when it lists every layer, else
+    ``sliding(i)`` for layer i (every layer slides when a window is set, unless the family says otherwise)."""
+    window = cfg.opt("sliding_window", default) if "sliding_window" in cfg.c else default
+    window = int(window) if window else None
+    layers = cfg.req("num_hidden_layers")
+    given = cfg.c.get("layer_types")
+    if isinstance(given, list) and len(given) == layers:
+        kinds = tuple(str(k) for k in given)
+    elif window is None:
+        kinds = ("full_attention",) * layers
+    else:
+        kinds = tuple("sliding_attention" if sliding(i) else "full_attention" for i in range(layers))
+    return dict(sliding_window=window, layer_types=kinds)
+
+
 def llama_like(
     cfg: Cfg, *, kv_default: int | None, head_dim_default: int | None = None, qkv_bias: bool = False,
     o_bias: bool = False, mlp_bias: bool = False, act: str, tie_default: bool = False,
-    norms: list[str] = TWO_NORMS,
+    norms: list[str] = TWO_NORMS, traits: Traits,
 ) -> Arch:
     """A LlamaDecoderLayer stack: rotary attention, gated MLP, ``norms`` RMSNorms per layer; ``act`` is the
     activation as read from the config, the lm_head untied unless ``tie_word_embeddings`` (default
@@ -66,4 +85,9 @@ def llama_like(
     linears = rotary_attention(d["hidden"], d["heads"], d["kv_heads"], d["head_dim"], qkv_bias, o_bias)
     linears += gated_mlp(d["hidden"], d["inter"], mlp_bias)
     return Arch(**d, act=act, tie=cfg.flag("tie_word_embeddings", tie_default), linears=linears,
-                layer_norms=list(norms))
+                layer_norms=list(norms), traits=traits)
+
+
+def attention_dropout(cfg: Cfg) -> float:
+    """config.attention_dropout (0.0 in every Llama-style config class)."""
+    return float(cfg.opt("attention_dropout", 0.0))

@@ -3,12 +3,13 @@ legacy ``hidden_act="gelu"`` is read as gelu_pytorch_tanh (configuration_gemma.p
 
 from __future__ import annotations
 
-from memplan.catalog.families.common import llama_like
-from memplan.catalog.spec import Arch, Cfg
+from memplan.catalog.families.common import attention_dropout, llama_like
+from memplan.catalog.spec import Arch, Cfg, Traits
 
 
 def build(cfg: Cfg) -> Arch:
     bias = cfg.flag("attention_bias", False)
     act = cfg.opt("hidden_act", "gelu_pytorch_tanh")
     return llama_like(cfg, kv_default=16, head_dim_default=256, qkv_bias=bias, o_bias=bias,
-                      act="gelu_pytorch_tanh" if act == "gelu" else act, tie_default=True)
+                      act="gelu_pytorch_tanh" if act == "gelu" else act, tie_default=True,
+                      traits=Traits("GemmaDecoderLayer", norm="rms_gemma", attn_dropout=attention_dropout(cfg)))

@@ -5,7 +5,7 @@ lm_head tied to wte by default."""
 from __future__ import annotations
 
 from memplan.catalog.families.common import lin
-from memplan.catalog.spec import Arch, Cfg, ParamItem, norm_item
+from memplan.catalog.spec import Arch, Cfg, ParamItem, Traits, norm_item
 from memplan.errors import UserError
 
 
@@ -34,4 +34,14 @@ def build(cfg: Cfg) -> Arch:
             ParamItem("transformer.wpe", positions * hidden, "n_positions x hidden"),
         ],
         final=[norm_item("transformer.ln_f", 2 * hidden, hidden)], lm_head_in=hidden,
+        traits=Traits(
+            "GPT2Block", norm="layer", fused_qkv=True,
+            softmax_fp32=False,  # GPT2 eager_attention_forward: softmax(attn_weights, dim=-1), no dtype
+            # GPT2Config: attn_pdrop = resid_pdrop = embd_pdrop = 0.1
+            attn_dropout=float(cfg.opt("attn_pdrop", 0.1)), resid_dropout=float(cfg.opt("resid_pdrop", 0.1)),
+            embd_dropout=float(cfg.opt("embd_pdrop", 0.1)),
+            role_names=(("qkv", "c_attn"), ("o", "c_proj"), ("fc1", "c_fc"), ("fc2", "c_proj")),
+            # GPT2Model.forward: position_ids = arange(s).unsqueeze(0), added to wte's output
+            position_ids="shared", positions_added=True,
+        ),
     )

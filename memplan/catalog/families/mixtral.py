@@ -4,8 +4,15 @@ gate_up_proj (E, 2*intermediate, hidden) and down_proj (E, hidden, intermediate)
 
 from __future__ import annotations
 
-from memplan.catalog.families.common import TWO_NORMS, lin, rotary_attention, rotary_dims
-from memplan.catalog.spec import Arch, Cfg
+from memplan.catalog.families.common import (
+    TWO_NORMS,
+    attention_dropout,
+    attention_window,
+    lin,
+    rotary_attention,
+    rotary_dims,
+)
+from memplan.catalog.spec import Arch, Cfg, Traits
 
 
 def build(cfg: Cfg) -> Arch:
@@ -20,4 +27,8 @@ def build(cfg: Cfg) -> Arch:
         lin("mlp.experts.down_proj", inter, hidden, False, experts, kind="experts"),
     ]
     return Arch(**d, act=cfg.opt("hidden_act", "silu"), tie=cfg.flag("tie_word_embeddings", False),
-                linears=linears, layer_norms=list(TWO_NORMS), experts=experts, top_k=top_k)
+                linears=linears, layer_norms=list(TWO_NORMS), experts=experts, top_k=top_k, traits=Traits(
+                    "MixtralDecoderLayer", attn_dropout=attention_dropout(cfg),
+                    # peft's MoE conversion gives the fused gate_up_proj stack rank r * 2 (w1 and w3;
+                    # utils/transformers_weight_conversion.py _convert_peft_config_moe: rank_pattern)
+                    expert_rank_mult=(2, 1), **attention_window(cfg, default=None)))

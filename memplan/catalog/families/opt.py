@@ -6,7 +6,7 @@ differs from hidden_size, final LayerNorm only when do_layer_norm_before."""
 from __future__ import annotations
 
 from memplan.catalog.families.common import lin
-from memplan.catalog.spec import Arch, Cfg, ParamItem, norm_item
+from memplan.catalog.spec import Arch, Cfg, ParamItem, Traits, norm_item
 from memplan.errors import UserError
 
 
@@ -40,6 +40,14 @@ def build(cfg: Cfg) -> Arch:
         layer_prefix="model.decoder.layers", linears=linears,
         layer_norms=["self_attn_layer_norm", "final_layer_norm"], embedding=embedding, final=final,
         lm_head_in=word_dim,
+        traits=Traits(
+            "OPTDecoderLayer", norm="layer",
+            # OPTConfig: dropout 0.1, attention_dropout 0.0
+            attn_dropout=float(cfg.opt("attention_dropout", 0.0)), resid_dropout=float(cfg.opt("dropout", 0.1)),
+            role_names=(("o", "out_proj"),),
+            # OPTLearnedPositionalEmbedding.forward: position_ids + self.offset, a (b, s) tensor
+            position_ids="batch", positions_added=True,
+        ),
     )
 
 

@@ -3,8 +3,8 @@ gate_up_proj (hidden -> 2*intermediate); no biases."""
 
 from __future__ import annotations
 
-from memplan.catalog.families.common import TWO_NORMS, lin, rotary_dims
-from memplan.catalog.spec import Arch, Cfg
+from memplan.catalog.families.common import TWO_NORMS, attention_dropout, attention_window, lin, rotary_dims
+from memplan.catalog.spec import Arch, Cfg, Traits
 
 
 def build(cfg: Cfg) -> Arch:
@@ -17,4 +17,9 @@ def build(cfg: Cfg) -> Arch:
         lin("mlp.down_proj", inter, hidden, False),
     ]
     return Arch(**d, act=cfg.opt("hidden_act", "silu"), tie=cfg.flag("tie_word_embeddings", False),
-                linears=linears, layer_norms=list(TWO_NORMS))
+                linears=linears, layer_norms=list(TWO_NORMS), traits=Traits(
+                    "Phi3DecoderLayer", fused_qkv=True, fused_gate_up=True,
+                    q_contiguous=True,  # Phi3 apply_rotary_pos_emb: torch.cat([q_rot..., q_pass], dim=-1)
+                    attn_dropout=attention_dropout(cfg),
+                    # Phi3Config: resid_pdrop 0.0 (embd_pdrop is not used by Phi3Model in transformers 5)
+                    resid_dropout=float(cfg.opt("resid_pdrop", 0.0)), **attention_window(cfg, default=None)))
