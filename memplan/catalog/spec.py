@@ -87,8 +87,35 @@ class Traits:
 
 
 @dataclass(frozen=True)
+class LayerGroup:
+    """Decoder layers built alike: their ``indices`` in the stack, the weight matrices (``linears``) and the
+    count lines (``items``: the linears, then the norms, relative to one layer). ``ffn`` is the MLP's
+    intermediate width (the routed experts' with ``experts`` > 0)."""
+
+    indices: tuple[int, ...]
+    linears: tuple[Linear, ...]
+    items: tuple[ParamItem, ...]
+    ffn: int
+    experts: int = 0
+    top_k: int = 0
+    shared_ffn: int = 0  # an MoE layer's always-on shared expert MLP (0: none)
+
+    @property
+    def count(self) -> int:
+        return len(self.indices)
+
+    @property
+    def params(self) -> int:
+        """Parameters of one layer of the group."""
+        return sum(i.params for i in self.items)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """Everything the estimator needs to know about a decoder-only model, derived from config.json."""
+    """Everything the estimator needs to know about a decoder-only model, derived from config.json.
+
+    The decoder layers come as ``layer_groups``: one group when every layer is alike, more when some differ
+    (DeepSeek's dense first layers, Qwen-MoE's ``mlp_only_layers``). Every layer is in exactly one group."""
 
     name: str
     model_type: str
@@ -108,23 +135,36 @@ class ModelSpec:
     position_embeddings: int
     num_experts: int
     experts_per_token: int
-    layer_linears: tuple[Linear, ...]
     layer_norm_params: int
     # HF module path of the decoder-layer list ("model.layers"), for mapping items to modules.
     layer_prefix: str
     embedding_items: tuple[ParamItem, ...]
-    layer_items: tuple[ParamItem, ...]
+    layer_groups: tuple[LayerGroup, ...]
     final_items: tuple[ParamItem, ...]
     lm_head_items: tuple[ParamItem, ...]
     traits: Traits = field(compare=False)
+
+    @property
+    def layer_linears(self) -> tuple[Linear, ...]:
+        """Every kind of weight matrix in the decoder layers, each name once (the first group's first)."""
+        seen: dict[str, Linear] = {}
+        for group in self.layer_groups:
+            for lin in group.linears:
+                seen.setdefault(lin.path, lin)
+        return tuple(seen.values())
+
+    def group_of(self, index: int) -> LayerGroup:
+        """The group of decoder layer ``index``."""
+        return next(g for g in self.layer_groups if index in g.indices)
 
     @property
     def params_embedding(self) -> int:
         return sum(i.params for i in self.embedding_items)
 
     @property
-    def params_per_layer(self) -> int:
-        return sum(i.params for i in self.layer_items)
+    def params_layers(self) -> int:
+        """Parameters of all decoder layers."""
+        return sum(g.count * g.params for g in self.layer_groups)
 
     @property
     def params_final_norm(self) -> int:
@@ -136,12 +176,7 @@ class ModelSpec:
 
     @property
     def params_total(self) -> int:
-        return (
-            self.params_embedding
-            + self.num_layers * self.params_per_layer
-            + self.params_final_norm
-            + self.params_lm_head
-        )
+        return self.params_embedding + self.params_layers + self.params_final_norm + self.params_lm_head
 
     def linear_names(self) -> list[str]:
         """Names valid as LoRA targets: every ``layer_linears`` name, then ``lm_head``.
@@ -153,14 +188,28 @@ class ModelSpec:
         return names + ["lm_head"]
 
     def param_breakdown(self) -> list[tuple[str, str, int, str]]:
-        """Rows (group, module path, params, formula); layer rows are per layer."""
-        groups = (
-            ("embedding", self.embedding_items),
-            ("layer", self.layer_items),
-            ("final_norm", self.final_items),
-            ("lm_head", self.lm_head_items),
-        )
-        return [(g, i.path, i.params, i.formula) for g, items in groups for i in items]
+        """Rows (group, module path, params, formula); layer rows are per layer, under "layer" when every
+        layer is alike, else under "layers i-j" (or "layers i,j,...") for each group of alike layers."""
+        rows = [("embedding", i.path, i.params, i.formula) for i in self.embedding_items]
+        for g in self.layer_groups:
+            label = "layer" if len(self.layer_groups) == 1 else f"layers {_index_ranges(g.indices)}"
+            rows += [(label, i.path, i.params, i.formula) for i in g.items]
+        groups = (("final_norm", self.final_items), ("lm_head", self.lm_head_items))
+        return rows + [(g, i.path, i.params, i.formula) for g, items in groups for i in items]
+
+
+def _index_ranges(indices: tuple[int, ...]) -> str:
+    """0,1,2,5 -> "0-2,5"."""
+    parts: list[str] = []
+    start = prev = indices[0]
+    for i in (*indices[1:], None):
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +292,24 @@ class Arch:
     traits: Traits
     experts: int = 0
     top_k: int = 0
+    # Layers built differently (DeepSeek's dense first layers, Qwen-MoE's mlp_only_layers); the layers no
+    # entry claims are built from ``linears``, ``layer_norms``, ``inter``, ``experts``, ``top_k``, ``shared_ffn``.
+    other_layers: list[OtherLayers] = field(default_factory=list)
+    shared_ffn: int = 0
+    norm_widths: dict[str, int] = field(default_factory=dict)  # RMSNorms inside a layer narrower than hidden
+
+
+@dataclass
+class OtherLayers:
+    """Decoder layers built differently from a family's main kind (see Arch.other_layers)."""
+
+    indices: tuple[int, ...]
+    linears: list[Linear]
+    ffn: int
+    experts: int = 0
+    top_k: int = 0
+    shared_ffn: int = 0
+    layer_norms: list[str] | None = None  # None: the main kind's
 
 
 def norm_item(path: str, params: int, hidden: int) -> ParamItem:
@@ -286,19 +353,37 @@ def spec_from_config(config: dict, name: str) -> ModelSpec:
 
 def _freeze(arch: Arch, name: str, model_type: str, config: dict) -> ModelSpec:
     """The ModelSpec of a family's Arch: per-layer items are its linears, then its norms."""
-    layer_items = [_linear_item(lin) for lin in arch.linears]
-    layer_items += [norm_item(n, arch.norm_params, arch.hidden) for n in arch.layer_norms]
     lm_head = [] if arch.tie else [ParamItem("lm_head", arch.lm_head_in * arch.vocab, "hidden x vocab (untied)")]
+    groups = _groups(arch)
     return ModelSpec(
         name=name, model_type=model_type, config=config, vocab_size=arch.vocab, hidden_size=arch.hidden,
         num_layers=arch.layers, num_heads=arch.heads, num_kv_heads=arch.kv_heads, head_dim=arch.head_dim,
         intermediate_size=arch.inter, mlp_gated=arch.gated, hidden_act=str(arch.act), norm=arch.norm,
         norms_per_layer=len(arch.layer_norms), tie_word_embeddings=arch.tie,
         position_embeddings=arch.positions, num_experts=arch.experts, experts_per_token=arch.top_k,
-        layer_linears=tuple(arch.linears), layer_norm_params=arch.norm_params, layer_prefix=arch.layer_prefix,
-        embedding_items=tuple(arch.embedding), layer_items=tuple(layer_items), final_items=tuple(arch.final),
+        layer_norm_params=arch.norm_params, layer_prefix=arch.layer_prefix, embedding_items=tuple(arch.embedding),
+        layer_groups=tuple(sorted(groups, key=lambda g: g.indices[0])), final_items=tuple(arch.final),
         lm_head_items=tuple(lm_head), traits=_complete(arch.traits, arch.layers),
     )
+
+
+def _groups(arch: Arch) -> list[LayerGroup]:
+    """The main kind of layer first (every index no OtherLayers claims), then the others."""
+    claimed = {i for o in arch.other_layers for i in o.indices}
+    main = tuple(i for i in range(arch.layers) if i not in claimed)
+    kinds = [OtherLayers(main, arch.linears, arch.inter, arch.experts, arch.top_k, arch.shared_ffn)]
+    kinds += arch.other_layers
+    groups = []
+    for kind in kinds:
+        if not kind.indices:
+            continue
+        norms = arch.layer_norms if kind.layer_norms is None else kind.layer_norms
+        items = [_linear_item(lin) for lin in kind.linears]
+        items += [norm_item(n, arch.norm_params, arch.hidden) if n not in arch.norm_widths
+                  else ParamItem(n, arch.norm_widths[n], f"{arch.norm_widths[n]} (RMSNorm width)") for n in norms]
+        groups.append(LayerGroup(tuple(kind.indices), tuple(kind.linears), tuple(items), kind.ffn,
+                                 kind.experts, kind.top_k, kind.shared_ffn))
+    return groups
 
 
 def _complete(traits: Traits, layers: int) -> Traits:

@@ -138,10 +138,11 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     candidates.append(at_loss)
     L = spec.num_layers
     for i in (L - 1, 0):  # memory is linear in the layer index between the ends
-        done_layers = L - i  # layers whose gradients exist while layer i runs its backward
-        g_now = G if accum else min(G, head_grads + layer_grads * done_layers)
+        # the gradients that exist while layer i runs its backward: the last layer's, or all layers'
+        done = layer_grads if i == L - 1 else shard.all_layer_grads
+        g_now = G if accum else min(G, head_grads + done)
         if acts.grad_ckpt:
-            alive = acts.ckpt_input * (i + 1) + (acts.first_layer if i == 0 else acts.layer)
+            alive = acts.ckpt_input * (i + 1) + (acts.first_layer if i == 0 else acts.last_layer)
         else:
             alive = acts.first_layer + acts.layer * i
         alive += acts.shared + acts.layer_backward_transient

@@ -59,20 +59,22 @@ def _check_against_model(spec: ModelSpec, model) -> None:
 
     for item in (*spec.embedding_items, *spec.final_items, *spec.lm_head_items):
         assert _numel_under(params, item.path) == item.params, item
-    layer0 = f"{spec.layer_prefix}.0"
-    for item in spec.layer_items:
-        assert _numel_under(params, f"{layer0}.{item.path}") == item.params, item
-    assert _numel_under(params, layer0) == spec.params_per_layer
     assert len(model.get_submodule(spec.layer_prefix)) == spec.num_layers
+    assert sorted(i for g in spec.layer_groups for i in g.indices) == list(range(spec.num_layers))
+    for group in spec.layer_groups:
+        for index in group.indices:  # every layer of every group: its items, its total, its linears
+            layer = f"{spec.layer_prefix}.{index}"
+            for item in group.items:
+                assert _numel_under(params, f"{layer}.{item.path}") == item.params, (index, item)
+            assert _numel_under(params, layer) == group.params, index
+            _check_layer_linears(group.linears, model.get_submodule(layer))
 
-    _check_layer_linears(spec, model.get_submodule(layer0))
 
-
-def _check_layer_linears(spec: ModelSpec, layer) -> None:
+def _check_layer_linears(linears: tuple[Linear, ...], layer) -> None:
     modules = [(n, m) for n, m in layer.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
-    dense = [lin for lin in spec.layer_linears if lin.kind in ("linear", "conv1d")]
+    dense = [lin for lin in linears if lin.kind in ("linear", "conv1d")]
     assert [lin.path for lin in dense] == [n for n, _ in modules]
-    for lin in spec.layer_linears:
+    for lin in linears:
         parts = lin.path.split(".")
         assert lin.name == ".".join(parts[-2:] if lin.kind == "experts" else parts[-1:])
         if lin.kind == "linear":
@@ -190,7 +192,8 @@ def test_linear_params_and_breakdown():
     spec = resolve_model("llama-2-7b")
     rows = spec.param_breakdown()
     assert rows[0] == ("embedding", "model.embed_tokens", 32000 * 4096, "vocab x hidden")
-    assert sum(n for g, _, n, _ in rows if g == "layer") == spec.params_per_layer
+    assert sum(n for g, _, n, _ in rows if g == "layer") == spec.layer_groups[0].params
+    assert len(spec.layer_groups) == 1 and spec.layer_groups[0].indices == tuple(range(32))
 
 
 def test_list_presets_rows():

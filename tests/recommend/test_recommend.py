@@ -251,7 +251,7 @@ def test_flops_per_token_hand_worked():
     spec = resolve_model("llama-2-7b")
     decoder, head = throughput.matmul_params(spec)
     assert head == 32000 * 4096  # untied lm_head
-    assert decoder == spec.num_layers * spec.params_per_layer
+    assert decoder == spec.params_layers
     fwd_dec, fwd_head = throughput.forward_flops_per_token(spec, 2048)
     assert fwd_dec == 2 * decoder + 4 * 32 * 2048 * 32 * 128
     full = build_plan(dict(method="full", grad_ckpt=False))
