@@ -367,7 +367,8 @@ def check_lora_targets(spec: ModelSpec, plan: Plan) -> None:
         if t not in allowed:
             raise UserError(f"LoRA target '{t}' is not a linear layer of {spec.name}'s decoder layers; "
                             f"allowed: {', '.join(allowed)} or all-linear")
-    experts = [lin.name for lin in spec.layer_linears if lin.kind == "experts" and lin.name in targets]
+    adapted = spec.lora_target_names(plan.lora.targets)
+    experts = [lin.name for lin in spec.layer_linears if lin.kind == "experts" and lin.name in adapted]
     if experts and plan.lora.dropout > 0:
         dense = ",".join(lin.name for lin in spec.layer_linears if lin.kind != "experts")
         raise UserError(f"peft adapts the MoE expert stacks ({', '.join(experts)}) through ParamWrapper, which "

@@ -84,6 +84,18 @@ class Traits:
     expert_rank_mult: tuple[int, int] = (1, 1)  # peft's rank multiplier for the gate_up / down expert stacks
     position_ids: str = ""  # learned positions' saved int64 ids: "" none, "shared" (1, s), "batch" (b, s)
     positions_added: bool = False  # layer 0 gets embeddings + positions, not the (hooked) embedding output
+    # MoE routing (defaults: MixtralTopKRouter): the top-k weights renormalized to sum to 1
+    # (Qwen2-MoE/Qwen3-MoE norm_topk_prob), kept in fp32 (Qwen2-MoE casts them to the logits' dtype), and an
+    # always-on shared expert scaled by sigmoid(shared_expert_gate(x)) (Qwen2MoeSparseMoeBlock.forward)
+    moe_norm_topk: bool = True
+    moe_weights_fp32: bool = True
+    shared_expert_gate: bool = False
+    # peft's MoE conversion (peft utils/transformers_weight_conversion.py _convert_peft_config_moe, for the
+    # model types in its _MODEL_TO_CONVERSION_PATTERN): (target name, what it adapts) pairs. A target named
+    # like a transformers-4 router or expert projection adapts the router weight or the fused expert stack
+    # instead, and "all-linear" (every nn.Linear) gets those names added. Without it "all-linear" reaches
+    # no router or expert stack (they are parameters, not nn.Linear modules).
+    peft_expert_targets: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,14 @@ class ModelSpec:
         conversion, which "all-linear" applies too in peft 0.21 (a ParamWrapper per fused stack)."""
         names = list(dict.fromkeys(lin.name for lin in self.layer_linears))
         return names + ["lm_head"]
+
+    def lora_target_names(self, targets: list[str] | str) -> frozenset[str]:
+        """The layer linears peft adapts for ``targets`` (names, or "all-linear": every layer linear), after
+        its MoE conversion (Traits.peft_expert_targets) renames targets to the fused expert stacks."""
+        renames = dict(self.traits.peft_expert_targets)
+        if targets == "all-linear":
+            targets = [lin.name for lin in self.layer_linears if lin.kind in ("linear", "conv1d")] + list(renames)
+        return frozenset(renames.get(name, name) for name in targets)
 
     def param_breakdown(self) -> list[tuple[str, str, int, str]]:
         """Rows (group, module path, params, formula); layer rows are per layer, under "layer" when every

@@ -33,15 +33,14 @@ def numerics(plan: Plan, spec: ModelSpec) -> Numerics:
 
 _DEFAULT_NAMES = dict(q="q_proj", k="k_proj", v="v_proj", o="o_proj", qkv="qkv_proj", gate="gate_proj",
                       up="up_proj", down="down_proj", gate_up="gate_up_proj", fc1="fc1", fc2="fc2",
-                      router="gate", experts_gate_up="experts.gate_up_proj", experts_down="experts.down_proj")
+                      router="gate", experts_gate_up="experts.gate_up_proj", experts_down="experts.down_proj",
+                      shared_gate="shared_expert_gate")
 
 
 def lora_targets(spec: ModelSpec, plan: Plan) -> frozenset[str]:
     if not plan.trains_adapters:
         return frozenset()
-    if plan.lora.targets == "all-linear":
-        return frozenset(lin.name for lin in spec.layer_linears)
-    return frozenset(plan.lora.targets)
+    return spec.lora_target_names(plan.lora.targets)
 
 
 def attention_impl(spec: ModelSpec, plan: Plan) -> str:
@@ -78,7 +77,8 @@ def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention",
         num_experts=group.experts, top_k=group.top_k,
         rotary=spec.position_embeddings == 0, softmax_fp32=tr.softmax_fp32,
         sdpa_mask=_sdpa_mask(spec, plan, layer_type), expert_rank_mult=tr.expert_rank_mult,
-        q_contiguous=tr.q_contiguous,
+        q_contiguous=tr.q_contiguous, shared_ffn=group.shared_ffn, shared_gate=tr.shared_expert_gate,
+        router_norm=tr.moe_norm_topk, router_fp32=tr.moe_weights_fp32,
     )
 
 
@@ -124,7 +124,7 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
     cast; measured on an H100: benchmarks/results/gpu-h100-run1.jsonl case 3).
     """
     tok, c, h = plan.micro_batch * plan.seq_len, num.compute, spec.hidden_size
-    dense = c * tok * (2 * h + 2 * max(g.ffn for g in spec.layer_groups))
+    dense = c * tok * (2 * h + 2 * max(max(g.ffn, g.shared_ffn) for g in spec.layer_groups))
     lora = 0
     copies = 2 if plan.lora.dropout > 0 else 1
     experts = 0

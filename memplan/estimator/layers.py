@@ -63,6 +63,10 @@ class LayerSpec:
     sdpa_mask: bool = False  # SDPA gets a materialized mask in this layer (a sliding window <= s)
     expert_rank_mult: tuple = (1, 1)  # peft's rank multiplier for the gate_up / down expert stacks
     q_contiguous: bool = False  # q reaches the attention as a contiguous (b, heads, s, d) tensor (Phi3)
+    shared_ffn: int = 0  # an MoE layer's shared expert MLP width (0: none)
+    shared_gate: bool = False  # the shared expert's output scaled by sigmoid(shared_expert_gate(x))
+    router_norm: bool = True  # the top-k weights renormalized (router_top_value /= sum)
+    router_fp32: bool = True  # the routing weights stay fp32 (else cast to the router logits' dtype)
 
 
 class LayerReplay:
@@ -340,9 +344,7 @@ class LayerReplay:
         implementation sorts the S = tokens * top_k (token, expert) rows into one tensor, so what it saves
         depends only on S, not on how the rows spread over the experts."""
         t, L, n = self.t, self.L, self.n
-        tok, E, k, f, hid = self.tokens(), L.num_experts, L.top_k, L.ffn, L.hidden
-        S = tok * k
-        c = n.compute
+        tok, E, k, hid, c = self.tokens(), L.num_experts, L.top_k, L.hidden, n.compute
         # router_logits = F.linear(hidden_states, self.weight): saves the input (weight trainable) and,
         # under LoRA, the parametrized weight (the input needs grad)
         w_router = self._param_weight("router", E * hid)
@@ -356,9 +358,16 @@ class LayerReplay:
         probs = t.unary_saving_output(t.cast(logits, 4))  # softmax(router_logits.float()) saves its result
         if probs.rg:
             t.save(T(tok * k, 8, False))  # torch.topk saves its int64 indices
-            # router_top_value /= router_top_value.sum(dim=-1, keepdim=True): saves divisor and dividend
-            t.save(T(tok, 4, False), T(tok * k, 4, False))
-        weights = T(tok * k, 4, probs.rg)
+            if L.router_norm:  # router_top_value /= router_top_value.sum(dim=-1, keepdim=True): divisor, dividend
+                t.save(T(tok, 4, False), T(tok * k, 4, False))
+        weights = T(tok * k, 4 if L.router_fp32 else c, probs.rg)
+        return self._experts(h, weights)
+
+    def _experts(self, h: T, weights: T) -> T:
+        """grouped_mm_experts_forward over the routed rows, then the shared expert where the block has one."""
+        t, L = self.t, self.L
+        tok, E, k, f, hid = self.tokens(), L.num_experts, L.top_k, L.ffn, L.hidden
+        S = tok * k
         # grouped_mm_experts_forward
         sel = t.index(h, S * hid, S)  # hidden_states[perm // num_top_k]: the int64 index
         sw = t.index(weights, S, S)  # sample_weights[perm]
@@ -372,7 +381,17 @@ class LayerReplay:
         # proj_out * sample_weights_g.unsqueeze(-1): saves both; bf16 * fp32 promotes to fp32
         weighted = t.mul(down, sw, out_numel=S * hid)
         weighted = t.index(weighted, S * hid, S)  # weighted_out[inv_perm]
-        return T(tok * hid, h.itemsize, weighted.rg)  # .view(tok, top_k, h).sum(dim=1).to(hidden dtype)
+        out = T(tok * hid, h.itemsize, weighted.rg)  # .view(tok, top_k, h).sum(dim=1).to(hidden dtype)
+        if not L.shared_ffn:
+            return out
+        # Qwen2MoeSparseMoeBlock: shared_expert(x) (a gated MLP), times sigmoid(shared_expert_gate(x)) (its
+        # result saved, and both factors by the product), added to the routed output
+        g, u = self.proj(h, L.shared_ffn, "gate"), self.proj(h, L.shared_ffn, "up")
+        shared = self.proj(self._gated(g, u, tok * L.shared_ffn), hid, "down")
+        if L.shared_gate:
+            scale = t.unary_saving_output(self.proj(h, 1, "shared_gate"))
+            shared = t.mul(scale, shared, out_numel=tok * hid)
+        return T(tok * hid, max(out.itemsize, shared.itemsize), out.rg or shared.rg)
 
     def _grouped(self, x: T, out_features: int, w_param: T | None, offs: T) -> T:
         """_grouped_linear -> torch._grouped_mm(input.to(weight.dtype), weight.T, offs): saves the input

@@ -241,6 +241,11 @@ VARIANTS = {
     "opt-350m-like": dict(model_type="opt", vocab_size=128, hidden_size=64, num_hidden_layers=2,
                           num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=32, do_layer_norm_before=False,
                           enable_bias=False),
+    "qwen2_moe-minimal": dict(model_type="qwen2_moe", **_SMALL),
+    "qwen2_moe-dense-layers": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   shared_expert_intermediate_size=48, mlp_only_layers=[0], decoder_sparse_step=2,
+                                   qkv_bias=False, norm_topk_prob=True, **dict(_SMALL, num_hidden_layers=5)),
+    "qwen2_moe-no-experts": dict(model_type="qwen2_moe", num_experts=0, **_SMALL),
     "opt-no-affine": dict(model_type="opt", vocab_size=128, hidden_size=64, num_hidden_layers=2,
                           num_attention_heads=4, ffn_dim=96, layer_norm_elementwise_affine=False),
 }
@@ -449,3 +454,18 @@ def test_only_the_needed_family_is_imported():
             "assert loaded == ['memplan.catalog.families.common', 'memplan.catalog.families.llama'], loaded")
     result = _run_fresh(code)
     assert result.returncode == 0, result.stderr
+
+
+def test_layer_groups_and_peft_targets_of_moe_families():
+    """Qwen2-MoE's dense layers are their own group; peft's all-linear reaches Mixtral's router and expert
+    stacks (its MoE conversion) but not Qwen2-MoE's (no conversion for that model type in peft 0.21)."""
+    spec = spec_from_config(VARIANTS["qwen2_moe-dense-layers"], "x")
+    assert [g.indices for g in spec.layer_groups] == [(0, 2, 4), (1, 3)]  # step 2: layers 1, 3 sparse
+    assert [g.experts for g in spec.layer_groups] == [0, 4] and spec.group_of(3).shared_ffn == 48
+    assert {row[0] for row in spec.param_breakdown()} == {"embedding", "layers 0,2,4", "layers 1,3",
+                                                           "final_norm", "lm_head"}
+    assert spec.lora_target_names("all-linear") == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                     "up_proj", "down_proj", "shared_expert_gate"}
+    mixtral = spec_from_config(VARIANTS["mixtral-minimal"], "x")
+    assert mixtral.lora_target_names("all-linear") == {"q_proj", "k_proj", "v_proj", "o_proj", "gate",
+                                                        "experts.gate_up_proj", "experts.down_proj"}

@@ -37,6 +37,10 @@ OPT = dict(model_type="opt", hidden_size=256, ffn_dim=1024, num_hidden_layers=2,
            pad_token_id=1, bos_token_id=2, eos_token_id=2)
 MISTRAL = dict(model_type="mistral", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2)
+# Qwen2-MoE: 8 experts (top 2, not renormalized), a shared expert with its sigmoid gate, layer 0 dense
+QWEN2_MOE = dict(model_type="qwen2_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                 moe_intermediate_size=256, shared_expert_intermediate_size=512, mlp_only_layers=[0])
 
 
 def cfg(base: dict, **over) -> dict:
@@ -70,6 +74,13 @@ CASES = [
     ("mistral-full-bf16-sdpa-window-mask", cfg(MISTRAL, vocab_size=8192, sliding_window=256),
      dict(FULL_BF16, attn="sdpa")),
     ("mistral-lora-eager", cfg(MISTRAL, vocab_size=8192, sliding_window=4096), dict(LORA, attn="eager")),
+    ("qwen2_moe-full-bf16-sdpa", cfg(QWEN2_MOE, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    # (grouped_mm takes only bf16 on the CPU, so no amp-bf16 case for the expert families)
+    ("qwen2_moe-full-bf16-eager-norm", cfg(QWEN2_MOE, vocab_size=8192, norm_topk_prob=True),
+     dict(FULL_BF16, attn="eager")),
+    # peft adapts no router or expert stack of qwen2_moe: all-linear is attention, dense and shared MLPs, gate
+    ("qwen2_moe-lora-ckpt-sdpa", cfg(QWEN2_MOE, vocab_size=32000), dict(LORA_CKPT, attn="sdpa")),
+    ("qwen2_moe-lora-sdpa", cfg(QWEN2_MOE, vocab_size=8192), dict(LORA, attn="sdpa")),
 ]
 
 
