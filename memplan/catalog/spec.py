@@ -96,6 +96,15 @@ class Traits:
     # instead, and "all-linear" (every nn.Linear) gets those names added. Without it "all-linear" reaches
     # no router or expert stack (they are parameters, not nn.Linear modules).
     peft_expert_targets: tuple[tuple[str, str], ...] = ()
+    # Multi-head latent attention (DeepseekV3Attention, DeepseekV2Attention): (q_lora_rank (0: a plain
+    # q_proj), kv_lora_rank, qk_nope_head_dim, v_head_dim); the rotary width is the spec's head_dim. () = none.
+    mla: tuple[int, ...] = ()
+    rope_interleave: bool = False  # DeepSeek-V3 rotates interleaved pairs (apply_rotary_pos_emb_interleave)
+    # The router: "softmax" (Mixtral, Qwen-MoE: top-k of the softmax over router logits in the input dtype),
+    # "sigmoid_group" (DeepseekV3TopkRouter: fp32 logits, sigmoid, group-limited top-k with the score bias,
+    # weights gathered from the sigmoid), "softmax_fp32" (DeepseekV2TopkRouter: fp32 logits, softmax, top-k)
+    moe_router: str = "softmax"
+    moe_groups: tuple[int, int] = (1, 1)  # (n_group, topk_group) of group-limited routing
 
 
 @dataclass(frozen=True)

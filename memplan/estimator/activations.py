@@ -34,7 +34,8 @@ def numerics(plan: Plan, spec: ModelSpec) -> Numerics:
 _DEFAULT_NAMES = dict(q="q_proj", k="k_proj", v="v_proj", o="o_proj", qkv="qkv_proj", gate="gate_proj",
                       up="up_proj", down="down_proj", gate_up="gate_up_proj", fc1="fc1", fc2="fc2",
                       router="gate", experts_gate_up="experts.gate_up_proj", experts_down="experts.down_proj",
-                      shared_gate="shared_expert_gate")
+                      shared_gate="shared_expert_gate", q_a="q_a_proj", q_b="q_b_proj",
+                      kv_a="kv_a_proj_with_mqa", kv_b="kv_b_proj")
 
 
 def lora_targets(spec: ModelSpec, plan: Plan) -> frozenset[str]:
@@ -78,7 +79,8 @@ def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention",
         rotary=spec.position_embeddings == 0, softmax_fp32=tr.softmax_fp32,
         sdpa_mask=_sdpa_mask(spec, plan, layer_type), expert_rank_mult=tr.expert_rank_mult,
         q_contiguous=tr.q_contiguous, shared_ffn=group.shared_ffn, shared_gate=tr.shared_expert_gate,
-        router_norm=tr.moe_norm_topk, router_fp32=tr.moe_weights_fp32,
+        router_norm=tr.moe_norm_topk, router_fp32=tr.moe_weights_fp32, mla=tr.mla, router=tr.moe_router,
+        router_groups=tr.moe_groups,
     )
 
 

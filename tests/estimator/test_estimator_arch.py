@@ -41,6 +41,13 @@ MISTRAL = dict(model_type="mistral", hidden_size=256, intermediate_size=768, num
 QWEN2_MOE = dict(model_type="qwen2_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
                  moe_intermediate_size=256, shared_expert_intermediate_size=512, mlp_only_layers=[0])
+# DeepSeek-V3: MLA (q and kv low-rank with their norms; q/k head dim 48 != v head dim 32, so the CPU's SDPA
+# runs its math kernel), layer 0 dense, then 8 routed experts (sigmoid, group-limited top 2) + a shared expert
+DEEPSEEK_V3 = dict(model_type="deepseek_v3", hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64,
+                   qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+                   num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=128, n_shared_experts=1,
+                   first_k_dense_replace=1)
 
 
 def cfg(base: dict, **over) -> dict:
@@ -81,6 +88,13 @@ CASES = [
     # peft adapts no router or expert stack of qwen2_moe: all-linear is attention, dense and shared MLPs, gate
     ("qwen2_moe-lora-ckpt-sdpa", cfg(QWEN2_MOE, vocab_size=32000), dict(LORA_CKPT, attn="sdpa")),
     ("qwen2_moe-lora-sdpa", cfg(QWEN2_MOE, vocab_size=8192), dict(LORA, attn="sdpa")),
+    ("deepseek_v3-full-bf16-sdpa", cfg(DEEPSEEK_V3, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("deepseek_v3-full-bf16-eager", cfg(DEEPSEEK_V3, vocab_size=8192), dict(FULL_BF16, attn="eager")),
+    # peft's MoE conversion adapts the router and the expert stacks (no LoRA dropout there)
+    ("deepseek_v3-lora-ckpt-sdpa", cfg(DEEPSEEK_V3, vocab_size=32000),
+     dict(LORA_CKPT, attn="sdpa", lora={"dropout": 0.0})),
+    ("deepseek_v3-lora-eager-no-q-lora", cfg(DEEPSEEK_V3, vocab_size=8192, q_lora_rank=None),
+     dict(LORA, attn="eager", lora={"dropout": 0.0})),
 ]
 
 

@@ -24,6 +24,7 @@ FAMILIES: dict[str, str] = {
     "gpt2": "gpt2",
     "opt": "opt",
     "qwen2_moe": "qwen2_moe",
+    "deepseek_v3": "deepseek_v3",
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
