@@ -105,6 +105,8 @@ class Traits:
     # weights gathered from the sigmoid), "softmax_fp32" (DeepseekV2TopkRouter: fp32 logits, softmax, top-k)
     moe_router: str = "softmax"
     moe_groups: tuple[int, int] = (1, 1)  # (n_group, topk_group) of group-limited routing
+    # DeepseekV2RotaryEmbedding returns one complex64 freqs_cis (s x rope/2) instead of cos and sin
+    rotary_complex: bool = False
 
 
 @dataclass(frozen=True)

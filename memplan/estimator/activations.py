@@ -231,7 +231,9 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
 
     # Shared: the embeddings' saved indices (and masks), rotary cos/sin (residual dtype).
     shared = embedding_saved(spec, plan, kernels)
-    if spec.position_embeddings == 0:
+    if spec.traits.rotary_complex:  # one complex64 (8 B) tensor of s x head_dim / 2
+        shared += 4 * s * spec.head_dim
+    elif spec.position_embeddings == 0:
         shared += 2 * s * spec.head_dim * num.residual
     if plan.grad_ckpt:
         # non-reentrant checkpointing saves every tensor input of each layer for its recomputation, the

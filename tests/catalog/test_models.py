@@ -254,6 +254,11 @@ VARIANTS = {
     "deepseek_v3-no-q-lora": dict(model_type="deepseek_v3", n_routed_experts=8, num_experts_per_tok=2, n_group=2,
                                   topk_group=1, q_lora_rank=None, first_k_dense_replace=0, attention_bias=True,
                                   **_SMALL),
+    "deepseek_v2-minimal": dict(model_type="deepseek_v2", num_experts_per_tok=6, **_SMALL),
+    "deepseek_v2-lite-like": dict(model_type="deepseek_v2", num_experts_per_tok=2, n_routed_experts=8,
+                                  q_lora_rank=None, first_k_dense_replace=1, mlp_bias=True,
+                                  topk_method="group_limited_greedy", n_group=2, topk_group=1,
+                                  **dict(_SMALL, num_hidden_layers=3)),
     "opt-no-affine": dict(model_type="opt", vocab_size=128, hidden_size=64, num_hidden_layers=2,
                           num_attention_heads=4, ffn_dim=96, layer_norm_elementwise_affine=False),
 }

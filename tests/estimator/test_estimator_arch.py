@@ -93,6 +93,11 @@ CASES = [
     # peft's MoE conversion adapts the router and the expert stacks (no LoRA dropout there)
     ("deepseek_v3-lora-ckpt-sdpa", cfg(DEEPSEEK_V3, vocab_size=32000),
      dict(LORA_CKPT, attn="sdpa", lora={"dropout": 0.0})),
+    # DeepSeek-V2: softmax router (group-limited: its masked_fill keeps a mask), complex rotary, no q low rank
+    ("deepseek_v2-full-bf16-sdpa", cfg(DEEPSEEK_V3, model_type="deepseek_v2", vocab_size=8192, q_lora_rank=None,
+                                       topk_method="group_limited_greedy"), dict(FULL_BF16, attn="sdpa")),
+    ("deepseek_v2-lora-ckpt-eager", cfg(DEEPSEEK_V3, model_type="deepseek_v2", vocab_size=32000, n_group=1,
+                                        topk_group=1), dict(LORA_CKPT, attn="eager", lora={"dropout": 0.0})),
     ("deepseek_v3-lora-eager-no-q-lora", cfg(DEEPSEEK_V3, vocab_size=8192, q_lora_rank=None),
      dict(LORA, attn="eager", lora={"dropout": 0.0})),
 ]

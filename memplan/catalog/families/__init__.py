@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "opt": "opt",
     "qwen2_moe": "qwen2_moe",
     "deepseek_v3": "deepseek_v3",
+    "deepseek_v2": "deepseek_v2",
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)

@@ -22,19 +22,21 @@ from memplan.catalog.spec import Arch, Cfg, Linear, OtherLayers, Traits
 
 def build(cfg: Cfg) -> Arch:
     return deepseek(cfg, "DeepseekV3DecoderLayer", experts_default=256, shared_default=1, moe_inter_default=2048,
-                    top_k_default=8, dense_default=3, router="sigmoid_group", norm_topk_default=True, groups=(8, 4))
+                    top_k=cfg.opt_int("num_experts_per_tok", 8), dense_default=3, router="sigmoid_group",
+                    groups=(int(cfg.opt("n_group", 8)), int(cfg.opt("topk_group", 4))),
+                    norm_topk=cfg.flag("norm_topk_prob", True), interleave=cfg.flag("rope_interleave", True))
 
 
 def deepseek(cfg: Cfg, layer_class: str, *, experts_default: int, shared_default: int, moe_inter_default: int,
-             top_k_default: int, dense_default: int, router: str, norm_topk_default: bool,
-             groups: tuple[int, int]) -> Arch:
+             top_k: int, dense_default: int, router: str, groups: tuple[int, int], norm_topk: bool = False,
+             interleave: bool = False, mlp_bias: bool = False, rotary_complex: bool = False) -> Arch:
     """The DeepSeek-V2/V3 stack: MLA attention in every layer, dense MLPs in the first
     first_k_dense_replace layers, the MoE block (router, experts, shared experts) in the others."""
     d = rotary_dims(cfg, kv_default=None)
     hidden, layers = d["hidden"], d["layers"]
     dims = mla_dims(cfg)
     attention = mla_attention(hidden, d["heads"], dims, cfg.flag("attention_bias", False))
-    experts, top_k = cfg.opt_int("n_routed_experts", experts_default), cfg.opt_int("num_experts_per_tok", top_k_default)
+    experts = cfg.opt_int("n_routed_experts", experts_default)
     moe_inter = cfg.opt_int("moe_intermediate_size", moe_inter_default)
     shared = moe_inter * int(cfg.opt("n_shared_experts", shared_default))
     dense = tuple(range(min(int(cfg.opt("first_k_dense_replace", dense_default)), layers)))
@@ -44,21 +46,20 @@ def deepseek(cfg: Cfg, layer_class: str, *, experts_default: int, shared_default
         lin("mlp.experts.gate_up_proj", hidden, 2 * moe_inter, False, experts, kind="experts"),
         lin("mlp.experts.down_proj", moe_inter, hidden, False, experts, kind="experts"),
         lin("mlp.gate", hidden, experts, False, kind="router"),
-        *gated_mlp(hidden, shared, False, prefix="mlp.shared_experts"),
+        *gated_mlp(hidden, shared, mlp_bias, prefix="mlp.shared_experts"),
     ]
     traits = Traits(
         layer_class, attn_dropout=attention_dropout(cfg), expert_rank_mult=(2, 1),
-        moe_norm_topk=cfg.flag("norm_topk_prob", norm_topk_default), peft_expert_targets=QWEN2_MOE_PEFT_TARGETS,
-        mla=(dims["q_lora"], dims["kv_lora"], dims["nope"], dims["v"]), moe_router=router,
-        moe_groups=(int(cfg.opt("n_group", groups[0]) or 1), int(cfg.opt("topk_group", groups[1]) or 1)),
-        rope_interleave=cfg.flag("rope_interleave", True))
+        moe_norm_topk=norm_topk, peft_expert_targets=QWEN2_MOE_PEFT_TARGETS,
+        mla=(dims["q_lora"], dims["kv_lora"], dims["nope"], dims["v"]), moe_router=router, moe_groups=groups,
+        rope_interleave=interleave, rotary_complex=rotary_complex)
     norms = {"self_attn.kv_a_layernorm": dims["kv_lora"]}
     if dims["q_lora"]:
         norms["self_attn.q_a_layernorm"] = dims["q_lora"]
     return Arch(**d, act=cfg.opt("hidden_act", "silu"), tie=cfg.flag("tie_word_embeddings", False),
                 linears=attention + moe, layer_norms=list(norms) + TWO_NORMS, norm_widths=norms,
                 experts=experts, top_k=top_k, shared_ffn=shared, traits=traits,
-                other_layers=[OtherLayers(dense, attention + gated_mlp(hidden, dense_inter, False), dense_inter)])
+                other_layers=[OtherLayers(dense, attention + gated_mlp(hidden, dense_inter, mlp_bias), dense_inter)])
 
 
 def mla_dims(cfg: Cfg) -> dict:
