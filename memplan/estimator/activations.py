@@ -80,7 +80,7 @@ def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention",
         sdpa_mask=_sdpa_mask(spec, plan, layer_type), expert_rank_mult=tr.expert_rank_mult,
         q_contiguous=tr.q_contiguous, shared_ffn=group.shared_ffn, shared_gate=tr.shared_expert_gate,
         router_norm=tr.moe_norm_topk, router_fp32=tr.moe_weights_fp32, mla=tr.mla, router=tr.moe_router,
-        router_groups=tr.moe_groups,
+        router_groups=tr.moe_groups, qk_norm=tr.qk_norm,
     )
 
 

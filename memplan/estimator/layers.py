@@ -70,6 +70,7 @@ class LayerSpec:
     mla: tuple = ()  # multi-head latent attention: (q_lora_rank, kv_lora_rank, qk_nope_head_dim, v_head_dim)
     router: str = "softmax"  # "softmax", "sigmoid_group" (DeepSeek-V3), "softmax_fp32" (DeepSeek-V2)
     router_groups: tuple = (1, 1)  # (n_group, topk_group) of group-limited routing
+    qk_norm: bool = False  # RMSNorm over the head dim of q and k (Qwen3-MoE q_norm / k_norm)
 
 
 class LayerReplay:
@@ -113,6 +114,16 @@ class LayerReplay:
             return t.cast(out, x.itemsize)  # .type_as(x)
         normed = t.cast(normed, x.itemsize)  # .to(input_dtype)
         return t.scale_by_param(normed, trainable)  # weight * x (same dtype for these regimes)
+
+    def head_norm(self, x: T, heads: int) -> T:
+        """An RMSNorm over the head dim (Qwen3-MoE's q_norm / k_norm): as `norm` for "rms", with one fp32
+        rsqrt per token and head."""
+        t = self.t
+        xf = t.cast(x, 4)
+        t.unary_saving_input(xf)  # pow(2)
+        rs = t.unary_saving_output(T(self.tokens() * heads, 4, xf.rg))  # rsqrt(mean + eps)
+        normed = t.cast(t.mul(xf, rs, out_numel=xf.numel), x.itemsize)  # saves xf and rs; .to(input_dtype)
+        return t.scale_by_param(normed, self.L.full_ft)  # weight * x
 
     def proj(self, x: T, out_features: int, role: str) -> T:
         """A Linear as peft wraps it: frozen or trainable base, plus a LoRA path when targeted."""
@@ -209,6 +220,8 @@ class LayerReplay:
             q = self.proj(h, q_feats, "q")
             k = self.proj(h, kv_feats, "k")
             v = self.proj(h, kv_feats, "v")
+        if L.qk_norm:
+            q, k = self.head_norm(q, L.heads), self.head_norm(k, L.kv_heads)
         rg = q.rg or k.rg or v.rg
         if L.rotary:
             # apply_rotary_pos_emb: q*cos + rotate_half(q)*sin: new q and k (v stays a view); saves only

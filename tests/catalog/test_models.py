@@ -259,6 +259,10 @@ VARIANTS = {
                                   q_lora_rank=None, first_k_dense_replace=1, mlp_bias=True,
                                   topk_method="group_limited_greedy", n_group=2, topk_group=1,
                                   **dict(_SMALL, num_hidden_layers=3)),
+    "qwen3_moe-minimal": dict(model_type="qwen3_moe", **_SMALL),
+    "qwen3_moe-dense-layers": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                   moe_intermediate_size=32, mlp_only_layers=[2], attention_bias=True,
+                                   **dict(_SMALL, num_hidden_layers=3)),
     "opt-no-affine": dict(model_type="opt", vocab_size=128, hidden_size=64, num_hidden_layers=2,
                           num_attention_heads=4, ffn_dim=96, layer_norm_elementwise_affine=False),
 }

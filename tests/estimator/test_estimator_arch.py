@@ -48,6 +48,10 @@ DEEPSEEK_V3 = dict(model_type="deepseek_v3", hidden_size=256, intermediate_size=
                    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
                    num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=128, n_shared_experts=1,
                    first_k_dense_replace=1)
+# Qwen3-MoE: q_norm / k_norm over the head dim, 8 experts (top 2, renormalized), layer 2 dense
+QWEN3_MOE = dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
+                 moe_intermediate_size=256, norm_topk_prob=True, mlp_only_layers=[2])
 
 
 def cfg(base: dict, **over) -> dict:
@@ -98,6 +102,11 @@ CASES = [
                                        topk_method="group_limited_greedy"), dict(FULL_BF16, attn="sdpa")),
     ("deepseek_v2-lora-ckpt-eager", cfg(DEEPSEEK_V3, model_type="deepseek_v2", vocab_size=32000, n_group=1,
                                         topk_group=1), dict(LORA_CKPT, attn="eager", lora={"dropout": 0.0})),
+    ("qwen3_moe-full-bf16-sdpa", cfg(QWEN3_MOE, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("qwen3_moe-lora-ckpt-eager", cfg(QWEN3_MOE, vocab_size=32000), dict(LORA_CKPT, attn="eager",
+                                                                          lora={"dropout": 0.0})),
+    ("qwen3_moe-lora-sdpa-attention", cfg(QWEN3_MOE, vocab_size=8192),
+     dict(LORA, attn="sdpa", lora={"targets": "q_proj,k_proj,v_proj,o_proj"})),
     ("deepseek_v3-lora-eager-no-q-lora", cfg(DEEPSEEK_V3, vocab_size=8192, q_lora_rank=None),
      dict(LORA, attn="eager", lora={"dropout": 0.0})),
 ]

@@ -26,6 +26,7 @@ FAMILIES: dict[str, str] = {
     "qwen2_moe": "qwen2_moe",
     "deepseek_v3": "deepseek_v3",
     "deepseek_v2": "deepseek_v2",
+    "qwen3_moe": "qwen3_moe",
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
