@@ -32,6 +32,7 @@ llama-3.1-8b llama-3.1-70b llama-3.1-405b llama-3.2-1b llama-3.2-3b mistral-7b m
 qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b qwen2.5-7b qwen2.5-14b qwen2.5-32b qwen2.5-72b
 gemma-2b gemma-7b gemma-2-2b gemma-2-9b gemma-2-27b phi-3-mini tinyllama-1.1b
 gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b
+deepseek-r1
 """.split()
 
 
