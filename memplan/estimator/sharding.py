@@ -8,6 +8,7 @@ most-loaded GPU (ceil of each partition).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -25,8 +26,7 @@ class PerGpu:
     opt_states: int
     opt_temps: int
     head_grads: int  # gradients of lm_head + final norm (the first the backward produces)
-    layer_grads: int  # gradients the last decoder layer adds (the first layer the backward reaches)
-    all_layer_grads: int  # gradients of all decoder layers
+    grads_from: tuple[int, ...]  # [i]: gradients of decoder layers i..L-1 (what exists in layer i's backward)
     emb_grad: int  # the token embedding's gradient
     gathered_forward: int  # ZeRO-3 / FULL_SHARD: unsharded parameters in flight
     gathered_backward: int
@@ -74,15 +74,13 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     notes: list[str] = []
     g_item = grads // tensors.n_trainable if tensors.n_trainable else num.weights
 
-    # Per-layer and head gradient sizes (replica), for the backward's progression: the last layer's (the
-    # first the backward reaches) and all layers' together.
-    last = spec.group_of(spec.num_layers - 1)
+    # Gradient sizes of each layer and of the head, for the backward's progression (grads_from below).
     trainable = _trainable_per_layer(spec, plan)
     if plan.method == "full":
         head_params = spec.params_final_norm + (spec.params_lm_head or spec.vocab_size * spec.hidden_size)
     else:
         head_params = 0
-    layer_grads, head_grads = trainable[last] * g_item, head_params * g_item
+    head_grads = head_params * g_item
     emb_grad = spec.vocab_size * spec.hidden_size * g_item if plan.method == "full" else 0
 
     # Parameters sharded at rest: ZeRO-3 / FULL_SHARD, and FSDP's SHARD_GRAD_OP too (it reshards after the
@@ -99,9 +97,10 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     S = _part(opt_states, n) if stage >= 1 else opt_states
     TMP = _part(opt_temps, n) if stage >= 1 else opt_temps
     per_layer = (lambda x: _part(x, n)) if stage >= 2 else (lambda x: x)
-    all_layer_grads = sum(per_layer(trainable[g] * g_item) * g.count for g in spec.layer_groups)
+    grads_from = list(itertools.accumulate(per_layer(trainable[spec.group_of(i)] * g_item)
+                                           for i in reversed(range(spec.num_layers))))[::-1]
     if stage >= 2:
-        layer_grads, head_grads, emb_grad = _part(layer_grads, n), _part(head_grads, n), _part(emb_grad, n)
+        head_grads, emb_grad = _part(head_grads, n), _part(emb_grad, n)
     buffers = 0
     gathered_f = gathered_b = 0
     host = 0
@@ -162,7 +161,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                 host += G * plan.gpus
                 G = 0
     return PerGpu(weights=W, grads=G, master=M, opt_states=S, opt_temps=TMP, head_grads=head_grads,
-                  layer_grads=layer_grads, all_layer_grads=all_layer_grads, emb_grad=emb_grad,
+                  grads_from=tuple(grads_from), emb_grad=emb_grad,
                   gathered_forward=gathered_f, gathered_backward=gathered_b, buffers=buffers, host_bytes=host,
                   notes=notes)
 

@@ -107,6 +107,11 @@ CASES = [
                                                                           lora={"dropout": 0.0})),
     ("qwen3_moe-lora-sdpa-attention", cfg(QWEN3_MOE, vocab_size=8192),
      dict(LORA, attn="sdpa", lora={"targets": "q_proj,k_proj,v_proj,o_proj"})),
+    # rank-64 adapters on 32-expert stacks: the backward peaks at the lowest MoE layer (layer 1), with every
+    # MoE layer's adapter gradients
+    ("deepseek_v3-lora-ckpt-backward-peak", cfg(DEEPSEEK_V3, vocab_size=4096, num_hidden_layers=5, n_routed_experts=32,
+                                               n_group=1, topk_group=1),
+     dict(LORA_CKPT, attn="sdpa", lora={"dropout": 0.0, "rank": 64})),
     ("deepseek_v3-lora-eager-no-q-lora", cfg(DEEPSEEK_V3, vocab_size=8192, q_lora_rank=None),
      dict(LORA, attn="eager", lora={"dropout": 0.0})),
 ]
