@@ -24,6 +24,22 @@ sys.path.insert(0, str(ROOT))
 SMALL = dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
 
+# Rows that are not a preset as it is: (preset whose config.json is the base, or None, and the keys replaced).
+# The MoE models at full width with 4 layers (one dense, three sparse where the family has dense layers): a
+# full-size trace of them is too large for CI; each layer kind's activations and states are the full-size ones.
+# qwen2_moe / qwen3_moe: their config classes' defaults, written out (Qwen2MoeConfig: Qwen1.5-MoE-A2.7B's
+# widths; Qwen3MoeConfig: Qwen3-30B-A3B's, but head_dim = hidden / heads = 64).
+CONFIGS = {
+    "small-llama": (None, SMALL),
+    "deepseek-r1-4l": ("deepseek-r1", dict(num_hidden_layers=4, first_k_dense_replace=1)),
+    "qwen2-moe-defaults-4l": (None, dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048,
+                                         intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
+                                         num_hidden_layers=4, mlp_only_layers=[0])),
+    "qwen3-moe-defaults-4l": (None, dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+                                         intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4,
+                                         num_hidden_layers=4, norm_topk_prob=True)),
+}
+
 MATRIX = [
     ("llama-2-7b", dict(precision="bf16", seq_len=512, grad_ckpt=False)),
     ("llama-2-7b", dict(precision="bf16", seq_len=512, grad_ckpt=False, optimizer="adamw-forloop")),
@@ -67,6 +83,13 @@ MATRIX = [
     ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256), "cpu"),
     ("small-llama", dict(precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False, optimizer="adamw-8bit"),
      "cpu"),
+    ("deepseek-r1-4l", dict(method="lora", precision="bf16", seq_len=2048, lora={"dropout": 0.0})),
+    ("deepseek-r1-4l", dict(precision="bf16", seq_len=1024, grad_ckpt=False)),
+    ("qwen2-moe-defaults-4l", dict(precision="bf16", micro_batch=2, seq_len=1024, grad_ckpt=False)),
+    ("qwen2-moe-defaults-4l", dict(method="lora", precision="bf16", micro_batch=4, seq_len=2048)),
+    ("qwen3-moe-defaults-4l", dict(precision="bf16", micro_batch=2, seq_len=1024, grad_ckpt=False)),
+    ("qwen3-moe-defaults-4l", dict(method="lora", precision="bf16", micro_batch=4, seq_len=2048,
+                                   lora={"dropout": 0.0})),
 ]
 
 
@@ -78,8 +101,11 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
     from memplan.plan import Plan
     from memplan.profile.run import measure
 
-    if preset == "small-llama":
-        config, spec = dict(SMALL), spec_from_config(dict(SMALL), "small-llama")
+    if preset in CONFIGS:
+        base, over = CONFIGS[preset]
+        config = json.loads((models_dir() / base / "config.json").read_text()) if base else {}
+        config.update(over)
+        spec = spec_from_config(dict(config), preset)
     else:
         config = json.loads((models_dir() / preset / "config.json").read_text())
         spec = resolve_model(preset)
@@ -106,7 +132,8 @@ def write(rows: list[dict], out: Path, failures: list[str]) -> None:
         "",
         "Written by `benchmarks/accuracy.py`. Measured: `memplan profile`'s measuring path, two optimizer "
         "steps (forward, loss, backward, optimizer, zero_grad), steady-state live bytes per phase; `trace` = "
-        "fake tensors at full size, `cpu` = real CPU tensors (bitsandbytes kernels; a 4-layer h512 Llama). "
+        "fake tensors at full size (`-4l` rows: the model at full width, 4 layers), `cpu` = real CPU tensors "
+        "(bitsandbytes kernels; a 4-layer h512 Llama). "
         "error % = 100 x (estimate - measured) / measured. act = share of activations (incl. logits) at "
         "the measured peak.",
         "",
