@@ -487,3 +487,15 @@ def test_layer_groups_and_peft_targets_of_moe_families():
     mixtral = spec_from_config(VARIANTS["mixtral-minimal"], "x")
     assert mixtral.lora_target_names("all-linear") == {"q_proj", "k_proj", "v_proj", "o_proj", "gate",
                                                         "experts.gate_up_proj", "experts.down_proj"}
+
+
+@pytest.mark.parametrize("model_type, window", [("qwen2_moe", dict(use_sliding_window=True, max_window_layers=3)),
+                                                 ("qwen2_moe", {}), ("qwen3_moe", dict(use_sliding_window=True))])
+def test_moe_layer_types_match_the_config_class(model_type, window):
+    """Which layers slide, as the config class decides (Qwen2-MoE: the even layers below max_window_layers)."""
+    raw = dict(model_type=model_type, **window, **dict(_SMALL, num_hidden_layers=5))
+    spec = spec_from_config(dict(raw), "x")
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if k != "model_type"})
+    expected = getattr(config, "layer_types", None) or ["sliding_attention" if config.sliding_window else
+                                                        "full_attention"] * 5
+    assert list(spec.traits.layer_types) == expected

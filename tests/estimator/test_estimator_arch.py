@@ -89,6 +89,9 @@ CASES = [
     # (grouped_mm takes only bf16 on the CPU, so no amp-bf16 case for the expert families)
     ("qwen2_moe-full-bf16-eager-norm", cfg(QWEN2_MOE, vocab_size=8192, norm_topk_prob=True),
      dict(FULL_BF16, attn="eager")),
+    # with use_sliding_window the even layers below max_window_layers slide: 0 and 2 here, with their SDPA masks
+    ("qwen2_moe-full-bf16-sdpa-window", cfg(QWEN2_MOE, vocab_size=8192, use_sliding_window=True, sliding_window=256,
+                                            max_window_layers=3), dict(FULL_BF16, attn="sdpa")),
     # peft adapts no router or expert stack of qwen2_moe: all-linear is attention, dense and shared MLPs, gate
     ("qwen2_moe-lora-ckpt-sdpa", cfg(QWEN2_MOE, vocab_size=32000), dict(LORA_CKPT, attn="sdpa")),
     ("qwen2_moe-lora-sdpa", cfg(QWEN2_MOE, vocab_size=8192), dict(LORA, attn="sdpa")),

@@ -7,8 +7,15 @@ hidden) and down_proj (E, hidden, moe_intermediate_size), a shared expert MLP of
 
 from __future__ import annotations
 
-from memplan.catalog.families.common import TWO_NORMS, attention_dropout, gated_mlp, lin, rotary_attention, rotary_dims
-from memplan.catalog.families.qwen2 import qwen_window
+from memplan.catalog.families.common import (
+    TWO_NORMS,
+    attention_dropout,
+    attention_window,
+    gated_mlp,
+    lin,
+    rotary_attention,
+    rotary_dims,
+)
 from memplan.catalog.spec import Arch, Cfg, Linear, OtherLayers, Traits
 
 # peft's _MOE_TARGET_MODULE_MAPPING["qwen2_moe"], which peft applies to the model types transformers maps to
@@ -27,7 +34,7 @@ def build(cfg: Cfg) -> Arch:
     dense = dense_layers(cfg, layers, experts)
     dense_inter, d["inter"] = d["inter"], moe_inter  # the main (sparse) layers' MLP width is the experts'
 
-    traits = Traits("Qwen2MoeDecoderLayer", attn_dropout=attention_dropout(cfg), **qwen_window(cfg),
+    traits = Traits("Qwen2MoeDecoderLayer", attn_dropout=attention_dropout(cfg), **moe_window(cfg),
                     expert_rank_mult=(2, 1),  # peft doubles the fused gate_up stack's rank (see mixtral.py)
                     moe_norm_topk=cfg.flag("norm_topk_prob", False),
                     # Qwen2MoeTopKRouter: router_top_value.to(router_logits.dtype)
@@ -36,6 +43,15 @@ def build(cfg: Cfg) -> Arch:
                 linears=attention + moe_block(hidden, experts, moe_inter, shared), layer_norms=list(TWO_NORMS),
                 experts=experts, top_k=top_k, shared_ffn=shared, traits=traits,
                 other_layers=[OtherLayers(dense, attention + gated_mlp(hidden, dense_inter, False), dense_inter)])
+
+
+def moe_window(cfg: Cfg) -> dict:
+    """Qwen2MoeConfig.__post_init__: with use_sliding_window, the even layers below max_window_layers (28)
+    slide (window sliding_window, 4096); without it every layer is full."""
+    if not cfg.flag("use_sliding_window", False):
+        return dict(sliding_window=None, layer_types=("full_attention",) * cfg.req("num_hidden_layers"))
+    below = int(cfg.opt("max_window_layers", 28))
+    return attention_window(cfg, default=4096, sliding=lambda i: i % 2 == 0 and i < below)
 
 
 def dense_layers(cfg: Cfg, layers: int, experts: int) -> tuple[int, ...]:
