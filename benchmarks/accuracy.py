@@ -85,9 +85,9 @@ MATRIX = [
      "cpu"),
     ("deepseek-r1-4l", dict(method="lora", precision="bf16", seq_len=2048, lora={"dropout": 0.0})),
     ("deepseek-r1-4l", dict(precision="bf16", seq_len=1024, grad_ckpt=False)),
-    ("qwen2-moe-defaults-4l", dict(precision="bf16", micro_batch=2, seq_len=1024, grad_ckpt=False)),
+    ("qwen2-moe-defaults-4l", dict(precision="bf16", micro_batch=4, seq_len=2048, grad_ckpt=False)),
     ("qwen2-moe-defaults-4l", dict(method="lora", precision="bf16", micro_batch=4, seq_len=2048)),
-    ("qwen3-moe-defaults-4l", dict(precision="bf16", micro_batch=2, seq_len=1024, grad_ckpt=False)),
+    ("qwen3-moe-defaults-4l", dict(precision="bf16", micro_batch=4, seq_len=2048, grad_ckpt=False)),
     ("qwen3-moe-defaults-4l", dict(method="lora", precision="bf16", micro_batch=4, seq_len=2048,
                                    lora={"dropout": 0.0})),
 ]
