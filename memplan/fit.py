@@ -267,7 +267,7 @@ def compare(spec: ModelSpec, model_ref: str, cluster: dict[str, Any], gpu: str |
     from memplan.recommend.search import Scorer, Workload
 
     cluster = dict(cluster)
-    if any(lin.kind == "experts" for lin in spec.layer_linears):
+    if spec.lora_reaches_experts():
         cluster["lora"] = {"dropout": 0.0}  # peft's expert adapters take no dropout (see check_lora_targets)
     plans = [build_plan(dict(row, model=model_ref, **cluster)) for row in STANDARD_PLANS]
     assumptions: list[str] = []

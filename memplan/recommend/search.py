@@ -158,7 +158,7 @@ def structures(spec: ModelSpec, model_ref: str, method: str, target: Target, seq
     base = dict(model=model_ref, method=method, device=target.device, gpus=target.gpus, nodes=target.nodes,
                 seq_len=seq_len)
     lora = dict(lora or {})
-    if method != "full" and any(lin.kind == "experts" for lin in spec.layer_linears):
+    if method != "full" and spec.lora_reaches_experts(lora.get("targets", "all-linear")):
         lora.setdefault("dropout", 0.0)  # peft's expert-stack adapters take no dropout
     if lora:
         base["lora"] = lora
