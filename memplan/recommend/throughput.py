@@ -64,7 +64,11 @@ def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> tuple[float, float
     attention's scores and weighted sum, 2 x 2 x layers x seq x (heads x head_dim) (nanoGPT's
     estimate_mfu, after PaLM appendix B; causal masking not discounted)."""
     decoder, head = matmul_params(spec)
-    attention = 4 * spec.num_layers * seq_len * spec.num_heads * spec.head_dim
+    # q.k over the q/k head dim, probabilities.v over the v head dim (they differ with multi-head latent
+    # attention: qk_nope + qk_rope vs v_head_dim)
+    mla = spec.traits.mla
+    qk, v = (mla[2] + spec.head_dim, mla[3]) if mla else (spec.head_dim, spec.head_dim)
+    attention = 2 * spec.num_layers * seq_len * spec.num_heads * (qk + v)
     return 2 * decoder + attention, 2 * head
 
 
