@@ -107,9 +107,9 @@ class Traits:
     moe_groups: tuple[int, int] = (1, 1)  # (n_group, topk_group) of group-limited routing
     # DeepseekV2RotaryEmbedding returns one complex64 freqs_cis (s x rope/2) instead of cos and sin
     rotary_complex: bool = False
-    # Qwen3-MoE: q_norm and k_norm, RMSNorms over the head dim of q and k before the rotary embedding
+    # q/k RMSNorm on the projections, before the rotary: "" none, "head" over each head's head_dim
     # (Qwen3MoeAttention.forward: self.q_norm(self.q_proj(x).view(hidden_shape)))
-    qk_norm: bool = False
+    qk_norm: str = ""
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class LayerSpec:
     mla: tuple = ()  # multi-head latent attention: (q_lora_rank, kv_lora_rank, qk_nope_head_dim, v_head_dim)
     router: str = "softmax"  # "softmax", "sigmoid_group" (DeepSeek-V3), "softmax_fp32" (DeepSeek-V2)
     router_groups: tuple = (1, 1)  # (n_group, topk_group) of group-limited routing
-    qk_norm: bool = False  # RMSNorm over the head dim of q and k (Qwen3-MoE q_norm / k_norm)
+    qk_norm: str = ""  # q/k norms before the rotary: "head" (over head_dim)
 
 
 class LayerReplay:
@@ -115,9 +115,12 @@ class LayerReplay:
         normed = t.cast(normed, x.itemsize)  # .to(input_dtype)
         return t.scale_by_param(normed, trainable)  # weight * x (same dtype for these regimes)
 
-    def head_norm(self, x: T, heads: int) -> T:
-        """An RMSNorm over the head dim (Qwen3-MoE's q_norm / k_norm): as `norm` for "rms", with one fp32
-        rsqrt per token and head."""
+    def qk_norms(self, q: T, k: T) -> tuple[T, T]:
+        """q_norm(q), k_norm(k) per head over head_dim (Qwen3MoeAttention: the weight has head_dim elements)."""
+        return self._head_norm(q, self.L.heads), self._head_norm(k, self.L.kv_heads)
+
+    def _head_norm(self, x: T, heads: int) -> T:
+        """An RMSNorm over the head dim: as `norm` for "rms", with one fp32 rsqrt per token and head."""
         t = self.t
         xf = t.cast(x, 4)
         t.unary_saving_input(xf)  # pow(2)
@@ -221,7 +224,7 @@ class LayerReplay:
             k = self.proj(h, kv_feats, "k")
             v = self.proj(h, kv_feats, "v")
         if L.qk_norm:
-            q, k = self.head_norm(q, L.heads), self.head_norm(k, L.kv_heads)
+            q, k = self.qk_norms(q, k)
         rg = q.rg or k.rg or v.rg
         if L.rotary:
             # apply_rotary_pos_emb: q*cos + rotate_half(q)*sin: new q and k (v stays a view); saves only

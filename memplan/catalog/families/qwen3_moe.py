@@ -32,7 +32,7 @@ def build(cfg: Cfg) -> Arch:
     traits = Traits("Qwen3MoeDecoderLayer", attn_dropout=attention_dropout(cfg), expert_rank_mult=(2, 1),
                     moe_norm_topk=cfg.flag("norm_topk_prob", False),
                     moe_weights_fp32=False,  # Qwen3MoeTopKRouter: router_top_value.to(router_logits.dtype)
-                    peft_expert_targets=QWEN2_MOE_PEFT_TARGETS, qk_norm=True, **window)
+                    peft_expert_targets=QWEN2_MOE_PEFT_TARGETS, qk_norm="head", **window)
     moe = [
         lin("mlp.gate", hidden, experts, False, kind="router"),
         lin("mlp.experts.gate_up_proj", hidden, 2 * moe_inter, False, experts, kind="experts"),
