@@ -240,6 +240,18 @@ VARIANTS = {
                           enable_bias=False),
     "opt-no-affine": dict(model_type="opt", vocab_size=128, hidden_size=64, num_hidden_layers=2,
                           num_attention_heads=4, ffn_dim=96, layer_norm_elementwise_affine=False),
+    "qwen3-minimal": dict(model_type="qwen3", **_SMALL),
+    "qwen3-bias-tied": dict(model_type="qwen3", attention_bias=True, num_key_value_heads=4, head_dim=16,
+                            tie_word_embeddings=True, **_SMALL),
+    "olmo2-minimal": dict(model_type="olmo2", **_SMALL),
+    "olmo2-gqa-bias": dict(model_type="olmo2", attention_bias=True, num_key_value_heads=8, **_SMALL),
+    "gemma3_text-minimal": dict(model_type="gemma3_text", **_SMALL),
+    "gemma3_text-untied-bias": dict(model_type="gemma3_text", head_dim=32, num_key_value_heads=8, attention_bias=True,
+                                    tie_word_embeddings=False, **_SMALL),
+    "smollm3-minimal": dict(model_type="smollm3", pad_token_id=0, bos_token_id=1, eos_token_id=2, **_SMALL),
+    "smollm3-biases-untied": dict(model_type="smollm3", pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  attention_bias=True, mlp_bias=True, num_key_value_heads=8,
+                                  tie_word_embeddings=False, **_SMALL),
 }
 
 
