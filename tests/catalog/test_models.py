@@ -32,6 +32,7 @@ llama-3.1-8b llama-3.1-70b llama-3.1-405b llama-3.2-1b llama-3.2-3b mistral-7b m
 qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b qwen2.5-7b qwen2.5-14b qwen2.5-32b qwen2.5-72b
 gemma-2b gemma-7b gemma-2-2b gemma-2-9b gemma-2-27b phi-3-mini tinyllama-1.1b
 gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b
+qwen3-0.6b qwen3-1.7b qwen3-4b qwen3-8b qwen3-14b qwen3-32b olmo-2-7b olmo-2-13b gemma-3-1b smollm3-3b
 """.split()
 
 
@@ -313,6 +314,9 @@ def test_missing_and_bad_keys():
     ("LLAMA-2-7B", "llama-2-7b"), ("meta-llama/Llama-2-7b-hf", "llama-2-7b"),
     ("META-LLAMA/LLAMA-2-7B-HF", "llama-2-7b"), ("huggyllama/llama-7b", "llama-1-7b"),
     ("Qwen/Qwen2.5-0.5B", "qwen2.5-0.5b"), ("  gpt2  ", "gpt2"),
+    ("Qwen/Qwen3-8B", "qwen3-8b"), ("Qwen/Qwen3-0.6B-Base", "qwen3-0.6b"),
+    ("allenai/OLMo-2-1124-7B-Instruct", "olmo-2-7b"), ("google/gemma-3-1b-it", "gemma-3-1b"),
+    ("HuggingFaceTB/SmolLM3-3B", "smollm3-3b"),
 ])
 def test_resolve_names(ref, preset):
     assert resolve_model(ref).name == preset
