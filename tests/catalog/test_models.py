@@ -277,6 +277,46 @@ def test_default_values():
     assert opt.params_final_norm == 0 and opt.position_embeddings == 2050
 
 
+_KINDS = {
+    "qwen3-sliding": dict(VARIANTS["qwen3-minimal"], num_hidden_layers=4, use_sliding_window=True,
+                          sliding_window=64, max_window_layers=2),
+    "qwen3-window-unused": dict(VARIANTS["qwen3-minimal"], sliding_window=64),
+    "gemma3_text-pattern": dict(VARIANTS["gemma3_text-minimal"], num_hidden_layers=7),
+    "gemma3_text-pattern-3": dict(VARIANTS["gemma3_text-minimal"], num_hidden_layers=7, sliding_window_pattern=3),
+    "smollm3-interval": dict(VARIANTS["smollm3-minimal"], num_hidden_layers=6, no_rope_layer_interval=3),
+    "smollm3-sliding": dict(VARIANTS["smollm3-minimal"], num_hidden_layers=4, use_sliding_window=True,
+                            sliding_window=64),
+    "smollm3-listed": dict(VARIANTS["smollm3-minimal"], no_rope_layers=[0, 1]),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(_KINDS))
+def test_layer_kinds_match_transformers(variant):
+    """Each layer's attention kind and whether it applies the rotary, as the config class derives them."""
+    raw = _KINDS[variant]
+    spec = spec_from_config(dict(raw), variant)
+    config = AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
+    assert list(spec.traits.layer_types) == list(config.layer_types)
+    window = config.sliding_window if "sliding_attention" in config.layer_types else None
+    assert spec.traits.sliding_window == window
+    if raw["model_type"] == "smollm3":
+        assert list(spec.traits.rope_layers) == [bool(r) for r in config.no_rope_layers]
+
+
+def test_new_family_traits():
+    gemma3 = resolve_model("gemma-3-1b")
+    assert gemma3.traits.layer_types.count("full_attention") == 4 and gemma3.traits.sliding_window == 512
+    assert gemma3.traits.rotary_tables == 2 and gemma3.qk_norm_widths == (256, 256)
+    assert gemma3.traits.final_softcap is None and gemma3.traits.attn_softcap is None and gemma3.traits.sdpa
+    olmo2 = resolve_model("olmo-2-7b")
+    assert olmo2.qk_norm_widths == (4096, 4096) and not olmo2.traits.pre_norms and olmo2.norms_per_layer == 2
+    assert resolve_model("qwen3-8b").qk_norm_widths == (128, 128)
+    smol = resolve_model("smollm3-3b")
+    assert [i for i, r in enumerate(smol.traits.rope_layers) if not r] == list(range(3, 36, 4))
+    with pytest.raises(UserError, match="'no_rope_layers' must list 0 or 1 for each of the 2 layers"):
+        spec_from_config(dict(VARIANTS["smollm3-minimal"], no_rope_layers=[1]), "x")
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors from spec_from_config
 # ---------------------------------------------------------------------------------------------
