@@ -126,3 +126,20 @@ def test_estimator_import_stays_torch_free():
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_rotary_tables_and_nope_layers_in_the_shared_bytes():
+    """cos/sin (residual dtype, s x head_dim each) are kept once per table the layers use: none when every
+    layer skips the rotary (SmolLM3 NoPE), two for Gemma-3's local and global bases."""
+    from memplan.estimator.activations import activations
+
+    plan = Plan(micro_batch=2, seq_len=512, precision="bf16", grad_ckpt=False)
+    table = 2 * 512 * 64 * 2
+    rope = activations(spec_from_config(cfg(SMOLLM3, vocab_size=1000, num_hidden_layers=2, no_rope_layers=[1, 0]),
+                                        "s"), plan).shared
+    nope = activations(spec_from_config(cfg(SMOLLM3, vocab_size=1000, num_hidden_layers=2, no_rope_layers=[0, 0]),
+                                        "s"), plan).shared
+    assert rope - nope == table
+    one = activations(spec_from_config(cfg(GEMMA3, vocab_size=1000, sliding_window_pattern=1), "g"), plan).shared
+    two = activations(spec_from_config(cfg(GEMMA3, vocab_size=1000), "g"), plan).shared
+    assert two - one == 2 * 512 * 256 * 2

@@ -12,6 +12,8 @@ from memplan.catalog.families.common import TWO_NORMS, attention_dropout, attent
 from memplan.catalog.spec import Arch, Cfg, Traits
 
 
+# attention_dropout: the config class's default (0.0). With dropout > 0 the CPU SDPA path runs its math kernel
+# (it keeps the s x s probabilities); CUDA's fused SDPA kernels keep none (LayerReplay.attention_kernel).
 def build(cfg: Cfg) -> Arch:
     pattern = int(cfg.opt("sliding_window_pattern", 6))
     window = attention_window(cfg, default=4096, sliding=lambda i: (i + 1) % pattern != 0)

@@ -10,6 +10,8 @@ from memplan.catalog.families.common import attention_dropout, llama_like
 from memplan.catalog.spec import Arch, Cfg, Traits
 
 
+# attention_dropout: the config class's default (0.0). With dropout > 0 the CPU SDPA path runs its math kernel
+# (it keeps the s x s probabilities); CUDA's fused SDPA kernels keep none (LayerReplay.attention_kernel).
 def build(cfg: Cfg) -> Arch:
     traits = Traits("Olmo2DecoderLayer", norm="rms_weight_fp32", sandwich_norms=True, pre_norms=False,
                     qk_norm="full", attn_dropout=attention_dropout(cfg))

@@ -11,6 +11,8 @@ from memplan.catalog.families.qwen2 import qwen_window
 from memplan.catalog.spec import Arch, Cfg, Traits
 
 
+# attention_dropout: the config class's default (0.0). With dropout > 0 the CPU SDPA path runs its math kernel
+# (it keeps the s x s probabilities); CUDA's fused SDPA kernels keep none (LayerReplay.attention_kernel).
 def build(cfg: Cfg) -> Arch:
     window = qwen_window(cfg)
     masks = ("full_attention", "sliding_attention") if "sliding_attention" in window["layer_types"] else ()

@@ -11,6 +11,8 @@ from memplan.catalog.spec import Arch, Cfg, Traits
 from memplan.errors import UserError
 
 
+# attention_dropout: the config class's default (0.0). With dropout > 0 the CPU SDPA path runs its math kernel
+# (it keeps the s x s probabilities); CUDA's fused SDPA kernels keep none (LayerReplay.attention_kernel).
 def build(cfg: Cfg) -> Arch:
     layers = cfg.req("num_hidden_layers")
     rope = _rope_layers(cfg, layers)
