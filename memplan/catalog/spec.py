@@ -84,6 +84,13 @@ class Traits:
     expert_rank_mult: tuple[int, int] = (1, 1)  # peft's rank multiplier for the gate_up / down expert stacks
     position_ids: str = ""  # learned positions' saved int64 ids: "" none, "shared" (1, s), "batch" (b, s)
     positions_added: bool = False  # layer 0 gets embeddings + positions, not the (hooked) embedding output
+    # q/k RMSNorm (the model's norm kind) on the projections, before the rotary: "" none, "head" over each
+    # head's head_dim (modeling_qwen3.py / modeling_qwen3_moe.py / modeling_gemma3.py: q_norm(head_dim)),
+    # "full" over all heads at once (modeling_olmo2.py: q_norm(num_attention_heads * head_dim))
+    qk_norm: str = ""
+    pre_norms: bool = True  # input/pre-feedforward norms (OLMo-2 has none: its norms sit on each block's output)
+    rope_layers: tuple[bool, ...] = ()  # per layer, whether it applies the rotary (SmolLM3's no_rope_layers); () all
+    rotary_tables: int = 1  # cos/sin pairs built per forward (Gemma3RotaryEmbedding: one per attention kind)
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,11 @@ class ModelSpec:
             + self.params_final_norm
             + self.params_lm_head
         )
+
+    @property
+    def qk_norm_widths(self) -> tuple[int, ...]:
+        """The q_norm / k_norm weights of one layer (none unless Traits.qk_norm)."""
+        return qk_norm_widths(self.traits.qk_norm, self.num_heads, self.num_kv_heads, self.head_dim)
 
     def linear_names(self) -> list[str]:
         """Names valid as LoRA targets: every ``layer_linears`` name, then ``lm_head``.
@@ -251,6 +263,14 @@ def norm_item(path: str, params: int, hidden: int) -> ParamItem:
     return ParamItem(path, params, formula)
 
 
+def qk_norm_widths(kind: str, heads: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """The weights of a layer's q_norm and k_norm (Traits.qk_norm): head_dim each, shared by the heads,
+    or the projections' full widths."""
+    if not kind:
+        return ()
+    return (head_dim, head_dim) if kind == "head" else (heads * head_dim, kv_heads * head_dim)
+
+
 def _linear_item(lin: Linear) -> ParamItem:
     bias = " + d_out" if lin.bias else ""
     count = f"{lin.count} x " if lin.count > 1 else ""
@@ -288,6 +308,9 @@ def _freeze(arch: Arch, name: str, model_type: str, config: dict) -> ModelSpec:
     """The ModelSpec of a family's Arch: per-layer items are its linears, then its norms."""
     layer_items = [_linear_item(lin) for lin in arch.linears]
     layer_items += [norm_item(n, arch.norm_params, arch.hidden) for n in arch.layer_norms]
+    widths = qk_norm_widths(arch.traits.qk_norm, arch.heads, arch.kv_heads, arch.head_dim)
+    layer_items += [ParamItem(f"self_attn.{n}", w, "head_dim" if arch.traits.qk_norm == "head" else "heads x head_dim")
+                    for n, w in zip(("q_norm", "k_norm"), widths)]
     lm_head = [] if arch.tie else [ParamItem("lm_head", arch.lm_head_in * arch.vocab, "hidden x vocab (untied)")]
     return ModelSpec(
         name=name, model_type=model_type, config=config, vocab_size=arch.vocab, hidden_size=arch.hidden,

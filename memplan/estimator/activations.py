@@ -62,7 +62,8 @@ def _sdpa_mask(spec: ModelSpec, plan: Plan, layer_type: str) -> bool:
             and window is not None and plan.seq_len >= window)
 
 
-def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention") -> LayerSpec:
+def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention", rope: bool = True) -> LayerSpec:
+    """What the replay of one layer reads; `rope` False for a layer that skips the rotary (Traits.rope_layers)."""
     tr = spec.traits
     return LayerSpec(
         b=plan.micro_batch, s=plan.seq_len, hidden=spec.hidden_size, heads=spec.num_heads,
@@ -73,9 +74,9 @@ def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention") 
         full_ft=plan.method == "full", lora_targets=lora_targets(spec, plan), lora_rank=plan.lora.rank,
         lora_dropout=plan.lora.dropout, names=dict(_DEFAULT_NAMES, **dict(tr.role_names)),
         num_experts=spec.num_experts, top_k=spec.experts_per_token,
-        rotary=spec.position_embeddings == 0, softmax_fp32=tr.softmax_fp32,
+        rotary=spec.position_embeddings == 0 and rope, softmax_fp32=tr.softmax_fp32,
         sdpa_mask=_sdpa_mask(spec, plan, layer_type), expert_rank_mult=tr.expert_rank_mult,
-        q_contiguous=tr.q_contiguous,
+        q_contiguous=tr.q_contiguous, qk_norm=tr.qk_norm, pre_norms=tr.pre_norms,
     )
 
 
@@ -153,9 +154,9 @@ def expert_stacks_materialized(spec: ModelSpec, plan: Plan, num: Numerics) -> in
 
 
 def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool,
-                layer_type: str = "full_attention") -> int:
+                layer_type: str = "full_attention", rope: bool = True) -> int:
     tape = Tape(kernels=kernels)
-    ls = layer_spec(spec, plan, layer_type)
+    ls = layer_spec(spec, plan, layer_type, rope)
     num = numerics(plan, spec)
     LayerReplay(tape, ls, num).layer(T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, input_rg))
     return tape.saved_bytes
@@ -212,19 +213,19 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
     tok = b * s
     num = numerics(plan, spec)
     full = plan.method == "full"
-    # Layers by attention kind (a sliding-window layer may keep its SDPA mask): layer 0, and the mean of
-    # the others, so that first_layer + layer * (L - 1) is the exact total.
-    kinds = spec.traits.layer_types
-    saved = {k: layer_saved(spec, plan, kernels, True, k) for k in set(kinds)}
+    # Layers by attention kind (a sliding-window layer may keep its SDPA mask) and by whether they apply the
+    # rotary: layer 0, and the mean of the others, so that first_layer + layer * (L - 1) is the exact total.
+    kinds = list(zip(spec.traits.layer_types, spec.traits.rope_layers or (True,) * spec.num_layers))
+    saved = {k: layer_saved(spec, plan, kernels, True, *k) for k in set(kinds)}
     # Layer 0's input needs grad with trainable embeddings, and under checkpointing (see embedding_saved)
-    first = layer_saved(spec, plan, kernels, full or plan.grad_ckpt, kinds[0])
+    first = layer_saved(spec, plan, kernels, full or plan.grad_ckpt, *kinds[0])
     rest = kinds[1:] or kinds
     per_layer = sum(saved[k] for k in rest) // len(rest)
 
-    # Shared: the embeddings' saved indices (and masks), rotary cos/sin (residual dtype).
+    # Shared: the embeddings' saved indices (and masks), rotary cos/sin (residual dtype), one pair per table.
     shared = embedding_saved(spec, plan, kernels)
-    if spec.position_embeddings == 0:
-        shared += 2 * s * spec.head_dim * num.residual
+    if spec.position_embeddings == 0 and any(spec.traits.rope_layers or (True,)):
+        shared += 2 * s * spec.head_dim * num.residual * spec.traits.rotary_tables
     if plan.grad_ckpt:
         # non-reentrant checkpointing saves every tensor input of each layer for its recomputation, the
         # attention mask included: the masks live until the backward is done (torch/utils/checkpoint.py)

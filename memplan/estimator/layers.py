@@ -63,6 +63,8 @@ class LayerSpec:
     sdpa_mask: bool = False  # SDPA gets a materialized mask in this layer (a sliding window <= s)
     expert_rank_mult: tuple = (1, 1)  # peft's rank multiplier for the gate_up / down expert stacks
     q_contiguous: bool = False  # q reaches the attention as a contiguous (b, heads, s, d) tensor (Phi3)
+    qk_norm: str = ""  # q/k norms before the rotary: "head" (over head_dim) or "full" (over heads * head_dim)
+    pre_norms: bool = True  # False: no input / pre-feedforward norm (the block reads the residual itself)
 
 
 class LayerReplay:
@@ -83,9 +85,12 @@ class LayerReplay:
         the slice is saved, not the fused storage. A cast to `itemsize` is a copy as well."""
         return x if (x.numel == numel and x.itemsize == itemsize) else T(numel, itemsize, x.rg)
 
-    def norm(self, x: T) -> T:
-        """RMSNorm (llama: fp32 math, cast back, then weight*x) or gemma's x*(1+w) in fp32, or LayerNorm."""
+    def norm(self, x: T, width: int | None = None) -> T:
+        """RMSNorm (llama: fp32 math, cast back, then weight*x), gemma's x*(1+w) in fp32, "rms_weight_fp32"
+        ((weight * x_fp32).to(dtype): Olmo2RMSNorm), or LayerNorm, over the last `width` (hidden) features."""
         t, trainable = self.t, self.L.full_ft
+        width = width or self.L.hidden
+        rows = x.numel // width
         if self.L.norm == "layer":
             # F.layer_norm (native_layer_norm) saves its input, mean and rstd (one per token) when anything
             # needs grad; mean/rstd are fp32 on CUDA (the accumulate type) and in the input's dtype on the
@@ -97,15 +102,21 @@ class LayerReplay:
             return out
         xf = t.cast(x, 4)
         t.unary_saving_input(xf)  # pow(2)
-        rs = t.unary_saving_output(T(self.tokens(), 4, xf.rg))  # rsqrt(mean + eps)
+        rs = t.unary_saving_output(T(rows, 4, xf.rg))  # rsqrt(mean + eps)
         normed = t.mul(xf, rs)  # saves xf and rs
         if self.L.norm == "rms_gemma":
             # GemmaRMSNorm.forward: output * (1.0 + self.weight.float()): `1.0 + w` is a new fp32 tensor
             # (hidden elements), saved for the gradient of `output`; `output` is saved when w is trainable.
-            out = t.mul(normed, T(self.L.hidden, 4, trainable), out_numel=normed.numel)
+            out = t.mul(normed, T(width, 4, trainable), out_numel=normed.numel)
             return t.cast(out, x.itemsize)  # .type_as(x)
+        if self.L.norm == "rms_weight_fp32":
+            # Olmo2RMSNorm: (self.weight * hidden_states).to(input_dtype): the weight scales the fp32 values
+            # (saved when it is trainable), the product is fp32 (type promotion), then cast back.
+            return t.cast(t.scale_by_param(normed, trainable), x.itemsize)
         normed = t.cast(normed, x.itemsize)  # .to(input_dtype)
-        return t.scale_by_param(normed, trainable)  # weight * x (same dtype for these regimes)
+        # weight * x (under autocast an fp32 weight promotes a q/k norm's 16-bit output to fp32: the rotary
+        # that follows is fp32 either way)
+        return t.scale_by_param(normed, trainable)
 
     def proj(self, x: T, out_features: int, role: str) -> T:
         """A Linear as peft wraps it: frozen or trainable base, plus a LoRA path when targeted."""
@@ -201,6 +212,8 @@ class LayerReplay:
             k = self.proj(h, kv_feats, "k")
             v = self.proj(h, kv_feats, "v")
         rg = q.rg or k.rg or v.rg
+        if L.qk_norm:
+            q, k = self.qk_norms(q, k)
         if L.rotary:
             # apply_rotary_pos_emb: q*cos + rotate_half(q)*sin: new q and k (v stays a view); saves only
             # cos/sin (shared by all layers, counted per model). cos/sin carry the residual dtype, so under
@@ -218,6 +231,16 @@ class LayerReplay:
         o = self.proj(out, L.hidden, "o")
         return t.dropout(o, L.resid_dropout)
 
+    def qk_norms(self, q: T, k: T) -> tuple[T, T]:
+        """q_norm(q), k_norm(k) on the projections' outputs, with the model's norm: per head over head_dim
+        (Qwen3Attention, Gemma3Attention: the weight has head_dim elements) or over the whole projection
+        (Olmo2Attention)."""
+        L = self.L
+        per_head = L.qk_norm == "head"
+        q = self.norm(q, L.head_dim if per_head else L.heads * L.head_dim)
+        k = self.norm(k, L.head_dim if per_head else L.kv_heads * L.head_dim)
+        return q, k
+
     def _sdpa_fused(self, q: T, k: T, v: T, rg: bool) -> T:
         """SDPA's flash / memory-efficient kernel (and flash-attention 2): q, k, v, out, the fp32 log-sum-exp,
         and the mask when one is passed."""
@@ -225,8 +248,9 @@ class LayerReplay:
         c, tok = n.compute, self.tokens()
         q_feats, kv_feats = L.heads * L.head_dim, L.kv_heads * L.head_dim
         qc, kc, vc = self._as(q, tok * q_feats, c), self._as(k, tok * kv_feats, c), self._as(v, tok * kv_feats, c)
-        if L.attn == "sdpa" and L.heads != L.kv_heads and not self.sdpa_gqa():
-            # sdpa_attention_forward: repeat_kv (expand + reshape) copies k and v to all heads
+        if L.attn == "sdpa" and L.heads != L.kv_heads and not self.sdpa_gqa() and L.kv_heads > 1:
+            # sdpa_attention_forward: repeat_kv (expand + reshape) copies k and v to all heads; with one kv
+            # head (MQA) the reshape only merges a size-1 dim with the expanded one: a view, nothing copied
             kc = T(tok * q_feats, c, kc.rg)
             vc = T(tok * q_feats, c, vc.rg)
         out = T(tok * q_feats, c, rg)
@@ -392,12 +416,12 @@ class LayerReplay:
     def layer(self, x: T) -> T:
         """One decoder layer: norm, attention, residual add, norm, MLP, residual add."""
         L, n = self.L, self.n
-        h = self.norm(x)
+        h = self.norm(x) if L.pre_norms else x
         a = self.attention(h)
         if L.extra_norms:
             a = self.norm(a)
         x = T(x.numel, max(x.itemsize, a.itemsize), x.rg or a.rg)  # residual + attn (no saves)
-        h = self.norm(x)
+        h = self.norm(x) if L.pre_norms else x
         m = self.mlp(h)
         if L.extra_norms:
             m = self.norm(m)

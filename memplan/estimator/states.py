@@ -50,6 +50,7 @@ def parameter_shapes(spec: ModelSpec) -> list[tuple[int, ...]]:
         if lin.bias:
             layer += [(lin.d_out,)] * lin.count
     layer += [(h,)] * (spec.layer_norm_params // h)
+    layer += [(w,) for w in spec.qk_norm_widths]
     shapes += layer * spec.num_layers
     if spec.params_lm_head:
         shapes.append((spec.vocab_size, spec.params_lm_head // spec.vocab_size))

@@ -32,6 +32,7 @@ llama-3.1-8b llama-3.1-70b llama-3.1-405b llama-3.2-1b llama-3.2-3b mistral-7b m
 qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b qwen2.5-7b qwen2.5-14b qwen2.5-32b qwen2.5-72b
 gemma-2b gemma-7b gemma-2-2b gemma-2-9b gemma-2-27b phi-3-mini tinyllama-1.1b
 gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b
+qwen3-0.6b qwen3-1.7b qwen3-4b qwen3-8b qwen3-14b qwen3-32b olmo-2-7b olmo-2-13b gemma-3-1b smollm3-3b
 """.split()
 
 
@@ -240,6 +241,18 @@ VARIANTS = {
                           enable_bias=False),
     "opt-no-affine": dict(model_type="opt", vocab_size=128, hidden_size=64, num_hidden_layers=2,
                           num_attention_heads=4, ffn_dim=96, layer_norm_elementwise_affine=False),
+    "qwen3-minimal": dict(model_type="qwen3", **_SMALL),
+    "qwen3-bias-tied": dict(model_type="qwen3", attention_bias=True, num_key_value_heads=4, head_dim=16,
+                            tie_word_embeddings=True, **_SMALL),
+    "olmo2-minimal": dict(model_type="olmo2", **_SMALL),
+    "olmo2-gqa-bias": dict(model_type="olmo2", attention_bias=True, num_key_value_heads=8, **_SMALL),
+    "gemma3_text-minimal": dict(model_type="gemma3_text", **_SMALL),
+    "gemma3_text-untied-bias": dict(model_type="gemma3_text", head_dim=32, num_key_value_heads=8, attention_bias=True,
+                                    tie_word_embeddings=False, **_SMALL),
+    "smollm3-minimal": dict(model_type="smollm3", pad_token_id=0, bos_token_id=1, eos_token_id=2, **_SMALL),
+    "smollm3-biases-untied": dict(model_type="smollm3", pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  attention_bias=True, mlp_bias=True, num_key_value_heads=8,
+                                  tie_word_embeddings=False, **_SMALL),
 }
 
 
@@ -262,6 +275,46 @@ def test_default_values():
     assert (gpt2.intermediate_size, gpt2.position_embeddings, gpt2.hidden_act) == (256, 1024, "gelu_new")
     opt = spec_from_config(VARIANTS["opt-350m-like"], "x")
     assert opt.params_final_norm == 0 and opt.position_embeddings == 2050
+
+
+_KINDS = {
+    "qwen3-sliding": dict(VARIANTS["qwen3-minimal"], num_hidden_layers=4, use_sliding_window=True,
+                          sliding_window=64, max_window_layers=2),
+    "qwen3-window-unused": dict(VARIANTS["qwen3-minimal"], sliding_window=64),
+    "gemma3_text-pattern": dict(VARIANTS["gemma3_text-minimal"], num_hidden_layers=7),
+    "gemma3_text-pattern-3": dict(VARIANTS["gemma3_text-minimal"], num_hidden_layers=7, sliding_window_pattern=3),
+    "smollm3-interval": dict(VARIANTS["smollm3-minimal"], num_hidden_layers=6, no_rope_layer_interval=3),
+    "smollm3-sliding": dict(VARIANTS["smollm3-minimal"], num_hidden_layers=4, use_sliding_window=True,
+                            sliding_window=64),
+    "smollm3-listed": dict(VARIANTS["smollm3-minimal"], no_rope_layers=[0, 1]),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(_KINDS))
+def test_layer_kinds_match_transformers(variant):
+    """Each layer's attention kind and whether it applies the rotary, as the config class derives them."""
+    raw = _KINDS[variant]
+    spec = spec_from_config(dict(raw), variant)
+    config = AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
+    assert list(spec.traits.layer_types) == list(config.layer_types)
+    window = config.sliding_window if "sliding_attention" in config.layer_types else None
+    assert spec.traits.sliding_window == window
+    if raw["model_type"] == "smollm3":
+        assert list(spec.traits.rope_layers) == [bool(r) for r in config.no_rope_layers]
+
+
+def test_new_family_traits():
+    gemma3 = resolve_model("gemma-3-1b")
+    assert gemma3.traits.layer_types.count("full_attention") == 4 and gemma3.traits.sliding_window == 512
+    assert gemma3.traits.rotary_tables == 2 and gemma3.qk_norm_widths == (256, 256)
+    assert gemma3.traits.final_softcap is None and gemma3.traits.attn_softcap is None and gemma3.traits.sdpa
+    olmo2 = resolve_model("olmo-2-7b")
+    assert olmo2.qk_norm_widths == (4096, 4096) and not olmo2.traits.pre_norms and olmo2.norms_per_layer == 2
+    assert resolve_model("qwen3-8b").qk_norm_widths == (128, 128)
+    smol = resolve_model("smollm3-3b")
+    assert [i for i, r in enumerate(smol.traits.rope_layers) if not r] == list(range(3, 36, 4))
+    with pytest.raises(UserError, match="'no_rope_layers' must list 0 or 1 for each of the 2 layers"):
+        spec_from_config(dict(VARIANTS["smollm3-minimal"], no_rope_layers=[1]), "x")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +354,9 @@ def test_missing_and_bad_keys():
     ("LLAMA-2-7B", "llama-2-7b"), ("meta-llama/Llama-2-7b-hf", "llama-2-7b"),
     ("META-LLAMA/LLAMA-2-7B-HF", "llama-2-7b"), ("huggyllama/llama-7b", "llama-1-7b"),
     ("Qwen/Qwen2.5-0.5B", "qwen2.5-0.5b"), ("  gpt2  ", "gpt2"),
+    ("Qwen/Qwen3-8B", "qwen3-8b"), ("Qwen/Qwen3-0.6B-Base", "qwen3-0.6b"),
+    ("allenai/OLMo-2-1124-7B-Instruct", "olmo-2-7b"), ("google/gemma-3-1b-it", "gemma-3-1b"),
+    ("HuggingFaceTB/SmolLM3-3B", "smollm3-3b"),
 ])
 def test_resolve_names(ref, preset):
     assert resolve_model(ref).name == preset

@@ -37,6 +37,18 @@ OPT = dict(model_type="opt", hidden_size=256, ffn_dim=1024, num_hidden_layers=2,
            pad_token_id=1, bos_token_id=2, eos_token_id=2)
 MISTRAL = dict(model_type="mistral", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2)
+QWEN3 = dict(model_type="qwen3", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=128)
+OLMO2 = dict(model_type="olmo2", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4, pad_token_id=1, eos_token_id=2)
+# sliding_window_pattern 2: layer 0 local (window 256), layer 1 global
+GEMMA3 = dict(model_type="gemma3_text", hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=256,
+              sliding_window_pattern=2, query_pre_attn_scalar=256)
+# no_rope_layer_interval 2: layers 1 and 3 skip the rotary
+SMOLLM3 = dict(model_type="smollm3", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, no_rope_layer_interval=2, pad_token_id=0,
+               bos_token_id=1, eos_token_id=2)
 
 
 def cfg(base: dict, **over) -> dict:
@@ -70,6 +82,24 @@ CASES = [
     ("mistral-full-bf16-sdpa-window-mask", cfg(MISTRAL, vocab_size=8192, sliding_window=256),
      dict(FULL_BF16, attn="sdpa")),
     ("mistral-lora-eager", cfg(MISTRAL, vocab_size=8192, sliding_window=4096), dict(LORA, attn="eager")),
+    # per-head q/k norms (fp32 under autocast: fp32 weight times the bf16 projection)
+    ("qwen3-full-bf16-sdpa", cfg(QWEN3, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("qwen3-full-amp-sdpa", cfg(QWEN3, vocab_size=8192), dict(FULL_AMP, attn="sdpa")),
+    ("qwen3-lora-ckpt-eager", cfg(QWEN3, vocab_size=32000), dict(LORA_CKPT, attn="eager")),
+    # post-norms only, full-width q/k norms, (w * x).to(dtype) norms, the rotary cast back
+    ("olmo2-full-bf16-sdpa", cfg(OLMO2, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("olmo2-full-amp-eager", cfg(OLMO2, vocab_size=8192), dict(FULL_AMP, attn="eager")),
+    ("olmo2-lora-sdpa", cfg(OLMO2, vocab_size=8192), dict(LORA, attn="sdpa")),
+    # sandwich (1 + w) norms, per-head q/k norms, local layers with their SDPA mask (one kv head: repeat_kv
+    # is a view, no copies), two rotary tables
+    ("gemma3-full-bf16-sdpa-window-mask", cfg(GEMMA3, vocab_size=8192, num_hidden_layers=4, sliding_window_pattern=4),
+     dict(FULL_BF16, attn="sdpa")),
+    ("gemma3-full-amp-eager", cfg(GEMMA3, vocab_size=8192), dict(FULL_AMP, attn="eager")),
+    ("gemma3-lora-ckpt-sdpa", cfg(GEMMA3, vocab_size=32000), dict(LORA_CKPT, attn="sdpa")),
+    # NoPE layers: q/k reach the attention as projected
+    ("smollm3-full-bf16-sdpa", cfg(SMOLLM3, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("smollm3-full-amp-eager", cfg(SMOLLM3, vocab_size=8192), dict(FULL_AMP, attn="eager")),
+    ("smollm3-lora-sdpa", cfg(SMOLLM3, vocab_size=8192), dict(LORA, attn="sdpa")),
 ]
 
 
@@ -96,3 +126,20 @@ def test_estimator_import_stays_torch_free():
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_rotary_tables_and_nope_layers_in_the_shared_bytes():
+    """cos/sin (residual dtype, s x head_dim each) are kept once per table the layers use: none when every
+    layer skips the rotary (SmolLM3 NoPE), two for Gemma-3's local and global bases."""
+    from memplan.estimator.activations import activations
+
+    plan = Plan(micro_batch=2, seq_len=512, precision="bf16", grad_ckpt=False)
+    table = 2 * 512 * 64 * 2
+    rope = activations(spec_from_config(cfg(SMOLLM3, vocab_size=1000, num_hidden_layers=2, no_rope_layers=[1, 0]),
+                                        "s"), plan).shared
+    nope = activations(spec_from_config(cfg(SMOLLM3, vocab_size=1000, num_hidden_layers=2, no_rope_layers=[0, 0]),
+                                        "s"), plan).shared
+    assert rope - nope == table
+    one = activations(spec_from_config(cfg(GEMMA3, vocab_size=1000, sliding_window_pattern=1), "g"), plan).shared
+    two = activations(spec_from_config(cfg(GEMMA3, vocab_size=1000), "g"), plan).shared
+    assert two - one == 2 * 512 * 256 * 2

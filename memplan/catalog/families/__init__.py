@@ -23,6 +23,10 @@ FAMILIES: dict[str, str] = {
     "phi3": "phi3",
     "gpt2": "gpt2",
     "opt": "opt",
+    "qwen3": "qwen3",
+    "olmo2": "olmo2",
+    "gemma3_text": "gemma3_text",
+    "smollm3": "smollm3",
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
