@@ -240,6 +240,13 @@ VARIANTS = {
                           enable_bias=False),
     "opt-no-affine": dict(model_type="opt", vocab_size=128, hidden_size=64, num_hidden_layers=2,
                           num_attention_heads=4, ffn_dim=96, layer_norm_elementwise_affine=False),
+    "granite-minimal": dict(model_type="granite", **_SMALL),
+    "granite-biases": dict(model_type="granite", attention_bias=True, mlp_bias=True, num_key_value_heads=4,
+                           tie_word_embeddings=True, embedding_multiplier=12.0, logits_scaling=16.0, **_SMALL),
+    "granite-head-dim": dict(model_type="granite", head_dim=16, num_key_value_heads=8, **_SMALL),
+    # Mistral-Small-3 / Ministral: head_dim 128 with hidden 5120 and 32 heads (not hidden // heads)
+    "mistral-head-dim": dict(model_type="mistral", vocab_size=128, hidden_size=320, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=128, intermediate_size=64),
 }
 
 
@@ -260,6 +267,10 @@ def test_default_values():
     assert spec_from_config(VARIANTS["gemma2-minimal"], "x").num_kv_heads == 4
     gpt2 = spec_from_config(VARIANTS["gpt2-minimal"], "x")
     assert (gpt2.intermediate_size, gpt2.position_embeddings, gpt2.hidden_act) == (256, 1024, "gelu_new")
+    granite = spec_from_config(VARIANTS["granite-minimal"], "x")
+    assert (granite.num_kv_heads, granite.tie_word_embeddings, granite.traits.decoder_layer) == (
+        32, False, "GraniteDecoderLayer")
+    assert spec_from_config(VARIANTS["mistral-head-dim"], "x").head_dim == 128
     opt = spec_from_config(VARIANTS["opt-350m-like"], "x")
     assert opt.params_final_norm == 0 and opt.position_embeddings == 2050
 
