@@ -31,7 +31,7 @@ llama-1-7b llama-1-13b llama-1-30b llama-1-65b llama-2-7b llama-2-13b llama-2-70
 llama-3.1-8b llama-3.1-70b llama-3.1-405b llama-3.2-1b llama-3.2-3b mistral-7b mixtral-8x7b
 qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b qwen2.5-7b qwen2.5-14b qwen2.5-32b qwen2.5-72b
 gemma-2b gemma-7b gemma-2-2b gemma-2-9b gemma-2-27b phi-3-mini tinyllama-1.1b
-gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b
+gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b llama-3.3-70b granite-3.3-8b
 """.split()
 
 
@@ -122,9 +122,13 @@ def test_preset_config_is_hf_format(preset):
 
 
 def test_family_registry_covers_every_preset_model_type():
+    """Every preset's model_type is a family, or a multimodal type (memplan.catalog.vision) whose language model's
+    family may still be missing (its tests skip until it exists)."""
+    from memplan.catalog.vision import WRAPPERS
+
     used = {preset_info(pid)["family"] for pid in preset_ids()}
     used |= {json.loads((models_dir() / pid / "config.json").read_text())["model_type"] for pid in preset_ids()}
-    assert used <= set(FAMILIES), sorted(used - set(FAMILIES))
+    assert used <= set(FAMILIES) | set(WRAPPERS), sorted(used - set(FAMILIES) - set(WRAPPERS))
     assert all(callable(builder(model_type)) for model_type in FAMILIES)
     assert builder("bert") is None
 
@@ -315,6 +319,23 @@ def test_missing_and_bad_keys():
 ])
 def test_resolve_names(ref, preset):
     assert resolve_model(ref).name == preset
+
+
+@pytest.mark.parametrize("ref, preset", [
+    ("meta-llama/Llama-3.3-70B-Instruct", "llama-3.3-70b"), ("llama-3.3-70b-instruct", "llama-3.3-70b"),
+    ("ibm-granite/granite-3.3-8b-instruct", "granite-3.3-8b"),
+    ("mistralai/Mistral-Small-3.1-24B-Base-2503", "mistral-small-3.1-24b"),
+    ("mistralai/Mistral-Small-3.1-24B-Instruct-2503", "mistral-small-3.1-24b"),
+])
+def test_instruct_ids_listed_as_aliases(ref, preset):
+    assert preset_id(ref) == preset and resolve_model(ref).name == preset
+
+
+def test_instruct_ids_not_listed_are_not_guessed():
+    """An -Instruct / -it / -Chat id resolves to a preset only where presets.yaml lists it: any other is a hub id."""
+    for ref in ("meta-llama/Llama-3.1-8B-Instruct", "ibm-granite/granite-3.3-8b-base", "llama-3.1-70b-instruct",
+                "google/gemma-2-9b-it", "qwen2.5-7b-chat"):
+        assert preset_id(ref) is None, ref
 
 
 def test_preset_id():

@@ -130,3 +130,20 @@ def test_multimodal_config_errors():
                                         r"multimodal config \(supported: pixtral, siglip_vision_model"):
         spec_from_config({"model_type": "mistral3", "text_config": MISTRAL_TEXT,
                           "vision_config": {"model_type": "clip_vision_model"}}, "m")
+
+
+def test_mistral_small_preset_matches_transformers():
+    """The preset's language model and frozen parts against Mistral3ForConditionalGeneration on the meta device
+    (tied as its text_config says: the checkpoint keeps its own lm_head)."""
+    from memplan.catalog.presets import preset_config
+    from memplan.catalog.resolve import resolve_model
+    from memplan.catalog.spec import read_config
+
+    spec = resolve_model("mistral-small-3.1-24b")
+    config = read_config(preset_config("mistral-small-3.1-24b"))
+    params = dict(_meta(config, spec.tie_word_embeddings).named_parameters())
+    assert spec.params_total + spec.params_frozen == sum(p.numel() for p in params.values()) == 24_011_361_280
+    assert (spec.params_total, spec.params_frozen) == (23_572_403_200, 438_958_080)
+    for item in (*spec.embedding_items, *spec.final_items, *spec.lm_head_items, *spec.frozen_items):
+        assert _numel_under(params, item.path) == item.params, item
+    assert (spec.head_dim, spec.num_heads, spec.hidden_size) == (128, 32, 5120)
