@@ -31,7 +31,7 @@ llama-1-7b llama-1-13b llama-1-30b llama-1-65b llama-2-7b llama-2-13b llama-2-70
 llama-3.1-8b llama-3.1-70b llama-3.1-405b llama-3.2-1b llama-3.2-3b mistral-7b mixtral-8x7b
 qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b qwen2.5-7b qwen2.5-14b qwen2.5-32b qwen2.5-72b
 gemma-2b gemma-7b gemma-2-2b gemma-2-9b gemma-2-27b phi-3-mini tinyllama-1.1b
-gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b llama-3.3-70b granite-3.3-8b
+gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b llama-3.3-70b granite-3.3-8b phi-4
 """.split()
 
 

@@ -147,3 +147,18 @@ def test_mistral_small_preset_matches_transformers():
     for item in (*spec.embedding_items, *spec.final_items, *spec.lm_head_items, *spec.frozen_items):
         assert _numel_under(params, item.path) == item.params, item
     assert (spec.head_dim, spec.num_heads, spec.hidden_size) == (128, 32, 5120)
+
+
+def test_multimodal_estimate_stays_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from memplan.catalog.resolve import resolve_model\n"
+            "from memplan.estimator import estimate\n"
+            "from memplan.plan import Plan\n"
+            "spec = resolve_model('mistral-small-3.1-24b')\n"
+            "estimate(spec, Plan(method='lora'))\n"
+            "assert spec.params_frozen and 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
