@@ -63,6 +63,8 @@ MATRIX = [
     ("gpt2", dict(precision="fp32", micro_batch=8, seq_len=1024, grad_ckpt=False)),
     ("opt-1.3b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=1024, grad_ckpt=False)),
     ("qwen2.5-0.5b", dict(precision="bf16", micro_batch=4, seq_len=512, grad_ckpt=False, optimizer="adafactor")),
+    ("granite-3.3-8b", dict(precision="bf16", seq_len=1024)),
+    ("granite-3.3-8b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048)),
     ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False), "cpu"),
     ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256), "cpu"),
     ("small-llama", dict(precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False, optimizer="adamw-8bit"),
