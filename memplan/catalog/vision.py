@@ -2,9 +2,9 @@
 vision tower and projector as frozen weights.
 
 memplan plans fine-tuning the language model on text. The vision tower and the multimodal projector are in
-memory under every method (they are loaded with the model) but are not trained: full fine-tuning freezes
-them, as the usual recipe for these models does (TRL's and the model cards' VLM scripts), and LoRA targets
-the language model only. They run no forward on text batches, so they add weights (and host / disk bytes)
+memory under every method (they are loaded with the model) but are not trained: memplan assumes that full
+fine-tuning freezes them (the common recipe when the language model is what is tuned), and LoRA targets the
+language model only. They run no forward on text batches, so they add weights (and host / disk bytes)
 but no activations, gradients or optimizer states. Under QLoRA they are assumed unquantized, in the 16-bit
 weight dtype (bitsandbytes' ``llm_int8_skip_modules`` naming them, as VLM QLoRA recipes do).
 
