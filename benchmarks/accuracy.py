@@ -69,6 +69,8 @@ MATRIX = [
     ("gemma-3-1b", dict(precision="bf16", micro_batch=2, seq_len=1024, grad_ckpt=False)),
     ("gemma-3-1b", dict(method="lora", precision="amp-bf16", micro_batch=4, seq_len=2048, attn="eager")),
     ("smollm3-3b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048, grad_ckpt=False)),
+    ("granite-3.3-8b", dict(precision="bf16", seq_len=1024)),
+    ("granite-3.3-8b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048)),
     ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False), "cpu"),
     ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256), "cpu"),
     ("small-llama", dict(precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False, optimizer="adamw-8bit"),

@@ -91,6 +91,9 @@ class Traits:
     pre_norms: bool = True  # input/pre-feedforward norms (OLMo-2 has none: its norms sit on each block's output)
     rope_layers: tuple[bool, ...] = ()  # per layer, whether it applies the rotary (SmolLM3's no_rope_layers); () all
     rotary_tables: int = 1  # cos/sin pairs built per forward (Gemma3RotaryEmbedding: one per attention kind)
+    # Granite (modeling_granite.py GraniteModel.forward): layer 0 gets embed_tokens(ids) * embedding_multiplier,
+    # a new tensor, not the (hooked) embedding output
+    embedding_scaled: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,15 @@ class ModelSpec:
     final_items: tuple[ParamItem, ...]
     lm_head_items: tuple[ParamItem, ...]
     traits: Traits = field(compare=False)
+    # A multimodal config (memplan.catalog.vision): the vision tower and projector, frozen weights under every
+    # method; the fields above describe its language model. wrapper: the multimodal config's model_type.
+    frozen_items: tuple[ParamItem, ...] = ()
+    wrapper: str = ""
+
+    @property
+    def params_frozen(self) -> int:
+        """Parameters that are never trained (a multimodal model's vision tower and projector)."""
+        return sum(i.params for i in self.frozen_items)
 
     @property
     def params_embedding(self) -> int:
@@ -171,6 +183,7 @@ class ModelSpec:
             ("layer", self.layer_items),
             ("final_norm", self.final_items),
             ("lm_head", self.lm_head_items),
+            ("frozen", self.frozen_items),
         )
         return [(g, i.path, i.params, i.formula) for g, items in groups for i in items]
 
@@ -298,10 +311,34 @@ def spec_from_config(config: dict, name: str) -> ModelSpec:
     supported = ", ".join(families.SUPPORTED_MODEL_TYPES)
     if not model_type:
         raise UserError(f"{name}: config.json has no 'model_type' (supported: {supported})")
+    from memplan.catalog import vision  # imports this module: loaded here, once a config is read
+
+    if model_type in vision.WRAPPERS:
+        return _multimodal(config, name, model_type)
     build = families.builder(model_type)
     if build is None:
         raise UserError(f"{name}: unsupported model_type '{model_type}' (supported: {supported})")
     return _freeze(build(Cfg(config, name, model_type)), name, model_type, config)
+
+
+def _multimodal(config: dict, name: str, model_type: str) -> ModelSpec:
+    """A multimodal config: its language model's ModelSpec, at the module paths it has inside the multimodal
+    model, with the vision tower and projector as frozen items (memplan.catalog.vision)."""
+    from memplan.catalog import vision
+
+    wrapper = vision.WRAPPERS[model_type]
+    text = vision.text_config(config, name, wrapper)
+    if families.builder(text["model_type"]) is None:
+        raise UserError(f"{name}: unsupported model_type '{text['model_type']}' (the language model of this "
+                        f"'{model_type}' config; supported: {', '.join(families.SUPPORTED_MODEL_TYPES)})")
+    spec = spec_from_config(text, name)
+
+    def moved(items: tuple[ParamItem, ...]) -> tuple[ParamItem, ...]:
+        return tuple(replace(i, path=vision.relocate(i.path, wrapper)) for i in items)
+
+    return replace(spec, embedding_items=moved(spec.embedding_items), final_items=moved(spec.final_items),
+                   lm_head_items=moved(spec.lm_head_items), layer_prefix=vision.relocate(spec.layer_prefix, wrapper),
+                   frozen_items=vision.vision_items(config, name, wrapper, spec.hidden_size), wrapper=model_type)
 
 
 def _freeze(arch: Arch, name: str, model_type: str, config: dict) -> ModelSpec:

@@ -171,8 +171,9 @@ def embedding_saved(spec: ModelSpec, plan: Plan, kernels: str) -> int:
     Gradient checkpointing makes the input embeddings' output require grad even when frozen
     (PreTrainedModel.activation_checkpointing_enable -> enable_input_require_grads, a forward hook doing
     output.requires_grad_(True)). That output is then a leaf its AccumulateGrad node keeps alive; where
-    layer 0 gets a different tensor (GPT-2's and OPT's sum with the positions) it is an extra b*s*h
-    (Gemma scales inside the hooked module, GemmaTextScaledWordEmbedding: no extra). GPT-2's embedding
+    layer 0 gets a different tensor (GPT-2's and OPT's sum with the positions, Granite's product with
+    embedding_multiplier) it is an extra b*s*h (Gemma scales inside the hooked module,
+    GemmaTextScaledWordEmbedding: no extra). GPT-2's embedding
     dropout (self.drop, embd_pdrop) saves its mask whenever its input needs grad."""
     full = plan.method == "full"
     b, s, h = plan.micro_batch, plan.seq_len, spec.hidden_size
@@ -184,7 +185,7 @@ def embedding_saved(spec: ModelSpec, plan: Plan, kernels: str) -> int:
         if tr.position_ids:
             tape.save(T(s if tr.position_ids == "shared" else b * s, 8, False))
     emb_rg = full or plan.grad_ckpt
-    if not full and plan.grad_ckpt and tr.positions_added:
+    if not full and plan.grad_ckpt and (tr.positions_added or tr.embedding_scaled):
         tape.save(T(b * s * h, num.residual, False))  # the leaf embedding output
     tape.dropout(T(b * s * h, num.residual, emb_rg), tr.embd_dropout)
     return tape.saved_bytes

@@ -74,17 +74,19 @@ def lora_tensors(spec: ModelSpec, targets: frozenset[str], rank: int) -> tuple[t
 
 
 def parameter_tensors(spec: ModelSpec, plan: Plan, targets: frozenset[str]) -> Tensors:
+    """A multimodal model's vision tower and projector (spec.params_frozen) are frozen under every method,
+    stored in the regime's weight dtype, unquantized under QLoRA (memplan.catalog.vision)."""
     if plan.method == "full":
-        return Tensors(tuple(parameter_shapes(spec)), (), 0)
+        return Tensors(tuple(parameter_shapes(spec)), (), spec.params_frozen)
     adapters = lora_tensors(spec, targets, plan.lora.rank)
     if plan.method == "lora":
-        return Tensors(adapters, (), spec.params_total)
+        return Tensors(adapters, (), spec.params_total + spec.params_frozen)
     # QLoRA: bitsandbytes quantizes every decoder nn.Linear (and GPT-2 Conv1D) weight; embeddings, norms,
     # biases and lm_head stay 16-bit, and so do an MoE router and fused 3-D expert stacks, which are not
     # Linear modules (checked: transformers 5.24 + bitsandbytes 0.50 leave Mixtral's experts in bf16).
     quantized = tuple(lin.d_in * lin.d_out for lin in spec.layer_linears if lin.kind in ("linear", "conv1d")
                       for _ in range(lin.count)) * spec.num_layers
-    return Tensors(adapters, quantized, spec.params_total - sum(quantized))
+    return Tensors(adapters, quantized, spec.params_total - sum(quantized) + spec.params_frozen)
 
 
 def nf4_bytes(numel: int) -> int:

@@ -60,7 +60,6 @@ class Built:
     model: Any  # what trains: the HF model, or the peft model around it
     hf_model: Any  # the transformers model inside
     vocab_size: int
-    softcap: float | None  # final_logit_softcapping (Gemma-2), for the chunked loss
 
 
 # ---------------------------------------------------------------- where the model is
@@ -190,7 +189,7 @@ def build_model(plan: Plan, *, config: Any = None, weights: str | Path | None = 
         materialize(model, hf_model, device, fake_mode)
     model.train()
     text = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
-    return Built(model, hf_model, text.vocab_size, getattr(text, "final_logit_softcapping", None))
+    return Built(model, hf_model, text.vocab_size)
 
 
 def load_model(plan: Plan, path: Path, device: Any, trust_remote_code: bool = False):

@@ -4,7 +4,8 @@ Small configs derived from the presets (hidden >= 256, 2 layers, b 2, s 512): ea
 family's replay different - Gemma's (1+w) fp32 RMSNorm, GeGLU and MQA with head_dim 256, Gemma2's four
 norms, soft-capping and two masks, Phi3's fused qkv/gate_up and torch.cat rotary, Mixtral's router and
 grouped_mm experts, GPT-2's Conv1D, dropouts (SDPA's math kernel on the CPU) and gelu_new, OPT's ReLU,
-dropout and offset positions, Mistral's sliding-window mask. Vocabularies are cut so that the layers'
+dropout and offset positions, Mistral's sliding-window mask and an explicit head_dim, Granite's
+multipliers. Vocabularies are cut so that the layers'
 activations are a visible part of the step (8192) where that does not move the forward peak into a
 layer; checkpointed cases keep a 32000-token vocabulary so the loss stays the forward peak (what the
 estimator models). Each trace runs two optimizer steps on fake tensors (seconds).
@@ -49,6 +50,10 @@ GEMMA3 = dict(model_type="gemma3_text", hidden_size=256, intermediate_size=1024,
 SMOLLM3 = dict(model_type="smollm3", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, no_rope_layer_interval=2, pad_token_id=0,
                bos_token_id=1, eos_token_id=2)
+# Granite-3.3-8B's multipliers; embedding_multiplier makes layer 0's input a new tensor
+GRANITE = dict(model_type="granite", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=12.0, logits_scaling=16.0,
+               residual_multiplier=0.22, attention_multiplier=0.0078125)
 
 
 def cfg(base: dict, **over) -> dict:
@@ -100,6 +105,15 @@ CASES = [
     ("smollm3-full-bf16-sdpa", cfg(SMOLLM3, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
     ("smollm3-full-amp-eager", cfg(SMOLLM3, vocab_size=8192), dict(FULL_AMP, attn="eager")),
     ("smollm3-lora-sdpa", cfg(SMOLLM3, vocab_size=8192), dict(LORA, attn="sdpa")),
+    ("granite-full-bf16-sdpa", cfg(GRANITE, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("granite-lora-ckpt-amp-sdpa", cfg(GRANITE, vocab_size=32000),
+     dict(LORA_CKPT, precision="amp-bf16", attn="sdpa")),
+    ("granite-full-fp32-eager", cfg(GRANITE, vocab_size=8192), dict(precision="fp32", grad_ckpt=False, attn="eager")),
+    # an explicit head_dim (Mistral-Small-3, Ministral: 32 x 128 with hidden 5120): heads x head_dim != hidden
+    ("mistral-head-dim-full-bf16-sdpa", cfg(MISTRAL, vocab_size=8192, head_dim=128, sliding_window=None),
+     dict(FULL_BF16, attn="sdpa")),
+    ("mistral-head-dim-lora-eager", cfg(MISTRAL, vocab_size=8192, head_dim=128, sliding_window=None),
+     dict(LORA, attn="eager")),
 ]
 
 
@@ -112,6 +126,21 @@ def test_phase_peaks_match_the_trace(config, fields):
         measured = getattr(steady, phase)
         err = 100 * (est.phase_peaks[phase] - measured) / measured
         assert -2.0 <= err <= 3.0, f"{phase}: estimate {est.phase_peaks[phase]:,} vs trace {measured:,} ({err:+.2f} %)"
+
+
+@pytest.mark.parametrize("precision, residual", [("bf16", 2), ("amp-bf16", 4)])
+def test_granite_embedding_multiplier_keeps_the_hooked_embedding_output(precision, residual):
+    """Under LoRA with checkpointing the hooked embedding output is a leaf its AccumulateGrad node keeps; Granite's
+    layer 0 gets embedding_multiplier times it, a new tensor, so the leaf is b x s x h more than Llama's."""
+    plan = Plan(method="lora", precision=precision, grad_ckpt=True, micro_batch=2, seq_len=512)
+    llama = estimate(spec_from_config(cfg(GRANITE, model_type="llama", vocab_size=32000), "l"), plan, kernels="cpu")
+    granite = estimate(spec_from_config(cfg(GRANITE, vocab_size=32000), "g"), plan, kernels="cpu")
+    extra = 2 * 512 * 256 * residual
+    assert granite.phase_peaks["forward"] - llama.phase_peaks["forward"] == extra
+    no_ckpt = plan.model_copy(update=dict(grad_ckpt=False))
+    assert (estimate(spec_from_config(cfg(GRANITE, vocab_size=32000), "g"), no_ckpt, kernels="cpu").phase_peaks
+            == estimate(spec_from_config(cfg(GRANITE, model_type="llama", vocab_size=32000), "l"), no_ckpt,
+                        kernels="cpu").phase_peaks)
 
 
 def test_estimator_import_stays_torch_free():
