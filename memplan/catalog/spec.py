@@ -84,6 +84,15 @@ class Traits:
     expert_rank_mult: tuple[int, int] = (1, 1)  # peft's rank multiplier for the gate_up / down expert stacks
     position_ids: str = ""  # learned positions' saved int64 ids: "" none, "shared" (1, s), "batch" (b, s)
     positions_added: bool = False  # layer 0 gets embeddings + positions, not the (hooked) embedding output
+    # GPT-OSS (modeling_gpt_oss.py), on top of the fields above (and norm "rms_fp32_weight": GptOssRMSNorm's
+    # (weight * x).to(input_dtype), the weight product in fp32):
+    attn_sinks: bool = False  # a learned per-head logit concatenated to the scores (eager_attention_forward: sinks)
+    expert_bias: bool = False  # the fused expert stacks carry biases, gathered per row (grouped_mm_experts_forward)
+    expert_glu_limit: float | None = None  # GptOssExperts._apply_gate: clamped gate/up, gate*sigmoid(alpha*gate)*(up+1)
+    router_topk_first: bool = False  # top-k of the router logits, then softmax over those (GptOssTopKRouter)
+    rotary_half_cos: bool = False  # cos/sin are (s, head_dim / 2): no cat(freqs, freqs) (GptOssRotaryEmbedding)
+    experts_transposed: bool = False  # expert stacks stored (count, d_in, d_out) (use_experts_implementation)
+    lora_unreachable: tuple[str, ...] = ()  # layer_linears names peft's target_modules cannot wrap
 
 
 @dataclass(frozen=True)
@@ -148,8 +157,10 @@ class ModelSpec:
 
         ``kind`` tells how peft reaches each: ``linear``/``conv1d``/``router`` by
         ``target_modules`` (peft wraps Mixtral's router ``gate`` too); ``experts`` through peft's MoE
-        conversion, which "all-linear" applies too in peft 0.21 (a ParamWrapper per fused stack)."""
-        names = list(dict.fromkeys(lin.name for lin in self.layer_linears))
+        conversion, which "all-linear" applies too in peft 0.21 (a ParamWrapper per fused stack). Names in
+        ``traits.lora_unreachable`` are left out (peft cannot wrap them through target_modules)."""
+        names = list(dict.fromkeys(lin.name for lin in self.layer_linears
+                                   if lin.name not in self.traits.lora_unreachable))
         return names + ["lm_head"]
 
     def param_breakdown(self) -> list[tuple[str, str, int, str]]:
@@ -243,6 +254,7 @@ class Arch:
     traits: Traits
     experts: int = 0
     top_k: int = 0
+    layer_extra: list[ParamItem] = field(default_factory=list)  # per-layer parameters besides linears and norms
 
 
 def norm_item(path: str, params: int, hidden: int) -> ParamItem:
@@ -288,6 +300,7 @@ def _freeze(arch: Arch, name: str, model_type: str, config: dict) -> ModelSpec:
     """The ModelSpec of a family's Arch: per-layer items are its linears, then its norms."""
     layer_items = [_linear_item(lin) for lin in arch.linears]
     layer_items += [norm_item(n, arch.norm_params, arch.hidden) for n in arch.layer_norms]
+    layer_items += arch.layer_extra
     lm_head = [] if arch.tie else [ParamItem("lm_head", arch.lm_head_in * arch.vocab, "hidden x vocab (untied)")]
     return ModelSpec(
         name=name, model_type=model_type, config=config, vocab_size=arch.vocab, hidden_size=arch.hidden,

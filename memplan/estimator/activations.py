@@ -40,7 +40,7 @@ def lora_targets(spec: ModelSpec, plan: Plan) -> frozenset[str]:
     if not plan.trains_adapters:
         return frozenset()
     if plan.lora.targets == "all-linear":
-        return frozenset(lin.name for lin in spec.layer_linears)
+        return frozenset(n for n in spec.linear_names() if n != "lm_head")
     return frozenset(plan.lora.targets)
 
 
@@ -75,7 +75,8 @@ def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention") 
         num_experts=spec.num_experts, top_k=spec.experts_per_token,
         rotary=spec.position_embeddings == 0, softmax_fp32=tr.softmax_fp32,
         sdpa_mask=_sdpa_mask(spec, plan, layer_type), expert_rank_mult=tr.expert_rank_mult,
-        q_contiguous=tr.q_contiguous,
+        q_contiguous=tr.q_contiguous, attn_sinks=tr.attn_sinks, expert_bias=tr.expert_bias,
+        expert_glu_limit=tr.expert_glu_limit, router_topk_first=tr.router_topk_first,
     )
 
 
@@ -224,7 +225,8 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
     # Shared: the embeddings' saved indices (and masks), rotary cos/sin (residual dtype).
     shared = embedding_saved(spec, plan, kernels)
     if spec.position_embeddings == 0:
-        shared += 2 * s * spec.head_dim * num.residual
+        # GptOssRotaryEmbedding: cos/sin of freqs alone, (1, s, head_dim / 2)
+        shared += 2 * s * (spec.head_dim // 2 if spec.traits.rotary_half_cos else spec.head_dim) * num.residual
     if plan.grad_ckpt:
         # non-reentrant checkpointing saves every tensor input of each layer for its recomputation, the
         # attention mask included: the masks live until the backward is done (torch/utils/checkpoint.py)

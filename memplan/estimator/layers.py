@@ -63,6 +63,10 @@ class LayerSpec:
     sdpa_mask: bool = False  # SDPA gets a materialized mask in this layer (a sliding window <= s)
     expert_rank_mult: tuple = (1, 1)  # peft's rank multiplier for the gate_up / down expert stacks
     q_contiguous: bool = False  # q reaches the attention as a contiguous (b, heads, s, d) tensor (Phi3)
+    attn_sinks: bool = False  # eager attention concatenates a per-head sink logit to the scores (GPT-OSS)
+    expert_bias: bool = False  # the expert stacks' biases are gathered per row by the int64 expert ids
+    expert_glu_limit: float | None = None  # GptOssExperts' clamped SwiGLU instead of act(gate) * up
+    router_topk_first: bool = False  # top-k of the router logits, softmax over those (GptOssTopKRouter)
 
 
 class LayerReplay:
@@ -99,6 +103,10 @@ class LayerReplay:
         t.unary_saving_input(xf)  # pow(2)
         rs = t.unary_saving_output(T(self.tokens(), 4, xf.rg))  # rsqrt(mean + eps)
         normed = t.mul(xf, rs)  # saves xf and rs
+        if self.L.norm == "rms_fp32_weight":
+            # GptOssRMSNorm: (self.weight * hidden_states).to(input_dtype): the product is fp32 (the fp32
+            # hidden states, or the fp32 weight of _keep_in_fp32_modules), saved when w is trainable
+            return t.cast(t.scale_by_param(normed, trainable), x.itemsize)
         if self.L.norm == "rms_gemma":
             # GemmaRMSNorm.forward: output * (1.0 + self.weight.float()): `1.0 + w` is a new fp32 tensor
             # (hidden elements), saved for the gradient of `output`; `output` is saved when w is trainable.
@@ -270,6 +278,8 @@ class LayerReplay:
     def _eager(self, q: T, k: T, v: T, rg: bool) -> T:
         """eager_attention_forward: repeat_kv, matmul, (softcap), softmax, dropout, matmul, transpose+copy."""
         t, L, n = self.t, self.L, self.n
+        if L.attn_sinks:
+            return self._eager_sinks(q, k, v, rg)
         c, tok = n.compute, self.tokens()
         rep = L.heads // L.kv_heads
         all_heads = tok * L.heads * L.head_dim
@@ -290,6 +300,35 @@ class LayerReplay:
         probs = t.cast(probs, q.itemsize)  # .to(query.dtype) (GPT-2: .type(value.dtype), the same dtype)
         probs = t.dropout(probs, L.attn_dropout)
         pm = t.cast(probs, c) if n.autocast else probs
+        vm = self._operand(v_rep, all_heads if rep > 1 else kv_feats, c if n.autocast else v_rep.itemsize)
+        t.mul(pm, vm, out_numel=all_heads)  # matmul(probs, v) saves both
+        return T(all_heads, c, rg)  # attn_output.transpose(1, 2).contiguous(): a copy
+
+    def _eager_sinks(self, q: T, k: T, v: T, rg: bool) -> T:
+        """GPT-OSS eager_attention_forward: scores = q k^T * scaling + mask; the per-head sink logit is
+        concatenated as one more column, combined (b, heads, s, s + 1), whose dtype promotes with the mask's
+        (the residual dtype) and the sinks' (the weights'); minus its row max (max(dim) saves its int64
+        indices); softmax in that dtype (saves its result); the sink column dropped (a view, which bmm takes
+        as it is), dropout, .to(value dtype), matmul with v; transpose + contiguous copy."""
+        t, L, n = self.t, self.L, self.n
+        c, tok = n.compute, self.tokens()
+        rep = L.heads // L.kv_heads
+        all_heads, kv_feats = tok * L.heads * L.head_dim, tok * L.kv_heads * L.head_dim
+        rows = L.b * L.heads * L.s
+        k_rep = k if rep == 1 else T(all_heads, k.itemsize, k.rg)  # repeat_kv copies
+        v_rep = v if rep == 1 else T(all_heads, v.itemsize, v.rg)
+        qm = self._operand(q, all_heads, c if n.autocast else q.itemsize)
+        km = self._operand(k_rep, all_heads if rep > 1 else kv_feats, c if n.autocast else k_rep.itemsize)
+        t.mul(qm, km, out_numel=rows * L.s)  # matmul saves both operands
+        size = max(qm.itemsize, n.residual, n.weights)
+        probs = t.unary_saving_output(T(rows * (L.s + 1), size, rg))  # softmax(combined - max)
+        if rg:
+            t.save(T(rows, 8, False))  # combined_logits.max(dim=-1): its indices
+        pm = probs  # probs[..., :-1]: a view
+        if L.attn_dropout > 0:
+            pm = t.dropout(T(rows * L.s, size, rg), L.attn_dropout)
+        if pm.itemsize != v_rep.itemsize:
+            pm = T(rows * L.s, v_rep.itemsize, rg)  # .to(value_states.dtype)
         vm = self._operand(v_rep, all_heads if rep > 1 else kv_feats, c if n.autocast else v_rep.itemsize)
         t.mul(pm, vm, out_numel=all_heads)  # matmul(probs, v) saves both
         return T(all_heads, c, rg)  # attn_output.transpose(1, 2).contiguous(): a copy
@@ -353,26 +392,56 @@ class LayerReplay:
         if w_router is not None and x.rg:
             t.save(w_router)
         logits = T(tok * E, c, x.rg or w_rg)
-        probs = t.unary_saving_output(t.cast(logits, 4))  # softmax(router_logits.float()) saves its result
-        if probs.rg:
-            t.save(T(tok * k, 8, False))  # torch.topk saves its int64 indices
-            # router_top_value /= router_top_value.sum(dim=-1, keepdim=True): saves divisor and dividend
-            t.save(T(tok, 4, False), T(tok * k, 4, False))
-        weights = T(tok * k, 4, probs.rg)
+        weights = self._router_weights(logits)
         # grouped_mm_experts_forward
         sel = t.index(h, S * hid, S)  # hidden_states[perm // num_top_k]: the int64 index
         sw = t.index(weights, S, S)  # sample_weights[perm]
         offs = T(E, 4, False)  # cumsum(histc(...), dtype=int32): saved by both grouped_mm
+        if L.expert_bias and L.full_ft:
+            t.save(T(S, 8, False))  # gate_up_proj_bias[expert_ids_g], down_proj_bias[expert_ids_g]: one index
         m_gu, m_d = L.expert_rank_mult
         gu = self._grouped(sel, 2 * f, self._param_weight(
             "experts_gate_up", E * 2 * f * hid, L.lora_rank * m_gu * E * (hid + 2 * f)), offs)
-        prod = self._gated(gu, gu, S * f)  # _default_apply_gate: act(gate) * up, chunks of gate_up
+        # _default_apply_gate: act(gate) * up, chunks of gate_up (GPT-OSS: its own clamped _apply_gate)
+        prod = self._clamped_glu(gu, S * f) if L.expert_glu_limit else self._gated(gu, gu, S * f)
         down = self._grouped(prod, hid, self._param_weight(
             "experts_down", E * hid * f, L.lora_rank * m_d * E * (f + hid)), offs)
         # proj_out * sample_weights_g.unsqueeze(-1): saves both; bf16 * fp32 promotes to fp32
         weighted = t.mul(down, sw, out_numel=S * hid)
         weighted = t.index(weighted, S * hid, S)  # weighted_out[inv_perm]
         return T(tok * hid, h.itemsize, weighted.rg)  # .view(tok, top_k, h).sum(dim=1).to(hidden dtype)
+
+    def _router_weights(self, logits: T) -> T:
+        """The routing weights of the top-k experts (tokens x k) from the router logits.
+
+        MixtralTopKRouter: softmax(router_logits.float()) (saves its result), torch.topk (saves its int64
+        indices), router_top_value /= sum (saves divisor and dividend): fp32 weights.
+        GptOssTopKRouter (router_topk_first): torch.topk of the logits (saves its indices), then
+        softmax(dtype=the logits' dtype) over the k values (saves its result): weights in that dtype."""
+        t, L = self.t, self.L
+        tok, k = self.tokens(), L.top_k
+        if L.router_topk_first:
+            if logits.rg:
+                t.save(T(tok * k, 8, False))
+            return t.unary_saving_output(T(tok * k, logits.itemsize, logits.rg))
+        probs = t.unary_saving_output(t.cast(logits, 4))
+        if probs.rg:
+            t.save(T(tok * k, 8, False))
+            t.save(T(tok, 4, False), T(tok * k, 4, False))
+        return T(tok * k, 4, probs.rg)
+
+    def _clamped_glu(self, gu: T, numel: int) -> T:
+        """GptOssExperts._apply_gate on gate_up (S, 2f) interleaved: gate = gate_up[..., ::2].clamp(max=limit)
+        and up = gate_up[..., 1::2].clamp(-limit, limit) save their inputs (strided views: gate_up's storage);
+        glu = gate * sigmoid(gate * alpha) (sigmoid saves its result, the product both factors);
+        (up + 1) * glu saves both factors."""
+        t = self.t
+        if not gu.rg:
+            return T(numel, gu.itemsize, False)
+        t.save(gu)
+        gate = T(numel, gu.itemsize, True)
+        glu = t.mul(gate, t.unary_saving_output(gate))
+        return t.mul(T(numel, gu.itemsize, True), glu)
 
     def _grouped(self, x: T, out_features: int, w_param: T | None, offs: T) -> T:
         """_grouped_linear -> torch._grouped_mm(input.to(weight.dtype), weight.T, offs): saves the input

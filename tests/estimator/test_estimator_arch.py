@@ -37,6 +37,11 @@ OPT = dict(model_type="opt", hidden_size=256, ffn_dim=1024, num_hidden_layers=2,
            pad_token_id=1, bos_token_id=2, eos_token_id=2)
 MISTRAL = dict(model_type="mistral", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2)
+# GPT-OSS: sinks in eager attention, biased top-k-then-softmax router, biased experts with the clamped SwiGLU,
+# sliding (128) / full layers. No amp or fp32 case: the experts' grouped_mm has no fp32 kernel on fake tensors.
+GPT_OSS = dict(model_type="gpt_oss", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=4,
+               pad_token_id=0, bos_token_id=1, eos_token_id=1)
 
 
 def cfg(base: dict, **over) -> dict:
@@ -70,6 +75,10 @@ CASES = [
     ("mistral-full-bf16-sdpa-window-mask", cfg(MISTRAL, vocab_size=8192, sliding_window=256),
      dict(FULL_BF16, attn="sdpa")),
     ("mistral-lora-eager", cfg(MISTRAL, vocab_size=8192, sliding_window=4096), dict(LORA, attn="eager")),
+    # GPT-OSS has no SDPA path: eager (the model's only attention on the CPU)
+    ("gpt_oss-full-bf16-eager-sinks", cfg(GPT_OSS, vocab_size=8192), dict(FULL_BF16, attn="eager")),
+    ("gpt_oss-lora-eager", cfg(GPT_OSS, vocab_size=8192), dict(LORA, attn="eager")),
+    ("gpt_oss-full-bf16-ckpt-eager", cfg(GPT_OSS, vocab_size=32000), dict(FULL_BF16, grad_ckpt=True, attn="eager")),
 ]
 
 

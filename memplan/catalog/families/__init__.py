@@ -23,6 +23,7 @@ FAMILIES: dict[str, str] = {
     "phi3": "phi3",
     "gpt2": "gpt2",
     "opt": "opt",
+    "gpt_oss": "gpt_oss",
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
