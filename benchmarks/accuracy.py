@@ -67,6 +67,10 @@ MATRIX = [
     ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256), "cpu"),
     ("small-llama", dict(precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False, optimizer="adamw-8bit"),
      "cpu"),
+    # GPT-OSS at its true widths, cut to its first 4 layers (2 sliding, 2 full); eager: it has no SDPA path
+    ("gpt-oss-20b@4L", dict(precision="bf16", seq_len=1024, grad_ckpt=False, attn="eager")),
+    ("gpt-oss-20b@4L", dict(method="lora", precision="bf16", seq_len=2048, grad_ckpt=False, attn="eager",
+                            lora={"dropout": 0.0})),
 ]
 
 
@@ -80,6 +84,10 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
 
     if preset == "small-llama":
         config, spec = dict(SMALL), spec_from_config(dict(SMALL), "small-llama")
+    elif "@" in preset:  # "<preset>@<N>L": the preset's first N layers (its widths, fewer layers)
+        base, _, layers = preset.partition("@")
+        config = truncated(json.loads((models_dir() / base / "config.json").read_text()), int(layers.rstrip("L")))
+        spec = spec_from_config(dict(config), preset)
     else:
         config = json.loads((models_dir() / preset / "config.json").read_text())
         spec = resolve_model(preset)
@@ -97,6 +105,14 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
     return dict(preset=preset, plan=fields, backend=backend, phases=phases, errs=errs, seconds=seconds,
                 peak_error=100 * (est.peak_allocated - trace.peak) / trace.peak, act_frac=act_frac,
                 estimate_peak=est.peak_allocated, trace_peak=trace.peak)
+
+
+def truncated(config: dict, layers: int) -> dict:
+    """`config` with only its first `layers` decoder layers (and their layer_types)."""
+    out = dict(config, num_hidden_layers=layers)
+    if isinstance(config.get("layer_types"), list):
+        out["layer_types"] = config["layer_types"][:layers]
+    return out
 
 
 def write(rows: list[dict], out: Path, failures: list[str]) -> None:
