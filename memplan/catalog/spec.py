@@ -93,6 +93,13 @@ class Traits:
     rotary_half_cos: bool = False  # cos/sin are (s, head_dim / 2): no cat(freqs, freqs) (GptOssRotaryEmbedding)
     experts_transposed: bool = False  # expert stacks stored (count, d_in, d_out) (use_experts_implementation)
     lora_unreachable: tuple[str, ...] = ()  # layer_linears names peft's target_modules cannot wrap
+    # Llama 4's text model (modeling_llama4.py):
+    nope_layers: tuple[bool, ...] = ()  # per layer: no rotary (Llama4TextAttention.use_rope = no_rope_layers[i] = 0)
+    qk_weightless_norm: bool = False  # rotary layers: Llama4TextWeightlessRMSNorm on q and k (use_qk_norm)
+    attn_temperature: bool = False  # NoPE layers scale q by a per-position fp32 factor (attn_temperature_tuning)
+    rotary_complex: bool = False  # rotary on complex numbers: freqs_cis (s, head_dim / 2) complex64, q/k type_as back
+    attention_chunk_size: int | None = None  # "chunked_attention" layers attend within chunks of this size
+    experts_every_token: bool = False  # Llama4TextMoe: every token through every expert (bmm), plus a shared expert
 
 
 @dataclass(frozen=True)

@@ -56,13 +56,17 @@ def _sdpa_mask(spec: ModelSpec, plan: Plan, layer_type: str) -> bool:
     """Whether SDPA gets a materialized mask: transformers skips the causal mask (is_causal instead) unless
     a sliding window is at most the sequence (masking_utils._ignore_causal_mask_sdpa:
     local_attention_size is not None and kv_length >= local_attention_size). Flash-attention 2 takes the
-    window as an argument and never gets a mask for an unpadded batch."""
+    window as an argument and never gets a mask for an unpadded batch. A chunked-attention layer
+    (create_chunked_causal_mask: local_size = attention_chunk_size) likewise once the sequence reaches a chunk."""
     window = spec.traits.sliding_window
-    return (attention_impl(spec, plan) == "sdpa" and layer_type == "sliding_attention"
+    if layer_type == "chunked_attention":
+        window = spec.traits.attention_chunk_size
+    return (attention_impl(spec, plan) == "sdpa" and layer_type in ("sliding_attention", "chunked_attention")
             and window is not None and plan.seq_len >= window)
 
 
-def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention") -> LayerSpec:
+def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention", nope: bool = False) -> LayerSpec:
+    """The replay's view of one layer; `nope`: a layer without rotary (Traits.nope_layers)."""
     tr = spec.traits
     return LayerSpec(
         b=plan.micro_batch, s=plan.seq_len, hidden=spec.hidden_size, heads=spec.num_heads,
@@ -73,10 +77,12 @@ def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention") 
         full_ft=plan.method == "full", lora_targets=lora_targets(spec, plan), lora_rank=plan.lora.rank,
         lora_dropout=plan.lora.dropout, names=dict(_DEFAULT_NAMES, **dict(tr.role_names)),
         num_experts=spec.num_experts, top_k=spec.experts_per_token,
-        rotary=spec.position_embeddings == 0, softmax_fp32=tr.softmax_fp32,
+        rotary=spec.position_embeddings == 0 and not nope, softmax_fp32=tr.softmax_fp32,
         sdpa_mask=_sdpa_mask(spec, plan, layer_type), expert_rank_mult=tr.expert_rank_mult,
         q_contiguous=tr.q_contiguous, attn_sinks=tr.attn_sinks, expert_bias=tr.expert_bias,
         expert_glu_limit=tr.expert_glu_limit, router_topk_first=tr.router_topk_first,
+        rotary_type_as=tr.rotary_complex, qk_weightless_norm=tr.qk_weightless_norm and not nope,
+        attn_temperature=tr.attn_temperature and nope, experts_every_token=tr.experts_every_token,
     )
 
 
@@ -154,9 +160,9 @@ def expert_stacks_materialized(spec: ModelSpec, plan: Plan, num: Numerics) -> in
 
 
 def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool,
-                layer_type: str = "full_attention") -> int:
+                layer_type: str = "full_attention", nope: bool = False) -> int:
     tape = Tape(kernels=kernels)
-    ls = layer_spec(spec, plan, layer_type)
+    ls = layer_spec(spec, plan, layer_type, nope)
     num = numerics(plan, spec)
     LayerReplay(tape, ls, num).layer(T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, input_rg))
     return tape.saved_bytes
@@ -215,18 +221,21 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
     full = plan.method == "full"
     # Layers by attention kind (a sliding-window layer may keep its SDPA mask): layer 0, and the mean of
     # the others, so that first_layer + layer * (L - 1) is the exact total.
-    kinds = spec.traits.layer_types
-    saved = {k: layer_saved(spec, plan, kernels, True, k) for k in set(kinds)}
+    # (and, where some layers have no rotary, by that too: Traits.nope_layers)
+    kinds = tuple(zip(spec.traits.layer_types, spec.traits.nope_layers or (False,) * spec.num_layers))
+    saved = {k: layer_saved(spec, plan, kernels, True, *k) for k in set(kinds)}
     # Layer 0's input needs grad with trainable embeddings, and under checkpointing (see embedding_saved)
-    first = layer_saved(spec, plan, kernels, full or plan.grad_ckpt, kinds[0])
+    first = layer_saved(spec, plan, kernels, full or plan.grad_ckpt, *kinds[0])
     rest = kinds[1:] or kinds
     per_layer = sum(saved[k] for k in rest) // len(rest)
 
     # Shared: the embeddings' saved indices (and masks), rotary cos/sin (residual dtype).
     shared = embedding_saved(spec, plan, kernels)
     if spec.position_embeddings == 0:
-        # GptOssRotaryEmbedding: cos/sin of freqs alone, (1, s, head_dim / 2)
-        shared += 2 * s * (spec.head_dim // 2 if spec.traits.rotary_half_cos else spec.head_dim) * num.residual
+        # GptOssRotaryEmbedding: cos/sin of freqs alone, (1, s, head_dim / 2); Llama4TextRotaryEmbedding:
+        # one complex64 freqs_cis, (1, s, head_dim / 2) x 8 B
+        width = spec.head_dim // 2 if spec.traits.rotary_half_cos else spec.head_dim
+        shared += s * spec.head_dim * 4 if spec.traits.rotary_complex else 2 * s * width * num.residual
     if plan.grad_ckpt:
         # non-reentrant checkpointing saves every tensor input of each layer for its recomputation, the
         # attention mask included: the masks live until the backward is done (torch/utils/checkpoint.py)

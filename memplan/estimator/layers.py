@@ -67,6 +67,10 @@ class LayerSpec:
     expert_bias: bool = False  # the expert stacks' biases are gathered per row by the int64 expert ids
     expert_glu_limit: float | None = None  # GptOssExperts' clamped SwiGLU instead of act(gate) * up
     router_topk_first: bool = False  # top-k of the router logits, softmax over those (GptOssTopKRouter)
+    rotary_type_as: bool = False  # the rotated q/k come back in their own dtype (Llama 4's complex rotary)
+    qk_weightless_norm: bool = False  # Llama4TextWeightlessRMSNorm on q and k after the rotary
+    attn_temperature: bool = False  # q * a per-position fp32 scale, cast back (Llama 4's NoPE layers)
+    experts_every_token: bool = False  # Llama4TextMoe: sigmoid router, every expert on every token, shared expert
 
 
 class LayerReplay:
@@ -214,8 +218,15 @@ class LayerReplay:
             # cos/sin (shared by all layers, counted per model). cos/sin carry the residual dtype, so under
             # autocast q_embed is fp32 until the attention casts it back.
             rot = max(c, n.residual)
-            q = T(tok * q_feats, rot, q.rg)
-            k = T(tok * kv_feats, rot, k.rg)
+            q = T(tok * q_feats, q.itemsize if L.rotary_type_as else rot, q.rg)
+            k = T(tok * kv_feats, k.itemsize if L.rotary_type_as else rot, k.rg)
+        if L.qk_weightless_norm:
+            q, k = self._weightless_norm(q, tok * L.heads), self._weightless_norm(k, tok * L.kv_heads)
+        if L.attn_temperature:
+            # (query_states * attn_scales).to(query_states.dtype): the mul saves attn_scales, (1, s, 1, 1) fp32
+            if q.rg:
+                t.save(T(L.s, 4, False))
+            q = T(q.numel, q.itemsize, q.rg)
         kernel = self.attention_kernel()
         if kernel == "eager":
             out = self._eager(q, k, v, rg)
@@ -304,6 +315,15 @@ class LayerReplay:
         t.mul(pm, vm, out_numel=all_heads)  # matmul(probs, v) saves both
         return T(all_heads, c, rg)  # attn_output.transpose(1, 2).contiguous(): a copy
 
+    def _weightless_norm(self, x: T, rows: int) -> T:
+        """Llama4TextWeightlessRMSNorm: x.float() * rsqrt(x.float().pow(2).mean(-1) + eps), .type_as(x):
+        pow saves the fp32 x, rsqrt its result (one per head row), the product both."""
+        t = self.t
+        xf = t.cast(x, 4)
+        t.unary_saving_input(xf)
+        t.mul(xf, t.unary_saving_output(T(rows, 4, xf.rg)), out_numel=xf.numel)
+        return T(x.numel, x.itemsize, x.rg)
+
     def _eager_sinks(self, q: T, k: T, v: T, rg: bool) -> T:
         """GPT-OSS eager_attention_forward: scores = q k^T * scaling + mask; the per-head sink logit is
         concatenated as one more column, combined (b, heads, s, s + 1), whose dtype promotes with the mask's
@@ -342,6 +362,8 @@ class LayerReplay:
 
     def mlp(self, h: T) -> T:
         L, tok = self.L, self.tokens()
+        if L.experts_every_token:
+            return self._moe_every_expert(h)
         if L.num_experts:
             return self.moe(h)
         if not L.gated:
@@ -410,6 +432,36 @@ class LayerReplay:
         weighted = t.mul(down, sw, out_numel=S * hid)
         weighted = t.index(weighted, S * hid, S)  # weighted_out[inv_perm]
         return T(tok * hid, h.itemsize, weighted.rg)  # .view(tok, top_k, h).sum(dim=1).to(hidden dtype)
+
+    def _moe_every_expert(self, h: T) -> T:
+        """Llama4TextMoe.forward. Llama4Router (an nn.Linear) gives the logits; torch.topk saves its int64
+        indices (which scatter_ then uses too); sigmoid(scores.float()) saves its result, cast back to the
+        logits' dtype. hidden_states.repeat(E, 1) * the scores as one column (a transposed copy): the product
+        saves both. Llama4TextExperts: bmm with gate_up_proj, up * act(gate) (chunks of gate_up), bmm with
+        down_proj, for all E x tokens rows; the routed output summed over the experts and added in place to
+        the shared expert's output (a LlamaMLP over the tokens)."""
+        t, L = self.t, self.L
+        tok, E, f, hid = self.tokens(), L.num_experts, L.ffn, L.hidden
+        logits = self.proj(h, E, "router")
+        if logits.rg:
+            t.save(T(tok * L.top_k, 8, False))
+        scores = t.cast(t.unary_saving_output(T(tok * E, 4, logits.rg)), logits.itemsize)
+        col = T(E * tok, scores.itemsize, scores.rg)  # router_scores.transpose(0, 1).reshape(-1, 1)
+        routed = t.mul(T(E * tok * hid, h.itemsize, h.rg), col, out_numel=E * tok * hid)
+        gu = self._bmm_experts(routed, E * tok * 2 * f, E * hid * 2 * f)
+        down = self._bmm_experts(self._gated(gu, gu, E * tok * f), E * tok * hid, E * f * hid)
+        g = self.proj(h, f, "gate")
+        shared = self.proj(self._gated(g, self.proj(h, f, "up"), tok * f), hid, "down")
+        return T(tok * hid, shared.itemsize, shared.rg or down.rg)
+
+    def _bmm_experts(self, x: T, out_numel: int, w_numel: int) -> T:
+        """torch.bmm(x, stack) with a frozen or trainable expert stack: saves x when the stack is trainable;
+        under autocast bmm runs on low-precision copies of x and of the stack (saved as the operands)."""
+        t, L, n = self.t, self.L, self.n
+        xin = t.cast(x, n.compute) if n.autocast else x
+        if n.autocast and x.rg and n.weights != n.compute:
+            t.save(T(w_numel, n.compute, False))
+        return t.linear(xin, out_numel, L.full_ft, out_itemsize=n.compute if n.autocast else xin.itemsize)
 
     def _router_weights(self, logits: T) -> T:
         """The routing weights of the top-k experts (tokens x k) from the router logits.

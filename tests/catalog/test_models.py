@@ -245,6 +245,10 @@ VARIANTS = {
     "gpt_oss-minimal": dict(model_type="gpt_oss", **_SMALL),
     "gpt_oss-options": dict(model_type="gpt_oss", attention_bias=False, num_local_experts=4, num_experts_per_tok=2,
                             head_dim=16, num_key_value_heads=4, tie_word_embeddings=True, **_SMALL),
+    "llama4_text-minimal": dict(model_type="llama4_text", **_SMALL),
+    "llama4_text-options": dict(model_type="llama4_text", attention_bias=True, use_qk_norm=False, num_local_experts=4,
+                                num_experts_per_tok=2, head_dim=16, num_key_value_heads=4, tie_word_embeddings=True,
+                                moe_layers=[0, 1], interleave_moe_layer_step=2, **_SMALL),
 }
 
 
@@ -482,3 +486,13 @@ def test_gpt_oss_all_linear_is_what_peft_wraps():
     assert wrapped == set(spec.linear_names()) - {"lm_head"}
     with pytest.raises(ValueError):  # the router is not a module peft can wrap
         get_peft_model(_meta_model(config), LoraConfig(r=4, target_modules=["router"]))
+
+
+def test_llama4_text_spec():
+    spec = spec_from_config(dict(VARIANTS["llama4_text-minimal"], num_hidden_layers=8), "x")
+    assert spec.traits.nope_layers == (False, False, False, True) * 2
+    assert spec.traits.layer_types[:4] == ("chunked_attention",) * 3 + ("full_attention",)
+    assert spec.linear_names() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                   "lm_head"]
+    with pytest.raises(UserError, match=r"dense and MoE layers interleaved .* not supported yet"):
+        spec_from_config(dict(VARIANTS["llama4_text-minimal"], interleave_moe_layer_step=2), "maverick-like")

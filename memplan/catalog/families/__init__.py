@@ -24,6 +24,7 @@ FAMILIES: dict[str, str] = {
     "gpt2": "gpt2",
     "opt": "opt",
     "gpt_oss": "gpt_oss",
+    "llama4_text": "llama4_text",
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
