@@ -44,7 +44,7 @@ GPT_OSS = dict(model_type="gpt_oss", hidden_size=256, intermediate_size=512, num
                pad_token_id=0, bos_token_id=1, eos_token_id=1)
 # Llama 4's text model, all layers MoE (as Scout): 3 rotary layers (complex rotary, weightless q/k norm,
 # chunked attention: a chunk of 256 <= s gives SDPA a mask) and a NoPE layer (temperature tuning); every token
-# through every expert, a shared expert. LoRA targets name the linears peft can train here (not the router).
+# through every expert, a shared expert. LoRA targets: the linears peft can train here (not the router).
 LLAMA4 = dict(model_type="llama4_text", hidden_size=256, intermediate_size=256, intermediate_size_mlp=512,
               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4,
               num_experts_per_tok=1, attention_chunk_size=256, pad_token_id=0)
@@ -90,6 +90,8 @@ CASES = [
     ("llama4_text-full-amp-sdpa", cfg(LLAMA4, vocab_size=8192), dict(FULL_AMP, attn="sdpa")),
     ("llama4_text-lora-eager", cfg(LLAMA4, vocab_size=8192), dict(LORA, attn="eager", lora=LLAMA4_LORA)),
     ("llama4_text-lora-ckpt-sdpa", cfg(LLAMA4, vocab_size=32000), dict(LORA_CKPT, attn="sdpa", lora=LLAMA4_LORA)),
+    # "all-linear": the same modules (memplan does not hand peft its own "all-linear", which wraps the router)
+    ("llama4_text-lora-all-linear-sdpa", cfg(LLAMA4, vocab_size=8192), dict(LORA, attn="sdpa")),
 ]
 
 
