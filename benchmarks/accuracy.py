@@ -33,7 +33,6 @@ SCOUT_TEXT_4L = dict(model_type="llama4_text", hidden_size=5120, intermediate_si
                      attn_scale=0.1, pad_token_id=200018, bos_token_id=200000, eos_token_id=200001,
                      tie_word_embeddings=False)
 INLINE = {"small-llama": SMALL, "llama4-scout-text@4L": SCOUT_TEXT_4L}
-SCOUT_LORA = {"targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
 
 MATRIX = [
     ("llama-2-7b", dict(precision="bf16", seq_len=512, grad_ckpt=False)),
@@ -80,10 +79,9 @@ MATRIX = [
      "cpu"),
     # GPT-OSS at its true widths, cut to its first 4 layers (2 sliding, 2 full); eager: it has no SDPA path
     ("gpt-oss-20b@4L", dict(precision="bf16", seq_len=1024, grad_ckpt=False, attn="eager")),
-    ("gpt-oss-20b@4L", dict(method="lora", precision="bf16", seq_len=2048, grad_ckpt=False, attn="eager",
-                            lora={"dropout": 0.0})),
+    ("gpt-oss-20b@4L", dict(method="lora", precision="bf16", seq_len=2048, grad_ckpt=False, attn="eager")),
     ("llama4-scout-text@4L", dict(precision="bf16", seq_len=2048, grad_ckpt=False)),
-    ("llama4-scout-text@4L", dict(method="lora", precision="bf16", seq_len=8192, lora=SCOUT_LORA)),
+    ("llama4-scout-text@4L", dict(method="lora", precision="bf16", seq_len=8192)),
 ]
 
 
