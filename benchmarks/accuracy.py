@@ -24,6 +24,16 @@ sys.path.insert(0, str(ROOT))
 SMALL = dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
 
+# Llama-4-Scout-17B-16E's text_config widths (its multimodal config.json on the hub), first 4 layers (3 with
+# rotary and chunked attention, 1 NoPE), all MoE: 16 experts, top-1, a shared expert.
+SCOUT_TEXT_4L = dict(model_type="llama4_text", hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384,
+                     num_hidden_layers=4, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+                     num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1, vocab_size=202048,
+                     attention_chunk_size=8192, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=8192,
+                     attn_scale=0.1, pad_token_id=200018, bos_token_id=200000, eos_token_id=200001,
+                     tie_word_embeddings=False)
+INLINE = {"small-llama": SMALL, "llama4-scout-text@4L": SCOUT_TEXT_4L}
+
 MATRIX = [
     ("llama-2-7b", dict(precision="bf16", seq_len=512, grad_ckpt=False)),
     ("llama-2-7b", dict(precision="bf16", seq_len=512, grad_ckpt=False, optimizer="adamw-forloop")),
@@ -75,6 +85,11 @@ MATRIX = [
     ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256), "cpu"),
     ("small-llama", dict(precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False, optimizer="adamw-8bit"),
      "cpu"),
+    # GPT-OSS at its true widths, cut to its first 4 layers (2 sliding, 2 full); eager: it has no SDPA path
+    ("gpt-oss-20b@4L", dict(precision="bf16", seq_len=1024, grad_ckpt=False, attn="eager")),
+    ("gpt-oss-20b@4L", dict(method="lora", precision="bf16", seq_len=2048, grad_ckpt=False, attn="eager")),
+    ("llama4-scout-text@4L", dict(precision="bf16", seq_len=2048, grad_ckpt=False)),
+    ("llama4-scout-text@4L", dict(method="lora", precision="bf16", seq_len=8192)),
 ]
 
 
@@ -86,8 +101,12 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
     from memplan.plan import Plan
     from memplan.profile.run import measure
 
-    if preset == "small-llama":
-        config, spec = dict(SMALL), spec_from_config(dict(SMALL), "small-llama")
+    if preset in INLINE:
+        config, spec = dict(INLINE[preset]), spec_from_config(dict(INLINE[preset]), preset)
+    elif "@" in preset:  # "<preset>@<N>L": the preset's first N layers (its widths, fewer layers)
+        base, _, layers = preset.partition("@")
+        config = truncated(json.loads((models_dir() / base / "config.json").read_text()), int(layers.rstrip("L")))
+        spec = spec_from_config(dict(config), preset)
     else:
         config = json.loads((models_dir() / preset / "config.json").read_text())
         spec = resolve_model(preset)
@@ -105,6 +124,14 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
     return dict(preset=preset, plan=fields, backend=backend, phases=phases, errs=errs, seconds=seconds,
                 peak_error=100 * (est.peak_allocated - trace.peak) / trace.peak, act_frac=act_frac,
                 estimate_peak=est.peak_allocated, trace_peak=trace.peak)
+
+
+def truncated(config: dict, layers: int) -> dict:
+    """`config` with only its first `layers` decoder layers (and their layer_types)."""
+    out = dict(config, num_hidden_layers=layers)
+    if isinstance(config.get("layer_types"), list):
+        out["layer_types"] = config["layer_types"][:layers]
+    return out
 
 
 def write(rows: list[dict], out: Path, failures: list[str]) -> None:

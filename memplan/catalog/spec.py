@@ -89,11 +89,27 @@ class Traits:
     # "full" over all heads at once (modeling_olmo2.py: q_norm(num_attention_heads * head_dim))
     qk_norm: str = ""
     pre_norms: bool = True  # input/pre-feedforward norms (OLMo-2 has none: its norms sit on each block's output)
-    rope_layers: tuple[bool, ...] = ()  # per layer, whether it applies the rotary (SmolLM3's no_rope_layers); () all
+    # per layer, whether it applies the rotary (SmolLM3's and Llama 4's no_rope_layers: 0 = NoPE); () all
+    rope_layers: tuple[bool, ...] = ()
     rotary_tables: int = 1  # cos/sin pairs built per forward (Gemma3RotaryEmbedding: one per attention kind)
     # Granite (modeling_granite.py GraniteModel.forward): layer 0 gets embed_tokens(ids) * embedding_multiplier,
     # a new tensor, not the (hooked) embedding output
     embedding_scaled: bool = False
+    # GPT-OSS (modeling_gpt_oss.py), on top of the fields above (and norm "rms_fp32_weight": GptOssRMSNorm's
+    # (weight * x).to(input_dtype), the weight product in fp32):
+    attn_sinks: bool = False  # a learned per-head logit concatenated to the scores (eager_attention_forward: sinks)
+    expert_bias: bool = False  # the fused expert stacks carry biases, gathered per row (grouped_mm_experts_forward)
+    expert_glu_limit: float | None = None  # GptOssExperts._apply_gate: clamped gate/up, gate*sigmoid(alpha*gate)*(up+1)
+    router_topk_first: bool = False  # top-k of the router logits, then softmax over those (GptOssTopKRouter)
+    rotary_half_cos: bool = False  # cos/sin are (s, head_dim / 2): no cat(freqs, freqs) (GptOssRotaryEmbedding)
+    experts_transposed: bool = False  # expert stacks stored (count, d_in, d_out) (use_experts_implementation)
+    lora_unreachable: tuple[str, ...] = ()  # layer_linears names peft's target_modules cannot wrap
+    # Llama 4's text model (modeling_llama4.py):
+    qk_weightless_norm: bool = False  # rotary layers: Llama4TextWeightlessRMSNorm on q and k (use_qk_norm)
+    attn_temperature: bool = False  # NoPE layers scale q by a per-position fp32 factor (attn_temperature_tuning)
+    rotary_complex: bool = False  # rotary on complex numbers: freqs_cis (s, head_dim / 2) complex64, q/k type_as back
+    attention_chunk_size: int | None = None  # "chunked_attention" layers attend within chunks of this size
+    experts_every_token: bool = False  # Llama4TextMoe: every token through every expert (bmm), plus a shared expert
 
 
 @dataclass(frozen=True)
@@ -172,8 +188,10 @@ class ModelSpec:
 
         ``kind`` tells how peft reaches each: ``linear``/``conv1d``/``router`` by
         ``target_modules`` (peft wraps Mixtral's router ``gate`` too); ``experts`` through peft's MoE
-        conversion, which "all-linear" applies too in peft 0.21 (a ParamWrapper per fused stack)."""
-        names = list(dict.fromkeys(lin.name for lin in self.layer_linears))
+        conversion, which "all-linear" applies too in peft 0.21 (a ParamWrapper per fused stack). Names in
+        ``traits.lora_unreachable`` are left out (peft cannot wrap them through target_modules)."""
+        names = list(dict.fromkeys(lin.name for lin in self.layer_linears
+                                   if lin.name not in self.traits.lora_unreachable))
         return names + ["lm_head"]
 
     def param_breakdown(self) -> list[tuple[str, str, int, str]]:
@@ -268,6 +286,7 @@ class Arch:
     traits: Traits
     experts: int = 0
     top_k: int = 0
+    layer_extra: list[ParamItem] = field(default_factory=list)  # per-layer parameters besides linears and norms
 
 
 def norm_item(path: str, params: int, hidden: int) -> ParamItem:
@@ -348,6 +367,7 @@ def _freeze(arch: Arch, name: str, model_type: str, config: dict) -> ModelSpec:
     widths = qk_norm_widths(arch.traits.qk_norm, arch.heads, arch.kv_heads, arch.head_dim)
     layer_items += [ParamItem(f"self_attn.{n}", w, "head_dim" if arch.traits.qk_norm == "head" else "heads x head_dim")
                     for n, w in zip(("q_norm", "k_norm"), widths)]
+    layer_items += arch.layer_extra
     lm_head = [] if arch.tie else [ParamItem("lm_head", arch.lm_head_in * arch.vocab, "hidden x vocab (untied)")]
     return ModelSpec(
         name=name, model_type=model_type, config=config, vocab_size=arch.vocab, hidden_size=arch.hidden,

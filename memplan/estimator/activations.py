@@ -40,7 +40,7 @@ def lora_targets(spec: ModelSpec, plan: Plan) -> frozenset[str]:
     if not plan.trains_adapters:
         return frozenset()
     if plan.lora.targets == "all-linear":
-        return frozenset(lin.name for lin in spec.layer_linears)
+        return frozenset(n for n in spec.linear_names() if n != "lm_head")
     return frozenset(plan.lora.targets)
 
 
@@ -56,9 +56,12 @@ def _sdpa_mask(spec: ModelSpec, plan: Plan, layer_type: str) -> bool:
     """Whether SDPA gets a materialized mask: transformers skips the causal mask (is_causal instead) unless
     a sliding window is at most the sequence (masking_utils._ignore_causal_mask_sdpa:
     local_attention_size is not None and kv_length >= local_attention_size). Flash-attention 2 takes the
-    window as an argument and never gets a mask for an unpadded batch."""
+    window as an argument and never gets a mask for an unpadded batch. A chunked-attention layer
+    (create_chunked_causal_mask: local_size = attention_chunk_size) likewise once the sequence reaches a chunk."""
     window = spec.traits.sliding_window
-    return (attention_impl(spec, plan) == "sdpa" and layer_type == "sliding_attention"
+    if layer_type == "chunked_attention":
+        window = spec.traits.attention_chunk_size
+    return (attention_impl(spec, plan) == "sdpa" and layer_type in ("sliding_attention", "chunked_attention")
             and window is not None and plan.seq_len >= window)
 
 
@@ -77,6 +80,10 @@ def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention", 
         rotary=spec.position_embeddings == 0 and rope, softmax_fp32=tr.softmax_fp32,
         sdpa_mask=_sdpa_mask(spec, plan, layer_type), expert_rank_mult=tr.expert_rank_mult,
         q_contiguous=tr.q_contiguous, qk_norm=tr.qk_norm, pre_norms=tr.pre_norms,
+        attn_sinks=tr.attn_sinks, expert_bias=tr.expert_bias,
+        expert_glu_limit=tr.expert_glu_limit, router_topk_first=tr.router_topk_first,
+        rotary_type_as=tr.rotary_complex, qk_weightless_norm=tr.qk_weightless_norm and rope,
+        attn_temperature=tr.attn_temperature and not rope, experts_every_token=tr.experts_every_token,
     )
 
 
@@ -226,7 +233,11 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
     # Shared: the embeddings' saved indices (and masks), rotary cos/sin (residual dtype), one pair per table.
     shared = embedding_saved(spec, plan, kernels)
     if spec.position_embeddings == 0 and any(spec.traits.rope_layers or (True,)):
-        shared += 2 * s * spec.head_dim * num.residual * spec.traits.rotary_tables
+        # GptOssRotaryEmbedding: cos/sin of freqs alone, (1, s, head_dim / 2); Llama4TextRotaryEmbedding:
+        # one complex64 freqs_cis, (1, s, head_dim / 2) x 8 B
+        width = spec.head_dim // 2 if spec.traits.rotary_half_cos else spec.head_dim
+        table = s * spec.head_dim * 4 if spec.traits.rotary_complex else 2 * s * width * num.residual
+        shared += table * spec.traits.rotary_tables
     if plan.grad_ckpt:
         # non-reentrant checkpointing saves every tensor input of each layer for its recomputation, the
         # attention mask included: the masks live until the backward is done (torch/utils/checkpoint.py)

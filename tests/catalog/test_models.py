@@ -34,6 +34,7 @@ gemma-2b gemma-7b gemma-2-2b gemma-2-9b gemma-2-27b phi-3-mini tinyllama-1.1b
 gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b
 qwen3-0.6b qwen3-1.7b qwen3-4b qwen3-8b qwen3-14b qwen3-32b olmo-2-7b olmo-2-13b gemma-3-1b smollm3-3b
 gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b llama-3.3-70b granite-3.3-8b phi-4
+gpt-oss-20b gpt-oss-120b
 """.split()
 
 
@@ -86,8 +87,9 @@ def _check_layer_linears(spec: ModelSpec, layer) -> None:
             assert tuple(m.weight.shape) == (lin.d_in, lin.d_out) and (m.bias is not None) == lin.bias
         elif lin.kind == "router":
             assert tuple(layer.get_submodule(lin.path).weight.shape) == (lin.d_out, lin.d_in)
-        else:  # fused experts parameter (E, d_out, d_in)
-            assert tuple(layer.get_parameter(lin.path).shape) == (lin.count, lin.d_out, lin.d_in)
+        else:  # fused experts parameter (E, d_out, d_in), or (E, d_in, d_out) stored transposed (GPT-OSS)
+            dims = (lin.d_in, lin.d_out) if spec.traits.experts_transposed else (lin.d_out, lin.d_in)
+            assert tuple(layer.get_parameter(lin.path).shape) == (lin.count, *dims)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +267,13 @@ VARIANTS = {
     # Mistral-Small-3 / Ministral: head_dim 128 with hidden 5120 and 32 heads (not hidden // heads)
     "mistral-head-dim": dict(model_type="mistral", vocab_size=128, hidden_size=320, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=128, intermediate_size=64),
+    "gpt_oss-minimal": dict(model_type="gpt_oss", **_SMALL),
+    "gpt_oss-options": dict(model_type="gpt_oss", attention_bias=False, num_local_experts=4, num_experts_per_tok=2,
+                            head_dim=16, num_key_value_heads=4, tie_word_embeddings=True, **_SMALL),
+    "llama4_text-minimal": dict(model_type="llama4_text", **_SMALL),
+    "llama4_text-options": dict(model_type="llama4_text", attention_bias=True, use_qk_norm=False, num_local_experts=4,
+                                num_experts_per_tok=2, head_dim=16, num_key_value_heads=4, tie_word_embeddings=True,
+                                moe_layers=[0, 1], interleave_moe_layer_step=2, **_SMALL),
 }
 
 
@@ -535,3 +544,44 @@ def test_only_the_needed_family_is_imported():
             "assert loaded == ['memplan.catalog.families.common', 'memplan.catalog.families.llama'], loaded")
     result = _run_fresh(code)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT-OSS: sinks and expert biases counted, LoRA targets as peft wraps them
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gpt_oss_spec():
+    spec = resolve_model("gpt-oss-20b")
+    assert spec.params_total == 20_914_757_184  # the model card's 20.9B (bf16 experts)
+    assert resolve_model("gpt-oss:120b").params_total == 116_829_156_672  # 116.8B
+    extra = {i.path: i.params for i in spec.layer_items[-5:]}
+    assert extra["self_attn.sinks"] == 64
+    assert extra["mlp.experts.gate_up_proj_bias"] == 32 * 2 * 2880
+    assert extra["mlp.experts.down_proj_bias"] == 32 * 2880
+    assert spec.traits.layer_types[:3] == ("sliding_attention", "full_attention", "sliding_attention")
+    assert spec.traits.sliding_window == 128 and not spec.traits.sdpa
+    assert spec.linear_names() == ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]
+
+
+def test_gpt_oss_all_linear_is_what_peft_wraps():
+    from peft import LoraConfig, get_peft_model
+
+    raw = VARIANTS["gpt_oss-options"]
+    spec = spec_from_config(dict(raw), "x")
+    config = AutoConfig.for_model("gpt_oss", **{k: v for k, v in raw.items() if k != "model_type"})
+    peft_model = get_peft_model(_meta_model(config), LoraConfig(r=4, target_modules="all-linear"))
+    wrapped = {n.split(".")[-4] for n, p in peft_model.named_parameters() if p.requires_grad and ".layers.0." in n}
+    assert wrapped == set(spec.linear_names()) - {"lm_head"}
+    with pytest.raises(ValueError):  # the router is not a module peft can wrap
+        get_peft_model(_meta_model(config), LoraConfig(r=4, target_modules=["router"]))
+
+
+def test_llama4_text_spec():
+    spec = spec_from_config(dict(VARIANTS["llama4_text-minimal"], num_hidden_layers=8), "x")
+    assert spec.traits.rope_layers == (True, True, True, False) * 2
+    assert spec.traits.layer_types[:4] == ("chunked_attention",) * 3 + ("full_attention",)
+    assert spec.linear_names() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                   "lm_head"]
+    with pytest.raises(UserError, match=r"dense and MoE layers interleaved .* not supported yet"):
+        spec_from_config(dict(VARIANTS["llama4_text-minimal"], interleave_moe_layer_step=2), "maverick-like")

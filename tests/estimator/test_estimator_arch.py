@@ -54,6 +54,18 @@ SMOLLM3 = dict(model_type="smollm3", hidden_size=256, intermediate_size=768, num
 GRANITE = dict(model_type="granite", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=12.0, logits_scaling=16.0,
                residual_multiplier=0.22, attention_multiplier=0.0078125)
+# GPT-OSS: sinks in eager attention, biased top-k-then-softmax router, biased experts with the clamped SwiGLU,
+# sliding (128) / full layers. No amp or fp32 case: the experts' grouped_mm has no fp32 kernel on fake tensors.
+GPT_OSS = dict(model_type="gpt_oss", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=4,
+               pad_token_id=0, bos_token_id=1, eos_token_id=1)
+# Llama 4's text model, all layers MoE (as Scout): 3 rotary layers (complex rotary, weightless q/k norm,
+# chunked attention: a chunk of 256 <= s gives SDPA a mask) and a NoPE layer (temperature tuning); every token
+# through every expert, a shared expert. LoRA targets: the linears peft can train here (not the router).
+LLAMA4 = dict(model_type="llama4_text", hidden_size=256, intermediate_size=256, intermediate_size_mlp=512,
+              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4,
+              num_experts_per_tok=1, attention_chunk_size=256, pad_token_id=0)
+LLAMA4_LORA = {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 def cfg(base: dict, **over) -> dict:
@@ -114,6 +126,16 @@ CASES = [
      dict(FULL_BF16, attn="sdpa")),
     ("mistral-head-dim-lora-eager", cfg(MISTRAL, vocab_size=8192, head_dim=128, sliding_window=None),
      dict(LORA, attn="eager")),
+    # GPT-OSS has no SDPA path: eager (the model's only attention on the CPU)
+    ("gpt_oss-full-bf16-eager-sinks", cfg(GPT_OSS, vocab_size=8192), dict(FULL_BF16, attn="eager")),
+    ("gpt_oss-lora-eager", cfg(GPT_OSS, vocab_size=8192), dict(LORA, attn="eager")),
+    ("gpt_oss-full-bf16-ckpt-eager", cfg(GPT_OSS, vocab_size=32000), dict(FULL_BF16, grad_ckpt=True, attn="eager")),
+    ("llama4_text-full-bf16-sdpa-chunk-mask", cfg(LLAMA4, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("llama4_text-full-amp-sdpa", cfg(LLAMA4, vocab_size=8192), dict(FULL_AMP, attn="sdpa")),
+    ("llama4_text-lora-eager", cfg(LLAMA4, vocab_size=8192), dict(LORA, attn="eager", lora=LLAMA4_LORA)),
+    ("llama4_text-lora-ckpt-sdpa", cfg(LLAMA4, vocab_size=32000), dict(LORA_CKPT, attn="sdpa", lora=LLAMA4_LORA)),
+    # "all-linear": the same modules (memplan does not hand peft its own "all-linear", which wraps the router)
+    ("llama4_text-lora-all-linear-sdpa", cfg(LLAMA4, vocab_size=8192), dict(LORA, attn="sdpa")),
 ]
 
 

@@ -28,6 +28,8 @@ FAMILIES: dict[str, str] = {
     "gemma3_text": "gemma3_text",
     "smollm3": "smollm3",
     "granite": "granite",
+    "gpt_oss": "gpt_oss",
+    "llama4_text": "llama4_text",
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
