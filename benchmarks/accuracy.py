@@ -24,6 +24,15 @@ sys.path.insert(0, str(ROOT))
 SMALL = dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
 
+# Llama-4-Scout-17B-16E's text_config widths (its multimodal config.json on the hub), first 4 layers (3 with
+# rotary and chunked attention, 1 NoPE), all MoE: 16 experts, top-1, a shared expert.
+SCOUT_TEXT_4L = dict(model_type="llama4_text", hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384,
+                     num_hidden_layers=4, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+                     num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1, vocab_size=202048,
+                     attention_chunk_size=8192, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=8192,
+                     attn_scale=0.1, pad_token_id=200018, bos_token_id=200000, eos_token_id=200001,
+                     tie_word_embeddings=False)
+
 # Rows that are not a preset as it is: (preset whose config.json is the base, or None, and the keys replaced).
 # The MoE models at full width with 4 layers (one dense, three sparse where the family has dense layers): a
 # full-size trace of them is too large for CI; each layer kind's activations and states are the full-size ones.
@@ -38,6 +47,7 @@ CONFIGS = {
     "qwen3-moe-defaults-4l": (None, dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
                                          intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4,
                                          num_hidden_layers=4, norm_topk_prob=True)),
+    "llama4-scout-text@4L": (None, SCOUT_TEXT_4L),
 }
 
 MATRIX = [
@@ -79,6 +89,14 @@ MATRIX = [
     ("gpt2", dict(precision="fp32", micro_batch=8, seq_len=1024, grad_ckpt=False)),
     ("opt-1.3b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=1024, grad_ckpt=False)),
     ("qwen2.5-0.5b", dict(precision="bf16", micro_batch=4, seq_len=512, grad_ckpt=False, optimizer="adafactor")),
+    ("qwen3-0.6b", dict(precision="bf16", micro_batch=4, seq_len=1024, grad_ckpt=False)),
+    ("qwen3-1.7b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=2048)),
+    ("olmo-2-7b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=512, grad_ckpt=False)),
+    ("gemma-3-1b", dict(precision="bf16", micro_batch=2, seq_len=1024, grad_ckpt=False)),
+    ("gemma-3-1b", dict(method="lora", precision="amp-bf16", micro_batch=4, seq_len=2048, attn="eager")),
+    ("smollm3-3b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048, grad_ckpt=False)),
+    ("granite-3.3-8b", dict(precision="bf16", seq_len=1024)),
+    ("granite-3.3-8b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048)),
     ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False), "cpu"),
     ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256), "cpu"),
     ("small-llama", dict(precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False, optimizer="adamw-8bit"),
@@ -90,6 +108,11 @@ MATRIX = [
     ("qwen3-moe-defaults-4l", dict(precision="bf16", micro_batch=4, seq_len=2048, grad_ckpt=False)),
     ("qwen3-moe-defaults-4l", dict(method="lora", precision="bf16", micro_batch=4, seq_len=2048,
                                    lora={"dropout": 0.0})),
+    # GPT-OSS at its true widths, cut to its first 4 layers (2 sliding, 2 full); eager: it has no SDPA path
+    ("gpt-oss-20b@4L", dict(precision="bf16", seq_len=1024, grad_ckpt=False, attn="eager")),
+    ("gpt-oss-20b@4L", dict(method="lora", precision="bf16", seq_len=2048, grad_ckpt=False, attn="eager")),
+    ("llama4-scout-text@4L", dict(precision="bf16", seq_len=2048, grad_ckpt=False)),
+    ("llama4-scout-text@4L", dict(method="lora", precision="bf16", seq_len=8192)),
 ]
 
 
@@ -105,6 +128,9 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
         base, over = CONFIGS[preset]
         config = json.loads((models_dir() / base / "config.json").read_text()) if base else {}
         config.update(over)
+    elif "@" in preset:  # "<preset>@<N>L": the preset's first N layers (its widths, fewer layers)
+        base, _, layers = preset.partition("@")
+        config = truncated(json.loads((models_dir() / base / "config.json").read_text()), int(layers.rstrip("L")))
         spec = spec_from_config(dict(config), preset)
     else:
         config = json.loads((models_dir() / preset / "config.json").read_text())
@@ -123,6 +149,14 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
     return dict(preset=preset, plan=fields, backend=backend, phases=phases, errs=errs, seconds=seconds,
                 peak_error=100 * (est.peak_allocated - trace.peak) / trace.peak, act_frac=act_frac,
                 estimate_peak=est.peak_allocated, trace_peak=trace.peak)
+
+
+def truncated(config: dict, layers: int) -> dict:
+    """`config` with only its first `layers` decoder layers (and their layer_types)."""
+    out = dict(config, num_hidden_layers=layers)
+    if isinstance(config.get("layer_types"), list):
+        out["layer_types"] = config["layer_types"][:layers]
+    return out
 
 
 def write(rows: list[dict], out: Path, failures: list[str]) -> None:

@@ -52,6 +52,15 @@ CASES = [
     ("gpt2", dict(precision="fp32", micro_batch=8, seq_len=1024, grad_ckpt=False)),
     ("opt-1.3b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=1024, grad_ckpt=False)),
     ("tinyllama-1.1b", dict(precision="bf16", micro_batch=8, seq_len=512, grad_ckpt=False, optimizer="adafactor")),
+    # run 3: the 2025-26 families (q/k norms, post-norms, local/global layers, NoPE layers, multipliers)
+    ("qwen3-0.6b", dict(precision="bf16", micro_batch=4, seq_len=2048, grad_ckpt=False)),
+    ("qwen3-8b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048, grad_ckpt=True)),
+    ("gemma-3-1b", dict(precision="bf16", micro_batch=2, seq_len=2048, grad_ckpt=False)),
+    ("gemma-3-1b", dict(method="lora", precision="amp-bf16", micro_batch=4, seq_len=1024, grad_ckpt=False,
+                        attn="eager")),
+    ("olmo-2-7b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=1024, grad_ckpt=False)),
+    ("smollm3-3b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048, grad_ckpt=False)),
+    ("granite-3.3-8b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048, grad_ckpt=True)),
 ]
 
 

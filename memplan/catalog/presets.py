@@ -48,15 +48,27 @@ def preset_config(preset_id: str) -> Path:
 
 
 def list_presets() -> list[dict]:
-    """One row per preset for ``memplan models``."""
+    """One row per preset for ``memplan models``. A preset whose family memplan does not support (yet) gets no
+    counts and says why in ``unsupported``; a multimodal one counts its frozen vision parts apart."""
+    from memplan.errors import UserError
+
     rows = []
     for pid, entry in _presets().items():
-        rows.append({
+        row = {
             "id": pid,
             "family": entry.get("family", ""),
             "hub_id": entry.get("hub_id", ""),
-            "params_total": spec_from_config(read_config(preset_config(pid)), pid).params_total,
+            "params_total": None,
             "aliases": list(entry.get("aliases") or []),
             "source": entry.get("source", ""),
-        })
+        }
+        try:
+            spec = spec_from_config(read_config(preset_config(pid)), pid)
+        except UserError as err:
+            row["unsupported"] = str(err)
+        else:
+            row["params_total"] = spec.params_total
+            if spec.params_frozen:
+                row["params_frozen"] = spec.params_frozen
+        rows.append(row)
     return rows

@@ -84,6 +84,34 @@ class Traits:
     expert_rank_mult: tuple[int, int] = (1, 1)  # peft's rank multiplier for the gate_up / down expert stacks
     position_ids: str = ""  # learned positions' saved int64 ids: "" none, "shared" (1, s), "batch" (b, s)
     positions_added: bool = False  # layer 0 gets embeddings + positions, not the (hooked) embedding output
+    # q/k RMSNorm (the model's norm kind) on the projections, before the rotary: "" none, "head" over each
+    # head's head_dim (modeling_qwen3.py / modeling_qwen3_moe.py / modeling_gemma3.py: q_norm(head_dim)),
+    # "full" over all heads at once (modeling_olmo2.py: q_norm(num_attention_heads * head_dim))
+    qk_norm: str = ""
+    pre_norms: bool = True  # input/pre-feedforward norms (OLMo-2 has none: its norms sit on each block's output)
+    # per layer, whether it applies the rotary (SmolLM3's and Llama 4's no_rope_layers: 0 = NoPE); () all
+    rope_layers: tuple[bool, ...] = ()
+    rotary_tables: int = 1  # cos/sin pairs built per forward (Gemma3RotaryEmbedding: one per attention kind)
+    # Granite (modeling_granite.py GraniteModel.forward): layer 0 gets embed_tokens(ids) * embedding_multiplier,
+    # a new tensor, not the (hooked) embedding output
+    embedding_scaled: bool = False
+    # GPT-OSS (modeling_gpt_oss.py), on top of the fields above (and norm "rms_fp32_weight": GptOssRMSNorm's
+    # (weight * x).to(input_dtype), the weight product in fp32):
+    attn_sinks: bool = False  # a learned per-head logit concatenated to the scores (eager_attention_forward: sinks)
+    expert_bias: bool = False  # the fused expert stacks carry biases, gathered per row (grouped_mm_experts_forward)
+    expert_glu_limit: float | None = None  # GptOssExperts._apply_gate: clamped gate/up, gate*sigmoid(alpha*gate)*(up+1)
+    router_topk_first: bool = False  # top-k of the router logits, then softmax over those (GptOssTopKRouter)
+    rotary_half_cos: bool = False  # cos/sin are (s, head_dim / 2): no cat(freqs, freqs) (GptOssRotaryEmbedding)
+    experts_transposed: bool = False  # expert stacks stored (count, d_in, d_out) (use_experts_implementation)
+    lora_unreachable: tuple[str, ...] = ()  # layer_linears names peft's target_modules cannot wrap
+    # Llama 4's text model (modeling_llama4.py):
+    qk_weightless_norm: bool = False  # rotary layers: Llama4TextWeightlessRMSNorm on q and k (use_qk_norm)
+    attn_temperature: bool = False  # NoPE layers scale q by a per-position fp32 factor (attn_temperature_tuning)
+    # rotary on complex numbers: freqs_cis (s, head_dim / 2) complex64, q/k type_as back (Llama 4;
+    # DeepseekV2RotaryEmbedding returns one such freqs_cis shared by the layers instead of cos and sin)
+    rotary_complex: bool = False
+    attention_chunk_size: int | None = None  # "chunked_attention" layers attend within chunks of this size
+    experts_every_token: bool = False  # Llama4TextMoe: every token through every expert (bmm), plus a shared expert
     # MoE routing (defaults: MixtralTopKRouter): the top-k weights renormalized to sum to 1
     # (Qwen2-MoE/Qwen3-MoE norm_topk_prob), kept in fp32 (Qwen2-MoE casts them to the logits' dtype), and an
     # always-on shared expert scaled by sigmoid(shared_expert_gate(x)) (Qwen2MoeSparseMoeBlock.forward)
@@ -105,11 +133,6 @@ class Traits:
     # weights gathered from the sigmoid), "softmax_fp32" (DeepseekV2TopkRouter: fp32 logits, softmax, top-k)
     moe_router: str = "softmax"
     moe_groups: tuple[int, int] = (1, 1)  # (n_group, topk_group) of group-limited routing
-    # DeepseekV2RotaryEmbedding returns one complex64 freqs_cis (s x rope/2) instead of cos and sin
-    rotary_complex: bool = False
-    # q/k RMSNorm on the projections, before the rotary: "" none, "head" over each head's head_dim
-    # (Qwen3MoeAttention.forward: self.q_norm(self.q_proj(x).view(hidden_shape)))
-    qk_norm: str = ""
 
 
 @dataclass(frozen=True)
@@ -169,6 +192,15 @@ class ModelSpec:
     final_items: tuple[ParamItem, ...]
     lm_head_items: tuple[ParamItem, ...]
     traits: Traits = field(compare=False)
+    # A multimodal config (memplan.catalog.vision): the vision tower and projector, frozen weights under every
+    # method; the fields above describe its language model. wrapper: the multimodal config's model_type.
+    frozen_items: tuple[ParamItem, ...] = ()
+    wrapper: str = ""
+
+    @property
+    def params_frozen(self) -> int:
+        """Parameters that are never trained (a multimodal model's vision tower and projector)."""
+        return sum(i.params for i in self.frozen_items)
 
     @property
     def layer_linears(self) -> tuple[Linear, ...]:
@@ -204,21 +236,30 @@ class ModelSpec:
     def params_total(self) -> int:
         return self.params_embedding + self.params_layers + self.params_final_norm + self.params_lm_head
 
+    @property
+    def qk_norm_widths(self) -> tuple[int, ...]:
+        """The q_norm / k_norm weights of one layer (none unless Traits.qk_norm)."""
+        return qk_norm_widths(self.traits.qk_norm, self.num_heads, self.num_kv_heads, self.head_dim)
+
     def linear_names(self) -> list[str]:
         """Names valid as LoRA targets: every ``layer_linears`` name, then ``lm_head``.
 
         ``kind`` tells how peft reaches each: ``linear``/``conv1d``/``router`` by
         ``target_modules`` (peft wraps Mixtral's router ``gate`` too); ``experts`` through peft's MoE
-        conversion, which "all-linear" applies too in peft 0.21 (a ParamWrapper per fused stack)."""
-        names = list(dict.fromkeys(lin.name for lin in self.layer_linears))
+        conversion, which "all-linear" applies too in peft 0.21 (a ParamWrapper per fused stack). Names in
+        ``traits.lora_unreachable`` are left out (peft cannot wrap them through target_modules)."""
+        names = list(dict.fromkeys(lin.name for lin in self.layer_linears
+                                   if lin.name not in self.traits.lora_unreachable))
         return names + ["lm_head"]
 
     def lora_target_names(self, targets: list[str] | str) -> frozenset[str]:
-        """The layer linears peft adapts for ``targets`` (names, or "all-linear": every layer linear), after
-        its MoE conversion (Traits.peft_expert_targets) renames targets to the fused expert stacks."""
+        """The layer linears peft adapts for ``targets`` (names, or "all-linear": every layer linear but those
+        in Traits.lora_unreachable), after its MoE conversion (Traits.peft_expert_targets) renames targets to
+        the fused expert stacks."""
         renames = dict(self.traits.peft_expert_targets)
         if targets == "all-linear":
-            targets = [lin.name for lin in self.layer_linears if lin.kind in ("linear", "conv1d")] + list(renames)
+            targets = [lin.name for lin in self.layer_linears if lin.kind in ("linear", "conv1d")
+                       and lin.name not in self.traits.lora_unreachable] + list(renames)
         return frozenset(renames.get(name, name) for name in targets)
 
     def lora_reaches_experts(self, targets: list[str] | str = "all-linear") -> bool:
@@ -236,7 +277,7 @@ class ModelSpec:
         for g in self.layer_groups:
             label = "layer" if len(self.layer_groups) == 1 else f"layers {_index_ranges(g.indices)}"
             rows += [(label, i.path, i.params, i.formula) for i in g.items]
-        groups = (("final_norm", self.final_items), ("lm_head", self.lm_head_items))
+        groups = (("final_norm", self.final_items), ("lm_head", self.lm_head_items), ("frozen", self.frozen_items))
         return rows + [(g, i.path, i.params, i.formula) for g, items in groups for i in items]
 
 
@@ -339,6 +380,7 @@ class Arch:
     other_layers: list[OtherLayers] = field(default_factory=list)
     shared_ffn: int = 0
     norm_widths: dict[str, int] = field(default_factory=dict)  # RMSNorms inside a layer narrower than hidden
+    layer_extra: list[ParamItem] = field(default_factory=list)  # every layer's parameters besides linears and norms
 
 
 @dataclass
@@ -358,6 +400,14 @@ def norm_item(path: str, params: int, hidden: int) -> ParamItem:
     """The count line of one norm module (RMSNorm: hidden; LayerNorm: weight + bias; or no affine)."""
     formula = "0 (no affine)" if params == 0 else ("hidden" if params == hidden else "2 x hidden (weight + bias)")
     return ParamItem(path, params, formula)
+
+
+def qk_norm_widths(kind: str, heads: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """The weights of a layer's q_norm and k_norm (Traits.qk_norm): head_dim each, shared by the heads,
+    or the projections' full widths."""
+    if not kind:
+        return ()
+    return (head_dim, head_dim) if kind == "head" else (heads * head_dim, kv_heads * head_dim)
 
 
 def _linear_item(lin: Linear) -> ParamItem:
@@ -387,14 +437,39 @@ def spec_from_config(config: dict, name: str) -> ModelSpec:
     supported = ", ".join(families.SUPPORTED_MODEL_TYPES)
     if not model_type:
         raise UserError(f"{name}: config.json has no 'model_type' (supported: {supported})")
+    from memplan.catalog import vision  # imports this module: loaded here, once a config is read
+
+    if model_type in vision.WRAPPERS:
+        return _multimodal(config, name, model_type)
     build = families.builder(model_type)
     if build is None:
         raise UserError(f"{name}: unsupported model_type '{model_type}' (supported: {supported})")
     return _freeze(build(Cfg(config, name, model_type)), name, model_type, config)
 
 
+def _multimodal(config: dict, name: str, model_type: str) -> ModelSpec:
+    """A multimodal config: its language model's ModelSpec, at the module paths it has inside the multimodal
+    model, with the vision tower and projector as frozen items (memplan.catalog.vision)."""
+    from memplan.catalog import vision
+
+    wrapper = vision.WRAPPERS[model_type]
+    text = vision.text_config(config, name, wrapper)
+    if families.builder(text["model_type"]) is None:
+        raise UserError(f"{name}: unsupported model_type '{text['model_type']}' (the language model of this "
+                        f"'{model_type}' config; supported: {', '.join(families.SUPPORTED_MODEL_TYPES)})")
+    spec = spec_from_config(text, name)
+
+    def moved(items: tuple[ParamItem, ...]) -> tuple[ParamItem, ...]:
+        return tuple(replace(i, path=vision.relocate(i.path, wrapper)) for i in items)
+
+    return replace(spec, embedding_items=moved(spec.embedding_items), final_items=moved(spec.final_items),
+                   lm_head_items=moved(spec.lm_head_items), layer_prefix=vision.relocate(spec.layer_prefix, wrapper),
+                   frozen_items=vision.vision_items(config, name, wrapper, spec.hidden_size), wrapper=model_type)
+
+
 def _freeze(arch: Arch, name: str, model_type: str, config: dict) -> ModelSpec:
-    """The ModelSpec of a family's Arch: per-layer items are its linears, then its norms."""
+    """The ModelSpec of a family's Arch: per-layer items are its linears, its norms, then its q/k norms and
+    ``layer_extra`` (see _groups)."""
     lm_head = [] if arch.tie else [ParamItem("lm_head", arch.lm_head_in * arch.vocab, "hidden x vocab (untied)")]
     groups = _groups(arch)
     return ModelSpec(
@@ -415,6 +490,11 @@ def _groups(arch: Arch) -> list[LayerGroup]:
     main = tuple(i for i in range(arch.layers) if i not in claimed)
     kinds = [OtherLayers(main, arch.linears, arch.inter, arch.experts, arch.top_k, arch.shared_ffn)]
     kinds += arch.other_layers
+    # in every group: the attention's q/k norms (Traits.qk_norm) and Arch.layer_extra (GPT-OSS's sinks and
+    # expert biases; its layers are all of one kind)
+    widths = qk_norm_widths(arch.traits.qk_norm, arch.heads, arch.kv_heads, arch.head_dim)
+    shared = [ParamItem(f"self_attn.{n}", w, "head_dim" if arch.traits.qk_norm == "head" else "heads x head_dim")
+              for n, w in zip(("q_norm", "k_norm"), widths)] + arch.layer_extra
     groups = []
     for kind in kinds:
         if not kind.indices:
@@ -423,6 +503,7 @@ def _groups(arch: Arch) -> list[LayerGroup]:
         items = [_linear_item(lin) for lin in kind.linears]
         items += [norm_item(n, arch.norm_params, arch.hidden) if n not in arch.norm_widths
                   else ParamItem(n, arch.norm_widths[n], f"{arch.norm_widths[n]} (RMSNorm width)") for n in norms]
+        items += shared
         groups.append(LayerGroup(tuple(kind.indices), tuple(kind.linears), tuple(items), kind.ffn,
                                  kind.experts, kind.top_k, kind.shared_ffn))
     return groups

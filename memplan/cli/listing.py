@@ -10,21 +10,22 @@ from memplan.cli import gc_paused, skip_final_collection
 
 
 @click.command("models")
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True,
+              help="print one JSON object instead of tables: {presets, families, multimodal}.")
 def models(as_json: bool) -> None:
-    """List the model presets (ids, aliases, exact parameter counts, sources)."""
+    """List the model presets (ids, aliases, exact parameter counts, sources), the model families memplan
+    estimates (config.json model_types) and the multimodal config types it reads."""
     skip_final_collection()
     with gc_paused():
-        from tabulate import tabulate
-
+        from memplan.catalog.families import family_rows
         from memplan.catalog.presets import list_presets
+        from memplan.report import listing
 
-        rows = list_presets()
+        parts = (list_presets(), family_rows(), listing.multimodal_rows())
         if as_json:
-            click.echo(json.dumps(rows, indent=2))
+            click.echo(json.dumps(listing.models_json(*parts), indent=2))
             return
-        table = [[r["id"], r["family"], f"{r['params_total']:,}", ", ".join(r["aliases"]), r["hub_id"]] for r in rows]
-        click.echo(tabulate(table, headers=["id", "family", "parameters", "aliases", "hub id"], disable_numparse=True))
+        click.echo(listing.models_text(*parts))
 
 
 @click.command("gpus")

@@ -56,15 +56,19 @@ def _sdpa_mask(spec: ModelSpec, plan: Plan, layer_type: str) -> bool:
     """Whether SDPA gets a materialized mask: transformers skips the causal mask (is_causal instead) unless
     a sliding window is at most the sequence (masking_utils._ignore_causal_mask_sdpa:
     local_attention_size is not None and kv_length >= local_attention_size). Flash-attention 2 takes the
-    window as an argument and never gets a mask for an unpadded batch."""
+    window as an argument and never gets a mask for an unpadded batch. A chunked-attention layer
+    (create_chunked_causal_mask: local_size = attention_chunk_size) likewise once the sequence reaches a chunk."""
     window = spec.traits.sliding_window
-    return (attention_impl(spec, plan) == "sdpa" and layer_type == "sliding_attention"
+    if layer_type == "chunked_attention":
+        window = spec.traits.attention_chunk_size
+    return (attention_impl(spec, plan) == "sdpa" and layer_type in ("sliding_attention", "chunked_attention")
             and window is not None and plan.seq_len >= window)
 
 
-def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention",
+def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention", rope: bool = True,
                group: LayerGroup | None = None) -> LayerSpec:
-    """What the replay of one layer of ``group`` (default: layer 0's) with attention ``layer_type`` reads."""
+    """What the replay of one layer of ``group`` (default: layer 0's) with attention ``layer_type`` reads; `rope`
+    False for a layer that skips the rotary (Traits.rope_layers)."""
     tr = spec.traits
     group = group or spec.layer_groups[0]
     return LayerSpec(
@@ -76,11 +80,15 @@ def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention",
         full_ft=plan.method == "full", lora_targets=lora_targets(spec, plan), lora_rank=plan.lora.rank,
         lora_dropout=plan.lora.dropout, names=dict(_DEFAULT_NAMES, **dict(tr.role_names)),
         num_experts=group.experts, top_k=group.top_k,
-        rotary=spec.position_embeddings == 0, softmax_fp32=tr.softmax_fp32,
+        rotary=spec.position_embeddings == 0 and rope, softmax_fp32=tr.softmax_fp32,
         sdpa_mask=_sdpa_mask(spec, plan, layer_type), expert_rank_mult=tr.expert_rank_mult,
         q_contiguous=tr.q_contiguous, shared_ffn=group.shared_ffn, shared_gate=tr.shared_expert_gate,
         router_norm=tr.moe_norm_topk, router_fp32=tr.moe_weights_fp32, mla=tr.mla, router=tr.moe_router,
-        router_groups=tr.moe_groups, qk_norm=tr.qk_norm,
+        router_groups=tr.moe_groups, qk_norm=tr.qk_norm, pre_norms=tr.pre_norms,
+        attn_sinks=tr.attn_sinks, expert_bias=tr.expert_bias,
+        expert_glu_limit=tr.expert_glu_limit, router_topk_first=tr.router_topk_first,
+        rotary_type_as=tr.rotary_complex, qk_weightless_norm=tr.qk_weightless_norm and rope,
+        attn_temperature=tr.attn_temperature and not rope, experts_every_token=tr.experts_every_token,
     )
 
 
@@ -159,9 +167,9 @@ def expert_stacks_materialized(spec: ModelSpec, plan: Plan, num: Numerics) -> in
 
 
 def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool,
-                layer_type: str = "full_attention", group: LayerGroup | None = None) -> int:
+                layer_type: str = "full_attention", rope: bool = True, group: LayerGroup | None = None) -> int:
     tape = Tape(kernels=kernels)
-    ls = layer_spec(spec, plan, layer_type, group)
+    ls = layer_spec(spec, plan, layer_type, rope, group)
     num = numerics(plan, spec)
     LayerReplay(tape, ls, num).layer(T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, input_rg))
     return tape.saved_bytes
@@ -176,8 +184,9 @@ def embedding_saved(spec: ModelSpec, plan: Plan, kernels: str) -> int:
     Gradient checkpointing makes the input embeddings' output require grad even when frozen
     (PreTrainedModel.activation_checkpointing_enable -> enable_input_require_grads, a forward hook doing
     output.requires_grad_(True)). That output is then a leaf its AccumulateGrad node keeps alive; where
-    layer 0 gets a different tensor (GPT-2's and OPT's sum with the positions) it is an extra b*s*h
-    (Gemma scales inside the hooked module, GemmaTextScaledWordEmbedding: no extra). GPT-2's embedding
+    layer 0 gets a different tensor (GPT-2's and OPT's sum with the positions, Granite's product with
+    embedding_multiplier) it is an extra b*s*h (Gemma scales inside the hooked module,
+    GemmaTextScaledWordEmbedding: no extra). GPT-2's embedding
     dropout (self.drop, embd_pdrop) saves its mask whenever its input needs grad."""
     full = plan.method == "full"
     b, s, h = plan.micro_batch, plan.seq_len, spec.hidden_size
@@ -189,7 +198,7 @@ def embedding_saved(spec: ModelSpec, plan: Plan, kernels: str) -> int:
         if tr.position_ids:
             tape.save(T(s if tr.position_ids == "shared" else b * s, 8, False))
     emb_rg = full or plan.grad_ckpt
-    if not full and plan.grad_ckpt and tr.positions_added:
+    if not full and plan.grad_ckpt and (tr.positions_added or tr.embedding_scaled):
         tape.save(T(b * s * h, num.residual, False))  # the leaf embedding output
     tape.dropout(T(b * s * h, num.residual, emb_rg), tr.embd_dropout)
     return tape.saved_bytes
@@ -218,23 +227,27 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activatio
     tok = b * s
     num = numerics(plan, spec)
     full = plan.method == "full"
-    # Layers by kind of module and of attention (a sliding-window layer may keep its SDPA mask): layer 0,
-    # and the mean of the others, so that first_layer + layer * (L - 1) is the exact total.
-    kinds = [(spec.group_of(i), t) for i, t in enumerate(spec.traits.layer_types)]
-    saved = {k: layer_saved(spec, plan, kernels, True, k[1], k[0]) for k in set(kinds)}
+    # Layers by kind of module, of attention (a sliding-window layer may keep its SDPA mask) and by whether they
+    # apply the rotary: layer 0, and the mean of the others, so that first_layer + layer * (L - 1) is the exact
+    # total.
+    ropes = spec.traits.rope_layers or (True,) * spec.num_layers
+    kinds = [(spec.group_of(i), t, r) for i, (t, r) in enumerate(zip(spec.traits.layer_types, ropes))]
+    saved = {k: layer_saved(spec, plan, kernels, True, k[1], k[2], k[0]) for k in set(kinds)}
     # Layer 0's input needs grad with trainable embeddings, and under checkpointing (see embedding_saved)
-    first = layer_saved(spec, plan, kernels, full or plan.grad_ckpt, kinds[0][1], kinds[0][0])
+    first = layer_saved(spec, plan, kernels, full or plan.grad_ckpt, kinds[0][1], kinds[0][2], kinds[0][0])
     rest = kinds[1:] or kinds
     per_layer = sum(saved[k] for k in rest) // len(rest)
     last = [k for k in rest if k[0] is kinds[-1][0]]
     last_layer = sum(saved[k] for k in last) // len(last)
 
-    # Shared: the embeddings' saved indices (and masks), rotary cos/sin (residual dtype).
+    # Shared: the embeddings' saved indices (and masks), rotary cos/sin (residual dtype), one pair per table.
     shared = embedding_saved(spec, plan, kernels)
-    if spec.traits.rotary_complex:  # one complex64 (8 B) tensor of s x head_dim / 2
-        shared += 4 * s * spec.head_dim
-    elif spec.position_embeddings == 0:
-        shared += 2 * s * spec.head_dim * num.residual
+    if spec.position_embeddings == 0 and any(spec.traits.rope_layers or (True,)):
+        # GptOssRotaryEmbedding: cos/sin of freqs alone, (1, s, head_dim / 2); Llama4TextRotaryEmbedding:
+        # one complex64 freqs_cis, (1, s, head_dim / 2) x 8 B
+        width = spec.head_dim // 2 if spec.traits.rotary_half_cos else spec.head_dim
+        table = s * spec.head_dim * 4 if spec.traits.rotary_complex else 2 * s * width * num.residual
+        shared += table * spec.traits.rotary_tables
     if plan.grad_ckpt:
         # non-reentrant checkpointing saves every tensor input of each layer for its recomputation, the
         # attention mask included: the masks live until the backward is done (torch/utils/checkpoint.py)

@@ -70,7 +70,16 @@ class LayerSpec:
     mla: tuple = ()  # multi-head latent attention: (q_lora_rank, kv_lora_rank, qk_nope_head_dim, v_head_dim)
     router: str = "softmax"  # "softmax", "sigmoid_group" (DeepSeek-V3), "softmax_fp32" (DeepSeek-V2)
     router_groups: tuple = (1, 1)  # (n_group, topk_group) of group-limited routing
-    qk_norm: str = ""  # q/k norms before the rotary: "head" (over head_dim)
+    qk_norm: str = ""  # q/k norms before the rotary: "head" (over head_dim) or "full" (over heads * head_dim)
+    pre_norms: bool = True  # False: no input / pre-feedforward norm (the block reads the residual itself)
+    attn_sinks: bool = False  # eager attention concatenates a per-head sink logit to the scores (GPT-OSS)
+    expert_bias: bool = False  # the expert stacks' biases are gathered per row by the int64 expert ids
+    expert_glu_limit: float | None = None  # GptOssExperts' clamped SwiGLU instead of act(gate) * up
+    router_topk_first: bool = False  # top-k of the router logits, softmax over those (GptOssTopKRouter)
+    rotary_type_as: bool = False  # the rotated q/k come back in their own dtype (Llama 4's complex rotary)
+    qk_weightless_norm: bool = False  # Llama4TextWeightlessRMSNorm on q and k after the rotary
+    attn_temperature: bool = False  # q * a per-position fp32 scale, cast back (Llama 4's NoPE layers)
+    experts_every_token: bool = False  # Llama4TextMoe: sigmoid router, every expert on every token, shared expert
 
 
 class LayerReplay:
@@ -91,9 +100,12 @@ class LayerReplay:
         the slice is saved, not the fused storage. A cast to `itemsize` is a copy as well."""
         return x if (x.numel == numel and x.itemsize == itemsize) else T(numel, itemsize, x.rg)
 
-    def norm(self, x: T) -> T:
-        """RMSNorm (llama: fp32 math, cast back, then weight*x) or gemma's x*(1+w) in fp32, or LayerNorm."""
+    def norm(self, x: T, width: int | None = None) -> T:
+        """RMSNorm (llama: fp32 math, cast back, then weight*x), gemma's x*(1+w) in fp32, "rms_weight_fp32"
+        ((weight * x_fp32).to(dtype): Olmo2RMSNorm), or LayerNorm, over the last `width` (hidden) features."""
         t, trainable = self.t, self.L.full_ft
+        width = width or self.L.hidden
+        rows = x.numel // width
         if self.L.norm == "layer":
             # F.layer_norm (native_layer_norm) saves its input, mean and rstd (one per token) when anything
             # needs grad; mean/rstd are fp32 on CUDA (the accumulate type) and in the input's dtype on the
@@ -105,28 +117,25 @@ class LayerReplay:
             return out
         xf = t.cast(x, 4)
         t.unary_saving_input(xf)  # pow(2)
-        rs = t.unary_saving_output(T(self.tokens(), 4, xf.rg))  # rsqrt(mean + eps)
+        rs = t.unary_saving_output(T(rows, 4, xf.rg))  # rsqrt(mean + eps)
         normed = t.mul(xf, rs)  # saves xf and rs
+        if self.L.norm == "rms_fp32_weight":
+            # GptOssRMSNorm: (self.weight * hidden_states).to(input_dtype): the product is fp32 (the fp32
+            # hidden states, or the fp32 weight of _keep_in_fp32_modules), saved when w is trainable
+            return t.cast(t.scale_by_param(normed, trainable), x.itemsize)
         if self.L.norm == "rms_gemma":
             # GemmaRMSNorm.forward: output * (1.0 + self.weight.float()): `1.0 + w` is a new fp32 tensor
             # (hidden elements), saved for the gradient of `output`; `output` is saved when w is trainable.
-            out = t.mul(normed, T(self.L.hidden, 4, trainable), out_numel=normed.numel)
+            out = t.mul(normed, T(width, 4, trainable), out_numel=normed.numel)
             return t.cast(out, x.itemsize)  # .type_as(x)
+        if self.L.norm == "rms_weight_fp32":
+            # Olmo2RMSNorm: (self.weight * hidden_states).to(input_dtype): the weight scales the fp32 values
+            # (saved when it is trainable), the product is fp32 (type promotion), then cast back.
+            return t.cast(t.scale_by_param(normed, trainable), x.itemsize)
         normed = t.cast(normed, x.itemsize)  # .to(input_dtype)
-        return t.scale_by_param(normed, trainable)  # weight * x (same dtype for these regimes)
-
-    def qk_norms(self, q: T, k: T) -> tuple[T, T]:
-        """q_norm(q), k_norm(k) per head over head_dim (Qwen3MoeAttention: the weight has head_dim elements)."""
-        return self._head_norm(q, self.L.heads), self._head_norm(k, self.L.kv_heads)
-
-    def _head_norm(self, x: T, heads: int) -> T:
-        """An RMSNorm over the head dim: as `norm` for "rms", with one fp32 rsqrt per token and head."""
-        t = self.t
-        xf = t.cast(x, 4)
-        t.unary_saving_input(xf)  # pow(2)
-        rs = t.unary_saving_output(T(self.tokens() * heads, 4, xf.rg))  # rsqrt(mean + eps)
-        normed = t.cast(t.mul(xf, rs, out_numel=xf.numel), x.itemsize)  # saves xf and rs; .to(input_dtype)
-        return t.scale_by_param(normed, self.L.full_ft)  # weight * x
+        # weight * x (under autocast an fp32 weight promotes a q/k norm's 16-bit output to fp32: the rotary
+        # that follows is fp32 either way)
+        return t.scale_by_param(normed, trainable)
 
     def proj(self, x: T, out_features: int, role: str) -> T:
         """A Linear as peft wraps it: frozen or trainable base, plus a LoRA path when targeted."""
@@ -223,16 +232,23 @@ class LayerReplay:
             q = self.proj(h, q_feats, "q")
             k = self.proj(h, kv_feats, "k")
             v = self.proj(h, kv_feats, "v")
+        rg = q.rg or k.rg or v.rg
         if L.qk_norm:
             q, k = self.qk_norms(q, k)
-        rg = q.rg or k.rg or v.rg
         if L.rotary:
             # apply_rotary_pos_emb: q*cos + rotate_half(q)*sin: new q and k (v stays a view); saves only
             # cos/sin (shared by all layers, counted per model). cos/sin carry the residual dtype, so under
             # autocast q_embed is fp32 until the attention casts it back.
             rot = max(c, n.residual)
-            q = T(tok * q_feats, rot, q.rg)
-            k = T(tok * kv_feats, rot, k.rg)
+            q = T(tok * q_feats, q.itemsize if L.rotary_type_as else rot, q.rg)
+            k = T(tok * kv_feats, k.itemsize if L.rotary_type_as else rot, k.rg)
+        if L.qk_weightless_norm:
+            q, k = self._weightless_norm(q, tok * L.heads), self._weightless_norm(k, tok * L.kv_heads)
+        if L.attn_temperature:
+            # (query_states * attn_scales).to(query_states.dtype): the mul saves attn_scales, (1, s, 1, 1) fp32
+            if q.rg:
+                t.save(T(L.s, 4, False))
+            q = T(q.numel, q.itemsize, q.rg)
         kernel = self.attention_kernel()
         if kernel == "eager":
             out = self._eager(q, k, v, rg)
@@ -243,6 +259,16 @@ class LayerReplay:
         o = self.proj(out, L.hidden, "o")
         return t.dropout(o, L.resid_dropout)
 
+    def qk_norms(self, q: T, k: T) -> tuple[T, T]:
+        """q_norm(q), k_norm(k) on the projections' outputs, with the model's norm: per head over head_dim
+        (Qwen3Attention, Gemma3Attention: the weight has head_dim elements) or over the whole projection
+        (Olmo2Attention)."""
+        L = self.L
+        per_head = L.qk_norm == "head"
+        q = self.norm(q, L.head_dim if per_head else L.heads * L.head_dim)
+        k = self.norm(k, L.head_dim if per_head else L.kv_heads * L.head_dim)
+        return q, k
+
     def _sdpa_fused(self, q: T, k: T, v: T, rg: bool) -> T:
         """SDPA's flash / memory-efficient kernel (and flash-attention 2): q, k, v, out, the fp32 log-sum-exp,
         and the mask when one is passed."""
@@ -250,8 +276,9 @@ class LayerReplay:
         c, tok = n.compute, self.tokens()
         q_feats, kv_feats = L.heads * L.head_dim, L.kv_heads * L.head_dim
         qc, kc, vc = self._as(q, tok * q_feats, c), self._as(k, tok * kv_feats, c), self._as(v, tok * kv_feats, c)
-        if L.attn == "sdpa" and L.heads != L.kv_heads and not self.sdpa_gqa():
-            # sdpa_attention_forward: repeat_kv (expand + reshape) copies k and v to all heads
+        if L.attn == "sdpa" and L.heads != L.kv_heads and not self.sdpa_gqa() and L.kv_heads > 1:
+            # sdpa_attention_forward: repeat_kv (expand + reshape) copies k and v to all heads; with one kv
+            # head (MQA) the reshape only merges a size-1 dim with the expanded one: a view, nothing copied
             kc = T(tok * q_feats, c, kc.rg)
             vc = T(tok * q_feats, c, vc.rg)
         out = T(tok * q_feats, c, rg)
@@ -295,6 +322,8 @@ class LayerReplay:
     def _eager(self, q: T, k: T, v: T, rg: bool) -> T:
         """eager_attention_forward: repeat_kv, matmul, (softcap), softmax, dropout, matmul, transpose+copy."""
         t, L, n = self.t, self.L, self.n
+        if L.attn_sinks:
+            return self._eager_sinks(q, k, v, rg)
         c, tok = n.compute, self.tokens()
         rep = L.heads // L.kv_heads
         all_heads = tok * L.heads * L.head_dim
@@ -319,6 +348,44 @@ class LayerReplay:
         t.mul(pm, vm, out_numel=all_heads)  # matmul(probs, v) saves both
         return T(all_heads, c, rg)  # attn_output.transpose(1, 2).contiguous(): a copy
 
+    def _weightless_norm(self, x: T, rows: int) -> T:
+        """Llama4TextWeightlessRMSNorm: x.float() * rsqrt(x.float().pow(2).mean(-1) + eps), .type_as(x):
+        pow saves the fp32 x, rsqrt its result (one per head row), the product both."""
+        t = self.t
+        xf = t.cast(x, 4)
+        t.unary_saving_input(xf)
+        t.mul(xf, t.unary_saving_output(T(rows, 4, xf.rg)), out_numel=xf.numel)
+        return T(x.numel, x.itemsize, x.rg)
+
+    def _eager_sinks(self, q: T, k: T, v: T, rg: bool) -> T:
+        """GPT-OSS eager_attention_forward: scores = q k^T * scaling + mask; the per-head sink logit is
+        concatenated as one more column, combined (b, heads, s, s + 1), whose dtype promotes with the mask's
+        (the residual dtype) and the sinks' (the weights'); minus its row max (max(dim) saves its int64
+        indices); softmax in that dtype (saves its result); the sink column dropped (a view, which bmm takes
+        as it is), dropout, .to(value dtype), matmul with v; transpose + contiguous copy."""
+        t, L, n = self.t, self.L, self.n
+        c, tok = n.compute, self.tokens()
+        rep = L.heads // L.kv_heads
+        all_heads, kv_feats = tok * L.heads * L.head_dim, tok * L.kv_heads * L.head_dim
+        rows = L.b * L.heads * L.s
+        k_rep = k if rep == 1 else T(all_heads, k.itemsize, k.rg)  # repeat_kv copies
+        v_rep = v if rep == 1 else T(all_heads, v.itemsize, v.rg)
+        qm = self._operand(q, all_heads, c if n.autocast else q.itemsize)
+        km = self._operand(k_rep, all_heads if rep > 1 else kv_feats, c if n.autocast else k_rep.itemsize)
+        t.mul(qm, km, out_numel=rows * L.s)  # matmul saves both operands
+        size = max(qm.itemsize, n.residual, n.weights)
+        probs = t.unary_saving_output(T(rows * (L.s + 1), size, rg))  # softmax(combined - max)
+        if rg:
+            t.save(T(rows, 8, False))  # combined_logits.max(dim=-1): its indices
+        pm = probs  # probs[..., :-1]: a view
+        if L.attn_dropout > 0:
+            pm = t.dropout(T(rows * L.s, size, rg), L.attn_dropout)
+        if pm.itemsize != v_rep.itemsize:
+            pm = T(rows * L.s, v_rep.itemsize, rg)  # .to(value_states.dtype)
+        vm = self._operand(v_rep, all_heads if rep > 1 else kv_feats, c if n.autocast else v_rep.itemsize)
+        t.mul(pm, vm, out_numel=all_heads)  # matmul(probs, v) saves both
+        return T(all_heads, c, rg)  # attn_output.transpose(1, 2).contiguous(): a copy
+
     # ------------------------------------------------------------ MLP
     def _gated(self, gate: T, up: T, numel: int) -> T:
         """act(gate) * up: the activation saves gate (or the fused output it is a chunk of), the product
@@ -328,6 +395,8 @@ class LayerReplay:
 
     def mlp(self, h: T) -> T:
         L, tok = self.L, self.tokens()
+        if L.experts_every_token:
+            return self._moe_every_expert(h)
         if L.num_experts:
             return self.moe(h)
         if not L.gated:
@@ -365,7 +434,7 @@ class LayerReplay:
         implementation sorts the S = tokens * top_k (token, expert) rows into one tensor, so what it saves
         depends only on S, not on how the rows spread over the experts."""
         t, L, n = self.t, self.L, self.n
-        tok, E, k, hid, c = self.tokens(), L.num_experts, L.top_k, L.hidden, n.compute
+        tok, E, hid, c = self.tokens(), L.num_experts, L.hidden, n.compute
         if L.router != "softmax":
             return self._experts(h, self._router_fp32(h))
         # router_logits = F.linear(hidden_states, self.weight): saves the input (weight trainable) and,
@@ -378,13 +447,7 @@ class LayerReplay:
         if w_router is not None and x.rg:
             t.save(w_router)
         logits = T(tok * E, c, x.rg or w_rg)
-        probs = t.unary_saving_output(t.cast(logits, 4))  # softmax(router_logits.float()) saves its result
-        if probs.rg:
-            t.save(T(tok * k, 8, False))  # torch.topk saves its int64 indices
-            if L.router_norm:  # router_top_value /= router_top_value.sum(dim=-1, keepdim=True): divisor, dividend
-                t.save(T(tok, 4, False), T(tok * k, 4, False))
-        weights = T(tok * k, 4 if L.router_fp32 else c, probs.rg)
-        return self._experts(h, weights)
+        return self._experts(h, self._router_weights(logits))
 
     def _experts(self, h: T, weights: T) -> T:
         """grouped_mm_experts_forward over the routed rows, then the shared expert where the block has one."""
@@ -395,10 +458,13 @@ class LayerReplay:
         sel = t.index(h, S * hid, S)  # hidden_states[perm // num_top_k]: the int64 index
         sw = t.index(weights, S, S)  # sample_weights[perm]
         offs = T(E, 4, False)  # cumsum(histc(...), dtype=int32): saved by both grouped_mm
+        if L.expert_bias and L.full_ft:
+            t.save(T(S, 8, False))  # gate_up_proj_bias[expert_ids_g], down_proj_bias[expert_ids_g]: one index
         m_gu, m_d = L.expert_rank_mult
         gu = self._grouped(sel, 2 * f, self._param_weight(
             "experts_gate_up", E * 2 * f * hid, L.lora_rank * m_gu * E * (hid + 2 * f)), offs)
-        prod = self._gated(gu, gu, S * f)  # _default_apply_gate: act(gate) * up, chunks of gate_up
+        # _default_apply_gate: act(gate) * up, chunks of gate_up (GPT-OSS: its own clamped _apply_gate)
+        prod = self._clamped_glu(gu, S * f) if L.expert_glu_limit else self._gated(gu, gu, S * f)
         down = self._grouped(prod, hid, self._param_weight(
             "experts_down", E * hid * f, L.lora_rank * m_d * E * (f + hid)), offs)
         # proj_out * sample_weights_g.unsqueeze(-1): saves both; bf16 * fp32 promotes to fp32
@@ -456,9 +522,10 @@ class LayerReplay:
         tok, c, H = self.tokens(), n.compute, L.heads
         q_lora, kv_lora, nope, dv = L.mla
         dq = nope + L.head_dim
-        q = self.proj(self.norm(self.proj(h, q_lora, "q_a")), H * dq, "q_b") if q_lora else self.proj(h, H * dq, "q")
+        q = (self.proj(self.norm(self.proj(h, q_lora, "q_a"), q_lora), H * dq, "q_b") if q_lora
+             else self.proj(h, H * dq, "q"))
         ckv = self.proj(h, kv_lora + L.head_dim, "kv_a")
-        kvb = self.proj(self.norm(T(tok * kv_lora, ckv.itemsize, ckv.rg)), H * (nope + dv), "kv_b")
+        kvb = self.proj(self.norm(T(tok * kv_lora, ckv.itemsize, ckv.rg), kv_lora), H * (nope + dv), "kv_b")
         qs = T(tok * H * dq, max(q.itemsize, c, n.residual), q.rg)
         ks = T(tok * H * dq, kvb.itemsize, kvb.rg or ckv.rg)
         rg = qs.rg or ks.rg or kvb.rg
@@ -494,6 +561,70 @@ class LayerReplay:
             return "math"
         return kernel
 
+    def _moe_every_expert(self, h: T) -> T:
+        """Llama4TextMoe.forward. Llama4Router (an nn.Linear) gives the logits; torch.topk saves its int64
+        indices (which scatter_ then uses too); sigmoid(scores.float()) saves its result, cast back to the
+        logits' dtype. hidden_states.repeat(E, 1) * the scores as one column (a transposed copy): the product
+        saves both. Llama4TextExperts: bmm with gate_up_proj, up * act(gate) (chunks of gate_up), bmm with
+        down_proj, for all E x tokens rows; the routed output summed over the experts and added in place to
+        the shared expert's output (a LlamaMLP over the tokens)."""
+        t, L = self.t, self.L
+        tok, E, f, hid = self.tokens(), L.num_experts, L.ffn, L.hidden
+        logits = self.proj(h, E, "router")
+        if logits.rg:
+            t.save(T(tok * L.top_k, 8, False))
+        scores = t.cast(t.unary_saving_output(T(tok * E, 4, logits.rg)), logits.itemsize)
+        col = T(E * tok, scores.itemsize, scores.rg)  # router_scores.transpose(0, 1).reshape(-1, 1)
+        routed = t.mul(T(E * tok * hid, h.itemsize, h.rg), col, out_numel=E * tok * hid)
+        gu = self._bmm_experts(routed, E * tok * 2 * f, E * hid * 2 * f)
+        down = self._bmm_experts(self._gated(gu, gu, E * tok * f), E * tok * hid, E * f * hid)
+        g = self.proj(h, f, "gate")
+        shared = self.proj(self._gated(g, self.proj(h, f, "up"), tok * f), hid, "down")
+        return T(tok * hid, shared.itemsize, shared.rg or down.rg)
+
+    def _bmm_experts(self, x: T, out_numel: int, w_numel: int) -> T:
+        """torch.bmm(x, stack) with a frozen or trainable expert stack: saves x when the stack is trainable;
+        under autocast bmm runs on low-precision copies of x and of the stack (saved as the operands)."""
+        t, L, n = self.t, self.L, self.n
+        xin = t.cast(x, n.compute) if n.autocast else x
+        if n.autocast and x.rg and n.weights != n.compute:
+            t.save(T(w_numel, n.compute, False))
+        return t.linear(xin, out_numel, L.full_ft, out_itemsize=n.compute if n.autocast else xin.itemsize)
+
+    def _router_weights(self, logits: T) -> T:
+        """The routing weights of the top-k experts (tokens x k) from the router logits.
+
+        MixtralTopKRouter: softmax(router_logits.float()) (saves its result), torch.topk (saves its int64
+        indices), router_top_value /= sum (saves divisor and dividend; Qwen-MoE only with norm_topk_prob): fp32
+        weights (Qwen-MoE casts them to the logits' dtype).
+        GptOssTopKRouter (router_topk_first): torch.topk of the logits (saves its indices), then
+        softmax(dtype=the logits' dtype) over the k values (saves its result): weights in that dtype."""
+        t, L = self.t, self.L
+        tok, k = self.tokens(), L.top_k
+        if L.router_topk_first:
+            if logits.rg:
+                t.save(T(tok * k, 8, False))
+            return t.unary_saving_output(T(tok * k, logits.itemsize, logits.rg))
+        probs = t.unary_saving_output(t.cast(logits, 4))  # softmax(router_logits.float()) saves its result
+        if probs.rg:
+            t.save(T(tok * k, 8, False))  # torch.topk saves its int64 indices
+            if L.router_norm:  # router_top_value /= router_top_value.sum(dim=-1, keepdim=True): divisor, dividend
+                t.save(T(tok, 4, False), T(tok * k, 4, False))
+        return T(tok * k, 4 if L.router_fp32 else logits.itemsize, probs.rg)
+
+    def _clamped_glu(self, gu: T, numel: int) -> T:
+        """GptOssExperts._apply_gate on gate_up (S, 2f) interleaved: gate = gate_up[..., ::2].clamp(max=limit)
+        and up = gate_up[..., 1::2].clamp(-limit, limit) save their inputs (strided views: gate_up's storage);
+        glu = gate * sigmoid(gate * alpha) (sigmoid saves its result, the product both factors);
+        (up + 1) * glu saves both factors."""
+        t = self.t
+        if not gu.rg:
+            return T(numel, gu.itemsize, False)
+        t.save(gu)
+        gate = T(numel, gu.itemsize, True)
+        glu = t.mul(gate, t.unary_saving_output(gate))
+        return t.mul(T(numel, gu.itemsize, True), glu)
+
     def _grouped(self, x: T, out_features: int, w_param: T | None, offs: T) -> T:
         """_grouped_linear -> torch._grouped_mm(input.to(weight.dtype), weight.T, offs): saves the input
         (weight needs grad), the weight (input needs grad; a parameter costs nothing new) and offs."""
@@ -512,12 +643,12 @@ class LayerReplay:
     def layer(self, x: T) -> T:
         """One decoder layer: norm, attention, residual add, norm, MLP, residual add."""
         L, n = self.L, self.n
-        h = self.norm(x)
+        h = self.norm(x) if L.pre_norms else x
         a = self.attention(h)
         if L.extra_norms:
             a = self.norm(a)
         x = T(x.numel, max(x.itemsize, a.itemsize), x.rg or a.rg)  # residual + attn (no saves)
-        h = self.norm(x)
+        h = self.norm(x) if L.pre_norms else x
         m = self.mlp(h)
         if L.extra_norms:
             m = self.norm(m)

@@ -179,15 +179,18 @@ def _trainable_per_layer(spec: ModelSpec, plan: Plan) -> dict:
 
 
 def checkpoint_bytes(tensors: Tensors, plan: Plan, num: Numerics, p_item: int) -> int:
-    """A resumable checkpoint: trainable weights (and frozen ones for full FT) + optimizer states + masters."""
+    """A resumable checkpoint: trainable weights (and frozen ones for full FT: the model is saved whole, a
+    multimodal model's frozen vision tower included) + optimizer states + masters."""
     from memplan.estimator.states import master_bytes, optimizer_state_bytes
 
     trainable = tensors.n_trainable * p_item
-    return trainable + optimizer_state_bytes(tensors, plan, p_item) + master_bytes(tensors, plan)
+    frozen = tensors.frozen_plain * num.weights if plan.method == "full" else 0
+    return trainable + frozen + optimizer_state_bytes(tensors, plan, p_item) + master_bytes(tensors, plan)
 
 
 def artifact_bytes(spec: ModelSpec, tensors: Tensors, plan: Plan) -> int:
-    """The final artifact: the full model in 16-bit for full FT, the adapter (fp32 as peft saves it) else."""
+    """The final artifact: the full model in 16-bit for full FT (a multimodal model's vision tower too), the
+    adapter (fp32 as peft saves it) else."""
     if plan.method == "full":
-        return 2 * spec.params_total
+        return 2 * (spec.params_total + spec.params_frozen)
     return 4 * tensors.n_trainable

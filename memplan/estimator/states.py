@@ -51,6 +51,7 @@ def parameter_shapes(spec: ModelSpec) -> list[tuple[int, ...]]:
             if lin.bias:
                 layer += [(lin.d_out,)] * lin.count
         layer += [(h,)] * (spec.layer_norm_params // h)
+        layer += [(w,) for w in spec.qk_norm_widths]
         shapes += layer * group.count
     if spec.params_lm_head:
         shapes.append((spec.vocab_size, spec.params_lm_head // spec.vocab_size))
@@ -80,17 +81,19 @@ def lora_tensors(spec: ModelSpec, targets: frozenset[str], rank: int) -> tuple[t
 
 
 def parameter_tensors(spec: ModelSpec, plan: Plan, targets: frozenset[str]) -> Tensors:
+    """A multimodal model's vision tower and projector (spec.params_frozen) are frozen under every method,
+    stored in the regime's weight dtype, unquantized under QLoRA (memplan.catalog.vision)."""
     if plan.method == "full":
-        return Tensors(tuple(parameter_shapes(spec)), (), 0)
+        return Tensors(tuple(parameter_shapes(spec)), (), spec.params_frozen)
     adapters = lora_tensors(spec, targets, plan.lora.rank)
     if plan.method == "lora":
-        return Tensors(adapters, (), spec.params_total)
+        return Tensors(adapters, (), spec.params_total + spec.params_frozen)
     # QLoRA: bitsandbytes quantizes every decoder nn.Linear (and GPT-2 Conv1D) weight; embeddings, norms,
     # biases and lm_head stay 16-bit, and so do an MoE router and fused 3-D expert stacks, which are not
     # Linear modules (checked: transformers 5.24 + bitsandbytes 0.50 leave Mixtral's experts in bf16).
     quantized = tuple(lin.d_in * lin.d_out for g in spec.layer_groups for _ in range(g.count)
                       for lin in g.linears if lin.kind in ("linear", "conv1d") for _ in range(lin.count))
-    return Tensors(adapters, quantized, spec.params_total - sum(quantized))
+    return Tensors(adapters, quantized, spec.params_total - sum(quantized) + spec.params_frozen)
 
 
 def nf4_bytes(numel: int) -> int:

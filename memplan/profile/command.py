@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memplan.catalog.resolve import config_file, resolve_model
-from memplan.catalog.spec import ModelSpec
+from memplan.catalog.spec import ModelSpec, read_config
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate, overhead
 from memplan.estimator.phases import PHASES, TERMS
@@ -74,6 +74,10 @@ def gather(model: str | None, config_path: str | None, steps: int, backend: str 
     hf_logging.disable_progress_bar()  # loading/saving bars of the QLoRA round trip are not the user's work
     plan = _plan(model, config_path, weights, overrides)
     spec = resolve_model(plan.model)
+    if spec.wrapper:
+        from memplan.catalog.vision import refuse_runtime
+
+        refuse_runtime(plan.model, read_config(config_file(plan.model)[0]), "profile")
     check_lora_targets(spec, plan)
     backend = backend or default_backend(plan)
     check_runnable(plan, backend, steps)

@@ -33,7 +33,7 @@ from memplan.errors import UserError
 from memplan.estimator.phases import PHASES
 from memplan.plan import Plan
 from memplan.profile.meters import CudaMeter
-from memplan.runtime.loss import chunked_causal_lm_loss
+from memplan.runtime.loss import chunked_causal_lm_loss, head_options
 from memplan.runtime.meter import LiveBytes, StepMeasure
 from memplan.runtime.model import build_model, materialize, quant_state_tensors
 from memplan.runtime.optim import make_optimizer, optimizer_factory, state_tensors
@@ -140,17 +140,17 @@ def check_runnable(plan: Plan, backend: str, steps: int) -> None:
 class CausalLMLoss(torch.nn.Module):
     """The training objective as one module, so that a DDP/FSDP wrapper sees the whole forward."""
 
-    def __init__(self, model, chunked: bool, softcap: float | None) -> None:
+    def __init__(self, model, chunked: bool, head: dict) -> None:
         super().__init__()
         self.model = model
         self.chunked = chunked
-        self.softcap = softcap
+        self.head = head  # memplan.runtime.loss.head_options of the model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.chunked:
             return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
         hidden = self.model.get_decoder()(input_ids=input_ids, use_cache=False)[0]
-        return chunked_causal_lm_loss(hidden, self.model.get_output_embeddings(), input_ids, softcap=self.softcap)
+        return chunked_causal_lm_loss(hidden, self.model.get_output_embeddings(), input_ids, **self.head)
 
 
 class _LogitsLossTerm:
@@ -292,7 +292,7 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
         shards = getattr(wrap, "shards_parameters", False)
         built = build_model(plan, config=config, weights=weights, device=device, fake_mode=fake_mode, on_meta=shards)
         factory = optimizer_factory(plan)  # imports happen here, before the meter is active
-        module = CausalLMLoss(built.model, plan.loss == "chunked", built.softcap)
+        module = CausalLMLoss(built.model, plan.loss == "chunked", head_options(built.hf_model.config))
         if shards:  # FSDP: shard on the meta device, then give each rank only its shards
             module = wrap(module, meter)
             materialize(built.model, built.hf_model, device)

@@ -86,8 +86,32 @@ def estimate_json(model_name: str, params_total: int, estimates: Iterable[Estima
     return out
 
 
+def frozen_json(spec: ModelSpec) -> dict:
+    """A multimodal model's frozen vision parts, for the --json model object (empty for a text model)."""
+    if not spec.frozen_items:
+        return {}
+    from memplan.catalog.vision import FROZEN_ASSUMPTION
+
+    return {"multimodal": spec.wrapper, "language_model": spec.model_type, "params_frozen": spec.params_frozen,
+            "frozen": [{"module": i.path, "params": i.params, "what": i.formula} for i in spec.frozen_items],
+            "frozen_assumption": FROZEN_ASSUMPTION}
+
+
+def model_lines(spec: ModelSpec, first: str) -> list[str]:
+    """The model's header line ``first``, then, for a multimodal model, what it counts as frozen."""
+    if not spec.frozen_items:
+        return [first]
+    from memplan.catalog.vision import FROZEN_ASSUMPTION
+
+    parts = ", ".join(f"{i.path} {i.params:,}" for i in spec.frozen_items)
+    return [first, f"multimodal ({spec.wrapper}): the counts above are its {spec.model_type} language model; "
+                   f"+ {spec.params_frozen:,} frozen parameters ({count(spec.params_frozen)}: {parts}); "
+                   f"{FROZEN_ASSUMPTION}"]
+
+
 def one_plan_json(spec: ModelSpec, verdict: Verdict, limits: dict[str, int]) -> dict:
     out = estimate_json(spec.name, spec.params_total, [verdict.estimate], **limits)
+    out["model"].update(frozen_json(spec))
     out["results"][0]["fits"] = verdict.fits
     out["results"][0]["fit"] = verdict.to_json()
     return out
@@ -97,7 +121,7 @@ def one_plan_text(spec: ModelSpec, plan: Plan, verdict: Verdict, limits: dict[st
     """One plan by phase, with its target (`recorded`: the plan's own), assumptions, limits and verdict."""
     result, target = verdict.estimate, verdict.target
     unit = "process" if plan.device == "cpu" else "GPU"
-    lines = [f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})",
+    lines = [*model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})"),
              f"plan: {describe_plan(result)}, {plan.world_size} {unit}(s), micro-batch {plan.micro_batch} x "
              f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {'on' if plan.grad_ckpt else 'off'}, "
              f"{plan.optimizer}, attn {plan.attn}"]
@@ -114,6 +138,7 @@ def one_plan_text(spec: ModelSpec, plan: Plan, verdict: Verdict, limits: dict[st
 def comparison_json(spec: ModelSpec, comparison: Comparison) -> dict:
     rows, judge = comparison.rows, comparison.judge
     out = estimate_json(spec.name, spec.params_total, [r.candidate.estimate for r in rows])
+    out["model"].update(frozen_json(spec))
     for r, res in zip(rows, out["results"]):
         res["fits"] = r.candidate.fits
         res["step_s"] = r.candidate.step.total_s
@@ -140,7 +165,7 @@ def _comparison_header(spec: ModelSpec, comparison: Comparison) -> list[str]:
                 f"within {format_bytes(judge.usable_host_bytes)} of host RAM per node; best plan for "
                 f"{comparison.sizes_gib[-1]} GiB")
     n = comparison.rows[0].candidate.plan.world_size
-    lines = [f"{spec.name}: {spec.params_total:,} parameters on {n} GPU(s); {where}",
+    lines = [*model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters on {n} GPU(s); {where}"),
              "defaults: micro-batch 1 x 2048 tokens, checkpointing on, AdamW (foreach), SDPA attention; memory per "
              "GPU in GiB (2^30); step s: recommend's time model", rule]
     if comparison.assumptions:

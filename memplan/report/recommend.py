@@ -21,9 +21,10 @@ def _duration(hours: float) -> str:
 
 def header(rec: Recommendation) -> list[str]:
     spec = rec.spec
-    lines = [f"{spec.name}: {spec.params_total:,} parameters ({report.count(spec.params_total)}) on "
+    first = (f"{spec.name}: {spec.params_total:,} parameters ({report.count(spec.params_total)}) on "
              f"{rec.target.describe()}; plans must fit {format_bytes(rec.target.usable_bytes)} per device "
-             f"({100 * rec.target.headroom:g} % headroom)"]
+             f"({100 * rec.target.headroom:g} % headroom)")
+    lines = report.model_lines(spec, first)
     if rec.data:
         d = rec.data
         measured = "" if d.measured == d.examples else f" (lengths of a random {d.measured:,})"

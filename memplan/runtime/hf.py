@@ -65,11 +65,14 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def lora_config(plan: Plan):
-    """peft LoRA with the plan's rank, alpha, dropout and targets; peft's defaults otherwise (adapters in fp32)."""
+def lora_config(plan: Plan, all_linear: list[str] | None = None):
+    """peft LoRA with the plan's rank, alpha, dropout and targets; peft's defaults otherwise (adapters in fp32).
+    `all_linear`: the module names that "all-linear" stands for, where not peft's own "all-linear"."""
     from peft import LoraConfig
 
     targets = plan.lora.targets
+    if targets == ALL_LINEAR:
+        targets = all_linear or ALL_LINEAR
     return LoraConfig(
         r=plan.lora.rank,
         lora_alpha=plan.lora.alpha,

@@ -20,14 +20,26 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
+def head_options(config) -> dict:
+    """What a model's ForCausalLM does to the logits before its loss, from its (text) config, as keyword
+    arguments of chunked_causal_lm_loss: Gemma-2's final_logit_softcapping, Granite's logits_scaling."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"softcap": getattr(text, "final_logit_softcapping", None),
+            "logits_scaling": getattr(text, "logits_scaling", None)}
+
+
 def _chunk_loss_sum(
     hidden: torch.Tensor,
     lm_head: Callable[[torch.Tensor], torch.Tensor],
     labels: torch.Tensor,
     softcap: float | None,
     ignore_index: int,
+    logits_scaling: float | None = None,
 ) -> torch.Tensor:
     logits = lm_head(hidden)
+    if logits_scaling is not None:
+        # granite: GraniteForCausalLM.forward divides the logits by logits_scaling before its loss
+        logits = logits / logits_scaling
     if softcap is not None:
         # gemma2/gemma3: final logit soft-capping, in the compute dtype, before the fp32 upcast (as HF does).
         logits = torch.tanh(logits / softcap) * softcap
@@ -42,13 +54,15 @@ def chunked_causal_lm_loss(
     *,
     softcap: float | None = None,
     ignore_index: int = IGNORE_INDEX,
+    logits_scaling: float | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over the valid labels, one checkpointed chunk of tokens at a time.
 
     `hidden_states` (b, s, h) is the decoder's final (normed) output; `lm_head` maps (n, h) to (n, V);
     `labels` (b, s) are unshifted, as for HF's `ForCausalLMLoss` (token t predicts label t+1; -100 is
     ignored). Returns sum over chunks of the summed fp32 cross-entropy, divided by the number of valid
-    labels — HF's "mean" reduction.
+    labels — HF's "mean" reduction. ``softcap`` and ``logits_scaling`` do to each chunk's logits what the
+    model's ForCausalLM does (``head_options`` reads them from its config).
     """
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
@@ -68,6 +82,7 @@ def chunked_causal_lm_loss(
             flat_labels[start:end],
             softcap,
             ignore_index,
+            logits_scaling,
             use_reentrant=False,
         )
         total = part if total is None else total + part

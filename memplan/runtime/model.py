@@ -60,7 +60,6 @@ class Built:
     model: Any  # what trains: the HF model, or the peft model around it
     hf_model: Any  # the transformers model inside
     vocab_size: int
-    softcap: float | None  # final_logit_softcapping (Gemma-2), for the chunked loss
 
 
 # ---------------------------------------------------------------- where the model is
@@ -190,7 +189,7 @@ def build_model(plan: Plan, *, config: Any = None, weights: str | Path | None = 
         materialize(model, hf_model, device, fake_mode)
     model.train()
     text = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
-    return Built(model, hf_model, text.vocab_size, getattr(text, "final_logit_softcapping", None))
+    return Built(model, hf_model, text.vocab_size)
 
 
 def load_model(plan: Plan, path: Path, device: Any, trust_remote_code: bool = False):
@@ -208,9 +207,24 @@ def _apply_plan(hf_model, plan: Plan):
     from peft import get_peft_model
 
     try:
-        return get_peft_model(hf_model, lora_config(plan))
+        return get_peft_model(hf_model, lora_config(plan, _all_linear(hf_model.config.to_dict())))
     except ValueError as err:  # a target module that the model does not have
         raise UserError(f"LoRA targets {plan.lora.targets}: {str(err).splitlines()[0]}") from None
+
+
+def _all_linear(config: dict) -> list[str] | None:
+    """The modules "all-linear" names where peft's own "all-linear" would also wrap one it cannot train
+    (Traits.lora_unreachable: Llama 4's router, an nn.Linear whose forward returns a tuple): the estimate's
+    targets (ModelSpec.linear_names). None (peft's "all-linear") for every other model."""
+    from memplan.catalog.spec import spec_from_config
+
+    try:
+        spec = spec_from_config(config, str(config.get("model_type")))
+    except UserError:  # a model type or layout memplan does not estimate: peft decides
+        return None
+    if not spec.traits.lora_unreachable:
+        return None
+    return [name for name in spec.linear_names() if name != "lm_head"]
 
 
 @contextlib.contextmanager

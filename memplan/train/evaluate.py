@@ -18,7 +18,7 @@ def token_loss_sum(model, batch: dict, chunked: bool) -> torch.Tensor:
     if not chunked:
         # transformers' ForCausalLMLoss: reduction "sum" divided by num_items_in_batch.
         return model(**batch, num_items_in_batch=1, use_cache=False).loss
-    from memplan.runtime.loss import chunked_causal_lm_loss
+    from memplan.runtime.loss import chunked_causal_lm_loss, head_options
 
     decoder, head = _decoder_and_head(model)
     captured = {}
@@ -30,7 +30,7 @@ def token_loss_sum(model, batch: dict, chunked: bool) -> torch.Tensor:
         handle.remove()
     labels = batch["labels"]
     n_valid = (labels[:, 1:] != -100).sum()
-    return chunked_causal_lm_loss(captured["h"], head, labels) * n_valid
+    return chunked_causal_lm_loss(captured["h"], head, labels, **head_options(_hf_model(model).config)) * n_valid
 
 
 def _hf_model(model):

@@ -302,11 +302,14 @@ def machine_lines(plan: Plan, plan_path: Path, machine: Machine) -> list[str]:
 
 
 def _model_lines(plan: Plan, trust_remote_code: bool) -> tuple[Path | None, list[str]]:
+    from memplan.catalog.spec import read_config
+    from memplan.catalog.vision import refuse_runtime
     from memplan.runtime.model import check_remote_code, model_dir
 
     try:
         path = model_dir(plan.model)
         check_remote_code(path, trust_remote_code)
+        refuse_runtime(plan.model, read_config(path / "config.json"), "train")
     except UserError as err:
         return None, [str(err)]
     return path, []

@@ -104,7 +104,7 @@ def test_local_model_directory(tmp_path, run_cli):
 
 def test_models_and_gpus_lists(run_cli):
     code, out, _ = run_cli("models", "--json")
-    rows = json.loads(out)
+    rows = json.loads(out)["presets"]
     assert code == 0 and len(rows) >= 25 and {"llama-2-7b", "mixtral-8x7b", "gpt2"} <= {r["id"] for r in rows}
     code, out, _ = run_cli("gpus")
     assert code == 0 and "h100-80gb" in out

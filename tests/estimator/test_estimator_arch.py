@@ -4,7 +4,8 @@ Small configs derived from the presets (hidden >= 256, 2 layers, b 2, s 512): ea
 family's replay different - Gemma's (1+w) fp32 RMSNorm, GeGLU and MQA with head_dim 256, Gemma2's four
 norms, soft-capping and two masks, Phi3's fused qkv/gate_up and torch.cat rotary, Mixtral's router and
 grouped_mm experts, GPT-2's Conv1D, dropouts (SDPA's math kernel on the CPU) and gelu_new, OPT's ReLU,
-dropout and offset positions, Mistral's sliding-window mask. Vocabularies are cut so that the layers'
+dropout and offset positions, Mistral's sliding-window mask and an explicit head_dim, Granite's
+multipliers. Vocabularies are cut so that the layers'
 activations are a visible part of the step (8192) where that does not move the forward peak into a
 layer; checkpointed cases keep a 32000-token vocabulary so the loss stays the forward peak (what the
 estimator models). Each trace runs two optimizer steps on fake tensors (seconds).
@@ -37,6 +38,34 @@ OPT = dict(model_type="opt", hidden_size=256, ffn_dim=1024, num_hidden_layers=2,
            pad_token_id=1, bos_token_id=2, eos_token_id=2)
 MISTRAL = dict(model_type="mistral", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2)
+QWEN3 = dict(model_type="qwen3", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=128)
+OLMO2 = dict(model_type="olmo2", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4, pad_token_id=1, eos_token_id=2)
+# sliding_window_pattern 2: layer 0 local (window 256), layer 1 global
+GEMMA3 = dict(model_type="gemma3_text", hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=256,
+              sliding_window_pattern=2, query_pre_attn_scalar=256)
+# no_rope_layer_interval 2: layers 1 and 3 skip the rotary
+SMOLLM3 = dict(model_type="smollm3", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, no_rope_layer_interval=2, pad_token_id=0,
+               bos_token_id=1, eos_token_id=2)
+# Granite-3.3-8B's multipliers; embedding_multiplier makes layer 0's input a new tensor
+GRANITE = dict(model_type="granite", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=12.0, logits_scaling=16.0,
+               residual_multiplier=0.22, attention_multiplier=0.0078125)
+# GPT-OSS: sinks in eager attention, biased top-k-then-softmax router, biased experts with the clamped SwiGLU,
+# sliding (128) / full layers. No amp or fp32 case: the experts' grouped_mm has no fp32 kernel on fake tensors.
+GPT_OSS = dict(model_type="gpt_oss", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=4,
+               pad_token_id=0, bos_token_id=1, eos_token_id=1)
+# Llama 4's text model, all layers MoE (as Scout): 3 rotary layers (complex rotary, weightless q/k norm,
+# chunked attention: a chunk of 256 <= s gives SDPA a mask) and a NoPE layer (temperature tuning); every token
+# through every expert, a shared expert. LoRA targets: the linears peft can train here (not the router).
+LLAMA4 = dict(model_type="llama4_text", hidden_size=256, intermediate_size=256, intermediate_size_mlp=512,
+              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4,
+              num_experts_per_tok=1, attention_chunk_size=256, pad_token_id=0)
+LLAMA4_LORA = {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 # Qwen2-MoE: 8 experts (top 2, not renormalized), a shared expert with its sigmoid gate, layer 0 dense
 QWEN2_MOE = dict(model_type="qwen2_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
@@ -85,6 +114,43 @@ CASES = [
     ("mistral-full-bf16-sdpa-window-mask", cfg(MISTRAL, vocab_size=8192, sliding_window=256),
      dict(FULL_BF16, attn="sdpa")),
     ("mistral-lora-eager", cfg(MISTRAL, vocab_size=8192, sliding_window=4096), dict(LORA, attn="eager")),
+    # per-head q/k norms (fp32 under autocast: fp32 weight times the bf16 projection)
+    ("qwen3-full-bf16-sdpa", cfg(QWEN3, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("qwen3-full-amp-sdpa", cfg(QWEN3, vocab_size=8192), dict(FULL_AMP, attn="sdpa")),
+    ("qwen3-lora-ckpt-eager", cfg(QWEN3, vocab_size=32000), dict(LORA_CKPT, attn="eager")),
+    # post-norms only, full-width q/k norms, (w * x).to(dtype) norms, the rotary cast back
+    ("olmo2-full-bf16-sdpa", cfg(OLMO2, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("olmo2-full-amp-eager", cfg(OLMO2, vocab_size=8192), dict(FULL_AMP, attn="eager")),
+    ("olmo2-lora-sdpa", cfg(OLMO2, vocab_size=8192), dict(LORA, attn="sdpa")),
+    # sandwich (1 + w) norms, per-head q/k norms, local layers with their SDPA mask (one kv head: repeat_kv
+    # is a view, no copies), two rotary tables
+    ("gemma3-full-bf16-sdpa-window-mask", cfg(GEMMA3, vocab_size=8192, num_hidden_layers=4, sliding_window_pattern=4),
+     dict(FULL_BF16, attn="sdpa")),
+    ("gemma3-full-amp-eager", cfg(GEMMA3, vocab_size=8192), dict(FULL_AMP, attn="eager")),
+    ("gemma3-lora-ckpt-sdpa", cfg(GEMMA3, vocab_size=32000), dict(LORA_CKPT, attn="sdpa")),
+    # NoPE layers: q/k reach the attention as projected
+    ("smollm3-full-bf16-sdpa", cfg(SMOLLM3, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("smollm3-full-amp-eager", cfg(SMOLLM3, vocab_size=8192), dict(FULL_AMP, attn="eager")),
+    ("smollm3-lora-sdpa", cfg(SMOLLM3, vocab_size=8192), dict(LORA, attn="sdpa")),
+    ("granite-full-bf16-sdpa", cfg(GRANITE, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("granite-lora-ckpt-amp-sdpa", cfg(GRANITE, vocab_size=32000),
+     dict(LORA_CKPT, precision="amp-bf16", attn="sdpa")),
+    ("granite-full-fp32-eager", cfg(GRANITE, vocab_size=8192), dict(precision="fp32", grad_ckpt=False, attn="eager")),
+    # an explicit head_dim (Mistral-Small-3, Ministral: 32 x 128 with hidden 5120): heads x head_dim != hidden
+    ("mistral-head-dim-full-bf16-sdpa", cfg(MISTRAL, vocab_size=8192, head_dim=128, sliding_window=None),
+     dict(FULL_BF16, attn="sdpa")),
+    ("mistral-head-dim-lora-eager", cfg(MISTRAL, vocab_size=8192, head_dim=128, sliding_window=None),
+     dict(LORA, attn="eager")),
+    # GPT-OSS has no SDPA path: eager (the model's only attention on the CPU)
+    ("gpt_oss-full-bf16-eager-sinks", cfg(GPT_OSS, vocab_size=8192), dict(FULL_BF16, attn="eager")),
+    ("gpt_oss-lora-eager", cfg(GPT_OSS, vocab_size=8192), dict(LORA, attn="eager")),
+    ("gpt_oss-full-bf16-ckpt-eager", cfg(GPT_OSS, vocab_size=32000), dict(FULL_BF16, grad_ckpt=True, attn="eager")),
+    ("llama4_text-full-bf16-sdpa-chunk-mask", cfg(LLAMA4, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("llama4_text-full-amp-sdpa", cfg(LLAMA4, vocab_size=8192), dict(FULL_AMP, attn="sdpa")),
+    ("llama4_text-lora-eager", cfg(LLAMA4, vocab_size=8192), dict(LORA, attn="eager", lora=LLAMA4_LORA)),
+    ("llama4_text-lora-ckpt-sdpa", cfg(LLAMA4, vocab_size=32000), dict(LORA_CKPT, attn="sdpa", lora=LLAMA4_LORA)),
+    # "all-linear": the same modules (memplan does not hand peft its own "all-linear", which wraps the router)
+    ("llama4_text-lora-all-linear-sdpa", cfg(LLAMA4, vocab_size=8192), dict(LORA, attn="sdpa")),
     ("qwen2_moe-full-bf16-sdpa", cfg(QWEN2_MOE, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
     # (grouped_mm takes only bf16 on the CPU, so no amp-bf16 case for the expert families)
     ("qwen2_moe-full-bf16-eager-norm", cfg(QWEN2_MOE, vocab_size=8192, norm_topk_prob=True),
@@ -131,6 +197,21 @@ def test_phase_peaks_match_the_trace(config, fields):
         assert -2.0 <= err <= 3.0, f"{phase}: estimate {est.phase_peaks[phase]:,} vs trace {measured:,} ({err:+.2f} %)"
 
 
+@pytest.mark.parametrize("precision, residual", [("bf16", 2), ("amp-bf16", 4)])
+def test_granite_embedding_multiplier_keeps_the_hooked_embedding_output(precision, residual):
+    """Under LoRA with checkpointing the hooked embedding output is a leaf its AccumulateGrad node keeps; Granite's
+    layer 0 gets embedding_multiplier times it, a new tensor, so the leaf is b x s x h more than Llama's."""
+    plan = Plan(method="lora", precision=precision, grad_ckpt=True, micro_batch=2, seq_len=512)
+    llama = estimate(spec_from_config(cfg(GRANITE, model_type="llama", vocab_size=32000), "l"), plan, kernels="cpu")
+    granite = estimate(spec_from_config(cfg(GRANITE, vocab_size=32000), "g"), plan, kernels="cpu")
+    extra = 2 * 512 * 256 * residual
+    assert granite.phase_peaks["forward"] - llama.phase_peaks["forward"] == extra
+    no_ckpt = plan.model_copy(update=dict(grad_ckpt=False))
+    assert (estimate(spec_from_config(cfg(GRANITE, vocab_size=32000), "g"), no_ckpt, kernels="cpu").phase_peaks
+            == estimate(spec_from_config(cfg(GRANITE, model_type="llama", vocab_size=32000), "l"), no_ckpt,
+                        kernels="cpu").phase_peaks)
+
+
 def test_estimator_import_stays_torch_free():
     import subprocess
     import sys
@@ -143,3 +224,20 @@ def test_estimator_import_stays_torch_free():
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_rotary_tables_and_nope_layers_in_the_shared_bytes():
+    """cos/sin (residual dtype, s x head_dim each) are kept once per table the layers use: none when every
+    layer skips the rotary (SmolLM3 NoPE), two for Gemma-3's local and global bases."""
+    from memplan.estimator.activations import activations
+
+    plan = Plan(micro_batch=2, seq_len=512, precision="bf16", grad_ckpt=False)
+    table = 2 * 512 * 64 * 2
+    rope = activations(spec_from_config(cfg(SMOLLM3, vocab_size=1000, num_hidden_layers=2, no_rope_layers=[1, 0]),
+                                        "s"), plan).shared
+    nope = activations(spec_from_config(cfg(SMOLLM3, vocab_size=1000, num_hidden_layers=2, no_rope_layers=[0, 0]),
+                                        "s"), plan).shared
+    assert rope - nope == table
+    one = activations(spec_from_config(cfg(GEMMA3, vocab_size=1000, sliding_window_pattern=1), "g"), plan).shared
+    two = activations(spec_from_config(cfg(GEMMA3, vocab_size=1000), "g"), plan).shared
+    assert two - one == 2 * 512 * 256 * 2

@@ -305,3 +305,26 @@ def test_llama2_7b_pure_bf16_optimizer_step():
     # the previous parameter's `denom` (model.norm.weight, 4096 bf16) is still referenced by the loop.
     assert foreach.steady.breakdown["optimizer"]["optimizer_temporaries"] == 2 * n_params
     assert forloop.steady.breakdown["optimizer"]["optimizer_temporaries"] == 2 * (2 * 32000 * 4096) + 2 * 4096
+
+
+def test_chunked_loss_applies_granite_logits_scaling():
+    """GraniteForCausalLM divides the logits by logits_scaling before its loss; the chunked loss (profile, train
+    --loss chunked, evaluation) does the same, with the options read from the model's config."""
+    from transformers import GraniteConfig
+
+    from memplan.runtime.loss import head_options
+
+    torch.manual_seed(0)
+    config = GraniteConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           vocab_size=256, embedding_multiplier=12.0, logits_scaling=16.0, residual_multiplier=0.22,
+                           attention_multiplier=0.125)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    assert head_options(model.config) == {"softcap": None, "logits_scaling": 16.0}
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    standard = model(input_ids=ids, labels=ids, use_cache=False).loss
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False)[0]
+    chunked = chunked_causal_lm_loss(hidden, model.get_output_embeddings(), ids, chunk_tokens=5,
+                                     **head_options(model.config))
+    torch.testing.assert_close(chunked, standard, rtol=1e-5, atol=1e-6)
+    unscaled = chunked_causal_lm_loss(hidden, model.get_output_embeddings(), ids, chunk_tokens=5)
+    assert not torch.allclose(unscaled, standard)

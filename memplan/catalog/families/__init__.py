@@ -23,6 +23,13 @@ FAMILIES: dict[str, str] = {
     "phi3": "phi3",
     "gpt2": "gpt2",
     "opt": "opt",
+    "qwen3": "qwen3",
+    "olmo2": "olmo2",
+    "gemma3_text": "gemma3_text",
+    "smollm3": "smollm3",
+    "granite": "granite",
+    "gpt_oss": "gpt_oss",
+    "llama4_text": "llama4_text",
     "qwen2_moe": "qwen2_moe",
     "deepseek_v3": "deepseek_v3",
     "deepseek_v2": "deepseek_v2",
@@ -30,6 +37,25 @@ FAMILIES: dict[str, str] = {
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
+
+
+# How a family's estimate is obtained, when its module does not say (a module may set ESTIMATE): "analytic" =
+# the parameter counts and the layer replay (memplan.estimator.layers) from the config alone.
+DEFAULT_ESTIMATE = "analytic"
+
+
+def family_rows() -> list[dict]:
+    """One row per registered model_type, for ``memplan models``: the module, how its estimate is obtained
+    (the module's ESTIMATE, else DEFAULT_ESTIMATE) and what the module says of the family (its docstring's
+    first sentence)."""
+    rows = []
+    for model_type, name in FAMILIES.items():
+        module = importlib.import_module(f"{__name__}.{name}")
+        doc = " ".join((module.__doc__ or "").split())
+        rows.append({"model_type": model_type, "module": f"{__name__}.{name}",
+                     "estimate": getattr(module, "ESTIMATE", DEFAULT_ESTIMATE),
+                     "about": doc.split(": ", 1)[0] if doc else ""})
+    return rows
 
 
 def builder(model_type: str) -> Callable | None:

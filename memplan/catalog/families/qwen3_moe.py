@@ -38,8 +38,7 @@ def build(cfg: Cfg) -> Arch:
         lin("mlp.experts.gate_up_proj", hidden, 2 * moe_inter, False, experts, kind="experts"),
         lin("mlp.experts.down_proj", moe_inter, hidden, False, experts, kind="experts"),
     ]
-    norms = {"self_attn.q_norm": hd, "self_attn.k_norm": hd}
+    # q_norm / k_norm (head_dim each) are counted from Traits.qk_norm
     return Arch(**d, act=cfg.opt("hidden_act", "silu"), tie=cfg.flag("tie_word_embeddings", False),
-                linears=attention + moe, layer_norms=list(norms) + TWO_NORMS, norm_widths=norms, experts=experts,
-                top_k=top_k, traits=traits,
+                linears=attention + moe, layer_norms=list(TWO_NORMS), experts=experts, top_k=top_k, traits=traits,
                 other_layers=[OtherLayers(dense, attention + gated_mlp(hidden, dense_inter, False), dense_inter)])

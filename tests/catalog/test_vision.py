@@ -1,0 +1,165 @@
+"""Multimodal configs: the language model counted as its own family, the vision tower and projector as frozen
+weights, each against transformers' meta-device <Model>ForConditionalGeneration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from memplan.catalog import vision
+from memplan.catalog.families import FAMILIES
+from memplan.catalog.spec import ModelSpec, spec_from_config
+from memplan.errors import UserError
+
+MISTRAL_TEXT = dict(model_type="mistral", vocab_size=128, hidden_size=320, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=128, intermediate_size=64,
+                    sliding_window=None)
+PIXTRAL = dict(model_type="pixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, head_dim=16, patch_size=14, image_size=1540)
+GEMMA3_TEXT = dict(model_type="gemma3_text", vocab_size=128, hidden_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=64, intermediate_size=64)
+SIGLIP = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, image_size=896, patch_size=14, vision_use_head=False)
+LLAMA4_TEXT = dict(model_type="llama4_text", vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=64,
+                   intermediate_size_mlp=96, num_local_experts=2)
+LLAMA4_VISION = dict(model_type="llama4_vision_model", hidden_size=64, intermediate_size=96,
+                     num_hidden_layers=2, num_attention_heads=4, vision_output_dim=128, projector_input_dim=128,
+                     projector_output_dim=128, image_size=336, patch_size=14)
+QWEN_TEXT = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64)
+QWEN_VISION = dict(depth=2, hidden_size=64, intermediate_size=96, num_heads=4, out_hidden_size=64,
+                   fullatt_block_indexes=[1])
+
+# (multimodal config, whether its language model's family is needed to count it)
+CONFIGS = {
+    "mistral3-small": dict(model_type="mistral3", text_config=MISTRAL_TEXT, vision_config=PIXTRAL),
+    "mistral3-bias-layers": dict(model_type="mistral3", text_config=dict(MISTRAL_TEXT, model_type=None),
+                                 vision_config=PIXTRAL, multimodal_projector_bias=True,
+                                 vision_feature_layer=[-1, -2], spatial_merge_size=1, tie_word_embeddings=True),
+    "mistral3-default-vision": dict(model_type="mistral3", text_config=MISTRAL_TEXT, vision_config={}),
+    "gemma3-small": dict(model_type="gemma3", text_config=GEMMA3_TEXT, vision_config=SIGLIP, mm_tokens_per_image=64),
+    "gemma3-default-vision": dict(model_type="gemma3", text_config=GEMMA3_TEXT, vision_config={}),
+    "llama4-small": dict(model_type="llama4", text_config=LLAMA4_TEXT, vision_config=LLAMA4_VISION),
+    "llama4-default-vision": dict(model_type="llama4", text_config=LLAMA4_TEXT, vision_config={}),
+    "qwen2_5_vl-flat": dict(model_type="qwen2_5_vl", **QWEN_TEXT, vision_config=QWEN_VISION),
+    "qwen2_5_vl-default-vision": dict(model_type="qwen2_5_vl", **QWEN_TEXT, vision_config={}),
+}
+
+
+def _meta(config: dict, spec_tie: bool | None = None):
+    kwargs = {k: v for k, v in config.items() if k != "model_type"}
+    if isinstance(kwargs.get("text_config"), dict):
+        kwargs["text_config"] = {k: v for k, v in kwargs["text_config"].items() if v is not None}
+    if spec_tie is not None:
+        # memplan ties as the language model's config says unless config.json sets the top level (see vision.py)
+        kwargs["tie_word_embeddings"] = spec_tie
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(config["model_type"], **kwargs))
+    model.tie_weights()
+    return model
+
+
+def _numel_under(params: dict, prefix: str) -> int:
+    return sum(p.numel() for n, p in params.items() if n == prefix or n.startswith(prefix + "."))
+
+
+def _text_supported(config: dict) -> bool:
+    wrapper = vision.WRAPPERS[config["model_type"]]
+    return vision.text_config(config, "x", wrapper)["model_type"] in FAMILIES
+
+
+@pytest.mark.parametrize("variant", sorted(CONFIGS))
+def test_vision_tower_and_projector_match_transformers(variant):
+    config = CONFIGS[variant]
+    wrapper = vision.WRAPPERS[config["model_type"]]
+    text = vision.text_config(config, variant, wrapper)
+    params = dict(_meta(config).named_parameters())
+    items = vision.vision_items(config, variant, wrapper, text["hidden_size"])
+    for item in items:
+        assert _numel_under(params, item.path) == item.params, item
+    language = {n for n in params if n.startswith((wrapper.text_prefix + ".", wrapper.lm_head))}
+    assert sum(i.params for i in items) == sum(p.numel() for n, p in params.items() if n not in language)
+
+
+@pytest.mark.parametrize("variant", sorted(CONFIGS))
+def test_multimodal_spec_matches_transformers(variant):
+    config = CONFIGS[variant]
+    if not _text_supported(config):
+        wrapper = vision.WRAPPERS[config["model_type"]]
+        text_type = vision.text_config(config, variant, wrapper)["model_type"]
+        pytest.skip(f"the language model's model_type {text_type} is not a memplan family")
+    spec = spec_from_config(dict(config), variant)
+    params = dict(_meta(config, spec.tie_word_embeddings).named_parameters())
+    assert spec.params_total + spec.params_frozen == sum(p.numel() for p in params.values())
+    for item in (*spec.embedding_items, *spec.final_items, *spec.lm_head_items, *spec.frozen_items):
+        assert _numel_under(params, item.path) == item.params, item
+    for group in spec.layer_groups:
+        for item in group.items:
+            assert _numel_under(params, f"{spec.layer_prefix}.{group.indices[0]}.{item.path}") == item.params, item
+    assert spec.wrapper == config["model_type"] and spec.model_type != spec.wrapper
+
+
+def test_mistral3_spec_is_its_language_model():
+    spec = spec_from_config(dict(CONFIGS["mistral3-small"]), "m")
+    text = spec_from_config(dict(MISTRAL_TEXT), "t")
+    assert isinstance(spec, ModelSpec) and spec.model_type == "mistral" and spec.head_dim == 128
+    assert spec.params_total == text.params_total and spec.layer_linears == text.layer_linears
+    assert not spec.tie_word_embeddings  # text_config's own setting: the checkpoint keeps its lm_head
+    assert spec.layer_prefix == "model.language_model.layers"
+    assert [i.path for i in spec.frozen_items] == ["model.vision_tower", "model.multi_modal_projector"]
+    assert text.params_frozen == 0 and text.wrapper == ""
+
+
+def test_gemma3_needs_the_gemma3_text_family():
+    if "gemma3_text" in FAMILIES:
+        spec = spec_from_config(dict(CONFIGS["gemma3-small"]), "g")
+        assert spec.model_type == "gemma3_text" and spec.params_frozen > 0
+    else:
+        with pytest.raises(UserError, match=r"g: unsupported model_type 'gemma3_text' \(the language model of this "
+                                            r"'gemma3' config; supported: .*mistral"):
+            spec_from_config(dict(CONFIGS["gemma3-small"]), "g")
+
+
+def test_multimodal_config_errors():
+    with pytest.raises(UserError, match=r"m: config.json for model_type 'mistral3' has no text_config object"):
+        spec_from_config({"model_type": "mistral3", "vision_config": PIXTRAL}, "m")
+    with pytest.raises(UserError, match=r"m: config.json for model_type 'mistral3' has no vision_config object"):
+        spec_from_config({"model_type": "mistral3", "text_config": MISTRAL_TEXT}, "m")
+    with pytest.raises(UserError, match=r"m: memplan cannot count the vision model 'clip_vision_model' of this "
+                                        r"multimodal config \(supported: pixtral, siglip_vision_model"):
+        spec_from_config({"model_type": "mistral3", "text_config": MISTRAL_TEXT,
+                          "vision_config": {"model_type": "clip_vision_model"}}, "m")
+
+
+def test_mistral_small_preset_matches_transformers():
+    """The preset's language model and frozen parts against Mistral3ForConditionalGeneration on the meta device
+    (tied as its text_config says: the checkpoint keeps its own lm_head)."""
+    from memplan.catalog.presets import preset_config
+    from memplan.catalog.resolve import resolve_model
+    from memplan.catalog.spec import read_config
+
+    spec = resolve_model("mistral-small-3.1-24b")
+    config = read_config(preset_config("mistral-small-3.1-24b"))
+    params = dict(_meta(config, spec.tie_word_embeddings).named_parameters())
+    assert spec.params_total + spec.params_frozen == sum(p.numel() for p in params.values()) == 24_011_361_280
+    assert (spec.params_total, spec.params_frozen) == (23_572_403_200, 438_958_080)
+    for item in (*spec.embedding_items, *spec.final_items, *spec.lm_head_items, *spec.frozen_items):
+        assert _numel_under(params, item.path) == item.params, item
+    assert (spec.head_dim, spec.num_heads, spec.hidden_size) == (128, 32, 5120)
+
+
+def test_multimodal_estimate_stays_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from memplan.catalog.resolve import resolve_model\n"
+            "from memplan.estimator import estimate\n"
+            "from memplan.plan import Plan\n"
+            "spec = resolve_model('mistral-small-3.1-24b')\n"
+            "estimate(spec, Plan(method='lora'))\n"
+            "assert spec.params_frozen and 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
