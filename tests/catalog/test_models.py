@@ -386,6 +386,9 @@ def test_resolve_names(ref, preset):
     ("ibm-granite/granite-3.3-8b-instruct", "granite-3.3-8b"),
     ("mistralai/Mistral-Small-3.1-24B-Base-2503", "mistral-small-3.1-24b"),
     ("mistralai/Mistral-Small-3.1-24B-Instruct-2503", "mistral-small-3.1-24b"),
+    ("google/gemma-3-4b-pt", "gemma-3-4b"), ("google/gemma-3-4b-it", "gemma-3-4b"),
+    ("google/gemma-3-12b-pt", "gemma-3-12b"), ("google/gemma-3-12b-it", "gemma-3-12b"),
+    ("google/gemma-3-27b-pt", "gemma-3-27b"), ("google/gemma-3-27b-it", "gemma-3-27b"),
 ])
 def test_instruct_ids_listed_as_aliases(ref, preset):
     assert preset_id(ref) == preset and resolve_model(ref).name == preset
