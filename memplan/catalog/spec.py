@@ -84,6 +84,7 @@ class Traits:
     expert_rank_mult: tuple[int, int] = (1, 1)  # peft's rank multiplier for the gate_up / down expert stacks
     position_ids: str = ""  # learned positions' saved int64 ids: "" none, "shared" (1, s), "batch" (b, s)
     positions_added: bool = False  # layer 0 gets embeddings + positions, not the (hooked) embedding output
+    calibrated: str = ""  # no family module: the cache key of its traced calibration (estimator/calibrated.py)
 
 
 @dataclass(frozen=True)
@@ -270,8 +271,10 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def spec_from_config(config: dict, name: str) -> ModelSpec:
-    """Build the ModelSpec for a HF config.json dict; ``name`` is used in error messages."""
+def spec_from_config(config: dict, name: str, source: Path | None = None) -> ModelSpec:
+    """Build the ModelSpec for a HF config.json dict; ``name`` is used in error messages. A model_type
+    without a family module is read from transformers' model (memplan.catalog.traced; ``source``: the
+    config.json's path, for a model with its own code)."""
     if not isinstance(config, dict):
         raise UserError(f"{name}: config.json must hold a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
@@ -280,7 +283,9 @@ def spec_from_config(config: dict, name: str) -> ModelSpec:
         raise UserError(f"{name}: config.json has no 'model_type' (supported: {supported})")
     build = families.builder(model_type)
     if build is None:
-        raise UserError(f"{name}: unsupported model_type '{model_type}' (supported: {supported})")
+        from memplan.catalog import traced  # imports transformers when the model is not in the cache yet
+
+        return traced.spec_from_config(Cfg(config, name, model_type), source)
     return _freeze(build(Cfg(config, name, model_type)), name, model_type, config)
 
 

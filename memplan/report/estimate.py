@@ -86,8 +86,24 @@ def estimate_json(model_name: str, params_total: int, estimates: Iterable[Estima
     return out
 
 
+def _model_label(spec: ModelSpec) -> str:
+    """"; calibrated by trace (first run N s)" for a model without a family module, else ""."""
+    from memplan.estimator.calibrated import label
+
+    text = label(spec)
+    return f"; {text}" if text else ""
+
+
+def _with_calibration(spec: ModelSpec, out: dict) -> dict:
+    from memplan.estimator.calibrated import label
+
+    if label(spec):
+        out["model"]["calibration"] = label(spec)
+    return out
+
+
 def one_plan_json(spec: ModelSpec, verdict: Verdict, limits: dict[str, int]) -> dict:
-    out = estimate_json(spec.name, spec.params_total, [verdict.estimate], **limits)
+    out = _with_calibration(spec, estimate_json(spec.name, spec.params_total, [verdict.estimate], **limits))
     out["results"][0]["fits"] = verdict.fits
     out["results"][0]["fit"] = verdict.to_json()
     return out
@@ -97,7 +113,7 @@ def one_plan_text(spec: ModelSpec, plan: Plan, verdict: Verdict, limits: dict[st
     """One plan by phase, with its target (`recorded`: the plan's own), assumptions, limits and verdict."""
     result, target = verdict.estimate, verdict.target
     unit = "process" if plan.device == "cpu" else "GPU"
-    lines = [f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})",
+    lines = [f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)}){_model_label(spec)}",
              f"plan: {describe_plan(result)}, {plan.world_size} {unit}(s), micro-batch {plan.micro_batch} x "
              f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {'on' if plan.grad_ckpt else 'off'}, "
              f"{plan.optimizer}, attn {plan.attn}"]
@@ -113,7 +129,7 @@ def one_plan_text(spec: ModelSpec, plan: Plan, verdict: Verdict, limits: dict[st
 
 def comparison_json(spec: ModelSpec, comparison: Comparison) -> dict:
     rows, judge = comparison.rows, comparison.judge
-    out = estimate_json(spec.name, spec.params_total, [r.candidate.estimate for r in rows])
+    out = _with_calibration(spec, estimate_json(spec.name, spec.params_total, [r.candidate.estimate for r in rows]))
     for r, res in zip(rows, out["results"]):
         res["fits"] = r.candidate.fits
         res["step_s"] = r.candidate.step.total_s
@@ -140,7 +156,7 @@ def _comparison_header(spec: ModelSpec, comparison: Comparison) -> list[str]:
                 f"within {format_bytes(judge.usable_host_bytes)} of host RAM per node; best plan for "
                 f"{comparison.sizes_gib[-1]} GiB")
     n = comparison.rows[0].candidate.plan.world_size
-    lines = [f"{spec.name}: {spec.params_total:,} parameters on {n} GPU(s); {where}",
+    lines = [f"{spec.name}: {spec.params_total:,} parameters on {n} GPU(s); {where}{_model_label(spec)}",
              "defaults: micro-batch 1 x 2048 tokens, checkpointing on, AdamW (foreach), SDPA attention; memory per "
              "GPU in GiB (2^30); step s: recommend's time model", rule]
     if comparison.assumptions:
