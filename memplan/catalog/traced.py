@@ -104,8 +104,8 @@ def _quiet() -> Iterator[None]:
         logging.set_verbosity(level)
 
 
-def hf_config(config: dict, name: str, source: Path | None = None, layers: int | None = None):
-    """transformers' config object of a config.json dict (``layers``: only the first so many layers)."""
+def hf_config(config: dict, name: str, source: Path | None = None, keep: list[int] | None = None):
+    """transformers' config object of a config.json dict (``keep``: only these decoder layers)."""
     from transformers import AutoConfig
 
     remote = bool(config.get("auto_map"))
@@ -127,8 +127,8 @@ def hf_config(config: dict, name: str, source: Path | None = None, layers: int |
         raise
     except Exception as err:
         raise _cannot_build(name, config, err) from None
-    if layers is not None:
-        _truncate(hf, layers)
+    if keep is not None:
+        _truncate(hf, keep)
     return hf
 
 
@@ -140,12 +140,25 @@ def unsupported(name: str, model_type, reason: str) -> UserError:
                      f"without transformers: {', '.join(SUPPORTED_MODEL_TYPES)})")
 
 
-def _truncate(hf_config, layers: int) -> None:
-    """Keep the first ``layers`` decoder layers of a config (and their entries in ``layer_types``)."""
+def _truncate(hf_config, keep: list[int]) -> None:
+    """Keep only the decoder layers ``keep`` of a config: as many layers, with their ``layer_types`` entries
+    (without ``layer_types``, ``keep`` must be the first layers)."""
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    text.num_hidden_layers = layers
-    if isinstance(getattr(text, "layer_types", None), list):
-        text.layer_types = text.layer_types[:layers]
+    kinds = getattr(text, "layer_types", None)
+    if isinstance(kinds, list) and len(kinds) == text.num_hidden_layers:
+        text.layer_types = [kinds[i] for i in keep]
+    elif keep != list(range(len(keep))):
+        raise ValueError(f"layers {keep} are not the first layers, and the config has no layer_types")
+    text.num_hidden_layers = len(keep)
+
+
+def representatives(config: dict, kinds: list[int]) -> list[int]:
+    """Layer 0 and the first layer of each kind after it; with a config-level ``layer_types`` they can be
+    built alone (in that order), else the first layers up to the last of them."""
+    firsts = sorted({kinds.index(k, 1) for k in set(kinds[1:])})
+    if isinstance(config.get("layer_types"), list) and len(config["layer_types"]) == len(kinds):
+        return [0, *firsts]
+    return list(range(1 + max(firsts, default=0)))
 
 
 def layer_list(model, name: str = "") -> tuple[str, list]:

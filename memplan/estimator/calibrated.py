@@ -1,11 +1,12 @@
 """Activations of a model without a family module, calibrated by fake-tensor traces of its real decoder layers.
 
-A model read from transformers (memplan.catalog.traced) has no op-by-op replay. Instead its first few
-decoder layers (enough to hold every kind of layer it has, e.g. sliding and full attention) run real
-training steps on fake tensors at the model's true widths (memplan.profile.run.measure, the tracer behind
-`memplan profile`; nothing is allocated), and the tensors each part of the forward saves for the backward
-are counted: autograd's saved-tensor hooks see every tensor an op saves, the live-bytes meter says where
-each storage was created, and each storage is counted once (a layer's input saved by the layer is its).
+A model read from transformers (memplan.catalog.traced) has no op-by-op replay. Instead the model is built
+with layer 0 and one layer of each other kind it has (sliding and full attention, ...) at its true widths,
+on fake tensors (nothing is allocated), the way `memplan profile` builds and meters it (memplan.runtime.model,
+memplan.profile.run's loss module, memplan.runtime.meter.LiveBytes), and the forward of a training step
+runs at a few b x s points. What each part of the forward saves for the backward is counted: autograd's
+saved-tensor hooks see every tensor an op saves, the live-bytes meter says when each storage was created,
+and each storage is counted once (a layer's input saved by the layer is its).
 
 What is measured, per plan class (below), at b x s points:
 - ``layer:<kind>``: what one decoder layer of that kind saves when its input needs a gradient; ``first``:
@@ -36,6 +37,7 @@ Results are cached with the model (memplan.catalog.cache): the next estimate is 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 from fractions import Fraction
 
@@ -182,18 +184,15 @@ def label(spec: ModelSpec) -> str | None:
 
 def calibrate(spec: ModelSpec, plan: Plan, key: str) -> dict:
     """Trace `plan`'s class at the grid and the held-out point, check the fit, and cache it."""
+    from memplan.catalog.traced import representatives
+
     t0 = time.perf_counter()
     entry = cache.load(spec.traits.calibrated)
-    kinds = entry["layer_kinds"]
-    depth = 1 + max([kinds.index(k, 1) for k in set(kinds[1:])] or [0])
-    side = _window_side(spec, plan.seq_len)
-    s_grid, s_held = grid(spec, side)
-    base = trace_plan(spec, plan)
-    measured = {}
-    for b, s in [(b, s) for b in GRID_B for s in s_grid] + [(HOLDOUT_B, s_held)]:
-        measured[b, s] = _trace_point(spec, base.model_copy(update=dict(micro_batch=b, seq_len=s)),
-                                      kinds[:depth], [entry["kinds"][k] for k in kinds[:depth]])
-    names = sorted(measured[GRID_B[0], s_grid[0]])
+    keep = representatives(spec.config, entry["layer_kinds"])
+    s_grid, s_held = grid(spec, _window_side(spec, plan.seq_len))
+    points = [(b, s) for b in GRID_B for s in s_grid] + [(HOLDOUT_B, s_held)]
+    measured = _trace(spec, trace_plan(spec, plan), keep, entry, points)
+    names = sorted(measured[points[0]])
     fit = {"b": list(GRID_B), "s": list(s_grid),
            "values": {n: [[measured[b, s][n] for s in s_grid] for b in GRID_B] for n in names}}
     for n in names:
@@ -210,53 +209,55 @@ def calibrate(spec: ModelSpec, plan: Plan, key: str) -> dict:
     return fit
 
 
-def _trace_point(spec: ModelSpec, plan: Plan, kinds: list[int], signatures: list[str]) -> dict[str, int]:
-    """One traced training step of the model's first len(kinds) layers: the saved bytes by part."""
+def _trace(spec: ModelSpec, plan: Plan, keep: list[int], entry: dict,
+           points: list[tuple[int, int]]) -> dict[tuple[int, int], dict[str, int]]:
+    """The forward of a training step at each (b, s) of `points`, on the model built once with only the
+    decoder layers `keep`, on fake tensors: the saved bytes by part (see _Probe). The model, the loss module,
+    the meter, the autocast and the unpacked batches are memplan profile's (memplan.profile.run)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from memplan.catalog.traced import hf_config
-    from memplan.profile.run import measure
+    from memplan.profile.run import CausalLMLoss, unpacked_batches
+    from memplan.runtime.model import build_model
 
-    probe = _Probe()
-    try:
-        measure(hf_config(spec.config, spec.name, layers=len(kinds)), plan, backend="trace", steps=1,
-                meter=probe.meter, wrap=probe.attach)
-    except _ForwardDone:
-        pass  # what the forward saved is counted; its backward and optimizer step are not needed
-    if probe.signatures != signatures:
-        raise UserError(f"{spec.name}: its first {len(kinds)} layers built alone differ from the whole "
-                        "model's; the calibration cannot trace them")
-    return probe.result(kinds)
-
-
-class _ForwardDone(Exception):
-    """Ends a traced step after its first forward (the probe has what it counts)."""
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will be removed in v6", category=FutureWarning)
+        built = build_model(plan, config=hf_config(spec.config, spec.name, keep=keep), fake_mode=fake_mode)
+    module = CausalLMLoss(built.model, False, built.softcap)
+    probe = _Probe(module)
+    if probe.signatures != [entry["kinds"][entry["layer_kinds"][i]] for i in keep]:
+        raise UserError(f"{spec.name}: its layers {keep} built alone differ from the whole model's; the "
+                        "calibration cannot trace them")
+    kinds = [entry["layer_kinds"][i] for i in keep]
+    dtype = getattr(torch, plan.regime.compute) if plan.regime.autocast else None
+    out = {}
+    with unpacked_batches(), fake_mode, probe.meter:
+        probe.meter.register(list(module.parameters()) + list(module.buffers()), "weights")
+        for b, s in points:
+            probe.reset()
+            ids = torch.randint(0, built.vocab_size, (b, s))
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = module(ids)
+            out[b, s] = probe.result(kinds)
+            del loss, ids  # the forward's graph and what it saved go
+    return out
 
 
 class _Probe:
     """Counts, during the first forward of a traced step, what each part of the model saves for the backward
     (autograd's saved-tensor hooks), each storage once, by where the live-bytes meter saw it created."""
 
-    def __init__(self) -> None:
-        from memplan.runtime.meter import LiveBytes
-
-        self.meter = LiveBytes()
-        self.saved: dict[int, tuple[int, object]] = {}  # storage id -> (bytes, part: layer index, "shared", ...)
-        self.inputs: dict[int, int] = {}  # storage id -> bytes of the model's tensors handed to every layer
-        self.signatures: list[str] = []
-        self.part: object = "shared"
-        self.start = -1  # the meter's clock when layer 0 starts: storages born before are the model's
-        self.hidden0 = -1
-        self.recording = False
-        self.done = False
-        self.hooks = None
-        self.keep: list = []
-
-    def attach(self, module, meter):
-        """memplan.profile.run.measure's `wrap`: hooks on the decoder layers, the output layer, the model."""
+    def __init__(self, module) -> None:
+        """Hooks on `module`'s (a CausalLMLoss) decoder layers, output layer and itself."""
         import functools
 
         from memplan.catalog.traced import layer_signature, layer_types
+        from memplan.runtime.meter import LiveBytes
         from memplan.runtime.model import decoder_layers
 
+        self.meter = LiveBytes()
         layers = decoder_layers(module)
         types = layer_types(module.model.config, len(layers))
         self.signatures = [layer_signature(m, t) for m, t in zip(layers, types, strict=True)]
@@ -266,7 +267,18 @@ class _Probe:
         module.model.get_output_embeddings().register_forward_pre_hook(self._head)
         module.register_forward_pre_hook(self._begin)
         module.register_forward_hook(self._end)
-        return module
+        self.hooks = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the last forward: count the next one."""
+        self.saved: dict[int, tuple[int, object]] = {}  # storage id -> (bytes, part: layer index, "shared", ...)
+        self.inputs: dict[int, int] = {}  # storage id -> bytes of the model's tensors handed to every layer
+        self.part: object = "shared"
+        self.start = -1  # the meter's clock when layer 0 starts: storages born before are the model's
+        self.hidden0 = -1
+        self.recording = False
+        self.keep: list = []
 
     def _storage(self, t):
         from torch.utils._python_dispatch import _disable_current_modes
@@ -279,8 +291,6 @@ class _Probe:
     def _begin(self, module, args) -> None:
         import torch
 
-        if self.done or self.meter.current_phase != "forward":
-            return
         self.recording = True
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda packed: packed)
         self.hooks.__enter__()
@@ -288,9 +298,8 @@ class _Probe:
     def _end(self, module, args, output) -> None:
         if self.recording:
             self.hooks.__exit__(None, None, None)
-            self.recording, self.done = False, True
+            self.recording = False
             self.keep.clear()
-            raise _ForwardDone
 
     def _enter(self, index: int, module, args, kwargs) -> None:
         if not self.recording:

@@ -97,11 +97,11 @@ def test_sizes_far_from_the_grid_match_the_trace():
 
 def test_a_term_off_its_form_fails_loudly(monkeypatch):
     """A term that is not c0 + c1 s + c2 s^2 + b (c3 + c4 s + c5 s^2) misses the held-out point."""
-    def cubic(spec, plan, kinds, signatures):
-        b, s = plan.micro_batch, plan.seq_len
-        return {"first": b * s ** 3, "shared": s, "norm": b * s, "inputs": 0, "layer:0": b * s}
+    def cubic(spec, plan, keep, entry, points):
+        return {(b, s): {"first": b * s ** 3, "shared": s, "norm": b * s, "inputs": 0, "layer:0": b * s}
+                for b, s in points}
 
-    monkeypatch.setattr(calibrated, "_trace_point", cubic)
+    monkeypatch.setattr(calibrated, "_trace", cubic)
     spec = spec_from_config(dict(GLM4), "glm4")
     with pytest.raises(UserError, match="calibration of 'first'.*misses the held-out trace"):
         estimate(spec, Plan(method="lora"))
