@@ -24,6 +24,16 @@ sys.path.insert(0, str(ROOT))
 SMALL = dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
 
+# Architectures without a family module (memplan.catalog.traced + memplan.estimator.calibrated): the config
+# class's defaults, which transformers documents as a released model's shape (Starcoder2Config: StarCoder2-3B's
+# shape; Glm4Config: GLM-4-9B-0414's), and Cohere2's defaults (Command R's 35B widths, a 4096 window on three
+# layers of four) cut to 8 layers.
+TRACED = {
+    "starcoder2-defaults": {"model_type": "starcoder2"},
+    "glm4-defaults": {"model_type": "glm4"},
+    "cohere2-defaults-8-layers": {"model_type": "cohere2", "num_hidden_layers": 8},
+}
+
 MATRIX = [
     ("llama-2-7b", dict(precision="bf16", seq_len=512, grad_ckpt=False)),
     ("llama-2-7b", dict(precision="bf16", seq_len=512, grad_ckpt=False, optimizer="adamw-forloop")),
@@ -67,6 +77,9 @@ MATRIX = [
     ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256), "cpu"),
     ("small-llama", dict(precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False, optimizer="adamw-8bit"),
      "cpu"),
+    ("starcoder2-defaults", dict(method="lora", precision="amp-bf16", micro_batch=4, seq_len=2048, grad_ckpt=False)),
+    ("glm4-defaults", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048)),
+    ("cohere2-defaults-8-layers", dict(method="lora", precision="bf16", seq_len=8192, grad_ckpt=False)),
 ]
 
 
@@ -80,6 +93,8 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
 
     if preset == "small-llama":
         config, spec = dict(SMALL), spec_from_config(dict(SMALL), "small-llama")
+    elif preset in TRACED:  # calibrated by trace on first use (memplan's cache: MEMPLAN_CACHE_DIR)
+        config, spec = dict(TRACED[preset]), spec_from_config(dict(TRACED[preset]), preset)
     else:
         config = json.loads((models_dir() / preset / "config.json").read_text())
         spec = resolve_model(preset)

@@ -13,6 +13,7 @@ atomically (temporary file + rename).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,22 +50,42 @@ def _path(key: str) -> Path:
     return cache_dir() / "traced" / f"{key}.json"
 
 
+# Entries this process has read or written, by file: (its mtime, the entry). A search reads an entry once
+# per plan; a cache that cannot be written still holds this process's calibrations.
+_MEMO: dict[Path, tuple[float | None, dict]] = {}
+
+
 def load(key: str) -> dict | None:
     """The cached entry of a model, or None (absent, unreadable, or of another format)."""
+    path = _path(key)
     try:
-        entry = json.loads(_path(key).read_text(encoding="utf-8"))
+        mtime = path.stat().st_mtime
+    except OSError:
+        mtime = None
+    memo = _MEMO.get(path)
+    if memo is not None and memo[0] == mtime:
+        return memo[1]
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return memo[1] if memo is not None and mtime is None else None
+    if not isinstance(entry, dict) or entry.get("format") != FORMAT:
         return None
-    return entry if isinstance(entry, dict) and entry.get("format") == FORMAT else None
+    _MEMO[path] = (mtime, entry)
+    return entry
 
 
 def save(key: str, entry: dict) -> None:
     """Write a model's entry atomically; a cache that cannot be written only costs a calibration next time."""
     path = _path(key)
+    entry = dict(entry, format=FORMAT)
+    _MEMO[path] = (None, entry)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(dict(entry, format=FORMAT), indent=1, sort_keys=True), encoding="utf-8")
+        tmp.write_text(json.dumps(entry, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, path)
+        _MEMO[path] = (path.stat().st_mtime, entry)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()

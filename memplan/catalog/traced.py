@@ -60,7 +60,7 @@ def _spec(entry: dict, cfg: Cfg, key: str) -> ModelSpec:
         norm_params=a["layer_other_params"], tie=a["tie"], positions=a["positions"], layer_prefix=a["prefix"],
         linears=[Linear(**lin) for lin in a["linears"]], layer_norms=[], traits=traits,
         embedding=[ParamItem(**i) for i in a["embedding"]], final=[ParamItem(**i) for i in a["final"]],
-        lm_head_in=a["lm_head_in"],
+        lm_head_in=a["lm_head_in"], experts=a["experts"], top_k=a["top_k"],
     )
     spec = _freeze(arch, cfg.name, cfg.model_type, cfg.c)
     return replace(spec, layer_items=tuple(items), norms_per_layer=a["layer_norms"])
@@ -250,7 +250,9 @@ def _arch(model, cfg: Cfg, prefix: str, layers: list) -> dict:
         layer_items=[asdict(_linear_item(Linear(**lin))) for lin in linears] + others,
         layer_other_params=sum(i["params"] for i in others), layer_norms=len(others),
         embedding=groups["embedding"], final=groups["final"],
-        lm_head_in=head.weight.shape[1] if groups["lm_head"] else hidden)
+        lm_head_in=head.weight.shape[1] if groups["lm_head"] else hidden,
+        experts=max([lin["count"] for lin in linears if lin["kind"] == "experts"], default=0),
+        top_k=getattr(text, "num_experts_per_tok", 0) or 0)
 
 
 def _outside(model, prefix: str) -> list:
@@ -259,21 +261,31 @@ def _outside(model, prefix: str) -> list:
 
 
 def _layer_parameters(layer) -> tuple[list[dict], list[dict]]:
-    """A decoder layer's Linear / Conv1D modules (what LoRA can target), and its other parameters."""
+    """A decoder layer's weight matrices as LoRA reaches them, and its other parameters: ``nn.Linear`` and
+    transformers ``Conv1D`` modules; an MoE's fused expert stacks (3-D parameters of an ``...Experts``
+    module, (count, d_out, d_in): peft's MoE conversion, as for Mixtral) and its router's weight (a
+    ``...Router`` module's, used through F.linear: peft wraps it too)."""
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     linears, covered = [], set()
     for path, m in layer.named_modules():
+        attr = path.rpartition(".")[2]
+        found = []
         if isinstance(m, nn.Linear):
-            lin = Linear(path.rpartition(".")[2], m.in_features, m.out_features, m.bias is not None, path=path)
+            found = [Linear(attr, m.in_features, m.out_features, m.bias is not None, path=path)]
         elif isinstance(m, Conv1D):  # weight (d_in, d_out): peft needs fan_in_fan_out
-            lin = Linear(path.rpartition(".")[2], m.weight.shape[0], m.nf, m.bias is not None, path=path,
-                         kind="conv1d")
-        else:
-            continue
-        linears.append(asdict(lin))
-        covered.update(id(p) for p in m.parameters())
+            found = [Linear(attr, m.weight.shape[0], m.nf, m.bias is not None, path=path, kind="conv1d")]
+        elif type(m).__name__.endswith("Experts"):
+            found = [Linear(f"{attr}.{n}", p.shape[2], p.shape[1], False, p.shape[0], f"{path}.{n}", "experts")
+                     for n, p in m.named_parameters(recurse=False) if p.dim() == 3]
+        elif "Router" in type(m).__name__ and getattr(m, "weight", None) is not None and m.weight.dim() == 2:
+            bias = getattr(m, "bias", None) is not None
+            found = [Linear(attr, m.weight.shape[1], m.weight.shape[0], bias, path=path, kind="router")]
+        for lin in found:
+            linears.append(asdict(lin))
+            names = {"experts": [lin.name.split(".")[-1]], "router": ["weight", "bias"]}.get(lin.kind)
+            covered.update(id(p) for n, p in m.named_parameters() if names is None or n in names)
     others = [asdict(ParamItem(path, p.numel(), " x ".join(map(str, p.shape))))
               for path, p in layer.named_parameters() if id(p) not in covered]
     return linears, others

@@ -26,6 +26,8 @@ CONFIGS = {
     "starcoder2": dict(SMALL, model_type="starcoder2"),  # biases, LayerNorm with bias, tied
     "exaone4": dict(SMALL, model_type="exaone4"),  # q/k norms of head_dim
     "seed_oss": dict(SMALL, model_type="seed_oss", attention_bias=True),
+    "qwen3_moe": dict(SMALL, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=128),  # fused expert stacks, a router module
     "glm4-defaults": {"model_type": "glm4"},
     "starcoder2-defaults": {"model_type": "starcoder2"},
 }
@@ -47,6 +49,15 @@ def test_counts_match_transformers(name):
     spec = spec_from_config(dict(CONFIGS[name]), name)
     assert spec.traits.calibrated
     _check_against_model(spec, _meta_model(_hf(CONFIGS[name])))
+
+
+def test_moe_stacks_and_router_are_lora_targets():
+    spec = spec_from_config(dict(CONFIGS["qwen3_moe"]), "qwen3_moe")
+    kinds = {lin.name: (lin.kind, lin.count, lin.d_in, lin.d_out) for lin in spec.layer_linears}
+    assert kinds["gate"] == ("router", 1, 256, 8)
+    assert kinds["experts.gate_up_proj"] == ("experts", 8, 256, 256)
+    assert kinds["experts.down_proj"] == ("experts", 8, 128, 256)
+    assert (spec.num_experts, spec.experts_per_token) == (8, 2)
 
 
 def test_lora_targets_are_the_layer_linears():
@@ -102,3 +113,12 @@ def test_cli_trust_remote_code_flag(run_cli, tmp_path):
     assert rc == 2 and "--trust-remote-code" not in err and "cannot build it" in err  # no c.py in the directory
     rc, _, err = run_cli("estimate", "--model", str(tmp_path), "--method", "lora")
     assert rc == 2 and "only with --trust-remote-code" in err  # the flag holds for one command
+
+
+def test_an_unwritable_cache_still_serves_this_process(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be created
+    spec = spec_from_config(dict(CONFIGS["glm4"]), "glm4")
+    assert spec_from_config(dict(CONFIGS["glm4"]), "glm4").params_total == spec.params_total
+    assert not (blocker / "cache").exists()

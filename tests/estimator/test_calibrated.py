@@ -5,7 +5,7 @@ attention and MLP, LayerNorm without bias, sliding and full layers with a 256 wi
 mask), GLM-4 (sandwich norms, fused gate_up, partial rotary), Starcoder2 (LayerNorm with bias, biased
 linears, a plain GELU MLP), EXAONE-4 (q/k norms, post-norms, sliding and full layers), Seed-OSS
 (attention dropout 0.1 by default: PyTorch's CPU SDPA runs its math kernel), OLMo-2 (q/k norms over all
-heads). The estimate (kernels="cpu") against the whole model's trace: every phase within -2 % ... +3 %.
+heads), Qwen3-MoE (fused expert stacks, a router module). The estimate (kernels="cpu") against the whole model's trace: every phase within -2 % ... +3 %.
 The calibration cache is pointed at a temporary directory (MEMPLAN_CACHE_DIR).
 """
 
@@ -33,6 +33,8 @@ EXAONE4 = dict(SMALL, model_type="exaone4", sliding_window=256,
                layer_types=["sliding_attention", "sliding_attention", "full_attention"])
 SEED_OSS = dict(SMALL, model_type="seed_oss")
 OLMO2 = dict(SMALL, model_type="olmo2")
+QWEN3_MOE = dict(SMALL, model_type="qwen3_moe", num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                 moe_intermediate_size=128)
 
 FULL_BF16 = dict(precision="bf16", grad_ckpt=False)
 LORA_CKPT = dict(method="lora", precision="bf16", grad_ckpt=True)
@@ -47,6 +49,9 @@ CASES = [
     ("seed_oss-full-bf16-sdpa-math", SEED_OSS, dict(FULL_BF16, attn="sdpa")),
     ("olmo2-lora-q-v-amp", OLMO2, dict(method="lora", precision="amp-bf16", grad_ckpt=False, attn="sdpa",
                                        lora={"targets": "q_proj,v_proj", "rank": 8})),
+    # peft wraps the fused expert stacks and the router (all-linear; its ParamWrapper takes no dropout)
+    ("qwen3_moe-lora-all-linear", QWEN3_MOE, dict(method="lora", precision="bf16", grad_ckpt=False,
+                                                   lora={"dropout": 0.0})),
 ]
 
 
