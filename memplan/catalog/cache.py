@@ -20,7 +20,7 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-FORMAT = 1  # bump when what is cached, or how it is measured, changes: older files are then ignored
+FORMAT = 2  # bump when what is cached, or how it is measured, changes: older files are then ignored
 
 
 def cache_dir() -> Path:

@@ -40,12 +40,16 @@ def spec_from_config(cfg: Cfg, source: Path | None = None) -> ModelSpec:
     ``source``: the config.json the dict came from (a model with remote code is built from its directory)."""
     key = cache.model_key(cfg.c)
     entry = cache.load(key)
-    if entry is None:
-        t0 = time.perf_counter()
-        entry = _describe(cfg, source)
-        entry["build_seconds"] = round(time.perf_counter() - t0, 3)
-        entry["classes"] = {}
-        cache.save(key, entry)
+    if entry is not None:
+        try:
+            return _spec(entry, cfg, key)
+        except (KeyError, TypeError, ValueError):
+            pass  # an entry written by another memplan: read the model again
+    t0 = time.perf_counter()
+    entry = _describe(cfg, source)
+    entry["build_seconds"] = round(time.perf_counter() - t0, 3)
+    entry["classes"] = {}
+    cache.save(key, entry)
     return _spec(entry, cfg, key)
 
 

@@ -74,17 +74,25 @@ def grid(spec: ModelSpec, side: str) -> tuple[tuple[int, ...], int]:
     return (256, 512, 768), 1024
 
 
+# Regimes whose activations the CPU trace cannot tell apart: bf16-master keeps bf16 weights and activations
+# (its fp32 masters are the optimizer's); fp16 autocast is a GPU regime with bf16 autocast's sizes.
+_TRACED_PRECISION = {"bf16-master": "bf16", "amp-fp16": "amp-bf16"}
+
+
 def trace_plan(spec: ModelSpec, plan: Plan) -> Plan:
-    """The plan the trace runs for `plan`'s class: no checkpointing, standard loss, one process on the CPU;
-    QLoRA as LoRA (same precision, targets and rank)."""
+    """The plan the trace runs for `plan`'s class: no checkpointing, standard loss, one process; QLoRA as
+    LoRA (same precision, targets and rank); flash attention as SDPA (what the CPU runs for it,
+    memplan.runtime.model.attention). The trace runs CPU kernels on fake tensors whatever the plan's device."""
     from memplan.estimator.activations import attention_impl
 
     method = "lora" if plan.method == "qlora" else plan.method
-    lora = plan.lora if method == "lora" else None
-    fields = dict(method=method, precision=plan.precision, attn=attention_impl(spec, plan), grad_ckpt=False,
-                  loss="standard", optimizer="sgd", device="cpu", micro_batch=1, seq_len=256)
-    if lora is not None:
-        fields["lora"] = lora.model_copy(update={"dropout": 0.05 if lora.dropout > 0 else 0.0, "alpha": 32.0})
+    attn = attention_impl(spec, plan)
+    fields = dict(method=method, precision=_TRACED_PRECISION.get(plan.precision, plan.precision),
+                  attn="sdpa" if attn == "flash" else attn, grad_ckpt=False, loss="standard", optimizer="sgd",
+                  micro_batch=1, seq_len=256)
+    if method == "lora":
+        fields["lora"] = plan.lora.model_copy(update={"dropout": 0.05 if plan.lora.dropout > 0 else 0.0,
+                                                      "alpha": 32.0})
     return Plan(**fields)
 
 

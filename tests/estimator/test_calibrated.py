@@ -120,9 +120,27 @@ def test_evaluate_is_exact_on_the_forms():
         assert calibrated.evaluate(fit, "t", b, s) == form(b, s)
 
 
-def test_qlora_and_checkpointing_share_the_lora_trace():
+def test_plans_the_cpu_trace_cannot_tell_apart_share_one_class():
+    """QLoRA is traced as LoRA, flash attention as SDPA, bf16-master as bf16, fp16 autocast as bf16's;
+    checkpointing and the loss need no trace of their own. GPU-only plans (flash, amp-fp16) estimate."""
     spec = spec_from_config(dict(GLM4), "glm4")
-    keys = {calibrated.class_key(spec, Plan(method=m, precision="bf16", grad_ckpt=c, loss=loss))
-            for m in ("lora", "qlora") for c in (True, False) for loss in ("standard", "chunked")}
-    assert len(keys) == 1
-    assert calibrated.class_key(spec, Plan(method="full", precision="bf16")) not in keys
+    plans = [Plan(method=m, precision=p, attn=a, grad_ckpt=c, loss=loss)
+             for m in ("lora", "qlora") for p in ("bf16", "bf16-master") for a in ("sdpa", "flash")
+             for c in (True, False) for loss in ("standard", "chunked")]
+    assert len({calibrated.class_key(spec, p) for p in plans}) == 1
+    assert calibrated.class_key(spec, Plan(method="full", precision="bf16")) != calibrated.class_key(spec, plans[0])
+    amp = {calibrated.class_key(spec, Plan(method="lora", precision=p)) for p in ("amp-bf16", "amp-fp16")}
+    assert len(amp) == 1
+    for p in (Plan(method="lora", precision="amp-fp16", attn="flash"), Plan(method="qlora", attn="flash")):
+        assert estimate(spec, p).peak_allocated > 0
+
+
+def test_profile_measures_a_calibrated_model(run_cli, tmp_path):
+    """memplan profile builds the real model of a type without a family module and meets its estimate."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(EXAONE4, hidden_size=64, intermediate_size=128, vocab_size=512)))
+    code, out, err = run_cli("profile", "--model", str(path), "--method", "lora", "--batch-size", "2",
+                             "--seq-len", "64", "--backend", "cpu", "--steps", "2", "--json")
+    assert code == 0, err
+    (result,) = json.loads(out)["results"]
+    assert all(-2.0 <= e <= 3.0 for e in result["phase_error_pct"].values()), result["phase_error_pct"]
