@@ -33,6 +33,15 @@ SCOUT_TEXT_4L = dict(model_type="llama4_text", hidden_size=5120, intermediate_si
                      attn_scale=0.1, pad_token_id=200018, bos_token_id=200000, eos_token_id=200001,
                      tie_word_embeddings=False)
 INLINE = {"small-llama": SMALL, "llama4-scout-text@4L": SCOUT_TEXT_4L}
+# Architectures without a family module (memplan.catalog.traced + memplan.estimator.calibrated): the config
+# class's defaults, which transformers documents as a released model's shape (Starcoder2Config: StarCoder2-3B's
+# shape; Glm4Config: GLM-4-9B-0414's), and Cohere2's defaults (Command R's 35B widths, a 4096 window on three
+# layers of four) cut to 8 layers.
+TRACED = {
+    "starcoder2-defaults": {"model_type": "starcoder2"},
+    "glm4-defaults": {"model_type": "glm4"},
+    "cohere2-defaults-8-layers": {"model_type": "cohere2", "num_hidden_layers": 8},
+}
 
 MATRIX = [
     ("llama-2-7b", dict(precision="bf16", seq_len=512, grad_ckpt=False)),
@@ -90,6 +99,9 @@ MATRIX = [
     ("gpt-oss-20b@4L", dict(method="lora", precision="bf16", seq_len=2048, grad_ckpt=False, attn="eager")),
     ("llama4-scout-text@4L", dict(precision="bf16", seq_len=2048, grad_ckpt=False)),
     ("llama4-scout-text@4L", dict(method="lora", precision="bf16", seq_len=8192)),
+    ("starcoder2-defaults", dict(method="lora", precision="amp-bf16", micro_batch=4, seq_len=2048, grad_ckpt=False)),
+    ("glm4-defaults", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048)),
+    ("cohere2-defaults-8-layers", dict(method="lora", precision="bf16", seq_len=8192, grad_ckpt=False)),
 ]
 
 
@@ -103,6 +115,8 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
 
     if preset in INLINE:
         config, spec = dict(INLINE[preset]), spec_from_config(dict(INLINE[preset]), preset)
+    elif preset in TRACED:  # calibrated by trace on first use (memplan's cache: MEMPLAN_CACHE_DIR)
+        config, spec = dict(TRACED[preset]), spec_from_config(dict(TRACED[preset]), preset)
     elif "@" in preset:  # "<preset>@<N>L": the preset's first N layers (its widths, fewer layers)
         base, _, layers = preset.partition("@")
         config = truncated(json.loads((models_dir() / base / "config.json").read_text()), int(layers.rstrip("L")))
