@@ -48,6 +48,13 @@ CONFIGS = {
                                          intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4,
                                          num_hidden_layers=4, norm_topk_prob=True)),
     "llama4-scout-text@4L": (None, SCOUT_TEXT_4L),
+    # Architectures without a family module (memplan.catalog.traced + memplan.estimator.calibrated): the config
+    # class's defaults, which transformers documents as a released model's shape (Starcoder2Config: StarCoder2-3B's
+    # shape; Glm4Config: GLM-4-9B-0414's), and Cohere2's defaults (Command R's 35B widths, a 4096 window on three
+    # layers of four) cut to 8 layers; calibrated by trace on first use (memplan's cache: MEMPLAN_CACHE_DIR).
+    "starcoder2-defaults": (None, {"model_type": "starcoder2"}),
+    "glm4-defaults": (None, {"model_type": "glm4"}),
+    "cohere2-defaults-8-layers": (None, {"model_type": "cohere2", "num_hidden_layers": 8}),
 }
 
 MATRIX = [
@@ -113,6 +120,9 @@ MATRIX = [
     ("gpt-oss-20b@4L", dict(method="lora", precision="bf16", seq_len=2048, grad_ckpt=False, attn="eager")),
     ("llama4-scout-text@4L", dict(precision="bf16", seq_len=2048, grad_ckpt=False)),
     ("llama4-scout-text@4L", dict(method="lora", precision="bf16", seq_len=8192)),
+    ("starcoder2-defaults", dict(method="lora", precision="amp-bf16", micro_batch=4, seq_len=2048, grad_ckpt=False)),
+    ("glm4-defaults", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048)),
+    ("cohere2-defaults-8-layers", dict(method="lora", precision="bf16", seq_len=8192, grad_ckpt=False)),
 ]
 
 

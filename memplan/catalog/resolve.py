@@ -202,4 +202,4 @@ def config_file(ref: str) -> tuple[Path, str]:
 def resolve_model(ref: str) -> ModelSpec:
     """The ModelSpec for ``ref``, its config.json found as :func:`config_file` finds it."""
     path, name = config_file(ref)
-    return spec_from_config(read_config(path), name)
+    return spec_from_config(read_config(path), name, source=path)

@@ -134,6 +134,7 @@ class Traits:
     moe_router: str = "softmax"
     moe_groups: tuple[int, int] = (1, 1)  # (n_group, topk_group) of group-limited routing
 
+    calibrated: str = ""  # no family module: the cache key of its traced calibration (estimator/calibrated.py)
 
 @dataclass(frozen=True)
 class LayerGroup:
@@ -429,8 +430,10 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def spec_from_config(config: dict, name: str) -> ModelSpec:
-    """Build the ModelSpec for a HF config.json dict; ``name`` is used in error messages."""
+def spec_from_config(config: dict, name: str, source: Path | None = None) -> ModelSpec:
+    """Build the ModelSpec for a HF config.json dict; ``name`` is used in error messages. A model_type
+    without a family module is read from transformers' model (memplan.catalog.traced; ``source``: the
+    config.json's path, for a model with its own code)."""
     if not isinstance(config, dict):
         raise UserError(f"{name}: config.json must hold a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
@@ -443,7 +446,9 @@ def spec_from_config(config: dict, name: str) -> ModelSpec:
         return _multimodal(config, name, model_type)
     build = families.builder(model_type)
     if build is None:
-        raise UserError(f"{name}: unsupported model_type '{model_type}' (supported: {supported})")
+        from memplan.catalog import traced  # imports transformers when the model is not in the cache yet
+
+        return traced.spec_from_config(Cfg(config, name, model_type), source)
     return _freeze(build(Cfg(config, name, model_type)), name, model_type, config)
 
 

@@ -10,11 +10,12 @@ from typing import Any
 import click
 
 from memplan.cli import gc_paused, skip_final_collection
-from memplan.cli.options import FLOAT, PLAN_FLAGS, model_option, plan_options
+from memplan.cli.options import FLOAT, PLAN_FLAGS, model_option, plan_options, remote_code_option
 
 
 @click.command("estimate")
 @model_option()
+@remote_code_option()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="a plan YAML (the Plan's fields; `recommend -o` writes one). Flags override it.")
 @plan_options(PLAN_FLAGS)

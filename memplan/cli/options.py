@@ -185,3 +185,18 @@ def model_option(required: bool = False, fetches: bool = True) -> Callable:
     return click.option("--model", "-m", "model", **kwargs,
                         help="preset id or alias (see `memplan models`), a config.json path, a local HF model "
                              f"directory, or a Hugging Face Hub id org/name[@revision] ({hub}).")
+
+
+def _trust_remote_code(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    from memplan.catalog import traced
+
+    traced.trust_remote_code(value)
+    return value
+
+
+def remote_code_option() -> Callable:
+    """--trust-remote-code: a model_type memplan has no family module for, whose config.json names its own
+    code (auto_map), is built from its directory's Python files (memplan.catalog.traced)."""
+    return click.option("--trust-remote-code", is_flag=True, expose_value=False, callback=_trust_remote_code,
+                        help="let a model whose config.json names its own Python code (auto_map) run that code "
+                             "to read the model (a model_type without a family module; default: off).")

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli.options import FLOAT, HPARAM_FLAGS, INT, Choice, model_option, passed_overrides, plan_options
+from memplan.cli.options import (
+    FLOAT,
+    HPARAM_FLAGS,
+    INT,
+    Choice,
+    model_option,
+    passed_overrides,
+    plan_options,
+    remote_code_option,
+)
 from memplan.recommend import hparams as hp
 
 
@@ -30,6 +39,7 @@ HPARAM_HELP = {
 
 @click.command()
 @model_option(required=True)
+@remote_code_option()
 @click.option("--gpus", type=INT, default=None,
               help="GPUs per node; on a CPU plan, processes [GPUs] (default: the local GPUs found, else 1).")
 @click.option("--nodes", type=INT, default=1, help="machines, each with --gpus GPUs [nodes] (default: 1).")

@@ -222,7 +222,11 @@ def mask_bytes(spec: ModelSpec, plan: Plan) -> int:
     return 0
 
 
-def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda") -> Activations:
+def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool = True) -> Activations:
+    if traced and spec.traits.calibrated:  # no family module: calibrated by trace (`traced=False`: the replay)
+        from memplan.estimator import calibrated
+
+        return calibrated.activations(spec, plan, kernels)
     b, s, h, V = plan.micro_batch, plan.seq_len, spec.hidden_size, spec.vocab_size
     tok = b * s
     num = numerics(plan, spec)

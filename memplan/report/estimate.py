@@ -109,8 +109,24 @@ def model_lines(spec: ModelSpec, first: str) -> list[str]:
                    f"{FROZEN_ASSUMPTION}"]
 
 
+def _model_label(spec: ModelSpec) -> str:
+    """"; calibrated by trace (first run N s)" for a model without a family module, else ""."""
+    from memplan.estimator.calibrated import label
+
+    text = label(spec)
+    return f"; {text}" if text else ""
+
+
+def _with_calibration(spec: ModelSpec, out: dict) -> dict:
+    from memplan.estimator.calibrated import label
+
+    if label(spec):
+        out["model"]["calibration"] = label(spec)
+    return out
+
+
 def one_plan_json(spec: ModelSpec, verdict: Verdict, limits: dict[str, int]) -> dict:
-    out = estimate_json(spec.name, spec.params_total, [verdict.estimate], **limits)
+    out = _with_calibration(spec, estimate_json(spec.name, spec.params_total, [verdict.estimate], **limits))
     out["model"].update(frozen_json(spec))
     out["results"][0]["fits"] = verdict.fits
     out["results"][0]["fit"] = verdict.to_json()
@@ -121,7 +137,8 @@ def one_plan_text(spec: ModelSpec, plan: Plan, verdict: Verdict, limits: dict[st
     """One plan by phase, with its target (`recorded`: the plan's own), assumptions, limits and verdict."""
     result, target = verdict.estimate, verdict.target
     unit = "process" if plan.device == "cpu" else "GPU"
-    lines = [*model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})"),
+    lines = [*model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})"
+                                f"{_model_label(spec)}"),
              f"plan: {describe_plan(result)}, {plan.world_size} {unit}(s), micro-batch {plan.micro_batch} x "
              f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {'on' if plan.grad_ckpt else 'off'}, "
              f"{plan.optimizer}, attn {plan.attn}"]
@@ -137,7 +154,7 @@ def one_plan_text(spec: ModelSpec, plan: Plan, verdict: Verdict, limits: dict[st
 
 def comparison_json(spec: ModelSpec, comparison: Comparison) -> dict:
     rows, judge = comparison.rows, comparison.judge
-    out = estimate_json(spec.name, spec.params_total, [r.candidate.estimate for r in rows])
+    out = _with_calibration(spec, estimate_json(spec.name, spec.params_total, [r.candidate.estimate for r in rows]))
     out["model"].update(frozen_json(spec))
     for r, res in zip(rows, out["results"]):
         res["fits"] = r.candidate.fits
@@ -165,7 +182,8 @@ def _comparison_header(spec: ModelSpec, comparison: Comparison) -> list[str]:
                 f"within {format_bytes(judge.usable_host_bytes)} of host RAM per node; best plan for "
                 f"{comparison.sizes_gib[-1]} GiB")
     n = comparison.rows[0].candidate.plan.world_size
-    lines = [*model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters on {n} GPU(s); {where}"),
+    lines = [*model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters on {n} GPU(s); {where}"
+                                f"{_model_label(spec)}"),
              "defaults: micro-batch 1 x 2048 tokens, checkpointing on, AdamW (foreach), SDPA attention; memory per "
              "GPU in GiB (2^30); step s: recommend's time model", rule]
     if comparison.assumptions:

@@ -282,6 +282,9 @@ VARIANTS = {
     "gemma3_text-minimal": dict(model_type="gemma3_text", **_SMALL),
     "gemma3_text-untied-bias": dict(model_type="gemma3_text", head_dim=32, num_key_value_heads=8, attention_bias=True,
                                     tie_word_embeddings=False, **_SMALL),
+    # Gemma-3 4B/12B/27B's Hub text_config leaves vocab_size and the heads to Gemma3TextConfig's defaults
+    "gemma3_text-hub-defaults": dict(model_type="gemma3_text", hidden_size=64, num_hidden_layers=2,
+                                     intermediate_size=96),
     "smollm3-minimal": dict(model_type="smollm3", pad_token_id=0, bos_token_id=1, eos_token_id=2, **_SMALL),
     "smollm3-biases-untied": dict(model_type="smollm3", pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                   attention_bias=True, mlp_bias=True, num_key_value_heads=8,
@@ -418,6 +421,9 @@ def test_resolve_names(ref, preset):
     ("ibm-granite/granite-3.3-8b-instruct", "granite-3.3-8b"),
     ("mistralai/Mistral-Small-3.1-24B-Base-2503", "mistral-small-3.1-24b"),
     ("mistralai/Mistral-Small-3.1-24B-Instruct-2503", "mistral-small-3.1-24b"),
+    ("google/gemma-3-4b-pt", "gemma-3-4b"), ("google/gemma-3-4b-it", "gemma-3-4b"),
+    ("google/gemma-3-12b-pt", "gemma-3-12b"), ("google/gemma-3-12b-it", "gemma-3-12b"),
+    ("google/gemma-3-27b-pt", "gemma-3-27b"), ("google/gemma-3-27b-it", "gemma-3-27b"),
 ])
 def test_instruct_ids_listed_as_aliases(ref, preset):
     assert preset_id(ref) == preset and resolve_model(ref).name == preset

@@ -133,21 +133,54 @@ def test_multimodal_config_errors():
                           "vision_config": {"model_type": "clip_vision_model"}}, "m")
 
 
-def test_mistral_small_preset_matches_transformers():
-    """The preset's language model and frozen parts against Mistral3ForConditionalGeneration on the meta device
-    (tied as its text_config says: the checkpoint keeps its own lm_head)."""
+# preset: (total of the meta-device <Model>ForConditionalGeneration, its language model, vision tower + projector,
+# (head_dim, heads, hidden)). Gemma-3's totals are keras-hub's published ones for the same architectures
+# (medgemma_4b, medgemma_instruct_27b); its text models are keras-hub's gemma3_*_text totals + 64 x hidden
+# (keras-hub's text presets drop the 64 unused vocabulary rows of the 262,208).
+MULTIMODAL_PRESETS = {
+    "mistral-small-3.1-24b": (24_011_361_280, 23_572_403_200, 438_958_080, (128, 32, 5120)),
+    "gemma-3-4b": (4_300_079_472, 3_880_099_328 + 64 * 2560, 419_816_304, (256, 8, 2560)),
+    "gemma-3-12b": (12_187_325_040, 11_765_788_416 + 64 * 3840, 421_290_864, (256, 16, 3840)),
+    "gemma-3-27b": (27_432_406_640, 27_009_002_240 + 64 * 5376, 423_060_336, (128, 32, 5376)),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(MULTIMODAL_PRESETS))
+def test_multimodal_preset_matches_transformers(preset):
+    """The preset's language model and frozen parts against its <Model>ForConditionalGeneration on the meta
+    device (tied as memplan reads it: Mistral-Small's checkpoint keeps its own lm_head, Gemma-3 ties)."""
     from memplan.catalog.presets import preset_config
     from memplan.catalog.resolve import resolve_model
     from memplan.catalog.spec import read_config
 
-    spec = resolve_model("mistral-small-3.1-24b")
-    config = read_config(preset_config("mistral-small-3.1-24b"))
+    total, language, frozen, dims = MULTIMODAL_PRESETS[preset]
+    spec = resolve_model(preset)
+    config = read_config(preset_config(preset))
     params = dict(_meta(config, spec.tie_word_embeddings).named_parameters())
-    assert spec.params_total + spec.params_frozen == sum(p.numel() for p in params.values()) == 24_011_361_280
-    assert (spec.params_total, spec.params_frozen) == (23_572_403_200, 438_958_080)
+    assert spec.params_total + spec.params_frozen == sum(p.numel() for p in params.values()) == total
+    assert (spec.params_total, spec.params_frozen) == (language, frozen)
+    wrapper = vision.WRAPPERS[config["model_type"]]
+    assert spec.params_frozen == _numel_under(params, wrapper.vision) + _numel_under(params, wrapper.projector)
     for item in (*spec.embedding_items, *spec.final_items, *spec.lm_head_items, *spec.frozen_items):
         assert _numel_under(params, item.path) == item.params, item
-    assert (spec.head_dim, spec.num_heads, spec.hidden_size) == (128, 32, 5120)
+    for group in spec.layer_groups:
+        for item in group.items:
+            assert _numel_under(params, f"{spec.layer_prefix}.{group.indices[0]}.{item.path}") == item.params, item
+    assert (spec.head_dim, spec.num_heads, spec.hidden_size) == dims
+
+
+def test_gemma3_presets_read_the_hub_layout():
+    """Gemma-3's Hub config.json leaves vocab_size (and for 4B the heads) to Gemma3TextConfig's defaults."""
+    from memplan.catalog.presets import preset_config
+    from memplan.catalog.resolve import resolve_model
+    from memplan.catalog.spec import read_config
+
+    text = read_config(preset_config("gemma-3-4b"))["text_config"]
+    assert "vocab_size" not in text and "num_attention_heads" not in text
+    spec = resolve_model("google/gemma-3-4b-it")
+    assert spec.name == "gemma-3-4b" and spec.wrapper == "gemma3" and spec.model_type == "gemma3_text"
+    assert (spec.vocab_size, spec.num_heads, spec.num_kv_heads, spec.tie_word_embeddings) == (262_208, 8, 4, True)
+    assert spec.traits.sliding_window == 1024 and spec.traits.layer_types.count("full_attention") == 34 // 6
 
 
 def test_multimodal_estimate_stays_torch_free():

@@ -28,6 +28,11 @@ CASES = [
     ("llama-3.2-1b", dict(method="lora", precision="bf16", seq_len=2048, loss="chunked",
                           grad_ckpt=False)),
     ("llama-3.2-1b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=1024)),
+    # the 2025-26 families at full size: per-head q/k norms, local/global layers, post-norms, NoPE layers
+    ("qwen3-0.6b", dict(precision="bf16", micro_batch=4, seq_len=1024, grad_ckpt=False)),
+    ("gemma-3-1b", dict(precision="bf16", micro_batch=2, seq_len=1024, grad_ckpt=False)),
+    ("olmo-2-7b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=512, grad_ckpt=False)),
+    ("smollm3-3b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048, grad_ckpt=False)),
 ]
 
 

@@ -11,10 +11,15 @@ from __future__ import annotations
 from memplan.catalog.families.common import TWO_NORMS, attention_dropout, attention_window, llama_like
 from memplan.catalog.spec import Arch, Cfg, Traits
 
+# Gemma3TextConfig's defaults for keys the Hub config.json files of Gemma-3 4B/12B/27B leave out of their
+# text_config (configuration_gemma3.py: vocab_size=262_208, num_attention_heads=8)
+DEFAULTS = {"vocab_size": 262_208, "num_attention_heads": 8}
+
 
 # attention_dropout: the config class's default (0.0). With dropout > 0 the CPU SDPA path runs its math kernel
 # (it keeps the s x s probabilities); CUDA's fused SDPA kernels keep none (LayerReplay.attention_kernel).
 def build(cfg: Cfg) -> Arch:
+    cfg = Cfg({**cfg.c, **{k: v for k, v in DEFAULTS.items() if cfg.c.get(k) is None}}, cfg.name, cfg.model_type)
     pattern = int(cfg.opt("sliding_window_pattern", 6))
     window = attention_window(cfg, default=4096, sliding=lambda i: (i + 1) % pattern != 0)
     traits = Traits(
