@@ -51,12 +51,18 @@ def lora_targets(spec: ModelSpec, plan: Plan) -> frozenset[str]:
     return frozenset(plan.lora.targets)
 
 
-def attention_impl(spec: ModelSpec, plan: Plan) -> str:
-    """The attention transformers runs: a model without an SDPA path (Gemma2: SDPA has no logit
-    soft-capping) loads eager when asked for SDPA, as transformers does without an explicit choice."""
-    if plan.attn == "sdpa" and not spec.traits.sdpa:
+def attention_runs(spec: ModelSpec, attn: str) -> str:
+    """The attention the model runs when the plan asks for `attn` ("eager", "sdpa", "flash"), the one rule that
+    the estimate, memplan profile / train (memplan.runtime.model.attention) and the plan search read: a model
+    without an SDPA path (Traits.sdpa; Gemma2: SDPA has no logit soft-capping) runs eager for "sdpa"."""
+    if attn == "sdpa" and not spec.traits.sdpa:
         return "eager"
-    return plan.attn
+    return attn
+
+
+def attention_impl(spec: ModelSpec, plan: Plan) -> str:
+    """The attention the estimate assumes: attention_runs."""
+    return attention_runs(spec, plan.attn)
 
 
 def _sdpa_mask(spec: ModelSpec, plan: Plan, layer_type: str) -> bool:
