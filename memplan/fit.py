@@ -25,6 +25,7 @@ from memplan.catalog.gpus import COMMON_SIZES_GIB
 from memplan.catalog.spec import ModelSpec
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
+from memplan.estimator.activations import attention_runs
 from memplan.estimator.search import largest
 from memplan.plan import Plan, build_plan
 from memplan.recommend.hardware import (
@@ -266,7 +267,7 @@ def compare(spec: ModelSpec, model_ref: str, cluster: dict[str, Any], gpu: str |
     scored by recommend's scorer, marked, and the best chosen by recommend's rule."""
     from memplan.recommend.search import Scorer, Workload
 
-    cluster = dict(cluster)
+    cluster = dict(cluster, attn=attention_runs(spec, "sdpa"))  # eager for a model without an SDPA path
     if any(lin.kind == "experts" for lin in spec.layer_linears):
         cluster["lora"] = {"dropout": 0.0}  # peft's expert adapters take no dropout (see check_lora_targets)
     plans = [build_plan(dict(row, model=model_ref, **cluster)) for row in STANDARD_PLANS]

@@ -110,6 +110,9 @@ class Traits:
     rotary_complex: bool = False  # rotary on complex numbers: freqs_cis (s, head_dim / 2) complex64, q/k type_as back
     attention_chunk_size: int | None = None  # "chunked_attention" layers attend within chunks of this size
     experts_every_token: bool = False  # Llama4TextMoe: every token through every expert (bmm), plus a shared expert
+    # the model loads flash-attention 2 (PreTrainedModel._supports_flash_attn; Llama4ForCausalLM has none), as
+    # memplan profile / train load it: GPT-OSS's sinks need a flash kernel downloaded from the Hub, which they never do
+    flash: bool = True
 
 
 @dataclass(frozen=True)

@@ -51,18 +51,21 @@ def lora_targets(spec: ModelSpec, plan: Plan) -> frozenset[str]:
     return frozenset(plan.lora.targets)
 
 
-def attention_runs(spec: ModelSpec, attn: str) -> str:
+def attention_runs(spec: ModelSpec, attn: str) -> str | None:
     """The attention the model runs when the plan asks for `attn` ("eager", "sdpa", "flash"), the one rule that
     the estimate, memplan profile / train (memplan.runtime.model.attention) and the plan search read: a model
-    without an SDPA path (Traits.sdpa; Gemma2: SDPA has no logit soft-capping) runs eager for "sdpa"."""
+    without an SDPA path (Traits.sdpa; Gemma2: SDPA has no logit soft-capping) runs eager for "sdpa"; None
+    where the model cannot run `attn` at all (flash without Traits.flash)."""
     if attn == "sdpa" and not spec.traits.sdpa:
         return "eager"
+    if attn == "flash" and not spec.traits.flash:
+        return None
     return attn
 
 
 def attention_impl(spec: ModelSpec, plan: Plan) -> str:
-    """The attention the estimate assumes: attention_runs."""
-    return attention_runs(spec, plan.attn)
+    """The attention the estimate assumes: attention_runs (flash as asked where the model has none)."""
+    return attention_runs(spec, plan.attn) or plan.attn
 
 
 def _sdpa_mask(spec: ModelSpec, plan: Plan, layer_type: str) -> bool:

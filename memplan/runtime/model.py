@@ -155,6 +155,9 @@ def attention(plan: Plan, device: str, spec=None) -> str:
     from memplan.estimator.activations import attention_runs
 
     attn = plan.attn if spec is None else attention_runs(spec, plan.attn)
+    if attn is None:
+        raise UserError(f"attn {plan.attn}: transformers has no flash-attention for {spec.model_type} models that "
+                        "memplan can load. Hint: --attn sdpa or eager")
     if attn != "flash":
         return attn
     if device.startswith("cuda"):
