@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from memplan.catalog.spec import ModelSpec
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
-from memplan.estimator.activations import attention_runs
+from memplan.estimator.activations import attention_runs, lora_targets
 from memplan.estimator.search import largest
 from memplan.plan import Plan, build_plan
 from memplan.recommend import throughput
@@ -153,14 +153,27 @@ def attentions(spec: ModelSpec, target: Target, precision: str) -> list[str]:
     return [attn for attn in dict.fromkeys(attention_runs(spec, a) for a in asked) if attn is not None]
 
 
+def search_lora(spec: ModelSpec, model_ref: str, lora: dict | None) -> dict:
+    """The LoRA settings searched: as asked, with dropout 0 (unless asked) where a fused MoE expert stack is a
+    target under them, since peft's ParamWrapper takes no dropout (plan.check_lora_targets). Stacks that are
+    no target keep the dropout: attention-only targets, and models whose stacks peft cannot reach
+    (Traits.lora_unreachable: GPT-OSS, Llama 4)."""
+    lora = dict(lora or {})
+    try:
+        targets = lora_targets(spec, build_plan(dict(model=model_ref, method="lora", lora=lora)))
+    except UserError:  # settings no plan takes: every combination is refused as it is built
+        return lora
+    if any(lin.kind == "experts" and lin.name in targets for lin in spec.layer_linears):
+        lora.setdefault("dropout", 0.0)
+    return lora
+
+
 def structures(spec: ModelSpec, model_ref: str, method: str, target: Target, seq_len: int,
                lora: dict | None = None, allow_param_offload: bool = True) -> list[Plan]:
     """Every valid combination (micro-batch 1), validated once by the Plan's own rules."""
     base = dict(model=model_ref, method=method, device=target.device, gpus=target.gpus, nodes=target.nodes,
                 seq_len=seq_len)
-    lora = dict(lora or {})
-    if method != "full" and any(lin.kind == "experts" for lin in spec.layer_linears):
-        lora.setdefault("dropout", 0.0)  # peft's expert-stack adapters take no dropout
+    lora = search_lora(spec, model_ref, lora) if method != "full" else dict(lora or {})
     if lora:
         base["lora"] = lora
     out = []
