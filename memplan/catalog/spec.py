@@ -111,6 +111,9 @@ class Traits:
     attention_chunk_size: int | None = None  # "chunked_attention" layers attend within chunks of this size
     experts_every_token: bool = False  # Llama4TextMoe: every token through every expert (bmm), plus a shared expert
     calibrated: str = ""  # no family module: the cache key of its traced calibration (estimator/calibrated.py)
+    # the model loads flash-attention 2 (PreTrainedModel._supports_flash_attn; Llama4ForCausalLM has none), as
+    # memplan profile / train load it: GPT-OSS's sinks need a flash kernel downloaded from the Hub, which they never do
+    flash: bool = True
 
 
 @dataclass(frozen=True)

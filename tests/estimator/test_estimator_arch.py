@@ -66,6 +66,10 @@ LLAMA4 = dict(model_type="llama4_text", hidden_size=256, intermediate_size=256, 
               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4,
               num_experts_per_tok=1, attention_chunk_size=256, pad_token_id=0)
 LLAMA4_LORA = {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+# the chunked loss with four chunks of 1024 tokens (b 2, s 2048), where the loss is most of the step
+LLAMA = dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=32000)
+CHUNKED = dict(loss="chunked", seq_len=2048)
 
 
 def cfg(base: dict, **over) -> dict:
@@ -136,12 +140,18 @@ CASES = [
     ("llama4_text-lora-ckpt-sdpa", cfg(LLAMA4, vocab_size=32000), dict(LORA_CKPT, attn="sdpa", lora=LLAMA4_LORA)),
     # "all-linear": the same modules (memplan does not hand peft its own "all-linear", which wraps the router)
     ("llama4_text-lora-all-linear-sdpa", cfg(LLAMA4, vocab_size=8192), dict(LORA, attn="sdpa")),
+    # chunked loss: each chunk recomputed in the backward; lm_head's gradient summed over the chunks
+    ("llama-full-bf16-chunked-loss", LLAMA, dict(FULL_BF16, attn="sdpa", **CHUNKED)),
+    ("llama-full-amp-chunked-loss", LLAMA, dict(FULL_AMP, attn="sdpa", **CHUNKED)),
+    ("granite-lora-ckpt-amp-chunked-loss", cfg(GRANITE, vocab_size=32000),
+     dict(LORA_CKPT, precision="amp-bf16", attn="sdpa", **CHUNKED)),
+    ("gemma2-full-bf16-chunked-loss-softcap", cfg(GEMMA2, vocab_size=32000), dict(FULL_BF16, attn="eager", **CHUNKED)),
 ]
 
 
 @pytest.mark.parametrize("config, fields", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_phase_peaks_match_the_trace(config, fields):
-    plan = Plan(micro_batch=2, seq_len=512, **fields)
+    plan = Plan(**{"micro_batch": 2, "seq_len": 512, **fields})
     est = estimate(spec_from_config(dict(config), config["model_type"]), plan, kernels="cpu")
     steady = trace_training(dict(config), plan, backend="trace").steady
     for phase in ("forward", "backward", "optimizer"):
