@@ -25,6 +25,7 @@ from memplan.catalog.gpus import COMMON_SIZES_GIB
 from memplan.catalog.spec import ModelSpec
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
+from memplan.estimator.activations import attention_runs
 from memplan.estimator.search import largest
 from memplan.plan import Plan, build_plan
 from memplan.recommend.hardware import (
@@ -264,11 +265,12 @@ def compare(spec: ModelSpec, model_ref: str, cluster: dict[str, Any], gpu: str |
             headroom: float | None = None) -> Comparison:
     """STANDARD_PLANS for `model_ref` on the cluster (`gpus`, `nodes`), each one optimizer step of its own batch
     scored by recommend's scorer, marked, and the best chosen by recommend's rule."""
-    from memplan.recommend.search import Scorer, Workload
+    from memplan.recommend.search import Scorer, Workload, search_lora
 
-    cluster = dict(cluster)
-    if spec.lora_reaches_experts():
-        cluster["lora"] = {"dropout": 0.0}  # peft's expert adapters take no dropout (see check_lora_targets)
+    cluster = dict(cluster, attn=attention_runs(spec, "sdpa"))  # eager for a model without an SDPA path
+    lora = search_lora(spec, model_ref, None)  # dropout 0 where an expert stack is a target
+    if lora:
+        cluster["lora"] = lora
     plans = [build_plan(dict(row, model=model_ref, **cluster)) for row in STANDARD_PLANS]
     assumptions: list[str] = []
     target = resolve_plan_target(plans[0], gpu, gpu_memory, host_memory, headroom, assumptions)

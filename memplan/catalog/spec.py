@@ -133,8 +133,11 @@ class Traits:
     # weights gathered from the sigmoid), "softmax_fp32" (DeepseekV2TopkRouter: fp32 logits, softmax, top-k)
     moe_router: str = "softmax"
     moe_groups: tuple[int, int] = (1, 1)  # (n_group, topk_group) of group-limited routing
-
     calibrated: str = ""  # no family module: the cache key of its traced calibration (estimator/calibrated.py)
+    # the model loads flash-attention 2 (PreTrainedModel._supports_flash_attn; Llama4ForCausalLM has none), as
+    # memplan profile / train load it: GPT-OSS's sinks need a flash kernel downloaded from the Hub, which they never do
+    flash: bool = True
+
 
 @dataclass(frozen=True)
 class LayerGroup:

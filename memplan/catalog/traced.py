@@ -242,6 +242,7 @@ def _arch(model, cfg: Cfg, prefix: str, layers: list) -> dict:
     kinds = getattr(text, "layer_types", None)
     traits = dict(
         decoder_layer=type(layers[0]).__name__, sdpa=bool(getattr(model, "_supports_sdpa", True)),
+        flash=bool(getattr(model, "_supports_flash_attn", True)),
         norm="layer" if any(isinstance(m, nn.LayerNorm) for m in _outside(model, prefix)) else "rms",
         sliding_window=window if isinstance(window, int) and window > 0 else None,
         layer_types=list(kinds) if isinstance(kinds, list) and len(kinds) == len(layers) else [],

@@ -19,6 +19,13 @@ from memplan.plan import Plan
 CHUNKED_LOSS_TOKENS = 1024  # tokens per chunk of memplan.runtime.loss.chunked_causal_lm_loss
 
 
+def loss_chunks(plan: Plan) -> int:
+    """How many chunks the loss runs in: 1 for the standard loss."""
+    if plan.loss != "chunked":
+        return 1
+    return math.ceil(plan.micro_batch * plan.seq_len / CHUNKED_LOSS_TOKENS)
+
+
 def numerics(plan: Plan, spec: ModelSpec) -> Numerics:
     """Bytes per element for the plan's precision regime (memory-anatomy §2)."""
     p = plan.precision
@@ -44,12 +51,21 @@ def lora_targets(spec: ModelSpec, plan: Plan) -> frozenset[str]:
     return spec.lora_target_names(plan.lora.targets)
 
 
-def attention_impl(spec: ModelSpec, plan: Plan) -> str:
-    """The attention transformers runs: a model without an SDPA path (Gemma2: SDPA has no logit
-    soft-capping) loads eager when asked for SDPA, as transformers does without an explicit choice."""
-    if plan.attn == "sdpa" and not spec.traits.sdpa:
+def attention_runs(spec: ModelSpec, attn: str) -> str | None:
+    """The attention the model runs when the plan asks for `attn` ("eager", "sdpa", "flash"), the one rule that
+    the estimate, memplan profile / train (memplan.runtime.model.attention) and the plan search read: a model
+    without an SDPA path (Traits.sdpa; Gemma2: SDPA has no logit soft-capping) runs eager for "sdpa"; None
+    where the model cannot run `attn` at all (flash without Traits.flash)."""
+    if attn == "sdpa" and not spec.traits.sdpa:
         return "eager"
-    return plan.attn
+    if attn == "flash" and not spec.traits.flash:
+        return None
+    return attn
+
+
+def attention_impl(spec: ModelSpec, plan: Plan) -> str:
+    """The attention the estimate assumes: attention_runs (flash as asked where the model has none)."""
+    return attention_runs(spec, plan.attn) or plan.attn
 
 
 def _sdpa_mask(spec: ModelSpec, plan: Plan, layer_type: str) -> bool:
@@ -285,9 +301,22 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
         loss_saved = 0
         head = tape.saved_bytes + 8 * tok
         chunk = min(tok, CHUNKED_LOSS_TOKENS)
-        fwd_peak = (c + (0 if c == 4 else 4) + 4) * chunk * V
-        # the recomputed chunk keeps its softcap tanh result (memplan.runtime.loss._chunk_loss_sum) until its backward
-        bwd_peak = (c + 12 + (c if softcap else 0)) * chunk * V
+        # autocast's low-precision copy of lm_head's weight (amp with fp32 weights): in the forward the cache
+        # keeps a trainable weight's until autocast exits; each chunk's recomputation casts the weight and the
+        # chunk's input again and the matmul saves both for its backward
+        cast = V * h * c if num.autocast and num.weights != c else 0
+        fwd_peak = (c + (0 if c == 4 else 4) + 4) * chunk * V + (cast if full else 0)
+        # The backward recomputes memplan.runtime.loss._chunk_loss_sum under checkpoint: its logits and their
+        # fp32 copy are freed when it returns (nothing saves them); log_softmax's fp32 output stays (and the
+        # softcap's tanh result), then nll_loss_backward's and _log_softmax_backward_data's fp32 results.
+        bwd_peak = (12 + (c if softcap else 0)) * chunk * V + (cast + chunk * h * c if cast else 0)
+        if loss_chunks(plan) > 1:
+            # From the second chunk on: the gradient of the decoder output (slice_backward gives each chunk's as
+            # a full (b*s, h) tensor, summed across the chunks), and a trainable lm_head's weight gradient: the
+            # forward graph (which non-reentrant checkpointing keeps) has one node for the weight (its
+            # AccumulateGrad, or the ToCopy of autocast's cached copy), whose input buffer sums the chunks'
+            # gradients, in the compute dtype and unsharded, until the last chunk is done.
+            bwd_peak += hidden.nbytes + (V * h * c if full else 0)
 
     # The attention masks (mask_bytes) live inside the decoder's forward only: the model returns (and
     # frees them) before ForCausalLM computes the loss, where the forward peaks; they are not part of it.

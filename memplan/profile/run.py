@@ -288,9 +288,11 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
     where = {"phase": "load", "step": 0}
     oom = None
     after_load = None
+    notes: list[str] = []
     try:
         shards = getattr(wrap, "shards_parameters", False)
         built = build_model(plan, config=config, weights=weights, device=device, fake_mode=fake_mode, on_meta=shards)
+        notes = built.notes
         factory = optimizer_factory(plan)  # imports happen here, before the meter is active
         module = CausalLMLoss(built.model, plan.loss == "chunked", head_options(built.hf_model.config))
         if shards:  # FSDP: shard on the meta device, then give each rank only its shards
@@ -318,7 +320,7 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
         oom = {"phase": phase, "step": len(getattr(meter, "steps", [])) or 0,
                "allocated_bytes": _allocated(meter), "message": str(err).splitlines()[0][:300]}
     result = Measured(backend=backend, steps=meter.result(), after_load=after_load,
-                      seconds=round(time.perf_counter() - t0, 2), oom=oom)
+                      seconds=round(time.perf_counter() - t0, 2), oom=oom, notes=list(notes))
     for key, value in meter.extras().items():
         setattr(result, key.removesuffix("_bytes"), value)
     if backend == "cuda":

@@ -15,6 +15,7 @@ from memplan.catalog.resolve import resolve_model
 from memplan.catalog.spec import ModelSpec
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
+from memplan.estimator.activations import attention_runs
 from memplan.plan import MAX_NUMBER, DataSettings, Plan, build_plan
 from memplan.recommend import hparams as hp
 from memplan.recommend.data_stats import DataStats, measure_data
@@ -346,7 +347,8 @@ def _more_gpus(rec: Recommendation, smallest: Candidate) -> list[str]:
             continue
         gpus, nodes = min(world, 8), max(1, world // 8)
         fields = smallest.plan.model_dump()
-        fields.update(gpus=gpus, nodes=nodes, offload="none", optimizer="adamw-fused", attn="sdpa",
+        fields.update(gpus=gpus, nodes=nodes, offload="none", optimizer="adamw-fused",
+                      attn=attention_runs(rec.spec, "sdpa"),
                       sharding="deepspeed", zero=3, precision="bf16-master" if target.supports_bf16 else "fp32")
         try:
             plan = build_plan(fields)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from memplan.catalog.spec import ModelSpec
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
+from memplan.estimator.activations import attention_runs, lora_targets
 from memplan.estimator.search import largest
 from memplan.plan import Plan, build_plan
 from memplan.recommend import throughput
@@ -69,7 +70,7 @@ class Candidate:
         """Tie-break toward the simpler plan: fewer moving parts when time and quality are equal."""
         p = self.plan
         return (p.zero + (2 if p.offload != "none" else 0) + (p.sharding != "ddp") + (p.loss == "chunked")
-                + (p.attn != "sdpa") + (p.precision == "bf16-master"))
+                + (p.attn == "flash") + (p.precision == "bf16-master"))
 
     def family(self) -> str:
         from memplan.report.estimate import describe_plan
@@ -143,13 +144,28 @@ def shardings(target: Target) -> list[tuple[str, int, str]]:
             ("deepspeed", 2, "none"), ("deepspeed", 3, "none")] + offloaded
 
 
-def attentions(target: Target, precision: str) -> list[str]:
-    """SDPA (torch's fused kernels, no extra package) everywhere; flash-attention 2 on GPUs in 16-bit.
-    Eager attention is never searched: it saves the full attention matrices (more memory) for the same
-    FLOPs, so SDPA dominates it."""
-    if target.device == "cuda" and precision != "fp32" and target.supports_bf16:
-        return ["sdpa", "flash"]
-    return ["sdpa"]
+def attentions(spec: ModelSpec, target: Target, precision: str) -> list[str]:
+    """SDPA (torch's fused kernels, no extra package) everywhere; flash-attention 2 on GPUs in 16-bit. Eager
+    attention is searched only in place of SDPA: it saves the full attention matrices (more memory) for the
+    same FLOPs, so SDPA dominates it. What the model runs decides (activations.attention_runs): eager for a
+    model without an SDPA path (its "sdpa" is eager, not another choice), no flash where it has none."""
+    asked = ["sdpa", "flash"] if target.device == "cuda" and precision != "fp32" and target.supports_bf16 else ["sdpa"]
+    return [attn for attn in dict.fromkeys(attention_runs(spec, a) for a in asked) if attn is not None]
+
+
+def search_lora(spec: ModelSpec, model_ref: str, lora: dict | None) -> dict:
+    """The LoRA settings searched: as asked, with dropout 0 (unless asked) where a fused MoE expert stack is a
+    target under them, since peft's ParamWrapper takes no dropout (plan.check_lora_targets). Stacks that are
+    no target keep the dropout: attention-only targets, and models whose stacks peft cannot reach
+    (Traits.lora_unreachable: GPT-OSS, Llama 4)."""
+    lora = dict(lora or {})
+    try:
+        targets = lora_targets(spec, build_plan(dict(model=model_ref, method="lora", lora=lora)))
+    except UserError:  # settings no plan takes: every combination is refused as it is built
+        return lora
+    if any(lin.kind == "experts" and lin.name in targets for lin in spec.layer_linears):
+        lora.setdefault("dropout", 0.0)
+    return lora
 
 
 def structures(spec: ModelSpec, model_ref: str, method: str, target: Target, seq_len: int,
@@ -157,9 +173,7 @@ def structures(spec: ModelSpec, model_ref: str, method: str, target: Target, seq
     """Every valid combination (micro-batch 1), validated once by the Plan's own rules."""
     base = dict(model=model_ref, method=method, device=target.device, gpus=target.gpus, nodes=target.nodes,
                 seq_len=seq_len)
-    lora = dict(lora or {})
-    if method != "full" and spec.lora_reaches_experts(lora.get("targets", "all-linear")):
-        lora.setdefault("dropout", 0.0)  # peft's expert-stack adapters take no dropout
+    lora = search_lora(spec, model_ref, lora) if method != "full" else dict(lora or {})
     if lora:
         base["lora"] = lora
     out = []
@@ -171,7 +185,7 @@ def structures(spec: ModelSpec, model_ref: str, method: str, target: Target, seq
             # DDP: the same 16 B per parameter as amp-bf16, nothing gained; FSDP on CUDA: memplan train
             # refuses it (accelerate prepares FSDP's optimizer over the model's own parameters).
             continue
-        for attn in attentions(target, precision):
+        for attn in attentions(spec, target, precision):
             fields = dict(base, precision=precision, optimizer=optimizer, sharding=backend, zero=zero, offload=offload,
                           grad_ckpt=ckpt, attn=attn, loss=loss)
             try:

@@ -11,7 +11,8 @@ How each Plan field becomes the model (the same mapping memplan's estimator assu
   dtype) and adds LoRA on top. peft's `prepare_model_for_kbit_training` is not applied: it would upcast norms
   and embeddings to fp32, which the plan's estimate does not assume.
 - grad_ckpt: non-reentrant activation checkpointing of every decoder layer.
-- attn: eager | sdpa | flash (`attention`: flash-attention 2 on CUDA, else SDPA's flash kernel).
+- attn: eager | sdpa | flash, as the estimate assumes (`attention`: eager for a model without an SDPA path,
+  flash-attention 2 on CUDA, else SDPA's flash kernel).
 - training builds no KV cache: `config.use_cache = False`.
 
 Where the model comes from:
@@ -30,7 +31,7 @@ import contextlib
 import copy
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ class Built:
     model: Any  # what trains: the HF model, or the peft model around it
     hf_model: Any  # the transformers model inside
     vocab_size: int
+    notes: list[str] = field(default_factory=list)  # for the output: where the model differs from the plan
 
 
 # ---------------------------------------------------------------- where the model is
@@ -144,12 +146,20 @@ def load_tokenizer(path: Path, trust_remote_code: bool):
 # ---------------------------------------------------------------- the one constructor
 
 
-def attention(plan: Plan, device: str) -> str:
-    """transformers' attn_implementation for the plan on `device`: flash is flash-attention 2 on CUDA when the
-    flash_attn package is there, and SDPA otherwise, whose flash kernel (CUDA's, and PyTorch's CPU one) keeps
-    no s x s tensors either (only the log-sum-exp): the same memory."""
-    if plan.attn != "flash":
-        return plan.attn
+def attention(plan: Plan, device: str, spec=None) -> str:
+    """transformers' attn_implementation for the plan on `device`: what the estimate assumes for the model `spec`
+    (memplan.estimator.activations.attention_runs: "sdpa" is eager for a model without an SDPA path, which
+    transformers refuses to load with "sdpa"); flash is flash-attention 2 on CUDA when the flash_attn package is
+    there, and otherwise SDPA, whose flash kernel (CUDA's, and PyTorch's CPU one) keeps no s x s tensors either
+    (only the log-sum-exp): the same memory. Without a spec (a model memplan does not estimate): as asked."""
+    from memplan.estimator.activations import attention_runs
+
+    attn = plan.attn if spec is None else attention_runs(spec, plan.attn)
+    if attn is None:
+        raise UserError(f"attn {plan.attn}: transformers has no flash-attention for {spec.model_type} models that "
+                        "memplan can load. Hint: --attn sdpa or eager")
+    if attn != "flash":
+        return attn
     if device.startswith("cuda"):
         try:
             import flash_attn  # noqa: F401
@@ -157,7 +167,31 @@ def attention(plan: Plan, device: str) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    return "sdpa" if spec is None else attention_runs(spec, "sdpa")
+
+
+def attention_note(plan: Plan, spec) -> str | None:
+    """One line for the output where the model runs another attention than the plan names (None otherwise)."""
+    if spec is None or plan.attn != "sdpa" or attention(plan, "cpu", spec) == "sdpa":
+        return None
+    return (f"attention: eager, not sdpa: transformers has no SDPA path for {spec.model_type} models "
+            "(the estimate assumes eager too)")
+
+
+def model_spec(config) -> Any:
+    """memplan's ModelSpec of a transformers config, a config dict or a model directory; None for a model type or
+    layout that memplan does not estimate."""
+    from memplan.catalog.spec import spec_from_config
+
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        config = read_config(path / "config.json" if path.is_dir() else path)
+    elif not isinstance(config, dict):
+        config = config.to_dict()
+    try:
+        return spec_from_config(config, str(config.get("model_type")))
+    except UserError:
+        return None
 
 
 def build_model(plan: Plan, *, config: Any = None, weights: str | Path | None = None, device: Any = "cpu",
@@ -180,8 +214,9 @@ def build_model(plan: Plan, *, config: Any = None, weights: str | Path | None = 
         hf_model = _qlora_from_config(resolve_config(config), plan, device)
     else:
         meta = True
+        config = resolve_config(config)
         with torch.device("meta"):
-            hf_model = _from_config(resolve_config(config), plan, attention(plan, device))
+            hf_model = _from_config(config, plan, attention(plan, device, model_spec(config)))
             model = _apply_plan(hf_model, plan)
     if not meta:
         model = _apply_plan(hf_model, plan)
@@ -189,7 +224,8 @@ def build_model(plan: Plan, *, config: Any = None, weights: str | Path | None = 
         materialize(model, hf_model, device, fake_mode)
     model.train()
     text = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
-    return Built(model, hf_model, text.vocab_size)
+    note = attention_note(plan, model_spec(hf_model.config))
+    return Built(model, hf_model, text.vocab_size, [note] if note else [])
 
 
 def load_model(plan: Plan, path: Path, device: Any, trust_remote_code: bool = False):
@@ -216,13 +252,8 @@ def _all_linear(config: dict) -> list[str] | None:
     """The modules "all-linear" names where peft's own "all-linear" would also wrap one it cannot train
     (Traits.lora_unreachable: Llama 4's router, an nn.Linear whose forward returns a tuple): the estimate's
     targets (ModelSpec.linear_names). None (peft's "all-linear") for every other model."""
-    from memplan.catalog.spec import spec_from_config
-
-    try:
-        spec = spec_from_config(config, str(config.get("model_type")))
-    except UserError:  # a model type or layout memplan does not estimate: peft decides
-        return None
-    if not spec.traits.lora_unreachable:
+    spec = model_spec(config)
+    if spec is None or not spec.traits.lora_unreachable:  # None: a model memplan does not estimate, peft decides
         return None
     return [name for name in spec.linear_names() if name != "lm_head"]
 
@@ -283,7 +314,7 @@ def _load(plan: Plan, path: Path, device: str, trust_remote_code: bool = False):
     if not (path / "config.json").is_file():
         raise UserError(f"model {path}: not a model directory (no config.json)")
     kwargs: dict[str, Any] = dict(dtype=getattr(torch, plan.regime.weights),
-                                  attn_implementation=attention(plan, device),
+                                  attn_implementation=attention(plan, device, model_spec(path)),
                                   local_files_only=True, trust_remote_code=trust_remote_code)
     if plan.method == "qlora":
         _need_bitsandbytes()
@@ -313,7 +344,7 @@ def _qlora_from_config(config, plan: Plan, device: str):
     _need_bitsandbytes()
     with tempfile.TemporaryDirectory(prefix="memplan-qlora-") as tmp:
         with torch.device(device):  # random init where it is fastest: on the GPU when there is one
-            random_model = _from_config(config, plan, attention(plan, device))
+            random_model = _from_config(config, plan, attention(plan, device, model_spec(config)))
         random_model.save_pretrained(tmp)
         del random_model
         if device.startswith("cuda"):

@@ -44,7 +44,14 @@ from memplan.plan import mixed_precision
 from memplan.report import train as report
 from memplan.report.units import format_bytes
 from memplan.runtime.meter import PeakMemory, compare_peak
-from memplan.runtime.model import decoder_layers, load_model, load_tokenizer, parameter_counts
+from memplan.runtime.model import (
+    attention_note,
+    decoder_layers,
+    load_model,
+    load_tokenizer,
+    model_spec,
+    parameter_counts,
+)
 from memplan.runtime.optim import make_optimizer, optimizer_factory
 from memplan.train import checkpoint as ckpt
 from memplan.train import data as data_mod
@@ -345,6 +352,9 @@ def _describe_run(t: Trainer) -> None:
           f"{run_data.n_task} task + {run_data.n_replay} replay training sequences"
           + (" (packed)" if run_data.packed else "") + f", {len(run_data.validation)} validation; "
           f"{t.steps} optimizer steps of {plan.effective_batch} sequences on {t.accelerator.num_processes} process(es)")
+    attn = attention_note(plan, model_spec(t.checked.model_dir))
+    if attn:
+        t.say(f"note: {attn}")
     if run_data.dropped:
         t.say(f"note: {run_data.dropped} training examples were dropped: their response starts after "
               f"seq_len {plan.seq_len} tokens")

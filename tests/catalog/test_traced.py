@@ -122,3 +122,16 @@ def test_an_unwritable_cache_still_serves_this_process(tmp_path, monkeypatch):
     spec = spec_from_config(dict(CONFIGS["glm4"]), "glm4")
     assert spec_from_config(dict(CONFIGS["glm4"]), "glm4").params_total == spec.params_total
     assert not (blocker / "cache").exists()
+
+
+@pytest.mark.parametrize("config", [
+    dict(model_type="mpt", d_model=256, n_heads=4, n_layers=2, vocab_size=1000),
+    dict(model_type="bloom", hidden_size=256, n_head=4, n_layer=2, vocab_size=1000),
+], ids=["mpt", "bloom"])
+def test_attention_the_model_class_lacks_is_in_its_traits(config):
+    """MPT and BLOOM have neither an SDPA nor a flash-attention path (_supports_sdpa / _supports_flash_attn):
+    the estimate runs eager for an sdpa plan and recommend's search never offers flash."""
+    spec = spec_from_config(dict(config), config["model_type"])
+    assert (spec.traits.sdpa, spec.traits.flash) == (False, False)
+    llama = spec_from_config(dict(CONFIGS["glm4"]), "glm4")
+    assert (llama.traits.sdpa, llama.traits.flash) == (True, True)

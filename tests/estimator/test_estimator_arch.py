@@ -81,6 +81,10 @@ DEEPSEEK_V3 = dict(model_type="deepseek_v3", hidden_size=256, intermediate_size=
 QWEN3_MOE = dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
                  moe_intermediate_size=256, norm_topk_prob=True, mlp_only_layers=[2])
+# the chunked loss with four chunks of 1024 tokens (b 2, s 2048), where the loss is most of the step
+LLAMA = dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=32000)
+CHUNKED = dict(loss="chunked", seq_len=2048)
 
 
 def cfg(base: dict, **over) -> dict:
@@ -183,12 +187,18 @@ CASES = [
      dict(LORA_CKPT, attn="sdpa", lora={"dropout": 0.0, "rank": 64})),
     ("deepseek_v3-lora-eager-no-q-lora", cfg(DEEPSEEK_V3, vocab_size=8192, q_lora_rank=None),
      dict(LORA, attn="eager", lora={"dropout": 0.0})),
+    # chunked loss: each chunk recomputed in the backward; lm_head's gradient summed over the chunks
+    ("llama-full-bf16-chunked-loss", LLAMA, dict(FULL_BF16, attn="sdpa", **CHUNKED)),
+    ("llama-full-amp-chunked-loss", LLAMA, dict(FULL_AMP, attn="sdpa", **CHUNKED)),
+    ("granite-lora-ckpt-amp-chunked-loss", cfg(GRANITE, vocab_size=32000),
+     dict(LORA_CKPT, precision="amp-bf16", attn="sdpa", **CHUNKED)),
+    ("gemma2-full-bf16-chunked-loss-softcap", cfg(GEMMA2, vocab_size=32000), dict(FULL_BF16, attn="eager", **CHUNKED)),
 ]
 
 
 @pytest.mark.parametrize("config, fields", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_phase_peaks_match_the_trace(config, fields):
-    plan = Plan(micro_batch=2, seq_len=512, **fields)
+    plan = Plan(**{"micro_batch": 2, "seq_len": 512, **fields})
     est = estimate(spec_from_config(dict(config), config["model_type"]), plan, kernels="cpu")
     steady = trace_training(dict(config), plan, backend="trace").steady
     for phase in ("forward", "backward", "optimizer"):

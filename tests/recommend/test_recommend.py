@@ -366,3 +366,74 @@ def test_small_sets_get_a_batch_of_four_and_no_early_stopping_on_a_few_examples(
     out = recommend_json(run_cli, "--model", "llama-3.2-1b", "--gpu", "h100", "--data", str(data),
                          "--effective-batch", "1")
     assert any(w.startswith("effective batch 1: each optimizer step follows fewer than 4") for w in out["warnings"])
+
+
+LLAMA4_TEXT = dict(model_type="llama4_text", hidden_size=256, intermediate_size=256, intermediate_size_mlp=512,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                   num_local_experts=4, num_experts_per_tok=1, vocab_size=1000)
+
+
+@pytest.mark.parametrize("model, searched", [
+    ("llama-3.2-1b", {"sdpa", "flash"}),
+    ("gemma-2-2b", {"eager", "flash"}),  # no SDPA path: its "sdpa" is eager, not another choice
+    ("gpt-oss-20b", {"eager"}),  # no SDPA path; flash with sinks is a kernel downloaded from the Hub
+    (LLAMA4_TEXT, {"sdpa"}),  # Llama4ForCausalLM has no flash-attention 2 (_supports_flash_attn = False)
+])
+def test_search_offers_only_the_attention_the_model_runs(model, searched):
+    from memplan.catalog.spec import spec_from_config
+    from memplan.recommend import hardware
+    from memplan.recommend.search import structures
+
+    spec = resolve_model(model) if isinstance(model, str) else spec_from_config(model, "llama4-text")
+    target = hardware.gpu_target("a100-80gb", None, 1, 1, 0.1, None, [])
+    plans = structures(spec, "llama-3.2-1b", "lora", target, 2048)
+    assert {p.attn for p in plans} == searched
+
+
+def test_comparison_table_names_the_attention_the_model_runs():
+    from memplan import fit
+
+    rows = fit.compare(resolve_model("gemma-2-2b"), "gemma-2-2b", {}, gpu="a100-80gb").rows
+    assert {r.candidate.plan.attn for r in rows} == {"eager"}
+
+
+def test_flash_plan_for_a_model_without_flash_attention_is_refused_at_load():
+    from memplan.catalog.spec import spec_from_config
+    from memplan.errors import UserError
+    from memplan.runtime.model import attention
+
+    pytest.importorskip("torch")
+    plan = build_plan({"model": "llama-3.2-1b", "attn": "flash", "precision": "bf16"})
+    with pytest.raises(UserError, match="no flash-attention for llama4_text"):
+        attention(plan, "cuda:0", spec_from_config(LLAMA4_TEXT, "llama4-text"))
+    with pytest.raises(UserError, match="no flash-attention for gpt_oss"):
+        attention(plan, "cpu", resolve_model("gpt-oss-20b"))
+    assert attention(plan, "cpu", resolve_model("gemma-2-2b")) == "eager"  # SDPA's flash kernel's stand-in
+
+
+MIXTRAL_SMALL = dict(model_type="mixtral", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                     vocab_size=1000)
+
+
+@pytest.mark.parametrize("model, lora, dropout", [
+    (MIXTRAL_SMALL, None, 0.0),  # all-linear: the expert stacks are targets (peft's ParamWrapper, no dropout)
+    (MIXTRAL_SMALL, {"targets": "q_proj,v_proj"}, 0.05),  # attention only: the dropout as asked (default)
+    (MIXTRAL_SMALL, {"targets": "q_proj,v_proj", "dropout": 0.1}, 0.1),
+    ("gpt-oss-20b", None, 0.05),  # all-linear never reaches its expert stacks (Traits.lora_unreachable)
+    (LLAMA4_TEXT, None, 0.05),
+    ("llama-3.2-1b", None, 0.05),
+])
+def test_search_keeps_lora_dropout_unless_an_expert_stack_is_a_target(model, lora, dropout):
+    from memplan import fit
+    from memplan.catalog.spec import spec_from_config
+    from memplan.recommend import hardware
+    from memplan.recommend.search import structures
+
+    spec = resolve_model(model) if isinstance(model, str) else spec_from_config(model, model["model_type"])
+    target = hardware.gpu_target("a100-80gb", None, 1, 1, 0.1, None, [])
+    plans = structures(spec, "llama-3.2-1b", "lora", target, 2048, lora)
+    assert plans and {p.lora.dropout for p in plans} == {dropout}
+    if lora is None:  # estimate's comparison table: its LoRA rows take the default settings
+        rows = fit.compare(spec, "llama-3.2-1b", {}, gpu="a100-80gb").rows
+        assert {r.candidate.plan.lora.dropout for r in rows if r.candidate.plan.method != "full"} == {dropout}

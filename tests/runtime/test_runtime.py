@@ -115,3 +115,40 @@ def test_profile_and_train_build_the_same_optimizer(precision):
     assert ("master_weights" in meter.terms) == masters
     if masters:
         assert {str(p.dtype) for g in trained.param_groups for p in g["params"]} == {"torch.float32"}
+
+
+# GPT-OSS and Gemma-2 have no SDPA path in transformers (_supports_sdpa = False): it refuses "sdpa" for them.
+GPT_OSS = dict(model_type="gpt_oss", hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, vocab_size=128,
+               pad_token_id=0, bos_token_id=1, eos_token_id=1)
+GEMMA2 = dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, vocab_size=128, sliding_window=32)
+
+
+@pytest.mark.parametrize("config", [GPT_OSS, GEMMA2], ids=["gpt_oss", "gemma2"])
+def test_sdpa_plan_loads_the_attention_the_estimate_assumes(config, tmp_path):
+    from memplan.catalog.spec import spec_from_config
+    from memplan.estimator.activations import attention_impl
+    from memplan.runtime.model import build_model, load_model
+
+    plan = Plan(precision="bf16", grad_ckpt=False, attn="sdpa", micro_batch=1, seq_len=16)
+    assumed = attention_impl(spec_from_config(dict(config), config["model_type"]), plan)
+    built = build_model(plan, config=dict(config), device="cpu")
+    assert assumed == built.hf_model.config._attn_implementation == "eager"
+    assert built.notes == [f"attention: eager, not sdpa: transformers has no SDPA path for {config['model_type']} "
+                           "models (the estimate assumes eager too)"]
+    eager = build_model(plan.model_copy(update={"attn": "eager"}), config=dict(config), device="cpu")
+    assert eager.notes == []
+    eager.hf_model.save_pretrained(tmp_path)  # `memplan train` loads a checkpoint with the same attention
+    assert load_model(plan, tmp_path, "cpu").config._attn_implementation == "eager"
+
+
+def test_profile_of_an_sdpa_plan_without_an_sdpa_path_says_it_runs_eager(run_cli, tmp_path):
+    import json
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(GPT_OSS))
+    code, out, err = run_cli("profile", "--model", str(path), "--batch-size", "1", "--seq-len", "32",
+                             "--precision", "bf16", "--no-grad-ckpt", "--attn", "sdpa", "--backend", "trace")
+    assert code in (0, 1), err
+    assert "attention: eager, not sdpa" in out

@@ -57,7 +57,7 @@ def build(cfg: Cfg) -> Arch:
         mask_kinds=("full_attention", "sliding_attention"), role_names=(("router", ROUTER),),
         q_contiguous=True, attn_sinks=True, expert_bias=True,
         expert_glu_limit=float(cfg.opt("swiglu_limit", 7.0)), router_topk_first=True, rotary_half_cos=True,
-        experts_transposed=True, lora_unreachable=(ROUTER, *EXPERT_STACKS),
+        experts_transposed=True, lora_unreachable=(ROUTER, *EXPERT_STACKS), flash=False,
         **attention_window(cfg, default=128, sliding=lambda i: (i + 1) % 2 == 1),
     )
     return Arch(**d, act=cfg.opt("hidden_act", "silu"), tie=cfg.flag("tie_word_embeddings", False),

@@ -70,5 +70,5 @@ def _traits(cfg: Cfg, layers: int) -> Traits:
         role_names=(("router", ROUTER),), softmax_fp32=False, experts_transposed=True,
         lora_unreachable=(ROUTER, *EXPERT_STACKS), rope_layers=tuple(bool(r) for r in rope),
         qk_weightless_norm=cfg.flag("use_qk_norm", True), attn_temperature=cfg.flag("attn_temperature_tuning", True),
-        rotary_complex=True, attention_chunk_size=chunk, experts_every_token=True,
+        rotary_complex=True, attention_chunk_size=chunk, experts_every_token=True, flash=False,
     )
