@@ -32,15 +32,29 @@ SCOUT_TEXT_4L = dict(model_type="llama4_text", hidden_size=5120, intermediate_si
                      attention_chunk_size=8192, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=8192,
                      attn_scale=0.1, pad_token_id=200018, bos_token_id=200000, eos_token_id=200001,
                      tie_word_embeddings=False)
-INLINE = {"small-llama": SMALL, "llama4-scout-text@4L": SCOUT_TEXT_4L}
-# Architectures without a family module (memplan.catalog.traced + memplan.estimator.calibrated): the config
-# class's defaults, which transformers documents as a released model's shape (Starcoder2Config: StarCoder2-3B's
-# shape; Glm4Config: GLM-4-9B-0414's), and Cohere2's defaults (Command R's 35B widths, a 4096 window on three
-# layers of four) cut to 8 layers.
-TRACED = {
-    "starcoder2-defaults": {"model_type": "starcoder2"},
-    "glm4-defaults": {"model_type": "glm4"},
-    "cohere2-defaults-8-layers": {"model_type": "cohere2", "num_hidden_layers": 8},
+
+# Rows that are not a preset as it is: (preset whose config.json is the base, or None, and the keys replaced).
+# The MoE models at full width with 4 layers (one dense, three sparse where the family has dense layers): a
+# full-size trace of them is too large for CI; each layer kind's activations and states are the full-size ones.
+# qwen2_moe / qwen3_moe: their config classes' defaults, written out (Qwen2MoeConfig: Qwen1.5-MoE-A2.7B's
+# widths; Qwen3MoeConfig: Qwen3-30B-A3B's, but head_dim = hidden / heads = 64).
+CONFIGS = {
+    "small-llama": (None, SMALL),
+    "deepseek-r1-4l": ("deepseek-r1", dict(num_hidden_layers=4, first_k_dense_replace=1)),
+    "qwen2-moe-defaults-4l": (None, dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048,
+                                         intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
+                                         num_hidden_layers=4, mlp_only_layers=[0])),
+    "qwen3-moe-defaults-4l": (None, dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+                                         intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4,
+                                         num_hidden_layers=4, norm_topk_prob=True)),
+    "llama4-scout-text@4L": (None, SCOUT_TEXT_4L),
+    # Architectures without a family module (memplan.catalog.traced + memplan.estimator.calibrated): the config
+    # class's defaults, which transformers documents as a released model's shape (Starcoder2Config: StarCoder2-3B's
+    # shape; Glm4Config: GLM-4-9B-0414's), and Cohere2's defaults (Command R's 35B widths, a 4096 window on three
+    # layers of four) cut to 8 layers; calibrated by trace on first use (memplan's cache: MEMPLAN_CACHE_DIR).
+    "starcoder2-defaults": (None, {"model_type": "starcoder2"}),
+    "glm4-defaults": (None, {"model_type": "glm4"}),
+    "cohere2-defaults-8-layers": (None, {"model_type": "cohere2", "num_hidden_layers": 8}),
 }
 
 MATRIX = [
@@ -94,6 +108,13 @@ MATRIX = [
     ("small-llama", dict(method="qlora", precision="bf16", micro_batch=2, seq_len=256), "cpu"),
     ("small-llama", dict(precision="bf16", micro_batch=2, seq_len=256, grad_ckpt=False, optimizer="adamw-8bit"),
      "cpu"),
+    ("deepseek-r1-4l", dict(method="lora", precision="bf16", seq_len=2048, lora={"dropout": 0.0})),
+    ("deepseek-r1-4l", dict(precision="bf16", seq_len=1024, grad_ckpt=False)),
+    ("qwen2-moe-defaults-4l", dict(precision="bf16", micro_batch=4, seq_len=2048, grad_ckpt=False)),
+    ("qwen2-moe-defaults-4l", dict(method="lora", precision="bf16", micro_batch=4, seq_len=2048)),
+    ("qwen3-moe-defaults-4l", dict(precision="bf16", micro_batch=4, seq_len=2048, grad_ckpt=False)),
+    ("qwen3-moe-defaults-4l", dict(method="lora", precision="bf16", micro_batch=4, seq_len=2048,
+                                   lora={"dropout": 0.0})),
     # GPT-OSS at its true widths, cut to its first 4 layers (2 sliding, 2 full); eager: it has no SDPA path
     ("gpt-oss-20b@4L", dict(precision="bf16", seq_len=1024, grad_ckpt=False, attn="eager")),
     ("gpt-oss-20b@4L", dict(method="lora", precision="bf16", seq_len=2048, grad_ckpt=False, attn="eager")),
@@ -113,10 +134,10 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
     from memplan.plan import Plan
     from memplan.profile.run import measure
 
-    if preset in INLINE:
-        config, spec = dict(INLINE[preset]), spec_from_config(dict(INLINE[preset]), preset)
-    elif preset in TRACED:  # calibrated by trace on first use (memplan's cache: MEMPLAN_CACHE_DIR)
-        config, spec = dict(TRACED[preset]), spec_from_config(dict(TRACED[preset]), preset)
+    if preset in CONFIGS:
+        base, over = CONFIGS[preset]
+        config = json.loads((models_dir() / base / "config.json").read_text()) if base else {}
+        config.update(over)
     elif "@" in preset:  # "<preset>@<N>L": the preset's first N layers (its widths, fewer layers)
         base, _, layers = preset.partition("@")
         config = truncated(json.loads((models_dir() / base / "config.json").read_text()), int(layers.rstrip("L")))
@@ -155,7 +176,8 @@ def write(rows: list[dict], out: Path, failures: list[str]) -> None:
         "",
         "Written by `benchmarks/accuracy.py`. Measured: `memplan profile`'s measuring path, two optimizer "
         "steps (forward, loss, backward, optimizer, zero_grad), steady-state live bytes per phase; `trace` = "
-        "fake tensors at full size, `cpu` = real CPU tensors (bitsandbytes kernels; a 4-layer h512 Llama). "
+        "fake tensors at full size (`-4l` rows: the model at full width, 4 layers), `cpu` = real CPU tensors "
+        "(bitsandbytes kernels; a 4-layer h512 Llama). "
         "error % = 100 x (estimate - measured) / measured. act = share of activations (incl. logits) at "
         "the measured peak.",
         "",

@@ -367,9 +367,12 @@ def check_lora_targets(spec: ModelSpec, plan: Plan) -> None:
         if t not in allowed:
             raise UserError(f"LoRA target '{t}' is not a linear layer of {spec.name}'s decoder layers; "
                             f"allowed: {', '.join(allowed)} or all-linear")
-    experts = [lin.name for lin in spec.layer_linears if lin.kind == "experts" and lin.name in targets]
+    adapted = spec.lora_target_names(plan.lora.targets)
+    experts = [lin.name for lin in spec.layer_linears if lin.kind == "experts" and lin.name in adapted]
     if experts and plan.lora.dropout > 0:
-        dense = ",".join(lin.name for lin in spec.layer_linears if lin.kind != "experts")
+        renames = dict(spec.traits.peft_expert_targets)  # names peft would turn into expert stacks
+        dense = ",".join(dict.fromkeys(lin.name for lin in spec.layer_linears
+                                       if lin.kind != "experts" and renames.get(lin.name, lin.name) == lin.name))
         raise UserError(f"peft adapts the MoE expert stacks ({', '.join(experts)}) through ParamWrapper, which "
                         f"has no LoRA dropout. Hint: --lora-dropout 0, or --lora-targets {dense}")
 

@@ -107,9 +107,32 @@ class Traits:
     # Llama 4's text model (modeling_llama4.py):
     qk_weightless_norm: bool = False  # rotary layers: Llama4TextWeightlessRMSNorm on q and k (use_qk_norm)
     attn_temperature: bool = False  # NoPE layers scale q by a per-position fp32 factor (attn_temperature_tuning)
-    rotary_complex: bool = False  # rotary on complex numbers: freqs_cis (s, head_dim / 2) complex64, q/k type_as back
+    # rotary on complex numbers: freqs_cis (s, head_dim / 2) complex64, q/k type_as back (Llama 4;
+    # DeepseekV2RotaryEmbedding returns one such freqs_cis shared by the layers instead of cos and sin)
+    rotary_complex: bool = False
     attention_chunk_size: int | None = None  # "chunked_attention" layers attend within chunks of this size
     experts_every_token: bool = False  # Llama4TextMoe: every token through every expert (bmm), plus a shared expert
+    # MoE routing (defaults: MixtralTopKRouter): the top-k weights renormalized to sum to 1
+    # (Qwen2-MoE/Qwen3-MoE norm_topk_prob), kept in fp32 (Qwen2-MoE casts them to the logits' dtype), and an
+    # always-on shared expert scaled by sigmoid(shared_expert_gate(x)) (Qwen2MoeSparseMoeBlock.forward)
+    moe_norm_topk: bool = True
+    moe_weights_fp32: bool = True
+    shared_expert_gate: bool = False
+    # peft's MoE conversion (peft utils/transformers_weight_conversion.py _convert_peft_config_moe, for the
+    # model types in its _MODEL_TO_CONVERSION_PATTERN): (target name, what it adapts) pairs. A target named
+    # like a transformers-4 router or expert projection adapts the router weight or the fused expert stack
+    # instead, and "all-linear" (every nn.Linear) gets those names added. Without it "all-linear" reaches
+    # no router or expert stack (they are parameters, not nn.Linear modules).
+    peft_expert_targets: tuple[tuple[str, str], ...] = ()
+    # Multi-head latent attention (DeepseekV3Attention, DeepseekV2Attention): (q_lora_rank (0: a plain
+    # q_proj), kv_lora_rank, qk_nope_head_dim, v_head_dim); the rotary width is the spec's head_dim. () = none.
+    mla: tuple[int, ...] = ()
+    rope_interleave: bool = False  # DeepSeek-V3 rotates interleaved pairs (apply_rotary_pos_emb_interleave)
+    # The router: "softmax" (Mixtral, Qwen-MoE: top-k of the softmax over router logits in the input dtype),
+    # "sigmoid_group" (DeepseekV3TopkRouter: fp32 logits, sigmoid, group-limited top-k with the score bias,
+    # weights gathered from the sigmoid), "softmax_fp32" (DeepseekV2TopkRouter: fp32 logits, softmax, top-k)
+    moe_router: str = "softmax"
+    moe_groups: tuple[int, int] = (1, 1)  # (n_group, topk_group) of group-limited routing
     calibrated: str = ""  # no family module: the cache key of its traced calibration (estimator/calibrated.py)
     # the model loads flash-attention 2 (PreTrainedModel._supports_flash_attn; Llama4ForCausalLM has none), as
     # memplan profile / train load it: GPT-OSS's sinks need a flash kernel downloaded from the Hub, which they never do
@@ -117,8 +140,35 @@ class Traits:
 
 
 @dataclass(frozen=True)
+class LayerGroup:
+    """Decoder layers built alike: their ``indices`` in the stack, the weight matrices (``linears``) and the
+    count lines (``items``: the linears, then the norms, relative to one layer). ``ffn`` is the MLP's
+    intermediate width (the routed experts' with ``experts`` > 0)."""
+
+    indices: tuple[int, ...]
+    linears: tuple[Linear, ...]
+    items: tuple[ParamItem, ...]
+    ffn: int
+    experts: int = 0
+    top_k: int = 0
+    shared_ffn: int = 0  # an MoE layer's always-on shared expert MLP (0: none)
+
+    @property
+    def count(self) -> int:
+        return len(self.indices)
+
+    @property
+    def params(self) -> int:
+        """Parameters of one layer of the group."""
+        return sum(i.params for i in self.items)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """Everything the estimator needs to know about a decoder-only model, derived from config.json."""
+    """Everything the estimator needs to know about a decoder-only model, derived from config.json.
+
+    The decoder layers come as ``layer_groups``: one group when every layer is alike, more when some differ
+    (DeepSeek's dense first layers, Qwen-MoE's ``mlp_only_layers``). Every layer is in exactly one group."""
 
     name: str
     model_type: str
@@ -138,12 +188,11 @@ class ModelSpec:
     position_embeddings: int
     num_experts: int
     experts_per_token: int
-    layer_linears: tuple[Linear, ...]
     layer_norm_params: int
     # HF module path of the decoder-layer list ("model.layers"), for mapping items to modules.
     layer_prefix: str
     embedding_items: tuple[ParamItem, ...]
-    layer_items: tuple[ParamItem, ...]
+    layer_groups: tuple[LayerGroup, ...]
     final_items: tuple[ParamItem, ...]
     lm_head_items: tuple[ParamItem, ...]
     traits: Traits = field(compare=False)
@@ -158,12 +207,26 @@ class ModelSpec:
         return sum(i.params for i in self.frozen_items)
 
     @property
+    def layer_linears(self) -> tuple[Linear, ...]:
+        """Every kind of weight matrix in the decoder layers, each name once (the first group's first)."""
+        seen: dict[str, Linear] = {}
+        for group in self.layer_groups:
+            for lin in group.linears:
+                seen.setdefault(lin.path, lin)
+        return tuple(seen.values())
+
+    def group_of(self, index: int) -> LayerGroup:
+        """The group of decoder layer ``index``."""
+        return next(g for g in self.layer_groups if index in g.indices)
+
+    @property
     def params_embedding(self) -> int:
         return sum(i.params for i in self.embedding_items)
 
     @property
-    def params_per_layer(self) -> int:
-        return sum(i.params for i in self.layer_items)
+    def params_layers(self) -> int:
+        """Parameters of all decoder layers."""
+        return sum(g.count * g.params for g in self.layer_groups)
 
     @property
     def params_final_norm(self) -> int:
@@ -175,12 +238,7 @@ class ModelSpec:
 
     @property
     def params_total(self) -> int:
-        return (
-            self.params_embedding
-            + self.num_layers * self.params_per_layer
-            + self.params_final_norm
-            + self.params_lm_head
-        )
+        return self.params_embedding + self.params_layers + self.params_final_norm + self.params_lm_head
 
     @property
     def qk_norm_widths(self) -> tuple[int, ...]:
@@ -198,16 +256,47 @@ class ModelSpec:
                                    if lin.name not in self.traits.lora_unreachable))
         return names + ["lm_head"]
 
+    def lora_target_names(self, targets: list[str] | str) -> frozenset[str]:
+        """The layer linears peft adapts for ``targets`` (names, or "all-linear": every layer linear but those
+        in Traits.lora_unreachable), after its MoE conversion (Traits.peft_expert_targets) renames targets to
+        the fused expert stacks."""
+        renames = dict(self.traits.peft_expert_targets)
+        if targets == "all-linear":
+            targets = [lin.name for lin in self.layer_linears if lin.kind in ("linear", "conv1d")
+                       and lin.name not in self.traits.lora_unreachable] + list(renames)
+        return frozenset(renames.get(name, name) for name in targets)
+
+    def lora_reaches_experts(self, targets: list[str] | str = "all-linear") -> bool:
+        """Whether peft adapts a fused expert stack for ``targets`` (names, a comma-separated string or
+        "all-linear"); its adapters there take no dropout."""
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = targets.split(",")
+        adapted = self.lora_target_names(targets)
+        return any(lin.kind == "experts" and lin.name in adapted for lin in self.layer_linears)
+
     def param_breakdown(self) -> list[tuple[str, str, int, str]]:
-        """Rows (group, module path, params, formula); layer rows are per layer."""
-        groups = (
-            ("embedding", self.embedding_items),
-            ("layer", self.layer_items),
-            ("final_norm", self.final_items),
-            ("lm_head", self.lm_head_items),
-            ("frozen", self.frozen_items),
-        )
-        return [(g, i.path, i.params, i.formula) for g, items in groups for i in items]
+        """Rows (group, module path, params, formula); layer rows are per layer, under "layer" when every
+        layer is alike, else under "layers i-j" (or "layers i,j,...") for each group of alike layers."""
+        rows = [("embedding", i.path, i.params, i.formula) for i in self.embedding_items]
+        for g in self.layer_groups:
+            label = "layer" if len(self.layer_groups) == 1 else f"layers {_index_ranges(g.indices)}"
+            rows += [(label, i.path, i.params, i.formula) for i in g.items]
+        groups = (("final_norm", self.final_items), ("lm_head", self.lm_head_items), ("frozen", self.frozen_items))
+        return rows + [(g, i.path, i.params, i.formula) for g, items in groups for i in items]
+
+
+def _index_ranges(indices: tuple[int, ...]) -> str:
+    """0,1,2,5 -> "0-2,5"."""
+    parts: list[str] = []
+    start = prev = indices[0]
+    for i in (*indices[1:], None):
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +379,25 @@ class Arch:
     traits: Traits
     experts: int = 0
     top_k: int = 0
-    layer_extra: list[ParamItem] = field(default_factory=list)  # per-layer parameters besides linears and norms
+    # Layers built differently (DeepSeek's dense first layers, Qwen-MoE's mlp_only_layers); the layers no
+    # entry claims are built from ``linears``, ``layer_norms``, ``inter``, ``experts``, ``top_k``, ``shared_ffn``.
+    other_layers: list[OtherLayers] = field(default_factory=list)
+    shared_ffn: int = 0
+    norm_widths: dict[str, int] = field(default_factory=dict)  # RMSNorms inside a layer narrower than hidden
+    layer_extra: list[ParamItem] = field(default_factory=list)  # every layer's parameters besides linears and norms
+
+
+@dataclass
+class OtherLayers:
+    """Decoder layers built differently from a family's main kind (see Arch.other_layers)."""
+
+    indices: tuple[int, ...]
+    linears: list[Linear]
+    ffn: int
+    experts: int = 0
+    top_k: int = 0
+    shared_ffn: int = 0
+    layer_norms: list[str] | None = None  # None: the main kind's
 
 
 def norm_item(path: str, params: int, hidden: int) -> ParamItem:
@@ -369,24 +476,45 @@ def _multimodal(config: dict, name: str, model_type: str) -> ModelSpec:
 
 
 def _freeze(arch: Arch, name: str, model_type: str, config: dict) -> ModelSpec:
-    """The ModelSpec of a family's Arch: per-layer items are its linears, then its norms."""
-    layer_items = [_linear_item(lin) for lin in arch.linears]
-    layer_items += [norm_item(n, arch.norm_params, arch.hidden) for n in arch.layer_norms]
-    widths = qk_norm_widths(arch.traits.qk_norm, arch.heads, arch.kv_heads, arch.head_dim)
-    layer_items += [ParamItem(f"self_attn.{n}", w, "head_dim" if arch.traits.qk_norm == "head" else "heads x head_dim")
-                    for n, w in zip(("q_norm", "k_norm"), widths)]
-    layer_items += arch.layer_extra
+    """The ModelSpec of a family's Arch: per-layer items are its linears, its norms, then its q/k norms and
+    ``layer_extra`` (see _groups)."""
     lm_head = [] if arch.tie else [ParamItem("lm_head", arch.lm_head_in * arch.vocab, "hidden x vocab (untied)")]
+    groups = _groups(arch)
     return ModelSpec(
         name=name, model_type=model_type, config=config, vocab_size=arch.vocab, hidden_size=arch.hidden,
         num_layers=arch.layers, num_heads=arch.heads, num_kv_heads=arch.kv_heads, head_dim=arch.head_dim,
         intermediate_size=arch.inter, mlp_gated=arch.gated, hidden_act=str(arch.act), norm=arch.norm,
         norms_per_layer=len(arch.layer_norms), tie_word_embeddings=arch.tie,
         position_embeddings=arch.positions, num_experts=arch.experts, experts_per_token=arch.top_k,
-        layer_linears=tuple(arch.linears), layer_norm_params=arch.norm_params, layer_prefix=arch.layer_prefix,
-        embedding_items=tuple(arch.embedding), layer_items=tuple(layer_items), final_items=tuple(arch.final),
+        layer_norm_params=arch.norm_params, layer_prefix=arch.layer_prefix, embedding_items=tuple(arch.embedding),
+        layer_groups=tuple(sorted(groups, key=lambda g: g.indices[0])), final_items=tuple(arch.final),
         lm_head_items=tuple(lm_head), traits=_complete(arch.traits, arch.layers),
     )
+
+
+def _groups(arch: Arch) -> list[LayerGroup]:
+    """The main kind of layer first (every index no OtherLayers claims), then the others."""
+    claimed = {i for o in arch.other_layers for i in o.indices}
+    main = tuple(i for i in range(arch.layers) if i not in claimed)
+    kinds = [OtherLayers(main, arch.linears, arch.inter, arch.experts, arch.top_k, arch.shared_ffn)]
+    kinds += arch.other_layers
+    # in every group: the attention's q/k norms (Traits.qk_norm) and Arch.layer_extra (GPT-OSS's sinks and
+    # expert biases; its layers are all of one kind)
+    widths = qk_norm_widths(arch.traits.qk_norm, arch.heads, arch.kv_heads, arch.head_dim)
+    shared = [ParamItem(f"self_attn.{n}", w, "head_dim" if arch.traits.qk_norm == "head" else "heads x head_dim")
+              for n, w in zip(("q_norm", "k_norm"), widths)] + arch.layer_extra
+    groups = []
+    for kind in kinds:
+        if not kind.indices:
+            continue
+        norms = arch.layer_norms if kind.layer_norms is None else kind.layer_norms
+        items = [_linear_item(lin) for lin in kind.linears]
+        items += [norm_item(n, arch.norm_params, arch.hidden) if n not in arch.norm_widths
+                  else ParamItem(n, arch.norm_widths[n], f"{arch.norm_widths[n]} (RMSNorm width)") for n in norms]
+        items += shared
+        groups.append(LayerGroup(tuple(kind.indices), tuple(kind.linears), tuple(items), kind.ffn,
+                                 kind.experts, kind.top_k, kind.shared_ffn))
+    return groups
 
 
 def _complete(traits: Traits, layers: int) -> Traits:

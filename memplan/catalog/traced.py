@@ -54,9 +54,14 @@ def spec_from_config(cfg: Cfg, source: Path | None = None) -> ModelSpec:
 
 
 def _spec(entry: dict, cfg: Cfg, key: str) -> ModelSpec:
-    """The frozen ModelSpec of a cached entry: exact per-layer items replace the norm lines _freeze makes."""
+    """The frozen ModelSpec of a cached entry (one layer group): exact per-layer items replace the norm lines
+    _freeze makes."""
     a = entry["arch"]
-    traits = Traits(**dict(a["traits"], layer_types=tuple(a["traits"]["layer_types"]), calibrated=key))
+    # an MoE's router and fused expert stacks are adapted by peft's MoE conversion under their own names, as
+    # for Mixtral: "all-linear" reaches them too (Traits.peft_expert_targets)
+    moe = tuple((lin["name"], lin["name"]) for lin in a["linears"] if lin["kind"] in ("router", "experts"))
+    traits = Traits(**dict(a["traits"], layer_types=tuple(a["traits"]["layer_types"]), calibrated=key,
+                           peft_expert_targets=moe))
     items = [ParamItem(**i) for i in a["layer_items"]]
     arch = Arch(
         vocab=a["vocab"], hidden=a["hidden"], layers=a["layers"], heads=a["heads"], kv_heads=a["kv_heads"],
@@ -67,7 +72,8 @@ def _spec(entry: dict, cfg: Cfg, key: str) -> ModelSpec:
         lm_head_in=a["lm_head_in"], experts=a["experts"], top_k=a["top_k"],
     )
     spec = _freeze(arch, cfg.name, cfg.model_type, cfg.c)
-    return replace(spec, layer_items=tuple(items), norms_per_layer=a["layer_norms"])
+    return replace(spec, layer_groups=(replace(spec.layer_groups[0], items=tuple(items)),),
+                   norms_per_layer=a["layer_norms"])
 
 
 # ---------------------------------------------------------------- the model on the meta device

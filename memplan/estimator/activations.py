@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from memplan.catalog.spec import ModelSpec
+from memplan.catalog.spec import LayerGroup, ModelSpec
 from memplan.estimator.autograd import T, Tape
 from memplan.estimator.layers import LayerReplay, LayerSpec, Numerics
 from memplan.plan import Plan
@@ -40,15 +40,15 @@ def numerics(plan: Plan, spec: ModelSpec) -> Numerics:
 
 _DEFAULT_NAMES = dict(q="q_proj", k="k_proj", v="v_proj", o="o_proj", qkv="qkv_proj", gate="gate_proj",
                       up="up_proj", down="down_proj", gate_up="gate_up_proj", fc1="fc1", fc2="fc2",
-                      router="gate", experts_gate_up="experts.gate_up_proj", experts_down="experts.down_proj")
+                      router="gate", experts_gate_up="experts.gate_up_proj", experts_down="experts.down_proj",
+                      shared_gate="shared_expert_gate", q_a="q_a_proj", q_b="q_b_proj",
+                      kv_a="kv_a_proj_with_mqa", kv_b="kv_b_proj")
 
 
 def lora_targets(spec: ModelSpec, plan: Plan) -> frozenset[str]:
     if not plan.trains_adapters:
         return frozenset()
-    if plan.lora.targets == "all-linear":
-        return frozenset(n for n in spec.linear_names() if n != "lm_head")
-    return frozenset(plan.lora.targets)
+    return spec.lora_target_names(plan.lora.targets)
 
 
 def attention_runs(spec: ModelSpec, attn: str) -> str | None:
@@ -81,21 +81,26 @@ def _sdpa_mask(spec: ModelSpec, plan: Plan, layer_type: str) -> bool:
             and window is not None and plan.seq_len >= window)
 
 
-def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention", rope: bool = True) -> LayerSpec:
-    """What the replay of one layer reads; `rope` False for a layer that skips the rotary (Traits.rope_layers)."""
+def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention", rope: bool = True,
+               group: LayerGroup | None = None) -> LayerSpec:
+    """What the replay of one layer of ``group`` (default: layer 0's) with attention ``layer_type`` reads; `rope`
+    False for a layer that skips the rotary (Traits.rope_layers)."""
     tr = spec.traits
+    group = group or spec.layer_groups[0]
     return LayerSpec(
         b=plan.micro_batch, s=plan.seq_len, hidden=spec.hidden_size, heads=spec.num_heads,
-        kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, ffn=spec.intermediate_size,
+        kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, ffn=group.ffn,
         gated=spec.mlp_gated, act=spec.hidden_act, norm=tr.norm, attn=attention_impl(spec, plan),
         attn_dropout=tr.attn_dropout, resid_dropout=tr.resid_dropout, attn_softcap=bool(tr.attn_softcap),
         extra_norms=tr.sandwich_norms, fused_qkv=tr.fused_qkv, fused_gate_up=tr.fused_gate_up,
         full_ft=plan.method == "full", lora_targets=lora_targets(spec, plan), lora_rank=plan.lora.rank,
         lora_dropout=plan.lora.dropout, names=dict(_DEFAULT_NAMES, **dict(tr.role_names)),
-        num_experts=spec.num_experts, top_k=spec.experts_per_token,
+        num_experts=group.experts, top_k=group.top_k,
         rotary=spec.position_embeddings == 0 and rope, softmax_fp32=tr.softmax_fp32,
         sdpa_mask=_sdpa_mask(spec, plan, layer_type), expert_rank_mult=tr.expert_rank_mult,
-        q_contiguous=tr.q_contiguous, qk_norm=tr.qk_norm, pre_norms=tr.pre_norms,
+        q_contiguous=tr.q_contiguous, shared_ffn=group.shared_ffn, shared_gate=tr.shared_expert_gate,
+        router_norm=tr.moe_norm_topk, router_fp32=tr.moe_weights_fp32, mla=tr.mla, router=tr.moe_router,
+        router_groups=tr.moe_groups, qk_norm=tr.qk_norm, pre_norms=tr.pre_norms,
         attn_sinks=tr.attn_sinks, expert_bias=tr.expert_bias,
         expert_glu_limit=tr.expert_glu_limit, router_topk_first=tr.router_topk_first,
         rotary_type_as=tr.rotary_complex, qk_weightless_norm=tr.qk_weightless_norm and rope,
@@ -107,7 +112,7 @@ def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention", 
 class Activations:
     """Bytes of activation memory by role, for one micro-batch on one GPU."""
 
-    layer: int  # saved by one decoder layer whose input needs a gradient
+    layer: int  # saved by one decoder layer whose input needs a gradient (the mean over layers 1..L-1)
     first_layer: int  # saved by layer 0 (less under LoRA: its input comes from a frozen embedding)
     ckpt_input: int  # per layer, kept by gradient checkpointing (the layer's input)
     shared: int  # embedding indices, rotary cos/sin: saved once per forward
@@ -121,6 +126,7 @@ class Activations:
     ckpt_layer_forward: int  # under checkpointing: what one layer's forward materializes beyond its input
     num_layers: int
     grad_ckpt: bool
+    last_layer: int = 0  # saved by one layer of the last layer's kind (the first the backward recomputes)
 
     @property
     def saved_total(self) -> int:
@@ -144,7 +150,7 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
     cast; measured on an H100: benchmarks/results/gpu-h100-run1.jsonl case 3).
     """
     tok, c, h = plan.micro_batch * plan.seq_len, num.compute, spec.hidden_size
-    dense = c * tok * (2 * h + 2 * spec.intermediate_size)
+    dense = c * tok * (2 * h + 2 * max(max(g.ffn, g.shared_ffn) for g in spec.layer_groups))
     lora = 0
     copies = 2 if plan.lora.dropout > 0 else 1
     experts = 0
@@ -177,9 +183,9 @@ def expert_stacks_materialized(spec: ModelSpec, plan: Plan, num: Numerics) -> in
 
 
 def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool,
-                layer_type: str = "full_attention", rope: bool = True) -> int:
+                layer_type: str = "full_attention", rope: bool = True, group: LayerGroup | None = None) -> int:
     tape = Tape(kernels=kernels)
-    ls = layer_spec(spec, plan, layer_type, rope)
+    ls = layer_spec(spec, plan, layer_type, rope, group)
     num = numerics(plan, spec)
     LayerReplay(tape, ls, num).layer(T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, input_rg))
     return tape.saved_bytes
@@ -241,14 +247,18 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
     tok = b * s
     num = numerics(plan, spec)
     full = plan.method == "full"
-    # Layers by attention kind (a sliding-window layer may keep its SDPA mask) and by whether they apply the
-    # rotary: layer 0, and the mean of the others, so that first_layer + layer * (L - 1) is the exact total.
-    kinds = list(zip(spec.traits.layer_types, spec.traits.rope_layers or (True,) * spec.num_layers))
-    saved = {k: layer_saved(spec, plan, kernels, True, *k) for k in set(kinds)}
+    # Layers by kind of module, of attention (a sliding-window layer may keep its SDPA mask) and by whether they
+    # apply the rotary: layer 0, and the mean of the others, so that first_layer + layer * (L - 1) is the exact
+    # total.
+    ropes = spec.traits.rope_layers or (True,) * spec.num_layers
+    kinds = [(spec.group_of(i), t, r) for i, (t, r) in enumerate(zip(spec.traits.layer_types, ropes))]
+    saved = {k: layer_saved(spec, plan, kernels, True, k[1], k[2], k[0]) for k in set(kinds)}
     # Layer 0's input needs grad with trainable embeddings, and under checkpointing (see embedding_saved)
-    first = layer_saved(spec, plan, kernels, full or plan.grad_ckpt, *kinds[0])
+    first = layer_saved(spec, plan, kernels, full or plan.grad_ckpt, kinds[0][1], kinds[0][2], kinds[0][0])
     rest = kinds[1:] or kinds
     per_layer = sum(saved[k] for k in rest) // len(rest)
+    last = [k for k in rest if k[0] is kinds[-1][0]]
+    last_layer = sum(saved[k] for k in last) // len(last)
 
     # Shared: the embeddings' saved indices (and masks), rotary cos/sin (residual dtype), one pair per table.
     shared = embedding_saved(spec, plan, kernels)
@@ -325,8 +335,8 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
         # autocast caches a low-precision copy of every trainable weight it casts until it exits,
         # even when checkpointing discards what the layers would save. (The MoE experts' grouped_mm is
         # not autocast-enabled: it casts its input to the weight's dtype instead.)
-        extra += c * sum(lin.d_in * lin.d_out * lin.count for lin in spec.layer_linears
-                         if lin.kind != "experts") * spec.num_layers
+        extra += c * sum(lin.d_in * lin.d_out * lin.count * g.count for g in spec.layer_groups
+                         for lin in g.linears if lin.kind != "experts")
 
     ckpt_input = tok * h * num.residual
     transient = layer_backward_transient(spec, plan, num, kernels)
@@ -336,5 +346,5 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
         forward_masks=0 if plan.grad_ckpt else mask_bytes(spec, plan),
         ckpt_layer_forward=expert_stacks_materialized(spec, plan, num) if plan.grad_ckpt else 0,
         loss_forward_peak=fwd_peak, loss_backward_peak=bwd_peak, forward_extra=extra,
-        num_layers=spec.num_layers, grad_ckpt=plan.grad_ckpt,
+        num_layers=spec.num_layers, grad_ckpt=plan.grad_ckpt, last_layer=last_layer,
     )

@@ -63,6 +63,13 @@ class LayerSpec:
     sdpa_mask: bool = False  # SDPA gets a materialized mask in this layer (a sliding window <= s)
     expert_rank_mult: tuple = (1, 1)  # peft's rank multiplier for the gate_up / down expert stacks
     q_contiguous: bool = False  # q reaches the attention as a contiguous (b, heads, s, d) tensor (Phi3)
+    shared_ffn: int = 0  # an MoE layer's shared expert MLP width (0: none)
+    shared_gate: bool = False  # the shared expert's output scaled by sigmoid(shared_expert_gate(x))
+    router_norm: bool = True  # the top-k weights renormalized (router_top_value /= sum)
+    router_fp32: bool = True  # the routing weights stay fp32 (else cast to the router logits' dtype)
+    mla: tuple = ()  # multi-head latent attention: (q_lora_rank, kv_lora_rank, qk_nope_head_dim, v_head_dim)
+    router: str = "softmax"  # "softmax", "sigmoid_group" (DeepSeek-V3), "softmax_fp32" (DeepSeek-V2)
+    router_groups: tuple = (1, 1)  # (n_group, topk_group) of group-limited routing
     qk_norm: str = ""  # q/k norms before the rotary: "head" (over head_dim) or "full" (over heads * head_dim)
     pre_norms: bool = True  # False: no input / pre-feedforward norm (the block reads the residual itself)
     attn_sinks: bool = False  # eager attention concatenates a per-head sink logit to the scores (GPT-OSS)
@@ -214,6 +221,8 @@ class LayerReplay:
 
     def attention(self, h: T) -> T:
         t, L, n = self.t, self.L, self.n
+        if L.mla:
+            return t.dropout(self.proj(self.mla_attention(h), L.hidden, "o"), L.resid_dropout)
         tok, c = self.tokens(), n.compute
         q_feats, kv_feats = L.heads * L.head_dim, L.kv_heads * L.head_dim
         if L.fused_qkv:
@@ -404,7 +413,7 @@ class LayerReplay:
             prod = self._gated(g, u, tok * L.ffn)
         return self.proj(prod, L.hidden, "down")
 
-    def _param_weight(self, role: str, numel: int, factors: int = 0) -> T | None:
+    def _param_weight(self, role: str, numel: int, factors: int = 0, itemsize: int = 0) -> T | None:
         """A weight used directly by F.linear / grouped_mm (the MoE router and expert stacks). With LoRA,
         peft's ParamWrapper substitutes a parametrization: the router's W + delta (_LoraParameterProxy),
         the experts' baddbmm(W, lhs, rhs) (_LoraFactorsProxy, the factors cast to W's dtype and saved by
@@ -415,7 +424,7 @@ class LayerReplay:
             return None
         if factors:
             t.save(T(factors, n.weights, False))  # lhs and rhs of baddbmm
-        return T(numel, n.weights, True)
+        return T(numel, itemsize or n.weights, True)
 
     def moe(self, h: T) -> T:
         """MixtralSparseMoeBlock: MixtralTopKRouter, then the experts with transformers' default
@@ -425,9 +434,9 @@ class LayerReplay:
         implementation sorts the S = tokens * top_k (token, expert) rows into one tensor, so what it saves
         depends only on S, not on how the rows spread over the experts."""
         t, L, n = self.t, self.L, self.n
-        tok, E, k, f, hid = self.tokens(), L.num_experts, L.top_k, L.ffn, L.hidden
-        S = tok * k
-        c = n.compute
+        tok, E, hid, c = self.tokens(), L.num_experts, L.hidden, n.compute
+        if L.router != "softmax":
+            return self._experts(h, self._router_fp32(h))
         # router_logits = F.linear(hidden_states, self.weight): saves the input (weight trainable) and,
         # under LoRA, the parametrized weight (the input needs grad)
         w_router = self._param_weight("router", E * hid)
@@ -438,7 +447,13 @@ class LayerReplay:
         if w_router is not None and x.rg:
             t.save(w_router)
         logits = T(tok * E, c, x.rg or w_rg)
-        weights = self._router_weights(logits)
+        return self._experts(h, self._router_weights(logits))
+
+    def _experts(self, h: T, weights: T) -> T:
+        """grouped_mm_experts_forward over the routed rows, then the shared expert where the block has one."""
+        t, L = self.t, self.L
+        tok, E, k, f, hid = self.tokens(), L.num_experts, L.top_k, L.ffn, L.hidden
+        S = tok * k
         # grouped_mm_experts_forward
         sel = t.index(h, S * hid, S)  # hidden_states[perm // num_top_k]: the int64 index
         sw = t.index(weights, S, S)  # sample_weights[perm]
@@ -455,7 +470,96 @@ class LayerReplay:
         # proj_out * sample_weights_g.unsqueeze(-1): saves both; bf16 * fp32 promotes to fp32
         weighted = t.mul(down, sw, out_numel=S * hid)
         weighted = t.index(weighted, S * hid, S)  # weighted_out[inv_perm]
-        return T(tok * hid, h.itemsize, weighted.rg)  # .view(tok, top_k, h).sum(dim=1).to(hidden dtype)
+        out = T(tok * hid, h.itemsize, weighted.rg)  # .view(tok, top_k, h).sum(dim=1).to(hidden dtype)
+        if not L.shared_ffn:
+            return out
+        # Qwen2MoeSparseMoeBlock: shared_expert(x) (a gated MLP), times sigmoid(shared_expert_gate(x)) (its
+        # result saved, and both factors by the product), added to the routed output
+        g, u = self.proj(h, L.shared_ffn, "gate"), self.proj(h, L.shared_ffn, "up")
+        shared = self.proj(self._gated(g, u, tok * L.shared_ffn), hid, "down")
+        if L.shared_gate:
+            scale = t.unary_saving_output(self.proj(h, 1, "shared_gate"))
+            shared = t.mul(scale, shared, out_numel=tok * hid)
+        return T(tok * hid, max(out.itemsize, shared.itemsize), out.rg or shared.rg)
+
+    def _router_fp32(self, h: T) -> T:
+        """DeepseekV3TopkRouter / DeepseekV2TopkRouter: F.linear(x.type(float32), weight) with the weight kept in
+        fp32 (_keep_in_fp32_modules_strict), then V3's sigmoid or V2's softmax. The group-limited choice
+        (V3's per-group top-2 sums and top-k groups, its masked_fill; V2's group max) only picks indices:
+        the tensors it creates are freed with their unused values, so it keeps nothing for the backward,
+        except V2's masked_fill, whose result feeds the top-k. V3 gathers the weights from the sigmoid
+        (the index saved once: it is topk's output) and renormalizes them with norm_topk_prob.
+        Returns the fp32 routing weights (times routed_scaling_factor: nothing saved)."""
+        t, L, n = self.t, self.L, self.n
+        tok, E, k, hid = self.tokens(), L.num_experts, L.top_k, L.hidden
+        w_router = self._param_weight("router", E * hid, itemsize=4)
+        w_rg = L.full_ft or w_router is not None
+        x = t.cast(h, 4)  # hidden_states.type(torch.float32)
+        if n.autocast:  # F.linear autocasts both operands to the compute dtype
+            x = t.cast(x, n.compute)
+            if x.rg:
+                t.save(T(E * hid, n.compute, False))
+        if w_rg:
+            t.save(x)
+        if w_router is not None and x.rg:
+            t.save(w_router)
+        scores = t.unary_saving_output(T(tok * E, 4, x.rg or w_rg))  # sigmoid / softmax save their result
+        if scores.rg:
+            t.save(T(tok * k, 8, False))  # topk's indices (V3: gather's index)
+            if L.router == "softmax_fp32" and L.router_groups[0] > 1:
+                t.save(T(tok * E, 1, False))  # scores.masked_fill(~score_mask.bool(), 0.0): the mask
+            if L.router == "sigmoid_group" and L.router_norm:  # topk_weights /= denominator
+                t.save(T(tok, 4, False), T(tok * k, 4, False))
+        return T(tok * k, 4, scores.rg)
+
+    def mla_attention(self, h: T) -> T:
+        """DeepseekV3Attention / DeepseekV2Attention up to o_proj's input. q: q_proj, or q_a_proj -> RMSNorm ->
+        q_b_proj; k/v: kv_a_proj_with_mqa, RMSNorm of its kv_lora_rank slice, kv_b_proj. The rotary halves
+        are new tensors (nothing saved: cos/sin are shared), query_states = cat(q_pass, q_rot) and
+        key_states (new_empty + copy_ of k_nope and the expanded k_rot) are new contiguous tensors;
+        value_states is a slice of kv_b_proj's output. Returns the attention output (b, s, heads x v_head_dim)."""
+        t, L, n = self.t, self.L, self.n
+        tok, c, H = self.tokens(), n.compute, L.heads
+        q_lora, kv_lora, nope, dv = L.mla
+        dq = nope + L.head_dim
+        q = (self.proj(self.norm(self.proj(h, q_lora, "q_a"), q_lora), H * dq, "q_b") if q_lora
+             else self.proj(h, H * dq, "q"))
+        ckv = self.proj(h, kv_lora + L.head_dim, "kv_a")
+        kvb = self.proj(self.norm(T(tok * kv_lora, ckv.itemsize, ckv.rg), kv_lora), H * (nope + dv), "kv_b")
+        qs = T(tok * H * dq, max(q.itemsize, c, n.residual), q.rg)
+        ks = T(tok * H * dq, kvb.itemsize, kvb.rg or ckv.rg)
+        rg = qs.rg or ks.rg or kvb.rg
+        out = T(tok * H * dv, c, rg)
+        kernel = self.mla_kernel()
+        if kernel == "fused":  # q, k, v (a view: kv_b_proj's output stays), out and the fp32 log-sum-exp
+            if rg:
+                t.save(self._as(qs, qs.numel, c), self._as(ks, ks.numel, c), self._as(kvb, kvb.numel, c), out,
+                       T(L.b * H * L.s, 4, False))
+            return out
+        math = kernel == "math"
+        acc = (4 if c == 2 else c) if math else (c if n.autocast else qs.itemsize)
+        # matmul(q, k^T) (eager), or the math kernel's scaled fp32 copies: both operands saved
+        t.mul(self._operand(qs, qs.numel, acc) if not math else T(qs.numel, acc, qs.rg),
+              self._operand(ks, ks.numel, acc) if not math else T(ks.numel, acc, ks.rg))
+        probs = t.unary_saving_output(T(L.b * H * L.s * L.s, acc, rg), out_itemsize=acc if math else 4)
+        if not math:
+            probs = t.cast(probs, qs.itemsize)  # softmax(dtype=float32).to(query.dtype)
+        probs = t.dropout(probs, L.attn_dropout)
+        if n.autocast and not math:
+            probs = t.cast(probs, c)
+        # v: the upcast value (math), or bmm's copy of the strided slice (eager)
+        t.mul(probs, T(tok * H * dv, acc if math else probs.itemsize, kvb.rg))
+        return out  # transpose(1, 2).contiguous(): a copy, saved by o_proj
+
+    def mla_kernel(self) -> str:
+        """The attention kernel for MLA's q/k head dim (nope + rope) and different v head dim: PyTorch's CPU
+        flash kernel needs equal head dims (sdp_utils_cpp.cpp check_head_dim_size_cpp), so the CPU runs the
+        math kernel; CUDA's memory-efficient kernel takes a different v head dim."""
+        L = self.L
+        kernel = self.attention_kernel()
+        if kernel == "fused" and self.t.kernels == "cpu" and L.attn == "sdpa" and L.mla[2] + L.head_dim != L.mla[3]:
+            return "math"
+        return kernel
 
     def _moe_every_expert(self, h: T) -> T:
         """Llama4TextMoe.forward. Llama4Router (an nn.Linear) gives the logits; torch.topk saves its int64
@@ -491,7 +595,8 @@ class LayerReplay:
         """The routing weights of the top-k experts (tokens x k) from the router logits.
 
         MixtralTopKRouter: softmax(router_logits.float()) (saves its result), torch.topk (saves its int64
-        indices), router_top_value /= sum (saves divisor and dividend): fp32 weights.
+        indices), router_top_value /= sum (saves divisor and dividend; Qwen-MoE only with norm_topk_prob): fp32
+        weights (Qwen-MoE casts them to the logits' dtype).
         GptOssTopKRouter (router_topk_first): torch.topk of the logits (saves its indices), then
         softmax(dtype=the logits' dtype) over the k values (saves its result): weights in that dtype."""
         t, L = self.t, self.L
@@ -500,11 +605,12 @@ class LayerReplay:
             if logits.rg:
                 t.save(T(tok * k, 8, False))
             return t.unary_saving_output(T(tok * k, logits.itemsize, logits.rg))
-        probs = t.unary_saving_output(t.cast(logits, 4))
+        probs = t.unary_saving_output(t.cast(logits, 4))  # softmax(router_logits.float()) saves its result
         if probs.rg:
-            t.save(T(tok * k, 8, False))
-            t.save(T(tok, 4, False), T(tok * k, 4, False))
-        return T(tok * k, 4, probs.rg)
+            t.save(T(tok * k, 8, False))  # torch.topk saves its int64 indices
+            if L.router_norm:  # router_top_value /= router_top_value.sum(dim=-1, keepdim=True): divisor, dividend
+                t.save(T(tok, 4, False), T(tok * k, 4, False))
+        return T(tok * k, 4 if L.router_fp32 else logits.itemsize, probs.rg)
 
     def _clamped_glu(self, gu: T, numel: int) -> T:
         """GptOssExperts._apply_gate on gate_up (S, 2f) interleaved: gate = gate_up[..., ::2].clamp(max=limit)

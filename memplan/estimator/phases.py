@@ -129,7 +129,6 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
         fwd = max(at_loss_fwd, end_of_decoder, key=lambda t: sum(t.values()))
 
     # ---- backward: the loss backward with all activations alive, then layer by layer
-    layer_grads = shard.layer_grads  # gradients one layer adds, per GPU
     head_grads = shard.head_grads
     candidates = []
     at_loss = _terms(**base, gradients=G if accum else 0, activations=saved_no_loss,
@@ -137,11 +136,14 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
                      comm_buffers=shard.buffers)
     candidates.append(at_loss)
     L = spec.num_layers
-    for i in (L - 1, 0):  # memory is linear in the layer index between the ends
-        done_layers = L - i  # layers whose gradients exist while layer i runs its backward
-        g_now = G if accum else min(G, head_grads + layer_grads * done_layers)
+    # Memory is linear in the layer index within a run of alike layers: the ends, and the lowest layer of
+    # the last layer's kind (below it, smaller layers: DeepSeek's dense first layers)
+    last_kind = min(spec.group_of(L - 1).indices)
+    for i in dict.fromkeys((L - 1, last_kind, 0)):
+        # the gradients that exist while layer i runs its backward: those of layers i..L-1
+        g_now = G if accum else min(G, head_grads + shard.grads_from[i])
         if acts.grad_ckpt:
-            alive = acts.ckpt_input * (i + 1) + (acts.first_layer if i == 0 else acts.layer)
+            alive = acts.ckpt_input * (i + 1) + (acts.first_layer if i == 0 else acts.last_layer)
         else:
             alive = acts.first_layer + acts.layer * i
         alive += acts.shared + acts.layer_backward_transient

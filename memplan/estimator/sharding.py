@@ -8,6 +8,7 @@ most-loaded GPU (ceil of each partition).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ class PerGpu:
     opt_states: int
     opt_temps: int
     head_grads: int  # gradients of lm_head + final norm (the first the backward produces)
-    layer_grads: int  # gradients one decoder layer adds
+    grads_from: tuple[int, ...]  # [i]: gradients of decoder layers i..L-1 (what exists in layer i's backward)
     emb_grad: int  # the token embedding's gradient
     gathered_forward: int  # ZeRO-3 / FULL_SHARD: unsharded parameters in flight
     gathered_backward: int
@@ -73,14 +74,13 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     notes: list[str] = []
     g_item = grads // tensors.n_trainable if tensors.n_trainable else num.weights
 
-    # Per-layer and head gradient sizes (replica), for the backward's progression.
+    # Gradient sizes of each layer and of the head, for the backward's progression (grads_from below).
+    trainable = _trainable_per_layer(spec, plan)
     if plan.method == "full":
-        layer_params = spec.params_per_layer
         head_params = spec.params_final_norm + (spec.params_lm_head or spec.vocab_size * spec.hidden_size)
     else:
-        layer_params = tensors.n_trainable // spec.num_layers
         head_params = 0
-    layer_grads, head_grads = layer_params * g_item, head_params * g_item
+    head_grads = head_params * g_item
     emb_grad = spec.vocab_size * spec.hidden_size * g_item if plan.method == "full" else 0
 
     # Parameters sharded at rest: ZeRO-3 / FULL_SHARD, and FSDP's SHARD_GRAD_OP too (it reshards after the
@@ -88,14 +88,19 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     W = _part(weights, n) if stage == 3 or (fsdp and stage == 2) else weights
     # One decoder layer's parameters as gathered for compute: the frozen base weights are sharded and
     # gathered like trainable ones, so LoRA gathers them too (plus its adapters, in their own dtype).
-    adapters_layer = (tensors.n_trainable // spec.num_layers) * g_item if plan.method != "full" else 0
-    unit = spec.params_per_layer * num.compute + adapters_layer
+    # The largest layer is the unit that bounds what is gathered at once.
+    adapters = {g: trainable[g] * g_item if plan.method != "full" else 0 for g in spec.layer_groups}
+    unit = max(g.params * num.compute + adapters[g] for g in spec.layer_groups)
+    adapters_all = sum(adapters[g] * g.count for g in spec.layer_groups)
     G = _part(grads, n) if stage >= 2 else grads
     M = _part(master, n) if stage >= 1 else master
     S = _part(opt_states, n) if stage >= 1 else opt_states
     TMP = _part(opt_temps, n) if stage >= 1 else opt_temps
+    per_layer = (lambda x: _part(x, n)) if stage >= 2 else (lambda x: x)
+    grads_from = list(itertools.accumulate(per_layer(trainable[spec.group_of(i)] * g_item)
+                                           for i in reversed(range(spec.num_layers))))[::-1]
     if stage >= 2:
-        layer_grads, head_grads, emb_grad = _part(layer_grads, n), _part(head_grads, n), _part(emb_grad, n)
+        head_grads, emb_grad = _part(head_grads, n), _part(emb_grad, n)
     buffers = 0
     gathered_f = gathered_b = 0
     host = 0
@@ -140,7 +145,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         # to its backward, so the forward ends with a whole replica gathered, plus the next unit's
         # all-gather in flight; the backward starts with the whole replica and reshards unit by unit
         # (measured on 2 gloo ranks to 0.01 MiB, full FT and LoRA).
-        replica = spec.params_total * num.compute + adapters_layer * spec.num_layers
+        replica = spec.params_total * num.compute + adapters_all
         gathered_f = replica + unit
         gathered_b = replica
 
@@ -156,8 +161,21 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                 host += G * plan.gpus
                 G = 0
     return PerGpu(weights=W, grads=G, master=M, opt_states=S, opt_temps=TMP, head_grads=head_grads,
-                  layer_grads=layer_grads, emb_grad=emb_grad, gathered_forward=gathered_f, gathered_backward=gathered_b,
-                  buffers=buffers, host_bytes=host, notes=notes)
+                  grads_from=tuple(grads_from), emb_grad=emb_grad,
+                  gathered_forward=gathered_f, gathered_backward=gathered_b, buffers=buffers, host_bytes=host,
+                  notes=notes)
+
+
+def _trainable_per_layer(spec: ModelSpec, plan: Plan) -> dict:
+    """Trainable parameters of one layer of each group: all of them (full FT) or its LoRA tensors."""
+    if plan.method == "full":
+        return {g: g.params for g in spec.layer_groups}
+    from memplan.estimator.activations import lora_targets
+    from memplan.estimator.states import layer_lora_tensors
+
+    targets = lora_targets(spec, plan)
+    return {g: sum(math.prod(t) for t in layer_lora_tensors(g.linears, targets, plan.lora.rank))
+            for g in spec.layer_groups}
 
 
 def checkpoint_bytes(tensors: Tensors, plan: Plan, num: Numerics, p_item: int) -> int:

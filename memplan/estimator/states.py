@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from memplan.catalog.spec import ModelSpec
+from memplan.catalog.spec import Linear, ModelSpec
 from memplan.plan import Plan
 
 BNB_BLOCKWISE = 256  # bitsandbytes 8-bit optimizers: one fp32 absmax per 256 values (functional.py)
@@ -41,36 +41,43 @@ def parameter_shapes(spec: ModelSpec) -> list[tuple[int, ...]]:
     shapes: list[tuple[int, ...]] = [(spec.vocab_size, h)]
     if spec.position_embeddings:
         shapes.append((spec.position_embeddings, h))
-    layer: list[tuple[int, ...]] = []
-    for lin in spec.layer_linears:
-        if lin.kind == "experts":
-            layer.append((lin.count, lin.d_out, lin.d_in))
-        else:
-            layer += [(lin.d_out, lin.d_in)] * lin.count
-        if lin.bias:
-            layer += [(lin.d_out,)] * lin.count
-    layer += [(h,)] * (spec.layer_norm_params // h)
-    layer += [(w,) for w in spec.qk_norm_widths]
-    shapes += layer * spec.num_layers
+    for group in spec.layer_groups:
+        layer: list[tuple[int, ...]] = []
+        for lin in group.linears:
+            if lin.kind == "experts":
+                layer.append((lin.count, lin.d_out, lin.d_in))
+            else:
+                layer += [(lin.d_out, lin.d_in)] * lin.count
+            if lin.bias:
+                layer += [(lin.d_out,)] * lin.count
+        layer += [(h,)] * (spec.layer_norm_params // h)
+        layer += [(w,) for w in spec.qk_norm_widths]
+        shapes += layer * group.count
     if spec.params_lm_head:
         shapes.append((spec.vocab_size, spec.params_lm_head // spec.vocab_size))
     rest = spec.params_total - sum(math.prod(s) for s in shapes)
-    if rest > 0:  # final norm and small extras (OPT's projections): 1-D or 2-D, listed by their sizes
+    if rest > 0:  # the other norms and small extras (OPT's projections): 1-D or 2-D, listed by their sizes
         shapes += [(rest,)]
     return shapes
 
 
-def lora_tensors(spec: ModelSpec, targets: frozenset[str], rank: int) -> tuple[tuple[int, ...], ...]:
-    """peft LoRA: A (r x d_in) and B (d_out x r) per targeted module (LoRA paper §4.1)."""
+def layer_lora_tensors(linears: tuple[Linear, ...], targets: frozenset[str], rank: int) -> list[tuple[int, ...]]:
+    """peft LoRA on one decoder layer: A (r x d_in) and B (d_out x r) per targeted module (LoRA paper §4.1)."""
     out: list[tuple[int, ...]] = []
-    for lin in spec.layer_linears:
+    for lin in linears:
         if lin.name in targets:
             k = lin.count if lin.kind == "experts" else 1
             # peft wraps a fused expert stack as one ParamWrapper of rank count * r, and doubles the rank of
             # the fused gate_up stack (peft utils/transformers_weight_conversion.py, _convert_peft_config_moe)
             r = 2 * rank if lin.kind == "experts" and lin.name.endswith("gate_up_proj") else rank
             out += [(k * r, lin.d_in), (lin.d_out, k * r)] * (1 if lin.kind == "experts" else lin.count)
-    return tuple(out) * spec.num_layers
+    return out
+
+
+def lora_tensors(spec: ModelSpec, targets: frozenset[str], rank: int) -> tuple[tuple[int, ...], ...]:
+    """peft LoRA tensors of every decoder layer (a target absent from a layer's kind adds nothing there)."""
+    return tuple(shape for g in spec.layer_groups
+                 for shape in layer_lora_tensors(g.linears, targets, rank) * g.count)
 
 
 def parameter_tensors(spec: ModelSpec, plan: Plan, targets: frozenset[str]) -> Tensors:
@@ -84,8 +91,8 @@ def parameter_tensors(spec: ModelSpec, plan: Plan, targets: frozenset[str]) -> T
     # QLoRA: bitsandbytes quantizes every decoder nn.Linear (and GPT-2 Conv1D) weight; embeddings, norms,
     # biases and lm_head stay 16-bit, and so do an MoE router and fused 3-D expert stacks, which are not
     # Linear modules (checked: transformers 5.24 + bitsandbytes 0.50 leave Mixtral's experts in bf16).
-    quantized = tuple(lin.d_in * lin.d_out for lin in spec.layer_linears if lin.kind in ("linear", "conv1d")
-                      for _ in range(lin.count)) * spec.num_layers
+    quantized = tuple(lin.d_in * lin.d_out for g in spec.layer_groups for _ in range(g.count)
+                      for lin in g.linears if lin.kind in ("linear", "conv1d") for _ in range(lin.count))
     return Tensors(adapters, quantized, spec.params_total - sum(quantized) + spec.params_frozen)
 
 

@@ -48,12 +48,15 @@ def compute_dtype(precision: str) -> str:
 def matmul_params(spec: ModelSpec) -> tuple[int, int]:
     """(decoder, head) parameters a token passes through as matmuls. The embedding lookup is not a
     matmul; a tied lm_head is (it reuses the embedding). MoE layers count top-k of their experts."""
-    layer = spec.params_per_layer
-    for lin in spec.layer_linears:
-        if lin.kind == "experts" and spec.num_experts:
-            layer -= lin.params - lin.params * spec.experts_per_token // spec.num_experts
+    decoder = 0
+    for group in spec.layer_groups:
+        layer = group.params
+        for lin in group.linears:
+            if lin.kind == "experts" and group.experts:
+                layer -= lin.params - lin.params * group.top_k // group.experts
+        decoder += layer * group.count
     head = spec.vocab_size * spec.hidden_size if spec.tie_word_embeddings else spec.params_lm_head
-    return layer * spec.num_layers, head
+    return decoder, head
 
 
 def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> tuple[float, float]:
@@ -61,7 +64,11 @@ def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> tuple[float, float
     attention's scores and weighted sum, 2 x 2 x layers x seq x (heads x head_dim) (nanoGPT's
     estimate_mfu, after PaLM appendix B; causal masking not discounted)."""
     decoder, head = matmul_params(spec)
-    attention = 4 * spec.num_layers * seq_len * spec.num_heads * spec.head_dim
+    # q.k over the q/k head dim, probabilities.v over the v head dim (they differ with multi-head latent
+    # attention: qk_nope + qk_rope vs v_head_dim)
+    mla = spec.traits.mla
+    qk, v = (mla[2] + spec.head_dim, mla[3]) if mla else (spec.head_dim, spec.head_dim)
+    attention = 2 * spec.num_layers * seq_len * spec.num_heads * (qk + v)
     return 2 * decoder + attention, 2 * head
 
 

@@ -35,6 +35,7 @@ gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b
 qwen3-0.6b qwen3-1.7b qwen3-4b qwen3-8b qwen3-14b qwen3-32b olmo-2-7b olmo-2-13b gemma-3-1b smollm3-3b
 gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b llama-3.3-70b granite-3.3-8b phi-4
 gpt-oss-20b gpt-oss-120b
+deepseek-r1
 """.split()
 
 
@@ -62,20 +63,22 @@ def _check_against_model(spec: ModelSpec, model) -> None:
 
     for item in (*spec.embedding_items, *spec.final_items, *spec.lm_head_items):
         assert _numel_under(params, item.path) == item.params, item
-    layer0 = f"{spec.layer_prefix}.0"
-    for item in spec.layer_items:
-        assert _numel_under(params, f"{layer0}.{item.path}") == item.params, item
-    assert _numel_under(params, layer0) == spec.params_per_layer
     assert len(model.get_submodule(spec.layer_prefix)) == spec.num_layers
+    assert sorted(i for g in spec.layer_groups for i in g.indices) == list(range(spec.num_layers))
+    for group in spec.layer_groups:
+        for index in group.indices:  # every layer of every group: its items, its total, its linears
+            layer = f"{spec.layer_prefix}.{index}"
+            for item in group.items:
+                assert _numel_under(params, f"{layer}.{item.path}") == item.params, (index, item)
+            assert _numel_under(params, layer) == group.params, index
+            _check_layer_linears(group.linears, model.get_submodule(layer), spec.traits.experts_transposed)
 
-    _check_layer_linears(spec, model.get_submodule(layer0))
 
-
-def _check_layer_linears(spec: ModelSpec, layer) -> None:
+def _check_layer_linears(linears: tuple[Linear, ...], layer, transposed: bool = False) -> None:
     modules = [(n, m) for n, m in layer.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
-    dense = [lin for lin in spec.layer_linears if lin.kind in ("linear", "conv1d")]
+    dense = [lin for lin in linears if lin.kind in ("linear", "conv1d")]
     assert [lin.path for lin in dense] == [n for n, _ in modules]
-    for lin in spec.layer_linears:
+    for lin in linears:
         parts = lin.path.split(".")
         assert lin.name == ".".join(parts[-2:] if lin.kind == "experts" else parts[-1:])
         if lin.kind == "linear":
@@ -88,7 +91,7 @@ def _check_layer_linears(spec: ModelSpec, layer) -> None:
         elif lin.kind == "router":
             assert tuple(layer.get_submodule(lin.path).weight.shape) == (lin.d_out, lin.d_in)
         else:  # fused experts parameter (E, d_out, d_in), or (E, d_in, d_out) stored transposed (GPT-OSS)
-            dims = (lin.d_in, lin.d_out) if spec.traits.experts_transposed else (lin.d_out, lin.d_in)
+            dims = (lin.d_in, lin.d_out) if transposed else (lin.d_out, lin.d_in)
             assert tuple(layer.get_parameter(lin.path).shape) == (lin.count, *dims)
 
 
@@ -198,7 +201,8 @@ def test_linear_params_and_breakdown():
     spec = resolve_model("llama-2-7b")
     rows = spec.param_breakdown()
     assert rows[0] == ("embedding", "model.embed_tokens", 32000 * 4096, "vocab x hidden")
-    assert sum(n for g, _, n, _ in rows if g == "layer") == spec.params_per_layer
+    assert sum(n for g, _, n, _ in rows if g == "layer") == spec.layer_groups[0].params
+    assert len(spec.layer_groups) == 1 and spec.layer_groups[0].indices == tuple(range(32))
 
 
 def test_list_presets_rows():
@@ -246,6 +250,28 @@ VARIANTS = {
     "opt-350m-like": dict(model_type="opt", vocab_size=128, hidden_size=64, num_hidden_layers=2,
                           num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=32, do_layer_norm_before=False,
                           enable_bias=False),
+    "qwen2_moe-minimal": dict(model_type="qwen2_moe", **_SMALL),
+    "qwen2_moe-dense-layers": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   shared_expert_intermediate_size=48, mlp_only_layers=[0], decoder_sparse_step=2,
+                                   qkv_bias=False, norm_topk_prob=True, **dict(_SMALL, num_hidden_layers=5)),
+    "qwen2_moe-no-experts": dict(model_type="qwen2_moe", num_experts=0, **_SMALL),
+    "deepseek_v3-minimal": dict(model_type="deepseek_v3", **_SMALL),
+    "deepseek_v3-moe": dict(model_type="deepseek_v3", n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                            topk_group=1, moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=1,
+                            kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
+                            **dict(_SMALL, num_hidden_layers=3)),
+    "deepseek_v3-no-q-lora": dict(model_type="deepseek_v3", n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                                  topk_group=1, q_lora_rank=None, first_k_dense_replace=0, attention_bias=True,
+                                  **_SMALL),
+    "deepseek_v2-minimal": dict(model_type="deepseek_v2", num_experts_per_tok=6, **_SMALL),
+    "deepseek_v2-lite-like": dict(model_type="deepseek_v2", num_experts_per_tok=2, n_routed_experts=8,
+                                  q_lora_rank=None, first_k_dense_replace=1, mlp_bias=True,
+                                  topk_method="group_limited_greedy", n_group=2, topk_group=1,
+                                  **dict(_SMALL, num_hidden_layers=3)),
+    "qwen3_moe-minimal": dict(model_type="qwen3_moe", **_SMALL),
+    "qwen3_moe-dense-layers": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                   moe_intermediate_size=32, mlp_only_layers=[2], attention_bias=True,
+                                   **dict(_SMALL, num_hidden_layers=3)),
     "opt-no-affine": dict(model_type="opt", vocab_size=128, hidden_size=64, num_hidden_layers=2,
                           num_attention_heads=4, ffn_dim=96, layer_norm_elementwise_affine=False),
     "qwen3-minimal": dict(model_type="qwen3", **_SMALL),
@@ -552,6 +578,36 @@ def test_only_the_needed_family_is_imported():
     assert result.returncode == 0, result.stderr
 
 
+def test_layer_groups_and_peft_targets_of_moe_families():
+    """Qwen2-MoE's dense layers are their own group; peft's all-linear reaches Mixtral's router and expert
+    stacks (its MoE conversion) but not Qwen2-MoE's (no conversion for that model type in peft 0.21)."""
+    spec = spec_from_config(VARIANTS["qwen2_moe-dense-layers"], "x")
+    assert [g.indices for g in spec.layer_groups] == [(0, 2, 4), (1, 3)]  # step 2: layers 1, 3 sparse
+    assert [g.experts for g in spec.layer_groups] == [0, 4] and spec.group_of(3).shared_ffn == 48
+    assert {row[0] for row in spec.param_breakdown()} == {"embedding", "layers 0,2,4", "layers 1,3",
+                                                           "final_norm", "lm_head"}
+    assert spec.lora_target_names("all-linear") == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                     "up_proj", "down_proj", "shared_expert_gate"}
+    mixtral = spec_from_config(VARIANTS["mixtral-minimal"], "x")
+    assert mixtral.lora_target_names("all-linear") == {"q_proj", "k_proj", "v_proj", "o_proj", "gate",
+                                                        "experts.gate_up_proj", "experts.down_proj"}
+    assert mixtral.lora_reaches_experts() and not spec.lora_reaches_experts()
+    deepseek = spec_from_config(VARIANTS["deepseek_v3-moe"], "x")
+    assert deepseek.lora_reaches_experts(["down_proj"]) and not deepseek.lora_reaches_experts(["q_b_proj"])
+
+
+@pytest.mark.parametrize("model_type, window", [("qwen2_moe", dict(use_sliding_window=True, max_window_layers=3)),
+                                                 ("qwen2_moe", {}), ("qwen3_moe", dict(use_sliding_window=True))])
+def test_moe_layer_types_match_the_config_class(model_type, window):
+    """Which layers slide, as the config class decides (Qwen2-MoE: the even layers below max_window_layers)."""
+    raw = dict(model_type=model_type, **window, **dict(_SMALL, num_hidden_layers=5))
+    spec = spec_from_config(dict(raw), "x")
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if k != "model_type"})
+    expected = getattr(config, "layer_types", None) or ["sliding_attention" if config.sliding_window else
+                                                        "full_attention"] * 5
+    assert list(spec.traits.layer_types) == expected
+
+
 # ---------------------------------------------------------------------------------------------
 # GPT-OSS: sinks and expert biases counted, LoRA targets as peft wraps them
 # ---------------------------------------------------------------------------------------------
@@ -561,7 +617,7 @@ def test_gpt_oss_spec():
     spec = resolve_model("gpt-oss-20b")
     assert spec.params_total == 20_914_757_184  # the model card's 20.9B (bf16 experts)
     assert resolve_model("gpt-oss:120b").params_total == 116_829_156_672  # 116.8B
-    extra = {i.path: i.params for i in spec.layer_items[-5:]}
+    extra = {i.path: i.params for i in spec.layer_groups[0].items[-5:]}
     assert extra["self_attn.sinks"] == 64
     assert extra["mlp.experts.gate_up_proj_bias"] == 32 * 2 * 2880
     assert extra["mlp.experts.down_proj_bias"] == 32 * 2880

@@ -26,8 +26,8 @@ CONFIGS = {
     "starcoder2": dict(SMALL, model_type="starcoder2"),  # biases, LayerNorm with bias, tied
     "exaone4": dict(SMALL, model_type="exaone4"),  # q/k norms of head_dim
     "seed_oss": dict(SMALL, model_type="seed_oss", attention_bias=True),
-    "qwen3_moe": dict(SMALL, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2,
-                      moe_intermediate_size=128),  # fused expert stacks, a router module
+    "olmoe": dict(SMALL, model_type="olmoe", num_experts=8, num_experts_per_tok=2,
+                  intermediate_size=128),  # fused expert stacks, a router module
     "glm4-defaults": {"model_type": "glm4"},
     "starcoder2-defaults": {"model_type": "starcoder2"},
 }
@@ -52,7 +52,7 @@ def test_counts_match_transformers(name):
 
 
 def test_moe_stacks_and_router_are_lora_targets():
-    spec = spec_from_config(dict(CONFIGS["qwen3_moe"]), "qwen3_moe")
+    spec = spec_from_config(dict(CONFIGS["olmoe"]), "olmoe")
     kinds = {lin.name: (lin.kind, lin.count, lin.d_in, lin.d_out) for lin in spec.layer_linears}
     assert kinds["gate"] == ("router", 1, 256, 8)
     assert kinds["experts.gate_up_proj"] == ("experts", 8, 256, 256)
@@ -101,8 +101,8 @@ def test_cached_spec_needs_neither_torch_nor_transformers(cache_dir):
     spec = spec_from_config(dict(CONFIGS["exaone4"]), "exaone4")
     out = run_torch_free("from memplan.catalog.spec import spec_from_config\n"
                          f"s = spec_from_config({CONFIGS['exaone4']!r}, 'exaone4')\n"
-                         "print(s.params_total, len(s.layer_items), s.traits.calibrated)", cache_dir)
-    assert out.split() == [str(spec.params_total), str(len(spec.layer_items)), spec.traits.calibrated]
+                         "print(s.params_total, len(s.layer_groups[0].items), s.traits.calibrated)", cache_dir)
+    assert out.split() == [str(spec.params_total), str(len(spec.layer_groups[0].items)), spec.traits.calibrated]
 
 
 def test_cli_trust_remote_code_flag(run_cli, tmp_path):

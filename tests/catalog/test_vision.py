@@ -95,8 +95,9 @@ def test_multimodal_spec_matches_transformers(variant):
     assert spec.params_total + spec.params_frozen == sum(p.numel() for p in params.values())
     for item in (*spec.embedding_items, *spec.final_items, *spec.lm_head_items, *spec.frozen_items):
         assert _numel_under(params, item.path) == item.params, item
-    for item in spec.layer_items:
-        assert _numel_under(params, f"{spec.layer_prefix}.0.{item.path}") == item.params, item
+    for group in spec.layer_groups:
+        for item in group.items:
+            assert _numel_under(params, f"{spec.layer_prefix}.{group.indices[0]}.{item.path}") == item.params, item
     assert spec.wrapper == config["model_type"] and spec.model_type != spec.wrapper
 
 
@@ -162,8 +163,9 @@ def test_multimodal_preset_matches_transformers(preset):
     assert spec.params_frozen == _numel_under(params, wrapper.vision) + _numel_under(params, wrapper.projector)
     for item in (*spec.embedding_items, *spec.final_items, *spec.lm_head_items, *spec.frozen_items):
         assert _numel_under(params, item.path) == item.params, item
-    for item in spec.layer_items:
-        assert _numel_under(params, f"{spec.layer_prefix}.0.{item.path}") == item.params, item
+    for group in spec.layer_groups:
+        for item in group.items:
+            assert _numel_under(params, f"{spec.layer_prefix}.{group.indices[0]}.{item.path}") == item.params, item
     assert (spec.head_dim, spec.num_heads, spec.hidden_size) == dims
 
 

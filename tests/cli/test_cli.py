@@ -67,6 +67,9 @@ def test_no_gpu_shows_common_sizes(run_cli):
     (["--model", "llama-2-7b", "--method", "lora", "--max-batch"], "--gpu"),
     ([], "no model"),
     (["--model", "mixtral-8x7b", "--method", "lora"], "--lora-dropout 0"),
+    # peft turns gate_proj/up_proj/down_proj targets into DeepSeek's expert stacks: the hint leaves them out
+    (["--model", "deepseek-r1", "--method", "lora"], "--lora-targets q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj,gate\n"),
+    (["--model", "deepseek-r1", "--method", "lora", "--lora-targets", "q_a_proj,down_proj"], "--lora-dropout 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run_cli, args, needle):
     code, out, err = run_cli("estimate", *args)

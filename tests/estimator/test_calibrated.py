@@ -33,8 +33,8 @@ EXAONE4 = dict(SMALL, model_type="exaone4", sliding_window=256,
                layer_types=["sliding_attention", "sliding_attention", "full_attention"])
 SEED_OSS = dict(SMALL, model_type="seed_oss")
 OLMO2 = dict(SMALL, model_type="olmo2")
-QWEN3_MOE = dict(SMALL, model_type="qwen3_moe", num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
-                 moe_intermediate_size=128)
+OLMOE = dict(SMALL, model_type="olmoe", num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+             intermediate_size=128)
 
 FULL_BF16 = dict(precision="bf16", grad_ckpt=False)
 LORA_CKPT = dict(method="lora", precision="bf16", grad_ckpt=True)
@@ -50,8 +50,8 @@ CASES = [
     ("olmo2-lora-q-v-amp", OLMO2, dict(method="lora", precision="amp-bf16", grad_ckpt=False, attn="sdpa",
                                        lora={"targets": "q_proj,v_proj", "rank": 8})),
     # peft wraps the fused expert stacks and the router (all-linear; its ParamWrapper takes no dropout)
-    ("qwen3_moe-lora-all-linear", QWEN3_MOE, dict(method="lora", precision="bf16", grad_ckpt=False,
-                                                   lora={"dropout": 0.0})),
+    ("olmoe-lora-all-linear", OLMOE, dict(method="lora", precision="bf16", grad_ckpt=False,
+                                          lora={"dropout": 0.0})),
 ]
 
 

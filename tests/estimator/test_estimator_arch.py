@@ -66,6 +66,21 @@ LLAMA4 = dict(model_type="llama4_text", hidden_size=256, intermediate_size=256, 
               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4,
               num_experts_per_tok=1, attention_chunk_size=256, pad_token_id=0)
 LLAMA4_LORA = {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+# Qwen2-MoE: 8 experts (top 2, not renormalized), a shared expert with its sigmoid gate, layer 0 dense
+QWEN2_MOE = dict(model_type="qwen2_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                 moe_intermediate_size=256, shared_expert_intermediate_size=512, mlp_only_layers=[0])
+# DeepSeek-V3: MLA (q and kv low-rank with their norms; q/k head dim 48 != v head dim 32, so the CPU's SDPA
+# runs its math kernel), layer 0 dense, then 8 routed experts (sigmoid, group-limited top 2) + a shared expert
+DEEPSEEK_V3 = dict(model_type="deepseek_v3", hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64,
+                   qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+                   num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=128, n_shared_experts=1,
+                   first_k_dense_replace=1)
+# Qwen3-MoE: q_norm / k_norm over the head dim, 8 experts (top 2, renormalized), layer 2 dense
+QWEN3_MOE = dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
+                 moe_intermediate_size=256, norm_topk_prob=True, mlp_only_layers=[2])
 # the chunked loss with four chunks of 1024 tokens (b 2, s 2048), where the loss is most of the step
 LLAMA = dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=32000)
@@ -140,6 +155,38 @@ CASES = [
     ("llama4_text-lora-ckpt-sdpa", cfg(LLAMA4, vocab_size=32000), dict(LORA_CKPT, attn="sdpa", lora=LLAMA4_LORA)),
     # "all-linear": the same modules (memplan does not hand peft its own "all-linear", which wraps the router)
     ("llama4_text-lora-all-linear-sdpa", cfg(LLAMA4, vocab_size=8192), dict(LORA, attn="sdpa")),
+    ("qwen2_moe-full-bf16-sdpa", cfg(QWEN2_MOE, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    # (grouped_mm takes only bf16 on the CPU, so no amp-bf16 case for the expert families)
+    ("qwen2_moe-full-bf16-eager-norm", cfg(QWEN2_MOE, vocab_size=8192, norm_topk_prob=True),
+     dict(FULL_BF16, attn="eager")),
+    # with use_sliding_window the even layers below max_window_layers slide: 0 and 2 here, with their SDPA masks
+    ("qwen2_moe-full-bf16-sdpa-window", cfg(QWEN2_MOE, vocab_size=8192, use_sliding_window=True, sliding_window=256,
+                                            max_window_layers=3), dict(FULL_BF16, attn="sdpa")),
+    # peft adapts no router or expert stack of qwen2_moe: all-linear is attention, dense and shared MLPs, gate
+    ("qwen2_moe-lora-ckpt-sdpa", cfg(QWEN2_MOE, vocab_size=32000), dict(LORA_CKPT, attn="sdpa")),
+    ("qwen2_moe-lora-sdpa", cfg(QWEN2_MOE, vocab_size=8192), dict(LORA, attn="sdpa")),
+    ("deepseek_v3-full-bf16-sdpa", cfg(DEEPSEEK_V3, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("deepseek_v3-full-bf16-eager", cfg(DEEPSEEK_V3, vocab_size=8192), dict(FULL_BF16, attn="eager")),
+    # peft's MoE conversion adapts the router and the expert stacks (no LoRA dropout there)
+    ("deepseek_v3-lora-ckpt-sdpa", cfg(DEEPSEEK_V3, vocab_size=32000),
+     dict(LORA_CKPT, attn="sdpa", lora={"dropout": 0.0})),
+    # DeepSeek-V2: softmax router (group-limited: its masked_fill keeps a mask), complex rotary, no q low rank
+    ("deepseek_v2-full-bf16-sdpa", cfg(DEEPSEEK_V3, model_type="deepseek_v2", vocab_size=8192, q_lora_rank=None,
+                                       topk_method="group_limited_greedy"), dict(FULL_BF16, attn="sdpa")),
+    ("deepseek_v2-lora-ckpt-eager", cfg(DEEPSEEK_V3, model_type="deepseek_v2", vocab_size=32000, n_group=1,
+                                        topk_group=1), dict(LORA_CKPT, attn="eager", lora={"dropout": 0.0})),
+    ("qwen3_moe-full-bf16-sdpa", cfg(QWEN3_MOE, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("qwen3_moe-lora-ckpt-eager", cfg(QWEN3_MOE, vocab_size=32000), dict(LORA_CKPT, attn="eager",
+                                                                          lora={"dropout": 0.0})),
+    ("qwen3_moe-lora-sdpa-attention", cfg(QWEN3_MOE, vocab_size=8192),
+     dict(LORA, attn="sdpa", lora={"targets": "q_proj,k_proj,v_proj,o_proj"})),
+    # rank-64 adapters on 32-expert stacks: the backward peaks at the lowest MoE layer (layer 1), with every
+    # MoE layer's adapter gradients
+    ("deepseek_v3-lora-ckpt-backward-peak", cfg(DEEPSEEK_V3, vocab_size=4096, num_hidden_layers=5, n_routed_experts=32,
+                                               n_group=1, topk_group=1),
+     dict(LORA_CKPT, attn="sdpa", lora={"dropout": 0.0, "rank": 64})),
+    ("deepseek_v3-lora-eager-no-q-lora", cfg(DEEPSEEK_V3, vocab_size=8192, q_lora_rank=None),
+     dict(LORA, attn="eager", lora={"dropout": 0.0})),
     # chunked loss: each chunk recomputed in the backward; lm_head's gradient summed over the chunks
     ("llama-full-bf16-chunked-loss", LLAMA, dict(FULL_BF16, attn="sdpa", **CHUNKED)),
     ("llama-full-amp-chunked-loss", LLAMA, dict(FULL_AMP, attn="sdpa", **CHUNKED)),

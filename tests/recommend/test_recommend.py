@@ -247,11 +247,19 @@ def test_plot_writes_a_png(run_cli, tmp_path):
 
 # ------------------------------------------------------------------------------------ the time model, hand-worked
 
+def test_attention_flops_of_latent_attention():
+    """DeepSeek's q/k head dim (128 + 64) differs from its v head dim (128): scores and weighted sum apart."""
+    spec = resolve_model("deepseek-r1")
+    decoder, _ = throughput.matmul_params(spec)
+    fwd_dec, _ = throughput.forward_flops_per_token(spec, 2048)
+    assert fwd_dec == 2 * decoder + 2 * 61 * 2048 * 128 * (192 + 128)
+
+
 def test_flops_per_token_hand_worked():
     spec = resolve_model("llama-2-7b")
     decoder, head = throughput.matmul_params(spec)
     assert head == 32000 * 4096  # untied lm_head
-    assert decoder == spec.num_layers * spec.params_per_layer
+    assert decoder == spec.params_layers
     fwd_dec, fwd_head = throughput.forward_flops_per_token(spec, 2048)
     assert fwd_dec == 2 * decoder + 4 * 32 * 2048 * 32 * 128
     full = build_plan(dict(method="full", grad_ckpt=False))

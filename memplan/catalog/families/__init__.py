@@ -30,6 +30,10 @@ FAMILIES: dict[str, str] = {
     "granite": "granite",
     "gpt_oss": "gpt_oss",
     "llama4_text": "llama4_text",
+    "qwen2_moe": "qwen2_moe",
+    "deepseek_v3": "deepseek_v3",
+    "deepseek_v2": "deepseek_v2",
+    "qwen3_moe": "qwen3_moe",
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)

@@ -29,12 +29,12 @@ def rotary_attention(hidden: int, heads: int, kv: int, hd: int, qkv_bias: bool, 
     ]
 
 
-def gated_mlp(hidden: int, inter: int, bias: bool) -> list[Linear]:
-    """LlamaMLP: gate_proj, up_proj (hidden -> intermediate) and down_proj (back)."""
+def gated_mlp(hidden: int, inter: int, bias: bool, prefix: str = "mlp") -> list[Linear]:
+    """LlamaMLP: gate_proj, up_proj (hidden -> intermediate) and down_proj (back), under ``prefix``."""
     return [
-        lin("mlp.gate_proj", hidden, inter, bias),
-        lin("mlp.up_proj", hidden, inter, bias),
-        lin("mlp.down_proj", inter, hidden, bias),
+        lin(f"{prefix}.gate_proj", hidden, inter, bias),
+        lin(f"{prefix}.up_proj", hidden, inter, bias),
+        lin(f"{prefix}.down_proj", inter, hidden, bias),
     ]
 
 

@@ -31,4 +31,7 @@ def build(cfg: Cfg) -> Arch:
                     "MixtralDecoderLayer", attn_dropout=attention_dropout(cfg),
                     # peft's MoE conversion gives the fused gate_up_proj stack rank r * 2 (w1 and w3;
                     # utils/transformers_weight_conversion.py _convert_peft_config_moe: rank_pattern)
-                    expert_rank_mult=(2, 1), **attention_window(cfg, default=None)))
+                    expert_rank_mult=(2, 1), **attention_window(cfg, default=None),
+                    # peft _MOE_TARGET_MODULE_MAPPING["mixtral"]: the router and w1/w3/w2 (transformers 4 names)
+                    peft_expert_targets=(("gate", "gate"), ("w1", "experts.gate_up_proj"),
+                                         ("w3", "experts.gate_up_proj"), ("w2", "experts.down_proj"))))
