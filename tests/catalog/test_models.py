@@ -33,9 +33,9 @@ qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b qwen2.5-7b qwen2.5-14b qwen2.5-32b qwen2.5-
 gemma-2b gemma-7b gemma-2-2b gemma-2-9b gemma-2-27b phi-3-mini tinyllama-1.1b
 gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b
 qwen3-0.6b qwen3-1.7b qwen3-4b qwen3-8b qwen3-14b qwen3-32b olmo-2-7b olmo-2-13b gemma-3-1b smollm3-3b
-gpt2 gpt2-medium gpt2-large gpt2-xl opt-1.3b llama-3.3-70b granite-3.3-8b phi-4
+llama-3.3-70b granite-3.3-8b phi-4
 gpt-oss-20b gpt-oss-120b
-deepseek-r1
+deepseek-r1 qwen3-30b-a3b
 """.split()
 
 
