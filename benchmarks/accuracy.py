@@ -138,6 +138,7 @@ def run_case(preset: str, fields: dict, backend: str) -> dict:
         base, over = CONFIGS[preset]
         config = json.loads((models_dir() / base / "config.json").read_text()) if base else {}
         config.update(over)
+        spec = spec_from_config(dict(config), preset)
     elif "@" in preset:  # "<preset>@<N>L": the preset's first N layers (its widths, fewer layers)
         base, _, layers = preset.partition("@")
         config = truncated(json.loads((models_dir() / base / "config.json").read_text()), int(layers.rstrip("L")))

@@ -75,6 +75,16 @@ def load(key: str) -> dict | None:
     return entry
 
 
+def cached_models() -> list[str]:
+    """The transformers model classes with an entry of this format in the cache (sorted, each once)."""
+    classes = set()
+    for path in sorted((cache_dir() / "traced").glob("*.json")):
+        entry = load(path.stem)
+        if entry and entry.get("model_class"):
+            classes.add(str(entry["model_class"]))
+    return sorted(classes)
+
+
 def save(key: str, entry: dict) -> None:
     """Write a model's entry atomically; a cache that cannot be written only costs a calibration next time."""
     path = _path(key)

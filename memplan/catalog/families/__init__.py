@@ -51,11 +51,24 @@ def family_rows() -> list[dict]:
     rows = []
     for model_type, name in FAMILIES.items():
         module = importlib.import_module(f"{__name__}.{name}")
-        doc = " ".join((module.__doc__ or "").split())
+        doc = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
         rows.append({"model_type": model_type, "module": f"{__name__}.{name}",
                      "estimate": getattr(module, "ESTIMATE", DEFAULT_ESTIMATE),
-                     "about": doc.split(": ", 1)[0] if doc else ""})
-    return rows
+                     "about": doc.split(": ", 1)[0].rstrip(".") if doc else ""})
+    return rows + [_calibrated_row()]
+
+
+def _calibrated_row() -> dict:
+    """Every other decoder-only model_type: read from transformers' model and calibrated by trace on first use
+    (memplan.catalog.traced); the models already calibrated on this machine, from the cache."""
+    from memplan.catalog import cache
+
+    done = cache.cached_models()
+    where = f"cached in {cache.cache_dir() / 'traced'}"
+    about = (f"any other decoder-only causal LM the installed transformers builds ({where}: "
+             + (", ".join(done) if done else "none yet") + ")")
+    return {"model_type": "*", "module": "memplan.catalog.traced", "estimate": "calibrated by trace",
+            "about": about}
 
 
 def builder(model_type: str) -> Callable | None:
