@@ -61,6 +61,11 @@ CASES = [
     ("olmo-2-7b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=1024, grad_ckpt=False)),
     ("smollm3-3b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048, grad_ckpt=False)),
     ("granite-3.3-8b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048, grad_ckpt=True)),
+    # MoE: GPT-OSS (sinks, eager: no SDPA path) and Qwen3-MoE (128 experts, attention-only LoRA)
+    ("gpt-oss-20b", dict(method="lora", precision="bf16", micro_batch=1, seq_len=1024, grad_ckpt=True,
+                         attn="eager")),
+    ("qwen3-30b-a3b", dict(method="lora", precision="bf16", micro_batch=1, seq_len=1024, grad_ckpt=True,
+                           lora={"targets": "q_proj,k_proj,v_proj,o_proj"})),
 ]
 
 
