@@ -303,6 +303,11 @@ VARIANTS = {
     "llama4_text-options": dict(model_type="llama4_text", attention_bias=True, use_qk_norm=False, num_local_experts=4,
                                 num_experts_per_tok=2, head_dim=16, num_key_value_heads=4, tie_word_embeddings=True,
                                 moe_layers=[0, 1], interleave_moe_layer_step=2, **_SMALL),
+    # Maverick: dense layers (Llama4TextMLP of intermediate_size_mlp) interleaved with the MoE layers
+    "llama4_text-interleaved": dict(model_type="llama4_text", interleave_moe_layer_step=2, intermediate_size_mlp=96,
+                                    num_local_experts=4, **dict(_SMALL, num_hidden_layers=4)),
+    "llama4_text-moe-layers": dict(model_type="llama4_text", moe_layers=[0, 3], intermediate_size_mlp=96,
+                                   num_local_experts=4, **dict(_SMALL, num_hidden_layers=4)),
 }
 
 
@@ -645,5 +650,9 @@ def test_llama4_text_spec():
     assert spec.traits.layer_types[:4] == ("chunked_attention",) * 3 + ("full_attention",)
     assert spec.linear_names() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                                    "lm_head"]
-    with pytest.raises(UserError, match=r"dense and MoE layers interleaved .* not supported yet"):
-        spec_from_config(dict(VARIANTS["llama4_text-minimal"], interleave_moe_layer_step=2), "maverick-like")
+    maverick = spec_from_config(dict(VARIANTS["llama4_text-minimal"], interleave_moe_layer_step=2,
+                                     intermediate_size_mlp=96, num_hidden_layers=4), "maverick-like")
+    dense, moe = maverick.layer_groups
+    assert (dense.indices, dense.experts, dense.ffn, moe.indices, moe.experts) == ((0, 2), 0, 96, (1, 3), 16)
+    mlp = {i.path: i.params for i in dense.items if i.path.startswith("feed_forward.")}
+    assert mlp == {f"feed_forward.{n}": 256 * 96 for n in ("gate_proj", "up_proj", "down_proj")}

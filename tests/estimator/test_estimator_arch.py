@@ -155,6 +155,11 @@ CASES = [
     ("llama4_text-lora-ckpt-sdpa", cfg(LLAMA4, vocab_size=32000), dict(LORA_CKPT, attn="sdpa", lora=LLAMA4_LORA)),
     # "all-linear": the same modules (memplan does not hand peft its own "all-linear", which wraps the router)
     ("llama4_text-lora-all-linear-sdpa", cfg(LLAMA4, vocab_size=8192), dict(LORA, attn="sdpa")),
+    # Maverick's layout: layers 0 and 2 dense (Llama4TextMLP of intermediate_size_mlp), 1 and 3 MoE
+    ("llama4_text-interleaved-full-bf16-sdpa", cfg(LLAMA4, vocab_size=8192, interleave_moe_layer_step=2),
+     dict(FULL_BF16, attn="sdpa")),
+    ("llama4_text-interleaved-lora-sdpa", cfg(LLAMA4, vocab_size=8192, interleave_moe_layer_step=2),
+     dict(LORA, attn="sdpa", lora=LLAMA4_LORA)),
     ("qwen2_moe-full-bf16-sdpa", cfg(QWEN2_MOE, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
     # (grouped_mm takes only bf16 on the CPU, so no amp-bf16 case for the expert families)
     ("qwen2_moe-full-bf16-eager-norm", cfg(QWEN2_MOE, vocab_size=8192, norm_topk_prob=True),

@@ -12,19 +12,19 @@
   outside its top-k), and a shared expert, a LlamaMLP of intermediate_size.
 - Llama4TextRMSNorm as LlamaRMSNorm; eager softmax in the scores' dtype.
 
-Layers are MoE where config.moe_layers says (default: every interleave_moe_layer_step-th layer). memplan's
-ModelSpec holds one layer shape, so only configs whose layers are all MoE (Llama-4-Scout's text model:
-interleave_moe_layer_step 1) are supported; interleaved dense / MoE layers (Maverick) raise an error.
-peft's target_modules reach the attention and the shared expert: "all-linear" also wraps the router, whose
-forward returns a tuple that peft's LoRA layer cannot add to (peft 0.21), and the expert stacks are not
-modules, so neither is a LoRA target here.
+Layers are MoE where config.moe_layers says (default: every interleave_moe_layer_step-th layer, from index
+step - 1; Llama-4-Scout's text model: step 1, every layer; Maverick's: step 2, the odd layers). The others
+(Llama4TextDecoderLayer.__init__) get a dense Llama4TextMLP of intermediate_size_mlp (default 16384) as
+their feed_forward, a layer group of their own.
+peft's target_modules reach the attention, the shared expert and the dense MLPs: "all-linear" also wraps the
+router, whose forward returns a tuple that peft's LoRA layer cannot add to (peft 0.21), and the expert stacks
+are not modules, so neither is a LoRA target here.
 """
 
 from __future__ import annotations
 
 from memplan.catalog.families.common import TWO_NORMS, attention_dropout, gated_mlp, lin, rotary_attention, rotary_dims
-from memplan.catalog.spec import Arch, Cfg, Traits
-from memplan.errors import UserError
+from memplan.catalog.spec import Arch, Cfg, OtherLayers, Traits
 
 ROUTER = "router"
 EXPERT_STACKS = ("experts.gate_up_proj", "experts.down_proj")
@@ -35,14 +35,13 @@ def build(cfg: Cfg) -> Arch:
     layers, hidden, inter = d["layers"], d["hidden"], d["inter"]
     experts = cfg.opt_int("num_local_experts", 16)
     step = cfg.opt_int("interleave_moe_layer_step", 1)
-    moe = cfg.opt("moe_layers", list(range(step - 1, layers, step)))
-    if sorted(moe) != list(range(layers)):
-        raise UserError(f"{cfg.name}: llama4_text with dense and MoE layers interleaved (moe_layers {moe}, "
-                        f"interleave_moe_layer_step {step}) is not supported yet; supported: every layer MoE "
-                        "(interleave_moe_layer_step 1, as Llama-4-Scout)")
+    given = cfg.opt("moe_layers", None)  # Llama4TextConfig.__post_init__: moe_layers when set, else the step
+    moe = set(range(step - 1, layers, step) if given is None else given)
+    dense = tuple(i for i in range(layers) if i not in moe)
+    dense_inter = cfg.opt_int("intermediate_size_mlp", 16384)
     bias = cfg.flag("attention_bias", False)
-    linears = rotary_attention(hidden, d["heads"], d["kv_heads"], d["head_dim"], bias, bias)
-    linears.append(lin("feed_forward.router", hidden, experts, False))
+    attention = rotary_attention(hidden, d["heads"], d["kv_heads"], d["head_dim"], bias, bias)
+    linears = attention + [lin("feed_forward.router", hidden, experts, False)]
     linears += [lin(f"feed_forward.shared_expert.{x.path.split('.')[-1]}", x.d_in, x.d_out, False)
                 for x in gated_mlp(hidden, inter, False)]
     linears += [
@@ -51,7 +50,9 @@ def build(cfg: Cfg) -> Arch:
     ]
     return Arch(**d, act=cfg.opt("hidden_act", "silu"), tie=cfg.flag("tie_word_embeddings", False),
                 linears=linears, layer_norms=list(TWO_NORMS), experts=experts,
-                top_k=cfg.opt_int("num_experts_per_tok", 1), traits=_traits(cfg, layers))
+                top_k=cfg.opt_int("num_experts_per_tok", 1), traits=_traits(cfg, layers),
+                other_layers=[OtherLayers(dense, attention + gated_mlp(hidden, dense_inter, False, "feed_forward"),
+                                          dense_inter)])
 
 
 def _traits(cfg: Cfg, layers: int) -> Traits:
