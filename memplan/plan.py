@@ -367,8 +367,7 @@ def check_lora_targets(spec: ModelSpec, plan: Plan) -> None:
         if t not in allowed:
             raise UserError(f"LoRA target '{t}' is not a linear layer of {spec.name}'s decoder layers; "
                             f"allowed: {', '.join(allowed)} or all-linear")
-    adapted = spec.lora_target_names(plan.lora.targets)
-    experts = [lin.name for lin in spec.layer_linears if lin.kind == "experts" and lin.name in adapted]
+    experts = spec.lora_expert_stacks(plan.lora.targets)
     if experts and plan.lora.dropout > 0:
         renames = dict(spec.traits.peft_expert_targets)  # names peft would turn into expert stacks
         dense = ",".join(dict.fromkeys(lin.name for lin in spec.layer_linears

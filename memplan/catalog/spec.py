@@ -266,13 +266,14 @@ class ModelSpec:
                        and lin.name not in self.traits.lora_unreachable] + list(renames)
         return frozenset(renames.get(name, name) for name in targets)
 
-    def lora_reaches_experts(self, targets: list[str] | str = "all-linear") -> bool:
-        """Whether peft adapts a fused expert stack for ``targets`` (names, a comma-separated string or
+    def lora_expert_stacks(self, targets: list[str] | str = "all-linear") -> list[str]:
+        """The fused expert stacks peft adapts for ``targets`` (names, a comma-separated string or
         "all-linear"); its adapters there take no dropout."""
         if isinstance(targets, str) and targets != "all-linear":
             targets = targets.split(",")
         adapted = self.lora_target_names(targets)
-        return any(lin.kind == "experts" and lin.name in adapted for lin in self.layer_linears)
+        return list(dict.fromkeys(lin.name for lin in self.layer_linears
+                                  if lin.kind == "experts" and lin.name in adapted))
 
     def param_breakdown(self) -> list[tuple[str, str, int, str]]:
         """Rows (group, module path, params, formula); layer rows are per layer, under "layer" when every

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from memplan.catalog.spec import ModelSpec
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate
-from memplan.estimator.activations import attention_runs, lora_targets
+from memplan.estimator.activations import attention_runs
 from memplan.estimator.search import largest
 from memplan.plan import Plan, build_plan
 from memplan.recommend import throughput
@@ -160,10 +160,10 @@ def search_lora(spec: ModelSpec, model_ref: str, lora: dict | None) -> dict:
     (Traits.lora_unreachable: GPT-OSS, Llama 4)."""
     lora = dict(lora or {})
     try:
-        targets = lora_targets(spec, build_plan(dict(model=model_ref, method="lora", lora=lora)))
+        plan = build_plan(dict(model=model_ref, method="lora", lora=lora))
     except UserError:  # settings no plan takes: every combination is refused as it is built
         return lora
-    if any(lin.kind == "experts" and lin.name in targets for lin in spec.layer_linears):
+    if spec.lora_expert_stacks(plan.lora.targets):
         lora.setdefault("dropout", 0.0)
     return lora
 

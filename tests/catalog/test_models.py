@@ -596,9 +596,11 @@ def test_layer_groups_and_peft_targets_of_moe_families():
     mixtral = spec_from_config(VARIANTS["mixtral-minimal"], "x")
     assert mixtral.lora_target_names("all-linear") == {"q_proj", "k_proj", "v_proj", "o_proj", "gate",
                                                         "experts.gate_up_proj", "experts.down_proj"}
-    assert mixtral.lora_reaches_experts() and not spec.lora_reaches_experts()
+    assert mixtral.lora_expert_stacks() == ["experts.gate_up_proj", "experts.down_proj"]
+    assert spec.lora_expert_stacks() == []
     deepseek = spec_from_config(VARIANTS["deepseek_v3-moe"], "x")
-    assert deepseek.lora_reaches_experts(["down_proj"]) and not deepseek.lora_reaches_experts(["q_b_proj"])
+    assert deepseek.lora_expert_stacks(["down_proj"]) == ["experts.down_proj"]
+    assert deepseek.lora_expert_stacks(["q_b_proj"]) == []
 
 
 @pytest.mark.parametrize("model_type, window", [("qwen2_moe", dict(use_sliding_window=True, max_window_layers=3)),
