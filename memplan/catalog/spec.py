@@ -328,6 +328,15 @@ class Cfg:
         value = self.c.get(key)
         return default if value is None else value
 
+    def int_list(self, key: str) -> list[int]:
+        """A list of layer indices (``mlp_only_layers``, ``moe_layers``); absent or null is empty."""
+        value = self.c.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise UserError(f"{self.name}: config key '{key}' must be a list of layer indices, got {value!r}")
+        return list(value)
+
     def opt_int(self, key: str, default: int) -> int:
         return self._positive(key) if self.c.get(key) is not None else default
 
@@ -453,7 +462,14 @@ def spec_from_config(config: dict, name: str, source: Path | None = None) -> Mod
         from memplan.catalog import traced  # imports transformers when the model is not in the cache yet
 
         return traced.spec_from_config(Cfg(config, name, model_type), source)
-    return _freeze(build(Cfg(config, name, model_type)), name, model_type, config)
+    try:
+        arch = build(Cfg(config, name, model_type))
+    except (TypeError, ValueError, KeyError, IndexError) as err:
+        # a value of the wrong type or shape where the family reads it (a string for a layer count, a list
+        # that is too short): one line naming the model, as for a missing key
+        raise UserError(f"{name}: config.json for model_type '{model_type}' has a value memplan cannot read "
+                        f"({type(err).__name__}: {err})") from err
+    return _freeze(arch, name, model_type, config)
 
 
 def _multimodal(config: dict, name: str, model_type: str) -> ModelSpec:

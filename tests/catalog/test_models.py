@@ -401,6 +401,19 @@ def test_missing_and_bad_keys():
         spec_from_config(dict(VARIANTS["llama-minimal"], hidden_size=250), "x")
 
 
+def test_values_of_the_wrong_type_are_one_error():
+    """A family that reads a value of the wrong type gives one line naming the model, never a traceback, and a
+    layer-index list that is not one is refused rather than read as characters."""
+    r1 = json.loads((models_dir() / "deepseek-r1" / "config.json").read_text())
+    with pytest.raises(UserError, match=r"r1: config.json for model_type 'deepseek_v3' has a value memplan cannot "
+                                        r"read \(ValueError: invalid literal"):
+        spec_from_config(dict(r1, first_k_dense_replace="x"), "r1")
+    moe = json.loads((models_dir() / "qwen3-30b-a3b" / "config.json").read_text())
+    with pytest.raises(UserError, match="'mlp_only_layers' must be a list of layer indices, got 'x'"):
+        spec_from_config(dict(moe, mlp_only_layers="x"), "q")
+    assert [g.indices for g in spec_from_config(dict(moe, mlp_only_layers=[0]), "q").layer_groups][0] == (0,)
+
+
 # ---------------------------------------------------------------------------------------------
 # resolve_model
 # ---------------------------------------------------------------------------------------------

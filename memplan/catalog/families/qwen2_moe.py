@@ -57,7 +57,7 @@ def moe_window(cfg: Cfg) -> dict:
 def dense_layers(cfg: Cfg, layers: int, experts: int) -> tuple[int, ...]:
     """The dense layers' indices: in mlp_only_layers, or (index + 1) not a multiple of decoder_sparse_step
     (Qwen2MoeDecoderLayer.__init__); all of them without experts."""
-    only = set(cfg.opt("mlp_only_layers", []))
+    only = set(cfg.int_list("mlp_only_layers"))
     step = cfg.opt_int("decoder_sparse_step", 1)
     return tuple(i for i in range(layers) if i in only or experts == 0 or (i + 1) % step)
 
