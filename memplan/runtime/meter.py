@@ -32,6 +32,7 @@ slow the run. Not seen on the CPU: buffers that DDP/gloo allocate outside torch'
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -91,13 +92,14 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage:
 
 
 class _Storage:
-    __slots__ = ("nbytes", "cat", "born", "ref")
+    __slots__ = ("nbytes", "cat", "born", "ref", "uid")
 
-    def __init__(self, nbytes: int, cat: str, born: int) -> None:
+    def __init__(self, nbytes: int, cat: str, born: int, uid: int) -> None:
         self.nbytes = nbytes
         self.cat = cat
         self.born = born
         self.ref: weakref.ref | None = None
+        self.uid = uid
 
 
 class _Peak:
@@ -112,8 +114,12 @@ class _Peak:
 class LiveBytes(TorchDispatchMode):
     """Running total of live storage bytes, per term, its peak, and per-phase maxima per optimizer step."""
 
-    def __init__(self) -> None:
+    def __init__(self, record_events: bool = False) -> None:
         super().__init__()
+        # With record_events, the order in which storages are allocated and freed, for the allocator model
+        # (memplan.estimator.allocator.replay): ("a", uid, nbytes), ("f", uid), ("p", phase), ("s",) a new step.
+        self.events: list[tuple] | None = [] if record_events else None
+        self._uids = itertools.count(1)
         self._storages: dict[int, _Storage] = {}  # id(untyped storage object) -> record
         self.totals = dict.fromkeys(METERED_TERMS, 0)
         self.live = 0
@@ -133,18 +139,30 @@ class LiveBytes(TorchDispatchMode):
         if rec is not None:
             self._reread(st, rec)
             return
-        rec = _Storage(st.nbytes(), cat or self.default, self.clock)
+        rec = _Storage(st.nbytes(), cat or self.default, self.clock, next(self._uids))
         rec.ref = weakref.ref(st, self._freer(key, rec))
         self._storages[key] = rec
         self.live += rec.nbytes
         self.totals[rec.cat] += rec.nbytes
+        self._event_alloc(rec)
 
     def _reread(self, st: torch.UntypedStorage, rec: _Storage) -> None:
         nbytes = st.nbytes()
         if nbytes != rec.nbytes:  # grown by an out= op, or resized by hand
             self.live += nbytes - rec.nbytes
             self.totals[rec.cat] += nbytes - rec.nbytes
+            self._event_free(rec)  # a resize is a new allocation (the old one is freed after the copy)
             rec.nbytes = nbytes
+            rec.uid = next(self._uids)
+            self._event_alloc(rec)
+
+    def _event_alloc(self, rec: _Storage) -> None:
+        if self.events is not None and rec.nbytes:
+            self.events.append(("a", rec.uid, rec.nbytes))
+
+    def _event_free(self, rec: _Storage) -> None:
+        if self.events is not None and rec.nbytes:
+            self.events.append(("f", rec.uid))
 
     def _freer(self, key: int, rec: _Storage):
         def free(_ref: weakref.ref) -> None:
@@ -152,6 +170,7 @@ class LiveBytes(TorchDispatchMode):
                 del self._storages[key]
             self.live -= rec.nbytes
             self.totals[rec.cat] -= rec.nbytes
+            self._event_free(rec)
 
         return free
 
@@ -249,9 +268,13 @@ class LiveBytes(TorchDispatchMode):
     def new_step(self) -> None:
         self.steps.append({})
         self._peak = None
+        if self.events is not None:
+            self.events.append(("s",))
 
     def phase(self, name: str | None) -> None:
         self.current_phase = name
+        if self.events is not None:
+            self.events.append(("p", name))
         self.default = "optimizer_temporaries" if name == "optimizer" else "activations"
         if name is None:
             self._peak = None

@@ -328,3 +328,42 @@ def test_chunked_loss_applies_granite_logits_scaling():
     torch.testing.assert_close(chunked, standard, rtol=1e-5, atol=1e-6)
     unscaled = chunked_causal_lm_loss(hidden, model.get_output_embeddings(), ids, chunk_tokens=5)
     assert not torch.allclose(unscaled, standard)
+
+
+def _live_peak(events) -> int:
+    live, peak, sizes = 0, 0, {}
+    for ev in events:
+        if ev[0] == "a":
+            sizes[ev[1]] = ev[2]
+            live += ev[2]
+            peak = max(peak, live)
+        elif ev[0] == "f":
+            live -= sizes.pop(ev[1])
+    return peak
+
+
+def test_recorded_events_replay_the_traced_live_bytes():
+    """The allocation order the allocator model replays holds the same bytes as the meter, at every moment."""
+    result = trace_training(tiny_llama(), tiny_plan(precision="bf16", grad_ckpt=False), steps=2,
+                            record_events=True)
+    assert result.events.count(("s",)) == 2
+    assert _live_peak(result.events) == result.peak
+    frees = {ev[1] for ev in result.events if ev[0] == "f"}
+    assert frees <= {ev[1] for ev in result.events if ev[0] == "a"}
+
+
+def test_cuda_kernels_keep_bool_dropout_masks():
+    """With CUDA's kernels, dropout saves a bool mask instead of an input-dtype noise tensor: the fp32
+    forward holds 3 B per dropped element less."""
+    config = tiny_llama(attention_dropout=0.0)
+    plan = tiny_plan(method="lora", precision="fp32", grad_ckpt=False, lora={"dropout": 0.1})
+    cpu = trace_training(config, plan, steps=1).steady.forward
+    cuda = trace_training(config, plan, steps=1, kernels="cuda").steady.forward
+    tokens = plan.micro_batch * plan.seq_len
+    # each adapter drops out its own copy of its input: q, k, v, o, gate, up (width 64) and down (128); the
+    # mask is kept only where the input needs a gradient, so not for q/k/v of layer 0 (the frozen embedding's)
+    per_layer = 6 * 64 + 128
+    inputs = tokens * (per_layer * config.num_hidden_layers - 3 * 64)
+    assert cpu - cuda == inputs * 3
+    with pytest.raises(UserError):
+        trace_training(config, plan, backend="cpu", kernels="cuda")

@@ -1,0 +1,318 @@
+"""A model of PyTorch's CUDA caching allocator: what `torch.cuda.max_memory_reserved()` becomes when a step's
+allocations and frees are served by it.
+
+The rules are those of `c10/cuda/CUDACachingAllocator.cpp` (DeviceCachingAllocator, torch 2.x), one device
+and one stream, no CUDA graphs, no `max_split_size_mb`, no `roundup_power2_divisions`:
+
+- every request is rounded up to a multiple of 512 B (`round_size`, kMinBlockSize);
+- requests of at most 1 MiB (kSmallSize) are served from the small pool, the others from the large pool;
+- a request first takes the smallest cached free block of its pool that is large enough, the lowest address
+  among equal sizes (`get_free_block`: `BlockComparatorSize` orders by size, then address);
+- with no such block, a new segment is `cudaMalloc`ed (`alloc_block`) of `get_allocation_size`: 2 MiB
+  (kSmallBuffer) for a small request, 20 MiB (kLargeBuffer) below 10 MiB (kMinLargeAlloc), else the request
+  rounded up to 2 MiB (kRoundLarge);
+- the block taken is split when what remains is at least 512 B (small pool) or more than 1 MiB (large pool)
+  (`should_split`); otherwise the whole block is handed out, and counted as allocated;
+- a freed block merges with free neighbours of its segment (`free_block`, `try_merge_blocks`) and stays cached:
+  segments go back to CUDA only when an allocation fails (`release_cached_blocks`: every free block that is a
+  whole segment) or on `torch.cuda.empty_cache()`.
+
+With `expandable_segments:True` (PYTORCH_CUDA_ALLOC_CONF) each pool has one segment whose physical memory grows
+in pages of 2 MiB (small pool) or 20 MiB (large pool) at its end (Note [Expandable Segments];
+`try_allocate_expandable_block`, `map_block`): a request that no free block fits maps pages after the segment's
+last block, merged with that block when it is free; any block splits when 512 B or more remain.
+
+`allocated` counts handed-out block sizes as torch's `allocated_bytes` does (rounded, and whole when not
+split); `reserved` counts segments (mapped pages) as `reserved_bytes`. Pure Python: on the estimate path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass, field
+
+MIN_BLOCK = 512  # kMinBlockSize
+SMALL_SIZE = 1 << 20  # kSmallSize: the largest request served by the small pool
+SMALL_BUFFER = 2 << 20  # kSmallBuffer: the small pool's segments (and expandable pages)
+LARGE_BUFFER = 20 << 20  # kLargeBuffer: segments for 1-10 MiB requests (and the large pool's expandable pages)
+MIN_LARGE_ALLOC = 10 << 20  # kMinLargeAlloc
+ROUND_LARGE = 2 << 20  # kRoundLarge
+
+ALLOCATORS = ("default", "expandable")
+
+
+def round_size(nbytes: int) -> int:
+    """`round_size`: at least 512 B, in multiples of 512 B."""
+    return max(MIN_BLOCK, -(-nbytes // MIN_BLOCK) * MIN_BLOCK)
+
+
+def allocation_size(size: int) -> int:
+    """`get_allocation_size`: the segment cudaMalloc'ed for a rounded request no cached block fits."""
+    if size <= SMALL_SIZE:
+        return SMALL_BUFFER
+    if size < MIN_LARGE_ALLOC:
+        return LARGE_BUFFER
+    return -(-size // ROUND_LARGE) * ROUND_LARGE
+
+
+class OutOfMemory(Exception):
+    """The allocator could not serve a request within the device's capacity, even after releasing its cache."""
+
+
+@dataclass(eq=False)
+class _Block:
+    addr: int
+    size: int
+    small: bool
+    allocated: bool = False
+    mapped: bool = True
+    prev: _Block | None = None
+    next: _Block | None = None
+    expandable: bool = False
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.size, self.addr)
+
+
+@dataclass
+class _Pool:
+    small: bool
+    free: list[tuple[int, int]] = field(default_factory=list)  # sorted (size, addr) of cached free blocks
+    by_key: dict[tuple[int, int], _Block] = field(default_factory=dict)
+    tail: _Block | None = None  # expandable: the unmapped rest of the pool's segment
+
+    def insert(self, b: _Block) -> None:
+        bisect.insort(self.free, b.key)
+        self.by_key[b.key] = b
+
+    def remove(self, b: _Block) -> None:
+        key = b.key
+        del self.free[bisect.bisect_left(self.free, key)]
+        del self.by_key[key]
+
+
+class CachingAllocator:
+    """One device's caching allocator. `malloc(nbytes)` returns a handle for `free(handle)`; `capacity` (bytes
+    the allocator may reserve) makes a request that cannot be served raise OutOfMemory after the cache is
+    released, as torch's allocator does before it reports out of memory."""
+
+    def __init__(self, allocator: str = "default", capacity: int | None = None) -> None:
+        if allocator not in ALLOCATORS:
+            raise ValueError(f"allocator {allocator!r} is not one of {ALLOCATORS}")
+        self.expandable = allocator == "expandable"
+        self.capacity = capacity
+        self.pools = {True: _Pool(True), False: _Pool(False)}
+        self.allocated = 0
+        self.reserved = 0
+        self.peak_allocated = 0
+        self.peak_reserved = 0
+        self._blocks: dict[int, _Block] = {}
+        self._handles = itertools.count(1)
+        self._next_addr = 1 << 40  # where the next segment's (or expandable pool's) addresses begin
+
+    # ---------------------------------------------------------------- the public interface
+
+    def malloc(self, nbytes: int) -> int:
+        size = round_size(nbytes)
+        pool = self.pools[size <= SMALL_SIZE]
+        block = self._free_block(pool, size)
+        if block is None:
+            block = self._new_memory(pool, size)
+        if block is None:
+            self.release_cache()
+            block = self._new_memory(pool, size)
+        if block is None:
+            raise OutOfMemory(f"{size} B requested with {self.reserved} B reserved of {self.capacity} B")
+        block = self._split(pool, block, size)
+        block.allocated = True
+        self.allocated += block.size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        handle = next(self._handles)
+        self._blocks[handle] = block
+        return handle
+
+    def free(self, handle: int) -> None:
+        block = self._blocks.pop(handle)
+        block.allocated = False
+        self.allocated -= block.size
+        pool = self.pools[block.small]
+        for neighbour in (block.prev, block.next):
+            self._merge(pool, block, neighbour)
+        pool.insert(block)
+
+    def release_cache(self) -> None:
+        """`release_cached_blocks` (also `torch.cuda.empty_cache()`): cached blocks that are whole segments go
+        back to CUDA; expandable pools unmap the free pages at their end."""
+        for pool in self.pools.values():
+            for key in list(pool.free):
+                b = pool.by_key[key]
+                if not self.expandable and b.prev is None and b.next is None:
+                    pool.remove(b)
+                    self.reserved -= b.size
+                elif self.expandable and b.next is pool.tail:
+                    self._unmap_end(pool, b)
+
+    # ---------------------------------------------------------------- the rules
+
+    def _free_block(self, pool: _Pool, size: int) -> _Block | None:
+        """`get_free_block`: the smallest cached block of at least `size` (lowest address on ties). In an
+        expandable pool, blocks are compared by the size they can grow to (the free block before the unmapped
+        tail can grow into it), so later blocks of equal size that cannot grow are preferred."""
+        i = bisect.bisect_left(pool.free, (size, 0))
+        if i == len(pool.free):
+            return None
+        if self.expandable:
+            def growable(k: int) -> int:
+                b = pool.by_key[pool.free[k]]
+                return b.size + (b.next.size if b.next is not None and not b.next.mapped else 0)
+            while i + 1 < len(pool.free) and growable(i + 1) < growable(i):
+                i += 1
+        block = pool.by_key[pool.free[i]]
+        pool.remove(block)
+        return block
+
+    def _new_memory(self, pool: _Pool, size: int) -> _Block | None:
+        if self.expandable:
+            return self._grow(pool, size)
+        seg = allocation_size(size)
+        if self.capacity is not None and self.reserved + seg > self.capacity:
+            return None
+        self.reserved += seg
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        block = _Block(self._next_addr, seg, pool.small)
+        self._next_addr += seg
+        return block
+
+    def _grow(self, pool: _Pool, size: int) -> _Block | None:
+        """`try_allocate_expandable_block`: map pages at the pool segment's end, joined to its last block when
+        that is free, until a block of `size` exists."""
+        page = SMALL_BUFFER if pool.small else LARGE_BUFFER
+        if pool.tail is None:
+            pool.tail = _Block(self._next_addr, 1 << 50, pool.small, mapped=False, expandable=True)
+            self._next_addr += 1 << 50
+        tail = pool.tail
+        last = tail.prev
+        start = last if last is not None and not last.allocated else None
+        have = start.size if start is not None else 0
+        grow = -(-(size - have) // page) * page
+        if self.capacity is not None and self.reserved + grow > self.capacity:
+            return None
+        if start is not None:
+            pool.remove(start)
+        self.reserved += grow
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        new = _Block(tail.addr, grow, pool.small, expandable=True, prev=last, next=tail)
+        if last is not None:
+            last.next = new
+        tail.prev, tail.addr, tail.size = new, tail.addr + grow, tail.size - grow
+        if start is not None:
+            self._join(start, new)
+            return start
+        return new
+
+    def _unmap_end(self, pool: _Pool, b: _Block) -> None:
+        """Unmap the whole pages of a free block before the tail (the pages it shares with an allocated
+        neighbour stay mapped)."""
+        page = SMALL_BUFFER if pool.small else LARGE_BUFFER
+        keep = -(-(b.addr - self._pool_base(pool)) // page) * page + self._pool_base(pool) - b.addr
+        unmapped = b.size - keep if keep < b.size else 0
+        if unmapped <= 0:
+            return
+        pool.remove(b)
+        self.reserved -= unmapped
+        tail = pool.tail
+        tail.addr -= unmapped
+        tail.size += unmapped
+        if keep:
+            b.size = keep
+            pool.insert(b)
+        else:
+            tail.prev = b.prev
+            if b.prev is not None:
+                b.prev.next = tail
+
+    def _pool_base(self, pool: _Pool) -> int:
+        b = pool.tail
+        while b.prev is not None:
+            b = b.prev
+        return b.addr
+
+    def _split(self, pool: _Pool, block: _Block, size: int) -> _Block:
+        """`should_split` and `alloc_found_block`: the front `size` bytes are handed out, the rest cached."""
+        remaining = block.size - size
+        if pool.small or self.expandable:
+            split = remaining >= MIN_BLOCK
+        else:
+            split = remaining > SMALL_SIZE
+        if not split:
+            return block
+        front = _Block(block.addr, size, block.small, prev=block.prev, next=block, expandable=block.expandable)
+        if block.prev is not None:
+            block.prev.next = front
+        block.prev = front
+        block.addr += size
+        block.size = remaining
+        pool.insert(block)
+        return front
+
+    def _merge(self, pool: _Pool, block: _Block, other: _Block | None) -> None:
+        if other is None or other.allocated or not other.mapped:
+            return
+        pool.remove(other)
+        self._join(block, other)
+
+    @staticmethod
+    def _join(block: _Block, other: _Block) -> None:
+        """`try_merge_blocks`: `block` absorbs its neighbour `other` (already out of the free set)."""
+        if other is block.prev:
+            block.addr = other.addr
+            block.prev = other.prev
+            if other.prev is not None:
+                other.prev.next = block
+        else:
+            block.next = other.next
+            if other.next is not None:
+                other.next.prev = block
+        block.size += other.size
+
+
+@dataclass
+class Replay:
+    """What the allocator held while serving a sequence of events."""
+
+    peak_reserved: int
+    peak_allocated: int
+    step_reserved: list[int]  # the reserved peak up to the end of each optimizer step
+    oom: bool = False
+
+
+def replay(events, allocator: str = "default", capacity: int | None = None, workspace: int = 0) -> Replay:
+    """Serve a step's storage events - ("a", uid, nbytes), ("f", uid), ("p", phase), ("s",) a new step - by the
+    caching allocator. `workspace`: the cuBLAS workspaces, allocated once when the first forward starts (its
+    first matmul) and kept."""
+    alloc = CachingAllocator(allocator, capacity)
+    handles: dict[int, int] = {}
+    steps: list[int] = []
+    started = False
+    try:
+        for ev in events:
+            kind = ev[0]
+            if kind == "a":
+                handles[ev[1]] = alloc.malloc(ev[2])
+            elif kind == "f":
+                handle = handles.pop(ev[1], None)
+                if handle is not None:
+                    alloc.free(handle)
+            elif kind == "s":
+                if started:  # the step before this one ended
+                    steps.append(alloc.peak_reserved)
+                started = True
+            elif kind == "p" and ev[1] == "forward" and workspace:
+                alloc.malloc(workspace)
+                workspace = 0
+    except OutOfMemory:
+        return Replay(alloc.peak_reserved, alloc.peak_allocated, steps, oom=True)
+    steps.append(alloc.peak_reserved)
+    return Replay(alloc.peak_reserved, alloc.peak_allocated, steps)

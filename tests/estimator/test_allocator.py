@@ -1,0 +1,116 @@
+"""The caching allocator model against the rules of c10/cuda/CUDACachingAllocator.cpp, case by case, and the
+traced event stream it replays against the trace's own live bytes."""
+
+import pytest
+
+from memplan.estimator.allocator import (
+    CachingAllocator,
+    OutOfMemory,
+    allocation_size,
+    replay,
+    round_size,
+)
+
+MiB = 1 << 20
+
+
+def test_round_size_and_segment_sizes():
+    assert round_size(1) == 512 and round_size(512) == 512 and round_size(513) == 1024
+    assert allocation_size(512) == 2 * MiB and allocation_size(MiB) == 2 * MiB  # small pool
+    assert allocation_size(MiB + 512) == 20 * MiB and allocation_size(10 * MiB - 512) == 20 * MiB
+    assert allocation_size(10 * MiB) == 10 * MiB and allocation_size(11 * MiB + 1) == 12 * MiB
+
+
+def test_small_requests_share_a_2mib_segment():
+    a = CachingAllocator()
+    for _ in range(4):
+        a.malloc(256 * 1024)
+    assert a.reserved == 2 * MiB and a.allocated == MiB
+    a.malloc(1024 * 1024 + 512)  # large pool: its own 20 MiB segment
+    assert a.reserved == 22 * MiB
+
+
+def test_medium_requests_split_a_20mib_segment():
+    a = CachingAllocator()
+    for _ in range(3):
+        a.malloc(6 * MiB)
+    # two fit the first 20 MiB segment; what remains (8 MiB) takes the third
+    assert a.reserved == 20 * MiB
+    a.malloc(6 * MiB)
+    assert a.reserved == 40 * MiB
+
+
+def test_a_remainder_of_at_most_1mib_is_not_split_off():
+    a = CachingAllocator()
+    a.malloc(11 * MiB)  # rounded segment of 12 MiB: 1 MiB remains, kept in the block
+    assert a.reserved == 12 * MiB and a.allocated == 12 * MiB
+    b = CachingAllocator()
+    b.malloc(10 * MiB + 512)  # 12 MiB segment, 2 MiB - 512 B remain: split
+    assert b.allocated == 10 * MiB + 512
+
+
+def test_freed_blocks_are_cached_and_best_fit_reused():
+    a = CachingAllocator()
+    big = a.malloc(300 * MiB)
+    small = a.malloc(100 * MiB)
+    a.free(big)
+    a.free(small)
+    a.malloc(90 * MiB)  # the 100 MiB block fits best; the 300 MiB block stays whole
+    a.malloc(280 * MiB)
+    assert a.reserved == 400 * MiB
+
+
+def test_fragmentation_needs_a_new_segment_and_merging_avoids_one():
+    a = CachingAllocator()
+    x = a.malloc(100 * MiB)
+    a.malloc(100 * MiB)
+    a.free(x)
+    a.malloc(150 * MiB)  # no cached block is large enough: a new segment
+    assert a.reserved == 350 * MiB and a.peak_reserved == 350 * MiB
+    b = CachingAllocator()
+    big = b.malloc(200 * MiB)
+    b.free(big)
+    p, q = b.malloc(100 * MiB), b.malloc(100 * MiB)  # the segment split in two
+    b.free(p)
+    b.free(q)  # the halves merge again
+    b.malloc(200 * MiB)
+    assert b.reserved == 200 * MiB
+
+
+def test_expandable_segments_grow_in_pages_and_reuse_the_free_end():
+    a = CachingAllocator("expandable")
+    x = a.malloc(100 * MiB)
+    a.malloc(100 * MiB)
+    a.free(x)
+    a.malloc(150 * MiB)  # the free 100 MiB at the start cannot grow: 160 MiB of new pages at the end
+    assert a.reserved == 360 * MiB
+    b = CachingAllocator("expandable")
+    y = b.malloc(30 * MiB)  # two 20 MiB pages, 10 MiB free at the end
+    assert b.reserved == 40 * MiB
+    b.malloc(15 * MiB)  # 10 MiB free at the end + one more page
+    assert b.reserved == 60 * MiB
+    b.free(y)
+    b.malloc(25 * MiB)  # fits the freed 30 MiB
+    assert b.reserved == 60 * MiB
+
+
+def test_a_full_device_releases_its_cache_before_running_out():
+    a = CachingAllocator(capacity=500 * MiB)
+    x = a.malloc(300 * MiB)
+    a.free(x)
+    a.malloc(400 * MiB)  # the cached 300 MiB segment is released, then the new one fits
+    assert a.reserved == 400 * MiB
+    with pytest.raises(OutOfMemory):
+        a.malloc(200 * MiB)
+
+
+def test_replay_reports_the_reserved_peak_per_step():
+    events = [("a", 1, 100 * MiB), ("s",), ("p", "forward"), ("a", 2, 50 * MiB), ("f", 2), ("s",),
+              ("p", "forward"), ("a", 3, 120 * MiB), ("f", 3)]
+    r = replay(events, workspace=2 * MiB)
+    # step 1: the weights' segment, the 20 MiB segment of the 2 MiB workspace, a 50 MiB segment;
+    # step 2: 120 MiB fits no cached block
+    assert r.step_reserved == [170 * MiB, 290 * MiB]
+    assert r.peak_allocated == 222 * MiB and not r.oom  # the weights, the workspace, the 120 MiB tensor
+    assert replay(events, capacity=230 * MiB).oom is False  # the cached 50 MiB segment is released first
+    assert replay(events, capacity=200 * MiB).oom is True
