@@ -4,9 +4,10 @@ Run by benchmarks/gpu_check.sh on a machine with one GPU. For each plan: `mempla
 (memplan.profile.run.measure, backend cuda): the HF model from the preset's config (random weights;
 memory does not depend on their values), the plan applied exactly as the trace applies it, 3 optimizer
 steps on random tokens; per phase `torch.cuda.max_memory_allocated` (peaks reset between phases), the
-reserved peak, NVML's used memory, and the live-tensor breakdown. A case that fails for another reason
-than memory is retried once without the breakdown meter. Each result is appended to a JSONL file as
-soon as it is measured, so a cut-off run still leaves data.
+reserved peak (with the plan's allocator: run 4 repeats twelve cases with expandable segments), NVML's used
+memory, the live-tensor breakdown, and the process's resident host memory before and after. A case that
+fails for another reason than memory is retried once without the breakdown meter. Each result is appended
+to a JSONL file as soon as it is measured, so a cut-off run still leaves data.
 
     python benchmarks/gpu_check.py OUT.jsonl [case-index ...]
 """
@@ -67,6 +68,18 @@ CASES = [
     ("qwen3-30b-a3b", dict(method="lora", precision="bf16", micro_batch=1, seq_len=1024, grad_ckpt=True,
                            lora={"targets": "q_proj,k_proj,v_proj,o_proj"})),
 ]
+# run 4: the first twelve again with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (reserved vs the default)
+CASES += [(preset, dict(fields, allocator="expandable")) for preset, fields in CASES[:12]]
+
+
+def host_rss() -> dict[str, int]:
+    """This process's resident memory now and at its peak (/proc/self/status VmRSS, VmHWM), bytes."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
 
 
 def measure(preset: str, fields: dict, steps: int = 3, attribute: bool = True) -> dict:
@@ -78,11 +91,13 @@ def measure(preset: str, fields: dict, steps: int = 3, attribute: bool = True) -
     from memplan.profile.run import measure as profile_measure
 
     plan = Plan(model=preset, **fields)
+    rss_before = host_rss()
     meter = CudaMeter("cuda:0", attribute=attribute)
     result = profile_measure(str(models_dir() / preset / "config.json"), plan, backend="cuda", steps=steps,
                              meter=meter)
     out = {"steps": [], "after_load": result.after_load, "attributed": attribute,
-           "nvml_scope": result.nvml_scope, "oom": result.oom}
+           "nvml_scope": result.nvml_scope, "oom": result.oom, "host_rss": {"before": rss_before,
+                                                                                "after": host_rss()}}
     for step in result.steps:
         row = dict(step.peaks)
         row["reserved"] = max((v for v in step.reserved.values() if v is not None), default=None)

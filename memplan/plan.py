@@ -27,6 +27,7 @@ Sharding = Literal["ddp", "fsdp", "deepspeed"]
 Offload = Literal["none", "optimizer", "optimizer+params"]
 Attention = Literal["eager", "sdpa", "flash"]
 Loss = Literal["standard", "chunked"]
+Allocator = Literal["default", "expandable"]
 
 ALL_LINEAR = "all-linear"
 BITSANDBYTES_OPTIMIZERS = ("adamw-8bit", "paged-adamw-8bit")
@@ -257,6 +258,10 @@ class Plan(_Strict):
     attn: Attention = Field("sdpa", description="attention implementation: eager, sdpa, flash (flash-attention 2).")
     loss: Loss = Field(
         "standard", description="standard cross-entropy on full logits, or chunked (no full fp32 logits).")
+    allocator: Allocator = Field(
+        "default", description="PyTorch's CUDA caching allocator: its usual segments, or expandable segments "
+                               "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), which grow one segment instead "
+                               "of caching many and so leave less memory reserved but unused.")
     hparams: Hyperparameters = Field(default_factory=Hyperparameters)
     data: DataSettings = Field(default_factory=DataSettings)
     output_dir: str | None = Field(None, description="where train writes checkpoints, metrics and the final model "

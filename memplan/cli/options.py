@@ -34,6 +34,7 @@ PLAN_FLAGS: dict[str, str] = {
     "grad_ckpt": "--grad-ckpt",
     "attn": "--attn",
     "loss": "--loss",
+    "allocator": "--allocator",
     "lora.rank": "--lora-rank",
     "lora.alpha": "--lora-alpha",
     "lora.dropout": "--lora-dropout",

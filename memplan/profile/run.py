@@ -270,6 +270,8 @@ def measure(config, plan: Plan, *, backend: str, steps: int = 3, weights: str | 
     many bytes, as a smaller GPU would. Out of memory is caught and returned in `.oom`."""
     check_runnable(plan, backend, steps)
     device = device or ("cuda:0" if backend == "cuda" else "cpu")
+    if backend == "cuda":
+        use_cuda_allocator(plan.allocator)
     if backend == "cuda" and memory_limit is not None:
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit / total), torch.device(device))
@@ -326,6 +328,16 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
     if backend == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def use_cuda_allocator(allocator: str) -> None:
+    """Switch this process's CUDA caching allocator to the plan's (expandable segments or not) for the blocks it
+    allocates from now on: its cache is emptied first, so the measured steps start without cached segments.
+    `torch.cuda.memory._set_allocator_settings` takes PYTORCH_CUDA_ALLOC_CONF's syntax at run time."""
+    torch.cuda.empty_cache()
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is not None:
+        setter(f"expandable_segments:{allocator == 'expandable'}")
 
 
 def _out_of_memory(err: RuntimeError) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan, mixed_precision, plan_to_yaml
+from memplan.runtime.cuda_allocator import launch_prefix
 from memplan.train.deepspeed_setup import DS_CONFIG_NAME, optimizer_section
 
 #: torch.distributed's default rendezvous port (MASTER_PORT in torchrun and accelerate).
@@ -172,6 +173,10 @@ def readme(out_dir: str, plan: Plan, summary: list[str], has_ds: bool, data_miss
                   f"memplan train {d}/plan.yaml", "```", "",
                   "`memplan train` launches through "
                   f"`accelerate launch --config_file {d}/accelerate_config.yaml` on each machine."]
+    if plan.allocator != "default":
+        lines += ["", f"The plan runs PyTorch's CUDA allocator with expandable segments: `memplan train` sets "
+                  f"`{launch_prefix(plan.allocator).strip()}` for its processes (the memory estimate assumes it); "
+                  "set it yourself when you launch another way."]
     lines += ["", "Dry run (the resolved plan and its estimate, nothing trained):", "", "```bash",
               f"memplan train {d}/plan.yaml --dry-run", "```", ""]
     if has_ds:
@@ -191,8 +196,8 @@ def _readme_deepspeed(d: str, plan: Plan) -> list[str]:
         f"`accelerate_config.yaml` names `{DS_CONFIG_NAME}` without a directory, and accelerate opens that name "
         "from the current directory, so a launch by hand passes the file (which overrides the name):", "",
         "```bash",
-        f"accelerate launch --config_file {d}/accelerate_config.yaml --deepspeed_config_file {d}/{DS_CONFIG_NAME} "
-        f"-m memplan train {d}/plan.yaml",
+        f"{launch_prefix(plan.allocator)}accelerate launch --config_file {d}/accelerate_config.yaml "
+        f"--deepspeed_config_file {d}/{DS_CONFIG_NAME} -m memplan train {d}/plan.yaml",
         "```", "",
         f"`{DS_CONFIG_NAME}` follows HF Trainer's convention: the batch sizes, gradient accumulation, clipping "
         "and the optimizer's learning rate, betas, eps and weight decay are `\"auto\"`, filled by `memplan train` "
@@ -248,7 +253,7 @@ def render_files(shown_dir: str, plan: Plan, spec: ModelSpec, summary: list[str]
     has_ds = plan.sharding == "deepspeed"
     if has_ds:
         files[DS_CONFIG_NAME] = json.dumps(ds_config(plan, spec), indent=2) + "\n"
-    launch = f"accelerate launch --config_file {d}/accelerate_config.yaml" + (
+    launch = f"{launch_prefix(plan.allocator)}accelerate launch --config_file {d}/accelerate_config.yaml" + (
         f" --deepspeed_config_file {d}/{DS_CONFIG_NAME}" if has_ds else "")
     files["accelerate_config.yaml"] = _yaml(accelerate_config(plan, spec, main_ip),
                                             f"# {launch}  (memplan train {d}/plan.yaml does this)\n")

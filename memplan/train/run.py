@@ -156,7 +156,10 @@ def _checked_run(request: TrainRequest, echo: Callable[[str], None], note: Calla
 def _launch_or_train(request: TrainRequest, resolved: Resolved, checked, lock,
                      echo: Callable[[str], None]) -> TrainResult:
     """Launch the processes, or train in this one."""
+    from memplan.runtime import cuda_allocator
     from memplan.train.launch import needs_launcher
+
+    cuda_allocator.apply(resolved.plan.allocator, os.environ)  # before CUDA starts, here and in the launched
 
     if needs_launcher(resolved.plan) and not launched():
         from memplan.train.launch import relaunch

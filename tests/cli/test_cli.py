@@ -144,7 +144,8 @@ def test_every_default_is_stated_once():
 
     for command, param, text, default in _option_help():
         where = f"{command} {param.opts[0]}: {text}"
-        assert text.lower().count("default") <= 1, where
+        # (a choice may be named "default": --allocator's is)
+        assert text.lower().replace("(default: default)", "(default: )").count("default") <= 1, where
         field = _plan_field(param)
         if field is not None:
             default = field.default if field.default_factory is None else None

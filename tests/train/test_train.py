@@ -1,6 +1,7 @@
 """`memplan train` end to end on the CPU with a tiny Llama: full FT, LoRA, outputs, dry run, bad input."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -81,6 +82,18 @@ def test_quiet_prints_nothing(tmp_path, tiny, run_cli):
     assert code == 0, err
     assert out == ""
     assert (plan.parent / "summary.json").is_file()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_run_sets_the_plans_cuda_allocator(tmp_path, tiny, run_cli, monkeypatch):
+    """PYTORCH_CUDA_ALLOC_CONF as the plan's allocator says, before the run starts CUDA (and for the processes
+    it launches), whatever the shell had."""
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.6")
+    plan = run_dir(tmp_path, tiny, allocator="expandable", hparams={"max_steps": 1, "eval_every": 1,
+                                                                    "eval_samples": 0})
+    code, _, err = run_cli("train", str(plan), "--quiet")
+    assert code == 0, err
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.6,expandable_segments:True"
 
 
 def test_dry_run_judges_the_plan_against_its_recorded_target(tmp_path, tiny, run_cli):
