@@ -48,6 +48,7 @@ class Profiled:
     errors: dict = field(default_factory=dict)  # error_json
     verdict: str = ""
     max_batch: dict | None = None
+    replayed: dict | None = None  # trace backend, CUDA plan: reserved per allocator, replayed (replayed_json)
 
 
 def default_backend(plan: Plan) -> str:
@@ -99,7 +100,20 @@ def gather(model: str | None, config_path: str | None, steps: int, backend: str 
     if announce is not None:
         announce(found)
     _compare(found, measure_plan(req))
+    if backend == "trace" and plan.device == "cuda" and found.main.oom is None:
+        from memplan.profile.trace import replayed_reserved
+
+        found.replayed = replayed_json(replayed_reserved(req.config, plan, max(steps, 2)), found.est)
     return found
+
+
+def replayed_json(reserved: dict[str, int], est: Estimate) -> dict:
+    """The GPU's reserved and total memory the trace's allocations would leave, per allocator, by the caching
+    allocator model, with the plan's own allocator first and the estimate's figures beside them."""
+    context = overhead.cuda_context_bytes(est.plan)
+    return {"allocator": est.plan.allocator,
+            "reserved_bytes": reserved, "total_bytes": {a: r + context for a, r in reserved.items()},
+            "estimate_reserved_bytes": est.reserved, "estimate_total_bytes": est.total}
 
 
 def _plan(model: str | None, config_path: str | None, weights: str | None, overrides: dict) -> Plan:

@@ -65,6 +65,17 @@ def trace_training(config, plan: Plan, *, backend: str = "trace", steps: int = 2
     return TraceResult(steps=result.steps, after_load=result.after_load, events=meter.events)
 
 
+def replayed_reserved(config, plan: Plan, steps: int = 3) -> dict[str, int]:
+    """What the plan's step would leave reserved on a GPU, per allocator ("default", "expandable"): the step
+    traced with CUDA's kernel memory, its allocations and frees served by the caching allocator model, the
+    cuBLAS workspaces allocated at the first forward (memplan.estimator.allocator.replay)."""
+    from memplan.estimator.allocator import ALLOCATORS, replay
+    from memplan.estimator.overhead import CUBLAS_WORKSPACE_BYTES
+
+    traced = trace_training(config, plan, steps=steps, record_events=True, kernels="cuda")
+    return {a: replay(traced.events, a, workspace=CUBLAS_WORKSPACE_BYTES).peak_reserved for a in ALLOCATORS}
+
+
 @contextlib.contextmanager
 def cuda_kernel_memory() -> Iterator[None]:
     """Run the CPU's ops with the memory of CUDA's where the two differ (fake tensors: values do not matter):

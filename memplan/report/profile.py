@@ -11,7 +11,8 @@ from memplan.report.units import size
 
 NOT_SEEN = {
     "trace": "not seen by the trace (fake tensors, CPU kernels): CUDA kernels' workspaces (cuBLAS) and CUDA's own "
-             "attention/optimizer kernel choices, the caching allocator (reserved), the CUDA context, NCCL buffers",
+             "attention/optimizer kernel choices, the caching allocator (reserved: modelled above for a CUDA plan), "
+             "the CUDA context, NCCL buffers",
     "cpu": "not seen on CPU tensors (CPU kernels): CUDA kernels' workspaces (cuBLAS) and CUDA's own "
            "attention/optimizer kernel choices, the caching allocator (reserved), the CUDA context, NCCL buffers",
     "cuda": "measured by the caching allocator (allocated, reserved) and NVML (used, CUDA context included); the "
@@ -38,6 +39,8 @@ def profile_json(p) -> dict:
         return out
     result.update(p.errors)
     out["profile"] = dict(profile, not_seen=NOT_SEEN[p.backend], verdict=p.verdict)
+    if p.replayed is not None:
+        out["profile"]["replayed"] = p.replayed
     if p.max_batch is not None:
         out["max_batch"] = p.max_batch
     return out
@@ -133,6 +136,14 @@ def _notes(p) -> list[str]:
         lines.append(f"reserved {size(main.reserved_peak)} (estimate {size(p.est.reserved)}), NVML used "
                      f"{size(main.nvml_used)}{' (' + main.nvml_scope + ')' if main.nvml_scope else ''} "
                      f"(estimate with context {size(p.est.total)})")
+    if p.replayed is not None:
+        r = p.replayed
+        mine, other = r["allocator"], "expandable" if r["allocator"] == "default" else "default"
+        lines.append(f"on a GPU (the step's allocations replayed through the caching allocator model, CUDA's kernel "
+                     f"memory): reserved {size(r['reserved_bytes'][mine])} with the {mine} allocator "
+                     f"({size(r['reserved_bytes'][other])} with {other}), with the CUDA context "
+                     f"{size(r['total_bytes'][mine])} (estimate {size(r['estimate_reserved_bytes'])} and "
+                     f"{size(r['estimate_total_bytes'])})")
     lines.append(NOT_SEEN[backend])
     lines += main.notes
     if backend == "trace" and p.weights:

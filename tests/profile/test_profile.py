@@ -157,6 +157,30 @@ def test_trace_equals_cpu_and_says_what_it_cannot_see(run_cli, tiny):
     assert "first step" in out and "steady" in out
 
 
+def test_trace_of_a_cuda_plan_replays_the_caching_allocator(run_cli, tiny):
+    """A CUDA plan traced on the CPU also says what a GPU would reserve: the step's allocations served by the
+    allocator model, for the plan's allocator and the other one, the CUDA context added for the total."""
+    from memplan.estimator.allocator import round_size
+    from memplan.estimator.overhead import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
+
+    args = ["--model", tiny, *PLAN, "--precision", "bf16", "--steps", "2", "--backend", "trace"]
+    _, out = profile_json(run_cli, *args, "--allocator", "expandable")
+    replayed = out["profile"]["replayed"]
+    assert replayed["allocator"] == "expandable"
+    peak = out["results"][0]["measured"]["peak_allocated_bytes"]
+    for allocator in ("default", "expandable"):
+        reserved = replayed["reserved_bytes"][allocator]
+        # at least every tensor and the cuBLAS workspace, each rounded as the allocator rounds
+        assert reserved >= round_size(peak) + CUBLAS_WORKSPACE_BYTES
+        assert replayed["total_bytes"][allocator] == reserved + CUDA_CONTEXT_BYTES
+    # the tiny model's blocks all come from the small pool's 2 MiB segments and 20 MiB large-pool segments
+    assert replayed["reserved_bytes"]["default"] % (2 << 20) == 0
+    code, text, _ = run_cli("profile", *args)
+    assert code == 0 and "replayed through the caching allocator model" in text
+    _, cpu_plan = profile_json(run_cli, *args, "--device", "cpu")
+    assert "replayed" not in cpu_plan["profile"]
+
+
 # ---------------------------------------------------------------- the CUDA meter and out of memory
 
 
