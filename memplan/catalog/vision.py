@@ -39,6 +39,9 @@ class Wrapper:
     vision: str  # the vision tower's module path
     projector: str  # the multimodal projector's module path ("" when it is inside the tower)
     flat_text: bool = False  # Hub configs may keep the text keys at the top level (Qwen2.5-VL)
+    # a text_config that ties ties the model whatever the top level says (Qwen2_5_VLConfig.__post_init__: pre-v5
+    # saves kept tie_word_embeddings in text_config)
+    tie_from_text: bool = False
 
 
 WRAPPERS: dict[str, Wrapper] = {
@@ -54,7 +57,7 @@ WRAPPERS: dict[str, Wrapper] = {
                       "vision_model", "multi_modal_projector"),
     # Qwen2_5_VLConfig: text qwen2_5_vl_text, vision qwen2_5_vl_vision (its patch merger is the projector)
     "qwen2_5_vl": Wrapper("qwen2_5_vl_text", "qwen2_5_vl_vision", "model.language_model", "lm_head",
-                          "model.visual", "", flat_text=True),
+                          "model.visual", "", flat_text=True, tie_from_text=True),
 }
 
 
@@ -163,7 +166,8 @@ def text_config(config: dict, name: str, wrapper: Wrapper) -> dict:
     text["model_type"] = text.get("model_type") or wrapper.text_default
     # Where the top level says nothing, the language model's own setting (Mistral-Small-3.1's checkpoint stores
     # its lm_head: text_config unties it, though transformers 5's Mistral3Config defaults the top level to True)
-    if config.get("tie_word_embeddings") is not None:
+    tied_by_text = wrapper.tie_from_text and text.get("tie_word_embeddings")
+    if config.get("tie_word_embeddings") is not None and not tied_by_text:
         text["tie_word_embeddings"] = config["tie_word_embeddings"]
     return text
 
