@@ -80,6 +80,8 @@ MATRIX = [
                           lora={"rank": 8, "dropout": 0.1})),
     ("qwen2.5-7b", dict(method="lora", precision="bf16", seq_len=4096)),
     ("qwen2.5-14b", dict(method="lora", precision="bf16", seq_len=2048)),
+    # Qwen2_5_VLForConditionalGeneration on a text-only batch, its vision tower frozen (b 2: cos/sin per sequence)
+    ("qwen2.5-vl-7b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048)),
     ("llama-2-13b", dict(method="lora", precision="bf16", micro_batch=2, seq_len=2048)),
     ("llama-2-70b", dict(method="lora", precision="bf16", seq_len=1024)),
     ("llama-3.2-1b", dict(precision="fp32", micro_batch=2, seq_len=1024, grad_ckpt=False)),

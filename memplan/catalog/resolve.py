@@ -151,8 +151,12 @@ def _unknown(ref: str, where: str | None = None) -> UserError:
         for name in [pid, *(entry.get("aliases") or []), entry.get("hub_id") or ""]:
             if name:
                 names.setdefault(name.lower(), (pid, name))
+    matches = difflib.get_close_matches(ref.lower(), list(names), n=len(names), cutoff=0.5)
+    # a preset the name extends ("Qwen/Qwen2.5-7B-Instruct": an unlisted -Instruct id of Qwen/Qwen2.5-7B) before
+    # names that are merely alike (Qwen/Qwen2.5-VL-7B-Instruct); sorted() keeps difflib's order otherwise
+    matches = sorted(matches, key=lambda key: not ref.lower().startswith(key + "-"))
     closest: dict[str, str] = {}
-    for key in difflib.get_close_matches(ref.lower(), list(names), n=len(names), cutoff=0.5):
+    for key in matches:
         pid, name = names[key]
         closest.setdefault(pid, pid if name == pid else f"{pid} ({name})")
         if len(closest) == 5:

@@ -92,6 +92,9 @@ class Traits:
     # per layer, whether it applies the rotary (SmolLM3's and Llama 4's no_rope_layers: 0 = NoPE); () all
     rope_layers: tuple[bool, ...] = ()
     rotary_tables: int = 1  # cos/sin pairs built per forward (Gemma3RotaryEmbedding: one per attention kind)
+    # cos/sin are (b, s, head_dim), one row per sequence, not (1, s, head_dim): Qwen2_5_VLRotaryEmbedding.forward
+    # (modeling_qwen2_5_vl.py) gets position ids expanded to (3, b, s) for the multimodal rotary (mrope)
+    rotary_per_sequence: bool = False
     # Granite (modeling_granite.py GraniteModel.forward): layer 0 gets embed_tokens(ids) * embedding_multiplier,
     # a new tensor, not the (hooked) embedding output
     embedding_scaled: bool = False

@@ -39,6 +39,12 @@ class Wrapper:
     vision: str  # the vision tower's module path
     projector: str  # the multimodal projector's module path ("" when it is inside the tower)
     flat_text: bool = False  # Hub configs may keep the text keys at the top level (Qwen2.5-VL)
+    # a text_config that ties ties the model whatever the top level says (Qwen2_5_VLConfig.__post_init__: pre-v5
+    # saves kept tie_word_embeddings in text_config)
+    tie_from_text: bool = False
+    # memplan profile builds it from its config.json (memplan.runtime.model), its text-only steps checked against
+    # the estimate (tests/estimator/test_estimator_arch.py); the others it refuses (see refuse_profile)
+    profiled: bool = False
 
 
 WRAPPERS: dict[str, Wrapper] = {
@@ -54,7 +60,7 @@ WRAPPERS: dict[str, Wrapper] = {
                       "vision_model", "multi_modal_projector"),
     # Qwen2_5_VLConfig: text qwen2_5_vl_text, vision qwen2_5_vl_vision (its patch merger is the projector)
     "qwen2_5_vl": Wrapper("qwen2_5_vl_text", "qwen2_5_vl_vision", "model.language_model", "lm_head",
-                          "model.visual", "", flat_text=True),
+                          "model.visual", "", flat_text=True, tie_from_text=True, profiled=True),
 }
 
 
@@ -163,7 +169,8 @@ def text_config(config: dict, name: str, wrapper: Wrapper) -> dict:
     text["model_type"] = text.get("model_type") or wrapper.text_default
     # Where the top level says nothing, the language model's own setting (Mistral-Small-3.1's checkpoint stores
     # its lm_head: text_config unties it, though transformers 5's Mistral3Config defaults the top level to True)
-    if config.get("tie_word_embeddings") is not None:
+    tied_by_text = wrapper.tie_from_text and text.get("tie_word_embeddings")
+    if config.get("tie_word_embeddings") is not None and not tied_by_text:
         text["tie_word_embeddings"] = config["tie_word_embeddings"]
     return text
 
@@ -196,9 +203,10 @@ def relocate(path: str, wrapper: Wrapper) -> str:
 
 
 def refuse_runtime(name: str, config: dict, command: str) -> None:
-    """memplan profile and train build the model with AutoModelForCausalLM and train all of it (or LoRA on
-    every linear layer): they cannot build a multimodal model as its estimate assumes (frozen vision tower,
-    the language model trained), so they take the language model's own config or checkpoint instead."""
+    """memplan train (and profile, for a multimodal type it does not build: refuse_profile) loads the model with
+    AutoModelForCausalLM and trains all of it (or LoRA on every linear layer): it cannot train a multimodal
+    model as its estimate assumes (frozen vision tower, the language model trained), so it takes the language
+    model's own config or checkpoint instead."""
     wrapper = WRAPPERS.get(config.get("model_type"))
     if wrapper is None:
         return
@@ -207,3 +215,23 @@ def refuse_runtime(name: str, config: dict, command: str) -> None:
                     f"alone; give it the language model's own config.json or checkpoint (model_type "
                     f"'{text['model_type']}', this config's text_config). `memplan estimate` takes this config, "
                     "with the vision tower counted as frozen weights")
+
+
+def refuse_profile(name: str, config: dict, weights: str | None, method: str) -> None:
+    """memplan profile builds a multimodal model of a Wrapper.profiled type from its config.json as the estimate
+    assumes (memplan.runtime.model: its <Model>ForConditionalGeneration, the vision tower and projector frozen,
+    LoRA on the language model only), but not from a checkpoint, nor quantized (bitsandbytes would quantize the
+    vision tower's linears too, which the estimate keeps 16-bit). Other multimodal types: refuse_runtime."""
+    wrapper = WRAPPERS.get(config.get("model_type"))
+    if wrapper is None:
+        return
+    if not wrapper.profiled:
+        refuse_runtime(name, config, "profile")
+    if weights is None and method != "qlora":
+        return
+    why = "from a checkpoint (--weights)" if weights is not None else "under QLoRA"
+    text = text_config(config, name, wrapper)
+    raise UserError(f"{name}: a multimodal '{config['model_type']}' model: memplan profile builds it from its "
+                    f"config.json with the vision tower frozen, not {why}; give it the language model's own "
+                    f"config.json or checkpoint (model_type '{text['model_type']}', this config's text_config) for "
+                    "that")

@@ -264,10 +264,12 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
     shared = embedding_saved(spec, plan, kernels)
     if spec.position_embeddings == 0 and any(spec.traits.rope_layers or (True,)):
         # GptOssRotaryEmbedding: cos/sin of freqs alone, (1, s, head_dim / 2); Llama4TextRotaryEmbedding:
-        # one complex64 freqs_cis, (1, s, head_dim / 2) x 8 B
+        # one complex64 freqs_cis, (1, s, head_dim / 2) x 8 B; Qwen2.5-VL's mrope: (b, s, head_dim) each
+        # (Traits.rotary_per_sequence; its fp32 (3, b, s, head_dim / 2) intermediates are freed before the
+        # first layer runs, far below the loss's peak)
         width = spec.head_dim // 2 if spec.traits.rotary_half_cos else spec.head_dim
         table = s * spec.head_dim * 4 if spec.traits.rotary_complex else 2 * s * width * num.residual
-        shared += table * spec.traits.rotary_tables
+        shared += table * spec.traits.rotary_tables * (b if spec.traits.rotary_per_sequence else 1)
     if plan.grad_ckpt:
         # non-reentrant checkpointing saves every tensor input of each layer for its recomputation, the
         # attention mask included: the masks live until the backward is done (torch/utils/checkpoint.py)

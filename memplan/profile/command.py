@@ -76,9 +76,9 @@ def gather(model: str | None, config_path: str | None, steps: int, backend: str 
     plan = _plan(model, config_path, weights, overrides)
     spec = resolve_model(plan.model)
     if spec.wrapper:
-        from memplan.catalog.vision import refuse_runtime
+        from memplan.catalog.vision import refuse_profile
 
-        refuse_runtime(plan.model, read_config(config_file(plan.model)[0]), "profile")
+        refuse_profile(plan.model, read_config(config_file(plan.model)[0]), weights, plan.method)
     check_lora_targets(spec, plan)
     backend = backend or default_backend(plan)
     check_runnable(plan, backend, steps)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from memplan.estimator.phases import PHASES, TERMS
 from memplan.profile.command import NEGLIGIBLE, error_pct
-from memplan.report.estimate import count, describe_plan, estimate_json
+from memplan.report.estimate import count, describe_plan, estimate_json, frozen_json, model_lines
 from memplan.report.units import size
 
 NOT_SEEN = {
@@ -31,6 +31,7 @@ def measuring_line(p) -> str:
 def profile_json(p) -> dict:
     """The estimate's JSON object with `measured` and the errors in its result, and a `profile` object."""
     out = estimate_json(p.spec.name, p.spec.params_total, [p.est])
+    out["model"].update(frozen_json(p.spec))
     result = out["results"][0]
     result["measured"] = p.measured
     profile = {"backend": p.backend, "steps": p.steps, "estimate_kernels": p.kernels}
@@ -74,7 +75,7 @@ def _table(rows: list, headers: list) -> str:
 def _heading(p) -> list[str]:
     spec, plan, main = p.spec, p.plan, p.main
     return [
-        f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})",
+        *model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})"),
         f"plan: {describe_plan(p.est)}, {plan.world_size} process(es), micro-batch {plan.micro_batch} x "
         f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {'on' if plan.grad_ckpt else 'off'}, "
         f"{plan.optimizer}, attn {plan.attn}",

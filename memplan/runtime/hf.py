@@ -65,19 +65,24 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def lora_config(plan: Plan, all_linear: list[str] | None = None):
+def lora_config(plan: Plan, all_linear: list[str] | None = None, frozen: list[str] | None = None):
     """peft LoRA with the plan's rank, alpha, dropout and targets; peft's defaults otherwise (adapters in fp32).
-    `all_linear`: the module names that "all-linear" stands for, where not peft's own "all-linear"."""
+    `all_linear`: the module names that "all-linear" stands for, where not peft's own "all-linear". `frozen`:
+    module paths whose linears take no adapter (a multimodal model's vision tower: peft's exclude_modules)."""
+    import re
+
     from peft import LoraConfig
 
     targets = plan.lora.targets
     if targets == ALL_LINEAR:
         targets = all_linear or ALL_LINEAR
+    exclude = "|".join(re.escape(path) for path in frozen or [])
     return LoraConfig(
         r=plan.lora.rank,
         lora_alpha=plan.lora.alpha,
         lora_dropout=plan.lora.dropout,
         target_modules=ALL_LINEAR if targets == ALL_LINEAR else list(targets),
+        exclude_modules=rf"(?:{exclude})(?:\..*)?" if exclude else None,
         task_type="CAUSAL_LM",
     )
 

@@ -236,6 +236,9 @@ def load_model(plan: Plan, path: Path, device: Any, trust_remote_code: bool = Fa
 def _apply_plan(hf_model, plan: Plan):
     """Checkpointing and LoRA on the transformers model; the model that trains."""
     hf_model.config.use_cache = False  # training builds no KV cache
+    frozen = _frozen_modules(hf_model)
+    for path in frozen:
+        hf_model.get_submodule(path).requires_grad_(False)
     if plan.grad_ckpt:
         enable_checkpointing(hf_model)
     if not plan.trains_adapters:
@@ -243,9 +246,18 @@ def _apply_plan(hf_model, plan: Plan):
     from peft import get_peft_model
 
     try:
-        return get_peft_model(hf_model, lora_config(plan, _all_linear(hf_model.config.to_dict())))
+        return get_peft_model(hf_model, lora_config(plan, _all_linear(hf_model.config.to_dict()), frozen))
     except ValueError as err:  # a target module that the model does not have
         raise UserError(f"LoRA targets {plan.lora.targets}: {str(err).splitlines()[0]}") from None
+
+
+def _frozen_modules(hf_model) -> list[str]:
+    """A multimodal model's vision tower and projector (memplan.catalog.vision): frozen under every method, LoRA
+    kept off them, as the estimate assumes; none for a language model."""
+    from memplan.catalog.vision import WRAPPERS
+
+    wrapper = WRAPPERS.get(getattr(hf_model.config, "model_type", None))
+    return [] if wrapper is None else [p for p in (wrapper.vision, wrapper.projector) if p]
 
 
 def _all_linear(config: dict) -> list[str] | None:
@@ -272,12 +284,16 @@ def _default_dtype(dtype) -> Iterator[None]:
 
 def _from_config(config, plan: Plan, attn: str):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from memplan.catalog.vision import WRAPPERS
+
+    # a multimodal config (memplan.catalog.vision): its <Model>ForConditionalGeneration, vision tower included
+    auto = AutoModelForImageTextToText if config.model_type in WRAPPERS else AutoModelForCausalLM
     dtype = getattr(torch, plan.regime.weights)
     try:
         with _default_dtype(dtype):
-            return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+            return auto.from_config(config, attn_implementation=attn, dtype=dtype)
     except ValueError as err:  # unknown model type, attention implementation not supported, ...
         raise UserError(f"cannot build the model: {err}") from None
 

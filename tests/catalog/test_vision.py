@@ -45,6 +45,17 @@ CONFIGS = {
     "llama4-default-vision": dict(model_type="llama4", text_config=LLAMA4_TEXT, vision_config={}),
     "qwen2_5_vl-flat": dict(model_type="qwen2_5_vl", **QWEN_TEXT, vision_config=QWEN_VISION),
     "qwen2_5_vl-default-vision": dict(model_type="qwen2_5_vl", **QWEN_TEXT, vision_config={}),
+    # Qwen2.5-VL-3B ties its embeddings
+    "qwen2_5_vl-tied": dict(model_type="qwen2_5_vl", **QWEN_TEXT, tie_word_embeddings=True, vision_config=QWEN_VISION),
+    # a pre-v5 save: tie_word_embeddings inside text_config ties the model (Qwen2_5_VLConfig.__post_init__)
+    "qwen2_5_vl-nested-tied": dict(model_type="qwen2_5_vl", text_config=dict(QWEN_TEXT, tie_word_embeddings=True),
+                                   tie_word_embeddings=False, vision_config=QWEN_VISION),
+    # Qwen2_5_VLTextConfig's defaults: vocabulary 152,064, 8 kv heads
+    "qwen2_5_vl-text-defaults": dict(model_type="qwen2_5_vl", hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=8, intermediate_size=64, vision_config=QWEN_VISION),
+    # Qwen2_5_VLAttention ignores head_dim: hidden // heads; layers from max_window_layers on slide
+    "qwen2_5_vl-head-dim-window": dict(model_type="qwen2_5_vl", **QWEN_TEXT, head_dim=128, use_sliding_window=True,
+                                       sliding_window=64, max_window_layers=1, vision_config=QWEN_VISION),
 }
 
 
@@ -101,6 +112,21 @@ def test_multimodal_spec_matches_transformers(variant):
     assert spec.wrapper == config["model_type"] and spec.model_type != spec.wrapper
 
 
+@pytest.mark.parametrize("variant", sorted(v for v in CONFIGS if v.startswith("qwen2_5_vl")))
+def test_qwen2_5_vl_text_reads_the_config_as_transformers(variant):
+    """Ties, layer kinds, window and head_dim as Qwen2_5_VLConfig derives them (no override of the top level)."""
+    config = CONFIGS[variant]
+    spec = spec_from_config(dict(config), variant)
+    hf = AutoConfig.for_model("qwen2_5_vl", **{k: v for k, v in config.items() if k != "model_type"})
+    text = hf.text_config
+    assert spec.tie_word_embeddings == hf.tie_word_embeddings
+    assert list(spec.traits.layer_types) == list(text.layer_types)
+    assert spec.traits.sliding_window == (text.sliding_window if "sliding_attention" in text.layer_types else None)
+    assert (spec.vocab_size, spec.num_kv_heads) == (text.vocab_size, text.num_key_value_heads)
+    assert spec.head_dim == text.hidden_size // text.num_attention_heads
+    assert spec.traits.rotary_per_sequence and spec.traits.decoder_layer == "Qwen2_5_VLDecoderLayer"
+
+
 def test_mistral3_spec_is_its_language_model():
     spec = spec_from_config(dict(CONFIGS["mistral3-small"]), "m")
     text = spec_from_config(dict(MISTRAL_TEXT), "t")
@@ -136,8 +162,11 @@ def test_multimodal_config_errors():
 # preset: (total of the meta-device <Model>ForConditionalGeneration, its language model, vision tower + projector,
 # (head_dim, heads, hidden)). Gemma-3's totals are keras-hub's published ones for the same architectures
 # (medgemma_4b, medgemma_instruct_27b); its text models are keras-hub's gemma3_*_text totals + 64 x hidden
-# (keras-hub's text presets drop the 64 unused vocabulary rows of the 262,208).
+# (keras-hub's text presets drop the 64 unused vocabulary rows of the 262,208). Qwen2.5-VL's language models are
+# Qwen2.5-7B's and -3B's published totals (their presets' published_params).
 MULTIMODAL_PRESETS = {
+    "qwen2.5-vl-7b": (8_292_166_656, 7_615_616_512, 676_550_144, (128, 28, 3584)),
+    "qwen2.5-vl-3b": (3_754_622_976, 3_085_938_688, 668_684_288, (128, 16, 2048)),
     "mistral-small-3.1-24b": (24_011_361_280, 23_572_403_200, 438_958_080, (128, 32, 5120)),
     "gemma-3-4b": (4_300_079_472, 3_880_099_328 + 64 * 2560, 419_816_304, (256, 8, 2560)),
     "gemma-3-12b": (12_187_325_040, 11_765_788_416 + 64 * 3840, 421_290_864, (256, 16, 3840)),

@@ -1,7 +1,9 @@
 """A multimodal config (text_config + vision_config) as a user meets it: estimate plans its language model and
-says what it counts as frozen; profile and train, which build a language model alone, refuse it in one line."""
+says what it counts as frozen; profile measures a Qwen2.5-VL config as estimated (vision tower frozen) and
+refuses the others, and train, which builds a language model alone, refuses it in one line."""
 
 import json
+import re
 
 import pytest
 
@@ -74,13 +76,55 @@ def test_estimate_json_names_the_frozen_parts(run_cli, config):
         assert "unquantized under QLoRA" in model["frozen_assumption"]
 
 
-def test_profile_refuses_a_multimodal_config(run_cli, config):
+QWEN_VL = dict(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"], vocab_size=8192,
+               hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vision_config=dict(depth=2, hidden_size=64, intermediate_size=96, num_heads=4,
+                                                         out_hidden_size=512, fullatt_block_indexes=[1]))
+
+
+def test_profile_measures_a_multimodal_config_as_estimated(run_cli, tmp_path):
+    """profile builds Qwen2_5_VLForConditionalGeneration with its vision tower frozen and LoRA on the language
+    model only, and measures what the estimate plans (a text-only batch)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(QWEN_VL))
+    code, out, _ = run_cli("profile", "--model", str(path), "--backend", "trace", "--method", "lora",
+                           "--batch-size", "2", "--seq-len", "256", "--steps", "2", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    model = doc["model"]
+    assert model["multimodal"] == "qwen2_5_vl" and model["language_model"] == "qwen2_5_vl_text"
+    assert [p["module"] for p in model["frozen"]] == ["model.visual"]
+    result = doc["results"][0]
+    assert set(result["measured"]["phase_peaks"]) == {"forward", "backward", "optimizer"}
+    assert all(-2.0 <= err <= 3.0 for err in result["phase_error_pct"].values()), result["phase_error_pct"]
+    assert "within memplan's goal" in doc["profile"]["verdict"]
+
+
+def test_profile_refuses_a_multimodal_config_it_does_not_build(run_cli, config):
     code, out, err = run_cli("profile", "--model", config, "--backend", "trace")
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [
         f"memplan: error: {config}: a multimodal 'mistral3' model: memplan profile builds a language model alone; "
         "give it the language model's own config.json or checkpoint (model_type 'mistral', this config's "
         "text_config). `memplan estimate` takes this config, with the vision tower counted as frozen weights"]
+
+
+@pytest.mark.parametrize("args, why", [(("--method", "qlora"), "under QLoRA"),
+                                       (("--weights", "CKPT"), r"from a checkpoint \(--weights\)")])
+def test_profile_refuses_a_multimodal_checkpoint_or_qlora(run_cli, tmp_path, args, why):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(QWEN_VL))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(QWEN_VL))
+    args = tuple(str(ckpt) if a == "CKPT" else a for a in args)
+    code, out, err = run_cli("profile", "--model", str(path), "--backend", "cpu", *args)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        rf"memplan: error: {re.escape(str(path))}: a multimodal 'qwen2_5_vl' model: memplan profile builds it from "
+        rf"its config.json with the vision tower frozen, not {why}; give it the language model's own config.json "
+        r"or checkpoint \(model_type 'qwen2_5_vl_text', this config's text_config\) for that", lines[0]), lines
 
 
 def test_train_refuses_a_multimodal_checkpoint(run_cli, tmp_path, config):

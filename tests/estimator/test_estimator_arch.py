@@ -81,6 +81,13 @@ DEEPSEEK_V3 = dict(model_type="deepseek_v3", hidden_size=256, intermediate_size=
 QWEN3_MOE = dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
                  moe_intermediate_size=256, norm_topk_prob=True, mlp_only_layers=[2])
+# Qwen2.5-VL's language model, traced inside Qwen2_5_VLForConditionalGeneration (a text-only batch; the small
+# vision tower frozen, its weights counted): Qwen2's layer, head_dim 128 (the mrope sections 16 + 24 + 24), cos/sin
+# of shape (b, s, head_dim)
+QWEN2_5_VL = dict(model_type="qwen2_5_vl", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                  vision_config=dict(depth=2, hidden_size=64, intermediate_size=96, num_heads=4, out_hidden_size=512,
+                                     fullatt_block_indexes=[1]))
 # the chunked loss with four chunks of 1024 tokens (b 2, s 2048), where the loss is most of the step
 LLAMA = dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=32000)
@@ -192,6 +199,12 @@ CASES = [
      dict(LORA_CKPT, attn="sdpa", lora={"dropout": 0.0, "rank": 64})),
     ("deepseek_v3-lora-eager-no-q-lora", cfg(DEEPSEEK_V3, vocab_size=8192, q_lora_rank=None),
      dict(LORA, attn="eager", lora={"dropout": 0.0})),
+    ("qwen2_5_vl-full-bf16-sdpa", cfg(QWEN2_5_VL, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
+    ("qwen2_5_vl-lora-ckpt-sdpa", cfg(QWEN2_5_VL, vocab_size=32000), dict(LORA_CKPT, attn="sdpa")),
+    ("qwen2_5_vl-full-amp-sdpa", cfg(QWEN2_5_VL, vocab_size=8192), dict(FULL_AMP, attn="sdpa")),
+    # layer 1 slides (max_window_layers 1): eager builds both masks
+    ("qwen2_5_vl-lora-eager-window", cfg(QWEN2_5_VL, vocab_size=8192, use_sliding_window=True, sliding_window=256,
+                                         max_window_layers=1), dict(LORA, attn="eager")),
     # chunked loss: each chunk recomputed in the backward; lm_head's gradient summed over the chunks
     ("llama-full-bf16-chunked-loss", LLAMA, dict(FULL_BF16, attn="sdpa", **CHUNKED)),
     ("llama-full-amp-chunked-loss", LLAMA, dict(FULL_AMP, attn="sdpa", **CHUNKED)),
@@ -256,3 +269,17 @@ def test_rotary_tables_and_nope_layers_in_the_shared_bytes():
     one = activations(spec_from_config(cfg(GEMMA3, vocab_size=1000, sliding_window_pattern=1), "g"), plan).shared
     two = activations(spec_from_config(cfg(GEMMA3, vocab_size=1000), "g"), plan).shared
     assert two - one == 2 * 512 * 256 * 2
+
+
+def test_mrope_tables_are_per_sequence():
+    """Qwen2.5-VL's cos/sin are (b, s, head_dim) each (its position ids expanded to (3, b, s)): b times the
+    (1, s, head_dim) tables of Qwen2's rotary, in the residual dtype."""
+    from memplan.estimator.activations import activations
+
+    qwen2 = dict(QWEN2_5_VL, model_type="qwen2", num_key_value_heads=2, vocab_size=1000)
+    del qwen2["vision_config"], qwen2["rope_scaling"]
+    for b, precision, residual in ((2, "bf16", 2), (4, "amp-bf16", 4)):
+        plan = Plan(micro_batch=b, seq_len=512, precision=precision, grad_ckpt=False)
+        vl = activations(spec_from_config(cfg(QWEN2_5_VL, vocab_size=1000), "q"), plan).shared
+        text = activations(spec_from_config(qwen2, "q"), plan).shared
+        assert vl - text == (b - 1) * 2 * 512 * 128 * residual

@@ -152,3 +152,27 @@ def test_profile_of_an_sdpa_plan_without_an_sdpa_path_says_it_runs_eager(run_cli
                              "--precision", "bf16", "--no-grad-ckpt", "--attn", "sdpa", "--backend", "trace")
     assert code in (0, 1), err
     assert "attention: eager, not sdpa" in out
+
+
+QWEN_VL = dict(model_type="qwen2_5_vl", vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=1,
+               vision_config=dict(depth=2, hidden_size=64, intermediate_size=96, num_heads=4, out_hidden_size=256))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_multimodal_config_trains_its_language_model_only(method):
+    """A multimodal config builds its <Model>ForConditionalGeneration, the vision tower frozen and kept free of
+    adapters (LoRA's all-linear would otherwise wrap its qkv, proj and MLP linears): what the estimate assumes."""
+    from memplan.catalog.spec import spec_from_config
+    from memplan.estimator import estimate
+    from memplan.runtime.model import build_model
+
+    plan = Plan(method=method, precision="bf16", micro_batch=1, seq_len=16)
+    built = build_model(plan, config=dict(QWEN_VL), device="meta", on_meta=True)
+    assert type(built.hf_model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    named = dict(built.model.named_parameters())
+    vision = {n: p for n, p in named.items() if ".visual." in n}
+    assert vision and not any(p.requires_grad for p in vision.values())
+    assert not any("lora_" in n for n in vision)
+    trainable = sum(p.numel() for p in named.values() if p.requires_grad)
+    assert trainable == estimate(spec_from_config(dict(QWEN_VL), "q"), plan).params_trainable

@@ -34,6 +34,7 @@ FAMILIES: dict[str, str] = {
     "deepseek_v3": "deepseek_v3",
     "deepseek_v2": "deepseek_v2",
     "qwen3_moe": "qwen3_moe",
+    "qwen2_5_vl_text": "qwen2_5_vl_text",
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)

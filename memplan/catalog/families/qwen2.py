@@ -12,9 +12,10 @@ def build(cfg: Cfg) -> Arch:
     return llama_like(cfg, kv_default=32, qkv_bias=True, act=cfg.opt("hidden_act", "silu"), traits=traits)
 
 
-def qwen_window(cfg: Cfg) -> dict:
-    """Qwen2Config: sliding_window only with use_sliding_window; layers from max_window_layers on slide."""
+def qwen_window(cfg: Cfg, max_window_layers: int = 28) -> dict:
+    """Qwen2Config: sliding_window only with use_sliding_window; layers from max_window_layers (the config
+    class's default: ``max_window_layers``) on slide."""
     if not cfg.flag("use_sliding_window", False):
         return dict(sliding_window=None, layer_types=("full_attention",) * cfg.req("num_hidden_layers"))
-    first = int(cfg.opt("max_window_layers", 28))
+    first = int(cfg.opt("max_window_layers", max_window_layers))
     return attention_window(cfg, default=4096, sliding=lambda i: i >= first)
