@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from memplan.estimator import overhead
 from memplan.estimator.phases import PHASES, TERMS, Estimate
 from memplan.report.units import format_bytes, gib
 
@@ -61,7 +62,9 @@ def breakdown_table(e: Estimate) -> str:
         extra = [
             f"peak allocated {gib(e.peak_allocated)} GiB in the {e.peak_phase} phase "
             "(predicts torch.cuda.max_memory_allocated)",
-            f"reserved {gib(e.reserved)} GiB (allocator), total {gib(e.total)} GiB with the CUDA context"
+            f"reserved {gib(e.reserved)} GiB (allocator: the measured median reserve, "
+            f"+{100 * overhead.ALLOCATOR_FRAGMENTATION:.1f} %; `memplan profile --backend trace` replays the step "
+            f"through the allocator model), total {gib(e.total)} GiB with the CUDA context"
             + (" and NCCL" if e.plan.world_size > 1 else ""),
         ]
     if e.host_bytes:
