@@ -37,7 +37,9 @@ IN_PROCESS_BACKENDS = ("trace", "cpu")  # the profile backends that run in this 
 class TraceResult:
     steps: list[StepMeasure]  # one per optimizer step
     after_load: int  # live bytes after model build (+LoRA) before the first step
-    events: list[tuple] | None = None  # storage allocations and frees in order (record_events)
+    # storage allocations and frees in order (record_events); with kernels="cuda" also ("w", thread): where a
+    # fresh process allocates a thread's cuBLAS workspaces (_CudaLiveBytes)
+    events: list[tuple] | None = None
 
     @property
     def steady(self) -> StepMeasure:
@@ -64,10 +66,38 @@ def trace_training(config, plan: Plan, *, backend: str = "trace", steps: int = 2
         raise UserError(f"trace backend '{backend}' is not one of: {', '.join(IN_PROCESS_BACKENDS)}")
     if kernels not in ("cpu", "cuda") or (kernels == "cuda" and backend != "trace"):
         raise UserError(f"kernels '{kernels}': 'cpu', or 'cuda' with the trace backend")
-    meter = LiveBytes(record_events=record_events)
+    meter = (_CudaLiveBytes if kernels == "cuda" else LiveBytes)(record_events=record_events)
     with cuda_kernel_memory() if kernels == "cuda" else contextlib.nullcontext():
         result = measure(config, plan, backend=backend, steps=steps, seed=seed, meter=meter)
     return TraceResult(steps=result.steps, after_load=result.after_load, events=meter.events)
+
+
+# ops that call cuBLAS on CUDA (aten/src/ATen/native/cuda/Blas.cpp), so get their thread's cuBLAS workspace
+_CUBLAS_OPS = frozenset(getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "_addmm_activation"))
+
+
+class _CudaLiveBytes(LiveBytes):
+    """LiveBytes whose events also say where a fresh CUDA process allocates its cuBLAS workspaces: ("w", thread)
+    after the first cuBLAS op of each thread. A workspace belongs to a (cuBLAS handle, stream) pair and handles
+    are per thread (aten/src/ATen/cuda/CublasHandlePool.cpp: `cublas_handle_stream_to_workspace`, the
+    thread-local pool window of `getCurrentCUDABlasHandle`), and the autograd engine runs a CUDA backward on its
+    device's own thread (torch/csrc/autograd/engine.cpp: one ReadyQueue and worker thread per device): "main"
+    for the forward and the optimizer, "autograd" for every op run by a backward node. The workspaces are
+    allocated after the op's output; their sizes are the allocator replay's business."""
+
+    def __init__(self, record_events: bool = False) -> None:
+        super().__init__(record_events)
+        self.blas_threads: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if func in _CUBLAS_OPS and self.events is not None:
+            thread = "main" if torch._C._current_autograd_node() is None else "autograd"
+            if thread not in self.blas_threads:
+                self.blas_threads.add(thread)
+                self.events.append(("w", thread))
+        return out
 
 
 @contextlib.contextmanager
@@ -96,11 +126,16 @@ def cuda_kernel_memory() -> Iterator[None]:
       weight gradients, are not on CUDA either (the first is a view whose base the view keeps alive: the
       storage has two references). A second micro-batch's gradient is added in place on both
       (functions/accumulate_grad.h: `variable_grad += new_grad`).
-      softmax's backward allocates `grad * output` before its kernel runs and frees it after
+      softmax's backward allocates `grad * output` after its result, before its kernel runs, and frees it after
       (aten/src/ATen/native/cuda/SoftMax.cu, `softmax_backward_cuda_out`: `Tensor tmp = grad * output;`); the
       CPU kernel has no such temporary. log_softmax's backward has none on either.
-    Not emulated: workspaces that CUDA kernels allocate and free inside one op (cuBLAS, flash attention's fp32
-    dq accumulator, the embedding backward's sort buffers), and dropout inside SDPA's math kernel."""
+      the embedding's backward sorts its indices past 3072 of them and sums per segment in fp32 buffers
+      sized by the number of indices (`_embedding_backward_on_cuda`).
+    The cuBLAS workspaces are marked in the events where a fresh process allocates them (`_CudaLiveBytes`, used
+    by trace_training with kernels="cuda"); their size is the allocator replay's.
+    Not emulated: workspaces that CUDA kernels allocate and free inside one op where their size or the kernel
+    is not known here (flash / cuDNN attention's backward, cub's sort scratch), and dropout inside SDPA's math
+    kernel."""
     import torch.nn.functional as F
 
     dropout, sdpa, backward = F.dropout, F.scaled_dot_product_attention, torch.autograd.backward
@@ -200,6 +235,8 @@ class _CudaBackward(TorchDispatchMode):
                 self.seen.append(counts)
             elif _accumulates_in_place(old, new) and counts[0] <= self.unique[0] and counts[1] <= self.unique[1]:
                 return torch.ops.aten.add_.Tensor(old, new)
+        if func is torch.ops.aten.embedding_dense_backward.default:
+            return _embedding_backward_on_cuda(func, args, kwargs)
         out = func(*args, **kwargs)
         if func is torch.ops.aten._softmax_backward_data.default:
             grad, output = args[0], args[1]
@@ -212,6 +249,32 @@ class _CudaBackward(TorchDispatchMode):
         mode off (with it on, the engine always adds out of place)."""
         return (self.summing is not None and len(args) == 2 and kwargs.get("alpha", 1) == 1
                 and not torch.is_grad_enabled() and torch._C._current_autograd_node() is self.summing)
+
+
+def _embedding_backward_on_cuda(func, args, kwargs):
+    """embedding_dense_backward as CUDA runs it past 3072 indices (aten/src/ATen/native/cuda/Embedding.cu,
+    `embedding_dense_backward_cuda`): the indices sorted into two index arrays alive through the op, after an
+    arange freed once sorted; then `embedding_backward_cuda_kernel` (EmbeddingBackwardKernel.cu) allocates the
+    zeroed result and, sized by the number of indices so that it needs no device sync, four index arrays, two
+    scalars and the partial sums per segment (indices x embedding width, fp32 for a 16-bit gradient), all freed
+    when it returns. cub's own scratch buffers for the sort and scans are not counted."""
+    grad, indices, scale_by_freq = args[0], args[1], args[4]
+    n = indices.numel()
+    if n <= 3072 and not scale_by_freq:
+        return func(*args, **kwargs)
+    like = {"dtype": indices.dtype, "device": indices.device}
+    sorting = [grad.contiguous(), torch.empty(n, **like), torch.empty(n, **like)]
+    torch.arange(n, **like)
+    if scale_by_freq:
+        sorting.append(torch.empty(n, **like))
+    out = func(*args, **kwargs)
+    partial = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
+    scalar = {"dtype": torch.int64, "device": indices.device}
+    kernel = [torch.empty(n, **like), torch.empty((), **scalar), torch.empty(n, **like), torch.empty(n, **like),
+              torch.empty((), **scalar), torch.empty(n, **like),
+              torch.empty(n, grad.size(-1), dtype=partial, device=grad.device)]
+    del kernel, sorting  # a list drops its items last first: C++'s order of destruction
+    return out
 
 
 def _accumulates_in_place(old: torch.Tensor, new: torch.Tensor) -> bool:

@@ -504,3 +504,40 @@ def test_cuda_kernels_choose_sdpa_math_for_fp32_grouped_query_attention(precisio
         assert cuda - cpu >= probabilities
     else:
         assert cuda == cpu
+
+
+@pytest.mark.parametrize("tokens", [3072, 4096])
+def test_cuda_kernels_keep_the_embedding_backwards_sort_buffers(tokens):
+    """Past 3072 indices CUDA's embedding backward sorts them and sums each segment in buffers sized by the
+    number of indices (Embedding.cu, EmbeddingBackwardKernel.cu): two index arrays kept through the op, four
+    more and two scalars with the fp32 partial sums (tokens x width) when the result is allocated."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memplan.profile.trace import cuda_kernel_memory
+
+    def backward_peak(kernels: str) -> int:
+        with FakeTensorMode():
+            emb = torch.nn.Embedding(100, 8, dtype=torch.bfloat16)
+            ids = torch.randint(0, 100, (tokens,))
+            meter = LiveBytes(record_events=True)
+            with meter, cuda_kernel_memory() if kernels == "cuda" else contextlib.nullcontext():
+                out = emb(ids)
+                start = len(meter.events)
+                out.backward(torch.ones_like(out))
+        return _live_peak(meter.events[start:])
+
+    extra = 6 * 8 * tokens + 2 * 8 + 4 * tokens * 8 if tokens > 3072 else 0
+    assert backward_peak("cuda") - backward_peak("cpu") == extra
+
+
+def test_cuda_kernels_mark_where_each_thread_allocates_its_cublas_workspace():
+    """cuBLAS workspaces belong to a (handle, stream) and handles to a thread; CUDA's backward runs on the autograd
+    engine's device thread: with kernels="cuda" the events mark the first cuBLAS op of the forward's thread and
+    of the backward's, once per process."""
+    plan = tiny_plan(precision="bf16", grad_ckpt=True)
+    events = trace_training(tiny_llama(), plan, steps=2, record_events=True, kernels="cuda").events
+    marks = [(i, ev) for i, ev in enumerate(events) if ev[0] == "w"]
+    assert [ev for _, ev in marks] == [("w", "main"), ("w", "autograd")]
+    assert marks[0][0] < events.index(("p", "backward")) < marks[1][0] < events.index(("p", "optimizer"))
+    assert not [ev for ev in trace_training(tiny_llama(), plan, steps=1, record_events=True).events if ev[0] == "w"]
+
