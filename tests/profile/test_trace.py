@@ -541,3 +541,42 @@ def test_cuda_kernels_mark_where_each_thread_allocates_its_cublas_workspace():
     assert marks[0][0] < events.index(("p", "backward")) < marks[1][0] < events.index(("p", "optimizer"))
     assert not [ev for ev in trace_training(tiny_llama(), plan, steps=1, record_events=True).events if ev[0] == "w"]
 
+
+# ---------------------------------------------------------------- benchmarks/allocator_check.py's replay
+
+
+def _allocator_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "allocator_check.py"
+    spec = importlib.util.spec_from_file_location("allocator_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_allocator_check_replays_a_run_as_its_process_served_it():
+    """A fresh process allocates each thread's cuBLAS workspaces (32 + 1 MiB) where the trace marks them; in a run
+    of rows in one process they stay, and the segment a workspace landed in stays reserved for the later rows."""
+    check, MiB = _allocator_check(), 2**20
+    assert check.fresh_events([("a", 1, 5), ("w", "main")]) == [("a", 1, 5), ("a", -1, 32 * MiB), ("a", -2, MiB)]
+    first = {"events": [("a", 1, 10 * MiB), ("s",), ("a", 2, 200 * MiB), ("f", 2), ("w", "main"), ("w", "autograd")],
+             "after_load": 10 * MiB, "tied": 0}
+    second = {"events": [("a", 1, 100 * MiB), ("s",), ("a", 2, 30 * MiB), ("f", 2), ("w", "main")],
+              "after_load": 100 * MiB, "tied": 0}
+    check.replay_run([first, second])
+    # the first row: its weights, the 200 MiB block both 32 MiB workspaces went into once freed, the 2 MiB small
+    # segment of the 1 MiB ones
+    assert first["run_default"] == [(10 + 200 + 2) * MiB]
+    # the second: its weights and its step fit in the 136 MiB left beside them in the segment that stayed
+    assert second["run_default"] == [(200 + 2) * MiB]
+
+
+def test_allocator_check_frees_the_untied_copy_of_a_tied_embedding_after_the_weights():
+    """The measuring harness built the model with to_empty, which gives the tied output embedding its own tensor,
+    and tie_weights freed it: a hole of the tied weight's size right after the weights."""
+    check = _allocator_check()
+    row = {"events": [("a", 1, 2 * 6), ("a", 2, 7), ("s",), ("a", 3, 1)], "after_load": 19, "tied": 6}
+    assert check._with_untied_copy(row) == row["events"][:2] + [("a", -1, 12), ("f", -1)] + row["events"][2:]
+    assert check._with_untied_copy(dict(row, tied=0)) == row["events"]
