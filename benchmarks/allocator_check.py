@@ -2,10 +2,13 @@
 
 For each row of benchmarks/results/gpu-h100-run*.jsonl (measured with benchmarks/gpu_check.py): the same plan's
 step is traced at full size on fake tensors with CUDA's kernel memory (memplan.profile.trace, kernels="cuda"),
-its allocations and frees in order are served by memplan.estimator.allocator (the default allocator, and
-expandable segments), and the reserved peak after each of the 3 steps is set against the measured
-`torch.cuda.max_memory_reserved`. The total adds the CUDA context (memplan.estimator.overhead) against NVML's
-used memory. The estimate's own reserved figure (memplan estimate) is shown beside it.
+its allocations and frees in order are served by memplan.estimator.allocator, and the reserved peak after each
+of the 3 steps is set against the measured `torch.cuda.max_memory_reserved`. Each run measured its rows one
+after another in one process, whose allocator kept what earlier rows left: the rows of a run are replayed the
+same way, in order, in one allocator (`replay_run`). Beside it, each row replayed alone as a fresh process
+would run it (`memplan.estimator.allocator.replay`; default allocator and expandable segments). The total adds
+the CUDA context (memplan.estimator.overhead) against NVML's used memory. The estimate's own reserved figure
+(memplan estimate) is shown beside it.
 
     python benchmarks/allocator_check.py [--out benchmarks/results/allocator-h100.md] [case ...]
 """
@@ -23,16 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = sorted((ROOT / "benchmarks" / "results").glob("gpu-h100-run*.jsonl"))
-GiB = 2**30
+GiB, MiB = 2**30, 2**20
 
 
 def rows(picks: set[int]) -> list[dict]:
+    """The measured rows of every run in the order the run measured them; with `picks`, each run's rows up to the
+    last picked one (the rows before it shaped its process's allocator) and `report` set on the picked ones."""
     out = []
     for path in RUNS:
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if "case" in row and (not picks or row["case"] in picks) and row.get("measured"):
-                out.append(dict(row, run=path.name))
+        run = [json.loads(line) for line in path.read_text().splitlines()]
+        run = [dict(row, run=path.name, report=not picks or row["case"] in picks) for row in run
+               if "case" in row and row.get("measured")]
+        last = max((i for i, row in enumerate(run) if row["report"]), default=-1)
+        out += run[:last + 1]
     return out
 
 
@@ -40,27 +46,77 @@ def check(row: dict) -> dict:
     from memplan.catalog.presets import models_dir
     from memplan.catalog.resolve import resolve_model
     from memplan.estimator import estimate
-    from memplan.estimator.allocator import replay
+    from memplan.estimator.allocator import THREAD_WORKSPACES, replay
     from memplan.estimator.overhead import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
     from memplan.plan import Plan
     from memplan.profile.trace import trace_training
 
     plan = Plan(model=row["preset"], **row["plan"])
+    spec = resolve_model(row["preset"])
     t0 = time.perf_counter()
     traced = trace_training(str(models_dir() / row["preset"]), plan, steps=3, record_events=True, kernels="cuda")
-    measured = [s["reserved"] for s in row["measured"]["steps"]]
-    nvml = [s.get("nvml_used") for s in row["measured"]["steps"]]
-    out = {"case": row["case"], "run": row["run"], "preset": row["preset"], "plan": row["plan"],
-           "measured_reserved": measured, "measured_nvml": nvml,
+    out = {"case": row["case"], "run": row["run"], "report": row["report"], "preset": row["preset"],
+           "plan": row["plan"], "measured_reserved": [s["reserved"] for s in row["measured"]["steps"]],
+           "measured_nvml": [s.get("nvml_used") for s in row["measured"]["steps"]],
            "measured_allocated": max(max(s[p] for p in ("forward", "backward", "optimizer"))
                                      for s in row["measured"]["steps"]),
            "traced_allocated": traced.peak + CUBLAS_WORKSPACE_BYTES,
-           "estimate_reserved": estimate(resolve_model(row["preset"]), plan, kernels="cuda").reserved}
+           "estimate_reserved": estimate(spec, plan, kernels="cuda").reserved, "context": CUDA_CONTEXT_BYTES,
+           "events": traced.events, "after_load": traced.after_load,
+           "tied": spec.vocab_size * spec.hidden_size if spec.tie_word_embeddings else 0}
+    assert 2 * sum(THREAD_WORKSPACES) == CUBLAS_WORKSPACE_BYTES
     for allocator in ("default", "expandable"):
-        out[allocator] = replay(traced.events, allocator, workspace=CUBLAS_WORKSPACE_BYTES).step_reserved
-    out["context"] = CUDA_CONTEXT_BYTES
+        out[f"fresh_{allocator}"] = replay(traced.events, allocator).step_reserved
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def replay_run(results: list[dict]) -> None:
+    """Serve a run's rows one after another in one default allocator, as the process that measured them did
+    (benchmarks/gpu_check.py as it was for the stored runs): `torch.empty(1, device="cuda")` before the first row;
+    per row its model's weights in parameter order, then for tied embeddings the output embedding's own copy,
+    which `to_empty` gave it (torch.nn.Module._apply makes a new Parameter for each module holding the tied one)
+    and `tie_weights` freed; its steps; each thread's cuBLAS workspaces at the process's first cuBLAS op on that
+    thread, never freed; then every tensor freed and `torch.cuda.empty_cache()`. Sets each row's "run_default" to
+    the reserved peak after each step since the row began (`reset_peak_memory_stats`)."""
+    from memplan.estimator.allocator import THREAD_WORKSPACES, CachingAllocator
+
+    alloc = CachingAllocator("default")
+    alloc.free(alloc.malloc(1))
+    workspaces = set()
+    for r in results:
+        alloc.peak_reserved = alloc.reserved
+        handles, steps = {}, []
+        for ev in _with_untied_copy(r):
+            if ev[0] == "a":
+                handles[ev[1]] = alloc.malloc(ev[2])
+            elif ev[0] == "f" and ev[1] in handles:
+                alloc.free(handles.pop(ev[1]))
+            elif ev[0] == "w" and ev[1] not in workspaces:
+                workspaces.add(ev[1])
+                for size in THREAD_WORKSPACES:
+                    alloc.malloc(size)
+            elif ev[0] == "s":
+                steps.append(alloc.peak_reserved)  # the step before this one ended (none before the first)
+        r["run_default"] = steps[1:] + [alloc.peak_reserved]
+        for handle in handles.values():
+            alloc.free(handle)
+        alloc.release_cache()
+
+
+def _with_untied_copy(r: dict) -> list[tuple]:
+    """The row's events with a tied output embedding's own copy allocated and freed right after the weights (the
+    first allocations, `after_load` bytes); the copy has the size of the tied weight, the first of them that is
+    a multiple of vocab x hidden elements."""
+    events = r["events"]
+    if not r["tied"]:
+        return events
+    live, end = 0, 0
+    while live < r["after_load"]:
+        live += events[end][2] if events[end][0] == "a" else 0
+        end += 1
+    size = next(ev[2] for ev in events[:end] if ev[0] == "a" and ev[2] % r["tied"] == 0)
+    return events[:end] + [("a", -1, size), ("f", -1)] + events[end:]
 
 
 def _err(predicted: float, measured: float) -> float:
@@ -70,32 +126,43 @@ def _err(predicted: float, measured: float) -> float:
 def table(results: list[dict]) -> str:
     lines = ["# The caching allocator model vs what an H100 reserved", "",
              "Measured: `benchmarks/results/gpu-h100-run1.jsonl`, `gpu-h100-run2.jsonl` (torch 2.11.0+cu130, H100 "
-             "80GB HBM3, default allocator). Replayed: each plan's step traced at full size with CUDA's kernel "
-             "memory (`trace_training(..., record_events=True, kernels=\"cuda\")`), its allocations served by "
-             "`memplan.estimator.allocator` (benchmarks/allocator_check.py). Reserved = "
-             "`torch.cuda.max_memory_reserved` after step 3; total = NVML's used memory vs reserved + the "
-             "CUDA context (1251 MiB). error % = 100 x (predicted - measured) / measured.", "",
-             "| # | model | plan | allocated GiB (measured / traced) | reserved GiB measured | replayed | error % "
-             "| estimate (ratio) | error % | expandable (replayed) | NVML GiB | replayed total | error % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    errs, ratio_errs = [], []
+             "80GB HBM3, default allocator), each run one process measuring its rows in this order. Replayed: each "
+             "plan's step traced at full size with CUDA's kernel memory (`trace_training(..., record_events=True, "
+             "kernels=\"cuda\")`), its allocations served by `memplan.estimator.allocator` "
+             "(benchmarks/allocator_check.py): *as measured*, the run's rows one after another in one allocator, as "
+             "the measuring process served them (`replay_run`: what earlier rows left, the harness's untied copy of a "
+             "tied embedding, cuBLAS workspaces made once per thread); *fresh*, the row alone in a new process. "
+             "cuBLAS workspaces: 32 MiB + 1 MiB for each of the main and the autograd thread, allocated at each "
+             "thread's first cuBLAS op. Reserved = `torch.cuda.max_memory_reserved` after step 3; total = NVML's used "
+             "memory vs reserved (as measured) + the CUDA context (1251 MiB). error % = 100 x (predicted - measured) "
+             "/ measured.", "",
+             "| # | model | plan | allocated GiB (measured / traced) | reserved GiB measured | replayed as measured "
+             "| error % | replayed fresh | error % | estimate (ratio) | error % | expandable (fresh) | NVML GiB "
+             "| replayed total | error % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    errs, fresh_errs, ratio_errs = [], [], []
     for r in results:
-        meas, rep = r["measured_reserved"][-1], r["default"][-1]
+        meas, rep, fresh = r["measured_reserved"][-1], r["run_default"][-1], r["fresh_default"][-1]
         plan = ", ".join(f"{k}={v}" for k, v in r["plan"].items())
         nvml = r["measured_nvml"][-1]
         total = rep + r["context"]
-        e, er = _err(rep, meas), _err(r["estimate_reserved"], meas)
+        e, ef, er = _err(rep, meas), _err(fresh, meas), _err(r["estimate_reserved"], meas)
         errs.append(e)
+        fresh_errs.append(ef)
         ratio_errs.append(er)
         lines.append(f"| {r['case']} | {r['preset']} | {plan} | {r['measured_allocated'] / GiB:.2f} / "
                      f"{r['traced_allocated'] / GiB:.2f} | {meas / GiB:.2f} | {rep / GiB:.2f} | {e:+.2f} | "
-                     f"{r['estimate_reserved'] / GiB:.2f} | {er:+.2f} | {r['expandable'][-1] / GiB:.2f} | "
-                     f"{nvml / GiB:.2f} | {total / GiB:.2f} | {_err(total, nvml):+.2f} |")
-    lines += ["", f"Replayed reserved: median error {statistics.median(errs):+.2f} %, range "
-              f"{min(errs):+.2f} ... {max(errs):+.2f} %, within ±3 % on {sum(abs(e) <= 3 for e in errs)} of "
-              f"{len(errs)} rows. The estimate's flat ratio: median {statistics.median(ratio_errs):+.2f} %, range "
-              f"{min(ratio_errs):+.2f} ... {max(ratio_errs):+.2f} %.", ""]
+                     f"{fresh / GiB:.2f} | {ef:+.2f} | {r['estimate_reserved'] / GiB:.2f} | {er:+.2f} | "
+                     f"{r['fresh_expandable'][-1] / GiB:.2f} | {nvml / GiB:.2f} | {total / GiB:.2f} | "
+                     f"{_err(total, nvml):+.2f} |")
+    lines += ["", _summary("Replayed as measured", errs) + " " + _summary("Replayed fresh", fresh_errs) + " "
+              + _summary("The estimate's flat ratio", ratio_errs), ""]
     return "\n".join(lines)
+
+
+def _summary(what: str, errs: list[float]) -> str:
+    return (f"{what}: median error {statistics.median(errs):+.2f} %, range {min(errs):+.2f} ... {max(errs):+.2f} %, "
+            f"within ±3 % on {sum(abs(e) <= 3 for e in errs)} of {len(errs)} rows.")
 
 
 def main() -> None:
@@ -106,10 +173,15 @@ def main() -> None:
     args = ap.parse_args()
     results = []
     for row in rows(set(args.cases)):
-        r = check(row)
-        results.append(r)
+        results.append(check(row))
+        print(row["case"], row["preset"], f"traced in {results[-1]['seconds']} s", flush=True)
+    for run in RUNS:
+        replay_run([r for r in results if r["run"] == run.name])
+    results = [r for r in results if r.pop("report")]
+    for r in results:
+        del r["events"]
         print(r["case"], r["preset"], f"measured {r['measured_reserved'][-1] / GiB:.2f} GiB",
-              f"replayed {r['default'][-1] / GiB:.2f} GiB", f"{r['seconds']} s", flush=True)
+              f"replayed {r['run_default'][-1] / GiB:.2f} GiB (fresh {r['fresh_default'][-1] / GiB:.2f})")
         if args.jsonl:
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps(r) + "\n")

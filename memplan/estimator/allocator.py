@@ -40,6 +40,11 @@ MIN_LARGE_ALLOC = 10 << 20  # kMinLargeAlloc
 ROUND_LARGE = 2 << 20  # kRoundLarge
 
 ALLOCATORS = ("default", "expandable")
+# One thread's cuBLAS workspaces, one per (handle, stream): cuBLAS's 32 MiB on Hopper (`parseChosenWorkspaceSize`,
+# ":4096:8") and cuBLASLt's 1 MiB (`parseCUDABlasLtWorkspaceSize`), aten/src/ATen/cuda/CublasHandlePool.cpp. A
+# training step has two threads that run cuBLAS (the main one, the autograd engine's device thread): 66 MiB, as
+# measured on an H100 (memplan.estimator.overhead.CUBLAS_WORKSPACE_BYTES).
+THREAD_WORKSPACES = (32 << 20, 1 << 20)
 
 
 def round_size(nbytes: int) -> int:
@@ -288,14 +293,18 @@ class Replay:
     oom: bool = False
 
 
-def replay(events, allocator: str = "default", capacity: int | None = None, workspace: int = 0) -> Replay:
-    """Serve a step's storage events - ("a", uid, nbytes), ("f", uid), ("p", phase), ("s",) a new step - by the
-    caching allocator. `workspace`: the cuBLAS workspaces, allocated once when the first forward starts (its
-    first matmul) and kept."""
+def replay(events, allocator: str = "default", capacity: int | None = None,
+           workspaces: tuple[int, ...] = THREAD_WORKSPACES) -> Replay:
+    """Serve a step's storage events - ("a", uid, nbytes), ("f", uid), ("p", phase), ("s",) a new step, ("w",
+    thread) a thread's first cuBLAS op - by the caching allocator, as a fresh process does. At each ("w", thread)
+    that thread's cuBLAS `workspaces` are allocated and kept; a stream without those markers (a CPU-kernel trace)
+    gets the main thread's at the first forward."""
     alloc = CachingAllocator(allocator, capacity)
     handles: dict[int, int] = {}
     steps: list[int] = []
     started = False
+    threads: set[str] = set()
+    marked = any(ev[0] == "w" for ev in events)
     try:
         for ev in events:
             kind = ev[0]
@@ -309,9 +318,11 @@ def replay(events, allocator: str = "default", capacity: int | None = None, work
                 if started:  # the step before this one ended
                     steps.append(alloc.peak_reserved)
                 started = True
-            elif kind == "p" and ev[1] == "forward" and workspace:
-                alloc.malloc(workspace)
-                workspace = 0
+            elif kind == "w" or (kind == "p" and ev[1] == "forward" and not marked and not threads):
+                if ev[1] not in threads:
+                    threads.add(ev[1])
+                    for size in workspaces:
+                        alloc.malloc(size)
     except OutOfMemory:
         return Replay(alloc.peak_reserved, alloc.peak_allocated, steps, oom=True)
     steps.append(alloc.peak_reserved)

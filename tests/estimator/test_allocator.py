@@ -107,10 +107,22 @@ def test_a_full_device_releases_its_cache_before_running_out():
 def test_replay_reports_the_reserved_peak_per_step():
     events = [("a", 1, 100 * MiB), ("s",), ("p", "forward"), ("a", 2, 50 * MiB), ("f", 2), ("s",),
               ("p", "forward"), ("a", 3, 120 * MiB), ("f", 3)]
-    r = replay(events, workspace=2 * MiB)
+    r = replay(events, workspaces=(2 * MiB,))  # no ("w", thread) markers: the main thread's at the forward
     # step 1: the weights' segment, the 20 MiB segment of the 2 MiB workspace, a 50 MiB segment;
     # step 2: 120 MiB fits no cached block
     assert r.step_reserved == [170 * MiB, 290 * MiB]
     assert r.peak_allocated == 222 * MiB and not r.oom  # the weights, the workspace, the 120 MiB tensor
-    assert replay(events, capacity=230 * MiB).oom is False  # the cached 50 MiB segment is released first
-    assert replay(events, capacity=200 * MiB).oom is True
+    assert replay(events, capacity=230 * MiB, workspaces=()).oom is False  # the cached 50 MiB segment is released first
+    assert replay(events, capacity=200 * MiB, workspaces=()).oom is True
+
+
+def test_each_thread_gets_its_cublas_workspaces_at_its_first_cublas_op():
+    """A fresh process: the main thread's 32 + 1 MiB where the forward's first matmul runs, the autograd engine's
+    where the backward's does; each once."""
+    events = [("a", 1, 100 * MiB), ("s",), ("p", "forward"), ("w", "main"), ("a", 2, 300 * MiB), ("p", "backward"),
+              ("f", 2), ("w", "autograd"), ("s",), ("w", "main")]
+    r = replay(events)
+    # weights; the main thread's 32 MiB segment and its 1 MiB in a 2 MiB small segment; the 300 MiB activation,
+    # freed before the autograd thread's 32 MiB, which splits it
+    assert r.peak_reserved == (100 + 32 + 2 + 300) * MiB
+    assert r.peak_allocated == (100 + 32 + 1 + 300) * MiB

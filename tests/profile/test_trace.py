@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -355,7 +357,7 @@ def test_recorded_events_replay_the_traced_live_bytes():
 def test_cuda_kernels_keep_bool_dropout_masks():
     """With CUDA's kernels, dropout saves a bool mask instead of an input-dtype noise tensor: the fp32
     forward holds 3 B per dropped element less."""
-    config = tiny_llama(attention_dropout=0.0)
+    config = tiny_llama(attention_dropout=0.0, num_key_value_heads=4)  # fp32 GQA would run SDPA's math kernel
     plan = tiny_plan(method="lora", precision="fp32", grad_ckpt=False, lora={"dropout": 0.1})
     cpu = trace_training(config, plan, steps=1).steady.forward
     cuda = trace_training(config, plan, steps=1, kernels="cuda").steady.forward
@@ -367,3 +369,213 @@ def test_cuda_kernels_keep_bool_dropout_masks():
     assert cpu - cuda == inputs * 3
     with pytest.raises(UserError):
         trace_training(config, plan, backend="cpu", kernels="cuda")
+
+
+# ---------------------------------------------------------------- CUDA's kernel memory (kernels="cuda")
+
+
+class ToyLM(torch.nn.Module):
+    """Every way a gradient gets two contributions in a decoder: a residual stream, an fp32 norm input used
+    twice, one normed input feeding three projections (their gradients are views of their matmuls' results),
+    a transposed use of a tensor, and an output projection tied to the input embedding."""
+
+    def __init__(self, vocab: int = 64, h: int = 16, dtype=torch.bfloat16) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, h, dtype=dtype)
+        self.q, self.k, self.v = (torch.nn.Linear(h, h, bias=False, dtype=dtype) for _ in range(3))
+        self.up = torch.nn.Linear(h, 2 * h, bias=False, dtype=dtype)
+        self.down = torch.nn.Linear(2 * h, h, bias=False, dtype=dtype)
+
+    @staticmethod
+    def norm(x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for _ in range(2):
+            n = self.norm(x)
+            q, k = self.q(n), self.k(n)
+            x = x + (q @ k.transpose(1, 2)).softmax(-1) @ self.v(n)
+            x = x + self.down(torch.relu(self.up(self.norm(x))))
+        return (x @ self.emb.weight.t()).float().log_softmax(-1).mean()
+
+
+def _gradient_sums(loss) -> list[tuple[str, int, int]]:
+    """Per input buffer that got more than one gradient, in the order the engine consumed them: (node, input,
+    which contribution the sum ended in, -1 for a new tensor). Tensors are told apart by their TensorImpl
+    (`_cdata`): a Python storage object would hold a reference to the storage and change the engine's choice."""
+    nodes, stack = [], [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in nodes:
+            nodes.append(node)
+            stack += [f for f, _ in node.next_functions]
+    arrived, sums = {}, []
+
+    def post(node):
+        def hook(grad_inputs, grad_outputs):
+            for (nxt, nr), g in zip(node.next_functions, grad_inputs):
+                if nxt is not None and g is not None:
+                    arrived.setdefault((nxt, nr), []).append(g._cdata)
+        return hook
+
+    def pre(node):
+        def hook(grad_outputs):
+            for nr, g in enumerate(grad_outputs):
+                got = arrived.get((node, nr), [])
+                if g is not None and len(got) > 1:
+                    sums.append((type(node).__name__, nr, got.index(g._cdata) if g._cdata in got else -1))
+        return hook
+
+    handles = [h for n in nodes for h in (n.register_hook(post(n)), n.register_prehook(pre(n)))]
+    loss.backward()
+    for h in handles:
+        h.remove()
+    return sums
+
+
+def test_cuda_kernels_sum_gradients_in_place_where_plain_tensors_do():
+    """autograd sums two gradients of one tensor in place when its input buffer holds the only reference to
+    the first (InputBuffer::accumulate); a dispatch mode (the meter, fake tensors) makes every sum out of
+    place. With kernels="cuda" the trace sums exactly where plain tensors do: the residual stream and the
+    norm's fp32 input in place, the projections' view gradients and the tied embedding's out of place."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memplan.profile.trace import cuda_kernel_memory
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 8))
+    plain = _gradient_sums(ToyLM()(ids))
+    assert ("AccumulateGrad", 0, -1) in plain  # the tied embedding: its first gradient is a view
+    assert ("AddBackward0", 0, 0) in plain  # the residual stream
+    assert {s for _, _, s in plain} == {-1, 0}
+
+    def traced(kernels: str):
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+            model = ToyLM()
+            with LiveBytes(), cuda_kernel_memory() if kernels == "cuda" else contextlib.nullcontext():
+                return _gradient_sums(model(fake.from_tensor(ids)))
+
+    assert traced("cuda") == plain
+    assert {s for _, _, s in traced("cpu")} == {-1}
+
+
+def test_cuda_kernels_keep_softmax_backwards_temporary():
+    """CUDA's softmax backward allocates `grad * output` after its result and frees it when the kernel returns
+    (SoftMax.cu, softmax_backward_cuda_out): one more score-sized tensor at that moment; log_softmax has none."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memplan.profile.trace import cuda_kernel_memory
+
+    def backward_events(fn, kernels: str) -> list[tuple]:
+        with FakeTensorMode():
+            scores = torch.randn(2, 4, 16, 16, requires_grad=True)
+            meter = LiveBytes(record_events=True)
+            with meter, cuda_kernel_memory() if kernels == "cuda" else contextlib.nullcontext():
+                out = fn(scores)
+                start = len(meter.events)
+                out.backward(torch.ones_like(out))
+        return meter.events[start:]
+
+    nbytes = 2 * 4 * 16 * 16 * 4
+    softmax, cpu = backward_events(lambda s: s.softmax(-1), "cuda"), backward_events(lambda s: s.softmax(-1), "cpu")
+    assert _live_peak(softmax) - _live_peak(cpu) == nbytes
+    allocs = [ev for ev in softmax if ev[0] == "a" and ev[2] == nbytes]
+    assert len(allocs) == len([ev for ev in cpu if ev[0] == "a" and ev[2] == nbytes]) + 1
+    assert ("f", allocs[-1][1]) in softmax  # the temporary is freed within the backward
+    log_softmax = [backward_events(lambda s: s.log_softmax(-1), k) for k in ("cuda", "cpu")]
+    assert _live_peak(log_softmax[0]) == _live_peak(log_softmax[1])
+
+
+@pytest.mark.parametrize(("precision", "kv_heads", "math"), [
+    ("fp32", 2, True),  # fp32 with grouped-query heads: CUDA's math kernel keeps the probabilities
+    ("fp32", 4, False),  # fp32, as many kv heads as heads: the memory-efficient kernel
+    ("bf16", 2, False),  # 16-bit: flash attention takes grouped-query heads
+    ("amp-bf16", 2, False),  # autocast hands SDPA bf16 inputs
+])
+def test_cuda_kernels_choose_sdpa_math_for_fp32_grouped_query_attention(precision, kv_heads, math):
+    config = tiny_llama(num_key_value_heads=kv_heads)
+    plan = tiny_plan(precision=precision, grad_ckpt=False)
+    cpu = trace_training(config, plan, steps=1).steady.forward
+    cuda = trace_training(config, plan, steps=1, kernels="cuda").steady.forward
+    probabilities = config.num_hidden_layers * plan.micro_batch * config.num_attention_heads * plan.seq_len ** 2 * 4
+    if math:
+        assert cuda - cpu >= probabilities
+    else:
+        assert cuda == cpu
+
+
+@pytest.mark.parametrize("tokens", [3072, 4096])
+def test_cuda_kernels_keep_the_embedding_backwards_sort_buffers(tokens):
+    """Past 3072 indices CUDA's embedding backward sorts them and sums each segment in buffers sized by the
+    number of indices (Embedding.cu, EmbeddingBackwardKernel.cu): two index arrays kept through the op, four
+    more and two scalars with the fp32 partial sums (tokens x width) when the result is allocated."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memplan.profile.trace import cuda_kernel_memory
+
+    def backward_peak(kernels: str) -> int:
+        with FakeTensorMode():
+            emb = torch.nn.Embedding(100, 8, dtype=torch.bfloat16)
+            ids = torch.randint(0, 100, (tokens,))
+            meter = LiveBytes(record_events=True)
+            with meter, cuda_kernel_memory() if kernels == "cuda" else contextlib.nullcontext():
+                out = emb(ids)
+                start = len(meter.events)
+                out.backward(torch.ones_like(out))
+        return _live_peak(meter.events[start:])
+
+    extra = 6 * 8 * tokens + 2 * 8 + 4 * tokens * 8 if tokens > 3072 else 0
+    assert backward_peak("cuda") - backward_peak("cpu") == extra
+
+
+def test_cuda_kernels_mark_where_each_thread_allocates_its_cublas_workspace():
+    """cuBLAS workspaces belong to a (handle, stream) and handles to a thread; CUDA's backward runs on the autograd
+    engine's device thread: with kernels="cuda" the events mark the first cuBLAS op of the forward's thread and
+    of the backward's, once per process."""
+    plan = tiny_plan(precision="bf16", grad_ckpt=True)
+    events = trace_training(tiny_llama(), plan, steps=2, record_events=True, kernels="cuda").events
+    marks = [(i, ev) for i, ev in enumerate(events) if ev[0] == "w"]
+    assert [ev for _, ev in marks] == [("w", "main"), ("w", "autograd")]
+    assert marks[0][0] < events.index(("p", "backward")) < marks[1][0] < events.index(("p", "optimizer"))
+    assert not [ev for ev in trace_training(tiny_llama(), plan, steps=1, record_events=True).events if ev[0] == "w"]
+
+
+# ---------------------------------------------------------------- benchmarks/allocator_check.py's replay
+
+
+def _allocator_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "allocator_check.py"
+    spec = importlib.util.spec_from_file_location("allocator_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_allocator_check_replays_a_run_as_its_process_served_it():
+    """A fresh process allocates each thread's cuBLAS workspaces (32 + 1 MiB) where the trace marks them; in a run
+    of rows in one process they stay, and the segment a workspace landed in stays reserved for the later rows."""
+    check, MiB = _allocator_check(), 2**20
+    first = {"events": [("a", 1, 10 * MiB), ("s",), ("a", 2, 200 * MiB), ("f", 2), ("w", "main"), ("w", "autograd")],
+             "after_load": 10 * MiB, "tied": 0}
+    second = {"events": [("a", 1, 100 * MiB), ("s",), ("a", 2, 30 * MiB), ("f", 2), ("w", "main")],
+              "after_load": 100 * MiB, "tied": 0}
+    check.replay_run([first, second])
+    # the first row: its weights, the 200 MiB block both 32 MiB workspaces went into once freed, the 2 MiB small
+    # segment of the 1 MiB ones
+    assert first["run_default"] == [(10 + 200 + 2) * MiB]
+    # the second: its weights and its step fit in the 136 MiB left beside them in the segment that stayed
+    assert second["run_default"] == [(200 + 2) * MiB]
+
+
+def test_allocator_check_frees_the_untied_copy_of_a_tied_embedding_after_the_weights():
+    """The measuring harness built the model with to_empty, which gives the tied output embedding its own tensor,
+    and tie_weights freed it: a hole of the tied weight's size right after the weights."""
+    check = _allocator_check()
+    row = {"events": [("a", 1, 2 * 6), ("a", 2, 7), ("s",), ("a", 3, 1)], "after_load": 19, "tied": 6}
+    assert check._with_untied_copy(row) == row["events"][:2] + [("a", -1, 12), ("f", -1)] + row["events"][2:]
+    assert check._with_untied_copy(dict(row, tied=0)) == row["events"]
