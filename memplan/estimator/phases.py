@@ -71,6 +71,7 @@ class Estimate:
             "host_peak_phase": self.host.peak_phase if self.host else None,
             "host_phases": self.host.to_json() if self.host else None,
             "host_offload_bytes": self.host_offload_bytes,
+            "host_notes": self.host.notes if self.host else [],
             "peak_phase": self.peak_phase,
             "breakdown": self.breakdown,
             "overheads": {

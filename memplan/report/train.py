@@ -96,10 +96,10 @@ def memory_line(mem: dict) -> str:
 
 def host_memory_line(host: dict) -> str:
     """The first process's measured host RAM peak against the host estimate (memplan.train.loop.host_report)."""
-    phases = ", ".join(f"{p} {format_bytes(v, 'MiB', digits=0)}" for p, v in host["measured"][0].items())
-    others = len(host["measured"]) - 1
-    more = f"; {others} other process(es) up to " + format_bytes(
-        max(max(m.values()) for m in host["measured"][1:]), "MiB", digits=0) if others else ""
+    peaks = [{p: v for p, v in m.items() if p != "rank"} for m in host["measured"]]
+    phases = ", ".join(f"{p} {format_bytes(v, 'MiB', digits=0)}" for p, v in peaks[0].items())
+    more = (f"; {len(peaks) - 1} other process(es) up to "
+            f"{format_bytes(max(max(m.values()) for m in peaks[1:]), 'MiB', digits=0)}" if len(peaks) > 1 else "")
     return (f"host RAM: measured peak {format_bytes(host['measured_bytes'], 'MiB', digits=0)} resident in the "
             f"{host['phase']} phase ({phases}{more}), memplan's estimate "
             f"{format_bytes(host['estimated_bytes'], 'MiB', digits=0)} for this process: {100 * host['gap']:+.1f} %")

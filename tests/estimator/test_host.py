@@ -130,10 +130,10 @@ def test_cpu_plan_holds_its_tensors_in_host_ram():
     spec = spec_from_config(dict(TINY, dtype="float32"), "t")
     e = estimate(spec, Plan(device="cpu", precision="fp32"))
     train = e.host.phases["train"]
-    # glibc's heap keeps up to the activations and logits at their peak (the backward's, here)
+    # glibc's heap keeps up to the activations and logits at their peak (the backward's, here), and 64 MiB
     bwd = e.phases["backward"]
-    retained = max(t["activations"] + t["logits_loss"] for t in e.phases.values())
-    assert retained == bwd["activations"] + bwd["logits_loss"] > 0
+    retained = max(t["activations"] + t["logits_loss"] for t in e.phases.values()) + 64 * 2**20
+    assert retained == bwd["activations"] + bwd["logits_loss"] + 64 * 2**20
     assert train.rank0 == {"processes": B, "dataset": 0, "training_tensors": e.peak_allocated,
                            "heap_retention": retained}
     # fp32 from an fp32 checkpoint, one process: the parameters are the mapped pages, not read while loading
@@ -157,3 +157,4 @@ def test_estimate_reports_the_host_peak_and_its_phase():
     assert set(out["host_phases"]) == {"load", "train", "save"}
     assert set(out["host_phases"]["save"]["terms"]) == set(h.HOST_TERMS)
     assert out["host_phases"]["load"]["node_bytes"] == e.host_bytes and out["host_offload_bytes"] == 0
+    assert out["host_notes"] == ["no data.samples in the plan: the tokenized dataset is not counted"]
