@@ -1,8 +1,9 @@
 """Does a plan fit its hardware? The verdict for one resolved plan, as `memplan estimate` prints it and exits by.
 
 The rule is `memplan.recommend.hardware.Target.fits`, the one `recommend` searches with: the device's total
-(reserved + CUDA context) within (1 - headroom) x its memory, and offloaded states within (1 - headroom) x
-the host RAM per node. This module finds the hardware to judge against and words the answer:
+(reserved + CUDA context) within (1 - headroom) x its memory, and the run's host RAM peak per node (loading,
+offloaded states, saving: memplan.estimator.host) within (1 - headroom) x the node's RAM. This module
+finds the hardware to judge against and words the answer:
 
 1. --gpu / --gpu-memory / --host-memory / --headroom, each overriding
 2. the plan's recorded `target` (what `recommend` planned it for), else
@@ -69,7 +70,7 @@ class Verdict:
         t = self.target
         return {"fits": self.fits, "verdict": self.text, "fits_common_sizes_gib": self.sizes if t is None else None,
                 "usable_bytes": t.usable_bytes if t else None,
-                "host_usable_bytes": t.usable_host_bytes if t and t.device == "cuda" else None,
+                "host_usable_bytes": t.usable_host_bytes if t else None,
                 "headroom": t.headroom if t else None, "assumptions": self.assumptions}
 
 
@@ -113,24 +114,26 @@ def common_size_target(plan: Plan, size_gib: int, headroom: float, host_memory: 
 def judge(e: Estimate, target: Target | None, headroom: float = DEFAULT_HEADROOM,
           host_memory: str | None = None) -> Verdict:
     """The verdict for an estimate on `target` (None: the common GPU sizes)."""
+    phase = e.host.peak_label if e.host else None
     if target is not None:
-        reason = target.why_not(e.total, e.host_bytes)
+        reason = target.why_not(e.total, e.host_bytes, host_phase=phase)
         if reason is None:
-            host = (f"; host RAM {gib(e.host_bytes)} of {format_bytes(target.usable_host_bytes)} usable per node"
-                    if e.host_bytes else "")
+            host = f"; host RAM {gib(e.host_bytes)} of {format_bytes(target.usable_host_bytes)} usable per node"
             text = f"fits: {format_bytes(e.total)} {target.per_device} of {target.usable_explained()}{host}"
         else:
             text = f"does not fit: {reason}"
         return Verdict(fits=reason is None, text=text, target=target)
-    sizes = [s for s in COMMON_SIZES_GIB
-             if common_size_target(e.plan, s, headroom, host_memory).fits(e.total, e.host_bytes)]
+    sized = [common_size_target(e.plan, s, headroom, host_memory) for s in COMMON_SIZES_GIB]
+    sizes = [s for s, t in zip(COMMON_SIZES_GIB, sized) if t.fits(e.total, e.host_bytes)]
     if sizes:
         text = (f"fits GPUs of {', '.join(f'{s} GiB' for s in sizes)} ({100 * headroom:g} % headroom; no GPU given: "
                 "--gpu ID or --gpu-memory SIZE for a verdict)")
+    elif sized[-1].device_fits(e.total):
+        reason = sized[-1].why_not(e.total, e.host_bytes, host_phase=phase)
+        text = f"does not fit a {COMMON_SIZES_GIB[-1]} GiB GPU: {reason}"
     else:
-        text = (f"does not fit a {COMMON_SIZES_GIB[-1]} GiB GPU: {format_bytes(e.total)} per GPU"
-                + (f", {format_bytes(e.host_bytes)} host RAM per node" if e.host_bytes else "")
-                + f" ({100 * headroom:g} % headroom)")
+        text = (f"does not fit a {COMMON_SIZES_GIB[-1]} GiB GPU: {format_bytes(e.total)} per GPU, "
+                f"{format_bytes(e.host_bytes)} host RAM per node ({100 * headroom:g} % headroom)")
     return Verdict(fits=None, text=text, sizes=sizes)
 
 
@@ -148,8 +151,9 @@ def plan_verdict(spec: ModelSpec, plan: Plan, gpu: str | None = None, gpu_memory
     verdict = judge(result, target, used, host_memory)
     verdict.estimate = result
     verdict.assumptions = list(dict.fromkeys(assumptions + (target.assumptions if target else [])))
-    if not result.host_bytes and target is not None:  # nothing offloaded: the host RAM assumed is beside the point
-        verdict.assumptions = [a for a in verdict.assumptions if a != default_host_assumption(target.gpus)]
+    if target is None:  # the common sizes are judged with the default host RAM per GPU (or --host-memory)
+        verdict.assumptions.append(default_host_assumption(plan.gpus) if host_memory is None else
+                                   f"host RAM {host_memory} per node (--host-memory)")
     return verdict
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from memplan.catalog.spec import ModelSpec
 from memplan.estimator import activations as act_mod
+from memplan.estimator import host as host_mod
 from memplan.estimator import overhead, sharding, states
 from memplan.plan import Plan
 
@@ -24,10 +25,12 @@ class Estimate:
     plan: Plan
     params_trainable: int
     phases: dict[str, dict[str, int]]  # phase -> term -> bytes at that phase's peak
-    host_bytes: int  # CPU RAM per node for offloaded states/params
+    host_bytes: int  # host RAM per node at its peak phase (memplan.estimator.host): what must fit the node
     disk: dict[str, int]
     gpu_memory: int | None = None
     notes: list[str] = field(default_factory=list)
+    host: host_mod.HostEstimate | None = None  # host RAM by phase
+    host_offload_bytes: int = 0  # of it, offloaded optimizer states / parameters per node
 
     @property
     def phase_peaks(self) -> dict[str, int]:
@@ -64,6 +67,11 @@ class Estimate:
             "reserved_bytes": self.reserved,
             "total_bytes": self.total,
             "host_bytes": self.host_bytes,
+            "host_peak_bytes": self.host_bytes,
+            "host_peak_phase": self.host.peak_phase if self.host else None,
+            "host_phases": self.host.to_json() if self.host else None,
+            "host_offload_bytes": self.host_offload_bytes,
+            "host_notes": self.host.notes if self.host else [],
             "peak_phase": self.peak_phase,
             "breakdown": self.breakdown,
             "overheads": {
@@ -167,6 +175,11 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
         "checkpoint_bytes": sharding.checkpoint_bytes(tensors, plan, num, p_item),
         "artifact_bytes": sharding.artifact_bytes(spec, tensors, plan),
     }
-    return Estimate(spec=spec, plan=plan, params_trainable=tensors.n_trainable,
-                    phases={"forward": fwd, "backward": bwd, "optimizer": opt},
-                    host_bytes=shard.host_bytes, disk=disk, gpu_memory=gpu_memory, notes=shard.notes)
+    phases = {"forward": fwd, "backward": bwd, "optimizer": opt}
+    run = host_mod.Run(trainable=tensors.n_trainable, largest_trainable=max(tensors.trainable, default=0),
+                       p_item=p_item, w_item=num.weights, opt_states=opt_states, offloaded=shard.host_bytes,
+                       weights=opt["weights"], device_phases=phases)
+    host = host_mod.host_estimate(spec, plan, run)
+    return Estimate(spec=spec, plan=plan, params_trainable=tensors.n_trainable, phases=phases,
+                    host_bytes=host.peak, disk=disk, gpu_memory=gpu_memory, notes=shard.notes, host=host,
+                    host_offload_bytes=shard.host_bytes)

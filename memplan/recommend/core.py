@@ -19,7 +19,7 @@ from memplan.estimator.activations import attention_runs
 from memplan.plan import MAX_NUMBER, DataSettings, Plan, build_plan
 from memplan.recommend import hparams as hp
 from memplan.recommend.data_stats import DataStats, measure_data
-from memplan.recommend.hardware import Target, resolve_target
+from memplan.recommend.hardware import PROCESS_BASELINE_BYTES, Target, resolve_target
 from memplan.recommend.search import (
     PRIORITIES,
     Candidate,
@@ -138,7 +138,7 @@ class Recommendation:
                        "nodes": self.target.nodes, "memory_bytes": self.target.memory_bytes,
                        "usable_bytes": self.target.usable_bytes, "headroom": self.target.headroom,
                        "host_memory_bytes": self.target.host_memory_bytes or None,
-                       "host_usable_bytes": self.target.usable_host_bytes if self.target.device == "cuda" else None,
+                       "host_usable_bytes": self.target.usable_host_bytes,
                        "cpu": dataclasses.asdict(self.target.cpu) if self.target.cpu else None},
             "data": self.data.to_json() if self.data else None,
             "samples": self.samples,
@@ -215,7 +215,8 @@ def _full_ft_test(rec: Recommendation, scorer: Scorer, model_ref: str) -> tuple[
 
 def why_not(alt: Candidate, best: Candidate, priority: str, target: Target) -> str:
     if not alt.fits:
-        return target.why_not(alt.total, alt.estimate.host_bytes, at=" at micro-batch 1")
+        return target.why_not(alt.total, alt.estimate.host_bytes, at=" at micro-batch 1",
+                              host_phase=alt.estimate.host.peak_label)
     slower = alt.hours > best.hours * (1 + 1e-9)
     parts = []
     if alt.quality_cost > best.quality_cost:
@@ -291,9 +292,12 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
         out += _more_host_memory(pool, target) + _bigger_gpus(smallest, need)
         out += _more_gpus(rec, smallest)
     else:
-        ram = format_bytes(need * smallest.plan.world_size + GiB / 2, digits=0)
+        # each process's tensors and interpreter within its share (Target.usable_bytes), and the host peak
+        per_process = smallest.plan.world_size * (need + PROCESS_BASELINE_BYTES)
+        ram = format_bytes(max(per_process, smallest.estimate.host_bytes / (1 - target.headroom)) + GiB / 2, digits=0)
         out.append(f"a machine with at least {ram} of RAM, or a GPU (--gpu ID); "
-                   f"the smallest plan needs {format_bytes(smallest.total)}")
+                   f"the smallest plan needs {format_bytes(smallest.total)} per process, "
+                   f"{format_bytes(smallest.estimate.host_bytes)} of host RAM at its peak")
     if rec.workload.seq_len > 512:
         shorter = smallest.plan.model_copy(update={"seq_len": rec.workload.seq_len // 2})
         e = estimate(rec.spec, shorter, target.memory_bytes)
@@ -318,7 +322,7 @@ def _other_methods(rec: Recommendation, scorer: Scorer, model_ref: str, tried: l
 
 
 def _more_host_memory(pool: list[Candidate], target: Target) -> list[str]:
-    """The host RAM that the plan with the least offload among those that fit the GPU needs."""
+    """The host RAM that the plan with the lowest host peak among those that fit the GPU needs."""
     gpu_ok = [c for c in pool if target.device_fits(c.total)]
     if not gpu_ok:
         return []
@@ -394,8 +398,8 @@ def recommend(req: RecommendRequest) -> Recommendation:
     _search_methods(rec, methods, scorer, model_ref)
     _hparams_and_plan(rec, model_ref)
     rec.warnings += _plan_warnings(rec, ctx)
-    if rec.estimate.host_bytes:
-        rec.assumptions.append(f"offload keeps {format_bytes(rec.estimate.host_bytes)} in host RAM per node")
+    if rec.estimate.host_offload_bytes:
+        rec.assumptions.append(f"offload keeps {format_bytes(rec.estimate.host_offload_bytes)} in host RAM per node")
     rec.alternatives = _alternatives(rec)
     return rec
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from memplan.catalog.gpus import Gpu
 from memplan.errors import UserError
-from memplan.report.units import GiB, MiB, format_bytes, memory_setting
+from memplan.estimator.host import PROCESS_BASELINE_BYTES  # each process's interpreter and libraries
+from memplan.report.units import GiB, format_bytes, memory_setting
 
 #: The throughput figures assumed for a GPU known only by its memory (--gpu-memory, or a local device
 #: without a preset): an A100 40GB's, the most common training GPU without a newer preset match. Said
@@ -27,15 +28,10 @@ REFERENCE_GPU = "a100-40gb"
 #: GPU, as in NVIDIA's DGX H100 (8 x ConnectX-7 400 Gb/s; DGX H100 datasheet) = 50 GB/s.
 INTER_NODE_GBPS = 50.0
 
-#: Resident memory of a training process beyond its tensors on the CPU (the interpreter with torch,
-#: transformers, peft and accelerate imported): VmRSS 439 MiB measured on this project's CPU machine
-#: (Python 3.11, torch 2.13 CPU, transformers 5.24, after `import torch, transformers, peft, accelerate`
-#: and LlamaForCausalLM), rounded up to 450 MiB.
-PROCESS_BASELINE_BYTES = 450 * MiB
 
-#: Host RAM per GPU assumed for a GPU cluster that is not this machine (offloaded states must fit it):
-#: 128 GiB, NVIDIA DGX A100's ratio (1 TB system memory for 8 GPUs; DGX A100 datasheet). --host-memory
-#: gives the real figure per node.
+#: Host RAM per GPU assumed for a GPU cluster that is not this machine (a run's host peak must fit it:
+#: memplan.estimator.host): 128 GiB, NVIDIA DGX A100's ratio (1 TB system memory for 8 GPUs; DGX A100
+#: datasheet). --host-memory gives the real figure per node.
 HOST_RAM_PER_GPU = 128 * GiB
 
 #: Where the CPU rates below were measured (benchmarks/cpu_precision_speed.py writes it).
@@ -119,7 +115,7 @@ class Target:
     gpu: Gpu | None = None
     # Peak dense FLOP/s by compute dtype ("bf16", "fp16", "fp32"); None where unsupported.
     peak_flops: dict[str, float | None] = field(default_factory=dict)
-    host_memory_bytes: int = 0  # RAM per node, for offloaded states (GPU plans)
+    host_memory_bytes: int = 0  # RAM per node (a CPU plan's: memory_bytes)
     interconnect_bytes_s: float = 0.0  # per direction, per GPU (the slowest link of the ring)
     host_link_bytes_s: float = 0.0  # per direction
     assumptions: list[str] = field(default_factory=list)
@@ -151,21 +147,24 @@ class Target:
         return total <= self.usable_bytes
 
     def host_fits(self, host_bytes: int) -> bool:
-        """Offloaded states must fit the host RAM per node with the same headroom (a CPU plan has none)."""
-        return not host_bytes or host_bytes <= self.usable_host_bytes
+        """The run's host RAM peak per node (Estimate.host_bytes: loading, offloaded states, saving) must fit
+        the node's RAM with the same headroom."""
+        return host_bytes <= self.usable_host_bytes
 
     def fits(self, total: int, host_bytes: int) -> bool:
         """THE rule of "fits", for every command: the device's total (reserved + context) within
-        (1 - headroom) x its memory, and the offloaded states within (1 - headroom) x host RAM per node."""
+        (1 - headroom) x its memory, and the host RAM peak per node within (1 - headroom) x the node's RAM."""
         return self.device_fits(total) and self.host_fits(host_bytes)
 
-    def why_not(self, total: int, host_bytes: int, at: str = "") -> str | None:
+    def why_not(self, total: int, host_bytes: int, at: str = "", host_phase: str | None = None) -> str | None:
         """Why a plan of these sizes does not fit (None when it fits), with the numbers; `at` qualifies
-        the device figure (" at micro-batch 1")."""
+        the device figure (" at micro-batch 1"), `host_phase` says where the host peak is
+        (memplan.estimator.host.HostEstimate.peak_label)."""
         if not self.device_fits(total):
             return f"needs {format_bytes(total)} {self.per_device}{at} > {self.usable_explained()}"
         if not self.host_fits(host_bytes):
-            return (f"needs {format_bytes(host_bytes)} of host RAM per node for offloaded states > "
+            phase = f" (peak: {host_phase})" if host_phase else ""
+            return (f"needs {format_bytes(host_bytes)} of host RAM per node{phase} > "
                     f"{format_bytes(self.usable_host_bytes)} usable "
                     f"({format_bytes(self.host_memory_bytes, digits=0)} less "
                     f"{100 * self.headroom:g} % headroom)")
@@ -244,8 +243,9 @@ def _gpu_target(gpu: Gpu, gpus: int, nodes: int, headroom: float, assumptions: l
 
 
 def default_host_assumption(gpus: int) -> str:
-    return (f"host RAM {format_bytes(HOST_RAM_PER_GPU * gpus, digits=0)} per node for offloaded states "
-            f"({format_bytes(HOST_RAM_PER_GPU, digits=0)} per GPU, a DGX A100's ratio; --host-memory to change)")
+    return (f"host RAM {format_bytes(HOST_RAM_PER_GPU * gpus, digits=0)} per node, which the run's host peak "
+            f"(loading, offloaded states, saving) must fit ({format_bytes(HOST_RAM_PER_GPU, digits=0)} per GPU, "
+            "a DGX A100's ratio; --host-memory to change)")
 
 
 def host_memory_bytes() -> int:
@@ -371,9 +371,9 @@ def cpu_target(processes: int, headroom: float, assumptions: list[str], memory_b
     """A CPU plan's target: this machine's processor; its RAM unless `memory_bytes` (a plan's recorded
     host RAM) is given. Its time figures follow from `info` alone (see CpuInfo.speed)."""
     info = info or cpu_info()
-    return Target(device="cpu", name=info.name, gpus=processes, nodes=1,
-                  memory_bytes=memory_bytes or host_memory_bytes(), headroom=headroom,
-                  peak_flops={}, assumptions=assumptions, cpu=info,
+    memory = memory_bytes or host_memory_bytes()
+    return Target(device="cpu", name=info.name, gpus=processes, nodes=1, memory_bytes=memory, headroom=headroom,
+                  peak_flops={}, host_memory_bytes=memory, assumptions=assumptions, cpu=info,
                   host_memory_given=memory_bytes is not None)
 
 

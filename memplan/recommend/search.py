@@ -261,12 +261,22 @@ def largest_micro_batch(plan: Plan, workload: Workload, scorer: Scorer) -> tuple
     return (at(best) if best else None), at(1), len(sizes)
 
 
+def with_samples(plan: Plan, workload: Workload) -> Plan:
+    """The plan with the examples memplan train will tokenize in each process (an epoch's, replay included),
+    which its host RAM counts (memplan.estimator.host.dataset_bytes); the recommended plan states the training
+    examples alone, so never more than was searched."""
+    if plan.data.samples:
+        return plan
+    return plan.model_copy(update={"data": plan.data.model_copy(update={"samples": workload.examples_per_epoch})})
+
+
 def search(spec: ModelSpec, model_ref: str, method: str, target: Target, workload: Workload, priority: str,
            scorer: Scorer, lora: dict | None = None, allow_param_offload: bool = True,
            progress: Callable[[Iterable], Iterable] | None = None) -> SearchResult:
     fitting, not_fitting = [], []
     before, considered = scorer.scored, 0
-    plans = structures(spec, model_ref, method, target, workload.seq_len, lora, allow_param_offload)
+    plans = [with_samples(p, workload) for p in
+             structures(spec, model_ref, method, target, workload.seq_len, lora, allow_param_offload)]
     for plan in (progress(plans) if progress else plans):
         best, smallest, decided = largest_micro_batch(plan, workload, scorer)
         considered += decided

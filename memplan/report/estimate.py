@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from memplan.estimator import overhead
+from memplan.estimator.host import PROCESS_BASELINE_BYTES
 from memplan.estimator.phases import PHASES, TERMS, Estimate
 from memplan.report.units import format_bytes, gib
 
@@ -41,7 +42,7 @@ def plans_table(rows: list[tuple[Estimate, float, list[str]]], fits_headers: lis
     table = []
     for e, step_s, marks in rows:
         table.append([describe_plan(e), count(e.params_trainable), gib(e.peak_allocated), gib(e.reserved),
-                      gib(e.total), gib(e.host_bytes) if e.host_bytes else "-", f"{step_s:.2f}", *marks])
+                      gib(e.total), gib(e.host_bytes), f"{step_s:.2f}", *marks])
     return tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
@@ -67,11 +68,22 @@ def breakdown_table(e: Estimate) -> str:
             f"through the allocator model), total {gib(e.total)} GiB with the CUDA context"
             + (" and NCCL" if e.plan.world_size > 1 else ""),
         ]
-    if e.host_bytes:
-        extra.append(f"host RAM per node for offloaded states: {gib(e.host_bytes)} GiB")
+    extra.append(host_line(e))
     extra.append(f"disk: resumable checkpoint {gib(e.disk['checkpoint_bytes'])} GiB, "
                  f"final {'model' if e.plan.method == 'full' else 'adapter'} {gib(e.disk['artifact_bytes'])} GiB")
     return table + "\n" + "\n".join(extra)
+
+
+def host_line(e: Estimate) -> str:
+    """The host RAM line: the peak per node, its phase, each phase and what the processes count
+    (memplan.estimator.host)."""
+    h = e.host
+    phases = ", ".join(f"{p} {gib(v)}" for p, v in h.phase_peaks.items())
+    offload = f"; {gib(e.host_offload_bytes)} GiB offloaded states" if e.host_offload_bytes else ""
+    n = e.plan.gpus
+    return (f"host RAM per node: peak {gib(e.host_bytes)} GiB in the {h.peak_phase} phase ({phases} GiB; "
+            f"{n} process{'es' if n > 1 else ''} x {format_bytes(PROCESS_BASELINE_BYTES, 'MiB', digits=0)} "
+            f"baseline bound{offload})")
 
 
 def count(n: int) -> str:
@@ -176,13 +188,13 @@ def _comparison_header(spec: ModelSpec, comparison: Comparison) -> list[str]:
     target, judge = comparison.target, comparison.judge
     if target is not None:
         where = target.describe()
-        rule = (f"fits: total within {format_bytes(target.usable_bytes)} per GPU and offloaded states within "
-                f"{format_bytes(target.usable_host_bytes)} of host RAM per node ({100 * target.headroom:g} % "
+        rule = (f"fits: total within {format_bytes(target.usable_bytes)} per GPU and the host RAM peak within "
+                f"{format_bytes(target.usable_host_bytes)} per node ({100 * target.headroom:g} % "
                 "headroom kept free)")
     else:
         where = "no GPU given: fits by common size"
-        rule = (f"fits: total within {100 - 100 * judge.headroom:g} % of each size and offloaded states "
-                f"within {format_bytes(judge.usable_host_bytes)} of host RAM per node; best plan for "
+        rule = (f"fits: total within {100 - 100 * judge.headroom:g} % of each size and the host RAM peak "
+                f"within {format_bytes(judge.usable_host_bytes)} per node; best plan for "
                 f"{comparison.sizes_gib[-1]} GiB")
     n = comparison.rows[0].candidate.plan.world_size
     lines = [*model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters on {n} GPU(s); {where}"
@@ -202,8 +214,9 @@ def comparison_text(spec: ModelSpec, comparison: Comparison) -> str:
     lines.append(plans_table([(r.candidate.estimate, r.candidate.step.total_s, r.marks) for r in rows], fits_headers))
     if best is None:
         small = min(rows, key=lambda r: r.candidate.total).candidate
-        lines.append(f"\nno plan fits: the smallest, {describe_plan(small.estimate)}, "
-                     f"{comparison.judge.why_not(small.total, small.estimate.host_bytes)}")
+        e = small.estimate
+        why = comparison.judge.why_not(small.total, e.host_bytes, host_phase=e.host.peak_label)
+        lines.append(f"\nno plan fits: the smallest, {describe_plan(small.estimate)}, {why}")
         return "\n".join(lines)
     e = best.candidate.estimate
     lines.append(f"\nbest plan: {describe_plan(e)} (recommend's rule: the first of full FT, LoRA, QLoRA that "

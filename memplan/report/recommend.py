@@ -57,7 +57,8 @@ def plan_line(rec: Recommendation) -> str:
 
 def verdict(rec: Recommendation) -> str:
     e, t = rec.estimate, rec.target
-    return f"fits: {format_bytes(e.total)} {t.per_device} of {t.usable_explained()}"
+    return (f"fits: {format_bytes(e.total)} {t.per_device} of {t.usable_explained()}; host RAM "
+            f"{format_bytes(e.host_bytes)} of {format_bytes(t.usable_host_bytes)} usable per node")
 
 
 def time_lines(rec: Recommendation) -> list[str]:

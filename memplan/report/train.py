@@ -76,6 +76,11 @@ def summary_table(summary: dict) -> str:
         rows.append([f"estimate at measured shape (seq {mem['measured_seq_len']})",
                      f"{_memory(mem['estimated_bytes'])}, gap {100 * mem['gap']:+.1f} %{flag}"])
         rows.append(["estimate for the plan (seq_len)", _memory(mem['estimate_plan_bytes'])])
+    host = summary.get("host_memory")
+    if host:
+        rows.append(["host RAM peak measured (this process)",
+                     f"{_memory(host['measured_bytes'])} in the {host['phase']} phase, estimate "
+                     f"{_memory(host['estimated_bytes'])}, gap {100 * host['gap']:+.1f} %"])
     for key, path in summary["files"].items():
         rows.append([key, path])
     return tabulate(rows, tablefmt="plain", disable_numparse=True)
@@ -87,6 +92,17 @@ def memory_line(mem: dict) -> str:
     return (f"memory: measured peak {format_bytes(mem['measured_bytes'], 'MiB', digits=1)} ({mem['what']}), "
             f"memplan's estimate {format_bytes(mem['estimated_bytes'], 'MiB', digits=1)} at the measured shape: "
             f"{100 * mem['gap']:+.1f} %{flag}")
+
+
+def host_memory_line(host: dict) -> str:
+    """The first process's measured host RAM peak against the host estimate (memplan.train.loop.host_report)."""
+    peaks = [{p: v for p, v in m.items() if p != "rank"} for m in host["measured"]]
+    phases = ", ".join(f"{p} {format_bytes(v, 'MiB', digits=0)}" for p, v in peaks[0].items())
+    more = (f"; {len(peaks) - 1} other process(es) up to "
+            f"{format_bytes(max(max(m.values()) for m in peaks[1:]), 'MiB', digits=0)}" if len(peaks) > 1 else "")
+    return (f"host RAM: measured peak {format_bytes(host['measured_bytes'], 'MiB', digits=0)} resident in the "
+            f"{host['phase']} phase ({phases}{more}), memplan's estimate "
+            f"{format_bytes(host['estimated_bytes'], 'MiB', digits=0)} for this process: {100 * host['gap']:+.1f} %")
 
 
 def eval_line(rec: dict) -> str:

@@ -151,9 +151,12 @@ def _load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
 
 
 def _deepspeed_trainable_state(model, accelerator) -> dict[str, torch.Tensor]:
-    """The trainable weights under DeepSpeed, gathered from ZeRO-3's partitions (every process calls it)."""
+    """The trainable weights under DeepSpeed, gathered from ZeRO-3's partitions (every process calls it); copied
+    on the main process only, the one that writes them."""
     names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
     state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return {}
     return {n: t.detach().to("cpu", copy=True) for n, t in state.items() if n in names}
 
 
@@ -284,7 +287,9 @@ def _write_process_files(parts: Parts, tmp: Path, write: _Writes) -> tuple[dict,
         write(tmp / CHECKPOINT_TAG, lambda: model.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, save_latest=False,
                                                                    exclude_frozen_parameters=True))
         return _deepspeed_trainable_state(model, parts.accelerator), None
-    model_state = trainable_state(parts.module(), parts.sharded)
+    # gathered by every process under FSDP; otherwise only the main process, which writes it, copies it
+    main = parts.accelerator.is_main_process
+    model_state = trainable_state(parts.module(), parts.sharded) if parts.sharded or main else {}
     if parts.sharded and _has_masters(optimizer):
         shard = tmp / f"optimizer-{rank}.pt"
         write(shard, lambda: _save(local_state_dict(unwrap(optimizer)), shard))

@@ -43,6 +43,7 @@ from memplan.estimator import estimate
 from memplan.plan import mixed_precision
 from memplan.report import train as report
 from memplan.report.units import format_bytes
+from memplan.runtime.host_rss import PhasePeaks
 from memplan.runtime.meter import PeakMemory, compare_peak
 from memplan.runtime.model import (
     attention_note,
@@ -128,7 +129,10 @@ def train(resolved: Resolved, *, resume: bool = False, trust_remote_code: bool =
     memplan.train.preflight found; without it the same checks run here first."""
     if checked is None:  # everything that can be wrong with the input fails here, before torch is imported
         checked = preflight.require(resolved, resume, trust_remote_code)
+    host = PhasePeaks("load")  # the process's resident set per phase, from its start (imports included)
     t = setup(resolved, checked, resume, trust_remote_code, echo)
+    t.host = host
+    host.enter("train")
     evaluate_before(t, resume)
     stopped_early = train_steps(t, progress)
     summary = save(t, stopped_early)
@@ -155,6 +159,7 @@ class Trainer:
     say: Callable[[str], None]
     state: TrainerState
     start_step: int  # where this process started: 0, or the resumed checkpoint's step
+    host: PhasePeaks | None = None  # the peak resident set per phase (load, train, save)
 
     @property
     def accelerator(self):
@@ -232,10 +237,13 @@ def train_steps(t: Trainer, progress: bool) -> bool:
 def save(t: Trainer, stopped_early: bool) -> dict:
     """The best weights back (when the validation loss chooses them), the final model or adapter,
     retention, the plot and summary.json; returns the summary."""
+    _enter(t, "save")
     final_step = _restore_best(t)
     written = ckpt.save_final(t.parts, t.out, t.tokenizer, t.plan, t.checked.model_dir)
     retention_after = _mean_loss(t, t.data.retention) if t.data.retention else None
     summary = _summary(t, written, final_step, stopped_early, retention_after)
+    if summary["host_memory"]:
+        t.say(report.host_memory_line(summary["host_memory"]))
     if t.accelerator.is_main_process:
         if t.log:
             mx.plot(t.log.records, t.out / "training.png")
@@ -484,8 +492,16 @@ def save_checkpoint_if_due(t: Trainer, improved: bool, stopping: bool) -> None:
         return
     if t.log:
         t.log.sync()  # the metrics up to the checkpoint reach the disk before the checkpoint does
+    _enter(t, "save")
     ckpt.save_checkpoint(t.parts, t.out / outputs.CHECKPOINTS, t.state, h.save_total_limit,
                          t.state.best_step if t.selects else None, inputs=t.checked.inputs)
+    _enter(t, "train")
+
+
+def _enter(t: Trainer, phase: str) -> None:
+    """The host RAM meter's next phase (saving happens inside training, at each checkpoint)."""
+    if t.host is not None:
+        t.host.enter(phase)
 
 
 def validate(t: Trainer) -> dict | None:
@@ -563,6 +579,7 @@ def _summary(t: Trainer, written: dict, final_step: int, stopped_early: bool,
         "train_seconds": round(state.train_seconds, 3),
         "tokens_per_s_median": mx.median([r["tokens_per_s"] for r in train]),
         "memory": memory_report(t.plan, t.checked.model_dir, t.meter),
+        "host_memory": host_report(t),
         "files": dict(written, metrics=str(out / "metrics.jsonl"), summary=str(out / "summary.json"),
                       checkpoints=str(out / "checkpoints")),
     }
@@ -587,3 +604,29 @@ def memory_report(plan, base_dir: Path, meter) -> dict | None:
     if meter.reserved_bytes is not None:
         out["reserved_bytes"] = meter.reserved_bytes
     return out
+
+
+def host_report(t: Trainer) -> dict | None:
+    """Each process's measured peak resident set per phase (every process takes part) next to the host estimate
+    per process (memplan.estimator.host) for the run as it ran: its sequences at most as long as its longest
+    example, its training examples. None when nothing was measured."""
+    if t.host is None:
+        return None
+    peaks = t.host.stop()
+    every = [peaks]
+    if t.accelerator.num_processes > 1:
+        every = [None] * t.accelerator.num_processes
+        torch.distributed.all_gather_object(every, peaks)
+    plan = t.plan
+    longest = max(len(e.input_ids) for e in t.data.train)
+    ran = plan.model_copy(update={"seq_len": min(plan.seq_len, longest),
+                                  "data": plan.data.model_copy(update={"samples": len(t.data.train)})})
+    host = estimate(resolve_model(str(t.checked.model_dir)), ran).host
+    estimated = {p: {"rank0_bytes": ph.rank0_bytes, "other_process_bytes": ph.other_bytes, "node_bytes": ph.node}
+                 for p, ph in host.phases.items()}
+    phase = max(peaks, key=peaks.get)
+    return {"what": "peak resident set (VmHWM) of each process, per phase",
+            "phases_separate": t.host.resets, "measured": [{"rank": r, **p} for r, p in enumerate(every)],
+            "plan_as_run": {"seq_len": ran.seq_len, "samples": ran.data.samples},
+            "estimate": estimated, "phase": phase,
+            **compare_peak(max(peaks.values()), max(ph.rank0_bytes for ph in host.phases.values()))}

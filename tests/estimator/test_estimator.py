@@ -87,7 +87,9 @@ def test_offload_moves_states_to_host():
     on = estimate(resolve_model("llama-2-7b"), Plan(sharding="deepspeed", zero=3, precision="bf16-master",
                                                     offload="optimizer", gpus=4))
     off = estimate(resolve_model("llama-2-7b"), Plan(sharding="deepspeed", zero=3, precision="bf16-master", gpus=4))
-    assert on.total < off.total and on.host_bytes > 0 == off.host_bytes
+    assert on.total < off.total and on.host_offload_bytes > 0 == off.host_offload_bytes
+    assert on.host.phases["train"].terms["offloaded"] == on.host_offload_bytes
+    assert on.host_bytes > off.host_bytes
     assert on.breakdown["optimizer_states"] == 0
 
 
