@@ -149,7 +149,9 @@ class CachingAllocator:
 
     def release_cache(self) -> None:
         """`release_cached_blocks` (also `torch.cuda.empty_cache()`): cached blocks that are whole segments go
-        back to CUDA; expandable pools unmap the free pages at their end."""
+        back to CUDA; expandable pools unmap the free pages at their end (torch also unmaps whole free pages
+        between allocated blocks, leaving holes it refills first: not modelled, so a full device with
+        expandable segments may be judged out of memory slightly early)."""
         for pool in self.pools.values():
             for key in list(pool.free):
                 b = pool.by_key[key]

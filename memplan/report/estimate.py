@@ -64,8 +64,11 @@ def breakdown_table(e: Estimate) -> str:
             f"peak allocated {gib(e.peak_allocated)} GiB in the {e.peak_phase} phase "
             "(predicts torch.cuda.max_memory_allocated)",
             f"reserved {gib(e.reserved)} GiB (allocator: the measured median reserve, "
-            f"+{100 * overhead.ALLOCATOR_FRAGMENTATION:.1f} %; `memplan profile --backend trace` replays the step "
-            f"through the allocator model), total {gib(e.total)} GiB with the CUDA context"
+            f"+{100 * overhead.ALLOCATOR_FRAGMENTATION:.1f} %"
+            + (", measured with the default allocator, not expandable segments" if e.plan.allocator != "default"
+               else "")
+            + f"; `memplan profile --backend trace` replays the step through the allocator model), "
+            f"total {gib(e.total)} GiB with the CUDA context"
             + (" and NCCL" if e.plan.world_size > 1 else ""),
         ]
     extra.append(host_line(e))
