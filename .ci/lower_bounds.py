@@ -1,4 +1,4 @@
-"""Pins every dependency of memplan (and its test extra) to its declared floor, as pip constraints.
+"""Pins every dependency of memplan (and of its extras) to its declared floor, as pip constraints.
 
 `.ci/run` installs with these constraints in a second, fresh environment and runs the same tests, so the
 floors in pyproject.toml are versions that something tests, not guesses. Usage:
@@ -17,7 +17,9 @@ FLOOR = re.compile(r"^\s*([A-Za-z0-9_.\-\[\]]+)\s*>=\s*([0-9][^,;\s]*)")
 
 def floors(pyproject: Path) -> dict[str, str]:
     project = tomllib.loads(pyproject.read_text())["project"]
-    requirements = list(project["dependencies"]) + list(project["optional-dependencies"]["test"])
+    requirements = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        requirements += [r for r in extra if not r.startswith("memplan[")]  # an extra naming another: its own
     out = {}
     for req in requirements:
         match = FLOOR.match(req)

@@ -45,6 +45,10 @@ def spec_from_config(cfg: Cfg, source: Path | None = None) -> ModelSpec:
             return _spec(entry, cfg, key)
         except (KeyError, TypeError, ValueError):
             pass  # an entry written by another memplan: read the model again
+    from memplan.extras import require
+
+    require("torch", f"{cfg.name}: model_type '{cfg.model_type}' has no family module in memplan, so reading it "
+                     "(once, then cached) builds the model with transformers, which")
     t0 = time.perf_counter()
     entry = _describe(cfg, source)
     entry["build_seconds"] = round(time.perf_counter() - t0, 3)

@@ -52,8 +52,10 @@ def profile(model, config_path, steps, backend, weights, find_max_batch, gpu, gp
       1  out of memory: the plan does not fit ("does not fit: out of memory in <phase>")
       2  bad input, or the plan cannot run here (no CUDA for --backend cuda, a missing package)
     """
+    from memplan.extras import require
     from memplan.runtime.hf import offline_and_quiet
 
+    require("torch", "memplan profile")
     offline_and_quiet()  # first: no network for this process and those it starts, whatever they import
     import json
     import sys

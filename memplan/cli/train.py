@@ -48,8 +48,10 @@ def train(**options) -> None:
       2    bad input or it cannot run here (plan, data, model files; no CUDA / DeepSpeed)
       130  interrupted (Ctrl-C); continue with --resume
     """
+    from memplan.extras import require
     from memplan.runtime.hf import offline_and_quiet
 
+    require("torch", "memplan train")
     offline_and_quiet()  # first: no network for this process and those it launches, whatever they import
     import json
 

@@ -193,7 +193,10 @@ def label(spec: ModelSpec) -> str | None:
 def calibrate(spec: ModelSpec, plan: Plan, key: str) -> dict:
     """Trace `plan`'s class at the grid and the held-out point, check the fit, and cache it."""
     from memplan.catalog.traced import representatives
+    from memplan.extras import require
 
+    require("torch", f"{spec.name}: the activations of a model without a family module are calibrated (once per "
+                     "plan class, then cached) by tracing it, which")
     t0 = time.perf_counter()
     entry = cache.load(spec.traits.calibrated)
     keep = representatives(spec.config, entry["layer_kinds"])

@@ -587,6 +587,10 @@ def _alternatives(rec: Recommendation) -> list[Alternative]:
 def gather(req: RecommendRequest) -> Recommendation:
     """What `memplan recommend` does: the recommendation, then its files (--output) and chart (--plot).
     Raises NoPlanFits (nothing written) when no plan fits."""
+    if req.plot:
+        from memplan.extras import require
+
+        require("plot", "--plot")  # before the search, not after it
     rec = recommend(req)
     if req.out_dir:
         from memplan.recommend import writers

@@ -140,13 +140,17 @@ def measure_data(path: str, model_ref: str, spec_name: str, show_progress: bool 
     sample = records
     if len(records) > MAX_TOKENIZED:
         sample = random.Random(0).sample(records, MAX_TOKENIZED)
+    from memplan.extras import installed
+
     folder = find_tokenizer_dir(model_ref, spec_name)
-    if folder is not None:
+    if folder is not None and installed("transformers"):
         count = _tokenizer_counter(folder)
         source = f"tokenizer {folder}"
     else:
         count = lambda batch: [_approximate(r) for r in batch]  # noqa: E731
-        source = f"approximation: {CHARS_PER_TOKEN:g} characters per token (no tokenizer files with the model)"
+        why = ("no tokenizer files with the model" if folder is None else
+               f"transformers is not installed to read the tokenizer in {folder}: pip install 'memplan[torch]'")
+        source = f"approximation: {CHARS_PER_TOKEN:g} characters per token ({why})"
     lengths: list[int] = []
     chunks = range(0, len(sample), 2048)
     if show_progress and len(sample) > 20_000:
