@@ -25,6 +25,7 @@ from memplan.errors import UserError
 from memplan.plan import Plan, build_plan, merge, plan_fields, read_plan_yaml
 
 if TYPE_CHECKING:
+    from memplan.catalog.spec import ModelSpec
     from memplan.recommend.core import Recommendation
 
 __all__ = ["PlanEstimate", "PlanTable", "estimate", "compare", "recommend", "resolve_plan", "UserError"]  # + NoPlanFits
@@ -138,18 +139,26 @@ def estimate(model: str | None = None, plan: Plan | dict | str | Path | None = N
     lora={"rank": 8}), over the plan. gpu / gpu_memory / host_memory / headroom as the flags (sizes as text,
     "24GiB", or bytes); max_batch / max_seq also search the largest micro-batch / sequence that fits.
     """
-    from memplan import fit
     from memplan.catalog import traced
-    from memplan.plan import check_lora_targets
-    from memplan.report import estimate as report
 
     traced.trust_remote_code(trust_remote_code)
     p = resolve_plan(model, plan, **fields)
-    spec = _resolve(p.model)
-    check_lora_targets(spec, p)
-    verdict = fit.plan_verdict(spec, p, gpu, _size(gpu_memory), _size(host_memory), headroom)
-    limits = fit.limits(spec, p, verdict.target, max_batch, max_seq)
-    return PlanEstimate._from_json(report.one_plan_json(spec, verdict, limits), p)
+    return estimate_spec(_resolve(p.model), p, gpu=gpu, gpu_memory=gpu_memory, host_memory=host_memory,
+                         headroom=headroom, max_batch=max_batch, max_seq=max_seq)
+
+
+def estimate_spec(spec: ModelSpec, plan: Plan, *, gpu: str | None = None, gpu_memory: str | int | None = None,
+                  host_memory: str | int | None = None, headroom: float | None = None, max_batch: bool = False,
+                  max_seq: bool = False) -> PlanEstimate:
+    """`estimate` for a model already read (a ModelSpec, e.g. from a live model's config: memplan.integrations)."""
+    from memplan import fit
+    from memplan.plan import check_lora_targets
+    from memplan.report import estimate as report
+
+    check_lora_targets(spec, plan)
+    verdict = fit.plan_verdict(spec, plan, gpu, _size(gpu_memory), _size(host_memory), headroom)
+    limits = fit.limits(spec, plan, verdict.target, max_batch, max_seq)
+    return PlanEstimate._from_json(report.one_plan_json(spec, verdict, limits), plan)
 
 
 def compare(model: str, *, gpus: int | None = None, nodes: int | None = None, gpu: str | None = None,
