@@ -98,21 +98,19 @@ def create_app():
 
     def page(pairs: Iterable[tuple[str, str]]):
         pairs = list(pairs)
-        values: dict[str, str] = {k: v for k, v in pairs if k in form.fields()}
-        errors: dict[str, str] = {}
-        v = answer = None
         try:
-            values = _values(pairs)
-        except form.InputErrors as err:
-            errors = err.by_field()
+            values, errors = _values(pairs), {}
+        except form.InputErrors as err:  # the form again, with what can be shown of what was sent
+            values, errors = {k: v for k, v in pairs if k in form.fields()}, err.by_field()
+            return render.page(values, errors), 400
+        v = answer = None
         with lock:
-            if not errors:
-                try:
-                    v = view.view(values)
-                except form.InputErrors as err:
-                    errors = err.by_field()
             try:
-                answer = None if errors.keys() - form.fields().keys() - {""} else view.recommend(values)
+                v = view.view(values)
+            except form.InputErrors as err:
+                errors = err.by_field()
+            try:
+                answer = view.recommend(values)
             except form.InputErrors as err:
                 errors = {**err.by_field(), **errors}
         return render.page(values, errors, v, answer), 400 if errors else 200
@@ -128,7 +126,7 @@ def create_app():
     def api_recommend():
         values = _api_values(request)
         with lock:
-            answer = view.recommend(values, always=True)
+            answer = view.recommend(values, always=True, files=False)
         return jsonify(answer.json)
 
     @app.post("/api/upload")

@@ -248,13 +248,16 @@ class Answer:
     command: str
 
 
-def recommend(values: Mapping[str, str], always: bool = False) -> Answer | None:
+def recommend(values: Mapping[str, str], always: bool = False, files: bool = True) -> Answer | None:
     """recommend's answer for the page's values, or None when no recommend field is given (`always`: ask all
-    the same, and get recommend's message for what it lacks)."""
+    the same, and get recommend's message for what it lacks). With `files`, as `memplan recommend ... -o
+    memplan-plan` answers (the plan's output_dir set, its files rendered, none written); without, as
+    `memplan recommend --json` does."""
     import dataclasses
 
     from memplan.cli.options import passed_overrides
-    from memplan.recommend.core import NoPlanFits, RecommendRequest, gather
+    from memplan.recommend.core import NoPlanFits, RecommendRequest
+    from memplan.recommend.core import recommend as answer
     from memplan.report import recommend as report
 
     if not always and not any(key in values for key in recommend_keys()):
@@ -262,15 +265,17 @@ def recommend(values: Mapping[str, str], always: bool = False) -> Answer | None:
     kwargs = form.parse(values, "recommend")
     hparams = {path.removeprefix("hparams."): v for path, v in passed_overrides(kwargs).items()}
     names = {f.name for f in dataclasses.fields(RecommendRequest)}
-    options = {k: v for k, v in kwargs.items() if k in names}
+    options = {k: v for k, v in kwargs.items() if k in names and k != "out_dir"}
     fits = True
     with blamed(values):
         try:
-            rec = gather(RecommendRequest(**options, **hparams, show_progress=False))
+            rec = answer(RecommendRequest(**options, **hparams, out_dir=FILES_DIR if files else None,
+                                          show_progress=False))
         except NoPlanFits as err:
             rec, fits = err.rec, False
     out = rec.to_json() if fits else report.no_fit_json(rec)
-    return Answer(rec, out, fits, recommended_files(rec) if fits else {}, command_line("recommend", values))
+    line = command_line("recommend", values) + (f" -o {FILES_DIR}" if files else "")
+    return Answer(rec, out, fits, recommended_files(rec) if fits and files else {}, line)
 
 
 def recommended_files(rec: Recommendation) -> dict[str, str]:
