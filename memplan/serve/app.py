@@ -79,91 +79,115 @@ def store_upload(text: str) -> Path:
     return path
 
 
+#: One request computes at a time (the estimate is arithmetic: tens of milliseconds; a recommendation about a
+#: second), so memplan's module-level caches are never shared between threads.
+_LOCK = threading.Lock()
+
+
+def _index():
+    from flask import redirect, request
+
+    if not request.args:
+        return redirect("/" + render.query(view.LANDING))
+    pairs = list(request.args.items(multi=True))
+    try:
+        values, errors = _values(pairs), {}
+    except form.InputErrors as err:  # the form again, with what can be shown of what was sent
+        values, errors = {k: v for k, v in pairs if k in form.fields()}, err.by_field()
+        return render.page(values, errors), 400
+    v = answer = None
+    with _LOCK:
+        try:
+            v = view.view(values)
+        except form.InputErrors as err:
+            errors = err.by_field()
+        try:
+            answer = view.recommend(values)
+        except form.InputErrors as err:
+            errors = {**err.by_field(), **errors}
+    return render.page(values, errors, v, answer), 400 if errors else 200
+
+
+def _api_estimate():
+    from flask import jsonify, request
+
+    values = _api_values(request)
+    with _LOCK:
+        out, _ = view.estimate_json(values)
+    return jsonify(out)
+
+
+def _api_recommend():
+    from flask import jsonify, request
+
+    values = _api_values(request)
+    with _LOCK:
+        answer = view.recommend(values, always=True, files=False)
+    return jsonify(answer.json)
+
+
+def _api_upload():
+    from flask import jsonify, request
+
+    try:
+        text = request.get_data(cache=False).decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"config.json is not UTF-8 text (byte {err.start})") from None
+    with _LOCK:
+        return jsonify({"model": str(store_upload(text))})
+
+
+def _download():
+    from flask import Response, request
+
+    values = _values(request.args.items(multi=True))
+    with _LOCK:
+        answer = view.recommend(values, always=True)
+    if not answer.fits:
+        raise UserError("no plan fits, so there are no files to download: "
+                        + "; ".join(answer.rec.suggestions or ["see the page for what would fit instead"]))
+    return Response(view.zip_files(answer.files), mimetype="application/zip",
+                    headers={"Content-Disposition": f"attachment; filename={view.FILES_DIR}.zip"})
+
+
+def _bad_input(err: UserError):
+    from flask import jsonify
+
+    return jsonify(_problem(err)), 400
+
+
+def _http_error(err):
+    from flask import jsonify
+
+    return jsonify({"error": f"{err.code} {err.name}: {err.description}", "errors": []}), err.code
+
+
+def _internal(err: Exception):
+    """A bug, never bad input: said in one line (the traceback on stderr), and the server goes on."""
+    import traceback
+
+    from flask import jsonify
+
+    traceback.print_exception(err, file=sys.stderr)
+    return jsonify({"error": f"internal error: {type(err).__name__}: {err}", "errors": []}), 500
+
+
 def create_app():
-    """The Flask app. One request computes at a time (the estimate is arithmetic: tens of milliseconds; a
-    recommendation about a second), so memplan's module-level caches are never shared between threads."""
-    from flask import Flask, Response, jsonify, redirect, request
+    """The Flask app: the routes of the module docstring."""
+    from flask import Flask
     from werkzeug.exceptions import HTTPException
 
     app = Flask("memplan.serve", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.json.sort_keys = False  # the objects in the order --json prints them
-    lock = threading.Lock()
-
-    @app.get("/")
-    def index():
-        if not request.args:
-            return redirect("/" + render.query(view.LANDING))
-        return page(request.args.items(multi=True))
-
-    def page(pairs: Iterable[tuple[str, str]]):
-        pairs = list(pairs)
-        try:
-            values, errors = _values(pairs), {}
-        except form.InputErrors as err:  # the form again, with what can be shown of what was sent
-            values, errors = {k: v for k, v in pairs if k in form.fields()}, err.by_field()
-            return render.page(values, errors), 400
-        v = answer = None
-        with lock:
-            try:
-                v = view.view(values)
-            except form.InputErrors as err:
-                errors = err.by_field()
-            try:
-                answer = view.recommend(values)
-            except form.InputErrors as err:
-                errors = {**err.by_field(), **errors}
-        return render.page(values, errors, v, answer), 400 if errors else 200
-
-    @app.route("/api/estimate", methods=["GET", "POST"])
-    def api_estimate():
-        values = _api_values(request)
-        with lock:
-            out, _ = view.estimate_json(values)
-        return jsonify(out)
-
-    @app.route("/api/recommend", methods=["GET", "POST"])
-    def api_recommend():
-        values = _api_values(request)
-        with lock:
-            answer = view.recommend(values, always=True, files=False)
-        return jsonify(answer.json)
-
-    @app.post("/api/upload")
-    def api_upload():
-        try:
-            text = request.get_data(cache=False).decode("utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise UserError(f"config.json is not UTF-8 text (byte {err.start})") from None
-        with lock:
-            return jsonify({"model": str(store_upload(text))})
-
-    @app.get("/download/recommended.zip")
-    def download():
-        values = _values(request.args.items(multi=True))
-        with lock:
-            answer = view.recommend(values, always=True)
-        if not answer.fits:
-            raise UserError("no plan fits, so there are no files to download: "
-                            + "; ".join(answer.rec.suggestions or ["see the page for what would fit instead"]))
-        return Response(view.zip_files(answer.files), mimetype="application/zip",
-                        headers={"Content-Disposition": f"attachment; filename={view.FILES_DIR}.zip"})
-
-    @app.errorhandler(UserError)
-    def bad_input(err: UserError):
-        return jsonify(_problem(err)), 400
-
-    @app.errorhandler(HTTPException)
-    def http_error(err: HTTPException):
-        return jsonify({"error": f"{err.code} {err.name}: {err.description}", "errors": []}), err.code
-
-    @app.errorhandler(Exception)
-    def internal(err: Exception):  # a bug, never bad input: said in one line, the server goes on
-        import traceback
-
-        traceback.print_exception(err, file=sys.stderr)
-        return jsonify({"error": f"internal error: {type(err).__name__}: {err}", "errors": []}), 500
-
+    app.add_url_rule("/", view_func=_index)
+    app.add_url_rule("/api/estimate", view_func=_api_estimate, methods=["GET", "POST"])
+    app.add_url_rule("/api/recommend", view_func=_api_recommend, methods=["GET", "POST"])
+    app.add_url_rule("/api/upload", view_func=_api_upload, methods=["POST"])
+    app.add_url_rule("/download/recommended.zip", view_func=_download)
+    app.register_error_handler(UserError, _bad_input)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _internal)
     return app
 
 
