@@ -9,10 +9,10 @@ from memplan.cli.options import Int
 
 @click.command("serve")
 @click.option("--port", type=Int(minimum=0), default=7860, show_default=False,
-              help="TCP port to listen on (default: 7860; 0: a free one, printed).")
+              help="TCP port to listen on, 0 for a free one (printed) [port] (default: 7860).")
 @click.option("--host", default="127.0.0.1",
-              help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface: "
-                   "the page has no login, and it reads the model paths it is given).")
+              help="address to listen on: 127.0.0.1 is this machine only, 0.0.0.0 every interface (the page has "
+                   "no login, and it reads the model paths it is given) (default: 127.0.0.1).")
 def serve(port: int, host: str) -> None:
     """Run the planner as a local web page: the comparison table, one plan's memory by phase with its chart,
     the largest micro-batch and sequence that fit, and recommend's answer with its files. The page's address
