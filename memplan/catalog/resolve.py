@@ -16,11 +16,21 @@ from memplan.files import read_text
 
 def _local_config(path: Path) -> Path | None:
     """The config.json a local path names: the file itself, or a model directory's config.json."""
-    if path.is_file():
-        return path
-    if (path / "config.json").is_file():
-        return path / "config.json"
+    try:
+        if path.is_file():
+            return path
+        if (path / "config.json").is_file():
+            return path / "config.json"
+    except OSError:  # a name the file system cannot hold (longer than 255 bytes): no such file, nor a directory
+        return None
     return None
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # as in _local_config
+        return False
 
 
 def hf_cache_dirs() -> list[Path]:
@@ -191,7 +201,7 @@ def config_file(ref: str) -> tuple[Path, str]:
     preset = preset_id(ref)
     if preset is not None:
         return preset_config(preset), preset
-    if path.is_dir():
+    if _is_dir(path):
         raise UserError(f"{path} is a directory without a config.json")
     hub = _hub_ref(ref)
     if hub is None:

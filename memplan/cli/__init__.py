@@ -77,6 +77,7 @@ COMMANDS: dict[str, str] = {
     "models": "memplan.cli.listing:models",
     "profile": "memplan.cli.profile:profile",
     "recommend": "memplan.cli.recommend:recommend",
+    "serve": "memplan.cli.serve:serve",
     "train": "memplan.cli.train:train",
 }
 

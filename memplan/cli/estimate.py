@@ -34,7 +34,9 @@ from memplan.cli.options import FLOAT, PLAN_FLAGS, model_option, plan_options, r
 @click.option("--max-batch", is_flag=True, help="also report the largest micro-batch that fits.")
 @click.option("--max-seq", is_flag=True, help="also report the longest sequence (tokens) that fits.")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables.")
-def estimate(**kwargs) -> None:
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+              help="also write the view of `memplan serve` (table, chart, limits) as one self-contained HTML file.")
+def estimate(html_path: str | None, **kwargs) -> None:
     """Estimate per-GPU memory of a fine-tuning step, analytically (no GPU, no torch, no network).
 
     With no plan flags: a table of full FT / LoRA / QLoRA across DDP, ZeRO-1/2/3 and offload at the
@@ -55,6 +57,10 @@ def estimate(**kwargs) -> None:
     skip_final_collection()
     with gc_paused():  # bounded arithmetic and printing: see gc_paused
         code = _body(**kwargs)
+        if html_path:
+            from memplan.serve.render import write_html
+
+            write_html(html_path, kwargs["model"], kwargs["config_path"], kwargs)
     if code:
         sys.exit(code)
 

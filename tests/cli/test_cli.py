@@ -275,7 +275,7 @@ def test_missing_argument_and_unknown_command(run_cli):
                                  "PLAN.yaml)\n")
     code, _, err = run_cli("estimat")
     assert code == 2 and err == ("memplan: error: no such command 'estimat'; did you mean 'estimate'? (commands: "
-                                 "estimate, gpus, models, profile, recommend, train)\n")
+                                 "estimate, gpus, models, profile, recommend, serve, train)\n")
     code, _, err = run_cli("recommend", "--gpus", "2")
     assert code == 2 and err == "memplan: error: recommend: missing option --model / -m (see `memplan recommend --help`)\n"
     code, _, err = run_cli("--bogus")
