@@ -37,3 +37,26 @@ def read_config(path: str | Path) -> ConfigSource:
 
     module = import_module(f"memplan.trainers.{fmt.replace('-', '')}")
     return module.read(data, path)
+
+
+def recommend_inputs(source: ConfigSource, gpus: int | None) -> dict:
+    """What `memplan recommend --config` starts from: the config's model, training file, sequence length,
+    effective batch (micro-batch x accumulation x GPUs), epochs, learning rate and warmup ratio, its GPUs
+    and nodes when the file states them, and its method when the file names one (the decision tree then
+    does not choose it). Only values the file gives or the trainer's defaults fill: recommend's own defaults
+    stay where the file says nothing. `gpus`: --gpus, which the effective batch counts."""
+    plan = source.plan
+    stated = set(source.taken) | (set(source.assumed) - {"gpus", "nodes", "method", "sharding"})
+    hparams, data = plan.get("hparams") or {}, plan.get("data") or {}
+    out = {"model": plan.get("model"), "data": data.get("train"), "seq_len": plan.get("seq_len"),
+           "epochs": hparams.get("epochs"), "lr": hparams.get("lr"), "warmup_ratio": hparams.get("warmup_ratio")}
+    if source.format == "memplan" or "method" in source.taken:
+        out["method"] = plan.get("method")
+    for key in ("gpus", "nodes"):
+        if key in source.taken or (source.format == "memplan" and key in plan):
+            out[key] = plan[key]
+    if "micro_batch" in stated or source.format == "memplan":
+        world = (gpus or out.get("gpus") or 1) * (out.get("nodes") or 1)
+        if plan.get("micro_batch"):
+            out["effective_batch"] = plan["micro_batch"] * plan.get("grad_accum", 1) * world
+    return {k: v for k, v in out.items() if v is not None}

@@ -145,3 +145,40 @@ class Reading:
         return ConfigSource(self.format, self.path, self.plan, dict(self.taken), dict(self.assumed),
                             sorted(set(self.ignored)), self.not_modelled, unknown, self.files,
                             dict(self.counted))
+
+
+def _wrapped(label: str, items: list[str], width: int = 110) -> list[str]:
+    import textwrap
+
+    if not items:
+        return []
+    glued = "; ".join(item.replace(" <- ", "\u00a0<-\u00a0") for item in items)  # keep "a <- b" on one line
+    return [line.replace("\u00a0", " ") for line in textwrap.wrap(
+        glued, width, initial_indent=f"  {label:<9} ", subsequent_indent=" " * 12, break_on_hyphens=False)]
+
+
+def source_lines(source: ConfigSource) -> list[str]:
+    """The provenance `memplan estimate --config` prints before the estimate: what was taken from the file,
+    what was assumed and why, what changes memory but is not modelled, and how many keys were ignored."""
+    plan = _flat(source.plan)
+    lines = [f"Read {source.path} as a {source.label} config:"]
+    lines += _wrapped("from file", [f"{p}={shown_value(plan.get(p))} <- {k}" for p, k in source.taken.items()])
+    lines += _wrapped("assumed", [f"{p}={why}" for p, why in source.assumed.items()])
+    if source.not_modelled:
+        lines.append("  not modelled (changes memory, not in this estimate):")
+        lines += [f"    {n['key']}: {n['value']}: {n['why']}" for n in source.not_modelled]
+    lines += _wrapped("unknown", [f"{k} (not read: check whether it changes memory)" for k in source.unknown])
+    if source.ignored or source.counted:
+        lines.append(f"  ignored: {len(source.ignored)} keys that do not change memory; counted as memplan "
+                     f"does: {len(source.counted)} (--json lists both)")
+    return lines
+
+
+def _flat(plan: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in plan.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
