@@ -122,7 +122,7 @@ def _recipe(r: Reading) -> None:
     r.take("sharding", "fsdp", f"{where}: FSDP2 fully_shard")
     reshard = r.data.get("fsdp_reshard_after_forward", True)
     r.take("zero", 3 if reshard else 2, "fsdp_reshard_after_forward" if "fsdp_reshard_after_forward" in r.data
-           else f"{where}: resharding after the forward ({RECIPES})")
+           else f"{where}: resharding after the forward (the recipes' default)")
     offload = bool(r.data.get("fsdp_cpu_offload", False))
     r.take("offload", "optimizer+params" if offload else "none", "fsdp_cpu_offload")
     if run and run.group(1):
