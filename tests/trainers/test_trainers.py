@@ -583,3 +583,25 @@ def test_every_example_names_its_source_and_licence():
         for name in (n for n in EXPECTED if n.startswith(trainer + "/")):
             assert Path(name).name in text, name
     assert REPO.joinpath("tests/trainers/configs").is_dir()
+
+
+@pytest.mark.parametrize("text, fields", [
+    # transformers' older fsdp option string, and fsdp_config's FSDP2 reshard_after_forward
+    ("model_name_or_path: m\nfsdp: full_shard offload auto_wrap\n",
+     {"sharding": "fsdp", "zero": 3, "offload": "optimizer+params"}),
+    ("model_name_or_path: m\nfsdp: true\nfsdp_config: {reshard_after_forward: false, activation_checkpointing: true}\n"
+     "gradient_checkpointing: false\n", {"sharding": "fsdp", "zero": 2, "offload": "none", "grad_ckpt": True}),
+    # axolotl: batch_size without gradient_accumulation_steps is per GPU: accumulation = batch_size // micro
+    ("base_model: m\nmicro_batch_size: 4\nbatch_size: 32\nlearning_rate: 1e-5\n",
+     {"micro_batch": 4, "grad_accum": 8, "seq_len": 512, "precision": "fp32", "method": "full"}),
+    # LLaMA-Factory: full fine-tuning upcasts to fp32 under bf16 autocast; pure_bf16 does not
+    ("model_name_or_path: m\nstage: sft\nfinetuning_type: full\nbf16: true\n", {"precision": "amp-bf16"}),
+    ("model_name_or_path: m\nstage: sft\nfinetuning_type: full\npure_bf16: true\n", {"precision": "bf16"}),
+    ("model_name_or_path: m\nstage: sft\nfinetuning_type: lora\nquantization_bit: 4\nlora_target: q_proj,v_proj\n",
+     {"method": "qlora", "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}}),
+])
+def test_settings_beyond_the_examples(tmp_path, text, fields):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    plan = read_config(path).plan
+    assert {k: plan.get(k) for k in fields} == fields
