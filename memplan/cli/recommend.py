@@ -149,7 +149,9 @@ def _config_inputs(options: dict, hparams: dict):
             target = hparams if key in ("epochs", "lr", "warmup_ratio") else options
             if target.get(key) is None or (key == "nodes" and target.get(key) == 1):
                 target[key] = value
+    if not options.get("model") and not path:
+        raise UserError("recommend: missing option --model / -m (see `memplan recommend --help`)")
     if not options.get("model"):
-        raise UserError("no model: give --model (a preset such as llama-2-7b; `memplan models` lists them), or a "
-                        "--config that names one")
+        raise UserError(f"{path} names no model: give --model (a preset such as llama-2-7b; `memplan models` "
+                        "lists them)")
     return source

@@ -552,7 +552,7 @@ def test_estimate_json_of_each_trainer(tmp_path, run_cli, name, preset):
     assert r["results"][0]["plan"]["gpus"] == 4 and r["results"][0]["plan"]["method"] == EXPECTED[name][1]["method"]
 
 
-def test_recommend_starts_from_the_config(run_cli):
+def test_recommend_starts_from_the_config(run_cli, tmp_path):
     path = CONFIGS / "trl/alignment-handbook/recipes/zephyr-7b-beta/sft/config_qlora.yaml"
     source = read_config(path)
     assert recommend_inputs(source, None) == {
@@ -567,7 +567,11 @@ def test_recommend_starts_from_the_config(run_cli):
     assert r["plan"]["hparams"]["lr"] == 1e-4  # the flag beats the file
     assert r["plan"]["seq_len"] == 2048 and r["config_source"]["format"] == "trl"
     code, _, err = run_cli("recommend", "--gpu", "a100-80gb", "--dataset-size", "10")
-    assert code == 2 and "no model: give --model" in err
+    assert code == 2 and err == "memplan: error: recommend: missing option --model / -m (see `memplan recommend --help`)\n"
+    bare = tmp_path / "sft.yaml"
+    bare.write_text("per_device_train_batch_size: 2\n")
+    code, _, err = run_cli("recommend", "--config", str(bare), "--dataset-size", "10")
+    assert code == 2 and f"{bare} names no model: give --model" in err
 
 
 def test_reading_configs_imports_neither_torch_nor_transformers(tmp_path):
