@@ -114,6 +114,9 @@ def read(data: dict[str, Any], path: str) -> ConfigSource:
         weights = "bfloat16"
         r.unmodelled("dtype", "auto", "the checkpoint's own dtype: counted as bfloat16, what most Hub "
                                       "checkpoints store")
+    if r.plan.get("method") == "qlora" and weights == "float32":
+        r.unmodelled("dtype", "float32", "with load_in_4bit, the modules left unquantized (embeddings, lm_head, "
+                                         "norms) load in float32; memplan counts them in 16 bits")
     hf.parallel(r, args, weights, weights_key)
     lora.local_data(r, r.get("dataset_name"), "dataset_name")
     hf.unmodelled(r, UNMODELLED)
