@@ -20,7 +20,7 @@ def read_config(path: str | Path) -> ConfigSource:
     from memplan.trainers.detect import detect
 
     path = str(path)
-    data = read_yaml(path, "config file")  # JSON is YAML too
+    data = read_yaml(path, "plan file")  # JSON is YAML too; errors name it as they did before trainer configs
     if data is None:
         data = {}
     if not isinstance(data, dict):
