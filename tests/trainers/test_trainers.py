@@ -613,3 +613,17 @@ def test_settings_beyond_the_examples(tmp_path, text, fields):
     path.write_text(text)
     plan = read_config(path).plan
     assert {k: plan.get(k) for k in fields} == fields
+
+
+def test_llamafactory_with_its_zero2_offload_config(tmp_path):
+    text = (CONFIGS / "llamafactory/examples/train_full/qwen3_full_sft.yaml").read_text()
+    ds = CONFIGS / "llamafactory/examples/deepspeed/ds_z2_offload_config.json"
+    path = tmp_path / "full_z2.yaml"
+    path.write_text(text.replace("deepspeed: examples/deepspeed/ds_z3_config.json", f"deepspeed: {ds}"))
+    source = read_config(path)
+    assert {k: source.plan[k] for k in ("sharding", "zero", "offload", "precision")} == {
+        "sharding": "deepspeed", "zero": 2, "offload": "optimizer", "precision": "bf16-master"}
+    where = "deepspeed (ds_z2_offload_config.json): zero_optimization."
+    assert [n["key"] for n in source.not_modelled] == [
+        "use_reentrant_gc", where + "allgather_bucket_size", where + "reduce_bucket_size"]  # 5e8, not HF's auto
+    build_plan(merge(source.plan, {}), source=str(path))
