@@ -17,7 +17,9 @@ from memplan.cli.options import FLOAT, PLAN_FLAGS, model_option, plan_options, r
 @model_option()
 @remote_code_option()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="a plan YAML (the Plan's fields; `recommend -o` writes one). Flags override it.")
+              help="a plan YAML (the Plan's fields; `recommend -o` writes one), or a TRL / transformers "
+                   "TrainingArguments, axolotl, LLaMA-Factory or torchtune config (YAML or JSON): what was read "
+                   "from it and what was assumed is printed first. Flags override it.")
 @plan_options(PLAN_FLAGS)
 @click.option("--gpu", "gpu", default=None,
               help="GPU preset id (see `memplan gpus`), e.g. h100-80gb (default: the plan's recorded target, else "
@@ -73,11 +75,14 @@ def _body(model: str | None, config_path: str | None, gpu: str | None, gpu_memor
     from memplan.catalog.resolve import resolve_model
     from memplan.cli.options import passed_overrides
     from memplan.errors import UserError
-    from memplan.plan import build_plan, check_lora_targets, merge, read_plan_yaml
+    from memplan.plan import build_plan, check_lora_targets, merge
     from memplan.report import estimate as report
+    from memplan.trainers import read_config
 
     overrides = passed_overrides(opts)
-    base = read_plan_yaml(config_path) if config_path else {}
+    source = read_config(config_path) if config_path else None
+    trainer = source if source is not None and source.format != "memplan" else None
+    base = source.plan if source is not None else {}
     model_ref = model or base.get("model")
     if not model_ref:
         raise UserError("no model: give --model (a preset such as llama-2-7b; `memplan models` lists them), "
@@ -89,9 +94,14 @@ def _body(model: str | None, config_path: str | None, gpu: str | None, gpu_memor
         verdict = fit.plan_verdict(spec, plan, gpu, gpu_memory, host_memory, headroom)
         limits = fit.limits(spec, plan, verdict.target, max_batch, max_seq)
         if as_json:
-            click.echo(json.dumps(report.one_plan_json(spec, verdict, limits), indent=2))
+            out = report.one_plan_json(spec, verdict, limits)
+            click.echo(json.dumps({**out, "config_source": trainer.to_json()} if trainer else out, indent=2))
         else:
             recorded = plan.target is not None and not (gpu or gpu_memory or host_memory)
+            if trainer:
+                from memplan.trainers.source import source_lines
+
+                click.echo("\n".join(source_lines(trainer)) + "\n")
             click.echo(report.one_plan_text(spec, plan, verdict, limits, recorded))
         return verdict.exit_code
     if max_batch or max_seq:

@@ -38,8 +38,13 @@ HPARAM_HELP = {
 
 
 @click.command()
-@model_option(required=True)
+@model_option()
 @remote_code_option()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="start from a config: a plan YAML, or a TRL / transformers TrainingArguments, axolotl, "
+                   "LLaMA-Factory or torchtune config (YAML or JSON). Its model, training file, sequence length, "
+                   "effective batch, epochs, learning rate, warmup ratio, GPUs and method (where it names them) "
+                   "are the inputs; flags override them.")
 @click.option("--gpus", type=INT, default=None,
               help="GPUs per node; on a CPU plan, processes [GPUs] (default: the local GPUs found, else 1).")
 @click.option("--nodes", type=INT, default=1, help="machines, each with --gpus GPUs [nodes] (default: 1).")
@@ -109,6 +114,7 @@ def recommend(as_json: bool, explain: bool, **options) -> None:
     from memplan.report import recommend as report
 
     hparams = {path.removeprefix("hparams."): value for path, value in passed_overrides(options).items()}
+    source = _config_inputs(options, hparams)
     request = RecommendRequest(**options, **hparams, show_progress=not as_json and sys.stderr.isatty())
     try:
         rec = gather(request)
@@ -116,4 +122,36 @@ def recommend(as_json: bool, explain: bool, **options) -> None:
         click.echo(json.dumps(report.no_fit_json(err.rec), indent=2) if as_json
                    else report.render_no_fit(err.rec, explain))
         sys.exit(1)
-    click.echo(json.dumps(rec.to_json(), indent=2) if as_json else report.render(rec, explain))
+    trainer = source if source is not None and source.format != "memplan" else None
+    if as_json:
+        out = rec.to_json()
+        click.echo(json.dumps({**out, "config_source": trainer.to_json()} if trainer else out, indent=2))
+    else:
+        if trainer:
+            from memplan.trainers.source import source_lines
+
+            click.echo("\n".join(source_lines(trainer)) + "\n")
+        click.echo(report.render(rec, explain))
+
+
+def _config_inputs(options: dict, hparams: dict):
+    """--config: the file's inputs fill the options the user did not pass (memplan.trainers.recommend_inputs).
+    Returns the read config (or None); without --config or --model, the missing model is refused."""
+    from memplan.errors import UserError
+
+    path = options.pop("config_path")
+    source = None
+    if path:
+        from memplan.trainers import read_config, recommend_inputs
+
+        source = read_config(path)
+        for key, value in recommend_inputs(source, options.get("gpus")).items():
+            target = hparams if key in ("epochs", "lr", "warmup_ratio") else options
+            if target.get(key) is None or (key == "nodes" and target.get(key) == 1):
+                target[key] = value
+    if not options.get("model") and not path:
+        raise UserError("recommend: missing option --model / -m (see `memplan recommend --help`)")
+    if not options.get("model"):
+        raise UserError(f"{path} names no model: give --model (a preset such as llama-2-7b; `memplan models` "
+                        "lists them)")
+    return source

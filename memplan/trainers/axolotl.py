@@ -1,0 +1,196 @@
+"""axolotl's YAML config.
+
+Sources (axolotl-ai-cloud/axolotl 067b021, 2026-07): src/axolotl/utils/schemas/training.py (micro_batch_size
+1 = "the number of samples sent to each GPU", gradient_accumulation_steps 1, batch_size deprecated: per GPU
+micro_batch_size x gradient_accumulation_steps, optimizer adamw_torch_fused, lr_scheduler cosine,
+weight_decay 0.0), schemas/config.py (sequence_len 512, num_epochs 1.0, gradient_checkpointing false,
+activation_offloading, sample_packing), schemas/peft.py (lora_dropout 0.0), utils/config/__init__.py
+(normalize_config: gradient_accumulation_steps = batch_size // micro_batch_size when only batch_size is
+given; resolve_dtype: `bf16: auto` is true on GPUs with bf16, and the weights are loaded in bfloat16 when
+bf16 is on, float16 for fp16 or load_in_8bit, else float32).
+
+Precision: axolotl loads the weights in the dtype it resolves and the Trainer autocasts to the same one, so
+bf16 (or auto on a bf16 GPU) trains bf16 weights with no fp32 copy = bf16; neither bf16 nor fp16 = fp32.
+Under DeepSpeed its bf16 engine decides (bf16-master).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memplan.errors import UserError
+from memplan.trainers import hf, lora
+from memplan.trainers.source import ConfigSource, Reading
+
+SCHEMA = "axolotl's default (src/axolotl/utils/schemas)"
+
+UNMODELLED = {
+    "activation_offloading": "activations offloaded to host memory",
+    "layer_offloading": "layer parameters offloaded to host memory between uses",
+    "plugins": "plugins that replace kernels (Liger, Cut Cross Entropy: no full logits)",
+    "context_parallel_size": "sequences split across GPUs (context parallelism)",
+    "sequence_parallel_degree": "sequences split across GPUs (sequence parallelism)",
+    "tensor_parallel_size": "tensor parallelism (weights split across GPUs)",
+    "tiled_mlp": "the MLP computed in tiles along the sequence",
+    "flash_attn_fuse_mlp": "a fused MLP kernel", "flash_attn_cross_entropy": "flash-attention's cross-entropy",
+    "unfrozen_parameters": "only some parameters trained", "eval_batch_size": "the evaluation batch",
+    "bnb_config_kwargs": "bitsandbytes options (double quantization saves ~0.4 bit per weight)",
+    "torch_compile": "torch.compile fuses kernels and changes which activations are kept",
+    "selective_checkpointing": "some activations kept inside checkpointed layers",
+    "auto_find_batch_size": "the batch size is halved after each out-of-memory error",
+}
+QUIET = {"base_model_config", "model_type", "tokenizer_type", "tokenizer_config", "trust_remote_code", "strict",
+         "hub_model_id", "hub_strategy", "val_set_size", "output_dir", "dataset_prepared_path", "lora_model_dir",
+         "wandb_project", "wandb_entity", "wandb_watch", "wandb_name", "wandb_log_model", "wandb_run_id",
+         "special_tokens", "tokens", "chat_template", "eot_tokens", "logging_steps", "evals_per_epoch",
+         "saves_per_epoch", "eval_steps", "save_steps", "save_total_limit", "resume_from_checkpoint",
+         "eval_sample_packing", "loss_watchdog_threshold", "loss_watchdog_patience", "train_on_inputs",
+         "group_by_length", "min_sample_len", "early_stopping_patience", "save_first_step", "tf32", "seed",
+         "dataset_processes", "shuffle_merged_datasets", "test_datasets", "local_rank", "save_safetensors",
+         "ddp_timeout", "pad_to_sequence_len", "embeddings_skip_upcast", "gemma4_hybrid_attn_impl",
+         "datasets", "max_grad_norm", "liger_rope", "liger_rms_norm", "liger_glu_activation",
+         "liger_layer_norm", "liger_rms_norm_gated", "liger_fused_linear_cross_entropy", "liger_cross_entropy",
+         "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_kwargs", "optim_args", "fsdp_version"}
+
+
+def _method(r: Reading) -> None:
+    adapter = r.get("adapter")
+    four, eight = bool(r.get("load_in_4bit", False)), bool(r.get("load_in_8bit", False))
+    if adapter in (None, ""):
+        r.assume("method", "full", "adapter not set: full fine-tuning")
+        return
+    if adapter not in ("lora", "qlora"):
+        raise UserError(f"{r.path}: adapter: {adapter!r} is not an adapter memplan models; it models lora and "
+                        "qlora (or no adapter: full fine-tuning)")
+    r.take("method", "qlora" if (adapter == "qlora" or four) else "lora", "adapter" + (" + load_in_4bit" * four))
+    if eight:
+        r.unmodelled("load_in_8bit", True, lora.EIGHT_BIT)
+    if r.has("lora_r"):
+        r.take("lora.rank", int(r.get("lora_r")), "lora_r")
+    if r.has("lora_alpha"):
+        r.take("lora.alpha", float(r.get("lora_alpha")), "lora_alpha")
+    if r.has("lora_dropout"):
+        r.take("lora.dropout", float(r.get("lora_dropout")), "lora_dropout")
+    else:
+        r.assume("lora.dropout", 0.0, f"lora_dropout not set; {SCHEMA}")
+    if r.get("lora_target_linear"):
+        r.take("lora.targets", "all-linear", "lora_target_linear")
+        r.seen.add("lora_target_modules")
+    else:
+        lora.targets(r, r.get("lora_target_modules"), "lora_target_modules")
+    lora.modules_to_save(r, "lora_modules_to_save")
+
+
+def _batch(r: Reading) -> dict[str, Any]:
+    """micro_batch_size is per GPU; gradient_accumulation_steps, else batch_size // micro_batch_size."""
+    micro = int(r.get("micro_batch_size", 1))
+    given = r.has("micro_batch_size")
+    (r.take if given else r.assume)("micro_batch", micro, "micro_batch_size" if given else
+                                    f"micro_batch_size not set; {SCHEMA}")
+    if r.has("gradient_accumulation_steps"):
+        accum, key = int(r.get("gradient_accumulation_steps")), "gradient_accumulation_steps"
+        r.take("grad_accum", accum, key)
+        r.ignore("batch_size")
+    elif r.has("batch_size"):
+        accum, key = int(r.get("batch_size")) // micro, "batch_size // micro_batch_size"
+        r.take("grad_accum", max(accum, 1), key)
+    else:
+        accum, key = 1, "gradient_accumulation_steps"
+        r.assume("grad_accum", 1, f"gradient_accumulation_steps not set; {SCHEMA}")
+    return {"micro_batch": micro, "micro_batch_key": "micro_batch_size", "grad_accum": accum, "grad_accum_key": key}
+
+
+def _schedule(r: Reading) -> None:
+    for key, path, default, kind in (("num_epochs", "hparams.epochs", 1.0, float),
+                                     ("weight_decay", "hparams.weight_decay", 0.0, float)):
+        if r.has(key):
+            r.take(path, kind(r.get(key)), key)
+        else:
+            r.assume(path, default, f"{key} not set; {SCHEMA}")
+    if r.has("learning_rate"):
+        r.take("hparams.lr", float(r.get("learning_rate")), "learning_rate")
+    if r.has("max_steps"):
+        r.take("hparams.max_steps", int(r.get("max_steps")), "max_steps")
+    hf.scheduler(r, r.get("lr_scheduler", "cosine"), "lr_scheduler")
+    if r.has("warmup_steps"):
+        r.take("hparams.warmup_steps", int(r.get("warmup_steps")), "warmup_steps")
+    elif r.has("warmup_ratio"):
+        r.take("hparams.warmup_ratio", float(r.get("warmup_ratio")), "warmup_ratio")
+    name = r.get("optimizer", "adamw_torch_fused")
+    hf.optimizer(r, name, "optimizer", None if r.has("optimizer") else SCHEMA)
+
+
+def _attention(r: Reading) -> None:
+    """attn_implementation, or the older booleans flash_attention / sdp_attention / eager_attention."""
+    if r.has("attn_implementation"):
+        hf.attention(r, r.get("attn_implementation"), "attn_implementation")
+        return
+    for key, name in (("flash_attention", "flash"), ("sdp_attention", "sdpa"), ("eager_attention", "eager")):
+        if r.get(key):
+            r.take("attn", name, key)
+            return
+    if r.get("flex_attention"):
+        r.take("attn", "sdpa", "flex_attention")
+        r.unmodelled("flex_attention", True, "flex attention: counted as sdpa's")
+        return
+    r.assume("attn", "sdpa", "attn_implementation not set; transformers picks sdpa where torch has it")
+
+
+def _checkpointing(r: Reading) -> None:
+    value = r.get("gradient_checkpointing", False)
+    if r.has("gradient_checkpointing"):
+        r.take("grad_ckpt", bool(value), "gradient_checkpointing")
+    else:
+        r.assume("grad_ckpt", False, f"gradient_checkpointing not set; {SCHEMA}")
+    if value in ("offload", "offload_disk"):
+        r.unmodelled("gradient_checkpointing", value, "checkpointed layer inputs offloaded to host memory or disk")
+    hf.checkpoint_options(r, ("gradient_checkpointing_kwargs",))
+    hf.unmodelled(r, {"gradient_checkpointing_kwargs": hf.UNMODELLED["gradient_checkpointing_kwargs"]})
+
+
+def _half(r: Reading) -> tuple[str, str, bool, bool]:
+    """The weights' dtype, as resolve_dtype decides it, with the keys; bf16 and fp16 for DeepSpeed's auto."""
+    bf16, fp16 = r.get("bf16", False), r.get("fp16", False)
+    if bf16 == "auto":
+        bf16, fp16 = not fp16, bool(fp16)
+        key = "bf16: auto (true on GPUs with bf16)"
+    else:
+        bf16, fp16 = bool(bf16 or r.get("bfloat16")), bool(fp16 or r.get("float16"))
+        key = "bf16" if r.has("bf16") else "bf16 not set"
+        r.ignore("bfloat16", "float16", "float32")
+    if bf16:
+        return "bfloat16", key, True, False
+    if fp16 or r.get("load_in_8bit"):
+        return "float16", key + " / fp16" + (" / load_in_8bit" if not fp16 else ""), False, bool(fp16)
+    return "float32", key, False, False
+
+
+def read(data: dict[str, Any], path: str) -> ConfigSource:
+    r = Reading("axolotl", path, data)
+    r.take("model", str(r.get("base_model")), "base_model")
+    _method(r)
+    if r.has("sequence_len"):
+        r.take("seq_len", int(r.get("sequence_len")), "sequence_len")
+    else:
+        r.assume("seq_len", 512, f"sequence_len not set; {SCHEMA}")
+    if r.get("sample_packing"):
+        r.take("data.packing", True, "sample_packing")
+        r.unmodelled("sample_packing", True, "multipack: a micro-batch's sequences in one row with per-sequence "
+                                             "(varlen) attention; memplan counts micro_batch x seq_len tokens as "
+                                             "separate padded rows")
+    args = _batch(r)
+    _schedule(r)
+    _attention(r)
+    _checkpointing(r)
+    weights, key, bf16, fp16 = _half(r)
+    args.update(bf16=bf16, fp16=fp16, half_key=key, autocast="bf16" if bf16 else "fp16" if fp16 else None)
+    hf.parallel(r, args, weights, "the weights' dtype (resolve_dtype)")
+    datasets = r.data.get("datasets")
+    if isinstance(datasets, list) and datasets and isinstance(datasets[0], dict):
+        lora.local_data(r, datasets[0].get("path"), "datasets")
+    hf.unmodelled(r, UNMODELLED)
+    for key in data:
+        if key.startswith("liger_") and data[key]:
+            r.unmodelled(key, data[key], "a Liger kernel (fewer activations kept; the fused cross-entropy keeps "
+                                         "no full logits)")
+    return r.finish(QUIET)

@@ -1,0 +1,135 @@
+"""LLaMA-Factory's YAML config (`llamafactory-cli train FILE`): its model, data and fine-tuning arguments next
+to transformers' TrainingArguments (per_device_train_batch_size is per GPU, as in transformers).
+
+Sources (hiyouga/LLaMA-Factory ff6d4d1, 2026-08): src/llamafactory/hparams/data_args.py (cutoff_len 2048,
+packing: on for stage pt), finetuning_args.py (finetuning_type lora, lora_rank 8, lora_alpha None = 2 x rank,
+lora_dropout 0.0, lora_target "all", pure_bf16), model_args.py (flash_attn auto, disable_gradient_checkpointing
+false, use_reentrant_gc true, quantization_bit, quantization_method bnb), model/loader.py (the model is loaded
+with torch_dtype "auto": the checkpoint's dtype), model/adapter.py (trainable parameters are upcast to fp32
+unless pure_bf16, BAdam, or ZeRO-3 without quantization).
+
+Precision: full fine-tuning upcasts the trained weights to fp32 and bf16: true autocasts = amp-bf16 (fp16:
+amp-fp16, neither: fp32); LoRA / QLoRA keep the base in its 16-bit dtype = bf16; pure_bf16 = bf16. Under
+DeepSpeed its bf16 engine decides (bf16-master).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memplan.errors import UserError
+from memplan.trainers import hf, lora
+from memplan.trainers.source import ConfigSource, Reading
+
+ARGS = "LLaMA-Factory's default (src/llamafactory/hparams)"
+ATTENTION = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2",
+             "fa3": "flash_attention_3"}
+
+UNMODELLED = {
+    "enable_liger_kernel": "Liger kernels (fewer activations kept, no full logits)",
+    "use_unsloth": "unsloth's patched model", "use_unsloth_gc": "unsloth's checkpointing (offloads to host)",
+    "upcast_lmhead_output": "the logits upcast to fp32", "upcast_layernorm": "norm weights upcast to fp32",
+    "neat_packing": "packed sequences with block-diagonal attention",
+    "additional_target": "whole modules trained next to the adapters (weights, gradients and optimizer states)",
+    "use_dora": "DoRA's magnitude vectors and the extra activations of its weight norm",
+    "use_badam": "BAdam: one block of layers trained at a time", "use_galore": "GaLore projected optimizer states",
+    "use_apollo": "APOLLO optimizer states", "use_adam_mini": "Adam-mini's shared second moments",
+    "mixture_of_depths": "mixture of depths", "shift_attn": "LongLoRA's shifted attention",
+}
+QUIET = {"trust_remote_code", "do_train", "dataset", "eval_dataset", "dataset_dir", "template", "max_samples",
+         "preprocessing_num_workers", "overwrite_cache", "val_size", "plot_loss", "stage", "finetuning_type",
+         "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "pissa_init", "loraplus_lr_ratio",
+         "quantization_bit", "quantization_method", "double_quantization", "flash_attn", "pure_bf16",
+         "disable_gradient_checkpointing", "use_reentrant_gc", "model_name_or_path", "adapter_name_or_path",
+         "create_new_adapter", "tokenized_path", "streaming", "buffer_size", "mix_strategy", "train_on_prompt",
+         "mask_history", "image_max_pixels", "video_max_pixels", "media_dir", "freeze_trainable_layers",
+         "freeze_trainable_modules", "print_param_status", "ray_run_name", "ray_storage_path", "ray_num_workers",
+         "resources_per_worker", "placement_strategy", "export_dir", "infer_backend", "compute_accuracy"}
+
+
+def _method(r: Reading) -> None:
+    kind = r.get("finetuning_type", "lora")
+    bits = r.get("quantization_bit")
+    where = "finetuning_type" if r.has("finetuning_type") else f"finetuning_type not set ({ARGS}: lora)"
+    if kind in ("full", "freeze"):
+        if bits is not None:
+            raise UserError(f"{r.path}: quantization_bit with finetuning_type {kind}: LLaMA-Factory trains a "
+                            "quantized model only through adapters. Hint: finetuning_type: lora")
+        (r.take if r.has("finetuning_type") else r.assume)("method", "full", where)
+        if kind == "freeze":
+            r.unmodelled("finetuning_type", "freeze", "only the last layers trained: counted as full fine-tuning")
+        return
+    if kind not in ("lora", "oft"):
+        raise UserError(f"{r.path}: finetuning_type: {kind!r}; memplan reads full, freeze, lora and oft")
+    if kind == "oft":
+        r.unmodelled("finetuning_type", "oft", "OFT adapters: counted as LoRA adapters of the same rank")
+    method = "qlora" if bits is not None and int(bits) == 4 else "lora"
+    (r.take if r.has("finetuning_type") else r.assume)("method", method, where + (" + quantization_bit" * (
+        bits is not None)))
+    if bits is not None and int(bits) != 4:
+        r.unmodelled("quantization_bit", bits, f"a {bits}-bit base: memplan counts it at 16 bits (QLoRA is 4-bit)")
+    if r.get("quantization_method", "bnb") != "bnb":
+        r.unmodelled("quantization_method", r.get("quantization_method"), "counted as bitsandbytes' NF4")
+    rank = int(r.get("lora_rank", 8))
+    (r.take if r.has("lora_rank") else r.assume)("lora.rank", rank, "lora_rank" if r.has("lora_rank") else
+                                                 f"lora_rank not set; {ARGS}")
+    if r.has("lora_alpha"):
+        r.take("lora.alpha", float(r.get("lora_alpha")), "lora_alpha")
+    else:
+        r.assume("lora.alpha", float(2 * rank), f"lora_alpha not set; {ARGS}: 2 x lora_rank")
+    if r.has("lora_dropout"):
+        r.take("lora.dropout", float(r.get("lora_dropout")), "lora_dropout")
+    else:
+        r.assume("lora.dropout", 0.0, f"lora_dropout not set; {ARGS}")
+    if r.has("lora_target"):
+        lora.targets(r, r.get("lora_target"), "lora_target")
+    else:
+        r.assume("lora.targets", "all-linear", f"lora_target not set; {ARGS}: all")
+
+
+def _model_side(r: Reading) -> None:
+    """cutoff_len, packing, attention and checkpointing (LLaMA-Factory's model and data arguments)."""
+    if r.has("cutoff_len"):
+        r.take("seq_len", int(r.get("cutoff_len")), "cutoff_len")
+    else:
+        r.assume("seq_len", 2048, f"cutoff_len not set; {ARGS}")
+    packing = r.get("packing", r.get("stage", "sft") == "pt")
+    if packing:
+        (r.take if r.has("packing") else r.assume)("data.packing", True, "packing" if r.has("packing") else
+                                                   f"packing not set; {ARGS}: on for stage pt")
+        r.unmodelled("packing", True, "packed rows: memplan counts micro_batch x seq_len tokens as padded rows")
+    name = ATTENTION.get(str(r.get("flash_attn", "auto")), None)
+    if name:
+        hf.attention(r, name, "flash_attn")
+    else:
+        r.assume("attn", "sdpa", f"flash_attn not set or auto ({ARGS}): transformers picks sdpa where torch has it")
+    off = bool(r.get("disable_gradient_checkpointing", False))
+    (r.take if r.has("disable_gradient_checkpointing") else r.assume)(
+        "grad_ckpt", not off, "disable_gradient_checkpointing" if r.has("disable_gradient_checkpointing") else
+        f"disable_gradient_checkpointing not set; {ARGS}: checkpointing on")
+    if not off and r.get("use_reentrant_gc", True):
+        r.unmodelled("use_reentrant_gc", True, f"reentrant checkpointing ({ARGS}: true); memplan counts "
+                                               "non-reentrant checkpointing")
+    stage = r.get("stage", "sft")
+    if stage not in ("sft", "pt"):
+        r.unmodelled("stage", stage, "preference / reward stages: chosen and rejected sequences, a reference or "
+                                     "reward model; memplan estimates supervised training")
+
+
+def read(data: dict[str, Any], path: str) -> ConfigSource:
+    r = Reading("llama-factory", path, data)
+    r.take("model", str(r.get("model_name_or_path")), "model_name_or_path")
+    _method(r)
+    args = hf.training_arguments(r, {})
+    _model_side(r)  # after: LLaMA-Factory turns checkpointing on itself, whatever TrainingArguments say
+    method = r.plan.get("method")
+    if r.get("pure_bf16"):
+        weights, key = "bfloat16", "pure_bf16"
+        args["bf16"], args["autocast"] = True, None
+    elif method == "full":
+        weights, key = "float32", "finetuning_type full (trained weights upcast to fp32)"
+    else:
+        weights, key = "bfloat16", "the checkpoint's dtype (torch_dtype auto), counted as bfloat16"
+    hf.parallel(r, args, weights, key)
+    hf.unmodelled(r, UNMODELLED)
+    return r.finish(hf.QUIET | QUIET)
