@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memplan.errors import UserError
-from memplan.plan import Plan, build_plan, merge, plan_fields, read_plan_yaml
+from memplan.plan import Plan, build_plan, merge, plan_fields
 
 if TYPE_CHECKING:
     from memplan.catalog.spec import ModelSpec
     from memplan.recommend.core import Recommendation
+    from memplan.trainers.source import ConfigSource
 
 __all__ = ["PlanEstimate", "PlanTable", "estimate", "compare", "recommend", "resolve_plan", "UserError"]  # + NoPlanFits
 
@@ -101,31 +102,41 @@ def _overrides(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _base(plan: Plan | dict | str | Path | None) -> tuple[dict[str, Any], str]:
-    """The plan the keyword arguments override, and its name in error messages."""
+def _base(plan: Plan | dict | str | Path | None) -> tuple[dict[str, Any], str, ConfigSource | None]:
+    """The plan the keyword arguments override, its name in error messages, and - for a trainer's config
+    file - what was read from where (memplan.trainers)."""
     if plan is None:
-        return {}, "plan"
+        return {}, "plan", None
     if isinstance(plan, Plan):
-        return plan_fields(plan), "plan"
+        return plan_fields(plan), "plan", None
     if isinstance(plan, dict):
-        return dict(plan), "plan"
+        return dict(plan), "plan", None
     if isinstance(plan, (str, Path)):
-        return read_plan_yaml(plan), str(plan)
-    raise UserError(f"plan must be a memplan Plan, a dict of plan fields or a plan YAML path, got "
+        from memplan.trainers import read_config
+
+        source = read_config(plan)
+        return source.plan, str(plan), source if source.format != "memplan" else None
+    raise UserError(f"plan must be a memplan Plan, a dict of plan fields or a config file path, got "
                     f"{type(plan).__name__}")
 
 
 def resolve_plan(model: str | None = None, plan: Plan | dict | str | Path | None = None,
                  **fields: Any) -> Plan:
-    """A validated Plan: `plan` (a Plan, a dict, a plan YAML path), then `model` and the keyword arguments
-    (the Plan's fields, sections as mappings) over it. Errors are the CLI's: UserError, one line per field."""
-    base, source = _base(plan)
+    """A validated Plan: `plan` (a Plan, a dict, a plan YAML or a trainer's config path), then `model` and the
+    keyword arguments (the Plan's fields, sections as mappings) over it. Errors are the CLI's: UserError, one
+    line per field."""
+    return _plan_and_source(model, plan, fields)[0]
+
+
+def _plan_and_source(model: str | None, plan: Plan | dict | str | Path | None,
+                     fields: dict[str, Any]) -> tuple[Plan, ConfigSource | None]:
+    base, name, source = _base(plan)
     if model is not None:
         base["model"] = model
     if not base.get("model"):
         raise UserError("no model: give model= (a preset such as llama-2-7b; `memplan models` lists them), a "
                         "config.json path, a Hub id, or a plan with `model`")
-    return build_plan(merge(base, _overrides(fields)), source=source)
+    return build_plan(merge(base, _overrides(fields)), source=name), source
 
 
 def estimate(model: str | None = None, plan: Plan | dict | str | Path | None = None, *, gpu: str | None = None,
@@ -135,16 +146,20 @@ def estimate(model: str | None = None, plan: Plan | dict | str | Path | None = N
     """One plan's memory per GPU by phase and whether it fits: `memplan estimate` with plan flags.
 
     model: a preset, config.json path, model directory or Hub id (as --model); plan: a Plan, a dict of plan
-    fields or a plan YAML (as --config); fields: the Plan's fields (method="lora", micro_batch=4,
-    lora={"rank": 8}), over the plan. gpu / gpu_memory / host_memory / headroom as the flags (sizes as text,
-    "24GiB", or bytes); max_batch / max_seq also search the largest micro-batch / sequence that fits.
+    fields, a plan YAML or a TRL / axolotl / LLaMA-Factory / torchtune config (as --config; `to_json()` then has
+    its `config_source`); fields: the Plan's fields (method="lora", micro_batch=4, lora={"rank": 8}), over the
+    plan. gpu / gpu_memory / host_memory / headroom as the flags (sizes as text, "24GiB", or bytes);
+    max_batch / max_seq also search the largest micro-batch / sequence that fits.
     """
     from memplan.catalog import traced
 
     traced.trust_remote_code(trust_remote_code)
-    p = resolve_plan(model, plan, **fields)
-    return estimate_spec(_resolve(p.model), p, gpu=gpu, gpu_memory=gpu_memory, host_memory=host_memory,
-                         headroom=headroom, max_batch=max_batch, max_seq=max_seq)
+    p, source = _plan_and_source(model, plan, fields)
+    result = estimate_spec(_resolve(p.model), p, gpu=gpu, gpu_memory=gpu_memory, host_memory=host_memory,
+                           headroom=headroom, max_batch=max_batch, max_seq=max_seq)
+    if source is not None:  # a trainer's config: --json reports what was read from where
+        result._json["config_source"] = source.to_json()
+    return result
 
 
 def estimate_spec(spec: ModelSpec, plan: Plan, *, gpu: str | None = None, gpu_memory: str | int | None = None,

@@ -97,3 +97,11 @@ def test_memplan_recommend_is_the_package_and_the_call():
 
     assert callable(memplan.recommend) and memplan.recommend.core.gather
     assert "estimate" in dir(memplan)
+
+
+def test_estimate_reads_a_trainers_config_as_the_command_does(run_cli):
+    config = REPO / "tests/trainers/configs/torchtune/recipes/configs/llama3_1/8B_lora_single_device.yaml"
+    e = memplan.estimate(plan=config, gpus=2, gpu="h100-80gb")
+    code, out = _cli_json(run_cli, "estimate", "--config", str(config), "--gpus", "2", "--gpu", "h100-80gb")
+    assert e.to_json() == out and out["config_source"]["format"] == "torchtune"
+    assert (e.plan.method, e.plan.gpus) == ("lora", 2)

@@ -4,13 +4,15 @@
     trainer = Trainer(model, args, train_dataset=..., callbacks=[MemplanCallback(gpu="a100-80gb")])
 
 At the model's first forward - once the batch's shape is known, before any activation is stored - it prints
-memplan's estimate for the run as it is: the model's own config, the trainer's arguments (batch, accumulation,
-precision, optimizer, checkpointing, FSDP / DeepSpeed, devices), the peft adapter and a 4-bit base. After the
-first `steps` optimizer steps it prints the measured peak against the estimate at the largest batch shape
-those steps had, and warns when they differ by more than 10 %. On CUDA the measure is
+memplan's estimate for the run as it is: the model's own config, the trainer's arguments read as memplan reads
+a `trl sft --config` file (memplan.trainers.trl: batch, accumulation, precision, optimizer, checkpointing,
+FSDP / DeepSpeed), the peft LoRA adapter and a 4-bit base, the processes it runs in. Settings that change
+memory but are not in the estimate are named on a second line, as `memplan estimate --config` names them.
+After the first `steps` optimizer steps it prints the measured peak against the estimate at the largest batch
+shape those steps had, and warns when they differ by more than 10 %. On CUDA the measure is
 `torch.cuda.max_memory_allocated`; on the CPU, memplan's live tensor meter (memplan.runtime.meter), over those
-steps only. A setting memplan does not model (an 8-bit base, an optimizer it has no formula for) makes the
-callback say so once and stand aside: it never stops the user's run.
+steps only. A run the estimate cannot stand for (an 8-bit base, fp16 weights, a partly frozen model without
+LoRA, another adapter type) makes the callback say so once and stand aside: it never stops the user's run.
 """
 
 from __future__ import annotations
@@ -27,21 +29,9 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from memplan.errors import UserError  # noqa: E402
-from memplan.plan import ALL_LINEAR, Plan, build_plan  # noqa: E402
+from memplan.plan import Plan, build_plan  # noqa: E402
 from memplan.report.units import size  # noqa: E402
 
-#: transformers' OptimizerNames (training_args.optim) -> the Plan's optimizer. Trainer builds torch's AdamW
-#: for adamw_torch (foreach where torch defaults to it), fused=True for adamw_torch_fused, bitsandbytes' AdamW8bit
-#: for the 8-bit names (trainer.py get_optimizer_cls_and_kwargs).
-OPTIMIZERS = {
-    "adamw_torch": "adamw", "adamw_torch_fused": "adamw-fused", "adamw_8bit": "adamw-8bit",
-    "adamw_bnb_8bit": "adamw-8bit", "paged_adamw_8bit": "paged-adamw-8bit", "adafactor": "adafactor",
-    "sgd": "sgd",
-}
-#: config._attn_implementation -> the Plan's attention.
-ATTENTION = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash"}
-#: FSDP's sharding strategies (TrainingArguments.fsdp) -> the Plan's ZeRO stage for `sharding: fsdp`.
-FSDP_STAGES = {"full_shard": 3, "hybrid_shard": 3, "shard_grad_op": 2, "hybrid_shard_zero2": 2, "no_shard": 0}
 GAP_FLAG = 0.10
 
 
@@ -69,95 +59,58 @@ def _unwrap(model):
     return inner if inner is not None and hasattr(model, "peft_config") else model
 
 
-def _weights_dtype(model) -> torch.dtype:
+def _weights_dtype(model) -> str:
     """The dtype of the base model's floating-point weights (LoRA adapters and 4-bit storage left out)."""
     for name, p in model.named_parameters():
         if "lora_" not in name and p.dtype.is_floating_point:
-            return p.dtype
-    return torch.float32
+            return str(p.dtype).removeprefix("torch.")
+    return "float32"
 
 
-def _precision(args, weights: torch.dtype, deepspeed: bool) -> str:
-    """The Plan's regime: HF Trainer's bf16=True on fp32 weights is autocast (amp-bf16); on bf16 weights the
-    step runs in bf16 throughout (bf16); DeepSpeed's bf16 keeps fp32 masters (bf16-master)."""
-    if deepspeed and (args.bf16 or weights == torch.bfloat16):
-        return "bf16-master"
-    if weights == torch.bfloat16:
-        return "bf16"
-    if weights == torch.float16:
-        raise Unmodelled("fp16 weights (memplan models fp32 weights under fp16 autocast, amp-fp16)")
-    if args.bf16:
-        return "amp-bf16"
-    return "amp-fp16" if args.fp16 else "fp32"
-
-
-def _lora(model) -> tuple[str, dict] | None:
-    """('lora' | 'qlora', the Plan's lora settings) of a peft LoRA model, None for a model without adapters."""
+def _adapter(model) -> dict[str, Any]:
+    """The model's adapter as TRL's ModelConfig says it (use_peft, lora_*, load_in_4bit)."""
     configs = getattr(model, "peft_config", None)
-    if not configs:
-        return None
-    config = configs.get(getattr(model, "active_adapter", "default")) or next(iter(configs.values()))
-    if getattr(config, "peft_type", None) is None or str(config.peft_type.value) != "LORA":
-        raise Unmodelled(f"the peft adapter type {config.peft_type} (memplan models LoRA)")
-    targets = config.target_modules
-    targets = ALL_LINEAR if targets in (ALL_LINEAR, None) else sorted(targets if not isinstance(targets, str)
-                                                                      else [targets])
     base = _unwrap(model)
     if getattr(base, "is_loaded_in_8bit", False):
         raise Unmodelled("an 8-bit base model (load_in_8bit)")
-    method = "qlora" if getattr(base, "is_loaded_in_4bit", False) else "lora"
-    return method, {"rank": config.r, "alpha": float(config.lora_alpha), "dropout": float(config.lora_dropout),
-                    "targets": targets}
+    if not configs:
+        if not all(p.requires_grad for p in model.parameters()):
+            raise Unmodelled("a partly frozen model without a LoRA adapter (memplan models full fine-tuning, "
+                             "LoRA and QLoRA)")
+        return {"use_peft": False}
+    config = configs.get(getattr(model, "active_adapter", "default")) or next(iter(configs.values()))
+    if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
+        raise Unmodelled(f"the peft adapter type {config.peft_type} (memplan models LoRA)")
+    targets = config.target_modules
+    return {"use_peft": True, "lora_r": config.r, "lora_alpha": config.lora_alpha,
+            "lora_dropout": config.lora_dropout, "use_dora": bool(getattr(config, "use_dora", False)),
+            "lora_target_modules": targets if isinstance(targets, str) or targets is None else sorted(targets),
+            "load_in_4bit": bool(getattr(base, "is_loaded_in_4bit", False))}
 
 
-def _sharding(args) -> dict:
-    """sharding / zero / offload from TrainingArguments' fsdp options or DeepSpeed config."""
-    if args.deepspeed:
-        ds = args.hf_deepspeed_config.config if getattr(args, "hf_deepspeed_config", None) else {}
-        zero = ds.get("zero_optimization", {})
-        stage = int(zero.get("stage", 0))
-        offload = "none"
-        if (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme"):
-            offload = "optimizer+params"
-        elif (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme"):
-            offload = "optimizer"
-        return {"sharding": "deepspeed", "zero": stage, "offload": offload}
-    options = [str(getattr(o, "value", o)) for o in (args.fsdp or [])]
-    if not options:
-        return {"sharding": "ddp"}
-    stage = next((FSDP_STAGES[o] for o in options if o in FSDP_STAGES), 3)
-    return {"sharding": "fsdp", "zero": stage, "offload": "optimizer+params" if "offload" in options else "none"}
+def plan_from_run(args, model, rows: int, tokens: int):
+    """The Plan of a Trainer run, and where each field came from: its arguments and model as one TRL config
+    (memplan.trainers.trl reads them as it reads `trl sft --config` files, so a run and its file agree), the
+    batch shape `rows` x `tokens` the model's forward saw, the processes it runs in. Raises Unmodelled for what
+    the estimate cannot stand for."""
+    from memplan.trainers import trl
 
-
-def plan_from_run(args, model, rows: int, tokens: int) -> Plan:
-    """The Plan of a Trainer run: its arguments, its model (peft adapter, quantized base, attention, dtype) and
-    the batch shape `rows` x `tokens`. Raises Unmodelled for what the estimate does not model."""
     base = _unwrap(model)
-    optim = str(getattr(args.optim, "value", args.optim))
-    if optim not in OPTIMIZERS:
-        raise Unmodelled(f"the optimizer '{optim}' (memplan models {', '.join(OPTIMIZERS)})")
-    attn = getattr(base.config, "_attn_implementation", None) or "eager"
-    if attn not in ATTENTION:
-        raise Unmodelled(f"the attention implementation '{attn}' (memplan models {', '.join(ATTENTION)})")
-    sharding = _sharding(args)
-    lora = _lora(model)
-    if lora is None and not all(p.requires_grad for p in model.parameters()):
-        raise Unmodelled("a partly frozen model without a LoRA adapter (memplan models full fine-tuning, LoRA "
-                         "and QLoRA)")
+    if _weights_dtype(base) == "float16":
+        raise Unmodelled("fp16 weights (memplan models fp32 weights under fp16 autocast, amp-fp16)")
+    data = {k: v for k, v in args.to_dict().items() if v is not None}
+    if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no":
+        data.pop("per_device_eval_batch_size", None)  # a run that never evaluates has no evaluation batch
+    data.update(_adapter(model), model_name_or_path=str(base.config.name_or_path or base.config.model_type),
+                dtype=_weights_dtype(base), per_device_train_batch_size=rows, max_length=tokens,
+                attn_implementation=getattr(base.config, "_attn_implementation", None) or "eager")
+    if "loss_type" not in data:  # transformers' Trainer: the model's own loss over the full logits
+        data["loss_type"] = "nll"
+    source = trl.read(data, "the Trainer run")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size))
-    fields: dict[str, Any] = {
-        "model": str(base.config.name_or_path or base.config.model_type),
-        "method": lora[0] if lora else "full",
-        "precision": _precision(args, _weights_dtype(base), sharding["sharding"] == "deepspeed"),
-        "optimizer": OPTIMIZERS[optim],
-        "device": "cuda" if args.device.type == "cuda" else "cpu",
-        "gpus": local, "nodes": max(1, args.world_size // local),
-        "micro_batch": rows, "grad_accum": args.gradient_accumulation_steps, "seq_len": tokens,
-        "grad_ckpt": bool(args.gradient_checkpointing), "attn": ATTENTION[attn], **sharding,
-    }
-    if lora:
-        fields["lora"] = lora[1]
-    return build_plan(fields, source="the Trainer run")
+    fields = dict(source.plan, device="cuda" if args.device.type == "cuda" else "cpu", gpus=local,
+                  nodes=max(1, args.world_size // local))
+    return build_plan(fields, source="the Trainer run"), source
 
 
 def model_spec(model):
@@ -173,8 +126,9 @@ class MemplanCallback(TrainerCallback):
     """Prints memplan's estimate at the first forward and the measured peak against it after `steps` optimizer
     steps (see the module docstring). gpu / gpu_memory / host_memory / headroom: what the estimate is judged
     against, as `memplan estimate` takes them (default: the local GPUs, or this machine for a CPU run).
-    `log` prints a line (default: print). The results stay on the callback: `plan`, `estimate` (at the first
-    batch's shape), `measured` (measured_bytes, estimated_bytes, gap, flag) and `skipped` (why it stood aside)."""
+    `log` prints a line (default: print). The results stay on the callback: `plan` and `source` (where each
+    field came from, and what changes memory but is not modelled), `estimate` (at the first batch's shape),
+    `measured` (measured_bytes, estimated_bytes, gap, flag) and `skipped` (why it stood aside)."""
 
     gpu: str | None = None
     gpu_memory: str | int | None = None
@@ -183,6 +137,7 @@ class MemplanCallback(TrainerCallback):
     steps: int = 2
     log: Any = print
     plan: Plan | None = None
+    source: Any = None  # memplan.trainers.source.ConfigSource: what the plan was read from
     estimate: Any = None
     measured: dict | None = None
     skipped: str | None = None
@@ -211,10 +166,10 @@ class MemplanCallback(TrainerCallback):
     def _estimate(self, model, rows: int, tokens: int):
         from memplan.api import estimate_spec
 
-        plan = plan_from_run(self._args, model, rows, tokens)
+        plan, source = plan_from_run(self._args, model, rows, tokens)
         result = estimate_spec(self._spec, plan, gpu=self.gpu, gpu_memory=self.gpu_memory,
                                host_memory=self.host_memory, headroom=self.headroom)
-        return plan, result
+        return plan, source, result
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._args = args
@@ -234,7 +189,7 @@ class MemplanCallback(TrainerCallback):
     def _first_estimate(self, model) -> None:
         args = self._args
         try:
-            self.plan, self.estimate = self._estimate(model, self.shape.rows, self.shape.tokens)
+            self.plan, self.source, self.estimate = self._estimate(model, self.shape.rows, self.shape.tokens)
         except (Unmodelled, UserError) as err:
             self._stand_aside(args, str(err))
             return
@@ -245,6 +200,9 @@ class MemplanCallback(TrainerCallback):
                         f"{p.seq_len} tokens, grad-accum {p.grad_accum}, checkpointing "
                         f"{'on' if p.grad_ckpt else 'off'}: estimated peak {size(e.peak_allocated_bytes)} allocated "
                         f"per {unit} ({e.peak_phase}), {size(e.total_bytes)} in all; {e.verdict}")
+        if self.source.not_modelled:
+            self._say(args, "not in this estimate (changes memory, not modelled): " + "; ".join(
+                f"{n['key']}: {n['value']} ({n['why']})" for n in self.source.not_modelled))
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self._meter is None and self.skipped is None and state.global_step == 0:
@@ -262,7 +220,7 @@ class MemplanCallback(TrainerCallback):
             return
         self._stop()
         try:
-            _, shaped = self._estimate(model, self.shape.rows, self.shape.tokens)
+            _, _, shaped = self._estimate(model, self.shape.rows, self.shape.tokens)
         except (Unmodelled, UserError) as err:
             self._stand_aside(args, str(err))
             return

@@ -3,8 +3,6 @@ measured peak against it after two optimizer steps, the warning, and standing as
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 pytest.importorskip("transformers")
@@ -16,7 +14,7 @@ import memplan  # noqa: E402
 from memplan.catalog.presets import models_dir  # noqa: E402
 from memplan.catalog.resolve import resolve_model  # noqa: E402
 from memplan.integrations import MemplanCallback  # noqa: E402
-from memplan.integrations.hf import Unmodelled, _precision, _sharding  # noqa: E402
+from memplan.integrations.hf import Unmodelled  # noqa: E402
 
 DEMO = models_dir() / "demo-tiny"
 ROWS, TOKENS = 4, 48
@@ -79,35 +77,57 @@ def test_full_amp_bf16_run_and_a_gap_warns(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_unmodelled_optimizer_stands_aside(tmp_path):
+def test_an_unmodelled_optimizer_is_named_and_a_partly_frozen_model_stands_aside(tmp_path):
     cb, lines = run(tmp_path, optim="adagrad")
-    assert cb.skipped.startswith("the optimizer 'adagrad'") and cb.measured is None
+    assert cb.plan.optimizer == "adamw" and cb.measured is not None  # counted as AdamW, as `--config` counts it
+    assert lines[1].startswith("memplan: not in this estimate (changes memory, not modelled): optim: adagrad")
+
+    class Freeze(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.get_input_embeddings().weight.requires_grad_(False)
+
+    cb, lines = run(tmp_path, extra=[Freeze()])
+    assert cb.skipped.startswith("a partly frozen model") and cb.measured is None
     assert lines == [f"memplan: no estimate for this run: memplan does not model {cb.skipped}"]
 
 
-def test_sharding_from_the_trainer_arguments():
-    ds = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
-    args = SimpleNamespace(deepspeed="ds.json", hf_deepspeed_config=SimpleNamespace(config=ds), fsdp=[])
-    assert _sharding(args) == {"sharding": "deepspeed", "zero": 3, "offload": "optimizer"}
-    args = SimpleNamespace(deepspeed=None, fsdp=["shard_grad_op"])
-    assert _sharding(args) == {"sharding": "fsdp", "zero": 2, "offload": "none"}
-    args = SimpleNamespace(deepspeed=None, fsdp=["full_shard", "offload", "auto_wrap"])
-    assert _sharding(args) == {"sharding": "fsdp", "zero": 3, "offload": "optimizer+params"}
-    assert _sharding(SimpleNamespace(deepspeed=None, fsdp=[])) == {"sharding": "ddp"}
+def test_a_run_reads_as_its_trl_config_reads(tmp_path):
+    """plan_from_run hands the run to memplan.trainers.trl: the same arguments written as a `trl sft --config`
+    file give the same plan (FSDP from fsdp / fsdp_config, as TrainingArguments take it, included)."""
+    from memplan.integrations.hf import plan_from_run
+    from memplan.trainers import read_config
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                             optim="adamw_torch", bf16=True, gradient_checkpointing=True, use_cpu=True,
+                             report_to=[], fsdp="full_shard", fsdp_config={"reshard_after_forward": False})
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32)
+    plan, source = plan_from_run(args, model, rows=2, tokens=256)
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model_name_or_path: {DEMO}\nper_device_train_batch_size: 2\ngradient_accumulation_steps: 4\n"
+                      "optim: adamw_torch\nbf16: true\ngradient_checkpointing: true\nmax_length: 256\n"
+                      "loss_type: nll\nfsdp: full_shard\nfsdp_config:\n  reshard_after_forward: false\n"
+                      "attn_implementation: sdpa\n")
+    from_file = read_config(config).plan
+    assert {k: getattr(plan, k) for k in ("method", "precision", "optimizer", "micro_batch", "grad_accum", "seq_len",
+                                          "grad_ckpt", "sharding", "zero", "offload", "loss", "attn")} == \
+        {k: from_file[k] for k in ("method", "precision", "optimizer", "micro_batch", "grad_accum", "seq_len",
+                                   "grad_ckpt", "sharding", "zero", "offload", "loss", "attn")}
+    assert (plan.sharding, plan.zero, plan.precision, plan.device) == ("fsdp", 2, "amp-bf16", "cpu")
+    assert source.format == "trl" and source.taken["micro_batch"] == "per_device_train_batch_size"
 
 
-@pytest.mark.parametrize("bf16, fp16, weights, deepspeed, regime", [
-    (True, False, torch.float32, False, "amp-bf16"),
-    (False, True, torch.float32, False, "amp-fp16"),
-    (False, False, torch.float32, False, "fp32"),
-    (True, False, torch.bfloat16, False, "bf16"),
-    (False, False, torch.bfloat16, False, "bf16"),
-    (True, False, torch.float32, True, "bf16-master"),
-])
-def test_precision_regimes(bf16, fp16, weights, deepspeed, regime):
-    assert _precision(SimpleNamespace(bf16=bf16, fp16=fp16), weights, deepspeed) == regime
+def test_fp16_weights_and_8bit_bases_are_not_modelled(tmp_path):
+    from transformers import AutoModelForCausalLM
 
+    from memplan.integrations.hf import plan_from_run
 
-def test_fp16_weights_are_not_modelled():
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float16)
     with pytest.raises(Unmodelled, match="fp16 weights"):
-        _precision(SimpleNamespace(bf16=False, fp16=True), torch.float16, False)
+        plan_from_run(args, model, rows=1, tokens=8)
+    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32)
+    model.is_loaded_in_8bit = True
+    with pytest.raises(Unmodelled, match="8-bit base"):
+        plan_from_run(args, model, rows=1, tokens=8)
