@@ -25,8 +25,8 @@ from memplan.errors import UserError, did_you_mean, shown
 ESTIMATE_SKIPPED = ("config_path", "trust_remote_code", "as_json", "html_path")
 #: recommend's: files on the server, where it writes, output switches; and --method, since on the page the
 #: decision tree chooses the method while the plan fields (estimate's --method among them) are explored apart.
-RECOMMEND_SKIPPED = ("trust_remote_code", "data", "validation", "replay", "out_dir", "as_json", "explain",
-                     "plot", "method")
+RECOMMEND_SKIPPED = ("config_path", "trust_remote_code", "data", "validation", "replay", "out_dir", "as_json",
+                     "explain", "plot", "method")
 #: Switches whose value is on or off: --grad-ckpt/--no-grad-ckpt, --max-batch.
 ON, OFF = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
 #: The longest value a field takes (a model name or path, a list of LoRA targets): file systems refuse longer
@@ -205,6 +205,8 @@ def argv(values: Mapping[str, str], command: str) -> list[str]:
         f = known[key]
         if command not in f.commands:
             continue
+        if "\x00" in text:  # no command line can hold one; click's file checks would fail on it, not refuse it
+            raise InputErrors([(key, f"{f.flag}: {shown(text)} holds a NUL character")])
         if f.kind in ("switch", "flag"):
             word = text.lower()
             if word not in ON + OFF:

@@ -115,6 +115,15 @@ def test_random_values_never_give_a_500(client):
         assert page.status_code in (200, 400), body
 
 
+def test_a_nul_character_is_refused_in_any_field(client):
+    for body, field in (({"model": "llama-7b\x00"}, "model"), ({"model": "llama-7b", "gpu": "a100\x00"}, "gpu"),
+                        ({"model": "llama-7b", "dataset-size": "1000", "max-hours": "3\x00"}, "max-hours")):
+        r = client.post("/api/estimate" if field != "max-hours" else "/api/recommend", json=body)
+        assert r.status_code == 400 and r.json["errors"] == [
+            {"field": field, "message": f"--{field}: {body[field]!r} holds a NUL character"}], r.json
+        assert client.get("/", query_string=body).status_code == 400
+
+
 def test_the_page_shows_the_message_next_to_its_field(client, run_cli):
     r = client.get("/?model=llama-7b&gpus=4&batch-size=0")
     assert r.status_code == 400
