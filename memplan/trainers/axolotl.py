@@ -261,7 +261,13 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
         data["max_steps"] = h.max_steps
     else:
         data["num_epochs"] = number(h.epochs)
-    data.update(optimizer=hf.OPTIMIZER_NAMES[plan.optimizer],
+    optimizer = hf.OPTIMIZER_NAMES[plan.optimizer]
+    if plan.sharding == "fsdp" and plan.optimizer == "adamw-8bit":
+        optimizer = "adamw_torch_8bit"
+        notes.append("axolotl refuses bitsandbytes' 8-bit AdamW under FSDP2 (its check_fsdp2_w_8bit_optimizer): "
+                     "torchao's 8-bit AdamW (adamw_torch_8bit) is written, which memplan counts as bitsandbytes' "
+                     "(one byte per state; torchao's block scales are not counted)")
+    data.update(optimizer=optimizer,
                 lr_scheduler={"constant": "constant_with_warmup"}.get(h.lr_scheduler, h.lr_scheduler),
                 learning_rate=h.effective_lr(plan.method))
     if h.warmup_steps is not None:

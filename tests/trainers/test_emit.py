@@ -247,3 +247,15 @@ def test_emitting_imports_neither_torch_nor_transformers(tmp_path):
             "es = emit_all(['trl', 'axolotl', 'llamafactory', 'torchtune'], p, Context(p, resolve_model(p.model), "
             "'chat', 10), lambda q: (0, True))\nprint(len(es))")
     assert run_torch_free(code, tmp_path).strip() == "4"
+
+
+def test_axolotl_fsdp2_with_8bit_adamw_writes_torchaos(tmp_path):
+    """axolotl refuses bitsandbytes' 8-bit AdamW under FSDP2 (check_fsdp2_w_8bit_optimizer, found by its own
+    validator in benchmarks/trainer_configs_check.py): torchao's adamw_torch_8bit is written instead."""
+    plan = build_plan(merge(_plan("full-fp32-fsdp2", tmp_path).model_dump(mode="json"), {"optimizer": "adamw-8bit"}))
+    e = _emit(plan, "axolotl")
+    assert "optimizer: adamw_torch_8bit\n" in e.files["axolotl.yaml"] and "torchao" in e.notes[0]
+    source = read_config(_write(e, tmp_path))
+    assert source.plan["optimizer"] == "adamw-8bit" and [n["key"] for n in source.not_modelled] == ["optimizer"]
+    ddp = build_plan(merge(plan.model_dump(mode="json"), {"sharding": "ddp", "zero": 0, "gpus": 1}))
+    assert "optimizer: adamw_bnb_8bit\n" in _emit(ddp, "axolotl").files["axolotl.yaml"]
