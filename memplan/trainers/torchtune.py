@@ -290,7 +290,8 @@ def nearest(plan: Plan, ctx: Context) -> Nearest:
                                               "gate, up and down projections together (apply_lora_to_mlp)")
     if plan.loss == "standard":
         n.change("loss", "chunked", "loss standard -> chunked: torchtune's recipes compute the loss chunked "
-                                    "(LinearCrossEntropyLoss: no full fp32 logits)")
+                                    "(CEWithChunkedOutputLoss: the output projection and the loss in chunks, "
+                                    "no full fp32 logits)")
     if plan.attn != "sdpa":
         n.change("attn", "sdpa", f"attention {plan.attn} -> sdpa: torchtune runs torch's scaled_dot_product_attention "
                                  "(which picks its own flash kernel on CUDA)")
@@ -385,7 +386,9 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
                      "(lr_scheduler.num_warmup_steps), and the run's steps are not known; set it")
     data["lr_scheduler"] = {"_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
                             "num_warmup_steps": warmup}
-    data["loss"] = {"_component_": "torchtune.modules.loss.LinearCrossEntropyLoss"}
+    # CEWithChunkedOutputLoss: in the released torchtune (0.6.1) and its main branch alike (LinearCrossEntropyLoss
+    # is not in 0.6.1: the trainer check found it missing)
+    data["loss"] = {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"}
     data.update(epochs=1 if h.max_steps else int(h.epochs), max_steps_per_epoch=h.max_steps,
                 gradient_accumulation_steps=plan.grad_accum, clip_grad_norm=h.max_grad_norm or None, compile=False)
     if h.max_steps:
