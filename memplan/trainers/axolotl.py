@@ -257,24 +257,7 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
     data.update(val_set_size=plan.data.val_ratio, dataset_prepared_path="output/axolotl/prepared",
                 output_dir="output/axolotl", sequence_len=plan.seq_len, sample_packing=plan.data.packing,
                 micro_batch_size=plan.micro_batch, gradient_accumulation_steps=plan.grad_accum)
-    if h.max_steps:
-        data["max_steps"] = h.max_steps
-    else:
-        data["num_epochs"] = number(h.epochs)
-    optimizer = hf.OPTIMIZER_NAMES[plan.optimizer]
-    if plan.sharding == "fsdp" and plan.optimizer == "adamw-8bit":
-        optimizer = "adamw_torch_8bit"
-        notes.append("axolotl refuses bitsandbytes' 8-bit AdamW under FSDP2 (its check_fsdp2_w_8bit_optimizer): "
-                     "torchao's 8-bit AdamW (adamw_torch_8bit) is written, which memplan counts as bitsandbytes' "
-                     "(one byte per state; torchao's block scales are not counted)")
-    data.update(optimizer=optimizer,
-                lr_scheduler={"constant": "constant_with_warmup"}.get(h.lr_scheduler, h.lr_scheduler),
-                learning_rate=h.effective_lr(plan.method))
-    if h.warmup_steps is not None:
-        data["warmup_steps"] = h.warmup_steps
-    else:
-        data["warmup_ratio"] = h.warmup_ratio
-    data.update(weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm, seed=h.seed)
+    data.update(_emit_schedule(plan, notes))
     fp16 = ctx.plan.precision == "amp-fp16" and plan.precision == "bf16"
     if plan.sharding == "deepspeed":
         bf16 = plan.regime.deepspeed_bf16
@@ -296,6 +279,42 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
                 save_total_limit=h.save_total_limit)
     if plan.device == "cpu":
         notes.append("axolotl trains on GPUs; this CPU plan's file is written as the same settings")
+    launch = _emit_launch(plan, notes)
+    precision = ("fp16: true (float16 weights, no fp32 copy)" if fp16 else PRECISION_NOTES[plan.precision])
+    header = [f"axolotl: {launch}", "(run from this directory; written by memplan recommend --emit axolotl)",
+              f"precision {plan.precision}: {precision}",
+              "keys: src/axolotl/utils/schemas (config.py, training.py, peft.py, fsdp.py)"]
+    return Emitted("axolotl", {CONFIG: yaml_text(data, header)}, CONFIG, [launch], plan, notes=notes)
+
+
+def _emit_schedule(plan: Plan, notes: list[str]) -> dict[str, Any]:
+    """Epochs or max_steps, the optimizer, the learning-rate schedule and its warmup (schemas/training.py)."""
+    from memplan.trainers.emit import number
+
+    h, data = plan.hparams, {}
+    if h.max_steps:
+        data["max_steps"] = h.max_steps
+    else:
+        data["num_epochs"] = number(h.epochs)
+    optimizer = hf.OPTIMIZER_NAMES[plan.optimizer]
+    if plan.sharding == "fsdp" and plan.optimizer == "adamw-8bit":
+        optimizer = "adamw_torch_8bit"
+        notes.append("axolotl refuses bitsandbytes' 8-bit AdamW under FSDP2 (its check_fsdp2_w_8bit_optimizer): "
+                     "torchao's 8-bit AdamW (adamw_torch_8bit) is written, which memplan counts as bitsandbytes' "
+                     "(one byte per state; torchao's block scales are not counted)")
+    data.update(optimizer=optimizer,
+                lr_scheduler={"constant": "constant_with_warmup"}.get(h.lr_scheduler, h.lr_scheduler),
+                learning_rate=h.effective_lr(plan.method))
+    if h.warmup_steps is not None:
+        data["warmup_steps"] = h.warmup_steps
+    else:
+        data["warmup_ratio"] = h.warmup_ratio
+    data.update(weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm, seed=h.seed)
+    return data
+
+
+def _emit_launch(plan: Plan, notes: list[str]) -> str:
+    """`axolotl train`, through accelerate launch on several GPUs (src/axolotl/cli/main.py --launcher)."""
     launch = f"{hf.alloc_env(plan)}axolotl train {CONFIG}"
     if plan.world_size > 1:
         launch += f" --launcher accelerate -- --num_processes {plan.world_size} --num_machines {plan.nodes}"
@@ -303,11 +322,7 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
             launch += " --machine_rank 0 --main_process_ip MACHINE0_ADDRESS --main_process_port 29500"
             notes.append("multi-node: replace MACHINE0_ADDRESS with machine 0's address, and run with "
                          "--machine_rank K on machine K")
-    precision = ("fp16: true (float16 weights, no fp32 copy)" if fp16 else PRECISION_NOTES[plan.precision])
-    header = [f"axolotl: {launch}", "(run from this directory; written by memplan recommend --emit axolotl)",
-              f"precision {plan.precision}: {precision}",
-              "keys: src/axolotl/utils/schemas (config.py, training.py, peft.py, fsdp.py)"]
-    return Emitted("axolotl", {CONFIG: yaml_text(data, header)}, CONFIG, [launch], plan, notes=notes)
+    return launch
 
 
 #: How each precision regime axolotl runs is written in its keys (resolve_dtype).

@@ -344,22 +344,14 @@ def _precision(n: Nearest) -> None:
 def emit(plan: Plan, ctx: Context) -> Emitted:
     """torchtune.yaml for `tune run RECIPE --config torchtune.yaml` (keys: recipes/configs/*, the recipes'
     cfg reads, torchtune/models/*/_model_builders.py)."""
-    import math
 
-    from memplan.trainers.emit import hub_id, lora_target_names, number, yaml_text
+    from memplan.trainers.emit import hub_id, yaml_text
 
     package, builder, tok_package, model_type = builder_of(plan)
     h, notes = plan.hparams, []
     single = plan.world_size == 1 and plan.sharding == "ddp"
     recipe = f"{'full' if plan.method == 'full' else 'lora'}_finetune_{'single_device' if single else 'distributed'}"
-    model: dict[str, Any] = {"_component_": f"torchtune.models.{package}.{builder}"}
-    if plan.trains_adapters:
-        prefix = "qlora_" if plan.method == "qlora" else "lora_"
-        model["_component_"] = f"torchtune.models.{package}.{prefix}{builder}"
-        names = lora_target_names(plan, ctx.spec)
-        model.update(lora_attn_modules=[ATTN_MODULES[t] for t in names if t in ATTN_MODULES],
-                     apply_lora_to_mlp=any(t in MLP_NAMES for t in names), apply_lora_to_output=False,
-                     lora_rank=plan.lora.rank, lora_alpha=number(plan.lora.alpha), lora_dropout=plan.lora.dropout)
+    model = _model_section(plan, ctx, package, builder)
     tok_component, tok_files = TOKENIZERS[tok_package]
     tokenizer = {"_component_": tok_component, **{k: f"{MODEL_DIR}/{v}" for k, v in tok_files.items()},
                  "max_seq_len": plan.seq_len}
@@ -373,27 +365,7 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
         data["save_adapter_weights_only"] = False
     data["dataset"] = _dataset(plan, ctx, notes)
     data.update(seed=h.seed, shuffle=True, batch_size=plan.micro_batch)
-    component, switches = OPTIMIZER_COMPONENTS[plan.optimizer]
-    data["optimizer"] = {"_component_": component, **switches, "lr": h.effective_lr(plan.method),
-                         "weight_decay": h.weight_decay}
-    if h.warmup_steps is not None:
-        warmup = h.warmup_steps
-    elif ctx.total_steps:
-        warmup = math.ceil(h.warmup_ratio * ctx.total_steps)  # transformers rounds a ratio up, as memplan does
-    else:
-        warmup = 0
-        notes.append(f"warmup {h.warmup_ratio:g} of the steps: torchtune takes a step count "
-                     "(lr_scheduler.num_warmup_steps), and the run's steps are not known; set it")
-    data["lr_scheduler"] = {"_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
-                            "num_warmup_steps": warmup}
-    # CEWithChunkedOutputLoss: in the released torchtune (0.6.1) and its main branch alike (LinearCrossEntropyLoss
-    # is not in 0.6.1: the trainer check found it missing)
-    data["loss"] = {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"}
-    data.update(epochs=1 if h.max_steps else int(h.epochs), max_steps_per_epoch=h.max_steps,
-                gradient_accumulation_steps=plan.grad_accum, clip_grad_norm=h.max_grad_norm or None, compile=False)
-    if h.max_steps:
-        notes.append(f"max_steps {h.max_steps}: written as one epoch of at most {h.max_steps} steps "
-                     "(max_steps_per_epoch)")
+    data.update(_emit_training(plan, ctx, notes))
     if plan.method == "full" and single:
         data["optimizer_in_bwd"] = False
     if not single:
@@ -418,6 +390,50 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
               "written by memplan recommend --emit torchtune; keys: recipes/configs, recipes/*.py, "
               "torchtune/models/*/_model_builders.py"]
     return Emitted("torchtune", {CONFIG: yaml_text(data, header)}, CONFIG, launch, plan, notes=notes)
+
+
+def _model_section(plan: Plan, ctx: Context, package: str, builder: str) -> dict[str, Any]:
+    """The model builder: the base model's, or its lora_ / qlora_ builder with the adapter settings."""
+    from memplan.trainers.emit import lora_target_names, number
+
+    model: dict[str, Any] = {"_component_": f"torchtune.models.{package}.{builder}"}
+    if plan.trains_adapters:
+        prefix = "qlora_" if plan.method == "qlora" else "lora_"
+        model["_component_"] = f"torchtune.models.{package}.{prefix}{builder}"
+        names = lora_target_names(plan, ctx.spec)
+        model.update(lora_attn_modules=[ATTN_MODULES[t] for t in names if t in ATTN_MODULES],
+                     apply_lora_to_mlp=any(t in MLP_NAMES for t in names), apply_lora_to_output=False,
+                     lora_rank=plan.lora.rank, lora_alpha=number(plan.lora.alpha), lora_dropout=plan.lora.dropout)
+    return model
+
+
+def _emit_training(plan: Plan, ctx: Context, notes: list[str]) -> dict[str, Any]:
+    """Optimizer, the cosine schedule with its warmup steps, the chunked loss, epochs and accumulation."""
+    import math
+
+    h, data = plan.hparams, {}
+    component, switches = OPTIMIZER_COMPONENTS[plan.optimizer]
+    data["optimizer"] = {"_component_": component, **switches, "lr": h.effective_lr(plan.method),
+                         "weight_decay": h.weight_decay}
+    if h.warmup_steps is not None:
+        warmup = h.warmup_steps
+    elif ctx.total_steps:
+        warmup = math.ceil(h.warmup_ratio * ctx.total_steps)  # transformers rounds a ratio up, as memplan does
+    else:
+        warmup = 0
+        notes.append(f"warmup {h.warmup_ratio:g} of the steps: torchtune takes a step count "
+                     "(lr_scheduler.num_warmup_steps), and the run's steps are not known; set it")
+    data["lr_scheduler"] = {"_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+                            "num_warmup_steps": warmup}
+    # CEWithChunkedOutputLoss: in the released torchtune (0.6.1) and its main branch alike (LinearCrossEntropyLoss
+    # is not in 0.6.1: the trainer check found it missing)
+    data["loss"] = {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"}
+    data.update(epochs=1 if h.max_steps else int(h.epochs), max_steps_per_epoch=h.max_steps,
+                gradient_accumulation_steps=plan.grad_accum, clip_grad_norm=h.max_grad_norm or None, compile=False)
+    if h.max_steps:
+        notes.append(f"max_steps {h.max_steps}: written as one epoch of at most {h.max_steps} steps "
+                     "(max_steps_per_epoch)")
+    return data
 
 
 def hf_alloc(plan: Plan) -> str:
