@@ -88,6 +88,11 @@ HPARAM_HELP = {
                    "e.g. 512GiB (default: this machine's for local GPUs and CPU plans, else 128 GiB per GPU).")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), default=None,
               help="write plan.yaml, accelerate_config.yaml, ds_config.json (DeepSpeed) and README.md here.")
+@click.option("--emit", "emit", default=None, metavar="LIST",
+              help="with -o: also write a config per trainer that runs the plan (or the nearest plan it can, "
+                   "said in the output and README.md), comma-separated: trl (trl_sft.yaml), axolotl "
+                   "(axolotl.yaml), llamafactory (llamafactory.yaml + dataset_info.json), torchtune "
+                   "(torchtune.yaml) (default: none).")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables.")
 @click.option("--explain", is_flag=True, help="also print the decision tree with the path taken marked.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,

@@ -73,6 +73,7 @@ class RecommendRequest:
     lr: float | None = None
     warmup_ratio: float | None = None
     out_dir: str | None = None
+    emit: str | None = None
     plot: str | None = None
     show_progress: bool = False
 
@@ -113,6 +114,7 @@ class Recommendation:
     assumptions: list[str] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    emitted: list = field(default_factory=list)  # memplan.trainers.emit.Emitted, one per --emit trainer
 
     @property
     def method(self) -> str | None:
@@ -132,6 +134,7 @@ class Recommendation:
             "estimate": self.estimate.to_json() if self.estimate else None,
             "alternatives": [a.to_json() for a in self.alternatives],
             "files": self.files,
+            "trainer_configs": [e.to_json() for e in self.emitted],
             "time": None,
             "hparams": None,
             "target": {"device": self.target.device, "name": self.target.name, "gpus": self.target.gpus,
@@ -584,9 +587,37 @@ def _alternatives(rec: Recommendation) -> list[Alternative]:
     return ranked + others
 
 
+def _trainer_configs(rec: Recommendation, trainers: list[str], files: dict[str, str]) -> dict[str, str]:
+    """--emit: each trainer's config for the plan (memplan.trainers.emit), next to plan.yaml, with a README
+    section on launching them; where a trainer cannot express the plan, the nearest plan it runs, estimated
+    here for the same hardware."""
+    from memplan.trainers.emit import Context, emit_all, readme_lines
+
+    def check(plan: Plan) -> tuple[int, bool]:
+        e = estimate(rec.spec, plan, rec.target.memory_bytes)
+        return e.total, rec.target.fits(e.total, e.host_bytes)
+
+    plan = rec.plan
+    fmt = plan.data.format if plan.data.format != "auto" else (rec.data.format if rec.data else None)
+    ctx = Context(plan, rec.spec, fmt if fmt in ("alpaca", "chat", "text") else None, rec.hparams.total_steps)
+    rec.emitted = emit_all(trainers, plan, ctx, check)
+    out = dict(files)
+    for e in rec.emitted:
+        out.update(e.files)
+    shown = rec.request.out_dir.rstrip("/") or "."
+    out["README.md"] = files["README.md"].rstrip("\n") + "\n\n" + "\n".join(
+        readme_lines(rec.emitted, shown, format_bytes(rec.target.usable_bytes))).rstrip("\n") + "\n"
+    return out
+
+
 def gather(req: RecommendRequest) -> Recommendation:
     """What `memplan recommend` does: the recommendation, then its files (--output) and chart (--plot).
     Raises NoPlanFits (nothing written) when no plan fits."""
+    from memplan.trainers.emit import parse_emit
+
+    trainers = parse_emit(req.emit)  # before the search, as --plot's check
+    if trainers and not req.out_dir:
+        raise UserError(f"--emit {req.emit}: needs -o DIR, where the trainers' configs are written next to plan.yaml")
     if req.plot:
         from memplan.extras import require
 
@@ -598,6 +629,8 @@ def gather(req: RecommendRequest) -> Recommendation:
 
         files = writers.render_files(req.out_dir, rec.plan, rec.spec, readme_summary(rec),
                                      writers.main_ip() if rec.plan.nodes > 1 else "127.0.0.1")
+        if trainers:
+            files = _trainer_configs(rec, trainers, files)
         rec.files = writers.write_atomically(Path(req.out_dir), files)
     if req.plot:
         from memplan.recommend.plot import plot_recommendation

@@ -116,6 +116,10 @@ def render(rec: Recommendation, explain: bool = False) -> str:
         lines += ["", "warnings:"] + [f"  ! {w}" for w in rec.warnings]
     if rec.files:
         lines += ["", "wrote:"] + [f"  {f}" for f in rec.files]
+    if rec.emitted:
+        from memplan.trainers.emit import report_lines
+
+        lines += ["", "trainer configs (launch commands in README.md):"] + report_lines(rec.emitted)
     return "\n".join(lines)
 
 

@@ -16,11 +16,16 @@ Under DeepSpeed its bf16 engine decides (bf16-master).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memplan.errors import UserError
+from memplan.train.deepspeed_setup import DS_CONFIG_NAME
 from memplan.trainers import hf, lora
+from memplan.trainers.emit import Context, Emitted, Nearest
 from memplan.trainers.source import ConfigSource, Reading
+
+if TYPE_CHECKING:
+    from memplan.plan import Plan
 
 SCHEMA = "axolotl's default (src/axolotl/utils/schemas)"
 
@@ -194,3 +199,136 @@ def read(data: dict[str, Any], path: str) -> ConfigSource:
             r.unmodelled(key, data[key], "a Liger kernel (fewer activations kept; the fused cross-entropy keeps "
                                          "no full logits)")
     return r.finish(QUIET)
+
+
+# ---------------------------------------------------------------- writing (memplan.trainers.emit)
+
+CONFIG = "axolotl.yaml"
+#: memplan's JSONL shapes -> axolotl's dataset types (docs/dataset-formats: alpaca; chat_template with
+#: field_messages and the tokenizer's own template; completion with field).
+DATASET_TYPES = {"alpaca": {"type": "alpaca"}, "chat": {"type": "chat_template", "field_messages": "messages"},
+                 "text": {"type": "completion", "field": "text"}}
+
+
+def nearest(plan: Plan, ctx: Context) -> Nearest:
+    """axolotl loads the weights in the dtype it trains (resolve_dtype: bf16 / fp16 / fp32): no autocast over
+    fp32 weights; no chunked loss without a plugin; FSDP2 has no NO_SHARD."""
+    from memplan.trainers.emit import without_autocast
+
+    n = Nearest(plan)
+    hf.nearest_optimizer(n)
+    without_autocast(n, "axolotl", "bf16: true loads bfloat16, fp16: true float16, neither float32; "
+                                   "src/axolotl/utils/config resolve_dtype")
+    if plan.loss == "chunked":
+        n.change("loss", "standard", "loss chunked -> standard: axolotl computes the full logits unless a plugin "
+                                     "(Cut Cross Entropy, Liger) replaces the loss, which memplan does not model")
+    if plan.sharding == "fsdp" and plan.zero == 0:
+        n.change("zero", 2, "FSDP NO_SHARD -> SHARD_GRAD_OP (ZeRO-2): axolotl's FSDP2 shards or reshards, it has "
+                            "no NO_SHARD")
+    return n
+
+
+def emit(plan: Plan, ctx: Context) -> Emitted:
+    """axolotl.yaml for `axolotl train` (keys: src/axolotl/utils/schemas/config.py, training.py, peft.py,
+    fsdp.py)."""
+    from memplan.trainers.emit import hub_id, number, yaml_text
+
+    h, notes = plan.hparams, []
+    data: dict[str, Any] = {"base_model": hub_id(plan)}
+    if plan.trains_adapters:
+        lo = plan.lora
+        data["adapter"] = plan.method
+        if plan.method == "qlora":
+            data["load_in_4bit"] = True
+        data.update(lora_r=lo.rank, lora_alpha=number(lo.alpha), lora_dropout=lo.dropout)
+        if lo.targets == "all-linear":
+            data["lora_target_linear"] = True
+        else:
+            data["lora_target_modules"] = list(lo.targets)
+    if plan.data.train:
+        kind = DATASET_TYPES.get(ctx.data_format or "", DATASET_TYPES["alpaca"])
+        data["datasets"] = [{"path": plan.data.train, "ds_type": "json", **kind}]
+        if not ctx.data_format:
+            notes.append("the data's shape is not known: `type: alpaca` is written; use chat_template "
+                         "(field_messages: messages) or completion (field: text) for other shapes")
+    else:
+        notes.append(f"no training file in the plan: add `datasets: [{{path: FILE.jsonl, ds_type: json, type: "
+                     f"...}}]` to {CONFIG}")
+    data.update(val_set_size=plan.data.val_ratio, dataset_prepared_path="output/axolotl/prepared",
+                output_dir="output/axolotl", sequence_len=plan.seq_len, sample_packing=plan.data.packing,
+                micro_batch_size=plan.micro_batch, gradient_accumulation_steps=plan.grad_accum)
+    data.update(_emit_schedule(plan, notes))
+    fp16 = ctx.plan.precision == "amp-fp16" and plan.precision == "bf16"
+    if plan.sharding == "deepspeed":
+        bf16 = plan.regime.deepspeed_bf16
+    else:
+        bf16 = plan.precision == "bf16" and not fp16
+    data.update(bf16=bf16, fp16=fp16, gradient_checkpointing=plan.grad_ckpt)
+    if plan.grad_ckpt:
+        data["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    data["attn_implementation"] = hf.ATTENTION_NAMES[plan.attn]
+    if plan.sharding == "deepspeed":
+        data["deepspeed"] = DS_CONFIG_NAME
+    elif plan.sharding == "fsdp":
+        data["fsdp_version"] = 2
+        data["fsdp_config"] = {"offload_params": plan.offload == "optimizer+params",
+                               "reshard_after_forward": plan.zero == 3, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                               "transformer_layer_cls_to_wrap": ctx.spec.traits.decoder_layer,
+                               "state_dict_type": "SHARDED_STATE_DICT"}
+    data.update(logging_steps=h.log_every, eval_steps=h.eval_every, save_steps=h.save_every or h.eval_every,
+                save_total_limit=h.save_total_limit)
+    if plan.device == "cpu":
+        notes.append("axolotl trains on GPUs; this CPU plan's file is written as the same settings")
+    launch = _emit_launch(plan, notes)
+    precision = ("fp16: true (float16 weights, no fp32 copy)" if fp16 else PRECISION_NOTES[plan.precision])
+    header = [f"axolotl: {launch}", "(run from this directory; written by memplan recommend --emit axolotl)",
+              f"precision {plan.precision}: {precision}",
+              "keys: src/axolotl/utils/schemas (config.py, training.py, peft.py, fsdp.py)"]
+    return Emitted("axolotl", {CONFIG: yaml_text(data, header)}, CONFIG, [launch], plan, notes=notes)
+
+
+def _emit_schedule(plan: Plan, notes: list[str]) -> dict[str, Any]:
+    """Epochs or max_steps, the optimizer, the learning-rate schedule and its warmup (schemas/training.py)."""
+    from memplan.trainers.emit import number
+
+    h, data = plan.hparams, {}
+    if h.max_steps:
+        data["max_steps"] = h.max_steps
+    else:
+        data["num_epochs"] = number(h.epochs)
+    optimizer = hf.OPTIMIZER_NAMES[plan.optimizer]
+    if plan.sharding == "fsdp" and plan.optimizer == "adamw-8bit":
+        optimizer = "adamw_torch_8bit"
+        notes.append("axolotl refuses bitsandbytes' 8-bit AdamW under FSDP2 (its check_fsdp2_w_8bit_optimizer): "
+                     "torchao's 8-bit AdamW (adamw_torch_8bit) is written, which memplan counts as bitsandbytes' "
+                     "(one byte per state; torchao's block scales are not counted)")
+    data.update(optimizer=optimizer,
+                lr_scheduler={"constant": "constant_with_warmup"}.get(h.lr_scheduler, h.lr_scheduler),
+                learning_rate=h.effective_lr(plan.method))
+    if h.warmup_steps is not None:
+        data["warmup_steps"] = h.warmup_steps
+    else:
+        data["warmup_ratio"] = h.warmup_ratio
+    data.update(weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm, seed=h.seed)
+    return data
+
+
+def _emit_launch(plan: Plan, notes: list[str]) -> str:
+    """`axolotl train`, through accelerate launch on several GPUs (src/axolotl/cli/main.py --launcher)."""
+    launch = f"{hf.alloc_env(plan)}axolotl train {CONFIG}"
+    if plan.world_size > 1:
+        launch += f" --launcher accelerate -- --num_processes {plan.world_size} --num_machines {plan.nodes}"
+        if plan.nodes > 1:
+            launch += " --machine_rank 0 --main_process_ip MACHINE0_ADDRESS --main_process_port 29500"
+            notes.append("multi-node: replace MACHINE0_ADDRESS with machine 0's address, and run with "
+                         "--machine_rank K on machine K")
+    return launch
+
+
+#: How each precision regime axolotl runs is written in its keys (resolve_dtype).
+PRECISION_NOTES = {
+    "fp32": "bf16: false, fp16: false (float32 weights, no autocast)",
+    "bf16": "bf16: true (axolotl loads the weights in bfloat16 and trains them so: no fp32 copy)",
+    "bf16-master": "DeepSpeed's bf16 engine (ds_config.json bf16.enabled, bf16: true): bf16 weights with fp32 "
+                   "masters and states",
+}

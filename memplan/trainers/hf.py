@@ -9,11 +9,14 @@ Sources (transformers 5.25): training_args.py (OptimizerNames, the fsdp options)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memplan.errors import UserError
 from memplan.files import read_yaml
 from memplan.trainers.source import Reading, shown_value
+
+if TYPE_CHECKING:
+    from memplan.plan import Plan
 
 #: transformers' OptimizerNames (and the names axolotl adds) -> the Plan's optimizer.
 OPTIMIZERS = {
@@ -259,10 +262,81 @@ def parallel(r: Reading, args: dict[str, Any], weights: str, weights_key: str) -
         ds, where = section(r, "deepspeed", "DeepSpeed config")
         deepspeed.read(r, ds, where, args)
     else:
-        if r.has("fsdp") and r.data.get("fsdp") not in (False, "", []):
+        # `fsdp` (transformers), or axolotl's FSDP2 form: fsdp_version with fsdp_config and no `fsdp` list
+        if (r.has("fsdp") and r.data.get("fsdp") not in (False, "", [])) or (
+                r.has("fsdp_version") and r.has("fsdp_config")):
             fsdp.read(r)
         else:
             r.ignore("fsdp", "fsdp_config")
             r.assume("sharding", "ddp", "no deepspeed or fsdp in the file: data parallel")
         precision(r, weights, args["autocast"], f"{weights_key} + {args['half_key']}")
     r.assume("gpus", 1, "the launcher (torchrun, accelerate launch) sets the processes, not this file: pass --gpus")
+
+
+# ---------------------------------------------------------------- writing (memplan.trainers.emit)
+
+#: The Plan's optimizer -> transformers' OptimizerNames (training_args.py), which axolotl takes too.
+#: adamw-forloop has no name there (adamw_torch is torch's AdamW with its default foreach).
+OPTIMIZER_NAMES = {"adamw": "adamw_torch", "adamw-fused": "adamw_torch_fused", "adamw-8bit": "adamw_bnb_8bit",
+                   "paged-adamw-8bit": "paged_adamw_8bit", "adafactor": "adafactor", "sgd": "sgd"}
+#: The Plan's attn -> attn_implementation.
+ATTENTION_NAMES = {"eager": "eager", "sdpa": "sdpa", "flash": "flash_attention_2"}
+
+
+def nearest_optimizer(n) -> None:
+    """adamw-forloop -> adamw: transformers names no for-loop AdamW (`n`: a memplan.trainers.emit.Nearest)."""
+    if n.plan.optimizer == "adamw-forloop":
+        n.change("optimizer", "adamw", "optimizer adamw-forloop -> adamw: transformers' optim names torch's AdamW "
+                                       "(adamw_torch, foreach) and its fused one, not the for-loop one")
+
+
+def nearest_precision(n, amp_masters: str = "amp-bf16") -> None:
+    """bf16-master without DeepSpeed: the Trainer keeps fp32 masters of bf16 weights only through DeepSpeed's
+    bf16 engine; amp-bf16 (fp32 weights, bf16 autocast) keeps the fp32 weights instead."""
+    if n.plan.precision == "bf16-master" and n.plan.sharding != "deepspeed":
+        n.change("precision", amp_masters, f"precision bf16-master -> {amp_masters}: bf16 weights with fp32 masters "
+                                           "run only under DeepSpeed's bf16 engine in transformers' Trainer; "
+                                           f"{amp_masters} keeps fp32 weights and autocasts to bf16")
+
+
+def training_arguments_for(plan: Plan) -> dict[str, Any]:
+    """transformers' TrainingArguments of the plan's step and schedule (recommend's writers.trainer_arguments),
+    with bf16 / fp16 as the regime turns autocast or DeepSpeed's engine on, and non-reentrant checkpointing
+    (what memplan counts)."""
+    from memplan.recommend.writers import trainer_arguments
+
+    args = trainer_arguments(plan)
+    regime = plan.regime
+    args["bf16"] = regime.deepspeed_bf16 if plan.sharding == "deepspeed" else regime.compute == "bfloat16"
+    if plan.precision == "amp-fp16":
+        args["fp16"] = True
+    if plan.grad_ckpt:
+        args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    args["optim"] = OPTIMIZER_NAMES[plan.optimizer]
+    if plan.device == "cpu":
+        args["use_cpu"] = True
+    return args
+
+
+def fsdp_arguments(plan: Plan, spec) -> dict[str, Any]:
+    """TrainingArguments' fsdp / fsdp_config for an FSDP plan: FSDP2 (transformers' fsdp_config version 2),
+    one unit per decoder layer, resharding after the forward = ZeRO-3 (FULL_SHARD), kept = ZeRO-2
+    (SHARD_GRAD_OP), cpu_offload = parameters, gradients and the optimizer step on the host. Checkpointing
+    stays transformers' gradient_checkpointing, as memplan counts it."""
+    if plan.sharding != "fsdp":
+        return {}
+    options = ["full_shard" if plan.zero == 3 else "shard_grad_op" if plan.zero == 2 else "no_shard"]
+    if plan.offload == "optimizer+params":
+        options.append("offload")
+    return {"fsdp": " ".join([*options, "auto_wrap"]),
+            "fsdp_config": {"version": 2, "reshard_after_forward": plan.zero == 3,
+                            "cpu_offload": plan.offload == "optimizer+params",
+                            "transformer_layer_cls_to_wrap": [spec.traits.decoder_layer],
+                            "state_dict_type": "SHARDED_STATE_DICT"}}
+
+
+def alloc_env(plan: Plan) -> str:
+    """The shell prefix of the plan's CUDA allocator (memplan.runtime.cuda_allocator), "" for the default."""
+    from memplan.runtime.cuda_allocator import launch_prefix
+
+    return launch_prefix(plan.allocator)

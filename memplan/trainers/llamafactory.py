@@ -15,11 +15,17 @@ DeepSpeed its bf16 engine decides (bf16-master).
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from memplan.errors import UserError
+from memplan.train.deepspeed_setup import DS_CONFIG_NAME
 from memplan.trainers import hf, lora
+from memplan.trainers.emit import Context, Emitted, Nearest
 from memplan.trainers.source import ConfigSource, Reading
+
+if TYPE_CHECKING:
+    from memplan.plan import Plan
 
 ARGS = "LLaMA-Factory's default (src/llamafactory/hparams)"
 ATTENTION = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2",
@@ -131,5 +137,145 @@ def read(data: dict[str, Any], path: str) -> ConfigSource:
     else:
         weights, key = "bfloat16", "the checkpoint's dtype (torch_dtype auto), counted as bfloat16"
     hf.parallel(r, args, weights, key)
+    _local_data(r)
     hf.unmodelled(r, UNMODELLED)
     return r.finish(hf.QUIET | QUIET)
+
+
+def _local_data(r: Reading) -> None:
+    """data.train: the local file that dataset_dir/dataset_info.json registers under the first `dataset` name
+    (LLaMA-Factory's data/loader.py joins dataset_dir and file_name), when that file is on this machine."""
+    import json
+
+    names = str(r.data.get("dataset") or "").split(",")
+    directory = Path(str(r.data.get("dataset_dir") or "data"))
+    for base in (Path.cwd(), Path(r.path).resolve().parent):
+        info_path = base / directory / "dataset_info.json"
+        if info_path.is_file():
+            try:
+                entry = json.loads(info_path.read_text(encoding="utf-8")).get(names[0].strip())
+            except (ValueError, AttributeError):
+                return
+            if isinstance(entry, dict) and entry.get("file_name"):
+                lora.local_data(r, str(directory / str(entry["file_name"])), "dataset")
+            return
+
+
+# ---------------------------------------------------------------- writing (memplan.trainers.emit)
+
+CONFIG = "llamafactory.yaml"
+DATASET_INFO = "dataset_info.json"
+#: memplan's JSONL shapes -> dataset_info.json entries (data/README.md of LLaMA-Factory: alpaca columns,
+#: sharegpt with OpenAI-style role/content tags, and a text column for stage pt).
+DATASET_FORMATS = {
+    "alpaca": {"formatting": "alpaca", "columns": {"prompt": "instruction", "query": "input", "response": "output"}},
+    "chat": {"formatting": "sharegpt", "columns": {"messages": "messages"},
+             "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                      "system_tag": "system"}},
+    "text": {"columns": {"prompt": "text"}},
+}
+FLASH_ATTN = {"eager": "disabled", "sdpa": "sdpa", "flash": "fa2"}
+
+
+def nearest(plan: Plan, ctx: Context) -> Nearest:
+    """LLaMA-Factory upcasts full fine-tuning's weights to fp32 (bf16 / fp16: autocast) unless pure_bf16, and
+    keeps a LoRA / QLoRA base in the checkpoint's 16-bit dtype; no chunked loss."""
+    n = Nearest(plan)
+    hf.nearest_optimizer(n)
+    if plan.trains_adapters and plan.sharding != "deepspeed" and plan.precision != "bf16":
+        n.change("precision", "bf16", f"precision {plan.precision} -> bf16: LLaMA-Factory loads a LoRA / QLoRA base "
+                                      "in the checkpoint's dtype (torch_dtype auto, bfloat16 for these models) and "
+                                      "keeps it so; the adapters train in fp32 (model/adapter.py)")
+    else:
+        hf.nearest_precision(n)
+    if plan.loss == "chunked":
+        n.change("loss", "standard", "loss chunked -> standard: LLaMA-Factory computes the full logits (Liger's "
+                                     "fused cross-entropy, enable_liger_kernel, is not modelled by memplan)")
+    return n
+
+
+def _dataset(plan: Plan, ctx: Context, data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The dataset_info.json registrations of the plan's files, and the keys that name them."""
+    fmt = DATASET_FORMATS.get(ctx.data_format or "", DATASET_FORMATS["alpaca"])
+    info: dict[str, Any] = {}
+    if not plan.data.train:
+        notes.append(f"no training file in the plan: set file_name of memplan_train in {DATASET_INFO}")
+    info["memplan_train"] = {"file_name": plan.data.train or "FILE.jsonl", **fmt}
+    data.update(dataset="memplan_train", dataset_dir=".")
+    if plan.data.validation:
+        info["memplan_validation"] = {"file_name": plan.data.validation, **fmt}
+        data["eval_dataset"] = "memplan_validation"
+    elif plan.data.val_ratio > 0:
+        data["val_size"] = plan.data.val_ratio
+    if not ctx.data_format:
+        notes.append(f"the data's shape is not known: {DATASET_INFO} registers it as alpaca "
+                     "(instruction/input/output)")
+    return info
+
+
+def emit(plan: Plan, ctx: Context) -> Emitted:
+    """llamafactory.yaml and dataset_info.json for `llamafactory-cli train` (keys: src/llamafactory/hparams:
+    model_args.py, data_args.py, finetuning_args.py, and transformers' TrainingArguments)."""
+    import json
+
+    from memplan.trainers.emit import hub_id, number, yaml_text
+
+    notes: list[str] = []
+    text = ctx.data_format == "text"
+    data: dict[str, Any] = {"model_name_or_path": hub_id(plan), "stage": "pt" if text else "sft", "do_train": True,
+                            "finetuning_type": "full" if plan.method == "full" else "lora"}
+    if plan.trains_adapters:
+        lo = plan.lora
+        data.update(lora_rank=lo.rank, lora_alpha=number(lo.alpha), lora_dropout=lo.dropout,
+                    lora_target="all" if lo.targets == "all-linear" else ",".join(lo.targets))
+        if plan.method == "qlora":
+            # memplan's QLoRA: NF4 with double quantization (memplan.runtime.hf)
+            data.update(quantization_bit=4, quantization_method="bnb", double_quantization=True)
+    if plan.sharding == "deepspeed":
+        data["deepspeed"] = DS_CONFIG_NAME
+    info = _dataset(plan, ctx, data, notes)
+    data.update(cutoff_len=plan.seq_len, packing=plan.data.packing, output_dir="output/llamafactory",
+                logging_steps=plan.hparams.log_every)
+    args = hf.training_arguments_for(plan)
+    for key in ("gradient_checkpointing", "gradient_checkpointing_kwargs"):  # LLaMA-Factory's own keys below
+        args.pop(key, None)
+    if plan.precision == "bf16" and plan.method == "full":
+        data["pure_bf16"] = True
+        args["bf16"] = False  # pure_bf16 is no autocast: LLaMA-Factory refuses it with bf16 / fp16
+    elif plan.precision == "bf16":
+        args["bf16"] = True  # the autocast of a bf16 base (what the Trainer runs the adapters under)
+    data.update(args)
+    data.update(hf.fsdp_arguments(plan, ctx.spec))
+    data.update(flash_attn=FLASH_ATTN[plan.attn], disable_gradient_checkpointing=not plan.grad_ckpt,
+                use_reentrant_gc=False, save_steps=plan.hparams.save_every or plan.hparams.eval_every,
+                save_total_limit=plan.hparams.save_total_limit)
+    if "val_size" in data or "eval_dataset" in data:
+        data.update(eval_strategy="steps", eval_steps=plan.hparams.eval_every)
+    if text:
+        notes.append("text records train as LLaMA-Factory's stage pt (every token), as memplan trains them")
+    distributed = plan.world_size > 1 or plan.sharding != "ddp"
+    env = (f"FORCE_TORCHRUN=1 NNODES={plan.nodes} NODE_RANK=0 NPROC_PER_NODE={plan.gpus} "
+           + ("MASTER_ADDR=MACHINE0_ADDRESS MASTER_PORT=29500 " if plan.nodes > 1 else "")) if distributed else ""
+    launch = f"{hf.alloc_env(plan)}{env}llamafactory-cli train {CONFIG}"
+    if plan.nodes > 1:
+        notes.append("multi-node: replace MACHINE0_ADDRESS with machine 0's address, and set NODE_RANK=K on "
+                     "machine K")
+    header = [f"LLaMA-Factory: {launch}", "(run from this directory: dataset_dir . is where dataset_info.json is; "
+              "written by memplan recommend --emit llamafactory)",
+              f"precision {plan.precision}: {_precision_note(plan)}",
+              "keys: src/llamafactory/hparams (model_args.py, data_args.py, finetuning_args.py) and transformers "
+              "TrainingArguments; template unset: the tokenizer's chat template (data/template.py)"]
+    files = {CONFIG: yaml_text(data, header), DATASET_INFO: json.dumps(info, indent=2) + "\n"}
+    return Emitted("llamafactory", files, CONFIG, [launch], plan, notes=notes)
+
+
+def _precision_note(plan: Plan) -> str:
+    if plan.sharding == "deepspeed":
+        return ("DeepSpeed's bf16 engine (ds_config.json bf16.enabled, bf16: true): bf16 weights with fp32 masters"
+                if plan.precision == "bf16-master" else "DeepSpeed in fp32 (bf16: false)")
+    if plan.trains_adapters:
+        return "the base in the checkpoint's 16-bit dtype, bf16: true autocasts the adapters' step"
+    return {"fp32": "bf16: false (the trained weights upcast to fp32, no autocast)",
+            "amp-bf16": "bf16: true (the trained weights upcast to fp32, the forward autocast to bf16)",
+            "amp-fp16": "fp16: true (the trained weights upcast to fp32, the forward autocast to fp16)",
+            "bf16": "pure_bf16: true (weights, gradients and states in bf16, no autocast)"}[plan.precision]

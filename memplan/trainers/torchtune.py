@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memplan.files import read_text
 from memplan.trainers import lora
+from memplan.trainers.emit import Context, Emitted, Nearest
 from memplan.trainers.source import ConfigSource, Reading
+
+if TYPE_CHECKING:
+    from memplan.plan import Plan
 
 RECIPES = "torchtune's recipes (recipes/*.py)"
 #: torchtune module names -> the Hugging Face names memplan's models use (torchtune/models/convert_weights.py).
@@ -28,7 +32,8 @@ LORA_NAMES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "outpu
 MLP_NAMES = ["gate_proj", "down_proj", "up_proj"]  # w1, w2, w3
 OPTIMIZERS = {"torch.optim.AdamW": "adamw", "torch.optim.Adam": "adamw", "torch.optim.SGD": "sgd",
               "bitsandbytes.optim.PagedAdamW8bit": "paged-adamw-8bit", "bitsandbytes.optim.AdamW8bit": "adamw-8bit",
-              "bitsandbytes.optim.PagedAdamW": "adamw", "torchao.optim.AdamW8bit": "adamw-8bit"}
+              "bitsandbytes.optim.PagedAdamW": "adamw", "torchao.optim.AdamW8bit": "adamw-8bit",
+              "torch.optim.Adafactor": "adafactor"}
 CHUNKED_LOSSES = ("LinearCrossEntropyLoss", "CEWithChunkedOutputLoss", "ChunkedCrossEntropyLoss")
 
 UNMODELLED = {
@@ -58,6 +63,9 @@ def _preset(builder: str) -> str | None:
     from memplan.catalog.presets import name_index
 
     name = re.sub(r"^(q?lora_)", "", builder)
+    for preset, (_, known, _, _) in BUILDERS.items():  # the builders memplan writes
+        if name in (known, known.replace("_base", "_instruct")):
+            return preset
     name = re.sub(r"_(base|instruct)$", "", name)
     m = re.fullmatch(r"([a-z]+)(\d*)(?:_(\d+))?_(\w+)", name)
     if not m:
@@ -138,9 +146,12 @@ def _training(r: Reading) -> None:
     opt = r.get("optimizer") or {}
     name = _component(opt)
     kind = OPTIMIZERS.get(name, "adamw")
+    switch = ""
     if kind == "adamw" and opt.get("fused"):
-        kind = "adamw-fused"
-    r.take("optimizer", kind, "optimizer._component_" + (" + fused" if opt.get("fused") else ""))
+        kind, switch = "adamw-fused", " + fused"
+    elif kind == "adamw" and opt.get("foreach") is False:
+        kind, switch = "adamw-forloop", " + foreach: false"
+    r.take("optimizer", kind, "optimizer._component_" + switch)
     if name not in OPTIMIZERS:
         r.unmodelled("optimizer._component_", name, "an optimizer memplan does not model: counted as AdamW")
     if "lr" in opt:
@@ -196,3 +207,255 @@ def read(data: dict[str, Any], path: str) -> ConfigSource:
         if r.data.get(key):
             r.unmodelled(key, r.get(key), why)
     return r.finish(QUIET | set(UNMODELLED))
+
+
+# ---------------------------------------------------------------- writing (memplan.trainers.emit)
+
+CONFIG = "torchtune.yaml"
+#: memplan preset -> torchtune's model package, builder (torchtune/models/<package>/_model_builders.py),
+#: tokenizer package and checkpointer model_type. Only these models have builders; the reader maps a builder
+#: back to its preset through the same table.
+BUILDERS: dict[str, tuple[str, str, str, str]] = {
+    **{f"llama-2-{s}": ("llama2", f"llama2_{s}", "llama2", "LLAMA2") for s in ("7b", "13b", "70b")},
+    **{f"llama-3-{s}": ("llama3", f"llama3_{s}", "llama3", "LLAMA3") for s in ("8b", "70b")},
+    **{f"llama-3.1-{s}": ("llama3_1", f"llama3_1_{s}", "llama3", "LLAMA3") for s in ("8b", "70b", "405b")},
+    **{f"llama-3.2-{s}": ("llama3_2", f"llama3_2_{s}", "llama3", "LLAMA3_2") for s in ("1b", "3b")},
+    "llama-3.3-70b": ("llama3_3", "llama3_3_70b", "llama3", "LLAMA3"),
+    "mistral-7b": ("mistral", "mistral_7b", "mistral", "MISTRAL"),
+    **{f"gemma-{s}": ("gemma", f"gemma_{s}", "gemma", "GEMMA") for s in ("2b", "7b")},
+    **{f"gemma-2-{s}": ("gemma2", f"gemma2_{s}", "gemma", "GEMMA2") for s in ("2b", "9b", "27b")},
+    "qwen2.5-0.5b": ("qwen2_5", "qwen2_5_0_5b", "qwen2_5", "QWEN2"),
+    "qwen2.5-1.5b": ("qwen2_5", "qwen2_5_1_5b_base", "qwen2_5", "QWEN2"),
+    "qwen2.5-3b": ("qwen2_5", "qwen2_5_3b", "qwen2_5", "QWEN2"),
+    **{f"qwen2.5-{s}": ("qwen2_5", f"qwen2_5_{s}_base", "qwen2_5", "QWEN2") for s in ("7b", "14b", "32b", "72b")},
+    **{f"qwen3-{s}": ("qwen3", f"qwen3_{s.replace('.', '_')}_base", "qwen3", "QWEN3")
+       for s in ("0.6b", "1.7b", "4b", "8b", "14b")},
+    "qwen3-32b": ("qwen3", "qwen3_32b", "qwen3", "QWEN3"),
+    "phi-3-mini": ("phi3", "phi3_mini", "phi3", "PHI3_MINI"),
+    "phi-4": ("phi4", "phi4_14b", "phi4", "PHI4"),
+}
+#: Packages whose LoRA builders take no quantize_base and that have no qlora_ builders (qwen2_5, qwen3).
+NO_QLORA = ("qwen2_5", "qwen3")
+#: tokenizer package -> (component, its files in the downloaded checkpoint directory).
+TOKENIZERS = {
+    "llama2": ("torchtune.models.llama2.llama2_tokenizer", {"path": "tokenizer.model"}),
+    "llama3": ("torchtune.models.llama3.llama3_tokenizer", {"path": "original/tokenizer.model"}),
+    "mistral": ("torchtune.models.mistral.mistral_tokenizer", {"path": "tokenizer.model"}),
+    "gemma": ("torchtune.models.gemma.gemma_tokenizer", {"path": "tokenizer.model"}),
+    "qwen2_5": ("torchtune.models.qwen2_5.qwen2_5_tokenizer", {"path": "vocab.json", "merges_file": "merges.txt"}),
+    "qwen3": ("torchtune.models.qwen3.qwen3_tokenizer", {"path": "vocab.json", "merges_file": "merges.txt"}),
+    "phi3": ("torchtune.models.phi3.phi3_mini_tokenizer", {"path": "tokenizer.model"}),
+    "phi4": ("torchtune.models.phi4.phi4_tokenizer", {"path": "vocab.json", "merges_file": "merges.txt"}),
+}
+ATTN_MODULES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
+#: The Plan's optimizer -> the component torchtune's recipes instantiate (with its switches).
+OPTIMIZER_COMPONENTS = {"adamw": ("torch.optim.AdamW", {}), "adamw-fused": ("torch.optim.AdamW", {"fused": True}),
+                        "adamw-forloop": ("torch.optim.AdamW", {"foreach": False}),
+                        "adamw-8bit": ("bitsandbytes.optim.AdamW8bit", {}),
+                        "paged-adamw-8bit": ("bitsandbytes.optim.PagedAdamW8bit", {}),
+                        "adafactor": ("torch.optim.Adafactor", {}), "sgd": ("torch.optim.SGD", {"momentum": 0.9})}
+MODEL_DIR = "model"  # where `tune download` puts the checkpoint, relative to the output directory
+
+
+def builder_of(plan: Plan) -> tuple[str, str, str, str] | None:
+    from memplan.catalog.presets import name_index
+
+    return BUILDERS.get(name_index().get(str(plan.model).lower(), ""))
+
+
+def nearest(plan: Plan, ctx: Context) -> Nearest:
+    """torchtune: its single-device recipes, or FSDP2 in its distributed ones (no DDP, no DeepSpeed); dtype bf16
+    or fp32 (no autocast, no fp32 masters, no fp16); its chunked losses; torch's SDPA; a cosine schedule;
+    whole epochs; LoRA on attention projections and on the whole MLP or none of it."""
+    from memplan.trainers.emit import lora_target_names
+
+    n = Nearest(plan)
+    found = builder_of(plan)
+    if found is None:
+        n.impossible = (f"torchtune builds models from its own builders, and has none for {plan.model}: it has "
+                        "llama2, llama3, llama3_1, llama3_2, llama3_3, mistral, gemma, gemma2, qwen2_5, qwen3, phi3 "
+                        "and phi4 builders (torchtune/models); no torchtune config was written")
+        return n
+    _sharding(n)
+    _precision(n)
+    if plan.method == "qlora" and found[0] in NO_QLORA:
+        n.change("method", "lora", f"method qlora -> lora: torchtune's {found[0]} LoRA builders cannot quantize the "
+                                   "base (no qlora_ builder, no quantize_base)")
+    if plan.trains_adapters:
+        names = lora_target_names(plan, ctx.spec)
+        mlp = [m for m in MLP_NAMES if m in names]
+        if mlp and len(mlp) < len(MLP_NAMES):
+            targets = [t for t in names if t not in MLP_NAMES] + MLP_NAMES
+            n.change("lora.targets", targets, f"LoRA targets: {', '.join(mlp)} -> the whole MLP: torchtune adapts "
+                                              "gate, up and down projections together (apply_lora_to_mlp)")
+    if plan.loss == "standard":
+        n.change("loss", "chunked", "loss standard -> chunked: torchtune's recipes compute the loss chunked "
+                                    "(CEWithChunkedOutputLoss: the output projection and the loss in chunks, "
+                                    "no full fp32 logits)")
+    if plan.attn != "sdpa":
+        n.change("attn", "sdpa", f"attention {plan.attn} -> sdpa: torchtune runs torch's scaled_dot_product_attention "
+                                 "(which picks its own flash kernel on CUDA)")
+    if plan.hparams.lr_scheduler != "cosine":
+        n.change("hparams.lr_scheduler", "cosine", f"lr_scheduler {plan.hparams.lr_scheduler} -> cosine: the schedule "
+                                                   "torchtune ships (get_cosine_schedule_with_warmup)")
+    if not float(plan.hparams.epochs).is_integer():
+        import math
+
+        n.change("hparams.epochs", float(math.ceil(plan.hparams.epochs)), f"epochs {plan.hparams.epochs:g} -> "
+                 f"{math.ceil(plan.hparams.epochs)}: torchtune runs whole epochs")
+    return n
+
+
+def _sharding(n: Nearest) -> None:
+    p = n.plan
+    if p.sharding == "deepspeed":
+        zero = 3 if (p.zero == 3 or p.offload != "none") else 2
+        offload = "optimizer+params" if p.offload != "none" else "none"
+        n.change("sharding", "fsdp", f"DeepSpeed ZeRO-{p.zero}" + (f" with {p.offload} offload" if p.offload != "none"
+                                                                   else "") +
+                 f" -> FSDP2 {'FULL_SHARD' if zero == 3 else 'SHARD_GRAD_OP'}" +
+                 (" with CPU offload (parameters, gradients and the optimizer step)" if offload != "none" else "") +
+                 ": torchtune has no DeepSpeed")
+        n.change("zero", zero, "")
+        n.change("offload", offload, "")
+    elif p.sharding == "ddp" and p.world_size > 1:
+        n.change("sharding", "fsdp", "DDP -> FSDP2 SHARD_GRAD_OP (ZeRO-2): torchtune's distributed recipes shard with "
+                                     "FSDP2 (fsdp_reshard_after_forward: false keeps the parameters gathered)")
+        n.change("zero", 2, "")
+    elif p.sharding == "fsdp" and p.zero == 0:
+        n.change("zero", 2, "FSDP NO_SHARD -> SHARD_GRAD_OP: FSDP2 shards or reshards, it has no NO_SHARD")
+    n.why = [w for w in n.why if w]
+
+
+def _precision(n: Nearest) -> None:
+    """dtype is the weights', gradients' and states' (torchtune.training.get_dtype: fp32 or bf16)."""
+    from memplan.trainers.emit import without_autocast
+
+    p = n.plan
+    if p.precision == "amp-fp16":
+        target = "bf16" if p.method == "qlora" else "fp32"
+        n.change("precision", target, f"precision amp-fp16 -> {target}: torchtune trains in dtype fp32 or bf16 only "
+                                      "(no fp16, no autocast)" + (" (bf16 needs a GPU with bf16)" if target == "bf16"
+                                                                  else ""))
+        return
+    without_autocast(n, "torchtune", "dtype: bf16 or fp32; torchtune.training.get_dtype", deepspeed_keeps=False)
+
+
+def emit(plan: Plan, ctx: Context) -> Emitted:
+    """torchtune.yaml for `tune run RECIPE --config torchtune.yaml` (keys: recipes/configs/*, the recipes'
+    cfg reads, torchtune/models/*/_model_builders.py)."""
+
+    from memplan.trainers.emit import hub_id, yaml_text
+
+    package, builder, tok_package, model_type = builder_of(plan)
+    h, notes = plan.hparams, []
+    single = plan.world_size == 1 and plan.sharding == "ddp"
+    recipe = f"{'full' if plan.method == 'full' else 'lora'}_finetune_{'single_device' if single else 'distributed'}"
+    model = _model_section(plan, ctx, package, builder)
+    tok_component, tok_files = TOKENIZERS[tok_package]
+    tokenizer = {"_component_": tok_component, **{k: f"{MODEL_DIR}/{v}" for k, v in tok_files.items()},
+                 "max_seq_len": plan.seq_len}
+    data: dict[str, Any] = {"output_dir": "output/torchtune", "model": model, "tokenizer": tokenizer,
+                            "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer",
+                                             "checkpoint_dir": MODEL_DIR, "checkpoint_files": ["model.safetensors"],
+                                             "recipe_checkpoint": None, "output_dir": "${output_dir}",
+                                             "model_type": model_type},
+                            "resume_from_checkpoint": False}
+    if plan.trains_adapters:
+        data["save_adapter_weights_only"] = False
+    data["dataset"] = _dataset(plan, ctx, notes)
+    data.update(seed=h.seed, shuffle=True, batch_size=plan.micro_batch)
+    data.update(_emit_training(plan, ctx, notes))
+    if plan.method == "full" and single:
+        data["optimizer_in_bwd"] = False
+    if not single:
+        data.update(fsdp_cpu_offload=plan.offload == "optimizer+params", fsdp_reshard_after_forward=plan.zero == 3)
+    data.update(device=plan.device, dtype="bf16" if plan.precision == "bf16" else "fp32",
+                enable_activation_checkpointing=plan.grad_ckpt, enable_activation_offloading=False,
+                metric_logger={"_component_": "torchtune.training.metric_logging.DiskLogger",
+                               "log_dir": "${output_dir}/logs"},
+                log_every_n_steps=h.log_every, log_peak_memory_stats=plan.device == "cuda")
+    procs = "" if single else f"--nproc_per_node {plan.gpus} " + (f"--nnodes {plan.nodes} " if plan.nodes > 1
+                                                                  else "")
+    files_override = f'checkpointer.checkpoint_files="[$(cd {MODEL_DIR} && ls *.safetensors | paste -sd, -)]"'
+    run = f"{hf_alloc(plan)}tune run {procs}{recipe} --config {CONFIG} {files_override}"
+    launch = [f"tune download {hub_id(plan)} --output-dir {MODEL_DIR}", run]
+    if plan.nodes > 1:
+        notes.append("multi-node: add torchrun's --node_rank and --rdzv_endpoint to `tune run` on each machine")
+    header = [f"torchtune: tune run {procs}{recipe} --config {CONFIG}",
+              f"(run from this directory after `tune download {hub_id(plan)} --output-dir {MODEL_DIR}`; the launch "
+              "command in README.md fills checkpointer.checkpoint_files with the downloaded *.safetensors)",
+              f"dtype {data['dtype']}: weights, gradients and optimizer states in {data['dtype']} (plan precision "
+              f"{plan.precision}; torchtune has no autocast and no fp32 master weights)",
+              "written by memplan recommend --emit torchtune; keys: recipes/configs, recipes/*.py, "
+              "torchtune/models/*/_model_builders.py"]
+    return Emitted("torchtune", {CONFIG: yaml_text(data, header)}, CONFIG, launch, plan, notes=notes)
+
+
+def _model_section(plan: Plan, ctx: Context, package: str, builder: str) -> dict[str, Any]:
+    """The model builder: the base model's, or its lora_ / qlora_ builder with the adapter settings."""
+    from memplan.trainers.emit import lora_target_names, number
+
+    model: dict[str, Any] = {"_component_": f"torchtune.models.{package}.{builder}"}
+    if plan.trains_adapters:
+        prefix = "qlora_" if plan.method == "qlora" else "lora_"
+        model["_component_"] = f"torchtune.models.{package}.{prefix}{builder}"
+        names = lora_target_names(plan, ctx.spec)
+        model.update(lora_attn_modules=[ATTN_MODULES[t] for t in names if t in ATTN_MODULES],
+                     apply_lora_to_mlp=any(t in MLP_NAMES for t in names), apply_lora_to_output=False,
+                     lora_rank=plan.lora.rank, lora_alpha=number(plan.lora.alpha), lora_dropout=plan.lora.dropout)
+    return model
+
+
+def _emit_training(plan: Plan, ctx: Context, notes: list[str]) -> dict[str, Any]:
+    """Optimizer, the cosine schedule with its warmup steps, the chunked loss, epochs and accumulation."""
+    import math
+
+    h, data = plan.hparams, {}
+    component, switches = OPTIMIZER_COMPONENTS[plan.optimizer]
+    data["optimizer"] = {"_component_": component, **switches, "lr": h.effective_lr(plan.method),
+                         "weight_decay": h.weight_decay}
+    if h.warmup_steps is not None:
+        warmup = h.warmup_steps
+    elif ctx.total_steps:
+        warmup = math.ceil(h.warmup_ratio * ctx.total_steps)  # transformers rounds a ratio up, as memplan does
+    else:
+        warmup = 0
+        notes.append(f"warmup {h.warmup_ratio:g} of the steps: torchtune takes a step count "
+                     "(lr_scheduler.num_warmup_steps), and the run's steps are not known; set it")
+    data["lr_scheduler"] = {"_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+                            "num_warmup_steps": warmup}
+    # CEWithChunkedOutputLoss: in the released torchtune (0.6.1) and its main branch alike (LinearCrossEntropyLoss
+    # is not in 0.6.1: the trainer check found it missing)
+    data["loss"] = {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"}
+    data.update(epochs=1 if h.max_steps else int(h.epochs), max_steps_per_epoch=h.max_steps,
+                gradient_accumulation_steps=plan.grad_accum, clip_grad_norm=h.max_grad_norm or None, compile=False)
+    if h.max_steps:
+        notes.append(f"max_steps {h.max_steps}: written as one epoch of at most {h.max_steps} steps "
+                     "(max_steps_per_epoch)")
+    return data
+
+
+def hf_alloc(plan: Plan) -> str:
+    from memplan.trainers.hf import alloc_env
+
+    return alloc_env(plan)
+
+
+def _dataset(plan: Plan, ctx: Context, notes: list[str]) -> dict[str, Any]:
+    """The dataset component for the local JSONL (load_dataset("json", data_files=...)): alpaca_dataset,
+    chat_dataset (OpenAI-style messages) or text_completion_dataset; the prompt is masked as memplan masks it."""
+    common = {"source": "json", "data_files": plan.data.train or "FILE.jsonl", "split": "train",
+              "packed": plan.data.packing}
+    if not plan.data.train:
+        notes.append(f"no training file in the plan: set dataset.data_files in {CONFIG}")
+    fmt = ctx.data_format
+    if fmt == "chat":
+        return {"_component_": "torchtune.datasets.chat_dataset", **common, "conversation_column": "messages",
+                "conversation_style": "openai", "train_on_input": False}
+    if fmt == "text":
+        return {"_component_": "torchtune.datasets.text_completion_dataset", **common, "column": "text"}
+    if not fmt:
+        notes.append("the data's shape is not known: alpaca_dataset is written; use chat_dataset or "
+                     "text_completion_dataset for other shapes")
+    return {"_component_": "torchtune.datasets.alpaca_dataset", **common, "train_on_input": False}

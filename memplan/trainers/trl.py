@@ -15,11 +15,16 @@ with bf16=True trains bf16 weights with no fp32 copy = bf16. Under DeepSpeed its
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memplan.errors import UserError
+from memplan.train.deepspeed_setup import DS_CONFIG_NAME
 from memplan.trainers import hf, lora
+from memplan.trainers.emit import Context, Emitted, Nearest
 from memplan.trainers.source import ConfigSource, Reading
+
+if TYPE_CHECKING:
+    from memplan.plan import Plan
 
 SFT_CONFIG = "TRL's SFTConfig default (trl/trainer/sft_config.py)"
 MODEL_CONFIG = "TRL's ModelConfig default (trl/trainer/model_config.py)"
@@ -40,7 +45,8 @@ QUIET = {"model_revision", "trust_remote_code", "dataset_config", "dataset_train
          "assistant_only_loss", "truncation_mode", "shuffle_dataset", "eval_packing", "packing_strategy",
          "lora_task_type", "use_rslora", "bnb_4bit_quant_type", "use_bnb_nested_quant", "router_aux_loss_coef",
          "pad_to_multiple_of", "gradient_checkpointing_use_reentrant", "ignore_bias_buffers",
-         "dataset_name", "model_name_or_path", "torch_dtype", "dtype", "lora_r", "lora_alpha", "lora_dropout"}
+         "dataset_name", "model_name_or_path", "torch_dtype", "dtype", "lora_r", "lora_alpha", "lora_dropout",
+         "datasets", "streaming", "test_split_size", "env"}
 
 
 def _weights_dtype(r: Reading) -> tuple[str, str]:
@@ -118,6 +124,106 @@ def read(data: dict[str, Any], path: str) -> ConfigSource:
         r.unmodelled("dtype", "float32", "with load_in_4bit, the modules left unquantized (embeddings, lm_head, "
                                          "norms) load in float32; memplan counts them in 16 bits")
     hf.parallel(r, args, weights, weights_key)
-    lora.local_data(r, r.get("dataset_name"), "dataset_name")
+    mixture = r.data.get("datasets")  # trl's DatasetMixtureConfig: a list of load_dataset arguments
+    if isinstance(mixture, list) and mixture and isinstance(mixture[0], dict):
+        lora.local_data(r, mixture[0].get("data_files"), "datasets")
+    else:
+        lora.local_data(r, r.get("dataset_name"), "dataset_name")
+    _allocator(r)
     hf.unmodelled(r, UNMODELLED)
     return r.finish(hf.QUIET | QUIET)
+
+
+def _allocator(r: Reading) -> None:
+    """`env:` (environment variables TrlParser sets before anything loads): PYTORCH_CUDA_ALLOC_CONF's
+    expandable_segments is the plan's allocator."""
+    env = r.data.get("env")
+    conf = str(env.get("PYTORCH_CUDA_ALLOC_CONF", "")) if isinstance(env, dict) else ""
+    if "expandable_segments:true" in conf.replace(" ", "").lower():
+        r.take("allocator", "expandable", "env.PYTORCH_CUDA_ALLOC_CONF")
+
+
+# ---------------------------------------------------------------- writing (memplan.trainers.emit)
+
+CONFIG = "trl_sft.yaml"
+#: The Plan's loss -> SFTConfig.loss_type (trl/trainer/sft_config.py).
+LOSS_TYPES = {"standard": "nll", "chunked": "chunked_nll"}
+
+
+def nearest(plan: Plan, ctx: Context) -> Nearest:
+    """TRL runs every method, attention, loss, FSDP and DeepSpeed plan; not bf16 masters outside DeepSpeed,
+    nor torch's for-loop AdamW."""
+    n = Nearest(plan)
+    hf.nearest_optimizer(n)
+    hf.nearest_precision(n)
+    return n
+
+
+def _dtype(plan: Plan) -> str:
+    """ModelConfig.dtype: the weights' dtype (amp-*: float32 weights, autocast by bf16 / fp16: true)."""
+    return plan.regime.weights
+
+
+def emit(plan: Plan, ctx: Context) -> Emitted:
+    """trl_sft.yaml: ScriptArguments, SFTConfig, ModelConfig and DatasetMixtureConfig in one file, as
+    `trl sft --config` reads it (trl/scripts/sft.py make_parser)."""
+    from memplan.trainers.emit import hub_id, number, yaml_text
+
+    data: dict[str, Any] = {"model_name_or_path": hub_id(plan), "dtype": _dtype(plan),
+                            "attn_implementation": hf.ATTENTION_NAMES[plan.attn]}
+    if plan.trains_adapters:
+        lo = plan.lora
+        data.update(use_peft=True, lora_r=lo.rank, lora_alpha=number(lo.alpha), lora_dropout=lo.dropout,
+                    lora_target_modules=lo.targets)
+        if plan.method == "qlora":
+            data.update(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    notes = []
+    if plan.data.train:
+        data["datasets"] = [{"path": "json", "data_files": plan.data.train, "split": "train"}]
+        if plan.data.val_ratio > 0:
+            data.update(test_split_size=plan.data.val_ratio, eval_strategy="steps",
+                        eval_steps=plan.hparams.eval_every)
+        if plan.data.validation:
+            notes.append(f"TRL's dataset mixture concatenates its files: the validation file {plan.data.validation} "
+                         f"is not used; {plan.data.val_ratio:g} of the training file is held out instead")
+    else:
+        notes.append(f"no training file in the plan: add `datasets: [{{path: json, data_files: FILE.jsonl, split: "
+                     f"train}}]` to {CONFIG}")
+    if ctx.data_format == "alpaca":
+        notes.append("TRL's SFTTrainer reads messages, prompt/completion or text records, not alpaca's "
+                     "instruction/input/output: convert each record to {\"messages\": [user: instruction + input, "
+                     "assistant: output]} (as memplan renders it) before training")
+    elif ctx.data_format == "chat":
+        notes.append("TRL computes the loss on every token of a messages record unless assistant_only_loss: true "
+                     "(which needs a chat template with generation markers); memplan trains on the assistant turns")
+    data.update(max_length=plan.seq_len, packing=plan.data.packing, loss_type=LOSS_TYPES[plan.loss])
+    data.update(hf.training_arguments_for(plan))
+    data.update(hf.fsdp_arguments(plan, ctx.spec))
+    if plan.sharding == "deepspeed":
+        data["deepspeed"] = DS_CONFIG_NAME
+    data.update(output_dir="output/trl", logging_steps=plan.hparams.log_every,
+                save_steps=plan.hparams.save_every or plan.hparams.eval_every,
+                save_total_limit=plan.hparams.save_total_limit)
+    if plan.allocator == "expandable":
+        data["env"] = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    header = [f"TRL: {hf.alloc_env(plan)}trl sft --config {CONFIG} --accelerate_config accelerate_config.yaml",
+              "(run from this directory; written by memplan recommend --emit trl)",
+              f"precision {plan.precision}: {PRECISION_NOTES[plan.precision]}",
+              "keys: trl/trainer/sft_config.py (SFTConfig), model_config.py (ModelConfig), trl/scripts/utils.py "
+              "(DatasetMixtureConfig), transformers training_args.py (TrainingArguments)"]
+    launch = [f"{hf.alloc_env(plan)}trl sft --config {CONFIG} --accelerate_config accelerate_config.yaml"]
+    if plan.nodes > 1:
+        notes.append("on machine K > 0, set machine_rank: K in accelerate_config.yaml first (as for memplan train)")
+    return Emitted("trl", {CONFIG: yaml_text(data, header)}, CONFIG, launch, plan, notes=notes)
+
+
+#: How each precision regime is written in TRL's keys.
+PRECISION_NOTES = {
+    "fp32": "dtype float32, bf16: false (no autocast)",
+    "amp-bf16": "dtype float32 weights + bf16: true (the Trainer autocasts the forward to bf16; weights, "
+                "gradients and AdamW states stay fp32)",
+    "amp-fp16": "dtype float32 weights + fp16: true (autocast to fp16 with loss scaling)",
+    "bf16": "dtype bfloat16 + bf16: true (weights, gradients and states in bf16, no fp32 copy)",
+    "bf16-master": "DeepSpeed's bf16 engine (ds_config.json bf16.enabled, bf16: true): bf16 weights with fp32 "
+                   "masters and states",
+}
