@@ -255,6 +255,9 @@ class Plan(_Strict):
     grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimizer step.")
     seq_len: int = Field(2048, gt=0, description="tokens per sequence.")
     grad_ckpt: bool = Field(True, description="gradient (activation) checkpointing of every decoder layer.")
+    ckpt_reentrant: bool = Field(
+        False, description="checkpoint with torch's reentrant implementation (use_reentrant=True, as LLaMA-Factory "
+                           "checkpoints, and older HF stacks) instead of the non-reentrant one; only with grad_ckpt.")
     attn: Attention = Field("sdpa", description="attention implementation: eager, sdpa, flash (flash-attention 2).")
     loss: Loss = Field(
         "standard", description="standard cross-entropy on full logits, or chunked (no full fp32 logits).")
@@ -282,6 +285,11 @@ class Plan(_Strict):
         return self.method in ("lora", "qlora")
 
     @property
+    def checkpointing(self) -> str:
+        """How reports name the checkpointing: on, on (reentrant), off."""
+        return ("on (reentrant)" if self.ckpt_reentrant else "on") if self.grad_ckpt else "off"
+
+    @property
     def regime(self) -> Regime:
         """The precision's row of PRECISIONS."""
         return PRECISIONS[self.precision]
@@ -305,6 +313,9 @@ def plan_problems(p: Plan) -> list[str]:
         out.append("QLoRA computes in 16-bit (bitsandbytes dequantizes NF4 to the compute dtype); "
                    "fp32 is not a QLoRA regime. "
                    "Hint: use --precision bf16 (or amp-bf16 on GPUs without bf16: amp-fp16).")
+    if p.ckpt_reentrant and not p.grad_ckpt:
+        out.append("ckpt_reentrant chooses how checkpointed layers are recomputed; without gradient checkpointing "
+                   "nothing is recomputed. Hint: add --grad-ckpt, or drop --ckpt-reentrant.")
     if p.sharding == "ddp" and p.zero != 0:
         out.append(f"DDP replicates everything; ZeRO stage {p.zero} needs a sharding backend. "
                    "Hint: use --sharding deepspeed (stages 1-3) or --sharding fsdp (stages 2, 3).")

@@ -127,6 +127,7 @@ class Activations:
     num_layers: int
     grad_ckpt: bool
     last_layer: int = 0  # saved by one layer of the last layer's kind (the first the backward recomputes)
+    ckpt_recompute_held: int = 0  # under reentrant checkpointing: held through each layer's inner backward
 
     @property
     def saved_total(self) -> int:
@@ -171,6 +172,26 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
     if kernels == "cuda" and kernel in ("eager", "math"):
         eager = 8 * plan.micro_batch * spec.num_heads * plan.seq_len ** 2
     return max(dense, lora, experts) + eager
+
+
+def reentrant_recompute_held(spec: ModelSpec, plan: Plan, num: Numerics) -> int:
+    """What reentrant checkpointing keeps alive through a layer's backward beyond what non-reentrant does.
+
+    torch/utils/checkpoint.py, CheckpointFunction.backward: it re-runs the whole layer with grad enabled
+    (`outputs = ctx.run_function(*detached_inputs)`), then calls `torch.autograd.backward(outputs_with_grad,
+    args_with_grad)`: the recomputed layer output (b*s*h in the residual dtype) stays referenced by `outputs`
+    until the inner backward returns. Non-reentrant checkpointing (_checkpoint_without_reentrant_generator)
+    recomputes only up to the last tensor the backward unpacks (early stop, _StopRecomputationError), so the
+    layer output - a residual add, which saves nothing - is never re-formed there. Everything else is alike:
+    both keep the layer's inputs (reentrant: ctx.save_for_backward of the positional hidden states, the
+    keyword tensors - masks, cos/sin - in the `partial` transformers' GradientCheckpointingLayer hands to
+    checkpoint), both restore the RNG state and autocast for the recompute, and the inner backward frees each
+    saved tensor as its node runs (retain_graph False). transformers makes the input embeddings' output
+    require grad under either (PreTrainedModel._activation_checkpointing_enable -> enable_input_require_grads),
+    so layer 0 keeps what it keeps without reentrancy (embedding_saved)."""
+    if not (plan.grad_ckpt and plan.ckpt_reentrant):
+        return 0
+    return plan.micro_batch * plan.seq_len * spec.hidden_size * num.residual
 
 
 def expert_stacks_materialized(spec: ModelSpec, plan: Plan, num: Numerics) -> int:
@@ -349,4 +370,5 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
         ckpt_layer_forward=expert_stacks_materialized(spec, plan, num) if plan.grad_ckpt else 0,
         loss_forward_peak=fwd_peak, loss_backward_peak=bwd_peak, forward_extra=extra,
         num_layers=spec.num_layers, grad_ckpt=plan.grad_ckpt, last_layer=last_layer,
+        ckpt_recompute_held=reentrant_recompute_held(spec, plan, num),
     )

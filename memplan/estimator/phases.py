@@ -152,6 +152,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
         g_now = G if accum else min(G, head_grads + shard.grads_from[i])
         if acts.grad_ckpt:
             alive = acts.ckpt_input * (i + 1) + (acts.first_layer if i == 0 else acts.last_layer)
+            alive += acts.ckpt_recompute_held  # reentrant: the recomputed layer output (reentrant_recompute_held)
         else:
             alive = acts.first_layer + acts.layer * i
         alive += acts.shared + acts.layer_backward_transient

@@ -158,7 +158,7 @@ def one_plan_text(spec: ModelSpec, plan: Plan, verdict: Verdict, limits: dict[st
     lines = [*model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})"
                                 f"{_model_label(spec)}"),
              f"plan: {describe_plan(result)}, {plan.world_size} {unit}(s), micro-batch {plan.micro_batch} x "
-             f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {'on' if plan.grad_ckpt else 'off'}, "
+             f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {plan.checkpointing}, "
              f"{plan.optimizer}, attn {plan.attn}"]
     if target is not None:
         lines.append(f"target: {target.describe()}" + (" (the plan's recorded target)" if recorded else ""))

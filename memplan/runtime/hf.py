@@ -56,9 +56,12 @@ def offline_and_quiet() -> None:
 offline_and_quiet()
 
 
-def enable_checkpointing(model) -> None:
-    """Non-reentrant checkpointing of every decoder layer (the reentrant form needs inputs that require grad)."""
-    kwargs = {"use_reentrant": False}
+def enable_checkpointing(model, reentrant: bool = False) -> None:
+    """Checkpointing of every decoder layer: torch's non-reentrant implementation, or the reentrant one
+    (`plan.ckpt_reentrant`). transformers makes the input embeddings' output require grad either way
+    (PreTrainedModel._activation_checkpointing_enable -> enable_input_require_grads), which the reentrant form
+    needs: without an input that requires grad its layers would pass no gradient to the adapters."""
+    kwargs = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:  # transformers < 5

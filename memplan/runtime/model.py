@@ -10,7 +10,7 @@ How each Plan field becomes the model (the same mapping memplan's estimator assu
   transformers' `BitsAndBytesConfig` (4-bit NF4, double quantization, computing in the regime's compute
   dtype) and adds LoRA on top. peft's `prepare_model_for_kbit_training` is not applied: it would upcast norms
   and embeddings to fp32, which the plan's estimate does not assume.
-- grad_ckpt: non-reentrant activation checkpointing of every decoder layer.
+- grad_ckpt: activation checkpointing of every decoder layer, non-reentrant unless ckpt_reentrant.
 - attn: eager | sdpa | flash, as the estimate assumes (`attention`: eager for a model without an SDPA path,
   flash-attention 2 on CUDA, else SDPA's flash kernel).
 - training builds no KV cache: `config.use_cache = False`.
@@ -240,7 +240,7 @@ def _apply_plan(hf_model, plan: Plan):
     for path in frozen:
         hf_model.get_submodule(path).requires_grad_(False)
     if plan.grad_ckpt:
-        enable_checkpointing(hf_model)
+        enable_checkpointing(hf_model, plan.ckpt_reentrant)
     if not plan.trains_adapters:
         return hf_model
     from peft import get_peft_model
