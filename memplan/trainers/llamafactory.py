@@ -107,9 +107,14 @@ def _model_side(r: Reading) -> None:
     (r.take if r.has("disable_gradient_checkpointing") else r.assume)(
         "grad_ckpt", not off, "disable_gradient_checkpointing" if r.has("disable_gradient_checkpointing") else
         f"disable_gradient_checkpointing not set; {ARGS}: checkpointing on")
-    if not off and r.get("use_reentrant_gc", True):
-        r.unmodelled("use_reentrant_gc", True, f"reentrant checkpointing ({ARGS}: true); memplan counts "
-                                               "non-reentrant checkpointing")
+    # model/model_utils/checkpointing.py: gradient_checkpointing_enable(gradient_checkpointing_kwargs=
+    # {"use_reentrant": use_reentrant_gc}), whatever TrainingArguments' gradient_checkpointing_kwargs say
+    if off:
+        r.ignore("use_reentrant_gc")
+    elif r.has("use_reentrant_gc"):
+        r.take("ckpt_reentrant", bool(r.get("use_reentrant_gc")), "use_reentrant_gc")
+    else:
+        r.assume("ckpt_reentrant", True, f"use_reentrant_gc not set; {ARGS}: torch's reentrant checkpointing")
     stage = r.get("stage", "sft")
     if stage not in ("sft", "pt"):
         r.unmodelled("stage", stage, "preference / reward stages: chosen and rejected sequences, a reference or "
