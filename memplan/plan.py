@@ -20,7 +20,12 @@ from memplan.files import read_yaml
 if TYPE_CHECKING:
     from memplan.catalog.spec import ModelSpec
 
-Method = Literal["full", "lora", "qlora"]
+Method = Literal["full", "lora", "qlora", "lora-8bit"]
+
+#: The methods that train LoRA adapters on a base quantized by bitsandbytes as it loads (transformers'
+#: BitsAndBytesConfig), and the base's format: QLoRA's 4-bit NF4 (Dettmers et al. 2023), LLM.int8's 8-bit
+#: weights (load_in_8bit; Dettmers et al. 2022, arXiv 2208.07339).
+QUANTIZED_BASES = {"qlora": "nf4", "lora-8bit": "int8"}
 Precision = Literal["fp32", "amp-bf16", "amp-fp16", "bf16", "bf16-master"]
 Optimizer = Literal["adamw", "adamw-fused", "adamw-forloop", "adamw-8bit", "paged-adamw-8bit", "adafactor", "sgd"]
 Sharding = Literal["ddp", "fsdp", "deepspeed"]
@@ -229,8 +234,9 @@ class Plan(_Strict):
     """A fine-tuning run's memory-relevant settings. Sizes are per GPU unless stated."""
 
     model: str | None = Field(None, description="preset id or alias, path to config.json, or local HF model directory.")
-    method: Method = Field("full", description="full fine-tuning, LoRA, or QLoRA (4-bit NF4 base + LoRA).")
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="adapter settings of method lora and qlora; "
+    method: Method = Field("full", description="full fine-tuning, LoRA, QLoRA (4-bit NF4 base + LoRA), or lora-8bit "
+                           "(LoRA on an LLM.int8 8-bit base: load_in_8bit).")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="adapter settings of the LoRA methods; "
                                "ignored (and not written) when method is full.")
     precision: Precision = Field(
         "amp-bf16",
@@ -282,7 +288,12 @@ class Plan(_Strict):
 
     @property
     def trains_adapters(self) -> bool:
-        return self.method in ("lora", "qlora")
+        return self.method in ("lora", "qlora", "lora-8bit")
+
+    @property
+    def quantized_base(self) -> str | None:
+        """The format of a base quantized as it loads (QUANTIZED_BASES: "nf4", "int8"); None for a 16/32-bit base."""
+        return QUANTIZED_BASES.get(self.method)
 
     @property
     def checkpointing(self) -> str:
@@ -296,8 +307,8 @@ class Plan(_Strict):
 
     @property
     def uses_bitsandbytes(self) -> bool:
-        """QLoRA's 4-bit layers and the 8-bit optimizers are bitsandbytes' kernels."""
-        return self.method == "qlora" or self.optimizer in BITSANDBYTES_OPTIMIZERS
+        """QLoRA's 4-bit layers, LLM.int8's 8-bit layers and the 8-bit optimizers are bitsandbytes' kernels."""
+        return self.quantized_base is not None or self.optimizer in BITSANDBYTES_OPTIMIZERS
 
     @model_validator(mode="after")
     def _combinations(self) -> Plan:
@@ -543,5 +554,5 @@ def plan_to_yaml(plan: Plan, header: str = "") -> str:
         lo = plan.lora
         targets = lo.targets if isinstance(lo.targets, str) else ",".join(lo.targets)
         body += (f"# lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}, targets {targets}: ignored, "
-                 "method is full (lora settings apply to methods lora and qlora)\n")
+                 "method is full (lora settings apply to the LoRA methods)\n")
     return (header + body) if header else body

@@ -30,7 +30,8 @@ def describe_plan(e: Estimate) -> str:
         shard = f"ZeRO-{p.zero}"
     if p.offload != "none":
         shard += f" + offload {p.offload}"
-    method = {"full": "full FT", "lora": f"LoRA r{p.lora.rank}", "qlora": f"QLoRA r{p.lora.rank}"}[p.method]
+    method = {"full": "full FT", "lora": f"LoRA r{p.lora.rank}", "qlora": f"QLoRA r{p.lora.rank}",
+              "lora-8bit": f"LoRA r{p.lora.rank} on int8"}[p.method]
     return f"{method} · {shard} · {p.precision}"
 
 

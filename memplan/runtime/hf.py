@@ -98,6 +98,19 @@ def nf4_config(compute_dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def int8_config():
+    """LLM.int8 (Dettmers et al. 2022): 8-bit weights with transformers' defaults (llm_int8_threshold 6.0, lm_head
+    skipped: llm_int8_skip_modules None -> the output embeddings stay in the load dtype)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def quantization_config(plan: Plan, compute_dtype):
+    """transformers' BitsAndBytesConfig for the plan's quantized base (Plan.quantized_base)."""
+    return nf4_config(compute_dtype) if plan.quantized_base == "nf4" else int8_config()
+
+
 def keep_4bit_layers_differentiable(model) -> int:
     """Keep bitsandbytes' 4-bit layers on the path that backpropagates; returns how many layers were set.
 
