@@ -99,7 +99,7 @@ EXPECTED = {
     'axolotl/examples/llama-3/lora-8b.yml': (
         'axolotl',
         {'model': 'NousResearch/Meta-Llama-3-8B',
-         'method': 'lora',
+         'method': 'lora-8bit',
          'lora': {'rank': 32, 'alpha': 16.0, 'dropout': 0.05, 'targets': 'all-linear'},
          'seq_len': 4096,
          'data': {'packing': True},
@@ -112,7 +112,7 @@ EXPECTED = {
          'sharding': 'ddp',
          'precision': 'bf16',
          'gpus': 1},
-        ['load_in_8bit', 'lora_modules_to_save', 'sample_packing'],
+        ['lora_modules_to_save', 'sample_packing'],
     ),
     'axolotl/examples/llama-3/qlora-1b.yml': (
         'axolotl',
@@ -621,6 +621,11 @@ def test_every_example_names_its_source_and_licence():
      "gradient_checkpointing_kwargs: {use_reentrant: true}\n", {"grad_ckpt": True, "ckpt_reentrant": False}),
     ("model_name_or_path: m\nstage: sft\nfinetuning_type: lora\ndisable_gradient_checkpointing: true\n",
      {"grad_ckpt": False, "ckpt_reentrant": None}),
+    # an 8-bit (LLM.int8) base: TRL's load_in_8bit, LLaMA-Factory's quantization_bit 8 (axolotl: the lora-8b example)
+    ("model_name_or_path: m\nuse_peft: true\nload_in_8bit: true\nbf16: true\n",
+     {"method": "lora-8bit", "precision": "amp-bf16"}),
+    ("model_name_or_path: m\nstage: sft\nfinetuning_type: lora\nquantization_bit: 8\nbf16: true\n",
+     {"method": "lora-8bit", "precision": "bf16"}),
     ("model_name_or_path: m\nstage: sft\nfinetuning_type: lora\nquantization_bit: 4\nlora_target: q_proj,v_proj\n",
      {"method": "qlora", "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}}),
 ])
