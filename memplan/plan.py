@@ -20,7 +20,12 @@ from memplan.files import read_yaml
 if TYPE_CHECKING:
     from memplan.catalog.spec import ModelSpec
 
-Method = Literal["full", "lora", "qlora"]
+Method = Literal["full", "lora", "qlora", "lora-8bit"]
+
+#: The methods that train LoRA adapters on a base quantized by bitsandbytes as it loads (transformers'
+#: BitsAndBytesConfig), and the base's format: QLoRA's 4-bit NF4 (Dettmers et al. 2023), LLM.int8's 8-bit
+#: weights (load_in_8bit; Dettmers et al. 2022, arXiv 2208.07339).
+QUANTIZED_BASES = {"qlora": "nf4", "lora-8bit": "int8"}
 Precision = Literal["fp32", "amp-bf16", "amp-fp16", "bf16", "bf16-master"]
 Optimizer = Literal["adamw", "adamw-fused", "adamw-forloop", "adamw-8bit", "paged-adamw-8bit", "adafactor", "sgd"]
 Sharding = Literal["ddp", "fsdp", "deepspeed"]
@@ -229,8 +234,9 @@ class Plan(_Strict):
     """A fine-tuning run's memory-relevant settings. Sizes are per GPU unless stated."""
 
     model: str | None = Field(None, description="preset id or alias, path to config.json, or local HF model directory.")
-    method: Method = Field("full", description="full fine-tuning, LoRA, or QLoRA (4-bit NF4 base + LoRA).")
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="adapter settings of method lora and qlora; "
+    method: Method = Field("full", description="full fine-tuning, LoRA, QLoRA (4-bit NF4 base + LoRA), or lora-8bit "
+                           "(LoRA on an LLM.int8 8-bit base: load_in_8bit).")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="adapter settings of the LoRA methods; "
                                "ignored (and not written) when method is full.")
     precision: Precision = Field(
         "amp-bf16",
@@ -255,6 +261,9 @@ class Plan(_Strict):
     grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimizer step.")
     seq_len: int = Field(2048, gt=0, description="tokens per sequence.")
     grad_ckpt: bool = Field(True, description="gradient (activation) checkpointing of every decoder layer.")
+    ckpt_reentrant: bool = Field(
+        False, description="checkpoint with torch's reentrant implementation (use_reentrant=True, as LLaMA-Factory "
+                           "checkpoints, and older HF stacks) instead of the non-reentrant one; only with grad_ckpt.")
     attn: Attention = Field("sdpa", description="attention implementation: eager, sdpa, flash (flash-attention 2).")
     loss: Loss = Field(
         "standard", description="standard cross-entropy on full logits, or chunked (no full fp32 logits).")
@@ -279,7 +288,17 @@ class Plan(_Strict):
 
     @property
     def trains_adapters(self) -> bool:
-        return self.method in ("lora", "qlora")
+        return self.method in ("lora", "qlora", "lora-8bit")
+
+    @property
+    def quantized_base(self) -> str | None:
+        """The format of a base quantized as it loads (QUANTIZED_BASES: "nf4", "int8"); None for a 16/32-bit base."""
+        return QUANTIZED_BASES.get(self.method)
+
+    @property
+    def checkpointing(self) -> str:
+        """How reports name the checkpointing: on, on (reentrant), off."""
+        return ("on (reentrant)" if self.ckpt_reentrant else "on") if self.grad_ckpt else "off"
 
     @property
     def regime(self) -> Regime:
@@ -288,8 +307,8 @@ class Plan(_Strict):
 
     @property
     def uses_bitsandbytes(self) -> bool:
-        """QLoRA's 4-bit layers and the 8-bit optimizers are bitsandbytes' kernels."""
-        return self.method == "qlora" or self.optimizer in BITSANDBYTES_OPTIMIZERS
+        """QLoRA's 4-bit layers, LLM.int8's 8-bit layers and the 8-bit optimizers are bitsandbytes' kernels."""
+        return self.quantized_base is not None or self.optimizer in BITSANDBYTES_OPTIMIZERS
 
     @model_validator(mode="after")
     def _combinations(self) -> Plan:
@@ -305,6 +324,9 @@ def plan_problems(p: Plan) -> list[str]:
         out.append("QLoRA computes in 16-bit (bitsandbytes dequantizes NF4 to the compute dtype); "
                    "fp32 is not a QLoRA regime. "
                    "Hint: use --precision bf16 (or amp-bf16 on GPUs without bf16: amp-fp16).")
+    if p.ckpt_reentrant and not p.grad_ckpt:
+        out.append("ckpt_reentrant chooses how checkpointed layers are recomputed; without gradient checkpointing "
+                   "nothing is recomputed. Hint: add --grad-ckpt, or drop --ckpt-reentrant.")
     if p.sharding == "ddp" and p.zero != 0:
         out.append(f"DDP replicates everything; ZeRO stage {p.zero} needs a sharding backend. "
                    "Hint: use --sharding deepspeed (stages 1-3) or --sharding fsdp (stages 2, 3).")
@@ -532,5 +554,5 @@ def plan_to_yaml(plan: Plan, header: str = "") -> str:
         lo = plan.lora
         targets = lo.targets if isinstance(lo.targets, str) else ",".join(lo.targets)
         body += (f"# lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}, targets {targets}: ignored, "
-                 "method is full (lora settings apply to methods lora and qlora)\n")
+                 "method is full (lora settings apply to the LoRA methods)\n")
     return (header + body) if header else body

@@ -17,6 +17,8 @@ def test_defaults_are_the_documented_ones():
 
 @pytest.mark.parametrize("fields, reason, hint", [
     (dict(method="qlora", precision="fp32"), "QLoRA computes in 16-bit", "--precision bf16"),
+    (dict(grad_ckpt=False, ckpt_reentrant=True), "without gradient checkpointing nothing is recomputed",
+     "--grad-ckpt"),
     (dict(sharding="ddp", zero=2), "ZeRO stage 2 needs a sharding backend", "--sharding deepspeed"),
     (dict(offload="optimizer"), "DDP cannot offload", "--sharding deepspeed"),
     (dict(sharding="fsdp", zero=1), "no optimizer-only sharding", "--zero 2"),

@@ -227,9 +227,10 @@ def refuse_profile(name: str, config: dict, weights: str | None, method: str) ->
         return
     if not wrapper.profiled:
         refuse_runtime(name, config, "profile")
-    if weights is None and method != "qlora":
+    if weights is None and method not in ("qlora", "lora-8bit"):
         return
-    why = "from a checkpoint (--weights)" if weights is not None else "under QLoRA"
+    why = "from a checkpoint (--weights)" if weights is not None else \
+        {"qlora": "under QLoRA", "lora-8bit": "on an 8-bit base"}[method]
     text = text_config(config, name, wrapper)
     raise UserError(f"{name}: a multimodal '{config['model_type']}' model: memplan profile builds it from its "
                     f"config.json with the vision tower frozen, not {why}; give it the language model's own "

@@ -32,6 +32,7 @@ PLAN_FLAGS: dict[str, str] = {
     "grad_accum": "--grad-accum",
     "seq_len": "--seq-len",
     "grad_ckpt": "--grad-ckpt",
+    "ckpt_reentrant": "--ckpt-reentrant",
     "attn": "--attn",
     "loss": "--loss",
     "allocator": "--allocator",

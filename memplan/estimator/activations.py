@@ -105,6 +105,7 @@ def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention", 
         expert_glu_limit=tr.expert_glu_limit, router_topk_first=tr.router_topk_first,
         rotary_type_as=tr.rotary_complex, qk_weightless_norm=tr.qk_weightless_norm and rope,
         attn_temperature=tr.attn_temperature and not rope, experts_every_token=tr.experts_every_token,
+        int8_base=plan.quantized_base == "int8",
     )
 
 
@@ -127,12 +128,14 @@ class Activations:
     num_layers: int
     grad_ckpt: bool
     last_layer: int = 0  # saved by one layer of the last layer's kind (the first the backward recomputes)
+    ckpt_recompute_held: int = 0  # under reentrant checkpointing: held through each layer's inner backward
+    ckpt_kept_inputs: int = 0  # per layer under non-reentrant checkpointing: int8 linears' inputs it cannot discard
 
     @property
     def saved_total(self) -> int:
         """Everything the forward leaves for the backward."""
         if self.grad_ckpt:
-            layers = self.ckpt_input * self.num_layers
+            layers = (self.ckpt_input + self.ckpt_kept_inputs) * self.num_layers
         else:
             layers = self.first_layer + self.layer * (self.num_layers - 1)
         return layers + self.shared + self.head
@@ -166,11 +169,42 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
             # baddbmm's backward reduces it to the LoRA factors' gradients. The last stack of the forward
             # (down_proj) does this first, while all the layer's saved tensors are still alive.
             experts = num.weights * (lin.count * lin.d_in * lin.d_out + rows * (lin.d_in + lin.d_out))
+    int8 = 0
+    if plan.quantized_base == "int8":
+        # bitsandbytes' int8 backward (MatMul8bitLt and MatMul8bitFp alike): CB = state.CB.to(ctx.dtype_A, copy=True)
+        # .mul_(SCB / 127), the dequantized weight in the input's dtype, then grad_A = matmul(grad_output.to(
+        # ctx.dtype_A), CB): beside the incoming gradient (compute dtype), its copy in A's dtype where they differ,
+        # the weight and grad_A. A's dtype: the residual's (a norm's output; fp32 under amp) at most.
+        a = num.residual
+        for lin in spec.layer_linears:
+            if lin.kind in ("linear", "conv1d"):
+                out_grad = c * tok * lin.d_out + (a * tok * lin.d_out if a != c else 0)
+                int8 = max(int8, a * lin.d_out * lin.d_in + a * tok * lin.d_in + out_grad)
     eager = 0
     kernel = LayerReplay(Tape(kernels=kernels), layer_spec(spec, plan), num).attention_kernel()
     if kernels == "cuda" and kernel in ("eager", "math"):
         eager = 8 * plan.micro_batch * spec.num_heads * plan.seq_len ** 2
-    return max(dense, lora, experts) + eager
+    return max(dense, lora, experts, int8) + eager
+
+
+def reentrant_recompute_held(spec: ModelSpec, plan: Plan, num: Numerics) -> int:
+    """What reentrant checkpointing keeps alive through a layer's backward beyond what non-reentrant does.
+
+    torch/utils/checkpoint.py, CheckpointFunction.backward: it re-runs the whole layer with grad enabled
+    (`outputs = ctx.run_function(*detached_inputs)`), then calls `torch.autograd.backward(outputs_with_grad,
+    args_with_grad)`: the recomputed layer output (b*s*h in the residual dtype) stays referenced by `outputs`
+    until the inner backward returns. Non-reentrant checkpointing (_checkpoint_without_reentrant_generator)
+    recomputes only up to the last tensor the backward unpacks (early stop, _StopRecomputationError), so the
+    layer output - a residual add, which saves nothing - is never re-formed there. Everything else is alike:
+    both keep the layer's inputs (reentrant: ctx.save_for_backward of the positional hidden states, the
+    keyword tensors - masks, cos/sin - in the `partial` transformers' GradientCheckpointingLayer hands to
+    checkpoint), both restore the RNG state and autocast for the recompute, and the inner backward frees each
+    saved tensor as its node runs (retain_graph False). transformers makes the input embeddings' output
+    require grad under either (PreTrainedModel._activation_checkpointing_enable -> enable_input_require_grads),
+    so layer 0 keeps what it keeps without reentrancy (embedding_saved)."""
+    if not (plan.grad_ckpt and plan.ckpt_reentrant):
+        return 0
+    return plan.micro_batch * plan.seq_len * spec.hidden_size * num.residual
 
 
 def expert_stacks_materialized(spec: ModelSpec, plan: Plan, num: Numerics) -> int:
@@ -182,13 +216,34 @@ def expert_stacks_materialized(spec: ModelSpec, plan: Plan, num: Numerics) -> in
                if lin.kind == "experts" and lin.name in targets)
 
 
-def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool,
-                layer_type: str = "full_attention", rope: bool = True, group: LayerGroup | None = None) -> int:
+def _layer_tape(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool, layer_type: str = "full_attention",
+                rope: bool = True, group: LayerGroup | None = None) -> Tape:
     tape = Tape(kernels=kernels)
     ls = layer_spec(spec, plan, layer_type, rope, group)
     num = numerics(plan, spec)
     LayerReplay(tape, ls, num).layer(T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, input_rg))
-    return tape.saved_bytes
+    return tape
+
+
+def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool,
+                layer_type: str = "full_attention", rope: bool = True, group: LayerGroup | None = None) -> int:
+    return _layer_tape(spec, plan, kernels, input_rg, layer_type, rope, group).saved_bytes
+
+
+def int8_inputs_kept(spec: ModelSpec, plan: Plan, kernels: str, kinds: list) -> int:
+    """Per layer (the mean over the layers), what non-reentrant checkpointing keeps besides each layer's input
+    under lora-8bit: the inputs of its int8 linears (LayerReplay._int8_linear).
+
+    torch/utils/checkpoint.py, _checkpoint_without_reentrant_generator: the checkpointed forward runs with grad
+    enabled under saved_tensors_hooks whose pack hook drops every tensor saved through save_for_backward (the
+    backward recomputes it). bitsandbytes' MatMul8bitLt / MatMul8bitFp keep their input as a ctx attribute
+    (ctx.tensors / ctx.A), which no hook sees: it stays referenced by the layer's graph until the backward
+    reaches that layer. Every layer's input needs a gradient under checkpointing (enable_input_require_grads),
+    so every int8 linear keeps its input. Reentrant checkpointing runs the forward under no_grad: none."""
+    if plan.quantized_base != "int8" or not plan.grad_ckpt or plan.ckpt_reentrant:
+        return 0
+    tapes = {k: _layer_tape(spec, plan, kernels, True, k[1], k[2], k[0]) for k in set(kinds)}
+    return sum(sum(tapes[k].attributes.values()) for k in kinds) // len(kinds)
 
 
 def embedding_saved(spec: ModelSpec, plan: Plan, kernels: str) -> int:
@@ -349,4 +404,6 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
         ckpt_layer_forward=expert_stacks_materialized(spec, plan, num) if plan.grad_ckpt else 0,
         loss_forward_peak=fwd_peak, loss_backward_peak=bwd_peak, forward_extra=extra,
         num_layers=spec.num_layers, grad_ckpt=plan.grad_ckpt, last_layer=last_layer,
+        ckpt_recompute_held=reentrant_recompute_held(spec, plan, num),
+        ckpt_kept_inputs=int8_inputs_kept(spec, plan, kernels, kinds),
     )

@@ -51,6 +51,9 @@ class Tape:
 
     kernels: str = "cuda"
     saved: dict[int, int] = field(default_factory=dict)
+    # of `saved`, what a custom autograd.Function keeps as a ctx attribute rather than through save_for_backward:
+    # out of reach of the saved-tensor hooks that non-reentrant checkpointing discards saved tensors with
+    attributes: dict[int, int] = field(default_factory=dict)
 
     @property
     def saved_bytes(self) -> int:
@@ -59,6 +62,11 @@ class Tape:
     def save(self, *tensors: T) -> None:
         for t in tensors:
             self.saved.setdefault(t.uid, t.nbytes)
+
+    def keep_as_attribute(self, t: T) -> None:
+        """ctx.A = A in a custom Function's forward: saved for the backward, bypassing saved-tensor hooks."""
+        self.save(t)
+        self.attributes.setdefault(t.uid, t.nbytes)
 
     # ---------------------------------------------------------------- ops
     def new(self, numel: int, itemsize: int, rg: bool) -> T:

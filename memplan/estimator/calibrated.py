@@ -85,7 +85,7 @@ def trace_plan(spec: ModelSpec, plan: Plan) -> Plan:
     memplan.runtime.model.attention). The trace runs CPU kernels on fake tensors whatever the plan's device."""
     from memplan.estimator.activations import attention_impl
 
-    method = "lora" if plan.method == "qlora" else plan.method
+    method = "lora" if plan.quantized_base else plan.method
     attn = attention_impl(spec, plan)
     fields = dict(method=method, precision=_TRACED_PRECISION.get(plan.precision, plan.precision),
                   attn="sdpa" if attn == "flash" else attn, grad_ckpt=False, loss="standard", optimizer="sgd",

@@ -162,7 +162,7 @@ def loading_processes(plan: Plan) -> int:
     modeling_utils loads the other ranks on the meta device) and DeepSpeed ZeRO-3 (zero3_init_flag: under
     zero.Init transformers reads the state dict on rank 0 only, `map_location="meta"` elsewhere). QLoRA
     is quantized on load, which both paths leave to every rank."""
-    if plan.device == "cuda" and plan.method != "qlora":
+    if plan.device == "cuda" and not plan.quantized_base:
         if plan.sharding == "fsdp" and plan.world_size > 1 or plan.sharding == "deepspeed" and plan.zero == 3:
             return 1
     return plan.gpus
@@ -176,7 +176,7 @@ def loaded_copy_bytes(spec: ModelSpec, plan: Plan, load_itemsize: int) -> int:
     model at once by the end of the load. QLoRA loads with device_map={"": device}: on a GPU each tensor goes
     there and is quantized one by one (no host copy); ZeRO-3 copies rank 0's mapped tensors into the GPU
     partitions. A QLoRA plan on the CPU keeps what it quantized: its weights, counted as training tensors."""
-    if plan.method == "qlora" or plan.device == "cuda" and plan.sharding == "deepspeed" and plan.zero == 3:
+    if plan.quantized_base or plan.device == "cuda" and plan.sharding == "deepspeed" and plan.zero == 3:
         return 0
     if load_itemsize == checkpoint_itemsize(spec):
         return 0
@@ -315,7 +315,7 @@ def cpu_load_terms(spec: ModelSpec, plan: Plan, run: Run, copy: int) -> dict[str
     pages, weights = checkpoint_bytes(spec), run.weights
     buckets = run.device_phases["optimizer"].get("comm_buffers", 0)
     sharded = plan.sharding == "fsdp" and plan.world_size > 1
-    if copy or plan.method == "qlora":
+    if copy or plan.quantized_base:
         steps = [{"checkpoint_pages": pages, "loaded_weights": copy or weights},
                  {"loaded_weights": weights + (copy if sharded else 0), "training_tensors": buckets}]
     else:

@@ -80,6 +80,7 @@ class LayerSpec:
     qk_weightless_norm: bool = False  # Llama4TextWeightlessRMSNorm on q and k after the rotary
     attn_temperature: bool = False  # q * a per-position fp32 scale, cast back (Llama 4's NoPE layers)
     experts_every_token: bool = False  # Llama4TextMoe: sigmoid router, every expert on every token, shared expert
+    int8_base: bool = False  # the frozen linears are bitsandbytes' Linear8bitLt (LLM.int8, lora-8bit)
 
 
 class LayerReplay:
@@ -144,11 +145,14 @@ class LayerReplay:
         xin = t.cast(x, n.compute) if n.autocast else x
         out_numel = self.tokens() * out_features
         d_in = x.numel // self.tokens()
-        if n.autocast and x.rg and n.weights != n.compute:
+        if n.autocast and x.rg and n.weights != n.compute and not self.L.int8_base:
             # autocast's low-precision copy of the weight, saved for grad_input (and cached while
             # autocast is on when the weight is a trainable leaf)
             t.save(T(d_in * out_features, n.compute, False))
-        base = t.linear(xin, out_numel, self.L.full_ft, out_itemsize=n.compute)
+        if self.L.int8_base:
+            base = self._int8_linear(x, out_numel)
+        else:
+            base = t.linear(xin, out_numel, self.L.full_ft, out_itemsize=n.compute)
         if name not in self.L.lora_targets:
             return base
         # peft: x cast to the adapter dtype, dropout, lora_A, lora_B, scaled and added, cast back.
@@ -163,6 +167,22 @@ class LayerReplay:
                 t.save(T(self.L.lora_rank * d_in, n.compute, False))
             t.save(T(self.L.lora_rank * out_features, n.compute, False))
         return T(out_numel, base.itemsize, True)
+
+    def _int8_linear(self, x: T, out_numel: int) -> T:
+        """bitsandbytes' Linear8bitLt (frozen int8 weight) through bnb.matmul: MatMul8bitLt on CUDA, MatMul8bitFp on
+        the CPU (autograd/_functions.py `matmul`: a training CPU layer dequantizes and calls F.linear). Both keep
+        their input A, as given, for the backward whenever it needs a gradient (MatMul8bitLt: ctx.tensors =
+        (CAt, subA, A), CAt None for a frozen weight; MatMul8bitFp: ctx.A = A): the input before autocast's cast,
+        which runs inside the function. The output is A's dtype on CUDA (int8_mixed_scaled_mm(..., A, ...)) and
+        F.linear's (the autocast dtype) on the CPU. subA, the input's outlier columns (|x| above
+        llm_int8_threshold), depends on the data and is not counted. Both keep A as a ctx attribute, not through
+        save_for_backward, so non-reentrant checkpointing cannot discard it (reentrant runs the forward without
+        grad: no graph, nothing kept); see activations.int8_inputs_kept."""
+        t, n = self.t, self.n
+        if x.rg:
+            t.keep_as_attribute(x)
+        out_itemsize = x.itemsize if t.kernels == "cuda" else (n.compute if n.autocast else x.itemsize)
+        return T(out_numel, out_itemsize, x.rg)
 
     def activation(self, x: T, numel: int) -> T:
         """ACT2FN[act](x) (transformers/activations.py); x may be a view (a chunk of a fused projection)."""

@@ -126,7 +126,8 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     fwd = at_loss_fwd
     if acts.grad_ckpt and acts.ckpt_layer_forward:
         in_layer = _terms(**base, gradients=G_fwd,
-                          activations=acts.ckpt_input * acts.num_layers + acts.shared + acts.ckpt_layer_forward,
+                          activations=(acts.ckpt_input + acts.ckpt_kept_inputs) * acts.num_layers + acts.shared
+                          + acts.ckpt_layer_forward,
                           gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
         fwd = max(fwd, in_layer, key=lambda t: sum(t.values()))
     if not acts.grad_ckpt:
@@ -152,6 +153,10 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
         g_now = G if accum else min(G, head_grads + shard.grads_from[i])
         if acts.grad_ckpt:
             alive = acts.ckpt_input * (i + 1) + (acts.first_layer if i == 0 else acts.last_layer)
+            # lora-8bit: the int8 linears' inputs of the layers below i, still referenced by their graphs (layer
+            # i's are in its recomputed saved bytes: int8_inputs_kept)
+            alive += acts.ckpt_kept_inputs * i
+            alive += acts.ckpt_recompute_held  # reentrant: the recomputed layer output (reentrant_recompute_held)
         else:
             alive = acts.first_layer + acts.layer * i
         alive += acts.shared + acts.layer_backward_transient

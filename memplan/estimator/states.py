@@ -23,7 +23,7 @@ class Tensors:
     """The trainable and frozen parameter tensors: shapes of the trainable ones, element counts else."""
 
     trainable_shapes: tuple[tuple[int, ...], ...]  # one entry per trainable tensor
-    frozen_quantized: tuple[int, ...]  # QLoRA: NF4 linear weights
+    frozen_quantized: tuple[tuple[int, int], ...]  # a quantized base's linear weights, (d_out, d_in) each
     frozen_plain: int  # frozen elements stored in the regime's weight dtype
 
     @cached_property
@@ -88,12 +88,13 @@ def parameter_tensors(spec: ModelSpec, plan: Plan, targets: frozenset[str]) -> T
     adapters = lora_tensors(spec, targets, plan.lora.rank)
     if plan.method == "lora":
         return Tensors(adapters, (), spec.params_total + spec.params_frozen)
-    # QLoRA: bitsandbytes quantizes every decoder nn.Linear (and GPT-2 Conv1D) weight; embeddings, norms,
-    # biases and lm_head stay 16-bit, and so do an MoE router and fused 3-D expert stacks, which are not
-    # Linear modules (checked: transformers 5.24 + bitsandbytes 0.50 leave Mixtral's experts in bf16).
-    quantized = tuple(lin.d_in * lin.d_out for g in spec.layer_groups for _ in range(g.count)
+    # QLoRA / lora-8bit: bitsandbytes quantizes every decoder nn.Linear (and GPT-2 Conv1D) weight; embeddings,
+    # norms, biases and lm_head stay in the load dtype (transformers' bnb quantizers skip the output embeddings:
+    # get_keys_to_not_convert), and so do an MoE router and fused 3-D expert stacks, which are not Linear modules
+    # (checked: transformers 5.24 + bitsandbytes 0.50 leave Mixtral's experts in bf16).
+    quantized = tuple((lin.d_out, lin.d_in) for g in spec.layer_groups for _ in range(g.count)
                       for lin in g.linears if lin.kind in ("linear", "conv1d") for _ in range(lin.count))
-    return Tensors(adapters, quantized, spec.params_total - sum(quantized) + spec.params_frozen)
+    return Tensors(adapters, quantized, spec.params_total - sum(o * i for o, i in quantized) + spec.params_frozen)
 
 
 def nf4_bytes(numel: int) -> int:
@@ -103,11 +104,23 @@ def nf4_bytes(numel: int) -> int:
     return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / NF4_DQ_BLOCK) + 4 * 256 + 4 * 16
 
 
+def int8_bytes(d_out: int, d_in: int) -> int:
+    """LLM.int8 (bitsandbytes Int8Params, quantized as it loads): one int8 per weight (CB, which the layer's
+    MatmulLtState.CB shares) and one fp32 absmax per output row (SCB: int8_vectorwise_quant's row statistics)."""
+    return d_out * d_in + 4 * d_out
+
+
+def quantized_bytes(fmt: str | None, d_out: int, d_in: int) -> int:
+    """One quantized linear weight as bitsandbytes stores it: NF4 (QLoRA) or int8 (lora-8bit)."""
+    return nf4_bytes(d_out * d_in) if fmt == "nf4" else int8_bytes(d_out, d_in)
+
+
 def weight_bytes(t: Tensors, plan: Plan, weight_itemsize: int, adapter_itemsize: int) -> int:
-    """Weights as stored: trainable ones in their dtype, frozen base in the regime's dtype, NF4 for QLoRA."""
+    """Weights as stored: trainable ones in their dtype, frozen base in the regime's dtype, its quantized linears
+    as bitsandbytes stores them (NF4 for QLoRA, int8 for lora-8bit)."""
     trainable_itemsize = adapter_itemsize if plan.trains_adapters else weight_itemsize
     return (t.n_trainable * trainable_itemsize + t.frozen_plain * weight_itemsize
-            + sum(nf4_bytes(n) for n in t.frozen_quantized))
+            + sum(quantized_bytes(plan.quantized_base, o, i) for o, i in t.frozen_quantized))
 
 
 def trainable_itemsize(plan: Plan, weight_itemsize: int, adapter_itemsize: int) -> int:

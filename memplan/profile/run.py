@@ -113,7 +113,8 @@ def check_runnable(plan: Plan, backend: str, steps: int) -> None:
         raise UserError(f"--steps must be at least 1, got {steps}")
     uses_bnb = plan.uses_bitsandbytes
     if uses_bnb and backend == "trace":
-        what = "4-bit kernels (QLoRA)" if plan.method == "qlora" else f"8-bit optimizer kernels ({plan.optimizer})"
+        what = {"nf4": "4-bit kernels (QLoRA)", "int8": "8-bit matmul kernels (lora-8bit)"}.get(
+            plan.quantized_base or "", f"8-bit optimizer kernels ({plan.optimizer})")
         raise UserError(f"the trace backend cannot run bitsandbytes' {what} on fake tensors. Hint: use --backend "
                         "cpu (bitsandbytes >= 0.50 runs them on the CPU; small models) or --backend cuda")
     if backend == "cuda" and not torch.cuda.is_available():
@@ -129,9 +130,9 @@ def check_runnable(plan: Plan, backend: str, steps: int) -> None:
         raise UserError(f"the plan runs {plan.world_size} processes; the trace backend runs one. Hint: "
                         f"--backend cpu runs {plan.world_size} processes with gloo (small models), --backend cuda "
                         "with NCCL, or --gpus 1 for one process")
-    if plan.method == "qlora" and plan.sharding == "fsdp" and plan.world_size > 1:
-        raise UserError("QLoRA under FSDP needs bitsandbytes' quant storage settings that memplan does not "
-                        "profile. Hint: --sharding ddp")
+    if plan.quantized_base and plan.sharding == "fsdp" and plan.world_size > 1:
+        raise UserError("a quantized base (QLoRA, lora-8bit) under FSDP needs bitsandbytes' quant storage settings "
+                        "that memplan does not profile. Hint: --sharding ddp")
 
 
 # ---------------------------------------------------------------- the step

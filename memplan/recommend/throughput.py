@@ -90,9 +90,11 @@ def _grad_itemsize(plan: Plan) -> int:
 
 
 def _weight_itemsize(plan: Plan) -> float:
-    """Parameters are gathered in the compute dtype; a QLoRA base in NF4."""
+    """Parameters are gathered in the compute dtype; a QLoRA base in NF4, an 8-bit base in int8 (1 byte)."""
     if plan.method == "qlora":
         return NF4_BYTES
+    if plan.method == "lora-8bit":
+        return 1
     return 4 if plan.precision == "fp32" else 2
 
 

@@ -134,6 +134,8 @@ def trainer_arguments(plan: Plan) -> dict[str, object]:
     else:
         args["num_train_epochs"] = h.epochs
     args.update(bf16=plan.regime.deepspeed_bf16, gradient_checkpointing=plan.grad_ckpt, seed=h.seed)
+    if plan.grad_ckpt and plan.ckpt_reentrant:
+        args["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
     return args
 
 

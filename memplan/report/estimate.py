@@ -30,7 +30,8 @@ def describe_plan(e: Estimate) -> str:
         shard = f"ZeRO-{p.zero}"
     if p.offload != "none":
         shard += f" + offload {p.offload}"
-    method = {"full": "full FT", "lora": f"LoRA r{p.lora.rank}", "qlora": f"QLoRA r{p.lora.rank}"}[p.method]
+    method = {"full": "full FT", "lora": f"LoRA r{p.lora.rank}", "qlora": f"QLoRA r{p.lora.rank}",
+              "lora-8bit": f"LoRA r{p.lora.rank} on int8"}[p.method]
     return f"{method} · {shard} · {p.precision}"
 
 
@@ -158,7 +159,7 @@ def one_plan_text(spec: ModelSpec, plan: Plan, verdict: Verdict, limits: dict[st
     lines = [*model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})"
                                 f"{_model_label(spec)}"),
              f"plan: {describe_plan(result)}, {plan.world_size} {unit}(s), micro-batch {plan.micro_batch} x "
-             f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {'on' if plan.grad_ckpt else 'off'}, "
+             f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {plan.checkpointing}, "
              f"{plan.optimizer}, attn {plan.attn}"]
     if target is not None:
         lines.append(f"target: {target.describe()}" + (" (the plan's recorded target)" if recorded else ""))

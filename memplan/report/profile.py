@@ -77,7 +77,7 @@ def _heading(p) -> list[str]:
     return [
         *model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})"),
         f"plan: {describe_plan(p.est)}, {plan.world_size} process(es), micro-batch {plan.micro_batch} x "
-        f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {'on' if plan.grad_ckpt else 'off'}, "
+        f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {plan.checkpointing}, "
         f"{plan.optimizer}, attn {plan.attn}",
         f"backend {p.backend}: {BACKEND_WORDS[p.backend]}, {len(main.steps)} optimizer step(s) "
         f"in {main.seconds:.1f} s; "

@@ -56,9 +56,12 @@ def offline_and_quiet() -> None:
 offline_and_quiet()
 
 
-def enable_checkpointing(model) -> None:
-    """Non-reentrant checkpointing of every decoder layer (the reentrant form needs inputs that require grad)."""
-    kwargs = {"use_reentrant": False}
+def enable_checkpointing(model, reentrant: bool = False) -> None:
+    """Checkpointing of every decoder layer: torch's non-reentrant implementation, or the reentrant one
+    (`plan.ckpt_reentrant`). transformers makes the input embeddings' output require grad either way
+    (PreTrainedModel._activation_checkpointing_enable -> enable_input_require_grads), which the reentrant form
+    needs: without an input that requires grad its layers would pass no gradient to the adapters."""
+    kwargs = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:  # transformers < 5
@@ -93,6 +96,19 @@ def nf4_config(compute_dtype):
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
+
+
+def int8_config():
+    """LLM.int8 (Dettmers et al. 2022): 8-bit weights with transformers' defaults (llm_int8_threshold 6.0, lm_head
+    skipped: llm_int8_skip_modules None -> the output embeddings stay in the load dtype)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def quantization_config(plan: Plan, compute_dtype):
+    """transformers' BitsAndBytesConfig for the plan's quantized base (Plan.quantized_base)."""
+    return nf4_config(compute_dtype) if plan.quantized_base == "nf4" else int8_config()
 
 
 def keep_4bit_layers_differentiable(model) -> int:

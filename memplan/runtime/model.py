@@ -8,9 +8,10 @@ How each Plan field becomes the model (the same mapping memplan's estimator assu
 - method: full trains every weight; lora wraps the model with peft `LoraConfig(r, lora_alpha, lora_dropout,
   target_modules)` ("all-linear" = every linear layer but the output head); qlora loads the weights through
   transformers' `BitsAndBytesConfig` (4-bit NF4, double quantization, computing in the regime's compute
-  dtype) and adds LoRA on top. peft's `prepare_model_for_kbit_training` is not applied: it would upcast norms
+  dtype) and adds LoRA on top; lora-8bit the same with `load_in_8bit` (LLM.int8 8-bit weights).
+  peft's `prepare_model_for_kbit_training` is not applied: it would upcast norms
   and embeddings to fp32, which the plan's estimate does not assume.
-- grad_ckpt: non-reentrant activation checkpointing of every decoder layer.
+- grad_ckpt: activation checkpointing of every decoder layer, non-reentrant unless ckpt_reentrant.
 - attn: eager | sdpa | flash, as the estimate assumes (`attention`: eager for a model without an SDPA path,
   flash-attention 2 on CUDA, else SDPA's flash kernel).
 - training builds no KV cache: `config.use_cache = False`.
@@ -38,7 +39,13 @@ from typing import Any
 from memplan.catalog.spec import read_config
 from memplan.errors import UserError
 from memplan.plan import Plan
-from memplan.runtime.hf import BNB_HINT, enable_checkpointing, keep_4bit_layers_differentiable, lora_config, nf4_config
+from memplan.runtime.hf import (
+    BNB_HINT,
+    enable_checkpointing,
+    keep_4bit_layers_differentiable,
+    lora_config,
+    quantization_config,
+)
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
@@ -208,10 +215,10 @@ def build_model(plan: Plan, *, config: Any = None, weights: str | Path | None = 
         if on_meta:
             raise UserError("--weights with FSDP: memplan shards a randomly initialized model; drop --weights")
         hf_model = _load(plan, Path(weights).expanduser(), device, trust_remote_code)
-    elif plan.method == "qlora":
+    elif plan.quantized_base:
         if fake_mode is not None:
-            raise UserError("bitsandbytes' 4-bit kernels cannot run on fake tensors")
-        hf_model = _qlora_from_config(resolve_config(config), plan, device)
+            raise UserError("bitsandbytes' quantized kernels cannot run on fake tensors")
+        hf_model = _quantized_from_config(resolve_config(config), plan, device)
     else:
         meta = True
         config = resolve_config(config)
@@ -240,7 +247,7 @@ def _apply_plan(hf_model, plan: Plan):
     for path in frozen:
         hf_model.get_submodule(path).requires_grad_(False)
     if plan.grad_ckpt:
-        enable_checkpointing(hf_model)
+        enable_checkpointing(hf_model, plan.ckpt_reentrant)
     if not plan.trains_adapters:
         return hf_model
     from peft import get_peft_model
@@ -332,14 +339,15 @@ def _load(plan: Plan, path: Path, device: str, trust_remote_code: bool = False):
     kwargs: dict[str, Any] = dict(dtype=getattr(torch, plan.regime.weights),
                                   attn_implementation=attention(plan, device, model_spec(path)),
                                   local_files_only=True, trust_remote_code=trust_remote_code)
-    if plan.method == "qlora":
+    if plan.quantized_base:
         _need_bitsandbytes()
-        kwargs.update(quantization_config=nf4_config(getattr(torch, plan.regime.compute)), device_map={"": device})
+        kwargs.update(quantization_config=quantization_config(plan, getattr(torch, plan.regime.compute)),
+                      device_map={"": device})
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, ImportError) as err:
         raise UserError(f"model {path}: cannot load it ({str(err).splitlines()[0]})") from None
-    if plan.method == "qlora":
+    if plan.quantized_base:
         keep_4bit_layers_differentiable(hf_model)
     else:
         hf_model.to(device)
@@ -350,15 +358,16 @@ def _need_bitsandbytes() -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise UserError(f"QLoRA needs bitsandbytes, which is not installed. {BNB_HINT}") from None
+        raise UserError(f"a quantized base (QLoRA, lora-8bit) needs bitsandbytes, which is not installed. "
+                        f"{BNB_HINT}") from None
 
 
-def _qlora_from_config(config, plan: Plan, device: str):
-    """A random model in the 16-bit weight dtype, saved and loaded back quantized (QLoRA without a checkpoint)."""
+def _quantized_from_config(config, plan: Plan, device: str):
+    """A random model in the weight dtype, saved and loaded back quantized (QLoRA / lora-8bit without a checkpoint)."""
     import torch
 
     _need_bitsandbytes()
-    with tempfile.TemporaryDirectory(prefix="memplan-qlora-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="memplan-quantized-") as tmp:
         with torch.device(device):  # random init where it is fastest: on the GPU when there is one
             random_model = _from_config(config, plan, attention(plan, device, model_spec(config)))
         random_model.save_pretrained(tmp)
@@ -383,11 +392,14 @@ def decoder_layers(module) -> list:
 
 
 def quant_state_tensors(model) -> list:
-    """bitsandbytes keeps a 4-bit weight's absmax/code (and the nested ones) outside params and buffers."""
+    """bitsandbytes keeps a 4-bit weight's absmax/code (and the nested ones), and an 8-bit weight's row statistics
+    (Int8Params.SCB), outside params and buffers."""
     import torch
 
     out = []
     for p in model.parameters():
+        if isinstance(getattr(p, "SCB", None), torch.Tensor):
+            out.append(p.SCB)
         state = getattr(p, "quant_state", None)
         while state is not None:
             out.extend(v for v in vars(state).values() if isinstance(v, torch.Tensor))

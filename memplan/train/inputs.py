@@ -25,7 +25,7 @@ from typing import Any
 CHANGEABLE = ("hparams.lr", "hparams.max_steps", "hparams.epochs", "hparams.max_grad_norm", "hparams.eval_every",
               "hparams.eval_samples", "hparams.early_stopping_patience", "hparams.save_every",
               "hparams.save_total_limit", "hparams.log_every", "hparams.merge_adapter",
-              "grad_ckpt", "attn", "loss")
+              "grad_ckpt", "ckpt_reentrant", "attn", "loss")
 #: Compared by content rather than by path (model, data), or with no effect on training.
 _NOT_COMPARED = ("model", "output_dir", "data.train", "data.validation", "data.replay", "data.retention",
                  "data.domain_shift")

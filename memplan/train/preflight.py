@@ -237,7 +237,8 @@ def machine_problems(plan: Plan, plan_path: Path, machine: Machine) -> list[Prob
         out.append(Problem("FSDP on the CPU shards with ZeRO stage 2 (SHARD_GRAD_OP) or 3 (FULL_SHARD); stage 0 "
                            "replicates everything, which is DDP", fixes=({"zero": 3}, {"sharding": "ddp"})))
     if plan.uses_bitsandbytes:
-        what = "QLoRA's 4-bit layers" if plan.method == "qlora" else f"the {plan.optimizer} optimizer"
+        what = {"nf4": "QLoRA's 4-bit layers", "int8": "lora-8bit's 8-bit layers"}.get(
+            plan.quantized_base or "", f"the {plan.optimizer} optimizer")
         version = machine.version("bitsandbytes")
         if version is None:
             out.append(Problem(f"{what} need bitsandbytes, which is not installed",

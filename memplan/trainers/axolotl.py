@@ -67,9 +67,10 @@ def _method(r: Reading) -> None:
     if adapter not in ("lora", "qlora"):
         raise UserError(f"{r.path}: adapter: {adapter!r} is not an adapter memplan models; it models lora and "
                         "qlora (or no adapter: full fine-tuning)")
-    r.take("method", "qlora" if (adapter == "qlora" or four) else "lora", "adapter" + (" + load_in_4bit" * four))
-    if eight:
-        r.unmodelled("load_in_8bit", True, lora.EIGHT_BIT)
+    if adapter == "qlora" or four:
+        r.take("method", "qlora", "adapter" + (" + load_in_4bit" * four))
+    else:  # axolotl's load_in_8bit: BitsAndBytesConfig(load_in_8bit=True) under a LoRA adapter
+        r.take("method", "lora-8bit" if eight else "lora", "adapter" + (" + load_in_8bit" * eight))
     if r.has("lora_r"):
         r.take("lora.rank", int(r.get("lora_r")), "lora_r")
     if r.has("lora_alpha"):

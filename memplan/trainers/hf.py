@@ -153,10 +153,10 @@ UNMODELLED = {
     "auto_find_batch_size": "the batch size is halved after each out-of-memory error",
     "torch_empty_cache_steps": "the CUDA cache is emptied every N steps (less reserved memory)",
     "activation_offloading": "activations offloaded to host memory",
-    "gradient_checkpointing_kwargs": "checkpointing options (use_reentrant, every_n_layers, offload); memplan "
-                                     "counts non-reentrant checkpointing of every decoder layer",
-    "activation_checkpointing_kwargs": "checkpointing options (use_reentrant, every_n_layers, offload); memplan "
-                                       "counts non-reentrant checkpointing of every decoder layer",
+    "gradient_checkpointing_kwargs": "checkpointing options beyond use_reentrant (every_n_layers, offload); "
+                                     "memplan counts checkpointing of every decoder layer",
+    "activation_checkpointing_kwargs": "checkpointing options beyond use_reentrant (every_n_layers, offload); "
+                                       "memplan counts checkpointing of every decoder layer",
     "per_device_eval_batch_size": "the evaluation batch (memplan estimates the training step)",
 }
 
@@ -233,12 +233,21 @@ def training_arguments(r: Reading, defaults: dict[str, tuple[Any, str]]) -> dict
 
 def checkpoint_options(r: Reading, keys: tuple[str, ...] = ("gradient_checkpointing_kwargs",
                                                               "activation_checkpointing_kwargs")) -> None:
-    """use_reentrant: false alone is the checkpointing memplan counts; any other option is not."""
+    """{use_reentrant: true | false} alone is the plan's ckpt_reentrant (transformers hands the kwargs to
+    torch.utils.checkpoint.checkpoint; without them transformers 5 checkpoints non-reentrant): false is what
+    memplan counts by default, true is taken; any other option (every_n_layers, offload...) is not modelled."""
     for key in keys:
         value = r.data.get(key)
-        if isinstance(value, dict) and value and all(k == "use_reentrant" and v in (False, "false", "False")
-                                                     for k, v in value.items()):
+        if not (isinstance(value, dict) and list(value) == ["use_reentrant"]):
+            continue
+        reentrant = value["use_reentrant"] in (True, "true", "True")
+        if reentrant and r.plan.get("grad_ckpt"):
+            r.take("ckpt_reentrant", True, f"{key}.use_reentrant")
+            r.count(key, r.get(key), "reentrant checkpointing: ckpt_reentrant")
+        elif value["use_reentrant"] in (False, "false", "False"):
             r.count(key, r.get(key), "non-reentrant checkpointing, as memplan counts")
+        else:
+            r.ignore(key)  # reentrant, without checkpointing: nothing is recomputed
 
 
 def unmodelled(r: Reading, table: dict[str, str]) -> None:

@@ -69,13 +69,17 @@ def _method(r: Reading) -> None:
         raise UserError(f"{r.path}: finetuning_type: {kind!r}; memplan reads full, freeze, lora and oft")
     if kind == "oft":
         r.unmodelled("finetuning_type", "oft", "OFT adapters: counted as LoRA adapters of the same rank")
-    method = "qlora" if bits is not None and int(bits) == 4 else "lora"
+    # model/model_utils/quantization.py, bnb: quantization_bit 8 -> BitsAndBytesConfig(load_in_8bit=True),
+    # 4 -> load_in_4bit (NF4 by default)
+    method = {4: "qlora", 8: "lora-8bit"}.get(int(bits), "lora") if bits is not None else "lora"
     (r.take if r.has("finetuning_type") else r.assume)("method", method, where + (" + quantization_bit" * (
         bits is not None)))
-    if bits is not None and int(bits) != 4:
-        r.unmodelled("quantization_bit", bits, f"a {bits}-bit base: memplan counts it at 16 bits (QLoRA is 4-bit)")
+    if bits is not None and int(bits) not in (4, 8):
+        r.unmodelled("quantization_bit", bits, f"a {bits}-bit base: memplan counts it at 16 bits (it models "
+                                               "bitsandbytes' 4-bit and 8-bit bases)")
     if r.get("quantization_method", "bnb") != "bnb":
-        r.unmodelled("quantization_method", r.get("quantization_method"), "counted as bitsandbytes' NF4")
+        r.unmodelled("quantization_method", r.get("quantization_method"),
+                     "counted as bitsandbytes' NF4 (4-bit) / LLM.int8 (8-bit)")
     rank = int(r.get("lora_rank", 8))
     (r.take if r.has("lora_rank") else r.assume)("lora.rank", rank, "lora_rank" if r.has("lora_rank") else
                                                  f"lora_rank not set; {ARGS}")
@@ -113,9 +117,14 @@ def _model_side(r: Reading) -> None:
     (r.take if r.has("disable_gradient_checkpointing") else r.assume)(
         "grad_ckpt", not off, "disable_gradient_checkpointing" if r.has("disable_gradient_checkpointing") else
         f"disable_gradient_checkpointing not set; {ARGS}: checkpointing on")
-    if not off and r.get("use_reentrant_gc", True):
-        r.unmodelled("use_reentrant_gc", True, f"reentrant checkpointing ({ARGS}: true); memplan counts "
-                                               "non-reentrant checkpointing")
+    # model/model_utils/checkpointing.py: gradient_checkpointing_enable(gradient_checkpointing_kwargs=
+    # {"use_reentrant": use_reentrant_gc}), whatever TrainingArguments' gradient_checkpointing_kwargs say
+    if off:
+        r.ignore("use_reentrant_gc")
+    elif r.has("use_reentrant_gc"):
+        r.take("ckpt_reentrant", bool(r.get("use_reentrant_gc")), "use_reentrant_gc")
+    else:
+        r.assume("ckpt_reentrant", True, f"use_reentrant_gc not set; {ARGS}: torch's reentrant checkpointing")
     stage = r.get("stage", "sft")
     if stage not in ("sft", "pt"):
         r.unmodelled("stage", stage, "preference / reward stages: chosen and rejected sequences, a reference or "

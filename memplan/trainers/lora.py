@@ -1,5 +1,5 @@
-"""LoRA settings as the trainers name them: targets, the 8-bit base, and the adapter features memplan does
-not count. Shared by the trainer modules."""
+"""LoRA settings as the trainers name them: targets, and the adapter features memplan does not count. Shared by
+the trainer modules."""
 
 from __future__ import annotations
 
@@ -12,10 +12,6 @@ from memplan.trainers.source import Reading
 #: peft's default targets when none are given, for the llama, mistral, qwen2/3 and gemma families
 #: (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: ["q_proj", "v_proj"]).
 PEFT_DEFAULT_TARGETS = ["q_proj", "v_proj"]
-
-EIGHT_BIT = ("an 8-bit (LLM.int8) base: memplan counts the base weights at the precision's width "
-             "(2 bytes, not 1) and not int8's outlier handling")
-
 
 def targets(r: Reading, value: Any, key: str) -> None:
     """A list of module names, "all-linear" / "all", a comma list; a regex string (peft matches a string

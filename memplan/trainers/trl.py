@@ -67,9 +67,10 @@ def _method(r: Reading) -> None:
                             "base only through adapters. Hint: add use_peft: true")
         r.assume("method", "full", f"use_peft not set; {MODEL_CONFIG}, false")
         return
-    r.take("method", "qlora" if four else "lora", "use_peft + load_in_4bit" if four else "use_peft")
-    if eight:
-        r.unmodelled("load_in_8bit", True, lora.EIGHT_BIT)
+    # TRL's get_quantization_config: BitsAndBytesConfig(load_in_4bit=True, nf4...) or (load_in_8bit=True)
+    method, keys = ("qlora", "use_peft + load_in_4bit") if four else ("lora-8bit", "use_peft + load_in_8bit") if eight \
+        else ("lora", "use_peft")
+    r.take("method", method, keys)
     for key, path, default in (("lora_r", "lora.rank", 16), ("lora_alpha", "lora.alpha", 32.0),
                                ("lora_dropout", "lora.dropout", 0.05)):
         if r.has(key):

@@ -196,7 +196,7 @@ def test_bad_values_name_the_flag_or_the_file_key(tmp_path, run_cli):
     code, _, err = run_cli("estimate", "--config", str(plan))
     assert code == 2 and sorted(err.splitlines()) == sorted([
         f"memplan: error: {plan}: micro_batch: must be greater than 0 (got 0)",
-        f"memplan: error: {plan}: method: must be 'full', 'lora' or 'qlora'; did you mean 'qlora'? (got 'qlorra')",
+        f"memplan: error: {plan}: method: must be 'full', 'lora', 'qlora' or 'lora-8bit'; did you mean 'qlora'? (got 'qlorra')",
         f"memplan: error: {plan}: unknown key 'lora.rnak'; did you mean 'rank'?; allowed keys under lora: rank, alpha, "
         "dropout, targets"])
     # a flag overrides the file's bad value; the file's other problems remain, named in the file

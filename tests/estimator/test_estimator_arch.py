@@ -102,6 +102,7 @@ FULL_BF16 = dict(precision="bf16", grad_ckpt=False)
 FULL_AMP = dict(precision="amp-bf16", grad_ckpt=False)
 LORA_CKPT = dict(method="lora", precision="bf16", grad_ckpt=True)
 LORA = dict(method="lora", precision="bf16", grad_ckpt=False)
+REENTRANT = dict(grad_ckpt=True, ckpt_reentrant=True)
 
 CASES = [
     # (id, config, plan fields)
@@ -211,6 +212,12 @@ CASES = [
     ("granite-lora-ckpt-amp-chunked-loss", cfg(GRANITE, vocab_size=32000),
      dict(LORA_CKPT, precision="amp-bf16", attn="sdpa", **CHUNKED)),
     ("gemma2-full-bf16-chunked-loss-softcap", cfg(GEMMA2, vocab_size=32000), dict(FULL_BF16, attn="eager", **CHUNKED)),
+    # reentrant checkpointing (use_reentrant=True): full FT and LoRA (frozen embeddings, their hooked output
+    # requiring grad), sdpa and eager, Llama and Qwen3
+    ("llama-full-bf16-sdpa-reentrant", LLAMA, dict(FULL_BF16, attn="sdpa", **REENTRANT)),
+    ("llama-lora-amp-eager-reentrant", LLAMA, dict(LORA_CKPT, precision="amp-bf16", attn="eager", **REENTRANT)),
+    ("qwen3-full-amp-eager-reentrant", cfg(QWEN3, vocab_size=32000), dict(FULL_AMP, attn="eager", **REENTRANT)),
+    ("qwen3-lora-bf16-sdpa-reentrant", cfg(QWEN3, vocab_size=32000), dict(LORA_CKPT, attn="sdpa", **REENTRANT)),
 ]
 
 
@@ -223,6 +230,27 @@ def test_phase_peaks_match_the_trace(config, fields):
         measured = getattr(steady, phase)
         err = 100 * (est.phase_peaks[phase] - measured) / measured
         assert -2.0 <= err <= 3.0, f"{phase}: estimate {est.phase_peaks[phase]:,} vs trace {measured:,} ({err:+.2f} %)"
+
+
+@pytest.mark.parametrize("config, fields", [
+    (cfg(LLAMA, vocab_size=1000), dict(LORA, attn="sdpa")),
+    (cfg(LLAMA, vocab_size=1000), dict(LORA, attn="sdpa", precision="fp32")),
+    (cfg(QWEN3, vocab_size=1000), dict(FULL_BF16, attn="sdpa")),
+    (cfg(QWEN3, vocab_size=1000), dict(LORA, attn="eager")),
+], ids=["llama-lora-bf16-sdpa", "llama-lora-fp32-sdpa", "qwen3-full-bf16-sdpa", "qwen3-lora-bf16-eager"])
+def test_reentrant_checkpointing_holds_the_recomputed_layer_output(config, fields):
+    """With a small vocabulary the backward peaks inside a recomputed layer. There reentrant checkpointing keeps
+    exactly one b x s x h tensor in the residual dtype more than non-reentrant: the recomputed layer output that
+    CheckpointFunction.backward holds through its inner backward. The estimate moves by what the trace moves."""
+    peaks = {}
+    for reentrant in (False, True):
+        plan = Plan(**{"micro_batch": 2, "seq_len": 512, **fields, "grad_ckpt": True, "ckpt_reentrant": reentrant})
+        est = estimate(spec_from_config(dict(config), config["model_type"]), plan, kernels="cpu")
+        peaks[reentrant] = est.phase_peaks["backward"], trace_training(dict(config), plan).steady.backward
+    residual = 4 if fields.get("precision") == "fp32" else 2
+    held = 2 * 512 * config["hidden_size"] * residual
+    assert peaks[True][0] - peaks[False][0] == held
+    assert peaks[True][1] - peaks[False][1] == held
 
 
 @pytest.mark.parametrize("precision, residual", [("bf16", 2), ("amp-bf16", 4)])

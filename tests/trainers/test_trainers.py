@@ -99,7 +99,7 @@ EXPECTED = {
     'axolotl/examples/llama-3/lora-8b.yml': (
         'axolotl',
         {'model': 'NousResearch/Meta-Llama-3-8B',
-         'method': 'lora',
+         'method': 'lora-8bit',
          'lora': {'rank': 32, 'alpha': 16.0, 'dropout': 0.05, 'targets': 'all-linear'},
          'seq_len': 4096,
          'data': {'packing': True},
@@ -112,7 +112,7 @@ EXPECTED = {
          'sharding': 'ddp',
          'precision': 'bf16',
          'gpus': 1},
-        ['load_in_8bit', 'lora_modules_to_save', 'sample_packing'],
+        ['lora_modules_to_save', 'sample_packing'],
     ),
     'axolotl/examples/llama-3/qlora-1b.yml': (
         'axolotl',
@@ -150,6 +150,7 @@ EXPECTED = {
                      'seed': 42},
          'optimizer': 'adamw-fused',
          'grad_ckpt': True,
+         'ckpt_reentrant': True,
          'seq_len': 2048,
          'attn': 'sdpa',
          'sharding': 'deepspeed',
@@ -157,8 +158,7 @@ EXPECTED = {
          'offload': 'none',
          'precision': 'bf16-master',
          'gpus': 1},
-        ['use_reentrant_gc',
-         'deepspeed (ds_z3_config.json): zero_optimization.stage3_param_persistence_threshold',
+        ['deepspeed (ds_z3_config.json): zero_optimization.stage3_param_persistence_threshold',
          'deepspeed (ds_z3_config.json): zero_optimization.stage3_max_live_parameters',
          'deepspeed (ds_z3_config.json): zero_optimization.stage3_max_reuse_distance',
          'deepspeed (ds_z3_config.json): zero_optimization.stage3_gather_16bit_weights_on_model_save'],
@@ -179,12 +179,13 @@ EXPECTED = {
                      'seed': 42},
          'optimizer': 'adamw-fused',
          'grad_ckpt': True,
+         'ckpt_reentrant': True,
          'seq_len': 2048,
          'attn': 'sdpa',
          'sharding': 'ddp',
          'precision': 'bf16',
          'gpus': 1},
-        ['use_reentrant_gc'],
+        [],
     ),
     'llamafactory/examples/train_lora/qwen3_lora_sft_ds3.yaml': (
         'llama-factory',
@@ -202,6 +203,7 @@ EXPECTED = {
                      'seed': 42},
          'optimizer': 'adamw-fused',
          'grad_ckpt': True,
+         'ckpt_reentrant': True,
          'seq_len': 2048,
          'attn': 'sdpa',
          'sharding': 'deepspeed',
@@ -209,8 +211,7 @@ EXPECTED = {
          'offload': 'none',
          'precision': 'bf16-master',
          'gpus': 1},
-        ['use_reentrant_gc',
-         'deepspeed (ds_z3_config.json): zero_optimization.stage3_param_persistence_threshold',
+        ['deepspeed (ds_z3_config.json): zero_optimization.stage3_param_persistence_threshold',
          'deepspeed (ds_z3_config.json): zero_optimization.stage3_max_live_parameters',
          'deepspeed (ds_z3_config.json): zero_optimization.stage3_max_reuse_distance',
          'deepspeed (ds_z3_config.json): zero_optimization.stage3_gather_16bit_weights_on_model_save'],
@@ -231,12 +232,13 @@ EXPECTED = {
                      'seed': 42},
          'optimizer': 'adamw-fused',
          'grad_ckpt': True,
+         'ckpt_reentrant': True,
          'seq_len': 2048,
          'attn': 'sdpa',
          'sharding': 'ddp',
          'precision': 'bf16',
          'gpus': 1},
-        ['use_reentrant_gc'],
+        [],
     ),
     'torchtune/recipes/configs/llama3_1/70B_lora.yaml': (
         'torchtune',
@@ -362,11 +364,12 @@ EXPECTED = {
                      'seed': 42},
          'optimizer': 'adamw-fused',
          'grad_ckpt': True,
+         'ckpt_reentrant': True,
          'attn': 'flash',
          'sharding': 'ddp',
          'precision': 'bf16',
          'gpus': 1},
-        ['packing', 'use_liger_kernel', 'gradient_checkpointing_kwargs'],
+        ['packing', 'use_liger_kernel'],
     ),
     'trl/alignment-handbook/recipes/zephyr-7b-beta/sft/config_full.yaml': (
         'trl',
@@ -605,6 +608,24 @@ def test_every_example_names_its_source_and_licence():
     # LLaMA-Factory: full fine-tuning upcasts to fp32 under bf16 autocast; pure_bf16 does not
     ("model_name_or_path: m\nstage: sft\nfinetuning_type: full\nbf16: true\n", {"precision": "amp-bf16"}),
     ("model_name_or_path: m\nstage: sft\nfinetuning_type: full\npure_bf16: true\n", {"precision": "bf16"}),
+    # reentrant checkpointing: transformers' gradient_checkpointing_kwargs (TRL, axolotl), LLaMA-Factory's
+    # use_reentrant_gc (default true; it replaces TrainingArguments' kwargs); no checkpointing, nothing to recompute
+    ("model_name_or_path: m\ngradient_checkpointing: true\ngradient_checkpointing_kwargs: {use_reentrant: true}\n",
+     {"grad_ckpt": True, "ckpt_reentrant": True}),
+    ("model_name_or_path: m\ngradient_checkpointing: false\ngradient_checkpointing_kwargs: {use_reentrant: true}\n",
+     {"grad_ckpt": False, "ckpt_reentrant": None}),
+    ("base_model: m\nmicro_batch_size: 1\ngradient_checkpointing: true\ngradient_checkpointing_kwargs:\n  use_reentrant: true\n",
+     {"grad_ckpt": True, "ckpt_reentrant": True}),
+    ("model_name_or_path: m\nstage: sft\nfinetuning_type: lora\n", {"grad_ckpt": True, "ckpt_reentrant": True}),
+    ("model_name_or_path: m\nstage: sft\nfinetuning_type: lora\nuse_reentrant_gc: false\n"
+     "gradient_checkpointing_kwargs: {use_reentrant: true}\n", {"grad_ckpt": True, "ckpt_reentrant": False}),
+    ("model_name_or_path: m\nstage: sft\nfinetuning_type: lora\ndisable_gradient_checkpointing: true\n",
+     {"grad_ckpt": False, "ckpt_reentrant": None}),
+    # an 8-bit (LLM.int8) base: TRL's load_in_8bit, LLaMA-Factory's quantization_bit 8 (axolotl: the lora-8b example)
+    ("model_name_or_path: m\nuse_peft: true\nload_in_8bit: true\nbf16: true\n",
+     {"method": "lora-8bit", "precision": "amp-bf16"}),
+    ("model_name_or_path: m\nstage: sft\nfinetuning_type: lora\nquantization_bit: 8\nbf16: true\n",
+     {"method": "lora-8bit", "precision": "bf16"}),
     ("model_name_or_path: m\nstage: sft\nfinetuning_type: lora\nquantization_bit: 4\nlora_target: q_proj,v_proj\n",
      {"method": "qlora", "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}}),
 ])
@@ -625,5 +646,5 @@ def test_llamafactory_with_its_zero2_offload_config(tmp_path):
         "sharding": "deepspeed", "zero": 2, "offload": "optimizer", "precision": "bf16-master"}
     where = "deepspeed (ds_z2_offload_config.json): zero_optimization."
     assert [n["key"] for n in source.not_modelled] == [
-        "use_reentrant_gc", where + "allgather_bucket_size", where + "reduce_bucket_size"]  # 5e8, not HF's auto
+        where + "allgather_bucket_size", where + "reduce_bucket_size"]  # 5e8, not HF's auto
     build_plan(merge(source.plan, {}), source=str(path))
