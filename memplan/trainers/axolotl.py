@@ -238,9 +238,11 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
     data: dict[str, Any] = {"base_model": hub_id(plan)}
     if plan.trains_adapters:
         lo = plan.lora
-        data["adapter"] = plan.method
+        data["adapter"] = "qlora" if plan.method == "qlora" else "lora"
         if plan.method == "qlora":
             data["load_in_4bit"] = True
+        elif plan.method == "lora-8bit":
+            data["load_in_8bit"] = True  # axolotl's LoRA on a bitsandbytes LLM.int8 base
         data.update(lora_r=lo.rank, lora_alpha=number(lo.alpha), lora_dropout=lo.dropout)
         if lo.targets == "all-linear":
             data["lora_target_linear"] = True
@@ -266,7 +268,7 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
         bf16 = plan.precision == "bf16" and not fp16
     data.update(bf16=bf16, fp16=fp16, gradient_checkpointing=plan.grad_ckpt)
     if plan.grad_ckpt:
-        data["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        data["gradient_checkpointing_kwargs"] = {"use_reentrant": plan.ckpt_reentrant}
     data["attn_implementation"] = hf.ATTENTION_NAMES[plan.attn]
     if plan.sharding == "deepspeed":
         data["deepspeed"] = DS_CONFIG_NAME

@@ -310,8 +310,8 @@ def nearest_precision(n, amp_masters: str = "amp-bf16") -> None:
 
 def training_arguments_for(plan: Plan) -> dict[str, Any]:
     """transformers' TrainingArguments of the plan's step and schedule (recommend's writers.trainer_arguments),
-    with bf16 / fp16 as the regime turns autocast or DeepSpeed's engine on, and non-reentrant checkpointing
-    (what memplan counts)."""
+    with bf16 / fp16 as the regime turns autocast or DeepSpeed's engine on, and the plan's checkpointing
+    (reentrant or not: gradient_checkpointing_kwargs use_reentrant)."""
     from memplan.recommend.writers import trainer_arguments
 
     args = trainer_arguments(plan)
@@ -320,7 +320,7 @@ def training_arguments_for(plan: Plan) -> dict[str, Any]:
     if plan.precision == "amp-fp16":
         args["fp16"] = True
     if plan.grad_ckpt:
-        args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        args["gradient_checkpointing_kwargs"] = {"use_reentrant": plan.ckpt_reentrant}
     args["optim"] = OPTIMIZER_NAMES[plan.optimizer]
     if plan.device == "cpu":
         args["use_cpu"] = True

@@ -240,6 +240,8 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
         if plan.method == "qlora":
             # memplan's QLoRA: NF4 with double quantization (memplan.runtime.hf)
             data.update(quantization_bit=4, quantization_method="bnb", double_quantization=True)
+        elif plan.method == "lora-8bit":
+            data.update(quantization_bit=8, quantization_method="bnb")
     if plan.sharding == "deepspeed":
         data["deepspeed"] = DS_CONFIG_NAME
     info = _dataset(plan, ctx, data, notes)
@@ -256,7 +258,7 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
     data.update(args)
     data.update(hf.fsdp_arguments(plan, ctx.spec))
     data.update(flash_attn=FLASH_ATTN[plan.attn], disable_gradient_checkpointing=not plan.grad_ckpt,
-                use_reentrant_gc=False, save_steps=plan.hparams.save_every or plan.hparams.eval_every,
+                use_reentrant_gc=plan.ckpt_reentrant, save_steps=plan.hparams.save_every or plan.hparams.eval_every,
                 save_total_limit=plan.hparams.save_total_limit)
     if "val_size" in data or "eval_dataset" in data:
         data.update(eval_strategy="steps", eval_steps=plan.hparams.eval_every)

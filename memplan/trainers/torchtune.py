@@ -278,6 +278,13 @@ def nearest(plan: Plan, ctx: Context) -> Nearest:
         return n
     _sharding(n)
     _precision(n)
+    if plan.method == "lora-8bit":
+        n.change("method", "lora", "method lora-8bit -> lora: torchtune quantizes a base only to NF4 (its qlora_ "
+                                   "builders); its LoRA builders keep the base in the recipe's dtype")
+    if plan.ckpt_reentrant:
+        n.change("ckpt_reentrant", False, "reentrant checkpointing -> non-reentrant: torchtune's "
+                                          "set_activation_checkpointing wraps each layer with torch's "
+                                          "apply_activation_checkpointing, non-reentrant by default")
     if plan.method == "qlora" and found[0] in NO_QLORA:
         n.change("method", "lora", f"method qlora -> lora: torchtune's {found[0]} LoRA builders cannot quantize the "
                                    "base (no qlora_ builder, no quantize_base)")

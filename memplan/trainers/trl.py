@@ -178,6 +178,8 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
                     lora_target_modules=lo.targets)
         if plan.method == "qlora":
             data.update(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        elif plan.method == "lora-8bit":
+            data["load_in_8bit"] = True  # ModelConfig.load_in_8bit: BitsAndBytesConfig(load_in_8bit=True)
     notes = []
     if plan.data.train:
         data["datasets"] = [{"path": "json", "data_files": plan.data.train, "split": "train"}]

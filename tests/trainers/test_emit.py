@@ -20,8 +20,8 @@ from support import run_torch_free
 TRAINERS = ["trl", "axolotl", "llamafactory", "torchtune"]
 CHAT = {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]}
 
-# The plans written: full / LoRA / QLoRA, DDP / FSDP / DeepSpeed, with and without checkpointing, the expandable
-# allocator, each precision regime the search picks.
+# The plans written: full / LoRA / QLoRA / LoRA on an 8-bit base, DDP / FSDP / DeepSpeed, with and without
+# checkpointing (reentrant too), the expandable allocator, each precision regime the search picks.
 PLANS = {
     "full-amp-bf16-ddp": {"model": "llama-3.1-8b", "method": "full", "precision": "amp-bf16",
                           "optimizer": "adamw-fused", "micro_batch": 2, "grad_accum": 8, "seq_len": 1024,
@@ -39,6 +39,9 @@ PLANS = {
     "full-fp32-fsdp2": {"model": "llama-3.2-1b", "method": "full", "precision": "fp32", "gpus": 2,
                         "sharding": "fsdp", "zero": 2, "attn": "eager", "grad_ckpt": False,
                         "hparams": {"warmup_steps": 0, "lr_scheduler": "constant"}},
+    "lora-8bit-reentrant": {"model": "llama-3.1-8b", "method": "lora-8bit", "precision": "bf16", "grad_ckpt": True,
+                            "ckpt_reentrant": True, "lora": {"rank": 16, "targets": "all-linear"},
+                            "hparams": {"warmup_steps": 8}},
     "lora-ds2-all-linear": {"model": "mistral-7b", "method": "lora", "precision": "bf16-master", "gpus": 4,
                             "sharding": "deepspeed", "zero": 2, "lora": {"targets": "all-linear"},
                             "hparams": {"warmup_steps": 12}},
@@ -56,11 +59,12 @@ NEAREST = {
     ("full-ds3-offload", "torchtune"): {"sharding": "fsdp", "offload": "optimizer+params", "precision": "fp32",
                                         "loss": "chunked"},
     ("full-fp32-fsdp2", "torchtune"): {"attn": "sdpa", "loss": "chunked", "hparams.lr_scheduler": "cosine"},
+    ("lora-8bit-reentrant", "torchtune"): {"method": "lora", "ckpt_reentrant": False, "loss": "chunked"},
     ("lora-ds2-all-linear", "torchtune"): {"sharding": "fsdp", "precision": "bf16", "loss": "chunked"},
 }
 
 COMPARED = ["method", "precision", "optimizer", "sharding", "zero", "offload", "micro_batch", "grad_accum", "seq_len",
-            "grad_ckpt", "attn", "loss", "hparams.epochs", "hparams.lr_scheduler", "hparams.warmup_steps",
+            "grad_ckpt", "ckpt_reentrant", "attn", "loss", "hparams.epochs", "hparams.lr_scheduler", "hparams.warmup_steps",
             "hparams.weight_decay", "data.packing"]
 
 
