@@ -11,8 +11,9 @@ memory but are not in the estimate are named on a second line, as `memplan estim
 After the first `steps` optimizer steps it prints the measured peak against the estimate at the largest batch
 shape those steps had, and warns when they differ by more than 10 %. On CUDA the measure is
 `torch.cuda.max_memory_allocated`; on the CPU, memplan's live tensor meter (memplan.runtime.meter), over those
-steps only. A run the estimate cannot stand for (an 8-bit base, fp16 weights, a partly frozen model without
-LoRA, another adapter type) makes the callback say so once and stand aside: it never stops the user's run.
+steps only. A run the estimate cannot stand for (fp16 weights, a partly frozen model without LoRA, another
+adapter type, a quantized base without an adapter) makes the callback say so once and stand aside: it never
+stops the user's run.
 """
 
 from __future__ import annotations
@@ -71,8 +72,6 @@ def _adapter(model) -> dict[str, Any]:
     """The model's adapter as TRL's ModelConfig says it (use_peft, lora_*, load_in_4bit)."""
     configs = getattr(model, "peft_config", None)
     base = _unwrap(model)
-    if getattr(base, "is_loaded_in_8bit", False):
-        raise Unmodelled("an 8-bit base model (load_in_8bit)")
     if not configs:
         if not all(p.requires_grad for p in model.parameters()):
             raise Unmodelled("a partly frozen model without a LoRA adapter (memplan models full fine-tuning, "
@@ -85,7 +84,8 @@ def _adapter(model) -> dict[str, Any]:
     return {"use_peft": True, "lora_r": config.r, "lora_alpha": config.lora_alpha,
             "lora_dropout": config.lora_dropout, "use_dora": bool(getattr(config, "use_dora", False)),
             "lora_target_modules": targets if isinstance(targets, str) or targets is None else sorted(targets),
-            "load_in_4bit": bool(getattr(base, "is_loaded_in_4bit", False))}
+            "load_in_4bit": bool(getattr(base, "is_loaded_in_4bit", False)),
+            "load_in_8bit": bool(getattr(base, "is_loaded_in_8bit", False))}
 
 
 def plan_from_run(args, model, rows: int, tokens: int):

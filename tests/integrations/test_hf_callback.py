@@ -118,7 +118,8 @@ def test_a_run_reads_as_its_trl_config_reads(tmp_path):
     assert source.format == "trl" and source.taken["micro_batch"] == "per_device_train_batch_size"
 
 
-def test_fp16_weights_and_8bit_bases_are_not_modelled(tmp_path):
+def test_fp16_weights_are_not_modelled_and_an_8bit_base_is_lora_8bit(tmp_path):
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from memplan.integrations.hf import plan_from_run
@@ -127,7 +128,8 @@ def test_fp16_weights_and_8bit_bases_are_not_modelled(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float16)
     with pytest.raises(Unmodelled, match="fp16 weights"):
         plan_from_run(args, model, rows=1, tokens=8)
-    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32)
-    model.is_loaded_in_8bit = True
-    with pytest.raises(Unmodelled, match="8-bit base"):
-        plan_from_run(args, model, rows=1, tokens=8)
+    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.bfloat16)
+    model.is_loaded_in_8bit = True  # as transformers marks a bitsandbytes LLM.int8 load
+    plan, source = plan_from_run(args, get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])), 1, 8)
+    assert (plan.method, plan.precision) == ("lora-8bit", "bf16")
+    assert source.taken["method"] == "use_peft + load_in_8bit"
