@@ -32,9 +32,10 @@ def numerics(plan: Plan, spec: ModelSpec) -> Numerics:
     if p == "fp32":
         return Numerics(weights=4, compute=4, residual=4)
     if p in ("amp-bf16", "amp-fp16"):
-        # fp32 weights under torch.autocast; QLoRA's unquantized modules stay 16-bit (torch_dtype).
-        res = 2 if plan.method == "qlora" else 4
-        return Numerics(weights=4 if plan.method != "qlora" else 2, compute=2, residual=res, autocast=True)
+        # fp32 weights under torch.autocast. A quantized base too: its unquantized modules (embeddings, norms,
+        # lm_head) load in the regime's float32 (memplan.runtime.model: dtype=regime.weights; TRL's ModelConfig
+        # default dtype float32 with load_in_4bit), so the residual stream is fp32 as well.
+        return Numerics(weights=4, compute=2, residual=4, autocast=True)
     return Numerics(weights=2, compute=2, residual=2)  # bf16, bf16-master
 
 
@@ -105,7 +106,7 @@ def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention", 
         expert_glu_limit=tr.expert_glu_limit, router_topk_first=tr.router_topk_first,
         rotary_type_as=tr.rotary_complex, qk_weightless_norm=tr.qk_weightless_norm and rope,
         attn_temperature=tr.attn_temperature and not rope, experts_every_token=tr.experts_every_token,
-        int8_base=plan.quantized_base == "int8",
+        int8_base=plan.quantized_base == "int8", nf4_base=plan.quantized_base == "nf4",
     )
 
 

@@ -81,6 +81,7 @@ class LayerSpec:
     attn_temperature: bool = False  # q * a per-position fp32 scale, cast back (Llama 4's NoPE layers)
     experts_every_token: bool = False  # Llama4TextMoe: sigmoid router, every expert on every token, shared expert
     int8_base: bool = False  # the frozen linears are bitsandbytes' Linear8bitLt (LLM.int8, lora-8bit)
+    nf4_base: bool = False  # the frozen linears are bitsandbytes' Linear4bit (NF4, qlora)
 
 
 class LayerReplay:
@@ -145,12 +146,17 @@ class LayerReplay:
         xin = t.cast(x, n.compute) if n.autocast else x
         out_numel = self.tokens() * out_features
         d_in = x.numel // self.tokens()
-        if n.autocast and x.rg and n.weights != n.compute and not self.L.int8_base:
+        if n.autocast and x.rg and n.weights != n.compute and not (self.L.int8_base or self.L.nf4_base):
             # autocast's low-precision copy of the weight, saved for grad_input (and cached while
             # autocast is on when the weight is a trainable leaf)
             t.save(T(d_in * out_features, n.compute, False))
         if self.L.int8_base:
             base = self._int8_linear(x, out_numel)
+        elif self.L.nf4_base:
+            # bitsandbytes' Linear4bit.forward: x.to(compute_dtype), matmul_4bit (MatMul4Bit keeps only the
+            # quantized weight for the backward), then .to(inp_dtype): the output comes back in the input's dtype
+            # (fp32 under autocast, where the residual stream is fp32)
+            base = T(out_numel, x.itemsize, x.rg)
         else:
             base = t.linear(xin, out_numel, self.L.full_ft, out_itemsize=n.compute)
         if name not in self.L.lora_targets:

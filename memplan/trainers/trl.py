@@ -121,9 +121,6 @@ def read(data: dict[str, Any], path: str) -> ConfigSource:
         weights = "bfloat16"
         r.unmodelled("dtype", "auto", "the checkpoint's own dtype: counted as bfloat16, what most Hub "
                                       "checkpoints store")
-    if r.plan.get("method") == "qlora" and weights == "float32":
-        r.unmodelled("dtype", "float32", "with load_in_4bit, the modules left unquantized (embeddings, lm_head, "
-                                         "norms) load in float32; memplan counts them in 16 bits")
     hf.parallel(r, args, weights, weights_key)
     mixture = r.data.get("datasets")  # trl's DatasetMixtureConfig: a list of load_dataset arguments
     if isinstance(mixture, list) and mixture and isinstance(mixture[0], dict):

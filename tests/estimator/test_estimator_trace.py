@@ -71,8 +71,10 @@ SMALL = dict(model_type="llama", hidden_size=128, intermediate_size=344, num_hid
     dict(precision="bf16", micro_batch=2, seq_len=128, grad_ckpt=False),
     dict(method="lora", precision="amp-bf16", micro_batch=2, seq_len=128),
     dict(method="qlora", precision="bf16", micro_batch=2, seq_len=128, grad_ckpt=False),  # bitsandbytes NF4
+    # NF4 under autocast: the unquantized modules and the residual stream in fp32, Linear4bit's outputs cast back
+    dict(method="qlora", precision="amp-bf16", micro_batch=2, seq_len=128, grad_ckpt=False),
     dict(precision="bf16", micro_batch=2, seq_len=128, grad_ckpt=False, optimizer="adamw-8bit"),
-], ids=["full-bf16", "lora-amp", "qlora-nf4", "adamw-8bit"])
+], ids=["full-bf16", "lora-amp", "qlora-nf4", "qlora-nf4-amp", "adamw-8bit"])
 def test_phase_peaks_match_real_cpu_steps(fields):
     """Real CPU tensors (random weights): the same comparison where fake tensors cannot run the kernels."""
     from memplan.catalog.spec import spec_from_config
