@@ -78,6 +78,9 @@ DIRECT = [
     ("llama-3.2-1b full fp32, FSDP SHARD_GRAD_OP + text data, 2 GPUs",
      {"model": "llama-3.2-1b", "method": "full", "precision": "fp32", "gpus": 2, "sharding": "fsdp", "zero": 2,
       "grad_ckpt": False, "hparams": {"warmup_steps": 5}}, "text"),
+    ("llama-3.1-8b LoRA on an 8-bit base, reentrant checkpointing, 1 GPU",
+     {"model": "llama-3.1-8b", "method": "lora-8bit", "precision": "bf16", "grad_ckpt": True, "ckpt_reentrant": True,
+      "lora": {"rank": 16, "targets": "all-linear"}, "hparams": {"warmup_steps": 8}}, "chat"),
 ]
 
 
@@ -164,7 +167,8 @@ print(json.dumps({"detail": f"SFTConfig: batch {sft.per_device_train_batch_size}
       f"fsdp {sft.fsdp or '-'} {sft.fsdp_config or ''}, "
       f"deepspeed auto -> micro-batch {ds['train_micro_batch_size_per_gpu'] if ds else '-'}; "
       f"dataset {len(data['train'])} rows; LoRA {'r%d %s' % (peft.r, peft.target_modules) if peft else '-'}; "
-      f"4-bit {quant.bnb_4bit_quant_type if quant else '-'}; env "
+      f"quantized {('8-bit' if quant.load_in_8bit else '4-bit ' + quant.bnb_4bit_quant_type) if quant else '-'}; "
+      f"checkpointing {sft.gradient_checkpointing} {sft.gradient_checkpointing_kwargs or ''}; env "
       f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '-')}"}))
 ''',
     "axolotl": '''
