@@ -11,7 +11,9 @@ from memplan.cli.options import PLAN_FLAGS, Choice, Int, model_option, passed_ov
 @click.command("profile")
 @model_option(fetches=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="a plan YAML (the Plan's fields; `recommend -o` writes one). Flags override it.")
+              help="a plan YAML (the Plan's fields; `recommend -o` writes one), or a TRL / transformers "
+                   "TrainingArguments, axolotl, LLaMA-Factory or torchtune config (YAML or JSON): what was read "
+                   "from it and what was assumed is printed first. Flags override it.")
 @plan_options(PLAN_FLAGS)
 @click.option("--steps", type=Int(minimum=1), default=3,
               help="optimizer steps to run; step 1 creates the optimizer states, steps 2.. are the steady state "

@@ -14,7 +14,7 @@ from memplan.catalog.spec import ModelSpec, read_config
 from memplan.errors import UserError
 from memplan.estimator import Estimate, estimate, overhead
 from memplan.estimator.phases import PHASES, TERMS
-from memplan.plan import Plan, build_plan, merge, read_plan_yaml
+from memplan.plan import Plan, build_plan, merge
 from memplan.report.units import format_bytes, size
 
 GOAL = (-2.0, 3.0)  # memplan's accuracy goal per phase, in % (README: Accuracy)
@@ -49,6 +49,7 @@ class Profiled:
     verdict: str = ""
     max_batch: dict | None = None
     replayed: dict | None = None  # trace backend, CUDA plan: reserved per allocator, replayed (replayed_json)
+    config_source: Any = None  # --config of a trainer: memplan.trainers.source.ConfigSource (what came from where)
 
 
 def default_backend(plan: Plan) -> str:
@@ -73,7 +74,7 @@ def gather(model: str | None, config_path: str | None, steps: int, backend: str 
     from memplan.profile.run import check_runnable
 
     hf_logging.disable_progress_bar()  # loading/saving bars of the QLoRA round trip are not the user's work
-    plan = _plan(model, config_path, weights, overrides)
+    plan, source = _plan(model, config_path, weights, overrides)
     spec = resolve_model(plan.model)
     if spec.wrapper:
         from memplan.catalog.vision import refuse_profile
@@ -84,7 +85,8 @@ def gather(model: str | None, config_path: str | None, steps: int, backend: str 
     check_runnable(plan, backend, steps)
     capacity = resolve_capacity(gpu, gpu_memory)
     kernels = "cuda" if backend == "cuda" else "cpu"
-    found = Profiled(spec, plan, estimate(spec, plan, capacity, kernels=kernels), backend, kernels, steps, weights)
+    found = Profiled(spec, plan, estimate(spec, plan, capacity, kernels=kernels), backend, kernels, steps, weights,
+                     config_source=source)
     req = MeasureRequest(config=str(config_file(weights or plan.model)[0]), plan=plan.model_dump(mode="json"),
                   backend=backend, steps=steps, weights=weights,
                   memory_limit=capacity if (backend == "cuda" and (gpu or gpu_memory)) else None)
@@ -116,14 +118,19 @@ def replayed_json(reserved: dict[str, int], est: Estimate) -> dict:
             "estimate_reserved_bytes": est.reserved, "estimate_total_bytes": est.total}
 
 
-def _plan(model: str | None, config_path: str | None, weights: str | None, overrides: dict) -> Plan:
-    """The plan: the plan file's fields, the flags over them, the model from --model, the file or --weights."""
-    base = read_plan_yaml(config_path) if config_path else {}
+def _plan(model: str | None, config_path: str | None, weights: str | None, overrides: dict):
+    """The plan: the config's fields (a plan file, or a trainer's config read by memplan.trainers), the flags
+    over them, the model from --model, the file or --weights; and the trainer config's provenance (or None)."""
+    from memplan.trainers import read_config
+
+    source = read_config(config_path) if config_path else None
+    base = source.plan if source is not None else {}
     model_ref = model or base.get("model") or weights
     if not model_ref:
         raise UserError("no model: give --model (a preset such as llama-2-7b; `memplan models` lists them), "
                         "a config.json path, a plan file with `model:`, or --weights DIR")
-    return build_plan(merge(dict(base, model=model_ref), overrides), source=config_path or "plan")
+    plan = build_plan(merge(dict(base, model=model_ref), overrides), source=config_path or "plan")
+    return plan, source if source is not None and source.format != "memplan" else None
 
 
 def _compare(found: Profiled, ranks: list) -> None:

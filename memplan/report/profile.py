@@ -34,6 +34,8 @@ def profile_json(p) -> dict:
     out["model"].update(frozen_json(p.spec))
     result = out["results"][0]
     result["measured"] = p.measured
+    if p.config_source is not None:
+        out["config_source"] = p.config_source.to_json()
     profile = {"backend": p.backend, "steps": p.steps, "estimate_kernels": p.kernels}
     if p.refused is not None:
         out["profile"] = dict(profile, ran=False, verdict=p.refused)
@@ -48,10 +50,16 @@ def profile_json(p) -> dict:
 
 
 def profile_lines(p) -> list[str]:
-    """The text `memplan profile` prints, one item per printed chunk."""
+    """The text `memplan profile` prints, one item per printed chunk: a trainer config's provenance first (as
+    `memplan estimate --config` prints it)."""
+    source = []
+    if p.config_source is not None:
+        from memplan.trainers.source import source_lines
+
+        source = ["\n".join(source_lines(p.config_source)) + "\n"]
     if p.refused is not None:
-        return [p.refused]
-    lines = _heading(p)
+        return source + [p.refused]
+    lines = source + _heading(p)
     if p.main.oom:
         return lines + [p.verdict]
     lines.append(_phase_table(p))

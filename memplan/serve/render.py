@@ -137,7 +137,6 @@ def page(values: Mapping[str, str], errors: Mapping[str, str], v: View | None = 
 def write_html(path: str, model: str | None, config_path: str | None, options: Mapping[str, Any]) -> None:
     """`memplan estimate ... --html FILE`: the page's view of the same options (click's keyword arguments of
     the command) as one self-contained HTML file, written atomically (a temporary file renamed over it)."""
-    from memplan.plan import read_plan_yaml
     from memplan.recommend.writers import _write_file
     from memplan.serve.view import command_line, view
 
@@ -147,7 +146,11 @@ def write_html(path: str, model: str | None, config_path: str | None, options: M
         value = options.get(f.name)
         if f.key != "model" and value not in (None, False) and "estimate" in f.commands:
             values[f.key] = ("on" if value else "off") if isinstance(value, bool) else str(value)
-    base = read_plan_yaml(config_path) if config_path else None
+    base = None
+    if config_path:  # a plan file or a trainer's config, read as `estimate --config` reads it
+        from memplan.trainers import read_config
+
+        base = read_config(config_path).plan
     html = page(values, {}, view(values, base, config_path or "plan"),
                 static=command_line("estimate", values, config_path) + f" --html {path}")
     out = Path(path)

@@ -418,3 +418,20 @@ def test_a_teardown_failure_after_every_rank_measured_keeps_the_figures(monkeypa
     monkeypatch.setattr(launch.subprocess, "run", torchrun_that_fails_early)
     with pytest.raises(RuntimeError, match="torchrun with 2 processes failed"):
         launch.measure_plan(req)
+
+
+def test_a_trainers_config_is_profiled_with_its_provenance(run_cli, tiny, tmp_path):
+    """--config takes a trainer's config as estimate --config does: the same plan, what came from where first."""
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model_name_or_path: {tiny}\nuse_peft: true\nlora_r: 4\nlora_target_modules: [q_proj, v_proj]\n"
+                      "per_device_train_batch_size: 2\nmax_length: 64\nbf16: false\ngradient_checkpointing: false\n")
+    code, out = profile_json(run_cli, "--config", str(config), "--device", "cpu", "--backend", "trace", "--steps", "2")
+    assert code == 0
+    plan = out["results"][0]["plan"]
+    assert (plan["method"], plan["lora"]["rank"], plan["micro_batch"], plan["seq_len"], plan["precision"]) == \
+        ("lora", 4, 2, 64, "fp32")
+    assert out["config_source"]["format"] == "trl" and out["config_source"]["taken"]["seq_len"] == "max_length"
+    _, estimated = run_cli("estimate", "--config", str(config), "--device", "cpu", "--json")[:2]
+    assert json.loads(estimated)["results"][0]["plan"] == plan
+    code, text, _ = run_cli("profile", "--config", str(config), "--device", "cpu", "--backend", "trace", "--steps", "2")
+    assert code == 0 and text.startswith(f"Read {config} as a TRL / transformers TrainingArguments config:")

@@ -189,6 +189,15 @@ def test_estimate_html_writes_the_view_in_one_file(run_cli, tmp_path):
     assert code == 2 and err.startswith("memplan: error: --html ") and "\n" == err[-1] and err.count("\n") == 1
 
 
+def test_estimate_html_of_a_trainers_config_shows_its_plan(run_cli, tmp_path):
+    config = REPO / "tests/trainers/configs/torchtune/recipes/configs/llama3_1/8B_lora_single_device.yaml"
+    out = tmp_path / "plan.html"
+    code, _, err = run_cli("estimate", "--config", str(config), "--gpu", "a100-80gb", "--html", str(out))
+    assert code in (0, 1), err
+    total = _cli_json(run_cli, "estimate", "--config", str(config), "--gpu", "a100-80gb")["results"][0]["total_bytes"]
+    assert f'data-bytes="{total}"' in out.read_text()
+
+
 def test_serve_prints_its_address_and_answers():
     proc = subprocess.Popen([sys.executable, "-m", "memplan", "serve", "--port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=REPO)
