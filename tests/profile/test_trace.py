@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import pytest
 import torch
@@ -403,8 +404,10 @@ class ToyLM(torch.nn.Module):
 
 def _gradient_sums(loss) -> list[tuple[str, int, int]]:
     """Per input buffer that got more than one gradient, in the order the engine consumed them: (node, input,
-    which contribution the sum ended in, -1 for a new tensor). Tensors are told apart by their TensorImpl
-    (`_cdata`): a Python storage object would hold a reference to the storage and change the engine's choice."""
+    which contribution the sum ended in, -1 for a new tensor). Contributions are remembered by weak reference: a
+    reference (to the tensor or a Python storage object) would change the engine's choice, and an address
+    (`_cdata`) can be reused by the new tensor once a contribution is freed. torch keeps a tensor's Python object
+    while the tensor lives, so the weak reference lives exactly as long as the contribution."""
     nodes, stack = [], [loss.grad_fn]
     while stack:
         node = stack.pop()
@@ -417,7 +420,7 @@ def _gradient_sums(loss) -> list[tuple[str, int, int]]:
         def hook(grad_inputs, grad_outputs):
             for (nxt, nr), g in zip(node.next_functions, grad_inputs):
                 if nxt is not None and g is not None:
-                    arrived.setdefault((nxt, nr), []).append(g._cdata)
+                    arrived.setdefault((nxt, nr), []).append(weakref.ref(g))
         return hook
 
     def pre(node):
@@ -425,7 +428,7 @@ def _gradient_sums(loss) -> list[tuple[str, int, int]]:
             for nr, g in enumerate(grad_outputs):
                 got = arrived.get((node, nr), [])
                 if g is not None and len(got) > 1:
-                    sums.append((type(node).__name__, nr, got.index(g._cdata) if g._cdata in got else -1))
+                    sums.append((type(node).__name__, nr, next((i for i, w in enumerate(got) if w() is g), -1)))
         return hook
 
     handles = [h for n in nodes for h in (n.register_hook(post(n)), n.register_prehook(pre(n)))]
