@@ -8,6 +8,7 @@ PyYAML, tabulate, huggingface_hub for Hub ids, nvidia-ml-py to find local GPUs).
              device and traced; the result is cached, so later estimates need nothing extra)
     plot     matplotlib, for `recommend --plot` (the torch extra includes it: `memplan train` plots its curves)
     qlora    bitsandbytes, for QLoRA and 8-bit optimizers in `profile` and `train`
+    liger    Liger-Kernel (and Triton), for a plan with Liger's kernels (--liger) in `profile` and `train`
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "torch": ("torch", "transformers", "accelerate", "peft", "safetensors"),
     "plot": ("matplotlib",),
     "qlora": ("bitsandbytes",),
+    "liger": ("liger_kernel", "triton"),
 }
 
 

@@ -33,6 +33,11 @@ Offload = Literal["none", "optimizer", "optimizer+params"]
 Attention = Literal["eager", "sdpa", "flash"]
 Loss = Literal["standard", "chunked"]
 Allocator = Literal["default", "expandable"]
+#: Liger's kernels as its apply_liger_kernel_to_<model type>(...) arguments name them, in that order (Liger-Kernel,
+#: src/liger_kernel/transformers/monkey_patch.py). transformers' `use_liger_kernel` (TRL, LLaMA-Factory's
+#: enable_liger_kernel) applies the model type's defaults: all four for the llama family.
+LigerKernel = Literal["rope", "rms_norm", "swiglu", "fused_linear_cross_entropy"]
+LIGER_KERNELS: tuple[str, ...] = typing.get_args(LigerKernel)
 
 ALL_LINEAR = "all-linear"
 BITSANDBYTES_OPTIMIZERS = ("adamw-8bit", "paged-adamw-8bit")
@@ -267,6 +272,11 @@ class Plan(_Strict):
     attn: Attention = Field("sdpa", description="attention implementation: eager, sdpa, flash (flash-attention 2).")
     loss: Loss = Field(
         "standard", description="standard cross-entropy on full logits, or chunked (no full fp32 logits).")
+    liger: list[LigerKernel] = Field(
+        default_factory=list,
+        description="Liger's Triton kernels in place of transformers' modules: a comma list of rope, rms_norm, "
+                    "swiglu, fused_linear_cross_entropy (the loss without full logits), or all (what "
+                    "use_liger_kernel applies).")
     allocator: Allocator = Field(
         "default", description="PyTorch's CUDA caching allocator: its usual segments, or expandable segments "
                                "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), which grow one segment instead "
@@ -277,6 +287,30 @@ class Plan(_Strict):
                                       "(relative to the plan file; default: the plan file's directory).")
     target: TargetSettings | None = Field(None, description="the hardware the plan was made for (recommend "
                                              "writes it; estimate --config checks the plan against it).")
+
+    @field_validator("liger", mode="before")
+    @classmethod
+    def _liger_list(cls, v: Any) -> Any:
+        """A comma list or a YAML list; "all" is every kernel; none / an empty string is none. Kept in Liger's order."""
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = [k.strip() for k in v.split(",") if k.strip() and k.strip().lower() != "none"]
+        if isinstance(v, (list, tuple)):
+            if any(str(k).strip().lower() == "all" for k in v):
+                return list(LIGER_KERNELS)
+            unknown = [k for k in v if k not in LIGER_KERNELS]
+            if unknown:
+                hint = did_you_mean(str(unknown[0]), LIGER_KERNELS)
+                raise ValueError(f"unknown Liger kernel {shown(unknown[0])}{hint}; "
+                                 f"allowed: {', '.join(LIGER_KERNELS)}, all, none")
+            return [k for k in LIGER_KERNELS if k in v]
+        return v
+
+    @property
+    def liger_loss(self) -> bool:
+        """Liger's fused linear cross-entropy computes the loss (no logits are materialized)."""
+        return "fused_linear_cross_entropy" in self.liger
 
     @property
     def world_size(self) -> int:
@@ -324,6 +358,11 @@ def plan_problems(p: Plan) -> list[str]:
         out.append("QLoRA computes in 16-bit (bitsandbytes dequantizes NF4 to the compute dtype); "
                    "fp32 is not a QLoRA regime. "
                    "Hint: use --precision bf16 (or amp-bf16 on GPUs without bf16: amp-fp16).")
+    if p.liger_loss and p.loss == "chunked":
+        out.append("Liger's fused linear cross-entropy is the loss; memplan's chunked loss would replace it. "
+                   "Hint: --loss standard with fused_linear_cross_entropy in --liger, or drop it from --liger.")
+    if p.liger and p.device == "cpu":
+        out.append("Liger's kernels are Triton kernels for GPUs; a CPU run cannot use them. Hint: --liger none.")
     if p.ckpt_reentrant and not p.grad_ckpt:
         out.append("ckpt_reentrant chooses how checkpointed layers are recomputed; without gradient checkpointing "
                    "nothing is recomputed. Hint: add --grad-ckpt, or drop --ckpt-reentrant.")

@@ -35,6 +35,7 @@ PLAN_FLAGS: dict[str, str] = {
     "ckpt_reentrant": "--ckpt-reentrant",
     "attn": "--attn",
     "loss": "--loss",
+    "liger": "--liger",
     "allocator": "--allocator",
     "lora.rank": "--lora-rank",
     "lora.alpha": "--lora-alpha",

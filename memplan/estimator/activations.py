@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from memplan.catalog.spec import LayerGroup, ModelSpec
+from memplan.estimator import liger
 from memplan.estimator.autograd import T, Tape
 from memplan.estimator.layers import LayerReplay, LayerSpec, Numerics
 from memplan.plan import Plan
@@ -107,6 +108,7 @@ def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention", 
         rotary_type_as=tr.rotary_complex, qk_weightless_norm=tr.qk_weightless_norm and rope,
         attn_temperature=tr.attn_temperature and not rope, experts_every_token=tr.experts_every_token,
         int8_base=plan.quantized_base == "int8", nf4_base=plan.quantized_base == "nf4",
+        liger=frozenset(plan.liger) - {"fused_linear_cross_entropy"},
     )
 
 
@@ -154,7 +156,10 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
     cast; measured on an H100: benchmarks/results/gpu-h100-run1.jsonl case 3).
     """
     tok, c, h = plan.micro_batch * plan.seq_len, num.compute, spec.hidden_size
-    dense = c * tok * (2 * h + 2 * max(max(g.ffn, g.shared_ffn) for g in spec.layer_groups))
+    # Liger's SwiGLU backward writes the gradients of its two f-wide inputs into their saved storage: one f-wide
+    # gradient (its output's) instead of two
+    branches = 1 if "swiglu" in plan.liger else 2
+    dense = c * tok * (2 * h + branches * max(max(g.ffn, g.shared_ffn) for g in spec.layer_groups))
     lora = 0
     copies = 2 if plan.lora.dropout > 0 else 1
     experts = 0
@@ -299,6 +304,7 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
         from memplan.estimator import calibrated
 
         return calibrated.activations(spec, plan, kernels)
+    liger.check(spec, plan)
     b, s, h, V = plan.micro_batch, plan.seq_len, spec.hidden_size, spec.vocab_size
     tok = b * s
     num = numerics(plan, spec)
@@ -334,12 +340,21 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
     # Head: final norm, lm_head, cross-entropy (transformers loss_utils.ForCausalLMLoss).
     tape = Tape(kernels=kernels)
     replay = LayerReplay(tape, layer_spec(spec, plan), num)
-    hidden = replay.norm(T(tok * h, num.residual, True))
+    hidden = replay.norm(T(tok * h, num.residual, True), patched=True)
     c = num.compute
     # Gemma2ForCausalLM.forward: logits = tanh(logits / cap) * cap (final_logit_softcapping, in the
     # compute dtype): tanh saves its result; the division's and the product's outputs are not saved.
     softcap = spec.traits.final_softcap
-    if plan.loss == "standard":
+    if plan.liger_loss:
+        # lce_forward: LigerForCausalLMLoss on the final hidden states and lm_head.weight; no logits, no lm_head call
+        fused = liger.fused_linear_cross_entropy(
+            tokens=tok, hidden=h, vocab=V, input_itemsize=hidden.itemsize, weight_itemsize=num.weights, compute=c,
+            autocast=num.autocast, weight_trainable=full, kernels=kernels, batch=b)
+        loss_saved = fused.saved
+        head = tape.saved_bytes + loss_saved
+        fwd_peak = fused.forward_peak
+        bwd_peak = loss_saved  # the backward scales grad_input and grad_weight in place
+    elif plan.loss == "standard":
         if full:
             tape.save(tape.cast(hidden, c) if num.autocast else hidden)
         if num.autocast:
@@ -379,7 +394,7 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
     # The attention masks (mask_bytes) live inside the decoder's forward only: the model returns (and
     # frees them) before ForCausalLM computes the loss, where the forward peaks; they are not part of it.
     extra = 0
-    if plan.loss == "standard" and hidden.uid not in tape.saved:
+    if (plan.loss == "standard" or plan.liger_loss) and hidden.uid not in tape.saved:
         # The final hidden states stay referenced by the decoder's output (outputs.last_hidden_state in
         # <Family>ForCausalLM.forward) while the loss runs, saved or not (LoRA: lm_head is frozen; autocast:
         # lm_head saves its bf16 copy).

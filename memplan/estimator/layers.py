@@ -82,6 +82,7 @@ class LayerSpec:
     experts_every_token: bool = False  # Llama4TextMoe: sigmoid router, every expert on every token, shared expert
     int8_base: bool = False  # the frozen linears are bitsandbytes' Linear8bitLt (LLM.int8, lora-8bit)
     nf4_base: bool = False  # the frozen linears are bitsandbytes' Linear4bit (NF4, qlora)
+    liger: frozenset[str] = frozenset()  # Liger's kernels in the decoder layers: rope, rms_norm, swiglu (Plan.liger)
 
 
 class LayerReplay:
@@ -102,12 +103,22 @@ class LayerReplay:
         the slice is saved, not the fused storage. A cast to `itemsize` is a copy as well."""
         return x if (x.numel == numel and x.itemsize == itemsize) else T(numel, itemsize, x.rg)
 
-    def norm(self, x: T, width: int | None = None) -> T:
+    def norm(self, x: T, width: int | None = None, patched: bool = False) -> T:
         """RMSNorm (llama: fp32 math, cast back, then weight*x), gemma's x*(1+w) in fp32, "rms_weight_fp32"
-        ((weight * x_fp32).to(dtype): Olmo2RMSNorm), or LayerNorm, over the last `width` (hidden) features."""
+        ((weight * x_fp32).to(dtype): Olmo2RMSNorm), or LayerNorm, over the last `width` (hidden) features.
+        `patched`: a norm that Liger's rms_norm replaces when the plan asks for it (the decoder layers' norms, the
+        final norm, and Qwen3's q/k norms: liger-kernel 0.8.5 apply_liger_kernel_to_qwen3)."""
         t, trainable = self.t, self.L.full_ft
         width = width or self.L.hidden
         rows = x.numel // width
+        if patched and "rms_norm" in self.L.liger:
+            # LigerRMSNormFunction.forward (casting_mode "llama"): Y = torch.empty in X's dtype, RSTD one fp32 per
+            # row; ctx.save_for_backward(X, W, RSTD) whenever X or W needs grad (X: the input itself, a view).
+            # Its backward writes dX into dY (in_place=True for the llama family) plus an (SMs, h) fp32 dW buffer.
+            rg = x.rg or trainable
+            if rg:
+                t.save(x, T(rows, 4, False))
+            return T(x.numel, x.itemsize, rg)
         if self.L.norm == "layer":
             # F.layer_norm (native_layer_norm) saves its input, mean and rstd (one per token) when anything
             # needs grad; mean/rstd are fp32 on CUDA (the accumulate type) and in the input's dtype on the
@@ -261,7 +272,12 @@ class LayerReplay:
         rg = q.rg or k.rg or v.rg
         if L.qk_norm:
             q, k = self.qk_norms(q, k)
-        if L.rotary:
+        if L.rotary and "rope" in L.liger:
+            # liger_rotary_pos_emb -> LigerRopeFunction: q.transpose(1, 2) is the projection's own (b, s, heads, d)
+            # layout, so .contiguous() is a no-op and the kernel rotates the projection's output in place: q and k
+            # stay those tensors, in their dtype; it saves only cos/sin (shared, counted per model).
+            pass
+        elif L.rotary:
             # apply_rotary_pos_emb: q*cos + rotate_half(q)*sin: new q and k (v stays a view); saves only
             # cos/sin (shared by all layers, counted per model). cos/sin carry the residual dtype, so under
             # autocast q_embed is fp32 until the attention casts it back.
@@ -291,8 +307,8 @@ class LayerReplay:
         (Olmo2Attention)."""
         L = self.L
         per_head = L.qk_norm == "head"
-        q = self.norm(q, L.head_dim if per_head else L.heads * L.head_dim)
-        k = self.norm(k, L.head_dim if per_head else L.kv_heads * L.head_dim)
+        q = self.norm(q, L.head_dim if per_head else L.heads * L.head_dim, patched=True)
+        k = self.norm(k, L.head_dim if per_head else L.kv_heads * L.head_dim, patched=True)
         return q, k
 
     def _sdpa_fused(self, q: T, k: T, v: T, rg: bool) -> T:
@@ -429,6 +445,14 @@ class LayerReplay:
             up = self.proj(h, L.ffn, "fc1")
             act = self.activation(up, up.numel)
             return self.proj(act, L.hidden, "fc2")
+        if "swiglu" in L.liger:
+            # LigerSwiGLUMLP: down_proj(LigerSiLUMulFunction(gate_proj(x), up_proj(x))): c = torch.empty_like(a);
+            # saves a and b (the projections' outputs) and nothing else; its backward writes da and db into a and b.
+            g = self.proj(h, L.ffn, "gate")
+            u = self.proj(h, L.ffn, "up")
+            if g.rg or u.rg:
+                self.t.save(g, u)
+            return self.proj(T(tok * L.ffn, g.itemsize, g.rg or u.rg), L.hidden, "down")
         if L.fused_gate_up:
             # Phi3MLP: gate, up_states = gate_up_proj(x).chunk(2); up_states * act(gate): two views of one output
             gu = self.proj(h, 2 * L.ffn, "gate_up")
@@ -669,12 +693,12 @@ class LayerReplay:
     def layer(self, x: T) -> T:
         """One decoder layer: norm, attention, residual add, norm, MLP, residual add."""
         L, n = self.L, self.n
-        h = self.norm(x) if L.pre_norms else x
+        h = self.norm(x, patched=True) if L.pre_norms else x
         a = self.attention(h)
         if L.extra_norms:
             a = self.norm(a)
         x = T(x.numel, max(x.itemsize, a.itemsize), x.rg or a.rg)  # residual + attn (no saves)
-        h = self.norm(x) if L.pre_norms else x
+        h = self.norm(x, patched=True) if L.pre_norms else x
         m = self.mlp(h)
         if L.extra_norms:
             m = self.norm(m)

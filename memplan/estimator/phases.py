@@ -140,6 +140,13 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     # ---- backward: the loss backward with all activations alive, then layer by layer
     head_grads = shard.head_grads
     candidates = []
+    # A tied lm_head's gradient waits in the shared weight's AccumulateGrad input buffer until the embedding's
+    # backward adds its own (torch/csrc/autograd/engine.cpp: a node runs once all its inputs arrived). Without
+    # accumulation that buffer is the gradient the layers' candidates count (head_grads); with it, .grad already
+    # holds last micro-batch's sum, and the waiting V x h is one more.
+    pending = 0
+    if plan.method == "full" and spec.tie_word_embeddings and accum:
+        pending = spec.vocab_size * spec.hidden_size * p_item
     at_loss = _terms(**base, gradients=G if accum else 0, activations=saved_no_loss,
                      logits_loss=acts.loss_backward_peak, gathered_params=shard.gathered_backward,
                      comm_buffers=shard.buffers)
@@ -159,7 +166,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
             alive += acts.ckpt_recompute_held  # reentrant: the recomputed layer output (reentrant_recompute_held)
         else:
             alive = acts.first_layer + acts.layer * i
-        alive += acts.shared + acts.layer_backward_transient
+        alive += acts.shared + acts.layer_backward_transient + pending
         candidates.append(_terms(**base, gradients=g_now, activations=alive,
                                  gathered_params=shard.gathered_backward, comm_buffers=shard.buffers))
     # End of the backward: every gradient exists. The embedding's dense gradient (embedding_dense_backward)
@@ -169,7 +176,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     emb_transient = 0
     if plan.method == "full" and (spec.tie_word_embeddings or accum):
         emb_transient = (2 if kernels == "cpu" else 1) * shard.emb_grad
-    candidates.append(_terms(**base, gradients=G, activations=acts.shared + emb_transient,
+    candidates.append(_terms(**base, gradients=G, activations=acts.shared + emb_transient + pending,
                              gathered_params=shard.gathered_backward, comm_buffers=shard.buffers))
     bwd = max(candidates, key=lambda t: sum(t.values()))
 

@@ -33,6 +33,7 @@ from memplan.errors import UserError
 from memplan.estimator.phases import PHASES
 from memplan.plan import Plan
 from memplan.profile.meters import CudaMeter
+from memplan.runtime import liger
 from memplan.runtime.loss import chunked_causal_lm_loss, head_options
 from memplan.runtime.meter import LiveBytes, StepMeasure
 from memplan.runtime.model import build_model, materialize, quant_state_tensors
@@ -161,10 +162,17 @@ class _LogitsLossTerm:
     the backward, what is created until the gradient reaches the logits (the loss's gradients). What the
     output embedding creates or saves itself (autocast's copies of its input and weight, its input's
     gradient) and the labels count as activations, as the estimate's head does. A chunked loss recomputes
-    each chunk in the backward: the module hooks see the recomputation too."""
+    each chunk in the backward: the module hooks see the recomputation too.
 
-    def __init__(self, hf_model, meter) -> None:
+    Liger's fused linear cross-entropy (`fused`) never calls the output embedding: everything after the decoder
+    (its grad_input and grad_weight, its chunks' logits) is the term, until the gradient reaches the decoder's
+    output."""
+
+    def __init__(self, hf_model, meter, fused: bool = False) -> None:
         self.meter = meter
+        if fused:
+            self.handles = [hf_model.get_decoder().register_forward_hook(self._head_done)]
+            return
         head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
         self.handles = [] if head is None else [head.register_forward_pre_hook(self._head_starts),
                                                 head.register_forward_hook(self._head_done)]
@@ -177,7 +185,15 @@ class _LogitsLossTerm:
             self.meter.default = "activations"
 
     def _head_done(self, module, args, output) -> None:
-        if not self._active() or not isinstance(output, torch.Tensor):
+        if not isinstance(output, torch.Tensor):  # the decoder's output (fused): its last hidden state
+            output = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
+            if not self._active() or not isinstance(output, torch.Tensor):
+                return
+            self.meter.default = "logits_loss"
+            if self.meter.current_phase == "forward" and output.requires_grad:
+                output.register_hook(self._gradient_reached_logits)
+            return
+        if not self._active():
             return
         self.meter.classify([output], "logits_loss")
         self.meter.default = "logits_loss"
@@ -280,13 +296,21 @@ def measure(config, plan: Plan, *, backend: str, steps: int = 3, weights: str | 
         torch.manual_seed(seed)
         # transformers 5 deprecations reached through peft (is_gradient_checkpointing): not ours to fix
         warnings.filterwarnings("ignore", message=".*will be removed in v6", category=FutureWarning)
-        return _measure(config, plan, backend, steps, weights, device, meter or make_meter(backend, device), wrap)
+        # Liger's kernels: launches skipped without a GPU (the memory is exact, the loss is not computed)
+        with liger.scope(plan, runs_kernels=backend == "cuda"):
+            return _measure(config, plan, backend, steps, weights, device, meter or make_meter(backend, device), wrap)
 
 
 def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str, meter, wrap) -> Measured:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if backend == "trace" else None
+    fake_mode = None
+    if backend == "trace":
+        # Liger's fused cross-entropy reads a count with .item() and compares grad_output with torch.equal: a shape
+        # environment lets fake tensors answer with a symbol instead of refusing (the skipped kernels take it)
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv() if plan.liger else None)
     t0 = time.perf_counter()
     where = {"phase": "load", "step": 0}
     oom = None
@@ -309,7 +333,7 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
                 module = wrap(module, meter)
             trainable = [p for p in module.parameters() if p.requires_grad]
             optimizer = make_optimizer(plan, factory, trainable, meter)
-            logits_term = _LogitsLossTerm(built.hf_model, meter)
+            logits_term = _LogitsLossTerm(built.hf_model, meter, fused=plan.liger_loss)
             try:
                 where["phase"] = None
                 train_steps(module, optimizer, plan, meter, steps=steps, vocab=built.vocab_size, device=device,

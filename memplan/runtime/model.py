@@ -248,6 +248,9 @@ def _apply_plan(hf_model, plan: Plan):
         hf_model.get_submodule(path).requires_grad_(False)
     if plan.grad_ckpt:
         enable_checkpointing(hf_model, plan.ckpt_reentrant)
+    from memplan.runtime import liger
+
+    liger.apply(hf_model, plan)
     if not plan.trains_adapters:
         return hf_model
     from peft import get_peft_model
