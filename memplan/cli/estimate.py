@@ -18,8 +18,8 @@ from memplan.cli.options import FLOAT, PLAN_FLAGS, accelerate_option, model_opti
 @remote_code_option()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="a plan YAML (the Plan's fields; `recommend -o` writes one), or a TRL / transformers "
-                   "TrainingArguments, axolotl, LLaMA-Factory or torchtune config (YAML or JSON): what was read "
-                   "from it and what was assumed is printed first. Flags override it.")
+                   "TrainingArguments, axolotl, LLaMA-Factory or torchtune config, or an accelerate launch config "
+                   "(YAML or JSON): what was read from it and what was assumed is printed first. Flags override it.")
 @accelerate_option()
 @plan_options(PLAN_FLAGS)
 @click.option("--gpu", "gpu", default=None,
