@@ -102,9 +102,12 @@ def _overrides(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _base(plan: Plan | dict | str | Path | None) -> tuple[dict[str, Any], str, ConfigSource | None]:
+def _base(plan: Plan | dict | str | Path | None, accelerate_config: str | Path | None = None,
+          ) -> tuple[dict[str, Any], str, ConfigSource | None]:
     """The plan the keyword arguments override, its name in error messages, and - for a trainer's config
-    file - what was read from where (memplan.trainers)."""
+    file, with the accelerate config that launches it - what was read from where (memplan.trainers)."""
+    if accelerate_config is not None and not isinstance(plan, (str, Path)):
+        raise UserError("accelerate_config goes with plan= a trainer's config path (TRL, axolotl or LLaMA-Factory)")
     if plan is None:
         return {}, "plan", None
     if isinstance(plan, Plan):
@@ -114,23 +117,24 @@ def _base(plan: Plan | dict | str | Path | None) -> tuple[dict[str, Any], str, C
     if isinstance(plan, (str, Path)):
         from memplan.trainers import read_config
 
-        source = read_config(plan)
+        source = read_config(plan, accelerate_config)
         return source.plan, str(plan), source if source.format != "memplan" else None
     raise UserError(f"plan must be a memplan Plan, a dict of plan fields or a config file path, got "
                     f"{type(plan).__name__}")
 
 
-def resolve_plan(model: str | None = None, plan: Plan | dict | str | Path | None = None,
-                 **fields: Any) -> Plan:
+def resolve_plan(model: str | None = None, plan: Plan | dict | str | Path | None = None, *,
+                 accelerate_config: str | Path | None = None, **fields: Any) -> Plan:
     """A validated Plan: `plan` (a Plan, a dict, a plan YAML or a trainer's config path), then `model` and the
     keyword arguments (the Plan's fields, sections as mappings) over it. Errors are the CLI's: UserError, one
     line per field."""
-    return _plan_and_source(model, plan, fields)[0]
+    return _plan_and_source(model, plan, fields, accelerate_config)[0]
 
 
 def _plan_and_source(model: str | None, plan: Plan | dict | str | Path | None,
-                     fields: dict[str, Any]) -> tuple[Plan, ConfigSource | None]:
-    base, name, source = _base(plan)
+                     fields: dict[str, Any], accelerate_config: str | Path | None = None,
+                     ) -> tuple[Plan, ConfigSource | None]:
+    base, name, source = _base(plan, accelerate_config)
     if model is not None:
         base["model"] = model
     if not base.get("model"):
@@ -142,19 +146,22 @@ def _plan_and_source(model: str | None, plan: Plan | dict | str | Path | None,
 def estimate(model: str | None = None, plan: Plan | dict | str | Path | None = None, *, gpu: str | None = None,
              gpu_memory: str | int | None = None, host_memory: str | int | None = None,
              headroom: float | None = None, max_batch: bool = False, max_seq: bool = False,
-             trust_remote_code: bool = False, **fields: Any) -> PlanEstimate:
+             trust_remote_code: bool = False, accelerate_config: str | Path | None = None,
+             **fields: Any) -> PlanEstimate:
     """One plan's memory per GPU by phase and whether it fits: `memplan estimate` with plan flags.
 
     model: a preset, config.json path, model directory or Hub id (as --model); plan: a Plan, a dict of plan
     fields, a plan YAML or a TRL / axolotl / LLaMA-Factory / torchtune config (as --config; `to_json()` then has
-    its `config_source`); fields: the Plan's fields (method="lora", micro_batch=4, lora={"rank": 8}), over the
-    plan. gpu / gpu_memory / host_memory / headroom as the flags (sizes as text, "24GiB", or bytes);
-    max_batch / max_seq also search the largest micro-batch / sequence that fits.
+    its `config_source`); accelerate_config: the accelerate config that launches that trainer's config (as
+    --accelerate-config: processes, FSDP / DeepSpeed, mixed precision); fields: the Plan's fields
+    (method="lora", micro_batch=4, lora={"rank": 8}), over the plan. gpu / gpu_memory / host_memory / headroom
+    as the flags (sizes as text, "24GiB", or bytes); max_batch / max_seq also search the largest micro-batch /
+    sequence that fits.
     """
     from memplan.catalog import traced
 
     traced.trust_remote_code(trust_remote_code)
-    p, source = _plan_and_source(model, plan, fields)
+    p, source = _plan_and_source(model, plan, fields, accelerate_config)
     result = estimate_spec(_resolve(p.model), p, gpu=gpu, gpu_memory=gpu_memory, host_memory=host_memory,
                            headroom=headroom, max_batch=max_batch, max_seq=max_seq)
     if source is not None:  # a trainer's config: --json reports what was read from where

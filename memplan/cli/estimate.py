@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from memplan.cli import gc_paused, skip_final_collection
-from memplan.cli.options import FLOAT, PLAN_FLAGS, model_option, plan_options, remote_code_option
+from memplan.cli.options import FLOAT, PLAN_FLAGS, accelerate_option, model_option, plan_options, remote_code_option
 
 
 @click.command("estimate")
@@ -18,8 +18,9 @@ from memplan.cli.options import FLOAT, PLAN_FLAGS, model_option, plan_options, r
 @remote_code_option()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="a plan YAML (the Plan's fields; `recommend -o` writes one), or a TRL / transformers "
-                   "TrainingArguments, axolotl, LLaMA-Factory or torchtune config (YAML or JSON): what was read "
-                   "from it and what was assumed is printed first. Flags override it.")
+                   "TrainingArguments, axolotl, LLaMA-Factory or torchtune config, or an accelerate launch config "
+                   "(YAML or JSON): what was read from it and what was assumed is printed first. Flags override it.")
+@accelerate_option()
 @plan_options(PLAN_FLAGS)
 @click.option("--gpu", "gpu", default=None,
               help="GPU preset id (see `memplan gpus`), e.g. h100-80gb (default: the plan's recorded target, else "
@@ -62,12 +63,13 @@ def estimate(html_path: str | None, **kwargs) -> None:
         if html_path:
             from memplan.serve.render import write_html
 
-            write_html(html_path, kwargs["model"], kwargs["config_path"], kwargs)
+            write_html(html_path, kwargs["model"], kwargs["config_path"], kwargs, kwargs["accelerate_path"])
     if code:
         sys.exit(code)
 
 
-def _body(model: str | None, config_path: str | None, gpu: str | None, gpu_memory: str | None,
+def _body(model: str | None, config_path: str | None, accelerate_path: str | None, gpu: str | None,
+          gpu_memory: str | None,
           host_memory: str | None, headroom: float | None, max_batch: bool, max_seq: bool, as_json: bool,
           **opts: Any) -> int:
     """The command's body; returns its exit code (0 fits, 1 does not fit: see the README's "Exit codes")."""
@@ -80,7 +82,10 @@ def _body(model: str | None, config_path: str | None, gpu: str | None, gpu_memor
     from memplan.trainers import read_config
 
     overrides = passed_overrides(opts)
-    source = read_config(config_path) if config_path else None
+    if accelerate_path and not config_path:
+        raise UserError("--accelerate-config goes with --config (the trainer's config it launches); an accelerate "
+                        "config alone is read with --config FILE")
+    source = read_config(config_path, accelerate_path) if config_path else None
     trainer = source if source is not None and source.format != "memplan" else None
     base = source.plan if source is not None else {}
     model_ref = model or base.get("model")

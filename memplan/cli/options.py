@@ -203,3 +203,12 @@ def remote_code_option() -> Callable:
     return click.option("--trust-remote-code", is_flag=True, expose_value=False, callback=_trust_remote_code,
                         help="let a model whose config.json names its own Python code (auto_map) run that code "
                              "to read the model (a model_type without a family module; default: off).")
+
+
+def accelerate_option() -> Callable:
+    """--accelerate-config: the accelerate config a trainer's --config runs under (memplan.trainers.accelerate)."""
+    return click.option("--accelerate-config", "accelerate_path", type=click.Path(dir_okay=False), default=None,
+                        help="the accelerate config (`accelerate launch --config_file FILE`) that launches the TRL, "
+                             "axolotl or LLaMA-Factory --config: its processes (num_processes / num_machines), FSDP "
+                             "or DeepSpeed settings and mixed_precision join the plan, the provenance names both "
+                             "files (default: the --config's own accelerate_config, else none).")

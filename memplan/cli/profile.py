@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import click
 
-from memplan.cli.options import PLAN_FLAGS, Choice, Int, model_option, passed_overrides, plan_options
+from memplan.cli.options import (
+    PLAN_FLAGS,
+    Choice,
+    Int,
+    accelerate_option,
+    model_option,
+    passed_overrides,
+    plan_options,
+)
 
 
 @click.command("profile")
 @model_option(fetches=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="a plan YAML (the Plan's fields; `recommend -o` writes one), or a TRL / transformers "
-                   "TrainingArguments, axolotl, LLaMA-Factory or torchtune config (YAML or JSON): what was read "
-                   "from it and what was assumed is printed first. Flags override it.")
+                   "TrainingArguments, axolotl, LLaMA-Factory or torchtune config, or an accelerate launch config "
+                   "(YAML or JSON): what was read from it and what was assumed is printed first. Flags override it.")
+@accelerate_option()
 @plan_options(PLAN_FLAGS)
 @click.option("--steps", type=Int(minimum=1), default=3,
               help="optimizer steps to run; step 1 creates the optimizer states, steps 2.. are the steady state "
@@ -36,7 +45,8 @@ from memplan.cli.options import PLAN_FLAGS, Choice, Int, model_option, passed_ov
               help="memory per GPU, for a GPU without a preset, e.g. 24GiB, 81559MiB, 80GB (decimal).")
 @click.option("--json", "as_json", is_flag=True,
               help="print the estimate's JSON object with `measured` and `error_pct` in each result.")
-def profile(model, config_path, steps, backend, weights, find_max_batch, gpu, gpu_memory, as_json, **opts) -> None:
+def profile(model, config_path, accelerate_path, steps, backend, weights, find_max_batch, gpu, gpu_memory, as_json,
+            **opts) -> None:
     """Measure real training steps of a plan, per phase, next to memplan's estimate.
 
     Builds the model from its config (random weights unless --weights), applies the plan (method,
@@ -67,7 +77,7 @@ def profile(model, config_path, steps, backend, weights, find_max_batch, gpu, gp
 
     announce = None if as_json else (lambda found: click.echo(report.measuring_line(found), err=True))
     found = gather(model, config_path, steps, backend, weights, find_max_batch, gpu, gpu_memory,
-                   overrides=passed_overrides(opts), announce=announce)
+                   overrides=passed_overrides(opts), announce=announce, accelerate_path=accelerate_path)
     if as_json:
         click.echo(json.dumps(report.profile_json(found), indent=2))
     else:

@@ -11,6 +11,7 @@ from memplan.cli.options import (
     HPARAM_FLAGS,
     INT,
     Choice,
+    accelerate_option,
     model_option,
     passed_overrides,
     plan_options,
@@ -45,6 +46,7 @@ HPARAM_HELP = {
                    "LLaMA-Factory or torchtune config (YAML or JSON). Its model, training file, sequence length, "
                    "effective batch, epochs, learning rate, warmup ratio, GPUs and method (where it names them) "
                    "are the inputs; flags override them.")
+@accelerate_option()
 @click.option("--gpus", type=INT, default=None,
               help="GPUs per node; on a CPU plan, processes [GPUs] (default: the local GPUs found, else 1).")
 @click.option("--nodes", type=INT, default=1, help="machines, each with --gpus GPUs [nodes] (default: 1).")
@@ -145,11 +147,14 @@ def _config_inputs(options: dict, hparams: dict):
     from memplan.errors import UserError
 
     path = options.pop("config_path")
+    accelerate = options.pop("accelerate_path", None)
     source = None
+    if accelerate and not path:
+        raise UserError("--accelerate-config goes with --config (the trainer's config it launches)")
     if path:
         from memplan.trainers import read_config, recommend_inputs
 
-        source = read_config(path)
+        source = read_config(path, accelerate)
         for key, value in recommend_inputs(source, options.get("gpus")).items():
             target = hparams if key in ("epochs", "lr", "warmup_ratio") else options
             if target.get(key) is None or (key == "nodes" and target.get(key) == 1):

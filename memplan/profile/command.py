@@ -62,7 +62,8 @@ def default_backend(plan: Plan) -> str:
 
 def gather(model: str | None, config_path: str | None, steps: int, backend: str | None,
            weights: str | None, find_max_batch: bool, gpu: str | None, gpu_memory: str | None,
-           overrides: dict, announce: Callable[[Profiled], None] | None = None) -> Profiled:
+           overrides: dict, announce: Callable[[Profiled], None] | None = None,
+           accelerate_path: str | None = None) -> Profiled:
     """Estimate the plan (the plan file's fields, `overrides` the flags given over them), then measure it
     unless it cannot fit where `backend` runs it (`announce` is called just before the steps run). Bad input
     and plans that cannot run here raise UserError."""
@@ -74,7 +75,7 @@ def gather(model: str | None, config_path: str | None, steps: int, backend: str 
     from memplan.profile.run import check_runnable
 
     hf_logging.disable_progress_bar()  # loading/saving bars of the QLoRA round trip are not the user's work
-    plan, source = _plan(model, config_path, weights, overrides)
+    plan, source = _plan(model, config_path, weights, overrides, accelerate_path)
     spec = resolve_model(plan.model)
     if spec.wrapper:
         from memplan.catalog.vision import refuse_profile
@@ -118,12 +119,15 @@ def replayed_json(reserved: dict[str, int], est: Estimate) -> dict:
             "estimate_reserved_bytes": est.reserved, "estimate_total_bytes": est.total}
 
 
-def _plan(model: str | None, config_path: str | None, weights: str | None, overrides: dict):
+def _plan(model: str | None, config_path: str | None, weights: str | None, overrides: dict,
+          accelerate_path: str | None = None):
     """The plan: the config's fields (a plan file, or a trainer's config read by memplan.trainers), the flags
     over them, the model from --model, the file or --weights; and the trainer config's provenance (or None)."""
     from memplan.trainers import read_config
 
-    source = read_config(config_path) if config_path else None
+    if accelerate_path and not config_path:
+        raise UserError("--accelerate-config goes with --config (the trainer's config it launches)")
+    source = read_config(config_path, accelerate_path) if config_path else None
     base = source.plan if source is not None else {}
     model_ref = model or base.get("model") or weights
     if not model_ref:

@@ -22,12 +22,12 @@ from memplan.errors import UserError, did_you_mean, shown
 
 #: estimate's options the page does not take: a plan file on the server (the web form is the plan), the output
 #: switches, and running a model's own Python code on behalf of whoever reaches the page.
-ESTIMATE_SKIPPED = ("config_path", "trust_remote_code", "as_json", "html_path")
+ESTIMATE_SKIPPED = ("config_path", "accelerate_path", "trust_remote_code", "as_json", "html_path")
 #: recommend's: files on the server, where it writes (--emit writes there too), output switches; and --method,
 #: since on the page the decision tree chooses the method while the plan fields (estimate's --method among them)
 #: are explored apart.
-RECOMMEND_SKIPPED = ("config_path", "trust_remote_code", "data", "validation", "replay", "out_dir", "emit",
-                     "as_json", "explain", "plot", "method")
+RECOMMEND_SKIPPED = ("config_path", "accelerate_path", "trust_remote_code", "data", "validation", "replay",
+                     "out_dir", "emit", "as_json", "explain", "plot", "method")
 #: Switches whose value is on or off: --grad-ckpt/--no-grad-ckpt, --max-batch.
 ON, OFF = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
 #: The longest value a field takes (a model name or path, a list of LoRA targets): file systems refuse longer

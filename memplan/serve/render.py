@@ -134,7 +134,8 @@ def page(values: Mapping[str, str], errors: Mapping[str, str], v: View | None = 
     return _environment().get_template("page.html").render(**context)
 
 
-def write_html(path: str, model: str | None, config_path: str | None, options: Mapping[str, Any]) -> None:
+def write_html(path: str, model: str | None, config_path: str | None, options: Mapping[str, Any],
+               accelerate_path: str | None = None) -> None:
     """`memplan estimate ... --html FILE`: the page's view of the same options (click's keyword arguments of
     the command) as one self-contained HTML file, written atomically (a temporary file renamed over it)."""
     from memplan.recommend.writers import _write_file
@@ -150,9 +151,11 @@ def write_html(path: str, model: str | None, config_path: str | None, options: M
     if config_path:  # a plan file or a trainer's config, read as `estimate --config` reads it
         from memplan.trainers import read_config
 
-        base = read_config(config_path).plan
+        base = read_config(config_path, accelerate_path).plan
     html = page(values, {}, view(values, base, config_path or "plan"),
-                static=command_line("estimate", values, config_path) + f" --html {path}")
+                static=command_line("estimate", values, config_path,
+                                    ["--accelerate-config", accelerate_path] if accelerate_path else None)
+                + f" --html {path}")
     out = Path(path)
     try:
         _write_file(out, html)

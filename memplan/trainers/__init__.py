@@ -14,9 +14,11 @@ from memplan.files import read_yaml
 from memplan.trainers.source import FORMAT_NAMES, ConfigSource
 
 
-def read_config(path: str | Path) -> ConfigSource:
+def read_config(path: str | Path, accelerate: str | Path | None = None) -> ConfigSource:
     """A config file as a plan dict and its provenance. An unrecognised file is a UserError naming the
-    formats memplan reads."""
+    formats memplan reads. `accelerate`: the accelerate config (`accelerate launch --config_file`) that launches
+    a TRL, axolotl or LLaMA-Factory config; its processes and sharding join the reading
+    (memplan.trainers.accelerate)."""
     from memplan.trainers.detect import detect
 
     path = str(path)
@@ -29,6 +31,16 @@ def read_config(path: str | Path) -> ConfigSource:
     if fmt is None:
         raise UserError(f"{path}: not a config memplan reads; it reads {', '.join(FORMAT_NAMES.values())} configs "
                         f"(YAML or JSON)")
+    if accelerate is not None:
+        from memplan.trainers.accelerate import load, locate
+
+        accelerate = locate(str(accelerate), path, "--accelerate-config")  # a file, or one of TRL's names
+        load(accelerate)  # one line if it is not an accelerate config
+        if fmt not in LAUNCHED:
+            what = "an accelerate config itself" if fmt == "accelerate" else f"a {FORMAT_NAMES[fmt]} config"
+            raise UserError(f"{path} is {what}: an accelerate config goes with a TRL / transformers "
+                            f"TrainingArguments, axolotl or LLaMA-Factory config (--config FILE "
+                            f"--accelerate-config {accelerate})")
     if fmt == "memplan":
         from memplan.plan import read_plan_yaml
 
@@ -36,7 +48,14 @@ def read_config(path: str | Path) -> ConfigSource:
     from importlib import import_module
 
     module = import_module(f"memplan.trainers.{fmt.replace('-', '')}")
+    if fmt in LAUNCHED:
+        return module.read(data, path, None if accelerate is None else str(accelerate))
     return module.read(data, path)
+
+
+#: The formats an accelerate config launches: those built on transformers' Trainer (torchtune runs under
+#: `tune run`, memplan's plan states its own processes and sharding).
+LAUNCHED = ("trl", "axolotl", "llama-factory")
 
 
 def recommend_inputs(source: ConfigSource, gpus: int | None) -> dict:

@@ -171,8 +171,10 @@ def _half(r: Reading) -> tuple[str, str, bool, bool]:
     return "float32", key, False, False
 
 
-def read(data: dict[str, Any], path: str) -> ConfigSource:
+def read(data: dict[str, Any], path: str, launcher: str | None = None) -> ConfigSource:
+    """`launcher`: the accelerate config that launches it, if any (memplan.trainers.accelerate)."""
     r = Reading("axolotl", path, data)
+    r.launcher = launcher
     r.take("model", str(r.get("base_model")), "base_model")
     _method(r)
     if r.has("sequence_len"):

@@ -2,6 +2,7 @@
 
 - memplan: a `plan:` section (recommend's plan.yaml), or top-level keys that are all Plan fields;
 - torchtune: `_component_` keys (its recipes instantiate every section from one);
+- accelerate launch: distributed_type or compute_environment (memplan.trainers.accelerate);
 - axolotl: base_model with one of adapter / micro_batch_size / sequence_len / datasets;
 - LLaMA-Factory: model_name_or_path with stage and finetuning_type;
 - TRL / transformers TrainingArguments: model_name_or_path or one of the TrainingArguments batch keys;
@@ -32,6 +33,8 @@ def detect(data: dict[str, Any]) -> str | None:
         return "memplan"
     if _has_component(data):
         return "torchtune"
+    if "distributed_type" in data or "compute_environment" in data:
+        return "accelerate"
     if set(data) <= fields:
         return "memplan"
     if "base_model" in data and any(k in data for k in AXOLOTL_KEYS):

@@ -28,6 +28,10 @@ _UNMODELLED = {
 }
 
 
+#: Values that turn an unmodelled option off (BackwardPrefetch's NO_PREFETCH included).
+_OFF = ("false", "0", "no", "none", "no_prefetch")
+
+
 def _bool(value: Any) -> bool:
     return str(value).strip().lower() in ("true", "1", "yes", "on")
 
@@ -46,16 +50,17 @@ def _options(r: Reading, value: Any) -> tuple[int, bool]:
     return stage, offload
 
 
-def read(r: Reading) -> None:
+def read(r: Reading, origin: str = "fsdp") -> dict[str, Any]:
     """Map `fsdp` / `fsdp_config` onto sharding, zero, offload and grad_ckpt (when fsdp_config sets
-    activation_checkpointing: FSDP's own checkpointing of every decoder layer)."""
+    activation_checkpointing: FSDP's own checkpointing of every decoder layer). `origin`: what turned FSDP on, as
+    the report names it (an accelerate config's distributed_type). Returns fsdp_config, without fsdp_ prefixes."""
     stage, offload = _options(r, r.get("fsdp", True))
-    keys = "fsdp"
+    keys = origin
     config: dict[str, Any] = {}
     if r.has("fsdp_config"):
         config, where = section(r, "fsdp_config", "FSDP config")
         config = {k.removeprefix("fsdp_"): v for k, v in config.items()}
-        keys = f"fsdp + {where}"
+        keys = f"{origin} + {where}"
     strategy = config.get("sharding_strategy", config.get("reshard_after_forward"))
     if strategy is not None:
         stage = _STAGES.get(str(strategy).lower(), stage)
@@ -68,10 +73,13 @@ def read(r: Reading) -> None:
     if _bool(config.get("activation_checkpointing", False)):
         r.take("grad_ckpt", True, "fsdp_config.activation_checkpointing")
     for key, value in config.items():
-        if key in _UNMODELLED:
+        if key in _UNMODELLED and str(value).lower() in _OFF:
+            r.count(f"fsdp_config.{key}", value, "off, as memplan counts")
+        elif key in _UNMODELLED:
             r.unmodelled(f"fsdp_config.{key}", value, _UNMODELLED[key])
         elif key == "transformer_layer_cls_to_wrap" or value == "TRANSFORMER_BASED_WRAP":
             r.count(f"fsdp_config.{key}", value, "one FSDP unit per decoder layer, as memplan counts")
         elif key not in _QUIET and key not in ("sharding_strategy", "reshard_after_forward", "offload_params",
                                                "cpu_offload", "activation_checkpointing"):
             r.unknown.append(f"fsdp_config.{key}")
+    return config

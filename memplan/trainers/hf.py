@@ -264,22 +264,38 @@ def unmodelled(r: Reading, table: dict[str, str]) -> None:
 def parallel(r: Reading, args: dict[str, Any], weights: str, weights_key: str) -> None:
     """Sharding and precision: DeepSpeed (its engine sets the precision), FSDP or DDP (the weights' dtype and
     the Trainer's autocast). Without DeepSpeed or FSDP the plan is DDP; how many GPUs the launcher starts
-    is not in the file."""
-    from memplan.trainers import deepspeed, fsdp
+    is not in the file, unless an accelerate config launches it (`r.launcher`: memplan.trainers.accelerate,
+    which says how the two combine)."""
+    from memplan.trainers import accelerate, deepspeed, fsdp
 
-    if r.has("deepspeed"):
+    launch = accelerate.Launch(r.launcher) if r.launcher else None
+    fsdp_on = (r.has("fsdp") and r.data.get("fsdp") not in (False, "", [])) or (
+        r.has("fsdp_version") and r.has("fsdp_config"))  # axolotl's FSDP2 form: fsdp_version with fsdp_config
+    kind = "deepspeed" if r.has("deepspeed") else "fsdp" if fsdp_on else None
+    if launch is not None:
+        launch.check(kind, r.path)
+    fsdp_config: dict[str, Any] = {}
+    if kind == "deepspeed":
         ds, where = section(r, "deepspeed", "DeepSpeed config")
         deepspeed.read(r, ds, where, args)
     else:
-        # `fsdp` (transformers), or axolotl's FSDP2 form: fsdp_version with fsdp_config and no `fsdp` list
-        if (r.has("fsdp") and r.data.get("fsdp") not in (False, "", [])) or (
-                r.has("fsdp_version") and r.has("fsdp_config")):
-            fsdp.read(r)
+        if kind == "fsdp":
+            fsdp_config = fsdp.read(r)
         else:
             r.ignore("fsdp", "fsdp_config")
-            r.assume("sharding", "ddp", "no deepspeed or fsdp in the file: data parallel")
-        precision(r, weights, args["autocast"], f"{weights_key} + {args['half_key']}")
-    r.assume("gpus", 1, "the launcher (torchrun, accelerate launch) sets the processes, not this file: pass --gpus")
+            if launch is None:
+                r.assume("sharding", "ddp", "no deepspeed or fsdp in the file: data parallel")
+        autocast, keys = args["autocast"], f"{weights_key} + {args['half_key']}"
+        if autocast is None and launch is not None and launch.autocast is not None:
+            # TrainingArguments.mixed_precision: the trainer's bf16 / fp16, else accelerate's mixed_precision
+            autocast, keys = launch.autocast, f"{weights_key} + {launch.name}: mixed_precision"
+        precision(r, weights, autocast, keys)
+    if launch is None:
+        r.assume("gpus", 1, "the launcher (torchrun, accelerate launch) sets the processes, not this file: pass "
+                            "--gpus, or --accelerate-config FILE")
+        return
+    launch.apply({"kind": kind, "args": args, "path": r.path, "r": r, "fsdp_config": fsdp_config})
+    launch.merge_into(r)
 
 
 # ---------------------------------------------------------------- writing (memplan.trainers.emit)

@@ -131,8 +131,10 @@ def _model_side(r: Reading) -> None:
                                      "reward model; memplan estimates supervised training")
 
 
-def read(data: dict[str, Any], path: str) -> ConfigSource:
+def read(data: dict[str, Any], path: str, launcher: str | None = None) -> ConfigSource:
+    """`launcher`: the accelerate config that launches it, if any (memplan.trainers.accelerate)."""
     r = Reading("llama-factory", path, data)
+    r.launcher = launcher
     r.take("model", str(r.get("model_name_or_path")), "model_name_or_path")
     _method(r)
     args = hf.training_arguments(r, {})

@@ -28,6 +28,7 @@ FORMAT_NAMES = {
     "axolotl": "axolotl",
     "llama-factory": "LLaMA-Factory",
     "torchtune": "torchtune",
+    "accelerate": "accelerate launch",
 }
 
 
@@ -61,13 +62,15 @@ class ConfigSource:
     unknown: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     counted: dict[str, str] = field(default_factory=dict)
+    launcher: str | None = None  # the accelerate config read beside it (memplan.trainers.accelerate)
 
     @property
     def label(self) -> str:
         return FORMAT_NAMES[self.format]
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": self.format, "path": self.path, "files": self.files, "taken": self.taken,
+        return {"format": self.format, "path": self.path, "accelerate_config": self.launcher, "files": self.files,
+                "taken": self.taken,
                 "assumed": self.assumed, "counted": self.counted, "ignored": self.ignored,
                 "not_modelled": self.not_modelled, "unknown": self.unknown}
 
@@ -87,6 +90,7 @@ class Reading:
         self.files: list[str] = []
         self.seen: set[str] = set()
         self.unknown: list[str] = []  # keys inside nested sections (a DeepSpeed file's) the reader does not know
+        self.launcher: str | None = None  # an accelerate config launching it (memplan.trainers.accelerate)
 
     # ---- the file's keys
     def has(self, key: str) -> bool:
@@ -144,7 +148,7 @@ class Reading:
             (self.ignored if key in ignored else unknown).append(key)
         return ConfigSource(self.format, self.path, self.plan, dict(self.taken), dict(self.assumed),
                             sorted(set(self.ignored)), self.not_modelled, unknown, self.files,
-                            dict(self.counted))
+                            dict(self.counted), self.launcher)
 
 
 def _wrapped(label: str, items: list[str], width: int = 110) -> list[str]:
@@ -161,7 +165,8 @@ def source_lines(source: ConfigSource) -> list[str]:
     """The provenance `memplan estimate --config` prints before the estimate: what was taken from the file,
     what was assumed and why, what changes memory but is not modelled, and how many keys were ignored."""
     plan = _flat(source.plan)
-    lines = [f"Read {source.path} as a {source.label} config:"]
+    launched = f", launched with the accelerate config {source.launcher}" if source.launcher else ""
+    lines = [f"Read {source.path} as a {source.label} config{launched}:"]
     lines += _wrapped("from file", [f"{p}={shown_value(plan.get(p))} <- {k}" for p, k in source.taken.items()])
     lines += _wrapped("assumed", [f"{p}={why}" for p, why in source.assumed.items()])
     if source.not_modelled:

@@ -15,6 +15,7 @@ with bf16=True trains bf16 weights with no fp32 copy = bf16. Under DeepSpeed its
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memplan.errors import UserError
@@ -102,8 +103,21 @@ def _sequence(r: Reading) -> None:
         r.assume("loss", "chunked", f"loss_type not set; {SFT_CONFIG}, chunked_nll (no full logits)")
 
 
-def read(data: dict[str, Any], path: str) -> ConfigSource:
+def read(data: dict[str, Any], path: str, launcher: str | None = None) -> ConfigSource:
+    """`launcher`: the accelerate config that launches it (--accelerate-config), else the file's own
+    `accelerate_config`: TRL's parser hands keys it does not take to `accelerate launch` (trl/scripts/utils.py
+    TrlParser.set_defaults_with_config, trl/cli/commands/training.py), where `--accelerate_config` names a file or
+    one of TRL's configs (trl/cli/accelerate_config.py)."""
+    from memplan.trainers.accelerate import locate
+
     r = Reading("trl", path, data)
+    if r.has("accelerate_config"):
+        named = str(r.get("accelerate_config"))
+        if launcher is not None and Path(launcher).resolve() != locate(named, path, "accelerate_config").resolve():
+            raise UserError(f"{path} names the accelerate config {named} and --accelerate-config gives {launcher}; "
+                            "a run is launched with one. Hint: drop one of them")
+        launcher = launcher or str(locate(named, path, "accelerate_config"))
+    r.launcher = launcher
     if r.has("model_name_or_path"):
         r.take("model", str(r.get("model_name_or_path")), "model_name_or_path")
     _method(r)

@@ -512,7 +512,7 @@ def test_unrecognised_file_is_one_line_naming_the_formats(tmp_path, run_cli):
     code, _, err = run_cli("estimate", "--config", str(cfg))
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "not a config memplan reads; it reads memplan plan, TRL / transformers TrainingArguments, axolotl, " \
-           "LLaMA-Factory, torchtune configs" in err
+           "LLaMA-Factory, torchtune, accelerate launch configs" in err
     # a plan file with a typo still gets the plan's own error
     cfg.write_text("model: gpt2\nmicro_bach: 2\n")
     code, _, err = run_cli("estimate", "--config", str(cfg))
