@@ -184,7 +184,10 @@ class DataSettings(_Strict):
     val_ratio: float = Field(0.05, ge=0, lt=1, description="held-out fraction of train when no validation file.")
     format: Literal["auto", "alpaca", "chat", "text"] = Field(
         "auto", description="JSONL shape; auto detects it per file.")
-    packing: bool = Field(False, description="pack several examples into each sequence.")
+    packing: bool = Field(False, description="pack several examples into each sequence (position ids restart at "
+                                             "each; attention stays inside it).")
+    padding_free: bool = Field(False, description="the micro-batch's sequences concatenated into one row of "
+                                                  "micro-batch x seq_len tokens (TRL's packing and padding_free).")
     samples: int | None = Field(
         None, gt=0, description="training examples (counted from train, or stated for planning).")
     domain_shift: Literal["low", "high"] = Field(

@@ -17,3 +17,17 @@ def run_cli():
         return result.exit_code, result.stdout, result.stderr
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def liger_warmed():
+    """One traced step of a Liger-patched model before any measured one. Liger's dispatcher imports its kernel
+    backends at the first call and logs each that fails to import with the exception, whose traceback holds that
+    call's frames and tensors; pytest's log capture keeps the record, and with it those tensors, for the test. After
+    this step the failures are known and nothing more is logged."""
+    from memplan.plan import Plan
+    from memplan.profile.trace import trace_training
+
+    tiny = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=128)
+    trace_training(tiny, Plan(precision="bf16", micro_batch=1, seq_len=8, liger="all"), backend="cpu", steps=1)

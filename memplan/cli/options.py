@@ -15,7 +15,7 @@ import click
 from pydantic.fields import FieldInfo
 
 from memplan.errors import did_you_mean, shown
-from memplan.plan import MAX_NUMBER, Hyperparameters, LoraSettings, Overrides, Plan
+from memplan.plan import MAX_NUMBER, DataSettings, Hyperparameters, LoraSettings, Overrides, Plan
 
 # Plan field path -> flag name. Order is the order in --help.
 PLAN_FLAGS: dict[str, str] = {
@@ -36,6 +36,8 @@ PLAN_FLAGS: dict[str, str] = {
     "attn": "--attn",
     "loss": "--loss",
     "liger": "--liger",
+    "data.packing": "--packing",
+    "data.padding_free": "--padding-free",
     "allocator": "--allocator",
     "lora.rank": "--lora-rank",
     "lora.alpha": "--lora-alpha",
@@ -118,7 +120,7 @@ def _field(path: str) -> FieldInfo:
     head, _, rest = path.partition(".")
     if not rest:
         return Plan.model_fields[head]
-    sub = {"lora": LoraSettings, "hparams": Hyperparameters}[head]
+    sub = {"lora": LoraSettings, "hparams": Hyperparameters, "data": DataSettings}[head]
     return sub.model_fields[rest]
 
 

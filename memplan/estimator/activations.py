@@ -70,17 +70,39 @@ def attention_impl(spec: ModelSpec, plan: Plan) -> str:
     return attention_runs(spec, plan.attn) or plan.attn
 
 
+def packed(plan: Plan) -> bool:
+    """Whether a row holds several sequences told apart by restarting position ids, with no attention mask: packing
+    (memplan's collate, TRL, LLaMA-Factory), or a padding-free micro-batch of several sequences. transformers then
+    finds the sequences (masking_utils._preprocess_mask_arguments -> find_packed_sequence_indices) and masks
+    attention to each (packed_sequence_mask_function), which rules out SDPA's is_causal skip; flash-attention 2
+    runs varlen over them (its cu_seqlens from the position ids) and gets no mask."""
+    return plan.data.packing or (plan.data.padding_free and plan.micro_batch > 1)
+
+
+def as_one_row(plan: Plan) -> Plan:
+    """A padding-free plan as the model sees it: the micro-batch's sequences in one row of b x s tokens (TRL's
+    DataCollatorForLanguageModeling(padding_free=True) concatenates input_ids, labels and position_ids)."""
+    if not plan.data.padding_free or plan.micro_batch == 1:
+        return plan
+    data = plan.data.model_copy(update={"packing": True})
+    return plan.model_copy(update={"micro_batch": 1, "seq_len": plan.micro_batch * plan.seq_len, "data": data})
+
+
 def _sdpa_mask(spec: ModelSpec, plan: Plan, layer_type: str) -> bool:
     """Whether SDPA gets a materialized mask: transformers skips the causal mask (is_causal instead) unless
     a sliding window is at most the sequence (masking_utils._ignore_causal_mask_sdpa:
-    local_attention_size is not None and kv_length >= local_attention_size). Flash-attention 2 takes the
-    window as an argument and never gets a mask for an unpadded batch. A chunked-attention layer
-    (create_chunked_causal_mask: local_size = attention_chunk_size) likewise once the sequence reaches a chunk."""
+    local_attention_size is not None and kv_length >= local_attention_size), or the rows are packed (`packed`).
+    Flash-attention 2 takes the window as an argument and never gets a mask for an unpadded batch. A
+    chunked-attention layer (create_chunked_causal_mask: local_size = attention_chunk_size) likewise once the
+    sequence reaches a chunk."""
+    if attention_impl(spec, plan) != "sdpa":
+        return False
+    if packed(plan):
+        return True
     window = spec.traits.sliding_window
     if layer_type == "chunked_attention":
         window = spec.traits.attention_chunk_size
-    return (attention_impl(spec, plan) == "sdpa" and layer_type in ("sliding_attention", "chunked_attention")
-            and window is not None and plan.seq_len >= window)
+    return layer_type in ("sliding_attention", "chunked_attention") and window is not None and plan.seq_len >= window
 
 
 def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention", rope: bool = True,
@@ -287,7 +309,8 @@ def mask_bytes(spec: ModelSpec, plan: Plan) -> int:
 
     eager: eager_mask's torch.where over the expanded (b, 1, s, s) boolean mask, in inputs_embeds' dtype.
     sdpa: the boolean mask (1, 1, s, s) (sdpa_mask: broadcast indices, then .expand), only where it is not
-    skipped (a sliding window at most s); each layer's kernel converts its own copy (see layers.py).
+    skipped (a sliding window at most s); each layer's kernel converts its own copy (see layers.py). Packed rows
+    give every row its own: (b, 1, s, s) (packed_sequence_mask_function reads the row's sequence ids).
     flash-attention 2: no mask for an unpadded batch."""
     attn = attention_impl(spec, plan)
     b, s = plan.micro_batch, plan.seq_len
@@ -295,16 +318,17 @@ def mask_bytes(spec: ModelSpec, plan: Plan) -> int:
     if attn == "eager":
         return len(kinds) * b * s * s * numerics(plan, spec).residual
     if attn == "sdpa":
-        return sum(s * s for k in kinds if _sdpa_mask(spec, plan, k))
+        return sum((b if packed(plan) else 1) * s * s for k in kinds if _sdpa_mask(spec, plan, k))
     return 0
 
 
 def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool = True) -> Activations:
+    liger.check(spec, plan)
+    plan = as_one_row(plan)
     if traced and spec.traits.calibrated:  # no family module: calibrated by trace (`traced=False`: the replay)
         from memplan.estimator import calibrated
 
         return calibrated.activations(spec, plan, kernels)
-    liger.check(spec, plan)
     b, s, h, V = plan.micro_batch, plan.seq_len, spec.hidden_size, spec.vocab_size
     tok = b * s
     num = numerics(plan, spec)
@@ -331,7 +355,9 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
         # first layer runs, far below the loss's peak)
         width = spec.head_dim // 2 if spec.traits.rotary_half_cos else spec.head_dim
         table = s * spec.head_dim * 4 if spec.traits.rotary_complex else 2 * s * width * num.residual
-        shared += table * spec.traits.rotary_tables * (b if spec.traits.rotary_per_sequence else 1)
+        # packed rows pass their position ids, (b, s): the rotary tables are per row as well
+        per_row = spec.traits.rotary_per_sequence or packed(plan)
+        shared += table * spec.traits.rotary_tables * (b if per_row else 1)
     if plan.grad_ckpt:
         # non-reentrant checkpointing saves every tensor input of each layer for its recomputation, the
         # attention mask included: the masks live until the backward is done (torch/utils/checkpoint.py)

@@ -224,12 +224,12 @@ def _trace(spec: ModelSpec, plan: Plan, keep: list[int], entry: dict,
            points: list[tuple[int, int]]) -> dict[tuple[int, int], dict[str, int]]:
     """The forward of a training step at each (b, s) of `points`, on the model built once with only the
     decoder layers `keep`, on fake tensors: the saved bytes by part (see _Probe). The model, the loss module,
-    the meter, the autocast and the unpacked batches are memplan profile's (memplan.profile.run)."""
+    the meter, the autocast and the (unpacked) batches are memplan profile's (memplan.profile.run)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memplan.catalog.traced import hf_config
-    from memplan.profile.run import CausalLMLoss, unpacked_batches
+    from memplan.profile.run import CausalLMLoss, packed_batches
     from memplan.runtime.loss import head_options
     from memplan.runtime.model import build_model
 
@@ -245,7 +245,7 @@ def _trace(spec: ModelSpec, plan: Plan, keep: list[int], entry: dict,
     kinds = [entry["layer_kinds"][i] for i in keep]
     dtype = getattr(torch, plan.regime.compute) if plan.regime.autocast else None
     out = {}
-    with unpacked_batches(), fake_mode, probe.meter:
+    with packed_batches(False), fake_mode, probe.meter:
         probe.meter.register(list(module.parameters()) + list(module.buffers()), "weights")
         for b, s in points:
             probe.reset()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memplan.errors import UserError
+from memplan.estimator.activations import as_one_row, packed
 from memplan.estimator.phases import PHASES
 from memplan.plan import Plan
 from memplan.profile.meters import CudaMeter
@@ -148,10 +149,10 @@ class CausalLMLoss(torch.nn.Module):
         self.chunked = chunked
         self.head = head  # memplan.runtime.loss.head_options of the model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if not self.chunked:
-            return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-        hidden = self.model.get_decoder()(input_ids=input_ids, use_cache=False)[0]
+            return self.model(input_ids=input_ids, labels=input_ids, position_ids=position_ids, use_cache=False).loss
+        hidden = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
         return chunked_causal_lm_loss(hidden, self.model.get_output_embeddings(), input_ids, **self.head)
 
 
@@ -213,8 +214,10 @@ class _LogitsLossTerm:
 
 
 @contextlib.contextmanager
-def unpacked_batches() -> Iterator[None]:
-    """transformers 5: tell the mask code the batch is not packed (it cannot read fake position_ids)."""
+def packed_batches(rows_packed: bool) -> Iterator[None]:
+    """transformers 5 finds packed sequences from the position ids (masking_utils.find_packed_sequence_indices), which
+    ends by reading a value (`.all()`): fake tensors cannot. The batches `train_steps` makes are known: packed rows
+    get their sequence ids as that function computes them, without the read; the others are not packed (None)."""
     try:
         from transformers import masking_utils
     except ImportError:  # transformers < 4.53 had no packed-sequence detection
@@ -224,7 +227,12 @@ def unpacked_batches() -> Iterator[None]:
     if original is None:
         yield
         return
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+
+    def sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
+        first = position_ids[:, :1] - 1
+        return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+    masking_utils.find_packed_sequence_indices = sequence_ids if rows_packed else (lambda position_ids: None)
     try:
         yield
     finally:
@@ -241,6 +249,21 @@ def _gradient_sync(model, last_micro_batch: bool):
     return contextlib.nullcontext()
 
 
+def batch(plan: Plan, vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random token ids of the plan's shape, and position ids where rows are packed: two sequences per row
+    (positions restarting halfway), or padding-free, the micro-batch's sequences in one row (restarting every
+    seq_len tokens)."""
+    row = as_one_row(plan)
+    input_ids = torch.randint(0, vocab, (row.micro_batch, row.seq_len), device=device)
+    if not packed(row):
+        return input_ids, None
+    if plan.data.padding_free and plan.micro_batch > 1:
+        positions = torch.arange(plan.seq_len, device=device).repeat(plan.micro_batch)
+    else:
+        positions = torch.arange(row.seq_len, device=device) % max(1, (row.seq_len + 1) // 2)
+    return input_ids, positions.expand(row.micro_batch, -1)
+
+
 def train_steps(model, optimizer, plan: Plan, meter, *, steps: int, vocab: int, device: str,
                 trainable: list[torch.Tensor], logits_term: _LogitsLossTerm | None = None) -> None:
     """`steps` optimizer steps of `plan`, each phase announced to the meter (a nanoGPT-like loop)."""
@@ -251,15 +274,15 @@ def train_steps(model, optimizer, plan: Plan, meter, *, steps: int, vocab: int, 
         for micro in range(plan.grad_accum):
             with _gradient_sync(model, micro == plan.grad_accum - 1):
                 meter.phase("forward")
-                input_ids = torch.randint(0, vocab, (plan.micro_batch, plan.seq_len), device=device)
+                input_ids, position_ids = batch(plan, vocab, device)
                 with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-                    loss = model(input_ids)
+                    loss = model(input_ids, position_ids)
                 loss = loss / plan.grad_accum  # the mean over the optimizer step's micro-batches
                 meter.phase("backward")
                 if logits_term is not None:
                     logits_term.backward_starts()
                 loss.backward()
-                del loss, input_ids
+                del loss, input_ids, position_ids
             meter.classify([p.grad for p in trainable], "gradients")
         meter.phase("optimizer")
         optimizer.step()
@@ -325,7 +348,7 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
         if shards:  # FSDP: shard on the meta device, then give each rank only its shards
             module = wrap(module, meter)
             materialize(built.model, built.hf_model, device)
-        with unpacked_batches(), (fake_mode or contextlib.nullcontext()), meter:
+        with packed_batches(packed(as_one_row(plan))), (fake_mode or contextlib.nullcontext()), meter:
             meter.register(list(module.parameters()) + list(module.buffers())
                            + quant_state_tensors(built.model), "weights")
             after_load = _allocated(meter)

@@ -293,9 +293,18 @@ class Stream:
         return k / self.per_epoch
 
 
-def collate(examples: list[Example], pad_id: int, packed: bool) -> dict[str, Any]:
-    """Right-padded tensors. Unpacked batches get an attention mask; packed ones position ids instead."""
+def collate(examples: list[Example], pad_id: int, packed: bool, padding_free: bool = False) -> dict[str, Any]:
+    """Right-padded tensors. Unpacked batches get an attention mask; packed ones position ids instead.
+    `padding_free`: the examples concatenated into one row, with their position ids (each restarting) and the
+    first label of each masked, so that no example predicts across a boundary (as TRL's padding-free collator)."""
     import torch
+
+    if padding_free and len(examples) > 1:
+        ids = [t for e in examples for t in e.input_ids]
+        labels = [t for e in examples for t in [IGNORE] + e.labels[1:]]
+        pos = [t for e in examples for t in e.position_ids]
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([pos])}
 
     n = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)

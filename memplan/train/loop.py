@@ -411,8 +411,8 @@ def optimizer_step(t: Trainer) -> tuple[float, float | None]:
 def _micro_batches(t: Trainer) -> list[dict]:
     """This process's grad_accum micro-batches of the next step, in the run's data order (data.Stream)."""
     first = t.state.step * t.plan.grad_accum
-    return [data_mod.collate(t.stream.micro_batch_at(first + i), t.tokenizer.pad_token_id, t.data.packed)
-            for i in range(t.plan.grad_accum)]
+    return [data_mod.collate(t.stream.micro_batch_at(first + i), t.tokenizer.pad_token_id, t.data.packed,
+                             t.plan.data.padding_free) for i in range(t.plan.grad_accum)]
 
 
 def _forward_backward(t: Trainer, micro: list[dict], labelled: float):

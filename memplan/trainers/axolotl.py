@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from memplan.errors import UserError
 from memplan.train.deepspeed_setup import DS_CONFIG_NAME
-from memplan.trainers import hf, lora
+from memplan.trainers import hf, liger, lora
 from memplan.trainers.emit import Context, Emitted, Nearest
 from memplan.trainers.source import ConfigSource, Reading
 
@@ -32,7 +32,6 @@ SCHEMA = "axolotl's default (src/axolotl/utils/schemas)"
 UNMODELLED = {
     "activation_offloading": "activations offloaded to host memory",
     "layer_offloading": "layer parameters offloaded to host memory between uses",
-    "plugins": "plugins that replace kernels (Liger, Cut Cross Entropy: no full logits)",
     "context_parallel_size": "sequences split across GPUs (context parallelism)",
     "sequence_parallel_degree": "sequences split across GPUs (sequence parallelism)",
     "tensor_parallel_size": "tensor parallelism (weights split across GPUs)",
@@ -142,6 +141,28 @@ def _attention(r: Reading) -> None:
     r.assume("attn", "sdpa", "attn_implementation not set; transformers picks sdpa where torch has it")
 
 
+#: axolotl's Liger flags -> apply_liger_kernel_to_<type>'s arguments (src/axolotl/integrations/liger/plugin.py)
+LIGER_FLAGS = {"liger_rope": "rope", "liger_rms_norm": "rms_norm", "liger_glu_activation": "swiglu",
+               "liger_cross_entropy": "cross_entropy", "liger_fused_linear_cross_entropy": "fused_linear_cross_entropy"}
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+
+
+def _liger(r: Reading) -> None:
+    """The LigerPlugin in `plugins` applies the Liger kernels its flags name (without it they do nothing); the other
+    plugins stay not modelled."""
+    plugins = r.get("plugins", [])
+    plugins = [plugins] if isinstance(plugins, str) else list(plugins)
+    flags = [k for k in LIGER_FLAGS if r.has(k)]
+    if LIGER_PLUGIN in plugins:
+        liger.take(r, {LIGER_FLAGS[k]: r.get(k) for k in flags}, " + ".join(["plugins", *flags]))
+    others = [p for p in plugins if p != LIGER_PLUGIN]
+    if others:
+        r.unmodelled("plugins", others, "plugins that replace kernels (Cut Cross Entropy: no full logits)")
+    for key in ("liger_layer_norm", "liger_rms_norm_gated"):
+        if r.get(key):
+            r.unmodelled(key, r.get(key), "a Liger kernel of other model types (LayerNorm, gated RMSNorm)")
+
+
 def _checkpointing(r: Reading) -> None:
     value = r.get("gradient_checkpointing", False)
     if r.has("gradient_checkpointing"):
@@ -181,14 +202,18 @@ def read(data: dict[str, Any], path: str, launcher: str | None = None) -> Config
         r.take("seq_len", int(r.get("sequence_len")), "sequence_len")
     else:
         r.assume("seq_len", 512, f"sequence_len not set; {SCHEMA}")
-    if r.get("sample_packing"):
-        r.take("data.packing", True, "sample_packing")
-        r.unmodelled("sample_packing", True, "multipack: a micro-batch's sequences in one row with per-sequence "
-                                             "(varlen) attention; memplan counts micro_batch x seq_len tokens as "
-                                             "separate padded rows")
     args = _batch(r)
     _schedule(r)
     _attention(r)
+    if r.get("sample_packing"):
+        r.take("data.packing", True, "sample_packing")
+        if r.plan.get("attn") == "flash":
+            r.count("sample_packing", True, "multipack rows of sequence_len with per-sequence position ids: "
+                                            "flash-attention runs varlen over them, keeping what unpacked full rows "
+                                            "keep")
+        else:
+            r.unmodelled("sample_packing", True, "multipack rows with axolotl's own block-diagonal attention mask "
+                                                 "for this attention (memplan counts transformers' packed-row mask)")
     _checkpointing(r)
     weights, key, bf16, fp16 = _half(r)
     args.update(bf16=bf16, fp16=fp16, half_key=key, autocast="bf16" if bf16 else "fp16" if fp16 else None)
@@ -196,11 +221,8 @@ def read(data: dict[str, Any], path: str, launcher: str | None = None) -> Config
     datasets = r.data.get("datasets")
     if isinstance(datasets, list) and datasets and isinstance(datasets[0], dict):
         lora.local_data(r, datasets[0].get("path"), "datasets")
+    _liger(r)
     hf.unmodelled(r, UNMODELLED)
-    for key in data:
-        if key.startswith("liger_") and data[key]:
-            r.unmodelled(key, data[key], "a Liger kernel (fewer activations kept; the fused cross-entropy keeps "
-                                         "no full logits)")
     return r.finish(QUIET)
 
 
@@ -224,7 +246,7 @@ def nearest(plan: Plan, ctx: Context) -> Nearest:
                                    "src/axolotl/utils/config resolve_dtype")
     if plan.loss == "chunked":
         n.change("loss", "standard", "loss chunked -> standard: axolotl computes the full logits unless a plugin "
-                                     "(Cut Cross Entropy, Liger) replaces the loss, which memplan does not model")
+                                     "replaces the loss (Liger's fused linear cross-entropy: --liger)")
     if plan.sharding == "fsdp" and plan.zero == 0:
         n.change("zero", 2, "FSDP NO_SHARD -> SHARD_GRAD_OP (ZeRO-2): axolotl's FSDP2 shards or reshards, it has "
                             "no NO_SHARD")
@@ -272,6 +294,9 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
     if plan.grad_ckpt:
         data["gradient_checkpointing_kwargs"] = {"use_reentrant": plan.ckpt_reentrant}
     data["attn_implementation"] = hf.ATTENTION_NAMES[plan.attn]
+    if plan.liger:
+        data["plugins"] = [LIGER_PLUGIN]
+        data.update({flag: kernel in plan.liger for flag, kernel in LIGER_FLAGS.items() if kernel != "cross_entropy"})
     if plan.sharding == "deepspeed":
         data["deepspeed"] = DS_CONFIG_NAME
     elif plan.sharding == "fsdp":

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from memplan.errors import UserError
 from memplan.files import read_yaml
+from memplan.trainers import liger
 from memplan.trainers.source import Reading, shown_value
 
 if TYPE_CHECKING:
@@ -146,9 +147,6 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
 
 #: TrainingArguments keys that change memory and that memplan's estimate does not count.
 UNMODELLED = {
-    "use_liger_kernel": "Liger kernels (fused RMSNorm, RoPE, SwiGLU, linear + cross-entropy) keep fewer "
-                        "activations and no full logits",
-    "liger_kernel_config": "which Liger kernels run",
     "torch_compile": "torch.compile fuses kernels and changes which activations are kept",
     "auto_find_batch_size": "the batch size is halved after each out-of-memory error",
     "torch_empty_cache_steps": "the CUDA cache is emptied every N steps (less reserved memory)",
@@ -225,6 +223,7 @@ def training_arguments(r: Reading, defaults: dict[str, tuple[Any, str]]) -> dict
     fp16 = bool(r.get("fp16", d["fp16"][0]))
     half_key = "bf16" if r.has("bf16") else f"bf16 not set ({d['bf16'][1]}: {shown_value(bf16)})"
     checkpoint_options(r)
+    liger.read_hf(r, "use_liger_kernel", "liger_kernel_config")
     unmodelled(r, UNMODELLED)
     return {"micro_batch": micro, "micro_batch_key": "per_device_train_batch_size", "grad_accum": accum,
             "grad_accum_key": "gradient_accumulation_steps", "bf16": bf16, "fp16": fp16 and not bf16,

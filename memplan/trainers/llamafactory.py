@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from memplan.errors import UserError
 from memplan.train.deepspeed_setup import DS_CONFIG_NAME
-from memplan.trainers import hf, lora
+from memplan.trainers import hf, liger, lora
 from memplan.trainers.emit import Context, Emitted, Nearest
 from memplan.trainers.source import ConfigSource, Reading
 
@@ -32,7 +32,6 @@ ATTENTION = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_at
              "fa3": "flash_attention_3"}
 
 UNMODELLED = {
-    "enable_liger_kernel": "Liger kernels (fewer activations kept, no full logits)",
     "use_unsloth": "unsloth's patched model", "use_unsloth_gc": "unsloth's checkpointing (offloads to host)",
     "upcast_lmhead_output": "the logits upcast to fp32", "upcast_layernorm": "norm weights upcast to fp32",
     "neat_packing": "packed sequences with block-diagonal attention",
@@ -103,16 +102,20 @@ def _model_side(r: Reading) -> None:
         r.take("seq_len", int(r.get("cutoff_len")), "cutoff_len")
     else:
         r.assume("seq_len", 2048, f"cutoff_len not set; {ARGS}")
-    packing = r.get("packing", r.get("stage", "sft") == "pt")
-    if packing:
-        (r.take if r.has("packing") else r.assume)("data.packing", True, "packing" if r.has("packing") else
-                                                   f"packing not set; {ARGS}: on for stage pt")
-        r.unmodelled("packing", True, "packed rows: memplan counts micro_batch x seq_len tokens as padded rows")
     name = ATTENTION.get(str(r.get("flash_attn", "auto")), None)
     if name:
         hf.attention(r, name, "flash_attn")
     else:
         r.assume("attn", "sdpa", f"flash_attn not set or auto ({ARGS}): transformers picks sdpa where torch has it")
+    packing = r.get("packing", r.get("stage", "sft") == "pt")
+    if packing:
+        (r.take if r.has("packing") else r.assume)("data.packing", True, "packing" if r.has("packing") else
+                                                   f"packing not set; {ARGS}: on for stage pt")
+        if r.plan.get("attn") == "flash":
+            r.count("packing", True, "packed rows of cutoff_len: flash-attention keeps what unpacked full rows keep")
+        elif not r.get("neat_packing"):
+            r.unmodelled("packing", True, "packed rows attend across examples (neat_packing false): no mask, where "
+                                          "memplan counts the packed-row mask of SDPA / eager attention")
     off = bool(r.get("disable_gradient_checkpointing", False))
     (r.take if r.has("disable_gradient_checkpointing") else r.assume)(
         "grad_ckpt", not off, "disable_gradient_checkpointing" if r.has("disable_gradient_checkpointing") else
@@ -149,6 +152,7 @@ def read(data: dict[str, Any], path: str, launcher: str | None = None) -> Config
         weights, key = "bfloat16", "the checkpoint's dtype (torch_dtype auto), counted as bfloat16"
     hf.parallel(r, args, weights, key)
     _local_data(r)
+    _liger(r)
     hf.unmodelled(r, UNMODELLED)
     return r.finish(hf.QUIET | QUIET)
 
@@ -188,6 +192,17 @@ DATASET_FORMATS = {
 FLASH_ATTN = {"eager": "disabled", "sdpa": "sdpa", "flash": "fa2"}
 
 
+def _liger(r: Reading) -> None:
+    """enable_liger_kernel: model/model_utils/liger_kernel.py apply_liger_kernel runs the model type's
+    apply_liger_kernel_to_<type>() with its defaults for stages pt and sft; the other stages need the logits
+    (require_logits): fused_linear_cross_entropy off, cross_entropy on."""
+    if r.get("stage", "sft") in ("sft", "pt"):
+        liger.read_hf(r, "enable_liger_kernel")
+    elif r.get("enable_liger_kernel"):
+        liger.take(r, {**liger.defaults(), "fused_linear_cross_entropy": False, "cross_entropy": True},
+                   "enable_liger_kernel")
+
+
 def nearest(plan: Plan, ctx: Context) -> Nearest:
     """LLaMA-Factory upcasts full fine-tuning's weights to fp32 (bf16 / fp16: autocast) unless pure_bf16, and
     keeps a LoRA / QLoRA base in the checkpoint's 16-bit dtype; no chunked loss."""
@@ -200,8 +215,9 @@ def nearest(plan: Plan, ctx: Context) -> Nearest:
     else:
         hf.nearest_precision(n)
     if plan.loss == "chunked":
-        n.change("loss", "standard", "loss chunked -> standard: LLaMA-Factory computes the full logits (Liger's "
-                                     "fused cross-entropy, enable_liger_kernel, is not modelled by memplan)")
+        n.change("loss", "standard", "loss chunked -> standard: LLaMA-Factory computes the full logits unless "
+                                     "Liger's fused cross-entropy does (enable_liger_kernel: --liger all)")
+    liger.all_or_none(n, "LLaMA-Factory", "enable_liger_kernel")
     return n
 
 
@@ -247,6 +263,8 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
     if plan.sharding == "deepspeed":
         data["deepspeed"] = DS_CONFIG_NAME
     info = _dataset(plan, ctx, data, notes)
+    if plan.liger:
+        data["enable_liger_kernel"] = True
     data.update(cutoff_len=plan.seq_len, packing=plan.data.packing, output_dir="output/llamafactory",
                 logging_steps=plan.hparams.log_every)
     args = hf.training_arguments_for(plan)

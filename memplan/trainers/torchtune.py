@@ -295,6 +295,9 @@ def nearest(plan: Plan, ctx: Context) -> Nearest:
             targets = [t for t in names if t not in MLP_NAMES] + MLP_NAMES
             n.change("lora.targets", targets, f"LoRA targets: {', '.join(mlp)} -> the whole MLP: torchtune adapts "
                                               "gate, up and down projections together (apply_lora_to_mlp)")
+    if plan.liger:
+        n.change("liger", [], "liger -> none: torchtune's recipes build their own modules (torchtune.modules), which "
+                              "Liger does not patch; they chunk the loss instead")
     if plan.loss == "standard":
         n.change("loss", "chunked", "loss standard -> chunked: torchtune's recipes compute the loss chunked "
                                     "(CEWithChunkedOutputLoss: the output projection and the loss in chunks, "

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from memplan.errors import UserError
 from memplan.train.deepspeed_setup import DS_CONFIG_NAME
-from memplan.trainers import hf, lora
+from memplan.trainers import hf, liger, lora
 from memplan.trainers.emit import Context, Emitted, Nearest
 from memplan.trainers.source import ConfigSource, Reading
 
@@ -30,12 +30,7 @@ if TYPE_CHECKING:
 SFT_CONFIG = "TRL's SFTConfig default (trl/trainer/sft_config.py)"
 MODEL_CONFIG = "TRL's ModelConfig default (trl/trainer/model_config.py)"
 
-#: TRL packs with best-fit decreasing and then runs padding-free (sft_config.py: packing_strategy "bfd").
-PACKED = ("packed rows run padding-free (all sequences of a micro-batch in one row, flash-attention per "
-          "sequence): memplan counts micro_batch x seq_len tokens as separate padded rows")
-
 UNMODELLED = {
-    "padding_free": "padding-free batches (one row of all tokens, per-sequence flash-attention)",
     "use_dora": "DoRA's magnitude vectors and the extra activations of its weight norm",
     "lora_target_parameters": "LoRA on parameters (MoE experts) rather than modules",
     "bnb_4bit_quant_storage": "the storage dtype of the 4-bit weights",
@@ -43,7 +38,7 @@ UNMODELLED = {
 QUIET = {"model_revision", "trust_remote_code", "dataset_config", "dataset_train_split", "dataset_test_split",
          "dataset_text_field", "dataset_kwargs", "dataset_num_proc", "dataset_mixture", "dataset_streaming",
          "chat_template", "chat_template_path", "eos_token", "pad_token", "completion_only_loss",
-         "assistant_only_loss", "truncation_mode", "shuffle_dataset", "eval_packing", "packing_strategy",
+         "assistant_only_loss", "truncation_mode", "shuffle_dataset", "eval_packing",
          "lora_task_type", "use_rslora", "bnb_4bit_quant_type", "use_bnb_nested_quant", "router_aux_loss_coef",
          "pad_to_multiple_of", "gradient_checkpointing_use_reentrant", "ignore_bias_buffers",
          "dataset_name", "model_name_or_path", "torch_dtype", "dtype", "lora_r", "lora_alpha", "lora_dropout",
@@ -89,18 +84,38 @@ def _sequence(r: Reading) -> None:
         r.take("seq_len", int(r.get(key)), key)
     else:
         r.assume("seq_len", 1024, f"max_length not set; {SFT_CONFIG}")
-    if r.has("packing"):
-        r.take("data.packing", bool(r.get("packing")), "packing")
-        if r.get("packing"):
-            r.unmodelled("packing", True, PACKED)
+    _packing(r)
     loss = r.get("loss_type")
     if loss is not None:
         r.take("loss", "chunked" if loss == "chunked_nll" else "standard", "loss_type")
     elif r.get("use_liger_kernel"):
-        r.assume("loss", "standard", "loss_type not set; with use_liger_kernel TRL's default is nll (its Liger "
-                                     "fused linear cross-entropy: see not modelled)")
+        r.assume("loss", "standard", "loss_type not set; with use_liger_kernel TRL's default is nll, which Liger's "
+                                     "fused linear cross-entropy computes (trl/trainer/sft_config.py)")
     else:
         r.assume("loss", "chunked", f"loss_type not set; {SFT_CONFIG}, chunked_nll (no full logits)")
+
+
+def _packing(r: Reading) -> None:
+    """packing: best-fit decreasing (packing_strategy "bfd", the default; "bfd_split") packs sequences into rows of
+    max_length with their position ids and runs them padding-free; "wrapped" cuts the concatenated text into rows
+    (no position ids: plain causal rows); TRL before 0.21 named best-fit "ffd". padding_free: the micro-batch's
+    sequences in one row
+    (sft_trainer.py: self.padding_free = args.padding_free or (args.packing and strategy in {bfd, bfd_split});
+    DataCollatorForLanguageModeling concatenates input_ids, labels and position_ids)."""
+    packing = bool(r.get("packing", False))
+    strategy = str(r.get("packing_strategy", "bfd"))
+    if r.has("packing"):
+        r.take("data.packing", packing and strategy != "wrapped", "packing" + (" + packing_strategy" if
+                                                                               r.has("packing_strategy") else ""))
+    if packing and strategy == "wrapped":
+        r.count("packing_strategy", strategy, "wrapped rows of max_length, causal across examples: every row at "
+                                              "seq_len, as memplan counts")
+    padding_free = bool(r.get("padding_free", False)) or (packing and strategy in ("bfd", "bfd_split", "ffd"))
+    if padding_free:
+        r.take("data.padding_free", True, "padding_free" if r.get("padding_free") else
+               f"packing (packing_strategy {strategy}: padding-free)")
+    elif r.has("padding_free"):
+        r.ignore("padding_free")
 
 
 def read(data: dict[str, Any], path: str, launcher: str | None = None) -> ConfigSource:
@@ -168,6 +183,9 @@ def nearest(plan: Plan, ctx: Context) -> Nearest:
     n = Nearest(plan)
     hf.nearest_optimizer(n)
     hf.nearest_precision(n)
+    if plan.data.packing and not plan.data.padding_free:
+        n.change("data.padding_free", True, "packed rows -> padding-free: TRL packs best-fit decreasing with position "
+                                            "ids and runs each micro-batch's rows as one row (packing_strategy bfd)")
     return n
 
 
@@ -192,6 +210,7 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
         elif plan.method == "lora-8bit":
             data["load_in_8bit"] = True  # ModelConfig.load_in_8bit: BitsAndBytesConfig(load_in_8bit=True)
     notes = []
+    data.update(liger.transformers_arguments(plan))
     if plan.data.train:
         data["datasets"] = [{"path": "json", "data_files": plan.data.train, "split": "train"}]
         if plan.data.val_ratio > 0:
@@ -211,6 +230,8 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
         notes.append("TRL computes the loss on every token of a messages record unless assistant_only_loss: true "
                      "(which needs a chat template with generation markers); memplan trains on the assistant turns")
     data.update(max_length=plan.seq_len, packing=plan.data.packing, loss_type=LOSS_TYPES[plan.loss])
+    if plan.data.padding_free and not plan.data.packing:
+        data["padding_free"] = True
     data.update(hf.training_arguments_for(plan))
     data.update(hf.fsdp_arguments(plan, ctx.spec))
     if plan.sharding == "deepspeed":

@@ -42,6 +42,11 @@ PLANS = {
     "lora-8bit-reentrant": {"model": "llama-3.1-8b", "method": "lora-8bit", "precision": "bf16", "grad_ckpt": True,
                             "ckpt_reentrant": True, "lora": {"rank": 16, "targets": "all-linear"},
                             "hparams": {"warmup_steps": 8}},
+    "full-liger-fsdp": {"model": "llama-3.1-8b", "method": "full", "precision": "bf16", "gpus": 8,
+                        "sharding": "fsdp", "zero": 3, "liger": "all", "micro_batch": 4, "seq_len": 4096,
+                        "hparams": {"warmup_steps": 10}},
+    "lora-liger-layers": {"model": "qwen2.5-7b", "method": "lora", "precision": "bf16",
+                          "liger": "rope,rms_norm,swiglu", "hparams": {"warmup_steps": 6}},
     "lora-ds2-all-linear": {"model": "mistral-7b", "method": "lora", "precision": "bf16-master", "gpus": 4,
                             "sharding": "deepspeed", "zero": 2, "lora": {"targets": "all-linear"},
                             "hparams": {"warmup_steps": 12}},
@@ -55,17 +60,21 @@ NEAREST = {
     ("lora-bf16-fsdp", "axolotl"): {"loss": "standard"},
     ("lora-bf16-fsdp", "llamafactory"): {"loss": "standard"},
     ("lora-bf16-fsdp", "torchtune"): {"attn": "sdpa", "hparams.lr_scheduler": "cosine"},
+    ("qlora-bf16-ddp", "trl"): {"data.padding_free": True},
     ("qlora-bf16-ddp", "torchtune"): {"method": "lora", "sharding": "fsdp", "zero": 2, "loss": "chunked"},
     ("full-ds3-offload", "torchtune"): {"sharding": "fsdp", "offload": "optimizer+params", "precision": "fp32",
                                         "loss": "chunked"},
     ("full-fp32-fsdp2", "torchtune"): {"attn": "sdpa", "loss": "chunked", "hparams.lr_scheduler": "cosine"},
     ("lora-8bit-reentrant", "torchtune"): {"method": "lora", "ckpt_reentrant": False, "loss": "chunked"},
     ("lora-ds2-all-linear", "torchtune"): {"sharding": "fsdp", "precision": "bf16", "loss": "chunked"},
+    ("full-liger-fsdp", "torchtune"): {"liger": [], "loss": "chunked"},
+    ("lora-liger-layers", "llamafactory"): {"liger": ["rope", "rms_norm", "swiglu", "fused_linear_cross_entropy"]},
+    ("lora-liger-layers", "torchtune"): {"liger": [], "loss": "chunked"},
 }
 
 COMPARED = ["method", "precision", "optimizer", "sharding", "zero", "offload", "micro_batch", "grad_accum", "seq_len",
             "grad_ckpt", "ckpt_reentrant", "attn", "loss", "hparams.epochs", "hparams.lr_scheduler", "hparams.warmup_steps",
-            "hparams.weight_decay", "data.packing"]
+            "hparams.weight_decay", "data.packing", "data.padding_free", "liger"]
 
 
 def _get(plan, path):
