@@ -272,6 +272,10 @@ class Plan(_Strict):
     ckpt_reentrant: bool = Field(
         False, description="checkpoint with torch's reentrant implementation (use_reentrant=True, as LLaMA-Factory "
                            "checkpoints, and older HF stacks) instead of the non-reentrant one; only with grad_ckpt.")
+    offload_activations: bool = Field(
+        False, description="activations saved for the backward copied to pinned host memory in the forward and "
+                           "brought back when the backward needs them (torchtune's enable_activation_offloading, TRL's "
+                           "activation_offloading); GPU plans only.")
     attn: Attention = Field("sdpa", description="attention implementation: eager, sdpa, flash (flash-attention 2).")
     loss: Loss = Field(
         "standard", description="standard cross-entropy on full logits, or chunked (no full fp32 logits).")
@@ -364,8 +368,6 @@ def plan_problems(p: Plan) -> list[str]:
     if p.liger_loss and p.loss == "chunked":
         out.append("Liger's fused linear cross-entropy is the loss; memplan's chunked loss would replace it. "
                    "Hint: --loss standard with fused_linear_cross_entropy in --liger, or drop it from --liger.")
-    if p.liger and p.device == "cpu":
-        out.append("Liger's kernels are Triton kernels for GPUs; a CPU run cannot use them. Hint: --liger none.")
     if p.ckpt_reentrant and not p.grad_ckpt:
         out.append("ckpt_reentrant chooses how checkpointed layers are recomputed; without gradient checkpointing "
                    "nothing is recomputed. Hint: add --grad-ckpt, or drop --ckpt-reentrant.")
@@ -396,21 +398,33 @@ def plan_problems(p: Plan) -> list[str]:
             out.append(f"DeepSpeed's CPU offload runs its own CPU Adam; '{p.optimizer}' cannot be offloaded. "
                        "Hint: use --optimizer adamw with offload, or --offload none.")
     if p.device == "cpu":
-        if p.sharding == "deepspeed" and p.zero == 3:
-            out.append("DeepSpeed on the CPU runs ZeRO stages 0-2 (its CPU accelerator, gloo); ZeRO-3 needs CUDA. "
-                       "Hint: on the CPU use --zero 2, or --sharding fsdp --zero 3 (gloo).")
-        if p.offload != "none":
-            out.append("CPU offload moves GPU memory to the host; a CPU run has nothing to offload. "
-                       "Hint: --offload none.")
-        if p.precision == "amp-fp16":
-            out.append("fp16 autocast is a GPU regime. Hint: on the CPU use --precision amp-bf16, bf16 or fp32.")
-        if p.optimizer == "paged-adamw-8bit":
-            out.append("paged optimizers page GPU memory to the host. "
-                       "Hint: on the CPU use --optimizer adamw-8bit or adamw.")
-        if p.attn == "flash":
-            out.append("flash-attention is a CUDA kernel. Hint: on the CPU use --attn sdpa or eager.")
+        out += _cpu_problems(p)
     if p.attn == "flash" and p.precision == "fp32":
         out.append("flash-attention runs in fp16/bf16 only. Hint: use --attn sdpa, or a 16-bit precision.")
+    return out
+
+
+def _cpu_problems(p: Plan) -> list[str]:
+    """What a CPU plan cannot do."""
+    out = []
+    if p.sharding == "deepspeed" and p.zero == 3:
+        out.append("DeepSpeed on the CPU runs ZeRO stages 0-2 (its CPU accelerator, gloo); ZeRO-3 needs CUDA. "
+                   "Hint: on the CPU use --zero 2, or --sharding fsdp --zero 3 (gloo).")
+    if p.offload != "none":
+        out.append("CPU offload moves GPU memory to the host; a CPU run has nothing to offload. "
+                   "Hint: --offload none.")
+    if p.precision == "amp-fp16":
+        out.append("fp16 autocast is a GPU regime. Hint: on the CPU use --precision amp-bf16, bf16 or fp32.")
+    if p.optimizer == "paged-adamw-8bit":
+        out.append("paged optimizers page GPU memory to the host. "
+                   "Hint: on the CPU use --optimizer adamw-8bit or adamw.")
+    if p.attn == "flash":
+        out.append("flash-attention is a CUDA kernel. Hint: on the CPU use --attn sdpa or eager.")
+    if p.offload_activations:
+        out.append("activation offloading moves GPU activations to the host; a CPU run has nothing to move. "
+                   "Hint: --no-offload-activations.")
+    if p.liger:
+        out.append("Liger's kernels are Triton kernels for GPUs; a CPU run cannot use them. Hint: --liger none.")
     return out
 
 

@@ -38,8 +38,15 @@ def skip_final_collection() -> None:
     `gc.freeze()` run at exit moves those objects out of the collector's sight. Registered once however
     often a command runs in one process (tests); long-running commands do not register it.
     """
-    atexit.unregister(gc.freeze)
-    atexit.register(gc.freeze)
+    atexit.unregister(_freeze)
+    atexit.register(_freeze)
+
+
+def _freeze() -> None:
+    """gc.freeze(), unless Triton is loaded (torch imports it where it is installed, e.g. to read a model_type from
+    transformers): nanobind, its bindings' library, prints every one of its objects still alive at exit as a leak."""
+    if "triton" not in sys.modules:
+        gc.freeze()
 
 
 def _import_plan_flags() -> None:

@@ -33,6 +33,7 @@ PLAN_FLAGS: dict[str, str] = {
     "seq_len": "--seq-len",
     "grad_ckpt": "--grad-ckpt",
     "ckpt_reentrant": "--ckpt-reentrant",
+    "offload_activations": "--offload-activations",
     "attn": "--attn",
     "loss": "--loss",
     "liger": "--liger",

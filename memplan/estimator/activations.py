@@ -157,13 +157,26 @@ class Activations:
     ckpt_kept_inputs: int = 0  # per layer under non-reentrant checkpointing: int8 linears' inputs it cannot discard
 
     @property
+    def layers_saved(self) -> int:
+        """What the decoder layers leave for the backward (their inputs under checkpointing)."""
+        if self.grad_ckpt:
+            return (self.ckpt_input + self.ckpt_kept_inputs) * self.num_layers
+        return self.first_layer + self.layer * (self.num_layers - 1)
+
+    @property
+    def offloaded(self) -> int:
+        """Activation offloading (Plan.offload_activations): what the forward copies to pinned host memory, per
+        process. OffloadActivations' pack hook copies every saved tensor of at least 1024 bytes on the GPU
+        (torchtune/training/_activation_offloading.py, trl/models/activation_offloading.py): the layers' saved
+        tensors (under checkpointing, what each checkpointed layer saves: its inputs), the shared ones, and the
+        head, counted whole (the output layer's own saved tensors are not copied: its forward runs under a
+        NoOpManager)."""
+        return self.layers_saved + self.shared + self.head
+
+    @property
     def saved_total(self) -> int:
         """Everything the forward leaves for the backward."""
-        if self.grad_ckpt:
-            layers = (self.ckpt_input + self.ckpt_kept_inputs) * self.num_layers
-        else:
-            layers = self.first_layer + self.layer * (self.num_layers - 1)
-        return layers + self.shared + self.head
+        return self.layers_saved + self.shared + self.head
 
 
 def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels: str) -> int:

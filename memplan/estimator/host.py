@@ -213,6 +213,7 @@ class Run:
     w_item: int  # bytes per frozen / full-FT weight as loaded
     opt_states: int  # all optimizer states, unsharded
     offloaded: int  # per node: what sharding.per_gpu moved to host RAM
+    offloaded_activations: int  # per process: activation offloading's pinned copies (Activations.offloaded)
     weights: int  # per process: the weights the device holds (a CPU plan's are in host RAM)
     device_phases: dict[str, dict[str, int]]  # the device estimate's phases (a CPU plan's tensors)
 
@@ -354,7 +355,9 @@ def kept_terms(plan: Plan, run: Run, saving: bool) -> dict[str, int]:
         terms["training_tensors"] = at_save if saving else max(_total(t) for t in run.device_phases.values())
         terms["heap_retention"] = heap_retention_bytes(run)
         return terms
-    return {**terms, "offloaded": run.offloaded // plan.gpus, "pinned_buffers": pinned_buffer_bytes(plan, run)}
+    # offloaded activations are host copies of one step's, gone before a save
+    return {**terms, "offloaded": run.offloaded // plan.gpus + (0 if saving else run.offloaded_activations),
+            "pinned_buffers": pinned_buffer_bytes(plan, run)}
 
 
 def host_estimate(spec: ModelSpec, plan: Plan, run: Run) -> HostEstimate:

@@ -117,6 +117,12 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
 
     # ---- forward: everything saved, plus the loss transient (which includes the saved log-softmax)
     saved_no_loss = acts.saved_total - acts.loss_saved
+    offload = plan.offload_activations
+    if offload:
+        # OffloadActivations: the layers' and shared saved tensors are on the host once copied; the last five
+        # copied stay on the GPU until their copy is done (its forward stash, max_fwd_stash_size 5): at the loss
+        # those are the final norm's and the loss's, which the head counts; the output layer's are never copied
+        saved_no_loss = acts.head - acts.loss_saved
     at_loss_fwd = _terms(**base, gradients=G_fwd, activations=saved_no_loss + acts.forward_extra,
                          logits_loss=acts.loss_forward_peak,
                          gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
@@ -126,14 +132,18 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     fwd = at_loss_fwd
     if acts.grad_ckpt and acts.ckpt_layer_forward:
         in_layer = _terms(**base, gradients=G_fwd,
-                          activations=(acts.ckpt_input + acts.ckpt_kept_inputs) * acts.num_layers + acts.shared
+                          # offloading: the stash holds the last packed: this layer's and the previous input
+                          activations=(acts.ckpt_input + acts.ckpt_kept_inputs) * (min(2, acts.num_layers) if offload
+                                                                                   else acts.num_layers) + acts.shared
                           + acts.ckpt_layer_forward,
                           gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
         fwd = max(fwd, in_layer, key=lambda t: sum(t.values()))
     if not acts.grad_ckpt:
-        in_layers = acts.first_layer + acts.layer * (acts.num_layers - 1)
+        # at the end of the decoder, before the masks go (offloading: the last layer's, the stash's at most)
+        in_layers = acts.last_layer if offload else acts.first_layer + acts.layer * (acts.num_layers - 1)
         end_of_decoder = _terms(**base, gradients=G_fwd,
-                                activations=in_layers + acts.shared + acts.forward_masks + acts.forward_extra,
+                                activations=in_layers + (0 if offload else acts.shared) + acts.forward_masks
+                                + acts.forward_extra,
                                 gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
         fwd = max(at_loss_fwd, end_of_decoder, key=lambda t: sum(t.values()))
 
@@ -158,15 +168,18 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     for i in dict.fromkeys((L - 1, last_kind, 0)):
         # the gradients that exist while layer i runs its backward: those of layers i..L-1
         g_now = G if accum else min(G, head_grads + shard.grads_from[i])
+        # offloading: only layer i's saved tensors are brought back (each when its node runs; the stash keeps
+        # them until the next node is done), the layers below wait on the host
+        below = 0 if offload else i
         if acts.grad_ckpt:
-            alive = acts.ckpt_input * (i + 1) + (acts.first_layer if i == 0 else acts.last_layer)
+            alive = acts.ckpt_input * (below + 1) + (acts.first_layer if i == 0 else acts.last_layer)
             # lora-8bit: the int8 linears' inputs of the layers below i, still referenced by their graphs (layer
             # i's are in its recomputed saved bytes: int8_inputs_kept)
-            alive += acts.ckpt_kept_inputs * i
+            alive += acts.ckpt_kept_inputs * below
             alive += acts.ckpt_recompute_held  # reentrant: the recomputed layer output (reentrant_recompute_held)
         else:
-            alive = acts.first_layer + acts.layer * i
-        alive += acts.shared + acts.layer_backward_transient + pending
+            alive = (acts.first_layer if i == 0 else acts.layer) if offload else acts.first_layer + acts.layer * i
+        alive += (0 if offload else acts.shared) + acts.layer_backward_transient + pending
         candidates.append(_terms(**base, gradients=g_now, activations=alive,
                                  gathered_params=shard.gathered_backward, comm_buffers=shard.buffers))
     # End of the backward: every gradient exists. The embedding's dense gradient (embedding_dense_backward)
@@ -176,7 +189,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     emb_transient = 0
     if plan.method == "full" and (spec.tie_word_embeddings or accum):
         emb_transient = (2 if kernels == "cpu" else 1) * shard.emb_grad
-    candidates.append(_terms(**base, gradients=G, activations=acts.shared + emb_transient + pending,
+    candidates.append(_terms(**base, gradients=G, activations=(0 if offload else acts.shared) + emb_transient + pending,
                              gathered_params=shard.gathered_backward, comm_buffers=shard.buffers))
     bwd = max(candidates, key=lambda t: sum(t.values()))
 
@@ -190,6 +203,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     phases = {"forward": fwd, "backward": bwd, "optimizer": opt}
     run = host_mod.Run(trainable=tensors.n_trainable, largest_trainable=max(tensors.trainable, default=0),
                        p_item=p_item, w_item=num.weights, opt_states=opt_states, offloaded=shard.host_bytes,
+                       offloaded_activations=acts.offloaded if offload else 0,
                        weights=opt["weights"], device_phases=phases)
     host = host_mod.host_estimate(spec, plan, run)
     return Estimate(spec=spec, plan=plan, params_trainable=tensors.n_trainable, phases=phases,

@@ -128,6 +128,9 @@ def check_runnable(plan: Plan, backend: str, steps: int) -> None:
     if plan.offload != "none" and not (backend == "cuda" and plan.sharding == "fsdp"):
         raise UserError("CPU offload is profiled only with FSDP on CUDA (--sharding fsdp --zero 3 --offload "
                         "optimizer+params --backend cuda)")
+    if plan.offload_activations:
+        raise UserError("memplan profile does not offload activations (trainers' OffloadActivations copies them on a "
+                        "CUDA stream into pinned memory); the estimate models it. Hint: --no-offload-activations")
     if plan.world_size > 1 and backend == "trace":
         raise UserError(f"the plan runs {plan.world_size} processes; the trace backend runs one. Hint: "
                         f"--backend cpu runs {plan.world_size} processes with gloo (small models), --backend cuda "

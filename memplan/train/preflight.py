@@ -218,6 +218,13 @@ def machine_problems(plan: Plan, plan_path: Path, machine: Machine) -> list[Prob
     if ds and not machine.has("deepspeed"):
         out.append(Problem("the plan uses DeepSpeed, which is not installed", "pip install deepspeed",
                            fixes=(_fsdp_instead(plan),)))
+    if plan.offload_activations:
+        out.append(Problem("memplan train does not offload activations (TRL's activation_offloading and torchtune's "
+                           "enable_activation_offloading do: recommend --emit writes their configs)",
+                           fixes=({"offload_activations": False},)))
+    if plan.liger and not machine.has("liger_kernel"):
+        out.append(Problem("the plan uses Liger's kernels, which are not installed", "pip install 'memplan[liger]'",
+                           fixes=({"liger": []},)))
     out += _launch_problems(plan, plan_path)
     if plan.device == "cuda" and not machine.cuda:
         build = {"cpu": " (this torch is a CPU build)"}.get(machine.torch_build or "", "")

@@ -250,6 +250,10 @@ def nearest(plan: Plan, ctx: Context) -> Nearest:
     if plan.sharding == "fsdp" and plan.zero == 0:
         n.change("zero", 2, "FSDP NO_SHARD -> SHARD_GRAD_OP (ZeRO-2): axolotl's FSDP2 shards or reshards, it has "
                             "no NO_SHARD")
+    if plan.offload_activations:
+        n.change("offload_activations", False, "activation offloading -> off: axolotl's activation_offloading modes "
+                                               "(legacy, disk, hidden_states) move activations their own ways, which "
+                                               "memplan does not model")
     return n
 
 
@@ -294,6 +298,22 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
     if plan.grad_ckpt:
         data["gradient_checkpointing_kwargs"] = {"use_reentrant": plan.ckpt_reentrant}
     data["attn_implementation"] = hf.ATTENTION_NAMES[plan.attn]
+    data.update(_emit_kernels_and_sharding(plan, ctx))
+    data.update(logging_steps=h.log_every, eval_steps=h.eval_every, save_steps=h.save_every or h.eval_every,
+                save_total_limit=h.save_total_limit)
+    if plan.device == "cpu":
+        notes.append("axolotl trains on GPUs; this CPU plan's file is written as the same settings")
+    launch = _emit_launch(plan, notes)
+    precision = ("fp16: true (float16 weights, no fp32 copy)" if fp16 else PRECISION_NOTES[plan.precision])
+    header = [f"axolotl: {launch}", "(run from this directory; written by memplan recommend --emit axolotl)",
+              f"precision {plan.precision}: {precision}",
+              "keys: src/axolotl/utils/schemas (config.py, training.py, peft.py, fsdp.py)"]
+    return Emitted("axolotl", {CONFIG: yaml_text(data, header)}, CONFIG, [launch], plan, notes=notes)
+
+
+def _emit_kernels_and_sharding(plan: Plan, ctx: Context) -> dict[str, Any]:
+    """The LigerPlugin and its flags; the DeepSpeed file, or FSDP2's settings."""
+    data: dict[str, Any] = {}
     if plan.liger:
         data["plugins"] = [LIGER_PLUGIN]
         data.update({flag: kernel in plan.liger for flag, kernel in LIGER_FLAGS.items() if kernel != "cross_entropy"})
@@ -305,16 +325,7 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
                                "reshard_after_forward": plan.zero == 3, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                                "transformer_layer_cls_to_wrap": ctx.spec.traits.decoder_layer,
                                "state_dict_type": "SHARDED_STATE_DICT"}
-    data.update(logging_steps=h.log_every, eval_steps=h.eval_every, save_steps=h.save_every or h.eval_every,
-                save_total_limit=h.save_total_limit)
-    if plan.device == "cpu":
-        notes.append("axolotl trains on GPUs; this CPU plan's file is written as the same settings")
-    launch = _emit_launch(plan, notes)
-    precision = ("fp16: true (float16 weights, no fp32 copy)" if fp16 else PRECISION_NOTES[plan.precision])
-    header = [f"axolotl: {launch}", "(run from this directory; written by memplan recommend --emit axolotl)",
-              f"precision {plan.precision}: {precision}",
-              "keys: src/axolotl/utils/schemas (config.py, training.py, peft.py, fsdp.py)"]
-    return Emitted("axolotl", {CONFIG: yaml_text(data, header)}, CONFIG, [launch], plan, notes=notes)
+    return data
 
 
 def _emit_schedule(plan: Plan, notes: list[str]) -> dict[str, Any]:

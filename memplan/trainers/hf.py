@@ -150,7 +150,6 @@ UNMODELLED = {
     "torch_compile": "torch.compile fuses kernels and changes which activations are kept",
     "auto_find_batch_size": "the batch size is halved after each out-of-memory error",
     "torch_empty_cache_steps": "the CUDA cache is emptied every N steps (less reserved memory)",
-    "activation_offloading": "activations offloaded to host memory",
     "gradient_checkpointing_kwargs": "checkpointing options beyond use_reentrant (every_n_layers, offload); "
                                      "memplan counts checkpointing of every decoder layer",
     "activation_checkpointing_kwargs": "checkpointing options beyond use_reentrant (every_n_layers, offload); "
@@ -224,6 +223,10 @@ def training_arguments(r: Reading, defaults: dict[str, tuple[Any, str]]) -> dict
     half_key = "bf16" if r.has("bf16") else f"bf16 not set ({d['bf16'][1]}: {shown_value(bf16)})"
     checkpoint_options(r)
     liger.read_hf(r, "use_liger_kernel", "liger_kernel_config")
+    if r.get("activation_offloading"):  # TRL's SFTConfig: trl/models/activation_offloading.py, torchtune's design
+        r.take("offload_activations", True, "activation_offloading")
+    else:
+        r.ignore("activation_offloading")
     unmodelled(r, UNMODELLED)
     return {"micro_batch": micro, "micro_batch_key": "per_device_train_batch_size", "grad_accum": accum,
             "grad_accum_key": "gradient_accumulation_steps", "bf16": bf16, "fp16": fp16 and not bf16,

@@ -218,6 +218,9 @@ def nearest(plan: Plan, ctx: Context) -> Nearest:
         n.change("loss", "standard", "loss chunked -> standard: LLaMA-Factory computes the full logits unless "
                                      "Liger's fused cross-entropy does (enable_liger_kernel: --liger all)")
     liger.all_or_none(n, "LLaMA-Factory", "enable_liger_kernel")
+    if plan.offload_activations:
+        n.change("offload_activations", False, "activation offloading -> off: LLaMA-Factory has no activation "
+                                               "offloading")
     return n
 
 

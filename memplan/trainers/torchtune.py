@@ -37,11 +37,9 @@ OPTIMIZERS = {"torch.optim.AdamW": "adamw", "torch.optim.Adam": "adamw", "torch.
 CHUNKED_LOSSES = ("LinearCrossEntropyLoss", "CEWithChunkedOutputLoss", "ChunkedCrossEntropyLoss")
 
 UNMODELLED = {
-    "enable_activation_offloading": "activations offloaded to host memory",
     "optimizer_in_bwd": "the optimizer steps in the backward, freeing each gradient as it goes",
     "compile": "torch.compile fuses kernels and changes which activations are kept",
     "custom_sharded_layers": "embeddings and output sharded as their own FSDP units",
-    "activation_offloading_use_streams": "activation offloading on side streams",
     "low_cpu_ram": "host RAM while loading and saving (a single device recipe's low-RAM mode)",
 }
 QUIET = {"output_dir", "tokenizer", "checkpointer", "resume_from_checkpoint", "save_adapter_weights_only", "seed",
@@ -192,6 +190,18 @@ def _runtime(r: Reading) -> None:
         lora.local_data(r, data["data_files"], "dataset")
 
 
+def _offloading(r: Reading) -> None:
+    """enable_activation_offloading: the recipes wrap the model's forward in training.get_act_offloading_ctx_manager
+    (OffloadActivations, with streams unless activation_offloading_use_streams is false)."""
+    if r.get("enable_activation_offloading"):
+        r.take("offload_activations", True, "enable_activation_offloading")
+        if not r.get("activation_offloading_use_streams", True):
+            r.unmodelled("activation_offloading_use_streams", False, "offloading without a side stream keeps no "
+                                                                     "forward stash: memplan counts the stream's")
+    else:
+        r.ignore("enable_activation_offloading", "activation_offloading_use_streams")
+
+
 def read(data: dict[str, Any], path: str) -> ConfigSource:
     r = Reading("torchtune", path, data)
     builder = _model(r)
@@ -203,6 +213,7 @@ def read(data: dict[str, Any], path: str) -> ConfigSource:
         r.assume("gpus", 1, "the file does not say how many processes run: pass --gpus")
     _training(r)
     _runtime(r)
+    _offloading(r)
     for key, why in UNMODELLED.items():
         if r.data.get(key):
             r.unmodelled(key, r.get(key), why)
@@ -381,7 +392,8 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
     if not single:
         data.update(fsdp_cpu_offload=plan.offload == "optimizer+params", fsdp_reshard_after_forward=plan.zero == 3)
     data.update(device=plan.device, dtype="bf16" if plan.precision == "bf16" else "fp32",
-                enable_activation_checkpointing=plan.grad_ckpt, enable_activation_offloading=False,
+                enable_activation_checkpointing=plan.grad_ckpt,
+                enable_activation_offloading=plan.offload_activations,
                 metric_logger={"_component_": "torchtune.training.metric_logging.DiskLogger",
                                "log_dir": "${output_dir}/logs"},
                 log_every_n_steps=h.log_every, log_peak_memory_stats=plan.device == "cuda")

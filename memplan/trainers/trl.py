@@ -211,6 +211,8 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
             data["load_in_8bit"] = True  # ModelConfig.load_in_8bit: BitsAndBytesConfig(load_in_8bit=True)
     notes = []
     data.update(liger.transformers_arguments(plan))
+    if plan.offload_activations:
+        data["activation_offloading"] = True  # SFTConfig: trl/models/activation_offloading.py
     if plan.data.train:
         data["datasets"] = [{"path": "json", "data_files": plan.data.train, "split": "train"}]
         if plan.data.val_ratio > 0:

@@ -47,6 +47,9 @@ PLANS = {
                         "hparams": {"warmup_steps": 10}},
     "lora-liger-layers": {"model": "qwen2.5-7b", "method": "lora", "precision": "bf16",
                           "liger": "rope,rms_norm,swiglu", "hparams": {"warmup_steps": 6}},
+    "lora-offload-activations": {"model": "llama-3.1-8b", "method": "lora", "precision": "bf16", "gpus": 2,
+                                 "sharding": "fsdp", "zero": 3, "offload_activations": True, "micro_batch": 8,
+                                 "hparams": {"warmup_steps": 4}},
     "lora-ds2-all-linear": {"model": "mistral-7b", "method": "lora", "precision": "bf16-master", "gpus": 4,
                             "sharding": "deepspeed", "zero": 2, "lora": {"targets": "all-linear"},
                             "hparams": {"warmup_steps": 12}},
@@ -67,6 +70,9 @@ NEAREST = {
     ("full-fp32-fsdp2", "torchtune"): {"attn": "sdpa", "loss": "chunked", "hparams.lr_scheduler": "cosine"},
     ("lora-8bit-reentrant", "torchtune"): {"method": "lora", "ckpt_reentrant": False, "loss": "chunked"},
     ("lora-ds2-all-linear", "torchtune"): {"sharding": "fsdp", "precision": "bf16", "loss": "chunked"},
+    ("lora-offload-activations", "axolotl"): {"offload_activations": False},
+    ("lora-offload-activations", "llamafactory"): {"offload_activations": False},
+    ("lora-offload-activations", "torchtune"): {"loss": "chunked"},
     ("full-liger-fsdp", "torchtune"): {"liger": [], "loss": "chunked"},
     ("lora-liger-layers", "llamafactory"): {"liger": ["rope", "rms_norm", "swiglu", "fused_linear_cross_entropy"]},
     ("lora-liger-layers", "torchtune"): {"liger": [], "loss": "chunked"},
@@ -74,7 +80,7 @@ NEAREST = {
 
 COMPARED = ["method", "precision", "optimizer", "sharding", "zero", "offload", "micro_batch", "grad_accum", "seq_len",
             "grad_ckpt", "ckpt_reentrant", "attn", "loss", "hparams.epochs", "hparams.lr_scheduler", "hparams.warmup_steps",
-            "hparams.weight_decay", "data.packing", "data.padding_free", "liger"]
+            "hparams.weight_decay", "data.packing", "data.padding_free", "liger", "offload_activations"]
 
 
 def _get(plan, path):
