@@ -81,6 +81,13 @@ DIRECT = [
     ("llama-3.1-8b LoRA on an 8-bit base, reentrant checkpointing, 1 GPU",
      {"model": "llama-3.1-8b", "method": "lora-8bit", "precision": "bf16", "grad_ckpt": True, "ckpt_reentrant": True,
       "lora": {"rank": 16, "targets": "all-linear"}, "hparams": {"warmup_steps": 8}}, "chat"),
+    ("qwen2.5-7b full bf16 with Liger's kernels and packed rows, FSDP FULL_SHARD, 8 GPUs",
+     {"model": "qwen2.5-7b", "method": "full", "precision": "bf16", "gpus": 8, "sharding": "fsdp", "zero": 3,
+      "liger": "all", "attn": "flash", "data": {"packing": True, "padding_free": True},
+      "hparams": {"warmup_steps": 10}}, "chat"),
+    ("llama-3.1-8b LoRA with activation offloading and Liger's layer kernels, 1 GPU",
+     {"model": "llama-3.1-8b", "method": "lora", "precision": "bf16", "offload_activations": True,
+      "liger": "rope,rms_norm,swiglu", "micro_batch": 4, "hparams": {"warmup_steps": 6}}, "alpaca"),
 ]
 
 
@@ -168,7 +175,10 @@ print(json.dumps({"detail": f"SFTConfig: batch {sft.per_device_train_batch_size}
       f"deepspeed auto -> micro-batch {ds['train_micro_batch_size_per_gpu'] if ds else '-'}; "
       f"dataset {len(data['train'])} rows; LoRA {'r%d %s' % (peft.r, peft.target_modules) if peft else '-'}; "
       f"quantized {('8-bit' if quant.load_in_8bit else '4-bit ' + quant.bnb_4bit_quant_type) if quant else '-'}; "
-      f"checkpointing {sft.gradient_checkpointing} {sft.gradient_checkpointing_kwargs or ''}; env "
+      f"checkpointing {sft.gradient_checkpointing} {sft.gradient_checkpointing_kwargs or ''}; "
+      f"liger {sft.use_liger_kernel} {sft.liger_kernel_config or ''}, packing {sft.packing} "
+      f"({sft.packing_strategy}), padding_free {sft.padding_free}, activation_offloading "
+      f"{sft.activation_offloading}; env "
       f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '-')}"}))
 ''',
     "axolotl": '''
@@ -183,7 +193,9 @@ out = validate_config(cfg, capabilities=caps, env_capabilities=env)
 print(json.dumps({"detail": f"validated: adapter {out.get('adapter') or 'none'}, micro_batch_size "
       f"{out.micro_batch_size}, gradient_accumulation_steps {out.gradient_accumulation_steps}, bf16 {out.bf16}, "
       f"optimizer {out.optimizer}, "
-      f"deepspeed {out.deepspeed or '-'}, fsdp_version {out.fsdp_version or '-'}"}))
+      f"deepspeed {out.deepspeed or '-'}, fsdp_version {out.fsdp_version or '-'}, sample_packing "
+      f"{out.sample_packing}, plugins {out.plugins or '-'} (liger rope {out.liger_rope}, rms_norm "
+      f"{out.liger_rms_norm}, glu {out.liger_glu_activation}, fused CE {out.liger_fused_linear_cross_entropy})"}))
 ''',
     "llamafactory": '''
 import json, yaml
@@ -201,7 +213,8 @@ from llamafactory.data.parser import get_dataset_list
 datasets = get_dataset_list(data.dataset, data.dataset_dir)
 print(json.dumps({"detail": f"get_train_args: stage {finetuning.stage}, {finetuning.finetuning_type}, "
       f"quantization_bit {model.quantization_bit}, cutoff_len {data.cutoff_len}, bf16 {training.bf16}, "
-      f"pure_bf16 {finetuning.pure_bf16}, deepspeed {training.deepspeed or '-'}, fsdp {training.fsdp or '-'}; "
+      f"pure_bf16 {finetuning.pure_bf16}, deepspeed {training.deepspeed or '-'}, fsdp {training.fsdp or '-'}, "
+      f"liger {model.enable_liger_kernel}, packing {data.packing}; "
       f"dataset {datasets[0].dataset_name} ({datasets[0].formatting})"}))
 ''',
     "torchtune": '''
@@ -211,7 +224,8 @@ from torchtune import config
 cfg = OmegaConf.load("torchtune.yaml")
 config.validate(cfg)
 print(json.dumps({"detail": f"validated: {cfg.model._component_}, dataset {cfg.dataset._component_}, "
-      f"dtype {cfg.dtype}, batch {cfg.batch_size} x accum {cfg.gradient_accumulation_steps}"}))
+      f"dtype {cfg.dtype}, batch {cfg.batch_size} x accum {cfg.gradient_accumulation_steps}, activation "
+      f"offloading {cfg.enable_activation_offloading}, packed {cfg.dataset.get('packed', False)}"}))
 ''',
 }
 

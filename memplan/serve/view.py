@@ -197,7 +197,7 @@ def plan_values(plan: Plan) -> dict[str, str]:
         value: Any = plan
         for part in path.split("."):
             value = getattr(value, part)
-        if value == _field(path).default:
+        if value == _field(path).get_default(call_default_factory=True):
             continue
         if isinstance(value, bool):
             text = "on" if value else "off"
