@@ -46,12 +46,14 @@ DROPPED = ["torchvision", "torchaudio"]
 #: ("No module named 'torchao.dtypes.nf4tensor"); 0.15.0 has it.
 TORCHAO = "0.15.0"
 #: Each trainer's packages (torch comes pinned: the local CPU wheel) and the versions reported.
-PACKAGES = {"trl": ["trl", "deepspeed", "peft", "bitsandbytes"], "axolotl": ["axolotl"],
-            "llamafactory": ["llamafactory", "deepspeed"],
+PACKAGES = {"trl": ["trl", "deepspeed", "peft", "bitsandbytes", "liger-kernel"], "axolotl": ["axolotl", "liger-kernel"],
+            "llamafactory": ["llamafactory", "deepspeed", "liger-kernel"],
             "torchtune": ["torchtune", f"torchao=={TORCHAO}", "omegaconf", "bitsandbytes"]}  # see TORCHAO
-REPORTED = {"trl": ["trl", "transformers", "accelerate", "deepspeed", "datasets", "peft", "bitsandbytes"],
-            "axolotl": ["axolotl", "transformers", "peft", "trl"],
-            "llamafactory": ["llamafactory", "transformers", "peft", "deepspeed", "torchvision", "torchaudio"],
+REPORTED = {"trl": ["trl", "transformers", "accelerate", "deepspeed", "datasets", "peft", "bitsandbytes",
+                    "liger-kernel"],
+            "axolotl": ["axolotl", "transformers", "peft", "trl", "liger-kernel"],
+            "llamafactory": ["llamafactory", "transformers", "peft", "deepspeed", "torchvision", "torchaudio",
+                             "liger-kernel"],
             "torchtune": ["torchtune", "torchao", "omegaconf", "bitsandbytes"]}
 
 CHAT = {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]}
@@ -144,7 +146,8 @@ def emit_plans(root: Path) -> list[dict]:
         out = root / f"direct{j}"
         out.mkdir()
         data = _write_data(root, shape)
-        plan = build_plan({**fields, "data": {"train": str(Path("..") / data.name)}}, source=name)
+        plan = build_plan({**fields, "data": {**fields.get("data", {}), "train": str(Path("..") / data.name)}},
+                          source=name)
         spec = resolve_model(plan.model)
         files = writers.render_files(str(out), plan, spec, [], "127.0.0.1")
         emitted = emit_all(list(PACKAGES), plan, Context(plan, spec, shape, 100), lambda p: (0, True))
@@ -183,9 +186,11 @@ print(json.dumps({"detail": f"SFTConfig: batch {sft.per_device_train_batch_size}
 ''',
     "axolotl": '''
 import json, yaml
+from axolotl.cli.config import prepare_plugins
 from axolotl.utils.config import validate_config
 from axolotl.utils.dict import DictDefault
 cfg = DictDefault(yaml.safe_load(open("axolotl.yaml")))
+prepare_plugins(cfg)  # as `axolotl train` does before validating: the plugins' own keys (liger_*) join the schema
 caps = {"bf16": True, "fp8": False, "n_gpu": int(__import__("os").environ["PLAN_GPUS"]), "n_node": 1,
         "compute_capability": "sm_90"}
 env = {"torch_version": __import__("torch").__version__.split("+")[0]}
@@ -302,13 +307,16 @@ def _write(path: Path, cases: list[dict], installs: dict, rows: list[tuple]) -> 
               "file`; LLaMA-Factory needs them only for image, video and audio data), and torchtune 0.6.1 gets "
               f"torchao {TORCHAO} (it imports torchao.dtypes.nf4tensor, which torchao 0.18 no longer has). TRL's "
               "venv adds deepspeed, peft and bitsandbytes, LLaMA-Factory's deepspeed and torchtune's bitsandbytes, "
-              "which the configs name.", "", "## Plans", ""]
+              "which the configs name; TRL's, axolotl's and LLaMA-Factory's add liger-kernel, which their loaders "
+              "require for a config with Liger's kernels.", "", "## Plans", ""]
     for case in cases:
         p = case["plan"]
         lines.append(f"- {case['name']}: {p['method']}, {p['precision']}, {p['sharding']} ZeRO {p['zero']} offload "
                      f"{p['offload']}, {p['gpus']} GPU(s), micro-batch {p['micro_batch']} x {p['grad_accum']}, "
                      f"checkpointing {'on' if p['grad_ckpt'] else 'off'}, {p['optimizer']}, attn {p['attn']}, "
-                     f"loss {p['loss']}, allocator {p['allocator']}")
+                     f"loss {p['loss']}, allocator {p['allocator']}, liger {','.join(p['liger']) or 'none'}, "
+                     f"activation offloading {'on' if p['offload_activations'] else 'off'}, packing "
+                     f"{'padding-free' if p['data']['padding_free'] else 'on' if p['data']['packing'] else 'off'}")
     lines += ["", "## Results", "", "| plan | trainer | file | loader | seconds | what the loader said |",
               "|---|---|---|---|---|---|"]
     for name, trainer, config, verdict, message, seconds in rows:

@@ -107,10 +107,16 @@ def _model_side(r: Reading) -> None:
         hf.attention(r, name, "flash_attn")
     else:
         r.assume("attn", "sdpa", f"flash_attn not set or auto ({ARGS}): transformers picks sdpa where torch has it")
-    packing = r.get("packing", r.get("stage", "sft") == "pt")
+    packing = r.get("packing", r.get("stage", "sft") == "pt") or r.get("neat_packing")
     if packing:
-        (r.take if r.has("packing") else r.assume)("data.packing", True, "packing" if r.has("packing") else
-                                                   f"packing not set; {ARGS}: on for stage pt")
+        # DataArguments.__post_init__: packing (neat_packing sets it) makes rows of cutoff_len - 1 tokens
+        cutoff = int(r.get("cutoff_len", 2048))
+        (r.take if r.has("cutoff_len") else r.assume)("seq_len", cutoff - 1, "cutoff_len - 1 (packed rows: "
+                                                      "data_args.py cutoff_len -= 1)")
+        if r.has("packing") or r.get("neat_packing"):
+            r.take("data.packing", True, "packing" if r.has("packing") else "neat_packing")
+        else:
+            r.assume("data.packing", True, f"packing not set; {ARGS}: on for stage pt")
         if r.plan.get("attn") == "flash":
             r.count("packing", True, "packed rows of cutoff_len: flash-attention keeps what unpacked full rows keep")
         elif not r.get("neat_packing"):
@@ -268,7 +274,8 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
     info = _dataset(plan, ctx, data, notes)
     if plan.liger:
         data["enable_liger_kernel"] = True
-    data.update(cutoff_len=plan.seq_len, packing=plan.data.packing, output_dir="output/llamafactory",
+    data.update(cutoff_len=plan.seq_len + (1 if plan.data.packing else 0), packing=plan.data.packing,
+                output_dir="output/llamafactory",
                 logging_steps=plan.hparams.log_every)
     args = hf.training_arguments_for(plan)
     for key in ("gradient_checkpointing", "gradient_checkpointing_kwargs"):  # LLaMA-Factory's own keys below
