@@ -65,6 +65,8 @@ def default_note(value: Any) -> str:
         text = "on" if value else "off"
     elif isinstance(value, float):
         text = f"{value:g}"
+    elif isinstance(value, list):
+        text = ",".join(map(str, value)) or "none"
     else:
         text = str(value)
     return f" (default: {text})"
@@ -146,7 +148,7 @@ def _option(path: str, flag: str, help_text: str | None = None) -> Callable:
     info = _field(path)
     dest = "opt_" + path.replace(".", "__")
     if help_text is None:
-        default = info.default if info.default_factory is None else None
+        default = info.get_default(call_default_factory=True)
         help_text = (info.description or "").rstrip(".")
         if path in _UNITS:
             help_text += f" [{_UNITS[path]}]"
