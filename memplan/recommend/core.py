@@ -18,6 +18,7 @@ from memplan.estimator import Estimate, estimate
 from memplan.estimator.activations import attention_runs
 from memplan.plan import MAX_NUMBER, DataSettings, Plan, build_plan
 from memplan.recommend import hparams as hp
+from memplan.recommend import throughput
 from memplan.recommend.data_stats import DataStats, measure_data
 from memplan.recommend.hardware import PROCESS_BASELINE_BYTES, Target, resolve_target
 from memplan.recommend.search import (
@@ -151,8 +152,11 @@ class Recommendation:
             "search": {"plans_scored": scored, "plans_considered": considered},
         }
         if self.chosen:
-            out["time"] = {"optimizer_steps": self.chosen.steps, "hours": self.chosen.hours,
-                           **self.chosen.step.to_json()}
+            c = self.chosen
+            span = throughput.time_range(self.spec, c.step, self.target)
+            out["time"] = {"optimizer_steps": c.steps, "hours": c.hours, **c.step.to_json(),
+                           "likely_hours": [c.steps * span.low_s / 3600, c.steps * span.high_s / 3600],
+                           "likely_basis": span.basis, "extrapolating": span.extrapolating}
         if self.hparams:
             out["hparams"] = {"total_steps": self.hparams.total_steps, "replay_ratio": self.hparams.replay_ratio,
                               "reasons": self.hparams.reasons}
@@ -229,9 +233,8 @@ def why_not(alt: Candidate, best: Candidate, priority: str, target: Target) -> s
             parts.append("8-bit optimizer states (quality)")
     if slower:
         a, b = alt.step, best.step
-        diffs = [f"{name} {x - y:+.3g} s" for name, x, y in (("compute", a.compute_s, b.compute_s),
-                                                           ("communication", a.comm_s, b.comm_s),
-                                                           ("offload", a.offload_s, b.offload_s)) if x != y]
+        diffs = [f"{name} {a.terms[name] - b.terms[name]:+.3g} s" for name in throughput.TERMS
+                 if a.terms[name] != b.terms[name]]
         pct = 100 * (alt.hours / best.hours - 1)
         more = f"{pct:.0f}" if pct >= 10 else f"{pct:.2g}"
         parts.append(f"slower: {a.total_s:.4g} vs {b.total_s:.4g} s per step, +{more} % ({', '.join(diffs)})")

@@ -34,54 +34,97 @@ INTER_NODE_GBPS = 50.0
 #: datasheet). --host-memory gives the real figure per node.
 HOST_RAM_PER_GPU = 128 * GiB
 
-#: Where the CPU rates below were measured (benchmarks/cpu_precision_speed.py writes it).
-CPU_RATES = "benchmarks/results/cpu-precision-speed.txt"
+#: Where the CPU time model's figures below were measured (benchmarks/cpu_time_calibration.py writes it; its
+#: `--fit` prints these tables from it).
+CPU_RATES = "benchmarks/results/cpu-time-calibration.jsonl"
 
 # A CPU's training rate is a table of measurements, not a datasheet peak x MFU: per core, per precision
 # regime and method, at two model widths (d_model 192: demo-tiny; 512: a 4-layer Llama of 14.7M
-# parameters), interpolated log-linearly in the width between them and held constant outside
-# (`at_width`). Measured by benchmarks/cpu_precision_speed.py on this project's AMD EPYC (Zen 4,
-# avx512_bf16): `memplan train` steps on the CPU demo's task (data/demo/train.jsonl, micro-batch 32 of
-# about 43 tokens), one torch thread, the process's CPU time per step (batch preparation and AdamW
-# included; other work on the machine does not count), medians of 3 rounds with the regimes alternating;
-# model FLOPs as `throughput.train_flops_per_token` counts them. Narrow models run below the matmul
-# rate: norms, rotary, softmax, loss and optimizer are a larger share of their step, and none of that
-# speeds up in bf16. On 128-token text (every sequence full) the bf16 gain at d_model 192 was larger
-# (amp-bf16 x1.14-1.16); see CPU_RATES.
+# parameters) and two row lengths, interpolated log-linearly between them and held constant outside
+# (`at_width`, `at_shape`). Measured by benchmarks/cpu_time_calibration.py on this project's AMD EPYC (Zen 4,
+# avx512_bf16): `memplan train`'s wall-clock steps on micro-batches of 8 packed rows of 256 tokens and of the
+# CPU demo's 32 short rows, AdamW, no checkpointing, at 1 thread (and 2 for fp32), the median step after the
+# first 4 of 10, the median of 3 rounds; the rate is the model FLOPs as `throughput.train_flops_per_token`
+# counts them over the step less its optimizer step (CPU_OPTIMIZER_NS_PER_PARAM x trainable parameters) and its
+# per-layer cost (CPU_OVERHEAD_MS_PER_LAYER). Narrow models run below the matmul rate: norms, rotary, softmax
+# and loss are a larger share of their step, and little of that speeds up in bf16.
+# benchmarks/results/time-accuracy.md checks the model on plans outside this calibration.
 
-#: fp32 training FLOP/s per core, (d_model, rate), for full fine-tuning and for adapters (LoRA / QLoRA:
-#: peft's dropout and adapter matmuls take time the FLOP count leaves out).
-CPU_FP32_RATE: dict[str, tuple[tuple[int, float], ...]] = {
-    "full": ((192, 54.6e9), (512, 78.9e9)),
-    "adapters": ((192, 33.6e9), (512, 59.2e9)),
+#: The row length (tokens per row) of the packed calibration rows: the rate where a plan's is not known.
+ROW_LEN = 256
+
+#: fp32 training FLOP/s per core, by row length (the CPU demo's rows of about 43 tokens, padded to the longest of
+#: each micro-batch of 32, and packed rows of 256), (d_model, rate), for full fine-tuning and for adapters
+#: (LoRA / QLoRA: peft's dropout and adapter matmuls take time the FLOP count leaves out).
+CPU_FP32_RATE: dict[str, dict[int, tuple[tuple[int, float], ...]]] = {
+    "full": {43: ((192, 69.33e9), (512, 91.55e9)), 256: ((192, 71.0e9), (512, 92.91e9))},
+    "adapters": {43: ((192, 41.42e9), (512, 68.13e9)), 256: ((192, 42.2e9), (512, 67.68e9))},
 }
 
-#: What each core beyond the first adds to a process's speed (torch's intra-op threads), (d_model,
-#: gain): wall time of the same steps with 2 threads vs 1 on the idle machine, 1.48x at d_model 192 and
-#: 1.90x at 512 (CPU_RATES). n cores run 1 + (n - 1) x gain times one core's rate; measured at 2.
-CPU_EXTRA_CORE_GAIN: tuple[tuple[int, float], ...] = ((192, 0.48), (512, 0.90))
+#: What each core beyond the first adds to a process's speed (torch's intra-op threads), per method and row length,
+#: (d_model, gain): the fp32 rate at 2 threads / at 1 thread - 1, measured at 2 (further cores taken to add as
+#: much). Short rows' small matrices gain less.
+CPU_EXTRA_CORE_GAIN: dict[str, dict[int, tuple[tuple[int, float], ...]]] = {
+    "full": {43: ((192, 0.638), (512, 0.846)), 256: ((192, 0.762), (512, 0.881))},
+    "adapters": {43: ((192, 0.305), (512, 0.62)), 256: ((192, 0.59), (512, 0.706))},
+}
 
-#: Train-step speed of each bf16 regime relative to fp32 on the same core (fp32 step time / its step
-#: time), (d_model, speed), by how the CPU multiplies bf16 (`bf16_class`) and what trains:
+#: What a decoder layer costs per micro-batch beyond its FLOPs (dispatching its ops, Python): milliseconds per
+#: layer, per method, (d_model, ms), at one thread, from the fp32 steps at two micro-batch sizes (0 where the
+#: larger one ran slower per FLOP: a 512-wide full fine-tuning).
+CPU_OVERHEAD_MS_PER_LAYER: dict[str, tuple[tuple[int, float], ...]] = {
+    "full": ((192, 0.3096), (512, 0.0)),
+    "adapters": ((192, 1.2493), (512, 0.4105)),
+}
+
+#: The optimizer step on the CPU, nanoseconds per parameter, by optimizer and parameter itemsize: (1 thread,
+#: 2 threads), stepping 4.2M parameters in 8 tensors (benchmarks/cpu_time_calibration.py). Paged variants
+#: take their optimizer's figure. The CPU's foreach AdamW runs per-tensor loops under the foreach API, slower
+#: on one thread than the plain for-loop.
+CPU_OPTIMIZER_NS_PER_PARAM: dict[str, dict[int, tuple[float, float]]] = {
+    "adamw": {4: (3.852, 0.921), 2: (1.514, 0.82)},
+    "adamw-fused": {4: (0.576, 0.278), 2: (0.796, 0.411)},
+    "adamw-forloop": {4: (1.78, 1.001), 2: (1.5, 0.817)},
+    "adamw-8bit": {4: (18.1, 10.159), 2: (18.239, 10.098)},
+    "sgd": {4: (0.522, 0.228), 2: (0.589, 0.327)},
+    "adafactor": {4: (1.998, 3.245), 2: (1.679, 3.467)},
+}
+
+#: Train-step speed of each bf16 regime relative to fp32 on the same core (its matmul rate / fp32's),
+#: (d_model, speed) (by row length where measured at two), by how the CPU multiplies bf16 (`bf16_class`) and what
+#: trains:
 #: - "native": AVX512-BF16 (`avx512_bf16`; AMD Zen 4+, Intel Cooper Lake) or Arm's BF16 extension: oneDNN
-#:   multiplies bf16 directly (measured, as above);
+#:   multiplies bf16 directly (measured, CPU_RATES);
 #: - "amx": Intel AMX (`amx_bf16`, Sapphire Rapids+): not measured here, taken as "native", a lower bound
 #:   (AMX's tiles multiply bf16 faster than AVX512-BF16);
 #: - "converted": AVX-512 without BF16: oneDNN converts bf16 to fp32 and multiplies in fp32 (measured for
 #:   LoRA with ONEDNN_MAX_CPU_ISA=AVX512_CORE, which keeps oneDNN off the BF16 instructions: half of
-#:   fp32's speed at both widths; full FT taken as the same);
+#:   fp32's speed at both widths, benchmarks/results/cpu-precision-speed.txt; full FT taken as the same);
 #: - "none": AVX2 and older: oneDNN has no bf16 kernel and torch falls back to plain loops (measured for
 #:   LoRA at d_model 192 with ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2: 7-8 x slower than
-#:   fp32); the search keeps bf16 for QLoRA only.
+#:   fp32, cpu-precision-speed.txt); the search keeps bf16 for QLoRA only.
 _CONVERTED = {"amp-bf16": ((192, 0.52), (512, 0.52)), "bf16": ((192, 0.54), (512, 0.53))}
 _NO_BF16 = {"amp-bf16": ((192, 0.12),), "bf16": ((192, 0.14),)}
-CPU_BF16_SPEED: dict[str, dict[str, dict[str, tuple[tuple[int, float], ...]]]] = {
-    "native": {"full": {"amp-bf16": ((192, 1.10), (512, 1.59)), "bf16": ((192, 1.16), (512, 1.71))},
-               "adapters": {"amp-bf16": ((192, 1.00), (512, 1.47)), "bf16": ((192, 0.91), (512, 1.33))}},
+CPU_BF16_SPEED: dict[str, dict[str, dict]] = {
+    "native": {
+        "full": {"amp-bf16": {43: ((192, 1.02), (512, 1.686)), 256: ((192, 1.316), (512, 1.707))},
+                 "bf16": {43: ((192, 1.048), (512, 1.6)), 256: ((192, 1.276), (512, 1.738))}},
+        "adapters": {"amp-bf16": {43: ((192, 1.003), (512, 1.428)), 256: ((192, 1.151), (512, 1.505))},
+                     "bf16": {43: ((192, 0.942), (512, 1.318)), 256: ((192, 1.105), (512, 1.383))}},
+    },
     "converted": {"full": _CONVERTED, "adapters": _CONVERTED},
     "none": {"full": _NO_BF16, "adapters": _NO_BF16},
 }
 CPU_BF16_SPEED["amx"] = CPU_BF16_SPEED["native"]
+
+
+def at_shape(table, width: int, row_len: float) -> float:
+    """A measured quantity at model width `width` and `row_len` tokens per row: where the table is measured at
+    several row lengths ({row length: ((d_model, value), ...)}), at_width at each, then log-linear in the row
+    length between them (the nearest outside); a table of one row length is at_width."""
+    if not isinstance(table, dict):
+        return at_width(table, width)
+    return at_width(tuple((n, at_width(points, width)) for n, points in sorted(table.items())), row_len)
 
 
 def at_width(points: tuple[tuple[int, float], ...], width: int) -> float:
@@ -118,6 +161,7 @@ class Target:
     host_memory_bytes: int = 0  # RAM per node (a CPU plan's: memory_bytes)
     interconnect_bytes_s: float = 0.0  # per direction, per GPU (the slowest link of the ring)
     host_link_bytes_s: float = 0.0  # per direction
+    memory_bytes_s: float = 0.0  # the GPU's memory bandwidth (datasheet peak), for the memory-bound terms
     assumptions: list[str] = field(default_factory=list)
     cpu: CpuInfo | None = None  # a CPU plan's processor (cores, bf16 class)
     host_memory_given: bool = False  # host RAM stated (--host-memory, a plan's target) or this machine's
@@ -238,8 +282,18 @@ def _gpu_target(gpu: Gpu, gpus: int, nodes: int, headroom: float, assumptions: l
         peak_flops={"bf16": _tflops(figures.bf16_tflops), "fp16": _tflops(figures.fp16_tflops),
                     "fp32": _tflops(figures.fp32_tflops)},
         interconnect_bytes_s=link, host_link_bytes_s=(figures.host_link_gbps or 0.0) * 1e9,
+        memory_bytes_s=(figures.memory_bandwidth_gbps or _reference_bandwidth(assumptions)) * 1e9,
         assumptions=assumptions, host_memory_given=given,
     )
+
+
+def _reference_bandwidth(assumptions: list[str]) -> float:
+    from memplan.catalog.gpus import resolve_gpu
+
+    ref = resolve_gpu(REFERENCE_GPU)
+    assumptions.append(f"memory bandwidth unknown: the optimizer step and dequantization assume an {ref.name}'s "
+                       f"{ref.memory_bandwidth_gbps:g} GB/s")
+    return ref.memory_bandwidth_gbps
 
 
 def default_host_assumption(gpus: int) -> str:
@@ -278,18 +332,33 @@ class CpuInfo:
     bf16: str  # "amx" | "native" | "converted" | "none": how torch's kernels multiply bf16 (CPU_BF16_SPEED)
     flag: str  # the flag that decided `bf16`, for the assumptions line
 
-    def speed(self, precision: str, method: str, width: int) -> float:
+    def speed(self, precision: str, method: str, width: int, row_len: float = ROW_LEN) -> float:
         """Train-step speed of a precision regime relative to fp32 on this CPU, for `method` on a model of
         d_model `width` (1.0 for fp32)."""
         if precision == "fp32":
             return 1.0
-        return at_width(CPU_BF16_SPEED[self.bf16][_kind(method)][precision], width)
+        return at_shape(CPU_BF16_SPEED[self.bf16][_kind(method)][precision], width, row_len)
 
-    def rate(self, precision: str, method: str, width: int, cores: float = 1.0) -> float:
+    def rate(self, precision: str, method: str, width: int, cores: float = 1.0, row_len: float = ROW_LEN) -> float:
         """Training FLOP/s of a process on `cores` of this CPU's cores: one core's fp32 rate x the regime's
         speed x what the further cores add (more processes than cores share them)."""
-        parallel = cores if cores < 1 else 1 + (cores - 1) * at_width(CPU_EXTRA_CORE_GAIN, width)
-        return at_width(CPU_FP32_RATE[_kind(method)], width) * self.speed(precision, method, width) * parallel
+        gain = at_shape(CPU_EXTRA_CORE_GAIN[_kind(method)], width, row_len)
+        parallel = cores if cores < 1 else 1 + (cores - 1) * gain
+        return (at_shape(CPU_FP32_RATE[_kind(method)], width, row_len) * self.speed(precision, method, width, row_len)
+                * parallel)
+
+    def layer_overhead_s(self, method: str, width: int) -> float:
+        """Seconds a decoder layer costs per micro-batch beyond its FLOPs (CPU_OVERHEAD_MS_PER_LAYER)."""
+        return at_width(CPU_OVERHEAD_MS_PER_LAYER[_kind(method)], width) * 1e-3
+
+    def optimizer_s_per_param(self, optimizer: str, param_itemsize: int, cores: float = 1.0) -> float:
+        """Seconds of the optimizer step per parameter of `param_itemsize` bytes on `cores` of this CPU's cores
+        (CPU_OPTIMIZER_NS_PER_PARAM: measured at 1 and 2 threads; further cores add what the second did)."""
+        table = CPU_OPTIMIZER_NS_PER_PARAM.get(optimizer.removeprefix("paged-"), CPU_OPTIMIZER_NS_PER_PARAM["adamw"])
+        one, two = table[4 if param_itemsize >= 4 else 2]
+        # a second thread measured slower (a noisy machine) is taken as adding nothing
+        parallel = cores if cores < 1 else 1 + (cores - 1) * max(0.0, one / two - 1)
+        return one * 1e-9 / parallel
 
     def describe(self) -> str:
         return f"{self.name}, {self.cores} core{'s' if self.cores != 1 else ''}, bf16 {self.bf16} ({self.flag})"
@@ -297,14 +366,15 @@ class CpuInfo:
     def time_assumption(self, width: int) -> str:
         """The CPU time model's figures for a model of d_model `width`, for the assumptions list."""
         fp32 = ", ".join(f"{m} {self.rate('fp32', m, width) / 1e9:.1f}" for m in ("full", "lora"))
-        gain = at_width(CPU_EXTRA_CORE_GAIN, width)
+        gain = " / ".join(f"{m} +{at_shape(CPU_EXTRA_CORE_GAIN[_kind(m)], width, ROW_LEN):.2f}"
+                          for m in ("full", "lora"))
         if self.bf16 == "none":
             bf16 = "bf16 regimes for QLoRA only (no bf16 kernels)"
         else:
             bf16 = "; ".join(f"{m}: " + ", ".join(f"{p} x{self.speed(p, m, width):.2f}" for p in ("amp-bf16", "bf16"))
                              for m in ("full", "lora")) + " the fp32 speed"
         return (f"CPU time model at d_model {width}: fp32 training rate per core {fp32} GFLOP/s, each further core "
-                f"+{gain:.2f} of one ({self.cores} core(s) of {self.name}); bf16 {self.bf16} ({self.flag}): {bf16}; "
+                f"{gain} of one ({self.cores} core(s) of {self.name}); bf16 {self.bf16} ({self.flag}): {bf16}; "
                 f"measured once ({CPU_RATES}), not on this run: the same inputs give the same plan")
 
 

@@ -3,6 +3,7 @@ hyperparameters, the runners-up and why they lost, warnings, files."""
 
 from __future__ import annotations
 
+from memplan.recommend import throughput
 from memplan.recommend.core import Recommendation, why_not
 from memplan.report import estimate as report
 from memplan.report.units import format_bytes, gib
@@ -69,9 +70,12 @@ def time_lines(rec: Recommendation) -> list[str]:
                 f"{rec.target.cpu.cores} core(s) / {c.plan.world_size} process(es))")
     else:
         rate = f"MFU {s.mfu:g} x {s.peak_flops / 1e12:.1f} TFLOP/s"
-    return [f"time: {c.steps:,} optimizer steps x {s.total_s:.3g} s = {_duration(c.hours)} "
-            f"(per step: compute {s.compute_s:.3g} s at {rate}, "
-            f"communication {s.comm_s:.3g} s, offload {s.offload_s:.3g} s)"]
+    terms = ", ".join(f"{name} {seconds:.3g} s" for name, seconds in s.terms.items() if seconds)
+    span = throughput.time_range(rec.spec, s, rec.target)
+    low, high = (c.steps * x / 3600 for x in (span.low_s, span.high_s))
+    return [f"time: {c.steps:,} optimizer steps x {s.total_s:.3g} s = {_duration(c.hours)}, likely "
+            f"{_duration(low)} to {_duration(high)} ({span.basis})",
+            f"  per step: {terms}; matmuls at {rate}"]
 
 
 def readme_summary(rec: Recommendation) -> list[str]:

@@ -262,13 +262,162 @@ def test_flops_per_token_hand_worked():
     assert decoder == spec.params_layers
     fwd_dec, fwd_head = throughput.forward_flops_per_token(spec, 2048)
     assert fwd_dec == 2 * decoder + 4 * 32 * 2048 * 32 * 128
-    full = build_plan(dict(method="full", grad_ckpt=False))
+    full = build_plan(dict(method="full", grad_ckpt=False, attn="eager"))  # eager: every score computed
     assert throughput.train_flops_per_token(spec, full) == 3 * (fwd_dec + fwd_head)
     # checkpointing: one more forward of the decoder
     ckpt = full.model_copy(update={"grad_ckpt": True})
     assert throughput.train_flops_per_token(spec, ckpt) == 4 * fwd_dec + 3 * fwd_head
-    lora = build_plan(dict(method="lora", precision="bf16", grad_ckpt=False))
+    lora = build_plan(dict(method="lora", precision="bf16", grad_ckpt=False, attn="eager"))
     assert throughput.train_flops_per_token(spec, lora) == 2 * (fwd_dec + fwd_head)
+
+
+def test_causal_attention_kernels_skip_the_masked_half():
+    """flash-attention, and SDPA given no mask, skip the blocks above the diagonal: a token attends to (s + 1) / 2
+    positions on average. Eager attention and SDPA with a packed-rows mask compute all s x s; a padding-free row
+    under SDPA is one row of b x s tokens with its mask over all of them."""
+    spec = resolve_model("llama-2-7b")
+    decoder, head = throughput.matmul_params(spec)
+    all_scores = 4 * 32 * 4096 * 32 * 128  # 2 x 2 x layers x seq x heads x head_dim
+
+    def forward(**fields):
+        return throughput.train_flops_by_pass(spec, build_plan(dict(method="full", seq_len=4096, **fields)))["forward"]
+
+    assert forward(attn="eager") == 2 * decoder + all_scores + 2 * head
+    half = 2 * decoder + all_scores * (4096 + 1) / 2 / 4096 + 2 * head
+    assert forward(attn="flash") == forward(attn="sdpa") == pytest.approx(half)
+    assert forward(attn="flash", data={"packing": True}) == pytest.approx(half)  # varlen: per sequence
+    assert forward(attn="sdpa", data={"packing": True}) == forward(attn="eager")
+    assert forward(attn="sdpa", micro_batch=4, data={"padding_free": True}) == 2 * decoder + 4 * all_scores + 2 * head
+
+
+def _gpu_step(gpu: str, **fields):
+    from memplan.estimator import estimate
+    from memplan.recommend.hardware import gpu_target
+
+    spec = resolve_model(fields.pop("model", "llama-2-7b"))
+    plan = build_plan(dict(device="cuda", **fields))
+    target = gpu_target(gpu, None, plan.gpus, plan.nodes, 0.1)
+    trainable = estimate(spec, plan).params_trainable
+    return throughput.step_time(spec, plan, target, trainable), target, trainable, spec
+
+
+def test_gpu_optimizer_step_is_the_bytes_it_moves_over_the_memory_bandwidth():
+    fused, target, n, _ = _gpu_step("h100-80gb", method="full", precision="bf16", optimizer="adamw-fused")
+    assert target.memory_bytes_s == 3350e9
+    assert fused.terms["optimizer"] == pytest.approx(n * 7 * 2 / 3350e9)  # read p, g, m, v; write p, m, v
+    foreach, *_ = _gpu_step("h100-80gb", method="full", precision="bf16", optimizer="adamw")
+    assert foreach.terms["optimizer"] == pytest.approx(n * 18 * 2 / 3350e9)  # 8 kernels a tensor (no decay)
+    decayed, *_ = _gpu_step("h100-80gb", method="full", precision="bf16", optimizer="adamw",
+                            hparams={"weight_decay": 0.1})
+    assert decayed.terms["optimizer"] == pytest.approx(n * 20 * 2 / 3350e9)  # and p.mul_(1 - lr wd)
+    master, *_ = _gpu_step("h100-80gb", method="full", precision="bf16-master", optimizer="adamw-fused",
+                           sharding="deepspeed", zero=1, gpus=4)
+    assert master.terms["optimizer"] == pytest.approx(n / 4 * (7 * 4 + 12) / 3350e9)  # fp32 masters, its shard
+    offloaded, *_ = _gpu_step("h100-80gb", method="full", precision="bf16-master", sharding="deepspeed", zero=3,
+                              gpus=4, offload="optimizer")
+    assert offloaded.terms["optimizer"] == 0 and offloaded.terms["offload"] > 0
+
+
+@pytest.mark.parametrize("gpu", ["rtx4090-24gb", "a100-80gb", "h100-80gb", "t4-16gb"])
+def test_qlora_and_offload_never_beat_the_plan_they_trade_speed_for(gpu):
+    """QLoRA dequantizes every NF4 weight in each forward, backward and recompute (bitsandbytes' MatMul4Bit); the
+    same plan in LoRA skips that. Offloading adds host-link traffic to the same plan kept on the GPU. Under FSDP,
+    QLoRA gathers 4-bit weights instead of 16-bit ones: less communication, which can make its step the shorter
+    one (Answer.AI's two RTX 4090s: QLoRA 0.91 s per example, LoRA 0.94; benchmarks/published_gpu_times.yaml
+    R1b, R2); its compute still costs more."""
+    precision = "amp-fp16" if gpu == "t4-16gb" else "bf16"
+    common = dict(model="llama-3-8b", precision=precision, micro_batch=2, seq_len=2048, grad_ckpt=True)
+    for sharding in (dict(gpus=1), dict(gpus=2, sharding="ddp"), dict(gpus=2, sharding="fsdp", zero=3)):
+        lora, *_ = _gpu_step(gpu, method="lora", **common, **sharding)
+        qlora, _, _, spec = _gpu_step(gpu, method="qlora", **common, **sharding)
+        assert qlora.total_s - qlora.comm_s > lora.total_s - lora.comm_s
+        if sharding.get("sharding") != "fsdp":
+            assert qlora.total_s > lora.total_s
+        decoder, _ = throughput.matmul_params(spec)
+        assert qlora.dequant_bytes == pytest.approx(decoder * (throughput.NF4_BYTES + 2) * 3)
+    for method in ("lora", "qlora", "full"):
+        kept, *_ = _gpu_step(gpu, method=method, **common, gpus=2, sharding="fsdp", zero=3)
+        moved, *_ = _gpu_step(gpu, method=method, **common, gpus=2, sharding="fsdp", zero=3, offload="optimizer+params")
+        assert moved.total_s > kept.total_s, method
+    if precision == "bf16":  # DeepSpeed's bf16 regime (bf16-master), optimizer-only offload too
+        for offload in ("optimizer", "optimizer+params"):
+            ds = dict(common, precision="bf16-master", gpus=2, sharding="deepspeed", zero=3)
+            kept, *_ = _gpu_step(gpu, method="full", **ds)
+            moved, *_ = _gpu_step(gpu, method="full", **ds, offload=offload)
+            assert moved.total_s > kept.total_s, offload
+
+
+def test_gpu_mfu_is_fitted_per_architecture():
+    from memplan.recommend.hardware import gpu_target
+
+    fitted = throughput.GPU_MFU_FITTED
+    assert throughput.gpu_mfu(gpu_target("l40s-48gb", None, 1, 1, 0.1)) == fitted["rtx4090-24gb"]  # Ada
+    assert throughput.gpu_mfu(gpu_target("h200-141gb", None, 1, 1, 0.1)) == fitted["h100-80gb"]  # Hopper
+    assert throughput.gpu_mfu(gpu_target("a10g-24gb", None, 1, 1, 0.1)) == fitted["a100-40gb"]  # Ampere
+    assert throughput.gpu_mfu(gpu_target("v100-32gb", None, 1, 1, 0.1)) == throughput.GPU_MFU == sorted(
+        fitted.values())[1]  # no fitted architecture: the median
+
+
+def _published():
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("time_accuracy", root / "benchmarks/time_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, yaml.safe_load((root / "benchmarks/published_gpu_times.yaml").read_text())
+
+
+def test_gpu_mfu_and_its_error_are_what_the_published_step_times_say():
+    """GPU_MFU_FITTED is the fit of the published `fit` rows; HELD_OUT_ERROR["cuda"] is the error range on the
+    held-out rows memplan can reproduce (those with torch.compile are reported, not counted)."""
+    module, rows = _published()
+    assert module.fit_mfu(rows) == throughput.GPU_MFU_FITTED
+    errors: dict[str, list[float]] = {}
+    for r in rows:
+        if r["role"] == "held-out" and "torch.compile" not in r.get("differs", ""):
+            arch = throughput.MFU_ARCHITECTURE[r["gpu"]]
+            errors.setdefault(arch, []).append(module.predicted_gpu(r).total_s / r["step_s"] - 1)
+    assert set(errors) == set(throughput.HELD_OUT_ERROR) - {"cpu"}
+    for arch, errs in errors.items():
+        assert throughput.HELD_OUT_ROWS[arch].startswith(f"{len(errs)} ")
+        assert round(max(abs(e) for e in errs), 3) == throughput.HELD_OUT_ERROR[arch]
+
+
+def test_cpu_time_error_is_what_the_stored_cpu_steps_say():
+    """HELD_OUT_ERROR["cpu"] is the largest error on the 12 measured CPU plans (time-accuracy-cpu.jsonl), none of
+    them in the CPU calibration."""
+    import json as _json
+    from pathlib import Path
+
+    module, _ = _published()
+    root = Path(__file__).resolve().parents[2]
+    rows = [_json.loads(x) for x in (root / "benchmarks/results/time-accuracy-cpu.jsonl").read_text().splitlines()]
+    from memplan.recommend.hardware import CpuInfo
+
+    measured_on = CpuInfo(name="AMD EPYC", cores=2, bf16="native", flag="avx512_bf16")  # where they were measured
+    _, errors = module.cpu_table(rows, measured_on)
+    assert len(errors) == 12 and throughput.HELD_OUT_ROWS["cpu"].startswith("12 ")
+    assert round(max(abs(e) for e in errors), 3) == throughput.HELD_OUT_ERROR["cpu"]
+
+
+def test_recommend_prints_the_step_by_term_and_its_likely_range(run_cli):
+    out = recommend_json(run_cli, *GPU1_24, "--dataset-size", "20000")
+    t = out["time"]
+    assert sum(t["terms_s"].values()) == pytest.approx(t["step_s"])
+    low, high = t["likely_hours"]
+    assert low < t["hours"] < high and not t["extrapolating"]
+    code, text, err = run_cli("recommend", *GPU1_24, "--dataset-size", "20000")
+    assert code == 0, err
+    assert "per step: forward" in text and "likely" in text and "published step times on this architecture" in text
+    for gpu, why in (("t4-16gb", "no published step time"), ("a100-80gb", "fitted on one published run")):
+        t = recommend_json(run_cli, "--model", "llama-3.2-1b", "--gpu", gpu, "--gpus", "1",
+                           "--dataset-size", "20000")["time"]
+        assert t["extrapolating"] and why in t["likely_basis"]
+        assert t["likely_hours"][0] < t["hours"] < t["likely_hours"][1]
 
 
 def test_moe_counts_active_experts_only():
