@@ -5,7 +5,8 @@ Run by benchmarks/gpu_check.sh on a machine with one GPU. For each plan: `mempla
 memory does not depend on their values), the plan applied exactly as the trace applies it, 3 optimizer
 steps on random tokens; per phase `torch.cuda.max_memory_allocated` (peaks reset between phases), the
 reserved peak (with the plan's allocator: run 4 repeats twelve cases with expandable segments), NVML's used
-memory, the live-tensor breakdown, and the process's resident host memory before and after. A case that
+memory, the live-tensor breakdown, and the process's resident host memory before and after. TIME_CASES are
+timed too, without the breakdown meter, against recommend's time model (row["timing"]). A case that
 fails for another reason than memory is retried once without the breakdown meter. Each result is appended
 to a JSONL file as soon as it is measured, so a cut-off run still leaves data.
 
@@ -72,6 +73,13 @@ CASES = [
 CASES += [(preset, dict(fields, allocator="expandable")) for preset, fields in CASES[:12]]
 
 
+# The timing pass: these cases again, without the breakdown meter (a dispatch mode that slows every op), for
+# TIME_STEPS steps; their wall times after TIME_WARMUP against recommend's time model on this GPU. Plan types:
+# full bf16 / fp32 / amp-bf16, checkpointing on and off, LoRA, QLoRA, fused / for-loop / 8-bit AdamW.
+TIME_CASES = (0, 1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 14)
+TIME_STEPS, TIME_WARMUP = 6, 2
+
+
 def host_rss() -> dict[str, int]:
     """This process's resident memory now and at its peak (/proc/self/status VmRSS, VmHWM), bytes."""
     out = {}
@@ -105,6 +113,37 @@ def measure(preset: str, fields: dict, steps: int = 3, attribute: bool = True) -
         row["tensor_peaks"] = step.tensor_peaks
         row["breakdown"] = step.breakdown
         out["steps"].append(row)
+    return out
+
+
+def time_case(preset: str, fields: dict) -> dict:
+    """The case's step time, measured (median of the steps after TIME_WARMUP) and predicted by
+    memplan.recommend.throughput.step_time for this GPU (NVML's name, matched to a preset)."""
+    import statistics
+
+    from memplan.catalog.presets import models_dir
+    from memplan.catalog.resolve import resolve_model
+    from memplan.estimator import estimate
+    from memplan.plan import Plan
+    from memplan.profile.meters import CudaMeter
+    from memplan.profile.run import measure as profile_measure
+    from memplan.recommend import throughput
+    from memplan.recommend.hardware import gpu_target
+
+    plan = Plan(model=preset, **fields)
+    result = profile_measure(str(models_dir() / preset / "config.json"), plan, backend="cuda", steps=TIME_STEPS,
+                             meter=CudaMeter("cuda:0", attribute=False))
+    out = {"step_seconds": result.step_seconds, "oom": result.oom}
+    if result.oom or len(result.step_seconds) <= TIME_WARMUP:
+        return out
+    measured = statistics.median(result.step_seconds[TIME_WARMUP:])
+    spec = resolve_model(preset)
+    target = gpu_target(None, None, 1, 1, 0.1)
+    step = throughput.step_time(spec, plan, target, estimate(spec, plan).params_trainable)
+    tokens = plan.micro_batch * plan.seq_len * plan.grad_accum
+    out.update(measured_s=measured, tokens_per_s=tokens / measured, predicted=step.to_json(),
+               gpu=target.gpu.id if target and target.gpu else None,
+               achieved_mfu=step.flops / measured / step.peak_flops, error=step.total_s / measured - 1)
     return out
 
 
@@ -146,6 +185,13 @@ def main() -> None:
                 row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                 gc.collect()
                 torch.cuda.empty_cache()
+        if i in TIME_CASES and "measured" in row and not row["measured"].get("oom"):
+            try:
+                row["timing"] = time_case(preset, fields)
+            except Exception as err:  # the memory row stands; say why the timing is missing
+                row["timing"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+            gc.collect()
+            torch.cuda.empty_cache()
         if row.get("measured", {}).get("oom"):
             row["error"] = f"out of memory in {row['measured']['oom']['phase']}: {row['measured']['oom']['message']}"
         row["seconds"] = round(time.time() - t0, 1)

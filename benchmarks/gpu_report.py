@@ -69,10 +69,37 @@ def main() -> None:
     if ratios:
         print(f"\nreserved / allocated peak: median {statistics.median(ratios):.3f}, "
               f"min {min(ratios):.3f}, max {max(ratios):.3f} over {len(ratios)} plans.")
+    timed = [r for _, r in rows(path) if r.get("timing", {}).get("measured_s")]
+    if timed:
+        _timing_table(timed)
     if contexts:
         print(f"NVML used - reserved (CUDA context, outside the allocator): median "
               f"{statistics.median(contexts) / 2**20:.0f} MiB, min {min(contexts) / 2**20:.0f}, "
               f"max {max(contexts) / 2**20:.0f} MiB.")
+
+
+def _timing_table(timed: list[dict]) -> None:
+    """gpu_check.py's timing pass against today's time model (recomputed: memplan.recommend.throughput)."""
+    from memplan.recommend import throughput
+    from memplan.recommend.hardware import gpu_target
+
+    print("\n## Step time vs the time model\n")
+    print("| # | model | plan | measured s (median) | tokens/s | predicted s | error % | achieved MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    errors = []
+    for r in timed:
+        t = r["timing"]
+        plan = Plan(model=r["preset"], **r["plan"])
+        spec = resolve_model(r["preset"])
+        target = gpu_target(t["gpu"], None, 1, 1, 0.1) if t.get("gpu") else None
+        step = throughput.step_time(spec, plan, target, estimate(spec, plan).params_trainable) if target else None
+        predicted = step.total_s if step else t["predicted"]["step_s"]
+        errors.append(predicted / t["measured_s"] - 1)
+        mfu = (step.flops / t["measured_s"] / step.peak_flops) if step else t["achieved_mfu"]
+        print(f"| {r['case']} | {r['preset']} | {_plan(r['plan'])} | {t['measured_s']:.3f} | {t['tokens_per_s']:.0f} | "
+              f"{predicted:.3f} | {100 * errors[-1]:+.1f} | {mfu:.3f} |")
+    print(f"\n{sum(abs(e) <= 0.2 for e in errors)} of {len(errors)} within +-20 %; errors "
+          f"{100 * min(errors):+.1f} ... {100 * max(errors):+.1f} %.")
 
 
 def _plan(fields: dict) -> str:

@@ -57,6 +57,7 @@ class Measured:
     world_size: int = 1
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)  # each optimizer step's wall time (CUDA: synchronized)
 
     @property
     def first(self) -> StepMeasure | None:
@@ -268,11 +269,14 @@ def batch(plan: Plan, vocab: int, device: str) -> tuple[torch.Tensor, torch.Tens
 
 
 def train_steps(model, optimizer, plan: Plan, meter, *, steps: int, vocab: int, device: str,
-                trainable: list[torch.Tensor], logits_term: _LogitsLossTerm | None = None) -> None:
-    """`steps` optimizer steps of `plan`, each phase announced to the meter (a nanoGPT-like loop)."""
+                trainable: list[torch.Tensor], logits_term: _LogitsLossTerm | None = None,
+                clock: list[float] | None = None) -> None:
+    """`steps` optimizer steps of `plan`, each phase announced to the meter (a nanoGPT-like loop); each step's
+    wall seconds appended to `clock` (on CUDA after the device finished its work)."""
     dtype = getattr(torch, plan.regime.compute) if plan.regime.autocast else None
     device_type = torch.device(device).type
     for _ in range(steps):
+        start = time.perf_counter()
         meter.new_step()
         for micro in range(plan.grad_accum):
             with _gradient_sync(model, micro == plan.grad_accum - 1):
@@ -292,6 +296,10 @@ def train_steps(model, optimizer, plan: Plan, meter, *, steps: int, vocab: int, 
         meter.classify(state_tensors(optimizer), "optimizer_states")
         optimizer.zero_grad(set_to_none=True)
         meter.phase(None)
+        if clock is not None:
+            if device_type == "cuda":
+                torch.cuda.synchronize(device)
+            clock.append(time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------- measuring
@@ -342,6 +350,7 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
     oom = None
     after_load = None
     notes: list[str] = []
+    clock: list[float] = []
     try:
         shards = getattr(wrap, "shards_parameters", False)
         built = build_model(plan, config=config, weights=weights, device=device, fake_mode=fake_mode, on_meta=shards)
@@ -363,7 +372,7 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
             try:
                 where["phase"] = None
                 train_steps(module, optimizer, plan, meter, steps=steps, vocab=built.vocab_size, device=device,
-                            trainable=trainable, logits_term=logits_term)
+                            trainable=trainable, logits_term=logits_term, clock=clock)
             finally:
                 logits_term.remove()
     except RuntimeError as err:  # torch.OutOfMemoryError is one; cuBLAS and NCCL report theirs as RuntimeError
@@ -373,7 +382,7 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
         oom = {"phase": phase, "step": len(getattr(meter, "steps", [])) or 0,
                "allocated_bytes": _allocated(meter), "message": str(err).splitlines()[0][:300]}
     result = Measured(backend=backend, steps=meter.result(), after_load=after_load,
-                      seconds=round(time.perf_counter() - t0, 2), oom=oom, notes=list(notes))
+                      seconds=round(time.perf_counter() - t0, 2), oom=oom, notes=list(notes), step_seconds=clock)
     for key, value in meter.extras().items():
         setattr(result, key.removesuffix("_bytes"), value)
     if backend == "cuda":

@@ -81,6 +81,10 @@ def summary_table(summary: dict) -> str:
         rows.append(["host RAM peak measured (this process)",
                      f"{_memory(host['measured_bytes'])} in the {host['phase']} phase, estimate "
                      f"{_memory(host['estimated_bytes'])}, gap {100 * host['gap']:+.1f} %"])
+    st = summary.get("step_time")
+    if st:
+        rows.append(["step time measured (median)", f"{st['measured_s']:.3g} s ({st['what']})"])
+        rows.append(["time model (recommend's)", f"{st['predicted_s']:.3g} s, gap {100 * st['error']:+.1f} %"])
     for key, path in summary["files"].items():
         rows.append([key, path])
     return tabulate(rows, tablefmt="plain", disable_numparse=True)
@@ -103,6 +107,13 @@ def host_memory_line(host: dict) -> str:
     return (f"host RAM: measured peak {format_bytes(host['measured_bytes'], 'MiB', digits=0)} resident in the "
             f"{host['phase']} phase ({phases}{more}), memplan's estimate "
             f"{format_bytes(host['estimated_bytes'], 'MiB', digits=0)} for this process: {100 * host['gap']:+.1f} %")
+
+
+def step_time_line(st: dict) -> str:
+    """The measured step time against recommend's time model (memplan.train.loop.time_report)."""
+    terms = ", ".join(f"{name} {sec:.3g}" for name, sec in st["predicted_terms_s"].items() if sec)
+    return (f"step time: measured {st['measured_s']:.3g} s ({st['what']}), memplan's time model "
+            f"{st['predicted_s']:.3g} s on {st['hardware']} ({terms}): {100 * st['error']:+.1f} %")
 
 
 def eval_line(rec: dict) -> str:

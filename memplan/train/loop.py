@@ -244,6 +244,8 @@ def save(t: Trainer, stopped_early: bool) -> dict:
     summary = _summary(t, written, final_step, stopped_early, retention_after)
     if summary["host_memory"]:
         t.say(report.host_memory_line(summary["host_memory"]))
+    if summary["step_time"]:
+        t.say(report.step_time_line(summary["step_time"]))
     if t.accelerator.is_main_process:
         if t.log:
             mx.plot(t.log.records, t.out / "training.png")
@@ -391,6 +393,7 @@ def optimizer_step(t: Trainer) -> tuple[float, float | None]:
     micro = _micro_batches(t)
     labelled = float(_all_sum(t.accelerator, float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro))))
     step_loss, tokens = _forward_backward(t, micro, labelled)
+    positions = sum(b["input_ids"].numel() for b in micro)
     lr = t.parts.scheduler.get_last_lr()[0]
     grad_norm = _clip_and_step(t)
     t.parts.scheduler.step()
@@ -401,7 +404,7 @@ def optimizer_step(t: Trainer) -> tuple[float, float | None]:
 
     loss = float(_all_sum(t.accelerator, step_loss)) / labelled
     tokens = int(_all_sum(t.accelerator, float(tokens)))
-    t.state.count_step(loss, tokens, time.perf_counter() - start)
+    t.state.count_step(loss, tokens, time.perf_counter() - start, positions)
     if not math.isfinite(loss):
         raise UserError(f"step {t.state.step}: the loss is {loss}. Hint: lower hparams.lr, or use precision fp32 / "
                         "amp-bf16")
@@ -462,6 +465,8 @@ def log_metrics(t: Trainer, bar, lr: float, grad_norm: float | None) -> None:
     rec = {"step": step, "epoch": round(t.stream.epoch_of(step * t.plan.grad_accum), 4),
            "loss": window.loss / window.steps, "lr": lr, "grad_norm": grad_norm,
            "tokens": window.tokens, "tokens_per_s": window.tokens / window.seconds,
+           "step_s": window.seconds / window.steps, "positions_per_row": window.positions / (
+               window.steps * t.plan.grad_accum * t.plan.micro_batch),
            "peak_memory_bytes": peak, "elapsed_s": round(state.train_seconds, 3)}
     if t.log:
         t.log.write(rec)
@@ -580,6 +585,7 @@ def _summary(t: Trainer, written: dict, final_step: int, stopped_early: bool,
         "tokens_per_s_median": mx.median([r["tokens_per_s"] for r in train]),
         "memory": memory_report(t.plan, t.checked.model_dir, t.meter),
         "host_memory": host_report(t),
+        "step_time": time_report(t, train),
         "files": dict(written, metrics=str(out / "metrics.jsonl"), summary=str(out / "summary.json"),
                       checkpoints=str(out / "checkpoints")),
     }
@@ -604,6 +610,39 @@ def memory_report(plan, base_dir: Path, meter) -> dict | None:
     if meter.reserved_bytes is not None:
         out["reserved_bytes"] = meter.reserved_bytes
     return out
+
+
+def time_report(t: Trainer, rows: list[dict]) -> dict | None:
+    """The measured step time next to `memplan recommend`'s time model (memplan.recommend.throughput) for this
+    plan on this hardware, at the row length the steps ran (padding included). Measured: the median of the
+    metrics lines' mean step times, leaving out the lines that hold the steps memplan's memory meter watched and
+    the one after (the first steps warm up caches and allocators). None when no line is left or the hardware
+    has no time model (a GPU NVML cannot name)."""
+    from memplan.recommend import throughput
+    from memplan.recommend.hardware import cpu_target, gpu_target
+
+    warm = t.start_step + t.meter.steps + 1
+    windows = [(prev["step"] + 1, r) for prev, r in zip([{"step": t.start_step}, *rows], rows) if prev["step"] >= warm]
+    if not windows:
+        return None
+    later = [r for _, r in windows]
+    plan = t.plan
+    headroom = plan.target.headroom if plan.target else 0.1  # no bearing on the time
+    if plan.device == "cpu":
+        target = cpu_target(plan.world_size, headroom, [])
+    else:
+        target = gpu_target(None, None, plan.gpus, plan.nodes, headroom)
+        if target is None:
+            return None
+    seq = mx.median([r["positions_per_row"] for r in later])
+    spec = resolve_model(str(t.checked.model_dir))
+    step = throughput.step_time(spec, plan, target, t.params[0], seq_tokens=seq)
+    measured = mx.median([r["step_s"] for r in later])
+    return {"what": f"median of the mean seconds per optimizer step of {len(later)} metrics line(s), steps "
+                    f"{windows[0][0]}-{later[-1]['step']}",
+            "measured_s": measured, "predicted_s": step.total_s, "predicted_terms_s": step.terms,
+            "positions_per_row": seq, "hardware": target.describe(),
+            "error": step.total_s / measured - 1 if measured else None}
 
 
 def host_report(t: Trainer) -> dict | None:

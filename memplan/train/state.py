@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Window:
-    """The steps since the last metrics line: their summed mean losses, count, tokens and seconds."""
+    """The steps since the last metrics line: their summed mean losses, count, tokens and seconds, and the
+    positions this process computed (padding included: what the time model's FLOPs count)."""
 
     loss: float = 0.0
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    positions: int = 0
 
 
 @dataclass
@@ -31,8 +33,10 @@ class TrainerState:
     retention_before: float | None = None  # the untouched model's mean loss on the retention text
     window: Window = field(default_factory=Window)
 
-    def count_step(self, loss: float, tokens: int, seconds: float) -> None:
-        """An optimizer step's mean loss, tokens and time, into the totals and the metrics window."""
+    def count_step(self, loss: float, tokens: int, seconds: float, positions: int = 0) -> None:
+        """An optimizer step's mean loss, tokens, time and this process's positions, into the totals and the
+        metrics window."""
+        self.window.positions += positions
         self.tokens += tokens
         self.train_seconds += seconds
         self.window.loss += loss

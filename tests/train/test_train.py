@@ -39,6 +39,13 @@ def test_full_finetune_end_to_end(tmp_path, tiny, run_cli):
     mem = summary["memory"]
     assert mem["measured_steps"] == 2 and mem["measured_bytes"] > 0 and mem["estimated_bytes"] > 0
     assert "peak memory measured" in out and "retention perplexity" in out
+    # step time: the steps after the memory meter's two and one more, against recommend's time model on this CPU
+    st = summary["step_time"]
+    assert st["what"].endswith("9 metrics line(s), steps 4-12")
+    assert st["measured_s"] == pytest.approx(sorted(r["step_s"] for r in train[3:])[4])
+    assert st["predicted_s"] == pytest.approx(sum(st["predicted_terms_s"].values())) and st["predicted_s"] > 0
+    assert st["error"] == pytest.approx(st["predicted_s"] / st["measured_s"] - 1)
+    assert "step time measured (median)" in out
     assert (run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept == ["checkpoint-000006", "checkpoint-000012"]
