@@ -511,3 +511,11 @@ def test_cpu_time_model_gives_back_its_calibration_steps():
         assert step.total_s == pytest.approx(r["step_s"], rel=0.005), (r["method"], r["precision"], r["threads"])
         checked += 1
     assert checked == 16  # 8 regimes and thread counts, on packed rows and on the demo's short rows
+
+
+def test_cpu_regimes_without_a_measurement_of_their_own():
+    """bf16-master computes in bf16 (its fp32 masters only add to the optimizer step); fp16 regimes are not
+    measured on the CPU and run at fp32's speed in the model."""
+    info = hardware.CpuInfo(name="AMD EPYC", cores=1, bf16="native", flag="avx512_bf16")
+    assert info.speed("bf16-master", "full", 192) == info.speed("bf16", "full", 192) != 1.0
+    assert info.speed("amp-fp16", "lora", 512) == 1.0

@@ -103,6 +103,9 @@ CPU_OPTIMIZER_NS_PER_PARAM: dict[str, dict[int, tuple[float, float]]] = {
 #: - "none": AVX2 and older: oneDNN has no bf16 kernel and torch falls back to plain loops (measured for
 #:   LoRA at d_model 192 with ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2: 7-8 x slower than
 #:   fp32, cpu-precision-speed.txt); the search keeps bf16 for QLoRA only.
+#: The measured regime a precision's speed is taken from: bf16-master computes in bf16 (its fp32 masters only add
+#: to the optimizer step); fp16 regimes are not measured on the CPU and are taken at fp32's speed.
+MEASURED_REGIME = {"bf16-master": "bf16", "amp-fp16": "fp32"}
 _CONVERTED = {"amp-bf16": ((192, 0.52), (512, 0.52)), "bf16": ((192, 0.54), (512, 0.53))}
 _NO_BF16 = {"amp-bf16": ((192, 0.12),), "bf16": ((192, 0.14),)}
 CPU_BF16_SPEED: dict[str, dict[str, dict]] = {
@@ -335,9 +338,10 @@ class CpuInfo:
     def speed(self, precision: str, method: str, width: int, row_len: float = ROW_LEN) -> float:
         """Train-step speed of a precision regime relative to fp32 on this CPU, for `method` on a model of
         d_model `width` (1.0 for fp32)."""
-        if precision == "fp32":
+        regime = MEASURED_REGIME.get(precision, precision)
+        if regime == "fp32":
             return 1.0
-        return at_shape(CPU_BF16_SPEED[self.bf16][_kind(method)][precision], width, row_len)
+        return at_shape(CPU_BF16_SPEED[self.bf16][_kind(method)][regime], width, row_len)
 
     def rate(self, precision: str, method: str, width: int, cores: float = 1.0, row_len: float = ROW_LEN) -> float:
         """Training FLOP/s of a process on `cores` of this CPU's cores: one core's fp32 rate x the regime's
@@ -373,8 +377,9 @@ class CpuInfo:
         else:
             bf16 = "; ".join(f"{m}: " + ", ".join(f"{p} x{self.speed(p, m, width):.2f}" for p in ("amp-bf16", "bf16"))
                              for m in ("full", "lora")) + " the fp32 speed"
-        return (f"CPU time model at d_model {width}: fp32 training rate per core {fp32} GFLOP/s, each further core "
-                f"{gain} of one ({self.cores} core(s) of {self.name}); bf16 {self.bf16} ({self.flag}): {bf16}; "
+        return (f"CPU time model at d_model {width}, rows of {ROW_LEN} tokens: fp32 training rate per core {fp32} "
+                f"GFLOP/s, each further core {gain} of one ({self.cores} core(s) of {self.name}); bf16 {self.bf16} "
+                f"({self.flag}): {bf16}; "
                 f"measured once ({CPU_RATES}), not on this run: the same inputs give the same plan")
 
 

@@ -21,7 +21,8 @@ WRITTEN = """{
   "loss": 5.5,
   "steps": 2,
   "tokens": 256,
-  "seconds": 0.75
+  "seconds": 0.75,
+  "positions": 512
  },
  "world_size": 2
 }"""
@@ -30,7 +31,8 @@ WRITTEN = """{
 def test_trainer_json_reads_and_writes_back_byte_for_byte():
     state = TrainerState.from_json(json.loads(WRITTEN))
     assert state == TrainerState(step=3, best_loss=2.5, best_step=2, bad_evals=1, tokens=384, train_seconds=1.25,
-                                 retention_before=3.75, window=Window(loss=5.5, steps=2, tokens=256, seconds=0.75))
+                                 retention_before=3.75, window=Window(loss=5.5, steps=2, tokens=256, seconds=0.75,
+                                                                        positions=512))
     assert json.dumps(dict(state.to_json(), world_size=2), indent=1) == WRITTEN
 
 
@@ -38,14 +40,17 @@ def test_keys_a_trainer_json_lacks_keep_their_starting_values():
     state = TrainerState.from_json({"step": 5, "tokens": 10, "train_seconds": 2.0})
     assert state == TrainerState(step=5, tokens=10, train_seconds=2.0)
     assert state.window == Window()
+    # a window written before it counted positions
+    older = TrainerState.from_json({"step": 5, "window": {"loss": 1.0, "steps": 1, "tokens": 8, "seconds": 0.5}})
+    assert older.window == Window(loss=1.0, steps=1, tokens=8, seconds=0.5, positions=0)
 
 
 def test_counting_steps_and_evaluations():
     state = TrainerState(step=4)
-    state.count_step(2.0, 100, 0.5)
-    state.count_step(3.0, 50, 0.25)
+    state.count_step(2.0, 100, 0.5, positions=128)
+    state.count_step(3.0, 50, 0.25, positions=64)
     assert (state.tokens, state.train_seconds) == (150, 0.75)
-    assert state.window == Window(loss=5.0, steps=2, tokens=150, seconds=0.75)
+    assert state.window == Window(loss=5.0, steps=2, tokens=150, seconds=0.75, positions=192)
     assert state.count_evaluation(1.5) and (state.best_loss, state.best_step, state.bad_evals) == (1.5, 4, 0)
     state.step = 6
     assert not state.count_evaluation(1.5) and (state.best_step, state.bad_evals) == (4, 1)
