@@ -9,7 +9,7 @@ Two measurements, written to one JSON-lines file that memplan.recommend.hardware
 2. `train`: `memplan train` on demo-tiny (d_model 192) and a 4-layer Llama of d_model 512 (random weights,
    benchmarks/cpu_precision_speed.make_h512), full FT and LoRA r16, fp32 / amp-bf16 / bf16, AdamW (foreach),
    no checkpointing, micro-batch `MICRO` x `SEQ` tokens in packed full rows, 1 thread (OMP_NUM_THREADS=1) for
-   every regime and 2 threads for fp32, and fp32 at micro-batch `SMALL_MICRO` (1 thread) to tell the per-layer
+   every regime and 2 threads too, and fp32 at micro-batch `SMALL_MICRO` (1 thread) to tell the per-layer
    cost that does not grow with the tokens from the rate; measured = the median wall-clock step after `WARMUP`
    (time_accuracy.measured_step_s), the median over `--rounds` rounds, beside the model FLOPs of the step
    (throughput.train_flops_per_token). `fit` turns the rows into the tables.
@@ -97,10 +97,11 @@ def _positions_per_row(metrics: Path) -> float:
     return statistics.median(r["positions_per_row"] for r in rows if "positions_per_row" in r)
 
 
-def train_rows(workdir: Path, rounds: int, shapes: tuple[str, ...] = ("packed", "short")) -> list[dict]:
+def train_rows(workdir: Path, rounds: int, shapes: tuple[str, ...] = ("packed", "short"),
+               only: set[tuple[str, int]] | None = None) -> list[dict]:
     """`rounds` rounds over the cases of `shapes` ("packed": rows of SEQ tokens at MICRO and SMALL_MICRO, "short":
-    the demo's rows at SHORT_MICRO), in the same order each round (a change in the machine's load hits every case
-    alike); each case's step is the median over the rounds."""
+    the demo's rows at SHORT_MICRO; `only`: just these (precision, threads)), in the same order each round (a
+    change in the machine's load hits every case alike); each case's step is the median over the rounds."""
     from memplan.catalog.resolve import resolve_model
     from memplan.plan import build_plan
     from memplan.recommend import throughput
@@ -109,11 +110,12 @@ def train_rows(workdir: Path, rounds: int, shapes: tuple[str, ...] = ("packed", 
     cases = [(model, method, precision, threads, micro, short)
              for short, micro in ((False, MICRO), (True, SHORT_MICRO))
              for model in ("demo-tiny", h512) for method in ("full", "lora")
-             for precision in PRECISIONS for threads in ((1, 2) if precision == "fp32" else (1,))]
+             for precision in PRECISIONS for threads in (1, 2)]
     # a small micro-batch, to tell the per-layer cost that does not grow with the tokens from the rate
     cases += [(model, method, "fp32", 1, SMALL_MICRO, False) for model in ("demo-tiny", h512)
               for method in ("full", "lora")]
-    cases = [c for c in cases if ("short" if c[5] else "packed") in shapes]
+    cases = [c for c in cases if ("short" if c[5] else "packed") in shapes
+             and (only is None or (c[2], c[3]) in only)]
     steps: dict[int, list[float]] = {}
     positions: dict[int, list[float]] = {}
     for r in range(rounds):
@@ -159,7 +161,7 @@ def fit(rows: list[dict]) -> dict:
     each train row's matmul rate = FLOPs / (net - overhead)
     CPU_FP32_RATE[kind][row length] = ((d_model, fp32 rate at 1 thread, GFLOP/s), ...)
     CPU_BF16_SPEED[kind][precision][row length] = ((d_model, rate / the fp32 rate, both at 1 thread), ...)
-    CPU_EXTRA_CORE_GAIN[kind][row length] = ((d_model, fp32 rate at 2 threads / at 1 thread - 1), ...)
+    CPU_EXTRA_CORE_GAIN[kind][precision][row length] = ((d_model, rate at 2 threads / at 1 thread - 1), ...)
     """
     itemsize = {"float32": 4, "bfloat16": 2}
     opt: dict = {}
@@ -204,8 +206,8 @@ def fit(rows: list[dict]) -> dict:
                           for k in kinds},
         "CPU_BF16_SPEED": {k: {p: {n: tuple((w, round(rate(k, w, p, 1, n) / rate(k, w, "fp32", 1, n), 3))
                                             for w in widths) for n in lens} for p in PRECISIONS[1:]} for k in kinds},
-        "CPU_EXTRA_CORE_GAIN": {k: {n: tuple((w, round(rate(k, w, "fp32", 2, n) / rate(k, w, "fp32", 1, n) - 1, 3))
-                                             for w in widths) for n in lens} for k in kinds},
+        "CPU_EXTRA_CORE_GAIN": {k: {p: {n: tuple((w, round(rate(k, w, p, 2, n) / rate(k, w, p, 1, n) - 1, 3))
+                                                 for w in widths) for n in lens} for p in PRECISIONS} for k in kinds},
     }
 
 
@@ -224,6 +226,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="packed,short",
                         help="which training cases to measure: packed, short or both (default packed,short)")
     parser.add_argument("--no-optimizer", action="store_true", help="skip the optimizer measurement")
+    parser.add_argument("--only", help="measure just these precision:threads cases, e.g. amp-bf16:2,bf16:2")
     parser.add_argument("--fit", action="store_true", help="print the tables fitted to --out's rows; measure nothing")
     args = parser.parse_args()
     if args.fit:
@@ -235,7 +238,8 @@ def main() -> None:
             "torch": torch.__version__, "cpus": os.cpu_count(), "load_start": os.getloadavg()[0]}
     rows = [] if args.no_optimizer else optimizer_rows()
     with tempfile.TemporaryDirectory() as tmp:
-        rows += train_rows(Path(tmp), args.rounds, tuple(args.shapes.split(",")))
+        only = {(p, int(n)) for p, n in (c.split(":") for c in args.only.split(","))} if args.only else None
+        rows += train_rows(Path(tmp), args.rounds, tuple(args.shapes.split(",")), only)
     head["load_end"] = os.getloadavg()[0]
     out = Path(args.out)
     tmp_out = out.with_suffix(".tmp")

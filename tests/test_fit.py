@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from memplan.recommend import hardware, throughput
+from memplan.recommend import hardware, search, throughput
 
 GiB = 2**30
 
@@ -397,20 +397,22 @@ def test_cpu_plan_is_the_same_whatever_a_speed_probe_would_read(run_cli, monkeyp
 
 
 def test_cpu_plan_follows_the_instruction_set(run_cli, monkeypatch, no_local_gpu):
-    """Without bf16 kernels (AVX2 only) LoRA runs fp32; with AVX512-BF16 the fastest regime by the measured
-    speeds (CPU_BF16_SPEED) is chosen."""
+    """Without bf16 kernels (AVX2 only) LoRA runs fp32; with AVX512-BF16 the regime the measured rates make fastest
+    for the demo's rows and this machine's cores is chosen (ties go to the smaller plan)."""
     monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: cpuinfo(""))
     out = _cpu_recommend(run_cli)
     assert out["plan"]["precision"] == "fp32"
     assert all(a["plan"]["precision"] == "fp32" for a in out["alternatives"] if a["plan"]["method"] == "lora")
     monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: cpuinfo("avx512f avx512bw avx512vl avx512dq avx512_bf16"))
-    out = _cpu_recommend(run_cli)
     info = hardware.cpu_info(cpuinfo("avx512f avx512bw avx512vl avx512dq avx512_bf16"))
-    speeds = {p: info.speed(p, "lora", 192) for p in ("fp32", "amp-bf16", "bf16")}  # demo-tiny: d_model 192
-    assert speeds[out["plan"]["precision"]] == max(speeds.values())  # ties go to the smaller plan
-    # full FT (no quality trade-off: fp32 or amp-bf16): amp-bf16 measured faster
-    out = _cpu_recommend(run_cli, "--method", "full")
-    assert out["plan"]["precision"] == "amp-bf16" and info.speed("amp-bf16", "full", 192) > 1
+    demo_rows = min(hardware.CPU_FP32_RATE["full"])  # the rate tables' short rows are the demo's own
+    for method in ("lora", "full"):
+        out = _cpu_recommend(run_cli, "--method", method)
+        rates = {p: info.rate(p, method, 192, info.cores, demo_rows) for p in ("fp32", "amp-bf16", "bf16")}
+        if method == "full":
+            rates.pop("bf16")  # pure bf16 weights trade quality: not chosen for speed alone
+        chosen = out["plan"]["precision"]
+        assert rates[chosen] >= max(rates.values()) * (1 - search.SAME_TIME), (method, rates, chosen)
 
 
 def test_at_width_interpolates_the_measurements():
@@ -430,8 +432,8 @@ def test_cpu_time_model_is_the_measured_rate_of_the_processs_cores(monkeypatch):
     n = hardware.ROW_LEN
     for method in ("full", "lora"):
         kind = "full" if method == "full" else "adapters"
-        gain = hardware.CPU_EXTRA_CORE_GAIN[kind][n][0][1]
         for precision in ("fp32", "amp-bf16", "bf16"):
+            gain = hardware.CPU_EXTRA_CORE_GAIN[kind][precision][n][0][1]  # each regime's own
             plan = build_plan(dict(model="demo-tiny", method=method, precision=precision, device="cpu", gpus=2,
                                    micro_batch=8, seq_len=n))
             step = throughput.step_time(spec, plan, target, 1_000_000)
@@ -490,7 +492,7 @@ def test_cpu_tables_are_the_fit_of_the_stored_calibration():
 
 def test_cpu_time_model_gives_back_its_calibration_steps():
     """Each calibration step, predicted on the machine it ran on (its threads as cores) at the row length it ran:
-    the model's terms add up to what was measured (the tables round to 3-4 digits)."""
+    the model's terms add up to what was measured within 1 % (the tables round to 3-4 digits)."""
     from memplan.catalog.resolve import resolve_model
     from memplan.plan import build_plan
 
@@ -508,9 +510,9 @@ def test_cpu_time_model_gives_back_its_calibration_steps():
         assert step.flops == pytest.approx(r["flops"])
         if r["micro_batch"] == 2:
             continue  # the small micro-batch fixes the per-layer cost: the line through it, not a table entry
-        assert step.total_s == pytest.approx(r["step_s"], rel=0.005), (r["method"], r["precision"], r["threads"])
+        assert step.total_s == pytest.approx(r["step_s"], rel=0.01), (r["method"], r["precision"], r["threads"])
         checked += 1
-    assert checked == 16  # 8 regimes and thread counts, on packed rows and on the demo's short rows
+    assert checked == 24  # 3 regimes x 2 thread counts x 2 methods, on packed rows and on the demo's short rows
 
 
 def test_cpu_regimes_without_a_measurement_of_their_own():

@@ -61,12 +61,21 @@ CPU_FP32_RATE: dict[str, dict[int, tuple[tuple[int, float], ...]]] = {
     "adapters": {43: ((192, 41.42e9), (512, 68.13e9)), 256: ((192, 42.2e9), (512, 67.68e9))},
 }
 
-#: What each core beyond the first adds to a process's speed (torch's intra-op threads), per method and row length,
-#: (d_model, gain): the fp32 rate at 2 threads / at 1 thread - 1, measured at 2 (further cores taken to add as
-#: much). Short rows' small matrices gain less.
-CPU_EXTRA_CORE_GAIN: dict[str, dict[int, tuple[tuple[int, float], ...]]] = {
-    "full": {43: ((192, 0.638), (512, 0.846)), 256: ((192, 0.762), (512, 0.881))},
-    "adapters": {43: ((192, 0.305), (512, 0.62)), 256: ((192, 0.59), (512, 0.706))},
+#: What each core beyond the first adds to a process's speed (torch's intra-op threads), per method, regime and row
+#: length, (d_model, gain): the rate at 2 threads / at 1 thread - 1, measured at 2 (further cores taken to add as
+#: much). Short rows' small matrices gain less, and so do the bf16 regimes (their casts and autocast's
+#: bookkeeping do not spread over threads as the matmuls do).
+CPU_EXTRA_CORE_GAIN: dict[str, dict[str, dict[int, tuple[tuple[int, float], ...]]]] = {
+    "full": {
+        "fp32": {43: ((192, 0.638), (512, 0.846)), 256: ((192, 0.762), (512, 0.881))},
+        "amp-bf16": {43: ((192, 0.637), (512, 0.488)), 256: ((192, 0.378), (512, 0.759))},
+        "bf16": {43: ((192, 0.481), (512, 0.677)), 256: ((192, 0.582), (512, 0.685))},
+    },
+    "adapters": {
+        "fp32": {43: ((192, 0.305), (512, 0.62)), 256: ((192, 0.59), (512, 0.706))},
+        "amp-bf16": {43: ((192, 0.241), (512, 0.352)), 256: ((192, 0.394), (512, 0.431))},
+        "bf16": {43: ((192, 0.332), (512, 0.351)), 256: ((192, 0.388), (512, 0.468))},
+    },
 }
 
 #: What a decoder layer costs per micro-batch beyond its FLOPs (dispatching its ops, Python): milliseconds per
@@ -346,10 +355,18 @@ class CpuInfo:
     def rate(self, precision: str, method: str, width: int, cores: float = 1.0, row_len: float = ROW_LEN) -> float:
         """Training FLOP/s of a process on `cores` of this CPU's cores: one core's fp32 rate x the regime's
         speed x what the further cores add (more processes than cores share them)."""
-        gain = at_shape(CPU_EXTRA_CORE_GAIN[_kind(method)], width, row_len)
+        gain = self.core_gain(precision, method, width, row_len)
         parallel = cores if cores < 1 else 1 + (cores - 1) * gain
         return (at_shape(CPU_FP32_RATE[_kind(method)], width, row_len) * self.speed(precision, method, width, row_len)
                 * parallel)
+
+    def core_gain(self, precision: str, method: str, width: int, row_len: float = ROW_LEN) -> float:
+        """What each core beyond the first adds (CPU_EXTRA_CORE_GAIN): the regime's own where its bf16 kernels are
+        the measured ones ("native", "amx"), fp32's otherwise (their bf16 runs as fp32 work or plain loops)."""
+        regime = MEASURED_REGIME.get(precision, precision)
+        if self.bf16 not in ("native", "amx"):
+            regime = "fp32"
+        return at_shape(CPU_EXTRA_CORE_GAIN[_kind(method)][regime], width, row_len)
 
     def layer_overhead_s(self, method: str, width: int) -> float:
         """Seconds a decoder layer costs per micro-batch beyond its FLOPs (CPU_OVERHEAD_MS_PER_LAYER)."""
@@ -370,8 +387,7 @@ class CpuInfo:
     def time_assumption(self, width: int) -> str:
         """The CPU time model's figures for a model of d_model `width`, for the assumptions list."""
         fp32 = ", ".join(f"{m} {self.rate('fp32', m, width) / 1e9:.1f}" for m in ("full", "lora"))
-        gain = " / ".join(f"{m} +{at_shape(CPU_EXTRA_CORE_GAIN[_kind(m)], width, ROW_LEN):.2f}"
-                          for m in ("full", "lora"))
+        gain = " / ".join(f"{m} +{self.core_gain('fp32', m, width):.2f}" for m in ("full", "lora"))
         if self.bf16 == "none":
             bf16 = "bf16 regimes for QLoRA only (no bf16 kernels)"
         else:

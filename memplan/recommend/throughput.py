@@ -352,11 +352,11 @@ def step_time(spec: ModelSpec, plan: Plan, target: Target, trainable: int,
 
 
 #: The time model's largest error (|predicted / measured - 1|) on the steps held out of its calibration
-#: (benchmarks/results/time-accuracy.md): the 12 CPU plans (-22.5 % ... -7.4 %; a run's own steps vary by
-#: about as much on this shared machine), and per GPU architecture (MFU_ARCHITECTURE) the published rows that
+#: (benchmarks/results/time-accuracy.md): the 12 CPU plans (-13.4 % ... +2.9 %; a run's own steps vary by
+#: about 10 % on this shared machine), and per GPU architecture (MFU_ARCHITECTURE) the published rows that
 #: memplan can reproduce (no torch.compile), which only the RTX 4090's has (-4.9 % ... +2.5 %). A prediction's
 #: likely range is predicted / (1 +- it).
-HELD_OUT_ERROR = {"cpu": 0.225, "rtx4090-24gb": 0.049}
+HELD_OUT_ERROR = {"cpu": 0.134, "rtx4090-24gb": 0.049}
 HELD_OUT_ROWS = {"cpu": "12 measured CPU plans", "rtx4090-24gb": "7 published step times on this architecture held "
                                                                   "out of its fit"}
 
