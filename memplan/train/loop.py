@@ -619,7 +619,6 @@ def time_report(t: Trainer, rows: list[dict]) -> dict | None:
     the one after (the first steps warm up caches and allocators). None when no line is left or the hardware
     has no time model (a GPU NVML cannot name)."""
     from memplan.recommend import throughput
-    from memplan.recommend.hardware import cpu_target, gpu_target
 
     warm = t.start_step + t.meter.steps + 1
     windows = [(prev["step"] + 1, r) for prev, r in zip([{"step": t.start_step}, *rows], rows) if prev["step"] >= warm]
@@ -627,13 +626,9 @@ def time_report(t: Trainer, rows: list[dict]) -> dict | None:
         return None
     later = [r for _, r in windows]
     plan = t.plan
-    headroom = plan.target.headroom if plan.target else 0.1  # no bearing on the time
-    if plan.device == "cpu":
-        target = cpu_target(plan.world_size, headroom, [])
-    else:
-        target = gpu_target(None, None, plan.gpus, plan.nodes, headroom)
-        if target is None:
-            return None
+    target = time_target(plan)
+    if target is None:
+        return None
     seq = mx.median([r["positions_per_row"] for r in later])
     spec = resolve_model(str(t.checked.model_dir))
     step = throughput.step_time(spec, plan, target, t.params[0], seq_tokens=seq)
@@ -642,7 +637,23 @@ def time_report(t: Trainer, rows: list[dict]) -> dict | None:
                     f"{windows[0][0]}-{later[-1]['step']}",
             "measured_s": measured, "predicted_s": step.total_s, "predicted_terms_s": step.terms,
             "positions_per_row": seq, "hardware": target.describe(),
-            "error": step.total_s / measured - 1 if measured else None}
+            "error": step.total_s / measured - 1}
+
+
+def time_target(plan):
+    """The hardware this run's step time is predicted for: this machine's CPU, or its GPUs when NVML names them
+    as a preset with throughput figures; None for a GPU without figures (the time model would borrow another
+    GPU's and say so only in recommend's assumptions)."""
+    from memplan.recommend.hardware import cpu_target, gpu_target
+
+    headroom = plan.target.headroom if plan.target else 0.1  # no bearing on the time
+    if plan.device == "cpu":
+        return cpu_target(plan.world_size, headroom, [])
+    target = gpu_target(None, None, plan.gpus, plan.nodes, headroom)
+    gpu = target.gpu if target else None
+    if gpu is None or not (gpu.bf16_tflops or gpu.fp16_tflops or gpu.fp32_tflops):
+        return None
+    return target
 
 
 def host_report(t: Trainer) -> dict | None:

@@ -78,3 +78,18 @@ def test_a_checkpoint_of_another_process_count_is_refused(tmp_path):
     with pytest.raises(UserError, match="written by 2 process\\(es\\); this run has 1. Resume with the same"):
         _trainer_state(tmp_path, 1)
     assert _trainer_state(tmp_path, 2).step == 3
+
+
+def test_step_time_is_predicted_only_for_hardware_with_figures(monkeypatch):
+    """memplan train compares its step time with the time model on this machine's CPU, or on a GPU NVML names as a
+    preset with throughput figures; a GPU without them gets no prediction (none borrowed from another GPU)."""
+    from memplan.catalog import gpus
+    from memplan.plan import build_plan
+    from memplan.train.loop import time_target
+
+    assert time_target(build_plan({"model": "demo-tiny", "device": "cpu"})).device == "cpu"
+    cuda = build_plan({"model": "demo-tiny", "device": "cuda"})
+    monkeypatch.setattr(gpus, "local_gpus", lambda: [gpus.custom_gpu(80 * 2**30)])
+    assert time_target(cuda) is None
+    monkeypatch.setattr(gpus, "local_gpus", lambda: [gpus.resolve_gpu("h100-80gb")])
+    assert time_target(cuda).gpu.id == "h100-80gb"
