@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from memplan.catalog.gpus import COMMON_SIZES_GIB
 from memplan.catalog.spec import ModelSpec
 from memplan.errors import UserError
-from memplan.estimator import Estimate, estimate
+from memplan.estimator import Estimate, estimate, overhead
 from memplan.estimator.activations import attention_runs
 from memplan.estimator.search import largest
 from memplan.plan import Plan, build_plan
@@ -185,6 +185,9 @@ def limits(spec: ModelSpec, plan: Plan, target: Target | None, max_batch: bool, 
     def largest_of(name: str, hi: int) -> int:
         def fits(n: int) -> bool:
             e = estimate(spec, plan.model_copy(update={name: n}))
+            # reserved is at least the allocated peak: no allocator replay for a size whose allocated peak is over
+            if not target.fits(e.peak_allocated + overhead.cuda_context_bytes(e.plan), e.host_bytes):
+                return False
             return target.fits(e.total, e.host_bytes)
 
         return largest(fits, range(1, hi + 1)) or 0
@@ -252,15 +255,15 @@ def _mark(target: Target, e: Estimate) -> str:
     return "no" if not target.device_fits(e.total) else "no (host RAM)"
 
 
-def best_row(rows: list[Row]) -> Row | None:
+def best_row(rows: list[Row], target: Target) -> Row | None:
     """recommend's rule (search.choose): the methods in the order full FT, LoRA, QLoRA; the first that fits
     without parameter offload, else the first that fits at all; within it the best fitting row by
     recommend's default priority (quality, then time by its time model)."""
-    from memplan.recommend.search import choose
+    from memplan.recommend.search import choose_fitting
 
     fitting = {m: sorted((r.candidate for r in rows if r.candidate.plan.method == m and r.candidate.fits),
                          key=lambda c: c.key("quality")) for m in METHOD_ORDER}
-    chosen = choose(METHOD_ORDER, fitting)
+    chosen = choose_fitting(METHOD_ORDER, fitting, target)
     return next((r for r in rows if r.candidate is chosen), None)
 
 
@@ -293,6 +296,6 @@ def compare(spec: ModelSpec, model_ref: str, cluster: dict[str, Any], gpu: str |
                         examples_per_epoch=plan.effective_batch, epochs=1)
         c = scorer.score(plan, work)
         rows.append(Row(c, [_mark(t, c.estimate) for t in sizes]))
-    best = best_row(rows)
+    best = best_row(rows, judge_target)
     verdict = judge(best.candidate.estimate, judge_target) if best is not None else None
     return Comparison(rows, best, target, judge_target, sizes_gib, list(dict.fromkeys(assumptions)), verdict)

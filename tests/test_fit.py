@@ -165,10 +165,11 @@ def test_headroom_is_recommends_and_can_be_changed(run_cli):
 
 
 def test_best_rule_is_one_function(monkeypatch, run_cli):
-    """estimate's best row and recommend's method choice both come from search.choose."""
+    """estimate's best row and recommend's method choice both come from search.choose (through choose_fitting,
+    which confirms the chosen plan's fit by its replayed allocations)."""
     from memplan.recommend import core, search
 
-    assert core.choose is search.choose
+    assert core.choose_fitting is search.choose_fitting
     calls = []
     real = search.choose
     monkeypatch.setattr(search, "choose", lambda *a: calls.append(a) or real(*a))
@@ -181,7 +182,7 @@ def test_best_rule_is_one_function(monkeypatch, run_cli):
 def test_estimate_single_plan_exit_codes(run_cli):
     code, out, _ = run_cli("estimate", "--model", "llama-3-8b", "--method", "lora", "--precision", "bf16",
                            "--batch-size", "4", "--gpu", "rtx4090-24gb")
-    assert code == 1 and out.rstrip().splitlines()[-1].startswith("does not fit: needs 32.75 GiB per GPU")
+    assert code == 1 and out.rstrip().splitlines()[-1].startswith("does not fit: needs 35.26 GiB per GPU")
     code, out, _ = run_cli("estimate", "--model", "llama-3-8b", "--method", "qlora", "--precision", "bf16",
                            "--gpu", "rtx4090-24gb")
     assert code == 0 and out.rstrip().splitlines()[-1].startswith("fits:")

@@ -65,7 +65,7 @@ class OutOfMemory(Exception):
     """The allocator could not serve a request within the device's capacity, even after releasing its cache."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Block:
     addr: int
     size: int

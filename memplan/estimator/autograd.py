@@ -29,6 +29,9 @@ import itertools
 from dataclasses import dataclass, field
 
 _ids = itertools.count()
+# Set by memplan.estimator.stream while it records a replay's allocations: told of every tensor created and of
+# every trainable weight a linear uses (whose gradient the backward allocates).
+_recorder = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,10 @@ class T:
     itemsize: int
     rg: bool
     uid: int = field(default_factory=lambda: next(_ids))
+
+    def __post_init__(self) -> None:
+        if _recorder is not None:
+            _recorder.created(self)
 
     @property
     def nbytes(self) -> int:
@@ -78,6 +85,8 @@ class Tape:
     def linear(self, x: T, out_numel: int, w_trainable: bool, out_itemsize: int | None = None) -> T:
         if w_trainable:
             self.save(x)
+            if _recorder is not None:
+                _recorder.weight_used(x.numel, out_numel)
         return T(out_numel, out_itemsize or x.itemsize, x.rg or w_trainable)
 
     def mul(self, a: T, b: T, out_itemsize: int | None = None, out_numel: int | None = None) -> T:

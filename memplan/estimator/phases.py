@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from memplan.catalog.spec import ModelSpec
 from memplan.estimator import activations as act_mod
+from memplan.estimator import allocator, overhead, sharding, states, stream
 from memplan.estimator import host as host_mod
-from memplan.estimator import overhead, sharding, states
 from memplan.plan import Plan
 
 PHASES = ("forward", "backward", "optimizer")
@@ -49,11 +50,31 @@ class Estimate:
     def breakdown(self) -> dict[str, int]:
         return dict(self.phases[self.peak_phase])
 
+    @cached_property
+    def replayed(self) -> allocator.Replay | None:
+        """The step's allocations (memplan.estimator.stream) served by the plan's caching allocator; None where the
+        stream does not follow the plan (`reserved_basis` says why)."""
+        events = stream.allocation_stream(self.spec, self.plan)
+        return allocator.replay(events, self.plan.allocator) if events else None
+
+    @property
+    def reserved_basis(self) -> str:
+        """How `reserved` was found: "replayed" (the caching allocator model), else why the measured ratio."""
+        if self.plan.device == "cpu":
+            return "no caching allocator on the CPU"
+        return "replayed" if self.replayed else f"measured ratio ({stream.supported(self.spec, self.plan)})"
+
     @property
     def reserved(self) -> int:
+        """torch.cuda.max_memory_reserved(): the replayed allocator's peak, plus whatever the estimate counts that
+        the stream does not allocate (the stream keeps the tensors the estimate names, not each kernel's scratch);
+        the measured ratio where the stream does not follow the plan."""
         if self.plan.device == "cpu":  # no caching allocator: freed tensors go back to the heap
             return self.peak_allocated
-        return overhead.reserved_bytes(self.peak_allocated)
+        if self.replayed is None:
+            return overhead.reserved_bytes(self.peak_allocated)
+        unreplayed = self.peak_allocated - self.replayed.peak_allocated
+        return max(self.peak_allocated, self.replayed.peak_reserved + unreplayed)
 
     @property
     def total(self) -> int:
@@ -65,6 +86,7 @@ class Estimate:
             "params_trainable": self.params_trainable,
             "peak_allocated_bytes": self.peak_allocated,
             "reserved_bytes": self.reserved,
+            "reserved_basis": self.reserved_basis,
             "total_bytes": self.total,
             "host_bytes": self.host_bytes,
             "host_peak_bytes": self.host_bytes,

@@ -64,11 +64,7 @@ def breakdown_table(e: Estimate) -> str:
         extra = [
             f"peak allocated {gib(e.peak_allocated)} GiB in the {e.peak_phase} phase "
             "(predicts torch.cuda.max_memory_allocated)",
-            f"reserved {gib(e.reserved)} GiB (allocator: the measured median reserve, "
-            f"+{100 * overhead.ALLOCATOR_FRAGMENTATION:.1f} %"
-            + (", measured with the default allocator, not expandable segments" if e.plan.allocator != "default"
-               else "")
-            + f"; `memplan profile --backend trace` replays the step through the allocator model), "
+            f"reserved {gib(e.reserved)} GiB ({reserved_note(e)}), "
             f"total {gib(e.total)} GiB with the CUDA context"
             + (" and NCCL" if e.plan.world_size > 1 else ""),
         ]
@@ -160,7 +156,8 @@ def one_plan_text(spec: ModelSpec, plan: Plan, verdict: Verdict, limits: dict[st
                                 f"{_model_label(spec)}"),
              f"plan: {describe_plan(result)}, {plan.world_size} {unit}(s), micro-batch {plan.micro_batch} x "
              f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {plan.checkpointing}, "
-             f"{plan.optimizer}, attn {plan.attn}"]
+             f"{plan.optimizer}, attn {plan.attn}"
+             + (f", allocator {plan.allocator}" if plan.allocator != "default" else "")]
     if target is not None:
         lines.append(f"target: {target.describe()}" + (" (the plan's recorded target)" if recorded else ""))
     if verdict.assumptions:
@@ -204,7 +201,8 @@ def _comparison_header(spec: ModelSpec, comparison: Comparison) -> list[str]:
     lines = [*model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters on {n} GPU(s); {where}"
                                 f"{_model_label(spec)}"),
              "defaults: micro-batch 1 x 2048 tokens, checkpointing on, AdamW (foreach), SDPA attention; memory per "
-             "GPU in GiB (2^30); step s: recommend's time model", rule]
+             "GPU in GiB (2^30); reserved: the step's allocations replayed through PyTorch's caching allocator "
+             "(one GPU), else the measured median reserve; step s: recommend's time model", rule]
     if comparison.assumptions:
         lines += ["assumptions:"] + [f"  - {a}" for a in comparison.assumptions]
     return lines
@@ -227,3 +225,14 @@ def comparison_text(spec: ModelSpec, comparison: Comparison) -> str:
                  "fits without parameter offload, its fastest row)\n")
     lines += [breakdown_table(e), comparison.verdict.text]
     return "\n".join(lines)
+
+
+def reserved_note(e) -> str:
+    """Where the reserved figure comes from: the step replayed through the allocator model, or the ratio."""
+    if e.replayed is not None:
+        return (f"the step's allocations replayed through PyTorch's caching allocator, {e.plan.allocator} "
+                f"{'segments' if e.plan.allocator == 'default' else 'segments (expandable_segments:True)'}")
+    why = e.reserved_basis.removeprefix("measured ratio (").removesuffix(")")
+    return (f"the measured median allocator reserve, +{100 * overhead.ALLOCATOR_FRAGMENTATION:.1f} %: {why}"
+            + ("; measured with the default allocator" if e.plan.allocator != "default" else ""))
+

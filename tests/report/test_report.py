@@ -6,10 +6,15 @@ from memplan.plan import Plan
 from memplan.report.estimate import breakdown_table
 
 
-def test_reserved_line_says_the_reserve_was_measured_with_the_default_allocator():
+def test_reserved_line_says_where_the_reserve_comes_from():
     spec = resolve_model("llama-2-7b")
     default = breakdown_table(estimate(spec, Plan(model="llama-2-7b")))
     expandable = breakdown_table(estimate(spec, Plan(model="llama-2-7b", allocator="expandable")))
-    assert "measured median reserve, +7.4 %;" in default
-    assert "measured with the default allocator, not expandable segments" in expandable
-    assert "not expandable segments" not in default
+    assert "replayed through PyTorch's caching allocator, default segments)" in default
+    assert "replayed through PyTorch's caching allocator, expandable segments (expandable_segments:True))" in expandable
+    # several GPUs: the measured ratio, and why
+    sharded = dict(model="llama-2-7b", gpus=4, sharding="fsdp", zero=3)
+    ratio = breakdown_table(estimate(spec, Plan(**sharded)))
+    ratio_expandable = breakdown_table(estimate(spec, Plan(**sharded, allocator="expandable")))
+    assert "the measured median allocator reserve, +7.4 %: several GPUs" in ratio
+    assert "measured with the default allocator" in ratio_expandable and "default allocator" not in ratio

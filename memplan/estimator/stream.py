@@ -1,0 +1,400 @@
+"""The order in which a training step allocates and frees its tensors on one GPU, built from the estimator's own
+terms, for the caching allocator model (`memplan.estimator.allocator`) to serve: what `reserved` becomes.
+
+The stream follows what the step keeps alive, tensor by tensor:
+
+- loading: every parameter tensor in the model's order (`states.parameter_shapes`), then the adapters and the
+  fp32 master copies;
+- the forward: the batch, the embedding's output, each decoder layer as its replay creates and drops tensors
+  (`layers.LayerReplay` on the symbolic tape, each tensor freed when the replay drops its last reference, as
+  CPython's reference counting frees a torch tensor; the ones autograd saves stay), the final norm, the logits and
+  the loss's fp32 tensors (transformers `loss_utils.ForCausalLMLoss`);
+- the backward, node by node in reverse: each gradient computed before the one it came from is freed, each saved
+  tensor released as its node runs (torch/csrc/autograd/engine.cpp `release_variables`), each weight gradient
+  kept (`AccumulateGrad` steals the first, adds the next micro-batches' in place); under gradient checkpointing
+  each layer's forward runs again first (torch/utils/checkpoint.py);
+- the optimizer step: states created at the first step (torch/optim/adamw.py `_init_group`), the temporaries of
+  each implementation (`states.optimizer_step_temporaries`), then `zero_grad(set_to_none=True)`.
+
+The replay keeps the tensors the estimate counts, not every kernel's scratch: it is checked against the stream a
+real step traced at full size allocates (`benchmarks/allocator_check.py`). Plans it does not follow (several
+GPUs, offloading, families calibrated by trace) return None and keep the measured ratio
+(`overhead.reserved_bytes`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import weakref
+from dataclasses import dataclass
+
+from memplan.catalog.spec import ModelSpec
+from memplan.estimator import activations as act_mod
+from memplan.estimator import autograd, states
+from memplan.estimator.autograd import T, Tape
+from memplan.estimator.layers import LayerReplay
+from memplan.plan import Plan
+
+# The steady state: the second step reserves what every later one does (each stored H100 plan, both allocators,
+# replayed to the fourth step); the first step creates the optimizer states
+STEPS = 2
+# Micro-batches replayed per step: the first creates the gradients, the second adds to them as every later one
+# does (the same allocations in the same order, served from the same cache)
+MICRO_BATCHES = 2
+ADAM_FAMILY = ("adamw", "adamw-fused", "adamw-forloop", "adamw-8bit")
+
+
+def supported(spec: ModelSpec, plan: Plan) -> str | None:
+    """None where the stream follows the plan; else why not (the estimate keeps the measured ratio)."""
+    if plan.device != "cuda":
+        return "no caching allocator on the CPU"
+    if plan.world_size > 1:
+        return "several GPUs: gathered parameters and communication buckets are not replayed"
+    if plan.offload != "none" or plan.offload_activations:
+        return "offloading is not replayed"
+    if spec.traits.calibrated:
+        return "the family is calibrated by trace, not replayed layer by layer"
+    return None
+
+
+class _Recorder:
+    """Told by the symbolic tape of each tensor it creates and each trainable weight a linear reads."""
+
+    def __init__(self, tokens: int, grad_itemsize: int) -> None:
+        self.events: list[tuple] = []
+        self.tokens, self.grad_itemsize = tokens, grad_itemsize
+
+    def created(self, t: T) -> None:
+        if t.nbytes > 0:
+            self.events.append(("a", t.uid, t.nbytes, t.rg))
+            weakref.finalize(t, self.events.append, ("f", t.uid))
+
+    def weight_used(self, in_numel: int, out_numel: int) -> None:
+        self.events.append(("g", (in_numel // self.tokens) * (out_numel // self.tokens) * self.grad_itemsize))
+
+
+@dataclass(frozen=True)
+class _Template:
+    """One replayed module's events with its own tensor ids: ("a", id, bytes, requires_grad), ("f", id) when the
+    replay dropped it, ("g", bytes) a trainable weight read (its gradient)."""
+
+    events: tuple
+    saved: frozenset
+    x: int  # the input's id
+    x_bytes: int
+    out: int
+
+
+def _record(tokens: int, grad_itemsize: int, x: T, run) -> _Template:
+    rec = _Recorder(tokens, grad_itemsize)
+    tape = Tape(kernels="cuda")
+    autograd._recorder = rec
+    try:
+        out = run(tape, x)
+        events = tuple(rec.events)  # the replay's locals are gone; `out` is still referenced here
+    finally:
+        autograd._recorder = None
+    return _Template(events, frozenset(tape.saved), x.uid, x.nbytes, out.uid)
+
+
+class _Step:
+    """Builds the event stream for `allocator.replay`."""
+
+    def __init__(self, accum: int) -> None:
+        self.events: list[tuple] = []
+        self._ids = itertools.count(1)
+        self.accum = accum
+        self.micro = 0
+        self.grads: list[int] = []
+
+    def alloc(self, nbytes: int) -> int:
+        gid = next(self._ids)
+        self.events.append(("a", gid, int(nbytes)))
+        return gid
+
+    def free(self, *gids: int | None) -> None:
+        self.events += [("f", g) for g in gids if g]
+
+    def weight_grad(self, nbytes: int) -> None:
+        self.keep_grad(self.alloc(nbytes))
+
+    def keep_grad(self, g: int) -> None:
+        """A parameter's gradient: kept as .grad on the first micro-batch, added in place on the others."""
+        if self.micro == 0:
+            self.grads.append(g)
+        else:
+            self.free(g)
+
+    def forward(self, tp: _Template, x: int, keep_saved: bool) -> tuple[int, dict[int, int]]:
+        ids = {tp.x: x}
+        for ev in tp.events:
+            if ev[0] == "a":
+                ids[ev[1]] = self.alloc(ev[2])
+            elif ev[0] == "f" and not (keep_saved and ev[1] in tp.saved):
+                self.free(ids.get(ev[1]))
+        return ids[tp.out], ids
+
+    def backward(self, tp: _Template, ids: dict[int, int], grad: int) -> int:
+        """The module's nodes in reverse: each tensor's gradient computed, then its saved tensors released and the
+        gradient it came from freed. Returns the input's gradient."""
+        for ev in reversed(tp.events):
+            if ev[0] == "g":
+                self.weight_grad(ev[1])
+            elif ev[0] == "a" and ev[1] != tp.out:
+                g = self.alloc(ev[2]) if ev[3] else None
+                if ev[1] in tp.saved:
+                    self.free(ids[ev[1]])
+                if g:
+                    self.free(grad)
+                    grad = g
+        g = self.alloc(tp.x_bytes)
+        self.free(grad)
+        if tp.x in tp.saved:
+            self.free(ids[tp.x])
+        return g
+
+
+def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[tuple] | None:
+    """The events of `steps` optimizer steps of the plan on one GPU, as `allocator.replay` reads them; None where
+    `supported` says the stream does not follow the plan."""
+    if supported(spec, plan):
+        return None
+    model = _Model(spec, act_mod.as_one_row(plan))
+    st = _Step(plan.grad_accum)
+    model.load(st)
+    for step in range(steps):
+        st.events.append(("s",))
+        for micro in range(min(plan.grad_accum, MICRO_BATCHES)):
+            st.micro = micro
+            model.micro_batch(st)
+        st.events.append(("p", "optimizer"))
+        _optimizer_step(st, model.plan, model.tensors, model.p_item, first=step == 0)
+        st.free(*st.grads)  # zero_grad(set_to_none=True)
+        st.grads = []
+        st.events.append(("p", None))
+    return st.events
+
+
+class _Model:
+    """What the stream needs of the model and plan: sizes, the layer templates, the loss."""
+
+    def __init__(self, spec: ModelSpec, plan: Plan) -> None:
+        self.spec, self.plan = spec, plan
+        self.num = num = act_mod.numerics(plan, spec)
+        self.tensors = states.parameter_tensors(spec, plan, act_mod.lora_targets(spec, plan))
+        self.p_item = states.trainable_itemsize(plan, num.weights, num.adapter)
+        self.full = plan.method == "full"
+        self.h, self.V, self.tok = spec.hidden_size, spec.vocab_size, plan.micro_batch * plan.seq_len
+        self.acts = act_mod.activations(spec, plan, "cuda")
+        ropes = spec.traits.rope_layers or (True,) * spec.num_layers
+        self.kinds = [(spec.group_of(i), t, r) for i, (t, r) in enumerate(zip(spec.traits.layer_types, ropes))]
+        self._templates: dict = {}
+        norm_spec = act_mod.layer_spec(spec, plan)
+        self.final_norm = _record(self.tok, self.p_item, T(self.tok * self.h, num.residual, True),
+                                  lambda tape, x: LayerReplay(tape, norm_spec, num).norm(x, patched=True))
+
+    def layer(self, i: int) -> _Template:
+        """Layer i's template, one per kind of layer (layer 0's input needs a gradient only with trainable
+        embeddings or checkpointing)."""
+        rg = True if i else self.full or self.plan.grad_ckpt
+        key = (self.kinds[i], rg)
+        if key not in self._templates:
+            group, layer_type, rope = self.kinds[i]
+            ls = act_mod.layer_spec(self.spec, self.plan, layer_type, rope, group)
+            self._templates[key] = _record(self.tok, self.p_item, T(self.tok * self.h, self.num.residual, rg),
+                                           lambda tape, x: LayerReplay(tape, ls, self.num).layer(x))
+        return self._templates[key]
+
+    def load(self, st: _Step) -> None:
+        """Parameters in module order (a quantized base: the embedding, the quantized linears, the rest), the
+        adapters, the fp32 master copies."""
+        t, w, V, h = self.tensors, self.num.weights, self.V, self.h
+        if t.frozen_quantized:
+            st.alloc(V * h * w)
+            for o, i in t.frozen_quantized:
+                st.alloc(states.quantized_bytes(self.plan.quantized_base, o, i))
+            st.alloc(max(0, t.frozen_plain - V * h) * w)
+        else:
+            for shape in states.parameter_shapes(self.spec):
+                st.alloc(math.prod(shape) * (self.p_item if self.full else w))
+            if self.spec.params_frozen:
+                st.alloc(self.spec.params_frozen * w)
+        if not self.full:
+            for shape in t.trainable_shapes:
+                st.alloc(math.prod(shape) * self.p_item)
+        for n in t.trainable if states.master_bytes(t, self.plan) else ():
+            st.alloc(4 * n)
+
+    def micro_batch(self, st: _Step) -> None:
+        """One forward and backward: the batch, the embedding, the decoder, the loss, then all of it in reverse."""
+        acts, tok, h, V = self.acts, self.tok, self.h, self.V
+        st.events.append(("p", "forward"))
+        batch = [st.alloc(8 * tok), st.alloc(8 * tok)]  # input ids, labels
+        shared = st.alloc(acts.shared) if acts.shared else None
+        x = st.alloc(tok * h * self.num.residual)  # the embedding's output
+        st.events.append(("w", "main"))
+        masks = st.alloc(acts.forward_masks) if acts.forward_masks else None
+        layers = []
+        for i in range(self.spec.num_layers):
+            x, ids, kept = self._layer_forward(st, i, x)
+            layers.append((ids, kept))
+        st.free(masks)
+        hidden, norm_ids = st.forward(self.final_norm, x, keep_saved=True)
+        if self.final_norm.x not in self.final_norm.saved:
+            st.free(x)
+        loss = _loss_forward(st, self.plan, acts, tok, V, self.num.compute)
+        st.events.append(("p", "backward"))
+        grad, w_grad = _loss_backward(st, self.plan, acts, loss, tok, V, h, self.num.compute, self.p_item, self.full)
+        tied = self.full and self.spec.tie_word_embeddings
+        pending = [w_grad] if tied and w_grad else []  # waits in the tied weight's input buffer
+        if w_grad and not tied:
+            st.keep_grad(w_grad)
+        st.free(hidden)
+        grad = st.backward(self.final_norm, norm_ids, grad)
+        for i in reversed(range(self.spec.num_layers)):
+            grad = self._layer_backward(st, i, *layers[i], grad)
+        st.free(grad)
+        if self.full:
+            emb = st.alloc(V * h * self.p_item)  # embedding_dense_backward
+            if pending:  # the tied weight's two gradients summed out of place
+                total = st.alloc(V * h * self.p_item)
+                st.free(emb, *pending)
+                st.keep_grad(total)
+            else:
+                st.keep_grad(emb)
+        st.free(shared, *batch)
+
+    def _layer_forward(self, st: _Step, i: int, x: int) -> tuple[int, dict, int | None]:
+        """(the output, the ids of what the layer made, the input when it is kept: checkpointing keeps each
+        layer's input, and a layer may save its own)."""
+        tp = self.layer(i)
+        out, ids = st.forward(tp, x, keep_saved=not self.plan.grad_ckpt)
+        if self.plan.grad_ckpt or tp.x in tp.saved:
+            return out, ids, x
+        st.free(x)
+        return out, ids, None
+
+    def _layer_backward(self, st: _Step, i: int, ids: dict, kept: int | None, grad: int) -> int:
+        tp = self.layer(i)
+        if self.plan.grad_ckpt:  # the layer's forward again, keeping what it saves
+            _, ids = st.forward(tp, kept, keep_saved=True)
+            st.free(ids[tp.out])
+        grad = st.backward(tp, ids, grad)
+        if self.plan.grad_ckpt and tp.x not in tp.saved:
+            st.free(kept)
+        return grad
+
+
+def _chunks(plan: Plan, tok: int) -> list[int]:
+    """Tokens per chunk of the loss: one chunk for the standard loss (memplan.runtime.loss for the chunked one)."""
+    n = act_mod.CHUNKED_LOSS_TOKENS if plan.loss == "chunked" else tok
+    return [min(n, tok - start) for start in range(0, tok, n)]
+
+
+def _logits(st: _Step, tokens: int, V: int, c: int, keep: bool) -> int | None:
+    """lm_head's logits, their fp32 copy (logits.float()), cross_entropy's log_softmax: the logits and the copy
+    freed once the log-softmax exists; it is returned when `keep` (saved for the backward), else freed too."""
+    logits = st.alloc(c * tokens * V)
+    upcast = st.alloc(4 * tokens * V) if c != 4 else None
+    log_probs = st.alloc(4 * tokens * V)
+    if not keep:
+        st.free(log_probs)
+    st.free(upcast, logits)
+    return log_probs if keep else None
+
+
+def _loss_forward(st: _Step, plan: Plan, acts, tok: int, V: int, c: int) -> dict:
+    """ForCausalLMLoss: the shifted int64 labels, then the logits and log-softmax (transformers loss_utils); the
+    chunked loss runs each chunk under checkpoint, which keeps none of them. The Liger loss: its forward peak as
+    one transient and what it saves."""
+    if plan.liger_loss:
+        st.free(st.alloc(acts.loss_forward_peak))
+        return {"saved": st.alloc(acts.loss_saved) if acts.loss_saved else None}
+    labels = st.alloc(8 * tok)
+    chunks = _chunks(plan, tok)
+    saved = [_logits(st, n, V, c, keep=len(chunks) == 1) for n in chunks]
+    return {"labels": labels, "saved": saved}
+
+
+def _loss_backward(st: _Step, plan: Plan, acts, loss: dict, tok: int, V: int, h: int, c: int, p_item: int,
+                   full: bool) -> tuple[int, int | None]:
+    """Per chunk, last first: the checkpointed chunk's logits again (chunked loss), nll_loss_backward and
+    _log_softmax_backward_data (fp32), the cast back to the logits' dtype, lm_head's weight gradient and grad_input
+    (slice_backward makes each chunk's a full (tokens, h) tensor), summed across the chunks in the nodes' input
+    buffers (out of place for the second, in place after). Returns the final hidden states' gradient and
+    lm_head's weight gradient (in the parameter's dtype; None for a frozen lm_head)."""
+    # ("w", "autograd"): the backward thread's first matmul, where it makes its cuBLAS workspaces (once)
+    if "labels" not in loss:
+        st.events.append(("w", "autograd"))
+        peak = st.alloc(acts.loss_backward_peak)
+        w_grad = st.alloc(V * h * p_item) if full else None
+        g_hidden = st.alloc(tok * h * c)
+        st.free(peak, loss["saved"])
+        return g_hidden, w_grad
+    sums: dict[str, list] = {"w": [], "h": []}
+    chunks = _chunks(plan, tok)
+    for n, log_probs in reversed(list(zip(chunks, loss["saved"]))):
+        if log_probs is None:
+            st.events.append(("w", "autograd"))
+            log_probs = _logits(st, n, V, c, keep=True)
+        g_nll = st.alloc(4 * n * V)
+        g_lsm = st.alloc(4 * n * V)
+        st.free(log_probs, g_nll)
+        if c != 4:
+            g_logits = st.alloc(c * n * V)
+            st.free(g_lsm)
+            g_lsm = g_logits
+        st.events.append(("w", "autograd"))
+        w = st.alloc(V * h * c) if full else None
+        g_hidden = st.alloc((tok if len(chunks) > 1 else n) * h * c)
+        st.free(g_lsm)
+        if w:
+            _accumulate(st, sums["w"], w, V * h * c)
+        _accumulate(st, sums["h"], g_hidden, tok * h * c)
+    st.free(loss["labels"])
+    w_grad = sums["w"][0] if sums["w"] else None
+    if w_grad and p_item != c:  # autocast's low-precision copy: its gradient cast to the weight's dtype
+        cast = st.alloc(V * h * p_item)
+        st.free(w_grad)
+        w_grad = cast
+    return sums["h"][0], w_grad
+
+
+def _accumulate(st: _Step, acc: list, g: int, nbytes: int) -> None:
+    """A node's input buffer summing gradients (torch/csrc/autograd/input_buffer.cpp): the first kept, the second
+    added out of place into a new tensor, the later ones in place."""
+    if not acc:
+        acc.append(g)
+        return
+    if len(acc) == 1:
+        total = st.alloc(nbytes)
+        st.free(acc[0], g)
+        acc[0] = total
+        acc.append(None)  # from now on, in place
+        return
+    st.free(g)
+
+
+def _optimizer_step(st: _Step, plan: Plan, tensors, p_item: int, first: bool) -> None:
+    """States at the first step, parameter by parameter; the step's temporaries as each implementation makes them
+    (states.optimizer_step_temporaries)."""
+    n_total = max(1, tensors.n_trainable)
+    opt_states = states.optimizer_state_bytes(tensors, plan, p_item)
+    per_state = 2 if plan.optimizer in ADAM_FAMILY else 1
+    if first:
+        for n in tensors.trainable:
+            for _ in range(per_state):
+                st.alloc(opt_states * n // n_total // per_state)
+    sb = states.state_itemsize(plan, p_item)
+    temps = []
+    if states.master_bytes(tensors, plan):
+        temps += [st.alloc(4 * n) for n in tensors.trainable]  # the fp32 gradients of the master step
+    if plan.optimizer == "adamw":
+        temps += [st.alloc(sb * n) for n in tensors.trainable]  # _foreach_sqrt(exp_avg_sqs)
+    elif plan.optimizer == "adamw-forloop":
+        for n in tensors.trainable:
+            st.free(st.alloc(sb * n), st.alloc(sb * n))
+    elif plan.optimizer == "adafactor":  # one parameter at a time: the largest one's
+        st.free(st.alloc(4 * max(tensors.trainable, default=0) * (2 + (2 if p_item < 4 else 0))))
+    st.free(*temps)
