@@ -27,7 +27,7 @@ from memplan.recommend.search import (
     Scorer,
     SearchResult,
     Workload,
-    choose,
+    choose_fitting,
     per_gpu_batch,
     search,
 )
@@ -494,7 +494,7 @@ def _search_methods(rec: Recommendation, methods: list[str], scorer: Scorer, mod
     for m in methods:
         rec.searches[m] = search(rec.spec, model_ref, m, rec.target, rec.workload, rec.request.priority, scorer,
                                  progress=progress)
-    rec.chosen = choose(methods, {m: rec.searches[m].fitting for m in methods})
+    rec.chosen = choose_fitting(methods, {m: rec.searches[m].fitting for m in methods}, rec.target)
     if rec.chosen is None:
         rec.suggestions = _suggest(rec, scorer, model_ref, methods)
         raise NoPlanFits(rec)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from memplan.catalog.spec import ModelSpec
 from memplan.errors import UserError
-from memplan.estimator import Estimate, estimate
+from memplan.estimator import Estimate, estimate, overhead
 from memplan.estimator.activations import attention_runs
 from memplan.estimator.search import largest
 from memplan.plan import Plan, build_plan
@@ -218,6 +218,19 @@ def choose(methods: Iterable[str], fitting: dict[str, list[Candidate]]) -> Candi
     return None
 
 
+def choose_fitting(methods: Iterable[str], fitting: dict[str, list[Candidate]], target: Target) -> Candidate | None:
+    """`choose`, the chosen plan's fit confirmed by its replayed reserved memory: a plan the search took on
+    overhead.RESERVE_BOUND that does not fit once replayed is marked so, dropped from `fitting` (the lists are
+    changed) and the choice made again."""
+    methods = list(methods)
+    while (chosen := choose(methods, fitting)) is not None:
+        if target.fits(chosen.estimate.total, chosen.estimate.host_bytes):
+            return chosen
+        chosen.fits = False
+        fitting[chosen.plan.method].remove(chosen)
+    return None
+
+
 # ------------------------------------------------------------------------------- scoring
 
 
@@ -225,6 +238,9 @@ def choose(methods: Iterable[str], fitting: dict[str, list[Candidate]]) -> Candi
 #: percent (throughput.HELD_OUT_ERROR), so a 0.1 % gain does not buy a moving part (ZeRO-1 for a LoRA plan's
 #: few states).
 SAME_TIME = 0.01
+#: A plan near the device's limit runs PyTorch's allocator with expandable segments where they lower its reserved
+#: memory by this much (well beyond the replay's error against traced steps, benchmarks/results/allocator-h100.md).
+EXPANDABLE_GAIN = 0.02
 
 
 def _prefer_simpler(fitting: list[Candidate], priority: str) -> None:
@@ -254,14 +270,36 @@ class Scorer:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        e = estimate(self.spec, plan, self.target.memory_bytes)
+        fits, e = self.decide(estimate(self.spec, plan, self.target.memory_bytes))
+        plan = e.plan
         seq_tokens = self.padded_length(plan.micro_batch, plan.seq_len) if self.padded_length else None
         step = throughput.step_time(self.spec, plan, self.target, e.params_trainable, seq_tokens)
-        fits = self.target.fits(e.total, e.host_bytes)
         cand = Candidate(plan=plan, estimate=e, step=step, steps=workload.steps(plan), fits=fits)
         self._cache[key] = cand
         self.scored += 1
         return cand
+
+    def decide(self, e: Estimate) -> tuple[bool, Estimate]:
+        """Whether the plan fits (Target.fits on its total), and its estimate with the allocator it should run.
+
+        The step's allocations are replayed only where the verdict depends on them: reserved is at least the
+        allocated peak, and a plan that fits with overhead.RESERVE_BOUND more than its allocated peak is taken as
+        fitting (`choose_fitting` replays the one the search picks). Near the limit both allocators are replayed:
+        expandable segments are chosen where the plan needs them to fit, or where they lower its reserved memory
+        by EXPANDABLE_GAIN or more."""
+        context = overhead.cuda_context_bytes(e.plan)
+        if not self.target.fits(e.peak_allocated + context, e.host_bytes):
+            return False, e
+        if self.target.fits(int(e.peak_allocated * (1 + overhead.RESERVE_BOUND)) + context, e.host_bytes):
+            return True, e
+        fits = self.target.fits(e.total, e.host_bytes)
+        if e.replayed is None or e.plan.allocator != "default":
+            return fits, e
+        alt = estimate(self.spec, e.plan.model_copy(update={"allocator": "expandable"}), self.target.memory_bytes)
+        alt_fits = self.target.fits(alt.total, alt.host_bytes)
+        if (alt_fits and not fits) or alt.reserved <= e.reserved * (1 - EXPANDABLE_GAIN):
+            return alt_fits, alt
+        return fits, e
 
 
 def largest_micro_batch(plan: Plan, workload: Workload, scorer: Scorer) -> tuple[Candidate | None, Candidate, int]:
@@ -301,6 +339,6 @@ def search(spec: ModelSpec, model_ref: str, method: str, target: Target, workloa
         (fitting if best else not_fitting).append(best or smallest)
     fitting.sort(key=lambda c: c.key(priority))
     _prefer_simpler(fitting, priority)
-    not_fitting.sort(key=lambda c: c.total)
+    not_fitting.sort(key=lambda c: c.estimate.peak_allocated)
     return SearchResult(method=method, fitting=fitting, not_fitting=not_fitting, scored=scorer.scored - before,
                         considered=considered, limit=target.usable_bytes)

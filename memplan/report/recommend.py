@@ -53,7 +53,7 @@ def plan_line(rec: Recommendation) -> str:
     return (f"{rec.chosen.family()} on {p.world_size} {'process' if p.device == 'cpu' else 'GPU'}(s): "
             f"micro-batch {p.micro_batch} x {p.seq_len} tokens, grad-accum {p.grad_accum} (effective batch "
             f"{p.effective_batch}), checkpointing {'on' if p.grad_ckpt else 'off'}, {p.optimizer}, attn {p.attn}, "
-            f"loss {p.loss}")
+            f"loss {p.loss}" + (", expandable segments (PYTORCH_CUDA_ALLOC_CONF)" if p.allocator != "default" else ""))
 
 
 def verdict(rec: Recommendation) -> str:
