@@ -27,6 +27,7 @@ CASES = [
     ("llama-3-70b", "full", "h100-80gb", 8, 2, 4096, 256),
     ("mixtral-8x7b", "qlora", "a100-80gb", 2, 1, 2048, 32),
     ("qwen2.5-0.5b", "full", "l4-24gb", 1, 1, 1024, 16),
+    ("qwen3-8b", "lora", "rtx4090-24gb", 1, 1, 2048, 32),  # one GPU, many plans near its limit
 ]
 CLI = [sys.executable, "-m", "memplan", "recommend", "--model", "llama-2-7b", "--gpu", "a100-80gb", "--gpus", "4",
        "--dataset-size", "50000", "--domain-shift", "high", "--json"]
@@ -35,6 +36,7 @@ CLI = [sys.executable, "-m", "memplan", "recommend", "--model", "llama-2-7b", "-
 def one_search(model: str, method: str, gpu: str, gpus: int, nodes: int, seq: int,
                batch: int) -> tuple[int, int, float, str]:
     from memplan.catalog.resolve import resolve_model
+    from memplan.estimator.phases import clear_replays
     from memplan.recommend.hardware import resolve_target
     from memplan.recommend.search import Scorer, Workload, search
 
@@ -42,6 +44,7 @@ def one_search(model: str, method: str, gpu: str, gpus: int, nodes: int, seq: in
     target = resolve_target(gpu, None, gpus, nodes, 0.10)
     work = Workload(seq_len=seq, effective_batch=batch, examples_per_epoch=50_000, epochs=3)
     scorer = Scorer(spec, target)
+    clear_replays()
     t0 = time.perf_counter()
     r = search(spec, model, method, target, work, "quality", scorer)
     elapsed = time.perf_counter() - t0

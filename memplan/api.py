@@ -49,6 +49,7 @@ class PlanEstimate:
     breakdown: dict[str, int]  # term -> bytes at the peak phase (memplan.estimator.phases.TERMS)
     peak_allocated_bytes: int  # what torch.cuda.max_memory_allocated would report
     reserved_bytes: int  # with the caching allocator's reserve
+    reserved_basis: str  # "replayed" (the step's allocations through the allocator model), else why the ratio
     total_bytes: int  # with the CUDA context: what the GPU must hold
     host_peak_bytes: int  # host RAM per node at its peak phase
     host_peak_phase: str
@@ -70,6 +71,7 @@ class PlanEstimate:
                    params_trainable=r["params_trainable"], peak_phase=r["peak_phase"],
                    phase_peaks=dict(r["phase_peaks"]), breakdown=dict(r["breakdown"]),
                    peak_allocated_bytes=r["peak_allocated_bytes"], reserved_bytes=r["reserved_bytes"],
+                   reserved_basis=r["reserved_basis"],
                    total_bytes=r["total_bytes"], host_peak_bytes=r["host_peak_bytes"],
                    host_peak_phase=r["host_peak_phase"], gpu_memory_bytes=r["gpu_memory_bytes"], fits=r["fits"],
                    verdict=(r.get("fit") or {}).get("verdict", ""), limits=limits, _json=out)

@@ -29,6 +29,7 @@ def test_estimate_equals_the_command(run_cli):
     assert (e.fits, e.total_bytes, e.reserved_bytes, e.peak_allocated_bytes) == \
         (True, r["total_bytes"], r["reserved_bytes"], r["peak_allocated_bytes"])
     assert e.breakdown == r["breakdown"] and e.phase_peaks == r["phase_peaks"]
+    assert e.reserved_basis == r["reserved_basis"] == "replayed"
     assert e.limits == {"max_batch": out["max_batch"]} and e.limits["max_batch"] > 4
     assert e.plan.lora.rank == 8 and e.plan.micro_batch == 4 and e.params_total == out["model"]["params_total"]
 

@@ -76,10 +76,6 @@ class _Block:
     next: _Block | None = None
     expandable: bool = False
 
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.size, self.addr)
-
 
 @dataclass
 class _Pool:
@@ -89,11 +85,12 @@ class _Pool:
     tail: _Block | None = None  # expandable: the unmapped rest of the pool's segment
 
     def insert(self, b: _Block) -> None:
-        bisect.insort(self.free, b.key)
-        self.by_key[b.key] = b
+        key = (b.size, b.addr)
+        bisect.insort(self.free, key)
+        self.by_key[key] = b
 
     def remove(self, b: _Block) -> None:
-        key = b.key
+        key = (b.size, b.addr)
         del self.free[bisect.bisect_left(self.free, key)]
         del self.by_key[key]
 
@@ -133,7 +130,8 @@ class CachingAllocator:
         block = self._split(pool, block, size)
         block.allocated = True
         self.allocated += block.size
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
         handle = next(self._handles)
         self._blocks[handle] = block
         return handle
@@ -143,8 +141,13 @@ class CachingAllocator:
         block.allocated = False
         self.allocated -= block.size
         pool = self.pools[block.small]
-        for neighbour in (block.prev, block.next):
-            self._merge(pool, block, neighbour)
+        prev, nxt = block.prev, block.next  # merge with free neighbours (the hot path of a replay)
+        if prev is not None and not prev.allocated and prev.mapped:
+            pool.remove(prev)
+            self._join(block, prev)
+        if nxt is not None and not nxt.allocated and nxt.mapped:
+            pool.remove(nxt)
+            self._join(block, nxt)
         pool.insert(block)
 
     def release_cache(self) -> None:
@@ -170,6 +173,8 @@ class CachingAllocator:
         i = bisect.bisect_left(pool.free, (size, 0))
         if i == len(pool.free):
             return None
+        if not self.expandable:
+            return pool.by_key.pop(pool.free.pop(i))
         if self.expandable:
             def growable(k: int) -> int:
                 b = pool.by_key[pool.free[k]]
@@ -263,12 +268,6 @@ class CachingAllocator:
         block.size = remaining
         pool.insert(block)
         return front
-
-    def _merge(self, pool: _Pool, block: _Block, other: _Block | None) -> None:
-        if other is None or other.allocated or not other.mapped:
-            return
-        pool.remove(other)
-        self._join(block, other)
 
     @staticmethod
     def _join(block: _Block, other: _Block) -> None:

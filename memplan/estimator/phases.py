@@ -54,8 +54,7 @@ class Estimate:
     def replayed(self) -> allocator.Replay | None:
         """The step's allocations (memplan.estimator.stream) served by the plan's caching allocator; None where the
         stream does not follow the plan (`reserved_basis` says why)."""
-        events = stream.allocation_stream(self.spec, self.plan)
-        return allocator.replay(events, self.plan.allocator) if events else None
+        return _replayed(self.spec, self.plan)
 
     @property
     def reserved_basis(self) -> str:
@@ -104,6 +103,33 @@ class Estimate:
             "disk": self.disk,
             "gpu_memory_bytes": self.gpu_memory,
         }
+
+
+def _replayed(spec: ModelSpec, plan: Plan) -> allocator.Replay | None:
+    """Replays by plan, for the process: a search and its report ask for the same plans again. The stream is
+    the same for both allocators; the last few are kept."""
+    key = (spec, plan.model_dump_json())
+    if key not in _REPLAYS:
+        events_key = (spec, plan.model_copy(update={"allocator": "default"}).model_dump_json())
+        if events_key not in _STREAMS:
+            _STREAMS[events_key] = stream.allocation_stream(spec, plan)
+            while len(_STREAMS) > 4:  # tens of thousands of events each
+                del _STREAMS[next(iter(_STREAMS))]
+        events = _STREAMS[events_key]
+        _REPLAYS[key] = allocator.replay(events, plan.allocator) if events else None
+        while len(_REPLAYS) > 1024:
+            del _REPLAYS[next(iter(_REPLAYS))]
+    return _REPLAYS[key]
+
+
+_REPLAYS: dict[tuple, allocator.Replay | None] = {}
+_STREAMS: dict[tuple, list | None] = {}
+
+
+def clear_replays() -> None:
+    """Forget the kept replays (a benchmark timing searches from cold)."""
+    _REPLAYS.clear()
+    _STREAMS.clear()
 
 
 def _terms(**kw: int) -> dict[str, int]:

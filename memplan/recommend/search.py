@@ -295,6 +295,8 @@ class Scorer:
         fits = self.target.fits(e.total, e.host_bytes)
         if e.replayed is None or e.plan.allocator != "default":
             return fits, e
+        if fits and e.reserved <= e.peak_allocated * (1 + EXPANDABLE_GAIN):
+            return fits, e  # too little cached beyond the tensors for expandable segments to save EXPANDABLE_GAIN
         alt = estimate(self.spec, e.plan.model_copy(update={"allocator": "expandable"}), self.target.memory_bytes)
         alt_fits = self.target.fits(alt.total, alt.host_bytes)
         if (alt_fits and not fits) or alt.reserved <= e.reserved * (1 - EXPANDABLE_GAIN):
