@@ -13,12 +13,13 @@ against each. The stream has no fitted constant: every plan here is held out.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from allocator_check import _err, _summary  # noqa: E402  (this folder: the same error and summary)
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -62,10 +63,6 @@ def check(preset: str, fields: dict) -> dict:
     return out
 
 
-def _err(predicted: float, measured: float) -> float:
-    return 100 * (predicted - measured) / measured
-
-
 def table(results: list[dict]) -> str:
     lines = ["# The estimate's reserved memory vs traced steps (no GPU measurement)", "",
              "Each plan's two optimizer steps traced at full size with CUDA's kernel memory and replayed through "
@@ -87,9 +84,7 @@ def table(results: list[dict]) -> str:
                      f"{d['estimate_allocated'] / GiB:.2f} | {d['traced_reserved'] / GiB:.2f} | "
                      f"{d['estimate_reserved'] / GiB:.2f} | {e:+.2f} | {x['traced_reserved'] / GiB:.2f} | "
                      f"{x['estimate_reserved'] / GiB:.2f} | {ex:+.2f} |")
-    for what, values in (("Default allocator", errs), ("Expandable segments", exp_errs)):
-        lines += ["", f"{what}: median error {statistics.median(values):+.2f} %, range {min(values):+.2f} ... "
-                      f"{max(values):+.2f} %, within ±3 % on {sum(abs(v) <= 3 for v in values)} of {len(values)}."]
+    lines += ["", _summary("Default allocator", errs), "", _summary("Expandable segments", exp_errs)]
     return "\n".join(lines) + "\n"
 
 
