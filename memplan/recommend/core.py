@@ -495,6 +495,10 @@ def _search_methods(rec: Recommendation, methods: list[str], scorer: Scorer, mod
         rec.searches[m] = search(rec.spec, model_ref, m, rec.target, rec.workload, rec.request.priority, scorer,
                                  progress=progress)
     rec.chosen = choose_fitting(methods, {m: rec.searches[m].fitting for m in methods}, rec.target)
+    if rec.chosen is not None:  # the plan written runs expandable segments where they save memory
+        fitting = rec.searches[rec.chosen.plan.method].fitting
+        lowered = scorer.lower_reserve(rec.chosen)
+        fitting[fitting.index(rec.chosen)] = rec.chosen = lowered
     if rec.chosen is None:
         rec.suggestions = _suggest(rec, scorer, model_ref, methods)
         raise NoPlanFits(rec)

@@ -9,6 +9,7 @@ estimates instead of one per micro-batch.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterable
@@ -238,8 +239,8 @@ def choose_fitting(methods: Iterable[str], fitting: dict[str, list[Candidate]], 
 #: percent (throughput.HELD_OUT_ERROR), so a 0.1 % gain does not buy a moving part (ZeRO-1 for a LoRA plan's
 #: few states).
 SAME_TIME = 0.01
-#: A plan near the device's limit runs PyTorch's allocator with expandable segments where they lower its reserved
-#: memory by this much (well beyond the replay's error against traced steps, benchmarks/results/allocator-h100.md).
+#: The recommended plan runs PyTorch's allocator with expandable segments where, replayed, they lower its reserved
+#: memory by at least this much (Scorer.lower_reserve); any plan runs them where only they let it fit.
 EXPANDABLE_GAIN = 0.02
 
 
@@ -284,24 +285,34 @@ class Scorer:
 
         The step's allocations are replayed only where the verdict depends on them: reserved is at least the
         allocated peak, and a plan that fits with overhead.RESERVE_BOUND more than its allocated peak is taken as
-        fitting (`choose_fitting` replays the one the search picks). Near the limit both allocators are replayed:
-        expandable segments are chosen where the plan needs them to fit, or where they lower its reserved memory
-        by EXPANDABLE_GAIN or more."""
+        fitting (`choose_fitting` replays the one the search picks). A plan that does not fit with the default
+        allocator is replayed with expandable segments, which it runs if they let it fit."""
         context = overhead.cuda_context_bytes(e.plan)
         if not self.target.fits(e.peak_allocated + context, e.host_bytes):
             return False, e
         if self.target.fits(int(e.peak_allocated * (1 + overhead.RESERVE_BOUND)) + context, e.host_bytes):
             return True, e
-        fits = self.target.fits(e.total, e.host_bytes)
+        if self.target.fits(e.total, e.host_bytes):
+            return True, e
         if e.replayed is None or e.plan.allocator != "default":
-            return fits, e
-        if fits and e.reserved <= e.peak_allocated * (1 + EXPANDABLE_GAIN):
-            return fits, e  # too little cached beyond the tensors for expandable segments to save EXPANDABLE_GAIN
+            return False, e
         alt = estimate(self.spec, e.plan.model_copy(update={"allocator": "expandable"}), self.target.memory_bytes)
-        alt_fits = self.target.fits(alt.total, alt.host_bytes)
-        if (alt_fits and not fits) or alt.reserved <= e.reserved * (1 - EXPANDABLE_GAIN):
-            return alt_fits, alt
-        return fits, e
+        if self.target.fits(alt.total, alt.host_bytes):
+            return True, alt
+        return False, e
+
+    def lower_reserve(self, c: Candidate) -> Candidate:
+        """The candidate with expandable segments where they lower its reserved memory by EXPANDABLE_GAIN or more
+        (replayed; the plan recommend writes), else itself."""
+        e = c.estimate
+        if e.plan.allocator != "default" or e.replayed is None:
+            return c
+        if e.reserved <= e.peak_allocated * (1 + EXPANDABLE_GAIN):  # too little cached beyond the tensors to save
+            return c
+        alt = estimate(self.spec, e.plan.model_copy(update={"allocator": "expandable"}), self.target.memory_bytes)
+        if alt.reserved > e.reserved * (1 - EXPANDABLE_GAIN):
+            return c
+        return dataclasses.replace(c, plan=alt.plan, estimate=alt)
 
 
 def largest_micro_batch(plan: Plan, workload: Workload, scorer: Scorer) -> tuple[Candidate | None, Candidate, int]:
