@@ -203,9 +203,13 @@ def main() -> None:
         if args.jsonl:
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps(r) + "\n")
-    out = Path(args.out)
+    write_table(Path(args.out), table(results))
+
+
+def write_table(out: Path, text: str) -> None:
+    """Written whole or not at all: a temporary file beside it, then renamed."""
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(table(results))
+    tmp.write_text(text)
     tmp.replace(out)
     print(f"wrote {out}")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allocator_check import _err, _summary  # noqa: E402  (this folder: the same error and summary)
+from allocator_check import _err, _summary, write_table  # noqa: E402  (this folder: the same helpers)
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -101,11 +101,7 @@ def main() -> None:
         d = results[-1]["default"]
         print(preset, fields, f"traced {d['traced_reserved'] / GiB:.2f} GiB, estimate "
               f"{d['estimate_reserved'] / GiB:.2f} GiB ({results[-1]['seconds']} s)", flush=True)
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(table(results))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_table(Path(args.out), table(results))
 
 
 if __name__ == "__main__":
