@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from memplan.catalog.gpus import COMMON_SIZES_GIB
 from memplan.catalog.spec import ModelSpec
 from memplan.errors import UserError
-from memplan.estimator import Estimate, estimate, overhead
+from memplan.estimator import Estimate, estimate
 from memplan.estimator.activations import attention_runs
 from memplan.estimator.search import largest
 from memplan.plan import Plan, build_plan
@@ -185,10 +185,8 @@ def limits(spec: ModelSpec, plan: Plan, target: Target | None, max_batch: bool, 
     def largest_of(name: str, hi: int) -> int:
         def fits(n: int) -> bool:
             e = estimate(spec, plan.model_copy(update={name: n}))
-            # reserved is at least the allocated peak: no allocator replay for a size whose allocated peak is over
-            if not target.fits(e.peak_allocated + overhead.cuda_context_bytes(e.plan), e.host_bytes):
-                return False
-            return target.fits(e.total, e.host_bytes)
+            # least_total first: a size whose allocated peak does not fit needs no allocator replay
+            return target.fits(e.least_total, e.host_bytes) and target.fits(e.total, e.host_bytes)
 
         return largest(fits, range(1, hi + 1)) or 0
 

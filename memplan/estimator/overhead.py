@@ -40,13 +40,6 @@ def workspace_bytes(kernels: str) -> int:
     return CUBLAS_WORKSPACE_BYTES if kernels == "cuda" else 0
 
 
-# The search (memplan.recommend.search.Scorer) takes a plan whose allocated peak fits with this much more as fitting
-# without replaying its allocations: above the largest reserve measured on the H100 (+24.5 %, gpt2 with
-# checkpointing and eager attention) and the largest replayed for every preset under eight kinds of plan (+44.8 %,
-# gpt2 QLoRA: small models, whose loss tensors dwarf the rest). The plan it recommends is replayed and checked.
-RESERVE_BOUND = 0.50
-
-
 def reserved_bytes(peak_allocated: int) -> int:
     """torch.cuda.max_memory_reserved(): the allocated peak plus the allocator's fragmentation."""
     return int(peak_allocated * (1 + ALLOCATOR_FRAGMENTATION))

@@ -59,9 +59,15 @@ class Estimate:
     @property
     def reserved_basis(self) -> str:
         """How `reserved` was found: "replayed" (the caching allocator model), else why the measured ratio."""
+        why = stream.supported(self.spec, self.plan)
         if self.plan.device == "cpu":
-            return "no caching allocator on the CPU"
-        return "replayed" if self.replayed else f"measured ratio ({stream.supported(self.spec, self.plan)})"
+            return why
+        return "replayed" if self.replayed else f"measured ratio ({why})"
+
+    @property
+    def least_total(self) -> int:
+        """The least `total` can be, without replaying anything: reserved is never below the allocated peak."""
+        return self.peak_allocated + overhead.cuda_context_bytes(self.plan)
 
     @property
     def reserved(self) -> int:

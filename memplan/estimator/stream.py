@@ -42,7 +42,9 @@ STEPS = 2
 # Micro-batches replayed per step: the first creates the gradients, the second adds to them as every later one
 # does (the same allocations in the same order, served from the same cache)
 MICRO_BATCHES = 2
-ADAM_FAMILY = ("adamw", "adamw-fused", "adamw-forloop", "adamw-8bit")
+# Optimizers keeping two state tensors per parameter (exp_avg, exp_avg_sq); the others one (SGD's momentum;
+# Adafactor's factored row and column statistics, counted as one)
+TWO_STATES = ("adamw", "adamw-fused", "adamw-forloop", "adamw-8bit", "paged-adamw-8bit")
 
 
 def supported(spec: ModelSpec, plan: Plan) -> str | None:
@@ -101,10 +103,9 @@ def _record(tokens: int, grad_itemsize: int, x: T, run) -> _Template:
 class _Step:
     """Builds the event stream for `allocator.replay`."""
 
-    def __init__(self, accum: int) -> None:
+    def __init__(self) -> None:
         self.events: list[tuple] = []
         self._ids = itertools.count(1)
-        self.accum = accum
         self.micro = 0
         self.grads: list[int] = []
 
@@ -161,7 +162,7 @@ def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[t
     if supported(spec, plan):
         return None
     model = _Model(spec, act_mod.as_one_row(plan))
-    st = _Step(plan.grad_accum)
+    st = _Step()
     model.load(st)
     for step in range(steps):
         st.events.append(("s",))
@@ -377,15 +378,14 @@ def _accumulate(st: _Step, acc: list, g: int, nbytes: int) -> None:
 
 
 def _optimizer_step(st: _Step, plan: Plan, tensors, p_item: int, first: bool) -> None:
-    """States at the first step, parameter by parameter; the step's temporaries as each implementation makes them
-    (states.optimizer_step_temporaries)."""
-    n_total = max(1, tensors.n_trainable)
-    opt_states = states.optimizer_state_bytes(tensors, plan, p_item)
-    per_state = 2 if plan.optimizer in ADAM_FAMILY else 1
+    """States at the first step, parameter by parameter (states.optimizer_state_bytes of each); the step's
+    temporaries as each implementation makes them (states.optimizer_step_temporaries)."""
+    per_state = 2 if plan.optimizer in TWO_STATES else 1
     if first:
-        for n in tensors.trainable:
+        for shape in tensors.trainable_shapes:
+            nbytes = states.optimizer_state_bytes(states.Tensors((shape,), (), 0), plan, p_item)
             for _ in range(per_state):
-                st.alloc(opt_states * n // n_total // per_state)
+                st.alloc(nbytes // per_state)
     sb = states.state_itemsize(plan, p_item)
     temps = []
     if states.master_bytes(tensors, plan):
@@ -395,6 +395,7 @@ def _optimizer_step(st: _Step, plan: Plan, tensors, p_item: int, first: bool) ->
     elif plan.optimizer == "adamw-forloop":
         for n in tensors.trainable:
             st.free(st.alloc(sb * n), st.alloc(sb * n))
-    elif plan.optimizer == "adafactor":  # one parameter at a time: the largest one's
-        st.free(st.alloc(4 * max(tensors.trainable, default=0) * (2 + (2 if p_item < 4 else 0))))
+    elif plan.optimizer == "adafactor":  # one parameter at a time: grad**2 + eps, the factored estimate, and for
+        for n in tensors.trainable:     # 16-bit parameters grad.float() and p.float(), all fp32
+            st.free(*[st.alloc(4 * n) for _ in range(2 + (2 if p_item < 4 else 0))])
     st.free(*temps)
