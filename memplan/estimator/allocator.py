@@ -29,7 +29,6 @@ split); `reserved` counts segments (mapped pages) as `reserved_bytes`. Pure Pyth
 from __future__ import annotations
 
 import bisect
-import itertools
 from dataclasses import dataclass, field
 
 MIN_BLOCK = 512  # kMinBlockSize
@@ -77,28 +76,31 @@ class _Block:
     expandable: bool = False
 
 
+_KEY = 64  # a free block's key: size << _KEY | addr, ordered as (size, addr) (addresses stay below 2**64)
+
+
 @dataclass
 class _Pool:
     small: bool
-    free: list[tuple[int, int]] = field(default_factory=list)  # sorted (size, addr) of cached free blocks
-    by_key: dict[tuple[int, int], _Block] = field(default_factory=dict)
+    free: list[int] = field(default_factory=list)  # sorted keys of the cached free blocks
+    by_key: dict[int, _Block] = field(default_factory=dict)
     tail: _Block | None = None  # expandable: the unmapped rest of the pool's segment
 
     def insert(self, b: _Block) -> None:
-        key = (b.size, b.addr)
+        key = b.size << _KEY | b.addr
         bisect.insort(self.free, key)
         self.by_key[key] = b
 
     def remove(self, b: _Block) -> None:
-        key = (b.size, b.addr)
+        key = b.size << _KEY | b.addr
         del self.free[bisect.bisect_left(self.free, key)]
         del self.by_key[key]
 
 
 class CachingAllocator:
-    """One device's caching allocator. `malloc(nbytes)` returns a handle for `free(handle)`; `capacity` (bytes
-    the allocator may reserve) makes a request that cannot be served raise OutOfMemory after the cache is
-    released, as torch's allocator does before it reports out of memory."""
+    """One device's caching allocator. `malloc(nbytes)` returns a handle (the block) for `free(handle)`, once;
+    `capacity` (bytes the allocator may reserve) makes a request that cannot be served raise OutOfMemory after the
+    cache is released, as torch's allocator does before it reports out of memory."""
 
     def __init__(self, allocator: str = "default", capacity: int | None = None) -> None:
         if allocator not in ALLOCATORS:
@@ -110,16 +112,19 @@ class CachingAllocator:
         self.reserved = 0
         self.peak_allocated = 0
         self.peak_reserved = 0
-        self._blocks: dict[int, _Block] = {}
-        self._handles = itertools.count(1)
         self._next_addr = 1 << 40  # where the next segment's (or expandable pool's) addresses begin
 
     # ---------------------------------------------------------------- the public interface
 
-    def malloc(self, nbytes: int) -> int:
-        size = round_size(nbytes)
+    def malloc(self, nbytes: int) -> _Block:
+        size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK if nbytes > MIN_BLOCK else MIN_BLOCK  # round_size, inlined
         pool = self.pools[size <= SMALL_SIZE]
-        block = self._free_block(pool, size)
+        if self.expandable:
+            block = self._free_block(pool, size)
+        else:  # get_free_block's best fit, inlined: the hot path of a replay
+            free = pool.free
+            i = bisect.bisect_left(free, size << _KEY)
+            block = pool.by_key.pop(free.pop(i)) if i < len(free) else None
         if block is None:
             block = self._new_memory(pool, size)
         if block is None:
@@ -132,12 +137,11 @@ class CachingAllocator:
         self.allocated += block.size
         if self.allocated > self.peak_allocated:
             self.peak_allocated = self.allocated
-        handle = next(self._handles)
-        self._blocks[handle] = block
-        return handle
+        return block
 
-    def free(self, handle: int) -> None:
-        block = self._blocks.pop(handle)
+    def free(self, block: _Block) -> None:
+        if not block.allocated:
+            raise ValueError("the block was freed already")
         block.allocated = False
         self.allocated -= block.size
         pool = self.pools[block.small]
@@ -170,17 +174,17 @@ class CachingAllocator:
         """`get_free_block`: the smallest cached block of at least `size` (lowest address on ties). In an
         expandable pool, blocks are compared by the size they can grow to (the free block before the unmapped
         tail can grow into it), so later blocks of equal size that cannot grow are preferred."""
-        i = bisect.bisect_left(pool.free, (size, 0))
+        i = bisect.bisect_left(pool.free, size << _KEY)
         if i == len(pool.free):
             return None
         if not self.expandable:
             return pool.by_key.pop(pool.free.pop(i))
-        if self.expandable:
-            def growable(k: int) -> int:
-                b = pool.by_key[pool.free[k]]
-                return b.size + (b.next.size if b.next is not None and not b.next.mapped else 0)
-            while i + 1 < len(pool.free) and growable(i + 1) < growable(i):
-                i += 1
+
+        def growable(k: int) -> int:
+            b = pool.by_key[pool.free[k]]
+            return b.size + (b.next.size if b.next is not None and not b.next.mapped else 0)
+        while i + 1 < len(pool.free) and growable(i + 1) < growable(i):
+            i += 1
         block = pool.by_key[pool.free[i]]
         pool.remove(block)
         return block
@@ -301,20 +305,21 @@ def replay(events, allocator: str = "default", capacity: int | None = None,
     that thread's cuBLAS `workspaces` are allocated and kept; a stream without those markers (a CPU-kernel trace)
     gets the main thread's at the first forward."""
     alloc = CachingAllocator(allocator, capacity)
-    handles: dict[int, int] = {}
+    handles: dict[int, _Block] = {}
     steps: list[int] = []
     started = False
     threads: set[str] = set()
     marked = any(ev[0] == "w" for ev in events)
+    malloc, free, pop = alloc.malloc, alloc.free, handles.pop
     try:
         for ev in events:
             kind = ev[0]
             if kind == "a":
-                handles[ev[1]] = alloc.malloc(ev[2])
+                handles[ev[1]] = malloc(ev[2])
             elif kind == "f":
-                handle = handles.pop(ev[1], None)
+                handle = pop(ev[1], None)
                 if handle is not None:
-                    alloc.free(handle)
+                    free(handle)
             elif kind == "s":
                 if started:  # the step before this one ended
                     steps.append(alloc.peak_reserved)
