@@ -287,7 +287,8 @@ class Plan(_Strict):
     allocator: Allocator = Field(
         "default", description="PyTorch's CUDA caching allocator: its usual segments, or expandable segments "
                                "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), which grow one segment instead "
-                               "of caching many and so leave less memory reserved but unused.")
+                               "of caching many: usually less memory reserved but unused, sometimes more (the "
+                               "estimate replays both).")
     hparams: Hyperparameters = Field(default_factory=Hyperparameters)
     data: DataSettings = Field(default_factory=DataSettings)
     output_dir: str | None = Field(None, description="where train writes checkpoints, metrics and the final model "

@@ -70,6 +70,13 @@ class Tape:
         for t in tensors:
             self.saved.setdefault(t.uid, t.nbytes)
 
+    def cache(self, t: T) -> None:
+        """autocast's cast of a trainable leaf (a weight): held in autocast's cache until the autocast region exits
+        (aten/src/ATen/autocast_mode.cpp `cached_cast`), whatever autograd saves. Counted by the estimate as
+        `Activations.forward_extra`; the allocation stream frees it when the forward ends."""
+        if _recorder is not None:
+            _recorder.cached(t)
+
     def keep_as_attribute(self, t: T) -> None:
         """ctx.A = A in a custom Function's forward: saved for the backward, bypassing saved-tensor hooks."""
         self.save(t)
@@ -86,8 +93,11 @@ class Tape:
         if w_trainable:
             self.save(x)
             if _recorder is not None:
-                _recorder.weight_used(x.numel, out_numel)
-        return T(out_numel, out_itemsize or x.itemsize, x.rg or w_trainable)
+                _recorder.weight_used(x.numel, out_numel, x.itemsize)
+        out = T(out_numel, out_itemsize or x.itemsize, x.rg or w_trainable)
+        if _recorder is not None:
+            _recorder.matmul()
+        return out
 
     def mul(self, a: T, b: T, out_itemsize: int | None = None, out_numel: int | None = None) -> T:
         """a * b (or a matmul of a and b): each factor is saved for the other's gradient.

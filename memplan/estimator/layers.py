@@ -88,6 +88,7 @@ class LayerSpec:
 class LayerReplay:
     def __init__(self, tape: Tape, spec: LayerSpec, num: Numerics):
         self.t, self.L, self.n = tape, spec, num
+        self.attn_weights: T | None = None  # eager attention's probabilities, held to the end of the layer
 
     # ------------------------------------------------------------ building blocks
     def tokens(self) -> int:
@@ -132,6 +133,7 @@ class LayerReplay:
         t.unary_saving_input(xf)  # pow(2)
         rs = t.unary_saving_output(T(rows, 4, xf.rg))  # rsqrt(mean + eps)
         normed = t.mul(xf, rs)  # saves xf and rs
+        del xf, rs  # `hidden_states = hidden_states * torch.rsqrt(...)`: the fp32 copy is dropped unless saved
         if self.L.norm == "rms_fp32_weight":
             # GptOssRMSNorm: (self.weight * hidden_states).to(input_dtype): the product is fp32 (the fp32
             # hidden states, or the fp32 weight of _keep_in_fp32_modules), saved when w is trainable
@@ -145,22 +147,27 @@ class LayerReplay:
             # Olmo2RMSNorm: (self.weight * hidden_states).to(input_dtype): the weight scales the fp32 values
             # (saved when it is trainable), the product is fp32 (type promotion), then cast back.
             return t.cast(t.scale_by_param(normed, trainable), x.itemsize)
-        normed = t.cast(normed, x.itemsize)  # .to(input_dtype)
-        # weight * x (under autocast an fp32 weight promotes a q/k norm's 16-bit output to fp32: the rotary
-        # that follows is fp32 either way)
-        return t.scale_by_param(normed, trainable)
+        # weight * x.to(input_dtype) (under autocast an fp32 weight promotes a q/k norm's 16-bit output to fp32:
+        # the rotary that follows is fp32 either way); the cast is a temporary, the fp32 values go with the frame
+        return t.scale_by_param(t.cast(normed, x.itemsize), trainable)
 
     def proj(self, x: T, out_features: int, role: str) -> T:
         """A Linear as peft wraps it: frozen or trainable base, plus a LoRA path when targeted."""
         t, n = self.t, self.n
         name = self.L.names[role]
-        xin = t.cast(x, n.compute) if n.autocast else x
         out_numel = self.tokens() * out_features
         d_in = x.numel // self.tokens()
-        if n.autocast and x.rg and n.weights != n.compute and not (self.L.int8_base or self.L.nf4_base):
-            # autocast's low-precision copy of the weight, saved for grad_input (and cached while
-            # autocast is on when the weight is a trainable leaf)
-            t.save(T(d_in * out_features, n.compute, False))
+        w_copy = None
+        if n.autocast and n.weights != n.compute and not (self.L.int8_base or self.L.nf4_base):
+            # autocast's low-precision copy of the weight, made before the input's (the cast arguments are
+            # evaluated right to left), saved for grad_input (and cached while autocast is on when the weight is a
+            # trainable leaf)
+            w_copy = T(d_in * out_features, n.compute, False)
+            if self.L.full_ft:
+                t.cache(w_copy)
+            if x.rg:
+                t.save(w_copy)
+        xin = t.cast(x, n.compute) if n.autocast else x
         if self.L.int8_base:
             base = self._int8_linear(x, out_numel)
         elif self.L.nf4_base:
@@ -170,20 +177,43 @@ class LayerReplay:
             base = T(out_numel, x.itemsize, x.rg)
         else:
             base = t.linear(xin, out_numel, self.L.full_ft, out_itemsize=n.compute)
+        del xin, w_copy  # the call's temporaries, the last made dropped first
         if name not in self.L.lora_targets:
             return base
         # peft: x cast to the adapter dtype, dropout, lora_A, lora_B, scaled and added, cast back.
         xa = t.cast(x, n.adapter)
         xd = t.dropout(xa, self.L.lora_dropout)
-        if n.autocast:
-            xd = t.cast(xd, n.compute)
-        a = t.linear(xd, self.tokens() * self.L.lora_rank, True)
-        t.linear(a, out_numel, True)
-        if n.autocast:  # autocast's copies of lora_A and lora_B, saved for grad_input (lora_A's only
-            if x.rg:    # when its input needs a gradient: not in layer 0 of a LoRA model)
-                t.save(T(self.L.lora_rank * d_in, n.compute, False))
-            t.save(T(self.L.lora_rank * out_features, n.compute, False))
-        return T(out_numel, base.itemsize, True)
+        # autocast's copies of lora_A and lora_B (trainable leaves: cached), each saved for grad_input (lora_A's only
+        # when its input needs a gradient: not in layer 0 of a LoRA model)
+        copy_a = self._adapter_copy(self.L.lora_rank * d_in, x.rg)
+        xc = t.cast(xd, n.compute) if n.autocast else xd  # autocast's copy for lora_A
+        a = t.linear(xc, self.tokens() * self.L.lora_rank, True)
+        del xc, xd, copy_a
+        copy_b = self._adapter_copy(self.L.lora_rank * out_features, True)
+        # `result = result + lora_B(...) * scaling`, then `result.to(torch_result_dtype)`: each a new tensor, the
+        # sum in the promoted dtype (fp32 where the adapter is fp32 and the base bf16). Nothing here is saved; the
+        # order of these transients is what places the step's large blocks in the allocator's pools.
+        b = t.linear(a, out_numel, True)
+        del copy_b
+        scaled = T(out_numel, b.itemsize, True)
+        del b
+        base_itemsize = base.itemsize
+        summed = T(out_numel, max(base_itemsize, scaled.itemsize), True)
+        del scaled, base  # the expression's temporary first, then the old `result` as the name is rebound
+        out = t.cast(summed, base_itemsize)
+        del summed
+        return out  # the input's cast copy goes last, with the frame
+
+    def _adapter_copy(self, numel: int, saved: bool) -> T | None:
+        """Under autocast, the low-precision copy of an adapter weight F.linear is given: cached, and saved when
+        the linear's input needs a gradient."""
+        if not self.n.autocast:
+            return None
+        copy = T(numel, self.n.compute, False)
+        self.t.cache(copy)
+        if saved:
+            self.t.save(copy)
+        return copy
 
     def _int8_linear(self, x: T, out_numel: int) -> T:
         """bitsandbytes' Linear8bitLt (frozen int8 weight) through bnb.matmul: MatMul8bitLt on CUDA, MatMul8bitFp on
@@ -282,8 +312,13 @@ class LayerReplay:
             # cos/sin (shared by all layers, counted per model). cos/sin carry the residual dtype, so under
             # autocast q_embed is fp32 until the attention casts it back.
             rot = max(c, n.residual)
-            q = T(tok * q_feats, q.itemsize if L.rotary_type_as else rot, q.rg)
-            k = T(tok * kv_feats, k.itemsize if L.rotary_type_as else rot, k.rg)
+            if L.rotary_type_as:
+                q = T(tok * q_feats, q.itemsize, q.rg)
+                k = T(tok * kv_feats, k.itemsize, k.rg)
+            else:
+                q_embed, k_embed = self._rotate(q, tok * q_feats, rot), self._rotate(k, tok * kv_feats, rot)
+                q, k = q_embed, k_embed  # the projections' outputs dropped as the names are rebound
+                del q_embed, k_embed
         if L.qk_weightless_norm:
             q, k = self._weightless_norm(q, tok * L.heads), self._weightless_norm(k, tok * L.kv_heads)
         if L.attn_temperature:
@@ -300,6 +335,21 @@ class LayerReplay:
             out = self._sdpa_fused(q, k, v, rg)
         o = self.proj(out, L.hidden, "o")
         return t.dropout(o, L.resid_dropout)
+
+    @staticmethod
+    def _rotate(x: T, numel: int, rot: int) -> T:
+        """(x * cos) + (rotate_half(x) * sin) (transformers apply_rotary_pos_emb) on `numel` elements of x (a view
+        of a fused projection), as its temporaries come and go: rotate_half is torch.cat((-x2, x1)) in x's dtype;
+        the products and their sum take cos/sin's dtype (`rot`)."""
+        by_cos = T(numel, rot, x.rg)
+        neg = T(numel // 2, x.itemsize, x.rg)
+        half = T(numel, x.itemsize, x.rg)
+        del neg
+        by_sin = T(numel, rot, x.rg)
+        del half
+        out = T(numel, rot, x.rg)
+        del by_cos, by_sin
+        return out
 
     def qk_norms(self, q: T, k: T) -> tuple[T, T]:
         """q_norm(q), k_norm(k) on the projections' outputs, with the model's norm: per head over head_dim
@@ -375,19 +425,27 @@ class LayerReplay:
         v_rep = v if rep == 1 else T(all_heads, v.itemsize, v.rg)
         qm = self._operand(q, all_heads, c if n.autocast else q.itemsize)
         km = self._operand(k_rep, all_heads if rep > 1 else kv_feats, c if n.autocast else k_rep.itemsize)
-        t.mul(qm, km, out_numel=scores_numel)  # matmul saves both operands
-        scores = T(scores_numel, qm.itemsize, rg)  # (* scaling, + mask: nothing saved)
-        if L.attn_softcap:
-            t.unary_saving_output(scores)  # tanh(scores / softcap) saves its result; * softcap is a new tensor
+        scores = t.mul(qm, km, out_numel=scores_numel)  # matmul saves both operands
+        scores = T(scores_numel, scores.itemsize, rg)  # * scaling (GPT-2: / sqrt(head_dim)): nothing saved
+        if L.attn_softcap:  # / softcap, tanh (saves its result), * softcap: each a new tensor
+            scores = T(scores_numel, scores.itemsize, rg)
+            scores = t.unary_saving_output(scores)
+            scores = T(scores_numel, scores.itemsize, rg)
+        # + the mask eager attention is given (masking_utils eager_mask, in inputs_embeds' dtype): type promotion
+        scores = T(scores_numel, max(scores.itemsize, n.residual), rg)
         # softmax(dtype=torch.float32) (llama family, gemma, opt); GPT-2's softmax keeps the input dtype,
         # except under autocast, whose fp32 policy covers softmax (CPU and CUDA).
         fp32 = L.softmax_fp32 or n.autocast
         probs = t.unary_saving_output(scores, out_itemsize=4 if fp32 else scores.itemsize)
+        del scores
         probs = t.cast(probs, q.itemsize)  # .to(query.dtype) (GPT-2: .type(value.dtype), the same dtype)
         probs = t.dropout(probs, L.attn_dropout)
         pm = t.cast(probs, c) if n.autocast else probs
         vm = self._operand(v_rep, all_heads if rep > 1 else kv_feats, c if n.autocast else v_rep.itemsize)
         t.mul(pm, vm, out_numel=all_heads)  # matmul(probs, v) saves both
+        # the attention returns its weights too, and the decoder layer holds them (`hidden_states, _ = ...`,
+        # GPT-2's `outputs`) until it returns
+        self.attn_weights = probs
         return T(all_heads, c, rg)  # attn_output.transpose(1, 2).contiguous(): a copy
 
     def _weightless_norm(self, x: T, rows: int) -> T:
@@ -458,9 +516,11 @@ class LayerReplay:
             gu = self.proj(h, 2 * L.ffn, "gate_up")
             prod = self._gated(gu, gu, tok * L.ffn)
         else:
-            g = self.proj(h, L.ffn, "gate")
-            u = self.proj(h, L.ffn, "up")
-            prod = self._gated(g, u, tok * L.ffn)
+            # act_fn(gate_proj(x)) * up_proj(x), evaluated left to right: the gate's output is dropped (unless
+            # saved) before up_proj runs
+            act = self.activation(self.proj(h, L.ffn, "gate"), tok * L.ffn)
+            prod = self.t.mul(act, self.proj(h, L.ffn, "up"), out_numel=tok * L.ffn)
+            del act
         return self.proj(prod, L.hidden, "down")
 
     def _param_weight(self, role: str, numel: int, factors: int = 0, itemsize: int = 0) -> T | None:
@@ -691,16 +751,21 @@ class LayerReplay:
 
     # ------------------------------------------------------------ the layer
     def layer(self, x: T) -> T:
-        """One decoder layer: norm, attention, residual add, norm, MLP, residual add."""
+        """One decoder layer: norm, attention, residual add, norm, MLP, residual add. Each name is rebound as
+        transformers' decoder layers rebind `hidden_states`, so each output is dropped where theirs is."""
         L, n = self.L, self.n
         h = self.norm(x, patched=True) if L.pre_norms else x
-        a = self.attention(h)
+        h = self.attention(h)
         if L.extra_norms:
-            a = self.norm(a)
-        x = T(x.numel, max(x.itemsize, a.itemsize), x.rg or a.rg)  # residual + attn (no saves)
+            h = self.norm(h)
+        x = T(x.numel, max(x.itemsize, h.itemsize), x.rg or h.rg)  # residual + attn (no saves)
+        del h
         h = self.norm(x, patched=True) if L.pre_norms else x
-        m = self.mlp(h)
+        h = self.mlp(h)
         if L.extra_norms:
-            m = self.norm(m)
-        m = self.t.dropout(m, L.resid_dropout)
-        return T(x.numel, n.residual, x.rg or m.rg)
+            h = self.norm(h)
+        h = self.t.dropout(h, L.resid_dropout)
+        out = T(x.numel, n.residual, x.rg or h.rg)
+        del h
+        self.attn_weights = None
+        return out

@@ -6,13 +6,16 @@ The stream follows what the step keeps alive, tensor by tensor:
 - loading: every parameter tensor in the model's order (`states.parameter_shapes`), then the adapters and the
   fp32 master copies;
 - the forward: the batch, the embedding's output, each decoder layer as its replay creates and drops tensors
-  (`layers.LayerReplay` on the symbolic tape, each tensor freed when the replay drops its last reference, as
-  CPython's reference counting frees a torch tensor; the ones autograd saves stay), the final norm, the logits and
-  the loss's fp32 tensors (transformers `loss_utils.ForCausalLMLoss`);
+  (`layers.LayerReplay` on the symbolic tape, written as transformers and peft write the modules, names rebound
+  where theirs are: each tensor is freed when the replay drops its last reference, as CPython's reference counting
+  frees a torch tensor; the ones autograd saves stay, and autocast's casts of trainable weights stay in its cache
+  until the forward ends), the final norm, autocast's copies of lm_head's weight and input, the logits and the
+  loss's fp32 tensors (transformers `loss_utils.ForCausalLMLoss`);
 - the backward, node by node in reverse: each gradient computed before the one it came from is freed, each saved
   tensor released as its node runs (torch/csrc/autograd/engine.cpp `release_variables`), each weight gradient
   kept (`AccumulateGrad` steals the first, adds the next micro-batches' in place); under gradient checkpointing
-  each layer's forward runs again first (torch/utils/checkpoint.py);
+  each layer's forward runs again first (torch/utils/checkpoint.py), non-reentrant checkpointing only up to the
+  last tensor the layer saves;
 - the optimizer step: states created at the first step (torch/optim/adamw.py `_init_group`), the temporaries of
   each implementation (`states.optimizer_step_temporaries`), then `zero_grad(set_to_none=True)`.
 
@@ -24,6 +27,7 @@ GPUs, offloading, families calibrated by trace) return None and keep the measure
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import weakref
@@ -66,26 +70,52 @@ class _Recorder:
     def __init__(self, tokens: int, grad_itemsize: int) -> None:
         self.events: list[tuple] = []
         self.tokens, self.grad_itemsize = tokens, grad_itemsize
+        self.matmuls = 0
+        self.cache: set[int] = set()
 
     def created(self, t: T) -> None:
         if t.nbytes > 0:
             self.events.append(("a", t.uid, t.nbytes, t.rg))
             weakref.finalize(t, self.events.append, ("f", t.uid))
 
-    def weight_used(self, in_numel: int, out_numel: int) -> None:
-        self.events.append(("g", (in_numel // self.tokens) * (out_numel // self.tokens) * self.grad_itemsize))
+    def matmul(self) -> None:
+        """A cuBLAS call, after its output was allocated: the running thread makes its workspaces at its first."""
+        if not self.matmuls:
+            self.events.append(("w", "matmul"))
+        self.matmuls += 1
+
+    def cached(self, t: T) -> None:
+        self.cache.add(t.uid)
+
+    def weight_used(self, in_numel: int, out_numel: int, in_itemsize: int) -> None:
+        numel = (in_numel // self.tokens) * (out_numel // self.tokens)
+        self.events.append(("g", numel * self.grad_itemsize, numel * in_itemsize))
 
 
 @dataclass(frozen=True)
 class _Template:
     """One replayed module's events with its own tensor ids: ("a", id, bytes, requires_grad), ("f", id) when the
-    replay dropped it, ("g", bytes) a trainable weight read (its gradient)."""
+    replay dropped it, ("g", bytes, bytes as computed) a trainable weight read (its gradient, computed in the input's
+    dtype: autocast's cast copy gets it in the compute dtype, and its ToCopy backward casts it to the weight's)."""
 
     events: tuple
     saved: frozenset
+    cached: frozenset  # autocast's cached casts: held until the forward ends
     x: int  # the input's id
     x_bytes: int
     out: int
+
+    @functools.cached_property
+    def recompute_events(self) -> tuple[tuple, tuple]:
+        """Non-reentrant checkpointing's recompute: the events up to the one that makes the last tensor the module
+        saves, where it stops (torch/utils/checkpoint.py: _StopRecomputationError once every saved tensor is back),
+        and the tensors made by then and neither freed nor saved, which the stop drops (the latest first)."""
+        last = max((i for i, ev in enumerate(self.events) if ev[0] == "a" and ev[1] in self.saved), default=-1)
+        events = self.events[:last + 1]
+        freed = {ev[1] for ev in events if ev[0] == "f"}
+        dropped = tuple(ev[1] for ev in reversed(events) if ev[0] == "a" and ev[1] not in freed
+                        and ev[1] not in self.saved)
+        return events, dropped
 
 
 def _record(tokens: int, grad_itemsize: int, x: T, run) -> _Template:
@@ -97,7 +127,7 @@ def _record(tokens: int, grad_itemsize: int, x: T, run) -> _Template:
         events = tuple(rec.events)  # the replay's locals are gone; `out` is still referenced here
     finally:
         autograd._recorder = None
-    return _Template(events, frozenset(tape.saved), x.uid, x.nbytes, out.uid)
+    return _Template(events, frozenset(tape.saved), frozenset(rec.cache), x.uid, x.nbytes, out.uid)
 
 
 class _Step:
@@ -108,6 +138,7 @@ class _Step:
         self._ids = itertools.count(1)
         self.micro = 0
         self.grads: list[int] = []
+        self.threads: set[str] = set()
 
     def alloc(self, nbytes: int) -> int:
         gid = next(self._ids)
@@ -117,8 +148,14 @@ class _Step:
     def free(self, *gids: int | None) -> None:
         self.events += [("f", g) for g in gids if g]
 
-    def weight_grad(self, nbytes: int) -> None:
-        self.keep_grad(self.alloc(nbytes))
+    def weight_grad(self, nbytes: int, computed: int | None = None) -> None:
+        if computed and computed != nbytes:
+            first = self.alloc(computed)
+            g = self.alloc(nbytes)
+            self.free(first)
+            self.keep_grad(g)
+        else:
+            self.keep_grad(self.alloc(nbytes))
 
     def keep_grad(self, g: int) -> None:
         """A parameter's gradient: kept as .grad on the first micro-batch, added in place on the others."""
@@ -127,21 +164,47 @@ class _Step:
         else:
             self.free(g)
 
-    def forward(self, tp: _Template, x: int, keep_saved: bool) -> tuple[int, dict[int, int]]:
+    def forward(self, tp: _Template, x: int, keep_saved: bool, thread: str = "main",
+                cache: list | None = None) -> tuple[int, dict[int, int]]:
+        """The module's forward; what autocast caches goes to `cache` (freed when the autocast region ends)."""
+        return self._run(tp, tp.events, x, keep_saved, thread, cache)
+
+    def recompute(self, tp: _Template, x: int) -> dict[int, int]:
+        """Non-reentrant checkpointing's recompute in the backward: the forward up to the last saved tensor, then
+        the exception that stops it drops the frames' other tensors (the latest first)."""
+        events, dropped = tp.recompute_events
+        ids = self._run(tp, events, x, True, "autograd", None)[1]
+        self.free(*[ids[uid] for uid in dropped])
+        return ids
+
+    def _run(self, tp: _Template, events, x: int, keep_saved: bool, thread: str,
+             cache: list | None) -> tuple[int | None, dict[int, int]]:
         ids = {tp.x: x}
-        for ev in tp.events:
+        for ev in events:
             if ev[0] == "a":
                 ids[ev[1]] = self.alloc(ev[2])
-            elif ev[0] == "f" and not (keep_saved and ev[1] in tp.saved):
+            elif ev[0] == "f" and keep_saved and ev[1] in tp.saved:
+                continue
+            elif ev[0] == "f" and cache is not None and ev[1] in tp.cached:
+                cache.append(ids[ev[1]])
+            elif ev[0] == "f":
                 self.free(ids.get(ev[1]))
-        return ids[tp.out], ids
+            elif ev[0] == "w":
+                self.first_matmul(thread)
+        return ids.get(tp.out), ids
+
+    def first_matmul(self, thread: str) -> None:
+        """("w", thread) at the thread's first cuBLAS call (allocator.replay makes its workspaces there)."""
+        if thread not in self.threads:
+            self.threads.add(thread)
+            self.events.append(("w", thread))
 
     def backward(self, tp: _Template, ids: dict[int, int], grad: int) -> int:
         """The module's nodes in reverse: each tensor's gradient computed, then its saved tensors released and the
         gradient it came from freed. Returns the input's gradient."""
         for ev in reversed(tp.events):
             if ev[0] == "g":
-                self.weight_grad(ev[1])
+                self.weight_grad(ev[1], ev[2])
             elif ev[0] == "a" and ev[1] != tp.out:
                 g = self.alloc(ev[2]) if ev[3] else None
                 if ev[1] in tp.saved:
@@ -234,24 +297,41 @@ class _Model:
         batch = [st.alloc(8 * tok), st.alloc(8 * tok)]  # input ids, labels
         shared = st.alloc(acts.shared) if acts.shared else None
         x = st.alloc(tok * h * self.num.residual)  # the embedding's output
-        st.events.append(("w", "main"))
         masks = st.alloc(acts.forward_masks) if acts.forward_masks else None
-        layers = []
+        layers, cache = [], []
         for i in range(self.spec.num_layers):
-            x, ids, kept = self._layer_forward(st, i, x)
+            x, ids, kept = self._layer_forward(st, i, x, cache)
             layers.append((ids, kept))
         st.free(masks)
+        st.first_matmul("main")  # lm_head, where no layer ran a matmul
         hidden, norm_ids = st.forward(self.final_norm, x, keep_saved=True)
         if self.final_norm.x not in self.final_norm.saved:
             st.free(x)
-        loss = _loss_forward(st, self.plan, acts, tok, V, self.num.compute)
+        # autocast's copies of lm_head's weight (made first) and of its input, for the standard loss: saved for the
+        # backward where the other needs a gradient (the input always does; the weight when trained), else dropped
+        # once the logits exist
+        c = self.num.compute
+        casts = self.num.autocast and not (self.plan.liger_loss or len(_chunks(self.plan, tok)) > 1)
+        head_w = st.alloc(V * h * c) if casts and self.num.weights != c else None
+        head_x = st.alloc(tok * h * c) if casts and self.num.residual != c else None
+        # the model's forward drops the final hidden states as it returns, unless lm_head saved them (a trainable
+        # weight, given them uncast) or the loss runs lm_head again (chunked, Liger)
+        kept_hidden = ((self.full and head_x is None) or "lm_head" in act_mod.lora_targets(self.spec, self.plan)
+                       or self.plan.liger_loss or len(_chunks(self.plan, tok)) > 1)
+        loss = _loss_forward(st, self.plan, acts, tok, V, c, None if kept_hidden else hidden,
+                             drop=None if self.full else head_x)
+        if casts:
+            loss.update(head=(head_w, head_x if self.full else None),
+                        input_cast=self.num.residual if head_x else None)
+        st.free(*cache)  # the autocast region (model and loss) ends
         st.events.append(("p", "backward"))
-        grad, w_grad = _loss_backward(st, self.plan, acts, loss, tok, V, h, self.num.compute, self.p_item, self.full)
+        grad, w_grad = _loss_backward(st, self.plan, acts, loss, tok, V, h, c, self.p_item, self.full)
         tied = self.full and self.spec.tie_word_embeddings
         pending = [w_grad] if tied and w_grad else []  # waits in the tied weight's input buffer
         if w_grad and not tied:
             st.keep_grad(w_grad)
-        st.free(hidden)
+        if kept_hidden:
+            st.free(hidden)
         grad = st.backward(self.final_norm, norm_ids, grad)
         for i in reversed(range(self.spec.num_layers)):
             grad = self._layer_backward(st, i, *layers[i], grad)
@@ -266,11 +346,11 @@ class _Model:
                 st.keep_grad(emb)
         st.free(shared, *batch)
 
-    def _layer_forward(self, st: _Step, i: int, x: int) -> tuple[int, dict, int | None]:
+    def _layer_forward(self, st: _Step, i: int, x: int, cache: list) -> tuple[int, dict, int | None]:
         """(the output, the ids of what the layer made, the input when it is kept: checkpointing keeps each
         layer's input, and a layer may save its own)."""
         tp = self.layer(i)
-        out, ids = st.forward(tp, x, keep_saved=not self.plan.grad_ckpt)
+        out, ids = st.forward(tp, x, keep_saved=not self.plan.grad_ckpt, cache=cache)
         if self.plan.grad_ckpt or tp.x in tp.saved:
             return out, ids, x
         st.free(x)
@@ -278,8 +358,10 @@ class _Model:
 
     def _layer_backward(self, st: _Step, i: int, ids: dict, kept: int | None, grad: int) -> int:
         tp = self.layer(i)
-        if self.plan.grad_ckpt:  # the layer's forward again, keeping what it saves
-            _, ids = st.forward(tp, kept, keep_saved=True)
+        if self.plan.grad_ckpt and not self.plan.ckpt_reentrant:
+            ids = st.recompute(tp, kept)
+        elif self.plan.grad_ckpt:  # reentrant: the whole forward again, keeping what it saves
+            _, ids = st.forward(tp, kept, keep_saved=True, thread="autograd")
             st.free(ids[tp.out])
         grad = st.backward(tp, ids, grad)
         if self.plan.grad_ckpt and tp.x not in tp.saved:
@@ -293,19 +375,26 @@ def _chunks(plan: Plan, tok: int) -> list[int]:
     return [min(n, tok - start) for start in range(0, tok, n)]
 
 
-def _logits(st: _Step, tokens: int, V: int, c: int, keep: bool) -> int | None:
-    """lm_head's logits, their fp32 copy (logits.float()), cross_entropy's log_softmax: the logits and the copy
-    freed once the log-softmax exists; it is returned when `keep` (saved for the backward), else freed too."""
+def _logits(st: _Step, tokens: int, V: int, c: int, keep: bool, hidden: int | None = None,
+            drop: int | None = None, thread: str | None = None) -> int | None:
+    """lm_head's logits (then `drop`, a temporary of the call), their fp32 copy (logits.float()), cross_entropy's
+    log_softmax: the logits and the copy freed once the log-softmax exists (the copy as the loss function returns,
+    then `hidden` as the model's forward returns, then the logits); the log-softmax is returned when `keep` (saved
+    for the backward), else freed too. `thread`: the thread running it, if lm_head may be its first cuBLAS call."""
     logits = st.alloc(c * tokens * V)
+    if thread:
+        st.first_matmul(thread)
+    st.free(drop)
     upcast = st.alloc(4 * tokens * V) if c != 4 else None
     log_probs = st.alloc(4 * tokens * V)
     if not keep:
         st.free(log_probs)
-    st.free(upcast, logits)
+    st.free(upcast, hidden, logits)
     return log_probs if keep else None
 
 
-def _loss_forward(st: _Step, plan: Plan, acts, tok: int, V: int, c: int) -> dict:
+def _loss_forward(st: _Step, plan: Plan, acts, tok: int, V: int, c: int, hidden: int | None,
+                  drop: int | None = None) -> dict:
     """ForCausalLMLoss: the shifted int64 labels, then the logits and log-softmax (transformers loss_utils); the
     chunked loss runs each chunk under checkpoint, which keeps none of them. The Liger loss: its forward peak as
     one transient and what it saves."""
@@ -314,7 +403,7 @@ def _loss_forward(st: _Step, plan: Plan, acts, tok: int, V: int, c: int) -> dict
         return {"saved": st.alloc(acts.loss_saved) if acts.loss_saved else None}
     labels = st.alloc(8 * tok)
     chunks = _chunks(plan, tok)
-    saved = [_logits(st, n, V, c, keep=len(chunks) == 1) for n in chunks]
+    saved = [_logits(st, n, V, c, keep=len(chunks) == 1, hidden=hidden, drop=drop) for n in chunks]
     return {"labels": labels, "saved": saved}
 
 
@@ -325,9 +414,8 @@ def _loss_backward(st: _Step, plan: Plan, acts, loss: dict, tok: int, V: int, h:
     (slice_backward makes each chunk's a full (tokens, h) tensor), summed across the chunks in the nodes' input
     buffers (out of place for the second, in place after). Returns the final hidden states' gradient and
     lm_head's weight gradient (in the parameter's dtype; None for a frozen lm_head)."""
-    # ("w", "autograd"): the backward thread's first matmul, where it makes its cuBLAS workspaces (once)
-    if "labels" not in loss:
-        st.events.append(("w", "autograd"))
+    if "labels" not in loss:  # the Liger loss: its gradients were computed in the forward
+        st.first_matmul("autograd")
         peak = st.alloc(acts.loss_backward_peak)
         w_grad = st.alloc(V * h * p_item) if full else None
         g_hidden = st.alloc(tok * h * c)
@@ -337,8 +425,7 @@ def _loss_backward(st: _Step, plan: Plan, acts, loss: dict, tok: int, V: int, h:
     chunks = _chunks(plan, tok)
     for n, log_probs in reversed(list(zip(chunks, loss["saved"]))):
         if log_probs is None:
-            st.events.append(("w", "autograd"))
-            log_probs = _logits(st, n, V, c, keep=True)
+            log_probs = _logits(st, n, V, c, keep=True, thread="autograd")
         g_nll = st.alloc(4 * n * V)
         g_lsm = st.alloc(4 * n * V)
         st.free(log_probs, g_nll)
@@ -346,20 +433,29 @@ def _loss_backward(st: _Step, plan: Plan, acts, loss: dict, tok: int, V: int, h:
             g_logits = st.alloc(c * n * V)
             st.free(g_lsm)
             g_lsm = g_logits
-        st.events.append(("w", "autograd"))
+        # mm's backward: the weight's gradient first where it has one, then grad_input; the backward thread makes
+        # its cuBLAS workspaces at its first call, once that call's output exists (as traced)
         w = st.alloc(V * h * c) if full else None
+        if w:
+            st.first_matmul("autograd")
         g_hidden = st.alloc((tok if len(chunks) > 1 else n) * h * c)
+        st.first_matmul("autograd")
         st.free(g_lsm)
         if w:
             _accumulate(st, sums["w"], w, V * h * c)
         _accumulate(st, sums["h"], g_hidden, tok * h * c)
-    st.free(loss["labels"])
-    w_grad = sums["w"][0] if sums["w"] else None
-    if w_grad and p_item != c:  # autocast's low-precision copy: its gradient cast to the weight's dtype
+    st.free(loss["labels"], *loss.get("head", ()))  # lm_head's node releases autocast's copies it saved
+    g_hidden, w_grad = sums["h"][0], sums["w"][0] if sums["w"] else None
+    # the ToCopy nodes of autocast's casts, the input's first (made after the weight's: a later node runs first)
+    if loss.get("input_cast"):  # the hidden states' gradient, back to their dtype
+        cast = st.alloc(tok * h * loss["input_cast"])
+        st.free(g_hidden)
+        g_hidden = cast
+    if w_grad and p_item != c:  # the weight's gradient, to the weight's dtype
         cast = st.alloc(V * h * p_item)
         st.free(w_grad)
         w_grad = cast
-    return sums["h"][0], w_grad
+    return g_hidden, w_grad
 
 
 def _accumulate(st: _Step, acc: list, g: int, nbytes: int) -> None:

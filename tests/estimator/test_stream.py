@@ -34,9 +34,8 @@ def test_reserved_matches_the_traced_steps_of_the_stored_h100_plans():
         alt = plan.model_copy(update={"allocator": "expandable"})
         expandable[row["case"]] = 100 * (estimate(spec, alt).reserved / row["fresh_expandable"][-1] - 1)
     assert len(errors) == 20
-    assert all(abs(e) <= 5 for e in errors.values()), errors
-    assert sum(abs(e) <= 3 for e in errors.values()) >= 19, errors
-    assert all(abs(e) <= 5 for e in expandable.values()), expandable
+    assert all(abs(e) <= 1 for e in errors.values()), errors
+    assert all(abs(e) <= 1.5 for e in expandable.values()), expandable
     # the flat ratio it replaces missed by up to 14 %
     ratio = [abs(r["ratio_reserved"] / r["measured_reserved"][-1] - 1) for r in stored_rows()]
     assert max(ratio) > 0.1
@@ -93,6 +92,24 @@ def test_expandable_segments_reserve_less_where_the_loss_fragments_the_cache():
     expandable = estimate(spec, plan.model_copy(update={"allocator": "expandable"}))
     assert default.peak_allocated == expandable.peak_allocated
     assert expandable.reserved < 0.95 * default.reserved
+
+
+def test_expandable_segments_can_reserve_more_and_the_estimate_says_so():
+    """Qwen2.5-0.5B LoRA with SGD in bf16: traced at full size and replayed, the step reserves 5.41 GiB with the
+    default segments and 5.82 GiB with expandable ones (trace_training's events through allocator.replay): the logits' 593.5 MiB
+    bf16 copy no longer fits the hole its previous step's copy left in the one segment, which must grow. The stream
+    places it as the traced step does, so the search does not pick expandable segments for this plan."""
+    spec = resolve_model("qwen2.5-0.5b")
+    plan = Plan(model="qwen2.5-0.5b", method="lora", optimizer="sgd", precision="bf16")
+    default = replay(allocation_stream(spec, plan), "default")
+    expandable = replay(allocation_stream(spec, plan), "expandable")
+    traced = {"default": 5542 * 2**20, "expandable": 5960 * 2**20}  # the traced step, replayed
+    assert default.peak_reserved == pytest.approx(traced["default"], rel=0.005)
+    assert expandable.peak_reserved == pytest.approx(traced["expandable"], rel=0.005)
+    work = Workload(seq_len=2048, effective_batch=1, examples_per_epoch=1, epochs=1)
+    scorer = Scorer(spec, _target(80))
+    chosen = scorer.score(plan, work)
+    assert scorer.lower_reserve(chosen) is chosen
 
 
 def _target(gib: float):
