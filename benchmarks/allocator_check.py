@@ -187,7 +187,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cases", nargs="*", type=int)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "allocator-h100.md"))
-    ap.add_argument("--jsonl", default=None, help="also write each row's numbers here")
+    ap.add_argument("--jsonl", default=None, help="also write each row's numbers here (one JSON object a line)")
     args = ap.parse_args()
     results = []
     for row in rows(set(args.cases)):
@@ -200,14 +200,13 @@ def main() -> None:
         del r["events"]
         print(r["case"], r["preset"], f"measured {r['measured_reserved'][-1] / GiB:.2f} GiB",
               f"replayed {r['run_default'][-1] / GiB:.2f} GiB (fresh {r['fresh_default'][-1] / GiB:.2f})")
-        if args.jsonl:
-            with open(args.jsonl, "a") as f:
-                f.write(json.dumps(r) + "\n")
+    if args.jsonl:  # the rows of this run, replacing the file's
+        write_table(Path(args.jsonl), "".join(json.dumps(r) + "\n" for r in results))
     write_table(Path(args.out), table(results))
 
 
 def write_table(out: Path, text: str) -> None:
-    """Written whole or not at all: a temporary file beside it, then renamed."""
+    """A results file written whole or not at all: a temporary file beside it, then renamed."""
     tmp = out.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(out)
