@@ -28,6 +28,7 @@ from memplan.recommend.search import (
     SearchResult,
     Workload,
     choose_fitting,
+    least_total,
     per_gpu_batch,
     search,
 )
@@ -292,7 +293,7 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
         return out
     target = rec.target
     host_ok = [c for c in pool if _host_ok(c, target)] or pool
-    smallest = min(host_ok, key=lambda c: c.total)
+    smallest = least_total(host_ok)
     need = smallest.total / (1 - target.headroom)
     if target.device == "cuda":
         out += _more_host_memory(pool, target) + _bigger_gpus(smallest, need)
@@ -329,10 +330,10 @@ def _other_methods(rec: Recommendation, scorer: Scorer, model_ref: str, tried: l
 
 def _more_host_memory(pool: list[Candidate], target: Target) -> list[str]:
     """The host RAM that the plan with the lowest host peak among those that fit the GPU needs."""
-    gpu_ok = [c for c in pool if target.device_fits(c.total)]
-    if not gpu_ok:
+    by_host = sorted(pool, key=lambda c: c.estimate.host_bytes)  # then the first that fits the GPU: few replays
+    c = next((c for c in by_host if target.device_fits(c.estimate.least_total) and target.device_fits(c.total)), None)
+    if c is None:
         return []
-    c = min(gpu_ok, key=lambda c: c.estimate.host_bytes)
     need = c.estimate.host_bytes / (1 - target.headroom) / GiB
     return [f"--host-memory {math.ceil(need)}GiB (RAM per node): {c.family()} then fits, "
             f"{format_bytes(c.total)} per GPU, {c.hours:.1f} h"]

@@ -101,8 +101,20 @@ class SearchResult:
         return self.fitting[0] if self.fitting else None
 
     def smallest(self) -> Candidate | None:
-        pool = self.fitting + self.not_fitting
-        return min(pool, key=lambda c: c.total) if pool else None
+        return least_total(self.fitting + self.not_fitting)
+
+
+def least_total(candidates: Iterable[Candidate]) -> Candidate | None:
+    """The candidate with the least total, replaying the allocations of only those that can have it: a total is
+    never below the allocated peak and the context (Estimate.least_total), so the candidates are taken by that
+    bound until it passes the least total found."""
+    best = None
+    for c in sorted(candidates, key=lambda c: c.estimate.least_total):
+        if best is not None and c.estimate.least_total >= best.total:
+            break
+        if best is None or c.total < best.total:
+            best = c
+    return best
 
 
 # ------------------------------------------------------------------------------- the search space
