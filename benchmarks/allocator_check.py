@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = sorted((ROOT / "benchmarks" / "results").glob("gpu-h100-run*.jsonl"))
+RUNS = sorted((ROOT / "benchmarks" / "results").glob("gpu-h100-*.jsonl"))
 GiB, MiB = 2**30, 2**20
 
 
@@ -58,6 +58,7 @@ def check(row: dict) -> dict:
     t0 = time.perf_counter()
     traced = trace_training(str(models_dir() / row["preset"]), plan, steps=3, record_events=True, kernels="cuda")
     out = {"case": row["case"], "run": row["run"], "report": row["report"], "preset": row["preset"],
+           "fresh": row.get("fresh", False),
            "plan": row["plan"], "measured_reserved": [s["reserved"] for s in row["measured"]["steps"]],
            "measured_nvml": [s.get("nvml_used") for s in row["measured"]["steps"]],
            "measured_allocated": max(max(s[p] for p in ("forward", "backward", "optimizer"))
@@ -79,18 +80,23 @@ def check(row: dict) -> dict:
 
 def replay_run(results: list[dict]) -> None:
     """Serve a run's rows one after another in one default allocator, as the process that measured them did
-    (benchmarks/gpu_check.py as it was for the stored runs): `torch.empty(1, device="cuda")` before the first row;
+    (benchmarks/gpu_check.py without --fresh): `torch.empty(1, device="cuda")` before the first row;
     per row its model's weights in parameter order, then for tied embeddings the output embedding's own copy,
     which `to_empty` gave it (torch.nn.Module._apply makes a new Parameter for each module holding the tied one)
     and `tie_weights` freed; its steps; each thread's cuBLAS workspaces at the process's first cuBLAS op on that
-    thread, never freed; then every tensor freed and `torch.cuda.empty_cache()`. Sets each row's "run_default" to
-    the reserved peak after each step since the row began (`reset_peak_memory_stats`)."""
+    thread, never freed; then every tensor freed and `torch.cuda.empty_cache()`. Sets each row's "as_measured" to
+    the reserved peak after each step since the row began (`reset_peak_memory_stats`). A row measured in a process
+    of its own (`gpu_check.py --fresh`), or with expandable segments, is served alone, by its own allocator, as
+    the fresh replay."""
     from memplan.estimator.allocator import THREAD_WORKSPACES, CachingAllocator
 
     alloc = CachingAllocator("default")
     alloc.free(alloc.malloc(1))
     workspaces = set()
     for r in results:
+        if r.get("fresh") or _allocator(r) != "default":
+            r["as_measured"] = r[f"fresh_{_allocator(r)}"]
+            continue
         alloc.peak_reserved = alloc.reserved
         handles, steps = {}, []
         for ev in _with_untied_copy(r):
@@ -104,10 +110,26 @@ def replay_run(results: list[dict]) -> None:
                     alloc.malloc(size)
             elif ev[0] == "s":
                 steps.append(alloc.peak_reserved)  # the step before this one ended (none before the first)
-        r["run_default"] = steps[1:] + [alloc.peak_reserved]
+        r["as_measured"] = steps[1:] + [alloc.peak_reserved]
         for handle in handles.values():
             alloc.free(handle)
         alloc.release_cache()
+
+
+def _measured() -> str:
+    """The measured runs: their files, what measured them, and how (one process, or one per row)."""
+    parts = []
+    for path in RUNS:
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        head = next((r["header"] for r in lines if "header" in r), {})
+        fresh = any(r.get("fresh") for r in lines if "case" in r)
+        parts.append(f"`benchmarks/results/{path.name}` (torch {head.get('torch', '?')}, {head.get('device', '?')}; "
+                     + ("each row in a process of its own)" if fresh else "its rows one after another in one process)"))
+    return ", ".join(parts)
+
+
+def _allocator(r: dict) -> str:
+    return r["plan"].get("allocator", "default")
 
 
 def _with_untied_copy(r: dict) -> list[tuple]:
@@ -131,8 +153,7 @@ def _err(predicted: float, measured: float) -> float:
 
 def table(results: list[dict]) -> str:
     lines = ["# The caching allocator model vs what an H100 reserved", "",
-             "Measured: `benchmarks/results/gpu-h100-run1.jsonl`, `gpu-h100-run2.jsonl` (torch 2.11.0+cu130, H100 "
-             "80GB HBM3, default allocator), each run one process measuring its rows in this order. Traced and "
+             f"Measured: {_measured()}. Traced and "
              "replayed: each plan's step traced at full size with CUDA's kernel memory (`trace_training(..., "
              "record_events=True, kernels=\"cuda\")`), its allocations served by `memplan.estimator.allocator` "
              "(benchmarks/allocator_check.py): *as measured*, the run's rows one after another in one allocator, as "
@@ -151,7 +172,7 @@ def table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     errs, fresh_errs, est_errs, est_fresh, ratio_errs = [], [], [], [], []
     for r in results:
-        meas, rep, fresh = r["measured_reserved"][-1], r["run_default"][-1], r["fresh_default"][-1]
+        meas, rep, fresh = r["measured_reserved"][-1], r["as_measured"][-1], r[f"fresh_{_allocator(r)}"][-1]
         plan = ", ".join(f"{k}={v}" for k, v in r["plan"].items())
         nvml = r["measured_nvml"][-1]
         total = rep + r["context"]
@@ -199,7 +220,7 @@ def main() -> None:
     for r in results:
         del r["events"]
         print(r["case"], r["preset"], f"measured {r['measured_reserved'][-1] / GiB:.2f} GiB",
-              f"replayed {r['run_default'][-1] / GiB:.2f} GiB (fresh {r['fresh_default'][-1] / GiB:.2f})")
+              f"replayed {r['as_measured'][-1] / GiB:.2f} GiB (fresh {r[f'fresh_{_allocator(r)}'][-1] / GiB:.2f})")
     if args.jsonl:  # the rows of this run, replacing the file's
         write_table(Path(args.jsonl), "".join(json.dumps(r) + "\n" for r in results))
     write_table(Path(args.out), table(results))

@@ -10,13 +10,21 @@ timed too, without the breakdown meter, against recommend's time model (row["tim
 fails for another reason than memory is retried once without the breakdown meter. Each result is appended
 to a JSONL file as soon as it is measured, so a cut-off run still leaves data.
 
-    python benchmarks/gpu_check.py OUT.jsonl [case-index ...]
+One process measures its cases one after another, and its allocator keeps what earlier cases left (cuBLAS's
+workspaces, segments `empty_cache` cannot return): what a case reserves then depends on the cases before it.
+`--fresh` runs each case in a process of its own, with PYTORCH_CUDA_ALLOC_CONF set for its allocator before
+CUDA starts, as `memplan train` runs a plan and as the estimate's reserved figure assumes (no timing pass;
+rows marked "fresh").
+
+    python benchmarks/gpu_check.py OUT.jsonl [--fresh] [case-index ...]
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -147,7 +155,40 @@ def time_case(preset: str, fields: dict) -> dict:
     return out
 
 
+CASE_TIMEOUT_S = 300  # one case in its own process (--fresh): start-up, load, 3 steps
+
+
+def run_fresh(out_path: Path, picks: set[int]) -> None:
+    """Each picked case in a new process (`--one`), its allocator set in the environment before CUDA starts."""
+    from memplan.runtime.cuda_allocator import allocator_conf
+
+    for i in sorted(picks) or range(len(CASES)):
+        env = dict(os.environ)
+        conf = allocator_conf(CASES[i][1].get("allocator", "default"), env.get("PYTORCH_CUDA_ALLOC_CONF"))
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        if conf:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = conf
+        try:
+            subprocess.run([sys.executable, __file__, str(out_path), "--one", str(i)], env=env, check=False,
+                           timeout=CASE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            print(i, CASES[i][0], f"timed out after {CASE_TIMEOUT_S} s", flush=True)
+
+
 def main() -> None:
+    args = sys.argv[1:]
+    out_path = Path(args.pop(0))
+    if "--fresh" in args:
+        args.remove("--fresh")
+        run_fresh(out_path, {int(a) for a in args})
+        return
+    fresh = "--one" in args
+    if fresh:
+        args.remove("--one")
+    measure_cases(out_path, {int(a) for a in args}, fresh)
+
+
+def measure_cases(out_path: Path, picks: set[int], fresh: bool) -> None:
     import torch
     import transformers
 
@@ -156,13 +197,12 @@ def main() -> None:
     from memplan.plan import Plan
     from memplan.profile.meters import nvml_used
 
-    out_path = Path(sys.argv[1])
-    picks = {int(a) for a in sys.argv[2:]}
     torch.cuda.init()
     torch.empty(1, device="cuda")
     torch.cuda.synchronize()
     header = {
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "torch": torch.__version__, "transformers": transformers.__version__, "fresh": fresh,
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "device": torch.cuda.get_device_name(), "total_memory": torch.cuda.get_device_properties(0).total_memory,
         "context_nvml_used": nvml_used(torch.device("cuda:0"))[0], "context_reserved": torch.cuda.memory_reserved(),
     }
@@ -175,7 +215,7 @@ def main() -> None:
         t0 = time.time()
         est = estimate(resolve_model(preset), Plan(model=preset, **fields), kernels="cuda")
         row = {"case": i, "preset": preset, "plan": fields, "estimate": est.phase_peaks,
-               "estimate_reserved": est.reserved, "estimate_total": est.total}
+               "estimate_reserved": est.reserved, "estimate_total": est.total, "fresh": fresh}
         for attribute in (True, False):
             try:
                 row["measured"] = measure(preset, fields, attribute=attribute)
@@ -185,7 +225,7 @@ def main() -> None:
                 row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                 gc.collect()
                 torch.cuda.empty_cache()
-        if i in TIME_CASES and "measured" in row and not row["measured"].get("oom"):
+        if i in TIME_CASES and not fresh and "measured" in row and not row["measured"].get("oom"):
             try:
                 row["timing"] = time_case(preset, fields)
             except Exception as err:  # the memory row stands; say why the timing is missing

@@ -28,9 +28,9 @@ from memplan.recommend.search import (
     SearchResult,
     Workload,
     choose_fitting,
-    least_total,
     per_gpu_batch,
     search,
+    smallest,
 )
 from memplan.recommend.tree import Context, Step, Tree, load_tree
 from memplan.report.units import GiB, format_bytes, gib
@@ -293,23 +293,23 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
         return out
     target = rec.target
     host_ok = [c for c in pool if _host_ok(c, target)] or pool
-    smallest = least_total(host_ok)
-    need = smallest.total / (1 - target.headroom)
+    least = smallest(host_ok)
+    need = least.total / (1 - target.headroom)
     if target.device == "cuda":
-        out += _more_host_memory(pool, target) + _bigger_gpus(smallest, need)
-        out += _more_gpus(rec, smallest)
+        out += _more_host_memory(pool, target) + _bigger_gpus(least, need)
+        out += _more_gpus(rec, least)
     else:
         # each process's tensors and interpreter within its share (Target.usable_bytes), and the host peak
-        per_process = smallest.plan.world_size * (need + PROCESS_BASELINE_BYTES)
-        ram = format_bytes(max(per_process, smallest.estimate.host_bytes / (1 - target.headroom)) + GiB / 2, digits=0)
+        per_process = least.plan.world_size * (need + PROCESS_BASELINE_BYTES)
+        ram = format_bytes(max(per_process, least.estimate.host_bytes / (1 - target.headroom)) + GiB / 2, digits=0)
         out.append(f"a machine with at least {ram} of RAM, or a GPU (--gpu ID); "
-                   f"the smallest plan needs {format_bytes(smallest.total)} per process, "
-                   f"{format_bytes(smallest.estimate.host_bytes)} of host RAM at its peak")
+                   f"the smallest plan needs {format_bytes(least.total)} per process, "
+                   f"{format_bytes(least.estimate.host_bytes)} of host RAM at its peak")
     if rec.workload.seq_len > 512:
-        shorter = smallest.plan.model_copy(update={"seq_len": rec.workload.seq_len // 2})
+        shorter = least.plan.model_copy(update={"seq_len": rec.workload.seq_len // 2})
         e = estimate(rec.spec, shorter, target.memory_bytes)
         if target.fits(e.total, e.host_bytes):
-            out.append(f"--seq-len {shorter.seq_len}: {smallest.family()}, {format_bytes(e.total)}")
+            out.append(f"--seq-len {shorter.seq_len}: {least.family()}, {format_bytes(e.total)}")
     return out
 
 

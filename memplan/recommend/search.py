@@ -101,10 +101,10 @@ class SearchResult:
         return self.fitting[0] if self.fitting else None
 
     def smallest(self) -> Candidate | None:
-        return least_total(self.fitting + self.not_fitting)
+        return smallest(self.fitting + self.not_fitting)
 
 
-def least_total(candidates: Iterable[Candidate]) -> Candidate | None:
+def smallest(candidates: Iterable[Candidate]) -> Candidate | None:
     """The candidate with the least total, replaying the allocations of only those that can have it: a total is
     never below the allocated peak and the context (Estimate.least_total), so the candidates are taken by that
     bound until it passes the least total found."""

@@ -13,7 +13,7 @@ from memplan.estimator.overhead import reserved_bytes
 from memplan.estimator.stream import allocation_stream, supported
 from memplan.plan import Plan
 from memplan.recommend.hardware import gpu_target
-from memplan.recommend.search import Scorer, Workload, choose_fitting, least_total
+from memplan.recommend.search import Scorer, Workload, choose_fitting, smallest
 
 ROWS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "allocator-h100.jsonl"
 GiB = 2**30
@@ -167,7 +167,7 @@ def test_the_chosen_plan_is_confirmed_by_its_replay():
 
 
 def test_the_smallest_plan_is_found_replaying_only_the_plans_that_can_be_it():
-    """least_total: the candidate with the least total, as min() over every total would find it, without replaying
+    """smallest: the candidate with the least total, as min() over every total would find it, without replaying
     the candidates whose allocated peak alone is above that total."""
     spec = resolve_model("qwen2.5-0.5b")
     work = Workload(seq_len=2048, effective_batch=8, examples_per_epoch=8, epochs=1)
@@ -175,7 +175,7 @@ def test_the_smallest_plan_is_found_replaying_only_the_plans_that_can_be_it():
     pool = [scorer.score(Plan(model="qwen2.5-0.5b", precision="bf16", micro_batch=mb, grad_accum=8 // mb,
                               grad_ckpt=ckpt), work) for mb in (1, 2, 4, 8) for ckpt in (True, False)]
     assert all("replayed" not in c.estimate.__dict__ for c in pool)  # fitting by a wide margin: none replayed
-    best = least_total(pool)
+    best = smallest(pool)
     replayed = [c for c in pool if "replayed" in c.estimate.__dict__]
     assert best in replayed and 1 <= len(replayed) < len(pool)
     assert all(c.estimate.least_total < best.total for c in replayed)

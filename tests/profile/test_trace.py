@@ -567,12 +567,18 @@ def test_allocator_check_replays_a_run_as_its_process_served_it():
              "after_load": 10 * MiB, "tied": 0}
     second = {"events": [("a", 1, 100 * MiB), ("s",), ("a", 2, 30 * MiB), ("f", 2), ("w", "main")],
               "after_load": 100 * MiB, "tied": 0}
-    check.replay_run([first, second])
+    first["plan"] = second["plan"] = {}
+    alone = {"events": [("a", 1, 500 * MiB), ("s",)], "after_load": 500 * MiB, "tied": 0, "fresh": True,
+             "fresh_default": [502 * MiB], "plan": {}}
+    expandable = {**alone, "fresh": False, "fresh_expandable": [520 * MiB], "plan": {"allocator": "expandable"}}
+    check.replay_run([first, alone, second, expandable])
     # the first row: its weights, the 200 MiB block both 32 MiB workspaces went into once freed, the 2 MiB small
     # segment of the 1 MiB ones
-    assert first["run_default"] == [(10 + 200 + 2) * MiB]
+    assert first["as_measured"] == [(10 + 200 + 2) * MiB]
+    # a row measured in a process of its own (gpu_check.py --fresh), or with expandable segments: its fresh replay
+    assert alone["as_measured"] == [502 * MiB] and expandable["as_measured"] == [520 * MiB]
     # the second: its weights and its step fit in the 136 MiB left beside them in the segment that stayed
-    assert second["run_default"] == [(200 + 2) * MiB]
+    assert second["as_measured"] == [(200 + 2) * MiB]
 
 
 def test_allocator_check_frees_the_untied_copy_of_a_tied_embedding_after_the_weights():
@@ -582,3 +588,24 @@ def test_allocator_check_frees_the_untied_copy_of_a_tied_embedding_after_the_wei
     row = {"events": [("a", 1, 2 * 6), ("a", 2, 7), ("s",), ("a", 3, 1)], "after_load": 19, "tied": 6}
     assert check._with_untied_copy(row) == row["events"][:2] + [("a", -1, 12), ("f", -1)] + row["events"][2:]
     assert check._with_untied_copy(dict(row, tied=0)) == row["events"]
+
+
+def test_gpu_check_fresh_runs_each_case_in_a_process_of_its_own(monkeypatch, tmp_path):
+    """gpu_check.py --fresh: one process per case, its allocator in PYTORCH_CUDA_ALLOC_CONF before CUDA starts
+    (the user's other allocator options kept), so that a case's reserved memory owes nothing to the cases before."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    expandable = next(i for i, (_, fields) in enumerate(gpu_check.CASES) if fields.get("allocator") == "expandable")
+    calls = []
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda cmd, env, **kw: calls.append((cmd, env)))
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.8")
+    gpu_check.run_fresh(tmp_path / "out.jsonl", {expandable, 0})
+    assert [cmd[-3:] for cmd, _ in calls] == [[str(tmp_path / "out.jsonl"), "--one", "0"],
+                                             [str(tmp_path / "out.jsonl"), "--one", str(expandable)]]
+    assert calls[0][1]["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.8"
+    assert calls[1][1]["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.8,expandable_segments:True"
