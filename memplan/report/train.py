@@ -76,6 +76,10 @@ def summary_table(summary: dict) -> str:
         rows.append([f"estimate at measured shape (seq {mem['measured_seq_len']})",
                      f"{_memory(mem['estimated_bytes'])}, gap {100 * mem['gap']:+.1f} %{flag}"])
         rows.append(["estimate for the plan (seq_len)", _memory(mem['estimate_plan_bytes'])])
+        if mem.get("estimate_reserved_bytes"):
+            rows.append(["reserved measured (max_memory_reserved)",
+                         f"{_memory(mem['reserved_bytes'])}, estimate {_memory(mem['estimate_reserved_bytes'])} "
+                         f"({mem['reserved_basis']}), gap {100 * mem['reserved_gap']:+.1f} %"])
     host = summary.get("host_memory")
     if host:
         rows.append(["host RAM peak measured (this process)",
@@ -93,9 +97,13 @@ def summary_table(summary: dict) -> str:
 def memory_line(mem: dict) -> str:
     """The run's measured peak against the estimate at the shape it measured (memplan.train.loop.memory_report)."""
     flag = " (gap over 10 %)" if mem["flag"] else ""
-    return (f"memory: measured peak {format_bytes(mem['measured_bytes'], 'MiB', digits=1)} ({mem['what']}), "
+    line = (f"memory: measured peak {format_bytes(mem['measured_bytes'], 'MiB', digits=1)} ({mem['what']}), "
             f"memplan's estimate {format_bytes(mem['estimated_bytes'], 'MiB', digits=1)} at the measured shape: "
             f"{100 * mem['gap']:+.1f} %{flag}")
+    if mem.get("estimate_reserved_bytes"):
+        line += (f"; reserved {format_bytes(mem['reserved_bytes'], 'MiB', digits=1)}, estimate "
+                 f"{format_bytes(mem['estimate_reserved_bytes'], 'MiB', digits=1)}: {100 * mem['reserved_gap']:+.1f} %")
+    return line
 
 
 def host_memory_line(host: dict) -> str:

@@ -593,7 +593,9 @@ def _summary(t: Trainer, written: dict, final_step: int, stopped_early: bool,
 
 def memory_report(plan, base_dir: Path, meter) -> dict | None:
     """The measured peak next to memplan's estimate, for the plan as written and for the batch shape the
-    measured steps really had (the data's longest micro-batch rather than seq_len tokens)."""
+    measured steps really had (the data's longest micro-batch rather than seq_len tokens). On CUDA the caching
+    allocator's reserved peak too, against the estimate's (this process is the fresh process it predicts; rows
+    of varying length can fragment the cache more than the estimate's one shape)."""
     if meter.peak_bytes is None:
         return None
     spec = resolve_model(str(base_dir))
@@ -608,7 +610,8 @@ def memory_report(plan, base_dir: Path, meter) -> dict | None:
         **compare_peak(meter.peak_bytes, shaped.peak_allocated),
     }
     if meter.reserved_bytes is not None:
-        out["reserved_bytes"] = meter.reserved_bytes
+        out.update(reserved_bytes=meter.reserved_bytes, estimate_reserved_bytes=shaped.reserved,
+                   reserved_basis=shaped.reserved_basis, reserved_gap=meter.reserved_bytes / shaped.reserved - 1)
     return out
 
 

@@ -175,3 +175,28 @@ def test_chat_records_use_the_tokenizers_template(tmp_path):
             current = []
     spans.append(current)
     assert [tok.decode(s) for s in spans if s] == ["APPLE</s>", "RIVER</s>"]  # both assistant turns, nothing else
+
+
+def test_a_cuda_run_reports_its_reserved_peak_against_the_estimate():
+    """On CUDA, memplan train's memory report sets torch.cuda.max_memory_reserved beside the estimate's reserved
+    figure at the shape the steps ran (the allocation stream replayed: a run is the fresh process it predicts)."""
+    from types import SimpleNamespace
+
+    from memplan.catalog.presets import models_dir
+    from memplan.catalog.resolve import resolve_model
+    from memplan.estimator import estimate
+    from memplan.plan import Plan
+    from memplan.report.train import memory_line
+    from memplan.train.loop import memory_report
+
+    plan = Plan(model="qwen2.5-0.5b", method="lora", precision="bf16", seq_len=1024)
+    shaped = estimate(resolve_model("qwen2.5-0.5b"), plan.model_copy(update={"seq_len": 900}))
+    meter = SimpleNamespace(peak_bytes=shaped.peak_allocated, reserved_bytes=int(shaped.reserved * 1.05), cuda=True,
+                            measured_steps=3, max_tokens_per_row=900)
+    mem = memory_report(plan, models_dir() / "qwen2.5-0.5b", meter)
+    assert mem["estimate_reserved_bytes"] == shaped.reserved and mem["reserved_basis"] == "replayed"
+    assert mem["reserved_gap"] == pytest.approx(0.05, abs=1e-6)
+    assert "reserved" in memory_line(mem) and "+5.0 %" in memory_line(mem)
+    cpu = SimpleNamespace(peak_bytes=shaped.peak_allocated, reserved_bytes=None, cuda=False, measured_steps=2,
+                          max_tokens_per_row=900)
+    assert "estimate_reserved_bytes" not in memory_report(plan, models_dir() / "qwen2.5-0.5b", cpu)
