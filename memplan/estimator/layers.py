@@ -205,8 +205,8 @@ class LayerReplay:
         return out  # the input's cast copy goes last, with the frame
 
     def _adapter_copy(self, numel: int, saved: bool) -> T | None:
-        """Under autocast, the low-precision copy of an adapter weight F.linear is given: cached, and saved when
-        the linear's input needs a gradient."""
+        """Under autocast, the low-precision copy of an adapter weight that F.linear is given: held in autocast's
+        cache, and saved for grad_input when `saved` (the linear's input needs a gradient). None without autocast."""
         if not self.n.autocast:
             return None
         copy = T(numel, self.n.compute, False)
