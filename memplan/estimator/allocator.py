@@ -296,6 +296,8 @@ class Replay:
     peak_allocated: int
     step_reserved: list[int]  # the reserved peak up to the end of each optimizer step
     oom: bool = False
+    steps_allocated: int = 0  # the allocated peak of the steps alone
+    setup_allocated: int = 0  # the allocated peak before the first step: the load, a DDP wrap (which can pass it)
 
 
 def replay(events, allocator: str = "default", capacity: int | None = None,
@@ -310,6 +312,7 @@ def replay(events, allocator: str = "default", capacity: int | None = None,
     started = False
     threads: set[str] = set()
     marked = any(ev[0] == "w" for ev in events)
+    before = 0  # the allocated peak before the first step
     malloc, free, pop = alloc.malloc, alloc.free, handles.pop
     try:
         for ev in events:
@@ -323,6 +326,8 @@ def replay(events, allocator: str = "default", capacity: int | None = None,
             elif kind == "s":
                 if started:  # the step before this one ended
                     steps.append(alloc.peak_reserved)
+                else:  # the allocated peak from here on is the steps'
+                    before, alloc.peak_allocated = alloc.peak_allocated, alloc.allocated
                 started = True
             elif kind == "w" or (kind == "p" and ev[1] == "forward" and not marked and not threads):
                 if ev[1] not in threads:
@@ -330,6 +335,13 @@ def replay(events, allocator: str = "default", capacity: int | None = None,
                     for size in workspaces:
                         alloc.malloc(size)
     except OutOfMemory:
-        return Replay(alloc.peak_reserved, alloc.peak_allocated, steps, oom=True)
+        return _replayed(alloc, steps, started, before, oom=True)
     steps.append(alloc.peak_reserved)
-    return Replay(alloc.peak_reserved, alloc.peak_allocated, steps)
+    return _replayed(alloc, steps, started, before)
+
+
+def _replayed(alloc: CachingAllocator, steps: list[int], started: bool, before: int, oom: bool = False) -> Replay:
+    """`before`: the allocated peak when the first step began (the allocator's own peak counts from there)."""
+    if not started:
+        return Replay(alloc.peak_reserved, alloc.peak_allocated, steps, oom, 0, alloc.peak_allocated)
+    return Replay(alloc.peak_reserved, max(before, alloc.peak_allocated), steps, oom, alloc.peak_allocated, before)

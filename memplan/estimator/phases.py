@@ -65,6 +65,16 @@ class Estimate:
         return "replayed" if self.replayed else f"measured ratio ({why})"
 
     @property
+    def setup_allocated(self) -> int | None:
+        """The allocated peak before the first step where it passes the steps' (DDP's broadcast as it wraps the
+        model: the weights and two flat buckets), which torch.cuda.max_memory_allocated over the whole run
+        reports; None where the steps' peak is the run's, or nothing is replayed."""
+        r = self.replayed
+        if r is None or r.setup_allocated <= r.steps_allocated:
+            return None
+        return r.setup_allocated
+
+    @property
     def least_total(self) -> int:
         """The least `total` can be, without replaying anything: reserved is never below the allocated peak."""
         return self.peak_allocated + overhead.cuda_context_bytes(self.plan)
@@ -78,7 +88,7 @@ class Estimate:
             return self.peak_allocated
         if self.replayed is None:
             return overhead.reserved_bytes(self.peak_allocated)
-        unreplayed = self.peak_allocated - self.replayed.peak_allocated
+        unreplayed = self.peak_allocated - self.replayed.steps_allocated
         return max(self.peak_allocated, self.replayed.peak_reserved + unreplayed)
 
     @property
@@ -99,6 +109,7 @@ class Estimate:
             "host_phases": self.host.to_json() if self.host else None,
             "host_offload_bytes": self.host_offload_bytes,
             "host_notes": self.host.notes if self.host else [],
+            "setup_peak_allocated_bytes": self.setup_allocated,
             "peak_phase": self.peak_phase,
             "breakdown": self.breakdown,
             "overheads": {

@@ -37,28 +37,42 @@ class Tensors:
 
 def parameter_shapes(spec: ModelSpec) -> list[tuple[int, ...]]:
     """Every parameter tensor of the HF model (tied weights once), from the spec's line items."""
+    return [shape for shape, role in module_parameters(spec) if role != "adapter"]
+
+
+def module_parameters(spec: ModelSpec, targets: frozenset[str] = frozenset(),
+                      rank: int = 0) -> list[tuple[tuple[int, ...], str]]:
+    """Every parameter tensor in the order of the model's named_parameters (tied weights once), each with its role:
+    "linear" the weight of a decoder nn.Linear or Conv1D (what bitsandbytes quantizes), "adapter" a peft LoRA
+    tensor of `targets` (after the weight it adapts: peft nests lora_A and lora_B in the module it wraps), "other"
+    the rest."""
     h = spec.hidden_size
-    shapes: list[tuple[int, ...]] = [(spec.vocab_size, h)]
+    params: list[tuple[tuple[int, ...], str]] = [((spec.vocab_size, h), "other")]
     if spec.position_embeddings:
-        shapes.append((spec.position_embeddings, h))
+        params.append(((spec.position_embeddings, h), "other"))
     for group in spec.layer_groups:
-        layer: list[tuple[int, ...]] = []
+        layer: list[tuple[tuple[int, ...], str]] = []
         for lin in group.linears:
+            adapters = [(s, "adapter") for s in layer_lora_tensors((lin,), targets, rank)] if targets else []
             if lin.kind == "experts":
-                layer.append((lin.count, lin.d_out, lin.d_in))
+                layer += [((lin.count, lin.d_out, lin.d_in), "other")] + adapters
             else:
-                layer += [(lin.d_out, lin.d_in)] * lin.count
+                per = len(adapters) // lin.count
+                for i in range(lin.count):
+                    layer.append(((lin.d_out, lin.d_in), "linear" if lin.kind in ("linear", "conv1d") else "other"))
+                    layer += adapters[i * per:(i + 1) * per]
             if lin.bias:
-                layer += [(lin.d_out,)] * lin.count
-        layer += [(h,)] * (spec.layer_norm_params // h)
-        layer += [(w,) for w in spec.qk_norm_widths]
-        shapes += layer * group.count
-    if spec.params_lm_head:
-        shapes.append((spec.vocab_size, spec.params_lm_head // spec.vocab_size))
-    rest = spec.params_total - sum(math.prod(s) for s in shapes)
-    if rest > 0:  # the other norms and small extras (OPT's projections): 1-D or 2-D, listed by their sizes
-        shapes += [(rest,)]
-    return shapes
+                layer += [((lin.d_out,), "other")] * lin.count
+        layer += [((h,), "other")] * (spec.layer_norm_params // h)
+        layer += [((w,), "other") for w in spec.qk_norm_widths]
+        params += layer * group.count
+    lm_head = spec.params_lm_head
+    rest = spec.params_total - lm_head - sum(math.prod(s) for s, role in params if role != "adapter")
+    if rest > 0:  # the final norm and small extras (OPT's projections), listed by their sizes, before lm_head
+        params.append(((rest,), "other"))
+    if lm_head:
+        params.append(((spec.vocab_size, lm_head // spec.vocab_size), "other"))
+    return params
 
 
 def layer_lora_tensors(linears: tuple[Linear, ...], targets: frozenset[str], rank: int) -> list[tuple[int, ...]]:

@@ -17,11 +17,13 @@ The stream follows what the step keeps alive, tensor by tensor:
   each layer's forward runs again first (torch/utils/checkpoint.py), non-reentrant checkpointing only up to the
   last tensor the layer saves;
 - the optimizer step: states created at the first step (torch/optim/adamw.py `_init_group`), the temporaries of
-  each implementation (`states.optimizer_step_temporaries`), then `zero_grad(set_to_none=True)`.
+  each implementation (`states.optimizer_step_temporaries`), then `zero_grad(set_to_none=True)`;
+- on several GPUs under DDP: the module states' broadcast as it wraps the model, its gradient buckets, and their
+  rebuild in the second step's first forward (`memplan.estimator.reducer`).
 
 The replay keeps the tensors the estimate counts, not every kernel's scratch: it is checked against the stream a
-real step traced at full size allocates (`benchmarks/allocator_check.py`). Plans it does not follow (several
-GPUs, offloading, families calibrated by trace) return None and keep the measured ratio
+real step traced at full size allocates (`benchmarks/allocator_check.py`). Plans it does not follow
+(FSDP, DeepSpeed, offloading, families calibrated by trace) return None and keep the measured ratio
 (`overhead.reserved_bytes`).
 """
 
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 
 from memplan.catalog.spec import ModelSpec
 from memplan.estimator import activations as act_mod
-from memplan.estimator import autograd, states
+from memplan.estimator import autograd, reducer, states
 from memplan.estimator.autograd import T, Tape
 from memplan.estimator.layers import LayerReplay
 from memplan.plan import Plan
@@ -55,8 +57,8 @@ def supported(spec: ModelSpec, plan: Plan) -> str | None:
     """None where the stream follows the plan; else why not (the estimate keeps the measured ratio)."""
     if plan.device != "cuda":
         return "no caching allocator on the CPU"
-    if plan.world_size > 1:
-        return "several GPUs: gathered parameters and communication buckets are not replayed"
+    if plan.sharding != "ddp":  # on one GPU too: their own buffers, casts and streams, not torch's plain step
+        return "FSDP and DeepSpeed: their gathered parameters, buffers and streams are not replayed"
     if plan.offload != "none" or plan.offload_activations:
         return "offloading is not replayed"
     if spec.traits.calibrated:
@@ -227,10 +229,15 @@ def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[t
     model = _Model(spec, act_mod.as_one_row(plan))
     st = _Step()
     model.load(st)
+    ddp = model.ddp() if reducer.wraps(plan) else None
+    if ddp:
+        ddp.wrap(st)
     for step in range(steps):
         st.events.append(("s",))
         for micro in range(min(plan.grad_accum, MICRO_BATCHES)):
             st.micro = micro
+            if ddp and step == 1 and micro == 0:  # the first forward after a synchronised backward
+                ddp.rebuild(st)
             model.micro_batch(st)
         st.events.append(("p", "optimizer"))
         _optimizer_step(st, model.plan, model.tensors, model.p_item, first=step == 0)
@@ -238,6 +245,19 @@ def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[t
         st.grads = []
         st.events.append(("p", None))
     return st.events
+
+
+def ddp_events(spec: ModelSpec, plan: Plan, ids_step: int = 1) -> tuple[list[tuple], list[tuple]]:
+    """DistributedDataParallel's own events for the plan: what its wrap allocates once the model is loaded, and its
+    buckets' rebuild before the second step's first forward. `ids_step=-1` numbers them -1, -2, ...: apart from
+    a trace's own ids, for splicing into it."""
+    st = _Step()
+    st._ids = itertools.count(ids_step, ids_step)
+    ddp = _Model(spec, act_mod.as_one_row(plan)).ddp()
+    ddp.wrap(st)
+    wrap, st.events = st.events, []
+    ddp.rebuild(st)
+    return wrap, st.events
 
 
 class _Model:
@@ -257,6 +277,10 @@ class _Model:
         norm_spec = act_mod.layer_spec(spec, plan)
         self.final_norm = _record(self.tok, self.p_item, T(self.tok * self.h, num.residual, True),
                                   lambda tape, x: LayerReplay(tape, norm_spec, num).norm(x, patched=True))
+
+    def ddp(self) -> reducer.DDP:
+        return reducer.DDP(self.spec, self.plan, self.tensors, self.num.weights, self.p_item,
+                           act_mod.lora_targets(self.spec, self.plan))
 
     def layer(self, i: int) -> _Template:
         """Layer i's template, one per kind of layer (layer 0's input needs a gradient only with trainable

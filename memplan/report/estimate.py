@@ -61,9 +61,12 @@ def breakdown_table(e: Estimate) -> str:
         extra = [f"peak tensor memory {gib(e.peak_allocated)} GiB in the {e.peak_phase} phase, per process "
                  "(live tensor bytes on the CPU; the Python process itself comes on top)"]
     else:
+        setup = e.setup_allocated
         extra = [
             f"peak allocated {gib(e.peak_allocated)} GiB in the {e.peak_phase} phase "
-            "(predicts torch.cuda.max_memory_allocated)",
+            "(predicts torch.cuda.max_memory_allocated"
+            + (f"; DDP's broadcast as it wraps the model peaks higher, at {gib(setup)} GiB, before the first step)"
+               if setup else ")"),
             f"reserved {gib(e.reserved)} GiB ({reserved_note(e)}), "
             f"total {gib(e.total)} GiB with the CUDA context"
             + (" and NCCL" if e.plan.world_size > 1 else ""),
@@ -202,7 +205,7 @@ def _comparison_header(spec: ModelSpec, comparison: Comparison) -> list[str]:
                                 f"{_model_label(spec)}"),
              "defaults: micro-batch 1 x 2048 tokens, checkpointing on, AdamW (foreach), SDPA attention; memory per "
              "GPU in GiB (2^30); reserved: the step's allocations replayed through PyTorch's caching allocator "
-             "(one GPU), else the measured median reserve; step s: recommend's time model", rule]
+             "(one GPU or DDP), else the measured median reserve; step s: recommend's time model", rule]
     if comparison.assumptions:
         lines += ["assumptions:"] + [f"  - {a}" for a in comparison.assumptions]
     return lines
