@@ -51,8 +51,8 @@ QUIET = {"base_model_config", "model_type", "tokenizer_type", "tokenizer_config"
          "eval_sample_packing", "loss_watchdog_threshold", "loss_watchdog_patience", "train_on_inputs",
          "group_by_length", "min_sample_len", "early_stopping_patience", "save_first_step", "tf32", "seed",
          "dataset_processes", "shuffle_merged_datasets", "test_datasets", "local_rank", "save_safetensors",
-         "ddp_timeout", "pad_to_sequence_len", "embeddings_skip_upcast", "gemma4_hybrid_attn_impl",
-         "datasets", "max_grad_norm", "liger_rope", "liger_rms_norm", "liger_glu_activation",
+         "ddp_timeout", "ddp_find_unused_parameters", "pad_to_sequence_len", "embeddings_skip_upcast",
+         "gemma4_hybrid_attn_impl", "datasets", "max_grad_norm", "liger_rope", "liger_rms_norm", "liger_glu_activation",
          "liger_layer_norm", "liger_rms_norm_gated", "liger_fused_linear_cross_entropy", "liger_cross_entropy",
          "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_kwargs", "optim_args", "fsdp_version"}
 
@@ -299,6 +299,7 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
         data["gradient_checkpointing_kwargs"] = {"use_reentrant": plan.ckpt_reentrant}
     data["attn_implementation"] = hf.ATTENTION_NAMES[plan.attn]
     data.update(_emit_kernels_and_sharding(plan, ctx))
+    data.update(hf.ddp_arguments(plan))
     data.update(logging_steps=h.log_every, eval_steps=h.eval_every, save_steps=h.save_every or h.eval_every,
                 save_total_limit=h.save_total_limit)
     if plan.device == "cpu":

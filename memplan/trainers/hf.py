@@ -342,7 +342,18 @@ def training_arguments_for(plan: Plan) -> dict[str, Any]:
     args["optim"] = OPTIMIZER_NAMES[plan.optimizer]
     if plan.device == "cpu":
         args["use_cpu"] = True
+    args.update(ddp_arguments(plan))
     return args
+
+
+def ddp_arguments(plan: Plan) -> dict[str, Any]:
+    """DDP on several GPUs: find_unused_parameters off, as accelerate and `memplan train` run it and as the estimate
+    counts DDP's buckets (memplan.estimator.reducer). Every parameter of a plan takes part in every step, and the
+    Trainer would otherwise turn it on for a peft model (`_build_accelerator_args`): a search of the autograd
+    graph every step, and other buckets."""
+    if plan.sharding == "ddp" and plan.world_size > 1:
+        return {"ddp_find_unused_parameters": False}
+    return {}
 
 
 def fsdp_arguments(plan: Plan, spec) -> dict[str, Any]:

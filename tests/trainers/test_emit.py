@@ -278,3 +278,17 @@ def test_axolotl_fsdp2_with_8bit_adamw_writes_torchaos(tmp_path):
     assert source.plan["optimizer"] == "adamw-8bit" and [n["key"] for n in source.not_modelled] == ["optimizer"]
     ddp = build_plan(merge(plan.model_dump(mode="json"), {"sharding": "ddp", "zero": 0, "gpus": 1}))
     assert "optimizer: adamw_bnb_8bit\n" in _emit(ddp, "axolotl").files["axolotl.yaml"]
+
+
+def test_ddp_on_several_gpus_turns_find_unused_parameters_off(tmp_path):
+    """The Trainer would search the autograd graph of a peft model every step (find_unused_parameters=True) and
+    bucket its gradients otherwise than the estimate counts; one GPU and FSDP leave the key out."""
+    import yaml
+
+    ddp = _plan("qlora-bf16-ddp", tmp_path)  # 2 GPUs
+    for trainer in ("trl", "axolotl", "llamafactory"):
+        e = _emit(ddp, trainer)
+        assert yaml.safe_load(e.files[e.config])["ddp_find_unused_parameters"] is False, trainer
+    for name in ("full-amp-bf16-ddp", "lora-bf16-fsdp"):
+        e = _emit(_plan(name, tmp_path), "trl")
+        assert "ddp_find_unused_parameters" not in yaml.safe_load(e.files[e.config]), name
