@@ -9,7 +9,8 @@ same way, in order, in one allocator (`replay_run`). Beside it, each row replaye
 would run it (`memplan.estimator.allocator.replay`; default allocator and expandable segments). The total adds
 the CUDA context (memplan.estimator.overhead) against NVML's used memory. The estimate's own reserved figure
 (memplan estimate: the allocation stream it builds from its terms, memplan.estimator.stream, replayed through
-the same allocator model; no trace) is set against both, and the flat ratio it used before beside them.
+the same allocator model; no trace) is set against both, and the flat ratio it used before beside them. A DDP row
+(measured over a one-rank NCCL group) is traced in one process with DDP's own allocations spliced in.
 `--jsonl` keeps each row's numbers; tests/estimator/test_stream.py holds the estimate to the stored fresh replays.
 
     python benchmarks/allocator_check.py [--out benchmarks/results/allocator-h100.md] [case ...]
@@ -56,7 +57,11 @@ def check(row: dict) -> dict:
     plan = Plan(model=row["preset"], **row["plan"])
     spec = resolve_model(row["preset"])
     t0 = time.perf_counter()
-    traced = trace_training(str(models_dir() / row["preset"]), plan, steps=3, record_events=True, kernels="cuda")
+    # DDP: one rank's step traced in one process, DDP's own allocations spliced in where it makes them
+    traced = trace_training(str(models_dir() / row["preset"]), plan.model_copy(update={"gpus": 1}), steps=3,
+                            record_events=True, kernels="cuda")
+    if plan.world_size > 1:
+        traced.events = with_ddp(traced.events, spec, plan)
     out = {"case": row["case"], "run": row["run"], "report": row["report"], "preset": row["preset"],
            "fresh": row.get("fresh", False),
            "plan": row["plan"], "measured_reserved": [s["reserved"] for s in row["measured"]["steps"]],
@@ -75,6 +80,24 @@ def check(row: dict) -> dict:
     for allocator in ("default", "expandable"):
         out[f"fresh_{allocator}"] = replay(traced.events, allocator).step_reserved
     out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def with_ddp(events: list[tuple], spec, plan) -> list[tuple]:
+    """A one-process trace's events with DistributedDataParallel's (memplan.estimator.stream.ddp_events, checked
+    against gloo ranks by benchmarks/ddp_stream_check.py): its wrap once the model is loaded (before the first
+    step), its buckets' rebuild as the second step begins."""
+    from memplan.estimator.stream import ddp_events
+
+    wrap, rebuild = ddp_events(spec, plan, ids_step=-1)
+    out, steps = [], 0
+    for ev in events:
+        steps += ev[0] == "s"
+        if ev[0] == "s" and steps == 1:
+            out += wrap
+        out.append(ev)
+        if ev[0] == "s" and steps == 2:
+            out += rebuild
     return out
 
 

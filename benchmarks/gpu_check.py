@@ -21,6 +21,7 @@ rows marked "fresh").
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -79,6 +80,10 @@ CASES = [
 ]
 # run 4: the first twelve again with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (reserved vs the default)
 CASES += [(preset, dict(fields, allocator="expandable")) for preset, fields in CASES[:12]]
+# run 5: cases 0, 5 and 10 on two GPUs under DDP, measured as DDP over a one-rank NCCL group on this GPU: its
+# broadcast at wrap, gradient buckets and their rebuild are what each of N ranks allocates (memplan.estimator.reducer)
+DDP_CASES = (0, 5, 10)
+CASES += [(CASES[i][0], dict(CASES[i][1], gpus=2)) for i in DDP_CASES]
 
 
 # The timing pass: these cases again, without the breakdown meter (a dispatch mode that slows every op), for
@@ -109,8 +114,9 @@ def measure(preset: str, fields: dict, steps: int = 3, attribute: bool = True) -
     plan = Plan(model=preset, **fields)
     rss_before = host_rss()
     meter = CudaMeter("cuda:0", attribute=attribute)
-    result = profile_measure(str(models_dir() / preset / "config.json"), plan, backend="cuda", steps=steps,
-                             meter=meter)
+    with _ddp_group(plan) as wrap:
+        result = profile_measure(str(models_dir() / preset / "config.json"), plan, backend="cuda", steps=steps,
+                                 meter=meter, wrap=wrap)
     out = {"steps": [], "after_load": result.after_load, "attributed": attribute,
            "nvml_scope": result.nvml_scope, "oom": result.oom, "host_rss": {"before": rss_before,
                                                                                 "after": host_rss()}}
@@ -122,6 +128,23 @@ def measure(preset: str, fields: dict, steps: int = 3, attribute: bool = True) -
         row["breakdown"] = step.breakdown
         out["steps"].append(row)
     return out
+
+
+@contextlib.contextmanager
+def _ddp_group(plan):
+    """A DDP plan's wrapper over a one-rank NCCL group (what one of its ranks allocates); None for one GPU."""
+    if plan.world_size == 1:
+        yield None
+        return
+    import torch.distributed as dist
+
+    from memplan.profile.launch import make_wrapper
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield make_wrapper(plan, "cuda:0", 1)
+    finally:
+        dist.destroy_process_group()
 
 
 def time_case(preset: str, fields: dict) -> dict:

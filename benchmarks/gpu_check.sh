@@ -2,9 +2,10 @@
 # One prepared GPU check: measured CUDA memory of real training steps vs memplan's estimate.
 # Uses whatever torch/transformers the machine has; extra wheels (pydantic, bitsandbytes) from .whl/ if present.
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [PASS [case ...]]
-# PASS fresh (the default; ~6 min): reserved memory and NVML's total as a fresh process sees them, each case in a
+# PASS fresh (the default; ~7 min): reserved memory and NVML's total as a fresh process sees them, each case in a
 #   process of its own: the first twelve cases with the default allocator and with expandable segments (34-45),
-#   what the estimate's reserved figure predicts (benchmarks/allocator_check.py compares them).
+#   and cases 0, 5 and 10 under DDP over a one-rank NCCL group (46-48): what the estimate's reserved figure
+#   predicts (benchmarks/allocator_check.py compares them).
 # PASS main: every case in one process (allocated per phase, the breakdown, step times), then memplan train's
 #   throughput against HF Trainer. Each pass fits one device call; rows are appended as they are measured.
 set -u
@@ -20,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 case "$pass" in
   fresh)
     cases=("${@:3}")
-    [ ${#cases[@]} -gt 0 ] || cases=($(seq 0 11) $(seq 34 45))
+    [ ${#cases[@]} -gt 0 ] || cases=($(seq 0 11) $(seq 34 48))
     timeout 540 python3 benchmarks/gpu_check.py "$out/gpu_check_fresh.jsonl" --fresh "${cases[@]}" 2>&1 \
       | tee "$out/gpu_check_fresh.log" ;;
   main)
