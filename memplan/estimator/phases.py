@@ -123,8 +123,10 @@ class Estimate:
 
 
 def _replayed(spec: ModelSpec, plan: Plan) -> allocator.Replay | None:
-    """Replays by plan, for the process: a search and its report ask for the same plans again. The stream is
-    the same for both allocators; the last few are kept."""
+    """Replays by plan, for the process: a search and its report ask for the same plans again, and for plans that
+    differ only where the stream does not (`stream.stream_plan`). The stream is the same for both allocators; the
+    last few are kept."""
+    plan = stream.stream_plan(plan)
     key = (spec, plan.model_dump_json())
     if key not in _REPLAYS:
         events_key = (spec, plan.model_copy(update={"allocator": "default"}).model_dump_json())

@@ -221,6 +221,15 @@ class _Step:
         return g
 
 
+def stream_plan(plan: Plan) -> Plan:
+    """The plan with what its stream does not depend on set to one value, so that plans differing only there (a
+    search's accumulation steps, GPU counts, schedules) share one replay: the micro-batches past MICRO_BATCHES,
+    how many GPUs beyond one (DDP allocates the same on each rank), the hyperparameters and the output."""
+    return plan.model_copy(update={"grad_accum": min(plan.grad_accum, MICRO_BATCHES),
+                                   "gpus": min(plan.world_size, 2), "nodes": 1,
+                                   "hparams": type(plan.hparams)(), "output_dir": None, "target": None})
+
+
 def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[tuple] | None:
     """The events of `steps` optimizer steps of the plan on one GPU, as `allocator.replay` reads them; None where
     `supported` says the stream does not follow the plan."""

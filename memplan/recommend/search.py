@@ -80,11 +80,31 @@ class Candidate:
 
     def key(self, priority: str) -> tuple:
         hours = round(self.hours, 6)
+        # equal times and costs: the less memory, its allocated peak first (the total needs the step replayed
+        # through the allocator model, which a plan that fits with RESERVE_BOUND to spare is otherwise spared)
+        less = (self.estimate.least_total, _TotalWhenTied(self))
         if priority == "speed":
-            return (hours, self.quality_cost, self.complexity, self.total)
+            return (hours, self.quality_cost, self.complexity, *less)
         if priority == "memory":
             return (self.total, hours, self.quality_cost, self.complexity)
-        return (self.quality_cost, hours, self.complexity, self.total)
+        return (self.quality_cost, hours, self.complexity, *less)
+
+
+class _TotalWhenTied:
+    """A key's last term, the candidate's total memory, found only when the terms before it tie."""
+
+    __slots__ = ("candidate",)
+
+    def __init__(self, candidate: Candidate) -> None:
+        self.candidate = candidate
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _TotalWhenTied) and self.candidate.total == other.candidate.total
+
+    def __lt__(self, other: _TotalWhenTied) -> bool:
+        return self.candidate.total < other.candidate.total
+
+    __hash__ = None
 
 
 @dataclass
