@@ -101,14 +101,16 @@ def _hub_config(repo_id: str, revision: str | None) -> Path:
     )
     from huggingface_hub.utils import disable_progress_bars, logging
 
-    # One small file: no progress bar, and no retry warnings (huggingface_hub retries a failed connection
-    # five times, about 23 s, before giving up); what went wrong is the one error line below.
+    # One small file: no progress bar, and no retry warnings; what went wrong is the one error line below.
     disable_progress_bars()
     logging.set_verbosity_error()
     at = f"{repo_id}@{revision}" if revision else repo_id
     page = f"{constants.ENDPOINT}/{repo_id}"
     try:
-        return Path(hf_hub_download(repo_id, "config.json", revision=revision))
+        # huggingface_hub retries a failed connection five times (about 23 s) before it reads its cache; a
+        # refused connection or an unknown host is answered by the cache at once.
+        cache_only = not constants.HF_HUB_OFFLINE and _refused(constants.ENDPOINT)
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=cache_only))
     except GatedRepoError:  # before RepositoryNotFoundError: it subclasses it
         raise UserError(f"{repo_id} is gated: accept the licence on its page ({page}) and set HF_TOKEN "
                         "(or run `hf auth login`)") from None
@@ -132,6 +134,32 @@ def _hub_config(repo_id: str, revision: str | None) -> Path:
     except HFValidationError:
         raise UserError(f"'{at}' is not a valid Hugging Face Hub id (org/name[@revision]: letters, digits, "
                         "'-', '_', '.')") from None
+
+
+def _refused(endpoint: str) -> bool:
+    """True when the first hop to ``endpoint`` (the proxy the environment names for it, else its host) refuses
+    a TCP connection or its name does not resolve: the Hub cannot answer. Slow or timed-out networks return
+    False, so that huggingface_hub's own retries still get their chance."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlsplit(endpoint)
+    hop = url
+    if url.hostname and not urllib.request.proxy_bypass(url.hostname):
+        proxy = urllib.request.getproxies().get(url.scheme) or urllib.request.getproxies().get("all")
+        if proxy:
+            hop = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if not hop.hostname:
+        return False
+    try:
+        port = hop.port or (443 if hop.scheme == "https" else 80)
+        with socket.create_connection((hop.hostname, port), timeout=5):
+            return False
+    except (ConnectionRefusedError, socket.gaierror):
+        return True
+    except (OSError, ValueError):  # a timeout, an unreachable network, a bad port: let huggingface_hub try
+        return False
 
 
 def _not_reachable(at: str, constants) -> UserError:

@@ -133,9 +133,10 @@ def test_hub_id_is_fetched_then_read_offline_from_the_cache(hub, tmp_path):
 
     hub.shutdown()
     hub.server_close()
-    rc, again, err = _estimate(tmp_path, port, "--model", "acme/llama", offline=True)
-    assert rc == 0, err
-    assert json.loads(again) == json.loads(out)
+    for offline in (True, False):  # HF_HUB_OFFLINE, or the Hub's port refusing the connection
+        rc, again, err = _estimate(tmp_path, port, "--model", "acme/llama", offline=offline)
+        assert rc == 0, err
+        assert json.loads(again) == json.loads(out)
 
 
 def test_revision_selects_the_branch_online_and_offline(hub, tmp_path):
@@ -208,3 +209,18 @@ def test_profile_runs_offline_and_says_how_to_cache_a_hub_id(hub, tmp_path):
     line = _error_line(rc, err)
     assert "memplan estimate --model acme/llama" in line and "always run offline" in line
     assert not (tmp_path / "hf" / "hub" / "models--acme--llama").exists()
+
+
+@pytest.mark.parametrize("hub_up, proxy", [(True, None), (False, None), (True, "down"), (False, "up")])
+def test_the_cache_answers_at_once_only_when_the_first_hop_refuses(hub, monkeypatch, hub_up, proxy):
+    """The first hop is the proxy the environment names (HTTP_PROXY, as huggingface_hub's client reads it)."""
+    from memplan.catalog.resolve import _refused
+
+    listening = f"http://127.0.0.1:{hub.server_address[1]}"
+    refusing = f"http://127.0.0.1:{_free_port()}"
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    if proxy:
+        monkeypatch.setenv("HTTP_PROXY", listening if proxy == "up" else refusing)
+    first_hop_up = proxy == "up" if proxy else hub_up
+    assert _refused(listening if hub_up else refusing) is not first_hop_up
