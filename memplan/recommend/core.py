@@ -20,7 +20,7 @@ from memplan.plan import MAX_NUMBER, DataSettings, Plan, build_plan
 from memplan.recommend import hparams as hp
 from memplan.recommend import throughput
 from memplan.recommend.data_stats import DataStats, measure_data
-from memplan.recommend.hardware import PROCESS_BASELINE_BYTES, Target, resolve_target
+from memplan.recommend.hardware import HOST_RAM_PER_GPU, PROCESS_BASELINE_BYTES, Target, resolve_target
 from memplan.recommend.search import (
     PRIORITIES,
     Candidate,
@@ -292,11 +292,13 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
     if not pool:
         return out
     target = rec.target
-    host_ok = [c for c in pool if _host_ok(c, target)] or pool
-    least = smallest(host_ok)
+    host_ok = [c for c in pool if _host_ok(c, target)]
+    least = smallest(host_ok or pool)
     need = least.total / (1 - target.headroom)
     if target.device == "cuda":
-        out += _more_host_memory(pool, target) + _bigger_gpus(least, need)
+        out += _more_host_memory(pool, target)
+        if host_ok:  # else no GPU helps: every plan is over the host's RAM, which the line above answers
+            out += _bigger_gpus(least, need)
         out += _more_gpus(rec, least)
     else:
         # each process's tensors and interpreter within its share (Target.usable_bytes), and the host peak
@@ -366,9 +368,13 @@ def _more_gpus(rec: Recommendation, smallest: Candidate) -> list[str]:
         except UserError:
             return []
         e = estimate(rec.spec, plan, target.memory_bytes)
-        if target.device_fits(e.total):
+        # the node's RAM: as given, else the default ratio for its GPUs
+        host = target.host_memory_bytes if target.host_memory_given else HOST_RAM_PER_GPU * gpus
+        if target.device_fits(e.total) and e.host_bytes <= host * (1 - target.headroom):
+            ram = "" if target.host_memory_given else f" of {format_bytes(host, digits=0)}"
             return [f"{nodes} node(s) x {gpus} GPUs: DeepSpeed ZeRO-3 without offload needs "
-                    f"{format_bytes(e.total)} per GPU (--gpus {gpus}{f' --nodes {nodes}' if nodes > 1 else ''})"]
+                    f"{format_bytes(e.total)} per GPU and {format_bytes(e.host_bytes)} of host RAM per node{ram} "
+                    f"(--gpus {gpus}{f' --nodes {nodes}' if nodes > 1 else ''})"]
     return []
 
 
