@@ -295,9 +295,27 @@ def parallel(r: Reading, args: dict[str, Any], weights: str, weights_key: str) -
     if launch is None:
         r.assume("gpus", 1, "the launcher (torchrun, accelerate launch) sets the processes, not this file: pass "
                             "--gpus, or --accelerate-config FILE")
-        return
-    launch.apply({"kind": kind, "args": args, "path": r.path, "r": r, "fsdp_config": fsdp_config})
-    launch.merge_into(r)
+    else:
+        launch.apply({"kind": kind, "args": args, "path": r.path, "r": r, "fsdp_config": fsdp_config})
+        launch.merge_into(r)
+    if r.plan.get("sharding") == "fsdp":
+        _gradient_reduction(r)
+
+
+def _gradient_reduction(r: Reading) -> None:
+    """FSDP with accumulation: the Trainer defers the reduce-scatter to the last micro-batch (accelerate's no_sync,
+    `_defer_fsdp_gradient_reduction`) unless accelerate's sync_each_batch is set; memplan counts the gradients
+    sharded between micro-batches, as sync_each_batch keeps them."""
+    config = r.get("accelerator_config", {})
+    kwargs = config.get("gradient_accumulation_kwargs") if isinstance(config, dict) else None
+    sync = isinstance(kwargs, dict) and kwargs.get("sync_each_batch") is True
+    key = "accelerator_config.gradient_accumulation_kwargs.sync_each_batch"
+    if sync:
+        r.count(key, True, "FSDP reduce-scatters every micro-batch: gradients sharded between them")
+    elif int(r.data.get("gradient_accumulation_steps") or 1) > 1:
+        r.unmodelled(key, "not set", "with accumulation the Trainer defers FSDP's reduce-scatter to the last "
+                                     "micro-batch, and each process holds every unit's whole gradients until then "
+                                     "(not counted); set it to true, as memplan's files do")
 
 
 # ---------------------------------------------------------------- writing (memplan.trainers.emit)
@@ -360,17 +378,24 @@ def fsdp_arguments(plan: Plan, spec) -> dict[str, Any]:
     """TrainingArguments' fsdp / fsdp_config for an FSDP plan: FSDP2 (transformers' fsdp_config version 2),
     one unit per decoder layer, resharding after the forward = ZeRO-3 (FULL_SHARD), kept = ZeRO-2
     (SHARD_GRAD_OP), cpu_offload = parameters, gradients and the optimizer step on the host. Checkpointing
-    stays transformers' gradient_checkpointing, as memplan counts it."""
+    stays transformers' gradient_checkpointing, as memplan counts it. With accumulation, every micro-batch
+    reduce-scatters its gradients (accelerate's sync_each_batch), as `memplan train` does and the estimate counts:
+    the Trainer otherwise defers it to the last micro-batch (`_defer_fsdp_gradient_reduction`, accelerate's
+    no_sync), and each process holds every unit's whole gradients until then."""
     if plan.sharding != "fsdp":
         return {}
     options = ["full_shard" if plan.zero == 3 else "shard_grad_op" if plan.zero == 2 else "no_shard"]
     if plan.offload == "optimizer+params":
         options.append("offload")
-    return {"fsdp": " ".join([*options, "auto_wrap"]),
-            "fsdp_config": {"version": 2, "reshard_after_forward": plan.zero == 3,
-                            "cpu_offload": plan.offload == "optimizer+params",
-                            "transformer_layer_cls_to_wrap": [spec.traits.decoder_layer],
-                            "state_dict_type": "SHARDED_STATE_DICT"}}
+    args: dict[str, Any] = {
+        "fsdp": " ".join([*options, "auto_wrap"]),
+        "fsdp_config": {"version": 2, "reshard_after_forward": plan.zero == 3,
+                        "cpu_offload": plan.offload == "optimizer+params",
+                        "transformer_layer_cls_to_wrap": [spec.traits.decoder_layer],
+                        "state_dict_type": "SHARDED_STATE_DICT"}}
+    if plan.grad_accum > 1 and plan.world_size > 1:
+        args["accelerator_config"] = {"gradient_accumulation_kwargs": {"sync_each_batch": True}}
+    return args
 
 
 def alloc_env(plan: Plan) -> str:

@@ -292,3 +292,26 @@ def test_ddp_on_several_gpus_turns_find_unused_parameters_off(tmp_path):
     for name in ("full-amp-bf16-ddp", "lora-bf16-fsdp"):
         e = _emit(_plan(name, tmp_path), "trl")
         assert "ddp_find_unused_parameters" not in yaml.safe_load(e.files[e.config]), name
+
+
+def test_fsdp_with_accumulation_reduce_scatters_every_micro_batch(tmp_path):
+    """Under FSDP with accumulation the Trainer defers the reduce-scatter to the last micro-batch unless accelerate's
+    sync_each_batch is set: TRL and LLaMA-Factory files set it (the gradients stay sharded, as the estimate counts),
+    and a file without it says that the whole gradients it holds until then are not counted."""
+    import yaml
+
+    plan = build_plan(merge(_plan("lora-bf16-fsdp", tmp_path).model_dump(mode="json"), {"grad_accum": 4}))
+    key = "accelerator_config.gradient_accumulation_kwargs.sync_each_batch"
+    for trainer in ("trl", "llamafactory"):
+        e = _emit(plan, trainer)
+        data = yaml.safe_load(e.files[e.config])
+        assert data["accelerator_config"] == {"gradient_accumulation_kwargs": {"sync_each_batch": True}}, trainer
+        source = read_config(_write(e, tmp_path))
+        assert key in source.counted and key not in [n["key"] for n in source.not_modelled], trainer
+        del data["accelerator_config"]
+        path = tmp_path / f"deferred-{trainer}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert key in [n["key"] for n in read_config(path).not_modelled], trainer
+    one_micro_batch = build_plan(merge(plan.model_dump(mode="json"), {"grad_accum": 1}))
+    e = _emit(one_micro_batch, "trl")
+    assert "accelerator_config" not in yaml.safe_load(e.files[e.config])

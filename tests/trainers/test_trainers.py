@@ -67,7 +67,9 @@ EXPECTED = {
          'gpus': 1},
         ['fsdp_config.limit_all_gathers',
          'fsdp_config.cpu_ram_efficient_loading',
-         'fsdp_config.backward_prefetch'],
+         'fsdp_config.backward_prefetch',
+         # the Trainer's deferred reduce-scatter under accumulation (hf._gradient_reduction)
+         'accelerator_config.gradient_accumulation_kwargs.sync_each_batch'],
     ),
     'axolotl/examples/llama-3/lora-1b.yml': (
         'axolotl',
