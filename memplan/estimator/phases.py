@@ -203,7 +203,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
                           activations=(acts.ckpt_input + acts.ckpt_kept_inputs) * (min(2, acts.num_layers) if offload
                                                                                    else acts.num_layers) + acts.shared
                           + acts.ckpt_layer_forward,
-                          gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
+                          gathered_params=shard.gathered_layers_forward, comm_buffers=shard.buffers)
         fwd = max(fwd, in_layer, key=lambda t: sum(t.values()))
     if not acts.grad_ckpt:
         # at the end of the decoder, before the masks go (offloading: the last layer's, the stash's at most)
@@ -213,6 +213,23 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
                                 + acts.forward_extra,
                                 gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
         fwd = max(at_loss_fwd, end_of_decoder, key=lambda t: sum(t.values()))
+    if shard.unshard_first:
+        # FSDP2: as the first layer gathers (the embedding's output and the masks exist) ...
+        first = _terms(**base, gradients=G_fwd, activations=acts.ckpt_input + acts.forward_masks + acts.shared,
+                       gathered_params=shard.unshard_first, comm_buffers=shard.buffers)
+        fwd = max(fwd, first, key=lambda t: sum(t.values()))
+    if shard.unshard_last:
+        # ... and as the last one does: what the layers below saved, its input (the masks; under checkpointing
+        # the inputs kept)
+        below = spec.num_layers - 1
+        if acts.grad_ckpt:
+            saved = (acts.ckpt_input + acts.ckpt_kept_inputs) * (min(2, below) if offload else below) + acts.ckpt_input
+        else:
+            saved = ((acts.last_layer if offload else acts.first_layer + acts.layer * (below - 1)) + acts.ckpt_input
+                     + acts.forward_masks)
+        last = _terms(**base, gradients=G_fwd, activations=saved + (0 if offload else acts.shared),
+                      gathered_params=shard.unshard_last, comm_buffers=shard.buffers)
+        fwd = max(fwd, last, key=lambda t: sum(t.values()))
 
     # ---- backward: the loss backward with all activations alive, then layer by layer
     head_grads = shard.head_grads
@@ -228,6 +245,11 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
                      logits_loss=acts.loss_backward_peak, gathered_params=shard.gathered_backward,
                      comm_buffers=shard.buffers)
     candidates.append(at_loss)
+    if shard.backward_start:
+        # FSDP2 FULL_SHARD: the root gathers its parameters again before the loss's backward runs
+        candidates.append(_terms(**base, gradients=G if accum else 0, activations=saved_no_loss,
+                                 logits_loss=acts.loss_saved, gathered_params=shard.backward_start,
+                                 comm_buffers=shard.buffers))
     L = spec.num_layers
     # Memory is linear in the layer index within a run of alike layers: the ends, and the lowest layer of
     # the last layer's kind (below it, smaller layers: DeepSeek's dense first layers)
@@ -248,7 +270,16 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
             alive = (acts.first_layer if i == 0 else acts.layer) if offload else acts.first_layer + acts.layer * i
         alive += (0 if offload else acts.shared) + acts.layer_backward_transient + pending
         candidates.append(_terms(**base, gradients=g_now, activations=alive,
-                                 gathered_params=shard.gathered_backward, comm_buffers=shard.buffers))
+                                 gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
+        if shard.unshard_first and plan.method == "full":
+            # FSDP2, as layer i's last gradients are made (most of its saved tensors, released by the nodes that
+            # run last, still alive): its gradients whole, the layer above's reduce-scatter input (freed by this
+            # layer's reduce-scatter), the sharded gradients above, lm_head's whole
+            above = min(G, shard.grads_from[i + 1]) if i + 1 < L else 0  # G = 0: offloaded to the host
+            g_end = (max(0, G - head_grads) if accum else above) + shard.root_head_grads + shard.unit_grads
+            rs_input = shard.unit_grads if i + 1 < L else 0
+            candidates.append(_terms(**base, gradients=g_end, activations=alive + rs_input,
+                                     gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
     # End of the backward: every gradient exists. The embedding's dense gradient (embedding_dense_backward)
     # is a new V x h tensor; when .grad already holds one (tied lm_head, or accumulation) AccumulateGrad
     # adds out of place, so the new gradient and the sum are alive together.
@@ -256,8 +287,21 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     emb_transient = 0
     if plan.method == "full" and (spec.tie_word_embeddings or accum):
         emb_transient = (2 if kernels == "cpu" else 1) * shard.emb_grad
-    candidates.append(_terms(**base, gradients=G, activations=(0 if offload else acts.shared) + emb_transient + pending,
-                             gathered_params=shard.gathered_backward, comm_buffers=shard.buffers))
+    end_grads, end_acts = G, (0 if offload else acts.shared) + emb_transient + pending
+    if shard.unshard_first:
+        # FSDP2: the root's gradients are whole until its reduce-scatter, the first layer's reduce-scatter input
+        # waits for it, and the root is still gathered
+        end_grads += shard.root_grads - (shard.head_grads + shard.emb_grad if G else 0)
+        end_acts += shard.first_unit_grads
+        if kernels == "cpu" and shard.root_grads:
+            # gloo's reduce-scatter copies its input (distributed_c10d.py reduce_scatter_single), after the root's
+            # parameters and its embedding's gradient are gone: the root's input and that copy, lm_head's
+            # gradient, the root's sharded gradients
+            candidates.append(_terms(**base, gradients=G, activations=(0 if offload else acts.shared) + pending
+                                     + 2 * shard.root_grads + shard.root_head_grads,
+                                     comm_buffers=shard.buffers))
+    candidates.append(_terms(**base, gradients=end_grads, activations=end_acts,
+                             gathered_params=shard.gathered_end, comm_buffers=shard.buffers))
     bwd = max(candidates, key=lambda t: sum(t.values()))
 
     # ---- optimizer step: all gradients, states and the step's temporaries

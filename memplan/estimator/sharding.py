@@ -28,8 +28,20 @@ class PerGpu:
     head_grads: int  # gradients of lm_head + final norm (the first the backward produces)
     grads_from: tuple[int, ...]  # [i]: gradients of decoder layers i..L-1 (what exists in layer i's backward)
     emb_grad: int  # the token embedding's gradient
-    gathered_forward: int  # ZeRO-3 / FULL_SHARD: unsharded parameters in flight
-    gathered_backward: int
+    gathered_forward: int  # ZeRO-3 / FULL_SHARD: unsharded parameters in flight (at the loss, the decoder's end)
+    gathered_backward: int  # ... at the start of the backward (the loss's)
+    gathered_layers_forward: int  # ... inside a decoder layer's forward
+    gathered_layers_backward: tuple[int, ...]  # [i]: ... inside decoder layer i's backward
+    gathered_end: int  # ... at the end of the backward (the embedding's gradient)
+    # FSDP2's moments of most gathered bytes (0: none): as the first and the last decoder layer gather their
+    # parameters in the forward, and as the root gathers its own again when the backward starts
+    unshard_first: int
+    unshard_last: int
+    backward_start: int
+    root_grads: int  # FSDP2: the root unit's gradients, whole until its reduce-scatter ends the backward
+    root_head_grads: int  # ... of which lm_head's and the final norm's
+    first_unit_grads: int  # FSDP2: the first layer's gradients, reduce-scatter input until the root's follows
+    unit_grads: int  # FSDP2: a layer's gradients, whole until its reduce-scatter (the largest layer's)
     buffers: int  # DDP gradient buckets, DeepSpeed reduce buckets
     host_bytes: int  # CPU RAM per node
     notes: list[str] = field(default_factory=list)
@@ -99,6 +111,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     per_layer = (lambda x: _part(x, n)) if stage >= 2 else (lambda x: x)
     grads_from = list(itertools.accumulate(per_layer(trainable[spec.group_of(i)] * g_item)
                                            for i in reversed(range(spec.num_layers))))[::-1]
+    whole_root_grads, whole_head_grads = head_grads + emb_grad, head_grads
     if stage >= 2:
         head_grads, emb_grad = _part(head_grads, n), _part(emb_grad, n)
     buffers = 0
@@ -135,19 +148,48 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
             # current + prefetched parameters, gathered in the compute dtype
             gathered_f = unit + deepspeed_prefetch_elems(spec) * num.compute
             gathered_b = gathered_f + deepspeed_reduce_bucket_elems(spec) * g_item
+    gathered_layers_f = gathered_f
+    gathered_layers_b = [gathered_b] * spec.num_layers
+    gathered_end = gathered_b
+    unshard_first = unshard_last = backward_start = root_grads = root_head_grads = first_unit_grads = unit_grads = 0
+    if fsdp and stage in (2, 3):
+        # FSDP2 on every decoder layer and on the model (torch/distributed/fsdp/_fully_shard: _fsdp_param_group.py,
+        # _fsdp_collectives.py; the order as traced on 2 gloo ranks). A unit being gathered is held twice: the
+        # all-gather output (one flat buffer) and the unsharded parameters copied out of it. The forward keeps a
+        # unit's all-gather output until the next unit has copied out its own; the backward frees it at once and
+        # prefetches the next unit's. The root unit - the embeddings, the final norm, lm_head and whatever no
+        # decoder layer holds (a vision tower) - is gathered first and resharded last (its post-backward closes
+        # the backward): as the first layer gathers, the root's all-gather output, its parameters, the layer's
+        # all-gather output and parameters are alive at once.
+        root = (spec.params_embedding + spec.params_final_norm + spec.params_lm_head + spec.params_frozen)
+        root *= num.compute
+        unshard_first = 2 * root + 2 * unit
+        gathered_end = root
+        root_grads, root_head_grads = whole_root_grads, whole_head_grads
+        first_unit_grads = trainable[spec.group_of(0)] * g_item
+        unit_grads = max(trainable[g] * g_item for g in spec.layer_groups)
     if fsdp and stage == 3:
-        # FULL_SHARD: the running unit's unsharded parameters and the prefetched next unit's (forward and
-        # backward prefetch, torch/distributed/fsdp). The backward's peak is at its start, before any
-        # unit's unsharded gradients exist (measured on 2 gloo ranks: memplan profile --gpus 2).
-        gathered_f = gathered_b = 2 * unit
+        # FULL_SHARD (reshard_after_forward=True). At the loss the last layer is resharded and its all-gather output
+        # kept (forward) or the next one prefetched (backward): the root and one unit. Inside a layer its parameters
+        # and an all-gather output: two (the first layer's backward too: measured, it can hold a prefetch). As
+        # the last layer gathers: the previous layer's all-gather output, its own and its parameters. The root,
+        # resharded after the loss, is gathered again as the backward starts (its all-gather output and
+        # parameters, before any prefetch).
+        gathered_f = gathered_b = root + unit
+        gathered_layers_f = root + 2 * unit
+        gathered_layers_b = [root + 2 * unit] * spec.num_layers
+        unshard_last = root + 3 * unit
+        backward_start = 2 * root
     elif fsdp and stage == 2:
-        # SHARD_GRAD_OP (FSDP2 reshard_after_forward=False): every unit stays unsharded from its forward
-        # to its backward, so the forward ends with a whole replica gathered, plus the next unit's
-        # all-gather in flight; the backward starts with the whole replica and reshards unit by unit
+        # SHARD_GRAD_OP (reshard_after_forward=False): every unit stays unsharded from its forward to its
+        # backward, so the forward ends with a whole replica gathered, plus the last unit's all-gather output
+        # (two as the last layer gathers); the backward starts with the whole replica and reshards unit by unit
         # (measured on 2 gloo ranks to 0.01 MiB, full FT and LoRA).
         replica = spec.params_total * num.compute + adapters_all
-        gathered_f = replica + unit
+        gathered_f = gathered_layers_f = replica + unit
+        unshard_last = replica + 2 * unit
         gathered_b = replica
+        gathered_layers_b = [replica] * spec.num_layers
 
     if plan.offload != "none":
         # optimizer states, master weights (and DeepSpeed's fp32 grads) live in CPU RAM; the step runs there.
@@ -162,7 +204,11 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                 G = 0
     return PerGpu(weights=W, grads=G, master=M, opt_states=S, opt_temps=TMP, head_grads=head_grads,
                   grads_from=tuple(grads_from), emb_grad=emb_grad,
-                  gathered_forward=gathered_f, gathered_backward=gathered_b, buffers=buffers, host_bytes=host,
+                  gathered_forward=gathered_f, gathered_backward=gathered_b, gathered_layers_forward=gathered_layers_f,
+                  gathered_layers_backward=tuple(gathered_layers_b), gathered_end=gathered_end,
+                  unshard_first=unshard_first, unshard_last=unshard_last if spec.num_layers > 1 else 0,
+                  backward_start=backward_start, root_grads=root_grads, root_head_grads=root_head_grads,
+                  unit_grads=unit_grads, first_unit_grads=first_unit_grads, buffers=buffers, host_bytes=host,
                   notes=notes)
 
 

@@ -5,7 +5,9 @@ Per optimizer step: grad_accum x (forward + loss on a synthetic batch of exactly
 random token ids, labels = the ids, no attention mask; loss / grad_accum; backward), then
 `optimizer.step()` and `optimizer.zero_grad(set_to_none=True)`. Step 1 creates the optimizer states
 lazily; steps 2..n are the steady state. Under DDP the micro-batches before the last skip the gradient
-all-reduce (`no_sync`, as accelerate does); under FSDP2 `set_requires_gradient_sync` does the same.
+all-reduce (`no_sync`, as accelerate does); under FSDP2 every micro-batch reduce-scatters its gradients, as
+`memplan train` runs it, so that they stay sharded between micro-batches (deferring it would keep every unit's
+whole gradients until the last).
 
 - precision: amp-* runs forward + loss under `torch.autocast(device type, 16-bit dtype)` (autocast's
   weight cache keeps 16-bit copies alive through forward and backward) and backward outside it, as HF
@@ -244,9 +246,9 @@ def packed_batches(rows_packed: bool) -> Iterator[None]:
 
 
 def _gradient_sync(model, last_micro_batch: bool):
-    """Skip the all-reduce on all but the last micro-batch of an optimizer step (DDP / FSDP2)."""
+    """Skip DDP's all-reduce on all but the last micro-batch of an optimizer step; FSDP2 reduce-scatters each one
+    (memplan.train.loop._forward_backward)."""
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(last_micro_batch)
         return contextlib.nullcontext()
     if hasattr(model, "no_sync") and not last_micro_batch:
         return model.no_sync()
