@@ -41,6 +41,8 @@ RUNS = [
     (LARGE_ROOT, dict(FULL, zero=3, **LONG)),  # the root gathered at the loss
     (LARGE_ROOT, dict(LORA_CKPT, zero=3, **LONG)),
     (LARGE_ROOT, dict(FULL, zero=3, **SHORT)),  # the first layer's gather; the root's whole gradients
+    (LARGE_ROOT, dict(FULL, zero=3, grad_accum=2, **LONG)),  # each micro-batch reduce-scatters, as memplan train
+    (LARGE_ROOT, dict(LORA_CKPT, zero=3, grad_accum=2, **LONG)),
     (WIDE, dict(LORA_CKPT, zero=3, micro_batch=1, seq_len=64)),  # the last layer's gather
     (WIDE, dict(FULL, zero=3, micro_batch=1, seq_len=64)),  # a layer's whole gradients, the reduce-scatter input
     (WIDE, dict(LORA_CKPT, zero=2, micro_batch=1, seq_len=64)),
@@ -53,8 +55,8 @@ def profile(config: dict, fields: dict, tmp: Path) -> dict:
     plan = dict(precision="bf16", sharding="fsdp", gpus=2, device="cpu", **fields)
     args = ["--backend", "cpu", "--gpus", "2", "--sharding", "fsdp", "--zero", str(plan["zero"]),
             "--method", plan["method"], "--precision", plan["precision"], "--batch-size", str(plan["micro_batch"]),
-            "--seq-len", str(plan["seq_len"]), "--grad-ckpt" if plan["grad_ckpt"] else "--no-grad-ckpt",
-            "--steps", "3", "--json"]
+            "--seq-len", str(plan["seq_len"]), "--grad-accum", str(plan.get("grad_accum", 1)),
+            "--grad-ckpt" if plan["grad_ckpt"] else "--no-grad-ckpt", "--steps", "3", "--json"]
     done = subprocess.run([sys.executable, "-m", "memplan", "profile", "--model", str(path), *args],
                           capture_output=True, text=True, cwd=tmp, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if done.returncode not in (0, 1):  # 1: outside the goal, still a measurement
