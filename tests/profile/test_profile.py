@@ -308,7 +308,10 @@ def test_two_process_ddp_and_fsdp_on_gloo(run_cli, tiny):
     assert code == 0
     m = ddp["results"][0]["measured"]
     assert [r["rank"] for r in m["ranks"]] == [0, 1]
-    assert m["ranks"][0]["phase_peaks"] == m["ranks"][1]["phase_peaks"]
+    # the ranks hold the same tensors; a scalar of gloo's (4 bytes, measured) may outlive a peak on one rank only,
+    # freed by the process group's own thread when it is done with it
+    for phase, peak in m["ranks"][0]["phase_peaks"].items():
+        assert abs(peak - m["ranks"][1]["phase_peaks"][phase]) <= 64, phase
     assert m["after_load_bytes"] == weights
     # DDP's gradient buckets: one more copy of the gradients (gradient_as_bucket_view=False)
     assert m["phase_breakdown"]["optimizer"]["comm_buffers"] == m["phase_breakdown"]["optimizer"]["gradients"]
