@@ -308,8 +308,8 @@ def test_two_process_ddp_and_fsdp_on_gloo(run_cli, tiny):
     assert code == 0
     m = ddp["results"][0]["measured"]
     assert [r["rank"] for r in m["ranks"]] == [0, 1]
-    # the ranks hold the same tensors; a scalar of gloo's (4 bytes, measured) may outlive a peak on one rank only,
-    # freed by the process group's own thread when it is done with it
+    # the ranks hold the same tensors, but which scalars are still alive at a peak can differ between two processes
+    # (one rank's forward peak was 4 bytes above the other's in one CI run)
     for phase, peak in m["ranks"][0]["phase_peaks"].items():
         assert abs(peak - m["ranks"][1]["phase_peaks"][phase]) <= 64, phase
     assert m["after_load_bytes"] == weights
