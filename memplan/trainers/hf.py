@@ -177,7 +177,11 @@ def _value(r: Reading, key: str, path: str, defaults: dict[str, tuple[Any, str]]
     """A TrainingArguments value onto plan field `path`: taken from the file, else the default, cited."""
     if r.has(key):
         value = r.get(key)
-        r.take(path, convert(value) if convert else value, key)
+        try:
+            r.take(path, convert(value) if convert else value, key)
+        except (TypeError, ValueError):
+            kind = "a whole number" if convert is int else "a number" if convert is float else "true or false"
+            raise UserError(f"{r.path}: {key} is {shown_value(value)}, not {kind}") from None
         return value
     value, source = defaults[key]
     r.assume(path, convert(value) if convert else value, f"{key} not set; {source}")
@@ -312,10 +316,18 @@ def _gradient_reduction(r: Reading) -> None:
     key = "accelerator_config.gradient_accumulation_kwargs.sync_each_batch"
     if sync:
         r.count(key, True, "FSDP reduce-scatters every micro-batch: gradients sharded between them")
-    elif int(r.data.get("gradient_accumulation_steps") or 1) > 1:
+    elif _more_than_one(r.data.get("gradient_accumulation_steps")):
         r.unmodelled(key, "not set", "with accumulation the Trainer defers FSDP's reduce-scatter to the last "
                                      "micro-batch, and each process holds every unit's whole gradients until then "
                                      "(not counted); set it to true, as memplan's files do")
+
+
+def _more_than_one(value: Any) -> bool:
+    """A count above one (the field's own reading reports a value that is not a count)."""
+    try:
+        return int(value) > 1
+    except (TypeError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------- writing (memplan.trainers.emit)

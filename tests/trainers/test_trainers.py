@@ -514,6 +514,13 @@ def test_unrecognised_file_is_one_line_naming_the_formats(tmp_path, run_cli):
     cfg.write_text("model: gpt2\nmicro_bach: 2\n")
     code, _, err = run_cli("estimate", "--config", str(cfg))
     assert code == 2 and "unknown key 'micro_bach'; did you mean 'micro_batch'?" in err
+    # a TrainingArguments value that is not a number
+    for key, value, kind in (("gradient_accumulation_steps", "lots", "a whole number"),
+                             ("learning_rate", "fast", "a number")):
+        cfg.write_text(f"model_name_or_path: gpt2\nper_device_train_batch_size: 2\n{key}: {value}\n")
+        code, _, err = run_cli("estimate", "--config", str(cfg))
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert f"{cfg}: {key} is {value}, not {kind}" in err
 
 
 def test_estimate_prints_where_each_field_came_from(run_cli):
