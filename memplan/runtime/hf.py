@@ -90,12 +90,14 @@ def lora_config(plan: Plan, all_linear: list[str] | None = None, frozen: list[st
     )
 
 
-def nf4_config(compute_dtype):
-    """QLoRA's quantization (Dettmers et al. 2023): 4-bit NF4 with double quantization, computing in `compute_dtype`."""
+def nf4_config(compute_dtype, quant_storage=None):
+    """QLoRA's quantization (Dettmers et al. 2023): 4-bit NF4 with double quantization, computing in `compute_dtype`;
+    the packed weights stored as `quant_storage` (bitsandbytes' default: uint8)."""
     from transformers import BitsAndBytesConfig
 
+    extra = {"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype, **extra)
 
 
 def int8_config():
@@ -107,8 +109,14 @@ def int8_config():
 
 
 def quantization_config(plan: Plan, compute_dtype):
-    """transformers' BitsAndBytesConfig for the plan's quantized base (Plan.quantized_base)."""
-    return nf4_config(compute_dtype) if plan.quantized_base == "nf4" else int8_config()
+    """transformers' BitsAndBytesConfig for the plan's quantized base (Plan.quantized_base). Under FSDP on GPUs the
+    4-bit weights are stored in the compute dtype: accelerate leaves uint8 ones out of FSDP2's sharding (every GPU
+    would hold the whole quantized base, fsdp_utils.fsdp2_prepare_model), floating ones it shards, as the estimate
+    counts them (LLaMA-Factory and the PEFT FSDP-QLoRA recipe store them so too)."""
+    if plan.quantized_base != "nf4":
+        return int8_config()
+    sharded = plan.sharding == "fsdp" and plan.device == "cuda" and plan.world_size > 1
+    return nf4_config(compute_dtype, compute_dtype if sharded else None)
 
 
 def keep_4bit_layers_differentiable(model) -> int:

@@ -33,7 +33,6 @@ MODEL_CONFIG = "TRL's ModelConfig default (trl/trainer/model_config.py)"
 UNMODELLED = {
     "use_dora": "DoRA's magnitude vectors and the extra activations of its weight norm",
     "lora_target_parameters": "LoRA on parameters (MoE experts) rather than modules",
-    "bnb_4bit_quant_storage": "the storage dtype of the 4-bit weights",
 }
 QUIET = {"model_revision", "trust_remote_code", "dataset_config", "dataset_train_split", "dataset_test_split",
          "dataset_text_field", "dataset_kwargs", "dataset_num_proc", "dataset_mixture", "dataset_streaming",
@@ -157,8 +156,24 @@ def read(data: dict[str, Any], path: str, launcher: str | None = None) -> Config
     else:
         lora.local_data(r, r.get("dataset_name"), "dataset_name")
     _allocator(r)
+    _quant_storage(r)
     hf.unmodelled(r, UNMODELLED)
     return r.finish(hf.QUIET | QUIET)
+
+
+def _quant_storage(r: Reading) -> None:
+    """bnb_4bit_quant_storage under FSDP: accelerate shards 4-bit weights stored in a floating dtype and leaves
+    uint8 ones (bitsandbytes' default) whole on every GPU (fsdp_utils.fsdp2_prepare_model); the estimate counts them
+    sharded. Elsewhere the storage dtype changes no byte."""
+    key = "bnb_4bit_quant_storage"
+    storage = str(r.get(key, "uint8")).removeprefix("torch.")
+    if r.plan.get("method") != "qlora" or r.plan.get("sharding") != "fsdp":
+        r.ignore(key)
+    elif storage in ("bfloat16", "float16", "float32"):
+        r.count(key, storage, "a floating storage: FSDP shards the 4-bit weights")
+    else:
+        r.unmodelled(key, storage, "accelerate leaves uint8 4-bit weights out of FSDP's sharding: every GPU holds "
+                                   "the whole quantized base (the estimate shards it); set bfloat16")
 
 
 def _allocator(r: Reading) -> None:
@@ -207,6 +222,8 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
                     lora_target_modules=lo.targets)
         if plan.method == "qlora":
             data.update(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+            if plan.sharding == "fsdp" and plan.world_size > 1:  # floating storage: FSDP2 shards it (hf.py)
+                data["bnb_4bit_quant_storage"] = plan.regime.compute
         elif plan.method == "lora-8bit":
             data["load_in_8bit"] = True  # ModelConfig.load_in_8bit: BitsAndBytesConfig(load_in_8bit=True)
     notes = []

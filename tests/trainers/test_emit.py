@@ -315,3 +315,33 @@ def test_fsdp_with_accumulation_reduce_scatters_every_micro_batch(tmp_path):
     one_micro_batch = build_plan(merge(plan.model_dump(mode="json"), {"grad_accum": 1}))
     e = _emit(one_micro_batch, "trl")
     assert "accelerator_config" not in yaml.safe_load(e.files[e.config])
+
+
+def test_qlora_under_fsdp_stores_the_4bit_weights_so_that_fsdp_shards_them(tmp_path):
+    """accelerate leaves uint8 4-bit weights out of FSDP2's sharding (every GPU would hold the whole base); stored in
+    the compute dtype they are sharded, as the estimate counts them: memplan train and the TRL file store them so,
+    and a TRL file under FSDP without it says the estimate does not count what it does."""
+    import torch
+    import yaml
+
+    from memplan.runtime.hf import quantization_config
+
+    qlora_ddp = _plan("qlora-bf16-ddp", tmp_path)
+    qlora_fsdp = build_plan(merge(qlora_ddp.model_dump(mode="json"), {"sharding": "fsdp", "zero": 3}))
+    assert quantization_config(qlora_fsdp, torch.bfloat16).bnb_4bit_quant_storage == torch.bfloat16
+    on_cpu = build_plan(merge(qlora_fsdp.model_dump(mode="json"), {"device": "cpu", "optimizer": "adamw"}))
+    for plan in (qlora_ddp, on_cpu):
+        assert quantization_config(plan, torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
+
+    key = "bnb_4bit_quant_storage"
+    e = _emit(qlora_fsdp, "trl")
+    data = yaml.safe_load(e.files[e.config])
+    assert data[key] == "bfloat16"
+    source = read_config(_write(e, tmp_path))
+    assert key in source.counted and key not in [n["key"] for n in source.not_modelled]
+    del data[key]
+    path = tmp_path / "uint8.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert key in [n["key"] for n in read_config(path).not_modelled]
+    e = _emit(qlora_ddp, "trl")
+    assert key not in yaml.safe_load(e.files[e.config])
