@@ -102,7 +102,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     # gathered like trainable ones, so LoRA gathers them too (plus its adapters, in their own dtype).
     # The largest layer is the unit that bounds what is gathered at once.
     adapters = {g: trainable[g] * g_item if plan.method != "full" else 0 for g in spec.layer_groups}
-    unit = max(g.params * num.compute + adapters[g] for g in spec.layer_groups)
+    unit = max(_gathered_layer(g, plan, num.compute) + adapters[g] for g in spec.layer_groups)
     adapters_all = sum(adapters[g] * g.count for g in spec.layer_groups)
     G = _part(grads, n) if stage >= 2 else grads
     M = _part(master, n) if stage >= 1 else master
@@ -210,6 +210,20 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                   backward_start=backward_start, root_grads=root_grads, root_head_grads=root_head_grads,
                   unit_grads=unit_grads, first_unit_grads=first_unit_grads, buffers=buffers, host_bytes=host,
                   notes=notes)
+
+
+def _gathered_layer(group, plan: Plan, compute_itemsize: int) -> int:
+    """One decoder layer's frozen or trained weights as a gather moves them: in the compute dtype, a quantized base's
+    linears as stored (packed NF4 or int8: FSDP gathers the storage, which memplan train keeps in the compute dtype
+    under FSDP so that it is sharded at all; states.quantized_bytes)."""
+    if not plan.quantized_base:
+        return group.params * compute_itemsize
+    from memplan.estimator.states import quantized_bytes
+
+    quantized = [(lin.d_out, lin.d_in) for lin in group.linears if lin.kind in ("linear", "conv1d")
+                 for _ in range(lin.count)]
+    plain = group.params - sum(o * i for o, i in quantized)
+    return plain * compute_itemsize + sum(quantized_bytes(plan.quantized_base, o, i) for o, i in quantized)
 
 
 def _trainable_per_layer(spec: ModelSpec, plan: Plan) -> dict:

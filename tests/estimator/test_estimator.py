@@ -217,3 +217,18 @@ def test_deepspeed_zero3_steps_the_fp32_gradients_one_sub_group_at_a_time():
     cap = 4 * (DEEPSPEED_SUB_GROUP_ELEMS + math.ceil(spec.vocab_size * spec.hidden_size / 4))
     assert 4 * math.ceil(e.params_trainable / 4) > cap  # the partition is larger than a sub-group here
     assert e.phases["optimizer"]["optimizer_temporaries"] == cap
+
+
+def test_fsdp_gathers_a_quantized_layer_at_its_packed_size():
+    """FSDP gathers a QLoRA layer's NF4 storage (about 0.52 B per weight with its absmax), not compute-dtype weights:
+    beside the root unit (embeddings and lm_head, 16-bit under either method), its layers weigh about a quarter of
+    LoRA's in bf16."""
+    from memplan.plan import build_plan
+
+    spec = resolve_model("llama-2-70b")
+    root = 2 * (spec.params_embedding + spec.params_final_norm + spec.params_lm_head)
+    gathered = {}
+    for method in ("lora", "qlora"):
+        plan = build_plan(dict(model="llama-2-70b", method=method, precision="bf16", sharding="fsdp", zero=3, gpus=2))
+        gathered[method] = estimate(spec, plan).phases["forward"]["gathered_params"] - root
+    assert 3.5 < gathered["lora"] / gathered["qlora"] < 4.0
