@@ -180,7 +180,7 @@ def _value(r: Reading, key: str, path: str, defaults: dict[str, tuple[Any, str]]
         try:
             r.take(path, convert(value) if convert else value, key)
         except (TypeError, ValueError):
-            kind = "a whole number" if convert is int else "a number" if convert is float else "true or false"
+            kind = "a whole number" if convert is int else "a number"  # bool() takes any value
             raise UserError(f"{r.path}: {key} is {shown_value(value)}, not {kind}") from None
         return value
     value, source = defaults[key]
