@@ -4,6 +4,8 @@ launch, run here in-process (`python -m memplan.train.agent MODULE ARGS...`, MOD
 - It ends with `memplan train`: SIGTERM when that process ends, however it ends (SIGKILL included). Both
   launchers stop their workers on SIGTERM (SIGTERM to each, SIGKILL after 30 s) and then exit; the
   workers also die with this process (memplan.train.run), should it be killed outright.
+- Its parent removes the directory the workers report problems in; killed outright (SIGKILL), it cannot, and
+  this process removes it as it ends.
 - When the workers stop on problems they reported (memplan.train.launch.report: a UserError, which
   `memplan train` prints once), it exits 2 without the launcher's failure report and traceback. Any
   other failure is reported as the launcher reports it.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +74,9 @@ def main(argv: list[str]) -> int:
                 and launch.reported(errors):
             return 2
         raise
+    finally:
+        if errors is not None and parent and os.getppid() != int(parent):  # orphaned: nobody reads them now
+            shutil.rmtree(errors, ignore_errors=True)
     return 0
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from memplan.train import launch, preflight
 from memplan.train import lock as lock_mod
-from memplan.train import preflight
 
 from helpers import SUBPROCESS_ENV, run_dir
 from support import REPO
@@ -164,10 +164,15 @@ def test_workers_die_with_their_launcher(tmp_path, tiny, launcher, killed):
         agent = [p for p in tree if p.ppid() == proc.pid]
         trainers = [p for p in tree if p.ppid() != proc.pid]
         assert len(agent) == 1 and len(trainers) == workers, [p.cmdline() for p in tree]
+        errors = Path(agent[0].environ()[launch.ERRORS_ENV])
+        assert errors.is_dir()
         victim = proc.pid if killed == "memplan train" else agent[0].pid
         os.kill(victim, signal.SIGKILL)
         assert _gone([p.pid for p in tree]) == []
         assert lock_mod.in_use(out) is None
+        if killed != "memplan train":  # which then ends
+            proc.wait(timeout=60)
+        assert not errors.exists()  # its temporary directory goes with the run, however it ended
     finally:  # whatever the test found, it leaves no process behind
         for p in tree + [proc]:
             try:
