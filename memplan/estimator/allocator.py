@@ -1,13 +1,16 @@
 """A model of PyTorch's CUDA caching allocator: what `torch.cuda.max_memory_reserved()` becomes when a step's
 allocations and frees are served by it.
 
-The rules are those of `c10/cuda/CUDACachingAllocator.cpp` (DeviceCachingAllocator, torch 2.x), one device
-and one stream, no CUDA graphs, no `max_split_size_mb`, no `roundup_power2_divisions`:
+The rules are those of `c10/cuda/CUDACachingAllocator.cpp` (DeviceCachingAllocator, torch 2.x), one device,
+no CUDA graphs, no `max_split_size_mb`, no `roundup_power2_divisions`:
 
 - every request is rounded up to a multiple of 512 B (`round_size`, kMinBlockSize);
 - requests of at most 1 MiB (kSmallSize) are served from the small pool, the others from the large pool;
 - a request first takes the smallest cached free block of its pool that is large enough, the lowest address
   among equal sizes (`get_free_block`: `BlockComparatorSize` orders by size, then address);
+- a block belongs to the stream it was allocated on, and so does the segment it came from: a request is served
+  only from cached blocks of its own stream (`BlockComparatorSize` compares the stream first), so each stream keeps
+  its own pools (FSDP gathers parameters on a stream of its own and reduce-scatters on another);
 - with no such block, a new segment is `cudaMalloc`ed (`alloc_block`) of `get_allocation_size`: 2 MiB
   (kSmallBuffer) for a small request, 20 MiB (kLargeBuffer) below 10 MiB (kMinLargeAlloc), else the request
   rounded up to 2 MiB (kRoundLarge);
@@ -17,8 +20,8 @@ and one stream, no CUDA graphs, no `max_split_size_mb`, no `roundup_power2_divis
   segments go back to CUDA only when an allocation fails (`release_cached_blocks`: every free block that is a
   whole segment) or on `torch.cuda.empty_cache()`.
 
-With `expandable_segments:True` (PYTORCH_CUDA_ALLOC_CONF) each pool has one segment whose physical memory grows
-in pages of 2 MiB (small pool) or 20 MiB (large pool) at its end (Note [Expandable Segments];
+With `expandable_segments:True` (PYTORCH_CUDA_ALLOC_CONF) each pool (of each stream) has one segment whose physical
+memory grows in pages of 2 MiB (small pool) or 20 MiB (large pool) at its end (Note [Expandable Segments];
 `try_allocate_expandable_block`, `map_block`): a request that no free block fits maps pages after the segment's
 last block, merged with that block when it is free; any block splits when 512 B or more remain.
 
@@ -68,7 +71,7 @@ class OutOfMemory(Exception):
 class _Block:
     addr: int
     size: int
-    small: bool
+    pool: _Pool
     allocated: bool = False
     mapped: bool = True
     prev: _Block | None = None
@@ -79,7 +82,7 @@ class _Block:
 _KEY = 64  # a free block's key: size << _KEY | addr, ordered as (size, addr) (addresses stay below 2**64)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pool:
     small: bool
     free: list[int] = field(default_factory=list)  # sorted keys of the cached free blocks
@@ -107,7 +110,7 @@ class CachingAllocator:
             raise ValueError(f"allocator {allocator!r} is not one of {ALLOCATORS}")
         self.expandable = allocator == "expandable"
         self.capacity = capacity
-        self.pools = {True: _Pool(True), False: _Pool(False)}
+        self.pools: dict[tuple[int, bool], _Pool] = {}  # (stream, small): a stream's small and large pools
         self.allocated = 0
         self.reserved = 0
         self.peak_allocated = 0
@@ -116,9 +119,13 @@ class CachingAllocator:
 
     # ---------------------------------------------------------------- the public interface
 
-    def malloc(self, nbytes: int) -> _Block:
+    def malloc(self, nbytes: int, stream: int = 0) -> _Block:
+        """A block of `nbytes` for `stream` (0: the default stream)."""
         size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK if nbytes > MIN_BLOCK else MIN_BLOCK  # round_size, inlined
-        pool = self.pools[size <= SMALL_SIZE]
+        key = (stream, size <= SMALL_SIZE)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = _Pool(key[1])
         if self.expandable:
             block = self._free_block(pool, size)
         else:  # get_free_block's best fit, inlined: the hot path of a replay
@@ -144,7 +151,7 @@ class CachingAllocator:
             raise ValueError("the block was freed already")
         block.allocated = False
         self.allocated -= block.size
-        pool = self.pools[block.small]
+        pool = block.pool
         prev, nxt = block.prev, block.next  # merge with free neighbours (the hot path of a replay)
         if prev is not None and not prev.allocated and prev.mapped:
             pool.remove(prev)
@@ -197,7 +204,7 @@ class CachingAllocator:
             return None
         self.reserved += seg
         self.peak_reserved = max(self.peak_reserved, self.reserved)
-        block = _Block(self._next_addr, seg, pool.small)
+        block = _Block(self._next_addr, seg, pool)
         self._next_addr += seg
         return block
 
@@ -206,7 +213,7 @@ class CachingAllocator:
         that is free, until a block of `size` exists."""
         page = SMALL_BUFFER if pool.small else LARGE_BUFFER
         if pool.tail is None:
-            pool.tail = _Block(self._next_addr, 1 << 50, pool.small, mapped=False, expandable=True)
+            pool.tail = _Block(self._next_addr, 1 << 50, pool, mapped=False, expandable=True)
             self._next_addr += 1 << 50
         tail = pool.tail
         last = tail.prev
@@ -219,7 +226,7 @@ class CachingAllocator:
             pool.remove(start)
         self.reserved += grow
         self.peak_reserved = max(self.peak_reserved, self.reserved)
-        new = _Block(tail.addr, grow, pool.small, expandable=True, prev=last, next=tail)
+        new = _Block(tail.addr, grow, pool, expandable=True, prev=last, next=tail)
         if last is not None:
             last.next = new
         tail.prev, tail.addr, tail.size = new, tail.addr + grow, tail.size - grow
@@ -264,7 +271,7 @@ class CachingAllocator:
             split = remaining > SMALL_SIZE
         if not split:
             return block
-        front = _Block(block.addr, size, block.small, prev=block.prev, next=block, expandable=block.expandable)
+        front = _Block(block.addr, size, pool, prev=block.prev, next=block, expandable=block.expandable)
         if block.prev is not None:
             block.prev.next = front
         block.prev = front
@@ -302,8 +309,9 @@ class Replay:
 
 def replay(events, allocator: str = "default", capacity: int | None = None,
            workspaces: tuple[int, ...] = THREAD_WORKSPACES) -> Replay:
-    """Serve a step's storage events - ("a", uid, nbytes), ("f", uid), ("p", phase), ("s",) a new step, ("w",
-    thread) a thread's first cuBLAS op - by the caching allocator, as a fresh process does. At each ("w", thread)
+    """Serve a step's storage events - ("a", uid, nbytes) on the default stream or ("a", uid, nbytes, stream),
+    ("f", uid), ("p", phase), ("s",) a new step, ("w", thread) a thread's first cuBLAS op - by the caching allocator,
+    as a fresh process does. At each ("w", thread)
     that thread's cuBLAS `workspaces` are allocated and kept; a stream without those markers (a CPU-kernel trace)
     gets the main thread's at the first forward."""
     alloc = CachingAllocator(allocator, capacity)
@@ -318,7 +326,7 @@ def replay(events, allocator: str = "default", capacity: int | None = None,
         for ev in events:
             kind = ev[0]
             if kind == "a":
-                handles[ev[1]] = malloc(ev[2])
+                handles[ev[1]] = malloc(ev[2], ev[3]) if len(ev) > 3 else malloc(ev[2])
             elif kind == "f":
                 handle = pop(ev[1], None)
                 if handle is not None:

@@ -60,6 +60,27 @@ def test_freed_blocks_are_cached_and_best_fit_reused():
     assert a.reserved == 400 * MiB
 
 
+def test_each_stream_is_served_from_its_own_blocks():
+    """A block freed by one stream is not handed to another (BlockComparatorSize compares the stream first), small
+    or large; the same stream reuses it. Expandable segments: one per stream and pool."""
+    a = CachingAllocator()
+    a.free(a.malloc(100 * MiB, stream=1))
+    a.free(a.malloc(4096, stream=1))
+    a.malloc(100 * MiB)
+    a.malloc(4096)
+    assert a.reserved == 2 * (100 + 2) * MiB
+    a.malloc(100 * MiB, stream=1)
+    a.malloc(4096, stream=1)
+    assert a.reserved == 2 * (100 + 2) * MiB
+    e = CachingAllocator("expandable")
+    e.free(e.malloc(30 * MiB, stream=2))
+    e.malloc(30 * MiB)
+    assert e.reserved == 2 * 40 * MiB
+    events = [("a", 1, 100 * MiB, 1), ("f", 1), ("a", 2, 100 * MiB)]
+    assert replay(events, workspaces=()).peak_reserved == 200 * MiB
+    assert replay([ev[:3] for ev in events], workspaces=()).peak_reserved == 100 * MiB
+
+
 def test_fragmentation_needs_a_new_segment_and_merging_avoids_one():
     a = CachingAllocator()
     x = a.malloc(100 * MiB)
