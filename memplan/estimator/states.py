@@ -46,10 +46,27 @@ def module_parameters(spec: ModelSpec, targets: frozenset[str] = frozenset(),
     "linear" the weight of a decoder nn.Linear or Conv1D (what bitsandbytes quantizes), "adapter" a peft LoRA
     tensor of `targets` (after the weight it adapts: peft nests lora_A and lora_B in the module it wraps), "other"
     the rest."""
+    front, layers, back = _parameters(spec, targets, rank)
+    return front + [p for group in spec.layer_groups for p in layers[group] * group.count] + back
+
+
+def unit_parameters(spec: ModelSpec, targets: frozenset[str] = frozenset(),
+                    rank: int = 0) -> tuple[list[tuple[tuple[int, ...], str]], list[list[tuple[tuple[int, ...], str]]]]:
+    """The parameters of the units FSDP wraps, as `module_parameters` lists them: the root's (the embeddings, the
+    final norm and extras, lm_head, and a multimodal model's frozen vision tower, role "frozen") and each decoder
+    layer's, by layer index."""
+    front, layers, back = _parameters(spec, targets, rank)
+    frozen = [((spec.params_frozen,), "frozen")] if spec.params_frozen else []
+    return front + back + frozen, [layers[spec.group_of(i)] for i in range(spec.num_layers)]
+
+
+def _parameters(spec: ModelSpec, targets: frozenset[str], rank: int) -> tuple[list, dict, list]:
+    """(before the decoder layers, one layer of each group, after them)."""
     h = spec.hidden_size
-    params: list[tuple[tuple[int, ...], str]] = [((spec.vocab_size, h), "other")]
+    front: list[tuple[tuple[int, ...], str]] = [((spec.vocab_size, h), "other")]
     if spec.position_embeddings:
-        params.append(((spec.position_embeddings, h), "other"))
+        front.append(((spec.position_embeddings, h), "other"))
+    layers: dict = {}
     for group in spec.layer_groups:
         layer: list[tuple[tuple[int, ...], str]] = []
         for lin in group.linears:
@@ -63,16 +80,30 @@ def module_parameters(spec: ModelSpec, targets: frozenset[str] = frozenset(),
                     layer += adapters[i * per:(i + 1) * per]
             if lin.bias:
                 layer += [((lin.d_out,), "other")] * lin.count
-        layer += [((h,), "other")] * (spec.layer_norm_params // h)
-        layer += [((w,), "other") for w in spec.qk_norm_widths]
-        params += layer * group.count
+        layer += _tensors(group.items[len(group.linears):], h)  # the norms, q/k norms, extras
+        layers[group] = layer
+    back: list[tuple[tuple[int, ...], str]] = []
     lm_head = spec.params_lm_head
-    rest = spec.params_total - lm_head - sum(math.prod(s) for s, role in params if role != "adapter")
-    if rest > 0:  # the final norm and small extras (OPT's projections), listed by their sizes, before lm_head
-        params.append(((rest,), "other"))
+    listed = sum(math.prod(s) for s, role in front if role != "adapter") + sum(
+        math.prod(s) * g.count for g in spec.layer_groups for s, role in layers[g] if role != "adapter")
+    rest = spec.params_total - lm_head - listed
+    if rest > 0:  # the final norm and small extras (OPT's projections), before lm_head
+        listed_final = sum(i.params for i in spec.final_items) == rest
+        back += _tensors(spec.final_items, h) if listed_final else [((rest,), "other")]
     if lm_head:
-        params.append(((spec.vocab_size, lm_head // spec.vocab_size), "other"))
-    return params
+        back.append(((spec.vocab_size, lm_head // spec.vocab_size), "other"))
+    return front, layers, back
+
+
+def _tensors(items, h: int) -> list[tuple[tuple[int, ...], str]]:
+    """The tensors of count lines that are not linears: a LayerNorm's weight and bias, else one tensor each."""
+    out: list[tuple[tuple[int, ...], str]] = []
+    for item in items:
+        if item.params == 2 * h and item.formula.startswith("2 x hidden"):
+            out += [((h,), "other")] * 2
+        elif item.params:
+            out.append(((item.params,), "other"))
+    return out
 
 
 def layer_lora_tensors(linears: tuple[Linear, ...], targets: frozenset[str], rank: int) -> list[tuple[int, ...]]:
