@@ -309,11 +309,13 @@ def parallel(r: Reading, args: dict[str, Any], weights: str, weights_key: str) -
 def _gradient_reduction(r: Reading) -> None:
     """FSDP with accumulation: the Trainer defers the reduce-scatter to the last micro-batch (accelerate's no_sync,
     `_defer_fsdp_gradient_reduction`) unless accelerate's sync_each_batch is set; memplan counts the gradients
-    sharded between micro-batches, as sync_each_batch keeps them."""
-    config = r.get("accelerator_config", {})
-    kwargs = config.get("gradient_accumulation_kwargs") if isinstance(config, dict) else None
+    sharded between micro-batches, as sync_each_batch keeps them. `accelerator_config` is a mapping or the path
+    of a JSON file (TrainingArguments reads it with AcceleratorConfig.from_json_file)."""
+    config, where = section(r, "accelerator_config", "accelerator config") if r.has("accelerator_config") \
+        else ({}, "accelerator_config")
+    kwargs = config.get("gradient_accumulation_kwargs")
     sync = isinstance(kwargs, dict) and kwargs.get("sync_each_batch") is True
-    key = "accelerator_config.gradient_accumulation_kwargs.sync_each_batch"
+    key = f"{where}.gradient_accumulation_kwargs.sync_each_batch"
     if sync:
         r.count(key, True, "FSDP reduce-scatters every micro-batch: gradients sharded between them")
     elif _more_than_one(r.data.get("gradient_accumulation_steps")):

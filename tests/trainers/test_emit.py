@@ -312,6 +312,13 @@ def test_fsdp_with_accumulation_reduce_scatters_every_micro_batch(tmp_path):
         path = tmp_path / f"deferred-{trainer}.yaml"
         path.write_text(yaml.safe_dump(data))
         assert key in [n["key"] for n in read_config(path).not_modelled], trainer
+    # TrainingArguments also takes the path of a JSON file (AcceleratorConfig.from_json_file)
+    (tmp_path / "accelerator.json").write_text('{"gradient_accumulation_kwargs": {"sync_each_batch": true}}')
+    path = tmp_path / "deferred-trl.yaml"
+    path.write_text(yaml.safe_dump(dict(yaml.safe_load(path.read_text()), accelerator_config="accelerator.json")))
+    source = read_config(path)
+    assert "accelerator_config (accelerator.json).gradient_accumulation_kwargs.sync_each_batch" in source.counted
+    assert str(tmp_path / "accelerator.json") in source.files
     one_micro_batch = build_plan(merge(plan.model_dump(mode="json"), {"grad_accum": 1}))
     e = _emit(one_micro_batch, "trl")
     assert "accelerator_config" not in yaml.safe_load(e.files[e.config])
