@@ -348,6 +348,16 @@ class Plan(_Strict):
         return PRECISIONS[self.precision]
 
     @property
+    def fsdp_mixed_precision(self) -> bool:
+        """FSDP2 under autocast (amp-bf16, amp-fp16): accelerate gives fully_shard a MixedPrecisionPolicy of the
+        compute dtype for parameters and gradient reduction, over shards it upcasts to fp32 (accelerate
+        utils/fsdp_utils.py fsdp2_prepare_model, FullyShardedDataParallelPlugin.set_mixed_precision), and memplan
+        profile and memplan train on the CPU shard alike: the layers run on 16-bit gathered copies. A quantized
+        base keeps its own dtypes."""
+        return (self.sharding == "fsdp" and self.zero in (2, 3) and self.world_size > 1 and self.regime.autocast
+                and self.quantized_base is None)
+
+    @property
     def uses_bitsandbytes(self) -> bool:
         """QLoRA's 4-bit layers, LLM.int8's 8-bit layers and the 8-bit optimizers are bitsandbytes' kernels."""
         return self.quantized_base is not None or self.optimizer in BITSANDBYTES_OPTIMIZERS

@@ -30,6 +30,8 @@ def loss_chunks(plan: Plan) -> int:
 def numerics(plan: Plan, spec: ModelSpec) -> Numerics:
     """Bytes per element for the plan's precision regime (memory-anatomy §2)."""
     p = plan.precision
+    if plan.fsdp_mixed_precision:  # the layers run on the gathered 16-bit copies, still under autocast
+        return Numerics(weights=2, compute=2, residual=2, adapter=2, autocast=True, shards=4)
     if p == "fp32":
         return Numerics(weights=4, compute=4, residual=4)
     if p in ("amp-bf16", "amp-fp16"):
@@ -396,7 +398,7 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
     elif plan.loss == "standard":
         if full:
             tape.save(tape.cast(hidden, c) if num.autocast else hidden)
-        if num.autocast:
+        if num.autocast and num.weights != c:
             tape.save(T(V * h, c, False))  # autocast's copy of lm_head's weight, saved for grad_input
         if softcap:
             tape.save(T(tok * V, c, False))
@@ -438,12 +440,12 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
         # <Family>ForCausalLM.forward) while the loss runs, saved or not (LoRA: lm_head is frozen; autocast:
         # lm_head saves its bf16 copy).
         extra += hidden.nbytes
-    if num.autocast and plan.trains_adapters and plan.grad_ckpt:
+    if num.autocast and num.adapter != c and plan.trains_adapters and plan.grad_ckpt:
         # the same cache holds the adapters' low-precision copies (they are the trainable leaves)
         from memplan.estimator.states import lora_tensors
 
         extra += c * sum(math.prod(t) for t in lora_tensors(spec, lora_targets(spec, plan), plan.lora.rank))
-    if num.autocast and full and plan.grad_ckpt:
+    if num.autocast and num.weights != c and full and plan.grad_ckpt:
         # autocast caches a low-precision copy of every trainable weight it casts until it exits,
         # even when checkpointing discards what the layers would save. (The MoE experts' grouped_mm is
         # not autocast-enabled: it casts its input to the weight's dtype instead.)

@@ -21,6 +21,9 @@ class Numerics:
     residual: the residual stream (the embedding's dtype: fp32 weights keep it fp32 under autocast)
     adapter:  LoRA A/B weights (peft upcasts adapters to fp32 by default: autocast_adapter_dtype=True)
     autocast: torch.autocast casts matmul inputs to `compute` and saves those copies
+    shards:   FSDP's mixed-precision policy (Plan.fsdp_mixed_precision): the shards' bytes per element (fp32), what
+              the optimizer steps and the final gradients are; the layers see `weights`, the gathered copies (0:
+              no policy, the shards are `weights` and `adapter`)
     """
 
     weights: int
@@ -28,6 +31,15 @@ class Numerics:
     residual: int
     adapter: int = 4
     autocast: bool = False
+    shards: int = 0
+
+    @property
+    def stored_weights(self) -> int:
+        return self.shards or self.weights
+
+    @property
+    def stored_adapter(self) -> int:
+        return self.shards or self.adapter
 
 
 @dataclass(frozen=True)
@@ -207,7 +219,7 @@ class LayerReplay:
     def _adapter_copy(self, numel: int, saved: bool) -> T | None:
         """Under autocast, the low-precision copy of an adapter weight that F.linear is given: held in autocast's
         cache, and saved for grad_input when `saved` (the linear's input needs a gradient). None without autocast."""
-        if not self.n.autocast:
+        if not self.n.autocast or self.n.adapter == self.n.compute:  # a cast to its own dtype copies nothing
             return None
         copy = T(numel, self.n.compute, False)
         self.t.cache(copy)

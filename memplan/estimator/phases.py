@@ -165,9 +165,9 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     num = act_mod.numerics(plan, spec)
     targets = act_mod.lora_targets(spec, plan)
     tensors = states.parameter_tensors(spec, plan, targets)
-    p_item = states.trainable_itemsize(plan, num.weights, num.adapter)
+    p_item = states.trainable_itemsize(plan, num.stored_weights, num.stored_adapter)
 
-    weights = states.weight_bytes(tensors, plan, num.weights, num.adapter)
+    weights = states.weight_bytes(tensors, plan, num.stored_weights, num.stored_adapter)
     grads = states.gradient_bytes(tensors, p_item)
     master = states.master_bytes(tensors, plan)
     opt_states = states.optimizer_state_bytes(tensors, plan, p_item)
@@ -240,7 +240,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     # holds last micro-batch's sum, and the waiting V x h is one more.
     pending = 0
     if plan.method == "full" and spec.tie_word_embeddings and accum:
-        pending = spec.vocab_size * spec.hidden_size * p_item
+        pending = spec.vocab_size * spec.hidden_size * (num.compute if num.shards else p_item)
     at_loss = _terms(**base, gradients=G if accum else 0, activations=saved_no_loss,
                      logits_loss=acts.loss_backward_peak, gathered_params=shard.gathered_backward,
                      comm_buffers=shard.buffers)
@@ -252,9 +252,10 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
                                  comm_buffers=shard.buffers))
     L = spec.num_layers
     # Memory is linear in the layer index within a run of alike layers: the ends, and the lowest layer of
-    # the last layer's kind (below it, smaller layers: DeepSeek's dense first layers)
+    # the last layer's kind (below it, smaller layers: DeepSeek's dense first layers); and the second layer, the
+    # lowest that FSDP2's backward prefetches beside (the first has nothing left to prefetch)
     last_kind = min(spec.group_of(L - 1).indices)
-    for i in dict.fromkeys((L - 1, last_kind, 0)):
+    for i in dict.fromkeys((L - 1, last_kind, min(1, L - 1), 0)):
         # the gradients that exist while layer i runs its backward: those of layers i..L-1
         g_now = G if accum else min(G, head_grads + shard.grads_from[i])
         # offloading: only layer i's saved tensors are brought back (each when its node runs; the stash keeps
@@ -313,7 +314,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     }
     phases = {"forward": fwd, "backward": bwd, "optimizer": opt}
     run = host_mod.Run(trainable=tensors.n_trainable, largest_trainable=max(tensors.trainable, default=0),
-                       p_item=p_item, w_item=num.weights, opt_states=opt_states, offloaded=shard.host_bytes,
+                       p_item=p_item, w_item=num.stored_weights, opt_states=opt_states, offloaded=shard.host_bytes,
                        offloaded_activations=acts.offloaded if offload else 0,
                        weights=opt["weights"], device_phases=phases)
     host = host_mod.host_estimate(spec, plan, run)

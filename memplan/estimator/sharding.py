@@ -85,6 +85,9 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     ds, fsdp = plan.sharding == "deepspeed", plan.sharding == "fsdp"
     notes: list[str] = []
     g_item = grads // tensors.n_trainable if tensors.n_trainable else num.weights
+    # a gradient as autograd makes it, whole: in the gathered dtype under FSDP's mixed-precision policy, which also
+    # reduce-scatters it in that dtype (reduce_dtype) before the shard is cast to the parameter's
+    whole_item = num.compute if num.shards else g_item
 
     # Gradient sizes of each layer and of the head, for the backward's progression (grads_from below).
     trainable = _trainable_per_layer(spec, plan)
@@ -94,6 +97,8 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         head_params = 0
     head_grads = head_params * g_item
     emb_grad = spec.vocab_size * spec.hidden_size * g_item if plan.method == "full" else 0
+    whole_root_grads = (head_params + (spec.vocab_size * spec.hidden_size if plan.method == "full" else 0)) * whole_item
+    whole_head_grads = head_params * whole_item
 
     # Parameters sharded at rest: ZeRO-3 / FULL_SHARD, and FSDP's SHARD_GRAD_OP too (it reshards after the
     # backward; only between a unit's forward and its backward are its parameters whole).
@@ -101,7 +106,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     # One decoder layer's parameters as gathered for compute: the frozen base weights are sharded and
     # gathered like trainable ones, so LoRA gathers them too (plus its adapters, in their own dtype).
     # The largest layer is the unit that bounds what is gathered at once.
-    adapters = {g: trainable[g] * g_item if plan.method != "full" else 0 for g in spec.layer_groups}
+    adapters = {g: trainable[g] * whole_item if plan.method != "full" else 0 for g in spec.layer_groups}
     unit = max(_gathered_layer(g, plan, num.compute) + adapters[g] for g in spec.layer_groups)
     adapters_all = sum(adapters[g] * g.count for g in spec.layer_groups)
     G = _part(grads, n) if stage >= 2 else grads
@@ -111,7 +116,6 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     per_layer = (lambda x: _part(x, n)) if stage >= 2 else (lambda x: x)
     grads_from = list(itertools.accumulate(per_layer(trainable[spec.group_of(i)] * g_item)
                                            for i in reversed(range(spec.num_layers))))[::-1]
-    whole_root_grads, whole_head_grads = head_grads + emb_grad, head_grads
     if stage >= 2:
         head_grads, emb_grad = _part(head_grads, n), _part(emb_grad, n)
     buffers = 0
@@ -166,18 +170,18 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         unshard_first = 2 * root + 2 * unit
         gathered_end = root
         root_grads, root_head_grads = whole_root_grads, whole_head_grads
-        first_unit_grads = trainable[spec.group_of(0)] * g_item
-        unit_grads = max(trainable[g] * g_item for g in spec.layer_groups)
+        first_unit_grads = trainable[spec.group_of(0)] * whole_item
+        unit_grads = max(trainable[g] * whole_item for g in spec.layer_groups)
     if fsdp and stage == 3:
         # FULL_SHARD (reshard_after_forward=True). At the loss the last layer is resharded and its all-gather output
         # kept (forward) or the next one prefetched (backward): the root and one unit. Inside a layer its parameters
-        # and an all-gather output: two (the first layer's backward too: measured, it can hold a prefetch). As
+        # and an all-gather output: two, but in the first layer's backward, which has no unit left to prefetch. As
         # the last layer gathers: the previous layer's all-gather output, its own and its parameters. The root,
         # resharded after the loss, is gathered again as the backward starts (its all-gather output and
         # parameters, before any prefetch).
         gathered_f = gathered_b = root + unit
         gathered_layers_f = root + 2 * unit
-        gathered_layers_b = [root + 2 * unit] * spec.num_layers
+        gathered_layers_b = [root + unit] + [root + 2 * unit] * (spec.num_layers - 1)
         unshard_last = root + 3 * unit
         backward_start = 2 * root
     elif fsdp and stage == 2:
@@ -244,7 +248,7 @@ def checkpoint_bytes(tensors: Tensors, plan: Plan, num: Numerics, p_item: int) -
     from memplan.estimator.states import master_bytes, optimizer_state_bytes
 
     trainable = tensors.n_trainable * p_item
-    frozen = tensors.frozen_plain * num.weights if plan.method == "full" else 0
+    frozen = tensors.frozen_plain * num.stored_weights if plan.method == "full" else 0
     return trainable + frozen + optimizer_state_bytes(tensors, plan, p_item) + master_bytes(tensors, plan)
 
 

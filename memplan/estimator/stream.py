@@ -19,12 +19,14 @@ The stream follows what the step keeps alive, tensor by tensor:
 - the optimizer step: states created at the first step (torch/optim/adamw.py `_init_group`), the temporaries of
   each implementation (`states.optimizer_step_temporaries`), then `zero_grad(set_to_none=True)`;
 - on several GPUs under DDP: the module states' broadcast as it wraps the model, its gradient buckets, and their
-  rebuild in the second step's first forward (`memplan.estimator.reducer`).
+  rebuild in the second step's first forward (`memplan.estimator.reducer`);
+- under FSDP2: the sharded load, each unit's gathers and reduce-scatters on FSDP's own streams, the whole
+  gradients of a unit until its reduce-scatter, the optimizer on the shards (`memplan.estimator.fully_shard`).
 
 The replay keeps the tensors the estimate counts, not every kernel's scratch: it is checked against the stream a
 real step traced at full size allocates (`benchmarks/allocator_check.py`). Plans it does not follow
-(FSDP, DeepSpeed, offloading, families calibrated by trace) return None and keep the measured ratio
-(`overhead.reserved_bytes`).
+(DeepSpeed, FSDP with a mixed-precision policy, offloading, families calibrated by trace) return None and keep the
+measured ratio (`overhead.reserved_bytes`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 
 from memplan.catalog.spec import ModelSpec
 from memplan.estimator import activations as act_mod
-from memplan.estimator import autograd, reducer, states
+from memplan.estimator import autograd, fully_shard, reducer, states
 from memplan.estimator.autograd import T, Tape
 from memplan.estimator.layers import LayerReplay
 from memplan.plan import Plan
@@ -57,10 +59,14 @@ def supported(spec: ModelSpec, plan: Plan) -> str | None:
     """None where the stream follows the plan; else why not (the estimate keeps the measured ratio)."""
     if plan.device != "cuda":
         return "no caching allocator on the CPU"
-    if plan.sharding != "ddp":  # on one GPU too: their own buffers, casts and streams, not torch's plain step
-        return "FSDP and DeepSpeed: their gathered parameters, buffers and streams are not replayed"
+    if plan.sharding == "deepspeed":  # on one GPU too: its own buffers, casts and streams, not torch's plain step
+        return "DeepSpeed: its gathered parameters, buffers and streams are not replayed"
     if plan.offload != "none" or plan.offload_activations:
         return "offloading is not replayed"
+    if plan.sharding == "fsdp":
+        why = fully_shard.replayable(plan, act_mod.numerics(plan, spec))
+        if why:
+            return why
     if spec.traits.calibrated:
         return "the family is calibrated by trace, not replayed layer by layer"
     return None
@@ -141,10 +147,11 @@ class _Step:
         self.micro = 0
         self.grads: list[int] = []
         self.threads: set[str] = set()
+        self.fsdp: fully_shard.FullyShard | None = None  # FSDP2 keeps the whole gradients per unit
 
-    def alloc(self, nbytes: int) -> int:
+    def alloc(self, nbytes: int, stream: int = fully_shard.DEFAULT_STREAM) -> int:
         gid = next(self._ids)
-        self.events.append(("a", gid, int(nbytes)))
+        self.events.append(("a", gid, int(nbytes), stream) if stream else ("a", gid, int(nbytes)))
         return gid
 
     def free(self, *gids: int | None) -> None:
@@ -160,8 +167,11 @@ class _Step:
             self.keep_grad(self.alloc(nbytes))
 
     def keep_grad(self, g: int) -> None:
-        """A parameter's gradient: kept as .grad on the first micro-batch, added in place on the others."""
-        if self.micro == 0:
+        """A parameter's gradient: kept as .grad on the first micro-batch, added in place on the others; under FSDP2
+        its unit reduce-scatters it."""
+        if self.fsdp is not None:
+            self.fsdp.keep_grad(g)
+        elif self.micro == 0:
             self.grads.append(g)
         else:
             self.free(g)
@@ -225,8 +235,8 @@ def stream_plan(plan: Plan) -> Plan:
     """The plan with what its stream does not depend on set to one value, so that plans differing only there (a
     search's accumulation steps, GPU counts, schedules) share one replay: the micro-batches past MICRO_BATCHES,
     how many GPUs beyond one (DDP allocates the same on each rank), the hyperparameters and the output."""
-    return plan.model_copy(update={"grad_accum": min(plan.grad_accum, MICRO_BATCHES),
-                                   "gpus": min(plan.world_size, 2), "nodes": 1,
+    gpus = plan.world_size if plan.sharding == "fsdp" else min(plan.world_size, 2)  # FSDP's shards depend on it
+    return plan.model_copy(update={"grad_accum": min(plan.grad_accum, MICRO_BATCHES), "gpus": gpus, "nodes": 1,
                                    "hparams": type(plan.hparams)(), "output_dir": None, "target": None})
 
 
@@ -237,7 +247,14 @@ def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[t
         return None
     model = _Model(spec, act_mod.as_one_row(plan))
     st = _Step()
-    model.load(st)
+    st.fsdp = model.fsdp
+    if model.fsdp:
+        model.fsdp.load(st)
+        sharded = model.fsdp.sharded_tensors
+        for n in sharded.trainable if states.master_bytes(sharded, plan) else ():  # the optimizer's fp32 masters
+            st.alloc(4 * n)
+    else:
+        model.load(st)
     ddp = model.ddp() if reducer.wraps(plan) else None
     if ddp:
         ddp.wrap(st)
@@ -249,9 +266,12 @@ def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[t
                 ddp.rebuild(st)
             model.micro_batch(st)
         st.events.append(("p", "optimizer"))
-        _optimizer_step(st, model.plan, model.tensors, model.p_item, first=step == 0)
+        tensors = model.fsdp.sharded_tensors if model.fsdp else model.tensors
+        _optimizer_step(st, model.plan, tensors, model.opt_item, first=step == 0)
         st.free(*st.grads)  # zero_grad(set_to_none=True)
         st.grads = []
+        if model.fsdp:
+            model.fsdp.zero_grad(st)
         st.events.append(("p", None))
     return st.events
 
@@ -276,13 +296,16 @@ class _Model:
         self.spec, self.plan = spec, plan
         self.num = num = act_mod.numerics(plan, spec)
         self.tensors = states.parameter_tensors(spec, plan, act_mod.lora_targets(spec, plan))
-        self.p_item = states.trainable_itemsize(plan, num.weights, num.adapter)
+        self.p_item = states.trainable_itemsize(plan, num.weights, num.adapter)  # as autograd makes the gradients
+        self.opt_item = states.trainable_itemsize(plan, num.stored_weights, num.stored_adapter)  # as the step keeps
         self.full = plan.method == "full"
         self.h, self.V, self.tok = spec.hidden_size, spec.vocab_size, plan.micro_batch * plan.seq_len
         self.acts = act_mod.activations(spec, plan, "cuda")
         ropes = spec.traits.rope_layers or (True,) * spec.num_layers
         self.kinds = [(spec.group_of(i), t, r) for i, (t, r) in enumerate(zip(spec.traits.layer_types, ropes))]
         self._templates: dict = {}
+        self.fsdp = fully_shard.FullyShard(spec, plan, num.weights, self.p_item, act_mod.lora_targets(spec, plan),
+                                           num.shards) if plan.sharding == "fsdp" else None
         norm_spec = act_mod.layer_spec(spec, plan)
         self.final_norm = _record(self.tok, self.p_item, T(self.tok * self.h, num.residual, True),
                                   lambda tape, x: LayerReplay(tape, norm_spec, num).norm(x, patched=True))
@@ -328,6 +351,9 @@ class _Model:
         acts, tok, h, V = self.acts, self.tok, self.h, self.V
         st.events.append(("p", "forward"))
         batch = [st.alloc(8 * tok), st.alloc(8 * tok)]  # input ids, labels
+        fsdp, root = self.fsdp, fully_shard.FullyShard.ROOT
+        if fsdp:
+            fsdp.pre_forward(st, root)
         shared = st.alloc(acts.shared) if acts.shared else None
         x = st.alloc(tok * h * self.num.residual)  # the embedding's output
         masks = st.alloc(acts.forward_masks) if acts.forward_masks else None
@@ -340,25 +366,14 @@ class _Model:
         hidden, norm_ids = st.forward(self.final_norm, x, keep_saved=True)
         if self.final_norm.x not in self.final_norm.saved:
             st.free(x)
-        # autocast's copies of lm_head's weight (made first) and of its input, for the standard loss: saved for the
-        # backward where the other needs a gradient (the input always does; the weight when trained), else dropped
-        # once the logits exist
-        c = self.num.compute
-        casts = self.num.autocast and not (self.plan.liger_loss or len(_chunks(self.plan, tok)) > 1)
-        head_w = st.alloc(V * h * c) if casts and self.num.weights != c else None
-        head_x = st.alloc(tok * h * c) if casts and self.num.residual != c else None
-        # the model's forward drops the final hidden states as it returns, unless lm_head saved them (a trainable
-        # weight, given them uncast) or the loss runs lm_head again (chunked, Liger)
-        kept_hidden = ((self.full and head_x is None) or "lm_head" in act_mod.lora_targets(self.spec, self.plan)
-                       or self.plan.liger_loss or len(_chunks(self.plan, tok)) > 1)
-        loss = _loss_forward(st, self.plan, acts, tok, V, c, None if kept_hidden else hidden,
-                             drop=None if self.full else head_x)
-        if casts:
-            loss.update(head=(head_w, head_x if self.full else None),
-                        input_cast=self.num.residual if head_x else None)
+        loss, kept_hidden = self._head_forward(st, hidden)
         st.free(*cache)  # the autocast region (model and loss) ends
+        if fsdp:  # the root's post-forward: transformers computes the loss inside the model's forward
+            fsdp.forward_end(st)
         st.events.append(("p", "backward"))
-        grad, w_grad = _loss_backward(st, self.plan, acts, loss, tok, V, h, c, self.p_item, self.full)
+        if fsdp:
+            fsdp.pre_backward(st, root)
+        grad, w_grad = _loss_backward(st, self.plan, acts, loss, tok, V, h, self.num.compute, self.p_item, self.full)
         tied = self.full and self.spec.tie_word_embeddings
         pending = [w_grad] if tied and w_grad else []  # waits in the tied weight's input buffer
         if w_grad and not tied:
@@ -369,6 +384,33 @@ class _Model:
         for i in reversed(range(self.spec.num_layers)):
             grad = self._layer_backward(st, i, *layers[i], grad)
         st.free(grad)
+        self._embedding_backward(st, pending)
+        st.free(shared, *batch)
+
+    def _head_forward(self, st: _Step, hidden: int) -> tuple[dict, bool]:
+        """lm_head and the loss: (what the loss keeps for its backward, whether the final hidden states stay)."""
+        tok, h, V, c = self.tok, self.h, self.V, self.num.compute
+        # autocast's copies of lm_head's weight (made first) and of its input, for the standard loss: saved for the
+        # backward where the other needs a gradient (the input always does; the weight when trained), else dropped
+        # once the logits exist
+        casts = self.num.autocast and not (self.plan.liger_loss or len(_chunks(self.plan, tok)) > 1)
+        head_w = st.alloc(V * h * c) if casts and self.num.weights != c else None
+        head_x = st.alloc(tok * h * c) if casts and self.num.residual != c else None
+        # the model's forward drops the final hidden states as it returns, unless lm_head saved them (a trainable
+        # weight, given them uncast) or the loss runs lm_head again (chunked, Liger)
+        kept_hidden = ((self.full and head_x is None) or "lm_head" in act_mod.lora_targets(self.spec, self.plan)
+                       or self.plan.liger_loss or len(_chunks(self.plan, tok)) > 1)
+        loss = _loss_forward(st, self.plan, self.acts, tok, V, c, None if kept_hidden else hidden,
+                             drop=None if self.full else head_x)
+        if casts:
+            loss.update(head=(head_w, head_x if self.full else None),
+                        input_cast=self.num.residual if head_x else None)
+        return loss, kept_hidden
+
+    def _embedding_backward(self, st: _Step, pending: list) -> None:
+        """The embedding's gradient (full FT; a tied weight's two summed), then under FSDP2 the root's
+        post-backward, which ends the backward."""
+        V, h = self.V, self.h
         if self.full:
             emb = st.alloc(V * h * self.p_item)  # embedding_dense_backward
             if pending:  # the tied weight's two gradients summed out of place
@@ -377,13 +419,19 @@ class _Model:
                 st.keep_grad(total)
             else:
                 st.keep_grad(emb)
-        st.free(shared, *batch)
+        if self.fsdp:
+            self.fsdp.post_backward(st, fully_shard.FullyShard.ROOT, st.micro == 0)
+            self.fsdp.backward_end(st)
 
     def _layer_forward(self, st: _Step, i: int, x: int, cache: list) -> tuple[int, dict, int | None]:
         """(the output, the ids of what the layer made, the input when it is kept: checkpointing keeps each
         layer's input, and a layer may save its own)."""
         tp = self.layer(i)
+        if self.fsdp:
+            self.fsdp.pre_forward(st, i)
         out, ids = st.forward(tp, x, keep_saved=not self.plan.grad_ckpt, cache=cache)
+        if self.fsdp:
+            self.fsdp.post_forward(st, i)
         if self.plan.grad_ckpt or tp.x in tp.saved:
             return out, ids, x
         st.free(x)
@@ -391,6 +439,8 @@ class _Model:
 
     def _layer_backward(self, st: _Step, i: int, ids: dict, kept: int | None, grad: int) -> int:
         tp = self.layer(i)
+        if self.fsdp:
+            self.fsdp.pre_backward(st, i)
         if self.plan.grad_ckpt and not self.plan.ckpt_reentrant:
             ids = st.recompute(tp, kept)
         elif self.plan.grad_ckpt:  # reentrant: the whole forward again, keeping what it saves
@@ -399,6 +449,8 @@ class _Model:
         grad = st.backward(tp, ids, grad)
         if self.plan.grad_ckpt and tp.x not in tp.saved:
             st.free(kept)
+        if self.fsdp:
+            self.fsdp.post_backward(st, i, st.micro == 0)
         return grad
 
 

@@ -99,16 +99,20 @@ def warmup_steps(plan, total: int) -> int:
 
 def _shard_fsdp(model, plan, world: int) -> None:
     """FSDP2 (`fully_shard`) of every decoder layer, then the root. Used on the CPU, where accelerate
-    runs only DDP; on CUDA accelerate applies FSDP from the launch config. ZeRO stage 2 or 3
+    runs only DDP; on CUDA accelerate applies FSDP from the launch config, and under autocast its
+    mixed-precision policy, which this one follows (Plan.fsdp_mixed_precision). ZeRO stage 2 or 3
     (memplan.train.preflight refuses the others)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
-    reshard = plan.zero == 3
+    kwargs = dict(mesh=mesh, reshard_after_forward=plan.zero == 3)
+    if plan.fsdp_mixed_precision:  # accelerate's policy on CUDA: gathered and reduced in the compute dtype
+        compute = getattr(torch, plan.regime.compute)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=compute)
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 def _all_sum(accelerator, value):

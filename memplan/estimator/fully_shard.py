@@ -1,0 +1,209 @@
+"""What FSDP2 (`fully_shard` on every decoder layer, then on the model: memplan train through accelerate's
+`fsdp_version: 2`) allocates on each GPU, on which stream, in the order a training step's stream
+(`memplan.estimator.stream`) needs it. From torch/distributed/fsdp/_fully_shard (`_fsdp_param.py`,
+`_fsdp_param_group.py`, `_fsdp_collectives.py`, torch 2.x) and accelerate's `fsdp2_load_full_state_dict`; the order
+as two gloo ranks allocate it (benchmarks/fsdp_stream_check.py):
+
+- loading (accelerate, `fsdp_cpu_ram_efficient_loading`): parameter by parameter, the whole tensor is made on the
+  GPU (rank 0 copies it there, the others receive it by broadcast), the previous one dropped, then this rank's
+  shard is made (`distribute_tensor`): dim 0 split in `world` chunks, padded to equal ones;
+- a unit's unshard: its all-gather output, one flat buffer of every shard, on the all-gather copy-in stream
+  (`foreach_all_gather`: `get_all_gather_streams` picks the copy-in stream in the forward and the pre-backward);
+  then each parameter's unsharded storage on the default stream (`alloc_storage`), copied out of it;
+- the forward keeps a unit's all-gather output until the next unit has copied out its own
+  (`comm_ctx.all_gather_state`); FULL_SHARD frees each layer's parameters after its forward (`reshard`), and the
+  root's after the loss, which transformers computes inside the model's forward; then the last all-gather output;
+- the backward: the root gathers again (FULL_SHARD), frees its all-gather output once copied out, and each unit
+  prefetches the next one's (`_backward_prefetch`); a unit's pre-backward copies out its parameters and frees the
+  all-gather output;
+- a unit's post-backward: its parameters freed, the previous reduce-scatter input freed
+  (`reduce_scatter_max_input_buffers` = 1), its own made on the default stream (`foreach_reduce`: the gradients
+  copied in, dim 0 padded), the whole gradients freed, the reduce-scatter output made on the reduce-scatter stream;
+  the sharded gradients are views of it, kept until `zero_grad` (a later micro-batch adds into them and frees its
+  own). The root's post-backward comes last; its reduce-scatter input is freed as the backward ends.
+
+Replayed: the regimes without a mixed-precision policy, whose weights are gathered in their own dtype (bf16,
+bf16-master with the optimizer's fp32 masters of the shards, fp32), FULL_SHARD and SHARD_GRAD_OP, full fine-tuning
+and LoRA, no offload, no quantized base (`stream.supported` keeps the others on the measured ratio). NCCL's own
+buffers live outside the caching allocator (`overhead.NCCL_BYTES`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from memplan.catalog.spec import ModelSpec
+from memplan.estimator import states
+from memplan.plan import Plan
+
+# The caching allocator's streams (memplan.estimator.allocator: each keeps its own pools)
+DEFAULT_STREAM = 0
+ALL_GATHER_STREAM = 1  # FSDPCommContext.all_gather_copy_in_stream: where all-gather outputs are allocated
+REDUCE_SCATTER_STREAM = 2  # FSDPCommContext.reduce_scatter_stream: where reduce-scatter outputs are allocated
+
+
+def replayable(plan: Plan, num) -> str | None:
+    """None where the stream follows FSDP2 for the plan; else why not."""
+    if plan.zero not in (2, 3):
+        return "FSDP without sharded parameters is not replayed"
+    if plan.quantized_base:
+        return "a quantized base under FSDP is not replayed"
+    if num.weights != num.compute:  # autocast over unsharded fp32 weights: FSDP on one process
+        return "FSDP on one process under autocast is not replayed"
+    return None
+
+
+@dataclass(frozen=True)
+class _Param:
+    shape: tuple[int, ...]
+    itemsize: int  # gathered, and its gradient as autograd makes it
+    trainable: bool
+    stored: int  # the shard's (a mixed-precision policy gathers copies of fp32 shards)
+
+    def shard_numel(self, world: int) -> int:
+        """dim 0 in `world` equal chunks, padded (FSDPParam.padded_sharded_param_size)."""
+        return math.ceil(self.shape[0] / world) * math.prod(self.shape[1:])
+
+
+class FullyShard:
+    """The events FSDP2 adds to the step's stream (`st`: memplan.estimator.stream._Step)."""
+
+    def __init__(self, spec: ModelSpec, plan: Plan, weight_itemsize: int, trainable_itemsize: int,
+                 targets: frozenset[str], shard_itemsize: int = 0) -> None:
+        """Itemsizes as gathered; `shard_itemsize` the shards' under a mixed-precision policy (0: none)."""
+        self.world = plan.world_size
+        self.reshard_after_forward = plan.zero == 3
+        self.mixed_precision = bool(shard_itemsize)
+        full = plan.method == "full"
+
+        def params(listed) -> list[_Param]:
+            out = []
+            for shape, role in listed:
+                itemsize = trainable_itemsize if full or role == "adapter" else weight_itemsize
+                out.append(_Param(shape, itemsize, full and role != "frozen" or role == "adapter",
+                                  shard_itemsize or itemsize))
+            return out
+        root, layers = states.unit_parameters(spec, frozenset() if full else targets, plan.lora.rank)
+        self.root = params(root)
+        self.layers = [params(layer) for layer in layers]
+        self._leading = 2 if spec.position_embeddings else 1  # the root's tensors before the decoder layers
+        self._gathered: dict[int, list[int]] = {}  # unit -> its unsharded parameters' ids
+        self._all_gather: dict[int, int] = {}  # unit -> its all-gather output's id, until freed
+        self._kept_all_gather: int | None = None  # the last forward all-gather output (all_gather_state)
+        self._reduce_scatter_input: int | None = None
+        self._grads: dict[int, list[int]] = {}  # unit -> its whole gradients, as autograd makes them
+        self._current = self.ROOT  # the unit whose backward runs
+        self.sharded_grads: list[int] = []
+
+    ROOT = -1
+
+    def _unit(self, u: int) -> list[_Param]:
+        return self.root if u == self.ROOT else self.layers[u]
+
+    @property
+    def sharded_tensors(self) -> states.Tensors:
+        """This rank's trainable shards: what the optimizer steps on."""
+        shapes = tuple((math.ceil(p.shape[0] / self.world), *p.shape[1:])
+                       for unit in (*self.layers, self.root) for p in unit if p.trainable)
+        return states.Tensors(shapes, (), 0)
+
+    # ---------------------------------------------------------------- loading
+
+    def load(self, st) -> None:
+        """fsdp2_load_full_state_dict: the whole tensor, the previous one dropped as the loop rebinds it, the shard;
+        in the model's order (the root's leading tensors, the decoder layers, the rest of the root)."""
+        previous = None
+        lead = self._leading
+        for p in self.root[:lead] + [p for layer in self.layers for p in layer] + self.root[lead:]:
+            full = st.alloc(math.prod(p.shape) * p.stored)
+            st.free(previous)
+            st.alloc(p.shard_numel(self.world) * p.stored)
+            previous = full
+        st.free(previous)
+
+    # ---------------------------------------------------------------- gathering
+
+    def _all_gather_output(self, st, u: int) -> int:
+        """Under a mixed-precision policy the shards are first copied to the gathered dtype, one flat tensor
+        (`_get_param_all_gather_inputs`' foreach copy), freed once copied into the output."""
+        nbytes = sum(p.shard_numel(self.world) * p.itemsize for p in self._unit(u))
+        cast = st.alloc(nbytes, ALL_GATHER_STREAM) if self.mixed_precision else None
+        out = st.alloc(nbytes * self.world, ALL_GATHER_STREAM)
+        st.free(cast)
+        return out
+
+    def _copy_out(self, st, u: int) -> None:
+        self._gathered[u] = [st.alloc(p.shard_numel(self.world) * self.world * p.itemsize) for p in self._unit(u)]
+
+    def _reshard(self, st, u: int) -> None:
+        st.free(*self._gathered.pop(u, ()))
+
+    def pre_forward(self, st, u: int) -> None:
+        """A unit's forward: gathered (unless still unsharded, SHARD_GRAD_OP), the previous all-gather output freed."""
+        if u in self._gathered:
+            return
+        ag = self._all_gather_output(st, u)
+        self._copy_out(st, u)
+        st.free(self._kept_all_gather)
+        self._kept_all_gather = ag
+
+    def post_forward(self, st, u: int) -> None:
+        if self.reshard_after_forward:
+            self._reshard(st, u)
+
+    def forward_end(self, st) -> None:
+        """The root's post-forward, after the loss: its parameters (FULL_SHARD), then the last all-gather output."""
+        self.post_forward(st, self.ROOT)
+        st.free(self._kept_all_gather)
+        self._kept_all_gather = None
+
+    def _prefetch(self, st, u: int) -> None:
+        if u not in self._gathered and u not in self._all_gather:
+            self._all_gather[u] = self._all_gather_output(st, u)
+
+    def pre_backward(self, st, u: int) -> None:
+        """Copy out the unit (gathered now or prefetched), free its all-gather output, prefetch the next unit."""
+        if u not in self._gathered:
+            self._prefetch(st, u)
+            self._copy_out(st, u)
+            st.free(self._all_gather.pop(u))
+        self._current = u
+        following = len(self.layers) - 1 if u == self.ROOT else u - 1
+        if following >= 0:
+            self._prefetch(st, following)
+
+    def keep_grad(self, g: int) -> None:
+        """A parameter's whole gradient, made by autograd in the backward of the unit that runs."""
+        self._grads.setdefault(self._current, []).append(g)
+
+    def post_backward(self, st, u: int, first_micro_batch: bool) -> None:
+        """Reshard, reduce-scatter the unit's whole gradients, keep the sharded ones; the root's backward goes on
+        (the embedding's gradient)."""
+        self._reshard(st, u)
+        self._current = self.ROOT
+        st.free(self._reduce_scatter_input)
+        self._reduce_scatter_input = None
+        trainable = [p for p in self._unit(u) if p.trainable]
+        if not trainable:
+            return
+        nbytes = sum(p.shard_numel(self.world) * self.world * p.itemsize for p in trainable)
+        self._reduce_scatter_input = st.alloc(nbytes)
+        st.free(*self._grads.pop(u, ()))
+        out = st.alloc(nbytes // self.world, REDUCE_SCATTER_STREAM)
+        if self.mixed_precision:  # reduced in the gathered dtype, then cast to the shards' (`_to_dtype_if_needed`)
+            cast = st.alloc(sum(p.shard_numel(self.world) * p.stored for p in trainable), REDUCE_SCATTER_STREAM)
+            st.free(out)
+            out = cast
+        if first_micro_batch:
+            self.sharded_grads.append(out)
+        else:  # added into the sharded gradients
+            st.free(out)
+
+    def backward_end(self, st) -> None:
+        st.free(self._reduce_scatter_input)
+        self._reduce_scatter_input = None
+
+    def zero_grad(self, st) -> None:
+        st.free(*self.sharded_grads)
+        self.sharded_grads = []

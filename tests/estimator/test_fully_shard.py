@@ -1,0 +1,125 @@
+"""FSDP2 in the allocation stream (memplan.estimator.fully_shard): its storages in the order two gloo ranks made and
+freed them, the streams they are allocated on, the sharded load, and the plans it leaves to the measured ratio."""
+
+import importlib.util
+import itertools
+import json
+import math
+
+import pytest
+
+from memplan.catalog.spec import spec_from_config
+from memplan.estimator import estimate, fully_shard
+from memplan.estimator.allocator import replay
+from memplan.estimator.stream import allocation_stream
+from memplan.plan import Plan
+
+from support import REPO
+
+STREAM_ROWS = [json.loads(line) for line in (REPO / "benchmarks/results/fsdp-stream.jsonl").read_text().splitlines()]
+GLOO_ROWS = [json.loads(line) for line in (REPO / "benchmarks/results/fsdp-gloo-2rank.jsonl").read_text().splitlines()]
+CONFIG = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 3,
+          "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 8192, "max_position_embeddings": 512}
+
+
+def _check_module():
+    spec = importlib.util.spec_from_file_location("fsdp_stream_check", REPO / "benchmarks/fsdp_stream_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _plan(**fields) -> Plan:
+    return Plan(**{"model": "llama-small", "gpus": 2, "sharding": "fsdp", "zero": 3, "precision": "bf16",
+                   "micro_batch": 2, "seq_len": 64, **fields})
+
+
+@pytest.mark.parametrize("row", STREAM_ROWS, ids=lambda r: "zero{zero}-{method}-{}-accum{}".format(
+    r["plan"].get("precision", "bf16"), r["plan"].get("grad_accum", 1), **r["plan"]))
+def test_the_stream_makes_and_frees_fsdp_storages_as_two_gloo_ranks_did(row):
+    """All-gather outputs, unsharded parameters, reduce-scatter inputs and outputs, each made and freed in the
+    traced order (the second optimizer step: accumulation, checkpointing, FULL_SHARD and SHARD_GRAD_OP, autocast's
+    mixed-precision policy)."""
+    check = _check_module()
+    events, kinds = check._stream(row["llama_config"], row["plan"])
+    streamed = check._fsdp_sequence(events, lambda ev: kinds.get(ev[1], ""), step=2)
+    assert check.canonical(streamed) == check.canonical(row["step2_fsdp_storages"])
+
+
+def test_gathers_and_reduce_scatters_are_allocated_on_their_own_streams():
+    spec = spec_from_config(CONFIG, "llama-small")
+    events = allocation_stream(spec, _plan(method="full"))
+    by_stream = {}
+    for ev in events:
+        if ev[0] == "a":
+            by_stream.setdefault(ev[3] if len(ev) > 3 else 0, []).append(ev[2])
+    root = (2 * 8192 * 256 + 256) * 2  # embeddings, lm_head, final norm in bf16
+    assert max(by_stream[fully_shard.ALL_GATHER_STREAM]) == root
+    assert max(by_stream[fully_shard.REDUCE_SCATTER_STREAM]) == root // 2  # this rank's half of the root's gradients
+    # separate pools reserve more than one pool would for the same allocations
+    pooled = replay([ev[:3] if ev[0] == "a" else ev for ev in events])
+    assert replay(events).peak_reserved > pooled.peak_reserved
+
+
+@pytest.mark.parametrize("gpus", [2, 3])
+def test_the_load_keeps_this_ranks_shards_and_two_whole_tensors_at_most(gpus):
+    """accelerate's fsdp2_load_full_state_dict: each whole tensor is dropped as the loop rebinds its variable to the
+    next one; each rank keeps its padded dim-0 chunks."""
+    spec = spec_from_config(CONFIG, "llama-small")
+    events = allocation_stream(spec, _plan(method="full", gpus=gpus))
+    load = events[:events.index(("s",))]
+    sizes = {ev[1]: ev[2] for ev in load if ev[0] == "a"}
+    steps = list(itertools.accumulate(sizes[ev[1]] if ev[0] == "a" else -sizes[ev[1]] for ev in load))
+    live, peak = steps[-1], max(steps)
+    shards = 2 * sum(math.ceil(s[0] / gpus) * math.prod(s[1:]) for s in _shapes(spec))
+    assert live == shards
+    largest = 2 * 8192 * 256 * 2
+    assert shards < peak <= shards + largest
+
+
+def _shapes(spec):
+    from memplan.estimator.states import module_parameters
+
+    return [shape for shape, _ in module_parameters(spec)]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-master", "fp32", "amp-bf16"])
+@pytest.mark.parametrize("row", GLOO_ROWS, ids=lambda r: f"zero{r['plan']['zero']}-{r['plan']['method']}")
+def test_the_stream_allocates_what_the_estimate_counts(row, precision):
+    """The stream (CUDA kernels) against the estimate's allocated peak of the same plans on a GPU, which the gloo runs
+    check per phase (bf16): what the replay does not allocate is added to its reserved peak, so it must stay small.
+    bf16-master adds the optimizer's fp32 masters of the shards; amp-bf16 gathers bf16 copies of fp32 shards."""
+    spec = spec_from_config(dict(model_type="llama", **row["llama_config"]), "llama-small")
+    e = estimate(spec, Plan(**dict(row["plan"], device="cuda", model="llama-small", precision=precision)))
+    assert e.reserved_basis == "replayed"
+    assert -3 <= 100 * (e.replayed.steps_allocated - e.peak_allocated) / e.peak_allocated <= 2
+
+
+@pytest.mark.parametrize("fields, why", [
+    (dict(precision="amp-bf16", gpus=1), "FSDP on one process under autocast"),
+    (dict(method="qlora"), "a quantized base under FSDP"),
+    (dict(offload="optimizer+params"), "offloading"),
+])
+def test_plans_the_stream_does_not_follow_keep_the_measured_ratio(fields, why):
+    spec = spec_from_config(CONFIG, "llama-small")
+    e = estimate(spec, _plan(**fields))
+    assert e.replayed is None and e.reserved_basis.startswith(f"measured ratio ({why}")
+
+
+def test_autocast_under_fsdp_runs_the_layers_on_the_gathered_bf16_copies():
+    """accelerate's mixed-precision policy: fp32 shards (weights, final gradients, states as an fp32 plan keeps
+    them), activations and gathered parameters as in bf16 (no fp32 residual, no autocast copies of the weights);
+    each gather first copies the shards to one flat bf16 tensor, each reduce-scatter casts its bf16 output to fp32."""
+    spec = spec_from_config(CONFIG, "llama-small")
+    amp, bf16, fp32 = (estimate(spec, _plan(method="full", precision=p)) for p in ("amp-bf16", "bf16", "fp32"))
+    for term in ("weights", "optimizer_states"):
+        assert amp.phases["optimizer"][term] == fp32.phases["optimizer"][term] == 2 * bf16.phases["optimizer"][term]
+    for term in ("activations", "logits_loss", "gathered_params"):  # (the backward peaks elsewhere: fp32 gradients)
+        assert amp.phases["forward"][term] == bf16.phases["forward"][term]
+    one_gpu = estimate(spec, _plan(method="full", precision="amp-bf16", gpus=1, sharding="ddp", zero=0))
+    assert one_gpu.phases["forward"]["activations"] > amp.phases["forward"]["activations"]  # fp32 residual
+    events = allocation_stream(spec, _plan(method="full", precision="amp-bf16"))
+    made = [(ev[3] if len(ev) > 3 else 0, ev[2]) for ev in events if ev[0] == "a"]
+    root_shard = (8192 * 256 + 256 + 8192 * 256) // 2 * 2  # this rank's halves of the embeddings, norm, lm_head
+    assert (fully_shard.ALL_GATHER_STREAM, root_shard) in made  # bf16: half the fp32 shard's bytes
+    assert (fully_shard.REDUCE_SCATTER_STREAM, root_shard * 2) in made  # the fp32 cast of the reduced shard
