@@ -55,6 +55,9 @@ def main(argv: list[str]) -> int:
         print(f"memplan.train.agent: expected one of {', '.join(LAUNCHERS)}, then its arguments", file=sys.stderr)
         return 2
     parent = os.environ.get(launch.PARENT_ENV)
+    # SIGTERM unwinds this process (the launchers that stop their workers on it install their own handler, and
+    # restore this one): the errors directory is removed on the way out, even where the launcher has no handler
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     launch.die_with_parent(signal.SIGTERM, int(parent) if parent else None)
     errors = Path(os.environ[launch.ERRORS_ENV]) if os.environ.get(launch.ERRORS_ENV) else None
     if errors is not None:
