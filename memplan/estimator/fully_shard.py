@@ -22,10 +22,13 @@ as two gloo ranks allocate it (benchmarks/fsdp_stream_check.py):
   the sharded gradients are views of it, kept until `zero_grad` (a later micro-batch adds into them and frees its
   own). The root's post-backward comes last; its reduce-scatter input is freed as the backward ends.
 
-Replayed: the regimes without a mixed-precision policy, whose weights are gathered in their own dtype (bf16,
-bf16-master with the optimizer's fp32 masters of the shards, fp32), FULL_SHARD and SHARD_GRAD_OP, full fine-tuning
-and LoRA, no offload, no quantized base (`stream.supported` keeps the others on the measured ratio). NCCL's own
-buffers live outside the caching allocator (`overhead.NCCL_BYTES`).
+Under autocast's mixed-precision policy (Plan.fsdp_mixed_precision) the shards are fp32: each unshard first copies
+them to one flat tensor in the compute dtype, freed once copied into the all-gather output, and each reduce-scatter
+output is cast to fp32 on the reduce-scatter stream (`_to_dtype_if_needed`), the bf16 one freed.
+
+Replayed: FULL_SHARD and SHARD_GRAD_OP on several processes, full fine-tuning and LoRA, bf16, bf16-master (with the
+optimizer's fp32 masters of the shards), fp32 and autocast; no offload, no quantized base (`stream.supported` keeps
+the others on the measured ratio). NCCL's own buffers live outside the caching allocator (`overhead.NCCL_BYTES`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 
 from memplan.catalog.spec import ModelSpec
 from memplan.estimator import states
+from memplan.estimator.layers import Numerics
 from memplan.plan import Plan
 
 # The caching allocator's streams (memplan.estimator.allocator: each keeps its own pools)
@@ -43,7 +47,7 @@ ALL_GATHER_STREAM = 1  # FSDPCommContext.all_gather_copy_in_stream: where all-ga
 REDUCE_SCATTER_STREAM = 2  # FSDPCommContext.reduce_scatter_stream: where reduce-scatter outputs are allocated
 
 
-def replayable(plan: Plan, num) -> str | None:
+def replayable(plan: Plan, num: Numerics) -> str | None:
     """None where the stream follows FSDP2 for the plan; else why not."""
     if plan.zero not in (2, 3):
         return "FSDP without sharded parameters is not replayed"
@@ -67,7 +71,10 @@ class _Param:
 
 
 class FullyShard:
-    """The events FSDP2 adds to the step's stream (`st`: memplan.estimator.stream._Step)."""
+    """The events FSDP2 adds to the step's stream (`st`: memplan.estimator.stream._Step). Units are decoder layer
+    indices, and ROOT."""
+
+    ROOT = -1
 
     def __init__(self, spec: ModelSpec, plan: Plan, weight_itemsize: int, trainable_itemsize: int,
                  targets: frozenset[str], shard_itemsize: int = 0) -> None:
@@ -95,8 +102,6 @@ class FullyShard:
         self._grads: dict[int, list[int]] = {}  # unit -> its whole gradients, as autograd makes them
         self._current = self.ROOT  # the unit whose backward runs
         self.sharded_grads: list[int] = []
-
-    ROOT = -1
 
     def _unit(self, u: int) -> list[_Param]:
         return self.root if u == self.ROOT else self.layers[u]

@@ -240,7 +240,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     # holds last micro-batch's sum, and the waiting V x h is one more.
     pending = 0
     if plan.method == "full" and spec.tie_word_embeddings and accum:
-        pending = spec.vocab_size * spec.hidden_size * (num.compute if num.shards else p_item)
+        pending = spec.vocab_size * spec.hidden_size * states.trainable_itemsize(plan, num.weights, num.adapter)
     at_loss = _terms(**base, gradients=G if accum else 0, activations=saved_no_loss,
                      logits_loss=acts.loss_backward_peak, gathered_params=shard.gathered_backward,
                      comm_buffers=shard.buffers)

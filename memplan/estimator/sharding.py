@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from memplan.catalog.spec import ModelSpec
 from memplan.estimator.layers import Numerics
-from memplan.estimator.states import Tensors
+from memplan.estimator.states import Tensors, trainable_itemsize
 from memplan.plan import Plan
 
 
@@ -85,9 +85,9 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     ds, fsdp = plan.sharding == "deepspeed", plan.sharding == "fsdp"
     notes: list[str] = []
     g_item = grads // tensors.n_trainable if tensors.n_trainable else num.weights
-    # a gradient as autograd makes it, whole: in the gathered dtype under FSDP's mixed-precision policy, which also
-    # reduce-scatters it in that dtype (reduce_dtype) before the shard is cast to the parameter's
-    whole_item = num.compute if num.shards else g_item
+    # a gradient as autograd makes it, whole: in the dtype the layers see (under FSDP's mixed-precision policy the
+    # gathered one, which also reduce-scatters it (reduce_dtype) before the shard is cast to the parameter's)
+    whole_item = trainable_itemsize(plan, num.weights, num.adapter)
 
     # Gradient sizes of each layer and of the head, for the backward's progression (grads_from below).
     trainable = _trainable_per_layer(spec, plan)

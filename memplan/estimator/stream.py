@@ -25,8 +25,8 @@ The stream follows what the step keeps alive, tensor by tensor:
 
 The replay keeps the tensors the estimate counts, not every kernel's scratch: it is checked against the stream a
 real step traced at full size allocates (`benchmarks/allocator_check.py`). Plans it does not follow
-(DeepSpeed, FSDP with a mixed-precision policy, offloading, families calibrated by trace) return None and keep the
-measured ratio (`overhead.reserved_bytes`).
+(DeepSpeed, FSDP with a quantized base or on one process under autocast, offloading, families calibrated by trace)
+return None and keep the measured ratio (`overhead.reserved_bytes`).
 """
 
 from __future__ import annotations

@@ -394,6 +394,18 @@ def decoder_layers(module) -> list:
     return [m for m in module.modules() if type(m).__name__ in names]
 
 
+def fsdp_mixed_precision_policy(plan: Plan):
+    """The MixedPrecisionPolicy accelerate gives fully_shard under autocast (Plan.fsdp_mixed_precision: parameters
+    gathered and gradients reduced in the compute dtype), for memplan's own FSDP wrapping to run alike; None else."""
+    if not plan.fsdp_mixed_precision:
+        return None
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    compute = getattr(torch, plan.regime.compute)
+    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=compute)
+
+
 def quant_state_tensors(model) -> list:
     """bitsandbytes keeps a 4-bit weight's absmax/code (and the nested ones), and an 8-bit weight's row statistics
     (Int8Params.SCB), outside params and buffers."""

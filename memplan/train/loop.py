@@ -48,6 +48,7 @@ from memplan.runtime.meter import PeakMemory, compare_peak
 from memplan.runtime.model import (
     attention_note,
     decoder_layers,
+    fsdp_mixed_precision_policy,
     load_model,
     load_tokenizer,
     model_spec,
@@ -103,13 +104,12 @@ def _shard_fsdp(model, plan, world: int) -> None:
     mixed-precision policy, which this one follows (Plan.fsdp_mixed_precision). ZeRO stage 2 or 3
     (memplan.train.preflight refuses the others)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
     kwargs = dict(mesh=mesh, reshard_after_forward=plan.zero == 3)
     if plan.fsdp_mixed_precision:  # accelerate's policy on CUDA: gathered and reduced in the compute dtype
-        compute = getattr(torch, plan.regime.compute)
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=compute)
+        kwargs["mp_policy"] = fsdp_mixed_precision_policy(plan)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
