@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from memplan.train import launch
@@ -63,6 +64,7 @@ def main(argv: list[str]) -> int:
     if errors is not None:
         for name in ELASTIC_LOGGERS:
             logging.getLogger(name).addFilter(_UntilReported(errors))
+    stopped = False  # by SIGTERM: this handler's SystemExit, a launcher's, or torchrun's SignalException
     try:
         _start(argv[0], argv[1:])
     except KeyboardInterrupt:
@@ -72,15 +74,33 @@ def main(argv: list[str]) -> int:
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
         if isinstance(err, SignalException):  # the workers were stopped before it was raised
+            stopped = True
             return 128 + int(err.sigval)
         if isinstance(err, (ChildFailedError, subprocess.CalledProcessError)) and errors is not None \
                 and launch.reported(errors):
             return 2
         raise
     finally:
-        if errors is not None and parent and os.getppid() != int(parent):  # orphaned: nobody reads them now
+        stopped = stopped or isinstance(sys.exc_info()[1], SystemExit)
+        if errors is not None and parent and stopped and _orphaned(int(parent)):  # nobody reads them now
             shutil.rmtree(errors, ignore_errors=True)
     return 0
+
+
+def _orphaned(parent: int) -> bool:
+    """Whether `memplan train` (pid `parent`) is gone or going. Killed outright, its threads end one by one, and
+    this process can be told (PR_SET_PDEATHSIG) while one of them still is its parent: wait a moment for the
+    reparenting, or for the process to be a zombie."""
+    deadline = time.monotonic() + 5
+    while os.getppid() == parent:
+        try:
+            state = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in ("Z", "X") or time.monotonic() > deadline:
+            return state in ("Z", "X")
+        time.sleep(0.05)
+    return True
 
 
 if __name__ == "__main__":
