@@ -3,11 +3,17 @@
 Small Llamas whose proportions put the peak where FSDP2 gathers the most: a root unit (embeddings, final norm,
 lm_head) smaller than a decoder layer, one four times larger (a 128K vocabulary beside a 4096-wide model has
 4.7 times a layer), layers that outweigh the activations; full FT and LoRA, FULL_SHARD (zero 3) and
-SHARD_GRAD_OP (zero 2); bf16, and amp-bf16 under the mixed-precision policy accelerate gives FSDP. Each row is what
+SHARD_GRAD_OP (zero 2); bf16, and amp-bf16 under the mixed-precision policy accelerate gives FSDP; with accumulation,
+each micro-batch reduce-scattering its gradients or only the last (sync_each_batch off). Each row is what
 `memplan profile --json` measured on rank 0 (the steady steps' phase peaks and their breakdown), each plan profiled
-twice and each phase's lower peak kept: gloo's worker thread can drop a collective's tensor after the next phase has
-begun (seen: +0.98 and +2.0 MiB in an optimizer phase, +0.9 MiB in a backward, one run in three or four), which NCCL
-does not do. tests/estimator/test_estimator.py checks the estimate against every row.
+twice (or more) and each phase's lower peak kept: gloo's worker thread can drop a collective's tensor after the next
+phase has begun (seen: +0.98 and +2.0 MiB in an optimizer phase, +0.9 MiB in a backward, one run in three or four),
+which NCCL does not do. tests/estimator/test_estimator.py checks the estimate against every row.
+
+Not a row: the wide model deferring its reduce-scatter (sync_each_batch off, full FT, FULL_SHARD). There the backward
+peaks as the layer below the last runs beside the last layer's reduce-scatter input, and on rank 0 gloo's own copy
+of that input (distributed_c10d.reduce_scatter_single; NCCL makes none) was still alive in every profile: +6.1 MiB,
+the estimate -5.7 %; traced with slower bookkeeping, the copy was gone by then (-1.2 %).
 
     python benchmarks/fsdp_gloo_check.py [--out benchmarks/results/fsdp-gloo-2rank.jsonl]
 """
@@ -54,6 +60,12 @@ RUNS = [
     (LARGE_ROOT, dict(LORA_CKPT, zero=3, precision="amp-bf16", **LONG)),
     (WIDE, dict(FULL, zero=3, precision="amp-bf16", micro_batch=1, seq_len=64)),  # sharded fp32 gradients
     (SMALL_ROOT, dict(LORA, zero=2, precision="amp-bf16", **LONG)),
+    # the reduce-scatter deferred to the last micro-batch (sync_each_batch off, transformers' Trainer default): every
+    # unit's whole gradients held between micro-batches
+    (LARGE_ROOT, dict(FULL, zero=3, grad_accum=2, sync_each_batch=False, **LONG)),
+    (LARGE_ROOT, dict(LORA_CKPT, zero=3, grad_accum=2, sync_each_batch=False, **LONG)),
+    (SMALL_ROOT, dict(FULL, zero=2, grad_accum=2, sync_each_batch=False, **LONG)),
+    (SMALL_ROOT, dict(FULL, zero=3, grad_accum=2, sync_each_batch=False, precision="amp-bf16", **LONG)),
 ]
 
 
@@ -64,7 +76,9 @@ def profile(config: dict, fields: dict, tmp: Path) -> dict:
     args = ["--backend", "cpu", "--gpus", "2", "--sharding", "fsdp", "--zero", str(plan["zero"]),
             "--method", plan["method"], "--precision", plan["precision"], "--batch-size", str(plan["micro_batch"]),
             "--seq-len", str(plan["seq_len"]), "--grad-accum", str(plan.get("grad_accum", 1)),
-            "--grad-ckpt" if plan["grad_ckpt"] else "--no-grad-ckpt", "--steps", "3", "--json"]
+            "--grad-ckpt" if plan["grad_ckpt"] else "--no-grad-ckpt",
+            "--sync-each-batch" if plan.get("sync_each_batch", True) else "--no-sync-each-batch",
+            "--steps", "3", "--json"]
     done = subprocess.run([sys.executable, "-m", "memplan", "profile", "--model", str(path), *args],
                           capture_output=True, text=True, cwd=tmp, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if done.returncode not in (0, 1):  # 1: outside the goal, still a measurement

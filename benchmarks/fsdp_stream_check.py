@@ -46,6 +46,11 @@ PLANS = [
     (LARGE_ROOT, dict(method="full", zero=3, micro_batch=1, seq_len=32, grad_ckpt=False, precision="amp-bf16",
                       grad_accum=2)),
     (SMALL_ROOT, dict(method="lora", zero=3, micro_batch=2, seq_len=64, grad_ckpt=True, precision="amp-bf16")),
+    # the reduce-scatter deferred to the last micro-batch (sync_each_batch off): the first only reshards
+    (LARGE_ROOT, dict(method="full", zero=3, micro_batch=1, seq_len=32, grad_ckpt=False, grad_accum=2,
+                      sync_each_batch=False)),
+    (SMALL_ROOT, dict(method="lora", zero=2, micro_batch=2, seq_len=64, grad_ckpt=True, grad_accum=2,
+                      sync_each_batch=False)),
 ]
 # FSDP's storages by the torch function that allocates them (torch/distributed/fsdp/_fully_shard)
 KINDS = {"foreach_all_gather": "all-gather", "alloc_storage": "unsharded"}

@@ -276,6 +276,11 @@ class Plan(_Strict):
         False, description="activations saved for the backward copied to pinned host memory in the forward and "
                            "brought back when the backward needs them (torchtune's enable_activation_offloading, TRL's "
                            "activation_offloading); GPU plans only.")
+    sync_each_batch: bool = Field(
+        True, description="FSDP with accumulation: reduce-scatter every micro-batch's gradients (accelerate's "
+                          "sync_each_batch, as memplan train runs FSDP), so that they stay sharded between "
+                          "micro-batches; off: only the last micro-batch does (as transformers' Trainer runs a "
+                          "config without it: no_sync), and each GPU holds every layer's whole gradients until then.")
     attn: Attention = Field("sdpa", description="attention implementation: eager, sdpa, flash (flash-attention 2).")
     loss: Loss = Field(
         "standard", description="standard cross-entropy on full logits, or chunked (no full fp32 logits).")
@@ -356,6 +361,14 @@ class Plan(_Strict):
         base keeps its own dtypes."""
         return (self.sharding == "fsdp" and self.zero in (2, 3) and self.world_size > 1 and self.regime.autocast
                 and self.quantized_base is None)
+
+    @property
+    def defers_gradient_reduction(self) -> bool:
+        """FSDP2 with accumulation and sync_each_batch off: the micro-batches before the last keep each unit's whole
+        gradients, reduce-scattered by the last one (FSDPModule.set_requires_gradient_sync(False): the unit's
+        post-backward reshards and returns, torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py)."""
+        return (self.sharding == "fsdp" and self.zero in (2, 3) and self.world_size > 1 and self.grad_accum > 1
+                and not self.sync_each_batch)
 
     @property
     def uses_bitsandbytes(self) -> bool:

@@ -34,6 +34,7 @@ PLAN_FLAGS: dict[str, str] = {
     "grad_ckpt": "--grad-ckpt",
     "ckpt_reentrant": "--ckpt-reentrant",
     "offload_activations": "--offload-activations",
+    "sync_each_batch": "--sync-each-batch",
     "attn": "--attn",
     "loss": "--loss",
     "liger": "--liger",

@@ -22,6 +22,13 @@ as two gloo ranks allocate it (benchmarks/fsdp_stream_check.py):
   the sharded gradients are views of it, kept until `zero_grad` (a later micro-batch adds into them and frees its
   own). The root's post-backward comes last; its reduce-scatter input is freed as the backward ends.
 
+Deferring the reduce-scatter to the last micro-batch (Plan.defers_gradient_reduction,
+`set_requires_gradient_sync(False)`, as transformers' Trainer runs accumulation unless accelerate's sync_each_batch
+is set): a unit's post-backward only reshards; its whole gradients stay on the unsharded parameters, the next
+micro-batches' are added into them in place (AccumulateGrad), and the last micro-batch's post-backward
+reduce-scatters them. accelerate's policy reduces in the gradients' own dtype, so `to_accumulated_grad_if_needed`
+copies nothing.
+
 Under autocast's mixed-precision policy (Plan.fsdp_mixed_precision) the shards are fp32: each unshard first copies
 them to one flat tensor in the compute dtype, freed once copied into the all-gather output, and each reduce-scatter
 output is cast to fp32 on the reduce-scatter stream (`_to_dtype_if_needed`), the bf16 one freed.
@@ -81,6 +88,8 @@ class FullyShard:
         """Itemsizes as gathered; `shard_itemsize` the shards' under a mixed-precision policy (0: none)."""
         self.world = plan.world_size
         self.reshard_after_forward = plan.zero == 3
+        self.defer = plan.defers_gradient_reduction
+        self._micro, self._last = 0, True  # the micro-batch that runs, and whether it is the step's last
         self.mixed_precision = bool(shard_itemsize)
         full = plan.method == "full"
 
@@ -178,15 +187,24 @@ class FullyShard:
         if following >= 0:
             self._prefetch(st, following)
 
-    def keep_grad(self, g: int) -> None:
-        """A parameter's whole gradient, made by autograd in the backward of the unit that runs."""
-        self._grads.setdefault(self._current, []).append(g)
+    def start_micro_batch(self, micro: int, last: bool) -> None:
+        self._micro, self._last = micro, last
 
-    def post_backward(self, st, u: int, first_micro_batch: bool) -> None:
+    def keep_grad(self, g: int) -> bool:
+        """A parameter's whole gradient, made by autograd in the backward of the unit that runs: kept, or False
+        where it is added in place into the one a deferred micro-batch left (the caller frees it)."""
+        if self.defer and self._micro > 0:
+            return False
+        self._grads.setdefault(self._current, []).append(g)
+        return True
+
+    def post_backward(self, st, u: int) -> None:
         """Reshard, reduce-scatter the unit's whole gradients, keep the sharded ones; the root's backward goes on
-        (the embedding's gradient)."""
+        (the embedding's gradient). Deferred, the micro-batches before the last only reshard."""
         self._reshard(st, u)
         self._current = self.ROOT
+        if self.defer and not self._last:
+            return
         st.free(self._reduce_scatter_input)
         self._reduce_scatter_input = None
         trainable = [p for p in self._unit(u) if p.trainable]
@@ -200,7 +218,7 @@ class FullyShard:
             cast = st.alloc(sum(p.shard_numel(self.world) * p.stored for p in trainable), REDUCE_SCATTER_STREAM)
             st.free(out)
             out = cast
-        if first_micro_batch:
+        if self._micro == 0 or self.defer:  # the step's first reduce-scatter makes the sharded gradients
             self.sharded_grads.append(out)
         else:  # added into the sharded gradients
             st.free(out)

@@ -180,7 +180,10 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     base = dict(weights=W, master_weights=M, optimizer_states=S,
                 workspace=overhead.workspace_bytes(kernels))
     accum = plan.grad_accum > 1
-    G_fwd = G if accum else 0
+    # the gradients a micro-batch after the first starts with: the sharded ones it adds into, or deferring FSDP's
+    # reduce-scatter, every unit's whole ones (no sharded gradients exist before the last micro-batch's)
+    deferred = shard.deferred_grads
+    G_fwd = deferred or (G if accum else 0)
 
     # ---- forward: everything saved, plus the loss transient (which includes the saved log-softmax)
     saved_no_loss = acts.saved_total - acts.loss_saved
@@ -241,23 +244,24 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     pending = 0
     if plan.method == "full" and spec.tie_word_embeddings and accum:
         pending = spec.vocab_size * spec.hidden_size * states.trainable_itemsize(plan, num.weights, num.adapter)
-    at_loss = _terms(**base, gradients=G if accum else 0, activations=saved_no_loss,
+    at_loss = _terms(**base, gradients=G_fwd, activations=saved_no_loss,
                      logits_loss=acts.loss_backward_peak, gathered_params=shard.gathered_backward,
                      comm_buffers=shard.buffers)
     candidates.append(at_loss)
     if shard.backward_start:
         # FSDP2 FULL_SHARD: the root gathers its parameters again before the loss's backward runs
-        candidates.append(_terms(**base, gradients=G if accum else 0, activations=saved_no_loss,
+        candidates.append(_terms(**base, gradients=G_fwd, activations=saved_no_loss,
                                  logits_loss=acts.loss_saved, gathered_params=shard.backward_start,
                                  comm_buffers=shard.buffers))
     L = spec.num_layers
     # Memory is linear in the layer index within a run of alike layers: the ends, and the lowest layer of
     # the last layer's kind (below it, smaller layers: DeepSeek's dense first layers); and the second layer, the
-    # lowest that FSDP2's backward prefetches beside (the first has nothing left to prefetch)
+    # lowest that FSDP2's backward prefetches beside (the first has nothing left to prefetch), and the one below the
+    # last, the first beside a reduce-scatter input (FSDP2: the last layer's)
     last_kind = min(spec.group_of(L - 1).indices)
-    for i in dict.fromkeys((L - 1, last_kind, min(1, L - 1), 0)):
+    for i in dict.fromkeys((L - 1, max(0, L - 2), last_kind, min(1, L - 1), 0)):
         # the gradients that exist while layer i runs its backward: those of layers i..L-1
-        g_now = G if accum else min(G, head_grads + shard.grads_from[i])
+        g_now = G_fwd if accum else min(G, head_grads + shard.grads_from[i])
         # offloading: only layer i's saved tensors are brought back (each when its node runs; the stash keeps
         # them until the next node is done), the layers below wait on the host
         below = 0 if offload else i
@@ -278,6 +282,8 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
             # layer's reduce-scatter), the sharded gradients above, lm_head's whole
             above = min(G, shard.grads_from[i + 1]) if i + 1 < L else 0  # G = 0: offloaded to the host
             g_end = (max(0, G - head_grads) if accum else above) + shard.root_head_grads + shard.unit_grads
+            if deferred:  # the last micro-batch: whole below and in layer i, the root's whole, sharded above
+                g_end = deferred - (shard.deferred_from[i + 1] if i + 1 < L else 0) + above
             rs_input = shard.unit_grads if i + 1 < L else 0
             candidates.append(_terms(**base, gradients=g_end, activations=alive + rs_input,
                                      gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
@@ -287,8 +293,15 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     # (On the CPU the sum is formed out of place: both copies; CUDA measured one: gpu-h100-run1 case 7.)
     emb_transient = 0
     if plan.method == "full" and (spec.tie_word_embeddings or accum):
-        emb_transient = (2 if kernels == "cpu" else 1) * shard.emb_grad
+        emb_grad = shard.emb_grad
+        if deferred:  # added into the unsharded embedding's whole gradient
+            emb_grad = spec.vocab_size * spec.hidden_size * states.trainable_itemsize(plan, num.weights, num.adapter)
+        emb_transient = (2 if kernels == "cpu" else 1) * emb_grad
     end_grads, end_acts = G, (0 if offload else acts.shared) + emb_transient + pending
+    if deferred:
+        # a micro-batch before the last: every whole gradient, the root still gathered (it reshards after)
+        candidates.append(_terms(**base, gradients=deferred, activations=end_acts,
+                                 gathered_params=shard.gathered_end, comm_buffers=shard.buffers))
     if shard.unshard_first:
         # FSDP2: the root's gradients are whole until its reduce-scatter, the first layer's reduce-scatter input
         # waits for it, and the root is still gathered

@@ -42,6 +42,10 @@ class PerGpu:
     root_head_grads: int  # ... of which lm_head's and the final norm's
     first_unit_grads: int  # FSDP2: the first layer's gradients, reduce-scatter input until the root's follows
     unit_grads: int  # FSDP2: a layer's gradients, whole until its reduce-scatter (the largest layer's)
+    # FSDP2 deferring the reduce-scatter to the last micro-batch (Plan.defers_gradient_reduction; else 0 and ()):
+    # every trainable parameter's whole gradient, and [i] those of decoder layers i..L-1
+    deferred_grads: int
+    deferred_from: tuple[int, ...]
     buffers: int  # DDP gradient buckets, DeepSpeed reduce buckets
     host_bytes: int  # CPU RAM per node
     notes: list[str] = field(default_factory=list)
@@ -152,6 +156,16 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
             # current + prefetched parameters, gathered in the compute dtype
             gathered_f = unit + deepspeed_prefetch_elems(spec) * num.compute
             gathered_b = gathered_f + deepspeed_reduce_bucket_elems(spec) * g_item
+    deferred, deferred_from = 0, ()
+    if plan.defers_gradient_reduction:
+        # set_requires_gradient_sync(False) until the last micro-batch: each unit's post-backward only reshards, its
+        # whole gradients (in the gathered dtype) stay on the unsharded parameters and the next micro-batches add
+        # into them; the last one reduce-scatters them unit by unit
+        deferred = tensors.n_trainable * whole_item
+        deferred_from = tuple(itertools.accumulate(trainable[spec.group_of(i)] * whole_item
+                                                   for i in reversed(range(spec.num_layers))))[::-1]
+        notes.append("Gradient reduce-scatter deferred to the last micro-batch (sync_each_batch off): every layer's "
+                     "whole gradients stay on each GPU between micro-batches.")
     gathered_layers_f = gathered_f
     gathered_layers_b = [gathered_b] * spec.num_layers
     gathered_end = gathered_b
@@ -212,7 +226,8 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                   gathered_layers_backward=tuple(gathered_layers_b), gathered_end=gathered_end,
                   unshard_first=unshard_first, unshard_last=unshard_last if spec.num_layers > 1 else 0,
                   backward_start=backward_start, root_grads=root_grads, root_head_grads=root_head_grads,
-                  unit_grads=unit_grads, first_unit_grads=first_unit_grads, buffers=buffers, host_bytes=host,
+                  unit_grads=unit_grads, first_unit_grads=first_unit_grads, deferred_grads=deferred,
+                  deferred_from=deferred_from, buffers=buffers, host_bytes=host,
                   notes=notes)
 
 

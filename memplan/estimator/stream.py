@@ -170,7 +170,8 @@ class _Step:
         """A parameter's gradient: kept as .grad on the first micro-batch, added in place on the others; under FSDP2
         its unit reduce-scatters it."""
         if self.fsdp is not None:
-            self.fsdp.keep_grad(g)
+            if not self.fsdp.keep_grad(g):
+                self.free(g)
         elif self.micro == 0:
             self.grads.append(g)
         else:
@@ -234,9 +235,11 @@ class _Step:
 def stream_plan(plan: Plan) -> Plan:
     """The plan with what its stream does not depend on set to one value, so that plans differing only there (a
     search's accumulation steps, GPU counts, schedules) share one replay: the micro-batches past MICRO_BATCHES,
-    how many GPUs beyond one (DDP allocates the same on each rank), the hyperparameters and the output."""
+    how many GPUs beyond one (DDP allocates the same on each rank), sync_each_batch where nothing defers, the
+    hyperparameters and the output."""
     gpus = plan.world_size if plan.sharding == "fsdp" else min(plan.world_size, 2)  # FSDP's shards depend on it
     return plan.model_copy(update={"grad_accum": min(plan.grad_accum, MICRO_BATCHES), "gpus": gpus, "nodes": 1,
+                                   "sync_each_batch": not plan.defers_gradient_reduction,
                                    "hparams": type(plan.hparams)(), "output_dir": None, "target": None})
 
 
@@ -260,8 +263,11 @@ def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[t
         ddp.wrap(st)
     for step in range(steps):
         st.events.append(("s",))
-        for micro in range(min(plan.grad_accum, MICRO_BATCHES)):
+        micro_batches = min(plan.grad_accum, MICRO_BATCHES)
+        for micro in range(micro_batches):
             st.micro = micro
+            if model.fsdp:
+                model.fsdp.start_micro_batch(micro, last=micro == micro_batches - 1)
             if ddp and step == 1 and micro == 0:  # the first forward after a synchronised backward
                 ddp.rebuild(st)
             model.micro_batch(st)
@@ -420,7 +426,7 @@ class _Model:
             else:
                 st.keep_grad(emb)
         if self.fsdp:
-            self.fsdp.post_backward(st, fully_shard.FullyShard.ROOT, st.micro == 0)
+            self.fsdp.post_backward(st, fully_shard.FullyShard.ROOT)
             self.fsdp.backward_end(st)
 
     def _layer_forward(self, st: _Step, i: int, x: int, cache: list) -> tuple[int, dict, int | None]:
@@ -450,7 +456,7 @@ class _Model:
         if self.plan.grad_ckpt and tp.x not in tp.saved:
             st.free(kept)
         if self.fsdp:
-            self.fsdp.post_backward(st, i, st.micro == 0)
+            self.fsdp.post_backward(st, i)
         return grad
 
 

@@ -6,8 +6,9 @@ random token ids, labels = the ids, no attention mask; loss / grad_accum; backwa
 `optimizer.step()` and `optimizer.zero_grad(set_to_none=True)`. Step 1 creates the optimizer states
 lazily; steps 2..n are the steady state. Under DDP the micro-batches before the last skip the gradient
 all-reduce (`no_sync`, as accelerate does); under FSDP2 every micro-batch reduce-scatters its gradients, as
-`memplan train` runs it, so that they stay sharded between micro-batches (deferring it would keep every unit's
-whole gradients until the last).
+`memplan train` runs it, so that they stay sharded between micro-batches, unless the plan's sync_each_batch is off:
+then only the last one does (`set_requires_gradient_sync(False)` before, as transformers' Trainer runs
+accumulation), and every unit's whole gradients stay until then.
 
 - precision: amp-* runs forward + loss under `torch.autocast(device type, 16-bit dtype)` (autocast's
   weight cache keeps 16-bit copies alive through forward and backward) and backward outside it, as HF
@@ -39,7 +40,7 @@ from memplan.profile.meters import CudaMeter
 from memplan.runtime import liger
 from memplan.runtime.loss import chunked_causal_lm_loss, head_options
 from memplan.runtime.meter import LiveBytes, StepMeasure
-from memplan.runtime.model import build_model, materialize, quant_state_tensors
+from memplan.runtime.model import build_model, gradient_sync, materialize, quant_state_tensors
 from memplan.runtime.optim import make_optimizer, optimizer_factory, state_tensors
 
 BACKENDS = ("cuda", "cpu", "trace")
@@ -245,14 +246,12 @@ def packed_batches(rows_packed: bool) -> Iterator[None]:
         masking_utils.find_packed_sequence_indices = original
 
 
-def _gradient_sync(model, last_micro_batch: bool):
+def _gradient_sync(model, plan: Plan, last_micro_batch: bool):
     """Skip DDP's all-reduce on all but the last micro-batch of an optimizer step; FSDP2 reduce-scatters each one
-    (memplan.train.loop._forward_backward)."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        return contextlib.nullcontext()
-    if hasattr(model, "no_sync") and not last_micro_batch:
-        return model.no_sync()
-    return contextlib.nullcontext()
+    unless the plan defers it (memplan.train.loop._forward_backward)."""
+    fsdp = hasattr(model, "set_requires_gradient_sync")
+    sync = last_micro_batch or fsdp and not plan.defers_gradient_reduction
+    return gradient_sync(model, sync)
 
 
 def batch(plan: Plan, vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -281,7 +280,7 @@ def train_steps(model, optimizer, plan: Plan, meter, *, steps: int, vocab: int, 
         start = time.perf_counter()
         meter.new_step()
         for micro in range(plan.grad_accum):
-            with _gradient_sync(model, micro == plan.grad_accum - 1):
+            with _gradient_sync(model, plan, micro == plan.grad_accum - 1):
                 meter.phase("forward")
                 input_ids, position_ids = batch(plan, vocab, device)
                 with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):

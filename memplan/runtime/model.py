@@ -406,6 +406,26 @@ def fsdp_mixed_precision_policy(plan: Plan):
     return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=compute)
 
 
+@contextlib.contextmanager
+def gradient_sync(model, sync: bool) -> Iterator[None]:
+    """A micro-batch's backward with (sync) or without its gradient reduction: FSDP2 through
+    `set_requires_gradient_sync` (what accelerate's and transformers' no_sync do for a fully_shard model), DDP
+    through its own `no_sync`."""
+    if sync:
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
 def quant_state_tensors(model) -> list:
     """bitsandbytes keeps a 4-bit weight's absmax/code (and the nested ones), and an 8-bit weight's row statistics
     (Int8Params.SCB), outside params and buffers."""

@@ -26,7 +26,6 @@ memplan keeps its data order, loss normalisation, LR schedule, evaluation and ch
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -49,6 +48,7 @@ from memplan.runtime.model import (
     attention_note,
     decoder_layers,
     fsdp_mixed_precision_policy,
+    gradient_sync,
     load_model,
     load_tokenizer,
     model_spec,
@@ -435,8 +435,9 @@ def _forward_backward(t: Trainer, micro: list[dict], labelled: float):
         last = i == len(micro) - 1
         if ds:  # the engine reduces, clips, steps and zeroes the grads in the last micro-batch's backward
             accelerator.sync_gradients = last
-        sync = last or t.parts.sharded or ds
-        with (contextlib.nullcontext() if sync else accelerator.no_sync(model)):
+        # FSDP reduce-scatters every micro-batch's gradients unless the plan defers it to the last (sync_each_batch)
+        sync = last or t.parts.sharded and t.plan.sync_each_batch or ds
+        with gradient_sync(model, sync):
             with accelerator.autocast():
                 loss_sum = ev.token_loss_sum(model, batch, t.plan.loss == "chunked")
             accelerator.backward(loss_sum * scale, **(deepspeed_setup.BACKWARD_KWARGS if ds else {}))

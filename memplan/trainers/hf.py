@@ -308,28 +308,20 @@ def parallel(r: Reading, args: dict[str, Any], weights: str, weights_key: str) -
 
 def _gradient_reduction(r: Reading) -> None:
     """FSDP with accumulation: the Trainer defers the reduce-scatter to the last micro-batch (accelerate's no_sync,
-    `_defer_fsdp_gradient_reduction`) unless accelerate's sync_each_batch is set; memplan counts the gradients
-    sharded between micro-batches, as sync_each_batch keeps them. `accelerator_config` is a mapping or the path
-    of a JSON file (TrainingArguments reads it with AcceleratorConfig.from_json_file)."""
+    `_defer_fsdp_gradient_reduction`) unless accelerate's sync_each_batch is set: the plan's sync_each_batch.
+    `accelerator_config` is a mapping or the path of a JSON file (TrainingArguments reads it with
+    AcceleratorConfig.from_json_file)."""
     config, where = section(r, "accelerator_config", "accelerator config") if r.has("accelerator_config") \
         else ({}, "accelerator_config")
     kwargs = config.get("gradient_accumulation_kwargs")
-    sync = isinstance(kwargs, dict) and kwargs.get("sync_each_batch") is True
+    sync = kwargs.get("sync_each_batch") if isinstance(kwargs, dict) else None
     key = f"{where}.gradient_accumulation_kwargs.sync_each_batch"
-    if sync:
-        r.count(key, True, "FSDP reduce-scatters every micro-batch: gradients sharded between them")
-    elif _more_than_one(r.data.get("gradient_accumulation_steps")):
-        r.unmodelled(key, "not set", "with accumulation the Trainer defers FSDP's reduce-scatter to the last "
-                                     "micro-batch, and each process holds every unit's whole gradients until then "
-                                     "(not counted); set it to true, as memplan's files do")
-
-
-def _more_than_one(value: Any) -> bool:
-    """A count above one (the field's own reading reports a value that is not a count)."""
-    try:
-        return int(value) > 1
-    except (TypeError, ValueError):
-        return False
+    if isinstance(sync, bool):
+        r.take("sync_each_batch", sync, key)
+    else:
+        r.assume("sync_each_batch", False, f"{key} not set: with accumulation transformers' Trainer reduce-scatters "
+                                           "FSDP's gradients on the last micro-batch only (no_sync), each GPU "
+                                           "holding every layer's whole gradients until then")
 
 
 # ---------------------------------------------------------------- writing (memplan.trainers.emit)
@@ -392,10 +384,10 @@ def fsdp_arguments(plan: Plan, spec) -> dict[str, Any]:
     """TrainingArguments' fsdp / fsdp_config for an FSDP plan: FSDP2 (transformers' fsdp_config version 2),
     one unit per decoder layer, resharding after the forward = ZeRO-3 (FULL_SHARD), kept = ZeRO-2
     (SHARD_GRAD_OP), cpu_offload = parameters, gradients and the optimizer step on the host. Checkpointing
-    stays transformers' gradient_checkpointing, as memplan counts it. With accumulation, every micro-batch
-    reduce-scatters its gradients (accelerate's sync_each_batch), as `memplan train` does and the estimate counts:
-    the Trainer otherwise defers it to the last micro-batch (`_defer_fsdp_gradient_reduction`, accelerate's
-    no_sync), and each process holds every unit's whole gradients until then."""
+    stays transformers' gradient_checkpointing, as memplan counts it. With accumulation, accelerate's
+    sync_each_batch is the plan's: on (memplan's default), every micro-batch reduce-scatters its gradients; off, the
+    Trainer defers it to the last micro-batch (`_defer_fsdp_gradient_reduction`, accelerate's no_sync), and each
+    process holds every unit's whole gradients until then."""
     if plan.sharding != "fsdp":
         return {}
     options = ["full_shard" if plan.zero == 3 else "shard_grad_op" if plan.zero == 2 else "no_shard"]
@@ -408,7 +400,7 @@ def fsdp_arguments(plan: Plan, spec) -> dict[str, Any]:
                         "transformer_layer_cls_to_wrap": [spec.traits.decoder_layer],
                         "state_dict_type": "SHARDED_STATE_DICT"}}
     if plan.grad_accum > 1 and plan.world_size > 1:
-        args["accelerator_config"] = {"gradient_accumulation_kwargs": {"sync_each_batch": True}}
+        args["accelerator_config"] = {"gradient_accumulation_kwargs": {"sync_each_batch": plan.sync_each_batch}}
     return args
 
 

@@ -123,3 +123,29 @@ def test_autocast_under_fsdp_runs_the_layers_on_the_gathered_bf16_copies():
     root_shard = (8192 * 256 + 256 + 8192 * 256) // 2 * 2  # this rank's halves of the embeddings, norm, lm_head
     assert (fully_shard.ALL_GATHER_STREAM, root_shard) in made  # bf16: half the fp32 shard's bytes
     assert (fully_shard.REDUCE_SCATTER_STREAM, root_shard * 2) in made  # the fp32 cast of the reduced shard
+
+
+def test_a_deferred_reduce_scatter_runs_in_the_last_micro_batch_only():
+    """sync_each_batch off: the first micro-batch's post-backwards only reshard, its whole gradients stay, and the
+    last micro-batch reduce-scatters every unit once; the replay holds the whole gradients between micro-batches."""
+    spec = spec_from_config(CONFIG, "llama-small")
+
+    def reduce_scatters_per_micro_batch(plan):
+        events = allocation_stream(spec, plan)
+        step2 = events[[i for i, ev in enumerate(events) if ev == ("s",)][1]:]
+        counts = []
+        for ev in step2:
+            if ev == ("p", "forward"):
+                counts.append(0)
+            elif ev[0] == "a" and len(ev) > 3 and ev[3] == fully_shard.REDUCE_SCATTER_STREAM:
+                counts[-1] += 1
+        return counts, replay(events)
+
+    units = spec.num_layers + 1  # the decoder layers and the root
+    synced, synced_replay = reduce_scatters_per_micro_batch(_plan(method="full", grad_accum=2))
+    deferred, deferred_replay = reduce_scatters_per_micro_batch(_plan(method="full", grad_accum=2,
+                                                                      sync_each_batch=False))
+    assert synced == [units, units] and deferred == [0, units]
+    # every parameter's whole bf16 gradient where the synced micro-batches keep this rank's half
+    whole = 2 * spec.params_total
+    assert 0.45 * whole < deferred_replay.peak_allocated - synced_replay.peak_allocated <= 0.55 * whole

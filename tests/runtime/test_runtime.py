@@ -176,3 +176,35 @@ def test_a_multimodal_config_trains_its_language_model_only(method):
     assert not any("lora_" in n for n in vision)
     trainable = sum(p.numel() for p in named.values() if p.requires_grad)
     assert trainable == estimate(spec_from_config(dict(QWEN_VL), "q"), plan).params_trainable
+
+
+def test_a_micro_batch_without_its_gradient_reduction_asks_each_wrapper_its_own_way():
+    """memplan profile and memplan train skip a micro-batch's reduction the same way: FSDP2 through
+    set_requires_gradient_sync (turned back on after, also when the backward raises), DDP through no_sync."""
+    import contextlib
+
+    from memplan.runtime.model import gradient_sync
+
+    calls = []
+
+    class FullyShardLike:
+        def set_requires_gradient_sync(self, value):
+            calls.append(("sync", value))
+
+    class DDPLike:
+        @contextlib.contextmanager
+        def no_sync(self):
+            calls.append("no_sync in")
+            yield
+            calls.append("no_sync out")
+
+    with gradient_sync(FullyShardLike(), sync=True):
+        pass
+    assert calls == []
+    with pytest.raises(RuntimeError), gradient_sync(FullyShardLike(), sync=False):
+        raise RuntimeError("backward failed")
+    assert calls == [("sync", False), ("sync", True)]
+    calls.clear()
+    with gradient_sync(DDPLike(), sync=False):
+        calls.append("backward")
+    assert calls == ["no_sync in", "backward", "no_sync out"]

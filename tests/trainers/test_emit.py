@@ -294,34 +294,51 @@ def test_ddp_on_several_gpus_turns_find_unused_parameters_off(tmp_path):
         assert "ddp_find_unused_parameters" not in yaml.safe_load(e.files[e.config]), name
 
 
-def test_fsdp_with_accumulation_reduce_scatters_every_micro_batch(tmp_path):
+def test_fsdp_with_accumulation_writes_and_reads_sync_each_batch(tmp_path):
     """Under FSDP with accumulation the Trainer defers the reduce-scatter to the last micro-batch unless accelerate's
-    sync_each_batch is set: TRL and LLaMA-Factory files set it (the gradients stay sharded, as the estimate counts),
-    and a file without it says that the whole gradients it holds until then are not counted."""
+    sync_each_batch is set: TRL and LLaMA-Factory files write the plan's sync_each_batch, and reading one gives it
+    back; a file without the key is read as the Trainer runs it (sync_each_batch off: every layer's whole gradients
+    held between micro-batches, which the estimate counts)."""
     import yaml
+
+    from memplan.catalog.resolve import resolve_model
+    from memplan.estimator import estimate
 
     plan = build_plan(merge(_plan("lora-bf16-fsdp", tmp_path).model_dump(mode="json"), {"grad_accum": 4}))
     key = "accelerator_config.gradient_accumulation_kwargs.sync_each_batch"
     for trainer in ("trl", "llamafactory"):
-        e = _emit(plan, trainer)
-        data = yaml.safe_load(e.files[e.config])
-        assert data["accelerator_config"] == {"gradient_accumulation_kwargs": {"sync_each_batch": True}}, trainer
-        source = read_config(_write(e, tmp_path))
-        assert key in source.counted and key not in [n["key"] for n in source.not_modelled], trainer
+        for sync in (True, False):
+            e = _emit(build_plan(merge(plan.model_dump(mode="json"), {"sync_each_batch": sync})), trainer)
+            data = yaml.safe_load(e.files[e.config])
+            assert data["accelerator_config"] == {"gradient_accumulation_kwargs": {"sync_each_batch": sync}}, trainer
+            source = read_config(_write(e, tmp_path))
+            assert source.plan["sync_each_batch"] is sync and source.taken["sync_each_batch"] == key, trainer
         del data["accelerator_config"]
         path = tmp_path / f"deferred-{trainer}.yaml"
         path.write_text(yaml.safe_dump(data))
-        assert key in [n["key"] for n in read_config(path).not_modelled], trainer
+        source = read_config(path)
+        assert source.plan["sync_each_batch"] is False and "sync_each_batch" in source.assumed, trainer
     # TrainingArguments also takes the path of a JSON file (AcceleratorConfig.from_json_file)
     (tmp_path / "accelerator.json").write_text('{"gradient_accumulation_kwargs": {"sync_each_batch": true}}')
     path = tmp_path / "deferred-trl.yaml"
     path.write_text(yaml.safe_dump(dict(yaml.safe_load(path.read_text()), accelerator_config="accelerator.json")))
     source = read_config(path)
-    assert "accelerator_config (accelerator.json).gradient_accumulation_kwargs.sync_each_batch" in source.counted
+    assert source.plan["sync_each_batch"] is True
+    assert source.taken["sync_each_batch"] == "accelerator_config (accelerator.json).gradient_accumulation_kwargs" \
+                                              ".sync_each_batch"
     assert str(tmp_path / "accelerator.json") in source.files
     one_micro_batch = build_plan(merge(plan.model_dump(mode="json"), {"grad_accum": 1}))
     e = _emit(one_micro_batch, "trl")
     assert "accelerator_config" not in yaml.safe_load(e.files[e.config])
+    # deferred, each GPU holds every LoRA adapter's whole gradient between micro-batches: a whole replica of the
+    # sharded ones the optimizer steps on (no shard padded here), where each micro-batch's sync keeps only its shards
+    deferred = build_plan(merge(plan.model_dump(mode="json"), {"sync_each_batch": False}))
+    assert deferred.defers_gradient_reduction and not plan.defers_gradient_reduction
+    e_sync, e_deferred = estimate(resolve_model(plan.model), plan), estimate(resolve_model(plan.model), deferred)
+    sharded = e_sync.phases["optimizer"]["gradients"]
+    assert e_sync.phases["forward"]["gradients"] == sharded
+    assert e_deferred.phases["forward"]["gradients"] == sharded * plan.world_size
+    assert e_deferred.peak_allocated > e_sync.peak_allocated and e_deferred.reserved > e_sync.reserved
 
 
 def test_qlora_under_fsdp_stores_the_4bit_weights_so_that_fsdp_shards_them(tmp_path):

@@ -64,12 +64,11 @@ EXPECTED = {
          'offload': 'optimizer+params',
          'precision': 'bf16',
          'liger': ['rope', 'rms_norm', 'swiglu', 'fused_linear_cross_entropy'],
-         'gpus': 1},
+         'gpus': 1,
+         'sync_each_batch': False},
         ['fsdp_config.limit_all_gathers',
          'fsdp_config.cpu_ram_efficient_loading',
-         'fsdp_config.backward_prefetch',
-         # the Trainer's deferred reduce-scatter under accumulation (hf._gradient_reduction)
-         'accelerator_config.gradient_accumulation_kwargs.sync_each_batch'],
+         'fsdp_config.backward_prefetch'],
     ),
     'axolotl/examples/llama-3/lora-1b.yml': (
         'axolotl',
