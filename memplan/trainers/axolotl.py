@@ -326,6 +326,7 @@ def _emit_kernels_and_sharding(plan: Plan, ctx: Context) -> dict[str, Any]:
                                "reshard_after_forward": plan.zero == 3, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                                "transformer_layer_cls_to_wrap": ctx.spec.traits.decoder_layer,
                                "state_dict_type": "SHARDED_STATE_DICT"}
+        data.update(hf.accelerator_config(plan))  # schemas/config.py accelerator_config -> AcceleratorConfig
     return data
 
 

@@ -399,9 +399,16 @@ def fsdp_arguments(plan: Plan, spec) -> dict[str, Any]:
                         "cpu_offload": plan.offload == "optimizer+params",
                         "transformer_layer_cls_to_wrap": [spec.traits.decoder_layer],
                         "state_dict_type": "SHARDED_STATE_DICT"}}
-    if plan.grad_accum > 1 and plan.world_size > 1:
-        args["accelerator_config"] = {"gradient_accumulation_kwargs": {"sync_each_batch": plan.sync_each_batch}}
+    args.update(accelerator_config(plan))
     return args
+
+
+def accelerator_config(plan: Plan) -> dict[str, Any]:
+    """TrainingArguments' accelerator_config for an FSDP plan with accumulation: accelerate's sync_each_batch, the
+    plan's (TRL and LLaMA-Factory hand it to TrainingArguments, axolotl to AcceleratorConfig)."""
+    if plan.sharding != "fsdp" or plan.grad_accum == 1 or plan.world_size == 1:
+        return {}
+    return {"accelerator_config": {"gradient_accumulation_kwargs": {"sync_each_batch": plan.sync_each_batch}}}
 
 
 def alloc_env(plan: Plan) -> str:

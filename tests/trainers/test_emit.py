@@ -296,8 +296,8 @@ def test_ddp_on_several_gpus_turns_find_unused_parameters_off(tmp_path):
 
 def test_fsdp_with_accumulation_writes_and_reads_sync_each_batch(tmp_path):
     """Under FSDP with accumulation the Trainer defers the reduce-scatter to the last micro-batch unless accelerate's
-    sync_each_batch is set: TRL and LLaMA-Factory files write the plan's sync_each_batch, and reading one gives it
-    back; a file without the key is read as the Trainer runs it (sync_each_batch off: every layer's whole gradients
+    sync_each_batch is set: TRL, LLaMA-Factory and axolotl files write the plan's sync_each_batch, and reading one
+    gives it back; a file without the key is read as the Trainer runs it (sync_each_batch off: every layer's whole gradients
     held between micro-batches, which the estimate counts)."""
     import yaml
 
@@ -306,7 +306,7 @@ def test_fsdp_with_accumulation_writes_and_reads_sync_each_batch(tmp_path):
 
     plan = build_plan(merge(_plan("lora-bf16-fsdp", tmp_path).model_dump(mode="json"), {"grad_accum": 4}))
     key = "accelerator_config.gradient_accumulation_kwargs.sync_each_batch"
-    for trainer in ("trl", "llamafactory"):
+    for trainer in ("trl", "llamafactory", "axolotl"):
         for sync in (True, False):
             e = _emit(build_plan(merge(plan.model_dump(mode="json"), {"sync_each_batch": sync})), trainer)
             data = yaml.safe_load(e.files[e.config])
