@@ -69,11 +69,14 @@ RUNS = [
 ]
 
 
-def profile(config: dict, fields: dict, tmp: Path) -> dict:
+def profile(config: dict, fields: dict, tmp: Path, ranks: str = "rank 0") -> dict:
+    """What `memplan profile --json` measured: rank 0's phase peaks and breakdown, or (ranks="max") each phase's
+    highest peak over the ranks."""
     path = tmp / "config.json"
     path.write_text(json.dumps(dict(model_type="llama", **config)))
     plan = {"precision": "bf16", "sharding": "fsdp", "gpus": 2, "device": "cpu", **fields}
-    args = ["--backend", "cpu", "--gpus", "2", "--sharding", "fsdp", "--zero", str(plan["zero"]),
+    args = ["--backend", "cpu", "--gpus", str(plan["gpus"]), "--sharding", plan["sharding"],
+            "--zero", str(plan["zero"]),
             "--method", plan["method"], "--precision", plan["precision"], "--batch-size", str(plan["micro_batch"]),
             "--seq-len", str(plan["seq_len"]), "--grad-accum", str(plan.get("grad_accum", 1)),
             "--grad-ckpt" if plan["grad_ckpt"] else "--no-grad-ckpt",
@@ -84,44 +87,56 @@ def profile(config: dict, fields: dict, tmp: Path) -> dict:
     if done.returncode not in (0, 1):  # 1: outside the goal, still a measurement
         raise SystemExit(done.stderr[-3000:])
     measured = json.loads(done.stdout)["results"][0]["measured"]
+    if ranks == "max":
+        per_rank = measured.get("ranks") or [measured]
+        return {"llama_config": config, "plan": plan, "ranks": "max",
+                "command": f"memplan profile --model config.json {' '.join(args)}",
+                "phase_peaks": {ph: max(r["phase_peaks"][ph] for r in per_rank) for ph in measured["phase_peaks"]}}
     return {"llama_config": config, "plan": plan,
             "command": f"memplan profile --model config.json {' '.join(args)}",
             "phase_peaks": measured["phase_peaks"], "phase_breakdown": measured["phase_breakdown"]}
 
 
 def _lower(first: dict, second: dict) -> dict:
-    """Per phase, the run with the lower peak (its breakdown with it)."""
-    row = dict(first, phase_peaks=dict(first["phase_peaks"]), phase_breakdown=dict(first["phase_breakdown"]))
+    """Per phase, the run with the lower peak (its breakdown with it, where rows have one)."""
+    row = dict(first, phase_peaks=dict(first["phase_peaks"]))
+    if "phase_breakdown" in first:
+        row["phase_breakdown"] = dict(first["phase_breakdown"])
     for phase, peak in second["phase_peaks"].items():
         if peak < row["phase_peaks"][phase]:
             row["phase_peaks"][phase] = peak
-            row["phase_breakdown"][phase] = second["phase_breakdown"][phase]
+            if "phase_breakdown" in row:
+                row["phase_breakdown"][phase] = second["phase_breakdown"][phase]
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fsdp-gloo-2rank.jsonl"))
-    args = parser.parse_args()
+def measure_runs(runs: list, out: Path, ranks: str = "rank 0", extra: dict | None = None) -> None:
+    """Profile each (config, plan) of `runs` twice, keep each phase's lower peak, print it beside the estimate, and
+    write the rows to `out` (one JSON object per line, atomically)."""
     from memplan.catalog.resolve import resolve_model
     from memplan.estimator import estimate
     from memplan.plan import build_plan
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for config, fields in RUNS:
-            row = _lower(profile(config, fields, Path(tmp)), profile(config, fields, Path(tmp)))
-            rows.append(row)
+        for config, fields in runs:
+            row = _lower(profile(config, fields, Path(tmp), ranks), profile(config, fields, Path(tmp), ranks))
+            rows.append(dict(row, **(extra or {})))
             (Path(tmp) / "config.json").write_text(json.dumps(dict(model_type="llama", **config)))
             e = estimate(resolve_model(str(Path(tmp) / "config.json")), build_plan(row["plan"]))
             errors = {ph: 100 * (e.phase_peaks[ph] - m) / m for ph, m in row["phase_peaks"].items()}
             phases = ", ".join(f"{ph} {row['phase_peaks'][ph] / MiB:.2f} MiB {err:+.2f} %"
                                for ph, err in errors.items())
             print(f"vocab {config['vocab_size']:5d} hidden {config['hidden_size']} {fields}: {phases}", flush=True)
-    out = Path(args.out)
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp_out.replace(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fsdp-gloo-2rank.jsonl"))
+    measure_runs(RUNS, Path(parser.parse_args().out))
 
 
 if __name__ == "__main__":

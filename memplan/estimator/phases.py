@@ -261,7 +261,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     last_kind = min(spec.group_of(L - 1).indices)
     for i in dict.fromkeys((L - 1, max(0, L - 2), last_kind, min(1, L - 1), 0)):
         # the gradients that exist while layer i runs its backward: those of layers i..L-1
-        g_now = G_fwd if accum else min(G, head_grads + shard.grads_from[i])
+        g_now = shard.backward_grads or (G_fwd if accum else min(G, head_grads + shard.grads_from[i]))
         # offloading: only layer i's saved tensors are brought back (each when its node runs; the stash keeps
         # them until the next node is done), the layers below wait on the host
         below = 0 if offload else i
@@ -297,7 +297,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
         if deferred:  # added into the unsharded embedding's whole gradient
             emb_grad = spec.vocab_size * spec.hidden_size * states.trainable_itemsize(plan, num.weights, num.adapter)
         emb_transient = (2 if kernels == "cpu" else 1) * emb_grad
-    end_grads, end_acts = G, (0 if offload else acts.shared) + emb_transient + pending
+    end_grads, end_acts = shard.backward_grads or G, (0 if offload else acts.shared) + emb_transient + pending
     if deferred:
         # a micro-batch before the last: every whole gradient, the root still gathered (it reshards after)
         candidates.append(_terms(**base, gradients=deferred, activations=end_acts,
@@ -319,7 +319,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     bwd = max(candidates, key=lambda t: sum(t.values()))
 
     # ---- optimizer step: all gradients, states and the step's temporaries
-    opt = _terms(**base, gradients=G, optimizer_temporaries=TMP, comm_buffers=shard.buffers)
+    opt = _terms(**base, gradients=shard.step_grads, optimizer_temporaries=TMP, comm_buffers=shard.buffers)
 
     disk = {
         "checkpoint_bytes": sharding.checkpoint_bytes(tensors, plan, num, p_item),

@@ -46,6 +46,10 @@ class PerGpu:
     # every trainable parameter's whole gradient, and [i] those of decoder layers i..L-1
     deferred_grads: int
     deferred_from: tuple[int, ...]
+    # DeepSpeed ZeRO-1/2: the gradients alive through the layers' backward (0: as the backward produces them) and in
+    # the optimizer phase (the gradient partition its step reduced into)
+    backward_grads: int
+    step_grads: int
     buffers: int  # DDP gradient buckets, DeepSpeed reduce buckets
     host_bytes: int  # CPU RAM per node
     notes: list[str] = field(default_factory=list)
@@ -120,7 +124,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     per_layer = (lambda x: _part(x, n)) if stage >= 2 else (lambda x: x)
     grads_from = list(itertools.accumulate(per_layer(trainable[spec.group_of(i)] * g_item)
                                            for i in reversed(range(spec.num_layers))))[::-1]
-    if stage >= 2:
+    if stage >= 2 and not ds:  # (DeepSpeed's autograd makes whole gradients; its buckets partition them)
         head_grads, emb_grad = _part(head_grads, n), _part(emb_grad, n)
     buffers = 0
     gathered_f = gathered_b = 0
@@ -131,7 +135,13 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         # gradient_as_bucket_view=True (torch/nn/parallel/distributed.py); HF/accelerate leave it False.
         buffers += grads
         notes.append("DDP gradient buckets: one extra copy of the gradients (gradient_as_bucket_view=False).")
-    if ds:
+    backward_grads, step_grads = 0, None
+    if ds and stage in (1, 2) and plan.method == "full" and plan.offload == "none":
+        backward_grads, step_grads, TMP, M = _zero_step(plan, tensors, n, G, g_item)
+        if n > 1:
+            # overlap_comm's two reduce buckets (stage_1_and_2.py setup_buckets), in the gradients' dtype
+            buffers += 2 * deepspeed_reduce_bucket_elems(spec) * g_item
+    elif ds:
         if stage >= 1:
             TMP = 0  # DeepSpeed runs its own fused/multi-tensor Adam: no foreach temporaries
             if plan.method == "full" and plan.precision == "bf16-master":
@@ -227,8 +237,37 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                   unshard_first=unshard_first, unshard_last=unshard_last if spec.num_layers > 1 else 0,
                   backward_start=backward_start, root_grads=root_grads, root_head_grads=root_head_grads,
                   unit_grads=unit_grads, first_unit_grads=first_unit_grads, deferred_grads=deferred,
-                  deferred_from=deferred_from, buffers=buffers, host_bytes=host,
+                  deferred_from=deferred_from, backward_grads=backward_grads,
+                  step_grads=G if step_grads is None else step_grads,
+                  buffers=buffers, host_bytes=host,
                   notes=notes)
+
+
+def _zero_step(plan: Plan, tensors: Tensors, n: int, G: int, g_item: int) -> tuple[int, int, int, int]:
+    """DeepSpeed ZeRO-1/2 full fine-tuning on the GPU (deepspeed/runtime/zero/stage_1_and_2.py, as memplan's
+    ds_config runs it: contiguous_gradients, overlap_comm, torch's AdamW over the fp32 partition): (the gradients
+    alive through the layers' backward, those alive in the optimizer phase, the step's temporaries, the fp32
+    masters).
+
+    The weights live in one flat 16-bit buffer; this rank's fp32 masters are a copy of its partition
+    (`.detach().clone().to(fp32)`, also of fp32 weights). Each gradient autograd makes is copied into a reduce bucket
+    and dropped; this rank's part of each reduced bucket is copied into `grads_in_partition`, one buffer of its
+    partition allocated at the first copy (`copy_grads_in_partition`) and kept to the step. With accumulation a
+    later micro-batch allocates a second one and adds it into the first at its backward's end (ZeRO-1 reduces only
+    on the last micro-batch, the others keep every whole gradient, G): from the backward's first reduction - at
+    its start on the rank owning lm_head - that buffer is alive beside the others. The step flattens the partition's
+    gradients (`get_flat_partition`: a copy) and casts the copy to fp32, frees both 16-bit buffers, and runs the
+    optimizer over the fp32 partition beside its fp32 gradient. Measured with `memplan profile --backend cpu`
+    under DeepSpeed's CPU accelerator (benchmarks/results/deepspeed-gloo-2rank.jsonl)."""
+    part = _part(tensors.n_trainable, n)
+    partition = part * g_item  # grads_in_partition, and the step's flat copy of it
+    fp32 = 4 * part if g_item < 4 else 0  # the copy cast (an fp32 plan's copy is fp32 already)
+    from memplan.estimator.states import optimizer_step_temporaries
+
+    adam = optimizer_step_temporaries(Tensors(((part,),), (), 0), plan.model_copy(update={"precision": "fp32"}), 4)
+    temps = max(partition + fp32, (fp32 or partition) + adam - partition)
+    backward = G + partition if plan.grad_accum > 1 else partition
+    return backward, partition, temps, 4 * part
 
 
 def _gathered_layer(group, plan: Plan, compute_itemsize: int) -> int:

@@ -7,12 +7,14 @@ worker REQUEST DIR` on this machine (nodes are simulated as more processes here)
 CPU and NCCL on CUDA (one GPU per rank). The plan's sharding picks the wrapper: ddp -> DistributedDataParallel
 (its gradient buckets count as comm_buffers); fsdp -> FSDP2 `fully_shard` on every decoder layer and the
 root, reshard_after_forward = (zero == 3) (FULL_SHARD; zero 2 = SHARD_GRAD_OP), CPUOffloadPolicy with
-offload optimizer+params; fsdp zero 0 (NO_SHARD) runs as DDP, which it equals. Each rank writes its own
+offload optimizer+params; fsdp zero 0 (NO_SHARD) runs as DDP, which it equals; deepspeed -> DeepSpeed's engine
+over the model and the plan's optimizer (`deepspeed_engine`, in one process too). Each rank writes its own
 result file, so a rank that runs out of memory still reports (and its exit stops the others).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -136,9 +138,13 @@ def _worker(req_path: str, out_dir: str) -> int:
     return 0
 
 
-def make_wrapper(plan: Plan, device: str, world: int) -> Callable:
-    """The DDP / FSDP2 wrapper for the plan, as a function (module, meter) -> wrapped module."""
+def make_wrapper(plan: Plan, device: str, world: int) -> Callable | None:
+    """The DDP / FSDP2 wrapper for the plan, as a function (module, meter) -> wrapped module; None under DeepSpeed,
+    whose engine takes the optimizer too (`deepspeed_engine`)."""
     import torch
+
+    if plan.sharding == "deepspeed":
+        return None
 
     def ddp(module, meter):
         from torch.nn.parallel import DistributedDataParallel
@@ -181,6 +187,42 @@ def make_wrapper(plan: Plan, device: str, world: int) -> Callable:
 
     fsdp.shards_parameters = True
     return fsdp if plan.sharding == "fsdp" and plan.zero in (2, 3) else ddp
+
+
+def deepspeed_engine(module, optimizer, plan: Plan, spec, device: str, meter):
+    """DeepSpeed's engine over the module and the plan's optimizer, configured as `memplan train` runs it: the
+    ds_config.json `memplan recommend` writes (buckets from `spec`'s hidden size), "auto" filled from the plan, its
+    optimizer section dropped for the optimizer given (memplan.train.deepspeed_setup). On the CPU DeepSpeed's CPU
+    accelerator and gloo; one process joins a group of its own. The flat 16-bit buffer the engine moves the
+    weights into counts as weights, its fp32 partition as master_weights."""
+    import torch
+    import torch.distributed as dist
+
+    if not device.startswith("cuda"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout, where --json writes
+        import deepspeed
+
+    from memplan.recommend.writers import ds_config
+    from memplan.train.deepspeed_setup import fill_auto
+
+    if not dist.is_initialized():  # one process: a group of one
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", str(port))):
+            os.environ.setdefault(key, value)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    cfg = fill_auto(plan, ds_config(plan, spec))
+    cfg.pop("optimizer", None)
+    with contextlib.redirect_stdout(sys.stderr):
+        engine, zero, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=cfg)
+    for cat, name in (("weights", "bit16_groups_flat"), ("master_weights", "single_partition_of_fp32_groups")):
+        meter.classify([t for t in getattr(zero, name, []) if isinstance(t, torch.Tensor)], cat)
+    return engine
 
 
 def _count_gathers_as_gathered_params(unit, meter) -> None:

@@ -25,6 +25,7 @@ accumulation), and every unit's whole gradients stay until then.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,11 +37,12 @@ from memplan.errors import UserError
 from memplan.estimator.activations import as_one_row, packed
 from memplan.estimator.phases import PHASES
 from memplan.plan import Plan
+from memplan.profile.launch import deepspeed_engine
 from memplan.profile.meters import CudaMeter
 from memplan.runtime import liger
 from memplan.runtime.loss import chunked_causal_lm_loss, head_options
 from memplan.runtime.meter import LiveBytes, StepMeasure
-from memplan.runtime.model import build_model, gradient_sync, materialize, quant_state_tensors
+from memplan.runtime.model import build_model, gradient_sync, materialize, model_spec, quant_state_tensors
 from memplan.runtime.optim import make_optimizer, optimizer_factory, state_tensors
 
 BACKENDS = ("cuda", "cpu", "trace")
@@ -127,8 +129,12 @@ def check_runnable(plan: Plan, backend: str, steps: int) -> None:
         raise UserError(f"--backend cuda: no CUDA device (torch {torch.__version__}, "
                         f"built for CUDA {torch.version.cuda or 'none'}). Hint: use --backend trace or cpu")
     if plan.sharding == "deepspeed":
-        raise UserError("memplan profile runs DDP and FSDP; DeepSpeed ZeRO is not profiled. Hint: --sharding fsdp "
-                        "--zero 3 (FULL_SHARD) or --zero 2 (SHARD_GRAD_OP) measures the same sharding")
+        if backend == "trace":
+            raise UserError("DeepSpeed's engine runs real tensors, not the trace backend's fake ones. Hint: "
+                            "--backend cpu (small models, its CPU accelerator and gloo) or --backend cuda")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("memplan profile runs a DeepSpeed plan through DeepSpeed's own engine, which is not "
+                            "installed. Hint: pip install deepspeed, or --sharding fsdp")
     if plan.offload != "none" and not (backend == "cuda" and plan.sharding == "fsdp"):
         raise UserError("CPU offload is profiled only with FSDP on CUDA (--sharding fsdp --zero 3 --offload "
                         "optimizer+params --backend cuda)")
@@ -276,11 +282,13 @@ def train_steps(model, optimizer, plan: Plan, meter, *, steps: int, vocab: int, 
     wall seconds appended to `clock` (on CUDA after the device finished its work)."""
     dtype = getattr(torch, plan.regime.compute) if plan.regime.autocast else None
     device_type = torch.device(device).type
+    engine = plan.sharding == "deepspeed"  # DeepSpeed's engine reduces, steps and zeroes in its own calls
     for _ in range(steps):
         start = time.perf_counter()
         meter.new_step()
         for micro in range(plan.grad_accum):
-            with _gradient_sync(model, plan, micro == plan.grad_accum - 1):
+            last = micro == plan.grad_accum - 1
+            with _gradient_sync(model, plan, last) if not engine else contextlib.nullcontext():
                 meter.phase("forward")
                 input_ids, position_ids = batch(plan, vocab, device)
                 with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
@@ -289,13 +297,22 @@ def train_steps(model, optimizer, plan: Plan, meter, *, steps: int, vocab: int, 
                 meter.phase("backward")
                 if logits_term is not None:
                     logits_term.backward_starts()
-                loss.backward()
+                if engine:  # memplan train's engine.backward (the loss is the step's mean already)
+                    model.backward(loss, scale_wrt_gas=False)
+                else:
+                    loss.backward()
                 del loss, input_ids, position_ids
+            if engine and not last:
+                model.step()  # a micro-batch's end: DeepSpeed counts it, its boundary steps
             meter.classify([p.grad for p in trainable], "gradients")
         meter.phase("optimizer")
-        optimizer.step()
-        meter.classify(state_tensors(optimizer), "optimizer_states")
-        optimizer.zero_grad(set_to_none=True)
+        if engine:
+            model.step()
+            meter.classify(state_tensors(model.optimizer.optimizer), "optimizer_states")
+        else:
+            optimizer.step()
+            meter.classify(state_tensors(optimizer), "optimizer_states")
+            optimizer.zero_grad(set_to_none=True)
         meter.phase(None)
         if clock is not None:
             if device_type == "cuda":
@@ -368,7 +385,10 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
             if wrap is not None and not shards:
                 module = wrap(module, meter)
             trainable = [p for p in module.parameters() if p.requires_grad]
-            optimizer = make_optimizer(plan, factory, trainable, meter)
+            deepspeed = plan.sharding == "deepspeed"  # its engine keeps the fp32 masters itself
+            optimizer = make_optimizer(plan, factory, trainable, meter, masters=not deepspeed)
+            if deepspeed:
+                module = deepspeed_engine(module, optimizer, plan, model_spec(built.hf_model.config), device, meter)
             logits_term = _LogitsLossTerm(built.hf_model, meter, fused=plan.liger_loss)
             try:
                 where["phase"] = None

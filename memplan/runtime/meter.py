@@ -86,6 +86,15 @@ class StepMeasure:
 # ---------------------------------------------------------------- live tensor bytes
 
 
+def _tensors(out) -> Iterator[torch.Tensor]:
+    """The tensors an op returned: itself, or those in its (nested) tuple or list."""
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            yield from _tensors(item)
+
+
 def _storage(t: torch.Tensor) -> torch.UntypedStorage:
     """The storage that holds t's bytes: a DTensor's (FSDP2) is its local shard's."""
     return getattr(t, "_local_tensor", t).untyped_storage()
@@ -192,16 +201,9 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.clock += 1
-        if isinstance(out, torch.Tensor):
-            self._add(_storage(out), self._term_of(out))
-        elif isinstance(out, (tuple, list)):
-            for t in out:
-                if isinstance(t, torch.Tensor):
-                    self._add(_storage(t), self._term_of(t))
-                elif isinstance(t, (tuple, list)):
-                    for u in t:
-                        if isinstance(u, torch.Tensor):
-                            self._add(_storage(u), self._term_of(u))
+        for t in _tensors(out):
+            if t.device.type != "meta":  # shapes without memory (DeepSpeed keeps its parameters' as meta tensors)
+                self._add(_storage(t), self._term_of(t))
         self._record()
         return out
 

@@ -166,13 +166,14 @@ def test_estimate_matches_h100_measurements(row):
     assert -2.0 <= 100 * (e.peak_allocated - peak) / peak <= 3.0
 
 
-FSDP_RUNS = [json.loads(line) for line in
-             (REPO / "benchmarks/results/fsdp-gloo-2rank.jsonl").read_text().splitlines()]
+PROCESS_RUNS = [json.loads(line) for name in ("fsdp-gloo-2rank", "deepspeed-gloo-2rank")
+                for line in (REPO / f"benchmarks/results/{name}.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("row", FSDP_RUNS, ids=lambda r: f"zero{r['plan']['zero']}-{r['plan']['method']}")
-def test_estimate_matches_fsdp_two_rank_measurements(row, tmp_path):
-    """FSDP2 SHARD_GRAD_OP / FULL_SHARD on 2 gloo ranks (memplan profile --backend cpu --gpus 2), per phase."""
+@pytest.mark.parametrize("row", PROCESS_RUNS, ids=lambda r: "{sharding}-zero{zero}-{method}-x{gpus}".format(**r["plan"]))
+def test_estimate_matches_gloo_measurements(row, tmp_path):
+    """FSDP2 SHARD_GRAD_OP / FULL_SHARD on 2 gloo ranks, and DeepSpeed ZeRO-1 / ZeRO-2 through its engine on its CPU
+    accelerator (the most loaded rank), measured by memplan profile --backend cpu, per phase."""
     from transformers import LlamaConfig
 
     path = tmp_path / "config.json"
@@ -183,25 +184,30 @@ def test_estimate_matches_fsdp_two_rank_measurements(row, tmp_path):
         assert -2 <= err <= 3, (phase, err)
 
 
-def test_deepspeed_fp32_master_copies_and_step_only_fp32_gradients():
-    """DeepSpeed's ZeRO optimizer clones its partition to fp32 whatever the weights' dtype. Under bf16-master
-    the fp32 gradient partition exists only inside step() (stage_1_and_2.py frees it after the update), so
-    it is an optimizer-phase temporary; an fp32 plan measures 8 B per parameter / processes in every phase
-    (measured / estimate - 1 on the CPU, 2.36M demo-tiny, ZeRO-2 x2: fp32 +0.8 %; bf16-master -13.9 % while
-    the gradient partition was counted in every phase; benchmarks/results/deepspeed-cpu.txt)."""
+def test_deepspeed_zero2_keeps_a_gradient_partition_and_steps_on_its_fp32_copy():
+    """DeepSpeed's ZeRO-1/2 step (stage_1_and_2.py): the fp32 masters are a clone of the partition whatever the
+    weights' dtype; the step copies the gradient partition flat, casts the copy to fp32, and frees both 16-bit
+    buffers before torch's AdamW runs beside the fp32 gradient; with accumulation the partition stays between
+    micro-batches (and a later one reduces into a second: the measured rows above)."""
     from memplan.plan import build_plan
 
     spec = resolve_model("demo-tiny")
-    per_rank = spec.params_total // 2
-    plans = {precision: build_plan(dict(model="demo-tiny", method="full", precision=precision, device="cpu",
-                                        sharding="deepspeed", zero=2, gpus=2, micro_batch=2, seq_len=128))
-             for precision in ("fp32", "bf16-master")}
-    fp32, bf16 = (estimate(spec, plans[p]) for p in ("fp32", "bf16-master"))
-    assert fp32.breakdown["master_weights"] == 8 * per_rank
-    assert fp32.phases["optimizer"]["optimizer_temporaries"] == 0
-    assert bf16.breakdown["master_weights"] == 4 * per_rank
-    assert bf16.phases["optimizer"]["optimizer_temporaries"] == 4 * per_rank
-    assert bf16.phases["forward"]["optimizer_temporaries"] == 0
+
+    def zero2(**fields):
+        return estimate(spec, build_plan(dict(dict(model="demo-tiny", method="full", precision="bf16-master",
+                                                   device="cpu", sharding="deepspeed", zero=2, gpus=2, micro_batch=2,
+                                                   seq_len=128), **fields)))
+
+    bf16, fp32, fused, accum = zero2(), zero2(precision="fp32"), zero2(optimizer="adamw-fused"), zero2(grad_accum=2)
+    part = math.ceil(bf16.params_trainable / 2)
+    assert bf16.breakdown["master_weights"] == fp32.breakdown["master_weights"] == 4 * part
+    opt = bf16.phases["optimizer"]
+    assert opt["gradients"] == 2 * part
+    # the bf16 copy and its fp32 cast beside the partition; then the fp32 gradient and _foreach_sqrt's temporary
+    assert opt["gradients"] + opt["optimizer_temporaries"] == max(2 * part + 2 * part + 4 * part, 4 * part + 4 * part)
+    assert fused.phases["optimizer"]["optimizer_temporaries"] == 2 * part + 4 * part  # the cast's moment
+    assert fp32.phases["optimizer"]["gradients"] + fp32.phases["optimizer"]["optimizer_temporaries"] == 8 * part
+    assert accum.phases["forward"]["gradients"] == 2 * part and bf16.phases["forward"]["gradients"] == 0
 
 
 def test_deepspeed_zero3_steps_the_fp32_gradients_one_sub_group_at_a_time():

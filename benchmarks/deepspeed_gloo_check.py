@@ -1,0 +1,51 @@
+"""DeepSpeed ZeRO-1 and ZeRO-2 (`memplan profile --backend cpu --sharding deepspeed`: DeepSpeed's engine on its CPU
+accelerator, gloo) against the estimate, per phase.
+
+A small Llama trained for three optimizer steps through DeepSpeed's engine as `memplan train` configures it (the
+ds_config.json `memplan recommend` writes, torch's AdamW over the fp32 partition): ZeRO-1 and ZeRO-2, bf16 with fp32
+masters (DeepSpeed's bf16) and fp32, with and without accumulation, one and two processes, with checkpointing. Each
+row keeps, per phase, the highest of the ranks' steady peaks (the estimate is the most loaded rank's: with
+accumulation the rank owning lm_head holds a second gradient partition from its backward's start), each plan
+profiled twice and each phase's lower value kept (gloo's worker thread can drop a tensor late, see
+benchmarks/fsdp_gloo_check.py). tests/estimator/test_estimator.py checks the estimate against every row.
+
+DeepSpeed is not a memplan dependency; run this with a Python that has it (see benchmarks/deepspeed_cpu_check.py):
+
+    python benchmarks/deepspeed_gloo_check.py [--out benchmarks/results/deepspeed-gloo-2rank.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from fsdp_gloo_check import LARGE_ROOT, SMALL_ROOT, measure_runs  # noqa: E402
+
+FULL = dict(method="full", sharding="deepspeed", grad_ckpt=False, micro_batch=2, seq_len=128)
+# (config, plan)
+RUNS = [
+    (SMALL_ROOT, dict(FULL, zero=2, precision="bf16-master", grad_accum=2)),
+    (SMALL_ROOT, dict(FULL, zero=2, precision="bf16-master")),
+    (SMALL_ROOT, dict(FULL, zero=1, precision="bf16-master", grad_accum=2)),
+    (SMALL_ROOT, dict(FULL, zero=1, precision="bf16-master")),
+    (SMALL_ROOT, dict(FULL, zero=2, precision="fp32", grad_accum=2)),
+    (LARGE_ROOT, dict(FULL, zero=2, precision="bf16-master", grad_accum=2, grad_ckpt=True)),  # lm_head's gradient
+    (SMALL_ROOT, dict(FULL, zero=2, precision="bf16-master", grad_accum=2, gpus=1)),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "deepspeed-gloo-2rank.jsonl"))
+    import deepspeed
+
+    measure_runs([(config, dict({"gpus": 2}, **fields)) for config, fields in RUNS], Path(parser.parse_args().out),
+                 ranks="max", extra={"deepspeed": deepspeed.__version__})
+
+
+if __name__ == "__main__":
+    main()
