@@ -331,6 +331,8 @@ def replay(events, allocator: str = "default", capacity: int | None = None,
                 handle = pop(ev[1], None)
                 if handle is not None:
                     free(handle)
+            elif kind == "e":  # torch.cuda.empty_cache()
+                alloc.release_cache()
             elif kind == "s":
                 if started:  # the step before this one ended
                     steps.append(alloc.peak_reserved)

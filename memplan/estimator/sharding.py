@@ -262,9 +262,9 @@ def _zero_step(plan: Plan, tensors: Tensors, n: int, G: int, g_item: int) -> tup
     part = _part(tensors.n_trainable, n)
     partition = part * g_item  # grads_in_partition, and the step's flat copy of it
     fp32 = 4 * part if g_item < 4 else 0  # the copy cast (an fp32 plan's copy is fp32 already)
-    from memplan.estimator.states import optimizer_step_temporaries
+    from memplan.estimator.zero_optimizer import step_temporaries
 
-    adam = optimizer_step_temporaries(Tensors(((part,),), (), 0), plan.model_copy(update={"precision": "fp32"}), 4)
+    adam = step_temporaries(plan, part)
     temps = max(partition + fp32, (fp32 or partition) + adam - partition)
     backward = G + partition if plan.grad_accum > 1 else partition
     return backward, partition, temps, 4 * part

@@ -21,12 +21,14 @@ The stream follows what the step keeps alive, tensor by tensor:
 - on several GPUs under DDP: the module states' broadcast as it wraps the model, its gradient buckets, and their
   rebuild in the second step's first forward (`memplan.estimator.reducer`);
 - under FSDP2: the sharded load, each unit's gathers and reduce-scatters on FSDP's own streams, the whole
-  gradients of a unit until its reduce-scatter, the optimizer on the shards (`memplan.estimator.fully_shard`).
+  gradients of a unit until its reduce-scatter, the optimizer on the shards (`memplan.estimator.fully_shard`);
+- under DeepSpeed ZeRO-1/2: the flat weights and fp32 masters, each gradient copied into a reduce bucket, the
+  gradient partitions on the reduction stream, DeepSpeed's step (`memplan.estimator.zero_optimizer`).
 
 The replay keeps the tensors the estimate counts, not every kernel's scratch: it is checked against the stream a
 real step traced at full size allocates (`benchmarks/allocator_check.py`). Plans it does not follow
-(DeepSpeed, FSDP with a quantized base or on one process under autocast, offloading, families calibrated by trace)
-return None and keep the measured ratio (`overhead.reserved_bytes`).
+(DeepSpeed ZeRO-3 or with adapters, FSDP with a quantized base or on one process under autocast, offloading,
+families calibrated by trace) return None and keep the measured ratio (`overhead.reserved_bytes`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 
 from memplan.catalog.spec import ModelSpec
 from memplan.estimator import activations as act_mod
-from memplan.estimator import autograd, fully_shard, reducer, states
+from memplan.estimator import autograd, fully_shard, reducer, states, zero_optimizer
 from memplan.estimator.autograd import T, Tape
 from memplan.estimator.layers import LayerReplay
 from memplan.plan import Plan
@@ -59,10 +61,12 @@ def supported(spec: ModelSpec, plan: Plan) -> str | None:
     """None where the stream follows the plan; else why not (the estimate keeps the measured ratio)."""
     if plan.device != "cuda":
         return "no caching allocator on the CPU"
-    if plan.sharding == "deepspeed":  # on one GPU too: its own buffers, casts and streams, not torch's plain step
-        return "DeepSpeed: its gathered parameters, buffers and streams are not replayed"
     if plan.offload != "none" or plan.offload_activations:
         return "offloading is not replayed"
+    if plan.sharding == "deepspeed":  # on one GPU too: its own buffers and step, not torch's plain step
+        why = zero_optimizer.replayable(plan)
+        if why:
+            return why
     if plan.sharding == "fsdp":
         why = fully_shard.replayable(plan, act_mod.numerics(plan, spec))
         if why:
@@ -148,6 +152,7 @@ class _Step:
         self.grads: list[int] = []
         self.threads: set[str] = set()
         self.fsdp: fully_shard.FullyShard | None = None  # FSDP2 keeps the whole gradients per unit
+        self.zero: zero_optimizer.ZeroOptimizer | None = None  # DeepSpeed copies them into its buckets
 
     def alloc(self, nbytes: int, stream: int = fully_shard.DEFAULT_STREAM) -> int:
         gid = next(self._ids)
@@ -162,14 +167,17 @@ class _Step:
             first = self.alloc(computed)
             g = self.alloc(nbytes)
             self.free(first)
-            self.keep_grad(g)
+            self.keep_grad(g, nbytes)
         else:
-            self.keep_grad(self.alloc(nbytes))
+            self.keep_grad(self.alloc(nbytes), nbytes)
 
-    def keep_grad(self, g: int) -> None:
-        """A parameter's gradient: kept as .grad on the first micro-batch, added in place on the others; under FSDP2
-        its unit reduce-scatters it."""
-        if self.fsdp is not None:
+    def keep_grad(self, g: int, nbytes: int) -> None:
+        """A parameter's gradient (`nbytes`): kept as .grad on the first micro-batch, added in place on the others;
+        under FSDP2 its unit reduce-scatters it; under DeepSpeed its hook copies it into a reduce bucket."""
+        if self.zero is not None:
+            if not self.zero.keep_grad(self, g, nbytes):
+                self.free(g)
+        elif self.fsdp is not None:
             if not self.fsdp.keep_grad(g):
                 self.free(g)
         elif self.micro == 0:
@@ -237,7 +245,8 @@ def stream_plan(plan: Plan) -> Plan:
     search's accumulation steps, GPU counts, schedules) share one replay: the micro-batches past MICRO_BATCHES,
     how many GPUs beyond one (DDP allocates the same on each rank), sync_each_batch where nothing defers, the
     hyperparameters and the output."""
-    gpus = plan.world_size if plan.sharding == "fsdp" else min(plan.world_size, 2)  # FSDP's shards depend on it
+    # FSDP's shards and DeepSpeed's partitions depend on it
+    gpus = plan.world_size if plan.sharding in ("fsdp", "deepspeed") else min(plan.world_size, 2)
     return plan.model_copy(update={"grad_accum": min(plan.grad_accum, MICRO_BATCHES), "gpus": gpus, "nodes": 1,
                                    "sync_each_batch": not plan.defers_gradient_reduction,
                                    "hparams": type(plan.hparams)(), "output_dir": None, "target": None})
@@ -250,7 +259,7 @@ def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[t
         return None
     model = _Model(spec, act_mod.as_one_row(plan))
     st = _Step()
-    st.fsdp = model.fsdp
+    st.fsdp, st.zero = model.fsdp, model.zero
     if model.fsdp:
         model.fsdp.load(st)
         sharded = model.fsdp.sharded_tensors
@@ -266,14 +275,18 @@ def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[t
         micro_batches = min(plan.grad_accum, MICRO_BATCHES)
         for micro in range(micro_batches):
             st.micro = micro
-            if model.fsdp:
-                model.fsdp.start_micro_batch(micro, last=micro == micro_batches - 1)
+            for sharded in (model.fsdp, model.zero):
+                if sharded:
+                    sharded.start_micro_batch(micro, last=micro == micro_batches - 1)
             if ddp and step == 1 and micro == 0:  # the first forward after a synchronised backward
                 ddp.rebuild(st)
             model.micro_batch(st)
         st.events.append(("p", "optimizer"))
         tensors = model.fsdp.sharded_tensors if model.fsdp else model.tensors
-        _optimizer_step(st, model.plan, tensors, model.opt_item, first=step == 0)
+        if model.zero:
+            model.zero.step(st, first=step == 0, per_state=2 if plan.optimizer in TWO_STATES else 1)
+        else:
+            _optimizer_step(st, model.plan, tensors, model.opt_item, first=step == 0)
         st.free(*st.grads)  # zero_grad(set_to_none=True)
         st.grads = []
         if model.fsdp:
@@ -312,6 +325,8 @@ class _Model:
         self._templates: dict = {}
         self.fsdp = fully_shard.FullyShard(spec, plan, num.weights, self.p_item, act_mod.lora_targets(spec, plan),
                                            num.shards) if plan.sharding == "fsdp" else None
+        self.zero = zero_optimizer.ZeroOptimizer(spec, plan, self.tensors, self.p_item) \
+            if plan.sharding == "deepspeed" else None
         norm_spec = act_mod.layer_spec(spec, plan)
         self.final_norm = _record(self.tok, self.p_item, T(self.tok * self.h, num.residual, True),
                                   lambda tape, x: LayerReplay(tape, norm_spec, num).norm(x, patched=True))
@@ -342,10 +357,13 @@ class _Model:
                 st.alloc(states.quantized_bytes(self.plan.quantized_base, o, i))
             st.alloc(max(0, t.frozen_plain - V * h) * w)
         else:
-            for shape in states.parameter_shapes(self.spec):
-                st.alloc(math.prod(shape) * (self.p_item if self.full else w))
+            params = [st.alloc(math.prod(shape) * (self.p_item if self.full else w))
+                      for shape in states.parameter_shapes(self.spec)]
             if self.spec.params_frozen:
                 st.alloc(self.spec.params_frozen * w)
+            if self.zero:  # DeepSpeed: one flat buffer of the trained parameters, its own fp32 masters
+                self.zero.load(st, params, t.n_trainable * self.p_item)
+                return
         if not self.full:
             for shape in t.trainable_shapes:
                 st.alloc(math.prod(shape) * self.p_item)
@@ -383,7 +401,7 @@ class _Model:
         tied = self.full and self.spec.tie_word_embeddings
         pending = [w_grad] if tied and w_grad else []  # waits in the tied weight's input buffer
         if w_grad and not tied:
-            st.keep_grad(w_grad)
+            st.keep_grad(w_grad, V * h * self.p_item)
         if kept_hidden:
             st.free(hidden)
         grad = st.backward(self.final_norm, norm_ids, grad)
@@ -391,6 +409,8 @@ class _Model:
             grad = self._layer_backward(st, i, *layers[i], grad)
         st.free(grad)
         self._embedding_backward(st, pending)
+        if self.zero:  # engine.backward's epilogue
+            self.zero.backward_end(st)
         st.free(shared, *batch)
 
     def _head_forward(self, st: _Step, hidden: int) -> tuple[dict, bool]:
@@ -422,9 +442,9 @@ class _Model:
             if pending:  # the tied weight's two gradients summed out of place
                 total = st.alloc(V * h * self.p_item)
                 st.free(emb, *pending)
-                st.keep_grad(total)
+                st.keep_grad(total, V * h * self.p_item)
             else:
-                st.keep_grad(emb)
+                st.keep_grad(emb, V * h * self.p_item)
         if self.fsdp:
             self.fsdp.post_backward(st, fully_shard.FullyShard.ROOT)
             self.fsdp.backward_end(st)

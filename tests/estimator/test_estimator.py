@@ -79,8 +79,17 @@ def test_more_gpus_less_memory_per_gpu_under_zero3():
 
 
 def test_higher_zero_stage_never_costs_more():
-    totals = [_total("llama-2-13b", sharding="deepspeed", zero=z, precision="bf16-master", gpus=8) for z in (1, 2, 3)]
-    assert totals[0] > totals[1] > totals[2]
+    """With accumulation ZeRO-1 keeps every whole gradient between micro-batches and ZeRO-2 its partition; with one
+    micro-batch both reduce each gradient into buckets as autograd makes it, and hold the same (measured alike:
+    benchmarks/results/deepspeed-gloo-2rank.jsonl)."""
+    def totals(accum):
+        return [_total("llama-2-13b", sharding="deepspeed", zero=z, precision="bf16-master", gpus=8,
+                       grad_accum=accum) for z in (1, 2, 3)]
+
+    z1, z2, z3 = totals(4)
+    assert z1 > z2 > z3
+    z1, z2, z3 = totals(1)
+    assert z1 == z2 > z3
 
 
 def test_offload_moves_states_to_host():

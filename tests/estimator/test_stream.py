@@ -77,7 +77,7 @@ def test_plans_the_stream_does_not_follow_keep_the_measured_ratio():
     assert supported(spec, multi) and allocation_stream(spec, multi) is None
     e = estimate(spec, multi)
     assert e.replayed is None and e.reserved == reserved_bytes(e.peak_allocated)
-    assert e.to_json()["reserved_basis"].startswith("measured ratio (DeepSpeed: its gathered parameters")
+    assert e.to_json()["reserved_basis"].startswith("measured ratio (DeepSpeed ZeRO-3: its partitioning")
     one = estimate(spec, Plan(model="llama-2-7b", method="lora"))
     assert one.to_json()["reserved_basis"] == "replayed" and one.reserved >= one.peak_allocated
     cpu = estimate(spec, Plan(model="llama-2-7b", method="lora", device="cpu", precision="fp32"))

@@ -281,6 +281,7 @@ DS_RUN = ["--model", "llama-2-7b", "--gpu", "a100-80gb", "--gpus", "4", "--datas
 def test_plan_directory_can_move_and_still_launch(run_cli, tmp_path, monkeypatch):
     """Written on one machine, moved to another path: memplan train's launch, and accelerate launch by hand,
     still find ds_config.json (accelerate_config.yaml named it by the absolute path it was written at)."""
+    import re
     import shlex
     import shutil
 
@@ -297,9 +298,12 @@ def test_plan_directory_can_move_and_still_launch(run_cli, tmp_path, monkeypatch
     laptop = tmp_path / "laptop" / "run"
     run_json(run_cli, "recommend", *DS_RUN, "-o", str(laptop))
     # the README's by-hand command, as written
-    (by_hand,) = [line for line in (laptop / "README.md").read_text().splitlines()
-                  if line.startswith("accelerate launch")]
-    assert Path(accelerate_args(shlex.split(by_hand)[2:]).deepspeed_config_file) == laptop / "ds_config.json"
+    # (after the allocator setting the plan runs with, where it has one: PYTORCH_CUDA_ALLOC_CONF=...)
+    launch = re.compile(r"(?:[A-Z_]+=\S+ )*accelerate launch ")
+    (by_hand,) = [line for line in (laptop / "README.md").read_text().splitlines() if launch.match(line)]
+    argv = shlex.split(by_hand)
+    assert Path(accelerate_args(argv[argv.index("accelerate") + 2:]).deepspeed_config_file) == \
+        laptop / "ds_config.json"
 
     cluster = tmp_path / "cluster" / "jobs" / "run"
     cluster.parent.mkdir(parents=True)

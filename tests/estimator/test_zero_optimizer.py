@@ -1,0 +1,76 @@
+"""DeepSpeed ZeRO-1/2 in the allocation stream (memplan.estimator.zero_optimizer): what it allocates against the
+estimate's terms, on which stream, and the plans it leaves to the measured ratio."""
+
+import json
+
+import pytest
+
+from memplan.catalog.spec import spec_from_config
+from memplan.estimator import estimate, zero_optimizer
+from memplan.estimator.stream import allocation_stream
+from memplan.plan import Plan
+
+from support import REPO
+
+ROWS = [json.loads(line) for line in (REPO / "benchmarks/results/deepspeed-gloo-2rank.jsonl").read_text().splitlines()]
+CONFIG = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+          "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 2048, "max_position_embeddings": 512}
+
+
+def _plan(**fields) -> Plan:
+    return Plan(**{"model": "llama-small", "gpus": 2, "sharding": "deepspeed", "zero": 2, "precision": "bf16-master",
+                   "micro_batch": 2, "seq_len": 128, "grad_ckpt": False, **fields})
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: "zero{zero}-{precision}-accum{}-x{gpus}".format(
+    r["plan"].get("grad_accum", 1), **r["plan"]))
+def test_the_stream_allocates_what_the_estimate_counts(row):
+    """The measured DeepSpeed plans on a GPU: the replay's allocated peak against the estimate's, which the CPU runs
+    check per phase."""
+    spec = spec_from_config(dict(model_type="llama", **row["llama_config"]), "llama-small")
+    e = estimate(spec, Plan(**dict(row["plan"], device="cuda", model="llama-small")))
+    assert e.reserved_basis == "replayed"
+    assert -3 <= 100 * (e.replayed.steps_allocated - e.peak_allocated) / e.peak_allocated <= 2
+
+
+def _partition_buffers(events, step: int = 2) -> list[int]:
+    """Per micro-batch of optimizer step `step`, the gradient partition buffers allocated (the reduction stream)."""
+    starts = [i for i, ev in enumerate(events) if ev == ("s",)]
+    counts: list[int] = []
+    for ev in events[starts[step - 1]:]:
+        if ev == ("p", "forward"):
+            counts.append(0)
+        elif ev[0] == "a" and len(ev) > 3 and ev[3] == zero_optimizer.REDUCTION_STREAM:
+            counts[-1] += 1
+    return counts
+
+
+def test_later_micro_batches_reduce_into_a_second_partition_under_zero2_only():
+    spec = spec_from_config(CONFIG, "llama-small")
+    assert _partition_buffers(allocation_stream(spec, _plan(grad_accum=2))) == [1, 1]  # the first kept, a second
+    assert _partition_buffers(allocation_stream(spec, _plan(zero=1, grad_accum=2))) == [0, 1]  # the last reduces
+    assert _partition_buffers(allocation_stream(spec, _plan())) == [1]
+
+
+def test_the_load_flattens_the_weights_and_releases_their_storage():
+    """Parameters, the flat buffer, the parameters freed and the cache emptied, then the fp32 masters (a bf16 clone
+    cast to fp32)."""
+    spec = spec_from_config(CONFIG, "llama-small")
+    events = allocation_stream(spec, _plan())
+    load = events[:events.index(("s",))]
+    empty = load.index(("e",))
+    params = spec.params_total * 2
+    made = [ev[2] for ev in load[:empty] if ev[0] == "a"]
+    assert sum(made) == 2 * params and made[-1] == params  # each parameter, then the flat buffer of them all
+    partition = -(-spec.params_total // 2)
+    assert [ev[2] for ev in load[empty:] if ev[0] == "a"] == [2 * partition, 4 * partition]
+
+
+@pytest.mark.parametrize("fields, why", [
+    (dict(zero=3), "ZeRO-3"),
+    (dict(method="lora"), "adapters"),
+    (dict(offload="optimizer"), "offloading"),
+])
+def test_plans_the_stream_does_not_follow_keep_the_measured_ratio(fields, why):
+    e = estimate(spec_from_config(CONFIG, "llama-small"), _plan(**fields))
+    assert e.replayed is None and why in e.reserved_basis
