@@ -3,7 +3,8 @@ accelerator, gloo) against the estimate, per phase.
 
 A small Llama trained for three optimizer steps through DeepSpeed's engine as `memplan train` configures it (the
 ds_config.json `memplan recommend` writes, torch's AdamW over the fp32 partition): ZeRO-1 and ZeRO-2, bf16 with fp32
-masters (DeepSpeed's bf16) and fp32, with and without accumulation, one and two processes, with checkpointing. Each
+masters (DeepSpeed's bf16) and fp32, with and without accumulation, one and two processes, with checkpointing, full
+fine-tuning and LoRA. Each
 row keeps, per phase, the highest of the ranks' steady peaks (the estimate is the most loaded rank's: with
 accumulation the rank owning lm_head holds a second gradient partition from its backward's start), each plan
 profiled twice and each phase's lower value kept (gloo's worker thread can drop a tensor late, see
@@ -35,6 +36,9 @@ RUNS = [
     (SMALL_ROOT, dict(FULL, zero=2, precision="fp32", grad_accum=2)),
     (LARGE_ROOT, dict(FULL, zero=2, precision="bf16-master", grad_accum=2, grad_ckpt=True)),  # lm_head's gradient
     (SMALL_ROOT, dict(FULL, zero=2, precision="bf16-master", grad_accum=2, gpus=1)),
+    # LoRA: the engine casts peft's fp32 adapters to bf16 with the rest; its flat buffer holds the adapters only
+    (SMALL_ROOT, dict(FULL, method="lora", zero=2, precision="bf16-master", grad_accum=2)),
+    (SMALL_ROOT, dict(FULL, method="lora", zero=1, precision="bf16-master", grad_accum=2)),
 ]
 
 

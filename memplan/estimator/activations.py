@@ -32,6 +32,10 @@ def numerics(plan: Plan, spec: ModelSpec) -> Numerics:
     p = plan.precision
     if plan.fsdp_mixed_precision:  # the layers run on the gathered 16-bit copies, still under autocast
         return Numerics(weights=2, compute=2, residual=2, adapter=2, autocast=True, shards=4)
+    if plan.sharding == "deepspeed" and plan.regime.deepspeed_bf16:
+        # DeepSpeed's bf16 engine casts every parameter to bf16, peft's fp32 adapters too
+        # (engine.py _configure_distributed_model); its optimizer keeps the fp32 masters
+        return Numerics(weights=2, compute=2, residual=2, adapter=2)
     if p == "fp32":
         return Numerics(weights=4, compute=4, residual=4)
     if p in ("amp-bf16", "amp-fp16"):

@@ -136,7 +136,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         buffers += grads
         notes.append("DDP gradient buckets: one extra copy of the gradients (gradient_as_bucket_view=False).")
     backward_grads, step_grads = 0, None
-    if ds and stage in (1, 2) and plan.method == "full" and plan.offload == "none":
+    if ds and stage in (1, 2) and plan.quantized_base is None and plan.offload == "none":
         backward_grads, step_grads, TMP, M = _zero_step(plan, tensors, n, G, g_item)
         if n > 1:
             # overlap_comm's two reduce buckets (stage_1_and_2.py setup_buckets), in the gradients' dtype

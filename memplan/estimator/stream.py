@@ -27,7 +27,7 @@ The stream follows what the step keeps alive, tensor by tensor:
 
 The replay keeps the tensors the estimate counts, not every kernel's scratch: it is checked against the stream a
 real step traced at full size allocates (`benchmarks/allocator_check.py`). Plans it does not follow
-(DeepSpeed ZeRO-3 or with adapters, FSDP with a quantized base or on one process under autocast, offloading,
+(DeepSpeed ZeRO-3 or over a quantized base, FSDP with a quantized base or on one process under autocast, offloading,
 families calibrated by trace) return None and keep the measured ratio (`overhead.reserved_bytes`).
 """
 
@@ -361,12 +361,11 @@ class _Model:
                       for shape in states.parameter_shapes(self.spec)]
             if self.spec.params_frozen:
                 st.alloc(self.spec.params_frozen * w)
-            if self.zero:  # DeepSpeed: one flat buffer of the trained parameters, its own fp32 masters
-                self.zero.load(st, params, t.n_trainable * self.p_item)
-                return
         if not self.full:
-            for shape in t.trainable_shapes:
-                st.alloc(math.prod(shape) * self.p_item)
+            params = [st.alloc(math.prod(shape) * self.p_item) for shape in t.trainable_shapes]
+        if self.zero:  # DeepSpeed: one flat buffer of the trained parameters, its own fp32 masters
+            self.zero.load(st, params, t.n_trainable * self.p_item)
+            return
         for n in t.trainable if states.master_bytes(t, self.plan) else ():
             st.alloc(4 * n)
 

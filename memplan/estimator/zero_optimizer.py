@@ -1,7 +1,8 @@
 """What DeepSpeed's ZeRO-1/2 optimizer (deepspeed/runtime/zero/stage_1_and_2.py, as memplan's ds_config runs it:
 contiguous_gradients, overlap_comm, torch's AdamW over the fp32 partition) allocates on each GPU, in the order a
 training step's stream (`memplan.estimator.stream`) needs it, for full fine-tuning without offload; the order as
-`memplan profile --backend cpu` runs DeepSpeed's engine (benchmarks/deepspeed_gloo_check.py):
+`memplan profile --backend cpu` runs DeepSpeed's engine (benchmarks/deepspeed_gloo_check.py). The trained parameters
+are the model's (full fine-tuning) or the adapters (LoRA: the base stays as loaded, in the engine's bf16):
 
 - loading: the parameters in module order, then one flat 16-bit buffer of them all (`flatten_dense_tensors_aligned`),
   the parameters rebound to views of it, then this rank's fp32 masters, a clone of its partition cast to fp32
@@ -23,8 +24,8 @@ training step's stream (`memplan.estimator.stream`) needs it, for full fine-tuni
   and cast to fp32, the 16-bit copy and the partition buffer freed, torch's AdamW (its temporaries over the one flat
   fp32 tensor), the fp32 gradient freed; the updated partition is all-gathered into the flat buffer in place.
 
-The estimate's terms for the same moments: `sharding._zero_step`. ZeRO-3, LoRA and offload are left to the measured
-ratio (`stream.supported`).
+The estimate's terms for the same moments: `sharding._zero_step`. ZeRO-3, a quantized base and offload are left to
+the measured ratio (`stream.supported`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def replayable(plan: Plan) -> str | None:
     """None where the stream follows DeepSpeed's optimizer for the plan; else why not."""
     if plan.zero not in (1, 2):
         return f"DeepSpeed ZeRO-{plan.zero}: its partitioning is not replayed"
-    if plan.method != "full":
-        return "DeepSpeed with adapters is not replayed"
+    if plan.quantized_base:
+        return "DeepSpeed over a quantized base is not replayed"
     return None
 
 

@@ -68,7 +68,7 @@ def test_the_load_flattens_the_weights_and_releases_their_storage():
 
 @pytest.mark.parametrize("fields, why", [
     (dict(zero=3), "ZeRO-3"),
-    (dict(method="lora"), "adapters"),
+    (dict(method="qlora", precision="bf16-master"), "quantized base"),
     (dict(offload="optimizer"), "offloading"),
 ])
 def test_plans_the_stream_does_not_follow_keep_the_measured_ratio(fields, why):
