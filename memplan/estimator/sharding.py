@@ -157,9 +157,9 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                     M += _part(4 * tensors.n_trainable, n)
             elif plan.method == "full" and plan.precision == "fp32":
                 # Its masters are a copy even of fp32 weights (`.detach().clone().to(fp32)` of the
-                # partition). Measured, an fp32 plan keeps twice that in every phase (ZeRO-2 x2 within
-                # +0.8 %, deepspeed_cpu_check.py); the second 4 B / parameter is not traced to a tensor yet.
-                M += 2 * _part(4 * tensors.n_trainable, n)
+                # partition), one copy: the second that ZeRO-2 once seemed to keep was the meter counting
+                # DeepSpeed's meta tensors (see _zero_step, which the measured stages 1-2 use)
+                M += _part(4 * tensors.n_trainable, n)
             if n > 1 and stage in (1, 2):
                 buffers += deepspeed_reduce_bucket_elems(spec) * num.compute
         if stage == 3:
@@ -244,12 +244,12 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
 
 
 def _zero_step(plan: Plan, tensors: Tensors, n: int, G: int, g_item: int) -> tuple[int, int, int, int]:
-    """DeepSpeed ZeRO-1/2 full fine-tuning on the GPU (deepspeed/runtime/zero/stage_1_and_2.py, as memplan's
-    ds_config runs it: contiguous_gradients, overlap_comm, torch's AdamW over the fp32 partition): (the gradients
-    alive through the layers' backward, those alive in the optimizer phase, the step's temporaries, the fp32
-    masters).
+    """DeepSpeed ZeRO-1/2 on the GPU, full fine-tuning or adapters (deepspeed/runtime/zero/stage_1_and_2.py, as
+    memplan's ds_config runs it: contiguous_gradients, overlap_comm, torch's AdamW over the fp32 partition): (the
+    gradients alive through the layers' backward, those alive in the optimizer phase, the step's temporaries, the
+    fp32 masters).
 
-    The weights live in one flat 16-bit buffer; this rank's fp32 masters are a copy of its partition
+    The trained weights live in one flat 16-bit buffer; this rank's fp32 masters are a copy of its partition
     (`.detach().clone().to(fp32)`, also of fp32 weights). Each gradient autograd makes is copied into a reduce bucket
     and dropped; this rank's part of each reduced bucket is copied into `grads_in_partition`, one buffer of its
     partition allocated at the first copy (`copy_grads_in_partition`) and kept to the step. With accumulation a

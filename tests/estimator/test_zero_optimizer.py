@@ -22,7 +22,7 @@ def _plan(**fields) -> Plan:
                    "micro_batch": 2, "seq_len": 128, "grad_ckpt": False, **fields})
 
 
-@pytest.mark.parametrize("row", ROWS, ids=lambda r: "zero{zero}-{precision}-accum{}-x{gpus}".format(
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: "zero{zero}-{method}-{precision}-accum{}-x{gpus}".format(
     r["plan"].get("grad_accum", 1), **r["plan"]))
 def test_the_stream_allocates_what_the_estimate_counts(row):
     """The measured DeepSpeed plans on a GPU: the replay's allocated peak against the estimate's, which the CPU runs
