@@ -81,6 +81,7 @@ def profile(config: dict, fields: dict, tmp: Path, ranks: str = "rank 0") -> dic
             "--seq-len", str(plan["seq_len"]), "--grad-accum", str(plan.get("grad_accum", 1)),
             "--grad-ckpt" if plan["grad_ckpt"] else "--no-grad-ckpt",
             "--sync-each-batch" if plan.get("sync_each_batch", True) else "--no-sync-each-batch",
+            *[arg for key in ("device", "offload") if key in fields for arg in (f"--{key}", fields[key])],
             "--steps", "3", "--json"]
     done = subprocess.run([sys.executable, "-m", "memplan", "profile", "--model", str(path), *args],
                           capture_output=True, text=True, cwd=tmp, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -123,7 +124,7 @@ def measure_runs(runs: list, out: Path, ranks: str = "rank 0", extra: dict | Non
             row = _lower(profile(config, fields, Path(tmp), ranks), profile(config, fields, Path(tmp), ranks))
             rows.append(dict(row, **(extra or {})))
             (Path(tmp) / "config.json").write_text(json.dumps(dict(model_type="llama", **config)))
-            e = estimate(resolve_model(str(Path(tmp) / "config.json")), build_plan(row["plan"]))
+            e = estimate(resolve_model(str(Path(tmp) / "config.json")), build_plan(row["plan"]), kernels="cpu")
             errors = {ph: 100 * (e.phase_peaks[ph] - m) / m for ph, m in row["phase_peaks"].items()}
             phases = ", ".join(f"{ph} {row['phase_peaks'][ph] / MiB:.2f} MiB {err:+.2f} %"
                                for ph, err in errors.items())

@@ -218,11 +218,52 @@ def deepspeed_engine(module, optimizer, plan: Plan, spec, device: str, meter):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     cfg = fill_auto(plan, ds_config(plan, spec))
     cfg.pop("optimizer", None)
+    if plan.offload != "none":
+        # The plan's torch AdamW steps the offloaded partition (`memplan train` hands DeepSpeed its CPU Adam,
+        # which allocates nothing on the GPU either); DeepSpeed refuses a client optimizer under offload unless told
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    offload_on_cpu = plan.offload != "none" and not device.startswith("cuda")
+    if offload_on_cpu:
+        _pinned_as_host(meter)
     with contextlib.redirect_stdout(sys.stderr):
         engine, zero, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=cfg)
+    if offload_on_cpu:
+        _step_in_host_memory(zero.optimizer, meter)
     for cat, name in (("weights", "bit16_groups_flat"), ("master_weights", "single_partition_of_fp32_groups")):
         meter.classify([t for t in getattr(zero, name, []) if isinstance(t, torch.Tensor)], cat)
     return engine
+
+
+def _pinned_as_host(meter) -> None:
+    """ZeRO-Offload on the CPU, standing in for a GPU run: every buffer DeepSpeed pins is host memory (the fp32
+    masters and gradient partition, the bit16 and gradient staging buffers, the per-parameter accumulation
+    buffers: stage_1_and_2.py passes each through `get_accelerator().pin_memory`, as memplan's ds_config asks), so
+    the meter stops counting it once pinned. On CUDA the allocator's statistics see the device alone. The hook
+    stays for the process (the backward pins buffers too); a later engine's replaces it."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    accelerator.__dict__.pop("pin_memory", None)  # an earlier engine's hook
+    pin = accelerator.pin_memory
+
+    def pin_memory(tensor, *args, **kwargs):
+        out = pin(tensor, *args, **kwargs)
+        meter.exclude([out])
+        return out
+
+    accelerator.pin_memory = pin_memory
+
+
+def _step_in_host_memory(inner, meter) -> None:
+    """The offloaded step runs on the CPU: what the torch optimizer DeepSpeed wraps creates there (its states, its
+    temporaries) is host memory."""
+    step = inner.step
+
+    def host_step(*args, **kwargs):
+        with meter.host():
+            return step(*args, **kwargs)
+
+    inner.step = host_step
 
 
 def _count_gathers_as_gathered_params(unit, meter) -> None:

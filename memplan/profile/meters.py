@@ -24,7 +24,8 @@ class CudaMeter:
     def __init__(self, device: str, stats: Any = None, attribute: bool = True) -> None:
         self.device = torch.device(device)
         self.stats = stats if stats is not None else torch.cuda
-        self.tracker = LiveBytes() if attribute else None
+        # the breakdown counts the measured device's tensors: host ones (offloaded states, pinned buffers) are not
+        self.tracker = LiveBytes(device_type=self.device.type) if attribute else None
         self.steps: list[StepMeasure] = []
         self.current_phase: str | None = None
         self.nvml_used: int | None = None

@@ -101,14 +101,15 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage:
 
 
 class _Storage:
-    __slots__ = ("nbytes", "cat", "born", "ref", "uid")
+    __slots__ = ("nbytes", "cat", "born", "ref", "uid", "host")
 
-    def __init__(self, nbytes: int, cat: str, born: int, uid: int) -> None:
+    def __init__(self, nbytes: int, cat: str, born: int, uid: int, host: bool = False) -> None:
         self.nbytes = nbytes
         self.cat = cat
         self.born = born
         self.ref: weakref.ref | None = None
         self.uid = uid
+        self.host = host  # host memory in a run that stands in for a GPU on the CPU: known, never counted
 
 
 class _Peak:
@@ -123,8 +124,10 @@ class _Peak:
 class LiveBytes(TorchDispatchMode):
     """Running total of live storage bytes, per term, its peak, and per-phase maxima per optimizer step."""
 
-    def __init__(self, record_events: bool = False) -> None:
+    def __init__(self, record_events: bool = False, device_type: str | None = None) -> None:
         super().__init__()
+        # Count only storages on this device type (a CUDA run's CPU tensors are host memory); None: every one
+        self.device_type = device_type
         # With record_events, the order in which storages are allocated and freed, for the allocator model
         # (memplan.estimator.allocator.replay): ("a", uid, nbytes), ("f", uid), ("p", phase), ("s",) a new step.
         self.events: list[tuple] | None = [] if record_events else None
@@ -139,6 +142,7 @@ class LiveBytes(TorchDispatchMode):
         self.default = "activations"  # the term of storages an op creates now
         self._peak: _Peak | None = None  # the current phase's peak of the current step
         self._resize = None
+        self._host = 0  # inside host(): storages created are host memory
 
     # -- bookkeeping
 
@@ -146,11 +150,14 @@ class LiveBytes(TorchDispatchMode):
         key = id(st)
         rec = self._storages.get(key)
         if rec is not None:
-            self._reread(st, rec)
+            if not rec.host:
+                self._reread(st, rec)
             return
-        rec = _Storage(st.nbytes(), cat or self.default, self.clock, next(self._uids))
+        rec = _Storage(st.nbytes(), cat or self.default, self.clock, next(self._uids), host=self._host > 0)
         rec.ref = weakref.ref(st, self._freer(key, rec))
         self._storages[key] = rec
+        if rec.host:
+            return
         self.live += rec.nbytes
         self.totals[rec.cat] += rec.nbytes
         self._event_alloc(rec)
@@ -177,6 +184,8 @@ class LiveBytes(TorchDispatchMode):
         def free(_ref: weakref.ref) -> None:
             if self._storages.get(key) is rec:
                 del self._storages[key]
+            if rec.host:
+                return
             self.live -= rec.nbytes
             self.totals[rec.cat] -= rec.nbytes
             self._event_free(rec)
@@ -191,6 +200,12 @@ class LiveBytes(TorchDispatchMode):
             peak.clock = self.clock
             peak.breakdown.update(self.totals)
 
+    def _counts(self, t: torch.Tensor) -> bool:
+        """Not meta tensors, shapes without memory (DeepSpeed keeps its parameters' as meta tensors); with a
+        device type, only tensors on it."""
+        kind = t.device.type
+        return kind != "meta" and (self.device_type is None or kind == self.device_type)
+
     def _term_of(self, t: torch.Tensor) -> str | None:
         """The term of a tensor an op creates now, when not the default: logits_loss holds only floating-point
         tensors; the integer labels the loss shifts are activations, as in the estimate's head."""
@@ -202,7 +217,7 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.clock += 1
         for t in _tensors(out):
-            if t.device.type != "meta":  # shapes without memory (DeepSpeed keeps its parameters' as meta tensors)
+            if self._counts(t):
                 self._add(_storage(t), self._term_of(t))
         self._record()
         return out
@@ -237,7 +252,8 @@ class LiveBytes(TorchDispatchMode):
         """Count tensors that exist before the steps (parameters and buffers)."""
         with _disable_current_modes():
             for t in tensors:
-                self._add(_storage(t), cat)
+                if self._counts(t):
+                    self._add(_storage(t), cat)
         self._record()
 
     def classify(self, tensors: Iterable[torch.Tensor | None], cat: str) -> None:
@@ -247,7 +263,7 @@ class LiveBytes(TorchDispatchMode):
                 if t is None:
                     continue
                 rec = self._storages.get(id(_storage(t)))
-                if rec is None or rec.cat not in UNCLASSIFIED:
+                if rec is None or rec.host or rec.cat not in UNCLASSIFIED:
                     continue
                 old, rec.cat = rec.cat, cat
                 self.totals[old] -= rec.nbytes
@@ -257,6 +273,35 @@ class LiveBytes(TorchDispatchMode):
                         if peak.clock >= rec.born:
                             peak.breakdown[old] -= rec.nbytes
                             peak.breakdown[cat] += rec.nbytes
+
+    @contextlib.contextmanager
+    def host(self) -> Iterator[None]:
+        """Storages created inside are host memory, not counted from then on: a run on the CPU standing in for a
+        GPU run whose optimizer steps in host RAM (DeepSpeed's ZeRO-Offload)."""
+        self._host += 1
+        try:
+            yield
+        finally:
+            self._host -= 1
+
+    def exclude(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Count live storages as host memory from now on (a buffer pinned right after it was made). The phase
+        peaks already recorded keep them: call this before the measured steps."""
+        with _disable_current_modes():
+            for t in tensors:
+                st = _storage(t)
+                rec = self._storages.get(id(st))
+                if rec is None:  # made before the meter started: known from now on, as host memory
+                    self._host += 1
+                    self._add(st)
+                    self._host -= 1
+                    continue
+                if rec.host:
+                    continue
+                rec.host = True
+                self.live -= rec.nbytes
+                self.totals[rec.cat] -= rec.nbytes
+                self._event_free(rec)
 
     @contextlib.contextmanager
     def creating(self, cat: str) -> Iterator[None]:

@@ -78,6 +78,36 @@ def test_the_trains_cpu_peak_follows_storages_freed_by_hand():
     del gathered, again
 
 
+def test_live_bytes_leaves_host_memory_out():
+    """A CPU run standing in for a GPU run (DeepSpeed's ZeRO-Offload): storages created inside `host()` and those
+    `exclude`d once made (pinned buffers) are never counted, not even when a later op returns them; the others are.
+    A meter for one device type counts only tensors on it."""
+    import torch
+
+    from memplan.runtime.meter import LiveBytes
+
+    meter = LiveBytes()
+    with meter:
+        meter.new_step()
+        meter.phase("optimizer")
+        device = torch.ones(1000)  # 4000 B
+        with meter.host():
+            state = torch.zeros(2000)  # 8000 B, the CPU step's
+        pinned = torch.zeros(500)  # 2000 B, counted until pinned
+        meter.exclude([pinned])
+        state.add_(1)
+        pinned.mul_(2)
+        meter.classify([state], "optimizer_states")
+        assert meter.live == 4000 and meter.peak == 6000
+        del device, state, pinned
+        assert meter.live == 0
+    cuda_only = LiveBytes(device_type="cuda")
+    with cuda_only:
+        host = torch.ones(1000)
+        assert cuda_only.live == 0
+    del host
+
+
 class _Classifier:
     """Stands in for profile's meter: records which tensors it was told are which term."""
 
