@@ -4,11 +4,11 @@ accelerator, gloo) against the estimate, per phase.
 A small Llama trained for three optimizer steps through DeepSpeed's engine as `memplan train` configures it (the
 ds_config.json `memplan recommend` writes, torch's AdamW over the fp32 partition): ZeRO-1 and ZeRO-2, bf16 with fp32
 masters (DeepSpeed's bf16) and fp32, with and without accumulation, one and two processes, with checkpointing, full
-fine-tuning and LoRA. Each
-row keeps, per phase, the highest of the ranks' steady peaks (the estimate is the most loaded rank's: with
-accumulation the rank owning lm_head holds a second gradient partition from its backward's start), each plan
-profiled twice and each phase's lower value kept (gloo's worker thread can drop a tensor late, see
-benchmarks/fsdp_gloo_check.py). tests/estimator/test_estimator.py checks the estimate against every row.
+fine-tuning and LoRA, and with ZeRO-Offload (`offload_optimizer`). Each row keeps, per phase, the highest of the
+ranks' steady peaks (the estimate is the most loaded rank's: with accumulation the rank owning lm_head holds a
+second gradient partition from its backward's start), each plan profiled twice and each phase's lower value kept
+(gloo's worker thread can drop a tensor late, see benchmarks/fsdp_gloo_check.py). tests/estimator/test_estimator.py
+checks the estimate against every row.
 
 DeepSpeed is not a memplan dependency; run this with a Python that has it (see benchmarks/deepspeed_cpu_check.py):
 
@@ -39,6 +39,21 @@ RUNS = [
     # LoRA: the engine casts peft's fp32 adapters to bf16 with the rest; its flat buffer holds the adapters only
     (SMALL_ROOT, dict(FULL, method="lora", zero=2, precision="bf16-master", grad_accum=2)),
     (SMALL_ROOT, dict(FULL, method="lora", zero=1, precision="bf16-master", grad_accum=2)),
+]
+# ZeRO-Offload (a CUDA plan, run on the CPU: what DeepSpeed pins and the CPU step count as host memory, see
+# memplan.profile.launch._pinned_as_host): lm_head's reduction beside every activation (short rows, a large vocabulary),
+# the embedding's at the end (tied), ZeRO-1 keeping whole gradients, fp32, LoRA
+OFFLOAD = dict(FULL, offload="optimizer", device="cuda", precision="bf16-master")
+SHORT = dict(micro_batch=1, seq_len=16)
+RUNS += [
+    (SMALL_ROOT, dict(OFFLOAD, zero=2, gpus=1)),
+    (SMALL_ROOT, dict(OFFLOAD, zero=2, grad_accum=2)),
+    (SMALL_ROOT, dict(OFFLOAD, zero=1, grad_accum=2)),
+    (LARGE_ROOT, dict(OFFLOAD, zero=2, grad_accum=2, grad_ckpt=True)),
+    (LARGE_ROOT, dict(OFFLOAD, **SHORT, zero=2, gpus=1)),
+    (dict(LARGE_ROOT, tie_word_embeddings=True), dict(OFFLOAD, **SHORT, zero=2)),
+    (SMALL_ROOT, dict(OFFLOAD, zero=2, precision="fp32")),
+    (SMALL_ROOT, dict(OFFLOAD, method="lora", zero=2, grad_accum=2)),
 ]
 
 

@@ -193,9 +193,10 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
         # copied stay on the GPU until their copy is done (its forward stash, max_fwd_stash_size 5): at the loss
         # those are the final norm's and the loss's, which the head counts; the output layer's are never copied
         saved_no_loss = acts.head - acts.loss_saved
+    fwd_buffers = shard.buffers if shard.forward_buffers is None else shard.forward_buffers
     at_loss_fwd = _terms(**base, gradients=G_fwd, activations=saved_no_loss + acts.forward_extra,
                          logits_loss=acts.loss_forward_peak,
-                         gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
+                         gathered_params=shard.gathered_forward, comm_buffers=fwd_buffers)
     # ... or at the end of the decoder, before it frees the attention masks (they can outweigh the
     # logits with a small vocabulary and long sequences). Under checkpointing the masks are saved and
     # counted above; the live set inside a checkpointed layer is not modelled op by op.
@@ -206,7 +207,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
                           activations=(acts.ckpt_input + acts.ckpt_kept_inputs) * (min(2, acts.num_layers) if offload
                                                                                    else acts.num_layers) + acts.shared
                           + acts.ckpt_layer_forward,
-                          gathered_params=shard.gathered_layers_forward, comm_buffers=shard.buffers)
+                          gathered_params=shard.gathered_layers_forward, comm_buffers=fwd_buffers)
         fwd = max(fwd, in_layer, key=lambda t: sum(t.values()))
     if not acts.grad_ckpt:
         # at the end of the decoder, before the masks go (offloading: the last layer's, the stash's at most)
@@ -214,12 +215,12 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
         end_of_decoder = _terms(**base, gradients=G_fwd,
                                 activations=in_layers + (0 if offload else acts.shared) + acts.forward_masks
                                 + acts.forward_extra,
-                                gathered_params=shard.gathered_forward, comm_buffers=shard.buffers)
+                                gathered_params=shard.gathered_forward, comm_buffers=fwd_buffers)
         fwd = max(at_loss_fwd, end_of_decoder, key=lambda t: sum(t.values()))
     if shard.unshard_first:
         # FSDP2: as the first layer gathers (the embedding's output and the masks exist) ...
         first = _terms(**base, gradients=G_fwd, activations=acts.ckpt_input + acts.forward_masks + acts.shared,
-                       gathered_params=shard.unshard_first, comm_buffers=shard.buffers)
+                       gathered_params=shard.unshard_first, comm_buffers=fwd_buffers)
         fwd = max(fwd, first, key=lambda t: sum(t.values()))
     if shard.unshard_last:
         # ... and as the last one does: what the layers below saved, its input (the masks; under checkpointing
@@ -231,7 +232,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
             saved = ((acts.last_layer if offload else acts.first_layer + acts.layer * (below - 1)) + acts.ckpt_input
                      + acts.forward_masks)
         last = _terms(**base, gradients=G_fwd, activations=saved + (0 if offload else acts.shared),
-                      gathered_params=shard.unshard_last, comm_buffers=shard.buffers)
+                      gathered_params=shard.unshard_last, comm_buffers=fwd_buffers)
         fwd = max(fwd, last, key=lambda t: sum(t.values()))
 
     # ---- backward: the loss backward with all activations alive, then layer by layer
@@ -242,12 +243,17 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     # accumulation that buffer is the gradient the layers' candidates count (head_grads); with it, .grad already
     # holds last micro-batch's sum, and the waiting V x h is one more.
     pending = 0
-    if plan.method == "full" and spec.tie_word_embeddings and accum:
+    if plan.method == "full" and spec.tie_word_embeddings and accum and not shard.reduce_end:
         pending = spec.vocab_size * spec.hidden_size * states.trainable_itemsize(plan, num.weights, num.adapter)
     at_loss = _terms(**base, gradients=G_fwd, activations=saved_no_loss,
                      logits_loss=acts.loss_backward_peak, gathered_params=shard.gathered_backward,
-                     comm_buffers=shard.buffers)
+                     comm_buffers=fwd_buffers)  # (DeepSpeed makes its reduce buckets at the first gradient)
     candidates.append(at_loss)
+    if shard.reduce_head:
+        # DeepSpeed ZeRO-Offload: lm_head's gradient reduced as the final norm's arrives, every layer's saved
+        # tensors alive
+        candidates.append(_terms(**base, gradients=shard.reduce_head, activations=saved_no_loss,
+                                 comm_buffers=shard.buffers))
     if shard.backward_start:
         # FSDP2 FULL_SHARD: the root gathers its parameters again before the loss's backward runs
         candidates.append(_terms(**base, gradients=G_fwd, activations=saved_no_loss,
@@ -292,12 +298,14 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     # adds out of place, so the new gradient and the sum are alive together.
     # (On the CPU the sum is formed out of place: both copies; CUDA measured one: gpu-h100-run1 case 7.)
     emb_transient = 0
-    if plan.method == "full" and (spec.tie_word_embeddings or accum):
+    if plan.method == "full" and (spec.tie_word_embeddings or accum) and not shard.reduce_end:
         emb_grad = shard.emb_grad
         if deferred:  # added into the unsharded embedding's whole gradient
             emb_grad = spec.vocab_size * spec.hidden_size * states.trainable_itemsize(plan, num.weights, num.adapter)
         emb_transient = (2 if kernels == "cpu" else 1) * emb_grad
-    end_grads, end_acts = shard.backward_grads or G, (0 if offload else acts.shared) + emb_transient + pending
+    # (DeepSpeed ZeRO-Offload: every .grad left for the host as it was reduced; the embedding's is reduced last)
+    end_grads = shard.reduce_end or shard.backward_grads or G
+    end_acts = (0 if offload else acts.shared) + emb_transient + pending
     if deferred:
         # a micro-batch before the last: every whole gradient, the root still gathered (it reshards after)
         candidates.append(_terms(**base, gradients=deferred, activations=end_acts,
@@ -319,7 +327,8 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     bwd = max(candidates, key=lambda t: sum(t.values()))
 
     # ---- optimizer step: all gradients, states and the step's temporaries
-    opt = _terms(**base, gradients=shard.step_grads, optimizer_temporaries=TMP, comm_buffers=shard.buffers)
+    opt = _terms(**base, gradients=shard.step_grads, optimizer_temporaries=TMP,
+                 comm_buffers=shard.buffers if shard.step_buffers is None else shard.step_buffers)
 
     disk = {
         "checkpoint_bytes": sharding.checkpoint_bytes(tensors, plan, num, p_item),

@@ -53,6 +53,15 @@ class PerGpu:
     buffers: int  # DDP gradient buckets, DeepSpeed reduce buckets
     host_bytes: int  # CPU RAM per node
     notes: list[str] = field(default_factory=list)
+    # The buffers alive in the forward and in the optimizer phase, where they differ from `buffers` (None: the same):
+    # DeepSpeed frees its reduce buckets as each reducing backward ends
+    forward_buffers: int | None = None
+    step_buffers: int | None = None
+    # DeepSpeed ZeRO-1/2 with optimizer offload: what the reduction of lm_head's gradient holds beside every saved
+    # activation (it is reduced as the next gradient arrives), and the gradients alive as the backward ends (the
+    # embedding's being reduced); 0: not such a plan
+    reduce_head: int = 0
+    reduce_end: int = 0
 
 
 #: DeepSpeed ZeRO-3's sub_group_size default (deepspeed/runtime/zero/config.py); memplan's ds_config leaves it.
@@ -136,11 +145,33 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         buffers += grads
         notes.append("DDP gradient buckets: one extra copy of the gradients (gradient_as_bucket_view=False).")
     backward_grads, step_grads = 0, None
-    if ds and stage in (1, 2) and plan.quantized_base is None and plan.offload == "none":
+    forward_buffers = step_buffers = None
+    reduce_head = reduce_end = 0
+    if ds and stage in (1, 2) and plan.quantized_base is None and plan.offload == "optimizer":
+        # ZeRO-1 with accumulation keeps every whole gradient until the last micro-batch, whose hooks reduce them
+        # one by one: each one reduced is among them (its clone in place of the one autograd added into)
+        kept = G if stage == 1 and plan.grad_accum > 1 else 0
+        reduced = _zero_offload_reduction(spec, plan, tensors, n, g_item, kept > 0)
+        backward_grads = kept + reduced.layer
+        reduce_head = kept + reduced.head if reduced.head else 0
+        reduce_end = reduced.end
+        G = G if stage == 1 else 0  # ZeRO-2 moves each reduced gradient to the host; ZeRO-1 keeps the whole ones
+        step_grads, TMP = 0, 0
+        M = 2 * _part(4 * tensors.n_trainable, n)  # the fp32 masters and gradient partition, in host RAM (below)
+        buckets = 2 * deepspeed_reduce_bucket_elems(spec) * g_item
+        buffers += buckets + reduced.staging
+        forward_buffers = reduced.staging + (buckets if stage == 1 and plan.grad_accum > 1 else 0)
+        step_buffers = reduced.staging
+        notes.append("DeepSpeed ZeRO-Offload: a GPU staging buffer of the largest gradient; each gradient leaves for "
+                     "the host as its bucket reduces, beside a float64 copy of it for the gradient norm.")
+    elif ds and stage in (1, 2) and plan.quantized_base is None and plan.offload == "none":
         backward_grads, step_grads, TMP, M = _zero_step(plan, tensors, n, G, g_item)
         if n > 1:
-            # overlap_comm's two reduce buckets (stage_1_and_2.py setup_buckets), in the gradients' dtype
+            # overlap_comm's two reduce buckets (stage_1_and_2.py setup_buckets), in the gradients' dtype, made at a
+            # backward's first gradient and freed as a reducing one ends (ZeRO-1 with accumulation: the last)
             buffers += 2 * deepspeed_reduce_bucket_elems(spec) * g_item
+            forward_buffers = buffers if stage == 1 and plan.grad_accum > 1 else 0
+            step_buffers = 0
     elif ds:
         if stage >= 1:
             TMP = 0  # DeepSpeed runs its own fused/multi-tensor Adam: no foreach temporaries
@@ -239,8 +270,51 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                   unit_grads=unit_grads, first_unit_grads=first_unit_grads, deferred_grads=deferred,
                   deferred_from=deferred_from, backward_grads=backward_grads,
                   step_grads=G if step_grads is None else step_grads,
-                  buffers=buffers, host_bytes=host,
-                  notes=notes)
+                  buffers=buffers, host_bytes=host, notes=notes, forward_buffers=forward_buffers,
+                  step_buffers=step_buffers, reduce_head=reduce_head, reduce_end=reduce_end)
+
+
+@dataclass(frozen=True)
+class _OffloadReduction:
+    staging: int  # temp_grad_buffer_for_gpu_offload
+    head: int  # lm_head's gradient and the float64 copy of its part, as the first bucket reduces
+    layer: int  # the largest decoder-layer gradient's, as it is reduced
+    end: int  # the embedding's, as the backward's epilogue reduces it
+
+
+def _zero_offload_reduction(spec: ModelSpec, plan: Plan, tensors: Tensors, n: int, g_item: int,
+                            kept: bool) -> _OffloadReduction:
+    """DeepSpeed ZeRO-1/2 with `offload_optimizer` on the GPU (deepspeed/runtime/zero/stage_1_and_2.py): no fp32
+    masters, states, step or gradient partition there. What stays: a staging buffer the size of the largest
+    trainable parameter in the gradients' dtype (`temp_grad_buffer_for_gpu_offload`, kept for the run; its host twin
+    and the fp32 partitions are pinned host memory) and, in the reducing micro-batch, each gradient's moment of
+    reduction (`copy_grads_in_partition`): the gradient (in a reduce bucket, or, larger than a bucket, cloned out of
+    autograd's - `_offload_gradient_safety_enabled` - and reduced when the next gradient arrives), a float64 copy of
+    this rank's part for its norm (`set_norm_for_param_grad_in_gpu`: `get_norm_dtype`), freed before the fp32 copy
+    that goes to the host. The copies are of this rank's part only; the most loaded rank holds a whole lm_head or
+    embedding where its partition does. `kept`: ZeRO-1 keeping the whole gradients, which count the one reduced
+    (the head and layer moments give the float64 copy alone). Measured with `memplan profile --backend cpu` under
+    DeepSpeed's CPU accelerator, its pinned buffers and the CPU step counted as host memory
+    (benchmarks/results/deepspeed-gloo-2rank.jsonl)."""
+    part = _part(tensors.n_trainable, n)
+    bucket = deepspeed_reduce_bucket_elems(spec)
+
+    def reducing(numel: int, counted: bool = kept) -> int:
+        held = numel * g_item if numel > bucket and not counted else 0  # a bucket's gradients are in the buckets
+        return held + 8 * min(numel, part)
+
+    from memplan.estimator.activations import lora_targets
+    from memplan.estimator.states import unit_parameters
+
+    trained = (lambda role: role != "adapter") if plan.method == "full" else (lambda role: role == "adapter")
+    _, layers = unit_parameters(spec, lora_targets(spec, plan), plan.lora.rank if plan.method != "full" else 0)
+    layer = max((reducing(math.prod(shape)) for params in layers for shape, role in params if trained(role)),
+                default=0)
+    # full fine-tuning: the embedding's gradient is the backward's last; an untied lm_head's its first
+    vocab = spec.vocab_size * spec.hidden_size if plan.method == "full" else 0
+    head = vocab if vocab and spec.params_lm_head and not spec.tie_word_embeddings else 0
+    return _OffloadReduction(staging=max(tensors.trainable, default=0) * g_item, head=reducing(head) if head else 0,
+                             layer=layer, end=reducing(vocab, counted=False) if vocab else 0)
 
 
 def _zero_step(plan: Plan, tensors: Tensors, n: int, G: int, g_item: int) -> tuple[int, int, int, int]:

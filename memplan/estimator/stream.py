@@ -23,12 +23,14 @@ The stream follows what the step keeps alive, tensor by tensor:
 - under FSDP2: the sharded load, each unit's gathers and reduce-scatters on FSDP's own streams, the whole
   gradients of a unit until its reduce-scatter, the optimizer on the shards (`memplan.estimator.fully_shard`);
 - under DeepSpeed ZeRO-1/2: the flat weights and fp32 masters, each gradient copied into a reduce bucket, the
-  gradient partitions on the reduction stream, DeepSpeed's step (`memplan.estimator.zero_optimizer`).
+  gradient partitions on the reduction stream, DeepSpeed's step; with optimizer offload its staging buffer and each
+  reduced gradient's float64 copy instead (`memplan.estimator.zero_optimizer`).
 
 The replay keeps the tensors the estimate counts, not every kernel's scratch: it is checked against the stream a
 real step traced at full size allocates (`benchmarks/allocator_check.py`). Plans it does not follow
-(DeepSpeed ZeRO-3 or over a quantized base, FSDP with a quantized base or on one process under autocast, offloading,
-families calibrated by trace) return None and keep the measured ratio (`overhead.reserved_bytes`).
+(DeepSpeed ZeRO-3 or over a quantized base, FSDP with a quantized base, on one process under autocast or offloading,
+offloaded activations, families calibrated by trace) return None and keep the measured ratio
+(`overhead.reserved_bytes`).
 """
 
 from __future__ import annotations
@@ -61,12 +63,14 @@ def supported(spec: ModelSpec, plan: Plan) -> str | None:
     """None where the stream follows the plan; else why not (the estimate keeps the measured ratio)."""
     if plan.device != "cuda":
         return "no caching allocator on the CPU"
-    if plan.offload != "none" or plan.offload_activations:
-        return "offloading is not replayed"
+    if plan.offload_activations:
+        return "offloading activations is not replayed"
     if plan.sharding == "deepspeed":  # on one GPU too: its own buffers and step, not torch's plain step
         why = zero_optimizer.replayable(plan)
         if why:
             return why
+    elif plan.offload != "none":
+        return "offloading under FSDP is not replayed"
     if plan.sharding == "fsdp":
         why = fully_shard.replayable(plan, act_mod.numerics(plan, spec))
         if why:
@@ -404,6 +408,8 @@ class _Model:
         if kept_hidden:
             st.free(hidden)
         grad = st.backward(self.final_norm, norm_ids, grad)
+        if self.zero and self.full:  # the final norm's weight gradient: its hook reduces a waiting lm_head gradient
+            st.keep_grad(st.alloc(h * self.p_item), h * self.p_item)
         for i in reversed(range(self.spec.num_layers)):
             grad = self._layer_backward(st, i, *layers[i], grad)
         st.free(grad)

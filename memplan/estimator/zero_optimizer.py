@@ -6,12 +6,13 @@ are the model's (full fine-tuning) or the adapters (LoRA: the base stays as load
 
 - loading: the parameters in module order, then one flat 16-bit buffer of them all (`flatten_dense_tensors_aligned`),
   the parameters rebound to views of it, then this rank's fp32 masters, a clone of its partition cast to fp32
-  (`.detach().clone().to(fp32)`). The parameters' own storages are freed, and counted as released: where DeepSpeed
-  builds the buffer on the host (`flatten_on_accelerator` false: a GPU without room for a second copy of the
-  weights) it empties the cache itself; where it builds it on the GPU the freed blocks stay cached, a model's worth,
-  which a GPU with room shows in max_memory_reserved, and which the allocator releases (and retries) at the first
-  request it cannot otherwise serve - so they never decide whether a plan fits
-  (github.com/deepspeedai/DeepSpeed/issues/1611);
+  (`.detach().clone().to(fp32)`). DeepSpeed flattens on the GPU only where it has room for the flat buffer beside the
+  parameters (`flatten_on_accelerator`: `available_memory() >= flat_buffer_bytes`), else it moves the parameters to
+  the host, empties the cache, and builds the buffer there before moving it back. The replay follows the host path,
+  the one a GPU where the weights matter takes: the parameters freed and released, then the buffer. A GPU with room
+  shows the other in max_memory_reserved (a second copy of the weights at initialization, and its blocks cached
+  after, which the allocator releases at the first request it cannot otherwise serve), so it never decides whether
+  a plan fits (github.com/deepspeedai/DeepSpeed/issues/1611);
 - the backward: at the first gradient, two reduce buckets of reduce_bucket_size elements (`setup_buckets`); each
   gradient autograd makes is copied into a bucket and freed, unless larger than a bucket: then it waits for the
   next gradient's hook, which reduces it. This rank's part of each reduced bucket is copied into one buffer of its
@@ -24,8 +25,15 @@ are the model's (full fine-tuning) or the adapters (LoRA: the base stays as load
   and cast to fp32, the 16-bit copy and the partition buffer freed, torch's AdamW (its temporaries over the one flat
   fp32 tensor), the fp32 gradient freed; the updated partition is all-gathered into the flat buffer in place.
 
-The estimate's terms for the same moments: `sharding._zero_step`. ZeRO-3, a quantized base and offload are left to
-the measured ratio (`stream.supported`).
+With ZeRO-Offload (`offload_optimizer`) the fp32 masters, the gradient partition, the optimizer states and the step
+live in pinned host memory, so on the GPU: at loading, the partition's 16-bit clone (made on the GPU, then moved to
+the host: with one GPU, a second copy of the weights at once) and then a staging buffer the size of the largest
+trained parameter (`temp_grad_buffer_for_gpu_offload`); in the backward, a gradient larger than a bucket cloned out of
+autograd's storage, and in the step's last micro-batch each reduced gradient's float64 copy for its norm
+(`set_norm_for_param_grad_in_gpu`), freed before its fp32 copy leaves for the host; no step.
+
+The estimate's terms for the same moments: `sharding._zero_step` and `sharding._zero_offload_reduction`. ZeRO-3, a
+quantized base and parameter offload are left to the measured ratio (`stream.supported`).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ def replayable(plan: Plan) -> str | None:
         return f"DeepSpeed ZeRO-{plan.zero}: its partitioning is not replayed"
     if plan.quantized_base:
         return "DeepSpeed over a quantized base is not replayed"
+    if plan.offload not in ("none", "optimizer"):
+        return f"DeepSpeed's offload '{plan.offload}' is not replayed"
     return None
 
 
@@ -65,6 +75,9 @@ class ZeroOptimizer:
 
         self.plan, self.g_item = plan, grad_itemsize
         self.partition = math.ceil(tensors.n_trainable / plan.world_size)  # elements of this rank's partition
+        self.offload = plan.offload == "optimizer"
+        self.largest = max(tensors.trainable, default=0)  # the offload staging buffer's elements
+        self._in_bucket: list[int] = []  # offload: the elements of each gradient in the current bucket
         self.bucket = deepspeed_reduce_bucket_elems(spec)
         self.stage, self.accumulates = plan.zero, plan.grad_accum > 1
         self._micro, self._last = 0, True
@@ -79,13 +92,16 @@ class ZeroOptimizer:
     # ---------------------------------------------------------------- loading
 
     def load(self, st, parameters: list[int], flat_bytes: int) -> None:
-        """The flat buffer, the parameters' own storages freed and released, the fp32 masters of this rank's
-        partition."""
-        st.alloc(flat_bytes)
+        """The parameters' own storages freed and released, the flat buffer (DeepSpeed flattening on the host: see
+        the module's docstring), the fp32 masters of this rank's partition."""
         st.free(*parameters)
-        st.events.append(("e",))  # torch.cuda.empty_cache(): see the module's docstring
+        st.events.append(("e",))  # torch.cuda.empty_cache()
+        st.alloc(flat_bytes)
         clone = st.alloc(self.partition * self.g_item)
-        if self.g_item < 4:
+        if self.offload:  # the masters go to pinned host memory; the GPU keeps a staging buffer
+            st.free(clone)
+            st.alloc(self.largest * self.g_item)
+        elif self.g_item < 4:
             st.alloc(4 * self.partition)
             st.free(clone)
 
@@ -114,9 +130,13 @@ class ZeroOptimizer:
         numel = nbytes // self.g_item
         if self._filled + numel > self.bucket:
             self._reduce(st)
+        self._in_bucket.append(numel)
         if numel > self.bucket:
-            self._large = g
             self._filled = numel
+            if self.offload:  # cloned out of autograd's storage (_offload_gradient_safety_enabled)
+                self._large = st.alloc(nbytes)
+                return False
+            self._large = g
             return True
         self._filled += numel
         return False
@@ -124,13 +144,17 @@ class ZeroOptimizer:
     def _reduce(self, st) -> None:
         """The bucket reduced: this rank's part copied into its partition buffer (the rank owning lm_head's first
         copy is the first reduction's), a waiting large gradient freed."""
-        if self._filled:
+        if self._filled and self.offload:
+            if self._last:  # the step's gradients leave for the host: each one's float64 copy for its norm
+                for numel in self._in_bucket:
+                    st.free(st.alloc(8 * min(numel, self.partition)))
+        elif self._filled:
             if self._first is None:
                 self._first = st.alloc(self.partition * self.g_item, REDUCTION_STREAM)
             elif self._micro > 0 and self._later is None and self.stage == 2:
                 self._later = st.alloc(self.partition * self.g_item, REDUCTION_STREAM)
         st.free(self._large)
-        self._large, self._filled = None, 0
+        self._large, self._filled, self._in_bucket = None, 0, []
 
     def backward_end(self, st) -> None:
         """The epilogue: the last bucket reduced, ZeRO-1's whole gradients freed, the buckets freed, a later
@@ -149,6 +173,8 @@ class ZeroOptimizer:
     def step(self, st, first: bool, per_state: int) -> None:
         """States at the first step (`per_state` tensors); the flat copy, its fp32 cast, the 16-bit buffers freed,
         the optimizer's temporaries over the fp32 partition, the fp32 gradient freed."""
+        if self.offload:  # in host memory: the states, the fp32 gradients and the step; the weights copied in place
+            return
         flat_partition = states.Tensors(((self.partition,),), (), 0)
         if first:
             states_bytes = states.optimizer_state_bytes(flat_partition, self.plan, 4)

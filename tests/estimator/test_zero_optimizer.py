@@ -52,24 +52,50 @@ def test_later_micro_batches_reduce_into_a_second_partition_under_zero2_only():
     assert _partition_buffers(allocation_stream(spec, _plan())) == [1]
 
 
-def test_the_load_flattens_the_weights_and_releases_their_storage():
-    """Parameters, the flat buffer, the parameters freed and the cache emptied, then the fp32 masters (a bf16 clone
-    cast to fp32)."""
+def test_the_load_flattens_the_weights_on_the_host_as_a_gpu_without_room_does():
+    """Parameters, freed and the cache emptied (DeepSpeed moves them to the host to flatten them there), the flat
+    buffer, then the fp32 masters (a bf16 clone cast to fp32)."""
     spec = spec_from_config(CONFIG, "llama-small")
     events = allocation_stream(spec, _plan())
     load = events[:events.index(("s",))]
     empty = load.index(("e",))
     params = spec.params_total * 2
     made = [ev[2] for ev in load[:empty] if ev[0] == "a"]
-    assert sum(made) == 2 * params and made[-1] == params  # each parameter, then the flat buffer of them all
+    assert sum(made) == params and {ev[0] for ev in load[empty - len(made):empty]} == {"f"}  # each, then all freed
     partition = -(-spec.params_total // 2)
-    assert [ev[2] for ev in load[empty:] if ev[0] == "a"] == [2 * partition, 4 * partition]
+    assert [ev[2] for ev in load[empty:] if ev[0] == "a"] == [params, 2 * partition, 4 * partition]
+
+
+def test_offload_keeps_a_staging_buffer_and_copies_each_gradient_to_float64_as_the_step_reduces_it():
+    """ZeRO-Offload: no fp32 masters, partition buffers or step on the GPU; the bf16 clone of the partition freed once
+    copied to the host, then the staging buffer of the largest parameter; a float64 copy of each gradient's part in
+    the last micro-batch only (its norm), none in the step."""
+    spec = spec_from_config(CONFIG, "llama-small")
+    events = allocation_stream(spec, _plan(offload="optimizer", grad_accum=2))
+    load = events[:events.index(("s",))]
+    partition = -(-spec.params_total // 2)
+    after_flat = [ev[2] for ev in load[load.index(("e",)):] if ev[0] == "a"][1:]
+    assert after_flat == [2 * partition, 2 * spec.vocab_size * spec.hidden_size]
+    assert _partition_buffers(events) == [0, 0]
+    starts = [i for i, ev in enumerate(events) if ev == ("s",)]
+    step = events[starts[1]:]
+    forwards = [i for i, ev in enumerate(step) if ev == ("p", "forward")]
+    optimizer = step.index(("p", "optimizer"))
+    vocab = spec.vocab_size * spec.hidden_size  # lm_head's and the embedding's float64 copies
+
+    def copies(events):
+        return [ev[2] for ev in events if ev[0] == "a" and ev[2] == 8 * min(vocab, partition)]
+
+    assert not copies(step[forwards[0]:forwards[1]])
+    assert len(copies(step[forwards[1]:optimizer])) == 2
+    assert not [ev for ev in step[optimizer:] if ev[0] == "a"]
 
 
 @pytest.mark.parametrize("fields, why", [
     (dict(zero=3), "ZeRO-3"),
     (dict(method="qlora", precision="bf16-master"), "quantized base"),
-    (dict(offload="optimizer"), "offloading"),
+    (dict(zero=3, offload="optimizer+params"), "ZeRO-3"),
+    (dict(sharding="fsdp", zero=3, offload="optimizer+params", precision="bf16"), "offloading under FSDP"),
 ])
 def test_plans_the_stream_does_not_follow_keep_the_measured_ratio(fields, why):
     e = estimate(spec_from_config(CONFIG, "llama-small"), _plan(**fields))
