@@ -84,6 +84,19 @@ CASES += [(preset, dict(fields, allocator="expandable")) for preset, fields in C
 # broadcast at wrap, gradient buckets and their rebuild are what each of N ranks allocates (memplan.estimator.reducer)
 DDP_CASES = (0, 5, 10)
 CASES += [(CASES[i][0], dict(CASES[i][1], gpus=2)) for i in DDP_CASES]
+# run 6 (49-53): DeepSpeed ZeRO-1/2 on one GPU through its engine, as memplan train runs it: the flat 16-bit buffer,
+# the reduce buckets, the gradient partition on its reduction stream, its step (memplan.estimator.zero_optimizer); and
+# ZeRO-Offload: the staging buffer, each reduced gradient's float64 copy, lm_head's as the backward starts (TinyLlama:
+# untied), with accumulation. Needs deepspeed (benchmarks/gpu_wheels.sh); without it the rows say so.
+ZERO = dict(sharding="deepspeed", precision="bf16-master", grad_ckpt=True)
+CASES += [
+    ("qwen2.5-0.5b", dict(ZERO, zero=2, micro_batch=4, seq_len=1024)),
+    ("llama-3.2-1b", dict(ZERO, zero=1, micro_batch=2, seq_len=1024, grad_accum=2)),
+    ("tinyllama-1.1b", dict(ZERO, method="lora", zero=2, micro_batch=4, seq_len=1024)),
+    ("tinyllama-1.1b", dict(ZERO, zero=2, offload="optimizer", micro_batch=2, seq_len=2048)),
+    ("llama-3.2-1b", dict(ZERO, zero=2, offload="optimizer", micro_batch=4, seq_len=1024, grad_ckpt=False,
+                          grad_accum=2)),
+]
 
 
 # The timing pass: these cases again, without the breakdown meter (a dispatch mode that slows every op), for
