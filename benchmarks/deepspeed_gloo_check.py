@@ -1,10 +1,10 @@
-"""DeepSpeed ZeRO-1 and ZeRO-2 (`memplan profile --backend cpu --sharding deepspeed`: DeepSpeed's engine on its CPU
+"""DeepSpeed ZeRO-1, 2 and 3 (`memplan profile --backend cpu --sharding deepspeed`: DeepSpeed's engine on its CPU
 accelerator, gloo) against the estimate, per phase.
 
 A small Llama trained for three optimizer steps through DeepSpeed's engine as `memplan train` configures it (the
 ds_config.json `memplan recommend` writes, torch's AdamW over the fp32 partition): ZeRO-1 and ZeRO-2, bf16 with fp32
 masters (DeepSpeed's bf16) and fp32, with and without accumulation, one and two processes, with checkpointing, full
-fine-tuning and LoRA, and with ZeRO-Offload (`offload_optimizer`). Each row keeps, per phase, the highest of the
+fine-tuning and LoRA, with ZeRO-Offload (`offload_optimizer`), and ZeRO-3. Each row keeps, per phase, the highest of the
 ranks' steady peaks (the estimate is the most loaded rank's: with accumulation the rank owning lm_head holds a
 second gradient partition from its backward's start), each plan profiled twice and each phase's lower value kept
 (gloo's worker thread can drop a tensor late, see benchmarks/fsdp_gloo_check.py). tests/estimator/test_estimator.py
@@ -54,6 +54,19 @@ RUNS += [
     (dict(LARGE_ROOT, tie_word_embeddings=True), dict(OFFLOAD, **SHORT, zero=2)),
     (SMALL_ROOT, dict(OFFLOAD, zero=2, precision="fp32")),
     (SMALL_ROOT, dict(OFFLOAD, method="lora", zero=2, grad_accum=2)),
+]
+# ZeRO-3 (a CUDA plan: memplan train runs it on GPUs only): its persistent gradient partition and reduce bucket, the
+# step's fp32 cast and AdamW temporaries. One process, which gathers nothing; with two, the forward and backward keep
+# more parameters gathered than the estimate counts (see memplan.estimator.sharding), so only the step is checked
+ZERO3 = dict(FULL, zero=3, device="cuda", precision="bf16-master", gpus=1)
+RUNS += [
+    (SMALL_ROOT, dict(ZERO3)),
+    (SMALL_ROOT, dict(ZERO3, grad_accum=2)),
+    (LARGE_ROOT, dict(ZERO3, grad_accum=2, grad_ckpt=True)),
+    (dict(LARGE_ROOT, tie_word_embeddings=True), dict(ZERO3, **SHORT)),
+    (SMALL_ROOT, dict(ZERO3, precision="fp32")),
+    (SMALL_ROOT, dict(ZERO3, method="lora", grad_accum=2)),
+    (SMALL_ROOT, dict(ZERO3, gpus=2, grad_accum=2, checked=["optimizer"])),
 ]
 
 

@@ -113,7 +113,8 @@ def _lower(first: dict, second: dict) -> dict:
 
 def measure_runs(runs: list, out: Path, ranks: str = "rank 0", extra: dict | None = None) -> None:
     """Profile each (config, plan) of `runs` twice, keep each phase's lower peak, print it beside the estimate, and
-    write the rows to `out` (one JSON object per line, atomically)."""
+    write the rows to `out` (one JSON object per line, atomically). A plan's "checked" (not a plan field) names the
+    phases the tests compare, where the estimate is known to leave the others out; it goes into the row."""
     from memplan.catalog.resolve import resolve_model
     from memplan.estimator import estimate
     from memplan.plan import build_plan
@@ -121,8 +122,11 @@ def measure_runs(runs: list, out: Path, ranks: str = "rank 0", extra: dict | Non
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for config, fields in runs:
+            fields = dict(fields)
+            checked = fields.pop("checked", None)
             row = _lower(profile(config, fields, Path(tmp), ranks), profile(config, fields, Path(tmp), ranks))
-            rows.append(dict(row, **(extra or {})))
+            row.update(extra or {}, **({"checked": checked} if checked else {}))
+            rows.append(row)
             (Path(tmp) / "config.json").write_text(json.dumps(dict(model_type="llama", **config)))
             e = estimate(resolve_model(str(Path(tmp) / "config.json")), build_plan(row["plan"]), kernels="cpu")
             errors = {ph: 100 * (e.phase_peaks[ph] - m) / m for ph, m in row["phase_peaks"].items()}

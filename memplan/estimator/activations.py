@@ -137,6 +137,7 @@ def layer_spec(spec: ModelSpec, plan: Plan, layer_type: str = "full_attention", 
         attn_temperature=tr.attn_temperature and not rope, experts_every_token=tr.experts_every_token,
         int8_base=plan.quantized_base == "int8", nf4_base=plan.quantized_base == "nf4",
         liger=frozenset(plan.liger) - {"fused_linear_cross_entropy"},
+        saves_frozen_inputs=plan.sharding == "deepspeed" and plan.zero == 3 and not plan.quantized_base,
     )
 
 

@@ -95,6 +95,9 @@ class LayerSpec:
     int8_base: bool = False  # the frozen linears are bitsandbytes' Linear8bitLt (LLM.int8, lora-8bit)
     nf4_base: bool = False  # the frozen linears are bitsandbytes' Linear4bit (NF4, qlora)
     liger: frozenset[str] = frozenset()  # Liger's kernels in the decoder layers: rope, rms_norm, swiglu (Plan.liger)
+    # DeepSpeed ZeRO-3 runs every nn.Linear through LinearFunctionForZeroStage3 (zero/linear.py, its default
+    # memory_efficient_linear), which saves the input for the backward even where the weight is frozen
+    saves_frozen_inputs: bool = False
 
 
 class LayerReplay:
@@ -189,6 +192,8 @@ class LayerReplay:
             base = T(out_numel, x.itemsize, x.rg)
         else:
             base = t.linear(xin, out_numel, self.L.full_ft, out_itemsize=n.compute)
+            if self.L.saves_frozen_inputs and not self.L.full_ft:
+                t.save(xin)
         del xin, w_copy  # the call's temporaries, the last made dropped first
         if name not in self.L.lora_targets:
             return base

@@ -183,7 +183,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     # the gradients a micro-batch after the first starts with: the sharded ones it adds into, or deferring FSDP's
     # reduce-scatter, every unit's whole ones (no sharded gradients exist before the last micro-batch's)
     deferred = shard.deferred_grads
-    G_fwd = deferred or (G if accum else 0)
+    G_fwd = deferred or shard.resting_grads or (G if accum else 0)
 
     # ---- forward: everything saved, plus the loss transient (which includes the saved log-softmax)
     saved_no_loss = acts.saved_total - acts.loss_saved
@@ -242,8 +242,10 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     # backward adds its own (torch/csrc/autograd/engine.cpp: a node runs once all its inputs arrived). Without
     # accumulation that buffer is the gradient the layers' candidates count (head_grads); with it, .grad already
     # holds last micro-batch's sum, and the waiting V x h is one more.
+    # (DeepSpeed ZeRO-3 reduces each whole gradient into its partition buffer as its hook fires, so the tied
+    # lm_head's waits there too without accumulation)
     pending = 0
-    if plan.method == "full" and spec.tie_word_embeddings and accum and not shard.reduce_end:
+    if plan.method == "full" and spec.tie_word_embeddings and (accum or shard.resting_grads) and not shard.reduce_end:
         pending = spec.vocab_size * spec.hidden_size * states.trainable_itemsize(plan, num.weights, num.adapter)
     at_loss = _terms(**base, gradients=G_fwd, activations=saved_no_loss,
                      logits_loss=acts.loss_backward_peak, gathered_params=shard.gathered_backward,

@@ -62,6 +62,8 @@ class PerGpu:
     # embedding's being reduced); 0: not such a plan
     reduce_head: int = 0
     reduce_end: int = 0
+    # gradients alive between optimizer steps too (DeepSpeed ZeRO-3's flat gradient partition); 0: none
+    resting_grads: int = 0
 
 
 #: DeepSpeed ZeRO-3's sub_group_size default (deepspeed/runtime/zero/config.py); memplan's ds_config leaves it.
@@ -146,7 +148,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         notes.append("DDP gradient buckets: one extra copy of the gradients (gradient_as_bucket_view=False).")
     backward_grads, step_grads = 0, None
     forward_buffers = step_buffers = None
-    reduce_head = reduce_end = 0
+    reduce_head = reduce_end = resting_grads = 0
     if ds and stage in (1, 2) and plan.quantized_base is None and plan.offload == "optimizer":
         # ZeRO-1 with accumulation keeps every whole gradient until the last micro-batch, whose hooks reduce them
         # one by one: each one reduced is among them (its clone in place of the one autograd added into)
@@ -172,6 +174,10 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
             buffers += 2 * deepspeed_reduce_bucket_elems(spec) * g_item
             forward_buffers = buffers if stage == 1 and plan.grad_accum > 1 else 0
             step_buffers = 0
+    elif ds and stage == 3 and plan.quantized_base is None and plan.offload == "none":
+        backward_grads, TMP, M, zero3_bucket = _zero3_step(spec, plan, tensors, n, G, g_item)
+        buffers += zero3_bucket
+        resting_grads = G
     elif ds:
         if stage >= 1:
             TMP = 0  # DeepSpeed runs its own fused/multi-tensor Adam: no foreach temporaries
@@ -193,11 +199,21 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                 M += _part(4 * tensors.n_trainable, n)
             if n > 1 and stage in (1, 2):
                 buffers += deepspeed_reduce_bucket_elems(spec) * num.compute
-        if stage == 3:
-            # current + prefetched parameters, gathered in the compute dtype
-            gathered_f = unit + deepspeed_prefetch_elems(spec) * num.compute
-            gathered_b = gathered_f + deepspeed_reduce_bucket_elems(spec) * g_item
+    if ds and stage == 3:
+        # current + prefetched parameters, gathered in the compute dtype
+        gathered_f = unit + deepspeed_prefetch_elems(spec) * num.compute
+        gathered_b = gathered_f + (0 if resting_grads else deepspeed_reduce_bucket_elems(spec) * g_item)
     deferred, deferred_from = 0, ()
+    gathered_layers_f = gathered_f
+    gathered_layers_b = [gathered_b] * spec.num_layers
+    gathered_end = gathered_b
+    if resting_grads and n == 1:
+        # one process gathers nothing: each parameter's partition is the parameter (measured). With several,
+        # DeepSpeed also keeps parameters gathered from a module's forward to its backward when its trace reaches
+        # them again soon (partitioned_param_coordinator.py: stage3_max_reuse_distance, and what its prefetch
+        # queue marks as fetched for a later use): not modelled (a small model on two CPU ranks kept all of them)
+        gathered_f = gathered_b = gathered_layers_f = gathered_end = 0
+        gathered_layers_b = [0] * spec.num_layers
     if plan.defers_gradient_reduction:
         # set_requires_gradient_sync(False) until the last micro-batch: each unit's post-backward only reshards, its
         # whole gradients (in the gathered dtype) stay on the unsharded parameters and the next micro-batches add
@@ -207,9 +223,6 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                                                    for i in reversed(range(spec.num_layers))))[::-1]
         notes.append("Gradient reduce-scatter deferred to the last micro-batch (sync_each_batch off): every layer's "
                      "whole gradients stay on each GPU between micro-batches.")
-    gathered_layers_f = gathered_f
-    gathered_layers_b = [gathered_b] * spec.num_layers
-    gathered_end = gathered_b
     unshard_first = unshard_last = backward_start = root_grads = root_head_grads = first_unit_grads = unit_grads = 0
     if fsdp and stage in (2, 3):
         # FSDP2 on every decoder layer and on the model (torch/distributed/fsdp/_fully_shard: _fsdp_param_group.py,
@@ -271,7 +284,8 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                   deferred_from=deferred_from, backward_grads=backward_grads,
                   step_grads=G if step_grads is None else step_grads,
                   buffers=buffers, host_bytes=host, notes=notes, forward_buffers=forward_buffers,
-                  step_buffers=step_buffers, reduce_head=reduce_head, reduce_end=reduce_end)
+                  step_buffers=step_buffers, reduce_head=reduce_head, reduce_end=reduce_end,
+                  resting_grads=resting_grads)
 
 
 @dataclass(frozen=True)
@@ -342,6 +356,26 @@ def _zero_step(plan: Plan, tensors: Tensors, n: int, G: int, g_item: int) -> tup
     temps = max(partition + fp32, (fp32 or partition) + adam - partition)
     backward = G + partition if plan.grad_accum > 1 else partition
     return backward, partition, temps, 4 * part
+
+
+def _zero3_step(spec: ModelSpec, plan: Plan, tensors: Tensors, n: int, G: int,
+                g_item: int) -> tuple[int, int, int, int]:
+    """DeepSpeed ZeRO-3 on the GPU, full fine-tuning or adapters (deepspeed/runtime/zero/stage3.py, as memplan's
+    ds_config runs it: contiguous_gradients, torch's AdamW over each fp32 sub-group): (the gradients alive through
+    the backward, the step's temporaries, the fp32 masters, the reduce bucket).
+
+    At initialization it allocates one flat buffer for this rank's gradient partition (`grad_partitions_flat_buffer`,
+    in the gradients' dtype) and one reduce bucket (`ipg_buckets`), both kept for the run; its fp32 masters are this
+    rank's partition (`_create_fp32_partitions`), also of adapters or fp32 weights. The step goes sub-group by
+    sub-group: the partition's gradients copied flat in fp32 (`_prepare_fp32_grad_for_sub_group`: a copy for fp32
+    gradients too), then torch's AdamW over it with its temporaries. Measured with `memplan profile --backend cpu` under
+    DeepSpeed's CPU accelerator (benchmarks/results/deepspeed-gloo-2rank.jsonl)."""
+    from memplan.estimator.zero_optimizer import step_temporaries
+
+    part = _part(tensors.n_trainable, n)
+    sub = deepspeed_step_fp32_grad_elems(spec, tensors.n_trainable, n, 3)
+    temps = 4 * sub + step_temporaries(plan, sub)
+    return G, temps, 4 * part, deepspeed_reduce_bucket_elems(spec) * g_item
 
 
 def _gathered_layer(group, plan: Plan, compute_itemsize: int) -> int:

@@ -190,6 +190,8 @@ def test_estimate_matches_gloo_measurements(row, tmp_path):
     path.write_text(LlamaConfig(**row["llama_config"]).to_json_string())
     e = estimate(resolve_model(str(path)), Plan(**row["plan"]), kernels="cpu")  # ZeRO-Offload rows: CUDA plans
     for phase, measured in row["phase_peaks"].items():
+        if phase not in row.get("checked", [phase]):  # ZeRO-3 on two ranks: see deepspeed_gloo_check.py
+            continue
         err = 100 * (e.phase_peaks[phase] - measured) / measured
         assert -2 <= err <= 3, (phase, err)
 
@@ -222,17 +224,22 @@ def test_deepspeed_zero2_keeps_a_gradient_partition_and_steps_on_its_fp32_copy()
 
 def test_deepspeed_zero3_steps_the_fp32_gradients_one_sub_group_at_a_time():
     """ZeRO-3 holds one sub-group's fp32 gradients at a time (stage3.py _release_sub_group): at most
-    sub_group_size (1e9) plus one parameter's partition, however large the rank's partition is."""
+    sub_group_size (1e9) plus one parameter's partition, however large the rank's partition is; fused AdamW adds
+    nothing beside it, foreach AdamW its temporaries over that sub-group."""
     from memplan.estimator.sharding import DEEPSPEED_SUB_GROUP_ELEMS
     from memplan.plan import build_plan
 
     spec = resolve_model("llama-2-7b")
-    plan = build_plan(dict(model="llama-2-7b", method="full", precision="bf16-master", sharding="deepspeed",
-                           zero=3, gpus=4))
-    e = estimate(spec, plan)
+    temporaries = {}
+    for optimizer in ("adamw-fused", "adamw"):
+        plan = build_plan(dict(model="llama-2-7b", method="full", precision="bf16-master", sharding="deepspeed",
+                               zero=3, gpus=4, optimizer=optimizer))
+        e = estimate(spec, plan)
+        temporaries[optimizer] = e.phases["optimizer"]["optimizer_temporaries"]
     cap = 4 * (DEEPSPEED_SUB_GROUP_ELEMS + math.ceil(spec.vocab_size * spec.hidden_size / 4))
     assert 4 * math.ceil(e.params_trainable / 4) > cap  # the partition is larger than a sub-group here
-    assert e.phases["optimizer"]["optimizer_temporaries"] == cap
+    assert temporaries["adamw-fused"] == cap
+    assert temporaries["adamw"] == 2 * cap  # _foreach_sqrt of the sub-group's exp_avg_sq
 
 
 def test_fsdp_gathers_a_quantized_layer_at_its_packed_size():
