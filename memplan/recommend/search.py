@@ -214,6 +214,10 @@ def structures(spec: ModelSpec, model_ref: str, method: str, target: Target, seq
             precisions(target, method), optimizers(target), shardings(target), (False, True), ("standard", "chunked")):
         if offload == "optimizer+params" and not allow_param_offload:
             continue
+        if offload == "optimizer" and method != "full":
+            # an adapter's optimizer states are a few MiB: offloading them frees nothing a plan needs and adds a CPU
+            # step (parameter offload, which moves the frozen base, stays)
+            continue
         if precision == "bf16-master" and backend != "deepspeed":
             # DDP: the same 16 B per parameter as amp-bf16, nothing gained; FSDP on CUDA: memplan train
             # refuses it (accelerate prepares FSDP's optimizer over the model's own parameters).
