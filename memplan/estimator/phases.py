@@ -67,8 +67,9 @@ class Estimate:
     @property
     def setup_allocated(self) -> int | None:
         """The allocated peak before the first step where it passes the steps' (DDP's broadcast as it wraps the
-        model: the weights and two flat buckets), which torch.cuda.max_memory_allocated over the whole run
-        reports; None where the steps' peak is the run's, or nothing is replayed."""
+        model: the weights and two flat buckets; DeepSpeed's initialization: the flat weights and this rank's
+        partition cloned beside them), which torch.cuda.max_memory_allocated over the whole run reports; None where
+        the steps' peak is the run's, or nothing is replayed."""
         r = self.replayed
         if r is None or r.setup_allocated <= r.steps_allocated:
             return None

@@ -65,7 +65,7 @@ def breakdown_table(e: Estimate) -> str:
         extra = [
             f"peak allocated {gib(e.peak_allocated)} GiB in the {e.peak_phase} phase "
             "(predicts torch.cuda.max_memory_allocated"
-            + (f"; DDP's broadcast as it wraps the model peaks higher, at {gib(setup)} GiB, before the first step)"
+            + (f"; {setup_moment(e.plan)} peaks higher, at {gib(setup)} GiB, before the first step)"
                if setup else ")"),
             f"reserved {gib(e.reserved)} GiB ({reserved_note(e)}), "
             f"total {gib(e.total)} GiB with the CUDA context"
@@ -240,3 +240,10 @@ def reserved_note(e) -> str:
     return (f"the measured median allocator reserve, +{100 * overhead.ALLOCATOR_FRAGMENTATION:.1f} %: {why}"
             + ("; measured with the default allocator" if e.plan.allocator != "default" else ""))
 
+
+
+def setup_moment(plan) -> str:
+    """What allocates the most before the first step, where that is the run's peak (Estimate.setup_allocated)."""
+    if plan.sharding == "deepspeed":
+        return "DeepSpeed's initialization, cloning this rank's partition on the GPU beside the flat weights,"
+    return "DDP's broadcast as it wraps the model"

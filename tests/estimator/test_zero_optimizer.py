@@ -101,3 +101,16 @@ def test_offload_keeps_a_staging_buffer_and_copies_each_gradient_to_float64_as_t
 def test_plans_the_stream_does_not_follow_keep_the_measured_ratio(fields, why):
     e = estimate(spec_from_config(CONFIG, "llama-small"), _plan(**fields))
     assert e.replayed is None and why in e.reserved_basis
+
+
+def test_one_gpu_offload_peaks_at_initialization_where_deepspeed_clones_its_partition():
+    """ZeRO-Offload on one GPU: the partition's 16-bit clone is made on the GPU beside the flat weights before it moves
+    to the host, two copies of the weights at once, more than any step holds; the report names that moment."""
+    from memplan.catalog.resolve import resolve_model
+    from memplan.report.estimate import breakdown_table
+
+    spec = resolve_model("llama-2-7b")
+    e = estimate(spec, Plan(model="llama-2-7b", sharding="deepspeed", zero=2, offload="optimizer",
+                            precision="bf16-master", micro_batch=1, seq_len=512))
+    assert e.setup_allocated is not None and e.setup_allocated >= 2 * 2 * spec.params_total > e.peak_allocated
+    assert "DeepSpeed's initialization" in breakdown_table(e)
