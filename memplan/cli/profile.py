@@ -54,7 +54,8 @@ def profile(model, config_path, accelerate_path, steps, backend, weights, find_m
     --steps optimizer steps on synthetic batches of exactly micro-batch x sequence tokens, with the
     plan's gradient accumulation. Plans with gpus x nodes > 1 run one process per rank under torchrun
     (DDP or FSDP; gloo on the CPU, NCCL on CUDA) and report per-rank peaks. DeepSpeed plans run through
-    DeepSpeed's engine as memplan train configures it (pip install deepspeed; on the CPU, ZeRO-1 and 2).
+    DeepSpeed's engine as memplan train configures it (pip install deepspeed; on the CPU, ZeRO-1 and 2, with
+    optimizer offload too - what DeepSpeed pins and its CPU step count as host memory - and a CUDA plan's ZeRO-3).
 
     Sizes in GiB (2^30 bytes) or MiB; error % = 100 x (estimate - measured) / measured, negative =
     under-estimate.
