@@ -82,25 +82,37 @@ def main(argv: list[str]) -> int:
         raise
     finally:
         stopped = stopped or isinstance(sys.exc_info()[1], SystemExit)
-        if errors is not None and parent and stopped and _orphaned(int(parent)):  # nobody reads them now
+        # nobody reads them now (told by a signal, the parent may still be on its way out: wait a moment)
+        if errors is not None and parent and _orphaned(int(parent), wait_s=5.0 if stopped else 0.0):
             shutil.rmtree(errors, ignore_errors=True)
     return 0
 
 
-def _orphaned(parent: int) -> bool:
+def _orphaned(parent: int, wait_s: float) -> bool:
     """Whether `memplan train` (pid `parent`) is gone or going. Killed outright, its threads end one by one, and
-    this process can be told (PR_SET_PDEATHSIG) while one of them still is its parent: wait a moment for the
-    reparenting, or for the process to be a zombie."""
-    deadline = time.monotonic() + 5
+    this process can be told (PR_SET_PDEATHSIG) while one of them still is its parent: the thread that started
+    this process is then exiting (PF_EXITING in its flags) or a zombie. Polls up to `wait_s` seconds for that."""
+    deadline = time.monotonic() + wait_s
     while os.getppid() == parent:
-        try:
-            state = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
+        if _exiting(parent):
             return True
-        if state in ("Z", "X") or time.monotonic() > deadline:
-            return state in ("Z", "X")
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
     return True
+
+
+PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
+
+
+def _exiting(pid: int) -> bool:
+    """Whether process `pid`'s main thread, the one that started this process (memplan train's launch runs
+    there), is exiting or a zombie, or the process is gone."""
+    try:  # after the command's closing parenthesis: state is field 3 of stat, flags field 9
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    return fields[0] in ("Z", "X") or bool(int(fields[6]) & PF_EXITING)
 
 
 if __name__ == "__main__":
