@@ -45,3 +45,12 @@ def test_every_package_is_shipped():
     declared = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "memplan").rglob("__init__.py")}
     assert declared - {"memplan._data"} == found
+
+
+def test_ci_runs_the_readmes_test_command():
+    """CI (.ci/run) runs the tests exactly as the README tells a new machine to."""
+    readme = (REPO / "README.md").read_text().split("The tests (this is what CI runs", 1)[1]
+    install, command = readme.split("```bash\n", 1)[1].split("\n", 1)[0].split(" && ")
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert any(line.startswith(install) for line in ci), install
+    assert any(line.startswith(f"{command} >") for line in ci), command
