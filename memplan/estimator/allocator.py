@@ -67,16 +67,20 @@ class OutOfMemory(Exception):
     """The allocator could not serve a request within the device's capacity, even after releasing its cache."""
 
 
-@dataclass(eq=False, slots=True)
 class _Block:
-    addr: int
-    size: int
-    pool: _Pool
-    allocated: bool = False
-    mapped: bool = True
-    prev: _Block | None = None
-    next: _Block | None = None
-    expandable: bool = False
+    """A block of a segment: its address and size, its pool, and its neighbours in the segment. A plain class
+    with positional arguments: a replay makes one per split, hundreds of thousands per search."""
+
+    __slots__ = ("addr", "size", "pool", "allocated", "mapped", "prev", "next", "expandable")
+
+    def __init__(self, addr: int, size: int, pool: _Pool, prev: _Block | None = None, nxt: _Block | None = None,
+                 expandable: bool = False, mapped: bool = True) -> None:
+        self.addr, self.size, self.pool = addr, size, pool
+        self.allocated = False
+        self.mapped = mapped
+        self.prev: _Block | None = prev
+        self.next: _Block | None = nxt
+        self.expandable = expandable
 
 
 _KEY = 64  # a free block's key: size << _KEY | addr, ordered as (size, addr) (addresses stay below 2**64)
@@ -159,7 +163,9 @@ class CachingAllocator:
         if nxt is not None and not nxt.allocated and nxt.mapped:
             pool.remove(nxt)
             self._join(block, nxt)
-        pool.insert(block)
+        key = block.size << _KEY | block.addr  # pool.insert, inlined
+        bisect.insort(pool.free, key)
+        pool.by_key[key] = block
 
     def release_cache(self) -> None:
         """`release_cached_blocks` (also `torch.cuda.empty_cache()`): cached blocks that are whole segments go
@@ -213,7 +219,7 @@ class CachingAllocator:
         that is free, until a block of `size` exists."""
         page = SMALL_BUFFER if pool.small else LARGE_BUFFER
         if pool.tail is None:
-            pool.tail = _Block(self._next_addr, 1 << 50, pool, mapped=False, expandable=True)
+            pool.tail = _Block(self._next_addr, 1 << 50, pool, None, None, True, False)
             self._next_addr += 1 << 50
         tail = pool.tail
         last = tail.prev
@@ -226,7 +232,7 @@ class CachingAllocator:
             pool.remove(start)
         self.reserved += grow
         self.peak_reserved = max(self.peak_reserved, self.reserved)
-        new = _Block(tail.addr, grow, pool, expandable=True, prev=last, next=tail)
+        new = _Block(tail.addr, grow, pool, last, tail, True)
         if last is not None:
             last.next = new
         tail.prev, tail.addr, tail.size = new, tail.addr + grow, tail.size - grow
@@ -271,13 +277,16 @@ class CachingAllocator:
             split = remaining > SMALL_SIZE
         if not split:
             return block
-        front = _Block(block.addr, size, pool, prev=block.prev, next=block, expandable=block.expandable)
-        if block.prev is not None:
-            block.prev.next = front
+        prev = block.prev
+        front = _Block(block.addr, size, pool, prev, block, block.expandable)
+        if prev is not None:
+            prev.next = front
         block.prev = front
         block.addr += size
         block.size = remaining
-        pool.insert(block)
+        key = remaining << _KEY | block.addr  # pool.insert, inlined
+        bisect.insort(pool.free, key)
+        pool.by_key[key] = block
         return front
 
     @staticmethod
