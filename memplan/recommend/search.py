@@ -159,7 +159,7 @@ def precisions(target: Target, method: str) -> list[str]:
 
 def optimizers(target: Target) -> list[str]:
     """Fused AdamW (no foreach temporaries, the fastest torch AdamW) and, where it is needed to fit,
-    bitsandbytes' 8-bit AdamW (its CPU kernels run too)."""
+    bitsandbytes' 8-bit AdamW (its CPU kernels run too; for adapters `search` tries it last)."""
     return ["adamw-fused", "adamw-8bit"]
 
 
@@ -388,10 +388,17 @@ def search(spec: ModelSpec, model_ref: str, method: str, target: Target, workloa
     before, considered = scorer.scored, 0
     plans = [with_samples(p, workload) for p in
              structures(spec, model_ref, method, target, workload.seq_len, lora, allow_param_offload)]
-    for plan in (progress(plans) if progress else plans):
-        best, smallest, decided = largest_micro_batch(plan, workload, scorer)
-        considered += decided
-        (fitting if best else not_fitting).append(best or smallest)
+    # an adapter's optimizer states are a few hundred MiB at most: its 8-bit moments are searched only where
+    # nothing fits without them (they cost quality, and a replay each)
+    last_resort = [p for p in plans if method != "full" and p.optimizer == "adamw-8bit"]
+    plans = [p for p in plans if p not in last_resort]
+    for batch in (plans, last_resort):
+        if batch is last_resort and fitting:
+            break
+        for plan in (progress(batch) if progress else batch):
+            best, smallest, decided = largest_micro_batch(plan, workload, scorer)
+            considered += decided
+            (fitting if best else not_fitting).append(best or smallest)
     fitting.sort(key=lambda c: c.key(priority))
     _prefer_simpler(fitting, priority)
     not_fitting.sort(key=lambda c: c.estimate.peak_allocated)
