@@ -147,3 +147,18 @@ def test_each_thread_gets_its_cublas_workspaces_at_its_first_cublas_op():
     # freed before the autograd thread's 32 MiB, which splits it
     assert r.peak_reserved == (100 + 32 + 2 + 300) * MiB
     assert r.peak_allocated == (100 + 32 + 1 + 300) * MiB
+
+
+def test_plans_whose_streams_are_equal_share_one_replay():
+    """FlashAttention-2 and SDPA save the same on Llama: one replay serves both; another micro-batch is another."""
+    from memplan.catalog.resolve import resolve_model
+    from memplan.estimator import estimate
+    from memplan.estimator.phases import clear_replays
+    from memplan.plan import build_plan
+
+    spec = resolve_model("llama-2-7b")
+    sdpa, flash = (build_plan(dict(model="llama-2-7b", attn=attn, micro_batch=2)) for attn in ("sdpa", "flash"))
+    clear_replays()
+    first, second = estimate(spec, sdpa), estimate(spec, flash)
+    assert first.replayed is not None and first.replayed is second.replayed
+    assert estimate(spec, sdpa.model_copy(update={"micro_batch": 3})).replayed is not first.replayed

@@ -8,8 +8,8 @@ import pytest
 
 from memplan.catalog.resolve import resolve_model
 from memplan.plan import build_plan
+from memplan.recommend import hardware, throughput
 from memplan.recommend import hparams as hp
-from memplan.recommend import throughput
 from memplan.recommend.tree import load_tree
 
 
@@ -589,3 +589,17 @@ def test_search_keeps_lora_dropout_unless_an_expert_stack_is_a_target(model, lor
     if lora is None:  # estimate's comparison table: its LoRA rows take the default settings
         rows = fit.compare(spec, "llama-3.2-1b", {}, gpu="a100-80gb").rows
         assert {r.candidate.plan.lora.dropout for r in rows if r.candidate.plan.method != "full"} == {dropout}
+
+
+def test_an_adapters_8bit_optimizer_is_searched_only_where_nothing_fits_without_it():
+    """An adapter's AdamW states are a few hundred MiB at most: its 8-bit moments are a last resort."""
+    from memplan.recommend import search as plan_search
+
+    work = plan_search.Workload(seq_len=2048, effective_batch=32, examples_per_epoch=1000, epochs=1)
+    for model, gpu, fits in (("llama-2-7b", "a100-80gb", True), ("llama-2-13b", "t4-16gb", False)):
+        spec, target = resolve_model(model), hardware.gpu_target(gpu, None, 1, 1, 0.1, None, [])
+        found = plan_search.search(spec, model, "lora", target, work, "quality", plan_search.Scorer(spec, target),
+                                   allow_param_offload=False)
+        assert bool(found.fitting) == fits
+        searched = {c.plan.optimizer for c in found.fitting + found.not_fitting}
+        assert searched == ({"adamw-fused"} if fits else {"adamw-fused", "adamw-8bit"}), (model, gpu)
