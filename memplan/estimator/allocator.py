@@ -163,9 +163,7 @@ class CachingAllocator:
         if nxt is not None and not nxt.allocated and nxt.mapped:
             pool.remove(nxt)
             self._join(block, nxt)
-        key = block.size << _KEY | block.addr  # pool.insert, inlined
-        bisect.insort(pool.free, key)
-        pool.by_key[key] = block
+        pool.insert(block)
 
     def release_cache(self) -> None:
         """`release_cached_blocks` (also `torch.cuda.empty_cache()`): cached blocks that are whole segments go
@@ -284,9 +282,7 @@ class CachingAllocator:
         block.prev = front
         block.addr += size
         block.size = remaining
-        key = remaining << _KEY | block.addr  # pool.insert, inlined
-        bisect.insort(pool.free, key)
-        pool.by_key[key] = block
+        pool.insert(block)
         return front
 
     @staticmethod
