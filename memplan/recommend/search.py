@@ -390,9 +390,10 @@ def search(spec: ModelSpec, model_ref: str, method: str, target: Target, workloa
              structures(spec, model_ref, method, target, workload.seq_len, lora, allow_param_offload)]
     # an adapter's optimizer states are a few hundred MiB at most: its 8-bit moments are searched only where
     # nothing fits without them (they cost quality, and a replay each)
-    last_resort = [p for p in plans if method != "full" and p.optimizer == "adamw-8bit"]
-    plans = [p for p in plans if p not in last_resort]
-    for batch in (plans, last_resort):
+    late = [method != "full" and p.optimizer == "adamw-8bit" for p in plans]
+    first = [p for p, is_late in zip(plans, late) if not is_late]
+    last_resort = [p for p, is_late in zip(plans, late) if is_late]
+    for batch in (first, last_resort):
         if batch is last_resort and fitting:
             break
         for plan in (progress(batch) if progress else batch):
