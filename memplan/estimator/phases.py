@@ -230,7 +230,8 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
         end_of_decoder = _terms(**base, gradients=G_fwd,
                                 activations=in_layers + (0 if offload else acts.shared) + acts.forward_masks
                                 + acts.forward_extra,
-                                gathered_params=shard.gathered_forward, comm_buffers=fwd_buffers)
+                                gathered_params=shard.gathered_forward if shard.gathered_decoder_end is None
+                                else shard.gathered_decoder_end, comm_buffers=fwd_buffers)
         fwd = max(at_loss_fwd, end_of_decoder, key=lambda t: sum(t.values()))
     if shard.unshard_first:
         # FSDP2: as the first layer gathers (the embedding's output and the masks exist) ...

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from memplan.catalog.spec import ModelSpec
+from memplan.estimator import zero3_gather
 from memplan.estimator.layers import Numerics
 from memplan.estimator.states import Tensors, trainable_itemsize
 from memplan.plan import Plan
@@ -64,6 +65,9 @@ class PerGpu:
     reduce_end: int = 0
     # gradients alive between optimizer steps too (DeepSpeed ZeRO-3's flat gradient partition); 0: none
     resting_grads: int = 0
+    # unsharded parameters at the decoder's end, where they differ from gathered_forward (None: the same):
+    # DeepSpeed ZeRO-3 gathers lm_head after it, and may release it before the loss
+    gathered_decoder_end: int | None = None
 
 
 #: DeepSpeed ZeRO-3's sub_group_size default (deepspeed/runtime/zero/config.py); memplan's ds_config leaves it.
@@ -90,11 +94,6 @@ def deepspeed_step_fp32_grad_elems(spec: ModelSpec, n_trainable: int, n: int, st
     if stage < 3:
         return whole
     return min(whole, DEEPSPEED_SUB_GROUP_ELEMS + _part(spec.vocab_size * spec.hidden_size, n))
-
-
-def deepspeed_prefetch_elems(spec: ModelSpec) -> int:
-    """HF "auto": stage3_prefetch_bucket_size = 0.9 * hidden_size**2."""
-    return int(0.9 * spec.hidden_size ** 2)
 
 
 def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, weights: int, grads: int,
@@ -201,19 +200,26 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                 buffers += deepspeed_reduce_bucket_elems(spec) * num.compute
     if ds and stage == 3:
         # current + prefetched parameters, gathered in the compute dtype
-        gathered_f = unit + deepspeed_prefetch_elems(spec) * num.compute
+        gathered_f = unit + zero3_gather.prefetch_bucket(spec) * num.compute
         gathered_b = gathered_f + (0 if resting_grads else deepspeed_reduce_bucket_elems(spec) * g_item)
     deferred, deferred_from = 0, ()
     gathered_layers_f = gathered_f
+    decoder_end = None
     gathered_layers_b = [gathered_b] * spec.num_layers
     gathered_end = gathered_b
     if resting_grads and n == 1:
-        # one process gathers nothing: each parameter's partition is the parameter (measured). With several,
-        # DeepSpeed also keeps parameters gathered from a module's forward to its backward when its trace reaches
-        # them again soon (partitioned_param_coordinator.py: stage3_max_reuse_distance, and what its prefetch
-        # queue marks as fetched for a later use): not modelled (a small model on two CPU ranks kept all of them)
+        # one process gathers nothing: each parameter's partition is the parameter (measured)
         gathered_f = gathered_b = gathered_layers_f = gathered_end = 0
         gathered_layers_b = [0] * spec.num_layers
+    elif ds and stage == 3 and plan.quantized_base is None:
+        # several: what DeepSpeed's coordinator holds gathered at each moment, prefetches and parameters kept for
+        # their reuse included (memplan.estimator.zero3_gather)
+        held = zero3_gather.moments(spec, plan, n, num.compute)
+        bucket = 0 if resting_grads else deepspeed_reduce_bucket_elems(spec) * g_item
+        gathered_f, gathered_layers_f, gathered_end = held.forward_end, held.last_layer_forward, held.end + bucket
+        decoder_end = held.decoder_end
+        gathered_b = held.backward_start + bucket
+        gathered_layers_b = [g + bucket for g in held.layers_backward]
     if plan.defers_gradient_reduction:
         # set_requires_gradient_sync(False) until the last micro-batch: each unit's post-backward only reshards, its
         # whole gradients (in the gathered dtype) stay on the unsharded parameters and the next micro-batches add
@@ -285,7 +291,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                   step_grads=G if step_grads is None else step_grads,
                   buffers=buffers, host_bytes=host, notes=notes, forward_buffers=forward_buffers,
                   step_buffers=step_buffers, reduce_head=reduce_head, reduce_end=reduce_end,
-                  resting_grads=resting_grads)
+                  resting_grads=resting_grads, gathered_decoder_end=decoder_end)
 
 
 @dataclass(frozen=True)

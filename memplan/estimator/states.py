@@ -46,7 +46,7 @@ def module_parameters(spec: ModelSpec, targets: frozenset[str] = frozenset(),
     "linear" the weight of a decoder nn.Linear or Conv1D (what bitsandbytes quantizes), "adapter" a peft LoRA
     tensor of `targets` (after the weight it adapts: peft nests lora_A and lora_B in the module it wraps), "other"
     the rest."""
-    front, layers, back = _parameters(spec, targets, rank)
+    front, layers, back = model_parts(spec, targets, rank)
     return front + [p for group in spec.layer_groups for p in layers[group] * group.count] + back
 
 
@@ -55,12 +55,12 @@ def unit_parameters(spec: ModelSpec, targets: frozenset[str] = frozenset(),
     """The parameters of the units FSDP wraps, as `module_parameters` lists them: the root's (the embeddings, the
     final norm and extras, lm_head, and a multimodal model's frozen vision tower, role "frozen") and each decoder
     layer's, by layer index."""
-    front, layers, back = _parameters(spec, targets, rank)
+    front, layers, back = model_parts(spec, targets, rank)
     frozen = [((spec.params_frozen,), "frozen")] if spec.params_frozen else []
     return front + back + frozen, [layers[spec.group_of(i)] for i in range(spec.num_layers)]
 
 
-def _parameters(spec: ModelSpec, targets: frozenset[str], rank: int) -> tuple[list, dict, list]:
+def model_parts(spec: ModelSpec, targets: frozenset[str], rank: int) -> tuple[list, dict, list]:
     """(before the decoder layers, one layer of each group, after them)."""
     h = spec.hidden_size
     front: list[tuple[tuple[int, ...], str]] = [((spec.vocab_size, h), "other")]
