@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 from memplan.catalog.spec import ModelSpec
+from memplan.estimator import zero3_gather
+from memplan.estimator.sharding import deepspeed_reduce_bucket_elems
 from memplan.plan import Plan, mixed_precision, plan_to_yaml
 from memplan.runtime.cuda_allocator import launch_prefix
 from memplan.train.deepspeed_setup import DS_CONFIG_NAME, optimizer_section
@@ -91,11 +93,11 @@ def ds_config(plan: Plan, spec: ModelSpec) -> dict:
     schedule (lr_scheduler_type, warmup_steps: transformers' get_scheduler, the one memplan train runs),
     while DeepSpeed's WarmupCosineLR starts its cosine one step early and warms up over at least 2 steps,
     logarithmically by default (deepspeed/runtime/lr_schedules.py)."""
-    h = spec.hidden_size
     zero: dict = {"stage": plan.zero, "overlap_comm": True, "contiguous_gradients": True,
-                  "reduce_bucket_size": h * h}
+                  "reduce_bucket_size": deepspeed_reduce_bucket_elems(spec)}
     if plan.zero == 3:
-        zero.update({"stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h,
+        zero.update({"stage3_prefetch_bucket_size": zero3_gather.prefetch_bucket(spec),
+                     "stage3_param_persistence_threshold": zero3_gather.persistence_threshold(spec),
                      "stage3_gather_16bit_weights_on_model_save": True})
     if plan.offload in ("optimizer", "optimizer+params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from memplan.errors import UserError
+from memplan.estimator.sharding import DEEPSPEED_SUB_GROUP_ELEMS as SUB_GROUP_SIZE
+from memplan.estimator.zero3_gather import MAX_LIVE_PARAMETERS, MAX_REUSE_DISTANCE
 from memplan.trainers.source import Reading, shown_value
-
-#: DeepSpeed's sub_group_size default (deepspeed/runtime/zero/config.py), the value memplan's estimate counts.
-SUB_GROUP_SIZE = 1_000_000_000
 
 #: zero_optimization keys that do not change memory, or only at save time.
 _QUIET = {"stage", "offload_optimizer", "offload_param", "contiguous_gradients", "round_robin_gradients",
@@ -21,16 +20,30 @@ _QUIET = {"stage", "offload_optimizer", "offload_param", "contiguous_gradients",
 #: reduce bucket, 0.9 x hidden_size**2 for the stage-3 prefetch bucket: memplan.estimator.sharding).
 _AUTO_BUCKETS = {"reduce_bucket_size": "HF's auto: hidden_size², as memplan counts the reduce bucket",
                  "stage3_prefetch_bucket_size": "HF's auto: 0.9 x hidden_size², as memplan counts the prefetch",
-                 "prefetch_bucket_size": "HF's auto: 0.9 x hidden_size², as memplan counts the prefetch"}
+                 "prefetch_bucket_size": "HF's auto: 0.9 x hidden_size², as memplan counts the prefetch",
+                 "stage3_param_persistence_threshold": "HF's auto: 10 x hidden_size, as memplan counts the parameters "
+                                                       "ZeRO-3 keeps whole",
+                 "param_persistence_threshold": "HF's auto: 10 x hidden_size, as memplan counts the parameters ZeRO-3 "
+                                                "keeps whole"}
+#: zero_optimization keys whose DeepSpeed default memplan's estimate counts (memplan.estimator.zero3_gather).
+_COUNTED_DEFAULTS = {
+    "sub_group_size": (SUB_GROUP_SIZE, "DeepSpeed's default, as memplan counts the stage-3 optimizer step"),
+    "stage3_max_live_parameters": (MAX_LIVE_PARAMETERS, "DeepSpeed's default, as memplan counts ZeRO-3's prefetch"),
+    "max_live_parameters": (MAX_LIVE_PARAMETERS, "DeepSpeed's default, as memplan counts ZeRO-3's prefetch"),
+    "stage3_max_reuse_distance": (MAX_REUSE_DISTANCE, "DeepSpeed's default, as memplan counts the parameters ZeRO-3 "
+                                                      "keeps gathered"),
+    "max_reuse_distance": (MAX_REUSE_DISTANCE, "DeepSpeed's default, as memplan counts the parameters ZeRO-3 keeps "
+                                               "gathered"),
+}
 #: zero_optimization keys that change memory and that memplan's estimate does not count.
 _UNMODELLED = {
     "allgather_bucket_size": "ZeRO-1/2 all-gather bucket",
-    "stage3_max_live_parameters": "ZeRO-3 cap on gathered parameters kept live",
-    "max_live_parameters": "ZeRO-3 cap on gathered parameters kept live",
-    "stage3_max_reuse_distance": "ZeRO-3 reuse distance of gathered parameters",
-    "max_reuse_distance": "ZeRO-3 reuse distance of gathered parameters",
-    "stage3_param_persistence_threshold": "ZeRO-3 small parameters kept unpartitioned",
-    "param_persistence_threshold": "ZeRO-3 small parameters kept unpartitioned",
+    "stage3_max_live_parameters": "ZeRO-3 cap on gathered parameters kept live, other than DeepSpeed's 1e9",
+    "max_live_parameters": "ZeRO-3 cap on gathered parameters kept live, other than DeepSpeed's 1e9",
+    "stage3_max_reuse_distance": "ZeRO-3 reuse distance of gathered parameters, other than DeepSpeed's 1e9",
+    "max_reuse_distance": "ZeRO-3 reuse distance of gathered parameters, other than DeepSpeed's 1e9",
+    "stage3_param_persistence_threshold": "ZeRO-3 small parameters kept unpartitioned, other than HF's auto",
+    "param_persistence_threshold": "ZeRO-3 small parameters kept unpartitioned, other than HF's auto",
     "stage3_gather_16bit_weights_on_model_save": "the 16-bit weights gathered on rank 0 when saving",
     "gather_16bit_weights_on_model_save": "the 16-bit weights gathered on rank 0 when saving",
     "zero_quantized_weights": "ZeRO++ quantized weights", "zero_hpz_partition_size": "ZeRO++ secondary partition",
@@ -105,13 +118,20 @@ def _engine(r: Reading, ds: dict, where: str, args: dict[str, Any]) -> None:
                                                      "same 16-bit weights and fp32 masters); loss scaling is not")
 
 
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _buckets(r: Reading, zero: dict, where: str) -> None:
     for key, value in zero.items():
         name = f"{where}: zero_optimization.{key}"
         if key in _AUTO_BUCKETS and value == "auto":
             r.count(name, value, _AUTO_BUCKETS[key])
-        elif key == "sub_group_size" and value is not None and float(value) == SUB_GROUP_SIZE:
-            r.count(name, value, "DeepSpeed's default, as memplan counts the stage-3 optimizer step")
+        elif key in _COUNTED_DEFAULTS and _number(value) == _COUNTED_DEFAULTS[key][0]:
+            r.count(name, value, _COUNTED_DEFAULTS[key][1])
         elif key in _AUTO_BUCKETS or key == "sub_group_size" or key in _UNMODELLED:
             why = _UNMODELLED.get(key) or "a buffer size other than what memplan counts (HF's auto / DeepSpeed's " \
                                           "default)"

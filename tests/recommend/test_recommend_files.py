@@ -18,7 +18,8 @@ def run_json(run_cli, *args):
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    """Three recommendations written once: DeepSpeed (full FT on 4 GPUs), multi-node, and DDP (LoRA)."""
+    """Three recommendations written once: DeepSpeed (full FT on 4 GPUs), multi-node (ZeRO-3 offloading the
+    optimizer and parameters), and DDP (LoRA)."""
     from click.testing import CliRunner
 
     from memplan.cli import main
@@ -27,7 +28,7 @@ def written(tmp_path_factory):
     runs = {
         "deepspeed": ["--model", "llama-2-7b", "--gpu", "a100-80gb", "--gpus", "4", "--dataset-size", "50000",
                       "--method", "full"],
-        "multinode": ["--model", "llama-2-7b", "--gpu", "a100-40gb", "--gpus", "8", "--nodes", "2",
+        "multinode": ["--model", "llama-2-70b", "--gpu", "a100-40gb", "--gpus", "8", "--nodes", "2",
                       "--dataset-size", "50000", "--method", "full", "--priority", "memory"],
         "ddp": ["--model", "llama-2-7b", "--gpu", "a100-80gb", "--gpus", "4", "--dataset-size", "50000"],
     }
