@@ -91,129 +91,155 @@ class Replay:
 def replay(trace: Trace, *, world: int, itemsize: int, persistent: int, bucket: int,
            reuse: int = MAX_REUSE_DISTANCE, live: int = MAX_LIVE_PARAMETERS) -> Replay:
     """Run the coordinator's fetch and release rules over the trace, from its second step (the trace complete)."""
-    numel, modules = trace.numel, trace.modules
-    persist = [n <= persistent for n in numel]
-    order = [e.module for e in trace.events if e.kind == "fetch"]  # the recorded submodule order
-    queue = deque((p, step) for step, m in enumerate(order) for p in sorted(set(modules[m].params)))
-    status = ["A" if persist[p] else "N" for p in range(len(numel))]
-    most_recent = [-10 ** 10] * len(numel)
-    active: list[set[int]] = [set() for _ in numel]
-    active_backward: dict[int, None] = {}
-    recompute: dict[int, set[int]] = {}
-    registry: dict[int, list] = {}  # param -> its handle [params, flat bytes, waited]
-    data = [0] * len(numel)  # bytes of each gathered parameter's own tensor
-    state = {"available": 0, "flat": 0, "data": 0}
-    step = 0
-    release_cache: dict[tuple[int, int], set[int]] = {}
-
-    def set_data(p: int, nbytes: int) -> None:
-        state["data"] += nbytes - data[p]
-        data[p] = nbytes
-
-    def aligned(p: int) -> int:
-        return math.ceil(numel[p] / world) * world
-
-    def gather(params: list[int]) -> None:
-        params = [p for p in params if status[p] == "N"]
-        if not params:
-            return
-        state["available"] += sum(numel[p] for p in params)
-        if len(params) == 1:
-            handle = [params, 0, True]
-            set_data(params[0], aligned(params[0]) * itemsize)
-        else:
-            flat = sum(math.ceil(numel[p] / world) for p in params) * world * itemsize
-            handle = [params, flat, False]
-            state["flat"] += flat
-        for p in params:
-            status[p] = "I"
-            registry[p] = handle
-
-    def wait(p: int) -> None:
-        handle = registry.pop(p)
-        if not handle[2]:  # the first wait copies every parameter out of the flat buffer
-            handle[2] = True
-            for q in handle[0]:
-                set_data(q, numel[q] * itemsize)
-        for q in handle[0]:
-            status[q] = "A" if status[q] == "I" else status[q]
-        if handle[1] and not any(registry.get(q) is handle for q in handle[0]):
-            state["flat"] -= handle[1]
-
-    def release_param(p: int) -> None:
-        if status[p] == "A" and not active[p] and not persist[p]:
-            status[p] = "N"
-            state["available"] -= numel[p]
-            set_data(p, 0)
-
-    def to_release(m: int, at: int) -> set[int]:
-        key = (m, at)
-        if key not in release_cache:
-            params = {p for p in modules[m].params if not persist[p]}
-            params -= {p for p in modules[m].params if most_recent[p] > at}
-            traversed = 0
-            for later in order[at:]:
-                if traversed >= reuse or not params:
-                    break
-                for p in modules[later].params:
-                    params.discard(p)
-                    traversed += numel[p]
-            release_cache[key] = params
-        return set(release_cache[key])
-
+    coordinator = _Coordinator(trace, world=world, itemsize=itemsize, persistent=persistent, bucket=bucket,
+                               reuse=reuse, live=live)
     available, held = [], []
     for e in trace.events:
         if e.kind == "fetch":
-            m = e.module
-            params = sorted(set(modules[m].params))
-            if not e.forward:
-                active_backward[m] = None
-            gather([p for p in params if status[p] == "N"])
-            for p in params:
-                active[p].add(m)
-                if e.recompute and active_backward and not trace.trainable[p] and not persist[p]:
-                    recompute.setdefault(next(reversed(active_backward)), set()).add(p)
-                if p in registry:
-                    wait(p)
-            waiting = {p for p in params if most_recent[p] < step}
-            popped: set[int] = set()
-            while queue and len(popped) < len(waiting):
-                p, at = queue.popleft()
-                most_recent[p] = at
-                popped.add(p)
-            cap, prefetching, chosen = min(live - state["available"], bucket), 0, []
-            while queue and prefetching < cap:
-                p, at = queue.popleft()
-                most_recent[p] = max(most_recent[p], at)
-                if status[p] == "N" and p not in chosen:
-                    chosen.append(p)
-                    prefetching += numel[p]
-            gather(chosen)
-            step += 1
+            coordinator.fetch(e)
         elif e.kind == "release":
-            m = e.module
-            params = set(modules[m].params)
-            release = to_release(m, step)
-            if not e.forward:
-                extra = recompute.pop(m, set())
-                release |= extra
-                params |= extra
-                active_backward.pop(m, None)
-            for p in sorted(params):
-                active[p].discard(m)
-                if p in release:
-                    release_param(p)
-        else:  # the backward's leftovers: modules whose post-backward hook never ran
-            while active_backward:
-                m, _ = active_backward.popitem()
-                for p in set(modules[m].params) | recompute.pop(m, set()):
-                    active[p].discard(m)
-                    release_param(p)
-        available.append(state["available"])
-        held.append(state["data"] + state["flat"])
+            coordinator.release(e)
+        else:
+            coordinator.release_leftovers()
+        available.append(coordinator.available)
+        held.append(coordinator.data + coordinator.flat)
     return Replay(available=tuple(available), held=tuple(held))
 
 
+class _Handle:
+    """One all-gather: its parameters, the flat buffer several share (0 for one), whether waited on yet."""
+
+    def __init__(self, params: list[int], flat: int) -> None:
+        self.params, self.flat, self.waited = params, flat, flat == 0
+
+
+class _Coordinator:
+    """PartitionedParameterCoordinator's state over parameter ids: each parameter not gathered ("N"), in flight
+    ("I") or gathered ("A"), the trace's parameter queue, the step each parameter was last fetched for."""
+
+    def __init__(self, trace: Trace, *, world: int, itemsize: int, persistent: int, bucket: int, reuse: int,
+                 live: int) -> None:
+        self.trace, self.world, self.itemsize, self.bucket, self.reuse, self.live = \
+            trace, world, itemsize, bucket, reuse, live
+        n = len(trace.numel)
+        self.persist = [k <= persistent for k in trace.numel]
+        self.order = [e.module for e in trace.events if e.kind == "fetch"]  # the recorded submodule order
+        self.queue = deque((p, step) for step, m in enumerate(self.order) for p in sorted(set(trace.modules[m].params)))
+        self.status = ["A" if self.persist[p] else "N" for p in range(n)]
+        self.most_recent = [-10 ** 10] * n
+        self.active: list[set[int]] = [set() for _ in range(n)]
+        self.active_backward: dict[int, None] = {}
+        self.recompute: dict[int, set[int]] = {}
+        self.registry: dict[int, _Handle] = {}
+        self.own = [0] * n  # bytes of each gathered parameter's own tensor
+        self.available = self.flat = self.data = self.step = 0
+        self._release: dict[tuple[int, int], set[int]] = {}
+
+    def _set(self, p: int, nbytes: int) -> None:
+        self.data += nbytes - self.own[p]
+        self.own[p] = nbytes
+
+    def _gather(self, params: list[int]) -> None:
+        """One all-gather (`__all_gather_params`): alone into a buffer of its aligned size, several into one flat
+        buffer."""
+        params = [p for p in params if self.status[p] == "N"]
+        if not params:
+            return
+        numel = self.trace.numel
+        self.available += sum(numel[p] for p in params)
+        parts = sum(math.ceil(numel[p] / self.world) for p in params) * self.world * self.itemsize
+        handle = _Handle(params, 0 if len(params) == 1 else parts)
+        if len(params) == 1:
+            self._set(params[0], parts)
+        self.flat += handle.flat
+        for p in params:
+            self.status[p] = "I"
+            self.registry[p] = handle
+
+    def _wait(self, p: int) -> None:
+        handle = self.registry.pop(p)
+        if not handle.waited:  # the first wait copies every parameter out of the flat buffer
+            handle.waited = True
+            for q in handle.params:
+                self._set(q, self.trace.numel[q] * self.itemsize)
+        for q in handle.params:
+            self.status[q] = "A" if self.status[q] == "I" else self.status[q]
+        if handle.flat and not any(self.registry.get(q) is handle for q in handle.params):
+            self.flat -= handle.flat
+
+    def fetch(self, e: Event) -> None:
+        """`_fetch_sub_module_impl`: gather the module's parameters, wait for them, pop their queue entries, then
+        prefetch the next ones not gathered until the bucket (or the live cap) is reached."""
+        m, params = e.module, sorted(set(self.trace.modules[e.module].params))
+        if not e.forward:
+            self.active_backward[m] = None
+        self._gather(params)
+        for p in params:
+            self.active[p].add(m)
+            if e.recompute and self.active_backward and not self.trace.trainable[p] and not self.persist[p]:
+                self.recompute.setdefault(next(reversed(self.active_backward)), set()).add(p)
+            if p in self.registry:
+                self._wait(p)
+        waiting = {p for p in params if self.most_recent[p] < self.step}
+        popped: set[int] = set()
+        while self.queue and len(popped) < len(waiting):
+            p, at = self.queue.popleft()
+            self.most_recent[p] = at
+            popped.add(p)
+        cap, prefetching, chosen = min(self.live - self.available, self.bucket), 0, []
+        while self.queue and prefetching < cap:
+            p, at = self.queue.popleft()
+            self.most_recent[p] = max(self.most_recent[p], at)
+            if self.status[p] == "N" and p not in chosen:
+                chosen.append(p)
+                prefetching += self.trace.numel[p]
+        self._gather(chosen)
+        self.step += 1
+
+    def _to_release(self, m: int) -> set[int]:
+        """`__params_to_release`: the module's parameters but those reused within the distance, or whose later use
+        a prefetch scan passed."""
+        key = (m, self.step)
+        if key not in self._release:
+            own = self.trace.modules[m].params
+            params = {p for p in own if not self.persist[p] and self.most_recent[p] <= self.step}
+            traversed = 0
+            for later in self.order[self.step:]:
+                if traversed >= self.reuse or not params:
+                    break
+                for p in self.trace.modules[later].params:
+                    params.discard(p)
+                    traversed += self.trace.numel[p]
+            self._release[key] = params
+        return set(self._release[key])
+
+    def _release_param(self, p: int) -> None:
+        if self.status[p] == "A" and not self.active[p] and not self.persist[p]:
+            self.status[p] = "N"
+            self.available -= self.trace.numel[p]
+            self._set(p, 0)
+
+    def release(self, e: Event) -> None:
+        """`release_sub_module`; in the backward, with the frozen parameters its recompute gathered."""
+        m = e.module
+        params, release = set(self.trace.modules[m].params), self._to_release(m)
+        if not e.forward:
+            extra = self.recompute.pop(m, set())
+            release |= extra
+            params |= extra
+            self.active_backward.pop(m, None)
+        for p in sorted(params):
+            self.active[p].discard(m)
+            if p in release:
+                self._release_param(p)
+
+    def release_leftovers(self) -> None:
+        """`release_backward_leftovers`: the modules whose post-backward hook never ran."""
+        while self.active_backward:
+            m, _ = self.active_backward.popitem()
+            for p in set(self.trace.modules[m].params) | self.recompute.pop(m, set()):
+                self.active[p].discard(m)
+                self._release_param(p)
 
 
 @dataclass(eq=False)  # identity: two alike modules are two modules
@@ -238,22 +264,43 @@ def step_trace(spec: ModelSpec, plan: Plan, *, wrappers: int = 0) -> Trace:
     """The module trace of one forward and backward, as DeepSpeed's hooks see it (parameter_offload.py): every
     module is fetched before its forward (which prefetches, whether it has parameters or not) and released after
     it; in the backward the modules whose output needs a gradient are fetched as it arrives and released once their
-    inputs' gradients are made, children in the reverse order. A layer's tree comes from its parameters' paths
-    (self_attn.q_proj), norms where their names put them, the activation a module of its own; peft's LoRA module
-    runs its base layer, its dropout, lora_A and lora_B. Under checkpointing (non-reentrant, memplan's default) a
-    layer's backward starts at its last module, whose backward makes the layer run its forward again up to that
-    module's fetch, where the recompute stops (torch/utils/checkpoint.py). `wrappers`: modules around the model
-    (memplan profile's loss module)."""
-    from memplan.estimator.activations import lora_targets
-    from memplan.estimator.states import layer_lora_tensors, model_parts
+    inputs' gradients are made, children in the reverse order. Under checkpointing (non-reentrant, memplan's
+    default) a layer's backward starts at its last module, whose backward makes the layer run its forward again up
+    to that module's fetch, where the recompute stops (torch/utils/checkpoint.py). `wrappers`: modules around the
+    model (memplan profile's loss module)."""
+    tree = _ModelTree(spec, plan, wrappers)
+    return _Recording(tree, plan).trace()
 
-    adapters = plan.trains_adapters
-    targets = lora_targets(spec, plan)
-    rank = plan.lora.rank if adapters else 0
-    front, _, back = model_parts(spec, targets, rank)
 
-    def linear(lin, layer: int) -> list[_Node]:
-        shapes = layer_lora_tensors((lin,), targets, rank) if targets else []
+class _ModelTree:
+    """The model's modules as transformers and peft build them: a layer's tree from its parameters' paths
+    (self_attn.q_proj), its norms where their names put them, the MLP's activation a module of its own; peft's LoRA
+    module runs its base layer, its dropout, lora_A and lora_B, around the model peft's two wrappers."""
+
+    def __init__(self, spec: ModelSpec, plan: Plan, wrappers: int) -> None:
+        from memplan.estimator.activations import lora_targets
+        from memplan.estimator.states import model_parts
+
+        self.spec, self.adapters = spec, plan.trains_adapters
+        self.targets, self.rank = lora_targets(spec, plan), plan.lora.rank if plan.trains_adapters else 0
+        front, _, back = model_parts(spec, self.targets, self.rank)
+        self.embedding = _leaf([front[0]])
+        children = [self.embedding] + [_leaf([p]) for p in front[1:]]
+        if not spec.position_embeddings:
+            children.append(_Node(params=[], children=[], kind="rotary"))  # cos/sin: no gradient
+        self.layers = [self._decoder_layer(i) for i in range(spec.num_layers)]
+        tied = not spec.params_lm_head
+        self.lm_head = _leaf([]) if tied else _leaf([back[-1]])  # tied: it holds the embedding's weight
+        final = [_leaf([p]) for p in (back if tied else back[:-1])]
+        self.root = _Node(params=[], children=[_Node(params=[], children=children + self.layers + final),
+                                               self.lm_head])
+        for _ in range(wrappers + (2 if self.adapters else 0)):  # peft's PeftModelForCausalLM and LoraModel
+            self.root = _Node(params=[], children=[self.root])
+
+    def _linear(self, lin, layer: int) -> list[_Node]:
+        from memplan.estimator.states import layer_lora_tensors
+
+        shapes = layer_lora_tensors((lin,), self.targets, self.rank) if self.targets else []
         if lin.kind == "experts":
             weights = [[((lin.count, lin.d_out, lin.d_in), "other")]]
         else:
@@ -262,11 +309,10 @@ def step_trace(spec: ModelSpec, plan: Plan, *, wrappers: int = 0) -> Trace:
         per = len(shapes) // len(weights)
         out = []
         for k, params in enumerate(weights):
-            own = shapes[k * per:(k + 1) * per]
+            base, own = _leaf(params, layer), shapes[k * per:(k + 1) * per]
             if not own:
-                out.append(_leaf(params, layer))
+                out.append(base)
                 continue
-            base = _leaf(params, layer)
             lora = [_leaf([(shape, "adapter")], layer) for shape in own]
             # peft's forward reads lora_A's weight for its dtype: DeepSpeed registers it as the wrapper's
             # external parameter (parameter_offload.py ZeROOrderedDict), fetched and released with the wrapper
@@ -274,25 +320,24 @@ def step_trace(spec: ModelSpec, plan: Plan, *, wrappers: int = 0) -> Trace:
                              external=lora[0]))
         return out
 
-    def decoder_layer(i: int) -> _Node:
-        group = spec.group_of(i)
+    def _decoder_layer(self, i: int) -> _Node:
+        group = self.spec.group_of(i)
         blocks: dict[str, list[_Node]] = {}
         for lin in group.linears:
-            blocks.setdefault(lin.path.split(".")[0], []).extend(linear(lin, i))
+            blocks.setdefault(lin.path.split(".")[0], []).extend(self._linear(lin, i))
         block_nodes = []
-        for name, nodes in blocks.items():
-            if len(nodes) > 1 and name != list(blocks)[0]:  # the MLP's activation, a module of its own
+        for k, nodes in enumerate(blocks.values()):
+            if len(nodes) > 1 and k:  # the MLP's activation, a module of its own
                 nodes.insert(1, _leaf([], i))
             block_nodes.append(_Node(params=[], children=nodes, layer=i, kind="block"))
         before: dict[int, list[_Node]] = {}
         after: dict[int, list[_Node]] = {}
         for item in group.items[len(group.linears):]:
-            name = item.path.rsplit(".", 1)[-1]
-            node = _leaf([((item.params,), "other")], i)
+            name, node = item.path.rsplit(".", 1)[-1], _leaf([((item.params,), "other")], i)
             if "." in item.path:  # q_norm / k_norm, after the projection they normalize
                 block = block_nodes[0].children
-                at = 1 if name.startswith("q") else 3 if name.startswith("k") else len(block)
-                block.insert(min(at, len(block)), node)
+                block.insert(min(1 if name.startswith("q") else 3 if name.startswith("k") else len(block),
+                                 len(block)), node)
             elif "post_attention" in name:
                 after.setdefault(0, []).append(node)
             elif "pre_feedforward" in name or name == "ln_2":
@@ -306,126 +351,120 @@ def step_trace(spec: ModelSpec, plan: Plan, *, wrappers: int = 0) -> Trace:
             children += before.get(k, []) + [block] + after.get(k, [])
         return _Node(params=[], children=children, layer=i)
 
-    embedding = _leaf([front[0]])
-    model_children = [embedding] + [_leaf([p]) for p in front[1:]]
-    if not spec.position_embeddings:
-        model_children.append(_Node(params=[], children=[], kind="rotary"))  # cos/sin: no gradient
-    layers = [decoder_layer(i) for i in range(spec.num_layers)]
-    final = [_leaf([p]) for p in back if p[0] != (spec.vocab_size, spec.params_lm_head // spec.vocab_size)] \
-        if spec.params_lm_head else [_leaf([p]) for p in back]
-    lm_head = _leaf([back[-1]]) if spec.params_lm_head else _leaf([])
-    root = _Node(params=[], children=[_Node(params=[], children=model_children + layers + final), lm_head])
-    for _ in range(wrappers + (2 if adapters else 0)):  # peft's PeftModelForCausalLM and LoraModel
-        root = _Node(params=[], children=[root])
 
-    numel: list[int] = []
-    trainable: list[bool] = []
-    modules: list[Module] = []
-    index: dict[int, int] = {}
+class _Recording:
+    """The tree's modules numbered, which outputs need a gradient, and the events of one step."""
 
-    def register(node: _Node) -> int:
-        if id(node) not in index:
+    def __init__(self, tree: _ModelTree, plan: Plan) -> None:
+        self.tree, self.ckpt = tree, plan.grad_ckpt
+        # the embeddings' output needs a gradient under checkpointing too (enable_input_require_grads)
+        self.input_grads = tree.adapters and plan.grad_ckpt
+        self.numel: list[int] = []
+        self.trainable: list[bool] = []
+        self.modules: list[Module] = []
+        self.index: dict[int, int] = {}
+        self.events: list[Event] = []
+
+    def register(self, node: _Node) -> int:
+        if id(node) not in self.index:
             if node.external is not None:
-                ids = list(modules[register(node.external)].params)
-                modules.append(Module(params=tuple(ids), layer=node.layer))
-                index[id(node)] = len(modules) - 1
-                return index[id(node)]
-            ids = []
-            for shape, role in node.params:
-                numel.append(math.prod(shape))
-                trainable.append(role == "adapter" if adapters else True)
-                ids.append(len(numel) - 1)
-            modules.append(Module(params=tuple(ids), layer=node.layer))
-            index[id(node)] = len(modules) - 1
-        return index[id(node)]
+                ids = list(self.modules[self.register(node.external)].params)
+            elif node is self.tree.lm_head and not self.tree.spec.params_lm_head:
+                ids = list(self.modules[self.register(self.tree.embedding)].params)
+            else:
+                ids = []
+                for shape, role in node.params:
+                    self.numel.append(math.prod(shape))
+                    self.trainable.append(role == "adapter" if self.tree.adapters else True)
+                    ids.append(len(self.numel) - 1)
+            self.modules.append(Module(params=tuple(ids), layer=node.layer))
+            self.index[id(node)] = len(self.modules) - 1
+        return self.index[id(node)]
 
-    for node in _walk(root):
-        register(node)
-    if not spec.params_lm_head:  # tied: lm_head's module holds the embedding's weight
-        modules[index[id(lm_head)]] = Module(params=modules[index[id(embedding)]].params, layer=None)
-
-    # which outputs need a gradient: a trained module's, and one whose input needs one; the embeddings' output
-    # needs one under checkpointing too (enable_input_require_grads)
-    def own(node: _Node) -> bool:
-        return any(trainable[p] for p in modules[register(node)].params)
-
-    def flow(node: _Node, needs: bool) -> bool:
+    def flow(self, node: _Node, needs: bool) -> bool:
+        """Whether the node's output needs a gradient: a trained module's, and one whose input needs one."""
         node.input_grad = needs
         if node.kind == "rotary":
             node.grad = False
         elif not node.children:
-            node.grad = needs or own(node) or (node is embedding and adapters and plan.grad_ckpt)
+            trained = any(self.trainable[p] for p in self.modules[self.register(node)].params)
+            node.grad = needs or trained or (node is self.tree.embedding and self.input_grads)
         elif node.kind in ("block", "lora"):
             # the last module reads what the others made (o_proj, down_proj; lora_B reads lora_A's output); the
             # others read the block's input, a module without parameters the output before it (the activation)
             made, previous = False, needs
             for k, child in enumerate(node.children):
                 last = k == len(node.children) - 1
-                reads = needs or made if last else previous if not _has_params(child) else needs
-                previous = flow(child, reads)
+                previous = self.flow(child, needs or made if last else previous if not _has_params(child) else needs)
                 made = made or previous
             node.grad = made
         else:  # a layer or the model: each child reads the residual stream
             stream = needs
             for child in node.children:
-                got = flow(child, stream)
-                stream = stream or got
+                stream = self.flow(child, stream) or stream
             node.grad = stream
         return node.grad
 
-    flow(root, False)
-    events: list[Event] = []
+    def trace(self) -> Trace:
+        for node in _walk(self.tree.root):
+            self.register(node)
+        self.flow(self.tree.root, False)
+        self.forward(self.tree.root)
+        self.backward(self.tree.root)
+        self.events.append(Event("end", region="end"))
+        return Trace(numel=tuple(self.numel), trainable=tuple(self.trainable), modules=tuple(self.modules),
+                     events=tuple(self.events))
 
-    def forward(node: _Node, region: str = "forward", recompute: bool = False, stop: _Node | None = None) -> bool:
-        m = register(node)
-        region = "head" if node is lm_head and region == "forward" else region
-        events.append(Event("fetch", m, True, recompute, region))
+    def forward(self, node: _Node, region: str = "forward", recompute: bool = False,
+                stop: _Node | None = None) -> bool:
+        """The node's forward; True where it reached `stop` (checkpointing's recompute ends at its fetch)."""
+        m = self.register(node)
+        region = "head" if node is self.tree.lm_head and region == "forward" else region
+        self.events.append(Event("fetch", m, True, recompute, region))
         if node is stop:
             return True
         for child in node.children:
-            if forward(child, region, recompute, stop):
+            if self.forward(child, region, recompute, stop):
                 return True
-        events.append(Event("release", m, True, recompute, region))
+        self.events.append(Event("release", m, True, recompute, region))
         return False
 
-    def backward(node: _Node, region: str = "backward") -> None:
+    def backward(self, node: _Node) -> None:
         if not node.grad:
             return
-        m = register(node)
-        if plan.grad_ckpt and any(node is layer for layer in layers):
-            last = _last_leaf(node)
-            events.append(Event("fetch", m, False, region=region))
-            for container in _path_to(node, last)[1:-1]:
-                events.append(Event("fetch", register(container), False, region=region))
-            events.append(Event("fetch", register(last), False, region=region))
-            for child in node.children:
-                if forward(child, region, True, stop=last):
-                    break
-            events.append(Event("release", register(last), False, region=region))
-            _backward_rest(node, last, region)
+        if self.ckpt and any(node is layer for layer in self.tree.layers):
+            self.recomputed_backward(node)
             return
-        events.append(Event("fetch", m, False, region=region if node is not embedding else "end"))
+        m = self.register(node)
+        self.events.append(Event("fetch", m, False, region="end" if node is self.tree.embedding else "backward"))
         for child in reversed(node.children):
-            backward(child, region)
+            self.backward(child)
         if node.input_grad:  # else no post-backward hook: the embedding (token ids), frozen layer 0's inputs
-            events.append(Event("release", m, False, region=region))
+            self.events.append(Event("release", m, False, region="backward"))
 
-    def _backward_rest(node: _Node, last: _Node, region: str) -> None:
-        """A checkpointed layer's backward after its last module's: the rest in reverse order, the containers on
-        the way to that module released as their children finish."""
+    def recomputed_backward(self, layer: _Node) -> None:
+        """A checkpointed layer: the containers down to its last module and that module fetched, the layer's
+        forward again up to it, then the rest of the backward."""
+        last = _last_leaf(layer)
+        for node in _path_to(layer, last):
+            self.events.append(Event("fetch", self.register(node), False, region="backward"))
+        for child in layer.children:
+            if self.forward(child, "backward", True, stop=last):
+                break
+        self.events.append(Event("release", self.register(last), False, region="backward"))
+        self.backward_rest(layer, last)
+
+    def backward_rest(self, node: _Node, last: _Node) -> None:
+        """After a checkpointed layer's last module: the rest in reverse order, the containers on the way to that
+        module released as their children finish."""
         for child in reversed(node.children):
             if any(n is last for n in _walk(child)):
                 if child is not last:
-                    _backward_rest(child, last, region)
+                    self.backward_rest(child, last)
             else:
-                backward(child, region)
+                self.backward(child)
         if node is not last:
-            events.append(Event("release", register(node), False, region=region))
-
-    forward(root)
-    backward(root)
-    events.append(Event("end", region="end"))
-    return Trace(numel=tuple(numel), trainable=tuple(trainable), modules=tuple(modules), events=tuple(events))
+            self.events.append(Event("release", self.register(node), False, region="backward"))
 
 
 def _walk(node: _Node):
