@@ -56,8 +56,9 @@ RUNS += [
     (SMALL_ROOT, dict(OFFLOAD, method="lora", zero=2, grad_accum=2)),
 ]
 # ZeRO-3 (a CUDA plan: memplan train runs it on GPUs only): its persistent gradient partition and reduce bucket, the
-# step's fp32 cast and AdamW temporaries. One process, which gathers nothing; with two, the forward and backward keep
-# more parameters gathered than the estimate counts (see memplan.estimator.sharding), so only the step is checked
+# step's fp32 cast and AdamW temporaries. One process gathers nothing; two gather what DeepSpeed's coordinator holds
+# (memplan.estimator.zero3_gather, checked event by event by benchmarks/zero3_trace_check.py): full fine-tuning and
+# LoRA, with checkpointing, grouped-query attention (coalesced gathers), tied embeddings
 ZERO3 = dict(FULL, zero=3, device="cuda", precision="bf16-master", gpus=1)
 RUNS += [
     (SMALL_ROOT, dict(ZERO3)),
@@ -66,9 +67,14 @@ RUNS += [
     (dict(LARGE_ROOT, tie_word_embeddings=True), dict(ZERO3, **SHORT)),
     (SMALL_ROOT, dict(ZERO3, precision="fp32")),
     (SMALL_ROOT, dict(ZERO3, method="lora", grad_accum=2)),
-    (SMALL_ROOT, dict(ZERO3, gpus=2, grad_accum=2, checked=["optimizer"])),
+    (SMALL_ROOT, dict(ZERO3, gpus=2, grad_accum=2)),
+    (LARGE_ROOT, dict(ZERO3, gpus=2, grad_accum=2, grad_ckpt=True)),
+    (SMALL_ROOT, dict(ZERO3, gpus=2, method="lora")),
+    (SMALL_ROOT, dict(ZERO3, gpus=2, method="lora", grad_ckpt=True)),
+    (dict(SMALL_ROOT, num_key_value_heads=1), dict(ZERO3, gpus=2)),
+    (dict(LARGE_ROOT, tie_word_embeddings=True), dict(ZERO3, gpus=2, **SHORT)),
+    (SMALL_ROOT, dict(ZERO3, gpus=2, precision="fp32")),
 ]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
