@@ -1,14 +1,15 @@
-"""DeepSpeed ZeRO-3's gathered parameters, event by event: `memplan profile --backend cpu` runs a small Llama on two
+"""DeepSpeed ZeRO-3's gathered parameters, event by event: `memplan profile --backend cpu` runs a small model on two
 gloo ranks through DeepSpeed's engine (as deepspeed_gloo_check.py does), with DeepSpeed's parameter coordinator
 instrumented to log, after each module's fetch and release, how many parameter elements it holds gathered
-(`__n_available_params`). The last step's events (the trace complete) are stored per plan;
-tests/estimator/test_zero3_gather.py checks that memplan's replay of the coordinator
-(memplan.estimator.zero3_gather) gives the same count at every event.
+(`__n_available_params`) and the sizes of the parameters it fetches for the module. The last step's events (the
+trace complete) are stored per plan; tests/estimator/test_zero3_gather.py checks that memplan's replay of the
+coordinator (memplan.estimator.zero3_gather) gives the same count at every event.
 
 Plans: full fine-tuning and LoRA, with and without checkpointing, grouped-query attention (several parameters per
-prefetch: coalesced gathers), tied embeddings, and, set on the coordinator, a shorter `stage3_max_reuse_distance`
-than DeepSpeed's 1e9 (which releases what the default keeps) and a lower `stage3_max_live_parameters` (the cap that
-stops the prefetch: at full size the default binds, in this model it does not).
+prefetch: coalesced gathers), tied embeddings, other families' module trees, and, set on the coordinator, a shorter
+`stage3_max_reuse_distance` than DeepSpeed's 1e9 (which releases what the default keeps) and a lower
+`stage3_max_live_parameters` (the cap that stops the prefetch: at full size the default binds, in this model it does
+not).
 
 DeepSpeed is not a memplan dependency; run this with a Python that has it (see benchmarks/deepspeed_cpu_check.py):
 
@@ -49,6 +50,20 @@ RUNS = [
     (SMALL_ROOT, dict(PLAN, grad_ckpt=True), {"live": 1_000_000, "reuse": 1_000_000}),
     (SMALL_ROOT, dict(PLAN, method="lora"), {"live": 500_000}),
 ]
+# other families' module trees: GPT-2's Conv1D and dropout modules, Qwen3's q/k norms, Gemma-2's sandwich norms,
+# Phi-3's fused projections, Mixtral's router and fused experts
+SMALL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=2048, max_position_embeddings=512)
+RUNS += [
+    (dict(model_type="gpt2", n_embd=256, n_layer=2, n_head=4, vocab_size=2048, n_positions=512, bos_token_id=0,
+          eos_token_id=0), dict(PLAN), {}),
+    (dict(SMALL, model_type="qwen3", head_dim=64), dict(PLAN), {}),
+    (dict(SMALL, model_type="qwen3", head_dim=64), dict(PLAN, method="lora", grad_ckpt=True), {}),
+    (dict(SMALL, model_type="gemma2", head_dim=64), dict(PLAN), {}),
+    (dict(SMALL, model_type="phi3", num_key_value_heads=4, pad_token_id=0, eos_token_id=0), dict(PLAN), {}),
+    (dict(SMALL, model_type="mixtral", intermediate_size=344, num_local_experts=4, num_experts_per_tok=2),
+     dict(PLAN), {}),
+]
 
 # Loaded by every process of the run (sitecustomize): wraps the coordinator once DeepSpeed imports it.
 PROBE = '''
@@ -62,9 +77,11 @@ def _instrument(module):
     C = module.PartitionedParameterCoordinator
     fetch, release, init = C.fetch_sub_module, C.release_sub_module, C.__init__
 
+    from deepspeed.utils import z3_leaf_module
+
     def log(self, kind, sub, forward):
-        own = [p.ds_numel for p in sub.parameters(recurse=False)]
-        own += [p.ds_numel for _, p in sub.ds_external_parameters()]
+        # what the coordinator fetches for the module: its own and external parameters, a leaf module's all
+        own = [p.ds_numel for p in module.iter_params(sub, recurse=z3_leaf_module(sub))]
         with open(f"{LOG}.{os.environ.get('RANK', '0')}", "a") as f:
             f.write(json.dumps([kind, bool(forward), self._PartitionedParameterCoordinator__step_id,
                                 self._PartitionedParameterCoordinator__n_available_params, own]) + "\\n")
@@ -118,10 +135,16 @@ def last_step(lines: list[list]) -> list[list]:
     return [[kind[0], forward, available] for kind, forward, _, available, own in lines[starts[-1]:] if own]
 
 
-def run(config: dict, plan: dict, rules: dict, tmp: Path) -> dict:
-    from transformers import LlamaConfig
+def config_json(config: dict) -> str:
+    """A config's JSON: `model_type` names the family (else Llama), the rest its fields."""
+    from transformers import AutoConfig
 
-    (tmp / "config.json").write_text(LlamaConfig(**config).to_json_string())
+    fields = dict(config)
+    return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields).to_json_string()
+
+
+def run(config: dict, plan: dict, rules: dict, tmp: Path) -> dict:
+    (tmp / "config.json").write_text(config_json(config))
     (tmp / "sitecustomize.py").write_text(PROBE)
     log = tmp / "coordinator"
     for old in tmp.glob("coordinator.*"):
@@ -138,7 +161,7 @@ def run(config: dict, plan: dict, rules: dict, tmp: Path) -> dict:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ranks = [last_step([json.loads(x) for x in p.read_text().splitlines()]) for p in sorted(tmp.glob("coordinator.*"))]
     assert all(r == ranks[0] for r in ranks), "the ranks' coordinators disagree"
-    return {"llama_config": config, "plan": plan, "rules": rules, "wrappers": 1, "events": ranks[0]}
+    return {"config": config, "plan": plan, "rules": rules, "wrappers": 1, "events": ranks[0]}
 
 
 def main() -> None:
@@ -153,7 +176,7 @@ def main() -> None:
             row = run(config, plan, rules, Path(tmp))
             row["deepspeed"] = deepspeed.__version__
             rows.append(row)
-            print(f"{plan['method']} ckpt={plan['grad_ckpt']} kv={config['num_key_value_heads']} {rules}: "
+            print(f"{config.get('model_type', 'llama')} {plan['method']} ckpt={plan['grad_ckpt']} {rules}: "
                   f"{len(row['events'])} events, at most {max(e[2] for e in row['events'])} elements gathered",
                   flush=True)
     tmp_out = out.with_suffix(".tmp")

@@ -95,6 +95,10 @@ class Traits:
     # cos/sin are (b, s, head_dim), one row per sequence, not (1, s, head_dim): Qwen2_5_VLRotaryEmbedding.forward
     # (modeling_qwen2_5_vl.py) gets position ids expanded to (3, b, s) for the multimodal rotary (mrope)
     rotary_per_sequence: bool = False
+    # nn.Dropout modules the forward calls (each a module DeepSpeed ZeRO-3 fetches, so each prefetches):
+    # "embeddings" (after them), "attention" / "mlp" (a block's last), "after_attention" / "after_mlp" (the layer's,
+    # after that block)
+    dropout_modules: tuple[str, ...] = ()
     # Granite (modeling_granite.py GraniteModel.forward): layer 0 gets embed_tokens(ids) * embedding_multiplier,
     # a new tensor, not the (hooked) embedding output
     embedding_scaled: bool = False

@@ -44,6 +44,11 @@ MAX_REUSE_DISTANCE = 1_000_000_000
 MAX_LIVE_PARAMETERS = 1_000_000_000
 
 
+#: DeepSpeed's default leaf modules (deepspeed/runtime/zero/leaf_module_config.py DEFAULT_LEAF_MODULE_CLASSES): these
+#: families' sparse MoE blocks are fetched and released whole, router and experts together, their children unhooked.
+LEAF_MOE_BLOCKS = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
+
+
 def persistence_threshold(spec: ModelSpec) -> int:
     """HF "auto" (memplan's ds_config): stage3_param_persistence_threshold = 10 * hidden_size."""
     return 10 * spec.hidden_size
@@ -284,14 +289,19 @@ class _ModelTree:
         self.spec, self.adapters = spec, plan.trains_adapters
         self.targets, self.rank = lora_targets(spec, plan), plan.lora.rank if plan.trains_adapters else 0
         front, _, back = model_parts(spec, self.targets, self.rank)
-        self.embedding = _leaf([front[0]])
-        children = [self.embedding] + [_leaf([p]) for p in front[1:]]
+        self.embedding = _Node(params=[front[0]], children=[], kind="embedding")
+        children = [self.embedding] + [_Node(params=[p], children=[], kind="embedding") for p in front[1:]]
+        if "embeddings" in spec.traits.dropout_modules:
+            children.append(_leaf([]))
         if not spec.position_embeddings:
             children.append(_Node(params=[], children=[], kind="rotary"))  # cos/sin: no gradient
         self.layers = [self._decoder_layer(i) for i in range(spec.num_layers)]
         tied = not spec.params_lm_head
         self.lm_head = _leaf([]) if tied else _leaf([back[-1]])  # tied: it holds the embedding's weight
-        final = [_leaf([p]) for p in (back if tied else back[:-1])]
+        final = back if tied else back[:-1]
+        if sum(math.prod(shape) for shape, _ in final) == sum(item.params for item in spec.final_items):
+            final = [((item.params,), "other") for item in spec.final_items]  # a LayerNorm: one module, two tensors
+        final = [_leaf([p]) for p in final]
         self.root = _Node(params=[], children=[_Node(params=[], children=children + self.layers + final),
                                                self.lm_head])
         for _ in range(wrappers + (2 if self.adapters else 0)):  # peft's PeftModelForCausalLM and LoraModel
@@ -323,12 +333,22 @@ class _ModelTree:
     def _decoder_layer(self, i: int) -> _Node:
         group = self.spec.group_of(i)
         blocks: dict[str, list[_Node]] = {}
-        for lin in group.linears:
+        # the attention's output projection runs last, wherever the module registers it (Phi3Attention: first)
+        out = dict(self.spec.traits.role_names).get("o", "o_proj")
+        for lin in sorted(group.linears, key=lambda lin: lin.name == out):
             blocks.setdefault(lin.path.split(".")[0], []).extend(self._linear(lin, i))
         block_nodes = []
-        for k, nodes in enumerate(blocks.values()):
+        dropouts = self.spec.traits.dropout_modules
+        for k, (name, nodes) in enumerate(blocks.items()):
+            if self.spec.model_type in LEAF_MOE_BLOCKS and any(lin.kind == "experts" for lin in group.linears
+                                                                if lin.path.split(".")[0] == name):
+                params = [p for node in nodes for n in _walk(node) for p in n.params]
+                block_nodes.append(_Node(params=params, children=[], layer=i))
+                continue
             if len(nodes) > 1 and k:  # the MLP's activation, a module of its own
                 nodes.insert(1, _leaf([], i))
+            if ("attention", "mlp")[min(k, 1)] in dropouts:
+                nodes.append(_leaf([], i))
             block_nodes.append(_Node(params=[], children=nodes, layer=i, kind="block"))
         before: dict[int, list[_Node]] = {}
         after: dict[int, list[_Node]] = {}
@@ -348,7 +368,8 @@ class _ModelTree:
                 before.setdefault(0, []).append(node)
         children = []
         for k, block in enumerate(block_nodes):
-            children += before.get(k, []) + [block] + after.get(k, [])
+            dropout = [_leaf([], i)] if ("after_attention", "after_mlp")[min(k, 1)] in dropouts else []
+            children += before.get(k, []) + [block] + dropout + after.get(k, [])
         return _Node(params=[], children=children, layer=i)
 
 
@@ -383,7 +404,7 @@ class _Recording:
 
     def flow(self, node: _Node, needs: bool) -> bool:
         """Whether the node's output needs a gradient: a trained module's, and one whose input needs one."""
-        node.input_grad = needs
+        node.input_grad = needs and node.kind != "embedding"  # token and position ids need none
         if node.kind == "rotary":
             node.grad = False
         elif not node.children:
@@ -439,7 +460,7 @@ class _Recording:
         self.events.append(Event("fetch", m, False, region="end" if node is self.tree.embedding else "backward"))
         for child in reversed(node.children):
             self.backward(child)
-        if node.input_grad:  # else no post-backward hook: the embedding (token ids), frozen layer 0's inputs
+        if node.input_grad:  # else no post-backward hook: the embeddings (ids), frozen layer 0's inputs
             self.events.append(Event("release", m, False, region="backward"))
 
     def recomputed_backward(self, layer: _Node) -> None:

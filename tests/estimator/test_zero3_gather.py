@@ -22,17 +22,23 @@ def _replayed(spec, plan, **rules):
     return trace, zero3_gather.replay(trace, **kwargs)
 
 
-@pytest.mark.parametrize("row", ROWS, ids=lambda r: "{method}-ckpt{grad_ckpt}".format(**r["plan"]) + "-kv{}{}".format(
-    r["llama_config"]["num_key_value_heads"], "".join(f"-{k}{v}" for k, v in r["rules"].items())))
+def _row_id(row) -> str:
+    config = row["config"]
+    return "{}-{method}-ckpt{grad_ckpt}".format(config.get("model_type", "llama"), **row["plan"]) + "-kv{}{}".format(
+        config.get("num_key_value_heads", config.get("n_head")), "".join(f"-{k}{v}" for k, v in row["rules"].items()))
+
+
+@pytest.mark.parametrize("row", ROWS, ids=_row_id)
 def test_the_replay_counts_what_deepspeeds_coordinator_gathers_at_every_event(row, tmp_path):
     """Fetches and releases of every module with parameters of its own (peft's wrapper: lora_A's weight, which its
     forward reads), in DeepSpeed's order, and the elements gathered after each: prefetches ahead of every module
     (containers too), parameters kept for a reuse within the distance or passed by a prefetch scan, the
     recompute's frozen parameters released with the backward module that ran it."""
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
+    fields = dict(row["config"])
     path = tmp_path / "config.json"
-    path.write_text(LlamaConfig(**row["llama_config"]).to_json_string())
+    path.write_text(AutoConfig.for_model(fields.pop("model_type", "llama"), **fields).to_json_string())
     spec, plan = resolve_model(str(path)), Plan(**row["plan"])
     trace, replay = _replayed(spec, plan, wrappers=row["wrappers"], **row["rules"])
     replayed = [[e.kind[0], e.forward, n] for e, n in zip(trace.events, replay.available)

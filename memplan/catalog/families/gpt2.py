@@ -43,5 +43,8 @@ def build(cfg: Cfg) -> Arch:
             role_names=(("qkv", "c_attn"), ("o", "c_proj"), ("fc1", "c_fc"), ("fc2", "c_proj")),
             # GPT2Model.forward: position_ids = arange(s).unsqueeze(0), added to wte's output
             position_ids="shared", positions_added=True,
+            # GPT2Model.drop, GPT2Attention.resid_dropout, GPT2MLP.dropout (attn_dropout only on the reordered
+            # upcast path; eager_attention_forward drops functionally)
+            dropout_modules=("embeddings", "attention", "mlp"),
         ),
     )

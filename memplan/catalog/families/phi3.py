@@ -22,4 +22,6 @@ def build(cfg: Cfg) -> Arch:
                     q_contiguous=True,  # Phi3 apply_rotary_pos_emb: torch.cat([q_rot..., q_pass], dim=-1)
                     attn_dropout=attention_dropout(cfg),
                     # Phi3Config: resid_pdrop 0.0 (embd_pdrop is not used by Phi3Model in transformers 5)
-                    resid_dropout=float(cfg.opt("resid_pdrop", 0.0)), **attention_window(cfg, default=None)))
+                    resid_dropout=float(cfg.opt("resid_pdrop", 0.0)),
+                    # Phi3DecoderLayer.resid_attn_dropout and resid_mlp_dropout, whatever their p
+                    dropout_modules=("after_attention", "after_mlp"), **attention_window(cfg, default=None)))
