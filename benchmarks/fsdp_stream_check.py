@@ -69,7 +69,9 @@ def _maker() -> str:
     return ""
 
 
-def worker(config_json: str, plan_json: str, out: str) -> None:
+def worker(config_json: str, plan_json: str, out: str, kind=_maker) -> None:
+    """One rank of the run: the plan profiled on the CPU for three steps, rank 0 writing its storage events to
+    `out`, each allocation with `kind()` of the stack that made it."""
     import torch.distributed as dist
 
     from memplan.plan import build_plan
@@ -80,7 +82,7 @@ def worker(config_json: str, plan_json: str, out: str) -> None:
     class Tagged(LiveBytes):
         def _event_alloc(self, rec):
             if self.events is not None and rec.nbytes:
-                self.events.append(("a", rec.uid, rec.nbytes, _maker()))
+                self.events.append(("a", rec.uid, rec.nbytes, kind()))
 
     plan = build_plan(json.loads(plan_json))
     dist.init_process_group("gloo")

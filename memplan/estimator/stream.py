@@ -24,13 +24,16 @@ The stream follows what the step keeps alive, tensor by tensor:
   gradients of a unit until its reduce-scatter, the optimizer on the shards (`memplan.estimator.fully_shard`);
 - under DeepSpeed ZeRO-1/2: the flat weights and fp32 masters, each gradient copied into a reduce bucket, the
   gradient partitions on the reduction stream, DeepSpeed's step; with optimizer offload its staging buffer and each
-  reduced gradient's float64 copy instead (`memplan.estimator.zero_optimizer`).
+  reduced gradient's float64 copy instead (`memplan.estimator.zero_optimizer`);
+- under DeepSpeed ZeRO-3: zero.Init's partitions, the parameters its coordinator gathers and releases module by
+  module on the all-gather stream, the reduce bucket and gradient partition, its step per sub-group
+  (`memplan.estimator.zero3_optimizer`).
 
 The replay keeps the tensors the estimate counts, not every kernel's scratch: it is checked against the stream a
 real step traced at full size allocates (`benchmarks/allocator_check.py`). Plans it does not follow
-(DeepSpeed ZeRO-3 or over a quantized base, FSDP with a quantized base, on one process under autocast or offloading,
-offloaded activations, families calibrated by trace) return None and keep the measured ratio
-(`overhead.reserved_bytes`).
+(DeepSpeed over a quantized base or offloading parameters, ZeRO-3 offloading, FSDP with a quantized base, on one
+process under autocast or offloading, offloaded activations, families calibrated by trace) return None and keep the
+measured ratio (`overhead.reserved_bytes`).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from dataclasses import dataclass
 
 from memplan.catalog.spec import ModelSpec
 from memplan.estimator import activations as act_mod
-from memplan.estimator import autograd, fully_shard, reducer, states, zero_optimizer
+from memplan.estimator import autograd, fully_shard, reducer, states, zero3_optimizer, zero_optimizer
 from memplan.estimator.autograd import T, Tape
 from memplan.estimator.layers import LayerReplay
 from memplan.plan import Plan
@@ -66,7 +69,7 @@ def supported(spec: ModelSpec, plan: Plan) -> str | None:
     if plan.offload_activations:
         return "offloading activations is not replayed"
     if plan.sharding == "deepspeed":  # on one GPU too: its own buffers and step, not torch's plain step
-        why = zero_optimizer.replayable(plan)
+        why = zero3_optimizer.replayable(plan) if plan.zero == 3 else zero_optimizer.replayable(plan)
         if why:
             return why
     elif plan.offload != "none":
@@ -156,7 +159,8 @@ class _Step:
         self.grads: list[int] = []
         self.threads: set[str] = set()
         self.fsdp: fully_shard.FullyShard | None = None  # FSDP2 keeps the whole gradients per unit
-        self.zero: zero_optimizer.ZeroOptimizer | None = None  # DeepSpeed copies them into its buckets
+        # DeepSpeed copies them into its buckets
+        self.zero: zero_optimizer.ZeroOptimizer | zero3_optimizer.Zero3 | None = None
 
     def alloc(self, nbytes: int, stream: int = fully_shard.DEFAULT_STREAM) -> int:
         gid = next(self._ids)
@@ -329,8 +333,9 @@ class _Model:
         self._templates: dict = {}
         self.fsdp = fully_shard.FullyShard(spec, plan, num.weights, self.p_item, act_mod.lora_targets(spec, plan),
                                            num.shards) if plan.sharding == "fsdp" else None
-        self.zero = zero_optimizer.ZeroOptimizer(spec, plan, self.tensors, self.p_item) \
-            if plan.sharding == "deepspeed" else None
+        ds = plan.sharding == "deepspeed"
+        self.zero3 = zero3_optimizer.Zero3(spec, plan, num.compute, self.p_item) if ds and plan.zero == 3 else None
+        self.zero = self.zero3 or (zero_optimizer.ZeroOptimizer(spec, plan, self.tensors, self.p_item) if ds else None)
         norm_spec = act_mod.layer_spec(spec, plan)
         self.final_norm = _record(self.tok, self.p_item, T(self.tok * self.h, num.residual, True),
                                   lambda tape, x: LayerReplay(tape, norm_spec, num).norm(x, patched=True))
@@ -355,6 +360,9 @@ class _Model:
         """Parameters in module order (a quantized base: the embedding, the quantized linears, the rest), the
         adapters, the fp32 master copies."""
         t, w, V, h = self.tensors, self.num.weights, self.V, self.h
+        if self.zero3:
+            self.zero3.load(st)
+            return
         if t.frozen_quantized:
             st.alloc(V * h * w)
             for o, i in t.frozen_quantized:
@@ -381,6 +389,9 @@ class _Model:
         fsdp, root = self.fsdp, fully_shard.FullyShard.ROOT
         if fsdp:
             fsdp.pre_forward(st, root)
+        zero3 = self.zero3
+        if zero3:
+            zero3.gather(st, ("forward", None))
         shared = st.alloc(acts.shared) if acts.shared else None
         x = st.alloc(tok * h * self.num.residual)  # the embedding's output
         masks = st.alloc(acts.forward_masks) if acts.forward_masks else None
@@ -390,16 +401,24 @@ class _Model:
             layers.append((ids, kept))
         st.free(masks)
         st.first_matmul("main")  # lm_head, where no layer ran a matmul
+        if zero3:
+            zero3.gather(st, ("tail", None))
         hidden, norm_ids = st.forward(self.final_norm, x, keep_saved=True)
         if self.final_norm.x not in self.final_norm.saved:
             st.free(x)
+        if zero3:
+            zero3.gather(st, ("head", None), before=True)
         loss, kept_hidden = self._head_forward(st, hidden)
         st.free(*cache)  # the autocast region (model and loss) ends
         if fsdp:  # the root's post-forward: transformers computes the loss inside the model's forward
             fsdp.forward_end(st)
+        if zero3:
+            zero3.gather(st, ("head", None), before=False)
         st.events.append(("p", "backward"))
         if fsdp:
             fsdp.pre_backward(st, root)
+        if zero3:
+            zero3.gather(st, ("backward", None), before=True)
         grad, w_grad = _loss_backward(st, self.plan, acts, loss, tok, V, h, self.num.compute, self.p_item, self.full)
         tied = self.full and self.spec.tie_word_embeddings
         pending = [w_grad] if tied and w_grad else []  # waits in the tied weight's input buffer
@@ -410,6 +429,8 @@ class _Model:
         grad = st.backward(self.final_norm, norm_ids, grad)
         if self.zero and self.full:  # the final norm's weight gradient: its hook reduces a waiting lm_head gradient
             st.keep_grad(st.alloc(h * self.p_item), h * self.p_item)
+        if zero3:
+            zero3.gather(st, ("backward", None), before=False)
         for i in reversed(range(self.spec.num_layers)):
             grad = self._layer_backward(st, i, *layers[i], grad)
         st.free(grad)
@@ -442,9 +463,17 @@ class _Model:
         """The embedding's gradient (full FT; a tied weight's two summed), then under FSDP2 the root's
         post-backward, which ends the backward."""
         V, h = self.V, self.h
+        if self.zero3:
+            self.zero3.gather(st, ("end", None), before=True)
         if self.full:
             emb = st.alloc(V * h * self.p_item)  # embedding_dense_backward
-            if pending:  # the tied weight's two gradients summed out of place
+            if pending and self.zero3:
+                # DeepSpeed's linear (zero/linear.py) leaves lm_head's weight gradient contiguous and alone, so
+                # autograd's input buffer adds the embedding's into it in place (input_buffer.cpp
+                # can_accumulate_inplace)
+                st.free(emb)
+                st.keep_grad(pending[0], V * h * self.p_item)
+            elif pending:  # the tied weight's two gradients summed out of place
                 total = st.alloc(V * h * self.p_item)
                 st.free(emb, *pending)
                 st.keep_grad(total, V * h * self.p_item)
@@ -453,6 +482,8 @@ class _Model:
         if self.fsdp:
             self.fsdp.post_backward(st, fully_shard.FullyShard.ROOT)
             self.fsdp.backward_end(st)
+        if self.zero3:
+            self.zero3.gather(st, ("end", None), before=False)
 
     def _layer_forward(self, st: _Step, i: int, x: int, cache: list) -> tuple[int, dict, int | None]:
         """(the output, the ids of what the layer made, the input when it is kept: checkpointing keeps each
@@ -460,9 +491,13 @@ class _Model:
         tp = self.layer(i)
         if self.fsdp:
             self.fsdp.pre_forward(st, i)
+        if self.zero3:
+            self.zero3.gather(st, ("forward", i), before=True)
         out, ids = st.forward(tp, x, keep_saved=not self.plan.grad_ckpt, cache=cache)
         if self.fsdp:
             self.fsdp.post_forward(st, i)
+        if self.zero3:
+            self.zero3.gather(st, ("forward", i), before=False)
         if self.plan.grad_ckpt or tp.x in tp.saved:
             return out, ids, x
         st.free(x)
@@ -472,6 +507,8 @@ class _Model:
         tp = self.layer(i)
         if self.fsdp:
             self.fsdp.pre_backward(st, i)
+        if self.zero3:
+            self.zero3.gather(st, ("backward", i), before=True)
         if self.plan.grad_ckpt and not self.plan.ckpt_reentrant:
             ids = st.recompute(tp, kept)
         elif self.plan.grad_ckpt:  # reentrant: the whole forward again, keeping what it saves
@@ -482,6 +519,8 @@ class _Model:
             st.free(kept)
         if self.fsdp:
             self.fsdp.post_backward(st, i)
+        if self.zero3:
+            self.zero3.gather(st, ("backward", i), before=False)
         return grad
 
 

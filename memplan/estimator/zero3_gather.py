@@ -31,6 +31,7 @@ own count of gathered elements and by `memplan profile --backend cpu` on two ran
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -86,11 +87,13 @@ class Trace:
 
 @dataclass(frozen=True)
 class Replay:
-    """Per event of the trace: the elements the coordinator counts as gathered (its __n_available_params) and the
-    bytes the gathers hold (the parameters and any coalesced buffer)."""
+    """Per event of the trace: the elements the coordinator counts as gathered (its __n_available_params), the
+    bytes the gathers hold (the parameters and any coalesced buffer), and the storages the event made and freed
+    (("a", id, bytes), ("f", id)), in order."""
 
     available: tuple[int, ...]
     held: tuple[int, ...]
+    storages: tuple[tuple[tuple, ...], ...]
 
 
 def replay(trace: Trace, *, world: int, itemsize: int, persistent: int, bucket: int,
@@ -98,7 +101,7 @@ def replay(trace: Trace, *, world: int, itemsize: int, persistent: int, bucket: 
     """Run the coordinator's fetch and release rules over the trace, from its second step (the trace complete)."""
     coordinator = _Coordinator(trace, world=world, itemsize=itemsize, persistent=persistent, bucket=bucket,
                                reuse=reuse, live=live)
-    available, held = [], []
+    available, held, storages = [], [], []
     for e in trace.events:
         if e.kind == "fetch":
             coordinator.fetch(e)
@@ -108,14 +111,17 @@ def replay(trace: Trace, *, world: int, itemsize: int, persistent: int, bucket: 
             coordinator.release_leftovers()
         available.append(coordinator.available)
         held.append(coordinator.data + coordinator.flat)
-    return Replay(available=tuple(available), held=tuple(held))
+        storages.append(tuple(coordinator.storages))
+        coordinator.storages.clear()
+    return Replay(available=tuple(available), held=tuple(held), storages=tuple(storages))
 
 
 class _Handle:
     """One all-gather: its parameters, the flat buffer several share (0 for one), whether waited on yet."""
 
-    def __init__(self, params: list[int], flat: int) -> None:
+    def __init__(self, params: list[int], flat: int, storage: int | None) -> None:
         self.params, self.flat, self.waited = params, flat, flat == 0
+        self.storage = storage  # the flat buffer's id
 
 
 class _Coordinator:
@@ -139,10 +145,21 @@ class _Coordinator:
         self.own = [0] * n  # bytes of each gathered parameter's own tensor
         self.available = self.flat = self.data = self.step = 0
         self._release: dict[tuple[int, int], set[int]] = {}
+        self.storages: list[tuple] = []  # what the current event made and freed
+        self._ids = itertools.count(1)
+        self._storage: list[int | None] = [None] * n  # the id of each gathered parameter's own tensor
+
+    def _new(self, nbytes: int) -> int:
+        sid = next(self._ids)
+        self.storages.append(("a", sid, nbytes))
+        return sid
 
     def _set(self, p: int, nbytes: int) -> None:
         self.data += nbytes - self.own[p]
         self.own[p] = nbytes
+        if self._storage[p] is not None:
+            self.storages.append(("f", self._storage[p]))
+        self._storage[p] = self._new(nbytes) if nbytes else None
 
     def _gather(self, params: list[int]) -> None:
         """One all-gather (`__all_gather_params`): alone into a buffer of its aligned size, several into one flat
@@ -153,7 +170,7 @@ class _Coordinator:
         numel = self.trace.numel
         self.available += sum(numel[p] for p in params)
         parts = sum(math.ceil(numel[p] / self.world) for p in params) * self.world * self.itemsize
-        handle = _Handle(params, 0 if len(params) == 1 else parts)
+        handle = _Handle(params, 0 if len(params) == 1 else parts, None if len(params) == 1 else self._new(parts))
         if len(params) == 1:
             self._set(params[0], parts)
         self.flat += handle.flat
@@ -171,6 +188,7 @@ class _Coordinator:
             self.status[q] = "A" if self.status[q] == "I" else self.status[q]
         if handle.flat and not any(self.registry.get(q) is handle for q in handle.params):
             self.flat -= handle.flat
+            self.storages.append(("f", handle.storage))
 
     def fetch(self, e: Event) -> None:
         """`_fetch_sub_module_impl`: gather the module's parameters, wait for them, pop their queue entries, then
@@ -529,8 +547,7 @@ class Moments:
 def moments(spec: ModelSpec, plan: Plan, world: int, itemsize: int) -> Moments:
     """The coordinator's replay (`replay`) on the step's trace (`step_trace`), with memplan's ds_config values, read
     at the estimate's moments."""
-    targets = plan.lora.targets if isinstance(plan.lora.targets, str) else tuple(plan.lora.targets)
-    key = (spec, plan.trains_adapters, targets, plan.lora.rank, plan.grad_ckpt, world, itemsize)
+    key = _key(spec, plan, world, itemsize)
     if key not in _MOMENTS:
         _MOMENTS[key] = _moments(spec, plan, world, itemsize)
     return _MOMENTS[key]
@@ -539,10 +556,31 @@ def moments(spec: ModelSpec, plan: Plan, world: int, itemsize: int) -> Moments:
 _MOMENTS: dict[tuple, Moments] = {}
 
 
+def _key(spec: ModelSpec, plan: Plan, world: int, itemsize: int) -> tuple:
+    """What the trace and its replay depend on."""
+    targets = plan.lora.targets if isinstance(plan.lora.targets, str) else tuple(plan.lora.targets)
+    return spec, plan.trains_adapters, targets, plan.lora.rank, plan.grad_ckpt, world, itemsize
+
+
+def replayed(spec: ModelSpec, plan: Plan, world: int, itemsize: int) -> tuple[Trace, Replay]:
+    """The step's trace and the coordinator's replay of it, with memplan's ds_config values (one per model, method
+    and checkpointing: a search's plans share it)."""
+    key = _key(spec, plan, world, itemsize)
+    if key not in _REPLAYS:
+        if len(_REPLAYS) >= 16:  # a search over many models: the oldest go
+            del _REPLAYS[next(iter(_REPLAYS))]
+        trace = step_trace(spec, plan)
+        _REPLAYS[key] = trace, replay(trace, world=world, itemsize=itemsize, persistent=persistence_threshold(spec),
+                                      bucket=prefetch_bucket(spec))
+    return _REPLAYS[key]
+
+
+_REPLAYS: dict[tuple, tuple[Trace, Replay]] = {}
+
+
 def _moments(spec: ModelSpec, plan: Plan, world: int, itemsize: int) -> Moments:
-    trace = step_trace(spec, plan)
-    held = replay(trace, world=world, itemsize=itemsize, persistent=persistence_threshold(spec),
-                  bucket=prefetch_bucket(spec)).held
+    trace, replay_ = replayed(spec, plan, world, itemsize)
+    held = replay_.held
     layer_of = [trace.modules[e.module].layer if e.kind != "end" else None for e in trace.events]
     forward = [k for k, e in enumerate(trace.events) if e.region in ("forward", "head")]
     backward = [k for k, e in enumerate(trace.events) if e.region in ("backward", "end")]

@@ -32,8 +32,9 @@ trained parameter (`temp_grad_buffer_for_gpu_offload`); in the backward, a gradi
 autograd's storage, and in the step's last micro-batch each reduced gradient's float64 copy for its norm
 (`set_norm_for_param_grad_in_gpu`), freed before its fp32 copy leaves for the host; no step.
 
-The estimate's terms for the same moments: `sharding._zero_step` and `sharding._zero_offload_reduction`. ZeRO-3, a
-quantized base and parameter offload are left to the measured ratio (`stream.supported`).
+The estimate's terms for the same moments: `sharding._zero_step` and `sharding._zero_offload_reduction`. ZeRO-3 is
+`memplan.estimator.zero3_optimizer`; a quantized base and parameter offload are left to the measured ratio
+(`stream.supported`).
 """
 
 from __future__ import annotations
