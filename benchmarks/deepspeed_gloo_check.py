@@ -75,6 +75,17 @@ RUNS += [
     (dict(LARGE_ROOT, tie_word_embeddings=True), dict(ZERO3, gpus=2, **SHORT)),
     (SMALL_ROOT, dict(ZERO3, gpus=2, precision="fp32")),
 ]
+# ZeRO-3 offloading (its fp32 masters and gradient partition in host memory, the step on the CPU): the optimizer's
+# and the parameters' too, one process and two, LoRA, checkpointing with accumulation, fp32. One process offloading
+# parameters is left out: on the CPU its partitions are already where the compute runs, a GPU copies them over
+RUNS += [
+    (SMALL_ROOT, dict(ZERO3, gpus=2, offload="optimizer")),
+    (SMALL_ROOT, dict(ZERO3, offload="optimizer")),
+    (SMALL_ROOT, dict(ZERO3, gpus=2, offload="optimizer+params")),
+    (SMALL_ROOT, dict(ZERO3, gpus=2, offload="optimizer", method="lora")),
+    (LARGE_ROOT, dict(ZERO3, gpus=2, offload="optimizer", grad_accum=2, grad_ckpt=True)),
+    (SMALL_ROOT, dict(ZERO3, gpus=2, offload="optimizer", precision="fp32")),
+]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

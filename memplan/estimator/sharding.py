@@ -198,6 +198,13 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                 M += _part(4 * tensors.n_trainable, n)
             if n > 1 and stage in (1, 2):
                 buffers += deepspeed_reduce_bucket_elems(spec) * num.compute
+        if stage == 3 and plan.offload != "none" and plan.quantized_base is None:
+            # ZeRO-3 offloading: the gradient partition is a pinned host buffer (stage3.py: grad_partitions_flat_buffer
+            # on the offload device), the reduce bucket stays on the GPU for the run (measured with
+            # `memplan profile --backend cpu`, benchmarks/results/deepspeed-gloo-2rank.jsonl)
+            host += G * plan.gpus
+            G = 0
+            buffers += deepspeed_reduce_bucket_elems(spec) * g_item
     if ds and stage == 3:
         # current + prefetched parameters, gathered in the compute dtype
         gathered_f = unit + zero3_gather.prefetch_bucket(spec) * num.compute
@@ -207,7 +214,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     decoder_end = None
     gathered_layers_b = [gathered_b] * spec.num_layers
     gathered_end = gathered_b
-    if resting_grads and n == 1:
+    if ds and stage == 3 and n == 1 and plan.quantized_base is None and plan.offload != "optimizer+params":
         # one process gathers nothing: each parameter's partition is the parameter (measured)
         gathered_f = gathered_b = gathered_layers_f = gathered_end = 0
         gathered_layers_b = [0] * spec.num_layers
@@ -280,6 +287,9 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
             if fsdp:  # FSDP CPUOffload also keeps sharded gradients on the CPU
                 host += G * plan.gpus
                 G = 0
+    if ds and stage == 3 and plan.quantized_base is None and (n > 1 or plan.offload == "optimizer+params"):
+        # the persistent parameters (norms, biases) stay whole on the GPU beside their partitions
+        W += _persistent_bytes(spec, plan, num.compute)
     return PerGpu(weights=W, grads=G, master=M, opt_states=S, opt_temps=TMP, head_grads=head_grads,
                   grads_from=tuple(grads_from), emb_grad=emb_grad,
                   gathered_forward=gathered_f, gathered_backward=gathered_b, gathered_layers_forward=gathered_layers_f,
@@ -382,6 +392,17 @@ def _zero3_step(spec: ModelSpec, plan: Plan, tensors: Tensors, n: int, G: int,
     sub = deepspeed_step_fp32_grad_elems(spec, tensors.n_trainable, n, 3)
     temps = 4 * sub + step_temporaries(plan, sub)
     return G, temps, 4 * part, deepspeed_reduce_bucket_elems(spec) * g_item
+
+
+def _persistent_bytes(spec: ModelSpec, plan: Plan, itemsize: int) -> int:
+    """DeepSpeed ZeRO-3's persistent parameters, at most stage3_param_persistence_threshold elements each: never
+    partitioned, kept whole (partition_parameters.py ds_persist)."""
+    from memplan.estimator.activations import lora_targets
+    from memplan.estimator.states import module_parameters
+
+    threshold = zero3_gather.persistence_threshold(spec)
+    sizes = (math.prod(shape) for shape, _ in module_parameters(spec, lora_targets(spec, plan), plan.lora.rank))
+    return sum(numel for numel in sizes if numel <= threshold) * itemsize
 
 
 def _gathered_layer(group, plan: Plan, compute_itemsize: int) -> int:

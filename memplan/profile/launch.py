@@ -229,6 +229,9 @@ def deepspeed_engine(module, optimizer, plan: Plan, spec, device: str, meter):
         engine, zero, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=cfg)
     if offload_on_cpu:
         _step_in_host_memory(zero.optimizer, meter)
+        # ZeRO-3 keeps the offloaded fp32 masters in host memory without pinning them (stage3.py
+        # _create_fp32_partitions: the flat partition moved to its sub-group's device, "cpu", and cloned)
+        meter.exclude([t for t in getattr(zero, "fp32_partitioned_groups_flat", []) if isinstance(t, torch.Tensor)])
     for cat, name in (("weights", "bit16_groups_flat"), ("master_weights", "single_partition_of_fp32_groups")):
         meter.classify([t for t in getattr(zero, name, []) if isinstance(t, torch.Tensor)], cat)
     return engine

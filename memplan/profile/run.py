@@ -135,9 +135,9 @@ def check_runnable(plan: Plan, backend: str, steps: int) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError("memplan profile runs a DeepSpeed plan through DeepSpeed's own engine, which is not "
                             "installed. Hint: pip install deepspeed, or --sharding fsdp")
-    ds_offload = plan.sharding == "deepspeed" and plan.zero in (1, 2)
+    ds_offload = plan.sharding == "deepspeed" and plan.zero > 0
     if plan.offload != "none" and not (backend == "cuda" and plan.sharding == "fsdp" or ds_offload):
-        raise UserError("CPU offload is profiled with DeepSpeed ZeRO-1/2 (--sharding deepspeed --zero 2 --offload "
+        raise UserError("CPU offload is profiled with DeepSpeed ZeRO (--sharding deepspeed --zero 2 --offload "
                         "optimizer) and, on CUDA, with FSDP (--sharding fsdp --zero 3 --offload optimizer+params "
                         "--backend cuda)")
     if plan.offload_activations:

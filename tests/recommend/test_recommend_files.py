@@ -28,8 +28,9 @@ def written(tmp_path_factory):
     runs = {
         "deepspeed": ["--model", "llama-2-7b", "--gpu", "a100-80gb", "--gpus", "4", "--dataset-size", "50000",
                       "--method", "full"],
+        # nodes with the host RAM for ZeRO-3 offloading a 70B model's states, parameters and gradients
         "multinode": ["--model", "llama-2-70b", "--gpu", "a100-40gb", "--gpus", "8", "--nodes", "2",
-                      "--dataset-size", "50000", "--method", "full", "--priority", "memory"],
+                      "--dataset-size", "50000", "--method", "full", "--priority", "memory", "--host-memory", "2048GiB"],
         "ddp": ["--model", "llama-2-7b", "--gpu", "a100-80gb", "--gpus", "4", "--dataset-size", "50000"],
     }
     out = {}
