@@ -97,6 +97,12 @@ CASES += [
     ("llama-3.2-1b", dict(ZERO, zero=2, offload="optimizer", micro_batch=4, seq_len=1024, grad_ckpt=False,
                           grad_accum=2)),
 ]
+# run 7 (54-55): DeepSpeed ZeRO-3 on one GPU: zero.Init's partitions, the flat buffer, the gradient partition and the
+# reduce bucket, its step per sub-group (memplan.estimator.zero3_optimizer); full fine-tuning and LoRA
+CASES += [
+    ("qwen2.5-0.5b", dict(ZERO, zero=3, micro_batch=4, seq_len=1024)),
+    ("tinyllama-1.1b", dict(ZERO, method="lora", zero=3, micro_batch=4, seq_len=1024)),
+]
 
 
 # The timing pass: these cases again, without the breakdown meter (a dispatch mode that slows every op), for

@@ -4,8 +4,9 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [PASS [case ...]]
 # PASS fresh (the default; ~7 min): reserved memory and NVML's total as a fresh process sees them, each case in a
 #   process of its own: the first twelve cases with the default allocator and with expandable segments (34-45),
-#   cases 0, 5 and 10 under DDP over a one-rank NCCL group (46-48), and DeepSpeed ZeRO-1/2 and ZeRO-Offload on one
-#   GPU (49-53): what the estimate's reserved figure predicts (benchmarks/allocator_check.py compares them).
+#   cases 0, 5 and 10 under DDP over a one-rank NCCL group (46-48), DeepSpeed ZeRO-1/2 and ZeRO-Offload on one
+#   GPU (49-53) and ZeRO-3 (54-55): what the estimate's reserved figure predicts (benchmarks/allocator_check.py
+#   compares them).
 # PASS main: every case in one process (allocated per phase, the breakdown, step times), then memplan train's
 #   throughput against HF Trainer. Each pass fits one device call; rows are appended as they are measured.
 set -u
@@ -23,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 case "$pass" in
   fresh)
     cases=("${@:3}")
-    [ ${#cases[@]} -gt 0 ] || cases=($(seq 0 11) $(seq 34 53))
+    [ ${#cases[@]} -gt 0 ] || cases=($(seq 0 11) $(seq 34 55))
     timeout 560 python3 benchmarks/gpu_check.py "$out/gpu_check_fresh.jsonl" --fresh "${cases[@]}" 2>&1 \
       | tee "$out/gpu_check_fresh.log" ;;
   main)
