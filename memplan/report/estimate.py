@@ -205,7 +205,7 @@ def _comparison_header(spec: ModelSpec, comparison: Comparison) -> list[str]:
                                 f"{_model_label(spec)}"),
              "defaults: micro-batch 1 x 2048 tokens, checkpointing on, AdamW (foreach), SDPA attention; memory per "
              "GPU in GiB (2^30); reserved: the step's allocations replayed through PyTorch's caching allocator "
-             "(one GPU, DDP, FSDP, DeepSpeed ZeRO-1/2), else the measured median reserve; step s: recommend's "
+             "(one GPU, DDP, FSDP, DeepSpeed ZeRO), else the measured median reserve; step s: recommend's "
              "time model", rule]
     if comparison.assumptions:
         lines += ["assumptions:"] + [f"  - {a}" for a in comparison.assumptions]
