@@ -52,6 +52,7 @@ PLANS = [
     (SMALL, dict(PLAN, method="lora")),  # several adapter gradients per reduce-scatter
     (SMALL, dict(PLAN, method="lora", grad_ckpt=True)),
     (SMALL, dict(PLAN, precision="fp32")),
+    (SMALL, dict(PLAN, hparams={"weight_decay": 0.01})),  # two optimizer groups, so two sub-groups
 ]
 MIN_STEP_BYTES = 512  # the step's scalars (norms, their sum, the loss scale) are left out
 # (step, kind) compared: the first step's gathers are not the others' (the coordinator records its trace, and

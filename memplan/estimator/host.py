@@ -238,7 +238,7 @@ def deepspeed_partition_bytes(spec: ModelSpec, plan: Plan, run: Run) -> int:
 
     if plan.sharding != "deepspeed" or plan.device == "cpu" or plan.offload != "none":
         return 0
-    return 4 * deepspeed_step_fp32_grad_elems(spec, run.trainable, plan.world_size, plan.zero)
+    return 4 * deepspeed_step_fp32_grad_elems(spec, plan, run.trainable, plan.world_size, plan.zero)
 
 
 def model_bytes(spec: ModelSpec, plan: Plan, run: Run) -> int:

@@ -83,17 +83,49 @@ def deepspeed_reduce_bucket_elems(spec: ModelSpec) -> int:
     return spec.hidden_size ** 2
 
 
-def deepspeed_step_fp32_grad_elems(spec: ModelSpec, n_trainable: int, n: int, stage: int) -> int:
+def deepspeed_param_groups(spec: ModelSpec, plan: Plan, n: int) -> list[list[int]]:
+    """This rank's partition (elements) of each trained parameter, by the optimizer's parameter group, in the order
+    of named_parameters: one group, or with weight decay two, the 2-D weights and the rest (memplan.runtime.optim
+    param_groups, as HF Trainer groups them)."""
+    from memplan.estimator.activations import lora_targets
+    from memplan.estimator.states import module_parameters
+
+    trained = [shape for shape, role in module_parameters(spec, lora_targets(spec, plan), plan.lora.rank)
+               if role == "adapter" or not plan.trains_adapters]
+    groups = [trained] if plan.hparams.weight_decay <= 0 else \
+        [[s for s in trained if len(s) >= 2], [s for s in trained if len(s) < 2]]
+    return [[_part(math.prod(shape), n) for shape in group] for group in groups if group]
+
+
+def split_sub_groups(partitions: list[int]) -> list[int]:
+    """`_create_fp16_sub_groups` over one parameter group: the whole group where it is at most sub_group_size
+    elements, else sub-groups closed once they reach it (so one may overshoot by a partition); the elements of
+    each."""
+    if sum(partitions) <= DEEPSPEED_SUB_GROUP_ELEMS:
+        return [sum(partitions)] if partitions else []
+    groups, size = [], 0
+    for k, numel in enumerate(partitions):
+        size += numel
+        if size >= DEEPSPEED_SUB_GROUP_ELEMS or k == len(partitions) - 1:
+            groups.append(size)
+            size = 0
+    return groups
+
+
+def deepspeed_sub_groups(spec: ModelSpec, plan: Plan, n: int) -> list[int]:
+    """ZeRO-3's optimizer sub-groups on one rank, in elements: each parameter group split by `split_sub_groups`."""
+    return [size for group in deepspeed_param_groups(spec, plan, n) for size in split_sub_groups(group)]
+
+
+def deepspeed_step_fp32_grad_elems(spec: ModelSpec, plan: Plan, n_trainable: int, n: int, stage: int) -> int:
     """Elements of the fp32 gradient partition that DeepSpeed's bf16-master step holds at once.
 
     Stages 1-2: the whole partition (stage_1_and_2.py step(): one flat group). Stage 3 steps one sub-group
-    at a time and releases its fp32 gradient before the next (stage3.py _release_sub_group); a sub-group
-    collects parameters until it reaches sub_group_size (zero/config.py default 1e9 elements), so it can
-    overshoot by one parameter's partition, at most the embedding's."""
-    whole = _part(n_trainable, n)
+    at a time and releases its fp32 gradient before the next (stage3.py _release_sub_group): the largest
+    (`deepspeed_sub_groups`)."""
     if stage < 3:
-        return whole
-    return min(whole, DEEPSPEED_SUB_GROUP_ELEMS + _part(spec.vocab_size * spec.hidden_size, n))
+        return _part(n_trainable, n)
+    return max(deepspeed_sub_groups(spec, plan, n), default=0)
 
 
 def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, weights: int, grads: int,
@@ -188,7 +220,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                 # (deepspeed_cpu_check.py). With optimizer offload the fp32 gradients are pinned host
                 # buffers for the whole partition, allocated once, kept with the masters in host RAM (below).
                 if plan.offload == "none":
-                    TMP = 4 * deepspeed_step_fp32_grad_elems(spec, tensors.n_trainable, n, stage)
+                    TMP = 4 * deepspeed_step_fp32_grad_elems(spec, plan, tensors.n_trainable, n, stage)
                 else:
                     M += _part(4 * tensors.n_trainable, n)
             elif plan.method == "full" and plan.precision == "fp32":
@@ -389,7 +421,7 @@ def _zero3_step(spec: ModelSpec, plan: Plan, tensors: Tensors, n: int, G: int,
     from memplan.estimator.zero_optimizer import step_temporaries
 
     part = _part(tensors.n_trainable, n)
-    sub = deepspeed_step_fp32_grad_elems(spec, tensors.n_trainable, n, 3)
+    sub = deepspeed_step_fp32_grad_elems(spec, plan, tensors.n_trainable, n, 3)
     temps = 4 * sub + step_temporaries(plan, sub)
     return G, temps, 4 * part, deepspeed_reduce_bucket_elems(spec) * g_item
 

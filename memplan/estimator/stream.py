@@ -252,12 +252,13 @@ def stream_plan(plan: Plan) -> Plan:
     """The plan with what its stream does not depend on set to one value, so that plans differing only there (a
     search's accumulation steps, GPU counts, schedules) share one replay: the micro-batches past MICRO_BATCHES,
     how many GPUs beyond one (DDP allocates the same on each rank), sync_each_batch where nothing defers, the
-    hyperparameters and the output."""
+    hyperparameters but weight decay (which splits DeepSpeed's optimizer groups) and the output."""
     # FSDP's shards and DeepSpeed's partitions depend on it
     gpus = plan.world_size if plan.sharding in ("fsdp", "deepspeed") else min(plan.world_size, 2)
     return plan.model_copy(update={"grad_accum": min(plan.grad_accum, MICRO_BATCHES), "gpus": gpus, "nodes": 1,
                                    "sync_each_batch": not plan.defers_gradient_reduction,
-                                   "hparams": type(plan.hparams)(), "output_dir": None, "target": None})
+                                   "hparams": type(plan.hparams)(weight_decay=plan.hparams.weight_decay),
+                                   "output_dir": None, "target": None})
 
 
 def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[tuple] | None:

@@ -34,12 +34,11 @@ import math
 
 from memplan.catalog.spec import ModelSpec
 from memplan.estimator import states, zero3_gather
+from memplan.estimator.activations import lora_targets
 from memplan.estimator.fully_shard import ALL_GATHER_STREAM, DEFAULT_STREAM
+from memplan.estimator.sharding import deepspeed_param_groups, deepspeed_reduce_bucket_elems, deepspeed_sub_groups
 from memplan.estimator.zero_optimizer import REDUCTION_STREAM, step_temporaries
 from memplan.plan import Plan
-
-#: DeepSpeed ZeRO-3's sub_group_size default (deepspeed/runtime/zero/config.py); memplan's ds_config leaves it.
-SUB_GROUP_ELEMS = 1_000_000_000
 
 
 def replayable(plan: Plan) -> str | None:
@@ -51,37 +50,20 @@ def replayable(plan: Plan) -> str | None:
     return None
 
 
-def sub_groups(partitions: list[int]) -> list[int]:
-    """`_create_fp16_sub_groups`: the trained partitions in order, a sub-group closed once it reaches
-    sub_group_size elements (so it may overshoot by one partition); the elements of each."""
-    if sum(partitions) <= SUB_GROUP_ELEMS:
-        return [sum(partitions)] if partitions else []
-    groups, size = [], 0
-    for k, numel in enumerate(partitions):
-        size += numel
-        if size >= SUB_GROUP_ELEMS or k == len(partitions) - 1:
-            groups.append(size)
-            size = 0
-    return groups
-
-
 class Zero3:
     """The events DeepSpeed ZeRO-3 adds to the step's stream (`st`: memplan.estimator.stream._Step)."""
 
     def __init__(self, spec: ModelSpec, plan: Plan, itemsize: int, grad_itemsize: int) -> None:
-        from memplan.estimator.sharding import deepspeed_reduce_bucket_elems
-
         self.plan, self.item, self.g_item, self.world = plan, itemsize, grad_itemsize, plan.world_size
         trace, replay = zero3_gather.replayed(spec, plan, self.world, itemsize)
         self.threshold = zero3_gather.persistence_threshold(spec)
         # every parameter in the order of named_parameters, whether it is trained
-        from memplan.estimator.activations import lora_targets
-
         params = states.module_parameters(spec, lora_targets(spec, plan), plan.lora.rank)
         self.params = [(math.prod(shape), role == "adapter" or not plan.trains_adapters) for shape, role in params]
         self.persistent = [n for n, _ in self.params if n <= self.threshold]
-        self.trained = [math.ceil(n / self.world) for n, trained in self.params if trained]
-        self.groups = sub_groups(self.trained)
+        # the trained partitions by the optimizer's parameter group, and its sub-groups
+        self.trained = sum(deepspeed_param_groups(spec, plan, self.world), [])
+        self.groups = deepspeed_sub_groups(spec, plan, self.world)
         self.bucket = deepspeed_reduce_bucket_elems(spec)
         self._segments = _segments(trace, replay, spec.num_layers) if self.world > 1 else {}
         self._ids: dict[int, int] = {}  # the coordinator's storage ids -> the stream's

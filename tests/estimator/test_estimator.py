@@ -223,10 +223,10 @@ def test_deepspeed_zero2_keeps_a_gradient_partition_and_steps_on_its_fp32_copy()
 
 
 def test_deepspeed_zero3_steps_the_fp32_gradients_one_sub_group_at_a_time():
-    """ZeRO-3 holds one sub-group's fp32 gradients at a time (stage3.py _release_sub_group): at most
-    sub_group_size (1e9) plus one parameter's partition, however large the rank's partition is; fused AdamW adds
-    nothing beside it, foreach AdamW its temporaries over that sub-group."""
-    from memplan.estimator.sharding import DEEPSPEED_SUB_GROUP_ELEMS
+    """ZeRO-3 holds one sub-group's fp32 gradients at a time (stage3.py _release_sub_group): the largest, at least
+    sub_group_size (1e9) and at most one parameter's partition more, however large the rank's partition is; fused
+    AdamW adds nothing beside it, foreach AdamW its temporaries over that sub-group."""
+    from memplan.estimator.sharding import DEEPSPEED_SUB_GROUP_ELEMS, deepspeed_sub_groups
     from memplan.plan import build_plan
 
     spec = resolve_model("llama-2-7b")
@@ -236,7 +236,8 @@ def test_deepspeed_zero3_steps_the_fp32_gradients_one_sub_group_at_a_time():
                                zero=3, gpus=4, optimizer=optimizer))
         e = estimate(spec, plan)
         temporaries[optimizer] = e.phases["optimizer"]["optimizer_temporaries"]
-    cap = 4 * (DEEPSPEED_SUB_GROUP_ELEMS + math.ceil(spec.vocab_size * spec.hidden_size / 4))
+    cap = 4 * max(deepspeed_sub_groups(spec, plan, 4))
+    assert 4 * DEEPSPEED_SUB_GROUP_ELEMS <= cap <= 4 * (DEEPSPEED_SUB_GROUP_ELEMS + math.ceil(spec.vocab_size * spec.hidden_size / 4))
     assert 4 * math.ceil(e.params_trainable / 4) > cap  # the partition is larger than a sub-group here
     assert temporaries["adamw-fused"] == cap
     assert temporaries["adamw"] == 2 * cap  # _foreach_sqrt of the sub-group's exp_avg_sq

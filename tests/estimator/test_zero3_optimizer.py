@@ -10,6 +10,7 @@ from memplan.catalog.spec import spec_from_config
 from memplan.estimator import estimate, zero3_optimizer
 from memplan.estimator.fully_shard import ALL_GATHER_STREAM
 from memplan.estimator.overhead import CUBLAS_WORKSPACE_BYTES
+from memplan.estimator.sharding import DEEPSPEED_SUB_GROUP_ELEMS, deepspeed_sub_groups, split_sub_groups
 from memplan.estimator.stream import allocation_stream, stream_plan
 from memplan.plan import Plan
 
@@ -31,7 +32,8 @@ def _label(row: dict) -> str:
     plan, config = row["plan"], row.get("config") or row["llama_config"]
     return (f"{plan['method']}-{plan['precision']}-x{plan.get('gpus', 1)}-accum{plan.get('grad_accum', 1)}"
             f"-ckpt{int(plan['grad_ckpt'])}-kv{config.get('num_key_value_heads')}-V{config['vocab_size']}"
-            f"{'-tied' if config.get('tie_word_embeddings') else ''}")
+            f"{'-tied' if config.get('tie_word_embeddings') else ''}"
+            f"{'-decay' if plan.get('hparams', {}).get('weight_decay') else ''}")
 
 
 @pytest.mark.parametrize("row", STREAM_ROWS, ids=_label)
@@ -100,10 +102,21 @@ def test_one_process_gathers_nothing_and_several_gather_on_their_own_stream():
 
 
 def test_sub_groups_close_once_they_reach_deepspeeds_size():
-    big = zero3_optimizer.SUB_GROUP_ELEMS
-    assert zero3_optimizer.sub_groups([10, 20]) == [30]
-    assert zero3_optimizer.sub_groups([big - 5, 10, big, 3]) == [big + 5, big, 3]
-    assert zero3_optimizer.sub_groups([]) == []
+    big = DEEPSPEED_SUB_GROUP_ELEMS
+    assert split_sub_groups([10, 20]) == [30]
+    assert split_sub_groups([big - 5, 10, big, 3]) == [big + 5, big, 3]
+    assert split_sub_groups([]) == []
+
+
+def test_weight_decay_gives_the_norms_a_group_and_sub_group_of_their_own():
+    """memplan's optimizer groups the 2-D weights apart from the rest under weight decay, and DeepSpeed splits each
+    group into sub-groups; its step holds the largest sub-group's fp32 gradient."""
+    spec = spec_from_config(CONFIG, "llama-small")
+    plain, decayed = _plan(), _plan(hparams={"weight_decay": 0.01})
+    norms = (2 * 3 + 1) * 256 // 2  # two per layer and the final one, this rank's half
+    assert deepspeed_sub_groups(spec, decayed, 2) == [deepspeed_sub_groups(spec, plain, 2)[0] - norms, norms]
+    steps = [[ev for ev in allocation_stream(spec, p) if ev[0] == "a"] for p in (plain, decayed)]
+    assert len(steps[1]) > len(steps[0])  # a second flat fp32 gradient per step, and its states
 
 
 def test_offloading_and_a_quantized_base_are_left_to_the_ratio():
