@@ -45,17 +45,21 @@ PHASES = ("load", "train", "save")
 MODES = (("fixed", FIXED), ("default", {}))
 
 
-def build_model(root: Path, preset: str, layers: int, dtype: str = "float32") -> Path:
-    """The preset's config with `layers` decoder layers, random weights saved in `dtype`, demo-tiny's tokenizer."""
+def build_model(root: Path, preset: str, layers: int, dtype: str = "float32", vocab_size: int | None = None) -> Path:
+    """The preset's config with `layers` decoder layers (and `vocab_size` rows of embedding, where given), random
+    weights saved in `dtype`, demo-tiny's tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = json.loads((ROOT / "data" / "models" / preset / "config.json").read_text())
     cfg["n_layer" if "n_layer" in cfg else "num_hidden_layers"] = layers
+    if vocab_size:  # the tokenizer's special tokens must then be inside the vocabulary
+        tokens = json.loads((ROOT / "data" / "models" / "demo-tiny" / "config.json").read_text())
+        cfg.update(vocab_size=vocab_size, bos_token_id=tokens["bos_token_id"], eos_token_id=tokens["eos_token_id"])
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    out = root / f"{preset}-{layers}l-{dtype}"
+    out = root / f"{preset}-{layers}l-{dtype}-v{config.vocab_size}"
     model.save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(ROOT / "data" / "models" / "demo-tiny" / name, out / name)

@@ -9,7 +9,8 @@ import torch
 
 from helpers import SUBPROCESS_ENV, metrics, run_dir
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+# at the dependency floors too: the one place accelerate's FSDP2 and DDP train (.ci/run)
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.floors]
 
 SETTINGS = dict(hparams={"max_steps": 6, "eval_every": 3, "eval_samples": 2}, lora={"rank": 4, "dropout": 0.0})
 TOLERANCE = 1e-5

@@ -1,7 +1,6 @@
-"""A run killed mid-way (SIGKILL) and resumed with --resume logs the same losses as an uninterrupted run."""
+"""A run killed mid-way (SIGKILL) and resumed with --resume logs the same metrics as an uninterrupted run."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 # LoRA with dropout: the resumed run must also restore the random state the dropout masks come from.
 SETTINGS = dict(method="lora", lora={"rank": 4, "dropout": 0.1},
-                hparams={"lr": 1e-2, "max_steps": 24, "eval_every": 8, "save_every": 3, "log_every": 1,
+                hparams={"lr": 1e-2, "max_steps": 12, "eval_every": 6, "save_every": 3, "log_every": 4,
                          "eval_samples": 2, "save_total_limit": 2})
 
 
@@ -45,34 +44,16 @@ def _kill_after_checkpoint(plan, step: int) -> None:
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
-def test_killed_run_resumes_with_identical_losses(tmp_path, tiny):
+def test_killed_run_resumes_with_the_uninterrupted_runs_metrics(tmp_path, tiny):
+    """Killed once its first checkpoint exists, resumed from the latest one the rotation kept. A metrics line is
+    the mean loss of the log_every steps before it, and every checkpoint (3, 6, 9) falls inside a window of 4:
+    the line that ends that window still averages all four steps (the window's state travels in the
+    checkpoint), and the lines the killed run wrote after its checkpoint are replaced, not duplicated."""
     straight = run_dir(tmp_path / "a", tiny, **SETTINGS)
     _train(straight)
     killed = run_dir(tmp_path / "b", tiny, **SETTINGS)
     _kill_after_checkpoint(killed, 3)
-    logged = max(r["step"] for r in metrics(killed.parent))
-    assert logged < 24
-    _train(killed, "--resume")
-    a, b = _losses(straight.parent), _losses(killed.parent)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(a[key])), (key, a[key], b[key])
-    steps = [r["step"] for r in metrics(killed.parent) if "loss" in r]
-    assert steps == list(range(1, 25))  # the lines of the lost steps were replaced, not duplicated
-
-
-def test_resumed_metrics_equal_the_uninterrupted_runs_when_a_log_window_spans_the_checkpoint(tmp_path, tiny):
-    """A metrics line is the mean loss of the log_every steps before it: resumed from step 3 with log_every 4,
-    the line at step 4 still averages steps 1-4 (the window's state travels in the checkpoint)."""
-    settings = dict(SETTINGS, hparams=dict(SETTINGS["hparams"], max_steps=12, log_every=4, save_every=3,
-                                           eval_every=6, save_total_limit=10))
-    straight = run_dir(tmp_path / "a", tiny, **settings)
-    _train(straight)
-    killed = run_dir(tmp_path / "b", tiny, **settings)
-    _kill_after_checkpoint(killed, 3)
-    for later in (killed.parent / "checkpoints").iterdir():  # resume from step 3, inside the window of steps 1-4
-        if later.name != "checkpoint-000003":
-            shutil.rmtree(later)
+    assert max(r["step"] for r in metrics(killed.parent)) < 12
     _train(killed, "--resume")
     keys = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "eval_loss", "eval_accuracy")
     a, b = ([{k: r[k] for k in keys if k in r} for r in metrics(run.parent)] for run in (straight, killed))
