@@ -67,10 +67,15 @@ class Verdict:
         return FITS if self.fits else DOES_NOT_FIT
 
     def to_json(self) -> dict:
-        t = self.target
+        t, e = self.target, self.estimate
+        within = e is not None and t is not None and t.device == "cuda"
+        releases = e.cache_releases(t.usable_bytes) if within else None
         return {"fits": self.fits, "verdict": self.text, "fits_common_sizes_gib": self.sizes if t is None else None,
                 "usable_bytes": t.usable_bytes if t else None,
                 "host_usable_bytes": t.usable_host_bytes if t else None,
+                # the total on this GPU: the allocator releases its cache where `total_bytes` is over the usable
+                "total_within_usable_bytes": e.total_within(t.usable_bytes) if within else None,
+                "cache_releases": {"first_step": releases[0], "per_step": releases[1]} if releases else None,
                 "headroom": t.headroom if t else None, "assumptions": self.assumptions}
 
 
@@ -114,27 +119,30 @@ def common_size_target(plan: Plan, size_gib: int, headroom: float, host_memory: 
 def judge(e: Estimate, target: Target | None, headroom: float = DEFAULT_HEADROOM,
           host_memory: str | None = None) -> Verdict:
     """The verdict for an estimate on `target` (None: the common GPU sizes)."""
-    phase = e.host.peak_label if e.host else None
     if target is not None:
-        reason = target.why_not(e.total, e.host_bytes, host_phase=phase)
+        reason = target.why_not(e)
         if reason is None:
             host = f"; host RAM {gib(e.host_bytes)} of {format_bytes(target.usable_host_bytes)} usable per node"
-            text = f"fits: {format_bytes(e.total)} {target.per_device} of {target.usable_explained()}{host}"
+            text = (f"fits: {format_bytes(e.total_within(target.usable_bytes))} {target.per_device} of "
+                    f"{target.usable_explained()}{_parenthesized(target.cache_release_note(e))}{host}")
         else:
             text = f"does not fit: {reason}"
         return Verdict(fits=reason is None, text=text, target=target)
     sized = [common_size_target(e.plan, s, headroom, host_memory) for s in COMMON_SIZES_GIB]
-    sizes = [s for s, t in zip(COMMON_SIZES_GIB, sized) if t.fits(e.total, e.host_bytes)]
+    sizes = [s for s, t in zip(COMMON_SIZES_GIB, sized) if t.fits(e)]
     if sizes:
         text = (f"fits GPUs of {', '.join(f'{s} GiB' for s in sizes)} ({100 * headroom:g} % headroom; no GPU given: "
                 "--gpu ID or --gpu-memory SIZE for a verdict)")
-    elif sized[-1].device_fits(e.total):
-        reason = sized[-1].why_not(e.total, e.host_bytes, host_phase=phase)
-        text = f"does not fit a {COMMON_SIZES_GIB[-1]} GiB GPU: {reason}"
+    elif sized[-1].device_holds(e):
+        text = f"does not fit a {COMMON_SIZES_GIB[-1]} GiB GPU: {sized[-1].why_not(e)}"
     else:
         text = (f"does not fit a {COMMON_SIZES_GIB[-1]} GiB GPU: {format_bytes(e.total)} per GPU, "
                 f"{format_bytes(e.host_bytes)} host RAM per node ({100 * headroom:g} % headroom)")
     return Verdict(fits=None, text=text, sizes=sizes)
+
+
+def _parenthesized(note: str | None) -> str:
+    return f" ({note})" if note else ""
 
 
 def plan_verdict(spec: ModelSpec, plan: Plan, gpu: str | None = None, gpu_memory: str | None = None,
@@ -184,9 +192,7 @@ def limits(spec: ModelSpec, plan: Plan, target: Target | None, max_batch: bool, 
 
     def largest_of(name: str, hi: int) -> int:
         def fits(n: int) -> bool:
-            e = estimate(spec, plan.model_copy(update={name: n}))
-            # least_total first: a size whose allocated peak does not fit needs no allocator replay
-            return target.fits(e.least_total, e.host_bytes) and target.fits(e.total, e.host_bytes)
+            return target.fits(estimate(spec, plan.model_copy(update={name: n})))
 
         return largest(fits, range(1, hi + 1)) or 0
 
@@ -248,9 +254,10 @@ class Comparison:
 
 
 def _mark(target: Target, e: Estimate) -> str:
-    if target.fits(e.total, e.host_bytes):
-        return "yes"
-    return "no" if not target.device_fits(e.total) else "no (host RAM)"
+    if target.fits(e):
+        return "yes (cache released)" if target.device == "cuda" and any(e.cache_releases(target.usable_bytes)) \
+            else "yes"
+    return "no" if not target.device_holds(e) else "no (host RAM)"
 
 
 def best_row(rows: list[Row], target: Target) -> Row | None:

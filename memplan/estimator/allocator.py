@@ -119,6 +119,7 @@ class CachingAllocator:
         self.reserved = 0
         self.peak_allocated = 0
         self.peak_reserved = 0
+        self.releases = 0  # requests served only once the cache was released (torch's num_alloc_retries)
         self._next_addr = 1 << 40  # where the next segment's (or expandable pool's) addresses begin
 
     # ---------------------------------------------------------------- the public interface
@@ -139,6 +140,7 @@ class CachingAllocator:
         if block is None:
             block = self._new_memory(pool, size)
         if block is None:
+            self.releases += 1
             self.release_cache()
             block = self._new_memory(pool, size)
         if block is None:
@@ -310,6 +312,9 @@ class Replay:
     oom: bool = False
     steps_allocated: int = 0  # the allocated peak of the steps alone
     setup_allocated: int = 0  # the allocated peak before the first step: the load, a DDP wrap (which can pass it)
+    # per optimizer step, the requests served only after the cache was released (a capacity was given): torch's
+    # num_alloc_retries, each a synchronizing cudaFree of every cached segment, then cudaMalloc again
+    step_releases: list[int] = field(default_factory=list)
 
 
 def replay(events, allocator: str = "default", capacity: int | None = None,
@@ -322,6 +327,7 @@ def replay(events, allocator: str = "default", capacity: int | None = None,
     alloc = CachingAllocator(allocator, capacity)
     handles: dict[int, _Block] = {}
     steps: list[int] = []
+    releases: list[int] = []  # alloc.releases as each step began
     started = False
     threads: set[str] = set()
     marked = any(ev[0] == "w" for ev in events)
@@ -339,6 +345,7 @@ def replay(events, allocator: str = "default", capacity: int | None = None,
             elif kind == "e":  # torch.cuda.empty_cache()
                 alloc.release_cache()
             elif kind == "s":
+                releases.append(alloc.releases)
                 if started:  # the step before this one ended
                     steps.append(alloc.peak_reserved)
                 else:  # the allocated peak from here on is the steps'
@@ -350,13 +357,17 @@ def replay(events, allocator: str = "default", capacity: int | None = None,
                     for size in workspaces:
                         alloc.malloc(size)
     except OutOfMemory:
-        return _replayed(alloc, steps, started, before, oom=True)
+        return _replayed(alloc, steps, started, before, releases, oom=True)
     steps.append(alloc.peak_reserved)
-    return _replayed(alloc, steps, started, before)
+    return _replayed(alloc, steps, started, before, releases)
 
 
-def _replayed(alloc: CachingAllocator, steps: list[int], started: bool, before: int, oom: bool = False) -> Replay:
-    """`before`: the allocated peak when the first step began (the allocator's own peak counts from there)."""
+def _replayed(alloc: CachingAllocator, steps: list[int], started: bool, before: int, releases: list[int],
+              oom: bool = False) -> Replay:
+    """`before`: the allocated peak when the first step began (the allocator's own peak counts from there);
+    `releases`: the allocator's count of releases as each step began."""
     if not started:
         return Replay(alloc.peak_reserved, alloc.peak_allocated, steps, oom, 0, alloc.peak_allocated)
-    return Replay(alloc.peak_reserved, max(before, alloc.peak_allocated), steps, oom, alloc.peak_allocated, before)
+    ends = releases[1:] + [alloc.releases]
+    return Replay(alloc.peak_reserved, max(before, alloc.peak_allocated), steps, oom, alloc.peak_allocated, before,
+                  [end - start for start, end in zip(releases, ends)])

@@ -98,6 +98,44 @@ class Estimate:
     def total(self) -> int:
         return self.reserved + overhead.cuda_context_bytes(self.plan)
 
+    def replayed_within(self, usable: int) -> allocator.Replay | None:
+        """The step replayed by an allocator that may reserve only what a device of `usable` bytes leaves it: less
+        the CUDA context and what the estimate holds beyond the stream's tensors. None where nothing is replayed."""
+        if self.replayed is None:
+            return None
+        unreplayed = self.peak_allocated - self.replayed.steps_allocated
+        return _replayed(self.spec, self.plan, max(0, usable - overhead.cuda_context_bytes(self.plan) - unreplayed))
+
+    def total_within(self, usable: int) -> int:
+        """The total on a device of `usable` bytes. Where `total` is over them but the allocated peak is not, a
+        caching allocator with no more to reserve releases its cache and tries again before it reports out of
+        memory (CUDACachingAllocator.cpp `malloc`: `release_cached_blocks`, then `alloc_block`): the step replayed
+        so (`replayed_within`) is the total, within `usable` where it serves every request, else `total` still.
+        Where even the allocated peak is over `usable`, that lower bound (`least_total`), replaying nothing."""
+        least = self.least_total
+        if least > usable:
+            return least
+        total = self.total
+        if total <= usable or self.replayed is None:
+            return total
+        capped = self.replayed_within(usable)
+        if capped.oom:
+            return total
+        unreplayed = self.peak_allocated - self.replayed.steps_allocated
+        return max(self.peak_allocated, capped.peak_reserved + unreplayed) + overhead.cuda_context_bytes(self.plan)
+
+    def cache_releases(self, usable: int) -> tuple[int, int]:
+        """How often the allocator releases its cache to stay within `usable` bytes: (in the first step, in each
+        step after it, the last replayed), (0, 0) where `total` is within them. Each release frees every cached
+        segment (a synchronizing cudaFree) to cudaMalloc again: the step runs, more slowly; DeepSpeed warns of
+        it, torch counts num_alloc_retries. The first step makes the optimizer's states, often the only one."""
+        if self.least_total > usable or self.total <= usable or self.replayed is None:
+            return 0, 0
+        capped = self.replayed_within(usable)
+        if capped.oom or not capped.step_releases:
+            return 0, 0
+        return capped.step_releases[0], capped.step_releases[-1]
+
     def to_json(self) -> dict:
         return {
             "plan": self.plan.model_dump(mode="json"),
@@ -125,26 +163,20 @@ class Estimate:
         }
 
 
-def _replayed(spec: ModelSpec, plan: Plan) -> allocator.Replay | None:
-    """Replays by plan, for the process: a search and its report ask for the same plans again, and for plans that
-    differ only where the stream does not (`stream.stream_plan`). The stream is the same for both allocators; the
-    last few are kept. Plans whose streams come out equal (FlashAttention-2 and SDPA, where both save the same)
-    share one replay: streams are told apart by a digest of their events."""
+def _replayed(spec: ModelSpec, plan: Plan, capacity: int | None = None) -> allocator.Replay | None:
+    """Replays by plan (and the allocator's `capacity`, None for none), for the process: a search and its report
+    ask for the same plans again, and for plans that differ only where the stream does not (`stream.stream_plan`).
+    The stream is the same for both allocators; the last few are kept. Plans whose streams come out equal
+    (FlashAttention-2 and SDPA, where both save the same) share one replay: streams are told apart by a digest of
+    their events."""
     plan = stream.stream_plan(plan)
-    key = (spec, plan.model_dump_json())
+    key = (spec, plan.model_dump_json(), capacity)
     if key not in _REPLAYS:
-        events_key = (spec, plan.model_copy(update={"allocator": "default"}).model_dump_json())
-        if events_key not in _STREAMS:
-            events = stream.allocation_stream(spec, plan)
-            digest = hashlib.blake2b(pickle.dumps(events), digest_size=16).digest() if events else None
-            _STREAMS[events_key] = (events, digest)
-            while len(_STREAMS) > 4:  # tens of thousands of events each
-                del _STREAMS[next(iter(_STREAMS))]
-        events, digest = _STREAMS[events_key]
+        events, digest = _events(spec, plan)
         if events:
-            by_events = (digest, plan.allocator)
+            by_events = (digest, plan.allocator, capacity)
             if by_events not in _BY_EVENTS:
-                _BY_EVENTS[by_events] = allocator.replay(events, plan.allocator)
+                _BY_EVENTS[by_events] = allocator.replay(events, plan.allocator, capacity)
             _REPLAYS[key] = _BY_EVENTS[by_events]
         else:
             _REPLAYS[key] = None
@@ -152,6 +184,18 @@ def _replayed(spec: ModelSpec, plan: Plan) -> allocator.Replay | None:
             while len(kept) > 1024:
                 del kept[next(iter(kept))]
     return _REPLAYS[key]
+
+
+def _events(spec: ModelSpec, plan: Plan) -> tuple[list | None, bytes | None]:
+    """The stream of a `stream_plan`'s step and its digest; the last few kept (tens of thousands of events each)."""
+    events_key = (spec, plan.model_copy(update={"allocator": "default"}).model_dump_json())
+    if events_key not in _STREAMS:
+        events = stream.allocation_stream(spec, plan)
+        digest = hashlib.blake2b(pickle.dumps(events), digest_size=16).digest() if events else None
+        _STREAMS[events_key] = (events, digest)
+        while len(_STREAMS) > 4:
+            del _STREAMS[next(iter(_STREAMS))]
+    return _STREAMS[events_key]
 
 
 _REPLAYS: dict[tuple, allocator.Replay | None] = {}

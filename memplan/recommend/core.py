@@ -223,8 +223,7 @@ def _full_ft_test(rec: Recommendation, scorer: Scorer, model_ref: str) -> tuple[
 
 def why_not(alt: Candidate, best: Candidate, priority: str, target: Target) -> str:
     if not alt.fits:
-        return target.why_not(alt.total, alt.estimate.host_bytes, at=" at micro-batch 1",
-                              host_phase=alt.estimate.host.peak_label)
+        return target.why_not(alt.estimate, at=" at micro-batch 1")
     slower = alt.hours > best.hours * (1 + 1e-9)
     parts = []
     if alt.quality_cost > best.quality_cost:
@@ -310,7 +309,7 @@ def _suggest(rec: Recommendation, scorer: Scorer, model_ref: str, tried: list[st
     if rec.workload.seq_len > 512:
         shorter = least.plan.model_copy(update={"seq_len": rec.workload.seq_len // 2})
         e = estimate(rec.spec, shorter, target.memory_bytes)
-        if target.fits(e.total, e.host_bytes):
+        if target.fits(e):
             out.append(f"--seq-len {shorter.seq_len}: {least.family()}, {format_bytes(e.total)}")
     return out
 
@@ -333,7 +332,7 @@ def _other_methods(rec: Recommendation, scorer: Scorer, model_ref: str, tried: l
 def _more_host_memory(pool: list[Candidate], target: Target) -> list[str]:
     """The host RAM that the plan with the lowest host peak among those that fit the GPU needs."""
     by_host = sorted(pool, key=lambda c: c.estimate.host_bytes)  # then the first that fits the GPU: few replays
-    c = next((c for c in by_host if target.device_fits(c.estimate.least_total) and target.device_fits(c.total)), None)
+    c = next((c for c in by_host if target.device_holds(c.estimate)), None)
     if c is None:
         return []
     need = c.estimate.host_bytes / (1 - target.headroom) / GiB
@@ -370,7 +369,7 @@ def _more_gpus(rec: Recommendation, smallest: Candidate) -> list[str]:
         e = estimate(rec.spec, plan, target.memory_bytes)
         # the node's RAM: as given, else the default ratio for its GPUs
         host = target.host_memory_bytes if target.host_memory_given else HOST_RAM_PER_GPU * gpus
-        if target.device_fits(e.total) and e.host_bytes <= host * (1 - target.headroom):
+        if target.device_holds(e) and e.host_bytes <= host * (1 - target.headroom):
             ram = "" if target.host_memory_given else f" of {format_bytes(host, digits=0)}"
             return [f"{nodes} node(s) x {gpus} GPUs: DeepSpeed ZeRO-3 without offload needs "
                     f"{format_bytes(e.total)} per GPU and {format_bytes(e.host_bytes)} of host RAM per node{ram} "
@@ -578,6 +577,9 @@ def _plan_warnings(rec: Recommendation, ctx: Context) -> list[str]:
     positions = spec.config.get("max_position_embeddings") or spec.config.get("n_positions") or spec.position_embeddings
     if positions and seq_len > positions:
         out.append(f"sequence length {seq_len} exceeds the model's {positions} positions (max_position_embeddings)")
+    released = rec.target.cache_release_note(rec.estimate) if rec.target.device == "cuda" else None
+    if released:
+        out.append(f"the plan fits with little to spare: {released}")
     if not req.data:  # --dataset-size only: the written plan cannot train until it names its data
         where = f"{(req.out_dir.rstrip('/') or '.') if req.out_dir else 'DIR'}/plan.yaml"
         out.append(f"no --data: data.train is not set, and memplan train needs it: memplan train {where} "
@@ -609,7 +611,7 @@ def _trainer_configs(rec: Recommendation, trainers: list[str], files: dict[str, 
 
     def check(plan: Plan) -> tuple[int, bool]:
         e = estimate(rec.spec, plan, rec.target.memory_bytes)
-        return e.total, rec.target.fits(e.total, e.host_bytes)
+        return e.total, rec.target.fits(e)
 
     plan = rec.plan
     fmt = plan.data.format if plan.data.format != "auto" else (rec.data.format if rec.data else None)

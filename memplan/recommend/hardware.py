@@ -13,11 +13,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from memplan.catalog.gpus import Gpu
 from memplan.errors import UserError
 from memplan.estimator.host import PROCESS_BASELINE_BYTES  # each process's interpreter and libraries
 from memplan.report.units import GiB, format_bytes, memory_setting
+
+if TYPE_CHECKING:
+    from memplan.estimator import Estimate
 
 #: The throughput figures assumed for a GPU known only by its memory (--gpu-memory, or a local device
 #: without a preset): an A100 40GB's, the most common training GPU without a newer preset match. Said
@@ -202,29 +206,54 @@ class Target:
     def device_fits(self, total: int) -> bool:
         return total <= self.usable_bytes
 
+    def device_holds(self, e: Estimate) -> bool:
+        """The device part of `fits`: the plan's total on this device (Estimate.total_within: a caching allocator
+        short of memory releases its cache and runs on) within the usable memory."""
+        return self.device_fits(e.total_within(self.usable_bytes))
+
     def host_fits(self, host_bytes: int) -> bool:
         """The run's host RAM peak per node (Estimate.host_bytes: loading, offloaded states, saving) must fit
         the node's RAM with the same headroom."""
         return host_bytes <= self.usable_host_bytes
 
-    def fits(self, total: int, host_bytes: int) -> bool:
-        """THE rule of "fits", for every command: the device's total (reserved + context) within
-        (1 - headroom) x its memory, and the host RAM peak per node within (1 - headroom) x the node's RAM."""
-        return self.device_fits(total) and self.host_fits(host_bytes)
+    def fits(self, e: Estimate) -> bool:
+        """THE rule of "fits", for every command: the device's total (reserved + context, the allocator within
+        what the device leaves it) within (1 - headroom) x its memory, and the host RAM peak per node within
+        (1 - headroom) x the node's RAM."""
+        return self.host_fits(e.host_bytes) and self.device_holds(e)
 
-    def why_not(self, total: int, host_bytes: int, at: str = "", host_phase: str | None = None) -> str | None:
-        """Why a plan of these sizes does not fit (None when it fits), with the numbers; `at` qualifies
-        the device figure (" at micro-batch 1"), `host_phase` says where the host peak is
-        (memplan.estimator.host.HostEstimate.peak_label)."""
-        if not self.device_fits(total):
-            return f"needs {format_bytes(total)} {self.per_device}{at} > {self.usable_explained()}"
-        if not self.host_fits(host_bytes):
-            phase = f" (peak: {host_phase})" if host_phase else ""
-            return (f"needs {format_bytes(host_bytes)} of host RAM per node{phase} > "
+    def why_not(self, e: Estimate, at: str = "") -> str | None:
+        """Why the plan does not fit (None when it fits), with the numbers; `at` qualifies the device figure
+        (" at micro-batch 1")."""
+        if not self.device_holds(e):
+            why = f"needs {format_bytes(e.total)} {self.per_device}{at} > {self.usable_explained()}"
+            if e.least_total <= self.usable_bytes:  # the tensors fit: how the allocator would lay them out does not
+                why += (f" (its tensors' peak, {format_bytes(e.least_total)} with the CUDA context, fits; the "
+                        "caching allocator cannot place them within it even releasing its cache)")
+            return why
+        if not self.host_fits(e.host_bytes):
+            phase = f" (peak: {e.host.peak_label})" if e.host else ""
+            return (f"needs {format_bytes(e.host_bytes)} of host RAM per node{phase} > "
                     f"{format_bytes(self.usable_host_bytes)} usable "
                     f"({format_bytes(self.host_memory_bytes, digits=0)} less "
                     f"{100 * self.headroom:g} % headroom)")
         return None
+
+    def cache_release_note(self, e: Estimate) -> str | None:
+        """Where the plan fits only with its caching allocator releasing its cache (Estimate.cache_releases): how
+        often, and its total on a GPU with room; None where it needs no release."""
+        first, later = e.cache_releases(self.usable_bytes)
+        if not (first or later):
+            return None
+
+        def times(n: int) -> str:
+            return f"{n} time{'s' if n > 1 else ''}"
+
+        when = (f"{times(first)} in the first step only" if not later
+                else f"{times(later)} per step" + (f" ({first} in the first)" if first != later else ""))
+        return (f"its total would be {format_bytes(e.total)} on a GPU with room; within "
+                f"{format_bytes(self.usable_bytes)} the caching allocator releases its cache {when}, which slows "
+                "those steps")
 
     @property
     def per_device(self) -> str:

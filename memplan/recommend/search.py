@@ -48,6 +48,9 @@ class Candidate:
     step: throughput.StepTime
     steps: int
     fits: bool
+    # fits only with its caching allocator releasing its cache in every step (Scorer.decide's last resort): this
+    # many times per step, which slows the step by an amount the time model does not know
+    releases: int = 0
 
     @property
     def hours(self) -> float:
@@ -261,7 +264,7 @@ def choose_fitting(methods: Iterable[str], fitting: dict[str, list[Candidate]], 
     changed) and the choice made again."""
     methods = list(methods)
     while (chosen := choose(methods, fitting)) is not None:
-        if target.fits(chosen.estimate.total, chosen.estimate.host_bytes):
+        if target.fits(chosen.estimate):
             return chosen
         chosen.fits = False
         fitting[chosen.plan.method].remove(chosen)
@@ -318,30 +321,46 @@ class Scorer:
         plan = e.plan
         seq_tokens = self.padded_length(plan.micro_batch, plan.seq_len) if self.padded_length else None
         step = throughput.step_time(self.spec, plan, self.target, e.params_trainable, seq_tokens)
-        cand = Candidate(plan=plan, estimate=e, step=step, steps=workload.steps(plan), fits=fits)
+        cand = Candidate(plan=plan, estimate=e, step=step, steps=workload.steps(plan), fits=fits,
+                         releases=self._releases(e) if fits else 0)
         self._cache[key] = cand
         self.scored += 1
         return cand
 
     def decide(self, e: Estimate) -> tuple[bool, Estimate]:
-        """Whether the plan fits (Target.fits on its total), and its estimate with the allocator it should run.
+        """Whether the plan fits (Target.fits), and its estimate with the allocator it should run.
 
         The step's allocations are replayed only where the verdict depends on them: reserved is at least the
         allocated peak, and a plan that fits with RESERVE_BOUND more than its allocated peak is taken as
-        fitting (`choose_fitting` replays the one the search picks). A plan that does not fit with the default
-        allocator is replayed with expandable segments, which it runs if they let it fit."""
-        if not self.target.fits(e.least_total, e.host_bytes):
+        fitting (`choose_fitting` replays the one the search picks). A plan whose total does not fit with the
+        default allocator is replayed with expandable segments, which it runs if they let it fit; failing that,
+        it fits if an allocator releasing its cache serves it within the device (Estimate.total_within), with
+        whichever of the two releases it less often."""
+        target = self.target
+        if not (target.host_fits(e.host_bytes) and target.device_fits(e.least_total)):
             return False, e
-        if self.target.fits(e.least_total + int(e.peak_allocated * RESERVE_BOUND), e.host_bytes):
+        if target.device_fits(e.least_total + int(e.peak_allocated * RESERVE_BOUND)):
             return True, e
-        if self.target.fits(e.total, e.host_bytes):
+        if target.device_fits(e.total):
             return True, e
-        if e.replayed is None or e.plan.allocator != "default":
+        if e.replayed is None:
             return False, e
-        alt = estimate(self.spec, e.plan.model_copy(update={"allocator": "expandable"}), self.target.memory_bytes)
-        if self.target.fits(alt.total, alt.host_bytes):
-            return True, alt
-        return False, e
+        alt = None
+        if e.plan.allocator == "default":
+            alt = estimate(self.spec, e.plan.model_copy(update={"allocator": "expandable"}), target.memory_bytes)
+            if target.device_fits(alt.total):
+                return True, alt
+        held = [x for x in (e, alt) if x is not None and target.device_holds(x)]
+        if not held:
+            return False, e
+        return True, min(held, key=lambda x: x.cache_releases(target.usable_bytes)[::-1])  # fewest per step, then first
+
+    def _releases(self, e: Estimate) -> int:
+        """The cache releases per step of a plan `decide` took (0 unless it fits only releasing the cache)."""
+        t = self.target
+        if t.device_fits(e.least_total + int(e.peak_allocated * RESERVE_BOUND)) or t.device_fits(e.total):
+            return 0
+        return e.cache_releases(t.usable_bytes)[1]
 
     def lower_reserve(self, c: Candidate) -> Candidate:
         """The candidate with expandable segments where they lower its reserved memory by EXPANDABLE_GAIN or more
@@ -352,13 +371,15 @@ class Scorer:
         if e.reserved <= e.peak_allocated * (1 + EXPANDABLE_GAIN):  # too little cached beyond the tensors to save
             return c
         alt = estimate(self.spec, e.plan.model_copy(update={"allocator": "expandable"}), self.target.memory_bytes)
-        if alt.reserved > e.reserved * (1 - EXPANDABLE_GAIN):
+        if alt.reserved > e.reserved * (1 - EXPANDABLE_GAIN) or not self.target.device_holds(alt):
             return c
         return dataclasses.replace(c, plan=alt.plan, estimate=alt)
 
 
 def largest_micro_batch(plan: Plan, workload: Workload, scorer: Scorer) -> tuple[Candidate | None, Candidate, int]:
-    """(the plan at the largest micro-batch that fits, or None; the micro-batch-1 candidate; plans decided).
+    """(the plan at the largest micro-batch that fits, or None; the micro-batch-1 candidate; plans decided). A
+    micro-batch that fits only with the caching allocator releasing its cache in every step gives way to the
+    largest that fits without, where one does.
 
     The micro-batches are the divisors of the sequences each GPU handles per step, the rest made up by
     gradient accumulation, so that every one keeps the effective batch."""
@@ -369,6 +390,8 @@ def largest_micro_batch(plan: Plan, workload: Workload, scorer: Scorer) -> tuple
         return scorer.score(plan.model_copy(update={"micro_batch": mb, "grad_accum": per_gpu // mb}), workload)
 
     best = largest(lambda mb: at(mb).fits, sizes)
+    if best and at(best).releases:  # the largest that fits without releasing the cache every step, if one does
+        best = largest(lambda mb: at(mb).fits and not at(mb).releases, sizes[:sizes.index(best)]) or best
     return (at(best) if best else None), at(1), len(sizes)
 
 

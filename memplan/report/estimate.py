@@ -179,7 +179,7 @@ def comparison_json(spec: ModelSpec, comparison: Comparison) -> dict:
         res["fits"] = r.candidate.fits
         res["step_s"] = r.candidate.step.total_s
         if comparison.target is None:
-            res["fits_common_sizes_gib"] = [g for g, m in zip(comparison.sizes_gib, r.marks) if m == "yes"]
+            res["fits_common_sizes_gib"] = [g for g, m in zip(comparison.sizes_gib, r.marks) if m.startswith("yes")]
     out["best"] = rows.index(comparison.best) if comparison.best else None
     out["target"] = {"name": judge.describe(), "usable_bytes": judge.usable_bytes,
                      "host_usable_bytes": judge.usable_host_bytes, "headroom": judge.headroom,
@@ -192,7 +192,8 @@ def _comparison_header(spec: ModelSpec, comparison: Comparison) -> list[str]:
     target, judge = comparison.target, comparison.judge
     if target is not None:
         where = target.describe()
-        rule = (f"fits: total within {format_bytes(target.usable_bytes)} per GPU and the host RAM peak within "
+        rule = (f"fits: total within {format_bytes(target.usable_bytes)} per GPU (\"cache released\": once the "
+                f"caching allocator releases its cache) and the host RAM peak within "
                 f"{format_bytes(target.usable_host_bytes)} per node ({100 * target.headroom:g} % "
                 "headroom kept free)")
     else:
@@ -221,7 +222,7 @@ def comparison_text(spec: ModelSpec, comparison: Comparison) -> str:
     if best is None:
         small = min(rows, key=lambda r: r.candidate.total).candidate
         e = small.estimate
-        why = comparison.judge.why_not(small.total, e.host_bytes, host_phase=e.host.peak_label)
+        why = comparison.judge.why_not(e)
         lines.append(f"\nno plan fits: the smallest, {describe_plan(small.estimate)}, {why}")
         return "\n".join(lines)
     e = best.candidate.estimate

@@ -133,7 +133,9 @@ def test_replay_reports_the_reserved_peak_per_step():
     # step 2: 120 MiB fits no cached block
     assert r.step_reserved == [170 * MiB, 290 * MiB]
     assert r.peak_allocated == 222 * MiB and not r.oom  # the weights, the workspace, the 120 MiB tensor
-    assert replay(events, capacity=230 * MiB, workspaces=()).oom is False  # the cached 50 MiB segment is released first
+    capped = replay(events, capacity=230 * MiB, workspaces=())  # the cached 50 MiB segment is released first
+    assert not capped.oom and capped.peak_reserved == 220 * MiB
+    assert capped.step_releases == [0, 1] and r.step_releases == [0, 0]  # torch's num_alloc_retries, per step
     assert replay(events, capacity=200 * MiB, workspaces=()).oom is True
 
 

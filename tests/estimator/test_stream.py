@@ -161,7 +161,7 @@ def test_the_chosen_plan_is_confirmed_by_its_replay():
     first, second = scorer.score(big, work), scorer.score(small, work)
     assert first.fits and second.fits
     limit = _target((first.estimate.peak_allocated * 1.05 + (first.estimate.total - first.estimate.reserved)) / GiB)
-    assert limit.fits(second.estimate.total, second.estimate.host_bytes)
+    assert limit.fits(second.estimate)
     fitting = {"full": [first, second]}
     assert choose_fitting(["full"], fitting, limit) is second
     assert fitting == {"full": [second]} and not first.fits
