@@ -11,6 +11,7 @@ This module is on the fast estimate path: it must import neither torch nor trans
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,19 @@ class ModelSpec:
     # method; the fields above describe its language model. wrapper: the multimodal config's model_type.
     frozen_items: tuple[ParamItem, ...] = ()
     wrapper: str = ""
+
+    def __hash__(self) -> int:
+        """The compared fields' hash, computed once: a spec keys the estimator's caches, which a plan search asks
+        a hundred thousand times."""
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.compare))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self) -> dict:
+        """Pickled without the cached hash: another process hashes strings with another seed."""
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
     @property
     def params_frozen(self) -> int:

@@ -124,6 +124,15 @@ class _Template:
     x_bytes: int
     out: int
 
+    def canonical(self) -> tuple:
+        """The template with its tensor ids numbered in the order they appear (the input first): two recordings
+        of equal modules compare equal. Ids that no event names (nothing the stream allocates) become -1."""
+        ids = {self.x: 0}
+        events = tuple((ev[0], ids.setdefault(ev[1], len(ids)), *ev[2:]) if ev[0] in ("a", "f") else ev
+                       for ev in self.events)
+        return (events, frozenset(ids.get(u, -1) for u in self.saved), frozenset(ids.get(u, -1) for u in self.cached),
+                ids.get(self.out, -1), self.x_bytes)
+
     @functools.cached_property
     def recompute_events(self) -> tuple[tuple, tuple]:
         """Non-reentrant checkpointing's recompute: the events up to the one that makes the last tensor the module
@@ -261,6 +270,29 @@ def stream_plan(plan: Plan) -> Plan:
                                    "output_dir": None, "target": None})
 
 
+def with_attention_as_streamed(spec: ModelSpec, plan: Plan) -> Plan:
+    """The plan with SDPA in place of FlashAttention-2 where the two give it the same stream, so that both share
+    one stream without the second being built: the same activations, and the same template for every kind of
+    layer (their tensor ids renumbered). FlashAttention-2 saves what SDPA's fused kernels save on most models;
+    they differ where SDPA takes a mask, repeats the key/value heads or falls back to its math kernel. Kept for
+    the process, by plan."""
+    if plan.attn != "flash":
+        return plan
+    key = (spec, plan.model_dump_json())
+    if key not in _SAME_AS_SDPA:
+        sdpa = plan.model_copy(update={"attn": "sdpa"})
+        flash_model, sdpa_model = (_Model(spec, act_mod.as_one_row(p), layers_only=True) for p in (plan, sdpa))
+        layers = {flash_model.layer_key(i) for i in range(spec.num_layers)}
+        _SAME_AS_SDPA[key] = (flash_model.acts == sdpa_model.acts and all(
+            flash_model.template(k).canonical() == sdpa_model.template(k).canonical() for k in layers))
+        while len(_SAME_AS_SDPA) > 4096:
+            del _SAME_AS_SDPA[next(iter(_SAME_AS_SDPA))]
+    return plan.model_copy(update={"attn": "sdpa"}) if _SAME_AS_SDPA[key] else plan
+
+
+_SAME_AS_SDPA: dict[tuple, bool] = {}
+
+
 def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[tuple] | None:
     """The events of `steps` optimizer steps of the plan on one GPU, as `allocator.replay` reads them; None where
     `supported` says the stream does not follow the plan."""
@@ -320,7 +352,8 @@ def ddp_events(spec: ModelSpec, plan: Plan, ids_step: int = 1) -> tuple[list[tup
 class _Model:
     """What the stream needs of the model and plan: sizes, the layer templates, the loss."""
 
-    def __init__(self, spec: ModelSpec, plan: Plan) -> None:
+    def __init__(self, spec: ModelSpec, plan: Plan, layers_only: bool = False) -> None:
+        """`layers_only`: the activations and layer templates alone (no sharding, no final norm)."""
         self.spec, self.plan = spec, plan
         self.num = num = act_mod.numerics(plan, spec)
         self.tensors = states.parameter_tensors(spec, plan, act_mod.lora_targets(spec, plan))
@@ -332,6 +365,8 @@ class _Model:
         ropes = spec.traits.rope_layers or (True,) * spec.num_layers
         self.kinds = [(spec.group_of(i), t, r) for i, (t, r) in enumerate(zip(spec.traits.layer_types, ropes))]
         self._templates: dict = {}
+        if layers_only:
+            return
         self.fsdp = fully_shard.FullyShard(spec, plan, num.weights, self.p_item, act_mod.lora_targets(spec, plan),
                                            num.shards) if plan.sharding == "fsdp" else None
         ds = plan.sharding == "deepspeed"
@@ -345,13 +380,18 @@ class _Model:
         return reducer.DDP(self.spec, self.plan, self.tensors, self.num.weights, self.p_item,
                            act_mod.lora_targets(self.spec, self.plan))
 
+    def layer_key(self, i: int) -> tuple:
+        """Layer i's kind, and whether its input needs a gradient (layer 0's only with trainable embeddings or
+        checkpointing): one template each."""
+        return self.kinds[i], True if i else self.full or self.plan.grad_ckpt
+
     def layer(self, i: int) -> _Template:
-        """Layer i's template, one per kind of layer (layer 0's input needs a gradient only with trainable
-        embeddings or checkpointing)."""
-        rg = True if i else self.full or self.plan.grad_ckpt
-        key = (self.kinds[i], rg)
+        return self.template(self.layer_key(i))
+
+    def template(self, key: tuple) -> _Template:
+        """The template of a `layer_key`."""
         if key not in self._templates:
-            group, layer_type, rope = self.kinds[i]
+            (group, layer_type, rope), rg = key
             ls = act_mod.layer_spec(self.spec, self.plan, layer_type, rope, group)
             self._templates[key] = _record(self.tok, self.p_item, T(self.tok * self.h, self.num.residual, rg),
                                            lambda tape, x: LayerReplay(tape, ls, self.num).layer(x))

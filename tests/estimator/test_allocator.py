@@ -164,3 +164,19 @@ def test_plans_whose_streams_are_equal_share_one_replay():
     first, second = estimate(spec, sdpa), estimate(spec, flash)
     assert first.replayed is not None and first.replayed is second.replayed
     assert estimate(spec, sdpa.model_copy(update={"micro_batch": 3})).replayed is not first.replayed
+
+
+def test_flash_attention_shares_sdpas_stream_only_where_it_is_the_same():
+    """Where FlashAttention-2 saves what SDPA does, the plan takes SDPA's stream without building its own; packed
+    rows give SDPA a mask (and flash-attention none): there each keeps its own."""
+    from memplan.catalog.resolve import resolve_model
+    from memplan.estimator import stream
+    from memplan.plan import build_plan
+
+    spec = resolve_model("tinyllama-1.1b")
+    for packing, same in ((False, True), (True, False)):
+        flash = build_plan(dict(model="tinyllama-1.1b", attn="flash", micro_batch=2, seq_len=512,
+                                data={"packing": packing}))
+        sdpa = flash.model_copy(update={"attn": "sdpa"})
+        assert (stream.with_attention_as_streamed(spec, flash).attn == "sdpa") is same
+        assert (stream.allocation_stream(spec, flash) == stream.allocation_stream(spec, sdpa)) is same
