@@ -167,9 +167,8 @@ def _replayed(spec: ModelSpec, plan: Plan, capacity: int | None = None) -> alloc
     """Replays by plan (and the allocator's `capacity`, None for none), for the process: a search and its report
     ask for the same plans again, and for plans that differ only where the stream does not (`stream.stream_plan`,
     and FlashAttention-2 where it saves what SDPA does: `stream.with_attention_as_streamed`).
-    The stream is the same for both allocators; the last few are kept. Plans whose streams come out equal
-    (FlashAttention-2 and SDPA, where both save the same) share one replay: streams are told apart by a digest of
-    their events."""
+    The stream is the same for both allocators; the last few are kept. Plans whose streams come out equal all the
+    same share one replay: streams are told apart by a digest of their events."""
     plan = stream.with_attention_as_streamed(spec, stream.stream_plan(plan))
     key = (spec, plan.model_dump_json(), capacity)
     if key not in _REPLAYS:
