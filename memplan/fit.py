@@ -124,7 +124,7 @@ def judge(e: Estimate, target: Target | None, headroom: float = DEFAULT_HEADROOM
         if reason is None:
             host = f"; host RAM {gib(e.host_bytes)} of {format_bytes(target.usable_host_bytes)} usable per node"
             text = (f"fits: {format_bytes(e.total_within(target.usable_bytes))} {target.per_device} of "
-                    f"{target.usable_explained()}{_parenthesized(target.cache_release_note(e))}{host}")
+                    f"{target.usable_explained()}{_clause(target.cache_release_note(e))}{host}")
         else:
             text = f"does not fit: {reason}"
         return Verdict(fits=reason is None, text=text, target=target)
@@ -141,8 +141,8 @@ def judge(e: Estimate, target: Target | None, headroom: float = DEFAULT_HEADROOM
     return Verdict(fits=None, text=text, sizes=sizes)
 
 
-def _parenthesized(note: str | None) -> str:
-    return f" ({note})" if note else ""
+def _clause(note: str | None) -> str:
+    return f"; {note}" if note else ""
 
 
 def plan_verdict(spec: ModelSpec, plan: Plan, gpu: str | None = None, gpu_memory: str | None = None,

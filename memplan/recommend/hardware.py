@@ -228,8 +228,8 @@ class Target:
         if not self.device_holds(e):
             why = f"needs {format_bytes(e.total)} {self.per_device}{at} > {self.usable_explained()}"
             if e.least_total <= self.usable_bytes:  # the tensors fit: how the allocator would lay them out does not
-                why += (f" (its tensors' peak, {format_bytes(e.least_total)} with the CUDA context, fits; the "
-                        "caching allocator cannot place them within it even releasing its cache)")
+                why += (f": its tensors' peak, {format_bytes(e.least_total)} with the CUDA context, fits, but the "
+                        "caching allocator cannot place them within it even releasing its cache")
             return why
         if not self.host_fits(e.host_bytes):
             phase = f" (peak: {e.host.peak_label})" if e.host else ""
@@ -247,10 +247,11 @@ class Target:
             return None
 
         def times(n: int) -> str:
-            return f"{n} time{'s' if n > 1 else ''}"
+            return {1: "once", 2: "twice"}.get(n, f"{n} times")
 
         when = (f"{times(first)} in the first step only" if not later
-                else f"{times(later)} per step" + (f" ({first} in the first)" if first != later else ""))
+                else f"{times(later)} per step" + (f" ({times(first) if first else 'not'} in the first)"
+                                                   if first != later else ""))
         return (f"its total would be {format_bytes(e.total)} on a GPU with room; within "
                 f"{format_bytes(self.usable_bytes)} the caching allocator releases its cache {when}, which slows "
                 "those steps")
