@@ -227,7 +227,7 @@ class Target:
         (" at micro-batch 1")."""
         if not self.device_holds(e):
             why = f"needs {format_bytes(e.total)} {self.per_device}{at} > {self.usable_explained()}"
-            if e.least_total <= self.usable_bytes:  # the tensors fit: how the allocator would lay them out does not
+            if e.least_total <= self.usable_bytes and e.replayed is not None:  # the tensors fit; their layout does not
                 why += (f": its tensors' peak, {format_bytes(e.least_total)} with the CUDA context, fits, but the "
                         "caching allocator cannot place them within it even releasing its cache")
             return why
