@@ -90,7 +90,7 @@ def ds_config(plan: Plan, spec: ModelSpec) -> dict:
     stage3_prefetch_bucket_size = 0.9 hidden^2, stage3_param_persistence_threshold = 10 hidden;
     transformers integrations/deepspeed.py). The optimizer section is the plan's AdamW
     (deepspeed_setup.optimizer_section). No scheduler section: without one HF Trainer runs its own
-    schedule (lr_scheduler_type, warmup_steps: transformers' get_scheduler, the one memplan train runs),
+    schedule (lr_scheduler_type, warmup_steps: transformers' get_scheduler, which memplan train's matches),
     while DeepSpeed's WarmupCosineLR starts its cosine one step early and warms up over at least 2 steps,
     logarithmically by default (deepspeed/runtime/lr_schedules.py)."""
     zero: dict = {"stage": plan.zero, "overlap_comm": True, "contiguous_gradients": True,

@@ -34,6 +34,7 @@ from their bf16 rounding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -255,3 +256,40 @@ def unwrap(optimizer):
     while hasattr(optimizer, "optimizer") and isinstance(optimizer.optimizer, torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+# The three schedules of `hparams.lr_scheduler`, written as transformers' get_scheduler writes them
+# (optimization.py `_get_*_schedule_with_warmup_lr_lambda`): the same factor at every step, and partials of
+# module functions, so a LambdaLR's state_dict is the same too. transformers.optimization itself imports
+# trainer_utils, which imports peft and with it bitsandbytes: seconds of start-up for every process of a run
+# that needs neither.
+def _warmup(step: int, warmup: int) -> float:
+    return float(step) / float(max(1, warmup))
+
+
+def _constant_factor(step: int, *, num_warmup_steps: int) -> float:
+    return _warmup(step, num_warmup_steps) if step < num_warmup_steps else 1.0
+
+
+def _linear_factor(step: int, *, num_warmup_steps: int, num_training_steps: int) -> float:
+    if step < num_warmup_steps:
+        return _warmup(step, num_warmup_steps)
+    return max(0.0, float(num_training_steps - step) / float(max(1, num_training_steps - num_warmup_steps)))
+
+
+def _cosine_factor(step: int, *, num_warmup_steps: int, num_training_steps: int) -> float:
+    if step < num_warmup_steps:
+        return _warmup(step, num_warmup_steps)
+    progress = float(step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # half a cycle: down to 0
+
+
+def lr_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """The LR schedule `kind` (cosine, linear or constant, each after a linear warmup from 0 over `warmup_steps`)
+    over `total_steps`: transformers' get_scheduler("cosine" / "linear" / "constant_with_warmup")."""
+    from functools import partial
+
+    factor = {"constant": partial(_constant_factor, num_warmup_steps=warmup_steps),
+              "linear": partial(_linear_factor, num_warmup_steps=warmup_steps, num_training_steps=total_steps),
+              "cosine": partial(_cosine_factor, num_warmup_steps=warmup_steps, num_training_steps=total_steps)}[kind]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -3,7 +3,7 @@ function of the `Trainer` (what set-up made) and its `TrainerState` (memplan.tra
 checkpoint saves).
 
   setup            accelerate (processes, device, the plan's autocast), the data, the model, AdamW (or the
-                   planned optimizer), warmup + decay from transformers' schedulers, a checkpoint to resume
+                   planned optimizer), warmup + decay as transformers' schedulers, a checkpoint to resume
   evaluate_before  retention perplexity and a first evaluation of the untouched model (step 0)
   train_steps      each optimizer_step: grad_accum micro-batches forward, token-summed loss / tokens in the
                    whole step, backward (gradients synchronised on the last micro-batch only); clip;
@@ -54,7 +54,7 @@ from memplan.runtime.model import (
     model_spec,
     parameter_counts,
 )
-from memplan.runtime.optim import make_optimizer, optimizer_factory
+from memplan.runtime.optim import lr_schedule, make_optimizer, optimizer_factory
 from memplan.train import checkpoint as ckpt
 from memplan.train import data as data_mod
 from memplan.train import deepspeed_setup, outputs, preflight
@@ -311,8 +311,7 @@ def _prepare_output_dir(out: Path, say: Callable[[str], None]) -> None:
 def _model_and_optimizer(plan, base_dir: Path, accelerator, steps: int, trust_remote_code: bool):
     """The plan's model (FSDP-sharded, or wrapped by accelerate), its optimizer and the LR schedule, as
     checkpoint.Parts; and the (trainable, total) parameter counts."""
-    from transformers import get_scheduler
-    from transformers.trainer_utils import set_seed
+    from accelerate.utils import set_seed
 
     h, world = plan.hparams, accelerator.num_processes
     set_seed(h.seed)
@@ -326,10 +325,7 @@ def _model_and_optimizer(plan, base_dir: Path, accelerator, steps: int, trust_re
     if own_fsdp:
         _shard_fsdp(model, plan, world)
     optimizer = plan_optimizer(plan, model)
-    # transformers' "constant" has no warmup; "constant_with_warmup" is the plan's constant.
-    schedule = {"constant": "constant_with_warmup"}.get(h.lr_scheduler, h.lr_scheduler)
-    scheduler = get_scheduler(schedule, optimizer,
-                              num_warmup_steps=warmup_steps(plan, steps), num_training_steps=steps)
+    scheduler = lr_schedule(optimizer, h.lr_scheduler, warmup_steps(plan, steps), steps)
     if own_fsdp:
         optimizer = accelerator.prepare_optimizer(optimizer)
     else:  # accelerate wraps the model: DDP, FSDP from the launch config on CUDA, or DeepSpeed's engine
