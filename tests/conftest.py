@@ -1,14 +1,18 @@
 """Fixtures every folder of tests uses, and the order files run in."""
 
+from collections import Counter
+
 import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files that train, trace full-size models or start processes (a slow or distributed test) first, each file's
-    tests in their order: the README's test command hands whole files to its workers in this order
-    (--dist loadfile --no-loadscope-reorder), so the long files start at once and the run ends on short ones."""
+    """Files that train, trace full-width models or start processes (a slow or distributed test) first, then the
+    others by their number of tests, each file's tests in their order: the README's test command hands whole files
+    to its workers in this order (--dist loadfile --no-loadscope-reorder), so the long files start at once and the
+    run ends on short ones."""
     heavy = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("distributed")}
-    items.sort(key=lambda item: item.path not in heavy)
+    count = Counter(item.path for item in items)
+    items.sort(key=lambda item: (item.path not in heavy, -count[item.path]))
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The estimate against traced training steps for every supported family besides Llama/Qwen2.
+"""The estimate against traced training steps for every supported family besides Llama/Qwen2, each once here
+(test_estimator_arch_variants.py has the other cases of each).
 
 Small configs derived from the presets (hidden >= 256, 2 layers, b 2, s 512): each keeps what makes its
 family's replay different - Gemma's (1+w) fp32 RMSNorm, GeGLU and MQA with head_dim 256, Gemma2's four
@@ -104,7 +105,7 @@ LORA_CKPT = dict(method="lora", precision="bf16", grad_ckpt=True)
 LORA = dict(method="lora", precision="bf16", grad_ckpt=False)
 REENTRANT = dict(grad_ckpt=True, ckpt_reentrant=True)
 
-CASES = [
+ALL_CASES = [
     # (id, config, plan fields)
     ("gemma-full-bf16-sdpa", cfg(GEMMA, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
     ("gemma-lora-ckpt-eager", cfg(GEMMA, vocab_size=32000), dict(LORA_CKPT, attn="eager")),
@@ -221,8 +222,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("config, fields", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_phase_peaks_match_the_trace(config, fields):
+def _family(case) -> str:
+    return case[1]["model_type"]
+
+
+# Here every family once (its first case), at the dependency floors too (.ci/run); the other cases, with other
+# precisions, kernels, masks, checkpointing and LoRA targets: test_estimator_arch_variants.py.
+CASES = [c for i, c in enumerate(ALL_CASES) if _family(c) not in {_family(d) for d in ALL_CASES[:i]}]
+VARIANTS = [c for c in ALL_CASES if c[0] not in {first[0] for first in CASES}]
+
+
+def assert_phase_peaks_match_the_trace(config: dict, fields: dict) -> None:
     plan = Plan(**{"micro_batch": 2, "seq_len": 512, **fields})
     est = estimate(spec_from_config(dict(config), config["model_type"]), plan, kernels="cpu")
     steady = trace_training(dict(config), plan, backend="trace").steady
@@ -232,25 +242,13 @@ def test_phase_peaks_match_the_trace(config, fields):
         assert -2.0 <= err <= 3.0, f"{phase}: estimate {est.phase_peaks[phase]:,} vs trace {measured:,} ({err:+.2f} %)"
 
 
-@pytest.mark.parametrize("config, fields", [
-    (cfg(LLAMA, vocab_size=1000), dict(LORA, attn="sdpa")),
-    (cfg(LLAMA, vocab_size=1000), dict(LORA, attn="sdpa", precision="fp32")),
-    (cfg(QWEN3, vocab_size=1000), dict(FULL_BF16, attn="sdpa")),
-    (cfg(QWEN3, vocab_size=1000), dict(LORA, attn="eager")),
-], ids=["llama-lora-bf16-sdpa", "llama-lora-fp32-sdpa", "qwen3-full-bf16-sdpa", "qwen3-lora-bf16-eager"])
-def test_reentrant_checkpointing_holds_the_recomputed_layer_output(config, fields):
-    """With a small vocabulary the backward peaks inside a recomputed layer. There reentrant checkpointing keeps
-    exactly one b x s x h tensor in the residual dtype more than non-reentrant: the recomputed layer output that
-    CheckpointFunction.backward holds through its inner backward. The estimate moves by what the trace moves."""
-    peaks = {}
-    for reentrant in (False, True):
-        plan = Plan(**{"micro_batch": 2, "seq_len": 512, **fields, "grad_ckpt": True, "ckpt_reentrant": reentrant})
-        est = estimate(spec_from_config(dict(config), config["model_type"]), plan, kernels="cpu")
-        peaks[reentrant] = est.phase_peaks["backward"], trace_training(dict(config), plan).steady.backward
-    residual = 4 if fields.get("precision") == "fp32" else 2
-    held = 2 * 512 * config["hidden_size"] * residual
-    assert peaks[True][0] - peaks[False][0] == held
-    assert peaks[True][1] - peaks[False][1] == held
+@pytest.mark.parametrize("config, fields", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_phase_peaks_match_the_trace(config, fields):
+    assert_phase_peaks_match_the_trace(config, fields)
+
+
+def test_every_family_is_here_once():
+    assert len(CASES) == len({_family(c) for c in ALL_CASES}) == 20 and len(CASES) + len(VARIANTS) == len(ALL_CASES)
 
 
 @pytest.mark.parametrize("precision, residual", [("bf16", 2), ("amp-bf16", 4)])
