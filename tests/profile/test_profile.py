@@ -106,12 +106,16 @@ def test_weights_dir_is_loaded(run_cli, tiny, tmp_path):
     assert out["results"][0]["measured"]["after_load_bytes"] == random["results"][0]["measured"]["after_load_bytes"]
 
 
+TERM_PLANS = [["--method", "lora", "--seq-len", "128"], ["--method", "lora", "--no-grad-ckpt"],
+              ["--batch-size", "2", "--seq-len", "256"], ["--precision", "fp32"]]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("plan", [["--method", "lora", "--seq-len", "128"], ["--method", "lora", "--no-grad-ckpt"],
-                                  ["--batch-size", "2", "--seq-len", "256"], ["--precision", "fp32"]])
+@pytest.mark.parametrize("plan", TERM_PLANS)
 def test_terms_are_measured_as_the_estimate_defines_them(run_cli, plan):
     """At the loss, the output embedding's own saved inputs (autocast's weight copy, the cast hidden states) and
-    the labels are activations in both; logits_loss is the logits and what the loss computes from them."""
+    the labels are activations in both; logits_loss is the logits and what the loss computes from them. The
+    table shows the same terms (checked on the first plan: each run traces the step again)."""
     args = ["--model", "demo-tiny", *plan, "--backend", "trace", "--steps", "2"]
     _, out = profile_json(run_cli, *args)
     result = out["results"][0]
@@ -119,6 +123,8 @@ def test_terms_are_measured_as_the_estimate_defines_them(run_cli, plan):
     terms = result["term_error_pct"]
     assert terms["logits_loss"] is not None and terms["activations"] is not None
     assert all(abs(err) < 0.5 for err in terms.values()), terms
+    if plan != TERM_PLANS[0]:
+        return
     _, table, _ = run_cli("profile", *args)
     rows = table.split("breakdown at the backward peak", 1)[1].split("\n\n", 1)[0].splitlines()[3:]
     assert [r.split()[0] for r in rows] == ["weights", "optimizer_states", "activations", "logits_loss"]
