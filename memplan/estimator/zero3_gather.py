@@ -31,6 +31,7 @@ own count of gathered elements and by `memplan profile --backend cpu` on two ran
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections import deque
@@ -145,6 +146,13 @@ class _Coordinator:
         self.own = [0] * n  # bytes of each gathered parameter's own tensor
         self.available = self.flat = self.data = self.step = 0
         self._release: dict[tuple[int, int], set[int]] = {}
+        # for the reuse distance: where each parameter is fetched in `order`, and the numel fetched before each point
+        self._uses: list[list[int]] = [[] for _ in range(n)]
+        self._numel_before = [0]
+        for j, m in enumerate(self.order):
+            for p in trace.modules[m].params:
+                self._uses[p].append(j)
+            self._numel_before.append(self._numel_before[-1] + sum(trace.numel[p] for p in trace.modules[m].params))
         self.storages: list[tuple] = []  # what the current event made and freed
         self._ids = itertools.count(1)
         self._storage: list[int | None] = [None] * n  # the id of each gathered parameter's own tensor
@@ -226,13 +234,14 @@ class _Coordinator:
         if key not in self._release:
             own = self.trace.modules[m].params
             params = {p for p in own if not self.persist[p] and self.most_recent[p] <= self.step}
-            traversed = 0
-            for later in self.order[self.step:]:
-                if traversed >= self.reuse or not params:
-                    break
-                for p in self.trace.modules[later].params:
+            # the scan over the modules from this step discards a parameter at its next use, while fewer than
+            # `reuse` elements lie before that use
+            start = self._numel_before[self.step]
+            for p in list(params):
+                uses = self._uses[p]
+                j = bisect.bisect_left(uses, self.step)
+                if j < len(uses) and self._numel_before[uses[j]] - start < self.reuse:
                     params.discard(p)
-                    traversed += self.trace.numel[p]
             self._release[key] = params
         return set(self._release[key])
 
