@@ -21,6 +21,21 @@ from memplan.errors import UserError
 from memplan.files import read_json
 
 
+def _hash_once(self) -> int:
+    """A frozen dataclass's hash of its compared fields, computed once: specs and their layer groups key the
+    estimator's caches, which a plan search asks a hundred thousand times (hashing a group hashes every item)."""
+    cached = self.__dict__.get("_hash")
+    if cached is None:
+        cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.compare))
+        object.__setattr__(self, "_hash", cached)
+    return cached
+
+
+def _state_without_hash(self) -> dict:
+    """Pickled without the cached hash: another process hashes strings with another seed."""
+    return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+
 @dataclass(frozen=True)
 class Linear:
     """One weight-matrix module kind inside a decoder layer.
@@ -161,6 +176,9 @@ class LayerGroup:
     top_k: int = 0
     shared_ffn: int = 0  # an MoE layer's always-on shared expert MLP (0: none)
 
+    __hash__ = _hash_once
+    __getstate__ = _state_without_hash
+
     @property
     def count(self) -> int:
         return len(self.indices)
@@ -209,18 +227,8 @@ class ModelSpec:
     frozen_items: tuple[ParamItem, ...] = ()
     wrapper: str = ""
 
-    def __hash__(self) -> int:
-        """The compared fields' hash, computed once: a spec keys the estimator's caches, which a plan search asks
-        a hundred thousand times."""
-        cached = self.__dict__.get("_hash")
-        if cached is None:
-            cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.compare))
-            object.__setattr__(self, "_hash", cached)
-        return cached
-
-    def __getstate__(self) -> dict:
-        """Pickled without the cached hash: another process hashes strings with another seed."""
-        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+    __hash__ = _hash_once
+    __getstate__ = _state_without_hash
 
     @property
     def params_frozen(self) -> int:
