@@ -1,8 +1,14 @@
-"""Fixtures every folder of tests uses, and the order files run in."""
+"""Fixtures every folder of tests uses, the order files run in, and one thread per process."""
 
+import os
 from collections import Counter
 
 import pytest
+
+# The README's command runs a worker per core, and the processes the tests start (memplan train, profile) run beside
+# them: with torch's default of a thread per core in each, OpenMP threads outnumber the cores and spin waiting for
+# each other. Set before any test imports torch; a value already in the environment is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
