@@ -152,7 +152,7 @@ def host_estimate(plan: Path, as_run: dict | None = None):
     from memplan.plan import build_plan
 
     fields = yaml.safe_load(plan.read_text())
-    fields.pop("output_dir")
+    fields.pop("output_dir", None)
     if as_run:
         fields["seq_len"] = as_run["seq_len"]
         fields["data"] = dict(fields["data"], samples=as_run["samples"])
