@@ -15,7 +15,7 @@ from memplan.profile.launch import search_max
 from memplan.profile.meters import CudaMeter
 from memplan.profile.run import measure
 
-from support import REPO
+from support import REPO, without_network
 
 MiB = 2**20
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -305,14 +305,22 @@ def test_find_max_batch_probes_in_subprocesses(run_cli, tiny):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_process_ddp_and_fsdp_on_gloo(run_cli, tiny):
+def test_two_process_ddp_and_fsdp_on_gloo(tmp_path, tiny):
+    """Run as a user runs it, with every host name look-up but this machine's refused and recorded
+    (support.without_network): neither `memplan profile` nor its ranks look anything up."""
+    run = without_network(tmp_path)
     base = ["--model", tiny, *PLAN, "--precision", "fp32", "--backend", "cpu", "--gpus", "2", "--steps", "2"]
+
+    def profile(*args):
+        done, looked_up = run("profile", *base, *args, "--json")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert looked_up == []
+        return json.loads(done.stdout)
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY), dtype=torch.float32)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    code, ddp = profile_json(run_cli, *base)
-    assert code == 0
-    m = ddp["results"][0]["measured"]
+    m = profile()["results"][0]["measured"]
     assert [r["rank"] for r in m["ranks"]] == [0, 1]
     # the ranks hold the same tensors, but which scalars are still alive at a peak can differ between two processes
     # (one rank's forward peak was 4 bytes above the other's in one CI run)
@@ -321,9 +329,7 @@ def test_two_process_ddp_and_fsdp_on_gloo(run_cli, tiny):
     assert m["after_load_bytes"] == weights
     # DDP's gradient buckets: one more copy of the gradients (gradient_as_bucket_view=False)
     assert m["phase_breakdown"]["optimizer"]["comm_buffers"] == m["phase_breakdown"]["optimizer"]["gradients"]
-    code, fsdp = profile_json(run_cli, *base, "--sharding", "fsdp", "--zero", "3")
-    assert code == 0
-    f = fsdp["results"][0]["measured"]
+    f = profile("--sharding", "fsdp", "--zero", "3")["results"][0]["measured"]
     assert len(f["ranks"]) == 2
     assert f["after_load_bytes"] == pytest.approx(weights / 2, rel=0.01)  # each rank holds half
     assert f["phase_breakdown"]["optimizer"]["optimizer_states"] == pytest.approx(
