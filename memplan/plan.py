@@ -131,6 +131,40 @@ class LoraSettings(_Strict):
         return v
 
 
+class DeepSpeedSettings(_Strict):
+    """DeepSpeed's zero_optimization sizes, in elements (parameters), as a DeepSpeed config sets them; unset, what
+    memplan's ds_config writes: transformers' "auto" rules from the model's hidden size (integrations/deepspeed.py)
+    for the buckets and the persistence threshold, DeepSpeed's defaults (deepspeed/runtime/zero/config.py) for
+    the rest. Only plans with sharding deepspeed read them."""
+
+    reduce_bucket_size: int | None = Field(
+        None, gt=0, description="gradient elements reduced together (ZeRO-1/2/3); unset: hidden_size².")
+    stage3_prefetch_bucket_size: int | None = Field(
+        None, ge=0, description="ZeRO-3: parameter elements gathered ahead of the module that needs them; unset: "
+                                "0.9 x hidden_size².")
+    stage3_param_persistence_threshold: int | None = Field(
+        None, ge=0, description="ZeRO-3: parameters of at most this many elements stay whole on every GPU; unset: "
+                                "10 x hidden_size.")
+    stage3_max_live_parameters: int | None = Field(
+        None, ge=0, description="ZeRO-3: gathered elements kept before prefetching stops; unset: 1e9.")
+    stage3_max_reuse_distance: int | None = Field(
+        None, ge=0, description="ZeRO-3: a gathered parameter used again within this many elements of fetches "
+                                "stays gathered; unset: 1e9.")
+    sub_group_size: int | None = Field(
+        None, ge=0, description="ZeRO-3: the optimizer steps its partition in sub-groups of at least this many "
+                                "elements (0: one per parameter); unset: 1e9.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        """DeepSpeed configs write sizes as 5e8 (a float in JSON, text in YAML): taken when it is a whole number."""
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            value = float(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
+
 class Hyperparameters(_Strict):
     lr: float | None = Field(None, gt=0, description="peak learning rate (default: 2e-5 for full fine-tuning, "
                                 "2e-4 for LoRA/QLoRA).")
@@ -289,6 +323,9 @@ class Plan(_Strict):
         description="Liger's Triton kernels in place of transformers' modules: a comma list of rope, rms_norm, "
                     "swiglu, fused_linear_cross_entropy (the loss without full logits), or all (what "
                     "use_liger_kernel applies).")
+    deepspeed: DeepSpeedSettings = Field(
+        default_factory=DeepSpeedSettings, description="DeepSpeed's bucket and ZeRO-3 sizes, where a DeepSpeed config "
+                                                       "sets them; unset: what memplan's ds_config writes.")
     allocator: Allocator = Field(
         "default", description="PyTorch's CUDA caching allocator: its usual segments, or expandable segments "
                                "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), which grow one segment instead "
@@ -499,7 +536,7 @@ class PlanInput(dict):
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {"lora": LoraSettings, "hparams": Hyperparameters, "data": DataSettings,
-                                        "target": TargetSettings}
+                                        "target": TargetSettings, "deepspeed": DeepSpeedSettings}
 
 
 def _field_path(loc: tuple) -> list[str]:
@@ -614,11 +651,14 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> PlanInput:
 
 
 def plan_fields(plan: Plan) -> dict[str, Any]:
-    """The plan as a plan file holds it: the lora block only for methods that train adapters, and one of
-    warmup_ratio / warmup_steps (the one set)."""
+    """The plan as a plan file holds it: the lora block only for methods that train adapters, the deepspeed block
+    only with the sizes set on a DeepSpeed plan, and one of warmup_ratio / warmup_steps (the one set)."""
     data = plan.model_dump(mode="json")
     if not plan.trains_adapters:
         del data["lora"]
+    data["deepspeed"] = {k: v for k, v in data["deepspeed"].items() if v is not None}
+    if plan.sharding != "deepspeed" or not data["deepspeed"]:
+        del data["deepspeed"]
     h = data["hparams"]
     for key in ("warmup_ratio", "warmup_steps"):
         if h[key] is None:

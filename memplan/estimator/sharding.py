@@ -70,7 +70,8 @@ class PerGpu:
     gathered_decoder_end: int | None = None
 
 
-#: DeepSpeed ZeRO-3's sub_group_size default (deepspeed/runtime/zero/config.py); memplan's ds_config leaves it.
+#: DeepSpeed ZeRO-3's sub_group_size default (deepspeed/runtime/zero/config.py); memplan's ds_config leaves it
+#: unless the plan sets it (Plan.deepspeed).
 DEEPSPEED_SUB_GROUP_ELEMS = 1_000_000_000
 
 
@@ -78,9 +79,11 @@ def _part(x: int, n: int) -> int:
     return math.ceil(x / n)
 
 
-def deepspeed_reduce_bucket_elems(spec: ModelSpec) -> int:
-    """HF's "auto" DeepSpeed config: reduce_bucket_size = hidden_size**2 (transformers integrations/deepspeed.py)."""
-    return spec.hidden_size ** 2
+def deepspeed_reduce_bucket_elems(spec: ModelSpec, plan: Plan) -> int:
+    """The plan's reduce_bucket_size, else HF's "auto" DeepSpeed config: hidden_size**2 (transformers
+    integrations/deepspeed.py)."""
+    size = plan.deepspeed.reduce_bucket_size
+    return spec.hidden_size ** 2 if size is None else size
 
 
 def deepspeed_param_groups(spec: ModelSpec, plan: Plan, n: int) -> list[list[int]]:
@@ -97,24 +100,27 @@ def deepspeed_param_groups(spec: ModelSpec, plan: Plan, n: int) -> list[list[int
     return [[_part(math.prod(shape), n) for shape in group] for group in groups if group]
 
 
-def split_sub_groups(partitions: list[int]) -> list[int]:
+def split_sub_groups(partitions: list[int], sub_group_size: int = DEEPSPEED_SUB_GROUP_ELEMS) -> list[int]:
     """`_create_fp16_sub_groups` over one parameter group: the whole group where it is at most sub_group_size
     elements, else sub-groups closed once they reach it (so one may overshoot by a partition); the elements of
     each."""
-    if sum(partitions) <= DEEPSPEED_SUB_GROUP_ELEMS:
+    if sum(partitions) <= sub_group_size:
         return [sum(partitions)] if partitions else []
     groups, size = [], 0
     for k, numel in enumerate(partitions):
         size += numel
-        if size >= DEEPSPEED_SUB_GROUP_ELEMS or k == len(partitions) - 1:
+        if size >= sub_group_size or k == len(partitions) - 1:
             groups.append(size)
             size = 0
     return groups
 
 
 def deepspeed_sub_groups(spec: ModelSpec, plan: Plan, n: int) -> list[int]:
-    """ZeRO-3's optimizer sub-groups on one rank, in elements: each parameter group split by `split_sub_groups`."""
-    return [size for group in deepspeed_param_groups(spec, plan, n) for size in split_sub_groups(group)]
+    """ZeRO-3's optimizer sub-groups on one rank, in elements: each parameter group split by `split_sub_groups`
+    (at the plan's sub_group_size, else DeepSpeed's default)."""
+    cap = plan.deepspeed.sub_group_size
+    cap = DEEPSPEED_SUB_GROUP_ELEMS if cap is None else cap
+    return [size for group in deepspeed_param_groups(spec, plan, n) for size in split_sub_groups(group, cap)]
 
 
 def deepspeed_step_fp32_grad_elems(spec: ModelSpec, plan: Plan, n_trainable: int, n: int, stage: int) -> int:
@@ -191,7 +197,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         G = G if stage == 1 else 0  # ZeRO-2 moves each reduced gradient to the host; ZeRO-1 keeps the whole ones
         step_grads, TMP = 0, 0
         M = 2 * _part(4 * tensors.n_trainable, n)  # the fp32 masters and gradient partition, in host RAM (below)
-        buckets = 2 * deepspeed_reduce_bucket_elems(spec) * g_item
+        buckets = 2 * deepspeed_reduce_bucket_elems(spec, plan) * g_item
         buffers += buckets + reduced.staging
         forward_buffers = reduced.staging + (buckets if stage == 1 and plan.grad_accum > 1 else 0)
         step_buffers = reduced.staging
@@ -202,7 +208,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         if n > 1:
             # overlap_comm's two reduce buckets (stage_1_and_2.py setup_buckets), in the gradients' dtype, made at a
             # backward's first gradient and freed as a reducing one ends (ZeRO-1 with accumulation: the last)
-            buffers += 2 * deepspeed_reduce_bucket_elems(spec) * g_item
+            buffers += 2 * deepspeed_reduce_bucket_elems(spec, plan) * g_item
             forward_buffers = buffers if stage == 1 and plan.grad_accum > 1 else 0
             step_buffers = 0
     elif ds and stage == 3 and plan.quantized_base is None and plan.offload == "none":
@@ -229,18 +235,18 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                 # DeepSpeed's meta tensors (see _zero_step, which the measured stages 1-2 use)
                 M += _part(4 * tensors.n_trainable, n)
             if n > 1 and stage in (1, 2):
-                buffers += deepspeed_reduce_bucket_elems(spec) * num.compute
+                buffers += deepspeed_reduce_bucket_elems(spec, plan) * num.compute
         if stage == 3 and plan.offload != "none" and plan.quantized_base is None:
             # ZeRO-3 offloading: the gradient partition is a pinned host buffer (stage3.py: grad_partitions_flat_buffer
             # on the offload device), the reduce bucket stays on the GPU for the run (measured with
             # `memplan profile --backend cpu`, benchmarks/results/deepspeed-gloo-2rank.jsonl)
             host += G * plan.gpus
             G = 0
-            buffers += deepspeed_reduce_bucket_elems(spec) * g_item
+            buffers += deepspeed_reduce_bucket_elems(spec, plan) * g_item
     if ds and stage == 3:
         # current + prefetched parameters, gathered in the compute dtype
-        gathered_f = unit + zero3_gather.prefetch_bucket(spec) * num.compute
-        gathered_b = gathered_f + (0 if resting_grads else deepspeed_reduce_bucket_elems(spec) * g_item)
+        gathered_f = unit + zero3_gather.prefetch_bucket(spec, plan) * num.compute
+        gathered_b = gathered_f + (0 if resting_grads else deepspeed_reduce_bucket_elems(spec, plan) * g_item)
     deferred, deferred_from = 0, ()
     gathered_layers_f = gathered_f
     decoder_end = None
@@ -254,7 +260,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         # several: what DeepSpeed's coordinator holds gathered at each moment, prefetches and parameters kept for
         # their reuse included (memplan.estimator.zero3_gather)
         held = zero3_gather.moments(spec, plan, n, num.compute)
-        bucket = 0 if resting_grads else deepspeed_reduce_bucket_elems(spec) * g_item
+        bucket = 0 if resting_grads else deepspeed_reduce_bucket_elems(spec, plan) * g_item
         gathered_f, gathered_layers_f, gathered_end = held.forward_end, held.last_layer_forward, held.end + bucket
         decoder_end = held.decoder_end
         gathered_b = held.backward_start + bucket
@@ -359,7 +365,7 @@ def _zero_offload_reduction(spec: ModelSpec, plan: Plan, tensors: Tensors, n: in
     DeepSpeed's CPU accelerator, its pinned buffers and the CPU step counted as host memory
     (benchmarks/results/deepspeed-gloo-2rank.jsonl)."""
     part = _part(tensors.n_trainable, n)
-    bucket = deepspeed_reduce_bucket_elems(spec)
+    bucket = deepspeed_reduce_bucket_elems(spec, plan)
 
     def reducing(numel: int, counted: bool = kept) -> int:
         held = numel * g_item if numel > bucket and not counted else 0  # a bucket's gradients are in the buckets
@@ -423,7 +429,7 @@ def _zero3_step(spec: ModelSpec, plan: Plan, tensors: Tensors, n: int, G: int,
     part = _part(tensors.n_trainable, n)
     sub = deepspeed_step_fp32_grad_elems(spec, plan, tensors.n_trainable, n, 3)
     temps = 4 * sub + step_temporaries(plan, sub)
-    return G, temps, 4 * part, deepspeed_reduce_bucket_elems(spec) * g_item
+    return G, temps, 4 * part, deepspeed_reduce_bucket_elems(spec, plan) * g_item
 
 
 def _persistent_bytes(spec: ModelSpec, plan: Plan, itemsize: int) -> int:
@@ -432,7 +438,7 @@ def _persistent_bytes(spec: ModelSpec, plan: Plan, itemsize: int) -> int:
     from memplan.estimator.activations import lora_targets
     from memplan.estimator.states import module_parameters
 
-    threshold = zero3_gather.persistence_threshold(spec)
+    threshold = zero3_gather.persistence_threshold(spec, plan)
     sizes = (math.prod(shape) for shape, _ in module_parameters(spec, lora_targets(spec, plan), plan.lora.rank))
     return sum(numel for numel in sizes if numel <= threshold) * itemsize
 

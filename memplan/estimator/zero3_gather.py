@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from memplan.catalog.spec import ModelSpec
 from memplan.plan import Plan
 
-#: DeepSpeed's defaults (deepspeed/runtime/zero/config.py), which memplan's ds_config leaves:
-#: stage3_max_reuse_distance and stage3_max_live_parameters, in elements.
+#: DeepSpeed's defaults (deepspeed/runtime/zero/config.py), which memplan's ds_config leaves unless the plan sets
+#: them (Plan.deepspeed): stage3_max_reuse_distance and stage3_max_live_parameters, in elements.
 MAX_REUSE_DISTANCE = 1_000_000_000
 MAX_LIVE_PARAMETERS = 1_000_000_000
 
@@ -51,14 +51,23 @@ MAX_LIVE_PARAMETERS = 1_000_000_000
 LEAF_MOE_BLOCKS = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
 
 
-def persistence_threshold(spec: ModelSpec) -> int:
-    """HF "auto" (memplan's ds_config): stage3_param_persistence_threshold = 10 * hidden_size."""
-    return 10 * spec.hidden_size
+def persistence_threshold(spec: ModelSpec, plan: Plan) -> int:
+    """The plan's stage3_param_persistence_threshold, else HF "auto" (memplan's ds_config): 10 * hidden_size."""
+    value = plan.deepspeed.stage3_param_persistence_threshold
+    return 10 * spec.hidden_size if value is None else value
 
 
-def prefetch_bucket(spec: ModelSpec) -> int:
-    """HF "auto" (memplan's ds_config): stage3_prefetch_bucket_size = 0.9 * hidden_size**2."""
-    return int(0.9 * spec.hidden_size ** 2)
+def prefetch_bucket(spec: ModelSpec, plan: Plan) -> int:
+    """The plan's stage3_prefetch_bucket_size, else HF "auto" (memplan's ds_config): 0.9 * hidden_size**2."""
+    value = plan.deepspeed.stage3_prefetch_bucket_size
+    return int(0.9 * spec.hidden_size ** 2) if value is None else value
+
+
+def reuse_and_live(plan: Plan) -> tuple[int, int]:
+    """The plan's stage3_max_reuse_distance and stage3_max_live_parameters, else DeepSpeed's defaults."""
+    ds = plan.deepspeed
+    reuse, live = ds.stage3_max_reuse_distance, ds.stage3_max_live_parameters
+    return (MAX_REUSE_DISTANCE if reuse is None else reuse), (MAX_LIVE_PARAMETERS if live is None else live)
 
 
 @dataclass(frozen=True)
@@ -554,7 +563,7 @@ class Moments:
 
 
 def moments(spec: ModelSpec, plan: Plan, world: int, itemsize: int) -> Moments:
-    """The coordinator's replay (`replay`) on the step's trace (`step_trace`), with memplan's ds_config values, read
+    """The coordinator's replay (`replay`) on the step's trace (`step_trace`), with the plan's ds_config values, read
     at the estimate's moments."""
     key = _key(spec, plan, world, itemsize)
     if key not in _MOMENTS:
@@ -568,19 +577,22 @@ _MOMENTS: dict[tuple, Moments] = {}
 def _key(spec: ModelSpec, plan: Plan, world: int, itemsize: int) -> tuple:
     """What the trace and its replay depend on."""
     targets = plan.lora.targets if isinstance(plan.lora.targets, str) else tuple(plan.lora.targets)
-    return spec, plan.trains_adapters, targets, plan.lora.rank, plan.grad_ckpt, world, itemsize
+    sizes = (persistence_threshold(spec, plan), prefetch_bucket(spec, plan), *reuse_and_live(plan))
+    return spec, plan.trains_adapters, targets, plan.lora.rank, plan.grad_ckpt, world, itemsize, sizes
 
 
 def replayed(spec: ModelSpec, plan: Plan, world: int, itemsize: int) -> tuple[Trace, Replay]:
-    """The step's trace and the coordinator's replay of it, with memplan's ds_config values (one per model, method
+    """The step's trace and the coordinator's replay of it, with the plan's ds_config values (one per model, method
     and checkpointing: a search's plans share it)."""
     key = _key(spec, plan, world, itemsize)
     if key not in _REPLAYS:
         if len(_REPLAYS) >= 16:  # a search over many models: the oldest go
             del _REPLAYS[next(iter(_REPLAYS))]
         trace = step_trace(spec, plan)
-        _REPLAYS[key] = trace, replay(trace, world=world, itemsize=itemsize, persistent=persistence_threshold(spec),
-                                      bucket=prefetch_bucket(spec))
+        reuse, live = reuse_and_live(plan)
+        _REPLAYS[key] = trace, replay(trace, world=world, itemsize=itemsize,
+                                      persistent=persistence_threshold(spec, plan), bucket=prefetch_bucket(spec, plan),
+                                      reuse=reuse, live=live)
     return _REPLAYS[key]
 
 

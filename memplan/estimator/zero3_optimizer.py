@@ -56,7 +56,7 @@ class Zero3:
     def __init__(self, spec: ModelSpec, plan: Plan, itemsize: int, grad_itemsize: int) -> None:
         self.plan, self.item, self.g_item, self.world = plan, itemsize, grad_itemsize, plan.world_size
         trace, replay = zero3_gather.replayed(spec, plan, self.world, itemsize)
-        self.threshold = zero3_gather.persistence_threshold(spec)
+        self.threshold = zero3_gather.persistence_threshold(spec, plan)
         # every parameter in the order of named_parameters, whether it is trained
         params = states.module_parameters(spec, lora_targets(spec, plan), plan.lora.rank)
         self.params = [(math.prod(shape), role == "adapter" or not plan.trains_adapters) for shape, role in params]
@@ -64,7 +64,7 @@ class Zero3:
         # the trained partitions by the optimizer's parameter group, and its sub-groups
         self.trained = sum(deepspeed_param_groups(spec, plan, self.world), [])
         self.groups = deepspeed_sub_groups(spec, plan, self.world)
-        self.bucket = deepspeed_reduce_bucket_elems(spec)
+        self.bucket = deepspeed_reduce_bucket_elems(spec, plan)
         self._segments = _segments(trace, replay, spec.num_layers) if self.world > 1 else {}
         self._ids: dict[int, int] = {}  # the coordinator's storage ids -> the stream's
         self._whole: list[int] = []  # the persistent parameters' whole copies

@@ -79,7 +79,7 @@ class ZeroOptimizer:
         self.offload = plan.offload == "optimizer"
         self.largest = max(tensors.trainable, default=0)  # the offload staging buffer's elements
         self._in_bucket: list[int] = []  # offload: the elements of each gradient in the current bucket
-        self.bucket = deepspeed_reduce_bucket_elems(spec)
+        self.bucket = deepspeed_reduce_bucket_elems(spec, plan)
         self.stage, self.accumulates = plan.zero, plan.grad_accum > 1
         self._micro, self._last = 0, True
         self._buckets: list[int] = []

@@ -86,19 +86,24 @@ def ds_config(plan: Plan, spec: ModelSpec) -> dict:
     the plan's values where the estimate depends on them and a training tool has no argument for them
     (ZeRO stage, offload, bucket sizes) or must agree (bf16: HF Trainer checks it against --bf16).
 
-    Bucket sizes are HF's "auto" rules, the ones the estimator assumes (reduce_bucket_size = hidden^2,
-    stage3_prefetch_bucket_size = 0.9 hidden^2, stage3_param_persistence_threshold = 10 hidden;
-    transformers integrations/deepspeed.py). The optimizer section is the plan's AdamW
-    (deepspeed_setup.optimizer_section). No scheduler section: without one HF Trainer runs its own
+    Bucket sizes are the plan's (Plan.deepspeed), else HF's "auto" rules, the ones the estimator assumes then
+    (reduce_bucket_size = hidden^2, stage3_prefetch_bucket_size = 0.9 hidden^2, stage3_param_persistence_threshold
+    = 10 hidden; transformers integrations/deepspeed.py); ZeRO-3's live-parameter cap, reuse distance and
+    sub-group size are written where the plan sets them (DeepSpeed's defaults otherwise). The optimizer section
+    is the plan's AdamW (deepspeed_setup.optimizer_section). No scheduler section: without one HF Trainer runs its own
     schedule (lr_scheduler_type, warmup_steps: transformers' get_scheduler, which memplan train's matches),
     while DeepSpeed's WarmupCosineLR starts its cosine one step early and warms up over at least 2 steps,
     logarithmically by default (deepspeed/runtime/lr_schedules.py)."""
     zero: dict = {"stage": plan.zero, "overlap_comm": True, "contiguous_gradients": True,
-                  "reduce_bucket_size": deepspeed_reduce_bucket_elems(spec)}
+                  "reduce_bucket_size": deepspeed_reduce_bucket_elems(spec, plan)}
     if plan.zero == 3:
-        zero.update({"stage3_prefetch_bucket_size": zero3_gather.prefetch_bucket(spec),
-                     "stage3_param_persistence_threshold": zero3_gather.persistence_threshold(spec),
+        zero.update({"stage3_prefetch_bucket_size": zero3_gather.prefetch_bucket(spec, plan),
+                     "stage3_param_persistence_threshold": zero3_gather.persistence_threshold(spec, plan),
                      "stage3_gather_16bit_weights_on_model_save": True})
+        ds = plan.deepspeed
+        zero.update({key: value for key, value in (("stage3_max_live_parameters", ds.stage3_max_live_parameters),
+                                                   ("stage3_max_reuse_distance", ds.stage3_max_reuse_distance),
+                                                   ("sub_group_size", ds.sub_group_size)) if value is not None})
     if plan.offload in ("optimizer", "optimizer+params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if plan.offload == "optimizer+params":

@@ -6,6 +6,7 @@ takes the argument's value; a number that differs from the argument is refused t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from memplan.errors import UserError
@@ -16,34 +17,26 @@ from memplan.trainers.source import Reading, shown_value
 #: zero_optimization keys that do not change memory, or only at save time.
 _QUIET = {"stage", "offload_optimizer", "offload_param", "contiguous_gradients", "round_robin_gradients",
           "allgather_partitions", "reduce_scatter", "overlap_comm"}
-#: zero_optimization buffer sizes: "auto" is what transformers fills and memplan counts (hidden_size**2 for the
-#: reduce bucket, 0.9 x hidden_size**2 for the stage-3 prefetch bucket: memplan.estimator.sharding).
-_AUTO_BUCKETS = {"reduce_bucket_size": "HF's auto: hidden_size², as memplan counts the reduce bucket",
-                 "stage3_prefetch_bucket_size": "HF's auto: 0.9 x hidden_size², as memplan counts the prefetch",
-                 "prefetch_bucket_size": "HF's auto: 0.9 x hidden_size², as memplan counts the prefetch",
-                 "stage3_param_persistence_threshold": "HF's auto: 10 x hidden_size, as memplan counts the parameters "
-                                                       "ZeRO-3 keeps whole",
-                 "param_persistence_threshold": "HF's auto: 10 x hidden_size, as memplan counts the parameters ZeRO-3 "
-                                                "keeps whole"}
-#: zero_optimization keys whose DeepSpeed default memplan's estimate counts (memplan.estimator.zero3_gather).
-_COUNTED_DEFAULTS = {
-    "sub_group_size": (SUB_GROUP_SIZE, "DeepSpeed's default, as memplan counts the stage-3 optimizer step"),
-    "stage3_max_live_parameters": (MAX_LIVE_PARAMETERS, "DeepSpeed's default, as memplan counts ZeRO-3's prefetch"),
-    "max_live_parameters": (MAX_LIVE_PARAMETERS, "DeepSpeed's default, as memplan counts ZeRO-3's prefetch"),
-    "stage3_max_reuse_distance": (MAX_REUSE_DISTANCE, "DeepSpeed's default, as memplan counts the parameters ZeRO-3 "
-                                                      "keeps gathered"),
-    "max_reuse_distance": (MAX_REUSE_DISTANCE, "DeepSpeed's default, as memplan counts the parameters ZeRO-3 keeps "
-                                               "gathered"),
-}
+#: zero_optimization sizes memplan's estimate counts (Plan.deepspeed), by the names DeepSpeed takes (a ZeRO-3 key
+#: also without its "stage3_" prefix: deepspeed/runtime/zero/config.py aliases); "auto" is what transformers fills
+#: and memplan counts when the plan leaves the size unset (memplan.estimator.sharding, zero3_gather).
+_SIZES = {"reduce_bucket_size": "reduce_bucket_size", "sub_group_size": "sub_group_size"} | {
+    name: key for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                          "stage3_max_live_parameters", "stage3_max_reuse_distance")
+    for name in (key, key.removeprefix("stage3_"))}
+_AUTO = {"reduce_bucket_size": "HF's auto: hidden_size², as memplan counts the reduce bucket",
+         "stage3_prefetch_bucket_size": "HF's auto: 0.9 x hidden_size², as memplan counts the prefetch",
+         "stage3_param_persistence_threshold": "HF's auto: 10 x hidden_size, as memplan counts the parameters ZeRO-3 "
+                                               "keeps whole"}
+#: DeepSpeed's defaults, which memplan counts when the plan leaves the size unset: the same number is not taken.
+_DEFAULTS = {"sub_group_size": (SUB_GROUP_SIZE, "DeepSpeed's default, as memplan counts the stage-3 optimizer step"),
+             "stage3_max_live_parameters": (MAX_LIVE_PARAMETERS, "DeepSpeed's default, as memplan counts ZeRO-3's "
+                                                                 "prefetch"),
+             "stage3_max_reuse_distance": (MAX_REUSE_DISTANCE, "DeepSpeed's default, as memplan counts the parameters "
+                                                               "ZeRO-3 keeps gathered")}
 #: zero_optimization keys that change memory and that memplan's estimate does not count.
 _UNMODELLED = {
     "allgather_bucket_size": "ZeRO-1/2 all-gather bucket",
-    "stage3_max_live_parameters": "ZeRO-3 cap on gathered parameters kept live, other than DeepSpeed's 1e9",
-    "max_live_parameters": "ZeRO-3 cap on gathered parameters kept live, other than DeepSpeed's 1e9",
-    "stage3_max_reuse_distance": "ZeRO-3 reuse distance of gathered parameters, other than DeepSpeed's 1e9",
-    "max_reuse_distance": "ZeRO-3 reuse distance of gathered parameters, other than DeepSpeed's 1e9",
-    "stage3_param_persistence_threshold": "ZeRO-3 small parameters kept unpartitioned, other than HF's auto",
-    "param_persistence_threshold": "ZeRO-3 small parameters kept unpartitioned, other than HF's auto",
     "stage3_gather_16bit_weights_on_model_save": "the 16-bit weights gathered on rank 0 when saving",
     "gather_16bit_weights_on_model_save": "the 16-bit weights gathered on rank 0 when saving",
     "zero_quantized_weights": "ZeRO++ quantized weights", "zero_hpz_partition_size": "ZeRO++ secondary partition",
@@ -128,13 +121,16 @@ def _number(value: Any) -> float | None:
 def _buckets(r: Reading, zero: dict, where: str) -> None:
     for key, value in zero.items():
         name = f"{where}: zero_optimization.{key}"
-        if key in _AUTO_BUCKETS and value == "auto":
-            r.count(name, value, _AUTO_BUCKETS[key])
-        elif key in _COUNTED_DEFAULTS and _number(value) == _COUNTED_DEFAULTS[key][0]:
-            r.count(name, value, _COUNTED_DEFAULTS[key][1])
-        elif key in _AUTO_BUCKETS or key == "sub_group_size" or key in _UNMODELLED:
-            why = _UNMODELLED.get(key) or "a buffer size other than what memplan counts (HF's auto / DeepSpeed's " \
-                                          "default)"
-            r.unmodelled(name, value, why)
+        field = _SIZES.get(key)
+        number = _number(value)
+        if field and value == "auto" and field in _AUTO:
+            r.count(name, value, _AUTO[field])
+        elif field in _DEFAULTS and number == _DEFAULTS[field][0]:
+            r.count(name, value, _DEFAULTS[field][1])
+        elif field and number is not None and math.isfinite(number) and number >= 0 and number.is_integer():
+            r.take(f"deepspeed.{field}", int(number), name)
+        elif field or key in _UNMODELLED:
+            r.unmodelled(name, value, _UNMODELLED.get(key) or "a size memplan cannot read (a whole number of "
+                                                              "elements, or HF's auto)")
         elif key not in _QUIET:
             r.unknown.append(name)

@@ -9,17 +9,23 @@ import pytest
 
 from memplan.catalog.resolve import resolve_model
 from memplan.estimator import zero3_gather
-from memplan.plan import Plan, build_plan
+from memplan.plan import DeepSpeedSettings, Plan, build_plan
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [json.loads(line) for line in (REPO / "benchmarks/results/zero3-trace.jsonl").read_text().splitlines()]
 
 
-def _replayed(spec, plan, **rules):
-    trace = zero3_gather.step_trace(spec, plan, wrappers=rules.pop("wrappers", 0))
-    kwargs = dict(world=plan.world_size, itemsize=2, persistent=zero3_gather.persistence_threshold(spec),
-                  bucket=zero3_gather.prefetch_bucket(spec), **rules)
-    return trace, zero3_gather.replay(trace, **kwargs)
+#: The coordinator's rules a stored row ran with, as the plan's DeepSpeed settings
+RULES = {"live": "stage3_max_live_parameters", "reuse": "stage3_max_reuse_distance"}
+
+
+def _replayed(spec, plan, wrappers=0):
+    """The coordinator's replay with the plan's DeepSpeed sizes (Plan.deepspeed, else memplan's ds_config values)."""
+    trace = zero3_gather.step_trace(spec, plan, wrappers=wrappers)
+    reuse, live = zero3_gather.reuse_and_live(plan)
+    return trace, zero3_gather.replay(trace, world=plan.world_size, itemsize=2, reuse=reuse, live=live,
+                                      persistent=zero3_gather.persistence_threshold(spec, plan),
+                                      bucket=zero3_gather.prefetch_bucket(spec, plan))
 
 
 def _row_id(row) -> str:
@@ -39,8 +45,9 @@ def test_the_replay_counts_what_deepspeeds_coordinator_gathers_at_every_event(ro
     fields = dict(row["config"])
     path = tmp_path / "config.json"
     path.write_text(AutoConfig.for_model(fields.pop("model_type", "llama"), **fields).to_json_string())
-    spec, plan = resolve_model(str(path)), Plan(**row["plan"])
-    trace, replay = _replayed(spec, plan, wrappers=row["wrappers"], **row["rules"])
+    deepspeed = {RULES[rule]: value for rule, value in row["rules"].items()}
+    spec, plan = resolve_model(str(path)), Plan(**row["plan"], deepspeed=deepspeed)
+    trace, replay = _replayed(spec, plan, wrappers=row["wrappers"])
     replayed = [[e.kind[0], e.forward, n] for e, n in zip(trace.events, replay.available)
                 if e.kind != "end" and trace.modules[e.module].params]
     assert len(replayed) == len(row["events"])
@@ -55,7 +62,8 @@ def test_the_default_reuse_distance_keeps_what_a_short_one_releases():
     plan = build_plan(dict(model="demo-tiny", method="full", sharding="deepspeed", zero=3, gpus=2,
                             precision="bf16-master"))
     trace, default = _replayed(spec, plan)
-    _, short = _replayed(spec, plan, reuse=spec.params_total // spec.num_layers)
+    _, short = _replayed(spec, plan.model_copy(update={"deepspeed": DeepSpeedSettings(
+        stage3_max_reuse_distance=spec.params_total // spec.num_layers)}))
     at_loss = max(k for k, e in enumerate(trace.events) if e.region == "head")
     norms = (2 * spec.num_layers + 1) * spec.hidden_size  # kept whole, never gathered
     assert default.available[at_loss] == spec.params_total - norms

@@ -108,6 +108,33 @@ def test_sub_groups_close_once_they_reach_deepspeeds_size():
     assert split_sub_groups([]) == []
 
 
+def test_a_configs_own_sizes_reach_the_estimate_the_stream_and_the_files_it_writes():
+    """Plan.deepspeed: the sizes a DeepSpeed config sets, read as DeepSpeed reads them (5e8 as JSON's float or
+    YAML's text), counted by the estimate and its stream, written to the plan file and to ds_config.json."""
+    import yaml
+
+    from memplan.plan import build_plan, plan_fields, plan_to_yaml
+    from memplan.recommend.writers import ds_config
+
+    spec = spec_from_config(CONFIG, "llama-small")
+    sizes = {"reduce_bucket_size": 2 * 256 ** 2, "stage3_prefetch_bucket_size": 0, "sub_group_size": 0,
+             "stage3_max_live_parameters": 256 ** 2, "stage3_max_reuse_distance": 0,
+             "stage3_param_persistence_threshold": 0}
+    plan, default = _plan(deepspeed=sizes), _plan()
+    assert build_plan(dict(_plan().model_dump(mode="json"), deepspeed={"reduce_bucket_size": "1.31072e5"})) \
+        .deepspeed.reduce_bucket_size == 2 * 256 ** 2
+    # a sub-group per parameter: the step's fp32 gradient is the largest parameter's partition, not all of them
+    assert max(deepspeed_sub_groups(spec, plan, 2)) == 2048 * 256 // 2 < deepspeed_sub_groups(spec, default, 2)[0]
+    ours, theirs = estimate(spec, plan), estimate(spec, default)
+    assert ours.breakdown != theirs.breakdown and ours.reserved_basis == "replayed"
+    assert allocation_stream(spec, plan) != allocation_stream(spec, default)
+    zero = ds_config(plan, spec)["zero_optimization"]
+    assert {key: zero[key] for key in sizes} == sizes
+    assert "sub_group_size" not in ds_config(default, spec)["zero_optimization"]
+    assert plan_fields(plan)["deepspeed"] == sizes and "deepspeed" not in plan_fields(default)
+    assert build_plan(yaml.safe_load(plan_to_yaml(plan))) == plan
+
+
 def test_weight_decay_gives_the_norms_a_group_and_sub_group_of_their_own():
     """memplan's optimizer groups the 2-D weights apart from the rest under weight decay, and DeepSpeed splits each
     group into sub-groups; its step holds the largest sub-group's fp32 gradient."""

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from memplan.catalog.resolve import resolve_model
 from memplan.errors import UserError
+from memplan.estimator import estimate
 from memplan.plan import build_plan, merge
 from memplan.trainers import read_config, recommend_inputs
 
@@ -35,11 +37,10 @@ EXPECTED = {
          'zero': 3,
          'offload': 'optimizer+params',
          'precision': 'bf16-master',
-         'gpus': 1},
+         'gpus': 1,
+         # a sub-group per parameter, no prefetch, each parameter released after its use (DeepSpeed's aliases)
+         'deepspeed': {'sub_group_size': 0, 'stage3_max_live_parameters': 0, 'stage3_max_reuse_distance': 0}},
         ['optimizer',
-         'deepspeed (zero3_bf16_cpuoffload_all.json): zero_optimization.sub_group_size',
-         'deepspeed (zero3_bf16_cpuoffload_all.json): zero_optimization.max_live_parameters',
-         'deepspeed (zero3_bf16_cpuoffload_all.json): zero_optimization.max_reuse_distance',
          'deepspeed (zero3_bf16_cpuoffload_all.json): zero_optimization.gather_16bit_weights_on_model_save',
          'plugins',
          'activation_offloading',
@@ -641,6 +642,13 @@ def test_llamafactory_with_its_zero2_offload_config(tmp_path):
     assert {k: source.plan[k] for k in ("sharding", "zero", "offload", "precision")} == {
         "sharding": "deepspeed", "zero": 2, "offload": "optimizer", "precision": "bf16-master"}
     where = "deepspeed (ds_z2_offload_config.json): zero_optimization."
-    assert [n["key"] for n in source.not_modelled] == [
-        where + "allgather_bucket_size", where + "reduce_bucket_size"]  # 5e8, not HF's auto
+    assert [n["key"] for n in source.not_modelled] == [where + "allgather_bucket_size"]
+    assert source.plan["deepspeed"] == {"reduce_bucket_size": 500_000_000}  # 5e8, not HF's auto
+    assert source.taken["deepspeed.reduce_bucket_size"] == where + "reduce_bucket_size"
     build_plan(merge(source.plan, {}), source=str(path))
+    # the estimate counts the file's bucket, not HF's auto of hidden_size² (on a preset: the file names a Hub id)
+    plan = build_plan(merge(source.plan, {"model": "llama-2-7b"}))
+    auto = build_plan(merge(source.plan, {"model": "llama-2-7b", "deepspeed.reduce_bucket_size": None}))
+    spec = resolve_model(plan.model)
+    assert estimate(spec, plan).breakdown["comm_buffers"] - estimate(spec, auto).breakdown["comm_buffers"] == \
+        2 * 2 * (500_000_000 - spec.hidden_size ** 2)
