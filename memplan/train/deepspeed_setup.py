@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import UserError
+from memplan.estimator.sharding import DEEPSPEED_SUB_GROUP_ELEMS
+from memplan.estimator.zero3_gather import MAX_LIVE_PARAMETERS, MAX_REUSE_DISTANCE
 from memplan.plan import mixed_precision
 
 INSTALL_HINT = "Hint: pip install deepspeed, or --set sharding=fsdp"
@@ -63,8 +65,11 @@ def check_installed() -> None:
 
 
 def _get(cfg: dict, dotted: str) -> Any:
+    """The value at `dotted`; a ZeRO-3 size also under DeepSpeed's alias without "stage3_"."""
     node: Any = cfg
     for key in dotted.split("."):
+        if isinstance(node, dict) and key not in node and key.startswith("stage3_"):
+            key = key.removeprefix("stage3_")
         if not isinstance(node, dict) or key not in node:
             return None
         node = node[key]
@@ -111,7 +116,23 @@ def expected_values(plan) -> dict[str, Any]:
         "optimizer.params.betas": list(ADAMW_BETAS),
         "optimizer.params.eps": ADAMW_EPS,
         "optimizer.params.weight_decay": plan.hparams.weight_decay,
+        **_sizes(plan),
     }
+
+
+#: DeepSpeed's ZeRO-3 defaults that are constants (deepspeed/runtime/zero/config.py), which the estimate counts
+#: where the plan leaves them unset; the bucket sizes and persistence threshold the estimate counts then follow
+#: the model's hidden size, as memplan's ds_config writes them into the file.
+_ZERO3_DEFAULTS = {"sub_group_size": DEEPSPEED_SUB_GROUP_ELEMS, "stage3_max_live_parameters": MAX_LIVE_PARAMETERS,
+                   "stage3_max_reuse_distance": MAX_REUSE_DISTANCE}
+
+
+def _sizes(plan) -> dict[str, Any]:
+    """The zero_optimization sizes the estimate counted: those the plan sets, and under ZeRO-3 the constant
+    defaults of those it leaves unset."""
+    sizes = {key: value for key, value in plan.deepspeed.model_dump().items() if value is not None}
+    return {f"zero_optimization.{key}": value
+            for key, value in ((_ZERO3_DEFAULTS if plan.zero == 3 else {}) | sizes).items()}
 
 
 def _same(actual: Any, wanted: Any) -> bool:
@@ -138,8 +159,13 @@ def config_problems(plan, cfg: dict, source: str) -> list[str]:
     defaults = {"zero_optimization.offload_optimizer.device": "none", "zero_optimization.offload_param.device": "none",
                 "fp16.enabled": False, "bf16.enabled": False, "zero_optimization.stage": 0, "gradient_clipping": 0.0,
                 "gradient_accumulation_steps": 1}
+    defaults |= {f"zero_optimization.{key}": value for key, value in _ZERO3_DEFAULTS.items()}
+    set_sizes = {f"zero_optimization.{key}" for key, value in plan.deepspeed.model_dump().items() if value is not None}
     for key, wanted in expected_values(plan).items():
         actual = _get(cfg, key)
+        if actual is None and key in set_sizes and key not in defaults:
+            out.append(f"{source}: {key} is not set (DeepSpeed's default) but the plan needs {wanted!r}")
+            continue
         if actual is None:
             if key not in defaults:
                 continue  # DeepSpeed derives the missing batch numbers from the others

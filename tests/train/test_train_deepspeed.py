@@ -116,6 +116,21 @@ def test_deepspeed_config_checks_and_auto_values():
     # a JSON without bf16 is fp32 for DeepSpeed: not the plan's bf16-master
     assert any("bf16.enabled" in p for p in config_problems(plan, {"zero_optimization": {"stage": 2}}, "ds.json"))
 
+    # the sizes the estimate counted: the plan's own, by DeepSpeed's name or alias, and ZeRO-3's constant defaults
+    zero3 = build_plan(dict(model="demo-tiny", gpus=2, **dict(DS, zero=3), deepspeed={"stage3_max_live_parameters": 100}))
+    ok = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "max_live_parameters": 100}}
+    assert not [p for p in config_problems(zero3, fill_auto(zero3, ok), "ds.json") if "zero_optimization" in p]
+    missing = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
+    assert [p for p in config_problems(zero3, missing, "ds.json") if "zero_optimization" in p] == [
+        "ds.json: zero_optimization.stage3_max_live_parameters is 1000000000 but the plan needs 100"]  # the default
+    bucket = zero3.model_copy(update={"deepspeed": type(zero3.deepspeed)(reduce_bucket_size=1000)})
+    assert [p for p in config_problems(bucket, missing, "ds.json") if "zero_optimization" in p] == [
+        "ds.json: zero_optimization.reduce_bucket_size is not set (DeepSpeed's default) but the plan needs 1000"]
+    unset = zero3.model_copy(update={"deepspeed": type(zero3.deepspeed)()})
+    other = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "sub_group_size": 0}}
+    assert [p for p in config_problems(unset, other, "ds.json") if "zero_optimization" in p] == [
+        "ds.json: zero_optimization.sub_group_size is 0 but the plan needs 1000000000"]
+
     # memplan's loss is already the mean over the optimizer step: the engine must not divide it again
     assert BACKWARD_KWARGS == {"scale_wrt_gas": False}
     kwargs = accelerator_kwargs(plan)
