@@ -33,9 +33,20 @@ Under autocast's mixed-precision policy (Plan.fsdp_mixed_precision) the shards a
 them to one flat tensor in the compute dtype, freed once copied into the all-gather output, and each reduce-scatter
 output is cast to fp32 on the reduce-scatter stream (`_to_dtype_if_needed`), the bf16 one freed.
 
+With CPU offload (`CPUOffloadPolicy`, Plan.offload optimizer+params, FULL_SHARD) the shards, their gradients and
+the optimizer live in host memory, so on the GPU:
+- loading: each shard made on the GPU is moved to the host at once (accelerate's `cpu_offload`: `tensor.to("cpu")`);
+- a unit's unshard: each parameter's shard copied to the GPU first (`FSDPParam.all_gather_inputs`:
+  `sharded_param_data.to(device)`, on the copy-in stream; under a mixed-precision policy then cast, the copy freed),
+  one tensor per parameter (`use_foreach_copy` is off with offload), freed once copied into the all-gather output;
+- a unit's post-backward: the reduce-scatter output copied to the host gradient (`new_sharded_grad.to("cpu")`) and
+  freed; no gradients, masters, states or step on the GPU.
+
 Replayed: FULL_SHARD and SHARD_GRAD_OP on several processes, full fine-tuning and LoRA, bf16, bf16-master (with the
-optimizer's fp32 masters of the shards), fp32 and autocast; no offload, no quantized base (`stream.supported` keeps
-the others on the measured ratio). NCCL's own buffers live outside the caching allocator (`overhead.NCCL_BYTES`).
+optimizer's fp32 masters of the shards), fp32 and autocast, and CPU offload; no quantized base (`stream.supported`
+keeps it on the measured ratio). The offload events follow torch's and accelerate's source; the gloo check runs on
+CPU ranks, where a copy to the "device" is no copy, so it cannot see them. NCCL's own buffers live outside the
+caching allocator (`overhead.NCCL_BYTES`).
 """
 
 from __future__ import annotations
@@ -91,6 +102,7 @@ class FullyShard:
         self.defer = plan.defers_gradient_reduction
         self._micro, self._last = 0, True  # the micro-batch that runs, and whether it is the step's last
         self.mixed_precision = bool(shard_itemsize)
+        self.offload = plan.offload != "none"  # CPUOffloadPolicy: shards, their gradients and the step on the host
         full = plan.method == "full"
 
         def params(listed) -> list[_Param]:
@@ -117,7 +129,7 @@ class FullyShard:
 
     @property
     def sharded_tensors(self) -> states.Tensors:
-        """This rank's trainable shards: what the optimizer steps on."""
+        """This rank's trainable shards: what the optimizer steps on (on the host, with offload)."""
         shapes = tuple((math.ceil(p.shape[0] / self.world), *p.shape[1:])
                        for unit in (*self.layers, self.root) for p in unit if p.trainable)
         return states.Tensors(shapes, (), 0)
@@ -132,7 +144,9 @@ class FullyShard:
         for p in self.root[:lead] + [p for layer in self.layers for p in layer] + self.root[lead:]:
             full = st.alloc(math.prod(p.shape) * p.stored)
             st.free(previous)
-            st.alloc(p.shard_numel(self.world) * p.stored)
+            shard = st.alloc(p.shard_numel(self.world) * p.stored)
+            if self.offload:  # moved to the host
+                st.free(shard)
             previous = full
         st.free(previous)
 
@@ -140,11 +154,23 @@ class FullyShard:
 
     def _all_gather_output(self, st, u: int) -> int:
         """Under a mixed-precision policy the shards are first copied to the gathered dtype, one flat tensor
-        (`_get_param_all_gather_inputs`' foreach copy), freed once copied into the output."""
-        nbytes = sum(p.shard_numel(self.world) * p.itemsize for p in self._unit(u))
-        cast = st.alloc(nbytes, ALL_GATHER_STREAM) if self.mixed_precision else None
+        (`_get_param_all_gather_inputs`' foreach copy), freed once copied into the output. Offloaded, each shard is
+        first copied to the GPU, one tensor per parameter (then cast, the copy freed), all freed once copied in."""
+        unit = self._unit(u)
+        nbytes = sum(p.shard_numel(self.world) * p.itemsize for p in unit)
+        if self.offload:
+            inputs = []
+            for p in unit:
+                copy = st.alloc(p.shard_numel(self.world) * p.stored, ALL_GATHER_STREAM)
+                if self.mixed_precision:
+                    cast = st.alloc(p.shard_numel(self.world) * p.itemsize, ALL_GATHER_STREAM)
+                    st.free(copy)
+                    copy = cast
+                inputs.append(copy)
+        else:
+            inputs = [st.alloc(nbytes, ALL_GATHER_STREAM)] if self.mixed_precision else []
         out = st.alloc(nbytes * self.world, ALL_GATHER_STREAM)
-        st.free(cast)
+        st.free(*inputs)
         return out
 
     def _copy_out(self, st, u: int) -> None:
@@ -218,7 +244,9 @@ class FullyShard:
             cast = st.alloc(sum(p.shard_numel(self.world) * p.stored for p in trainable), REDUCE_SCATTER_STREAM)
             st.free(out)
             out = cast
-        if self._micro == 0 or self.defer:  # the step's first reduce-scatter makes the sharded gradients
+        if self.offload:  # copied to the host gradient
+            st.free(out)
+        elif self._micro == 0 or self.defer:  # the step's first reduce-scatter makes the sharded gradients
             self.sharded_grads.append(out)
         else:  # added into the sharded gradients
             st.free(out)

@@ -21,7 +21,8 @@ The stream follows what the step keeps alive, tensor by tensor:
 - on several GPUs under DDP: the module states' broadcast as it wraps the model, its gradient buckets, and their
   rebuild in the second step's first forward (`memplan.estimator.reducer`);
 - under FSDP2: the sharded load, each unit's gathers and reduce-scatters on FSDP's own streams, the whole
-  gradients of a unit until its reduce-scatter, the optimizer on the shards (`memplan.estimator.fully_shard`);
+  gradients of a unit until its reduce-scatter, the optimizer on the shards; with CPU offload the shards'
+  copies to the GPU and nothing of the step (`memplan.estimator.fully_shard`);
 - under DeepSpeed ZeRO-1/2: the flat weights and fp32 masters, each gradient copied into a reduce bucket, the
   gradient partitions on the reduction stream, DeepSpeed's step; with optimizer offload its staging buffer and each
   reduced gradient's float64 copy instead (`memplan.estimator.zero_optimizer`);
@@ -31,8 +32,8 @@ The stream follows what the step keeps alive, tensor by tensor:
 
 The replay keeps the tensors the estimate counts, not every kernel's scratch: it is checked against the stream a
 real step traced at full size allocates (`benchmarks/allocator_check.py`). Plans it does not follow
-(DeepSpeed over a quantized base or offloading parameters, ZeRO-3 offloading, FSDP with a quantized base, on one
-process under autocast or offloading, offloaded activations, families calibrated by trace) return None and keep the
+(DeepSpeed over a quantized base or offloading parameters, ZeRO-3 offloading, FSDP with a quantized base or on one
+process under autocast, offloaded activations, families calibrated by trace) return None and keep the
 measured ratio (`overhead.reserved_bytes`).
 """
 
@@ -72,8 +73,6 @@ def supported(spec: ModelSpec, plan: Plan) -> str | None:
         why = zero3_optimizer.replayable(plan) if plan.zero == 3 else zero_optimizer.replayable(plan)
         if why:
             return why
-    elif plan.offload != "none":
-        return "offloading under FSDP is not replayed"
     if plan.sharding == "fsdp":
         why = fully_shard.replayable(plan, act_mod.numerics(plan, spec))
         if why:
@@ -304,7 +303,8 @@ def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[t
     if model.fsdp:
         model.fsdp.load(st)
         sharded = model.fsdp.sharded_tensors
-        for n in sharded.trainable if states.master_bytes(sharded, plan) else ():  # the optimizer's fp32 masters
+        on_gpu = not model.fsdp.offload  # offloaded, the optimizer keeps its masters and states on the host
+        for n in sharded.trainable if on_gpu and states.master_bytes(sharded, plan) else ():  # fp32 masters
             st.alloc(4 * n)
     else:
         model.load(st)
@@ -326,6 +326,8 @@ def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[t
         tensors = model.fsdp.sharded_tensors if model.fsdp else model.tensors
         if model.zero:
             model.zero.step(st, first=step == 0, per_state=2 if plan.optimizer in TWO_STATES else 1)
+        elif model.fsdp and model.fsdp.offload:
+            pass  # the step runs on the host
         else:
             _optimizer_step(st, model.plan, tensors, model.opt_item, first=step == 0)
         st.free(*st.grads)  # zero_grad(set_to_none=True)

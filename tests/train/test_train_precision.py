@@ -227,8 +227,9 @@ def test_resume_after_a_kill_gives_the_same_losses(tmp_path, tiny, uninterrupted
     _, straight = uninterrupted("fsdp")
     plan = run_dir(tmp_path, tiny, **LAYOUTS["fsdp"], **RUN)
     ckpts = plan.parent / "checkpoints"
+    # the whole tree dies at once, as on a machine failure: the launcher's temporary directory stays, in tmp_path
     proc = subprocess.Popen(_memplan("train", str(plan), "--quiet"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=SUBPROCESS_ENV)
+                            stderr=subprocess.DEVNULL, env=dict(SUBPROCESS_ENV, TMPDIR=str(tmp_path)))
     while proc.poll() is None and not (ckpts / "checkpoint-000002" / "trainer.json").is_file():
         time.sleep(0.01)
     _kill_tree(proc.pid)
