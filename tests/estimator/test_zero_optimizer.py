@@ -95,7 +95,6 @@ def test_offload_keeps_a_staging_buffer_and_copies_each_gradient_to_float64_as_t
 @pytest.mark.parametrize("fields, why", [
     (dict(method="qlora", precision="bf16-master"), "quantized base"),
     (dict(zero=3, offload="optimizer+params"), "ZeRO-3"),
-    (dict(sharding="fsdp", zero=3, offload="optimizer+params", precision="bf16"), "offloading under FSDP"),
 ])
 def test_plans_the_stream_does_not_follow_keep_the_measured_ratio(fields, why):
     e = estimate(spec_from_config(CONFIG, "llama-small"), _plan(**fields))
