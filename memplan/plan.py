@@ -79,6 +79,7 @@ PRECISIONS: dict[str, Regime] = {
 #: bytes) then stay exact as integers and finite as floats, where `--batch-size 10^400` or `epochs: 1e308`
 #: overflowed memplan's arithmetic.
 MAX_NUMBER = 2**31 - 1
+MAX_DEEPSPEED_SIZE = 10**15  # elements: far past any model, as DeepSpeed's sizes may be
 
 
 #: A number written in decimal with an exponent and no dot, which YAML 1.1 (PyYAML) reads as text: `lr: 2e-5`.
@@ -162,6 +163,15 @@ class DeepSpeedSettings(_Strict):
             value = float(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _at_most_max_number(cls, value: Any) -> Any:
+        """In place of every section's bound: DeepSpeed's own examples set sizes past 2**31 (ZeRO-Infinity's
+        sub_group_size 1e12, meaning "one sub-group")."""
+        if isinstance(value, int) and value > MAX_DEEPSPEED_SIZE:
+            raise ValueError(f"must be at most {MAX_DEEPSPEED_SIZE:.0e}")
         return value
 
 

@@ -73,6 +73,14 @@ class PerGpu:
 #: DeepSpeed ZeRO-3's sub_group_size default (deepspeed/runtime/zero/config.py); memplan's ds_config leaves it
 #: unless the plan sets it (Plan.deepspeed).
 DEEPSPEED_SUB_GROUP_ELEMS = 1_000_000_000
+#: DeepSpeed's ZeRO-3 defaults that are constants (deepspeed/runtime/zero/config.py), by Plan.deepspeed's names: what
+#: the estimate counts where the plan leaves them unset (the buckets and the persistence threshold follow the
+#: hidden size instead). The trainer-config reader and memplan train's check of a DeepSpeed file compare with them.
+DEEPSPEED_ZERO3_DEFAULTS = {"sub_group_size": DEEPSPEED_SUB_GROUP_ELEMS,
+                            "stage3_max_live_parameters": zero3_gather.MAX_LIVE_PARAMETERS,
+                            "stage3_max_reuse_distance": zero3_gather.MAX_REUSE_DISTANCE}
+#: The Plan.deepspeed sizes that apply below ZeRO-3 (the others are stage 3's alone)
+DEEPSPEED_ALL_STAGES = frozenset({"reduce_bucket_size"})
 
 
 def _part(x: int, n: int) -> int:

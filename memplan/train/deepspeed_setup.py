@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import UserError
-from memplan.estimator.sharding import DEEPSPEED_SUB_GROUP_ELEMS
-from memplan.estimator.zero3_gather import MAX_LIVE_PARAMETERS, MAX_REUSE_DISTANCE
+from memplan.estimator.sharding import DEEPSPEED_ALL_STAGES, DEEPSPEED_ZERO3_DEFAULTS
 from memplan.plan import mixed_precision
 
 INSTALL_HINT = "Hint: pip install deepspeed, or --set sharding=fsdp"
@@ -120,19 +119,18 @@ def expected_values(plan) -> dict[str, Any]:
     }
 
 
-#: DeepSpeed's ZeRO-3 defaults that are constants (deepspeed/runtime/zero/config.py), which the estimate counts
-#: where the plan leaves them unset; the bucket sizes and persistence threshold the estimate counts then follow
-#: the model's hidden size, as memplan's ds_config writes them into the file.
-_ZERO3_DEFAULTS = {"sub_group_size": DEEPSPEED_SUB_GROUP_ELEMS, "stage3_max_live_parameters": MAX_LIVE_PARAMETERS,
-                   "stage3_max_reuse_distance": MAX_REUSE_DISTANCE}
+def _set_sizes(plan) -> dict[str, Any]:
+    """The zero_optimization sizes the plan sets that its ZeRO stage uses."""
+    return {key: value for key, value in plan.deepspeed.model_dump().items()
+            if value is not None and (plan.zero == 3 or key in DEEPSPEED_ALL_STAGES)}
 
 
 def _sizes(plan) -> dict[str, Any]:
-    """The zero_optimization sizes the estimate counted: those the plan sets, and under ZeRO-3 the constant
-    defaults of those it leaves unset."""
-    sizes = {key: value for key, value in plan.deepspeed.model_dump().items() if value is not None}
+    """The zero_optimization sizes the estimate counted: those the plan sets, and under ZeRO-3 DeepSpeed's
+    constant defaults of those it leaves unset (the buckets' defaults follow the hidden size, which the file
+    states as memplan's ds_config wrote it)."""
     return {f"zero_optimization.{key}": value
-            for key, value in ((_ZERO3_DEFAULTS if plan.zero == 3 else {}) | sizes).items()}
+            for key, value in ((DEEPSPEED_ZERO3_DEFAULTS if plan.zero == 3 else {}) | _set_sizes(plan)).items()}
 
 
 def _same(actual: Any, wanted: Any) -> bool:
@@ -159,8 +157,8 @@ def config_problems(plan, cfg: dict, source: str) -> list[str]:
     defaults = {"zero_optimization.offload_optimizer.device": "none", "zero_optimization.offload_param.device": "none",
                 "fp16.enabled": False, "bf16.enabled": False, "zero_optimization.stage": 0, "gradient_clipping": 0.0,
                 "gradient_accumulation_steps": 1}
-    defaults |= {f"zero_optimization.{key}": value for key, value in _ZERO3_DEFAULTS.items()}
-    set_sizes = {f"zero_optimization.{key}" for key, value in plan.deepspeed.model_dump().items() if value is not None}
+    defaults |= {f"zero_optimization.{key}": value for key, value in DEEPSPEED_ZERO3_DEFAULTS.items()}
+    set_sizes = {f"zero_optimization.{key}" for key in _set_sizes(plan)}
     for key, wanted in expected_values(plan).items():
         actual = _get(cfg, key)
         if actual is None and key in set_sizes and key not in defaults:

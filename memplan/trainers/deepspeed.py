@@ -10,8 +10,7 @@ import math
 from typing import Any
 
 from memplan.errors import UserError
-from memplan.estimator.sharding import DEEPSPEED_SUB_GROUP_ELEMS as SUB_GROUP_SIZE
-from memplan.estimator.zero3_gather import MAX_LIVE_PARAMETERS, MAX_REUSE_DISTANCE
+from memplan.estimator.sharding import DEEPSPEED_ALL_STAGES, DEEPSPEED_ZERO3_DEFAULTS
 from memplan.trainers.source import Reading, shown_value
 
 #: zero_optimization keys that do not change memory, or only at save time.
@@ -28,12 +27,11 @@ _AUTO = {"reduce_bucket_size": "HF's auto: hidden_size², as memplan counts the 
          "stage3_prefetch_bucket_size": "HF's auto: 0.9 x hidden_size², as memplan counts the prefetch",
          "stage3_param_persistence_threshold": "HF's auto: 10 x hidden_size, as memplan counts the parameters ZeRO-3 "
                                                "keeps whole"}
-#: DeepSpeed's defaults, which memplan counts when the plan leaves the size unset: the same number is not taken.
-_DEFAULTS = {"sub_group_size": (SUB_GROUP_SIZE, "DeepSpeed's default, as memplan counts the stage-3 optimizer step"),
-             "stage3_max_live_parameters": (MAX_LIVE_PARAMETERS, "DeepSpeed's default, as memplan counts ZeRO-3's "
-                                                                 "prefetch"),
-             "stage3_max_reuse_distance": (MAX_REUSE_DISTANCE, "DeepSpeed's default, as memplan counts the parameters "
-                                                               "ZeRO-3 keeps gathered")}
+#: DeepSpeed's defaults (DEEPSPEED_ZERO3_DEFAULTS), which memplan counts when the plan leaves the size unset: the
+#: same number is not taken.
+_DEFAULTS = {"sub_group_size": "DeepSpeed's default, as memplan counts the stage-3 optimizer step",
+             "stage3_max_live_parameters": "DeepSpeed's default, as memplan counts ZeRO-3's prefetch",
+             "stage3_max_reuse_distance": "DeepSpeed's default, as memplan counts the parameters ZeRO-3 keeps gathered"}
 #: zero_optimization keys that change memory and that memplan's estimate does not count.
 _UNMODELLED = {
     "allgather_bucket_size": "ZeRO-1/2 all-gather bucket",
@@ -68,7 +66,7 @@ def read(r: Reading, ds: dict[str, Any], where: str, args: dict[str, Any]) -> No
     r.take("zero", stage, f"{where}: zero_optimization.stage")
     _offload(r, zero, where)
     _engine(r, ds, where, args)
-    _buckets(r, zero, where)
+    _buckets(r, zero, where, stage)
     opt = ds.get("optimizer")
     if isinstance(opt, dict):
         kind = str(opt.get("type", ""))
@@ -118,15 +116,17 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _buckets(r: Reading, zero: dict, where: str) -> None:
+def _buckets(r: Reading, zero: dict, where: str, stage: int) -> None:
     for key, value in zero.items():
         name = f"{where}: zero_optimization.{key}"
         field = _SIZES.get(key)
         number = _number(value)
-        if field and value == "auto" and field in _AUTO:
+        if field and stage < 3 and field not in DEEPSPEED_ALL_STAGES:
+            r.count(name, value, f"ZeRO-3's alone: no memory at stage {stage}")
+        elif field and value == "auto" and field in _AUTO:
             r.count(name, value, _AUTO[field])
-        elif field in _DEFAULTS and number == _DEFAULTS[field][0]:
-            r.count(name, value, _DEFAULTS[field][1])
+        elif field in _DEFAULTS and number == DEEPSPEED_ZERO3_DEFAULTS[field]:
+            r.count(name, value, _DEFAULTS[field])
         elif field and number is not None and math.isfinite(number) and number >= 0 and number.is_integer():
             r.take(f"deepspeed.{field}", int(number), name)
         elif field or key in _UNMODELLED:

@@ -131,6 +131,11 @@ def test_deepspeed_config_checks_and_auto_values():
     assert [p for p in config_problems(unset, other, "ds.json") if "zero_optimization" in p] == [
         "ds.json: zero_optimization.sub_group_size is 0 but the plan needs 1000000000"]
 
+    # a stage-3 size on a ZeRO-2 plan changes nothing, and a file without it is the plan's
+    zero2 = build_plan(dict(model="demo-tiny", gpus=2, **DS, deepspeed={"stage3_max_live_parameters": 100}))
+    assert not [p for p in config_problems(zero2, {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}},
+                                           "ds.json") if "zero_optimization" in p]
+
     # memplan's loss is already the mean over the optimizer step: the engine must not divide it again
     assert BACKWARD_KWARGS == {"scale_wrt_gas": False}
     kwargs = accelerator_kwargs(plan)

@@ -633,6 +633,28 @@ def test_settings_beyond_the_examples(tmp_path, text, fields):
     assert {k: plan.get(k) for k in fields} == fields
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_deepspeed_configs_sizes_are_read_where_its_stage_uses_them(tmp_path, stage):
+    """Sizes past 2**31 are DeepSpeed's own (ZeRO-Infinity's examples set sub_group_size 1e12); stage-3 sizes in a
+    ZeRO-1/2 file change nothing and are counted as such, not carried into the plan."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {
+        "stage": stage, "sub_group_size": 1e12, "max_live_parameters": 3e8, "reduce_bucket_size": "5e8"}}))
+    text = (CONFIGS / "llamafactory/examples/train_full/qwen3_full_sft.yaml").read_text()
+    path = tmp_path / "run.yaml"
+    path.write_text(text.replace("deepspeed: examples/deepspeed/ds_z3_config.json", f"deepspeed: {ds}"))
+    source = read_config(path)
+    where = "deepspeed (ds.json): zero_optimization."
+    if stage == 3:
+        assert source.plan["deepspeed"] == {"sub_group_size": 10 ** 12, "stage3_max_live_parameters": 300_000_000,
+                                            "reduce_bucket_size": 500_000_000}
+    else:
+        assert source.plan["deepspeed"] == {"reduce_bucket_size": 500_000_000}
+        assert source.counted[where + "sub_group_size"].startswith("1e+12: ZeRO-3's alone")
+    plan = build_plan(merge(source.plan, {"model": "llama-2-7b"}), source=str(path))
+    assert estimate(resolve_model("llama-2-7b"), plan).peak_allocated > 0
+
+
 def test_llamafactory_with_its_zero2_offload_config(tmp_path):
     text = (CONFIGS / "llamafactory/examples/train_full/qwen3_full_sft.yaml").read_text()
     ds = CONFIGS / "llamafactory/examples/deepspeed/ds_z2_offload_config.json"
