@@ -404,10 +404,10 @@ class Plan(_Strict):
         """FSDP2 under autocast (amp-bf16, amp-fp16): accelerate gives fully_shard a MixedPrecisionPolicy of the
         compute dtype for parameters and gradient reduction, over shards it upcasts to fp32 (accelerate
         utils/fsdp_utils.py fsdp2_prepare_model, FullyShardedDataParallelPlugin.set_mixed_precision), and memplan
-        profile and memplan train on the CPU shard alike: the layers run on 16-bit gathered copies. A quantized
-        base keeps its own dtypes."""
-        return (self.sharding == "fsdp" and self.zero in (2, 3) and self.world_size > 1 and self.regime.autocast
-                and self.quantized_base is None)
+        profile and memplan train on the CPU shard alike: the layers run on 16-bit gathered copies. Over a 4-bit
+        base too: accelerate gives the policy whatever the model holds (it only skips the upcast), and the packed
+        weights, stored in the compute dtype, are gathered as they are."""
+        return self.sharding == "fsdp" and self.zero in (2, 3) and self.world_size > 1 and self.regime.autocast
 
     @property
     def defers_gradient_reduction(self) -> bool:
@@ -457,6 +457,10 @@ def plan_problems(p: Plan) -> list[str]:
                        "is DeepSpeed's. Hint: use --offload optimizer+params, or --sharding deepspeed.")
         if p.offload == "optimizer+params" and p.zero != 3:
             out.append("FSDP CPU offload needs FULL_SHARD. Hint: use --zero 3.")
+        if p.quantized_base == "int8":
+            out.append("FSDP cannot shard LLM.int8's 8-bit base: bitsandbytes keeps each weight's int8 matrix and "
+                       "scales on the parameter (CB, SCB), which fully_shard replaces with its shard. Hint: use "
+                       "--method qlora (FSDP shards its 4-bit weights, stored in bf16), or --sharding ddp.")
     if p.sharding == "deepspeed":
         if p.precision not in ("fp32", "bf16-master"):
             out.append(f"DeepSpeed keeps fp32 master weights itself; precision '{p.precision}' "

@@ -23,6 +23,7 @@ def test_defaults_are_the_documented_ones():
     (dict(offload="optimizer"), "DDP cannot offload", "--sharding deepspeed"),
     (dict(sharding="fsdp", zero=1), "no optimizer-only sharding", "--zero 2"),
     (dict(sharding="fsdp", zero=3, offload="optimizer"), "optimizer-only offload is DeepSpeed's", "optimizer+params"),
+    (dict(sharding="fsdp", zero=3, gpus=2, method="lora-8bit"), "cannot shard LLM.int8's 8-bit base", "qlora"),
     (dict(sharding="deepspeed", zero=2, precision="amp-bf16"), "not a DeepSpeed regime", "bf16-master"),
     (dict(sharding="deepspeed", zero=2, precision="bf16-master", offload="optimizer+params"), "only in ZeRO-3", "--zero 3"),
     (dict(attn="flash", precision="fp32"), "fp16/bf16 only", "--attn sdpa"),
@@ -57,6 +58,7 @@ def test_bad_fields_name_the_field(fields, needle):
 def test_supported_combinations_validate():
     build_plan(dict(sharding="deepspeed", zero=3, precision="bf16-master", offload="optimizer+params"))
     build_plan(dict(sharding="fsdp", zero=3, offload="optimizer+params"))
+    build_plan(dict(sharding="fsdp", zero=3, gpus=2, method="qlora", precision="bf16", offload="optimizer+params"))
     build_plan(dict(method="qlora", precision="bf16", optimizer="paged-adamw-8bit"))
 
 

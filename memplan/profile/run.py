@@ -147,9 +147,6 @@ def check_runnable(plan: Plan, backend: str, steps: int) -> None:
         raise UserError(f"the plan runs {plan.world_size} processes; the trace backend runs one. Hint: "
                         f"--backend cpu runs {plan.world_size} processes with gloo (small models), --backend cuda "
                         "with NCCL, or --gpus 1 for one process")
-    if plan.quantized_base and plan.sharding == "fsdp" and plan.world_size > 1:
-        raise UserError("a quantized base (QLoRA, lora-8bit) under FSDP needs bitsandbytes' quant storage settings "
-                        "that memplan does not profile. Hint: --sharding ddp")
 
 
 # ---------------------------------------------------------------- the step
@@ -378,8 +375,10 @@ def _measure(config, plan: Plan, backend: str, steps: int, weights, device: str,
         factory = optimizer_factory(plan)  # imports happen here, before the meter is active
         module = CausalLMLoss(built.model, plan.loss == "chunked", head_options(built.hf_model.config))
         if shards:  # FSDP: shard on the meta device, then give each rank only its shards
+            on_meta = any(p.is_meta for p in built.model.parameters())  # a quantized base is loaded whole
             module = wrap(module, meter)
-            materialize(built.model, built.hf_model, device)
+            if on_meta:
+                materialize(built.model, built.hf_model, device)
         with packed_batches(packed(as_one_row(plan))), (fake_mode or contextlib.nullcontext()), meter:
             meter.register(list(module.parameters()) + list(module.buffers())
                            + quant_state_tensors(built.model), "weights")

@@ -368,12 +368,15 @@ def _need_bitsandbytes() -> None:
 def _quantized_from_config(config, plan: Plan, device: str):
     """A random model in the weight dtype, saved and loaded back quantized (QLoRA / lora-8bit without a checkpoint)."""
     import torch
+    from safetensors.torch import save_model
 
     _need_bitsandbytes()
     with tempfile.TemporaryDirectory(prefix="memplan-quantized-") as tmp:
         with torch.device(device):  # random init where it is fastest: on the GPU when there is one
             random_model = _from_config(config, plan, attention(plan, device, model_spec(config)))
-        random_model.save_pretrained(tmp)
+        # every rank writes its own copy: save_pretrained writes on rank 0 only once a process group is up
+        random_model.config.to_json_file(Path(tmp) / "config.json")
+        save_model(random_model, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
         del random_model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -428,18 +431,22 @@ def gradient_sync(model, sync: bool) -> Iterator[None]:
 
 def quant_state_tensors(model) -> list:
     """bitsandbytes keeps a 4-bit weight's absmax/code (and the nested ones), and an 8-bit weight's row statistics
-    (Int8Params.SCB), outside params and buffers."""
+    (Int8Params.SCB), outside params and buffers. A Linear4bit keeps its weight's state on the module as well, where
+    it outlives the parameter FSDP replaces with its shard (bitsandbytes `fix_4bit_weight_quant_state_from_module`)."""
     import torch
 
-    out = []
+    out: dict[int, torch.Tensor] = {}
+    states = []
     for p in model.parameters():
         if isinstance(getattr(p, "SCB", None), torch.Tensor):
-            out.append(p.SCB)
-        state = getattr(p, "quant_state", None)
+            out[id(p.SCB)] = p.SCB
+        states.append(getattr(p, "quant_state", None))
+    states += [getattr(m, "quant_state", None) for m in model.modules()]
+    for state in states:
         while state is not None:
-            out.extend(v for v in vars(state).values() if isinstance(v, torch.Tensor))
+            out.update((id(v), v) for v in vars(state).values() if isinstance(v, torch.Tensor))
             state = getattr(state, "state2", None)
-    return out
+    return list(out.values())
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -59,6 +59,24 @@ def test_profile_and_train_build_the_same_model(method, precision, ckpt):
     assert bool(profile_side["checkpointing"]) and all(on == ckpt for _, on in profile_side["checkpointing"])
 
 
+def test_every_process_of_a_group_builds_a_quantized_model_from_a_config(monkeypatch):
+    """QLoRA from a config quantizes a random model saved and loaded back, in each process: a rank other than the
+    first writes its copy too (save_pretrained writes on rank 0 only once a process group is up)."""
+    pytest.importorskip("bitsandbytes")
+    import torch.distributed as dist
+
+    from memplan.catalog.resolve import config_file
+    from memplan.runtime.model import build_model, quant_state_tensors
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    plan = Plan(model="demo-tiny", method="qlora", precision="bf16", gpus=2, sharding="ddp",
+                lora={"rank": 4, "targets": "q_proj,v_proj"})
+    built = build_model(plan, config=str(config_file("demo-tiny")[0]), device="cpu")
+    assert any(type(m).__name__ == "Linear4bit" for m in built.model.modules())
+    assert quant_state_tensors(built.model)
+
+
 def test_the_trains_cpu_peak_follows_storages_freed_by_hand():
     """`memplan train` counts with profile's meter: a storage resized to 0 (how FSDP frees an unsharded
     parameter) stops counting, so a later allocation of the same size does not raise the peak."""
