@@ -39,6 +39,7 @@ WIDE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_at
 FULL = dict(method="full", grad_ckpt=False)
 LORA = dict(method="lora", grad_ckpt=False)
 LORA_CKPT = dict(method="lora", grad_ckpt=True)
+QLORA = dict(method="qlora", grad_ckpt=False)
 LONG = dict(micro_batch=2, seq_len=256)
 SHORT = dict(micro_batch=1, seq_len=32)
 # (config, plan): what decides each row's peak is in its comment
@@ -66,6 +67,13 @@ RUNS = [
     (LARGE_ROOT, dict(LORA_CKPT, zero=3, grad_accum=2, sync_each_batch=False, **LONG)),
     (SMALL_ROOT, dict(FULL, zero=2, grad_accum=2, sync_each_batch=False, **LONG)),
     (SMALL_ROOT, dict(FULL, zero=3, grad_accum=2, sync_each_batch=False, precision="amp-bf16", **LONG)),
+    # QLoRA: the 4-bit weights stored in bf16 and sharded as such, their quantization states whole on each rank; the
+    # first layer's post-backward after the root's without checkpointing (its input has no gradient)
+    (SMALL_ROOT, dict(QLORA, zero=3, **LONG)),
+    (LARGE_ROOT, dict(QLORA, zero=3, grad_ckpt=True, **LONG)),
+    (SMALL_ROOT, dict(QLORA, zero=2, grad_ckpt=True, **LONG)),
+    (LARGE_ROOT, dict(QLORA, zero=3, grad_ckpt=True, precision="amp-bf16", **LONG)),  # the policy over fp32 adapters
+    (SMALL_ROOT, dict(QLORA, zero=3, grad_ckpt=True, grad_accum=2, sync_each_batch=False, **LONG)),
 ]
 
 
@@ -111,17 +119,23 @@ def _lower(first: dict, second: dict) -> dict:
     return row
 
 
-def measure_runs(runs: list, out: Path, ranks: str = "rank 0", extra: dict | None = None) -> None:
+def measure_runs(runs: list, out: Path, ranks: str = "rank 0", extra: dict | None = None,
+                 only: list[int] | None = None) -> None:
     """Profile each (config, plan) of `runs` twice, keep each phase's lower peak, print it beside the estimate, and
     write the rows to `out` (one JSON object per line, atomically). A plan's "checked" (not a plan field) names the
-    phases the tests compare, where the estimate is known to leave the others out; it goes into the row."""
+    phases the tests compare, where the estimate is known to leave the others out; it goes into the row. `only`:
+    the indices of `runs` to measure, the other rows kept from `out` as they are."""
     from memplan.catalog.resolve import resolve_model
     from memplan.estimator import estimate
     from memplan.plan import build_plan
 
+    stored = [json.loads(line) for line in out.read_text().splitlines()] if only else []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for config, fields in runs:
+        for i, (config, fields) in enumerate(runs):
+            if only and i not in only:
+                rows.append(stored[i])
+                continue
             fields = dict(fields)
             checked = fields.pop("checked", None)
             row = _lower(profile(config, fields, Path(tmp), ranks), profile(config, fields, Path(tmp), ranks))
@@ -141,7 +155,10 @@ def measure_runs(runs: list, out: Path, ranks: str = "rank 0", extra: dict | Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fsdp-gloo-2rank.jsonl"))
-    measure_runs(RUNS, Path(parser.parse_args().out))
+    parser.add_argument("--only", type=int, nargs="+", metavar="I",
+                        help="measure these rows of RUNS (0-based) again and keep the others from --out")
+    args = parser.parse_args()
+    measure_runs(RUNS, Path(args.out), only=args.only)
 
 
 if __name__ == "__main__":

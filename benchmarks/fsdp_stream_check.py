@@ -51,6 +51,15 @@ PLANS = [
                       sync_each_batch=False)),
     (SMALL_ROOT, dict(method="lora", zero=2, micro_batch=2, seq_len=64, grad_ckpt=True, grad_accum=2,
                       sync_each_batch=False)),
+    # without checkpointing the first layer's input has no gradient: its post-backward runs after the root's
+    (LARGE_ROOT, dict(method="lora", zero=3, micro_batch=2, seq_len=64, grad_ckpt=False)),
+    # QLoRA: the 4-bit weights' packed bf16 storage gathered as stored, beside the adapters (cast under the policy)
+    (SMALL_ROOT, dict(method="qlora", zero=3, micro_batch=2, seq_len=64, grad_ckpt=False)),
+    (LARGE_ROOT, dict(method="qlora", zero=3, micro_batch=1, seq_len=32, grad_ckpt=True, grad_accum=2)),
+    (SMALL_ROOT, dict(method="qlora", zero=2, micro_batch=2, seq_len=64, grad_ckpt=True)),
+    (SMALL_ROOT, dict(method="qlora", zero=3, micro_batch=2, seq_len=64, grad_ckpt=True, precision="amp-bf16")),
+    (SMALL_ROOT, dict(method="qlora", zero=3, micro_batch=1, seq_len=32, grad_ckpt=False, grad_accum=2,
+                      sync_each_batch=False)),
 ]
 # FSDP's storages by the torch function that allocates them (torch/distributed/fsdp/_fully_shard)
 KINDS = {"foreach_all_gather": "all-gather", "alloc_storage": "unsharded"}

@@ -42,11 +42,20 @@ the optimizer live in host memory, so on the GPU:
 - a unit's post-backward: the reduce-scatter output copied to the host gradient (`new_sharded_grad.to("cpu")`) and
   freed; no gradients, masters, states or step on the GPU.
 
-Replayed: FULL_SHARD and SHARD_GRAD_OP on several processes, full fine-tuning and LoRA, bf16, bf16-master (with the
-optimizer's fp32 masters of the shards), fp32 and autocast, and CPU offload; no quantized base (`stream.supported`
-keeps it on the measured ratio). The offload events follow torch's and accelerate's source; the gloo check runs on
-CPU ranks, where a copy to the "device" is no copy, so it cannot see them. NCCL's own buffers live outside the
-caching allocator (`overhead.NCCL_BYTES`).
+Over a 4-bit base (QLoRA; memplan train stores the packed weights in the compute dtype so that FSDP shards them,
+runtime.hf.quantization_config) each quantized weight is a column of packed bytes in that dtype, sharded, gathered
+and freed like any frozen parameter, never cast by a mixed-precision policy; its quantization state stays whole on
+the module (`packed_nf4`). accelerate cannot load such a model on the meta device, so each rank loads it whole
+(`load_whole`).
+
+The first decoder layer's input needs no gradient where the embeddings are frozen and nothing is checkpointed: no
+hook on it runs its post-backward, which the backward's final callback runs after the root's (the stream's order).
+
+Replayed: FULL_SHARD and SHARD_GRAD_OP on several processes, full fine-tuning, LoRA and QLoRA, bf16, bf16-master
+(with the optimizer's fp32 masters of the shards), fp32 and autocast, and CPU offload. The offload events and a
+4-bit base's load follow torch's, accelerate's and bitsandbytes' source; the gloo check runs on CPU ranks, where a
+copy to the "device" is no copy, and starts measuring after the load. NCCL's own buffers live outside the caching
+allocator (`overhead.NCCL_BYTES`).
 """
 
 from __future__ import annotations
@@ -69,8 +78,6 @@ def replayable(plan: Plan, num: Numerics) -> str | None:
     """None where the stream follows FSDP2 for the plan; else why not."""
     if plan.zero not in (2, 3):
         return "FSDP without sharded parameters is not replayed"
-    if plan.quantized_base:
-        return "a quantized base under FSDP is not replayed"
     if num.weights != num.compute:  # autocast over unsharded fp32 weights: FSDP on one process
         return "FSDP on one process under autocast is not replayed"
     return None
@@ -82,10 +89,19 @@ class _Param:
     itemsize: int  # gathered, and its gradient as autograd makes it
     trainable: bool
     stored: int  # the shard's (a mixed-precision policy gathers copies of fp32 shards)
+    state: int = 0  # a 4-bit weight's quantization state, whole on every rank (bytes)
 
     def shard_numel(self, world: int) -> int:
         """dim 0 in `world` equal chunks, padded (FSDPParam.padded_sharded_param_size)."""
         return math.ceil(self.shape[0] / world) * math.prod(self.shape[1:])
+
+
+def packed_nf4(numel: int, storage_itemsize: int) -> _Param:
+    """A frozen 4-bit weight as FSDP sees it: bitsandbytes' packed storage, two weights per byte in a column of the
+    storage dtype (functional.quantize_4bit: shape ((numel + 1) // (2 * itemsize), 1)), gathered as stored, with its
+    quantization state beside it."""
+    return _Param(((numel + 1) // (2 * storage_itemsize), 1), storage_itemsize, False, storage_itemsize,
+                  states.nf4_state_bytes(numel))
 
 
 class FullyShard:
@@ -95,19 +111,25 @@ class FullyShard:
     ROOT = -1
 
     def __init__(self, spec: ModelSpec, plan: Plan, weight_itemsize: int, trainable_itemsize: int,
-                 targets: frozenset[str], shard_itemsize: int = 0) -> None:
-        """Itemsizes as gathered; `shard_itemsize` the shards' under a mixed-precision policy (0: none)."""
+                 targets: frozenset[str], shard_itemsize: int = 0, storage_itemsize: int = 2) -> None:
+        """Itemsizes as gathered; `shard_itemsize` the shards' under a mixed-precision policy (0: none);
+        `storage_itemsize` a 4-bit base's packed storage (the compute dtype, runtime.hf.quantization_config)."""
         self.world = plan.world_size
         self.reshard_after_forward = plan.zero == 3
         self.defer = plan.defers_gradient_reduction
         self._micro, self._last = 0, True  # the micro-batch that runs, and whether it is the step's last
         self.mixed_precision = bool(shard_itemsize)
         self.offload = plan.offload != "none"  # CPUOffloadPolicy: shards, their gradients and the step on the host
-        full = plan.method == "full"
+        self.full = full = plan.method == "full"
+
+        self.quantized = plan.quantized_base == "nf4"
 
         def params(listed) -> list[_Param]:
             out = []
             for shape, role in listed:
+                if self.quantized and role == "linear":
+                    out.append(packed_nf4(math.prod(shape), storage_itemsize))
+                    continue
                 itemsize = trainable_itemsize if full or role == "adapter" else weight_itemsize
                 out.append(_Param(shape, itemsize, full and role != "frozen" or role == "adapter",
                                   shard_itemsize or itemsize))
@@ -136,12 +158,19 @@ class FullyShard:
 
     # ---------------------------------------------------------------- loading
 
+    def _model_order(self) -> list[_Param]:
+        """The parameters in the model's order: the root's leading tensors, the decoder layers, the rest of the root."""
+        lead = self._leading
+        return self.root[:lead] + [p for layer in self.layers for p in layer] + self.root[lead:]
+
     def load(self, st) -> None:
         """fsdp2_load_full_state_dict: the whole tensor, the previous one dropped as the loop rebinds it, the shard;
-        in the model's order (the root's leading tensors, the decoder layers, the rest of the root)."""
+        in the model's order. A 4-bit base is loaded whole instead (`load_whole`)."""
+        if self.quantized:
+            self.load_whole(st)
+            return
         previous = None
-        lead = self._leading
-        for p in self.root[:lead] + [p for layer in self.layers for p in layer] + self.root[lead:]:
+        for p in self._model_order():
             full = st.alloc(math.prod(p.shape) * p.stored)
             st.free(previous)
             shard = st.alloc(p.shard_numel(self.world) * p.stored)
@@ -149,6 +178,26 @@ class FullyShard:
                 st.free(shard)
             previous = full
         st.free(previous)
+
+    def load_whole(self, st) -> None:
+        """A 4-bit base, as accelerate prepares it (fsdp2_prepare_model: no cpu_ram_efficient_loading for
+        Params4bit): every rank quantizes the whole model onto its GPU as it loads (device_map), base weights first,
+        each 4-bit weight with its quantization state, then peft's adapters; fully_shard makes each unit's shards,
+        the decoder layers first, then the root; the whole tensors, still held by the state dict accelerate took
+        before sharding, are freed together once it is done. The quantization states stay (on the modules)."""
+        base = [p for p in self._model_order() if not (p.trainable and not self.full)]
+        adapters = [p for p in self._model_order() if p.trainable and not self.full]
+        whole = []
+        for p in base + adapters:
+            whole.append(st.alloc(math.prod(p.shape) * p.stored))
+            if p.state:
+                st.alloc(p.state)
+        for unit in (*self.layers, self.root):
+            for p in unit:
+                shard = st.alloc(p.shard_numel(self.world) * p.stored)
+                if self.offload:  # moved to the host (FSDPParam._init_sharded_param, offload_to_cpu)
+                    st.free(shard)
+        st.free(*whole)
 
     # ---------------------------------------------------------------- gathering
 
@@ -162,13 +211,14 @@ class FullyShard:
             inputs = []
             for p in unit:
                 copy = st.alloc(p.shard_numel(self.world) * p.stored, ALL_GATHER_STREAM)
-                if self.mixed_precision:
+                if p.stored != p.itemsize:
                     cast = st.alloc(p.shard_numel(self.world) * p.itemsize, ALL_GATHER_STREAM)
                     st.free(copy)
                     copy = cast
                 inputs.append(copy)
-        else:
-            inputs = [st.alloc(nbytes, ALL_GATHER_STREAM)] if self.mixed_precision else []
+        else:  # the foreach copy casts the shards stored in another dtype (FSDPParam.param_dtype None for the rest)
+            cast = sum(p.shard_numel(self.world) * p.itemsize for p in unit if p.stored != p.itemsize)
+            inputs = [st.alloc(cast, ALL_GATHER_STREAM)] if self.mixed_precision and cast else []
         out = st.alloc(nbytes * self.world, ALL_GATHER_STREAM)
         st.free(*inputs)
         return out

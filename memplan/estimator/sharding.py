@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from memplan.catalog.spec import ModelSpec
 from memplan.estimator import zero3_gather
 from memplan.estimator.layers import Numerics
-from memplan.estimator.states import Tensors, trainable_itemsize
+from memplan.estimator.states import Tensors, trainable_itemsize, unsharded_quantization_bytes
 from memplan.plan import Plan
 
 
@@ -167,6 +167,9 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     # Parameters sharded at rest: ZeRO-3 / FULL_SHARD, and FSDP's SHARD_GRAD_OP too (it reshards after the
     # backward; only between a unit's forward and its backward are its parameters whole).
     W = _part(weights, n) if stage == 3 or (fsdp and stage == 2) else weights
+    if fsdp and stage in (2, 3):  # a 4-bit base's quantization states stay whole, outside the parameters
+        whole = unsharded_quantization_bytes(tensors, plan)
+        W = _part(weights - whole, n) + whole
     # One decoder layer's parameters as gathered for compute: the frozen base weights are sharded and
     # gathered like trainable ones, so LoRA gathers them too (plus its adapters, in their own dtype).
     # The largest layer is the unit that bounds what is gathered at once.
@@ -316,7 +319,9 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         # backward, so the forward ends with a whole replica gathered, plus the last unit's all-gather output
         # (two as the last layer gathers); the backward starts with the whole replica and reshards unit by unit
         # (measured on 2 gloo ranks to 0.01 MiB, full FT and LoRA).
-        replica = spec.params_total * num.compute + adapters_all
+        layers = sum(g.params * g.count for g in spec.layer_groups)
+        replica = ((spec.params_total - layers) * num.compute + adapters_all
+                   + sum(_gathered_layer(g, plan, num.compute) * g.count for g in spec.layer_groups))
         gathered_f = gathered_layers_f = replica + unit
         unshard_last = replica + 2 * unit
         gathered_b = replica
@@ -453,16 +458,17 @@ def _persistent_bytes(spec: ModelSpec, plan: Plan, itemsize: int) -> int:
 
 def _gathered_layer(group, plan: Plan, compute_itemsize: int) -> int:
     """One decoder layer's frozen or trained weights as a gather moves them: in the compute dtype, a quantized base's
-    linears as stored (packed NF4 or int8: FSDP gathers the storage, which memplan train keeps in the compute dtype
-    under FSDP so that it is sharded at all; states.quantized_bytes)."""
+    linears as stored (the packed NF4 parameter, which memplan train keeps in the compute dtype under FSDP so that it
+    is sharded at all, without its quantization state; int8 as states.int8_bytes)."""
     if not plan.quantized_base:
         return group.params * compute_itemsize
-    from memplan.estimator.states import quantized_bytes
+    from memplan.estimator.states import int8_bytes, nf4_packed_bytes
 
     quantized = [(lin.d_out, lin.d_in) for lin in group.linears if lin.kind in ("linear", "conv1d")
                  for _ in range(lin.count)]
     plain = group.params - sum(o * i for o, i in quantized)
-    return plain * compute_itemsize + sum(quantized_bytes(plan.quantized_base, o, i) for o, i in quantized)
+    packed = (nf4_packed_bytes(o * i) if plan.quantized_base == "nf4" else int8_bytes(o, i) for o, i in quantized)
+    return plain * compute_itemsize + sum(packed)
 
 
 def _trainable_per_layer(spec: ModelSpec, plan: Plan) -> dict:

@@ -143,10 +143,28 @@ def parameter_tensors(spec: ModelSpec, plan: Plan, targets: frozenset[str]) -> T
 
 
 def nf4_bytes(numel: int) -> int:
-    """NF4 with double quantization (bitsandbytes Params4bit): packed 4-bit weights, 8-bit absmax per 64,
-    an fp32 absmax per 256 absmax blocks, and the 256-entry fp32 code of the nested state."""
+    """NF4 with double quantization (bitsandbytes Params4bit): packed 4-bit weights and their quantization state."""
+    return nf4_packed_bytes(numel) + nf4_state_bytes(numel)
+
+
+def nf4_packed_bytes(numel: int) -> int:
+    """The packed 4-bit weights, two per byte: the parameter itself, what FSDP shards and gathers."""
+    return math.ceil(numel / 2)
+
+
+def nf4_state_bytes(numel: int) -> int:
+    """A 4-bit weight's QuantState, outside the parameter (and kept whole on the module under FSDP, bitsandbytes
+    `fix_4bit_weight_quant_state_from_module`): 8-bit absmax per 64, an fp32 absmax per 256 absmax blocks, and
+    the 256-entry fp32 code of the nested state."""
     blocks = math.ceil(numel / NF4_BLOCK)
-    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / NF4_DQ_BLOCK) + 4 * 256 + 4 * 16
+    return blocks + 4 * math.ceil(blocks / NF4_DQ_BLOCK) + 4 * 256 + 4 * 16
+
+
+def unsharded_quantization_bytes(t: Tensors, plan: Plan) -> int:
+    """What FSDP leaves whole on every rank of a quantized base: the 4-bit weights' quantization states."""
+    if plan.quantized_base != "nf4":
+        return 0
+    return sum(nf4_state_bytes(o * i) for o, i in t.frozen_quantized)
 
 
 def int8_bytes(d_out: int, d_in: int) -> int:

@@ -20,9 +20,9 @@ The stream follows what the step keeps alive, tensor by tensor:
   each implementation (`states.optimizer_step_temporaries`), then `zero_grad(set_to_none=True)`;
 - on several GPUs under DDP: the module states' broadcast as it wraps the model, its gradient buckets, and their
   rebuild in the second step's first forward (`memplan.estimator.reducer`);
-- under FSDP2: the sharded load, each unit's gathers and reduce-scatters on FSDP's own streams, the whole
-  gradients of a unit until its reduce-scatter, the optimizer on the shards; with CPU offload the shards'
-  copies to the GPU and nothing of the step (`memplan.estimator.fully_shard`);
+- under FSDP2: the sharded load (a 4-bit base loaded whole, then sharded), each unit's gathers and reduce-scatters
+  on FSDP's own streams, the whole gradients of a unit until its reduce-scatter, the optimizer on the shards; with
+  CPU offload the shards' copies to the GPU and nothing of the step (`memplan.estimator.fully_shard`);
 - under DeepSpeed ZeRO-1/2: the flat weights and fp32 masters, each gradient copied into a reduce bucket, the
   gradient partitions on the reduction stream, DeepSpeed's step; with optimizer offload its staging buffer and each
   reduced gradient's float64 copy instead (`memplan.estimator.zero_optimizer`);
@@ -32,9 +32,9 @@ The stream follows what the step keeps alive, tensor by tensor:
 
 The replay keeps the tensors the estimate counts, not every kernel's scratch: it is checked against the stream a
 real step traced at full size allocates (`benchmarks/allocator_check.py`). Plans it does not follow
-(DeepSpeed over a quantized base or offloading parameters, ZeRO-3 offloading, FSDP with a quantized base or on one
-process under autocast, offloaded activations, families calibrated by trace) return None and keep the
-measured ratio (`overhead.reserved_bytes`).
+(DeepSpeed over a quantized base or offloading parameters, ZeRO-3 offloading, FSDP on one process under autocast,
+offloaded activations, families calibrated by trace) return None and keep the measured ratio
+(`overhead.reserved_bytes`).
 """
 
 from __future__ import annotations
@@ -370,7 +370,7 @@ class _Model:
         if layers_only:
             return
         self.fsdp = fully_shard.FullyShard(spec, plan, num.weights, self.p_item, act_mod.lora_targets(spec, plan),
-                                           num.shards) if plan.sharding == "fsdp" else None
+                                           num.shards, num.compute) if plan.sharding == "fsdp" else None
         ds = plan.sharding == "deepspeed"
         self.zero3 = zero3_optimizer.Zero3(spec, plan, num.compute, self.p_item) if ds and plan.zero == 3 else None
         self.zero = self.zero3 or (zero_optimizer.ZeroOptimizer(spec, plan, self.tensors, self.p_item) if ds else None)
@@ -524,6 +524,8 @@ class _Model:
                 st.keep_grad(emb, V * h * self.p_item)
         if self.fsdp:
             self.fsdp.post_backward(st, fully_shard.FullyShard.ROOT)
+            if not self.layer_key(0)[1]:  # the first layer's, left to the same callback, after the root's
+                self.fsdp.post_backward(st, 0)
             self.fsdp.backward_end(st)
         if self.zero3:
             self.zero3.gather(st, ("end", None), before=False)
@@ -560,7 +562,10 @@ class _Model:
         grad = st.backward(tp, ids, grad)
         if self.plan.grad_ckpt and tp.x not in tp.saved:
             st.free(kept)
-        if self.fsdp:
+        # FSDP2 runs a unit's post-backward from a hook on its inputs' gradients; the first layer's input has none
+        # without trained embeddings or checkpointing, and the backward's final callback runs it, after the root's
+        # (FSDPState._root_post_backward_final_callback: every state from the root down)
+        if self.fsdp and (i or self.layer_key(0)[1]):
             self.fsdp.post_backward(st, i)
         if self.zero3:
             self.zero3.gather(st, ("backward", i), before=False)

@@ -247,4 +247,8 @@ def setup_moment(plan) -> str:
     """What allocates the most before the first step, where that is the run's peak (Estimate.setup_allocated)."""
     if plan.sharding == "deepspeed":
         return "DeepSpeed's initialization, cloning this rank's partition on the GPU beside the flat weights,"
+    if plan.sharding == "fsdp" and plan.quantized_base:
+        return "loading, with the whole 4-bit model on every GPU until FSDP has made its shards,"
+    if plan.sharding == "fsdp":
+        return "FSDP's sharded load"
     return "DDP's broadcast as it wraps the model"
