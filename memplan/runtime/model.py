@@ -202,11 +202,11 @@ def model_spec(config) -> Any:
 
 
 def build_model(plan: Plan, *, config: Any = None, weights: str | Path | None = None, device: Any = "cpu",
-                fake_mode=None, on_meta: bool = False, trust_remote_code: bool = False) -> Built:
+                fake_mode=None, on_meta: bool = False, trust_remote_code: bool = False, on_host: bool = False) -> Built:
     """The model `plan` trains, on `device` ("cpu", "cuda:N"), from the checkpoint `weights` or else from
     `config` (a transformers config, a dict with `model_type`, a config.json or a model directory) with random
     weights; fake tensors (from `config`) when `fake_mode` is given; left on the meta device with `on_meta` (to
-    be sharded first, then given storage by `materialize`)."""
+    be sharded first, then given storage by `materialize`); a checkpoint left on the host with `on_host`."""
     import torch
 
     device = str(device)
@@ -214,7 +214,7 @@ def build_model(plan: Plan, *, config: Any = None, weights: str | Path | None = 
     if weights is not None and fake_mode is None:
         if on_meta:
             raise UserError("--weights with FSDP: memplan shards a randomly initialized model; drop --weights")
-        hf_model = _load(plan, Path(weights).expanduser(), device, trust_remote_code)
+        hf_model = _load(plan, Path(weights).expanduser(), device, trust_remote_code, on_host)
     elif plan.quantized_base:
         if fake_mode is not None:
             raise UserError("bitsandbytes' quantized kernels cannot run on fake tensors")
@@ -236,8 +236,19 @@ def build_model(plan: Plan, *, config: Any = None, weights: str | Path | None = 
 
 
 def load_model(plan: Plan, path: Path, device: Any, trust_remote_code: bool = False):
-    """What `memplan train` trains: `build_model` from the checkpoint at `path` (peft-wrapped for LoRA / QLoRA)."""
-    return build_model(plan, weights=path, device=device, trust_remote_code=trust_remote_code).model
+    """What `memplan train` trains: `build_model` from the checkpoint at `path` (peft-wrapped for LoRA / QLoRA).
+
+    Under FSDP on GPUs the model stays on the host, as `device`'s model (its attention): accelerate's sharded load
+    (`fsdp_cpu_ram_efficient_loading`, fsdp2_prepare_model) expects it there and copies one tensor at a time to the
+    GPU, where a model already on it would be whole on every GPU before any shard is made. A 4-bit base is
+    quantized on the GPU as it loads, whole (accelerate cannot load it sharded)."""
+    return build_model(plan, weights=path, device=device, trust_remote_code=trust_remote_code,
+                       on_host=loads_on_host(plan)).model
+
+
+def loads_on_host(plan: Plan) -> bool:
+    """Whether `memplan train` leaves the loaded model on the host for accelerate to shard (FSDP on GPUs)."""
+    return plan.device == "cuda" and plan.sharding == "fsdp" and plan.world_size > 1 and not plan.quantized_base
 
 
 def _apply_plan(hf_model, plan: Plan):
@@ -331,9 +342,10 @@ def materialize(model, hf_model, device: str, fake_mode=None) -> None:
                 raise RuntimeError(f"{name} was not initialized")
 
 
-def _load(plan: Plan, path: Path, device: str, trust_remote_code: bool = False):
-    """The transformers model of the checkpoint at `path` on `device`, in the plan's weight dtype; QLoRA's
-    weights quantized to NF4 as they load (bitsandbytes places them itself: `device_map`)."""
+def _load(plan: Plan, path: Path, device: str, trust_remote_code: bool = False, on_host: bool = False):
+    """The transformers model of the checkpoint at `path` on `device` (left on the host with `on_host`), in the
+    plan's weight dtype; QLoRA's weights quantized to NF4 as they load (bitsandbytes places them itself:
+    `device_map`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -352,7 +364,7 @@ def _load(plan: Plan, path: Path, device: str, trust_remote_code: bool = False):
         raise UserError(f"model {path}: cannot load it ({str(err).splitlines()[0]})") from None
     if plan.quantized_base:
         keep_4bit_layers_differentiable(hf_model)
-    else:
+    elif not on_host:
         hf_model.to(device)
     return hf_model
 

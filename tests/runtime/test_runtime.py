@@ -77,6 +77,25 @@ def test_every_process_of_a_group_builds_a_quantized_model_from_a_config(monkeyp
     assert quant_state_tensors(built.model)
 
 
+@pytest.mark.parametrize("fields, on_host", [
+    (dict(sharding="fsdp", zero=3, gpus=2, method="lora"), True),
+    (dict(sharding="fsdp", zero=2, gpus=2, method="full"), True),
+    (dict(sharding="ddp", gpus=2, method="full"), False),
+    (dict(sharding="deepspeed", zero=3, gpus=2, method="full", precision="bf16-master"), False),
+])
+def test_under_fsdp_on_gpus_train_leaves_the_loaded_model_on_the_host(fields, on_host):
+    """accelerate's sharded load copies rank 0's host tensors to the GPUs one at a time; a model already on the
+    GPU would be whole on every GPU first. Elsewhere the model goes to the process's device as it loads."""
+    from memplan.runtime.model import load_model, loads_on_host, model_dir
+
+    plan = Plan(**{"model": "demo-tiny", "device": "cuda", "precision": "bf16", **fields})
+    assert loads_on_host(plan) is on_host
+    if on_host:  # (no GPU here: the device is only named, as the attention's)
+        model = load_model(plan, model_dir("demo-tiny"), "cuda:0")
+        assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert not loads_on_host(plan.model_copy(update={"method": "qlora"}))
+
+
 def test_the_trains_cpu_peak_follows_storages_freed_by_hand():
     """`memplan train` counts with profile's meter: a storage resized to 0 (how FSDP frees an unsharded
     parameter) stops counting, so a later allocation of the same size does not raise the peak."""
