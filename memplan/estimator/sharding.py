@@ -167,9 +167,10 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
     # Parameters sharded at rest: ZeRO-3 / FULL_SHARD, and FSDP's SHARD_GRAD_OP too (it reshards after the
     # backward; only between a unit's forward and its backward are its parameters whole).
     W = _part(weights, n) if stage == 3 or (fsdp and stage == 2) else weights
-    if fsdp and stage in (2, 3):  # a 4-bit base's quantization states stay whole, outside the parameters
-        whole = unsharded_quantization_bytes(tensors, plan)
-        W = _part(weights - whole, n) + whole
+    # a 4-bit base's quantization states stay whole on the GPU, outside the parameters FSDP shards and offloads
+    quant_states = unsharded_quantization_bytes(tensors, plan) if fsdp and stage in (2, 3) else 0
+    if quant_states:
+        W = _part(weights - quant_states, n) + quant_states
     # One decoder layer's parameters as gathered for compute: the frozen base weights are sharded and
     # gathered like trainable ones, so LoRA gathers them too (plus its adapters, in their own dtype).
     # The largest layer is the unit that bounds what is gathered at once.
@@ -333,8 +334,8 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         S, M, TMP = 0, 0, 0
         notes.append("Optimizer states and master weights offloaded to CPU RAM; the step runs on the CPU.")
         if plan.offload == "optimizer+params":
-            host += W * plan.gpus
-            W = 0
+            host += (W - quant_states) * plan.gpus
+            W = quant_states
             if fsdp:  # FSDP CPUOffload also keeps sharded gradients on the CPU
                 host += G * plan.gpus
                 G = 0
