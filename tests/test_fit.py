@@ -218,6 +218,32 @@ def test_a_plan_fits_where_its_allocator_releases_its_cache_to_stay_within_the_g
     assert e.total_within(tight * MiB) == e.total
 
 
+def test_a_4bit_base_under_fsdp_must_fit_its_whole_load_on_every_gpu(run_cli):
+    """accelerate loads a 4-bit model whole on every GPU before FSDP shards it: Llama-2-70B QLoRA on eight GPUs
+    needs about 40 GiB before its first step, where the steps need 25: every verdict counts the load, even the
+    search's bound that spares a replay, and the reason says so."""
+    from memplan.catalog.resolve import resolve_model
+    from memplan.estimator import estimate
+    from memplan.plan import build_plan
+    from memplan.recommend.search import Scorer
+
+    fields = dict(model="llama-2-70b", method="qlora", precision="bf16", sharding="fsdp", zero=3, gpus=8,
+                  micro_batch=1, seq_len=2048, grad_ckpt=True)
+    e = estimate(resolve_model("llama-2-70b"), build_plan(fields))
+    assert e.load_allocated > 1.4 * e.peak_allocated
+    assert e.load_allocated <= e.replayed.setup_allocated < 1.01 * e.load_allocated
+    assert e.least_total > e.load_allocated
+    gpu = 40 * GiB  # the steps, with the search's reserve bound, fit within 36 usable GiB; the load does not
+    scorer = Scorer(resolve_model("llama-2-70b"), hardware.gpu_target(None, gpu, 8, 1, 0.1, None, []))
+    assert e.peak_allocated * (1 + search.RESERVE_BOUND) < scorer.target.usable_bytes < e.least_total
+    assert scorer.decide(e)[0] is False
+    args = ["--model", "llama-2-70b", "--method", "qlora", "--precision", "bf16", "--sharding", "fsdp", "--zero",
+            "3", "--gpus", "8", "--batch-size", "1", "--seq-len", "2048", "--grad-ckpt", "--gpu-memory", "40GiB"]
+    code, text, _ = run_cli("estimate", *args)
+    assert code == 1 and "loading alone holds" in text.rstrip().splitlines()[-1]
+    assert "the whole 4-bit model on every GPU until FSDP has made its shards, peaks higher" in text
+
+
 def test_estimate_single_plan_exit_codes(run_cli):
     code, out, _ = run_cli("estimate", "--model", "llama-3-8b", "--method", "lora", "--precision", "bf16",
                            "--batch-size", "4", "--gpu", "rtx4090-24gb")

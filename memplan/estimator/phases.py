@@ -34,6 +34,8 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     host: host_mod.HostEstimate | None = None  # host RAM by phase
     host_offload_bytes: int = 0  # of it, offloaded optimizer states / parameters per node
+    # the load's allocated peak where it is known without replaying the stream (`loading_peak`), else 0
+    load_allocated: int = 0
 
     @property
     def phase_peaks(self) -> dict[str, int]:
@@ -79,8 +81,9 @@ class Estimate:
 
     @property
     def least_total(self) -> int:
-        """The least `total` can be, without replaying anything: reserved is never below the allocated peak."""
-        return self.peak_allocated + overhead.cuda_context_bytes(self.plan)
+        """The least `total` can be, without replaying anything: reserved is never below the allocated peak, the
+        steps' or the load's."""
+        return max(self.peak_allocated, self.load_allocated) + overhead.cuda_context_bytes(self.plan)
 
     @property
     def reserved(self) -> int:
@@ -404,4 +407,15 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     host = host_mod.host_estimate(spec, plan, run)
     return Estimate(spec=spec, plan=plan, params_trainable=tensors.n_trainable, phases=phases,
                     host_bytes=host.peak, disk=disk, gpu_memory=gpu_memory, notes=shard.notes, host=host,
-                    host_offload_bytes=shard.host_bytes)
+                    host_offload_bytes=shard.host_bytes, load_allocated=loading_peak(tensors, plan, weights, W))
+
+
+def loading_peak(tensors: states.Tensors, plan: Plan, weights: int, sharded: int) -> int:
+    """The load's allocated peak where it passes the steps' by construction: a 4-bit base under FSDP on GPUs,
+    loaded whole on every GPU (`weights`: the model as stored) beside the shards fully_shard makes of it
+    (`sharded`: this rank's weights, less the quantization states, which are among the whole ones; offloaded,
+    each shard leaves for the host as it is made) - memplan.estimator.fully_shard.FullyShard.load_whole. 0 where
+    the stream alone knows it."""
+    if not (plan.sharding == "fsdp" and plan.zero in (2, 3) and plan.quantized_base and plan.device == "cuda"):
+        return 0
+    return weights + sharded - states.unsharded_quantization_bytes(tensors, plan)

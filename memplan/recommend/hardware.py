@@ -230,6 +230,9 @@ class Target:
             if e.least_total <= self.usable_bytes and e.replayed is not None:  # the tensors fit; their layout does not
                 why += (f": its tensors' peak, {format_bytes(e.least_total)} with the CUDA context, fits, but the "
                         "caching allocator cannot place them within it even releasing its cache")
+            elif e.load_allocated > e.peak_allocated:
+                why += (f": loading alone holds {format_bytes(e.least_total)} with the CUDA context (the whole 4-bit "
+                        "model on every GPU until FSDP has made its shards)")
             return why
         if not self.host_fits(e.host_bytes):
             phase = f" (peak: {e.host.peak_label})" if e.host else ""
