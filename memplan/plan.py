@@ -400,6 +400,14 @@ class Plan(_Strict):
         return PRECISIONS[self.precision]
 
     @property
+    def fully_shards(self) -> bool:
+        """FSDP2 wraps the model: on several processes, or on one GPU to offload to the host (memplan train starts
+        it under accelerate launch with its FSDP config all the same). One process without offload has nothing to
+        split: memplan train runs it as a plain process, and the estimate counts it so."""
+        return (self.sharding == "fsdp" and self.zero in (2, 3)
+                and (self.world_size > 1 or self.device == "cuda" and self.offload != "none"))
+
+    @property
     def fsdp_mixed_precision(self) -> bool:
         """FSDP2 under autocast (amp-bf16, amp-fp16): accelerate gives fully_shard a MixedPrecisionPolicy of the
         compute dtype for parameters and gradient reduction, over shards it upcasts to fp32 (accelerate
@@ -407,15 +415,14 @@ class Plan(_Strict):
         profile and memplan train on the CPU shard alike: the layers run on 16-bit gathered copies. Over a 4-bit
         base too: accelerate gives the policy whatever the model holds (it only skips the upcast), and the packed
         weights, stored in the compute dtype, are gathered as they are."""
-        return self.sharding == "fsdp" and self.zero in (2, 3) and self.world_size > 1 and self.regime.autocast
+        return self.fully_shards and self.regime.autocast
 
     @property
     def defers_gradient_reduction(self) -> bool:
         """FSDP2 with accumulation and sync_each_batch off: the micro-batches before the last keep each unit's whole
         gradients, reduce-scattered by the last one (FSDPModule.set_requires_gradient_sync(False): the unit's
         post-backward reshards and returns, torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py)."""
-        return (self.sharding == "fsdp" and self.zero in (2, 3) and self.world_size > 1 and self.grad_accum > 1
-                and not self.sync_each_batch)
+        return self.fully_shards and self.grad_accum > 1 and not self.sync_each_batch
 
     @property
     def uses_bitsandbytes(self) -> bool:

@@ -65,7 +65,6 @@ from dataclasses import dataclass
 
 from memplan.catalog.spec import ModelSpec
 from memplan.estimator import states
-from memplan.estimator.layers import Numerics
 from memplan.plan import Plan
 
 # The caching allocator's streams (memplan.estimator.allocator: each keeps its own pools)
@@ -74,12 +73,10 @@ ALL_GATHER_STREAM = 1  # FSDPCommContext.all_gather_copy_in_stream: where all-ga
 REDUCE_SCATTER_STREAM = 2  # FSDPCommContext.reduce_scatter_stream: where reduce-scatter outputs are allocated
 
 
-def replayable(plan: Plan, num: Numerics) -> str | None:
+def replayable(plan: Plan) -> str | None:
     """None where the stream follows FSDP2 for the plan; else why not."""
     if plan.zero not in (2, 3):
         return "FSDP without sharded parameters is not replayed"
-    if num.weights != num.compute:  # autocast over unsharded fp32 weights: FSDP on one process
-        return "FSDP on one process under autocast is not replayed"
     return None
 
 

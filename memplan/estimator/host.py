@@ -266,7 +266,7 @@ def checkpoint_save_terms(spec: ModelSpec, plan: Plan, run: Run) -> tuple[dict[s
     other = model_bytes(spec, plan, run) if gathered_everywhere(plan) else 0
     if plan.sharding == "deepspeed":
         copy += model_bytes(spec, plan, run)
-    elif plan.sharding == "fsdp" and plan.world_size > 1 and not plan.regime.masters:
+    elif plan.fully_shards and not plan.regime.masters:
         copy += run.opt_states
     return {"saved_state": copy, "serialization": every}, {"saved_state": other, "serialization": every}
 
@@ -283,7 +283,7 @@ def final_save_terms(spec: ModelSpec, plan: Plan, run: Run) -> tuple[dict[str, i
     if plan.sharding == "deepspeed":
         rank0 = {"saved_state": model_bytes(spec, plan, run)}
         other = dict(rank0) if gathered_everywhere(plan) else {}
-    elif plan.sharding == "fsdp" and plan.world_size > 1:
+    elif plan.fully_shards:
         rank0 = {"saved_state": saved}
     else:
         largest = max(run.largest_trainable, spec.vocab_size * spec.hidden_size)
@@ -316,7 +316,7 @@ def cpu_load_terms(spec: ModelSpec, plan: Plan, run: Run, copy: int) -> dict[str
     before the first step (training tensors then). DDP's gradient buckets are allocated when it wraps the model."""
     pages, weights = checkpoint_bytes(spec), run.weights
     buckets = run.device_phases["optimizer"].get("comm_buffers", 0)
-    sharded = plan.sharding == "fsdp" and plan.world_size > 1
+    sharded = plan.fully_shards
     if copy or plan.quantized_base:
         steps = [{"checkpoint_pages": pages, "loaded_weights": copy or weights},
                  {"loaded_weights": weights + (copy if sharded else 0), "training_tensors": buckets}]

@@ -389,6 +389,12 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
                                      comm_buffers=shard.buffers))
     candidates.append(_terms(**base, gradients=end_grads, activations=end_acts,
                              gathered_params=shard.gathered_end, comm_buffers=shard.buffers))
+    if shard.root_reduce:
+        # FSDP2 under a mixed-precision policy, as the root reduce-scatters (resharded: nothing gathered): the other
+        # units' sharded gradients, the root's whole ones as its input, its output and that output cast to fp32
+        others = max(0, G - shard.head_grads - shard.emb_grad)
+        candidates.append(_terms(**base, gradients=others, activations=(0 if offload else acts.shared) + pending
+                                 + shard.root_reduce, comm_buffers=shard.buffers))
     bwd = max(candidates, key=lambda t: sum(t.values()))
 
     # ---- optimizer step: all gradients, states and the step's temporaries

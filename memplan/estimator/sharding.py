@@ -42,6 +42,9 @@ class PerGpu:
     root_grads: int  # FSDP2: the root unit's gradients, whole until its reduce-scatter ends the backward
     root_head_grads: int  # ... of which lm_head's and the final norm's
     first_unit_grads: int  # FSDP2: the first layer's gradients, reduce-scatter input until the root's follows
+    # FSDP2 under a mixed-precision policy: the root's reduce-scatter at the backward's end, its input (the root's
+    # whole gradients, gathered dtype), its output and the output's cast to the shards' dtype
+    root_reduce: int
     unit_grads: int  # FSDP2: a layer's gradients, whole until its reduce-scatter (the largest layer's)
     # FSDP2 deferring the reduce-scatter to the last micro-batch (Plan.defers_gradient_reduction; else 0 and ()):
     # every trainable parameter's whole gradient, and [i] those of decoder layers i..L-1
@@ -146,7 +149,8 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
             master: int, opt_states: int, opt_temps: int) -> PerGpu:
     n = plan.world_size
     stage = plan.zero
-    ds, fsdp = plan.sharding == "deepspeed", plan.sharding == "fsdp"
+    # FSDP on one GPU without offload is a plain process (Plan.fully_shards)
+    ds, fsdp = plan.sharding == "deepspeed", plan.sharding == "fsdp" and (plan.world_size > 1 or plan.fully_shards)
     notes: list[str] = []
     g_item = grads // tensors.n_trainable if tensors.n_trainable else num.weights
     # a gradient as autograd makes it, whole: in the dtype the layers see (under FSDP's mixed-precision policy the
@@ -287,6 +291,7 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         notes.append("Gradient reduce-scatter deferred to the last micro-batch (sync_each_batch off): every layer's "
                      "whole gradients stay on each GPU between micro-batches.")
     unshard_first = unshard_last = backward_start = root_grads = root_head_grads = first_unit_grads = unit_grads = 0
+    root_reduce = 0
     if fsdp and stage in (2, 3):
         # FSDP2 on every decoder layer and on the model (torch/distributed/fsdp/_fully_shard: _fsdp_param_group.py,
         # _fsdp_collectives.py; the order as traced on 2 gloo ranks). A unit being gathered is held twice: the
@@ -302,6 +307,8 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         gathered_end = root
         root_grads, root_head_grads = whole_root_grads, whole_head_grads
         first_unit_grads = trainable[spec.group_of(0)] * whole_item
+        if plan.fsdp_mixed_precision and whole_root_grads:  # (_fsdp_collectives.py foreach_reduce, _to_dtype_if_needed)
+            root_reduce = whole_root_grads + _part(whole_root_grads, n) * (1 + num.stored_weights // whole_item)
         unit_grads = max(trainable[g] * whole_item for g in spec.layer_groups)
     if fsdp and stage == 3:
         # FULL_SHARD (reshard_after_forward=True). At the loss the last layer is resharded and its all-gather output
@@ -348,7 +355,8 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                   gathered_layers_backward=tuple(gathered_layers_b), gathered_end=gathered_end,
                   unshard_first=unshard_first, unshard_last=unshard_last if spec.num_layers > 1 else 0,
                   backward_start=backward_start, root_grads=root_grads, root_head_grads=root_head_grads,
-                  unit_grads=unit_grads, first_unit_grads=first_unit_grads, deferred_grads=deferred,
+                  unit_grads=unit_grads, first_unit_grads=first_unit_grads, root_reduce=root_reduce,
+                  deferred_grads=deferred,
                   deferred_from=deferred_from, backward_grads=backward_grads,
                   step_grads=G if step_grads is None else step_grads,
                   buffers=buffers, host_bytes=host, notes=notes, forward_buffers=forward_buffers,

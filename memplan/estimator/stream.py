@@ -32,9 +32,9 @@ The stream follows what the step keeps alive, tensor by tensor:
 
 The replay keeps the tensors the estimate counts, not every kernel's scratch: it is checked against the stream a
 real step traced at full size allocates (`benchmarks/allocator_check.py`). Plans it does not follow
-(DeepSpeed over a quantized base or offloading parameters, ZeRO-3 offloading, FSDP on one process under autocast,
+(DeepSpeed over a quantized base or offloading parameters, ZeRO-3 offloading, FSDP without sharded parameters,
 offloaded activations, families calibrated by trace) return None and keep the measured ratio
-(`overhead.reserved_bytes`).
+(`overhead.reserved_bytes`). FSDP on one GPU without offload is a plain process (Plan.fully_shards).
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def supported(spec: ModelSpec, plan: Plan) -> str | None:
         why = zero3_optimizer.replayable(plan) if plan.zero == 3 else zero_optimizer.replayable(plan)
         if why:
             return why
-    if plan.sharding == "fsdp":
-        why = fully_shard.replayable(plan, act_mod.numerics(plan, spec))
+    if plan.sharding == "fsdp" and (plan.world_size > 1 or plan.fully_shards):
+        why = fully_shard.replayable(plan)
         if why:
             return why
     if spec.traits.calibrated:
@@ -370,7 +370,7 @@ class _Model:
         if layers_only:
             return
         self.fsdp = fully_shard.FullyShard(spec, plan, num.weights, self.p_item, act_mod.lora_targets(spec, plan),
-                                           num.shards, num.compute) if plan.sharding == "fsdp" else None
+                                           num.shards, num.compute) if plan.fully_shards else None
         ds = plan.sharding == "deepspeed"
         self.zero3 = zero3_optimizer.Zero3(spec, plan, num.compute, self.p_item) if ds and plan.zero == 3 else None
         self.zero = self.zero3 or (zero_optimizer.ZeroOptimizer(spec, plan, self.tensors, self.p_item) if ds else None)

@@ -50,11 +50,12 @@ class MeasureRequest:
 
 
 def measure_plan(req: MeasureRequest) -> list:
-    """Measured results, one per rank (one for a single process)."""
+    """Measured results, one per rank (one for a single process). FSDP offloading on one GPU runs as one rank
+    too: FSDP2 needs its process group."""
     from memplan.plan import build_plan
 
     plan = build_plan(req.plan)
-    if plan.world_size > 1 and not _under_torchrun():
+    if (plan.world_size > 1 or plan.fully_shards) and not _under_torchrun():
         return _launch_ranks(req, plan)
     from memplan.profile.run import measure
 

@@ -27,7 +27,7 @@ MAIN_PROCESS_PORT = 29500
 def distributed_type(plan: Plan) -> str:
     if plan.sharding == "deepspeed":
         return "DEEPSPEED"
-    if plan.sharding == "fsdp":
+    if plan.sharding == "fsdp" and (plan.world_size > 1 or plan.fully_shards):
         return "FSDP"
     if plan.world_size > 1:
         return "MULTI_CPU" if plan.device == "cpu" else "MULTI_GPU"
@@ -168,8 +168,9 @@ def readme(out_dir: str, plan: Plan, summary: list[str], has_ds: bool, data_miss
     lines += ["", "## Check the memory estimate", "", "```bash", f"memplan estimate --config {d}/plan.yaml", "```",
               "", "## Run", ""]
     if plan.nodes == 1:
+        launched = plan.world_size > 1 or has_ds or plan.fully_shards
         how = ("`memplan train` starts the processes itself through "
-               f"`accelerate launch --config_file {d}/accelerate_config.yaml`.") if plan.world_size > 1 or has_ds else \
+               f"`accelerate launch --config_file {d}/accelerate_config.yaml`.") if launched else \
             "One process: `memplan train` runs it directly."
         lines += [how, "", "```bash", f"memplan train {d}/plan.yaml", "```"]
     else:

@@ -115,7 +115,7 @@ def quantization_config(plan: Plan, compute_dtype):
     counts them (LLaMA-Factory and the PEFT FSDP-QLoRA recipe store them so too)."""
     if plan.quantized_base != "nf4":
         return int8_config()
-    sharded = plan.sharding == "fsdp" and plan.device == "cuda" and plan.world_size > 1
+    sharded = plan.fully_shards and plan.device == "cuda"
     return nf4_config(compute_dtype, compute_dtype if sharded else None)
 
 

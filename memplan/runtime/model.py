@@ -248,7 +248,7 @@ def load_model(plan: Plan, path: Path, device: Any, trust_remote_code: bool = Fa
 
 def loads_on_host(plan: Plan) -> bool:
     """Whether `memplan train` leaves the loaded model on the host for accelerate to shard (FSDP on GPUs)."""
-    return plan.device == "cuda" and plan.sharding == "fsdp" and plan.world_size > 1 and not plan.quantized_base
+    return plan.device == "cuda" and plan.fully_shards and not plan.quantized_base
 
 
 def _apply_plan(hf_model, plan: Plan):

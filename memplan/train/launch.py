@@ -88,8 +88,9 @@ def reported(errors: Path) -> list[str]:
 
 
 def needs_launcher(plan) -> bool:
-    """Several processes, or DeepSpeed (whose engine runs only under a launcher)."""
-    return plan.world_size > 1 or plan.sharding == "deepspeed"
+    """Several processes, DeepSpeed (whose engine runs only under a launcher), or FSDP offloading on one GPU
+    (accelerate applies FSDP from its launch config)."""
+    return plan.world_size > 1 or plan.sharding == "deepspeed" or plan.fully_shards
 
 
 def command(resolved: Resolved, args: list[str]) -> list[str]:

@@ -317,7 +317,7 @@ def _model_and_optimizer(plan, base_dir: Path, accelerator, steps: int, trust_re
     set_seed(h.seed)
     model = load_model(plan, base_dir, accelerator.device, trust_remote_code)
     params = parameter_counts(model)
-    sharded = plan.sharding == "fsdp" and world > 1
+    sharded = plan.fully_shards
     if sharded and plan.device == "cuda" and accelerator.distributed_type.name != "FSDP":
         raise UserError("the plan says FSDP but the processes were not started with an FSDP accelerate config. "
                         "Hint: memplan recommend -o DIR writes one; memplan train then launches with it")

@@ -151,7 +151,7 @@ def _launch_problems(plan: Plan, plan_path: Path) -> list[Problem]:
         except UserError as err:
             return [Problem(str(err))]
         return []
-    if plan.world_size == 1:
+    if plan.world_size == 1 and not plan.fully_shards:
         return []
     if plan.device == "cpu":
         if plan.nodes > 1:
@@ -231,7 +231,7 @@ def machine_problems(plan: Plan, plan_path: Path, machine: Machine) -> list[Prob
         out.append(Problem(f"the plan trains on CUDA, but torch sees no CUDA device{build}",
                            "run it where torch sees a GPU", fixes=({"device": "cpu"},)))
     out += _process_problems(plan, machine)
-    if plan.precision == "bf16-master" and plan.sharding == "fsdp" and plan.world_size > 1:
+    if plan.precision == "bf16-master" and plan.fully_shards:
         if plan.device == "cuda":
             out.append(Problem("memplan train runs precision bf16-master with FSDP on the CPU only: on CUDA "
                                "accelerate prepares FSDP's optimizer over the model's own parameters, not fp32 masters",

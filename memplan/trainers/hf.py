@@ -406,7 +406,7 @@ def fsdp_arguments(plan: Plan, spec) -> dict[str, Any]:
 def accelerator_config(plan: Plan) -> dict[str, Any]:
     """TrainingArguments' accelerator_config for an FSDP plan with accumulation: accelerate's sync_each_batch, the
     plan's (TRL and LLaMA-Factory hand it to TrainingArguments, axolotl to AcceleratorConfig)."""
-    if plan.sharding != "fsdp" or plan.grad_accum == 1 or plan.world_size == 1:
+    if not plan.fully_shards or plan.grad_accum == 1:
         return {}
     return {"accelerator_config": {"gradient_accumulation_kwargs": {"sync_each_batch": plan.sync_each_batch}}}
 

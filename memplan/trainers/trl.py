@@ -222,7 +222,7 @@ def emit(plan: Plan, ctx: Context) -> Emitted:
                     lora_target_modules=lo.targets)
         if plan.method == "qlora":
             data.update(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-            if plan.sharding == "fsdp" and plan.world_size > 1:  # floating storage: FSDP2 shards it (hf.py)
+            if plan.fully_shards:  # floating storage: FSDP2 shards it (hf.py)
                 data["bnb_4bit_quant_storage"] = plan.regime.compute
         elif plan.method == "lora-8bit":
             data["load_in_8bit"] = True  # ModelConfig.load_in_8bit: BitsAndBytesConfig(load_in_8bit=True)

@@ -136,10 +136,20 @@ def test_cpu_offload_leaves_nothing_on_the_gpu_between_steps():
         assert replay(offloaded).steps_allocated < replay(kept).steps_allocated
 
 
-def test_fsdp_on_one_process_under_autocast_keeps_the_measured_ratio():
+@pytest.mark.parametrize("precision", ["bf16", "amp-bf16"])
+def test_fsdp_on_one_gpu_is_a_plain_process_unless_it_offloads(precision):
+    """One process without offload has nothing to shard: memplan train runs it as a plain process, and the estimate
+    is that process's, its stream too. Offloading, accelerate wraps it in FSDP2 (its mixed-precision policy under
+    autocast): replayed as such, the parameters, gradients and step on the host."""
     spec = spec_from_config(CONFIG, "llama-small")
-    e = estimate(spec, _plan(precision="amp-bf16", gpus=1))
-    assert e.replayed is None and e.reserved_basis.startswith("measured ratio (FSDP on one process under autocast")
+    alone = estimate(spec, _plan(precision=precision, gpus=1))
+    plain = estimate(spec, _plan(precision=precision, gpus=1, sharding="ddp", zero=0))
+    assert not alone.plan.fully_shards and alone.plan.fsdp_mixed_precision is False
+    assert (alone.phases, alone.reserved) == (plain.phases, plain.reserved) and alone.reserved_basis == "replayed"
+    offloaded = estimate(spec, _plan(precision=precision, gpus=1, offload="optimizer+params"))
+    assert offloaded.plan.fully_shards and offloaded.plan.fsdp_mixed_precision is (precision == "amp-bf16")
+    assert offloaded.reserved_basis == "replayed" and offloaded.peak_allocated < plain.peak_allocated
+    assert -3 <= 100 * (offloaded.replayed.steps_allocated / offloaded.peak_allocated - 1) <= 2
 
 
 @pytest.mark.parametrize("gpus", [2, 3])

@@ -172,7 +172,7 @@ def test_no_plan_fits_exits_1_and_says_what_would(run_cli):
     assert "no plan fits" in out and "what would fit instead" in out
     # every plan is over the host's 128 GiB, not the GPU's 24: more host RAM helps, a bigger GPU does not; more
     # GPUs are offered with the RAM their nodes would have
-    assert "--host-memory 575GiB" in out and "a GPU with at least" not in out
+    assert "--host-memory 720GiB" in out and "a GPU with at least" not in out
     assert "8 GPUs: DeepSpeed ZeRO-3 without offload needs" in out and "of host RAM per node of 1024 GiB" in out
 
 

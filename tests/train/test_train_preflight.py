@@ -72,6 +72,25 @@ def _assert_hints_hold(run_cli, plan: Path, lines: list[str]) -> int:
     return n
 
 
+def test_fsdp_offloading_on_one_gpu_runs_under_accelerate_with_its_fsdp_config(tmp_path):
+    """A plan `memplan recommend` makes for one GPU: FSDP with CPU offload. accelerate applies FSDP from its launch
+    config, so memplan train launches it (one process) and needs that config, as for several GPUs; without offload
+    one GPU has nothing to shard and runs as a plain process."""
+    from memplan.plan import build_plan
+    from memplan.recommend.writers import distributed_type
+    from memplan.train.launch import needs_launcher
+
+    fields = dict(model="llama-2-7b", method="full", precision="bf16", device="cuda", sharding="fsdp", zero=3, gpus=1)
+    offloaded, alone = build_plan(dict(fields, offload="optimizer+params")), build_plan(fields)
+    assert needs_launcher(offloaded) and distributed_type(offloaded) == "FSDP"
+    assert not needs_launcher(alone) and distributed_type(alone) == "NO"
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(offloaded.model_dump(mode="json")))
+    problems = preflight._launch_problems(offloaded, path)
+    assert [p.text for p in problems] == [f"1 GPUs need {tmp_path / 'accelerate_config.yaml'} (the launch settings)"]
+    assert preflight._launch_problems(alone, path) == []
+
+
 def test_every_problem_at_once_with_hints_that_hold(tmp_path, run_cli, bare_machine):
     plan = _gpu_plan(tmp_path)
     code, out, err = run_cli("train", str(plan))
