@@ -58,7 +58,7 @@ def accelerate_config(plan: Plan, spec: ModelSpec, main_ip: str) -> dict:
         cfg["deepspeed_config"] = {"deepspeed_config_file": DS_CONFIG_NAME, "zero3_init_flag": plan.zero == 3}
     else:
         cfg["mixed_precision"] = mixed_precision(plan)
-    if plan.sharding == "fsdp":
+    if cfg["distributed_type"] == "FSDP":
         fsdp = {
             "fsdp_version": 2,
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",

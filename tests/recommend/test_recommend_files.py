@@ -107,6 +107,9 @@ def test_accelerate_config_fsdp_and_cpu(tmp_path):
     spec = resolve_model("llama-2-7b")
     cases = [
         (dict(method="full", precision="amp-bf16", sharding="fsdp", zero=3, gpus=4), "FSDP", "bf16"),
+        # one GPU: FSDP to offload, else nothing to shard (a plain process, no FSDP section)
+        (dict(method="full", precision="bf16", sharding="fsdp", zero=3, offload="optimizer+params"), "FSDP", "no"),
+        (dict(method="full", precision="bf16", sharding="fsdp", zero=3), "NO", "no"),
         (dict(method="full", precision="fp32", device="cpu"), "NO", "no"),
         (dict(method="full", precision="fp32", device="cpu", gpus=2), "MULTI_CPU", "no"),
         (dict(method="lora", precision="bf16", gpus=2), "MULTI_GPU", "no"),
@@ -117,7 +120,7 @@ def test_accelerate_config_fsdp_and_cpu(tmp_path):
         path.write_text(yaml.safe_dump(accelerate_config(plan, spec, "10.0.0.1")))
         cfg = ClusterConfig.from_yaml_file(str(path))
         assert cfg.distributed_type.value == dist and cfg.mixed_precision == mixed
-        assert cfg.use_cpu == (plan.device == "cpu")
+        assert cfg.use_cpu == (plan.device == "cpu") and (cfg.fsdp_config != {}) == (dist == "FSDP")
         if dist == "FSDP":
             fsdp = cfg.fsdp_config
             assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
