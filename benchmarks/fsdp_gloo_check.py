@@ -1,8 +1,9 @@
 """FSDP2 on two gloo ranks (`memplan profile --backend cpu --gpus 2`) against the estimate, per phase.
 
-Small Llamas whose proportions put the peak where FSDP2 gathers the most: a root unit (embeddings, final norm,
-lm_head) smaller than a decoder layer, one four times larger (a 128K vocabulary beside a 4096-wide model has
-4.7 times a layer), layers that outweigh the activations; full FT and LoRA, FULL_SHARD (zero 3) and
+Small Llamas whose proportions put the peak where FSDP2 gathers the most, in accelerate's units
+(memplan.runtime.fsdp): the embeddings and the tail (final norm, lm_head) smaller than a decoder layer, or each 2.7
+times as large (a 128K vocabulary beside a 4096-wide model: 2.4 times a layer), tied into one tail unit, layers that
+outweigh the activations; full FT and LoRA, FULL_SHARD (zero 3) and
 SHARD_GRAD_OP (zero 2); bf16, and amp-bf16 under the mixed-precision policy accelerate gives FSDP; with accumulation,
 each micro-batch reduce-scattering its gradients or only the last (sync_each_batch off). Each row is what
 `memplan profile --json` measured on rank 0 (the steady steps' phase peaks and their breakdown), each plan profiled
@@ -10,10 +11,8 @@ twice (or more) and each phase's lower peak kept: gloo's worker thread can drop 
 phase has begun (seen: +0.98 and +2.0 MiB in an optimizer phase, +0.9 MiB in a backward, one run in three or four),
 which NCCL does not do. tests/estimator/test_estimator.py checks the estimate against every row.
 
-Not a row: the wide model deferring its reduce-scatter (sync_each_batch off, full FT, FULL_SHARD). There the backward
-peaks as the layer below the last runs beside the last layer's reduce-scatter input, and on rank 0 gloo's own copy
-of that input (distributed_c10d.reduce_scatter_single; NCCL makes none) was still alive in every profile: +6.1 MiB,
-the estimate -5.7 %; traced with slower bookkeeping, the copy was gone by then (-1.2 %).
+gloo copies a reduce-scatter input (distributed_c10d.reduce_scatter_single; NCCL makes none) while the whole gradients
+it was copied from are still referenced: the estimate counts that copy on the CPU (memplan.estimator.phases).
 
     python benchmarks/fsdp_gloo_check.py [--out benchmarks/results/fsdp-gloo-2rank.jsonl]
 """
@@ -34,6 +33,7 @@ MiB = 2**20
 SMALL_ROOT = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=2048, max_position_embeddings=512)
 LARGE_ROOT = dict(SMALL_ROOT, vocab_size=8192)
+TIED = dict(LARGE_ROOT, tie_word_embeddings=True)
 WIDE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=8, vocab_size=2048, max_position_embeddings=512)
 FULL = dict(method="full", grad_ckpt=False)
@@ -48,9 +48,9 @@ RUNS = [
     (SMALL_ROOT, dict(LORA, zero=2, **LONG)),
     (SMALL_ROOT, dict(FULL, zero=3, **LONG)),
     (SMALL_ROOT, dict(LORA, zero=3, **LONG)),
-    (LARGE_ROOT, dict(FULL, zero=3, **LONG)),  # the root gathered at the loss
+    (LARGE_ROOT, dict(FULL, zero=3, **LONG)),  # the tail gathered at the loss, beside its all-gather output
     (LARGE_ROOT, dict(LORA_CKPT, zero=3, **LONG)),
-    (LARGE_ROOT, dict(FULL, zero=3, **SHORT)),  # the first layer's gather; the root's whole gradients
+    (LARGE_ROOT, dict(FULL, zero=3, **SHORT)),  # the tail's gather; the embeddings' whole gradients
     (LARGE_ROOT, dict(FULL, zero=3, grad_accum=2, **LONG)),  # each micro-batch reduce-scatters, as memplan train
     (LARGE_ROOT, dict(LORA_CKPT, zero=3, grad_accum=2, **LONG)),
     (WIDE, dict(LORA_CKPT, zero=3, micro_batch=1, seq_len=64)),  # the last layer's gather
@@ -68,12 +68,18 @@ RUNS = [
     (SMALL_ROOT, dict(FULL, zero=2, grad_accum=2, sync_each_batch=False, **LONG)),
     (SMALL_ROOT, dict(FULL, zero=3, grad_accum=2, sync_each_batch=False, precision="amp-bf16", **LONG)),
     # QLoRA: the 4-bit weights stored in bf16 and sharded as such, their quantization states whole on each rank; the
-    # first layer's post-backward after the root's without checkpointing (its input has no gradient)
+    # first layer's post-backward in the backward's final callback without checkpointing (its input has no gradient)
     (SMALL_ROOT, dict(QLORA, zero=3, **LONG)),
     (LARGE_ROOT, dict(QLORA, zero=3, grad_ckpt=True, **LONG)),
     (SMALL_ROOT, dict(QLORA, zero=2, grad_ckpt=True, **LONG)),
     (LARGE_ROOT, dict(QLORA, zero=3, grad_ckpt=True, precision="amp-bf16", **LONG)),  # the policy over fp32 adapters
     (SMALL_ROOT, dict(QLORA, zero=3, grad_ckpt=True, grad_accum=2, sync_each_batch=False, **LONG)),
+    # tied embeddings: one tail unit of the final norm and the embeddings, gathered from the forward's start to the
+    # backward's final callback (under LoRA without the norm, which peft hides from accelerate)
+    (TIED, dict(FULL, zero=3, **SHORT)),
+    (TIED, dict(LORA, zero=3, **LONG)),
+    # the wide model deferring: every layer's whole gradients beside the last layer's reduce-scatter
+    (WIDE, dict(FULL, zero=3, micro_batch=1, seq_len=64, grad_accum=2, sync_each_batch=False)),
 ]
 
 

@@ -36,6 +36,8 @@ MiB = 2**20
 SMALL_ROOT = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 3,
               "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 2048, "max_position_embeddings": 512}
 LARGE_ROOT = dict(SMALL_ROOT, vocab_size=8192)
+TIED = dict(SMALL_ROOT, tie_word_embeddings=True)
+GPT2 = {"model_type": "gpt2", "n_embd": 256, "n_layer": 3, "n_head": 4, "vocab_size": 2048, "n_positions": 512}
 PLANS = [
     (SMALL_ROOT, dict(method="full", zero=3, micro_batch=2, seq_len=64, grad_ckpt=False)),
     (LARGE_ROOT, dict(method="full", zero=3, micro_batch=1, seq_len=32, grad_ckpt=False, grad_accum=2)),
@@ -51,7 +53,8 @@ PLANS = [
                       sync_each_batch=False)),
     (SMALL_ROOT, dict(method="lora", zero=2, micro_batch=2, seq_len=64, grad_ckpt=True, grad_accum=2,
                       sync_each_batch=False)),
-    # without checkpointing the first layer's input has no gradient: its post-backward runs after the root's
+    # without checkpointing the first layer's input has no gradient: the backward's final callback runs its
+    # post-backward, and frees the embeddings' all-gather it prefetched
     (LARGE_ROOT, dict(method="lora", zero=3, micro_batch=2, seq_len=64, grad_ckpt=False)),
     # QLoRA: the 4-bit weights' packed bf16 storage gathered as stored, beside the adapters (cast under the policy)
     (SMALL_ROOT, dict(method="qlora", zero=3, micro_batch=2, seq_len=64, grad_ckpt=False)),
@@ -60,6 +63,14 @@ PLANS = [
     (SMALL_ROOT, dict(method="qlora", zero=3, micro_batch=2, seq_len=64, grad_ckpt=True, precision="amp-bf16")),
     (SMALL_ROOT, dict(method="qlora", zero=3, micro_batch=1, seq_len=32, grad_ckpt=False, grad_accum=2,
                       sync_each_batch=False)),
+    # tied embeddings: one tail unit of the final norm and the embeddings, gathered as the forward starts
+    (TIED, dict(method="full", zero=3, micro_batch=2, seq_len=64, grad_ckpt=False)),
+    # ... under LoRA without the norm (peft hides a Llama's from accelerate): reduced in the final callback
+    (TIED, dict(method="lora", zero=3, micro_batch=2, seq_len=64, grad_ckpt=False)),
+    # a root unit of its own: GPT-2's position embeddings
+    (GPT2, dict(method="full", zero=3, micro_batch=2, seq_len=64, grad_ckpt=True, grad_accum=2)),
+    # ... under LoRA, its final norm still in the tied tail (peft hides only a base model named `model`)
+    (GPT2, dict(method="lora", zero=3, micro_batch=2, seq_len=64, grad_ckpt=False)),
 ]
 # FSDP's storages by the torch function that allocates them (torch/distributed/fsdp/_fully_shard)
 KINDS = {"foreach_all_gather": "all-gather", "alloc_storage": "unsharded"}
@@ -136,19 +147,29 @@ REDUCE_SCATTER = ("reduce-scatter-input", "reduce-scatter-output", "reduce-scatt
 
 def canonical(sequence: list[str]) -> list[str]:
     """The sequence with each run of consecutive all-gather events written frees first, then allocations, each in
-    their order. A gloo worker thread can hold an all-gather's output until its own bookkeeping ends, so a free can
-    land after the next unit's all-gather is made (seen at the root's re-gather as the backward starts, under a
-    mixed-precision policy each time, without one once in a dozen runs); NCCL frees it when Python drops it, the
-    order the stream follows."""
+    their order, and each run of one unit's unsharded parameters made (or freed) one after another sorted by size.
+    A gloo worker thread can hold an all-gather's output until its own bookkeeping ends, so a free can land after
+    the next unit's all-gather is made (seen at the root's re-gather as the backward starts, under a mixed-precision
+    policy each time, without one once in a dozen runs); NCCL frees it when Python drops it, the order the stream
+    follows. A unit copies out its parameters in its module's order, which memplan's parameter listing
+    (memplan.estimator.states.model_parts: a layer's linears, then its norms) follows for Llama's layers but not
+    GPT-2's (ln_1 before attn): the same tensors, back to back."""
     out: list[str] = []
     run: list[str] = []
     for ev in [*sequence, ""]:
-        if ev[1:].startswith("all-gather "):
+        if run and ev[1:].startswith("unsharded ") and run[-1][:11] == ev[:11]:
             run.append(ev)
             continue
-        out += [e for e in run if e[0] == "-"] + [e for e in run if e[0] == "+"]
-        run = []
-        if ev:
+        if run and run[0][1:].startswith("all-gather ") and ev[1:].startswith("all-gather "):
+            run.append(ev)
+            continue
+        if run and run[0][1:].startswith("all-gather "):
+            run = [e for e in run if e[0] == "-"] + [e for e in run if e[0] == "+"]
+        else:
+            run = sorted(run, key=lambda e: int(e.split()[1]))
+        out += run
+        run = [ev] if ev[1:].startswith(("all-gather ", "unsharded ")) else []
+        if ev and not run:
             out.append(ev)
     return out
 

@@ -1,8 +1,10 @@
-"""What FSDP2 (`fully_shard` on every decoder layer, then on the model: memplan train through accelerate's
-`fsdp_version: 2`) allocates on each GPU, on which stream, in the order a training step's stream
-(`memplan.estimator.stream`) needs it. From torch/distributed/fsdp/_fully_shard (`_fsdp_param.py`,
-`_fsdp_param_group.py`, `_fsdp_collectives.py`, torch 2.x) and accelerate's `fsdp2_load_full_state_dict`; the order
-as two gloo ranks allocate it (benchmarks/fsdp_stream_check.py):
+"""What FSDP2 allocates on each GPU, on which stream, in the order a training step's stream
+(`memplan.estimator.stream`) needs it, in the units accelerate's `fsdp_version: 2` makes (memplan.runtime.fsdp: every
+decoder layer; the input embeddings; the tail, the final norm with lm_head, or tied the final norm with the
+embeddings, never resharded after its forward; the model, the root, holding the rest). From
+torch/distributed/fsdp/_fully_shard (`_fsdp_param.py`, `_fsdp_param_group.py`, `_fsdp_collectives.py`,
+`_fsdp_state.py`, torch 2.x) and accelerate's `fsdp2_load_full_state_dict`; the order as two gloo ranks allocate it
+(benchmarks/fsdp_stream_check.py):
 
 - loading (accelerate, `fsdp_cpu_ram_efficient_loading`): parameter by parameter, the whole tensor is made on the
   GPU (rank 0 copies it there, the others receive it by broadcast), the previous one dropped, then this rank's
@@ -10,17 +12,23 @@ as two gloo ranks allocate it (benchmarks/fsdp_stream_check.py):
 - a unit's unshard: its all-gather output, one flat buffer of every shard, on the all-gather copy-in stream
   (`foreach_all_gather`: `get_all_gather_streams` picks the copy-in stream in the forward and the pre-backward);
   then each parameter's unsharded storage on the default stream (`alloc_storage`), copied out of it;
-- the forward keeps a unit's all-gather output until the next unit has copied out its own
-  (`comm_ctx.all_gather_state`); FULL_SHARD frees each layer's parameters after its forward (`reshard`), and the
-  root's after the loss, which transformers computes inside the model's forward; then the last all-gather output;
-- the backward: the root gathers again (FULL_SHARD), frees its all-gather output once copied out, and each unit
-  prefetches the next one's (`_backward_prefetch`); a unit's pre-backward copies out its parameters and frees the
-  all-gather output;
+- the forward gathers the root, then the embeddings (tied: the tail, whose embeddings run first), the layers, the
+  tail (at the final norm; under LoRA a Llama's at lm_head: peft hides its norm from accelerate); it keeps a unit's
+  all-gather output until the next unit has copied out its own (`comm_ctx.all_gather_state`); FULL_SHARD frees each
+  layer's and the embeddings' parameters after their forward (`reshard`); the last all-gather output goes after the
+  loss, which transformers computes inside the model's forward;
+- the backward: a unit's pre-backward (a hook on its output's gradient; the tail's on the logits') copies out its
+  parameters, frees the all-gather output and prefetches the unit whose forward ended before its own
+  (`_backward_prefetch`: the tail prefetches the last layer, the first layer the embeddings);
 - a unit's post-backward: its parameters freed, the previous reduce-scatter input freed
   (`reduce_scatter_max_input_buffers` = 1), its own made on the default stream (`foreach_reduce`: the gradients
   copied in, dim 0 padded), the whole gradients freed, the reduce-scatter output made on the reduce-scatter stream;
   the sharded gradients are views of it, kept until `zero_grad` (a later micro-batch adds into them and frees its
-  own). The root's post-backward comes last; its reduce-scatter input is freed as the backward ends.
+  own). It runs on the gradient of the unit's input: the tail's after the final norm's backward (after lm_head's
+  under LoRA); a unit whose input needs no gradient (the root, the embeddings, a tied tail, the first layer without
+  trained embeddings or checkpointing) has it run by the backward's final callback, unit by unit in module order,
+  with the release of an all-gather prefetched for a unit whose backward never ran (`finalize_backward`); the last
+  reduce-scatter input is freed as the backward ends.
 
 Deferring the reduce-scatter to the last micro-batch (Plan.defers_gradient_reduction,
 `set_requires_gradient_sync(False)`, as transformers' Trainer runs accumulation unless accelerate's sync_each_batch
@@ -47,9 +55,6 @@ runtime.hf.quantization_config) each quantized weight is a column of packed byte
 and freed like any frozen parameter, never cast by a mixed-precision policy; its quantization state stays whole on
 the module (`packed_nf4`). accelerate cannot load such a model on the meta device, so each rank loads it whole
 (`load_whole`).
-
-The first decoder layer's input needs no gradient where the embeddings are frozen and nothing is checkpointed: no
-hook on it runs its post-backward, which the backward's final callback runs after the root's (the stream's order).
 
 Replayed: FULL_SHARD and SHARD_GRAD_OP on several processes, full fine-tuning, LoRA and QLoRA, bf16, bf16-master
 (with the optimizer's fp32 masters of the shards), fp32 and autocast, and CPU offload. The offload events and a
@@ -103,16 +108,18 @@ def packed_nf4(numel: int, storage_itemsize: int) -> _Param:
 
 class FullyShard:
     """The events FSDP2 adds to the step's stream (`st`: memplan.estimator.stream._Step). Units are decoder layer
-    indices, and ROOT."""
+    indices, EMBED (the input embeddings, untied), TAIL (the final norm and lm_head; tied: the final norm and the
+    embeddings) and ROOT (the rest), as accelerate makes them (memplan.runtime.fsdp); a unit without parameters has
+    no events."""
 
-    ROOT = -1
+    ROOT, EMBED, TAIL = -1, -2, -3
 
     def __init__(self, spec: ModelSpec, plan: Plan, weight_itemsize: int, trainable_itemsize: int,
                  targets: frozenset[str], shard_itemsize: int = 0, storage_itemsize: int = 2) -> None:
         """Itemsizes as gathered; `shard_itemsize` the shards' under a mixed-precision policy (0: none);
         `storage_itemsize` a 4-bit base's packed storage (the compute dtype, runtime.hf.quantization_config)."""
         self.world = plan.world_size
-        self.reshard_after_forward = plan.zero == 3
+        self.reshard_after_forward = plan.zero == 3  # the layers' and the embeddings'; never the tail's or root's
         self.defer = plan.defers_gradient_reduction
         self._micro, self._last = 0, True  # the micro-batch that runs, and whether it is the step's last
         self.mixed_precision = bool(shard_itemsize)
@@ -131,34 +138,55 @@ class FullyShard:
                 out.append(_Param(shape, itemsize, full and role != "frozen" or role == "adapter",
                                   shard_itemsize or itemsize))
             return out
-        root, layers = states.unit_parameters(spec, frozenset() if full else targets, plan.lora.rank)
-        self.root = params(root)
-        self.layers = [params(layer) for layer in layers]
-        self._leading = 2 if spec.position_embeddings else 1  # the root's tensors before the decoder layers
+        units = states.fsdp_units(spec, frozenset() if full else targets, plan.lora.rank, peft=not full)
+        self.layers = [params(layer) for layer in units.layers]
+        self.units = {self.EMBED: params(units.embed), self.TAIL: params(units.tail), self.ROOT: params(units.root)}
+        self.tied = not units.embed
+        self.tail_norm = units.tail_norm  # the tail's forward starts at the final norm, else at lm_head
+        frozen = [((spec.params_frozen,), "frozen")] if spec.params_frozen else []
+        self._model_order = params(states.module_parameters(spec, frozenset() if full else targets, plan.lora.rank)
+                                   + frozen)
+        self._post_forward_order: list[int] = []  # units in the order their post-forward ran (backward prefetch)
+        self._pending: set[int] = set()  # units whose post-backward has not run in this backward
         self._gathered: dict[int, list[int]] = {}  # unit -> its unsharded parameters' ids
         self._all_gather: dict[int, int] = {}  # unit -> its all-gather output's id, until freed
         self._kept_all_gather: int | None = None  # the last forward all-gather output (all_gather_state)
         self._reduce_scatter_input: int | None = None
         self._grads: dict[int, list[int]] = {}  # unit -> its whole gradients, as autograd makes them
         self._current = self.ROOT  # the unit whose backward runs
-        self.sharded_grads: list[int] = []
+        self.sharded_grads: list[tuple[int, int]] = []  # (unit, its reduce-scatter output)
 
     def _unit(self, u: int) -> list[_Param]:
-        return self.root if u == self.ROOT else self.layers[u]
+        return self.units[u] if u < 0 else self.layers[u]
+
+    def _all_units(self) -> list[int]:
+        """The units in the order fully_shard makes them (the layers, the embeddings, the tail, the root) that
+        hold parameters."""
+        return [u for u in (*range(len(self.layers)), self.EMBED, self.TAIL, self.ROOT) if self._unit(u)]
+
+    def _state_order(self) -> list[int]:
+        """The units in the order of the root's named_modules (FSDPStateContext.all_states): the root, the
+        embeddings (tied: the tail, at the embeddings), the layers, the tail."""
+        head = [self.TAIL] if self.tied else [self.EMBED]
+        tail = [] if self.tied else [self.TAIL]
+        return [u for u in (self.ROOT, *head, *range(len(self.layers)), *tail) if self._unit(u)]
+
+    def _optimizer_order(self) -> list[int]:
+        """The units by their last parameter in the model's (the optimizer's) order: the embeddings, the root's
+        (its position embeddings; its other tensors, rare, come after the layers, which no replay notices), the
+        layers, the tail (tied: where its last parameter is, the final norm or the embeddings)."""
+        first = [self.EMBED] if not self.tied else [] if self.tail_norm else [self.TAIL]
+        last = [self.TAIL] if not self.tied or self.tail_norm else []
+        return [*first, self.ROOT, *range(len(self.layers)), *last]
 
     @property
     def sharded_tensors(self) -> states.Tensors:
         """This rank's trainable shards: what the optimizer steps on (on the host, with offload)."""
         shapes = tuple((math.ceil(p.shape[0] / self.world), *p.shape[1:])
-                       for unit in (*self.layers, self.root) for p in unit if p.trainable)
+                       for u in self._optimizer_order() for p in self._unit(u) if p.trainable)
         return states.Tensors(shapes, (), 0)
 
     # ---------------------------------------------------------------- loading
-
-    def _model_order(self) -> list[_Param]:
-        """The parameters in the model's order: the root's leading tensors, the decoder layers, the rest of the root."""
-        lead = self._leading
-        return self.root[:lead] + [p for layer in self.layers for p in layer] + self.root[lead:]
 
     def load(self, st) -> None:
         """fsdp2_load_full_state_dict: the whole tensor, the previous one dropped as the loop rebinds it, the shard;
@@ -167,7 +195,7 @@ class FullyShard:
             self.load_whole(st)
             return
         previous = None
-        for p in self._model_order():
+        for p in self._model_order:
             full = st.alloc(math.prod(p.shape) * p.stored)
             st.free(previous)
             shard = st.alloc(p.shard_numel(self.world) * p.stored)
@@ -180,17 +208,17 @@ class FullyShard:
         """A 4-bit base, as accelerate prepares it (fsdp2_prepare_model: no cpu_ram_efficient_loading for
         Params4bit): every rank quantizes the whole model onto its GPU as it loads (device_map), base weights first,
         each 4-bit weight with its quantization state, then peft's adapters; fully_shard makes each unit's shards,
-        the decoder layers first, then the root; the whole tensors, still held by the state dict accelerate took
-        before sharding, are freed together once it is done. The quantization states stay (on the modules)."""
-        base = [p for p in self._model_order() if not (p.trainable and not self.full)]
-        adapters = [p for p in self._model_order() if p.trainable and not self.full]
+        in the order it wraps them; the whole tensors, still held by the state dict accelerate took before
+        sharding, are freed together once it is done. The quantization states stay (on the modules)."""
+        base = [p for p in self._model_order if not (p.trainable and not self.full)]
+        adapters = [p for p in self._model_order if p.trainable and not self.full]
         whole = []
         for p in base + adapters:
             whole.append(st.alloc(math.prod(p.shape) * p.stored))
             if p.state:
                 st.alloc(p.state)
-        for unit in (*self.layers, self.root):
-            for p in unit:
+        for u in self._all_units():
+            for p in self._unit(u):
                 shard = st.alloc(p.shard_numel(self.world) * p.stored)
                 if self.offload:  # moved to the host (FSDPParam._init_sharded_param, offload_to_cpu)
                     st.free(shard)
@@ -227,20 +255,40 @@ class FullyShard:
         st.free(*self._gathered.pop(u, ()))
 
     def pre_forward(self, st, u: int) -> None:
-        """A unit's forward: gathered (unless still unsharded, SHARD_GRAD_OP), the previous all-gather output freed."""
-        if u in self._gathered:
+        """A unit's forward: gathered (unless still unsharded: SHARD_GRAD_OP, the tail, the root), the previous
+        all-gather output freed once this one is copied out."""
+        if u in self._gathered or not self._unit(u):
             return
         ag = self._all_gather_output(st, u)
         self._copy_out(st, u)
         st.free(self._kept_all_gather)
         self._kept_all_gather = ag
+        self._pending.add(u)
 
     def post_forward(self, st, u: int) -> None:
-        if self.reshard_after_forward:
+        """Resharded (FULL_SHARD's layers and embeddings); recorded for the backward's prefetch."""
+        if not self._unit(u):
+            return
+        if self.reshard_after_forward and u not in (self.TAIL, self.ROOT):
             self._reshard(st, u)
+        self._post_forward_order.append(u)
+
+    def forward_start(self, st) -> None:
+        """The root's pre-forward, then the first unit to run: the embeddings' (tied: the tail's, whose embeddings
+        run first)."""
+        self._post_forward_order = []
+        self.pre_forward(st, self.ROOT)
+        self.pre_forward(st, self.TAIL if self.tied else self.EMBED)
+
+    def embedded(self, st) -> None:
+        """The embeddings' post-forward (untied; the tail's comes after lm_head)."""
+        if not self.tied:
+            self.post_forward(st, self.EMBED)
 
     def forward_end(self, st) -> None:
-        """The root's post-forward, after the loss: its parameters (FULL_SHARD), then the last all-gather output."""
+        """The tail's post-forward (after lm_head), the root's (after the loss, which transformers computes inside
+        the model's forward), then the last all-gather output freed."""
+        self.post_forward(st, self.TAIL)
         self.post_forward(st, self.ROOT)
         st.free(self._kept_all_gather)
         self._kept_all_gather = None
@@ -250,15 +298,23 @@ class FullyShard:
             self._all_gather[u] = self._all_gather_output(st, u)
 
     def pre_backward(self, st, u: int) -> None:
-        """Copy out the unit (gathered now or prefetched), free its all-gather output, prefetch the next unit."""
+        """Copy out the unit (gathered now or prefetched), free its all-gather output, prefetch the unit whose
+        post-forward ran before this one's (`_backward_prefetch`)."""
+        if not self._unit(u):
+            return
         if u not in self._gathered:
             self._prefetch(st, u)
             self._copy_out(st, u)
             st.free(self._all_gather.pop(u))
         self._current = u
-        following = len(self.layers) - 1 if u == self.ROOT else u - 1
-        if following >= 0:
-            self._prefetch(st, following)
+        at = self._post_forward_order.index(u)
+        if at > 0:
+            self._prefetch(st, self._post_forward_order[at - 1])
+
+    def running(self, u: int) -> None:
+        """The unit whose gradients autograd makes next (its own pre-backward may not run: the tail's gathered
+        parameters, a frozen input's unit)."""
+        self._current = u if self._unit(u) else self.ROOT
 
     def start_micro_batch(self, micro: int, last: bool) -> None:
         self._micro, self._last = micro, last
@@ -272,10 +328,12 @@ class FullyShard:
         return True
 
     def post_backward(self, st, u: int) -> None:
-        """Reshard, reduce-scatter the unit's whole gradients, keep the sharded ones; the root's backward goes on
-        (the embedding's gradient). Deferred, the micro-batches before the last only reshard."""
+        """Reshard, reduce-scatter the unit's whole gradients, keep the sharded ones. Deferred, the micro-batches
+        before the last only reshard."""
+        if u not in self._pending:
+            return
+        self._pending.discard(u)
         self._reshard(st, u)
-        self._current = self.ROOT
         if self.defer and not self._last:
             return
         st.free(self._reduce_scatter_input)
@@ -294,14 +352,25 @@ class FullyShard:
         if self.offload:  # copied to the host gradient
             st.free(out)
         elif self._micro == 0 or self.defer:  # the step's first reduce-scatter makes the sharded gradients
-            self.sharded_grads.append(out)
+            self.sharded_grads.append((u, out))
         else:  # added into the sharded gradients
             st.free(out)
 
     def backward_end(self, st) -> None:
+        """The backward's final callback (`_root_post_backward_final_callback`), unit by unit in the root's module
+        order: the post-backward of each unit whose inputs needed no gradient (the root, the embeddings, the first
+        layer without trained embeddings or checkpointing, a tied tail), then an all-gather a prefetch made for a
+        unit that never ran its backward (`finalize_backward`); the last reduce-scatter input freed."""
+        for u in self._state_order():
+            self.post_backward(st, u)
+            st.free(self._all_gather.pop(u, None))
         st.free(self._reduce_scatter_input)
         self._reduce_scatter_input = None
+        self._current = self.ROOT
 
     def zero_grad(self, st) -> None:
-        st.free(*self.sharded_grads)
+        """Each unit's reduce-scatter output goes with the last of its sharded gradients, in the optimizer's
+        parameter order (`_optimizer_order`)."""
+        order = self._optimizer_order()
+        st.free(*(out for _, out in sorted(self.sharded_grads, key=lambda unit_out: order.index(unit_out[0]))))
         self.sharded_grads = []

@@ -297,6 +297,11 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
         last = _terms(**base, gradients=G_fwd, activations=saved + (0 if offload else acts.shared),
                       gathered_params=shard.unshard_last, comm_buffers=fwd_buffers)
         fwd = max(fwd, last, key=lambda t: sum(t.values()))
+    if shard.unshard_tail:
+        # ... and as the tail gathers after them: every layer's saved tensors, the decoder's output
+        tail = _terms(**base, gradients=G_fwd, activations=saved_no_loss + acts.forward_extra,
+                      gathered_params=shard.unshard_tail, comm_buffers=fwd_buffers)
+        fwd = max(fwd, tail, key=lambda t: sum(t.values()))
 
     # ---- backward: the loss backward with all activations alive, then layer by layer
     head_grads = shard.head_grads
@@ -314,16 +319,29 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
                      logits_loss=acts.loss_backward_peak, gathered_params=shard.gathered_backward,
                      comm_buffers=fwd_buffers)  # (DeepSpeed makes its reduce buckets at the first gradient)
     candidates.append(at_loss)
+    if shard.gathered_prefetch:
+        # FSDP2: the last layer prefetched once the logits' gradient exists (the loss's fp32 tensors freed): that
+        # gradient, lm_head's weight gradient (trained) and its input's
+        tok, c = plan.micro_batch * plan.seq_len, num.compute
+        grads_now = c * tok * spec.vocab_size + tok * spec.hidden_size * c
+        if plan.method == "full":
+            grads_now += spec.vocab_size * spec.hidden_size * c
+        candidates.append(_terms(**base, gradients=G_fwd, activations=saved_no_loss, logits_loss=grads_now,
+                                 gathered_params=shard.gathered_prefetch, comm_buffers=fwd_buffers))
     if shard.reduce_head:
         # DeepSpeed ZeRO-Offload: lm_head's gradient reduced as the final norm's arrives, every layer's saved
         # tensors alive
         candidates.append(_terms(**base, gradients=shard.reduce_head, activations=saved_no_loss,
                                  comm_buffers=shard.buffers))
-    if shard.backward_start:
-        # FSDP2 FULL_SHARD: the root gathers its parameters again before the loss's backward runs
-        candidates.append(_terms(**base, gradients=G_fwd, activations=saved_no_loss,
-                                 logits_loss=acts.loss_saved, gathered_params=shard.backward_start,
-                                 comm_buffers=shard.buffers))
+    # FSDP2's reduce-scatter holds a unit's whole gradients beside their copy as its input (`foreach_reduce` keeps
+    # them referenced until the collective is issued), and gloo copies that input again (distributed_c10d.py
+    # reduce_scatter_single; NCCL makes none)
+    reducing = 3 if kernels == "cpu" else 2
+    if shard.tail_reduce:
+        # the untied tail's, on the final norm's input gradient (every layer's saved tensors alive), the last layer
+        # prefetched
+        candidates.append(_terms(**base, gradients=G_fwd, activations=saved_no_loss + reducing * shard.tail_reduce,
+                                 gathered_params=shard.gathered_tail_reduce, comm_buffers=shard.buffers))
     L = spec.num_layers
     # Memory is linear in the layer index within a run of alike layers: the ends, and the lowest layer of
     # the last layer's kind (below it, smaller layers: DeepSeek's dense first layers); and the second layer, the
@@ -349,13 +367,15 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
                                  gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
         if shard.unshard_first and plan.method == "full":
             # FSDP2, as layer i's last gradients are made (most of its saved tensors, released by the nodes that
-            # run last, still alive): its gradients whole, the layer above's reduce-scatter input (freed by this
-            # layer's reduce-scatter), the sharded gradients above, lm_head's whole
+            # run last, still alive): its gradients whole, the reduce-scatter input of the unit above (the layer's,
+            # or the untied tail's; freed by this layer's reduce-scatter), the sharded gradients above, the tail's
+            # (sharded; tied, whole until the final callback)
             above = min(G, shard.grads_from[i + 1]) if i + 1 < L else 0  # G = 0: offloaded to the host
-            g_end = (max(0, G - head_grads) if accum else above) + shard.root_head_grads + shard.unit_grads
+            head_now = shard.root_head_grads or (head_grads if G else 0)
+            g_end = (max(0, G - head_grads) if accum else above) + head_now + shard.unit_grads
             if deferred:  # the last micro-batch: whole below and in layer i, the root's whole, sharded above
                 g_end = deferred - (shard.deferred_from[i + 1] if i + 1 < L else 0) + above
-            rs_input = shard.unit_grads if i + 1 < L else 0
+            rs_input = shard.unit_grads if i + 1 < L else shard.tail_reduce
             candidates.append(_terms(**base, gradients=g_end, activations=alive + rs_input,
                                      gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
     # End of the backward: every gradient exists. The embedding's dense gradient (embedding_dense_backward)
@@ -368,31 +388,35 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
         if deferred:  # added into the unsharded embedding's whole gradient
             emb_grad = spec.vocab_size * spec.hidden_size * states.trainable_itemsize(plan, num.weights, num.adapter)
         emb_transient = (2 if kernels == "cpu" else 1) * emb_grad
+    end_pending = pending
+    if shard.unshard_first and plan.method == "full" and not deferred:
+        # FSDP2: each reduce-scatter takes the whole gradient off the parameter, so no earlier one waits in .grad;
+        # a tied weight's lm_head gradient waits whole in the input buffer until the embedding's is added to it,
+        # out of place (the sum is the tail's whole gradient, below)
+        vh = spec.vocab_size * spec.hidden_size * states.trainable_itemsize(plan, num.weights, num.adapter)
+        emb_transient = end_pending = vh if spec.tie_word_embeddings else 0
     # (DeepSpeed ZeRO-Offload: every .grad left for the host as it was reduced; the embedding's is reduced last)
     end_grads = shard.reduce_end or shard.backward_grads or G
-    end_acts = (0 if offload else acts.shared) + emb_transient + pending
+    end_acts = (0 if offload else acts.shared) + emb_transient + end_pending
     if deferred:
         # a micro-batch before the last: every whole gradient, the root still gathered (it reshards after)
         candidates.append(_terms(**base, gradients=deferred, activations=end_acts,
                                  gathered_params=shard.gathered_end, comm_buffers=shard.buffers))
     if shard.unshard_first:
-        # FSDP2: the root's gradients are whole until its reduce-scatter, the first layer's reduce-scatter input
-        # waits for it, and the root is still gathered
-        end_grads += shard.root_grads - (shard.head_grads + shard.emb_grad if G else 0)
+        # FSDP2: the gradients the final callback reduces are whole until then, the first layer's reduce-scatter
+        # input waits for it, and the embeddings (or the tied tail) and the root are still gathered
+        end_grads += shard.root_grads - (shard.root_grads_sharded if G else 0)
         end_acts += shard.first_unit_grads
-        if kernels == "cpu" and shard.root_grads:
-            # gloo's reduce-scatter copies its input (distributed_c10d.py reduce_scatter_single), after the root's
-            # parameters and its embedding's gradient are gone: the root's input and that copy, lm_head's
-            # gradient, the root's sharded gradients
-            candidates.append(_terms(**base, gradients=G, activations=(0 if offload else acts.shared) + pending
-                                     + 2 * shard.root_grads + shard.root_head_grads,
-                                     comm_buffers=shard.buffers))
+        if shard.root_grads:  # as the final callback reduce-scatters them (resharded), beside the sharded ones
+            candidates.append(_terms(**base, gradients=G, activations=(0 if offload else acts.shared)
+                                     + reducing * shard.root_grads, comm_buffers=shard.buffers))
     candidates.append(_terms(**base, gradients=end_grads, activations=end_acts,
                              gathered_params=shard.gathered_end, comm_buffers=shard.buffers))
     if shard.root_reduce:
-        # FSDP2 under a mixed-precision policy, as the root reduce-scatters (resharded: nothing gathered): the other
-        # units' sharded gradients, the root's whole ones as its input, its output and that output cast to fp32
-        others = max(0, G - shard.head_grads - shard.emb_grad)
+        # FSDP2 under a mixed-precision policy, as the final callback reduce-scatters (resharded: nothing
+        # gathered): the other units' sharded gradients, the whole ones as its input, its output and that output
+        # cast to fp32
+        others = max(0, G - shard.root_grads_sharded)
         candidates.append(_terms(**base, gradients=others, activations=(0 if offload else acts.shared) + pending
                                  + shard.root_reduce, comm_buffers=shard.buffers))
     bwd = max(candidates, key=lambda t: sum(t.values()))

@@ -34,16 +34,22 @@ class PerGpu:
     gathered_layers_forward: int  # ... inside a decoder layer's forward
     gathered_layers_backward: tuple[int, ...]  # [i]: ... inside decoder layer i's backward
     gathered_end: int  # ... at the end of the backward (the embedding's gradient)
+    gathered_prefetch: int  # FSDP2: ... once the logits' gradient exists (0: no such moment)
+    gathered_tail_reduce: int  # FSDP2: ... as the untied tail reduce-scatters
     # FSDP2's moments of most gathered bytes (0: none): as the first and the last decoder layer gather their
-    # parameters in the forward, and as the root gathers its own again when the backward starts
+    # parameters in the forward, and as the tail (the final norm and lm_head) gathers its own after them
     unshard_first: int
     unshard_last: int
-    backward_start: int
-    root_grads: int  # FSDP2: the root unit's gradients, whole until its reduce-scatter ends the backward
-    root_head_grads: int  # ... of which lm_head's and the final norm's
-    first_unit_grads: int  # FSDP2: the first layer's gradients, reduce-scatter input until the root's follows
-    # FSDP2 under a mixed-precision policy: the root's reduce-scatter at the backward's end, its input (the root's
-    # whole gradients, gathered dtype), its output and the output's cast to the shards' dtype
+    unshard_tail: int
+    # FSDP2: the gradients the backward's final callback reduce-scatters (the embeddings', a tied tail's, the
+    # root's), whole until then, and their sharded part
+    root_grads: int
+    root_grads_sharded: int
+    root_head_grads: int  # ... of which a tied tail's, whole through the layers' backward
+    tail_reduce: int  # FSDP2: an untied tail's gradients, whole as its reduce-scatter input until the last layer's
+    first_unit_grads: int  # FSDP2: the first layer's gradients, reduce-scatter input until the final callback's
+    # FSDP2 under a mixed-precision policy: the final callback's reduce-scatters, their input (whole gradients,
+    # gathered dtype), output and the output's cast to the shards' dtype
     root_reduce: int
     unit_grads: int  # FSDP2: a layer's gradients, whole until its reduce-scatter (the largest layer's)
     # FSDP2 deferring the reduce-scatter to the last micro-batch (Plan.defers_gradient_reduction; else 0 and ()):
@@ -165,8 +171,6 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
         head_params = 0
     head_grads = head_params * g_item
     emb_grad = spec.vocab_size * spec.hidden_size * g_item if plan.method == "full" else 0
-    whole_root_grads = (head_params + (spec.vocab_size * spec.hidden_size if plan.method == "full" else 0)) * whole_item
-    whole_head_grads = head_params * whole_item
 
     # Parameters sharded at rest: ZeRO-3 / FULL_SHARD, and FSDP's SHARD_GRAD_OP too (it reshards after the
     # backward; only between a unit's forward and its backward are its parameters whole).
@@ -290,50 +294,12 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                                                    for i in reversed(range(spec.num_layers))))[::-1]
         notes.append("Gradient reduce-scatter deferred to the last micro-batch (sync_each_batch off): every layer's "
                      "whole gradients stay on each GPU between micro-batches.")
-    unshard_first = unshard_last = backward_start = root_grads = root_head_grads = first_unit_grads = unit_grads = 0
-    root_reduce = 0
+    f2, gathered_prefetch, gathered_tail_reduce = _Fsdp2(), 0, 0
     if fsdp and stage in (2, 3):
-        # FSDP2 on every decoder layer and on the model (torch/distributed/fsdp/_fully_shard: _fsdp_param_group.py,
-        # _fsdp_collectives.py; the order as traced on 2 gloo ranks). A unit being gathered is held twice: the
-        # all-gather output (one flat buffer) and the unsharded parameters copied out of it. The forward keeps a
-        # unit's all-gather output until the next unit has copied out its own; the backward frees it at once and
-        # prefetches the next unit's. The root unit - the embeddings, the final norm, lm_head and whatever no
-        # decoder layer holds (a vision tower) - is gathered first and resharded last (its post-backward closes
-        # the backward): as the first layer gathers, the root's all-gather output, its parameters, the layer's
-        # all-gather output and parameters are alive at once.
-        root = (spec.params_embedding + spec.params_final_norm + spec.params_lm_head + spec.params_frozen)
-        root *= num.compute
-        unshard_first = 2 * root + 2 * unit
-        gathered_end = root
-        root_grads, root_head_grads = whole_root_grads, whole_head_grads
-        first_unit_grads = trainable[spec.group_of(0)] * whole_item
-        if plan.fsdp_mixed_precision and whole_root_grads:  # (_fsdp_collectives.py foreach_reduce, _to_dtype_if_needed)
-            root_reduce = whole_root_grads + _part(whole_root_grads, n) * (1 + num.stored_weights // whole_item)
-        unit_grads = max(trainable[g] * whole_item for g in spec.layer_groups)
-    if fsdp and stage == 3:
-        # FULL_SHARD (reshard_after_forward=True). At the loss the last layer is resharded and its all-gather output
-        # kept (forward) or the next one prefetched (backward): the root and one unit. Inside a layer its parameters
-        # and an all-gather output: two, but in the first layer's backward, which has no unit left to prefetch. As
-        # the last layer gathers: the previous layer's all-gather output, its own and its parameters. The root,
-        # resharded after the loss, is gathered again as the backward starts (its all-gather output and
-        # parameters, before any prefetch).
-        gathered_f = gathered_b = root + unit
-        gathered_layers_f = root + 2 * unit
-        gathered_layers_b = [root + unit] + [root + 2 * unit] * (spec.num_layers - 1)
-        unshard_last = root + 3 * unit
-        backward_start = 2 * root
-    elif fsdp and stage == 2:
-        # SHARD_GRAD_OP (reshard_after_forward=False): every unit stays unsharded from its forward to its
-        # backward, so the forward ends with a whole replica gathered, plus the last unit's all-gather output
-        # (two as the last layer gathers); the backward starts with the whole replica and reshards unit by unit
-        # (measured on 2 gloo ranks to 0.01 MiB, full FT and LoRA).
-        layers = sum(g.params * g.count for g in spec.layer_groups)
-        replica = ((spec.params_total - layers) * num.compute + adapters_all
-                   + sum(_gathered_layer(g, plan, num.compute) * g.count for g in spec.layer_groups))
-        gathered_f = gathered_layers_f = replica + unit
-        unshard_last = replica + 2 * unit
-        gathered_b = replica
-        gathered_layers_b = [replica] * spec.num_layers
+        f2 = _fsdp2(spec, plan, num, n, unit, adapters_all, whole_item, g_item, trainable)
+        gathered_f, gathered_b, gathered_layers_f = f2.forward, f2.backward, f2.layers_forward
+        gathered_prefetch, gathered_tail_reduce = f2.prefetch, f2.tail_reduce_gathered
+        gathered_layers_b, gathered_end, decoder_end = list(f2.layers_backward), f2.end, f2.decoder_end
 
     if plan.offload != "none":
         # optimizer states, master weights (and DeepSpeed's fp32 grads) live in CPU RAM; the step runs there.
@@ -353,15 +319,117 @@ def per_gpu(spec: ModelSpec, plan: Plan, tensors: Tensors, num: Numerics, *, wei
                   grads_from=tuple(grads_from), emb_grad=emb_grad,
                   gathered_forward=gathered_f, gathered_backward=gathered_b, gathered_layers_forward=gathered_layers_f,
                   gathered_layers_backward=tuple(gathered_layers_b), gathered_end=gathered_end,
-                  unshard_first=unshard_first, unshard_last=unshard_last if spec.num_layers > 1 else 0,
-                  backward_start=backward_start, root_grads=root_grads, root_head_grads=root_head_grads,
-                  unit_grads=unit_grads, first_unit_grads=first_unit_grads, root_reduce=root_reduce,
+                  gathered_prefetch=gathered_prefetch, gathered_tail_reduce=gathered_tail_reduce,
+                  unshard_first=f2.unshard_first, unshard_last=f2.unshard_last if spec.num_layers > 1 else 0,
+                  unshard_tail=f2.unshard_tail, root_grads=f2.root_grads, root_grads_sharded=f2.root_grads_sharded,
+                  root_head_grads=f2.root_head_grads, tail_reduce=f2.tail_reduce, unit_grads=f2.unit_grads,
+                  first_unit_grads=f2.first_unit_grads, root_reduce=f2.root_reduce,
                   deferred_grads=deferred,
                   deferred_from=deferred_from, backward_grads=backward_grads,
                   step_grads=G if step_grads is None else step_grads,
                   buffers=buffers, host_bytes=host, notes=notes, forward_buffers=forward_buffers,
                   step_buffers=step_buffers, reduce_head=reduce_head, reduce_end=reduce_end,
                   resting_grads=resting_grads, gathered_decoder_end=decoder_end)
+
+
+@dataclass(frozen=True)
+class _Fsdp2:
+    """What FSDP2 holds at its moments (memplan.estimator.fully_shard replays them event by event); 0: no FSDP2."""
+
+    forward: int = 0  # gathered at the loss
+    backward: int = 0  # ... as the loss's backward peaks
+    prefetch: int = 0  # ... once the logits' gradient exists (the standard loss): the last layer's prefetched
+    tail_reduce_gathered: int = 0  # ... as the untied tail reduce-scatters
+    layers_forward: int = 0  # ... inside a decoder layer's forward
+    layers_backward: tuple[int, ...] = ()  # [i]: inside layer i's backward
+    end: int = 0  # ... at the embeddings' backward
+    decoder_end: int | None = None  # ... at the decoder's end
+    unshard_first: int = 0
+    unshard_last: int = 0
+    unshard_tail: int = 0
+    root_grads: int = 0
+    root_grads_sharded: int = 0
+    root_head_grads: int = 0
+    tail_reduce: int = 0
+    first_unit_grads: int = 0
+    unit_grads: int = 0
+    root_reduce: int = 0
+
+
+def _fsdp2(spec: ModelSpec, plan: Plan, num: Numerics, n: int, unit: int, adapters_all: int, whole_item: int,
+           g_item: int, trainable: dict) -> _Fsdp2:
+    """FSDP2 in accelerate's units (memplan.runtime.fsdp; torch/distributed/fsdp/_fully_shard: _fsdp_param_group.py,
+    _fsdp_collectives.py; the order as traced on 2 gloo ranks, benchmarks/fsdp_stream_check.py). A unit being
+    gathered is held twice: the all-gather output (one flat buffer) and the parameters copied out of it. The forward
+    keeps a unit's all-gather output until the next unit has copied out its own; the backward frees it at once and
+    prefetches the unit whose forward ran before. The root (what no other unit holds) gathers first; the input
+    embeddings next (FULL_SHARD: resharded after their forward, gathered again for their backward); the tail (the
+    final norm and lm_head; tied, with the embeddings, gathered as the forward starts) after the last layer, kept
+    gathered into the backward until its post-backward, on the final norm's input gradient (on lm_head's alone under
+    LoRA; tied, in the backward's final callback, with the root's and the embeddings')."""
+    from memplan.estimator.activations import lora_targets
+    from memplan.estimator.states import fsdp_units
+
+    full = plan.method == "full"
+    units = fsdp_units(spec, lora_targets(spec, plan), plan.lora.rank if not full else 0, peft=not full)
+
+    def gathered(listed) -> int:
+        return sum(math.prod(shape) * (whole_item if role == "adapter" else num.compute) for shape, role in listed)
+
+    def grads(listed) -> int:
+        return sum(math.prod(shape) for shape, role in listed if role != "frozen") if full else 0
+
+    E, T, R = gathered(units.embed), gathered(units.tail), gathered(units.root)
+    tied = not units.embed
+    first = T if tied else E  # the unit the forward gathers after the root
+    kept = T if tied else 0  # the tail, gathered through the decoder when tied
+    final = grads(units.root) + grads(units.tail if tied else units.embed)  # reduced in the final callback
+    tail = 0 if tied else grads(units.tail) * whole_item
+    f = dict(root_grads=final * whole_item, root_grads_sharded=_part(final * g_item, n),
+             root_head_grads=grads(units.tail) * whole_item if tied else 0, tail_reduce=tail,
+             first_unit_grads=trainable[spec.group_of(0)] * whole_item,
+             unit_grads=max(trainable[g] * whole_item for g in spec.layer_groups))
+    if plan.fsdp_mixed_precision and final:  # (_fsdp_collectives.py foreach_reduce, _to_dtype_if_needed)
+        f["root_reduce"] = final * whole_item + _part(final * whole_item, n) * (1 + num.stored_weights // whole_item)
+    L = spec.num_layers
+    if plan.zero == 3:
+        # FULL_SHARD: inside a layer its parameters and an all-gather output (the previous layer's kept in the
+        # forward, the next one prefetched in the backward: the first layer's prefetch is the embeddings'); as a
+        # layer gathers, the previous one's output, its own and its parameters; the first beside the embeddings'
+        # output (the root's before it); the untied tail beside the last layer's
+        # the tail's pre-backward prefetches the last layer once the logits' gradient exists: after the standard
+        # loss's peak (a chunked or Liger loss: counted at it)
+        standard = plan.loss == "standard" and not plan.liger_loss
+        return _Fsdp2(forward=R + T + (unit if tied else T), backward=R + T + (0 if standard else unit),
+                      prefetch=R + T + unit if standard else 0, tail_reduce_gathered=R + unit,
+                      layers_forward=R + kept + 2 * unit,
+                      layers_backward=(R + kept + unit + (0 if tied else E),) + (R + kept + 2 * unit,) * (L - 1),
+                      end=R + first, decoder_end=R + kept + unit,
+                      unshard_first=max(2 * R + 2 * first, R + first + kept + 2 * unit),
+                      unshard_last=R + kept + 3 * unit, unshard_tail=0 if tied else R + unit + 2 * T, **f)
+    return _shard_grad_op(spec, plan, num, unit, adapters_all, whole_item, trainable, R=R, T=T, first=first,
+                          kept=kept, grads=f)
+
+
+def _shard_grad_op(spec: ModelSpec, plan: Plan, num: Numerics, unit: int, adapters_all: int, whole_item: int,
+                   trainable: dict, *, R: int, T: int, first: int, kept: int, grads: dict) -> _Fsdp2:
+    """SHARD_GRAD_OP: every unit stays unsharded from its forward to its post-backward, so the forward ends with a
+    whole replica gathered, plus the tail's all-gather output (tied: the last layer's); the backward starts with the
+    replica, the untied tail's and each layer's post-backward reshard them, and it ends with the root and the
+    embeddings (or the tied tail). `R`, `T`: the root's and the tail's gathered bytes; `first`: the unit gathered
+    after the root; `kept`: the tied tail (0 untied)."""
+    L, tied = spec.num_layers, bool(kept)
+    layers = sum(g.params * g.count for g in spec.layer_groups)
+    replica = ((spec.params_total - layers) * num.compute + adapters_all
+               + sum(_gathered_layer(g, plan, num.compute) * g.count for g in spec.layer_groups))
+    per_layer = [_gathered_layer(spec.group_of(i), plan, num.compute)
+                 + (0 if plan.method == "full" else trainable[spec.group_of(i)] * whole_item) for i in range(L)]
+    resharded_above = [sum(per_layer[i + 1:]) for i in range(L)]
+    return _Fsdp2(forward=replica + (unit if tied else T), backward=replica, layers_forward=replica + unit,
+                  layers_backward=tuple(replica - (0 if tied else T) - above for above in resharded_above),
+                  end=R + first, tail_reduce_gathered=replica - T,
+                  unshard_first=max(2 * R + 2 * first, R + 2 * first + 2 * unit),
+                  unshard_last=replica - T + kept + 2 * unit, unshard_tail=0 if tied else replica + unit + T, **grads)
 
 
 @dataclass(frozen=True)
@@ -394,10 +462,10 @@ def _zero_offload_reduction(spec: ModelSpec, plan: Plan, tensors: Tensors, n: in
         return held + 8 * min(numel, part)
 
     from memplan.estimator.activations import lora_targets
-    from memplan.estimator.states import unit_parameters
+    from memplan.estimator.states import fsdp_units
 
     trained = (lambda role: role != "adapter") if plan.method == "full" else (lambda role: role == "adapter")
-    _, layers = unit_parameters(spec, lora_targets(spec, plan), plan.lora.rank if plan.method != "full" else 0)
+    layers = fsdp_units(spec, lora_targets(spec, plan), plan.lora.rank if plan.method != "full" else 0).layers
     layer = max((reducing(math.prod(shape)) for params in layers for shape, role in params if trained(role)),
                 default=0)
     # full fine-tuning: the embedding's gradient is the backward's last; an untied lm_head's its first

@@ -50,14 +50,43 @@ def module_parameters(spec: ModelSpec, targets: frozenset[str] = frozenset(),
     return front + [p for group in spec.layer_groups for p in layers[group] * group.count] + back
 
 
-def unit_parameters(spec: ModelSpec, targets: frozenset[str] = frozenset(),
-                    rank: int = 0) -> tuple[list[tuple[tuple[int, ...], str]], list[list[tuple[tuple[int, ...], str]]]]:
-    """The parameters of the units FSDP wraps, as `module_parameters` lists them: the root's (the embeddings, the
-    final norm and extras, lm_head, and a multimodal model's frozen vision tower, role "frozen") and each decoder
-    layer's, by layer index."""
+@dataclass(frozen=True)
+class FsdpUnits:
+    """The parameters of FSDP2's units as accelerate makes them (memplan.runtime.fsdp), each list in the order of
+    the module's named_parameters: every decoder layer's, by layer index; the input embeddings' (untied); the tail's
+    (the final norm, then the output embeddings, or tied the embeddings); the root's (whatever no other unit holds:
+    position embeddings, other final tensors, a multimodal model's frozen vision tower, role "frozen");
+    `tail_norm`: whether the tail holds the final norm (its forward then starts there, not at lm_head)."""
+
+    layers: list[list[tuple[tuple[int, ...], str]]]
+    embed: list[tuple[tuple[int, ...], str]]
+    tail: list[tuple[tuple[int, ...], str]]
+    root: list[tuple[tuple[int, ...], str]]
+    tail_norm: bool
+
+
+def fsdp_units(spec: ModelSpec, targets: frozenset[str] = frozenset(), rank: int = 0,
+               peft: bool = False) -> FsdpUnits:
+    """The units of accelerate's `fsdp2_prepare_model`. Its final norm is the last module with "Norm" in its class
+    name among the children of `getattr(model, model.base_model_prefix)` (`_find_final_norm`): a final item directly
+    under the model's prefix (the families list only norms there). A peft model answers `model` with its inner
+    model (LoraModel.model), whose children hold no norm: under LoRA a base model named `model` (Llama, Mistral,
+    Qwen...) has no norm in its tail; GPT-2's `transformer` is reached through."""
     front, layers, back = model_parts(spec, targets, rank)
+    h = spec.hidden_size
+    modules = [i.path.removesuffix(".weight").removesuffix(".bias") for i in spec.final_items]
+    direct = [m for m in modules if m.count(".") == 1 and not (peft and m.startswith("model."))]
+    norm = [item for item, m in zip(spec.final_items, modules) if direct and m == direct[-1]]
+    final = back[:len(back) - bool(spec.params_lm_head)]  # one lump where the final items miss some tensors
+    head = back[len(final):]
+    split = bool(norm) and final == _tensors(spec.final_items, h)
+    norm_tensors = _tensors(norm, h) if split else []
+    other = _tensors([item for item in spec.final_items if item not in norm], h) if split else final
     frozen = [((spec.params_frozen,), "frozen")] if spec.params_frozen else []
-    return front + back + frozen, [layers[spec.group_of(i)] for i in range(spec.num_layers)]
+    embed, tied = front[:1], not spec.params_lm_head
+    return FsdpUnits(layers=[layers[spec.group_of(i)] for i in range(spec.num_layers)],
+                     embed=[] if tied else embed, tail=norm_tensors + (embed if tied else head),
+                     root=front[1:] + other + frozen, tail_norm=bool(norm_tensors))
 
 
 def model_parts(spec: ModelSpec, targets: frozenset[str], rank: int) -> tuple[list, dict, list]:

@@ -426,17 +426,19 @@ class _Model:
 
     def micro_batch(self, st: _Step) -> None:
         """One forward and backward: the batch, the embedding, the decoder, the loss, then all of it in reverse."""
-        acts, tok, h, V = self.acts, self.tok, self.h, self.V
+        acts, tok, h = self.acts, self.tok, self.h
         st.events.append(("p", "forward"))
         batch = [st.alloc(8 * tok), st.alloc(8 * tok)]  # input ids, labels
-        fsdp, root = self.fsdp, fully_shard.FullyShard.ROOT
+        fsdp, FS = self.fsdp, fully_shard.FullyShard
         if fsdp:
-            fsdp.pre_forward(st, root)
+            fsdp.forward_start(st)
         zero3 = self.zero3
         if zero3:
             zero3.gather(st, ("forward", None))
         shared = st.alloc(acts.shared) if acts.shared else None
         x = st.alloc(tok * h * self.num.residual)  # the embedding's output
+        if fsdp:
+            fsdp.embedded(st)
         masks = st.alloc(acts.forward_masks) if acts.forward_masks else None
         layers, cache = [], []
         for i in range(self.spec.num_layers):
@@ -446,11 +448,15 @@ class _Model:
         st.first_matmul("main")  # lm_head, where no layer ran a matmul
         if zero3:
             zero3.gather(st, ("tail", None))
+        if fsdp and fsdp.tail_norm:
+            fsdp.pre_forward(st, FS.TAIL)
         hidden, norm_ids = st.forward(self.final_norm, x, keep_saved=True)
         if self.final_norm.x not in self.final_norm.saved:
             st.free(x)
         if zero3:
             zero3.gather(st, ("head", None), before=True)
+        if fsdp:
+            fsdp.pre_forward(st, FS.TAIL)  # where the tail's forward starts at lm_head
         loss, kept_hidden = self._head_forward(st, hidden)
         st.free(*cache)  # the autocast region (model and loss) ends
         if fsdp:  # the root's post-forward: transformers computes the loss inside the model's forward
@@ -458,22 +464,7 @@ class _Model:
         if zero3:
             zero3.gather(st, ("head", None), before=False)
         st.events.append(("p", "backward"))
-        if fsdp:
-            fsdp.pre_backward(st, root)
-        if zero3:
-            zero3.gather(st, ("backward", None), before=True)
-        grad, w_grad = _loss_backward(st, self.plan, acts, loss, tok, V, h, self.num.compute, self.p_item, self.full)
-        tied = self.full and self.spec.tie_word_embeddings
-        pending = [w_grad] if tied and w_grad else []  # waits in the tied weight's input buffer
-        if w_grad and not tied:
-            st.keep_grad(w_grad, V * h * self.p_item)
-        if kept_hidden:
-            st.free(hidden)
-        grad = st.backward(self.final_norm, norm_ids, grad)
-        if self.zero and self.full:  # the final norm's weight gradient: its hook reduces a waiting lm_head gradient
-            st.keep_grad(st.alloc(h * self.p_item), h * self.p_item)
-        if zero3:
-            zero3.gather(st, ("backward", None), before=False)
+        grad, pending = self._head_backward(st, loss, hidden, kept_hidden, norm_ids)
         for i in reversed(range(self.spec.num_layers)):
             grad = self._layer_backward(st, i, *layers[i], grad)
         st.free(grad)
@@ -481,6 +472,37 @@ class _Model:
         if self.zero:  # engine.backward's epilogue
             self.zero.backward_end(st)
         st.free(shared, *batch)
+
+    def _head_backward(self, st: _Step, loss: dict, hidden: int, kept_hidden: bool, norm_ids: dict) -> tuple[int, list]:
+        """The loss's backward, lm_head's and the final norm's: (the decoder output's gradient, a tied lm_head's
+        weight gradient waiting for the embedding's)."""
+        fsdp, FS, zero3, V, h = self.fsdp, fully_shard.FullyShard, self.zero3, self.V, self.h
+        if fsdp:  # the root's pre-backward, on the loss; the tail's, on the logits' gradient, prefetches a layer
+            fsdp.pre_backward(st, FS.ROOT)
+            fsdp.running(FS.TAIL)
+        if zero3:
+            zero3.gather(st, ("backward", None), before=True)
+        logits_grad = (lambda: fsdp.pre_backward(st, FS.TAIL)) if fsdp else (lambda: None)
+        grad, w_grad = _loss_backward(st, self.plan, self.acts, loss, self.tok, V, h, self.num.compute, self.p_item,
+                                      self.full, on_logits_grad=logits_grad)
+        tied = self.full and self.spec.tie_word_embeddings
+        pending = [w_grad] if tied and w_grad else []  # waits in the tied weight's input buffer
+        if w_grad and not tied:
+            st.keep_grad(w_grad, V * h * self.p_item)
+        if kept_hidden:
+            st.free(hidden)
+        if fsdp:  # a tail of lm_head alone: its post-backward on lm_head's input gradient
+            if not (fsdp.tail_norm or fsdp.tied):
+                fsdp.post_backward(st, FS.TAIL)
+            fsdp.running(FS.TAIL if fsdp.tail_norm else FS.ROOT)
+        grad = st.backward(self.final_norm, norm_ids, grad)
+        if fsdp and fsdp.tail_norm and not fsdp.tied:  # on the final norm's input gradient
+            fsdp.post_backward(st, FS.TAIL)
+        if self.zero and self.full:  # the final norm's weight gradient: its hook reduces a waiting lm_head gradient
+            st.keep_grad(st.alloc(h * self.p_item), h * self.p_item)
+        if zero3:
+            zero3.gather(st, ("backward", None), before=False)
+        return grad, pending
 
     def _head_forward(self, st: _Step, hidden: int) -> tuple[dict, bool]:
         """lm_head and the loss: (what the loss keeps for its backward, whether the final hidden states stay)."""
@@ -503,9 +525,14 @@ class _Model:
         return loss, kept_hidden
 
     def _embedding_backward(self, st: _Step, pending: list) -> None:
-        """The embedding's gradient (full FT; a tied weight's two summed), then under FSDP2 the root's
-        post-backward, which ends the backward."""
+        """The embedding's gradient (full FT; a tied weight's two summed), then under FSDP2 the backward's final
+        callback."""
         V, h = self.V, self.h
+        fsdp, FS = self.fsdp, fully_shard.FullyShard
+        if fsdp:  # the embeddings' pre-backward, on their output's gradient where it has one (tied, the tail's ran)
+            if self.layer_key(0)[1] and not fsdp.tied:
+                fsdp.pre_backward(st, FS.EMBED)
+            fsdp.running(FS.TAIL if fsdp.tied else FS.EMBED)
         if self.zero3:
             self.zero3.gather(st, ("end", None), before=True)
         if self.full:
@@ -523,9 +550,6 @@ class _Model:
             else:
                 st.keep_grad(emb, V * h * self.p_item)
         if self.fsdp:
-            self.fsdp.post_backward(st, fully_shard.FullyShard.ROOT)
-            if not self.layer_key(0)[1]:  # the first layer's, left to the same callback, after the root's
-                self.fsdp.post_backward(st, 0)
             self.fsdp.backward_end(st)
         if self.zero3:
             self.zero3.gather(st, ("end", None), before=False)
@@ -563,8 +587,8 @@ class _Model:
         if self.plan.grad_ckpt and tp.x not in tp.saved:
             st.free(kept)
         # FSDP2 runs a unit's post-backward from a hook on its inputs' gradients; the first layer's input has none
-        # without trained embeddings or checkpointing, and the backward's final callback runs it, after the root's
-        # (FSDPState._root_post_backward_final_callback: every state from the root down)
+        # without trained embeddings or checkpointing, and the backward's final callback runs it
+        # (FSDPState._root_post_backward_final_callback: every state from the root down, FullyShard.backward_end)
         if self.fsdp and (i or self.layer_key(0)[1]):
             self.fsdp.post_backward(st, i)
         if self.zero3:
@@ -611,13 +635,15 @@ def _loss_forward(st: _Step, plan: Plan, acts, tok: int, V: int, c: int, hidden:
 
 
 def _loss_backward(st: _Step, plan: Plan, acts, loss: dict, tok: int, V: int, h: int, c: int, p_item: int,
-                   full: bool) -> tuple[int, int | None]:
+                   full: bool, on_logits_grad=lambda: None) -> tuple[int, int | None]:
     """Per chunk, last first: the checkpointed chunk's logits again (chunked loss), nll_loss_backward and
     _log_softmax_backward_data (fp32), the cast back to the logits' dtype, lm_head's weight gradient and grad_input
     (slice_backward makes each chunk's a full (tokens, h) tensor), summed across the chunks in the nodes' input
     buffers (out of place for the second, in place after). Returns the final hidden states' gradient and
-    lm_head's weight gradient (in the parameter's dtype; None for a frozen lm_head)."""
+    lm_head's weight gradient (in the parameter's dtype; None for a frozen lm_head). `on_logits_grad` runs where
+    the first logits' gradient exists (hooks on lm_head's output: FSDP2's pre-backward)."""
     if "labels" not in loss:  # the Liger loss: its gradients were computed in the forward
+        on_logits_grad()
         st.first_matmul("autograd")
         peak = st.alloc(acts.loss_backward_peak)
         w_grad = st.alloc(V * h * p_item) if full else None
@@ -636,6 +662,8 @@ def _loss_backward(st: _Step, plan: Plan, acts, loss: dict, tok: int, V: int, h:
             g_logits = st.alloc(c * n * V)
             st.free(g_lsm)
             g_lsm = g_logits
+        if not sums["h"]:  # the first chunk the backward reaches
+            on_logits_grad()
         # mm's backward: the weight's gradient first where it has one, then grad_input; the backward thread makes
         # its cuBLAS workspaces at its first call, once that call's output exists (as traced)
         w = st.alloc(V * h * c) if full else None

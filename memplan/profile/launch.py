@@ -164,25 +164,10 @@ def make_wrapper(plan: Plan, device: str, world: int) -> Callable | None:
         return wrapped
 
     def fsdp(module, meter):
-        from torch.distributed.device_mesh import init_device_mesh
+        from memplan.runtime.fsdp import shard_model
 
-        try:
-            from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
-        except ImportError:  # torch < 2.6 kept FSDP2 under _composable
-            from torch.distributed._composable.fsdp import CPUOffloadPolicy, fully_shard
-
-        from memplan.runtime.model import decoder_layers, fsdp_mixed_precision_policy
-
-        mesh = init_device_mesh(torch.device(device).type, (world,))
-        kwargs = dict(mesh=mesh, reshard_after_forward=plan.zero == 3)
-        if plan.offload == "optimizer+params":
-            kwargs["offload_policy"] = CPUOffloadPolicy()
-        if plan.fsdp_mixed_precision:  # as accelerate sets it for memplan train's runs
-            kwargs["mp_policy"] = fsdp_mixed_precision_policy(plan)
-        units = decoder_layers(module) + [module]
-        for unit in units:  # on the meta device: measure() materializes the shards
-            fully_shard(unit, **kwargs)
-        for unit in units:
+        # on the meta device: measure() materializes the shards
+        for unit in shard_model(module, module.model, plan, torch.device(device).type, world):
             _count_gathers_as_gathered_params(unit, meter)
         return module
 

@@ -72,8 +72,9 @@ def exact_match(model, records: list[Record], tokenizer, device, autocast, limit
     if not scored:
         return None
     gen = _hf_model(model)
-    # FSDP2 gathers the root's own parameters (embeddings, head) in the root's forward hook, which
-    # generating through the inner model (peft) skips: gather them for the whole generation instead.
+    # FSDP2 gathers the root's own parameters (what no other unit holds: a peft model's final norm, position
+    # embeddings) in the root's forward hook, which generating through the inner model (peft) skips: gather them
+    # for the whole generation instead.
     # (The caller has run a forward through the root first, which initialises FSDP.)
     gather_root = gen is not model and hasattr(model, "unshard") and hasattr(model, "reshard")
     if gather_root:

@@ -46,8 +46,6 @@ from memplan.runtime.host_rss import PhasePeaks
 from memplan.runtime.meter import PeakMemory, compare_peak
 from memplan.runtime.model import (
     attention_note,
-    decoder_layers,
-    fsdp_mixed_precision_policy,
     gradient_sync,
     load_model,
     load_tokenizer,
@@ -99,20 +97,13 @@ def warmup_steps(plan, total: int) -> int:
 
 
 def _shard_fsdp(model, plan, world: int) -> None:
-    """FSDP2 (`fully_shard`) of every decoder layer, then the root. Used on the CPU, where accelerate
-    runs only DDP; on CUDA accelerate applies FSDP from the launch config, and under autocast its
+    """FSDP2 (`fully_shard`) in accelerate's units (memplan.runtime.fsdp). Used on the CPU, where accelerate
+    runs only DDP; on CUDA accelerate applies FSDP from the launch config, the same units, and under autocast its
     mixed-precision policy, which this one follows (Plan.fsdp_mixed_precision). ZeRO stage 2 or 3
     (memplan.train.preflight refuses the others)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from memplan.runtime.fsdp import shard_model
 
-    mesh = init_device_mesh("cpu", (world,))
-    kwargs = dict(mesh=mesh, reshard_after_forward=plan.zero == 3)
-    if plan.fsdp_mixed_precision:  # accelerate's policy on CUDA: gathered and reduced in the compute dtype
-        kwargs["mp_policy"] = fsdp_mixed_precision_policy(plan)
-    for layer in decoder_layers(model):
-        fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    shard_model(model, model, plan, "cpu", world)
 
 
 def _all_sum(accelerator, value):

@@ -54,9 +54,10 @@ def test_gathers_and_reduce_scatters_are_allocated_on_their_own_streams():
     for ev in events:
         if ev[0] == "a":
             by_stream.setdefault(ev[3] if len(ev) > 3 else 0, []).append(ev[2])
-    root = (2 * 8192 * 256 + 256) * 2  # embeddings, lm_head, final norm in bf16
-    assert max(by_stream[fully_shard.ALL_GATHER_STREAM]) == root
-    assert max(by_stream[fully_shard.REDUCE_SCATTER_STREAM]) == root // 2  # this rank's half of the root's gradients
+    tail = (8192 * 256 + 256) * 2  # the final norm and lm_head in bf16 (the embeddings are a unit of their own)
+    assert max(by_stream[fully_shard.ALL_GATHER_STREAM]) == tail
+    assert 8192 * 256 * 2 in by_stream[fully_shard.ALL_GATHER_STREAM]
+    assert max(by_stream[fully_shard.REDUCE_SCATTER_STREAM]) == tail // 2  # this rank's half of the tail's gradients
     # separate pools reserve more than one pool would for the same allocations
     pooled = replay([ev[:3] if ev[0] == "a" else ev for ev in events])
     assert replay(events).peak_reserved > pooled.peak_reserved
@@ -131,8 +132,9 @@ def test_cpu_offload_leaves_nothing_on_the_gpu_between_steps():
         assert [n for ev, n in at if ev == ("p", None)] == [0, 0]
         step = offloaded.index(("p", "optimizer"))
         assert offloaded[step + 1] == ("p", None)  # no step on the GPU
-        first_unshard = [ev for ev in offloaded[offloaded.index(("s",)):] if ev[0] == "a"][2:5]  # after the batch
-        assert [ev[3] for ev in first_unshard] == [fully_shard.ALL_GATHER_STREAM] * 3  # the root's shards, copied in
+        first_unshard = [ev for ev in offloaded[offloaded.index(("s",)):] if ev[0] == "a"][2:4]  # after the batch
+        # the embeddings' shard copied in (cast under autocast's policy) and gathered
+        assert [ev[3] for ev in first_unshard] == [fully_shard.ALL_GATHER_STREAM] * 2
         assert replay(offloaded).steps_allocated < replay(kept).steps_allocated
 
 
@@ -209,9 +211,9 @@ def test_autocast_under_fsdp_runs_the_layers_on_the_gathered_bf16_copies():
     assert one_gpu.phases["forward"]["activations"] > amp.phases["forward"]["activations"]  # fp32 residual
     events = allocation_stream(spec, _plan(method="full", precision="amp-bf16"))
     made = [(ev[3] if len(ev) > 3 else 0, ev[2]) for ev in events if ev[0] == "a"]
-    root_shard = (8192 * 256 + 256 + 8192 * 256) // 2 * 2  # this rank's halves of the embeddings, norm, lm_head
-    assert (fully_shard.ALL_GATHER_STREAM, root_shard) in made  # bf16: half the fp32 shard's bytes
-    assert (fully_shard.REDUCE_SCATTER_STREAM, root_shard * 2) in made  # the fp32 cast of the reduced shard
+    tail_shard = (256 + 8192 * 256) // 2 * 2  # this rank's halves of the final norm and lm_head
+    assert (fully_shard.ALL_GATHER_STREAM, tail_shard) in made  # bf16: half the fp32 shard's bytes
+    assert (fully_shard.REDUCE_SCATTER_STREAM, tail_shard * 2) in made  # the fp32 cast of the reduced shard
 
 
 def test_a_deferred_reduce_scatter_runs_in_the_last_micro_batch_only():
@@ -230,7 +232,7 @@ def test_a_deferred_reduce_scatter_runs_in_the_last_micro_batch_only():
                 counts[-1] += 1
         return counts, replay(events)
 
-    units = spec.num_layers + 1  # the decoder layers and the root
+    units = spec.num_layers + 2  # the decoder layers, the embeddings and the tail (a Llama's root holds nothing)
     synced, synced_replay = reduce_scatters_per_micro_batch(_plan(method="full", grad_accum=2))
     deferred, deferred_replay = reduce_scatters_per_micro_batch(_plan(method="full", grad_accum=2,
                                                                       sync_each_batch=False))

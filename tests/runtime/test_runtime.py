@@ -275,3 +275,50 @@ def test_a_micro_batch_without_its_gradient_reduction_asks_each_wrapper_its_own_
     with gradient_sync(DDPLike(), sync=False):
         calls.append("backward")
     assert calls == ["no_sync in", "backward", "no_sync out"]
+
+
+FSDP_CONFIGS = {
+    "llama": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 128},
+    "llama-tied": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+                   "max_position_embeddings": 128, "tie_word_embeddings": True},
+    "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512, "n_positions": 128},
+}
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("name", sorted(FSDP_CONFIGS))
+def test_fsdp_units_are_what_the_estimate_counts(name, method):
+    """accelerate's carve-out (memplan.runtime.fsdp.units, which profile and train shard by) against the estimate's
+    units (memplan.estimator.states.fsdp_units): each unit's parameter count, the root holding the rest. A peft
+    model answers `model` with its inner model, so under LoRA a Llama's tail is lm_head alone (tied: the
+    embeddings), where GPT-2's (`transformer`) keeps its final norm."""
+    import math
+
+    from memplan.catalog.spec import spec_from_config
+    from memplan.estimator.activations import lora_targets
+    from memplan.estimator.states import fsdp_units
+    from memplan.runtime.fsdp import units
+    from memplan.runtime.model import build_model
+
+    config = FSDP_CONFIGS[name]
+    plan = Plan(model=name, method=method, precision="bf16", device="cpu")
+    built = build_model(plan, config=dict(config), device="meta", on_meta=True)
+    layers, embed, tail = units(built.model)
+
+    def count(modules) -> int:  # each tensor once: a tied lm_head is the embeddings
+        return sum(p.numel() for p in {id(p): p for m in modules for p in m.parameters()}.values())
+
+    spec = spec_from_config(config, name)
+    expected = fsdp_units(spec, lora_targets(spec, plan), plan.lora.rank if method != "full" else 0,
+                          peft=method != "full")
+
+    def listed(params) -> int:
+        return sum(math.prod(shape) for shape, _ in params)
+
+    assert [count([layer]) for layer in layers] == [listed(p) for p in expected.layers]
+    assert count(embed) == listed(expected.embed)
+    assert count(tail) == listed(expected.tail)
+    assert sum(p.numel() for p in built.model.parameters()) - count(layers + embed + tail) == listed(expected.root)
+    assert expected.tail_norm == (method == "full" or name == "gpt2")

@@ -44,7 +44,7 @@ def single(tmp_path_factory, tiny):
 
 # DDP with full fine-tuning in bf16 with fp32 masters; FSDP (FULL_SHARD) with LoRA in fp32, whose exact-match
 # generation runs through the inner model of the sharded root. FSDP runs at the dependency floors too (.ci/run): the
-# one place accelerate's FSDP2 trains, the newest of the ways it wraps a model (fsdp_version 2, accelerate >= 1.6).
+# one place FSDP2 trains, in the units accelerate (>= 1.15) makes (memplan.runtime.fsdp).
 @pytest.mark.parametrize("sharding, method, precision", [
     ("ddp", "full", "bf16-master"), pytest.param("fsdp", "lora", "fp32", marks=pytest.mark.floors)])
 def test_two_processes_match_one(tmp_path, tiny, single, sharding, method, precision):
