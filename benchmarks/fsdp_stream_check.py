@@ -37,6 +37,7 @@ SMALL_ROOT = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 68
               "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 2048, "max_position_embeddings": 512}
 LARGE_ROOT = dict(SMALL_ROOT, vocab_size=8192)
 TIED = dict(SMALL_ROOT, tie_word_embeddings=True)
+CHUNKED = dict(SMALL_ROOT, max_position_embeddings=2048)
 GPT2 = {"model_type": "gpt2", "n_embd": 256, "n_layer": 3, "n_head": 4, "vocab_size": 2048, "n_positions": 512}
 PLANS = [
     (SMALL_ROOT, dict(method="full", zero=3, micro_batch=2, seq_len=64, grad_ckpt=False)),
@@ -71,6 +72,10 @@ PLANS = [
     (GPT2, dict(method="full", zero=3, micro_batch=2, seq_len=64, grad_ckpt=True, grad_accum=2)),
     # ... under LoRA, its final norm still in the tied tail (peft hides only a base model named `model`)
     (GPT2, dict(method="lora", zero=3, micro_batch=2, seq_len=64, grad_ckpt=False)),
+    # a loss calling lm_head once per chunk: the tail's group runs in part, resharded as the backward starts and
+    # gathered again for the first chunk's recomputation, the last layer prefetched once the first chunk's done
+    (CHUNKED, dict(method="full", zero=3, micro_batch=2, seq_len=1024, grad_ckpt=False, loss="chunked")),
+    (CHUNKED, dict(method="lora", zero=3, micro_batch=2, seq_len=1024, grad_ckpt=True, loss="chunked")),
 ]
 # FSDP's storages by the torch function that allocates them (torch/distributed/fsdp/_fully_shard)
 KINDS = {"foreach_all_gather": "all-gather", "alloc_storage": "unsharded"}

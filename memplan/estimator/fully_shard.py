@@ -70,6 +70,7 @@ from dataclasses import dataclass
 
 from memplan.catalog.spec import ModelSpec
 from memplan.estimator import states
+from memplan.estimator.activations import loss_chunks
 from memplan.plan import Plan
 
 # The caching allocator's streams (memplan.estimator.allocator: each keeps its own pools)
@@ -79,9 +80,13 @@ REDUCE_SCATTER_STREAM = 2  # FSDPCommContext.reduce_scatter_stream: where reduce
 
 
 def replayable(plan: Plan) -> str | None:
-    """None where the stream follows FSDP2 for the plan; else why not."""
+    """None where the stream follows FSDP2 for the plan; else why not. Liger's fused loss reads lm_head's weight
+    without calling it, so FSDP2 runs the tail unit's group in part, untraced (the chunked loss, which calls lm_head
+    once per chunk, is: `backward_start`)."""
     if plan.zero not in (2, 3):
         return "FSDP without sharded parameters is not replayed"
+    if plan.liger_loss:
+        return "FSDP2 runs the tail unit (final norm, lm_head) in part under Liger's loss, which never calls lm_head"
     return None
 
 
@@ -125,6 +130,7 @@ class FullyShard:
         self.mixed_precision = bool(shard_itemsize)
         self.offload = plan.offload != "none"  # CPUOffloadPolicy: shards, their gradients and the step on the host
         self.full = full = plan.method == "full"
+        self.chunked = loss_chunks(plan) > 1  # lm_head called once per chunk (`backward_start`)
 
         self.quantized = plan.quantized_base == "nf4"
 
@@ -310,6 +316,19 @@ class FullyShard:
         at = self._post_forward_order.index(u)
         if at > 0:
             self._prefetch(st, self._post_forward_order[at - 1])
+
+    def backward_start(self, st) -> None:
+        """A loss that calls lm_head once per chunk leaves the tail's group run in part: FSDP2 reshards the tail as
+        the backward starts (traced; `regather` then gathers it for the first chunk's recomputation)."""
+        if self.chunked:
+            self._reshard(st, self.TAIL)
+
+    def regather(self, st, u: int) -> None:
+        """The unit gathered again for a recomputation in the backward (`FSDPState._pre_forward` in PRE_BACKWARD)."""
+        if u not in self._gathered and self._unit(u):
+            ag = self._all_gather_output(st, u)
+            self._copy_out(st, u)
+            st.free(ag)
 
     def running(self, u: int) -> None:
         """The unit whose gradients autograd makes next (its own pre-backward may not run: the tail's gathered

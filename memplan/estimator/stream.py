@@ -479,12 +479,14 @@ class _Model:
         fsdp, FS, zero3, V, h = self.fsdp, fully_shard.FullyShard, self.zero3, self.V, self.h
         if fsdp:  # the root's pre-backward, on the loss; the tail's, on the logits' gradient, prefetches a layer
             fsdp.pre_backward(st, FS.ROOT)
+            fsdp.backward_start(st)
             fsdp.running(FS.TAIL)
         if zero3:
             zero3.gather(st, ("backward", None), before=True)
-        logits_grad = (lambda: fsdp.pre_backward(st, FS.TAIL)) if fsdp else (lambda: None)
+        hooks = dict(on_logits_grad=lambda: fsdp.pre_backward(st, FS.TAIL),
+                     on_recompute=lambda: fsdp.regather(st, FS.TAIL)) if fsdp else {}
         grad, w_grad = _loss_backward(st, self.plan, self.acts, loss, self.tok, V, h, self.num.compute, self.p_item,
-                                      self.full, on_logits_grad=logits_grad)
+                                      self.full, **hooks)
         tied = self.full and self.spec.tie_word_embeddings
         pending = [w_grad] if tied and w_grad else []  # waits in the tied weight's input buffer
         if w_grad and not tied:
@@ -635,13 +637,14 @@ def _loss_forward(st: _Step, plan: Plan, acts, tok: int, V: int, c: int, hidden:
 
 
 def _loss_backward(st: _Step, plan: Plan, acts, loss: dict, tok: int, V: int, h: int, c: int, p_item: int,
-                   full: bool, on_logits_grad=lambda: None) -> tuple[int, int | None]:
+                   full: bool, on_logits_grad=lambda: None, on_recompute=lambda: None) -> tuple[int, int | None]:
     """Per chunk, last first: the checkpointed chunk's logits again (chunked loss), nll_loss_backward and
     _log_softmax_backward_data (fp32), the cast back to the logits' dtype, lm_head's weight gradient and grad_input
     (slice_backward makes each chunk's a full (tokens, h) tensor), summed across the chunks in the nodes' input
     buffers (out of place for the second, in place after). Returns the final hidden states' gradient and
     lm_head's weight gradient (in the parameter's dtype; None for a frozen lm_head). `on_logits_grad` runs where
-    the first logits' gradient exists (hooks on lm_head's output: FSDP2's pre-backward)."""
+    the forward's first logits' gradient exists (hooks on lm_head's output: FSDP2's pre-backward; the first chunk's
+    comes last), `on_recompute` before a chunk's recomputation calls lm_head first."""
     if "labels" not in loss:  # the Liger loss: its gradients were computed in the forward
         on_logits_grad()
         st.first_matmul("autograd")
@@ -652,8 +655,10 @@ def _loss_backward(st: _Step, plan: Plan, acts, loss: dict, tok: int, V: int, h:
         return g_hidden, w_grad
     sums: dict[str, list] = {"w": [], "h": []}
     chunks = _chunks(plan, tok)
-    for n, log_probs in reversed(list(zip(chunks, loss["saved"]))):
+    for k, (n, log_probs) in enumerate(reversed(list(zip(chunks, loss["saved"])))):
         if log_probs is None:
+            if k == 0:
+                on_recompute()
             log_probs = _logits(st, n, V, c, keep=True, thread="autograd")
         g_nll = st.alloc(4 * n * V)
         g_lsm = st.alloc(4 * n * V)
@@ -662,7 +667,7 @@ def _loss_backward(st: _Step, plan: Plan, acts, loss: dict, tok: int, V: int, h:
             g_logits = st.alloc(c * n * V)
             st.free(g_lsm)
             g_lsm = g_logits
-        if not sums["h"]:  # the first chunk the backward reaches
+        if k == len(chunks) - 1:  # the forward's first chunk, which the backward reaches last
             on_logits_grad()
         # mm's backward: the weight's gradient first where it has one, then grad_input; the backward thread makes
         # its cuBLAS workspaces at its first call, once that call's output exists (as traced)

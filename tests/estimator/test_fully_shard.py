@@ -240,3 +240,17 @@ def test_a_deferred_reduce_scatter_runs_in_the_last_micro_batch_only():
     # every parameter's whole bf16 gradient where the synced micro-batches keep this rank's half
     whole = 2 * spec.params_total
     assert 0.45 * whole < deferred_replay.peak_allocated - synced_replay.peak_allocated <= 0.55 * whole
+
+
+def test_a_loss_that_never_calls_lm_head_is_left_to_the_measured_ratio():
+    """Liger's fused loss reads lm_head's weight without calling it: FSDP2 runs the tail unit's group in part, which
+    is not traced (Liger's CPU path does not run under FSDP). The chunked loss, which calls lm_head once per chunk,
+    is replayed as traced (fsdp-stream.jsonl: the tail resharded as the backward starts, gathered again for the
+    first chunk's recomputation)."""
+    spec = spec_from_config(dict(CONFIG, max_position_embeddings=4096), "llama-small")
+    for chunks in (1, 2):
+        e = estimate(spec, _plan(method="full", loss="chunked", micro_batch=chunks, seq_len=1024))
+        assert e.reserved_basis == "replayed"
+    e = estimate(spec, _plan(method="full", liger=["fused_linear_cross_entropy"]))
+    assert e.reserved_basis.startswith("measured ratio (FSDP2 runs the tail unit"), e.reserved_basis
+    assert e.replayed is None and e.peak_allocated > 0
