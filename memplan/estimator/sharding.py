@@ -396,9 +396,9 @@ def _fsdp2(spec: ModelSpec, plan: Plan, num: Numerics, n: int, unit: int, adapte
         # FULL_SHARD: inside a layer its parameters and an all-gather output (the previous layer's kept in the
         # forward, the next one prefetched in the backward: the first layer's prefetch is the embeddings'); as a
         # layer gathers, the previous one's output, its own and its parameters; the first beside the embeddings'
-        # output (the root's before it); the untied tail beside the last layer's
-        # the tail's pre-backward prefetches the last layer once the logits' gradient exists: after the standard
-        # loss's peak (a chunked or Liger loss: counted at it)
+        # output (the root's before it); the untied tail beside the last layer's. The tail's pre-backward
+        # prefetches the last layer once the logits' gradient exists: after the standard loss's peak (under a
+        # chunked or Liger loss, counted at that peak)
         standard = plan.loss == "standard" and not plan.liger_loss
         return _Fsdp2(forward=R + T + (unit if tied else T), backward=R + T + (0 if standard else unit),
                       prefetch=R + T + unit if standard else 0, tail_reduce_gathered=R + unit,
