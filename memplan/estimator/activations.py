@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from memplan.catalog.spec import LayerGroup, ModelSpec
 from memplan.estimator import liger
-from memplan.estimator.autograd import T, Tape
+from memplan.estimator.autograd import T, Tape, live_peak
 from memplan.estimator.layers import LayerReplay, LayerSpec, Numerics
 from memplan.plan import Plan
 
@@ -162,6 +162,7 @@ class Activations:
     last_layer: int = 0  # saved by one layer of the last layer's kind (the first the backward recomputes)
     ckpt_recompute_held: int = 0  # under reentrant checkpointing: held through each layer's inner backward
     ckpt_kept_inputs: int = 0  # per layer under non-reentrant checkpointing: int8 linears' inputs it cannot discard
+    autocast_cache: int = 0  # of forward_extra, the layers' casts autocast caches under checkpointing
 
     @property
     def layers_saved(self) -> int:
@@ -255,15 +256,6 @@ def reentrant_recompute_held(spec: ModelSpec, plan: Plan, num: Numerics) -> int:
     return plan.micro_batch * plan.seq_len * spec.hidden_size * num.residual
 
 
-def expert_stacks_materialized(spec: ModelSpec, plan: Plan, num: Numerics) -> int:
-    """peft's ParamWrapper on a fused MoE expert stack forms W + BA as a new full stack in the forward
-    (baddbmm); the layer's stacks are alive together until the layer returns. Under checkpointing this
-    is the forward's peak inside a layer (measured: mixtral-8x7b LoRA, benchmarks/results/accuracy-trace.md)."""
-    targets = lora_targets(spec, plan)
-    return sum(num.weights * lin.count * lin.d_in * lin.d_out for lin in spec.layer_linears
-               if lin.kind == "experts" and lin.name in targets)
-
-
 def _layer_tape(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool, layer_type: str = "full_attention",
                 rope: bool = True, group: LayerGroup | None = None) -> Tape:
     tape = Tape(kernels=kernels)
@@ -271,6 +263,22 @@ def _layer_tape(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool, layer
     num = numerics(plan, spec)
     LayerReplay(tape, ls, num).layer(T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, input_rg))
     return tape
+
+
+def ckpt_layer_forward(spec: ModelSpec, plan: Plan, kernels: str, kinds: list) -> int:
+    """Under non-reentrant checkpointing, the most one layer's forward holds at once beyond its input: its
+    intermediates as each is made and dropped, none kept for the backward (autograd.live_peak). Inside the
+    last layer this, every layer's kept input and the shared tensors are alive: with a small vocabulary or a
+    chunked loss, more than at the loss (a 3-layer Llama, h 256, V 2048, 2 x 1024 tokens in fp32: the MLP's
+    four (tokens, intermediate) tensors). Reentrant checkpointing runs the same forward under no_grad."""
+    num = numerics(plan, spec)
+    x = T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, not plan.ckpt_reentrant)
+
+    def peak(kind) -> int:
+        replay = LayerReplay(Tape(kernels=kernels), layer_spec(spec, plan, kind[1], kind[2], kind[0]), num)
+        return live_peak(replay.layer, x)
+
+    return max(peak(k) for k in set(kinds))
 
 
 def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool,
@@ -445,16 +453,17 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
         # <Family>ForCausalLM.forward) while the loss runs, saved or not (LoRA: lm_head is frozen; autocast:
         # lm_head saves its bf16 copy).
         extra += hidden.nbytes
+    cache = 0
     if num.autocast and num.adapter != c and plan.trains_adapters and plan.grad_ckpt:
         # the same cache holds the adapters' low-precision copies (they are the trainable leaves)
         from memplan.estimator.states import lora_tensors
 
-        extra += c * sum(math.prod(t) for t in lora_tensors(spec, lora_targets(spec, plan), plan.lora.rank))
+        cache += c * sum(math.prod(t) for t in lora_tensors(spec, lora_targets(spec, plan), plan.lora.rank))
     if num.autocast and num.weights != c and full and plan.grad_ckpt:
         # autocast caches a low-precision copy of every trainable weight it casts until it exits,
         # even when checkpointing discards what the layers would save. (The MoE experts' grouped_mm is
         # not autocast-enabled: it casts its input to the weight's dtype instead.)
-        extra += c * sum(lin.d_in * lin.d_out * lin.count * g.count for g in spec.layer_groups
+        cache += c * sum(lin.d_in * lin.d_out * lin.count * g.count for g in spec.layer_groups
                          for lin in g.linears if lin.kind != "experts")
 
     ckpt_input = tok * h * num.residual
@@ -463,8 +472,8 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
         layer=per_layer, first_layer=first, ckpt_input=ckpt_input, shared=shared, head=head,
         loss_saved=loss_saved, layer_backward_transient=transient,
         forward_masks=0 if plan.grad_ckpt else mask_bytes(spec, plan),
-        ckpt_layer_forward=expert_stacks_materialized(spec, plan, num) if plan.grad_ckpt else 0,
-        loss_forward_peak=fwd_peak, loss_backward_peak=bwd_peak, forward_extra=extra,
+        ckpt_layer_forward=ckpt_layer_forward(spec, plan, kernels, kinds) if plan.grad_ckpt else 0,
+        loss_forward_peak=fwd_peak, loss_backward_peak=bwd_peak, forward_extra=extra + cache, autocast_cache=cache,
         num_layers=spec.num_layers, grad_ckpt=plan.grad_ckpt, last_layer=last_layer,
         ckpt_recompute_held=reentrant_recompute_held(spec, plan, num),
         ckpt_kept_inputs=int8_inputs_kept(spec, plan, kernels, kinds),

@@ -26,6 +26,7 @@ which is why a LoRA model's first layer keeps less: its input comes from a froze
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass, field
 
 _ids = itertools.count()
@@ -140,3 +141,47 @@ class Tape:
             mask_itemsize = 1 if self.kernels == "cuda" else x.itemsize
             self.save(T(x.numel, mask_itemsize, False))
         return out
+
+
+class _Lifetimes:
+    """A recorder (see `_recorder`) of each tensor's allocation and the moment the replay drops it."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+        self.cache: set[int] = set()
+
+    def created(self, t: T) -> None:
+        if t.nbytes > 0:
+            self.events.append((t.uid, t.nbytes))
+            weakref.finalize(t, self.events.append, (t.uid, -t.nbytes))
+
+    def cached(self, t: T) -> None:
+        self.cache.add(t.uid)
+
+    def matmul(self) -> None:
+        pass
+
+    def weight_used(self, in_numel: int, out_numel: int, in_itemsize: int) -> None:
+        pass
+
+
+def live_peak(run, x: T) -> int:
+    """The most bytes alive at once while `run(x)` replays a module's forward, beyond its input x: each tensor freed
+    when the replay drops its last reference (as CPython's reference counting frees a torch tensor), nothing kept
+    for the backward (what non-reentrant checkpointing's forward does: its pack hook keeps no saved tensor,
+    torch/utils/checkpoint.py). autocast's cached casts are left out: they stay until the forward ends, and
+    `Activations.forward_extra` counts them for every layer."""
+    global _recorder
+    rec = _Lifetimes()
+    _recorder = rec
+    try:
+        out = run(x)
+        del out  # its bytes were counted when it was made
+    finally:
+        _recorder = None
+    live = peak = 0
+    for uid, nbytes in rec.events:
+        if uid not in rec.cache:
+            live += nbytes
+            peak = max(peak, live)
+    return peak

@@ -588,16 +588,18 @@ class LayerReplay:
         if L.expert_bias and L.full_ft:
             t.save(T(S, 8, False))  # gate_up_proj_bias[expert_ids_g], down_proj_bias[expert_ids_g]: one index
         m_gu, m_d = L.expert_rank_mult
-        gu = self._grouped(sel, 2 * f, self._param_weight(
-            "experts_gate_up", E * 2 * f * hid, L.lora_rank * m_gu * E * (hid + 2 * f)), offs)
+        # peft's materialized stacks (W + BA) are cached for the experts module's forward: alive until it returns
+        w_gu = self._param_weight("experts_gate_up", E * 2 * f * hid, L.lora_rank * m_gu * E * (hid + 2 * f))
+        gu = self._grouped(sel, 2 * f, w_gu, offs)
         # _default_apply_gate: act(gate) * up, chunks of gate_up (GPT-OSS: its own clamped _apply_gate)
         prod = self._clamped_glu(gu, S * f) if L.expert_glu_limit else self._gated(gu, gu, S * f)
-        down = self._grouped(prod, hid, self._param_weight(
-            "experts_down", E * hid * f, L.lora_rank * m_d * E * (f + hid)), offs)
+        w_down = self._param_weight("experts_down", E * hid * f, L.lora_rank * m_d * E * (f + hid))
+        down = self._grouped(prod, hid, w_down, offs)
         # proj_out * sample_weights_g.unsqueeze(-1): saves both; bf16 * fp32 promotes to fp32
         weighted = t.mul(down, sw, out_numel=S * hid)
         weighted = t.index(weighted, S * hid, S)  # weighted_out[inv_perm]
         out = T(tok * hid, h.itemsize, weighted.rg)  # .view(tok, top_k, h).sum(dim=1).to(hidden dtype)
+        del w_gu, w_down  # the experts module returns
         if not L.shared_ffn:
             return out
         # Qwen2MoeSparseMoeBlock: shared_expert(x) (a gated MLP), times sigmoid(shared_expert_gate(x)) (its

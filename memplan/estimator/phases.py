@@ -261,14 +261,14 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
                          gathered_params=shard.gathered_forward, comm_buffers=fwd_buffers)
     # ... or at the end of the decoder, before it frees the attention masks (they can outweigh the
     # logits with a small vocabulary and long sequences). Under checkpointing the masks are saved and
-    # counted above; the live set inside a checkpointed layer is not modelled op by op.
+    # counted above, and the peak can be inside the last layer's forward: every kept input, autocast's cache.
     fwd = at_loss_fwd
-    if acts.grad_ckpt and acts.ckpt_layer_forward:
+    if acts.grad_ckpt:
         in_layer = _terms(**base, gradients=G_fwd,
                           # offloading: the stash holds the last packed: this layer's and the previous input
                           activations=(acts.ckpt_input + acts.ckpt_kept_inputs) * (min(2, acts.num_layers) if offload
                                                                                    else acts.num_layers) + acts.shared
-                          + acts.ckpt_layer_forward,
+                          + acts.ckpt_layer_forward + acts.autocast_cache,
                           gathered_params=shard.gathered_layers_forward, comm_buffers=fwd_buffers)
         fwd = max(fwd, in_layer, key=lambda t: sum(t.values()))
     if not acts.grad_ckpt:
