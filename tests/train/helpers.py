@@ -106,3 +106,23 @@ def metrics(out: Path) -> list[dict]:
 # Tiny models train fastest on one thread, and the test machine's cores are shared: every training run
 # in these tests uses one intra-op thread (subprocesses through this environment).
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def train_here(plan: Path, *args: str) -> None:
+    """`memplan train PLAN --quiet ARGS` in this process, on one intra-op thread as SUBPROCESS_ENV gives a
+    subprocess: the same arithmetic, without a new interpreter importing torch, transformers and peft again. For
+    the one-process runs the multi-process ones are compared with (those need their own processes)."""
+    import torch
+    from click.testing import CliRunner
+
+    from memplan.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main, ["train", str(plan), "--quiet", *args])
+    finally:
+        torch.set_num_threads(threads)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.stderr[-3000:]

@@ -7,9 +7,9 @@ Tolerances (measured on this model, then given about 10x room):
 - validation-loss drop after 8 small-LR steps: within 5 % of fp32's drop (measured 1.4 %). Pure bf16 loses
   updates smaller than half a bf16 step of the weight, and misses fp32's drop by far more (measured 14 %):
   the masters are what makes the difference, so the test checks bf16-master is at least 2x closer.
-- 2 processes (FSDP2 FULL_SHARD, each holding its shards of the masters) vs 1 process at the same effective
-  batch: 2e-4 relative (the bf16 gradients are summed in another order and rounded to bf16; measured 2e-5).
-  DDP with bf16-master: test_train_distributed.py.
+- 2 processes (FSDP2 FULL_SHARD, each holding its shards of the masters; DDP, each holding all of them) vs 1
+  process at the same effective batch: 2e-4 relative (the bf16 gradients are summed in another order and
+  rounded to bf16; measured 2e-5).
 - resume after SIGKILL (FSDP, whose processes keep their own shards of the masters): 1e-6 relative, the
   bound of the fp32 resume test: the masters are restored exactly, not rebuilt from their bf16 rounding
   (with masters rebuilt from the weights this test fails). One process's optimizer state round-trips
@@ -26,7 +26,7 @@ import time
 import pytest
 import torch
 
-from helpers import SUBPROCESS_ENV, metrics, run_dir
+from helpers import SUBPROCESS_ENV, metrics, run_dir, train_here
 
 SMALL_LR = dict(hparams={"lr": 1e-4, "warmup_steps": 0, "max_steps": 8, "eval_every": 8, "eval_samples": 0,
                          "log_every": 1})
@@ -186,7 +186,8 @@ def _curve(run):
 # micro_batch 4 on one process = micro_batch 2 on each of two (torchrun, gloo): the same effective batch
 RUN = dict(precision="bf16-master", hparams={"lr": 3e-3, "max_steps": 8, "eval_every": 4, "save_every": 2,
                                               "eval_samples": 2, "save_total_limit": 2})
-LAYOUTS = {"one": dict(micro_batch=4), "fsdp": dict(micro_batch=2, gpus=2, sharding="fsdp", zero=3)}
+LAYOUTS = {"one": dict(micro_batch=4), "fsdp": dict(micro_batch=2, gpus=2, sharding="fsdp", zero=3),
+           "ddp": dict(micro_batch=2, gpus=2, sharding="ddp")}
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +197,11 @@ def uninterrupted(tmp_path_factory, tiny):
     def get(layout):
         if layout not in runs:
             plan = run_dir(tmp_path_factory.mktemp(f"straight-{layout}"), tiny, **LAYOUTS[layout], **RUN)
-            runs[layout] = (plan.parent, _train(plan))
+            if layout == "one":
+                train_here(plan)
+                runs[layout] = (plan.parent, _curve(plan.parent))
+            else:
+                runs[layout] = (plan.parent, _train(plan))
         return runs[layout]
 
     return get
@@ -204,9 +209,12 @@ def uninterrupted(tmp_path_factory, tiny):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_match_one(uninterrupted):
+@pytest.mark.parametrize("layout, optimizer_files", [
+    ("fsdp", ["optimizer-0.pt", "optimizer-1.pt"]),  # each process's shards of the masters and states
+    ("ddp", ["optimizer.pt"])])
+def test_two_processes_match_one(uninterrupted, layout, optimizer_files):
     _, one = uninterrupted("one")
-    run, two = uninterrupted("fsdp")
+    run, two = uninterrupted(layout)
     assert one.keys() == two.keys()
     for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=2e-4), key
@@ -216,9 +224,7 @@ def test_two_processes_match_one(uninterrupted):
     assert model.dtype == torch.bfloat16
     ckpt = torch.load(run / "checkpoints" / "checkpoint-000008" / "model.pt", weights_only=True)
     assert all(torch.equal(p, ckpt[n]) for n, p in model.named_parameters())
-    # each process's shards of the masters and states
-    assert sorted(p.name for p in (run / "checkpoints" / "checkpoint-000008").glob("optimizer-*.pt")) == \
-        ["optimizer-0.pt", "optimizer-1.pt"]
+    assert sorted(p.name for p in (run / "checkpoints" / "checkpoint-000008").glob("optimizer*.pt")) == optimizer_files
 
 
 @pytest.mark.slow

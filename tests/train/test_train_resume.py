@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import SUBPROCESS_ENV, metrics, run_dir
+from helpers import SUBPROCESS_ENV, metrics, run_dir, train_here
 
 pytestmark = pytest.mark.slow
 
@@ -20,16 +20,6 @@ SETTINGS = dict(method="lora", lora={"rank": 4, "dropout": 0.1},
 
 def _memplan(*args: str) -> list[str]:
     return [sys.executable, "-m", "memplan", *args]
-
-
-def _losses(run):
-    return {(r["step"], k): r[k] for r in metrics(run) for k in ("loss", "eval_loss", "lr") if k in r}
-
-
-def _train(plan, *args: str) -> None:
-    done = subprocess.run(_memplan("train", str(plan), "--quiet", *args), capture_output=True, text=True,
-                          env=SUBPROCESS_ENV)
-    assert done.returncode == 0, done.stderr
 
 
 def _kill_after_checkpoint(plan, step: int) -> None:
@@ -50,11 +40,11 @@ def test_killed_run_resumes_with_the_uninterrupted_runs_metrics(tmp_path, tiny):
     the line that ends that window still averages all four steps (the window's state travels in the
     checkpoint), and the lines the killed run wrote after its checkpoint are replaced, not duplicated."""
     straight = run_dir(tmp_path / "a", tiny, **SETTINGS)
-    _train(straight)
+    train_here(straight)
     killed = run_dir(tmp_path / "b", tiny, **SETTINGS)
     _kill_after_checkpoint(killed, 3)
     assert max(r["step"] for r in metrics(killed.parent)) < 12
-    _train(killed, "--resume")
+    train_here(killed, "--resume")
     keys = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "eval_loss", "eval_accuracy")
     a, b = ([{k: r[k] for k in keys if k in r} for r in metrics(run.parent)] for run in (straight, killed))
     assert [r["step"] for r in a if "loss" in r] == [4, 8, 12]
