@@ -279,7 +279,7 @@ class ModelSpec:
 
         ``kind`` tells how peft reaches each: ``linear``/``conv1d``/``router`` by
         ``target_modules`` (peft wraps Mixtral's router ``gate`` too); ``experts`` through peft's MoE
-        conversion, which "all-linear" applies too in peft 0.21 (a ParamWrapper per fused stack). Names in
+        conversion, which "all-linear" applies too (a ParamWrapper per fused stack). Names in
         ``traits.lora_unreachable`` are left out (peft cannot wrap them through target_modules)."""
         names = list(dict.fromkeys(lin.name for lin in self.layer_linears
                                    if lin.name not in self.traits.lora_unreachable))
@@ -287,13 +287,17 @@ class ModelSpec:
 
     def lora_target_names(self, targets: list[str] | str) -> frozenset[str]:
         """The layer linears peft adapts for ``targets`` (names, or "all-linear": every layer linear but those
-        in Traits.lora_unreachable), after its MoE conversion (Traits.peft_expert_targets) renames targets to
-        the fused expert stacks."""
+        in Traits.lora_unreachable), with what its MoE conversion (Traits.peft_expert_targets) adds: a target
+        named like a transformers-4 expert projection adapts the fused expert stack of its new name as well,
+        and the nn.Linear modules of that name keep theirs (a dense layer's MLP, the shared experts: peft >=
+        0.22, utils/transformers_weight_conversion.py, "all_matching_modules_are_linear")."""
         renames = dict(self.traits.peft_expert_targets)
         if targets == "all-linear":
             targets = [lin.name for lin in self.layer_linears if lin.kind in ("linear", "conv1d")
                        and lin.name not in self.traits.lora_unreachable] + list(renames)
-        return frozenset(renames.get(name, name) for name in targets)
+        linears = {lin.name for lin in self.layer_linears}
+        return frozenset(name for name in targets if name not in renames or name in linears) | frozenset(
+            renames[name] for name in targets if name in renames)
 
     def lora_expert_stacks(self, targets: list[str] | str = "all-linear") -> list[str]:
         """The fused expert stacks peft adapts for ``targets`` (names, a comma-separated string or

@@ -597,20 +597,22 @@ def test_only_the_needed_family_is_imported():
 
 
 def test_layer_groups_and_peft_targets_of_moe_families():
-    """Qwen2-MoE's dense layers are their own group; peft's all-linear reaches Mixtral's router and expert
-    stacks (its MoE conversion) but not Qwen2-MoE's (no conversion for that model type in peft 0.21)."""
+    """Qwen2-MoE's dense layers are their own group; peft's all-linear reaches the routers and expert stacks (its
+    MoE conversion, for Qwen2-MoE from peft 0.22), and keeps the nn.Linear layers named like an expert projection."""
     spec = spec_from_config(VARIANTS["qwen2_moe-dense-layers"], "x")
     assert [g.indices for g in spec.layer_groups] == [(0, 2, 4), (1, 3)]  # step 2: layers 1, 3 sparse
     assert [g.experts for g in spec.layer_groups] == [0, 4] and spec.group_of(3).shared_ffn == 48
     assert {row[0] for row in spec.param_breakdown()} == {"embedding", "layers 0,2,4", "layers 1,3",
                                                            "final_norm", "lm_head"}
     assert spec.lora_target_names("all-linear") == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                     "up_proj", "down_proj", "shared_expert_gate"}
+                                                     "up_proj", "down_proj", "shared_expert_gate", "gate",
+                                                     "experts.gate_up_proj", "experts.down_proj"}
     mixtral = spec_from_config(VARIANTS["mixtral-minimal"], "x")
     assert mixtral.lora_target_names("all-linear") == {"q_proj", "k_proj", "v_proj", "o_proj", "gate",
                                                         "experts.gate_up_proj", "experts.down_proj"}
     assert mixtral.lora_expert_stacks() == ["experts.gate_up_proj", "experts.down_proj"]
-    assert spec.lora_expert_stacks() == []
+    assert spec.lora_expert_stacks() == ["experts.gate_up_proj", "experts.down_proj"]
+    assert spec.lora_target_names(["down_proj"]) == {"down_proj", "experts.down_proj"}
     deepseek = spec_from_config(VARIANTS["deepseek_v3-moe"], "x")
     assert deepseek.lora_expert_stacks(["down_proj"]) == ["experts.down_proj"]
     assert deepseek.lora_expert_stacks(["q_b_proj"]) == []

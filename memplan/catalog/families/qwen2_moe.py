@@ -19,8 +19,8 @@ from memplan.catalog.families.common import (
 from memplan.catalog.spec import Arch, Cfg, Linear, OtherLayers, Traits
 
 # peft's _MOE_TARGET_MODULE_MAPPING["qwen2_moe"], which peft applies to the model types transformers maps to
-# that pattern (qwen3_moe, deepseek_v2, deepseek_v3, ...), not to qwen2_moe itself (absent from peft 0.21's
-# _MODEL_TO_CONVERSION_PATTERN): the router, and the expert projections' names -> the fused stacks
+# that pattern (qwen2_moe itself from peft 0.22, qwen3_moe, deepseek_v2, deepseek_v3, ...): the router, and the
+# expert projections' names -> the fused stacks
 QWEN2_MOE_PEFT_TARGETS = (("gate", "gate"), ("gate_proj", "experts.gate_up_proj"),
                           ("up_proj", "experts.gate_up_proj"), ("down_proj", "experts.down_proj"))
 
@@ -38,7 +38,7 @@ def build(cfg: Cfg) -> Arch:
                     expert_rank_mult=(2, 1),  # peft doubles the fused gate_up stack's rank (see mixtral.py)
                     moe_norm_topk=cfg.flag("norm_topk_prob", False),
                     # Qwen2MoeTopKRouter: router_top_value.to(router_logits.dtype)
-                    moe_weights_fp32=False, shared_expert_gate=True)
+                    moe_weights_fp32=False, shared_expert_gate=True, peft_expert_targets=QWEN2_MOE_PEFT_TARGETS)
     return Arch(**d, act=cfg.opt("hidden_act", "silu"), tie=cfg.flag("tie_word_embeddings", False),
                 linears=attention + moe_block(hidden, experts, moe_inter, shared), layer_norms=list(TWO_NORMS),
                 experts=experts, top_k=top_k, shared_ffn=shared, traits=traits,
