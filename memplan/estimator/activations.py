@@ -194,9 +194,11 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
     w.r.t. its two f-wide branches (torch frees each as soon as it is consumed).
     A LoRA module: the gradient of its output, of the adapter's fp32 input and of the dropout's input
     (a second fp32 tensor), and the base path's input gradient. A LoRA'd MoE expert stack: see below.
-    Eager attention (and SDPA's math fallback) on CUDA: the fp32 gradient of the softmax output and
-    softmax_backward's fp32 result are alive together, 8 B per score element (the CPU kernel fuses the
-    cast; measured on an H100: benchmarks/results/gpu-h100-run1.jsonl case 3).
+    Eager attention on CUDA: the fp32 gradient of the softmax output and softmax_backward's fp32 result are
+    alive together, 8 B per score element beside all the layer saved (measured on an H100:
+    benchmarks/results/gpu-h100-run1.jsonl case 3; the CPU's eager softmax backward fuses the cast).
+    SDPA's math kernel (either device): its backward moments (LayerReplay._sdpa_math), each with only what the
+    layer saved up to that point, when that exceeds the layer's whole saved bytes.
     """
     tok, c, h = plan.micro_batch * plan.seq_len, num.compute, spec.hidden_size
     # Liger's SwiGLU backward writes the gradients of its two f-wide inputs into their saved storage: one f-wide
@@ -229,11 +231,16 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
             if lin.kind in ("linear", "conv1d"):
                 out_grad = c * tok * lin.d_out + (a * tok * lin.d_out if a != c else 0)
                 int8 = max(int8, a * lin.d_out * lin.d_in + a * tok * lin.d_in + out_grad)
-    eager = 0
-    kernel = LayerReplay(Tape(kernels=kernels), layer_spec(spec, plan), num).attention_kernel()
-    if kernels == "cuda" and kernel in ("eager", "math"):
-        eager = 8 * plan.micro_batch * spec.num_heads * plan.seq_len ** 2
-    return max(dense, lora, experts, int8) + eager
+    scores = 8 * plan.micro_batch * spec.num_heads * plan.seq_len ** 2
+    tape = Tape(kernels=kernels)
+    replay = LayerReplay(tape, layer_spec(spec, plan), num)
+    kernel = replay.mla_kernel() if replay.L.mla else replay.attention_kernel()
+    if kernel == "math":
+        # the kernel's backward moments, with what the layer saved up to each (the nodes after it, o_proj's and
+        # the MLP's, have released theirs), against the layer's whole saved bytes
+        replay.layer(T(tok * h, num.residual, True))
+        return max(dense, lora, experts, int8, max(tape.backward_moments) - tape.saved_bytes)
+    return max(dense, lora, experts, int8) + (scores if kernels == "cuda" and kernel == "eager" else 0)
 
 
 def reentrant_recompute_held(spec: ModelSpec, plan: Plan, num: Numerics) -> int:

@@ -62,6 +62,8 @@ class Tape:
     # of `saved`, what a custom autograd.Function keeps as a ctx attribute rather than through save_for_backward:
     # out of reach of the saved-tensor hooks that non-reentrant checkpointing discards saved tensors with
     attributes: dict[int, int] = field(default_factory=dict)
+    # moments of the backward inside the module (`backward_moment`), in bytes: the most it holds there
+    backward_moments: list[int] = field(default_factory=list)
 
     @property
     def saved_bytes(self) -> int:
@@ -77,6 +79,11 @@ class Tape:
         `Activations.forward_extra`; the allocation stream frees it when the forward ends."""
         if _recorder is not None:
             _recorder.cached(t)
+
+    def backward_moment(self, transient: int) -> None:
+        """A moment of the backward when it is back at this point of the forward: what was saved up to here is
+        alive (the nodes after it have run and released theirs), with `transient` bytes of gradients."""
+        self.backward_moments.append(self.saved_bytes + transient)
 
     def keep_as_attribute(self, t: T) -> None:
         """ctx.A = A in a custom Function's forward: saved for the backward, bypassing saved-tensor hooks."""

@@ -407,26 +407,53 @@ class LayerReplay:
             return T(tok * q_feats, c, rg)
         return out
 
-    def _sdpa_math(self, q: T, k: T, v: T, rg: bool) -> T:
-        """at::_scaled_dot_product_attention_math: 16-bit inputs are upcast to fp32 (query_acc, key_acc,
-        value_acc), q and k^T are scaled (new tensors, saved by the matmul), softmax saves its result,
-        dropout its mask/noise, and matmul(attn, v) both operands. The output comes back in the input
-        dtype as (b, heads, s, d): transformers' transpose(1, 2).contiguous() copies it."""
+    def _sdpa_math(self, q: T, k: T, v: T, rg: bool, dims: tuple[int, int, int, int] | None = None) -> T:
+        """at::_scaled_dot_product_attention_math (aten/src/ATen/native/transformers/attention.cpp), as it allocates:
+        SDPA first turns a boolean mask into an additive one in the input dtype (convert_boolean_attn_mask); 16-bit
+        inputs are upcast to fp32 (query_acc, key_acc, value_acc), each held until the kernel returns; is_causal
+        builds its mask (a boolean tril, then an additive s x s in fp32); with enable_gqa key and value are repeated
+        to every head (repeat_interleave: copies); q and k^T are scaled (new tensors, saved by the matmul); scores +
+        mask is a new tensor; _safe_softmax saves its result, dropout its noise; the probabilities are also returned
+        in the input dtype (a copy SDPA's caller drops); matmul(attn, value) saves both operands. The output comes
+        back in the input dtype as (b, heads, s, d): transformers' transpose(1, 2).contiguous() copies it.
+        `dims`: (heads, q/k head dim, v head dim, kv heads) where they are not the layer's (MLA)."""
         t, L, n = self.t, self.L, self.n
-        c, tok = n.compute, self.tokens()
+        c, tok, b, s = n.compute, self.tokens(), L.b, L.s
         acc = 4 if c == 2 else c
-        q_feats, kv_feats = L.heads * L.head_dim, L.kv_heads * L.head_dim
-        qs = T(tok * q_feats, acc, q.rg)  # query_acc * scaling_factor
-        ks = T(tok * q_feats, acc, k.rg)  # key_expanded (all heads) .transpose(-2, -1) * scaling_factor
-        t.mul(qs, ks)
-        if L.heads != L.kv_heads:
-            vx = T(tok * q_feats, acc, v.rg)  # repeat_kv / repeat_interleave: a copy with all heads
-        else:
-            vx = self._operand(v, tok * kv_feats, acc)  # value_acc (matmul saves a copy of a fused slice)
-        probs = t.unary_saving_output(T(L.b * L.heads * L.s * L.s, acc, rg))  # _safe_softmax
+        heads, dq, dv, kv_heads = dims or (L.heads, L.head_dim, L.head_dim, L.kv_heads)
+        scores_numel, out_numel = b * heads * s * s, tok * heads * dv
+        gqa = heads != kv_heads and self.sdpa_gqa()
+        if heads != kv_heads and not gqa:  # transformers' repeat_kv: k and v with every head
+            k, v, kv_heads = T(tok * heads * dq, k.itemsize, k.rg), T(out_numel, v.itemsize, v.rg), heads
+        mask = T(b * s * s, c, False) if L.sdpa_mask else None
+        # autocast's casts of SDPA's inputs to the compute dtype (fp32 rotated q and k under amp), then the upcasts
+        q_in, k_in, v_in = (self._as(x, tok * hd, c) for x, hd in ((q, heads * dq), (k, kv_heads * dq),
+                                                                    (v, kv_heads * dv)))
+        q_acc = self._as(q_in, tok * heads * dq, acc)
+        k_acc = self._as(k_in, tok * kv_heads * dq, acc)
+        v_acc = self._as(v_in, tok * kv_heads * dv, acc)
+        qs = T(tok * heads * dq, acc, q.rg)  # query_acc * scaling_factor
+        if mask is None:
+            causal = T(s * s, 1, False)
+            mask = T(s * s, acc, False)
+            del causal
+        k_rep = T(tok * heads * dq, acc, k.rg) if gqa else None
+        value = T(out_numel, acc, v.rg) if gqa else v_acc
+        ks = T(tok * heads * dq, acc, k.rg)  # key (every head) .transpose(-2, -1) * scaling_factor
+        scores = t.mul(qs, ks, out_numel=scores_numel)
+        # scores.add_(mask): in place (out of place only under a dispatch mode, which a trace runs: the same peak)
+        probs = t.unary_saving_output(scores)  # _safe_softmax
+        del scores
         probs = t.dropout(probs, L.attn_dropout)
-        t.mul(probs, vx)
-        return T(tok * q_feats, c, rg)  # .to(origin_dtype), then transformers' .contiguous() copy
+        # softmax's (or dropout's) backward: the probabilities' gradient and its result, the value's gradient
+        t.backward_moment(acc * (2 * scores_numel + out_numel))
+        weights = self._as(probs, scores_numel, c)
+        out = self._as(t.mul(probs, self._operand(value, out_numel, acc), out_numel=out_numel), out_numel, c)
+        # matmul(attn, value)'s backward: the output's gradient (upcast), the value's, then the probabilities'
+        t.backward_moment(acc * (scores_numel + 2 * out_numel))
+        # the kernel returns: what it held is freed (what the backward needs, the tape keeps)
+        del q_in, k_in, v_in, q_acc, k_acc, v_acc, k_rep, value, qs, ks, probs, mask, weights
+        return T(out_numel, c, out.rg or rg)
 
     def _eager(self, q: T, k: T, v: T, rg: bool) -> T:
         """eager_attention_forward: repeat_kv, matmul, (softcap), softmax, dropout, matmul, transpose+copy."""
@@ -658,26 +685,22 @@ class LayerReplay:
         qs = T(tok * H * dq, max(q.itemsize, c, n.residual), q.rg)
         ks = T(tok * H * dq, kvb.itemsize, kvb.rg or ckv.rg)
         rg = qs.rg or ks.rg or kvb.rg
-        out = T(tok * H * dv, c, rg)
         kernel = self.mla_kernel()
+        if kernel == "math":
+            return self._sdpa_math(qs, ks, kvb, rg, dims=(H, dq, dv, H))
+        out = T(tok * H * dv, c, rg)
         if kernel == "fused":  # q, k, v (a view: kv_b_proj's output stays), out and the fp32 log-sum-exp
             if rg:
                 t.save(self._as(qs, qs.numel, c), self._as(ks, ks.numel, c), self._as(kvb, kvb.numel, c), out,
                        T(L.b * H * L.s, 4, False))
             return out
-        math = kernel == "math"
-        acc = (4 if c == 2 else c) if math else (c if n.autocast else qs.itemsize)
-        # matmul(q, k^T) (eager), or the math kernel's scaled fp32 copies: both operands saved
-        t.mul(self._operand(qs, qs.numel, acc) if not math else T(qs.numel, acc, qs.rg),
-              self._operand(ks, ks.numel, acc) if not math else T(ks.numel, acc, ks.rg))
-        probs = t.unary_saving_output(T(L.b * H * L.s * L.s, acc, rg), out_itemsize=acc if math else 4)
-        if not math:
-            probs = t.cast(probs, qs.itemsize)  # softmax(dtype=float32).to(query.dtype)
-        probs = t.dropout(probs, L.attn_dropout)
-        if n.autocast and not math:
+        acc = c if n.autocast else qs.itemsize
+        t.mul(self._operand(qs, qs.numel, acc), self._operand(ks, ks.numel, acc))  # matmul(q, k^T): both saved
+        probs = t.cast(t.unary_saving_output(T(L.b * H * L.s * L.s, acc, rg), out_itemsize=4), qs.itemsize)
+        probs = t.dropout(probs, L.attn_dropout)  # softmax(dtype=float32).to(query.dtype), then dropout
+        if n.autocast:
             probs = t.cast(probs, c)
-        # v: the upcast value (math), or bmm's copy of the strided slice (eager)
-        t.mul(probs, T(tok * H * dv, acc if math else probs.itemsize, kvb.rg))
+        t.mul(probs, T(tok * H * dv, probs.itemsize, kvb.rg))  # bmm's copy of the strided value slice
         return out  # transpose(1, 2).contiguous(): a copy, saved by o_proj
 
     def mla_kernel(self) -> str:

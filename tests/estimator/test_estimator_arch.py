@@ -200,6 +200,11 @@ ALL_CASES = [
     ("deepseek_v3-lora-ckpt-backward-peak", cfg(DEEPSEEK_V3, vocab_size=4096, num_hidden_layers=5, n_routed_experts=32,
                                                n_group=1, topk_group=1),
      dict(LORA_CKPT, attn="sdpa", lora={"dropout": 0.0, "rank": 64})),
+    # one 2048-token row: the math kernel's s x s tensors (its causal mask, the upcast inputs, the scores and
+    # probabilities; in the backward their gradients) outweigh the rest inside the checkpointed layers
+    ("deepseek_v3-lora-ckpt-long-rows", cfg(DEEPSEEK_V3, vocab_size=4096, num_hidden_layers=5, n_routed_experts=32,
+                                            n_group=1, topk_group=1),
+     dict(LORA_CKPT, attn="sdpa", lora={"dropout": 0.0, "rank": 64}, micro_batch=1, seq_len=2048)),
     ("deepseek_v3-lora-eager-no-q-lora", cfg(DEEPSEEK_V3, vocab_size=8192, q_lora_rank=None),
      dict(LORA, attn="eager", lora={"dropout": 0.0})),
     ("qwen2_5_vl-full-bf16-sdpa", cfg(QWEN2_5_VL, vocab_size=8192), dict(FULL_BF16, attn="sdpa")),
@@ -216,6 +221,9 @@ ALL_CASES = [
     ("gemma2-full-bf16-chunked-loss-softcap", cfg(GEMMA2, vocab_size=32000), dict(FULL_BF16, attn="eager", **CHUNKED)),
     # reentrant checkpointing (use_reentrant=True): full FT and LoRA (frozen embeddings, their hooked output
     # requiring grad), sdpa and eager, Llama and Qwen3
+    # attention dropout: the CPU's SDPA runs its math kernel; one 2048-token row, checkpointed
+    ("llama-lora-ckpt-sdpa-math-long-rows", cfg(LLAMA, vocab_size=4096, attention_dropout=0.1),
+     dict(LORA_CKPT, attn="sdpa", micro_batch=1, seq_len=2048)),
     ("llama-full-bf16-sdpa-reentrant", LLAMA, dict(FULL_BF16, attn="sdpa", **REENTRANT)),
     ("llama-lora-amp-eager-reentrant", LLAMA, dict(LORA_CKPT, precision="amp-bf16", attn="eager", **REENTRANT)),
     ("qwen3-full-amp-eager-reentrant", cfg(QWEN3, vocab_size=32000), dict(FULL_AMP, attn="eager", **REENTRANT)),
