@@ -264,10 +264,12 @@ def best_row(rows: list[Row], target: Target) -> Row | None:
     """recommend's rule (search.choose): the methods in the order full FT, LoRA, QLoRA; the first that fits
     without parameter offload, else the first that fits at all; within it the best fitting row by
     recommend's default priority (quality, then time by its time model)."""
-    from memplan.recommend.search import choose_fitting
+    from memplan.recommend.search import choose_fitting, rank
 
-    fitting = {m: sorted((r.candidate for r in rows if r.candidate.plan.method == m and r.candidate.fits),
-                         key=lambda c: c.key("quality")) for m in METHOD_ORDER}
+    fitting = {m: [r.candidate for r in rows if r.candidate.plan.method == m and r.candidate.fits]
+               for m in METHOD_ORDER}
+    for plans in fitting.values():
+        rank(plans, "quality")
     chosen = choose_fitting(METHOD_ORDER, fitting, target)
     return next((r for r in rows if r.candidate is chosen), None)
 

@@ -28,6 +28,7 @@ from memplan.recommend.search import (
     SearchResult,
     Workload,
     choose_fitting,
+    layout,
     per_gpu_batch,
     search,
     smallest,
@@ -245,28 +246,22 @@ def why_not(alt: Candidate, best: Candidate, priority: str, target: Target) -> s
     return "; ".join(parts)
 
 
-def family(c: Candidate) -> tuple:
-    """Runners-up are shown one per data-parallel layout: method, backend, ZeRO stage, offload."""
-    p = c.plan
-    return (p.method, p.sharding, p.zero, p.offload)
-
-
 def pick_alternatives(result: SearchResult, best: Candidate, priority: str, target: Target,
                       n_fit: int = 8, n_nofit: int = 4) -> list[Alternative]:
     """The best plan of each other data-parallel layout, then the smallest of each layout that does not fit."""
-    out, seen = [], {family(best)}
+    out, seen = [], {layout(best)}
     for c in result.fitting:
-        fam = family(c)
+        fam = layout(c)
         if fam in seen:
             continue
         seen.add(fam)
         out.append(Alternative(c, why_not(c, best, priority, target)))
         if len(out) >= n_fit:
             break
-    seen |= {family(c) for c in result.fitting}  # a layout that fits in some form is not "does not fit"
+    seen |= {layout(c) for c in result.fitting}  # a layout that fits in some form is not "does not fit"
     nofit = 0
     for c in result.not_fitting:
-        fam = family(c)
+        fam = layout(c)
         if fam in seen:
             continue
         seen.add(fam)

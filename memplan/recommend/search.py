@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from memplan.catalog.spec import ModelSpec
 from memplan.errors import UserError
@@ -51,6 +51,7 @@ class Candidate:
     # fits only with its caching allocator releasing its cache in every step (Scorer.decide's last resort): this
     # many times per step, which slows the step by an amount the time model does not know
     releases: int = 0
+    rank_key: tuple | None = field(default=None, compare=False, repr=False)  # its key where `rank` sorted it
 
     @property
     def hours(self) -> float:
@@ -82,32 +83,51 @@ class Candidate:
         return describe_plan(self.estimate)
 
     def key(self, priority: str) -> tuple:
+        """The order of a search's plans, best first (`rank`). Equal times and costs: the less memory, the allocated
+        peak here; where that ties too, the total, which needs the step replayed through the allocator model (a plan
+        that fits with RESERVE_BOUND to spare is otherwise spared it): `rank` settles those ties where the order is
+        read."""
         hours = round(self.hours, 6)
-        # equal times and costs: the less memory, its allocated peak first (the total needs the step replayed
-        # through the allocator model, which a plan that fits with RESERVE_BOUND to spare is otherwise spared)
-        less = (self.estimate.least_total, _TotalWhenTied(self))
         if priority == "speed":
-            return (hours, self.quality_cost, self.complexity, *less)
+            return (hours, self.quality_cost, self.complexity, self.estimate.least_total)
         if priority == "memory":
             return (self.total, hours, self.quality_cost, self.complexity)
-        return (self.quality_cost, hours, self.complexity, *less)
+        return (self.quality_cost, hours, self.complexity, self.estimate.least_total)
 
 
-class _TotalWhenTied:
-    """A key's last term, the candidate's total memory, found only when the terms before it tie."""
+def layout(c: Candidate) -> tuple:
+    """The data-parallel layout of a candidate: its method, sharding, ZeRO stage and offload."""
+    p = c.plan
+    return (p.method, p.sharding, p.zero, p.offload)
 
-    __slots__ = ("candidate",)
 
-    def __init__(self, candidate: Candidate) -> None:
-        self.candidate = candidate
+def rank(fitting: list[Candidate], priority: str) -> None:
+    """Sort `fitting` best first by Candidate.key, plans whose keys tie by their total memory where the order is
+    read: the first plan, and the first of each layout (recommend's alternatives). Other ties keep the search's
+    order, and their plans are not replayed; `settle_first` settles the first again once it is removed."""
+    for c in fitting:
+        c.rank_key = c.key(priority)
+    fitting.sort(key=lambda c: c.rank_key)
+    seen: set[tuple] = set()
+    start = 0
+    while start < len(fitting):
+        end = start + 1
+        while end < len(fitting) and fitting[end].rank_key == fitting[start].rank_key:
+            end += 1
+        layouts = {layout(c) for c in fitting[start:end]}
+        if end - start > 1 and (start == 0 or layouts - seen):
+            fitting[start:end] = sorted(fitting[start:end], key=lambda c: c.total)
+        seen |= layouts
+        start = end
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _TotalWhenTied) and self.candidate.total == other.candidate.total
 
-    def __lt__(self, other: _TotalWhenTied) -> bool:
-        return self.candidate.total < other.candidate.total
-
-    __hash__ = None
+def settle_first(fitting: list[Candidate]) -> None:
+    """Order by total the plans that tie with the first (`rank`): the first is then the best."""
+    end = 1
+    while end < len(fitting) and fitting[end].rank_key is not None and fitting[end].rank_key == fitting[0].rank_key:
+        end += 1
+    if end > 1:
+        fitting[:end] = sorted(fitting[:end], key=lambda c: c.total)
 
 
 @dataclass
@@ -249,6 +269,8 @@ def choose(methods: Iterable[str], fitting: dict[str, list[Candidate]]) -> Candi
     fits without parameter offload (a last resort: it streams every weight over PCIe each step), else the
     first that fits at all; within that method the first of its fitting plans (each list best first)."""
     methods = list(methods)
+    for plans in fitting.values():
+        settle_first(plans)
     for m in methods:
         if any(c.plan.offload != "optimizer+params" for c in fitting.get(m, [])):
             return fitting[m][0]
@@ -297,7 +319,8 @@ def _prefer_simpler(fitting: list[Candidate], priority: str) -> None:
         return
     first = fitting[0]
     peers = [c for c in fitting if c.quality_cost == first.quality_cost and c.hours <= first.hours * (1 + SAME_TIME)]
-    simplest = min(peers, key=lambda c: (c.complexity, c.key(priority)))
+    best = min((c.complexity, c.key(priority)) for c in peers)
+    simplest = min((c for c in peers if (c.complexity, c.key(priority)) == best), key=lambda c: c.total)
     fitting.remove(simplest)
     fitting.insert(0, simplest)
 
@@ -423,7 +446,7 @@ def search(spec: ModelSpec, model_ref: str, method: str, target: Target, workloa
             best, smallest, decided = largest_micro_batch(plan, workload, scorer)
             considered += decided
             (fitting if best else not_fitting).append(best or smallest)
-    fitting.sort(key=lambda c: c.key(priority))
+    rank(fitting, priority)
     _prefer_simpler(fitting, priority)
     not_fitting.sort(key=lambda c: c.estimate.peak_allocated)
     return SearchResult(method=method, fitting=fitting, not_fitting=not_fitting, scored=scorer.scored - before,
