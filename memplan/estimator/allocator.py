@@ -125,27 +125,40 @@ class CachingAllocator:
     # ---------------------------------------------------------------- the public interface
 
     def malloc(self, nbytes: int, stream: int = 0) -> _Block:
-        """A block of `nbytes` for `stream` (0: the default stream)."""
-        size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK if nbytes > MIN_BLOCK else MIN_BLOCK  # round_size, inlined
-        key = (stream, size <= SMALL_SIZE)
-        pool = self.pools.get(key)
+        """A block of `nbytes` for `stream` (0: the default stream). The default allocator's best fit and split are
+        inlined (`_free_block`, `_split`): a replay's hot path, a million requests per search."""
+        size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK if nbytes > MIN_BLOCK else MIN_BLOCK  # round_size
+        small = size <= SMALL_SIZE
+        pool = self.pools.get((stream, small))
         if pool is None:
-            pool = self.pools[key] = _Pool(key[1])
+            pool = self.pools[(stream, small)] = _Pool(small)
         if self.expandable:
             block = self._free_block(pool, size)
-        else:  # get_free_block's best fit, inlined: the hot path of a replay
+        else:
             free = pool.free
             i = bisect.bisect_left(free, size << _KEY)
             block = pool.by_key.pop(free.pop(i)) if i < len(free) else None
         if block is None:
             block = self._new_memory(pool, size)
-        if block is None:
-            self.releases += 1
-            self.release_cache()
-            block = self._new_memory(pool, size)
-        if block is None:
-            raise OutOfMemory(f"{size} B requested with {self.reserved} B reserved of {self.capacity} B")
-        block = self._split(pool, block, size)
+            if block is None:
+                self.releases += 1
+                self.release_cache()
+                block = self._new_memory(pool, size)
+                if block is None:
+                    raise OutOfMemory(f"{size} B requested with {self.reserved} B reserved of {self.capacity} B")
+        remaining = block.size - size
+        if remaining >= MIN_BLOCK if (small or self.expandable) else remaining > SMALL_SIZE:
+            prev = block.prev
+            front = _Block(block.addr, size, pool, prev, block, block.expandable)
+            if prev is not None:
+                prev.next = front
+            block.prev = front
+            block.addr += size
+            block.size = remaining
+            key = remaining << _KEY | block.addr
+            bisect.insort(pool.free, key)
+            pool.by_key[key] = block
+            block = front
         block.allocated = True
         self.allocated += block.size
         if self.allocated > self.peak_allocated:
@@ -153,19 +166,35 @@ class CachingAllocator:
         return block
 
     def free(self, block: _Block) -> None:
+        """Cache the block, merged with its free neighbours (`_join` and the pool's bookkeeping inlined)."""
         if not block.allocated:
             raise ValueError("the block was freed already")
         block.allocated = False
         self.allocated -= block.size
         pool = block.pool
-        prev, nxt = block.prev, block.next  # merge with free neighbours (the hot path of a replay)
+        free, by_key = pool.free, pool.by_key
+        prev = block.prev
         if prev is not None and not prev.allocated and prev.mapped:
-            pool.remove(prev)
-            self._join(block, prev)
+            key = prev.size << _KEY | prev.addr
+            del free[bisect.bisect_left(free, key)]
+            del by_key[key]
+            block.addr = prev.addr
+            block.size += prev.size
+            block.prev = before = prev.prev
+            if before is not None:
+                before.next = block
+        nxt = block.next
         if nxt is not None and not nxt.allocated and nxt.mapped:
-            pool.remove(nxt)
-            self._join(block, nxt)
-        pool.insert(block)
+            key = nxt.size << _KEY | nxt.addr
+            del free[bisect.bisect_left(free, key)]
+            del by_key[key]
+            block.size += nxt.size
+            block.next = after = nxt.next
+            if after is not None:
+                after.prev = block
+        key = block.size << _KEY | block.addr
+        bisect.insort(free, key)
+        by_key[key] = block
 
     def release_cache(self) -> None:
         """`release_cached_blocks` (also `torch.cuda.empty_cache()`): cached blocks that are whole segments go
