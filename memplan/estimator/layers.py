@@ -424,7 +424,9 @@ class LayerReplay:
         scores_numel, out_numel = b * heads * s * s, tok * heads * dv
         gqa = heads != kv_heads and self.sdpa_gqa()
         if heads != kv_heads and not gqa:  # transformers' repeat_kv: k and v with every head
-            k, v, kv_heads = T(tok * heads * dq, k.itemsize, k.rg), T(out_numel, v.itemsize, v.rg), heads
+            if kv_heads > 1:  # copies (one kv head: an expanded view, which an upcast materializes)
+                k, v = T(tok * heads * dq, k.itemsize, k.rg), T(out_numel, v.itemsize, v.rg)
+            kv_heads = heads
         mask = T(b * s * s, c, False) if L.sdpa_mask else None
         # autocast's casts of SDPA's inputs to the compute dtype (fp32 rotated q and k under amp), then the upcasts
         q_in, k_in, v_in = (self._as(x, tok * hd, c) for x, hd in ((q, heads * dq), (k, kv_heads * dq),

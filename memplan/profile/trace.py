@@ -166,17 +166,46 @@ def cuda_kernel_memory() -> Iterator[None]:
 def _sdpa_on_cuda(sdpa):
     """F.scaled_dot_product_attention with the kernel CUDA would run: a 16-bit or multi-head-equal call keeps
     the CPU's flash kernel (as CUDA's flash / efficient / cuDNN kernels, no s x s tensor), without dropout (it
-    happens inside CUDA's kernel); a wider dtype with grouped-query heads runs the math kernel."""
+    happens inside CUDA's kernel); a wider dtype with grouped-query heads runs the math kernel. A value head dim
+    other than the query's (MLA) runs CUDA's memory-efficient kernel (sdp_utils.cpp
+    `check_head_dim_size_mem_efficient` takes it; flash needs equal dims), which the CPU has no counterpart of
+    (its flash kernel refuses them: the math kernel would run): `_MemoryEfficientAttention` keeps its memory."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                   enable_gqa=False):
-        if _sdpa_dtype(query) not in (torch.float16, torch.bfloat16) and query.size(-3) != key.size(-3):
+        grouped = query.size(-3) != key.size(-3)
+        if _sdpa_dtype(query) not in (torch.float16, torch.bfloat16) and grouped:
             with sdpa_kernel([SDPBackend.MATH]):
                 return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        if query.size(-1) != value.size(-1) and not grouped:
+            dtype = _sdpa_dtype(query)  # autocast casts the inputs (the function is no autocast op)
+            if attn_mask is not None and attn_mask.dtype == torch.bool:  # SDPA's convert_boolean_attn_mask
+                attn_mask = torch.where(attn_mask, 0.0, float("-inf")).to(dtype)
+            return _MemoryEfficientAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), attn_mask)
         return sdpa(query, key, value, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
 
     return cuda_sdpa
+
+
+class _MemoryEfficientAttention(torch.autograd.Function):
+    """The memory of CUDA's memory-efficient attention (aten/src/ATen/native/transformers/cuda/attention.cu,
+    `_efficient_attention_forward` and its backward; values are not computed: fake tensors): the output, laid out
+    (b, s, heads, d) and returned as its (b, heads, s, d) view, and the fp32 log-sum-exp (b, heads, s); q, k, v,
+    the mask, the output and the log-sum-exp saved; the backward makes the gradients of q, k and v."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask):
+        b, heads, s = query.shape[:3]
+        out = query.new_empty((b, s, heads, value.size(-1))).transpose(1, 2)
+        lse = query.new_empty((b, heads, s), dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value = ctx.saved_tensors[:3]
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), None
 
 
 def _sdpa_dtype(query: torch.Tensor) -> torch.dtype:

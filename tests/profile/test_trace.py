@@ -509,6 +509,35 @@ def test_cuda_kernels_choose_sdpa_math_for_fp32_grouped_query_attention(precisio
         assert cuda == cpu
 
 
+# DeepSeek-V3's MLA: q/k head dim 48 (nope 32 + rope 16), v head dim 32
+MLA = dict(model_type="deepseek_v3", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+           qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+           moe_intermediate_size=128, n_shared_experts=1, first_k_dense_replace=1, vocab_size=4096)
+
+
+def test_cuda_kernels_run_mla_on_the_memory_efficient_kernel():
+    """A value head dim other than the query's: CUDA runs its memory-efficient kernel (no s x s tensor) where the
+    CPU's SDPA falls back to its math kernel. Each trace, every phase, is its kernels' estimate, less cuBLAS's
+    workspaces (which the trace marks for the allocator replay, not as tensors). (bf16: the experts' grouped_mm
+    takes no other dtype in a trace.)"""
+    from memplan.catalog.spec import spec_from_config
+    from memplan.estimator import estimate
+
+    plan = Plan(precision="bf16", grad_ckpt=False, micro_batch=1, seq_len=1024, attn="sdpa")
+    spec = spec_from_config(dict(MLA), "deepseek_v3")
+    forward = {}
+    for kernels in ("cpu", "cuda"):
+        steady = trace_training(dict(MLA), plan, kernels=kernels).steady
+        forward[kernels] = steady.forward
+        est = estimate(spec, plan, kernels=kernels)
+        for phase in ("forward", "backward", "optimizer"):
+            err = 100 * ((est.phase_peaks[phase] - est.phases[phase]["workspace"]) / getattr(steady, phase) - 1)
+            assert -2.0 <= err <= 3.0, f"{kernels}, {phase}: {err:+.2f} %"
+    # the math kernel's fp32 probabilities, kept by every layer
+    assert forward["cpu"] - forward["cuda"] >= MLA["num_hidden_layers"] * MLA["num_attention_heads"] * 1024 ** 2 * 4
+
+
 @pytest.mark.parametrize("tokens", [3072, 4096])
 def test_cuda_kernels_keep_the_embedding_backwards_sort_buffers(tokens):
     """Past 3072 indices CUDA's embedding backward sorts them and sums each segment in buffers sized by the
