@@ -125,8 +125,9 @@ class CachingAllocator:
     # ---------------------------------------------------------------- the public interface
 
     def malloc(self, nbytes: int, stream: int = 0) -> _Block:
-        """A block of `nbytes` for `stream` (0: the default stream). The default allocator's best fit and split are
-        inlined (`_free_block`, `_split`): a replay's hot path, a million requests per search."""
+        """A block of `nbytes` for `stream` (0: the default stream). The default allocator's best fit (`_free_block`)
+        is inlined, a replay's hot path (a million requests per search); then `should_split` and `alloc_found_block`:
+        the front `size` bytes are handed out, the rest cached."""
         size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK if nbytes > MIN_BLOCK else MIN_BLOCK  # round_size
         small = size <= SMALL_SIZE
         pool = self.pools.get((stream, small))
@@ -296,25 +297,6 @@ class CachingAllocator:
         while b.prev is not None:
             b = b.prev
         return b.addr
-
-    def _split(self, pool: _Pool, block: _Block, size: int) -> _Block:
-        """`should_split` and `alloc_found_block`: the front `size` bytes are handed out, the rest cached."""
-        remaining = block.size - size
-        if pool.small or self.expandable:
-            split = remaining >= MIN_BLOCK
-        else:
-            split = remaining > SMALL_SIZE
-        if not split:
-            return block
-        prev = block.prev
-        front = _Block(block.addr, size, pool, prev, block, block.expandable)
-        if prev is not None:
-            prev.next = front
-        block.prev = front
-        block.addr += size
-        block.size = remaining
-        pool.insert(block)
-        return front
 
     @staticmethod
     def _join(block: _Block, other: _Block) -> None:
