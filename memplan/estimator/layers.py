@@ -412,8 +412,9 @@ class LayerReplay:
         SDPA first turns a boolean mask into an additive one in the input dtype (convert_boolean_attn_mask); 16-bit
         inputs are upcast to fp32 (query_acc, key_acc, value_acc), each held until the kernel returns; is_causal
         builds its mask (a boolean tril, then an additive s x s in fp32); with enable_gqa key and value are repeated
-        to every head (repeat_interleave: copies); q and k^T are scaled (new tensors, saved by the matmul); scores +
-        mask is a new tensor; _safe_softmax saves its result, dropout its noise; the probabilities are also returned
+        to every head (repeat_interleave: copies); q and k^T are scaled (new tensors, saved by the matmul); the mask
+        is added to the scores in place (attn.add_; out of place only under a dispatch mode, as in a trace, at the
+        same peak); _safe_softmax saves its result, dropout its noise; the probabilities are also returned
         in the input dtype (a copy SDPA's caller drops); matmul(attn, value) saves both operands. The output comes
         back in the input dtype as (b, heads, s, d): transformers' transpose(1, 2).contiguous() copies it.
         `dims`: (heads, q/k head dim, v head dim, kv heads) where they are not the layer's (MLA)."""
@@ -442,8 +443,7 @@ class LayerReplay:
         k_rep = T(tok * heads * dq, acc, k.rg) if gqa else None
         value = T(out_numel, acc, v.rg) if gqa else v_acc
         ks = T(tok * heads * dq, acc, k.rg)  # key (every head) .transpose(-2, -1) * scaling_factor
-        scores = t.mul(qs, ks, out_numel=scores_numel)
-        # scores.add_(mask): in place (out of place only under a dispatch mode, which a trace runs: the same peak)
+        scores = t.mul(qs, ks, out_numel=scores_numel)  # then scores.add_(mask)
         probs = t.unary_saving_output(scores)  # _safe_softmax
         del scores
         probs = t.dropout(probs, L.attn_dropout)
