@@ -162,6 +162,7 @@ class Activations:
     last_layer: int = 0  # saved by one layer of the last layer's kind (the first the backward recomputes)
     ckpt_recompute_held: int = 0  # under reentrant checkpointing: held through each layer's inner backward
     ckpt_kept_inputs: int = 0  # per layer under non-reentrant checkpointing: int8 linears' inputs it cannot discard
+    ckpt_recompute: int = 0  # under checkpointing: a layer's recompute in the backward, beyond its input
     autocast_cache: int = 0  # of forward_extra, the layers' casts autocast caches under checkpointing
 
     @property
@@ -241,6 +242,30 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
         replay.layer(T(tok * h, num.residual, True))
         return max(dense, lora, experts, int8, max(tape.backward_moments) - tape.saved_bytes)
     return max(dense, lora, experts, int8) + (scores if kernels == "cuda" and kernel == "eager" else 0)
+
+
+def ckpt_recompute(spec: ModelSpec, plan: Plan, kernels: str) -> int:
+    """Under checkpointing, the most a layer's recompute in the backward holds beyond its input: its forward again,
+    each saved tensor kept once made, with the intermediates alive at each moment (autograd.live_peak), and the
+    gradients that reached the layer waiting. The layer's own gradients do not exist yet. Above the layer's backward
+    moments where its forward holds large tensors nothing saves: SDPA's math kernel keeps its causal mask, fp32 copies
+    of q, k and v and the probabilities' copy in the input dtype until it returns.
+
+    The recompute starts at the first node of the layer's backward that unpacks a saved tensor
+    (torch/utils/checkpoint.py, _checkpoint_without_reentrant_generator's unpack hook; reentrant: CheckpointFunction.
+    backward runs it first). Waiting then: the gradient of the layer's output (residual dtype), its copy in the compute
+    dtype where autocast cast the MLP's output, and, for an adapted output projection of a dense MLP, the adapter's
+    scaled gradient (peft's `lora_B(...) * scaling` runs its backward before lora_B's unpacks its input)."""
+    num = numerics(plan, spec)
+    tok, h, c = plan.micro_batch * plan.seq_len, spec.hidden_size, num.compute
+    waiting = tok * h * num.residual + (tok * h * c if num.residual != c else 0)
+    last = spec.layer_linears[-1]
+    if last.kind in ("linear", "conv1d") and last.d_out == h and last.name in lora_targets(spec, plan) \
+            and not any(lin.kind == "experts" for lin in spec.layer_linears):
+        waiting += tok * h * c
+    tape = Tape(kernels=kernels)
+    replay = LayerReplay(tape, layer_spec(spec, plan), num)
+    return live_peak(replay.layer, T(tok * h, num.residual, True), keep=tape) + waiting
 
 
 def reentrant_recompute_held(spec: ModelSpec, plan: Plan, num: Numerics) -> int:
@@ -484,4 +509,5 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
         num_layers=spec.num_layers, grad_ckpt=plan.grad_ckpt, last_layer=last_layer,
         ckpt_recompute_held=reentrant_recompute_held(spec, plan, num),
         ckpt_kept_inputs=int8_inputs_kept(spec, plan, kernels, kinds),
+        ckpt_recompute=ckpt_recompute(spec, plan, kernels) if plan.grad_ckpt else 0,
     )

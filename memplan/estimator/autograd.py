@@ -172,12 +172,15 @@ class _Lifetimes:
         pass
 
 
-def live_peak(run, x: T) -> int:
+def live_peak(run, x: T, keep: Tape | None = None) -> int:
     """The most bytes alive at once while `run(x)` replays a module's forward, beyond its input x: each tensor freed
     when the replay drops its last reference (as CPython's reference counting frees a torch tensor), nothing kept
     for the backward (what non-reentrant checkpointing's forward does: its pack hook keeps no saved tensor,
     torch/utils/checkpoint.py). autocast's cached casts are left out: they stay until the forward ends, and
-    `Activations.forward_extra` counts them for every layer."""
+    `Activations.forward_extra` counts them for every layer.
+    `keep`: the tape `run` saves into, whose saved tensors stay alive once made, up to the one made last: the
+    recompute of a checkpointed module in the backward, which keeps all it saves for the module's backward nodes and
+    stops there (torch/utils/checkpoint.py: _StopRecomputationError once every saved tensor is back)."""
     global _recorder
     rec = _Lifetimes()
     _recorder = rec
@@ -187,8 +190,12 @@ def live_peak(run, x: T) -> int:
     finally:
         _recorder = None
     live = peak = 0
-    for uid, nbytes in rec.events:
-        if uid not in rec.cache:
+    kept = keep.saved if keep is not None else {}
+    events = rec.events
+    if kept:
+        events = events[:max(i for i, (uid, nbytes) in enumerate(events) if nbytes > 0 and uid in kept) + 1]
+    for uid, nbytes in events:
+        if uid not in rec.cache and not (nbytes < 0 and uid in kept):
             live += nbytes
             peak = max(peak, live)
     return peak

@@ -365,6 +365,13 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
         alive += (0 if offload else acts.shared) + acts.layer_backward_transient + pending
         candidates.append(_terms(**base, gradients=g_now, activations=alive,
                                  gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
+        if acts.grad_ckpt:
+            # as layer i's recompute ends, before any of its own gradients: those of the layers above
+            g_above = shard.backward_grads or (G_fwd if accum else min(G, head_grads + (
+                shard.grads_from[i + 1] if i + 1 < L else 0)))
+            at_recompute = alive - acts.layer_backward_transient - (acts.first_layer if i == 0 else acts.last_layer)
+            candidates.append(_terms(**base, gradients=g_above, activations=at_recompute + acts.ckpt_recompute,
+                                     gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
         if shard.unshard_first and plan.method == "full":
             # FSDP2, as layer i's last gradients are made (most of its saved tensors, released by the nodes that
             # run last, still alive): its gradients whole, the reduce-scatter input of the unit above (the layer's,

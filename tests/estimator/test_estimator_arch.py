@@ -224,6 +224,10 @@ ALL_CASES = [
     # attention dropout: the CPU's SDPA runs its math kernel; one 2048-token row, checkpointed
     ("llama-lora-ckpt-sdpa-math-long-rows", cfg(LLAMA, vocab_size=4096, attention_dropout=0.1),
      dict(LORA_CKPT, attn="sdpa", micro_batch=1, seq_len=2048)),
+    # ... with q/k norms and head_dim 128 under autocast: the backward peaks in the layer's recompute, as the
+    # kernel returns (its causal mask, fp32 q, k, v and the probabilities' bf16 copy beside what the layer saved)
+    ("qwen3-lora-ckpt-amp-sdpa-math-long-rows", cfg(QWEN3, vocab_size=4096, attention_dropout=0.1),
+     dict(LORA_CKPT, precision="amp-bf16", attn="sdpa", micro_batch=1, seq_len=2048)),
     ("llama-full-bf16-sdpa-reentrant", LLAMA, dict(FULL_BF16, attn="sdpa", **REENTRANT)),
     ("llama-lora-amp-eager-reentrant", LLAMA, dict(LORA_CKPT, precision="amp-bf16", attn="eager", **REENTRANT)),
     ("qwen3-full-amp-eager-reentrant", cfg(QWEN3, vocab_size=32000), dict(FULL_AMP, attn="eager", **REENTRANT)),
