@@ -198,8 +198,9 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
     Eager attention on CUDA: the fp32 gradient of the softmax output and softmax_backward's fp32 result are
     alive together, 8 B per score element beside all the layer saved (measured on an H100:
     benchmarks/results/gpu-h100-run1.jsonl case 3; the CPU's eager softmax backward fuses the cast).
-    SDPA's math kernel (either device): its backward moments (LayerReplay._sdpa_math), each with only what the
-    layer saved up to that point, when that exceeds the layer's whole saved bytes.
+    The replay's backward moments, each with only what the layer saved up to that point (the nodes after it
+    have released theirs), where that exceeds the layer's whole saved bytes: SDPA's math kernel (either device,
+    LayerReplay._sdpa_math) and LoRA'd grouped expert stacks (LayerReplay._grouped).
     """
     tok, c, h = plan.micro_batch * plan.seq_len, num.compute, spec.hidden_size
     # Liger's SwiGLU backward writes the gradients of its two f-wide inputs into their saved storage: one f-wide
@@ -215,11 +216,9 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
             continue
         if lin.kind in ("linear", "conv1d"):
             lora = max(lora, c * tok * lin.d_out + copies * num.adapter * tok * lin.d_in + c * tok * lin.d_in)
-        elif lin.kind == "experts":
-            # peft's ParamWrapper: grouped_mm's backward forms the gradient of the whole parametrized
-            # stack (E x d_out x d_in) next to its output's and input's gradients (S rows each), before
-            # baddbmm's backward reduces it to the LoRA factors' gradients. The last stack of the forward
-            # (down_proj) does this first, while all the layer's saved tensors are still alive.
+        elif lin.kind == "experts" and spec.traits.experts_every_token:
+            # Llama4TextExperts' bmm stacks: the gradient of a whole stack (E x d_out x d_in) next to its
+            # output's and input's (every token for every expert), with all the layer's saved tensors
             experts = num.weights * (lin.count * lin.d_in * lin.d_out + rows * (lin.d_in + lin.d_out))
     int8 = 0
     if plan.quantized_base == "int8":
@@ -233,15 +232,14 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
                 out_grad = c * tok * lin.d_out + (a * tok * lin.d_out if a != c else 0)
                 int8 = max(int8, a * lin.d_out * lin.d_in + a * tok * lin.d_in + out_grad)
     scores = 8 * plan.micro_batch * spec.num_heads * plan.seq_len ** 2
-    tape = Tape(kernels=kernels)
-    replay = LayerReplay(tape, layer_spec(spec, plan), num)
-    kernel = replay.mla_kernel() if replay.L.mla else replay.attention_kernel()
-    if kernel == "math":
-        # the kernel's backward moments, with what the layer saved up to each (the nodes after it, o_proj's and
-        # the MLP's, have released theirs), against the layer's whole saved bytes
+    moments, kernel = 0, None
+    for group in spec.layer_groups:  # (DeepSeek: a dense first layer, then MoE layers)
+        tape = Tape(kernels=kernels)
+        replay = LayerReplay(tape, layer_spec(spec, plan, group=group), num)
+        kernel = replay.mla_kernel() if replay.L.mla else replay.attention_kernel()
         replay.layer(T(tok * h, num.residual, True))
-        return max(dense, lora, experts, int8, max(tape.backward_moments) - tape.saved_bytes)
-    return max(dense, lora, experts, int8) + (scores if kernels == "cuda" and kernel == "eager" else 0)
+        moments = max(moments, max(tape.backward_moments, default=0) - tape.saved_bytes)
+    return max(max(dense, lora, experts, int8) + (scores if kernels == "cuda" and kernel == "eager" else 0), moments)
 
 
 def ckpt_recompute(spec: ModelSpec, plan: Plan, kernels: str) -> int:

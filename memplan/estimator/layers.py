@@ -791,7 +791,13 @@ class LayerReplay:
             t.save(w_param)
         if xin.rg or w_rg:
             t.save(offs)
-        return T(self.tokens() * L.top_k * out_features, n.weights, xin.rg or w_rg)
+        rows = self.tokens() * L.top_k
+        if w_param is not None:
+            # peft's ParamWrapper: grouped_mm's backward forms the gradient of the whole parametrized stack next to
+            # its output's and input's gradients, before baddbmm's backward reduces it to the factors' gradients;
+            # what the block saved after this stack (the routing product, a shared expert) is released by then
+            t.backward_moment(n.weights * (w_param.numel + xin.numel + rows * out_features))
+        return T(rows * out_features, n.weights, xin.rg or w_rg)
 
     # ------------------------------------------------------------ the layer
     def layer(self, x: T) -> T:
