@@ -233,12 +233,14 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
                 int8 = max(int8, a * lin.d_out * lin.d_in + a * tok * lin.d_in + out_grad)
     scores = 8 * plan.micro_batch * spec.num_heads * plan.seq_len ** 2
     moments, kernel = 0, None
+    adapted_stacks = any(lin.kind == "experts" for lin in spec.layer_linears if lin.name in lora_targets(spec, plan))
     for group in spec.layer_groups:  # (DeepSeek: a dense first layer, then MoE layers)
         tape = Tape(kernels=kernels)
         replay = LayerReplay(tape, layer_spec(spec, plan, group=group), num)
         kernel = replay.mla_kernel() if replay.L.mla else replay.attention_kernel()
-        replay.layer(T(tok * h, num.residual, True))
-        moments = max(moments, max(tape.backward_moments, default=0) - tape.saved_bytes)
+        if kernel == "math" or adapted_stacks:  # the replays that record backward moments
+            replay.layer(T(tok * h, num.residual, True))
+            moments = max(moments, max(tape.backward_moments, default=0) - tape.saved_bytes)
     return max(max(dense, lora, experts, int8) + (scores if kernels == "cuda" and kernel == "eager" else 0), moments)
 
 
