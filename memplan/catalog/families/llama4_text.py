@@ -17,7 +17,7 @@ step - 1; Llama-4-Scout's text model: step 1, every layer; Maverick's: step 2, t
 (Llama4TextDecoderLayer.__init__) get a dense Llama4TextMLP of intermediate_size_mlp (default 16384) as
 their feed_forward, a layer group of their own.
 peft's target_modules reach the attention, the shared expert and the dense MLPs: "all-linear" also wraps the
-router, whose forward returns a tuple that peft's LoRA layer cannot add to (peft 0.21), and the expert stacks
+router, whose forward returns a tuple that peft's LoRA layer cannot add to (peft 0.21, 0.22), and the expert stacks
 are not modules, so neither is a LoRA target here.
 """
 
