@@ -444,6 +444,7 @@ class LayerReplay:
         value = T(out_numel, acc, v.rg) if gqa else v_acc
         ks = T(tok * heads * dq, acc, k.rg)  # key (every head) .transpose(-2, -1) * scaling_factor
         scores = t.mul(qs, ks, out_numel=scores_numel)  # then scores.add_(mask)
+        del ks  # a temporary of the matmul's expression (the scaled query is a local the kernel keeps)
         probs = t.unary_saving_output(scores)  # _safe_softmax
         del scores
         probs = t.dropout(probs, L.attn_dropout)
@@ -454,7 +455,7 @@ class LayerReplay:
         # matmul(attn, value)'s backward: the output's gradient (upcast), the value's, then the probabilities'
         t.backward_moment(acc * (scores_numel + 2 * out_numel))
         # the kernel returns: what it held is freed (what the backward needs, the tape keeps)
-        del q_in, k_in, v_in, q_acc, k_acc, v_acc, k_rep, value, qs, ks, probs, mask, weights
+        del q_in, k_in, v_in, q_acc, k_acc, v_acc, k_rep, value, qs, probs, mask, weights
         return T(out_numel, c, out.rg or rg)
 
     def _eager(self, q: T, k: T, v: T, rg: bool) -> T:
