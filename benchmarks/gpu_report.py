@@ -23,22 +23,19 @@ GiB = 2**30
 PHASES = ("forward", "backward", "optimizer")
 
 
-def rows(path: Path):
-    header = None
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if "header" in r:
-            header = r["header"]
-            continue
-        yield header, r
+def rows(path: Path) -> tuple[dict, list[dict]]:
+    """gpu_check.py's header (torch, transformers, the device) and its rows."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    header = next(r["header"] for r in records if "header" in r)
+    return header, [r for r in records if "header" not in r]
 
 
 def main() -> None:
     path = Path(sys.argv[1])
     out = []
     ratios, contexts = [], []
-    header = None
-    for _header, r in rows(path):
+    header, records = rows(path)
+    for r in records:
         if "measured" not in r or r.get("error"):
             out.append(f"| {r['case']} | {r['preset']} | {_plan(r['plan'])} | error: {r.get('error')} |||||")
             continue
@@ -69,7 +66,7 @@ def main() -> None:
     if ratios:
         print(f"\nreserved / allocated peak: median {statistics.median(ratios):.3f}, "
               f"min {min(ratios):.3f}, max {max(ratios):.3f} over {len(ratios)} plans.")
-    timed = [r for _, r in rows(path) if r.get("timing", {}).get("measured_s")]
+    timed = [r for r in records if r.get("timing", {}).get("measured_s")]
     if timed:
         _timing_table(timed)
     if contexts:
