@@ -154,7 +154,7 @@ class Activations:
     loss_forward_peak: int  # at the cross-entropy in the forward: logits + fp32 copy + log-softmax
     loss_backward_peak: int  # at the cross-entropy in the backward
     forward_extra: int  # alive at the forward's loss besides the saved tensors (autocast's weight cache)
-    layer_backward_transient: int  # gradients in flight inside one layer's backward
+    layer_backward_transient: int  # gradients in flight inside one layer's backward (of the last layer's kind)
     forward_masks: int  # attention masks alive inside the decoder's forward (when not already in `shared`)
     ckpt_layer_forward: int  # under checkpointing: what one layer's forward materializes beyond its input
     num_layers: int
@@ -163,6 +163,9 @@ class Activations:
     ckpt_recompute_held: int = 0  # under reentrant checkpointing: held through each layer's inner backward
     ckpt_kept_inputs: int = 0  # per layer under non-reentrant checkpointing: int8 linears' inputs it cannot discard
     ckpt_recompute: int = 0  # under checkpointing: a layer's recompute in the backward, beyond its input
+    first_ckpt_recompute: int = 0  # ... layer 0's
+    input_saved: int = 0  # of `last_layer`, the layer's input itself, where its first norm saves it (fp32 residuals)
+    first_layer_backward_transient: int = 0  # as layer_backward_transient, in layer 0's backward
     autocast_cache: int = 0  # of forward_extra, the layers' casts autocast caches under checkpointing
 
     @property
@@ -188,8 +191,8 @@ class Activations:
         return self.layers_saved + self.shared + self.head
 
 
-def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels: str) -> int:
-    """Gradients in flight inside one layer's backward, beyond what the layer saved.
+def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels: str, group: LayerGroup) -> int:
+    """Gradients in flight inside the backward of a layer of `group`, beyond what the layer saved.
 
     Dense path: the incoming gradient and the one being formed (b*s*h each) and the MLP's gradients
     w.r.t. its two f-wide branches (torch frees each as soon as it is consumed).
@@ -232,40 +235,49 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
                 out_grad = c * tok * lin.d_out + (a * tok * lin.d_out if a != c else 0)
                 int8 = max(int8, a * lin.d_out * lin.d_in + a * tok * lin.d_in + out_grad)
     scores = 8 * plan.micro_batch * spec.num_heads * plan.seq_len ** 2
-    moments, kernel = 0, None
-    adapted_stacks = any(lin.kind == "experts" for lin in spec.layer_linears if lin.name in lora_targets(spec, plan))
-    for group in spec.layer_groups:  # (DeepSeek: a dense first layer, then MoE layers)
-        tape = Tape(kernels=kernels)
-        replay = LayerReplay(tape, layer_spec(spec, plan, group=group), num)
-        kernel = replay.mla_kernel() if replay.L.mla else replay.attention_kernel()
-        if kernel == "math" or adapted_stacks:  # the replays that record backward moments
-            replay.layer(T(tok * h, num.residual, True))
-            moments = max(moments, max(tape.backward_moments, default=0) - tape.saved_bytes)
+    moments = 0
+    tape = Tape(kernels=kernels)
+    replay = LayerReplay(tape, layer_spec(spec, plan, group=group), num)
+    kernel = replay.mla_kernel() if replay.L.mla else replay.attention_kernel()
+    if kernel == "math" or any(lin.kind == "experts" for lin in group.linears if lin.name in lora_targets(spec, plan)):
+        replay.layer(T(tok * h, num.residual, True))  # a replay that records backward moments
+        moments = max(tape.backward_moments, default=0) - tape.saved_bytes
     return max(max(dense, lora, experts, int8) + (scores if kernels == "cuda" and kernel == "eager" else 0), moments)
 
 
-def ckpt_recompute(spec: ModelSpec, plan: Plan, kernels: str) -> int:
+def ckpt_recompute(spec: ModelSpec, plan: Plan, kernels: str, kind: tuple) -> int:
     """Under checkpointing, the most a layer's recompute in the backward holds beyond its input: its forward again,
     each saved tensor kept once made, with the intermediates alive at each moment (autograd.live_peak), and the
-    gradients that reached the layer waiting. The layer's own gradients do not exist yet. Above the layer's backward
-    moments where its forward holds large tensors nothing saves: SDPA's math kernel keeps its causal mask, fp32 copies
-    of q, k and v and the probabilities' copy in the input dtype until it returns.
+    gradients that reached the layer waiting (the output's, and `recompute_waiting`). The layer's own gradients do
+    not exist yet. Above the layer's backward moments where its forward holds large tensors nothing saves: SDPA's
+    math kernel keeps its causal mask, fp32 copies of q, k and v and the probabilities' copy in the input dtype until
+    it returns."""
+    num = numerics(plan, spec)
+    tok, h = plan.micro_batch * plan.seq_len, spec.hidden_size
+    waiting = tok * h * num.residual + sum(recompute_waiting(spec, plan, num))
+    tape = Tape(kernels=kernels)
+    replay = LayerReplay(tape, layer_spec(spec, plan, kind[1], kind[2], kind[0]), num)
+    return live_peak(replay.layer, T(tok * h, num.residual, True), keep=tape) + waiting
+
+
+def recompute_waiting(spec: ModelSpec, plan: Plan, num: Numerics) -> list[int]:
+    """The gradients besides the layer output's that wait while a checkpointed layer recomputes (bytes each).
 
     The recompute starts at the first node of the layer's backward that unpacks a saved tensor
     (torch/utils/checkpoint.py, _checkpoint_without_reentrant_generator's unpack hook; reentrant: CheckpointFunction.
-    backward runs it first). Waiting then: the gradient of the layer's output (residual dtype), its copy in the compute
-    dtype where autocast cast the MLP's output, and, for an adapted output projection of a dense MLP, the adapter's
-    scaled gradient (peft's `lora_B(...) * scaling` runs its backward before lora_B's unpacks its input)."""
-    num = numerics(plan, spec)
+    backward runs it first). Before it: the output's gradient in the compute dtype where autocast cast the MLP's
+    output, and, for an adapted output projection of a dense MLP, the adapter's scaled gradient (peft's
+    `lora_B(...) * scaling` runs its backward before lora_B's unpacks its input) in the dtype lora_B returns (the
+    compute dtype under autocast, else the adapters'), with, where that is not the base output's, the base branch's
+    gradient cast back (peft adds the two in the adapters' dtype)."""
     tok, h, c = plan.micro_batch * plan.seq_len, spec.hidden_size, num.compute
-    waiting = tok * h * num.residual + (tok * h * c if num.residual != c else 0)
+    waiting = [tok * h * c] if num.residual != c else []
     last = spec.layer_linears[-1]
     if last.kind in ("linear", "conv1d") and last.d_out == h and last.name in lora_targets(spec, plan) \
             and not any(lin.kind == "experts" for lin in spec.layer_linears):
-        waiting += tok * h * c
-    tape = Tape(kernels=kernels)
-    replay = LayerReplay(tape, layer_spec(spec, plan), num)
-    return live_peak(replay.layer, T(tok * h, num.residual, True), keep=tape) + waiting
+        lora_out = c if num.autocast else num.adapter
+        waiting += [tok * h * lora_out] + ([tok * h * c] if lora_out != c else [])
+    return waiting
 
 
 def reentrant_recompute_held(spec: ModelSpec, plan: Plan, num: Numerics) -> int:
@@ -311,6 +323,16 @@ def ckpt_layer_forward(spec: ModelSpec, plan: Plan, kernels: str, kinds: list) -
         return live_peak(replay.layer, x)
 
     return max(peak(k) for k in set(kinds))
+
+
+def input_saved(spec: ModelSpec, plan: Plan, kernels: str, kind: tuple) -> int:
+    """What of a layer's saved bytes is its input itself: RMSNorm's `hidden_states.to(torch.float32)` of an fp32
+    input is that input, which pow saves (amp and fp32 plans)."""
+    num = numerics(plan, spec)
+    x = T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, True)
+    tape = Tape(kernels=kernels)
+    LayerReplay(tape, layer_spec(spec, plan, kind[1], kind[2], kind[0]), num).layer(x)
+    return x.nbytes if x.uid in tape.saved else 0
 
 
 def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool,
@@ -499,15 +521,20 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
                          for lin in g.linears if lin.kind != "experts")
 
     ckpt_input = tok * h * num.residual
-    transient = layer_backward_transient(spec, plan, num, kernels)
+    # the backward of layer 0, and of the others (each against its own saved bytes: DeepSeek's dense first layer)
+    transient = layer_backward_transient(spec, plan, num, kernels, kinds[-1][0])
+    first_transient = (transient if kinds[0][0] is kinds[-1][0]
+                       else layer_backward_transient(spec, plan, num, kernels, kinds[0][0]))
     return Activations(
         layer=per_layer, first_layer=first, ckpt_input=ckpt_input, shared=shared, head=head,
-        loss_saved=loss_saved, layer_backward_transient=transient,
+        loss_saved=loss_saved, layer_backward_transient=transient, first_layer_backward_transient=first_transient,
         forward_masks=0 if plan.grad_ckpt else mask_bytes(spec, plan),
         ckpt_layer_forward=ckpt_layer_forward(spec, plan, kernels, kinds) if plan.grad_ckpt else 0,
         loss_forward_peak=fwd_peak, loss_backward_peak=bwd_peak, forward_extra=extra + cache, autocast_cache=cache,
         num_layers=spec.num_layers, grad_ckpt=plan.grad_ckpt, last_layer=last_layer,
         ckpt_recompute_held=reentrant_recompute_held(spec, plan, num),
         ckpt_kept_inputs=int8_inputs_kept(spec, plan, kernels, kinds),
-        ckpt_recompute=ckpt_recompute(spec, plan, kernels) if plan.grad_ckpt else 0,
+        ckpt_recompute=ckpt_recompute(spec, plan, kernels, last[0]) if plan.grad_ckpt else 0,
+        first_ckpt_recompute=ckpt_recompute(spec, plan, kernels, kinds[0]) if plan.grad_ckpt else 0,
+        input_saved=input_saved(spec, plan, kernels, last[0]),
     )

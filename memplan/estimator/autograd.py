@@ -180,7 +180,8 @@ def live_peak(run, x: T, keep: Tape | None = None) -> int:
     `Activations.forward_extra` counts them for every layer.
     `keep`: the tape `run` saves into, whose saved tensors stay alive once made, up to the one made last: the
     recompute of a checkpointed module in the backward, which keeps all it saves for the module's backward nodes and
-    stops there (torch/utils/checkpoint.py: _StopRecomputationError once every saved tensor is back)."""
+    stops there (torch/utils/checkpoint.py: _StopRecomputationError once every saved tensor is back). The casts
+    autocast caches there are counted: the recompute makes them again."""
     global _recorder
     rec = _Lifetimes()
     _recorder = rec
@@ -195,7 +196,7 @@ def live_peak(run, x: T, keep: Tape | None = None) -> int:
     if kept:
         events = events[:max(i for i, (uid, nbytes) in enumerate(events) if nbytes > 0 and uid in kept) + 1]
     for uid, nbytes in events:
-        if uid not in rec.cache and not (nbytes < 0 and uid in kept):
+        if (keep is not None or uid not in rec.cache) and not (nbytes < 0 and uid in kept):
             live += nbytes
             peak = max(peak, live)
     return peak

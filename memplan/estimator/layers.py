@@ -448,12 +448,14 @@ class LayerReplay:
         probs = t.unary_saving_output(scores)  # _safe_softmax
         del scores
         probs = t.dropout(probs, L.attn_dropout)
+        # In the backward, the residual stream's gradient waits for the attention's (the skip connection adds them)
+        residual_grad = tok * L.hidden * n.residual
         # softmax's (or dropout's) backward: the probabilities' gradient and its result, the value's gradient
-        t.backward_moment(acc * (2 * scores_numel + out_numel))
+        t.backward_moment(acc * (2 * scores_numel + out_numel) + residual_grad)
         weights = self._as(probs, scores_numel, c)
         out = self._as(t.mul(probs, self._operand(value, out_numel, acc), out_numel=out_numel), out_numel, c)
         # matmul(attn, value)'s backward: the output's gradient (upcast), the value's, then the probabilities'
-        t.backward_moment(acc * (scores_numel + 2 * out_numel))
+        t.backward_moment(acc * (scores_numel + 2 * out_numel) + residual_grad)
         # the kernel returns: what it held is freed (what the backward needs, the tape keeps)
         del q_in, k_in, v_in, q_acc, k_acc, v_acc, k_rep, value, qs, probs, mask, weights
         return T(out_numel, c, out.rg or rg)

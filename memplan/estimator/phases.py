@@ -355,22 +355,26 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
         # them until the next node is done), the layers below wait on the host
         below = 0 if offload else i
         if acts.grad_ckpt:
-            alive = acts.ckpt_input * (below + 1) + (acts.first_layer if i == 0 else acts.last_layer)
+            # layer i's recomputed saved tensors; its input among them (an fp32 input's fp32 "copy"), when saved,
+            # is the one the checkpoint keeps
+            alive = acts.ckpt_input * (below + 1) + (acts.first_layer if i == 0 else acts.last_layer) - acts.input_saved
             # lora-8bit: the int8 linears' inputs of the layers below i, still referenced by their graphs (layer
             # i's are in its recomputed saved bytes: int8_inputs_kept)
             alive += acts.ckpt_kept_inputs * below
             alive += acts.ckpt_recompute_held  # reentrant: the recomputed layer output (reentrant_recompute_held)
         else:
             alive = (acts.first_layer if i == 0 else acts.layer) if offload else acts.first_layer + acts.layer * i
-        alive += (0 if offload else acts.shared) + acts.layer_backward_transient + pending
+        transient = acts.first_layer_backward_transient if i == 0 else acts.layer_backward_transient
+        alive += (0 if offload else acts.shared) + transient + pending
         candidates.append(_terms(**base, gradients=g_now, activations=alive,
                                  gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
         if acts.grad_ckpt:
             # as layer i's recompute ends, before any of its own gradients: those of the layers above
             g_above = shard.backward_grads or (G_fwd if accum else min(G, head_grads + (
                 shard.grads_from[i + 1] if i + 1 < L else 0)))
-            at_recompute = alive - acts.layer_backward_transient - (acts.first_layer if i == 0 else acts.last_layer)
-            candidates.append(_terms(**base, gradients=g_above, activations=at_recompute + acts.ckpt_recompute,
+            kept = alive - transient - (acts.first_layer if i == 0 else acts.last_layer) + acts.input_saved
+            recompute = acts.first_ckpt_recompute if i == 0 else acts.ckpt_recompute
+            candidates.append(_terms(**base, gradients=g_above, activations=kept + recompute,
                                      gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
         if shard.unshard_first and plan.method == "full":
             # FSDP2, as layer i's last gradients are made (most of its saved tensors, released by the nodes that
