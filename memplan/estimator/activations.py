@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from memplan.catalog.spec import LayerGroup, ModelSpec
 from memplan.estimator import liger
@@ -245,19 +246,26 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
     return max(max(dense, lora, experts, int8) + (scores if kernels == "cuda" and kernel == "eager" else 0), moments)
 
 
-def ckpt_recompute(spec: ModelSpec, plan: Plan, kernels: str, kind: tuple) -> int:
+class Recompute(NamedTuple):
+    peak: int  # the most the recompute holds beyond the layer's input, the gradients waiting included
+    input_saved: int  # of what the layer saves, its input itself (an fp32 input's fp32 "copy", which pow saves)
+
+
+def ckpt_recompute(spec: ModelSpec, plan: Plan, kernels: str, kind: tuple) -> Recompute:
     """Under checkpointing, the most a layer's recompute in the backward holds beyond its input: its forward again,
     each saved tensor kept once made, with the intermediates alive at each moment (autograd.live_peak), and the
     gradients that reached the layer waiting (the output's, and `recompute_waiting`). The layer's own gradients do
     not exist yet. Above the layer's backward moments where its forward holds large tensors nothing saves: SDPA's
     math kernel keeps its causal mask, fp32 copies of q, k and v and the probabilities' copy in the input dtype until
-    it returns."""
+    it returns. Also what of the layer's saved bytes is its input, which the checkpoint keeps anyway."""
     num = numerics(plan, spec)
     tok, h = plan.micro_batch * plan.seq_len, spec.hidden_size
     waiting = tok * h * num.residual + sum(recompute_waiting(spec, plan, num))
     tape = Tape(kernels=kernels)
     replay = LayerReplay(tape, layer_spec(spec, plan, kind[1], kind[2], kind[0]), num)
-    return live_peak(replay.layer, T(tok * h, num.residual, True), keep=tape) + waiting
+    x = T(tok * h, num.residual, True)
+    peak = live_peak(replay.layer, x, keep=tape) + waiting
+    return Recompute(peak, x.nbytes if x.uid in tape.saved else 0)
 
 
 def recompute_waiting(spec: ModelSpec, plan: Plan, num: Numerics) -> list[int]:
@@ -323,16 +331,6 @@ def ckpt_layer_forward(spec: ModelSpec, plan: Plan, kernels: str, kinds: list) -
         return live_peak(replay.layer, x)
 
     return max(peak(k) for k in set(kinds))
-
-
-def input_saved(spec: ModelSpec, plan: Plan, kernels: str, kind: tuple) -> int:
-    """What of a layer's saved bytes is its input itself: RMSNorm's `hidden_states.to(torch.float32)` of an fp32
-    input is that input, which pow saves (amp and fp32 plans)."""
-    num = numerics(plan, spec)
-    x = T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, True)
-    tape = Tape(kernels=kernels)
-    LayerReplay(tape, layer_spec(spec, plan, kind[1], kind[2], kind[0]), num).layer(x)
-    return x.nbytes if x.uid in tape.saved else 0
 
 
 def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool,
@@ -525,6 +523,7 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
     transient = layer_backward_transient(spec, plan, num, kernels, kinds[-1][0])
     first_transient = (transient if kinds[0][0] is kinds[-1][0]
                        else layer_backward_transient(spec, plan, num, kernels, kinds[0][0]))
+    recompute = {k: ckpt_recompute(spec, plan, kernels, k) for k in {kinds[0], last[0]}} if plan.grad_ckpt else {}
     return Activations(
         layer=per_layer, first_layer=first, ckpt_input=ckpt_input, shared=shared, head=head,
         loss_saved=loss_saved, layer_backward_transient=transient, first_layer_backward_transient=first_transient,
@@ -534,7 +533,7 @@ def activations(spec: ModelSpec, plan: Plan, kernels: str = "cuda", traced: bool
         num_layers=spec.num_layers, grad_ckpt=plan.grad_ckpt, last_layer=last_layer,
         ckpt_recompute_held=reentrant_recompute_held(spec, plan, num),
         ckpt_kept_inputs=int8_inputs_kept(spec, plan, kernels, kinds),
-        ckpt_recompute=ckpt_recompute(spec, plan, kernels, last[0]) if plan.grad_ckpt else 0,
-        first_ckpt_recompute=ckpt_recompute(spec, plan, kernels, kinds[0]) if plan.grad_ckpt else 0,
-        input_saved=input_saved(spec, plan, kernels, last[0]),
+        ckpt_recompute=recompute[last[0]].peak if recompute else 0,
+        first_ckpt_recompute=recompute[kinds[0]].peak if recompute else 0,
+        input_saved=recompute[last[0]].input_saved if recompute else 0,
     )

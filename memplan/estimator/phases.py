@@ -354,25 +354,25 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
         # offloading: only layer i's saved tensors are brought back (each when its node runs; the stash keeps
         # them until the next node is done), the layers below wait on the host
         below = 0 if offload else i
+        kept = (0 if offload else acts.shared) + pending
         if acts.grad_ckpt:
-            # layer i's recomputed saved tensors; its input among them (an fp32 input's fp32 "copy"), when saved,
-            # is the one the checkpoint keeps
-            alive = acts.ckpt_input * (below + 1) + (acts.first_layer if i == 0 else acts.last_layer) - acts.input_saved
+            kept += acts.ckpt_input * (below + 1)
             # lora-8bit: the int8 linears' inputs of the layers below i, still referenced by their graphs (layer
             # i's are in its recomputed saved bytes: int8_inputs_kept)
-            alive += acts.ckpt_kept_inputs * below
-            alive += acts.ckpt_recompute_held  # reentrant: the recomputed layer output (reentrant_recompute_held)
+            kept += acts.ckpt_kept_inputs * below
+            kept += acts.ckpt_recompute_held  # reentrant: the recomputed layer output (reentrant_recompute_held)
+            # layer i's recomputed saved tensors; its input among them (an fp32 input's fp32 "copy"), when saved,
+            # is the one the checkpoint keeps
+            saved = (acts.first_layer if i == 0 else acts.last_layer) - acts.input_saved
         else:
-            alive = (acts.first_layer if i == 0 else acts.layer) if offload else acts.first_layer + acts.layer * i
+            saved = (acts.first_layer if i == 0 else acts.layer) if offload else acts.first_layer + acts.layer * i
         transient = acts.first_layer_backward_transient if i == 0 else acts.layer_backward_transient
-        alive += (0 if offload else acts.shared) + transient + pending
-        candidates.append(_terms(**base, gradients=g_now, activations=alive,
+        candidates.append(_terms(**base, gradients=g_now, activations=kept + saved + transient,
                                  gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
         if acts.grad_ckpt:
             # as layer i's recompute ends, before any of its own gradients: those of the layers above
             g_above = shard.backward_grads or (G_fwd if accum else min(G, head_grads + (
                 shard.grads_from[i + 1] if i + 1 < L else 0)))
-            kept = alive - transient - (acts.first_layer if i == 0 else acts.last_layer) + acts.input_saved
             recompute = acts.first_ckpt_recompute if i == 0 else acts.ckpt_recompute
             candidates.append(_terms(**base, gradients=g_above, activations=kept + recompute,
                                      gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
@@ -387,7 +387,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
             if deferred:  # the last micro-batch: whole below and in layer i, the root's whole, sharded above
                 g_end = deferred - (shard.deferred_from[i + 1] if i + 1 < L else 0) + above
             rs_input = shard.unit_grads if i + 1 < L else shard.tail_reduce
-            candidates.append(_terms(**base, gradients=g_end, activations=alive + rs_input,
+            candidates.append(_terms(**base, gradients=g_end, activations=kept + saved + transient + rs_input,
                                      gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
     # End of the backward: every gradient exists. The embedding's dense gradient (embedding_dense_backward)
     # is a new V x h tensor; when .grad already holds one (tied lm_head, or accumulation) AccumulateGrad
