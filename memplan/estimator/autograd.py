@@ -14,7 +14,8 @@ formula for it saves (torch/csrc/autograd/FunctionsManual.cpp, tools/autograd/de
     dropout(p > 0)    saves its mask: a bool (1 B/element) on CUDA (native_dropout),
                       an input-dtype noise tensor on the CPU (bernoulli * input)
     embedding, index, topk, gather: save the int64 indices
-    casts, views, adds, scalar multiplies save nothing
+    casts, views, adds, scalar multiplies save nothing;  add(a, b) hands each input the sum's gradient,
+                      cast to the input's dtype where it differs (AddBackward0)
 
 A view (a slice of a fused projection, a transpose) shares its base's storage: the replay passes the
 base T itself, so saving several views of one output counts it once.
@@ -30,8 +31,9 @@ import weakref
 from dataclasses import dataclass, field
 
 _ids = itertools.count()
-# Set by memplan.estimator.stream while it records a replay's allocations: told of every tensor created and of
-# every trainable weight a linear uses (whose gradient the backward allocates).
+# Set by memplan.estimator.stream while it records a replay's allocations: told of every tensor created, of
+# every trainable weight a linear uses (whose gradient the backward allocates) and of every sum of two tensors
+# (whose gradient the backward hands to both).
 _recorder = None
 
 
@@ -107,6 +109,13 @@ class Tape:
             _recorder.matmul()
         return out
 
+    def add(self, a: T, b: T, out_itemsize: int | None = None) -> T:
+        """a + b (a residual add, peft's base + adapter): saves nothing."""
+        out = T(max(a.numel, b.numel), out_itemsize or max(a.itemsize, b.itemsize), a.rg or b.rg)
+        if _recorder is not None:
+            _recorder.added(out, a, b)
+        return out
+
     def mul(self, a: T, b: T, out_itemsize: int | None = None, out_numel: int | None = None) -> T:
         """a * b (or a matmul of a and b): each factor is saved for the other's gradient.
         `out_numel` when a factor is a view of a larger storage (a chunk of a fused projection)."""
@@ -169,6 +178,9 @@ class _Lifetimes:
         pass
 
     def weight_used(self, in_numel: int, out_numel: int, in_itemsize: int) -> None:
+        pass
+
+    def added(self, out: T, a: T, b: T) -> None:
         pass
 
 

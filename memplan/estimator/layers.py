@@ -215,7 +215,7 @@ class LayerReplay:
         scaled = T(out_numel, b.itemsize, True)
         del b
         base_itemsize = base.itemsize
-        summed = T(out_numel, max(base_itemsize, scaled.itemsize), True)
+        summed = t.add(base, scaled)
         del scaled, base  # the expression's temporary first, then the old `result` as the name is rebound
         out = t.cast(summed, base_itemsize)
         del summed
@@ -811,14 +811,14 @@ class LayerReplay:
         h = self.attention(h)
         if L.extra_norms:
             h = self.norm(h)
-        x = T(x.numel, max(x.itemsize, h.itemsize), x.rg or h.rg)  # residual + attn (no saves)
+        x = self.t.add(x, h)  # residual + attn
         del h
         h = self.norm(x, patched=True) if L.pre_norms else x
         h = self.mlp(h)
         if L.extra_norms:
             h = self.norm(h)
         h = self.t.dropout(h, L.resid_dropout)
-        out = T(x.numel, n.residual, x.rg or h.rg)
+        out = self.t.add(x, h, out_itemsize=n.residual)
         del h
         self.attn_weights = None
         return out

@@ -13,9 +13,11 @@ The stream follows what the step keeps alive, tensor by tensor:
   loss's fp32 tensors (transformers `loss_utils.ForCausalLMLoss`);
 - the backward, node by node in reverse: each gradient computed before the one it came from is freed, each saved
   tensor released as its node runs (torch/csrc/autograd/engine.cpp `release_variables`), each weight gradient
-  kept (`AccumulateGrad` steals the first, adds the next micro-batches' in place); under gradient checkpointing
-  each layer's forward runs again first (torch/utils/checkpoint.py), non-reentrant checkpointing only up to the
-  last tensor the layer saves;
+  kept (`AccumulateGrad` steals the first, adds the next micro-batches' in place); a sum hands its gradient to
+  both inputs, and the residual stream's gradient runs through every layer, each branch's added to it in place;
+  under gradient checkpointing each layer's forward runs again (torch/utils/checkpoint.py): reentrant first,
+  non-reentrant when the first node that unpacks a saved tensor runs, and only up to the last tensor the layer
+  saves;
 - the optimizer step: states created at the first step (torch/optim/adamw.py `_init_group`), the temporaries of
   each implementation (`states.optimizer_step_temporaries`), then `zero_grad(set_to_none=True)`;
 - on several GPUs under DDP: the module states' broadcast as it wraps the model, its gradient buckets, and their
@@ -109,12 +111,16 @@ class _Recorder:
         numel = (in_numel // self.tokens) * (out_numel // self.tokens)
         self.events.append(("g", numel * self.grad_itemsize, numel * in_itemsize))
 
+    def added(self, out: T, a: T, b: T) -> None:
+        self.events.append(("+", out.uid, tuple((t.uid, t.nbytes) for t in (a, b) if t.rg)))
+
 
 @dataclass(frozen=True)
 class _Template:
     """One replayed module's events with its own tensor ids: ("a", id, bytes, requires_grad), ("f", id) when the
     replay dropped it, ("g", bytes, bytes as computed) a trainable weight read (its gradient, computed in the input's
-    dtype: autocast's cast copy gets it in the compute dtype, and its ToCopy backward casts it to the weight's)."""
+    dtype: autocast's cast copy gets it in the compute dtype, and its ToCopy backward casts it to the weight's),
+    ("+", id, ((id, bytes), ...)) a sum and its inputs that need a gradient."""
 
     events: tuple
     saved: frozenset
@@ -127,8 +133,9 @@ class _Template:
         """The template with its tensor ids numbered in the order they appear (the input first): two recordings
         of equal modules compare equal. Ids that no event names (nothing the stream allocates) become -1."""
         ids = {self.x: 0}
-        events = tuple((ev[0], ids.setdefault(ev[1], len(ids)), *ev[2:]) if ev[0] in ("a", "f") else ev
-                       for ev in self.events)
+        events = tuple((ev[0], ids.setdefault(ev[1], len(ids)), *ev[2:]) if ev[0] in ("a", "f") else
+                       ("+", ids.setdefault(ev[1], len(ids)), tuple((ids.setdefault(u, len(ids)), n) for u, n in ev[2]))
+                       if ev[0] == "+" else ev for ev in self.events)
         return (events, frozenset(ids.get(u, -1) for u in self.saved), frozenset(ids.get(u, -1) for u in self.cached),
                 ids.get(self.out, -1), self.x_bytes)
 
@@ -143,6 +150,20 @@ class _Template:
         dropped = tuple(ev[1] for ev in reversed(events) if ev[0] == "a" and ev[1] not in freed
                         and ev[1] not in self.saved)
         return events, dropped
+
+    @functools.cached_property
+    def sums(self) -> dict[int, tuple]:
+        """Each sum's inputs that need a gradient, (id, bytes) each, by the sum's id."""
+        return {ev[1]: ev[2] for ev in self.events if ev[0] == "+"}
+
+    @functools.cached_property
+    def first_unpack(self) -> int:
+        """The index of the event whose backward node is the first to unpack a saved tensor: a weight's gradient
+        (its linear's node, which saves the input or the weight), or the gradient of a tensor made before the last
+        saved one. The nodes before it (the casts, sums and scalar multiplies after the last saved tensor) run
+        before a checkpointed module's recompute."""
+        last = max((i for i, ev in enumerate(self.events) if ev[0] == "a" and ev[1] in self.saved), default=-1)
+        return max((i for i, ev in enumerate(self.events) if ev[0] == "g" or (ev[0] == "a" and i <= last)), default=-1)
 
 
 def _record(tokens: int, grad_itemsize: int, x: T, run) -> _Template:
@@ -236,24 +257,93 @@ class _Step:
             self.threads.add(thread)
             self.events.append(("w", thread))
 
-    def backward(self, tp: _Template, ids: dict[int, int], grad: int) -> int:
-        """The module's nodes in reverse: each tensor's gradient computed, then its saved tensors released and the
-        gradient it came from freed. Returns the input's gradient."""
-        for ev in reversed(tp.events):
+    def backward(self, tp: _Template, ids: dict[int, int] | None, grad: int, recompute=None) -> int:
+        """The module's nodes in reverse (`_Gradients`); returns the input's gradient. `recompute` (a checkpointed
+        module): called when the first node that unpacks a saved tensor runs (torch/utils/checkpoint.py, the unpack
+        hook), it returns the ids of the recomputed tensors."""
+        flow = _Gradients(self, tp, grad)
+        for i in reversed(range(len(tp.events))):
+            ev = tp.events[i]
+            if recompute is not None and i <= tp.first_unpack:
+                ids, recompute = recompute(), None
             if ev[0] == "g":
                 self.weight_grad(ev[1], ev[2])
             elif ev[0] == "a" and ev[1] != tp.out:
-                g = self.alloc(ev[2]) if ev[3] else None
+                g = flow.gradient(ev[1], ev[2], ev[3])
                 if ev[1] in tp.saved:
                     self.free(ids[ev[1]])
-                if g:
-                    self.free(grad)
-                    grad = g
-        g = self.alloc(tp.x_bytes)
-        self.free(grad)
+                flow.running(ev[1], g)
+        g = flow.end()
         if tp.x in tp.saved:
             self.free(ids[tp.x])
         return g
+
+
+class _Gradients:
+    """The gradients flowing back through one module: a chain, each tensor's gradient computed by the node after
+    it, which then frees the gradient it came from. A sum hands its gradient to both of its inputs, cast where an
+    input's dtype differs (AddBackward0); what it hands on waits for its branch, where a branch's gradient meeting
+    it is added to it in place (the engine's input buffer, torch/csrc/autograd/input_buffer.cpp). A layer's output
+    is a residual sum: its gradient, the residual stream's, runs through the layer, every sum on it adding a
+    branch's in place, and is the input's gradient the layer returns."""
+
+    def __init__(self, st: _Step, tp: _Template, grad: int) -> None:
+        self.st, self.tp = st, tp
+        self.refs: dict[int, int] = {}
+        self.waiting: dict[int, int] = {}
+        self.sizes = {ev[1]: ev[2] for ev in tp.events if ev[0] == "a"}
+        self.residual = grad if tp.out in tp.sums else None
+        self.grad: int | None = grad
+        if self.residual is not None:
+            self._sum(tp.out, grad)
+
+    def gradient(self, uid: int, nbytes: int, requires_grad: bool) -> int | None:
+        """The gradient of `uid`: handed on by a sum, else made by the node after it (where it needs one)."""
+        if uid in self.waiting:
+            return self.waiting.pop(uid)
+        return self._made(nbytes) if requires_grad else None
+
+    def running(self, uid: int, g: int | None) -> None:
+        """`g` flows on: the one it came from is freed; a sum's node runs at once."""
+        if g:
+            self._drop(self.grad)
+            self.grad = g
+            if uid in self.tp.sums:
+                self._sum(uid, g)
+
+    def end(self) -> int:
+        """The input's gradient, once the module's nodes have run."""
+        tp = self.tp
+        if tp.x in self.waiting:
+            g = self.waiting.pop(tp.x)
+        elif self.residual is not None:  # the input needs no gradient: the residual stream's ends here
+            g = self.residual
+        else:
+            g = self.st.alloc(tp.x_bytes)
+        self._drop(self.grad)
+        self.st.free(*[w for w in self.waiting.values() if w != self.residual])
+        return g
+
+    def _sum(self, out: int, g: int) -> None:
+        for uid, nbytes in self.tp.sums[out]:
+            if nbytes == self.sizes.get(out, nbytes):
+                self.refs[g] = self.refs.get(g, 1) + 1
+                self.waiting[uid] = g
+            else:
+                self.waiting[uid] = self._made(nbytes)
+        self._drop(g)
+        self.grad = None
+
+    def _made(self, nbytes: int) -> int:
+        g = self.st.alloc(nbytes)
+        self.refs[g] = 1
+        return g
+
+    def _drop(self, g: int | None) -> None:
+        if g is not None and g != self.residual:
+            self.refs[g] = self.refs.get(g, 1) - 1
+            if not self.refs[g]:
+                self.st.free(g)
 
 
 def stream_plan(plan: Plan) -> Plan:
@@ -381,6 +471,15 @@ class _Model:
     def ddp(self) -> reducer.DDP:
         return reducer.DDP(self.spec, self.plan, self.tensors, self.num.weights, self.p_item,
                            act_mod.lora_targets(self.spec, self.plan))
+
+    @property
+    def head_grad_is_view(self) -> bool:
+        """Whether lm_head's weight gradient is the transpose of mm's output, a view holding that output as its base:
+        its storage is not the input buffer's alone, so a tied weight's two gradients are summed out of place
+        (input_buffer.cpp can_accumulate_inplace; traced). Not where it is cast to the weight's dtype (autocast),
+        summed over loss chunks, or made by DeepSpeed ZeRO-3's linear (zero/linear.py) or Liger's fused loss."""
+        return (self.p_item == self.num.compute and len(_chunks(self.plan, self.tok)) == 1
+                and not (self.plan.liger_loss or self.zero3))
 
     def layer_key(self, i: int) -> tuple:
         """Layer i's kind, and whether its input needs a gradient (layer 0's only with trainable embeddings or
@@ -539,13 +638,12 @@ class _Model:
             self.zero3.gather(st, ("end", None), before=True)
         if self.full:
             emb = st.alloc(V * h * self.p_item)  # embedding_dense_backward
-            if pending and self.zero3:
-                # DeepSpeed's linear (zero/linear.py) leaves lm_head's weight gradient contiguous and alone, so
-                # autograd's input buffer adds the embedding's into it in place (input_buffer.cpp
-                # can_accumulate_inplace)
+            if pending and not (self.fsdp or self.head_grad_is_view):
+                # a tied weight: lm_head's gradient waits alone in the weight's input buffer, a tensor of its own,
+                # so the engine adds the embedding's into it in place (input_buffer.cpp can_accumulate_inplace)
                 st.free(emb)
                 st.keep_grad(pending[0], V * h * self.p_item)
-            elif pending:  # the tied weight's two gradients summed out of place
+            elif pending:  # summed out of place (under FSDP2 the tail unit's whole gradient)
                 total = st.alloc(V * h * self.p_item)
                 st.free(emb, *pending)
                 st.keep_grad(total, V * h * self.p_item)
@@ -580,12 +678,13 @@ class _Model:
             self.fsdp.pre_backward(st, i)
         if self.zero3:
             self.zero3.gather(st, ("backward", i), before=True)
+        recompute = None
         if self.plan.grad_ckpt and not self.plan.ckpt_reentrant:
-            ids = st.recompute(tp, kept)
+            recompute = functools.partial(st.recompute, tp, kept)
         elif self.plan.grad_ckpt:  # reentrant: the whole forward again, keeping what it saves
             _, ids = st.forward(tp, kept, keep_saved=True, thread="autograd")
             st.free(ids[tp.out])
-        grad = st.backward(tp, ids, grad)
+        grad = st.backward(tp, ids, grad, recompute)
         if self.plan.grad_ckpt and tp.x not in tp.saved:
             st.free(kept)
         # FSDP2 runs a unit's post-backward from a hook on its inputs' gradients; the first layer's input has none

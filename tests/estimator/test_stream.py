@@ -34,10 +34,10 @@ def test_reserved_matches_the_traced_steps_of_the_stored_h100_plans():
         alt = plan.model_copy(update={"allocator": "expandable"})
         expandable[row["case"]] = 100 * (estimate(spec, alt).reserved / row["fresh_expandable"][-1] - 1)
     assert len(errors) == 20
-    # case 8 (fp32 with grouped-query heads: SDPA's math kernel on CUDA) to +1.2 %: the stream's backward, one
+    # case 8 (fp32 with grouped-query heads: SDPA's math kernel on CUDA) to +1.4 %: the stream's backward, one
     # gradient per tensor in reverse, does not order the kernel's s x s gradients and softmax's temporary as CUDA
     # does, and the cache they leave differs
-    assert all(abs(e) <= (1.2 if case == 8 else 1) for case, e in errors.items()), errors
+    assert all(abs(e) <= (1.4 if case == 8 else 0.75) for case, e in errors.items()), errors
     assert all(abs(e) <= 1.5 for e in expandable.values()), expandable
     # the flat ratio it replaces missed by up to 14 %
     ratio = [abs(r["ratio_reserved"] / r["measured_reserved"][-1] - 1) for r in stored_rows()]
@@ -72,6 +72,36 @@ def test_the_stream_frees_what_a_step_frees(fields):
     workspaces = 2 * sum(THREAD_WORKSPACES)
     assert replay(events).peak_allocated == pytest.approx(est.peak_allocated - kept["workspace"] + workspaces,
                                                           rel=0.02)
+
+
+@pytest.mark.parametrize("preset, fields", [
+    ("llama-2-7b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=2048)),
+    ("mistral-7b", dict(method="lora", precision="amp-bf16", micro_batch=8, seq_len=4096)),
+])
+def test_a_checkpointed_layer_recomputes_beside_the_gradients_its_first_nodes_made(preset, fields):
+    """The backward peaks in a LoRA layer's recompute, which the first node to unpack a saved tensor starts: by
+    then the residual add, peft's sum and its scaling have made their gradients (traced: the residual stream's,
+    the base branch's cast, the adapter's scaled one). The stream allocates what the estimate counts there."""
+    spec = resolve_model(preset)
+    e = estimate(spec, Plan(model=preset, **fields), kernels="cuda")
+    assert e.peak_phase == "backward"
+    assert abs(e.replayed.steps_allocated / e.peak_allocated - 1) < 5e-4
+
+
+@pytest.mark.parametrize("precision, in_place", [("bf16", False), ("amp-bf16", True)])
+def test_a_tied_weights_two_gradients_are_summed_in_place_unless_one_is_a_view(precision, in_place):
+    """lm_head's weight gradient is the transpose of mm's output, a view sharing its storage: the embedding's is
+    added out of place (one V x h more at the end of the backward), unless autocast's cast made it a tensor of its
+    own (as traced at full size)."""
+    spec = resolve_model("qwen2.5-0.5b")
+    vh = spec.vocab_size * spec.hidden_size * (2 if precision == "bf16" else 4)
+    events = allocation_stream(spec, Plan(model="qwen2.5-0.5b", precision=precision, micro_batch=1, seq_len=256))
+    end = max(i for i, ev in enumerate(events) if ev == ("p", "optimizer"))
+    backward = max(i for i, ev in enumerate(events[:end]) if ev == ("p", "backward"))
+    sizes = {ev[1]: ev[2] for ev in events if ev[0] == "a"}
+    made = [ev[1] for ev in events[backward:end] if ev[0] == "a" and ev[2] == vh]
+    # lm_head's gradient, the embedding's, and out of place their sum
+    assert len(made) == (2 if in_place else 3), [sizes[m] for m in made]
 
 
 def test_plans_the_stream_does_not_follow_keep_the_measured_ratio():
