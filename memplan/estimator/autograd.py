@@ -116,6 +116,12 @@ class Tape:
             _recorder.added(out, a, b)
         return out
 
+    def weight_read(self, numel: int, in_itemsize: int) -> None:
+        """A trainable weight of `numel` elements read by an op other than `linear` (a router's F.linear on a weight
+        it holds, a grouped expert stack): the backward makes its gradient, computed in the input's dtype."""
+        if _recorder is not None:
+            _recorder.weight_grad(numel, in_itemsize)
+
     def mul(self, a: T, b: T, out_itemsize: int | None = None, out_numel: int | None = None) -> T:
         """a * b (or a matmul of a and b): each factor is saved for the other's gradient.
         `out_numel` when a factor is a view of a larger storage (a chunk of a fused projection)."""
@@ -178,6 +184,9 @@ class _Lifetimes:
         pass
 
     def weight_used(self, in_numel: int, out_numel: int, in_itemsize: int) -> None:
+        pass
+
+    def weight_grad(self, numel: int, in_itemsize: int) -> None:
         pass
 
     def added(self, out: T, a: T, b: T) -> None:

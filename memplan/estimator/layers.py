@@ -603,6 +603,8 @@ class LayerReplay:
         x = t.cast(h, c) if n.autocast else h
         if w_rg:
             t.save(x)
+        if L.full_ft:
+            t.weight_read(E * hid, x.itemsize)
         if w_router is not None and x.rg:
             t.save(w_router)
         logits = T(tok * E, c, x.rg or w_rg)
@@ -662,6 +664,8 @@ class LayerReplay:
                 t.save(T(E * hid, n.compute, False))
         if w_rg:
             t.save(x)
+        if L.full_ft:
+            t.weight_read(E * hid, x.itemsize)
         if w_router is not None and x.rg:
             t.save(w_router)
         scores = t.unary_saving_output(T(tok * E, 4, x.rg or w_rg))  # sigmoid / softmax save their result
@@ -795,6 +799,8 @@ class LayerReplay:
         if xin.rg or w_rg:
             t.save(offs)
         rows = self.tokens() * L.top_k
+        if L.full_ft:
+            t.weight_read(L.num_experts * out_features * (xin.numel // rows), xin.itemsize)
         if w_param is not None:
             # peft's ParamWrapper: grouped_mm's backward forms the gradient of the whole parametrized stack next to
             # its output's and input's gradients, before baddbmm's backward reduces it to the factors' gradients;

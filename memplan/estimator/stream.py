@@ -108,7 +108,9 @@ class _Recorder:
         self.cache.add(t.uid)
 
     def weight_used(self, in_numel: int, out_numel: int, in_itemsize: int) -> None:
-        numel = (in_numel // self.tokens) * (out_numel // self.tokens)
+        self.weight_grad((in_numel // self.tokens) * (out_numel // self.tokens), in_itemsize)
+
+    def weight_grad(self, numel: int, in_itemsize: int) -> None:
         self.events.append(("g", numel * self.grad_itemsize, numel * in_itemsize))
 
     def added(self, out: T, a: T, b: T) -> None:
