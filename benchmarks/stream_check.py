@@ -37,6 +37,7 @@ PLANS = [
     ("olmo-2-7b", dict(method="lora", precision="bf16", micro_batch=4, seq_len=512, grad_ckpt=False)),
     ("phi-3-mini", dict(precision="bf16", micro_batch=1, seq_len=1024)),
     ("mixtral-8x7b", dict(method="lora", precision="bf16", seq_len=1024, lora={"dropout": 0.0})),
+    ("qwen3-8b", dict(precision="bf16")),  # full FT, checkpointing: the residual gradient through each layer
 ]
 
 

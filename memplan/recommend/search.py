@@ -21,7 +21,7 @@ from memplan.estimator import Estimate, estimate
 from memplan.estimator.activations import attention_runs
 from memplan.estimator.search import largest
 from memplan.plan import Plan, build_plan
-from memplan.recommend import throughput
+from memplan.recommend import hparams, throughput
 from memplan.recommend.hardware import Target
 
 PRIORITIES = ("quality", "speed", "memory")
@@ -312,15 +312,23 @@ RESERVE_BOUND = 0.50
 EXPANDABLE_GAIN = 0.02
 
 
-def _prefer_simpler(fitting: list[Candidate], priority: str) -> None:
+def _prefer_simpler(fitting: list[Candidate], priority: str, usable: int) -> None:
     """Put first the simplest plan among those as good as the first: the same quality cost (and, for "memory",
-    the same memory) and a time within SAME_TIME of the first's."""
+    the same memory) and a time within SAME_TIME of the first's. Before simplicity: a plan that fits with the
+    allocator's cache kept (one that needs it released, even once, runs those steps more slowly than the time
+    model says), then one whose accumulation is within the recommended range."""
     if not fitting or priority == "memory":
         return
     first = fitting[0]
     peers = [c for c in fitting if c.quality_cost == first.quality_cost and c.hours <= first.hours * (1 + SAME_TIME)]
-    best = min((c.complexity, c.key(priority)) for c in peers)
-    simplest = min((c for c in peers if (c.complexity, c.key(priority)) == best), key=lambda c: c.total)
+    lo, hi = hparams.ACCUM_RANGE
+
+    def order(c: Candidate) -> tuple:
+        return (c.estimate.cache_releases(usable) != (0, 0), not lo <= c.plan.grad_accum <= hi, c.complexity,
+                c.key(priority))
+
+    best = min(order(c) for c in peers)
+    simplest = min((c for c in peers if order(c) == best), key=lambda c: c.total)
     fitting.remove(simplest)
     fitting.insert(0, simplest)
 
@@ -447,7 +455,7 @@ def search(spec: ModelSpec, model_ref: str, method: str, target: Target, workloa
             considered += decided
             (fitting if best else not_fitting).append(best or smallest)
     rank(fitting, priority)
-    _prefer_simpler(fitting, priority)
+    _prefer_simpler(fitting, priority, target.usable_bytes)
     not_fitting.sort(key=lambda c: c.estimate.peak_allocated)
     return SearchResult(method=method, fitting=fitting, not_fitting=not_fitting, scored=scorer.scored - before,
                         considered=considered, limit=target.usable_bytes)

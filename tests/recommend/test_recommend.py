@@ -7,6 +7,7 @@ import math
 import pytest
 
 from memplan.catalog.resolve import resolve_model
+from memplan.estimator import estimate
 from memplan.plan import build_plan
 from memplan.recommend import hardware, throughput
 from memplan.recommend import hparams as hp
@@ -163,6 +164,24 @@ def test_priority_memory_picks_the_smallest_plan(run_cli):
     out = recommend_json(run_cli, *GPU4, "--dataset-size", "50000", "--method", "full", "--priority", "memory")
     others = [a["total_bytes"] for a in out["alternatives"] if a["fits"]]
     assert all(out["estimate"]["total_bytes"] <= t for t in others)
+
+
+def test_equal_times_prefer_a_plan_that_keeps_its_cache_and_the_recommended_accumulation(run_cli):
+    """Qwen3-8B LoRA on a 24 GB card: one sequence per micro-batch with the standard loss fits only once the
+    allocator releases its cache, and needs 32 accumulation steps; two per micro-batch with the chunked loss fit
+    with the cache kept, in 16 steps, in the same time. The second is recommended."""
+    out = recommend_json(run_cli, "--model", "Qwen/Qwen3-8B", "--gpu", "rtx4090-24gb", "--dataset-size", "20000",
+                         "--seq-len", "2048")
+    plan = build_plan(out["plan"])
+    lo, hi = hp.ACCUM_RANGE
+    assert (plan.method, plan.micro_batch, plan.loss) == ("lora", 2, "chunked")
+    assert lo <= plan.grad_accum <= hi
+    target = hardware.gpu_target("rtx4090-24gb", None, 1, 1, 0.10)
+    spec = resolve_model("qwen3-8b")
+    assert estimate(spec, plan).total <= target.usable_bytes
+    simpler = estimate(spec, plan.model_copy(update={"micro_batch": 1, "grad_accum": 32, "loss": "standard",
+                                                      "allocator": "default"}))
+    assert simpler.cache_releases(target.usable_bytes) != (0, 0)
 
 
 def test_no_plan_fits_exits_1_and_says_what_would(run_cli):
