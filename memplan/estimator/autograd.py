@@ -122,6 +122,13 @@ class Tape:
         if _recorder is not None:
             _recorder.weight_grad(numel, in_itemsize)
 
+    def parametrized(self, w: T) -> None:
+        """`w` is made from parameters alone (peft's W + BA for an expert stack, W + delta for a router): the node
+        that reads it makes its whole gradient, which the parametrization's backward reduces to the factors' and
+        frees; it flows into no activation's gradient."""
+        if _recorder is not None:
+            _recorder.parametrized(w)
+
     def mul(self, a: T, b: T, out_itemsize: int | None = None, out_numel: int | None = None) -> T:
         """a * b (or a matmul of a and b): each factor is saved for the other's gradient.
         `out_numel` when a factor is a view of a larger storage (a chunk of a fused projection)."""
@@ -187,6 +194,9 @@ class _Lifetimes:
         pass
 
     def weight_grad(self, numel: int, in_itemsize: int) -> None:
+        pass
+
+    def parametrized(self, w: T) -> None:
         pass
 
     def added(self, out: T, a: T, b: T) -> None:

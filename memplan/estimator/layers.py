@@ -583,7 +583,10 @@ class LayerReplay:
             return None
         if factors:
             t.save(T(factors, n.weights, False))  # lhs and rhs of baddbmm
-        return T(numel, itemsize or n.weights, True)
+            t.weight_read(factors, n.weights)  # their gradients, made in W's dtype by baddbmm's backward
+        w = T(numel, itemsize or n.weights, True)
+        t.parametrized(w)
+        return w
 
     def moe(self, h: T) -> T:
         """MixtralSparseMoeBlock: MixtralTopKRouter, then the experts with transformers' default

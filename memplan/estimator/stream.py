@@ -113,6 +113,9 @@ class _Recorder:
     def weight_grad(self, numel: int, in_itemsize: int) -> None:
         self.events.append(("g", numel * self.grad_itemsize, numel * in_itemsize))
 
+    def parametrized(self, w: T) -> None:
+        self.events.append(("leaf", w.uid))
+
     def added(self, out: T, a: T, b: T) -> None:
         self.events.append(("+", out.uid, tuple((t.uid, t.nbytes) for t in (a, b) if t.rg)))
 
@@ -137,7 +140,8 @@ class _Template:
         ids = {self.x: 0}
         events = tuple((ev[0], ids.setdefault(ev[1], len(ids)), *ev[2:]) if ev[0] in ("a", "f") else
                        ("+", ids.setdefault(ev[1], len(ids)), tuple((ids.setdefault(u, len(ids)), n) for u, n in ev[2]))
-                       if ev[0] == "+" else ev for ev in self.events)
+                       if ev[0] == "+" else ("leaf", ids.setdefault(ev[1], len(ids))) if ev[0] == "leaf" else ev
+                       for ev in self.events)
         return (events, frozenset(ids.get(u, -1) for u in self.saved), frozenset(ids.get(u, -1) for u in self.cached),
                 ids.get(self.out, -1), self.x_bytes)
 
@@ -157,6 +161,11 @@ class _Template:
     def sums(self) -> dict[int, tuple]:
         """Each sum's inputs that need a gradient, (id, bytes) each, by the sum's id."""
         return {ev[1]: ev[2] for ev in self.events if ev[0] == "+"}
+
+    @functools.cached_property
+    def leaves(self) -> frozenset:
+        """The tensors made from parameters alone (`Tape.parametrized`)."""
+        return frozenset(ev[1] for ev in self.events if ev[0] == "leaf")
 
     @functools.cached_property
     def first_unpack(self) -> int:
@@ -270,11 +279,19 @@ class _Step:
                 ids, recompute = recompute(), None
             if ev[0] == "g":
                 self.weight_grad(ev[1], ev[2])
+                self.free(flow.leaf)  # a parametrized weight's gradient, reduced to its factors' (made first)
+                flow.leaf = None
+            elif ev[0] == "a" and ev[1] in tp.leaves:
+                self.free(flow.leaf)
+                flow.leaf = self.alloc(ev[2])
+                if ev[1] in tp.saved:
+                    self.free(ids[ev[1]])
             elif ev[0] == "a" and ev[1] != tp.out:
                 g = flow.gradient(ev[1], ev[2], ev[3])
                 if ev[1] in tp.saved:
                     self.free(ids[ev[1]])
                 flow.running(ev[1], g)
+        self.free(flow.leaf)
         g = flow.end()
         if tp.x in tp.saved:
             self.free(ids[tp.x])
@@ -296,6 +313,7 @@ class _Gradients:
         self.sizes = {ev[1]: ev[2] for ev in tp.events if ev[0] == "a"}
         self.residual = grad if tp.out in tp.sums else None
         self.grad: int | None = grad
+        self.leaf: int | None = None  # a parametrized weight's gradient, until its factors' are made
         if self.residual is not None:
             self._sum(tp.out, grad)
 
