@@ -71,7 +71,7 @@ class _Block:
     """A block of a segment: its address and size, its pool, and its neighbours in the segment. A plain class
     with positional arguments: a replay makes one per split, hundreds of thousands per search."""
 
-    __slots__ = ("addr", "size", "pool", "allocated", "mapped", "prev", "next", "expandable")
+    __slots__ = ("addr", "size", "pool", "allocated", "mapped", "prev", "next", "expandable", "requested")
 
     def __init__(self, addr: int, size: int, pool: _Pool, prev: _Block | None = None, nxt: _Block | None = None,
                  expandable: bool = False, mapped: bool = True) -> None:
@@ -119,6 +119,9 @@ class CachingAllocator:
         self.reserved = 0
         self.peak_allocated = 0
         self.peak_reserved = 0
+        # what was asked for, each request rounded: `allocated` less the remainders of blocks handed out whole
+        self.requested = 0
+        self.peak_requested = 0
         self.releases = 0  # requests served only once the cache was released (torch's num_alloc_retries)
         self._next_addr = 1 << 40  # where the next segment's (or expandable pool's) addresses begin
 
@@ -161,9 +164,13 @@ class CachingAllocator:
             pool.by_key[key] = block
             block = front
         block.allocated = True
+        block.requested = size
         self.allocated += block.size
+        self.requested += size
         if self.allocated > self.peak_allocated:
             self.peak_allocated = self.allocated
+        if self.requested > self.peak_requested:
+            self.peak_requested = self.requested
         return block
 
     def free(self, block: _Block) -> None:
@@ -172,6 +179,7 @@ class CachingAllocator:
             raise ValueError("the block was freed already")
         block.allocated = False
         self.allocated -= block.size
+        self.requested -= block.requested
         pool = block.pool
         free, by_key = pool.free, pool.by_key
         prev = block.prev
@@ -326,6 +334,9 @@ class Replay:
     # per optimizer step, the requests served only after the cache was released (a capacity was given): torch's
     # num_alloc_retries, each a synchronizing cudaFree of every cached segment, then cudaMalloc again
     step_releases: list[int] = field(default_factory=list)
+    # the steps' peak of the bytes requested (rounded to 512 B): `steps_allocated` without the remainders of blocks
+    # handed out whole (torch's requested_bytes), which the estimate's terms leave out as well
+    steps_requested: int = 0
 
 
 def replay(events, allocator: str = "default", capacity: int | None = None,
@@ -361,6 +372,7 @@ def replay(events, allocator: str = "default", capacity: int | None = None,
                     steps.append(alloc.peak_reserved)
                 else:  # the allocated peak from here on is the steps'
                     before, alloc.peak_allocated = alloc.peak_allocated, alloc.allocated
+                    alloc.peak_requested = alloc.requested
                 started = True
             elif kind == "w" or (kind == "p" and ev[1] == "forward" and not marked and not threads):
                 if ev[1] not in threads:
@@ -381,4 +393,4 @@ def _replayed(alloc: CachingAllocator, steps: list[int], started: bool, before: 
         return Replay(alloc.peak_reserved, alloc.peak_allocated, steps, oom, 0, alloc.peak_allocated)
     ends = releases[1:] + [alloc.releases]
     return Replay(alloc.peak_reserved, max(before, alloc.peak_allocated), steps, oom, alloc.peak_allocated, before,
-                  [end - start for start, end in zip(releases, ends)])
+                  [end - start for start, end in zip(releases, ends)], alloc.peak_requested)

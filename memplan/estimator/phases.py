@@ -88,13 +88,14 @@ class Estimate:
     @property
     def reserved(self) -> int:
         """torch.cuda.max_memory_reserved(): the replayed allocator's peak, plus whatever the estimate counts that
-        the stream does not allocate (the stream keeps the tensors the estimate names, not each kernel's scratch);
+        the stream does not allocate (the stream keeps the tensors the estimate names, not each kernel's scratch),
+        both as requested (the remainders of blocks handed out whole are the allocator's, in its reserve already);
         the measured ratio where the stream does not follow the plan."""
         if self.plan.device == "cpu":  # no caching allocator: freed tensors go back to the heap
             return self.peak_allocated
         if self.replayed is None:
             return overhead.reserved_bytes(self.peak_allocated)
-        unreplayed = self.peak_allocated - self.replayed.steps_allocated
+        unreplayed = self.peak_allocated - self.replayed.steps_requested
         return max(self.peak_allocated, self.replayed.peak_reserved + unreplayed)
 
     @property

@@ -42,8 +42,11 @@ def test_medium_requests_split_a_20mib_segment():
 
 def test_a_remainder_of_at_most_1mib_is_not_split_off():
     a = CachingAllocator()
-    a.malloc(11 * MiB)  # rounded segment of 12 MiB: 1 MiB remains, kept in the block
+    block = a.malloc(11 * MiB)  # rounded segment of 12 MiB: 1 MiB remains, kept in the block
     assert a.reserved == 12 * MiB and a.allocated == 12 * MiB
+    assert a.requested == 11 * MiB  # torch's requested_bytes: what was asked for
+    a.free(block)
+    assert a.allocated == a.requested == 0
     b = CachingAllocator()
     b.malloc(10 * MiB + 512)  # 12 MiB segment, 2 MiB - 512 B remain: split
     assert b.allocated == 10 * MiB + 512
