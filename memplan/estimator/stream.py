@@ -341,7 +341,8 @@ class _Gradients:
         else:
             g = self.st.alloc(tp.x_bytes)
         self._drop(self.grad)
-        self.st.free(*[w for w in self.waiting.values() if w != self.residual])
+        for w in self.waiting.values():  # handed to an input that needs none
+            self._drop(w)
         return g
 
     def _sum(self, out: int, g: int) -> None:
