@@ -118,6 +118,8 @@ class Traits:
     # Granite (modeling_granite.py GraniteModel.forward): layer 0 gets embed_tokens(ids) * embedding_multiplier,
     # a new tensor, not the (hooked) embedding output
     embedding_scaled: bool = False
+    # Granite (GraniteForCausalLM.forward): logits = logits / logits_scaling, a new tensor before the loss
+    logits_scaled: bool = False
     # GPT-OSS (modeling_gpt_oss.py), on top of the fields above (and norm "rms_fp32_weight": GptOssRMSNorm's
     # (weight * x).to(input_dtype), the weight product in fp32):
     attn_sinks: bool = False  # a learned per-head logit concatenated to the scores (eager_attention_forward: sinks)

@@ -485,6 +485,12 @@ class _Model:
         ds = plan.sharding == "deepspeed"
         self.zero3 = zero3_optimizer.Zero3(spec, plan, num.compute, self.p_item) if ds and plan.zero == 3 else None
         self.zero = self.zero3 or (zero_optimizer.ZeroOptimizer(spec, plan, self.tensors, self.p_item) if ds else None)
+        checkpointed = plan.loss == "chunked" and not plan.liger_loss
+        casts = checkpointed and num.autocast
+        self.head = _Head(
+            self.V, self.h, num.compute, self.tok, self.full, checkpointed, bool(spec.traits.final_softcap),
+            spec.traits.logits_scaled, weight_cast=self.V * self.h * num.compute if casts and num.weights != num.compute
+            else 0, cached=self.full, input_cast=num.residual if casts and num.residual != num.compute else 0)
         norm_spec = act_mod.layer_spec(spec, plan)
         self.final_norm = _record(self.tok, self.p_item, T(self.tok * self.h, num.residual, True),
                                   lambda tape, x: LayerReplay(tape, norm_spec, num).norm(x, patched=True))
@@ -605,8 +611,7 @@ class _Model:
             zero3.gather(st, ("backward", None), before=True)
         hooks = dict(on_logits_grad=lambda: fsdp.pre_backward(st, FS.TAIL),
                      on_recompute=lambda: fsdp.regather(st, FS.TAIL)) if fsdp else {}
-        grad, w_grad = _loss_backward(st, self.plan, self.acts, loss, self.tok, V, h, self.num.compute, self.p_item,
-                                      self.full, **hooks)
+        grad, w_grad = _loss_backward(st, self.acts, loss, self.head, self.p_item, **hooks)
         tied = self.full and self.spec.tie_word_embeddings
         pending = [w_grad] if tied and w_grad else []  # waits in the tied weight's input buffer
         if w_grad and not tied:
@@ -632,14 +637,14 @@ class _Model:
         # autocast's copies of lm_head's weight (made first) and of its input, for the standard loss: saved for the
         # backward where the other needs a gradient (the input always does; the weight when trained), else dropped
         # once the logits exist
-        casts = self.num.autocast and not (self.plan.liger_loss or len(_chunks(self.plan, tok)) > 1)
+        casts = self.num.autocast and not (self.plan.liger_loss or self.head.checkpointed)
         head_w = st.alloc(V * h * c) if casts and self.num.weights != c else None
         head_x = st.alloc(tok * h * c) if casts and self.num.residual != c else None
         # the model's forward drops the final hidden states as it returns, unless lm_head saved them (a trainable
         # weight, given them uncast) or the loss runs lm_head again (chunked, Liger)
         kept_hidden = ((self.full and head_x is None) or "lm_head" in act_mod.lora_targets(self.spec, self.plan)
-                       or self.plan.liger_loss or len(_chunks(self.plan, tok)) > 1)
-        loss = _loss_forward(st, self.plan, self.acts, tok, V, c, None if kept_hidden else hidden,
+                       or self.plan.liger_loss or self.head.checkpointed)
+        loss = _loss_forward(st, self.plan, self.acts, self.head, None if kept_hidden else hidden,
                              drop=None if self.full else head_x)
         if casts:
             loss.update(head=(head_w, head_x if self.full else None),
@@ -724,82 +729,162 @@ def _chunks(plan: Plan, tok: int) -> list[int]:
     return [min(n, tok - start) for start in range(0, tok, n)]
 
 
-def _logits(st: _Step, tokens: int, V: int, c: int, keep: bool, hidden: int | None = None,
-            drop: int | None = None, thread: str | None = None) -> int | None:
-    """lm_head's logits (then `drop`, a temporary of the call), their fp32 copy (logits.float()), cross_entropy's
-    log_softmax: the logits and the copy freed once the log-softmax exists (the copy as the loss function returns,
-    then `hidden` as the model's forward returns, then the logits); the log-softmax is returned when `keep` (saved
-    for the backward), else freed too. `thread`: the thread running it, if lm_head may be its first cuBLAS call."""
-    logits = st.alloc(c * tokens * V)
-    if thread:
-        st.first_matmul(thread)
-    st.free(drop)
-    upcast = st.alloc(4 * tokens * V) if c != 4 else None
-    log_probs = st.alloc(4 * tokens * V)
-    if not keep:
-        st.free(log_probs)
-    st.free(upcast, hidden, logits)
-    return log_probs if keep else None
+@dataclass(frozen=True)
+class _Head:
+    """lm_head and the loss, as the stream allocates them. `checkpointed`: memplan.runtime.loss's chunked loss, each
+    chunk under non-reentrant checkpoint (one chunk too), in its own code; else transformers' ForCausalLM and
+    ForCausalLMLoss. `weight_cast`: the bytes of autocast's copy of lm_head's weight, where the chunked loss makes one
+    (the standard loss's casts are _Model._head_forward's); `cached`: autocast's cache keeps it (a trained weight)
+    until the forward leaves autocast; `input_cast`: the hidden states' itemsize where autocast casts each chunk."""
+
+    V: int
+    h: int
+    c: int
+    tokens: int
+    trained: bool
+    checkpointed: bool
+    softcap: bool
+    scaled: bool
+    weight_cast: int = 0
+    cached: bool = False
+    input_cast: int = 0
+
+    def logits(self, st: _Step, n: int, keep: bool, hidden: int | None = None, drop: int | None = None,
+               thread: str | None = None) -> tuple | None:
+        """A chunk of `n` tokens: lm_head's logits (then `drop`, a temporary of the call), what the model does to them
+        (Granite's division by logits_scaling; Gemma-2's soft-capping), their fp32 copy (logits.float()),
+        cross_entropy's log_softmax: the logits and the copy freed once the log-softmax exists (the copy as the loss
+        function returns, then `hidden` as the model's forward returns, then the logits). When `keep` (saved for the
+        backward: the standard loss, a chunk's recomputation), returns the log-softmax, the soft-capping's tanh
+        result and autocast's copies mm saved (None where there are none); else frees them too. `thread`: the
+        thread running it, if lm_head may be its first cuBLAS call."""
+        nv, c = n * self.V, self.c
+        weight = st.alloc(self.weight_cast) if self.weight_cast and (keep or not self.cached) else None
+        x = st.alloc(n * self.h * c) if self.input_cast else None
+        logits = st.alloc(c * nv)
+        if thread:
+            st.first_matmul(thread)
+        st.free(drop)
+        if not keep or not self.trained:  # mm saves the input's copy for the weight's gradient, the weight's always
+            st.free(x)
+            x = None
+        if not keep:
+            st.free(weight)
+            weight = None
+        if self.scaled:  # logits = logits / logits_scaling: a new tensor, the one before freed as the name is bound
+            quotient = st.alloc(c * nv)
+            st.free(logits)
+            logits = quotient
+        tanh = None
+        if self.softcap:
+            # Gemma2ForCausalLM.forward: logits / cap, tanh (which saves its result), * cap, each statement a new
+            # tensor, the one before freed as the name is bound again; the chunked loss's one expression keeps the
+            # logits until it is done
+            scaled = st.alloc(c * nv)
+            if not self.checkpointed:
+                st.free(logits)
+            tanh = st.alloc(c * nv)
+            st.free(scaled)
+            capped = st.alloc(c * nv)
+            if not keep:
+                st.free(tanh)
+                tanh = None
+            if self.checkpointed:
+                st.free(logits)
+            logits = capped
+        upcast = st.alloc(4 * nv) if c != 4 else None
+        log_probs = st.alloc(4 * nv)
+        if not keep:
+            st.free(log_probs)
+        st.free(upcast, hidden, logits)
+        return (log_probs, tanh, weight, x) if keep else None
+
+    def logits_backward(self, st: _Step, n: int, saved: tuple) -> int:
+        """nll_loss_backward and _log_softmax_backward_data (fp32), the cast back to the logits' dtype, then the
+        soft-capping's product, tanh (its saved result released after it) and quotient, and the scaling's
+        quotient, each a new tensor: the gradient of lm_head's output."""
+        log_probs, tanh, _, _ = saved
+        nv = n * self.V
+        g_nll = st.alloc(4 * nv)
+        grad = st.alloc(4 * nv)
+        st.free(log_probs, g_nll)
+        steps = [()] if self.c != 4 else []
+        steps += [(), (tanh,), ()] if tanh else []
+        steps += [()] if self.scaled else []
+        for release in steps:
+            g = st.alloc(self.c * nv)
+            st.free(grad, *release)
+            grad = g
+        return grad
 
 
-def _loss_forward(st: _Step, plan: Plan, acts, tok: int, V: int, c: int, hidden: int | None,
-                  drop: int | None = None) -> dict:
+def _loss_forward(st: _Step, plan: Plan, acts, head: _Head, hidden: int | None, drop: int | None = None) -> dict:
     """ForCausalLMLoss: the shifted int64 labels, then the logits and log-softmax (transformers loss_utils); the
-    chunked loss runs each chunk under checkpoint, which keeps none of them. The Liger loss: its forward peak as
-    one transient and what it saves."""
+    chunked loss runs each chunk under checkpoint, which keeps none of them, within autocast where its cache keeps a
+    trained weight's copy for every chunk. The Liger loss: its forward peak as one transient and what it saves."""
     if plan.liger_loss:
         st.free(st.alloc(acts.loss_forward_peak))
         return {"saved": st.alloc(acts.loss_saved) if acts.loss_saved else None}
-    labels = st.alloc(8 * tok)
-    chunks = _chunks(plan, tok)
-    saved = [_logits(st, n, V, c, keep=len(chunks) == 1, hidden=hidden, drop=drop) for n in chunks]
-    return {"labels": labels, "saved": saved}
+    labels = st.alloc(8 * head.tokens)
+    chunks = _chunks(plan, head.tokens)
+    cached = st.alloc(head.weight_cast) if head.weight_cast and head.cached else None
+    saved = [head.logits(st, n, keep=not head.checkpointed, hidden=hidden, drop=drop) for n in chunks]
+    st.free(cached)
+    return {"labels": labels, "saved": saved, "chunks": chunks}
 
 
-def _loss_backward(st: _Step, plan: Plan, acts, loss: dict, tok: int, V: int, h: int, c: int, p_item: int,
-                   full: bool, on_logits_grad=lambda: None, on_recompute=lambda: None) -> tuple[int, int | None]:
-    """Per chunk, last first: the checkpointed chunk's logits again (chunked loss), nll_loss_backward and
-    _log_softmax_backward_data (fp32), the cast back to the logits' dtype, lm_head's weight gradient and grad_input
-    (slice_backward makes each chunk's a full (tokens, h) tensor), summed across the chunks in the nodes' input
-    buffers (out of place for the second, in place after). Returns the final hidden states' gradient and
-    lm_head's weight gradient (in the parameter's dtype; None for a frozen lm_head). `on_logits_grad` runs where
-    the forward's first logits' gradient exists (hooks on lm_head's output: FSDP2's pre-backward; the first chunk's
-    comes last), `on_recompute` before a chunk's recomputation calls lm_head first."""
+def _loss_backward(st: _Step, acts, loss: dict, head: _Head, p_item: int, on_logits_grad=lambda: None,
+                   on_recompute=lambda: None) -> tuple[int, int | None]:
+    """Per chunk, last first: the checkpointed chunk's logits again (chunked loss), their gradient
+    (`_Head.logits_backward`), lm_head's weight gradient and grad_input, the latter cast back to the hidden states'
+    dtype and, for the chunked loss, made a full (tokens, h) tensor by slice_backward. The chunks' gradients are
+    summed in their nodes' input buffers: the weight's transposed views out of place for the second, in place after;
+    the hidden states' full tensors in place. Returns the final hidden states' gradient and lm_head's weight gradient
+    (in the parameter's dtype; None for a frozen lm_head). `on_logits_grad` runs where the forward's first logits'
+    gradient exists (hooks on lm_head's output: FSDP2's pre-backward; the first chunk's comes last), `on_recompute`
+    before a chunk's recomputation calls lm_head first."""
+    V, h, c, tok = head.V, head.h, head.c, head.tokens
     if "labels" not in loss:  # the Liger loss: its gradients were computed in the forward
         on_logits_grad()
         st.first_matmul("autograd")
         peak = st.alloc(acts.loss_backward_peak)
-        w_grad = st.alloc(V * h * p_item) if full else None
+        w_grad = st.alloc(V * h * p_item) if head.trained else None
         g_hidden = st.alloc(tok * h * c)
         st.free(peak, loss["saved"])
         return g_hidden, w_grad
     sums: dict[str, list] = {"w": [], "h": []}
-    chunks = _chunks(plan, tok)
-    for k, (n, log_probs) in enumerate(reversed(list(zip(chunks, loss["saved"])))):
-        if log_probs is None:
+    chunks = loss["chunks"]
+    for k, (n, saved) in enumerate(reversed(list(zip(chunks, loss["saved"])))):
+        if saved is None:
             if k == 0:
                 on_recompute()
-            log_probs = _logits(st, n, V, c, keep=True, thread="autograd")
-        g_nll = st.alloc(4 * n * V)
-        g_lsm = st.alloc(4 * n * V)
-        st.free(log_probs, g_nll)
-        if c != 4:
-            g_logits = st.alloc(c * n * V)
-            st.free(g_lsm)
-            g_lsm = g_logits
+            saved = head.logits(st, n, keep=True, thread="autograd")
+        g_logits = head.logits_backward(st, n, saved)
         if k == len(chunks) - 1:  # the forward's first chunk, which the backward reaches last
             on_logits_grad()
         # mm's backward: the weight's gradient first where it has one, then grad_input; the backward thread makes
-        # its cuBLAS workspaces at its first call, once that call's output exists (as traced)
-        w = st.alloc(V * h * c) if full else None
+        # its cuBLAS workspaces at its first call, once that call's output exists (as traced); then the node
+        # releases autocast's copies it saved, the input's first, and its input gradient
+        w = st.alloc(V * h * c) if head.trained else None
         if w:
             st.first_matmul("autograd")
-        g_hidden = st.alloc((tok if len(chunks) > 1 else n) * h * c)
+        g_hidden = st.alloc(n * h * c)
         st.first_matmul("autograd")
-        st.free(g_lsm)
+        st.free(saved[3], saved[2], g_logits)
         if w:
             _accumulate(st, sums["w"], w, V * h * c)
-        _accumulate(st, sums["h"], g_hidden, tok * h * c)
+        if head.input_cast:  # the chunk's ToCopy back to the hidden states' dtype
+            cast = st.alloc(n * h * head.input_cast)
+            st.free(g_hidden)
+            g_hidden = cast
+        if head.checkpointed:  # slice_backward: a new (tokens, h) tensor, summed in place from the second on
+            whole = st.alloc(tok * h * (head.input_cast or c))
+            st.free(g_hidden)
+            g_hidden = whole
+            if sums["h"]:
+                st.free(g_hidden)
+                continue
+        sums["h"].append(g_hidden)
     st.free(loss["labels"], *loss.get("head", ()))  # lm_head's node releases autocast's copies it saved
     g_hidden, w_grad = sums["h"][0], sums["w"][0] if sums["w"] else None
     # the ToCopy nodes of autocast's casts, the input's first (made after the weight's: a later node runs first)

@@ -7,13 +7,17 @@ from pathlib import Path
 import pytest
 
 from memplan.catalog.resolve import resolve_model
+from memplan.catalog.spec import spec_from_config
 from memplan.estimator import estimate
 from memplan.estimator.allocator import THREAD_WORKSPACES, replay
 from memplan.estimator.overhead import reserved_bytes
 from memplan.estimator.stream import allocation_stream, supported
 from memplan.plan import Plan
+from memplan.profile.trace import trace_training
 from memplan.recommend.hardware import gpu_target
 from memplan.recommend.search import Scorer, Workload, choose_fitting, smallest
+
+from test_estimator_arch import GEMMA2, GRANITE, LLAMA
 
 ROWS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "allocator-h100.jsonl"
 GiB = 2**30
@@ -116,6 +120,58 @@ def test_a_tied_weights_two_gradients_are_summed_in_place_unless_one_is_a_view(p
     made = [ev[1] for ev in events[backward:end] if ev[0] == "a" and ev[2] == vh]
     # lm_head's gradient, the embedding's, and out of place their sum
     assert len(made) == (2 if in_place else 3), [sizes[m] for m in made]
+
+
+def _second_step(events: list, at_least: int) -> tuple[list, dict]:
+    """The second step's allocations and frees of tensors of `at_least` bytes, in order, with their phase, and each
+    phase's peak of live bytes."""
+    sizes, order, peaks, phase, step, live = {}, [], {}, None, 0, 0
+    for ev in events:
+        step += ev[0] == "s"
+        phase = ev[1] if ev[0] == "p" else phase
+        if ev[0] == "a":
+            sizes[ev[1]] = ev[2]
+            live += ev[2]
+            kind, nbytes = "a", ev[2]
+        elif ev[0] == "f" and ev[1] in sizes:
+            nbytes = sizes.pop(ev[1])
+            live -= nbytes
+            kind = "f"
+        else:
+            continue
+        if step == 2 and phase:
+            peaks[phase] = max(peaks.get(phase, 0), live)
+            if nbytes >= at_least:
+                order.append((phase, kind, nbytes))
+    return order, peaks
+
+
+@pytest.mark.parametrize("name, config, fields", [
+    ("llama-bf16-4-chunks", LLAMA, dict(precision="bf16", loss="chunked", seq_len=2048)),
+    ("llama-amp-4-chunks", LLAMA, dict(precision="amp-bf16", loss="chunked", seq_len=2048)),
+    ("llama-amp-1-chunk", LLAMA, dict(precision="amp-bf16", loss="chunked")),
+    ("granite-lora-amp-4-chunks", GRANITE, dict(method="lora", precision="amp-bf16", loss="chunked", seq_len=2048)),
+    ("granite-lora-amp-1-chunk", GRANITE, dict(method="lora", precision="amp-bf16", loss="chunked")),
+    ("granite-amp", GRANITE, dict(precision="amp-bf16")),
+    ("gemma2-bf16-1-chunk", GEMMA2, dict(precision="bf16", loss="chunked")),
+    ("gemma2-lora-bf16", GEMMA2, dict(method="lora", precision="bf16")),
+    ("gemma2-fp32", GEMMA2, dict(precision="fp32")),
+])
+def test_the_loss_allocates_as_the_traced_step_does(name, config, fields):
+    """lm_head and the loss, tensor by tensor: Granite's division by logits_scaling and Gemma-2's soft-capping (tanh
+    saves its result), and the chunked loss, each chunk checkpointed even where there is one: autocast's copies of
+    lm_head's weight (cached for a trained weight) and of each chunk's input, the gradients' casts, slice_backward's
+    full tensors summed in place. Every tensor as large as lm_head's weight comes and goes where the traced step's
+    does, and each phase peaks where it does."""
+    config = {**config, "vocab_size": 32000}
+    plan = Plan(**{"micro_batch": 2, "seq_len": 256, "grad_ckpt": False, **fields})
+    spec = spec_from_config(dict(config), config["model_type"])
+    traced = trace_training(dict(config), plan, steps=2, record_events=True, kernels="cuda", backend="trace").events
+    streamed = allocation_stream(spec, plan)
+    at_least = spec.vocab_size * spec.hidden_size
+    (order, peaks), (traced_order, traced_peaks) = _second_step(streamed, at_least), _second_step(traced, at_least)
+    assert len(order) > 10 and order == traced_order
+    assert all(abs(peaks[p] / traced_peaks[p] - 1) < 5e-4 for p in traced_peaks), (peaks, traced_peaks)
 
 
 def test_blocks_handed_out_whole_stay_in_the_reserve():

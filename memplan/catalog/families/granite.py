@@ -10,7 +10,8 @@ The others change no peak: ``logits_scaling`` (GraniteForCausalLM.forward ``logi
 logits_scaling``) makes a new b x s x V tensor in the compute dtype, but the division by a Python scalar
 saves nothing, so the lm_head output is freed at once: 2 x c x b x s x V at the division, less than the
 loss's c + 4 + 4 bytes per logit after it; in the backward the division's gradient (c per logit) comes
-after the fp32 log-softmax gradients are freed (traced equal to Llama's loss peaks, fp32 / bf16 / amp).
+after the fp32 log-softmax gradients are freed (traced equal to Llama's loss peaks, fp32 / bf16 / amp). The
+allocation stream makes both tensors (Traits.logits_scaled): they move where the caching allocator puts the loss's.
 ``residual_multiplier`` (``residual + h * m``: a product by a Python scalar saves nothing) and
 ``attention_multiplier`` (the softmax scale passed to the attention instead of head_dim ** -0.5) change
 no tensor's size. GraniteConfig's defaults are 1.0 for all four; the multiplications run even then.
@@ -26,5 +27,6 @@ from memplan.catalog.spec import Arch, Cfg
 
 def build(cfg: Cfg) -> Arch:
     arch = llama.build(cfg)  # GraniteConfig has LlamaConfig's keys and defaults (tie_word_embeddings False)
-    arch.traits = replace(arch.traits, decoder_layer="GraniteDecoderLayer", embedding_scaled=True)
+    arch.traits = replace(arch.traits, decoder_layer="GraniteDecoderLayer", embedding_scaled=True,
+                          logits_scaled=True)
     return arch
