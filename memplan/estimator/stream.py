@@ -818,6 +818,35 @@ class _Head:
         return grad
 
 
+    def mm_backward(self, st: _Step, n: int, saved: tuple, g_logits: int, sums: dict[str, list]) -> None:
+        """lm_head's mm backward for a chunk of `n` tokens: the weight's gradient first where it has one, then
+        grad_input (the backward thread makes its cuBLAS workspaces at its first call, once that call's output
+        exists, as traced), then the node releases autocast's copies it saved, the input's first, and its input
+        gradient. The weight's gradients are summed in `sums["w"]`; grad_input, cast back to the hidden states'
+        dtype and, for the chunked loss, made a full (tokens, h) tensor by slice_backward, in `sums["h"]`."""
+        h, c = self.h, self.c
+        w = st.alloc(self.V * h * c) if self.trained else None
+        if w:
+            st.first_matmul("autograd")
+        g_hidden = st.alloc(n * h * c)
+        st.first_matmul("autograd")
+        st.free(saved[3], saved[2], g_logits)
+        if w:
+            _accumulate(st, sums["w"], w, self.V * h * c)
+        if self.input_cast:  # the chunk's ToCopy back to the hidden states' dtype
+            cast = st.alloc(n * h * self.input_cast)
+            st.free(g_hidden)
+            g_hidden = cast
+        if self.checkpointed:  # slice_backward: a new (tokens, h) tensor, summed in place from the second on
+            whole = st.alloc(self.tokens * h * (self.input_cast or c))
+            st.free(g_hidden)
+            if sums["h"]:
+                st.free(whole)
+                return
+            g_hidden = whole
+        sums["h"].append(g_hidden)
+
+
 def _loss_forward(st: _Step, plan: Plan, acts, head: _Head, hidden: int | None, drop: int | None = None) -> dict:
     """ForCausalLMLoss: the shifted int64 labels, then the logits and log-softmax (transformers loss_utils); the
     chunked loss runs each chunk under checkpoint, which keeps none of them, within autocast where its cache keeps a
@@ -862,29 +891,7 @@ def _loss_backward(st: _Step, acts, loss: dict, head: _Head, p_item: int, on_log
         g_logits = head.logits_backward(st, n, saved)
         if k == len(chunks) - 1:  # the forward's first chunk, which the backward reaches last
             on_logits_grad()
-        # mm's backward: the weight's gradient first where it has one, then grad_input; the backward thread makes
-        # its cuBLAS workspaces at its first call, once that call's output exists (as traced); then the node
-        # releases autocast's copies it saved, the input's first, and its input gradient
-        w = st.alloc(V * h * c) if head.trained else None
-        if w:
-            st.first_matmul("autograd")
-        g_hidden = st.alloc(n * h * c)
-        st.first_matmul("autograd")
-        st.free(saved[3], saved[2], g_logits)
-        if w:
-            _accumulate(st, sums["w"], w, V * h * c)
-        if head.input_cast:  # the chunk's ToCopy back to the hidden states' dtype
-            cast = st.alloc(n * h * head.input_cast)
-            st.free(g_hidden)
-            g_hidden = cast
-        if head.checkpointed:  # slice_backward: a new (tokens, h) tensor, summed in place from the second on
-            whole = st.alloc(tok * h * (head.input_cast or c))
-            st.free(g_hidden)
-            g_hidden = whole
-            if sums["h"]:
-                st.free(g_hidden)
-                continue
-        sums["h"].append(g_hidden)
+        head.mm_backward(st, n, saved, g_logits, sums)
     st.free(loss["labels"], *loss.get("head", ()))  # lm_head's node releases autocast's copies it saved
     g_hidden, w_grad = sums["h"][0], sums["w"][0] if sums["w"] else None
     # the ToCopy nodes of autocast's casts, the input's first (made after the weight's: a later node runs first)
