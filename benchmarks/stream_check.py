@@ -38,6 +38,8 @@ PLANS = [
     ("phi-3-mini", dict(precision="bf16", micro_batch=1, seq_len=1024)),
     ("mixtral-8x7b", dict(method="lora", precision="bf16", seq_len=1024, lora={"dropout": 0.0})),
     ("qwen3-8b", dict(precision="bf16")),  # full FT, checkpointing: the residual gradient through each layer
+    ("gemma-2-2b", dict(method="lora", precision="bf16", seq_len=512)),  # soft-capped logits: tanh saves its result
+    ("llama-3.2-1b", dict(precision="amp-bf16", micro_batch=2, loss="chunked")),  # full FT: autocast's copies per chunk
 ]
 
 

@@ -35,6 +35,13 @@ def describe_plan(e: Estimate) -> str:
     return f"{method} · {shard} · {p.precision}"
 
 
+def processes(p: Plan, sep: str = ", ") -> str:
+    """`sep` and how many GPUs (processes on the CPU) run the plan; nothing where `describe_plan` says "1 GPU"."""
+    if p.sharding == "ddp" and p.world_size == 1:
+        return ""
+    return f"{sep}{p.world_size} {'process(es)' if p.device == 'cpu' else 'GPU(s)'}"
+
+
 def plans_table(rows: list[tuple[Estimate, float, list[str]]], fits_headers: list[str]) -> str:
     """The comparison table: per row (estimate, step seconds, fits marks), with the marks' headers."""
     from tabulate import tabulate
@@ -154,10 +161,9 @@ def one_plan_json(spec: ModelSpec, verdict: Verdict, limits: dict[str, int]) -> 
 def one_plan_text(spec: ModelSpec, plan: Plan, verdict: Verdict, limits: dict[str, int], recorded: bool) -> str:
     """One plan by phase, with its target (`recorded`: the plan's own), assumptions, limits and verdict."""
     result, target = verdict.estimate, verdict.target
-    unit = "process" if plan.device == "cpu" else "GPU"
     lines = [*model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})"
                                 f"{_model_label(spec)}"),
-             f"plan: {describe_plan(result)}, {plan.world_size} {unit}(s), micro-batch {plan.micro_batch} x "
+             f"plan: {describe_plan(result)}{processes(plan)}, micro-batch {plan.micro_batch} x "
              f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {plan.checkpointing}, "
              f"{plan.optimizer}, attn {plan.attn}"
              + (f", allocator {plan.allocator}" if plan.allocator != "default" else "")]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from memplan.estimator.phases import PHASES, TERMS
 from memplan.profile.command import NEGLIGIBLE, error_pct
-from memplan.report.estimate import count, describe_plan, estimate_json, frozen_json, model_lines
+from memplan.report.estimate import count, describe_plan, estimate_json, frozen_json, model_lines, processes
 from memplan.report.units import size
 
 NOT_SEEN = {
@@ -84,7 +84,7 @@ def _heading(p) -> list[str]:
     spec, plan, main = p.spec, p.plan, p.main
     return [
         *model_lines(spec, f"{spec.name}: {spec.params_total:,} parameters ({count(spec.params_total)})"),
-        f"plan: {describe_plan(p.est)}, {plan.world_size} process(es), micro-batch {plan.micro_batch} x "
+        f"plan: {describe_plan(p.est)}{processes(plan)}, micro-batch {plan.micro_batch} x "
         f"{plan.seq_len} tokens, grad-accum {plan.grad_accum}, checkpointing {plan.checkpointing}, "
         f"{plan.optimizer}, attn {plan.attn}",
         f"backend {p.backend}: {BACKEND_WORDS[p.backend]}, {len(main.steps)} optimizer step(s) "

@@ -50,7 +50,7 @@ def decision(rec: Recommendation) -> list[str]:
 
 def plan_line(rec: Recommendation) -> str:
     p = rec.plan
-    return (f"{rec.chosen.family()} on {p.world_size} {'process' if p.device == 'cpu' else 'GPU'}(s): "
+    return (f"{rec.chosen.family()}{report.processes(p, ' on ')}: "
             f"micro-batch {p.micro_batch} x {p.seq_len} tokens, grad-accum {p.grad_accum} (effective batch "
             f"{p.effective_batch}), checkpointing {'on' if p.grad_ckpt else 'off'}, {p.optimizer}, attn {p.attn}, "
             f"loss {p.loss}" + (", expandable segments (PYTORCH_CUDA_ALLOC_CONF)" if p.allocator != "default" else ""))
