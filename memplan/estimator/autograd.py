@@ -99,10 +99,15 @@ class Tape:
     def cast(self, x: T, itemsize: int) -> T:
         return x if itemsize == x.itemsize else T(x.numel, itemsize, x.rg)
 
-    def linear(self, x: T, out_numel: int, w_trainable: bool, out_itemsize: int | None = None) -> T:
+    def linear(self, x: T, out_numel: int, w_trainable: bool, out_itemsize: int | None = None,
+               w_numel: int | None = None) -> T:
+        """x @ W: saves x where W is trained. `w_numel`: W's elements where they are not the input's features times
+        the output's (a stack of weights, one per batch of torch.bmm)."""
         if w_trainable:
             self.save(x)
-            if _recorder is not None:
+            if _recorder is not None and w_numel:
+                _recorder.weight_grad(w_numel, x.itemsize)
+            elif _recorder is not None:
                 _recorder.weight_used(x.numel, out_numel, x.itemsize)
         out = T(out_numel, out_itemsize or x.itemsize, x.rg or w_trainable)
         if _recorder is not None:

@@ -753,7 +753,8 @@ class LayerReplay:
         xin = t.cast(x, n.compute) if n.autocast else x
         if n.autocast and x.rg and n.weights != n.compute:
             t.save(T(w_numel, n.compute, False))
-        return t.linear(xin, out_numel, L.full_ft, out_itemsize=n.compute if n.autocast else xin.itemsize)
+        return t.linear(xin, out_numel, L.full_ft, out_itemsize=n.compute if n.autocast else xin.itemsize,
+                        w_numel=w_numel)
 
     def _router_weights(self, logits: T) -> T:
         """The routing weights of the top-k experts (tokens x k) from the router logits.

@@ -17,7 +17,7 @@ from memplan.profile.trace import trace_training
 from memplan.recommend.hardware import gpu_target
 from memplan.recommend.search import Scorer, Workload, choose_fitting, smallest
 
-from test_estimator_arch import GEMMA2, GRANITE, LLAMA
+from test_estimator_arch import GEMMA2, GRANITE, LLAMA, LLAMA4
 
 ROWS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "allocator-h100.jsonl"
 GiB = 2**30
@@ -172,6 +172,19 @@ def test_the_loss_allocates_as_the_traced_step_does(name, config, fields):
     (order, peaks), (traced_order, traced_peaks) = _second_step(streamed, at_least), _second_step(traced, at_least)
     assert len(order) > 10 and order == traced_order
     assert all(abs(peaks[p] / traced_peaks[p] - 1) < 5e-4 for p in traced_peaks), (peaks, traced_peaks)
+
+
+def test_an_expert_stack_read_by_bmm_gets_a_gradient_of_its_own_size():
+    """Llama4TextExperts runs every token through every expert with torch.bmm over the (E, d_in, d_out) stack: the
+    stack's gradient is E x d_in x d_out, not (E d_in) x (E d_out) as for one linear over the flattened rows (E
+    times too large: 326 GiB streamed for a 101 GiB step of Llama-4-Scout's first four layers). Each phase of the
+    stream peaks where the traced step's does."""
+    config = {**LLAMA4, "vocab_size": 8192}
+    plan = Plan(micro_batch=2, seq_len=512, precision="bf16", grad_ckpt=False)
+    spec = spec_from_config(dict(config), config["model_type"])
+    traced = trace_training(dict(config), plan, steps=2, record_events=True, kernels="cuda", backend="trace").events
+    (_, peaks), (_, traced_peaks) = _second_step(allocation_stream(spec, plan), 0), _second_step(traced, 0)
+    assert all(abs(peaks[p] / traced_peaks[p] - 1) < 1e-3 for p in traced_peaks), (peaks, traced_peaks)
 
 
 def test_blocks_handed_out_whole_stay_in_the_reserve():
