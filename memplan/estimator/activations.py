@@ -28,6 +28,16 @@ def loss_chunks(plan: Plan) -> int:
     return math.ceil(plan.micro_batch * plan.seq_len / CHUNKED_LOSS_TOKENS)
 
 
+def head_grad_is_view(plan: Plan, num: Numerics) -> bool:
+    """Whether lm_head's weight gradient is the transpose of mm's output, a view holding that output as its base:
+    its storage is not the input buffer's alone, so a tied weight's two gradients are summed out of place
+    (input_buffer.cpp can_accumulate_inplace; traced). Not where autocast casts it to the weight's dtype, the
+    loss's chunks sum it, or DeepSpeed ZeRO-3's linear (zero/linear.py) or Liger's fused loss make it."""
+    item = num.adapter if plan.trains_adapters else num.weights
+    return (item == num.compute and loss_chunks(plan) == 1 and not plan.liger_loss
+            and not (plan.sharding == "deepspeed" and plan.zero == 3))
+
+
 def numerics(plan: Plan, spec: ModelSpec) -> Numerics:
     """Bytes per element for the plan's precision regime (memory-anatomy §2)."""
     p = plan.precision

@@ -391,15 +391,17 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
             candidates.append(_terms(**base, gradients=g_end, activations=kept + saved + transient + rs_input,
                                      gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
     # End of the backward: every gradient exists. The embedding's dense gradient (embedding_dense_backward)
-    # is a new V x h tensor; when .grad already holds one (tied lm_head, or accumulation) AccumulateGrad
-    # adds out of place, so the new gradient and the sum are alive together.
-    # (On the CPU the sum is formed out of place: both copies; CUDA measured one: gpu-h100-run1 case 7.)
+    # is a new V x h tensor, added to what waits for it: a tied lm_head's gradient in the shared weight's input
+    # buffer, in place unless that gradient is a view of mm's output (head_grad_is_view: then the sum is a third
+    # V x h, traced), or last micro-batch's .grad (accumulation), in place on CUDA (measured: gpu-h100-run1
+    # case 7). (On the CPU the sum is formed out of place: both copies.)
     emb_transient = 0
     if plan.method == "full" and (spec.tie_word_embeddings or accum) and not shard.reduce_end:
         emb_grad = shard.emb_grad
         if deferred:  # added into the unsharded embedding's whole gradient
             emb_grad = spec.vocab_size * spec.hidden_size * states.trainable_itemsize(plan, num.weights, num.adapter)
-        emb_transient = (2 if kernels == "cpu" else 1) * emb_grad
+        out_of_place = kernels == "cpu" or (spec.tie_word_embeddings and act_mod.head_grad_is_view(plan, num))
+        emb_transient = (2 if out_of_place else 1) * emb_grad
     end_pending = pending
     if shard.unshard_first and plan.method == "full" and not deferred:
         # FSDP2: each reduce-scatter takes the whole gradient off the parameter, so no earlier one waits in .grad;

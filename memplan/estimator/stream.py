@@ -499,15 +499,6 @@ class _Model:
         return reducer.DDP(self.spec, self.plan, self.tensors, self.num.weights, self.p_item,
                            act_mod.lora_targets(self.spec, self.plan))
 
-    @property
-    def head_grad_is_view(self) -> bool:
-        """Whether lm_head's weight gradient is the transpose of mm's output, a view holding that output as its base:
-        its storage is not the input buffer's alone, so a tied weight's two gradients are summed out of place
-        (input_buffer.cpp can_accumulate_inplace; traced). Not where it is cast to the weight's dtype (autocast),
-        summed over loss chunks, or made by DeepSpeed ZeRO-3's linear (zero/linear.py) or Liger's fused loss."""
-        return (self.p_item == self.num.compute and len(_chunks(self.plan, self.tok)) == 1
-                and not (self.plan.liger_loss or self.zero3))
-
     def layer_key(self, i: int) -> tuple:
         """Layer i's kind, and whether its input needs a gradient (layer 0's only with trainable embeddings or
         checkpointing): one template each."""
@@ -664,7 +655,7 @@ class _Model:
             self.zero3.gather(st, ("end", None), before=True)
         if self.full:
             emb = st.alloc(V * h * self.p_item)  # embedding_dense_backward
-            if pending and not (self.fsdp or self.head_grad_is_view):
+            if pending and not (self.fsdp or act_mod.head_grad_is_view(self.plan, self.num)):
                 # a tied weight: lm_head's gradient waits alone in the weight's input buffer, a tensor of its own,
                 # so the engine adds the embedding's into it in place (input_buffer.cpp can_accumulate_inplace)
                 st.free(emb)

@@ -10,13 +10,14 @@ from memplan.catalog.resolve import resolve_model
 from memplan.catalog.spec import spec_from_config
 from memplan.estimator import estimate
 from memplan.estimator.allocator import THREAD_WORKSPACES, replay
-from memplan.estimator.overhead import reserved_bytes
+from memplan.estimator.overhead import CUBLAS_WORKSPACE_BYTES, reserved_bytes
 from memplan.estimator.stream import allocation_stream, supported
 from memplan.plan import Plan
 from memplan.profile.trace import trace_training
 from memplan.recommend.hardware import gpu_target
 from memplan.recommend.search import Scorer, Workload, choose_fitting, smallest
 
+from support import preset_config
 from test_estimator_arch import GEMMA2, GRANITE, LLAMA, LLAMA4
 
 ROWS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "allocator-h100.jsonl"
@@ -185,6 +186,22 @@ def test_an_expert_stack_read_by_bmm_gets_a_gradient_of_its_own_size():
     traced = trace_training(dict(config), plan, steps=2, record_events=True, kernels="cuda", backend="trace").events
     (_, peaks), (_, traced_peaks) = _second_step(allocation_stream(spec, plan), 0), _second_step(traced, 0)
     assert all(abs(peaks[p] / traced_peaks[p] - 1) < 1e-3 for p in traced_peaks), (peaks, traced_peaks)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "amp-bf16"])
+def test_the_backward_ends_with_a_tied_weights_two_gradients_and_their_sum(precision):
+    """Where lm_head's gradient is a view of mm's output, the embedding's is added to it out of place: three V x h
+    tensors beside the other gradients as the backward ends, which decides the peak where the optimizer keeps little
+    (SGD; Qwen2.5-0.5B's embeddings are 0.54 GB in fp32). The estimate's phases against the traced step's (CUDA's
+    kernels), Qwen2.5-0.5B at full width, two layers."""
+    config = {**preset_config("qwen2.5-0.5b"), "num_hidden_layers": 2}
+    plan = Plan(model="qwen2.5-0.5b", precision=precision, micro_batch=1, seq_len=256, grad_ckpt=False,
+                optimizer="sgd")
+    est = estimate(spec_from_config(dict(config), "qwen2.5-0.5b"), plan, kernels="cuda")
+    steady = trace_training(dict(config), plan, backend="trace", kernels="cuda").steady
+    assert est.peak_phase == "backward"
+    for phase in ("forward", "backward", "optimizer"):
+        assert abs((est.phase_peaks[phase] - CUBLAS_WORKSPACE_BYTES) / getattr(steady, phase) - 1) < 5e-4, phase
 
 
 def test_blocks_handed_out_whole_stay_in_the_reserve():
