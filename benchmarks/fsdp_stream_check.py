@@ -76,6 +76,9 @@ PLANS = [
     # gathered again for the first chunk's recomputation, the last layer prefetched once the first chunk's done
     (CHUNKED, dict(method="full", zero=3, micro_batch=2, seq_len=1024, grad_ckpt=False, loss="chunked")),
     (CHUNKED, dict(method="lora", zero=3, micro_batch=2, seq_len=1024, grad_ckpt=True, loss="chunked")),
+    # ... in one chunk, checkpointed all the same: lm_head called once in the forward, again in the recomputation
+    (SMALL_ROOT, dict(method="full", zero=3, micro_batch=2, seq_len=64, grad_ckpt=False, loss="chunked")),
+    (SMALL_ROOT, dict(method="lora", zero=3, micro_batch=2, seq_len=64, grad_ckpt=True, loss="chunked")),
 ]
 # FSDP's storages by the torch function that allocates them (torch/distributed/fsdp/_fully_shard)
 KINDS = {"foreach_all_gather": "all-gather", "alloc_storage": "unsharded"}
