@@ -61,6 +61,7 @@ class Zero3:
         params = states.module_parameters(spec, lora_targets(spec, plan), plan.lora.rank)
         self.params = [(math.prod(shape), role == "adapter" or not plan.trains_adapters) for shape, role in params]
         self.persistent = [n for n, _ in self.params if n <= self.threshold]
+        self.frozen = spec.params_frozen  # named_parameters' vision tower, which text-only steps never call
         # the trained partitions by the optimizer's parameter group, and its sub-groups
         self.trained = sum(deepspeed_param_groups(spec, plan, self.world), [])
         self.groups = deepspeed_sub_groups(spec, plan, self.world)
@@ -77,6 +78,8 @@ class Zero3:
         """zero.Init's partitions, the flat buffer of the trained ones, the fp32 masters, the bucket and the gradient
         partition (see the module's docstring)."""
         trained_parts = []
+        if self.frozen:  # a multimodal model's vision tower (first in the module): partitioned, never gathered
+            st.alloc(math.ceil(self.frozen / self.world) * self.item)
         for numel, trained in self.params:
             whole = st.alloc(numel * self.item)
             part = st.alloc(math.ceil(numel / self.world) * self.item)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from memplan.catalog.resolve import resolve_model
 from memplan.catalog.spec import spec_from_config
 from memplan.estimator import estimate, zero3_optimizer
 from memplan.estimator.fully_shard import ALL_GATHER_STREAM
@@ -79,6 +80,21 @@ def test_the_stream_allocates_what_the_estimate_counts_in_each_phase(row):
     streamed = _phase_peaks(allocation_stream(spec, stream_plan(plan)))
     for phase, peak in e.phase_peaks.items():
         assert streamed[phase] + CUBLAS_WORKSPACE_BYTES == pytest.approx(peak, rel=0.006), phase
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-vl-3b", "gemma-3-4b"])
+def test_a_vision_towers_partition_is_in_the_stream(preset):
+    """A multimodal model's vision tower is partitioned by ZeRO-3 like every parameter of the module, and never
+    gathered by a text-only step: each rank keeps its share, which the stream allocates as the estimate counts it
+    (both 1-2 % of these plans' peaks)."""
+    spec = resolve_model(preset)
+    plan = Plan(model=preset, precision="bf16-master", gpus=2, sharding="deepspeed", zero=3, micro_batch=1,
+                seq_len=1024)
+    e = estimate(spec, plan)
+    streamed = _phase_peaks(allocation_stream(spec, stream_plan(plan)))
+    assert spec.params_frozen * 2 / 2 > 0.01 * e.peak_allocated
+    for phase, peak in e.phase_peaks.items():
+        assert streamed[phase] + CUBLAS_WORKSPACE_BYTES == pytest.approx(peak, rel=1e-3), phase
 
 
 CONFIG = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 3,
