@@ -357,11 +357,19 @@ def int8_inputs_kept(spec: ModelSpec, plan: Plan, kernels: str, kinds: list) -> 
     backward recomputes it). bitsandbytes' MatMul8bitLt / MatMul8bitFp keep their input as a ctx attribute
     (ctx.tensors / ctx.A), which no hook sees: it stays referenced by the layer's graph until the backward
     reaches that layer. Every layer's input needs a gradient under checkpointing (enable_input_require_grads),
-    so every int8 linear keeps its input. Reentrant checkpointing runs the forward under no_grad: none."""
+    so every int8 linear keeps its input; where that is the layer's input itself (OLMo-2's q/k/v, no norm before
+    them), checkpointing keeps it already. Reentrant checkpointing runs the forward under no_grad: none."""
     if plan.quantized_base != "int8" or not plan.grad_ckpt or plan.ckpt_reentrant:
         return 0
-    tapes = {k: _layer_tape(spec, plan, kernels, True, k[1], k[2], k[0]) for k in set(kinds)}
-    return sum(sum(tapes[k].attributes.values()) for k in kinds) // len(kinds)
+    num = numerics(plan, spec)
+
+    def kept(kind: tuple) -> int:
+        tape, x = Tape(kernels=kernels), T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, True)
+        LayerReplay(tape, layer_spec(spec, plan, kind[1], kind[2], kind[0]), num).layer(x)
+        return sum(n for uid, n in tape.attributes.items() if uid != x.uid)
+
+    per_kind = {k: kept(k) for k in set(kinds)}
+    return sum(per_kind[k] for k in kinds) // len(kinds)
 
 
 def embedding_saved(spec: ModelSpec, plan: Plan, kernels: str) -> int:
