@@ -127,6 +127,12 @@ class Tape:
         if _recorder is not None:
             _recorder.weight_grad(numel, in_itemsize)
 
+    def backward_scratch(self, x: T, nbytes: int) -> None:
+        """A node reading `x` allocates `nbytes` beside the gradient it makes for x, and frees them as it returns (a
+        kernel's temporaries, no tensor of the graph)."""
+        if _recorder is not None and x.rg:
+            _recorder.backward_scratch(x, nbytes)
+
     def parametrized(self, w: T) -> None:
         """`w` is made from parameters alone (peft's W + BA for an expert stack, W + delta for a router): the node
         that reads it makes its whole gradient, which the parametrization's backward reduces to the factors' and
@@ -202,6 +208,9 @@ class _Lifetimes:
         pass
 
     def parametrized(self, w: T) -> None:
+        pass
+
+    def backward_scratch(self, x: T, nbytes: int) -> None:
         pass
 
     def added(self, out: T, a: T, b: T) -> None:

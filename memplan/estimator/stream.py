@@ -116,6 +116,9 @@ class _Recorder:
     def parametrized(self, w: T) -> None:
         self.events.append(("leaf", w.uid))
 
+    def backward_scratch(self, x: T, nbytes: int) -> None:
+        self.events.append(("m", x.uid, nbytes))
+
     def added(self, out: T, a: T, b: T) -> None:
         self.events.append(("+", out.uid, tuple((t.uid, t.nbytes) for t in (a, b) if t.rg)))
 
@@ -133,6 +136,9 @@ class _Template:
     x: int  # the input's id
     x_bytes: int
     out: int
+    # what custom Functions keep as ctx attributes (`Tape.keep_as_attribute`): kept by the module's nodes, which
+    # non-reentrant checkpointing's hooks cannot discard
+    attributes: frozenset = frozenset()
 
     def canonical(self) -> tuple:
         """The template with its tensor ids numbered in the order they appear (the input first): two recordings
@@ -140,10 +146,11 @@ class _Template:
         ids = {self.x: 0}
         events = tuple((ev[0], ids.setdefault(ev[1], len(ids)), *ev[2:]) if ev[0] in ("a", "f") else
                        ("+", ids.setdefault(ev[1], len(ids)), tuple((ids.setdefault(u, len(ids)), n) for u, n in ev[2]))
-                       if ev[0] == "+" else ("leaf", ids.setdefault(ev[1], len(ids))) if ev[0] == "leaf" else ev
+                       if ev[0] == "+" else (ev[0], ids.setdefault(ev[1], len(ids)), *ev[2:])
+                       if ev[0] in ("leaf", "m") else ev
                        for ev in self.events)
         return (events, frozenset(ids.get(u, -1) for u in self.saved), frozenset(ids.get(u, -1) for u in self.cached),
-                ids.get(self.out, -1), self.x_bytes)
+                ids.get(self.out, -1), self.x_bytes, frozenset(ids.get(u, -1) for u in self.attributes))
 
     @functools.cached_property
     def recompute_events(self) -> tuple[tuple, tuple]:
@@ -168,6 +175,16 @@ class _Template:
         return frozenset(ev[1] for ev in self.events if ev[0] == "leaf")
 
     @functools.cached_property
+    def scratch(self) -> dict[int, int]:
+        """The most a node reading each tensor allocates beside the gradient it makes for it (`Tape.backward_scratch`):
+        by the tensor's id."""
+        out: dict[int, int] = {}
+        for ev in self.events:
+            if ev[0] == "m":
+                out[ev[1]] = max(out.get(ev[1], 0), ev[2])
+        return out
+
+    @functools.cached_property
     def first_unpack(self) -> int:
         """The index of the event whose backward node is the first to unpack a saved tensor: a weight's gradient
         (its linear's node, which saves the input or the weight), or the gradient of a tensor made before the last
@@ -186,7 +203,8 @@ def _record(tokens: int, grad_itemsize: int, x: T, run) -> _Template:
         events = tuple(rec.events)  # the replay's locals are gone; `out` is still referenced here
     finally:
         autograd._recorder = None
-    return _Template(events, frozenset(tape.saved), frozenset(rec.cache), x.uid, x.nbytes, out.uid)
+    return _Template(events, frozenset(tape.saved), frozenset(rec.cache), x.uid, x.nbytes, out.uid,
+                     frozenset(tape.attributes))
 
 
 class _Step:
@@ -234,9 +252,11 @@ class _Step:
             self.free(g)
 
     def forward(self, tp: _Template, x: int, keep_saved: bool, thread: str = "main",
-                cache: list | None = None) -> tuple[int, dict[int, int]]:
-        """The module's forward; what autocast caches goes to `cache` (freed when the autocast region ends)."""
-        return self._run(tp, tp.events, x, keep_saved, thread, cache)
+                cache: list | None = None, keep_attributes: bool = False) -> tuple[int, dict[int, int]]:
+        """The module's forward; what autocast caches goes to `cache` (freed when the autocast region ends).
+        `keep_attributes`: what custom Functions keep as ctx attributes stays where nothing else is saved
+        (non-reentrant checkpointing; reentrant runs the forward without a graph)."""
+        return self._run(tp, tp.events, x, keep_saved, thread, cache, keep_attributes)
 
     def recompute(self, tp: _Template, x: int) -> dict[int, int]:
         """Non-reentrant checkpointing's recompute in the backward: the forward up to the last saved tensor, then
@@ -247,12 +267,12 @@ class _Step:
         return ids
 
     def _run(self, tp: _Template, events, x: int, keep_saved: bool, thread: str,
-             cache: list | None) -> tuple[int | None, dict[int, int]]:
+             cache: list | None, keep_attributes: bool = False) -> tuple[int | None, dict[int, int]]:
         ids = {tp.x: x}
         for ev in events:
             if ev[0] == "a":
                 ids[ev[1]] = self.alloc(ev[2])
-            elif ev[0] == "f" and keep_saved and ev[1] in tp.saved:
+            elif ev[0] == "f" and (keep_saved and ev[1] in tp.saved or keep_attributes and ev[1] in tp.attributes):
                 continue
             elif ev[0] == "f" and cache is not None and ev[1] in tp.cached:
                 cache.append(ids[ev[1]])
@@ -272,10 +292,12 @@ class _Step:
         """The module's nodes in reverse (`_Gradients`); returns the input's gradient. `recompute` (a checkpointed
         module): called when the first node that unpacks a saved tensor runs (torch/utils/checkpoint.py, the unpack
         hook), it returns the ids of the recomputed tensors."""
-        flow = _Gradients(self, tp, grad)
+        flow, attributes = _Gradients(self, tp, grad), {}
         for i in reversed(range(len(tp.events))):
             ev = tp.events[i]
             if recompute is not None and i <= tp.first_unpack:
+                # the forward's ctx attributes stay with its nodes, beside the recomputed tensors
+                attributes = {u: ids[u] for u in tp.attributes if u in ids and u != tp.x}
                 ids, recompute = recompute(), None
             if ev[0] == "g":
                 self.weight_grad(ev[1], ev[2])
@@ -288,10 +310,12 @@ class _Step:
                     self.free(ids[ev[1]])
             elif ev[0] == "a" and ev[1] != tp.out:
                 g = flow.gradient(ev[1], ev[2], ev[3])
+                if g and ev[1] in tp.scratch:
+                    self.free(self.alloc(tp.scratch[ev[1]]))
                 if ev[1] in tp.saved:
-                    self.free(ids[ev[1]])
+                    self.free(ids[ev[1]], attributes.pop(ev[1], None))
                 flow.running(ev[1], g)
-        self.free(flow.leaf)
+        self.free(flow.leaf, *attributes.values())
         g = flow.end()
         if tp.x in tp.saved:
             self.free(ids[tp.x])
@@ -679,7 +703,8 @@ class _Model:
             self.fsdp.pre_forward(st, i)
         if self.zero3:
             self.zero3.gather(st, ("forward", i), before=True)
-        out, ids = st.forward(tp, x, keep_saved=not self.plan.grad_ckpt, cache=cache)
+        out, ids = st.forward(tp, x, keep_saved=not self.plan.grad_ckpt, cache=cache,
+                              keep_attributes=not self.plan.ckpt_reentrant)
         if self.fsdp:
             self.fsdp.post_forward(st, i)
         if self.zero3:
