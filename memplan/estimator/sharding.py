@@ -420,7 +420,9 @@ def _shard_grad_op(spec: ModelSpec, plan: Plan, num: Numerics, unit: int, adapte
     after the root; `kept`: the tied tail (0 untied)."""
     L, tied = spec.num_layers, bool(kept)
     layers = sum(g.params * g.count for g in spec.layer_groups)
-    replica = ((spec.params_total - layers) * num.compute + adapters_all
+    # (a multimodal model's frozen vision tower is the root's: gathered with it, though a text-only step never
+    # calls it)
+    replica = ((spec.params_total - layers + spec.params_frozen) * num.compute + adapters_all
                + sum(_gathered_layer(g, plan, num.compute) * g.count for g in spec.layer_groups))
     per_layer = [_gathered_layer(spec.group_of(i), plan, num.compute)
                  + (0 if plan.method == "full" else trainable[spec.group_of(i)] * whole_item) for i in range(L)]

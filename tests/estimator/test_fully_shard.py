@@ -8,13 +8,16 @@ import math
 
 import pytest
 
+from memplan.catalog.resolve import resolve_model
 from memplan.catalog.spec import spec_from_config
 from memplan.estimator import estimate, fully_shard
 from memplan.estimator.allocator import replay
-from memplan.estimator.stream import allocation_stream
+from memplan.estimator.overhead import CUBLAS_WORKSPACE_BYTES
+from memplan.estimator.stream import allocation_stream, stream_plan
 from memplan.plan import Plan
 
 from support import REPO
+from test_zero3_optimizer import _phase_peaks
 
 STREAM_ROWS = [json.loads(line) for line in (REPO / "benchmarks/results/fsdp-stream.jsonl").read_text().splitlines()]
 GLOO_ROWS = [json.loads(line) for line in (REPO / "benchmarks/results/fsdp-gloo-2rank.jsonl").read_text().splitlines()]
@@ -254,3 +257,17 @@ def test_a_loss_that_never_calls_lm_head_is_left_to_the_measured_ratio():
     e = estimate(spec, _plan(method="full", liger=["fused_linear_cross_entropy"]))
     assert e.reserved_basis.startswith("measured ratio (FSDP2 runs the tail unit"), e.reserved_basis
     assert e.replayed is None and e.peak_allocated > 0
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_the_root_gathers_a_vision_tower_it_never_calls(zero):
+    """A multimodal model's frozen vision tower is in FSDP2's root unit, gathered whole with it for the step, under
+    SHARD_GRAD_OP as under FULL_SHARD (Qwen2.5-VL-3B: 1.25 GiB in bf16). The stream and the estimate agree."""
+    spec = resolve_model("qwen2.5-vl-3b")
+    plan = Plan(model="qwen2.5-vl-3b", precision="bf16", gpus=2, sharding="fsdp", zero=zero, micro_batch=1,
+                seq_len=1024)
+    e = estimate(spec, plan)
+    streamed = _phase_peaks(allocation_stream(spec, stream_plan(plan)))
+    assert spec.params_frozen * 2 > 0.05 * e.peak_allocated
+    for phase, peak in e.phase_peaks.items():
+        assert streamed[phase] + CUBLAS_WORKSPACE_BYTES == pytest.approx(peak, rel=1e-3), phase
