@@ -393,14 +393,16 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
     # End of the backward: every gradient exists. The embedding's dense gradient (embedding_dense_backward)
     # is a new V x h tensor, added to what waits for it: a tied lm_head's gradient in the shared weight's input
     # buffer, in place unless that gradient is a view of mm's output (head_grad_is_view: then the sum is a third
-    # V x h, traced), or last micro-batch's .grad (accumulation), in place on CUDA (measured: gpu-h100-run1
-    # case 7). (On the CPU the sum is formed out of place: both copies.)
+    # V x h, traced; not counted under DeepSpeed ZeRO-1/2, whose stream holds less there and no trace settles it),
+    # or last micro-batch's .grad (accumulation), in place on CUDA (measured: gpu-h100-run1 case 7). (On the CPU
+    # the sum is formed out of place: both copies.)
     emb_transient = 0
     if plan.method == "full" and (spec.tie_word_embeddings or accum) and not shard.reduce_end:
         emb_grad = shard.emb_grad
         if deferred:  # added into the unsharded embedding's whole gradient
             emb_grad = spec.vocab_size * spec.hidden_size * states.trainable_itemsize(plan, num.weights, num.adapter)
-        out_of_place = kernels == "cpu" or (spec.tie_word_embeddings and act_mod.head_grad_is_view(plan, num))
+        out_of_place = kernels == "cpu" or (spec.tie_word_embeddings and act_mod.head_grad_is_view(plan, num)
+                                            and plan.sharding != "deepspeed")
         emb_transient = (2 if out_of_place else 1) * emb_grad
     end_pending = pending
     if shard.unshard_first and plan.method == "full" and not deferred:
