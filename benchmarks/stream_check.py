@@ -13,6 +13,7 @@ against each. The stream has no fitted constant: every plan here is held out.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -40,21 +41,33 @@ PLANS = [
     ("qwen3-8b", dict(precision="bf16")),  # full FT, checkpointing: the residual gradient through each layer
     ("gemma-2-2b", dict(method="lora", precision="bf16", seq_len=512)),  # soft-capped logits: tanh saves its result
     ("llama-3.2-1b", dict(precision="amp-bf16", micro_batch=2, loss="chunked")),  # full FT: autocast's copies per chunk
+    # Llama-4-Scout's text model at its widths, its first 4 layers (benchmarks/accuracy.py): 16 experts read by bmm
+    ("llama4-scout-text@4L", dict(precision="bf16", seq_len=2048, grad_ckpt=False)),
+    ("llama4-scout-text@4L", dict(precision="bf16", seq_len=512)),
 ]
 
 
 def check(preset: str, fields: dict) -> dict:
+    from accuracy import CONFIGS  # this folder: the configs that are not presets
+
     from memplan.catalog.presets import models_dir
     from memplan.catalog.resolve import resolve_model
+    from memplan.catalog.spec import spec_from_config
     from memplan.estimator import estimate
     from memplan.estimator.allocator import replay
     from memplan.plan import Plan
     from memplan.profile.trace import trace_training
 
     plan = Plan(model=preset, **fields)
-    spec = resolve_model(preset)
+    if preset in CONFIGS:
+        base, over = CONFIGS[preset]
+        model = json.loads((models_dir() / base / "config.json").read_text()) if base else {}
+        model.update(over)
+        spec = spec_from_config(dict(model), preset)
+    else:
+        model, spec = str(models_dir() / preset), resolve_model(preset)
     t0 = time.perf_counter()
-    traced = trace_training(str(models_dir() / preset), plan, steps=2, record_events=True, kernels="cuda")
+    traced = trace_training(model, plan, steps=2, record_events=True, kernels="cuda")
     out = {"preset": preset, "plan": fields}
     for allocator in ("default", "expandable"):
         r = replay(traced.events, allocator)
