@@ -248,9 +248,10 @@ class LayerReplay:
         out_itemsize = x.itemsize if t.kernels == "cuda" else (n.compute if n.autocast else x.itemsize)
         if t.kernels == "cuda":
             # the backward's CB = state.CB.to(A's dtype, copy=True).mul_(SCB / 127), the weight dequantized, and the
-            # output's gradient cast to A's dtype where it differs, beside grad_A (activations.layer_backward_transient)
+            # output's gradient (the compute dtype under autocast) cast to A's dtype where they differ, beside grad_A
+            # (activations.layer_backward_transient)
             in_features, out_features = x.numel // self.tokens(), out_numel // self.tokens()
-            cast = x.itemsize * out_numel if out_itemsize != x.itemsize else 0
+            cast = x.itemsize * out_numel if n.compute != x.itemsize else 0
             t.backward_scratch(x, x.itemsize * in_features * out_features + cast)
         return T(out_numel, out_itemsize, x.rg)
 
