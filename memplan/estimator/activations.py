@@ -319,12 +319,14 @@ def reentrant_recompute_held(spec: ModelSpec, plan: Plan, num: Numerics) -> int:
 
 
 def _layer_tape(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool, layer_type: str = "full_attention",
-                rope: bool = True, group: LayerGroup | None = None) -> Tape:
+                rope: bool = True, group: LayerGroup | None = None) -> tuple[Tape, T]:
+    """One layer replayed on a tape, and the input it was given."""
     tape = Tape(kernels=kernels)
     ls = layer_spec(spec, plan, layer_type, rope, group)
     num = numerics(plan, spec)
-    LayerReplay(tape, ls, num).layer(T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, input_rg))
-    return tape
+    x = T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, input_rg)
+    LayerReplay(tape, ls, num).layer(x)
+    return tape, x
 
 
 def ckpt_layer_forward(spec: ModelSpec, plan: Plan, kernels: str, kinds: list) -> int:
@@ -345,7 +347,7 @@ def ckpt_layer_forward(spec: ModelSpec, plan: Plan, kernels: str, kinds: list) -
 
 def layer_saved(spec: ModelSpec, plan: Plan, kernels: str, input_rg: bool,
                 layer_type: str = "full_attention", rope: bool = True, group: LayerGroup | None = None) -> int:
-    return _layer_tape(spec, plan, kernels, input_rg, layer_type, rope, group).saved_bytes
+    return _layer_tape(spec, plan, kernels, input_rg, layer_type, rope, group)[0].saved_bytes
 
 
 def int8_inputs_kept(spec: ModelSpec, plan: Plan, kernels: str, kinds: list) -> int:
@@ -361,11 +363,9 @@ def int8_inputs_kept(spec: ModelSpec, plan: Plan, kernels: str, kinds: list) -> 
     them), checkpointing keeps it already. Reentrant checkpointing runs the forward under no_grad: none."""
     if plan.quantized_base != "int8" or not plan.grad_ckpt or plan.ckpt_reentrant:
         return 0
-    num = numerics(plan, spec)
 
     def kept(kind: tuple) -> int:
-        tape, x = Tape(kernels=kernels), T(plan.micro_batch * plan.seq_len * spec.hidden_size, num.residual, True)
-        LayerReplay(tape, layer_spec(spec, plan, kind[1], kind[2], kind[0]), num).layer(x)
+        tape, x = _layer_tape(spec, plan, kernels, True, kind[1], kind[2], kind[0])
         return sum(n for uid, n in tape.attributes.items() if uid != x.uid)
 
     per_kind = {k: kept(k) for k in set(kinds)}
