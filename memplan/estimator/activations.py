@@ -209,11 +209,10 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
     w.r.t. its two f-wide branches (torch frees each as soon as it is consumed).
     A LoRA module: the gradient of its output, of the adapter's fp32 input and of the dropout's input
     (a second fp32 tensor), and the base path's input gradient. A LoRA'd MoE expert stack: see below.
-    Eager attention on CUDA: the fp32 gradient of the softmax output and softmax_backward's fp32 result are
-    alive together, 8 B per score element beside all the layer saved (measured on an H100:
-    benchmarks/results/gpu-h100-run1.jsonl case 3; the CPU's eager softmax backward fuses the cast).
     The replay's backward moments, each with only what the layer saved up to that point (the nodes after it
-    have released theirs), where that exceeds the layer's whole saved bytes: SDPA's math kernel (either device,
+    have released theirs), where that exceeds the layer's whole saved bytes: eager attention's softmax (the
+    result's gradient, the input's and, on CUDA, `grad * output`: 12 B per score element where a 16-bit model's
+    softmax runs in fp32; benchmarks/results/gpu-h100-run1.jsonl case 3), SDPA's math kernel (either device,
     LayerReplay._sdpa_math) and LoRA'd grouped expert stacks (LayerReplay._grouped).
     """
     tok, c, h = plan.micro_batch * plan.seq_len, num.compute, spec.hidden_size
@@ -245,15 +244,15 @@ def layer_backward_transient(spec: ModelSpec, plan: Plan, num: Numerics, kernels
             if lin.kind in ("linear", "conv1d"):
                 out_grad = c * tok * lin.d_out + (a * tok * lin.d_out if a != c else 0)
                 int8 = max(int8, a * lin.d_out * lin.d_in + a * tok * lin.d_in + out_grad)
-    scores = 8 * plan.micro_batch * spec.num_heads * plan.seq_len ** 2
     moments = 0
     tape = Tape(kernels=kernels)
     replay = LayerReplay(tape, layer_spec(spec, plan, group=group), num)
     kernel = replay.mla_kernel() if replay.L.mla else replay.attention_kernel()
-    if kernel == "math" or any(lin.kind == "experts" for lin in group.linears if lin.name in lora_targets(spec, plan)):
+    lora_experts = any(lin.kind == "experts" for lin in group.linears if lin.name in lora_targets(spec, plan))
+    if kernel in ("math", "eager") or lora_experts:
         replay.layer(T(tok * h, num.residual, True))  # a replay that records backward moments
         moments = max(tape.backward_moments, default=0) - tape.saved_bytes
-    return max(max(dense, lora, experts, int8) + (scores if kernels == "cuda" and kernel == "eager" else 0), moments)
+    return max(dense, lora, experts, int8, moments)
 
 
 class Recompute(NamedTuple):

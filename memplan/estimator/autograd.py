@@ -162,9 +162,25 @@ class Tape:
         return T(x.numel, out_itemsize or x.itemsize, x.rg)
 
     def unary_saving_output(self, x: T, out_itemsize: int | None = None) -> T:
+        """An op that saves its result (rsqrt, tanh, sigmoid, softmax): its node, which makes x's gradient, releases
+        the result as it returns, after the node that made the result's gradient."""
         out = T(x.numel, out_itemsize or x.itemsize, x.rg)
         if x.rg:
             self.save(out)
+            if _recorder is not None:
+                _recorder.released_with(out, x)
+        return out
+
+    def softmax(self, x: T, out_itemsize: int | None = None) -> T:
+        """softmax(x, dim, dtype) as at::softmax runs it (aten/src/ATen/native/SoftMax.cpp): an input of another
+        dtype is first copied to it (`input_.toType(dtype)`, freed when the op returns; only CUDA's fp16 input to
+        fp32 takes the fused half_to_float kernel, which none of memplan's regimes reaches: autocast's fp32 policy
+        copies first too). Saves its result. On CUDA its backward allocates `grad * output`, the result's size,
+        beside the input's gradient (SoftMax.cu, softmax_backward_cuda_out); the CPU kernel has no temporary."""
+        x = self.cast(x, out_itemsize or x.itemsize)
+        out = self.unary_saving_output(x)
+        if self.kernels == "cuda":
+            self.backward_scratch(x, out.nbytes)
         return out
 
     def index(self, x: T, out_numel: int, idx_numel: int) -> T:
@@ -211,6 +227,9 @@ class _Lifetimes:
         pass
 
     def backward_scratch(self, x: T, nbytes: int) -> None:
+        pass
+
+    def released_with(self, out: T, x: T) -> None:
         pass
 
     def added(self, out: T, a: T, b: T) -> None:

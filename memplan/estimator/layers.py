@@ -452,13 +452,14 @@ class LayerReplay:
         ks = T(tok * heads * dq, acc, k.rg)  # key (every head) .transpose(-2, -1) * scaling_factor
         scores = t.mul(qs, ks, out_numel=scores_numel)  # then scores.add_(mask)
         del ks  # a temporary of the matmul's expression (the scaled query is a local the kernel keeps)
-        probs = t.unary_saving_output(scores)  # _safe_softmax
+        probs = t.softmax(scores)  # _safe_softmax (its backward: _softmax_backward_data)
         del scores
         probs = t.dropout(probs, L.attn_dropout)
         # In the backward, the residual stream's gradient waits for the attention's (the skip connection adds them)
         residual_grad = tok * L.hidden * n.residual
-        # softmax's (or dropout's) backward: the probabilities' gradient and its result, the value's gradient
-        t.backward_moment(acc * (2 * scores_numel + out_numel) + residual_grad)
+        # softmax's backward: the probabilities' gradient and its result (and CUDA's `grad * output`), the value's
+        # gradient
+        t.backward_moment(acc * ((3 if t.kernels == "cuda" else 2) * scores_numel + out_numel) + residual_grad)
         weights = self._as(probs, scores_numel, c)
         out = self._as(t.mul(probs, self._operand(value, out_numel, acc), out_numel=out_numel), out_numel, c)
         # matmul(attn, value)'s backward: the output's gradient (upcast), the value's, then the probabilities'
@@ -487,14 +488,24 @@ class LayerReplay:
             scores = T(scores_numel, scores.itemsize, rg)
             scores = t.unary_saving_output(scores)
             scores = T(scores_numel, scores.itemsize, rg)
-        # + the mask eager attention is given (masking_utils eager_mask, in inputs_embeds' dtype): type promotion
-        scores = T(scores_numel, max(scores.itemsize, n.residual), rg)
+        # + the mask eager attention is given (masking_utils eager_mask, in inputs_embeds' dtype, made once per
+        # forward: no bytes of the layer's): type promotion; its backward hands the sum's gradient on as it is where
+        # the dtypes agree
+        scores = t.add(scores, T(0, n.residual, False))
         # softmax(dtype=torch.float32) (llama family, gemma, opt); GPT-2's softmax keeps the input dtype,
         # except under autocast, whose fp32 policy covers softmax (CPU and CUDA).
         fp32 = L.softmax_fp32 or n.autocast
-        probs = t.unary_saving_output(scores, out_itemsize=4 if fp32 else scores.itemsize)
-        del scores
-        probs = t.cast(probs, q.itemsize)  # .to(query.dtype) (GPT-2: .type(value.dtype), the same dtype)
+        result = t.softmax(scores, 4 if fp32 else None)
+        if not L.softmax_fp32:  # GPT-2's softmax is a statement of its own: rebinding attn_weights frees the scores
+            scores = None
+        if rg:  # softmax's backward: the result's gradient, the input's (and CUDA's temporary, the result's size)
+            # beside what the layer saved up to here; the value's gradient and the residual stream's wait
+            t.backward_moment(result.nbytes * (3 if t.kernels == "cuda" else 2) + all_heads * (c if n.autocast else
+                              v_rep.itemsize) + tok * L.hidden * n.residual)
+        # .to(query.dtype) in the softmax's expression, which frees the scores as it rebinds attn_weights (GPT-2:
+        # .type(value.dtype) on the next line)
+        probs = t.cast(result, q.itemsize)
+        del result, scores  # the expression's temporary, then the rebound name
         probs = t.dropout(probs, L.attn_dropout)
         pm = t.cast(probs, c) if n.autocast else probs
         vm = self._operand(v_rep, all_heads if rep > 1 else kv_feats, c if n.autocast else v_rep.itemsize)
@@ -530,7 +541,7 @@ class LayerReplay:
         km = self._operand(k_rep, all_heads if rep > 1 else kv_feats, c if n.autocast else k_rep.itemsize)
         t.mul(qm, km, out_numel=rows * L.s)  # matmul saves both operands
         size = max(qm.itemsize, n.residual, n.weights)
-        probs = t.unary_saving_output(T(rows * (L.s + 1), size, rg))  # softmax(combined - max)
+        probs = t.softmax(T(rows * (L.s + 1), size, rg))  # softmax(combined - max)
         if rg:
             t.save(T(rows, 8, False))  # combined_logits.max(dim=-1): its indices
         pm = probs  # probs[..., :-1]: a view
@@ -715,7 +726,7 @@ class LayerReplay:
             return out
         acc = c if n.autocast else qs.itemsize
         t.mul(self._operand(qs, qs.numel, acc), self._operand(ks, ks.numel, acc))  # matmul(q, k^T): both saved
-        probs = t.cast(t.unary_saving_output(T(L.b * H * L.s * L.s, acc, rg), out_itemsize=4), qs.itemsize)
+        probs = t.cast(t.softmax(T(L.b * H * L.s * L.s, acc, rg), 4), qs.itemsize)
         probs = t.dropout(probs, L.attn_dropout)  # softmax(dtype=float32).to(query.dtype), then dropout
         if n.autocast:
             probs = t.cast(probs, c)
@@ -776,8 +787,8 @@ class LayerReplay:
         if L.router_topk_first:
             if logits.rg:
                 t.save(T(tok * k, 8, False))
-            return t.unary_saving_output(T(tok * k, logits.itemsize, logits.rg))
-        probs = t.unary_saving_output(t.cast(logits, 4))  # softmax(router_logits.float()) saves its result
+            return t.softmax(T(tok * k, logits.itemsize, logits.rg))
+        probs = t.softmax(logits, 4)  # softmax(router_logits.float()) saves its result
         if probs.rg:
             t.save(T(tok * k, 8, False))  # torch.topk saves its int64 indices
             if L.router_norm:  # router_top_value /= router_top_value.sum(dim=-1, keepdim=True): divisor, dividend

@@ -119,6 +119,9 @@ class _Recorder:
     def backward_scratch(self, x: T, nbytes: int) -> None:
         self.events.append(("m", x.uid, nbytes))
 
+    def released_with(self, out: T, x: T) -> None:
+        self.events.append(("o", out.uid, x.uid))
+
     def added(self, out: T, a: T, b: T) -> None:
         self.events.append(("+", out.uid, tuple((t.uid, t.nbytes) for t in (a, b) if t.rg)))
 
@@ -147,7 +150,8 @@ class _Template:
         events = tuple((ev[0], ids.setdefault(ev[1], len(ids)), *ev[2:]) if ev[0] in ("a", "f") else
                        ("+", ids.setdefault(ev[1], len(ids)), tuple((ids.setdefault(u, len(ids)), n) for u, n in ev[2]))
                        if ev[0] == "+" else (ev[0], ids.setdefault(ev[1], len(ids)), *ev[2:])
-                       if ev[0] in ("leaf", "m") else ev
+                       if ev[0] in ("leaf", "m") else
+                       ("o", ids.setdefault(ev[1], len(ids)), ids.setdefault(ev[2], len(ids))) if ev[0] == "o" else ev
                        for ev in self.events)
         return (events, frozenset(ids.get(u, -1) for u in self.saved), frozenset(ids.get(u, -1) for u in self.cached),
                 ids.get(self.out, -1), self.x_bytes, frozenset(ids.get(u, -1) for u in self.attributes))
@@ -168,6 +172,20 @@ class _Template:
     def sums(self) -> dict[int, tuple]:
         """Each sum's inputs that need a gradient, (id, bytes) each, by the sum's id."""
         return {ev[1]: ev[2] for ev in self.events if ev[0] == "+"}
+
+    @functools.cached_property
+    def released_with(self) -> dict[int, tuple]:
+        """The saved results each tensor's gradient node releases (`Tape.unary_saving_output`): by the input's id.
+        Such a result outlives its own gradient, until the node that made it has run."""
+        out: dict[int, tuple] = {}
+        for ev in self.events:
+            if ev[0] == "o":
+                out[ev[2]] = out.get(ev[2], ()) + (ev[1],)
+        return out
+
+    @functools.cached_property
+    def results_saved(self) -> frozenset:
+        return frozenset(u for outs in self.released_with.values() for u in outs)
 
     @functools.cached_property
     def leaves(self) -> frozenset:
@@ -312,11 +330,13 @@ class _Step:
                 g = flow.gradient(ev[1], ev[2], ev[3])
                 if g and ev[1] in tp.scratch:
                     self.free(self.alloc(tp.scratch[ev[1]]))
-                if ev[1] in tp.saved:
+                if ev[1] in tp.saved and ev[1] not in tp.results_saved:
                     self.free(ids[ev[1]], attributes.pop(ev[1], None))
+                self.free(*[ids.get(u) for u in tp.released_with.get(ev[1], ())])
                 flow.running(ev[1], g)
         self.free(flow.leaf, *attributes.values())
         g = flow.end()
+        self.free(*[ids.get(u) for u in tp.released_with.get(tp.x, ())])
         if tp.x in tp.saved:
             self.free(ids[tp.x])
         return g

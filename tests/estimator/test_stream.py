@@ -18,7 +18,7 @@ from memplan.recommend.hardware import gpu_target
 from memplan.recommend.search import Scorer, Workload, choose_fitting, smallest
 
 from support import preset_config
-from test_estimator_arch import GEMMA2, GRANITE, LLAMA, LLAMA4
+from test_estimator_arch import GEMMA2, GPT2, GRANITE, LLAMA, LLAMA4
 
 ROWS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "allocator-h100.jsonl"
 GiB = 2**30
@@ -43,7 +43,11 @@ def test_reserved_matches_the_traced_steps_of_the_stored_h100_plans():
     # gradient per tensor in reverse, does not order the kernel's s x s gradients and softmax's temporary as CUDA
     # does, and the cache they leave differs
     assert all(abs(e) <= (1.4 if case == 8 else 0.75) for case, e in errors.items()), errors
-    assert all(abs(e) <= 1.5 for e in expandable.values()), expandable
+    # case 3 (TinyLlama, eager, bf16, 2 x 2048) to +3.5 % with expandable segments: every tensor of 200 MiB or more
+    # comes and goes in the trace's order, but the stream's backward makes one gradient at a time where a node makes
+    # two (a product's two inputs, an fp32 norm input's two parts), so fewer small blocks are cached, smaller
+    # requests split the segment's 1 GiB holes and the second step's softmax gradients map new pages
+    assert all(abs(e) <= (3.5 if case == 3 else 1.5) for case, e in expandable.items()), expandable
     # the flat ratio it replaces missed by up to 14 %
     ratio = [abs(r["ratio_reserved"] / r["measured_reserved"][-1] - 1) for r in stored_rows()]
     assert max(ratio) > 0.1
@@ -173,6 +177,32 @@ def test_the_loss_allocates_as_the_traced_step_does(name, config, fields):
     (order, peaks), (traced_order, traced_peaks) = _second_step(streamed, at_least), _second_step(traced, at_least)
     assert len(order) > 10 and order == traced_order
     assert all(abs(peaks[p] / traced_peaks[p] - 1) < 5e-4 for p in traced_peaks), (peaks, traced_peaks)
+
+
+@pytest.mark.parametrize("name, config, fields", [
+    ("llama-lora-bf16-ckpt", LLAMA, dict(method="lora", precision="bf16", grad_ckpt=True)),
+    ("llama-bf16", LLAMA, dict(precision="bf16")),
+    ("llama-amp-ckpt", LLAMA, dict(precision="amp-bf16", grad_ckpt=True)),
+    ("gpt2-amp-ckpt", GPT2, dict(precision="amp-bf16", grad_ckpt=True)),
+    ("gemma2-lora-bf16", {**GEMMA2, "vocab_size": 32000}, dict(method="lora", precision="bf16")),
+])
+def test_eager_attention_allocates_as_the_traced_step_does(name, config, fields):
+    """Eager attention's softmax as CUDA runs it: a bf16 model's scores copied to fp32 first (only fp16 has a fused
+    half_to_float kernel), its result released by its own node, the backward's `grad * output` temporary beside the
+    input's gradient; the mask's sum hands its gradient on; GPT-2's softmax a statement of its own. Every tensor as
+    large as the scores comes and goes where the traced step's does; the stream's phases peak where the trace's do,
+    and so do the estimate's (the softmax's backward, the layer's largest moment)."""
+    plan = Plan(**{"micro_batch": 2, "seq_len": 1024, "grad_ckpt": False, "attn": "eager", **fields})
+    spec = spec_from_config(dict(config), config["model_type"])
+    traced = trace_training(dict(config), plan, steps=2, record_events=True, kernels="cuda", backend="trace")
+    at_least = plan.micro_batch * spec.num_heads * plan.seq_len ** 2 * 2
+    (order, peaks), (traced_order, traced_peaks) = (_second_step(allocation_stream(spec, plan), at_least),
+                                                    _second_step(traced.events, at_least))
+    assert len(order) > 10 and order == traced_order
+    assert all(abs(peaks[p] / traced_peaks[p] - 1) < 5e-4 for p in ("forward", "backward")), (peaks, traced_peaks)
+    est = estimate(spec, plan, kernels="cuda")
+    backward = est.phase_peaks["backward"] - CUBLAS_WORKSPACE_BYTES
+    assert abs(backward / traced.steady.backward - 1) < 0.005, (backward, traced.steady.backward)
 
 
 def test_an_expert_stack_read_by_bmm_gets_a_gradient_of_its_own_size():
