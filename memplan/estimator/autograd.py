@@ -148,7 +148,10 @@ class Tape:
         if b.rg:
             self.save(a)
         numel = out_numel or max(a.numel, b.numel)
-        return T(numel, out_itemsize or max(a.itemsize, b.itemsize), a.rg or b.rg)
+        out = T(numel, out_itemsize or max(a.itemsize, b.itemsize), a.rg or b.rg)
+        if a.rg and b.rg and _recorder is not None:
+            _recorder.multiplied(out, a, b)
+        return out
 
     def scale_by_param(self, x: T, param_trainable: bool) -> T:
         """weight * x with a 1-D weight (RMSNorm, LayerNorm affine)."""
@@ -230,6 +233,9 @@ class _Lifetimes:
         pass
 
     def released_with(self, out: T, x: T) -> None:
+        pass
+
+    def multiplied(self, out: T, a: T, b: T) -> None:
         pass
 
     def added(self, out: T, a: T, b: T) -> None:

@@ -122,6 +122,9 @@ class _Recorder:
     def released_with(self, out: T, x: T) -> None:
         self.events.append(("o", out.uid, x.uid))
 
+    def multiplied(self, out: T, a: T, b: T) -> None:
+        self.events.append(("*", out.uid, ((a.uid, a.nbytes), (b.uid, b.nbytes))))
+
     def added(self, out: T, a: T, b: T) -> None:
         self.events.append(("+", out.uid, tuple((t.uid, t.nbytes) for t in (a, b) if t.rg)))
 
@@ -147,12 +150,20 @@ class _Template:
         """The template with its tensor ids numbered in the order they appear (the input first): two recordings
         of equal modules compare equal. Ids that no event names (nothing the stream allocates) become -1."""
         ids = {self.x: 0}
-        events = tuple((ev[0], ids.setdefault(ev[1], len(ids)), *ev[2:]) if ev[0] in ("a", "f") else
-                       ("+", ids.setdefault(ev[1], len(ids)), tuple((ids.setdefault(u, len(ids)), n) for u, n in ev[2]))
-                       if ev[0] == "+" else (ev[0], ids.setdefault(ev[1], len(ids)), *ev[2:])
-                       if ev[0] in ("leaf", "m") else
-                       ("o", ids.setdefault(ev[1], len(ids)), ids.setdefault(ev[2], len(ids))) if ev[0] == "o" else ev
-                       for ev in self.events)
+
+        def num(uid: int) -> int:
+            return ids.setdefault(uid, len(ids))
+
+        def renumbered(ev: tuple) -> tuple:
+            if ev[0] in ("a", "f", "leaf", "m"):  # a tensor, then sizes
+                return (ev[0], num(ev[1]), *ev[2:])
+            if ev[0] in ("+", "*"):  # a sum or product, and its inputs' (id, bytes)
+                return (ev[0], num(ev[1]), tuple((num(u), n) for u, n in ev[2]))
+            if ev[0] == "o":  # a saved result and its op's input
+                return (ev[0], num(ev[1]), num(ev[2]))
+            return ev
+
+        events = tuple(renumbered(ev) for ev in self.events)
         return (events, frozenset(ids.get(u, -1) for u in self.saved), frozenset(ids.get(u, -1) for u in self.cached),
                 ids.get(self.out, -1), self.x_bytes, frozenset(ids.get(u, -1) for u in self.attributes))
 
@@ -172,6 +183,12 @@ class _Template:
     def sums(self) -> dict[int, tuple]:
         """Each sum's inputs that need a gradient, (id, bytes) each, by the sum's id."""
         return {ev[1]: ev[2] for ev in self.events if ev[0] == "+"}
+
+    @functools.cached_property
+    def products(self) -> dict[int, tuple]:
+        """Each product of two tensors that both need a gradient (a * b, a matmul): its inputs, (id, bytes) each, by
+        the product's id."""
+        return {ev[1]: ev[2] for ev in self.events if ev[0] == "*"}
 
     @functools.cached_property
     def released_with(self) -> dict[int, tuple]:
@@ -368,12 +385,14 @@ class _Gradients:
         return self._made(nbytes) if requires_grad else None
 
     def running(self, uid: int, g: int | None) -> None:
-        """`g` flows on: the one it came from is freed; a sum's node runs at once."""
+        """`g` flows on: the one it came from is freed; a sum's or a product's node runs at once."""
         if g:
             self._drop(self.grad)
             self.grad = g
             if uid in self.tp.sums:
                 self._sum(uid, g)
+            elif uid in self.tp.products:
+                self._product(uid, g)
 
     def end(self) -> int:
         """The input's gradient, once the module's nodes have run."""
@@ -395,6 +414,15 @@ class _Gradients:
                 self.refs[g] = self.refs.get(g, 1) + 1
                 self.waiting[uid] = g
             else:
+                self.waiting[uid] = self._made(nbytes)
+        self._drop(g)
+        self.grad = None
+
+    def _product(self, out: int, g: int) -> None:
+        """A product's node makes both inputs' gradients, the second input's first (MulBackward0, BmmBackward0, as
+        traced), before it frees the product's; each waits for its branch."""
+        for uid, nbytes in reversed(self.tp.products[out]):
+            if uid not in self.waiting:
                 self.waiting[uid] = self._made(nbytes)
         self._drop(g)
         self.grad = None
