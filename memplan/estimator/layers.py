@@ -498,10 +498,8 @@ class LayerReplay:
         result = t.softmax(scores, 4 if fp32 else None)
         if not L.softmax_fp32:  # GPT-2's softmax is a statement of its own: rebinding attn_weights frees the scores
             scores = None
-        if rg:  # softmax's backward: the result's gradient, the input's (and CUDA's temporary, the result's size)
-            # beside what the layer saved up to here; the value's gradient and the residual stream's wait
-            t.backward_moment(result.nbytes * (3 if t.kernels == "cuda" else 2) + all_heads * (c if n.autocast else
-                              v_rep.itemsize) + tok * L.hidden * n.residual)
+        if rg:
+            self._softmax_moment(result, all_heads * (c if n.autocast else v_rep.itemsize))
         # .to(query.dtype) in the softmax's expression, which frees the scores as it rebinds attn_weights (GPT-2:
         # .type(value.dtype) on the next line)
         probs = t.cast(result, q.itemsize)
@@ -524,6 +522,13 @@ class LayerReplay:
         t.mul(xf, t.unary_saving_output(T(rows, 4, xf.rg)), out_numel=xf.numel)
         return T(x.numel, x.itemsize, x.rg)
 
+    def _softmax_moment(self, result: T, value_grad: int) -> None:
+        """Eager attention's softmax backward: the result's gradient, the input's (and CUDA's `grad * output`, the
+        result's size) beside what the layer saved up to here; the value's gradient and the residual stream's wait."""
+        t = self.t
+        t.backward_moment(result.nbytes * (3 if t.kernels == "cuda" else 2) + value_grad
+                          + self.tokens() * self.L.hidden * self.n.residual)
+
     def _eager_sinks(self, q: T, k: T, v: T, rg: bool) -> T:
         """GPT-OSS eager_attention_forward: scores = q k^T * scaling + mask; the per-head sink logit is
         concatenated as one more column, combined (b, heads, s, s + 1), whose dtype promotes with the mask's
@@ -539,18 +544,27 @@ class LayerReplay:
         v_rep = v if rep == 1 else T(all_heads, v.itemsize, v.rg)
         qm = self._operand(q, all_heads, c if n.autocast else q.itemsize)
         km = self._operand(k_rep, all_heads if rep > 1 else kv_feats, c if n.autocast else k_rep.itemsize)
-        t.mul(qm, km, out_numel=rows * L.s)  # matmul saves both operands
-        size = max(qm.itemsize, n.residual, n.weights)
-        probs = t.softmax(T(rows * (L.s + 1), size, rg))  # softmax(combined - max)
+        scores = t.mul(qm, km, out_numel=rows * L.s)  # matmul saves both operands
+        scores = T(scores.numel, scores.itemsize, rg)  # * scaling, in the matmul's expression
+        scores = t.add(scores, T(0, n.residual, False))  # + the mask (made once per forward)
+        size = max(scores.itemsize, n.weights)
+        combined = T(rows * (L.s + 1), size, rg)  # torch.cat with the sinks
         if rg:
             t.save(T(rows, 8, False))  # combined_logits.max(dim=-1): its indices
+        combined = T(combined.numel, size, rg)  # minus its row max, rebinding combined_logits
+        probs = t.softmax(combined)
+        if rg:
+            self._softmax_moment(probs, all_heads * (c if n.autocast else v_rep.itemsize))
         pm = probs  # probs[..., :-1]: a view
         if L.attn_dropout > 0:
             pm = t.dropout(T(rows * L.s, size, rg), L.attn_dropout)
         if pm.itemsize != v_rep.itemsize:
             pm = T(rows * L.s, v_rep.itemsize, rg)  # .to(value_states.dtype)
+        del scores, combined  # attn_weights rebound; combined_logits as it is
         vm = self._operand(v_rep, all_heads if rep > 1 else kv_feats, c if n.autocast else v_rep.itemsize)
         t.mul(pm, vm, out_numel=all_heads)  # matmul(probs, v) saves both
+        # the attention returns its weights (the view of probs, or their copy), held to the end of the layer
+        self.attn_weights = pm
         return T(all_heads, c, rg)  # attn_output.transpose(1, 2).contiguous(): a copy
 
     # ------------------------------------------------------------ MLP
@@ -724,10 +738,20 @@ class LayerReplay:
                 t.save(self._as(qs, qs.numel, c), self._as(ks, ks.numel, c), self._as(kvb, kvb.numel, c), out,
                        T(L.b * H * L.s, 4, False))
             return out
+        # eager_attention_forward, as Llama's (_eager): matmul(q, k^T) * scaling + the mask, softmax in fp32, .to(q's
+        # dtype), dropout, matmul with v
         acc = c if n.autocast else qs.itemsize
-        t.mul(self._operand(qs, qs.numel, acc), self._operand(ks, ks.numel, acc))  # matmul(q, k^T): both saved
-        probs = t.cast(t.softmax(T(L.b * H * L.s * L.s, acc, rg), 4), qs.itemsize)
-        probs = t.dropout(probs, L.attn_dropout)  # softmax(dtype=float32).to(query.dtype), then dropout
+        scores = t.mul(self._operand(qs, qs.numel, acc), self._operand(ks, ks.numel, acc),
+                       out_numel=L.b * H * L.s * L.s)  # both saved
+        scores = T(scores.numel, scores.itemsize, rg)  # * scaling, in the matmul's expression
+        scores = t.add(scores, T(0, n.residual, False))
+        result = t.softmax(scores, 4)
+        if rg:
+            self._softmax_moment(result, tok * H * dv * (c if n.autocast else qs.itemsize))
+        probs = t.cast(result, qs.itemsize)
+        del result, scores
+        probs = t.dropout(probs, L.attn_dropout)
+        self.attn_weights = probs  # returned, held to the end of the layer
         if n.autocast:
             probs = t.cast(probs, c)
         t.mul(probs, T(tok * H * dv, probs.itemsize, kvb.rg))  # bmm's copy of the strided value slice
