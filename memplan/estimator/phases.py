@@ -388,7 +388,15 @@ def estimate(spec: ModelSpec, plan: Plan, gpu_memory: int | None = None, kernels
             if deferred:  # the last micro-batch: whole below and in layer i, the root's whole, sharded above
                 g_end = deferred - (shard.deferred_from[i + 1] if i + 1 < L else 0) + above
             rs_input = shard.unit_grads if i + 1 < L else shard.tail_reduce
-            candidates.append(_terms(**base, gradients=g_end, activations=kept + saved + transient + rs_input,
+            in_layer = saved + transient
+            if kernels == "cuda" and not accum:
+                # the layer's own part walked node by node (stream.layer_backward_walk): its saved tensors go and
+                # its gradients come, so the whole gradients and the largest transient never meet (with
+                # accumulation a later micro-batch adds each new gradient to the whole ones: not walked here)
+                own = saved if acts.grad_ckpt or offload else (acts.first_layer if i == 0 else acts.layer)
+                walk, walk_grads = stream.layer_backward_walk(spec, plan, i)
+                in_layer = min(in_layer, saved - own + walk - walk_grads)
+            candidates.append(_terms(**base, gradients=g_end, activations=kept + in_layer + rs_input,
                                      gathered_params=shard.gathered_layers_backward[i], comm_buffers=shard.buffers))
     # End of the backward: every gradient exists. The embedding's dense gradient (embedding_dense_backward)
     # is a new V x h tensor, added to what waits for it: a tied lm_head's gradient in the shared weight's input

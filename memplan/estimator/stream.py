@@ -475,6 +475,48 @@ def with_attention_as_streamed(spec: ModelSpec, plan: Plan) -> Plan:
 _SAME_AS_SDPA: dict[tuple, bool] = {}
 
 
+def layer_backward_walk(spec: ModelSpec, plan: Plan, i: int) -> tuple[int, int]:
+    """Layer i's backward walked alone, node by node, as the stream walks it (under checkpointing, its recompute
+    first): (the most it holds at once beyond its input, its own weights' gradients included as its nodes make
+    them; those gradients, whole). What a layer saved is released, and its transients come and go, while its
+    gradients accumulate: at no moment are all three at their largest. Kept for the process, by plan and layer."""
+    key = (spec, plan.model_dump_json(), i)
+    if key not in _WALKS:
+        model = _Model(spec, act_mod.as_one_row(plan), layers_only=True)
+        tp = model.layer(i)
+        st = _Step()
+        x = st.alloc(tp.x_bytes)
+        ckpt, reentrant = plan.grad_ckpt, plan.ckpt_reentrant
+        out, ids = st.forward(tp, x, keep_saved=not ckpt, keep_attributes=not reentrant)
+        st.free(out)
+        if not ckpt and tp.x not in tp.saved:
+            st.free(x)
+        x_kept = tp.x_bytes if ckpt else 0  # the checkpoint keeps it (the estimate counts it there)
+        recompute = functools.partial(st.recompute, tp, x) if ckpt and not reentrant else None
+        start = len(st.events)
+        if ckpt and reentrant:
+            _, ids = st.forward(tp, x, keep_saved=True, thread="autograd")
+            st.free(ids[tp.out])
+        st.backward(tp, ids, st.alloc(tp.x_bytes), recompute)
+        sizes: dict[int, int] = {}
+        live = peak = 0
+        for k, ev in enumerate(st.events):
+            if ev[0] == "a":
+                sizes[ev[1]] = ev[2]
+                live += ev[2]
+            elif ev[0] == "f" and ev[1] in sizes:
+                live -= sizes.pop(ev[1])
+            if k >= start:
+                peak = max(peak, live)
+        _WALKS[key] = (peak - x_kept, sum(sizes.get(g, 0) for g in st.grads))
+        while len(_WALKS) > 4096:
+            del _WALKS[next(iter(_WALKS))]
+    return _WALKS[key]
+
+
+_WALKS: dict[tuple, tuple[int, int]] = {}
+
+
 def allocation_stream(spec: ModelSpec, plan: Plan, steps: int = STEPS) -> list[tuple] | None:
     """The events of `steps` optimizer steps of the plan on one GPU, as `allocator.replay` reads them; None where
     `supported` says the stream does not follow the plan."""

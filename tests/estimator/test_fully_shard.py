@@ -114,6 +114,19 @@ def test_with_cpu_offload_the_stream_allocates_what_the_estimate_counts():
                 (row["plan"], precision)
 
 
+@pytest.mark.parametrize("preset", ["llama-2-7b", "mistral-7b", "phi-3-mini", "qwen3-30b-a3b"])
+def test_a_layers_whole_gradients_never_meet_its_largest_transient(preset):
+    """Full FT under FULL_SHARD with CPU offload, where a layer's backward peaks as its last gradients are made: its
+    saved tensors are gone and its transients small by then (the layer walked node by node,
+    stream.layer_backward_walk), not all its saved tensors and its largest transient beside its whole gradients. The
+    estimate's peak is the stream's, which allocates each tensor where the traced step does."""
+    plan = Plan(model=preset, precision="bf16", gpus=2, sharding="fsdp", zero=3, offload="optimizer+params",
+                micro_batch=1, seq_len=1024)
+    e = estimate(resolve_model(preset), plan, kernels="cuda")
+    assert e.peak_phase == "backward"
+    assert abs(e.replayed.steps_requested / e.peak_allocated - 1) < 1e-3
+
+
 def test_cpu_offload_leaves_nothing_on_the_gpu_between_steps():
     """accelerate moves each shard to the host as it loads it; an unshard copies each shard in, one tensor per
     parameter on the all-gather stream, freed once copied into the all-gather output; the reduce-scatter output goes
