@@ -477,9 +477,10 @@ _SAME_AS_SDPA: dict[tuple, bool] = {}
 
 def layer_backward_walk(spec: ModelSpec, plan: Plan, i: int) -> tuple[int, int]:
     """Layer i's backward walked alone, node by node, as the stream walks it (under checkpointing, its recompute
-    first): (the most it holds at once beyond its input, its own weights' gradients included as its nodes make
-    them; those gradients, whole). What a layer saved is released, and its transients come and go, while its
-    gradients accumulate: at no moment are all three at their largest. Kept for the process, by plan and layer."""
+    first): (the most it holds at once, its incoming gradient and its own weights' gradients included as its nodes
+    make them, and its input where it saved that, not where the checkpoint keeps it; those gradients, whole). What
+    a layer saved is released, and its transients come and go, while its gradients accumulate: at no moment are all
+    three at their largest. Kept for the process, by plan and layer."""
     key = (spec, plan.model_dump_json(), i)
     if key not in _WALKS:
         model = _Model(spec, act_mod.as_one_row(plan), layers_only=True)
