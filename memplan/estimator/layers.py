@@ -452,14 +452,13 @@ class LayerReplay:
         ks = T(tok * heads * dq, acc, k.rg)  # key (every head) .transpose(-2, -1) * scaling_factor
         scores = t.mul(qs, ks, out_numel=scores_numel)  # then scores.add_(mask)
         del ks  # a temporary of the matmul's expression (the scaled query is a local the kernel keeps)
-        probs = t.softmax(scores)  # _safe_softmax (its backward: _softmax_backward_data)
+        result = t.softmax(scores)  # _safe_softmax (its backward: _softmax_backward_data)
         del scores
-        probs = t.dropout(probs, L.attn_dropout)
+        probs = t.dropout(result, L.attn_dropout)
+        self._softmax_moment(result, acc * out_numel)
+        del result
         # In the backward, the residual stream's gradient waits for the attention's (the skip connection adds them)
         residual_grad = tok * L.hidden * n.residual
-        # softmax's backward: the probabilities' gradient and its result (and CUDA's `grad * output`), the value's
-        # gradient
-        t.backward_moment(acc * ((3 if t.kernels == "cuda" else 2) * scores_numel + out_numel) + residual_grad)
         weights = self._as(probs, scores_numel, c)
         out = self._as(t.mul(probs, self._operand(value, out_numel, acc), out_numel=out_numel), out_numel, c)
         # matmul(attn, value)'s backward: the output's gradient (upcast), the value's, then the probabilities'
